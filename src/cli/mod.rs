@@ -1,0 +1,53 @@
+//! Command line: `mxpay <command>`. Each command lives in its own file; main.rs only dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// mxpay: chat payments for end-to-end-encrypted Matrix rooms.
+#[derive(Debug, Parser)]
+#[command(name = "mxpay", version, about)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ledger tools that work on a data directory directly (mxpay must not be running).
+    Ledger {
+        /// What to do.
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+/// `mxpay ledger ...`
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Replays the journal and checks every invariant; exits non-zero and says where on failure.
+    Verify {
+        /// The data directory (the `data_dir` config key).
+        data_dir: PathBuf,
+    },
+}
+
+/// Runs the parsed command; the process exit code is derived from the result.
+pub fn run(cli: Cli) -> anyhow_like::Result {
+    match cli.command {
+        Command::Ledger { command } => match command {
+            LedgerCommand::Verify { data_dir } => {
+                let _ = data_dir;
+                Err("ledger verify is not built yet".into())
+            }
+        },
+    }
+}
+
+/// A boxed error for the CLI edge, where every error ends as a sentence on stderr.
+pub mod anyhow_like {
+    /// Result of a CLI command.
+    pub type Result = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}

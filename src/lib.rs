@@ -1,0 +1,11 @@
+//! mxpay: chat payments for end-to-end-encrypted Matrix rooms, as a Matrix application service.
+//!
+//! Data flows one way (see `docs/architecture.md`):
+//! homeserver transaction -> [`http`] -> [`inbox`] -> [`crypto`] -> [`command`] -> [`policy`]
+//! -> [`ledger`] -> [`outbox`] -> receipt event sent by the bot.
+#![recursion_limit = "256"]
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod ledger;

@@ -1,0 +1,9 @@
+//! The one integration test binary: each extra binary re-links matrix-sdk, which is slow.
+
+mod smoke {
+    #[test]
+    fn config_defaults_parse() {
+        let config = mxpay::config::Config::from_yaml("{}").expect("empty config is valid");
+        assert_eq!(config.ledger.currencies[0].code, "EUR");
+    }
+}
