@@ -5,6 +5,7 @@
 //! -> [`ledger`] -> [`outbox`] -> receipt event sent by the bot.
 #![recursion_limit = "256"]
 
+pub mod admin;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -1,0 +1,4 @@
+//! The admin API: top-ups, provider webhooks, freezes, settlement, audit.
+
+pub mod token;
+pub mod webhook;

@@ -1,0 +1,402 @@
+//! Admin API bearer tokens: JWTs with scopes, signed with HS256 or EdDSA keys from config.
+//!
+//! Expiry is checked against the injected [`Clock`](crate::clock::Clock), not the system
+//! time, so tests move time instead of sleeping.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::SharedClock;
+
+/// The audience every admin token carries, so a step-up proof or any other mxpay JWT signed
+/// with a shared key can never be used as an admin token.
+pub const ADMIN_AUDIENCE: &str = "mxpay-admin";
+
+/// What an admin token allows. Stable names: they appear in tokens and docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    /// Credit wallets (top-ups).
+    Topup,
+    /// Read accounts, balances, history, pending transfers; verify and export the ledger.
+    Read,
+    /// Freeze and unfreeze accounts.
+    Freeze,
+    /// Confirm or reject pending withdrawals.
+    Settle,
+    /// Reset a user's PIN.
+    PinReset,
+    /// Read the audit log.
+    Audit,
+}
+
+impl Scope {
+    /// Every scope, in a stable order.
+    pub const ALL: [Scope; 6] = [
+        Scope::Topup,
+        Scope::Read,
+        Scope::Freeze,
+        Scope::Settle,
+        Scope::PinReset,
+        Scope::Audit,
+    ];
+
+    /// The scope's name as it appears in tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Topup => "topup",
+            Scope::Read => "read",
+            Scope::Freeze => "freeze",
+            Scope::Settle => "settle",
+            Scope::PinReset => "pin-reset",
+            Scope::Audit => "audit",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown scope `{s}` (known: {})", names.join(", "))
+            })
+    }
+}
+
+/// The claims of an admin token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminClaims {
+    /// Who the token was issued to (free text, e.g. an admin's name); recorded in the audit log.
+    pub sub: String,
+    /// Always [`ADMIN_AUDIENCE`].
+    pub aud: String,
+    /// What the token allows.
+    pub scopes: BTreeSet<Scope>,
+    /// Issued at, seconds since the Unix epoch.
+    pub iat: u64,
+    /// Expires at, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Unique token id, recorded in the audit log.
+    pub jti: String,
+}
+
+/// Why a token was refused or could not be made. Messages never contain the token or key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// No `Authorization: Bearer` header.
+    #[error("missing admin token: send it as `Authorization: Bearer <token>`")]
+    Missing,
+    /// Not a JWT, a wrong algorithm, or a wrong audience.
+    #[error("the admin token is malformed or not an mxpay admin token")]
+    Malformed,
+    /// The signature does not match the configured key.
+    #[error("the admin token's signature does not match this server's key")]
+    BadSignature,
+    /// Past its `exp`.
+    #[error("the admin token has expired")]
+    Expired,
+    /// Valid, but without the scope the call needs.
+    #[error("the admin token lacks the `{0}` scope")]
+    MissingScope(Scope),
+    /// Minting needs the private half of the key, which this server was not given.
+    #[error("this server has no signing key for admin tokens (only a verification key)")]
+    NoSigningKey,
+    /// Minting failed inside the JWT library.
+    #[error("could not sign the admin token")]
+    Signing,
+}
+
+impl TokenError {
+    /// HTTP status and Matrix errcode for the edge.
+    pub fn status_and_errcode(&self) -> (u16, &'static str) {
+        match self {
+            TokenError::Missing => (401, "M_MISSING_TOKEN"),
+            TokenError::Malformed | TokenError::BadSignature | TokenError::Expired => {
+                (401, "M_UNKNOWN_TOKEN")
+            }
+            TokenError::MissingScope(_) => (403, "M_FORBIDDEN"),
+            TokenError::NoSigningKey | TokenError::Signing => (500, "M_UNKNOWN"),
+        }
+    }
+}
+
+/// Key material for admin tokens.
+pub enum AdminKey {
+    /// A shared secret (HS256). Both mints and verifies.
+    Hs256 {
+        /// The secret bytes; at least 32.
+        secret: Vec<u8>,
+    },
+    /// Ed25519 (EdDSA): verify with the public key; mint only where the private key is given.
+    EdDsa {
+        /// PEM of the public key.
+        public_pem: Vec<u8>,
+        /// PEM of the private key, if this process may mint tokens.
+        private_pem: Option<Vec<u8>>,
+    },
+}
+
+impl fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminKey::Hs256 { .. } => f.write_str("AdminKey::Hs256(<redacted>)"),
+            AdminKey::EdDsa { private_pem, .. } => write!(
+                f,
+                "AdminKey::EdDsa {{ private: {} }}",
+                if private_pem.is_some() {
+                    "<redacted>"
+                } else {
+                    "none"
+                }
+            ),
+        }
+    }
+}
+
+/// Why key material was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// An HS256 secret shorter than 32 bytes.
+    #[error("the HS256 secret must be at least 32 bytes long (it is {0})")]
+    SecretTooShort(usize),
+    /// A PEM that is not an Ed25519 key.
+    #[error("the {0} is not an Ed25519 PEM key")]
+    BadPem(&'static str),
+}
+
+/// Mints and verifies admin tokens.
+pub struct TokenAuthority {
+    algorithm: Algorithm,
+    encoding: Option<EncodingKey>,
+    decoding: DecodingKey,
+    clock: SharedClock,
+}
+
+impl fmt::Debug for TokenAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenAuthority")
+            .field("algorithm", &self.algorithm)
+            .field("can_mint", &self.encoding.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenAuthority {
+    /// Builds an authority from key material.
+    pub fn new(key: &AdminKey, clock: SharedClock) -> Result<Self, KeyError> {
+        let (algorithm, encoding, decoding) = match key {
+            AdminKey::Hs256 { secret } => {
+                if secret.len() < 32 {
+                    return Err(KeyError::SecretTooShort(secret.len()));
+                }
+                (
+                    Algorithm::HS256,
+                    Some(EncodingKey::from_secret(secret)),
+                    DecodingKey::from_secret(secret),
+                )
+            }
+            AdminKey::EdDsa {
+                public_pem,
+                private_pem,
+            } => {
+                let decoding = DecodingKey::from_ed_pem(public_pem)
+                    .map_err(|_| KeyError::BadPem("public key"))?;
+                let encoding = match private_pem {
+                    Some(pem) => Some(
+                        EncodingKey::from_ed_pem(pem)
+                            .map_err(|_| KeyError::BadPem("private key"))?,
+                    ),
+                    None => None,
+                };
+                (Algorithm::EdDSA, encoding, decoding)
+            }
+        };
+        Ok(Self {
+            algorithm,
+            encoding,
+            decoding,
+            clock,
+        })
+    }
+
+    /// Mints a token for `subject` with `scopes`, valid for `ttl_s` seconds from now.
+    pub fn mint(
+        &self,
+        subject: &str,
+        scopes: BTreeSet<Scope>,
+        ttl_s: u64,
+    ) -> Result<String, TokenError> {
+        let encoding = self.encoding.as_ref().ok_or(TokenError::NoSigningKey)?;
+        let iat = self.clock.now_ms() / 1000;
+        let claims = AdminClaims {
+            sub: subject.to_owned(),
+            aud: ADMIN_AUDIENCE.to_owned(),
+            scopes,
+            iat,
+            exp: iat.saturating_add(ttl_s),
+            jti: random_id(),
+        };
+        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, encoding)
+            .map_err(|_| TokenError::Signing)
+    }
+
+    /// Verifies `token` and that it carries `required`. Returns its claims.
+    pub fn verify(&self, token: &str, required: Scope) -> Result<AdminClaims, TokenError> {
+        let mut validation = Validation::new(self.algorithm);
+        // Expiry is checked below against the injected clock.
+        validation.validate_exp = false;
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "aud", "sub"]);
+        validation.set_audience(&[ADMIN_AUDIENCE]);
+        let data = jsonwebtoken::decode::<AdminClaims>(token, &self.decoding, &validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
+                _ => TokenError::Malformed,
+            })?;
+        let claims = data.claims;
+        if self.clock.now_ms() / 1000 >= claims.exp {
+            return Err(TokenError::Expired);
+        }
+        if !claims.scopes.contains(&required) {
+            return Err(TokenError::MissingScope(required));
+        }
+        Ok(claims)
+    }
+}
+
+fn random_id() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn authority(secret: &[u8], clock: &ManualClock) -> TokenAuthority {
+        TokenAuthority::new(
+            &AdminKey::Hs256 {
+                secret: secret.to_vec(),
+            },
+            Arc::new(clock.clone()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn minted_token_verifies_for_its_scopes_only() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let auth = authority(SECRET, &clock);
+        let token = auth
+            .mint("ops", [Scope::Topup, Scope::Read].into_iter().collect(), 60)
+            .unwrap();
+        let claims = auth.verify(&token, Scope::Topup).unwrap();
+        assert_eq!(claims.sub, "ops");
+        assert!(auth.verify(&token, Scope::Read).is_ok());
+        assert_eq!(
+            auth.verify(&token, Scope::Freeze),
+            Err(TokenError::MissingScope(Scope::Freeze))
+        );
+    }
+
+    #[test]
+    fn expired_token_is_refused() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let auth = authority(SECRET, &clock);
+        let token = auth
+            .mint("ops", [Scope::Read].into_iter().collect(), 60)
+            .unwrap();
+        clock.advance_ms(59_000);
+        assert!(auth.verify(&token, Scope::Read).is_ok());
+        clock.advance_ms(1_000);
+        assert_eq!(auth.verify(&token, Scope::Read), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn token_signed_with_another_key_is_refused() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let other = authority(b"another secret that is long enough!!", &clock);
+        let token = other
+            .mint("ops", [Scope::Read].into_iter().collect(), 60)
+            .unwrap();
+        let auth = authority(SECRET, &clock);
+        assert_eq!(
+            auth.verify(&token, Scope::Read),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn garbage_and_wrong_audience_are_malformed() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let auth = authority(SECRET, &clock);
+        assert_eq!(
+            auth.verify("not.a.jwt", Scope::Read),
+            Err(TokenError::Malformed)
+        );
+        #[derive(Serialize)]
+        struct Other {
+            sub: &'static str,
+            aud: &'static str,
+            exp: u64,
+            scopes: Vec<Scope>,
+        }
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Other {
+                sub: "x",
+                aud: "mxpay-stepup",
+                exp: u64::MAX / 2,
+                scopes: vec![Scope::Read],
+            },
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert_eq!(auth.verify(&token, Scope::Read), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn short_secret_is_refused_and_debug_is_redacted() {
+        let err = TokenAuthority::new(
+            &AdminKey::Hs256 {
+                secret: b"short".to_vec(),
+            },
+            Arc::new(ManualClock::new(0)),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("32 bytes"));
+        let key = AdminKey::Hs256 {
+            secret: SECRET.to_vec(),
+        };
+        assert!(!format!("{key:?}").contains("0123"));
+    }
+
+    #[test]
+    fn scope_names_round_trip() {
+        for scope in Scope::ALL {
+            assert_eq!(scope.as_str().parse::<Scope>().unwrap(), scope);
+        }
+        assert!("admin".parse::<Scope>().unwrap_err().contains("pin-reset"));
+    }
+}
