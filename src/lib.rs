@@ -10,3 +10,4 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod ledger;
+pub mod policy;

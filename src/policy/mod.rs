@@ -1,0 +1,4 @@
+//! Decisions only, no I/O: PINs, step-up proofs, limits.
+
+pub mod pin;
+pub mod stepup;
