@@ -9,5 +9,6 @@ pub mod admin;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod events;
 pub mod ledger;
 pub mod policy;

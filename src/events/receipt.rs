@@ -1,0 +1,77 @@
+//! `org.mxpay.receipt`: the outcome of a payment step, referencing the event it answers.
+
+use matrix_sdk::ruma::events::macros::EventContent;
+use matrix_sdk::ruma::events::relation::Reference;
+use matrix_sdk::ruma::OwnedUserId;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// How the payment ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptStatus {
+    /// Money moved.
+    Completed,
+    /// The payer or policy said no.
+    Declined,
+    /// Something went wrong; no money moved.
+    Failed,
+    /// No PIN in time; the reservation was released.
+    Expired,
+}
+
+/// Why a payment did not complete. Stable codes: clients may switch on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptReason {
+    /// The payer's balance does not cover the amount.
+    InsufficientFunds,
+    /// A per-transfer or rolling 24 h limit.
+    LimitExceeded,
+    /// The payee is not in the room or may not hold a wallet.
+    PayeeNotAllowed,
+    /// The command came unencrypted or from an encrypted room's plaintext event.
+    NotEncrypted,
+    /// The sender's device is not cross-signed by its owner.
+    UntrustedDevice,
+    /// Too many wrong PINs.
+    PinLocked,
+    /// The payer has not set a PIN.
+    PinNotSet,
+    /// The account is frozen.
+    AccountFrozen,
+    /// The currency is unknown or the amount malformed.
+    InvalidAmount,
+    /// The step-up window passed.
+    Timeout,
+    /// Anything else; the body says more.
+    Other,
+}
+
+/// The outcome, with the payment's facts.
+#[derive(Clone, Debug, Deserialize, Serialize, EventContent)]
+#[ruma_event(type = "org.mxpay.receipt", kind = MessageLike)]
+pub struct ReceiptEventContent {
+    /// Fallback text, e.g. "✅ @alice paid @bob 12.50 EUR (lunch)".
+    pub body: String,
+    /// How it ended.
+    pub status: ReceiptStatus,
+    /// Why, when not completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ReceiptReason>,
+    /// The ledger transfer, as a decimal string of its 128-bit id (absent if none was made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_id: Option<String>,
+    /// Who pays.
+    pub payer: OwnedUserId,
+    /// Who is paid.
+    pub payee: OwnedUserId,
+    /// Amount in major units.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// The event this answers.
+    #[serde(rename = "m.relates_to")]
+    pub relates_to: Reference,
+}
