@@ -1,4 +1,6 @@
 //! Decisions only, no I/O: PINs, step-up proofs, limits.
 
+pub mod payee;
 pub mod pin;
 pub mod stepup;
+pub mod trust;
