@@ -9,5 +9,8 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod homeserver;
+pub mod inbox;
 pub mod ledger;
 pub mod registration;
+pub mod store;
