@@ -523,7 +523,10 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         let _ = pinger.await;
     })
     .await;
-    match tokio::time::timeout(grace, server).await {
+    tracing::debug!("worker stopped");
+    let served = tokio::time::timeout(grace, server).await;
+    tracing::debug!("server stopped");
+    match served {
         Ok(Ok(Err(error))) => Err(AppError::Serve(error)),
         _ => Ok(()),
     }
