@@ -6,10 +6,18 @@
 #![recursion_limit = "256"]
 
 pub mod admin;
+pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;
 pub mod events;
+pub mod handler;
+pub mod homeserver;
+pub mod http;
+pub mod inbox;
 pub mod ledger;
+pub mod metrics;
 pub mod policy;
+pub mod registration;
+pub mod store;
