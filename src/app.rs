@@ -491,13 +491,26 @@ async fn shutdown_signal() {
 /// Longest wait for the server and worker to stop after a shutdown signal.
 const SHUTDOWN_GRACE_MS: u64 = 10_000;
 
-/// Runs `mxpay serve`: start-up checks, then serves until SIGINT/SIGTERM.
+/// Runs `mxpay serve` with the [`BasicHandler`]: start-up checks, then serves until
+/// SIGINT/SIGTERM.
 pub async fn serve(config: Config) -> Result<(), AppError> {
+    serve_with(config, |app| {
+        Arc::new(BasicHandler::new(app.client().clone())) as Arc<dyn TransactionHandler>
+    })
+    .await
+}
+
+/// [`serve`] with the handler `make_handler` builds once the start-up checks passed (the
+/// crypto layer passes its decrypting handler here).
+pub async fn serve_with<F>(config: Config, make_handler: F) -> Result<(), AppError>
+where
+    F: FnOnce(&App) -> Arc<dyn TransactionHandler>,
+{
     let registration = Registration::load_for(&config)?;
     let app = App::open(config, registration)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = start_server(&app, shutdown_rx.clone()).await?;
-    tracing::info!(listen = %app.config.appservice.listen, "appservice API listening");
+    let (addr, server) = start_server(&app, shutdown_rx.clone()).await?;
+    tracing::info!(listen = %addr, "appservice API listening");
 
     let checked = tokio::select! {
         checked = app.check_homeserver() => checked,
@@ -509,7 +522,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         return Err(error);
     }
     app.set_ready(true);
-    let handler: Arc<dyn TransactionHandler> = Arc::new(BasicHandler::new(app.client.clone()));
+    let handler = make_handler(&app);
     let worker = app.spawn_worker(handler, WorkerPolicy::default(), shutdown_rx.clone());
     let pinger = tokio::spawn(ready_pings(app.clone(), shutdown_rx.clone()));
     tracing::info!(bot = %app.client.bot_user_id(), "mxpay is ready");
@@ -533,15 +546,18 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
 }
 
 /// Binds `appservice.listen` and serves the router (TCP_NODELAY on every accepted socket) until
-/// `shutdown` turns true.
+/// `shutdown` turns true. Returns the bound address (port 0 in the config picks a free port).
 pub async fn start_server(
     app: &App,
     shutdown: watch::Receiver<bool>,
-) -> Result<JoinHandle<std::io::Result<()>>, AppError> {
+) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), AppError> {
     use axum::serve::ListenerExt as _;
     let addr = app.config.appservice.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
+        .map_err(|source| AppError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
         .map_err(|source| AppError::Listen { addr, source })?;
     // Small answers written in two sends otherwise wait for a delayed ACK (Nagle).
     let listener = listener.tap_io(|tcp| {
@@ -549,13 +565,14 @@ pub async fn start_server(
     });
     let router = app.router();
     let mut shutdown = shutdown;
-    Ok(tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             })
             .await
-    }))
+    });
+    Ok((bound, server))
 }
 
 /// Pings the homeserver every [`READY_PING_INTERVAL_MS`] and keeps `/ready` in step.
@@ -743,6 +760,45 @@ mod tests {
         let _worker = app.spawn_worker(recorder.clone(), fast_policy(), stopped);
         eventually("both handled", || recorder.handled.lock().len() == 2).await;
         assert_eq!(*recorder.handled.lock(), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn server_answers_over_tcp_and_stops_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_in(dir.path());
+        config.appservice.listen = "127.0.0.1:0".parse().unwrap();
+        let registration = Registration::generate(&config);
+        let app = App::open(config, registration.clone()).unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let (addr, server) = start_server(&app, stopped).await.unwrap();
+        let http = reqwest::Client::new();
+        let health = http
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        // Keep-alive connection: several transactions over one socket, each with a body the
+        // client can delimit.
+        for id in 1..=3 {
+            let response = http
+                .put(format!("http://{addr}/_matrix/app/v1/transactions/{id}"))
+                .bearer_auth(registration.hs_token.expose())
+                .body(r#"{"events":[]}"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.content_length(), Some(2));
+            assert_eq!(response.text().await.unwrap(), "{}");
+        }
+        assert_eq!(app.inbox().depth(), 3);
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), server)
+            .await
+            .expect("server stops on shutdown")
+            .unwrap()
+            .unwrap();
     }
 
     mod startup {
