@@ -578,8 +578,14 @@ pub async fn start_server(
 /// Pings the homeserver every [`READY_PING_INTERVAL_MS`] and keeps `/ready` in step.
 async fn ready_pings(app: App, mut shutdown: watch::Receiver<bool>) {
     let interval = Duration::from_millis(READY_PING_INTERVAL_MS);
+    // One attempt per round: /ready should turn false within a round, not after the
+    // retries of a normal request.
+    let client = app.client.with_retry(RetryPolicy {
+        attempts_max: 1,
+        ..app.client.retry_policy()
+    });
     while !wait_or_shutdown(&mut shutdown, interval).await {
-        let ok = match app.client.ping(None).await {
+        let ok = match client.ping(None).await {
             Ok(_) => true,
             Err(error) => {
                 app.metrics.error("homeserver_ping");
