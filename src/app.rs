@@ -491,21 +491,8 @@ async fn shutdown_signal() {
 /// Longest wait for the server and worker to stop after a shutdown signal.
 const SHUTDOWN_GRACE_MS: u64 = 10_000;
 
-/// Runs `mxpay serve` with the [`BasicHandler`]: start-up checks, then serves until
-/// SIGINT/SIGTERM.
+/// Runs `mxpay serve`: start-up checks, then serves until SIGINT/SIGTERM.
 pub async fn serve(config: Config) -> Result<(), AppError> {
-    serve_with(config, |app| {
-        Arc::new(BasicHandler::new(app.client().clone())) as Arc<dyn TransactionHandler>
-    })
-    .await
-}
-
-/// [`serve`] with the handler `make_handler` builds once the start-up checks passed (the
-/// crypto layer passes its decrypting handler here).
-pub async fn serve_with<F>(config: Config, make_handler: F) -> Result<(), AppError>
-where
-    F: FnOnce(&App) -> Arc<dyn TransactionHandler>,
-{
     let registration = Registration::load_for(&config)?;
     let app = App::open(config, registration)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -522,7 +509,7 @@ where
         return Err(error);
     }
     app.set_ready(true);
-    let handler = make_handler(&app);
+    let handler: Arc<dyn TransactionHandler> = Arc::new(BasicHandler::new(app.client.clone()));
     let worker = app.spawn_worker(handler, WorkerPolicy::default(), shutdown_rx.clone());
     let pinger = tokio::spawn(ready_pings(app.clone(), shutdown_rx.clone()));
     tracing::info!(bot = %app.client.bot_user_id(), "mxpay is ready");
