@@ -24,7 +24,13 @@ async fn harness_smoke_encrypted_message_decrypts_at_bob() {
         .wait_for_membership(room.room_id(), bob.user.user_id.as_str(), "join")
         .await;
     assert!(
-        alice.room(room.room_id()).await.latest_encryption_state().await.expect("encryption state").is_encrypted(),
+        alice
+            .room(room.room_id())
+            .await
+            .latest_encryption_state()
+            .await
+            .expect("encryption state")
+            .is_encrypted(),
         "the room was created encrypted"
     );
 

@@ -9,7 +9,9 @@ use hmac::{Hmac, Mac};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::deserialized_responses::EncryptionInfo;
 use matrix_sdk::event_handler::RawEvent;
-use matrix_sdk::ruma::api::client::room::create_room::v3::{Request as CreateRoomRequest, RoomPreset};
+use matrix_sdk::ruma::api::client::room::create_room::v3::{
+    Request as CreateRoomRequest, RoomPreset,
+};
 use matrix_sdk::ruma::api::client::uiaa;
 use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 use matrix_sdk::ruma::events::{AnySyncTimelineEvent, InitialStateEvent};
@@ -60,7 +62,10 @@ pub async fn user(name: &str) -> TestUser {
 
     let mut mac = Hmac::<Sha1>::new_from_slice(synapse.registration_shared_secret().as_bytes())
         .expect("HMAC takes any key length");
-    for (i, part) in [nonce.as_str(), &localpart, &password, "notadmin"].iter().enumerate() {
+    for (i, part) in [nonce.as_str(), &localpart, &password, "notadmin"]
+        .iter()
+        .enumerate()
+    {
         if i > 0 {
             mac.update(b"\0");
         }
@@ -73,10 +78,18 @@ pub async fn user(name: &str) -> TestUser {
         "admin": false,
         "mac": hex::encode(mac.finalize().into_bytes()),
     });
-    let response = http.post(&url).json(&body).send().await.expect("POST register");
+    let response = http
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST register");
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
-    assert!(status.is_success(), "registering {localpart}: {status} {text}");
+    assert!(
+        status.is_success(),
+        "registering {localpart}: {status} {text}"
+    );
 
     let user_id = UserId::parse(format!("@{localpart}:{SERVER_NAME}")).expect("valid user ID");
     TestUser {
@@ -193,9 +206,10 @@ impl Drop for TestClient {
 /// keys are uploaded before anyone needs them), then keeps syncing in the background.
 pub async fn client(user: &TestUser) -> TestClient {
     let synapse = synapse();
-    let store_dir = run_dir()
-        .join("clients")
-        .join(format!("{}-{}", user.localpart, random_suffix(4)));
+    let store_dir =
+        run_dir()
+            .join("clients")
+            .join(format!("{}-{}", user.localpart, random_suffix(4)));
     let client = Client::builder()
         .homeserver_url(&synapse.url)
         .sqlite_store(&store_dir, None)
@@ -290,14 +304,24 @@ impl TestClient {
             }
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             if remaining.is_zero()
-                || tokio::time::timeout(remaining, changed.changed()).await.is_err()
+                || tokio::time::timeout(remaining, changed.changed())
+                    .await
+                    .is_err()
             {
                 let recent: Vec<String> = self
                     .seen_events()
                     .iter()
                     .rev()
                     .take(15)
-                    .map(|e| format!("{} {} {} {}", e.room_id, e.event_type(), e.sender(), e.content()))
+                    .map(|e| {
+                        format!(
+                            "{} {} {} {}",
+                            e.room_id,
+                            e.event_type(),
+                            e.sender(),
+                            e.content()
+                        )
+                    })
                     .collect();
                 panic!(
                     "{} did not see {what} within {:?}; latest events first:\n{}",

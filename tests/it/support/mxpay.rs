@@ -189,7 +189,11 @@ impl MxpayProcess {
             .send()
             .await
             .expect("GET /metrics");
-        assert!(response.status().is_success(), "GET /metrics: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "GET /metrics: {}",
+            response.status()
+        );
         response.text().await.expect("read /metrics")
     }
 
@@ -211,7 +215,10 @@ impl MxpayProcess {
         let response = request.send().await.expect("PUT transaction");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
     }
 }
 
