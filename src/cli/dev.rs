@@ -144,7 +144,9 @@ pub fn run(args: DevArgs) -> Result<(), DevError> {
                 .arg("-c")
                 .arg(&config_path)
                 .arg("-o")
-                .arg(&registration_path),
+                .arg(&registration_path)
+                // Its advice (add the file to the homeserver) is what we do next.
+                .stdout(Stdio::null()),
         )?;
     }
 
