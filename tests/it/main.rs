@@ -4,6 +4,8 @@
 mod spine;
 mod support;
 
+mod homeserver_retry;
+
 mod smoke {
     #[test]
     fn config_defaults_parse() {
