@@ -84,7 +84,7 @@ struct DevState {
 const DEMO_USERS: [&str; 2] = ["alice", "bob"];
 const BOT_LOCALPART: &str = "_mxpay";
 const SERVER_NAME: &str = "localhost";
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const SERVE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
@@ -194,7 +194,7 @@ fn serve_until_interrupted(
         .spawn()
         .map_err(io_err(mxpay))?;
     let result = runtime.block_on(async {
-        wait_healthy(&mut serve, state.appservice_port).await?;
+        wait_ready(&mut serve, state.appservice_port).await?;
         let shared_secret = read_shared_secret(&dir.join("synapse/homeserver.yaml"))?;
         for (localpart, password) in &state.users {
             register_user(homeserver_url, &shared_secret, localpart, password).await?;
@@ -273,10 +273,11 @@ fn run_checked(command: &mut Command) -> Result<(), DevError> {
     }
 }
 
-async fn wait_healthy(serve: &mut Child, port: u16) -> Result<(), DevError> {
+async fn wait_ready(serve: &mut Child, port: u16) -> Result<(), DevError> {
     let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/health");
-    let deadline = tokio::time::Instant::now() + HEALTH_TIMEOUT;
+    // `/ready`: listening, start-up checks and the homeserver ping passed.
+    let url = format!("http://127.0.0.1:{port}/ready");
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = serve.try_wait() {
             return Err(DevError::Serve(format!("exited ({status})")));
@@ -287,7 +288,7 @@ async fn wait_healthy(serve: &mut Child, port: u16) -> Result<(), DevError> {
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(DevError::Serve(format!(
-                "did not answer {url} within {HEALTH_TIMEOUT:?}"
+                "did not answer {url} within {READY_TIMEOUT:?}"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
