@@ -53,6 +53,18 @@ async fn harness_smoke_encrypted_message_decrypts_at_bob() {
         "the message reached bob through decryption, not in plaintext: {:?}",
         seen.json
     );
+
+    // The cross-signing helper answers Synapse's user-interactive auth.
+    bob.bootstrap_cross_signing().await;
+    let status = bob
+        .encryption()
+        .cross_signing_status()
+        .await
+        .expect("cross-signing status");
+    assert!(
+        status.is_complete(),
+        "bob has all three cross-signing keys: {status:?}"
+    );
 }
 
 /// Event type of the probe events tests put into hand-made transactions: the worker counts
@@ -155,6 +167,34 @@ async fn bot_joins_on_invite_and_answers_help() {
 
     say(&alice, &room_id, "!help").await;
     wait_for_bot_notice(&alice, &room_id, &lease).await;
+}
+
+/// mxpay's start-up ping passed (it reports ready), and the homeserver reaches mxpay with
+/// the hs_token mxpay accepts: a ping asked of Synapse, as an admin would, succeeds.
+#[tokio::test]
+async fn homeserver_ping_reaches_mxpay() {
+    let lease = support::synapse().lease(SlotKind::Normal, "ping").await;
+    let mxpay = MxpayProcess::start(&lease).await;
+    let ready = reqwest::get(format!("{}/ready", mxpay.url))
+        .await
+        .expect("GET /ready");
+    assert_eq!(ready.status().as_u16(), 200);
+
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/_matrix/client/v1/appservice/{}/ping",
+            lease.synapse().url,
+            lease.spec.id
+        ))
+        .bearer_auth(&lease.spec.as_token)
+        .json(&json!({ "transaction_id": format!("ping-{}", support::random_suffix(8)) }))
+        .send()
+        .await
+        .expect("POST ping");
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    assert_eq!(status, 200, "Synapse's ping of mxpay: {body}");
+    assert!(body["duration_ms"].is_u64(), "{body}");
 }
 
 /// A transaction id seen before is answered 200 but not handled again, also after a restart
