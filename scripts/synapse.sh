@@ -213,10 +213,14 @@ cmd_guard() {
     local child=$!
     (
         cat >/dev/null
-        kill -KILL "$child" 2>/dev/null || true
+        if kill -0 "$child" 2>/dev/null; then
+            echo "synapse.sh guard: standard input closed; sending SIGKILL to $1" >&2
+            kill -KILL "$child" 2>/dev/null || true
+        fi
     ) <&0 &
     local status=0
-    wait "$child" || status=$?
+    # (bash's own "Killed" job notice would only repeat the line above)
+    wait "$child" 2>/dev/null || status=$?
     exit "$status"
 }
 

@@ -271,8 +271,8 @@ async fn acknowledged_transaction_is_handled_after_kill_and_restart() {
     wait_for_bot_notice(&alice, &room_id, &lease).await;
 }
 
-/// Events sent while mxpay is down wait at the homeserver and arrive after mxpay starts (its
-/// start-up ping makes Synapse retry at once instead of after its backoff).
+/// Events sent while mxpay is down wait at the homeserver and arrive after mxpay starts
+/// again (Synapse keeps retrying; mxpay's start-up ping makes it retry at once).
 #[tokio::test]
 async fn events_sent_while_mxpay_is_down_arrive_after_restart() {
     let lease = support::synapse().lease(SlotKind::Normal, "down").await;
