@@ -102,13 +102,23 @@ pub fn random_suffix(len: usize) -> String {
         .collect()
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released: another process could take it in
-/// between, which on a test machine does not happen in practice).
+/// A free TCP port on 127.0.0.1, never the same twice in this process (the kernel may hand
+/// a released port out again, and two slots on one port would break both). Bound, then
+/// released: another process could take it in between, which on a test machine does not
+/// happen in practice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind a free port")
+            .port();
+        if HANDED_OUT.lock().expect("port set lock").insert(port) {
+            return port;
+        }
+    }
+    panic!("no port not handed out before in 100 tries");
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout()` saying
