@@ -65,6 +65,10 @@ pub enum AppError {
     /// A start-up check against the homeserver failed.
     #[error("{0}")]
     Startup(String),
+    /// The transaction worker stopped while mxpay was running (a bug); unprocessed
+    /// transactions stay in the inbox for the next start.
+    #[error("the transaction worker stopped ({0}); unprocessed transactions stay in the inbox")]
+    WorkerStopped(String),
 }
 
 /// Bounds of the inbox worker.
@@ -514,18 +518,35 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     let pinger = tokio::spawn(ready_pings(app.clone(), shutdown_rx.clone()));
     tracing::info!(bot = %app.client.bot_user_id(), "mxpay is ready");
 
-    shutdown_signal().await;
+    // A worker that dies (a panicking handler is a bug) must not leave a process that
+    // acknowledges transactions and never handles them: stop, so a supervisor sees it.
+    let mut worker = worker;
+    let worker_died = tokio::select! {
+        _ = shutdown_signal() => None,
+        ended = &mut worker => Some(ended),
+    };
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
     let _ = tokio::time::timeout(grace, async {
-        let _ = worker.await;
+        if worker_died.is_none() {
+            let _ = worker.await;
+        }
         let _ = pinger.await;
     })
     .await;
     tracing::debug!("worker stopped");
     let served = tokio::time::timeout(grace, server).await;
     tracing::debug!("server stopped");
+    if let Some(ended) = worker_died {
+        let reason = match ended {
+            Err(error) if error.is_panic() => "the transaction handler panicked".to_owned(),
+            Err(error) => error.to_string(),
+            Ok(()) => "it returned".to_owned(),
+        };
+        tracing::error!(%reason, "the transaction worker stopped");
+        return Err(AppError::WorkerStopped(reason));
+    }
     match served {
         Ok(Ok(Err(error))) => Err(AppError::Serve(error)),
         _ => Ok(()),
