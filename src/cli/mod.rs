@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod ledger;
+
 /// mxpay: chat payments for end-to-end-encrypted Matrix rooms.
 #[derive(Debug, Parser)]
 #[command(name = "mxpay", version, about)]
@@ -22,6 +25,12 @@ pub enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Benchmarks (not tests): measure on a release build.
+    Bench {
+        /// What to measure.
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
 }
 
 /// `mxpay ledger ...`
@@ -38,11 +47,9 @@ pub enum LedgerCommand {
 pub fn run(cli: Cli) -> anyhow_like::Result {
     match cli.command {
         Command::Ledger { command } => match command {
-            LedgerCommand::Verify { data_dir } => {
-                let _ = data_dir;
-                Err("ledger verify is not built yet".into())
-            }
+            LedgerCommand::Verify { data_dir } => ledger::verify(&data_dir),
         },
+        Command::Bench { command } => bench::run(command),
     }
 }
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{encode_record, Head};
-use super::model::TransferId;
+use super::model::{Owner, TransferId};
 use super::state::{Event, Op, OpResult, State};
-use super::storage::Storage;
+use super::storage::{Storage, RECORD_BYTES_TARGET};
 use super::LedgerError;
 use crate::clock::SharedClock;
 
@@ -30,6 +30,37 @@ pub(crate) enum Command {
     },
     /// A consistent read of durable state.
     Read(ReadFn),
+}
+
+impl Command {
+    /// An upper bound of the journal bytes this command can add (memo, owner names of two
+    /// new accounts, fixed fields), so one record stays below [`RECORD_BYTES_TARGET`].
+    fn bytes_max(&self) -> usize {
+        const FIXED_BYTES: usize = 160;
+        let owner = |o: &Owner| match o {
+            Owner::User(name) => name.len(),
+            _ => 0,
+        };
+        match self {
+            Command::Op { op, .. } => {
+                FIXED_BYTES
+                    + match op {
+                        Op::Create { request, .. } => {
+                            // A failed create records both accounts in full as well.
+                            2 * (request.memo.len()
+                                + owner(&request.debit)
+                                + owner(&request.credit))
+                        }
+                        Op::Refund { memo, .. } => memo.len(),
+                        Op::Freeze { account, .. } => owner(&account.owner),
+                        Op::Post { .. } | Op::Void { .. } => 0,
+                    }
+            }
+            // Expiries are bounded by the number of live pending transfers, not by commands;
+            // they are small (17 bytes each).
+            Command::ExpireDue { .. } | Command::Read(_) => FIXED_BYTES,
+        }
+    }
 }
 
 // Replies live for one batch in one Vec; boxing the large variant would only add allocations.
@@ -67,9 +98,13 @@ impl Writer {
                     // Idle: still expire what the clock says is due.
                     Err(_) => {}
                 }
-                while batch.len() < self.batch_commands_max {
+                let mut bytes: usize = batch.iter().map(Command::bytes_max).sum();
+                while batch.len() < self.batch_commands_max && bytes < RECORD_BYTES_TARGET {
                     match rx.try_recv() {
-                        Ok(command) => batch.push(command),
+                        Ok(command) => {
+                            bytes += command.bytes_max();
+                            batch.push(command);
+                        }
                         Err(_) => break,
                     }
                 }
