@@ -1,5 +1,7 @@
 //! The one integration test binary: each extra binary re-links matrix-sdk, which is slow.
 
+mod ledger;
+
 mod smoke {
     #[test]
     fn config_defaults_parse() {
