@@ -20,6 +20,9 @@ pub(crate) type TransferIdx = u32;
 /// The rolling window of the daily limit.
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
+/// Most pending transfers one batch expires (17 journal bytes each).
+pub(crate) const EXPIRIES_PER_BATCH_MAX: usize = 16_384;
+
 /// One change of state, as written to the journal. All events of a journal record share the
 /// record's timestamp.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,10 +273,12 @@ impl State {
     // ----- decisions -----------------------------------------------------------------------
 
     /// Expires every pending transfer whose deadline is at or before `now_ms`.
+    /// At most [`EXPIRIES_PER_BATCH_MAX`] per call, so one journal record stays small; a post
+    /// or void of a transfer past its deadline expires it first in any case.
     pub fn expire_due(&mut self, now_ms: u64, events: &mut Vec<Event>) -> Vec<TransferId> {
         let mut expired = Vec::new();
         while let Some(&(deadline_ms, idx)) = self.deadlines.first() {
-            if deadline_ms > now_ms {
+            if deadline_ms > now_ms || expired.len() >= EXPIRIES_PER_BATCH_MAX {
                 break;
             }
             let id = self.transfers[idx as usize].id;
@@ -453,6 +458,7 @@ impl State {
     ) -> OpResult {
         use TransferError as E;
         let idx = self.pending_idx(pending)?;
+        self.expire_if_due(idx, now_ms, events);
         let t = &self.transfers[idx as usize];
         let currency = self.accounts[t.debit as usize].id.currency;
         if amount.is_some_and(|a| a.currency() != currency) {
@@ -506,6 +512,7 @@ impl State {
     ) -> OpResult {
         use TransferError as E;
         let idx = self.pending_idx(pending)?;
+        self.expire_if_due(idx, now_ms, events);
         match self.transfers[idx as usize].state {
             TransferState::Voided => return Ok(Some(self.view(idx))),
             TransferState::Posted { .. } => return Err(E::PendingTransferAlreadyPosted),
@@ -514,6 +521,14 @@ impl State {
         }
         self.emit(Event::PendingVoided { id: pending }, now_ms, events);
         Ok(Some(self.view(idx)))
+    }
+
+    fn expire_if_due(&mut self, idx: TransferIdx, now_ms: u64, events: &mut Vec<Event>) {
+        let t = &self.transfers[idx as usize];
+        if t.state == TransferState::Pending && t.deadline_ms().is_some_and(|d| d <= now_ms) {
+            let id = t.id;
+            self.emit(Event::PendingExpired { id }, now_ms, events);
+        }
     }
 
     fn pending_idx(&self, pending: TransferId) -> Result<TransferIdx, TransferError> {

@@ -506,6 +506,32 @@ fn pending_expires_by_the_clock() {
 }
 
 #[test]
+fn the_writer_expires_pending_transfers_by_itself() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    let req = f.request(2, user("alice"), user("bob"), "40.00", "EUR");
+    f.ledger.create_pending(req, 1_000).unwrap();
+    f.clock.advance_ms(1_000);
+    // No call reaches the writer: its idle tick alone must journal the expiry. The export
+    // reads the stored journal directly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let expired = f.ledger.ledger().export().any(|e| {
+            matches!(e.unwrap().entry, JournalEntry::PendingExpired { id } if id == TransferId(2))
+        });
+        if expired {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle writer never expired it"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(f.available("alice"), 10_000);
+}
+
+#[test]
 fn a_post_after_the_deadline_finds_it_expired() {
     let f = open();
     f.fund(1, "alice", "100.00");
