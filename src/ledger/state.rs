@@ -21,7 +21,7 @@ pub(crate) type TransferIdx = u32;
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
 /// Most pending transfers one batch expires (17 journal bytes each).
-pub(crate) const EXPIRIES_PER_BATCH_MAX: usize = 16_384;
+pub(crate) const EXPIRIES_PER_BATCH_MAX: usize = 4_096;
 
 /// One change of state, as written to the journal. All events of a journal record share the
 /// record's timestamp.

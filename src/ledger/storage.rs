@@ -4,9 +4,9 @@
 //!
 //! sled layout: one tree, `journal`, holding
 //! - `b"j" ++ seq (u64 big-endian)` -> one encoded record per committed batch, and
-//! - `b"h"` -> the head (seq and hash of the last record),
+//! - `b"k"` -> the head (seq and hash of the last record),
 //!
-//! both written by one atomic `apply_batch` and one `flush` per batch. Nothing else is stored:
+//! both written by one atomic `apply_batch`, one `flush` and one `fdatasync` per batch. Nothing else is stored:
 //! balances, transfers and idempotency keys are rebuilt in memory from the journal on open.
 
 use std::path::Path;
@@ -47,16 +47,19 @@ pub trait Storage: Send + Sync + 'static {
 }
 
 const RECORD_PREFIX: u8 = b'j';
-const HEAD_KEY: &[u8] = b"h";
+/// After every record key, so the head shares the newest leaf with the newest records
+/// instead of adding an update (and rewrites) to the first leaf on every commit.
+const HEAD_KEY: &[u8] = b"k";
 /// Name of the one sled tree.
 pub const JOURNAL_TREE: &str = "journal";
-/// Largest journal record the writer aims for; far below sled's blob threshold
-/// (`SEGMENT_BYTES / 4`), since sled writes larger values to blob files it never syncs.
-pub const RECORD_BYTES_TARGET: usize = 1024 * 1024;
+/// Largest journal record the writer aims for. sled keeps values inline in its tree pages
+/// (up to 16 entries a leaf, rewritten whole every 10 updates) and writes any message above a
+/// quarter of a segment to a separate blob file that it never syncs; records this small keep
+/// even a full leaf of them far below that threshold.
+pub const RECORD_BYTES_TARGET: usize = 128 * 1024;
 /// Segment size of the sled log. Fixed for the life of a database (sled refuses another on
-/// reopen). A batch record above a quarter of it would be written as a separate blob file
-/// (one more file and fsync), so it is large enough for the biggest batch.
-const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// reopen); its quarter (4 MiB) is sled's blob threshold.
+const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// How often to try for sled's directory lock, and the pause between tries (2 s in all).
 const LOCK_ATTEMPTS_MAX: u32 = 200;
