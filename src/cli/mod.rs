@@ -8,6 +8,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod ledger;
+
 /// mxpay: chat payments for end-to-end-encrypted Matrix rooms.
 #[derive(Debug, Parser)]
 #[command(name = "mxpay", version, about)]
@@ -33,6 +36,12 @@ pub enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Benchmarks (not tests): measure on a release build.
+    Bench {
+        /// What to measure.
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
 }
 
 /// `mxpay ledger ...`
@@ -52,11 +61,9 @@ pub fn run(cli: Cli) -> anyhow_like::Result {
         Command::GenerateRegistration(args) => registration::run(args),
         Command::Dev(args) => dev::run(args).map_err(Into::into),
         Command::Ledger { command } => match command {
-            LedgerCommand::Verify { data_dir } => {
-                let _ = data_dir;
-                Err("ledger verify is not built yet".into())
-            }
+            LedgerCommand::Verify { data_dir } => ledger::verify(&data_dir),
         },
+        Command::Bench { command } => bench::run(command),
     }
 }
 

@@ -7,6 +7,8 @@ mod support;
 
 mod homeserver_retry;
 
+mod ledger;
+
 mod smoke {
     #[test]
     fn config_defaults_parse() {
