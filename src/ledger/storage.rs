@@ -59,7 +59,7 @@ pub const JOURNAL_TREE: &str = "journal";
 pub const RECORD_BYTES_TARGET: usize = 128 * 1024;
 /// Segment size of the sled log. Fixed for the life of a database (sled refuses another on
 /// reopen); its quarter (4 MiB) is sled's blob threshold.
-const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
+pub const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// How often to try for sled's directory lock, and the pause between tries (2 s in all).
 const LOCK_ATTEMPTS_MAX: u32 = 200;

@@ -324,7 +324,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn with_journal(data_dir: &Path, f: impl FnOnce(&sled::Tree)) {
     let db = sled::Config::new()
         .path(data_dir.join("ledger"))
-        .segment_size(16 * 1024 * 1024)
+        .segment_size(mxpay::ledger::storage::SEGMENT_BYTES)
         .open()
         .unwrap();
     let tree = db.open_tree("journal").unwrap();
