@@ -122,11 +122,30 @@ pub(crate) fn replay(
     check_head: bool,
 ) -> Result<Replayed, LedgerError> {
     let mut state = State::new(Currencies::default());
+    let anchor = match storage.anchor()? {
+        Some(bytes) => Some(Head::decode(&bytes).map_err(|reason| LedgerError::Corrupt {
+            record: 0,
+            reason: format!("head anchor: {reason}"),
+        })?),
+        None => None,
+    };
+    // A live ledger may have written past `until_seq` since: check the anchor only within.
+    let anchor = anchor.filter(|a| until_seq.is_none_or(|u| a.seq <= u));
     let mut reader = ChainReader::new(storage, until_seq);
     let mut events = 0u64;
     let mut last_time_ms = 0;
     for record in reader.by_ref() {
         let record = record?;
+        if let Some(a) = anchor.filter(|a| a.seq == record.seq) {
+            if a.hash != record.hash {
+                return Err(LedgerError::Corrupt {
+                    record: record.seq,
+                    reason: "the record differs from the one written (its hash does not match \
+                             the head anchor)"
+                        .to_owned(),
+                });
+            }
+        }
         for (i, event) in record.events.iter().enumerate() {
             state
                 .apply(event, record.time_ms)
@@ -139,6 +158,16 @@ pub(crate) fn replay(
         last_time_ms = record.time_ms;
     }
     let head = reader.head();
+    if let Some(a) = anchor.filter(|a| a.seq > head.seq) {
+        return Err(LedgerError::Corrupt {
+            record: head.seq + 1,
+            reason: format!(
+                "the journal ends at record {} but record {} was written: records were lost \
+                 (cut off, or dropped by sled after damage to its files)",
+                head.seq, a.seq
+            ),
+        });
+    }
     if check_head {
         check_stored_head(storage, head)?;
     }
