@@ -513,6 +513,24 @@ mod tests {
         assert_eq!(record.hash, hash);
     }
 
+    /// The stored format, byte for byte: a change here is a format change (bump
+    /// `RECORD_VERSION` and keep reading the old one).
+    #[test]
+    fn record_format_is_stable() {
+        let (bytes, _) = encode_record(1, &[0u8; HASH_LEN], 1_000, &sample_events());
+        assert_eq!(hex::encode(&bytes), GOLDEN_RECORD_HEX);
+    }
+
+    const GOLDEN_RECORD_HEX: &str = concat!(
+        "01010000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "00e80300000000000009084555520201001240616c6963653a6578616d706c652e6f726745555201",
+        "0145555202f8ffffffffffffffffffffffffffffff01e0d4030100e20904726f6f6d030300000000",
+        "0000000000000000000000ffffffffffffffffffffffffffffffffffff0304040000000000000000",
+        "00000000000000050500000000000000000000000000000006060000000000000000000000000000",
+        "003f0209000000000000000000000000000000000103455552455552010007ac020220da44566033",
+        "5a4ab9e04ae51d487848e2d7f9359a4f0bffe53cd0e9b4e211fa"
+    );
+
     #[test]
     fn every_flipped_byte_is_detected() {
         let (bytes, _) = encode_record(1, &[0u8; HASH_LEN], 5, &sample_events());
