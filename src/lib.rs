@@ -5,8 +5,10 @@
 //! -> [`ledger`] -> [`outbox`] -> receipt event sent by the bot.
 #![recursion_limit = "256"]
 
+pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod ledger;
+pub mod registration;

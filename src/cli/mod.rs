@@ -1,5 +1,9 @@
 //! Command line: `mxpay <command>`. Each command lives in its own file; main.rs only dispatches.
 
+pub mod dev;
+pub mod registration;
+pub mod serve;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +20,13 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Runs the application service.
+    Serve(serve::ServeArgs),
+    /// Writes an appservice registration with fresh tokens for the homeserver (alias `-g`).
+    #[command(short_flag = 'g', visible_alias = "g")]
+    GenerateRegistration(registration::GenerateRegistrationArgs),
+    /// Local development: Synapse, mxpay and demo users under `.dev/`, until Ctrl-C.
+    Dev(dev::DevArgs),
     /// Ledger tools that work on a data directory directly (mxpay must not be running).
     Ledger {
         /// What to do.
@@ -37,6 +48,9 @@ pub enum LedgerCommand {
 /// Runs the parsed command; the process exit code is derived from the result.
 pub fn run(cli: Cli) -> anyhow_like::Result {
     match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::GenerateRegistration(args) => registration::run(args),
+        Command::Dev(args) => dev::run(args).map_err(Into::into),
         Command::Ledger { command } => match command {
             LedgerCommand::Verify { data_dir } => {
                 let _ = data_dir;

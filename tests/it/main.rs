@@ -1,4 +1,8 @@
 //! The one integration test binary: each extra binary re-links matrix-sdk, which is slow.
+#![recursion_limit = "256"]
+
+mod spine;
+mod support;
 
 mod smoke {
     #[test]

@@ -1,0 +1,46 @@
+//! `mxpay serve -c config.yaml`: runs the application service until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+
+use crate::config::{Config, LogFormat};
+
+/// Arguments of `mxpay serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The mxpay config file.
+    #[arg(short = 'c', long = "config", default_value = "config.yaml")]
+    pub config: PathBuf,
+}
+
+/// Loads the config, sets up logging and runs the appservice.
+pub fn run(args: ServeArgs) -> super::anyhow_like::Result {
+    let config = Config::load(&args.config)?;
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::app::serve(config))?;
+    Ok(())
+}
+
+/// Installs the tracing subscriber; `RUST_LOG` overrides `logging.level`.
+pub fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::EnvFilter>().ok())
+        .unwrap_or_else(|| {
+            config
+                .logging
+                .level
+                .parse()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless: keep the first subscriber.
+    let _ = match config.logging.format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
