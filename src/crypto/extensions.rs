@@ -152,7 +152,10 @@ mod tests {
         assert_eq!(changes.to_device_dropped, 2);
         assert_eq!(changes.changed, vec![user_id!("@a:hs").to_owned()]);
         assert_eq!(changes.left, vec![user_id!("@b:hs").to_owned()]);
-        let counts = changes.one_time_key_counts.clone().expect("counts for our device");
+        let counts = changes
+            .one_time_key_counts
+            .clone()
+            .expect("counts for our device");
         assert_eq!(
             counts[&OneTimeKeyAlgorithm::SignedCurve25519],
             UInt::from(42u32)

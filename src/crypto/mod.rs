@@ -487,7 +487,7 @@ impl BotCrypto {
         if !users.is_empty() {
             self.inner
                 .machine
-                .update_tracked_users(users.iter().map(|u| u.as_ref()))
+                .update_tracked_users(user_refs(&users))
                 .await?;
         }
         Ok(())
@@ -499,7 +499,7 @@ impl BotCrypto {
         let members = self.joined_members(room_id).await?;
         self.inner
             .machine
-            .update_tracked_users(members.iter().map(|u| u.as_ref()))
+            .update_tracked_users(user_refs(&members))
             .await?;
         Ok(())
     }
@@ -927,14 +927,14 @@ impl BotCrypto {
             let members = self.joined_members(room_id).await?;
             inner
                 .machine
-                .update_tracked_users(members.iter().map(|u| u.as_ref()))
+                .update_tracked_users(user_refs(&members))
                 .await?;
             self.process_outgoing_requests().await?;
             {
                 let _requests = inner.requests_lock.lock().await;
                 if let Some((id, request)) = inner
                     .machine
-                    .get_missing_sessions(members.iter().map(|u| u.as_ref()))
+                    .get_missing_sessions(user_refs(&members).into_iter())
                     .await?
                 {
                     self.send_claim(&id, request).await?;
@@ -944,7 +944,7 @@ impl BotCrypto {
                 .machine
                 .share_room_key(
                     room_id,
-                    members.iter().map(|u| u.as_ref()),
+                    user_refs(&members).into_iter(),
                     EncryptionSettings::default(),
                 )
                 .await
@@ -1085,6 +1085,13 @@ impl BotCrypto {
         }
         report
     }
+}
+
+/// Borrowed user ids as the machine's iterator arguments want them. A named function, not a
+/// closure: closures over borrowed ids make the futures above not `Send` (higher-ranked
+/// lifetime inference).
+fn user_refs(users: &[OwnedUserId]) -> Vec<&UserId> {
+    users.iter().map(OwnedUserId::as_ref).collect()
 }
 
 fn olm_err(e: matrix_sdk_crypto::OlmError) -> CryptoError {

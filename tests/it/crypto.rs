@@ -1,0 +1,319 @@
+//! End-to-end encryption of the bot's device over a real Synapse and real matrix-sdk clients.
+//!
+//! `core_*` tests drive `mxpay::crypto::BotCrypto` in-process behind a minimal appservice
+//! listener of their own, so they test the crypto layer alone (device creation, key upload,
+//! transaction extensions, decryption, encryption) without the rest of mxpay.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::put;
+use axum::{Json, Router};
+use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+use matrix_sdk::ruma::{OwnedRoomId, RoomId};
+use mxpay::clock::SystemClock;
+use mxpay::crypto::{BotCrypto, CryptoSettings, DecryptedEvent, TrustState};
+use serde_json::{json, Value};
+
+use crate::support::{self, RoomOptions, SlotKind, SlotLease};
+
+/// The bot's crypto behind a bare appservice listener: joins rooms it is invited to, answers
+/// `!help` with a notice, records every event it decrypted.
+struct InProcessBot {
+    crypto: BotCrypto,
+    state: Arc<BotState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+struct BotState {
+    crypto: BotCrypto,
+    hs_token: String,
+    as_token: String,
+    homeserver_url: String,
+    seen: Mutex<Vec<DecryptedEvent>>,
+    changed: tokio::sync::watch::Sender<usize>,
+}
+
+impl Drop for InProcessBot {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl InProcessBot {
+    async fn start(lease: &SlotLease) -> Self {
+        let synapse = lease.synapse();
+        let settings = CryptoSettings::new(
+            synapse.url.clone(),
+            lease.spec.as_token.clone(),
+            lease.spec.bot_user_id().try_into().expect("bot user id"),
+            lease.config.data_dir.clone(),
+        );
+        let crypto = BotCrypto::start(settings, Arc::new(SystemClock))
+            .await
+            .expect("bot crypto starts");
+        let (changed, _) = tokio::sync::watch::channel(0);
+        let state = Arc::new(BotState {
+            crypto: crypto.clone(),
+            hs_token: lease.spec.hs_token.clone(),
+            as_token: lease.spec.as_token.clone(),
+            homeserver_url: synapse.url.clone(),
+            seen: Mutex::new(Vec::new()),
+            changed,
+        });
+        let app = Router::new()
+            .route("/_matrix/app/v1/transactions/{txn_id}", put(transaction))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", lease.spec.listen_port))
+            .await
+            .expect("bind the slot's port");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            crypto,
+            state,
+            server,
+        }
+    }
+
+    /// Waits for a decrypted event matching `predicate`.
+    async fn wait_for(
+        &self,
+        what: &str,
+        predicate: impl Fn(&DecryptedEvent) -> bool,
+    ) -> DecryptedEvent {
+        let mut changed = self.state.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + support::timeout();
+        loop {
+            changed.borrow_and_update();
+            if let Some(found) = self
+                .state
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| predicate(e))
+            {
+                return found.clone();
+            }
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero()
+                || tokio::time::timeout(remaining, changed.changed())
+                    .await
+                    .is_err()
+            {
+                let seen: Vec<String> = self
+                    .state
+                    .seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{} {} {} {}",
+                            e.event_type, e.sender, e.verification_state, e.content
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "the bot did not decrypt {what}; it saw:\n{}",
+                    seen.join("\n")
+                );
+            }
+        }
+    }
+}
+
+async fn transaction(
+    State(state): State<Arc<BotState>>,
+    Path(_txn_id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    let expected = format!("Bearer {}", state.hs_token);
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"errcode": "M_FORBIDDEN"})),
+        );
+    }
+    let ingested = match state.crypto.ingest(&body).await {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("ingest failed: {e}");
+            return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({})));
+        }
+    };
+    let bot = state.crypto.user_id().to_string();
+    for event in &ingested.events {
+        if event.event_type == "m.room.member"
+            && event.state_key.as_deref() == Some(bot.as_str())
+            && event.content["membership"] == "invite"
+        {
+            join(&state, &event.room_id).await;
+        }
+        if event.event_type == "m.room.message" && event.content["body"] == "!help" {
+            state
+                .crypto
+                .send_notice(
+                    &event.room_id,
+                    "mxpay help: !pay, !balance",
+                    Some(&event.event_id),
+                    None,
+                )
+                .await
+                .expect("bot answers !help");
+        }
+    }
+    {
+        let mut seen = state.seen.lock().unwrap();
+        seen.extend(ingested.events);
+        state.changed.send_replace(seen.len());
+    }
+    (StatusCode::OK, Json(json!({})))
+}
+
+async fn join(state: &BotState, room_id: &OwnedRoomId) {
+    let url = format!(
+        "{}/_matrix/client/v3/join/{}?user_id={}",
+        state.homeserver_url,
+        urlencode(room_id.as_str()),
+        urlencode(state.crypto.user_id().as_str())
+    );
+    let response = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(&state.as_token)
+        .json(&json!({}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("join request");
+    assert!(
+        response.status().is_success(),
+        "bot join: {}",
+        response.status()
+    );
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A client invites the bot into an encrypted room and waits until the bot joined.
+async fn encrypted_room_with_bot(client: &support::TestClient, bot: &str) -> OwnedRoomId {
+    let room = client
+        .create_room(RoomOptions {
+            encrypted: true,
+            invite: vec![bot.try_into().expect("bot id")],
+            ..Default::default()
+        })
+        .await;
+    client
+        .wait_for_membership(room.room_id(), bot, "join")
+        .await;
+    room.room_id().to_owned()
+}
+
+#[tokio::test]
+async fn core_help_in_encrypted_room_gets_encrypted_answer() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "core_help")
+        .await;
+    let bot = InProcessBot::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+
+    let room = alice.room(&room_id).await;
+    room.send(RoomMessageEventContent::text_plain("!help"))
+        .await
+        .expect("alice sends");
+
+    let seen = bot
+        .wait_for("alice's !help", |e| {
+            e.room_id == room_id && e.content["body"] == "!help"
+        })
+        .await;
+    assert!(seen.was_encrypted);
+    assert_eq!(seen.sender_device.as_deref(), alice.device_id().as_deref());
+
+    let answer = alice
+        .wait_for_message(&room_id, &bot_id, |body| body.starts_with("mxpay help"))
+        .await;
+    assert!(
+        answer.encryption.is_some(),
+        "the bot's answer was encrypted: {:?}",
+        answer.json
+    );
+}
+
+#[tokio::test]
+async fn core_custom_event_reports_sender_device_and_trust() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "core_trust")
+        .await;
+    let bot = InProcessBot::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let room = alice.room(&room_id).await;
+
+    room.send_raw("org.mxpay.test", json!({"n": 1}))
+        .await
+        .expect("send custom event");
+    let first = bot
+        .wait_for("custom event 1", |e| {
+            e.event_type == "org.mxpay.test" && e.content["n"] == 1
+        })
+        .await;
+    assert!(first.was_encrypted);
+    assert_eq!(first.sender.as_str(), alice.user.user_id.as_str());
+    assert_eq!(first.sender_device.as_deref(), alice.device_id().as_deref());
+    assert_eq!(first.verification_state, TrustState::UnsignedDevice);
+
+    alice.bootstrap_cross_signing().await;
+    room.send_raw("org.mxpay.test", json!({"n": 2}))
+        .await
+        .expect("send custom event");
+    let second = bot
+        .wait_for("custom event 2", |e| {
+            e.event_type == "org.mxpay.test" && e.content["n"] == 2
+        })
+        .await;
+    assert_eq!(second.verification_state, TrustState::UnverifiedIdentity);
+}
+
+#[tokio::test]
+async fn core_plaintext_room_events_are_marked_not_encrypted() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "core_plain")
+        .await;
+    let bot = InProcessBot::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room = alice
+        .create_room(RoomOptions {
+            encrypted: false,
+            invite: vec![bot_id.as_str().try_into().unwrap()],
+            ..Default::default()
+        })
+        .await;
+    alice
+        .wait_for_membership(room.room_id(), &bot_id, "join")
+        .await;
+    room.send(RoomMessageEventContent::text_plain("hello in the clear"))
+        .await
+        .expect("send");
+    let seen = bot
+        .wait_for("the plaintext message", |e| {
+            e.content["body"] == "hello in the clear"
+        })
+        .await;
+    assert!(!seen.was_encrypted);
+    assert_eq!(seen.verification_state, TrustState::NotEncrypted);
+    assert!(!bot.crypto.room_is_encrypted(room.room_id()).await.unwrap());
+    let _: &RoomId = room.room_id();
+}
