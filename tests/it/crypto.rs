@@ -238,7 +238,7 @@ async fn core_help_in_encrypted_room_gets_encrypted_answer() {
         })
         .await;
     assert!(seen.was_encrypted);
-    assert_eq!(seen.sender_device.as_deref(), alice.device_id().as_deref());
+    assert_eq!(seen.sender_device.as_deref(), alice.device_id());
 
     let answer = alice
         .wait_for_message(&room_id, &bot_id, |body| body.starts_with("mxpay help"))
@@ -271,7 +271,7 @@ async fn core_custom_event_reports_sender_device_and_trust() {
         .await;
     assert!(first.was_encrypted);
     assert_eq!(first.sender.as_str(), alice.user.user_id.as_str());
-    assert_eq!(first.sender_device.as_deref(), alice.device_id().as_deref());
+    assert_eq!(first.sender_device.as_deref(), alice.device_id());
     assert_eq!(first.verification_state, TrustState::UnsignedDevice);
 
     alice.bootstrap_cross_signing().await;
