@@ -4,6 +4,7 @@
 //! listener of their own, so they test the crypto layer alone (device creation, key upload,
 //! transaction extensions, decryption, encryption) without the rest of mxpay.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use axum::routing::put;
 use axum::{Json, Router};
 use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
 use matrix_sdk::ruma::{OwnedRoomId, RoomId};
-use mxpay::clock::SystemClock;
+use mxpay::clock::{ManualClock, SharedClock, SystemClock};
 use mxpay::crypto::{BotCrypto, CryptoSettings, DecryptedEvent, TrustState};
 use serde_json::{json, Value};
 
@@ -24,7 +25,7 @@ use crate::support::{self, RoomOptions, SlotKind, SlotLease};
 struct InProcessBot {
     crypto: BotCrypto,
     state: Arc<BotState>,
-    server: tokio::task::JoinHandle<()>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct BotState {
@@ -34,16 +35,26 @@ struct BotState {
     homeserver_url: String,
     seen: Mutex<Vec<DecryptedEvent>>,
     changed: tokio::sync::watch::Sender<usize>,
+    /// While set, to-device events are kept from the bot (stored in `held`): a room key
+    /// "arrives late" when the test releases them.
+    hold_to_device: AtomicBool,
+    held: Mutex<Vec<Value>>,
 }
 
 impl Drop for InProcessBot {
     fn drop(&mut self) {
-        self.server.abort();
+        if let Some(server) = &self.server {
+            server.abort();
+        }
     }
 }
 
 impl InProcessBot {
     async fn start(lease: &SlotLease) -> Self {
+        Self::start_with_clock(lease, Arc::new(SystemClock)).await
+    }
+
+    async fn start_with_clock(lease: &SlotLease, clock: SharedClock) -> Self {
         let synapse = lease.synapse();
         let settings = CryptoSettings::new(
             synapse.url.clone(),
@@ -51,7 +62,7 @@ impl InProcessBot {
             lease.spec.bot_user_id().try_into().expect("bot user id"),
             lease.config.data_dir.clone(),
         );
-        let crypto = BotCrypto::start(settings, Arc::new(SystemClock))
+        let crypto = BotCrypto::start(settings, clock)
             .await
             .expect("bot crypto starts");
         let (changed, _) = tokio::sync::watch::channel(0);
@@ -62,20 +73,49 @@ impl InProcessBot {
             homeserver_url: synapse.url.clone(),
             seen: Mutex::new(Vec::new()),
             changed,
+            hold_to_device: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/_matrix/app/v1/transactions/{txn_id}", put(transaction))
+            .route(
+                "/_matrix/app/v1/ping",
+                axum::routing::post(|| async { Json(json!({})) }),
+            )
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", lease.spec.listen_port))
-            .await
-            .expect("bind the slot's port");
+        // A previous bot on this slot may still be releasing the port.
+        let port = lease.spec.listen_port;
+        let listener = support::eventually("the slot's port to be free", || async move {
+            tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .ok()
+        })
+        .await;
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
+        // Makes Synapse deliver what it queued while no bot listened, now instead of after
+        // its back-off.
+        let ping = reqwest::Client::new()
+            .post(format!(
+                "{}/_matrix/client/v1/appservice/{}/ping",
+                synapse.url, lease.spec.id
+            ))
+            .bearer_auth(&lease.spec.as_token)
+            .json(&json!({}))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("ping");
+        assert!(
+            ping.status().is_success(),
+            "appservice ping: {}",
+            ping.status()
+        );
         Self {
             crypto,
             state,
-            server,
+            server: Some(server),
         }
     }
 
@@ -140,7 +180,21 @@ async fn transaction(
             Json(json!({"errcode": "M_FORBIDDEN"})),
         );
     }
-    let ingested = match state.crypto.ingest(&body).await {
+    let mut body = body;
+    if state.hold_to_device.load(Ordering::SeqCst) {
+        if let Some(Value::Array(events)) = body
+            .as_object_mut()
+            .and_then(|b| b.remove("de.sorunome.msc2409.to_device"))
+        {
+            state.held.lock().unwrap().extend(events);
+        }
+    }
+    record(&state, &body).await
+}
+
+/// Feeds a transaction body to the bot and acts on what came out.
+async fn record(state: &BotState, body: &Value) -> (StatusCode, Json<Value>) {
+    let ingested = match state.crypto.ingest(body).await {
         Ok(i) => i,
         Err(e) => {
             eprintln!("ingest failed: {e}");
@@ -174,6 +228,29 @@ async fn transaction(
         state.changed.send_replace(seen.len());
     }
     (StatusCode::OK, Json(json!({})))
+}
+
+impl InProcessBot {
+    /// Delivers the held to-device events, as a late transaction would.
+    async fn release_to_device(&self) {
+        self.state.hold_to_device.store(false, Ordering::SeqCst);
+        let held: Vec<Value> = std::mem::take(&mut *self.state.held.lock().unwrap());
+        assert!(!held.is_empty(), "nothing was held back");
+        let (status, _) = record(
+            &self.state,
+            &json!({ "de.sorunome.msc2409.to_device": held }),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    /// Stops the bot: its listener is gone (and with it the crypto state) when this returns.
+    async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
+    }
 }
 
 async fn join(state: &BotState, room_id: &OwnedRoomId) {
@@ -316,4 +393,118 @@ async fn core_plaintext_room_events_are_marked_not_encrypted() {
     assert_eq!(seen.verification_state, TrustState::NotEncrypted);
     assert!(!bot.crypto.room_is_encrypted(room.room_id()).await.unwrap());
     let _: &RoomId = room.room_id();
+}
+
+#[tokio::test]
+async fn core_restart_keeps_device_and_decrypts_before_and_after() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "core_restart")
+        .await;
+    let bot = InProcessBot::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let device_before = bot.crypto.device_id().to_owned();
+    let key_before = bot.crypto.ed25519_key();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let room = alice.room(&room_id).await;
+
+    room.send_raw("org.mxpay.test", json!({"n": "before"}))
+        .await
+        .expect("send");
+    bot.wait_for("the message before the restart", |e| {
+        e.content["n"] == "before"
+    })
+    .await;
+    bot.stop().await;
+
+    // Sent while the bot is down: Synapse queues it with its room key.
+    room.send_raw("org.mxpay.test", json!({"n": "while-down"}))
+        .await
+        .expect("send");
+
+    let bot = InProcessBot::start(&lease).await;
+    assert_eq!(
+        bot.crypto.device_id(),
+        device_before,
+        "the bot kept its device"
+    );
+    assert_eq!(bot.crypto.ed25519_key(), key_before, "and its identity key");
+    let down = bot
+        .wait_for("the message sent while the bot was down", |e| {
+            e.content["n"] == "while-down"
+        })
+        .await;
+    assert!(down.was_encrypted);
+    room.send_raw("org.mxpay.test", json!({"n": "after"}))
+        .await
+        .expect("send");
+    bot.wait_for("the message after the restart", |e| {
+        e.content["n"] == "after"
+    })
+    .await;
+
+    room.send(RoomMessageEventContent::text_plain("!help"))
+        .await
+        .expect("send");
+    let answer = alice
+        .wait_for_message(&room_id, &bot_id, |body| body.starts_with("mxpay help"))
+        .await;
+    assert!(
+        answer.encryption.is_some(),
+        "alice decrypted the bot's answer after the restart"
+    );
+}
+
+#[tokio::test]
+async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "core_late_key")
+        .await;
+    let clock = ManualClock::new(1_000_000);
+    let bot = InProcessBot::start_with_clock(&lease, Arc::new(clock.clone())).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let room = alice.room(&room_id).await;
+
+    bot.state.hold_to_device.store(true, Ordering::SeqCst);
+    let sent = room
+        .send_raw("org.mxpay.test", json!({"n": "late"}))
+        .await
+        .expect("send");
+    support::eventually("the event to be parked", || async {
+        (bot.crypto.parked_count() == 1).then_some(())
+    })
+    .await;
+    assert!(bot
+        .state
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|e| e.content["n"] != "late"));
+
+    // Past the notice delay the sender hears that the bot cannot read the message yet.
+    assert_eq!(
+        bot.crypto.sweep_parked().await.unwrap(),
+        0,
+        "too early to tell"
+    );
+    clock.advance_ms(31_000);
+    assert_eq!(bot.crypto.sweep_parked().await.unwrap(), 1);
+    let notice = alice
+        .wait_for_message(&room_id, &bot_id, |body| body.contains("could not decrypt"))
+        .await;
+    assert_eq!(
+        notice.content()["m.relates_to"]["m.in_reply_to"]["event_id"],
+        sent.response.event_id.as_str()
+    );
+
+    bot.release_to_device().await;
+    let late = bot
+        .wait_for("the late message", |e| e.content["n"] == "late")
+        .await;
+    assert!(late.was_parked && late.was_encrypted);
+    assert_eq!(late.event_id, sent.response.event_id);
+    assert_eq!(bot.crypto.parked_count(), 0);
 }
