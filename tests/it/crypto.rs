@@ -207,7 +207,7 @@ async fn record(state: &BotState, body: &Value) -> (StatusCode, Json<Value>) {
             && event.state_key.as_deref() == Some(bot.as_str())
             && event.content["membership"] == "invite"
         {
-            join(&state, &event.room_id).await;
+            join(state, &event.room_id).await;
         }
         if event.event_type == "m.room.message" && event.content["body"] == "!help" {
             state
