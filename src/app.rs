@@ -1,17 +1,901 @@
-//! Wires the HTTP edge, the inbox worker and the homeserver client together.
+//! Wires the HTTP edge, the inbox worker and the homeserver client together, and runs the
+//! start-up checks of `mxpay serve`.
+//!
+//! Start order: open the inbox, bind and serve the appservice API (the homeserver's ping comes
+//! back to it), check the homeserver (reachable, token accepted, bot registered, ping round
+//! trip), then mark ready and start the worker that feeds stored transactions to the
+//! [`TransactionHandler`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::handler::{transaction_events, BasicHandler, TransactionHandler};
+use crate::homeserver::{HomeserverClient, HomeserverClientConfig, HomeserverError, RetryPolicy};
+use crate::http::EdgeState;
+use crate::inbox::{Inbox, InboxError, InboxTransaction};
+use crate::metrics::Metrics;
+use crate::registration::{Registration, RegistrationError};
 
-/// Errors starting or running the appservice.
+/// Errors starting or running the appservice; each is a sentence for the admin.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    /// Not built yet.
-    #[error("mxpay serve is not built yet")]
-    NotBuilt,
+    /// The registration file is missing, unreadable or disagrees with the config.
+    #[error(transparent)]
+    Registration(#[from] RegistrationError),
+    /// The inbox database could not be opened.
+    #[error("cannot open the inbox in {path}: {source}")]
+    Inbox {
+        /// The inbox directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: InboxError,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data_dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configured bot user ID is invalid.
+    #[error("config: the bot user ID {0} is invalid")]
+    BotUserId(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr} (appservice.listen): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The appservice API server failed.
+    #[error("the appservice API server failed: {0}")]
+    Serve(std::io::Error),
+    /// The homeserver client could not be built.
+    #[error("cannot set up the homeserver client: {0}")]
+    Client(HomeserverError),
+    /// A start-up check against the homeserver failed.
+    #[error("{0}")]
+    Startup(String),
 }
 
-/// Runs the appservice until SIGINT/SIGTERM.
+/// Bounds of the inbox worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerPolicy {
+    /// Transactions read from the inbox per batch.
+    pub batch_max: usize,
+    /// Handler attempts per transaction on transient errors, the first included; after the
+    /// last the transaction is moved to the failed list.
+    pub attempts_max: u32,
+    /// First delay between attempts; doubles each time.
+    pub backoff_base_ms: u64,
+    /// Largest delay between attempts.
+    pub backoff_max_ms: u64,
+    /// How often an idle worker looks at the inbox even without a wake-up.
+    pub idle_poll_ms: u64,
+}
+
+impl Default for WorkerPolicy {
+    fn default() -> Self {
+        Self {
+            batch_max: 64,
+            attempts_max: 10,
+            backoff_base_ms: 500,
+            backoff_max_ms: 60_000,
+            idle_poll_ms: 5_000,
+        }
+    }
+}
+
+/// How often `serve` pings the homeserver after start to keep `/ready` true to life.
+pub const READY_PING_INTERVAL_MS: u64 = 30_000;
+
+/// The assembled appservice: inbox, metrics, readiness, homeserver client.
+#[derive(Debug, Clone)]
+pub struct App {
+    config: Arc<Config>,
+    registration: Arc<Registration>,
+    inbox: Inbox,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    client: HomeserverClient,
+}
+
+impl App {
+    /// Opens the inbox under `config.data_dir` and builds the homeserver client, with the
+    /// default [`RetryPolicy`]. Sends nothing.
+    pub fn open(config: Config, registration: Registration) -> Result<Self, AppError> {
+        Self::open_with(config, registration, RetryPolicy::default())
+    }
+
+    /// [`App::open`] with explicit homeserver retry bounds (tests shorten them).
+    pub fn open_with(
+        config: Config,
+        registration: Registration,
+        retry: RetryPolicy,
+    ) -> Result<Self, AppError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let inbox_dir = config.inbox_dir();
+        let inbox = Inbox::open(&inbox_dir).map_err(|source| AppError::Inbox {
+            path: inbox_dir,
+            source,
+        })?;
+        let bot_user_id = ruma::OwnedUserId::try_from(config.bot_user_id())
+            .map_err(|_| AppError::BotUserId(config.bot_user_id()))?;
+        let client = HomeserverClient::new(HomeserverClientConfig {
+            base_url: config.homeserver.url.clone(),
+            as_token: registration.as_token.clone(),
+            appservice_id: registration.id.clone(),
+            bot_user_id,
+            retry,
+        })
+        .map_err(AppError::Client)?;
+        Ok(Self {
+            config: Arc::new(config),
+            registration: Arc::new(registration),
+            inbox,
+            metrics: Arc::new(Metrics::new()),
+            ready: Arc::new(AtomicBool::new(false)),
+            client,
+        })
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The registration (holds the tokens).
+    pub fn registration(&self) -> &Registration {
+        &self.registration
+    }
+
+    /// The inbox.
+    pub fn inbox(&self) -> &Inbox {
+        &self.inbox
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The homeserver client (AS token, retries).
+    pub fn client(&self) -> &HomeserverClient {
+        &self.client
+    }
+
+    /// Sets what `/ready` reports.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether `/ready` reports ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The appservice API router, to serve or to drive in-process with `tower::ServiceExt`.
+    pub fn router(&self) -> Router {
+        router(self)
+    }
+
+    /// Starts the worker feeding stored transactions to `handler` until `shutdown` turns true.
+    pub fn spawn_worker(
+        &self,
+        handler: Arc<dyn TransactionHandler>,
+        policy: WorkerPolicy,
+        shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        let worker = Worker {
+            inbox: self.inbox.clone(),
+            metrics: self.metrics.clone(),
+            handler,
+            policy,
+        };
+        tokio::spawn(worker.run(shutdown))
+    }
+
+    /// The checks `serve` runs before it reports ready: the homeserver answers as a Matrix
+    /// server, accepts the as_token (bot registered), and reaches mxpay back (ping).
+    pub async fn check_homeserver(&self) -> Result<(), AppError> {
+        let url = &self.config.homeserver.url;
+        let registration_path = self.config.appservice.registration.display();
+        self.client
+            .server_versions()
+            .await
+            .map_err(|e| AppError::Startup(explain_versions(url, &e)))?;
+        self.client.register_bot().await.map_err(|e| {
+            AppError::Startup(explain_token(
+                &e,
+                &registration_path.to_string(),
+                self.client.bot_user_id().as_str(),
+            ))
+        })?;
+        let txn_id = ruma::TransactionId::new();
+        match self.client.ping(Some(&txn_id)).await {
+            Ok(duration) => {
+                tracing::info!(
+                    round_trip_ms = duration.as_millis() as u64,
+                    "homeserver reached mxpay (ping)"
+                );
+                Ok(())
+            }
+            Err(e) if e.status() == Some(404) && e.errcode() != Some("M_NOT_FOUND") => {
+                tracing::warn!(
+                    "the homeserver has no appservice ping endpoint (Matrix 1.7); cannot check \
+                     that it reaches mxpay at {}",
+                    self.config.appservice.url
+                );
+                Ok(())
+            }
+            Err(e) => Err(AppError::Startup(explain_ping(
+                &e,
+                &self.config,
+                &registration_path.to_string(),
+            ))),
+        }
+    }
+}
+
+/// The appservice API router for `app` (same as [`App::router`]).
+pub fn router(app: &App) -> Router {
+    crate::http::router(Arc::new(EdgeState {
+        hs_token: app.registration.hs_token.clone(),
+        legacy_query_auth: app.config.appservice.legacy_query_auth,
+        max_body_bytes: app.config.appservice.max_body_bytes,
+        inbox: app.inbox.clone(),
+        metrics: app.metrics.clone(),
+        ready: app.ready.clone(),
+    }))
+}
+
+fn explain_versions(url: &str, error: &HomeserverError) -> String {
+    match error {
+        HomeserverError::Connect { reason, .. } => format!(
+            "cannot reach the homeserver at {url} (homeserver.url): {reason}. Is the homeserver \
+             running, and is homeserver.url right?"
+        ),
+        HomeserverError::Timeout { timeout_ms, .. } => format!(
+            "the homeserver at {url} (homeserver.url) did not answer within {timeout_ms} ms"
+        ),
+        HomeserverError::NotMatrix { status, .. } => format!(
+            "{url} (homeserver.url) is not a Matrix homeserver: GET /_matrix/client/versions \
+             answered HTTP {status} without a version list"
+        ),
+        other => format!("checking the homeserver at {url} (homeserver.url) failed: {other}"),
+    }
+}
+
+fn explain_token(error: &HomeserverError, registration: &str, bot: &str) -> String {
+    match (error.status(), error.errcode()) {
+        (_, Some("M_UNKNOWN_TOKEN" | "M_MISSING_TOKEN")) | (Some(401), _) => format!(
+            "the homeserver does not accept the as_token from {registration}: it does not know \
+             this appservice. Add the registration file to the homeserver (Synapse: \
+             app_service_config_files) and restart the homeserver; if you regenerated the \
+             registration, the homeserver still has the old one"
+        ),
+        (_, Some("M_EXCLUSIVE" | "M_INVALID_USERNAME")) => format!(
+            "the homeserver refuses to register the bot {bot}: {error}. The registration's user \
+             namespace must match appservice.bot_localpart and homeserver.server_name \
+             (regenerate the registration)"
+        ),
+        (Some(403), _) => format!(
+            "the homeserver refused the as_token from {registration} ({error}): it is not an \
+             appservice token on this homeserver"
+        ),
+        _ => format!("registering the bot {bot} failed: {error}"),
+    }
+}
+
+fn explain_ping(error: &HomeserverError, config: &Config, registration: &str) -> String {
+    let id = &config.appservice.id;
+    let as_url = &config.appservice.url;
+    let message = match error {
+        HomeserverError::Matrix { message, .. } => message.as_str(),
+        _ => "",
+    };
+    match (error.status(), error.errcode()) {
+        (_, Some("M_UNKNOWN_TOKEN" | "M_MISSING_TOKEN")) | (Some(401), _) => format!(
+            "the homeserver does not accept the as_token from {registration}: add the \
+             registration to the homeserver and restart it"
+        ),
+        (_, Some("M_FORBIDDEN")) if message.to_ascii_lowercase().contains("mismatch") => format!(
+            "appservice id mismatch: the homeserver knows the as_token under another id than \
+             `{id}` (appservice.id); make appservice.id and the registration's id agree, then \
+             restart the homeserver"
+        ),
+        (_, Some("M_FORBIDDEN")) => format!(
+            "the homeserver refused the ping: the as_token from {registration} does not belong \
+             to appservice `{id}` ({message})"
+        ),
+        (_, Some("M_NOT_FOUND")) | (Some(404), _) => format!(
+            "the homeserver does not know appservice `{id}`: add {registration} to the \
+             homeserver and restart it"
+        ),
+        (_, Some("M_URL_NOT_SET")) => "the homeserver's copy of the registration has no url, so \
+             it cannot send events to mxpay: set appservice.url, regenerate the registration and \
+             restart the homeserver"
+            .to_owned(),
+        (_, Some("M_BAD_STATUS")) => format!(
+            "the homeserver reached mxpay at {as_url} but mxpay refused it ({message}): the \
+             homeserver uses another hs_token than {registration} (restart it after \
+             regenerating the registration), or another service answers at that URL"
+        ),
+        (_, Some("M_CONNECTION_FAILED")) => format!(
+            "the homeserver cannot reach mxpay at {as_url} (appservice.url, registration url): \
+             {message}. Check that appservice.url points to appservice.listen ({}) from the \
+             homeserver's side",
+            config.appservice.listen
+        ),
+        (_, Some("M_CONNECTION_TIMEOUT")) => format!(
+            "the homeserver timed out reaching mxpay at {as_url} (appservice.url): check \
+             firewalls and that appservice.url points to appservice.listen ({})",
+            config.appservice.listen
+        ),
+        _ => format!("the start-up ping of the homeserver failed: {error}"),
+    }
+}
+
+/// Feeds stored transactions to the handler, oldest first.
+struct Worker {
+    inbox: Inbox,
+    metrics: Arc<Metrics>,
+    handler: Arc<dyn TransactionHandler>,
+    policy: WorkerPolicy,
+}
+
+impl Worker {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let idle = Duration::from_millis(self.policy.idle_poll_ms);
+        while !*shutdown.borrow() {
+            let batch = match self.inbox.pending(None, self.policy.batch_max) {
+                Ok(batch) => batch,
+                Err(error) => {
+                    self.metrics.error("inbox");
+                    tracing::error!(%error, "cannot read the inbox");
+                    wait_or_shutdown(&mut shutdown, idle).await;
+                    continue;
+                }
+            };
+            self.metrics.set_inbox_depth(self.inbox.depth());
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = self.inbox.wait_for_new() => {}
+                    _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep(idle) => {}
+                }
+                continue;
+            }
+            for txn in batch {
+                if *shutdown.borrow() {
+                    return;
+                }
+                if !self.process(&txn, &mut shutdown).await {
+                    // Not finished (shutdown, or the inbox could not be updated): look again
+                    // from the head of the queue so order is kept.
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Handles one transaction with bounded retries; true when it left the queue.
+    async fn process(&self, txn: &InboxTransaction, shutdown: &mut watch::Receiver<bool>) -> bool {
+        for event in transaction_events(&txn.body) {
+            if let Some(event_type) = event.get("type").and_then(|t| t.as_str()) {
+                self.metrics.event(event_type);
+            }
+        }
+        let mut attempt = 0u32;
+        let failed = loop {
+            attempt += 1;
+            let started = Instant::now();
+            let result = self.handler.handle(txn).await;
+            self.metrics.handler_duration(started.elapsed());
+            match result {
+                Ok(()) => break false,
+                Err(error) if !error.is_transient() => {
+                    self.metrics.error("handler_permanent");
+                    tracing::error!(txn_id = %txn.txn_id, %error, "transaction failed; moved to the failed list");
+                    break true;
+                }
+                Err(error) => {
+                    self.metrics.error("handler_transient");
+                    if attempt >= self.policy.attempts_max {
+                        tracing::error!(txn_id = %txn.txn_id, attempt, %error, "transaction still failing; giving up, moved to the failed list");
+                        break true;
+                    }
+                    let factor = 1u64 << (attempt - 1).min(20);
+                    let delay = Duration::from_millis(
+                        self.policy
+                            .backoff_base_ms
+                            .saturating_mul(factor)
+                            .min(self.policy.backoff_max_ms),
+                    );
+                    tracing::warn!(txn_id = %txn.txn_id, attempt, delay_ms = delay.as_millis() as u64, %error, "transaction failed; retrying");
+                    if wait_or_shutdown(shutdown, delay).await {
+                        // Left pending: handled again after the restart.
+                        return false;
+                    }
+                }
+            }
+        };
+        let marked = if failed {
+            self.inbox.mark_failed(txn.seq).await
+        } else {
+            self.inbox.mark_processed(txn.seq).await
+        };
+        match marked {
+            Ok(()) => {
+                self.metrics.set_inbox_depth(self.inbox.depth());
+                true
+            }
+            Err(error) => {
+                self.metrics.error("inbox");
+                tracing::error!(txn_id = %txn.txn_id, %error, "cannot mark transaction done");
+                wait_or_shutdown(shutdown, Duration::from_millis(self.policy.backoff_base_ms))
+                    .await;
+                false
+            }
+        }
+    }
+}
+
+/// Sleeps `delay` or until shutdown; true if shutting down.
+async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Longest wait for the server and worker to stop after a shutdown signal.
+const SHUTDOWN_GRACE_MS: u64 = 10_000;
+
+/// Runs `mxpay serve`: start-up checks, then serves until SIGINT/SIGTERM.
 pub async fn serve(config: Config) -> Result<(), AppError> {
-    let _ = config;
-    Err(AppError::NotBuilt)
+    let registration = Registration::load_for(&config)?;
+    let app = App::open(config, registration)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = start_server(&app, shutdown_rx.clone()).await?;
+    tracing::info!(listen = %app.config.appservice.listen, "appservice API listening");
+
+    let checked = tokio::select! {
+        checked = app.check_homeserver() => checked,
+        _ = shutdown_signal() => Ok(()),
+    };
+    if let Err(error) = checked {
+        let _ = shutdown_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), server).await;
+        return Err(error);
+    }
+    app.set_ready(true);
+    let handler: Arc<dyn TransactionHandler> = Arc::new(BasicHandler::new(app.client.clone()));
+    let worker = app.spawn_worker(handler, WorkerPolicy::default(), shutdown_rx.clone());
+    let pinger = tokio::spawn(ready_pings(app.clone(), shutdown_rx.clone()));
+    tracing::info!(bot = %app.client.bot_user_id(), "mxpay is ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
+    let _ = tokio::time::timeout(grace, async {
+        let _ = worker.await;
+        let _ = pinger.await;
+    })
+    .await;
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(Err(error))) => Err(AppError::Serve(error)),
+        _ => Ok(()),
+    }
+}
+
+/// Binds `appservice.listen` and serves the router (TCP_NODELAY on every accepted socket) until
+/// `shutdown` turns true.
+pub async fn start_server(
+    app: &App,
+    shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<std::io::Result<()>>, AppError> {
+    use axum::serve::ListenerExt as _;
+    let addr = app.config.appservice.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Listen { addr, source })?;
+    // Small answers written in two sends otherwise wait for a delayed ACK (Nagle).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let router = app.router();
+    let mut shutdown = shutdown;
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    }))
+}
+
+/// Pings the homeserver every [`READY_PING_INTERVAL_MS`] and keeps `/ready` in step.
+async fn ready_pings(app: App, mut shutdown: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(READY_PING_INTERVAL_MS);
+    while !wait_or_shutdown(&mut shutdown, interval).await {
+        let ok = match app.client.ping(None).await {
+            Ok(_) => true,
+            Err(error) => {
+                app.metrics.error("homeserver_ping");
+                if app.is_ready() {
+                    tracing::warn!(%error, "homeserver ping failed; not ready");
+                }
+                false
+            }
+        };
+        if ok && !app.is_ready() {
+            tracing::info!("homeserver ping works again; ready");
+        }
+        app.set_ready(ok);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::HandlerError;
+    use axum::body::Body;
+    use axum::http::Request;
+    use parking_lot::Mutex;
+    use serde_json::json;
+    use tower::ServiceExt as _;
+
+    /// Records handled ids; fails per a script keyed by txn id.
+    #[derive(Default)]
+    struct Recorder {
+        handled: Mutex<Vec<String>>,
+        transient_failures_left: Mutex<std::collections::HashMap<String, u32>>,
+        permanent: Mutex<std::collections::HashSet<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl TransactionHandler for Recorder {
+        async fn handle(&self, txn: &InboxTransaction) -> Result<(), HandlerError> {
+            if self.permanent.lock().contains(&txn.txn_id) {
+                return Err(HandlerError::permanent("bad transaction"));
+            }
+            if let Some(left) = self.transient_failures_left.lock().get_mut(&txn.txn_id) {
+                if *left > 0 {
+                    *left -= 1;
+                    return Err(HandlerError::transient("busy"));
+                }
+            }
+            self.handled.lock().push(txn.txn_id.clone());
+            Ok(())
+        }
+    }
+
+    fn fast_policy() -> WorkerPolicy {
+        WorkerPolicy {
+            batch_max: 2,
+            attempts_max: 3,
+            backoff_base_ms: 1,
+            backoff_max_ms: 5,
+            idle_poll_ms: 50,
+        }
+    }
+
+    fn config_in(dir: &std::path::Path) -> Config {
+        Config {
+            data_dir: dir.to_owned(),
+            ..Config::default()
+        }
+    }
+
+    async fn put(app: &App, id: &str) {
+        let response = app
+            .router()
+            .oneshot(
+                Request::put(format!("/_matrix/app/v1/transactions/{id}"))
+                    .header(
+                        "authorization",
+                        format!("Bearer {}", app.registration().hs_token.expose()),
+                    )
+                    .body(Body::from(
+                        json!({"events": [{"type": "m.room.message"}]}).to_string(),
+                    ))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+
+    /// Polls `done` every 10 ms for up to 20 s (generous for slow machines).
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn worker_handles_each_transaction_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let app = App::open(config.clone(), Registration::generate(&config)).unwrap();
+        for id in ["1", "2", "3"] {
+            put(&app, id).await;
+        }
+        let recorder = Arc::new(Recorder::default());
+        let (stop, stopped) = watch::channel(false);
+        let worker = app.spawn_worker(recorder.clone(), fast_policy(), stopped);
+        eventually("three handled", || recorder.handled.lock().len() == 3).await;
+        put(&app, "2").await; // replay: must not be handled again
+        put(&app, "4").await;
+        eventually("fourth handled", || recorder.handled.lock().len() >= 4).await;
+        assert_eq!(*recorder.handled.lock(), ["1", "2", "3", "4"]);
+        assert_eq!(app.inbox().depth(), 0);
+        assert!(app
+            .metrics()
+            .encode()
+            .contains(r#"mxpay_events_total{event_type="m.room.message"} 4"#));
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), worker)
+            .await
+            .expect("worker stops on shutdown")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn transient_errors_are_retried_permanent_ones_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let app = App::open(config.clone(), Registration::generate(&config)).unwrap();
+        for id in ["flaky", "bad", "hopeless", "fine"] {
+            put(&app, id).await;
+        }
+        let recorder = Arc::new(Recorder::default());
+        recorder
+            .transient_failures_left
+            .lock()
+            .extend([("flaky".to_owned(), 2), ("hopeless".to_owned(), 100)]);
+        recorder.permanent.lock().insert("bad".to_owned());
+        let (_stop, stopped) = watch::channel(false);
+        let _worker = app.spawn_worker(recorder.clone(), fast_policy(), stopped);
+        eventually("all done", || app.inbox().depth() == 0).await;
+        assert_eq!(*recorder.handled.lock(), ["flaky", "fine"]);
+        let failed: Vec<String> = app
+            .inbox()
+            .failed(10)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.txn_id)
+            .collect();
+        assert_eq!(failed, ["bad", "hopeless"]);
+        let text = app.metrics().encode();
+        assert!(
+            text.contains(r#"mxpay_errors_total{kind="handler_permanent"} 1"#),
+            "{text}"
+        );
+        // flaky: 2, hopeless: 3 (attempts_max).
+        assert!(
+            text.contains(r#"mxpay_errors_total{kind="handler_transient"} 5"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn new_app_over_the_same_data_dir_processes_what_was_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let registration = Registration::generate(&config);
+        {
+            let app = App::open(config.clone(), registration.clone()).unwrap();
+            put(&app, "a").await;
+            put(&app, "b").await;
+            // No worker ran: acknowledged but unprocessed, as after a crash.
+        }
+        let app = App::open(config, registration).unwrap();
+        assert_eq!(app.inbox().depth(), 2);
+        let recorder = Arc::new(Recorder::default());
+        let (_stop, stopped) = watch::channel(false);
+        let _worker = app.spawn_worker(recorder.clone(), fast_policy(), stopped);
+        eventually("both handled", || recorder.handled.lock().len() == 2).await;
+        assert_eq!(*recorder.handled.lock(), ["a", "b"]);
+    }
+
+    mod startup {
+        use super::*;
+        use wiremock::matchers::{method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+
+        fn app_for(dir: &std::path::Path, url: &str) -> App {
+            let mut config = config_in(dir);
+            config.homeserver.url = url.to_owned();
+            let registration = Registration::generate(&config);
+            let retry = RetryPolicy {
+                attempts_max: 2,
+                backoff_base_ms: 1,
+                ..RetryPolicy::default()
+            };
+            App::open_with(config, registration, retry).unwrap()
+        }
+
+        async fn homeserver(register: ResponseTemplate, ping: ResponseTemplate) -> MockServer {
+            let server = MockServer::start().await;
+            Mock::given(method("GET"))
+                .and(path("/_matrix/client/versions"))
+                .respond_with(
+                    ResponseTemplate::new(200).set_body_json(json!({"versions": ["v1.11"]})),
+                )
+                .mount(&server)
+                .await;
+            Mock::given(method("POST"))
+                .and(path("/_matrix/client/v3/register"))
+                .respond_with(register)
+                .mount(&server)
+                .await;
+            Mock::given(method("POST"))
+                .and(path("/_matrix/client/v1/appservice/mxpay/ping"))
+                .respond_with(ping)
+                .mount(&server)
+                .await;
+            server
+        }
+
+        fn error(status: u16, errcode: &str, message: &str) -> ResponseTemplate {
+            ResponseTemplate::new(status)
+                .set_body_json(json!({"errcode": errcode, "error": message}))
+        }
+
+        fn ok_register() -> ResponseTemplate {
+            ResponseTemplate::new(200).set_body_json(json!({"user_id": "@_mxpay:localhost"}))
+        }
+
+        fn ok_ping() -> ResponseTemplate {
+            ResponseTemplate::new(200).set_body_json(json!({"duration_ms": 3}))
+        }
+
+        #[tokio::test]
+        async fn checks_pass_against_a_working_homeserver() {
+            let dir = tempfile::tempdir().unwrap();
+            let server = homeserver(error(400, "M_USER_IN_USE", "taken"), ok_ping()).await;
+            app_for(dir.path(), &server.uri())
+                .check_homeserver()
+                .await
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn each_misconfiguration_gets_its_sentence() {
+            let cases = [
+                (
+                    error(401, "M_UNKNOWN_TOKEN", "Unrecognised access token"),
+                    ok_ping(),
+                    "does not accept the as_token",
+                ),
+                (
+                    ok_register(),
+                    error(
+                        403,
+                        "M_FORBIDDEN",
+                        "Mismatching application service ID in path",
+                    ),
+                    "appservice id mismatch",
+                ),
+                (
+                    ok_register(),
+                    error(404, "M_NOT_FOUND", "no such appservice"),
+                    "does not know appservice `mxpay`",
+                ),
+                (
+                    ok_register(),
+                    error(400, "M_URL_NOT_SET", "no url"),
+                    "has no url",
+                ),
+                (
+                    ok_register(),
+                    error(502, "M_CONNECTION_FAILED", "ConnectError: refused"),
+                    "cannot reach mxpay at http://127.0.0.1:29330",
+                ),
+                (
+                    ok_register(),
+                    error(504, "M_CONNECTION_TIMEOUT", "timed out"),
+                    "timed out reaching mxpay",
+                ),
+                (
+                    ok_register(),
+                    error(502, "M_BAD_STATUS", "HTTP 403 Forbidden"),
+                    "another hs_token",
+                ),
+                (
+                    error(400, "M_EXCLUSIVE", "not in namespace"),
+                    ok_ping(),
+                    "user namespace",
+                ),
+            ];
+            for (register, ping, expected) in cases {
+                let dir = tempfile::tempdir().unwrap();
+                let server = homeserver(register, ping).await;
+                let message = app_for(dir.path(), &server.uri())
+                    .check_homeserver()
+                    .await
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    message.contains(expected),
+                    "expected `{expected}` in: {message}"
+                );
+                assert!(!message.contains("as_token:"), "{message}");
+            }
+        }
+
+        #[tokio::test]
+        async fn wrong_url_is_named() {
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let url = format!("http://127.0.0.1:{port}");
+            let message = app_for(dir.path(), &url)
+                .check_homeserver()
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("cannot reach the homeserver"), "{message}");
+            assert!(message.contains(&url), "{message}");
+
+            let not_matrix = MockServer::start().await;
+            Mock::given(method("GET"))
+                .respond_with(ResponseTemplate::new(404).set_body_string("<html>nope</html>"))
+                .mount(&not_matrix)
+                .await;
+            let message = app_for(dir.path(), &not_matrix.uri())
+                .check_homeserver()
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("is not a Matrix homeserver"), "{message}");
+        }
+    }
 }

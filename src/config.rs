@@ -47,7 +47,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The whole config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The homeserver mxpay serves.
@@ -167,6 +167,19 @@ pub enum LogFormat {
     Pretty,
     /// One JSON object per line.
     Json,
+}
+
+impl Default for Config {
+    /// The same values as an empty config file.
+    fn default() -> Self {
+        Self {
+            homeserver: HomeserverConfig::default(),
+            appservice: AppserviceConfig::default(),
+            data_dir: default_data_dir(),
+            ledger: LedgerSettings::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -371,6 +384,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.logging.format, LogFormat::Pretty);
         assert_eq!(c.bot_user_id(), "@_mxpay:localhost");
+        assert_eq!(c, Config::default(), "Default matches the empty file");
     }
 
     #[test]

@@ -5,6 +5,8 @@ mod crypto;
 mod spine;
 mod support;
 
+mod homeserver_retry;
+
 mod smoke {
     #[test]
     fn config_defaults_parse() {

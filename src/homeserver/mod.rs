@@ -1,0 +1,529 @@
+//! Talking to the homeserver's client-server API as the appservice: ruma request types, the AS
+//! token, identity assertion (`user_id=`, `device_id=`) and bounded retries.
+//!
+//! Retry rule: 429 waits what the server asks (`retry_after_ms` or `Retry-After`), 5xx and
+//! connection errors back off exponentially, other 4xx fail at once; all within
+//! [`RetryPolicy`]'s bounds on attempts and total time.
+
+pub mod retry;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
+use ruma::api::client::account::register;
+use ruma::api::client::appservice::request_ping;
+use ruma::api::client::membership::{get_member_events, join_room_by_id};
+use ruma::api::client::message::send_message_event;
+use ruma::api::client::profile::set_profile_field;
+use ruma::api::client::redact::redact_event;
+use ruma::api::client::state::get_state_events;
+use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
+use ruma::api::{
+    AppserviceUserIdentity, IncomingResponse, OutgoingRequest, OutgoingRequestAppserviceExt,
+    SupportedVersions,
+};
+use ruma::events::room::member::RoomMemberEvent;
+use ruma::events::{AnyStateEvent, MessageLikeEventContent};
+use ruma::serde::Raw;
+use ruma::{
+    DeviceId, EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, TransactionId, UserId,
+};
+
+pub use retry::RetryPolicy;
+
+use crate::registration::Secret;
+
+/// Errors talking to the homeserver. Display texts never contain tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeserverError {
+    /// No TCP/TLS connection (refused, unknown host, reset).
+    #[error("cannot connect to the homeserver at {url}: {reason}")]
+    Connect {
+        /// The homeserver base URL.
+        url: String,
+        /// The transport's reason.
+        reason: String,
+    },
+    /// An attempt did not complete within the attempt timeout.
+    #[error("the homeserver at {url} did not answer within {timeout_ms} ms")]
+    Timeout {
+        /// The homeserver base URL.
+        url: String,
+        /// The attempt timeout.
+        timeout_ms: u64,
+    },
+    /// The homeserver answered with a Matrix error.
+    #[error("homeserver answered HTTP {status} {errcode}: {message}")]
+    Matrix {
+        /// HTTP status.
+        status: u16,
+        /// Matrix `errcode`, e.g. `M_FORBIDDEN`.
+        errcode: String,
+        /// Matrix `error` text.
+        message: String,
+        /// `retry_after_ms` (body) or `Retry-After` (header), when given.
+        retry_after_ms: Option<u64>,
+    },
+    /// The answer is an error without a Matrix error body: probably not a Matrix server.
+    #[error(
+        "{url} answered HTTP {status} without a Matrix error body: is it a Matrix homeserver?"
+    )]
+    NotMatrix {
+        /// The homeserver base URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+    },
+    /// A success answer did not have the shape the endpoint promises.
+    #[error("unexpected answer from the homeserver: {0}")]
+    BadResponse(String),
+    /// The request could not be built (a bug, or an identifier ruma refuses).
+    #[error("cannot build the request: {0}")]
+    Build(String),
+    /// Retries ran out; `last` is the last attempt's error.
+    #[error("gave up after {attempts} attempts in {elapsed_ms} ms: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent.
+        elapsed_ms: u64,
+        /// The last error.
+        last: Box<HomeserverError>,
+    },
+}
+
+impl HomeserverError {
+    /// The Matrix `errcode`, if the homeserver sent one (looks through `GaveUp`).
+    pub fn errcode(&self) -> Option<&str> {
+        match self {
+            Self::Matrix { errcode, .. } => Some(errcode),
+            Self::GaveUp { last, .. } => last.errcode(),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, if the homeserver answered (looks through `GaveUp`).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Matrix { status, .. } | Self::NotMatrix { status, .. } => Some(*status),
+            Self::GaveUp { last, .. } => last.status(),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later may succeed (network, 429, 5xx, retries ran out).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Timeout { .. } | Self::GaveUp { .. } => true,
+            Self::Matrix { status, .. } | Self::NotMatrix { status, .. } => {
+                *status == 429 || *status >= 500
+            }
+            Self::BadResponse(_) | Self::Build(_) => false,
+        }
+    }
+
+    /// Whether this attempt's error is worth another attempt within the same request.
+    fn retryable(&self) -> bool {
+        match self {
+            // The ping endpoint reports on the homeserver -> appservice leg with 502/504:
+            // that is an answer, not a homeserver failure.
+            Self::Matrix { errcode, .. }
+                if matches!(
+                    errcode.as_str(),
+                    "M_BAD_STATUS" | "M_CONNECTION_FAILED" | "M_CONNECTION_TIMEOUT"
+                ) =>
+            {
+                false
+            }
+            other => other.is_transient(),
+        }
+    }
+}
+
+/// Whom an appservice request acts as.
+#[derive(Debug, Clone, Copy)]
+pub enum Identity<'a> {
+    /// The appservice's own sender (the bot): no assertion parameters.
+    Appservice,
+    /// A user in the appservice's namespace (`?user_id=`).
+    User(&'a UserId),
+    /// A device of a user (`?user_id=&device_id=`; Synapse needs both together).
+    Device(&'a UserId, &'a DeviceId),
+}
+
+impl<'a> Identity<'a> {
+    fn to_ruma(self) -> AppserviceUserIdentity<'a> {
+        let mut identity = AppserviceUserIdentity::default();
+        match self {
+            Self::Appservice => {}
+            Self::User(user) => identity.user_id = Some(user),
+            Self::Device(user, device) => {
+                identity.user_id = Some(user);
+                identity.device_id = Some(device);
+            }
+        }
+        identity
+    }
+}
+
+/// Path builders whose input can be derived from the homeserver's supported versions.
+pub trait PathInput: PathBuilder {
+    /// The input for `versions`.
+    fn input(versions: &SupportedVersions) -> Self::Input<'_>;
+}
+
+impl PathInput for SinglePath {
+    fn input(_versions: &SupportedVersions) -> Self::Input<'_> {}
+}
+
+impl PathInput for VersionHistory {
+    fn input(versions: &SupportedVersions) -> Self::Input<'_> {
+        Cow::Borrowed(versions)
+    }
+}
+
+/// Construction parameters of a [`HomeserverClient`].
+#[derive(Debug, Clone)]
+pub struct HomeserverClientConfig {
+    /// Client-server API base URL.
+    pub base_url: String,
+    /// The appservice's `as_token`.
+    pub as_token: Secret,
+    /// The appservice id (for the ping).
+    pub appservice_id: String,
+    /// The bot's user ID.
+    pub bot_user_id: OwnedUserId,
+    /// Retry bounds.
+    pub retry: RetryPolicy,
+}
+
+/// Homeserver client for the appservice. Cheap to clone.
+#[derive(Clone)]
+pub struct HomeserverClient {
+    http: reqwest::Client,
+    base_url: String,
+    as_token: Secret,
+    appservice_id: String,
+    bot_user_id: OwnedUserId,
+    retry: RetryPolicy,
+    versions: std::sync::Arc<SupportedVersions>,
+}
+
+impl std::fmt::Debug for HomeserverClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HomeserverClient")
+            .field("base_url", &self.base_url)
+            .field("appservice_id", &self.appservice_id)
+            .field("bot_user_id", &self.bot_user_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `GET /_matrix/client/versions` says.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ServerVersions {
+    /// Spec versions, e.g. `v1.11`.
+    pub versions: Vec<String>,
+    /// Unstable features and whether they are on.
+    #[serde(default)]
+    pub unstable_features: BTreeMap<String, bool>,
+}
+
+impl HomeserverClient {
+    /// A client; no request is sent yet.
+    pub fn new(config: HomeserverClientConfig) -> Result<Self, HomeserverError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.retry.connect_timeout_ms))
+            .timeout(Duration::from_millis(config.retry.attempt_timeout_ms))
+            .user_agent(concat!("mxpay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| HomeserverError::Build(e.to_string()))?;
+        // Versions mxpay's requests are written for; every current homeserver serves them.
+        let spec_versions: Vec<String> = (1..=11).map(|minor| format!("v1.{minor}")).collect();
+        Ok(Self {
+            http,
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            as_token: config.as_token,
+            appservice_id: config.appservice_id,
+            bot_user_id: config.bot_user_id,
+            retry: config.retry,
+            versions: std::sync::Arc::new(SupportedVersions::from_parts(
+                &spec_versions,
+                &BTreeMap::new(),
+            )),
+        })
+    }
+
+    /// The bot's user ID.
+    pub fn bot_user_id(&self) -> &UserId {
+        &self.bot_user_id
+    }
+
+    /// The homeserver base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Sends a ruma request with the AS token as `identity`, retrying per the [`RetryPolicy`].
+    pub async fn send<R>(
+        &self,
+        request: R,
+        identity: Identity<'_>,
+    ) -> Result<R::IncomingResponse, HomeserverError>
+    where
+        R: OutgoingRequest,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+        R::PathBuilder: PathInput,
+    {
+        let http_request = request
+            .try_into_http_request_with_identity::<Vec<u8>>(
+                &self.base_url,
+                SendAccessToken::Always(self.as_token.expose()),
+                identity.to_ruma(),
+                <R::PathBuilder as PathInput>::input(&self.versions),
+            )
+            .map_err(|e| HomeserverError::Build(e.to_string()))?;
+        let response = self.execute(http_request).await?;
+        R::IncomingResponse::try_from_http_response(response)
+            .map_err(|e| HomeserverError::BadResponse(e.to_string()))
+    }
+
+    /// Runs one built request with retries; returns the first success response.
+    async fn execute(
+        &self,
+        request: http::Request<Vec<u8>>,
+    ) -> Result<http::Response<Vec<u8>>, HomeserverError> {
+        let (parts, body) = request.into_parts();
+        let url = parts.uri.to_string();
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut builder = self.http.request(parts.method.clone(), &url);
+            for (name, value) in &parts.headers {
+                builder = builder.header(name, value);
+            }
+            let outcome = self.attempt(builder.body(body.clone())).await;
+            let error = match outcome {
+                Ok(response) => return Ok(response),
+                Err(error) => error,
+            };
+            let elapsed = started.elapsed();
+            let delay = match &error {
+                HomeserverError::Matrix {
+                    status: 429,
+                    retry_after_ms: Some(ms),
+                    ..
+                } => self.retry.server_delay(*ms),
+                _ => self.retry.backoff(attempt),
+            };
+            let in_budget = elapsed + delay <= Duration::from_millis(self.retry.total_max_ms);
+            if !error.retryable() {
+                return Err(error);
+            }
+            if attempt >= self.retry.attempts_max || !in_budget {
+                return Err(HomeserverError::GaveUp {
+                    attempts: attempt,
+                    elapsed_ms: elapsed.as_millis() as u64,
+                    last: Box::new(error),
+                });
+            }
+            tracing::debug!(
+                method = %parts.method,
+                path = parts.uri.path(),
+                attempt,
+                delay_ms = delay.as_millis() as u64,
+                %error,
+                "homeserver request failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<http::Response<Vec<u8>>, HomeserverError> {
+        let response = builder.send().await.map_err(|e| self.transport_error(&e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        if status.is_success() {
+            let mut out = http::Response::new(bytes.to_vec());
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            return Ok(out);
+        }
+        let header_retry_ms = headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|secs| secs.saturating_mul(1000));
+        #[derive(serde::Deserialize)]
+        struct MatrixErrorBody {
+            errcode: String,
+            #[serde(default)]
+            error: String,
+            retry_after_ms: Option<u64>,
+        }
+        match serde_json::from_slice::<MatrixErrorBody>(&bytes) {
+            Ok(body) => Err(HomeserverError::Matrix {
+                status: status.as_u16(),
+                errcode: body.errcode,
+                message: body.error,
+                retry_after_ms: body.retry_after_ms.or(header_retry_ms),
+            }),
+            Err(_) if status.as_u16() == 429 => Err(HomeserverError::Matrix {
+                status: 429,
+                errcode: "M_LIMIT_EXCEEDED".to_owned(),
+                message: String::new(),
+                retry_after_ms: header_retry_ms,
+            }),
+            Err(_) => Err(HomeserverError::NotMatrix {
+                url: self.base_url.clone(),
+                status: status.as_u16(),
+            }),
+        }
+    }
+
+    fn transport_error(&self, error: &reqwest::Error) -> HomeserverError {
+        if error.is_timeout() {
+            HomeserverError::Timeout {
+                url: self.base_url.clone(),
+                timeout_ms: self.retry.attempt_timeout_ms,
+            }
+        } else {
+            // The source chain says "connection refused" and the like; the top level only
+            // says "error sending request".
+            let mut reason = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(inner) = source {
+                reason = inner.to_string();
+                source = inner.source();
+            }
+            HomeserverError::Connect {
+                url: self.base_url.clone(),
+                reason,
+            }
+        }
+    }
+
+    /// `GET /_matrix/client/versions`, once (no retries): tells whether a Matrix homeserver
+    /// answers at the base URL.
+    pub async fn server_versions(&self) -> Result<ServerVersions, HomeserverError> {
+        let url = format!("{}/_matrix/client/versions", self.base_url);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        if status != 200 {
+            return Err(HomeserverError::NotMatrix {
+                url: self.base_url.clone(),
+                status,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|_| HomeserverError::NotMatrix {
+            url: self.base_url.clone(),
+            status,
+        })
+    }
+
+    /// Registers the bot user with the AS token; an existing user (`M_USER_IN_USE`) is fine.
+    pub async fn register_bot(&self) -> Result<(), HomeserverError> {
+        let mut request = register::v3::Request::new();
+        request.username = Some(self.bot_user_id.localpart().to_owned());
+        request.inhibit_login = true;
+        request.login_type = Some(register::LoginType::ApplicationService);
+        match self.send(request, Identity::Appservice).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Asks the homeserver to ping mxpay (`POST /_matrix/client/v1/appservice/{id}/ping`);
+    /// returns the round trip the homeserver measured. Also makes Synapse send queued
+    /// transactions at once.
+    pub async fn ping(&self, txn_id: Option<&TransactionId>) -> Result<Duration, HomeserverError> {
+        let mut request = request_ping::v1::Request::new(self.appservice_id.clone());
+        request.transaction_id = txn_id.map(ToOwned::to_owned);
+        Ok(self.send(request, Identity::Appservice).await?.duration)
+    }
+
+    /// Joins a room as the bot.
+    pub async fn join_room(&self, room_id: &RoomId) -> Result<OwnedRoomId, HomeserverError> {
+        let request = join_room_by_id::v3::Request::new(room_id.to_owned());
+        Ok(self.send(request, Identity::Appservice).await?.room_id)
+    }
+
+    /// Sends a message event as the bot. The homeserver deduplicates by `txn_id`, so a retried
+    /// send with the same id posts once.
+    pub async fn send_message<C: MessageLikeEventContent>(
+        &self,
+        room_id: &RoomId,
+        txn_id: &TransactionId,
+        content: &C,
+    ) -> Result<OwnedEventId, HomeserverError> {
+        let request =
+            send_message_event::v3::Request::new(room_id.to_owned(), txn_id.to_owned(), content)
+                .map_err(|e| HomeserverError::Build(e.to_string()))?;
+        Ok(self.send(request, Identity::Appservice).await?.event_id)
+    }
+
+    /// Redacts an event as the bot (needs the room's `redact` power level).
+    pub async fn redact(
+        &self,
+        room_id: &RoomId,
+        event_id: &EventId,
+        txn_id: &TransactionId,
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId, HomeserverError> {
+        let mut request = redact_event::v3::Request::new(
+            room_id.to_owned(),
+            event_id.to_owned(),
+            txn_id.to_owned(),
+        );
+        request.reason = reason.map(ToOwned::to_owned);
+        Ok(self.send(request, Identity::Appservice).await?.event_id)
+    }
+
+    /// Sets the bot's display name.
+    pub async fn set_display_name(&self, name: &str) -> Result<(), HomeserverError> {
+        let request = set_profile_field::v3::Request::new(
+            self.bot_user_id.clone(),
+            ruma::profile::ProfileFieldValue::DisplayName(name.to_owned()),
+        );
+        self.send(request, Identity::Appservice).await?;
+        Ok(())
+    }
+
+    /// The current state events of a room, as the bot sees them.
+    pub async fn room_state(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Vec<Raw<AnyStateEvent>>, HomeserverError> {
+        let request = get_state_events::v3::Request::new(room_id.to_owned());
+        Ok(self.send(request, Identity::Appservice).await?.room_state)
+    }
+
+    /// The membership events of a room, as the bot sees them.
+    pub async fn room_members(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Vec<Raw<RoomMemberEvent>>, HomeserverError> {
+        let request = get_member_events::v3::Request::new(room_id.to_owned());
+        Ok(self.send(request, Identity::Appservice).await?.chunk)
+    }
+}
