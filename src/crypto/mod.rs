@@ -15,6 +15,7 @@
 pub mod device;
 pub mod event;
 pub mod extensions;
+pub mod handler;
 pub mod parked;
 pub mod transport;
 

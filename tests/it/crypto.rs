@@ -508,3 +508,39 @@ async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
     assert_eq!(late.event_id, sent.response.event_id);
     assert_eq!(bot.crypto.parked_count(), 0);
 }
+
+// ----- the real binary -----------------------------------------------------------------------
+
+/// The bot's device id as `device.json` in mxpay's data dir records it.
+fn recorded_device_id(lease: &SlotLease) -> String {
+    let text = std::fs::read_to_string(lease.config.data_dir.join("device.json"))
+        .expect("mxpay wrote device.json");
+    let record: Value = serde_json::from_str(&text).expect("device.json is JSON");
+    record["device_id"].as_str().expect("device_id").to_owned()
+}
+
+#[tokio::test]
+async fn e2e_help_in_encrypted_room_gets_encrypted_answer() {
+    let lease = support::synapse().lease(SlotKind::Normal, "e2e_help").await;
+    let mxpay = support::MxpayProcess::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+
+    alice
+        .room(&room_id)
+        .await
+        .send(RoomMessageEventContent::text_plain("!help"))
+        .await
+        .expect("alice sends !help");
+    let answer = alice
+        .wait_for_message(&room_id, &bot_id, |body| body.contains("!help"))
+        .await;
+    assert!(
+        answer.encryption.is_some(),
+        "the answer was encrypted: {:?}; mxpay log: {}",
+        answer.json,
+        mxpay.log_path().display()
+    );
+    assert_eq!(answer.msgtype(), Some("m.notice"));
+}
