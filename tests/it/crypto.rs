@@ -544,3 +544,278 @@ async fn e2e_help_in_encrypted_room_gets_encrypted_answer() {
     );
     assert_eq!(answer.msgtype(), Some("m.notice"));
 }
+
+/// What mxpay logged about one room event (its `room event received` debug line, written by
+/// `mxpay::crypto::events` without the content): field name -> value.
+fn logged_event(log: &str, event_id: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    let needle = format!("event_id={event_id} ");
+    log.lines().map(strip_ansi).find_map(|line| {
+        let (head, fields) = line.split_once("room event received")?;
+        if !fields.contains(&needle) {
+            return None;
+        }
+        let mut map: std::collections::BTreeMap<String, String> = fields
+            .split_whitespace()
+            .filter_map(|token| token.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+            .collect();
+        // The line starts with its RFC 3339 timestamp.
+        map.insert(
+            "logged_at".to_owned(),
+            head.split_whitespace().next()?.to_owned(),
+        );
+        Some(map)
+    })
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip `ESC [ ... m`.
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Waits until mxpay logged `event_id` and returns the logged fields.
+async fn wait_logged(
+    mxpay: &support::MxpayProcess,
+    event_id: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let what = format!(
+        "mxpay to log event {event_id} ({})",
+        mxpay.log_path().display()
+    );
+    support::eventually(&what, || async { logged_event(&mxpay.log(), event_id) }).await
+}
+
+#[tokio::test]
+async fn e2e_custom_event_decrypted_with_sender_device_and_trust() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "e2e_trust")
+        .await;
+    let mxpay = support::MxpayProcess::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+
+    // Without cross-signing: the device is not signed by its owner.
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let sent = alice
+        .room(&room_id)
+        .await
+        .send_raw("org.mxpay.test", json!({"n": 1}))
+        .await
+        .expect("alice sends");
+    let logged = wait_logged(&mxpay, sent.response.event_id.as_str()).await;
+    assert_eq!(logged["event_type"], "org.mxpay.test");
+    assert_eq!(logged["was_encrypted"], "true");
+    assert_eq!(logged["sender"], alice.user.user_id.as_str());
+    assert_eq!(logged["sender_device"], alice.device_id().unwrap().as_str());
+    assert_eq!(logged["verification_state"], "unsigned_device");
+
+    // With cross-signing: signed by an identity the bot has not verified.
+    let bob = support::client(&support::user("bob").await).await;
+    bob.bootstrap_cross_signing().await;
+    let room_id = encrypted_room_with_bot(&bob, &bot_id).await;
+    let sent = bob
+        .room(&room_id)
+        .await
+        .send_raw("org.mxpay.test", json!({"n": 2}))
+        .await
+        .expect("bob sends");
+    let logged = wait_logged(&mxpay, sent.response.event_id.as_str()).await;
+    assert_eq!(logged["sender_device"], bob.device_id().unwrap().as_str());
+    assert_eq!(logged["verification_state"], "unverified_identity");
+}
+
+#[tokio::test]
+async fn e2e_restart_keeps_device_and_both_sides_keep_decrypting() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "e2e_restart")
+        .await;
+    let mut mxpay = support::MxpayProcess::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let room = alice.room(&room_id).await;
+    let device_before = recorded_device_id(&lease);
+
+    let before = room
+        .send_raw("org.mxpay.test", json!({"n": "before"}))
+        .await
+        .expect("send");
+    assert_eq!(
+        wait_logged(&mxpay, before.response.event_id.as_str()).await["was_encrypted"],
+        "true"
+    );
+
+    mxpay.kill().await;
+    let while_down = room
+        .send_raw("org.mxpay.test", json!({"n": "down"}))
+        .await
+        .expect("send");
+    mxpay.start_again().await;
+    assert_eq!(
+        recorded_device_id(&lease),
+        device_before,
+        "the bot kept its device"
+    );
+    let logged = wait_logged(&mxpay, while_down.response.event_id.as_str()).await;
+    assert_eq!(logged["was_encrypted"], "true");
+
+    let after = room
+        .send_raw("org.mxpay.test", json!({"n": "after"}))
+        .await
+        .expect("send");
+    assert_eq!(
+        wait_logged(&mxpay, after.response.event_id.as_str()).await["was_encrypted"],
+        "true"
+    );
+
+    let help = room
+        .send(RoomMessageEventContent::text_plain("!help"))
+        .await
+        .expect("send !help");
+    let answer = alice
+        .wait_for_event("the bot's answer after the restart", |e| {
+            e.sender() == bot_id
+                && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"]
+                    == help.response.event_id.as_str()
+        })
+        .await;
+    assert!(
+        answer.encryption.is_some(),
+        "alice decrypted it: {:?}",
+        answer.json
+    );
+    assert_eq!(
+        mxpay.log().matches("created the bot's device").count(),
+        1,
+        "the second start reused the device"
+    );
+}
+
+#[tokio::test]
+async fn e2e_plaintext_room_message_is_reported_not_encrypted() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "e2e_plain")
+        .await;
+    let mxpay = support::MxpayProcess::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room = alice
+        .create_room(RoomOptions {
+            encrypted: false,
+            invite: vec![bot_id.as_str().try_into().unwrap()],
+            ..Default::default()
+        })
+        .await;
+    alice
+        .wait_for_membership(room.room_id(), &bot_id, "join")
+        .await;
+    let sent = room
+        .send(RoomMessageEventContent::text_plain("!help"))
+        .await
+        .expect("send");
+    let logged = wait_logged(&mxpay, sent.response.event_id.as_str()).await;
+    assert_eq!(logged["was_encrypted"], "false");
+    assert_eq!(logged["verification_state"], "not_encrypted");
+    let answer = alice
+        .wait_for_message(room.room_id(), &bot_id, |body| body.contains("!help"))
+        .await;
+    assert!(
+        answer.encryption.is_none(),
+        "plaintext room, plaintext answer"
+    );
+}
+
+/// Latency from a client's send to mxpay having the plaintext, over real Synapse and the real
+/// binary (debug build unless run with `--release`). Prints p50/p95. Run with
+/// `cargo test --test it -- --ignored --nocapture e2e_latency`.
+#[tokio::test]
+#[ignore = "measurement, prints figures"]
+async fn e2e_latency_send_to_plaintext() {
+    const MESSAGES: usize = 40;
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "e2e_latency")
+        .await;
+    let mxpay = support::MxpayProcess::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let room = alice.room(&room_id).await;
+    // The first message also sets up the Olm session; measured separately.
+    let mut first_ms = None;
+    let mut latencies_ms = Vec::with_capacity(MESSAGES);
+    for n in 0..=MESSAGES {
+        let started = std::time::SystemTime::now();
+        let sent = room
+            .send_raw("org.mxpay.test", json!({"n": n}))
+            .await
+            .expect("send");
+        let logged = wait_logged(&mxpay, sent.response.event_id.as_str()).await;
+        let at = chrono_like_parse_ms(&logged["logged_at"]).expect("timestamp");
+        let start_ms = started
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            * 1e3;
+        let latency_ms = at - start_ms;
+        if n == 0 {
+            first_ms = Some(latency_ms);
+        } else {
+            latencies_ms.push(latency_ms);
+        }
+    }
+    latencies_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pick = |q: f64| latencies_ms[((latencies_ms.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "send -> mxpay plaintext over {MESSAGES} messages: p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms; first message (Olm session set-up) {:.1} ms",
+        pick(0.5),
+        pick(0.95),
+        latencies_ms.last().unwrap(),
+        first_ms.unwrap()
+    );
+}
+
+/// Parses `2026-11-25T09:22:05.758012Z` into ms since the epoch (UTC, no crate needed).
+fn chrono_like_parse_ms(stamp: &str) -> Option<f64> {
+    let stamp = stamp.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + h * 3_600 + min * 60) as f64 + sec) * 1e3)
+}
+
+#[test]
+fn log_line_parsing() {
+    let line = "\u{1b}[2m2026-11-25T09:22:05.758012Z\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m mxpay::crypto::events: room event received room_id=!r event_id=$e sender=@a:localhost sender_device=\"DEV\" event_type=m.room.message verification_state=unsigned_device was_encrypted=true was_parked=false";
+    let fields = logged_event(line, "$e").expect("parsed");
+    assert_eq!(fields["sender_device"], "DEV");
+    assert_eq!(fields["verification_state"], "unsigned_device");
+    assert!(logged_event(line, "$other").is_none());
+    let ms = chrono_like_parse_ms(&fields["logged_at"]).unwrap();
+    assert_eq!(ms, 1_795_598_525_758.012);
+}
