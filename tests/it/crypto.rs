@@ -55,13 +55,18 @@ impl InProcessBot {
     }
 
     async fn start_with_clock(lease: &SlotLease, clock: SharedClock) -> Self {
+        Self::start_with(lease, clock, false).await
+    }
+
+    async fn start_with(lease: &SlotLease, clock: SharedClock, msc4190: bool) -> Self {
         let synapse = lease.synapse();
-        let settings = CryptoSettings::new(
+        let mut settings = CryptoSettings::new(
             synapse.url.clone(),
             lease.spec.as_token.clone(),
             lease.spec.bot_user_id().try_into().expect("bot user id"),
             lease.config.data_dir.clone(),
         );
+        settings.msc4190 = msc4190;
         let crypto = BotCrypto::start(settings, clock)
             .await
             .expect("bot crypto starts");
@@ -325,6 +330,43 @@ async fn core_help_in_encrypted_room_gets_encrypted_answer() {
         "the bot's answer was encrypted: {:?}",
         answer.json
     );
+}
+
+/// MSC4190: the device is created with `PUT /devices/{id}` and every device request carries
+/// the AS token with `user_id=` and `device_id=` (Synapse upserts devices for appservices and
+/// masquerades as existing devices whatever the registration's `io.element.msc4190` says, so
+/// an ordinary slot exercises the whole path).
+#[tokio::test]
+async fn core_msc4190_device_decrypts_and_answers() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "core_msc4190")
+        .await;
+    let bot = InProcessBot::start_with(&lease, Arc::new(SystemClock), true).await;
+    let bot_id = lease.spec.bot_user_id();
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(lease.config.data_dir.join("device.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["mode"], "msc4190");
+    assert!(
+        record.get("access_token").is_none(),
+        "no device token in MSC4190 mode"
+    );
+
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let room = alice.room(&room_id).await;
+    room.send(RoomMessageEventContent::text_plain("!help"))
+        .await
+        .expect("alice sends");
+    let seen = bot
+        .wait_for("alice's !help", |e| e.content["body"] == "!help")
+        .await;
+    assert!(seen.was_encrypted);
+    let answer = alice
+        .wait_for_message(&room_id, &bot_id, |body| body.starts_with("mxpay help"))
+        .await;
+    assert!(answer.encryption.is_some());
 }
 
 #[tokio::test]
