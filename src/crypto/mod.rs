@@ -304,6 +304,7 @@ impl BotCrypto {
                 delivery_changed: tokio::sync::Notify::new(),
             }),
         };
+        this.check_server_has_our_keys().await?;
         this.process_outgoing_requests().await?;
         this.bootstrap_cross_signing().await?;
         tracing::info!(
@@ -314,6 +315,51 @@ impl BotCrypto {
             "bot device ready for end-to-end encryption"
         );
         Ok(this)
+    }
+
+    /// Refuses to run when the homeserver holds other identity keys for the bot's device than
+    /// the store: the store was lost or swapped, clients would refuse the new keys for an old
+    /// device id, and the bot would silently read nothing.
+    async fn check_server_has_our_keys(&self) -> Result<(), CryptoError> {
+        let device = &self.inner.device;
+        let mut query = get_keys::v3::Request::new();
+        query
+            .device_keys
+            .insert(device.user_id.clone(), vec![device.device_id.clone()]);
+        let response = self
+            .inner
+            .transport
+            .send(As::Device(&self.inner.identity), query)
+            .await?;
+        let published = response
+            .device_keys
+            .get(&device.user_id)
+            .and_then(|devices| devices.get(&device.device_id))
+            .and_then(|raw| raw.deserialize_as_unchecked::<Value>().ok())
+            .and_then(|keys| {
+                keys.pointer(&format!("/keys/ed25519:{}", device.device_id))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+        let ours = self.ed25519_key();
+        match published {
+            Some(theirs) if theirs != ours => Err(CryptoError::StoreOpen {
+                path: self.inner.settings.data_dir.join("crypto"),
+                reason: format!(
+                    "the homeserver has other keys for the bot's device {} than this crypto \
+                     store: the store was lost or replaced. Stop mxpay, move {} aside and start \
+                     again to create a new device (messages encrypted for the old device stay \
+                     unreadable)",
+                    device.device_id,
+                    self.inner
+                        .settings
+                        .data_dir
+                        .join(device::DEVICE_FILE)
+                        .display()
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The bot's user id.

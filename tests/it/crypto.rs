@@ -861,3 +861,30 @@ fn log_line_parsing() {
     let ms = chrono_like_parse_ms(&fields["logged_at"]).unwrap();
     assert_eq!(ms, 1_795_598_525_758.012);
 }
+
+/// A lost crypto store with the old `device.json` must stop the bot with a clear message, not
+/// upload new keys for a device id clients already know with other keys.
+#[tokio::test]
+async fn core_lost_store_is_refused_loudly() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "core_lost_store")
+        .await;
+    let bot = InProcessBot::start(&lease).await;
+    bot.stop().await;
+    std::fs::remove_dir_all(lease.config.data_dir.join("crypto")).expect("remove the store");
+
+    let settings = CryptoSettings::new(
+        lease.synapse().url.clone(),
+        lease.spec.as_token.clone(),
+        lease.spec.bot_user_id().try_into().unwrap(),
+        lease.config.data_dir.clone(),
+    );
+    let error = BotCrypto::start(settings, Arc::new(SystemClock))
+        .await
+        .expect_err("a new store for an old device is refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("other keys") && message.contains("device.json"),
+        "{message}"
+    );
+}
