@@ -54,6 +54,13 @@ impl CryptoHandler {
         }
     }
 
+    /// Replaces the commands `!help` lists (later layers append theirs).
+    pub fn with_commands(mut self, commands: Vec<CommandHelp>) -> Self {
+        self.basic = self.basic.with_commands(commands.clone());
+        self.commands = commands;
+        self
+    }
+
     /// The bot's crypto.
     pub fn crypto(&self) -> &BotCrypto {
         &self.crypto

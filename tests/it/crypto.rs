@@ -362,6 +362,19 @@ async fn core_help_in_encrypted_room_gets_encrypted_answer() {
         "the bot's answer was encrypted: {:?}",
         answer.json
     );
+
+    // Alice sees the bot's device as signed by its owner (the bot cross-signed it).
+    let bot_user: matrix_sdk::ruma::OwnedUserId = bot_id.as_str().try_into().unwrap();
+    let device = alice
+        .encryption()
+        .get_device(&bot_user, bot.crypto.device_id())
+        .await
+        .expect("alice's store")
+        .expect("alice knows the bot's device");
+    assert!(
+        device.is_cross_signed_by_owner(),
+        "the bot signed its device"
+    );
 }
 
 /// MSC4190: the device is created with `PUT /devices/{id}` and every device request carries
