@@ -65,6 +65,10 @@ pub enum AppError {
     /// A start-up check against the homeserver failed.
     #[error("{0}")]
     Startup(String),
+    /// The transaction worker stopped while mxpay was running (a bug); unprocessed
+    /// transactions stay in the inbox for the next start.
+    #[error("the transaction worker stopped ({0}); unprocessed transactions stay in the inbox")]
+    WorkerStopped(String),
 }
 
 /// Bounds of the inbox worker.
@@ -496,8 +500,8 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     let registration = Registration::load_for(&config)?;
     let app = App::open(config, registration)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = start_server(&app, shutdown_rx.clone()).await?;
-    tracing::info!(listen = %app.config.appservice.listen, "appservice API listening");
+    let (addr, server) = start_server(&app, shutdown_rx.clone()).await?;
+    tracing::info!(listen = %addr, "appservice API listening");
 
     let checked = tokio::select! {
         checked = app.check_homeserver() => checked,
@@ -522,31 +526,54 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     let pinger = tokio::spawn(ready_pings(app.clone(), shutdown_rx.clone()));
     tracing::info!(bot = %app.client.bot_user_id(), "mxpay is ready");
 
-    shutdown_signal().await;
+    // A worker that dies (a panicking handler is a bug) must not leave a process that
+    // acknowledges transactions and never handles them: stop, so a supervisor sees it.
+    let mut worker = worker;
+    let worker_died = tokio::select! {
+        _ = shutdown_signal() => None,
+        ended = &mut worker => Some(ended),
+    };
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
     let _ = tokio::time::timeout(grace, async {
-        let _ = worker.await;
+        if worker_died.is_none() {
+            let _ = worker.await;
+        }
         let _ = pinger.await;
     })
     .await;
-    match tokio::time::timeout(grace, server).await {
+    tracing::debug!("worker stopped");
+    let served = tokio::time::timeout(grace, server).await;
+    tracing::debug!("server stopped");
+    if let Some(ended) = worker_died {
+        let reason = match ended {
+            Err(error) if error.is_panic() => "the transaction handler panicked".to_owned(),
+            Err(error) => error.to_string(),
+            Ok(()) => "it returned".to_owned(),
+        };
+        tracing::error!(%reason, "the transaction worker stopped");
+        return Err(AppError::WorkerStopped(reason));
+    }
+    match served {
         Ok(Ok(Err(error))) => Err(AppError::Serve(error)),
         _ => Ok(()),
     }
 }
 
 /// Binds `appservice.listen` and serves the router (TCP_NODELAY on every accepted socket) until
-/// `shutdown` turns true.
+/// `shutdown` turns true. Returns the bound address (port 0 in the config picks a free port).
 pub async fn start_server(
     app: &App,
     shutdown: watch::Receiver<bool>,
-) -> Result<JoinHandle<std::io::Result<()>>, AppError> {
+) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), AppError> {
     use axum::serve::ListenerExt as _;
     let addr = app.config.appservice.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
+        .map_err(|source| AppError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
         .map_err(|source| AppError::Listen { addr, source })?;
     // Small answers written in two sends otherwise wait for a delayed ACK (Nagle).
     let listener = listener.tap_io(|tcp| {
@@ -554,20 +581,27 @@ pub async fn start_server(
     });
     let router = app.router();
     let mut shutdown = shutdown;
-    Ok(tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             })
             .await
-    }))
+    });
+    Ok((bound, server))
 }
 
 /// Pings the homeserver every [`READY_PING_INTERVAL_MS`] and keeps `/ready` in step.
 async fn ready_pings(app: App, mut shutdown: watch::Receiver<bool>) {
     let interval = Duration::from_millis(READY_PING_INTERVAL_MS);
+    // One attempt per round: /ready should turn false within a round, not after the
+    // retries of a normal request.
+    let client = app.client.with_retry(RetryPolicy {
+        attempts_max: 1,
+        ..app.client.retry_policy()
+    });
     while !wait_or_shutdown(&mut shutdown, interval).await {
-        let ok = match app.client.ping(None).await {
+        let ok = match client.ping(None).await {
             Ok(_) => true,
             Err(error) => {
                 app.metrics.error("homeserver_ping");
@@ -748,6 +782,45 @@ mod tests {
         let _worker = app.spawn_worker(recorder.clone(), fast_policy(), stopped);
         eventually("both handled", || recorder.handled.lock().len() == 2).await;
         assert_eq!(*recorder.handled.lock(), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn server_answers_over_tcp_and_stops_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_in(dir.path());
+        config.appservice.listen = "127.0.0.1:0".parse().unwrap();
+        let registration = Registration::generate(&config);
+        let app = App::open(config, registration.clone()).unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let (addr, server) = start_server(&app, stopped).await.unwrap();
+        let http = reqwest::Client::new();
+        let health = http
+            .get(format!("http://{addr}/health"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        // Keep-alive connection: several transactions over one socket, each with a body the
+        // client can delimit.
+        for id in 1..=3 {
+            let response = http
+                .put(format!("http://{addr}/_matrix/app/v1/transactions/{id}"))
+                .bearer_auth(registration.hs_token.expose())
+                .body(r#"{"events":[]}"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.content_length(), Some(2));
+            assert_eq!(response.text().await.unwrap(), "{}");
+        }
+        assert_eq!(app.inbox().depth(), 3);
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), server)
+            .await
+            .expect("server stops on shutdown")
+            .unwrap()
+            .unwrap();
     }
 
     mod startup {

@@ -234,7 +234,9 @@ impl Config {
         } else {
             base
         };
-        config.resolve_paths(base);
+        // Absolute, so messages and a later change of working directory stay unambiguous.
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        config.resolve_paths(&base);
         Ok(config)
     }
 

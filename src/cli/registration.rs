@@ -39,3 +39,37 @@ pub fn run(args: GenerateRegistrationArgs) -> super::anyhow_like::Result {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn dash_g_and_long_form_parse_and_write_a_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, "homeserver: {server_name: example.org}\n").unwrap();
+        let output = dir.path().join("out/appservice.yaml");
+        for first in ["-g", "generate-registration"] {
+            let cli = Cli::try_parse_from([
+                "mxpay",
+                first,
+                "-c",
+                config.to_str().unwrap(),
+                "-o",
+                output.to_str().unwrap(),
+            ])
+            .unwrap();
+            assert!(matches!(cli.command, Command::GenerateRegistration(_)));
+            crate::cli::run(cli).unwrap();
+            let written = crate::registration::Registration::load(&output).unwrap();
+            assert_eq!(written.namespaces.users[0].regex, r"^@_mxpay:example\.org$");
+        }
+        // Without -o it goes where the config says.
+        let cli = Cli::try_parse_from(["mxpay", "-g", "-c", config.to_str().unwrap()]).unwrap();
+        crate::cli::run(cli).unwrap();
+        assert!(dir.path().join("appservice.yaml").exists());
+    }
+}

@@ -35,8 +35,10 @@ pub fn init_logging(config: &Config) {
                 .parse()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         });
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match config.logging.format {

@@ -256,6 +256,20 @@ impl HomeserverClient {
         })
     }
 
+    /// The same client with other retry bounds (the attempt timeouts of the underlying
+    /// connection pool stay as built).
+    pub fn with_retry(&self, retry: RetryPolicy) -> Self {
+        Self {
+            retry,
+            ..self.clone()
+        }
+    }
+
+    /// The retry bounds in use.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
     /// The bot's user ID.
     pub fn bot_user_id(&self) -> &UserId {
         &self.bot_user_id

@@ -201,6 +201,23 @@ fn decode_stored(tree: &'static str, k: &[u8], v: &[u8]) -> Result<StoredEntry, 
 mod tests {
     use super::*;
 
+    /// The stored layout is a format: changing it needs a migration, and this test says so.
+    #[test]
+    fn entry_encoding_is_pinned() {
+        assert_eq!(encode_entry(b"ab", b"{}"), b"\0\0\0\x02ab{}");
+        let decoded = decode_stored(SEQ_PENDING, &7u64.to_be_bytes(), b"\0\0\0\x02ab{}").unwrap();
+        assert_eq!(
+            decoded,
+            StoredEntry {
+                seq: 7,
+                key: b"ab".to_vec(),
+                value: b"{}".to_vec()
+            }
+        );
+        assert!(decode_stored(SEQ_PENDING, &7u64.to_be_bytes(), b"\0\0\0\x09ab").is_err());
+        assert!(decode_stored(SEQ_PENDING, b"short", b"\0\0\0\0").is_err());
+    }
+
     #[tokio::test]
     async fn insert_dedupes_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();

@@ -314,3 +314,83 @@ async fn identity_assertion_sends_user_and_device_together() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn bot_requests_use_the_stable_endpoints() {
+    let server = MockServer::start().await;
+    let ok = |body: serde_json::Value| ResponseTemplate::new(200).set_body_json(body);
+    let mounts = [
+        (
+            "PUT",
+            r"^/_matrix/client/v3/rooms/!r:localhost/send/m\.room\.message/t1$",
+            ok(json!({"event_id": "$s"})),
+        ),
+        (
+            "PUT",
+            r"^/_matrix/client/v3/rooms/!r:localhost/redact/\$e/t2$",
+            ok(json!({"event_id": "$red"})),
+        ),
+        (
+            "PUT",
+            r"^/_matrix/client/v3/profile/@_mxpay:localhost/displayname$",
+            ok(json!({})),
+        ),
+        (
+            "GET",
+            r"^/_matrix/client/v3/rooms/!r:localhost/state$",
+            ok(json!([])),
+        ),
+        (
+            "GET",
+            r"^/_matrix/client/v3/rooms/!r:localhost/members$",
+            ok(json!({"chunk": []})),
+        ),
+        (
+            "POST",
+            r"^/_matrix/client/v1/appservice/mxpay/ping$",
+            ok(json!({"duration_ms": 7})),
+        ),
+    ];
+    for (verb, regex, response) in mounts {
+        Mock::given(method(verb))
+            .and(path_regex(regex))
+            .and(header(
+                "authorization",
+                "Bearer as-token-for-tests-0123456789",
+            ))
+            .respond_with(response)
+            .expect(1)
+            .mount(&server)
+            .await;
+    }
+    let client = client(&server, policy());
+    let room = owned_room_id!("!r:localhost");
+    let content = ruma::events::room::message::RoomMessageEventContent::notice_plain("hi");
+    let sent = client
+        .send_message(&room, "t1".into(), &content)
+        .await
+        .unwrap();
+    assert_eq!(sent, "$s");
+    let event: ruma::OwnedEventId = "$e".try_into().unwrap();
+    client
+        .redact(&room, &event, "t2".into(), Some("PIN posted in the room"))
+        .await
+        .unwrap();
+    client.set_display_name("mxpay").await.unwrap();
+    assert!(client.room_state(&room).await.unwrap().is_empty());
+    assert!(client.room_members(&room).await.unwrap().is_empty());
+    let txn: ruma::OwnedTransactionId = "ping-1".into();
+    assert_eq!(
+        client.ping(Some(&txn)).await.unwrap(),
+        Duration::from_millis(7)
+    );
+    let ping = server
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.url.path().ends_with("/ping"))
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&ping.body).unwrap();
+    assert_eq!(body, json!({"transaction_id": "ping-1"}));
+}
