@@ -986,3 +986,35 @@ async fn core_delivery_self_check_names_what_is_missing() {
         DeliveryReport::MissingToDevice
     );
 }
+
+/// With `io.element.msc4190: true` in the registration Synapse refuses appservice login: the
+/// device is created with MSC4190 and the bot still reads and answers encrypted messages.
+#[tokio::test]
+async fn e2e_msc4190_registration_encrypted_help() {
+    let lease = support::synapse()
+        .lease(SlotKind::Msc4190, "e2e_msc4190")
+        .await;
+    let _mxpay = support::MxpayProcess::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    alice
+        .room(&room_id)
+        .await
+        .send(RoomMessageEventContent::text_plain("!help"))
+        .await
+        .expect("alice sends !help");
+    let answer = alice
+        .wait_for_message(&room_id, &bot_id, |body| body.contains("!help"))
+        .await;
+    assert!(
+        answer.encryption.is_some(),
+        "encrypted answer: {:?}",
+        answer.json
+    );
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(lease.config.data_dir.join("device.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["mode"], "msc4190");
+}
