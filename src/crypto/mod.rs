@@ -602,6 +602,10 @@ impl BotCrypto {
             log_event(&decrypted);
             return Ok(Decrypted::Event(Box::new(decrypted)));
         }
+        if event.pointer("/content/algorithm").is_none() {
+            // Redacted (content stripped): nothing to decrypt and nobody to tell.
+            return Ok(Decrypted::Skipped);
+        }
         let session_id = event
             .pointer("/content/session_id")
             .and_then(Value::as_str)
