@@ -835,33 +835,16 @@ impl BotCrypto {
         let device = As::Device(&inner.identity);
         let id = request.request_id();
         let result: Result<(), CryptoError> = match request.request() {
-            AnyOutgoingRequest::KeysUpload(r) => {
-                let response = inner.transport.send(device, r.clone()).await?;
-                inner
-                    .machine
-                    .mark_request_as_sent(id, &response)
-                    .await
-                    .map_err(olm_err)
-            }
+            AnyOutgoingRequest::KeysUpload(r) => self.send_and_mark(device, id, r.clone()).await,
             AnyOutgoingRequest::KeysQuery(r) => {
                 let mut query = get_keys::v3::Request::new();
                 query.device_keys = r.device_keys.clone();
-                let response = inner.transport.send(device, query).await?;
-                inner
-                    .machine
-                    .mark_request_as_sent(id, &response)
-                    .await
-                    .map_err(olm_err)
+                self.send_and_mark(device, id, query).await
             }
             AnyOutgoingRequest::KeysClaim(r) => self.send_claim(id, r.clone()).await,
             AnyOutgoingRequest::ToDeviceRequest(r) => self.send_to_device(r).await,
             AnyOutgoingRequest::SignatureUpload(r) => {
-                let response = inner.transport.send(device, r.clone()).await?;
-                inner
-                    .machine
-                    .mark_request_as_sent(id, &response)
-                    .await
-                    .map_err(olm_err)
+                self.send_and_mark(device, id, r.clone()).await
             }
             AnyOutgoingRequest::RoomMessage(r) => {
                 let content =
@@ -872,12 +855,7 @@ impl BotCrypto {
                     r.content.event_type(),
                     content,
                 );
-                let response = inner.transport.send(As::Appservice, request).await?;
-                inner
-                    .machine
-                    .mark_request_as_sent(id, &response)
-                    .await
-                    .map_err(olm_err)
+                self.send_and_mark(As::Appservice, id, request).await
             }
         };
         match result {
@@ -894,16 +872,8 @@ impl BotCrypto {
         id: &TransactionId,
         request: ruma::api::client::keys::claim_keys::v3::Request,
     ) -> Result<(), CryptoError> {
-        let response = self
-            .inner
-            .transport
-            .send(As::Device(&self.inner.identity), request)
-            .await?;
-        self.inner
-            .machine
-            .mark_request_as_sent(id, &response)
+        self.send_and_mark(As::Device(&self.inner.identity), id, request)
             .await
-            .map_err(olm_err)
     }
 
     async fn send_to_device(&self, request: &ToDeviceRequest) -> Result<(), CryptoError> {
@@ -912,14 +882,34 @@ impl BotCrypto {
             request.txn_id.clone(),
             request.messages.clone(),
         );
-        let response = self
-            .inner
-            .transport
-            .send(As::Device(&self.inner.identity), ruma_request)
-            .await?;
+        self.send_and_mark(
+            As::Device(&self.inner.identity),
+            &request.txn_id,
+            ruma_request,
+        )
+        .await
+    }
+
+    /// Sends one request the machine handed out, as `who`, and reports the answer back to the
+    /// machine under the request's `id` (without that, the machine hands the request out again).
+    async fn send_and_mark<R>(
+        &self,
+        who: As<'_>,
+        id: &TransactionId,
+        request: R,
+    ) -> Result<(), CryptoError>
+    where
+        R: ruma::api::OutgoingRequest,
+        R::PathBuilder: transport::PathInput,
+        for<'a> R::Authentication: ruma::api::auth_scheme::AuthScheme<
+            Input<'a> = ruma::api::auth_scheme::SendAccessToken<'a>,
+        >,
+        for<'a> &'a R::IncomingResponse: Into<AnyIncomingResponse<'a>>,
+    {
+        let response = self.inner.transport.send(who, request).await?;
         self.inner
             .machine
-            .mark_request_as_sent(&request.txn_id, &response)
+            .mark_request_as_sent(id, &response)
             .await
             .map_err(olm_err)
     }
@@ -955,15 +945,12 @@ impl BotCrypto {
             .await
             .map_err(olm_err)?;
         let signatures = requests.upload_signatures_req;
-        let response = self
-            .inner
-            .transport
-            .send(As::Device(&self.inner.identity), signatures)
-            .await?;
-        machine
-            .mark_request_as_sent(&TransactionId::new(), &response)
-            .await
-            .map_err(olm_err)?;
+        self.send_and_mark(
+            As::Device(&self.inner.identity),
+            &TransactionId::new(),
+            signatures,
+        )
+        .await?;
         tracing::info!("bot cross-signing identity created and its device signed");
         Ok(())
     }
