@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha1::Sha1;
+
+use crate::homeserver::admin_register;
 
 /// Errors of `mxpay dev`; each says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -331,55 +331,14 @@ async fn register_user(
     localpart: &str,
     password: &str,
 ) -> Result<(), DevError> {
-    let hs_err = |reason: String| DevError::Homeserver {
-        url: homeserver_url.to_owned(),
-        reason,
-    };
-    let http = reqwest::Client::new();
-    let url = format!("{homeserver_url}/_synapse/admin/v1/register");
-    let nonce: serde_json::Value = http
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| hs_err(e.to_string()))?
-        .json()
-        .await
-        .map_err(|e| hs_err(e.to_string()))?;
-    let nonce = nonce["nonce"]
-        .as_str()
-        .ok_or_else(|| hs_err("no registration nonce".to_owned()))?;
-    let mut mac = Hmac::<Sha1>::new_from_slice(shared_secret.as_bytes())
-        .expect("HMAC takes keys of any length");
-    mac.update(nonce.as_bytes());
-    for part in [localpart, password, "notadmin"] {
-        mac.update(b"\0");
-        mac.update(part.as_bytes());
+    match admin_register::register(homeserver_url, shared_secret, localpart, password).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_user_in_use() => Ok(()),
+        Err(e) => Err(DevError::Homeserver {
+            url: homeserver_url.to_owned(),
+            reason: e.to_string(),
+        }),
     }
-    let body = serde_json::json!({
-        "nonce": nonce,
-        "username": localpart,
-        "password": password,
-        "admin": false,
-        "mac": hex::encode(mac.finalize().into_bytes()),
-    });
-    let response = http
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| hs_err(e.to_string()))?;
-    let status = response.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let error: serde_json::Value = response.json().await.unwrap_or_default();
-    if error["errcode"] == "M_USER_IN_USE" {
-        return Ok(());
-    }
-    Err(hs_err(format!(
-        "registering {localpart}: {status} {}",
-        error["error"].as_str().unwrap_or("")
-    )))
 }
 
 fn print_welcome(state: &DevState, dir: &Path, homeserver_url: &str) {

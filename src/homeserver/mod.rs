@@ -5,6 +5,7 @@
 //! connection errors back off exponentially, other 4xx fail at once; all within
 //! [`RetryPolicy`]'s bounds on attempts and total time.
 
+pub mod admin_register;
 pub mod retry;
 
 use std::borrow::Cow;

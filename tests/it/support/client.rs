@@ -5,7 +5,6 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::deserialized_responses::EncryptionInfo;
 use matrix_sdk::event_handler::RawEvent;
@@ -18,7 +17,6 @@ use matrix_sdk::ruma::events::{AnySyncTimelineEvent, InitialStateEvent};
 use matrix_sdk::ruma::serde::Raw;
 use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use matrix_sdk::{Client, Room};
-use sha1::Sha1;
 
 use super::synapse::SERVER_NAME;
 use super::{random_suffix, run_dir, synapse, timeout};
@@ -47,49 +45,16 @@ pub async fn user(name: &str) -> TestUser {
     let synapse = synapse();
     let localpart = format!("{name}_{}", random_suffix(8));
     let password = random_suffix(24);
-    let http = reqwest::Client::new();
-    let url = format!("{}/_synapse/admin/v1/register", synapse.url);
-
-    let nonce: serde_json::Value = http
-        .get(&url)
-        .send()
-        .await
-        .expect("GET register nonce")
-        .json()
-        .await
-        .expect("nonce JSON");
-    let nonce = nonce["nonce"].as_str().expect("a nonce").to_owned();
-
-    let mut mac = Hmac::<Sha1>::new_from_slice(synapse.registration_shared_secret().as_bytes())
-        .expect("HMAC takes any key length");
-    for (i, part) in [nonce.as_str(), &localpart, &password, "notadmin"]
-        .iter()
-        .enumerate()
-    {
-        if i > 0 {
-            mac.update(b"\0");
-        }
-        mac.update(part.as_bytes());
-    }
-    let body = serde_json::json!({
-        "nonce": nonce,
-        "username": localpart,
-        "password": password,
-        "admin": false,
-        "mac": hex::encode(mac.finalize().into_bytes()),
-    });
-    let response = http
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .expect("POST register");
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    assert!(
-        status.is_success(),
-        "registering {localpart}: {status} {text}"
-    );
+    // The product's own registration (as `mxpay dev` uses it), but strict: an existing user
+    // (`M_USER_IN_USE`) fails the test too, since every test user is new.
+    mxpay::homeserver::admin_register::register(
+        &synapse.url,
+        synapse.registration_shared_secret(),
+        &localpart,
+        &password,
+    )
+    .await
+    .expect("Synapse registers the test user");
 
     let user_id = UserId::parse(format!("@{localpart}:{SERVER_NAME}")).expect("valid user ID");
     TestUser {
