@@ -13,12 +13,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::put;
 use axum::{Json, Router};
 use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
-use matrix_sdk::ruma::{OwnedRoomId, RoomId};
+use matrix_sdk::ruma::{EventId, OwnedEventId, OwnedRoomId};
+use matrix_sdk::Room;
 use mxpay::clock::{ManualClock, SharedClock, SystemClock};
 use mxpay::crypto::{BotCrypto, CryptoSettings, DecryptedEvent, DeliveryReport, TrustState};
 use serde_json::{json, Value};
 
-use crate::support::{self, RoomOptions, SlotKind, SlotLease};
+use crate::support::{self, RoomOptions, SeenEvent, SlotKind, SlotLease};
 
 /// The bot's crypto behind a bare appservice listener: joins rooms it is invited to, answers
 /// `!help` with a notice, records every event it decrypted.
@@ -63,21 +64,20 @@ impl Drop for InProcessBot {
 
 impl InProcessBot {
     async fn start(lease: &SlotLease) -> Self {
-        Self::start_with_clock(lease, Arc::new(SystemClock)).await
+        Self::launch(lease, Arc::new(SystemClock), BotOptions::default()).await
     }
 
     async fn start_with_clock(lease: &SlotLease, clock: SharedClock) -> Self {
-        Self::start_with(lease, clock, BotOptions::default()).await
+        Self::launch(lease, clock, BotOptions::default()).await
     }
 
-    async fn start_with(lease: &SlotLease, clock: SharedClock, options: BotOptions) -> Self {
+    async fn start_with(lease: &SlotLease, options: BotOptions) -> Self {
+        Self::launch(lease, Arc::new(SystemClock), options).await
+    }
+
+    async fn launch(lease: &SlotLease, clock: SharedClock, options: BotOptions) -> Self {
         let synapse = lease.synapse();
-        let mut settings = CryptoSettings::new(
-            synapse.url.clone(),
-            lease.spec.as_token.clone(),
-            lease.spec.bot_user_id().try_into().expect("bot user id"),
-            lease.config.data_dir.clone(),
-        );
+        let mut settings = crypto_settings(lease);
         settings.msc4190 = options.msc4190;
         let (crypto_tx, crypto_rx) = tokio::sync::watch::channel(None);
         let (changed, _) = tokio::sync::watch::channel(0);
@@ -116,22 +116,15 @@ impl InProcessBot {
         crypto_tx.send_replace(Some(crypto.clone()));
         // Makes Synapse deliver what it queued while no bot listened, now instead of after
         // its back-off.
-        let ping = reqwest::Client::new()
-            .post(format!(
+        post_as_appservice(
+            &format!(
                 "{}/_matrix/client/v1/appservice/{}/ping",
                 synapse.url, lease.spec.id
-            ))
-            .bearer_auth(&lease.spec.as_token)
-            .json(&json!({}))
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .expect("ping");
-        assert!(
-            ping.status().is_success(),
-            "appservice ping: {}",
-            ping.status()
-        );
+            ),
+            &lease.spec.as_token,
+            "appservice ping",
+        )
+        .await;
         Self {
             crypto,
             state,
@@ -297,30 +290,57 @@ async fn join(state: &BotState, room_id: &OwnedRoomId) {
         urlencode(room_id.as_str()),
         urlencode(state.crypto().await.user_id().as_str())
     );
+    post_as_appservice(&url, &state.as_token, "bot join").await;
+}
+
+/// POSTs `{}` to `url` with the AS token and asserts success; `what` names the request.
+async fn post_as_appservice(url: &str, as_token: &str, what: &str) {
     let response = reqwest::Client::new()
         .post(url)
-        .bearer_auth(&state.as_token)
+        .bearer_auth(as_token)
         .json(&json!({}))
         .timeout(Duration::from_secs(30))
         .send()
         .await
-        .expect("join request");
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         response.status().is_success(),
-        "bot join: {}",
+        "{what}: {}",
         response.status()
     );
+}
+
+/// The bot's crypto settings for the slot's appservice (defaults otherwise).
+fn crypto_settings(lease: &SlotLease) -> CryptoSettings {
+    CryptoSettings::new(
+        lease.synapse().url.clone(),
+        lease.spec.as_token.clone(),
+        lease.spec.bot_user_id().try_into().expect("bot user id"),
+        lease.config.data_dir.clone(),
+    )
 }
 
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// A client invites the bot into an encrypted room and waits until the bot joined.
-async fn encrypted_room_with_bot(client: &support::TestClient, bot: &str) -> OwnedRoomId {
+// ----- steps shared by the in-process (`core_*`) and real-binary (`e2e_*`) tests -------------
+
+/// A slot of `kind` on the shared Synapse, labelled with the test's name.
+async fn slot(kind: SlotKind, test: &str) -> SlotLease {
+    support::synapse().lease(kind, test).await
+}
+
+/// A new user `<name>_<random>` with a logged-in client.
+async fn new_client(name: &str) -> support::TestClient {
+    support::client(&support::user(name).await).await
+}
+
+/// A client invites the bot into a new room and waits until the bot joined.
+async fn room_with_bot(client: &support::TestClient, bot: &str, encrypted: bool) -> Room {
     let room = client
         .create_room(RoomOptions {
-            encrypted: true,
+            encrypted,
             invite: vec![bot.try_into().expect("bot id")],
             ..Default::default()
         })
@@ -328,40 +348,116 @@ async fn encrypted_room_with_bot(client: &support::TestClient, bot: &str) -> Own
     client
         .wait_for_membership(room.room_id(), bot, "join")
         .await;
-    room.room_id().to_owned()
+    room
 }
+
+/// A client invites the bot into an encrypted room and waits until the bot joined.
+async fn encrypted_room_with_bot(client: &support::TestClient, bot: &str) -> OwnedRoomId {
+    room_with_bot(client, bot, true).await.room_id().to_owned()
+}
+
+/// Alice, a new user, and a new encrypted room she shares with the bot (as her client knows it).
+async fn alice_with_bot(bot: &str) -> (support::TestClient, Room) {
+    let alice = new_client("alice").await;
+    let room_id = encrypted_room_with_bot(&alice, bot).await;
+    let room = alice.room(&room_id).await;
+    (alice, room)
+}
+
+/// Sends an `org.mxpay.test` event with content `{"n": n}`; returns its event id.
+async fn send_test_event(room: &Room, n: impl Into<Value>) -> OwnedEventId {
+    room.send_raw("org.mxpay.test", json!({ "n": n.into() }))
+        .await
+        .expect("send org.mxpay.test")
+        .response
+        .event_id
+}
+
+/// Sends a plain-text `m.room.message`; returns its event id.
+async fn send_text(room: &Room, body: &str) -> OwnedEventId {
+    room.send(RoomMessageEventContent::text_plain(body))
+        .await
+        .unwrap_or_else(|e| panic!("send {body:?}: {e}"))
+        .response
+        .event_id
+}
+
+/// The in-process bot's answer to `!help` (see `record`).
+fn is_core_help_answer(body: &str) -> bool {
+    body.starts_with("mxpay help")
+}
+
+/// mxpay's answer to `!help` (it lists the commands, `!help` among them).
+fn is_mxpay_help_answer(body: &str) -> bool {
+    body.contains("!help")
+}
+
+/// Sends `!help` to `room` as `client`, waits for the bot's message there whose body satisfies
+/// `is_answer` and asserts that it reached `client` encrypted and was decrypted; `context` goes
+/// into the failure message.
+async fn encrypted_help_answer(
+    client: &support::TestClient,
+    room: &Room,
+    bot: &str,
+    is_answer: impl Fn(&str) -> bool,
+    context: &str,
+) -> SeenEvent {
+    send_text(room, "!help").await;
+    let answer = client
+        .wait_for_message(room.room_id(), bot, is_answer)
+        .await;
+    assert!(
+        answer.encryption.is_some(),
+        "the bot's answer reached {} encrypted ({context}): {:?}",
+        client.user.user_id,
+        answer.json
+    );
+    answer
+}
+
+/// The bot's `device.json` in the slot's data dir (written by the in-process bot and by mxpay).
+fn device_record(lease: &SlotLease) -> Value {
+    let text = std::fs::read_to_string(lease.config.data_dir.join("device.json"))
+        .expect("the bot wrote device.json");
+    serde_json::from_str(&text).expect("device.json is JSON")
+}
+
+impl InProcessBot {
+    /// Waits for the decrypted `org.mxpay.test` event with content `{"n": n}`.
+    async fn wait_for_test_event(&self, what: &str, n: impl Into<Value>) -> DecryptedEvent {
+        let n = n.into();
+        self.wait_for(what, |e| {
+            e.event_type == "org.mxpay.test" && e.content["n"] == n
+        })
+        .await
+    }
+}
+
+// ----- the in-process bot ---------------------------------------------------------------------
 
 #[tokio::test]
 async fn core_help_in_encrypted_room_gets_encrypted_answer() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "core_help")
-        .await;
+    let lease = slot(SlotKind::Normal, "core_help").await;
     let bot = InProcessBot::start(&lease).await;
     let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let (alice, room) = alice_with_bot(&bot_id).await;
+    encrypted_help_answer(
+        &alice,
+        &room,
+        &bot_id,
+        is_core_help_answer,
+        "in-process bot",
+    )
+    .await;
 
-    let room = alice.room(&room_id).await;
-    room.send(RoomMessageEventContent::text_plain("!help"))
-        .await
-        .expect("alice sends");
-
+    // The bot answered after it decrypted the `!help` (see `record`).
     let seen = bot
         .wait_for("alice's !help", |e| {
-            e.room_id == room_id && e.content["body"] == "!help"
+            e.room_id == room.room_id() && e.content["body"] == "!help"
         })
         .await;
     assert!(seen.was_encrypted);
     assert_eq!(seen.sender_device.as_deref(), alice.device_id());
-
-    let answer = alice
-        .wait_for_message(&room_id, &bot_id, |body| body.starts_with("mxpay help"))
-        .await;
-    assert!(
-        answer.encryption.is_some(),
-        "the bot's answer was encrypted: {:?}",
-        answer.json
-    );
 
     // Alice sees the bot's device as signed by its owner (the bot cross-signed it).
     let bot_user: matrix_sdk::ruma::OwnedUserId = bot_id.as_str().try_into().unwrap();
@@ -383,12 +479,9 @@ async fn core_help_in_encrypted_room_gets_encrypted_answer() {
 /// an ordinary slot exercises the whole path).
 #[tokio::test]
 async fn core_msc4190_device_decrypts_and_answers() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "core_msc4190")
-        .await;
+    let lease = slot(SlotKind::Normal, "core_msc4190").await;
     let bot = InProcessBot::start_with(
         &lease,
-        Arc::new(SystemClock),
         BotOptions {
             msc4190: true,
             ..Default::default()
@@ -396,89 +489,54 @@ async fn core_msc4190_device_decrypts_and_answers() {
     )
     .await;
     let bot_id = lease.spec.bot_user_id();
-    let record: Value = serde_json::from_str(
-        &std::fs::read_to_string(lease.config.data_dir.join("device.json")).unwrap(),
-    )
-    .unwrap();
+    let record = device_record(&lease);
     assert_eq!(record["mode"], "msc4190");
     assert!(
         record.get("access_token").is_none(),
         "no device token in MSC4190 mode"
     );
 
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
-    let room = alice.room(&room_id).await;
-    room.send(RoomMessageEventContent::text_plain("!help"))
-        .await
-        .expect("alice sends");
+    let (alice, room) = alice_with_bot(&bot_id).await;
+    encrypted_help_answer(
+        &alice,
+        &room,
+        &bot_id,
+        is_core_help_answer,
+        "MSC4190 device",
+    )
+    .await;
     let seen = bot
         .wait_for("alice's !help", |e| e.content["body"] == "!help")
         .await;
     assert!(seen.was_encrypted);
-    let answer = alice
-        .wait_for_message(&room_id, &bot_id, |body| body.starts_with("mxpay help"))
-        .await;
-    assert!(answer.encryption.is_some());
 }
 
 #[tokio::test]
 async fn core_custom_event_reports_sender_device_and_trust() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "core_trust")
-        .await;
+    let lease = slot(SlotKind::Normal, "core_trust").await;
     let bot = InProcessBot::start(&lease).await;
-    let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
-    let room = alice.room(&room_id).await;
+    let (alice, room) = alice_with_bot(&lease.spec.bot_user_id()).await;
 
-    room.send_raw("org.mxpay.test", json!({"n": 1}))
-        .await
-        .expect("send custom event");
-    let first = bot
-        .wait_for("custom event 1", |e| {
-            e.event_type == "org.mxpay.test" && e.content["n"] == 1
-        })
-        .await;
+    send_test_event(&room, 1).await;
+    let first = bot.wait_for_test_event("custom event 1", 1).await;
     assert!(first.was_encrypted);
     assert_eq!(first.sender.as_str(), alice.user.user_id.as_str());
     assert_eq!(first.sender_device.as_deref(), alice.device_id());
     assert_eq!(first.verification_state, TrustState::UnsignedDevice);
 
     alice.bootstrap_cross_signing().await;
-    room.send_raw("org.mxpay.test", json!({"n": 2}))
-        .await
-        .expect("send custom event");
-    let second = bot
-        .wait_for("custom event 2", |e| {
-            e.event_type == "org.mxpay.test" && e.content["n"] == 2
-        })
-        .await;
+    send_test_event(&room, 2).await;
+    let second = bot.wait_for_test_event("custom event 2", 2).await;
     assert_eq!(second.verification_state, TrustState::UnverifiedIdentity);
 }
 
 #[tokio::test]
 async fn core_plaintext_room_events_are_marked_not_encrypted() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "core_plain")
-        .await;
+    let lease = slot(SlotKind::Normal, "core_plain").await;
     let bot = InProcessBot::start(&lease).await;
-    let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room = alice
-        .create_room(RoomOptions {
-            encrypted: false,
-            invite: vec![bot_id.as_str().try_into().unwrap()],
-            ..Default::default()
-        })
-        .await;
-    alice
-        .wait_for_membership(room.room_id(), &bot_id, "join")
-        .await;
-    room.send(RoomMessageEventContent::text_plain("hello in the clear"))
-        .await
-        .expect("send");
+    let alice = new_client("alice").await;
+    let room = room_with_bot(&alice, &lease.spec.bot_user_id(), false).await;
+    send_text(&room, "hello in the clear").await;
     let seen = bot
         .wait_for("the plaintext message", |e| {
             e.content["body"] == "hello in the clear"
@@ -487,35 +545,24 @@ async fn core_plaintext_room_events_are_marked_not_encrypted() {
     assert!(!seen.was_encrypted);
     assert_eq!(seen.verification_state, TrustState::NotEncrypted);
     assert!(!bot.crypto.room_is_encrypted(room.room_id()).await.unwrap());
-    let _: &RoomId = room.room_id();
 }
 
 #[tokio::test]
 async fn core_restart_keeps_device_and_decrypts_before_and_after() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "core_restart")
-        .await;
+    let lease = slot(SlotKind::Normal, "core_restart").await;
     let bot = InProcessBot::start(&lease).await;
     let bot_id = lease.spec.bot_user_id();
     let device_before = bot.crypto.device_id().to_owned();
     let key_before = bot.crypto.ed25519_key();
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
-    let room = alice.room(&room_id).await;
+    let (alice, room) = alice_with_bot(&bot_id).await;
 
-    room.send_raw("org.mxpay.test", json!({"n": "before"}))
-        .await
-        .expect("send");
-    bot.wait_for("the message before the restart", |e| {
-        e.content["n"] == "before"
-    })
-    .await;
+    send_test_event(&room, "before").await;
+    bot.wait_for_test_event("the message before the restart", "before")
+        .await;
     bot.stop().await;
 
     // Sent while the bot is down: Synapse queues it with its room key.
-    room.send_raw("org.mxpay.test", json!({"n": "while-down"}))
-        .await
-        .expect("send");
+    send_test_event(&room, "while-down").await;
 
     let bot = InProcessBot::start(&lease).await;
     assert_eq!(
@@ -525,48 +572,33 @@ async fn core_restart_keeps_device_and_decrypts_before_and_after() {
     );
     assert_eq!(bot.crypto.ed25519_key(), key_before, "and its identity key");
     let down = bot
-        .wait_for("the message sent while the bot was down", |e| {
-            e.content["n"] == "while-down"
-        })
+        .wait_for_test_event("the message sent while the bot was down", "while-down")
         .await;
     assert!(down.was_encrypted);
-    room.send_raw("org.mxpay.test", json!({"n": "after"}))
-        .await
-        .expect("send");
-    bot.wait_for("the message after the restart", |e| {
-        e.content["n"] == "after"
-    })
-    .await;
-
-    room.send(RoomMessageEventContent::text_plain("!help"))
-        .await
-        .expect("send");
-    let answer = alice
-        .wait_for_message(&room_id, &bot_id, |body| body.starts_with("mxpay help"))
+    send_test_event(&room, "after").await;
+    bot.wait_for_test_event("the message after the restart", "after")
         .await;
-    assert!(
-        answer.encryption.is_some(),
-        "alice decrypted the bot's answer after the restart"
-    );
+
+    encrypted_help_answer(
+        &alice,
+        &room,
+        &bot_id,
+        is_core_help_answer,
+        "after the restart",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "core_late_key")
-        .await;
+    let lease = slot(SlotKind::Normal, "core_late_key").await;
     let clock = ManualClock::new(1_000_000);
     let bot = InProcessBot::start_with_clock(&lease, Arc::new(clock.clone())).await;
     let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
-    let room = alice.room(&room_id).await;
+    let (alice, room) = alice_with_bot(&bot_id).await;
 
     bot.state.hold_to_device.store(true, Ordering::SeqCst);
-    let sent = room
-        .send_raw("org.mxpay.test", json!({"n": "late"}))
-        .await
-        .expect("send");
+    let sent = send_test_event(&room, "late").await;
     support::eventually("the event to be parked", || async {
         (bot.crypto.parked_count() == 1).then_some(())
     })
@@ -588,19 +620,19 @@ async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
     clock.advance_ms(31_000);
     assert_eq!(bot.crypto.sweep_parked().await.unwrap(), 1);
     let notice = alice
-        .wait_for_message(&room_id, &bot_id, |body| body.contains("could not decrypt"))
+        .wait_for_message(room.room_id(), &bot_id, |body| {
+            body.contains("could not decrypt")
+        })
         .await;
     assert_eq!(
         notice.content()["m.relates_to"]["m.in_reply_to"]["event_id"],
-        sent.response.event_id.as_str()
+        sent.as_str()
     );
 
     bot.release_to_device().await;
-    let late = bot
-        .wait_for("the late message", |e| e.content["n"] == "late")
-        .await;
+    let late = bot.wait_for_test_event("the late message", "late").await;
     assert!(late.was_parked && late.was_encrypted);
-    assert_eq!(late.event_id, sent.response.event_id);
+    assert_eq!(late.event_id, sent);
     assert_eq!(bot.crypto.parked_count(), 0);
 }
 
@@ -608,35 +640,32 @@ async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
 
 /// The bot's device id as `device.json` in mxpay's data dir records it.
 fn recorded_device_id(lease: &SlotLease) -> String {
-    let text = std::fs::read_to_string(lease.config.data_dir.join("device.json"))
-        .expect("mxpay wrote device.json");
-    let record: Value = serde_json::from_str(&text).expect("device.json is JSON");
-    record["device_id"].as_str().expect("device_id").to_owned()
+    device_record(lease)["device_id"]
+        .as_str()
+        .expect("device_id")
+        .to_owned()
+}
+
+/// Where to look when an `e2e_*` assertion fails.
+fn log_hint(mxpay: &support::MxpayProcess) -> String {
+    format!("mxpay log: {}", mxpay.log_path().display())
 }
 
 #[tokio::test]
 async fn e2e_help_in_encrypted_room_gets_encrypted_answer() {
-    let lease = support::synapse().lease(SlotKind::Normal, "e2e_help").await;
+    let lease = slot(SlotKind::Normal, "e2e_help").await;
     let mxpay = support::MxpayProcess::start(&lease).await;
     let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    let (alice, room) = alice_with_bot(&bot_id).await;
 
-    alice
-        .room(&room_id)
-        .await
-        .send(RoomMessageEventContent::text_plain("!help"))
-        .await
-        .expect("alice sends !help");
-    let answer = alice
-        .wait_for_message(&room_id, &bot_id, |body| body.contains("!help"))
-        .await;
-    assert!(
-        answer.encryption.is_some(),
-        "the answer was encrypted: {:?}; mxpay log: {}",
-        answer.json,
-        mxpay.log_path().display()
-    );
+    let answer = encrypted_help_answer(
+        &alice,
+        &room,
+        &bot_id,
+        is_mxpay_help_answer,
+        &log_hint(&mxpay),
+    )
+    .await;
     assert_eq!(answer.msgtype(), Some("m.notice"));
 }
 
@@ -684,33 +713,28 @@ fn strip_ansi(line: &str) -> String {
 /// Waits until mxpay logged `event_id` and returns the logged fields.
 async fn wait_logged(
     mxpay: &support::MxpayProcess,
-    event_id: &str,
+    event_id: &EventId,
 ) -> std::collections::BTreeMap<String, String> {
     let what = format!(
         "mxpay to log event {event_id} ({})",
         mxpay.log_path().display()
     );
-    support::eventually(&what, || async { logged_event(&mxpay.log(), event_id) }).await
+    support::eventually(&what, || async {
+        logged_event(&mxpay.log(), event_id.as_str())
+    })
+    .await
 }
 
 #[tokio::test]
 async fn e2e_custom_event_decrypted_with_sender_device_and_trust() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "e2e_trust")
-        .await;
+    let lease = slot(SlotKind::Normal, "e2e_trust").await;
     let mxpay = support::MxpayProcess::start(&lease).await;
     let bot_id = lease.spec.bot_user_id();
 
     // Without cross-signing: the device is not signed by its owner.
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
-    let sent = alice
-        .room(&room_id)
-        .await
-        .send_raw("org.mxpay.test", json!({"n": 1}))
-        .await
-        .expect("alice sends");
-    let logged = wait_logged(&mxpay, sent.response.event_id.as_str()).await;
+    let (alice, room) = alice_with_bot(&bot_id).await;
+    let sent = send_test_event(&room, 1).await;
+    let logged = wait_logged(&mxpay, &sent).await;
     assert_eq!(logged["event_type"], "org.mxpay.test");
     assert_eq!(logged["was_encrypted"], "true");
     assert_eq!(logged["sender"], alice.user.user_id.as_str());
@@ -718,73 +742,45 @@ async fn e2e_custom_event_decrypted_with_sender_device_and_trust() {
     assert_eq!(logged["verification_state"], "unsigned_device");
 
     // With cross-signing: signed by an identity the bot has not verified.
-    let bob = support::client(&support::user("bob").await).await;
+    let bob = new_client("bob").await;
     bob.bootstrap_cross_signing().await;
     let room_id = encrypted_room_with_bot(&bob, &bot_id).await;
-    let sent = bob
-        .room(&room_id)
-        .await
-        .send_raw("org.mxpay.test", json!({"n": 2}))
-        .await
-        .expect("bob sends");
-    let logged = wait_logged(&mxpay, sent.response.event_id.as_str()).await;
+    let sent = send_test_event(&bob.room(&room_id).await, 2).await;
+    let logged = wait_logged(&mxpay, &sent).await;
     assert_eq!(logged["sender_device"], bob.device_id().unwrap().as_str());
     assert_eq!(logged["verification_state"], "unverified_identity");
 }
 
 #[tokio::test]
 async fn e2e_restart_keeps_device_and_both_sides_keep_decrypting() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "e2e_restart")
-        .await;
+    let lease = slot(SlotKind::Normal, "e2e_restart").await;
     let mut mxpay = support::MxpayProcess::start(&lease).await;
     let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
-    let room = alice.room(&room_id).await;
+    let (alice, room) = alice_with_bot(&bot_id).await;
     let device_before = recorded_device_id(&lease);
 
-    let before = room
-        .send_raw("org.mxpay.test", json!({"n": "before"}))
-        .await
-        .expect("send");
-    assert_eq!(
-        wait_logged(&mxpay, before.response.event_id.as_str()).await["was_encrypted"],
-        "true"
-    );
+    let before = send_test_event(&room, "before").await;
+    assert_eq!(wait_logged(&mxpay, &before).await["was_encrypted"], "true");
 
     mxpay.kill().await;
-    let while_down = room
-        .send_raw("org.mxpay.test", json!({"n": "down"}))
-        .await
-        .expect("send");
+    let while_down = send_test_event(&room, "down").await;
     mxpay.start_again().await;
     assert_eq!(
         recorded_device_id(&lease),
         device_before,
         "the bot kept its device"
     );
-    let logged = wait_logged(&mxpay, while_down.response.event_id.as_str()).await;
+    let logged = wait_logged(&mxpay, &while_down).await;
     assert_eq!(logged["was_encrypted"], "true");
 
-    let after = room
-        .send_raw("org.mxpay.test", json!({"n": "after"}))
-        .await
-        .expect("send");
-    assert_eq!(
-        wait_logged(&mxpay, after.response.event_id.as_str()).await["was_encrypted"],
-        "true"
-    );
+    let after = send_test_event(&room, "after").await;
+    assert_eq!(wait_logged(&mxpay, &after).await["was_encrypted"], "true");
 
-    let help = room
-        .send(RoomMessageEventContent::text_plain("!help"))
-        .await
-        .expect("send !help");
+    let help = send_text(&room, "!help").await;
     let answer = alice
         .wait_for_event("the bot's answer after the restart", |e| {
             e.sender() == bot_id
-                && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"]
-                    == help.response.event_id.as_str()
+                && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == help.as_str()
         })
         .await;
     assert!(
@@ -801,31 +797,17 @@ async fn e2e_restart_keeps_device_and_both_sides_keep_decrypting() {
 
 #[tokio::test]
 async fn e2e_plaintext_room_message_is_reported_not_encrypted() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "e2e_plain")
-        .await;
+    let lease = slot(SlotKind::Normal, "e2e_plain").await;
     let mxpay = support::MxpayProcess::start(&lease).await;
     let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room = alice
-        .create_room(RoomOptions {
-            encrypted: false,
-            invite: vec![bot_id.as_str().try_into().unwrap()],
-            ..Default::default()
-        })
-        .await;
-    alice
-        .wait_for_membership(room.room_id(), &bot_id, "join")
-        .await;
-    let sent = room
-        .send(RoomMessageEventContent::text_plain("!help"))
-        .await
-        .expect("send");
-    let logged = wait_logged(&mxpay, sent.response.event_id.as_str()).await;
+    let alice = new_client("alice").await;
+    let room = room_with_bot(&alice, &bot_id, false).await;
+    let sent = send_text(&room, "!help").await;
+    let logged = wait_logged(&mxpay, &sent).await;
     assert_eq!(logged["was_encrypted"], "false");
     assert_eq!(logged["verification_state"], "not_encrypted");
     let answer = alice
-        .wait_for_message(room.room_id(), &bot_id, |body| body.contains("!help"))
+        .wait_for_message(room.room_id(), &bot_id, is_mxpay_help_answer)
         .await;
     assert!(
         answer.encryption.is_none(),
@@ -840,24 +822,16 @@ async fn e2e_plaintext_room_message_is_reported_not_encrypted() {
 #[ignore = "measurement, prints figures"]
 async fn e2e_latency_send_to_plaintext() {
     const MESSAGES: usize = 40;
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "e2e_latency")
-        .await;
+    let lease = slot(SlotKind::Normal, "e2e_latency").await;
     let mxpay = support::MxpayProcess::start(&lease).await;
-    let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
-    let room = alice.room(&room_id).await;
+    let (_alice, room) = alice_with_bot(&lease.spec.bot_user_id()).await;
     // The first message also sets up the Olm session; measured separately.
     let mut first_ms = None;
     let mut latencies_ms = Vec::with_capacity(MESSAGES);
     for n in 0..=MESSAGES {
         let started = std::time::SystemTime::now();
-        let sent = room
-            .send_raw("org.mxpay.test", json!({"n": n}))
-            .await
-            .expect("send");
-        let logged = wait_logged(&mxpay, sent.response.event_id.as_str()).await;
+        let sent = send_test_event(&room, n).await;
+        let logged = wait_logged(&mxpay, &sent).await;
         let at = chrono_like_parse_ms(&logged["logged_at"]).expect("timestamp");
         let start_ms = started
             .duration_since(std::time::UNIX_EPOCH)
@@ -919,20 +893,12 @@ fn log_line_parsing() {
 /// upload new keys for a device id clients already know with other keys.
 #[tokio::test]
 async fn core_lost_store_is_refused_loudly() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "core_lost_store")
-        .await;
+    let lease = slot(SlotKind::Normal, "core_lost_store").await;
     let bot = InProcessBot::start(&lease).await;
     bot.stop().await;
     std::fs::remove_dir_all(lease.config.data_dir.join("crypto")).expect("remove the store");
 
-    let settings = CryptoSettings::new(
-        lease.synapse().url.clone(),
-        lease.spec.as_token.clone(),
-        lease.spec.bot_user_id().try_into().unwrap(),
-        lease.config.data_dir.clone(),
-    );
-    let error = BotCrypto::start(settings, Arc::new(SystemClock))
+    let error = BotCrypto::start(crypto_settings(&lease), Arc::new(SystemClock))
         .await
         .expect_err("a new store for an old device is refused");
     let message = error.to_string();
@@ -946,75 +912,61 @@ async fn core_lost_store_is_refused_loudly() {
 /// out a short check window: they assert an absence, so a slow machine cannot make them fail.
 #[tokio::test]
 async fn core_delivery_self_check_names_what_is_missing() {
-    let lease = support::synapse()
-        .lease(SlotKind::Normal, "core_delivery")
-        .await;
-    let bot = InProcessBot::start(&lease).await;
+    let lease = slot(SlotKind::Normal, "core_delivery").await;
+    // The complete case waits as long as it must; the absences wait out a short window.
     let generous_ms = support::timeout().as_millis() as u64;
-    assert_eq!(
-        bot.crypto.check_homeserver_delivery(generous_ms).await,
-        DeliveryReport::Complete
-    );
-    bot.stop().await;
-
-    let bot = InProcessBot::start_with(
-        &lease,
-        Arc::new(SystemClock),
-        BotOptions {
-            strip_key_counts: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(
-        bot.crypto.check_homeserver_delivery(3_000).await,
-        DeliveryReport::MissingKeyCounts
-    );
-    bot.stop().await;
-
-    let bot = InProcessBot::start_with(
-        &lease,
-        Arc::new(SystemClock),
-        BotOptions {
-            hold_to_device: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(
-        bot.crypto.check_homeserver_delivery(3_000).await,
-        DeliveryReport::MissingToDevice
-    );
+    let cases = [
+        (
+            "complete",
+            BotOptions::default(),
+            generous_ms,
+            DeliveryReport::Complete,
+        ),
+        (
+            "no key counts",
+            BotOptions {
+                strip_key_counts: true,
+                ..Default::default()
+            },
+            3_000,
+            DeliveryReport::MissingKeyCounts,
+        ),
+        (
+            "no to-device events",
+            BotOptions {
+                hold_to_device: true,
+                ..Default::default()
+            },
+            3_000,
+            DeliveryReport::MissingToDevice,
+        ),
+    ];
+    for (case, options, check_window_ms, expected) in cases {
+        let bot = InProcessBot::start_with(&lease, options).await;
+        assert_eq!(
+            bot.crypto.check_homeserver_delivery(check_window_ms).await,
+            expected,
+            "{case}"
+        );
+        bot.stop().await;
+    }
 }
 
 /// With `io.element.msc4190: true` in the registration Synapse refuses appservice login: the
 /// device is created with MSC4190 and the bot still reads and answers encrypted messages.
 #[tokio::test]
 async fn e2e_msc4190_registration_encrypted_help() {
-    let lease = support::synapse()
-        .lease(SlotKind::Msc4190, "e2e_msc4190")
-        .await;
-    let _mxpay = support::MxpayProcess::start(&lease).await;
+    let lease = slot(SlotKind::Msc4190, "e2e_msc4190").await;
+    let mxpay = support::MxpayProcess::start(&lease).await;
     let bot_id = lease.spec.bot_user_id();
-    let alice = support::client(&support::user("alice").await).await;
-    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
-    alice
-        .room(&room_id)
-        .await
-        .send(RoomMessageEventContent::text_plain("!help"))
-        .await
-        .expect("alice sends !help");
-    let answer = alice
-        .wait_for_message(&room_id, &bot_id, |body| body.contains("!help"))
-        .await;
-    assert!(
-        answer.encryption.is_some(),
-        "encrypted answer: {:?}",
-        answer.json
-    );
-    let record: Value = serde_json::from_str(
-        &std::fs::read_to_string(lease.config.data_dir.join("device.json")).unwrap(),
+    let (alice, room) = alice_with_bot(&bot_id).await;
+    encrypted_help_answer(
+        &alice,
+        &room,
+        &bot_id,
+        is_mxpay_help_answer,
+        &log_hint(&mxpay),
     )
-    .unwrap();
-    assert_eq!(record["mode"], "msc4190");
+    .await;
+    assert_eq!(device_record(&lease)["mode"], "msc4190");
 }
