@@ -12,6 +12,7 @@ pub mod clock;
 pub mod command;
 pub mod config;
 pub mod events;
+pub mod crypto;
 pub mod handler;
 pub mod homeserver;
 pub mod http;
