@@ -16,9 +16,10 @@
 #       For tests: like start, but Synapse is our child; prints `ready <url>` once it answers,
 #       and stops it when our standard input closes (so a test process that dies, however it
 #       dies, never leaves Synapse behind). Exits when Synapse exits.
-#   scripts/synapse.sh guard CMD [ARG]...
-#       For tests: runs CMD and SIGKILLs it when our standard input closes; exits with CMD's
-#       status. The test harness runs mxpay under it for the same reason as `run`.
+#   scripts/synapse.sh guard [--signal SIG] CMD [ARG]...
+#       For tests: runs CMD and sends it SIGKILL (or SIG) when our standard input closes;
+#       exits with CMD's status. The test harness runs mxpay under it for the same reason
+#       as `run`.
 #
 # Environment: MXPAY_VENV (default: <repo>/.venv), MXPAY_SYNAPSE_SPEC (pip requirement,
 # default below), MXPAY_SYNAPSE_START_TIMEOUT_S (default 60).
@@ -208,15 +209,25 @@ cmd_run() {
 }
 
 cmd_guard() {
+    local signal=KILL
+    if [[ "${1:-}" == --signal ]]; then
+        [[ $# -ge 2 ]] || usage
+        signal="$2"
+        shift 2
+    fi
     [[ $# -ge 1 ]] || usage
     "$@" </dev/null &
     local child=$!
     (
         cat >/dev/null
-        kill -KILL "$child" 2>/dev/null || true
+        if kill -0 "$child" 2>/dev/null; then
+            echo "synapse.sh guard: standard input closed; sending SIG$signal to $1" >&2
+            kill -"$signal" "$child" 2>/dev/null || true
+        fi
     ) <&0 &
     local status=0
-    wait "$child" || status=$?
+    # (bash's own "Killed" job notice would only repeat the line above)
+    wait "$child" 2>/dev/null || status=$?
     exit "$status"
 }
 

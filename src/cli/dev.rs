@@ -69,6 +69,14 @@ pub struct DevArgs {
     /// Delete the setup first (homeserver database, users, mxpay data) and start over.
     #[arg(long)]
     pub reset: bool,
+    /// Homeserver port for a new setup (default: 8008 if free, else any free port).
+    /// An existing setup keeps its port.
+    #[arg(long)]
+    pub homeserver_port: Option<u16>,
+    /// Appservice port for a new setup (default: 29330 if free, else any free port).
+    /// An existing setup keeps its port.
+    #[arg(long)]
+    pub appservice_port: Option<u16>,
 }
 
 /// What a setup keeps between runs (`.dev/dev.json`). Demo passwords only: this file is a
@@ -84,7 +92,7 @@ struct DevState {
 const DEMO_USERS: [&str; 2] = ["alice", "bob"];
 const BOT_LOCALPART: &str = "_mxpay";
 const SERVER_NAME: &str = "localhost";
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const SERVE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
@@ -125,7 +133,7 @@ pub fn run(args: DevArgs) -> Result<(), DevError> {
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let state = load_or_create_state(&dir)?;
+    let state = load_or_create_state(&dir, args.homeserver_port, args.appservice_port)?;
 
     let mxpay_dir = dir.join("mxpay");
     let config_path = mxpay_dir.join("config.yaml");
@@ -144,7 +152,9 @@ pub fn run(args: DevArgs) -> Result<(), DevError> {
                 .arg("-c")
                 .arg(&config_path)
                 .arg("-o")
-                .arg(&registration_path),
+                .arg(&registration_path)
+                // Its advice (add the file to the homeserver) is what we do next.
+                .stdout(Stdio::null()),
         )?;
     }
 
@@ -192,7 +202,7 @@ fn serve_until_interrupted(
         .spawn()
         .map_err(io_err(mxpay))?;
     let result = runtime.block_on(async {
-        wait_healthy(&mut serve, state.appservice_port).await?;
+        wait_ready(&mut serve, state.appservice_port).await?;
         let shared_secret = read_shared_secret(&dir.join("synapse/homeserver.yaml"))?;
         for (localpart, password) in &state.users {
             register_user(homeserver_url, &shared_secret, localpart, password).await?;
@@ -204,7 +214,11 @@ fn serve_until_interrupted(
     result
 }
 
-fn load_or_create_state(dir: &Path) -> Result<DevState, DevError> {
+fn load_or_create_state(
+    dir: &Path,
+    homeserver_port: Option<u16>,
+    appservice_port: Option<u16>,
+) -> Result<DevState, DevError> {
     let path = dir.join("dev.json");
     if path.exists() {
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
@@ -214,8 +228,8 @@ fn load_or_create_state(dir: &Path) -> Result<DevState, DevError> {
         });
     }
     let state = DevState {
-        homeserver_port: port_or_free(8008),
-        appservice_port: port_or_free(29330),
+        homeserver_port: homeserver_port.unwrap_or_else(|| port_or_free(8008)),
+        appservice_port: appservice_port.unwrap_or_else(|| port_or_free(29330)),
         users: DEMO_USERS
             .iter()
             .map(|name| ((*name).to_owned(), random_password()))
@@ -271,10 +285,11 @@ fn run_checked(command: &mut Command) -> Result<(), DevError> {
     }
 }
 
-async fn wait_healthy(serve: &mut Child, port: u16) -> Result<(), DevError> {
+async fn wait_ready(serve: &mut Child, port: u16) -> Result<(), DevError> {
     let http = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/health");
-    let deadline = tokio::time::Instant::now() + HEALTH_TIMEOUT;
+    // `/ready`: listening, start-up checks and the homeserver ping passed.
+    let url = format!("http://127.0.0.1:{port}/ready");
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = serve.try_wait() {
             return Err(DevError::Serve(format!("exited ({status})")));
@@ -285,7 +300,7 @@ async fn wait_healthy(serve: &mut Child, port: u16) -> Result<(), DevError> {
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(DevError::Serve(format!(
-                "did not answer {url} within {HEALTH_TIMEOUT:?}"
+                "did not answer {url} within {READY_TIMEOUT:?}"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -419,4 +434,28 @@ fn stop_child(child: &mut Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The config `mxpay dev` writes is one `mxpay serve` accepts, with the ports it chose.
+    #[test]
+    fn dev_config_is_a_valid_config() {
+        let text = dev_config("http://127.0.0.1:8448", 29999);
+        let config = crate::config::Config::from_yaml(&text).expect("dev config parses");
+        assert_eq!(config.homeserver.url, "http://127.0.0.1:8448");
+        assert_eq!(config.homeserver.server_name, SERVER_NAME);
+        assert_eq!(config.appservice.bot_localpart, BOT_LOCALPART);
+        assert_eq!(config.appservice.listen.port(), 29999);
+        assert_eq!(config.appservice.url, "http://127.0.0.1:29999");
+    }
+
+    #[test]
+    fn passwords_differ_per_setup() {
+        let (a, b) = (random_password(), random_password());
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
+    }
 }

@@ -2,6 +2,7 @@
 #![recursion_limit = "256"]
 
 mod crypto;
+mod dev;
 mod spine;
 mod support;
 

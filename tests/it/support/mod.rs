@@ -19,6 +19,7 @@
 
 mod client;
 mod mxpay;
+mod proxy;
 mod synapse;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use client::{client, user, RoomOptions, SeenEvent, TestClient, TestUser};
 pub use mxpay::{metric_value, MxpayOptions, MxpayProcess};
+pub use proxy::CuttableProxy;
 pub use synapse::{synapse, SlotConfig, SlotKind, SlotLease, SlotSpec, Synapse};
 
 /// How long a test waits for something that should happen (an event, a process to answer)

@@ -30,8 +30,9 @@ pub struct MxpayProcess {
 }
 
 impl MxpayProcess {
-    /// Starts mxpay on `slot` and waits until `/health` answers 200; panics (with the log's
-    /// tail) if it exits first or does not answer within `timeout()`.
+    /// Starts mxpay on `slot` and waits until it is ready (`/ready` answers 200: it listens,
+    /// its start-up checks and ping passed and its worker runs); panics (with the log's tail)
+    /// if it exits first or is not ready within `timeout()`.
     pub async fn start(slot: &SlotLease) -> Self {
         Self::start_with(slot, MxpayOptions::default()).await
     }
@@ -39,7 +40,7 @@ impl MxpayProcess {
     /// [`MxpayProcess::start`] with options.
     pub async fn start_with(slot: &SlotLease, options: MxpayOptions) -> Self {
         let mut process = Self::spawn_with(slot, options);
-        process.wait_healthy().await;
+        process.wait_ready().await;
         process
     }
 
@@ -77,7 +78,9 @@ impl MxpayProcess {
             .arg(&self.config_path)
             .stdin(Stdio::piped())
             .stdout(log)
-            .stderr(log_err);
+            .stderr(log_err)
+            // Plain text in mxpay.log: readable, and what tests search for.
+            .env("NO_COLOR", "1");
         for (key, value) in &self.options.env {
             command.env(key, value);
         }
@@ -86,20 +89,21 @@ impl MxpayProcess {
         self.child = Some((child, stdin));
     }
 
-    /// Polls `/health` until it answers 200.
-    pub async fn wait_healthy(&mut self) {
+    /// Polls `/ready` until it answers 200. (`/health` answers as soon as mxpay listens,
+    /// before its start-up checks: too early for a test.)
+    pub async fn wait_ready(&mut self) {
         let http = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + timeout();
         loop {
             if let Some(status) = self.try_exit_status() {
                 panic!(
-                    "mxpay exited ({status}) before /health answered; {}:\n{}",
+                    "mxpay exited ({status}) before it was ready; {}:\n{}",
                     self.log_path.display(),
                     log_tail(&self.log_path, 40)
                 );
             }
             let health = http
-                .get(format!("{}/health", self.url))
+                .get(format!("{}/ready", self.url))
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await;
@@ -108,7 +112,7 @@ impl MxpayProcess {
             }
             if tokio::time::Instant::now() >= deadline {
                 panic!(
-                    "mxpay did not answer /health within {:?}; {}:\n{}",
+                    "mxpay was not ready within {:?}; {}:\n{}",
                     timeout(),
                     self.log_path.display(),
                     log_tail(&self.log_path, 40)
@@ -161,14 +165,14 @@ impl MxpayProcess {
     pub async fn restart(&mut self) {
         self.kill().await;
         self.spawn();
-        self.wait_healthy().await;
+        self.wait_ready().await;
     }
 
     /// Starts mxpay again after [`MxpayProcess::kill`] or an exit.
     pub async fn start_again(&mut self) {
         let _ = self.try_exit_status();
         self.spawn();
-        self.wait_healthy().await;
+        self.wait_ready().await;
     }
 
     /// Everything mxpay wrote so far (all starts).
