@@ -197,6 +197,22 @@ async fn homeserver_ping_reaches_mxpay() {
     assert!(body["duration_ms"].is_u64(), "{body}");
 }
 
+/// On a registration with `io.element.msc4190: true` (Synapse then refuses appservice login)
+/// mxpay still starts, and the bot still joins and answers.
+#[tokio::test]
+async fn bot_works_with_an_msc4190_registration() {
+    let lease = support::synapse().lease(SlotKind::Msc4190, "msc4190").await;
+    let registration = std::fs::read_to_string(&lease.spec.registration).expect("registration");
+    assert!(
+        registration.contains("io.element.msc4190: true"),
+        "{registration}"
+    );
+    let _mxpay = MxpayProcess::start(&lease).await;
+    let (alice, room_id) = room_with_bot(&lease).await;
+    say(&alice, &room_id, "!help").await;
+    wait_for_bot_notice(&alice, &room_id, &lease).await;
+}
+
 /// A transaction id seen before is answered 200 but not handled again, also after a restart
 /// (the inbox is durable).
 #[tokio::test]

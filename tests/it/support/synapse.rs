@@ -14,6 +14,13 @@ use super::{free_port, log_tail, repo_dir, run_dir};
 /// the machine has cores, so eight is plenty; a test that finds none free waits for one.
 const NORMAL_SLOTS: usize = 8;
 
+/// The pool, in index order: a slot's index is part of its id, bot and directory names.
+const POOL: [(SlotKind, usize); 3] = [
+    (SlotKind::Normal, NORMAL_SLOTS),
+    (SlotKind::UnreachableUrl, 1),
+    (SlotKind::Msc4190, 2),
+];
+
 /// How long Synapse may take to install (cold: about 30 s) and start (about 3 s).
 const SYNAPSE_READY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -31,6 +38,9 @@ pub enum SlotKind {
     /// The registration Synapse loaded sends transactions to a port where nothing listens,
     /// while mxpay listens elsewhere: mxpay's URL is unreachable from the homeserver.
     UnreachableUrl,
+    /// Like `Normal`, with `appservice.msc4190: true` (registration `io.element.msc4190`):
+    /// Synapse refuses appservice login, the bot's device is made with `PUT /devices/{id}`.
+    Msc4190,
 }
 
 /// One appservice slot, fixed for the whole run (its registration is loaded by Synapse).
@@ -124,13 +134,10 @@ fn start_synapse() -> Result<Synapse, String> {
     let homeserver_url = format!("http://127.0.0.1:{port}");
 
     let mut slots = Vec::new();
-    for index in 0..=NORMAL_SLOTS {
-        let kind = if index < NORMAL_SLOTS {
-            SlotKind::Normal
-        } else {
-            SlotKind::UnreachableUrl
-        };
-        slots.push(provision_slot(index, kind, &homeserver_url)?);
+    for (kind, count) in POOL {
+        for _ in 0..count {
+            slots.push(provision_slot(slots.len(), kind, &homeserver_url)?);
+        }
     }
 
     let script = repo_dir().join("scripts/synapse.sh");
@@ -204,7 +211,7 @@ fn provision_slot(index: usize, kind: SlotKind, homeserver_url: &str) -> Result<
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let listen_port = free_port();
     let url = match kind {
-        SlotKind::Normal => format!("http://127.0.0.1:{listen_port}"),
+        SlotKind::Normal | SlotKind::Msc4190 => format!("http://127.0.0.1:{listen_port}"),
         // A port that was free a moment ago and that nothing of ours will listen on.
         SlotKind::UnreachableUrl => format!("http://127.0.0.1:{}", free_port()),
     };
@@ -217,6 +224,7 @@ fn provision_slot(index: usize, kind: SlotKind, homeserver_url: &str) -> Result<
         listen: format!("127.0.0.1:{listen_port}"),
         url: url.clone(),
         data_dir: dir.join("unused-data"),
+        msc4190: kind == SlotKind::Msc4190,
         log_level: "info".to_owned(),
         extra_yaml: String::new(),
     };
@@ -303,6 +311,7 @@ impl Synapse {
                 listen: format!("127.0.0.1:{}", spec.listen_port),
                 url: spec.url.clone(),
                 data_dir: dir.join("data"),
+                msc4190: spec.kind == SlotKind::Msc4190,
                 log_level: "info,mxpay=debug".to_owned(),
                 extra_yaml: String::new(),
             },
@@ -400,6 +409,8 @@ pub struct SlotConfig {
     pub url: String,
     /// `data_dir`
     pub data_dir: PathBuf,
+    /// `appservice.msc4190`
+    pub msc4190: bool,
     /// `logging.level`
     pub log_level: String,
     /// Further top-level YAML appended verbatim (e.g. a `ledger:` section).
@@ -420,6 +431,7 @@ impl SlotConfig {
                 "bot_localpart": self.bot_localpart,
                 "listen": self.listen,
                 "url": self.url,
+                "msc4190": self.msc4190,
             },
             "data_dir": self.data_dir,
             "logging": { "level": self.log_level, "format": "pretty" },
