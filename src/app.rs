@@ -513,7 +513,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         return Err(error);
     }
     // The bot's device and crypto store come up before transactions are handled.
-    let handler = match crate::crypto::handler::start(&app, shutdown_rx.clone()).await {
+    let handler = match crate::payments::start(&app, shutdown_rx.clone()).await {
         Ok(handler) => handler,
         Err(error) => {
             let _ = shutdown_tx.send(true);
