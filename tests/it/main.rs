@@ -8,6 +8,7 @@ mod support;
 
 mod homeserver_retry;
 mod ledger;
+mod payments;
 
 mod smoke {
     #[test]
