@@ -54,8 +54,9 @@ impl CryptoHandler {
         }
     }
 
-    /// Replaces the commands `!help` lists (the payment layer adds its own).
+    /// Replaces the commands `!help` lists (later layers append theirs).
     pub fn with_commands(mut self, commands: Vec<CommandHelp>) -> Self {
+        self.basic = self.basic.with_commands(commands.clone());
         self.commands = commands;
         self
     }

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
 use matrix_sdk::ruma::{OwnedRoomId, RoomId};
 use mxpay::clock::{ManualClock, SharedClock, SystemClock};
-use mxpay::crypto::{BotCrypto, CryptoSettings, DecryptedEvent, TrustState};
+use mxpay::crypto::{BotCrypto, CryptoSettings, DecryptedEvent, DeliveryReport, TrustState};
 use serde_json::{json, Value};
 
 use crate::support::{self, RoomOptions, SlotKind, SlotLease};
@@ -29,7 +29,9 @@ struct InProcessBot {
 }
 
 struct BotState {
-    crypto: BotCrypto,
+    /// Set once the crypto started; transactions wait for it (the listener is up first, as in
+    /// `mxpay serve`, so the homeserver never finds the appservice down meanwhile).
+    crypto: tokio::sync::watch::Receiver<Option<BotCrypto>>,
     hs_token: String,
     as_token: String,
     homeserver_url: String,
@@ -39,6 +41,16 @@ struct BotState {
     /// "arrives late" when the test releases them.
     hold_to_device: AtomicBool,
     held: Mutex<Vec<Value>>,
+    /// Plays a homeserver without MSC3202 key counts.
+    strip_key_counts: bool,
+}
+
+/// How a test wants its in-process bot.
+#[derive(Default)]
+struct BotOptions {
+    msc4190: bool,
+    hold_to_device: bool,
+    strip_key_counts: bool,
 }
 
 impl Drop for InProcessBot {
@@ -55,10 +67,10 @@ impl InProcessBot {
     }
 
     async fn start_with_clock(lease: &SlotLease, clock: SharedClock) -> Self {
-        Self::start_with(lease, clock, false).await
+        Self::start_with(lease, clock, BotOptions::default()).await
     }
 
-    async fn start_with(lease: &SlotLease, clock: SharedClock, msc4190: bool) -> Self {
+    async fn start_with(lease: &SlotLease, clock: SharedClock, options: BotOptions) -> Self {
         let synapse = lease.synapse();
         let mut settings = CryptoSettings::new(
             synapse.url.clone(),
@@ -66,19 +78,18 @@ impl InProcessBot {
             lease.spec.bot_user_id().try_into().expect("bot user id"),
             lease.config.data_dir.clone(),
         );
-        settings.msc4190 = msc4190;
-        let crypto = BotCrypto::start(settings, clock)
-            .await
-            .expect("bot crypto starts");
+        settings.msc4190 = options.msc4190;
+        let (crypto_tx, crypto_rx) = tokio::sync::watch::channel(None);
         let (changed, _) = tokio::sync::watch::channel(0);
         let state = Arc::new(BotState {
-            crypto: crypto.clone(),
+            crypto: crypto_rx,
             hs_token: lease.spec.hs_token.clone(),
             as_token: lease.spec.as_token.clone(),
             homeserver_url: synapse.url.clone(),
             seen: Mutex::new(Vec::new()),
             changed,
-            hold_to_device: AtomicBool::new(false),
+            hold_to_device: AtomicBool::new(options.hold_to_device),
+            strip_key_counts: options.strip_key_counts,
             held: Mutex::new(Vec::new()),
         });
         let app = Router::new()
@@ -99,6 +110,10 @@ impl InProcessBot {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
+        let crypto = BotCrypto::start(settings, clock)
+            .await
+            .expect("bot crypto starts");
+        crypto_tx.send_replace(Some(crypto.clone()));
         // Makes Synapse deliver what it queued while no bot listened, now instead of after
         // its back-off.
         let ping = reqwest::Client::new()
@@ -186,6 +201,11 @@ async fn transaction(
         );
     }
     let mut body = body;
+    if state.strip_key_counts {
+        if let Some(b) = body.as_object_mut() {
+            b.retain(|k, _| !k.contains("one_time_key"));
+        }
+    }
     if state.hold_to_device.load(Ordering::SeqCst) {
         if let Some(Value::Array(events)) = body
             .as_object_mut()
@@ -199,14 +219,15 @@ async fn transaction(
 
 /// Feeds a transaction body to the bot and acts on what came out.
 async fn record(state: &BotState, body: &Value) -> (StatusCode, Json<Value>) {
-    let ingested = match state.crypto.ingest(body).await {
+    let crypto = state.crypto().await;
+    let ingested = match crypto.ingest(body).await {
         Ok(i) => i,
         Err(e) => {
             eprintln!("ingest failed: {e}");
             return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({})));
         }
     };
-    let bot = state.crypto.user_id().to_string();
+    let bot = crypto.user_id().to_string();
     for event in &ingested.events {
         if event.event_type == "m.room.member"
             && event.state_key.as_deref() == Some(bot.as_str())
@@ -215,8 +236,7 @@ async fn record(state: &BotState, body: &Value) -> (StatusCode, Json<Value>) {
             join(state, &event.room_id).await;
         }
         if event.event_type == "m.room.message" && event.content["body"] == "!help" {
-            state
-                .crypto
+            crypto
                 .send_notice(
                     &event.room_id,
                     "mxpay help: !pay, !balance",
@@ -233,6 +253,18 @@ async fn record(state: &BotState, body: &Value) -> (StatusCode, Json<Value>) {
         state.changed.send_replace(seen.len());
     }
     (StatusCode::OK, Json(json!({})))
+}
+
+impl BotState {
+    /// The bot's crypto, once started (bounded wait).
+    async fn crypto(&self) -> BotCrypto {
+        let mut crypto = self.crypto.clone();
+        let ready = tokio::time::timeout(support::timeout(), crypto.wait_for(Option::is_some))
+            .await
+            .expect("the bot's crypto started in time")
+            .expect("crypto sender alive");
+        ready.clone().expect("checked above")
+    }
 }
 
 impl InProcessBot {
@@ -263,7 +295,7 @@ async fn join(state: &BotState, room_id: &OwnedRoomId) {
         "{}/_matrix/client/v3/join/{}?user_id={}",
         state.homeserver_url,
         urlencode(room_id.as_str()),
-        urlencode(state.crypto.user_id().as_str())
+        urlencode(state.crypto().await.user_id().as_str())
     );
     let response = reqwest::Client::new()
         .post(url)
@@ -330,6 +362,19 @@ async fn core_help_in_encrypted_room_gets_encrypted_answer() {
         "the bot's answer was encrypted: {:?}",
         answer.json
     );
+
+    // Alice sees the bot's device as signed by its owner (the bot cross-signed it).
+    let bot_user: matrix_sdk::ruma::OwnedUserId = bot_id.as_str().try_into().unwrap();
+    let device = alice
+        .encryption()
+        .get_device(&bot_user, bot.crypto.device_id())
+        .await
+        .expect("alice's store")
+        .expect("alice knows the bot's device");
+    assert!(
+        device.is_cross_signed_by_owner(),
+        "the bot signed its device"
+    );
 }
 
 /// MSC4190: the device is created with `PUT /devices/{id}` and every device request carries
@@ -341,7 +386,15 @@ async fn core_msc4190_device_decrypts_and_answers() {
     let lease = support::synapse()
         .lease(SlotKind::Normal, "core_msc4190")
         .await;
-    let bot = InProcessBot::start_with(&lease, Arc::new(SystemClock), true).await;
+    let bot = InProcessBot::start_with(
+        &lease,
+        Arc::new(SystemClock),
+        BotOptions {
+            msc4190: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let bot_id = lease.spec.bot_user_id();
     let record: Value = serde_json::from_str(
         &std::fs::read_to_string(lease.config.data_dir.join("device.json")).unwrap(),
@@ -887,4 +940,81 @@ async fn core_lost_store_is_refused_loudly() {
         message.contains("other keys") && message.contains("device.json"),
         "{message}"
     );
+}
+
+/// The start-up self-check names what the homeserver does not deliver. The negative cases wait
+/// out a short check window: they assert an absence, so a slow machine cannot make them fail.
+#[tokio::test]
+async fn core_delivery_self_check_names_what_is_missing() {
+    let lease = support::synapse()
+        .lease(SlotKind::Normal, "core_delivery")
+        .await;
+    let bot = InProcessBot::start(&lease).await;
+    let generous_ms = support::timeout().as_millis() as u64;
+    assert_eq!(
+        bot.crypto.check_homeserver_delivery(generous_ms).await,
+        DeliveryReport::Complete
+    );
+    bot.stop().await;
+
+    let bot = InProcessBot::start_with(
+        &lease,
+        Arc::new(SystemClock),
+        BotOptions {
+            strip_key_counts: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        bot.crypto.check_homeserver_delivery(3_000).await,
+        DeliveryReport::MissingKeyCounts
+    );
+    bot.stop().await;
+
+    let bot = InProcessBot::start_with(
+        &lease,
+        Arc::new(SystemClock),
+        BotOptions {
+            hold_to_device: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        bot.crypto.check_homeserver_delivery(3_000).await,
+        DeliveryReport::MissingToDevice
+    );
+}
+
+/// With `io.element.msc4190: true` in the registration Synapse refuses appservice login: the
+/// device is created with MSC4190 and the bot still reads and answers encrypted messages.
+#[tokio::test]
+async fn e2e_msc4190_registration_encrypted_help() {
+    let lease = support::synapse()
+        .lease(SlotKind::Msc4190, "e2e_msc4190")
+        .await;
+    let _mxpay = support::MxpayProcess::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let alice = support::client(&support::user("alice").await).await;
+    let room_id = encrypted_room_with_bot(&alice, &bot_id).await;
+    alice
+        .room(&room_id)
+        .await
+        .send(RoomMessageEventContent::text_plain("!help"))
+        .await
+        .expect("alice sends !help");
+    let answer = alice
+        .wait_for_message(&room_id, &bot_id, |body| body.contains("!help"))
+        .await;
+    assert!(
+        answer.encryption.is_some(),
+        "encrypted answer: {:?}",
+        answer.json
+    );
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(lease.config.data_dir.join("device.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["mode"], "msc4190");
 }
