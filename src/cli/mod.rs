@@ -7,6 +7,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod ledger;
+
 /// mxpay: chat payments for end-to-end-encrypted Matrix rooms.
 #[derive(Debug, Parser)]
 #[command(name = "mxpay", version, about)]
@@ -30,6 +33,12 @@ pub enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// Benchmarks (not tests): measure on a release build.
+    Bench {
+        /// What to measure.
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
 }
 
 /// `mxpay ledger ...`
@@ -48,11 +57,9 @@ pub fn run(cli: Cli) -> anyhow_like::Result {
         Command::Serve(args) => serve::run(args),
         Command::GenerateRegistration(args) => registration::run(args),
         Command::Ledger { command } => match command {
-            LedgerCommand::Verify { data_dir } => {
-                let _ = data_dir;
-                Err("ledger verify is not built yet".into())
-            }
+            LedgerCommand::Verify { data_dir } => ledger::verify(&data_dir),
         },
+        Command::Bench { command } => bench::run(command),
     }
 }
 

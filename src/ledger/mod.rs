@@ -1,8 +1,637 @@
-//! The wallet ledger: double-entry, two-phase transfers over an embedded store.
+//! The wallet ledger: double-entry, two-phase transfers over an embedded store, modelled on
+//! TigerBeetle's transfer model.
 //!
-//! This module knows nothing of Matrix: it speaks accounts, currencies, transfers and
-//! integer minor units.
+//! This module knows nothing of Matrix: it speaks accounts (an opaque owner string or a system
+//! account, per currency), transfers and integer minor units.
+//!
+//! Shape: a pure state machine ([`state`]) decides requests into journal events; a single
+//! writer thread ([`writer`]) batches concurrent requests, decides them against the state in
+//! memory, appends ONE journal record per batch with ONE flush, then answers (group commit).
+//! The journal is the only stored truth; balances and indexes are rebuilt from it on open.
+//! See `docs/ledger.md`.
 
+pub mod amount;
+mod codec;
+pub mod journal;
+pub mod model;
 pub mod settings;
+mod state;
+pub mod storage;
+mod writer;
 
+use std::future::Future;
+use std::path::Path;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rust_decimal::Decimal;
+use tokio::sync::{mpsc, oneshot};
+
+pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
+pub use journal::{ExportedEntry, JournalEntry, JournalExport};
+pub use model::{
+    AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
+    TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
+    PENDING_TIMEOUT_MS_MAX,
+};
 pub use settings::{CurrencySpec, LedgerSettings};
+pub use storage::{SledStorage, Storage, StorageError};
+
+use crate::clock::SharedClock;
+use codec::Head;
+use state::{Op, OpResult, State};
+use writer::{Command, Writer};
+
+/// Errors of the ledger. A refused transfer is [`LedgerError::Rejected`] with its stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The transfer (or post, void, refund, freeze) was refused; an operating error.
+    #[error("{0}")]
+    Rejected(#[from] TransferError),
+    /// The amount or currency was refused.
+    #[error(transparent)]
+    Amount(#[from] AmountError),
+    /// The settings are unusable (or contradict the journal).
+    #[error("ledger settings: {0}")]
+    Settings(String),
+    /// The store failed; the ledger stops and must be reopened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The journal failed verification; `record` is the batch record where it breaks.
+    #[error("ledger journal is corrupt at record {record}: {reason}")]
+    Corrupt {
+        /// Seq of the first bad record.
+        record: u64,
+        /// What is wrong there.
+        reason: String,
+    },
+    /// An invariant does not hold (found by `verify`).
+    #[error("ledger invariant broken: {0}")]
+    Invariant(String),
+    /// The ledger's writer has stopped (after a storage failure) or the ledger was closed.
+    #[error("the ledger is closed")]
+    Closed,
+}
+
+impl LedgerError {
+    /// The transfer error code, if this is a rejection.
+    pub fn rejection(&self) -> Option<TransferError> {
+        match self {
+            Self::Rejected(e) => Some(*e),
+            _ => None,
+        }
+    }
+}
+
+/// Tuning of the writer; the defaults suit production.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Most requests decided into one journal record (one flush).
+    pub batch_commands_max: usize,
+    /// Most requests waiting for the writer; callers wait beyond it (backpressure).
+    pub queue_commands_max: usize,
+    /// How often an idle writer checks the clock for expired pending transfers.
+    pub expiry_tick_ms: u64,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            batch_commands_max: 8_190,
+            queue_commands_max: 65_536,
+            expiry_tick_ms: 100,
+        }
+    }
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Journal records (committed batches).
+    pub records: u64,
+    /// Journal entries.
+    pub entries: u64,
+    /// Accounts.
+    pub accounts: usize,
+    /// Transfers created.
+    pub transfers: usize,
+    /// Transfers still pending.
+    pub pending: usize,
+}
+
+/// One page of history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// Transfers, newest first.
+    pub transfers: Vec<Transfer>,
+    /// Pass to the next call for older transfers; `None` at the end.
+    pub next: Option<HistoryCursor>,
+}
+
+/// Where a history page ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryCursor(u64);
+
+/// Most transfers one history page returns.
+pub const HISTORY_PAGE_MAX: usize = 1_000;
+
+struct Inner {
+    tx: Option<mpsc::Sender<Command>>,
+    storage: Arc<dyn Storage>,
+    currencies: Currencies,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and stop; joining it means
+        // the database is released when the last handle is gone (a reopen then works).
+        self.tx.take();
+        if let Some(handle) = self.writer.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A handle on the ledger; cheap to clone, shared by all tasks. Every state-changing call
+/// returns only once its effect is durable.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger at `<data_dir>/ledger`, replays and checks its journal,
+    /// and starts the writer.
+    pub fn open(
+        data_dir: &Path,
+        settings: &LedgerSettings,
+        clock: SharedClock,
+    ) -> Result<Ledger, LedgerError> {
+        Self::open_with_options(data_dir, settings, clock, LedgerOptions::default())
+    }
+
+    /// [`Ledger::open`] with writer tuning.
+    pub fn open_with_options(
+        data_dir: &Path,
+        settings: &LedgerSettings,
+        clock: SharedClock,
+        options: LedgerOptions,
+    ) -> Result<Ledger, LedgerError> {
+        let currencies = Currencies::from_settings(settings).map_err(LedgerError::Settings)?;
+        let path = data_dir.join("ledger");
+        std::fs::create_dir_all(&path)
+            .map_err(|e| StorageError::Backend(format!("cannot create {}: {e}", path.display())))?;
+        let storage: Arc<dyn Storage> = Arc::new(SledStorage::open(&path)?);
+        Self::open_storage(storage, currencies, clock, options)
+    }
+
+    /// Opens a ledger over any [`Storage`].
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        currencies: Currencies,
+        clock: SharedClock,
+        options: LedgerOptions,
+    ) -> Result<Ledger, LedgerError> {
+        let replayed = journal::replay(storage.as_ref(), None, true)?;
+        let mut state = replayed.state;
+        // Exponents are data (they give minor units their meaning) and come from the journal;
+        // a config currency the journal lacks is defined now, durably.
+        for c in currencies.iter() {
+            if let Some(known) = state.currencies().get(c.code) {
+                if known.exponent != c.exponent {
+                    return Err(LedgerError::Settings(format!(
+                        "currency {} has {} decimal places in the journal but {} in the config; \
+                         the exponent of a currency in use cannot change",
+                        c.code, known.exponent, c.exponent
+                    )));
+                }
+            }
+        }
+        let mut writer = Writer {
+            state: State::new(Currencies::default()),
+            storage: storage.clone(),
+            clock,
+            head: replayed.head,
+            last_time_ms: replayed.last_time_ms,
+            batch_commands_max: options.batch_commands_max.max(1),
+            expiry_tick: Duration::from_millis(options.expiry_tick_ms.max(1)),
+        };
+        let now_ms = writer.clock.now_ms().max(writer.last_time_ms);
+        let mut events = Vec::new();
+        for c in currencies.iter() {
+            if state.currencies().get(c.code).is_none() {
+                state.define_currency(c.code, c.exponent, now_ms, &mut events);
+            }
+        }
+        state.set_limits(&currencies);
+        writer.state = state;
+        if !events.is_empty() {
+            writer.append_now(&events, now_ms)?;
+        }
+        let (tx, rx) = mpsc::channel(options.queue_commands_max.max(1));
+        let handle = std::thread::Builder::new()
+            .name("mxpay-ledger-writer".to_owned())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StorageError::Backend(format!("cannot start the ledger writer: {e}")))?;
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                tx: Some(tx),
+                storage,
+                currencies,
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// The configured currencies.
+    pub fn currencies(&self) -> &Currencies {
+        &self.inner.currencies
+    }
+
+    /// Checks and converts an amount (`12.50`, `"EUR"`); never rounds.
+    pub fn parse_amount(&self, value: Decimal, currency: &str) -> Result<Amount, AmountError> {
+        self.inner.currencies.parse(value, currency)
+    }
+
+    /// Checks an amount given in minor units.
+    pub fn amount_from_minor(&self, minor: u128, currency: &str) -> Result<Amount, AmountError> {
+        self.inner.currencies.from_minor(minor, currency)
+    }
+
+    /// Minor units back to a decimal with the currency's decimal places (`1250` -> `12.50`).
+    pub fn to_decimal(&self, currency: CurrencyCode, minor: u128) -> Option<Decimal> {
+        self.inner.currencies.to_decimal(currency, minor)
+    }
+
+    async fn send(&self, command: Command) -> Result<(), LedgerError> {
+        let tx = self.inner.tx.as_ref().ok_or(LedgerError::Closed)?;
+        tx.send(command).await.map_err(|_| LedgerError::Closed)
+    }
+
+    async fn op(&self, op: Op) -> Result<Option<Transfer>, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Op { op, reply }).await?;
+        let result: OpResult = rx.await.map_err(|_| LedgerError::Closed)??;
+        Ok(result?)
+    }
+
+    async fn transfer_op(&self, op: Op) -> Result<Transfer, LedgerError> {
+        Ok(self
+            .op(op)
+            .await?
+            .expect("transfer operations answer with the transfer"))
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&State, Head) -> T + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        let read = Box::new(move |state: &State, head: Head| {
+            let _ = reply.send(f(state, head));
+        });
+        self.send(Command::Read(read)).await?;
+        rx.await.map_err(|_| LedgerError::Closed)
+    }
+
+    /// Moves money at once. Retrying the same request returns the same result.
+    pub async fn create_transfer(&self, request: TransferRequest) -> Result<Transfer, LedgerError> {
+        self.transfer_op(Op::Create {
+            request,
+            timeout_ms: None,
+        })
+        .await
+    }
+
+    /// Reserves money until [`Ledger::post`], [`Ledger::void`], or `timeout_ms` passes.
+    pub async fn create_pending(
+        &self,
+        request: TransferRequest,
+        timeout_ms: u64,
+    ) -> Result<Transfer, LedgerError> {
+        self.transfer_op(Op::Create {
+            request,
+            timeout_ms: Some(timeout_ms),
+        })
+        .await
+    }
+
+    /// Posts a pending transfer, in full (`None`) or in part (the rest is released).
+    /// Posting again with the same amount returns the same result.
+    pub async fn post(
+        &self,
+        pending: TransferId,
+        amount: Option<Amount>,
+    ) -> Result<Transfer, LedgerError> {
+        self.transfer_op(Op::Post { pending, amount }).await
+    }
+
+    /// Releases a pending transfer. Voiding again returns the same result.
+    pub async fn void(&self, pending: TransferId) -> Result<Transfer, LedgerError> {
+        self.transfer_op(Op::Void { pending }).await
+    }
+
+    /// Refunds (part of) a posted transfer as a new transfer `id` in the opposite direction;
+    /// refunds never exceed what remains unrefunded.
+    pub async fn refund(
+        &self,
+        id: TransferId,
+        original: TransferId,
+        amount: Amount,
+        memo: Vec<u8>,
+    ) -> Result<Transfer, LedgerError> {
+        self.transfer_op(Op::Refund {
+            id,
+            original,
+            amount,
+            memo,
+        })
+        .await
+    }
+
+    /// Expires pending transfers whose deadline passed; returns those this call expired (the
+    /// writer also expires them by itself when idle).
+    pub async fn expire_due(&self) -> Result<Vec<TransferId>, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ExpireDue { reply }).await?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Freezes an account: no debits, or no movement at all. Pending transfers from it can
+    /// still be voided or expire, not posted.
+    pub async fn freeze(&self, account: AccountId, mode: FreezeMode) -> Result<(), LedgerError> {
+        self.op(Op::Freeze {
+            account,
+            mode: Some(mode),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Lifts a freeze.
+    pub async fn unfreeze(&self, account: AccountId) -> Result<(), LedgerError> {
+        self.op(Op::Freeze {
+            account,
+            mode: None,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The accounts of `owner`, one per currency it ever used.
+    pub async fn balances(&self, owner: &Owner) -> Result<Vec<AccountView>, LedgerError> {
+        let owner = owner.clone();
+        self.read(move |state, _| state.balances(&owner)).await
+    }
+
+    /// One account; `None` if never used.
+    pub async fn account(&self, account: &AccountId) -> Result<Option<AccountView>, LedgerError> {
+        let account = account.clone();
+        self.read(move |state, _| state.account(&account)).await
+    }
+
+    /// A transfer by id.
+    pub async fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
+        self.read(move |state, _| state.transfer(id)).await
+    }
+
+    /// Transfers touching `owner`, newest first, `limit` (at most [`HISTORY_PAGE_MAX`]) per
+    /// page; pass the returned cursor for the next page.
+    pub async fn history(
+        &self,
+        owner: &Owner,
+        cursor: Option<HistoryCursor>,
+        limit: usize,
+    ) -> Result<HistoryPage, LedgerError> {
+        let owner = owner.clone();
+        let limit = limit.min(HISTORY_PAGE_MAX);
+        self.read(move |state, _| {
+            let (transfers, next) = state.history(&owner, cursor.map(|c| c.0), limit);
+            HistoryPage {
+                transfers,
+                next: next.map(HistoryCursor),
+            }
+        })
+        .await
+    }
+
+    /// Every transfer still pending, oldest deadline first.
+    pub async fn pending_transfers(&self) -> Result<Vec<Transfer>, LedgerError> {
+        self.read(|state, _| state.pending_transfers()).await
+    }
+
+    /// Checks every invariant on the state in memory, replays the durable journal (checking
+    /// its hash chain) and compares the two. Heavy: for admin use.
+    pub async fn verify(&self) -> Result<VerifyReport, LedgerError> {
+        let (state, head) = self.read(|state, head| (state.clone(), head)).await?;
+        state.check_invariants().map_err(LedgerError::Invariant)?;
+        let replayed = journal::replay(self.inner.storage.as_ref(), Some(head.seq), false)?;
+        if replayed.head != head {
+            return Err(LedgerError::Corrupt {
+                record: head.seq,
+                reason: "the journal's last record differs from the one the ledger wrote".into(),
+            });
+        }
+        if let Some(diff) = state.diff(&replayed.state) {
+            return Err(LedgerError::Invariant(format!(
+                "memory differs from the journal: {diff}"
+            )));
+        }
+        Ok(report(&state, head.seq, replayed.events))
+    }
+
+    /// Streams the durable journal, entry by entry, checking the hash chain as it goes.
+    pub fn export(&self) -> JournalExport {
+        JournalExport::new(self.inner.storage.as_ref(), None)
+    }
+
+    /// A synchronous face of this ledger for the CLI, the bench and tests.
+    pub fn blocking(&self) -> BlockingLedger {
+        BlockingLedger(self.clone())
+    }
+
+    /// Stops the writer after what is queued and waits for it, if this is the last handle.
+    pub async fn close(self) {
+        drop(self);
+    }
+}
+
+fn report(state: &State, records: u64, entries: u64) -> VerifyReport {
+    VerifyReport {
+        records,
+        entries,
+        accounts: state.accounts().len(),
+        transfers: state.transfer_count(),
+        pending: state.pending_transfers().len(),
+    }
+}
+
+/// Verifies the ledger at `<data_dir>/ledger` without a config and without writing: replays
+/// the journal, checking the hash chain, the head and every invariant. The ledger must not be
+/// open elsewhere (sled locks the directory).
+pub fn verify_dir(data_dir: &Path) -> Result<VerifyReport, LedgerError> {
+    let path = data_dir.join("ledger");
+    if !path.join("conf").exists() {
+        return Err(
+            StorageError::Backend(format!("no ledger database at {}", path.display())).into(),
+        );
+    }
+    let storage = SledStorage::open(&path)?;
+    let replayed = journal::replay(&storage, None, true)?;
+    replayed
+        .state
+        .check_invariants()
+        .map_err(LedgerError::Invariant)?;
+    Ok(report(&replayed.state, replayed.head.seq, replayed.events))
+}
+
+impl Writer {
+    /// Appends events decided outside a batch (currency definitions at open).
+    fn append_now(&mut self, events: &[state::Event], now_ms: u64) -> Result<(), LedgerError> {
+        let seq = self.head.seq + 1;
+        let (record, hash) = codec::encode_record(seq, &self.head.hash, now_ms, events);
+        let head = Head { seq, hash };
+        self.storage.append(seq, &record, &head.encode())?;
+        self.head = head;
+        self.last_time_ms = now_ms;
+        Ok(())
+    }
+}
+
+/// The same operations as [`Ledger`], blocking the calling thread. Do not use it on an async
+/// runtime's worker thread.
+#[derive(Clone, Debug)]
+pub struct BlockingLedger(Ledger);
+
+impl BlockingLedger {
+    /// The async handle.
+    pub fn ledger(&self) -> &Ledger {
+        &self.0
+    }
+
+    /// See [`Ledger::create_transfer`].
+    pub fn create_transfer(&self, request: TransferRequest) -> Result<Transfer, LedgerError> {
+        block_on(self.0.create_transfer(request))
+    }
+
+    /// See [`Ledger::create_pending`].
+    pub fn create_pending(
+        &self,
+        request: TransferRequest,
+        timeout_ms: u64,
+    ) -> Result<Transfer, LedgerError> {
+        block_on(self.0.create_pending(request, timeout_ms))
+    }
+
+    /// See [`Ledger::post`].
+    pub fn post(
+        &self,
+        pending: TransferId,
+        amount: Option<Amount>,
+    ) -> Result<Transfer, LedgerError> {
+        block_on(self.0.post(pending, amount))
+    }
+
+    /// See [`Ledger::void`].
+    pub fn void(&self, pending: TransferId) -> Result<Transfer, LedgerError> {
+        block_on(self.0.void(pending))
+    }
+
+    /// See [`Ledger::refund`].
+    pub fn refund(
+        &self,
+        id: TransferId,
+        original: TransferId,
+        amount: Amount,
+        memo: Vec<u8>,
+    ) -> Result<Transfer, LedgerError> {
+        block_on(self.0.refund(id, original, amount, memo))
+    }
+
+    /// See [`Ledger::expire_due`].
+    pub fn expire_due(&self) -> Result<Vec<TransferId>, LedgerError> {
+        block_on(self.0.expire_due())
+    }
+
+    /// See [`Ledger::freeze`].
+    pub fn freeze(&self, account: AccountId, mode: FreezeMode) -> Result<(), LedgerError> {
+        block_on(self.0.freeze(account, mode))
+    }
+
+    /// See [`Ledger::unfreeze`].
+    pub fn unfreeze(&self, account: AccountId) -> Result<(), LedgerError> {
+        block_on(self.0.unfreeze(account))
+    }
+
+    /// See [`Ledger::balances`].
+    pub fn balances(&self, owner: &Owner) -> Result<Vec<AccountView>, LedgerError> {
+        block_on(self.0.balances(owner))
+    }
+
+    /// See [`Ledger::account`].
+    pub fn account(&self, account: &AccountId) -> Result<Option<AccountView>, LedgerError> {
+        block_on(self.0.account(account))
+    }
+
+    /// See [`Ledger::transfer`].
+    pub fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
+        block_on(self.0.transfer(id))
+    }
+
+    /// See [`Ledger::history`].
+    pub fn history(
+        &self,
+        owner: &Owner,
+        cursor: Option<HistoryCursor>,
+        limit: usize,
+    ) -> Result<HistoryPage, LedgerError> {
+        block_on(self.0.history(owner, cursor, limit))
+    }
+
+    /// See [`Ledger::pending_transfers`].
+    pub fn pending_transfers(&self) -> Result<Vec<Transfer>, LedgerError> {
+        block_on(self.0.pending_transfers())
+    }
+
+    /// See [`Ledger::verify`].
+    pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
+        block_on(self.0.verify())
+    }
+}
+
+/// Runs a future to completion on this thread. The ledger's futures only wait on tokio
+/// channels, which need no runtime, so a parking waker is enough.
+fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = pin!(future);
+    loop {
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(output) => return output,
+            Poll::Pending => std::thread::park(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

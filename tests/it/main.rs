@@ -1,6 +1,7 @@
 //! The one integration test binary: each extra binary re-links matrix-sdk, which is slow.
 
 mod homeserver_retry;
+mod ledger;
 
 mod smoke {
     #[test]

@@ -1,0 +1,373 @@
+//! Reading the journal back: replay into a [`State`] (on open and in `verify`), checking the
+//! hash chain as it goes, and the streamed export.
+
+use super::amount::{Currencies, CurrencyCode};
+use super::codec::{decode_record, Head, Record, HASH_LEN};
+use super::model::{AccountId, FreezeMode, TransferError, TransferId, TransferKind};
+use super::state::{Event, State};
+use super::storage::{Storage, StoredRecord};
+use super::LedgerError;
+
+/// The result of a replay: the state and where the journal ends.
+pub(crate) struct Replayed {
+    pub state: State,
+    pub head: Head,
+    pub last_time_ms: u64,
+    pub events: u64,
+}
+
+/// Walks stored records in order and checks the chain: consecutive seqs from 1, each record's
+/// own hash, each record's `prev_hash`. Errors name the record.
+pub(crate) struct ChainReader {
+    records: Box<dyn Iterator<Item = StoredRecord> + Send>,
+    expected_seq: u64,
+    prev_hash: [u8; HASH_LEN],
+    prev_time_ms: u64,
+    /// Stop after this seq (a live ledger's durable head when the read started).
+    until_seq: Option<u64>,
+}
+
+impl ChainReader {
+    pub fn new(storage: &dyn Storage, until_seq: Option<u64>) -> Self {
+        Self {
+            records: storage.records(1),
+            expected_seq: 1,
+            prev_hash: [0u8; HASH_LEN],
+            prev_time_ms: 0,
+            until_seq,
+        }
+    }
+
+    /// The head of what was read so far.
+    pub fn head(&self) -> Head {
+        Head {
+            seq: self.expected_seq - 1,
+            hash: self.prev_hash,
+        }
+    }
+
+    fn corrupt(record: u64, reason: impl Into<String>) -> LedgerError {
+        LedgerError::Corrupt {
+            record,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Iterator for ChainReader {
+    type Item = Result<Record, LedgerError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.until_seq.is_some_and(|u| self.expected_seq > u) {
+            return None;
+        }
+        let (key_seq, bytes) = match self.records.next()? {
+            Ok(item) => item,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let expected = self.expected_seq;
+        let result = (|| {
+            if key_seq != expected {
+                return Err(Self::corrupt(
+                    expected,
+                    format!(
+                        "record {expected} is missing: the journal jumps from record {} to {key_seq} \
+                         (dropped or reordered records)",
+                        expected - 1
+                    ),
+                ));
+            }
+            let record = decode_record(&bytes).map_err(|e| Self::corrupt(expected, e))?;
+            if record.seq != expected {
+                return Err(Self::corrupt(
+                    expected,
+                    format!(
+                        "the record stored as {expected} is record {} (records moved or reordered)",
+                        record.seq
+                    ),
+                ));
+            }
+            if record.prev_hash != self.prev_hash {
+                return Err(Self::corrupt(
+                    expected,
+                    format!(
+                        "the chain is broken: record {expected} does not follow record {} \
+                         (a record before it was replaced or removed)",
+                        expected - 1
+                    ),
+                ));
+            }
+            if record.time_ms < self.prev_time_ms {
+                return Err(Self::corrupt(expected, "time goes backwards"));
+            }
+            Ok(record)
+        })();
+        if let Ok(record) = &result {
+            self.expected_seq += 1;
+            self.prev_hash = record.hash;
+            self.prev_time_ms = record.time_ms;
+        } else {
+            // One error ends the walk: nothing after a break in the chain can be trusted.
+            self.until_seq = Some(0);
+        }
+        Some(result)
+    }
+}
+
+/// Replays the whole journal (or up to `until_seq`) into a fresh state, checks the head, and
+/// returns the state. `check_head` is false when reading up to a live ledger's head.
+pub(crate) fn replay(
+    storage: &dyn Storage,
+    until_seq: Option<u64>,
+    check_head: bool,
+) -> Result<Replayed, LedgerError> {
+    let mut state = State::new(Currencies::default());
+    let mut reader = ChainReader::new(storage, until_seq);
+    let mut events = 0u64;
+    let mut last_time_ms = 0;
+    for record in reader.by_ref() {
+        let record = record?;
+        for (i, event) in record.events.iter().enumerate() {
+            state
+                .apply(event, record.time_ms)
+                .map_err(|reason| LedgerError::Corrupt {
+                    record: record.seq,
+                    reason: format!("entry {i}: {reason}"),
+                })?;
+        }
+        events += record.events.len() as u64;
+        last_time_ms = record.time_ms;
+    }
+    let head = reader.head();
+    if check_head {
+        check_stored_head(storage, head)?;
+    }
+    if let Some(until) = until_seq {
+        if head.seq != until {
+            return Err(LedgerError::Corrupt {
+                record: head.seq + 1,
+                reason: format!(
+                    "the journal ends at record {} before record {until}",
+                    head.seq
+                ),
+            });
+        }
+    }
+    Ok(Replayed {
+        state,
+        head,
+        last_time_ms,
+        events,
+    })
+}
+
+/// The stored head must name the last record: otherwise records were cut off the end.
+fn check_stored_head(storage: &dyn Storage, head: Head) -> Result<(), LedgerError> {
+    let stored = storage.head()?;
+    match stored {
+        None if head.seq == 0 => Ok(()),
+        None => Err(LedgerError::Corrupt {
+            record: head.seq,
+            reason: "the journal has records but no head".to_owned(),
+        }),
+        Some(bytes) => {
+            let stored = Head::decode(&bytes).map_err(|reason| LedgerError::Corrupt {
+                record: head.seq,
+                reason: format!("head: {reason}"),
+            })?;
+            if stored.seq != head.seq {
+                return Err(LedgerError::Corrupt {
+                    record: head.seq + 1,
+                    reason: format!(
+                        "the journal ends at record {} but its head says {} \
+                         (records cut off the end)",
+                        head.seq, stored.seq
+                    ),
+                });
+            }
+            if stored.hash != head.hash {
+                return Err(LedgerError::Corrupt {
+                    record: head.seq,
+                    reason: "the last record is not the one the head names (replaced)".to_owned(),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One journal entry as exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedEntry {
+    /// The record (committed batch) it belongs to.
+    pub record_seq: u64,
+    /// Ledger time of that batch.
+    pub time_ms: u64,
+    /// What happened.
+    pub entry: JournalEntry,
+}
+
+/// A state change, with accounts named rather than indexed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalEntry {
+    /// A currency was defined with its decimal places.
+    CurrencyDefined {
+        /// Code.
+        code: CurrencyCode,
+        /// Decimal places.
+        exponent: u32,
+    },
+    /// An account was used for the first time.
+    AccountOpened {
+        /// The account.
+        account: AccountId,
+    },
+    /// A transfer was created.
+    TransferCreated {
+        /// Id.
+        id: TransferId,
+        /// Kind.
+        kind: TransferKind,
+        /// Debit account.
+        debit: AccountId,
+        /// Credit account.
+        credit: AccountId,
+        /// Amount (reserved, if pending), minor units.
+        amount_minor: u128,
+        /// Caller's memo.
+        memo: Vec<u8>,
+    },
+    /// A pending transfer was posted.
+    PendingPosted {
+        /// The pending transfer.
+        id: TransferId,
+        /// Amount posted, minor units.
+        amount_minor: u128,
+    },
+    /// A pending transfer was voided.
+    PendingVoided {
+        /// The pending transfer.
+        id: TransferId,
+    },
+    /// A pending transfer expired.
+    PendingExpired {
+        /// The pending transfer.
+        id: TransferId,
+    },
+    /// A create or refund failed transiently; its id is spent.
+    TransferFailed {
+        /// Id.
+        id: TransferId,
+        /// Why.
+        error: TransferError,
+    },
+    /// An account was frozen or unfrozen (`None`).
+    AccountFrozen {
+        /// The account.
+        account: AccountId,
+        /// New mode.
+        mode: Option<FreezeMode>,
+    },
+}
+
+/// A streamed, chain-checked walk over the journal; see [`super::Ledger::export`].
+pub struct JournalExport {
+    reader: ChainReader,
+    accounts: Vec<AccountId>,
+    current: std::vec::IntoIter<Event>,
+    current_seq: u64,
+    current_time_ms: u64,
+    failed: bool,
+}
+
+impl JournalExport {
+    pub(crate) fn new(storage: &dyn Storage, until_seq: Option<u64>) -> Self {
+        Self {
+            reader: ChainReader::new(storage, until_seq),
+            accounts: Vec::new(),
+            current: Vec::new().into_iter(),
+            current_seq: 0,
+            current_time_ms: 0,
+            failed: false,
+        }
+    }
+
+    fn account(&self, idx: u32) -> Result<AccountId, LedgerError> {
+        self.accounts
+            .get(idx as usize)
+            .cloned()
+            .ok_or_else(|| LedgerError::Corrupt {
+                record: self.current_seq,
+                reason: format!("entry names unknown account {idx}"),
+            })
+    }
+
+    fn convert(&mut self, event: Event) -> Result<JournalEntry, LedgerError> {
+        Ok(match event {
+            Event::CurrencyDefined { code, exponent } => {
+                JournalEntry::CurrencyDefined { code, exponent }
+            }
+            Event::AccountOpened { account } => {
+                self.accounts.push(account.clone());
+                JournalEntry::AccountOpened { account }
+            }
+            Event::TransferCreated {
+                id,
+                kind,
+                debit,
+                credit,
+                amount_minor,
+                memo,
+            } => JournalEntry::TransferCreated {
+                id,
+                kind,
+                debit: self.account(debit)?,
+                credit: self.account(credit)?,
+                amount_minor,
+                memo,
+            },
+            Event::PendingPosted { id, amount_minor } => {
+                JournalEntry::PendingPosted { id, amount_minor }
+            }
+            Event::PendingVoided { id } => JournalEntry::PendingVoided { id },
+            Event::PendingExpired { id } => JournalEntry::PendingExpired { id },
+            Event::TransferFailed { id, error, .. } => JournalEntry::TransferFailed { id, error },
+            Event::AccountFrozen { account, mode } => JournalEntry::AccountFrozen {
+                account: self.account(account)?,
+                mode,
+            },
+        })
+    }
+}
+
+impl Iterator for JournalExport {
+    type Item = Result<ExportedEntry, LedgerError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if let Some(event) = self.current.next() {
+                let result = self.convert(event).map(|entry| ExportedEntry {
+                    record_seq: self.current_seq,
+                    time_ms: self.current_time_ms,
+                    entry,
+                });
+                self.failed = result.is_err();
+                return Some(result);
+            }
+            match self.reader.next()? {
+                Ok(record) => {
+                    self.current_seq = record.seq;
+                    self.current_time_ms = record.time_ms;
+                    self.current = record.events.into_iter();
+                }
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}

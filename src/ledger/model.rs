@@ -1,0 +1,401 @@
+//! The ledger's vocabulary: accounts, transfers, and the result codes of a transfer.
+
+use std::fmt;
+
+use super::amount::{Amount, CurrencyCode};
+
+/// The largest memo a transfer may carry, in bytes.
+pub const MEMO_BYTES_MAX: usize = 1024;
+
+/// The longest a user owner string may be, in bytes.
+pub const OWNER_BYTES_MAX: usize = 512;
+
+/// The longest a pending transfer may wait for its post or void: 30 days.
+pub const PENDING_TIMEOUT_MS_MAX: u64 = 30 * 24 * 60 * 60 * 1000;
+
+/// A transfer id chosen by the caller; the same id is the same transfer (idempotency).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransferId(pub u128);
+
+impl TransferId {
+    /// A stable id derived from a string key (e.g. an event id or transaction id): the first
+    /// 16 bytes of its blake3 hash, so the same key always gives the same id.
+    pub fn from_key(key: &str) -> Self {
+        let hash = blake3::hash(key.as_bytes());
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&hash.as_bytes()[..16]);
+        // Zero is reserved as "no id"; a hash landing on it is astronomically unlikely but
+        // must still not produce an invalid id.
+        Self(u128::from_be_bytes(bytes).max(1))
+    }
+}
+
+impl fmt::Display for TransferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for TransferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TransferId({:032x})", self.0)
+    }
+}
+
+/// Who owns an account: an opaque user string, or one of the system accounts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    /// A user; the string is opaque to the ledger.
+    User(String),
+    /// Where money enters the system (deposits, minting); may go negative.
+    Issuer,
+    /// Money on its way out of or into the system (withdrawals); may go negative.
+    Settlement,
+    /// Fees collected; may go negative.
+    Fees,
+}
+
+impl Owner {
+    /// A user owner.
+    pub fn user(name: impl Into<String>) -> Self {
+        Self::User(name.into())
+    }
+
+    /// System accounts may be overdrawn (debits above credits); user accounts never.
+    pub fn is_system(&self) -> bool {
+        !matches!(self, Self::User(_))
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::User(name) => f.write_str(name),
+            Self::Issuer => f.write_str("<issuer>"),
+            Self::Settlement => f.write_str("<settlement>"),
+            Self::Fees => f.write_str("<fees>"),
+        }
+    }
+}
+
+/// An account: one owner, one currency.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AccountId {
+    /// Owner.
+    pub owner: Owner,
+    /// Currency.
+    pub currency: CurrencyCode,
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.owner, self.currency)
+    }
+}
+
+/// How far an account is frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FreezeMode {
+    /// No money may leave the account (it may still receive).
+    Debits,
+    /// No money may leave or enter the account.
+    All,
+}
+
+/// The four balances of an account, in minor units (TigerBeetle's model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Balances {
+    /// Reserved by pending transfers out of the account.
+    pub debits_pending_minor: u128,
+    /// Posted transfers out of the account.
+    pub debits_posted_minor: u128,
+    /// Reserved by pending transfers into the account.
+    pub credits_pending_minor: u128,
+    /// Posted transfers into the account.
+    pub credits_posted_minor: u128,
+}
+
+impl Balances {
+    /// What a user may still spend: posted credits minus posted and pending debits
+    /// (negative only for system accounts).
+    pub fn available_minor(&self) -> i128 {
+        self.credits_posted_minor as i128
+            - self.debits_posted_minor as i128
+            - self.debits_pending_minor as i128
+    }
+}
+
+/// An account as seen by callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountView {
+    /// Which account.
+    pub id: AccountId,
+    /// Its balances.
+    pub balances: Balances,
+    /// Whether and how it is frozen.
+    pub frozen: Option<FreezeMode>,
+}
+
+/// What kind of transfer this is; fixed at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransferKind {
+    /// Posted at once.
+    Single,
+    /// Reserves funds until posted, voided, or expired after `timeout_ms`.
+    Pending {
+        /// How long the reservation lasts.
+        timeout_ms: u64,
+    },
+    /// Gives back (part of) a posted transfer: debit and credit are the original's, swapped.
+    Refund {
+        /// The transfer refunded.
+        original: TransferId,
+    },
+}
+
+/// Where a transfer stands. Only `Pending` ever changes, exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransferState {
+    /// Funds reserved; waits for post, void or expiry.
+    Pending,
+    /// Money moved; for a posted pending, `amount_minor` may be below the reserved amount.
+    Posted {
+        /// The amount that moved.
+        amount_minor: u128,
+    },
+    /// A pending transfer released by its caller.
+    Voided,
+    /// A pending transfer released by the clock.
+    Expired,
+}
+
+/// A transfer as seen by callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// Caller-chosen id.
+    pub id: TransferId,
+    /// Kind.
+    pub kind: TransferKind,
+    /// Account money leaves.
+    pub debit: AccountId,
+    /// Account money enters.
+    pub credit: AccountId,
+    /// Amount asked for (reserved, for a pending transfer), minor units.
+    pub amount_minor: u128,
+    /// Current state.
+    pub state: TransferState,
+    /// Opaque caller data (at most [`MEMO_BYTES_MAX`] bytes).
+    pub memo: Vec<u8>,
+    /// Ledger time of creation.
+    pub created_ms: u64,
+    /// Ledger time it ended (posted/voided/expired), for pending transfers.
+    pub ended_ms: Option<u64>,
+    /// For a pending transfer: when it expires unless posted or voided.
+    pub deadline_ms: Option<u64>,
+    /// Sum of refunds made against this transfer, minor units.
+    pub refunded_minor: u128,
+}
+
+/// A request to move money; the currency comes from the amount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRequest {
+    /// Caller-chosen id (not zero); retries must reuse it.
+    pub id: TransferId,
+    /// Owner of the account money leaves.
+    pub debit: Owner,
+    /// Owner of the account money enters.
+    pub credit: Owner,
+    /// How much.
+    pub amount: Amount,
+    /// Opaque caller data, at most [`MEMO_BYTES_MAX`] bytes.
+    pub memo: Vec<u8>,
+}
+
+/// Why a transfer, post, void, refund or freeze was refused. A stable enum ordered by
+/// precedence: when several apply, the one listed first is reported. Discriminants are
+/// stored in the journal for failed transfers and never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, thiserror::Error)]
+#[repr(u16)]
+pub enum TransferError {
+    /// The id 0 is reserved.
+    #[error("the transfer id must not be zero")]
+    IdMustNotBeZero = 1,
+    /// Debit and credit are the same account.
+    #[error("debit and credit account must be different")]
+    AccountsMustBeDifferent = 2,
+    /// The memo is above [`MEMO_BYTES_MAX`].
+    #[error("the memo is longer than {MEMO_BYTES_MAX} bytes")]
+    MemoTooLong = 3,
+    /// A user owner string is empty or above [`OWNER_BYTES_MAX`].
+    #[error("an account owner must be 1 to {OWNER_BYTES_MAX} bytes long")]
+    OwnerInvalid = 4,
+    /// A pending transfer needs a timeout above zero.
+    #[error("a pending transfer needs a timeout greater than zero")]
+    TimeoutMustNotBeZero = 5,
+    /// Timeout above [`PENDING_TIMEOUT_MS_MAX`].
+    #[error("the timeout is longer than the allowed maximum")]
+    TimeoutTooLong = 6,
+    /// The currency is not configured.
+    #[error("the currency is not configured")]
+    CurrencyUnknown = 7,
+    /// Above the currency's `max_transfer`.
+    #[error("the amount is above the maximum for one transfer")]
+    ExceedsMaxTransfer = 8,
+    /// The id exists as a transfer of another kind.
+    #[error("a transfer with this id exists with a different kind")]
+    ExistsWithDifferentKind = 20,
+    /// The id exists with another debit account.
+    #[error("a transfer with this id exists with a different debit account")]
+    ExistsWithDifferentDebitAccount = 21,
+    /// The id exists with another credit account.
+    #[error("a transfer with this id exists with a different credit account")]
+    ExistsWithDifferentCreditAccount = 22,
+    /// The id exists with another amount or currency.
+    #[error("a transfer with this id exists with a different amount")]
+    ExistsWithDifferentAmount = 23,
+    /// The id exists with another timeout.
+    #[error("a transfer with this id exists with a different timeout")]
+    ExistsWithDifferentTimeout = 24,
+    /// The id exists with another memo.
+    #[error("a transfer with this id exists with a different memo")]
+    ExistsWithDifferentMemo = 25,
+    /// The id exists as a refund of another transfer.
+    #[error("a transfer with this id exists refunding a different transfer")]
+    ExistsWithDifferentOriginal = 26,
+    /// Post or void of an unknown id.
+    #[error("no pending transfer with this id")]
+    PendingTransferNotFound = 40,
+    /// Post or void of a transfer that was not created pending.
+    #[error("the transfer is not a pending transfer")]
+    PendingTransferNotPending = 41,
+    /// The pending transfer was already posted (with another amount, or it is being voided).
+    #[error("the pending transfer was already posted")]
+    PendingTransferAlreadyPosted = 42,
+    /// The pending transfer was already voided.
+    #[error("the pending transfer was already voided")]
+    PendingTransferAlreadyVoided = 43,
+    /// The pending transfer expired.
+    #[error("the pending transfer expired")]
+    PendingTransferExpired = 44,
+    /// Post amount above the reserved amount.
+    #[error("the amount to post is above the pending amount")]
+    PostAmountExceedsPending = 45,
+    /// Post amount in another currency than the pending transfer.
+    #[error("the amount is in a different currency than the transfer")]
+    CurrencyMismatch = 46,
+    /// Refund of an unknown transfer.
+    #[error("the transfer to refund does not exist")]
+    OriginalTransferNotFound = 50,
+    /// Refund of a refund, or of a pending, voided or expired transfer.
+    #[error("the transfer cannot be refunded (not posted, or itself a refund)")]
+    OriginalTransferNotRefundable = 51,
+    /// The refund is above what remains unrefunded.
+    #[error("the refund is above what remains unrefunded")]
+    RefundExceedsRemaining = 52,
+    /// The debit account is frozen.
+    #[error("the debit account is frozen")]
+    DebitAccountFrozen = 60,
+    /// The credit account is frozen for all movement.
+    #[error("the credit account is frozen")]
+    CreditAccountFrozen = 61,
+    /// The debit account would exceed its rolling 24-hour limit.
+    #[error("the debit account would exceed its 24-hour limit")]
+    ExceedsDailyLimit = 62,
+    /// The debit account cannot afford it.
+    #[error("insufficient funds")]
+    InsufficientFunds = 63,
+    /// A balance would overflow.
+    #[error("a balance would overflow")]
+    Overflow = 64,
+}
+
+impl TransferError {
+    /// Every code, in precedence order.
+    pub const ALL: [TransferError; 30] = [
+        Self::IdMustNotBeZero,
+        Self::AccountsMustBeDifferent,
+        Self::MemoTooLong,
+        Self::OwnerInvalid,
+        Self::TimeoutMustNotBeZero,
+        Self::TimeoutTooLong,
+        Self::CurrencyUnknown,
+        Self::ExceedsMaxTransfer,
+        Self::ExistsWithDifferentKind,
+        Self::ExistsWithDifferentDebitAccount,
+        Self::ExistsWithDifferentCreditAccount,
+        Self::ExistsWithDifferentAmount,
+        Self::ExistsWithDifferentTimeout,
+        Self::ExistsWithDifferentMemo,
+        Self::ExistsWithDifferentOriginal,
+        Self::PendingTransferNotFound,
+        Self::PendingTransferNotPending,
+        Self::PendingTransferAlreadyPosted,
+        Self::PendingTransferAlreadyVoided,
+        Self::PendingTransferExpired,
+        Self::PostAmountExceedsPending,
+        Self::CurrencyMismatch,
+        Self::OriginalTransferNotFound,
+        Self::OriginalTransferNotRefundable,
+        Self::RefundExceedsRemaining,
+        Self::DebitAccountFrozen,
+        Self::CreditAccountFrozen,
+        Self::ExceedsDailyLimit,
+        Self::InsufficientFunds,
+        Self::Overflow,
+    ];
+
+    /// The stable numeric code.
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// The error for a stored numeric code.
+    pub fn from_code(code: u16) -> Option<Self> {
+        Self::ALL.iter().copied().find(|e| e.code() == code)
+    }
+
+    /// Whether the outcome depended on the ledger's state at the time (funds, freezes,
+    /// limits, whether a referenced transfer existed yet): a *new* transfer may succeed later.
+    /// A transient failure of a create/refund is recorded, so retrying the *same* id returns
+    /// the same failure (the id is spent). Non-transient errors are properties of the request
+    /// itself and are not recorded.
+    pub fn transient(self) -> bool {
+        matches!(
+            self,
+            Self::OriginalTransferNotFound
+                | Self::OriginalTransferNotRefundable
+                | Self::RefundExceedsRemaining
+                | Self::DebitAccountFrozen
+                | Self::CreditAccountFrozen
+                | Self::ExceedsDailyLimit
+                | Self::InsufficientFunds
+                | Self::Overflow
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_ordered_by_precedence() {
+        let distinct = TransferError::ALL;
+        for pair in distinct.windows(2) {
+            assert!(pair[0] < pair[1], "{:?} !< {:?}", pair[0], pair[1]);
+        }
+        for e in distinct {
+            assert_eq!(TransferError::from_code(e.code()), Some(e));
+        }
+        assert_eq!(TransferError::from_code(0), None);
+        assert_eq!(TransferError::InsufficientFunds.code(), 63);
+    }
+
+    #[test]
+    fn transfer_id_from_key_is_stable() {
+        let a = TransferId::from_key("$event:example.org");
+        assert_eq!(a, TransferId::from_key("$event:example.org"));
+        assert_ne!(a, TransferId::from_key("$other:example.org"));
+        assert_ne!(a.0, 0);
+    }
+}

@@ -1,0 +1,1209 @@
+//! The ledger's state machine, free of I/O: requests are *decided* into journal events, and
+//! events are *applied* to the state. Live decisions and the replay of the journal on open go
+//! through the same [`State::apply`], so the balances in memory are by construction the replay
+//! of the journal; `verify` checks that the stored journal says so too.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use super::amount::{Amount, Currencies, CurrencyCode};
+use super::model::{
+    AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
+    TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
+    PENDING_TIMEOUT_MS_MAX,
+};
+
+/// Index of an account in [`State::accounts`], stable across replays (assigned in journal order).
+pub(crate) type AccountIdx = u32;
+/// Index of a transfer in [`State::transfers`], stable across replays.
+pub(crate) type TransferIdx = u32;
+
+/// The rolling window of the daily limit.
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Most pending transfers one batch expires (17 journal bytes each).
+pub(crate) const EXPIRIES_PER_BATCH_MAX: usize = 16_384;
+
+/// One change of state, as written to the journal. All events of a journal record share the
+/// record's timestamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A currency and its exponent, fixed for the life of the ledger: stored minor units mean
+    /// nothing without it, so the journal carries it.
+    CurrencyDefined { code: CurrencyCode, exponent: u32 },
+    /// A new account; it gets the next [`AccountIdx`].
+    AccountOpened { account: AccountId },
+    /// A transfer was created (single, pending or refund).
+    TransferCreated {
+        id: TransferId,
+        kind: TransferKind,
+        debit: AccountIdx,
+        credit: AccountIdx,
+        amount_minor: u128,
+        memo: Vec<u8>,
+    },
+    /// A pending transfer was posted, for `amount_minor` (at most the reserved amount).
+    PendingPosted { id: TransferId, amount_minor: u128 },
+    /// A pending transfer was voided by its caller.
+    PendingVoided { id: TransferId },
+    /// A pending transfer reached its deadline.
+    PendingExpired { id: TransferId },
+    /// A create or refund failed for a reason that depended on the state (transient): the id
+    /// is spent and a retry returns the same failure.
+    TransferFailed {
+        id: TransferId,
+        body: Body,
+        error: TransferError,
+    },
+    /// An account was frozen (`Some`) or unfrozen (`None`).
+    AccountFrozen {
+        account: AccountIdx,
+        mode: Option<FreezeMode>,
+    },
+}
+
+/// What a create or refund request asked for, compared field by field on a retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Body {
+    pub kind: TransferKind,
+    /// `None` for a refund (its accounts are the original's).
+    pub debit: Option<AccountId>,
+    pub credit: Option<AccountId>,
+    pub currency: CurrencyCode,
+    pub amount_minor: u128,
+    pub memo: Vec<u8>,
+}
+
+impl Body {
+    /// The first difference, in precedence order, as an `ExistsWithDifferent*` error.
+    fn compare(&self, request: &Body) -> Result<(), TransferError> {
+        use TransferError as E;
+        if std::mem::discriminant(&self.kind) != std::mem::discriminant(&request.kind) {
+            return Err(E::ExistsWithDifferentKind);
+        }
+        if self.debit != request.debit {
+            return Err(E::ExistsWithDifferentDebitAccount);
+        }
+        if self.credit != request.credit {
+            return Err(E::ExistsWithDifferentCreditAccount);
+        }
+        if self.currency != request.currency || self.amount_minor != request.amount_minor {
+            return Err(E::ExistsWithDifferentAmount);
+        }
+        match (self.kind, request.kind) {
+            (TransferKind::Pending { timeout_ms: a }, TransferKind::Pending { timeout_ms: b })
+                if a != b =>
+            {
+                return Err(E::ExistsWithDifferentTimeout)
+            }
+            _ => {}
+        }
+        if self.memo != request.memo {
+            return Err(E::ExistsWithDifferentMemo);
+        }
+        match (self.kind, request.kind) {
+            (TransferKind::Refund { original: a }, TransferKind::Refund { original: b })
+                if a != b =>
+            {
+                Err(E::ExistsWithDifferentOriginal)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A request that changes state, as the writer receives it.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    /// Single-phase (`timeout_ms: None`) or pending transfer.
+    Create {
+        request: TransferRequest,
+        timeout_ms: Option<u64>,
+    },
+    /// Refund of (part of) a posted transfer.
+    Refund {
+        id: TransferId,
+        original: TransferId,
+        amount: Amount,
+        memo: Vec<u8>,
+    },
+    /// Post a pending transfer, in full (`None`) or in part.
+    Post {
+        pending: TransferId,
+        amount: Option<Amount>,
+    },
+    /// Void a pending transfer.
+    Void { pending: TransferId },
+    /// Freeze (`Some`) or unfreeze (`None`) an account.
+    Freeze {
+        account: AccountId,
+        mode: Option<FreezeMode>,
+    },
+}
+
+/// The outcome of one [`Op`].
+pub(crate) type OpResult = Result<Option<Transfer>, TransferError>;
+
+#[derive(Debug, Clone)]
+struct Account {
+    id: AccountId,
+    balances: Balances,
+    frozen: Option<FreezeMode>,
+    /// Transfers touching this account, oldest first.
+    history: Vec<TransferIdx>,
+    /// Debits of the last 24 h, only kept when the currency has a daily limit.
+    window: Window,
+}
+
+/// Sum of a user account's debits in the rolling 24 h. Entries are counted at creation and
+/// released when a pending transfer ends below its reserved amount, so the sum does not depend
+/// on when pruning happened (replay gives the same sum as live decisions).
+#[derive(Debug, Clone, Default)]
+struct Window {
+    entries: VecDeque<(u64, TransferIdx)>,
+    sum_minor: u128,
+    /// Entries created at or before this time have left the window.
+    cutoff_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct TransferRec {
+    id: TransferId,
+    kind: TransferKind,
+    debit: AccountIdx,
+    credit: AccountIdx,
+    amount_minor: u128,
+    state: TransferState,
+    memo: Box<[u8]>,
+    created_ms: u64,
+    ended_ms: Option<u64>,
+    refunded_minor: u128,
+}
+
+impl TransferRec {
+    fn deadline_ms(&self) -> Option<u64> {
+        match self.kind {
+            TransferKind::Pending { timeout_ms } => {
+                Some(self.created_ms.saturating_add(timeout_ms))
+            }
+            _ => None,
+        }
+    }
+
+    /// What this transfer counts against the debit account's daily limit right now.
+    fn counted_minor(&self) -> u128 {
+        match self.state {
+            TransferState::Pending => self.amount_minor,
+            TransferState::Posted { amount_minor } => amount_minor,
+            TransferState::Voided | TransferState::Expired => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FailedRec {
+    body: Body,
+    error: TransferError,
+}
+
+/// Sums over all accounts of one currency; debits must equal credits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Totals {
+    debits_pending: u128,
+    debits_posted: u128,
+    credits_pending: u128,
+    credits_posted: u128,
+}
+
+/// Everything the ledger knows, rebuilt from the journal on open.
+#[derive(Debug, Clone)]
+pub(crate) struct State {
+    currencies: Currencies,
+    accounts: Vec<Account>,
+    account_index: HashMap<AccountId, AccountIdx>,
+    transfers: Vec<TransferRec>,
+    transfer_index: HashMap<TransferId, TransferIdx>,
+    failed: HashMap<TransferId, FailedRec>,
+    /// Live pending transfers by deadline.
+    deadlines: BTreeSet<(u64, TransferIdx)>,
+    totals: HashMap<CurrencyCode, Totals>,
+}
+
+impl State {
+    /// An empty ledger.
+    pub fn new(currencies: Currencies) -> Self {
+        Self {
+            currencies,
+            accounts: Vec::new(),
+            account_index: HashMap::new(),
+            transfers: Vec::new(),
+            transfer_index: HashMap::new(),
+            failed: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            totals: HashMap::new(),
+        }
+    }
+
+    /// The currencies the journal defined, with the configured limits.
+    pub fn currencies(&self) -> &Currencies {
+        &self.currencies
+    }
+
+    /// Sets the limits of the currencies (from the config); the exponents come from the
+    /// journal and must agree.
+    pub fn set_limits(&mut self, configured: &Currencies) {
+        self.currencies.set_limits(configured);
+    }
+
+    /// Defines a currency now (a config currency the journal does not have yet).
+    pub fn define_currency(
+        &mut self,
+        code: CurrencyCode,
+        exponent: u32,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) {
+        self.emit(Event::CurrencyDefined { code, exponent }, now_ms, events);
+    }
+
+    /// Number of transfers ever created (not counting failures).
+    pub fn transfer_count(&self) -> usize {
+        self.transfers.len()
+    }
+
+    // ----- decisions -----------------------------------------------------------------------
+
+    /// Expires every pending transfer whose deadline is at or before `now_ms`.
+    /// At most [`EXPIRIES_PER_BATCH_MAX`] per call, so one journal record stays small; a post
+    /// or void of a transfer past its deadline expires it first in any case.
+    pub fn expire_due(&mut self, now_ms: u64, events: &mut Vec<Event>) -> Vec<TransferId> {
+        let mut expired = Vec::new();
+        while let Some(&(deadline_ms, idx)) = self.deadlines.first() {
+            if deadline_ms > now_ms || expired.len() >= EXPIRIES_PER_BATCH_MAX {
+                break;
+            }
+            let id = self.transfers[idx as usize].id;
+            self.emit(Event::PendingExpired { id }, now_ms, events);
+            expired.push(id);
+        }
+        expired
+    }
+
+    /// Decides one request at `now_ms`, applies its events and appends them to `events`.
+    pub fn decide(&mut self, op: Op, now_ms: u64, events: &mut Vec<Event>) -> OpResult {
+        match op {
+            Op::Create {
+                request,
+                timeout_ms,
+            } => self.decide_create(request, timeout_ms, now_ms, events),
+            Op::Refund {
+                id,
+                original,
+                amount,
+                memo,
+            } => self.decide_refund(id, original, amount, memo, now_ms, events),
+            Op::Post { pending, amount } => self.decide_post(pending, amount, now_ms, events),
+            Op::Void { pending } => self.decide_void(pending, now_ms, events),
+            Op::Freeze { account, mode } => {
+                self.check_account_id(&account)?;
+                let idx = self.open_account(&account, now_ms, events);
+                if self.accounts[idx as usize].frozen != mode {
+                    self.emit(Event::AccountFrozen { account: idx, mode }, now_ms, events);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn decide_create(
+        &mut self,
+        request: TransferRequest,
+        timeout_ms: Option<u64>,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> OpResult {
+        use TransferError as E;
+        let currency = request.amount.currency();
+        let amount_minor = request.amount.minor();
+        let debit = AccountId {
+            owner: request.debit,
+            currency,
+        };
+        let credit = AccountId {
+            owner: request.credit,
+            currency,
+        };
+        // Request-only checks first: they never depend on the state, so are not recorded.
+        if request.id.0 == 0 {
+            return Err(E::IdMustNotBeZero);
+        }
+        if debit == credit {
+            return Err(E::AccountsMustBeDifferent);
+        }
+        if request.memo.len() > MEMO_BYTES_MAX {
+            return Err(E::MemoTooLong);
+        }
+        self.check_account_id(&debit)?;
+        self.check_account_id(&credit)?;
+        let kind = match timeout_ms {
+            None => TransferKind::Single,
+            Some(0) => return Err(E::TimeoutMustNotBeZero),
+            Some(t) if t > PENDING_TIMEOUT_MS_MAX => return Err(E::TimeoutTooLong),
+            Some(timeout_ms) => TransferKind::Pending { timeout_ms },
+        };
+        self.check_max_transfer(&debit, amount_minor)?;
+        let body = Body {
+            kind,
+            debit: Some(debit.clone()),
+            credit: Some(credit.clone()),
+            currency,
+            amount_minor,
+            memo: request.memo,
+        };
+        if let Some(found) = self.existing(request.id, &body) {
+            return found;
+        }
+        let debit_idx = self.open_account(&debit, now_ms, events);
+        let credit_idx = self.open_account(&credit, now_ms, events);
+        if let Err(error) = self.check_movement(debit_idx, credit_idx, amount_minor, now_ms) {
+            return self.fail(request.id, body, error, now_ms, events);
+        }
+        self.emit(
+            Event::TransferCreated {
+                id: request.id,
+                kind,
+                debit: debit_idx,
+                credit: credit_idx,
+                amount_minor,
+                memo: body.memo,
+            },
+            now_ms,
+            events,
+        );
+        Ok(Some(self.view_by_id(request.id)))
+    }
+
+    fn decide_refund(
+        &mut self,
+        id: TransferId,
+        original: TransferId,
+        amount: Amount,
+        memo: Vec<u8>,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> OpResult {
+        use TransferError as E;
+        if id.0 == 0 {
+            return Err(E::IdMustNotBeZero);
+        }
+        if memo.len() > MEMO_BYTES_MAX {
+            return Err(E::MemoTooLong);
+        }
+        if self.currencies.get(amount.currency()).is_none() {
+            return Err(E::CurrencyUnknown);
+        }
+        let body = Body {
+            kind: TransferKind::Refund { original },
+            debit: None,
+            credit: None,
+            currency: amount.currency(),
+            amount_minor: amount.minor(),
+            memo,
+        };
+        if let Some(found) = self.existing(id, &body) {
+            return found;
+        }
+        let Some(&original_idx) = self.transfer_index.get(&original) else {
+            return self.fail(id, body, E::OriginalTransferNotFound, now_ms, events);
+        };
+        let orig = &self.transfers[original_idx as usize];
+        let (debit_idx, credit_idx) = (orig.credit, orig.debit);
+        if self.accounts[orig.debit as usize].id.currency != amount.currency() {
+            return Err(E::CurrencyMismatch);
+        }
+        let posted_minor = match (orig.kind, orig.state) {
+            (TransferKind::Refund { .. }, _) => None,
+            (_, TransferState::Posted { amount_minor }) => Some(amount_minor),
+            _ => None,
+        };
+        let Some(posted_minor) = posted_minor else {
+            return self.fail(id, body, E::OriginalTransferNotRefundable, now_ms, events);
+        };
+        if amount.minor() > posted_minor - orig.refunded_minor {
+            return self.fail(id, body, E::RefundExceedsRemaining, now_ms, events);
+        }
+        if let Err(error) = self.check_movement(debit_idx, credit_idx, amount.minor(), now_ms) {
+            return self.fail(id, body, error, now_ms, events);
+        }
+        self.emit(
+            Event::TransferCreated {
+                id,
+                kind: body.kind,
+                debit: debit_idx,
+                credit: credit_idx,
+                amount_minor: amount.minor(),
+                memo: body.memo,
+            },
+            now_ms,
+            events,
+        );
+        Ok(Some(self.view_by_id(id)))
+    }
+
+    fn decide_post(
+        &mut self,
+        pending: TransferId,
+        amount: Option<Amount>,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> OpResult {
+        use TransferError as E;
+        let idx = self.pending_idx(pending)?;
+        self.expire_if_due(idx, now_ms, events);
+        let t = &self.transfers[idx as usize];
+        let currency = self.accounts[t.debit as usize].id.currency;
+        if amount.is_some_and(|a| a.currency() != currency) {
+            return Err(E::CurrencyMismatch);
+        }
+        let post_minor = amount.map_or(t.amount_minor, |a| a.minor());
+        match t.state {
+            TransferState::Posted { amount_minor } if amount_minor == post_minor => {
+                return Ok(Some(self.view(idx)))
+            }
+            TransferState::Posted { .. } => return Err(E::PendingTransferAlreadyPosted),
+            TransferState::Voided => return Err(E::PendingTransferAlreadyVoided),
+            TransferState::Expired => return Err(E::PendingTransferExpired),
+            TransferState::Pending => {}
+        }
+        if post_minor > t.amount_minor {
+            return Err(E::PostAmountExceedsPending);
+        }
+        if self.accounts[t.debit as usize].frozen.is_some() {
+            return Err(E::DebitAccountFrozen);
+        }
+        if self.accounts[t.credit as usize].frozen == Some(FreezeMode::All) {
+            return Err(E::CreditAccountFrozen);
+        }
+        let debit = &self.accounts[t.debit as usize].balances;
+        let credit = &self.accounts[t.credit as usize].balances;
+        if debit.debits_posted_minor.checked_add(post_minor).is_none()
+            || credit
+                .credits_posted_minor
+                .checked_add(post_minor)
+                .is_none()
+        {
+            return Err(E::Overflow);
+        }
+        self.emit(
+            Event::PendingPosted {
+                id: pending,
+                amount_minor: post_minor,
+            },
+            now_ms,
+            events,
+        );
+        Ok(Some(self.view(idx)))
+    }
+
+    fn decide_void(
+        &mut self,
+        pending: TransferId,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> OpResult {
+        use TransferError as E;
+        let idx = self.pending_idx(pending)?;
+        self.expire_if_due(idx, now_ms, events);
+        match self.transfers[idx as usize].state {
+            TransferState::Voided => return Ok(Some(self.view(idx))),
+            TransferState::Posted { .. } => return Err(E::PendingTransferAlreadyPosted),
+            TransferState::Expired => return Err(E::PendingTransferExpired),
+            TransferState::Pending => {}
+        }
+        self.emit(Event::PendingVoided { id: pending }, now_ms, events);
+        Ok(Some(self.view(idx)))
+    }
+
+    fn expire_if_due(&mut self, idx: TransferIdx, now_ms: u64, events: &mut Vec<Event>) {
+        let t = &self.transfers[idx as usize];
+        if t.state == TransferState::Pending && t.deadline_ms().is_some_and(|d| d <= now_ms) {
+            let id = t.id;
+            self.emit(Event::PendingExpired { id }, now_ms, events);
+        }
+    }
+
+    fn pending_idx(&self, pending: TransferId) -> Result<TransferIdx, TransferError> {
+        let &idx = self
+            .transfer_index
+            .get(&pending)
+            .ok_or(TransferError::PendingTransferNotFound)?;
+        match self.transfers[idx as usize].kind {
+            TransferKind::Pending { .. } => Ok(idx),
+            _ => Err(TransferError::PendingTransferNotPending),
+        }
+    }
+
+    fn check_account_id(&self, account: &AccountId) -> Result<(), TransferError> {
+        if let Owner::User(name) = &account.owner {
+            if name.is_empty() || name.len() > OWNER_BYTES_MAX {
+                return Err(TransferError::OwnerInvalid);
+            }
+        }
+        if self.currencies.get(account.currency).is_none() {
+            return Err(TransferError::CurrencyUnknown);
+        }
+        Ok(())
+    }
+
+    fn check_max_transfer(
+        &self,
+        debit: &AccountId,
+        amount_minor: u128,
+    ) -> Result<(), TransferError> {
+        let currency = self.currencies.get(debit.currency).expect("checked before");
+        match currency.max_transfer_minor {
+            Some(max) if !debit.owner.is_system() && amount_minor > max => {
+                Err(TransferError::ExceedsMaxTransfer)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The state-dependent checks of moving `amount_minor` (posted or reserved).
+    fn check_movement(
+        &mut self,
+        debit_idx: AccountIdx,
+        credit_idx: AccountIdx,
+        amount_minor: u128,
+        now_ms: u64,
+    ) -> Result<(), TransferError> {
+        use TransferError as E;
+        let currency = self.accounts[debit_idx as usize].id.currency;
+        let daily_max = self
+            .currencies
+            .get(currency)
+            .and_then(|c| c.max_per_24h_minor);
+        let debit = &self.accounts[debit_idx as usize];
+        let credit = &self.accounts[credit_idx as usize];
+        if debit.frozen.is_some() {
+            return Err(E::DebitAccountFrozen);
+        }
+        if credit.frozen == Some(FreezeMode::All) {
+            return Err(E::CreditAccountFrozen);
+        }
+        let user_debit = !debit.id.owner.is_system();
+        if let (true, Some(max)) = (user_debit, daily_max) {
+            let used = self.window_sum(debit_idx, now_ms);
+            if used.saturating_add(amount_minor) > max {
+                return Err(E::ExceedsDailyLimit);
+            }
+        }
+        let debit = &self.accounts[debit_idx as usize].balances;
+        let credit = &self.accounts[credit_idx as usize].balances;
+        if user_debit {
+            let spent = debit.debits_posted_minor + debit.debits_pending_minor;
+            if spent.saturating_add(amount_minor) > debit.credits_posted_minor {
+                return Err(E::InsufficientFunds);
+            }
+        }
+        let totals = self.totals.get(&currency).copied().unwrap_or_default();
+        let fits = |x: u128| x.checked_add(amount_minor).is_some();
+        let all_fit = fits(debit.debits_posted_minor + debit.debits_pending_minor)
+            && fits(credit.credits_posted_minor + credit.credits_pending_minor)
+            && fits(totals.debits_posted + totals.debits_pending)
+            && fits(totals.credits_posted + totals.credits_pending);
+        if !all_fit {
+            return Err(E::Overflow);
+        }
+        Ok(())
+    }
+
+    fn window_sum(&mut self, idx: AccountIdx, now_ms: u64) -> u128 {
+        self.prune_window(idx, now_ms);
+        self.accounts[idx as usize].window.sum_minor
+    }
+
+    fn prune_window(&mut self, idx: AccountIdx, now_ms: u64) {
+        let cutoff_ms = now_ms.saturating_sub(DAY_MS);
+        let transfers = &self.transfers;
+        let window = &mut self.accounts[idx as usize].window;
+        window.cutoff_ms = window.cutoff_ms.max(cutoff_ms);
+        while let Some(&(created_ms, t)) = window.entries.front() {
+            if created_ms > window.cutoff_ms {
+                break;
+            }
+            window.sum_minor -= transfers[t as usize].counted_minor();
+            window.entries.pop_front();
+        }
+    }
+
+    /// An earlier transfer or recorded failure with this id decides the answer.
+    fn existing(&self, id: TransferId, request: &Body) -> Option<OpResult> {
+        if let Some(&idx) = self.transfer_index.get(&id) {
+            let t = &self.transfers[idx as usize];
+            let refund = matches!(t.kind, TransferKind::Refund { .. });
+            let stored = Body {
+                kind: t.kind,
+                debit: (!refund).then(|| self.accounts[t.debit as usize].id.clone()),
+                credit: (!refund).then(|| self.accounts[t.credit as usize].id.clone()),
+                currency: self.accounts[t.debit as usize].id.currency,
+                amount_minor: t.amount_minor,
+                memo: t.memo.to_vec(),
+            };
+            return Some(stored.compare(request).map(|()| Some(self.view(idx))));
+        }
+        let failed = self.failed.get(&id)?;
+        Some(failed.body.compare(request).and(Err(failed.error)))
+    }
+
+    fn fail(
+        &mut self,
+        id: TransferId,
+        body: Body,
+        error: TransferError,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> OpResult {
+        debug_assert!(error.transient(), "only transient failures are recorded");
+        self.emit(Event::TransferFailed { id, body, error }, now_ms, events);
+        Err(error)
+    }
+
+    fn open_account(
+        &mut self,
+        account: &AccountId,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> AccountIdx {
+        if let Some(&idx) = self.account_index.get(account) {
+            return idx;
+        }
+        self.emit(
+            Event::AccountOpened {
+                account: account.clone(),
+            },
+            now_ms,
+            events,
+        );
+        self.account_index[account]
+    }
+
+    /// Applies a freshly decided event: an error here is a bug in `decide`, so crash.
+    fn emit(&mut self, event: Event, now_ms: u64, events: &mut Vec<Event>) {
+        if let Err(reason) = self.apply(&event, now_ms) {
+            panic!("ledger decided an event it cannot apply ({reason}): {event:?}");
+        }
+        events.push(event);
+    }
+
+    // ----- application ---------------------------------------------------------------------
+
+    /// Applies one event at ledger time `now_ms`. Used for live decisions and for replay; an
+    /// error means the journal (or the decision) broke a rule, and says which.
+    pub fn apply(&mut self, event: &Event, now_ms: u64) -> Result<(), String> {
+        match event {
+            Event::CurrencyDefined { code, exponent } => {
+                self.currencies.define(*code, *exponent)?;
+            }
+            Event::AccountOpened { account } => {
+                if self.account_index.contains_key(account) {
+                    return Err(format!("account {account} opened twice"));
+                }
+                if self.currencies.get(account.currency).is_none() {
+                    return Err(format!("account {account} has an unconfigured currency"));
+                }
+                let idx =
+                    AccountIdx::try_from(self.accounts.len()).map_err(|_| "too many accounts")?;
+                self.accounts.push(Account {
+                    id: account.clone(),
+                    balances: Balances::default(),
+                    frozen: None,
+                    history: Vec::new(),
+                    window: Window::default(),
+                });
+                self.account_index.insert(account.clone(), idx);
+            }
+            Event::TransferCreated {
+                id,
+                kind,
+                debit,
+                credit,
+                amount_minor,
+                memo,
+            } => self.apply_created(*id, *kind, *debit, *credit, *amount_minor, memo, now_ms)?,
+            Event::PendingPosted { id, amount_minor } => self.apply_end(
+                *id,
+                TransferState::Posted {
+                    amount_minor: *amount_minor,
+                },
+                now_ms,
+            )?,
+            Event::PendingVoided { id } => self.apply_end(*id, TransferState::Voided, now_ms)?,
+            Event::PendingExpired { id } => {
+                let idx = *self
+                    .transfer_index
+                    .get(id)
+                    .ok_or("expiry of an unknown transfer")?;
+                let deadline = self.transfers[idx as usize].deadline_ms();
+                if deadline.is_none_or(|d| d > now_ms) {
+                    return Err(format!("transfer {id} expired before its deadline"));
+                }
+                self.apply_end(*id, TransferState::Expired, now_ms)?
+            }
+            Event::TransferFailed { id, body, error } => {
+                if self.transfer_index.contains_key(id) || self.failed.contains_key(id) {
+                    return Err(format!(
+                        "failure recorded for transfer id {id} already in use"
+                    ));
+                }
+                if !error.transient() {
+                    return Err(format!("non-transient failure {error:?} recorded"));
+                }
+                self.failed.insert(
+                    *id,
+                    FailedRec {
+                        body: body.clone(),
+                        error: *error,
+                    },
+                );
+            }
+            Event::AccountFrozen { account, mode } => {
+                let a = self
+                    .accounts
+                    .get_mut(*account as usize)
+                    .ok_or("freeze of an unknown account")?;
+                a.frozen = *mode;
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_created(
+        &mut self,
+        id: TransferId,
+        kind: TransferKind,
+        debit: AccountIdx,
+        credit: AccountIdx,
+        amount_minor: u128,
+        memo: &[u8],
+        now_ms: u64,
+    ) -> Result<(), String> {
+        if id.0 == 0 || self.transfer_index.contains_key(&id) || self.failed.contains_key(&id) {
+            return Err(format!("transfer id {id} is zero or already in use"));
+        }
+        let n = self.accounts.len();
+        if debit as usize >= n || credit as usize >= n || debit == credit {
+            return Err(format!("transfer {id} names unknown or identical accounts"));
+        }
+        let currency = self.accounts[debit as usize].id.currency;
+        if self.accounts[credit as usize].id.currency != currency {
+            return Err(format!("transfer {id} mixes currencies"));
+        }
+        if amount_minor == 0 || memo.len() > MEMO_BYTES_MAX {
+            return Err(format!(
+                "transfer {id} has a zero amount or an oversized memo"
+            ));
+        }
+        let idx = TransferIdx::try_from(self.transfers.len()).map_err(|_| "too many transfers")?;
+        let pending = match kind {
+            TransferKind::Pending { timeout_ms } => {
+                if timeout_ms == 0 {
+                    return Err(format!("pending transfer {id} has no timeout"));
+                }
+                true
+            }
+            TransferKind::Single => false,
+            TransferKind::Refund { original } => {
+                let &o = self
+                    .transfer_index
+                    .get(&original)
+                    .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
+                let orig = &mut self.transfers[o as usize];
+                let posted = match (orig.kind, orig.state) {
+                    (TransferKind::Refund { .. }, _) => None,
+                    (_, TransferState::Posted { amount_minor }) => Some(amount_minor),
+                    _ => None,
+                };
+                let remaining = posted.map(|p| p - orig.refunded_minor);
+                if remaining.is_none_or(|r| r < amount_minor)
+                    || orig.debit != credit
+                    || orig.credit != debit
+                {
+                    return Err(format!("refund {id} does not fit transfer {original}"));
+                }
+                orig.refunded_minor += amount_minor;
+                false
+            }
+        };
+        {
+            let totals = self.totals.entry(currency).or_default();
+            let (d, c) = if pending {
+                (&mut totals.debits_pending, &mut totals.credits_pending)
+            } else {
+                (&mut totals.debits_posted, &mut totals.credits_posted)
+            };
+            *d = d.checked_add(amount_minor).ok_or("total overflow")?;
+            *c = c.checked_add(amount_minor).ok_or("total overflow")?;
+        }
+        let d = &mut self.accounts[debit as usize];
+        let field = if pending {
+            &mut d.balances.debits_pending_minor
+        } else {
+            &mut d.balances.debits_posted_minor
+        };
+        *field = field.checked_add(amount_minor).ok_or("balance overflow")?;
+        d.history.push(idx);
+        let c = &mut self.accounts[credit as usize];
+        let field = if pending {
+            &mut c.balances.credits_pending_minor
+        } else {
+            &mut c.balances.credits_posted_minor
+        };
+        *field = field.checked_add(amount_minor).ok_or("balance overflow")?;
+        c.history.push(idx);
+        let record = TransferRec {
+            id,
+            kind,
+            debit,
+            credit,
+            amount_minor,
+            state: if pending {
+                TransferState::Pending
+            } else {
+                TransferState::Posted { amount_minor }
+            },
+            memo: memo.into(),
+            created_ms: now_ms,
+            ended_ms: None,
+            refunded_minor: 0,
+        };
+        if let Some(deadline_ms) = record.deadline_ms() {
+            self.deadlines.insert((deadline_ms, idx));
+        }
+        self.transfers.push(record);
+        self.transfer_index.insert(id, idx);
+        if self.windowed(debit) {
+            let w = &mut self.accounts[debit as usize].window;
+            w.entries.push_back((now_ms, idx));
+            w.sum_minor += amount_minor;
+            self.prune_window(debit, now_ms);
+        }
+        self.check_not_overdrawn(debit)
+            .map_err(|e| format!("transfer {id}: {e}"))
+    }
+
+    fn apply_end(&mut self, id: TransferId, end: TransferState, now_ms: u64) -> Result<(), String> {
+        let idx = *self
+            .transfer_index
+            .get(&id)
+            .ok_or_else(|| format!("end of unknown transfer {id}"))?;
+        let t = &self.transfers[idx as usize];
+        if t.state != TransferState::Pending || !matches!(t.kind, TransferKind::Pending { .. }) {
+            return Err(format!("transfer {id} ended twice or was never pending"));
+        }
+        let (reserved, debit, credit, created_ms) =
+            (t.amount_minor, t.debit, t.credit, t.created_ms);
+        let posted = match end {
+            TransferState::Posted { amount_minor }
+                if amount_minor == 0 || amount_minor > reserved =>
+            {
+                return Err(format!("transfer {id} posted outside 1..={reserved}"))
+            }
+            TransferState::Posted { amount_minor } => amount_minor,
+            _ => 0,
+        };
+        let currency = self.accounts[debit as usize].id.currency;
+        let totals = self.totals.entry(currency).or_default();
+        totals.debits_pending -= reserved;
+        totals.credits_pending -= reserved;
+        totals.debits_posted += posted;
+        totals.credits_posted += posted;
+        let d = &mut self.accounts[debit as usize].balances;
+        d.debits_pending_minor -= reserved;
+        d.debits_posted_minor += posted;
+        let c = &mut self.accounts[credit as usize].balances;
+        c.credits_pending_minor -= reserved;
+        c.credits_posted_minor += posted;
+        let deadline_ms = t.deadline_ms().expect("pending has a deadline");
+        let removed = self.deadlines.remove(&(deadline_ms, idx));
+        assert!(
+            removed,
+            "a live pending transfer is always in the deadline index"
+        );
+        let t = &mut self.transfers[idx as usize];
+        t.state = end;
+        t.ended_ms = Some(now_ms);
+        // Give back the unused part of the reservation to the daily limit, if still counted.
+        // Entries leave a window only once `created_ms <= cutoff_ms`, so this is still counted.
+        let windowed = self.windowed(debit);
+        let w = &mut self.accounts[debit as usize].window;
+        if windowed && created_ms > w.cutoff_ms {
+            w.sum_minor -= reserved - posted;
+        }
+        self.check_not_overdrawn(debit)
+    }
+
+    /// Whether the account's debits are counted against a daily limit.
+    ///
+    /// Every user account keeps its window, limit or not, so the replay of a journal does not
+    /// depend on the limits configured at the time (they may change between runs).
+    fn windowed(&self, idx: AccountIdx) -> bool {
+        !self.accounts[idx as usize].id.owner.is_system()
+    }
+
+    fn check_not_overdrawn(&self, idx: AccountIdx) -> Result<(), String> {
+        let a = &self.accounts[idx as usize];
+        let b = &a.balances;
+        if !a.id.owner.is_system()
+            && b.debits_posted_minor + b.debits_pending_minor > b.credits_posted_minor
+        {
+            return Err(format!("user account {} overdrawn: {b:?}", a.id));
+        }
+        Ok(())
+    }
+
+    // ----- reading -------------------------------------------------------------------------
+
+    fn view(&self, idx: TransferIdx) -> Transfer {
+        let t = &self.transfers[idx as usize];
+        Transfer {
+            id: t.id,
+            kind: t.kind,
+            debit: self.accounts[t.debit as usize].id.clone(),
+            credit: self.accounts[t.credit as usize].id.clone(),
+            amount_minor: t.amount_minor,
+            state: t.state,
+            memo: t.memo.to_vec(),
+            created_ms: t.created_ms,
+            ended_ms: t.ended_ms,
+            deadline_ms: t.deadline_ms(),
+            refunded_minor: t.refunded_minor,
+        }
+    }
+
+    fn view_by_id(&self, id: TransferId) -> Transfer {
+        self.view(self.transfer_index[&id])
+    }
+
+    /// A transfer by id.
+    pub fn transfer(&self, id: TransferId) -> Option<Transfer> {
+        self.transfer_index.get(&id).map(|&idx| self.view(idx))
+    }
+
+    /// One account, if it was ever used.
+    pub fn account(&self, id: &AccountId) -> Option<AccountView> {
+        self.account_index
+            .get(id)
+            .map(|&idx| self.account_view(idx))
+    }
+
+    fn account_view(&self, idx: AccountIdx) -> AccountView {
+        let a = &self.accounts[idx as usize];
+        AccountView {
+            id: a.id.clone(),
+            balances: a.balances,
+            frozen: a.frozen,
+        }
+    }
+
+    /// Every account ever used, in opening order.
+    pub fn accounts(&self) -> Vec<AccountView> {
+        (0..self.accounts.len() as AccountIdx)
+            .map(|i| self.account_view(i))
+            .collect()
+    }
+
+    /// The accounts of one owner, one per currency it ever used.
+    pub fn balances(&self, owner: &Owner) -> Vec<AccountView> {
+        self.owner_accounts(owner)
+            .map(|idx| self.account_view(idx))
+            .collect()
+    }
+
+    fn owner_accounts<'a>(&'a self, owner: &'a Owner) -> impl Iterator<Item = AccountIdx> + 'a {
+        self.currencies.iter().filter_map(move |c| {
+            self.account_index
+                .get(&AccountId {
+                    owner: owner.clone(),
+                    currency: c.code,
+                })
+                .copied()
+        })
+    }
+
+    /// Transfers touching `owner`, newest first, strictly older than `before` (a position
+    /// from an earlier page), at most `limit`. Returns the page and the cursor for the next.
+    pub fn history(
+        &self,
+        owner: &Owner,
+        before: Option<u64>,
+        limit: usize,
+    ) -> (Vec<Transfer>, Option<u64>) {
+        let lists: Vec<&[TransferIdx]> = self
+            .owner_accounts(owner)
+            .map(|idx| self.accounts[idx as usize].history.as_slice())
+            .collect();
+        // Each list is ascending; walk them together from the end (a k-way merge over at most
+        // one list per currency).
+        let mut ends: Vec<usize> = lists
+            .iter()
+            .map(|l| match before {
+                Some(b) => l.partition_point(|&i| u64::from(i) < b),
+                None => l.len(),
+            })
+            .collect();
+        let mut page = Vec::new();
+        let mut last = None;
+        while page.len() < limit {
+            let next = (0..lists.len())
+                .filter(|&k| ends[k] > 0)
+                .max_by_key(|&k| lists[k][ends[k] - 1]);
+            let Some(k) = next else { break };
+            ends[k] -= 1;
+            let idx = lists[k][ends[k]];
+            page.push(self.view(idx));
+            last = Some(u64::from(idx));
+        }
+        let more = ends.iter().any(|&e| e > 0);
+        (page, if more { last } else { None })
+    }
+
+    /// Every transfer still pending, oldest deadline first.
+    pub fn pending_transfers(&self) -> Vec<Transfer> {
+        self.deadlines
+            .iter()
+            .map(|&(_, idx)| self.view(idx))
+            .collect()
+    }
+
+    // ----- invariants ----------------------------------------------------------------------
+
+    /// The cheap check run on every commit: per currency, debits equal credits.
+    pub fn assert_totals_balance(&self) {
+        for (currency, t) in &self.totals {
+            assert!(
+                t.debits_posted == t.credits_posted && t.debits_pending == t.credits_pending,
+                "{currency}: money is not conserved: {t:?}"
+            );
+        }
+    }
+
+    /// Checks every invariant from scratch; the error says which and where.
+    ///
+    /// - per currency, debits equal credits (posted and pending);
+    /// - no user account is overdrawn;
+    /// - every balance equals the sum of the transfers touching the account;
+    /// - every pending transfer is in the deadline index and every indexed one is pending;
+    /// - refunds never exceed what they refund.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut sums: HashMap<CurrencyCode, Totals> = HashMap::new();
+        for a in &self.accounts {
+            let b = &a.balances;
+            let s = sums.entry(a.id.currency).or_default();
+            s.debits_pending += b.debits_pending_minor;
+            s.debits_posted += b.debits_posted_minor;
+            s.credits_pending += b.credits_pending_minor;
+            s.credits_posted += b.credits_posted_minor;
+            self.check_not_overdrawn(self.account_index[&a.id])?;
+        }
+        for (currency, s) in &sums {
+            if s.debits_posted != s.credits_posted || s.debits_pending != s.credits_pending {
+                return Err(format!("{currency}: debits do not equal credits: {s:?}"));
+            }
+            let kept = self.totals.get(currency).copied().unwrap_or_default();
+            if kept != *s {
+                return Err(format!("{currency}: running totals {kept:?} != sums {s:?}"));
+            }
+        }
+        let mut replayed = vec![Balances::default(); self.accounts.len()];
+        let mut refunds: HashMap<TransferIdx, u128> = HashMap::new();
+        let mut pending_count = 0;
+        for (idx, t) in self.transfers.iter().enumerate() {
+            let (d, c) = (t.debit as usize, t.credit as usize);
+            match t.state {
+                TransferState::Pending => {
+                    pending_count += 1;
+                    let deadline = t
+                        .deadline_ms()
+                        .ok_or("a pending transfer has no deadline")?;
+                    if !self.deadlines.contains(&(deadline, idx as TransferIdx)) {
+                        return Err(format!("pending transfer {} is not live", t.id));
+                    }
+                    replayed[d].debits_pending_minor += t.amount_minor;
+                    replayed[c].credits_pending_minor += t.amount_minor;
+                }
+                TransferState::Posted { amount_minor } => {
+                    replayed[d].debits_posted_minor += amount_minor;
+                    replayed[c].credits_posted_minor += amount_minor;
+                }
+                TransferState::Voided | TransferState::Expired => {}
+            }
+            if let TransferKind::Refund { original } = t.kind {
+                *refunds.entry(self.transfer_index[&original]).or_default() += t.amount_minor;
+            }
+        }
+        if pending_count != self.deadlines.len() {
+            return Err(format!(
+                "{} pending transfers but {} live deadlines",
+                pending_count,
+                self.deadlines.len()
+            ));
+        }
+        for (a, r) in self.accounts.iter().zip(&replayed) {
+            if a.balances != *r {
+                return Err(format!(
+                    "account {}: balances {:?} != sum of its transfers {r:?}",
+                    a.id, a.balances
+                ));
+            }
+        }
+        for (idx, t) in self.transfers.iter().enumerate() {
+            let refunded = refunds.get(&(idx as TransferIdx)).copied().unwrap_or(0);
+            let posted = match t.state {
+                TransferState::Posted { amount_minor } => amount_minor,
+                _ => 0,
+            };
+            if t.refunded_minor != refunded || refunded > posted {
+                return Err(format!("transfer {}: refunds {refunded} do not fit", t.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first difference between two states' balances, transfers and failures (a live
+    /// state against the replay of its journal).
+    pub fn diff(&self, other: &State) -> Option<String> {
+        if self.accounts.len() != other.accounts.len() {
+            return Some(format!(
+                "{} accounts in memory, {} in the journal",
+                self.accounts.len(),
+                other.accounts.len()
+            ));
+        }
+        for (a, b) in self.accounts.iter().zip(&other.accounts) {
+            if a.id != b.id || a.balances != b.balances || a.frozen != b.frozen {
+                return Some(format!(
+                    "account {}: memory {:?}/{:?}, journal {:?}/{:?}",
+                    a.id, a.balances, a.frozen, b.balances, b.frozen
+                ));
+            }
+        }
+        if self.transfers.len() != other.transfers.len() || self.failed.len() != other.failed.len()
+        {
+            return Some(format!(
+                "{} transfers ({} failed) in memory, {} ({}) in the journal",
+                self.transfers.len(),
+                self.failed.len(),
+                other.transfers.len(),
+                other.failed.len()
+            ));
+        }
+        for (i, (a, b)) in self.transfers.iter().zip(&other.transfers).enumerate() {
+            if self.view(i as TransferIdx) != other.view(i as TransferIdx) {
+                return Some(format!("transfer {}: memory and journal differ", a.id));
+            }
+            let _ = b;
+        }
+        None
+    }
+}

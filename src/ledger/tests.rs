@@ -1,0 +1,1493 @@
+//! Behaviour tests of the ledger API (every rejection with its specific error) and the
+//! proptest against an independent in-memory auditor.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+
+use super::*;
+use crate::clock::ManualClock;
+
+const T0_MS: u64 = 1_700_000_000_000;
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+fn settings() -> LedgerSettings {
+    let spec = |code: &str, exponent, max: Option<&str>, day: Option<&str>| CurrencySpec {
+        code: code.to_owned(),
+        exponent,
+        max_transfer: max.map(|m| Decimal::from_str(m).unwrap()),
+        max_per_24h: day.map(|m| Decimal::from_str(m).unwrap()),
+    };
+    LedgerSettings {
+        currencies: vec![
+            spec("EUR", 2, Some("10000.00"), Some("20000.00")),
+            spec("JPY", 0, None, None),
+            spec("BHD", 3, None, Some("200.000")),
+        ],
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    clock: ManualClock,
+    ledger: BlockingLedger,
+}
+
+fn open() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = Ledger::open(dir.path(), &settings(), Arc::new(clock.clone())).unwrap();
+    Fixture {
+        _dir: dir,
+        clock,
+        ledger: ledger.blocking(),
+    }
+}
+
+impl Fixture {
+    fn amount(&self, value: &str, currency: &str) -> Amount {
+        self.ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(value).unwrap(), currency)
+            .unwrap()
+    }
+
+    fn request(
+        &self,
+        id: u128,
+        debit: Owner,
+        credit: Owner,
+        value: &str,
+        currency: &str,
+    ) -> TransferRequest {
+        TransferRequest {
+            id: TransferId(id),
+            debit,
+            credit,
+            amount: self.amount(value, currency),
+            memo: Vec::new(),
+        }
+    }
+
+    fn send(
+        &self,
+        id: u128,
+        debit: Owner,
+        credit: Owner,
+        value: &str,
+    ) -> Result<Transfer, LedgerError> {
+        self.ledger
+            .create_transfer(self.request(id, debit, credit, value, "EUR"))
+    }
+
+    /// Funds `owner` from the issuer.
+    fn fund(&self, id: u128, owner: &str, value: &str) {
+        self.send(id, Owner::Issuer, alice_like(owner), value)
+            .unwrap();
+    }
+
+    fn balances(&self, owner: &str, currency: &str) -> Balances {
+        self.ledger
+            .account(&AccountId {
+                owner: alice_like(owner),
+                currency: CurrencyCode::new(currency).unwrap(),
+            })
+            .unwrap()
+            .map(|a| a.balances)
+            .unwrap_or_default()
+    }
+
+    fn available(&self, owner: &str) -> i128 {
+        self.balances(owner, "EUR").available_minor()
+    }
+}
+
+fn alice_like(name: &str) -> Owner {
+    Owner::user(name)
+}
+
+fn rejected(result: Result<Transfer, LedgerError>) -> TransferError {
+    match result {
+        Err(LedgerError::Rejected(e)) => e,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+fn user(name: &str) -> Owner {
+    Owner::user(name)
+}
+
+#[test]
+fn single_transfer_moves_money_and_system_accounts_may_go_negative() {
+    let f = open();
+    let t = f.send(1, Owner::Issuer, user("alice"), "100.00").unwrap();
+    assert_eq!(
+        t.state,
+        TransferState::Posted {
+            amount_minor: 10_000
+        }
+    );
+    assert_eq!(t.created_ms, T0_MS);
+    f.send(2, user("alice"), user("bob"), "30.25").unwrap();
+    assert_eq!(f.available("alice"), 6_975);
+    assert_eq!(f.available("bob"), 3_025);
+    let issuer = f
+        .ledger
+        .account(&AccountId {
+            owner: Owner::Issuer,
+            currency: CurrencyCode::new("EUR").unwrap(),
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(issuer.balances.available_minor(), -10_000);
+    f.ledger.verify().unwrap();
+}
+
+#[test]
+fn user_accounts_are_never_overdrawn() {
+    let f = open();
+    f.fund(1, "alice", "10.00");
+    let err = rejected(f.send(2, user("alice"), user("bob"), "10.01"));
+    assert_eq!(err, TransferError::InsufficientFunds);
+    assert!(err.transient());
+    f.send(3, user("alice"), user("bob"), "10.00").unwrap();
+    assert_eq!(f.available("alice"), 0);
+    assert_eq!(
+        rejected(f.send(4, user("carol"), user("bob"), "0.01")),
+        TransferError::InsufficientFunds
+    );
+}
+
+#[test]
+fn same_id_same_body_returns_the_original_result() {
+    let f = open();
+    f.fund(1, "alice", "50.00");
+    let first = f.send(2, user("alice"), user("bob"), "20.00").unwrap();
+    let again = f.send(2, user("alice"), user("bob"), "20.00").unwrap();
+    assert_eq!(first, again);
+    assert_eq!(f.available("alice"), 3_000, "a retry moves nothing");
+}
+
+#[test]
+fn same_id_different_body_is_a_distinct_error() {
+    let f = open();
+    f.fund(1, "alice", "50.00");
+    f.send(2, user("alice"), user("bob"), "20.00").unwrap();
+    use TransferError as E;
+    assert_eq!(
+        rejected(f.send(2, user("alice"), user("bob"), "20.01")),
+        E::ExistsWithDifferentAmount
+    );
+    assert_eq!(
+        rejected(f.send(2, user("carol"), user("bob"), "20.00")),
+        E::ExistsWithDifferentDebitAccount
+    );
+    assert_eq!(
+        rejected(f.send(2, user("alice"), user("carol"), "20.00")),
+        E::ExistsWithDifferentCreditAccount
+    );
+    let mut memo = f.request(2, user("alice"), user("bob"), "20.00", "EUR");
+    memo.memo = b"other".to_vec();
+    assert_eq!(
+        rejected(f.ledger.create_transfer(memo)),
+        E::ExistsWithDifferentMemo
+    );
+    let pending = f.request(2, user("alice"), user("bob"), "20.00", "EUR");
+    assert_eq!(
+        rejected(f.ledger.create_pending(pending, 1_000)),
+        E::ExistsWithDifferentKind
+    );
+    let jpy = f.request(2, user("alice"), user("bob"), "20", "JPY");
+    assert_eq!(
+        rejected(f.ledger.create_transfer(jpy)),
+        E::ExistsWithDifferentDebitAccount
+    );
+    let refund = f.amount("1.00", "EUR");
+    assert_eq!(
+        rejected(
+            f.ledger
+                .refund(TransferId(2), TransferId(1), refund, vec![])
+        ),
+        E::ExistsWithDifferentKind
+    );
+    // A pending with another timeout.
+    f.ledger
+        .create_pending(
+            f.request(3, user("alice"), user("bob"), "1.00", "EUR"),
+            1_000,
+        )
+        .unwrap();
+    assert_eq!(
+        rejected(f.ledger.create_pending(
+            f.request(3, user("alice"), user("bob"), "1.00", "EUR"),
+            2_000
+        )),
+        E::ExistsWithDifferentTimeout
+    );
+}
+
+#[test]
+fn a_transient_failure_spends_the_id() {
+    let f = open();
+    let err = rejected(f.send(5, user("alice"), user("bob"), "1.00"));
+    assert_eq!(err, TransferError::InsufficientFunds);
+    f.fund(1, "alice", "10.00");
+    // The retry returns the original failure, not a late success.
+    assert_eq!(
+        rejected(f.send(5, user("alice"), user("bob"), "1.00")),
+        TransferError::InsufficientFunds
+    );
+    assert_eq!(
+        rejected(f.send(5, user("alice"), user("bob"), "2.00")),
+        TransferError::ExistsWithDifferentAmount
+    );
+    f.send(6, user("alice"), user("bob"), "1.00").unwrap();
+    assert_eq!(f.available("bob"), 100);
+    f.ledger.verify().unwrap();
+}
+
+#[test]
+fn request_validation_errors() {
+    let f = open();
+    f.fund(1, "alice", "10.00");
+    use TransferError as E;
+    assert_eq!(
+        rejected(f.send(0, user("alice"), user("bob"), "1.00")),
+        E::IdMustNotBeZero
+    );
+    assert!(!E::IdMustNotBeZero.transient());
+    assert_eq!(
+        rejected(f.send(2, user("alice"), user("alice"), "1.00")),
+        E::AccountsMustBeDifferent
+    );
+    assert_eq!(
+        rejected(f.send(2, Owner::Fees, Owner::Fees, "1.00")),
+        E::AccountsMustBeDifferent
+    );
+    let mut long = f.request(2, user("alice"), user("bob"), "1.00", "EUR");
+    long.memo = vec![b'x'; MEMO_BYTES_MAX + 1];
+    assert_eq!(
+        rejected(f.ledger.create_transfer(long.clone())),
+        E::MemoTooLong
+    );
+    long.memo.truncate(MEMO_BYTES_MAX);
+    f.ledger.create_transfer(long).unwrap();
+    assert_eq!(
+        rejected(f.send(3, user(""), user("bob"), "1.00")),
+        E::OwnerInvalid
+    );
+    assert_eq!(
+        rejected(f.send(
+            3,
+            user("alice"),
+            user(&"x".repeat(OWNER_BYTES_MAX + 1)),
+            "1.00"
+        )),
+        E::OwnerInvalid
+    );
+    let req = f.request(4, user("alice"), user("bob"), "1.00", "EUR");
+    assert_eq!(
+        rejected(f.ledger.create_pending(req.clone(), 0)),
+        E::TimeoutMustNotBeZero
+    );
+    assert_eq!(
+        rejected(f.ledger.create_pending(req, PENDING_TIMEOUT_MS_MAX + 1)),
+        E::TimeoutTooLong
+    );
+    // Validation failures are not recorded: the id is still free.
+    f.send(0x4, user("alice"), user("bob"), "1.00").unwrap();
+}
+
+#[test]
+fn amounts_from_another_configuration_are_checked_again() {
+    let f = open();
+    let unlimited = Currencies::from_settings(&LedgerSettings {
+        currencies: vec![
+            CurrencySpec {
+                code: "EUR".into(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            },
+            CurrencySpec {
+                code: "USD".into(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            },
+        ],
+    })
+    .unwrap();
+    f.send(1, Owner::Issuer, user("alice"), "10000.00").unwrap();
+    f.send(2, Owner::Issuer, user("alice"), "10000.00").unwrap();
+    let big = unlimited.from_minor(1_000_001, "EUR").unwrap();
+    let req = TransferRequest {
+        id: TransferId(3),
+        debit: user("alice"),
+        credit: user("bob"),
+        amount: big,
+        memo: vec![],
+    };
+    assert_eq!(
+        rejected(f.ledger.create_transfer(req)),
+        TransferError::ExceedsMaxTransfer
+    );
+    let usd = TransferRequest {
+        id: TransferId(4),
+        debit: Owner::Issuer,
+        credit: user("bob"),
+        amount: unlimited.from_minor(1, "USD").unwrap(),
+        memo: vec![],
+    };
+    assert_eq!(
+        rejected(f.ledger.create_transfer(usd)),
+        TransferError::CurrencyUnknown
+    );
+}
+
+#[test]
+fn parse_amount_rejects_rounding_and_out_of_range() {
+    let f = open();
+    let ledger = f.ledger.ledger();
+    let err = ledger
+        .parse_amount(Decimal::from_str("12.505").unwrap(), "EUR")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("EUR has 2 decimal places"),
+        "{err}"
+    );
+    assert_eq!(
+        ledger.parse_amount(Decimal::ZERO, "EUR"),
+        Err(AmountError::Zero)
+    );
+    assert!(matches!(
+        ledger.parse_amount(Decimal::from_str("10000.01").unwrap(), "EUR"),
+        Err(AmountError::AboveMaximum { .. })
+    ));
+    assert_eq!(
+        ledger.parse_amount(Decimal::ONE, "USD"),
+        Err(AmountError::UnknownCurrency("USD".into()))
+    );
+    let eur = CurrencyCode::new("EUR").unwrap();
+    assert_eq!(ledger.to_decimal(eur, 1_250).unwrap().to_string(), "12.50");
+}
+
+#[test]
+fn pending_reserves_then_posts_in_full() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    let req = f.request(2, user("alice"), user("bob"), "40.00", "EUR");
+    let p = f.ledger.create_pending(req, 60_000).unwrap();
+    assert_eq!(p.state, TransferState::Pending);
+    assert_eq!(p.deadline_ms, Some(T0_MS + 60_000));
+    let b = f.balances("alice", "EUR");
+    assert_eq!(b.debits_pending_minor, 4_000);
+    assert_eq!(b.available_minor(), 6_000);
+    assert_eq!(f.balances("bob", "EUR").credits_pending_minor, 4_000);
+    assert_eq!(f.available("bob"), 0, "pending credits are not spendable");
+    assert_eq!(f.ledger.pending_transfers().unwrap().len(), 1);
+    let posted = f.ledger.post(TransferId(2), None).unwrap();
+    assert_eq!(
+        posted.state,
+        TransferState::Posted {
+            amount_minor: 4_000
+        }
+    );
+    assert_eq!(f.available("alice"), 6_000);
+    assert_eq!(f.available("bob"), 4_000);
+    assert!(f.ledger.pending_transfers().unwrap().is_empty());
+    // Posting again the same way is idempotent; any other end is refused.
+    assert_eq!(f.ledger.post(TransferId(2), None).unwrap(), posted);
+    let other = f.amount("1.00", "EUR");
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(2), Some(other))),
+        TransferError::PendingTransferAlreadyPosted
+    );
+    assert_eq!(
+        rejected(f.ledger.void(TransferId(2))),
+        TransferError::PendingTransferAlreadyPosted
+    );
+    f.ledger.verify().unwrap();
+}
+
+#[test]
+fn partial_post_releases_the_rest() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    let req = f.request(2, user("alice"), user("bob"), "40.00", "EUR");
+    f.ledger.create_pending(req, 60_000).unwrap();
+    let part = f.amount("15.00", "EUR");
+    let t = f.ledger.post(TransferId(2), Some(part)).unwrap();
+    assert_eq!(
+        t.state,
+        TransferState::Posted {
+            amount_minor: 1_500
+        }
+    );
+    assert_eq!(f.available("alice"), 8_500);
+    assert_eq!(f.balances("alice", "EUR").debits_pending_minor, 0);
+    assert_eq!(f.available("bob"), 1_500);
+    assert_eq!(f.ledger.post(TransferId(2), Some(part)).unwrap(), t);
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(2), None)),
+        TransferError::PendingTransferAlreadyPosted
+    );
+}
+
+#[test]
+fn post_errors() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    use TransferError as E;
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(9), None)),
+        E::PendingTransferNotFound
+    );
+    assert_eq!(
+        rejected(f.ledger.void(TransferId(9))),
+        E::PendingTransferNotFound
+    );
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(1), None)),
+        E::PendingTransferNotPending
+    );
+    assert_eq!(
+        rejected(f.ledger.void(TransferId(1))),
+        E::PendingTransferNotPending
+    );
+    let req = f.request(2, user("alice"), user("bob"), "40.00", "EUR");
+    f.ledger.create_pending(req, 60_000).unwrap();
+    let more = f.amount("40.01", "EUR");
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(2), Some(more))),
+        E::PostAmountExceedsPending
+    );
+    let yen = f.amount("40", "JPY");
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(2), Some(yen))),
+        E::CurrencyMismatch
+    );
+    let voided = f.ledger.void(TransferId(2)).unwrap();
+    assert_eq!(voided.state, TransferState::Voided);
+    assert_eq!(f.ledger.void(TransferId(2)).unwrap(), voided);
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(2), None)),
+        E::PendingTransferAlreadyVoided
+    );
+    assert_eq!(f.available("alice"), 10_000);
+}
+
+#[test]
+fn pending_expires_by_the_clock() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    let req = f.request(2, user("alice"), user("bob"), "40.00", "EUR");
+    f.ledger.create_pending(req, 60_000).unwrap();
+    f.clock.advance_ms(59_999);
+    assert!(f.ledger.expire_due().unwrap().is_empty());
+    assert_eq!(f.available("alice"), 6_000);
+    f.clock.advance_ms(1);
+    // The writer may expire it on its own idle tick first; either way it is expired now.
+    let _ = f.ledger.expire_due().unwrap();
+    let t = f.ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(t.state, TransferState::Expired);
+    assert_eq!(t.ended_ms, Some(T0_MS + 60_000));
+    assert_eq!(f.available("alice"), 10_000);
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(2), None)),
+        TransferError::PendingTransferExpired
+    );
+    assert_eq!(
+        rejected(f.ledger.void(TransferId(2))),
+        TransferError::PendingTransferExpired
+    );
+    f.ledger.verify().unwrap();
+}
+
+#[test]
+fn the_writer_expires_pending_transfers_by_itself() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    let req = f.request(2, user("alice"), user("bob"), "40.00", "EUR");
+    f.ledger.create_pending(req, 1_000).unwrap();
+    f.clock.advance_ms(1_000);
+    // No call reaches the writer: its idle tick alone must journal the expiry. The export
+    // reads the stored journal directly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let expired = f.ledger.ledger().export().any(|e| {
+            matches!(e.unwrap().entry, JournalEntry::PendingExpired { id } if id == TransferId(2))
+        });
+        if expired {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle writer never expired it"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(f.available("alice"), 10_000);
+}
+
+#[test]
+fn a_post_after_the_deadline_finds_it_expired() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    let req = f.request(2, user("alice"), user("bob"), "40.00", "EUR");
+    f.ledger.create_pending(req, 1_000).unwrap();
+    f.clock.advance_ms(5_000);
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(2), None)),
+        TransferError::PendingTransferExpired
+    );
+}
+
+#[test]
+fn refunds_never_exceed_what_remains() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    f.send(2, user("alice"), user("shop"), "30.00").unwrap();
+    let r = f
+        .ledger
+        .refund(
+            TransferId(3),
+            TransferId(2),
+            f.amount("10.00", "EUR"),
+            b"sorry".to_vec(),
+        )
+        .unwrap();
+    assert_eq!(
+        r.kind,
+        TransferKind::Refund {
+            original: TransferId(2)
+        }
+    );
+    assert_eq!(r.debit.owner, user("shop"));
+    assert_eq!(r.credit.owner, user("alice"));
+    assert_eq!(f.available("alice"), 8_000);
+    assert_eq!(
+        f.ledger
+            .transfer(TransferId(2))
+            .unwrap()
+            .unwrap()
+            .refunded_minor,
+        1_000
+    );
+    use TransferError as E;
+    let too_much = f.amount("20.01", "EUR");
+    assert_eq!(
+        rejected(
+            f.ledger
+                .refund(TransferId(4), TransferId(2), too_much, vec![])
+        ),
+        E::RefundExceedsRemaining
+    );
+    f.ledger
+        .refund(
+            TransferId(5),
+            TransferId(2),
+            f.amount("20.00", "EUR"),
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(f.available("shop"), 0);
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(6),
+            TransferId(2),
+            f.amount("0.01", "EUR"),
+            vec![]
+        )),
+        E::RefundExceedsRemaining
+    );
+    // Same refund id again: the original result; with another original: a distinct error.
+    let again = f
+        .ledger
+        .refund(
+            TransferId(3),
+            TransferId(2),
+            f.amount("10.00", "EUR"),
+            b"sorry".to_vec(),
+        )
+        .unwrap();
+    assert_eq!(again.id, r.id);
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(3),
+            TransferId(1),
+            f.amount("10.00", "EUR"),
+            b"sorry".to_vec()
+        )),
+        E::ExistsWithDifferentOriginal
+    );
+    f.ledger.verify().unwrap();
+}
+
+#[test]
+fn refund_errors() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    use TransferError as E;
+    let one = f.amount("1.00", "EUR");
+    assert_eq!(
+        rejected(f.ledger.refund(TransferId(2), TransferId(99), one, vec![])),
+        E::OriginalTransferNotFound
+    );
+    f.send(3, user("alice"), user("shop"), "30.00").unwrap();
+    f.ledger
+        .refund(TransferId(4), TransferId(3), one, vec![])
+        .unwrap();
+    assert_eq!(
+        rejected(f.ledger.refund(TransferId(5), TransferId(4), one, vec![])),
+        E::OriginalTransferNotRefundable
+    );
+    f.ledger
+        .create_pending(
+            f.request(6, user("alice"), user("shop"), "5.00", "EUR"),
+            60_000,
+        )
+        .unwrap();
+    assert_eq!(
+        rejected(f.ledger.refund(TransferId(7), TransferId(6), one, vec![])),
+        E::OriginalTransferNotRefundable
+    );
+    let yen = f.amount("1", "JPY");
+    assert_eq!(
+        rejected(f.ledger.refund(TransferId(8), TransferId(3), yen, vec![])),
+        E::CurrencyMismatch
+    );
+    assert_eq!(
+        rejected(f.ledger.refund(TransferId(0), TransferId(3), one, vec![])),
+        E::IdMustNotBeZero
+    );
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(9),
+            TransferId(3),
+            one,
+            vec![0; MEMO_BYTES_MAX + 1]
+        )),
+        E::MemoTooLong
+    );
+    // The payee spent the money: the refund cannot overdraw them.
+    f.send(10, user("shop"), user("carol"), "29.00").unwrap();
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(11),
+            TransferId(3),
+            f.amount("2.00", "EUR"),
+            vec![]
+        )),
+        E::InsufficientFunds
+    );
+}
+
+#[test]
+fn frozen_accounts() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    let eur = CurrencyCode::new("EUR").unwrap();
+    let alice = AccountId {
+        owner: user("alice"),
+        currency: eur,
+    };
+    f.ledger
+        .create_pending(
+            f.request(2, user("alice"), user("bob"), "5.00", "EUR"),
+            60_000,
+        )
+        .unwrap();
+    f.ledger
+        .create_pending(
+            f.request(3, user("alice"), user("bob"), "5.00", "EUR"),
+            60_000,
+        )
+        .unwrap();
+    f.ledger.freeze(alice.clone(), FreezeMode::Debits).unwrap();
+    use TransferError as E;
+    assert_eq!(
+        rejected(f.send(4, user("alice"), user("bob"), "1.00")),
+        E::DebitAccountFrozen
+    );
+    assert_eq!(
+        rejected(f.ledger.post(TransferId(2), None)),
+        E::DebitAccountFrozen
+    );
+    f.ledger.void(TransferId(3)).unwrap();
+    f.fund(5, "alice", "1.00");
+    f.ledger.freeze(alice.clone(), FreezeMode::All).unwrap();
+    assert_eq!(
+        rejected(f.send(6, Owner::Issuer, user("alice"), "1.00")),
+        E::CreditAccountFrozen
+    );
+    assert_eq!(
+        f.ledger.account(&alice).unwrap().unwrap().frozen,
+        Some(FreezeMode::All)
+    );
+    f.ledger.unfreeze(alice.clone()).unwrap();
+    f.ledger.post(TransferId(2), None).unwrap();
+    f.send(7, user("alice"), user("bob"), "1.00").unwrap();
+    let bob = AccountId {
+        owner: user("bob"),
+        currency: eur,
+    };
+    f.ledger.freeze(bob, FreezeMode::All).unwrap();
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(8),
+            TransferId(7),
+            f.amount("1.00", "EUR"),
+            vec![]
+        )),
+        E::DebitAccountFrozen
+    );
+    f.ledger.verify().unwrap();
+}
+
+#[test]
+fn rolling_daily_limit() {
+    let f = open();
+    // BHD: daily limit 200.000.
+    let fund = f.request(1, Owner::Issuer, user("alice"), "1000.000", "BHD");
+    f.ledger.create_transfer(fund).unwrap();
+    let send = |id: u128, value: &str| {
+        f.ledger
+            .create_transfer(f.request(id, user("alice"), user("bob"), value, "BHD"))
+    };
+    send(2, "150.000").unwrap();
+    assert_eq!(
+        rejected(send(3, "50.001")),
+        TransferError::ExceedsDailyLimit
+    );
+    let pend = f.request(4, user("alice"), user("bob"), "50.000", "BHD");
+    f.ledger.create_pending(pend, 60_000).unwrap();
+    assert_eq!(rejected(send(5, "0.001")), TransferError::ExceedsDailyLimit);
+    // A voided reservation gives its allowance back.
+    f.ledger.void(TransferId(4)).unwrap();
+    send(6, "50.000").unwrap();
+    f.clock.advance_ms(DAY_MS);
+    send(7, "200.000").unwrap();
+    // The issuer is not limited.
+    let big = f.request(8, Owner::Issuer, user("bob"), "5000.000", "BHD");
+    f.ledger.create_transfer(big).unwrap();
+}
+
+#[test]
+fn history_is_newest_first_and_pages() {
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    for id in 2..=6 {
+        f.send(id, user("alice"), user("bob"), "1.00").unwrap();
+    }
+    let jpy = f.request(7, Owner::Issuer, user("alice"), "5", "JPY");
+    f.ledger.create_transfer(jpy).unwrap();
+    let page = f.ledger.history(&user("alice"), None, 3).unwrap();
+    let ids: Vec<u128> = page.transfers.iter().map(|t| t.id.0).collect();
+    assert_eq!(ids, vec![7, 6, 5]);
+    let page = f.ledger.history(&user("alice"), page.next, 3).unwrap();
+    let ids: Vec<u128> = page.transfers.iter().map(|t| t.id.0).collect();
+    assert_eq!(ids, vec![4, 3, 2]);
+    let page = f.ledger.history(&user("alice"), page.next, 3).unwrap();
+    let ids: Vec<u128> = page.transfers.iter().map(|t| t.id.0).collect();
+    assert_eq!(ids, vec![1]);
+    assert!(page.next.is_none());
+    assert_eq!(f.ledger.balances(&user("alice")).unwrap().len(), 2);
+    assert!(f
+        .ledger
+        .history(&user("nobody"), None, 3)
+        .unwrap()
+        .transfers
+        .is_empty());
+}
+
+#[test]
+fn state_survives_reopen_and_exponents_are_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    {
+        let ledger = Ledger::open(dir.path(), &settings(), clock.clone())
+            .unwrap()
+            .blocking();
+        let amount = ledger
+            .ledger()
+            .parse_amount(Decimal::from(7), "EUR")
+            .unwrap();
+        ledger
+            .create_transfer(TransferRequest {
+                id: TransferId(1),
+                debit: Owner::Issuer,
+                credit: user("alice"),
+                amount,
+                memo: b"m".to_vec(),
+            })
+            .unwrap();
+        ledger
+            .create_pending(
+                TransferRequest {
+                    id: TransferId(2),
+                    debit: user("alice"),
+                    credit: user("bob"),
+                    amount,
+                    memo: vec![],
+                },
+                1_000,
+            )
+            .unwrap();
+    }
+    let ledger = Ledger::open(dir.path(), &settings(), clock.clone())
+        .unwrap()
+        .blocking();
+    let t = ledger.transfer(TransferId(1)).unwrap().unwrap();
+    assert_eq!(t.memo, b"m");
+    assert_eq!(ledger.pending_transfers().unwrap().len(), 1);
+    let report = ledger.verify().unwrap();
+    assert_eq!(report.transfers, 2);
+    assert_eq!(report.pending, 1);
+    let entries: Vec<_> = ledger.ledger().export().collect::<Result<_, _>>().unwrap();
+    assert!(entries.iter().any(|e| matches!(
+        &e.entry,
+        JournalEntry::TransferCreated { id, .. } if *id == TransferId(2)
+    )));
+    drop(ledger);
+    let mut changed = settings();
+    changed.currencies[0].exponent = 3;
+    let err = Ledger::open(dir.path(), &changed, clock).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("EUR has 2 decimal places in the journal"),
+        "{err}"
+    );
+    assert_eq!(verify_dir(dir.path()).unwrap().transfers, 2);
+}
+
+// ----- proptest against an independent auditor ------------------------------------------
+
+mod model {
+    //! A plain in-memory model of the ledger's rules, written separately from `state.rs`,
+    //! that predicts each reply. The ledger must agree on every reply and every balance.
+
+    use std::collections::HashMap;
+
+    use crate::ledger::{FreezeMode, TransferError as E};
+
+    pub type Acct = (usize, usize); // (owner index, currency index)
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        Single,
+        Pending(u64),
+        Refund(u128),
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum St {
+        Pending,
+        Posted(u128),
+        Voided,
+        Expired,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct Bal {
+        pub dp: u128,
+        pub dpo: u128,
+        pub cp: u128,
+        pub cpo: u128,
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct Tr {
+        pub kind: Kind,
+        pub debit: Acct,
+        pub credit: Acct,
+        pub amount: u128,
+        pub state: St,
+        pub deadline: u64,
+        pub refunded: u128,
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct Fail {
+        kind: Kind,
+        debit: Option<Acct>,
+        credit: Option<Acct>,
+        cur: usize,
+        amount: u128,
+        error: E,
+    }
+
+    #[derive(Default)]
+    pub struct Model {
+        pub bal: HashMap<Acct, Bal>,
+        pub tr: HashMap<u128, Tr>,
+        pub failed: HashMap<u128, Fail>,
+        pub frozen: HashMap<Acct, FreezeMode>,
+        pub now: u64,
+    }
+
+    /// Owner 0 is the issuer (may go negative); the others are users.
+    fn is_user(a: Acct) -> bool {
+        a.0 != 0
+    }
+
+    impl Model {
+        pub fn expire(&mut self) {
+            let now = self.now;
+            let due: Vec<u128> = self
+                .tr
+                .iter()
+                .filter(|(_, t)| t.state == St::Pending && t.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in due {
+                self.end(id, St::Expired);
+            }
+        }
+
+        fn end(&mut self, id: u128, st: St) {
+            let t = self.tr.get_mut(&id).unwrap();
+            t.state = st;
+            let (d, c, a) = (t.debit, t.credit, t.amount);
+            let posted = if let St::Posted(x) = st { x } else { 0 };
+            let db = self.bal.entry(d).or_default();
+            db.dp -= a;
+            db.dpo += posted;
+            let cb = self.bal.entry(c).or_default();
+            cb.cp -= a;
+            cb.cpo += posted;
+        }
+
+        fn compare(
+            existing: (Kind, Option<Acct>, Option<Acct>, usize, u128),
+            asked: (Kind, Option<Acct>, Option<Acct>, usize, u128),
+        ) -> Result<(), E> {
+            let disc = |k: Kind| match k {
+                Kind::Single => 0,
+                Kind::Pending(_) => 1,
+                Kind::Refund(_) => 2,
+            };
+            if disc(existing.0) != disc(asked.0) {
+                return Err(E::ExistsWithDifferentKind);
+            }
+            if existing.1 != asked.1 {
+                return Err(E::ExistsWithDifferentDebitAccount);
+            }
+            if existing.2 != asked.2 {
+                return Err(E::ExistsWithDifferentCreditAccount);
+            }
+            if existing.3 != asked.3 || existing.4 != asked.4 {
+                return Err(E::ExistsWithDifferentAmount);
+            }
+            match (existing.0, asked.0) {
+                (Kind::Pending(a), Kind::Pending(b)) if a != b => {
+                    Err(E::ExistsWithDifferentTimeout)
+                }
+                (Kind::Refund(a), Kind::Refund(b)) if a != b => Err(E::ExistsWithDifferentOriginal),
+                _ => Ok(()),
+            }
+        }
+
+        fn lookup(
+            &self,
+            id: u128,
+            asked: (Kind, Option<Acct>, Option<Acct>, usize, u128),
+        ) -> Option<Result<u128, E>> {
+            if let Some(t) = self.tr.get(&id) {
+                let refund = matches!(t.kind, Kind::Refund(_));
+                let existing = (
+                    t.kind,
+                    (!refund).then_some(t.debit),
+                    (!refund).then_some(t.credit),
+                    t.debit.1,
+                    t.amount,
+                );
+                return Some(Self::compare(existing, asked).map(|()| id));
+            }
+            let f = self.failed.get(&id)?;
+            Some(
+                Self::compare((f.kind, f.debit, f.credit, f.cur, f.amount), asked)
+                    .and(Err(f.error)),
+            )
+        }
+
+        fn movement(&self, d: Acct, c: Acct, amount: u128) -> Result<(), E> {
+            if self.frozen.contains_key(&d) {
+                return Err(E::DebitAccountFrozen);
+            }
+            if self.frozen.get(&c) == Some(&FreezeMode::All) {
+                return Err(E::CreditAccountFrozen);
+            }
+            let b = self.bal.get(&d).copied().unwrap_or_default();
+            if is_user(d) && b.dpo + b.dp + amount > b.cpo {
+                return Err(E::InsufficientFunds);
+            }
+            Ok(())
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn record_fail(
+            &mut self,
+            id: u128,
+            kind: Kind,
+            debit: Option<Acct>,
+            credit: Option<Acct>,
+            cur: usize,
+            amount: u128,
+            error: E,
+        ) -> Result<u128, E> {
+            self.failed.insert(
+                id,
+                Fail {
+                    kind,
+                    debit,
+                    credit,
+                    cur,
+                    amount,
+                    error,
+                },
+            );
+            Err(error)
+        }
+
+        pub fn create(
+            &mut self,
+            id: u128,
+            d: Acct,
+            c: Acct,
+            amount: u128,
+            timeout: Option<u64>,
+        ) -> Result<u128, E> {
+            self.expire();
+            if id == 0 {
+                return Err(E::IdMustNotBeZero);
+            }
+            if d == c {
+                return Err(E::AccountsMustBeDifferent);
+            }
+            let kind = timeout.map_or(Kind::Single, Kind::Pending);
+            if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount)) {
+                return r;
+            }
+            if let Err(e) = self.movement(d, c, amount) {
+                return self.record_fail(id, kind, Some(d), Some(c), d.1, amount, e);
+            }
+            let (state, deadline) = match timeout {
+                Some(t) => (St::Pending, self.now + t),
+                None => (St::Posted(amount), 0),
+            };
+            let pending = timeout.is_some();
+            let db = self.bal.entry(d).or_default();
+            if pending {
+                db.dp += amount
+            } else {
+                db.dpo += amount
+            }
+            let cb = self.bal.entry(c).or_default();
+            if pending {
+                cb.cp += amount
+            } else {
+                cb.cpo += amount
+            }
+            self.tr.insert(
+                id,
+                Tr {
+                    kind,
+                    debit: d,
+                    credit: c,
+                    amount,
+                    state,
+                    deadline,
+                    refunded: 0,
+                },
+            );
+            Ok(id)
+        }
+
+        pub fn refund(
+            &mut self,
+            id: u128,
+            original: u128,
+            cur: usize,
+            amount: u128,
+        ) -> Result<u128, E> {
+            self.expire();
+            if id == 0 {
+                return Err(E::IdMustNotBeZero);
+            }
+            let kind = Kind::Refund(original);
+            if let Some(r) = self.lookup(id, (kind, None, None, cur, amount)) {
+                return r;
+            }
+            let Some(o) = self.tr.get(&original).cloned() else {
+                return self.record_fail(
+                    id,
+                    kind,
+                    None,
+                    None,
+                    cur,
+                    amount,
+                    E::OriginalTransferNotFound,
+                );
+            };
+            if o.debit.1 != cur {
+                return Err(E::CurrencyMismatch);
+            }
+            let posted = match (o.kind, o.state) {
+                (Kind::Refund(_), _) => None,
+                (_, St::Posted(x)) => Some(x),
+                _ => None,
+            };
+            let Some(posted) = posted else {
+                return self.record_fail(
+                    id,
+                    kind,
+                    None,
+                    None,
+                    cur,
+                    amount,
+                    E::OriginalTransferNotRefundable,
+                );
+            };
+            if amount > posted - o.refunded {
+                return self.record_fail(
+                    id,
+                    kind,
+                    None,
+                    None,
+                    cur,
+                    amount,
+                    E::RefundExceedsRemaining,
+                );
+            }
+            let (d, c) = (o.credit, o.debit);
+            if let Err(e) = self.movement(d, c, amount) {
+                return self.record_fail(id, kind, None, None, cur, amount, e);
+            }
+            self.bal.entry(d).or_default().dpo += amount;
+            self.bal.entry(c).or_default().cpo += amount;
+            self.tr.get_mut(&original).unwrap().refunded += amount;
+            self.tr.insert(
+                id,
+                Tr {
+                    kind,
+                    debit: d,
+                    credit: c,
+                    amount,
+                    state: St::Posted(amount),
+                    deadline: 0,
+                    refunded: 0,
+                },
+            );
+            Ok(id)
+        }
+
+        fn pending(&self, id: u128) -> Result<Tr, E> {
+            let t = self.tr.get(&id).ok_or(E::PendingTransferNotFound)?;
+            match t.kind {
+                Kind::Pending(_) => Ok(t.clone()),
+                _ => Err(E::PendingTransferNotPending),
+            }
+        }
+
+        pub fn post(&mut self, id: u128, amount: Option<(usize, u128)>) -> Result<u128, E> {
+            self.expire();
+            let t = self.pending(id)?;
+            if amount.is_some_and(|(cur, _)| cur != t.debit.1) {
+                return Err(E::CurrencyMismatch);
+            }
+            let x = amount.map_or(t.amount, |(_, a)| a);
+            match t.state {
+                St::Posted(p) if p == x => return Ok(id),
+                St::Posted(_) => return Err(E::PendingTransferAlreadyPosted),
+                St::Voided => return Err(E::PendingTransferAlreadyVoided),
+                St::Expired => return Err(E::PendingTransferExpired),
+                St::Pending => {}
+            }
+            if x > t.amount {
+                return Err(E::PostAmountExceedsPending);
+            }
+            if self.frozen.contains_key(&t.debit) {
+                return Err(E::DebitAccountFrozen);
+            }
+            if self.frozen.get(&t.credit) == Some(&FreezeMode::All) {
+                return Err(E::CreditAccountFrozen);
+            }
+            self.end(id, St::Posted(x));
+            Ok(id)
+        }
+
+        pub fn void(&mut self, id: u128) -> Result<u128, E> {
+            self.expire();
+            let t = self.pending(id)?;
+            match t.state {
+                St::Voided => Ok(id),
+                St::Posted(_) => Err(E::PendingTransferAlreadyPosted),
+                St::Expired => Err(E::PendingTransferExpired),
+                St::Pending => {
+                    self.end(id, St::Voided);
+                    Ok(id)
+                }
+            }
+        }
+
+        pub fn freeze(&mut self, a: Acct, mode: Option<FreezeMode>) {
+            self.expire();
+            match mode {
+                Some(m) => self.frozen.insert(a, m),
+                None => self.frozen.remove(&a),
+            };
+        }
+    }
+}
+
+mod auditor {
+    use proptest::prelude::*;
+
+    use super::model::{Model, St};
+    use super::*;
+
+    const OWNERS: usize = 5;
+    const CURRENCIES: [&str; 2] = ["EUR", "JPY"];
+
+    fn owner(i: usize) -> Owner {
+        match i {
+            0 => Owner::Issuer,
+            n => Owner::user(format!("@user{n}:example.org")),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Create {
+            id: u128,
+            debit: usize,
+            credit: usize,
+            cur: usize,
+            amount: u128,
+            timeout_s: Option<u64>,
+        },
+        Post {
+            id: u128,
+            amount: Option<(usize, u128)>,
+        },
+        Void {
+            id: u128,
+        },
+        Refund {
+            id: u128,
+            original: u128,
+            cur: usize,
+            amount: u128,
+        },
+        Freeze {
+            owner: usize,
+            cur: usize,
+            mode: Option<FreezeMode>,
+        },
+        Advance {
+            ms: u64,
+        },
+        Reopen,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let id = 0u128..12;
+        let who = 0..OWNERS;
+        let cur = prop_oneof![4 => Just(0usize), 1 => Just(1usize)];
+        let amount = prop_oneof![1u128..50, 50u128..400];
+        prop_oneof![
+            6 => (id.clone(), who.clone(), who.clone(), cur.clone(), amount.clone(), proptest::option::weighted(0.4, 1u64..4))
+                .prop_map(|(id, debit, credit, cur, amount, timeout_s)| Step::Create { id, debit, credit, cur, amount, timeout_s }),
+            2 => (id.clone(), proptest::option::of((cur.clone(), amount.clone())))
+                .prop_map(|(id, amount)| Step::Post { id, amount }),
+            2 => id.clone().prop_map(|id| Step::Void { id }),
+            2 => (id.clone(), id, cur.clone(), amount).prop_map(|(id, original, cur, amount)| Step::Refund { id, original, cur, amount }),
+            1 => (who, cur, prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
+                .prop_map(|(owner, cur, mode)| Step::Freeze { owner, cur, mode }),
+            2 => (0u64..4_000).prop_map(|ms| Step::Advance { ms }),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    fn prop_settings() -> LedgerSettings {
+        LedgerSettings {
+            currencies: CURRENCIES
+                .iter()
+                .map(|c| CurrencySpec {
+                    code: (*c).to_owned(),
+                    exponent: 2,
+                    max_transfer: None,
+                    max_per_24h: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn amount(ledger: &Ledger, cur: usize, minor: u128) -> Amount {
+        ledger.amount_from_minor(minor, CURRENCIES[cur]).unwrap()
+    }
+
+    /// Compares a reply with the model's prediction.
+    fn check(
+        got: Result<Transfer, LedgerError>,
+        want: Result<u128, TransferError>,
+        model: &Model,
+    ) -> Result<(), TestCaseError> {
+        match (got, want) {
+            (Ok(t), Ok(id)) => {
+                prop_assert_eq!(t.id.0, id);
+                let m = &model.tr[&id];
+                let state = match m.state {
+                    St::Pending => TransferState::Pending,
+                    St::Posted(x) => TransferState::Posted { amount_minor: x },
+                    St::Voided => TransferState::Voided,
+                    St::Expired => TransferState::Expired,
+                };
+                prop_assert_eq!(t.state, state);
+                prop_assert_eq!(t.amount_minor, m.amount);
+                Ok(())
+            }
+            (Err(LedgerError::Rejected(e)), Err(w)) => {
+                prop_assert_eq!(e, w);
+                Ok(())
+            }
+            (got, want) => Err(TestCaseError::fail(format!(
+                "ledger said {got:?}, model {want:?}"
+            ))),
+        }
+    }
+
+    fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0_MS);
+        let open = || Ledger::open(dir.path(), &prop_settings(), Arc::new(clock.clone())).unwrap();
+        let mut ledger = open();
+        let mut model = Model {
+            now: T0_MS,
+            ..Model::default()
+        };
+        for step in steps {
+            let b = ledger.blocking();
+            match step {
+                Step::Create {
+                    id,
+                    debit,
+                    credit,
+                    cur,
+                    amount: a,
+                    timeout_s,
+                } => {
+                    let request = TransferRequest {
+                        id: TransferId(id),
+                        debit: owner(debit),
+                        credit: owner(credit),
+                        amount: amount(&ledger, cur, a),
+                        memo: vec![],
+                    };
+                    let timeout = timeout_s.map(|s| s * 1_000);
+                    let got = match timeout {
+                        Some(t) => b.create_pending(request, t),
+                        None => b.create_transfer(request),
+                    };
+                    let want = model.create(id, (debit, cur), (credit, cur), a, timeout);
+                    check(got, want, &model)?;
+                }
+                Step::Post { id, amount: a } => {
+                    let got = b.post(TransferId(id), a.map(|(c, m)| amount(&ledger, c, m)));
+                    let want = model.post(id, a);
+                    check(got, want, &model)?;
+                }
+                Step::Void { id } => {
+                    let got = b.void(TransferId(id));
+                    check(got, model.void(id), &model)?;
+                }
+                Step::Refund {
+                    id,
+                    original,
+                    cur,
+                    amount: a,
+                } => {
+                    let got = b.refund(
+                        TransferId(id),
+                        TransferId(original),
+                        amount(&ledger, cur, a),
+                        vec![],
+                    );
+                    let want = model.refund(id, original, cur, a);
+                    check(got, want, &model)?;
+                }
+                Step::Freeze {
+                    owner: o,
+                    cur,
+                    mode,
+                } => {
+                    let account = AccountId {
+                        owner: owner(o),
+                        currency: CurrencyCode::new(CURRENCIES[cur]).unwrap(),
+                    };
+                    match mode {
+                        Some(m) => b.freeze(account, m).unwrap(),
+                        None => b.unfreeze(account).unwrap(),
+                    }
+                    model.freeze((o, cur), mode);
+                }
+                Step::Advance { ms } => {
+                    clock.advance_ms(ms);
+                    model.now += ms;
+                    model.expire();
+                    b.expire_due().unwrap();
+                }
+                Step::Reopen => {
+                    drop(b);
+                    drop(ledger);
+                    ledger = open();
+                }
+            }
+            // After every step: balances equal the model's, and the invariants hold.
+            let b = ledger.blocking();
+            for o in 0..OWNERS {
+                for (c, code) in CURRENCIES.iter().enumerate() {
+                    let account = AccountId {
+                        owner: owner(o),
+                        currency: CurrencyCode::new(code).unwrap(),
+                    };
+                    let got = b
+                        .account(&account)
+                        .unwrap()
+                        .map(|a| a.balances)
+                        .unwrap_or_default();
+                    let m = model.bal.get(&(o, c)).copied().unwrap_or_default();
+                    let want = Balances {
+                        debits_pending_minor: m.dp,
+                        debits_posted_minor: m.dpo,
+                        credits_pending_minor: m.cp,
+                        credits_posted_minor: m.cpo,
+                    };
+                    prop_assert_eq!(got, want, "account {} {}", o, code);
+                }
+            }
+            let pending = model.tr.values().filter(|t| t.state == St::Pending).count();
+            prop_assert_eq!(b.pending_transfers().unwrap().len(), pending);
+            b.verify().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn cases() -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(48)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+        #[test]
+        fn ledger_agrees_with_the_auditor(steps in proptest::collection::vec(step(), 1..60)) {
+            run(steps)?;
+        }
+    }
+}

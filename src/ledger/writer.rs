@@ -1,0 +1,173 @@
+//! The single writer: takes whatever requests are queued (up to a bound), decides them all
+//! against the state in memory, writes the batch as ONE journal record with ONE flush, and
+//! only then answers. Concurrent callers thereby share a flush (group commit).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::codec::{encode_record, Head};
+use super::model::{Owner, TransferId};
+use super::state::{Event, Op, OpResult, State};
+use super::storage::{Storage, RECORD_BYTES_TARGET};
+use super::LedgerError;
+use crate::clock::SharedClock;
+
+/// A read that runs on the writer after the batch it arrived in is durable.
+pub(crate) type ReadFn = Box<dyn FnOnce(&State, Head) + Send>;
+
+/// What callers send to the writer.
+pub(crate) enum Command {
+    /// A state change.
+    Op {
+        op: Op,
+        reply: oneshot::Sender<Result<OpResult, LedgerError>>,
+    },
+    /// Expire what is due now; answers with the ids this batch expired.
+    ExpireDue {
+        reply: oneshot::Sender<Result<Vec<TransferId>, LedgerError>>,
+    },
+    /// A consistent read of durable state.
+    Read(ReadFn),
+}
+
+impl Command {
+    /// An upper bound of the journal bytes this command can add (memo, owner names of two
+    /// new accounts, fixed fields), so one record stays below [`RECORD_BYTES_TARGET`].
+    fn bytes_max(&self) -> usize {
+        const FIXED_BYTES: usize = 160;
+        let owner = |o: &Owner| match o {
+            Owner::User(name) => name.len(),
+            _ => 0,
+        };
+        match self {
+            Command::Op { op, .. } => {
+                FIXED_BYTES
+                    + match op {
+                        Op::Create { request, .. } => {
+                            // A failed create records both accounts in full as well.
+                            2 * (request.memo.len()
+                                + owner(&request.debit)
+                                + owner(&request.credit))
+                        }
+                        Op::Refund { memo, .. } => memo.len(),
+                        Op::Freeze { account, .. } => owner(&account.owner),
+                        Op::Post { .. } | Op::Void { .. } => 0,
+                    }
+            }
+            // Expiries are bounded by the number of live pending transfers, not by commands;
+            // they are small (17 bytes each).
+            Command::ExpireDue { .. } | Command::Read(_) => FIXED_BYTES,
+        }
+    }
+}
+
+// Replies live for one batch in one Vec; boxing the large variant would only add allocations.
+#[allow(clippy::large_enum_variant)]
+enum Reply {
+    Op(oneshot::Sender<Result<OpResult, LedgerError>>, OpResult),
+    Expired(oneshot::Sender<Result<Vec<TransferId>, LedgerError>>),
+    Read(ReadFn),
+}
+
+/// The writer's state; lives on its own thread.
+pub(crate) struct Writer {
+    pub state: State,
+    pub storage: Arc<dyn Storage>,
+    pub clock: SharedClock,
+    pub head: Head,
+    pub last_time_ms: u64,
+    pub batch_commands_max: usize,
+    pub expiry_tick: Duration,
+}
+
+impl Writer {
+    /// Runs until every handle is dropped or storage fails.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime for the ledger writer");
+        runtime.block_on(async move {
+            let mut batch = Vec::with_capacity(self.batch_commands_max);
+            loop {
+                match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
+                    Ok(Some(command)) => batch.push(command),
+                    Ok(None) => break,
+                    // Idle: still expire what the clock says is due.
+                    Err(_) => {}
+                }
+                let mut bytes: usize = batch.iter().map(Command::bytes_max).sum();
+                while batch.len() < self.batch_commands_max && bytes < RECORD_BYTES_TARGET {
+                    match rx.try_recv() {
+                        Ok(command) => {
+                            bytes += command.bytes_max();
+                            batch.push(command);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = self.commit(&mut batch) {
+                    tracing::error!(error = %e, "ledger storage failed; the ledger stops");
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Decides and commits one batch, then answers it.
+    pub fn commit(&mut self, batch: &mut Vec<Command>) -> Result<(), LedgerError> {
+        // Ledger time never goes backwards, even if the clock does.
+        let now_ms = self.clock.now_ms().max(self.last_time_ms);
+        let mut events: Vec<Event> = Vec::with_capacity(batch.len() + 4);
+        let expired = self.state.expire_due(now_ms, &mut events);
+        let mut replies = Vec::with_capacity(batch.len());
+        for command in batch.drain(..) {
+            match command {
+                Command::Op { op, reply } => {
+                    let result = self.state.decide(op, now_ms, &mut events);
+                    replies.push(Reply::Op(reply, result));
+                }
+                Command::ExpireDue { reply } => replies.push(Reply::Expired(reply)),
+                Command::Read(read) => replies.push(Reply::Read(read)),
+            }
+        }
+        if !events.is_empty() {
+            self.state.assert_totals_balance();
+            let seq = self.head.seq + 1;
+            let (record, hash) = encode_record(seq, &self.head.hash, now_ms, &events);
+            let head = Head { seq, hash };
+            if let Err(e) = self.storage.append(seq, &record, &head.encode()) {
+                // The state in memory is now ahead of the disk: answer everyone with the
+                // error and stop; reopening replays what is durable.
+                for reply in replies {
+                    match reply {
+                        Reply::Op(tx, _) => {
+                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                        }
+                        Reply::Expired(tx) => {
+                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                        }
+                        Reply::Read(_) => {}
+                    }
+                }
+                return Err(e.into());
+            }
+            self.head = head;
+            self.last_time_ms = now_ms;
+        }
+        for reply in replies {
+            match reply {
+                Reply::Op(tx, result) => {
+                    let _ = tx.send(Ok(result));
+                }
+                Reply::Expired(tx) => {
+                    let _ = tx.send(Ok(expired.clone()));
+                }
+                Reply::Read(read) => read(&self.state, self.head),
+            }
+        }
+        Ok(())
+    }
+}
