@@ -12,7 +12,8 @@ use clap::{Args, Subcommand};
 
 use crate::clock::SystemClock;
 use crate::ledger::{
-    CurrencySpec, Ledger, LedgerOptions, LedgerSettings, Owner, TransferId, TransferRequest,
+    CurrencySpec, Ledger, LedgerOptions, LedgerSettings, Owner, SledStorage, Storage, TransferId,
+    TransferRequest,
 };
 
 /// `mxpay bench ...`
@@ -81,6 +82,23 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
             ms(f.p50),
             ms(f.p99)
         );
+    }
+    for fdatasync in [false, true] {
+        let f = storage_floor(
+            &dir.join(format!("storage-{fdatasync}")),
+            p.fsyncs,
+            fdatasync,
+        )?;
+        if let Some(f) = f {
+            println!(
+                "storage floor (sled apply_batch + flush{}, 300 B record, {} times): \
+                 p50 {:.3} ms, p99 {:.3} ms",
+                if fdatasync { " + fdatasync" } else { "" },
+                p.fsyncs,
+                ms(f.p50),
+                ms(f.p99)
+            );
+        }
     }
     let settings = LedgerSettings {
         currencies: vec![CurrencySpec {
@@ -276,5 +294,27 @@ fn fsync_floor(dir: &Path, count: usize) -> std::io::Result<Option<Stats>> {
     }
     drop(file);
     std::fs::remove_file(&path)?;
+    Ok(Some(Stats::of(samples)))
+}
+
+/// What the journal store alone costs per durable append, without the ledger around it.
+fn storage_floor(
+    dir: &Path,
+    count: usize,
+    fdatasync: bool,
+) -> Result<Option<Stats>, Box<dyn std::error::Error + Send + Sync>> {
+    if count == 0 {
+        return Ok(None);
+    }
+    let storage = SledStorage::open_with(dir, fdatasync)?;
+    let record = [7u8; 300];
+    let mut samples = Vec::with_capacity(count);
+    for seq in 1..=count as u64 {
+        let started = Instant::now();
+        storage.append(seq, &record, &seq.to_le_bytes())?;
+        samples.push(started.elapsed());
+    }
+    drop(storage);
+    std::fs::remove_dir_all(dir)?;
     Ok(Some(Stats::of(samples)))
 }

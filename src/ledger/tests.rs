@@ -775,6 +775,55 @@ fn rolling_daily_limit() {
 }
 
 #[test]
+fn the_daily_window_is_rebuilt_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let open = || {
+        Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
+            .unwrap()
+            .blocking()
+    };
+    let send = |ledger: &BlockingLedger, id: u128, debit: Owner, value: &str| {
+        let amount = ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(value).unwrap(), "BHD")
+            .unwrap();
+        ledger.create_transfer(TransferRequest {
+            id: TransferId(id),
+            debit,
+            credit: user("bob"),
+            amount,
+            memo: vec![],
+        })
+    };
+    let ledger = open();
+    send(&ledger, 1, Owner::Issuer, "1000.000").unwrap();
+    send(&ledger, 2, user("alice"), "150.000").ok();
+    let fund = ledger
+        .ledger()
+        .parse_amount(Decimal::from(500), "BHD")
+        .unwrap();
+    ledger
+        .create_transfer(TransferRequest {
+            id: TransferId(3),
+            debit: Owner::Issuer,
+            credit: user("alice"),
+            amount: fund,
+            memo: vec![],
+        })
+        .unwrap();
+    send(&ledger, 4, user("alice"), "150.000").unwrap();
+    drop(ledger);
+    let ledger = open();
+    assert_eq!(
+        rejected(send(&ledger, 5, user("alice"), "60.000")),
+        TransferError::ExceedsDailyLimit
+    );
+    clock.advance_ms(DAY_MS);
+    send(&ledger, 6, user("alice"), "60.000").unwrap();
+}
+
+#[test]
 fn history_is_newest_first_and_pages() {
     let f = open();
     f.fund(1, "alice", "100.00");
