@@ -1,5 +1,6 @@
 //! Command line: `mxpay <command>`. Each command lives in its own file; main.rs only dispatches.
 
+pub mod dev;
 pub mod registration;
 pub mod serve;
 
@@ -27,6 +28,8 @@ pub enum Command {
     /// Writes an appservice registration with fresh tokens for the homeserver (alias `-g`).
     #[command(short_flag = 'g', visible_alias = "g")]
     GenerateRegistration(registration::GenerateRegistrationArgs),
+    /// Local development: Synapse, mxpay and demo users under `.dev/`, until Ctrl-C.
+    Dev(dev::DevArgs),
     /// Ledger tools that work on a data directory directly (mxpay must not be running).
     Ledger {
         /// What to do.
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow_like::Result {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::GenerateRegistration(args) => registration::run(args),
+        Command::Dev(args) => dev::run(args).map_err(Into::into),
         Command::Ledger { command } => match command {
             LedgerCommand::Verify { data_dir } => ledger::verify(&data_dir),
         },

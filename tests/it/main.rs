@@ -1,4 +1,9 @@
 //! The one integration test binary: each extra binary re-links matrix-sdk, which is slow.
+#![recursion_limit = "256"]
+
+mod dev;
+mod spine;
+mod support;
 
 mod homeserver_retry;
 mod ledger;

@@ -1,0 +1,168 @@
+//! `mxpay dev`, the newcomer's first command, end to end: it brings up its own Synapse and
+//! mxpay, the demo users can log in, Ctrl-C (SIGTERM here) stops everything, and a second
+//! run reuses the setup.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{self, free_port, log_tail, repo_dir, run_dir};
+
+/// `mxpay dev` under `scripts/synapse.sh guard --signal TERM`, so that it shuts its Synapse
+/// down even if this test process dies.
+struct Dev {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+const UP_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn start_dev(dir: &Path, homeserver_port: u16, appservice_port: u16) -> Dev {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))
+        .expect("open the dev log");
+    let mut child = Command::new("bash")
+        .arg(repo_dir().join("scripts/synapse.sh"))
+        .args(["guard", "--signal", "TERM"])
+        .arg(env!("CARGO_BIN_EXE_mxpay"))
+        .arg("dev")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--homeserver-port")
+        .arg(homeserver_port.to_string())
+        .arg("--appservice-port")
+        .arg(appservice_port.to_string())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn mxpay dev");
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("mxpay dev is up") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(UP_TIMEOUT).is_err() {
+        let mut dev = Dev { child, stdin };
+        dev.stop();
+        panic!(
+            "mxpay dev did not come up; its log:\n{}",
+            log_tail(&dir.with_extension("log"), 40)
+        );
+    }
+    Dev { child, stdin }
+}
+
+impl Dev {
+    /// Closes the guard's stdin (SIGTERM to `mxpay dev`) and returns whether it exited 0.
+    fn stop(&mut self) -> bool {
+        drop(self.stdin.take());
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().expect("poll mxpay dev") {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            self.stop();
+        }
+    }
+}
+
+async fn login(homeserver_port: u16, localpart: &str, password: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{homeserver_port}/_matrix/client/v3/login"
+        ))
+        .json(&json!({
+            "type": "m.login.password",
+            "identifier": { "type": "m.id.user", "user": localpart },
+            "password": password,
+        }))
+        .send()
+        .await
+        .expect("POST login")
+        .status()
+        .as_u16()
+}
+
+fn demo_users(dir: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(dir.join("dev.json")).expect("read dev.json");
+    let state: serde_json::Value = serde_json::from_str(&text).expect("dev.json is JSON");
+    serde_json::from_value(state["users"].clone()).expect("users in dev.json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mxpay_dev_comes_up_lets_demo_users_log_in_and_stops_on_signal() {
+    let dir = run_dir().join(format!("dev-{}", support::random_suffix(6)));
+    let (homeserver_port, appservice_port) = (free_port(), free_port());
+
+    let mut dev = start_dev(&dir, homeserver_port, appservice_port);
+    let ready = reqwest::get(format!("http://127.0.0.1:{appservice_port}/ready"))
+        .await
+        .expect("GET /ready of the dev mxpay");
+    assert_eq!(
+        ready.status().as_u16(),
+        200,
+        "the dev mxpay passed its start-up checks"
+    );
+    let users = demo_users(&dir);
+    let names: Vec<&str> = users.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["alice", "bob"]);
+    for (name, password) in &users {
+        assert_eq!(
+            login(homeserver_port, name, password).await,
+            200,
+            "{name} logs in"
+        );
+    }
+    assert_eq!(login(homeserver_port, "alice", "wrong").await, 403);
+    let synapse_pid = std::fs::read_to_string(dir.join("synapse/synapse.pid"))
+        .expect("Synapse's PID is recorded")
+        .trim()
+        .to_owned();
+    assert!(
+        dev.stop(),
+        "mxpay dev exits 0 on SIGTERM; log:\n{}",
+        log_tail(&dir.with_extension("log"), 30)
+    );
+    assert!(
+        !dir.join("synapse/synapse.pid").exists(),
+        "Synapse was stopped"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{synapse_pid}")).exists(),
+        "Synapse's process is gone"
+    );
+
+    // A second run reuses the setup: same users, same passwords.
+    let mut dev = start_dev(&dir, free_port(), free_port());
+    assert_eq!(demo_users(&dir), users);
+    let (name, password) = &users[0];
+    assert_eq!(
+        login(homeserver_port, name, password).await,
+        200,
+        "same port, same password"
+    );
+    assert!(dev.stop());
+}
