@@ -65,6 +65,9 @@ pub struct Config {
     /// Log level and format.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// The admin API: token key, funding providers (`docs/admin-api.md`). Off by default.
+    #[serde(default)]
+    pub admin: crate::admin::AdminSettings,
 }
 
 /// `homeserver:` section.
@@ -178,6 +181,7 @@ impl Default for Config {
             data_dir: default_data_dir(),
             ledger: LedgerSettings::default(),
             logging: LoggingConfig::default(),
+            admin: crate::admin::AdminSettings::default(),
         }
     }
 }
@@ -252,6 +256,7 @@ impl Config {
 
     /// Makes relative paths absolute-ish by joining them to `base` (the config's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
+        self.admin.resolve_paths(base);
         for path in [&mut self.data_dir, &mut self.appservice.registration] {
             if path.is_relative() {
                 let joined = base.join(&*path);
@@ -334,6 +339,12 @@ impl Config {
                 format!("not a tracing filter directive: {e}"),
             ));
         }
+        self.admin.validate().map_err(
+            |crate::admin::settings::SettingsError::Invalid { key, reason }| ConfigError::Invalid {
+                key,
+                reason,
+            },
+        )?;
         for (i, currency) in self.ledger.currencies.iter().enumerate() {
             let key = format!("ledger.currencies[{i}]");
             if currency.code.len() != 3 || !currency.code.chars().all(|c| c.is_ascii_uppercase()) {

@@ -256,6 +256,14 @@ impl TokenAuthority {
 
     /// Verifies `token` and that it carries `required`. Returns its claims.
     pub fn verify(&self, token: &str, required: Scope) -> Result<AdminClaims, TokenError> {
+        let claims = self.authenticate(token)?;
+        authorize(&claims, required)?;
+        Ok(claims)
+    }
+
+    /// Verifies `token`'s signature, audience and expiry, not its scopes. Returns its claims,
+    /// so a refusal for a missing scope can still name who asked.
+    pub fn authenticate(&self, token: &str) -> Result<AdminClaims, TokenError> {
         let mut validation = Validation::new(self.algorithm);
         // Expiry is checked below against the injected clock.
         validation.validate_exp = false;
@@ -271,14 +279,21 @@ impl TokenAuthority {
         if self.clock.now_ms() / 1000 >= claims.exp {
             return Err(TokenError::Expired);
         }
-        if !claims.scopes.contains(&required) {
-            return Err(TokenError::MissingScope(required));
-        }
         Ok(claims)
     }
 }
 
-fn random_id() -> String {
+/// Checks that authenticated `claims` carry `required`.
+pub fn authorize(claims: &AdminClaims, required: Scope) -> Result<(), TokenError> {
+    if claims.scopes.contains(&required) {
+        Ok(())
+    } else {
+        Err(TokenError::MissingScope(required))
+    }
+}
+
+/// 128 random bits as hex, for token ids and generated keys.
+pub fn random_id() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut bytes);
