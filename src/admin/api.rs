@@ -49,8 +49,7 @@ impl<S: Clone + Send + Sync + 'static> Mount<S> {
         }
     }
 
-    fn add(mut self, method: &'static str, path: &str, route: MethodRouter<S>) -> Self {
-        let path = format!("{ADMIN_PREFIX}{path}");
+    fn add(self, method: &'static str, path: &str, route: MethodRouter<S>) -> Self {
         // A wrong method on a known path gets the same answer as on the appservice edge.
         let route = route.fallback(|| async {
             json_response(
@@ -58,6 +57,12 @@ impl<S: Clone + Send + Sync + 'static> Mount<S> {
                 &serde_json::json!({"errcode": "M_UNRECOGNIZED", "error": "method not allowed"}),
             )
         });
+        self.add_any(method, path, route)
+    }
+
+    /// [`Mount::add`] for a route that answers every method itself.
+    fn add_any(mut self, method: &'static str, path: &str, route: MethodRouter<S>) -> Self {
+        let path = format!("{ADMIN_PREFIX}{path}");
         self.router = self.router.route(&path, route);
         self.routes.push((method, path));
         self
@@ -75,7 +80,7 @@ pub fn routes(state: Option<Arc<AdminState>>) -> (Router, Vec<(&'static str, Str
     let Some(state) = state else {
         let mount = Mount::<()>::new()
             .add("get", "/openapi.json", get(openapi))
-            .add(
+            .add_any(
                 "any",
                 "/{*rest}",
                 axum::routing::any(|| async { AdminError::Disabled }),

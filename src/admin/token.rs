@@ -407,6 +407,68 @@ mod tests {
         assert!(!format!("{key:?}").contains("0123"));
     }
 
+    /// Test-only Ed25519 keys (generated for these tests, used nowhere else).
+    const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIAQLUs+e0ZtGrKj7jkMu1sHqs+56VG4VxZvmlh2WT4kR\n-----END PRIVATE KEY-----\n";
+    const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAO5dzs0oomYpbUsAUe6fLh9nIg4tmDYR5RApnWFePERU=\n-----END PUBLIC KEY-----\n";
+    const ED_OTHER_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIAdK3KunLV45oAvRDlJK2zLhskzbglfcqqCgR9mBSh8L\n-----END PRIVATE KEY-----\n";
+
+    #[test]
+    fn eddsa_tokens_verify_with_the_public_key_only() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let minter = TokenAuthority::new(
+            &AdminKey::EdDsa {
+                public_pem: ED_PUBLIC.into(),
+                private_pem: Some(ED_PRIVATE.into()),
+            },
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let verifier = TokenAuthority::new(
+            &AdminKey::EdDsa {
+                public_pem: ED_PUBLIC.into(),
+                private_pem: None,
+            },
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let token = minter
+            .mint("ops", [Scope::Audit].into_iter().collect(), 60)
+            .unwrap();
+        assert_eq!(verifier.verify(&token, Scope::Audit).unwrap().sub, "ops");
+        assert_eq!(
+            verifier.mint("ops", BTreeSet::new(), 60),
+            Err(TokenError::NoSigningKey)
+        );
+        // Signed by another Ed25519 key: refused.
+        let other = TokenAuthority::new(
+            &AdminKey::EdDsa {
+                public_pem: ED_PUBLIC.into(),
+                private_pem: Some(ED_OTHER_PRIVATE.into()),
+            },
+            Arc::new(clock.clone()),
+        )
+        .unwrap()
+        .mint("ops", [Scope::Audit].into_iter().collect(), 60)
+        .unwrap();
+        assert_eq!(
+            verifier.verify(&other, Scope::Audit),
+            Err(TokenError::BadSignature)
+        );
+        // An HS256 token made with the public key as its secret (algorithm confusion): refused.
+        let confused = authority(ED_PUBLIC.as_bytes(), &clock)
+            .mint("ops", [Scope::Audit].into_iter().collect(), 60)
+            .unwrap();
+        assert!(verifier.verify(&confused, Scope::Audit).is_err());
+        assert!(!format!(
+            "{:?}",
+            AdminKey::EdDsa {
+                public_pem: vec![],
+                private_pem: Some(ED_PRIVATE.into())
+            }
+        )
+        .contains("MC4C"));
+    }
+
     #[test]
     fn scope_names_round_trip() {
         for scope in Scope::ALL {

@@ -627,3 +627,357 @@ async fn every_call_appears_in_the_audit_log() {
     assert_eq!(audit[7]["result"], "ok");
     assert!(audit.iter().all(|e| e["at_ms"].as_u64() == Some(T0_MS)));
 }
+
+/// A pending withdrawal of `amount` EUR from `user`, as the payments layer makes it.
+async fn withdrawal(h: &Harness, user: &str, amount: &str, key: &str) -> String {
+    let amount: Decimal = amount.parse().unwrap();
+    let transfer = h
+        .ledger
+        .create_pending(
+            TransferRequest {
+                id: TransferId::from_key(key),
+                debit: Owner::user(user),
+                credit: Owner::Settlement,
+                amount: h.ledger.parse_amount(amount, "EUR").unwrap(),
+                memo: br#"{"type":"withdrawal"}"#.to_vec(),
+            },
+            24 * 3600 * 1000,
+        )
+        .await
+        .unwrap();
+    transfer.id.to_string()
+}
+
+#[tokio::test]
+async fn withdrawals_settle_or_reject_by_api_and_by_webhook() {
+    let h = Harness::new();
+    h.topup(ALICE, "100.00", "EUR", "w-0").await;
+    let w1 = withdrawal(&h, ALICE, "30.00", "w-1").await;
+    let w2 = withdrawal(&h, ALICE, "20.00", "w-2").await;
+    let w3 = withdrawal(&h, ALICE, "10.00", "w-3").await;
+    let w4 = withdrawal(&h, ALICE, "5.00", "w-4").await;
+    assert_eq!(h.available(ALICE, "EUR").await, "35.00");
+
+    let read = h.token(&[Scope::Read]);
+    let (status, pending) = h.call("GET", "/transfers/pending", Some(&read), None).await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = pending["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4);
+    for w in [&w1, &w2, &w3, &w4] {
+        assert!(ids.contains(&w.as_str()));
+    }
+
+    let settle = h.token(&[Scope::Settle]);
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w1}/settle"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "posted");
+    // Settling again answers the same; rejecting a settled one is refused.
+    let (status, _) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w1}/settle"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w1}/reject"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["errcode"], "ORG.MXPAY_REJECTED");
+
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w2}/reject"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "voided");
+    assert_eq!(h.available(ALICE, "EUR").await, "55.00");
+
+    // The provider settles w3 and rejects w4; retries change nothing; a used event id with
+    // another withdrawal is refused.
+    let settled = json!({"type": "withdrawal.settled", "event_id": "evt_w3", "withdrawal_id": w3})
+        .to_string();
+    let (status, body) = h.webhook("acme", &settled, Some(h.sign(&settled))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["result"].as_str(), body["replay"].as_bool()),
+        (Some("settled"), Some(false))
+    );
+    let (status, body) = h.webhook("acme", &settled, Some(h.sign(&settled))).await;
+    assert_eq!(
+        (status.as_u16(), body["replay"].as_bool()),
+        (200, Some(true))
+    );
+    let rejected = json!({"type": "withdrawal.rejected", "event_id": "evt_w4", "withdrawal_id": w4, "reason": "closed account"}).to_string();
+    let (status, body) = h.webhook("acme", &rejected, Some(h.sign(&rejected))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "voided");
+    let reused = json!({"type": "withdrawal.settled", "event_id": "evt_w3", "withdrawal_id": w4})
+        .to_string();
+    let (status, body) = h.webhook("acme", &reused, Some(h.sign(&reused))).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(h.available(ALICE, "EUR").await, "60.00");
+
+    // Only withdrawals can be settled: not a payment between users, not unknown ids.
+    let payment = h
+        .ledger
+        .create_pending(
+            TransferRequest {
+                id: TransferId::from_key("p-1"),
+                debit: Owner::user(ALICE),
+                credit: Owner::user(BOB),
+                amount: h.ledger.parse_amount(Decimal::ONE, "EUR").unwrap(),
+                memo: Vec::new(),
+            },
+            60_000,
+        )
+        .await
+        .unwrap();
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{}/settle", payment.id),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = h
+        .call("POST", "/withdrawals/xyz/settle", Some(&settle), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["errcode"], "M_INVALID_PARAM");
+    let (status, pending) = h.call("GET", "/transfers/pending", Some(&read), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(pending["transfers"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn history_pages_newest_first() {
+    let h = Harness::new();
+    for i in 1..=5 {
+        h.topup(ALICE, &format!("{i}.00"), "EUR", &format!("h-{i}"))
+            .await;
+    }
+    h.topup(BOB, "9.00", "EUR", "h-bob").await;
+    let read = h.token(&[Scope::Read]);
+    let mut amounts = Vec::new();
+    let mut from: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &from {
+            Some(from) => format!("/users/{}/history?limit=2&from={from}", enc(ALICE)),
+            None => format!("/users/{}/history?limit=2", enc(ALICE)),
+        };
+        let (status, body) = h.call("GET", &path, Some(&read), None).await;
+        assert_eq!(status, 200, "{body}");
+        pages += 1;
+        for t in body["transfers"].as_array().unwrap() {
+            amounts.push(t["amount"].as_str().unwrap().to_owned());
+        }
+        match body["next"].as_str() {
+            Some(next) => from = Some(next.to_owned()),
+            None => break,
+        }
+        assert!(pages < 10, "pagination does not end");
+    }
+    assert_eq!(amounts, ["5.00", "4.00", "3.00", "2.00", "1.00"]);
+    assert_eq!(pages, 3);
+    let (status, body) = h
+        .call(
+            "GET",
+            &format!("/users/{}/history?limit=x", enc(ALICE)),
+            Some(&read),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["errcode"].as_str()),
+        (400, Some("M_INVALID_PARAM"))
+    );
+}
+
+#[tokio::test]
+async fn ledger_verify_and_streamed_export() {
+    let h = Harness::new();
+    // More lines than the export's channel holds, so the stream must flow.
+    for i in 0..150 {
+        h.topup(
+            &format!("@u{i}:example.org"),
+            "1.00",
+            "EUR",
+            &format!("e-{i}"),
+        )
+        .await;
+    }
+    let read = h.token(&[Scope::Read]);
+    let (status, body) = h.call("POST", "/ledger/verify", Some(&read), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true);
+    assert_eq!(body["transfers"], 150);
+
+    let response = h
+        .router
+        .clone()
+        .oneshot(
+            Request::get("/_mxpay/admin/v1/ledger/export")
+                .header("authorization", format!("Bearer {read}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+        .await
+        .unwrap();
+    let lines: Vec<Value> = std::str::from_utf8(&bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let count = |t: &str| lines.iter().filter(|l| l["type"] == t).count();
+    assert_eq!(count("transfer_created"), 150);
+    assert_eq!(count("currency_defined"), 2);
+    assert_eq!(count("account_opened"), 151, "150 users and the issuer");
+    assert!(lines.iter().all(|l| l.get("error").is_none()));
+    let first = lines
+        .iter()
+        .find(|l| l["type"] == "transfer_created")
+        .unwrap();
+    assert_eq!(first["from"]["owner"], "system:issuer");
+    assert_eq!(first["amount"], "1.00");
+    assert_eq!(first["memo"]["source"], "api");
+}
+
+#[tokio::test]
+async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth() {
+    let doc: Value = serde_json::from_str(mxpay::admin::api::OPENAPI_JSON).unwrap();
+    let on_disk: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc, on_disk);
+    let h = Harness::new();
+    let (_, routes) = mxpay::admin::api::routes(Some(Arc::new(
+        AdminState::new(
+            &AdminKey::Hs256 {
+                secret: SECRET.to_vec(),
+            },
+            Vec::new(),
+            300,
+            h._dir.path().join("other").as_path(),
+            h.ledger.clone(),
+            Arc::new(h.clock.clone()),
+        )
+        .unwrap(),
+    )));
+    assert!(routes.len() >= 15, "{routes:?}");
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in &routes {
+        let item = paths
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} is mounted but not in docs/openapi.json"));
+        assert!(
+            item.get(*method).is_some(),
+            "{method} {path} is mounted but not in docs/openapi.json"
+        );
+    }
+    let mut documented = 0;
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            documented += 1;
+            assert!(
+                routes.iter().any(|(m, p)| m == method && p == path),
+                "{method} {path} is documented but not mounted"
+            );
+            // Everything but the document itself and the webhooks needs a token.
+            let concrete = path
+                .replace("{user_id}", &enc(ALICE))
+                .replace("{transfer_id}", &"1".repeat(32))
+                .replace("{withdrawal_id}", &"1".repeat(32))
+                .replace("{provider}", "acme");
+            let (status, body) = h
+                .call(
+                    &method.to_uppercase(),
+                    concrete.trim_start_matches("/_mxpay/admin/v1"),
+                    None,
+                    None,
+                )
+                .await;
+            match op.get("x-mxpay-scope") {
+                Some(_) => assert_eq!(
+                    (status.as_u16(), body["errcode"].as_str()),
+                    (401, Some("M_MISSING_TOKEN")),
+                    "{method} {path}"
+                ),
+                None if path.ends_with("/openapi.json") => {
+                    assert_eq!(status, 200);
+                    assert_eq!(body, doc);
+                }
+                None => assert_eq!(status, 401, "{method} {path}: no signature"),
+            }
+        }
+    }
+    assert_eq!(documented, routes.len());
+    let (status, body) = h.call("GET", "/topups", None, None).await;
+    assert_eq!(
+        (status.as_u16(), body["errcode"].as_str()),
+        (405, Some("M_UNRECOGNIZED"))
+    );
+}
+
+#[tokio::test]
+async fn admin_api_is_off_without_a_key() {
+    let router = mxpay::admin::router(None);
+    for (method, path) in [
+        ("POST", "/_mxpay/admin/v1/topups"),
+        ("GET", "/_mxpay/admin/v1/users/%40a%3Ab/accounts"),
+    ] {
+        let response = router
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("admin.token"),
+            "{body}"
+        );
+    }
+}
