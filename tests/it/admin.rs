@@ -981,3 +981,214 @@ async fn admin_api_is_off_without_a_key() {
         );
     }
 }
+
+/// Runs the real `mxpay admin ...` with `args`; returns (success, stdout, stderr).
+async fn cli(args: &[&str], token: Option<&str>) -> (bool, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mxpay"));
+    command
+        .arg("admin")
+        .args(args)
+        .env_remove("MXPAY_ADMIN_TOKEN");
+    if let Some(token) = token {
+        command.env("MXPAY_ADMIN_TOKEN", token);
+    }
+    command.kill_on_drop(true);
+    let output = tokio::time::timeout(crate::support::timeout(), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("mxpay admin {args:?} did not finish"))
+        .expect("run mxpay admin");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The real binary over real Synapse: `mxpay serve` with an `admin:` section (key from a
+/// file, provider secret from the environment), driven by the real `mxpay admin` CLI.
+#[tokio::test]
+async fn cli_against_running_mxpay_shows_balance_after_topup() {
+    use crate::support::{self, MxpayOptions, MxpayProcess, SlotKind};
+    let mut lease = support::synapse()
+        .lease(SlotKind::Normal, "admin-cli")
+        .await;
+    let (yaml, secret) = admin_yaml(&lease.dir);
+    lease.config.extra_yaml = format!(
+        "{yaml}  providers:\n    - name: acme\n      secret: {{ env: MXPAY_IT_ACME_SECRET }}\n"
+    );
+    lease.write_config();
+    let mxpay = MxpayProcess::start_with(
+        &lease,
+        MxpayOptions {
+            env: vec![(
+                "MXPAY_IT_ACME_SECRET".to_owned(),
+                String::from_utf8_lossy(ACME_SECRET).into_owned(),
+            )],
+        },
+    )
+    .await;
+    let alice = support::user("alice").await;
+    let alice_id = alice.user_id.to_string();
+    let config = lease.config_path();
+    let config = config.to_str().unwrap();
+
+    let (ok, token, err) = cli(
+        &[
+            "-c",
+            config,
+            "token",
+            "create",
+            "--scope",
+            "topup,read,freeze",
+            "--scope",
+            "audit",
+            "--ttl",
+            "10m",
+            "--subject",
+            "it-ops",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "token create failed: {err}");
+    let token = token.trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+
+    let (ok, out, err) = cli(
+        &[
+            "-c",
+            config,
+            "topup",
+            &alice_id,
+            "12.50",
+            "EUR",
+            "--key",
+            "it-order-1",
+        ],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "topup failed: {err}");
+    assert!(out.contains("credited 12.50 EUR"), "{out}");
+    // The same key again credits nothing more.
+    let (ok, _, err) = cli(
+        &[
+            "-c",
+            config,
+            "topup",
+            &alice_id,
+            "12.50",
+            "EUR",
+            "--key",
+            "it-order-1",
+        ],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    // A bad amount is refused with the API's sentence and a failing exit status.
+    let (ok, _, err) = cli(
+        &["-c", config, "topup", &alice_id, "1.001", "EUR"],
+        Some(&token),
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("EUR has 2 decimal places"), "{err}");
+
+    // A signed provider webhook over the socket.
+    let body = json!({
+        "type": "topup.succeeded", "event_id": "it_evt_1", "user_id": alice_id,
+        "amount": "7.50", "currency": "EUR",
+    })
+    .to_string();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signature = webhook::sign(
+        &WebhookSecret::new(ACME_SECRET.to_vec()),
+        now_s,
+        body.as_bytes(),
+    );
+    for _ in 0..2 {
+        let response = reqwest::Client::new()
+            .post(format!("{}/_mxpay/admin/v1/webhooks/acme", mxpay.url))
+            .header(webhook::SIGNATURE_HEADER, &signature)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+
+    let (ok, out, err) = cli(&["-c", config, "balance", &alice_id], Some(&token)).await;
+    assert!(ok, "balance failed: {err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("EUR"))
+        .unwrap_or_else(|| panic!("no EUR row: {out}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("20.00"), "{out}");
+
+    let (ok, out, err) = cli(
+        &["-c", config, "--json", "history", &alice_id],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let history: Value = serde_json::from_str(&out).unwrap();
+    let amounts: Vec<&str> = history["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(amounts, ["7.50", "12.50"]);
+
+    let (ok, out, _) = cli(&["-c", config, "freeze", &alice_id], Some(&token)).await;
+    assert!(ok && out.contains("debits"), "{out}");
+    let (ok, _, _) = cli(&["-c", config, "unfreeze", &alice_id], Some(&token)).await;
+    assert!(ok);
+    let (ok, out, err) = cli(&["-c", config, "verify"], Some(&token)).await;
+    assert!(ok && out.starts_with("ledger OK"), "{out} {err}");
+
+    // Without the scope: refused, and the CLI says why.
+    let (_, read_only, _) = cli(&["-c", config, "token", "create", "--scope", "read"], None).await;
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(read_only.trim())).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &["-c", config, "topup", &alice_id, "1", "EUR"],
+        Some(read_only.trim()),
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("M_FORBIDDEN") && err.contains("topup"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["-c", config, "balance", &alice_id], None).await;
+    assert!(!ok && err.contains("MXPAY_ADMIN_TOKEN"), "{err}");
+
+    let (ok, out, err) = cli(&["-c", config, "audit", "--limit", "100"], Some(&token)).await;
+    assert!(ok, "{err}");
+    for action in [
+        "topup",
+        "webhook.topup",
+        "accounts",
+        "history",
+        "freeze",
+        "unfreeze",
+        "ledger.verify",
+        "pending",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().nth(3) == Some(action)),
+            "no {action} in the audit log:\n{out}"
+        );
+    }
+    assert!(out.contains("it-ops"), "{out}");
+    // The secret never reaches mxpay's log.
+    let log = mxpay.log();
+    assert!(!log.contains(std::str::from_utf8(&secret).unwrap()));
+    assert!(!log.contains(std::str::from_utf8(ACME_SECRET).unwrap()));
+}
