@@ -68,6 +68,9 @@ pub struct Config {
     /// Payments: PIN pepper, step-up timeout, device trust, who may hold a wallet.
     #[serde(default)]
     pub payments: crate::payments::PaymentsSettings,
+    /// The admin API: token key, funding providers (`docs/admin-api.md`). Off by default.
+    #[serde(default)]
+    pub admin: crate::admin::AdminSettings,
 }
 
 /// `homeserver:` section.
@@ -182,6 +185,7 @@ impl Default for Config {
             ledger: LedgerSettings::default(),
             logging: LoggingConfig::default(),
             payments: crate::payments::PaymentsSettings::default(),
+            admin: crate::admin::AdminSettings::default(),
         }
     }
 }
@@ -257,6 +261,7 @@ impl Config {
     /// Makes relative paths absolute-ish by joining them to `base` (the config's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
         self.payments.resolve_paths(base);
+        self.admin.resolve_paths(base);
         for path in [&mut self.data_dir, &mut self.appservice.registration] {
             if path.is_relative() {
                 let joined = base.join(&*path);
@@ -345,6 +350,12 @@ impl Config {
             }
             other => invalid("payments", other.to_string()),
         })?;
+        self.admin.validate().map_err(
+            |crate::admin::settings::SettingsError::Invalid { key, reason }| ConfigError::Invalid {
+                key,
+                reason,
+            },
+        )?;
         for (i, currency) in self.ledger.currencies.iter().enumerate() {
             let key = format!("ledger.currencies[{i}]");
             if currency.code.len() != 3 || !currency.code.chars().all(|c| c.is_ascii_uppercase()) {

@@ -136,6 +136,18 @@ pub struct HistoryPage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryCursor(u64);
 
+impl HistoryCursor {
+    /// The cursor as a number, to hand to API clients (e.g. a `from` query parameter).
+    pub fn to_raw(self) -> u64 {
+        self.0
+    }
+
+    /// A cursor from [`HistoryCursor::to_raw`]. Any value is safe: it only bounds the walk.
+    pub fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+}
+
 /// Most transfers one history page returns.
 pub const HISTORY_PAGE_MAX: usize = 1_000;
 

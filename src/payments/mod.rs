@@ -31,7 +31,7 @@ use tokio::sync::watch;
 pub use settings::PaymentsSettings;
 
 use crate::app::{App, AppError};
-use crate::clock::{SharedClock, SystemClock};
+use crate::clock::SharedClock;
 use crate::command::{self, Command};
 use crate::crypto::handler::CryptoHandler;
 use crate::crypto::{BotCrypto, CryptoError, DecryptedEvent, TrustState};
@@ -1882,9 +1882,9 @@ pub async fn start(
         .payments
         .load_pepper()
         .map_err(|e| AppError::Startup(e.to_string()))?;
-    let clock: SharedClock = Arc::new(SystemClock);
-    let ledger = Ledger::open(&config.data_dir, &config.ledger, clock.clone())
-        .map_err(|e| AppError::Startup(format!("cannot open the ledger: {e}")))?;
+    // The App opened the ledger (the admin API shares it) and owns the clock.
+    let clock: SharedClock = app.clock().clone();
+    let ledger = app.ledger().clone();
     let store_dir = config.data_dir.join("payments");
     let store = PaymentStore::open(&store_dir)
         .map_err(|e| AppError::Startup(format!("cannot open the payment store: {e}")))?;

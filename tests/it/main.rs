@@ -1,6 +1,7 @@
 //! The one integration test binary: each extra binary re-links matrix-sdk, which is slow.
 #![recursion_limit = "256"]
 
+mod admin;
 mod crypto;
 mod dev;
 mod spine;

@@ -2,16 +2,13 @@
 //! matrix-sdk clients. PINs in the private DM, `!pay` in an encrypted room, receipts.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use matrix_sdk::ruma::api::client::room::create_room::v3::RoomPreset;
 use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
 use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
-use mxpay::clock::SystemClock;
-use mxpay::ledger::{Ledger, LedgerSettings, Owner, TransferId, TransferRequest};
-use rust_decimal::Decimal;
 use serde_json::Value;
 
+use crate::admin::{admin_yaml, topup};
 use crate::support::{
     self, MxpayOptions, MxpayProcess, RoomOptions, SeenEvent, SlotKind, SlotLease, TestClient,
 };
@@ -19,41 +16,19 @@ use crate::support::{
 /// The PIN the tests' users choose.
 const PIN: &str = "4821";
 
-/// A leased slot configured with payments on (a pepper file in the lease dir) and the given
-/// step-up timeout.
-async fn payments_lease(label: &str, stepup_timeout_ms: u64) -> SlotLease {
+/// A slot leased with payments on (a pepper file in the lease dir), the given step-up
+/// timeout, and the admin API (for top-ups); returns the lease and the admin key.
+async fn payments_lease(label: &str, stepup_timeout_ms: u64) -> (SlotLease, Vec<u8>) {
     let mut lease = support::synapse().lease(SlotKind::Normal, label).await;
     let pepper: PathBuf = lease.dir.join("pepper");
     std::fs::write(&pepper, format!("{}\n", support::random_suffix(48))).expect("write pepper");
+    let (admin, admin_key) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
-        "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: {stepup_timeout_ms}\n",
+        "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: {stepup_timeout_ms}\n{admin}",
         pepper.display()
     );
     lease.write_config();
-    lease
-}
-
-/// Test-only funding, before mxpay starts (the ledger is then not open elsewhere): an issuer
-/// transfer, exactly what a top-up is in the ledger.
-/// TODO(admin): replace with the admin top-up API once it has landed on this branch.
-fn fund_before_start(lease: &SlotLease, user: &str, amount: Decimal) {
-    let ledger = Ledger::open(
-        &lease.config.data_dir,
-        &LedgerSettings::default(),
-        Arc::new(SystemClock),
-    )
-    .expect("open the ledger");
-    let ledger = ledger.blocking();
-    let amount = ledger.ledger().parse_amount(amount, "EUR").expect("amount");
-    ledger
-        .create_transfer(TransferRequest {
-            id: TransferId::from_key(&format!("test-funding {user}")),
-            debit: Owner::Issuer,
-            credit: Owner::user(user),
-            amount,
-            memo: b"test funding".to_vec(),
-        })
-        .expect("fund");
+    (lease, admin_key)
 }
 
 async fn send_text(client: &TestClient, room_id: &RoomId, text: &str) -> OwnedEventId {
@@ -177,9 +152,8 @@ async fn join_bot_dm(client: &TestClient) -> OwnedRoomId {
 async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
     let alice_user = support::user("alice").await;
     let bob_user = support::user("bob").await;
-    let lease = payments_lease("pay", 120_000).await;
-    fund_before_start(&lease, alice_user.user_id.as_str(), Decimal::new(10_000, 2));
-    let _mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
+    let (lease, admin_key) = payments_lease("pay", 120_000).await;
+    let mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
     let bot = lease.spec.bot_user_id();
     let alice = support::client(&alice_user).await;
     alice.bootstrap_cross_signing().await;
@@ -187,6 +161,15 @@ async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
 
     let dm = open_dm(&alice, &bot).await;
     set_pin(&alice, &dm, &bot).await;
+    topup(
+        &mxpay.url,
+        &admin_key,
+        alice.user.user_id.as_str(),
+        "100.00",
+        "EUR",
+    )
+    .await;
+    wait_notice(&alice, &dm, &bot, "topped up with 100.00 EUR").await;
 
     let room = group_room(&alice, &bot, &[&bob]).await;
     let bob_id = bob.user.user_id.as_str();
