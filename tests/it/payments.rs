@@ -220,3 +220,273 @@ async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
     send_text(&bob, &bob_dm, "!balance").await;
     wait_notice(&bob, &bob_dm, &bot, "EUR: 12.50 EUR").await;
 }
+
+/// Waits for a receipt from the bot in `room_id` with `status` and (if given) `reason`,
+/// answering `answered`.
+async fn wait_receipt(
+    client: &TestClient,
+    room_id: &RoomId,
+    bot: &str,
+    answered: &OwnedEventId,
+    status: &str,
+    reason: Option<&str>,
+) -> SeenEvent {
+    wait_bot_event(client, room_id, bot, "org.mxpay.receipt", |c| {
+        c["status"] == status
+            && c["m.relates_to"]["event_id"] == answered.as_str()
+            && reason.is_none_or(|r| c["reason"] == r)
+    })
+    .await
+}
+
+/// Sends `text` as a plaintext `m.room.message` straight through the client-server API, as
+/// a client that ignores the room's encryption would.
+async fn send_plaintext(client: &TestClient, room_id: &RoomId, text: &str) -> OwnedEventId {
+    let token = client.inner().access_token().expect("logged in");
+    let url = format!(
+        "{}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/plain-{}",
+        support::synapse().url,
+        support::random_suffix(12)
+    );
+    let response: Value = reqwest::Client::new()
+        .put(url)
+        .bearer_auth(token)
+        .json(&serde_json::json!({"msgtype": "m.text", "body": text}))
+        .send()
+        .await
+        .expect("send plaintext")
+        .json()
+        .await
+        .expect("send answer");
+    OwnedEventId::try_from(response["event_id"].as_str().expect("event id")).expect("event id")
+}
+
+/// A funded, cross-signed payer with a PIN and a DM; a payee; an encrypted room of the two
+/// with the bot.
+struct Scene {
+    lease: SlotLease,
+    admin_key: Vec<u8>,
+    mxpay: MxpayProcess,
+    bot: String,
+    alice: TestClient,
+    bob: TestClient,
+    dm: OwnedRoomId,
+    room: OwnedRoomId,
+}
+
+async fn scene(label: &str, stepup_timeout_ms: u64, funds: &str) -> Scene {
+    let alice_user = support::user("alice").await;
+    let bob_user = support::user("bob").await;
+    let (lease, admin_key) = payments_lease(label, stepup_timeout_ms).await;
+    let mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
+    let bot = lease.spec.bot_user_id();
+    let alice = support::client(&alice_user).await;
+    alice.bootstrap_cross_signing().await;
+    let bob = support::client(&bob_user).await;
+    let dm = open_dm(&alice, &bot).await;
+    set_pin(&alice, &dm, &bot).await;
+    topup(
+        &mxpay.url,
+        &admin_key,
+        alice.user.user_id.as_str(),
+        funds,
+        "EUR",
+    )
+    .await;
+    wait_notice(&alice, &dm, &bot, "topped up").await;
+    let room = group_room(&alice, &bot, &[&bob]).await;
+    Scene {
+        lease,
+        admin_key,
+        mxpay,
+        bot,
+        alice,
+        bob,
+        dm,
+        room,
+    }
+}
+
+impl Scene {
+    fn bob_id(&self) -> &str {
+        self.bob.user.user_id.as_str()
+    }
+
+    /// `!balance` in alice's DM; waits for the answer naming `expected` (e.g. `20.00 EUR`).
+    async fn alice_balance_is(&self, expected: &str) {
+        send_text(&self.alice, &self.dm, "!balance").await;
+        wait_notice(
+            &self.alice,
+            &self.dm,
+            &self.bot,
+            &format!("EUR: {expected}"),
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
+    let s = scene("refusals", 120_000, "20.00").await;
+    let (alice, bot, room) = (&s.alice, s.bot.as_str(), &s.room);
+
+    // Plaintext, even in an encrypted room.
+    let plain = send_plaintext(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+    wait_receipt(alice, room, bot, &plain, "declined", Some("not_encrypted")).await;
+    wait_notice(
+        alice,
+        room,
+        bot,
+        "only accepted in end-to-end-encrypted rooms",
+    )
+    .await;
+
+    // More than the balance.
+    let big = send_text(alice, room, &format!("!pay {} 50 EUR", s.bob_id())).await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &big,
+        "declined",
+        Some("insufficient_funds"),
+    )
+    .await;
+    wait_notice(alice, room, bot, "does not cover").await;
+
+    // Someone who is not in the room, and someone who does not exist.
+    let carol_user = support::user("carol").await;
+    let outsider = send_text(alice, room, &format!("!pay {} 1 EUR", carol_user.user_id)).await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &outsider,
+        "declined",
+        Some("payee_not_allowed"),
+    )
+    .await;
+    let nobody = send_text(alice, room, "!pay @nobody_at_all:localhost 1 EUR").await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &nobody,
+        "declined",
+        Some("payee_not_allowed"),
+    )
+    .await;
+    wait_notice(alice, room, bot, "@nobody_at_all:localhost is not a member").await;
+
+    // Three decimals for a two-decimal currency.
+    let precise = send_text(alice, room, &format!("!pay {} 1.005 EUR", s.bob_id())).await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &precise,
+        "declined",
+        Some("invalid_amount"),
+    )
+    .await;
+
+    // A device its owner did not cross-sign.
+    let carol = support::client(&carol_user).await;
+    alice
+        .room(room)
+        .await
+        .invite_user_by_id(&carol.user.user_id)
+        .await
+        .expect("invite carol");
+    carol.join(room).await;
+    alice
+        .wait_for_membership(room, carol.user.user_id.as_str(), "join")
+        .await;
+    let unsigned = send_text(&carol, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+    wait_receipt(
+        &carol,
+        room,
+        bot,
+        &unsigned,
+        "declined",
+        Some("untrusted_device"),
+    )
+    .await;
+    wait_notice(&carol, room, bot, "your device is not verified").await;
+
+    // A PIN typed in the group room, where the bot cannot redact (private_chat preset: the
+    // bot has power 0): the PIN counts as exposed and blocks payments until it is changed.
+    send_text(alice, room, PIN).await;
+    wait_notice(alice, room, bot, "treat that PIN as known to others").await;
+    let blocked = send_text(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+    wait_receipt(alice, room, bot, &blocked, "declined", Some("pin_locked")).await;
+
+    // `!pin change` needs the old PIN; then paying works again.
+    let dm = &s.dm;
+    send_text(alice, dm, "!pin change").await;
+    wait_notice(alice, dm, bot, "first send your current PIN").await;
+    send_text(alice, dm, "0000").await;
+    wait_notice(alice, dm, bot, "Wrong PIN. 4 attempts left").await;
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "Now send your new 4-digit PIN").await;
+    send_text(alice, dm, "1357").await;
+    wait_notice(alice, dm, bot, "Send the same PIN again").await;
+    send_text(alice, dm, "1357").await;
+    wait_notice(alice, dm, bot, "Your PIN is changed").await;
+    let pay = send_text(alice, room, &format!("!pay {} 2 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 2.00 EUR").await;
+    send_text(alice, dm, "1357").await;
+    wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
+    s.alice_balance_is("18.00 EUR").await;
+}
+
+#[tokio::test]
+async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
+    let s = scene("lock", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    for left in (1..=4).rev() {
+        let wrong = send_text(alice, dm, "0000").await;
+        let plural = if left == 1 { "attempt" } else { "attempts" };
+        wait_notice(alice, dm, bot, &format!("Wrong PIN. {left} {plural} left")).await;
+        wait_redacted(alice, dm, &wrong).await;
+    }
+    send_text(alice, dm, "0000").await;
+    let locked = wait_notice(alice, dm, bot, "locked after too many wrong attempts").await;
+    assert!(
+        locked.body().unwrap().contains("try again in 60 seconds"),
+        "{:?}",
+        locked.body()
+    );
+    wait_receipt(alice, room, bot, &pay, "declined", Some("pin_locked")).await;
+    wait_receipt(&s.bob, room, bot, &pay, "declined", Some("pin_locked")).await;
+    // The reservation is released, and the right PIN does not help while locked.
+    s.alice_balance_is("20.00 EUR").await;
+    let again = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_receipt(alice, room, bot, &again, "declined", Some("pin_locked")).await;
+    wait_notice(alice, room, bot, "try again in").await;
+}
+
+#[tokio::test]
+async fn an_unconfirmed_payment_expires_and_releases_the_funds() {
+    // A short step-up window (the ledger's pending timeout) keeps the test fast.
+    let s = scene("expiry", 2_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_bot_event(alice, dm, bot, "org.mxpay.stepup.challenge", |c| {
+        c["amount"] == "5.00"
+    })
+    .await;
+    let expired = wait_receipt(alice, room, bot, &pay, "expired", Some("timeout")).await;
+    assert!(expired.content()["transfer_id"].is_string());
+    wait_bot_event(alice, dm, bot, "org.mxpay.receipt", |c| {
+        c["status"] == "expired"
+    })
+    .await;
+    s.alice_balance_is("20.00 EUR").await;
+    // A PIN after the expiry pays nothing.
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "I was not waiting for a PIN").await;
+    s.alice_balance_is("20.00 EUR").await;
+}
