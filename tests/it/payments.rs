@@ -49,6 +49,26 @@ async fn wait_notice(client: &TestClient, room_id: &RoomId, bot: &str, part: &st
         .await
 }
 
+/// `!balance` in `dm`; waits for the answer to *this* request (a reply to it) and checks it
+/// names `expected` for EUR.
+async fn balance_is(client: &TestClient, dm: &RoomId, bot: &str, expected: &str) {
+    let asked = send_text(client, dm, "!balance").await;
+    let answer = client
+        .wait_for_event("the answer to !balance", |e| {
+            e.room_id == dm
+                && e.sender() == bot
+                && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == asked.as_str()
+        })
+        .await;
+    let body = answer.body().unwrap_or_default();
+    assert!(
+        body.lines()
+            .any(|line| line == format!("• EUR: {expected}")),
+        "{} expected EUR: {expected}, the bot said: {body}",
+        client.user.user_id
+    );
+}
+
 /// Waits for a bot event of `event_type` in `room_id` matching `check`.
 async fn wait_bot_event(
     client: &TestClient,
@@ -209,16 +229,14 @@ async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
     })
     .await;
 
-    send_text(&alice, &dm, "!balance").await;
-    wait_notice(&alice, &dm, &bot, "EUR: 87.50 EUR").await;
+    balance_is(&alice, &dm, &bot, "87.50 EUR").await;
 
     // Bob has no DM yet: asking in the group room, the bot invites him to one and answers there.
     send_text(&bob, &room, "!balance").await;
     wait_notice(&bob, &room, &bot, "invited you to a private").await;
     let bob_dm = join_bot_dm(&bob).await;
     wait_notice(&bob, &bob_dm, &bot, "Welcome").await;
-    send_text(&bob, &bob_dm, "!balance").await;
-    wait_notice(&bob, &bob_dm, &bot, "EUR: 12.50 EUR").await;
+    balance_is(&bob, &bob_dm, &bot, "12.50 EUR").await;
 }
 
 /// Waits for a receipt from the bot in `room_id` with `status` and (if given) `reason`,
@@ -314,14 +332,7 @@ impl Scene {
 
     /// `!balance` in alice's DM; waits for the answer naming `expected` (e.g. `20.00 EUR`).
     async fn alice_balance_is(&self, expected: &str) {
-        send_text(&self.alice, &self.dm, "!balance").await;
-        wait_notice(
-            &self.alice,
-            &self.dm,
-            &self.bot,
-            &format!("EUR: {expected}"),
-        )
-        .await;
+        balance_is(&self.alice, &self.dm, &self.bot, expected).await;
     }
 }
 
@@ -489,4 +500,91 @@ async fn an_unconfirmed_payment_expires_and_releases_the_funds() {
     send_text(alice, dm, PIN).await;
     wait_notice(alice, dm, bot, "I was not waiting for a PIN").await;
     s.alice_balance_is("20.00 EUR").await;
+}
+
+#[tokio::test]
+async fn transfer_intent_pays_once_even_replayed_and_withdraw_waits_for_settlement() {
+    let s = scene("intent", 120_000, "50.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+
+    // Pay with the typed event instead of text.
+    let intent = alice
+        .room(room)
+        .await
+        .send_raw(
+            "org.mxpay.transfer_intent",
+            serde_json::json!({
+                "body": format!("!pay {} 3.00 EUR coffee", s.bob_id()),
+                "payee": s.bob_id(), "amount": "3.00", "currency": "EUR", "memo": "coffee",
+            }),
+        )
+        .await
+        .expect("send the intent")
+        .response
+        .event_id;
+    wait_notice(alice, dm, bot, "Confirm paying 3.00 EUR").await;
+    send_text(alice, dm, PIN).await;
+    wait_receipt(&s.bob, room, bot, &intent, "completed", None).await;
+    s.alice_balance_is("47.00 EUR").await;
+
+    // The homeserver delivers the same (encrypted) event again in a new transaction.
+    let token = alice.inner().access_token().expect("logged in");
+    let raw: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/_matrix/client/v3/rooms/{room}/event/{intent}",
+            support::synapse().url
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("fetch the event")
+        .json()
+        .await
+        .expect("event JSON");
+    assert_eq!(raw["type"], "m.room.encrypted");
+    let (status, _) = s
+        .mxpay
+        .put_transaction(
+            &format!("replay-{}", support::random_suffix(8)),
+            &serde_json::json!({ "events": [raw] }),
+            Some(&s.lease.spec.hs_token),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Transactions are handled in order: once `!balance` is answered, the replay was handled.
+    s.alice_balance_is("47.00 EUR").await;
+    let challenges = alice
+        .seen_events()
+        .iter()
+        .filter(|e| {
+            e.room_id == *dm
+                && e.event_type() == "org.mxpay.stepup.challenge"
+                && e.content()["amount"] == "3.00"
+        })
+        .count();
+    assert_eq!(challenges, 1, "the replayed event asked for no second PIN");
+
+    // Withdraw: PIN step-up, then a reservation for the settlement account until the admin
+    // settles it.
+    let withdraw = send_text(alice, dm, "!withdraw 10 EUR").await;
+    wait_notice(alice, dm, bot, "Confirm withdrawing 10.00 EUR").await;
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "Withdrawal of 10.00 EUR confirmed").await;
+    s.alice_balance_is("37.00 EUR (10.00 EUR reserved)").await;
+    let id = mxpay::ledger::TransferId::from_key(withdraw.as_str());
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/_mxpay/admin/v1/withdrawals/{id}/settle",
+            s.mxpay.url
+        ))
+        .bearer_auth(crate::admin::mint(
+            &s.admin_key,
+            &[mxpay::admin::token::Scope::Settle],
+        ))
+        .send()
+        .await
+        .expect("settle");
+    assert_eq!(response.status(), 200);
+    wait_notice(alice, dm, bot, "Your withdrawal of 10.00 EUR was paid out").await;
+    s.alice_balance_is("37.00 EUR").await;
 }
