@@ -293,10 +293,21 @@ struct Scene {
 }
 
 async fn scene(label: &str, stepup_timeout_ms: u64, funds: &str) -> Scene {
+    scene_with(label, stepup_timeout_ms, funds, |_| MxpayOptions::default()).await
+}
+
+/// [`scene`] with mxpay options made from the lease (e.g. a fault switch naming a file in
+/// the lease dir).
+async fn scene_with(
+    label: &str,
+    stepup_timeout_ms: u64,
+    funds: &str,
+    options: impl FnOnce(&SlotLease) -> MxpayOptions,
+) -> Scene {
     let alice_user = support::user("alice").await;
     let bob_user = support::user("bob").await;
     let (lease, admin_key) = payments_lease(label, stepup_timeout_ms).await;
-    let mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
+    let mxpay = MxpayProcess::start_with(&lease, options(&lease)).await;
     let bot = lease.spec.bot_user_id();
     let alice = support::client(&alice_user).await;
     alice.bootstrap_cross_signing().await;
@@ -587,4 +598,63 @@ async fn transfer_intent_pays_once_even_replayed_and_withdraw_waits_for_settleme
     assert_eq!(response.status(), 200);
     wait_notice(alice, dm, bot, "Your withdrawal of 10.00 EUR was paid out").await;
     s.alice_balance_is("37.00 EUR").await;
+}
+
+#[tokio::test]
+async fn a_crash_between_the_ledger_post_and_the_receipt_is_repaired_on_restart() {
+    let mut s = scene_with("outbox", 120_000, "20.00", |lease| MxpayOptions {
+        env: vec![(
+            mxpay::payments::FAULT_CRASH_BEFORE_RECEIPT_ENV.to_owned(),
+            lease.dir.join("crashed").display().to_string(),
+        )],
+    })
+    .await;
+    let (bot, room, dm) = (s.bot.clone(), s.room.clone(), s.dm.clone());
+    let pay = send_text(&s.alice, &room, &format!("!pay {} 4 EUR", s.bob_id())).await;
+    wait_notice(&s.alice, &dm, &bot, "Confirm paying 4.00 EUR").await;
+    send_text(&s.alice, &dm, PIN).await;
+
+    // The money moved, then mxpay died before telling anyone.
+    s.mxpay.wait_exit().await;
+    assert!(s.lease.dir.join("crashed").exists(), "the fault fired");
+    assert!(
+        s.mxpay
+            .log()
+            .contains("test fault: aborting after the ledger post"),
+        "mxpay died at the fault, not elsewhere"
+    );
+    let receipts = |client: &TestClient, room_id: &RoomId| {
+        client
+            .seen_events()
+            .iter()
+            .filter(|e| {
+                e.room_id == room_id
+                    && e.event_type() == "org.mxpay.receipt"
+                    && e.content()["transfer_id"].is_string()
+                    && e.content()["status"] == "completed"
+            })
+            .count()
+    };
+    assert_eq!(receipts(&s.bob, &room), 0, "no receipt before the restart");
+
+    // After the restart the outbox finds the posted transfer past its cursor and tells.
+    s.mxpay.start_again().await;
+    wait_receipt(&s.bob, &room, &bot, &pay, "completed", None).await;
+    wait_bot_event(&s.alice, &dm, &bot, "org.mxpay.receipt", |c| {
+        c["status"] == "completed"
+    })
+    .await;
+    s.alice_balance_is("16.00 EUR").await;
+    // Once: a later change is told after this one, and nothing was repeated.
+    let second = send_text(&s.alice, &room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+    wait_notice(&s.alice, &dm, &bot, "Confirm paying 1.00 EUR").await;
+    send_text(&s.alice, &dm, PIN).await;
+    wait_receipt(&s.bob, &room, &bot, &second, "completed", None).await;
+    support::eventually("the second receipt in the DM", || async {
+        (receipts(&s.alice, &dm) >= 2).then_some(())
+    })
+    .await;
+    s.alice_balance_is("15.00 EUR").await;
+    assert_eq!(receipts(&s.bob, &room), 2, "each receipt once in the room");
+    assert_eq!(receipts(&s.alice, &dm), 2, "each receipt once in the DM");
 }
