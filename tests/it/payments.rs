@@ -237,6 +237,13 @@ async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
     let bob_dm = join_bot_dm(&bob).await;
     wait_notice(&bob, &bob_dm, &bot, "Welcome").await;
     balance_is(&bob, &bob_dm, &bot, "12.50 EUR").await;
+
+    // Every org.mxpay.* event the bot sent matches its published schema.
+    assert!(
+        bot_events_match_schemas(&alice, &bot) >= 3,
+        "challenge, room and DM receipts"
+    );
+    assert!(bot_events_match_schemas(&bob, &bot) >= 1);
 }
 
 /// Waits for a receipt from the bot in `room_id` with `status` and (if given) `reason`,
@@ -460,6 +467,8 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
     send_text(alice, dm, "1357").await;
     wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
     s.alice_balance_is("18.00 EUR").await;
+    // Declined receipts too match the schema.
+    assert!(bot_events_match_schemas(alice, bot) >= 8);
 }
 
 #[tokio::test]
@@ -598,6 +607,10 @@ async fn transfer_intent_pays_once_even_replayed_and_withdraw_waits_for_settleme
     assert_eq!(response.status(), 200);
     wait_notice(alice, dm, bot, "Your withdrawal of 10.00 EUR was paid out").await;
     s.alice_balance_is("37.00 EUR").await;
+    assert!(
+        bot_events_match_schemas(alice, bot) >= 4,
+        "two challenges, two receipts"
+    );
 }
 
 #[tokio::test]
@@ -657,4 +670,225 @@ async fn a_crash_between_the_ledger_post_and_the_receipt_is_repaired_on_restart(
     s.alice_balance_is("15.00 EUR").await;
     assert_eq!(receipts(&s.bob, &room), 2, "each receipt once in the room");
     assert_eq!(receipts(&s.alice, &dm), 2, "each receipt once in the DM");
+}
+
+/// A small JSON Schema checker, enough for `docs/schemas/*.json`: `type`, `required`,
+/// `properties`, `$ref` to `#/$defs/...`, `enum`, `const`, `pattern`, `maxLength`,
+/// `minimum`. Any other validation keyword in a schema fails the test, so a schema cannot
+/// silently ask for more than is checked.
+mod schema {
+    use serde_json::Value;
+
+    const ANNOTATIONS: [&str; 5] = ["$schema", "$id", "title", "description", "$defs"];
+
+    /// The schema of `event_type` from `docs/schemas/`.
+    pub fn load(event_type: &str) -> Value {
+        let path = crate::support::repo_dir()
+            .join("docs/schemas")
+            .join(format!("{event_type}.json"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("no schema for {event_type} ({}): {e}", path.display()));
+        serde_json::from_str(&text).expect("schema is JSON")
+    }
+
+    /// Every violation of `schema` by `value`, as `path: problem`.
+    pub fn errors(schema: &Value, value: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        check(schema, schema, value, "$", &mut out);
+        out
+    }
+
+    fn check(root: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
+        let Some(rules) = schema.as_object() else {
+            panic!("schema at {at} is not an object");
+        };
+        for (keyword, rule) in rules {
+            match keyword.as_str() {
+                k if ANNOTATIONS.contains(&k) => {}
+                "$ref" => {
+                    let name = rule
+                        .as_str()
+                        .and_then(|r| r.strip_prefix("#/$defs/"))
+                        .expect("only #/$defs/ references");
+                    check(root, &root["$defs"][name], value, at, out);
+                }
+                "type" => {
+                    let ok = match rule.as_str().expect("one type name") {
+                        "object" => value.is_object(),
+                        "string" => value.is_string(),
+                        "integer" => value.is_u64() || value.is_i64(),
+                        "boolean" => value.is_boolean(),
+                        "array" => value.is_array(),
+                        other => panic!("unsupported type {other}"),
+                    };
+                    if !ok {
+                        out.push(format!("{at}: not of type {rule}"));
+                    }
+                }
+                "required" => {
+                    for key in rule.as_array().expect("required is a list") {
+                        let key = key.as_str().expect("required names");
+                        if value.get(key).is_none() {
+                            out.push(format!("{at}: `{key}` is missing"));
+                        }
+                    }
+                }
+                "properties" => {
+                    for (key, sub) in rule.as_object().expect("properties is an object") {
+                        if let Some(child) = value.get(key) {
+                            check(root, sub, child, &format!("{at}.{key}"), out);
+                        }
+                    }
+                }
+                "enum" => {
+                    if !rule.as_array().expect("enum list").contains(value) {
+                        out.push(format!("{at}: {value} is not one of {rule}"));
+                    }
+                }
+                "const" => {
+                    if value != rule {
+                        out.push(format!("{at}: {value} is not {rule}"));
+                    }
+                }
+                "pattern" => {
+                    let pattern = regex::Regex::new(rule.as_str().expect("pattern string"))
+                        .expect("pattern compiles");
+                    if value.as_str().is_some_and(|s| !pattern.is_match(s)) {
+                        out.push(format!("{at}: {value} does not match {rule}"));
+                    }
+                }
+                "maxLength" => {
+                    let max = rule.as_u64().expect("maxLength number") as usize;
+                    if value.as_str().is_some_and(|s| s.chars().count() > max) {
+                        out.push(format!("{at}: longer than {max} characters"));
+                    }
+                }
+                "minimum" => {
+                    let min = rule.as_i64().expect("integer minimum");
+                    if value.as_i64().is_some_and(|v| v < min) {
+                        out.push(format!("{at}: below {min}"));
+                    }
+                }
+                other => panic!("schema keyword `{other}` is not supported by this checker"),
+            }
+        }
+    }
+
+    /// Panics unless `content` is valid for `event_type`.
+    pub fn assert_valid(event_type: &str, content: &Value) {
+        let problems = errors(&load(event_type), content);
+        assert!(
+            problems.is_empty(),
+            "{event_type} content does not match docs/schemas/{event_type}.json: {problems:?}\n{content:#}"
+        );
+    }
+}
+
+/// Checks every `org.mxpay.*` event the bot sent that `client` saw against its schema;
+/// returns how many were checked.
+fn bot_events_match_schemas(client: &TestClient, bot: &str) -> usize {
+    let mut checked = 0;
+    for event in client.seen_events() {
+        if event.sender() == bot && event.event_type().starts_with("org.mxpay.") {
+            schema::assert_valid(event.event_type(), event.content());
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[test]
+fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
+    use matrix_sdk::ruma::events::relation::Reference;
+    use matrix_sdk::ruma::{owned_event_id, owned_room_id, owned_user_id};
+    use mxpay::events::*;
+    use rust_decimal::Decimal;
+
+    let receipt = ReceiptEventContent {
+        body: "✅ paid".into(),
+        status: ReceiptStatus::Completed,
+        reason: None,
+        transfer_id: Some("340282366920938463463374607431768211455".into()),
+        payer: owned_user_id!("@alice:example.org"),
+        payee: owned_user_id!("@bob:example.org"),
+        amount: Decimal::new(1250, 2),
+        currency: "EUR".into(),
+        relates_to: Reference::new(owned_event_id!("$pay")),
+    };
+    schema::assert_valid(
+        "org.mxpay.receipt",
+        &serde_json::to_value(&receipt).unwrap(),
+    );
+    let challenge = StepUpChallengeEventContent {
+        body: "Confirm".into(),
+        challenge_id: format!("{:032x}", 42),
+        payee: owned_user_id!("@bob:example.org"),
+        amount: Decimal::new(1250, 2),
+        currency: "EUR".into(),
+        room_id: owned_room_id!("!room"),
+        expires_at_ms: 1_795_000_000_000,
+        relates_to: None,
+    };
+    schema::assert_valid(
+        "org.mxpay.stepup.challenge",
+        &serde_json::to_value(&challenge).unwrap(),
+    );
+    let response = StepUpResponseEventContent {
+        body: "PIN confirmation".into(),
+        challenge_id: format!("{:032x}", 42),
+        pin: "4821".into(),
+    };
+    schema::assert_valid(
+        "org.mxpay.stepup.response",
+        &serde_json::to_value(&response).unwrap(),
+    );
+    let intent = TransferIntentEventContent {
+        body: "!pay".into(),
+        payee: owned_user_id!("@bob:example.org"),
+        amount: Decimal::new(3, 0),
+        currency: "EUR".into(),
+        memo: Some("coffee".into()),
+        request_event_id: None,
+    };
+    schema::assert_valid(
+        "org.mxpay.transfer_intent",
+        &serde_json::to_value(&intent).unwrap(),
+    );
+    let request = PaymentRequestEventContent {
+        body: "@shop requests 4.20 EUR".into(),
+        payee: owned_user_id!("@shop:example.org"),
+        amount: Decimal::new(420, 2),
+        currency: "EUR".into(),
+        payer: None,
+        memo: None,
+        expires_at_ms: None,
+    };
+    schema::assert_valid(
+        "org.mxpay.payment_request",
+        &serde_json::to_value(&request).unwrap(),
+    );
+
+    // The checker can fail: a receipt without status, with a comma amount, a bad reason.
+    let mut bad = serde_json::to_value(&receipt).unwrap();
+    bad.as_object_mut().unwrap().remove("status");
+    bad["amount"] = "12,50".into();
+    bad["reason"] = "bored".into();
+    bad["m.relates_to"]["rel_type"] = "m.annotation".into();
+    let problems = schema::errors(&schema::load("org.mxpay.receipt"), &bad);
+    assert_eq!(problems.len(), 4, "{problems:?}");
+
+    // Every ```json example in docs/events.md is a full event of a documented type.
+    let docs = std::fs::read_to_string(support::repo_dir().join("docs/events.md")).unwrap();
+    let mut examples = 0;
+    for block in docs.split("```json\n").skip(1) {
+        let json = block.split("\n```").next().unwrap();
+        let event: Value = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("example is not JSON: {e}\n{json}"));
+        let event_type = event["type"]
+            .as_str()
+            .expect("examples are events with a type");
+        schema::assert_valid(event_type, &event["content"]);
+        examples += 1;
+    }
+    assert!(examples >= 5, "docs/events.md has {examples} examples");
 }
