@@ -892,3 +892,36 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
     }
     assert!(examples >= 5, "docs/events.md has {examples} examples");
 }
+
+/// Measures the time from the payer sending their PIN to the payee's client showing the
+/// receipt, over `MXPAY_LATENCY_PAYMENTS` payments (default 20), and prints p50/p95/max.
+/// Run: `cargo test --test it -- --ignored payments::pin_to_receipt_latency --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check; run by hand"]
+async fn pin_to_receipt_latency() {
+    let payments: usize = std::env::var("MXPAY_LATENCY_PAYMENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let s = scene("latency", 120_000, "1000.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let mut samples_ms = Vec::with_capacity(payments);
+    for i in 0..payments {
+        let amount = format!("{}.{:02}", 1 + i / 100, i % 100);
+        let pay = send_text(alice, room, &format!("!pay {} {amount} EUR", s.bob_id())).await;
+        wait_notice(alice, dm, bot, &format!("Confirm paying {amount} EUR")).await;
+        let started = std::time::Instant::now();
+        send_text(alice, dm, PIN).await;
+        wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
+        samples_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| samples_ms[((samples_ms.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "PIN message -> payee sees the receipt, {} payments: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        samples_ms.len(),
+        at(0.5),
+        at(0.95),
+        samples_ms[samples_ms.len() - 1]
+    );
+}
