@@ -1532,7 +1532,10 @@ impl Payments {
                 self.store.remove_challenge(challenge).await?;
                 self.poke.poke();
                 match posted {
-                    Ok(_) => Ok(()),
+                    Ok(_) => {
+                        tracing::info!(transfer = %transfer_id, "payment confirmed with the PIN and posted");
+                        Ok(())
+                    }
                     Err(LedgerError::Rejected(TransferError::PendingTransferExpired)) => {
                         self.reply(
                             event,
@@ -1761,6 +1764,7 @@ impl Payments {
         self.messenger
             .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
             .await?;
+        tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
         if let Some(dm) = self.ready_dm(payer)? {
             if dm != room {
                 let relates_to = note_event(&note).unwrap_or(event);
