@@ -1192,3 +1192,51 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
     assert!(!log.contains(std::str::from_utf8(&secret).unwrap()));
     assert!(!log.contains(std::str::from_utf8(ACME_SECRET).unwrap()));
 }
+
+/// `App` opens the ledger and the admin state from the config and mounts the admin API on the
+/// appservice router; a missing secret stops it with the key's name, never the secret.
+#[tokio::test]
+async fn app_mounts_the_admin_api_from_the_config() {
+    use mxpay::app::App;
+    use mxpay::config::Config;
+    use mxpay::registration::Registration;
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, secret) = admin_yaml(dir.path());
+    let mut config =
+        Config::from_yaml(&format!("data_dir: {}\n{yaml}", dir.path().display())).unwrap();
+    config.resolve_paths(dir.path());
+    let app = App::open(config.clone(), Registration::generate(&config)).unwrap();
+    assert!(app.admin().is_some());
+    let topup = |token: String| {
+        Request::post("/_mxpay/admin/v1/topups")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(
+                json!({"user_id": ALICE, "amount": "4.00", "currency": "EUR", "idempotency_key": "app-1"})
+                    .to_string(),
+            ))
+            .unwrap()
+    };
+    let response = app
+        .router()
+        .oneshot(topup(mint(&secret, &[Scope::Topup])))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let balances = app.ledger().balances(&Owner::user(ALICE)).await.unwrap();
+    assert_eq!(balances[0].balances.available_minor(), 400);
+    // The appservice routes are still there.
+    let response = app
+        .router()
+        .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(app);
+
+    std::fs::remove_file(dir.path().join("admin-jwt.key")).unwrap();
+    let error = App::open(config.clone(), Registration::generate(&config))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("admin.token.secret.file"), "{error}");
+    assert!(!error.contains(std::str::from_utf8(&secret).unwrap()));
+}
