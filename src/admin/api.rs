@@ -274,8 +274,14 @@ async fn post_webhook(
         Ok(_) => "webhook.reject",
         Err(_) => "webhook",
     };
+    // The path is the caller's text: only a configured provider's name goes into the log.
+    let actor = if state.providers.contains_key(&provider) {
+        format!("provider:{provider}")
+    } else {
+        "provider:?".to_owned()
+    };
     let caller = Caller {
-        actor: format!("provider:{provider}"),
+        actor,
         token_id: None,
     };
     finish(&state, caller, action, target, result).await

@@ -96,6 +96,7 @@ struct Harness {
     ledger: Ledger,
     router: Router,
     tokens: TokenAuthority,
+    state: Arc<AdminState>,
 }
 
 fn settings() -> LedgerSettings {
@@ -128,7 +129,8 @@ impl Harness {
             shared.clone(),
         )
         .unwrap();
-        let router = mxpay::admin::router(Some(Arc::new(state)));
+        let state = Arc::new(state);
+        let router = mxpay::admin::router(Some(state.clone()));
         let tokens = TokenAuthority::new(&key, shared).unwrap();
         Self {
             _dir: dir,
@@ -136,6 +138,7 @@ impl Harness {
             ledger,
             router,
             tokens,
+            state,
         }
     }
 
@@ -502,7 +505,7 @@ async fn signed_webhook_credits_once_and_refuses_tampering_staleness_and_reuse()
     let audit = h.audit().await;
     let webhooks: Vec<&Value> = audit
         .iter()
-        .filter(|e| e["actor"] == "provider:acme" || e["actor"] == "provider:other")
+        .filter(|e| e["actor"] == "provider:acme" || e["actor"] == "provider:?")
         .collect();
     assert_eq!(webhooks.len(), 8, "{audit:?}");
     assert_eq!(webhooks.last().unwrap()["action"], "webhook.topup");
@@ -1239,4 +1242,50 @@ async fn app_mounts_the_admin_api_from_the_config() {
         .to_string();
     assert!(error.contains("admin.token.secret.file"), "{error}");
     assert!(!error.contains(std::str::from_utf8(&secret).unwrap()));
+}
+
+/// A PIN store that records resets.
+#[derive(Default)]
+struct FakePins(parking_lot::Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl mxpay::admin::service::PinReset for FakePins {
+    async fn reset_pin(&self, user_id: &str) -> Result<bool, String> {
+        let mut resets = self.0.lock();
+        resets.push(user_id.to_owned());
+        Ok(resets.len() == 1)
+    }
+}
+
+#[tokio::test]
+async fn pin_reset_needs_its_scope_and_a_pin_store() {
+    let h = Harness::new();
+    let path = format!("/users/{}/pin-reset", enc(ALICE));
+    let token = h.token(&[Scope::PinReset]);
+    let (status, body) = h.call("POST", &path, Some(&token), None).await;
+    assert_eq!(status, 501, "no PIN store yet: {body}");
+    let pins = Arc::new(FakePins::default());
+    h.state.set_pin_reset(pins.clone());
+    let (status, body) = h
+        .call("POST", &path, Some(&h.token(&[Scope::Freeze])), None)
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = h.call("POST", &path, Some(&token), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["had_pin"], true);
+    let (status, body) = h
+        .call("POST", "/users/alice/pin-reset", Some(&token), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(*pins.0.lock(), [ALICE]);
+    let audit = h.audit().await;
+    let results: Vec<&str> = audit
+        .iter()
+        .filter(|e| e["action"] == "pin-reset")
+        .map(|e| e["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        ["M_INVALID_PARAM", "ok", "M_FORBIDDEN", "M_UNRECOGNIZED"]
+    );
 }
