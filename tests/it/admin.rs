@@ -1020,7 +1020,7 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
         "{yaml}  providers:\n    - name: acme\n      secret: {{ env: MXPAY_IT_ACME_SECRET }}\n"
     );
     lease.write_config();
-    let mxpay = MxpayProcess::start_with(
+    let mut mxpay = MxpayProcess::start_with(
         &lease,
         MxpayOptions {
             env: vec![(
@@ -1190,6 +1190,55 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
         );
     }
     assert!(out.contains("it-ops"), "{out}");
+
+    // After a SIGKILL and restart, the same webhook and the same top-up key credit nothing.
+    mxpay.restart().await;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signature = webhook::sign(
+        &WebhookSecret::new(ACME_SECRET.to_vec()),
+        now_s,
+        body.as_bytes(),
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/_mxpay/admin/v1/webhooks/acme", mxpay.url))
+        .header(webhook::SIGNATURE_HEADER, &signature)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["replay"], true, "{answer}");
+    let (ok, _, err) = cli(
+        &[
+            "-c",
+            config,
+            "topup",
+            &alice_id,
+            "12.50",
+            "EUR",
+            "--key",
+            "it-order-1",
+        ],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["available"], "20.00", "{balance}");
+    // The audit log's chain survived the kill too (mxpay checks it when it opens the log).
+    let (ok, out, err) = cli(&["-c", config, "audit", "--limit", "500"], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.lines().any(|l| l.contains("webhook.topup")), "{out}");
     // The secret never reaches mxpay's log.
     let log = mxpay.log();
     assert!(!log.contains(std::str::from_utf8(&secret).unwrap()));
