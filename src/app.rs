@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminState;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
-use crate::handler::{transaction_events, BasicHandler, TransactionHandler};
+use crate::handler::{transaction_events, TransactionHandler};
 use crate::homeserver::{HomeserverClient, HomeserverClientConfig, HomeserverError, RetryPolicy};
 use crate::http::EdgeState;
 use crate::inbox::{Inbox, InboxError, InboxTransaction};
@@ -589,8 +589,16 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         let _ = tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), server).await;
         return Err(error);
     }
+    // The bot's device and crypto store come up before transactions are handled.
+    let handler = match crate::payments::start(&app, shutdown_rx.clone()).await {
+        Ok(handler) => handler,
+        Err(error) => {
+            let _ = shutdown_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), server).await;
+            return Err(error);
+        }
+    };
     app.set_ready(true);
-    let handler: Arc<dyn TransactionHandler> = Arc::new(BasicHandler::new(app.client.clone()));
     let worker = app.spawn_worker(handler, WorkerPolicy::default(), shutdown_rx.clone());
     let pinger = tokio::spawn(ready_pings(app.clone(), shutdown_rx.clone()));
     tracing::info!(bot = %app.client.bot_user_id(), "mxpay is ready");

@@ -32,7 +32,7 @@ use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot};
 
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
-pub use journal::{ExportedEntry, JournalEntry, JournalExport};
+pub use journal::{ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
     AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
     TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
@@ -466,6 +466,17 @@ impl Ledger {
     /// Streams the durable journal, entry by entry, checking the hash chain as it goes.
     pub fn export(&self) -> JournalExport {
         JournalExport::new(self.inner.storage.as_ref(), None)
+    }
+
+    /// Follows the journal from its first record as it grows (for the payment layer's outbox,
+    /// which tells rooms about state changes). Read it up to [`Ledger::durable_seq`].
+    pub fn tail(&self) -> JournalTail {
+        JournalTail::new(self.inner.storage.clone())
+    }
+
+    /// The seq of the last journal record that is durable (0 when none is).
+    pub async fn durable_seq(&self) -> Result<u64, LedgerError> {
+        self.read(|_, head| head.seq).await
     }
 
     /// A synchronous face of this ledger for the CLI, the bench and tests.

@@ -2,12 +2,14 @@
 #![recursion_limit = "256"]
 
 mod admin;
+mod crypto;
 mod dev;
 mod spine;
 mod support;
 
 mod homeserver_retry;
 mod ledger;
+mod payments;
 
 mod smoke {
     #[test]

@@ -102,23 +102,39 @@ pub fn random_suffix(len: usize) -> String {
         .collect()
 }
 
-/// A free TCP port on 127.0.0.1, never the same twice in this process (the kernel may hand
-/// a released port out again, and two slots on one port would break both). Bound, then
-/// released: another process could take it in between, which on a test machine does not
-/// happen in practice.
+/// A free TCP port on 127.0.0.1 for something that will listen on it later, never the same
+/// twice in this process.
+///
+/// It is drawn at random from below the kernel's ephemeral range: ports from that range are
+/// also what outgoing connections get, and a test client's connection could take a slot's
+/// port between this call and mxpay's bind. Checked free by binding, then released; another
+/// process could take it in between, which on a test machine does not happen in practice.
 pub fn free_port() -> u16 {
+    use rand::Rng;
     static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
-    for _ in 0..100 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind a free port")
-            .port();
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = if ephemeral_low > 12_000 {
+            rng.gen_range(10_000..ephemeral_low)
+        } else {
+            0
+        };
+        let Ok(port) = std::net::TcpListener::bind(("127.0.0.1", port))
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+        else {
+            continue;
+        };
         if HANDED_OUT.lock().expect("port set lock").insert(port) {
             return port;
         }
     }
-    panic!("no port not handed out before in 100 tries");
+    panic!("found no free port in 1000 tries");
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout()` saying

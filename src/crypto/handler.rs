@@ -1,0 +1,257 @@
+//! The transaction handler with end-to-end encryption: decrypt first, then act.
+//!
+//! [`CryptoHandler`] wraps the spine's [`BasicHandler`]: every transaction goes through
+//! [`BotCrypto::ingest`] (to-device and device-list data before room events), then each
+//! plaintext or decrypted event is acted on. `!help` is answered through [`BotCrypto`], so the
+//! answer is encrypted exactly when the room is; everything else a plaintext event asks for
+//! (joining on invite) is the basic handler's job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::{BotCrypto, CryptoError, CryptoSettings, DecryptedEvent};
+use crate::app::{App, AppError};
+use crate::clock::{SharedClock, SystemClock};
+use crate::handler::{
+    basic_commands, help_text, reply_txn_id, BasicHandler, CommandHelp, HandlerError,
+    InboxTransaction, TransactionHandler,
+};
+
+/// Environment variable holding the crypto store key as 64 hex characters; without it the key
+/// is read from (or created in) `<data_dir>/crypto-store.key`.
+pub const STORE_KEY_ENV: &str = "MXPAY_CRYPTO_STORE_KEY";
+/// How long the start-up self-check waits for the homeserver to deliver to-device events.
+pub const DELIVERY_CHECK_TIMEOUT_MS: u64 = 60_000;
+/// How often parked events are looked at (tell senders, drop old ones).
+pub const SWEEP_INTERVAL_MS: u64 = 5_000;
+
+/// Decrypts each transaction, then handles its events.
+pub struct CryptoHandler {
+    crypto: BotCrypto,
+    basic: BasicHandler,
+    commands: Vec<CommandHelp>,
+}
+
+impl std::fmt::Debug for CryptoHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CryptoHandler")
+            .field("crypto", &self.crypto)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CryptoHandler {
+    /// A handler over `crypto`, delegating plaintext housekeeping to `basic`.
+    pub fn new(crypto: BotCrypto, basic: BasicHandler) -> Self {
+        Self {
+            crypto,
+            basic,
+            commands: basic_commands(),
+        }
+    }
+
+    /// Replaces the commands `!help` lists (later layers append theirs).
+    pub fn with_commands(mut self, commands: Vec<CommandHelp>) -> Self {
+        self.basic = self.basic.with_commands(commands.clone());
+        self.commands = commands;
+        self
+    }
+
+    /// The bot's crypto.
+    pub fn crypto(&self) -> &BotCrypto {
+        &self.crypto
+    }
+
+    /// Acts on one decrypted or plaintext event (`!help`; joins via the basic handler). The
+    /// payment layer calls it for the events that are not payment matters.
+    pub async fn handle_event(&self, event: &DecryptedEvent) -> Result<(), HandlerError> {
+        if is_help(event) {
+            let body = help_text(&self.commands);
+            let content = json!({
+                "msgtype": "m.notice",
+                "body": body,
+                "m.relates_to": {"m.in_reply_to": {"event_id": event.event_id}},
+            });
+            let txn_id = reply_txn_id("help", event.event_id.as_str());
+            return match self
+                .crypto
+                .send_event(&event.room_id, "m.room.message", content, Some(txn_id))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => classify(e, "answering !help"),
+            };
+        }
+        if !event.was_encrypted {
+            let raw = json!({
+                "type": event.event_type,
+                "room_id": event.room_id,
+                "event_id": event.event_id,
+                "sender": event.sender,
+                "state_key": event.state_key,
+                "content": event.content,
+            });
+            return self.basic.handle_event(&raw).await;
+        }
+        Ok(())
+    }
+}
+
+fn is_help(event: &DecryptedEvent) -> bool {
+    event.event_type == "m.room.message"
+        && event.content.get("msgtype").and_then(Value::as_str) == Some("m.text")
+        && event
+            .content
+            .get("body")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b.trim() == "!help")
+}
+
+/// Store failures and homeserver outages are retried (the worker bounds it); anything else is
+/// logged and the event skipped, so one bad room cannot block the queue.
+fn classify(error: CryptoError, what: &str) -> Result<(), HandlerError> {
+    match error {
+        e @ CryptoError::Store(_) | e @ CryptoError::Parked(_) => Err(HandlerError::transient(e)),
+        e if e.is_transient() => Err(HandlerError::transient(e)),
+        e => {
+            tracing::warn!(error = %e, "{what} failed");
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl TransactionHandler for CryptoHandler {
+    async fn handle(&self, txn: &InboxTransaction) -> Result<(), HandlerError> {
+        let ingested = match self.crypto.ingest(&txn.body).await {
+            Ok(ingested) => ingested,
+            Err(e) => {
+                tracing::error!(txn_id = %txn.txn_id, error = %e, "cannot process the transaction's encryption data");
+                return Err(HandlerError::transient(e));
+            }
+        };
+        for event in &ingested.events {
+            self.handle_event(event).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the bot's crypto for `app` and returns the handler the worker should use. Spawns the
+/// start-up delivery self-check and the parked-event sweep, both stopping on `shutdown`.
+pub async fn start(
+    app: &App,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Arc<dyn TransactionHandler>, AppError> {
+    let crypto = start_crypto(app, shutdown).await?;
+    let basic = BasicHandler::new(app.client().clone());
+    Ok(Arc::new(CryptoHandler::new(crypto, basic)))
+}
+
+/// Starts the bot's crypto for `app` (device, store, start-up self-check and parked-event
+/// sweep, both stopping on `shutdown`), for callers that build their own handler around it.
+pub async fn start_crypto(
+    app: &App,
+    shutdown: watch::Receiver<bool>,
+) -> Result<BotCrypto, AppError> {
+    let config = app.config();
+    let bot_user_id = ruma::OwnedUserId::try_from(config.bot_user_id())
+        .map_err(|_| AppError::BotUserId(config.bot_user_id()))?;
+    let mut settings = CryptoSettings::new(
+        config.homeserver.url.clone(),
+        app.registration().as_token.expose(),
+        bot_user_id,
+        config.data_dir.clone(),
+    );
+    settings.msc4190 = config.appservice.msc4190;
+    if let Ok(hex_key) = std::env::var(STORE_KEY_ENV) {
+        settings.store_key = Some(super::device::decode_key(hex_key.as_bytes()).ok_or_else(
+            || AppError::Startup(format!("{STORE_KEY_ENV} must be 64 hex characters")),
+        )?);
+    }
+    let clock: SharedClock = Arc::new(SystemClock);
+    let crypto = BotCrypto::start(settings, clock)
+        .await
+        .map_err(|e| AppError::Startup(format!("end-to-end encryption: {e}")))?;
+
+    let check = crypto.clone();
+    let mut check_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = check.check_homeserver_delivery(DELIVERY_CHECK_TIMEOUT_MS) => {}
+            _ = check_shutdown.wait_for(|stop| *stop) => {}
+        }
+    });
+    let sweeper = crypto.clone();
+    let mut sweep_shutdown = shutdown;
+    tokio::spawn(async move {
+        let interval = Duration::from_millis(SWEEP_INTERVAL_MS);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = sweep_shutdown.wait_for(|stop| *stop) => return,
+            }
+            if let Err(e) = sweeper.sweep_parked().await {
+                tracing::error!(error = %e, "cannot sweep parked events");
+            }
+        }
+    });
+
+    Ok(crypto)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::TrustState;
+
+    fn event(kind: &str, content: Value) -> DecryptedEvent {
+        DecryptedEvent {
+            room_id: "!r:hs".try_into().unwrap(),
+            event_id: "$e".try_into().unwrap(),
+            sender: "@a:hs".try_into().unwrap(),
+            sender_device: None,
+            event_type: kind.to_owned(),
+            state_key: None,
+            content,
+            origin_server_ts_ms: 0,
+            verification_state: TrustState::NotEncrypted,
+            was_encrypted: false,
+            was_parked: false,
+        }
+    }
+
+    #[test]
+    fn help_is_recognised_only_as_text_message() {
+        assert!(is_help(&event(
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": " !help "})
+        )));
+        assert!(!is_help(&event(
+            "m.room.message",
+            json!({"msgtype": "m.notice", "body": "!help"})
+        )));
+        assert!(!is_help(&event("org.mxpay.test", json!({"body": "!help"}))));
+    }
+
+    #[test]
+    fn classify_retries_store_failures_and_skips_refusals() {
+        let refused = CryptoError::Transport(crate::crypto::TransportError::Refused {
+            endpoint: "x",
+            status: 403,
+            errcode: "M_FORBIDDEN".into(),
+            message: "no".into(),
+        });
+        assert!(classify(refused, "t").is_ok());
+        let down = CryptoError::Transport(crate::crypto::TransportError::Unavailable {
+            endpoint: "x",
+            attempts: 3,
+            last: "503".into(),
+        });
+        assert!(classify(down, "t").unwrap_err().is_transient());
+    }
+}
