@@ -9,6 +9,7 @@
 pub mod api;
 pub mod audit;
 pub mod events;
+pub mod pins;
 pub mod service;
 pub mod settings;
 pub mod token;

@@ -1338,3 +1338,153 @@ async fn pin_reset_needs_its_scope_and_a_pin_store() {
         ["M_INVALID_PARAM", "ok", "M_FORBIDDEN", "M_UNRECOGNIZED"]
     );
 }
+
+/// Payments and the admin API together over the real binary: alice withdraws with her PIN,
+/// the operator sees the pending withdrawal and settles it with `mxpay admin`, alice is told;
+/// then an admin PIN reset makes her set a new PIN before she can withdraw again.
+#[tokio::test]
+async fn withdrawal_settled_and_pin_reset_through_the_cli() {
+    use crate::support::{self, MxpayOptions, MxpayProcess, RoomOptions, SlotKind, TestClient};
+    use matrix_sdk::ruma::api::client::room::create_room::v3::RoomPreset;
+    use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+    use matrix_sdk::ruma::RoomId;
+
+    const PIN: &str = "5937";
+    async fn say(client: &TestClient, room: &RoomId, text: &str) {
+        client
+            .room(room)
+            .await
+            .send(RoomMessageEventContent::text_plain(text))
+            .await
+            .unwrap_or_else(|e| panic!("sending {text:?}: {e}"));
+    }
+
+    let alice_user = support::user("alice").await;
+    let mut lease = support::synapse()
+        .lease(SlotKind::Normal, "admin-withdraw")
+        .await;
+    let pepper = lease.dir.join("pepper");
+    std::fs::write(&pepper, support::random_suffix(48)).unwrap();
+    let (admin, _) = admin_yaml(&lease.dir);
+    lease.config.extra_yaml = format!(
+        "payments:\n  enabled: true\n  pepper_file: {}\n{admin}",
+        pepper.display()
+    );
+    lease.write_config();
+    let _mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
+    let bot = lease.spec.bot_user_id();
+    let config = lease.config_path();
+    let config = config.to_str().unwrap();
+    let (ok, token, err) = cli(
+        &[
+            "-c",
+            config,
+            "token",
+            "create",
+            "--scope",
+            "topup,read,settle,pin-reset",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let token = token.trim().to_owned();
+
+    let alice = support::client(&alice_user).await;
+    alice.bootstrap_cross_signing().await;
+    let alice_id = alice.user.user_id.to_string();
+    let dm = alice
+        .create_room(RoomOptions {
+            encrypted: true,
+            preset: Some(RoomPreset::TrustedPrivateChat),
+            invite: vec![bot.as_str().try_into().unwrap()],
+            is_direct: true,
+            ..Default::default()
+        })
+        .await
+        .room_id()
+        .to_owned();
+    alice.wait_for_membership(&dm, &bot, "join").await;
+    say(&alice, &dm, "!pin set").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Choose a 4-digit PIN"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Send the same PIN again"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Your PIN is set"))
+        .await;
+
+    let (ok, _, err) = cli(
+        &["-c", config, "topup", &alice_id, "50.00", "EUR"],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("topped up with 50.00 EUR"))
+        .await;
+
+    say(&alice, &dm, "!withdraw 20 EUR").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Confirm withdrawing 20.00 EUR"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| {
+            b.contains("Withdrawal of 20.00 EUR confirmed")
+        })
+        .await;
+
+    // The operator's view: the withdrawal waits, reserved.
+    let (ok, out, err) = cli(&["-c", config, "--json", "pending"], Some(&token)).await;
+    assert!(ok, "{err}");
+    let pending: Value = serde_json::from_str(&out).unwrap();
+    let withdrawal = pending["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["from"] == alice_id.as_str() && t["to"] == "system:settlement")
+        .unwrap_or_else(|| panic!("no pending withdrawal: {out}"))
+        .clone();
+    assert_eq!(withdrawal["amount"], "20.00");
+    let (ok, out, _) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    assert!(ok);
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["available"], "30.00", "{balance}");
+    assert_eq!(balance["accounts"][0]["pending_out"], "20.00", "{balance}");
+
+    let id = withdrawal["id"].as_str().unwrap();
+    let (ok, out, err) = cli(&["-c", config, "settle", id], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("posted"), "{out}");
+    alice
+        .wait_for_message(&dm, &bot, |b| {
+            b.contains("withdrawal of 20.00 EUR was paid out")
+        })
+        .await;
+    let (_, out, _) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["posted"], "30.00", "{balance}");
+    assert_eq!(balance["accounts"][0]["pending_out"], "0.00", "{balance}");
+
+    // After a PIN reset, alice must set a new PIN before money can leave again.
+    let (ok, out, err) = cli(&["-c", config, "pin-reset", &alice_id], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("must set a new PIN"), "{out}");
+    say(&alice, &dm, "!withdraw 5 EUR").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("you have no PIN yet"))
+        .await;
+}
