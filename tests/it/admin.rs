@@ -346,6 +346,21 @@ async fn bad_amounts_and_currencies_are_refused_with_clear_errors() {
             "POST",
             "/topups",
             Some(&token),
+            Some(json!({
+                "user_id": ALICE, "amount": "1", "currency": "EUR", "idempotency_key": "k",
+                "note": "x".repeat(70_000),
+            })),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["errcode"].as_str()),
+        (413, Some("M_TOO_LARGE"))
+    );
+    let (status, body) = h
+        .call(
+            "POST",
+            "/topups",
+            Some(&token),
             Some(
                 json!({"user_id": ALICE, "amount": 1.5, "currency": "EUR", "idempotency_key": "k"}),
             ),
