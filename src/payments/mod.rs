@@ -1174,15 +1174,38 @@ impl Payments {
         if !in_dm {
             return self.on_pin_outside_dm(event, profile, now_ms).await;
         }
-        // Read, then remove it from the room before anything else happens.
-        match self.messenger.redact(&event.room_id, &event.event_id).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(room_id = %event.room_id, "cannot redact a PIN in the private chat (no power)")
+        // Read (it is in memory now), then remove it from the room; the redaction runs
+        // alongside the check so it does not add to the payment's latency.
+        let redaction = async {
+            match self.messenger.redact(&event.room_id, &event.event_id).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    tracing::warn!(room_id = %event.room_id, "cannot redact a PIN in the private chat (no power)");
+                    Ok(())
+                }
+                Err(e) if e.is_transient() => Err(PaymentsError::from(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot redact a PIN in the private chat");
+                    Ok(())
+                }
             }
-            Err(e) if e.is_transient() => return Err(e.into()),
-            Err(e) => tracing::warn!(error = %e, "cannot redact a PIN in the private chat"),
-        }
+        };
+        let (redacted, acted) = tokio::join!(
+            redaction,
+            self.act_on_dm_pin(event, pin, challenge_id, now_ms)
+        );
+        redacted?;
+        acted
+    }
+
+    async fn act_on_dm_pin(
+        &self,
+        event: &DecryptedEvent,
+        pin: Pin,
+        challenge_id: Option<String>,
+        now_ms: u64,
+    ) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
         if self.store.is_done(event.event_id.as_str())? {
             return Ok(());
         }

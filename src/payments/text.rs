@@ -69,9 +69,7 @@ pub fn balances(views: &[(AccountView, String, String)]) -> String {
     for (view, available, reserved) in views {
         text.push_str(&format!("\n• {}: {available}", view.id.currency));
         if view.balances.debits_pending_minor > 0 {
-            text.push_str(&format!(
-                " ({reserved} reserved for payments awaiting your PIN)"
-            ));
+            text.push_str(&format!(" ({reserved} reserved)"));
         }
     }
     text

@@ -49,6 +49,26 @@ async fn wait_notice(client: &TestClient, room_id: &RoomId, bot: &str, part: &st
         .await
 }
 
+/// `!balance` in `dm`; waits for the answer to *this* request (a reply to it) and checks it
+/// names `expected` for EUR.
+async fn balance_is(client: &TestClient, dm: &RoomId, bot: &str, expected: &str) {
+    let asked = send_text(client, dm, "!balance").await;
+    let answer = client
+        .wait_for_event("the answer to !balance", |e| {
+            e.room_id == dm
+                && e.sender() == bot
+                && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == asked.as_str()
+        })
+        .await;
+    let body = answer.body().unwrap_or_default();
+    assert!(
+        body.lines()
+            .any(|line| line == format!("• EUR: {expected}")),
+        "{} expected EUR: {expected}, the bot said: {body}",
+        client.user.user_id
+    );
+}
+
 /// Waits for a bot event of `event_type` in `room_id` matching `check`.
 async fn wait_bot_event(
     client: &TestClient,
@@ -209,16 +229,21 @@ async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
     })
     .await;
 
-    send_text(&alice, &dm, "!balance").await;
-    wait_notice(&alice, &dm, &bot, "EUR: 87.50 EUR").await;
+    balance_is(&alice, &dm, &bot, "87.50 EUR").await;
 
     // Bob has no DM yet: asking in the group room, the bot invites him to one and answers there.
     send_text(&bob, &room, "!balance").await;
     wait_notice(&bob, &room, &bot, "invited you to a private").await;
     let bob_dm = join_bot_dm(&bob).await;
     wait_notice(&bob, &bob_dm, &bot, "Welcome").await;
-    send_text(&bob, &bob_dm, "!balance").await;
-    wait_notice(&bob, &bob_dm, &bot, "EUR: 12.50 EUR").await;
+    balance_is(&bob, &bob_dm, &bot, "12.50 EUR").await;
+
+    // Every org.mxpay.* event the bot sent matches its published schema.
+    assert!(
+        bot_events_match_schemas(&alice, &bot) >= 3,
+        "challenge, room and DM receipts"
+    );
+    assert!(bot_events_match_schemas(&bob, &bot) >= 1);
 }
 
 /// Waits for a receipt from the bot in `room_id` with `status` and (if given) `reason`,
@@ -275,10 +300,21 @@ struct Scene {
 }
 
 async fn scene(label: &str, stepup_timeout_ms: u64, funds: &str) -> Scene {
+    scene_with(label, stepup_timeout_ms, funds, |_| MxpayOptions::default()).await
+}
+
+/// [`scene`] with mxpay options made from the lease (e.g. a fault switch naming a file in
+/// the lease dir).
+async fn scene_with(
+    label: &str,
+    stepup_timeout_ms: u64,
+    funds: &str,
+    options: impl FnOnce(&SlotLease) -> MxpayOptions,
+) -> Scene {
     let alice_user = support::user("alice").await;
     let bob_user = support::user("bob").await;
     let (lease, admin_key) = payments_lease(label, stepup_timeout_ms).await;
-    let mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
+    let mxpay = MxpayProcess::start_with(&lease, options(&lease)).await;
     let bot = lease.spec.bot_user_id();
     let alice = support::client(&alice_user).await;
     alice.bootstrap_cross_signing().await;
@@ -314,14 +350,7 @@ impl Scene {
 
     /// `!balance` in alice's DM; waits for the answer naming `expected` (e.g. `20.00 EUR`).
     async fn alice_balance_is(&self, expected: &str) {
-        send_text(&self.alice, &self.dm, "!balance").await;
-        wait_notice(
-            &self.alice,
-            &self.dm,
-            &self.bot,
-            &format!("EUR: {expected}"),
-        )
-        .await;
+        balance_is(&self.alice, &self.dm, &self.bot, expected).await;
     }
 }
 
@@ -438,6 +467,8 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
     send_text(alice, dm, "1357").await;
     wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
     s.alice_balance_is("18.00 EUR").await;
+    // Declined receipts too match the schema.
+    assert!(bot_events_match_schemas(alice, bot) >= 8);
 }
 
 #[tokio::test]
@@ -489,4 +520,408 @@ async fn an_unconfirmed_payment_expires_and_releases_the_funds() {
     send_text(alice, dm, PIN).await;
     wait_notice(alice, dm, bot, "I was not waiting for a PIN").await;
     s.alice_balance_is("20.00 EUR").await;
+}
+
+#[tokio::test]
+async fn transfer_intent_pays_once_even_replayed_and_withdraw_waits_for_settlement() {
+    let s = scene("intent", 120_000, "50.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+
+    // Pay with the typed event instead of text.
+    let intent = alice
+        .room(room)
+        .await
+        .send_raw(
+            "org.mxpay.transfer_intent",
+            serde_json::json!({
+                "body": format!("!pay {} 3.00 EUR coffee", s.bob_id()),
+                "payee": s.bob_id(), "amount": "3.00", "currency": "EUR", "memo": "coffee",
+            }),
+        )
+        .await
+        .expect("send the intent")
+        .response
+        .event_id;
+    wait_notice(alice, dm, bot, "Confirm paying 3.00 EUR").await;
+    send_text(alice, dm, PIN).await;
+    wait_receipt(&s.bob, room, bot, &intent, "completed", None).await;
+    s.alice_balance_is("47.00 EUR").await;
+
+    // The homeserver delivers the same (encrypted) event again in a new transaction.
+    let token = alice.inner().access_token().expect("logged in");
+    let raw: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/_matrix/client/v3/rooms/{room}/event/{intent}",
+            support::synapse().url
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("fetch the event")
+        .json()
+        .await
+        .expect("event JSON");
+    assert_eq!(raw["type"], "m.room.encrypted");
+    let (status, _) = s
+        .mxpay
+        .put_transaction(
+            &format!("replay-{}", support::random_suffix(8)),
+            &serde_json::json!({ "events": [raw] }),
+            Some(&s.lease.spec.hs_token),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Transactions are handled in order: once `!balance` is answered, the replay was handled.
+    s.alice_balance_is("47.00 EUR").await;
+    let challenges = alice
+        .seen_events()
+        .iter()
+        .filter(|e| {
+            e.room_id == *dm
+                && e.event_type() == "org.mxpay.stepup.challenge"
+                && e.content()["amount"] == "3.00"
+        })
+        .count();
+    assert_eq!(challenges, 1, "the replayed event asked for no second PIN");
+
+    // Withdraw: PIN step-up, then a reservation for the settlement account until the admin
+    // settles it.
+    let withdraw = send_text(alice, dm, "!withdraw 10 EUR").await;
+    wait_notice(alice, dm, bot, "Confirm withdrawing 10.00 EUR").await;
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "Withdrawal of 10.00 EUR confirmed").await;
+    s.alice_balance_is("37.00 EUR (10.00 EUR reserved)").await;
+    let id = mxpay::ledger::TransferId::from_key(withdraw.as_str());
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/_mxpay/admin/v1/withdrawals/{id}/settle",
+            s.mxpay.url
+        ))
+        .bearer_auth(crate::admin::mint(
+            &s.admin_key,
+            &[mxpay::admin::token::Scope::Settle],
+        ))
+        .send()
+        .await
+        .expect("settle");
+    assert_eq!(response.status(), 200);
+    wait_notice(alice, dm, bot, "Your withdrawal of 10.00 EUR was paid out").await;
+    s.alice_balance_is("37.00 EUR").await;
+    assert!(
+        bot_events_match_schemas(alice, bot) >= 4,
+        "two challenges, two receipts"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_the_ledger_post_and_the_receipt_is_repaired_on_restart() {
+    let mut s = scene_with("outbox", 120_000, "20.00", |lease| MxpayOptions {
+        env: vec![(
+            mxpay::payments::FAULT_CRASH_BEFORE_RECEIPT_ENV.to_owned(),
+            lease.dir.join("crashed").display().to_string(),
+        )],
+    })
+    .await;
+    let (bot, room, dm) = (s.bot.clone(), s.room.clone(), s.dm.clone());
+    let pay = send_text(&s.alice, &room, &format!("!pay {} 4 EUR", s.bob_id())).await;
+    wait_notice(&s.alice, &dm, &bot, "Confirm paying 4.00 EUR").await;
+    send_text(&s.alice, &dm, PIN).await;
+
+    // The money moved, then mxpay died before telling anyone.
+    s.mxpay.wait_exit().await;
+    assert!(s.lease.dir.join("crashed").exists(), "the fault fired");
+    assert!(
+        s.mxpay
+            .log()
+            .contains("test fault: aborting after the ledger post"),
+        "mxpay died at the fault, not elsewhere"
+    );
+    let receipts = |client: &TestClient, room_id: &RoomId| {
+        client
+            .seen_events()
+            .iter()
+            .filter(|e| {
+                e.room_id == room_id
+                    && e.event_type() == "org.mxpay.receipt"
+                    && e.content()["transfer_id"].is_string()
+                    && e.content()["status"] == "completed"
+            })
+            .count()
+    };
+    assert_eq!(receipts(&s.bob, &room), 0, "no receipt before the restart");
+
+    // After the restart the outbox finds the posted transfer past its cursor and tells.
+    s.mxpay.start_again().await;
+    wait_receipt(&s.bob, &room, &bot, &pay, "completed", None).await;
+    wait_bot_event(&s.alice, &dm, &bot, "org.mxpay.receipt", |c| {
+        c["status"] == "completed"
+    })
+    .await;
+    s.alice_balance_is("16.00 EUR").await;
+    // Once: a later change is told after this one, and nothing was repeated.
+    let second = send_text(&s.alice, &room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+    wait_notice(&s.alice, &dm, &bot, "Confirm paying 1.00 EUR").await;
+    send_text(&s.alice, &dm, PIN).await;
+    wait_receipt(&s.bob, &room, &bot, &second, "completed", None).await;
+    support::eventually("the second receipt in the DM", || async {
+        (receipts(&s.alice, &dm) >= 2).then_some(())
+    })
+    .await;
+    s.alice_balance_is("15.00 EUR").await;
+    assert_eq!(receipts(&s.bob, &room), 2, "each receipt once in the room");
+    assert_eq!(receipts(&s.alice, &dm), 2, "each receipt once in the DM");
+}
+
+/// A small JSON Schema checker, enough for `docs/schemas/*.json`: `type`, `required`,
+/// `properties`, `$ref` to `#/$defs/...`, `enum`, `const`, `pattern`, `maxLength`,
+/// `minimum`. Any other validation keyword in a schema fails the test, so a schema cannot
+/// silently ask for more than is checked.
+mod schema {
+    use serde_json::Value;
+
+    const ANNOTATIONS: [&str; 5] = ["$schema", "$id", "title", "description", "$defs"];
+
+    /// The schema of `event_type` from `docs/schemas/`.
+    pub fn load(event_type: &str) -> Value {
+        let path = crate::support::repo_dir()
+            .join("docs/schemas")
+            .join(format!("{event_type}.json"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("no schema for {event_type} ({}): {e}", path.display()));
+        serde_json::from_str(&text).expect("schema is JSON")
+    }
+
+    /// Every violation of `schema` by `value`, as `path: problem`.
+    pub fn errors(schema: &Value, value: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        check(schema, schema, value, "$", &mut out);
+        out
+    }
+
+    fn check(root: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
+        let Some(rules) = schema.as_object() else {
+            panic!("schema at {at} is not an object");
+        };
+        for (keyword, rule) in rules {
+            match keyword.as_str() {
+                k if ANNOTATIONS.contains(&k) => {}
+                "$ref" => {
+                    let name = rule
+                        .as_str()
+                        .and_then(|r| r.strip_prefix("#/$defs/"))
+                        .expect("only #/$defs/ references");
+                    check(root, &root["$defs"][name], value, at, out);
+                }
+                "type" => {
+                    let ok = match rule.as_str().expect("one type name") {
+                        "object" => value.is_object(),
+                        "string" => value.is_string(),
+                        "integer" => value.is_u64() || value.is_i64(),
+                        "boolean" => value.is_boolean(),
+                        "array" => value.is_array(),
+                        other => panic!("unsupported type {other}"),
+                    };
+                    if !ok {
+                        out.push(format!("{at}: not of type {rule}"));
+                    }
+                }
+                "required" => {
+                    for key in rule.as_array().expect("required is a list") {
+                        let key = key.as_str().expect("required names");
+                        if value.get(key).is_none() {
+                            out.push(format!("{at}: `{key}` is missing"));
+                        }
+                    }
+                }
+                "properties" => {
+                    for (key, sub) in rule.as_object().expect("properties is an object") {
+                        if let Some(child) = value.get(key) {
+                            check(root, sub, child, &format!("{at}.{key}"), out);
+                        }
+                    }
+                }
+                "enum" => {
+                    if !rule.as_array().expect("enum list").contains(value) {
+                        out.push(format!("{at}: {value} is not one of {rule}"));
+                    }
+                }
+                "const" => {
+                    if value != rule {
+                        out.push(format!("{at}: {value} is not {rule}"));
+                    }
+                }
+                "pattern" => {
+                    let pattern = regex::Regex::new(rule.as_str().expect("pattern string"))
+                        .expect("pattern compiles");
+                    if value.as_str().is_some_and(|s| !pattern.is_match(s)) {
+                        out.push(format!("{at}: {value} does not match {rule}"));
+                    }
+                }
+                "maxLength" => {
+                    let max = rule.as_u64().expect("maxLength number") as usize;
+                    if value.as_str().is_some_and(|s| s.chars().count() > max) {
+                        out.push(format!("{at}: longer than {max} characters"));
+                    }
+                }
+                "minimum" => {
+                    let min = rule.as_i64().expect("integer minimum");
+                    if value.as_i64().is_some_and(|v| v < min) {
+                        out.push(format!("{at}: below {min}"));
+                    }
+                }
+                other => panic!("schema keyword `{other}` is not supported by this checker"),
+            }
+        }
+    }
+
+    /// Panics unless `content` is valid for `event_type`.
+    pub fn assert_valid(event_type: &str, content: &Value) {
+        let problems = errors(&load(event_type), content);
+        assert!(
+            problems.is_empty(),
+            "{event_type} content does not match docs/schemas/{event_type}.json: {problems:?}\n{content:#}"
+        );
+    }
+}
+
+/// Checks every `org.mxpay.*` event the bot sent that `client` saw against its schema;
+/// returns how many were checked.
+fn bot_events_match_schemas(client: &TestClient, bot: &str) -> usize {
+    let mut checked = 0;
+    for event in client.seen_events() {
+        if event.sender() == bot && event.event_type().starts_with("org.mxpay.") {
+            schema::assert_valid(event.event_type(), event.content());
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[test]
+fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
+    use matrix_sdk::ruma::events::relation::Reference;
+    use matrix_sdk::ruma::{owned_event_id, owned_room_id, owned_user_id};
+    use mxpay::events::*;
+    use rust_decimal::Decimal;
+
+    let receipt = ReceiptEventContent {
+        body: "✅ paid".into(),
+        status: ReceiptStatus::Completed,
+        reason: None,
+        transfer_id: Some("340282366920938463463374607431768211455".into()),
+        payer: owned_user_id!("@alice:example.org"),
+        payee: owned_user_id!("@bob:example.org"),
+        amount: Decimal::new(1250, 2),
+        currency: "EUR".into(),
+        relates_to: Reference::new(owned_event_id!("$pay")),
+    };
+    schema::assert_valid(
+        "org.mxpay.receipt",
+        &serde_json::to_value(&receipt).unwrap(),
+    );
+    let challenge = StepUpChallengeEventContent {
+        body: "Confirm".into(),
+        challenge_id: format!("{:032x}", 42),
+        payee: owned_user_id!("@bob:example.org"),
+        amount: Decimal::new(1250, 2),
+        currency: "EUR".into(),
+        room_id: owned_room_id!("!room"),
+        expires_at_ms: 1_795_000_000_000,
+        relates_to: None,
+    };
+    schema::assert_valid(
+        "org.mxpay.stepup.challenge",
+        &serde_json::to_value(&challenge).unwrap(),
+    );
+    let response = StepUpResponseEventContent {
+        body: "PIN confirmation".into(),
+        challenge_id: format!("{:032x}", 42),
+        pin: "4821".into(),
+    };
+    schema::assert_valid(
+        "org.mxpay.stepup.response",
+        &serde_json::to_value(&response).unwrap(),
+    );
+    let intent = TransferIntentEventContent {
+        body: "!pay".into(),
+        payee: owned_user_id!("@bob:example.org"),
+        amount: Decimal::new(3, 0),
+        currency: "EUR".into(),
+        memo: Some("coffee".into()),
+        request_event_id: None,
+    };
+    schema::assert_valid(
+        "org.mxpay.transfer_intent",
+        &serde_json::to_value(&intent).unwrap(),
+    );
+    let request = PaymentRequestEventContent {
+        body: "@shop requests 4.20 EUR".into(),
+        payee: owned_user_id!("@shop:example.org"),
+        amount: Decimal::new(420, 2),
+        currency: "EUR".into(),
+        payer: None,
+        memo: None,
+        expires_at_ms: None,
+    };
+    schema::assert_valid(
+        "org.mxpay.payment_request",
+        &serde_json::to_value(&request).unwrap(),
+    );
+
+    // The checker can fail: a receipt without status, with a comma amount, a bad reason.
+    let mut bad = serde_json::to_value(&receipt).unwrap();
+    bad.as_object_mut().unwrap().remove("status");
+    bad["amount"] = "12,50".into();
+    bad["reason"] = "bored".into();
+    bad["m.relates_to"]["rel_type"] = "m.annotation".into();
+    let problems = schema::errors(&schema::load("org.mxpay.receipt"), &bad);
+    assert_eq!(problems.len(), 4, "{problems:?}");
+
+    // Every ```json example in docs/events.md is a full event of a documented type.
+    let docs = std::fs::read_to_string(support::repo_dir().join("docs/events.md")).unwrap();
+    let mut examples = 0;
+    for block in docs.split("```json\n").skip(1) {
+        let json = block.split("\n```").next().unwrap();
+        let event: Value = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("example is not JSON: {e}\n{json}"));
+        let event_type = event["type"]
+            .as_str()
+            .expect("examples are events with a type");
+        schema::assert_valid(event_type, &event["content"]);
+        examples += 1;
+    }
+    assert!(examples >= 5, "docs/events.md has {examples} examples");
+}
+
+/// Measures the time from the payer sending their PIN to the payee's client showing the
+/// receipt, over `MXPAY_LATENCY_PAYMENTS` payments (default 20), and prints p50/p95/max.
+/// Run: `cargo test --test it -- --ignored payments::pin_to_receipt_latency --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check; run by hand"]
+async fn pin_to_receipt_latency() {
+    let payments: usize = std::env::var("MXPAY_LATENCY_PAYMENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let s = scene("latency", 120_000, "1000.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let mut samples_ms = Vec::with_capacity(payments);
+    for i in 0..payments {
+        let amount = format!("{}.{:02}", 1 + i / 100, i % 100);
+        let pay = send_text(alice, room, &format!("!pay {} {amount} EUR", s.bob_id())).await;
+        wait_notice(alice, dm, bot, &format!("Confirm paying {amount} EUR")).await;
+        let started = std::time::Instant::now();
+        send_text(alice, dm, PIN).await;
+        wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
+        samples_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| samples_ms[((samples_ms.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "PIN message -> payee sees the receipt, {} payments: p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        samples_ms.len(),
+        at(0.5),
+        at(0.95),
+        samples_ms[samples_ms.len() - 1]
+    );
 }
