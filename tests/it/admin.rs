@@ -1301,6 +1301,8 @@ async fn app_mounts_the_admin_api_from_the_config() {
     drop(app);
 
     std::fs::remove_file(dir.path().join("admin-jwt.key")).unwrap();
+    // A fresh data dir: sled's threads may still hold the dropped App's database locks.
+    config.data_dir = dir.path().join("again");
     let error = App::open(config.clone(), Registration::generate(&config))
         .unwrap_err()
         .to_string();
