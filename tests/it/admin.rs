@@ -1168,6 +1168,17 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
     assert!(ok);
     let (ok, out, err) = cli(&["-c", config, "verify"], Some(&token)).await;
     assert!(ok && out.starts_with("ledger OK"), "{out} {err}");
+    let (ok, out, err) = cli(&["-c", config, "export"], Some(&token)).await;
+    assert!(ok, "{err}");
+    let created: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["type"] == "transfer_created")
+        .collect();
+    assert_eq!(created.len(), 2, "{out}");
+    assert!(created
+        .iter()
+        .all(|l| l["to"]["owner"] == alice_id.as_str()));
 
     // Without the scope: refused, and the CLI says why.
     let (_, read_only, _) = cli(&["-c", config, "token", "create", "--scope", "read"], None).await;
