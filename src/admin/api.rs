@@ -35,6 +35,19 @@ pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
 
 type Shared = Arc<AdminState>;
 
+/// Largest request body the admin API reads, in bytes; larger bodies get 413 `M_TOO_LARGE`.
+pub const ADMIN_BODY_BYTES_MAX: u64 = 64 * 1024;
+
+/// Reads a request body up to [`ADMIN_BODY_BYTES_MAX`].
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, AdminError> {
+    crate::http::read_body_capped(headers, body, ADMIN_BODY_BYTES_MAX)
+        .await
+        .map_err(|e| match e {
+            crate::http::EdgeError::TooLarge => AdminError::TooLarge,
+            _ => AdminError::BadJson("could not read the request body".to_owned()),
+        })
+}
+
 /// Builds a router and records every `(method, path)` it mounts.
 pub struct Mount<S> {
     router: Router<S>,
@@ -244,8 +257,11 @@ fn parse_query<T: DeserializeOwned>(uri: &Uri) -> Result<T, AdminError> {
         .map_err(|e| AdminError::InvalidParam(e.body_text()))
 }
 
-async fn post_topup(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let request = parse_json::<TopupRequest>(&body);
+async fn post_topup(State(state): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    let request = match read_body(&headers, body).await {
+        Ok(body) => parse_json::<TopupRequest>(&body),
+        Err(e) => Err(e),
+    };
     let target = request
         .as_ref()
         .map(|r| r.user_id.clone())
@@ -260,10 +276,13 @@ async fn post_webhook(
     State(state): State<Shared>,
     Path(provider): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    let result = state.webhook(&provider, signature, &body).await;
+    let result = match read_body(&headers, body).await {
+        Ok(body) => state.webhook(&provider, signature, &body).await,
+        Err(e) => Err(e),
+    };
     let target = match &result {
         Ok(r) => format!("{} {}", r.event_id, r.transfer.id),
         Err(_) => String::new(),
@@ -274,8 +293,14 @@ async fn post_webhook(
         Ok(_) => "webhook.reject",
         Err(_) => "webhook",
     };
+    // The path is the caller's text: only a configured provider's name goes into the log.
+    let actor = if state.providers.contains_key(&provider) {
+        format!("provider:{provider}")
+    } else {
+        "provider:?".to_owned()
+    };
     let caller = Caller {
-        actor: format!("provider:{provider}"),
+        actor,
         token_id: None,
     };
     finish(&state, caller, action, target, result).await
@@ -359,8 +384,9 @@ async fn post_freeze(
     State(state): State<Shared>,
     Path(user_id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    let body = read_body(&headers, body).await;
     call(
         &state,
         &headers,
@@ -368,7 +394,7 @@ async fn post_freeze(
         "freeze",
         user_id.clone(),
         || async {
-            let request: FreezeRequest = parse_json(&body)?;
+            let request: FreezeRequest = parse_json(&body?)?;
             let mode = match request.mode.as_deref() {
                 None | Some("debits") => FreezeMode::Debits,
                 Some("all") => FreezeMode::All,

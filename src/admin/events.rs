@@ -10,6 +10,11 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
+/// Attempts to open the database while a dropped handle's background threads still hold its
+/// file lock (a reopen in the same process), and the pause between them.
+const LOCK_ATTEMPTS_MAX: u32 = 100;
+const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Tree name: what maps to what.
 const TREE: &str = "provider_eventid_bodysha256";
 
@@ -42,7 +47,19 @@ pub struct EventStore {
 impl EventStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, EventStoreError> {
-        let db = sled::open(dir)?;
+        let mut attempts_left = LOCK_ATTEMPTS_MAX;
+        let db = loop {
+            // Every claim flushes explicitly; a background flusher would only add fsyncs.
+            match sled::Config::new().path(dir).flush_every_ms(None).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && attempts_left > 1 =>
+                {
+                    attempts_left -= 1;
+                    std::thread::sleep(LOCK_RETRY_PAUSE);
+                }
+                other => break other?,
+            }
+        };
         let tree = db.open_tree(TREE)?;
         Ok(Self { db, tree })
     }

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod audit;
 pub mod events;
+pub mod pins;
 pub mod service;
 pub mod settings;
 pub mod token;
@@ -46,6 +47,9 @@ pub enum AdminError {
     /// A user ID does not parse.
     #[error("`{0}` is not a valid Matrix user ID (@user:server)")]
     InvalidUserId(String),
+    /// The request body is above [`api::ADMIN_BODY_BYTES_MAX`].
+    #[error("request body too large")]
+    TooLarge,
     /// The request body is not the expected JSON.
     #[error("invalid request body: {0}")]
     BadJson(String),
@@ -97,6 +101,7 @@ impl AdminError {
                 (S::BAD_REQUEST, "M_INVALID_PARAM")
             }
             Self::BadJson(_) => (S::BAD_REQUEST, "M_BAD_JSON"),
+            Self::TooLarge => (S::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
             Self::IdempotencyConflict(_) => (S::CONFLICT, "ORG.MXPAY_IDEMPOTENCY_CONFLICT"),
             Self::Rejected(_) => (S::CONFLICT, "ORG.MXPAY_REJECTED"),
             Self::NotFound(_) | Self::Disabled => (S::NOT_FOUND, "M_NOT_FOUND"),

@@ -53,7 +53,7 @@ pub struct AdminState {
     pub(crate) events: EventStore,
     pub(crate) clock: SharedClock,
     pub(crate) webhook_tolerance_s: u64,
-    pub(crate) pins: Option<Arc<dyn PinReset>>,
+    pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -223,14 +223,14 @@ impl AdminState {
             events,
             clock,
             webhook_tolerance_s,
-            pins: None,
+            pins: std::sync::OnceLock::new(),
         })
     }
 
-    /// Lets the admin API reset PINs in `pins` (the payments layer's PIN store).
-    pub fn with_pin_reset(mut self, pins: Arc<dyn PinReset>) -> Self {
-        self.pins = Some(pins);
-        self
+    /// Lets the admin API reset PINs in `pins` (the payments layer's PIN store, opened after
+    /// the admin API). Only the first call counts; until then `pin-reset` answers 501.
+    pub fn set_pin_reset(&self, pins: Arc<dyn PinReset>) {
+        let _ = self.pins.set(pins);
     }
 
     /// The ledger.
@@ -492,7 +492,7 @@ impl AdminState {
     /// Resets a user's PIN through the payments layer's PIN store.
     pub async fn reset_pin(&self, user_id: &str) -> Result<bool, AdminError> {
         let user = parse_user_id(user_id)?;
-        let pins = self.pins.as_ref().ok_or(AdminError::PinResetUnavailable)?;
+        let pins = self.pins.get().ok_or(AdminError::PinResetUnavailable)?;
         pins.reset_pin(user.as_str())
             .await
             .map_err(AdminError::internal)

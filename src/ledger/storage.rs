@@ -4,11 +4,13 @@
 //!
 //! sled layout: one tree, `journal`, holding
 //! - `b"j" ++ seq (u64 big-endian)` -> one encoded record per committed batch, and
-//! - `b"h"` -> the head (seq and hash of the last record),
+//! - `b"k"` -> the head (seq and hash of the last record),
 //!
-//! both written by one atomic `apply_batch` and one `flush` per batch. Nothing else is stored:
+//! both written by one atomic `apply_batch`, one `flush` and one `fdatasync` per batch; then
+//! the head is copied to the file `mxpay-head` beside sled's files (see `anchor`). Nothing else is stored:
 //! balances, transfers and idempotency keys are rebuilt in memory from the journal on open.
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Why the storage failed (I/O, or the database could not be opened).
@@ -44,19 +46,33 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Every record with `seq >= from_seq`, in key order, read lazily.
     fn records(&self, from_seq: u64) -> Box<dyn Iterator<Item = StoredRecord> + Send>;
+
+    /// The head as last written to a place outside the primary store (`None` if the backend
+    /// keeps none). It may lag the head after a power cut, never lead it; a journal that ends
+    /// before it lost records the store itself did not notice.
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(None)
+    }
 }
 
 const RECORD_PREFIX: u8 = b'j';
-const HEAD_KEY: &[u8] = b"h";
+/// After every record key, so the head shares the newest leaf with the newest records
+/// instead of adding an update (and rewrites) to the first leaf on every commit.
+const HEAD_KEY: &[u8] = b"k";
+/// The file beside sled's that holds a copy of the head.
+pub const ANCHOR_FILE: &str = "mxpay-head";
+/// Size of an encoded head (seq u64 + blake3 hash).
+const ANCHOR_BYTES: usize = 8 + 32;
 /// Name of the one sled tree.
 pub const JOURNAL_TREE: &str = "journal";
-/// Largest journal record the writer aims for; far below sled's blob threshold
-/// (`SEGMENT_BYTES / 4`), since sled writes larger values to blob files it never syncs.
-pub const RECORD_BYTES_TARGET: usize = 1024 * 1024;
+/// Largest journal record the writer aims for. sled keeps values inline in its tree pages
+/// (up to 16 entries a leaf, rewritten whole every 10 updates) and writes any message above a
+/// quarter of a segment to a separate blob file that it never syncs; records this small keep
+/// even a full leaf of them far below that threshold.
+pub const RECORD_BYTES_TARGET: usize = 128 * 1024;
 /// Segment size of the sled log. Fixed for the life of a database (sled refuses another on
-/// reopen). A batch record above a quarter of it would be written as a separate blob file
-/// (one more file and fsync), so it is large enough for the biggest batch.
-const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// reopen); its quarter (4 MiB) is sled's blob threshold.
+pub const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// How often to try for sled's directory lock, and the pause between tries (2 s in all).
 const LOCK_ATTEMPTS_MAX: u32 = 200;
@@ -71,6 +87,13 @@ pub struct SledStorage {
     /// `sync_file_range`, which neither writes metadata nor flushes the disk's write cache,
     /// so it survives a process crash but not necessarily a power cut.
     log_file: Option<std::fs::File>,
+    /// `ANCHOR_FILE`: the head again, outside sled. sled treats a damaged message in its log
+    /// as the end of the log and silently drops everything after it, head included; this copy
+    /// lets verify notice. Rewritten in place after each durable append, not synced itself
+    /// (it may lag after a power cut, which verify accepts; it never leads). `None` if the
+    /// file is missing from a journal that has records.
+    anchor_file: Option<std::fs::File>,
+    anchor_path: std::path::PathBuf,
 }
 
 impl SledStorage {
@@ -103,6 +126,38 @@ impl SledStorage {
             }
         };
         let tree = db.open_tree(JOURNAL_TREE)?;
+        let anchor_path = path.join(ANCHOR_FILE);
+        let io = |what: &str, e: std::io::Error| {
+            StorageError::Backend(format!("{what} {}: {e}", anchor_path.display()))
+        };
+        let anchor_file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&anchor_path)
+        {
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if tree.get(HEAD_KEY)?.is_none() {
+                    // A new journal: the anchor starts at "nothing written" (seq 0).
+                    let file = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&anchor_path)
+                        .map_err(|e| io("cannot create", e))?;
+                    file.write_all_at(&[0u8; ANCHOR_BYTES], 0)
+                        .and_then(|()| file.sync_all())
+                        .map_err(|e| io("cannot write", e))?;
+                    std::fs::File::open(path)
+                        .and_then(|dir| dir.sync_all())
+                        .map_err(|e| io("cannot sync the directory of", e))?;
+                    Some(file)
+                } else {
+                    None
+                }
+            }
+            Err(e) => return Err(io("cannot open", e)),
+        };
         let log_file = if fdatasync {
             let log_path = path.join("db");
             Some(std::fs::File::open(&log_path).map_err(|e| {
@@ -115,6 +170,8 @@ impl SledStorage {
             _db: db,
             tree,
             log_file,
+            anchor_file,
+            anchor_path,
         })
     }
 
@@ -137,7 +194,24 @@ impl Storage for SledStorage {
             file.sync_data()
                 .map_err(|e| StorageError::Backend(format!("fdatasync of the journal: {e}")))?;
         }
+        if let Some(file) = &self.anchor_file {
+            file.write_all_at(head, 0)
+                .map_err(|e| StorageError::Backend(format!("write of the head anchor: {e}")))?;
+        }
         Ok(())
+    }
+
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        let Some(file) = &self.anchor_file else {
+            return Err(StorageError::Backend(format!(
+                "the head anchor file {} is missing although the journal has records",
+                self.anchor_path.display()
+            )));
+        };
+        let mut bytes = vec![0u8; ANCHOR_BYTES];
+        file.read_exact_at(&mut bytes, 0)
+            .map_err(|e| StorageError::Backend(format!("read of the head anchor: {e}")))?;
+        Ok(Some(bytes))
     }
 
     fn head(&self) -> Result<Option<Vec<u8>>, StorageError> {

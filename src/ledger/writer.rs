@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::codec::{encode_record, Head};
-use super::model::{Owner, TransferId};
+use super::codec::{Head, RecordBuilder, COMMAND_BYTES_MAX};
+use super::model::TransferId;
 use super::state::{Event, Op, OpResult, State};
 use super::storage::{Storage, RECORD_BYTES_TARGET};
 use super::LedgerError;
@@ -30,37 +30,6 @@ pub(crate) enum Command {
     },
     /// A consistent read of durable state.
     Read(ReadFn),
-}
-
-impl Command {
-    /// An upper bound of the journal bytes this command can add (memo, owner names of two
-    /// new accounts, fixed fields), so one record stays below [`RECORD_BYTES_TARGET`].
-    fn bytes_max(&self) -> usize {
-        const FIXED_BYTES: usize = 160;
-        let owner = |o: &Owner| match o {
-            Owner::User(name) => name.len(),
-            _ => 0,
-        };
-        match self {
-            Command::Op { op, .. } => {
-                FIXED_BYTES
-                    + match op {
-                        Op::Create { request, .. } => {
-                            // A failed create records both accounts in full as well.
-                            2 * (request.memo.len()
-                                + owner(&request.debit)
-                                + owner(&request.credit))
-                        }
-                        Op::Refund { memo, .. } => memo.len(),
-                        Op::Freeze { account, .. } => owner(&account.owner),
-                        Op::Post { .. } | Op::Void { .. } => 0,
-                    }
-            }
-            // Expiries are bounded by the number of live pending transfers, not by commands;
-            // they are small (17 bytes each).
-            Command::ExpireDue { .. } | Command::Read(_) => FIXED_BYTES,
-        }
-    }
 }
 
 // Replies live for one batch in one Vec; boxing the large variant would only add allocations.
@@ -90,25 +59,15 @@ impl Writer {
             .build()
             .expect("a current-thread runtime for the ledger writer");
         runtime.block_on(async move {
-            let mut batch = Vec::with_capacity(self.batch_commands_max);
+            let mut record = RecordBuilder::default();
             loop {
-                match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
-                    Ok(Some(command)) => batch.push(command),
+                let first = match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
+                    Ok(Some(command)) => Some(command),
                     Ok(None) => break,
                     // Idle: still expire what the clock says is due.
-                    Err(_) => {}
-                }
-                let mut bytes: usize = batch.iter().map(Command::bytes_max).sum();
-                while batch.len() < self.batch_commands_max && bytes < RECORD_BYTES_TARGET {
-                    match rx.try_recv() {
-                        Ok(command) => {
-                            bytes += command.bytes_max();
-                            batch.push(command);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = self.commit(&mut batch) {
+                    Err(_) => None,
+                };
+                if let Err(e) = self.commit(first, &mut rx, &mut record) {
                     tracing::error!(error = %e, "ledger storage failed; the ledger stops");
                     break;
                 }
@@ -116,14 +75,23 @@ impl Writer {
         });
     }
 
-    /// Decides and commits one batch, then answers it.
-    pub fn commit(&mut self, batch: &mut Vec<Command>) -> Result<(), LedgerError> {
+    /// Decides `first` and whatever else is queued, up to the batch bounds (commands, and
+    /// record bytes measured as the events are encoded), commits them as one record, then
+    /// answers them.
+    pub fn commit(
+        &mut self,
+        first: Option<Command>,
+        rx: &mut mpsc::Receiver<Command>,
+        record: &mut RecordBuilder,
+    ) -> Result<(), LedgerError> {
         // Ledger time never goes backwards, even if the clock does.
         let now_ms = self.clock.now_ms().max(self.last_time_ms);
-        let mut events: Vec<Event> = Vec::with_capacity(batch.len() + 4);
+        let mut events: Vec<Event> = Vec::new();
+        record.clear();
         let expired = self.state.expire_due(now_ms, &mut events);
-        let mut replies = Vec::with_capacity(batch.len());
-        for command in batch.drain(..) {
+        let mut replies = Vec::new();
+        let mut next = first;
+        while let Some(command) = next {
             match command {
                 Command::Op { op, reply } => {
                     let result = self.state.decide(op, now_ms, &mut events);
@@ -132,13 +100,22 @@ impl Writer {
                 Command::ExpireDue { reply } => replies.push(Reply::Expired(reply)),
                 Command::Read(read) => replies.push(Reply::Read(read)),
             }
+            for event in events.drain(..) {
+                record.push(&event);
+            }
+            let full = replies.len() >= self.batch_commands_max
+                || record.bytes() + COMMAND_BYTES_MAX > RECORD_BYTES_TARGET;
+            next = if full { None } else { rx.try_recv().ok() };
         }
-        if !events.is_empty() {
+        for event in events.drain(..) {
+            record.push(&event);
+        }
+        if !record.is_empty() {
             self.state.assert_totals_balance();
             let seq = self.head.seq + 1;
-            let (record, hash) = encode_record(seq, &self.head.hash, now_ms, &events);
+            let (bytes, hash) = record.finish(seq, &self.head.hash, now_ms);
             let head = Head { seq, hash };
-            if let Err(e) = self.storage.append(seq, &record, &head.encode()) {
+            if let Err(e) = self.storage.append(seq, &bytes, &head.encode()) {
                 // The state in memory is now ahead of the disk: answer everyone with the
                 // error and stop; reopening replays what is durable.
                 for reply in replies {

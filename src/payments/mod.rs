@@ -1915,6 +1915,9 @@ pub async fn start(
     let store_dir = config.data_dir.join("payments");
     let store = PaymentStore::open(&store_dir)
         .map_err(|e| AppError::Startup(format!("cannot open the payment store: {e}")))?;
+    if let Some(admin) = app.admin() {
+        admin.set_pin_reset(Arc::new(store.clone()));
+    }
     let crypto = crate::crypto::handler::start_crypto(app, shutdown.clone()).await?;
     let mut commands = basic_commands();
     commands.extend(text::payment_commands());

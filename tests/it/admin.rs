@@ -96,6 +96,7 @@ struct Harness {
     ledger: Ledger,
     router: Router,
     tokens: TokenAuthority,
+    state: Arc<AdminState>,
 }
 
 fn settings() -> LedgerSettings {
@@ -128,7 +129,8 @@ impl Harness {
             shared.clone(),
         )
         .unwrap();
-        let router = mxpay::admin::router(Some(Arc::new(state)));
+        let state = Arc::new(state);
+        let router = mxpay::admin::router(Some(state.clone()));
         let tokens = TokenAuthority::new(&key, shared).unwrap();
         Self {
             _dir: dir,
@@ -136,6 +138,7 @@ impl Harness {
             ledger,
             router,
             tokens,
+            state,
         }
     }
 
@@ -343,6 +346,21 @@ async fn bad_amounts_and_currencies_are_refused_with_clear_errors() {
             "POST",
             "/topups",
             Some(&token),
+            Some(json!({
+                "user_id": ALICE, "amount": "1", "currency": "EUR", "idempotency_key": "k",
+                "note": "x".repeat(70_000),
+            })),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["errcode"].as_str()),
+        (413, Some("M_TOO_LARGE"))
+    );
+    let (status, body) = h
+        .call(
+            "POST",
+            "/topups",
+            Some(&token),
             Some(
                 json!({"user_id": ALICE, "amount": 1.5, "currency": "EUR", "idempotency_key": "k"}),
             ),
@@ -502,7 +520,7 @@ async fn signed_webhook_credits_once_and_refuses_tampering_staleness_and_reuse()
     let audit = h.audit().await;
     let webhooks: Vec<&Value> = audit
         .iter()
-        .filter(|e| e["actor"] == "provider:acme" || e["actor"] == "provider:other")
+        .filter(|e| e["actor"] == "provider:acme" || e["actor"] == "provider:?")
         .collect();
     assert_eq!(webhooks.len(), 8, "{audit:?}");
     assert_eq!(webhooks.last().unwrap()["action"], "webhook.topup");
@@ -1017,7 +1035,7 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
         "{yaml}  providers:\n    - name: acme\n      secret: {{ env: MXPAY_IT_ACME_SECRET }}\n"
     );
     lease.write_config();
-    let mxpay = MxpayProcess::start_with(
+    let mut mxpay = MxpayProcess::start_with(
         &lease,
         MxpayOptions {
             env: vec![(
@@ -1150,6 +1168,17 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
     assert!(ok);
     let (ok, out, err) = cli(&["-c", config, "verify"], Some(&token)).await;
     assert!(ok && out.starts_with("ledger OK"), "{out} {err}");
+    let (ok, out, err) = cli(&["-c", config, "export"], Some(&token)).await;
+    assert!(ok, "{err}");
+    let created: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["type"] == "transfer_created")
+        .collect();
+    assert_eq!(created.len(), 2, "{out}");
+    assert!(created
+        .iter()
+        .all(|l| l["to"]["owner"] == alice_id.as_str()));
 
     // Without the scope: refused, and the CLI says why.
     let (_, read_only, _) = cli(&["-c", config, "token", "create", "--scope", "read"], None).await;
@@ -1187,8 +1216,303 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
         );
     }
     assert!(out.contains("it-ops"), "{out}");
+
+    // After a SIGKILL and restart, the same webhook and the same top-up key credit nothing.
+    mxpay.restart().await;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signature = webhook::sign(
+        &WebhookSecret::new(ACME_SECRET.to_vec()),
+        now_s,
+        body.as_bytes(),
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/_mxpay/admin/v1/webhooks/acme", mxpay.url))
+        .header(webhook::SIGNATURE_HEADER, &signature)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["replay"], true, "{answer}");
+    let (ok, _, err) = cli(
+        &[
+            "-c",
+            config,
+            "topup",
+            &alice_id,
+            "12.50",
+            "EUR",
+            "--key",
+            "it-order-1",
+        ],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["available"], "20.00", "{balance}");
+    // The audit log's chain survived the kill too (mxpay checks it when it opens the log).
+    let (ok, out, err) = cli(&["-c", config, "audit", "--limit", "500"], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.lines().any(|l| l.contains("webhook.topup")), "{out}");
     // The secret never reaches mxpay's log.
     let log = mxpay.log();
     assert!(!log.contains(std::str::from_utf8(&secret).unwrap()));
     assert!(!log.contains(std::str::from_utf8(ACME_SECRET).unwrap()));
+}
+
+/// `App` opens the ledger and the admin state from the config and mounts the admin API on the
+/// appservice router; a missing secret stops it with the key's name, never the secret.
+#[tokio::test]
+async fn app_mounts_the_admin_api_from_the_config() {
+    use mxpay::app::App;
+    use mxpay::config::Config;
+    use mxpay::registration::Registration;
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, secret) = admin_yaml(dir.path());
+    let mut config =
+        Config::from_yaml(&format!("data_dir: {}\n{yaml}", dir.path().display())).unwrap();
+    config.resolve_paths(dir.path());
+    let app = App::open(config.clone(), Registration::generate(&config)).unwrap();
+    assert!(app.admin().is_some());
+    let topup = |token: String| {
+        Request::post("/_mxpay/admin/v1/topups")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(
+                json!({"user_id": ALICE, "amount": "4.00", "currency": "EUR", "idempotency_key": "app-1"})
+                    .to_string(),
+            ))
+            .unwrap()
+    };
+    let response = app
+        .router()
+        .oneshot(topup(mint(&secret, &[Scope::Topup])))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let balances = app.ledger().balances(&Owner::user(ALICE)).await.unwrap();
+    assert_eq!(balances[0].balances.available_minor(), 400);
+    // The appservice routes are still there.
+    let response = app
+        .router()
+        .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(app);
+
+    std::fs::remove_file(dir.path().join("admin-jwt.key")).unwrap();
+    // A fresh data dir: sled's threads may still hold the dropped App's database locks.
+    config.data_dir = dir.path().join("again");
+    let error = App::open(config.clone(), Registration::generate(&config))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("admin.token.secret.file"), "{error}");
+    assert!(!error.contains(std::str::from_utf8(&secret).unwrap()));
+}
+
+/// A PIN store that records resets.
+#[derive(Default)]
+struct FakePins(parking_lot::Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl mxpay::admin::service::PinReset for FakePins {
+    async fn reset_pin(&self, user_id: &str) -> Result<bool, String> {
+        let mut resets = self.0.lock();
+        resets.push(user_id.to_owned());
+        Ok(resets.len() == 1)
+    }
+}
+
+#[tokio::test]
+async fn pin_reset_needs_its_scope_and_a_pin_store() {
+    let h = Harness::new();
+    let path = format!("/users/{}/pin-reset", enc(ALICE));
+    let token = h.token(&[Scope::PinReset]);
+    let (status, body) = h.call("POST", &path, Some(&token), None).await;
+    assert_eq!(status, 501, "no PIN store yet: {body}");
+    let pins = Arc::new(FakePins::default());
+    h.state.set_pin_reset(pins.clone());
+    let (status, body) = h
+        .call("POST", &path, Some(&h.token(&[Scope::Freeze])), None)
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = h.call("POST", &path, Some(&token), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["had_pin"], true);
+    let (status, body) = h
+        .call("POST", "/users/alice/pin-reset", Some(&token), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(*pins.0.lock(), [ALICE]);
+    let audit = h.audit().await;
+    let results: Vec<&str> = audit
+        .iter()
+        .filter(|e| e["action"] == "pin-reset")
+        .map(|e| e["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        ["M_INVALID_PARAM", "ok", "M_FORBIDDEN", "M_UNRECOGNIZED"]
+    );
+}
+
+/// Payments and the admin API together over the real binary: alice withdraws with her PIN,
+/// the operator sees the pending withdrawal and settles it with `mxpay admin`, alice is told;
+/// then an admin PIN reset makes her set a new PIN before she can withdraw again.
+#[tokio::test]
+async fn withdrawal_settled_and_pin_reset_through_the_cli() {
+    use crate::support::{self, MxpayOptions, MxpayProcess, RoomOptions, SlotKind, TestClient};
+    use matrix_sdk::ruma::api::client::room::create_room::v3::RoomPreset;
+    use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+    use matrix_sdk::ruma::RoomId;
+
+    const PIN: &str = "5937";
+    async fn say(client: &TestClient, room: &RoomId, text: &str) {
+        client
+            .room(room)
+            .await
+            .send(RoomMessageEventContent::text_plain(text))
+            .await
+            .unwrap_or_else(|e| panic!("sending {text:?}: {e}"));
+    }
+
+    let alice_user = support::user("alice").await;
+    let mut lease = support::synapse()
+        .lease(SlotKind::Normal, "admin-withdraw")
+        .await;
+    let pepper = lease.dir.join("pepper");
+    std::fs::write(&pepper, support::random_suffix(48)).unwrap();
+    let (admin, _) = admin_yaml(&lease.dir);
+    lease.config.extra_yaml = format!(
+        "payments:\n  enabled: true\n  pepper_file: {}\n{admin}",
+        pepper.display()
+    );
+    lease.write_config();
+    let _mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
+    let bot = lease.spec.bot_user_id();
+    let config = lease.config_path();
+    let config = config.to_str().unwrap();
+    let (ok, token, err) = cli(
+        &[
+            "-c",
+            config,
+            "token",
+            "create",
+            "--scope",
+            "topup,read,settle,pin-reset",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let token = token.trim().to_owned();
+
+    let alice = support::client(&alice_user).await;
+    alice.bootstrap_cross_signing().await;
+    let alice_id = alice.user.user_id.to_string();
+    let dm = alice
+        .create_room(RoomOptions {
+            encrypted: true,
+            preset: Some(RoomPreset::TrustedPrivateChat),
+            invite: vec![bot.as_str().try_into().unwrap()],
+            is_direct: true,
+            ..Default::default()
+        })
+        .await
+        .room_id()
+        .to_owned();
+    alice.wait_for_membership(&dm, &bot, "join").await;
+    say(&alice, &dm, "!pin set").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Choose a 4-digit PIN"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Send the same PIN again"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Your PIN is set"))
+        .await;
+
+    let (ok, _, err) = cli(
+        &["-c", config, "topup", &alice_id, "50.00", "EUR"],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("topped up with 50.00 EUR"))
+        .await;
+
+    say(&alice, &dm, "!withdraw 20 EUR").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Confirm withdrawing 20.00 EUR"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| {
+            b.contains("Withdrawal of 20.00 EUR confirmed")
+        })
+        .await;
+
+    // The operator's view: the withdrawal waits, reserved.
+    let (ok, out, err) = cli(&["-c", config, "--json", "pending"], Some(&token)).await;
+    assert!(ok, "{err}");
+    let pending: Value = serde_json::from_str(&out).unwrap();
+    let withdrawal = pending["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["from"] == alice_id.as_str() && t["to"] == "system:settlement")
+        .unwrap_or_else(|| panic!("no pending withdrawal: {out}"))
+        .clone();
+    assert_eq!(withdrawal["amount"], "20.00");
+    let (ok, out, _) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    assert!(ok);
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["available"], "30.00", "{balance}");
+    assert_eq!(balance["accounts"][0]["pending_out"], "20.00", "{balance}");
+
+    let id = withdrawal["id"].as_str().unwrap();
+    let (ok, out, err) = cli(&["-c", config, "settle", id], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("posted"), "{out}");
+    alice
+        .wait_for_message(&dm, &bot, |b| {
+            b.contains("withdrawal of 20.00 EUR was paid out")
+        })
+        .await;
+    let (_, out, _) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["posted"], "30.00", "{balance}");
+    assert_eq!(balance["accounts"][0]["pending_out"], "0.00", "{balance}");
+
+    // After a PIN reset, alice must set a new PIN before money can leave again.
+    let (ok, out, err) = cli(&["-c", config, "pin-reset", &alice_id], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("must set a new PIN"), "{out}");
+    say(&alice, &dm, "!withdraw 5 EUR").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("you have no PIN yet"))
+        .await;
 }

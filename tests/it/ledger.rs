@@ -324,7 +324,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn with_journal(data_dir: &Path, f: impl FnOnce(&sled::Tree)) {
     let db = sled::Config::new()
         .path(data_dir.join("ledger"))
-        .segment_size(8 * 1024 * 1024)
+        .segment_size(mxpay::ledger::storage::SEGMENT_BYTES)
         .open()
         .unwrap();
     let tree = db.open_tree("journal").unwrap();
@@ -377,11 +377,14 @@ fn verify_names_the_record_that_was_tampered_with() {
                 .unwrap();
         }
     }
+    // A copy as the ledger left it, before any other open rewrites sled's files.
+    let scratch = tempfile::tempdir().unwrap();
+    let pristine = scratch.path().join("pristine");
+    copy_dir(original.path(), &pristine);
     let (ok, text) = verify_cli(original.path());
     assert!(ok, "{text}");
     assert!(text.contains("ledger OK: 7 records"), "{text}");
 
-    let scratch = tempfile::tempdir().unwrap();
     let case = |name: &str, tamper: &dyn Fn(&sled::Tree), expect: &[&str]| {
         let copy = scratch.path().join(name);
         copy_dir(original.path(), &copy);
@@ -431,7 +434,7 @@ fn verify_names_the_record_that_was_tampered_with() {
         &|tree| {
             tree.remove(record_key(7)).unwrap();
         },
-        &["ends at record 6", "cut off the end"],
+        &["ends at record 6", "records were lost"],
     );
     case(
         "replaced-by-an-older-record",
@@ -441,6 +444,56 @@ fn verify_names_the_record_that_was_tampered_with() {
         },
         &["corrupt at record 7"],
     );
+
+    // Damage to sled's own file: sled drops the log from the damaged message on, head and
+    // all, as if it were a torn write; the head anchor outside sled still notices.
+    // Depending on where the damage is, sled either refuses to open ("corrupted data") or
+    // treats the damaged message as a torn write and silently drops the log from there on.
+    let db_bytes = std::fs::read(pristine.join("ledger/db")).unwrap();
+    let used = db_bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+    let mut caught = Vec::new();
+    for (n, offset) in (0..used).step_by((used / 16).max(1) as usize).enumerate() {
+        let copy = scratch.path().join(format!("raw-{n}"));
+        copy_dir(&pristine, &copy);
+        let path = copy.join("ledger/db");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[offset as usize] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        let (ok, text) = verify_cli(&copy);
+        caught.push((offset, !ok, text));
+    }
+    // A flip sled's recovery does not depend on leaves the history whole, and verify may then
+    // pass; it must never pass a shorter or altered history.
+    for (offset, caught, text) in &caught {
+        assert!(
+            *caught || text.contains("ledger OK: 7 records, 14 entries"),
+            "a flipped byte at offset {offset} of sled's file went unnoticed: {text}"
+        );
+    }
+    for (offset, caught, text) in &caught {
+        eprintln!("raw flip at {offset}: caught {caught}: {}", text.trim_end());
+    }
+    assert!(
+        caught.iter().filter(|(_, caught, _)| *caught).count() >= caught.len() / 2,
+        "most flips must be caught: {caught:?}"
+    );
+    assert!(
+        caught
+            .iter()
+            .any(|(_, _, text)| text.contains("records were lost")),
+        "the head anchor never caught a silently shortened journal: {caught:?}"
+    );
+
+    let copy = scratch.path().join("no-anchor");
+    copy_dir(original.path(), &copy);
+    std::fs::remove_file(
+        copy.join("ledger")
+            .join(mxpay::ledger::storage::ANCHOR_FILE),
+    )
+    .unwrap();
+    let (ok, text) = verify_cli(&copy);
+    assert!(!ok && text.contains("anchor file"), "{text}");
+
     let (ok, text) = verify_cli(&scratch.path().join("no-such-dir"));
     assert!(!ok && text.contains("no ledger database"), "{text}");
 }
