@@ -450,6 +450,33 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
     let blocked = send_text(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
     wait_receipt(alice, room, bot, &blocked, "declined", Some("pin_locked")).await;
 
+    // Where the bot may redact (a trusted_private_chat room gives invitees full power), it
+    // removes the PIN and says so.
+    let trusted = alice
+        .create_room(RoomOptions {
+            encrypted: true,
+            preset: Some(RoomPreset::TrustedPrivateChat),
+            invite: vec![bot.try_into().unwrap(), s.bob.user.user_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .room_id()
+        .to_owned();
+    alice.wait_for_membership(&trusted, bot, "join").await;
+    s.bob.join(&trusted).await;
+    alice
+        .wait_for_membership(&trusted, s.bob_id(), "join")
+        .await;
+    let exposed = send_text(alice, &trusted, "1111").await;
+    wait_notice(
+        alice,
+        &trusted,
+        bot,
+        "I removed your message and did not use it",
+    )
+    .await;
+    wait_redacted(&s.bob, &trusted, &exposed).await;
+
     // `!pin change` needs the old PIN; then paying works again.
     let dm = &s.dm;
     send_text(alice, dm, "!pin change").await;
@@ -562,13 +589,18 @@ async fn transfer_intent_pays_once_even_replayed_and_withdraw_waits_for_settleme
         .await
         .expect("event JSON");
     assert_eq!(raw["type"], "m.room.encrypted");
+    let replay_txn = format!("replay-{}", support::random_suffix(8));
+    let replay_body = serde_json::json!({ "events": [raw] });
+    let hs_token = Some(s.lease.spec.hs_token.as_str());
     let (status, _) = s
         .mxpay
-        .put_transaction(
-            &format!("replay-{}", support::random_suffix(8)),
-            &serde_json::json!({ "events": [raw] }),
-            Some(&s.lease.spec.hs_token),
-        )
+        .put_transaction(&replay_txn, &replay_body, hs_token)
+        .await;
+    assert_eq!(status, 200);
+    // And that transaction again (same id): acknowledged, not handled again.
+    let (status, _) = s
+        .mxpay
+        .put_transaction(&replay_txn, &replay_body, hs_token)
         .await;
     assert_eq!(status, 200);
     // Transactions are handled in order: once `!balance` is answered, the replay was handled.
