@@ -1219,7 +1219,16 @@ impl Payments {
             self.on_dialog_pin(event, dialog, pin, now_ms).await?;
             return self.done(event).await;
         }
-        let challenges = self.store.challenges(user)?;
+        let mut challenges = Vec::new();
+        for challenge in self.store.challenges(user)? {
+            // Lapsed challenges are dropped here (their pending transfers expire in the ledger
+            // and the outbox tells about that).
+            if challenge.expires_at_ms <= now_ms && challenge_id.is_none() {
+                self.store.remove_challenge(&challenge).await?;
+            } else {
+                challenges.push(challenge);
+            }
+        }
         let challenge = match &challenge_id {
             Some(id) => challenges.into_iter().find(|c| &c.challenge_id() == id),
             None => challenges.into_iter().find(|c| c.expires_at_ms > now_ms),
@@ -1707,6 +1716,10 @@ impl Payments {
                     std::process::abort();
                 }
             }
+        }
+        // The payment ended: its challenge (if still open) has nothing left to confirm.
+        if let Some(challenge) = self.store.challenge(payer, id.0)? {
+            self.store.remove_challenge(&challenge).await?;
         }
         let note = self.store.note(id.0)?;
         let (status, reason, headline) = match how {

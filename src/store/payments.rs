@@ -483,6 +483,32 @@ mod tests {
         assert!(store.dm_owner("!other").unwrap().is_none());
     }
 
+    /// The stored encodings are a format: a change here must be deliberate (and migrated).
+    #[test]
+    fn stored_encodings_are_pinned() {
+        let dialog = Dialog::ConfirmPin {
+            expires_at_ms: 5,
+            hash: "h".into(),
+            change: true,
+        };
+        assert_eq!(
+            String::from_utf8(to_json(&dialog)).unwrap(),
+            r#"{"step":"confirm_pin","expires_at_ms":5,"hash":"h","change":true}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_json(&challenge("@a:hs", 10, 1))).unwrap(),
+            r#"{"kind":"pay","transfer_id":1,"payer":"@a:hs","payee":"@bob:hs","amount_minor":1250,"amount":"12.50","currency":"EUR","room_id":"!r","event_id":"$e","memo":null,"created_ms":10,"expires_at_ms":1010}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_json(&UserProfile::default())).unwrap(),
+            r#"{"dm_room":null,"dm_joined":false,"pin_compromised":false}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_json(&PinRecord::new("h".into()))).unwrap(),
+            r#"{"hash":"h","failed_in_row":0,"lockouts":0,"locked_until_ms":null}"#
+        );
+    }
+
     #[test]
     fn dialog_debug_hides_the_hash() {
         let dialog = Dialog::ConfirmPin {
