@@ -500,7 +500,11 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
 
 #[tokio::test]
 async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
-    let s = scene("lock", 120_000, "20.00").await;
+    // At trace level, so the log check below covers every line mxpay can write.
+    let s = scene_with("lock", 120_000, "20.00", |_| MxpayOptions {
+        env: vec![("RUST_LOG".to_owned(), "trace".to_owned())],
+    })
+    .await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
     let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
     wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
@@ -524,6 +528,20 @@ async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
     let again = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
     wait_receipt(alice, room, bot, &again, "declined", Some("pin_locked")).await;
     wait_notice(alice, room, bot, "try again in").await;
+
+    // No PIN in the log, as a JSON string, a Debug string or a field value.
+    let log = s.mxpay.log();
+    assert!(log.len() > 100_000, "trace logging was on");
+    for pin in [PIN, "0000"] {
+        for form in [
+            format!("\"{pin}\""),
+            format!("\\\"{pin}\\\""),
+            format!("={pin} "),
+            format!(": {pin}\n"),
+        ] {
+            assert!(!log.contains(&form), "the log holds a PIN as {form}");
+        }
+    }
 }
 
 #[tokio::test]
