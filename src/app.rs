@@ -15,11 +15,14 @@ use axum::Router;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::AdminState;
+use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::handler::{transaction_events, TransactionHandler};
 use crate::homeserver::{HomeserverClient, HomeserverClientConfig, HomeserverError, RetryPolicy};
 use crate::http::EdgeState;
 use crate::inbox::{Inbox, InboxError, InboxTransaction};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::registration::{Registration, RegistrationError};
 
@@ -65,6 +68,17 @@ pub enum AppError {
     /// A start-up check against the homeserver failed.
     #[error("{0}")]
     Startup(String),
+    /// The ledger could not be opened.
+    #[error("cannot open the ledger in {path}: {source}")]
+    Ledger {
+        /// The data directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: crate::ledger::LedgerError,
+    },
+    /// The admin API could not be set up (a key or secret missing, the audit log unreadable).
+    #[error("cannot start the admin API: {0}")]
+    Admin(String),
     /// The transaction worker stopped while mxpay was running (a bug); unprocessed
     /// transactions stay in the inbox for the next start.
     #[error("the transaction worker stopped ({0}); unprocessed transactions stay in the inbox")]
@@ -103,7 +117,7 @@ impl Default for WorkerPolicy {
 pub const READY_PING_INTERVAL_MS: u64 = 30_000;
 
 /// The assembled appservice: inbox, metrics, readiness, homeserver client.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct App {
     config: Arc<Config>,
     registration: Arc<Registration>,
@@ -111,6 +125,20 @@ pub struct App {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     client: HomeserverClient,
+    ledger: Ledger,
+    clock: SharedClock,
+    admin: Option<Arc<AdminState>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("config", &self.config)
+            .field("inbox", &self.inbox)
+            .field("ledger", &self.ledger)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
 }
 
 impl App {
@@ -125,6 +153,17 @@ impl App {
         config: Config,
         registration: Registration,
         retry: RetryPolicy,
+    ) -> Result<Self, AppError> {
+        Self::open_with_clock(config, registration, retry, Arc::new(SystemClock))
+    }
+
+    /// [`App::open_with`] with the clock the ledger and the admin API use (tests pass a
+    /// [`crate::clock::ManualClock`]).
+    pub fn open_with_clock(
+        config: Config,
+        registration: Registration,
+        retry: RetryPolicy,
+        clock: SharedClock,
     ) -> Result<Self, AppError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
             path: config.data_dir.clone(),
@@ -145,6 +184,24 @@ impl App {
             retry,
         })
         .map_err(AppError::Client)?;
+        let ledger =
+            Ledger::open(&config.data_dir, &config.ledger, clock.clone()).map_err(|source| {
+                AppError::Ledger {
+                    path: config.data_dir.join("ledger"),
+                    source,
+                }
+            })?;
+        let admin = AdminState::open(
+            &config.admin,
+            &config.data_dir,
+            ledger.clone(),
+            clock.clone(),
+        )
+        .map_err(|e| match e {
+            crate::admin::AdminError::Internal(detail) => AppError::Admin(detail),
+            other => AppError::Admin(other.to_string()),
+        })?
+        .map(Arc::new);
         Ok(Self {
             config: Arc::new(config),
             registration: Arc::new(registration),
@@ -152,6 +209,9 @@ impl App {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(false)),
             client,
+            ledger,
+            clock,
+            admin,
         })
     }
 
@@ -163,6 +223,21 @@ impl App {
     /// The registration (holds the tokens).
     pub fn registration(&self) -> &Registration {
         &self.registration
+    }
+
+    /// The wallet ledger (opened at `<data_dir>/ledger` with the configured currencies).
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The clock the ledger and the admin API run on.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// The admin API's state; `None` when `admin.token` is not configured.
+    pub fn admin(&self) -> Option<&Arc<AdminState>> {
+        self.admin.as_ref()
     }
 
     /// The inbox.
@@ -253,16 +328,18 @@ impl App {
     }
 }
 
-/// The appservice API router for `app` (same as [`App::router`]).
+/// The appservice API router for `app` (same as [`App::router`]), with the admin API.
 pub fn router(app: &App) -> Router {
-    crate::http::router(Arc::new(EdgeState {
+    let admin = crate::admin::router(app.admin.clone());
+    let edge = crate::http::router(Arc::new(EdgeState {
         hs_token: app.registration.hs_token.clone(),
         legacy_query_auth: app.config.appservice.legacy_query_auth,
         max_body_bytes: app.config.appservice.max_body_bytes,
         inbox: app.inbox.clone(),
         metrics: app.metrics.clone(),
         ready: app.ready.clone(),
-    }))
+    }));
+    edge.merge(admin)
 }
 
 fn explain_versions(url: &str, error: &HomeserverError) -> String {
@@ -513,7 +590,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         return Err(error);
     }
     // The bot's device and crypto store come up before transactions are handled.
-    let handler = match crate::crypto::handler::start(&app, shutdown_rx.clone()).await {
+    let handler = match crate::payments::start(&app, shutdown_rx.clone()).await {
         Ok(handler) => handler,
         Err(error) => {
             let _ = shutdown_tx.send(true);

@@ -65,6 +65,12 @@ pub struct Config {
     /// Log level and format.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Payments: PIN pepper, step-up timeout, device trust, who may hold a wallet.
+    #[serde(default)]
+    pub payments: crate::payments::PaymentsSettings,
+    /// The admin API: token key, funding providers (`docs/admin-api.md`). Off by default.
+    #[serde(default)]
+    pub admin: crate::admin::AdminSettings,
 }
 
 /// `homeserver:` section.
@@ -178,6 +184,8 @@ impl Default for Config {
             data_dir: default_data_dir(),
             ledger: LedgerSettings::default(),
             logging: LoggingConfig::default(),
+            payments: crate::payments::PaymentsSettings::default(),
+            admin: crate::admin::AdminSettings::default(),
         }
     }
 }
@@ -252,6 +260,8 @@ impl Config {
 
     /// Makes relative paths absolute-ish by joining them to `base` (the config's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
+        self.payments.resolve_paths(base);
+        self.admin.resolve_paths(base);
         for path in [&mut self.data_dir, &mut self.appservice.registration] {
             if path.is_relative() {
                 let joined = base.join(&*path);
@@ -334,6 +344,18 @@ impl Config {
                 format!("not a tracing filter directive: {e}"),
             ));
         }
+        self.payments.validate().map_err(|e| match e {
+            crate::payments::settings::SettingsError::Invalid { key, reason } => {
+                invalid(&format!("payments.{key}"), reason)
+            }
+            other => invalid("payments", other.to_string()),
+        })?;
+        self.admin.validate().map_err(
+            |crate::admin::settings::SettingsError::Invalid { key, reason }| ConfigError::Invalid {
+                key,
+                reason,
+            },
+        )?;
         for (i, currency) in self.ledger.currencies.iter().enumerate() {
             let key = format!("ledger.currencies[{i}]");
             if currency.code.len() != 3 || !currency.code.chars().all(|c| c.is_ascii_uppercase()) {

@@ -19,6 +19,8 @@ pub mod http;
 pub mod inbox;
 pub mod ledger;
 pub mod metrics;
+pub mod outbox;
+pub mod payments;
 pub mod policy;
 pub mod registration;
 pub mod store;

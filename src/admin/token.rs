@@ -256,6 +256,14 @@ impl TokenAuthority {
 
     /// Verifies `token` and that it carries `required`. Returns its claims.
     pub fn verify(&self, token: &str, required: Scope) -> Result<AdminClaims, TokenError> {
+        let claims = self.authenticate(token)?;
+        authorize(&claims, required)?;
+        Ok(claims)
+    }
+
+    /// Verifies `token`'s signature, audience and expiry, not its scopes. Returns its claims,
+    /// so a refusal for a missing scope can still name who asked.
+    pub fn authenticate(&self, token: &str) -> Result<AdminClaims, TokenError> {
         let mut validation = Validation::new(self.algorithm);
         // Expiry is checked below against the injected clock.
         validation.validate_exp = false;
@@ -271,14 +279,21 @@ impl TokenAuthority {
         if self.clock.now_ms() / 1000 >= claims.exp {
             return Err(TokenError::Expired);
         }
-        if !claims.scopes.contains(&required) {
-            return Err(TokenError::MissingScope(required));
-        }
         Ok(claims)
     }
 }
 
-fn random_id() -> String {
+/// Checks that authenticated `claims` carry `required`.
+pub fn authorize(claims: &AdminClaims, required: Scope) -> Result<(), TokenError> {
+    if claims.scopes.contains(&required) {
+        Ok(())
+    } else {
+        Err(TokenError::MissingScope(required))
+    }
+}
+
+/// 128 random bits as hex, for token ids and generated keys.
+pub fn random_id() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut bytes);
@@ -390,6 +405,68 @@ mod tests {
             secret: SECRET.to_vec(),
         };
         assert!(!format!("{key:?}").contains("0123"));
+    }
+
+    /// Test-only Ed25519 keys (generated for these tests, used nowhere else).
+    const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIAQLUs+e0ZtGrKj7jkMu1sHqs+56VG4VxZvmlh2WT4kR\n-----END PRIVATE KEY-----\n";
+    const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAO5dzs0oomYpbUsAUe6fLh9nIg4tmDYR5RApnWFePERU=\n-----END PUBLIC KEY-----\n";
+    const ED_OTHER_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIAdK3KunLV45oAvRDlJK2zLhskzbglfcqqCgR9mBSh8L\n-----END PRIVATE KEY-----\n";
+
+    #[test]
+    fn eddsa_tokens_verify_with_the_public_key_only() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let minter = TokenAuthority::new(
+            &AdminKey::EdDsa {
+                public_pem: ED_PUBLIC.into(),
+                private_pem: Some(ED_PRIVATE.into()),
+            },
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let verifier = TokenAuthority::new(
+            &AdminKey::EdDsa {
+                public_pem: ED_PUBLIC.into(),
+                private_pem: None,
+            },
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let token = minter
+            .mint("ops", [Scope::Audit].into_iter().collect(), 60)
+            .unwrap();
+        assert_eq!(verifier.verify(&token, Scope::Audit).unwrap().sub, "ops");
+        assert_eq!(
+            verifier.mint("ops", BTreeSet::new(), 60),
+            Err(TokenError::NoSigningKey)
+        );
+        // Signed by another Ed25519 key: refused.
+        let other = TokenAuthority::new(
+            &AdminKey::EdDsa {
+                public_pem: ED_PUBLIC.into(),
+                private_pem: Some(ED_OTHER_PRIVATE.into()),
+            },
+            Arc::new(clock.clone()),
+        )
+        .unwrap()
+        .mint("ops", [Scope::Audit].into_iter().collect(), 60)
+        .unwrap();
+        assert_eq!(
+            verifier.verify(&other, Scope::Audit),
+            Err(TokenError::BadSignature)
+        );
+        // An HS256 token made with the public key as its secret (algorithm confusion): refused.
+        let confused = authority(ED_PUBLIC.as_bytes(), &clock)
+            .mint("ops", [Scope::Audit].into_iter().collect(), 60)
+            .unwrap();
+        assert!(verifier.verify(&confused, Scope::Audit).is_err());
+        assert!(!format!(
+            "{:?}",
+            AdminKey::EdDsa {
+                public_pem: vec![],
+                private_pem: Some(ED_PRIVATE.into())
+            }
+        )
+        .contains("MC4C"));
     }
 
     #[test]

@@ -144,6 +144,14 @@ pub fn run(args: DevArgs) -> Result<(), DevError> {
         let config = dev_config(&homeserver_url, state.appservice_port);
         std::fs::write(&config_path, config).map_err(io_err(&config_path))?;
     }
+    // The PIN pepper of the dev setup's payments (`payments.pepper_file: ./pepper`).
+    let pepper_path = mxpay_dir.join("pepper");
+    if !pepper_path.exists() {
+        let mut pepper = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut pepper);
+        std::fs::write(&pepper_path, format!("{}\n", hex::encode(pepper)))
+            .map_err(io_err(&pepper_path))?;
+    }
     let mxpay = std::env::current_exe().map_err(io_err(Path::new("mxpay")))?;
     if !registration_path.exists() {
         run_checked(
@@ -265,6 +273,7 @@ fn dev_config(homeserver_url: &str, appservice_port: u16) -> String {
          appservice:\n  registration: ./registration.yaml\n  id: mxpay\n  bot_localpart: {BOT_LOCALPART}\n  \
          listen: 127.0.0.1:{appservice_port}\n  url: http://127.0.0.1:{appservice_port}\n\
          data_dir: ./data\n\
+         payments:\n  enabled: true\n  pepper_file: ./pepper\n\
          logging:\n  level: info\n  format: pretty\n"
     )
 }

@@ -1,5 +1,6 @@
 //! Command line: `mxpay <command>`. Each command lives in its own file; main.rs only dispatches.
 
+pub mod admin;
 pub mod dev;
 pub mod registration;
 pub mod serve;
@@ -36,6 +37,8 @@ pub enum Command {
         #[command(subcommand)]
         command: LedgerCommand,
     },
+    /// The admin API from the command line (top-ups, balances, freezes, settlement, audit).
+    Admin(admin::AdminArgs),
     /// Benchmarks (not tests): measure on a release build.
     Bench {
         /// What to measure.
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> anyhow_like::Result {
             LedgerCommand::Verify { data_dir } => ledger::verify(&data_dir),
         },
         Command::Bench { command } => bench::run(command),
+        Command::Admin(args) => admin::run(args),
     }
 }
 

@@ -66,7 +66,9 @@ impl CryptoHandler {
         &self.crypto
     }
 
-    async fn handle_event(&self, event: &DecryptedEvent) -> Result<(), HandlerError> {
+    /// Acts on one decrypted or plaintext event (`!help`; joins via the basic handler). The
+    /// payment layer calls it for the events that are not payment matters.
+    pub async fn handle_event(&self, event: &DecryptedEvent) -> Result<(), HandlerError> {
         if is_help(event) {
             let body = help_text(&self.commands);
             let content = json!({
@@ -145,6 +147,17 @@ pub async fn start(
     app: &App,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Arc<dyn TransactionHandler>, AppError> {
+    let crypto = start_crypto(app, shutdown).await?;
+    let basic = BasicHandler::new(app.client().clone());
+    Ok(Arc::new(CryptoHandler::new(crypto, basic)))
+}
+
+/// Starts the bot's crypto for `app` (device, store, start-up self-check and parked-event
+/// sweep, both stopping on `shutdown`), for callers that build their own handler around it.
+pub async fn start_crypto(
+    app: &App,
+    shutdown: watch::Receiver<bool>,
+) -> Result<BotCrypto, AppError> {
     let config = app.config();
     let bot_user_id = ruma::OwnedUserId::try_from(config.bot_user_id())
         .map_err(|_| AppError::BotUserId(config.bot_user_id()))?;
@@ -188,8 +201,7 @@ pub async fn start(
         }
     });
 
-    let basic = BasicHandler::new(app.client().clone());
-    Ok(Arc::new(CryptoHandler::new(crypto, basic)))
+    Ok(crypto)
 }
 
 #[cfg(test)]

@@ -38,6 +38,17 @@ impl ChainReader {
         }
     }
 
+    /// Looks at the store again from the next expected record on, so records appended since
+    /// the walk started are read too (the journal tail), and stops after `until_seq`.
+    pub fn follow(&mut self, storage: &dyn Storage, until_seq: u64) {
+        if self.until_seq == Some(0) && self.expected_seq > 1 {
+            // Stopped by a broken chain: stays stopped.
+            return;
+        }
+        self.records = storage.records(self.expected_seq);
+        self.until_seq = Some(until_seq);
+    }
+
     /// The head of what was read so far.
     pub fn head(&self) -> Head {
         Head {
@@ -366,6 +377,44 @@ impl JournalExport {
                 mode,
             },
         })
+    }
+}
+
+/// Follows the journal as it grows: every entry once, in order, with accounts named. The
+/// payment layer's outbox reads state changes through it. See [`super::Ledger::tail`].
+pub struct JournalTail {
+    storage: std::sync::Arc<dyn Storage>,
+    export: JournalExport,
+}
+
+impl JournalTail {
+    pub(crate) fn new(storage: std::sync::Arc<dyn Storage>) -> Self {
+        let export = JournalExport::new(storage.as_ref(), Some(0));
+        Self { storage, export }
+    }
+
+    /// The next entries of records up to `until_seq` (a durable seq from
+    /// [`super::Ledger::durable_seq`]), at most `entries_max`; empty when caught up.
+    pub fn read_until(
+        &mut self,
+        until_seq: u64,
+        entries_max: usize,
+    ) -> Result<Vec<ExportedEntry>, LedgerError> {
+        if self.export.failed {
+            return Err(LedgerError::Corrupt {
+                record: self.export.current_seq,
+                reason: "the journal tail stopped at a broken record".to_owned(),
+            });
+        }
+        self.export.reader.follow(self.storage.as_ref(), until_seq);
+        let mut out = Vec::new();
+        while out.len() < entries_max {
+            match self.export.next() {
+                Some(entry) => out.push(entry?),
+                None => break,
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -32,7 +32,7 @@ use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot};
 
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
-pub use journal::{ExportedEntry, JournalEntry, JournalExport};
+pub use journal::{ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
     AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
     TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
@@ -135,6 +135,18 @@ pub struct HistoryPage {
 /// Where a history page ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryCursor(u64);
+
+impl HistoryCursor {
+    /// The cursor as a number, to hand to API clients (e.g. a `from` query parameter).
+    pub fn to_raw(self) -> u64 {
+        self.0
+    }
+
+    /// A cursor from [`HistoryCursor::to_raw`]. Any value is safe: it only bounds the walk.
+    pub fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+}
 
 /// Most transfers one history page returns.
 pub const HISTORY_PAGE_MAX: usize = 1_000;
@@ -454,6 +466,17 @@ impl Ledger {
     /// Streams the durable journal, entry by entry, checking the hash chain as it goes.
     pub fn export(&self) -> JournalExport {
         JournalExport::new(self.inner.storage.as_ref(), None)
+    }
+
+    /// Follows the journal from its first record as it grows (for the payment layer's outbox,
+    /// which tells rooms about state changes). Read it up to [`Ledger::durable_seq`].
+    pub fn tail(&self) -> JournalTail {
+        JournalTail::new(self.inner.storage.clone())
+    }
+
+    /// The seq of the last journal record that is durable (0 when none is).
+    pub async fn durable_seq(&self) -> Result<u64, LedgerError> {
+        self.read(|_, head| head.seq).await
     }
 
     /// A synchronous face of this ledger for the CLI, the bench and tests.

@@ -4,8 +4,10 @@
 //! Trees are named `key_value` so a tree's name says what maps to what.
 
 pub mod inbox;
+pub mod payments;
 
 pub use inbox::{InboxStore, Inserted, StoredEntry};
+pub use payments::PaymentStore;
 
 /// Errors of the storage layer. The text may name files and sled internals: it is for logs,
 /// never for clients.

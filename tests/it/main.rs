@@ -1,6 +1,7 @@
 //! The one integration test binary: each extra binary re-links matrix-sdk, which is slow.
 #![recursion_limit = "256"]
 
+mod admin;
 mod crypto;
 mod dev;
 mod spine;
@@ -9,6 +10,7 @@ mod support;
 mod homeserver_retry;
 
 mod ledger;
+mod payments;
 
 mod smoke {
     #[test]

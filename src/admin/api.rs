@@ -1,0 +1,618 @@
+//! The admin API's HTTP layer under [`ADMIN_PREFIX`]: bearer-token authentication with scopes,
+//! one audit log entry per call (who, what, on what, result), Matrix error JSON.
+//!
+//! Every handler has the same shape: authenticate, run one [`AdminState`] operation, record
+//! the outcome, answer. The route table is built through [`Mount`], which also lists what it
+//! mounted, so a test can hold the OpenAPI document against the real router.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::audit::{AuditEntry, AUDIT_PAGE_MAX};
+use super::service::{AdminState, Settlement, TopupRequest, HISTORY_PAGE_DEFAULT};
+use super::token::{authorize, Scope, TokenError};
+use super::views::TransferJson;
+use super::webhook::SIGNATURE_HEADER;
+use super::AdminError;
+use crate::http::json_response;
+use crate::ledger::FreezeMode;
+
+/// Where the admin API lives.
+pub const ADMIN_PREFIX: &str = "/_mxpay/admin/v1";
+
+/// The OpenAPI document of the admin API (`docs/openapi.json`), served at
+/// `GET /_mxpay/admin/v1/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
+type Shared = Arc<AdminState>;
+
+/// Largest request body the admin API reads, in bytes; larger bodies get 413 `M_TOO_LARGE`.
+pub const ADMIN_BODY_BYTES_MAX: u64 = 64 * 1024;
+
+/// Reads a request body up to [`ADMIN_BODY_BYTES_MAX`].
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, AdminError> {
+    crate::http::read_body_capped(headers, body, ADMIN_BODY_BYTES_MAX)
+        .await
+        .map_err(|e| match e {
+            crate::http::EdgeError::TooLarge => AdminError::TooLarge,
+            _ => AdminError::BadJson("could not read the request body".to_owned()),
+        })
+}
+
+/// Builds a router and records every `(method, path)` it mounts.
+pub struct Mount<S> {
+    router: Router<S>,
+    routes: Vec<(&'static str, String)>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Mount<S> {
+    fn new() -> Self {
+        Self {
+            router: Router::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    fn add(self, method: &'static str, path: &str, route: MethodRouter<S>) -> Self {
+        // A wrong method on a known path gets the same answer as on the appservice edge.
+        let route = route.fallback(|| async {
+            json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"errcode": "M_UNRECOGNIZED", "error": "method not allowed"}),
+            )
+        });
+        self.add_any(method, path, route)
+    }
+
+    /// [`Mount::add`] for a route that answers every method itself.
+    fn add_any(mut self, method: &'static str, path: &str, route: MethodRouter<S>) -> Self {
+        let path = format!("{ADMIN_PREFIX}{path}");
+        self.router = self.router.route(&path, route);
+        self.routes.push((method, path));
+        self
+    }
+}
+
+/// The admin API router; `None` (admin API off) answers 404 under [`ADMIN_PREFIX`] except for
+/// the OpenAPI document.
+pub fn router(state: Option<Arc<AdminState>>) -> Router {
+    routes(state).0
+}
+
+/// The router and the `(method, path)` list of what it mounts.
+pub fn routes(state: Option<Arc<AdminState>>) -> (Router, Vec<(&'static str, String)>) {
+    let Some(state) = state else {
+        let mount = Mount::<()>::new()
+            .add("get", "/openapi.json", get(openapi))
+            .add_any(
+                "any",
+                "/{*rest}",
+                axum::routing::any(|| async { AdminError::Disabled }),
+            );
+        return (mount.router, mount.routes);
+    };
+    let mount = Mount::<Shared>::new()
+        .add("get", "/openapi.json", get(openapi))
+        .add("post", "/topups", post(post_topup))
+        .add("post", "/webhooks/{provider}", post(post_webhook))
+        .add("get", "/users/{user_id}/accounts", get(get_accounts))
+        .add("get", "/users/{user_id}/history", get(get_history))
+        .add("post", "/users/{user_id}/freeze", post(post_freeze))
+        .add("post", "/users/{user_id}/unfreeze", post(post_unfreeze))
+        .add("post", "/users/{user_id}/pin-reset", post(post_pin_reset))
+        .add("get", "/transfers/pending", get(get_pending))
+        .add("get", "/transfers/{transfer_id}", get(get_transfer))
+        .add(
+            "post",
+            "/withdrawals/{withdrawal_id}/settle",
+            post(post_settle),
+        )
+        .add(
+            "post",
+            "/withdrawals/{withdrawal_id}/reject",
+            post(post_reject),
+        )
+        .add("post", "/ledger/verify", post(post_verify))
+        .add("get", "/ledger/export", get(get_export))
+        .add("get", "/audit", get(get_audit));
+    let routes = mount.routes;
+    (mount.router.with_state(state), routes)
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI_JSON,
+    )
+        .into_response()
+}
+
+/// Who made a call, for the audit log.
+struct Caller {
+    actor: String,
+    token_id: Option<String>,
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, TokenError> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or(TokenError::Missing)?
+        .to_str()
+        .map_err(|_| TokenError::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(TokenError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError::Missing);
+    }
+    Ok(token.trim())
+}
+
+/// Authenticates, then checks the scope; the caller is known even when the scope is missing.
+fn authenticate(
+    state: &AdminState,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> (Caller, Result<(), AdminError>) {
+    let claims = match bearer(headers).and_then(|t| state.tokens.authenticate(t)) {
+        Ok(claims) => claims,
+        Err(e) => {
+            let caller = Caller {
+                actor: "unauthenticated".to_owned(),
+                token_id: None,
+            };
+            return (caller, Err(e.into()));
+        }
+    };
+    let allowed = authorize(&claims, scope).map_err(AdminError::from);
+    (
+        Caller {
+            actor: claims.sub,
+            token_id: Some(claims.jti),
+        },
+        allowed,
+    )
+}
+
+/// Writes the audit entry for a finished call, then answers. A call whose audit entry cannot
+/// be written answers 500: the caller retries (every write is idempotent) and the log stays
+/// complete.
+async fn finish<T: Serialize>(
+    state: &AdminState,
+    caller: Caller,
+    action: &'static str,
+    target: String,
+    result: Result<T, AdminError>,
+) -> Response {
+    let outcome = match &result {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => e.audit_result(),
+    };
+    let audit = state.audit.clone();
+    let at_ms = state.clock.now_ms();
+    let written = tokio::task::spawn_blocking(move || {
+        audit.append(
+            at_ms,
+            &caller.actor,
+            caller.token_id.as_deref(),
+            action,
+            &target,
+            &outcome,
+        )
+    })
+    .await;
+    match written {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return AdminError::internal(format!("audit log: {e}")).into_response(),
+        Err(e) => return AdminError::internal(format!("audit log task: {e}")).into_response(),
+    }
+    match result {
+        Ok(value) => json_response(
+            StatusCode::OK,
+            &serde_json::to_value(value).expect("admin answers serialise"),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Authenticates for `scope`, runs `op`, audits, answers.
+async fn call<T, F, Fut>(
+    state: &AdminState,
+    headers: &HeaderMap,
+    scope: Scope,
+    action: &'static str,
+    target: String,
+    op: F,
+) -> Response
+where
+    T: Serialize,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, AdminError>>,
+{
+    let (caller, allowed) = authenticate(state, headers, scope);
+    let result = match allowed {
+        Ok(()) => op().await,
+        Err(e) => Err(e),
+    };
+    finish(state, caller, action, target, result).await
+}
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
+    if body.is_empty() {
+        return serde_json::from_slice(b"{}").map_err(|e| AdminError::BadJson(e.to_string()));
+    }
+    serde_json::from_slice(body).map_err(|e| AdminError::BadJson(e.to_string()))
+}
+
+fn parse_query<T: DeserializeOwned>(uri: &Uri) -> Result<T, AdminError> {
+    Query::<T>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| AdminError::InvalidParam(e.body_text()))
+}
+
+async fn post_topup(State(state): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    let request = match read_body(&headers, body).await {
+        Ok(body) => parse_json::<TopupRequest>(&body),
+        Err(e) => Err(e),
+    };
+    let target = request
+        .as_ref()
+        .map(|r| r.user_id.clone())
+        .unwrap_or_default();
+    call(&state, &headers, Scope::Topup, "topup", target, || async {
+        state.topup(&request?).await
+    })
+    .await
+}
+
+async fn post_webhook(
+    State(state): State<Shared>,
+    Path(provider): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    let result = match read_body(&headers, body).await {
+        Ok(body) => state.webhook(&provider, signature, &body).await,
+        Err(e) => Err(e),
+    };
+    let target = match &result {
+        Ok(r) => format!("{} {}", r.event_id, r.transfer.id),
+        Err(_) => String::new(),
+    };
+    let action = match &result {
+        Ok(r) if r.result == "credited" => "webhook.topup",
+        Ok(r) if r.result == "settled" => "webhook.settle",
+        Ok(_) => "webhook.reject",
+        Err(_) => "webhook",
+    };
+    // The path is the caller's text: only a configured provider's name goes into the log.
+    let actor = if state.providers.contains_key(&provider) {
+        format!("provider:{provider}")
+    } else {
+        "provider:?".to_owned()
+    };
+    let caller = Caller {
+        actor,
+        token_id: None,
+    };
+    finish(&state, caller, action, target, result).await
+}
+
+async fn get_accounts(
+    State(state): State<Shared>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    call(
+        &state,
+        &headers,
+        Scope::Read,
+        "accounts",
+        user_id.clone(),
+        || async {
+            Ok(serde_json::json!({
+                "user_id": user_id,
+                "accounts": state.accounts(&user_id).await?,
+            }))
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    from: Option<u64>,
+}
+
+/// One page of history.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    /// The user.
+    pub user_id: String,
+    /// Transfers, newest first.
+    pub transfers: Vec<TransferJson>,
+    /// Pass as `from` for older transfers; absent at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+async fn get_history(
+    State(state): State<Shared>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    call(
+        &state,
+        &headers,
+        Scope::Read,
+        "history",
+        user_id.clone(),
+        || async {
+            let query: HistoryQuery = parse_query(&uri)?;
+            let limit = query.limit.unwrap_or(HISTORY_PAGE_DEFAULT);
+            let (transfers, next) = state.history(&user_id, query.from, limit).await?;
+            Ok(HistoryResponse {
+                user_id,
+                transfers,
+                next: next.map(|n| n.to_string()),
+            })
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FreezeRequest {
+    /// `debits` (default: nothing leaves) or `all` (nothing leaves or enters).
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+async fn post_freeze(
+    State(state): State<Shared>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let body = read_body(&headers, body).await;
+    call(
+        &state,
+        &headers,
+        Scope::Freeze,
+        "freeze",
+        user_id.clone(),
+        || async {
+            let request: FreezeRequest = parse_json(&body?)?;
+            let mode = match request.mode.as_deref() {
+                None | Some("debits") => FreezeMode::Debits,
+                Some("all") => FreezeMode::All,
+                Some(other) => {
+                    return Err(AdminError::InvalidParam(format!(
+                        "mode `{other}` is neither `debits` nor `all`"
+                    )))
+                }
+            };
+            Ok(serde_json::json!({
+                "user_id": user_id,
+                "accounts": state.set_frozen(&user_id, Some(mode)).await?,
+            }))
+        },
+    )
+    .await
+}
+
+async fn post_unfreeze(
+    State(state): State<Shared>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    call(
+        &state,
+        &headers,
+        Scope::Freeze,
+        "unfreeze",
+        user_id.clone(),
+        || async {
+            Ok(serde_json::json!({
+                "user_id": user_id,
+                "accounts": state.set_frozen(&user_id, None).await?,
+            }))
+        },
+    )
+    .await
+}
+
+async fn post_pin_reset(
+    State(state): State<Shared>,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    call(
+        &state,
+        &headers,
+        Scope::PinReset,
+        "pin-reset",
+        user_id.clone(),
+        || async {
+            let had_pin = state.reset_pin(&user_id).await?;
+            Ok(serde_json::json!({ "user_id": user_id, "had_pin": had_pin }))
+        },
+    )
+    .await
+}
+
+async fn get_pending(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    call(
+        &state,
+        &headers,
+        Scope::Read,
+        "pending",
+        String::new(),
+        || async { Ok(serde_json::json!({ "transfers": state.pending().await? })) },
+    )
+    .await
+}
+
+async fn get_transfer(
+    State(state): State<Shared>,
+    Path(transfer_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    call(
+        &state,
+        &headers,
+        Scope::Read,
+        "transfer",
+        transfer_id.clone(),
+        || async { Ok(serde_json::json!({ "transfer": state.transfer(&transfer_id).await? })) },
+    )
+    .await
+}
+
+async fn settle(state: Shared, id: String, headers: HeaderMap, outcome: Settlement) -> Response {
+    let action = match outcome {
+        Settlement::Settle => "settle",
+        Settlement::Reject => "reject",
+    };
+    call(
+        &state,
+        &headers,
+        Scope::Settle,
+        action,
+        id.clone(),
+        || async {
+            let transfer = state.settle(&id, outcome).await?;
+            Ok(serde_json::json!({
+                "transfer": TransferJson::new(state.ledger.currencies(), &transfer),
+            }))
+        },
+    )
+    .await
+}
+
+async fn post_settle(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    settle(state, id, headers, Settlement::Settle).await
+}
+
+async fn post_reject(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    settle(state, id, headers, Settlement::Reject).await
+}
+
+async fn post_verify(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    call(
+        &state,
+        &headers,
+        Scope::Read,
+        "ledger.verify",
+        String::new(),
+        || async { state.verify().await },
+    )
+    .await
+}
+
+/// Lines buffered between the journal reader and the response body.
+const EXPORT_CHANNEL_LINES: usize = 256;
+
+async fn get_export(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    let (caller, allowed) = authenticate(&state, &headers, Scope::Read);
+    if let Err(e) = allowed {
+        return finish::<()>(&state, caller, "ledger.export", String::new(), Err(e)).await;
+    }
+    // Audit the start; the stream's own end says whether it completed (a last `error` line).
+    let started = finish(&state, caller, "ledger.export", String::new(), Ok(())).await;
+    if started.status() != StatusCode::OK {
+        return started;
+    }
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(EXPORT_CHANNEL_LINES);
+    let ledger = state.ledger.clone();
+    // The journal reader blocks on sled; it runs on a blocking thread and stops as soon as
+    // the client goes away (the channel closes).
+    tokio::task::spawn_blocking(move || {
+        let currencies = ledger.currencies().clone();
+        for entry in ledger.export() {
+            let line = match entry {
+                Ok(entry) => super::views::journal_line(&currencies, &entry),
+                Err(e) => {
+                    tracing::error!(error = %e, "journal export stopped");
+                    serde_json::json!({ "error": e.to_string() })
+                }
+            };
+            let mut bytes = serde_json::to_vec(&line).expect("JSON values serialise");
+            bytes.push(b'\n');
+            if tx.blocking_send(Ok(Bytes::from(bytes))).is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+/// One page of the audit log.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditResponse {
+    /// Entries, newest first.
+    pub entries: Vec<AuditEntry>,
+    /// Pass as `before` for older entries; absent at the start of the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
+
+async fn get_audit(State(state): State<Shared>, headers: HeaderMap, uri: Uri) -> Response {
+    call(
+        &state,
+        &headers,
+        Scope::Audit,
+        "audit",
+        String::new(),
+        || async {
+            let query: AuditQuery = parse_query(&uri)?;
+            let limit = query.limit.unwrap_or(100).clamp(1, AUDIT_PAGE_MAX);
+            let audit = state.audit.clone();
+            let entries = tokio::task::spawn_blocking(move || audit.page(query.before, limit))
+                .await
+                .map_err(AdminError::internal)?
+                .map_err(AdminError::internal)?;
+            let next = entries
+                .last()
+                .filter(|e| e.seq > 1 && entries.len() == limit)
+                .map(|e| e.seq);
+            Ok(AuditResponse { entries, next })
+        },
+    )
+    .await
+}

@@ -1,0 +1,122 @@
+//! Provider webhook events already received: `(provider, event id) -> SHA-256 of the body`,
+//! durable in a sled tree under `<data_dir>/admin/`.
+//!
+//! An event id is claimed (written and flushed) *before* its effect is applied, so a crash in
+//! between leaves a claim whose retry (same body) applies the effect again; every effect is
+//! idempotent in the ledger, so that never doubles money. A different body under a claimed id
+//! is refused.
+
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+
+/// Attempts to open the database while a dropped handle's background threads still hold its
+/// file lock (a reopen in the same process), and the pause between them.
+const LOCK_ATTEMPTS_MAX: u32 = 100;
+const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Tree name: what maps to what.
+const TREE: &str = "provider_eventid_bodysha256";
+
+/// Errors of the event store.
+#[derive(Debug, thiserror::Error)]
+pub enum EventStoreError {
+    /// sled failed.
+    #[error("webhook event store: {0}")]
+    Sled(#[from] sled::Error),
+}
+
+/// What [`EventStore::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// First time this event id was seen.
+    New,
+    /// Seen before with the identical body: a provider retry.
+    Replay,
+    /// Seen before with another body: refuse.
+    Conflict,
+}
+
+/// The store of received provider events.
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl EventStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, EventStoreError> {
+        let mut attempts_left = LOCK_ATTEMPTS_MAX;
+        let db = loop {
+            // Every claim flushes explicitly; a background flusher would only add fsyncs.
+            match sled::Config::new().path(dir).flush_every_ms(None).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && attempts_left > 1 =>
+                {
+                    attempts_left -= 1;
+                    std::thread::sleep(LOCK_RETRY_PAUSE);
+                }
+                other => break other?,
+            }
+        };
+        let tree = db.open_tree(TREE)?;
+        Ok(Self { db, tree })
+    }
+
+    /// Claims `(provider, event_id)` for `body`, durably.
+    pub fn claim(
+        &self,
+        provider: &str,
+        event_id: &str,
+        body: &[u8],
+    ) -> Result<Claim, EventStoreError> {
+        // Length-prefixed so ("a", "b:c") and ("a:b", "c") never share a key.
+        let mut key = Vec::with_capacity(provider.len() + event_id.len() + 4);
+        key.extend_from_slice(&(provider.len() as u32).to_be_bytes());
+        key.extend_from_slice(provider.as_bytes());
+        key.extend_from_slice(event_id.as_bytes());
+        let digest = Sha256::digest(body);
+        match self
+            .tree
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(digest.as_slice()))?
+        {
+            Ok(()) => {
+                self.db.flush()?;
+                Ok(Claim::New)
+            }
+            Err(existing) if existing.current.as_deref() == Some(digest.as_slice()) => {
+                Ok(Claim::Replay)
+            }
+            Err(_) => Ok(Claim::Conflict),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_survive_reopen_and_tell_replays_from_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EventStore::open(dir.path()).unwrap();
+            assert_eq!(store.claim("acme", "evt_1", b"body").unwrap(), Claim::New);
+            assert_eq!(
+                store.claim("acme", "evt_1", b"body").unwrap(),
+                Claim::Replay
+            );
+            assert_eq!(store.claim("other", "evt_1", b"x").unwrap(), Claim::New);
+        }
+        let store = EventStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.claim("acme", "evt_1", b"body").unwrap(),
+            Claim::Replay
+        );
+        assert_eq!(
+            store.claim("acme", "evt_1", b"body2").unwrap(),
+            Claim::Conflict
+        );
+    }
+}

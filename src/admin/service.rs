@@ -1,0 +1,506 @@
+//! The admin operations against the ledger, with no HTTP in them: top-ups (API and provider),
+//! withdrawal settlement, freezes, reads. [`super::api`] authenticates and audits around them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::audit::AuditLog;
+use super::events::{Claim, EventStore};
+use super::settings::AdminSettings;
+use super::token::{AdminKey, TokenAuthority};
+use super::views::{AccountJson, TransferJson};
+use super::webhook::{self, WebhookEvent, WebhookSecret};
+use super::AdminError;
+use crate::clock::SharedClock;
+use crate::ledger::{
+    AccountId, FreezeMode, HistoryCursor, Ledger, LedgerError, Owner, Transfer, TransferError,
+    TransferId, TransferKind, TransferRequest,
+};
+
+/// Longest idempotency key or provider event id, in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+
+/// Longest free-text note on a top-up, in bytes.
+pub const NOTE_BYTES_MAX: usize = 512;
+
+/// Default and largest history page.
+pub const HISTORY_PAGE_DEFAULT: usize = 50;
+
+/// The audit log's file name in the data directory.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+
+/// The webhook event store's directory in the data directory.
+pub const EVENTS_DIR: &str = "admin";
+
+/// A PIN store the admin API can reset PINs in (implemented by the payments layer).
+#[async_trait::async_trait]
+pub trait PinReset: Send + Sync + 'static {
+    /// Forgets `user_id`'s PIN: the user must set a new one before paying again. Returns
+    /// whether the user had a PIN.
+    async fn reset_pin(&self, user_id: &str) -> Result<bool, String>;
+}
+
+/// The admin API's state: the ledger, keys, audit log and provider secrets.
+pub struct AdminState {
+    pub(crate) ledger: Ledger,
+    pub(crate) tokens: TokenAuthority,
+    pub(crate) audit: Arc<AuditLog>,
+    pub(crate) providers: HashMap<String, WebhookSecret>,
+    pub(crate) events: EventStore,
+    pub(crate) clock: SharedClock,
+    pub(crate) webhook_tolerance_s: u64,
+    pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut providers: Vec<&String> = self.providers.keys().collect();
+        providers.sort();
+        f.debug_struct("AdminState")
+            .field("tokens", &self.tokens)
+            .field("providers", &providers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A top-up asked for through the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopupRequest {
+    /// The wallet owner, a Matrix user ID.
+    pub user_id: String,
+    /// Amount in major units, as a string (`"12.50"`).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    /// ISO code of a configured currency.
+    pub currency: String,
+    /// The caller's key for this top-up: the same key never credits twice.
+    pub idempotency_key: String,
+    /// Free text kept with the transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A top-up's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopupResponse {
+    /// The ledger transfer from the issuer to the user.
+    pub transfer: TransferJson,
+}
+
+/// What a webhook did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookResponse {
+    /// The provider's event id.
+    pub event_id: String,
+    /// `credited`, `settled` or `rejected`.
+    pub result: String,
+    /// Whether this event id was received before (with the same body); nothing moved again.
+    pub replay: bool,
+    /// The ledger transfer.
+    pub transfer: TransferJson,
+}
+
+/// The outcome of a settlement call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Paid out: post the pending withdrawal.
+    Settle,
+    /// Failed at the provider: void it, the funds return to the user.
+    Reject,
+}
+
+/// Parses a Matrix user ID once, at the edge.
+pub fn parse_user_id(user_id: &str) -> Result<ruma::OwnedUserId, AdminError> {
+    ruma::UserId::parse(user_id).map_err(|_| AdminError::InvalidUserId(user_id.to_owned()))
+}
+
+/// The ledger owner of a user's wallet: the full Matrix user ID.
+pub fn user_owner(user_id: &ruma::UserId) -> Owner {
+    Owner::user(user_id.as_str())
+}
+
+/// The ledger transfer id of an API top-up with `key`.
+pub fn api_topup_id(key: &str) -> TransferId {
+    TransferId::from_key(&format!("topup:api:{key}"))
+}
+
+/// The ledger transfer id of a provider top-up event.
+pub fn provider_topup_id(provider: &str, event_id: &str) -> TransferId {
+    TransferId::from_key(&format!("topup:{provider}:{event_id}"))
+}
+
+/// Parses a transfer id: 32 hex digits.
+pub fn parse_transfer_id(text: &str) -> Result<TransferId, AdminError> {
+    if text.len() != 32 {
+        return Err(AdminError::InvalidParam(format!(
+            "`{text}` is not a transfer id (32 hex digits)"
+        )));
+    }
+    u128::from_str_radix(text, 16)
+        .ok()
+        .filter(|&id| id != 0)
+        .map(TransferId)
+        .ok_or_else(|| AdminError::InvalidParam(format!("`{text}` is not a transfer id")))
+}
+
+fn check_key(what: &str, key: &str) -> Result<(), AdminError> {
+    if key.is_empty()
+        || key.len() > IDEMPOTENCY_KEY_BYTES_MAX
+        || key.chars().any(|c| c.is_control())
+    {
+        return Err(AdminError::InvalidParam(format!(
+            "{what} must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl AdminState {
+    /// Opens the admin API from its config: reads the token key and provider secrets, opens
+    /// the audit log (`<data_dir>/audit.jsonl`) and the webhook event store
+    /// (`<data_dir>/admin/`). `None` when the admin API is off (no `admin.token`).
+    pub fn open(
+        settings: &AdminSettings,
+        data_dir: &Path,
+        ledger: Ledger,
+        clock: SharedClock,
+    ) -> Result<Option<Self>, AdminError> {
+        let Some(key) = settings
+            .load_token_key(false)
+            .map_err(|e| AdminError::InvalidParam(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let providers = settings
+            .load_providers()
+            .map_err(|e| AdminError::InvalidParam(e.to_string()))?;
+        Self::new(
+            &key,
+            providers,
+            settings.webhook_tolerance_s,
+            data_dir,
+            ledger,
+            clock,
+        )
+        .map(Some)
+    }
+
+    /// Builds the state from loaded key material (tests use it directly).
+    pub fn new(
+        key: &AdminKey,
+        providers: Vec<(String, WebhookSecret)>,
+        webhook_tolerance_s: u64,
+        data_dir: &Path,
+        ledger: Ledger,
+        clock: SharedClock,
+    ) -> Result<Self, AdminError> {
+        let tokens = TokenAuthority::new(key, clock.clone())
+            .map_err(|e| AdminError::InvalidParam(format!("admin.token: {e}")))?;
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            AdminError::internal(format!("cannot create {}: {e}", data_dir.display()))
+        })?;
+        let audit_path = data_dir.join(AUDIT_FILE);
+        let audit = AuditLog::open(&audit_path).map_err(|e| {
+            AdminError::internal(format!(
+                "cannot open the audit log {}: {e}",
+                audit_path.display()
+            ))
+        })?;
+        let events_dir = data_dir.join(EVENTS_DIR);
+        let events = EventStore::open(&events_dir).map_err(|e| {
+            AdminError::internal(format!("cannot open {}: {e}", events_dir.display()))
+        })?;
+        Ok(Self {
+            ledger,
+            tokens,
+            audit: Arc::new(audit),
+            providers: providers.into_iter().collect(),
+            events,
+            clock,
+            webhook_tolerance_s,
+            pins: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Lets the admin API reset PINs in `pins` (the payments layer's PIN store, opened after
+    /// the admin API). Only the first call counts; until then `pin-reset` answers 501.
+    pub fn set_pin_reset(&self, pins: Arc<dyn PinReset>) {
+        let _ = self.pins.set(pins);
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The token authority (mints and verifies admin tokens).
+    pub fn tokens(&self) -> &TokenAuthority {
+        &self.tokens
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
+    }
+
+    fn transfer_json(&self, t: &Transfer) -> TransferJson {
+        TransferJson::new(self.ledger.currencies(), t)
+    }
+
+    /// Credits a user from the currency's issuer account. The same key with the same request
+    /// returns the original transfer; with a different request it is refused.
+    pub async fn topup(&self, request: &TopupRequest) -> Result<TopupResponse, AdminError> {
+        check_key("idempotency_key", &request.idempotency_key)?;
+        let user = parse_user_id(&request.user_id)?;
+        if request
+            .note
+            .as_ref()
+            .is_some_and(|n| n.len() > NOTE_BYTES_MAX)
+        {
+            return Err(AdminError::InvalidParam(format!(
+                "note must be at most {NOTE_BYTES_MAX} bytes"
+            )));
+        }
+        let amount = self
+            .ledger
+            .parse_amount(request.amount, &request.currency)?;
+        let memo = serde_json::json!({
+            "type": "topup",
+            "source": "api",
+            "ref": request.idempotency_key,
+            "note": request.note,
+        });
+        let transfer = self
+            .ledger
+            .create_transfer(TransferRequest {
+                id: api_topup_id(&request.idempotency_key),
+                debit: Owner::Issuer,
+                credit: user_owner(&user),
+                amount,
+                memo: memo.to_string().into_bytes(),
+            })
+            .await?;
+        Ok(TopupResponse {
+            transfer: self.transfer_json(&transfer),
+        })
+    }
+
+    /// Handles a signed provider webhook: checks provider, signature and timestamp, claims the
+    /// event id (refusing a different body under a used id), then applies it. Returns the
+    /// audit target with the answer.
+    pub async fn webhook(
+        &self,
+        provider: &str,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<WebhookResponse, AdminError> {
+        let secret = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| AdminError::UnknownProvider(provider.to_owned()))?;
+        let now_s = self.clock.now_ms() / 1000;
+        let event = webhook::verify(secret, signature, body, now_s, self.webhook_tolerance_s)?;
+        let event_id = event.event_id().to_owned();
+        check_key("event_id", &event_id)?;
+        // Check what can be checked before claiming, so a malformed event does not spend its id.
+        if let WebhookEvent::TopupSucceeded {
+            user_id,
+            amount,
+            currency,
+            ..
+        } = &event
+        {
+            parse_user_id(user_id)?;
+            self.ledger.parse_amount(*amount, currency)?;
+        }
+        let events = self.events.clone();
+        let (p, e, b) = (provider.to_owned(), event_id.clone(), body.to_vec());
+        let claim = tokio::task::spawn_blocking(move || events.claim(&p, &e, &b))
+            .await
+            .map_err(AdminError::internal)?
+            .map_err(AdminError::internal)?;
+        let replay = match claim {
+            Claim::New => false,
+            Claim::Replay => true,
+            Claim::Conflict => return Err(AdminError::EventConflict(event_id)),
+        };
+        let (result, transfer) = match event {
+            WebhookEvent::TopupSucceeded {
+                user_id,
+                amount,
+                currency,
+                ..
+            } => {
+                let user = parse_user_id(&user_id)?;
+                let amount = self.ledger.parse_amount(amount, &currency)?;
+                let memo = serde_json::json!({
+                    "type": "topup",
+                    "source": format!("provider:{provider}"),
+                    "ref": event_id,
+                });
+                let transfer = self
+                    .ledger
+                    .create_transfer(TransferRequest {
+                        id: provider_topup_id(provider, &event_id),
+                        debit: Owner::Issuer,
+                        credit: user_owner(&user),
+                        amount,
+                        memo: memo.to_string().into_bytes(),
+                    })
+                    .await?;
+                ("credited", transfer)
+            }
+            WebhookEvent::WithdrawalSettled { withdrawal_id, .. } => (
+                "settled",
+                self.settle(&withdrawal_id, Settlement::Settle).await?,
+            ),
+            WebhookEvent::WithdrawalRejected { withdrawal_id, .. } => (
+                "rejected",
+                self.settle(&withdrawal_id, Settlement::Reject).await?,
+            ),
+        };
+        Ok(WebhookResponse {
+            event_id,
+            result: result.to_owned(),
+            replay,
+            transfer: self.transfer_json(&transfer),
+        })
+    }
+
+    /// Posts (settle) or voids (reject) a pending withdrawal: a pending transfer from a user
+    /// to the settlement account. Repeating the same outcome returns the same transfer.
+    pub async fn settle(
+        &self,
+        withdrawal_id: &str,
+        outcome: Settlement,
+    ) -> Result<Transfer, AdminError> {
+        let id = parse_transfer_id(withdrawal_id)?;
+        let not_found = || AdminError::NotFound(format!("no withdrawal with id {withdrawal_id}"));
+        let transfer = self.ledger.transfer(id).await?.ok_or_else(not_found)?;
+        if !matches!(transfer.kind, TransferKind::Pending { .. })
+            || transfer.credit.owner != Owner::Settlement
+            || transfer.debit.owner.is_system()
+        {
+            return Err(not_found());
+        }
+        let result = match outcome {
+            Settlement::Settle => self.ledger.post(id, None).await,
+            Settlement::Reject => self.ledger.void(id).await,
+        };
+        Ok(result?)
+    }
+
+    /// The accounts of a user, one per currency used.
+    pub async fn accounts(&self, user_id: &str) -> Result<Vec<AccountJson>, AdminError> {
+        let user = parse_user_id(user_id)?;
+        let views = self.ledger.balances(&user_owner(&user)).await?;
+        Ok(views
+            .iter()
+            .map(|v| AccountJson::new(self.ledger.currencies(), v))
+            .collect())
+    }
+
+    /// One page of a user's transfers, newest first, and the cursor for older ones.
+    pub async fn history(
+        &self,
+        user_id: &str,
+        from: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<TransferJson>, Option<u64>), AdminError> {
+        let user = parse_user_id(user_id)?;
+        let page = self
+            .ledger
+            .history(
+                &user_owner(&user),
+                from.map(HistoryCursor::from_raw),
+                limit.clamp(1, crate::ledger::HISTORY_PAGE_MAX),
+            )
+            .await?;
+        Ok((
+            page.transfers
+                .iter()
+                .map(|t| self.transfer_json(t))
+                .collect(),
+            page.next.map(HistoryCursor::to_raw),
+        ))
+    }
+
+    /// Freezes (`Some(mode)`) or unfreezes (`None`) every configured currency's account of a
+    /// user, so a freeze also covers currencies the user has not used yet.
+    pub async fn set_frozen(
+        &self,
+        user_id: &str,
+        mode: Option<FreezeMode>,
+    ) -> Result<Vec<AccountJson>, AdminError> {
+        let user = parse_user_id(user_id)?;
+        let owner = user_owner(&user);
+        for currency in self.ledger.currencies().iter() {
+            let account = AccountId {
+                owner: owner.clone(),
+                currency: currency.code,
+            };
+            match mode {
+                Some(mode) => self.ledger.freeze(account, mode).await?,
+                None => self.ledger.unfreeze(account).await?,
+            }
+        }
+        self.accounts(user_id).await
+    }
+
+    /// Every pending transfer, oldest deadline first.
+    pub async fn pending(&self) -> Result<Vec<TransferJson>, AdminError> {
+        let pending = self.ledger.pending_transfers().await?;
+        Ok(pending.iter().map(|t| self.transfer_json(t)).collect())
+    }
+
+    /// One transfer.
+    pub async fn transfer(&self, id: &str) -> Result<TransferJson, AdminError> {
+        let parsed = parse_transfer_id(id)?;
+        let transfer = self
+            .ledger
+            .transfer(parsed)
+            .await?
+            .ok_or_else(|| AdminError::NotFound(format!("no transfer with id {id}")))?;
+        Ok(self.transfer_json(&transfer))
+    }
+
+    /// Runs the ledger's full verification. A broken journal or invariant is an answer
+    /// (`ok: false` with what is wrong), not an API failure.
+    pub async fn verify(&self) -> Result<serde_json::Value, AdminError> {
+        match self.ledger.verify().await {
+            Ok(r) => Ok(serde_json::json!({
+                "ok": true,
+                "records": r.records,
+                "entries": r.entries,
+                "accounts": r.accounts,
+                "transfers": r.transfers,
+                "pending": r.pending,
+            })),
+            Err(e @ (LedgerError::Corrupt { .. } | LedgerError::Invariant(_))) => {
+                tracing::error!(error = %e, "ledger verification failed");
+                Ok(serde_json::json!({ "ok": false, "error": e.to_string() }))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Resets a user's PIN through the payments layer's PIN store.
+    pub async fn reset_pin(&self, user_id: &str) -> Result<bool, AdminError> {
+        let user = parse_user_id(user_id)?;
+        let pins = self.pins.get().ok_or(AdminError::PinResetUnavailable)?;
+        pins.reset_pin(user.as_str())
+            .await
+            .map_err(AdminError::internal)
+    }
+}
+
+impl From<TransferError> for AdminError {
+    fn from(e: TransferError) -> Self {
+        LedgerError::Rejected(e).into()
+    }
+}

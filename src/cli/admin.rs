@@ -1,0 +1,629 @@
+//! `mxpay admin ...`: the admin API from the command line. Every command except
+//! `token create` calls the running mxpay's HTTP API (`/_mxpay/admin/v1/...`), so the CLI and
+//! scripts see exactly what the API does; `--json` prints the API's answer unchanged.
+//!
+//! URL: `--url`, else `http://<appservice.listen>` from the config (`-c`). Token: `--token`,
+//! else the environment variable `MXPAY_ADMIN_TOKEN`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use crate::admin::token::{Scope, TokenAuthority};
+use crate::admin::ADMIN_PREFIX;
+use crate::clock::SystemClock;
+use crate::config::Config;
+
+/// Longest wait for one admin API call.
+const REQUEST_TIMEOUT_MS: u64 = 120_000;
+
+/// `mxpay admin` and its options, shared by every subcommand.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The mxpay config file (for the URL and, with `token create`, the signing key).
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "config.yaml",
+        global = true
+    )]
+    pub config: PathBuf,
+    /// Base URL of the running mxpay (default: http://<appservice.listen> from the config).
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// Admin token (default: the MXPAY_ADMIN_TOKEN environment variable).
+    #[arg(long, env = "MXPAY_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// `mxpay admin <command>`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Admin tokens.
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Credits a user's wallet from the currency's issuer account.
+    Topup {
+        /// The user, e.g. @alice:example.org.
+        user_id: String,
+        /// Amount in major units, e.g. 12.50.
+        amount: String,
+        /// Currency code, e.g. EUR.
+        currency: String,
+        /// Idempotency key: the same key never credits twice (default: a fresh random key,
+        /// printed, so a retry can reuse it).
+        #[arg(long)]
+        key: Option<String>,
+        /// Free text kept with the transfer.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Shows a user's accounts and balances.
+    Balance {
+        /// The user.
+        user_id: String,
+    },
+    /// Shows a user's transfers, newest first.
+    History {
+        /// The user.
+        user_id: String,
+        /// Transfers per page.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Cursor from a previous page (`next`).
+        #[arg(long)]
+        from: Option<u64>,
+    },
+    /// Freezes a user's wallet: nothing leaves it (`--all`: nothing enters either).
+    Freeze {
+        /// The user.
+        user_id: String,
+        /// Also block incoming money.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Lifts a freeze.
+    Unfreeze {
+        /// The user.
+        user_id: String,
+    },
+    /// Lists pending transfers (withdrawals waiting for settlement among them).
+    Pending,
+    /// Confirms a pending withdrawal: the money leaves for good.
+    Settle {
+        /// The withdrawal's transfer id (32 hex digits).
+        withdrawal_id: String,
+    },
+    /// Rejects a pending withdrawal: the money returns to the user.
+    Reject {
+        /// The withdrawal's transfer id (32 hex digits).
+        withdrawal_id: String,
+    },
+    /// Runs the ledger's full verification in the running mxpay.
+    Verify,
+    /// Writes the ledger journal to stdout as JSON lines.
+    Export,
+    /// Shows the audit log, newest first.
+    Audit {
+        /// Entries per page.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Show entries before this sequence number.
+        #[arg(long)]
+        before: Option<u64>,
+    },
+    /// Resets a user's PIN: they must set a new one before paying.
+    PinReset {
+        /// The user.
+        user_id: String,
+    },
+}
+
+/// `mxpay admin token <command>`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mints an admin token with the key from the config and prints it.
+    Create {
+        /// Scopes (repeat or comma-separate): topup, read, freeze, settle, pin-reset, audit.
+        #[arg(long = "scope", required = true, value_delimiter = ',')]
+        scopes: Vec<Scope>,
+        /// Lifetime: seconds, or with a unit: 90s, 15m, 12h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl_s)]
+        ttl: u64,
+        /// Who the token is for (recorded in the audit log).
+        #[arg(long, default_value = "admin")]
+        subject: String,
+    },
+}
+
+/// Parses a lifetime: `3600`, `90s`, `15m`, `12h`, `7d`; in seconds, above zero.
+pub fn parse_ttl_s(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit_s) = match text.char_indices().last() {
+        Some((i, 's')) => (&text[..i], 1),
+        Some((i, 'm')) => (&text[..i], 60),
+        Some((i, 'h')) => (&text[..i], 3600),
+        Some((i, 'd')) => (&text[..i], 86_400),
+        _ => (text, 1),
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a lifetime like 3600, 90s, 15m, 12h or 7d"))?;
+    match value.checked_mul(unit_s) {
+        Some(0) => Err("the lifetime must be above zero".to_owned()),
+        Some(s) => Ok(s),
+        None => Err(format!("`{text}` is too long")),
+    }
+}
+
+/// Why an admin command failed; each a sentence for the admin.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminCliError {
+    /// No token given.
+    #[error("no admin token: pass --token or set MXPAY_ADMIN_TOKEN (mint one with `mxpay admin token create`)")]
+    NoToken,
+    /// The config could not be loaded or is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The request could not be made.
+    #[error("cannot reach mxpay at {url}: {reason}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The API refused the call.
+    #[error("{errcode} (HTTP {status}): {error}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Matrix errcode.
+        errcode: String,
+        /// The API's sentence.
+        error: String,
+    },
+    /// Writing to stdout failed.
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Runs `mxpay admin ...`.
+pub fn run(args: AdminArgs) -> super::anyhow_like::Result {
+    if let AdminCommand::Token {
+        command:
+            TokenCommand::Create {
+                scopes,
+                ttl,
+                subject,
+            },
+    } = &args.command
+    {
+        let token = create_token(&args, scopes, *ttl, subject)?;
+        println!("{token}");
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(call(&args))?;
+    Ok(())
+}
+
+fn load_config(args: &AdminArgs) -> Result<Config, AdminCliError> {
+    Config::load(&args.config).map_err(|e| AdminCliError::Config(e.to_string()))
+}
+
+fn create_token(
+    args: &AdminArgs,
+    scopes: &[Scope],
+    ttl_s: u64,
+    subject: &str,
+) -> Result<String, AdminCliError> {
+    let config = load_config(args)?;
+    if ttl_s > config.admin.token_ttl_max_s {
+        return Err(AdminCliError::Config(format!(
+            "--ttl {ttl_s} s is above admin.token_ttl_max_s ({} s)",
+            config.admin.token_ttl_max_s
+        )));
+    }
+    let key = config
+        .admin
+        .load_token_key(true)
+        .map_err(|e| AdminCliError::Config(e.to_string()))?
+        .ok_or_else(|| {
+            AdminCliError::Config(format!(
+                "{} has no admin.token: the admin API is off",
+                args.config.display()
+            ))
+        })?;
+    let authority = TokenAuthority::new(&key, Arc::new(SystemClock))
+        .map_err(|e| AdminCliError::Config(format!("admin.token: {e}")))?;
+    let scopes: BTreeSet<Scope> = scopes.iter().copied().collect();
+    authority
+        .mint(subject, scopes, ttl_s)
+        .map_err(|e| AdminCliError::Config(e.to_string()))
+}
+
+fn base_url(args: &AdminArgs) -> Result<String, AdminCliError> {
+    if let Some(url) = &args.url {
+        return Ok(url.trim_end_matches('/').to_owned());
+    }
+    let config = load_config(args)?;
+    let mut listen = config.appservice.listen;
+    // A wildcard listen address is reachable on loopback.
+    if listen.ip().is_unspecified() {
+        listen.set_ip(if listen.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    Ok(format!("http://{listen}"))
+}
+
+/// Percent-encodes a path segment (user IDs carry `@` and `:`).
+fn segment(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+async fn call(args: &AdminArgs) -> Result<(), AdminCliError> {
+    let token = args.token.clone().ok_or(AdminCliError::NoToken)?;
+    let base = base_url(args)?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
+        .build()
+        .map_err(|e| AdminCliError::Connect {
+            url: base.clone(),
+            reason: e.to_string(),
+        })?;
+    use reqwest::Method;
+    use AdminCommand as C;
+    let user_path = |user: &str, what: &str| format!("/users/{}/{what}", segment(user));
+    let mut generated_key = None;
+    let (method, path, body): (Method, String, Option<Value>) = match &args.command {
+        C::Token { .. } => unreachable!("handled without the API"),
+        C::Topup {
+            user_id,
+            amount,
+            currency,
+            key,
+            note,
+        } => {
+            let key = key.clone().unwrap_or_else(|| {
+                let key = format!("cli-{}", crate::admin::token::random_id());
+                generated_key = Some(key.clone());
+                key
+            });
+            let body = serde_json::json!({
+                "user_id": user_id, "amount": amount, "currency": currency,
+                "idempotency_key": key, "note": note,
+            });
+            (Method::POST, "/topups".to_owned(), Some(body))
+        }
+        C::Balance { user_id } => (Method::GET, user_path(user_id, "accounts"), None),
+        C::History {
+            user_id,
+            limit,
+            from,
+        } => {
+            let mut path = format!("{}?limit={limit}", user_path(user_id, "history"));
+            if let Some(from) = from {
+                path.push_str(&format!("&from={from}"));
+            }
+            (Method::GET, path, None)
+        }
+        C::Freeze { user_id, all } => (
+            Method::POST,
+            user_path(user_id, "freeze"),
+            Some(serde_json::json!({ "mode": if *all { "all" } else { "debits" } })),
+        ),
+        C::Unfreeze { user_id } => (Method::POST, user_path(user_id, "unfreeze"), None),
+        C::PinReset { user_id } => (Method::POST, user_path(user_id, "pin-reset"), None),
+        C::Pending => (Method::GET, "/transfers/pending".to_owned(), None),
+        C::Settle { withdrawal_id } => (
+            Method::POST,
+            format!("/withdrawals/{}/settle", segment(withdrawal_id)),
+            None,
+        ),
+        C::Reject { withdrawal_id } => (
+            Method::POST,
+            format!("/withdrawals/{}/reject", segment(withdrawal_id)),
+            None,
+        ),
+        C::Verify => (Method::POST, "/ledger/verify".to_owned(), None),
+        C::Export => (Method::GET, "/ledger/export".to_owned(), None),
+        C::Audit { limit, before } => {
+            let mut path = format!("/audit?limit={limit}");
+            if let Some(before) = before {
+                path.push_str(&format!("&before={before}"));
+            }
+            (Method::GET, path, None)
+        }
+    };
+    let url = format!("{base}{ADMIN_PREFIX}{path}");
+    let mut request = client.request(method, &url).bearer_auth(token);
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let connect = |e: reqwest::Error| AdminCliError::Connect {
+        url: base.clone(),
+        reason: e.to_string(),
+    };
+    let mut response = request.send().await.map_err(connect)?;
+    let status = response.status().as_u16();
+    if matches!(args.command, C::Export) && status == 200 {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        while let Some(chunk) = response.chunk().await.map_err(connect)? {
+            out.write_all(&chunk)?;
+        }
+        out.flush()?;
+        return Ok(());
+    }
+    let text = response.text().await.map_err(connect)?;
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if status != 200 {
+        return Err(AdminCliError::Api {
+            status,
+            errcode: value["errcode"].as_str().unwrap_or("?").to_owned(),
+            error: value["error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string()),
+        });
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    print!(
+        "{}",
+        render(&args.command, &value, generated_key.as_deref())
+    );
+    if matches!(args.command, C::Verify) && value["ok"] != Value::Bool(true) {
+        return Err(AdminCliError::Api {
+            status,
+            errcode: "LEDGER_VERIFY_FAILED".to_owned(),
+            error: value["error"].as_str().unwrap_or("?").to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn s(value: &Value) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A plain text table: header row, then rows, columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+fn transfer_rows(transfers: &Value) -> Vec<Vec<String>> {
+    transfers
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|t| {
+                    vec![
+                        s(&t["id"]),
+                        s(&t["state"]),
+                        s(&t["from"]),
+                        s(&t["to"]),
+                        format!("{} {}", s(&t["amount"]), s(&t["currency"])),
+                        s(&t["created_ms"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const TRANSFER_HEADER: [&str; 6] = ["ID", "STATE", "FROM", "TO", "AMOUNT", "CREATED_MS"];
+
+fn render(command: &AdminCommand, value: &Value, generated_key: Option<&str>) -> String {
+    use AdminCommand as C;
+    match command {
+        C::Topup { .. } => {
+            let t = &value["transfer"];
+            let mut out = format!(
+                "credited {} {} to {} (transfer {}, {})\n",
+                s(&t["amount"]),
+                s(&t["currency"]),
+                s(&t["to"]),
+                s(&t["id"]),
+                s(&t["state"]),
+            );
+            if let Some(key) = generated_key {
+                out.push_str(&format!(
+                    "idempotency key: {key} (reuse it with --key to retry)\n"
+                ));
+            }
+            out
+        }
+        C::Balance { .. } | C::Freeze { .. } | C::Unfreeze { .. } => {
+            let rows: Vec<Vec<String>> = value["accounts"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .map(|a| {
+                            vec![
+                                s(&a["currency"]),
+                                s(&a["available"]),
+                                s(&a["posted"]),
+                                s(&a["pending_out"]),
+                                s(&a["pending_in"]),
+                                match s(&a["frozen"]) {
+                                    f if f.is_empty() => "no".to_owned(),
+                                    f => f,
+                                },
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut out = format!("{}\n", s(&value["user_id"]));
+            if rows.is_empty() {
+                out.push_str("no accounts yet\n");
+            } else {
+                out.push_str(&table(
+                    &[
+                        "CURRENCY",
+                        "AVAILABLE",
+                        "POSTED",
+                        "PENDING_OUT",
+                        "PENDING_IN",
+                        "FROZEN",
+                    ],
+                    &rows,
+                ));
+            }
+            out
+        }
+        C::History { .. } => {
+            let mut out = table(&TRANSFER_HEADER, &transfer_rows(&value["transfers"]));
+            if !value["next"].is_null() {
+                out.push_str(&format!("more: --from {}\n", s(&value["next"])));
+            }
+            out
+        }
+        C::Pending => table(&TRANSFER_HEADER, &transfer_rows(&value["transfers"])),
+        C::Settle { .. } | C::Reject { .. } => {
+            let t = &value["transfer"];
+            format!(
+                "withdrawal {}: {} ({} {} from {})\n",
+                s(&t["id"]),
+                s(&t["state"]),
+                s(&t["amount"]),
+                s(&t["currency"]),
+                s(&t["from"]),
+            )
+        }
+        C::Verify => {
+            if value["ok"] == Value::Bool(true) {
+                format!(
+                    "ledger OK: {} records, {} entries, {} accounts, {} transfers ({} pending)\n",
+                    s(&value["records"]),
+                    s(&value["entries"]),
+                    s(&value["accounts"]),
+                    s(&value["transfers"]),
+                    s(&value["pending"]),
+                )
+            } else {
+                format!("ledger verification FAILED: {}\n", s(&value["error"]))
+            }
+        }
+        C::Audit { .. } => {
+            let rows: Vec<Vec<String>> = value["entries"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .map(|e| {
+                            vec![
+                                s(&e["seq"]),
+                                s(&e["at_ms"]),
+                                s(&e["actor"]),
+                                s(&e["action"]),
+                                s(&e["target"]),
+                                s(&e["result"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut out = table(
+                &["SEQ", "AT_MS", "ACTOR", "ACTION", "TARGET", "RESULT"],
+                &rows,
+            );
+            if !value["next"].is_null() {
+                out.push_str(&format!("more: --before {}\n", s(&value["next"])));
+            }
+            out
+        }
+        C::PinReset { .. } => format!(
+            "PIN reset for {}; they must set a new PIN before paying\n",
+            s(&value["user_id"])
+        ),
+        C::Token { .. } | C::Export => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_units() {
+        assert_eq!(parse_ttl_s("3600"), Ok(3600));
+        assert_eq!(parse_ttl_s("90s"), Ok(90));
+        assert_eq!(parse_ttl_s("15m"), Ok(900));
+        assert_eq!(parse_ttl_s("12h"), Ok(43_200));
+        assert_eq!(parse_ttl_s("7d"), Ok(604_800));
+        assert!(parse_ttl_s("0").is_err());
+        assert!(parse_ttl_s("1w").is_err());
+        assert!(parse_ttl_s("").is_err());
+    }
+
+    #[test]
+    fn table_pads_columns() {
+        let out = table(
+            &["A", "LONGER"],
+            &[
+                vec!["wide cell".into(), "x".into()],
+                vec!["b".into(), "y".into()],
+            ],
+        );
+        assert_eq!(out, "A          LONGER\nwide cell  x\nb          y\n");
+    }
+
+    #[test]
+    fn user_ids_are_percent_encoded() {
+        assert_eq!(segment("@alice:example.org"), "%40alice%3Aexample.org");
+    }
+}

@@ -1,0 +1,1997 @@
+//! The payment flow: the one orchestrator from a decrypted event to a ledger change.
+//!
+//! ```text
+//! !pay / org.mxpay.transfer_intent (encrypted room)
+//!   -> trust policy (encrypted, cross-signed device) -> payee policy -> amount -> PIN state
+//!   -> pending ledger transfer (id from the event id: a replayed event never pays twice)
+//!   -> challenge in the payer's private DM
+//! PIN in the DM (redacted after reading)
+//!   -> attempt recorded, then compared (argon2id + pepper) -> step-up JWT minted and redeemed
+//!   -> ledger post -> the outbox tells the room and the DM (receipt + notice)
+//! ```
+//!
+//! Decisions are the policy modules'; this module reads state, calls them in order, and
+//! writes the results. Replies to an event are sent with transaction ids derived from the
+//! event id, so a transaction handled again after a crash sends nothing twice; what follows a
+//! ledger change is sent by the [`crate::outbox`] from the journal.
+
+pub mod memo;
+pub mod settings;
+pub mod text;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ruma::events::relation::Reference;
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, UserId};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+pub use settings::PaymentsSettings;
+
+use crate::app::{App, AppError};
+use crate::clock::SharedClock;
+use crate::command::{self, Command};
+use crate::crypto::handler::CryptoHandler;
+use crate::crypto::{BotCrypto, CryptoError, DecryptedEvent, TrustState};
+use crate::events::{
+    ReceiptEventContent, ReceiptReason, ReceiptStatus, StepUpChallengeEventContent,
+};
+use crate::handler::{
+    basic_commands, reply_txn_id, BasicHandler, HandlerError, InboxTransaction, TransactionHandler,
+};
+use crate::homeserver::{HomeserverClient, HomeserverError, Identity};
+use crate::ledger::{
+    ExportedEntry, JournalEntry, Ledger, LedgerError, Owner, Transfer, TransferError, TransferId,
+    TransferKind, TransferRequest, TransferState,
+};
+use crate::outbox::{Deliver, DeliverError, Outbox, OutboxPoke, OutboxPolicy};
+use crate::policy::payee::WalletHolders;
+use crate::policy::pin::{human_duration, Pin, PinError, PinHasher, PinRecord};
+use crate::policy::stepup::{StepUpAuthority, StepUpBinding, StepUpError};
+use crate::policy::trust::{self, EventFacts, SenderTrust, TrustSettings};
+use crate::store::payments::{
+    Challenge, ChallengeKind, Dialog, PaymentStore, TransferNote, UserProfile,
+};
+use crate::store::StoreError;
+use memo::{MemoKind, PaymentMemo};
+
+/// Test-only fault switch: when this environment variable names a file that does not exist
+/// yet, mxpay creates it and aborts right after a payment was posted in the ledger and before
+/// its receipt is sent (to test that the outbox repairs this after a restart). Never set it in
+/// production.
+pub const FAULT_CRASH_BEFORE_RECEIPT_ENV: &str = "MXPAY_TEST_CRASH_BEFORE_RECEIPT";
+
+/// Errors of the payment flow. Internal: people get sentences, logs get these.
+#[derive(Debug, thiserror::Error)]
+pub enum PaymentsError {
+    /// The payment store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The ledger failed (not a refusal: those are handled).
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// Encrypting or sending failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// A homeserver request failed.
+    #[error(transparent)]
+    Homeserver(#[from] HomeserverError),
+    /// The PIN store is misconfigured (pepper) or a stored hash is unreadable.
+    #[error("PIN handling failed: {0}")]
+    Pin(PinError),
+    /// The step-up proof could not be made or was refused (a bug: it is made for the
+    /// transfer it is redeemed for).
+    #[error("step-up proof: {0}")]
+    StepUp(#[from] StepUpError),
+    /// A blocking task failed.
+    #[error("background task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl PaymentsError {
+    /// Whether handling the event again later may work.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PaymentsError::Store(_) | PaymentsError::Join(_) => true,
+            PaymentsError::Ledger(e) => matches!(e, LedgerError::Storage(_) | LedgerError::Closed),
+            PaymentsError::Crypto(e) => {
+                matches!(e, CryptoError::Store(_) | CryptoError::Parked(_)) || e.is_transient()
+            }
+            PaymentsError::Homeserver(e) => e.is_transient(),
+            PaymentsError::Pin(_) | PaymentsError::StepUp(_) => false,
+        }
+    }
+}
+
+fn txn(purpose: &str, key: &str) -> OwnedTransactionId {
+    reply_txn_id(purpose, key)
+}
+
+fn sender_trust(state: TrustState) -> Option<SenderTrust> {
+    match state {
+        TrustState::NotEncrypted => None,
+        TrustState::Verified => Some(SenderTrust::Verified),
+        TrustState::UnverifiedIdentity => Some(SenderTrust::UnverifiedIdentity),
+        TrustState::UnsignedDevice => Some(SenderTrust::UnsignedDevice),
+        TrustState::VerificationViolation => Some(SenderTrust::VerificationViolation),
+        TrustState::UnknownDevice | TrustState::InsecureSource => Some(SenderTrust::UnknownDevice),
+        TrustState::MismatchedSender => Some(SenderTrust::MismatchedSender),
+    }
+}
+
+/// The receipt reason for a ledger refusal.
+fn reason_for(error: TransferError) -> ReceiptReason {
+    match error {
+        TransferError::InsufficientFunds => ReceiptReason::InsufficientFunds,
+        TransferError::ExceedsDailyLimit | TransferError::ExceedsMaxTransfer => {
+            ReceiptReason::LimitExceeded
+        }
+        TransferError::DebitAccountFrozen => ReceiptReason::AccountFrozen,
+        TransferError::CreditAccountFrozen => ReceiptReason::PayeeNotAllowed,
+        TransferError::CurrencyUnknown => ReceiptReason::InvalidAmount,
+        _ => ReceiptReason::Other,
+    }
+}
+
+fn reason_code(reason: ReceiptReason) -> String {
+    serde_json::to_value(reason)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "other".to_owned())
+}
+
+fn reason_from_code(code: &str) -> ReceiptReason {
+    serde_json::from_value(Value::String(code.to_owned())).unwrap_or(ReceiptReason::Other)
+}
+
+/// The sentence for a ledger refusal.
+fn refusal_sentence(error: TransferError) -> String {
+    match error {
+        TransferError::InsufficientFunds => "your balance does not cover this payment".to_owned(),
+        TransferError::ExceedsDailyLimit => {
+            "this payment would exceed your 24-hour spending limit".to_owned()
+        }
+        TransferError::ExceedsMaxTransfer => {
+            "the amount is above the maximum for one payment".to_owned()
+        }
+        TransferError::DebitAccountFrozen => "your wallet is frozen".to_owned(),
+        TransferError::CreditAccountFrozen => "the payee's wallet is frozen".to_owned(),
+        other => format!("the payment was refused ({other})"),
+    }
+}
+
+/// What a payment asks for, from `!pay` or an `org.mxpay.transfer_intent`.
+#[derive(Debug, Clone)]
+struct PayRequest {
+    payee: OwnedUserId,
+    amount: Decimal,
+    currency: String,
+    memo: Option<String>,
+}
+
+/// Sends as the bot: encrypted where the room is, with the caller's transaction ids.
+#[derive(Clone, Debug)]
+pub struct Messenger {
+    crypto: BotCrypto,
+    client: HomeserverClient,
+}
+
+impl Messenger {
+    /// A messenger over the bot's crypto and homeserver client.
+    pub fn new(crypto: BotCrypto, client: HomeserverClient) -> Self {
+        Self { crypto, client }
+    }
+
+    /// Sends an event; the same `txn_id` sends once.
+    pub async fn send(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        content: Value,
+        txn_id: OwnedTransactionId,
+    ) -> Result<OwnedEventId, CryptoError> {
+        self.crypto
+            .send_event(room_id, event_type, content, Some(txn_id))
+            .await
+    }
+
+    /// Sends an `m.notice`, optionally as a reply.
+    pub async fn notice(
+        &self,
+        room_id: &RoomId,
+        body: &str,
+        reply_to: Option<&EventId>,
+        txn_id: OwnedTransactionId,
+    ) -> Result<OwnedEventId, CryptoError> {
+        let mut content = json!({"msgtype": "m.notice", "body": body});
+        if let Some(event_id) = reply_to {
+            content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": event_id}});
+        }
+        self.send(room_id, "m.room.message", content, txn_id).await
+    }
+
+    /// Redacts an event; `Ok(false)` when the bot lacks the power to.
+    pub async fn redact(
+        &self,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<bool, HomeserverError> {
+        let txn_id = txn("redact", event_id.as_str());
+        match self
+            .client
+            .redact(room_id, event_id, &txn_id, Some("PIN removed by mxpay"))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(403) || e.errcode() == Some("M_FORBIDDEN") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Members of a room with their membership (`join`, `invite`, ...).
+    pub async fn memberships(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Vec<(String, String)>, HomeserverError> {
+        let members = self.client.room_members(room_id).await?;
+        Ok(members
+            .iter()
+            .filter_map(|raw| {
+                let v: Value = raw.deserialize_as_unchecked().ok()?;
+                Some((
+                    v.get("state_key")?.as_str()?.to_owned(),
+                    v.pointer("/content/membership")?.as_str()?.to_owned(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Creates an encrypted private chat with `user` (the bot and the user get full power, so
+    /// the bot can redact PINs there) and invites them.
+    pub async fn create_dm(&self, user: &UserId) -> Result<OwnedRoomId, HomeserverError> {
+        use ruma::api::client::room::{create_room, Visibility};
+        use ruma::events::room::encryption::RoomEncryptionEventContent;
+        use ruma::events::InitialStateEvent;
+        let mut request = create_room::v3::Request::new();
+        request.preset = Some(create_room::v3::RoomPreset::TrustedPrivateChat);
+        request.invite = vec![user.to_owned()];
+        request.is_direct = true;
+        request.visibility = Visibility::Private;
+        request.name = Some("mxpay".to_owned());
+        request.topic =
+            Some("Your private chat with the mxpay bot: PINs, balances, receipts".into());
+        request.initial_state = vec![InitialStateEvent::with_empty_state_key(
+            RoomEncryptionEventContent::with_recommended_defaults(),
+        )
+        .to_raw_any()];
+        Ok(self
+            .client
+            .send(request, Identity::Appservice)
+            .await?
+            .room_id)
+    }
+}
+
+/// Where a user's private DM stands.
+enum Dm {
+    /// Joined by both: messages can go there now.
+    Ready(OwnedRoomId),
+    /// The user is invited and has not joined yet.
+    Invited(OwnedRoomId),
+}
+
+/// The payment service: state, policy and the ledger, driven by decrypted events.
+pub struct Payments {
+    messenger: Messenger,
+    ledger: Ledger,
+    store: PaymentStore,
+    hasher: PinHasher,
+    stepup: StepUpAuthority,
+    settings: PaymentsSettings,
+    clock: SharedClock,
+    poke: OutboxPoke,
+    bot: OwnedUserId,
+    fault_crash_before_receipt: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for Payments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Payments")
+            .field("bot", &self.bot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Payments {
+    /// A payment service. `stepup_key` signs the step-up proofs (random per process is fine:
+    /// a proof never outlives the request that mints it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        messenger: Messenger,
+        ledger: Ledger,
+        store: PaymentStore,
+        hasher: PinHasher,
+        settings: PaymentsSettings,
+        clock: SharedClock,
+        poke: OutboxPoke,
+        stepup_key: &[u8],
+    ) -> Self {
+        let bot = messenger.client.bot_user_id().to_owned();
+        Self {
+            stepup: StepUpAuthority::new(
+                stepup_key,
+                clock.clone(),
+                crate::policy::stepup::STEPUP_TTL_MS,
+            ),
+            messenger,
+            ledger,
+            store,
+            hasher,
+            settings,
+            clock,
+            poke,
+            bot,
+            fault_crash_before_receipt: std::env::var_os(FAULT_CRASH_BEFORE_RECEIPT_ENV)
+                .map(Into::into),
+        }
+    }
+
+    fn trust_settings(&self) -> TrustSettings {
+        TrustSettings {
+            allow_unsigned_devices: self.settings.allow_unsigned_devices,
+        }
+    }
+
+    fn wallet_holders(&self) -> &WalletHolders {
+        &self.settings.wallet_holders
+    }
+
+    fn show(&self, transfer_currency: &str, minor: u128) -> String {
+        crate::ledger::CurrencyCode::new(transfer_currency)
+            .and_then(|code| self.ledger.to_decimal(code, minor))
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| minor.to_string())
+    }
+
+    async fn facts(&self, event: &DecryptedEvent) -> Result<EventFacts, PaymentsError> {
+        let room_encrypted = self
+            .messenger
+            .crypto
+            .room_is_encrypted(&event.room_id)
+            .await?;
+        Ok(EventFacts {
+            was_encrypted: event.was_encrypted,
+            room_encrypted,
+            trust: sender_trust(event.verification_state),
+        })
+    }
+
+    /// Handles one decrypted (or plaintext) room event; `Ok(false)` when it is not a payment
+    /// matter (the caller's basic handling then runs: joins, `!help`).
+    pub async fn handle_event(&self, event: &DecryptedEvent) -> Result<bool, PaymentsError> {
+        if event.sender == self.bot {
+            return Ok(false);
+        }
+        match event.event_type.as_str() {
+            "m.room.member" => {
+                self.on_member(event).await?;
+                Ok(false)
+            }
+            "m.room.message" => {
+                if event.content.get("msgtype").and_then(Value::as_str) != Some("m.text") {
+                    return Ok(false);
+                }
+                let Some(body) = event.content.get("body").and_then(Value::as_str) else {
+                    return Ok(false);
+                };
+                if let Some(parsed) = command::parse(body) {
+                    return match parsed {
+                        Ok(Command::Help) => Ok(false),
+                        Ok(command) => self.on_command(event, command).await.map(|_| true),
+                        Err(error) => {
+                            self.messenger
+                                .notice(
+                                    &event.room_id,
+                                    &format!("{}: {error}", event.sender),
+                                    Some(&event.event_id),
+                                    txn("command-error", event.event_id.as_str()),
+                                )
+                                .await?;
+                            Ok(true)
+                        }
+                    };
+                }
+                if Pin::looks_like_pin(body) {
+                    let pin = Pin::parse(body).expect("looks like a PIN");
+                    self.on_pin(event, pin, None).await?;
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            "org.mxpay.transfer_intent" => {
+                match serde_json::from_value::<crate::events::TransferIntentEventContent>(
+                    event.content.clone(),
+                ) {
+                    Ok(intent) => {
+                        let request = PayRequest {
+                            payee: intent.payee,
+                            amount: intent.amount,
+                            currency: intent.currency.to_ascii_uppercase(),
+                            memo: intent.memo,
+                        };
+                        self.on_pay(event, request).await?;
+                    }
+                    Err(_) => {
+                        self.messenger
+                            .notice(
+                                &event.room_id,
+                                &format!(
+                                    "{}: this org.mxpay.transfer_intent is malformed (see the \
+                                     event schema in mxpay's docs/events.md)",
+                                    event.sender
+                                ),
+                                Some(&event.event_id),
+                                txn("intent-error", event.event_id.as_str()),
+                            )
+                            .await?;
+                    }
+                }
+                Ok(true)
+            }
+            "org.mxpay.stepup.response" => {
+                let challenge_id = event
+                    .content
+                    .get("challenge_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let pin = event
+                    .content
+                    .get("pin")
+                    .and_then(Value::as_str)
+                    .and_then(|p| Pin::parse(p).ok());
+                match pin {
+                    Some(pin) => self.on_pin(event, pin, challenge_id).await?,
+                    None => {
+                        self.messenger
+                            .notice(
+                                &event.room_id,
+                                "A PIN is exactly 4 digits.",
+                                Some(&event.event_id),
+                                txn("response-error", event.event_id.as_str()),
+                            )
+                            .await?;
+                    }
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    // ----- private DM ------------------------------------------------------------------------
+
+    /// Whether `room_id` is a private DM of `user`: exactly the user and the bot, both joined,
+    /// nobody else invited, encrypted.
+    async fn is_private_dm(&self, room_id: &RoomId, user: &UserId) -> Result<bool, PaymentsError> {
+        let members = self.messenger.memberships(room_id).await?;
+        let present: Vec<&(String, String)> = members
+            .iter()
+            .filter(|(_, m)| m == "join" || m == "invite")
+            .collect();
+        let ok = present.len() == 2
+            && present
+                .iter()
+                .all(|(u, m)| m == "join" && (u == user.as_str() || u == self.bot.as_str()));
+        if !ok {
+            return Ok(false);
+        }
+        Ok(self.messenger.crypto.room_is_encrypted(room_id).await?)
+    }
+
+    /// Finds the user's DM (the recorded one if still private; else `current` if it is a
+    /// private DM), or creates one and invites the user.
+    async fn ensure_dm(&self, user: &UserId, current: &RoomId) -> Result<Dm, PaymentsError> {
+        let mut profile = self.store.profile(user.as_str())?;
+        if let Some(room) = profile.dm_room.clone() {
+            let room_id =
+                OwnedRoomId::try_from(room.as_str()).map_err(|_| StoreError::Corrupt {
+                    tree: "userid_profile",
+                    reason: "dm_room is not a room id",
+                })?;
+            if self.is_private_dm(&room_id, user).await? {
+                if !profile.dm_joined {
+                    profile.dm_joined = true;
+                    self.store.put_profile(user.as_str(), &profile).await?;
+                }
+                return Ok(Dm::Ready(room_id));
+            }
+            if !profile.dm_joined {
+                let members = self.messenger.memberships(&room_id).await?;
+                let invited = members
+                    .iter()
+                    .any(|(u, m)| u == user.as_str() && m == "invite");
+                let alone = members
+                    .iter()
+                    .filter(|(_, m)| m == "join" || m == "invite")
+                    .all(|(u, _)| u == user.as_str() || u == self.bot.as_str());
+                if invited && alone {
+                    return Ok(Dm::Invited(room_id));
+                }
+            }
+        }
+        if self.is_private_dm(current, user).await? {
+            profile.dm_room = Some(current.to_string());
+            profile.dm_joined = true;
+            self.store.put_profile(user.as_str(), &profile).await?;
+            return Ok(Dm::Ready(current.to_owned()));
+        }
+        let room_id = self.messenger.create_dm(user).await?;
+        tracing::info!(%user, %room_id, "created a private chat");
+        profile.dm_room = Some(room_id.to_string());
+        profile.dm_joined = false;
+        self.store.put_profile(user.as_str(), &profile).await?;
+        Ok(Dm::Invited(room_id))
+    }
+
+    /// The user's DM if it is ready (recorded and joined), without creating one.
+    fn ready_dm(&self, user: &str) -> Result<Option<OwnedRoomId>, PaymentsError> {
+        let profile = self.store.profile(user)?;
+        Ok(profile
+            .dm_room
+            .filter(|_| profile.dm_joined)
+            .and_then(|r| OwnedRoomId::try_from(r.as_str()).ok()))
+    }
+
+    /// Tells the user in `room` where the answer went, when it is not the DM.
+    async fn point_to_dm(
+        &self,
+        event: &DecryptedEvent,
+        dm: &Dm,
+        purpose: &str,
+    ) -> Result<(), PaymentsError> {
+        let (dm_room, text) = match dm {
+            Dm::Ready(room) => (
+                room,
+                format!("{}: I answered in our private chat.", event.sender),
+            ),
+            Dm::Invited(room) => (
+                room,
+                format!(
+                    "{}: I invited you to a private, encrypted chat with me; join it to continue.",
+                    event.sender
+                ),
+            ),
+        };
+        if dm_room != &event.room_id {
+            self.messenger
+                .notice(
+                    &event.room_id,
+                    &text,
+                    Some(&event.event_id),
+                    txn(purpose, event.event_id.as_str()),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A user joined a room: if it is the DM the bot invited them to, say what was waiting.
+    async fn on_member(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
+        let joined = event.content.get("membership").and_then(Value::as_str) == Some("join");
+        let Some(state_key) = event.state_key.as_deref() else {
+            return Ok(());
+        };
+        if !joined || state_key != event.sender.as_str() {
+            return Ok(());
+        }
+        let user = event.sender.as_str();
+        let mut profile = self.store.profile(user)?;
+        if profile.dm_room.as_deref() != Some(event.room_id.as_str()) || profile.dm_joined {
+            return Ok(());
+        }
+        profile.dm_joined = true;
+        self.store.put_profile(user, &profile).await?;
+        let now_ms = self.clock.now_ms();
+        let room = &event.room_id;
+        let key = event.event_id.as_str();
+        self.messenger
+            .notice(
+                room,
+                "Welcome! This is your private chat with mxpay: PINs, balances and payment \
+                 confirmations happen here. Send !help for the commands.",
+                None,
+                txn("dm-welcome", key),
+            )
+            .await?;
+        if let Some(dialog) = self.store.dialog(user, now_ms)? {
+            self.messenger
+                .notice(room, dialog_prompt(&dialog), None, txn("dm-dialog", key))
+                .await?;
+        }
+        for challenge in self.store.challenges(user)? {
+            if challenge.expires_at_ms > now_ms {
+                self.send_challenge(room, &challenge).await?;
+            }
+        }
+        Ok(())
+    }
+
+    // ----- commands --------------------------------------------------------------------------
+
+    async fn on_command(
+        &self,
+        event: &DecryptedEvent,
+        command: Command,
+    ) -> Result<(), PaymentsError> {
+        match command {
+            Command::Help => Ok(()),
+            Command::Balance => self.on_balance(event).await,
+            Command::History { count } => self.on_history(event, count).await,
+            Command::PinSet => self.on_pin_command(event, false).await,
+            Command::PinChange => self.on_pin_command(event, true).await,
+            Command::Pay {
+                payee,
+                amount,
+                currency,
+                memo,
+            } => {
+                self.on_pay(
+                    event,
+                    PayRequest {
+                        payee,
+                        amount,
+                        currency,
+                        memo,
+                    },
+                )
+                .await
+            }
+            Command::Withdraw { amount, currency } => {
+                self.on_withdraw(event, amount, currency).await
+            }
+        }
+    }
+
+    async fn on_balance(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
+        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
+        self.point_to_dm(event, &dm, "balance-pointer").await?;
+        let Dm::Ready(dm_room) = dm else {
+            return Ok(());
+        };
+        let views = self
+            .ledger
+            .balances(&Owner::user(event.sender.as_str()))
+            .await?;
+        let shown: Vec<_> = views
+            .into_iter()
+            .map(|view| {
+                let code = view.id.currency;
+                let available = view.balances.available_minor().max(0) as u128;
+                let available = format!("{} {code}", self.show(code.as_str(), available));
+                let reserved = format!(
+                    "{} {code}",
+                    self.show(code.as_str(), view.balances.debits_pending_minor)
+                );
+                (view, available, reserved)
+            })
+            .collect();
+        let body = text::balances(&shown);
+        let reply_to = (dm_room == event.room_id).then_some(event.event_id.as_ref());
+        self.messenger
+            .notice(
+                &dm_room,
+                &body,
+                reply_to,
+                txn("balance", event.event_id.as_str()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn on_history(&self, event: &DecryptedEvent, count: u32) -> Result<(), PaymentsError> {
+        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
+        self.point_to_dm(event, &dm, "history-pointer").await?;
+        let Dm::Ready(dm_room) = dm else {
+            return Ok(());
+        };
+        let me = Owner::user(event.sender.as_str());
+        let page = self.ledger.history(&me, None, count as usize).await?;
+        let mut body = String::from("Your latest payments, newest first:");
+        if page.transfers.is_empty() {
+            body = "You have no payments yet.".to_owned();
+        }
+        for transfer in &page.transfers {
+            let code = transfer.debit.currency;
+            let amount_minor = match transfer.state {
+                TransferState::Posted { amount_minor } => amount_minor,
+                _ => transfer.amount_minor,
+            };
+            let amount = format!("{} {code}", self.show(code.as_str(), amount_minor));
+            let outgoing = transfer.debit.owner == me;
+            let other = if outgoing {
+                &transfer.credit.owner
+            } else {
+                &transfer.debit.owner
+            };
+            let other = match other {
+                Owner::User(u) => u.clone(),
+                Owner::Issuer => "top-up".to_owned(),
+                Owner::Settlement => "withdrawal".to_owned(),
+                Owner::Fees => "fees".to_owned(),
+            };
+            let state = match transfer.state {
+                TransferState::Pending => "pending",
+                TransferState::Posted { .. } => "completed",
+                TransferState::Voided => "cancelled",
+                TransferState::Expired => "expired",
+            };
+            let note = PaymentMemo::decode(&transfer.memo)
+                .and_then(|m| m.note)
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default();
+            let sign = if outgoing { "−" } else { "+" };
+            body.push_str(&format!(
+                "\n• {sign}{amount} {} {other}{note} — {state}",
+                if outgoing { "to" } else { "from" }
+            ));
+        }
+        let reply_to = (dm_room == event.room_id).then_some(event.event_id.as_ref());
+        self.messenger
+            .notice(
+                &dm_room,
+                &body,
+                reply_to,
+                txn("history", event.event_id.as_str()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn on_pin_command(
+        &self,
+        event: &DecryptedEvent,
+        change: bool,
+    ) -> Result<(), PaymentsError> {
+        let facts = self.facts(event).await?;
+        if let Err(refusal) = trust::check(facts, self.trust_settings()) {
+            self.messenger
+                .notice(
+                    &event.room_id,
+                    &format!("{}: {refusal}", event.sender),
+                    Some(&event.event_id),
+                    txn("pin-refused", event.event_id.as_str()),
+                )
+                .await?;
+            return Ok(());
+        }
+        let user = event.sender.as_str();
+        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
+        self.point_to_dm(event, &dm, "pin-pointer").await?;
+        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
+        let expires_at_ms = self.clock.now_ms() + self.settings.pin_dialog_timeout_ms;
+        let (dialog, message) = match (change, has_pin) {
+            (false, true) => (
+                None,
+                "You already have a PIN. To change it, send !pin change.",
+            ),
+            (true, false) => (None, "You have no PIN yet. Send !pin set to choose one."),
+            (false, false) => {
+                let dialog = Dialog::NewPin {
+                    expires_at_ms,
+                    change: false,
+                };
+                (Some(dialog), "")
+            }
+            (true, true) => (Some(Dialog::OldPin { expires_at_ms }), ""),
+        };
+        if let Some(dialog) = &dialog {
+            self.store.put_dialog(user, Some(dialog)).await?;
+        }
+        if let Dm::Ready(dm_room) = dm {
+            let text = match &dialog {
+                Some(dialog) => dialog_prompt(dialog),
+                None => message,
+            };
+            self.messenger
+                .notice(
+                    &dm_room,
+                    text,
+                    None,
+                    txn("pin-prompt", event.event_id.as_str()),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    // ----- paying ----------------------------------------------------------------------------
+
+    /// Sends a declined receipt and its sentence in the event's room.
+    #[allow(clippy::too_many_arguments)]
+    async fn decline(
+        &self,
+        event: &DecryptedEvent,
+        payee: &UserId,
+        amount: Decimal,
+        currency: &str,
+        reason: ReceiptReason,
+        sentence: &str,
+    ) -> Result<(), PaymentsError> {
+        let body = format!("❌ {}: payment not made: {sentence}", event.sender);
+        let receipt = ReceiptEventContent {
+            body: body.clone(),
+            status: ReceiptStatus::Declined,
+            reason: Some(reason),
+            transfer_id: None,
+            payer: event.sender.clone(),
+            payee: payee.to_owned(),
+            amount,
+            currency: currency.to_owned(),
+            relates_to: Reference::new(event.event_id.clone()),
+        };
+        let key = event.event_id.as_str();
+        self.messenger
+            .send(
+                &event.room_id,
+                "org.mxpay.receipt",
+                serde_json::to_value(&receipt).expect("receipt serialises"),
+                txn("decline-receipt", key),
+            )
+            .await?;
+        self.messenger
+            .notice(
+                &event.room_id,
+                &body,
+                Some(&event.event_id),
+                txn("decline-notice", key),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Checks that apply to every outgoing payment: trust, PIN state. `Err(sentence)` refuses.
+    async fn check_payer(
+        &self,
+        event: &DecryptedEvent,
+    ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
+        let facts = self.facts(event).await?;
+        if let Err(refusal) = trust::check(facts, self.trust_settings()) {
+            return Ok(Err((refusal.reason(), refusal.to_string())));
+        }
+        let user = event.sender.as_str();
+        let record = self.store.pin(user)?;
+        let Some(record) = record.filter(|r| r.hash.is_some()) else {
+            return Ok(Err((
+                ReceiptReason::PinNotSet,
+                "you have no PIN yet: send !pin set in our private chat first".to_owned(),
+            )));
+        };
+        if self.store.profile(user)?.pin_compromised {
+            return Ok(Err((
+                ReceiptReason::PinLocked,
+                "your PIN was exposed; change it with !pin change in our private chat first"
+                    .to_owned(),
+            )));
+        }
+        if let Some(until_ms) = record.locked_until_ms {
+            let now_ms = self.clock.now_ms();
+            if now_ms < until_ms {
+                return Ok(Err((
+                    ReceiptReason::PinLocked,
+                    format!(
+                        "your PIN is locked after too many wrong attempts; try again in {}",
+                        human_duration(until_ms - now_ms)
+                    ),
+                )));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    async fn on_pay(
+        &self,
+        event: &DecryptedEvent,
+        request: PayRequest,
+    ) -> Result<(), PaymentsError> {
+        let PayRequest {
+            payee,
+            amount,
+            currency,
+            memo,
+        } = request;
+        if let Err((reason, sentence)) = self.check_payer(event).await? {
+            return self
+                .decline(event, &payee, amount, &currency, reason, &sentence)
+                .await;
+        }
+        if payee == event.sender || payee == self.bot {
+            return self
+                .decline(
+                    event,
+                    &payee,
+                    amount,
+                    &currency,
+                    ReceiptReason::PayeeNotAllowed,
+                    "you cannot pay yourself or the bot",
+                )
+                .await;
+        }
+        if !self.wallet_holders().allows(&payee) {
+            return self
+                .decline(
+                    event,
+                    &payee,
+                    amount,
+                    &currency,
+                    ReceiptReason::PayeeNotAllowed,
+                    &format!("{payee} may not hold a wallet on this service"),
+                )
+                .await;
+        }
+        let members = self.messenger.memberships(&event.room_id).await?;
+        if !members
+            .iter()
+            .any(|(u, m)| u == payee.as_str() && m == "join")
+        {
+            return self
+                .decline(
+                    event,
+                    &payee,
+                    amount,
+                    &currency,
+                    ReceiptReason::PayeeNotAllowed,
+                    &format!("{payee} is not a member of this room"),
+                )
+                .await;
+        }
+        let parsed = match self.ledger.parse_amount(amount, &currency) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                return self
+                    .decline(
+                        event,
+                        &payee,
+                        amount,
+                        &currency,
+                        ReceiptReason::InvalidAmount,
+                        &error.to_string(),
+                    )
+                    .await
+            }
+        };
+        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
+        let transfer_id = TransferId::from_key(event.event_id.as_str());
+        let memo_bytes = PaymentMemo {
+            kind: MemoKind::Pay,
+            room: event.room_id.to_string(),
+            event: event.event_id.to_string(),
+            note: memo.clone(),
+        }
+        .encode();
+        let created = self
+            .ledger
+            .create_pending(
+                TransferRequest {
+                    id: transfer_id,
+                    debit: Owner::user(event.sender.as_str()),
+                    credit: Owner::user(payee.as_str()),
+                    amount: parsed,
+                    memo: memo_bytes,
+                },
+                self.settings.stepup_timeout_ms,
+            )
+            .await;
+        let transfer = match created {
+            Ok(transfer) => transfer,
+            Err(LedgerError::Rejected(error)) => {
+                return self
+                    .decline(
+                        event,
+                        &payee,
+                        amount,
+                        &currency,
+                        reason_for(error),
+                        &refusal_sentence(error),
+                    )
+                    .await
+            }
+            Err(other) => return Err(other.into()),
+        };
+        self.poke.poke();
+        if transfer.state != TransferState::Pending {
+            // A replayed event whose payment already ended: its receipt was sent then.
+            tracing::info!(transfer = %transfer.id, "payment event seen again; already ended");
+            return Ok(());
+        }
+        let challenge = Challenge {
+            kind: ChallengeKind::Pay,
+            transfer_id: transfer.id.0,
+            payer: event.sender.to_string(),
+            payee: payee.to_string(),
+            amount_minor: transfer.amount_minor,
+            amount: self.show(&currency, transfer.amount_minor),
+            currency: currency.clone(),
+            room_id: event.room_id.to_string(),
+            event_id: event.event_id.to_string(),
+            memo,
+            created_ms: transfer.created_ms,
+            expires_at_ms: transfer
+                .deadline_ms
+                .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
+        };
+        self.store.put_challenge(&challenge).await?;
+        self.messenger
+            .notice(
+                &event.room_id,
+                &format!(
+                    "⏳ {}: confirm paying {} to {payee} with your PIN in our private chat.",
+                    event.sender,
+                    text::money(&challenge.amount, &currency)
+                ),
+                Some(&event.event_id),
+                txn("pay-pending", event.event_id.as_str()),
+            )
+            .await?;
+        match dm {
+            Dm::Ready(dm_room) => self.send_challenge(&dm_room, &challenge).await?,
+            Dm::Invited(_) => {
+                // Sent when the payer joins the DM (on_member).
+                self.point_to_dm(event, &dm, "pay-pointer").await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_withdraw(
+        &self,
+        event: &DecryptedEvent,
+        amount: Decimal,
+        currency: String,
+    ) -> Result<(), PaymentsError> {
+        let bot = self.bot.clone();
+        if let Err((reason, sentence)) = self.check_payer(event).await? {
+            return self
+                .decline(event, &bot, amount, &currency, reason, &sentence)
+                .await;
+        }
+        let parsed = match self.ledger.parse_amount(amount, &currency) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                return self
+                    .decline(
+                        event,
+                        &bot,
+                        amount,
+                        &currency,
+                        ReceiptReason::InvalidAmount,
+                        &error.to_string(),
+                    )
+                    .await
+            }
+        };
+        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
+        let transfer_id = TransferId::from_key(event.event_id.as_str());
+        if self.ledger.transfer(transfer_id).await?.is_some() {
+            return Ok(()); // replayed: the withdrawal was confirmed already
+        }
+        let now_ms = self.clock.now_ms();
+        let challenge = Challenge {
+            kind: ChallengeKind::Withdraw,
+            transfer_id: transfer_id.0,
+            payer: event.sender.to_string(),
+            payee: "settlement".to_owned(),
+            amount_minor: parsed.minor(),
+            amount: self.show(&currency, parsed.minor()),
+            currency: currency.clone(),
+            room_id: event.room_id.to_string(),
+            event_id: event.event_id.to_string(),
+            memo: None,
+            created_ms: event.origin_server_ts_ms.min(now_ms),
+            expires_at_ms: event.origin_server_ts_ms.min(now_ms) + self.settings.stepup_timeout_ms,
+        };
+        if challenge.expires_at_ms <= now_ms {
+            return Ok(()); // a stale replay
+        }
+        self.store.put_challenge(&challenge).await?;
+        match &dm {
+            Dm::Ready(dm_room) => self.send_challenge(dm_room, &challenge).await?,
+            Dm::Invited(_) => {}
+        }
+        self.point_to_dm(event, &dm, "withdraw-pointer").await?;
+        Ok(())
+    }
+
+    async fn send_challenge(
+        &self,
+        dm_room: &RoomId,
+        challenge: &Challenge,
+    ) -> Result<(), PaymentsError> {
+        let now_ms = self.clock.now_ms();
+        let left_ms = challenge.expires_at_ms.saturating_sub(now_ms);
+        let (body, payee) = match challenge.kind {
+            ChallengeKind::Pay => (
+                text::challenge_body(
+                    &challenge.amount,
+                    &challenge.currency,
+                    &challenge.payee,
+                    &challenge.room_id,
+                    left_ms,
+                ),
+                OwnedUserId::try_from(challenge.payee.as_str())
+                    .unwrap_or_else(|_| self.bot.clone()),
+            ),
+            ChallengeKind::Withdraw => (
+                text::withdraw_challenge_body(&challenge.amount, &challenge.currency, left_ms),
+                self.bot.clone(),
+            ),
+        };
+        let content = StepUpChallengeEventContent {
+            body: body.clone(),
+            challenge_id: challenge.challenge_id(),
+            payee,
+            amount: challenge.amount.parse().unwrap_or_default(),
+            currency: challenge.currency.clone(),
+            room_id: OwnedRoomId::try_from(challenge.room_id.as_str())
+                .unwrap_or_else(|_| dm_room.to_owned()),
+            expires_at_ms: challenge.expires_at_ms,
+            relates_to: None,
+        };
+        let key = format!("{}:{}", challenge.challenge_id(), dm_room);
+        self.messenger
+            .send(
+                dm_room,
+                "org.mxpay.stepup.challenge",
+                serde_json::to_value(&content).expect("challenge serialises"),
+                txn("challenge-event", &key),
+            )
+            .await?;
+        let notice_id = self
+            .messenger
+            .notice(dm_room, &body, None, txn("challenge-notice", &key))
+            .await?;
+        self.store
+            .update_note(challenge.transfer_id, |note| {
+                note.dm_event_id = Some(notice_id.to_string())
+            })
+            .await?;
+        Ok(())
+    }
+
+    // ----- PINs ------------------------------------------------------------------------------
+
+    async fn on_pin(
+        &self,
+        event: &DecryptedEvent,
+        pin: Pin,
+        challenge_id: Option<String>,
+    ) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        let profile = self.store.profile(user)?;
+        let in_dm = profile.dm_room.as_deref() == Some(event.room_id.as_str());
+        let now_ms = self.clock.now_ms();
+        if !in_dm {
+            return self.on_pin_outside_dm(event, profile, now_ms).await;
+        }
+        // Read (it is in memory now), then remove it from the room; the redaction runs
+        // alongside the check so it does not add to the payment's latency.
+        let redaction = async {
+            match self.messenger.redact(&event.room_id, &event.event_id).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    tracing::warn!(room_id = %event.room_id, "cannot redact a PIN in the private chat (no power)");
+                    Ok(())
+                }
+                Err(e) if e.is_transient() => Err(PaymentsError::from(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot redact a PIN in the private chat");
+                    Ok(())
+                }
+            }
+        };
+        let (redacted, acted) = tokio::join!(
+            redaction,
+            self.act_on_dm_pin(event, pin, challenge_id, now_ms)
+        );
+        redacted?;
+        acted
+    }
+
+    async fn act_on_dm_pin(
+        &self,
+        event: &DecryptedEvent,
+        pin: Pin,
+        challenge_id: Option<String>,
+        now_ms: u64,
+    ) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        if self.store.is_done(event.event_id.as_str())? {
+            return Ok(());
+        }
+        let facts = self.facts(event).await?;
+        if let Err(refusal) = trust::check(facts, self.trust_settings()) {
+            self.reply(event, &refusal.to_string(), "pin-untrusted")
+                .await?;
+            return self.done(event).await;
+        }
+        if let Some(dialog) = self.store.dialog(user, now_ms)? {
+            self.on_dialog_pin(event, dialog, pin, now_ms).await?;
+            return self.done(event).await;
+        }
+        let mut challenges = Vec::new();
+        for challenge in self.store.challenges(user)? {
+            // Lapsed challenges are dropped here (their pending transfers expire in the ledger
+            // and the outbox tells about that).
+            if challenge.expires_at_ms <= now_ms && challenge_id.is_none() {
+                self.store.remove_challenge(&challenge).await?;
+            } else {
+                challenges.push(challenge);
+            }
+        }
+        let challenge = match &challenge_id {
+            Some(id) => challenges.into_iter().find(|c| &c.challenge_id() == id),
+            None => challenges.into_iter().find(|c| c.expires_at_ms > now_ms),
+        };
+        match challenge {
+            Some(challenge) => self.on_stepup_pin(event, challenge, pin, now_ms).await?,
+            None => {
+                self.reply(
+                    event,
+                    "I was not waiting for a PIN (no payment is waiting for your confirmation). \
+                     I removed your message.",
+                    "pin-unexpected",
+                )
+                .await?
+            }
+        }
+        self.done(event).await
+    }
+
+    async fn done(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
+        self.store.mark_done(event.event_id.as_str()).await?;
+        Ok(())
+    }
+
+    async fn reply(
+        &self,
+        event: &DecryptedEvent,
+        body: &str,
+        purpose: &str,
+    ) -> Result<(), PaymentsError> {
+        self.messenger
+            .notice(
+                &event.room_id,
+                body,
+                None,
+                txn(purpose, event.event_id.as_str()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Four digits outside the DM from someone with a PIN (or a PIN dialog, or a payment
+    /// waiting): never used; removed if the bot can; otherwise the PIN counts as exposed.
+    async fn on_pin_outside_dm(
+        &self,
+        event: &DecryptedEvent,
+        mut profile: UserProfile,
+        now_ms: u64,
+    ) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
+        let waiting =
+            self.store.dialog(user, now_ms)?.is_some() || !self.store.challenges(user)?.is_empty();
+        if !has_pin && !waiting {
+            return Ok(()); // just a number in a conversation
+        }
+        let redacted = match self.messenger.redact(&event.room_id, &event.event_id).await {
+            Ok(redacted) => redacted,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot redact a PIN in a group room");
+                false
+            }
+        };
+        let text = if redacted {
+            format!(
+                "{user}: never send your PIN in a shared room; I removed your message and did \
+                 not use it. Send PINs only in our private chat."
+            )
+        } else {
+            if has_pin {
+                profile.pin_compromised = true;
+                self.store.put_profile(user, &profile).await?;
+            }
+            format!(
+                "{user}: never send your PIN in a shared room. I cannot remove your message \
+                 here, so treat that PIN as known to others: it is blocked for payments until \
+                 you change it with !pin change in our private chat."
+            )
+        };
+        self.messenger
+            .notice(
+                &event.room_id,
+                &text,
+                None,
+                txn("pin-in-group", event.event_id.as_str()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn hash(&self, pin: Pin) -> Result<String, PaymentsError> {
+        let hasher = self.hasher.clone();
+        tokio::task::spawn_blocking(move || hasher.hash(&pin))
+            .await?
+            .map_err(PaymentsError::Pin)
+    }
+
+    async fn matches(&self, pin: Pin, hash: String) -> Result<bool, PaymentsError> {
+        let hasher = self.hasher.clone();
+        tokio::task::spawn_blocking(move || hasher.matches(&pin, &hash))
+            .await?
+            .map_err(PaymentsError::Pin)
+    }
+
+    /// Checks `pin` against the user's PIN: the attempt is stored before the comparison.
+    async fn check_pin(
+        &self,
+        user: &str,
+        pin: Pin,
+        now_ms: u64,
+    ) -> Result<Result<(), PinError>, PaymentsError> {
+        let Some(mut record) = self.store.pin(user)? else {
+            return Ok(Err(PinError::NotSet));
+        };
+        if let Err(e) = record.begin_attempt(now_ms) {
+            return Ok(Err(e));
+        }
+        self.store.put_pin(user, &record).await?;
+        let hash = record.hash.clone().expect("begin_attempt checked the hash");
+        let matched = self.matches(pin, hash).await?;
+        let result = record.finish_attempt(matched, now_ms);
+        self.store.put_pin(user, &record).await?;
+        Ok(result)
+    }
+
+    async fn on_dialog_pin(
+        &self,
+        event: &DecryptedEvent,
+        dialog: Dialog,
+        pin: Pin,
+        now_ms: u64,
+    ) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        let expires_at_ms = now_ms + self.settings.pin_dialog_timeout_ms;
+        match dialog {
+            Dialog::NewPin { change, .. } => {
+                let hash = self.hash(pin).await?;
+                let next = Dialog::ConfirmPin {
+                    expires_at_ms,
+                    hash,
+                    change,
+                };
+                self.store.put_dialog(user, Some(&next)).await?;
+                self.reply(event, dialog_prompt(&next), "pin-dialog").await
+            }
+            Dialog::ConfirmPin { hash, change, .. } => {
+                if self.matches(pin, hash.clone()).await? {
+                    self.store.put_pin(user, &PinRecord::new(hash)).await?;
+                    let mut profile = self.store.profile(user)?;
+                    profile.pin_compromised = false;
+                    self.store.put_profile(user, &profile).await?;
+                    self.store.put_dialog(user, None).await?;
+                    let text = if change {
+                        "✅ Your PIN is changed."
+                    } else {
+                        "✅ Your PIN is set. You can now pay with !pay in encrypted rooms."
+                    };
+                    self.reply(event, text, "pin-dialog").await
+                } else {
+                    let next = Dialog::NewPin {
+                        expires_at_ms,
+                        change,
+                    };
+                    self.store.put_dialog(user, Some(&next)).await?;
+                    self.reply(
+                        event,
+                        "The two PINs differ. Send a new 4-digit PIN.",
+                        "pin-dialog",
+                    )
+                    .await
+                }
+            }
+            Dialog::OldPin { .. } => match self.check_pin(user, pin, now_ms).await? {
+                Ok(()) => {
+                    let next = Dialog::NewPin {
+                        expires_at_ms,
+                        change: true,
+                    };
+                    self.store.put_dialog(user, Some(&next)).await?;
+                    self.reply(event, dialog_prompt(&next), "pin-dialog").await
+                }
+                Err(error) => {
+                    if matches!(error, PinError::Locked { .. } | PinError::NotSet) {
+                        self.store.put_dialog(user, None).await?;
+                    }
+                    self.reply(event, &pin_error_sentence(&error), "pin-dialog")
+                        .await
+                }
+            },
+        }
+    }
+
+    async fn on_stepup_pin(
+        &self,
+        event: &DecryptedEvent,
+        challenge: Challenge,
+        pin: Pin,
+        now_ms: u64,
+    ) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        if challenge.expires_at_ms <= now_ms {
+            self.store.remove_challenge(&challenge).await?;
+            return self
+                .reply(
+                    event,
+                    "That payment waited too long for your PIN and was cancelled; nothing was \
+                     paid. Ask again if you still want to pay.",
+                    "stepup-late",
+                )
+                .await;
+        }
+        if self.store.profile(user)?.pin_compromised {
+            return self
+                .reply(
+                    event,
+                    "Your PIN was exposed in a shared room: change it with !pin change before \
+                     confirming payments.",
+                    "stepup-compromised",
+                )
+                .await;
+        }
+        match self.check_pin(user, pin, now_ms).await? {
+            Ok(()) => self.authorise(event, &challenge).await,
+            Err(PinError::Wrong { attempts_left }) => {
+                self.reply(
+                    event,
+                    &format!(
+                        "Wrong PIN. {attempts_left} attempt{} left before your PIN locks. \
+                         Send it again to confirm.",
+                        if attempts_left == 1 { "" } else { "s" }
+                    ),
+                    "stepup-wrong",
+                )
+                .await
+            }
+            Err(error @ PinError::Locked { .. }) => {
+                self.reply(
+                    event,
+                    &format!(
+                        "{}. The payment was cancelled.",
+                        capitalise(&pin_error_sentence(&error))
+                    ),
+                    "stepup-locked",
+                )
+                .await?;
+                self.cancel_challenges(user, ReceiptReason::PinLocked).await
+            }
+            Err(error) => {
+                self.reply(event, &pin_error_sentence(&error), "stepup-error")
+                    .await
+            }
+        }
+    }
+
+    /// Voids every open payment of `user` (their receipts say `reason`).
+    async fn cancel_challenges(
+        &self,
+        user: &str,
+        reason: ReceiptReason,
+    ) -> Result<(), PaymentsError> {
+        for challenge in self.store.challenges(user)? {
+            if challenge.kind == ChallengeKind::Pay {
+                self.store
+                    .update_note(challenge.transfer_id, |note| {
+                        note.void_reason = Some(reason_code(reason))
+                    })
+                    .await?;
+                match self.ledger.void(TransferId(challenge.transfer_id)).await {
+                    Ok(_) | Err(LedgerError::Rejected(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.store.remove_challenge(&challenge).await?;
+        }
+        self.poke.poke();
+        Ok(())
+    }
+
+    /// The PIN was right: mint the step-up proof for exactly this payment, redeem it, move the
+    /// money.
+    async fn authorise(
+        &self,
+        event: &DecryptedEvent,
+        challenge: &Challenge,
+    ) -> Result<(), PaymentsError> {
+        let transfer_id = TransferId(challenge.transfer_id);
+        let payee_owner = match challenge.kind {
+            ChallengeKind::Pay => challenge.payee.clone(),
+            ChallengeKind::Withdraw => Owner::Settlement.to_string(),
+        };
+        let binding = StepUpBinding {
+            payer: challenge.payer.clone(),
+            payee: payee_owner,
+            amount_minor: challenge.amount_minor,
+            currency: challenge.currency.clone(),
+            transfer_id: transfer_id.0.to_string(),
+        };
+        let proof = self.stepup.mint(binding)?;
+        match challenge.kind {
+            ChallengeKind::Pay => {
+                let Some(pending) = self.ledger.transfer(transfer_id).await? else {
+                    self.store.remove_challenge(challenge).await?;
+                    return Ok(());
+                };
+                // The proof is redeemed against the ledger's own record of the transfer.
+                self.stepup
+                    .redeem(&proof, &binding_of(&pending, &challenge.payer))?;
+                let posted = self.ledger.post(transfer_id, None).await;
+                self.store.remove_challenge(challenge).await?;
+                self.poke.poke();
+                match posted {
+                    Ok(_) => {
+                        tracing::info!(transfer = %transfer_id, "payment confirmed with the PIN and posted");
+                        Ok(())
+                    }
+                    Err(LedgerError::Rejected(TransferError::PendingTransferExpired)) => {
+                        self.reply(
+                            event,
+                            "Too late: that payment expired before your PIN arrived; nothing \
+                             was paid.",
+                            "stepup-expired",
+                        )
+                        .await
+                    }
+                    Err(LedgerError::Rejected(error)) => {
+                        self.reply(
+                            event,
+                            &format!(
+                                "The payment could not be completed: {}.",
+                                refusal_sentence(error)
+                            ),
+                            "stepup-refused",
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            ChallengeKind::Withdraw => {
+                let amount = self
+                    .ledger
+                    .amount_from_minor(challenge.amount_minor, &challenge.currency)
+                    .map_err(LedgerError::from)?;
+                let binding = StepUpBinding {
+                    payer: challenge.payer.clone(),
+                    payee: Owner::Settlement.to_string(),
+                    amount_minor: amount.minor(),
+                    currency: amount.currency().to_string(),
+                    transfer_id: transfer_id.0.to_string(),
+                };
+                self.stepup.redeem(&proof, &binding)?;
+                let memo = PaymentMemo {
+                    kind: MemoKind::Withdraw,
+                    room: challenge.room_id.clone(),
+                    event: challenge.event_id.clone(),
+                    note: None,
+                };
+                let created = self
+                    .ledger
+                    .create_pending(
+                        TransferRequest {
+                            id: transfer_id,
+                            debit: Owner::user(challenge.payer.as_str()),
+                            credit: Owner::Settlement,
+                            amount,
+                            memo: memo.encode(),
+                        },
+                        self.settings.withdrawal_timeout_ms,
+                    )
+                    .await;
+                self.store.remove_challenge(challenge).await?;
+                self.poke.poke();
+                match created {
+                    Ok(_) => Ok(()),
+                    Err(LedgerError::Rejected(error)) => {
+                        self.reply(
+                            event,
+                            &format!("The withdrawal was refused: {}.", refusal_sentence(error)),
+                            "withdraw-refused",
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    // ----- telling about ledger changes (the outbox's deliverer) ------------------------------
+
+    async fn tell(&self, entry: &ExportedEntry) -> Result<bool, PaymentsError> {
+        match &entry.entry {
+            JournalEntry::TransferCreated {
+                id,
+                kind,
+                debit,
+                credit,
+                amount_minor,
+                memo,
+            } => {
+                let amount = format!(
+                    "{} {}",
+                    self.show(debit.currency.as_str(), *amount_minor),
+                    debit.currency
+                );
+                if debit.owner == Owner::Issuer {
+                    if let Owner::User(user) = &credit.owner {
+                        let body = format!("💰 Your wallet was topped up with {amount}.");
+                        return self.tell_dm(user, &body, *id, "topup").await;
+                    }
+                }
+                if matches!(kind, TransferKind::Pending { .. }) && credit.owner == Owner::Settlement
+                {
+                    if let (Owner::User(user), Some(_)) = (&debit.owner, PaymentMemo::decode(memo))
+                    {
+                        let body = format!(
+                            "🏦 Withdrawal of {amount} confirmed: it is reserved in your wallet \
+                             and will be paid out when the operator settles it."
+                        );
+                        return self.tell_dm(user, &body, *id, "withdraw-requested").await;
+                    }
+                }
+                Ok(false)
+            }
+            JournalEntry::PendingPosted { id, .. } => self.tell_ended(*id, "posted").await,
+            JournalEntry::PendingVoided { id } => self.tell_ended(*id, "voided").await,
+            JournalEntry::PendingExpired { id } => self.tell_ended(*id, "expired").await,
+            _ => Ok(false),
+        }
+    }
+
+    async fn tell_dm(
+        &self,
+        user: &str,
+        body: &str,
+        id: TransferId,
+        what: &str,
+    ) -> Result<bool, PaymentsError> {
+        let Some(dm) = self.ready_dm(user)? else {
+            tracing::info!(%user, "no private chat to tell about {what}");
+            return Ok(false);
+        };
+        self.messenger
+            .notice(&dm, body, None, txn(&format!("ob-{what}"), &id.to_string()))
+            .await?;
+        Ok(true)
+    }
+
+    async fn tell_ended(&self, id: TransferId, how: &str) -> Result<bool, PaymentsError> {
+        let Some(transfer) = self.ledger.transfer(id).await? else {
+            return Ok(false);
+        };
+        let Some(memo) = PaymentMemo::decode(&transfer.memo) else {
+            return Ok(false);
+        };
+        let (Owner::User(payer), code) = (&transfer.debit.owner, transfer.debit.currency) else {
+            return Ok(false);
+        };
+        let amount_minor = match transfer.state {
+            TransferState::Posted { amount_minor } => amount_minor,
+            _ => transfer.amount_minor,
+        };
+        let amount_text = self.show(code.as_str(), amount_minor);
+        let money = text::money(&amount_text, code.as_str());
+        if memo.kind == MemoKind::Withdraw {
+            let body = match how {
+                "posted" => format!("🏦 Your withdrawal of {money} was paid out."),
+                _ => format!("🏦 Your withdrawal of {money} was not paid out; the money is back in your wallet."),
+            };
+            return self
+                .tell_dm(payer, &body, id, &format!("withdraw-{how}"))
+                .await;
+        }
+        let Owner::User(payee) = &transfer.credit.owner else {
+            return Ok(false);
+        };
+        if how == "posted" {
+            if let Some(marker) = &self.fault_crash_before_receipt {
+                if !marker.exists() {
+                    let _ = std::fs::write(marker, b"crashed before a receipt\n");
+                    tracing::error!(
+                        "test fault: aborting after the ledger post, before the receipt"
+                    );
+                    std::process::abort();
+                }
+            }
+        }
+        // The payment ended: its challenge (if still open) has nothing left to confirm.
+        if let Some(challenge) = self.store.challenge(payer, id.0)? {
+            self.store.remove_challenge(&challenge).await?;
+        }
+        let note = self.store.note(id.0)?;
+        let (status, reason, headline) = match how {
+            "posted" => (ReceiptStatus::Completed, None, format!("✅ {payer} paid {payee} {money}")),
+            "expired" => (
+                ReceiptStatus::Expired,
+                Some(ReceiptReason::Timeout),
+                format!("⌛ {payer}'s payment of {money} to {payee} expired without a PIN; nothing was paid"),
+            ),
+            _ => {
+                let reason = note
+                    .void_reason
+                    .as_deref()
+                    .map(reason_from_code)
+                    .unwrap_or(ReceiptReason::Other);
+                (
+                    ReceiptStatus::Declined,
+                    Some(reason),
+                    format!("❌ {payer}'s payment of {money} to {payee} was cancelled; nothing was paid"),
+                )
+            }
+        };
+        let body = match &memo.note {
+            Some(n) if how == "posted" => format!("{headline} ({n})."),
+            _ => format!("{headline}."),
+        };
+        let (Ok(payer_id), Ok(payee_id), Ok(room), Ok(event)) = (
+            OwnedUserId::try_from(payer.as_str()),
+            OwnedUserId::try_from(payee.as_str()),
+            OwnedRoomId::try_from(memo.room.as_str()),
+            OwnedEventId::try_from(memo.event.as_str()),
+        ) else {
+            return Ok(false);
+        };
+        let receipt = |relates_to: OwnedEventId| ReceiptEventContent {
+            body: body.clone(),
+            status,
+            reason,
+            transfer_id: Some(id.0.to_string()),
+            payer: payer_id.clone(),
+            payee: payee_id.clone(),
+            amount: amount_text.parse().unwrap_or_default(),
+            currency: code.as_str().to_owned(),
+            relates_to: Reference::new(relates_to),
+        };
+        let key = format!("{id}-{how}");
+        self.messenger
+            .send(
+                &room,
+                "org.mxpay.receipt",
+                serde_json::to_value(receipt(event.clone())).expect("receipt serialises"),
+                txn("ob-room-receipt", &key),
+            )
+            .await?;
+        self.messenger
+            .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
+            .await?;
+        tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
+        if let Some(dm) = self.ready_dm(payer)? {
+            if dm != room {
+                let relates_to = note_event(&note).unwrap_or(event);
+                self.messenger
+                    .send(
+                        &dm,
+                        "org.mxpay.receipt",
+                        serde_json::to_value(receipt(relates_to)).expect("receipt serialises"),
+                        txn("ob-dm-receipt", &key),
+                    )
+                    .await?;
+                self.messenger
+                    .notice(&dm, &body, None, txn("ob-dm-notice", &key))
+                    .await?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn note_event(note: &TransferNote) -> Option<OwnedEventId> {
+    note.dm_event_id
+        .as_deref()
+        .and_then(|e| OwnedEventId::try_from(e).ok())
+}
+
+fn binding_of(transfer: &Transfer, payer: &str) -> StepUpBinding {
+    let payee = match &transfer.credit.owner {
+        Owner::User(user) => user.clone(),
+        other => other.to_string(),
+    };
+    let payer_owner = match &transfer.debit.owner {
+        Owner::User(user) => user.clone(),
+        other => other.to_string(),
+    };
+    debug_assert_eq!(payer_owner, payer);
+    StepUpBinding {
+        payer: payer_owner,
+        payee,
+        amount_minor: transfer.amount_minor,
+        currency: transfer.debit.currency.to_string(),
+        transfer_id: transfer.id.0.to_string(),
+    }
+}
+
+fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// The sentence for a PIN error (never names digits).
+fn pin_error_sentence(error: &PinError) -> String {
+    match error {
+        PinError::Wrong { attempts_left } => format!(
+            "Wrong PIN. {attempts_left} attempt{} left before your PIN locks.",
+            if *attempts_left == 1 { "" } else { "s" }
+        ),
+        other => format!("{other}"),
+    }
+}
+
+fn dialog_prompt(dialog: &Dialog) -> &'static str {
+    match dialog {
+        Dialog::NewPin { change: false, .. } => {
+            "Choose a 4-digit PIN and send it here (only here: this chat is private and \
+             encrypted). I delete each PIN message after reading it."
+        }
+        Dialog::NewPin { change: true, .. } => "Now send your new 4-digit PIN.",
+        Dialog::ConfirmPin { .. } => "Send the same PIN again to confirm it.",
+        Dialog::OldPin { .. } => "To change your PIN, first send your current PIN.",
+    }
+}
+
+#[async_trait]
+impl Deliver for Payments {
+    async fn deliver(&self, entry: &ExportedEntry) -> Result<bool, DeliverError> {
+        self.tell(entry).await.map_err(|e| {
+            if e.is_transient() {
+                DeliverError::Transient(e.to_string())
+            } else {
+                DeliverError::Permanent(e.to_string())
+            }
+        })
+    }
+}
+
+/// Decrypts each transaction, hands payment events to [`Payments`], the rest to the crypto
+/// handler (joins, `!help`).
+pub struct PaymentsHandler {
+    crypto: CryptoHandler,
+    payments: Arc<Payments>,
+}
+
+impl PaymentsHandler {
+    /// A handler over `crypto` (which also does the basic handling) and `payments`.
+    pub fn new(crypto: CryptoHandler, payments: Arc<Payments>) -> Self {
+        Self { crypto, payments }
+    }
+}
+
+#[async_trait]
+impl TransactionHandler for PaymentsHandler {
+    async fn handle(&self, txn: &InboxTransaction) -> Result<(), HandlerError> {
+        let ingested = match self.crypto.crypto().ingest(&txn.body).await {
+            Ok(ingested) => ingested,
+            Err(e) => {
+                tracing::error!(txn_id = %txn.txn_id, error = %e, "cannot process the transaction's encryption data");
+                return Err(HandlerError::transient(e));
+            }
+        };
+        for event in &ingested.events {
+            match self.payments.handle_event(event).await {
+                Ok(true) => {}
+                Ok(false) => self.crypto.handle_event(event).await?,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(event_id = %event.event_id, error = %e, "payment handling failed; will retry");
+                    return Err(HandlerError::transient(e));
+                }
+                Err(e) => {
+                    tracing::error!(event_id = %event.event_id, error = %e, "payment handling failed");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the bot for `app`: with payments when `payments.enabled`, else the crypto handler
+/// alone. Spawns the outbox (stopping on `shutdown`).
+pub async fn start(
+    app: &App,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Arc<dyn TransactionHandler>, AppError> {
+    let config = app.config();
+    if !config.payments.enabled {
+        return crate::crypto::handler::start(app, shutdown).await;
+    }
+    let pepper = config
+        .payments
+        .load_pepper()
+        .map_err(|e| AppError::Startup(e.to_string()))?;
+    // The App opened the ledger (the admin API shares it) and owns the clock.
+    let clock: SharedClock = app.clock().clone();
+    let ledger = app.ledger().clone();
+    let store_dir = config.data_dir.join("payments");
+    let store = PaymentStore::open(&store_dir)
+        .map_err(|e| AppError::Startup(format!("cannot open the payment store: {e}")))?;
+    if let Some(admin) = app.admin() {
+        admin.set_pin_reset(Arc::new(store.clone()));
+    }
+    let crypto = crate::crypto::handler::start_crypto(app, shutdown.clone()).await?;
+    let mut commands = basic_commands();
+    commands.extend(text::payment_commands());
+    let crypto_handler =
+        CryptoHandler::new(crypto.clone(), BasicHandler::new(app.client().clone()))
+            .with_commands(commands);
+    let mut stepup_key = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut stepup_key);
+    let poke = OutboxPoke::default();
+    let payments = Arc::new(Payments::new(
+        Messenger::new(crypto, app.client().clone()),
+        ledger.clone(),
+        store.clone(),
+        PinHasher::new(pepper),
+        config.payments.clone(),
+        clock,
+        poke.clone(),
+        &stepup_key,
+    ));
+    Outbox::new(
+        ledger,
+        store,
+        payments.clone(),
+        OutboxPolicy::default(),
+        poke,
+    )
+    .spawn(shutdown);
+    tracing::info!("payments enabled");
+    Ok(Arc::new(PaymentsHandler::new(crypto_handler, payments)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trust_states_map_to_policy() {
+        assert_eq!(sender_trust(TrustState::NotEncrypted), None);
+        assert_eq!(
+            sender_trust(TrustState::InsecureSource),
+            Some(SenderTrust::UnknownDevice)
+        );
+        assert_eq!(
+            reason_from_code(&reason_code(ReceiptReason::PinLocked)),
+            ReceiptReason::PinLocked
+        );
+        assert_eq!(
+            reason_for(TransferError::InsufficientFunds),
+            ReceiptReason::InsufficientFunds
+        );
+    }
+
+    #[test]
+    fn pin_sentences_never_hold_digits_and_say_how_long() {
+        let locked = pin_error_sentence(&PinError::Locked {
+            remaining_ms: 60_000,
+        });
+        assert!(locked.contains("60 seconds"), "{locked}");
+        assert!(
+            pin_error_sentence(&PinError::Wrong { attempts_left: 1 }).contains("1 attempt left")
+        );
+        assert_eq!(capitalise("pin locked"), "Pin locked");
+    }
+}

@@ -1,0 +1,246 @@
+//! The `payments:` section of the config.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::payee::WalletHolders;
+use crate::policy::pin::Pepper;
+
+/// Environment variable that may hold the PIN pepper (at least 32 bytes, e.g. 64 hex
+/// characters); it wins over `payments.pepper_file`.
+pub const PEPPER_ENV: &str = "MXPAY_PIN_PEPPER";
+
+/// Default time a payer has to confirm with their PIN: 2 minutes.
+pub const STEPUP_TIMEOUT_MS_DEFAULT: u64 = 120_000;
+
+/// Default time the bot waits for a PIN during `!pin set` / `!pin change`: 5 minutes.
+pub const PIN_DIALOG_TIMEOUT_MS_DEFAULT: u64 = 300_000;
+
+/// Default time a withdrawal waits for the admin to settle it: 7 days.
+pub const WITHDRAWAL_TIMEOUT_MS_DEFAULT: u64 = 7 * 24 * 3_600_000;
+
+/// Why the payments settings are unusable. Never contains the pepper.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A value is out of range or malformed; names the key.
+    #[error("config key `payments.{key}`: {reason}")]
+    Invalid {
+        /// Key below `payments.`.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Payments are on but no pepper was given.
+    #[error(
+        "payments are enabled but no PIN pepper is configured: set `payments.pepper_file` to a \
+         file holding at least 32 random bytes (e.g. `openssl rand -hex 32 > pepper`), or the \
+         environment variable {PEPPER_ENV}"
+    )]
+    PepperMissing,
+    /// The pepper file could not be read.
+    #[error("cannot read the PIN pepper file {path} (payments.pepper_file): {source}")]
+    PepperRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The pepper is shorter than 32 bytes.
+    #[error("the PIN pepper from {0} is shorter than 32 bytes")]
+    PepperShort(String),
+}
+
+/// `payments:` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentsSettings {
+    /// Whether the bot handles payment commands. Default `false`: payments need a pepper.
+    #[serde(default)]
+    pub enabled: bool,
+    /// File holding the PIN pepper (at least 32 bytes; surrounding whitespace is ignored).
+    /// Keep it outside `data_dir`. The environment variable `MXPAY_PIN_PEPPER` wins over it.
+    #[serde(default)]
+    pub pepper_file: Option<PathBuf>,
+    /// How long a payer has to confirm a payment with their PIN, in ms; then the reservation
+    /// is released. Default 120000.
+    #[serde(default = "default_stepup_timeout_ms")]
+    pub stepup_timeout_ms: u64,
+    /// How long the bot waits for each PIN of `!pin set` / `!pin change`, in ms. Default 300000.
+    #[serde(default = "default_pin_dialog_timeout_ms")]
+    pub pin_dialog_timeout_ms: u64,
+    /// How long a confirmed withdrawal waits for the admin to settle it, in ms; then the money
+    /// returns to the wallet. Default 604800000 (7 days).
+    #[serde(default = "default_withdrawal_timeout_ms")]
+    pub withdrawal_timeout_ms: u64,
+    /// Accept payments from devices their owners did not cross-sign (clients without
+    /// cross-signing, such as matrix-nio). Default `false`.
+    #[serde(default)]
+    pub allow_unsigned_devices: bool,
+    /// Who may hold a wallet (be paid): `*`, server names, or full user IDs. Default `["*"]`.
+    #[serde(default)]
+    pub wallet_holders: WalletHolders,
+}
+
+fn default_stepup_timeout_ms() -> u64 {
+    STEPUP_TIMEOUT_MS_DEFAULT
+}
+fn default_pin_dialog_timeout_ms() -> u64 {
+    PIN_DIALOG_TIMEOUT_MS_DEFAULT
+}
+fn default_withdrawal_timeout_ms() -> u64 {
+    WITHDRAWAL_TIMEOUT_MS_DEFAULT
+}
+
+impl Default for PaymentsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            pepper_file: None,
+            stepup_timeout_ms: STEPUP_TIMEOUT_MS_DEFAULT,
+            pin_dialog_timeout_ms: PIN_DIALOG_TIMEOUT_MS_DEFAULT,
+            withdrawal_timeout_ms: WITHDRAWAL_TIMEOUT_MS_DEFAULT,
+            allow_unsigned_devices: false,
+            wallet_holders: WalletHolders::default(),
+        }
+    }
+}
+
+impl PaymentsSettings {
+    /// Checks ranges and forms (not the pepper, which is read at start).
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let ranges: [(&'static str, u64, u64, u64); 3] = [
+            (
+                "stepup_timeout_ms",
+                self.stepup_timeout_ms,
+                1_000,
+                3_600_000,
+            ),
+            (
+                "pin_dialog_timeout_ms",
+                self.pin_dialog_timeout_ms,
+                1_000,
+                3_600_000,
+            ),
+            (
+                "withdrawal_timeout_ms",
+                self.withdrawal_timeout_ms,
+                1_000,
+                crate::ledger::PENDING_TIMEOUT_MS_MAX,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(SettingsError::Invalid {
+                    key,
+                    reason: format!("must be between {min} and {max}"),
+                });
+            }
+        }
+        self.wallet_holders
+            .validate()
+            .map_err(|e| SettingsError::Invalid {
+                key: "wallet_holders",
+                reason: e.to_string(),
+            })?;
+        if self
+            .pepper_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(SettingsError::Invalid {
+                key: "pepper_file",
+                reason: "must not be empty".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Resolves a relative `pepper_file` against the config's directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if let Some(path) = &mut self.pepper_file {
+            if path.is_relative() {
+                *path = base.join(&*path).components().collect();
+            }
+        }
+    }
+
+    /// Reads the pepper: `MXPAY_PIN_PEPPER` if set, else `pepper_file`.
+    pub fn load_pepper(&self) -> Result<Pepper, SettingsError> {
+        let (bytes, source) = match std::env::var(PEPPER_ENV) {
+            Ok(value) => (value.trim().as_bytes().to_vec(), PEPPER_ENV.to_owned()),
+            Err(_) => {
+                let path = self
+                    .pepper_file
+                    .as_ref()
+                    .ok_or(SettingsError::PepperMissing)?;
+                let raw = std::fs::read(path).map_err(|source| SettingsError::PepperRead {
+                    path: path.clone(),
+                    source,
+                })?;
+                (trim_ascii(&raw).to_vec(), path.display().to_string())
+            }
+        };
+        Pepper::new(bytes).map_err(|_| SettingsError::PepperShort(source))
+    }
+}
+
+fn trim_ascii(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    &bytes[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_ranges() {
+        let settings: PaymentsSettings = serde_yaml_ng::from_str("{}").unwrap();
+        assert_eq!(settings, PaymentsSettings::default());
+        assert!(settings.validate().is_ok());
+        let short = PaymentsSettings {
+            stepup_timeout_ms: 10,
+            ..PaymentsSettings::default()
+        };
+        assert!(short
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("payments.stepup_timeout_ms"));
+        assert!(serde_yaml_ng::from_str::<PaymentsSettings>("pepper: x").is_err());
+    }
+
+    #[test]
+    fn pepper_file_is_read_trimmed_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pepper");
+        let secret = "0123456789abcdef0123456789abcdef0123";
+        std::fs::write(&path, format!("{secret}\n")).unwrap();
+        let settings = PaymentsSettings {
+            pepper_file: Some(path.clone()),
+            ..PaymentsSettings::default()
+        };
+        if std::env::var(PEPPER_ENV).is_err() {
+            let pepper = settings.load_pepper().unwrap();
+            assert!(!format!("{pepper:?}").contains(secret));
+            std::fs::write(&path, "short").unwrap();
+            let error = settings.load_pepper().unwrap_err().to_string();
+            assert!(error.contains("shorter than 32 bytes") && !error.contains("short\""));
+        }
+        let missing = PaymentsSettings::default();
+        if std::env::var(PEPPER_ENV).is_err() {
+            assert!(matches!(
+                missing.load_pepper(),
+                Err(SettingsError::PepperMissing)
+            ));
+        }
+    }
+}

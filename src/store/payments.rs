@@ -1,0 +1,521 @@
+//! The payment layer's own state (sled at `<data_dir>/payments/`): PIN records, each user's
+//! private DM with the bot, the PIN dialogs in progress, open step-up challenges, and the
+//! outbox cursor. Money is not here: balances and transfers are the ledger's.
+//!
+//! Trees:
+//! - `userid_pin`: user -> [`PinRecord`] (argon2id hash, attempts, lockout), JSON.
+//! - `userid_profile`: user -> [`UserProfile`] (DM room, whether the PIN must be changed).
+//! - `userid_dialog`: user -> [`Dialog`] (`!pin set` / `!pin change` in progress).
+//! - `payer_challenge`: payer + NUL + created_ms (BE) + transfer id (BE) -> [`Challenge`].
+//! - `eventid_done`: ids of PIN events already acted on (a re-handled transaction skips them).
+//! - `transferid_note`: transfer id (BE) -> [`TransferNote`] (why it was voided, the DM
+//!   challenge event a receipt answers).
+//! - `meta`: `outbox_cursor` -> journal record seq (BE) + entry index (BE).
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::StoreError;
+use crate::policy::pin::PinRecord;
+
+const USERID_PIN: &str = "userid_pin";
+const USERID_PROFILE: &str = "userid_profile";
+const USERID_DIALOG: &str = "userid_dialog";
+const PAYER_CHALLENGE: &str = "payer_challenge";
+const EVENTID_DONE: &str = "eventid_done";
+const TRANSFERID_NOTE: &str = "transferid_note";
+const META: &str = "meta";
+const OUTBOX_CURSOR: &[u8] = b"outbox_cursor";
+
+/// What the bot knows about one user.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserProfile {
+    /// The user's private, encrypted DM with the bot.
+    #[serde(default)]
+    pub dm_room: Option<String>,
+    /// The user has joined `dm_room` (a DM the bot created starts with an invite).
+    #[serde(default)]
+    pub dm_joined: bool,
+    /// The PIN was seen where others could read it: payments wait for `!pin change`.
+    #[serde(default)]
+    pub pin_compromised: bool,
+}
+
+/// A `!pin set` or `!pin change` in progress. Holds at most a hash, never a PIN.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Dialog {
+    /// Waiting for the new PIN.
+    NewPin {
+        /// The dialog lapses at this time (ms since epoch).
+        expires_at_ms: u64,
+        /// Whether this replaces an existing PIN (`!pin change`, old PIN already checked).
+        change: bool,
+    },
+    /// Waiting for the new PIN again; `hash` is the first answer's argon2id hash.
+    ConfirmPin {
+        /// The dialog lapses at this time.
+        expires_at_ms: u64,
+        /// argon2id PHC string of the first answer.
+        hash: String,
+        /// Whether this replaces an existing PIN.
+        change: bool,
+    },
+    /// `!pin change`: waiting for the old PIN.
+    OldPin {
+        /// The dialog lapses at this time.
+        expires_at_ms: u64,
+    },
+}
+
+impl Dialog {
+    /// When the dialog lapses.
+    pub fn expires_at_ms(&self) -> u64 {
+        match self {
+            Dialog::NewPin { expires_at_ms, .. }
+            | Dialog::ConfirmPin { expires_at_ms, .. }
+            | Dialog::OldPin { expires_at_ms } => *expires_at_ms,
+        }
+    }
+}
+
+impl fmt::Debug for Dialog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dialog::NewPin { change, .. } => write!(f, "Dialog::NewPin(change={change})"),
+            Dialog::ConfirmPin { change, .. } => write!(f, "Dialog::ConfirmPin(change={change})"),
+            Dialog::OldPin { .. } => f.write_str("Dialog::OldPin"),
+        }
+    }
+}
+
+/// What a challenge authorises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChallengeKind {
+    /// A payment to another user; the pending transfer exists already.
+    Pay,
+    /// A withdrawal to the settlement account; the pending transfer is made after the PIN.
+    Withdraw,
+}
+
+/// An open step-up challenge: a payment waiting for the payer's PIN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// Pay or withdraw.
+    pub kind: ChallengeKind,
+    /// The ledger transfer id (pending for `Pay`; to be created for `Withdraw`).
+    pub transfer_id: u128,
+    /// The paying user.
+    pub payer: String,
+    /// Who is paid (a user ID; `settlement` for a withdrawal).
+    pub payee: String,
+    /// Amount in minor units.
+    pub amount_minor: u128,
+    /// Amount in major units, as shown (`12.50`).
+    pub amount: String,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// The room the payment was asked for in.
+    pub room_id: String,
+    /// The event that asked for it.
+    pub event_id: String,
+    /// The note, if any.
+    pub memo: Option<String>,
+    /// Created at (ms since epoch).
+    pub created_ms: u64,
+    /// The challenge lapses at this time.
+    pub expires_at_ms: u64,
+}
+
+impl Challenge {
+    /// The id the challenge is answered with (the transfer id in hex).
+    pub fn challenge_id(&self) -> String {
+        format!("{:032x}", self.transfer_id)
+    }
+}
+
+/// Extra facts about a transfer that its receipt needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferNote {
+    /// Why the bot voided it (a receipt reason code), if it did.
+    #[serde(default)]
+    pub void_reason: Option<String>,
+    /// The challenge event in the payer's DM.
+    #[serde(default)]
+    pub dm_event_id: Option<String>,
+}
+
+/// Where the outbox stands in the ledger journal: everything up to and including entry
+/// `entry_index` of record `record_seq` has been told.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OutboxCursor {
+    /// Journal record.
+    pub record_seq: u64,
+    /// Entry within the record (0-based); with `record_seq == 0`, nothing was told yet.
+    pub entry_index: u64,
+}
+
+/// The payment state database. Cheap to clone.
+#[derive(Clone)]
+pub struct PaymentStore {
+    db: sled::Db,
+    pins: sled::Tree,
+    profiles: sled::Tree,
+    dialogs: sled::Tree,
+    challenges: sled::Tree,
+    done: sled::Tree,
+    notes: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl fmt::Debug for PaymentStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PaymentStore").finish_non_exhaustive()
+    }
+}
+
+fn get_json<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|_| StoreError::Corrupt {
+                tree: name,
+                reason: "value is not the expected JSON",
+            }),
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("store values serialise")
+}
+
+fn challenge_key(payer: &str, created_ms: u64, transfer_id: u128) -> Vec<u8> {
+    let mut key = payer.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&created_ms.to_be_bytes());
+    key.extend_from_slice(&transfer_id.to_be_bytes());
+    key
+}
+
+fn user_prefix(user: &str) -> Vec<u8> {
+    let mut key = user.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+impl PaymentStore {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: dir.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            pins: db.open_tree(USERID_PIN)?,
+            profiles: db.open_tree(USERID_PROFILE)?,
+            dialogs: db.open_tree(USERID_DIALOG)?,
+            challenges: db.open_tree(PAYER_CHALLENGE)?,
+            done: db.open_tree(EVENTID_DONE)?,
+            notes: db.open_tree(TRANSFERID_NOTE)?,
+            meta: db.open_tree(META)?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// The user's PIN record, if a PIN was ever set.
+    pub fn pin(&self, user: &str) -> Result<Option<PinRecord>, StoreError> {
+        get_json(&self.pins, USERID_PIN, user.as_bytes())
+    }
+
+    /// Stores the user's PIN record durably.
+    pub async fn put_pin(&self, user: &str, record: &PinRecord) -> Result<(), StoreError> {
+        self.pins.insert(user.as_bytes(), to_json(record))?;
+        self.flush().await
+    }
+
+    /// The user's profile (default when unknown).
+    pub fn profile(&self, user: &str) -> Result<UserProfile, StoreError> {
+        Ok(get_json(&self.profiles, USERID_PROFILE, user.as_bytes())?.unwrap_or_default())
+    }
+
+    /// Stores the user's profile durably.
+    pub async fn put_profile(&self, user: &str, profile: &UserProfile) -> Result<(), StoreError> {
+        self.profiles.insert(user.as_bytes(), to_json(profile))?;
+        self.flush().await
+    }
+
+    /// The user whose recorded DM is `room_id`, if any (a scan: DMs are few per deployment
+    /// compared to events, and this runs only on membership changes).
+    pub fn dm_owner(&self, room_id: &str) -> Result<Option<(String, UserProfile)>, StoreError> {
+        for item in self.profiles.iter() {
+            let (key, value) = item?;
+            let profile: UserProfile =
+                serde_json::from_slice(&value).map_err(|_| StoreError::Corrupt {
+                    tree: USERID_PROFILE,
+                    reason: "value is not the expected JSON",
+                })?;
+            if profile.dm_room.as_deref() == Some(room_id) {
+                let user = String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt {
+                    tree: USERID_PROFILE,
+                    reason: "key is not UTF-8",
+                })?;
+                return Ok(Some((user, profile)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The PIN dialog in progress, if any and not lapsed at `now_ms`.
+    pub fn dialog(&self, user: &str, now_ms: u64) -> Result<Option<Dialog>, StoreError> {
+        let dialog: Option<Dialog> = get_json(&self.dialogs, USERID_DIALOG, user.as_bytes())?;
+        Ok(dialog.filter(|d| d.expires_at_ms() > now_ms))
+    }
+
+    /// Sets (`Some`) or ends (`None`) the user's PIN dialog, durably.
+    pub async fn put_dialog(&self, user: &str, dialog: Option<&Dialog>) -> Result<(), StoreError> {
+        match dialog {
+            Some(dialog) => self.dialogs.insert(user.as_bytes(), to_json(dialog))?,
+            None => self.dialogs.remove(user.as_bytes())?,
+        };
+        self.flush().await
+    }
+
+    /// Records an open challenge durably (the same challenge again is a no-op).
+    pub async fn put_challenge(&self, challenge: &Challenge) -> Result<(), StoreError> {
+        let key = challenge_key(
+            &challenge.payer,
+            challenge.created_ms,
+            challenge.transfer_id,
+        );
+        self.challenges.insert(key, to_json(challenge))?;
+        self.flush().await
+    }
+
+    /// The payer's open challenges, oldest first.
+    pub fn challenges(&self, payer: &str) -> Result<Vec<Challenge>, StoreError> {
+        self.challenges
+            .scan_prefix(user_prefix(payer))
+            .map(|item| {
+                let (_, value) = item?;
+                serde_json::from_slice(&value).map_err(|_| StoreError::Corrupt {
+                    tree: PAYER_CHALLENGE,
+                    reason: "value is not the expected JSON",
+                })
+            })
+            .collect()
+    }
+
+    /// The challenge for `transfer_id`, if open.
+    pub fn challenge(
+        &self,
+        payer: &str,
+        transfer_id: u128,
+    ) -> Result<Option<Challenge>, StoreError> {
+        Ok(self
+            .challenges(payer)?
+            .into_iter()
+            .find(|c| c.transfer_id == transfer_id))
+    }
+
+    /// Closes a challenge durably.
+    pub async fn remove_challenge(&self, challenge: &Challenge) -> Result<(), StoreError> {
+        self.challenges.remove(challenge_key(
+            &challenge.payer,
+            challenge.created_ms,
+            challenge.transfer_id,
+        ))?;
+        self.flush().await
+    }
+
+    /// Whether the event was acted on already.
+    pub fn is_done(&self, event_id: &str) -> Result<bool, StoreError> {
+        Ok(self.done.contains_key(event_id.as_bytes())?)
+    }
+
+    /// Marks the event as acted on, durably.
+    pub async fn mark_done(&self, event_id: &str) -> Result<(), StoreError> {
+        self.done.insert(event_id.as_bytes(), &[])?;
+        self.flush().await
+    }
+
+    /// The note on a transfer (default when none).
+    pub fn note(&self, transfer_id: u128) -> Result<TransferNote, StoreError> {
+        Ok(get_json(&self.notes, TRANSFERID_NOTE, &transfer_id.to_be_bytes())?.unwrap_or_default())
+    }
+
+    /// Changes the note on a transfer durably.
+    pub async fn update_note(
+        &self,
+        transfer_id: u128,
+        change: impl FnOnce(&mut TransferNote),
+    ) -> Result<(), StoreError> {
+        let mut note = self.note(transfer_id)?;
+        change(&mut note);
+        self.notes
+            .insert(transfer_id.to_be_bytes(), to_json(&note))?;
+        self.flush().await
+    }
+
+    /// Where the outbox stands; `None` before its first start.
+    pub fn outbox_cursor(&self) -> Result<Option<OutboxCursor>, StoreError> {
+        match self.meta.get(OUTBOX_CURSOR)? {
+            None => Ok(None),
+            Some(bytes) if bytes.len() == 16 => {
+                let seq = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
+                let index = u64::from_be_bytes(bytes[8..].try_into().expect("8 bytes"));
+                Ok(Some(OutboxCursor {
+                    record_seq: seq,
+                    entry_index: index,
+                }))
+            }
+            Some(_) => Err(StoreError::Corrupt {
+                tree: META,
+                reason: "outbox cursor is not 16 bytes",
+            }),
+        }
+    }
+
+    /// Moves the outbox cursor, durably.
+    pub async fn set_outbox_cursor(&self, cursor: OutboxCursor) -> Result<(), StoreError> {
+        let mut bytes = cursor.record_seq.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&cursor.entry_index.to_be_bytes());
+        self.meta.insert(OUTBOX_CURSOR, bytes)?;
+        self.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn challenge(payer: &str, created_ms: u64, id: u128) -> Challenge {
+        Challenge {
+            kind: ChallengeKind::Pay,
+            transfer_id: id,
+            payer: payer.into(),
+            payee: "@bob:hs".into(),
+            amount_minor: 1250,
+            amount: "12.50".into(),
+            currency: "EUR".into(),
+            room_id: "!r".into(),
+            event_id: "$e".into(),
+            memo: None,
+            created_ms,
+            expires_at_ms: created_ms + 1000,
+        }
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = PaymentStore::open(dir.path()).unwrap();
+            store
+                .put_pin("@a:hs", &PinRecord::new("$argon2id$x".into()))
+                .await
+                .unwrap();
+            store
+                .put_dialog(
+                    "@a:hs",
+                    Some(&Dialog::NewPin {
+                        expires_at_ms: 100,
+                        change: false,
+                    }),
+                )
+                .await
+                .unwrap();
+            store
+                .put_challenge(&challenge("@a:hs", 20, 2))
+                .await
+                .unwrap();
+            store
+                .put_challenge(&challenge("@a:hs", 10, 1))
+                .await
+                .unwrap();
+            store
+                .put_challenge(&challenge("@ab:hs", 5, 3))
+                .await
+                .unwrap();
+            store
+                .set_outbox_cursor(OutboxCursor {
+                    record_seq: 7,
+                    entry_index: 3,
+                })
+                .await
+                .unwrap();
+            let profile = UserProfile {
+                dm_room: Some("!dm".into()),
+                dm_joined: true,
+                pin_compromised: false,
+            };
+            store.put_profile("@a:hs", &profile).await.unwrap();
+        }
+        let store = PaymentStore::open(dir.path()).unwrap();
+        assert!(store.pin("@a:hs").unwrap().is_some());
+        assert!(store.dialog("@a:hs", 50).unwrap().is_some());
+        assert!(store.dialog("@a:hs", 100).unwrap().is_none(), "lapsed");
+        let ids: Vec<u128> = store
+            .challenges("@a:hs")
+            .unwrap()
+            .iter()
+            .map(|c| c.transfer_id)
+            .collect();
+        assert_eq!(ids, vec![1, 2], "oldest first, other users apart");
+        assert_eq!(store.outbox_cursor().unwrap().unwrap().record_seq, 7);
+        assert_eq!(store.dm_owner("!dm").unwrap().unwrap().0, "@a:hs");
+        assert!(store.dm_owner("!other").unwrap().is_none());
+    }
+
+    /// The stored encodings are a format: a change here must be deliberate (and migrated).
+    #[test]
+    fn stored_encodings_are_pinned() {
+        let dialog = Dialog::ConfirmPin {
+            expires_at_ms: 5,
+            hash: "h".into(),
+            change: true,
+        };
+        assert_eq!(
+            String::from_utf8(to_json(&dialog)).unwrap(),
+            r#"{"step":"confirm_pin","expires_at_ms":5,"hash":"h","change":true}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_json(&challenge("@a:hs", 10, 1))).unwrap(),
+            r#"{"kind":"pay","transfer_id":1,"payer":"@a:hs","payee":"@bob:hs","amount_minor":1250,"amount":"12.50","currency":"EUR","room_id":"!r","event_id":"$e","memo":null,"created_ms":10,"expires_at_ms":1010}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_json(&UserProfile::default())).unwrap(),
+            r#"{"dm_room":null,"dm_joined":false,"pin_compromised":false}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_json(&PinRecord::new("h".into()))).unwrap(),
+            r#"{"hash":"h","failed_in_row":0,"lockouts":0,"locked_until_ms":null}"#
+        );
+    }
+
+    #[test]
+    fn dialog_debug_hides_the_hash() {
+        let dialog = Dialog::ConfirmPin {
+            expires_at_ms: 1,
+            hash: "$argon2id$secret".into(),
+            change: false,
+        };
+        assert!(!format!("{dialog:?}").contains("argon2"));
+    }
+}

@@ -1,0 +1,1518 @@
+//! The admin API: in-process router tests (tower `oneshot`, no socket) against a real ledger
+//! on a temp dir with a manual clock, and one end-to-end test that runs the real `mxpay admin`
+//! CLI against a real `mxpay serve` over Synapse.
+//!
+//! Other modules fund wallets with [`admin_yaml`] (an `admin:` config section with a fresh
+//! HS256 key) and [`topup`] (a real HTTP top-up against a running mxpay).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use mxpay::admin::token::{AdminKey, Scope, TokenAuthority};
+use mxpay::admin::webhook::{self, WebhookSecret};
+use mxpay::admin::AdminState;
+use mxpay::clock::{Clock as _, ManualClock, SharedClock};
+use mxpay::ledger::{
+    AccountId, CurrencySpec, FreezeMode, Ledger, LedgerSettings, Owner, TransferId, TransferRequest,
+};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tower::ServiceExt as _;
+
+/// The HS256 secret of the in-process tests.
+const SECRET: &[u8] = b"admin-test-secret-0123456789abcdef";
+/// The webhook secret of provider `acme`.
+const ACME_SECRET: &[u8] = b"whsec_acme_test";
+/// Start of the manual clock: 2026-11-25.
+const T0_MS: u64 = 1_795_000_000_000;
+
+#[allow(dead_code)] // for other modules' end-to-end tests
+/// An `admin:` config section with a fresh random HS256 key written to `dir/admin-jwt.key`
+/// (mode 0600), for tests that run mxpay: append it to `lease.config.extra_yaml`. Returns the
+/// YAML and the key, to mint tokens with [`mint`].
+pub fn admin_yaml(dir: &Path) -> (String, Vec<u8>) {
+    let secret = mxpay::admin::token::random_id().into_bytes();
+    let path = dir.join("admin-jwt.key");
+    std::fs::write(&path, &secret).expect("write the admin key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let yaml = format!(
+        "admin:\n  token:\n    algorithm: HS256\n    secret: {{ file: {} }}\n",
+        path.display()
+    );
+    (yaml, secret)
+}
+
+#[allow(dead_code)] // for other modules' end-to-end tests
+/// Mints an admin token for `secret` with `scopes`, valid for an hour of real time.
+pub fn mint(secret: &[u8], scopes: &[Scope]) -> String {
+    let authority = TokenAuthority::new(
+        &AdminKey::Hs256 {
+            secret: secret.to_vec(),
+        },
+        Arc::new(mxpay::clock::SystemClock),
+    )
+    .expect("a 32-byte key");
+    authority
+        .mint("it", scopes.iter().copied().collect(), 3600)
+        .expect("mint")
+}
+
+#[allow(dead_code)] // for other modules' end-to-end tests
+/// Tops up `user_id` with `amount` (`"12.50"`) of `currency` through the HTTP admin API of
+/// the mxpay listening at `base_url` (`http://127.0.0.1:port`). Panics unless it answers 200.
+pub async fn topup(base_url: &str, secret: &[u8], user_id: &str, amount: &str, currency: &str) {
+    let key = format!("it-{}", mxpay::admin::token::random_id());
+    let response = reqwest::Client::new()
+        .post(format!("{base_url}/_mxpay/admin/v1/topups"))
+        .bearer_auth(mint(secret, &[Scope::Topup]))
+        .header("content-type", "application/json")
+        .body(
+            json!({
+                "user_id": user_id, "amount": amount, "currency": currency,
+                "idempotency_key": key,
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .expect("reach mxpay's admin API");
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    assert_eq!(status, 200, "top-up refused: {text}");
+}
+
+/// An admin API over a real ledger in a temp dir, driven in-process.
+struct Harness {
+    _dir: tempfile::TempDir,
+    clock: ManualClock,
+    ledger: Ledger,
+    router: Router,
+    tokens: TokenAuthority,
+    state: Arc<AdminState>,
+}
+
+fn settings() -> LedgerSettings {
+    let spec = |code: &str, exponent, max: Option<&str>| CurrencySpec {
+        code: code.to_owned(),
+        exponent,
+        max_transfer: max.map(|m| m.parse().unwrap()),
+        max_per_24h: None,
+    };
+    LedgerSettings {
+        currencies: vec![spec("EUR", 2, Some("10000.00")), spec("JPY", 0, None)],
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0_MS);
+        let shared: SharedClock = Arc::new(clock.clone());
+        let ledger = Ledger::open(dir.path(), &settings(), shared.clone()).unwrap();
+        let key = AdminKey::Hs256 {
+            secret: SECRET.to_vec(),
+        };
+        let state = AdminState::new(
+            &key,
+            vec![("acme".to_owned(), WebhookSecret::new(ACME_SECRET.to_vec()))],
+            300,
+            dir.path(),
+            ledger.clone(),
+            shared.clone(),
+        )
+        .unwrap();
+        let state = Arc::new(state);
+        let router = mxpay::admin::router(Some(state.clone()));
+        let tokens = TokenAuthority::new(&key, shared).unwrap();
+        Self {
+            _dir: dir,
+            clock,
+            ledger,
+            router,
+            tokens,
+            state,
+        }
+    }
+
+    fn token(&self, scopes: &[Scope]) -> String {
+        let scopes: BTreeSet<Scope> = scopes.iter().copied().collect();
+        self.tokens.mint("tester", scopes, 3600).unwrap()
+    }
+
+    fn all_scopes(&self) -> String {
+        self.token(&Scope::ALL)
+    }
+
+    async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+            .await
+            .unwrap();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, value)
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("/_mxpay/admin/v1{path}"));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header("content-type", "application/json");
+                Body::from(body.to_string())
+            }
+            None => Body::empty(),
+        };
+        self.send(request.body(body).unwrap()).await
+    }
+
+    async fn topup(
+        &self,
+        user: &str,
+        amount: &str,
+        currency: &str,
+        key: &str,
+    ) -> (StatusCode, Value) {
+        let token = self.token(&[Scope::Topup]);
+        self.call(
+            "POST",
+            "/topups",
+            Some(&token),
+            Some(json!({
+                "user_id": user, "amount": amount, "currency": currency, "idempotency_key": key,
+            })),
+        )
+        .await
+    }
+
+    async fn webhook(
+        &self,
+        provider: &str,
+        body: &str,
+        signature: Option<String>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::post(format!("/_mxpay/admin/v1/webhooks/{provider}"))
+            .header("content-type", "application/json");
+        if let Some(signature) = signature {
+            request = request.header(webhook::SIGNATURE_HEADER, signature);
+        }
+        self.send(request.body(Body::from(body.to_owned())).unwrap())
+            .await
+    }
+
+    fn sign(&self, body: &str) -> String {
+        webhook::sign(
+            &WebhookSecret::new(ACME_SECRET.to_vec()),
+            self.clock.now_ms() / 1000,
+            body.as_bytes(),
+        )
+    }
+
+    async fn available(&self, user: &str, currency: &str) -> String {
+        let token = self.token(&[Scope::Read]);
+        let (status, body) = self
+            .call(
+                "GET",
+                &format!("/users/{}/accounts", enc(user)),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["currency"] == currency)
+            .map(|a| a["available"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| "none".to_owned())
+    }
+
+    async fn audit(&self) -> Vec<Value> {
+        let token = self.token(&[Scope::Audit]);
+        let (status, body) = self
+            .call("GET", "/audit?limit=500", Some(&token), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["entries"].as_array().unwrap().clone()
+    }
+}
+
+fn enc(user: &str) -> String {
+    user.replace('@', "%40").replace(':', "%3A")
+}
+
+const ALICE: &str = "@alice:example.org";
+const BOB: &str = "@bob:example.org";
+
+#[tokio::test]
+async fn topup_by_api_credits_once_per_idempotency_key() {
+    let h = Harness::new();
+    let (status, body) = h.topup(ALICE, "12.50", "EUR", "order-1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["from"], "system:issuer");
+    assert_eq!(body["transfer"]["to"], ALICE);
+    assert_eq!(body["transfer"]["amount"], "12.50");
+    assert_eq!(body["transfer"]["state"], "posted");
+    let first_id = body["transfer"]["id"].clone();
+    assert_eq!(h.available(ALICE, "EUR").await, "12.50");
+
+    // The same key and request again: the original transfer, no second credit.
+    let (status, again) = h.topup(ALICE, "12.50", "EUR", "order-1").await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["transfer"]["id"], first_id);
+    assert_eq!(h.available(ALICE, "EUR").await, "12.50");
+
+    // The same key with another amount or user is refused, still no credit.
+    let (status, conflict) = h.topup(ALICE, "99.00", "EUR", "order-1").await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["errcode"], "ORG.MXPAY_IDEMPOTENCY_CONFLICT");
+    let (status, _) = h.topup(BOB, "12.50", "EUR", "order-1").await;
+    assert_eq!(status, 409);
+    assert_eq!(h.available(ALICE, "EUR").await, "12.50");
+    assert_eq!(h.available(BOB, "EUR").await, "none");
+
+    // A new key credits again; the money comes from the issuer, so the ledger still balances.
+    let (status, _) = h.topup(ALICE, "0.50", "EUR", "order-2").await;
+    assert_eq!(status, 200);
+    assert_eq!(h.available(ALICE, "EUR").await, "13.00");
+    let issuer = h
+        .ledger
+        .account(&AccountId {
+            owner: Owner::Issuer,
+            currency: mxpay::ledger::CurrencyCode::new("EUR").unwrap(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(issuer.balances.available_minor(), -1300);
+    let expected = TransferId::from_key("topup:api:order-1").to_string();
+    assert_eq!(first_id, expected.as_str());
+}
+
+#[tokio::test]
+async fn bad_amounts_and_currencies_are_refused_with_clear_errors() {
+    let h = Harness::new();
+    let cases = [
+        ("12.505", "EUR", "EUR has 2 decimal places"),
+        ("1.5", "JPY", "JPY has 0 decimal places"),
+        ("5", "XYZ", "unknown currency `XYZ`"),
+        ("0", "EUR", "greater than zero"),
+        ("-3", "EUR", "must not be negative"),
+        ("10000.01", "EUR", "above the maximum"),
+    ];
+    for (i, (amount, currency, message)) in cases.into_iter().enumerate() {
+        let (status, body) = h.topup(ALICE, amount, currency, &format!("bad-{i}")).await;
+        assert_eq!(status, 400, "{amount} {currency}: {body}");
+        assert_eq!(body["errcode"], "M_INVALID_PARAM");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(message), "{amount} {currency}: {error}");
+    }
+    let token = h.token(&[Scope::Topup]);
+    let (status, body) = h
+        .call(
+            "POST",
+            "/topups",
+            Some(&token),
+            Some(json!({"user_id": "alice", "amount": "1", "currency": "EUR", "idempotency_key": "k"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("not a valid Matrix user ID"));
+    let (status, body) = h
+        .call(
+            "POST",
+            "/topups",
+            Some(&token),
+            Some(json!({
+                "user_id": ALICE, "amount": "1", "currency": "EUR", "idempotency_key": "k",
+                "note": "x".repeat(70_000),
+            })),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["errcode"].as_str()),
+        (413, Some("M_TOO_LARGE"))
+    );
+    let (status, body) = h
+        .call(
+            "POST",
+            "/topups",
+            Some(&token),
+            Some(
+                json!({"user_id": ALICE, "amount": 1.5, "currency": "EUR", "idempotency_key": "k"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 400, "a JSON number is refused: {body}");
+    assert_eq!(body["errcode"], "M_BAD_JSON");
+    assert_eq!(h.available(ALICE, "EUR").await, "none");
+}
+
+#[tokio::test]
+async fn tokens_without_scope_expired_or_from_another_key_are_refused() {
+    let h = Harness::new();
+    let body =
+        json!({"user_id": ALICE, "amount": "1.00", "currency": "EUR", "idempotency_key": "t"});
+
+    let (status, answer) = h.call("POST", "/topups", None, Some(body.clone())).await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_MISSING_TOKEN"))
+    );
+
+    let read_only = h.token(&[Scope::Read]);
+    let (status, answer) = h
+        .call("POST", "/topups", Some(&read_only), Some(body.clone()))
+        .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["errcode"], "M_FORBIDDEN");
+    assert!(answer["error"].as_str().unwrap().contains("`topup` scope"));
+
+    let other_key = TokenAuthority::new(
+        &AdminKey::Hs256 {
+            secret: b"another-secret-that-is-long-enough!!".to_vec(),
+        },
+        Arc::new(h.clock.clone()),
+    )
+    .unwrap()
+    .mint("intruder", Scope::ALL.into_iter().collect(), 3600)
+    .unwrap();
+    let (status, answer) = h
+        .call("POST", "/topups", Some(&other_key), Some(body.clone()))
+        .await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_UNKNOWN_TOKEN"))
+    );
+
+    let short = h
+        .tokens
+        .mint("tester", [Scope::Topup].into_iter().collect(), 60)
+        .unwrap();
+    h.clock.advance_ms(60_000);
+    let (status, answer) = h
+        .call("POST", "/topups", Some(&short), Some(body.clone()))
+        .await;
+    assert_eq!(status, 401);
+    assert!(
+        answer["error"].as_str().unwrap().contains("expired"),
+        "{answer}"
+    );
+
+    let (status, _) = h
+        .call("POST", "/topups", Some("not-a-jwt"), Some(body))
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(h.available(ALICE, "EUR").await, "none");
+
+    // Every refusal is in the audit log, with who asked when the token named someone.
+    let audit = h.audit().await;
+    let topups: Vec<&Value> = audit.iter().filter(|e| e["action"] == "topup").collect();
+    assert_eq!(topups.len(), 5, "{audit:?}");
+    let results: Vec<&str> = topups
+        .iter()
+        .map(|e| e["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        [
+            "M_UNKNOWN_TOKEN",
+            "M_UNKNOWN_TOKEN",
+            "M_UNKNOWN_TOKEN",
+            "M_FORBIDDEN",
+            "M_MISSING_TOKEN"
+        ]
+    );
+    assert_eq!(topups[3]["actor"], "tester");
+    assert_eq!(topups[4]["actor"], "unauthenticated");
+}
+
+#[tokio::test]
+async fn signed_webhook_credits_once_and_refuses_tampering_staleness_and_reuse() {
+    let h = Harness::new();
+    let body = json!({
+        "type": "topup.succeeded", "event_id": "evt_1", "user_id": ALICE,
+        "amount": "20.00", "currency": "EUR",
+    })
+    .to_string();
+    let signature = h.sign(&body);
+    let (status, answer) = h.webhook("acme", &body, Some(signature.clone())).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["result"], "credited");
+    assert_eq!(answer["replay"], false);
+    assert_eq!(
+        answer["transfer"]["id"],
+        TransferId::from_key("topup:acme:evt_1")
+            .to_string()
+            .as_str()
+    );
+    assert_eq!(h.available(ALICE, "EUR").await, "20.00");
+
+    // The provider retries: the same body answers the original result, nothing moves.
+    h.clock.advance_ms(10_000);
+    let (status, answer) = h.webhook("acme", &body, Some(h.sign(&body))).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["replay"], true);
+    assert_eq!(h.available(ALICE, "EUR").await, "20.00");
+
+    // A changed amount under the old signature: bad signature.
+    let tampered = body.replace("20.00", "2000.00");
+    let (status, answer) = h.webhook("acme", &tampered, Some(signature.clone())).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer["error"]
+        .as_str()
+        .unwrap()
+        .contains("signature does not match"));
+    // A changed amount signed properly under a used event id: refused as a conflict.
+    let (status, answer) = h.webhook("acme", &tampered, Some(h.sign(&tampered))).await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["errcode"], "ORG.MXPAY_EVENT_CONFLICT");
+    // Stale: the original signature, ten minutes later.
+    h.clock.advance_ms(600_000);
+    let (status, answer) = h.webhook("acme", &body, Some(signature)).await;
+    assert_eq!(status, 401);
+    assert!(
+        answer["error"].as_str().unwrap().contains("timestamp"),
+        "{answer}"
+    );
+    // No signature, unknown provider.
+    let (status, _) = h.webhook("acme", &body, None).await;
+    assert_eq!(status, 401);
+    let (status, answer) = h.webhook("other", &body, Some(h.sign(&body))).await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (StatusCode::NOT_FOUND, Some("M_NOT_FOUND"))
+    );
+    assert_eq!(h.available(ALICE, "EUR").await, "20.00");
+
+    // A bad amount in a correctly signed event is refused before its id is spent.
+    let bad = body.replace("evt_1", "evt_2").replace("20.00", "1.001");
+    let (status, answer) = h.webhook("acme", &bad, Some(h.sign(&bad))).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"]
+        .as_str()
+        .unwrap()
+        .contains("EUR has 2 decimal places"));
+
+    let audit = h.audit().await;
+    let webhooks: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["actor"] == "provider:acme" || e["actor"] == "provider:?")
+        .collect();
+    assert_eq!(webhooks.len(), 8, "{audit:?}");
+    assert_eq!(webhooks.last().unwrap()["action"], "webhook.topup");
+}
+
+#[tokio::test]
+async fn freeze_blocks_debits_and_unfreeze_lifts_it() {
+    let h = Harness::new();
+    h.topup(ALICE, "10.00", "EUR", "f-1").await;
+    let token = h.token(&[Scope::Freeze]);
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/users/{}/freeze", enc(ALICE)),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["frozen"] == "debits"));
+
+    let pay = |id: &str| TransferRequest {
+        id: TransferId::from_key(id),
+        debit: Owner::user(ALICE),
+        credit: Owner::user(BOB),
+        amount: h.ledger.parse_amount(Decimal::new(100, 2), "EUR").unwrap(),
+        memo: Vec::new(),
+    };
+    let refused = h.ledger.create_transfer(pay("pay-1")).await.unwrap_err();
+    assert_eq!(
+        refused.rejection(),
+        Some(mxpay::ledger::TransferError::DebitAccountFrozen)
+    );
+    // Money may still come in under a debit freeze.
+    assert_eq!(h.topup(ALICE, "1.00", "EUR", "f-2").await.0, 200);
+
+    let (status, _) = h
+        .call(
+            "POST",
+            &format!("/users/{}/unfreeze", enc(ALICE)),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    h.ledger.create_transfer(pay("pay-2")).await.unwrap();
+    assert_eq!(h.available(ALICE, "EUR").await, "10.00");
+
+    // `all` also blocks top-ups; a freeze covers currencies the user never used.
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/users/{}/freeze", enc(BOB)),
+            Some(&token),
+            Some(json!({"mode": "all"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = h.topup(BOB, "5", "JPY", "f-3").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["errcode"], "ORG.MXPAY_REJECTED");
+    let frozen = h
+        .ledger
+        .account(&AccountId {
+            owner: Owner::user(BOB),
+            currency: mxpay::ledger::CurrencyCode::new("JPY").unwrap(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(frozen.frozen, Some(FreezeMode::All));
+}
+
+#[tokio::test]
+async fn every_call_appears_in_the_audit_log() {
+    let h = Harness::new();
+    let all = h.all_scopes();
+    h.topup(ALICE, "3.00", "EUR", "a-1").await;
+    let calls = [
+        ("GET", format!("/users/{}/accounts", enc(ALICE))),
+        ("GET", format!("/users/{}/history", enc(ALICE))),
+        ("POST", format!("/users/{}/freeze", enc(ALICE))),
+        ("POST", format!("/users/{}/unfreeze", enc(ALICE))),
+        ("GET", "/transfers/pending".to_owned()),
+        ("POST", "/ledger/verify".to_owned()),
+        (
+            "POST",
+            format!("/withdrawals/{}/settle", "0".repeat(31) + "1"),
+        ),
+    ];
+    for (method, path) in &calls {
+        h.call(method, path, Some(&all), None).await;
+    }
+    let audit = h.audit().await;
+    let actions: Vec<&str> = audit
+        .iter()
+        .rev()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "topup",
+            "accounts",
+            "history",
+            "freeze",
+            "unfreeze",
+            "pending",
+            "ledger.verify",
+            "settle"
+        ]
+    );
+    let last = &audit[0];
+    assert_eq!(last["result"], "M_NOT_FOUND");
+    assert_eq!(last["actor"], "tester");
+    assert!(last["token_id"].as_str().is_some_and(|t| t.len() == 32));
+    assert_eq!(audit[6]["target"], ALICE);
+    assert_eq!(audit[7]["result"], "ok");
+    assert!(audit.iter().all(|e| e["at_ms"].as_u64() == Some(T0_MS)));
+}
+
+/// A pending withdrawal of `amount` EUR from `user`, as the payments layer makes it.
+async fn withdrawal(h: &Harness, user: &str, amount: &str, key: &str) -> String {
+    let amount: Decimal = amount.parse().unwrap();
+    let transfer = h
+        .ledger
+        .create_pending(
+            TransferRequest {
+                id: TransferId::from_key(key),
+                debit: Owner::user(user),
+                credit: Owner::Settlement,
+                amount: h.ledger.parse_amount(amount, "EUR").unwrap(),
+                memo: br#"{"type":"withdrawal"}"#.to_vec(),
+            },
+            24 * 3600 * 1000,
+        )
+        .await
+        .unwrap();
+    transfer.id.to_string()
+}
+
+#[tokio::test]
+async fn withdrawals_settle_or_reject_by_api_and_by_webhook() {
+    let h = Harness::new();
+    h.topup(ALICE, "100.00", "EUR", "w-0").await;
+    let w1 = withdrawal(&h, ALICE, "30.00", "w-1").await;
+    let w2 = withdrawal(&h, ALICE, "20.00", "w-2").await;
+    let w3 = withdrawal(&h, ALICE, "10.00", "w-3").await;
+    let w4 = withdrawal(&h, ALICE, "5.00", "w-4").await;
+    assert_eq!(h.available(ALICE, "EUR").await, "35.00");
+
+    let read = h.token(&[Scope::Read]);
+    let (status, pending) = h.call("GET", "/transfers/pending", Some(&read), None).await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = pending["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4);
+    for w in [&w1, &w2, &w3, &w4] {
+        assert!(ids.contains(&w.as_str()));
+    }
+
+    let settle = h.token(&[Scope::Settle]);
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w1}/settle"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "posted");
+    // Settling again answers the same; rejecting a settled one is refused.
+    let (status, _) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w1}/settle"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w1}/reject"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["errcode"], "ORG.MXPAY_REJECTED");
+
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w2}/reject"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "voided");
+    assert_eq!(h.available(ALICE, "EUR").await, "55.00");
+
+    // The provider settles w3 and rejects w4; retries change nothing; a used event id with
+    // another withdrawal is refused.
+    let settled = json!({"type": "withdrawal.settled", "event_id": "evt_w3", "withdrawal_id": w3})
+        .to_string();
+    let (status, body) = h.webhook("acme", &settled, Some(h.sign(&settled))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["result"].as_str(), body["replay"].as_bool()),
+        (Some("settled"), Some(false))
+    );
+    let (status, body) = h.webhook("acme", &settled, Some(h.sign(&settled))).await;
+    assert_eq!(
+        (status.as_u16(), body["replay"].as_bool()),
+        (200, Some(true))
+    );
+    let rejected = json!({"type": "withdrawal.rejected", "event_id": "evt_w4", "withdrawal_id": w4, "reason": "closed account"}).to_string();
+    let (status, body) = h.webhook("acme", &rejected, Some(h.sign(&rejected))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "voided");
+    let reused = json!({"type": "withdrawal.settled", "event_id": "evt_w3", "withdrawal_id": w4})
+        .to_string();
+    let (status, body) = h.webhook("acme", &reused, Some(h.sign(&reused))).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(h.available(ALICE, "EUR").await, "60.00");
+
+    // Only withdrawals can be settled: not a payment between users, not unknown ids.
+    let payment = h
+        .ledger
+        .create_pending(
+            TransferRequest {
+                id: TransferId::from_key("p-1"),
+                debit: Owner::user(ALICE),
+                credit: Owner::user(BOB),
+                amount: h.ledger.parse_amount(Decimal::ONE, "EUR").unwrap(),
+                memo: Vec::new(),
+            },
+            60_000,
+        )
+        .await
+        .unwrap();
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{}/settle", payment.id),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = h
+        .call("POST", "/withdrawals/xyz/settle", Some(&settle), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["errcode"], "M_INVALID_PARAM");
+    let (status, pending) = h.call("GET", "/transfers/pending", Some(&read), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(pending["transfers"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn history_pages_newest_first() {
+    let h = Harness::new();
+    for i in 1..=5 {
+        h.topup(ALICE, &format!("{i}.00"), "EUR", &format!("h-{i}"))
+            .await;
+    }
+    h.topup(BOB, "9.00", "EUR", "h-bob").await;
+    let read = h.token(&[Scope::Read]);
+    let mut amounts = Vec::new();
+    let mut from: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &from {
+            Some(from) => format!("/users/{}/history?limit=2&from={from}", enc(ALICE)),
+            None => format!("/users/{}/history?limit=2", enc(ALICE)),
+        };
+        let (status, body) = h.call("GET", &path, Some(&read), None).await;
+        assert_eq!(status, 200, "{body}");
+        pages += 1;
+        for t in body["transfers"].as_array().unwrap() {
+            amounts.push(t["amount"].as_str().unwrap().to_owned());
+        }
+        match body["next"].as_str() {
+            Some(next) => from = Some(next.to_owned()),
+            None => break,
+        }
+        assert!(pages < 10, "pagination does not end");
+    }
+    assert_eq!(amounts, ["5.00", "4.00", "3.00", "2.00", "1.00"]);
+    assert_eq!(pages, 3);
+    let (status, body) = h
+        .call(
+            "GET",
+            &format!("/users/{}/history?limit=x", enc(ALICE)),
+            Some(&read),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["errcode"].as_str()),
+        (400, Some("M_INVALID_PARAM"))
+    );
+}
+
+#[tokio::test]
+async fn ledger_verify_and_streamed_export() {
+    let h = Harness::new();
+    // More lines than the export's channel holds, so the stream must flow.
+    for i in 0..150 {
+        h.topup(
+            &format!("@u{i}:example.org"),
+            "1.00",
+            "EUR",
+            &format!("e-{i}"),
+        )
+        .await;
+    }
+    let read = h.token(&[Scope::Read]);
+    let (status, body) = h.call("POST", "/ledger/verify", Some(&read), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true);
+    assert_eq!(body["transfers"], 150);
+
+    let response = h
+        .router
+        .clone()
+        .oneshot(
+            Request::get("/_mxpay/admin/v1/ledger/export")
+                .header("authorization", format!("Bearer {read}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let bytes = axum::body::to_bytes(response.into_body(), 64 << 20)
+        .await
+        .unwrap();
+    let lines: Vec<Value> = std::str::from_utf8(&bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let count = |t: &str| lines.iter().filter(|l| l["type"] == t).count();
+    assert_eq!(count("transfer_created"), 150);
+    assert_eq!(count("currency_defined"), 2);
+    assert_eq!(count("account_opened"), 151, "150 users and the issuer");
+    assert!(lines.iter().all(|l| l.get("error").is_none()));
+    let first = lines
+        .iter()
+        .find(|l| l["type"] == "transfer_created")
+        .unwrap();
+    assert_eq!(first["from"]["owner"], "system:issuer");
+    assert_eq!(first["amount"], "1.00");
+    assert_eq!(first["memo"]["source"], "api");
+}
+
+#[tokio::test]
+async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth() {
+    let doc: Value = serde_json::from_str(mxpay::admin::api::OPENAPI_JSON).unwrap();
+    let on_disk: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc, on_disk);
+    let h = Harness::new();
+    let (_, routes) = mxpay::admin::api::routes(Some(Arc::new(
+        AdminState::new(
+            &AdminKey::Hs256 {
+                secret: SECRET.to_vec(),
+            },
+            Vec::new(),
+            300,
+            h._dir.path().join("other").as_path(),
+            h.ledger.clone(),
+            Arc::new(h.clock.clone()),
+        )
+        .unwrap(),
+    )));
+    assert!(routes.len() >= 15, "{routes:?}");
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in &routes {
+        let item = paths
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} is mounted but not in docs/openapi.json"));
+        assert!(
+            item.get(*method).is_some(),
+            "{method} {path} is mounted but not in docs/openapi.json"
+        );
+    }
+    let mut documented = 0;
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            documented += 1;
+            assert!(
+                routes.iter().any(|(m, p)| m == method && p == path),
+                "{method} {path} is documented but not mounted"
+            );
+            // Everything but the document itself and the webhooks needs a token.
+            let concrete = path
+                .replace("{user_id}", &enc(ALICE))
+                .replace("{transfer_id}", &"1".repeat(32))
+                .replace("{withdrawal_id}", &"1".repeat(32))
+                .replace("{provider}", "acme");
+            let (status, body) = h
+                .call(
+                    &method.to_uppercase(),
+                    concrete.trim_start_matches("/_mxpay/admin/v1"),
+                    None,
+                    None,
+                )
+                .await;
+            match op.get("x-mxpay-scope") {
+                Some(_) => assert_eq!(
+                    (status.as_u16(), body["errcode"].as_str()),
+                    (401, Some("M_MISSING_TOKEN")),
+                    "{method} {path}"
+                ),
+                None if path.ends_with("/openapi.json") => {
+                    assert_eq!(status, 200);
+                    assert_eq!(body, doc);
+                }
+                None => assert_eq!(status, 401, "{method} {path}: no signature"),
+            }
+        }
+    }
+    assert_eq!(documented, routes.len());
+    let (status, body) = h.call("GET", "/topups", None, None).await;
+    assert_eq!(
+        (status.as_u16(), body["errcode"].as_str()),
+        (405, Some("M_UNRECOGNIZED"))
+    );
+}
+
+#[tokio::test]
+async fn admin_api_is_off_without_a_key() {
+    let router = mxpay::admin::router(None);
+    for (method, path) in [
+        ("POST", "/_mxpay/admin/v1/topups"),
+        ("GET", "/_mxpay/admin/v1/users/%40a%3Ab/accounts"),
+    ] {
+        let response = router
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("admin.token"),
+            "{body}"
+        );
+    }
+}
+
+/// Runs the real `mxpay admin ...` with `args`; returns (success, stdout, stderr).
+async fn cli(args: &[&str], token: Option<&str>) -> (bool, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mxpay"));
+    command
+        .arg("admin")
+        .args(args)
+        .env_remove("MXPAY_ADMIN_TOKEN");
+    if let Some(token) = token {
+        command.env("MXPAY_ADMIN_TOKEN", token);
+    }
+    command.kill_on_drop(true);
+    let output = tokio::time::timeout(crate::support::timeout(), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("mxpay admin {args:?} did not finish"))
+        .expect("run mxpay admin");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The real binary over real Synapse: `mxpay serve` with an `admin:` section (key from a
+/// file, provider secret from the environment), driven by the real `mxpay admin` CLI.
+#[tokio::test]
+async fn cli_against_running_mxpay_shows_balance_after_topup() {
+    use crate::support::{self, MxpayOptions, MxpayProcess, SlotKind};
+    let mut lease = support::synapse()
+        .lease(SlotKind::Normal, "admin-cli")
+        .await;
+    let (yaml, secret) = admin_yaml(&lease.dir);
+    lease.config.extra_yaml = format!(
+        "{yaml}  providers:\n    - name: acme\n      secret: {{ env: MXPAY_IT_ACME_SECRET }}\n"
+    );
+    lease.write_config();
+    let mut mxpay = MxpayProcess::start_with(
+        &lease,
+        MxpayOptions {
+            env: vec![(
+                "MXPAY_IT_ACME_SECRET".to_owned(),
+                String::from_utf8_lossy(ACME_SECRET).into_owned(),
+            )],
+        },
+    )
+    .await;
+    let alice = support::user("alice").await;
+    let alice_id = alice.user_id.to_string();
+    let config = lease.config_path();
+    let config = config.to_str().unwrap();
+
+    let (ok, token, err) = cli(
+        &[
+            "-c",
+            config,
+            "token",
+            "create",
+            "--scope",
+            "topup,read,freeze",
+            "--scope",
+            "audit",
+            "--ttl",
+            "10m",
+            "--subject",
+            "it-ops",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "token create failed: {err}");
+    let token = token.trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+
+    let (ok, out, err) = cli(
+        &[
+            "-c",
+            config,
+            "topup",
+            &alice_id,
+            "12.50",
+            "EUR",
+            "--key",
+            "it-order-1",
+        ],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "topup failed: {err}");
+    assert!(out.contains("credited 12.50 EUR"), "{out}");
+    // The same key again credits nothing more.
+    let (ok, _, err) = cli(
+        &[
+            "-c",
+            config,
+            "topup",
+            &alice_id,
+            "12.50",
+            "EUR",
+            "--key",
+            "it-order-1",
+        ],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    // A bad amount is refused with the API's sentence and a failing exit status.
+    let (ok, _, err) = cli(
+        &["-c", config, "topup", &alice_id, "1.001", "EUR"],
+        Some(&token),
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("EUR has 2 decimal places"), "{err}");
+
+    // A signed provider webhook over the socket.
+    let body = json!({
+        "type": "topup.succeeded", "event_id": "it_evt_1", "user_id": alice_id,
+        "amount": "7.50", "currency": "EUR",
+    })
+    .to_string();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signature = webhook::sign(
+        &WebhookSecret::new(ACME_SECRET.to_vec()),
+        now_s,
+        body.as_bytes(),
+    );
+    for _ in 0..2 {
+        let response = reqwest::Client::new()
+            .post(format!("{}/_mxpay/admin/v1/webhooks/acme", mxpay.url))
+            .header(webhook::SIGNATURE_HEADER, &signature)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+
+    let (ok, out, err) = cli(&["-c", config, "balance", &alice_id], Some(&token)).await;
+    assert!(ok, "balance failed: {err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("EUR"))
+        .unwrap_or_else(|| panic!("no EUR row: {out}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("20.00"), "{out}");
+
+    let (ok, out, err) = cli(
+        &["-c", config, "--json", "history", &alice_id],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let history: Value = serde_json::from_str(&out).unwrap();
+    let amounts: Vec<&str> = history["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["amount"].as_str().unwrap())
+        .collect();
+    assert_eq!(amounts, ["7.50", "12.50"]);
+
+    let (ok, out, _) = cli(&["-c", config, "freeze", &alice_id], Some(&token)).await;
+    assert!(ok && out.contains("debits"), "{out}");
+    let (ok, _, _) = cli(&["-c", config, "unfreeze", &alice_id], Some(&token)).await;
+    assert!(ok);
+    let (ok, out, err) = cli(&["-c", config, "verify"], Some(&token)).await;
+    assert!(ok && out.starts_with("ledger OK"), "{out} {err}");
+    let (ok, out, err) = cli(&["-c", config, "export"], Some(&token)).await;
+    assert!(ok, "{err}");
+    let created: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["type"] == "transfer_created")
+        .collect();
+    assert_eq!(created.len(), 2, "{out}");
+    assert!(created
+        .iter()
+        .all(|l| l["to"]["owner"] == alice_id.as_str()));
+
+    // Without the scope: refused, and the CLI says why.
+    let (_, read_only, _) = cli(&["-c", config, "token", "create", "--scope", "read"], None).await;
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(read_only.trim())).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &["-c", config, "topup", &alice_id, "1", "EUR"],
+        Some(read_only.trim()),
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("M_FORBIDDEN") && err.contains("topup"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["-c", config, "balance", &alice_id], None).await;
+    assert!(!ok && err.contains("MXPAY_ADMIN_TOKEN"), "{err}");
+
+    let (ok, out, err) = cli(&["-c", config, "audit", "--limit", "100"], Some(&token)).await;
+    assert!(ok, "{err}");
+    for action in [
+        "topup",
+        "webhook.topup",
+        "accounts",
+        "history",
+        "freeze",
+        "unfreeze",
+        "ledger.verify",
+        "pending",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().nth(3) == Some(action)),
+            "no {action} in the audit log:\n{out}"
+        );
+    }
+    assert!(out.contains("it-ops"), "{out}");
+
+    // After a SIGKILL and restart, the same webhook and the same top-up key credit nothing.
+    mxpay.restart().await;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signature = webhook::sign(
+        &WebhookSecret::new(ACME_SECRET.to_vec()),
+        now_s,
+        body.as_bytes(),
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/_mxpay/admin/v1/webhooks/acme", mxpay.url))
+        .header(webhook::SIGNATURE_HEADER, &signature)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["replay"], true, "{answer}");
+    let (ok, _, err) = cli(
+        &[
+            "-c",
+            config,
+            "topup",
+            &alice_id,
+            "12.50",
+            "EUR",
+            "--key",
+            "it-order-1",
+        ],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["available"], "20.00", "{balance}");
+    // The audit log's chain survived the kill too (mxpay checks it when it opens the log).
+    let (ok, out, err) = cli(&["-c", config, "audit", "--limit", "500"], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.lines().any(|l| l.contains("webhook.topup")), "{out}");
+    // The secret never reaches mxpay's log.
+    let log = mxpay.log();
+    assert!(!log.contains(std::str::from_utf8(&secret).unwrap()));
+    assert!(!log.contains(std::str::from_utf8(ACME_SECRET).unwrap()));
+}
+
+/// `App` opens the ledger and the admin state from the config and mounts the admin API on the
+/// appservice router; a missing secret stops it with the key's name, never the secret.
+#[tokio::test]
+async fn app_mounts_the_admin_api_from_the_config() {
+    use mxpay::app::App;
+    use mxpay::config::Config;
+    use mxpay::registration::Registration;
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, secret) = admin_yaml(dir.path());
+    let mut config =
+        Config::from_yaml(&format!("data_dir: {}\n{yaml}", dir.path().display())).unwrap();
+    config.resolve_paths(dir.path());
+    let app = App::open(config.clone(), Registration::generate(&config)).unwrap();
+    assert!(app.admin().is_some());
+    let topup = |token: String| {
+        Request::post("/_mxpay/admin/v1/topups")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(
+                json!({"user_id": ALICE, "amount": "4.00", "currency": "EUR", "idempotency_key": "app-1"})
+                    .to_string(),
+            ))
+            .unwrap()
+    };
+    let response = app
+        .router()
+        .oneshot(topup(mint(&secret, &[Scope::Topup])))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let balances = app.ledger().balances(&Owner::user(ALICE)).await.unwrap();
+    assert_eq!(balances[0].balances.available_minor(), 400);
+    // The appservice routes are still there.
+    let response = app
+        .router()
+        .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(app);
+
+    std::fs::remove_file(dir.path().join("admin-jwt.key")).unwrap();
+    // A fresh data dir: sled's threads may still hold the dropped App's database locks.
+    config.data_dir = dir.path().join("again");
+    let error = App::open(config.clone(), Registration::generate(&config))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("admin.token.secret.file"), "{error}");
+    assert!(!error.contains(std::str::from_utf8(&secret).unwrap()));
+}
+
+/// A PIN store that records resets.
+#[derive(Default)]
+struct FakePins(parking_lot::Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl mxpay::admin::service::PinReset for FakePins {
+    async fn reset_pin(&self, user_id: &str) -> Result<bool, String> {
+        let mut resets = self.0.lock();
+        resets.push(user_id.to_owned());
+        Ok(resets.len() == 1)
+    }
+}
+
+#[tokio::test]
+async fn pin_reset_needs_its_scope_and_a_pin_store() {
+    let h = Harness::new();
+    let path = format!("/users/{}/pin-reset", enc(ALICE));
+    let token = h.token(&[Scope::PinReset]);
+    let (status, body) = h.call("POST", &path, Some(&token), None).await;
+    assert_eq!(status, 501, "no PIN store yet: {body}");
+    let pins = Arc::new(FakePins::default());
+    h.state.set_pin_reset(pins.clone());
+    let (status, body) = h
+        .call("POST", &path, Some(&h.token(&[Scope::Freeze])), None)
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = h.call("POST", &path, Some(&token), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["had_pin"], true);
+    let (status, body) = h
+        .call("POST", "/users/alice/pin-reset", Some(&token), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(*pins.0.lock(), [ALICE]);
+    let audit = h.audit().await;
+    let results: Vec<&str> = audit
+        .iter()
+        .filter(|e| e["action"] == "pin-reset")
+        .map(|e| e["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        results,
+        ["M_INVALID_PARAM", "ok", "M_FORBIDDEN", "M_UNRECOGNIZED"]
+    );
+}
+
+/// Payments and the admin API together over the real binary: alice withdraws with her PIN,
+/// the operator sees the pending withdrawal and settles it with `mxpay admin`, alice is told;
+/// then an admin PIN reset makes her set a new PIN before she can withdraw again.
+#[tokio::test]
+async fn withdrawal_settled_and_pin_reset_through_the_cli() {
+    use crate::support::{self, MxpayOptions, MxpayProcess, RoomOptions, SlotKind, TestClient};
+    use matrix_sdk::ruma::api::client::room::create_room::v3::RoomPreset;
+    use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+    use matrix_sdk::ruma::RoomId;
+
+    const PIN: &str = "5937";
+    async fn say(client: &TestClient, room: &RoomId, text: &str) {
+        client
+            .room(room)
+            .await
+            .send(RoomMessageEventContent::text_plain(text))
+            .await
+            .unwrap_or_else(|e| panic!("sending {text:?}: {e}"));
+    }
+
+    let alice_user = support::user("alice").await;
+    let mut lease = support::synapse()
+        .lease(SlotKind::Normal, "admin-withdraw")
+        .await;
+    let pepper = lease.dir.join("pepper");
+    std::fs::write(&pepper, support::random_suffix(48)).unwrap();
+    let (admin, _) = admin_yaml(&lease.dir);
+    lease.config.extra_yaml = format!(
+        "payments:\n  enabled: true\n  pepper_file: {}\n{admin}",
+        pepper.display()
+    );
+    lease.write_config();
+    let _mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
+    let bot = lease.spec.bot_user_id();
+    let config = lease.config_path();
+    let config = config.to_str().unwrap();
+    let (ok, token, err) = cli(
+        &[
+            "-c",
+            config,
+            "token",
+            "create",
+            "--scope",
+            "topup,read,settle,pin-reset",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let token = token.trim().to_owned();
+
+    let alice = support::client(&alice_user).await;
+    alice.bootstrap_cross_signing().await;
+    let alice_id = alice.user.user_id.to_string();
+    let dm = alice
+        .create_room(RoomOptions {
+            encrypted: true,
+            preset: Some(RoomPreset::TrustedPrivateChat),
+            invite: vec![bot.as_str().try_into().unwrap()],
+            is_direct: true,
+            ..Default::default()
+        })
+        .await
+        .room_id()
+        .to_owned();
+    alice.wait_for_membership(&dm, &bot, "join").await;
+    say(&alice, &dm, "!pin set").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Choose a 4-digit PIN"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Send the same PIN again"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Your PIN is set"))
+        .await;
+
+    let (ok, _, err) = cli(
+        &["-c", config, "topup", &alice_id, "50.00", "EUR"],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("topped up with 50.00 EUR"))
+        .await;
+
+    say(&alice, &dm, "!withdraw 20 EUR").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("Confirm withdrawing 20.00 EUR"))
+        .await;
+    say(&alice, &dm, PIN).await;
+    alice
+        .wait_for_message(&dm, &bot, |b| {
+            b.contains("Withdrawal of 20.00 EUR confirmed")
+        })
+        .await;
+
+    // The operator's view: the withdrawal waits, reserved.
+    let (ok, out, err) = cli(&["-c", config, "--json", "pending"], Some(&token)).await;
+    assert!(ok, "{err}");
+    let pending: Value = serde_json::from_str(&out).unwrap();
+    let withdrawal = pending["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["from"] == alice_id.as_str() && t["to"] == "system:settlement")
+        .unwrap_or_else(|| panic!("no pending withdrawal: {out}"))
+        .clone();
+    assert_eq!(withdrawal["amount"], "20.00");
+    let (ok, out, _) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    assert!(ok);
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["available"], "30.00", "{balance}");
+    assert_eq!(balance["accounts"][0]["pending_out"], "20.00", "{balance}");
+
+    let id = withdrawal["id"].as_str().unwrap();
+    let (ok, out, err) = cli(&["-c", config, "settle", id], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("posted"), "{out}");
+    alice
+        .wait_for_message(&dm, &bot, |b| {
+            b.contains("withdrawal of 20.00 EUR was paid out")
+        })
+        .await;
+    let (_, out, _) = cli(
+        &["-c", config, "--json", "balance", &alice_id],
+        Some(&token),
+    )
+    .await;
+    let balance: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(balance["accounts"][0]["posted"], "30.00", "{balance}");
+    assert_eq!(balance["accounts"][0]["pending_out"], "0.00", "{balance}");
+
+    // After a PIN reset, alice must set a new PIN before money can leave again.
+    let (ok, out, err) = cli(&["-c", config, "pin-reset", &alice_id], Some(&token)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("must set a new PIN"), "{out}");
+    say(&alice, &dm, "!withdraw 5 EUR").await;
+    alice
+        .wait_for_message(&dm, &bot, |b| b.contains("you have no PIN yet"))
+        .await;
+}
