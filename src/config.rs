@@ -356,21 +356,12 @@ impl Config {
                 reason,
             },
         )?;
-        for (i, currency) in self.ledger.currencies.iter().enumerate() {
-            let key = format!("ledger.currencies[{i}]");
-            if currency.code.len() != 3 || !currency.code.chars().all(|c| c.is_ascii_uppercase()) {
-                return Err(ConfigError::Invalid {
-                    key: format!("{key}.code"),
-                    reason: format!("`{}` is not a 3-letter upper-case code", currency.code),
-                });
-            }
-            if currency.exponent > 8 {
-                return Err(ConfigError::Invalid {
-                    key: format!("{key}.exponent"),
-                    reason: "must be between 0 and 8".to_owned(),
-                });
-            }
-        }
+        self.ledger.validate().map_err(
+            |crate::ledger::settings::SettingsError { key, reason }| ConfigError::Invalid {
+                key,
+                reason,
+            },
+        )?;
         Ok(())
     }
 }
@@ -446,6 +437,105 @@ mod tests {
             assert!(
                 message.contains(key),
                 "`{yaml}` gave `{message}`, no `{key}`"
+            );
+        }
+    }
+
+    /// One case per start-up rule of the issue: the message names the key and says why.
+    #[test]
+    fn every_rule_names_the_key_and_the_reason() {
+        let cases = [
+            // Unknown keys, at any depth: serde names the section and the key.
+            ("colour: blue", "unknown field `colour`"),
+            ("payments: {pepper: x}", "payments: unknown field `pepper`"),
+            (
+                "ledger: {currencies: [{code: EUR, exponent: 2, limit: '1'}]}",
+                "ledger.currencies[0]: unknown field `limit`",
+            ),
+            // Bad URLs.
+            ("homeserver: {url: 'http://'}", "homeserver.url"),
+            // A currency without its exponent.
+            (
+                "ledger: {currencies: [{code: EUR}]}",
+                "ledger.currencies[0]: missing field `exponent`",
+            ),
+            (
+                "ledger: {currencies: [{code: EUR, exponent: 2}, {code: EUR, exponent: 2}]}",
+                "`ledger.currencies[1].code`: `EUR` appears twice",
+            ),
+            // Limits that contradict each other or the currency.
+            (
+                "ledger: {currencies: [{code: EUR, exponent: 2, max_transfer: '50', \
+                 max_per_24h: '20'}]}",
+                "`ledger.currencies[0].max_transfer`: `50` is above max_per_24h",
+            ),
+            (
+                "ledger: {currencies: [{code: EUR, exponent: 2, max_transfer: '0'}]}",
+                "`ledger.currencies[0].max_transfer`: `0` must be above zero",
+            ),
+            (
+                "ledger: {currencies: [{code: EUR, exponent: 2, max_per_24h: '-1'}]}",
+                "`ledger.currencies[0].max_per_24h`: `-1` must be above zero",
+            ),
+            (
+                "ledger: {currencies: [{code: EUR, exponent: 2, max_transfer: '0.001'}]}",
+                "`ledger.currencies[0].max_transfer`: `0.001` has more decimal places",
+            ),
+            (
+                "ledger: {currencies: []}",
+                "`ledger.currencies`: at least one",
+            ),
+            // Durations and timeouts.
+            (
+                "payments: {stepup_timeout_ms: 0}",
+                "`payments.stepup_timeout_ms`: must be between",
+            ),
+            (
+                "payments: {pin_dialog_timeout_ms: 99999999}",
+                "`payments.pin_dialog_timeout_ms`: must be between",
+            ),
+            (
+                "payments: {withdrawal_timeout_ms: 999999999999}",
+                "`payments.withdrawal_timeout_ms`: must be between",
+            ),
+            (
+                "payments: {stepup_timeout_ms: -5}",
+                "payments.stepup_timeout_ms: invalid type: integer `-5`",
+            ),
+            (
+                "admin: {webhook_tolerance_s: 7200}",
+                "`admin.webhook_tolerance_s`: must be between",
+            ),
+            ("admin: {token_ttl_max_s: 0}", "`admin.token_ttl_max_s`"),
+            // Incomplete admin token settings.
+            (
+                "admin: {token: {algorithm: EdDSA}}",
+                "`admin.token.public_key`: EdDSA needs",
+            ),
+            (
+                "admin: {token: {algorithm: HS256}}",
+                "`admin.token.secret`: HS256 needs",
+            ),
+            (
+                "admin: {token: {algorithm: RS256, secret: {env: X}}}",
+                "admin.token.algorithm: unknown variant `RS256`",
+            ),
+            // Providers with duplicate names.
+            (
+                "admin: {providers: [{name: acme, secret: {env: A}}, \
+                 {name: acme, secret: {env: B}}]}",
+                "`admin.providers[1].name`: `acme` appears twice",
+            ),
+            (
+                "payments: {wallet_holders: ['not a holder']}",
+                "`payments.wallet_holders`",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let message = err_of(yaml);
+            assert!(
+                message.contains(expected),
+                "`{yaml}` gave `{message}`, not `{expected}`"
             );
         }
     }

@@ -237,10 +237,11 @@ mod tests {
         }
         let missing = PaymentsSettings::default();
         if std::env::var(PEPPER_ENV).is_err() {
-            assert!(matches!(
-                missing.load_pepper(),
-                Err(SettingsError::PepperMissing)
-            ));
+            let error = missing.load_pepper().unwrap_err();
+            assert!(matches!(error, SettingsError::PepperMissing));
+            // The start-up sentence names the key to set and the variable that may replace it.
+            let message = error.to_string();
+            assert!(message.contains("`payments.pepper_file`") && message.contains(PEPPER_ENV));
         }
     }
 }
