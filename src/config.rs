@@ -592,6 +592,75 @@ mod tests {
         }
     }
 
+    /// The reverse direction: every key in docs/config.md's tables is a key of `Config`, every
+    /// key of `Config` is documented, and config.example.yaml has every top-level section.
+    #[test]
+    fn documented_keys_are_exactly_the_config_keys() {
+        use crate::admin::settings::{
+            ProviderSettings, SecretSource, TokenAlgorithm, TokenKeySettings,
+        };
+        // Every optional part filled in, so serialising shows every key the code knows.
+        let mut full = Config::default();
+        full.ledger.currencies[0].max_transfer = Some(rust_decimal::Decimal::ONE);
+        full.ledger.currencies[0].max_per_24h = Some(rust_decimal::Decimal::TWO);
+        full.payments.pepper_file = Some(PathBuf::from("pepper"));
+        full.admin.token = Some(TokenKeySettings {
+            algorithm: TokenAlgorithm::EdDsa,
+            secret: Some(SecretSource::env("A")),
+            public_key: Some(SecretSource::env("B")),
+            private_key: Some(SecretSource::env("C")),
+        });
+        full.admin.providers = vec![ProviderSettings {
+            name: "acme".to_owned(),
+            secret: SecretSource::env("D"),
+        }];
+        let value = serde_yaml_ng::to_value(&full).unwrap();
+        let mut code_keys = Vec::new();
+        collect_keys(&value, "", &mut code_keys);
+        // A secret source's `file` / `env` are described once, not under every secret key.
+        code_keys.retain(|k| !k.ends_with(".file") && !k.ends_with(".env"));
+
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let docs = std::fs::read_to_string(root.join("docs/config.md")).unwrap();
+        let documented: Vec<String> = docs
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            documented.len() > 30,
+            "too few documented keys: {documented:?}"
+        );
+        for key in &documented {
+            assert!(
+                code_keys.contains(key),
+                "docs/config.md documents `{key}`, which is not a config key"
+            );
+        }
+        for key in &code_keys {
+            assert!(
+                documented.contains(key),
+                "config key `{key}` is not in docs/config.md's tables"
+            );
+        }
+
+        let example: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+            &std::fs::read_to_string(root.join("config.example.yaml")).unwrap(),
+        )
+        .unwrap();
+        let serde_yaml_ng::Value::Mapping(sections) = &value else {
+            panic!("config serialises to a mapping")
+        };
+        for section in sections.keys() {
+            assert!(
+                example.get(section).is_some(),
+                "config.example.yaml has no `{}` section",
+                section.as_str().unwrap_or_default()
+            );
+        }
+    }
+
     fn collect_keys(value: &serde_yaml_ng::Value, prefix: &str, out: &mut Vec<String>) {
         match value {
             serde_yaml_ng::Value::Mapping(map) => {
