@@ -380,8 +380,9 @@ impl Ledger {
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
-    /// Freezes an account: no debits, or no movement at all. Pending transfers from it can
-    /// still be voided or expire, not posted.
+    /// Freezes an account: no new transfers out of it (`Debits`), or none out of or into it
+    /// (`All`). Pending transfers created before the freeze can still be posted, voided or
+    /// expire, on either side: their money was reserved when they were admitted.
     pub async fn freeze(&self, account: AccountId, mode: FreezeMode) -> Result<(), LedgerError> {
         self.op(Op::Freeze {
             account,

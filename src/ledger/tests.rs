@@ -712,7 +712,10 @@ fn frozen_accounts() {
         E::DebitAccountFrozen
     );
     assert_eq!(
-        rejected(f.ledger.post(TransferId(2), None)),
+        rejected(f.ledger.create_pending(
+            f.request(9, user("alice"), user("bob"), "1.00", "EUR"),
+            60_000,
+        )),
         E::DebitAccountFrozen
     );
     f.ledger.void(TransferId(3)).unwrap();
@@ -727,7 +730,6 @@ fn frozen_accounts() {
         Some(FreezeMode::All)
     );
     f.ledger.unfreeze(alice.clone()).unwrap();
-    f.ledger.post(TransferId(2), None).unwrap();
     f.send(7, user("alice"), user("bob"), "1.00").unwrap();
     let bob = AccountId {
         owner: user("bob"),
@@ -743,6 +745,87 @@ fn frozen_accounts() {
         )),
         E::DebitAccountFrozen
     );
+    f.ledger.verify().unwrap();
+}
+
+/// A freeze refuses new transfers only: pending transfers admitted before it are posted,
+/// voided or expired whichever side is frozen (a withdrawal paid out before the freeze must
+/// be settled, not expire back into the wallet).
+#[test]
+fn freeze_does_not_block_pending_admitted_before_it() {
+    use TransferError as E;
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    f.fund(2, "bob", "10.00");
+    let eur = CurrencyCode::new("EUR").unwrap();
+    let account = |name: &str| AccountId {
+        owner: user(name),
+        currency: eur,
+    };
+    let pending = |id: u128, debit: Owner, credit: Owner, value: &str, timeout_ms: u64| {
+        f.ledger
+            .create_pending(f.request(id, debit, credit, value, "EUR"), timeout_ms)
+            .unwrap()
+    };
+    // Withdrawals to the settlement account, a payment to bob, and one from bob to alice.
+    pending(10, user("alice"), Owner::Settlement, "30.00", 60_000);
+    pending(11, user("alice"), Owner::Settlement, "20.00", 60_000);
+    pending(12, user("alice"), user("bob"), "5.00", 60_000);
+    pending(13, user("bob"), user("alice"), "4.00", 60_000);
+    pending(14, user("alice"), Owner::Settlement, "1.00", 1_000);
+    f.ledger.freeze(account("alice"), FreezeMode::All).unwrap();
+    f.ledger.freeze(account("bob"), FreezeMode::All).unwrap();
+
+    // New movements are refused, out of and into the frozen accounts.
+    assert_eq!(
+        rejected(f.ledger.create_pending(
+            f.request(20, user("alice"), Owner::Settlement, "1.00", "EUR"),
+            60_000,
+        )),
+        E::DebitAccountFrozen
+    );
+    assert_eq!(
+        rejected(f.send(21, Owner::Issuer, user("alice"), "1.00")),
+        E::CreditAccountFrozen
+    );
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(22),
+            TransferId(2),
+            f.amount("1.00", "EUR"),
+            vec![]
+        )),
+        E::DebitAccountFrozen
+    );
+
+    // Reservations made before the freeze still end every way a pending transfer can.
+    let settled = f.ledger.post(TransferId(10), None).unwrap();
+    assert_eq!(settled.state, TransferState::Posted { amount_minor: 3000 });
+    let partial = f
+        .ledger
+        .post(TransferId(11), Some(f.amount("15.00", "EUR")))
+        .unwrap();
+    assert_eq!(partial.state, TransferState::Posted { amount_minor: 1500 });
+    // Both sides frozen (`All`): the credit was admitted before the freeze, so it posts too.
+    f.ledger.post(TransferId(12), None).unwrap();
+    assert_eq!(
+        f.ledger.void(TransferId(13)).unwrap().state,
+        TransferState::Voided
+    );
+    f.clock.advance_ms(1_000);
+    assert_eq!(f.ledger.expire_due().unwrap(), vec![TransferId(14)]);
+    // Posting again answers the same transfer; the freezes are still in place.
+    assert_eq!(f.ledger.post(TransferId(10), None).unwrap(), settled);
+    assert_eq!(
+        f.ledger.account(&account("alice")).unwrap().unwrap().frozen,
+        Some(FreezeMode::All)
+    );
+
+    // alice: 100 - 30 - 15 - 5 = 50 posted, nothing reserved; bob: 10 + 5.
+    let alice = f.balances("alice", "EUR");
+    assert_eq!(alice.debits_pending_minor, 0);
+    assert_eq!(f.available("alice"), 5000);
+    assert_eq!(f.available("bob"), 1500);
     f.ledger.verify().unwrap();
 }
 
@@ -1257,12 +1340,7 @@ mod model {
             if x > t.amount {
                 return Err(E::PostAmountExceedsPending);
             }
-            if self.frozen.contains_key(&t.debit) {
-                return Err(E::DebitAccountFrozen);
-            }
-            if self.frozen.get(&t.credit) == Some(&FreezeMode::All) {
-                return Err(E::CreditAccountFrozen);
-            }
+            // A freeze refuses new transfers only: a pending admitted before it still posts.
             self.end(id, St::Posted(x));
             Ok(id)
         }
