@@ -829,6 +829,71 @@ fn freeze_does_not_block_pending_admitted_before_it() {
     f.ledger.verify().unwrap();
 }
 
+/// `tail_from(seq)` reads exactly what the full tail reads from record `seq` on, naming
+/// accounts opened before `seq` right, and keeps following the journal as it grows (new
+/// accounts included).
+#[test]
+fn tail_from_reads_what_the_full_tail_reads_from_that_record() {
+    let f = open();
+    let ledger = f.ledger.ledger().clone();
+    f.fund(1, "alice", "100.00");
+    f.send(2, user("alice"), user("bob"), "1.00").unwrap();
+    f.ledger
+        .create_pending(
+            f.request(3, user("bob"), user("carol"), "0.50", "EUR"),
+            60_000,
+        )
+        .unwrap();
+    f.ledger.post(TransferId(3), None).unwrap();
+    f.send(4, user("alice"), user("carol"), "2.00").unwrap();
+    let read_all = |tail: &mut JournalTail, until: u64| {
+        let mut all = Vec::new();
+        loop {
+            let page = tail.read_until(until, 3).unwrap();
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
+    };
+    let head = block_on(ledger.durable_seq()).unwrap();
+    assert!(head >= 5, "{head}");
+    let full = read_all(&mut ledger.tail(), head);
+    let mut tails = Vec::new();
+    for from_seq in 0..=head + 1 {
+        let mut tail = block_on(ledger.tail_from(from_seq)).unwrap();
+        let expected: Vec<_> = full
+            .iter()
+            .filter(|e| e.record_seq >= from_seq)
+            .cloned()
+            .collect();
+        assert_eq!(read_all(&mut tail, head), expected, "from {from_seq}");
+        tails.push(tail);
+    }
+    assert!(matches!(
+        block_on(ledger.tail_from(head + 2)),
+        Err(LedgerError::Corrupt { .. })
+    ));
+
+    // The journal grows, opening new accounts (dave, a JPY account): every tail follows.
+    f.send(5, user("carol"), user("dave"), "0.25").unwrap();
+    f.ledger
+        .create_transfer(f.request(6, Owner::Issuer, user("alice"), "7", "JPY"))
+        .unwrap();
+    f.send(7, user("dave"), user("alice"), "0.10").unwrap();
+    let new_head = block_on(ledger.durable_seq()).unwrap();
+    let more = read_all(&mut ledger.tail(), new_head)
+        .into_iter()
+        .filter(|e| e.record_seq > head)
+        .collect::<Vec<_>>();
+    assert!(more
+        .iter()
+        .any(|e| matches!(&e.entry, JournalEntry::AccountOpened { account } if account.owner == user("dave"))));
+    for (from_seq, tail) in tails.iter_mut().enumerate() {
+        assert_eq!(read_all(tail, new_head), more, "from {from_seq}");
+    }
+}
+
 #[test]
 fn rolling_daily_limit() {
     let f = open();
