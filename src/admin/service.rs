@@ -201,6 +201,13 @@ impl AdminState {
     ) -> Result<Self, AdminError> {
         let tokens = TokenAuthority::new(key, clock.clone())
             .map_err(|e| AdminError::InvalidParam(format!("admin.token: {e}")))?;
+        // Every way of building the state (config or tests) passes here, so a short provider
+        // secret is refused at startup rather than guarding top-ups weakly.
+        for (name, secret) in &providers {
+            secret
+                .check_len()
+                .map_err(|e| AdminError::InvalidParam(format!("admin.providers `{name}`: {e}")))?;
+        }
         std::fs::create_dir_all(data_dir).map_err(|e| {
             AdminError::internal(format!("cannot create {}: {e}", data_dir.display()))
         })?;
@@ -388,10 +395,22 @@ impl AdminState {
         {
             return Err(not_found());
         }
+        // A freeze of the wallet does not stop this: the money was reserved before it (see
+        // docs/ledger.md, Freezing).
         let result = match outcome {
             Settlement::Settle => self.ledger.post(id, None).await,
             Settlement::Reject => self.ledger.void(id).await,
         };
+        if let (Settlement::Settle, Err(LedgerError::Rejected(error))) = (outcome, &result) {
+            // The payout happened outside mxpay but the ledger refused to record it (most
+            // likely the withdrawal expired first, returning the money to the wallet): an
+            // operator must reconcile by hand.
+            tracing::error!(
+                withdrawal_id,
+                %error,
+                "a paid-out withdrawal could not be settled; reconcile it by hand"
+            );
+        }
         Ok(result?)
     }
 

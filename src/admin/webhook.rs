@@ -42,16 +42,48 @@ pub enum WebhookError {
     /// The body is not a webhook event this server understands.
     #[error("the webhook body is not valid: {0}")]
     BadBody(String),
+    /// A provider secret is shorter than [`SECRET_BYTES_MIN`] (the secret is not shown).
+    #[error("the webhook secret is {len_bytes} bytes long; at least {min_bytes} are required")]
+    SecretTooShort {
+        /// Length of the refused secret.
+        len_bytes: usize,
+        /// [`SECRET_BYTES_MIN`].
+        min_bytes: usize,
+    },
 }
+
+/// Shortest accepted provider secret, in bytes: the HMAC-SHA256 output size, so a guessable
+/// short secret cannot be what stands between the internet and a top-up.
+pub const SECRET_BYTES_MIN: usize = 32;
 
 /// A provider's signing secret.
 #[derive(Clone)]
 pub struct WebhookSecret(Vec<u8>);
 
 impl WebhookSecret {
-    /// Wraps secret bytes.
+    /// Wraps secret bytes without checking them. [`super::AdminState::new`] refuses a secret
+    /// shorter than [`SECRET_BYTES_MIN`], so a short one never verifies a webhook; use
+    /// [`WebhookSecret::try_new`] to check at construction.
     pub fn new(bytes: Vec<u8>) -> Self {
         Self(bytes)
+    }
+
+    /// Wraps secret bytes, refusing a secret shorter than [`SECRET_BYTES_MIN`].
+    pub fn try_new(bytes: Vec<u8>) -> Result<Self, WebhookError> {
+        let secret = Self(bytes);
+        secret.check_len()?;
+        Ok(secret)
+    }
+
+    /// Refuses a secret shorter than [`SECRET_BYTES_MIN`].
+    pub fn check_len(&self) -> Result<(), WebhookError> {
+        if self.0.len() < SECRET_BYTES_MIN {
+            return Err(WebhookError::SecretTooShort {
+                len_bytes: self.0.len(),
+                min_bytes: SECRET_BYTES_MIN,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -174,7 +206,24 @@ mod tests {
     use super::*;
 
     fn secret() -> WebhookSecret {
-        WebhookSecret::new(b"provider-secret".to_vec())
+        WebhookSecret::try_new(b"provider-secret-0123456789abcdefghij".to_vec()).unwrap()
+    }
+
+    #[test]
+    fn secrets_shorter_than_32_bytes_are_refused() {
+        let short = b"provider-secret-0123456789abcde".to_vec();
+        assert_eq!(short.len(), SECRET_BYTES_MIN - 1);
+        let err = WebhookSecret::try_new(short).unwrap_err();
+        assert_eq!(
+            err,
+            WebhookError::SecretTooShort {
+                len_bytes: 31,
+                min_bytes: 32
+            }
+        );
+        assert!(!err.to_string().contains("provider-secret"), "{err}");
+        assert!(WebhookSecret::new(Vec::new()).check_len().is_err());
+        WebhookSecret::try_new(vec![b'k'; SECRET_BYTES_MIN]).unwrap();
     }
 
     const BODY: &[u8] = br#"{"type":"topup.succeeded","event_id":"evt_1","user_id":"@alice:localhost","amount":"12.50","currency":"EUR"}"#;

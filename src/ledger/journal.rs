@@ -38,6 +38,34 @@ impl ChainReader {
         }
     }
 
+    /// A reader that starts at record `from_seq` (> 1) instead of the first: record
+    /// `from_seq - 1` is read and its own hash checked, to chain the next one to it. The chain
+    /// before it is not walked again (a ledger checked it when it opened). Reads nothing until
+    /// [`ChainReader::follow`].
+    pub fn starting_at(storage: &dyn Storage, from_seq: u64) -> Result<Self, LedgerError> {
+        let before = from_seq - 1;
+        let missing = || Self::corrupt(before, "no such record: the tail cannot start after it");
+        let (key_seq, bytes) = storage.records(before).next().ok_or_else(missing)??;
+        if key_seq != before {
+            return Err(missing());
+        }
+        let record = decode_record(&bytes).map_err(|e| Self::corrupt(before, e))?;
+        if record.seq != before {
+            return Err(Self::corrupt(
+                before,
+                format!("the record stored as {before} is record {}", record.seq),
+            ));
+        }
+        Ok(Self {
+            records: Box::new(std::iter::empty()),
+            expected_seq: from_seq,
+            prev_hash: record.hash,
+            prev_time_ms: record.time_ms,
+            // Not `Some(0)`, which marks a walk stopped by a broken chain.
+            until_seq: Some(before),
+        })
+    }
+
     /// Looks at the store again from the next expected record on, so records appended since
     /// the walk started are read too (the journal tail), and stops after `until_seq`.
     pub fn follow(&mut self, storage: &dyn Storage, until_seq: u64) {
@@ -314,6 +342,9 @@ pub enum JournalEntry {
 pub struct JournalExport {
     reader: ChainReader,
     accounts: Vec<AccountId>,
+    /// Accounts already in `accounts` (a tail started past record 1) whose opening may still
+    /// be read: they keep their index rather than being added again.
+    preloaded: std::collections::HashSet<AccountId>,
     current: std::vec::IntoIter<Event>,
     current_seq: u64,
     current_time_ms: u64,
@@ -325,6 +356,7 @@ impl JournalExport {
         Self {
             reader: ChainReader::new(storage, until_seq),
             accounts: Vec::new(),
+            preloaded: std::collections::HashSet::new(),
             current: Vec::new().into_iter(),
             current_seq: 0,
             current_time_ms: 0,
@@ -348,7 +380,9 @@ impl JournalExport {
                 JournalEntry::CurrencyDefined { code, exponent }
             }
             Event::AccountOpened { account } => {
-                self.accounts.push(account.clone());
+                if !self.preloaded.remove(&account) {
+                    self.accounts.push(account.clone());
+                }
                 JournalEntry::AccountOpened { account }
             }
             Event::TransferCreated {
@@ -391,6 +425,25 @@ impl JournalTail {
     pub(crate) fn new(storage: std::sync::Arc<dyn Storage>) -> Self {
         let export = JournalExport::new(storage.as_ref(), Some(0));
         Self { storage, export }
+    }
+
+    /// A tail whose first entries are those of record `from_seq`. `accounts` are the ledger's
+    /// accounts in opening order, as of a head at or after `from_seq - 1` (the records skipped
+    /// name accounts by index, so the tail needs the table they built).
+    pub(crate) fn starting_at(
+        storage: std::sync::Arc<dyn Storage>,
+        from_seq: u64,
+        accounts: Vec<AccountId>,
+    ) -> Result<Self, LedgerError> {
+        if from_seq <= 1 {
+            return Ok(Self::new(storage));
+        }
+        let mut export = JournalExport::new(storage.as_ref(), Some(0));
+        export.reader = ChainReader::starting_at(storage.as_ref(), from_seq)?;
+        export.current_seq = from_seq - 1;
+        export.preloaded = accounts.iter().cloned().collect();
+        export.accounts = accounts;
+        Ok(Self { storage, export })
     }
 
     /// The next entries of records up to `until_seq` (a durable seq from

@@ -380,8 +380,9 @@ impl Ledger {
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
-    /// Freezes an account: no debits, or no movement at all. Pending transfers from it can
-    /// still be voided or expire, not posted.
+    /// Freezes an account: no new transfers out of it (`Debits`), or none out of or into it
+    /// (`All`). Pending transfers created before the freeze can still be posted, voided or
+    /// expire, on either side: their money was reserved when they were admitted.
     pub async fn freeze(&self, account: AccountId, mode: FreezeMode) -> Result<(), LedgerError> {
         self.op(Op::Freeze {
             account,
@@ -472,6 +473,30 @@ impl Ledger {
     /// which tells rooms about state changes). Read it up to [`Ledger::durable_seq`].
     pub fn tail(&self) -> JournalTail {
         JournalTail::new(self.inner.storage.clone())
+    }
+
+    /// Like [`Ledger::tail`], but the first entries read are those of record `from_seq` (the
+    /// record holding an outbox cursor), so a restart does not read the whole journal again
+    /// before reaching it. Records before `from_seq` are not chain-checked again (opening the
+    /// ledger did that); `from_seq` 0 or 1 is [`Ledger::tail`]. Refused (`Corrupt`) when
+    /// record `from_seq - 1` is not durable or not readable.
+    pub async fn tail_from(&self, from_seq: u64) -> Result<JournalTail, LedgerError> {
+        let (accounts, head_seq) = self
+            .read(|state, head| {
+                let accounts: Vec<AccountId> = state.accounts().into_iter().map(|a| a.id).collect();
+                (accounts, head.seq)
+            })
+            .await?;
+        if from_seq > head_seq.saturating_add(1) {
+            return Err(LedgerError::Corrupt {
+                record: from_seq - 1,
+                reason: format!(
+                    "the tail cannot start at record {from_seq}: the journal ends at record {head_seq}"
+                ),
+            });
+        }
+        // One record read, like the reads `JournalTail::read_until` does on the caller's task.
+        JournalTail::starting_at(self.inner.storage.clone(), from_seq, accounts)
     }
 
     /// The seq of the last journal record that is durable (0 when none is).

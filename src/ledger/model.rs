@@ -93,12 +93,14 @@ impl fmt::Display for AccountId {
     }
 }
 
-/// How far an account is frozen.
+/// How far an account is frozen. A freeze refuses *new* transfers (create, create pending,
+/// refund); a pending transfer created before the freeze can still be posted, voided or
+/// expire, whichever of its accounts is frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FreezeMode {
-    /// No money may leave the account (it may still receive).
+    /// No new transfer may take money from the account (it may still receive).
     Debits,
-    /// No money may leave or enter the account.
+    /// No new transfer may take money from the account or bring money to it.
     All,
 }
 
@@ -292,10 +294,11 @@ pub enum TransferError {
     /// The refund is above what remains unrefunded.
     #[error("the refund is above what remains unrefunded")]
     RefundExceedsRemaining = 52,
-    /// The debit account is frozen.
+    /// The debit account is frozen (refused for new transfers and refunds only; posting a
+    /// pending transfer is never refused for a freeze).
     #[error("the debit account is frozen")]
     DebitAccountFrozen = 60,
-    /// The credit account is frozen for all movement.
+    /// The credit account is frozen for all new movement.
     #[error("the credit account is frozen")]
     CreditAccountFrozen = 61,
     /// The debit account would exceed its rolling 24-hour limit.

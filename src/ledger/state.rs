@@ -477,12 +477,9 @@ impl State {
         if post_minor > t.amount_minor {
             return Err(E::PostAmountExceedsPending);
         }
-        if self.accounts[t.debit as usize].frozen.is_some() {
-            return Err(E::DebitAccountFrozen);
-        }
-        if self.accounts[t.credit as usize].frozen == Some(FreezeMode::All) {
-            return Err(E::CreditAccountFrozen);
-        }
+        // No freeze check: a freeze stops new movements, while this one was admitted (and its
+        // money reserved) when it was created. A withdrawal paid out before the wallet was
+        // frozen must still be settled, or it would expire back into the wallet.
         let debit = &self.accounts[t.debit as usize].balances;
         let credit = &self.accounts[t.credit as usize].balances;
         if debit.debits_posted_minor.checked_add(post_minor).is_none()

@@ -712,7 +712,10 @@ fn frozen_accounts() {
         E::DebitAccountFrozen
     );
     assert_eq!(
-        rejected(f.ledger.post(TransferId(2), None)),
+        rejected(f.ledger.create_pending(
+            f.request(9, user("alice"), user("bob"), "1.00", "EUR"),
+            60_000,
+        )),
         E::DebitAccountFrozen
     );
     f.ledger.void(TransferId(3)).unwrap();
@@ -727,7 +730,6 @@ fn frozen_accounts() {
         Some(FreezeMode::All)
     );
     f.ledger.unfreeze(alice.clone()).unwrap();
-    f.ledger.post(TransferId(2), None).unwrap();
     f.send(7, user("alice"), user("bob"), "1.00").unwrap();
     let bob = AccountId {
         owner: user("bob"),
@@ -744,6 +746,152 @@ fn frozen_accounts() {
         E::DebitAccountFrozen
     );
     f.ledger.verify().unwrap();
+}
+
+/// A freeze refuses new transfers only: pending transfers admitted before it are posted,
+/// voided or expired whichever side is frozen (a withdrawal paid out before the freeze must
+/// be settled, not expire back into the wallet).
+#[test]
+fn freeze_does_not_block_pending_admitted_before_it() {
+    use TransferError as E;
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    f.fund(2, "bob", "10.00");
+    let eur = CurrencyCode::new("EUR").unwrap();
+    let account = |name: &str| AccountId {
+        owner: user(name),
+        currency: eur,
+    };
+    let pending = |id: u128, debit: Owner, credit: Owner, value: &str, timeout_ms: u64| {
+        f.ledger
+            .create_pending(f.request(id, debit, credit, value, "EUR"), timeout_ms)
+            .unwrap()
+    };
+    // Withdrawals to the settlement account, a payment to bob, and one from bob to alice.
+    pending(10, user("alice"), Owner::Settlement, "30.00", 60_000);
+    pending(11, user("alice"), Owner::Settlement, "20.00", 60_000);
+    pending(12, user("alice"), user("bob"), "5.00", 60_000);
+    pending(13, user("bob"), user("alice"), "4.00", 60_000);
+    pending(14, user("alice"), Owner::Settlement, "1.00", 1_000);
+    f.ledger.freeze(account("alice"), FreezeMode::All).unwrap();
+    f.ledger.freeze(account("bob"), FreezeMode::All).unwrap();
+
+    // New movements are refused, out of and into the frozen accounts.
+    assert_eq!(
+        rejected(f.ledger.create_pending(
+            f.request(20, user("alice"), Owner::Settlement, "1.00", "EUR"),
+            60_000,
+        )),
+        E::DebitAccountFrozen
+    );
+    assert_eq!(
+        rejected(f.send(21, Owner::Issuer, user("alice"), "1.00")),
+        E::CreditAccountFrozen
+    );
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(22),
+            TransferId(2),
+            f.amount("1.00", "EUR"),
+            vec![]
+        )),
+        E::DebitAccountFrozen
+    );
+
+    // Reservations made before the freeze still end every way a pending transfer can.
+    let settled = f.ledger.post(TransferId(10), None).unwrap();
+    assert_eq!(settled.state, TransferState::Posted { amount_minor: 3000 });
+    let partial = f
+        .ledger
+        .post(TransferId(11), Some(f.amount("15.00", "EUR")))
+        .unwrap();
+    assert_eq!(partial.state, TransferState::Posted { amount_minor: 1500 });
+    // Both sides frozen (`All`): the credit was admitted before the freeze, so it posts too.
+    f.ledger.post(TransferId(12), None).unwrap();
+    assert_eq!(
+        f.ledger.void(TransferId(13)).unwrap().state,
+        TransferState::Voided
+    );
+    f.clock.advance_ms(1_000);
+    assert_eq!(f.ledger.expire_due().unwrap(), vec![TransferId(14)]);
+    // Posting again answers the same transfer; the freezes are still in place.
+    assert_eq!(f.ledger.post(TransferId(10), None).unwrap(), settled);
+    assert_eq!(
+        f.ledger.account(&account("alice")).unwrap().unwrap().frozen,
+        Some(FreezeMode::All)
+    );
+
+    // alice: 100 - 30 - 15 - 5 = 50 posted, nothing reserved; bob: 10 + 5.
+    let alice = f.balances("alice", "EUR");
+    assert_eq!(alice.debits_pending_minor, 0);
+    assert_eq!(f.available("alice"), 5000);
+    assert_eq!(f.available("bob"), 1500);
+    f.ledger.verify().unwrap();
+}
+
+/// `tail_from(seq)` reads exactly what the full tail reads from record `seq` on, naming
+/// accounts opened before `seq` right, and keeps following the journal as it grows (new
+/// accounts included).
+#[test]
+fn tail_from_reads_what_the_full_tail_reads_from_that_record() {
+    let f = open();
+    let ledger = f.ledger.ledger().clone();
+    f.fund(1, "alice", "100.00");
+    f.send(2, user("alice"), user("bob"), "1.00").unwrap();
+    f.ledger
+        .create_pending(
+            f.request(3, user("bob"), user("carol"), "0.50", "EUR"),
+            60_000,
+        )
+        .unwrap();
+    f.ledger.post(TransferId(3), None).unwrap();
+    f.send(4, user("alice"), user("carol"), "2.00").unwrap();
+    let read_all = |tail: &mut JournalTail, until: u64| {
+        let mut all = Vec::new();
+        loop {
+            let page = tail.read_until(until, 3).unwrap();
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
+    };
+    let head = block_on(ledger.durable_seq()).unwrap();
+    assert!(head >= 5, "{head}");
+    let full = read_all(&mut ledger.tail(), head);
+    let mut tails = Vec::new();
+    for from_seq in 0..=head + 1 {
+        let mut tail = block_on(ledger.tail_from(from_seq)).unwrap();
+        let expected: Vec<_> = full
+            .iter()
+            .filter(|e| e.record_seq >= from_seq)
+            .cloned()
+            .collect();
+        assert_eq!(read_all(&mut tail, head), expected, "from {from_seq}");
+        tails.push(tail);
+    }
+    assert!(matches!(
+        block_on(ledger.tail_from(head + 2)),
+        Err(LedgerError::Corrupt { .. })
+    ));
+
+    // The journal grows, opening new accounts (dave, a JPY account): every tail follows.
+    f.send(5, user("carol"), user("dave"), "0.25").unwrap();
+    f.ledger
+        .create_transfer(f.request(6, Owner::Issuer, user("alice"), "7", "JPY"))
+        .unwrap();
+    f.send(7, user("dave"), user("alice"), "0.10").unwrap();
+    let new_head = block_on(ledger.durable_seq()).unwrap();
+    let more = read_all(&mut ledger.tail(), new_head)
+        .into_iter()
+        .filter(|e| e.record_seq > head)
+        .collect::<Vec<_>>();
+    assert!(more
+        .iter()
+        .any(|e| matches!(&e.entry, JournalEntry::AccountOpened { account } if account.owner == user("dave"))));
+    for (from_seq, tail) in tails.iter_mut().enumerate() {
+        assert_eq!(read_all(tail, new_head), more, "from {from_seq}");
+    }
 }
 
 #[test]
@@ -1257,12 +1405,7 @@ mod model {
             if x > t.amount {
                 return Err(E::PostAmountExceedsPending);
             }
-            if self.frozen.contains_key(&t.debit) {
-                return Err(E::DebitAccountFrozen);
-            }
-            if self.frozen.get(&t.credit) == Some(&FreezeMode::All) {
-                return Err(E::CreditAccountFrozen);
-            }
+            // A freeze refuses new transfers only: a pending admitted before it still posts.
             self.end(id, St::Posted(x));
             Ok(id)
         }

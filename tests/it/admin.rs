@@ -26,7 +26,7 @@ use tower::ServiceExt as _;
 /// The HS256 secret of the in-process tests.
 const SECRET: &[u8] = b"admin-test-secret-0123456789abcdef";
 /// The webhook secret of provider `acme`.
-const ACME_SECRET: &[u8] = b"whsec_acme_test";
+const ACME_SECRET: &[u8] = b"whsec_acme_test_0123456789abcdefghij";
 /// Start of the manual clock: 2026-11-25.
 const T0_MS: u64 = 1_795_000_000_000;
 
@@ -791,6 +791,104 @@ async fn withdrawals_settle_or_reject_by_api_and_by_webhook() {
     let (status, pending) = h.call("GET", "/transfers/pending", Some(&read), None).await;
     assert_eq!(status, 200);
     assert_eq!(pending["transfers"].as_array().unwrap().len(), 1);
+}
+
+/// A withdrawal confirmed before the wallet was frozen is still settled (by the API and by
+/// the provider) or rejected: a freeze stops new movements, not payouts already made. New
+/// withdrawals from the frozen wallet are refused.
+#[tokio::test]
+async fn a_frozen_wallet_s_pending_withdrawals_can_still_be_settled() {
+    let h = Harness::new();
+    h.topup(ALICE, "100.00", "EUR", "fw-0").await;
+    let w1 = withdrawal(&h, ALICE, "30.00", "fw-1").await;
+    let w2 = withdrawal(&h, ALICE, "20.00", "fw-2").await;
+    let w3 = withdrawal(&h, ALICE, "10.00", "fw-3").await;
+    let freeze = h.token(&[Scope::Freeze]);
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/users/{}/freeze", enc(ALICE)),
+            Some(&freeze),
+            Some(json!({"mode": "all"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let settle = h.token(&[Scope::Settle]);
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w1}/settle"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "posted");
+    let settled = json!({"type": "withdrawal.settled", "event_id": "evt_fw2", "withdrawal_id": w2})
+        .to_string();
+    let (status, body) = h.webhook("acme", &settled, Some(h.sign(&settled))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "posted");
+    let (status, body) = h
+        .call(
+            "POST",
+            &format!("/withdrawals/{w3}/reject"),
+            Some(&settle),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["transfer"]["state"], "voided");
+    assert_eq!(h.available(ALICE, "EUR").await, "50.00");
+
+    // Still frozen: a new withdrawal (or top-up, under `all`) is refused.
+    let refused = h
+        .ledger
+        .create_pending(
+            TransferRequest {
+                id: TransferId::from_key("fw-4"),
+                debit: Owner::user(ALICE),
+                credit: Owner::Settlement,
+                amount: h.ledger.parse_amount(Decimal::ONE, "EUR").unwrap(),
+                memo: Vec::new(),
+            },
+            60_000,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.rejection(),
+        Some(mxpay::ledger::TransferError::DebitAccountFrozen)
+    );
+    let (status, body) = h.topup(ALICE, "1.00", "EUR", "fw-5").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(h.available(ALICE, "EUR").await, "50.00");
+}
+
+/// A provider secret shorter than 32 bytes is refused when the admin state is built, with
+/// the provider named and the secret not shown.
+#[tokio::test]
+async fn a_short_provider_secret_is_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock: SharedClock = Arc::new(ManualClock::new(T0_MS));
+    let ledger = Ledger::open(dir.path(), &settings(), clock.clone()).unwrap();
+    let short = b"whsec_short_0123456789abcdefghi";
+    assert_eq!(short.len(), 31);
+    let err = AdminState::new(
+        &AdminKey::Hs256 {
+            secret: SECRET.to_vec(),
+        },
+        vec![("acme".to_owned(), WebhookSecret::new(short.to_vec()))],
+        300,
+        dir.path(),
+        ledger,
+        clock,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("acme") && err.contains("32"), "{err}");
+    assert!(!err.contains("whsec"), "{err}");
 }
 
 #[tokio::test]
