@@ -71,3 +71,26 @@ pub fn init_logging(config: &Config) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+    use crate::config::LogFormat;
+
+    #[test]
+    fn log_format_flag_parses_and_maps() {
+        let cli = Cli::try_parse_from(["mxpay", "serve", "--log-format", "json"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(args.log_format.map(LogFormat::from), Some(LogFormat::Json));
+        let cli = Cli::try_parse_from(["mxpay", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(args.log_format, None, "the config decides");
+        assert!(Cli::try_parse_from(["mxpay", "serve", "--log-format", "xml"]).is_err());
+    }
+}

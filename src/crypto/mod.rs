@@ -1219,3 +1219,23 @@ enum Attempt {
     MissingKey,
     Never(UnableToDecryptReason),
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_the_settings_hides_the_token_and_the_store_key() {
+        let mut settings = CryptoSettings::new(
+            "http://127.0.0.1:1",
+            "as-token-very-secret",
+            "@_mxpay:localhost".try_into().unwrap(),
+            "/nonexistent",
+        );
+        settings.store_key = Some([0xAB; 32]);
+        let debug = format!("{settings:?} {settings:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert!(!debug.to_ascii_lowercase().contains("abab"), "{debug}");
+        assert!(!debug.contains("171, 171"), "{debug}");
+    }
+}

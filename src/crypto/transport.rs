@@ -411,3 +411,30 @@ mod tests {
         assert!(shown.contains("DEV"));
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_tokens() {
+        let identity = DeviceIdentity::AccessToken {
+            device_id: "MXPAYABC".into(),
+            token: "syt_device_very_secret".to_owned(),
+        };
+        let transport = Transport {
+            http: reqwest::Client::new(),
+            base_url: "http://127.0.0.1:1".to_owned(),
+            as_token: "as-token-very-secret".to_owned(),
+            bot_user_id: "@_mxpay:localhost".try_into().unwrap(),
+            versions: SupportedVersions {
+                versions: Default::default(),
+                features: Default::default(),
+            },
+            metrics: None,
+        };
+        let debug = format!("{identity:?} {identity:#?} {transport:?} {transport:#?}");
+        assert!(!debug.contains("very_secret"), "{debug}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+    }
+}

@@ -587,3 +587,34 @@ impl HomeserverClient {
         Ok(self.send(request, Identity::Appservice).await?.chunk)
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_as_token() {
+        let config = HomeserverClientConfig {
+            base_url: "http://127.0.0.1:1".to_owned(),
+            as_token: Secret::new("as-token-very-secret"),
+            appservice_id: "mxpay".to_owned(),
+            bot_user_id: "@_mxpay:localhost".try_into().unwrap(),
+            retry: RetryPolicy::default(),
+        };
+        let client = HomeserverClient::new(config.clone()).unwrap();
+        let debug = format!("{config:?} {config:#?} {client:?} {client:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+    }
+
+    #[test]
+    fn endpoint_names_are_request_paths_without_ids() {
+        assert_eq!(
+            endpoint_name::<send_message_event::v3::Request>(),
+            "message::send_message_event::v3"
+        );
+        assert_eq!(
+            endpoint_name::<join_room_by_id::v3::Request>(),
+            "membership::join_room_by_id::v3"
+        );
+    }
+}

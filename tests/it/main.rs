@@ -10,6 +10,7 @@ mod support;
 mod homeserver_retry;
 
 mod ledger;
+mod observability;
 mod payments;
 
 mod smoke {
