@@ -214,6 +214,14 @@ async fn flow_leaks_no_secret(label: &str, json: bool) {
     );
     assert!(metrics.contains("# TYPE mxpay_outbox_oldest_age_seconds gauge"));
     assert_eq!(at("mxpay_crypto_parked_events"), 0.0, "{metrics}");
+    // Everything was told: the outbox drains to zero (it reports after its next pass).
+    let drained = support::eventually("the outbox backlog to reach 0", || async {
+        let metrics = mxpay.metrics().await;
+        (sample(&metrics, "mxpay_outbox_depth") == 0.0
+            && sample(&metrics, "mxpay_outbox_oldest_age_seconds") == 0.0)
+            .then_some(())
+    });
+    drained.await;
     for endpoint in [
         "message::send_message_event::v3",
         "redact::redact_event::v3",
