@@ -176,6 +176,7 @@ impl App {
         })?;
         let bot_user_id = ruma::OwnedUserId::try_from(config.bot_user_id())
             .map_err(|_| AppError::BotUserId(config.bot_user_id()))?;
+        let metrics = Arc::new(Metrics::new());
         let client = HomeserverClient::new(HomeserverClientConfig {
             base_url: config.homeserver.url.clone(),
             as_token: registration.as_token.clone(),
@@ -183,7 +184,8 @@ impl App {
             bot_user_id,
             retry,
         })
-        .map_err(AppError::Client)?;
+        .map_err(AppError::Client)?
+        .with_metrics(metrics.clone());
         let ledger =
             Ledger::open(&config.data_dir, &config.ledger, clock.clone()).map_err(|source| {
                 AppError::Ledger {
@@ -191,6 +193,10 @@ impl App {
                     source,
                 }
             })?;
+        let observed = metrics.clone();
+        ledger.observe_commits(Box::new(move |commands, duration| {
+            observed.ledger_commit(commands, duration);
+        }));
         let admin = AdminState::open(
             &config.admin,
             &config.data_dir,
@@ -206,7 +212,7 @@ impl App {
             config: Arc::new(config),
             registration: Arc::new(registration),
             inbox,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             ready: Arc::new(AtomicBool::new(false)),
             client,
             ledger,

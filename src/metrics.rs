@@ -36,6 +36,36 @@ pub struct ErrorLabels {
     pub kind: &'static str,
 }
 
+/// Labels of `mxpay_payments`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PaymentLabels {
+    /// `completed`, `declined`, `expired` or `failed` (an operating error, not a refusal).
+    pub outcome: &'static str,
+    /// For `declined`: the receipt's reason code (`insufficient_funds`, `pin_locked`, ...,
+    /// a fixed set); `none` otherwise.
+    pub reason: &'static str,
+}
+
+/// Labels of the homeserver request metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// The endpoint's name: the ruma request type's path (e.g. `membership::join_room_by_id::v3`)
+    /// or a fixed name for hand-built requests (`versions`). Never a raw path with ids in it.
+    pub endpoint: &'static str,
+}
+
+/// Labels of `mxpay_homeserver_request_errors`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointErrorLabels {
+    /// As [`EndpointLabels::endpoint`].
+    pub endpoint: &'static str,
+    /// `connect`, `timeout`, `status_4xx`, `status_5xx`, `status_429` or `malformed`.
+    pub kind: &'static str,
+}
+
+/// Refreshes gauges that are read from elsewhere at scrape time (e.g. the parked-event count).
+type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
+
 /// All of mxpay's metrics. Share it behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +75,17 @@ pub struct Metrics {
     inbox_depth: Gauge,
     handler_duration_seconds: Histogram,
     event_types_seen: Mutex<HashSet<String>>,
+    payments: Family<PaymentLabels, Counter>,
+    pin_failures: Counter,
+    pin_lockouts: Counter,
+    ledger_batch_commands: Histogram,
+    ledger_commit_duration_seconds: Histogram,
+    outbox_depth: Gauge,
+    outbox_oldest_age_seconds: Gauge,
+    crypto_parked_events: Gauge,
+    homeserver_request_duration_seconds: Family<EndpointLabels, Histogram>,
+    homeserver_request_errors: Family<EndpointErrorLabels, Counter>,
+    scrape_hooks: Mutex<Vec<ScrapeHook>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -90,6 +131,72 @@ impl Metrics {
             "Time the transaction handler took per transaction (each attempt)",
             handler_duration_seconds.clone(),
         );
+        let payments = Family::<PaymentLabels, Counter>::default();
+        registry.register(
+            "payments",
+            "Payments and withdrawals that ended, by outcome and (declined) reason",
+            payments.clone(),
+        );
+        let pin_failures = Counter::default();
+        registry.register(
+            "pin_failures",
+            "Wrong PINs entered (step-up confirmations and PIN changes)",
+            pin_failures.clone(),
+        );
+        let pin_lockouts = Counter::default();
+        registry.register(
+            "pin_lockouts",
+            "PINs locked after too many wrong attempts",
+            pin_lockouts.clone(),
+        );
+        // 1 .. 8,192 commands.
+        let ledger_batch_commands = Histogram::new(exponential_buckets(1.0, 2.0, 14));
+        registry.register(
+            "ledger_batch_commands",
+            "Commands (transfers, posts, reads...) decided per ledger batch",
+            ledger_batch_commands.clone(),
+        );
+        // 50 µs .. about 1.6 s.
+        let ledger_commit_duration_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "ledger_commit_duration_seconds",
+            "Time to write one ledger batch durably (append, flush, fdatasync)",
+            ledger_commit_duration_seconds.clone(),
+        );
+        let outbox_depth = Gauge::default();
+        registry.register(
+            "outbox_depth",
+            "Ledger changes read by the outbox and not yet told (up to one pass)",
+            outbox_depth.clone(),
+        );
+        let outbox_oldest_age_seconds = Gauge::default();
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest ledger change the outbox has not told yet (0 when none)",
+            outbox_oldest_age_seconds.clone(),
+        );
+        let crypto_parked_events = Gauge::default();
+        registry.register(
+            "crypto_parked_events",
+            "Encrypted events parked until their room key arrives",
+            crypto_parked_events.clone(),
+        );
+        let homeserver_request_duration_seconds =
+            Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+                // 1 ms .. about 33 s.
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            });
+        registry.register(
+            "homeserver_request_duration_seconds",
+            "Time of each homeserver request attempt, by endpoint",
+            homeserver_request_duration_seconds.clone(),
+        );
+        let homeserver_request_errors = Family::<EndpointErrorLabels, Counter>::default();
+        registry.register(
+            "homeserver_request_errors",
+            "Failed homeserver request attempts, by endpoint and kind",
+            homeserver_request_errors.clone(),
+        );
         Self {
             registry,
             transactions_received,
@@ -98,6 +205,88 @@ impl Metrics {
             inbox_depth,
             handler_duration_seconds,
             event_types_seen: Mutex::new(HashSet::new()),
+            payments,
+            pin_failures,
+            pin_lockouts,
+            ledger_batch_commands,
+            ledger_commit_duration_seconds,
+            outbox_depth,
+            outbox_oldest_age_seconds,
+            crypto_parked_events,
+            homeserver_request_duration_seconds,
+            homeserver_request_errors,
+            scrape_hooks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts a payment (or withdrawal) that ended with `outcome`; `reason` is the declined
+    /// receipt's reason code (`none` for other outcomes).
+    pub fn payment(&self, outcome: &'static str, reason: &'static str) {
+        self.payments
+            .get_or_create(&PaymentLabels { outcome, reason })
+            .inc();
+    }
+
+    /// Counts one wrong PIN.
+    pub fn pin_failure(&self) {
+        self.pin_failures.inc();
+    }
+
+    /// Counts one PIN lockout.
+    pub fn pin_lockout(&self) {
+        self.pin_lockouts.inc();
+    }
+
+    /// Records one durable ledger batch of `commands` that took `duration` to write.
+    pub fn ledger_commit(&self, commands: usize, duration: std::time::Duration) {
+        self.ledger_batch_commands.observe(commands as f64);
+        self.ledger_commit_duration_seconds
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Sets the outbox's backlog: changes not yet told and the age of the oldest.
+    pub fn set_outbox(&self, depth: usize, oldest_age_ms: u64) {
+        self.outbox_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.outbox_oldest_age_seconds
+            .set(i64::try_from(oldest_age_ms / 1000).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the number of parked (not yet decryptable) events.
+    pub fn set_parked_events(&self, count: usize) {
+        self.crypto_parked_events
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Records one homeserver request attempt to `endpoint`: its duration and, if it failed,
+    /// the error kind (see [`EndpointErrorLabels::kind`]).
+    pub fn homeserver_request(
+        &self,
+        endpoint: &'static str,
+        duration: std::time::Duration,
+        error_kind: Option<&'static str>,
+    ) {
+        self.homeserver_request_duration_seconds
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(duration.as_secs_f64());
+        if let Some(kind) = error_kind {
+            self.homeserver_request_errors
+                .get_or_create(&EndpointErrorLabels { endpoint, kind })
+                .inc();
+        }
+    }
+
+    /// Runs `hook` before every encoding, to refresh gauges whose value lives elsewhere.
+    pub fn on_scrape(&self, hook: impl Fn(&Metrics) + Send + Sync + 'static) {
+        self.scrape_hooks.lock().push(Box::new(hook));
+    }
+
+    /// The error kind label for an HTTP status of a failed homeserver request.
+    pub fn status_kind(status: u16) -> &'static str {
+        match status {
+            429 => "status_429",
+            500..=599 => "status_5xx",
+            _ => "status_4xx",
         }
     }
 
@@ -146,6 +335,9 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        for hook in self.scrape_hooks.lock().iter() {
+            hook(self);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -184,6 +376,100 @@ mod tests {
         assert!(text.contains(r#"mxpay_errors_total{kind="inbox"} 1"#));
         assert!(text.contains("mxpay_inbox_depth 3"));
         assert!(text.contains("mxpay_handler_duration_seconds_count 1"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Value of the sample line starting with `prefix` (name and labels), if any.
+    fn sample(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn encodes_payment_ledger_outbox_crypto_and_homeserver_metrics() {
+        let m = Metrics::new();
+        // Every unlabelled metric is exposed before anything happened (labelled families
+        // appear with their first sample).
+        let empty = m.encode();
+        for name in [
+            "mxpay_pin_failures",
+            "mxpay_pin_lockouts",
+            "mxpay_ledger_batch_commands",
+            "mxpay_ledger_commit_duration_seconds",
+            "mxpay_outbox_depth",
+            "mxpay_outbox_oldest_age_seconds",
+            "mxpay_crypto_parked_events",
+        ] {
+            assert!(
+                empty.contains(&format!("# TYPE {name} ")),
+                "{name}: {empty}"
+            );
+        }
+        m.payment("completed", "none");
+        m.payment("declined", "insufficient_funds");
+        m.payment("declined", "insufficient_funds");
+        m.pin_failure();
+        m.pin_failure();
+        m.pin_lockout();
+        m.ledger_commit(3, std::time::Duration::from_micros(700));
+        m.ledger_commit(1, std::time::Duration::from_micros(90));
+        m.set_outbox(2, 4_500);
+        let parked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = parked.clone();
+        m.on_scrape(move |m| m.set_parked_events(seen.load(std::sync::atomic::Ordering::SeqCst)));
+        parked.store(7, std::sync::atomic::Ordering::SeqCst);
+        m.homeserver_request(
+            "send_message_event::v3",
+            std::time::Duration::from_millis(12),
+            None,
+        );
+        m.homeserver_request(
+            "send_message_event::v3",
+            std::time::Duration::from_millis(30),
+            Some(Metrics::status_kind(502)),
+        );
+        let text = m.encode();
+        let at = |prefix: &str| sample(&text, prefix).unwrap_or_else(|| panic!("{prefix}: {text}"));
+        assert_eq!(
+            at(r#"mxpay_payments_total{outcome="completed",reason="none"}"#),
+            1.0
+        );
+        assert_eq!(
+            at(r#"mxpay_payments_total{outcome="declined",reason="insufficient_funds"}"#),
+            2.0
+        );
+        assert_eq!(at("mxpay_pin_failures_total"), 2.0);
+        assert_eq!(at("mxpay_pin_lockouts_total"), 1.0);
+        assert_eq!(at("mxpay_ledger_batch_commands_count"), 2.0);
+        assert_eq!(at("mxpay_ledger_batch_commands_sum"), 4.0);
+        assert_eq!(at(r#"mxpay_ledger_batch_commands_bucket{le="1.0"}"#), 1.0);
+        assert_eq!(at(r#"mxpay_ledger_batch_commands_bucket{le="4.0"}"#), 2.0);
+        assert_eq!(at("mxpay_ledger_commit_duration_seconds_count"), 2.0);
+        assert_eq!(
+            at(r#"mxpay_ledger_commit_duration_seconds_bucket{le="0.0001"}"#),
+            1.0
+        );
+        assert_eq!(at("mxpay_outbox_depth"), 2.0);
+        assert_eq!(at("mxpay_outbox_oldest_age_seconds"), 4.0);
+        assert_eq!(
+            at("mxpay_crypto_parked_events"),
+            7.0,
+            "refreshed at scrape time"
+        );
+        assert_eq!(
+            at(
+                r#"mxpay_homeserver_request_duration_seconds_count{endpoint="send_message_event::v3"}"#
+            ),
+            2.0
+        );
+        assert_eq!(
+            at(
+                r#"mxpay_homeserver_request_errors_total{endpoint="send_message_event::v3",kind="status_5xx"}"#
+            ),
+            1.0
+        );
+        assert_eq!(Metrics::status_kind(429), "status_429");
+        assert_eq!(Metrics::status_kind(403), "status_4xx");
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -98,9 +98,29 @@ pub struct Outbox {
     deliver: Arc<dyn Deliver>,
     policy: OutboxPolicy,
     poke: OutboxPoke,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Outbox {
+    /// The same outbox, reporting its backlog (depth, oldest age) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Reports the backlog: `pending` entries not yet told, the oldest at ledger time
+    /// `oldest_ms`.
+    fn report(&self, pending: usize, oldest_ms: Option<u64>) {
+        if let Some(metrics) = &self.metrics {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let age_ms = oldest_ms.map_or(0, |t| now_ms.saturating_sub(t));
+            metrics.set_outbox(pending, age_ms);
+        }
+    }
+
     /// An outbox over `ledger`, keeping its cursor in `store`, delivering through `deliver`.
     pub fn new(
         ledger: Ledger,
@@ -115,6 +135,7 @@ impl Outbox {
             deliver,
             policy,
             poke,
+            metrics: None,
         }
     }
 
@@ -154,6 +175,7 @@ impl Outbox {
             let until = self.ledger.durable_seq().await?;
             let entries = tail.read_until(until, self.policy.entries_per_pass_max)?;
             if entries.is_empty() {
+                self.report(0, None);
                 tokio::select! {
                     _ = self.poke.0.notified() => {}
                     _ = tokio::time::sleep(poll) => {}
@@ -162,7 +184,11 @@ impl Outbox {
                 continue;
             }
             let mut moved = false;
-            for entry in entries {
+            let count = entries.len();
+            for (done, entry) in entries.into_iter().enumerate() {
+                // Entries of this pass not told yet (the ones before the cursor are skipped
+                // quickly and count too: they are still to be looked at).
+                self.report(count - done, Some(entry.time_ms));
                 if entry.record_seq == at.record_seq {
                     at.entry_index += 1;
                 } else {

@@ -410,3 +410,28 @@ mod tests {
         assert!(r.receive_ephemeral && r.msc3202);
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_tokens() {
+        let secret = Secret::new("as-token-very-secret");
+        assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
+        let registration = Registration {
+            id: "mxpay".to_owned(),
+            url: None,
+            as_token: Secret::new("as-token-very-secret"),
+            hs_token: Secret::new("hs-token-very-secret"),
+            sender_localpart: "_mxpay".to_owned(),
+            namespaces: Namespaces::default(),
+            rate_limited: None,
+            receive_ephemeral: true,
+            msc3202: true,
+            msc4190: false,
+        };
+        let debug = format!("{registration:?} {registration:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+    }
+}

@@ -477,3 +477,21 @@ mod tests {
         assert!("admin".parse::<Scope>().unwrap_err().contains("pin-reset"));
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_the_authority_hides_the_key() {
+        let authority = TokenAuthority::new(
+            &AdminKey::Hs256 {
+                secret: b"jwt-key-very-secret-0123456789abcdef".to_vec(),
+            },
+            std::sync::Arc::new(crate::clock::ManualClock::new(0)),
+        )
+        .unwrap();
+        let debug = format!("{authority:?} {authority:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+    }
+}

@@ -313,3 +313,15 @@ mod tests {
         assert!(!format!("{:?}", secret()).contains("provider"));
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_webhook_secret() {
+        let secret = WebhookSecret::new(b"whsec-very-secret".to_vec());
+        let debug = format!("{secret:?} {secret:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+    }
+}

@@ -21,8 +21,8 @@ use crate::config::Config;
 /// Longest wait for one admin API call.
 const REQUEST_TIMEOUT_MS: u64 = 120_000;
 
-/// `mxpay admin` and its options, shared by every subcommand.
-#[derive(Debug, Args)]
+/// `mxpay admin` and its options, shared by every subcommand. Its Debug form hides the token.
+#[derive(Args)]
 pub struct AdminArgs {
     /// The mxpay config file (for the URL and, with `token create`, the signing key).
     #[arg(
@@ -44,6 +44,18 @@ pub struct AdminArgs {
     /// What to do.
     #[command(subcommand)]
     pub command: AdminCommand,
+}
+
+impl std::fmt::Debug for AdminArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminArgs")
+            .field("config", &self.config)
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("json", &self.json)
+            .field("command", &self.command)
+            .finish()
+    }
 }
 
 /// `mxpay admin <command>`.
@@ -597,6 +609,22 @@ fn render(command: &AdminCommand, value: &Value, generated_key: Option<&str>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_hides_the_token() {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from([
+            "mxpay",
+            "admin",
+            "--token",
+            "eyJ.secret-admin-token.sig",
+            "pending",
+        ])
+        .expect("parses");
+        let debug = format!("{cli:?} {cli:#?}");
+        assert!(!debug.contains("secret-admin-token"), "{debug}");
+        assert!(debug.contains("<redacted>"), "{debug}");
+    }
 
     #[test]
     fn ttl_units() {

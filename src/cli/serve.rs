@@ -10,11 +10,36 @@ pub struct ServeArgs {
     /// The mxpay config file.
     #[arg(short = 'c', long = "config", default_value = "config.yaml")]
     pub config: PathBuf,
+    /// Log format: `pretty` (human lines) or `json` (one object per line). Overrides the
+    /// config's `logging.format`.
+    #[arg(long = "log-format", value_enum)]
+    pub log_format: Option<LogFormatArg>,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormatArg {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(arg: LogFormatArg) -> Self {
+        match arg {
+            LogFormatArg::Pretty => LogFormat::Pretty,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
 }
 
 /// Loads the config, sets up logging and runs the appservice.
 pub fn run(args: ServeArgs) -> super::anyhow_like::Result {
-    let config = Config::load(&args.config)?;
+    let mut config = Config::load(&args.config)?;
+    if let Some(format) = args.log_format {
+        config.logging.format = format.into();
+    }
     init_logging(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -45,4 +70,27 @@ pub fn init_logging(config: &Config) {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+    use crate::config::LogFormat;
+
+    #[test]
+    fn log_format_flag_parses_and_maps() {
+        let cli = Cli::try_parse_from(["mxpay", "serve", "--log-format", "json"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(args.log_format.map(LogFormat::from), Some(LogFormat::Json));
+        let cli = Cli::try_parse_from(["mxpay", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(args.log_format, None, "the config decides");
+        assert!(Cli::try_parse_from(["mxpay", "serve", "--log-format", "xml"]).is_err());
+    }
 }

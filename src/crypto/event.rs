@@ -72,8 +72,9 @@ impl std::fmt::Display for TrustState {
     }
 }
 
-/// A room event as the layers above see it: decrypted if it was encrypted.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// A room event as the layers above see it: decrypted if it was encrypted. Its Debug form
+/// leaves the content out: a plaintext may be a PIN.
+#[derive(Clone, PartialEq, Serialize)]
 pub struct DecryptedEvent {
     /// Room of the event.
     pub room_id: OwnedRoomId,
@@ -100,9 +101,50 @@ pub struct DecryptedEvent {
     pub was_parked: bool,
 }
 
+impl std::fmt::Debug for DecryptedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecryptedEvent")
+            .field("room_id", &self.room_id)
+            .field("event_id", &self.event_id)
+            .field("sender", &self.sender)
+            .field("sender_device", &self.sender_device)
+            .field("event_type", &self.event_type)
+            .field("state_key", &self.state_key)
+            .field("content", &"<redacted>")
+            .field("origin_server_ts_ms", &self.origin_server_ts_ms)
+            .field("verification_state", &self.verification_state)
+            .field("was_encrypted", &self.was_encrypted)
+            .field("was_parked", &self.was_parked)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_leaves_the_plaintext_out() {
+        let event = DecryptedEvent {
+            room_id: "!r:localhost".try_into().unwrap(),
+            event_id: "$e".try_into().unwrap(),
+            sender: "@alice:localhost".try_into().unwrap(),
+            sender_device: None,
+            event_type: "m.room.message".to_owned(),
+            state_key: None,
+            content: serde_json::json!({"msgtype": "m.text", "body": "4821"}),
+            origin_server_ts_ms: 1,
+            verification_state: TrustState::NotEncrypted,
+            was_encrypted: false,
+            was_parked: false,
+        };
+        let debug = format!("{event:?} {event:#?}");
+        assert!(!debug.contains("4821"), "{debug}");
+        assert!(
+            debug.contains("$e") && debug.contains("<redacted>"),
+            "{debug}"
+        );
+    }
 
     #[test]
     fn verification_states_map_one_to_one() {

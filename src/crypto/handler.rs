@@ -168,6 +168,7 @@ pub async fn start_crypto(
         config.data_dir.clone(),
     );
     settings.msc4190 = config.appservice.msc4190;
+    settings.metrics = Some(app.metrics().clone());
     if let Ok(hex_key) = std::env::var(STORE_KEY_ENV) {
         settings.store_key = Some(super::device::decode_key(hex_key.as_bytes()).ok_or_else(
             || AppError::Startup(format!("{STORE_KEY_ENV} must be 64 hex characters")),
@@ -177,6 +178,12 @@ pub async fn start_crypto(
     let crypto = BotCrypto::start(settings, clock)
         .await
         .map_err(|e| AppError::Startup(format!("end-to-end encryption: {e}")))?;
+    let parked = crypto.parked_counter();
+    app.metrics().on_scrape(move |metrics| {
+        if let Some(count) = parked() {
+            metrics.set_parked_events(count);
+        }
+    });
 
     let check = crypto.clone();
     let mut check_shutdown = shutdown.clone();

@@ -131,6 +131,8 @@ pub struct CryptoSettings {
     pub undecryptable_notice_after_ms: u64,
     /// How long a parked event is kept before it is dropped.
     pub parked_max_age_ms: u64,
+    /// Where the device's homeserver requests are measured (none: not measured).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for CryptoSettings {
@@ -168,6 +170,7 @@ impl CryptoSettings {
             store_key: None,
             undecryptable_notice_after_ms: 30_000,
             parked_max_age_ms: 24 * 3_600_000,
+            metrics: None,
         }
     }
 }
@@ -257,7 +260,8 @@ impl BotCrypto {
             &settings.as_token,
             settings.bot_user_id.clone(),
         )
-        .await?;
+        .await?
+        .with_metrics(settings.metrics.clone());
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| CryptoError::DeviceFile {
             path: settings.data_dir.clone(),
             reason: e.to_string(),
@@ -393,6 +397,14 @@ impl BotCrypto {
     /// How many events wait for their room key.
     pub fn parked_count(&self) -> usize {
         self.inner.parked.lock().len()
+    }
+
+    /// Counts parked events without keeping the device alive (for a metrics scrape hook,
+    /// which must not form a cycle: the device's transport holds the metrics): `None` once
+    /// the device is gone.
+    pub fn parked_counter(&self) -> impl Fn() -> Option<usize> + Send + Sync + 'static {
+        let inner = Arc::downgrade(&self.inner);
+        move || inner.upgrade().map(|inner| inner.parked.lock().len())
     }
 
     // ----- incoming -------------------------------------------------------------------------
@@ -1206,4 +1218,24 @@ enum Attempt {
     Ok(Box<DecryptedEvent>),
     MissingKey,
     Never(UnableToDecryptReason),
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_the_settings_hides_the_token_and_the_store_key() {
+        let mut settings = CryptoSettings::new(
+            "http://127.0.0.1:1",
+            "as-token-very-secret",
+            "@_mxpay:localhost".try_into().unwrap(),
+            "/nonexistent",
+        );
+        settings.store_key = Some([0xAB; 32]);
+        let debug = format!("{settings:?} {settings:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert!(!debug.to_ascii_lowercase().contains("abab"), "{debug}");
+        assert!(!debug.contains("171, 171"), "{debug}");
+    }
 }

@@ -140,6 +140,7 @@ pub struct Transport {
     as_token: String,
     bot_user_id: OwnedUserId,
     versions: SupportedVersions,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -175,6 +176,7 @@ impl Transport {
                 versions: Default::default(),
                 features: Default::default(),
             },
+            metrics: None,
         };
         let response = this
             .send(
@@ -185,6 +187,15 @@ impl Transport {
         this.versions =
             SupportedVersions::from_parts(&response.versions, &response.unstable_features);
         Ok(this)
+    }
+
+    /// The same transport, recording each request attempt in `metrics` (if given).
+    pub fn with_metrics(
+        mut self,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The bot's user id.
@@ -208,7 +219,19 @@ impl Transport {
         let mut backoff_ms = BACKOFF_FIRST_MS;
         for attempt in 1..=ATTEMPTS_MAX {
             let http_request = self.build(who, request.clone())?;
+            let attempt_started = std::time::Instant::now();
             let outcome = self.http.execute(http_request).await;
+            if let Some(metrics) = &self.metrics {
+                let kind = match &outcome {
+                    Err(e) if e.is_timeout() => Some("timeout"),
+                    Err(_) => Some("connect"),
+                    Ok(r) if !r.status().is_success() => {
+                        Some(crate::metrics::Metrics::status_kind(r.status().as_u16()))
+                    }
+                    Ok(_) => None,
+                };
+                metrics.homeserver_request(endpoint, attempt_started.elapsed(), kind);
+            }
             let wait_ms = match outcome {
                 Err(e) => {
                     last = format!("connection: {e}");
@@ -357,9 +380,7 @@ impl MatrixErrorBody {
 
 /// Names an endpoint for errors and logs by its ruma module path, e.g. `keys::upload_keys::v3`.
 fn endpoint_name<R>() -> &'static str {
-    let full = std::any::type_name::<R>();
-    let full = full.strip_suffix("::Request").unwrap_or(full);
-    full.strip_prefix("ruma_client_api::").unwrap_or(full)
+    crate::homeserver::endpoint_name::<R>()
 }
 
 #[cfg(test)]
@@ -388,5 +409,32 @@ mod tests {
         let shown = format!("{id:?}");
         assert!(!shown.contains("syt_secret"), "{shown}");
         assert!(shown.contains("DEV"));
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_tokens() {
+        let identity = DeviceIdentity::AccessToken {
+            device_id: "MXPAYABC".into(),
+            token: "syt_device_very_secret".to_owned(),
+        };
+        let transport = Transport {
+            http: reqwest::Client::new(),
+            base_url: "http://127.0.0.1:1".to_owned(),
+            as_token: "as-token-very-secret".to_owned(),
+            bot_user_id: "@_mxpay:localhost".try_into().unwrap(),
+            versions: SupportedVersions {
+                versions: Default::default(),
+                features: Default::default(),
+            },
+            metrics: None,
+        };
+        let debug = format!("{identity:?} {identity:#?} {transport:?} {transport:#?}");
+        assert!(!debug.contains("very_secret"), "{debug}");
+        assert!(!debug.contains("very-secret"), "{debug}");
     }
 }

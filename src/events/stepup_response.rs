@@ -26,3 +26,19 @@ impl fmt::Debug for StepUpResponseEventContent {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_pin() {
+        let content = StepUpResponseEventContent {
+            body: "PIN confirmation".to_owned(),
+            challenge_id: "c1".to_owned(),
+            pin: "4821".to_owned(),
+        };
+        let debug = format!("{content:?} {content:#?}");
+        assert!(!debug.contains("4821"), "{debug}");
+    }
+}

@@ -7,11 +7,16 @@
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
+/// Longest wait for each of the two requests (nonce, then registration), connecting included.
+/// Synapse hashes the password (bcrypt) before it answers, so leave room for a slow machine.
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
+
 /// Errors of one shared-secret registration. Display texts never contain the shared secret,
 /// the password or the nonce.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminRegisterError {
-    /// No usable answer: the connection failed or a body was not JSON.
+    /// No usable answer: the connection failed, a request took longer than
+    /// [`REQUEST_TIMEOUT_MS`], or a body was not JSON.
     #[error("{0}")]
     Transport(String),
     /// The nonce answer had no `nonce`.
@@ -52,7 +57,11 @@ pub async fn register(
     password: &str,
 ) -> Result<(), AdminRegisterError> {
     let transport = |e: reqwest::Error| AdminRegisterError::Transport(e.to_string());
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(REQUEST_TIMEOUT_MS))
+        .connect_timeout(std::time::Duration::from_millis(REQUEST_TIMEOUT_MS))
+        .build()
+        .map_err(transport)?;
     let url = format!("{homeserver_url}/_synapse/admin/v1/register");
     let nonce: serde_json::Value = http
         .get(&url)

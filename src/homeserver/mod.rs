@@ -185,6 +185,37 @@ impl PathInput for VersionHistory {
     }
 }
 
+/// A bounded metric label for a ruma request type: its module path without the crate
+/// (`membership::join_room_by_id::v3`). The set is fixed at compile time, and never holds
+/// ids, unlike the request's path.
+pub fn endpoint_name<R>() -> &'static str {
+    let full = std::any::type_name::<R>();
+    let full = full.strip_suffix("::Request").unwrap_or(full);
+    [
+        "ruma_client_api::",
+        "ruma_appservice_api::",
+        "ruma_common::api::",
+    ]
+    .iter()
+    .find_map(|prefix| full.strip_prefix(prefix))
+    .unwrap_or(full)
+}
+
+impl HomeserverError {
+    /// The `kind` label of `mxpay_homeserver_request_errors` for this error.
+    pub fn metric_kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } => "connect",
+            Self::Timeout { .. } => "timeout",
+            Self::Matrix { status, .. } | Self::NotMatrix { status, .. } => {
+                crate::metrics::Metrics::status_kind(*status)
+            }
+            Self::GaveUp { last, .. } => last.metric_kind(),
+            Self::BadResponse(_) | Self::Build(_) => "malformed",
+        }
+    }
+}
+
 /// Construction parameters of a [`HomeserverClient`].
 #[derive(Debug, Clone)]
 pub struct HomeserverClientConfig {
@@ -210,6 +241,7 @@ pub struct HomeserverClient {
     bot_user_id: OwnedUserId,
     retry: RetryPolicy,
     versions: std::sync::Arc<SupportedVersions>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for HomeserverClient {
@@ -254,7 +286,14 @@ impl HomeserverClient {
                 &spec_versions,
                 &BTreeMap::new(),
             )),
+            metrics: None,
         })
+    }
+
+    /// The same client, recording each request attempt's latency and failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The same client with other retry bounds (the attempt timeouts of the underlying
@@ -300,7 +339,7 @@ impl HomeserverClient {
                 <R::PathBuilder as PathInput>::input(&self.versions),
             )
             .map_err(|e| HomeserverError::Build(e.to_string()))?;
-        let response = self.execute(http_request).await?;
+        let response = self.execute(http_request, endpoint_name::<R>()).await?;
         R::IncomingResponse::try_from_http_response(response)
             .map_err(|e| HomeserverError::BadResponse(e.to_string()))
     }
@@ -309,6 +348,7 @@ impl HomeserverClient {
     async fn execute(
         &self,
         request: http::Request<Vec<u8>>,
+        endpoint: &'static str,
     ) -> Result<http::Response<Vec<u8>>, HomeserverError> {
         let (parts, body) = request.into_parts();
         let url = parts.uri.to_string();
@@ -320,7 +360,12 @@ impl HomeserverClient {
             for (name, value) in &parts.headers {
                 builder = builder.header(name, value);
             }
+            let attempt_started = Instant::now();
             let outcome = self.attempt(builder.body(body.clone())).await;
+            if let Some(metrics) = &self.metrics {
+                let kind = outcome.as_ref().err().map(HomeserverError::metric_kind);
+                metrics.homeserver_request(endpoint, attempt_started.elapsed(), kind);
+            }
             let error = match outcome {
                 Ok(response) => return Ok(response),
                 Err(error) => error,
@@ -540,5 +585,36 @@ impl HomeserverClient {
     ) -> Result<Vec<Raw<RoomMemberEvent>>, HomeserverError> {
         let request = get_member_events::v3::Request::new(room_id.to_owned());
         Ok(self.send(request, Identity::Appservice).await?.chunk)
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_as_token() {
+        let config = HomeserverClientConfig {
+            base_url: "http://127.0.0.1:1".to_owned(),
+            as_token: Secret::new("as-token-very-secret"),
+            appservice_id: "mxpay".to_owned(),
+            bot_user_id: "@_mxpay:localhost".try_into().unwrap(),
+            retry: RetryPolicy::default(),
+        };
+        let client = HomeserverClient::new(config.clone()).unwrap();
+        let debug = format!("{config:?} {config:#?} {client:?} {client:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+    }
+
+    #[test]
+    fn endpoint_names_are_request_paths_without_ids() {
+        assert_eq!(
+            endpoint_name::<send_message_event::v3::Request>(),
+            "message::send_message_event::v3"
+        );
+        assert_eq!(
+            endpoint_name::<join_room_by_id::v3::Request>(),
+            "membership::join_room_by_id::v3"
+        );
     }
 }

@@ -151,7 +151,12 @@ impl HistoryCursor {
 /// Most transfers one history page returns.
 pub const HISTORY_PAGE_MAX: usize = 1_000;
 
+/// Called on the writer thread after each durable batch with the number of commands it
+/// decided and the time its append + flush + fdatasync took. Must be quick and never block.
+pub type CommitObserver = Box<dyn Fn(usize, Duration) + Send + Sync>;
+
 struct Inner {
+    observer: Arc<std::sync::OnceLock<CommitObserver>>,
     tx: Option<mpsc::Sender<Command>>,
     storage: Arc<dyn Storage>,
     currencies: Currencies,
@@ -230,7 +235,9 @@ impl Ledger {
                 }
             }
         }
+        let observer: Arc<std::sync::OnceLock<CommitObserver>> = Arc::default();
         let mut writer = Writer {
+            observer: observer.clone(),
             state: State::new(Currencies::default()),
             storage: storage.clone(),
             clock,
@@ -258,12 +265,19 @@ impl Ledger {
             .map_err(|e| StorageError::Backend(format!("cannot start the ledger writer: {e}")))?;
         Ok(Ledger {
             inner: Arc::new(Inner {
+                observer,
                 tx: Some(tx),
                 storage,
                 currencies,
                 writer: Mutex::new(Some(handle)),
             }),
         })
+    }
+
+    /// Installs `observer`, told about every later durable batch (for metrics). Only the
+    /// first observer of a ledger is kept; returns whether this one was installed.
+    pub fn observe_commits(&self, observer: CommitObserver) -> bool {
+        self.inner.observer.set(observer).is_ok()
     }
 
     /// The configured currencies.

@@ -1683,3 +1683,26 @@ mod auditor {
         }
     }
 }
+
+#[test]
+fn commit_observer_sees_each_durable_batch_and_only_the_first_is_kept() {
+    let f = open();
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::<usize>::new()));
+    let record = seen.clone();
+    assert!(f
+        .ledger
+        .ledger()
+        .observe_commits(Box::new(move |commands, _duration| record
+            .lock()
+            .push(commands))));
+    assert!(
+        !f.ledger.ledger().observe_commits(Box::new(|_, _| {})),
+        "a second observer is refused"
+    );
+    f.fund(1, "@alice:hs", "10.00");
+    f.fund(2, "@alice:hs", "5.00");
+    // Reads alone write no record, so they are not commits.
+    f.balances("@alice:hs", "EUR");
+    let seen = seen.lock().clone();
+    assert_eq!(seen, vec![1, 1], "one batch per blocking transfer");
+}

@@ -42,6 +42,8 @@ enum Reply {
 
 /// The writer's state; lives on its own thread.
 pub(crate) struct Writer {
+    /// Told about each durable batch (metrics); unset until someone observes.
+    pub observer: Arc<std::sync::OnceLock<super::CommitObserver>>,
     pub state: State,
     pub storage: Arc<dyn Storage>,
     pub clock: SharedClock,
@@ -115,7 +117,12 @@ impl Writer {
             let seq = self.head.seq + 1;
             let (bytes, hash) = record.finish(seq, &self.head.hash, now_ms);
             let head = Head { seq, hash };
-            if let Err(e) = self.storage.append(seq, &bytes, &head.encode()) {
+            let started = std::time::Instant::now();
+            let appended = self.storage.append(seq, &bytes, &head.encode());
+            if let (Ok(()), Some(observe)) = (&appended, self.observer.get()) {
+                observe(replies.len(), started.elapsed());
+            }
+            if let Err(e) = appended {
                 // The state in memory is now ahead of the disk: answer everyone with the
                 // error and stop; reopening replays what is durable.
                 for reply in replies {

@@ -27,6 +27,7 @@ use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, 
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 pub use settings::PaymentsSettings;
 
@@ -140,6 +141,31 @@ fn reason_code(reason: ReceiptReason) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_else(|| "other".to_owned())
+}
+
+/// The span every log line about one payment (or withdrawal) runs in, from the command
+/// through policy and the ledger to its receipt: `payment` is the ledger transfer id, which
+/// the receipt's `transfer_id` also carries and which is derived from the asking event's id
+/// (`TransferId::from_key(event_id)`; the ledger memo names that event).
+fn payment_span(id: TransferId) -> tracing::Span {
+    tracing::info_span!("payment", payment = %id)
+}
+
+/// The reason's code as a metric label (a fixed set).
+fn reason_label(reason: ReceiptReason) -> &'static str {
+    match reason {
+        ReceiptReason::InsufficientFunds => "insufficient_funds",
+        ReceiptReason::LimitExceeded => "limit_exceeded",
+        ReceiptReason::PayeeNotAllowed => "payee_not_allowed",
+        ReceiptReason::NotEncrypted => "not_encrypted",
+        ReceiptReason::UntrustedDevice => "untrusted_device",
+        ReceiptReason::PinLocked => "pin_locked",
+        ReceiptReason::PinNotSet => "pin_not_set",
+        ReceiptReason::AccountFrozen => "account_frozen",
+        ReceiptReason::InvalidAmount => "invalid_amount",
+        ReceiptReason::Timeout => "timeout",
+        ReceiptReason::Other => "other",
+    }
 }
 
 fn reason_from_code(code: &str) -> ReceiptReason {
@@ -294,6 +320,7 @@ pub struct Payments {
     poke: OutboxPoke,
     bot: OwnedUserId,
     fault_crash_before_receipt: Option<std::path::PathBuf>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Payments {
@@ -335,7 +362,14 @@ impl Payments {
             bot,
             fault_crash_before_receipt: std::env::var_os(FAULT_CRASH_BEFORE_RECEIPT_ENV)
                 .map(Into::into),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
+    }
+
+    /// The same service, counting payment outcomes and PIN failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn trust_settings(&self) -> TrustSettings {
@@ -421,7 +455,11 @@ impl Payments {
                             currency: intent.currency.to_ascii_uppercase(),
                             memo: intent.memo,
                         };
-                        self.on_pay(event, request).await?;
+                        let outcome = self
+                            .on_pay(event, request)
+                            .instrument(payment_span(TransferId::from_key(event.event_id.as_str())))
+                            .await;
+                        self.count_failure(outcome)?;
                     }
                     Err(_) => {
                         self.messenger
@@ -637,21 +675,35 @@ impl Payments {
                 currency,
                 memo,
             } => {
-                self.on_pay(
-                    event,
-                    PayRequest {
-                        payee,
-                        amount,
-                        currency,
-                        memo,
-                    },
-                )
-                .await
+                let request = PayRequest {
+                    payee,
+                    amount,
+                    currency,
+                    memo,
+                };
+                let outcome = self
+                    .on_pay(event, request)
+                    .instrument(payment_span(TransferId::from_key(event.event_id.as_str())))
+                    .await;
+                self.count_failure(outcome)
             }
             Command::Withdraw { amount, currency } => {
-                self.on_withdraw(event, amount, currency).await
+                let outcome = self
+                    .on_withdraw(event, amount, currency)
+                    .instrument(payment_span(TransferId::from_key(event.event_id.as_str())))
+                    .await;
+                self.count_failure(outcome)
             }
         }
+    }
+
+    /// Counts a payment or withdrawal that failed for an operating reason (not a refusal:
+    /// those get a declined receipt and are counted there).
+    fn count_failure(&self, outcome: Result<(), PaymentsError>) -> Result<(), PaymentsError> {
+        if outcome.is_err() {
+            self.metrics.payment("failed", "none");
+        }
+        outcome
     }
 
     async fn on_balance(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
@@ -819,6 +871,7 @@ impl Payments {
         reason: ReceiptReason,
         sentence: &str,
     ) -> Result<(), PaymentsError> {
+        self.metrics.payment("declined", reason_label(reason));
         let body = format!("❌ {}: payment not made: {sentence}", event.sender);
         let receipt = ReceiptEventContent {
             body: body.clone(),
@@ -1351,6 +1404,14 @@ impl Payments {
         let hash = record.hash.clone().expect("begin_attempt checked the hash");
         let matched = self.matches(pin, hash).await?;
         let result = record.finish_attempt(matched, now_ms);
+        match &result {
+            Ok(()) => {}
+            Err(PinError::Locked { .. }) => {
+                self.metrics.pin_failure();
+                self.metrics.pin_lockout();
+            }
+            Err(_) => self.metrics.pin_failure(),
+        }
         self.store.put_pin(user, &record).await?;
         Ok(result)
     }
@@ -1451,8 +1512,13 @@ impl Payments {
                 )
                 .await;
         }
-        match self.check_pin(user, pin, now_ms).await? {
-            Ok(()) => self.authorise(event, &challenge).await,
+        let span = payment_span(TransferId(challenge.transfer_id));
+        match self
+            .check_pin(user, pin, now_ms)
+            .instrument(span.clone())
+            .await?
+        {
+            Ok(()) => self.authorise(event, &challenge).instrument(span).await,
             Err(PinError::Wrong { attempts_left }) => {
                 self.reply(
                     event,
@@ -1654,9 +1720,18 @@ impl Payments {
                 }
                 Ok(false)
             }
-            JournalEntry::PendingPosted { id, .. } => self.tell_ended(*id, "posted").await,
-            JournalEntry::PendingVoided { id } => self.tell_ended(*id, "voided").await,
-            JournalEntry::PendingExpired { id } => self.tell_ended(*id, "expired").await,
+            JournalEntry::PendingPosted { id, .. } => {
+                let span = payment_span(*id);
+                self.tell_ended(*id, "posted").instrument(span).await
+            }
+            JournalEntry::PendingVoided { id } => {
+                let span = payment_span(*id);
+                self.tell_ended(*id, "voided").instrument(span).await
+            }
+            JournalEntry::PendingExpired { id } => {
+                let span = payment_span(*id);
+                self.tell_ended(*id, "expired").instrument(span).await
+            }
             _ => Ok(false),
         }
     }
@@ -1695,6 +1770,11 @@ impl Payments {
         let amount_text = self.show(code.as_str(), amount_minor);
         let money = text::money(&amount_text, code.as_str());
         if memo.kind == MemoKind::Withdraw {
+            match how {
+                "posted" => self.metrics.payment("completed", "none"),
+                "expired" => self.metrics.payment("expired", "none"),
+                _ => self.metrics.payment("declined", "other"),
+            }
             let body = match how {
                 "posted" => format!("🏦 Your withdrawal of {money} was paid out."),
                 _ => format!("🏦 Your withdrawal of {money} was not paid out; the money is back in your wallet."),
@@ -1778,6 +1858,14 @@ impl Payments {
             .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
             .await?;
         tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
+        match (status, reason) {
+            (ReceiptStatus::Completed, _) => self.metrics.payment("completed", "none"),
+            (ReceiptStatus::Expired, _) => self.metrics.payment("expired", "none"),
+            (_, reason) => self.metrics.payment(
+                "declined",
+                reason_label(reason.unwrap_or(ReceiptReason::Other)),
+            ),
+        }
         if let Some(dm) = self.ready_dm(payer)? {
             if dm != room {
                 let relates_to = note_event(&note).unwrap_or(event);
@@ -1892,7 +1980,8 @@ impl TransactionHandler for PaymentsHandler {
             }
         };
         for event in &ingested.events {
-            match self.payments.handle_event(event).await {
+            let span = tracing::info_span!("event", event_id = %event.event_id);
+            match self.payments.handle_event(event).instrument(span).await {
                 Ok(true) => {}
                 Ok(false) => self.crypto.handle_event(event).await?,
                 Err(e) if e.is_transient() => {
@@ -1940,16 +2029,19 @@ pub async fn start(
     let mut stepup_key = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut stepup_key);
     let poke = OutboxPoke::default();
-    let payments = Arc::new(Payments::new(
-        Messenger::new(crypto, app.client().clone()),
-        ledger.clone(),
-        store.clone(),
-        PinHasher::new(pepper),
-        config.payments.clone(),
-        clock,
-        poke.clone(),
-        &stepup_key,
-    ));
+    let payments = Arc::new(
+        Payments::new(
+            Messenger::new(crypto, app.client().clone()),
+            ledger.clone(),
+            store.clone(),
+            PinHasher::new(pepper),
+            config.payments.clone(),
+            clock,
+            poke.clone(),
+            &stepup_key,
+        )
+        .with_metrics(app.metrics().clone()),
+    );
     Outbox::new(
         ledger,
         store,
@@ -1957,6 +2049,7 @@ pub async fn start(
         OutboxPolicy::default(),
         poke,
     )
+    .with_metrics(app.metrics().clone())
     .spawn(shutdown);
     tracing::info!("payments enabled");
     Ok(Arc::new(PaymentsHandler::new(crypto_handler, payments)))

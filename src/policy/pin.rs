@@ -346,3 +346,22 @@ mod tests {
         assert_eq!(human_duration(5 * 60 * 1000), "5 minutes");
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    const PEPPER: &[u8] = b"pepper-very-secret-0123456789abcdef-0123456789";
+
+    #[test]
+    fn debug_hides_the_pepper_and_the_hash() {
+        let pepper = Pepper::new(PEPPER.to_vec()).expect("32 bytes or more");
+        let hasher = PinHasher::new(pepper.clone());
+        let record = PinRecord::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaC1zZWNyZXQ".into());
+        let debug = format!("{pepper:?} {hasher:?} {hasher:#?} {record:?} {record:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert!(!debug.contains("argon2id"), "{debug}");
+        let pin = Pin::parse("4821").unwrap();
+        assert!(!format!("{pin:?} {pin:#?}").contains("4821"));
+    }
+}

@@ -205,3 +205,20 @@ mod tests {
         assert_eq!(auth.redeem("x.y.z", &binding()), Err(StepUpError::Invalid));
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_key() {
+        let key = b"stepup-key-very-secret-0123456789abcdef";
+        let authority = StepUpAuthority::new(
+            key,
+            std::sync::Arc::new(crate::clock::ManualClock::new(0)),
+            60_000,
+        );
+        let debug = format!("{authority:?} {authority:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+    }
+}

@@ -519,3 +519,19 @@ mod tests {
         assert!(!format!("{dialog:?}").contains("argon2"));
     }
 }
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_a_dialog_hides_the_first_pin_hash() {
+        let dialog = Dialog::ConfirmPin {
+            expires_at_ms: 1,
+            hash: "$argon2id$v=19$hash-very-secret".to_owned(),
+            change: false,
+        };
+        let debug = format!("{dialog:?} {dialog:#?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+    }
+}

@@ -1140,6 +1140,7 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
                 "MXPAY_IT_ACME_SECRET".to_owned(),
                 String::from_utf8_lossy(ACME_SECRET).into_owned(),
             )],
+            ..Default::default()
         },
     )
     .await;

@@ -11,6 +11,7 @@ mod support;
 mod homeserver_retry;
 
 mod ledger;
+mod observability;
 mod payments;
 
 mod smoke {

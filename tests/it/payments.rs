@@ -14,7 +14,7 @@ use crate::support::{
 };
 
 /// The PIN the tests' users choose.
-const PIN: &str = "4821";
+pub(crate) const PIN: &str = "4821";
 
 /// A slot leased with payments on (a pepper file in the lease dir), the given step-up
 /// timeout, and the admin API (for top-ups); returns the lease and the admin key.
@@ -31,7 +31,7 @@ async fn payments_lease(label: &str, stepup_timeout_ms: u64) -> (SlotLease, Vec<
     (lease, admin_key)
 }
 
-async fn send_text(client: &TestClient, room_id: &RoomId, text: &str) -> OwnedEventId {
+pub(crate) async fn send_text(client: &TestClient, room_id: &RoomId, text: &str) -> OwnedEventId {
     client
         .room(room_id)
         .await
@@ -43,7 +43,12 @@ async fn send_text(client: &TestClient, room_id: &RoomId, text: &str) -> OwnedEv
 }
 
 /// Waits for a bot notice in `room_id` containing `part`.
-async fn wait_notice(client: &TestClient, room_id: &RoomId, bot: &str, part: &str) -> SeenEvent {
+pub(crate) async fn wait_notice(
+    client: &TestClient,
+    room_id: &RoomId,
+    bot: &str,
+    part: &str,
+) -> SeenEvent {
     client
         .wait_for_message(room_id, bot, |body| body.contains(part))
         .await
@@ -51,7 +56,7 @@ async fn wait_notice(client: &TestClient, room_id: &RoomId, bot: &str, part: &st
 
 /// `!balance` in `dm`; waits for the answer to *this* request (a reply to it) and checks it
 /// names `expected` for EUR.
-async fn balance_is(client: &TestClient, dm: &RoomId, bot: &str, expected: &str) {
+pub(crate) async fn balance_is(client: &TestClient, dm: &RoomId, bot: &str, expected: &str) {
     let asked = send_text(client, dm, "!balance").await;
     let answer = client
         .wait_for_event("the answer to !balance", |e| {
@@ -70,7 +75,7 @@ async fn balance_is(client: &TestClient, dm: &RoomId, bot: &str, expected: &str)
 }
 
 /// Waits for a bot event of `event_type` in `room_id` matching `check`.
-async fn wait_bot_event(
+pub(crate) async fn wait_bot_event(
     client: &TestClient,
     room_id: &RoomId,
     bot: &str,
@@ -89,7 +94,7 @@ async fn wait_bot_event(
 }
 
 /// Waits until `event_id` was redacted in `room_id` (as `client` sees it).
-async fn wait_redacted(client: &TestClient, room_id: &RoomId, event_id: &OwnedEventId) {
+pub(crate) async fn wait_redacted(client: &TestClient, room_id: &RoomId, event_id: &OwnedEventId) {
     let what = format!("the redaction of {event_id}");
     client
         .wait_for_event(&what, |e| {
@@ -103,7 +108,7 @@ async fn wait_redacted(client: &TestClient, room_id: &RoomId, event_id: &OwnedEv
 
 /// A private, encrypted DM `client` opens with the bot (trusted_private_chat: the bot gets
 /// full power and can redact PINs).
-async fn open_dm(client: &TestClient, bot: &str) -> OwnedRoomId {
+pub(crate) async fn open_dm(client: &TestClient, bot: &str) -> OwnedRoomId {
     let room = client
         .create_room(RoomOptions {
             encrypted: true,
@@ -120,7 +125,7 @@ async fn open_dm(client: &TestClient, bot: &str) -> OwnedRoomId {
 }
 
 /// `!pin set` in the DM, the PIN twice; checks each PIN message is redacted.
-async fn set_pin(client: &TestClient, dm: &RoomId, bot: &str) {
+pub(crate) async fn set_pin(client: &TestClient, dm: &RoomId, bot: &str) {
     send_text(client, dm, "!pin set").await;
     wait_notice(client, dm, bot, "Choose a 4-digit PIN").await;
     let first = send_text(client, dm, PIN).await;
@@ -132,7 +137,11 @@ async fn set_pin(client: &TestClient, dm: &RoomId, bot: &str) {
 }
 
 /// An encrypted room of `owner` with the bot and `others` joined.
-async fn group_room(owner: &TestClient, bot: &str, others: &[&TestClient]) -> OwnedRoomId {
+pub(crate) async fn group_room(
+    owner: &TestClient,
+    bot: &str,
+    others: &[&TestClient],
+) -> OwnedRoomId {
     let mut invite = vec![bot.try_into().expect("bot id")];
     invite.extend(others.iter().map(|c| c.user.user_id.clone()));
     let room = owner
@@ -248,7 +257,7 @@ async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
 
 /// Waits for a receipt from the bot in `room_id` with `status` and (if given) `reason`,
 /// answering `answered`.
-async fn wait_receipt(
+pub(crate) async fn wait_receipt(
     client: &TestClient,
     room_id: &RoomId,
     bot: &str,
@@ -503,6 +512,7 @@ async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
     // At trace level, so the log check below covers every line mxpay can write.
     let s = scene_with("lock", 120_000, "20.00", |_| MxpayOptions {
         env: vec![("RUST_LOG".to_owned(), "trace".to_owned())],
+        ..Default::default()
     })
     .await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
@@ -670,6 +680,7 @@ async fn a_crash_between_the_ledger_post_and_the_receipt_is_repaired_on_restart(
             mxpay::payments::FAULT_CRASH_BEFORE_RECEIPT_ENV.to_owned(),
             lease.dir.join("crashed").display().to_string(),
         )],
+        ..Default::default()
     })
     .await;
     let (bot, room, dm) = (s.bot.clone(), s.room.clone(), s.dm.clone());

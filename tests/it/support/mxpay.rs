@@ -12,6 +12,8 @@ use super::{log_tail, repo_dir, timeout, SlotLease};
 pub struct MxpayOptions {
     /// Extra environment variables (e.g. test-only fault injection switches).
     pub env: Vec<(String, String)>,
+    /// Extra arguments after `serve -c <config>` (e.g. `--log-format json`).
+    pub serve_args: Vec<String>,
 }
 
 /// A running (or exited) `mxpay serve -c <slot config>`.
@@ -76,6 +78,7 @@ impl MxpayProcess {
             .arg("serve")
             .arg("-c")
             .arg(&self.config_path)
+            .args(&self.options.serve_args)
             .stdin(Stdio::piped())
             .stdout(log)
             .stderr(log_err)
