@@ -9,7 +9,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::audit::{AuditEntry, AUDIT_PAGE_MAX};
 use super::service::{AdminState, Settlement, TopupRequest, HISTORY_PAGE_DEFAULT};
 use super::token::{authorize, Scope, TokenError};
-use super::views::TransferJson;
+use super::views::{AccountJson, TransferJson};
 use super::webhook::SIGNATURE_HEADER;
 use super::AdminError;
 use crate::http::json_response;
@@ -244,6 +245,80 @@ where
     finish(state, caller, action, target, result).await
 }
 
+/// The parts of a call on one path id (a user or a withdrawal): the state, the id, the
+/// headers. Handlers on such a path take this instead of the three extractors each.
+struct IdCall {
+    state: Shared,
+    id: String,
+    headers: HeaderMap,
+}
+
+impl FromRequestParts<Shared> for IdCall {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Response> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self {
+            state: state.clone(),
+            id,
+            headers: parts.headers.clone(),
+        })
+    }
+}
+
+impl IdCall {
+    /// [`call`] with the id as the audit target; `op` gets the state and the id.
+    async fn run<T, F, Fut>(self, scope: Scope, action: &'static str, op: F) -> Response
+    where
+        T: Serialize,
+        F: FnOnce(Shared, String) -> Fut,
+        Fut: Future<Output = Result<T, AdminError>>,
+    {
+        let Self { state, id, headers } = self;
+        let op_state = state.clone();
+        call(&state, &headers, scope, action, id.clone(), || {
+            op(op_state, id)
+        })
+        .await
+    }
+}
+
+/// What a route on a user's accounts does before it answers with them.
+enum AccountsOp {
+    Read,
+    /// The request body, still to be parsed once the caller is authorised.
+    Freeze(Result<Bytes, AdminError>),
+    Unfreeze,
+}
+
+/// The routes that read or change a user's accounts and answer with them.
+async fn accounts_call(call: IdCall, op: AccountsOp) -> Response {
+    let (scope, action) = match op {
+        AccountsOp::Read => (Scope::Read, "accounts"),
+        AccountsOp::Freeze(_) => (Scope::Freeze, "freeze"),
+        AccountsOp::Unfreeze => (Scope::Freeze, "unfreeze"),
+    };
+    call.run(scope, action, |state, user_id| async move {
+        let accounts = match op {
+            AccountsOp::Read => state.accounts(&user_id).await?,
+            AccountsOp::Freeze(body) => {
+                let mode = freeze_mode(parse_json(&body?)?)?;
+                state.set_frozen(&user_id, Some(mode)).await?
+            }
+            AccountsOp::Unfreeze => state.set_frozen(&user_id, None).await?,
+        };
+        Ok(accounts_answer(user_id, accounts))
+    })
+    .await
+}
+
+/// The answer of the routes that read or change a user's accounts.
+fn accounts_answer(user_id: String, accounts: Vec<AccountJson>) -> serde_json::Value {
+    serde_json::json!({ "user_id": user_id, "accounts": accounts })
+}
+
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     if body.is_empty() {
         return serde_json::from_slice(b"{}").map_err(|e| AdminError::BadJson(e.to_string()));
@@ -306,25 +381,8 @@ async fn post_webhook(
     finish(&state, caller, action, target, result).await
 }
 
-async fn get_accounts(
-    State(state): State<Shared>,
-    Path(user_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    call(
-        &state,
-        &headers,
-        Scope::Read,
-        "accounts",
-        user_id.clone(),
-        || async {
-            Ok(serde_json::json!({
-                "user_id": user_id,
-                "accounts": state.accounts(&user_id).await?,
-            }))
-        },
-    )
-    .await
+async fn get_accounts(call: IdCall) -> Response {
+    accounts_call(call, AccountsOp::Read).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,29 +404,17 @@ pub struct HistoryResponse {
     pub next: Option<String>,
 }
 
-async fn get_history(
-    State(state): State<Shared>,
-    Path(user_id): Path<String>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> Response {
-    call(
-        &state,
-        &headers,
-        Scope::Read,
-        "history",
-        user_id.clone(),
-        || async {
-            let query: HistoryQuery = parse_query(&uri)?;
-            let limit = query.limit.unwrap_or(HISTORY_PAGE_DEFAULT);
-            let (transfers, next) = state.history(&user_id, query.from, limit).await?;
-            Ok(HistoryResponse {
-                user_id,
-                transfers,
-                next: next.map(|n| n.to_string()),
-            })
-        },
-    )
+async fn get_history(call: IdCall, uri: Uri) -> Response {
+    call.run(Scope::Read, "history", |state, user_id| async move {
+        let query: HistoryQuery = parse_query(&uri)?;
+        let limit = query.limit.unwrap_or(HISTORY_PAGE_DEFAULT);
+        let (transfers, next) = state.history(&user_id, query.from, limit).await?;
+        Ok(HistoryResponse {
+            user_id,
+            transfers,
+            next: next.map(|n| n.to_string()),
+        })
+    })
     .await
 }
 
@@ -380,76 +426,30 @@ struct FreezeRequest {
     mode: Option<String>,
 }
 
-async fn post_freeze(
-    State(state): State<Shared>,
-    Path(user_id): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let body = read_body(&headers, body).await;
-    call(
-        &state,
-        &headers,
-        Scope::Freeze,
-        "freeze",
-        user_id.clone(),
-        || async {
-            let request: FreezeRequest = parse_json(&body?)?;
-            let mode = match request.mode.as_deref() {
-                None | Some("debits") => FreezeMode::Debits,
-                Some("all") => FreezeMode::All,
-                Some(other) => {
-                    return Err(AdminError::InvalidParam(format!(
-                        "mode `{other}` is neither `debits` nor `all`"
-                    )))
-                }
-            };
-            Ok(serde_json::json!({
-                "user_id": user_id,
-                "accounts": state.set_frozen(&user_id, Some(mode)).await?,
-            }))
-        },
-    )
-    .await
+fn freeze_mode(request: FreezeRequest) -> Result<FreezeMode, AdminError> {
+    match request.mode.as_deref() {
+        None | Some("debits") => Ok(FreezeMode::Debits),
+        Some("all") => Ok(FreezeMode::All),
+        Some(other) => Err(AdminError::InvalidParam(format!(
+            "mode `{other}` is neither `debits` nor `all`"
+        ))),
+    }
 }
 
-async fn post_unfreeze(
-    State(state): State<Shared>,
-    Path(user_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    call(
-        &state,
-        &headers,
-        Scope::Freeze,
-        "unfreeze",
-        user_id.clone(),
-        || async {
-            Ok(serde_json::json!({
-                "user_id": user_id,
-                "accounts": state.set_frozen(&user_id, None).await?,
-            }))
-        },
-    )
-    .await
+async fn post_freeze(call: IdCall, body: Body) -> Response {
+    let body = read_body(&call.headers, body).await;
+    accounts_call(call, AccountsOp::Freeze(body)).await
 }
 
-async fn post_pin_reset(
-    State(state): State<Shared>,
-    Path(user_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    call(
-        &state,
-        &headers,
-        Scope::PinReset,
-        "pin-reset",
-        user_id.clone(),
-        || async {
-            let had_pin = state.reset_pin(&user_id).await?;
-            Ok(serde_json::json!({ "user_id": user_id, "had_pin": had_pin }))
-        },
-    )
+async fn post_unfreeze(call: IdCall) -> Response {
+    accounts_call(call, AccountsOp::Unfreeze).await
+}
+
+async fn post_pin_reset(call: IdCall) -> Response {
+    call.run(Scope::PinReset, "pin-reset", |state, user_id| async move {
+        let had_pin = state.reset_pin(&user_id).await?;
+        Ok(serde_json::json!({ "user_id": user_id, "had_pin": had_pin }))
+    })
     .await
 }
 
@@ -465,57 +465,33 @@ async fn get_pending(State(state): State<Shared>, headers: HeaderMap) -> Respons
     .await
 }
 
-async fn get_transfer(
-    State(state): State<Shared>,
-    Path(transfer_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    call(
-        &state,
-        &headers,
-        Scope::Read,
-        "transfer",
-        transfer_id.clone(),
-        || async { Ok(serde_json::json!({ "transfer": state.transfer(&transfer_id).await? })) },
-    )
+async fn get_transfer(call: IdCall) -> Response {
+    call.run(Scope::Read, "transfer", |state, transfer_id| async move {
+        Ok(serde_json::json!({ "transfer": state.transfer(&transfer_id).await? }))
+    })
     .await
 }
 
-async fn settle(state: Shared, id: String, headers: HeaderMap, outcome: Settlement) -> Response {
+async fn settle(call: IdCall, outcome: Settlement) -> Response {
     let action = match outcome {
         Settlement::Settle => "settle",
         Settlement::Reject => "reject",
     };
-    call(
-        &state,
-        &headers,
-        Scope::Settle,
-        action,
-        id.clone(),
-        || async {
-            let transfer = state.settle(&id, outcome).await?;
-            Ok(serde_json::json!({
-                "transfer": TransferJson::new(state.ledger.currencies(), &transfer),
-            }))
-        },
-    )
+    call.run(Scope::Settle, action, |state, id| async move {
+        let transfer = state.settle(&id, outcome).await?;
+        Ok(serde_json::json!({
+            "transfer": TransferJson::new(state.ledger.currencies(), &transfer),
+        }))
+    })
     .await
 }
 
-async fn post_settle(
-    State(state): State<Shared>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    settle(state, id, headers, Settlement::Settle).await
+async fn post_settle(call: IdCall) -> Response {
+    settle(call, Settlement::Settle).await
 }
 
-async fn post_reject(
-    State(state): State<Shared>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    settle(state, id, headers, Settlement::Reject).await
+async fn post_reject(call: IdCall) -> Response {
+    settle(call, Settlement::Reject).await
 }
 
 async fn post_verify(State(state): State<Shared>, headers: HeaderMap) -> Response {
