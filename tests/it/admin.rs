@@ -219,6 +219,29 @@ impl Harness {
             .await
     }
 
+    /// `POST /users/{user}/{action}` (freeze, unfreeze) with `token`.
+    async fn user_post(
+        &self,
+        user: &str,
+        action: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let path = format!("/users/{}/{action}", enc(user));
+        self.call("POST", &path, Some(token), body).await
+    }
+
+    /// `POST /withdrawals/{id}/{action}` (settle, reject) with `token`.
+    async fn withdrawal_post(&self, id: &str, action: &str, token: &str) -> (StatusCode, Value) {
+        let path = format!("/withdrawals/{id}/{action}");
+        self.call("POST", &path, Some(token), None).await
+    }
+
+    /// `body` to the `acme` webhook, signed with its secret.
+    async fn acme_webhook(&self, body: &str) -> (StatusCode, Value) {
+        self.webhook("acme", body, Some(self.sign(body))).await
+    }
+
     fn sign(&self, body: &str) -> String {
         webhook::sign(
             &WebhookSecret::new(ACME_SECRET.to_vec()),
@@ -473,7 +496,7 @@ async fn signed_webhook_credits_once_and_refuses_tampering_staleness_and_reuse()
 
     // The provider retries: the same body answers the original result, nothing moves.
     h.clock.advance_ms(10_000);
-    let (status, answer) = h.webhook("acme", &body, Some(h.sign(&body))).await;
+    let (status, answer) = h.acme_webhook(&body).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["replay"], true);
     assert_eq!(h.available(ALICE, "EUR").await, "20.00");
@@ -487,7 +510,7 @@ async fn signed_webhook_credits_once_and_refuses_tampering_staleness_and_reuse()
         .unwrap()
         .contains("signature does not match"));
     // A changed amount signed properly under a used event id: refused as a conflict.
-    let (status, answer) = h.webhook("acme", &tampered, Some(h.sign(&tampered))).await;
+    let (status, answer) = h.acme_webhook(&tampered).await;
     assert_eq!(status, 409, "{answer}");
     assert_eq!(answer["errcode"], "ORG.MXPAY_EVENT_CONFLICT");
     // Stale: the original signature, ten minutes later.
@@ -510,7 +533,7 @@ async fn signed_webhook_credits_once_and_refuses_tampering_staleness_and_reuse()
 
     // A bad amount in a correctly signed event is refused before its id is spent.
     let bad = body.replace("evt_1", "evt_2").replace("20.00", "1.001");
-    let (status, answer) = h.webhook("acme", &bad, Some(h.sign(&bad))).await;
+    let (status, answer) = h.acme_webhook(&bad).await;
     assert_eq!(status, 400, "{answer}");
     assert!(answer["error"]
         .as_str()
@@ -531,14 +554,7 @@ async fn freeze_blocks_debits_and_unfreeze_lifts_it() {
     let h = Harness::new();
     h.topup(ALICE, "10.00", "EUR", "f-1").await;
     let token = h.token(&[Scope::Freeze]);
-    let (status, body) = h
-        .call(
-            "POST",
-            &format!("/users/{}/freeze", enc(ALICE)),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, body) = h.user_post(ALICE, "freeze", &token, None).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["accounts"]
         .as_array()
@@ -546,12 +562,9 @@ async fn freeze_blocks_debits_and_unfreeze_lifts_it() {
         .iter()
         .all(|a| a["frozen"] == "debits"));
 
-    let pay = |id: &str| TransferRequest {
-        id: TransferId::from_key(id),
-        debit: Owner::user(ALICE),
-        credit: Owner::user(BOB),
-        amount: h.ledger.parse_amount(Decimal::new(100, 2), "EUR").unwrap(),
-        memo: Vec::new(),
+    let pay = |id: &str| {
+        let (alice, bob) = (Owner::user(ALICE), Owner::user(BOB));
+        eur_transfer(&h, id, alice, bob, Decimal::new(100, 2), b"")
     };
     let refused = h.ledger.create_transfer(pay("pay-1")).await.unwrap_err();
     assert_eq!(
@@ -561,26 +574,14 @@ async fn freeze_blocks_debits_and_unfreeze_lifts_it() {
     // Money may still come in under a debit freeze.
     assert_eq!(h.topup(ALICE, "1.00", "EUR", "f-2").await.0, 200);
 
-    let (status, _) = h
-        .call(
-            "POST",
-            &format!("/users/{}/unfreeze", enc(ALICE)),
-            Some(&token),
-            None,
-        )
-        .await;
+    let (status, _) = h.user_post(ALICE, "unfreeze", &token, None).await;
     assert_eq!(status, 200);
     h.ledger.create_transfer(pay("pay-2")).await.unwrap();
     assert_eq!(h.available(ALICE, "EUR").await, "10.00");
 
     // `all` also blocks top-ups; a freeze covers currencies the user never used.
     let (status, body) = h
-        .call(
-            "POST",
-            &format!("/users/{}/freeze", enc(BOB)),
-            Some(&token),
-            Some(json!({"mode": "all"})),
-        )
+        .user_post(BOB, "freeze", &token, Some(json!({"mode": "all"})))
         .await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = h.topup(BOB, "5", "JPY", "f-3").await;
@@ -646,19 +647,38 @@ async fn every_call_appears_in_the_audit_log() {
     assert!(audit.iter().all(|e| e["at_ms"].as_u64() == Some(T0_MS)));
 }
 
+/// A transfer of `amount` EUR, keyed by `key`.
+fn eur_transfer(
+    h: &Harness,
+    key: &str,
+    debit: Owner,
+    credit: Owner,
+    amount: Decimal,
+    memo: &[u8],
+) -> TransferRequest {
+    TransferRequest {
+        id: TransferId::from_key(key),
+        debit,
+        credit,
+        amount: h.ledger.parse_amount(amount, "EUR").unwrap(),
+        memo: memo.to_vec(),
+    }
+}
+
 /// A pending withdrawal of `amount` EUR from `user`, as the payments layer makes it.
 async fn withdrawal(h: &Harness, user: &str, amount: &str, key: &str) -> String {
     let amount: Decimal = amount.parse().unwrap();
     let transfer = h
         .ledger
         .create_pending(
-            TransferRequest {
-                id: TransferId::from_key(key),
-                debit: Owner::user(user),
-                credit: Owner::Settlement,
-                amount: h.ledger.parse_amount(amount, "EUR").unwrap(),
-                memo: br#"{"type":"withdrawal"}"#.to_vec(),
-            },
+            eur_transfer(
+                h,
+                key,
+                Owner::user(user),
+                Owner::Settlement,
+                amount,
+                br#"{"type":"withdrawal"}"#,
+            ),
             24 * 3600 * 1000,
         )
         .await
@@ -691,45 +711,17 @@ async fn withdrawals_settle_or_reject_by_api_and_by_webhook() {
     }
 
     let settle = h.token(&[Scope::Settle]);
-    let (status, body) = h
-        .call(
-            "POST",
-            &format!("/withdrawals/{w1}/settle"),
-            Some(&settle),
-            None,
-        )
-        .await;
+    let (status, body) = h.withdrawal_post(&w1, "settle", &settle).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["transfer"]["state"], "posted");
     // Settling again answers the same; rejecting a settled one is refused.
-    let (status, _) = h
-        .call(
-            "POST",
-            &format!("/withdrawals/{w1}/settle"),
-            Some(&settle),
-            None,
-        )
-        .await;
+    let (status, _) = h.withdrawal_post(&w1, "settle", &settle).await;
     assert_eq!(status, 200);
-    let (status, body) = h
-        .call(
-            "POST",
-            &format!("/withdrawals/{w1}/reject"),
-            Some(&settle),
-            None,
-        )
-        .await;
+    let (status, body) = h.withdrawal_post(&w1, "reject", &settle).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["errcode"], "ORG.MXPAY_REJECTED");
 
-    let (status, body) = h
-        .call(
-            "POST",
-            &format!("/withdrawals/{w2}/reject"),
-            Some(&settle),
-            None,
-        )
-        .await;
+    let (status, body) = h.withdrawal_post(&w2, "reject", &settle).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["transfer"]["state"], "voided");
     assert_eq!(h.available(ALICE, "EUR").await, "55.00");
@@ -738,24 +730,24 @@ async fn withdrawals_settle_or_reject_by_api_and_by_webhook() {
     // another withdrawal is refused.
     let settled = json!({"type": "withdrawal.settled", "event_id": "evt_w3", "withdrawal_id": w3})
         .to_string();
-    let (status, body) = h.webhook("acme", &settled, Some(h.sign(&settled))).await;
+    let (status, body) = h.acme_webhook(&settled).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         (body["result"].as_str(), body["replay"].as_bool()),
         (Some("settled"), Some(false))
     );
-    let (status, body) = h.webhook("acme", &settled, Some(h.sign(&settled))).await;
+    let (status, body) = h.acme_webhook(&settled).await;
     assert_eq!(
         (status.as_u16(), body["replay"].as_bool()),
         (200, Some(true))
     );
     let rejected = json!({"type": "withdrawal.rejected", "event_id": "evt_w4", "withdrawal_id": w4, "reason": "closed account"}).to_string();
-    let (status, body) = h.webhook("acme", &rejected, Some(h.sign(&rejected))).await;
+    let (status, body) = h.acme_webhook(&rejected).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["transfer"]["state"], "voided");
     let reused = json!({"type": "withdrawal.settled", "event_id": "evt_w3", "withdrawal_id": w4})
         .to_string();
-    let (status, body) = h.webhook("acme", &reused, Some(h.sign(&reused))).await;
+    let (status, body) = h.acme_webhook(&reused).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(h.available(ALICE, "EUR").await, "60.00");
 
@@ -763,24 +755,20 @@ async fn withdrawals_settle_or_reject_by_api_and_by_webhook() {
     let payment = h
         .ledger
         .create_pending(
-            TransferRequest {
-                id: TransferId::from_key("p-1"),
-                debit: Owner::user(ALICE),
-                credit: Owner::user(BOB),
-                amount: h.ledger.parse_amount(Decimal::ONE, "EUR").unwrap(),
-                memo: Vec::new(),
-            },
+            eur_transfer(
+                &h,
+                "p-1",
+                Owner::user(ALICE),
+                Owner::user(BOB),
+                Decimal::ONE,
+                b"",
+            ),
             60_000,
         )
         .await
         .unwrap();
     let (status, body) = h
-        .call(
-            "POST",
-            &format!("/withdrawals/{}/settle", payment.id),
-            Some(&settle),
-            None,
-        )
+        .withdrawal_post(&payment.id.to_string(), "settle", &settle)
         .await;
     assert_eq!(status, 404, "{body}");
     let (status, body) = h
@@ -805,39 +793,20 @@ async fn a_frozen_wallet_s_pending_withdrawals_can_still_be_settled() {
     let w3 = withdrawal(&h, ALICE, "10.00", "fw-3").await;
     let freeze = h.token(&[Scope::Freeze]);
     let (status, body) = h
-        .call(
-            "POST",
-            &format!("/users/{}/freeze", enc(ALICE)),
-            Some(&freeze),
-            Some(json!({"mode": "all"})),
-        )
+        .user_post(ALICE, "freeze", &freeze, Some(json!({"mode": "all"})))
         .await;
     assert_eq!(status, 200, "{body}");
 
     let settle = h.token(&[Scope::Settle]);
-    let (status, body) = h
-        .call(
-            "POST",
-            &format!("/withdrawals/{w1}/settle"),
-            Some(&settle),
-            None,
-        )
-        .await;
+    let (status, body) = h.withdrawal_post(&w1, "settle", &settle).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["transfer"]["state"], "posted");
     let settled = json!({"type": "withdrawal.settled", "event_id": "evt_fw2", "withdrawal_id": w2})
         .to_string();
-    let (status, body) = h.webhook("acme", &settled, Some(h.sign(&settled))).await;
+    let (status, body) = h.acme_webhook(&settled).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["transfer"]["state"], "posted");
-    let (status, body) = h
-        .call(
-            "POST",
-            &format!("/withdrawals/{w3}/reject"),
-            Some(&settle),
-            None,
-        )
-        .await;
+    let (status, body) = h.withdrawal_post(&w3, "reject", &settle).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["transfer"]["state"], "voided");
     assert_eq!(h.available(ALICE, "EUR").await, "50.00");
@@ -846,13 +815,14 @@ async fn a_frozen_wallet_s_pending_withdrawals_can_still_be_settled() {
     let refused = h
         .ledger
         .create_pending(
-            TransferRequest {
-                id: TransferId::from_key("fw-4"),
-                debit: Owner::user(ALICE),
-                credit: Owner::Settlement,
-                amount: h.ledger.parse_amount(Decimal::ONE, "EUR").unwrap(),
-                memo: Vec::new(),
-            },
+            eur_transfer(
+                &h,
+                "fw-4",
+                Owner::user(ALICE),
+                Owner::Settlement,
+                Decimal::ONE,
+                b"",
+            ),
             60_000,
         )
         .await
@@ -1120,6 +1090,63 @@ async fn cli(args: &[&str], token: Option<&str>) -> (bool, String, String) {
     )
 }
 
+/// `mxpay admin token create` with `args` after it; the token.
+async fn cli_token(config: &str, args: &[&str]) -> String {
+    let mut all = vec!["-c", config, "token", "create"];
+    all.extend_from_slice(args);
+    let (ok, token, err) = cli(&all, None).await;
+    assert!(ok, "token create failed: {err}");
+    token.trim().to_owned()
+}
+
+/// `mxpay admin --json <args>` with `token`, which must succeed; its answer.
+async fn cli_json(config: &str, args: &[&str], token: &str) -> Value {
+    let mut all = vec!["-c", config, "--json"];
+    all.extend_from_slice(args);
+    let (ok, out, err) = cli(&all, Some(token)).await;
+    assert!(ok, "{args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} answered {out}: {e}"))
+}
+
+/// The CLI test's keyed top-up of 12.50 EUR to `user`; a repeat credits nothing more.
+async fn cli_keyed_topup(config: &str, user: &str, token: &str) -> (bool, String, String) {
+    let args = [
+        "-c",
+        config,
+        "topup",
+        user,
+        "12.50",
+        "EUR",
+        "--key",
+        "it-order-1",
+    ];
+    cli(&args, Some(token)).await
+}
+
+/// The `acme` provider's signature of `body` at the current wall-clock second.
+fn acme_signature_now(body: &str) -> String {
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    webhook::sign(
+        &WebhookSecret::new(ACME_SECRET.to_vec()),
+        now_s,
+        body.as_bytes(),
+    )
+}
+
+/// Posts `body` with `signature` to the `acme` webhook of the mxpay at `url`.
+async fn post_acme_webhook(url: &str, signature: &str, body: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/_mxpay/admin/v1/webhooks/acme"))
+        .header(webhook::SIGNATURE_HEADER, signature)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The real binary over real Synapse: `mxpay serve` with an `admin:` section (key from a
 /// file, provider secret from the environment), driven by the real `mxpay admin` CLI.
 #[tokio::test]
@@ -1149,12 +1176,9 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
     let config = lease.config_path();
     let config = config.to_str().unwrap();
 
-    let (ok, token, err) = cli(
+    let token = cli_token(
+        config,
         &[
-            "-c",
-            config,
-            "token",
-            "create",
             "--scope",
             "topup,read,freeze",
             "--scope",
@@ -1164,44 +1188,15 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
             "--subject",
             "it-ops",
         ],
-        None,
     )
     .await;
-    assert!(ok, "token create failed: {err}");
-    let token = token.trim().to_owned();
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
 
-    let (ok, out, err) = cli(
-        &[
-            "-c",
-            config,
-            "topup",
-            &alice_id,
-            "12.50",
-            "EUR",
-            "--key",
-            "it-order-1",
-        ],
-        Some(&token),
-    )
-    .await;
+    let (ok, out, err) = cli_keyed_topup(config, &alice_id, &token).await;
     assert!(ok, "topup failed: {err}");
     assert!(out.contains("credited 12.50 EUR"), "{out}");
     // The same key again credits nothing more.
-    let (ok, _, err) = cli(
-        &[
-            "-c",
-            config,
-            "topup",
-            &alice_id,
-            "12.50",
-            "EUR",
-            "--key",
-            "it-order-1",
-        ],
-        Some(&token),
-    )
-    .await;
+    let (ok, _, err) = cli_keyed_topup(config, &alice_id, &token).await;
     assert!(ok, "{err}");
     // A bad amount is refused with the API's sentence and a failing exit status.
     let (ok, _, err) = cli(
@@ -1218,23 +1213,9 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
         "amount": "7.50", "currency": "EUR",
     })
     .to_string();
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let signature = webhook::sign(
-        &WebhookSecret::new(ACME_SECRET.to_vec()),
-        now_s,
-        body.as_bytes(),
-    );
+    let signature = acme_signature_now(&body);
     for _ in 0..2 {
-        let response = reqwest::Client::new()
-            .post(format!("{}/_mxpay/admin/v1/webhooks/acme", mxpay.url))
-            .header(webhook::SIGNATURE_HEADER, &signature)
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
+        let response = post_acme_webhook(&mxpay.url, &signature, &body).await;
         assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     }
 
@@ -1246,13 +1227,7 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
         .unwrap_or_else(|| panic!("no EUR row: {out}"));
     assert_eq!(row.split_whitespace().nth(1), Some("20.00"), "{out}");
 
-    let (ok, out, err) = cli(
-        &["-c", config, "--json", "history", &alice_id],
-        Some(&token),
-    )
-    .await;
-    assert!(ok, "{err}");
-    let history: Value = serde_json::from_str(&out).unwrap();
+    let history = cli_json(config, &["history", &alice_id], &token).await;
     let amounts: Vec<&str> = history["transfers"]
         .as_array()
         .unwrap()
@@ -1280,12 +1255,12 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
         .all(|l| l["to"]["owner"] == alice_id.as_str()));
 
     // Without the scope: refused, and the CLI says why.
-    let (_, read_only, _) = cli(&["-c", config, "token", "create", "--scope", "read"], None).await;
-    let (ok, _, err) = cli(&["-c", config, "pending"], Some(read_only.trim())).await;
+    let read_only = cli_token(config, &["--scope", "read"]).await;
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(&read_only)).await;
     assert!(ok, "{err}");
     let (ok, _, err) = cli(
         &["-c", config, "topup", &alice_id, "1", "EUR"],
-        Some(read_only.trim()),
+        Some(&read_only),
     )
     .await;
     assert!(!ok);
@@ -1318,47 +1293,14 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
 
     // After a SIGKILL and restart, the same webhook and the same top-up key credit nothing.
     mxpay.restart().await;
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let signature = webhook::sign(
-        &WebhookSecret::new(ACME_SECRET.to_vec()),
-        now_s,
-        body.as_bytes(),
-    );
-    let response = reqwest::Client::new()
-        .post(format!("{}/_mxpay/admin/v1/webhooks/acme", mxpay.url))
-        .header(webhook::SIGNATURE_HEADER, &signature)
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let signature = acme_signature_now(&body);
+    let response = post_acme_webhook(&mxpay.url, &signature, &body).await;
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["replay"], true, "{answer}");
-    let (ok, _, err) = cli(
-        &[
-            "-c",
-            config,
-            "topup",
-            &alice_id,
-            "12.50",
-            "EUR",
-            "--key",
-            "it-order-1",
-        ],
-        Some(&token),
-    )
-    .await;
+    let (ok, _, err) = cli_keyed_topup(config, &alice_id, &token).await;
     assert!(ok, "{err}");
-    let (ok, out, err) = cli(
-        &["-c", config, "--json", "balance", &alice_id],
-        Some(&token),
-    )
-    .await;
-    assert!(ok, "{err}");
-    let balance: Value = serde_json::from_str(&out).unwrap();
+    let balance = cli_json(config, &["balance", &alice_id], &token).await;
     assert_eq!(balance["accounts"][0]["available"], "20.00", "{balance}");
     // The audit log's chain survived the kill too (mxpay checks it when it opens the log).
     let (ok, out, err) = cli(&["-c", config, "audit", "--limit", "500"], Some(&token)).await;
@@ -1502,20 +1444,7 @@ async fn withdrawal_settled_and_pin_reset_through_the_cli() {
     let bot = lease.spec.bot_user_id();
     let config = lease.config_path();
     let config = config.to_str().unwrap();
-    let (ok, token, err) = cli(
-        &[
-            "-c",
-            config,
-            "token",
-            "create",
-            "--scope",
-            "topup,read,settle,pin-reset",
-        ],
-        None,
-    )
-    .await;
-    assert!(ok, "{err}");
-    let token = token.trim().to_owned();
+    let token = cli_token(config, &["--scope", "topup,read,settle,pin-reset"]).await;
 
     let alice = support::client(&alice_user).await;
     alice.bootstrap_cross_signing().await;
@@ -1567,24 +1496,16 @@ async fn withdrawal_settled_and_pin_reset_through_the_cli() {
         .await;
 
     // The operator's view: the withdrawal waits, reserved.
-    let (ok, out, err) = cli(&["-c", config, "--json", "pending"], Some(&token)).await;
-    assert!(ok, "{err}");
-    let pending: Value = serde_json::from_str(&out).unwrap();
+    let pending = cli_json(config, &["pending"], &token).await;
     let withdrawal = pending["transfers"]
         .as_array()
         .unwrap()
         .iter()
         .find(|t| t["from"] == alice_id.as_str() && t["to"] == "system:settlement")
-        .unwrap_or_else(|| panic!("no pending withdrawal: {out}"))
+        .unwrap_or_else(|| panic!("no pending withdrawal: {pending}"))
         .clone();
     assert_eq!(withdrawal["amount"], "20.00");
-    let (ok, out, _) = cli(
-        &["-c", config, "--json", "balance", &alice_id],
-        Some(&token),
-    )
-    .await;
-    assert!(ok);
-    let balance: Value = serde_json::from_str(&out).unwrap();
+    let balance = cli_json(config, &["balance", &alice_id], &token).await;
     assert_eq!(balance["accounts"][0]["available"], "30.00", "{balance}");
     assert_eq!(balance["accounts"][0]["pending_out"], "20.00", "{balance}");
 
@@ -1597,12 +1518,7 @@ async fn withdrawal_settled_and_pin_reset_through_the_cli() {
             b.contains("withdrawal of 20.00 EUR was paid out")
         })
         .await;
-    let (_, out, _) = cli(
-        &["-c", config, "--json", "balance", &alice_id],
-        Some(&token),
-    )
-    .await;
-    let balance: Value = serde_json::from_str(&out).unwrap();
+    let balance = cli_json(config, &["balance", &alice_id], &token).await;
     assert_eq!(balance["accounts"][0]["posted"], "30.00", "{balance}");
     assert_eq!(balance["accounts"][0]["pending_out"], "0.00", "{balance}");
 
