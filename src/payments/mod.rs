@@ -631,6 +631,7 @@ impl Payments {
             Command::History { count } => self.on_history(event, count).await,
             Command::PinSet => self.on_pin_command(event, false).await,
             Command::PinChange => self.on_pin_command(event, true).await,
+            Command::Cancel => self.on_cancel(event).await,
             Command::Pay {
                 payee,
                 amount,
@@ -1219,23 +1220,65 @@ impl Payments {
             self.on_dialog_pin(event, dialog, pin, now_ms).await?;
             return self.done(event).await;
         }
-        let mut challenges = Vec::new();
+        let reply_to = event
+            .content
+            .pointer("/m.relates_to/m.in_reply_to/event_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let addressed = challenge_id.is_some() || reply_to.is_some();
+        let mut open = Vec::new();
         for challenge in self.store.challenges(user)? {
             // Lapsed challenges are dropped here (their pending transfers expire in the ledger
-            // and the outbox tells about that).
-            if challenge.expires_at_ms <= now_ms && challenge_id.is_none() {
+            // and the outbox tells about that); one the PIN names is kept so the answer can
+            // say it came too late.
+            if challenge.expires_at_ms <= now_ms && !addressed {
                 self.store.remove_challenge(&challenge).await?;
             } else {
-                challenges.push(challenge);
+                let notice = self.store.note(challenge.transfer_id)?.dm_event_id;
+                open.push((challenge, notice));
             }
         }
-        let challenge = match &challenge_id {
-            Some(id) => challenges.into_iter().find(|c| &c.challenge_id() == id),
-            None => challenges.into_iter().find(|c| c.expires_at_ms > now_ms),
+        let address = PinAddress {
+            challenge_id: challenge_id.as_deref(),
+            reply_to: reply_to.as_deref(),
         };
-        match challenge {
-            Some(challenge) => self.on_stepup_pin(event, challenge, pin, now_ms).await?,
-            None => {
+        let target = choose_challenge(
+            open,
+            &address,
+            event.origin_server_ts_ms,
+            now_ms,
+            self.settings.stepup_timeout_ms,
+        );
+        match target {
+            PinTarget::One(challenge) => self.on_stepup_pin(event, challenge, pin, now_ms).await?,
+            PinTarget::Several(challenges) => {
+                let lines: Vec<String> = challenges
+                    .iter()
+                    .map(|c| text::challenge_line(&c.amount, &c.currency, &c.payee, &c.room_id))
+                    .collect();
+                self.reply(event, &text::which_challenge(&lines), "pin-which")
+                    .await?
+            }
+            PinTarget::TooOld => {
+                self.reply(
+                    event,
+                    "This PIN message is older than the step-up window or than the payment \
+                     waiting for it, so I did not use it (it counts as no attempt) and removed \
+                     it. To confirm, send your PIN again.",
+                    "pin-too-old",
+                )
+                .await?
+            }
+            PinTarget::Unknown => {
+                self.reply(
+                    event,
+                    "The payment you answered is no longer waiting for a PIN (it was paid, \
+                     cancelled or expired), so I did not use your PIN. I removed your message.",
+                    "pin-unknown",
+                )
+                .await?
+            }
+            PinTarget::NotWaiting => {
                 self.reply(
                     event,
                     "I was not waiting for a PIN (no payment is waiting for your confirmation). \
@@ -1246,6 +1289,66 @@ impl Payments {
             }
         }
         self.done(event).await
+    }
+
+    /// `!cancel`: voids every payment of the sender still waiting for a PIN (and drops their
+    /// withdrawal confirmations), then says so in the DM (or, without one, where it was asked).
+    async fn on_cancel(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        let now_ms = self.clock.now_ms();
+        let open: Vec<Challenge> = self
+            .store
+            .challenges(user)?
+            .into_iter()
+            .filter(|c| c.expires_at_ms > now_ms)
+            .collect();
+        self.cancel_challenges(user, ReceiptReason::Other).await?;
+        let body = if open.is_empty() {
+            "Nothing was waiting for your PIN, so there was nothing to cancel.".to_owned()
+        } else {
+            let lines: Vec<String> = open
+                .iter()
+                .map(|c| match c.kind {
+                    ChallengeKind::Pay => {
+                        text::challenge_line(&c.amount, &c.currency, &c.payee, &c.room_id)
+                    }
+                    ChallengeKind::Withdraw => {
+                        format!("• withdrawal of {}", text::money(&c.amount, &c.currency))
+                    }
+                })
+                .collect();
+            format!("Cancelled; nothing of it was paid:\n{}", lines.join("\n"))
+        };
+        let key = event.event_id.as_str();
+        match self.ready_dm(user)? {
+            Some(dm) => {
+                let reply_to = (dm == event.room_id).then_some(event.event_id.as_ref());
+                self.messenger
+                    .notice(&dm, &body, reply_to, txn("cancel", key))
+                    .await?;
+                if dm != event.room_id {
+                    self.messenger
+                        .notice(
+                            &event.room_id,
+                            &format!("{}: I answered in our private chat.", event.sender),
+                            Some(&event.event_id),
+                            txn("cancel-pointer", key),
+                        )
+                        .await?;
+                }
+            }
+            None => {
+                self.messenger
+                    .notice(
+                        &event.room_id,
+                        &body,
+                        Some(&event.event_id),
+                        txn("cancel", key),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn done(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
@@ -1798,6 +1901,81 @@ impl Payments {
     }
 }
 
+/// How a PIN event says which challenge it answers.
+#[derive(Debug, Default)]
+struct PinAddress<'a> {
+    /// `org.mxpay.stepup.response`'s `challenge_id`.
+    challenge_id: Option<&'a str>,
+    /// The event a plain PIN replies to (`m.relates_to.m.in_reply_to`), matched against each
+    /// challenge's notice in the DM.
+    reply_to: Option<&'a str>,
+}
+
+/// What a PIN event may confirm.
+#[derive(Debug, PartialEq)]
+enum PinTarget {
+    /// Exactly this challenge.
+    One(Challenge),
+    /// A plain PIN while several challenges are open: the user must say which.
+    Several(Vec<Challenge>),
+    /// The PIN event is older than the step-up window, or older than every challenge it could
+    /// answer (a late-decrypted or replayed PIN never confirms a later payment).
+    TooOld,
+    /// It names a challenge (by id or by reply) that is not open.
+    Unknown,
+    /// No challenge is open.
+    NotWaiting,
+}
+
+/// Decides which challenge a PIN event answers; no I/O. `open` pairs each open challenge
+/// (lapsed ones included when the PIN names one) with its DM notice's event id; `sent_ms` is
+/// the PIN event's `origin_server_ts`.
+///
+/// A plain PIN confirms only when exactly one challenge was open when it was sent: with
+/// several, guessing (the oldest, say) would pay whoever asked first, so the user is asked.
+fn choose_challenge(
+    open: Vec<(Challenge, Option<String>)>,
+    address: &PinAddress<'_>,
+    sent_ms: u64,
+    now_ms: u64,
+    stepup_timeout_ms: u64,
+) -> PinTarget {
+    if sent_ms.saturating_add(stepup_timeout_ms) <= now_ms {
+        return PinTarget::TooOld;
+    }
+    let named = if let Some(id) = address.challenge_id {
+        Some(open.iter().find(|(c, _)| c.challenge_id() == id))
+    } else {
+        address.reply_to.map(|reply_to| {
+            open.iter()
+                .find(|(_, notice)| notice.as_deref() == Some(reply_to))
+        })
+    };
+    if let Some(named) = named {
+        return match named.map(|(c, _)| c.clone()) {
+            Some(challenge) if challenge.created_ms > sent_ms => PinTarget::TooOld,
+            Some(challenge) => PinTarget::One(challenge),
+            None => PinTarget::Unknown,
+        };
+    }
+    let live: Vec<Challenge> = open
+        .into_iter()
+        .map(|(c, _)| c)
+        .filter(|c| c.expires_at_ms > now_ms)
+        .collect();
+    let any_live = !live.is_empty();
+    let mut eligible: Vec<Challenge> = live
+        .into_iter()
+        .filter(|c| c.created_ms <= sent_ms)
+        .collect();
+    match eligible.len() {
+        0 if any_live => PinTarget::TooOld,
+        0 => PinTarget::NotWaiting,
+        1 => PinTarget::One(eligible.remove(0)),
+        _ => PinTarget::Several(eligible),
+    }
+}
+
 fn note_event(note: &TransferNote) -> Option<OwnedEventId> {
     note.dm_event_id
         .as_deref()
@@ -1980,6 +2158,142 @@ mod tests {
         assert_eq!(
             reason_for(TransferError::InsufficientFunds),
             ReceiptReason::InsufficientFunds
+        );
+    }
+
+    fn open_challenge(id: u128, created_ms: u64) -> (Challenge, Option<String>) {
+        let challenge = Challenge {
+            kind: ChallengeKind::Pay,
+            transfer_id: id,
+            payer: "@alice:hs".into(),
+            payee: format!("@payee{id}:hs"),
+            amount_minor: 100 * id,
+            amount: format!("{id}.00"),
+            currency: "EUR".into(),
+            room_id: "!room".into(),
+            event_id: format!("$pay{id}"),
+            memo: None,
+            created_ms,
+            expires_at_ms: created_ms + 120_000,
+        };
+        (challenge, Some(format!("$notice{id}")))
+    }
+
+    fn chosen(target: PinTarget) -> Option<u128> {
+        match target {
+            PinTarget::One(c) => Some(c.transfer_id),
+            _ => None,
+        }
+    }
+
+    const TIMEOUT_MS: u64 = 120_000;
+
+    /// H1: a plain PIN with two payments open confirms neither (not the oldest).
+    #[test]
+    fn a_plain_pin_with_several_open_challenges_confirms_none() {
+        let open = vec![open_challenge(1, 1_000), open_challenge(2, 2_000)];
+        let target = choose_challenge(open, &PinAddress::default(), 3_000, 3_100, TIMEOUT_MS);
+        match target {
+            PinTarget::Several(list) => {
+                assert_eq!(
+                    list.iter().map(|c| c.transfer_id).collect::<Vec<_>>(),
+                    [1, 2]
+                )
+            }
+            other => panic!("expected Several, got {other:?}"),
+        }
+        // With exactly one open, a plain PIN confirms it.
+        let one = choose_challenge(
+            vec![open_challenge(2, 2_000)],
+            &PinAddress::default(),
+            3_000,
+            3_100,
+            TIMEOUT_MS,
+        );
+        assert_eq!(chosen(one), Some(2));
+        assert_eq!(
+            choose_challenge(vec![], &PinAddress::default(), 3_000, 3_100, TIMEOUT_MS),
+            PinTarget::NotWaiting
+        );
+    }
+
+    #[test]
+    fn a_reply_or_a_challenge_id_picks_that_challenge() {
+        let open = || vec![open_challenge(1, 1_000), open_challenge(2, 2_000)];
+        let by_reply = PinAddress {
+            challenge_id: None,
+            reply_to: Some("$notice2"),
+        };
+        assert_eq!(
+            chosen(choose_challenge(
+                open(),
+                &by_reply,
+                3_000,
+                3_100,
+                TIMEOUT_MS
+            )),
+            Some(2)
+        );
+        let id = open_challenge(1, 0).0.challenge_id();
+        let by_id = PinAddress {
+            challenge_id: Some(&id),
+            reply_to: Some("$notice2"),
+        };
+        assert_eq!(
+            chosen(choose_challenge(open(), &by_id, 3_000, 3_100, TIMEOUT_MS)),
+            Some(1),
+            "challenge_id wins over a reply"
+        );
+        let gone = PinAddress {
+            challenge_id: None,
+            reply_to: Some("$notice9"),
+        };
+        assert_eq!(
+            choose_challenge(open(), &gone, 3_000, 3_100, TIMEOUT_MS),
+            PinTarget::Unknown
+        );
+    }
+
+    /// A PIN sent before a challenge existed never confirms it; a PIN older than the step-up
+    /// window confirms nothing.
+    #[test]
+    fn old_pin_events_confirm_nothing_later() {
+        // Sent at 1_500: only challenge 1 existed then, so it answers 1 even with 2 open now.
+        let open = || vec![open_challenge(1, 1_000), open_challenge(2, 2_000)];
+        assert_eq!(
+            chosen(choose_challenge(
+                open(),
+                &PinAddress::default(),
+                1_500,
+                2_100,
+                TIMEOUT_MS
+            )),
+            Some(1)
+        );
+        // Sent before both.
+        assert_eq!(
+            choose_challenge(open(), &PinAddress::default(), 500, 2_100, TIMEOUT_MS),
+            PinTarget::TooOld
+        );
+        // Naming a challenge created after the PIN was sent.
+        let by_reply = PinAddress {
+            challenge_id: None,
+            reply_to: Some("$notice2"),
+        };
+        assert_eq!(
+            choose_challenge(open(), &by_reply, 1_500, 2_100, TIMEOUT_MS),
+            PinTarget::TooOld
+        );
+        // Older than the step-up window (a parked or late-delivered PIN).
+        assert_eq!(
+            choose_challenge(
+                vec![open_challenge(1, 1_000)],
+                &PinAddress::default(),
+                1_500,
+                1_500 + TIMEOUT_MS,
+                TIMEOUT_MS
+            ),
+            PinTarget::TooOld
         );
     }
 

@@ -544,6 +544,77 @@ async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
     }
 }
 
+/// Sends `pin` in `dm` as a reply to the bot's notice `notice` (as clients reply).
+async fn send_pin_reply(client: &TestClient, dm: &RoomId, notice: &str) -> OwnedEventId {
+    let content = serde_json::json!({
+        "msgtype": "m.text",
+        "body": PIN,
+        "m.relates_to": {"m.in_reply_to": {"event_id": notice}},
+    });
+    client
+        .room(dm)
+        .await
+        .send_raw("m.room.message", content)
+        .await
+        .unwrap_or_else(|e| panic!("{} sending a PIN reply: {e}", client.user.user_id))
+        .response
+        .event_id
+}
+
+/// H1: with two payments waiting, a plain PIN confirms neither (it used to pay the oldest);
+/// the bot lists them, a PIN replying to one's notice pays exactly that one, and `!cancel`
+/// voids the other.
+#[tokio::test]
+async fn a_plain_pin_with_two_payments_waiting_pays_neither_until_one_is_chosen() {
+    let s = scene("which", 120_000, "30.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let first = send_text(alice, room, &format!("!pay {} 15 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 15.00 EUR").await;
+    let second = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    let second_notice = wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+
+    let bare = send_text(alice, dm, PIN).await;
+    let which = wait_notice(alice, dm, bot, "Several payments are waiting").await;
+    let listed = which.body().unwrap();
+    for part in [
+        "15.00 EUR",
+        "5.00 EUR",
+        s.bob_id(),
+        room.as_str(),
+        "!cancel",
+    ] {
+        assert!(listed.contains(part), "{listed}");
+    }
+    wait_redacted(alice, dm, &bare).await;
+    // Nothing moved: both amounts are still only reserved.
+    s.alice_balance_is("10.00 EUR (20.00 EUR reserved)").await;
+
+    send_pin_reply(alice, dm, second_notice.event_id()).await;
+    wait_receipt(alice, room, bot, &second, "completed", None).await;
+    wait_receipt(&s.bob, room, bot, &second, "completed", None).await;
+
+    let cancel = send_text(alice, dm, "!cancel").await;
+    let told = alice
+        .wait_for_event("the answer to !cancel", |e| {
+            e.room_id == *dm
+                && e.sender() == bot
+                && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == cancel.as_str()
+        })
+        .await;
+    let body = told.body().unwrap_or_default();
+    assert!(
+        body.contains("Cancelled") && body.contains("15.00 EUR"),
+        "{body}"
+    );
+    assert_eq!(
+        body.lines().filter(|l| l.starts_with('•')).count(),
+        1,
+        "only the unpaid one: {body}"
+    );
+    wait_receipt(alice, room, bot, &first, "declined", None).await;
+    s.alice_balance_is("25.00 EUR").await;
+}
+
 #[tokio::test]
 async fn an_unconfirmed_payment_expires_and_releases_the_funds() {
     // A short step-up window (the ledger's pending timeout) keeps the test fast.
