@@ -1640,15 +1640,23 @@ impl Payments {
                 // The proof is redeemed against the ledger's own record of the transfer.
                 self.stepup
                     .redeem(&proof, &binding_of(&pending, &challenge.payer))?;
-                let posted = self.ledger.post(transfer_id, None).await;
-                self.store.remove_challenge(challenge).await?;
-                self.poke.poke();
+                // The challenge stays open until the outcome is final: after a retryable
+                // failure the re-handled PIN event finds it again.
+                let posted = match self.ledger.post(transfer_id, None).await {
+                    Err(e @ LedgerError::Rejected(_)) => Err(e),
+                    Err(e) => return Err(e.into()),
+                    Ok(posted) => Ok(posted),
+                };
                 match posted {
                     Ok(_) => {
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
                         tracing::info!(transfer = %transfer_id, "payment confirmed with the PIN and posted");
                         Ok(())
                     }
                     Err(LedgerError::Rejected(TransferError::PendingTransferExpired)) => {
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
                         self.reply(
                             event,
                             "Too late: that payment expired before your PIN arrived; nothing \
@@ -1657,11 +1665,44 @@ impl Payments {
                         )
                         .await
                     }
+                    Err(LedgerError::Rejected(
+                        TransferError::PendingTransferAlreadyVoided
+                        | TransferError::PendingTransferAlreadyPosted
+                        | TransferError::PendingTransferNotPending
+                        | TransferError::PendingTransferNotFound,
+                    )) => {
+                        // It ended meanwhile (cancelled, or told already): the outbox tells
+                        // how; nothing is left to confirm.
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
+                        self.reply(
+                            event,
+                            "That payment is no longer waiting for a PIN; I did not use yours \
+                             for anything else.",
+                            "stepup-ended",
+                        )
+                        .await
+                    }
                     Err(LedgerError::Rejected(error)) => {
+                        // A final refusal (e.g. a frozen wallet): release the reservation now,
+                        // so the receipt says why instead of "expired without a PIN" later.
+                        self.store
+                            .update_note(challenge.transfer_id, |note| {
+                                note.void_reason = Some(reason_code(reason_for(error)))
+                            })
+                            .await?;
+                        match self.ledger.void(transfer_id).await {
+                            Ok(_) | Err(LedgerError::Rejected(_)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
+                        tracing::warn!(transfer = %transfer_id, %error, "payment refused by the ledger after the PIN; voided");
                         self.reply(
                             event,
                             &format!(
-                                "The payment could not be completed: {}.",
+                                "The payment could not be completed: {}. Nothing was paid and \
+                                 the reserved amount is back in your wallet.",
                                 refusal_sentence(error)
                             ),
                             "stepup-refused",
@@ -1703,11 +1744,15 @@ impl Payments {
                         self.settings.withdrawal_timeout_ms,
                     )
                     .await;
-                self.store.remove_challenge(challenge).await?;
-                self.poke.poke();
                 match created {
-                    Ok(_) => Ok(()),
+                    Ok(_) => {
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
+                        Ok(())
+                    }
                     Err(LedgerError::Rejected(error)) => {
+                        // A refused create made no transfer: nothing to void.
+                        self.store.remove_challenge(challenge).await?;
                         self.reply(
                             event,
                             &format!("The withdrawal was refused: {}.", refusal_sentence(error)),

@@ -615,6 +615,45 @@ async fn a_plain_pin_with_two_payments_waiting_pays_neither_until_one_is_chosen(
     s.alice_balance_is("25.00 EUR").await;
 }
 
+/// M2: a post the ledger refuses after the right PIN (the payee's wallet was frozen in the
+/// meantime) voids the payment at once with the real reason; it used to drop the challenge and
+/// leave the reservation to "expire without a PIN".
+#[tokio::test]
+async fn a_payment_refused_after_the_pin_is_voided_with_its_reason() {
+    let s = scene("refused-post", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/_mxpay/admin/v1/users/{}/freeze",
+            s.mxpay.url,
+            s.bob_id().replace('@', "%40").replace(':', "%3A")
+        ))
+        .bearer_auth(crate::admin::mint(
+            &s.admin_key,
+            &[mxpay::admin::token::Scope::Freeze],
+        ))
+        .header("content-type", "application/json")
+        .body(r#"{"mode":"all"}"#)
+        .send()
+        .await
+        .expect("freeze");
+    assert_eq!(response.status(), 200);
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "could not be completed").await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &pay,
+        "declined",
+        Some("payee_not_allowed"),
+    )
+    .await;
+    s.alice_balance_is("20.00 EUR").await;
+}
+
 #[tokio::test]
 async fn an_unconfirmed_payment_expires_and_releases_the_funds() {
     // A short step-up window (the ledger's pending timeout) keeps the test fast.
