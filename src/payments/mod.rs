@@ -1914,35 +1914,51 @@ impl Payments {
             relates_to: Reference::new(relates_to),
         };
         let key = format!("{id}-{how}");
-        self.messenger
-            .send(
-                &room,
-                "org.mxpay.receipt",
-                serde_json::to_value(receipt(event.clone())).expect("receipt serialises"),
-                txn("ob-room-receipt", &key),
-            )
-            .await?;
-        self.messenger
-            .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
-            .await?;
-        tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
-        if let Some(dm) = self.ready_dm(payer)? {
-            if dm != room {
-                let relates_to = note_event(&note).unwrap_or(event);
-                self.messenger
-                    .send(
-                        &dm,
-                        "org.mxpay.receipt",
-                        serde_json::to_value(receipt(relates_to)).expect("receipt serialises"),
-                        txn("ob-dm-receipt", &key),
-                    )
-                    .await?;
-                self.messenger
-                    .notice(&dm, &body, None, txn("ob-dm-notice", &key))
-                    .await?;
-            }
+        // The room and the DM are told independently: a room the bot was kicked from must not
+        // keep the payer's own receipt from them. A retry re-sends both with the same
+        // transaction ids, so what already went is not shown twice.
+        let room_told: Result<(), PaymentsError> = async {
+            self.messenger
+                .send(
+                    &room,
+                    "org.mxpay.receipt",
+                    serde_json::to_value(receipt(event.clone())).expect("receipt serialises"),
+                    txn("ob-room-receipt", &key),
+                )
+                .await?;
+            self.messenger
+                .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
+                .await?;
+            tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
+            Ok(())
         }
-        Ok(true)
+        .await;
+        let dm_told: Result<(), PaymentsError> = async {
+            if let Some(dm) = self.ready_dm(payer)? {
+                if dm != room {
+                    let relates_to = note_event(&note).unwrap_or(event.clone());
+                    self.messenger
+                        .send(
+                            &dm,
+                            "org.mxpay.receipt",
+                            serde_json::to_value(receipt(relates_to)).expect("receipt serialises"),
+                            txn("ob-dm-receipt", &key),
+                        )
+                        .await?;
+                    self.messenger
+                        .notice(&dm, &body, None, txn("ob-dm-notice", &key))
+                        .await?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match (room_told, dm_told) {
+            (Ok(()), Ok(())) => Ok(true),
+            // A retryable failure wins, so the outbox retries (and does not dead-letter).
+            (Err(a), Err(b)) if !a.is_transient() && b.is_transient() => Err(b),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
     }
 }
 

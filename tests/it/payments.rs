@@ -654,6 +654,30 @@ async fn a_payment_refused_after_the_pin_is_voided_with_its_reason() {
     s.alice_balance_is("20.00 EUR").await;
 }
 
+/// M3: when the room cannot be told (the bot was kicked after the PIN prompt), the payer
+/// still gets the receipt in the DM; it used to be skipped with the room's.
+#[tokio::test]
+async fn the_dm_receipt_goes_out_even_when_the_room_cannot_be_told() {
+    let s = scene("kicked", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let bot_id = matrix_sdk::ruma::OwnedUserId::try_from(bot).expect("bot id");
+    alice
+        .room(room)
+        .await
+        .kick_user(&bot_id, Some("test: the room is gone for the bot"))
+        .await
+        .expect("kick the bot");
+    alice.wait_for_membership(room, bot, "leave").await;
+    send_text(alice, dm, PIN).await;
+    wait_bot_event(alice, dm, bot, "org.mxpay.receipt", |c| {
+        c["status"] == "completed"
+    })
+    .await;
+    s.alice_balance_is("15.00 EUR").await;
+}
+
 #[tokio::test]
 async fn an_unconfirmed_payment_expires_and_releases_the_funds() {
     // A short step-up window (the ledger's pending timeout) keeps the test fast.
