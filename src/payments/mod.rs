@@ -1444,18 +1444,7 @@ impl Payments {
         pin: Pin,
         now_ms: u64,
     ) -> Result<Result<(), PinError>, PaymentsError> {
-        let Some(mut record) = self.store.pin(user)? else {
-            return Ok(Err(PinError::NotSet));
-        };
-        if let Err(e) = record.begin_attempt(now_ms) {
-            return Ok(Err(e));
-        }
-        self.store.put_pin(user, &record).await?;
-        let hash = record.hash.clone().expect("begin_attempt checked the hash");
-        let matched = self.matches(pin, hash).await?;
-        let result = record.finish_attempt(matched, now_ms);
-        self.store.put_pin(user, &record).await?;
-        Ok(result)
+        check_pin_with(&self.store, user, now_ms, |hash| self.matches(pin, hash)).await
     }
 
     async fn on_dialog_pin(
@@ -2037,6 +2026,56 @@ fn choose_challenge(
     }
 }
 
+/// Swaps a PIN check tries to record its attempt before giving up (each lost swap means
+/// another attempt or a reset moved the record).
+const PIN_SWAPS_MAX: usize = 16;
+
+/// The PIN check against the store, with the comparison (`matches`: argon2id, slow) passed
+/// in. Both writes are compare-and-swap: the attempt is recorded before comparing; the result
+/// is written only over the record the attempt wrote. If the record changed meanwhile (an admin
+/// reset, a new PIN) the check aborts without writing, so an old hash is never written back:
+/// `NotSet` when the PIN is gone or replaced (the attempt was against a PIN that no longer
+/// counts).
+async fn check_pin_with<F, Fut>(
+    store: &PaymentStore,
+    user: &str,
+    now_ms: u64,
+    matches: F,
+) -> Result<Result<(), PinError>, PaymentsError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, PaymentsError>>,
+{
+    let mut begun = None;
+    for _ in 0..PIN_SWAPS_MAX {
+        let Some((mut record, version)) = store.pin_versioned(user)? else {
+            return Ok(Err(PinError::NotSet));
+        };
+        if let Err(e) = record.begin_attempt(now_ms) {
+            return Ok(Err(e));
+        }
+        if let Some(written) = store.swap_pin(user, &version, &record).await? {
+            begun = Some((record, written));
+            break;
+        }
+    }
+    let Some((mut record, written)) = begun else {
+        return Err(StoreError::Corrupt {
+            tree: "userid_pin",
+            reason: "the PIN record kept changing during a check",
+        }
+        .into());
+    };
+    let hash = record.hash.clone().expect("begin_attempt checked the hash");
+    let matched = matches(hash).await?;
+    let result = record.finish_attempt(matched, now_ms);
+    if store.swap_pin(user, &written, &record).await?.is_none() {
+        tracing::warn!(%user, "the PIN record changed during a check (reset?); the check is void");
+        return Ok(Err(PinError::NotSet));
+    }
+    Ok(result)
+}
+
 fn note_event(note: &TransferNote) -> Option<OwnedEventId> {
     note.dm_event_id
         .as_deref()
@@ -2356,6 +2395,43 @@ mod tests {
             ),
             PinTarget::TooOld
         );
+    }
+
+    /// M4: an admin reset landing while the PIN is being compared is not undone by the check
+    /// writing its result (with the old hash) back.
+    #[tokio::test]
+    async fn a_reset_during_a_pin_check_is_not_undone() {
+        use crate::admin::service::PinReset;
+        let dir = tempfile::tempdir().unwrap();
+        let store = PaymentStore::open(dir.path()).unwrap();
+        store
+            .put_pin("@a:hs", &PinRecord::new("$argon2id$old".into()))
+            .await
+            .unwrap();
+        let during = store.clone();
+        let result = check_pin_with(&store, "@a:hs", 1_000, |hash| async move {
+            assert_eq!(hash, "$argon2id$old");
+            // The admin reset lands while argon2 runs.
+            assert_eq!(during.reset_pin("@a:hs").await, Ok(true));
+            Ok(true)
+        })
+        .await
+        .unwrap();
+        assert_eq!(result, Err(PinError::NotSet), "the check is void");
+        let record = store.pin("@a:hs").unwrap().unwrap();
+        assert_eq!(record.hash, None, "the reset stands");
+        assert_eq!(record.failed_in_row, 0);
+
+        // Without a race the check records its result as before.
+        store
+            .put_pin("@a:hs", &PinRecord::new("$argon2id$new".into()))
+            .await
+            .unwrap();
+        let wrong = check_pin_with(&store, "@a:hs", 1_000, |_| async { Ok(false) })
+            .await
+            .unwrap();
+        assert!(matches!(wrong, Err(PinError::Wrong { .. })), "{wrong:?}");
+        assert_eq!(store.pin("@a:hs").unwrap().unwrap().failed_in_row, 1);
     }
 
     #[test]

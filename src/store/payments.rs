@@ -249,6 +249,42 @@ impl PaymentStore {
         get_json(&self.pins, USERID_PIN, user.as_bytes())
     }
 
+    /// The user's PIN record with its stored bytes: the version [`Self::swap_pin`] compares
+    /// against.
+    pub fn pin_versioned(&self, user: &str) -> Result<Option<(PinRecord, Vec<u8>)>, StoreError> {
+        match self.pins.get(user.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => {
+                let record = serde_json::from_slice(&bytes).map_err(|_| StoreError::Corrupt {
+                    tree: USERID_PIN,
+                    reason: "value is not the expected JSON",
+                })?;
+                Ok(Some((record, bytes.to_vec())))
+            }
+        }
+    }
+
+    /// Replaces the user's PIN record with `new`, durably, only if it is still exactly
+    /// `expected` (compare-and-swap): `Some(new version)` when swapped, `None` when the record
+    /// changed meanwhile (another attempt, an admin reset), and nothing was written.
+    pub async fn swap_pin(
+        &self,
+        user: &str,
+        expected: &[u8],
+        new: &PinRecord,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let bytes = to_json(new);
+        let swapped = self
+            .pins
+            .compare_and_swap(user.as_bytes(), Some(expected), Some(bytes.clone()))?
+            .is_ok();
+        if !swapped {
+            return Ok(None);
+        }
+        self.flush().await?;
+        Ok(Some(bytes))
+    }
+
     /// Stores the user's PIN record durably.
     pub async fn put_pin(&self, user: &str, record: &PinRecord) -> Result<(), StoreError> {
         self.pins.insert(user.as_bytes(), to_json(record))?;
