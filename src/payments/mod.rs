@@ -248,6 +248,18 @@ impl Messenger {
             .collect())
     }
 
+    /// The room's join rule (`invite`, `public`, `knock`, ...), if it has one.
+    pub async fn join_rule(&self, room_id: &RoomId) -> Result<Option<String>, HomeserverError> {
+        let state = self.client.room_state(room_id).await?;
+        Ok(state.iter().find_map(|raw| {
+            let v: Value = raw.deserialize_as_unchecked().ok()?;
+            if v.get("type")?.as_str()? != "m.room.join_rules" {
+                return None;
+            }
+            Some(v.pointer("/content/join_rule")?.as_str()?.to_owned())
+        }))
+    }
+
     /// Creates an encrypted private chat with `user` (the bot and the user get full power, so
     /// the bot can redact PINs there) and invites them.
     pub async fn create_dm(&self, user: &UserId) -> Result<OwnedRoomId, HomeserverError> {
@@ -473,8 +485,12 @@ impl Payments {
     // ----- private DM ------------------------------------------------------------------------
 
     /// Whether `room_id` is a private DM of `user`: exactly the user and the bot, both joined,
-    /// nobody else invited, encrypted.
+    /// nobody else invited, encrypted, and joinable by invite only (a public or knockable room
+    /// can gain members between two checks).
     async fn is_private_dm(&self, room_id: &RoomId, user: &UserId) -> Result<bool, PaymentsError> {
+        if self.messenger.join_rule(room_id).await?.as_deref() != Some("invite") {
+            return Ok(false);
+        }
         let members = self.messenger.memberships(room_id).await?;
         let present: Vec<&(String, String)> = members
             .iter()
@@ -1170,7 +1186,13 @@ impl Payments {
     ) -> Result<(), PaymentsError> {
         let user = event.sender.as_str();
         let profile = self.store.profile(user)?;
-        let in_dm = profile.dm_room.as_deref() == Some(event.room_id.as_str());
+        let mut in_dm = profile.dm_room.as_deref() == Some(event.room_id.as_str());
+        if in_dm && !self.is_private_dm(&event.room_id, &event.sender).await? {
+            // Someone else joined or was invited, or the room became joinable: a PIN here is
+            // readable by others, exactly as in a group room.
+            tracing::warn!(room_id = %event.room_id, "a PIN in a DM that is no longer private");
+            in_dm = false;
+        }
         let now_ms = self.clock.now_ms();
         if !in_dm {
             return self.on_pin_outside_dm(event, profile, now_ms).await;

@@ -678,6 +678,28 @@ async fn the_dm_receipt_goes_out_even_when_the_room_cannot_be_told() {
     s.alice_balance_is("15.00 EUR").await;
 }
 
+/// M7: a PIN sent in the recorded DM after someone else was invited there is not used (the
+/// room is no longer private); it used to confirm the payment.
+#[tokio::test]
+async fn a_pin_in_a_dm_that_is_no_longer_private_is_not_used() {
+    let s = scene("not-private", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    alice
+        .room(dm)
+        .await
+        .invite_user_by_id(&s.bob.user.user_id)
+        .await
+        .expect("invite bob into the DM");
+    alice.wait_for_membership(dm, s.bob_id(), "invite").await;
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "never send your PIN in a shared room").await;
+    // Not confirmed: the amount is still only reserved (the payment expires or is cancelled).
+    send_text(alice, room, "!cancel").await;
+    wait_receipt(alice, room, bot, &pay, "declined", None).await;
+}
+
 #[tokio::test]
 async fn an_unconfirmed_payment_expires_and_releases_the_funds() {
     // A short step-up window (the ledger's pending timeout) keeps the test fast.
