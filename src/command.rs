@@ -27,6 +27,8 @@ pub enum Command {
     PinSet,
     /// `!pin change`
     PinChange,
+    /// `!cancel`: cancels every payment or withdrawal of the sender still waiting for a PIN.
+    Cancel,
     /// `!pay @user:server 12.50 EUR [memo]`
     Pay {
         /// Who is paid.
@@ -93,6 +95,7 @@ pub fn help_text() -> String {
         "• !pin set — choose your 4-digit PIN (private chat only)",
         "• !pin change — change it (needs the old PIN)",
         "• !withdraw AMOUNT CURRENCY — cash out to your funding provider",
+        "• !cancel — cancel your payments still waiting for your PIN",
         "• !help — this list",
     ]
     .join("\n")
@@ -112,6 +115,7 @@ fn parse_command(name: &str, args: &[&str]) -> Result<Command, CommandError> {
     match name {
         "help" => Ok(Command::Help),
         "balance" | "bal" => Ok(Command::Balance),
+        "cancel" => Ok(Command::Cancel),
         "history" => match args {
             [] => Ok(Command::History {
                 count: HISTORY_DEFAULT,
@@ -261,6 +265,8 @@ mod tests {
             Some(Err(CommandError::Usage(HISTORY_USAGE)))
         );
         assert_eq!(parse("!pin set"), Some(Ok(Command::PinSet)));
+        assert_eq!(parse("!cancel"), Some(Ok(Command::Cancel)));
+        assert!(help_text().contains("!cancel"));
         assert_eq!(parse("!pin change"), Some(Ok(Command::PinChange)));
         assert_eq!(parse("!pin"), Some(Err(CommandError::Usage(PIN_USAGE))));
         assert_eq!(

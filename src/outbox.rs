@@ -60,7 +60,10 @@ pub struct OutboxPolicy {
     /// How often the journal is looked at without a poke (changes made by others: top-ups,
     /// expiries).
     pub poll_ms: u64,
-    /// Attempts per entry on transient errors, the first included; then it is skipped.
+    /// Attempts per entry on transient errors after which each further failure is logged at
+    /// error level (something needs an operator). The entry is still retried, at the capped
+    /// backoff, until it is delivered or mxpay stops: the cursor never passes an entry that
+    /// may still be delivered.
     pub attempts_max: u32,
     /// First delay between attempts; doubles each time.
     pub backoff_base_ms: u64,
@@ -200,7 +203,7 @@ impl Outbox {
                 if at <= cursor {
                     continue;
                 }
-                let Some(sent) = self.deliver_with_retries(&entry, &mut shutdown).await else {
+                let Some(sent) = self.deliver_with_retries(&entry, at, &mut shutdown).await? else {
                     // Shutting down: the cursor stays before this entry.
                     self.store.set_outbox_cursor(cursor).await?;
                     return Ok(());
@@ -220,34 +223,39 @@ impl Outbox {
     }
 
     /// `Some(sent)` once delivered or given up; `None` when shutting down.
+    /// Delivers `entry` (at journal position `at`): `Ok(None)` when stopped before it was
+    /// delivered. Transient failures are retried without a count limit (capped backoff; the
+    /// loop ends on shutdown); a permanent failure is recorded as a dead letter and logged.
     async fn deliver_with_retries(
         &self,
         entry: &ExportedEntry,
+        at: OutboxCursor,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Option<bool> {
+    ) -> Result<Option<bool>, OutboxError> {
         let mut attempt = 0u32;
         loop {
-            attempt += 1;
+            attempt = attempt.saturating_add(1);
             match self.deliver.deliver(entry).await {
-                Ok(sent) => return Some(sent),
+                Ok(sent) => return Ok(Some(sent)),
                 Err(DeliverError::Permanent(reason)) => {
-                    tracing::warn!(record = entry.record_seq, %reason, "cannot tell about a ledger change; skipped");
-                    return Some(false);
+                    tracing::error!(record = at.record_seq, entry = at.entry_index, %reason, "cannot tell about a ledger change; recorded as a dead letter");
+                    self.store.put_dead_letter(at, &reason).await?;
+                    return Ok(Some(false));
                 }
                 Err(DeliverError::Transient(reason)) => {
-                    if attempt >= self.policy.attempts_max {
-                        tracing::error!(record = entry.record_seq, attempt, %reason, "still cannot tell about a ledger change; skipped");
-                        return Some(false);
-                    }
                     let delay_ms = self
                         .policy
                         .backoff_base_ms
                         .saturating_mul(1 << (attempt - 1).min(20))
                         .min(self.policy.backoff_max_ms);
-                    tracing::warn!(record = entry.record_seq, attempt, delay_ms, %reason, "telling about a ledger change failed; retrying");
+                    if attempt >= self.policy.attempts_max {
+                        tracing::error!(record = at.record_seq, attempt, delay_ms, %reason, "still cannot tell about a ledger change; retrying (receipts after it wait)");
+                    } else {
+                        tracing::warn!(record = at.record_seq, attempt, delay_ms, %reason, "telling about a ledger change failed; retrying");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => {}
-                        _ = shutdown.changed() => return None,
+                        _ = shutdown.changed() => return Ok(None),
                     }
                 }
             }
@@ -269,12 +277,16 @@ mod tests {
     struct Recorder {
         seen: Mutex<Vec<u128>>,
         fail_first: AtomicU32,
+        refuse: Option<u128>,
     }
 
     #[async_trait]
     impl Deliver for Recorder {
         async fn deliver(&self, entry: &ExportedEntry) -> Result<bool, DeliverError> {
             if let JournalEntry::TransferCreated { id, .. } = &entry.entry {
+                if self.refuse == Some(id.0) {
+                    return Err(DeliverError::Permanent("the room refused it".into()));
+                }
                 if self
                     .fail_first
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -319,6 +331,7 @@ mod tests {
         OutboxPolicy {
             poll_ms: 10,
             backoff_base_ms: 1,
+            backoff_max_ms: 5,
             ..OutboxPolicy::default()
         }
     }
@@ -339,6 +352,7 @@ mod tests {
         let recorder = Arc::new(Recorder {
             seen: Mutex::new(Vec::new()),
             fail_first: AtomicU32::new(2),
+            refuse: None,
         });
         let poke = OutboxPoke::default();
         let (stop, stopped) = watch::channel(false);
@@ -368,5 +382,51 @@ mod tests {
         stop.send(true).unwrap();
         task.await.unwrap();
         assert_eq!(*recorder.seen.lock(), vec![2, 3, 4]);
+    }
+
+    /// M3: an outage longer than `attempts_max` attempts no longer skips the receipt, and a
+    /// permanently failing entry is recorded as a dead letter (the ones after it still go).
+    #[tokio::test]
+    async fn a_long_outage_delays_but_never_skips_and_refusals_are_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PaymentStore::open(&dir.path().join("payments")).unwrap();
+        let ledger = Ledger::open(
+            dir.path(),
+            &LedgerSettings::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let policy = policy();
+        let recorder = Arc::new(Recorder {
+            seen: Mutex::new(Vec::new()),
+            fail_first: AtomicU32::new(policy.attempts_max * 2),
+            refuse: Some(6),
+        });
+        let poke = OutboxPoke::default();
+        let (stop, stopped) = watch::channel(false);
+        let outbox = Outbox::new(
+            ledger.clone(),
+            store.clone(),
+            recorder.clone(),
+            policy,
+            poke.clone(),
+        );
+        outbox.init_cursor().await.unwrap();
+        let task = outbox.spawn(stopped);
+        transfer(&ledger, 5).await;
+        transfer(&ledger, 6).await;
+        transfer(&ledger, 7).await;
+        poke.poke();
+        wait_for(&recorder, 2).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(
+            *recorder.seen.lock(),
+            vec![5, 7],
+            "5 after the outage, 6 refused"
+        );
+        let dead = store.dead_letters().unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert!(dead[0].1.contains("refused"), "{dead:?}");
     }
 }

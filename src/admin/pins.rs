@@ -4,23 +4,38 @@
 use super::service::PinReset;
 use crate::store::PaymentStore;
 
+/// Swaps a reset tries before giving up (each lost swap means a PIN check moved the record).
+const RESET_SWAPS_MAX: usize = 16;
+
 #[async_trait::async_trait]
 impl PinReset for PaymentStore {
     async fn reset_pin(&self, user_id: &str) -> Result<bool, String> {
-        let Some(mut record) = self.pin(user_id).map_err(|e| e.to_string())? else {
-            // Never set: nothing to forget, and no record to create.
-            return Ok(false);
-        };
-        let had_pin = record.hash.is_some();
-        // A reset is a fresh start: the lockout belonged to the forgotten PIN.
-        record.hash = None;
-        record.failed_in_row = 0;
-        record.lockouts = 0;
-        record.locked_until_ms = None;
-        self.put_pin(user_id, &record)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(had_pin)
+        // Compare-and-swap, so a PIN check running at the same time cannot write the old hash
+        // back over the reset (it aborts instead: see `Payments::check_pin`). A swap lost to
+        // such a check is tried again on the fresh record; the bound only guards against a
+        // livelock, each check moves the record once.
+        for _ in 0..RESET_SWAPS_MAX {
+            let Some((mut record, version)) =
+                self.pin_versioned(user_id).map_err(|e| e.to_string())?
+            else {
+                // Never set: nothing to forget, and no record to create.
+                return Ok(false);
+            };
+            let had_pin = record.hash.is_some();
+            // A reset is a fresh start: the lockout belonged to the forgotten PIN.
+            record.hash = None;
+            record.failed_in_row = 0;
+            record.lockouts = 0;
+            record.locked_until_ms = None;
+            let swapped = self
+                .swap_pin(user_id, &version, &record)
+                .await
+                .map_err(|e| e.to_string())?;
+            if swapped.is_some() {
+                return Ok(had_pin);
+            }
+        }
+        Err("the PIN record kept changing; try the reset again".to_owned())
     }
 }
 

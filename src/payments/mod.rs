@@ -274,6 +274,18 @@ impl Messenger {
             .collect())
     }
 
+    /// The room's join rule (`invite`, `public`, `knock`, ...), if it has one.
+    pub async fn join_rule(&self, room_id: &RoomId) -> Result<Option<String>, HomeserverError> {
+        let state = self.client.room_state(room_id).await?;
+        Ok(state.iter().find_map(|raw| {
+            let v: Value = raw.deserialize_as_unchecked().ok()?;
+            if v.get("type")?.as_str()? != "m.room.join_rules" {
+                return None;
+            }
+            Some(v.pointer("/content/join_rule")?.as_str()?.to_owned())
+        }))
+    }
+
     /// Creates an encrypted private chat with `user` (the bot and the user get full power, so
     /// the bot can redact PINs there) and invites them.
     pub async fn create_dm(&self, user: &UserId) -> Result<OwnedRoomId, HomeserverError> {
@@ -511,8 +523,12 @@ impl Payments {
     // ----- private DM ------------------------------------------------------------------------
 
     /// Whether `room_id` is a private DM of `user`: exactly the user and the bot, both joined,
-    /// nobody else invited, encrypted.
+    /// nobody else invited, encrypted, and joinable by invite only (a public or knockable room
+    /// can gain members between two checks).
     async fn is_private_dm(&self, room_id: &RoomId, user: &UserId) -> Result<bool, PaymentsError> {
+        if self.messenger.join_rule(room_id).await?.as_deref() != Some("invite") {
+            return Ok(false);
+        }
         let members = self.messenger.memberships(room_id).await?;
         let present: Vec<&(String, String)> = members
             .iter()
@@ -669,6 +685,7 @@ impl Payments {
             Command::History { count } => self.on_history(event, count).await,
             Command::PinSet => self.on_pin_command(event, false).await,
             Command::PinChange => self.on_pin_command(event, true).await,
+            Command::Cancel => self.on_cancel(event).await,
             Command::Pay {
                 payee,
                 amount,
@@ -1222,7 +1239,13 @@ impl Payments {
     ) -> Result<(), PaymentsError> {
         let user = event.sender.as_str();
         let profile = self.store.profile(user)?;
-        let in_dm = profile.dm_room.as_deref() == Some(event.room_id.as_str());
+        let mut in_dm = profile.dm_room.as_deref() == Some(event.room_id.as_str());
+        if in_dm && !self.is_private_dm(&event.room_id, &event.sender).await? {
+            // Someone else joined or was invited, or the room became joinable: a PIN here is
+            // readable by others, exactly as in a group room.
+            tracing::warn!(room_id = %event.room_id, "a PIN in a DM that is no longer private");
+            in_dm = false;
+        }
         let now_ms = self.clock.now_ms();
         if !in_dm {
             return self.on_pin_outside_dm(event, profile, now_ms).await;
@@ -1272,23 +1295,65 @@ impl Payments {
             self.on_dialog_pin(event, dialog, pin, now_ms).await?;
             return self.done(event).await;
         }
-        let mut challenges = Vec::new();
+        let reply_to = event
+            .content
+            .pointer("/m.relates_to/m.in_reply_to/event_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let addressed = challenge_id.is_some() || reply_to.is_some();
+        let mut open = Vec::new();
         for challenge in self.store.challenges(user)? {
             // Lapsed challenges are dropped here (their pending transfers expire in the ledger
-            // and the outbox tells about that).
-            if challenge.expires_at_ms <= now_ms && challenge_id.is_none() {
+            // and the outbox tells about that); one the PIN names is kept so the answer can
+            // say it came too late.
+            if challenge.expires_at_ms <= now_ms && !addressed {
                 self.store.remove_challenge(&challenge).await?;
             } else {
-                challenges.push(challenge);
+                let notice = self.store.note(challenge.transfer_id)?.dm_event_id;
+                open.push((challenge, notice));
             }
         }
-        let challenge = match &challenge_id {
-            Some(id) => challenges.into_iter().find(|c| &c.challenge_id() == id),
-            None => challenges.into_iter().find(|c| c.expires_at_ms > now_ms),
+        let address = PinAddress {
+            challenge_id: challenge_id.as_deref(),
+            reply_to: reply_to.as_deref(),
         };
-        match challenge {
-            Some(challenge) => self.on_stepup_pin(event, challenge, pin, now_ms).await?,
-            None => {
+        let target = choose_challenge(
+            open,
+            &address,
+            event.origin_server_ts_ms,
+            now_ms,
+            self.settings.stepup_timeout_ms,
+        );
+        match target {
+            PinTarget::One(challenge) => self.on_stepup_pin(event, challenge, pin, now_ms).await?,
+            PinTarget::Several(challenges) => {
+                let lines: Vec<String> = challenges
+                    .iter()
+                    .map(|c| text::challenge_line(&c.amount, &c.currency, &c.payee, &c.room_id))
+                    .collect();
+                self.reply(event, &text::which_challenge(&lines), "pin-which")
+                    .await?
+            }
+            PinTarget::TooOld => {
+                self.reply(
+                    event,
+                    "This PIN message is older than the step-up window or than the payment \
+                     waiting for it, so I did not use it (it counts as no attempt) and removed \
+                     it. To confirm, send your PIN again.",
+                    "pin-too-old",
+                )
+                .await?
+            }
+            PinTarget::Unknown => {
+                self.reply(
+                    event,
+                    "The payment you answered is no longer waiting for a PIN (it was paid, \
+                     cancelled or expired), so I did not use your PIN. I removed your message.",
+                    "pin-unknown",
+                )
+                .await?
+            }
+            PinTarget::NotWaiting => {
                 self.reply(
                     event,
                     "I was not waiting for a PIN (no payment is waiting for your confirmation). \
@@ -1299,6 +1364,66 @@ impl Payments {
             }
         }
         self.done(event).await
+    }
+
+    /// `!cancel`: voids every payment of the sender still waiting for a PIN (and drops their
+    /// withdrawal confirmations), then says so in the DM (or, without one, where it was asked).
+    async fn on_cancel(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        let now_ms = self.clock.now_ms();
+        let open: Vec<Challenge> = self
+            .store
+            .challenges(user)?
+            .into_iter()
+            .filter(|c| c.expires_at_ms > now_ms)
+            .collect();
+        self.cancel_challenges(user, ReceiptReason::Other).await?;
+        let body = if open.is_empty() {
+            "Nothing was waiting for your PIN, so there was nothing to cancel.".to_owned()
+        } else {
+            let lines: Vec<String> = open
+                .iter()
+                .map(|c| match c.kind {
+                    ChallengeKind::Pay => {
+                        text::challenge_line(&c.amount, &c.currency, &c.payee, &c.room_id)
+                    }
+                    ChallengeKind::Withdraw => {
+                        format!("• withdrawal of {}", text::money(&c.amount, &c.currency))
+                    }
+                })
+                .collect();
+            format!("Cancelled; nothing of it was paid:\n{}", lines.join("\n"))
+        };
+        let key = event.event_id.as_str();
+        match self.ready_dm(user)? {
+            Some(dm) => {
+                let reply_to = (dm == event.room_id).then_some(event.event_id.as_ref());
+                self.messenger
+                    .notice(&dm, &body, reply_to, txn("cancel", key))
+                    .await?;
+                if dm != event.room_id {
+                    self.messenger
+                        .notice(
+                            &event.room_id,
+                            &format!("{}: I answered in our private chat.", event.sender),
+                            Some(&event.event_id),
+                            txn("cancel-pointer", key),
+                        )
+                        .await?;
+                }
+            }
+            None => {
+                self.messenger
+                    .notice(
+                        &event.room_id,
+                        &body,
+                        Some(&event.event_id),
+                        txn("cancel", key),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn done(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
@@ -1394,25 +1519,23 @@ impl Payments {
         pin: Pin,
         now_ms: u64,
     ) -> Result<Result<(), PinError>, PaymentsError> {
-        let Some(mut record) = self.store.pin(user)? else {
-            return Ok(Err(PinError::NotSet));
-        };
-        if let Err(e) = record.begin_attempt(now_ms) {
-            return Ok(Err(e));
-        }
-        self.store.put_pin(user, &record).await?;
-        let hash = record.hash.clone().expect("begin_attempt checked the hash");
-        let matched = self.matches(pin, hash).await?;
-        let result = record.finish_attempt(matched, now_ms);
-        match &result {
-            Ok(()) => {}
-            Err(PinError::Locked { .. }) => {
-                self.metrics.pin_failure();
-                self.metrics.pin_lockout();
+        // Metrics count only attempts that reached the comparison (not ones refused while locked).
+        let compared = std::sync::atomic::AtomicBool::new(false);
+        let result = check_pin_with(&self.store, user, now_ms, |hash| {
+            compared.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.matches(pin, hash)
+        })
+        .await?;
+        if compared.load(std::sync::atomic::Ordering::Relaxed) {
+            match &result {
+                Err(PinError::Locked { .. }) => {
+                    self.metrics.pin_failure();
+                    self.metrics.pin_lockout();
+                }
+                Err(PinError::Wrong { .. }) => self.metrics.pin_failure(),
+                _ => {}
             }
-            Err(_) => self.metrics.pin_failure(),
         }
-        self.store.put_pin(user, &record).await?;
         Ok(result)
     }
 
@@ -1574,6 +1697,25 @@ impl Payments {
         Ok(())
     }
 
+    /// Whether the payer's wallet is frozen, or the payee's is frozen for all movement, as the
+    /// ledger says now: a payment waiting for its PIN is refused then.
+    async fn frozen_since_asked(
+        &self,
+        pending: &Transfer,
+    ) -> Result<Option<TransferError>, PaymentsError> {
+        if let Some(payer) = self.ledger.account(&pending.debit).await? {
+            if payer.frozen.is_some() {
+                return Ok(Some(TransferError::DebitAccountFrozen));
+            }
+        }
+        if let Some(payee) = self.ledger.account(&pending.credit).await? {
+            if payee.frozen == Some(crate::ledger::FreezeMode::All) {
+                return Ok(Some(TransferError::CreditAccountFrozen));
+            }
+        }
+        Ok(None)
+    }
+
     /// The PIN was right: mint the step-up proof for exactly this payment, redeem it, move the
     /// money.
     async fn authorise(
@@ -1603,15 +1745,29 @@ impl Payments {
                 // The proof is redeemed against the ledger's own record of the transfer.
                 self.stepup
                     .redeem(&proof, &binding_of(&pending, &challenge.payer))?;
-                let posted = self.ledger.post(transfer_id, None).await;
-                self.store.remove_challenge(challenge).await?;
-                self.poke.poke();
+                // The challenge stays open until the outcome is final: after a retryable
+                // failure the re-handled PIN event finds it again.
+                // The ledger lets a reservation made before a freeze be posted (so paid-out
+                // withdrawals can settle); a payment still waiting for its PIN is different:
+                // a wallet frozen meanwhile stops it here.
+                let posted = match self.frozen_since_asked(&pending).await? {
+                    Some(error) => Err(LedgerError::Rejected(error)),
+                    None => match self.ledger.post(transfer_id, None).await {
+                        Err(e @ LedgerError::Rejected(_)) => Err(e),
+                        Err(e) => return Err(e.into()),
+                        Ok(posted) => Ok(posted),
+                    },
+                };
                 match posted {
                     Ok(_) => {
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
                         tracing::info!(transfer = %transfer_id, "payment confirmed with the PIN and posted");
                         Ok(())
                     }
                     Err(LedgerError::Rejected(TransferError::PendingTransferExpired)) => {
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
                         self.reply(
                             event,
                             "Too late: that payment expired before your PIN arrived; nothing \
@@ -1620,11 +1776,44 @@ impl Payments {
                         )
                         .await
                     }
+                    Err(LedgerError::Rejected(
+                        TransferError::PendingTransferAlreadyVoided
+                        | TransferError::PendingTransferAlreadyPosted
+                        | TransferError::PendingTransferNotPending
+                        | TransferError::PendingTransferNotFound,
+                    )) => {
+                        // It ended meanwhile (cancelled, or told already): the outbox tells
+                        // how; nothing is left to confirm.
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
+                        self.reply(
+                            event,
+                            "That payment is no longer waiting for a PIN; I did not use yours \
+                             for anything else.",
+                            "stepup-ended",
+                        )
+                        .await
+                    }
                     Err(LedgerError::Rejected(error)) => {
+                        // A final refusal (e.g. a frozen wallet): release the reservation now,
+                        // so the receipt says why instead of "expired without a PIN" later.
+                        self.store
+                            .update_note(challenge.transfer_id, |note| {
+                                note.void_reason = Some(reason_code(reason_for(error)))
+                            })
+                            .await?;
+                        match self.ledger.void(transfer_id).await {
+                            Ok(_) | Err(LedgerError::Rejected(_)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
+                        tracing::warn!(transfer = %transfer_id, %error, "payment refused by the ledger after the PIN; voided");
                         self.reply(
                             event,
                             &format!(
-                                "The payment could not be completed: {}.",
+                                "The payment could not be completed: {}. Nothing was paid and \
+                                 the reserved amount is back in your wallet.",
                                 refusal_sentence(error)
                             ),
                             "stepup-refused",
@@ -1666,11 +1855,15 @@ impl Payments {
                         self.settings.withdrawal_timeout_ms,
                     )
                     .await;
-                self.store.remove_challenge(challenge).await?;
-                self.poke.poke();
                 match created {
-                    Ok(_) => Ok(()),
+                    Ok(_) => {
+                        self.store.remove_challenge(challenge).await?;
+                        self.poke.poke();
+                        Ok(())
+                    }
                     Err(LedgerError::Rejected(error)) => {
+                        // A refused create made no transfer: nothing to void.
+                        self.store.remove_challenge(challenge).await?;
                         self.reply(
                             event,
                             &format!("The withdrawal was refused: {}.", refusal_sentence(error)),
@@ -1846,44 +2039,185 @@ impl Payments {
             relates_to: Reference::new(relates_to),
         };
         let key = format!("{id}-{how}");
-        self.messenger
-            .send(
-                &room,
-                "org.mxpay.receipt",
-                serde_json::to_value(receipt(event.clone())).expect("receipt serialises"),
-                txn("ob-room-receipt", &key),
-            )
-            .await?;
-        self.messenger
-            .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
-            .await?;
-        tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
-        match (status, reason) {
-            (ReceiptStatus::Completed, _) => self.metrics.payment("completed", "none"),
-            (ReceiptStatus::Expired, _) => self.metrics.payment("expired", "none"),
-            (_, reason) => self.metrics.payment(
-                "declined",
-                reason_label(reason.unwrap_or(ReceiptReason::Other)),
-            ),
-        }
-        if let Some(dm) = self.ready_dm(payer)? {
-            if dm != room {
-                let relates_to = note_event(&note).unwrap_or(event);
-                self.messenger
-                    .send(
-                        &dm,
-                        "org.mxpay.receipt",
-                        serde_json::to_value(receipt(relates_to)).expect("receipt serialises"),
-                        txn("ob-dm-receipt", &key),
-                    )
-                    .await?;
-                self.messenger
-                    .notice(&dm, &body, None, txn("ob-dm-notice", &key))
-                    .await?;
+        // The room and the DM are told independently: a room the bot was kicked from must not
+        // keep the payer's own receipt from them. A retry re-sends both with the same
+        // transaction ids, so what already went is not shown twice.
+        let room_told: Result<(), PaymentsError> = async {
+            self.messenger
+                .send(
+                    &room,
+                    "org.mxpay.receipt",
+                    serde_json::to_value(receipt(event.clone())).expect("receipt serialises"),
+                    txn("ob-room-receipt", &key),
+                )
+                .await?;
+            self.messenger
+                .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
+                .await?;
+            tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
+            match (status, reason) {
+                (ReceiptStatus::Completed, _) => self.metrics.payment("completed", "none"),
+                (ReceiptStatus::Expired, _) => self.metrics.payment("expired", "none"),
+                (_, reason) => self.metrics.payment(
+                    "declined",
+                    reason_label(reason.unwrap_or(ReceiptReason::Other)),
+                ),
             }
+            Ok(())
         }
-        Ok(true)
+        .await;
+        let dm_told: Result<(), PaymentsError> = async {
+            if let Some(dm) = self.ready_dm(payer)? {
+                if dm != room {
+                    let relates_to = note_event(&note).unwrap_or(event.clone());
+                    self.messenger
+                        .send(
+                            &dm,
+                            "org.mxpay.receipt",
+                            serde_json::to_value(receipt(relates_to)).expect("receipt serialises"),
+                            txn("ob-dm-receipt", &key),
+                        )
+                        .await?;
+                    self.messenger
+                        .notice(&dm, &body, None, txn("ob-dm-notice", &key))
+                        .await?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match (room_told, dm_told) {
+            (Ok(()), Ok(())) => Ok(true),
+            // A retryable failure wins, so the outbox retries (and does not dead-letter).
+            (Err(a), Err(b)) if !a.is_transient() && b.is_transient() => Err(b),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
     }
+}
+
+/// How a PIN event says which challenge it answers.
+#[derive(Debug, Default)]
+struct PinAddress<'a> {
+    /// `org.mxpay.stepup.response`'s `challenge_id`.
+    challenge_id: Option<&'a str>,
+    /// The event a plain PIN replies to (`m.relates_to.m.in_reply_to`), matched against each
+    /// challenge's notice in the DM.
+    reply_to: Option<&'a str>,
+}
+
+/// What a PIN event may confirm.
+#[derive(Debug, PartialEq)]
+enum PinTarget {
+    /// Exactly this challenge.
+    One(Challenge),
+    /// A plain PIN while several challenges are open: the user must say which.
+    Several(Vec<Challenge>),
+    /// The PIN event is older than the step-up window, or older than every challenge it could
+    /// answer (a late-decrypted or replayed PIN never confirms a later payment).
+    TooOld,
+    /// It names a challenge (by id or by reply) that is not open.
+    Unknown,
+    /// No challenge is open.
+    NotWaiting,
+}
+
+/// Decides which challenge a PIN event answers; no I/O. `open` pairs each open challenge
+/// (lapsed ones included when the PIN names one) with its DM notice's event id; `sent_ms` is
+/// the PIN event's `origin_server_ts`.
+///
+/// A plain PIN confirms only when exactly one challenge was open when it was sent: with
+/// several, guessing (the oldest, say) would pay whoever asked first, so the user is asked.
+fn choose_challenge(
+    open: Vec<(Challenge, Option<String>)>,
+    address: &PinAddress<'_>,
+    sent_ms: u64,
+    now_ms: u64,
+    stepup_timeout_ms: u64,
+) -> PinTarget {
+    if sent_ms.saturating_add(stepup_timeout_ms) <= now_ms {
+        return PinTarget::TooOld;
+    }
+    let named = if let Some(id) = address.challenge_id {
+        Some(open.iter().find(|(c, _)| c.challenge_id() == id))
+    } else {
+        address.reply_to.map(|reply_to| {
+            open.iter()
+                .find(|(_, notice)| notice.as_deref() == Some(reply_to))
+        })
+    };
+    if let Some(named) = named {
+        return match named.map(|(c, _)| c.clone()) {
+            Some(challenge) if challenge.created_ms > sent_ms => PinTarget::TooOld,
+            Some(challenge) => PinTarget::One(challenge),
+            None => PinTarget::Unknown,
+        };
+    }
+    let live: Vec<Challenge> = open
+        .into_iter()
+        .map(|(c, _)| c)
+        .filter(|c| c.expires_at_ms > now_ms)
+        .collect();
+    let any_live = !live.is_empty();
+    let mut eligible: Vec<Challenge> = live
+        .into_iter()
+        .filter(|c| c.created_ms <= sent_ms)
+        .collect();
+    match eligible.len() {
+        0 if any_live => PinTarget::TooOld,
+        0 => PinTarget::NotWaiting,
+        1 => PinTarget::One(eligible.remove(0)),
+        _ => PinTarget::Several(eligible),
+    }
+}
+
+/// Swaps a PIN check tries to record its attempt before giving up (each lost swap means
+/// another attempt or a reset moved the record).
+const PIN_SWAPS_MAX: usize = 16;
+
+/// The PIN check against the store, with the comparison (`matches`: argon2id, slow) passed
+/// in. Both writes are compare-and-swap: the attempt is recorded before comparing; the result
+/// is written only over the record the attempt wrote. If the record changed meanwhile (an admin
+/// reset, a new PIN) the check aborts without writing, so an old hash is never written back:
+/// `NotSet` when the PIN is gone or replaced (the attempt was against a PIN that no longer
+/// counts).
+async fn check_pin_with<F, Fut>(
+    store: &PaymentStore,
+    user: &str,
+    now_ms: u64,
+    matches: F,
+) -> Result<Result<(), PinError>, PaymentsError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, PaymentsError>>,
+{
+    let mut begun = None;
+    for _ in 0..PIN_SWAPS_MAX {
+        let Some((mut record, version)) = store.pin_versioned(user)? else {
+            return Ok(Err(PinError::NotSet));
+        };
+        if let Err(e) = record.begin_attempt(now_ms) {
+            return Ok(Err(e));
+        }
+        if let Some(written) = store.swap_pin(user, &version, &record).await? {
+            begun = Some((record, written));
+            break;
+        }
+    }
+    let Some((mut record, written)) = begun else {
+        return Err(StoreError::Corrupt {
+            tree: "userid_pin",
+            reason: "the PIN record kept changing during a check",
+        }
+        .into());
+    };
+    let hash = record.hash.clone().expect("begin_attempt checked the hash");
+    let matched = matches(hash).await?;
+    let result = record.finish_attempt(matched, now_ms);
+    if store.swap_pin(user, &written, &record).await?.is_none() {
+        tracing::warn!(%user, "the PIN record changed during a check (reset?); the check is void");
+        return Ok(Err(PinError::NotSet));
+    }
+    Ok(result)
 }
 
 fn note_event(note: &TransferNote) -> Option<OwnedEventId> {
@@ -2074,6 +2408,179 @@ mod tests {
             reason_for(TransferError::InsufficientFunds),
             ReceiptReason::InsufficientFunds
         );
+    }
+
+    fn open_challenge(id: u128, created_ms: u64) -> (Challenge, Option<String>) {
+        let challenge = Challenge {
+            kind: ChallengeKind::Pay,
+            transfer_id: id,
+            payer: "@alice:hs".into(),
+            payee: format!("@payee{id}:hs"),
+            amount_minor: 100 * id,
+            amount: format!("{id}.00"),
+            currency: "EUR".into(),
+            room_id: "!room".into(),
+            event_id: format!("$pay{id}"),
+            memo: None,
+            created_ms,
+            expires_at_ms: created_ms + 120_000,
+        };
+        (challenge, Some(format!("$notice{id}")))
+    }
+
+    fn chosen(target: PinTarget) -> Option<u128> {
+        match target {
+            PinTarget::One(c) => Some(c.transfer_id),
+            _ => None,
+        }
+    }
+
+    const TIMEOUT_MS: u64 = 120_000;
+
+    /// H1: a plain PIN with two payments open confirms neither (not the oldest).
+    #[test]
+    fn a_plain_pin_with_several_open_challenges_confirms_none() {
+        let open = vec![open_challenge(1, 1_000), open_challenge(2, 2_000)];
+        let target = choose_challenge(open, &PinAddress::default(), 3_000, 3_100, TIMEOUT_MS);
+        match target {
+            PinTarget::Several(list) => {
+                assert_eq!(
+                    list.iter().map(|c| c.transfer_id).collect::<Vec<_>>(),
+                    [1, 2]
+                )
+            }
+            other => panic!("expected Several, got {other:?}"),
+        }
+        // With exactly one open, a plain PIN confirms it.
+        let one = choose_challenge(
+            vec![open_challenge(2, 2_000)],
+            &PinAddress::default(),
+            3_000,
+            3_100,
+            TIMEOUT_MS,
+        );
+        assert_eq!(chosen(one), Some(2));
+        assert_eq!(
+            choose_challenge(vec![], &PinAddress::default(), 3_000, 3_100, TIMEOUT_MS),
+            PinTarget::NotWaiting
+        );
+    }
+
+    #[test]
+    fn a_reply_or_a_challenge_id_picks_that_challenge() {
+        let open = || vec![open_challenge(1, 1_000), open_challenge(2, 2_000)];
+        let by_reply = PinAddress {
+            challenge_id: None,
+            reply_to: Some("$notice2"),
+        };
+        assert_eq!(
+            chosen(choose_challenge(
+                open(),
+                &by_reply,
+                3_000,
+                3_100,
+                TIMEOUT_MS
+            )),
+            Some(2)
+        );
+        let id = open_challenge(1, 0).0.challenge_id();
+        let by_id = PinAddress {
+            challenge_id: Some(&id),
+            reply_to: Some("$notice2"),
+        };
+        assert_eq!(
+            chosen(choose_challenge(open(), &by_id, 3_000, 3_100, TIMEOUT_MS)),
+            Some(1),
+            "challenge_id wins over a reply"
+        );
+        let gone = PinAddress {
+            challenge_id: None,
+            reply_to: Some("$notice9"),
+        };
+        assert_eq!(
+            choose_challenge(open(), &gone, 3_000, 3_100, TIMEOUT_MS),
+            PinTarget::Unknown
+        );
+    }
+
+    /// A PIN sent before a challenge existed never confirms it; a PIN older than the step-up
+    /// window confirms nothing.
+    #[test]
+    fn old_pin_events_confirm_nothing_later() {
+        // Sent at 1_500: only challenge 1 existed then, so it answers 1 even with 2 open now.
+        let open = || vec![open_challenge(1, 1_000), open_challenge(2, 2_000)];
+        assert_eq!(
+            chosen(choose_challenge(
+                open(),
+                &PinAddress::default(),
+                1_500,
+                2_100,
+                TIMEOUT_MS
+            )),
+            Some(1)
+        );
+        // Sent before both.
+        assert_eq!(
+            choose_challenge(open(), &PinAddress::default(), 500, 2_100, TIMEOUT_MS),
+            PinTarget::TooOld
+        );
+        // Naming a challenge created after the PIN was sent.
+        let by_reply = PinAddress {
+            challenge_id: None,
+            reply_to: Some("$notice2"),
+        };
+        assert_eq!(
+            choose_challenge(open(), &by_reply, 1_500, 2_100, TIMEOUT_MS),
+            PinTarget::TooOld
+        );
+        // Older than the step-up window (a parked or late-delivered PIN).
+        assert_eq!(
+            choose_challenge(
+                vec![open_challenge(1, 1_000)],
+                &PinAddress::default(),
+                1_500,
+                1_500 + TIMEOUT_MS,
+                TIMEOUT_MS
+            ),
+            PinTarget::TooOld
+        );
+    }
+
+    /// M4: an admin reset landing while the PIN is being compared is not undone by the check
+    /// writing its result (with the old hash) back.
+    #[tokio::test]
+    async fn a_reset_during_a_pin_check_is_not_undone() {
+        use crate::admin::service::PinReset;
+        let dir = tempfile::tempdir().unwrap();
+        let store = PaymentStore::open(dir.path()).unwrap();
+        store
+            .put_pin("@a:hs", &PinRecord::new("$argon2id$old".into()))
+            .await
+            .unwrap();
+        let during = store.clone();
+        let result = check_pin_with(&store, "@a:hs", 1_000, |hash| async move {
+            assert_eq!(hash, "$argon2id$old");
+            // The admin reset lands while argon2 runs.
+            assert_eq!(during.reset_pin("@a:hs").await, Ok(true));
+            Ok(true)
+        })
+        .await
+        .unwrap();
+        assert_eq!(result, Err(PinError::NotSet), "the check is void");
+        let record = store.pin("@a:hs").unwrap().unwrap();
+        assert_eq!(record.hash, None, "the reset stands");
+        assert_eq!(record.failed_in_row, 0);
+
+        // Without a race the check records its result as before.
+        store
+            .put_pin("@a:hs", &PinRecord::new("$argon2id$new".into()))
+            .await
+            .unwrap();
+        let wrong = check_pin_with(&store, "@a:hs", 1_000, |_| async { Ok(false) })
+            .await
+            .unwrap();
+        assert!(matches!(wrong, Err(PinError::Wrong { .. })), "{wrong:?}");
+        assert_eq!(store.pin("@a:hs").unwrap().unwrap().failed_in_row, 1);
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub fn payment_commands() -> Vec<CommandHelp> {
             "!withdraw AMOUNT CURRENCY",
             "cash out to the operator's settlement account (confirmed with your PIN)",
         ),
+        CommandHelp::new(
+            "!cancel",
+            "cancel your payments and withdrawals still waiting for your PIN",
+        ),
     ]
 }
 
@@ -44,7 +48,8 @@ pub fn challenge_body(
 ) -> String {
     format!(
         "🔐 Confirm paying {} to {payee} (asked in room {room}): send your 4-digit PIN here \
-         within {}. Ignore this message to cancel.",
+         within {} (if several payments wait, as a reply to this message). Send !cancel to \
+         cancel it now; if no PIN comes in time, nothing is paid.",
         money(amount, currency),
         human_duration(timeout_ms)
     )
@@ -53,10 +58,29 @@ pub fn challenge_body(
 /// The readable form of a withdrawal challenge.
 pub fn withdraw_challenge_body(amount: &str, currency: &str, timeout_ms: u64) -> String {
     format!(
-        "🔐 Confirm withdrawing {} from your wallet: send your 4-digit PIN here within {}. \
-         Ignore this message to cancel.",
+        "🔐 Confirm withdrawing {} from your wallet: send your 4-digit PIN here \
+         within {} (if several payments wait, as a reply to this message). Send !cancel to \
+         cancel it now; if no PIN comes in time, nothing is withdrawn.",
         money(amount, currency),
         human_duration(timeout_ms)
+    )
+}
+
+/// One line naming an open challenge, for the "which one?" question.
+pub fn challenge_line(amount: &str, currency: &str, payee: &str, room: &str) -> String {
+    format!(
+        "• {} to {payee} (asked in room {room})",
+        money(amount, currency)
+    )
+}
+
+/// Several challenges are open and a PIN did not say which one it confirms.
+pub fn which_challenge(lines: &[String]) -> String {
+    format!(
+        "Several payments are waiting for your PIN, so I did not use this one (it was not \
+         checked and counts as no attempt):\n{}\nReply to the confirmation message of the \
+         payment you mean with your PIN, or send !cancel to cancel all of them.",
+        lines.join("\n")
     )
 }
 
@@ -88,5 +112,13 @@ mod tests {
         assert!(payment_commands()
             .iter()
             .any(|c| c.usage.starts_with("!pay")));
+        assert!(payment_commands()
+            .iter()
+            .any(|c| c.usage.starts_with("!cancel")));
+        // The text promises only what exists: a real cancel, no "ignore to cancel".
+        for body in [body, withdraw_challenge_body("5", "EUR", 60_000)] {
+            assert!(body.contains("!cancel") && body.contains("reply"), "{body}");
+            assert!(!body.contains("Ignore"), "{body}");
+        }
     }
 }

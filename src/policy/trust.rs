@@ -54,8 +54,9 @@ pub enum TrustRefusal {
     /// Device not cross-signed (or unknown, or the sender key mismatches).
     #[error("your device is not verified by your own account. Verify this session from another of your sessions (or set up cross-signing / secure backup in your client), then try again.")]
     UntrustedDevice,
-    /// The sender's identity changed: they must confirm with their PIN first.
-    #[error("your account's security keys changed since your last payment. Confirm it is you by answering with your PIN in our private chat before paying again.")]
+    /// The sender's identity changed after it was verified. mxpay has no in-chat way to
+    /// accept the new identity yet, so the refusal names what the user can do, nothing more.
+    #[error("your account's security keys changed after they were verified, so I cannot accept payments from this session. Verify your new keys from another of your sessions; if that does not help, ask the operator.")]
     IdentityChanged,
 }
 
@@ -151,6 +152,9 @@ mod tests {
             ),
             Err(TrustRefusal::IdentityChanged)
         );
+        // The refusal promises no recovery that does not exist (there is no PIN answer for it).
+        let text = TrustRefusal::IdentityChanged.to_string();
+        assert!(!text.contains("PIN"), "{text}");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - `eventid_done`: ids of PIN events already acted on (a re-handled transaction skips them).
 //! - `transferid_note`: transfer id (BE) -> [`TransferNote`] (why it was voided, the DM
 //!   challenge event a receipt answers).
+//! - `outboxpos_deadletter`: journal record seq (BE) + entry index (BE) -> why the outbox could
+//!   not tell about that ledger change (UTF-8), for the operator.
 //! - `meta`: `outbox_cursor` -> journal record seq (BE) + entry index (BE).
 
 use std::fmt;
@@ -27,6 +29,7 @@ const PAYER_CHALLENGE: &str = "payer_challenge";
 const EVENTID_DONE: &str = "eventid_done";
 const TRANSFERID_NOTE: &str = "transferid_note";
 const META: &str = "meta";
+const OUTBOXPOS_DEADLETTER: &str = "outboxpos_deadletter";
 const OUTBOX_CURSOR: &[u8] = b"outbox_cursor";
 
 /// What the bot knows about one user.
@@ -169,6 +172,7 @@ pub struct PaymentStore {
     done: sled::Tree,
     notes: sled::Tree,
     meta: sled::Tree,
+    dead_letters: sled::Tree,
 }
 
 impl fmt::Debug for PaymentStore {
@@ -229,6 +233,7 @@ impl PaymentStore {
             done: db.open_tree(EVENTID_DONE)?,
             notes: db.open_tree(TRANSFERID_NOTE)?,
             meta: db.open_tree(META)?,
+            dead_letters: db.open_tree(OUTBOXPOS_DEADLETTER)?,
             db,
         })
     }
@@ -242,6 +247,42 @@ impl PaymentStore {
     /// The user's PIN record, if a PIN was ever set.
     pub fn pin(&self, user: &str) -> Result<Option<PinRecord>, StoreError> {
         get_json(&self.pins, USERID_PIN, user.as_bytes())
+    }
+
+    /// The user's PIN record with its stored bytes: the version [`Self::swap_pin`] compares
+    /// against.
+    pub fn pin_versioned(&self, user: &str) -> Result<Option<(PinRecord, Vec<u8>)>, StoreError> {
+        match self.pins.get(user.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => {
+                let record = serde_json::from_slice(&bytes).map_err(|_| StoreError::Corrupt {
+                    tree: USERID_PIN,
+                    reason: "value is not the expected JSON",
+                })?;
+                Ok(Some((record, bytes.to_vec())))
+            }
+        }
+    }
+
+    /// Replaces the user's PIN record with `new`, durably, only if it is still exactly
+    /// `expected` (compare-and-swap): `Some(new version)` when swapped, `None` when the record
+    /// changed meanwhile (another attempt, an admin reset), and nothing was written.
+    pub async fn swap_pin(
+        &self,
+        user: &str,
+        expected: &[u8],
+        new: &PinRecord,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let bytes = to_json(new);
+        let swapped = self
+            .pins
+            .compare_and_swap(user.as_bytes(), Some(expected), Some(bytes.clone()))?
+            .is_ok();
+        if !swapped {
+            return Ok(None);
+        }
+        self.flush().await?;
+        Ok(Some(bytes))
     }
 
     /// Stores the user's PIN record durably.
@@ -390,6 +431,36 @@ impl PaymentStore {
                 reason: "outbox cursor is not 16 bytes",
             }),
         }
+    }
+
+    /// Records, durably, that the outbox gave up on the ledger change at `at` and why (the
+    /// reason must hold no secret: it is shown to the operator).
+    pub async fn put_dead_letter(&self, at: OutboxCursor, reason: &str) -> Result<(), StoreError> {
+        let mut key = at.record_seq.to_be_bytes().to_vec();
+        key.extend_from_slice(&at.entry_index.to_be_bytes());
+        self.dead_letters.insert(key, reason.as_bytes())?;
+        self.flush().await
+    }
+
+    /// The outbox's dead letters, oldest first: (position, reason).
+    pub fn dead_letters(&self) -> Result<Vec<(OutboxCursor, String)>, StoreError> {
+        self.dead_letters
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                if key.len() != 16 {
+                    return Err(StoreError::Corrupt {
+                        tree: OUTBOXPOS_DEADLETTER,
+                        reason: "key is not 16 bytes",
+                    });
+                }
+                let cursor = OutboxCursor {
+                    record_seq: u64::from_be_bytes(key[..8].try_into().expect("8 bytes")),
+                    entry_index: u64::from_be_bytes(key[8..].try_into().expect("8 bytes")),
+                };
+                Ok((cursor, String::from_utf8_lossy(&value).into_owned()))
+            })
+            .collect()
     }
 
     /// Moves the outbox cursor, durably.

@@ -554,6 +554,162 @@ async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
     }
 }
 
+/// Sends `pin` in `dm` as a reply to the bot's notice `notice` (as clients reply).
+async fn send_pin_reply(client: &TestClient, dm: &RoomId, notice: &str) -> OwnedEventId {
+    let content = serde_json::json!({
+        "msgtype": "m.text",
+        "body": PIN,
+        "m.relates_to": {"m.in_reply_to": {"event_id": notice}},
+    });
+    client
+        .room(dm)
+        .await
+        .send_raw("m.room.message", content)
+        .await
+        .unwrap_or_else(|e| panic!("{} sending a PIN reply: {e}", client.user.user_id))
+        .response
+        .event_id
+}
+
+/// H1: with two payments waiting, a plain PIN confirms neither (it used to pay the oldest);
+/// the bot lists them, a PIN replying to one's notice pays exactly that one, and `!cancel`
+/// voids the other.
+#[tokio::test]
+async fn a_plain_pin_with_two_payments_waiting_pays_neither_until_one_is_chosen() {
+    let s = scene("which", 120_000, "30.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let first = send_text(alice, room, &format!("!pay {} 15 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 15.00 EUR").await;
+    let second = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    let second_notice = wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+
+    let bare = send_text(alice, dm, PIN).await;
+    let which = wait_notice(alice, dm, bot, "Several payments are waiting").await;
+    let listed = which.body().unwrap();
+    for part in [
+        "15.00 EUR",
+        "5.00 EUR",
+        s.bob_id(),
+        room.as_str(),
+        "!cancel",
+    ] {
+        assert!(listed.contains(part), "{listed}");
+    }
+    wait_redacted(alice, dm, &bare).await;
+    // Nothing moved: both amounts are still only reserved.
+    s.alice_balance_is("10.00 EUR (20.00 EUR reserved)").await;
+
+    send_pin_reply(alice, dm, second_notice.event_id()).await;
+    wait_receipt(alice, room, bot, &second, "completed", None).await;
+    wait_receipt(&s.bob, room, bot, &second, "completed", None).await;
+
+    let cancel = send_text(alice, dm, "!cancel").await;
+    let told = alice
+        .wait_for_event("the answer to !cancel", |e| {
+            e.room_id == *dm
+                && e.sender() == bot
+                && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == cancel.as_str()
+        })
+        .await;
+    let body = told.body().unwrap_or_default();
+    assert!(
+        body.contains("Cancelled") && body.contains("15.00 EUR"),
+        "{body}"
+    );
+    assert_eq!(
+        body.lines().filter(|l| l.starts_with('•')).count(),
+        1,
+        "only the unpaid one: {body}"
+    );
+    wait_receipt(alice, room, bot, &first, "declined", None).await;
+    s.alice_balance_is("25.00 EUR").await;
+}
+
+/// M2: a post the ledger refuses after the right PIN (the payee's wallet was frozen in the
+/// meantime) voids the payment at once with the real reason; it used to drop the challenge and
+/// leave the reservation to "expire without a PIN".
+#[tokio::test]
+async fn a_payment_refused_after_the_pin_is_voided_with_its_reason() {
+    let s = scene("refused-post", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/_mxpay/admin/v1/users/{}/freeze",
+            s.mxpay.url,
+            s.bob_id().replace('@', "%40").replace(':', "%3A")
+        ))
+        .bearer_auth(crate::admin::mint(
+            &s.admin_key,
+            &[mxpay::admin::token::Scope::Freeze],
+        ))
+        .header("content-type", "application/json")
+        .body(r#"{"mode":"all"}"#)
+        .send()
+        .await
+        .expect("freeze");
+    assert_eq!(response.status(), 200);
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "could not be completed").await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &pay,
+        "declined",
+        Some("payee_not_allowed"),
+    )
+    .await;
+    s.alice_balance_is("20.00 EUR").await;
+}
+
+/// M3: when the room cannot be told (the bot was kicked after the PIN prompt), the payer
+/// still gets the receipt in the DM; it used to be skipped with the room's.
+#[tokio::test]
+async fn the_dm_receipt_goes_out_even_when_the_room_cannot_be_told() {
+    let s = scene("kicked", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let bot_id = matrix_sdk::ruma::OwnedUserId::try_from(bot).expect("bot id");
+    alice
+        .room(room)
+        .await
+        .kick_user(&bot_id, Some("test: the room is gone for the bot"))
+        .await
+        .expect("kick the bot");
+    alice.wait_for_membership(room, bot, "leave").await;
+    send_text(alice, dm, PIN).await;
+    wait_bot_event(alice, dm, bot, "org.mxpay.receipt", |c| {
+        c["status"] == "completed"
+    })
+    .await;
+    s.alice_balance_is("15.00 EUR").await;
+}
+
+/// M7: a PIN sent in the recorded DM after someone else was invited there is not used (the
+/// room is no longer private); it used to confirm the payment.
+#[tokio::test]
+async fn a_pin_in_a_dm_that_is_no_longer_private_is_not_used() {
+    let s = scene("not-private", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    alice
+        .room(dm)
+        .await
+        .invite_user_by_id(&s.bob.user.user_id)
+        .await
+        .expect("invite bob into the DM");
+    alice.wait_for_membership(dm, s.bob_id(), "invite").await;
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "never send your PIN in a shared room").await;
+    // Not confirmed: the amount is still only reserved (the payment expires or is cancelled).
+    send_text(alice, room, "!cancel").await;
+    wait_receipt(alice, room, bot, &pay, "declined", None).await;
+}
+
 #[tokio::test]
 async fn an_unconfirmed_payment_expires_and_releases_the_funds() {
     // A short step-up window (the ledger's pending timeout) keeps the test fast.
