@@ -372,8 +372,13 @@ impl Payments {
             clock,
             poke,
             bot,
-            fault_crash_before_receipt: std::env::var_os(FAULT_CRASH_BEFORE_RECEIPT_ENV)
-                .map(Into::into),
+            // Test-only fault switch: compiled out of release builds, so no environment
+            // variable can make a production mxpay abort between a post and its receipt.
+            fault_crash_before_receipt: if cfg!(debug_assertions) {
+                std::env::var_os(FAULT_CRASH_BEFORE_RECEIPT_ENV).map(Into::into)
+            } else {
+                None
+            },
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
