@@ -327,6 +327,13 @@ mod tests {
         }
     }
 
+    /// A payments store and a ledger in `dir`, as `serve` lays them out.
+    fn open_store_and_ledger(dir: &std::path::Path) -> (PaymentStore, Ledger) {
+        let store = PaymentStore::open(&dir.join("payments")).unwrap();
+        let ledger = Ledger::open(dir, &LedgerSettings::default(), Arc::new(SystemClock)).unwrap();
+        (store, ledger)
+    }
+
     fn policy() -> OutboxPolicy {
         OutboxPolicy {
             poll_ms: 10,
@@ -339,13 +346,7 @@ mod tests {
     #[tokio::test]
     async fn delivers_each_change_once_across_restarts_and_retries() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PaymentStore::open(&dir.path().join("payments")).unwrap();
-        let ledger = Ledger::open(
-            dir.path(),
-            &LedgerSettings::default(),
-            Arc::new(SystemClock),
-        )
-        .unwrap();
+        let (store, ledger) = open_store_and_ledger(dir.path());
         // History before the outbox's first start is not replayed into rooms.
         transfer(&ledger, 1).await;
 
@@ -389,13 +390,7 @@ mod tests {
     #[tokio::test]
     async fn a_long_outage_delays_but_never_skips_and_refusals_are_dead_letters() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PaymentStore::open(&dir.path().join("payments")).unwrap();
-        let ledger = Ledger::open(
-            dir.path(),
-            &LedgerSettings::default(),
-            Arc::new(SystemClock),
-        )
-        .unwrap();
+        let (store, ledger) = open_store_and_ledger(dir.path());
         let policy = policy();
         let recorder = Arc::new(Recorder {
             seen: Mutex::new(Vec::new()),
