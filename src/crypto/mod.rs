@@ -31,7 +31,7 @@ use matrix_sdk_crypto::types::requests::{
 };
 use matrix_sdk_crypto::{
     CryptoStoreError, DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine,
-    RoomEventDecryptionResult, TrustRequirement,
+    RoomEventDecryptionResult, TrustRequirement, UserIdentity,
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
 use ruma::api::client::keys::{get_keys, upload_signing_keys};
@@ -724,7 +724,13 @@ impl BotCrypto {
                         .get("origin_server_ts")
                         .and_then(Value::as_u64)
                         .unwrap_or(0),
-                    verification_state: TrustState::from_verification(&info.verification_state),
+                    verification_state: self
+                        .current_trust(
+                            &info.sender,
+                            info.sender_device.as_deref(),
+                            TrustState::from_verification(&info.verification_state),
+                        )
+                        .await?,
                     was_encrypted: true,
                     was_parked,
                 };
@@ -739,6 +745,67 @@ impl BotCrypto {
                 }
             }
         }
+    }
+
+    /// Trust in the sender as it stands now. The state a Megolm session carries was fixed when
+    /// its key arrived, so a cross-signing reset after that (by the owner on a new device, or by
+    /// whoever took over the account) would not show; the current device signature and the
+    /// current identity are checked instead. An identity whose master key differs from the one
+    /// first seen (pinned) and not yet accepted counts as [`TrustState::VerificationViolation`].
+    async fn current_trust(
+        &self,
+        sender: &UserId,
+        device_id: Option<&ruma::DeviceId>,
+        from_session: TrustState,
+    ) -> Result<TrustState, CryptoError> {
+        if !matches!(
+            from_session,
+            TrustState::Verified
+                | TrustState::UnverifiedIdentity
+                | TrustState::VerificationViolation
+        ) {
+            return Ok(from_session);
+        }
+        let machine = &self.inner.machine;
+        if let Some(device_id) = device_id {
+            let device = machine.get_device(sender, device_id, None).await?;
+            if device.is_some_and(|device| !device.is_cross_signed_by_owner()) {
+                return Ok(TrustState::UnsignedDevice);
+            }
+        }
+        Ok(match machine.get_identity(sender, None).await? {
+            Some(UserIdentity::Other(identity)) => {
+                if identity.identity_needs_user_approval() || identity.has_verification_violation()
+                {
+                    TrustState::VerificationViolation
+                } else if identity.is_verified() {
+                    TrustState::Verified
+                } else {
+                    TrustState::UnverifiedIdentity
+                }
+            }
+            _ => from_session,
+        })
+    }
+
+    /// Accepts `user`'s current cross-signing identity as theirs from now on (they proved who
+    /// they are another way: their PIN). Returns `false` when there was nothing to accept.
+    pub async fn accept_identity(&self, user: &UserId) -> Result<bool, CryptoError> {
+        let Some(UserIdentity::Other(identity)) =
+            self.inner.machine.get_identity(user, None).await?
+        else {
+            return Ok(false);
+        };
+        if identity.has_verification_violation() {
+            // Withdrawing the old verification also pins the current master key.
+            identity.withdraw_verification().await?;
+        } else if identity.identity_needs_user_approval() {
+            identity.pin_current_master_key().await?;
+        } else {
+            return Ok(false);
+        }
+        tracing::info!(%user, "accepted the user's new cross-signing identity");
+        Ok(true)
     }
 
     async fn retry_parked(

@@ -34,6 +34,8 @@ pub enum ReceiptReason {
     NotEncrypted,
     /// The sender's device is not cross-signed by its owner.
     UntrustedDevice,
+    /// The payer's cross-signing identity changed and they have not confirmed it with their PIN.
+    IdentityChanged,
     /// Too many wrong PINs.
     PinLocked,
     /// The payer has not set a PIN.

@@ -51,7 +51,7 @@ use crate::outbox::{Deliver, DeliverError, Outbox, OutboxPoke, OutboxPolicy};
 use crate::policy::payee::WalletHolders;
 use crate::policy::pin::{human_duration, Pin, PinError, PinHasher, PinRecord};
 use crate::policy::stepup::{StepUpAuthority, StepUpBinding, StepUpError};
-use crate::policy::trust::{self, EventFacts, SenderTrust, TrustSettings};
+use crate::policy::trust::{self, EventFacts, SenderTrust, TrustRefusal, TrustSettings};
 use crate::store::payments::{
     Challenge, ChallengeKind, Dialog, PaymentStore, TransferNote, UserProfile,
 };
@@ -159,6 +159,7 @@ fn reason_label(reason: ReceiptReason) -> &'static str {
         ReceiptReason::PayeeNotAllowed => "payee_not_allowed",
         ReceiptReason::NotEncrypted => "not_encrypted",
         ReceiptReason::UntrustedDevice => "untrusted_device",
+        ReceiptReason::IdentityChanged => "identity_changed",
         ReceiptReason::PinLocked => "pin_locked",
         ReceiptReason::PinNotSet => "pin_not_set",
         ReceiptReason::AccountFrozen => "account_frozen",
@@ -829,21 +830,32 @@ impl Payments {
         change: bool,
     ) -> Result<(), PaymentsError> {
         let facts = self.facts(event).await?;
-        if let Err(refusal) = trust::check(facts, self.trust_settings()) {
-            self.messenger
-                .notice(
-                    &event.room_id,
-                    &format!("{}: {refusal}", event.sender),
-                    Some(&event.event_id),
-                    txn("pin-refused", event.event_id.as_str()),
-                )
-                .await?;
-            return Ok(());
-        }
         let user = event.sender.as_str();
+        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
+        match trust::check(facts, self.trust_settings()) {
+            Ok(()) => {}
+            // The PIN is the only secret mxpay knows a user by: before there is one, nothing
+            // can confirm a key change, and setting the first PIN accepts the current keys.
+            Err(TrustRefusal::IdentityChanged) if !has_pin && !change => {
+                self.messenger.crypto.accept_identity(&event.sender).await?;
+            }
+            Err(refusal) => {
+                if refusal == TrustRefusal::IdentityChanged {
+                    self.ask_to_accept_identity(event).await?;
+                }
+                self.messenger
+                    .notice(
+                        &event.room_id,
+                        &format!("{}: {refusal}", event.sender),
+                        Some(&event.event_id),
+                        txn("pin-refused", event.event_id.as_str()),
+                    )
+                    .await?;
+                return Ok(());
+            }
+        }
         let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
         self.point_to_dm(event, &dm, "pin-pointer").await?;
-        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
         let expires_at_ms = self.clock.now_ms() + self.settings.pin_dialog_timeout_ms;
         let (dialog, message) = match (change, has_pin) {
             (false, true) => (
@@ -926,16 +938,55 @@ impl Payments {
         Ok(())
     }
 
+    /// The sender's cross-signing identity changed: opens (or keeps) the dialog that accepts it
+    /// with their PIN and asks in their DM. Re-asked on every refused attempt, with the same
+    /// transaction id per event, so a retried transaction does not ask twice.
+    async fn ask_to_accept_identity(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        let now_ms = self.clock.now_ms();
+        let dialog = match self.store.dialog(user, now_ms)? {
+            Some(open @ Dialog::AcceptIdentity { .. }) => open,
+            _ => {
+                let dialog = Dialog::AcceptIdentity {
+                    expires_at_ms: now_ms + self.settings.pin_dialog_timeout_ms,
+                };
+                self.store.put_dialog(user, Some(&dialog)).await?;
+                dialog
+            }
+        };
+        if let Some(dm) = self.ready_dm(user)? {
+            self.messenger
+                .notice(
+                    &dm,
+                    dialog_prompt(&dialog),
+                    None,
+                    txn("identity-prompt", event.event_id.as_str()),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Checks that apply to every outgoing payment: trust, PIN state. `Err(sentence)` refuses.
     async fn check_payer(
         &self,
         event: &DecryptedEvent,
     ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
         let facts = self.facts(event).await?;
-        if let Err(refusal) = trust::check(facts, self.trust_settings()) {
-            return Ok(Err((refusal.reason(), refusal.to_string())));
-        }
         let user = event.sender.as_str();
+        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
+        match trust::check(facts, self.trust_settings()) {
+            Ok(()) => {}
+            // Without a PIN there is nothing to confirm the new keys with: the refusal below
+            // sends the user to `!pin set`, which accepts them.
+            Err(TrustRefusal::IdentityChanged) if !has_pin => {}
+            Err(refusal) => {
+                if refusal == TrustRefusal::IdentityChanged {
+                    self.ask_to_accept_identity(event).await?;
+                }
+                return Ok(Err((refusal.reason(), refusal.to_string())));
+            }
+        }
         let record = self.store.pin(user)?;
         let Some(record) = record.filter(|r| r.hash.is_some()) else {
             return Ok(Err((
@@ -1291,12 +1342,31 @@ impl Payments {
             return Ok(());
         }
         let facts = self.facts(event).await?;
-        if let Err(refusal) = trust::check(facts, self.trust_settings()) {
-            self.reply(event, &refusal.to_string(), "pin-untrusted")
-                .await?;
-            return self.done(event).await;
+        let dialog = self.store.dialog(user, now_ms)?;
+        match trust::check(facts, self.trust_settings()) {
+            Ok(()) => {}
+            // The one answer taken from a changed identity: the PIN that accepts it (the
+            // device itself is cross-signed by the new identity, or the check says so).
+            Err(TrustRefusal::IdentityChanged)
+                if matches!(dialog, Some(Dialog::AcceptIdentity { .. })) => {}
+            Err(refusal) => {
+                if refusal == TrustRefusal::IdentityChanged {
+                    self.reply(
+                        event,
+                        "Your account's security keys changed, so I did not use this PIN for \
+                         anything and removed your message.",
+                        "pin-identity-changed",
+                    )
+                    .await?;
+                    self.ask_to_accept_identity(event).await?;
+                } else {
+                    self.reply(event, &refusal.to_string(), "pin-untrusted")
+                        .await?;
+                }
+                return self.done(event).await;
+            }
         }
-        if let Some(dialog) = self.store.dialog(user, now_ms)? {
+        if let Some(dialog) = dialog {
             self.on_dialog_pin(event, dialog, pin, now_ms).await?;
             return self.done(event).await;
         }
@@ -1589,6 +1659,40 @@ impl Payments {
                         "pin-dialog",
                     )
                     .await
+                }
+            }
+            Dialog::AcceptIdentity { .. } => {
+                if self.store.profile(user)?.pin_compromised {
+                    self.store.put_dialog(user, None).await?;
+                    return self
+                        .reply(
+                            event,
+                            "Your PIN was exposed in a shared room, so it cannot confirm new \
+                             security keys. Ask the operator to reset your PIN, then set a new \
+                             one with !pin set.",
+                            "pin-dialog",
+                        )
+                        .await;
+                }
+                match self.check_pin(user, pin, now_ms).await? {
+                    Ok(()) => {
+                        self.messenger.crypto.accept_identity(&event.sender).await?;
+                        self.store.put_dialog(user, None).await?;
+                        self.reply(
+                            event,
+                            "✅ I accept your new security keys. You can pay again; if a payment \
+                             is waiting for your PIN, send your PIN once more to confirm it.",
+                            "pin-dialog",
+                        )
+                        .await
+                    }
+                    Err(error) => {
+                        if matches!(error, PinError::Locked { .. } | PinError::NotSet) {
+                            self.store.put_dialog(user, None).await?;
+                        }
+                        self.reply(event, &pin_error_sentence(&error), "pin-dialog")
+                            .await
+                    }
                 }
             }
             Dialog::OldPin { .. } => match self.check_pin(user, pin, now_ms).await? {
@@ -2278,6 +2382,12 @@ fn dialog_prompt(dialog: &Dialog) -> &'static str {
         Dialog::NewPin { change: true, .. } => "Now send your new 4-digit PIN.",
         Dialog::ConfirmPin { .. } => "Send the same PIN again to confirm it.",
         Dialog::OldPin { .. } => "To change your PIN, first send your current PIN.",
+        Dialog::AcceptIdentity { .. } => {
+            "🔐 Your account's security keys changed (someone reset your cross-signing). If it \
+             was you, send your PIN here to confirm; until then I take no payments from you. If \
+             it was not you, do not send your PIN: someone else may control your account. Tell \
+             the operator."
+        }
     }
 }
 

@@ -14,7 +14,8 @@ pub enum SenderTrust {
     Verified,
     /// The device is cross-signed by its owner; the owner's identity is not verified by us.
     UnverifiedIdentity,
-    /// The owner's identity changed since it was first seen.
+    /// The owner's identity changed since it was first seen (or verified) and the owner has not
+    /// confirmed the change.
     VerificationViolation,
     /// The device is not signed by its owner's cross-signing key.
     UnsignedDevice,
@@ -54,9 +55,9 @@ pub enum TrustRefusal {
     /// Device not cross-signed (or unknown, or the sender key mismatches).
     #[error("your device is not verified by your own account. Verify this session from another of your sessions (or set up cross-signing / secure backup in your client), then try again.")]
     UntrustedDevice,
-    /// The sender's identity changed after it was verified. mxpay has no in-chat way to
-    /// accept the new identity yet, so the refusal names what the user can do, nothing more.
-    #[error("your account's security keys changed after they were verified, so I cannot accept payments from this session. Verify your new keys from another of your sessions; if that does not help, ask the operator.")]
+    /// The sender's cross-signing identity is not the one first seen (or the one verified), and
+    /// the user has not confirmed the change with their PIN.
+    #[error("your account's security keys changed since I first saw them (someone reset your cross-signing), so I take no payments from you until you confirm the change with your PIN in our private chat. If you did not reset them, do not answer there and tell the operator.")]
     IdentityChanged,
 }
 
@@ -65,9 +66,8 @@ impl TrustRefusal {
     pub fn reason(&self) -> ReceiptReason {
         match self {
             TrustRefusal::NotEncrypted => ReceiptReason::NotEncrypted,
-            TrustRefusal::UntrustedDevice | TrustRefusal::IdentityChanged => {
-                ReceiptReason::UntrustedDevice
-            }
+            TrustRefusal::UntrustedDevice => ReceiptReason::UntrustedDevice,
+            TrustRefusal::IdentityChanged => ReceiptReason::IdentityChanged,
         }
     }
 }
@@ -152,9 +152,10 @@ mod tests {
             ),
             Err(TrustRefusal::IdentityChanged)
         );
-        // The refusal promises no recovery that does not exist (there is no PIN answer for it).
-        let text = TrustRefusal::IdentityChanged.to_string();
-        assert!(!text.contains("PIN"), "{text}");
+        assert_eq!(
+            TrustRefusal::IdentityChanged.reason(),
+            ReceiptReason::IdentityChanged
+        );
     }
 
     #[test]

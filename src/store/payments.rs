@@ -71,6 +71,11 @@ pub enum Dialog {
         /// The dialog lapses at this time.
         expires_at_ms: u64,
     },
+    /// The user's cross-signing identity changed: waiting for their PIN to accept it.
+    AcceptIdentity {
+        /// The dialog lapses at this time.
+        expires_at_ms: u64,
+    },
 }
 
 impl Dialog {
@@ -79,7 +84,8 @@ impl Dialog {
         match self {
             Dialog::NewPin { expires_at_ms, .. }
             | Dialog::ConfirmPin { expires_at_ms, .. }
-            | Dialog::OldPin { expires_at_ms } => *expires_at_ms,
+            | Dialog::OldPin { expires_at_ms }
+            | Dialog::AcceptIdentity { expires_at_ms } => *expires_at_ms,
         }
     }
 }
@@ -90,6 +96,7 @@ impl fmt::Debug for Dialog {
             Dialog::NewPin { change, .. } => write!(f, "Dialog::NewPin(change={change})"),
             Dialog::ConfirmPin { change, .. } => write!(f, "Dialog::ConfirmPin(change={change})"),
             Dialog::OldPin { .. } => f.write_str("Dialog::OldPin"),
+            Dialog::AcceptIdentity { .. } => f.write_str("Dialog::AcceptIdentity"),
         }
     }
 }

@@ -508,6 +508,77 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
 }
 
 #[tokio::test]
+async fn a_cross_signing_reset_blocks_payments_until_the_pin_accepts_the_new_keys() {
+    let s = scene("identity", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    alice.reset_cross_signing().await;
+
+    // The bot hears of the new keys through the homeserver's device-list notice, which may
+    // trail alice's next message: a payment the bot still takes (it asks for the PIN) is
+    // cancelled and asked again, a bounded number of times.
+    let mut refused = None;
+    for attempt in 1..=20u32 {
+        let amount = format!("1.{attempt:02}");
+        let pay = send_text(alice, room, &format!("!pay {} {amount} EUR", s.bob_id())).await;
+        let asked = format!("Confirm paying {amount} EUR");
+        let seen = alice
+            .wait_for_event("the payment's receipt or its PIN challenge", |e| {
+                (e.room_id == *room
+                    && e.event_type() == "org.mxpay.receipt"
+                    && e.content()["m.relates_to"]["event_id"] == pay.as_str())
+                    || (e.room_id == *dm
+                        && e.sender() == bot
+                        && e.body().is_some_and(|b| b.contains(&asked)))
+            })
+            .await;
+        if seen.event_type() == "org.mxpay.receipt" {
+            refused = Some(seen);
+            break;
+        }
+        let cancel = send_text(alice, dm, "!cancel").await;
+        alice
+            .wait_for_event("the answer to !cancel", |e| {
+                e.room_id == *dm
+                    && e.sender() == bot
+                    && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == cancel.as_str()
+            })
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let refused = refused.expect("the bot never noticed the new cross-signing keys");
+    assert_eq!(refused.content()["status"], "declined");
+    assert_eq!(refused.content()["reason"], "identity_changed");
+    wait_notice(
+        alice,
+        room,
+        bot,
+        "security keys changed since I first saw them",
+    )
+    .await;
+    wait_notice(
+        alice,
+        dm,
+        bot,
+        "If it was you, send your PIN here to confirm",
+    )
+    .await;
+
+    // A wrong PIN does not accept the keys and counts as a wrong attempt.
+    send_text(alice, dm, "0000").await;
+    wait_notice(alice, dm, bot, "Wrong PIN. 4 attempts left").await;
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "I accept your new security keys").await;
+
+    // Paying works again, from the same device under its new identity.
+    let pay = send_text(alice, room, &format!("!pay {} 2 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 2.00 EUR").await;
+    send_text(alice, dm, PIN).await;
+    wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
+    s.alice_balance_is("18.00 EUR").await;
+    assert!(bot_events_match_schemas(alice, bot) >= 2);
+}
+
+#[tokio::test]
 async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
     // At trace level, so the log check below covers every line mxpay can write.
     let s = scene_with("lock", 120_000, "20.00", |_| MxpayOptions {

@@ -382,4 +382,34 @@ impl TestClient {
             .await
             .unwrap_or_else(|e| panic!("cross-signing bootstrap with password: {e}"));
     }
+
+    /// Replaces the user's cross-signing identity with a new one (as a client's "reset
+    /// cryptographic identity" does, or an attacker who took over the account); this device
+    /// is signed by the new identity.
+    pub async fn reset_cross_signing(&self) {
+        let handle = self
+            .client
+            .encryption()
+            .reset_cross_signing()
+            .await
+            .unwrap_or_else(|e| panic!("cross-signing reset: {e}"));
+        let Some(handle) = handle else {
+            return; // no authentication needed
+        };
+        let session = match handle.auth_type() {
+            matrix_sdk::encryption::CrossSigningResetAuthType::Uiaa(info) => info.session.clone(),
+            other => panic!("cross-signing reset wants {other:?}, not a password"),
+        };
+        let mut password = uiaa::Password::new(
+            uiaa::UserIdentifier::Matrix(uiaa::MatrixUserIdentifier::new(
+                self.user.localpart.clone(),
+            )),
+            self.user.password.clone(),
+        );
+        password.session = session;
+        handle
+            .auth(Some(uiaa::AuthData::Password(password)))
+            .await
+            .unwrap_or_else(|e| panic!("cross-signing reset with password: {e}"));
+    }
 }
