@@ -16,6 +16,8 @@ use super::webhook::{WebhookSecret, DEFAULT_TOLERANCE_S};
 /// Longest a provider name may be, in bytes.
 pub const PROVIDER_NAME_BYTES_MAX: usize = 64;
 
+/// Shortest accepted webhook secret, in bytes (as for the HS256 token key).
+pub const WEBHOOK_SECRET_MIN_BYTES: usize = 32;
 /// Largest secret file read, in bytes (a PEM key is well below it).
 pub const SECRET_FILE_BYTES_MAX: u64 = 64 * 1024;
 
@@ -333,7 +335,19 @@ impl AdminSettings {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let secret = p.secret.load(&format!("admin.providers[{i}].secret"))?;
+                let key = format!("admin.providers[{i}].secret");
+                let secret = p.secret.load(&key)?;
+                // A short HMAC key can be brute-forced offline from one signed webhook.
+                if secret.len() < WEBHOOK_SECRET_MIN_BYTES {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "the webhook secret must be at least {WEBHOOK_SECRET_MIN_BYTES} bytes \
+                             long (it is {})",
+                            secret.len()
+                        ),
+                    ));
+                }
                 Ok((p.name.clone(), WebhookSecret::new(secret)))
             })
             .collect()
@@ -461,6 +475,16 @@ mod tests {
         assert!(err.contains("admin.providers[0].secret.env"), "{err}");
         assert!(err.contains("MXPAY_TEST_SETTINGS_ACME"), "{err}");
         std::env::set_var("MXPAY_TEST_SETTINGS_ACME", "whsec-abc");
+        let short = s.load_providers().unwrap_err().to_string();
+        assert!(
+            short.contains("admin.providers[0].secret") && short.contains("at least 32 bytes"),
+            "{short}"
+        );
+        assert!(!short.contains("whsec"), "{short}");
+        std::env::set_var(
+            "MXPAY_TEST_SETTINGS_ACME",
+            "whsec-abc-0123456789abcdef0123456789",
+        );
         let providers = s.load_providers().unwrap();
         assert_eq!(providers[0].0, "acme");
         assert!(!format!("{:?}", providers[0].1).contains("whsec"));
