@@ -16,6 +16,7 @@
 //! ledger change is sent by the [`crate::outbox`] from the journal.
 
 pub mod memo;
+pub mod pinlike;
 pub mod settings;
 pub mod text;
 
@@ -257,6 +258,26 @@ impl Messenger {
         }
     }
 
+    /// The sender of an event in a room the bot is in; `None` when the homeserver does not
+    /// show it (unknown, or not visible to the bot).
+    pub async fn event_sender(
+        &self,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<Option<OwnedUserId>, HomeserverError> {
+        use ruma::api::client::room::get_room_event;
+        let request = get_room_event::v3::Request::new(room_id.to_owned(), event_id.to_owned());
+        match self.client.send(request, Identity::Appservice).await {
+            Ok(response) => Ok(response
+                .event
+                .get_field::<OwnedUserId>("sender")
+                .ok()
+                .flatten()),
+            Err(e) if matches!(e.status(), Some(403 | 404)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Members of a room with their membership (`join`, `invite`, ...).
     pub async fn memberships(
         &self,
@@ -432,35 +453,32 @@ impl Payments {
                 Ok(false)
             }
             "m.room.message" => {
-                if event.content.get("msgtype").and_then(Value::as_str) != Some("m.text") {
-                    return Ok(false);
+                let msgtype = event.content.get("msgtype").and_then(Value::as_str);
+                let body = event.content.get("body").and_then(Value::as_str);
+                if let (Some("m.text"), Some(body)) = (msgtype, body) {
+                    if let Some(parsed) = command::parse(body) {
+                        return match parsed {
+                            Ok(Command::Help) => Ok(false),
+                            Ok(command) => self.on_command(event, command).await.map(|_| true),
+                            Err(error) => {
+                                self.messenger
+                                    .notice(
+                                        &event.room_id,
+                                        &format!("{}: {error}", event.sender),
+                                        Some(&event.event_id),
+                                        txn("command-error", event.event_id.as_str()),
+                                    )
+                                    .await?;
+                                Ok(true)
+                            }
+                        };
+                    }
                 }
-                let Some(body) = event.content.get("body").and_then(Value::as_str) else {
-                    return Ok(false);
-                };
-                if let Some(parsed) = command::parse(body) {
-                    return match parsed {
-                        Ok(Command::Help) => Ok(false),
-                        Ok(command) => self.on_command(event, command).await.map(|_| true),
-                        Err(error) => {
-                            self.messenger
-                                .notice(
-                                    &event.room_id,
-                                    &format!("{}: {error}", event.sender),
-                                    Some(&event.event_id),
-                                    txn("command-error", event.event_id.as_str()),
-                                )
-                                .await?;
-                            Ok(true)
-                        }
-                    };
+                // Plain, edited, replying, notice or emote: a PIN in any shape.
+                match pinlike::recognise(&event.event_type, &event.content) {
+                    Some(message) => self.on_pin(event, message).await,
+                    None => Ok(false),
                 }
-                if Pin::looks_like_pin(body) {
-                    let pin = Pin::parse(body).expect("looks like a PIN");
-                    self.on_pin(event, pin, None).await?;
-                    return Ok(true);
-                }
-                Ok(false)
             }
             "org.mxpay.transfer_intent" => {
                 match serde_json::from_value::<crate::events::TransferIntentEventContent>(
@@ -497,18 +515,11 @@ impl Payments {
                 Ok(true)
             }
             "org.mxpay.stepup.response" => {
-                let challenge_id = event
-                    .content
-                    .get("challenge_id")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                let pin = event
-                    .content
-                    .get("pin")
-                    .and_then(Value::as_str)
-                    .and_then(|p| Pin::parse(p).ok());
-                match pin {
-                    Some(pin) => self.on_pin(event, pin, challenge_id).await?,
+                match pinlike::recognise(&event.event_type, &event.content) {
+                    // Redacted whatever its `pin` holds: a malformed one may be a mistyped PIN.
+                    Some(message) => {
+                        self.on_pin(event, message).await?;
+                    }
                     None => {
                         self.messenger
                             .notice(
@@ -1287,12 +1298,14 @@ impl Payments {
 
     // ----- PINs ------------------------------------------------------------------------------
 
+    /// A PIN-carrying event (any shape, see [`pinlike`]): used as an answer only in the
+    /// sender's private DM; removed after reading. `Ok(false)` when it is left alone (chat
+    /// outside the DM while the bot waits for no PIN from the sender).
     async fn on_pin(
         &self,
         event: &DecryptedEvent,
-        pin: Pin,
-        challenge_id: Option<String>,
-    ) -> Result<(), PaymentsError> {
+        message: pinlike::PinMessage,
+    ) -> Result<bool, PaymentsError> {
         let user = event.sender.as_str();
         let profile = self.store.profile(user)?;
         let mut in_dm = profile.dm_room.as_deref() == Some(event.room_id.as_str());
@@ -1304,42 +1317,108 @@ impl Payments {
         }
         let now_ms = self.clock.now_ms();
         if !in_dm {
-            return self.on_pin_outside_dm(event, profile, now_ms).await;
+            return self
+                .on_pin_outside_dm(event, &message, profile, now_ms)
+                .await;
         }
         // Read (it is in memory now), then remove it from the room; the redaction runs
         // alongside the check so it does not add to the payment's latency.
+        let replaces = message.replaces.clone();
         let redaction = async {
-            match self.messenger.redact(&event.room_id, &event.event_id).await {
-                Ok(true) => Ok(()),
-                Ok(false) => {
-                    tracing::warn!(room_id = %event.room_id, "cannot redact a PIN in the private chat (no power)");
-                    Ok(())
-                }
-                Err(e) if e.is_transient() => Err(PaymentsError::from(e)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot redact a PIN in the private chat");
-                    Ok(())
-                }
+            if !self.remove_pin_message(event, replaces.as_deref()).await? {
+                tracing::warn!(room_id = %event.room_id, "cannot redact a PIN in the private chat");
             }
+            Ok::<_, PaymentsError>(())
         };
-        let (redacted, acted) = tokio::join!(
-            redaction,
-            self.act_on_dm_pin(event, pin, challenge_id, now_ms)
-        );
+        let (redacted, acted) = tokio::join!(redaction, self.act_on_dm_pin(event, message, now_ms));
         redacted?;
-        acted
+        acted.map(|()| true)
+    }
+
+    /// Redacts a PIN-carrying event and, for an edit, the message it edited (if the same
+    /// person sent it: an edit naming someone else's message is no licence to remove that).
+    /// `Ok(false)` when the event itself could not be removed (no power, or refused for good).
+    async fn remove_pin_message(
+        &self,
+        event: &DecryptedEvent,
+        replaces: Option<&EventId>,
+    ) -> Result<bool, PaymentsError> {
+        let removed = self.redact_or_warn(&event.room_id, &event.event_id).await?;
+        if let Some(original) = replaces {
+            let sender = match self.messenger.event_sender(&event.room_id, original).await {
+                Ok(sender) => sender,
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look up the message a PIN edit replaced");
+                    None
+                }
+            };
+            if sender.as_ref() == Some(&event.sender) {
+                self.redact_or_warn(&event.room_id, original).await?;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Redacts an event; `Ok(false)` when the bot may not (no power, or refused for good).
+    async fn redact_or_warn(
+        &self,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<bool, PaymentsError> {
+        match self.messenger.redact(room_id, event_id).await {
+            Ok(redacted) => Ok(redacted),
+            Err(e) if e.is_transient() => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, %room_id, "cannot redact a PIN message");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Whether the bot waits for a PIN from `user`: a payment or withdrawal waiting for its
+    /// step-up, or a `!pin set` / `!pin change` dialog, not lapsed.
+    fn waiting_for_pin(&self, user: &str, now_ms: u64) -> Result<bool, PaymentsError> {
+        if self.store.dialog(user, now_ms)?.is_some() {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .challenges(user)?
+            .iter()
+            .any(|c| c.expires_at_ms > now_ms))
     }
 
     async fn act_on_dm_pin(
         &self,
         event: &DecryptedEvent,
-        pin: Pin,
-        challenge_id: Option<String>,
+        message: pinlike::PinMessage,
         now_ms: u64,
     ) -> Result<(), PaymentsError> {
         let user = event.sender.as_str();
         if self.store.is_done(event.event_id.as_str())? {
             return Ok(());
+        }
+        let pinlike::PinMessage {
+            pin,
+            challenge_id,
+            reply_to,
+            ..
+        } = message;
+        let Some(pin) = pin else {
+            // A step-up response whose `pin` is not 4 digits: nothing to compare, no attempt.
+            self.reply(
+                event,
+                "A PIN is exactly 4 digits. I removed your message and did not use it; send \
+                 your PIN again.",
+                "pin-malformed",
+            )
+            .await?;
+            return self.done(event).await;
+        };
+        if !event.was_encrypted {
+            self.on_plaintext_dm_pin(event, now_ms).await?;
+            return self.done(event).await;
         }
         let facts = self.facts(event).await?;
         let dialog = self.store.dialog(user, now_ms)?;
@@ -1370,11 +1449,6 @@ impl Payments {
             self.on_dialog_pin(event, dialog, pin, now_ms).await?;
             return self.done(event).await;
         }
-        let reply_to = event
-            .content
-            .pointer("/m.relates_to/m.in_reply_to/event_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
         let addressed = challenge_id.is_some() || reply_to.is_some();
         let mut open = Vec::new();
         for challenge in self.store.challenges(user)? {
@@ -1523,43 +1597,64 @@ impl Payments {
         Ok(())
     }
 
-    /// Four digits outside the DM from someone with a PIN (or a PIN dialog, or a payment
-    /// waiting): never used; removed if the bot can; otherwise the PIN counts as exposed.
+    /// A PIN-carrying event outside the sender's private DM. A step-up response says it holds
+    /// a PIN, so it is always refused and removed. A chat message that only looks like a PIN
+    /// (`1990`, `2024`) counts as one only while the bot waits for a PIN from its sender (an
+    /// open step-up or PIN dialog): then it is refused and removed, otherwise left alone
+    /// (`Ok(false)`). It is never compared with the PIN (see docs/security.md: an argon2 per
+    /// chat number, and an answer that would tell a session thief whether they guessed it
+    /// without counting an attempt). Where the bot cannot remove it, or it was sent
+    /// unencrypted, the PIN counts as exposed and is blocked until changed.
     async fn on_pin_outside_dm(
         &self,
         event: &DecryptedEvent,
+        message: &pinlike::PinMessage,
         mut profile: UserProfile,
         now_ms: u64,
-    ) -> Result<(), PaymentsError> {
+    ) -> Result<bool, PaymentsError> {
         let user = event.sender.as_str();
-        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
-        let waiting =
-            self.store.dialog(user, now_ms)?.is_some() || !self.store.challenges(user)?.is_empty();
-        if !has_pin && !waiting {
-            return Ok(()); // just a number in a conversation
+        if !message.declared && !self.waiting_for_pin(user, now_ms)? {
+            return Ok(false); // just a number in a conversation
         }
-        let redacted = match self.messenger.redact(&event.room_id, &event.event_id).await {
-            Ok(redacted) => redacted,
-            Err(e) if e.is_transient() => return Err(e.into()),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot redact a PIN in a group room");
-                false
-            }
+        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
+        let redacted = self
+            .remove_pin_message(event, message.replaces.as_deref())
+            .await?;
+        // A PIN left standing, or sent unencrypted (the homeserver keeps a readable copy
+        // whatever the redaction removes from clients), is known to others.
+        let exposed = message.pin.is_some() && (!redacted || !event.was_encrypted);
+        if exposed && has_pin {
+            profile.pin_compromised = true;
+            self.store.put_profile(user, &profile).await?;
+        }
+        let how = if redacted {
+            "I removed your message, but it was sent unencrypted, so your homeserver kept a \
+             readable copy"
+        } else {
+            "I cannot remove your message here"
         };
-        let text = if redacted {
+        let text = if !exposed && redacted {
             format!(
                 "{user}: never send your PIN in a shared room; I removed your message and did \
                  not use it. Send PINs only in our private chat."
             )
-        } else {
-            if has_pin {
-                profile.pin_compromised = true;
-                self.store.put_profile(user, &profile).await?;
-            }
+        } else if !exposed {
+            // A malformed `pin` field is not the PIN itself: nothing to block.
             format!(
-                "{user}: never send your PIN in a shared room. I cannot remove your message \
-                 here, so treat that PIN as known to others: it is blocked for payments until \
-                 you change it with !pin change in our private chat."
+                "{user}: never send your PIN in a shared room; I cannot remove your message \
+                 here and did not use it. If it holds your PIN, change it with !pin change in \
+                 our private chat."
+            )
+        } else if has_pin {
+            format!(
+                "{user}: never send your PIN in a shared room. {how}, so treat that PIN as \
+                 known to others: it is blocked for payments until you change it with \
+                 !pin change in our private chat."
+            )
+        } else {
+            format!(
+                "{user}: never send your PIN in a shared room. {how}, so treat those digits as \
+                 known to others and do not choose them as your PIN."
             )
         };
         self.messenger
@@ -1570,7 +1665,47 @@ impl Payments {
                 txn("pin-in-group", event.event_id.as_str()),
             )
             .await?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// A PIN sent unencrypted in the DM (a client that ignored the room's encryption): the
+    /// homeserver stored it readable, and a redaction does not undo that, so it is never used.
+    /// A new PIN being chosen is dropped (the dialog asks for another one); otherwise the
+    /// user's PIN counts as exposed and is blocked for payments until changed.
+    async fn on_plaintext_dm_pin(
+        &self,
+        event: &DecryptedEvent,
+        now_ms: u64,
+    ) -> Result<(), PaymentsError> {
+        let user = event.sender.as_str();
+        const UNENCRYPTED: &str = "This message reached me unencrypted (your client sent it \
+            without end-to-end encryption), so your homeserver could read it. I removed it and \
+            did not use it.";
+        let text = match self.store.dialog(user, now_ms)? {
+            Some(Dialog::NewPin { change, .. } | Dialog::ConfirmPin { change, .. }) => {
+                let next = Dialog::NewPin {
+                    expires_at_ms: now_ms + self.settings.pin_dialog_timeout_ms,
+                    change,
+                };
+                self.store.put_dialog(user, Some(&next)).await?;
+                format!(
+                    "{UNENCRYPTED} Choose a different 4-digit PIN and send it from a session \
+                     that encrypts."
+                )
+            }
+            _ if self.store.pin(user)?.is_some_and(|r| r.hash.is_some()) => {
+                let mut profile = self.store.profile(user)?;
+                profile.pin_compromised = true;
+                self.store.put_profile(user, &profile).await?;
+                format!(
+                    "{UNENCRYPTED} Treat your PIN as known: it is blocked for payments until \
+                     you change it with !pin change, from a session that encrypts."
+                )
+            }
+            _ => UNENCRYPTED.to_owned(),
+        };
+        tracing::warn!(room_id = %event.room_id, "a PIN arrived unencrypted in the private chat");
+        self.reply(event, &text, "pin-plaintext").await
     }
 
     async fn hash(&self, pin: Pin) -> Result<String, PaymentsError> {

@@ -452,8 +452,12 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
     .await;
     wait_notice(&carol, room, bot, "your device is not verified").await;
 
-    // A PIN typed in the group room, where the bot cannot redact (private_chat preset: the
-    // bot has power 0): the PIN counts as exposed and blocks payments until it is changed.
+    // A PIN typed in the group room while a payment waits for it, where the bot cannot
+    // redact (private_chat preset: the bot has power 0): the PIN counts as exposed and blocks
+    // payments until it is changed. (Four digits while nothing waits are left alone: see
+    // `pins_in_other_shapes_are_recognised_and_numbers_in_chat_are_left_alone`.)
+    let waiting = send_text(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+    wait_notice(alice, &s.dm, bot, "Confirm paying 1.00 EUR").await;
     send_text(alice, room, PIN).await;
     wait_notice(alice, room, bot, "treat that PIN as known to others").await;
     let blocked = send_text(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
@@ -498,6 +502,9 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
     wait_notice(alice, dm, bot, "Send the same PIN again").await;
     send_text(alice, dm, "1357").await;
     wait_notice(alice, dm, bot, "Your PIN is changed").await;
+    // The payment that waited through all this is cancelled, so the next PIN has one to confirm.
+    send_text(alice, dm, "!cancel").await;
+    wait_receipt(alice, room, bot, &waiting, "declined", None).await;
     let pay = send_text(alice, room, &format!("!pay {} 2 EUR", s.bob_id())).await;
     wait_notice(alice, dm, bot, "Confirm paying 2.00 EUR").await;
     send_text(alice, dm, "1357").await;
@@ -779,6 +786,104 @@ async fn a_pin_in_a_dm_that_is_no_longer_private_is_not_used() {
     // Not confirmed: the amount is still only reserved (the payment expires or is cancelled).
     send_text(alice, room, "!cancel").await;
     wait_receipt(alice, room, bot, &pay, "declined", None).await;
+}
+
+/// L3/L4: a PIN is recognised whatever its shape (a step-up response whose `pin` is not 4
+/// digits is still removed; an edit is a PIN answer; a PIN sent unencrypted is never used and
+/// counts as exposed), and four digits in a shared room while nothing waits for a PIN are
+/// chat, left alone.
+#[tokio::test]
+async fn pins_in_other_shapes_are_recognised_and_numbers_in_chat_are_left_alone() {
+    let s = scene("pinlike", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+
+    // A shared room where the bot could redact (trusted_private_chat gives invitees full
+    // power). A year in the conversation, while no payment or PIN dialog waits, stays.
+    let shared = alice
+        .create_room(RoomOptions {
+            encrypted: true,
+            preset: Some(RoomPreset::TrustedPrivateChat),
+            invite: vec![bot.try_into().unwrap(), s.bob.user.user_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .room_id()
+        .to_owned();
+    alice.wait_for_membership(&shared, bot, "join").await;
+    let year = send_text(alice, &shared, "1990").await;
+    // The bot handles events in order: once it answered the next message, it has passed the
+    // year by (and a redaction of it would have reached alice's client first).
+    send_text(alice, &shared, "!balance").await;
+    wait_notice(alice, &shared, bot, "I answered in our private chat").await;
+    let seen = alice.seen_events();
+    assert!(
+        !seen.iter().any(|e| e.event_type() == "m.room.redaction"
+            && (e.content()["redacts"] == year.as_str() || e.json["redacts"] == year.as_str())),
+        "a number in chat was redacted"
+    );
+    assert!(
+        !seen.iter().any(|e| e.room_id == shared
+            && e.sender() == bot
+            && e.body().is_some_and(|b| b.contains("PIN"))),
+        "the bot said something about a PIN"
+    );
+
+    // A step-up response whose pin is not 4 digits (a mistyped PIN, maybe) is removed too.
+    let pay = send_text(alice, room, &format!("!pay {} 2 EUR", s.bob_id())).await;
+    let challenge = wait_bot_event(alice, dm, bot, "org.mxpay.stepup.challenge", |c| {
+        c["amount"] == "2.00"
+    })
+    .await;
+    let response = alice
+        .room(dm)
+        .await
+        .send_raw(
+            "org.mxpay.stepup.response",
+            serde_json::json!({
+                "body": "PIN confirmation",
+                "challenge_id": challenge.content()["challenge_id"],
+                "pin": "12345",
+            }),
+        )
+        .await
+        .expect("send the response")
+        .response
+        .event_id;
+    wait_redacted(alice, dm, &response).await;
+    wait_notice(alice, dm, bot, "A PIN is exactly 4 digits").await;
+
+    // A PIN sent as an edit of an earlier message confirms the payment; the edit and the
+    // message it edited are both removed.
+    let draft = send_text(alice, dm, "48").await;
+    let edit = alice
+        .room(dm)
+        .await
+        .send_raw(
+            "m.room.message",
+            serde_json::json!({
+                "msgtype": "m.text",
+                "body": format!("* {PIN}"),
+                "m.new_content": {"msgtype": "m.text", "body": PIN},
+                "m.relates_to": {"rel_type": "m.replace", "event_id": draft},
+            }),
+        )
+        .await
+        .expect("send the edit")
+        .response
+        .event_id;
+    wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
+    wait_redacted(alice, dm, &edit).await;
+    wait_redacted(alice, dm, &draft).await;
+
+    // A PIN sent unencrypted into the DM is not used, and the PIN is blocked until changed.
+    send_text(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 1.00 EUR").await;
+    let plain = send_plaintext(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "reached me unencrypted").await;
+    wait_redacted(alice, dm, &plain).await;
+    let blocked = send_text(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+    wait_receipt(alice, room, bot, &blocked, "declined", Some("pin_locked")).await;
+    s.alice_balance_is("17.00 EUR (1.00 EUR reserved)").await;
 }
 
 #[tokio::test]
