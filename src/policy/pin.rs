@@ -32,11 +32,6 @@ impl Pin {
             _ => Err(PinError::NotFourDigits),
         }
     }
-
-    /// Whether `text` looks like a PIN (so it can be refused and redacted where it must not be).
-    pub fn looks_like_pin(text: &str) -> bool {
-        Pin::parse(text).is_ok()
-    }
 }
 
 impl fmt::Debug for Pin {
