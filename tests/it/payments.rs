@@ -357,6 +357,33 @@ impl Scene {
         self.bob.user.user_id.as_str()
     }
 
+    /// A new encrypted room of alice, bob and the bot where the bot may redact
+    /// (`trusted_private_chat` gives invitees full power), everyone joined.
+    async fn redacting_room(&self) -> OwnedRoomId {
+        let room = self
+            .alice
+            .create_room(RoomOptions {
+                encrypted: true,
+                preset: Some(RoomPreset::TrustedPrivateChat),
+                invite: vec![
+                    self.bot.as_str().try_into().unwrap(),
+                    self.bob.user.user_id.clone(),
+                ],
+                ..Default::default()
+            })
+            .await
+            .room_id()
+            .to_owned();
+        self.alice
+            .wait_for_membership(&room, &self.bot, "join")
+            .await;
+        self.bob.join(&room).await;
+        self.alice
+            .wait_for_membership(&room, self.bob_id(), "join")
+            .await;
+        room
+    }
+
     /// `!balance` in alice's DM; waits for the answer naming `expected` (e.g. `20.00 EUR`).
     async fn alice_balance_is(&self, expected: &str) {
         balance_is(&self.alice, &self.dm, &self.bot, expected).await;
@@ -465,21 +492,7 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
 
     // Where the bot may redact (a trusted_private_chat room gives invitees full power), it
     // removes the PIN and says so.
-    let trusted = alice
-        .create_room(RoomOptions {
-            encrypted: true,
-            preset: Some(RoomPreset::TrustedPrivateChat),
-            invite: vec![bot.try_into().unwrap(), s.bob.user.user_id.clone()],
-            ..Default::default()
-        })
-        .await
-        .room_id()
-        .to_owned();
-    alice.wait_for_membership(&trusted, bot, "join").await;
-    s.bob.join(&trusted).await;
-    alice
-        .wait_for_membership(&trusted, s.bob_id(), "join")
-        .await;
+    let trusted = s.redacting_room().await;
     let exposed = send_text(alice, &trusted, "1111").await;
     wait_notice(
         alice,
@@ -799,17 +812,7 @@ async fn pins_in_other_shapes_are_recognised_and_numbers_in_chat_are_left_alone(
 
     // A shared room where the bot could redact (trusted_private_chat gives invitees full
     // power). A year in the conversation, while no payment or PIN dialog waits, stays.
-    let shared = alice
-        .create_room(RoomOptions {
-            encrypted: true,
-            preset: Some(RoomPreset::TrustedPrivateChat),
-            invite: vec![bot.try_into().unwrap(), s.bob.user.user_id.clone()],
-            ..Default::default()
-        })
-        .await
-        .room_id()
-        .to_owned();
-    alice.wait_for_membership(&shared, bot, "join").await;
+    let shared = s.redacting_room().await;
     let year = send_text(alice, &shared, "1990").await;
     // The bot handles events in order: once it answered the next message, it has passed the
     // year by (and a redaction of it would have reached alice's client first).
