@@ -2612,17 +2612,20 @@ impl TransactionHandler for PaymentsHandler {
         };
         for event in &ingested.events {
             let span = tracing::info_span!("event", event_id = %event.event_id);
-            match self.payments.handle_event(event).instrument(span).await {
-                Ok(true) => {}
-                Ok(false) => self.crypto.handle_event(event).await?,
+            let result = match self.payments.handle_event(event).instrument(span).await {
+                Ok(true) => Ok(()),
+                Ok(false) => self.crypto.handle_event(event).await,
                 Err(e) if e.is_transient() => {
                     tracing::warn!(event_id = %event.event_id, error = %e, "payment handling failed; will retry");
-                    return Err(HandlerError::transient(e));
+                    Err(HandlerError::transient(e))
                 }
                 Err(e) => {
                     tracing::error!(event_id = %event.event_id, error = %e, "payment handling failed");
+                    Ok(())
                 }
-            }
+            };
+            // A late-decrypted event leaves the parked store only once handled.
+            self.crypto.done_with(event, result)?;
         }
         Ok(())
     }
