@@ -1234,6 +1234,32 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         "org.mxpay.receipt",
         &serde_json::to_value(&receipt).unwrap(),
     );
+    // Every reason code the bot can send is in the schema.
+    for reason in [
+        ReceiptReason::InsufficientFunds,
+        ReceiptReason::LimitExceeded,
+        ReceiptReason::PayeeNotAllowed,
+        ReceiptReason::NotEncrypted,
+        ReceiptReason::UntrustedDevice,
+        ReceiptReason::PinLocked,
+        ReceiptReason::PinNotSet,
+        ReceiptReason::AccountFrozen,
+        ReceiptReason::InvalidAmount,
+        ReceiptReason::Timeout,
+        ReceiptReason::TooLate,
+        ReceiptReason::Other,
+    ] {
+        let declined = ReceiptEventContent {
+            status: ReceiptStatus::Declined,
+            reason: Some(reason),
+            transfer_id: None,
+            ..receipt.clone()
+        };
+        schema::assert_valid(
+            "org.mxpay.receipt",
+            &serde_json::to_value(&declined).unwrap(),
+        );
+    }
     let challenge = StepUpChallengeEventContent {
         body: "Confirm".into(),
         challenge_id: format!("{:032x}", 42),
