@@ -66,6 +66,26 @@ impl CryptoHandler {
         &self.crypto
     }
 
+    /// Ends the handling of `event` with `result`: a late-decrypted (parked) event is removed
+    /// from the parked store once handled or failed for good, and kept (to be handed up again)
+    /// when the failure may pass. Returns `result`.
+    pub fn done_with(
+        &self,
+        event: &DecryptedEvent,
+        result: Result<(), HandlerError>,
+    ) -> Result<(), HandlerError> {
+        let finished = match &result {
+            Ok(()) => true,
+            Err(e) => !e.is_transient(),
+        };
+        if event.was_parked && finished {
+            self.crypto
+                .forget_parked(&event.event_id)
+                .map_err(HandlerError::transient)?;
+        }
+        result
+    }
+
     /// Acts on one decrypted or plaintext event (`!help`; joins via the basic handler). The
     /// payment layer calls it for the events that are not payment matters.
     pub async fn handle_event(&self, event: &DecryptedEvent) -> Result<(), HandlerError> {
@@ -135,7 +155,8 @@ impl TransactionHandler for CryptoHandler {
             }
         };
         for event in &ingested.events {
-            self.handle_event(event).await?;
+            let result = self.handle_event(event).await;
+            self.done_with(event, result)?;
         }
         Ok(())
     }

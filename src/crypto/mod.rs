@@ -477,13 +477,25 @@ impl BotCrypto {
         let requests_done_at = started.elapsed();
 
         let mut out = Ingested::default();
-        // Older, parked events first: their keys may have come with this transaction.
+        // Older, parked events first: those decrypted before whose handling did not finish
+        // (a retried transaction, a restart), then those whose keys came with this one.
+        let mut offered = std::collections::BTreeSet::new();
+        let unfinished = inner.parked.lock().handed_up();
+        for parked in unfinished {
+            offered.insert(parked.event_id.clone());
+            if let Some(event) = self.retry_parked(&parked).await? {
+                out.events.push(event);
+            }
+        }
         for info in &room_keys {
             let waiting = inner
                 .parked
                 .lock()
                 .waiting_for(&info.room_id, &info.session_id);
             for parked in waiting {
+                if !offered.insert(parked.event_id.clone()) {
+                    continue;
+                }
                 if let Some(event) = self.retry_parked(&parked).await? {
                     out.events.push(event);
                 }
@@ -667,6 +679,7 @@ impl BotCrypto {
                     event: event.clone(),
                     parked_at_ms: self.inner.clock.now_ms(),
                     notified: false,
+                    handed_up: 0,
                 };
                 if self.inner.parked.lock().park(parked)? {
                     tracing::info!(%room_id, %event_id, %sender, "room key missing; event parked");
@@ -808,6 +821,8 @@ impl BotCrypto {
         Ok(true)
     }
 
+    /// Tries a parked event again. A decrypted one stays parked (marked as handed up) until
+    /// the handler is done with it and calls [`BotCrypto::forget_parked`].
     async fn retry_parked(
         &self,
         parked: &ParkedEvent,
@@ -817,7 +832,17 @@ impl BotCrypto {
             .await?
         {
             Attempt::Ok(decrypted) => {
-                self.inner.parked.lock().remove(&parked.event_id)?;
+                if parked.handed_up >= parked::HANDED_UP_MAX {
+                    tracing::error!(
+                        room_id = %parked.room_id,
+                        event_id = %parked.event_id,
+                        handed_up = parked.handed_up,
+                        "giving up on a parked event the handler kept failing on; dropped"
+                    );
+                    self.inner.parked.lock().remove(&parked.event_id)?;
+                    return Ok(None);
+                }
+                self.inner.parked.lock().mark_handed_up(&parked.event_id)?;
                 let waited_ms = self
                     .inner
                     .clock
@@ -827,6 +852,7 @@ impl BotCrypto {
                     room_id = %parked.room_id,
                     event_id = %parked.event_id,
                     waited_ms,
+                    handed_up = parked.handed_up + 1,
                     "parked event decrypted after its room key arrived"
                 );
                 Ok(Some(*decrypted))
@@ -844,6 +870,14 @@ impl BotCrypto {
         }
     }
 
+    /// Removes a parked event once the handler is done with it (handled, or failed for good):
+    /// call it for every event with `was_parked` after handling it; until then the event is
+    /// handed up again with each transaction. Nothing happens for an event not parked.
+    pub fn forget_parked(&self, event_id: &EventId) -> Result<(), CryptoError> {
+        self.inner.parked.lock().remove(&event_id.to_owned())?;
+        Ok(())
+    }
+
     /// Tells the senders of events parked longer than the configured wait that the bot cannot
     /// read them, and drops events parked longer than the maximum age. Call it periodically.
     /// Returns how many senders were told.
@@ -857,6 +891,7 @@ impl BotCrypto {
                 tracing::info!(event_id = %parked.event_id, age_ms, "dropping parked event");
                 self.inner.parked.lock().remove(&parked.event_id)?;
             } else if !parked.notified
+                && parked.handed_up == 0
                 && age_ms >= self.inner.settings.undecryptable_notice_after_ms
             {
                 self.tell_undecryptable(&parked.room_id, &parked.event_id, &parked.sender)

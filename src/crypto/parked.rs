@@ -3,6 +3,12 @@
 //! Each parked event is one small JSON file in `<data_dir>/crypto/parked/`, named by a hash of
 //! its event id and written atomically, so a crash never loses or half-writes one and removing
 //! one is a single unlink. The set is also held in memory (it is bounded by [`PARKED_MAX`]).
+//!
+//! An event stays parked after it was decrypted, until the handler above is done with it
+//! ([`ParkedStore::remove`] via `BotCrypto::forget_parked`): a retryable failure while handling
+//! it, or a crash, must not lose it, and its room key will not arrive a second time to bring it
+//! back. Such events ([`ParkedEvent::handed_up`] > 0) are handed up again with every
+//! transaction until then, at most [`HANDED_UP_MAX`] times.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,11 @@ use super::device::write_private;
 
 /// Most events parked at once; beyond it a new undecryptable event is reported at once.
 pub const PARKED_MAX: usize = 10_000;
+
+/// Most times a decrypted parked event is handed to the handler without the handler finishing
+/// with it; then it is dropped (logged as an error), so one event cannot hold up every later
+/// transaction for ever.
+pub const HANDED_UP_MAX: u32 = 32;
 
 /// Errors of the parked-event store: all are local I/O problems, never the message's fault.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +57,10 @@ pub struct ParkedEvent {
     /// Whether the sender was already told the bot cannot read it.
     #[serde(default)]
     pub notified: bool,
+    /// How often it was decrypted and handed to the handler, which has not finished with it
+    /// yet (0: not decrypted yet).
+    #[serde(default)]
+    pub handed_up: u32,
 }
 
 /// The parked events of one data dir.
@@ -120,6 +135,31 @@ impl ParkedStore {
         Ok(())
     }
 
+    /// Records, durably, that the event was decrypted and handed to the handler once more;
+    /// returns how often that happened.
+    pub fn mark_handed_up(&mut self, event_id: &OwnedEventId) -> Result<u32, ParkedError> {
+        let Some(mut event) = self.events.get(event_id).cloned() else {
+            return Ok(0);
+        };
+        event.handed_up = event.handed_up.saturating_add(1);
+        let count = event.handed_up;
+        self.write(&event)?;
+        self.events.insert(event_id.clone(), event);
+        Ok(count)
+    }
+
+    /// Decrypted events the handler has not finished with, oldest first.
+    pub fn handed_up(&self) -> Vec<ParkedEvent> {
+        let mut found: Vec<ParkedEvent> = self
+            .events
+            .values()
+            .filter(|e| e.handed_up > 0)
+            .cloned()
+            .collect();
+        found.sort_by_key(|e| e.parked_at_ms);
+        found
+    }
+
     /// Records that the sender was told.
     pub fn mark_notified(&mut self, event_id: &OwnedEventId) -> Result<(), ParkedError> {
         if let Some(mut event) = self.events.get(event_id).cloned() {
@@ -173,6 +213,7 @@ mod tests {
             event: serde_json::json!({"type": "m.room.encrypted"}),
             parked_at_ms: at_ms,
             notified: false,
+            handed_up: 0,
         }
     }
 
@@ -205,6 +246,34 @@ mod tests {
             .waiting_for(&room, "s1")
             .iter()
             .all(|e| e.event_id != "$a"));
+    }
+
+    /// A decrypted event stays until it is removed, and is listed (durably) as handed up.
+    #[test]
+    fn handed_up_events_stay_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ParkedStore::open(dir.path()).unwrap();
+        assert!(store.park(sample("$a", "s1", 1)).unwrap());
+        assert!(store.park(sample("$b", "s1", 2)).unwrap());
+        assert!(store.handed_up().is_empty());
+        let a: OwnedEventId = "$a".try_into().unwrap();
+        assert_eq!(store.mark_handed_up(&a).unwrap(), 1);
+        assert_eq!(store.mark_handed_up(&a).unwrap(), 2);
+        assert_eq!(
+            store.mark_handed_up(&"$gone".try_into().unwrap()).unwrap(),
+            0
+        );
+        drop(store);
+        let mut store = ParkedStore::open(dir.path()).unwrap();
+        let handed: Vec<_> = store
+            .handed_up()
+            .into_iter()
+            .map(|e| (e.event_id.to_string(), e.handed_up))
+            .collect();
+        assert_eq!(handed, [("$a".to_owned(), 2)]);
+        store.remove(&a).unwrap();
+        assert!(store.handed_up().is_empty());
+        assert_eq!(store.len(), 1);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub enum ReceiptReason {
     InvalidAmount,
     /// The step-up window passed.
     Timeout,
+    /// The request reached the bot only after the step-up window had passed since it was
+    /// sent (e.g. its decryption key arrived late): nothing was started.
+    TooLate,
     /// Anything else; the body says more.
     Other,
 }

@@ -54,7 +54,8 @@ use crate::policy::pin::{human_duration, Pin, PinError, PinHasher, PinRecord};
 use crate::policy::stepup::{StepUpAuthority, StepUpBinding, StepUpError};
 use crate::policy::trust::{self, EventFacts, SenderTrust, TrustRefusal, TrustSettings};
 use crate::store::payments::{
-    Challenge, ChallengeKind, Dialog, PaymentStore, TransferNote, UserProfile,
+    pin_version_tag, Challenge, ChallengeKind, DeclineRecord, Dialog, EventOutcome, PaymentStore,
+    PinAttemptResult, TransferNote, UserProfile,
 };
 use crate::store::StoreError;
 use memo::{MemoKind, PaymentMemo};
@@ -64,6 +65,12 @@ use memo::{MemoKind, PaymentMemo};
 /// its receipt is sent (to test that the outbox repairs this after a restart). Never set it in
 /// production.
 pub const FAULT_CRASH_BEFORE_RECEIPT_ENV: &str = "MXPAY_TEST_CRASH_BEFORE_RECEIPT";
+
+/// Test-only fault switch, `<purpose>:<file>`: while `<file>` does not exist, every reply of
+/// that purpose (`decline-receipt`, `stepup-wrong`, ...) fails before it is sent as if the
+/// homeserver were unreachable (a retryable failure), so tests can check that a retried
+/// transaction repeats the decision instead of deciding again. Debug builds only.
+pub const FAULT_FAIL_REPLY_ENV: &str = "MXPAY_TEST_FAIL_REPLY";
 
 /// Errors of the payment flow. Internal: people get sentences, logs get these.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +173,7 @@ fn reason_label(reason: ReceiptReason) -> &'static str {
         ReceiptReason::AccountFrozen => "account_frozen",
         ReceiptReason::InvalidAmount => "invalid_amount",
         ReceiptReason::Timeout => "timeout",
+        ReceiptReason::TooLate => "too_late",
         ReceiptReason::Other => "other",
     }
 }
@@ -354,6 +362,7 @@ pub struct Payments {
     poke: OutboxPoke,
     bot: OwnedUserId,
     fault_crash_before_receipt: Option<std::path::PathBuf>,
+    fault_fail_reply: Option<(String, std::path::PathBuf)>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -401,6 +410,14 @@ impl Payments {
             } else {
                 None
             },
+            fault_fail_reply: if cfg!(debug_assertions) {
+                std::env::var(FAULT_FAIL_REPLY_ENV).ok().and_then(|v| {
+                    let (purpose, file) = v.split_once(':')?;
+                    Some((purpose.to_owned(), file.into()))
+                })
+            } else {
+                None
+            },
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
@@ -409,6 +426,25 @@ impl Payments {
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = metrics;
         self
+    }
+
+    /// The test-only reply fault ([`FAULT_FAIL_REPLY_ENV`]): a retryable failure for a reply
+    /// of `purpose` while the switch's file does not exist.
+    fn fault_before_reply(&self, purpose: &str) -> Result<(), PaymentsError> {
+        match &self.fault_fail_reply {
+            Some((faulty, file)) if faulty == purpose && !file.exists() => {
+                tracing::warn!(purpose, "test fault: failing a reply before it is sent");
+                Err(
+                    CryptoError::Transport(crate::crypto::TransportError::Unavailable {
+                        endpoint: "test fault",
+                        attempts: 1,
+                        last: format!("{FAULT_FAIL_REPLY_ENV} is set"),
+                    })
+                    .into(),
+                )
+            }
+            _ => Ok(()),
+        }
     }
 
     fn trust_settings(&self) -> TrustSettings {
@@ -905,7 +941,9 @@ impl Payments {
 
     // ----- paying ----------------------------------------------------------------------------
 
-    /// Sends a declined receipt and its sentence in the event's room.
+    /// Declines what `event` asked for: records the decision (the first one recorded for the
+    /// event wins), then sends its declined receipt and sentence in the event's room. A retry
+    /// after a failed send repeats the recorded decision; it never decides again.
     #[allow(clippy::too_many_arguments)]
     async fn decline(
         &self,
@@ -916,20 +954,64 @@ impl Payments {
         reason: ReceiptReason,
         sentence: &str,
     ) -> Result<(), PaymentsError> {
-        self.metrics.payment("declined", reason_label(reason));
-        let body = format!("❌ {}: payment not made: {sentence}", event.sender);
+        let record = DeclineRecord {
+            reason: reason_code(reason),
+            sentence: sentence.to_owned(),
+            payee: payee.to_string(),
+            amount: amount.to_string(),
+            currency: currency.to_owned(),
+        };
+        let outcome = EventOutcome::Declined(record.clone());
+        match self
+            .store
+            .put_outcome_if_absent(event.event_id.as_str(), &outcome)
+            .await?
+        {
+            None => {
+                self.metrics.payment("declined", reason_label(reason));
+                self.send_decline(event, &record).await
+            }
+            Some(EventOutcome::Declined(earlier)) => self.send_decline(event, &earlier).await,
+            Some(other) => {
+                // Something started for this event meanwhile (cannot happen: transactions are
+                // handled one at a time); never tell "not made" about a started payment.
+                tracing::warn!(?other, "not declining an event that started something");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the declined receipt and sentence of a recorded decision (the same transaction
+    /// ids each time, so the homeserver shows them once).
+    async fn send_decline(
+        &self,
+        event: &DecryptedEvent,
+        record: &DeclineRecord,
+    ) -> Result<(), PaymentsError> {
+        let corrupt = |reason| StoreError::Corrupt {
+            tree: "eventid_outcome",
+            reason,
+        };
+        let payee = OwnedUserId::try_from(record.payee.as_str())
+            .map_err(|_| corrupt("payee is not a user id"))?;
+        let amount: Decimal = record
+            .amount
+            .parse()
+            .map_err(|_| corrupt("amount is not a decimal"))?;
+        let body = format!("❌ {}: payment not made: {}", event.sender, record.sentence);
         let receipt = ReceiptEventContent {
             body: body.clone(),
             status: ReceiptStatus::Declined,
-            reason: Some(reason),
+            reason: Some(reason_from_code(&record.reason)),
             transfer_id: None,
             payer: event.sender.clone(),
-            payee: payee.to_owned(),
+            payee,
             amount,
-            currency: currency.to_owned(),
+            currency: record.currency.clone(),
             relates_to: Reference::new(event.event_id.clone()),
         };
         let key = event.event_id.as_str();
+        self.fault_before_reply("decline-receipt")?;
         self.messenger
             .send(
                 &event.room_id,
@@ -1027,6 +1109,89 @@ impl Payments {
         Ok(Ok(()))
     }
 
+    /// The refusal of a fresh payment by policy (payer trust and PIN state, payee, membership,
+    /// amount), if any; `Ok(Ok(()))` when it may start.
+    async fn pay_refusal(
+        &self,
+        event: &DecryptedEvent,
+        payee: &UserId,
+        amount: Decimal,
+        currency: &str,
+    ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
+        if let Err(refusal) = self.check_payer(event).await? {
+            return Ok(Err(refusal));
+        }
+        if payee == event.sender || payee == self.bot {
+            return Ok(Err((
+                ReceiptReason::PayeeNotAllowed,
+                "you cannot pay yourself or the bot".to_owned(),
+            )));
+        }
+        if !self.wallet_holders().allows(payee) {
+            return Ok(Err((
+                ReceiptReason::PayeeNotAllowed,
+                format!("{payee} may not hold a wallet on this service"),
+            )));
+        }
+        let members = self.messenger.memberships(&event.room_id).await?;
+        if !members
+            .iter()
+            .any(|(u, m)| u == payee.as_str() && m == "join")
+        {
+            return Ok(Err((
+                ReceiptReason::PayeeNotAllowed,
+                format!("{payee} is not a member of this room"),
+            )));
+        }
+        if let Err(error) = self.ledger.parse_amount(amount, currency) {
+            return Ok(Err((ReceiptReason::InvalidAmount, error.to_string())));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Reserves the payment `event` asks for in the ledger (a pending transfer whose id comes
+    /// from the event's id); `Ok(Err(refusal))` when the amount or the ledger refuses it.
+    async fn create_payment(
+        &self,
+        event: &DecryptedEvent,
+        payee: &UserId,
+        amount: Decimal,
+        currency: &str,
+        memo: Option<String>,
+    ) -> Result<Result<Transfer, (ReceiptReason, String)>, PaymentsError> {
+        let parsed = match self.ledger.parse_amount(amount, currency) {
+            Ok(parsed) => parsed,
+            Err(error) => return Ok(Err((ReceiptReason::InvalidAmount, error.to_string()))),
+        };
+        let memo_bytes = PaymentMemo {
+            kind: MemoKind::Pay,
+            room: event.room_id.to_string(),
+            event: event.event_id.to_string(),
+            note: memo,
+        }
+        .encode();
+        let created = self
+            .ledger
+            .create_pending(
+                TransferRequest {
+                    id: TransferId::from_key(event.event_id.as_str()),
+                    debit: Owner::user(event.sender.as_str()),
+                    credit: Owner::user(payee.as_str()),
+                    amount: parsed,
+                    memo: memo_bytes,
+                },
+                self.settings.stepup_timeout_ms,
+            )
+            .await;
+        match created {
+            Ok(transfer) => Ok(Ok(transfer)),
+            Err(LedgerError::Rejected(error)) => {
+                Ok(Err((reason_for(error), refusal_sentence(error))))
+            }
+            Err(other) => Err(other.into()),
+        }
+    }
+
     async fn on_pay(
         &self,
         event: &DecryptedEvent,
@@ -1038,103 +1203,64 @@ impl Payments {
             currency,
             memo,
         } = request;
-        if let Err((reason, sentence)) = self.check_payer(event).await? {
-            return self
-                .decline(event, &payee, amount, &currency, reason, &sentence)
-                .await;
-        }
-        if payee == event.sender || payee == self.bot {
-            return self
-                .decline(
-                    event,
-                    &payee,
-                    amount,
-                    &currency,
-                    ReceiptReason::PayeeNotAllowed,
-                    "you cannot pay yourself or the bot",
-                )
-                .await;
-        }
-        if !self.wallet_holders().allows(&payee) {
-            return self
-                .decline(
-                    event,
-                    &payee,
-                    amount,
-                    &currency,
-                    ReceiptReason::PayeeNotAllowed,
-                    &format!("{payee} may not hold a wallet on this service"),
-                )
-                .await;
-        }
-        let members = self.messenger.memberships(&event.room_id).await?;
-        if !members
-            .iter()
-            .any(|(u, m)| u == payee.as_str() && m == "join")
-        {
-            return self
-                .decline(
-                    event,
-                    &payee,
-                    amount,
-                    &currency,
-                    ReceiptReason::PayeeNotAllowed,
-                    &format!("{payee} is not a member of this room"),
-                )
-                .await;
-        }
-        let parsed = match self.ledger.parse_amount(amount, &currency) {
-            Ok(parsed) => parsed,
-            Err(error) => {
-                return self
-                    .decline(
-                        event,
-                        &payee,
-                        amount,
-                        &currency,
-                        ReceiptReason::InvalidAmount,
-                        &error.to_string(),
-                    )
-                    .await
-            }
-        };
-        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
         let transfer_id = TransferId::from_key(event.event_id.as_str());
-        let memo_bytes = PaymentMemo {
-            kind: MemoKind::Pay,
-            room: event.room_id.to_string(),
-            event: event.event_id.to_string(),
-            note: memo.clone(),
-        }
-        .encode();
-        let created = self
-            .ledger
-            .create_pending(
-                TransferRequest {
-                    id: transfer_id,
-                    debit: Owner::user(event.sender.as_str()),
-                    credit: Owner::user(payee.as_str()),
-                    amount: parsed,
-                    memo: memo_bytes,
-                },
-                self.settings.stepup_timeout_ms,
-            )
-            .await;
-        let transfer = match created {
-            Ok(transfer) => transfer,
-            Err(LedgerError::Rejected(error)) => {
+        // The transfer made for this event (if any) is what "started" means for a payment.
+        let existing = self.ledger.transfer(transfer_id).await?;
+        let earlier = self.store.outcome(event.event_id.as_str())?;
+        let now_ms = self.clock.now_ms();
+        match start_decision(
+            earlier,
+            existing.is_some(),
+            event.origin_server_ts_ms,
+            now_ms,
+            self.settings.stepup_timeout_ms,
+        ) {
+            Start::Repeat(record) => return self.send_decline(event, &record).await,
+            Start::TooLate => {
+                tracing::info!(
+                    sent_ms = event.origin_server_ts_ms,
+                    was_parked = event.was_parked,
+                    "payment request arrived too late; declined"
+                );
+                let sentence = text::too_late(false, event.origin_server_ts_ms, now_ms);
                 return self
                     .decline(
                         event,
                         &payee,
                         amount,
                         &currency,
-                        reason_for(error),
-                        &refusal_sentence(error),
+                        ReceiptReason::TooLate,
+                        &sentence,
                     )
-                    .await
+                    .await;
             }
-            Err(other) => return Err(other.into()),
+            Start::Fresh => {
+                if let Err((reason, sentence)) =
+                    self.pay_refusal(event, &payee, amount, &currency).await?
+                {
+                    return self
+                        .decline(event, &payee, amount, &currency, reason, &sentence)
+                        .await;
+                }
+            }
+            // A replay of an event whose transfer exists: carry on with that transfer, never
+            // refuse it now.
+            Start::Resume | Start::Ended => {}
+        }
+        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
+        let transfer = match existing {
+            Some(transfer) => transfer,
+            None => match self
+                .create_payment(event, &payee, amount, &currency, memo.clone())
+                .await?
+            {
+                Ok(transfer) => transfer,
+                Err((reason, sentence)) => {
+                    return self
+                        .decline(event, &payee, amount, &currency, reason, &sentence)
+                        .await
+                }
+            },
         };
         self.poke.poke();
         if transfer.state != TransferState::Pending {
@@ -1188,50 +1314,93 @@ impl Payments {
         currency: String,
     ) -> Result<(), PaymentsError> {
         let bot = self.bot.clone();
-        if let Err((reason, sentence)) = self.check_payer(event).await? {
-            return self
-                .decline(event, &bot, amount, &currency, reason, &sentence)
-                .await;
+        let key = event.event_id.as_str();
+        let transfer_id = TransferId::from_key(key);
+        if self.ledger.transfer(transfer_id).await?.is_some() {
+            return Ok(()); // replayed: the withdrawal was confirmed already
         }
-        let parsed = match self.ledger.parse_amount(amount, &currency) {
-            Ok(parsed) => parsed,
-            Err(error) => {
+        // A withdrawal "started" when its challenge was stored (the transfer is made only
+        // after the PIN): the challenge is open, or the event's outcome says so.
+        let open = self.store.challenge(event.sender.as_str(), transfer_id.0)?;
+        let earlier = self.store.outcome(key)?;
+        let now_ms = self.clock.now_ms();
+        let decision = start_decision(
+            earlier,
+            open.is_some(),
+            event.origin_server_ts_ms,
+            now_ms,
+            self.settings.stepup_timeout_ms,
+        );
+        let challenge = match (decision, open) {
+            (Start::Repeat(record), _) => return self.send_decline(event, &record).await,
+            // It was started, and its challenge ended since (confirmed, cancelled, lapsed,
+            // refused): it was told then.
+            (Start::Ended, _) => return Ok(()),
+            (Start::Resume, Some(open)) => open,
+            (Start::Resume, None) => unreachable!("resumed without an open challenge"),
+            (Start::TooLate, _) => {
+                tracing::info!(
+                    sent_ms = event.origin_server_ts_ms,
+                    was_parked = event.was_parked,
+                    "withdrawal request arrived too late; declined"
+                );
+                let sentence = text::too_late(true, event.origin_server_ts_ms, now_ms);
                 return self
                     .decline(
                         event,
                         &bot,
                         amount,
                         &currency,
-                        ReceiptReason::InvalidAmount,
-                        &error.to_string(),
+                        ReceiptReason::TooLate,
+                        &sentence,
                     )
-                    .await
+                    .await;
+            }
+            (Start::Fresh, _) => {
+                if let Err((reason, sentence)) = self.check_payer(event).await? {
+                    return self
+                        .decline(event, &bot, amount, &currency, reason, &sentence)
+                        .await;
+                }
+                let parsed = match self.ledger.parse_amount(amount, &currency) {
+                    Ok(parsed) => parsed,
+                    Err(error) => {
+                        return self
+                            .decline(
+                                event,
+                                &bot,
+                                amount,
+                                &currency,
+                                ReceiptReason::InvalidAmount,
+                                &error.to_string(),
+                            )
+                            .await
+                    }
+                };
+                let created_ms = event.origin_server_ts_ms.min(now_ms);
+                Challenge {
+                    kind: ChallengeKind::Withdraw,
+                    transfer_id: transfer_id.0,
+                    payer: event.sender.to_string(),
+                    payee: "settlement".to_owned(),
+                    amount_minor: parsed.minor(),
+                    amount: self.show(&currency, parsed.minor()),
+                    currency: currency.clone(),
+                    room_id: event.room_id.to_string(),
+                    event_id: event.event_id.to_string(),
+                    memo: None,
+                    created_ms,
+                    expires_at_ms: created_ms + self.settings.stepup_timeout_ms,
+                }
             }
         };
-        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
-        let transfer_id = TransferId::from_key(event.event_id.as_str());
-        if self.ledger.transfer(transfer_id).await?.is_some() {
-            return Ok(()); // replayed: the withdrawal was confirmed already
-        }
-        let now_ms = self.clock.now_ms();
-        let challenge = Challenge {
-            kind: ChallengeKind::Withdraw,
-            transfer_id: transfer_id.0,
-            payer: event.sender.to_string(),
-            payee: "settlement".to_owned(),
-            amount_minor: parsed.minor(),
-            amount: self.show(&currency, parsed.minor()),
-            currency: currency.clone(),
-            room_id: event.room_id.to_string(),
-            event_id: event.event_id.to_string(),
-            memo: None,
-            created_ms: event.origin_server_ts_ms.min(now_ms),
-            expires_at_ms: event.origin_server_ts_ms.min(now_ms) + self.settings.stepup_timeout_ms,
-        };
         if challenge.expires_at_ms <= now_ms {
-            return Ok(()); // a stale replay
+            return Ok(()); // started, then lapsed before this replay: nothing left to ask
         }
+        let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
         self.store.put_challenge(&challenge).await?;
+        // After the challenge: a crash in between leaves it open, which also counts as started.
+        self.store.put_outcome(key, &EventOutcome::Started).await?;
         match &dm {
             Dm::Ready(dm_room) => self.send_challenge(dm_room, &challenge).await?,
             Dm::Invited(_) => {}
@@ -1586,6 +1755,7 @@ impl Payments {
         body: &str,
         purpose: &str,
     ) -> Result<(), PaymentsError> {
+        self.fault_before_reply(purpose)?;
         self.messenger
             .notice(
                 &event.room_id,
@@ -1722,16 +1892,18 @@ impl Payments {
             .map_err(PaymentsError::Pin)
     }
 
-    /// Checks `pin` against the user's PIN: the attempt is stored before the comparison.
+    /// Checks `pin` (from the PIN event `event_id`) against the user's PIN: the attempt is
+    /// stored before the comparison, once per event ([`check_pin_with`]).
     async fn check_pin(
         &self,
         user: &str,
+        event_id: &EventId,
         pin: Pin,
         now_ms: u64,
     ) -> Result<Result<(), PinError>, PaymentsError> {
         // Metrics count only attempts that reached the comparison (not ones refused while locked).
         let compared = std::sync::atomic::AtomicBool::new(false);
-        let result = check_pin_with(&self.store, user, now_ms, |hash| {
+        let result = check_pin_with(&self.store, user, event_id.as_str(), now_ms, |hash| {
             compared.store(true, std::sync::atomic::Ordering::Relaxed);
             self.matches(pin, hash)
         })
@@ -1809,7 +1981,7 @@ impl Payments {
                         )
                         .await;
                 }
-                match self.check_pin(user, pin, now_ms).await? {
+                match self.check_pin(user, &event.event_id, pin, now_ms).await? {
                     Ok(()) => {
                         self.messenger.crypto.accept_identity(&event.sender).await?;
                         self.store.put_dialog(user, None).await?;
@@ -1830,23 +2002,25 @@ impl Payments {
                     }
                 }
             }
-            Dialog::OldPin { .. } => match self.check_pin(user, pin, now_ms).await? {
-                Ok(()) => {
-                    let next = Dialog::NewPin {
-                        expires_at_ms,
-                        change: true,
-                    };
-                    self.store.put_dialog(user, Some(&next)).await?;
-                    self.reply(event, dialog_prompt(&next), "pin-dialog").await
-                }
-                Err(error) => {
-                    if matches!(error, PinError::Locked { .. } | PinError::NotSet) {
-                        self.store.put_dialog(user, None).await?;
+            Dialog::OldPin { .. } => {
+                match self.check_pin(user, &event.event_id, pin, now_ms).await? {
+                    Ok(()) => {
+                        let next = Dialog::NewPin {
+                            expires_at_ms,
+                            change: true,
+                        };
+                        self.store.put_dialog(user, Some(&next)).await?;
+                        self.reply(event, dialog_prompt(&next), "pin-dialog").await
                     }
-                    self.reply(event, &pin_error_sentence(&error), "pin-dialog")
-                        .await
+                    Err(error) => {
+                        if matches!(error, PinError::Locked { .. } | PinError::NotSet) {
+                            self.store.put_dialog(user, None).await?;
+                        }
+                        self.reply(event, &pin_error_sentence(&error), "pin-dialog")
+                            .await
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -1881,7 +2055,7 @@ impl Payments {
         }
         let span = payment_span(TransferId(challenge.transfer_id));
         match self
-            .check_pin(user, pin, now_ms)
+            .check_pin(user, &event.event_id, pin, now_ms)
             .instrument(span.clone())
             .await?
         {
@@ -2414,19 +2588,89 @@ fn choose_challenge(
     }
 }
 
+/// What to do with an event asking to start a payment or withdrawal.
+#[derive(Debug, PartialEq)]
+enum Start {
+    /// It was declined before: repeat that decision (a retry after the reply failed).
+    Repeat(DeclineRecord),
+    /// What it started is still there (the payment's transfer, the withdrawal's open
+    /// challenge): carry on with it, never refuse it now, late or not.
+    Resume,
+    /// It started a withdrawal whose challenge has ended since: it was told then.
+    Ended,
+    /// It never started anything and reached the bot too late.
+    TooLate,
+    /// It never started anything and is in time: check it and start.
+    Fresh,
+}
+
+/// Decides how to treat an event asking to start a payment; no I/O. `earlier` is what was
+/// recorded for the event, `started` whether what it started is still there, `sent_ms` its
+/// `origin_server_ts`. Idempotence comes first: a replay of an event that was decided or
+/// started is never judged as late; only an event that never started anything is, and it is
+/// late once `window_ms` (the step-up timeout) has passed since it was sent: its payer could
+/// not confirm it in time anyway, and a request hours old (a room key that arrived late, a
+/// delayed delivery) must not move money as if it were new.
+fn start_decision(
+    earlier: Option<EventOutcome>,
+    started: bool,
+    sent_ms: u64,
+    now_ms: u64,
+    window_ms: u64,
+) -> Start {
+    match earlier {
+        Some(EventOutcome::Declined(record)) => Start::Repeat(record),
+        _ if started => Start::Resume,
+        Some(EventOutcome::Started) => Start::Ended,
+        _ if now_ms.saturating_sub(sent_ms) >= window_ms => Start::TooLate,
+        _ => Start::Fresh,
+    }
+}
+
 /// Swaps a PIN check tries to record its attempt before giving up (each lost swap means
 /// another attempt or a reset moved the record).
 const PIN_SWAPS_MAX: usize = 16;
 
-/// The PIN check against the store, with the comparison (`matches`: argon2id, slow) passed
-/// in. Both writes are compare-and-swap: the attempt is recorded before comparing; the result
-/// is written only over the record the attempt wrote. If the record changed meanwhile (an admin
-/// reset, a new PIN) the check aborts without writing, so an old hash is never written back:
-/// `NotSet` when the PIN is gone or replaced (the attempt was against a PIN that no longer
-/// counts).
+/// A PIN check's result as stored per event.
+fn attempt_of(result: &Result<(), PinError>) -> PinAttemptResult {
+    match result {
+        Ok(()) => PinAttemptResult::Matched,
+        Err(PinError::Wrong { attempts_left }) => PinAttemptResult::Wrong {
+            attempts_left: *attempts_left,
+        },
+        Err(PinError::Locked { remaining_ms }) => PinAttemptResult::Locked {
+            remaining_ms: *remaining_ms,
+        },
+        Err(_) => PinAttemptResult::NotSet,
+    }
+}
+
+/// A stored PIN attempt's result, as the check returned it.
+fn result_of(attempt: PinAttemptResult) -> Result<(), PinError> {
+    match attempt {
+        PinAttemptResult::Matched => Ok(()),
+        PinAttemptResult::Wrong { attempts_left } => Err(PinError::Wrong { attempts_left }),
+        PinAttemptResult::Locked { remaining_ms } => Err(PinError::Locked { remaining_ms }),
+        PinAttemptResult::NotSet => Err(PinError::NotSet),
+    }
+}
+
+/// The PIN check of the PIN event `event_id` against the store, with the comparison
+/// (`matches`: argon2id, slow) passed in. Both writes are compare-and-swap: the attempt is
+/// recorded before comparing; the result is written only over the record the attempt wrote.
+/// If the record changed meanwhile (an admin reset, a new PIN) the check aborts without
+/// writing, so an old hash is never written back: `NotSet` when the PIN is gone or replaced
+/// (the attempt was against a PIN that no longer counts).
+///
+/// One attempt per event, however often the event is handled: each swap also records, in the
+/// same atomic write, where the event's attempt stands. Handled again after it finished (its
+/// reply failed to send, a crash), the event gets its recorded result: no second count, no
+/// second comparison. Handled again after it was counted but before it finished, it is
+/// compared without being counted again.
 async fn check_pin_with<F, Fut>(
     store: &PaymentStore,
     user: &str,
+    event_id: &str,
     now_ms: u64,
     matches: F,
 ) -> Result<Result<(), PinError>, PaymentsError>
@@ -2434,19 +2678,59 @@ where
     F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = Result<bool, PaymentsError>>,
 {
-    let mut begun = None;
-    for _ in 0..PIN_SWAPS_MAX {
-        let Some((mut record, version)) = store.pin_versioned(user)? else {
-            return Ok(Err(PinError::NotSet));
-        };
-        if let Err(e) = record.begin_attempt(now_ms) {
-            return Ok(Err(e));
+    let counted_as = match store.outcome(event_id)? {
+        Some(EventOutcome::PinChecked { attempt }) => return Ok(result_of(attempt)),
+        Some(EventOutcome::PinBegun { record_version }) => Some(record_version),
+        _ => None,
+    };
+    let finished = |result: &Result<(), PinError>| EventOutcome::PinChecked {
+        attempt: attempt_of(result),
+    };
+    let begun = match counted_as {
+        Some(record_version) => match store.pin_versioned(user)? {
+            // Still the record this event's attempt wrote: carry on with it.
+            Some((record, bytes))
+                if pin_version_tag(&bytes) == record_version && record.hash.is_some() =>
+            {
+                Some((record, bytes))
+            }
+            _ => {
+                tracing::warn!(%user, "the PIN record changed during a check (reset?); the check is void");
+                store
+                    .put_outcome(event_id, &finished(&Err(PinError::NotSet)))
+                    .await?;
+                return Ok(Err(PinError::NotSet));
+            }
+        },
+        None => {
+            let mut begun = None;
+            for _ in 0..PIN_SWAPS_MAX {
+                let Some((mut record, version)) = store.pin_versioned(user)? else {
+                    store
+                        .put_outcome(event_id, &finished(&Err(PinError::NotSet)))
+                        .await?;
+                    return Ok(Err(PinError::NotSet));
+                };
+                if let Err(e) = record.begin_attempt(now_ms) {
+                    // Locked or not set: refused without counting; the answer is kept so a
+                    // retry says the same.
+                    let refused = Err(e);
+                    store.put_outcome(event_id, &finished(&refused)).await?;
+                    return Ok(refused);
+                }
+                if let Some(written) = store
+                    .swap_pin_recording(user, &version, &record, event_id, |record_version| {
+                        EventOutcome::PinBegun { record_version }
+                    })
+                    .await?
+                {
+                    begun = Some((record, written));
+                    break;
+                }
+            }
+            begun
         }
-        if let Some(written) = store.swap_pin(user, &version, &record).await? {
-            begun = Some((record, written));
-            break;
-        }
-    }
+    };
     let Some((mut record, written)) = begun else {
         return Err(StoreError::Corrupt {
             tree: "userid_pin",
@@ -2457,8 +2741,16 @@ where
     let hash = record.hash.clone().expect("begin_attempt checked the hash");
     let matched = matches(hash).await?;
     let result = record.finish_attempt(matched, now_ms);
-    if store.swap_pin(user, &written, &record).await?.is_none() {
+    let outcome = finished(&result);
+    if store
+        .swap_pin_recording(user, &written, &record, event_id, |_| outcome)
+        .await?
+        .is_none()
+    {
         tracing::warn!(%user, "the PIN record changed during a check (reset?); the check is void");
+        store
+            .put_outcome(event_id, &finished(&Err(PinError::NotSet)))
+            .await?;
         return Ok(Err(PinError::NotSet));
     }
     Ok(result)
@@ -2565,17 +2857,20 @@ impl TransactionHandler for PaymentsHandler {
         };
         for event in &ingested.events {
             let span = tracing::info_span!("event", event_id = %event.event_id);
-            match self.payments.handle_event(event).instrument(span).await {
-                Ok(true) => {}
-                Ok(false) => self.crypto.handle_event(event).await?,
+            let result = match self.payments.handle_event(event).instrument(span).await {
+                Ok(true) => Ok(()),
+                Ok(false) => self.crypto.handle_event(event).await,
                 Err(e) if e.is_transient() => {
                     tracing::warn!(event_id = %event.event_id, error = %e, "payment handling failed; will retry");
-                    return Err(HandlerError::transient(e));
+                    Err(HandlerError::transient(e))
                 }
                 Err(e) => {
                     tracing::error!(event_id = %event.event_id, error = %e, "payment handling failed");
+                    Ok(())
                 }
-            }
+            };
+            // A late-decrypted event leaves the parked store only once handled.
+            self.crypto.done_with(event, result)?;
         }
         Ok(())
     }
@@ -2808,7 +3103,7 @@ mod tests {
             .await
             .unwrap();
         let during = store.clone();
-        let result = check_pin_with(&store, "@a:hs", 1_000, |hash| async move {
+        let result = check_pin_with(&store, "@a:hs", "$pin1", 1_000, |hash| async move {
             assert_eq!(hash, "$argon2id$old");
             // The admin reset lands while argon2 runs.
             assert_eq!(during.reset_pin("@a:hs").await, Ok(true));
@@ -2826,11 +3121,151 @@ mod tests {
             .put_pin("@a:hs", &PinRecord::new("$argon2id$new".into()))
             .await
             .unwrap();
-        let wrong = check_pin_with(&store, "@a:hs", 1_000, |_| async { Ok(false) })
+        let wrong = check_pin_with(&store, "@a:hs", "$pin2", 1_000, |_| async { Ok(false) })
             .await
             .unwrap();
         assert!(matches!(wrong, Err(PinError::Wrong { .. })), "{wrong:?}");
         assert_eq!(store.pin("@a:hs").unwrap().unwrap().failed_in_row, 1);
+    }
+
+    async fn store_with_pin() -> (tempfile::TempDir, PaymentStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PaymentStore::open(dir.path()).unwrap();
+        store
+            .put_pin("@a:hs", &PinRecord::new("$argon2id$h".into()))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    fn failed_in_row(store: &PaymentStore) -> u32 {
+        store.pin("@a:hs").unwrap().unwrap().failed_in_row
+    }
+
+    /// L2: a wrong PIN whose reply failed, handled again, counts once and is not compared
+    /// again; another PIN event is a new attempt.
+    #[tokio::test]
+    async fn a_pin_event_handled_again_is_not_counted_again() {
+        let (_dir, store) = store_with_pin().await;
+        let first = check_pin_with(&store, "@a:hs", "$pin", 1_000, |_| async { Ok(false) })
+            .await
+            .unwrap();
+        assert_eq!(first, Err(PinError::Wrong { attempts_left: 4 }));
+        assert_eq!(failed_in_row(&store), 1);
+        // The transaction is retried (its reply failed): same answer, no argon2, no count.
+        for _ in 0..3 {
+            let again = check_pin_with(&store, "@a:hs", "$pin", 2_000, |_| async {
+                panic!("the PIN was compared again")
+            })
+            .await
+            .unwrap();
+            assert_eq!(again, Err(PinError::Wrong { attempts_left: 4 }));
+        }
+        assert_eq!(failed_in_row(&store), 1, "one event, one attempt");
+        let other = check_pin_with(&store, "@a:hs", "$pin-2", 3_000, |_| async { Ok(false) })
+            .await
+            .unwrap();
+        assert_eq!(other, Err(PinError::Wrong { attempts_left: 3 }));
+        assert_eq!(failed_in_row(&store), 2);
+        // A right PIN replayed after later attempts does not reset them again either.
+        let right = check_pin_with(&store, "@a:hs", "$pin-3", 4_000, |_| async { Ok(true) })
+            .await
+            .unwrap();
+        assert_eq!(right, Ok(()));
+        assert_eq!(failed_in_row(&store), 0);
+    }
+
+    /// L2: an attempt counted but not finished (the comparison failed with a retryable error)
+    /// is compared on the retry without being counted a second time.
+    #[tokio::test]
+    async fn a_pin_attempt_interrupted_after_counting_is_finished_without_counting_again() {
+        let (_dir, store) = store_with_pin().await;
+        let interrupted = check_pin_with(&store, "@a:hs", "$pin", 1_000, |_| async {
+            Err(PaymentsError::Store(StoreError::Corrupt {
+                tree: "test",
+                reason: "interrupted",
+            }))
+        })
+        .await;
+        assert!(interrupted.is_err());
+        assert_eq!(failed_in_row(&store), 1, "counted before comparing");
+        let retried = check_pin_with(&store, "@a:hs", "$pin", 2_000, |_| async { Ok(false) })
+            .await
+            .unwrap();
+        assert_eq!(retried, Err(PinError::Wrong { attempts_left: 4 }));
+        assert_eq!(failed_in_row(&store), 1, "not counted twice");
+
+        // Interrupted, then the admin reset the PIN: the retry is void.
+        let interrupted = check_pin_with(&store, "@a:hs", "$pin-2", 3_000, |_| async {
+            Err(PaymentsError::Store(StoreError::Corrupt {
+                tree: "test",
+                reason: "interrupted",
+            }))
+        })
+        .await;
+        assert!(interrupted.is_err());
+        {
+            use crate::admin::service::PinReset;
+            assert_eq!(store.reset_pin("@a:hs").await, Ok(true));
+        }
+        let retried = check_pin_with(&store, "@a:hs", "$pin-2", 4_000, |_| async {
+            panic!("compared against a reset PIN")
+        })
+        .await
+        .unwrap();
+        assert_eq!(retried, Err(PinError::NotSet));
+    }
+
+    fn declined(reason: &str) -> EventOutcome {
+        EventOutcome::Declined(DeclineRecord {
+            reason: reason.into(),
+            sentence: "your balance does not cover this payment".into(),
+            payee: "@bob:hs".into(),
+            amount: "5".into(),
+            currency: "EUR".into(),
+        })
+    }
+
+    /// M1 and L1: idempotence first, then staleness, and only for events that started nothing.
+    #[test]
+    fn late_requests_start_nothing_but_replays_carry_on() {
+        let window_ms = 120_000;
+        let sent_ms = 1_000_000;
+        use crate::clock::Clock as _;
+        let clock = crate::clock::ManualClock::new(sent_ms + 5_000);
+        let decide =
+            |earlier, started| start_decision(earlier, started, sent_ms, clock.now_ms(), window_ms);
+        // In time.
+        assert_eq!(decide(None, false), Start::Fresh);
+        // Two hours later (a room key that arrived late).
+        clock.advance_ms(2 * 3_600_000);
+        assert_eq!(decide(None, false), Start::TooLate);
+        // ... but a replay of one that already made its transfer / opened its challenge
+        // carries on, and one that was declined repeats that decision.
+        assert_eq!(decide(None, true), Start::Resume);
+        let record = match declined("insufficient_funds") {
+            EventOutcome::Declined(record) => record,
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            decide(Some(declined("insufficient_funds")), false),
+            Start::Repeat(record.clone())
+        );
+        assert_eq!(
+            decide(Some(declined("insufficient_funds")), true),
+            Start::Repeat(record),
+            "a recorded decision is never made again"
+        );
+        // A withdrawal that was started and whose challenge has ended: nothing to say.
+        assert_eq!(decide(Some(EventOutcome::Started), false), Start::Ended);
+        assert_eq!(decide(Some(EventOutcome::Started), true), Start::Resume);
+        // The edge: exactly the window is late (as for PINs).
+        clock.set_ms(sent_ms + window_ms - 1);
+        assert_eq!(decide(None, false), Start::Fresh);
+        clock.set_ms(sent_ms + window_ms);
+        assert_eq!(decide(None, false), Start::TooLate);
+        assert_eq!(reason_label(ReceiptReason::TooLate), "too_late");
+        assert_eq!(reason_code(ReceiptReason::TooLate), "too_late");
     }
 
     #[test]

@@ -84,6 +84,73 @@ pub fn which_challenge(lines: &[String]) -> String {
     )
 }
 
+/// Why a `!pay` / transfer intent (or, with `withdrawal`, a `!withdraw`) that reached the bot
+/// too late started nothing. `sent_ms` is the event's `origin_server_ts`; times are UTC (the
+/// bot does not know the user's time zone).
+pub fn too_late(withdrawal: bool, sent_ms: u64, now_ms: u64) -> String {
+    let age_ms = now_ms.saturating_sub(sent_ms);
+    let (what, nothing, again) = if withdrawal {
+        ("withdrawal request", "nothing was withdrawn", "withdraw")
+    } else {
+        ("payment request", "nothing was paid", "pay")
+    };
+    format!(
+        "this {what} arrived too late (sent {}, over {} ago); {nothing}. Send it again if you \
+         still want to {again}.",
+        utc_time(sent_ms, age_ms >= DAY_MS),
+        age_floor(age_ms)
+    )
+}
+
+const DAY_MS: u64 = 24 * 3_600_000;
+
+/// `HH:MM UTC`, with the date first (`YYYY-MM-DD HH:MM UTC`) when `with_date`.
+fn utc_time(at_ms: u64, with_date: bool) -> String {
+    let minutes = at_ms / 60_000;
+    let (hour, minute) = ((minutes / 60) % 24, minutes % 60);
+    if !with_date {
+        return format!("{hour:02}:{minute:02} UTC");
+    }
+    let (year, month, day) = civil_date(at_ms / DAY_MS);
+    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02} UTC")
+}
+
+/// The proleptic Gregorian date of `days` since 1970-01-01 (Howard Hinnant's `civil_from_days`,
+/// for non-negative day counts).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// An age rounded down, for "over N ... ago": seconds below 2 minutes, minutes below 2 hours,
+/// hours below 2 days, then days.
+fn age_floor(age_ms: u64) -> String {
+    let seconds = age_ms / 1_000;
+    let (n, unit) = if seconds < 120 {
+        (seconds, "second")
+    } else if seconds < 2 * 3_600 {
+        (seconds / 60, "minute")
+    } else if seconds < 2 * 86_400 {
+        (seconds / 3_600, "hour")
+    } else {
+        (seconds / 86_400, "day")
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 /// Balances, one line per currency.
 pub fn balances(views: &[(AccountView, String, String)]) -> String {
     if views.is_empty() {
@@ -102,6 +169,32 @@ pub fn balances(views: &[(AccountView, String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_late_request_says_when_it_was_sent_and_that_nothing_happened() {
+        // 2026-11-25 14:05:30 UTC, seen 7.5 minutes later.
+        let sent_ms = 1_795_615_530_000;
+        let text = too_late(false, sent_ms, sent_ms + 450_000);
+        assert_eq!(
+            text,
+            "this payment request arrived too late (sent 14:05 UTC, over 7 minutes ago); \
+             nothing was paid. Send it again if you still want to pay."
+        );
+        let text = too_late(true, sent_ms, sent_ms + 90_000);
+        assert!(text.contains("withdrawal request") && text.contains("over 90 seconds ago"));
+        assert!(text.contains("nothing was withdrawn"), "{text}");
+        // A day or more later the date is shown too.
+        let text = too_late(false, sent_ms, sent_ms + 3 * DAY_MS);
+        assert!(
+            text.contains("sent 2026-11-25 14:05 UTC, over 3 days ago"),
+            "{text}"
+        );
+        assert_eq!(age_floor(3 * 3_600_000 + 59 * 60_000), "3 hours");
+        assert_eq!(age_floor(60_000 * 2), "2 minutes");
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
+        assert_eq!(civil_date(11_017), (2000, 3, 1));
+    }
 
     #[test]
     fn challenge_names_amount_payee_room_and_time() {

@@ -8,6 +8,9 @@
 //! - `userid_dialog`: user -> [`Dialog`] (`!pin set` / `!pin change` in progress).
 //! - `payer_challenge`: payer + NUL + created_ms (BE) + transfer id (BE) -> [`Challenge`].
 //! - `eventid_done`: ids of PIN events already acted on (a re-handled transaction skips them).
+//! - `eventid_outcome`: event id -> [`EventOutcome`] (what the bot decided about an event,
+//!   recorded before it says so, so a retried transaction repeats the answer instead of deciding
+//!   again: a refusal, a started withdrawal, a PIN attempt begun or finished), JSON.
 //! - `transferid_note`: transfer id (BE) -> [`TransferNote`] (why it was voided, the DM
 //!   challenge event a receipt answers).
 //! - `outboxpos_deadletter`: journal record seq (BE) + entry index (BE) -> why the outbox could
@@ -27,6 +30,7 @@ const USERID_PROFILE: &str = "userid_profile";
 const USERID_DIALOG: &str = "userid_dialog";
 const PAYER_CHALLENGE: &str = "payer_challenge";
 const EVENTID_DONE: &str = "eventid_done";
+const EVENTID_OUTCOME: &str = "eventid_outcome";
 const TRANSFERID_NOTE: &str = "transferid_note";
 const META: &str = "meta";
 const OUTBOXPOS_DEADLETTER: &str = "outboxpos_deadletter";
@@ -158,6 +162,71 @@ pub struct TransferNote {
     pub dm_event_id: Option<String>,
 }
 
+/// A refusal of a payment or withdrawal, as decided (the receipt and the sentence are made
+/// from it, the same on every retry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclineRecord {
+    /// The receipt reason code (`insufficient_funds`, `too_late`, ...).
+    pub reason: String,
+    /// The sentence told in the room (no PIN, ever).
+    pub sentence: String,
+    /// Who would have been paid (the bot for a withdrawal).
+    pub payee: String,
+    /// Amount in major units, as asked (`12.50`).
+    pub amount: String,
+    /// Currency code, as asked.
+    pub currency: String,
+}
+
+/// How a PIN attempt ended, as told to the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum PinAttemptResult {
+    /// The PIN matched.
+    Matched,
+    /// The PIN did not match.
+    Wrong {
+        /// Attempts left before the PIN locks.
+        attempts_left: u32,
+    },
+    /// The PIN is (now) locked.
+    Locked {
+        /// How long the lock lasted from the attempt.
+        remaining_ms: u64,
+    },
+    /// No PIN is set (never, reset, or replaced during the check).
+    NotSet,
+}
+
+/// What the bot decided about one event (tree `eventid_outcome`), recorded durably before the
+/// bot says so: a transaction handled again (a retryable failure, a crash) repeats the recorded
+/// answer instead of deciding again with what changed meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum EventOutcome {
+    /// A payment or withdrawal the event asked for was refused before anything started.
+    Declined(DeclineRecord),
+    /// The withdrawal the event asked for was started (its challenge was stored).
+    Started,
+    /// The event's PIN attempt was counted (the attempt counter went up) but not finished;
+    /// `record_version` tags the PIN record the attempt wrote ([`pin_version_tag`]).
+    PinBegun {
+        /// Tag of the PIN record as the attempt left it.
+        record_version: String,
+    },
+    /// The event's PIN attempt finished.
+    PinChecked {
+        /// How it ended.
+        attempt: PinAttemptResult,
+    },
+}
+
+/// A short tag of a stored PIN record's bytes (a hash: it never holds the argon2 hash itself),
+/// to tell whether the record is still the one an attempt wrote.
+pub fn pin_version_tag(record_bytes: &[u8]) -> String {
+    blake3::hash(record_bytes).to_hex()[..32].to_owned()
+}
+
 /// Where the outbox stands in the ledger journal: everything up to and including entry
 /// `entry_index` of record `record_seq` has been told.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -177,6 +246,7 @@ pub struct PaymentStore {
     dialogs: sled::Tree,
     challenges: sled::Tree,
     done: sled::Tree,
+    outcomes: sled::Tree,
     notes: sled::Tree,
     meta: sled::Tree,
     dead_letters: sled::Tree,
@@ -238,6 +308,7 @@ impl PaymentStore {
             dialogs: db.open_tree(USERID_DIALOG)?,
             challenges: db.open_tree(PAYER_CHALLENGE)?,
             done: db.open_tree(EVENTID_DONE)?,
+            outcomes: db.open_tree(EVENTID_OUTCOME)?,
             notes: db.open_tree(TRANSFERID_NOTE)?,
             meta: db.open_tree(META)?,
             dead_letters: db.open_tree(OUTBOXPOS_DEADLETTER)?,
@@ -401,6 +472,90 @@ impl PaymentStore {
     pub async fn mark_done(&self, event_id: &str) -> Result<(), StoreError> {
         self.done.insert(event_id.as_bytes(), &[])?;
         self.flush().await
+    }
+
+    /// What was decided about `event_id`, if anything.
+    pub fn outcome(&self, event_id: &str) -> Result<Option<EventOutcome>, StoreError> {
+        get_json(&self.outcomes, EVENTID_OUTCOME, event_id.as_bytes())
+    }
+
+    /// Records what was decided about `event_id`, durably, unless something was recorded for
+    /// it already: `None` when recorded now, else the earlier outcome (the first decision
+    /// wins, and the caller repeats it).
+    pub async fn put_outcome_if_absent(
+        &self,
+        event_id: &str,
+        outcome: &EventOutcome,
+    ) -> Result<Option<EventOutcome>, StoreError> {
+        let swapped = self.outcomes.compare_and_swap(
+            event_id.as_bytes(),
+            None as Option<&[u8]>,
+            Some(to_json(outcome)),
+        )?;
+        match swapped {
+            Ok(()) => {
+                self.flush().await?;
+                Ok(None)
+            }
+            Err(conflict) => match conflict.current {
+                Some(bytes) => {
+                    serde_json::from_slice(&bytes)
+                        .map(Some)
+                        .map_err(|_| StoreError::Corrupt {
+                            tree: EVENTID_OUTCOME,
+                            reason: "value is not the expected JSON",
+                        })
+                }
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Records (replacing) what was decided about `event_id`, durably.
+    pub async fn put_outcome(
+        &self,
+        event_id: &str,
+        outcome: &EventOutcome,
+    ) -> Result<(), StoreError> {
+        self.outcomes
+            .insert(event_id.as_bytes(), to_json(outcome))?;
+        self.flush().await
+    }
+
+    /// [`Self::swap_pin`] that also records `outcome` for `event_id`, in one atomic, durable
+    /// write: the PIN record and what the attempt of that event did never disagree after a
+    /// crash. `outcome` gets the new record's [`pin_version_tag`].
+    pub async fn swap_pin_recording(
+        &self,
+        user: &str,
+        expected: &[u8],
+        new: &PinRecord,
+        event_id: &str,
+        outcome: impl FnOnce(String) -> EventOutcome,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        use sled::transaction::{ConflictableTransactionResult, TransactionError};
+        use sled::Transactional as _;
+        let bytes = to_json(new);
+        let outcome_bytes = to_json(&outcome(pin_version_tag(&bytes)));
+        let swapped: Result<bool, TransactionError<()>> = (&self.pins, &self.outcomes).transaction(
+            |(pins, outcomes)| -> ConflictableTransactionResult<bool, ()> {
+                if pins.get(user.as_bytes())?.as_deref() != Some(expected) {
+                    return Ok(false);
+                }
+                pins.insert(user.as_bytes(), bytes.as_slice())?;
+                outcomes.insert(event_id.as_bytes(), outcome_bytes.as_slice())?;
+                Ok(true)
+            },
+        );
+        match swapped {
+            Ok(true) => {
+                self.flush().await?;
+                Ok(Some(bytes))
+            }
+            Ok(false) => Ok(None),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Abort(())) => unreachable!("the transaction never aborts"),
+        }
     }
 
     /// The note on a transfer (default when none).
@@ -582,9 +737,99 @@ mod tests {
             r#"{"dm_room":null,"dm_joined":false,"pin_compromised":false}"#
         );
         assert_eq!(
+            String::from_utf8(to_json(&EventOutcome::Declined(DeclineRecord {
+                reason: "too_late".into(),
+                sentence: "s".into(),
+                payee: "@bob:hs".into(),
+                amount: "12.50".into(),
+                currency: "EUR".into(),
+            })))
+            .unwrap(),
+            r#"{"outcome":"declined","reason":"too_late","sentence":"s","payee":"@bob:hs","amount":"12.50","currency":"EUR"}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_json(&EventOutcome::PinChecked {
+                attempt: PinAttemptResult::Wrong { attempts_left: 4 }
+            }))
+            .unwrap(),
+            r#"{"outcome":"pin_checked","attempt":{"result":"wrong","attempts_left":4}}"#
+        );
+        assert_eq!(
+            String::from_utf8(to_json(&EventOutcome::Started)).unwrap(),
+            r#"{"outcome":"started"}"#
+        );
+        assert_eq!(
             String::from_utf8(to_json(&PinRecord::new("h".into()))).unwrap(),
             r#"{"hash":"h","failed_in_row":0,"lockouts":0,"locked_until_ms":null}"#
         );
+    }
+
+    /// The first decision recorded for an event wins; a PIN swap and its event's outcome are
+    /// written together, and not at all when the record changed.
+    #[tokio::test]
+    async fn event_outcomes_first_decision_wins_and_pin_swaps_record_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PaymentStore::open(dir.path()).unwrap();
+        assert_eq!(store.outcome("$e").unwrap(), None);
+        let declined = |reason: &str| {
+            EventOutcome::Declined(DeclineRecord {
+                reason: reason.into(),
+                sentence: "s".into(),
+                payee: "@bob:hs".into(),
+                amount: "1".into(),
+                currency: "EUR".into(),
+            })
+        };
+        let first = declined("insufficient_funds");
+        assert_eq!(
+            store.put_outcome_if_absent("$e", &first).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            store
+                .put_outcome_if_absent("$e", &declined("limit_exceeded"))
+                .await
+                .unwrap(),
+            Some(first.clone()),
+            "the earlier decision is kept and returned"
+        );
+        assert_eq!(store.outcome("$e").unwrap(), Some(first.clone()));
+
+        store
+            .put_pin("@a:hs", &PinRecord::new("h".into()))
+            .await
+            .unwrap();
+        let (mut record, version) = store.pin_versioned("@a:hs").unwrap().unwrap();
+        record.failed_in_row = 1;
+        let written = store
+            .swap_pin_recording("@a:hs", &version, &record, "$pin", |tag| {
+                EventOutcome::PinBegun {
+                    record_version: tag,
+                }
+            })
+            .await
+            .unwrap()
+            .expect("swapped");
+        assert_eq!(
+            store.outcome("$pin").unwrap(),
+            Some(EventOutcome::PinBegun {
+                record_version: pin_version_tag(&written)
+            })
+        );
+        // Against a stale version: neither the record nor the outcome is written.
+        record.failed_in_row = 2;
+        let stale = store
+            .swap_pin_recording("@a:hs", &version, &record, "$pin-2", |_| {
+                EventOutcome::Started
+            })
+            .await
+            .unwrap();
+        assert_eq!(stale, None);
+        assert_eq!(store.outcome("$pin-2").unwrap(), None);
+        assert_eq!(store.pin("@a:hs").unwrap().unwrap().failed_in_row, 1);
+        drop(store);
+        let store = PaymentStore::open(dir.path()).unwrap();
+        assert_eq!(store.outcome("$e").unwrap(), Some(first), "durable");
     }
 
     #[test]

@@ -44,6 +44,9 @@ struct BotState {
     held: Mutex<Vec<Value>>,
     /// Plays a homeserver without MSC3202 key counts.
     strip_key_counts: bool,
+    /// While set, the next transaction that hands up a late-decrypted (parked) event fails
+    /// (HTTP 500, as after a retryable handler error) without handling it.
+    fail_parked_once: AtomicBool,
 }
 
 /// How a test wants its in-process bot.
@@ -90,6 +93,7 @@ impl InProcessBot {
             changed,
             hold_to_device: AtomicBool::new(options.hold_to_device),
             strip_key_counts: options.strip_key_counts,
+            fail_parked_once: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
         });
         let app = Router::new()
@@ -220,6 +224,11 @@ async fn record(state: &BotState, body: &Value) -> (StatusCode, Json<Value>) {
             return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({})));
         }
     };
+    if ingested.events.iter().any(|e| e.was_parked)
+        && state.fail_parked_once.swap(false, Ordering::SeqCst)
+    {
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({})));
+    }
     let bot = crypto.user_id().to_string();
     for event in &ingested.events {
         if event.event_type == "m.room.member"
@@ -239,6 +248,12 @@ async fn record(state: &BotState, body: &Value) -> (StatusCode, Json<Value>) {
                 .await
                 .expect("bot answers !help");
         }
+    }
+    // Handled: late-decrypted events leave the parked store now (as mxpay's handlers do).
+    for event in ingested.events.iter().filter(|e| e.was_parked) {
+        crypto
+            .forget_parked(&event.event_id)
+            .expect("forget a handled parked event");
     }
     {
         let mut seen = state.seen.lock().unwrap();
@@ -634,6 +649,44 @@ async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
     assert!(late.was_parked && late.was_encrypted);
     assert_eq!(late.event_id, sent);
     assert_eq!(bot.crypto.parked_count(), 0);
+}
+
+/// A late-decrypted event whose handling failed with a retryable error is not lost: it stays
+/// parked and the retried transaction (whose room key the machine does not hand out twice)
+/// brings it up again.
+#[tokio::test]
+async fn core_a_late_event_whose_handling_failed_is_handed_up_again() {
+    let lease = slot(SlotKind::Normal, "core_late_retry").await;
+    let bot = InProcessBot::start(&lease).await;
+    let bot_id = lease.spec.bot_user_id();
+    let (_alice, room) = alice_with_bot(&bot_id).await;
+
+    bot.state.hold_to_device.store(true, Ordering::SeqCst);
+    let sent = send_test_event(&room, "late-retry").await;
+    support::eventually("the event to be parked", || async {
+        (bot.crypto.parked_count() == 1).then_some(())
+    })
+    .await;
+    bot.state.hold_to_device.store(false, Ordering::SeqCst);
+    let held: Vec<Value> = std::mem::take(&mut *bot.state.held.lock().unwrap());
+    assert!(!held.is_empty(), "the room key was held back");
+    let body = json!({ "de.sorunome.msc2409.to_device": held });
+
+    // The room key arrives; handling the decrypted event fails.
+    bot.state.fail_parked_once.store(true, Ordering::SeqCst);
+    let (status, _) = record(&bot.state, &body).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(bot.crypto.parked_count(), 1, "kept until handled");
+
+    // The same transaction again (the homeserver's or the inbox's retry).
+    let (status, _) = record(&bot.state, &body).await;
+    assert_eq!(status, StatusCode::OK);
+    let late = bot
+        .wait_for_test_event("the late message, handled on the retry", "late-retry")
+        .await;
+    assert!(late.was_parked);
+    assert_eq!(late.event_id, sent);
+    assert_eq!(bot.crypto.parked_count(), 0, "forgotten once handled");
 }
 
 // ----- the real binary -----------------------------------------------------------------------

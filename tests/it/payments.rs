@@ -1008,6 +1008,204 @@ async fn transfer_intent_pays_once_even_replayed_and_withdraw_waits_for_settleme
     );
 }
 
+/// The event `event_id` of `room_id` as the homeserver holds it (encrypted if it was).
+async fn raw_event(client: &TestClient, room_id: &RoomId, event_id: &OwnedEventId) -> Value {
+    let token = client.inner().access_token().expect("logged in");
+    reqwest::Client::new()
+        .get(format!(
+            "{}/_matrix/client/v3/rooms/{room_id}/event/{event_id}",
+            support::synapse().url
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("fetch the event")
+        .json()
+        .await
+        .expect("event JSON")
+}
+
+/// Delivers `events` to mxpay in a transaction of its own, as the homeserver would.
+async fn deliver(s: &Scene, events: Vec<Value>) {
+    let txn_id = format!("it-{}", support::random_suffix(10));
+    let (status, _) = s
+        .mxpay
+        .put_transaction(
+            &txn_id,
+            &serde_json::json!({ "events": events }),
+            Some(s.lease.spec.hs_token.as_str()),
+        )
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// The bot's receipts in `room_id` (as `client` saw them) answering `event_id`.
+fn receipts_for(client: &TestClient, room_id: &RoomId, event_id: &OwnedEventId) -> Vec<Value> {
+    client
+        .seen_events()
+        .iter()
+        .filter(|e| {
+            e.room_id == room_id
+                && e.event_type() == "org.mxpay.receipt"
+                && e.content()["m.relates_to"]["event_id"] == event_id.as_str()
+        })
+        .map(|e| e.content().clone())
+        .collect()
+}
+
+/// M1: a payment request that reaches the bot long after it was sent (as when its room key
+/// arrived late) starts nothing: it is declined with `too_late`, once, however often it is
+/// delivered. A late *replay* of a request that did start a payment is not declined.
+#[tokio::test]
+async fn a_late_payment_request_starts_nothing_and_a_replayed_started_one_is_not_declined() {
+    let s = scene("late", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+
+    // A payment made the normal way.
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    send_text(alice, dm, PIN).await;
+    wait_receipt(alice, room, bot, &pay, "completed", None).await;
+    let raw_pay = raw_event(alice, room, &pay).await;
+    assert_eq!(raw_pay["type"], "m.room.encrypted");
+    let hour_ago_ms = raw_pay["origin_server_ts"]
+        .as_u64()
+        .expect("origin_server_ts")
+        - 3_600_000;
+
+    // The same request, reaching the bot only now although sent an hour ago. Synapse refuses
+    // the bot's receipt for an event it does not know, so the late copy takes the id of a real
+    // message of alice's that the bot saw and ignored.
+    let ignored = send_text(alice, room, "just chatting").await;
+    let mut late = raw_pay.clone();
+    late["event_id"] = ignored.as_str().into();
+    late["origin_server_ts"] = hour_ago_ms.into();
+    deliver(&s, vec![late.clone()]).await;
+    wait_receipt(alice, room, bot, &ignored, "declined", Some("too_late")).await;
+    let notice = wait_notice(alice, room, bot, "arrived too late").await;
+    let body = notice.body().unwrap_or_default();
+    assert!(
+        body.contains("over 60 minutes ago") && body.contains("nothing was paid"),
+        "{body}"
+    );
+    // Delivered again: the same decision, sent with the same transaction ids (shown once).
+    deliver(&s, vec![late]).await;
+
+    // The started payment delivered again, now an hour old: it carries on (it ended: nothing
+    // to say), it is not declined as late.
+    let mut replay = raw_pay;
+    replay["origin_server_ts"] = hour_ago_ms.into();
+    deliver(&s, vec![replay]).await;
+
+    // Transactions are handled in order: once `!balance` is answered, all of the above was.
+    s.alice_balance_is("15.00 EUR").await;
+    let late_receipts = receipts_for(alice, room, &ignored);
+    assert_eq!(late_receipts.len(), 1, "{late_receipts:?}");
+    let pay_receipts = receipts_for(alice, room, &pay);
+    assert_eq!(pay_receipts.len(), 1, "{pay_receipts:?}");
+    assert_eq!(pay_receipts[0]["status"], "completed");
+    assert!(bot_events_match_schemas(alice, bot) >= 3);
+}
+
+/// The value of `series` in mxpay's metrics (0 when absent).
+async fn metric(mxpay: &MxpayProcess, series: &str) -> f64 {
+    support::metric_value(&mxpay.metrics().await, series).unwrap_or(0.0)
+}
+
+/// Waits until mxpay retried a failed transaction at least `retries` times in all.
+async fn wait_retries(mxpay: &MxpayProcess, retries: f64) {
+    support::eventually("mxpay to retry the failing transaction", || async {
+        (metric(mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await >= retries)
+            .then_some(())
+    })
+    .await;
+}
+
+/// A scene whose replies of `purpose` fail (retryably) until the returned file exists.
+async fn scene_with_failing_reply(label: &str, purpose: &str) -> (Scene, PathBuf) {
+    let mut gate = PathBuf::new();
+    let s = scene_with(label, 120_000, "20.00", |lease| {
+        gate = lease.dir.join("let-replies-through");
+        MxpayOptions {
+            env: vec![(
+                mxpay::payments::FAULT_FAIL_REPLY_ENV.to_owned(),
+                format!("{purpose}:{}", gate.display()),
+            )],
+            ..Default::default()
+        }
+    })
+    .await;
+    (s, gate)
+}
+
+/// L1: a refusal whose reply failed is sent again as decided, not decided again: while the
+/// transaction is retried the refusal's reason goes away (the payee joins the room), and the
+/// payment is still the refused one. (An amount the balance did not cover would not show it:
+/// the ledger keeps a refused transfer id's result.)
+#[tokio::test]
+async fn a_refusal_whose_reply_failed_is_repeated_not_decided_again() {
+    let (s, gate) = scene_with_failing_reply("decline-retry", "decline-receipt").await;
+    let (alice, bot, room) = (&s.alice, s.bot.as_str(), &s.room);
+    let carol_user = support::user("carol").await;
+    let carol = support::client(&carol_user).await;
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", carol_user.user_id)).await;
+    // Refused (carol is not in the room); telling so fails, and the transaction is retried.
+    wait_retries(&s.mxpay, before + 2.0).await;
+    // Meanwhile carol joins: the payment would now be allowed.
+    alice
+        .room(room)
+        .await
+        .invite_user_by_id(&carol.user.user_id)
+        .await
+        .expect("invite carol");
+    carol.join(room).await;
+    alice
+        .wait_for_membership(room, carol.user.user_id.as_str(), "join")
+        .await;
+    std::fs::write(&gate, b"").expect("open the gate");
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &pay,
+        "declined",
+        Some("payee_not_allowed"),
+    )
+    .await;
+    wait_notice(alice, room, bot, "is not a member of this room").await;
+    // Nothing was reserved or asked for.
+    s.alice_balance_is("20.00 EUR").await;
+    assert!(
+        !alice.seen_events().iter().any(|e| e
+            .body()
+            .is_some_and(|b| b.contains("Confirm paying 5.00 EUR"))),
+        "the retry decided again and started the payment"
+    );
+    assert_eq!(receipts_for(alice, room, &pay).len(), 1);
+}
+
+/// L2: a wrong PIN whose reply failed counts once, however often its transaction is retried.
+#[tokio::test]
+async fn a_wrong_pin_whose_reply_failed_counts_once() {
+    let (s, gate) = scene_with_failing_reply("pin-retry", "stepup-wrong").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    send_text(alice, dm, "0000").await;
+    wait_retries(&s.mxpay, before + 2.0).await;
+    std::fs::write(&gate, b"").expect("open the gate");
+    wait_notice(alice, dm, bot, "Wrong PIN. 4 attempts left").await;
+    assert_eq!(metric(&s.mxpay, "mxpay_pin_failures_total").await, 1.0);
+    // The next wrong PIN is the second attempt, and the right one still pays.
+    send_text(alice, dm, "0000").await;
+    wait_notice(alice, dm, bot, "Wrong PIN. 3 attempts left").await;
+    send_text(alice, dm, PIN).await;
+    wait_receipt(alice, room, bot, &pay, "completed", None).await;
+    s.alice_balance_is("15.00 EUR").await;
+}
+
 #[tokio::test]
 async fn a_crash_between_the_ledger_post_and_the_receipt_is_repaired_on_restart() {
     let mut s = scene_with("outbox", 120_000, "20.00", |lease| MxpayOptions {
@@ -1215,6 +1413,32 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         "org.mxpay.receipt",
         &serde_json::to_value(&receipt).unwrap(),
     );
+    // Every reason code the bot can send is in the schema.
+    for reason in [
+        ReceiptReason::InsufficientFunds,
+        ReceiptReason::LimitExceeded,
+        ReceiptReason::PayeeNotAllowed,
+        ReceiptReason::NotEncrypted,
+        ReceiptReason::UntrustedDevice,
+        ReceiptReason::PinLocked,
+        ReceiptReason::PinNotSet,
+        ReceiptReason::AccountFrozen,
+        ReceiptReason::InvalidAmount,
+        ReceiptReason::Timeout,
+        ReceiptReason::TooLate,
+        ReceiptReason::Other,
+    ] {
+        let declined = ReceiptEventContent {
+            status: ReceiptStatus::Declined,
+            reason: Some(reason),
+            transfer_id: None,
+            ..receipt.clone()
+        };
+        schema::assert_valid(
+            "org.mxpay.receipt",
+            &serde_json::to_value(&declined).unwrap(),
+        );
+    }
     let challenge = StepUpChallengeEventContent {
         body: "Confirm".into(),
         challenge_id: format!("{:032x}", 42),
