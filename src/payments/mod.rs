@@ -1565,8 +1565,14 @@ impl Payments {
         now_ms: u64,
     ) -> Result<(), PaymentsError> {
         let user = event.sender.as_str();
-        if self.store.is_done(event.event_id.as_str())? {
-            return Ok(());
+        match self.store.outcome(event.event_id.as_str())? {
+            _ if self.store.is_done(event.event_id.as_str())? => return Ok(()),
+            // Handled before up to the answer (which then failed to go out): say it again.
+            Some(EventOutcome::DialogAnswered { reply }) => {
+                self.reply(event, &reply, "pin-dialog").await?;
+                return self.done(event).await;
+            }
+            _ => {}
         }
         let pinlike::PinMessage {
             pin,
@@ -1921,6 +1927,20 @@ impl Payments {
         Ok(result)
     }
 
+    /// Moves the sender's PIN dialog on (or ends it) and answers, recording the answer with the
+    /// step so a retried message gets it again (see [`PaymentStore::put_dialog_step`]).
+    async fn dialog_step(
+        &self,
+        event: &DecryptedEvent,
+        next: Option<&Dialog>,
+        reply: &str,
+    ) -> Result<(), PaymentsError> {
+        self.store
+            .put_dialog_step(event.sender.as_str(), next, event.event_id.as_str(), reply)
+            .await?;
+        self.reply(event, reply, "pin-dialog").await
+    }
+
     async fn on_dialog_pin(
         &self,
         event: &DecryptedEvent,
@@ -1938,68 +1958,58 @@ impl Payments {
                     hash,
                     change,
                 };
-                self.store.put_dialog(user, Some(&next)).await?;
-                self.reply(event, dialog_prompt(&next), "pin-dialog").await
+                self.dialog_step(event, Some(&next), dialog_prompt(&next))
+                    .await
             }
             Dialog::ConfirmPin { hash, change, .. } => {
                 if self.matches(pin, hash.clone()).await? {
+                    // Setting the same hash again (a retry after a crash here) is harmless.
                     self.store.put_pin(user, &PinRecord::new(hash)).await?;
                     let mut profile = self.store.profile(user)?;
                     profile.pin_compromised = false;
                     self.store.put_profile(user, &profile).await?;
-                    self.store.put_dialog(user, None).await?;
                     let text = if change {
                         "✅ Your PIN is changed."
                     } else {
                         "✅ Your PIN is set. You can now pay with !pay in encrypted rooms."
                     };
-                    self.reply(event, text, "pin-dialog").await
+                    self.dialog_step(event, None, text).await
                 } else {
                     let next = Dialog::NewPin {
                         expires_at_ms,
                         change,
                     };
-                    self.store.put_dialog(user, Some(&next)).await?;
-                    self.reply(
+                    self.dialog_step(
                         event,
+                        Some(&next),
                         "The two PINs differ. Send a new 4-digit PIN.",
-                        "pin-dialog",
                     )
                     .await
                 }
             }
             Dialog::AcceptIdentity { .. } => {
                 if self.store.profile(user)?.pin_compromised {
-                    self.store.put_dialog(user, None).await?;
                     return self
-                        .reply(
+                        .dialog_step(
                             event,
-                            "Your PIN was exposed in a shared room, so it cannot confirm new \
-                             security keys. Ask the operator to reset your PIN, then set a new \
-                             one with !pin set.",
-                            "pin-dialog",
+                            None,
+                            "Your PIN was exposed, so it cannot confirm new security keys. Ask \
+                             the operator to reset your PIN, then set a new one with !pin set.",
                         )
                         .await;
                 }
                 match self.check_pin(user, &event.event_id, pin, now_ms).await? {
                     Ok(()) => {
                         self.messenger.crypto.accept_identity(&event.sender).await?;
-                        self.store.put_dialog(user, None).await?;
-                        self.reply(
+                        self.dialog_step(
                             event,
+                            None,
                             "✅ I accept your new security keys. You can pay again; if a payment \
                              is waiting for your PIN, send your PIN once more to confirm it.",
-                            "pin-dialog",
                         )
                         .await
                     }
-                    Err(error) => {
-                        if matches!(error, PinError::Locked { .. } | PinError::NotSet) {
-                            self.store.put_dialog(user, None).await?;
-                        }
-                        self.reply(event, &pin_error_sentence(&error), "pin-dialog")
-                            .await
-                    }
+                    Err(error) => self.dialog_pin_refused(event, error).await,
                 }
             }
             Dialog::OldPin { .. } => {
@@ -2009,18 +2019,27 @@ impl Payments {
                             expires_at_ms,
                             change: true,
                         };
-                        self.store.put_dialog(user, Some(&next)).await?;
-                        self.reply(event, dialog_prompt(&next), "pin-dialog").await
-                    }
-                    Err(error) => {
-                        if matches!(error, PinError::Locked { .. } | PinError::NotSet) {
-                            self.store.put_dialog(user, None).await?;
-                        }
-                        self.reply(event, &pin_error_sentence(&error), "pin-dialog")
+                        self.dialog_step(event, Some(&next), dialog_prompt(&next))
                             .await
                     }
+                    Err(error) => self.dialog_pin_refused(event, error).await,
                 }
             }
+        }
+    }
+
+    /// A PIN dialog's PIN check failed: a locked (or reset) PIN ends the dialog; a wrong one
+    /// leaves it open for another try (the attempt itself is recorded by the check).
+    async fn dialog_pin_refused(
+        &self,
+        event: &DecryptedEvent,
+        error: PinError,
+    ) -> Result<(), PaymentsError> {
+        let sentence = pin_error_sentence(&error);
+        if matches!(error, PinError::Locked { .. } | PinError::NotSet) {
+            self.dialog_step(event, None, &sentence).await
+        } else {
+            self.reply(event, &sentence, "pin-dialog").await
         }
     }
 
@@ -2047,8 +2066,8 @@ impl Payments {
             return self
                 .reply(
                     event,
-                    "Your PIN was exposed in a shared room: change it with !pin change before \
-                     confirming payments.",
+                    "Your PIN was exposed (typed in a shared room or sent unencrypted): change \
+                     it with !pin change before confirming payments.",
                     "stepup-compromised",
                 )
                 .await;

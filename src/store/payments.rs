@@ -219,6 +219,12 @@ pub enum EventOutcome {
         /// How it ended.
         attempt: PinAttemptResult,
     },
+    /// The event was a PIN dialog's answer (`!pin set`, `!pin change`, accepting new keys):
+    /// the dialog moved on and `reply` is what the bot says (a sentence, never a PIN).
+    DialogAnswered {
+        /// The bot's answer.
+        reply: String,
+    },
 }
 
 /// A short tag of a stored PIN record's bytes (a hash: it never holds the argon2 hash itself),
@@ -520,6 +526,40 @@ impl PaymentStore {
         self.outcomes
             .insert(event_id.as_bytes(), to_json(outcome))?;
         self.flush().await
+    }
+
+    /// Moves the user's PIN dialog to `dialog` (`None`: ends it) and records that `event_id`
+    /// answered it with `reply`, in one atomic, durable write: the same message handled again
+    /// gets the same answer and is never taken as the next step's answer.
+    pub async fn put_dialog_step(
+        &self,
+        user: &str,
+        dialog: Option<&Dialog>,
+        event_id: &str,
+        reply: &str,
+    ) -> Result<(), StoreError> {
+        use sled::transaction::{ConflictableTransactionResult, TransactionError};
+        use sled::Transactional as _;
+        let dialog_bytes = dialog.map(to_json);
+        let outcome_bytes = to_json(&EventOutcome::DialogAnswered {
+            reply: reply.to_owned(),
+        });
+        let written: Result<(), TransactionError<()>> = (&self.dialogs, &self.outcomes)
+            .transaction(
+                |(dialogs, outcomes)| -> ConflictableTransactionResult<(), ()> {
+                    match &dialog_bytes {
+                        Some(bytes) => dialogs.insert(user.as_bytes(), bytes.as_slice())?,
+                        None => dialogs.remove(user.as_bytes())?,
+                    };
+                    outcomes.insert(event_id.as_bytes(), outcome_bytes.as_slice())?;
+                    Ok(())
+                },
+            );
+        match written {
+            Ok(()) => self.flush().await,
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Abort(())) => unreachable!("the transaction never aborts"),
+        }
     }
 
     /// [`Self::swap_pin`] that also records `outcome` for `event_id`, in one atomic, durable

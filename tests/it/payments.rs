@@ -1206,6 +1206,59 @@ async fn a_wrong_pin_whose_reply_failed_counts_once() {
     s.alice_balance_is("15.00 EUR").await;
 }
 
+/// A PIN-dialog step whose answer failed to go out is answered again as decided: the retried
+/// message is not taken as the next step's answer (here: the old PIN of `!pin change` would
+/// become the new PIN's first entry).
+#[tokio::test]
+async fn a_pin_dialog_step_whose_reply_failed_is_not_taken_twice() {
+    let mut gate = PathBuf::new();
+    let s = scene_with("dialog-retry", 120_000, "20.00", |lease| {
+        gate = lease.dir.join("let-replies-through");
+        // Open while the scene sets alice's PIN; closed below.
+        std::fs::write(&gate, b"").expect("open the gate");
+        MxpayOptions {
+            env: vec![(
+                mxpay::payments::FAULT_FAIL_REPLY_ENV.to_owned(),
+                format!("pin-dialog:{}", gate.display()),
+            )],
+            ..Default::default()
+        }
+    })
+    .await;
+    let (alice, bot, dm) = (&s.alice, s.bot.as_str(), &s.dm);
+    let confirm_prompts = || {
+        alice
+            .seen_events()
+            .iter()
+            .filter(|e| {
+                e.room_id == *dm
+                    && e.sender() == bot
+                    && e.body()
+                        .is_some_and(|b| b.contains("Send the same PIN again"))
+            })
+            .count()
+    };
+    // Setting the PIN in the scene asked once already.
+    let prompts_before = confirm_prompts();
+    send_text(alice, dm, "!pin change").await;
+    wait_notice(alice, dm, bot, "first send your current PIN").await;
+    std::fs::remove_file(&gate).expect("close the gate");
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    send_text(alice, dm, PIN).await;
+    wait_retries(&s.mxpay, before + 2.0).await;
+    std::fs::write(&gate, b"").expect("open the gate");
+    wait_notice(alice, dm, bot, "Now send your new 4-digit PIN").await;
+    send_text(alice, dm, "1357").await;
+    wait_notice(alice, dm, bot, "Send the same PIN again").await;
+    send_text(alice, dm, "1357").await;
+    wait_notice(alice, dm, bot, "Your PIN is changed").await;
+    assert_eq!(
+        confirm_prompts(),
+        prompts_before + 1,
+        "the old PIN was taken as the new one"
+    );
+}
+
 #[tokio::test]
 async fn a_crash_between_the_ledger_post_and_the_receipt_is_repaired_on_restart() {
     let mut s = scene_with("outbox", 120_000, "20.00", |lease| MxpayOptions {
