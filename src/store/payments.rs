@@ -48,6 +48,10 @@ pub struct UserProfile {
     /// The PIN was seen where others could read it: payments wait for `!pin change`.
     #[serde(default)]
     pub pin_compromised: bool,
+    /// The operator confirmed (out of band, with an admin PIN reset) that the user's current
+    /// cross-signing identity is theirs: the next `!pin set` accepts it. Cleared once used.
+    #[serde(default)]
+    pub accept_new_keys_at_pin_set: bool,
 }
 
 /// A `!pin set` or `!pin change` in progress. Holds at most a hash, never a PIN.
