@@ -781,9 +781,13 @@ impl BotCrypto {
         }
         let machine = &self.inner.machine;
         if let Some(device_id) = device_id {
-            let device = machine.get_device(sender, device_id, None).await?;
-            if device.is_some_and(|device| !device.is_cross_signed_by_owner()) {
-                return Ok(TrustState::UnsignedDevice);
+            match machine.get_device(sender, device_id, None).await? {
+                // Deleted since its room key came: nothing vouches for it now.
+                None => return Ok(TrustState::UnknownDevice),
+                Some(device) if !device.is_cross_signed_by_owner() => {
+                    return Ok(TrustState::UnsignedDevice)
+                }
+                Some(_) => {}
             }
         }
         Ok(match machine.get_identity(sender, None).await? {

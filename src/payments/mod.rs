@@ -878,13 +878,53 @@ impl Payments {
     ) -> Result<(), PaymentsError> {
         let facts = self.facts(event).await?;
         let user = event.sender.as_str();
-        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
+        let record = self.store.pin(user)?;
+        let has_pin = record.as_ref().is_some_and(|r| r.hash.is_some());
         match trust::check(facts, self.trust_settings()) {
             Ok(()) => {}
-            // The PIN is the only secret mxpay knows a user by: before there is one, nothing
-            // can confirm a key change, and setting the first PIN accepts the current keys.
-            Err(TrustRefusal::IdentityChanged) if !has_pin && !change => {
+            // `!pin change` without a PIN only gets told to use `!pin set`.
+            Err(TrustRefusal::IdentityChanged) if !has_pin && change => {}
+            // Without a PIN nothing the user knows can confirm a key change; see
+            // `may_accept_keys_without_pin` for when setting the PIN accepts them.
+            Err(TrustRefusal::IdentityChanged) if !has_pin => {
+                if !self
+                    .may_accept_keys_without_pin(user, record.is_some())
+                    .await?
+                {
+                    self.messenger
+                        .notice(
+                            &event.room_id,
+                            &format!(
+                                "{}: your account's security keys changed since I first saw \
+                                 them, and you have no PIN to confirm that with. Ask the \
+                                 operator to confirm your new keys; until then I take no PIN \
+                                 and no payment from you.",
+                                event.sender
+                            ),
+                            Some(&event.event_id),
+                            txn("pin-refused", event.event_id.as_str()),
+                        )
+                        .await?;
+                    return Ok(());
+                }
                 self.messenger.crypto.accept_identity(&event.sender).await?;
+                let mut profile = self.store.profile(user)?;
+                if profile.accept_new_keys_at_pin_set {
+                    profile.accept_new_keys_at_pin_set = false;
+                    self.store.put_profile(user, &profile).await?;
+                }
+                if let Some(dm) = self.ready_dm(user)? {
+                    // Said in the DM, which the account's earlier sessions can read too.
+                    self.messenger
+                        .notice(
+                            &dm,
+                            "🔐 I accepted your account's new security keys (your cross-signing \
+                             was reset). If you did not do that, tell the operator now.",
+                            None,
+                            txn("keys-accepted", event.event_id.as_str()),
+                        )
+                        .await?;
+                }
             }
             Err(refusal) => {
                 if refusal == TrustRefusal::IdentityChanged {
@@ -1031,11 +1071,35 @@ impl Payments {
         Ok(())
     }
 
+    /// Whether `!pin set` may accept a user's changed identity although no PIN confirms it:
+    /// when the operator said so (an admin PIN reset with `accept_new_keys`), or when the user
+    /// never had a PIN and never had a payment (nothing to take over: a new user who reset
+    /// their keys before ever paying). A PIN reset by the operator without that flag, or a
+    /// wallet that ever held money, needs the operator: else whoever reset the keys (perhaps
+    /// an attacker with the password) would get the wallet by setting a PIN.
+    async fn may_accept_keys_without_pin(
+        &self,
+        user: &str,
+        had_pin_record: bool,
+    ) -> Result<bool, PaymentsError> {
+        if self.store.profile(user)?.accept_new_keys_at_pin_set {
+            return Ok(true);
+        }
+        if had_pin_record {
+            return Ok(false);
+        }
+        let page = self.ledger.history(&Owner::user(user), None, 1).await?;
+        Ok(page.transfers.is_empty())
+    }
+
     /// The sender's cross-signing identity changed: opens (or keeps) the dialog that accepts it
     /// with their PIN and asks in their DM. Re-asked on every refused attempt, with the same
     /// transaction id per event, so a retried transaction does not ask twice.
     async fn ask_to_accept_identity(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
         let user = event.sender.as_str();
+        if self.store.pin(user)?.is_none_or(|r| r.hash.is_none()) {
+            return Ok(()); // no PIN to confirm with (the operator can: see `!pin set`)
+        }
         let now_ms = self.clock.now_ms();
         let dialog = match self.store.dialog(user, now_ms)? {
             Some(open @ Dialog::AcceptIdentity { .. }) => open,
@@ -1988,13 +2052,28 @@ impl Payments {
                 }
             }
             Dialog::AcceptIdentity { .. } => {
+                if event.verification_state != TrustState::VerificationViolation {
+                    // Not sent from a session of the changed identity: either the keys were
+                    // accepted meanwhile (this very message, handled again after a crash), or
+                    // it comes from a session the new keys did not sign. Neither may accept
+                    // keys, and the PIN is not used for anything else.
+                    return self
+                        .dialog_step(
+                            event,
+                            None,
+                            "I did not use this PIN: no change of your security keys is waiting \
+                             for it from this session. If a payment is waiting for your PIN, \
+                             send it again.",
+                        )
+                        .await;
+                }
                 if self.store.profile(user)?.pin_compromised {
                     return self
                         .dialog_step(
                             event,
                             None,
                             "Your PIN was exposed, so it cannot confirm new security keys. Ask \
-                             the operator to reset your PIN, then set a new one with !pin set.",
+                             the operator to reset your PIN and confirm your new keys.",
                         )
                         .await;
                 }

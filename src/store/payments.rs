@@ -740,7 +740,7 @@ mod tests {
             let profile = UserProfile {
                 dm_room: Some("!dm".into()),
                 dm_joined: true,
-                pin_compromised: false,
+                ..UserProfile::default()
             };
             store.put_profile("@a:hs", &profile).await.unwrap();
         }

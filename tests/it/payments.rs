@@ -598,6 +598,95 @@ async fn a_cross_signing_reset_blocks_payments_until_the_pin_accepts_the_new_key
     assert!(bot_events_match_schemas(alice, bot) >= 2);
 }
 
+/// Without a PIN, nothing the user knows can confirm changed keys: once their wallet has held
+/// money, `!pin set` from the new identity is refused until the operator confirms the keys
+/// (a PIN reset with `accept_new_keys`); then setting the PIN accepts them.
+#[tokio::test]
+async fn without_a_pin_only_the_operator_confirms_the_changed_keys_of_a_funded_wallet() {
+    let s = scene("keys-operator", 120_000, "20.00").await;
+    let bot = s.bot.as_str();
+    let carol_user = support::user("carol").await;
+    let carol = support::client(&carol_user).await;
+    carol.bootstrap_cross_signing().await;
+    let dm = open_dm(&carol, bot).await;
+    let carol_id = carol.user.user_id.as_str();
+    topup(&s.mxpay.url, &s.admin_key, carol_id, "5.00", "EUR").await;
+    wait_notice(&carol, &dm, bot, "topped up").await;
+    // The bot decrypted carol's messages: it knows (and pinned) her first identity.
+    balance_is(&carol, &dm, bot, "5.00 EUR").await;
+    carol.reset_cross_signing().await;
+
+    let prompts = || {
+        carol
+            .seen_events()
+            .iter()
+            .filter(|e| {
+                e.room_id == dm
+                    && e.sender() == bot
+                    && e.body().is_some_and(|b| b.contains("Choose a 4-digit PIN"))
+            })
+            .count()
+    };
+    // The bot hears of the new keys through the homeserver's device-list notice, which may
+    // trail carol's next message: asked again (bounded) until the change shows.
+    let mut refused = false;
+    for _ in 0..20 {
+        let before = prompts();
+        let asked = send_text(&carol, &dm, "!pin set").await;
+        let answer = carol
+            .wait_for_event("the answer to !pin set", |e| {
+                (e.room_id == dm
+                    && e.sender() == bot
+                    && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == asked.as_str())
+                    || prompts() > before
+            })
+            .await;
+        if answer
+            .body()
+            .is_some_and(|b| b.contains("Ask the operator"))
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(refused, "the bot never noticed carol's new keys");
+
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/_mxpay/admin/v1/users/{}/pin-reset",
+            s.mxpay.url,
+            carol_id.replace('@', "%40").replace(':', "%3A")
+        ))
+        .bearer_auth(crate::admin::mint(
+            &s.admin_key,
+            &[mxpay::admin::token::Scope::PinReset],
+        ))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"accept_new_keys": true}).to_string())
+        .send()
+        .await
+        .expect("reach the admin API");
+    assert_eq!(
+        response.status(),
+        200,
+        "{}",
+        response.text().await.unwrap_or_default()
+    );
+    let before = prompts();
+    send_text(&carol, &dm, "!pin set").await;
+    wait_notice(
+        &carol,
+        &dm,
+        bot,
+        "I accepted your account's new security keys",
+    )
+    .await;
+    carol
+        .wait_for_event("the PIN prompt", |_| prompts() > before)
+        .await;
+}
+
 #[tokio::test]
 async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
     // At trace level, so the log check below covers every line mxpay can write.
