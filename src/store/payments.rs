@@ -741,6 +741,7 @@ mod tests {
                 dm_room: Some("!dm".into()),
                 dm_joined: true,
                 pin_compromised: false,
+                accept_new_keys_at_pin_set: false,
             };
             store.put_profile("@a:hs", &profile).await.unwrap();
         }
