@@ -1680,4 +1680,12 @@ async fn withdrawal_settled_and_pin_reset_through_the_cli() {
     alice
         .wait_for_message(&dm, &bot, |b| b.contains("you have no PIN yet"))
         .await;
+    // The operator confirms her keys too: the running mxpay answers that it did.
+    let (ok, out, err) = cli(
+        &["-c", config, "pin-reset", &alice_id, "--accept-new-keys"],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("security keys are accepted"), "{out}");
 }
