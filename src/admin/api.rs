@@ -319,11 +319,21 @@ fn accounts_answer(user_id: String, accounts: Vec<AccountJson>) -> serde_json::V
     serde_json::json!({ "user_id": user_id, "accounts": accounts })
 }
 
+/// Parses a request body that must be a JSON object (an empty body is `{}`). serde would also
+/// read a struct from an array (`[true]` as `{"accept_new_keys": true}`): refused, so a body
+/// means only what its field names say.
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
+    let bad = |e: serde_json::Error| AdminError::BadJson(e.to_string());
     if body.is_empty() {
-        return serde_json::from_slice(b"{}").map_err(|e| AdminError::BadJson(e.to_string()));
+        return serde_json::from_slice(b"{}").map_err(bad);
     }
-    serde_json::from_slice(body).map_err(|e| AdminError::BadJson(e.to_string()))
+    // JSON allows only whitespace before the value: an object starts with `{`.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(AdminError::BadJson(
+            "the body must be a JSON object".to_owned(),
+        ));
+    }
+    serde_json::from_slice(body).map_err(bad)
 }
 
 fn parse_query<T: DeserializeOwned>(uri: &Uri) -> Result<T, AdminError> {
@@ -445,10 +455,33 @@ async fn post_unfreeze(call: IdCall) -> Response {
     accounts_call(call, AccountsOp::Unfreeze).await
 }
 
-async fn post_pin_reset(call: IdCall) -> Response {
-    call.run(Scope::PinReset, "pin-reset", |state, user_id| async move {
-        let had_pin = state.reset_pin(&user_id).await?;
-        Ok(serde_json::json!({ "user_id": user_id, "had_pin": had_pin }))
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinResetRequest {
+    /// Also confirm the user's current cross-signing identity for their next `!pin set`.
+    #[serde(default)]
+    accept_new_keys: bool,
+}
+
+/// The audit action of a PIN reset that also confirms the user's new keys: a separate name, so
+/// an auditor finds every confirmation (including refused attempts) by its action alone.
+const PIN_RESET_ACCEPTING_KEYS: &str = "pin-reset.accept-new-keys";
+
+async fn post_pin_reset(call: IdCall, body: Body) -> Response {
+    // Parsed before authentication to name the audit action, but a bad body is answered only
+    // once the caller is authorised (as for the other bodies).
+    let request = match read_body(&call.headers, body).await {
+        Ok(body) => parse_json::<PinResetRequest>(&body),
+        Err(e) => Err(e),
+    };
+    let action = match &request {
+        Ok(PinResetRequest {
+            accept_new_keys: true,
+        }) => PIN_RESET_ACCEPTING_KEYS,
+        _ => "pin-reset",
+    };
+    call.run(Scope::PinReset, action, |state, user_id| async move {
+        state.reset_pin(&user_id, request?.accept_new_keys).await
     })
     .await
 }

@@ -39,9 +39,31 @@ pub const EVENTS_DIR: &str = "admin";
 /// A PIN store the admin API can reset PINs in (implemented by the payments layer).
 #[async_trait::async_trait]
 pub trait PinReset: Send + Sync + 'static {
-    /// Forgets `user_id`'s PIN: the user must set a new one before paying again. Returns
-    /// whether the user had a PIN.
-    async fn reset_pin(&self, user_id: &str) -> Result<bool, String>;
+    /// Forgets `user_id`'s PIN: the user must set a new one before paying again. With
+    /// `accept_new_keys`, also records (durably, after the PIN is forgotten) that the operator
+    /// confirmed the user's current cross-signing identity, so their next `!pin set` accepts
+    /// it, whether or not they had a PIN record. Returns whether the user had a PIN.
+    ///
+    /// A failure may come after the PIN was forgotten and before the confirmation was
+    /// recorded: the caller retries the whole reset (both halves are idempotent).
+    async fn reset_pin_with(&self, user_id: &str, accept_new_keys: bool) -> Result<bool, String>;
+
+    /// [`PinReset::reset_pin_with`] without confirming new keys: only the PIN is forgotten.
+    async fn reset_pin(&self, user_id: &str) -> Result<bool, String> {
+        self.reset_pin_with(user_id, false).await
+    }
+}
+
+/// What a PIN reset did, as the admin API answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinResetResponse {
+    /// The user.
+    pub user_id: String,
+    /// Whether the user had a PIN before the reset.
+    pub had_pin: bool,
+    /// Whether the reset also confirmed the user's current cross-signing identity: their next
+    /// `!pin set` accepts it.
+    pub accept_new_keys: bool,
 }
 
 /// The admin API's state: the ledger, keys, audit log and provider secrets.
@@ -508,13 +530,25 @@ impl AdminState {
         }
     }
 
-    /// Resets a user's PIN through the payments layer's PIN store.
-    pub async fn reset_pin(&self, user_id: &str) -> Result<bool, AdminError> {
+    /// Resets a user's PIN through the payments layer's PIN store; with `accept_new_keys`,
+    /// also confirms the user's current cross-signing identity for their next `!pin set`
+    /// (only after the operator checked out of band that the person reset it themself).
+    pub async fn reset_pin(
+        &self,
+        user_id: &str,
+        accept_new_keys: bool,
+    ) -> Result<PinResetResponse, AdminError> {
         let user = parse_user_id(user_id)?;
         let pins = self.pins.get().ok_or(AdminError::PinResetUnavailable)?;
-        pins.reset_pin(user.as_str())
+        let had_pin = pins
+            .reset_pin_with(user.as_str(), accept_new_keys)
             .await
-            .map_err(AdminError::internal)
+            .map_err(AdminError::internal)?;
+        Ok(PinResetResponse {
+            user_id: user_id.to_owned(),
+            had_pin,
+            accept_new_keys,
+        })
     }
 }
 

@@ -141,6 +141,11 @@ pub enum AdminCommand {
     PinReset {
         /// The user.
         user_id: String,
+        /// Also confirm the user's current security keys (cross-signing identity): their next
+        /// `!pin set` accepts them. ONLY after checking out of band that the person themself
+        /// reset their keys; otherwise whoever took over the account gets the wallet.
+        #[arg(long)]
+        accept_new_keys: bool,
     },
 }
 
@@ -346,7 +351,15 @@ async fn call(args: &AdminArgs) -> Result<(), AdminCliError> {
             Some(serde_json::json!({ "mode": if *all { "all" } else { "debits" } })),
         ),
         C::Unfreeze { user_id } => (Method::POST, user_path(user_id, "unfreeze"), None),
-        C::PinReset { user_id } => (Method::POST, user_path(user_id, "pin-reset"), None),
+        C::PinReset {
+            user_id,
+            accept_new_keys,
+        } => (
+            Method::POST,
+            user_path(user_id, "pin-reset"),
+            // No body for a plain reset: exactly what older servers understand.
+            accept_new_keys.then(|| serde_json::json!({ "accept_new_keys": true })),
+        ),
         C::Pending => (Method::GET, "/transfers/pending".to_owned(), None),
         C::Settle { withdrawal_id } => (
             Method::POST,
@@ -401,6 +414,23 @@ async fn call(args: &AdminArgs) -> Result<(), AdminCliError> {
                 .map(str::to_owned)
                 .unwrap_or_else(|| value.to_string()),
         });
+    }
+    if let C::PinReset {
+        accept_new_keys: true,
+        ..
+    } = &args.command
+    {
+        // A server from before `accept_new_keys` ignores the body: the PIN is reset but the
+        // keys are not confirmed, and the operator must know.
+        if value["accept_new_keys"] != Value::Bool(true) {
+            return Err(AdminCliError::Api {
+                status,
+                errcode: "KEYS_NOT_ACCEPTED".to_owned(),
+                error: "the PIN was reset, but this mxpay did not confirm the new keys \
+                        (upgrade it, then run the reset again)"
+                    .to_owned(),
+            });
+        }
     }
     if args.json {
         println!(
@@ -598,10 +628,16 @@ fn render(command: &AdminCommand, value: &Value, generated_key: Option<&str>) ->
             }
             out
         }
-        C::PinReset { .. } => format!(
-            "PIN reset for {}; they must set a new PIN before paying\n",
-            s(&value["user_id"])
-        ),
+        C::PinReset { .. } => {
+            let mut out = format!(
+                "PIN reset for {}; they must set a new PIN before paying\n",
+                s(&value["user_id"])
+            );
+            if value["accept_new_keys"] == Value::Bool(true) {
+                out.push_str("their current security keys are accepted when they set it\n");
+            }
+            out
+        }
         C::Token { .. } | C::Export => String::new(),
     }
 }
@@ -648,6 +684,45 @@ mod tests {
             ],
         );
         assert_eq!(out, "A          LONGER\nwide cell  x\nb          y\n");
+    }
+
+    #[test]
+    fn pin_reset_accepts_new_keys_only_with_the_flag() {
+        use clap::Parser as _;
+        let parse = |extra: &[&str]| {
+            let args = ["mxpay", "admin", "pin-reset", "@a:x"];
+            let cli = crate::cli::Cli::try_parse_from(args.iter().chain(extra))?;
+            let crate::cli::Command::Admin(admin) = cli.command else {
+                panic!("not an admin command: {cli:?}");
+            };
+            match admin.command {
+                AdminCommand::PinReset {
+                    user_id,
+                    accept_new_keys,
+                } => Ok::<_, clap::Error>((user_id, accept_new_keys)),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(parse(&[]).unwrap(), ("@a:x".to_owned(), false));
+        assert_eq!(
+            parse(&["--accept-new-keys"]).unwrap(),
+            ("@a:x".to_owned(), true)
+        );
+        assert!(parse(&["--accept-new-keys=false"]).is_err());
+
+        let command = AdminCommand::PinReset {
+            user_id: "@a:x".to_owned(),
+            accept_new_keys: true,
+        };
+        let plain =
+            serde_json::json!({"user_id": "@a:x", "had_pin": true, "accept_new_keys": false});
+        let out = render(&command, &plain, None);
+        assert!(out.contains("PIN reset for @a:x"), "{out}");
+        assert!(!out.contains("security keys"), "{out}");
+        let keys =
+            serde_json::json!({"user_id": "@a:x", "had_pin": false, "accept_new_keys": true});
+        let out = render(&command, &keys, None);
+        assert!(out.contains("security keys are accepted"), "{out}");
     }
 
     #[test]

@@ -778,7 +778,7 @@ mod tests {
         );
         assert_eq!(
             String::from_utf8(to_json(&UserProfile::default())).unwrap(),
-            r#"{"dm_room":null,"dm_joined":false,"pin_compromised":false}"#
+            r#"{"dm_room":null,"dm_joined":false,"pin_compromised":false,"accept_new_keys_at_pin_set":false}"#
         );
         assert_eq!(
             String::from_utf8(to_json(&EventOutcome::Declined(DeclineRecord {

@@ -1362,15 +1362,15 @@ async fn app_mounts_the_admin_api_from_the_config() {
     assert!(!error.contains(std::str::from_utf8(&secret).unwrap()));
 }
 
-/// A PIN store that records resets.
+/// A PIN store that records resets: the user and whether the reset accepted new keys.
 #[derive(Default)]
-struct FakePins(parking_lot::Mutex<Vec<String>>);
+struct FakePins(parking_lot::Mutex<Vec<(String, bool)>>);
 
 #[async_trait::async_trait]
 impl mxpay::admin::service::PinReset for FakePins {
-    async fn reset_pin(&self, user_id: &str) -> Result<bool, String> {
+    async fn reset_pin_with(&self, user_id: &str, accept_new_keys: bool) -> Result<bool, String> {
         let mut resets = self.0.lock();
-        resets.push(user_id.to_owned());
+        resets.push((user_id.to_owned(), accept_new_keys));
         Ok(resets.len() == 1)
     }
 }
@@ -1395,7 +1395,7 @@ async fn pin_reset_needs_its_scope_and_a_pin_store() {
         .call("POST", "/users/alice/pin-reset", Some(&token), None)
         .await;
     assert_eq!(status, 400, "{body}");
-    assert_eq!(*pins.0.lock(), [ALICE]);
+    assert_eq!(*pins.0.lock(), [(ALICE.to_owned(), false)]);
     let audit = h.audit().await;
     let results: Vec<&str> = audit
         .iter()
@@ -1406,6 +1406,156 @@ async fn pin_reset_needs_its_scope_and_a_pin_store() {
         results,
         ["M_INVALID_PARAM", "ok", "M_FORBIDDEN", "M_UNRECOGNIZED"]
     );
+}
+
+/// `{"accept_new_keys": true}` reaches the PIN store, is answered and has its own audit
+/// action; an absent body, `{}` and `false` are a plain reset; anything else is refused before
+/// anything is reset, and only once the caller is authorised.
+#[tokio::test]
+async fn pin_reset_accepts_new_keys_only_when_asked() {
+    let h = Harness::new();
+    let pins = Arc::new(FakePins::default());
+    h.state.set_pin_reset(pins.clone());
+    let path = format!("/users/{}/pin-reset", enc(ALICE));
+    let token = h.token(&[Scope::PinReset]);
+    let accept = json!({ "accept_new_keys": true });
+
+    for body in [
+        None,
+        Some(json!({})),
+        Some(json!({ "accept_new_keys": false })),
+    ] {
+        let (status, answer) = h.call("POST", &path, Some(&token), body.clone()).await;
+        assert_eq!(status, 200, "{body:?}: {answer}");
+        assert_eq!(answer["accept_new_keys"], false, "{body:?}: {answer}");
+        assert_eq!(answer["user_id"], ALICE);
+    }
+    let (status, answer) = h
+        .call("POST", &path, Some(&token), Some(accept.clone()))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({ "user_id": ALICE, "had_pin": false, "accept_new_keys": true })
+    );
+
+    for body in [
+        json!({ "accept_new_keys": true, "also": 1 }),
+        json!({ "accept_new_keys": "yes" }),
+        json!({ "accept_new_keys": null }),
+        json!(true),
+        json!([]),
+    ] {
+        let (status, answer) = h
+            .call("POST", &path, Some(&token), Some(body.clone()))
+            .await;
+        assert_eq!(
+            (status.as_u16(), answer["errcode"].as_str()),
+            (400, Some("M_BAD_JSON")),
+            "{body}: {answer}"
+        );
+    }
+    // Not JSON at all.
+    let request = Request::post(format!("/_mxpay/admin/v1{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Body::from("accept_new_keys"))
+        .unwrap();
+    let (status, answer) = h.send(request).await;
+    assert_eq!(
+        (status.as_u16(), answer["errcode"].as_str()),
+        (400, Some("M_BAD_JSON")),
+        "{answer}"
+    );
+    // Authorisation comes first, for a good body or a bad one; attempts are audited under the
+    // action they asked for.
+    let (status, _) = h.call("POST", &path, None, Some(accept.clone())).await;
+    assert_eq!(status, 401);
+    let freeze = h.token(&[Scope::Freeze]);
+    let (status, _) = h.call("POST", &path, Some(&freeze), Some(accept)).await;
+    assert_eq!(status, 403);
+    let (status, _) = h
+        .call("POST", &path, Some(&freeze), Some(json!({ "also": 1 })))
+        .await;
+    assert_eq!(status, 403);
+
+    assert_eq!(
+        *pins.0.lock(),
+        [
+            (ALICE.to_owned(), false),
+            (ALICE.to_owned(), false),
+            (ALICE.to_owned(), false),
+            (ALICE.to_owned(), true),
+        ]
+    );
+    let audit: Vec<(String, String)> = h
+        .audit()
+        .await
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap().starts_with("pin-reset"))
+        .map(|e| {
+            assert_eq!(e["target"], ALICE, "{e}");
+            let field = |name: &str| e[name].as_str().unwrap().to_owned();
+            (field("action"), field("result"))
+        })
+        .collect();
+    let entry = |action: &str, result: &str| (action.to_owned(), result.to_owned());
+    let plain = "pin-reset";
+    let keys = "pin-reset.accept-new-keys";
+    assert_eq!(
+        audit,
+        [
+            // Newest first.
+            entry(plain, "M_FORBIDDEN"),
+            entry(keys, "M_FORBIDDEN"),
+            entry(keys, "M_MISSING_TOKEN"),
+            entry(plain, "M_BAD_JSON"),
+            entry(plain, "M_BAD_JSON"),
+            entry(plain, "M_BAD_JSON"),
+            entry(plain, "M_BAD_JSON"),
+            entry(plain, "M_BAD_JSON"),
+            entry(plain, "M_BAD_JSON"),
+            entry(keys, "ok"),
+            entry(plain, "ok"),
+            entry(plain, "ok"),
+            entry(plain, "ok"),
+        ]
+    );
+}
+
+/// Through the API into the real PIN store: a confirming reset marks the profile of a user
+/// who never set a PIN, so their first `!pin set` accepts their keys; a plain one does not.
+#[tokio::test]
+async fn pin_reset_accepting_new_keys_marks_the_profile_in_the_pin_store() {
+    let h = Harness::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = mxpay::store::PaymentStore::open(dir.path()).unwrap();
+    h.state.set_pin_reset(Arc::new(store.clone()));
+    let token = h.token(&[Scope::PinReset]);
+    let (status, answer) = h
+        .call(
+            "POST",
+            &format!("/users/{}/pin-reset", enc(BOB)),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(!store.profile(BOB).unwrap().accept_new_keys_at_pin_set);
+    let (status, answer) = h
+        .call(
+            "POST",
+            &format!("/users/{}/pin-reset", enc(ALICE)),
+            Some(&token),
+            Some(json!({ "accept_new_keys": true })),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["had_pin"], false);
+    assert_eq!(answer["accept_new_keys"], true);
+    assert!(store.profile(ALICE).unwrap().accept_new_keys_at_pin_set);
+    assert!(store.pin(ALICE).unwrap().is_none(), "no PIN record is made");
+    assert!(!store.profile(BOB).unwrap().accept_new_keys_at_pin_set);
 }
 
 /// Payments and the admin API together over the real binary: alice withdraws with her PIN,
@@ -1530,4 +1680,12 @@ async fn withdrawal_settled_and_pin_reset_through_the_cli() {
     alice
         .wait_for_message(&dm, &bot, |b| b.contains("you have no PIN yet"))
         .await;
+    // The operator confirms her keys too: the running mxpay answers that it did.
+    let (ok, out, err) = cli(
+        &["-c", config, "pin-reset", &alice_id, "--accept-new-keys"],
+        Some(&token),
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("security keys are accepted"), "{out}");
 }
