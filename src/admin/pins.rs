@@ -45,21 +45,21 @@ impl PaymentStore {
 impl PinReset for PaymentStore {
     async fn reset_pin_with(&self, user_id: &str, accept_new_keys: bool) -> Result<bool, String> {
         let had_pin = self.forget_pin(user_id).await?;
-        if accept_new_keys {
-            // After the PIN is gone, so the confirmation can only be used through a new
-            // `!pin set`, never by a PIN that was known before the reset. Also for a user
-            // without a PIN record: the operator may confirm keys for someone who never set one.
-            // A read-modify-write like the payments layer's own profile writes: one of those
-            // that read the profile before this write and writes it back after (e.g. while it
-            // creates a DM) drops the flag. That fails safe: the user is told again to ask the
-            // operator, and the reset can be repeated.
-            let mut profile = self.profile(user_id).map_err(|e| e.to_string())?;
-            if !profile.accept_new_keys_at_pin_set {
-                profile.accept_new_keys_at_pin_set = true;
-                self.put_profile(user_id, &profile)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
+        // After the PIN is gone, so a confirmation can only be used through a new `!pin set`,
+        // never by a PIN known before the reset; also for a user without a PIN record (the
+        // operator may confirm keys for someone who never set one). A plain reset withdraws an
+        // earlier confirmation not used yet: the operator's latest word counts, and a forgotten
+        // confirmation does not wait for a later takeover.
+        // A read-modify-write like the payments layer's own profile writes: one of those that
+        // read the profile before this write and writes it back after (e.g. while it creates a
+        // DM, a few hundred milliseconds) undoes it. Repeat the reset if the user's next
+        // `!pin set` does not behave as intended.
+        let mut profile = self.profile(user_id).map_err(|e| e.to_string())?;
+        if profile.accept_new_keys_at_pin_set != accept_new_keys {
+            profile.accept_new_keys_at_pin_set = accept_new_keys;
+            self.put_profile(user_id, &profile)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok(had_pin)
     }
@@ -139,8 +139,8 @@ mod tests {
         assert!(store.pin("@b:x").unwrap().is_none());
         assert!(store.profile("@b:x").unwrap().accept_new_keys_at_pin_set);
 
-        // Without the flag nothing but the PIN changes: no flag appears, and one already set
-        // (by an earlier confirming reset) is not withdrawn.
+        // Without the flag no confirmation appears, and one set by an earlier confirming reset
+        // and not used yet is withdrawn.
         store
             .put_pin("@c:x", &PinRecord::new("$argon2id$v=19$stub".to_owned()))
             .await
@@ -150,6 +150,6 @@ mod tests {
         assert_eq!(store.reset_pin("@a:x").await, Ok(false));
         assert!(!store.profile("@c:x").unwrap().accept_new_keys_at_pin_set);
         assert!(!store.profile("@d:x").unwrap().accept_new_keys_at_pin_set);
-        assert!(store.profile("@a:x").unwrap().accept_new_keys_at_pin_set);
+        assert!(!store.profile("@a:x").unwrap().accept_new_keys_at_pin_set);
     }
 }
