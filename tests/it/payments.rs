@@ -610,9 +610,12 @@ async fn without_a_pin_only_the_operator_confirms_the_changed_keys_of_a_funded_w
     carol.bootstrap_cross_signing().await;
     let dm = open_dm(&carol, bot).await;
     let carol_id = carol.user.user_id.as_str();
+    // A first command makes the room carol's DM with the bot; decrypting it, the bot learns
+    // (and pins) her first identity.
+    send_text(&carol, &dm, "!balance").await;
+    wait_notice(&carol, &dm, bot, "Your wallet is empty").await;
     topup(&s.mxpay.url, &s.admin_key, carol_id, "5.00", "EUR").await;
     wait_notice(&carol, &dm, bot, "topped up").await;
-    // The bot decrypted carol's messages: it knows (and pinned) her first identity.
     balance_is(&carol, &dm, bot, "5.00 EUR").await;
     carol.reset_cross_signing().await;
 
