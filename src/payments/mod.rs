@@ -497,13 +497,7 @@ impl Payments {
                             Ok(Command::Help) => Ok(false),
                             Ok(command) => self.on_command(event, command).await.map(|_| true),
                             Err(error) => {
-                                self.messenger
-                                    .notice(
-                                        &event.room_id,
-                                        &format!("{}: {error}", event.sender),
-                                        Some(&event.event_id),
-                                        txn("command-error", event.event_id.as_str()),
-                                    )
+                                self.answer(event, &error.to_string(), "command-error")
                                     .await?;
                                 Ok(true)
                             }
@@ -534,18 +528,13 @@ impl Payments {
                         self.count_failure(outcome)?;
                     }
                     Err(_) => {
-                        self.messenger
-                            .notice(
-                                &event.room_id,
-                                &format!(
-                                    "{}: this org.mxpay.transfer_intent is malformed (see the \
-                                     event schema in mxpay's docs/events.md)",
-                                    event.sender
-                                ),
-                                Some(&event.event_id),
-                                txn("intent-error", event.event_id.as_str()),
-                            )
-                            .await?;
+                        self.answer(
+                            event,
+                            "this org.mxpay.transfer_intent is malformed (see the event \
+                             schema in mxpay's docs/events.md)",
+                            "intent-error",
+                        )
+                        .await?;
                     }
                 }
                 Ok(true)
@@ -891,20 +880,14 @@ impl Payments {
                     .may_accept_keys_without_pin(user, record.is_some())
                     .await?
                 {
-                    self.messenger
-                        .notice(
-                            &event.room_id,
-                            &format!(
-                                "{}: your account's security keys changed since I first saw \
-                                 them, and you have no PIN to confirm that with. Ask the \
-                                 operator to confirm your new keys; until then I take no PIN \
-                                 and no payment from you.",
-                                event.sender
-                            ),
-                            Some(&event.event_id),
-                            txn("pin-refused", event.event_id.as_str()),
-                        )
-                        .await?;
+                    self.answer(
+                        event,
+                        "your account's security keys changed since I first saw them, and \
+                         you have no PIN to confirm that with. Ask the operator to confirm \
+                         your new keys; until then I take no PIN and no payment from you.",
+                        "pin-refused",
+                    )
+                    .await?;
                     return Ok(());
                 }
                 self.messenger.crypto.accept_identity(&event.sender).await?;
@@ -930,13 +913,7 @@ impl Payments {
                 if refusal == TrustRefusal::IdentityChanged {
                     self.ask_to_accept_identity(event).await?;
                 }
-                self.messenger
-                    .notice(
-                        &event.room_id,
-                        &format!("{}: {refusal}", event.sender),
-                        Some(&event.event_id),
-                        txn("pin-refused", event.event_id.as_str()),
-                    )
+                self.answer(event, &refusal.to_string(), "pin-refused")
                     .await?;
                 return Ok(());
             }
@@ -1816,6 +1793,24 @@ impl Payments {
 
     async fn done(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
         self.store.mark_done(event.event_id.as_str()).await?;
+        Ok(())
+    }
+
+    /// Answers `event` in its room, as a reply addressed to its sender.
+    async fn answer(
+        &self,
+        event: &DecryptedEvent,
+        text: &str,
+        purpose: &str,
+    ) -> Result<(), PaymentsError> {
+        self.messenger
+            .notice(
+                &event.room_id,
+                &format!("{}: {text}", event.sender),
+                Some(&event.event_id),
+                txn(purpose, event.event_id.as_str()),
+            )
+            .await?;
         Ok(())
     }
 
@@ -3278,13 +3273,14 @@ mod tests {
     #[tokio::test]
     async fn a_pin_attempt_interrupted_after_counting_is_finished_without_counting_again() {
         let (_dir, store) = store_with_pin().await;
-        let interrupted = check_pin_with(&store, "@a:hs", "$pin", 1_000, |_| async {
+        // The comparison fails with a retryable error.
+        let interrupt = |_| async {
             Err(PaymentsError::Store(StoreError::Corrupt {
                 tree: "test",
                 reason: "interrupted",
             }))
-        })
-        .await;
+        };
+        let interrupted = check_pin_with(&store, "@a:hs", "$pin", 1_000, interrupt).await;
         assert!(interrupted.is_err());
         assert_eq!(failed_in_row(&store), 1, "counted before comparing");
         let retried = check_pin_with(&store, "@a:hs", "$pin", 2_000, |_| async { Ok(false) })
@@ -3294,13 +3290,7 @@ mod tests {
         assert_eq!(failed_in_row(&store), 1, "not counted twice");
 
         // Interrupted, then the admin reset the PIN: the retry is void.
-        let interrupted = check_pin_with(&store, "@a:hs", "$pin-2", 3_000, |_| async {
-            Err(PaymentsError::Store(StoreError::Corrupt {
-                tree: "test",
-                reason: "interrupted",
-            }))
-        })
-        .await;
+        let interrupted = check_pin_with(&store, "@a:hs", "$pin-2", 3_000, interrupt).await;
         assert!(interrupted.is_err());
         {
             use crate::admin::service::PinReset;

@@ -357,6 +357,34 @@ impl Scene {
         self.bob.user.user_id.as_str()
     }
 
+    /// alice asks in the room to pay bob `amount` EUR (written with its two decimals, as the
+    /// challenge shows it) and waits for the challenge in her DM; returns the `!pay` event.
+    async fn alice_asks_to_pay_bob(&self, amount: &str) -> OwnedEventId {
+        let pay = send_text(
+            &self.alice,
+            &self.room,
+            &format!("!pay {} {amount} EUR", self.bob_id()),
+        )
+        .await;
+        wait_notice(
+            &self.alice,
+            &self.dm,
+            &self.bot,
+            &format!("Confirm paying {amount} EUR"),
+        )
+        .await;
+        pay
+    }
+
+    /// [`Self::alice_asks_to_pay_bob`], confirmed with `pin`; waits until bob sees the
+    /// completed receipt.
+    async fn alice_pays_bob(&self, amount: &str, pin: &str) -> OwnedEventId {
+        let pay = self.alice_asks_to_pay_bob(amount).await;
+        send_text(&self.alice, &self.dm, pin).await;
+        wait_receipt(&self.bob, &self.room, &self.bot, &pay, "completed", None).await;
+        pay
+    }
+
     /// A new encrypted room of alice, bob and the bot where the bot may redact
     /// (`trusted_private_chat` gives invitees full power), everyone joined.
     async fn redacting_room(&self) -> OwnedRoomId {
@@ -518,10 +546,7 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
     // The payment that waited through all this is cancelled, so the next PIN has one to confirm.
     send_text(alice, dm, "!cancel").await;
     wait_receipt(alice, room, bot, &waiting, "declined", None).await;
-    let pay = send_text(alice, room, &format!("!pay {} 2 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 2.00 EUR").await;
-    send_text(alice, dm, "1357").await;
-    wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
+    s.alice_pays_bob("2.00", "1357").await;
     s.alice_balance_is("18.00 EUR").await;
     // Declined receipts too match the schema.
     assert!(bot_events_match_schemas(alice, bot) >= 8);
@@ -590,10 +615,7 @@ async fn a_cross_signing_reset_blocks_payments_until_the_pin_accepts_the_new_key
     wait_notice(alice, dm, bot, "I accept your new security keys").await;
 
     // Paying works again, from the same device under its new identity.
-    let pay = send_text(alice, room, &format!("!pay {} 2 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 2.00 EUR").await;
-    send_text(alice, dm, PIN).await;
-    wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
+    s.alice_pays_bob("2.00", PIN).await;
     s.alice_balance_is("18.00 EUR").await;
     assert!(bot_events_match_schemas(alice, bot) >= 2);
 }
@@ -699,8 +721,7 @@ async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
     })
     .await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
-    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let pay = s.alice_asks_to_pay_bob("5.00").await;
     for left in (1..=4).rev() {
         let wrong = send_text(alice, dm, "0000").await;
         let plural = if left == 1 { "attempt" } else { "attempts" };
@@ -815,8 +836,7 @@ async fn a_plain_pin_with_two_payments_waiting_pays_neither_until_one_is_chosen(
 async fn a_payment_refused_after_the_pin_is_voided_with_its_reason() {
     let s = scene("refused-post", 120_000, "20.00").await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
-    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let pay = s.alice_asks_to_pay_bob("5.00").await;
     let response = reqwest::Client::new()
         .post(format!(
             "{}/_mxpay/admin/v1/users/{}/freeze",
@@ -853,8 +873,7 @@ async fn a_payment_refused_after_the_pin_is_voided_with_its_reason() {
 async fn the_dm_receipt_goes_out_even_when_the_room_cannot_be_told() {
     let s = scene("kicked", 120_000, "20.00").await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
-    send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    s.alice_asks_to_pay_bob("5.00").await;
     let bot_id = matrix_sdk::ruma::OwnedUserId::try_from(bot).expect("bot id");
     alice
         .room(room)
@@ -877,8 +896,7 @@ async fn the_dm_receipt_goes_out_even_when_the_room_cannot_be_told() {
 async fn a_pin_in_a_dm_that_is_no_longer_private_is_not_used() {
     let s = scene("not-private", 120_000, "20.00").await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
-    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let pay = s.alice_asks_to_pay_bob("5.00").await;
     alice
         .room(dm)
         .await
@@ -971,8 +989,7 @@ async fn pins_in_other_shapes_are_recognised_and_numbers_in_chat_are_left_alone(
     wait_redacted(alice, dm, &draft).await;
 
     // A PIN sent unencrypted into the DM is not used, and the PIN is blocked until changed.
-    send_text(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 1.00 EUR").await;
+    s.alice_asks_to_pay_bob("1.00").await;
     let plain = send_plaintext(alice, dm, PIN).await;
     wait_notice(alice, dm, bot, "reached me unencrypted").await;
     wait_redacted(alice, dm, &plain).await;
@@ -1030,19 +1047,7 @@ async fn transfer_intent_pays_once_even_replayed_and_withdraw_waits_for_settleme
     s.alice_balance_is("47.00 EUR").await;
 
     // The homeserver delivers the same (encrypted) event again in a new transaction.
-    let token = alice.inner().access_token().expect("logged in");
-    let raw: Value = reqwest::Client::new()
-        .get(format!(
-            "{}/_matrix/client/v3/rooms/{room}/event/{intent}",
-            support::synapse().url
-        ))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("fetch the event")
-        .json()
-        .await
-        .expect("event JSON");
+    let raw = raw_event(alice, room, &intent).await;
     assert_eq!(raw["type"], "m.room.encrypted");
     let replay_txn = format!("replay-{}", support::random_suffix(8));
     let replay_body = serde_json::json!({ "events": [raw] });
@@ -1154,8 +1159,7 @@ async fn a_late_payment_request_starts_nothing_and_a_replayed_started_one_is_not
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
 
     // A payment made the normal way.
-    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let pay = s.alice_asks_to_pay_bob("5.00").await;
     send_text(alice, dm, PIN).await;
     wait_receipt(alice, room, bot, &pay, "completed", None).await;
     let raw_pay = raw_event(alice, room, &pay).await;
@@ -1282,8 +1286,7 @@ async fn a_refusal_whose_reply_failed_is_repeated_not_decided_again() {
 async fn a_wrong_pin_whose_reply_failed_counts_once() {
     let (s, gate) = scene_with_failing_reply("pin-retry", "stepup-wrong").await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
-    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
-    wait_notice(alice, dm, bot, "Confirm paying 5.00 EUR").await;
+    let pay = s.alice_asks_to_pay_bob("5.00").await;
     let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
     send_text(alice, dm, "0000").await;
     wait_retries(&s.mxpay, before + 2.0).await;
