@@ -1511,6 +1511,32 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
     let (ok, _, err) = cli(&["-c", config, "balance", &alice_id], None).await;
     assert!(!ok && err.contains("MXPAY_ADMIN_TOKEN"), "{err}");
 
+    // `token create` names the token's id on stderr; `token revoke` makes the running mxpay
+    // refuse it, while other tokens keep working.
+    let (ok, leaked, err) = cli(&["-c", config, "token", "create", "--scope", "read"], None).await;
+    assert!(ok, "{err}");
+    let jti = err
+        .split("token id (jti): ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no jti on stderr: {err}"));
+    assert_eq!(jti.len(), 32, "{err}");
+    let leaked = leaked.trim();
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(leaked)).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&["-c", config, "token", "revoke", jti], Some(leaked)).await;
+    assert!(
+        ok && out.contains(&format!("token {jti} revoked")),
+        "{out} {err}"
+    );
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(leaked)).await;
+    assert!(
+        !ok && err.contains("M_UNKNOWN_TOKEN") && err.contains("revoked"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(&read_only)).await;
+    assert!(ok, "{err}");
+
     let (ok, out, err) = cli(&["-c", config, "audit", "--limit", "100"], Some(&token)).await;
     assert!(ok, "{err}");
     for action in [
