@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::audit::{AuditEntry, AUDIT_PAGE_MAX};
 use super::service::{AdminState, Settlement, TopupRequest, HISTORY_PAGE_DEFAULT};
-use super::token::{authorize, Scope, TokenError};
+use super::token::{authorize, AdminClaims, Scope, TokenError};
 use super::views::{AccountJson, TransferJson};
 use super::webhook::SIGNATURE_HEADER;
 use super::AdminError;
@@ -124,7 +124,8 @@ pub fn routes(state: Option<Arc<AdminState>>) -> (Router, Vec<(&'static str, Str
         )
         .add("post", "/ledger/verify", post(post_verify))
         .add("get", "/ledger/export", get(get_export))
-        .add("get", "/audit", get(get_audit));
+        .add("get", "/audit", get(get_audit))
+        .add("post", "/tokens/{jti}/revoke", post(post_revoke));
     let routes = mount.routes;
     (mount.router.with_state(state), routes)
 }
@@ -162,6 +163,17 @@ fn authenticate(
     headers: &HeaderMap,
     scope: Scope,
 ) -> (Caller, Result<(), AdminError>) {
+    authenticate_with(state, headers, |claims| authorize(claims, scope))
+}
+
+/// Authenticates (signature, audience, expiry, lifetime, not revoked), then asks `allow`.
+/// A token that is genuine but refused (revoked, too long-lived, missing a scope) still names
+/// its caller, so the audit log shows who tried.
+fn authenticate_with(
+    state: &AdminState,
+    headers: &HeaderMap,
+    allow: impl FnOnce(&AdminClaims) -> Result<(), TokenError>,
+) -> (Caller, Result<(), AdminError>) {
     let claims = match bearer(headers).and_then(|t| state.tokens.authenticate(t)) {
         Ok(claims) => claims,
         Err(e) => {
@@ -172,7 +184,9 @@ fn authenticate(
             return (caller, Err(e.into()));
         }
     };
-    let allowed = authorize(&claims, scope).map_err(AdminError::from);
+    let allowed = state
+        .check_token(&claims)
+        .and_then(|()| allow(&claims).map_err(AdminError::from));
     (
         Caller {
             actor: claims.sub,
@@ -582,6 +596,28 @@ async fn get_export(State(state): State<Shared>, headers: HeaderMap) -> Response
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// `POST /tokens/{jti}/revoke`: needs the `revoke` scope, except that a token may always
+/// revoke itself (that only takes power away).
+async fn post_revoke(call: IdCall) -> Response {
+    let IdCall {
+        state,
+        id: jti,
+        headers,
+    } = call;
+    let (caller, allowed) = authenticate_with(&state, &headers, |claims| {
+        if claims.jti == jti {
+            Ok(())
+        } else {
+            authorize(claims, Scope::Revoke)
+        }
+    });
+    let result = match allowed {
+        Ok(()) => state.revoke_token(&jti).await,
+        Err(e) => Err(e),
+    };
+    finish(&state, caller, "token.revoke", jti, result).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,5 +1,6 @@
 //! Provider webhook events already received: `(provider, event id) -> SHA-256 of the body`,
-//! durable in a sled tree under `<data_dir>/admin/`.
+//! durable in a sled tree under `<data_dir>/admin/`. [`open_db`] opens that database; other
+//! admin trees (the revoked tokens, [`super::revoked`]) live in it too.
 //!
 //! An event id is claimed (written and flushed) *before* its effect is applied, so a crash in
 //! between leaves a claim whose retry (same body) applies the effect again; every effect is
@@ -44,24 +45,37 @@ pub struct EventStore {
     tree: sled::Tree,
 }
 
+/// Opens (or creates) the admin database in `dir`, waiting (bounded) for a dropped handle of
+/// the same process to release its lock.
+pub fn open_db(dir: &Path) -> Result<sled::Db, EventStoreError> {
+    let mut attempts_left = LOCK_ATTEMPTS_MAX;
+    loop {
+        // Every write flushes explicitly; a background flusher would only add fsyncs.
+        match sled::Config::new().path(dir).flush_every_ms(None).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && attempts_left > 1 =>
+            {
+                attempts_left -= 1;
+                std::thread::sleep(LOCK_RETRY_PAUSE);
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl EventStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, EventStoreError> {
-        let mut attempts_left = LOCK_ATTEMPTS_MAX;
-        let db = loop {
-            // Every claim flushes explicitly; a background flusher would only add fsyncs.
-            match sled::Config::new().path(dir).flush_every_ms(None).open() {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock") && attempts_left > 1 =>
-                {
-                    attempts_left -= 1;
-                    std::thread::sleep(LOCK_RETRY_PAUSE);
-                }
-                other => break other?,
-            }
-        };
+        Self::with_db(&open_db(dir)?)
+    }
+
+    /// The store in an admin database opened with [`open_db`].
+    pub fn with_db(db: &sled::Db) -> Result<Self, EventStoreError> {
         let tree = db.open_tree(TREE)?;
-        Ok(Self { db, tree })
+        Ok(Self {
+            db: db.clone(),
+            tree,
+        })
     }
 
     /// Claims `(provider, event_id)` for `body`, durably.

@@ -1,15 +1,19 @@
 //! The admin API: top-ups, provider webhooks, balances and history, freezes, withdrawal
-//! settlement, ledger verify and export, and the audit log. See `docs/admin-api.md`.
+//! settlement, ledger verify and export, the audit log and token revocation. See
+//! `docs/admin-api.md`.
 //!
 //! Layout: [`settings`] is the `admin:` config section; [`token`], [`webhook`] and [`audit`]
-//! are pure building blocks (JWTs, HMAC signatures, the hash-chained log); [`service`] holds the
-//! operations against the ledger ([`AdminState`]); [`api`] is the thin axum layer that
-//! authenticates, calls the service and writes every call to the audit log.
+//! are pure building blocks (JWTs, HMAC signatures, the hash-chained log); [`events`] and
+//! [`revoked`] are the sled trees of `<data_dir>/admin/` (webhook events received, revoked
+//! token ids); [`service`] holds the operations against the ledger ([`AdminState`]); [`api`]
+//! is the thin axum layer that authenticates, calls the service and writes every call to the
+//! audit log.
 
 pub mod api;
 pub mod audit;
 pub mod events;
 pub mod pins;
+pub mod revoked;
 pub mod service;
 pub mod settings;
 pub mod token;
@@ -68,6 +72,9 @@ pub enum AdminError {
     /// The admin API is off in this config.
     #[error("the admin API is not enabled (set admin.token in the config)")]
     Disabled,
+    /// [`revoked::REVOKED_TOKENS_MAX`] tokens are revoked already.
+    #[error("too many admin tokens are revoked already; rotate the admin token key instead")]
+    RevocationsFull,
     /// The PIN store is not available in this build or process.
     #[error("PIN reset is not available on this server")]
     PinResetUnavailable,
@@ -106,6 +113,7 @@ impl AdminError {
             Self::Rejected(_) => (S::CONFLICT, "ORG.MXPAY_REJECTED"),
             Self::NotFound(_) | Self::Disabled => (S::NOT_FOUND, "M_NOT_FOUND"),
             Self::PinResetUnavailable => (S::NOT_IMPLEMENTED, "M_UNRECOGNIZED"),
+            Self::RevocationsFull => (S::INSUFFICIENT_STORAGE, "M_RESOURCE_LIMIT_EXCEEDED"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         }
     }

@@ -9,9 +9,10 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::audit::AuditLog;
-use super::events::{Claim, EventStore};
+use super::events::{self, Claim, EventStore};
+use super::revoked::{RevokedError, RevokedTokens, MINT_CLOCK_SKEW_S};
 use super::settings::AdminSettings;
-use super::token::{AdminKey, TokenAuthority};
+use super::token::{is_valid_jti, AdminClaims, AdminKey, TokenAuthority, TokenError};
 use super::views::{AccountJson, TransferJson};
 use super::webhook::{self, WebhookEvent, WebhookSecret};
 use super::AdminError;
@@ -33,7 +34,7 @@ pub const HISTORY_PAGE_DEFAULT: usize = 50;
 /// The audit log's file name in the data directory.
 pub const AUDIT_FILE: &str = "audit.jsonl";
 
-/// The webhook event store's directory in the data directory.
+/// The admin database's directory in the data directory: webhook events and revoked tokens.
 pub const EVENTS_DIR: &str = "admin";
 
 /// A PIN store the admin API can reset PINs in (implemented by the payments layer).
@@ -73,6 +74,8 @@ pub struct AdminState {
     pub(crate) audit: Arc<AuditLog>,
     pub(crate) providers: HashMap<String, WebhookSecret>,
     pub(crate) events: EventStore,
+    pub(crate) revoked: RevokedTokens,
+    pub(crate) token_ttl_max_s: u64,
     pub(crate) clock: SharedClock,
     pub(crate) webhook_tolerance_s: u64,
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
@@ -125,6 +128,19 @@ pub struct WebhookResponse {
     pub replay: bool,
     /// The ledger transfer.
     pub transfer: TransferJson,
+}
+
+/// What revoking a token did, as the admin API answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// The revoked token id.
+    pub jti: String,
+    /// Always true: the token is refused from now on.
+    pub revoked: bool,
+    /// Whether it was revoked before this call (nothing changed then).
+    pub already: bool,
+    /// When it was (first) revoked, ms since the Unix epoch.
+    pub revoked_at_ms: u64,
 }
 
 /// The outcome of a settlement call.
@@ -209,10 +225,11 @@ impl AdminState {
             ledger,
             clock,
         )
-        .map(Some)
+        .map(|state| Some(state.with_token_ttl_max_s(settings.token_ttl_max_s)))
     }
 
-    /// Builds the state from loaded key material (tests use it directly).
+    /// Builds the state from loaded key material (tests use it directly). Tokens may live up
+    /// to the default `admin.token_ttl_max_s`; see [`AdminState::with_token_ttl_max_s`].
     pub fn new(
         key: &AdminKey,
         providers: Vec<(String, WebhookSecret)>,
@@ -241,18 +258,79 @@ impl AdminState {
             ))
         })?;
         let events_dir = data_dir.join(EVENTS_DIR);
-        let events = EventStore::open(&events_dir).map_err(|e| {
+        let cannot_open = |e: &dyn std::fmt::Display| {
             AdminError::internal(format!("cannot open {}: {e}", events_dir.display()))
-        })?;
+        };
+        let db = events::open_db(&events_dir).map_err(|e| cannot_open(&e))?;
+        let events = EventStore::with_db(&db).map_err(|e| cannot_open(&e))?;
+        let revoked = RevokedTokens::with_db(&db).map_err(|e| cannot_open(&e))?;
         Ok(Self {
             ledger,
             tokens,
             audit: Arc::new(audit),
             providers: providers.into_iter().collect(),
             events,
+            revoked,
+            token_ttl_max_s: AdminSettings::default().token_ttl_max_s,
             clock,
             webhook_tolerance_s,
             pins: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Sets the longest lifetime (`exp - iat`, seconds) a token may have to be accepted
+    /// (`admin.token_ttl_max_s`); revocations are kept that long (plus a clock margin).
+    pub fn with_token_ttl_max_s(mut self, token_ttl_max_s: u64) -> Self {
+        self.token_ttl_max_s = token_ttl_max_s;
+        self
+    }
+
+    /// The checks on an authenticated token that need the server's state: its lifetime is
+    /// within `admin.token_ttl_max_s` (which is what makes forgetting old revocations safe),
+    /// and its id is not revoked. A store failure refuses the call (500), never lets it pass.
+    pub fn check_token(&self, claims: &AdminClaims) -> Result<(), AdminError> {
+        if claims.exp.saturating_sub(claims.iat) > self.token_ttl_max_s {
+            return Err(TokenError::LifetimeTooLong.into());
+        }
+        match self.revoked.is_revoked(&claims.jti) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(TokenError::Revoked.into()),
+            Err(e) => Err(AdminError::internal(e)),
+        }
+    }
+
+    /// Revokes the admin token with id `jti`, durably: every later call with it gets 401
+    /// `M_UNKNOWN_TOKEN`, also after a restart. Idempotent. Any id is accepted (mxpay cannot
+    /// know every token minted with its key); the entry is forgotten once every token minted
+    /// before the revocation has expired.
+    pub async fn revoke_token(&self, jti: &str) -> Result<RevokeResponse, AdminError> {
+        if !is_valid_jti(jti) {
+            return Err(AdminError::InvalidParam(format!(
+                "a token id must be 1 to {} bytes without control characters",
+                super::token::JTI_BYTES_MAX
+            )));
+        }
+        let now_ms = self.clock.now_ms();
+        let keep_ms = self
+            .token_ttl_max_s
+            .saturating_add(MINT_CLOCK_SKEW_S)
+            .saturating_mul(1000);
+        let revoked = self.revoked.clone();
+        let id = jti.to_owned();
+        let done = tokio::task::spawn_blocking(move || revoked.revoke(&id, now_ms, keep_ms))
+            .await
+            .map_err(AdminError::internal)?
+            .map_err(|e| match e {
+                RevokedError::Full => AdminError::RevocationsFull,
+                other => AdminError::internal(other),
+            })?;
+        // The id is not a secret (the token is, and is never logged).
+        tracing::info!(jti, already = done.already, "admin token revoked");
+        Ok(RevokeResponse {
+            jti: jti.to_owned(),
+            revoked: true,
+            already: done.already,
+            revoked_at_ms: done.revocation.revoked_at_ms,
         })
     }
 

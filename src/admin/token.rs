@@ -15,6 +15,15 @@ use crate::clock::SharedClock;
 /// with a shared key can never be used as an admin token.
 pub const ADMIN_AUDIENCE: &str = "mxpay-admin";
 
+/// Longest token id (`jti`) accepted, in bytes; mxpay mints 32 hex digits.
+pub const JTI_BYTES_MAX: usize = 255;
+
+/// Whether `jti` is a usable token id: 1 to [`JTI_BYTES_MAX`] bytes, no control characters.
+/// A token without one could not be revoked on its own, so it is refused.
+pub fn is_valid_jti(jti: &str) -> bool {
+    !jti.is_empty() && jti.len() <= JTI_BYTES_MAX && !jti.chars().any(char::is_control)
+}
+
 /// What an admin token allows. Stable names: they appear in tokens and docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -31,17 +40,20 @@ pub enum Scope {
     PinReset,
     /// Read the audit log.
     Audit,
+    /// Revoke any admin token by its id (a token may always revoke itself, without it).
+    Revoke,
 }
 
 impl Scope {
     /// Every scope, in a stable order.
-    pub const ALL: [Scope; 6] = [
+    pub const ALL: [Scope; 7] = [
         Scope::Topup,
         Scope::Read,
         Scope::Freeze,
         Scope::Settle,
         Scope::PinReset,
         Scope::Audit,
+        Scope::Revoke,
     ];
 
     /// The scope's name as it appears in tokens.
@@ -53,6 +65,7 @@ impl Scope {
             Scope::Settle => "settle",
             Scope::PinReset => "pin-reset",
             Scope::Audit => "audit",
+            Scope::Revoke => "revoke",
         }
     }
 }
@@ -90,7 +103,8 @@ pub struct AdminClaims {
     pub iat: u64,
     /// Expires at, seconds since the Unix epoch.
     pub exp: u64,
-    /// Unique token id, recorded in the audit log.
+    /// Unique token id, recorded in the audit log and used to revoke the token. Required: a
+    /// token without one (or with an empty one) is malformed.
     pub jti: String,
 }
 
@@ -109,6 +123,14 @@ pub enum TokenError {
     /// Past its `exp`.
     #[error("the admin token has expired")]
     Expired,
+    /// Its lifetime (`exp - iat`) is longer than `admin.token_ttl_max_s` allows.
+    #[error(
+        "the admin token's lifetime is longer than this server allows (admin.token_ttl_max_s)"
+    )]
+    LifetimeTooLong,
+    /// Its id was revoked (`POST /tokens/{jti}/revoke`).
+    #[error("this admin token was revoked")]
+    Revoked,
     /// Valid, but without the scope the call needs.
     #[error("the admin token lacks the `{0}` scope")]
     MissingScope(Scope),
@@ -125,9 +147,11 @@ impl TokenError {
     pub fn status_and_errcode(&self) -> (u16, &'static str) {
         match self {
             TokenError::Missing => (401, "M_MISSING_TOKEN"),
-            TokenError::Malformed | TokenError::BadSignature | TokenError::Expired => {
-                (401, "M_UNKNOWN_TOKEN")
-            }
+            TokenError::Malformed
+            | TokenError::BadSignature
+            | TokenError::Expired
+            | TokenError::LifetimeTooLong
+            | TokenError::Revoked => (401, "M_UNKNOWN_TOKEN"),
             TokenError::MissingScope(_) => (403, "M_FORBIDDEN"),
             TokenError::NoSigningKey | TokenError::Signing => (500, "M_UNKNOWN"),
         }
@@ -240,6 +264,17 @@ impl TokenAuthority {
         scopes: BTreeSet<Scope>,
         ttl_s: u64,
     ) -> Result<String, TokenError> {
+        self.mint_with_claims(subject, scopes, ttl_s)
+            .map(|(token, _)| token)
+    }
+
+    /// [`TokenAuthority::mint`], also returning the claims (the `jti` to revoke it by).
+    pub fn mint_with_claims(
+        &self,
+        subject: &str,
+        scopes: BTreeSet<Scope>,
+        ttl_s: u64,
+    ) -> Result<(String, AdminClaims), TokenError> {
         let encoding = self.encoding.as_ref().ok_or(TokenError::NoSigningKey)?;
         let iat = self.clock.now_ms() / 1000;
         let claims = AdminClaims {
@@ -250,8 +285,9 @@ impl TokenAuthority {
             exp: iat.saturating_add(ttl_s),
             jti: random_id(),
         };
-        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, encoding)
-            .map_err(|_| TokenError::Signing)
+        let token = jsonwebtoken::encode(&Header::new(self.algorithm), &claims, encoding)
+            .map_err(|_| TokenError::Signing)?;
+        Ok((token, claims))
     }
 
     /// Verifies `token` and that it carries `required`. Returns its claims.
@@ -261,7 +297,8 @@ impl TokenAuthority {
         Ok(claims)
     }
 
-    /// Verifies `token`'s signature, audience and expiry, not its scopes. Returns its claims,
+    /// Verifies `token`'s signature, audience, expiry and that it carries a usable `jti`, not
+    /// its scopes nor whether it was revoked (the admin state knows that). Returns its claims,
     /// so a refusal for a missing scope can still name who asked.
     pub fn authenticate(&self, token: &str) -> Result<AdminClaims, TokenError> {
         let mut validation = Validation::new(self.algorithm);
@@ -276,6 +313,9 @@ impl TokenAuthority {
                 _ => TokenError::Malformed,
             })?;
         let claims = data.claims;
+        if !is_valid_jti(&claims.jti) {
+            return Err(TokenError::Malformed);
+        }
         if self.clock.now_ms() / 1000 >= claims.exp {
             return Err(TokenError::Expired);
         }
@@ -467,6 +507,52 @@ mod tests {
             }
         )
         .contains("MC4C"));
+    }
+
+    #[test]
+    fn tokens_without_a_usable_jti_are_malformed() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let auth = authority(SECRET, &clock);
+        let (token, claims) = auth
+            .mint_with_claims("ops", [Scope::Read].into_iter().collect(), 60)
+            .unwrap();
+        assert_eq!(auth.authenticate(&token).unwrap().jti, claims.jti);
+        assert!(is_valid_jti(&claims.jti));
+        let sign = |claims: &serde_json::Value| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        let mut value = serde_json::to_value(&claims).unwrap();
+        assert!(auth.authenticate(&sign(&value)).is_ok());
+        for bad_jti in [
+            serde_json::json!(""),
+            serde_json::json!("a\nb"),
+            serde_json::json!("x".repeat(JTI_BYTES_MAX + 1)),
+        ] {
+            value["jti"] = bad_jti;
+            assert_eq!(
+                auth.authenticate(&sign(&value)),
+                Err(TokenError::Malformed),
+                "{value}"
+            );
+        }
+        value.as_object_mut().unwrap().remove("jti");
+        assert_eq!(auth.authenticate(&sign(&value)), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn revoked_and_overlong_tokens_are_unknown_tokens() {
+        for error in [TokenError::Revoked, TokenError::LifetimeTooLong] {
+            assert_eq!(error.status_and_errcode(), (401, "M_UNKNOWN_TOKEN"));
+        }
+        assert_eq!(
+            TokenError::Revoked.to_string(),
+            "this admin token was revoked"
+        );
     }
 
     #[test]

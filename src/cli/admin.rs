@@ -1,5 +1,5 @@
 //! `mxpay admin ...`: the admin API from the command line. Every command except
-//! `token create` calls the running mxpay's HTTP API (`/_mxpay/admin/v1/...`), so the CLI and
+//! `token create` (which only signs) calls the running mxpay's HTTP API (`/_mxpay/admin/v1/...`), so the CLI and
 //! scripts see exactly what the API does; `--json` prints the API's answer unchanged.
 //!
 //! URL: `--url`, else `http://<appservice.listen>` from the config (`-c`). Token: `--token`,
@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::admin::token::{Scope, TokenAuthority};
+use crate::admin::token::{AdminClaims, Scope, TokenAuthority};
 use crate::admin::ADMIN_PREFIX;
 use crate::clock::SystemClock;
 use crate::config::Config;
@@ -152,9 +152,11 @@ pub enum AdminCommand {
 /// `mxpay admin token <command>`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Mints an admin token with the key from the config and prints it.
+    /// Mints an admin token with the key from the config and prints it on stdout; its id
+    /// (jti, to revoke it by) and expiry go to stderr (`--json`: all as one JSON object).
     Create {
-        /// Scopes (repeat or comma-separate): topup, read, freeze, settle, pin-reset, audit.
+        /// Scopes (repeat or comma-separate): topup, read, freeze, settle, pin-reset, audit,
+        /// revoke.
         #[arg(long = "scope", required = true, value_delimiter = ',')]
         scopes: Vec<Scope>,
         /// Lifetime: seconds, or with a unit: 90s, 15m, 12h, 7d.
@@ -163,6 +165,12 @@ pub enum TokenCommand {
         /// Who the token is for (recorded in the audit log).
         #[arg(long, default_value = "admin")]
         subject: String,
+    },
+    /// Revokes an admin token by its id (jti): the running mxpay refuses it from now on.
+    /// Needs a token with the `revoke` scope, or the token itself.
+    Revoke {
+        /// The token's id, as `token create` printed it (or `token_id` in the audit log).
+        jti: String,
     },
 }
 
@@ -229,8 +237,26 @@ pub fn run(args: AdminArgs) -> super::anyhow_like::Result {
             },
     } = &args.command
     {
-        let token = create_token(&args, scopes, *ttl, subject)?;
-        println!("{token}");
+        let (token, claims) = create_token(&args, scopes, *ttl, subject)?;
+        if args.json {
+            let answer = serde_json::json!({
+                "token": token,
+                "jti": claims.jti,
+                "sub": claims.sub,
+                "scopes": claims.scopes,
+                "iat": claims.iat,
+                "exp": claims.exp,
+            });
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        } else {
+            // stdout holds the token alone, so `$(mxpay admin token create ...)` captures it.
+            println!("{token}");
+            eprintln!(
+                "token id (jti): {}; expires at {} (Unix seconds); \
+                 revoke it with `mxpay admin token revoke {}`",
+                claims.jti, claims.exp, claims.jti
+            );
+        }
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -249,7 +275,7 @@ fn create_token(
     scopes: &[Scope],
     ttl_s: u64,
     subject: &str,
-) -> Result<String, AdminCliError> {
+) -> Result<(String, AdminClaims), AdminCliError> {
     let config = load_config(args)?;
     if ttl_s > config.admin.token_ttl_max_s {
         return Err(AdminCliError::Config(format!(
@@ -271,7 +297,7 @@ fn create_token(
         .map_err(|e| AdminCliError::Config(format!("admin.token: {e}")))?;
     let scopes: BTreeSet<Scope> = scopes.iter().copied().collect();
     authority
-        .mint(subject, scopes, ttl_s)
+        .mint_with_claims(subject, scopes, ttl_s)
         .map_err(|e| AdminCliError::Config(e.to_string()))
 }
 
@@ -314,7 +340,16 @@ async fn call(args: &AdminArgs) -> Result<(), AdminCliError> {
     let user_path = |user: &str, what: &str| format!("/users/{}/{what}", segment(user));
     let mut generated_key = None;
     let (method, path, body): (Method, String, Option<Value>) = match &args.command {
-        C::Token { .. } => unreachable!("handled without the API"),
+        C::Token {
+            command: TokenCommand::Create { .. },
+        } => unreachable!("handled without the API"),
+        C::Token {
+            command: TokenCommand::Revoke { jti },
+        } => (
+            Method::POST,
+            format!("/tokens/{}/revoke", segment(jti)),
+            None,
+        ),
         C::Topup {
             user_id,
             amount,
@@ -638,7 +673,27 @@ fn render(command: &AdminCommand, value: &Value, generated_key: Option<&str>) ->
             }
             out
         }
-        C::Token { .. } | C::Export => String::new(),
+        C::Token {
+            command: TokenCommand::Revoke { .. },
+        } => {
+            if value["already"] == Value::Bool(true) {
+                format!(
+                    "token {} was already revoked (at {} ms)\n",
+                    s(&value["jti"]),
+                    s(&value["revoked_at_ms"])
+                )
+            } else {
+                format!(
+                    "token {} revoked (at {} ms); mxpay refuses it from now on\n",
+                    s(&value["jti"]),
+                    s(&value["revoked_at_ms"])
+                )
+            }
+        }
+        C::Token {
+            command: TokenCommand::Create { .. },
+        }
+        | C::Export => String::new(),
     }
 }
 
@@ -723,6 +778,45 @@ mod tests {
             serde_json::json!({"user_id": "@a:x", "had_pin": false, "accept_new_keys": true});
         let out = render(&command, &keys, None);
         assert!(out.contains("security keys are accepted"), "{out}");
+    }
+
+    #[test]
+    fn token_revoke_parses_and_renders() {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from(["mxpay", "admin", "token", "revoke", "ab12"])
+            .expect("parses");
+        let crate::cli::Command::Admin(admin) = cli.command else {
+            panic!("not an admin command: {cli:?}");
+        };
+        let AdminCommand::Token {
+            command: TokenCommand::Revoke { jti },
+        } = &admin.command
+        else {
+            panic!("parsed as {:?}", admin.command);
+        };
+        assert_eq!(jti, "ab12");
+        assert!(crate::cli::Cli::try_parse_from(["mxpay", "admin", "token", "revoke"]).is_err());
+        let fresh = serde_json::json!({"jti": "ab12", "revoked": true, "already": false,
+            "revoked_at_ms": 5});
+        let out = render(&admin.command, &fresh, None);
+        assert_eq!(
+            out,
+            "token ab12 revoked (at 5 ms); mxpay refuses it from now on\n"
+        );
+        let again = serde_json::json!({"jti": "ab12", "revoked": true, "already": true,
+            "revoked_at_ms": 5});
+        let out = render(&admin.command, &again, None);
+        assert!(out.contains("already revoked"), "{out}");
+        // The revoke scope is a scope `token create` accepts.
+        assert!(crate::cli::Cli::try_parse_from([
+            "mxpay",
+            "admin",
+            "token",
+            "create",
+            "--scope",
+            "read,revoke"
+        ])
+        .is_ok());
     }
 
     #[test]

@@ -117,6 +117,12 @@ impl Harness {
         let clock = ManualClock::new(T0_MS);
         let shared: SharedClock = Arc::new(clock.clone());
         let ledger = Ledger::open(dir.path(), &settings(), shared.clone()).unwrap();
+        Self::with_ledger(dir, clock, ledger)
+    }
+
+    /// The admin API over `ledger`, with its data in `dir`.
+    fn with_ledger(dir: tempfile::TempDir, clock: ManualClock, ledger: Ledger) -> Self {
+        let shared: SharedClock = Arc::new(clock.clone());
         let key = AdminKey::Hs256 {
             secret: SECRET.to_vec(),
         };
@@ -140,6 +146,24 @@ impl Harness {
             tokens,
             state,
         }
+    }
+
+    /// A restart of the admin API: the state (and its admin database) is dropped and opened
+    /// again from the same data directory; the ledger stays open.
+    fn restart(self) -> Self {
+        let Self {
+            _dir: dir,
+            clock,
+            ledger,
+            router,
+            tokens,
+            state,
+        } = self;
+        drop((router, tokens));
+        // The router held the only other reference: the database closes here.
+        assert_eq!(Arc::strong_count(&state), 1);
+        drop(state);
+        Self::with_ledger(dir, clock, ledger)
     }
 
     fn token(&self, scopes: &[Scope]) -> String {
@@ -1007,6 +1031,7 @@ async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth(
                 .replace("{user_id}", &enc(ALICE))
                 .replace("{transfer_id}", &"1".repeat(32))
                 .replace("{withdrawal_id}", &"1".repeat(32))
+                .replace("{jti}", "some-token")
                 .replace("{provider}", "acme");
             let (status, body) = h
                 .call(
@@ -1035,6 +1060,221 @@ async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth(
     assert_eq!(
         (status.as_u16(), body["errcode"].as_str()),
         (405, Some("M_UNRECOGNIZED"))
+    );
+}
+
+/// A token's id (`jti`), read from its verified claims.
+fn jti_of(h: &Harness, token: &str) -> String {
+    h.tokens.authenticate(token).unwrap().jti
+}
+
+/// Every token-guarded route mounted, as (method, concrete path under the prefix).
+fn guarded_routes(h: &Harness) -> Vec<(String, String)> {
+    let (_, routes) = mxpay::admin::api::routes(Some(h.state.clone()));
+    routes
+        .into_iter()
+        .filter(|(_, path)| !path.ends_with("/openapi.json") && !path.contains("/webhooks/"))
+        .map(|(method, path)| {
+            let path = path
+                .trim_start_matches("/_mxpay/admin/v1")
+                .replace("{user_id}", &enc(ALICE))
+                .replace("{transfer_id}", &"1".repeat(32))
+                .replace("{withdrawal_id}", &"1".repeat(32))
+                .replace("{jti}", "some-other-token");
+            (method.to_uppercase(), path)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_on_every_route_also_after_a_restart() {
+    let h = Harness::new();
+    let victim = h.all_scopes();
+    let victim_jti = jti_of(&h, &victim);
+    let revoker = h.token(&[Scope::Revoke]);
+    let revoker_jti = jti_of(&h, &revoker);
+    let bystander = h.all_scopes();
+    let (status, body) = h
+        .call("GET", "/transfers/pending", Some(&victim), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let revoke_path = format!("/tokens/{victim_jti}/revoke");
+    let (status, answer) = h.call("POST", &revoke_path, Some(&revoker), None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"jti": victim_jti, "revoked": true, "already": false, "revoked_at_ms": T0_MS})
+    );
+    // Idempotent: the second revoke answers 200 and keeps the first time.
+    h.clock.advance_ms(1_000);
+    let (status, again) = h.call("POST", &revoke_path, Some(&bystander), None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["already"], true);
+    assert_eq!(again["revoked_at_ms"], T0_MS);
+
+    let routes = guarded_routes(&h);
+    assert!(routes.len() >= 14, "{routes:?}");
+    for (method, path) in &routes {
+        let (status, answer) = h.call(method, path, Some(&victim), None).await;
+        assert_eq!(
+            (status.as_u16(), answer["errcode"].as_str()),
+            (401, Some("M_UNKNOWN_TOKEN")),
+            "{method} {path}: {answer}"
+        );
+        assert_eq!(answer["error"], "this admin token was revoked");
+        // Another token is not affected.
+        let (status, answer) = h.call(method, path, Some(&bystander), None).await;
+        assert_ne!(status.as_u16(), 401, "{method} {path}: {answer}");
+        assert_ne!(status.as_u16(), 403, "{method} {path}: {answer}");
+    }
+
+    // The audit log names who revoked what, and who tried with the revoked token.
+    let audit = h.audit().await;
+    let revokes: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["action"] == "token.revoke" && e["result"] == "ok")
+        .collect();
+    assert!(revokes.len() >= 2, "{audit:?}");
+    let first = revokes.last().unwrap();
+    assert_eq!(first["target"], victim_jti.as_str());
+    assert_eq!(first["token_id"], revoker_jti.as_str());
+    let refused: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["token_id"] == victim_jti.as_str() && e["result"] == "M_UNKNOWN_TOKEN")
+        .collect();
+    assert_eq!(refused.len(), routes.len(), "{audit:?}");
+    assert!(refused.iter().all(|e| e["actor"] == "tester"));
+
+    // A restart keeps it revoked, and the others working.
+    let h = h.restart();
+    let (status, answer) = h
+        .call("GET", "/transfers/pending", Some(&victim), None)
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["error"].as_str()),
+        (401, Some("this admin token was revoked"))
+    );
+    let (status, answer) = h
+        .call("GET", "/transfers/pending", Some(&bystander), None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, again) = h.call("POST", &revoke_path, Some(&revoker), None).await;
+    assert_eq!((status.as_u16(), &again["already"]), (200, &json!(true)));
+}
+
+#[tokio::test]
+async fn a_token_may_revoke_itself_but_others_only_with_the_revoke_scope() {
+    let h = Harness::new();
+    let reader = h.token(&[Scope::Read]);
+    let other = h.token(&[Scope::Read]);
+    let other_jti = jti_of(&h, &other);
+
+    // Without the scope, another token's id: forbidden, and nothing is revoked.
+    let (status, answer) = h
+        .call(
+            "POST",
+            &format!("/tokens/{other_jti}/revoke"),
+            Some(&reader),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["errcode"].as_str()),
+        (403, Some("M_FORBIDDEN")),
+        "{answer}"
+    );
+    assert!(answer["error"].as_str().unwrap().contains("`revoke` scope"));
+    let (status, _) = h
+        .call("GET", "/transfers/pending", Some(&other), None)
+        .await;
+    assert_eq!(status, 200);
+
+    // Its own id: allowed without the scope; the next call is refused.
+    let reader_jti = jti_of(&h, &reader);
+    let (status, answer) = h
+        .call(
+            "POST",
+            &format!("/tokens/{reader_jti}/revoke"),
+            Some(&reader),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["already"], false);
+    let (status, answer) = h
+        .call(
+            "POST",
+            &format!("/tokens/{reader_jti}/revoke"),
+            Some(&reader),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), answer["errcode"].as_str()),
+        (401, Some("M_UNKNOWN_TOKEN"))
+    );
+
+    // An id that no token could carry is a bad parameter.
+    let revoker = h.token(&[Scope::Revoke]);
+    let long = "x".repeat(256);
+    for bad in ["%0A", long.as_str()] {
+        let (status, answer) = h
+            .call(
+                "POST",
+                &format!("/tokens/{bad}/revoke"),
+                Some(&revoker),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status.as_u16(), answer["errcode"].as_str()),
+            (400, Some("M_INVALID_PARAM")),
+            "{answer}"
+        );
+    }
+    let (status, _) = h.call("POST", "/tokens/x/revoke", None, None).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn a_token_living_longer_than_token_ttl_max_s_is_refused() {
+    let h = Harness::new();
+    let dir = tempfile::tempdir().unwrap();
+    let state = AdminState::new(
+        &AdminKey::Hs256 {
+            secret: SECRET.to_vec(),
+        },
+        Vec::new(),
+        300,
+        dir.path(),
+        h.ledger.clone(),
+        Arc::new(h.clock.clone()),
+    )
+    .unwrap()
+    .with_token_ttl_max_s(3600);
+    let router = mxpay::admin::router(Some(Arc::new(state)));
+    let get = |token: String| {
+        Request::get("/_mxpay/admin/v1/transfers/pending")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let read: BTreeSet<Scope> = [Scope::Read].into_iter().collect();
+    let within = h.tokens.mint("tester", read.clone(), 3600).unwrap();
+    let response = router.clone().oneshot(get(within)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let beyond = h.tokens.mint("tester", read, 3601).unwrap();
+    let response = router.oneshot(get(beyond)).await.unwrap();
+    assert_eq!(response.status(), 401);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["errcode"], "M_UNKNOWN_TOKEN");
+    assert!(
+        body["error"].as_str().unwrap().contains("token_ttl_max_s"),
+        "{body}"
     );
 }
 
@@ -1270,6 +1510,32 @@ async fn cli_against_running_mxpay_shows_balance_after_topup() {
     );
     let (ok, _, err) = cli(&["-c", config, "balance", &alice_id], None).await;
     assert!(!ok && err.contains("MXPAY_ADMIN_TOKEN"), "{err}");
+
+    // `token create` names the token's id on stderr; `token revoke` makes the running mxpay
+    // refuse it, while other tokens keep working.
+    let (ok, leaked, err) = cli(&["-c", config, "token", "create", "--scope", "read"], None).await;
+    assert!(ok, "{err}");
+    let jti = err
+        .split("token id (jti): ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no jti on stderr: {err}"));
+    assert_eq!(jti.len(), 32, "{err}");
+    let leaked = leaked.trim();
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(leaked)).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&["-c", config, "token", "revoke", jti], Some(leaked)).await;
+    assert!(
+        ok && out.contains(&format!("token {jti} revoked")),
+        "{out} {err}"
+    );
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(leaked)).await;
+    assert!(
+        !ok && err.contains("M_UNKNOWN_TOKEN") && err.contains("revoked"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["-c", config, "pending"], Some(&read_only)).await;
+    assert!(ok, "{err}");
 
     let (ok, out, err) = cli(&["-c", config, "audit", "--limit", "100"], Some(&token)).await;
     assert!(ok, "{err}");
