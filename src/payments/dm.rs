@@ -1,0 +1,178 @@
+//! The user's private DM: finding, checking and creating it. PINs, balances and challenges go
+//! only to a room with exactly the user and the bot, encrypted and invite-only, so this step
+//! decides which room that is and tells the user where the answer went.
+
+use super::dialog::dialog_prompt;
+use super::{txn, Payments, PaymentsError};
+use crate::crypto::DecryptedEvent;
+use crate::store::StoreError;
+use ruma::{OwnedRoomId, RoomId, UserId};
+use serde_json::Value;
+
+/// Where a user's private DM stands.
+pub(super) enum Dm {
+    /// Joined by both: messages can go there now.
+    Ready(OwnedRoomId),
+    /// The user is invited and has not joined yet.
+    Invited(OwnedRoomId),
+}
+
+impl Payments {
+    /// Whether `room_id` is a private DM of `user`: exactly the user and the bot, both joined,
+    /// nobody else invited, encrypted, and joinable by invite only (a public or knockable room
+    /// can gain members between two checks).
+    pub(super) async fn is_private_dm(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+    ) -> Result<bool, PaymentsError> {
+        if self.messenger.join_rule(room_id).await?.as_deref() != Some("invite") {
+            return Ok(false);
+        }
+        let members = self.messenger.memberships(room_id).await?;
+        let present: Vec<&(String, String)> = members
+            .iter()
+            .filter(|(_, m)| m == "join" || m == "invite")
+            .collect();
+        let ok = present.len() == 2
+            && present
+                .iter()
+                .all(|(u, m)| m == "join" && (u == user.as_str() || u == self.bot.as_str()));
+        if !ok {
+            return Ok(false);
+        }
+        Ok(self.messenger.crypto.room_is_encrypted(room_id).await?)
+    }
+
+    /// Finds the user's DM (the recorded one if still private; else `current` if it is a
+    /// private DM), or creates one and invites the user.
+    pub(super) async fn ensure_dm(
+        &self,
+        user: &UserId,
+        current: &RoomId,
+    ) -> Result<Dm, PaymentsError> {
+        let mut profile = self.store.profile(user.as_str())?;
+        if let Some(room) = profile.dm_room.clone() {
+            let room_id =
+                OwnedRoomId::try_from(room.as_str()).map_err(|_| StoreError::Corrupt {
+                    tree: "userid_profile",
+                    reason: "dm_room is not a room id",
+                })?;
+            if self.is_private_dm(&room_id, user).await? {
+                if !profile.dm_joined {
+                    profile.dm_joined = true;
+                    self.store.put_profile(user.as_str(), &profile).await?;
+                }
+                return Ok(Dm::Ready(room_id));
+            }
+            if !profile.dm_joined {
+                let members = self.messenger.memberships(&room_id).await?;
+                let invited = members
+                    .iter()
+                    .any(|(u, m)| u == user.as_str() && m == "invite");
+                let alone = members
+                    .iter()
+                    .filter(|(_, m)| m == "join" || m == "invite")
+                    .all(|(u, _)| u == user.as_str() || u == self.bot.as_str());
+                if invited && alone {
+                    return Ok(Dm::Invited(room_id));
+                }
+            }
+        }
+        if self.is_private_dm(current, user).await? {
+            profile.dm_room = Some(current.to_string());
+            profile.dm_joined = true;
+            self.store.put_profile(user.as_str(), &profile).await?;
+            return Ok(Dm::Ready(current.to_owned()));
+        }
+        let room_id = self.messenger.create_dm(user).await?;
+        tracing::info!(%user, %room_id, "created a private chat");
+        profile.dm_room = Some(room_id.to_string());
+        profile.dm_joined = false;
+        self.store.put_profile(user.as_str(), &profile).await?;
+        Ok(Dm::Invited(room_id))
+    }
+
+    /// The user's DM if it is ready (recorded and joined), without creating one.
+    pub(super) fn ready_dm(&self, user: &str) -> Result<Option<OwnedRoomId>, PaymentsError> {
+        let profile = self.store.profile(user)?;
+        Ok(profile
+            .dm_room
+            .filter(|_| profile.dm_joined)
+            .and_then(|r| OwnedRoomId::try_from(r.as_str()).ok()))
+    }
+
+    /// Tells the user in `room` where the answer went, when it is not the DM.
+    pub(super) async fn point_to_dm(
+        &self,
+        event: &DecryptedEvent,
+        dm: &Dm,
+        purpose: &str,
+    ) -> Result<(), PaymentsError> {
+        let (dm_room, text) = match dm {
+            Dm::Ready(room) => (
+                room,
+                format!("{}: I answered in our private chat.", event.sender),
+            ),
+            Dm::Invited(room) => (
+                room,
+                format!(
+                    "{}: I invited you to a private, encrypted chat with me; join it to continue.",
+                    event.sender
+                ),
+            ),
+        };
+        if dm_room != &event.room_id {
+            self.messenger
+                .notice(
+                    &event.room_id,
+                    &text,
+                    Some(&event.event_id),
+                    txn(purpose, event.event_id.as_str()),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A user joined a room: if it is the DM the bot invited them to, say what was waiting.
+    pub(super) async fn on_member(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
+        let joined = event.content.get("membership").and_then(Value::as_str) == Some("join");
+        let Some(state_key) = event.state_key.as_deref() else {
+            return Ok(());
+        };
+        if !joined || state_key != event.sender.as_str() {
+            return Ok(());
+        }
+        let user = event.sender.as_str();
+        let mut profile = self.store.profile(user)?;
+        if profile.dm_room.as_deref() != Some(event.room_id.as_str()) || profile.dm_joined {
+            return Ok(());
+        }
+        profile.dm_joined = true;
+        self.store.put_profile(user, &profile).await?;
+        let now_ms = self.clock.now_ms();
+        let room = &event.room_id;
+        let key = event.event_id.as_str();
+        self.messenger
+            .notice(
+                room,
+                "Welcome! This is your private chat with mxpay: PINs, balances and payment \
+                 confirmations happen here. Send !help for the commands.",
+                None,
+                txn("dm-welcome", key),
+            )
+            .await?;
+        if let Some(dialog) = self.store.dialog(user, now_ms)? {
+            self.messenger
+                .notice(room, dialog_prompt(&dialog), None, txn("dm-dialog", key))
+                .await?;
+        }
+        for challenge in self.store.challenges(user)? {
+            if challenge.expires_at_ms > now_ms {
+                self.send_challenge(room, &challenge).await?;
+            }
+        }
+        Ok(())
+    }
+}

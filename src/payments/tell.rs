@@ -1,0 +1,250 @@
+//! Telling about ledger changes: the outbox's deliverer. Journal entries become receipts and
+//! notices in the payment's room and the payer's DM, sent with transaction ids derived from the
+//! transfer, so a retry after a crash shows nothing twice.
+
+use super::memo::{MemoKind, PaymentMemo};
+use super::{payment_span, reason_from_code, reason_label, text, txn, Payments, PaymentsError};
+use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
+use crate::ledger::{ExportedEntry, JournalEntry, Owner, TransferId, TransferKind, TransferState};
+use crate::outbox::{Deliver, DeliverError};
+use crate::store::payments::TransferNote;
+use async_trait::async_trait;
+use ruma::events::relation::Reference;
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
+use tracing::Instrument as _;
+
+impl Payments {
+    async fn tell(&self, entry: &ExportedEntry) -> Result<bool, PaymentsError> {
+        match &entry.entry {
+            JournalEntry::TransferCreated {
+                id,
+                kind,
+                debit,
+                credit,
+                amount_minor,
+                memo,
+            } => {
+                let amount = format!(
+                    "{} {}",
+                    self.show(debit.currency.as_str(), *amount_minor),
+                    debit.currency
+                );
+                if debit.owner == Owner::Issuer {
+                    if let Owner::User(user) = &credit.owner {
+                        let body = format!("💰 Your wallet was topped up with {amount}.");
+                        return self.tell_dm(user, &body, *id, "topup").await;
+                    }
+                }
+                if matches!(kind, TransferKind::Pending { .. }) && credit.owner == Owner::Settlement
+                {
+                    if let (Owner::User(user), Some(_)) = (&debit.owner, PaymentMemo::decode(memo))
+                    {
+                        let body = format!(
+                            "🏦 Withdrawal of {amount} confirmed: it is reserved in your wallet \
+                             and will be paid out when the operator settles it."
+                        );
+                        return self.tell_dm(user, &body, *id, "withdraw-requested").await;
+                    }
+                }
+                Ok(false)
+            }
+            JournalEntry::PendingPosted { id, .. } => {
+                let span = payment_span(*id);
+                self.tell_ended(*id, "posted").instrument(span).await
+            }
+            JournalEntry::PendingVoided { id } => {
+                let span = payment_span(*id);
+                self.tell_ended(*id, "voided").instrument(span).await
+            }
+            JournalEntry::PendingExpired { id } => {
+                let span = payment_span(*id);
+                self.tell_ended(*id, "expired").instrument(span).await
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn tell_dm(
+        &self,
+        user: &str,
+        body: &str,
+        id: TransferId,
+        what: &str,
+    ) -> Result<bool, PaymentsError> {
+        let Some(dm) = self.ready_dm(user)? else {
+            tracing::info!(%user, "no private chat to tell about {what}");
+            return Ok(false);
+        };
+        self.messenger
+            .notice(&dm, body, None, txn(&format!("ob-{what}"), &id.to_string()))
+            .await?;
+        Ok(true)
+    }
+
+    async fn tell_ended(&self, id: TransferId, how: &str) -> Result<bool, PaymentsError> {
+        let Some(transfer) = self.ledger.transfer(id).await? else {
+            return Ok(false);
+        };
+        let Some(memo) = PaymentMemo::decode(&transfer.memo) else {
+            return Ok(false);
+        };
+        let (Owner::User(payer), code) = (&transfer.debit.owner, transfer.debit.currency) else {
+            return Ok(false);
+        };
+        let amount_minor = match transfer.state {
+            TransferState::Posted { amount_minor } => amount_minor,
+            _ => transfer.amount_minor,
+        };
+        let amount_text = self.show(code.as_str(), amount_minor);
+        let money = text::money(&amount_text, code.as_str());
+        if memo.kind == MemoKind::Withdraw {
+            match how {
+                "posted" => self.metrics.payment("completed", "none"),
+                "expired" => self.metrics.payment("expired", "none"),
+                _ => self.metrics.payment("declined", "other"),
+            }
+            let body = match how {
+                "posted" => format!("🏦 Your withdrawal of {money} was paid out."),
+                _ => format!("🏦 Your withdrawal of {money} was not paid out; the money is back in your wallet."),
+            };
+            return self
+                .tell_dm(payer, &body, id, &format!("withdraw-{how}"))
+                .await;
+        }
+        let Owner::User(payee) = &transfer.credit.owner else {
+            return Ok(false);
+        };
+        if how == "posted" {
+            if let Some(marker) = &self.fault_crash_before_receipt {
+                if !marker.exists() {
+                    let _ = std::fs::write(marker, b"crashed before a receipt\n");
+                    tracing::error!(
+                        "test fault: aborting after the ledger post, before the receipt"
+                    );
+                    std::process::abort();
+                }
+            }
+        }
+        // The payment ended: its challenge (if still open) has nothing left to confirm.
+        if let Some(challenge) = self.store.challenge(payer, id.0)? {
+            self.store.remove_challenge(&challenge).await?;
+        }
+        let note = self.store.note(id.0)?;
+        let (status, reason, headline) = match how {
+            "posted" => (ReceiptStatus::Completed, None, format!("✅ {payer} paid {payee} {money}")),
+            "expired" => (
+                ReceiptStatus::Expired,
+                Some(ReceiptReason::Timeout),
+                format!("⌛ {payer}'s payment of {money} to {payee} expired without a PIN; nothing was paid"),
+            ),
+            _ => {
+                let reason = note
+                    .void_reason
+                    .as_deref()
+                    .map(reason_from_code)
+                    .unwrap_or(ReceiptReason::Other);
+                (
+                    ReceiptStatus::Declined,
+                    Some(reason),
+                    format!("❌ {payer}'s payment of {money} to {payee} was cancelled; nothing was paid"),
+                )
+            }
+        };
+        let body = match &memo.note {
+            Some(n) if how == "posted" => format!("{headline} ({n})."),
+            _ => format!("{headline}."),
+        };
+        let (Ok(payer_id), Ok(payee_id), Ok(room), Ok(event)) = (
+            OwnedUserId::try_from(payer.as_str()),
+            OwnedUserId::try_from(payee.as_str()),
+            OwnedRoomId::try_from(memo.room.as_str()),
+            OwnedEventId::try_from(memo.event.as_str()),
+        ) else {
+            return Ok(false);
+        };
+        let receipt = |relates_to: OwnedEventId| ReceiptEventContent {
+            body: body.clone(),
+            status,
+            reason,
+            transfer_id: Some(id.0.to_string()),
+            payer: payer_id.clone(),
+            payee: payee_id.clone(),
+            amount: amount_text.parse().unwrap_or_default(),
+            currency: code.as_str().to_owned(),
+            relates_to: Reference::new(relates_to),
+        };
+        let key = format!("{id}-{how}");
+        // The room and the DM are told independently: a room the bot was kicked from must not
+        // keep the payer's own receipt from them. A retry re-sends both with the same
+        // transaction ids, so what already went is not shown twice.
+        let room_told: Result<(), PaymentsError> = async {
+            self.messenger
+                .send(
+                    &room,
+                    "org.mxpay.receipt",
+                    serde_json::to_value(receipt(event.clone())).expect("receipt serialises"),
+                    txn("ob-room-receipt", &key),
+                )
+                .await?;
+            self.messenger
+                .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
+                .await?;
+            tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
+            match (status, reason) {
+                (ReceiptStatus::Completed, _) => self.metrics.payment("completed", "none"),
+                (ReceiptStatus::Expired, _) => self.metrics.payment("expired", "none"),
+                (_, reason) => self.metrics.payment(
+                    "declined",
+                    reason_label(reason.unwrap_or(ReceiptReason::Other)),
+                ),
+            }
+            Ok(())
+        }
+        .await;
+        let dm_told: Result<(), PaymentsError> = async {
+            if let Some(dm) = self.ready_dm(payer)? {
+                if dm != room {
+                    let relates_to = note_event(&note).unwrap_or(event.clone());
+                    self.messenger
+                        .send(
+                            &dm,
+                            "org.mxpay.receipt",
+                            serde_json::to_value(receipt(relates_to)).expect("receipt serialises"),
+                            txn("ob-dm-receipt", &key),
+                        )
+                        .await?;
+                    self.messenger
+                        .notice(&dm, &body, None, txn("ob-dm-notice", &key))
+                        .await?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match (room_told, dm_told) {
+            (Ok(()), Ok(())) => Ok(true),
+            // A retryable failure wins, so the outbox retries (and does not dead-letter).
+            (Err(a), Err(b)) if !a.is_transient() && b.is_transient() => Err(b),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    }
+}
+
+fn note_event(note: &TransferNote) -> Option<OwnedEventId> {
+    note.dm_event_id
+        .as_deref()
+        .and_then(|e| OwnedEventId::try_from(e).ok())
+}
+
+#[async_trait]
+impl Deliver for Payments {
+    async fn deliver(&self, entry: &ExportedEntry) -> Result<bool, DeliverError> {
+        self.tell(entry).await.map_err(|e| {
+            if e.is_transient() {
+                DeliverError::Transient(e.to_string())
+            } else {
+                DeliverError::Permanent(e.to_string())
+            }
+        })
+    }
+}
