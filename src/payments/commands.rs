@@ -79,13 +79,24 @@ impl Payments {
             })
             .collect();
         let body = text::balances(&shown);
+        self.answer_in_dm(event, &dm_room, &body, "balance").await
+    }
+
+    /// Sends `body` to the user's DM, as a reply to `event` when it was asked there.
+    async fn answer_in_dm(
+        &self,
+        event: &DecryptedEvent,
+        dm_room: &ruma::RoomId,
+        body: &str,
+        purpose: &str,
+    ) -> Result<(), PaymentsError> {
         let reply_to = (dm_room == event.room_id).then_some(event.event_id.as_ref());
         self.messenger
             .notice(
-                &dm_room,
-                &body,
+                dm_room,
+                body,
                 reply_to,
-                txn("balance", event.event_id.as_str()),
+                txn(purpose, event.event_id.as_str()),
             )
             .await?;
         Ok(())
@@ -138,16 +149,7 @@ impl Payments {
                 if outgoing { "to" } else { "from" }
             ));
         }
-        let reply_to = (dm_room == event.room_id).then_some(event.event_id.as_ref());
-        self.messenger
-            .notice(
-                &dm_room,
-                &body,
-                reply_to,
-                txn("history", event.event_id.as_str()),
-            )
-            .await?;
-        Ok(())
+        self.answer_in_dm(event, &dm_room, &body, "history").await
     }
 
     async fn on_pin_command(

@@ -42,6 +42,35 @@ enum Start {
 }
 
 impl Payments {
+    /// Declines a request that reached the bot after the step-up window (see
+    /// [`start_decision`]): nothing was started, and the sentence says when it was sent.
+    async fn decline_too_late(
+        &self,
+        event: &DecryptedEvent,
+        payee: &UserId,
+        amount: Decimal,
+        currency: &str,
+        withdrawal: bool,
+        now_ms: u64,
+    ) -> Result<(), PaymentsError> {
+        tracing::info!(
+            sent_ms = event.origin_server_ts_ms,
+            was_parked = event.was_parked,
+            withdrawal,
+            "request arrived too late; declined"
+        );
+        let sentence = text::too_late(withdrawal, event.origin_server_ts_ms, now_ms);
+        self.decline(
+            event,
+            payee,
+            amount,
+            currency,
+            ReceiptReason::TooLate,
+            &sentence,
+        )
+        .await
+    }
+
     /// Declines what `event` asked for: records the decision (the first one recorded for the
     /// event wins), then sends its declined receipt and sentence in the event's room. A retry
     /// after a failed send repeats the recorded decision; it never decides again.
@@ -289,22 +318,9 @@ impl Payments {
         ) {
             Start::Repeat(record) => return self.send_decline(event, &record).await,
             Start::TooLate => {
-                tracing::info!(
-                    sent_ms = event.origin_server_ts_ms,
-                    was_parked = event.was_parked,
-                    "payment request arrived too late; declined"
-                );
-                let sentence = text::too_late(false, event.origin_server_ts_ms, now_ms);
                 return self
-                    .decline(
-                        event,
-                        &payee,
-                        amount,
-                        &currency,
-                        ReceiptReason::TooLate,
-                        &sentence,
-                    )
-                    .await;
+                    .decline_too_late(event, &payee, amount, &currency, false, now_ms)
+                    .await
             }
             Start::Fresh => {
                 if let Err((reason, sentence)) =
@@ -411,22 +427,9 @@ impl Payments {
             (Start::Resume, Some(open)) => open,
             (Start::Resume, None) => unreachable!("resumed without an open challenge"),
             (Start::TooLate, _) => {
-                tracing::info!(
-                    sent_ms = event.origin_server_ts_ms,
-                    was_parked = event.was_parked,
-                    "withdrawal request arrived too late; declined"
-                );
-                let sentence = text::too_late(true, event.origin_server_ts_ms, now_ms);
                 return self
-                    .decline(
-                        event,
-                        &bot,
-                        amount,
-                        &currency,
-                        ReceiptReason::TooLate,
-                        &sentence,
-                    )
-                    .await;
+                    .decline_too_late(event, &bot, amount, &currency, true, now_ms)
+                    .await
             }
             (Start::Fresh, _) => {
                 if let Err((reason, sentence)) = self.check_payer(event).await? {

@@ -1798,24 +1798,14 @@ async fn pin_reset_accepting_new_keys_marks_the_profile_in_the_pin_store() {
     let store = mxpay::store::PaymentStore::open(dir.path()).unwrap();
     h.state.set_pin_reset(Arc::new(store.clone()));
     let token = h.token(&[Scope::PinReset]);
-    let (status, answer) = h
-        .call(
-            "POST",
-            &format!("/users/{}/pin-reset", enc(BOB)),
-            Some(&token),
-            None,
-        )
-        .await;
+    let reset = async |user: &str, body: Option<Value>| {
+        let path = format!("/users/{}/pin-reset", enc(user));
+        h.call("POST", &path, Some(&token), body).await
+    };
+    let (status, answer) = reset(BOB, None).await;
     assert_eq!(status, 200, "{answer}");
     assert!(!store.profile(BOB).unwrap().accept_new_keys_at_pin_set);
-    let (status, answer) = h
-        .call(
-            "POST",
-            &format!("/users/{}/pin-reset", enc(ALICE)),
-            Some(&token),
-            Some(json!({ "accept_new_keys": true })),
-        )
-        .await;
+    let (status, answer) = reset(ALICE, Some(json!({ "accept_new_keys": true }))).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["had_pin"], false);
     assert_eq!(answer["accept_new_keys"], true);

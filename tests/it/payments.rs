@@ -385,6 +385,20 @@ impl Scene {
         pay
     }
 
+    /// alice invites `who` into the scene's room; waits until they joined.
+    async fn bring_into_room(&self, who: &TestClient) {
+        self.alice
+            .room(&self.room)
+            .await
+            .invite_user_by_id(&who.user.user_id)
+            .await
+            .expect("invite");
+        who.join(&self.room).await;
+        self.alice
+            .wait_for_membership(&self.room, who.user.user_id.as_str(), "join")
+            .await;
+    }
+
     /// A new encrypted room of alice, bob and the bot where the bot may redact
     /// (`trusted_private_chat` gives invitees full power), everyone joined.
     async fn redacting_room(&self) -> OwnedRoomId {
@@ -485,16 +499,7 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
 
     // A device its owner did not cross-sign.
     let carol = support::client(&carol_user).await;
-    alice
-        .room(room)
-        .await
-        .invite_user_by_id(&carol.user.user_id)
-        .await
-        .expect("invite carol");
-    carol.join(room).await;
-    alice
-        .wait_for_membership(room, carol.user.user_id.as_str(), "join")
-        .await;
+    s.bring_into_room(&carol).await;
     let unsigned = send_text(&carol, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
     wait_receipt(
         &carol,
@@ -1249,16 +1254,7 @@ async fn a_refusal_whose_reply_failed_is_repeated_not_decided_again() {
     // Refused (carol is not in the room); telling so fails, and the transaction is retried.
     wait_retries(&s.mxpay, before + 2.0).await;
     // Meanwhile carol joins: the payment would now be allowed.
-    alice
-        .room(room)
-        .await
-        .invite_user_by_id(&carol.user.user_id)
-        .await
-        .expect("invite carol");
-    carol.join(room).await;
-    alice
-        .wait_for_membership(room, carol.user.user_id.as_str(), "join")
-        .await;
+    s.bring_into_room(&carol).await;
     std::fs::write(&gate, b"").expect("open the gate");
     wait_receipt(
         alice,
