@@ -137,14 +137,15 @@ impl Payments {
         now_ms: u64,
     ) -> Result<(), PaymentsError> {
         let user = event.sender.as_str();
-        match self.store.outcome(event.event_id.as_str())? {
-            _ if self.store.is_done(event.event_id.as_str())? => return Ok(()),
-            // Handled before up to the answer (which then failed to go out): say it again.
-            Some(EventOutcome::DialogAnswered { reply }) => {
-                self.reply(event, &reply, "pin-dialog").await?;
-                return self.done(event).await;
-            }
-            _ => {}
+        if self.store.is_done(event.event_id.as_str())? {
+            return Ok(());
+        }
+        // Handled before up to the answer (which then failed to go out): say it again.
+        if let Some(EventOutcome::DialogAnswered { reply }) =
+            self.store.outcome(event.event_id.as_str())?
+        {
+            self.reply(event, &reply, "pin-dialog").await?;
+            return self.done(event).await;
         }
         let pinlike::PinMessage {
             pin,

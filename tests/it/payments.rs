@@ -179,32 +179,14 @@ async fn join_bot_dm(client: &TestClient) -> OwnedRoomId {
 
 #[tokio::test]
 async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
-    let alice_user = support::user("alice").await;
-    let bob_user = support::user("bob").await;
-    let (lease, admin_key) = payments_lease("pay", 120_000).await;
-    let mxpay = MxpayProcess::start_with(&lease, MxpayOptions::default()).await;
-    let bot = lease.spec.bot_user_id();
-    let alice = support::client(&alice_user).await;
-    alice.bootstrap_cross_signing().await;
-    let bob = support::client(&bob_user).await;
+    let s = scene("pay", 120_000, "100.00").await;
+    let (alice, bob, bot, dm, room) = (&s.alice, &s.bob, &s.bot, &s.dm, &s.room);
+    wait_notice(alice, dm, bot, "topped up with 100.00 EUR").await;
 
-    let dm = open_dm(&alice, &bot).await;
-    set_pin(&alice, &dm, &bot).await;
-    topup(
-        &mxpay.url,
-        &admin_key,
-        alice.user.user_id.as_str(),
-        "100.00",
-        "EUR",
-    )
-    .await;
-    wait_notice(&alice, &dm, &bot, "topped up with 100.00 EUR").await;
-
-    let room = group_room(&alice, &bot, &[&bob]).await;
     let bob_id = bob.user.user_id.as_str();
-    let pay = send_text(&alice, &room, &format!("!pay {bob_id} 12.50 EUR lunch")).await;
+    let pay = send_text(alice, room, &format!("!pay {bob_id} 12.50 EUR lunch")).await;
 
-    let challenge = wait_bot_event(&alice, &dm, &bot, "org.mxpay.stepup.challenge", |c| {
+    let challenge = wait_bot_event(alice, dm, bot, "org.mxpay.stepup.challenge", |c| {
         c["amount"] == "12.50" && c["currency"] == "EUR"
     })
     .await;
@@ -214,14 +196,14 @@ async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
         challenge.encryption.is_some(),
         "the challenge is end-to-end encrypted"
     );
-    let notice = wait_notice(&alice, &dm, &bot, "Confirm paying 12.50 EUR").await;
+    let notice = wait_notice(alice, dm, bot, "Confirm paying 12.50 EUR").await;
     assert!(notice.body().unwrap().contains(room.as_str()));
 
-    let pin_event = send_text(&alice, &dm, PIN).await;
-    wait_redacted(&alice, &dm, &pin_event).await;
+    let pin_event = send_text(alice, dm, PIN).await;
+    wait_redacted(alice, dm, &pin_event).await;
 
-    for (who, client) in [("alice", &alice), ("bob", &bob)] {
-        let receipt = wait_bot_event(client, &room, &bot, "org.mxpay.receipt", |c| {
+    for (who, client) in [("alice", alice), ("bob", bob)] {
+        let receipt = wait_bot_event(client, room, bot, "org.mxpay.receipt", |c| {
             c["status"] == "completed"
         })
         .await;
@@ -231,28 +213,28 @@ async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
         assert_eq!(content["amount"], "12.50", "{who}");
         assert_eq!(content["m.relates_to"]["rel_type"], "m.reference");
         assert_eq!(content["m.relates_to"]["event_id"], pay.as_str());
-        wait_notice(client, &room, &bot, "paid").await;
+        wait_notice(client, room, bot, "paid").await;
     }
-    wait_bot_event(&alice, &dm, &bot, "org.mxpay.receipt", |c| {
+    wait_bot_event(alice, dm, bot, "org.mxpay.receipt", |c| {
         c["status"] == "completed"
     })
     .await;
 
-    balance_is(&alice, &dm, &bot, "87.50 EUR").await;
+    balance_is(alice, dm, bot, "87.50 EUR").await;
 
     // Bob has no DM yet: asking in the group room, the bot invites him to one and answers there.
-    send_text(&bob, &room, "!balance").await;
-    wait_notice(&bob, &room, &bot, "invited you to a private").await;
-    let bob_dm = join_bot_dm(&bob).await;
-    wait_notice(&bob, &bob_dm, &bot, "Welcome").await;
-    balance_is(&bob, &bob_dm, &bot, "12.50 EUR").await;
+    send_text(bob, room, "!balance").await;
+    wait_notice(bob, room, bot, "invited you to a private").await;
+    let bob_dm = join_bot_dm(bob).await;
+    wait_notice(bob, &bob_dm, bot, "Welcome").await;
+    balance_is(bob, &bob_dm, bot, "12.50 EUR").await;
 
     // Every org.mxpay.* event the bot sent matches its published schema.
     assert!(
-        bot_events_match_schemas(&alice, &bot) >= 3,
+        bot_events_match_schemas(alice, bot) >= 3,
         "challenge, room and DM receipts"
     );
-    assert!(bot_events_match_schemas(&bob, &bot) >= 1);
+    assert!(bot_events_match_schemas(bob, bot) >= 1);
 }
 
 /// Waits for a receipt from the bot in `room_id` with `status` and (if given) `reason`,
