@@ -23,4 +23,5 @@ pub mod outbox;
 pub mod payments;
 pub mod policy;
 pub mod registration;
+pub mod sled_open;
 pub mod store;

@@ -11,11 +11,6 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
-/// Attempts to open the database while a dropped handle's background threads still hold its
-/// file lock (a reopen in the same process), and the pause between them.
-const LOCK_ATTEMPTS_MAX: u32 = 100;
-const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// Tree name: what maps to what.
 const TREE: &str = "provider_eventid_bodysha256";
 
@@ -48,19 +43,9 @@ pub struct EventStore {
 /// Opens (or creates) the admin database in `dir`, waiting (bounded) for a dropped handle of
 /// the same process to release its lock.
 pub fn open_db(dir: &Path) -> Result<sled::Db, EventStoreError> {
-    let mut attempts_left = LOCK_ATTEMPTS_MAX;
-    loop {
-        // Every write flushes explicitly; a background flusher would only add fsyncs.
-        match sled::Config::new().path(dir).flush_every_ms(None).open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock") && attempts_left > 1 =>
-            {
-                attempts_left -= 1;
-                std::thread::sleep(LOCK_RETRY_PAUSE);
-            }
-            other => return Ok(other?),
-        }
-    }
+    // Every write flushes explicitly; a background flusher would only add fsyncs.
+    let config = sled::Config::new().path(dir).flush_every_ms(None);
+    Ok(crate::sled_open::open_waiting_for_lock(&config)?)
 }
 
 impl EventStore {

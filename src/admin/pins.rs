@@ -84,19 +84,7 @@ mod tests {
             assert_eq!(store.reset_pin("@a:x").await, Ok(true));
             assert_eq!(store.reset_pin("@a:x").await, Ok(false));
         }
-        // sled's background threads may hold the dropped handle's lock a moment longer.
-        let mut attempts_left = 100;
-        let store = loop {
-            match PaymentStore::open(dir.path()) {
-                Ok(store) => break store,
-                Err(e) if attempts_left > 1 => {
-                    attempts_left -= 1;
-                    eprintln!("reopen: {e}; retrying");
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("reopen: {e}"),
-            }
-        };
+        let store = PaymentStore::open(dir.path()).unwrap();
         let mut record = store.pin("@a:x").unwrap().unwrap();
         assert_eq!(record.hash, None);
         assert_eq!((record.lockouts, record.locked_until_ms), (0, None));

@@ -74,10 +74,6 @@ pub const RECORD_BYTES_TARGET: usize = 128 * 1024;
 /// reopen); its quarter (4 MiB) is sled's blob threshold.
 pub const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
 
-/// How often to try for sled's directory lock, and the pause between tries (2 s in all).
-const LOCK_ATTEMPTS_MAX: u32 = 200;
-const LOCK_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
-
 /// The sled-backed journal store.
 pub struct SledStorage {
     // Kept so the database lives as long as the tree.
@@ -105,26 +101,12 @@ impl SledStorage {
     /// Opens the database; `fdatasync: false` trusts sled's own flush alone (faster, safe
     /// against a process crash, not against power loss).
     pub fn open_with(path: &Path, fdatasync: bool) -> Result<Self, StorageError> {
-        // sled's own background jobs may hold the previous handle's file lock for a moment
-        // after it was dropped (a reopen in the same process): wait a bounded time for it.
-        let mut attempts_left = LOCK_ATTEMPTS_MAX;
-        let db = loop {
-            let opened = sled::Config::new()
-                .path(path)
-                .segment_size(SEGMENT_BYTES)
-                // Every commit flushes explicitly; a background flusher would only add fsyncs.
-                .flush_every_ms(None)
-                .open();
-            match opened {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock") && attempts_left > 1 =>
-                {
-                    attempts_left -= 1;
-                    std::thread::sleep(LOCK_RETRY_PAUSE);
-                }
-                other => break other?,
-            }
-        };
+        let config = sled::Config::new()
+            .path(path)
+            .segment_size(SEGMENT_BYTES)
+            // Every commit flushes explicitly; a background flusher would only add fsyncs.
+            .flush_every_ms(None);
+        let db = crate::sled_open::open_waiting_for_lock(&config)?;
         let tree = db.open_tree(JOURNAL_TREE)?;
         let anchor_path = path.join(ANCHOR_FILE);
         let io = |what: &str, e: std::io::Error| {

@@ -63,7 +63,8 @@ impl InboxStore {
             path: dir.to_owned(),
             source,
         };
-        let db = sled::Config::new().path(dir).open().map_err(open_err)?;
+        let db = crate::sled_open::open_waiting_for_lock(&sled::Config::new().path(dir))
+            .map_err(open_err)?;
         Ok(Self {
             txnid_seq: db.open_tree(TXNID_SEQ).map_err(open_err)?,
             seq_pending: db.open_tree(SEQ_PENDING).map_err(open_err)?,

@@ -305,13 +305,12 @@ fn user_prefix(user: &str) -> Vec<u8> {
 impl PaymentStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|source| StoreError::Open {
+        let db = crate::sled_open::open_waiting_for_lock(&sled::Config::new().path(dir)).map_err(
+            |source| StoreError::Open {
                 path: dir.to_owned(),
                 source,
-            })?;
+            },
+        )?;
         Ok(Self {
             pins: db.open_tree(USERID_PIN)?,
             profiles: db.open_tree(USERID_PROFILE)?,
