@@ -83,6 +83,7 @@ pub struct Metrics {
     outbox_depth: Gauge,
     outbox_oldest_age_seconds: Gauge,
     crypto_parked_events: Gauge,
+    crypto_replayed_events: Counter,
     homeserver_request_duration_seconds: Family<EndpointLabels, Histogram>,
     homeserver_request_errors: Family<EndpointErrorLabels, Counter>,
     scrape_hooks: Mutex<Vec<ScrapeHook>>,
@@ -181,6 +182,12 @@ impl Metrics {
             "Encrypted events parked until their room key arrives",
             crypto_parked_events.clone(),
         );
+        let crypto_replayed_events = Counter::default();
+        registry.register(
+            "crypto_replayed_events",
+            "Encrypted events ignored because their ciphertext came before under another event id",
+            crypto_replayed_events.clone(),
+        );
         let homeserver_request_duration_seconds =
             Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
                 // 1 ms .. about 33 s.
@@ -213,6 +220,7 @@ impl Metrics {
             outbox_depth,
             outbox_oldest_age_seconds,
             crypto_parked_events,
+            crypto_replayed_events,
             homeserver_request_duration_seconds,
             homeserver_request_errors,
             scrape_hooks: Mutex::new(Vec::new()),
@@ -225,6 +233,11 @@ impl Metrics {
         self.payments
             .get_or_create(&PaymentLabels { outcome, reason })
             .inc();
+    }
+
+    /// Counts one replayed encrypted event (ignored).
+    pub fn replayed_event(&self) {
+        self.crypto_replayed_events.inc();
     }
 
     /// Counts one wrong PIN.

@@ -91,14 +91,30 @@ pub struct DecryptedEvent {
     pub state_key: Option<String>,
     /// Plaintext content as received (unvalidated JSON).
     pub content: serde_json::Value,
-    /// `origin_server_ts` of the event (ms).
+    /// `origin_server_ts` of the event (ms): the homeserver's word, which a hostile homeserver
+    /// can set to anything. Judge freshness with [`DecryptedEvent::sent_ms`].
     pub origin_server_ts_ms: u64,
+    /// The earliest time (ms) the bot saw a later Megolm message of the same session: the
+    /// event was encrypted before then, whatever `origin_server_ts` claims (`None`: no later
+    /// message seen yet, or not encrypted).
+    pub sent_before_ms: Option<u64>,
     /// Trust in the sender's device.
     pub verification_state: TrustState,
     /// Whether the event arrived encrypted.
     pub was_encrypted: bool,
     /// Whether it was parked first and decrypted when its room key arrived late.
     pub was_parked: bool,
+}
+
+impl DecryptedEvent {
+    /// When the event was sent, as far as the bot can tell: the homeserver's
+    /// `origin_server_ts`, unless the Megolm session proves it older.
+    pub fn sent_ms(&self) -> u64 {
+        self.sent_before_ms
+            .map_or(self.origin_server_ts_ms, |bound| {
+                bound.min(self.origin_server_ts_ms)
+            })
+    }
 }
 
 impl std::fmt::Debug for DecryptedEvent {
@@ -112,6 +128,7 @@ impl std::fmt::Debug for DecryptedEvent {
             .field("state_key", &self.state_key)
             .field("content", &"<redacted>")
             .field("origin_server_ts_ms", &self.origin_server_ts_ms)
+            .field("sent_before_ms", &self.sent_before_ms)
             .field("verification_state", &self.verification_state)
             .field("was_encrypted", &self.was_encrypted)
             .field("was_parked", &self.was_parked)
@@ -134,6 +151,7 @@ mod tests {
             state_key: None,
             content: serde_json::json!({"msgtype": "m.text", "body": "4821"}),
             origin_server_ts_ms: 1,
+            sent_before_ms: None,
             verification_state: TrustState::NotEncrypted,
             was_encrypted: false,
             was_parked: false,

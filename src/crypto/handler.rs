@@ -190,6 +190,7 @@ pub async fn start_crypto(
     );
     settings.msc4190 = config.appservice.msc4190;
     settings.metrics = Some(app.metrics().clone());
+    settings.share_private_keys_with_unsigned_devices = config.payments.allow_unsigned_devices;
     if let Ok(hex_key) = std::env::var(STORE_KEY_ENV) {
         settings.store_key = Some(super::device::decode_key(hex_key.as_bytes()).ok_or_else(
             || AppError::Startup(format!("{STORE_KEY_ENV} must be 64 hex characters")),
@@ -247,6 +248,7 @@ mod tests {
             state_key: None,
             content,
             origin_server_ts_ms: 0,
+            sent_before_ms: None,
             verification_state: TrustState::NotEncrypted,
             was_encrypted: false,
             was_parked: false,

@@ -17,6 +17,7 @@ pub mod event;
 pub mod extensions;
 pub mod handler;
 pub mod parked;
+pub mod replay;
 pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,8 +31,8 @@ use matrix_sdk_crypto::types::requests::{
     AnyIncomingResponse, AnyOutgoingRequest, OutgoingRequest, ToDeviceRequest,
 };
 use matrix_sdk_crypto::{
-    CryptoStoreError, DecryptionSettings, EncryptionSettings, EncryptionSyncChanges, OlmMachine,
-    RoomEventDecryptionResult, TrustRequirement, UserIdentity,
+    CollectStrategy, CryptoStoreError, DecryptionSettings, EncryptionSettings,
+    EncryptionSyncChanges, OlmMachine, RoomEventDecryptionResult, TrustRequirement, UserIdentity,
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
 use ruma::api::client::keys::{get_keys, upload_signing_keys};
@@ -56,6 +57,7 @@ use crate::clock::SharedClock;
 pub use device::{DeviceMode, DeviceRecord};
 pub use event::{DecryptedEvent, TrustState};
 pub use parked::{ParkedError, ParkedEvent};
+pub use replay::{MegolmMessageId, MessageCheck, ReplayError, ReplayStore};
 pub use transport::{As, DeviceIdentity, Transport, TransportError};
 
 /// Rounds of "send what the machine wants, then ask again" per call; each round answers the
@@ -103,6 +105,9 @@ pub enum CryptoError {
     /// The parked-event store failed.
     #[error(transparent)]
     Parked(#[from] ParkedError),
+    /// The store of Megolm message identities (replay records) failed.
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
 }
 
 impl CryptoError {
@@ -133,6 +138,11 @@ pub struct CryptoSettings {
     pub parked_max_age_ms: u64,
     /// Where the device's homeserver requests are measured (none: not measured).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Whether room keys of a private room (the bot and one person) go to devices their owner
+    /// did not cross-sign. Off, such a room's keys reach only cross-signed devices
+    /// (matrix-sdk-crypto's identity-based strategy, MSC4153): challenges and balances in the
+    /// DM stay off a session nobody vouched for.
+    pub share_private_keys_with_unsigned_devices: bool,
 }
 
 impl std::fmt::Debug for CryptoSettings {
@@ -149,6 +159,10 @@ impl std::fmt::Debug for CryptoSettings {
                 &self.undecryptable_notice_after_ms,
             )
             .field("parked_max_age_ms", &self.parked_max_age_ms)
+            .field(
+                "share_private_keys_with_unsigned_devices",
+                &self.share_private_keys_with_unsigned_devices,
+            )
             .finish()
     }
 }
@@ -171,6 +185,7 @@ impl CryptoSettings {
             undecryptable_notice_after_ms: 30_000,
             parked_max_age_ms: 24 * 3_600_000,
             metrics: None,
+            share_private_keys_with_unsigned_devices: true,
         }
     }
 }
@@ -186,6 +201,8 @@ pub struct Ingested {
     pub parked: Vec<OwnedEventId>,
     /// Events that can never be decrypted (malformed, withheld key...); their senders were told.
     pub undecryptable: Vec<OwnedEventId>,
+    /// Events whose ciphertext the bot already saw under another event id: replays, dropped.
+    pub replayed: Vec<OwnedEventId>,
 }
 
 /// What the start-up self-check found about the homeserver's appservice E2E delivery.
@@ -221,6 +238,8 @@ struct Inner {
     clock: SharedClock,
     decryption: DecryptionSettings,
     parked: parking_lot::Mutex<parked::ParkedStore>,
+    /// Which Megolm message each event id carried (replay detection).
+    replay: ReplayStore,
     /// One pass over the machine's outgoing requests at a time (key claims must not overlap).
     requests_lock: tokio::sync::Mutex<()>,
     /// Room key sharing and encryption happen one at a time.
@@ -292,6 +311,14 @@ impl BotCrypto {
                 reason: e.to_string(),
             })?;
         let parked = parked::ParkedStore::open(&store_dir.join("parked"))?;
+        let replay = ReplayStore::open(&store_dir.join("replay"))?;
+        let pruned = replay.prune(clock.now_ms())?;
+        if pruned > 0 {
+            tracing::info!(
+                pruned,
+                "old replay records pruned to their sessions' floors"
+            );
+        }
 
         let identity = device.identity();
         let this = Self {
@@ -308,6 +335,7 @@ impl BotCrypto {
                     sender_device_trust_requirement: TrustRequirement::Untrusted,
                 },
                 parked: parking_lot::Mutex::new(parked),
+                replay,
                 requests_lock: tokio::sync::Mutex::new(()),
                 send_lock: tokio::sync::Mutex::new(()),
                 encrypted_rooms: parking_lot::Mutex::new(HashMap::new()),
@@ -506,6 +534,7 @@ impl BotCrypto {
                 Decrypted::Event(e) => out.events.push(*e),
                 Decrypted::Parked(id) => out.parked.push(id),
                 Decrypted::Undecryptable(id) => out.undecryptable.push(id),
+                Decrypted::Replayed(id) => out.replayed.push(id),
                 Decrypted::Skipped => {}
             }
         }
@@ -560,7 +589,11 @@ impl BotCrypto {
                 .and_then(|r| RoomId::parse(r).ok());
             let Some(room_id) = room_id else { continue };
             match kind {
-                Some("m.room.encryption") => {
+                // Only the room's state turns encryption on: a message-like event of that type
+                // (no state key) is just a message anyone may send.
+                Some("m.room.encryption")
+                    if event.get("state_key").and_then(Value::as_str) == Some("") =>
+                {
                     self.inner.encrypted_rooms.lock().insert(room_id, true);
                 }
                 Some("m.room.member") => {
@@ -653,6 +686,7 @@ impl BotCrypto {
                 state_key: get("state_key").map(str::to_owned),
                 content: event.get("content").cloned().unwrap_or(Value::Null),
                 origin_server_ts_ms,
+                sent_before_ms: None,
                 verification_state: TrustState::NotEncrypted,
                 was_encrypted: false,
                 was_parked: false,
@@ -670,6 +704,7 @@ impl BotCrypto {
             .map(str::to_owned);
         match self.try_decrypt(event, &room_id, false).await? {
             Attempt::Ok(decrypted) => Ok(Decrypted::Event(decrypted)),
+            Attempt::Replay => Ok(Decrypted::Replayed(event_id)),
             Attempt::MissingKey => {
                 let parked = ParkedEvent {
                     room_id: room_id.clone(),
@@ -713,6 +748,9 @@ impl BotCrypto {
             .await?;
         match result {
             RoomEventDecryptionResult::Decrypted(decrypted) => {
+                let Some(sent_before_ms) = self.check_replay(event, room_id)? else {
+                    return Ok(Attempt::Replay);
+                };
                 let plain: Value = decrypted
                     .event
                     .deserialize_as_unchecked()
@@ -737,6 +775,7 @@ impl BotCrypto {
                         .get("origin_server_ts")
                         .and_then(Value::as_u64)
                         .unwrap_or(0),
+                    sent_before_ms,
                     verification_state: self
                         .current_trust(
                             &info.sender,
@@ -756,6 +795,52 @@ impl BotCrypto {
                 } else {
                     Ok(Attempt::Never(info.reason))
                 }
+            }
+        }
+    }
+
+    /// Records which Megolm message `event` (just decrypted) carried, durably, before anything
+    /// acts on it. `Ok(None)`: the message came before under another event id (or below its
+    /// session's pruned floor), a replay: logged without content, counted, never acted on.
+    /// `Ok(Some(bound))`: fresh; `bound` is when a later message of its session was first seen.
+    fn check_replay(
+        &self,
+        event: &Value,
+        room_id: &RoomId,
+    ) -> Result<Option<Option<u64>>, CryptoError> {
+        let event_id = event
+            .get("event_id")
+            .and_then(Value::as_str)
+            .and_then(|e| EventId::parse(e).ok())
+            .ok_or_else(|| CryptoError::Homeserver("event without id".to_owned()))?;
+        let content = event.get("content").cloned().unwrap_or_default();
+        let Some(message) = MegolmMessageId::from_content(&content) else {
+            // It decrypted, so this cannot happen with a well-formed Megolm message; without
+            // its identity the bot cannot tell a replay, so it acts on nothing.
+            tracing::error!(%room_id, %event_id, "decrypted event without a readable Megolm index; dropped");
+            return Ok(None);
+        };
+        let check = self.inner.replay.check_and_record(
+            room_id,
+            &message,
+            &event_id,
+            self.inner.clock.now_ms(),
+        )?;
+        match check {
+            MessageCheck::Fresh { sent_before_ms } => Ok(Some(sent_before_ms)),
+            MessageCheck::Replay { first_event_id } => {
+                tracing::warn!(
+                    %room_id,
+                    %event_id,
+                    first_event_id = first_event_id.as_ref().map(|e| e.as_str()).unwrap_or("-"),
+                    session_id = %message.session_id,
+                    message_index = message.index,
+                    "encrypted message delivered again under another event id (replay); ignored"
+                );
+                if let Some(metrics) = &self.inner.settings.metrics {
+                    metrics.replayed_event();
+                }
+                Ok(None)
             }
         }
     }
@@ -862,6 +947,10 @@ impl BotCrypto {
                 Ok(Some(*decrypted))
             }
             Attempt::MissingKey => Ok(None),
+            Attempt::Replay => {
+                self.inner.parked.lock().remove(&parked.event_id)?;
+                Ok(None)
+            }
             Attempt::Never(reason) => {
                 tracing::warn!(event_id = %parked.event_id, ?reason, "parked event cannot be decrypted");
                 self.inner.parked.lock().remove(&parked.event_id)?;
@@ -1101,6 +1190,21 @@ impl BotCrypto {
         Ok(encrypted)
     }
 
+    /// How room keys are shared in a room of `members` joined members (the bot included).
+    fn encryption_settings(&self, members: usize) -> EncryptionSettings {
+        let private = members <= 2;
+        let sharing_strategy =
+            if private && !self.inner.settings.share_private_keys_with_unsigned_devices {
+                CollectStrategy::IdentityBasedStrategy
+            } else {
+                CollectStrategy::AllDevices
+            };
+        EncryptionSettings {
+            sharing_strategy,
+            ..EncryptionSettings::default()
+        }
+    }
+
     /// Sends a message-like event as the bot: encrypted for every joined member's devices in an
     /// encrypted room, plaintext otherwise. `txn_id` makes a retried send idempotent.
     pub async fn send_event(
@@ -1135,7 +1239,7 @@ impl BotCrypto {
                 .share_room_key(
                     room_id,
                     user_refs(&members).into_iter(),
-                    EncryptionSettings::default(),
+                    self.encryption_settings(members.len()),
                 )
                 .await
                 .map_err(|e| match e {
@@ -1317,11 +1421,14 @@ enum Decrypted {
     Event(Box<DecryptedEvent>),
     Parked(OwnedEventId),
     Undecryptable(OwnedEventId),
+    Replayed(OwnedEventId),
     Skipped,
 }
 
 enum Attempt {
     Ok(Box<DecryptedEvent>),
+    /// Decrypted, but the same ciphertext came before under another event id.
+    Replay,
     MissingKey,
     Never(UnableToDecryptReason),
 }

@@ -54,12 +54,12 @@ impl Payments {
         now_ms: u64,
     ) -> Result<(), PaymentsError> {
         tracing::info!(
-            sent_ms = event.origin_server_ts_ms,
+            sent_ms = event.sent_ms(),
             was_parked = event.was_parked,
             withdrawal,
             "request arrived too late; declined"
         );
-        let sentence = text::too_late(withdrawal, event.origin_server_ts_ms, now_ms);
+        let sentence = text::too_late(withdrawal, event.sent_ms(), now_ms);
         self.decline(
             event,
             payee,
@@ -312,7 +312,7 @@ impl Payments {
         match start_decision(
             earlier,
             existing.is_some(),
-            event.origin_server_ts_ms,
+            event.sent_ms(),
             now_ms,
             self.settings.stepup_timeout_ms,
         ) {
@@ -415,7 +415,7 @@ impl Payments {
         let decision = start_decision(
             earlier,
             open.is_some(),
-            event.origin_server_ts_ms,
+            event.sent_ms(),
             now_ms,
             self.settings.stepup_timeout_ms,
         );
@@ -452,7 +452,7 @@ impl Payments {
                             .await
                     }
                 };
-                let created_ms = event.origin_server_ts_ms.min(now_ms);
+                let created_ms = event.sent_ms().min(now_ms);
                 Challenge {
                     kind: ChallengeKind::Withdraw,
                     transfer_id: transfer_id.0,

@@ -217,7 +217,7 @@ impl Payments {
         let target = choose_challenge(
             open,
             &address,
-            event.origin_server_ts_ms,
+            event.sent_ms(),
             now_ms,
             self.settings.stepup_timeout_ms,
         );

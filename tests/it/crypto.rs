@@ -1023,3 +1023,24 @@ async fn e2e_msc4190_registration_encrypted_help() {
     .await;
     assert_eq!(device_record(&lease)["mode"], "msc4190");
 }
+
+/// Only the room's state turns encryption on: a message-like event typed `m.room.encryption`
+/// (anyone may send one) must not make the bot take a plaintext room for an encrypted one.
+#[tokio::test]
+async fn core_a_message_typed_m_room_encryption_does_not_turn_encryption_on() {
+    let lease = slot(SlotKind::Normal, "core_fake_encryption").await;
+    let bot = InProcessBot::start(&lease).await;
+    let alice = new_client("alice").await;
+    let room = room_with_bot(&alice, &lease.spec.bot_user_id(), false).await;
+    room.send_raw(
+        "m.room.encryption",
+        json!({ "algorithm": "m.megolm.v1.aes-sha2" }),
+    )
+    .await
+    .expect("send a message-like m.room.encryption");
+    bot.wait_for("the message-like m.room.encryption", |e| {
+        e.event_type == "m.room.encryption" && e.state_key.is_none()
+    })
+    .await;
+    assert!(!bot.crypto.room_is_encrypted(room.room_id()).await.unwrap());
+}

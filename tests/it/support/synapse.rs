@@ -127,6 +127,33 @@ pub fn synapse() -> &'static Synapse {
     }
 }
 
+impl Synapse {
+    /// The event `event_id` as the homeserver stored it, read from its database: the original
+    /// JSON, which Synapse keeps for days after a redaction (`redaction_retention_period`).
+    /// What a hostile homeserver admin holds; `None` while the event is not stored yet.
+    pub fn stored_event_json(&self, event_id: &str) -> Option<serde_json::Value> {
+        const QUERY: &str = "import sqlite3, sys\n\
+            db = sqlite3.connect(sys.argv[1], timeout=30)\n\
+            row = db.execute('SELECT json FROM event_json WHERE event_id = ?', (sys.argv[2],)).fetchone()\n\
+            print(row[0] if row else '')";
+        let output = Command::new("python3")
+            .arg("-c")
+            .arg(QUERY)
+            .arg(self.dir.join("homeserver.db"))
+            .arg(event_id)
+            .output()
+            .expect("run python3 to read Synapse's database");
+        assert!(
+            output.status.success(),
+            "reading Synapse's database: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).expect("UTF-8 JSON");
+        let text = text.trim();
+        (!text.is_empty()).then(|| serde_json::from_str(text).expect("stored event JSON"))
+    }
+}
+
 fn start_synapse() -> Result<Synapse, String> {
     let dir = run_dir().join("synapse");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
