@@ -1,10 +1,13 @@
 //! `mxpay dev`: a whole local setup in one command, for a newcomer.
 //!
 //! Installs Synapse into the repo's `.venv/` (via `scripts/synapse.sh`), writes a homeserver,
-//! an mxpay config and a registration under `.dev/`, starts Synapse and `mxpay serve`, creates
-//! the demo users alice and bob, prints how to log in, and runs until Ctrl-C, then stops both.
-//! A second run reuses everything under `.dev/` (same ports, users and passwords);
-//! `--reset` starts over.
+//! an mxpay config (payments and the admin API on, with a PIN pepper and an admin key of its
+//! own) and a registration under `.dev/`, starts Synapse and `mxpay serve`, creates the demo
+//! users alice and bob, funds each with [`DEMO_FUNDS`] through the real top-up path, makes an
+//! encrypted room with both and the bot, prints how to log in, the first payment to try and a
+//! ready admin token, and runs until Ctrl-C, then stops both.
+//! A second run reuses everything under `.dev/` (same ports, users, passwords and room; the
+//! top-ups are idempotent, so nobody is funded twice); `--reset` starts over.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -58,6 +61,9 @@ pub enum DevError {
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// Funding the demo users through the admin API failed.
+    #[error("funding the demo users: {0}")]
+    Admin(String),
 }
 
 /// `mxpay dev` options.
@@ -87,9 +93,19 @@ struct DevState {
     appservice_port: u16,
     /// Demo users: localpart and password.
     users: Vec<(String, String)>,
+    /// The demo room (alice, bob and the bot), once made.
+    #[serde(default)]
+    room_id: Option<String>,
 }
 
 const DEMO_USERS: [&str; 2] = ["alice", "bob"];
+/// What each demo user is funded with, once per setup.
+pub const DEMO_FUNDS: &str = "100.00";
+const DEMO_CURRENCY: &str = "EUR";
+/// Life of the admin token printed at start (the operator mints more with the printed command).
+const PRINTED_TOKEN_TTL_S: u64 = 24 * 3_600;
+/// Each request of the set-up steps (top-ups, room creation) is bounded.
+const SETUP_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const BOT_LOCALPART: &str = "_mxpay";
 const SERVER_NAME: &str = "localhost";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -143,14 +159,23 @@ pub fn run(args: DevArgs) -> Result<(), DevError> {
     if !config_path.exists() {
         let config = dev_config(&homeserver_url, state.appservice_port);
         std::fs::write(&config_path, config).map_err(io_err(&config_path))?;
+    } else {
+        // A setup made before the admin API was part of it gets it now.
+        let config = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+        if !config.lines().any(|line| line.starts_with("admin:")) {
+            std::fs::write(&config_path, format!("{config}{ADMIN_CONFIG}"))
+                .map_err(io_err(&config_path))?;
+        }
+    }
+    // The admin API's HS256 key (`admin.token.secret: {file: ./admin-jwt.key}`).
+    let admin_key_path = mxpay_dir.join("admin-jwt.key");
+    if !admin_key_path.exists() {
+        write_secret(&admin_key_path, &random_hex_secret())?;
     }
     // The PIN pepper of the dev setup's payments (`payments.pepper_file: ./pepper`).
     let pepper_path = mxpay_dir.join("pepper");
     if !pepper_path.exists() {
-        let mut pepper = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut pepper);
-        std::fs::write(&pepper_path, format!("{}\n", hex::encode(pepper)))
-            .map_err(io_err(&pepper_path))?;
+        write_secret(&pepper_path, &random_hex_secret())?;
     }
     let mxpay = std::env::current_exe().map_err(io_err(Path::new("mxpay")))?;
     if !registration_path.exists() {
@@ -215,7 +240,34 @@ fn serve_until_interrupted(
         for (localpart, password) in &state.users {
             register_user(homeserver_url, &shared_secret, localpart, password).await?;
         }
-        print_welcome(state, dir, homeserver_url);
+        let admin_key = std::fs::read(dir.join("mxpay/admin-jwt.key"))
+            .map_err(io_err(&dir.join("mxpay/admin-jwt.key")))?;
+        let tokens = token_authority(&admin_key)?;
+        let mxpay_url = format!("http://127.0.0.1:{}", state.appservice_port);
+        for (localpart, _) in &state.users {
+            fund(&mxpay_url, &tokens, localpart).await?;
+        }
+        let room_id = demo_room(state, dir, homeserver_url).await?;
+        let admin_token = tokens
+            .mint(
+                "mxpay-dev",
+                [
+                    crate::admin::token::Scope::Topup,
+                    crate::admin::token::Scope::Read,
+                ]
+                .into_iter()
+                .collect(),
+                PRINTED_TOKEN_TTL_S,
+            )
+            .map_err(|e| DevError::Admin(e.to_string()))?;
+        print_welcome(
+            state,
+            dir,
+            homeserver_url,
+            &room_id,
+            &admin_token,
+            config_path,
+        );
         wait_for_interrupt_or_exit(&mut serve).await
     });
     stop_child(&mut serve);
@@ -242,6 +294,7 @@ fn load_or_create_state(
             .iter()
             .map(|name| ((*name).to_owned(), random_password()))
             .collect(),
+        room_id: None,
     };
     let text = serde_json::to_string_pretty(&state).expect("state serialises");
     std::fs::write(&path, text).map_err(io_err(&path))?;
@@ -266,6 +319,10 @@ fn random_password() -> String {
         .collect()
 }
 
+/// The admin API section of the dev config (the key file is written beside it).
+const ADMIN_CONFIG: &str =
+    "admin:\n  token:\n    algorithm: HS256\n    secret: { file: ./admin-jwt.key }\n";
+
 fn dev_config(homeserver_url: &str, appservice_port: u16) -> String {
     format!(
         "# Written by `mxpay dev` for local development; edit freely (`--reset` rewrites it).\n\
@@ -274,8 +331,176 @@ fn dev_config(homeserver_url: &str, appservice_port: u16) -> String {
          listen: 127.0.0.1:{appservice_port}\n  url: http://127.0.0.1:{appservice_port}\n\
          data_dir: ./data\n\
          payments:\n  enabled: true\n  pepper_file: ./pepper\n\
-         logging:\n  level: info\n  format: pretty\n"
+         logging:\n  level: info\n  format: pretty\n\
+         {ADMIN_CONFIG}"
     )
+}
+
+/// 32 random bytes, hex: a pepper or an HS256 key.
+fn random_hex_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    format!("{}\n", hex::encode(bytes))
+}
+
+/// Writes a secret readable by its owner only (mxpay refuses secrets others can read).
+fn write_secret(path: &Path, text: &str) -> Result<(), DevError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(io_err(path))
+}
+
+fn token_authority(key_file: &[u8]) -> Result<crate::admin::token::TokenAuthority, DevError> {
+    // The config trims surrounding whitespace (the trailing newline) from secret files.
+    let key = crate::admin::token::AdminKey::Hs256 {
+        secret: key_file.trim_ascii().to_vec(),
+    };
+    crate::admin::token::TokenAuthority::new(&key, std::sync::Arc::new(crate::clock::SystemClock))
+        .map_err(|e| DevError::Admin(e.to_string()))
+}
+
+fn http_client() -> Result<reqwest::Client, DevError> {
+    reqwest::Client::builder()
+        .timeout(SETUP_REQUEST_TIMEOUT)
+        .build()
+        .map_err(|e| DevError::Admin(e.to_string()))
+}
+
+/// Tops `localpart` up with [`DEMO_FUNDS`] through the admin API, once per setup: the
+/// idempotency key is fixed, so a re-run gets the first answer and moves nothing.
+async fn fund(
+    mxpay_url: &str,
+    tokens: &crate::admin::token::TokenAuthority,
+    localpart: &str,
+) -> Result<(), DevError> {
+    let token = tokens
+        .mint(
+            "mxpay-dev",
+            [crate::admin::token::Scope::Topup].into_iter().collect(),
+            300,
+        )
+        .map_err(|e| DevError::Admin(e.to_string()))?;
+    let response = http_client()?
+        .post(format!("{mxpay_url}/_mxpay/admin/v1/topups"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({
+            "user_id": format!("@{localpart}:{SERVER_NAME}"),
+            "amount": DEMO_FUNDS,
+            "currency": DEMO_CURRENCY,
+            "idempotency_key": format!("mxpay-dev-welcome-{localpart}"),
+        }))
+        .send()
+        .await
+        .map_err(|e| DevError::Admin(e.to_string()))?;
+    let status = response.status();
+    if !status.is_success() {
+        let text = response.text().await.unwrap_or_default();
+        return Err(DevError::Admin(format!(
+            "top-up of {localpart}: {status} {text}"
+        )));
+    }
+    Ok(())
+}
+
+/// The encrypted demo room of alice (creator), bob and the bot; made once, its id kept in
+/// `dev.json`.
+async fn demo_room(state: &DevState, dir: &Path, homeserver_url: &str) -> Result<String, DevError> {
+    if let Some(room_id) = &state.room_id {
+        return Ok(room_id.clone());
+    }
+    let homeserver = |reason: String| DevError::Homeserver {
+        url: homeserver_url.to_owned(),
+        reason,
+    };
+    let http = http_client()?;
+    let mut tokens = Vec::new();
+    for (localpart, password) in &state.users {
+        let login: serde_json::Value = http
+            .post(format!("{homeserver_url}/_matrix/client/v3/login"))
+            .json(&serde_json::json!({
+                "type": "m.login.password",
+                "identifier": { "type": "m.id.user", "user": localpart },
+                "password": password,
+                "initial_device_display_name": "mxpay dev set-up",
+            }))
+            .send()
+            .await
+            .map_err(|e| homeserver(e.to_string()))?
+            .json()
+            .await
+            .map_err(|e| homeserver(e.to_string()))?;
+        let token = login["access_token"]
+            .as_str()
+            .ok_or_else(|| homeserver(format!("login of {localpart} refused: {login}")))?;
+        tokens.push(token.to_owned());
+    }
+    let invite: Vec<String> = state.users[1..]
+        .iter()
+        .map(|(localpart, _)| format!("@{localpart}:{SERVER_NAME}"))
+        .chain(std::iter::once(format!("@{BOT_LOCALPART}:{SERVER_NAME}")))
+        .collect();
+    let created: serde_json::Value = http
+        .post(format!("{homeserver_url}/_matrix/client/v3/createRoom"))
+        .bearer_auth(&tokens[0])
+        .json(&serde_json::json!({
+            "name": "mxpay demo",
+            "preset": "private_chat",
+            "invite": invite,
+            "initial_state": [{
+                "type": "m.room.encryption", "state_key": "",
+                "content": { "algorithm": "m.megolm.v1.aes-sha2" },
+            }],
+        }))
+        .send()
+        .await
+        .map_err(|e| homeserver(e.to_string()))?
+        .json()
+        .await
+        .map_err(|e| homeserver(e.to_string()))?;
+    let room_id = created["room_id"]
+        .as_str()
+        .ok_or_else(|| homeserver(format!("room not created: {created}")))?
+        .to_owned();
+    for token in &tokens[1..] {
+        let joined = http
+            .post(format!(
+                "{homeserver_url}/_matrix/client/v3/join/{}",
+                url_path(&room_id)
+            ))
+            .bearer_auth(token)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .map_err(|e| homeserver(e.to_string()))?;
+        if !joined.status().is_success() {
+            return Err(homeserver(format!("join refused: {}", joined.status())));
+        }
+    }
+    // The set-up's own sessions are not needed any more: the people log in with a client.
+    for token in &tokens {
+        let _ = http
+            .post(format!("{homeserver_url}/_matrix/client/v3/logout"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({}))
+            .send()
+            .await;
+    }
+    let mut saved = serde_json::to_value(state).expect("state serialises");
+    saved["room_id"] = room_id.clone().into();
+    let path = dir.join("dev.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&saved).expect("JSON"))
+        .map_err(io_err(&path))?;
+    Ok(room_id)
+}
+
+fn url_path(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
 }
 
 /// Runs a child to completion, its output going to ours.
@@ -350,17 +575,53 @@ async fn register_user(
     }
 }
 
-fn print_welcome(state: &DevState, dir: &Path, homeserver_url: &str) {
+fn print_welcome(
+    state: &DevState,
+    dir: &Path,
+    homeserver_url: &str,
+    room_id: &str,
+    admin_token: &str,
+    config_path: &Path,
+) {
+    let bot = format!("@{BOT_LOCALPART}:{SERVER_NAME}");
+    let payee = state
+        .users
+        .get(1)
+        .map(|(localpart, _)| format!("@{localpart}:{SERVER_NAME}"))
+        .unwrap_or_default();
     println!();
     println!("mxpay dev is up. Homeserver: {homeserver_url}  (server name `{SERVER_NAME}`)");
     println!();
     println!("Log in with Element (app.element.io, Element Desktop) or any Matrix client:");
     println!("  choose \"Sign in\" > edit the homeserver > {homeserver_url}");
     for (localpart, password) in &state.users {
-        println!("  user @{localpart}:{SERVER_NAME}   password {password}");
+        println!(
+            "  user @{localpart}:{SERVER_NAME}   password {password}   wallet: {DEMO_FUNDS} {DEMO_CURRENCY}"
+        );
     }
     println!();
-    println!("Then invite the bot @{BOT_LOCALPART}:{SERVER_NAME} to a room and say `!help`.");
+    println!("Your first payment:");
+    println!("  1. As alice, set up cross-signing when the client offers it (Element does at first login).");
+    println!(
+        "  2. Start a direct chat with the bot {bot} (it joins and encrypts) and say `!pin set`;"
+    );
+    println!(
+        "     that DM is where the bot asks for your PIN and tells you your balance (`!balance`)."
+    );
+    println!("  3. In the encrypted room \"mxpay demo\" ({room_id}), where alice, bob and the bot are, say:");
+    println!("       !pay {payee} 5.00 {DEMO_CURRENCY} lunch");
+    println!("  4. Answer with your PIN in the DM. Both see the receipt in the room.");
+    println!();
+    println!(
+        "Admin API (top-ups, balances) at http://127.0.0.1:{}/_mxpay/admin/v1, token for 24 h:",
+        state.appservice_port
+    );
+    println!("  export MXPAY_ADMIN_TOKEN={admin_token}");
+    println!(
+        "  more: mxpay admin -c {} token create --scope topup,read",
+        config_path.display()
+    );
+    println!();
     println!(
         "Setup, logs and data: {} (Synapse log: synapse/homeserver.log). Ctrl-C stops everything.",
         dir.display()

@@ -61,6 +61,9 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .merge(appservice_api)
         .route("/health", get(health))
         .route("/ready", get(ready))
+        // mautrix bridges' names for the same probes, which admins' monitoring already knows.
+        .route("/_matrix/mau/live", get(health))
+        .route("/_matrix/mau/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async { EdgeError::Unrecognized })
         .method_not_allowed_fallback(|| async { EdgeError::MethodNotAllowed })

@@ -16,6 +16,8 @@ use crate::support::{self, free_port, log_tail, repo_dir, run_dir};
 struct Dev {
     child: Child,
     stdin: Option<ChildStdin>,
+    /// What it printed on stdout so far.
+    printed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 const UP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -46,26 +48,59 @@ fn start_dev(dir: &Path, homeserver_port: u16, appservice_port: u16) -> Dev {
     let stdin = child.stdin.take();
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = printed.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if line.contains("mxpay dev is up") {
+            lines.lock().unwrap().push(line.clone());
+            // The welcome ends with where the setup lives.
+            if line.contains("Ctrl-C stops everything") {
                 let _ = tx.send(());
             }
         }
     });
     if rx.recv_timeout(UP_TIMEOUT).is_err() {
-        let mut dev = Dev { child, stdin };
+        let mut dev = Dev {
+            child,
+            stdin,
+            printed,
+        };
         dev.stop();
         panic!(
             "mxpay dev did not come up; its log:\n{}",
             log_tail(&dir.with_extension("log"), 40)
         );
     }
-    Dev { child, stdin }
+    Dev {
+        child,
+        stdin,
+        printed,
+    }
 }
 
 impl Dev {
+    /// The printed line containing `part`.
+    fn printed_line(&self, part: &str) -> String {
+        let printed = self.printed.lock().unwrap();
+        printed
+            .iter()
+            .find(|line| line.contains(part))
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "mxpay dev printed no line with {part:?}:\n{}",
+                    printed.join("\n")
+                )
+            })
+    }
+
+    /// The admin token it printed (`export MXPAY_ADMIN_TOKEN=...`).
+    fn admin_token(&self) -> String {
+        let line = self.printed_line("export MXPAY_ADMIN_TOKEN=");
+        line.split('=').nth(1).expect("a token").trim().to_owned()
+    }
+
     /// Closes the guard's stdin (SIGTERM to `mxpay dev`) and returns whether it exited 0.
     fn stop(&mut self) -> bool {
         drop(self.stdin.take());
@@ -106,6 +141,29 @@ async fn login(homeserver_port: u16, localpart: &str, password: &str) -> u16 {
         .as_u16()
 }
 
+/// The wallet of `localpart` as the admin API shows it (JSON text).
+async fn wallet(appservice_port: u16, token: &str, localpart: &str) -> String {
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{appservice_port}/_mxpay/admin/v1/users/@{localpart}:localhost/accounts"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET accounts");
+    assert_eq!(response.status().as_u16(), 200);
+    response.text().await.expect("accounts JSON")
+}
+
+fn dev_room(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("dev.json")).expect("read dev.json");
+    let state: serde_json::Value = serde_json::from_str(&text).expect("dev.json is JSON");
+    state["room_id"]
+        .as_str()
+        .expect("the demo room in dev.json")
+        .to_owned()
+}
+
 fn demo_users(dir: &Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(dir.join("dev.json")).expect("read dev.json");
     let state: serde_json::Value = serde_json::from_str(&text).expect("dev.json is JSON");
@@ -129,6 +187,21 @@ async fn mxpay_dev_comes_up_lets_demo_users_log_in_and_stops_on_signal() {
     let users = demo_users(&dir);
     let names: Vec<&str> = users.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names, ["alice", "bob"]);
+    // Funded through the real top-up path, readable with the printed admin token; the first
+    // payment to try and the demo room are printed.
+    for name in names {
+        assert!(
+            wallet(appservice_port, &dev.admin_token(), name)
+                .await
+                .contains("\"100.00\""),
+            "{name} has 100.00 EUR"
+        );
+    }
+    let pay_line = dev.printed_line("!pay @bob:localhost 5.00 EUR");
+    let room_line = dev.printed_line("\"mxpay demo\"");
+    let room_id = dev_room(&dir);
+    assert!(room_line.contains(&room_id), "{room_line}");
+    assert!(!pay_line.is_empty());
     for (name, password) in &users {
         assert_eq!(
             login(homeserver_port, name, password).await,
@@ -155,9 +228,13 @@ async fn mxpay_dev_comes_up_lets_demo_users_log_in_and_stops_on_signal() {
         "Synapse's process is gone"
     );
 
-    // A second run reuses the setup: same users, same passwords.
+    // A second run reuses the setup: same users, same passwords, same room, and funds nobody
+    // twice.
     let mut dev = start_dev(&dir, free_port(), free_port());
     assert_eq!(demo_users(&dir), users);
+    assert_eq!(dev_room(&dir), room_id);
+    let alice = wallet(appservice_port, &dev.admin_token(), "alice").await;
+    assert!(alice.contains("\"100.00\"") && !alice.contains("200.00"), "{alice}");
     let (name, password) = &users[0];
     assert_eq!(
         login(homeserver_port, name, password).await,
