@@ -39,6 +39,65 @@ pub enum ConfigError {
     },
 }
 
+/// Environment variables starting with this override config keys, `__` separating the levels:
+/// `MXPAY__HOMESERVER__URL=http://synapse:8008` sets `homeserver.url`. Values are read as YAML
+/// scalars (`8008`, `true`, `info`). The double underscore keeps them apart from mxpay's other
+/// variables (`MXPAY_ADMIN_TOKEN`, `MXPAY_PIN_PEPPER`, ...).
+pub const ENV_OVERRIDE_PREFIX: &str = "MXPAY__";
+
+/// `text` with the overrides among `vars` applied (see [`ENV_OVERRIDE_PREFIX`]); `text`
+/// unchanged when there are none. An override naming an unknown key fails later, in parsing,
+/// like the same key in the file.
+pub fn with_env_overrides(
+    text: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<String, ConfigError> {
+    let overrides: Vec<(String, String)> = vars
+        .filter(|(name, _)| name.starts_with(ENV_OVERRIDE_PREFIX))
+        .collect();
+    if overrides.is_empty() {
+        return Ok(text.to_owned());
+    }
+    let parse = |message: String| ConfigError::Parse {
+        path: PathBuf::new(),
+        message,
+    };
+    let mut root: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| parse(e.to_string()))?;
+    if root.is_null() {
+        root = serde_yaml_ng::Value::Mapping(Default::default());
+    }
+    for (name, value) in overrides {
+        let path: Vec<String> = name[ENV_OVERRIDE_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(invalid(&name, "an empty key level (three underscores?)"));
+        }
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&value)
+            .map_err(|e| invalid(&name, format!("not a YAML value: {e}")))?;
+        let mut node = &mut root;
+        for (depth, key) in path.iter().enumerate() {
+            let serde_yaml_ng::Value::Mapping(map) = node else {
+                return Err(invalid(
+                    &name,
+                    format!("`{}` is not a section", path[..depth].join(".")),
+                ));
+            };
+            let key = serde_yaml_ng::Value::String(key.clone());
+            if depth + 1 == path.len() {
+                map.insert(key, value.clone());
+                break;
+            }
+            node = map
+                .entry(key)
+                .or_insert_with(|| serde_yaml_ng::Value::Mapping(Default::default()));
+        }
+    }
+    serde_yaml_ng::to_string(&root).map_err(|e| parse(e.to_string()))
+}
+
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
@@ -228,6 +287,13 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
+        })?;
+        let text = with_env_overrides(&text, std::env::vars()).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
         })?;
         let mut config = Self::from_yaml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
@@ -571,6 +637,42 @@ mod tests {
         assert!(message.contains("config.yaml"), "{message}");
         let missing = Config::load(&dir.path().join("nope.yaml")).unwrap_err();
         assert!(missing.to_string().contains("nope.yaml"));
+    }
+
+    #[test]
+    fn environment_variables_override_keys_at_any_depth() {
+        let vars = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let text = "homeserver:\n  url: http://a:8008\n  server_name: example.org\n";
+        let overridden = with_env_overrides(
+            text,
+            vars(&[
+                ("MXPAY__HOMESERVER__URL", "http://b:8008"),
+                ("MXPAY__PAYMENTS__ENABLED", "false"),
+                ("MXPAY_ADMIN_TOKEN", "not a config key"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        let config = Config::from_yaml(&overridden).unwrap();
+        assert_eq!(config.homeserver.url, "http://b:8008");
+        assert_eq!(config.homeserver.server_name, "example.org");
+        assert!(!config.payments.enabled);
+        // Nothing to override: the text as it was.
+        assert_eq!(with_env_overrides(text, vars(&[])).unwrap(), text);
+        // An unknown key fails as it would in the file.
+        let unknown = with_env_overrides(text, vars(&[("MXPAY__HOMESERVER__NOPE", "1")])).unwrap();
+        let error = Config::from_yaml(&unknown).unwrap_err().to_string();
+        assert!(error.contains("nope"), "{error}");
+        let error = with_env_overrides(text, vars(&[("MXPAY__HOMESERVER__URL__X", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("homeserver.url"), "{error}");
     }
 
     /// Every key in the example config parses and is documented in docs/config.md.

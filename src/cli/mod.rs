@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod dev;
+pub mod example_config;
 pub mod registration;
 pub mod serve;
 
@@ -29,6 +30,9 @@ pub enum Command {
     /// Writes an appservice registration with fresh tokens for the homeserver (alias `-g`).
     #[command(short_flag = 'g', visible_alias = "g")]
     GenerateRegistration(registration::GenerateRegistrationArgs),
+    /// Writes the commented example config (alias `-e`).
+    #[command(short_flag = 'e', visible_alias = "e")]
+    ExampleConfig(example_config::ExampleConfigArgs),
     /// Local development: Synapse, mxpay and demo users under `.dev/`, until Ctrl-C.
     Dev(dev::DevArgs),
     /// Ledger tools that work on a data directory directly (mxpay must not be running).
@@ -62,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow_like::Result {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::GenerateRegistration(args) => registration::run(args),
+        Command::ExampleConfig(args) => example_config::run(args),
         Command::Dev(args) => dev::run(args).map_err(Into::into),
         Command::Ledger { command } => match command {
             LedgerCommand::Verify { data_dir } => ledger::verify(&data_dir),

@@ -380,8 +380,14 @@ async fn health_ready_and_metrics_need_no_token() {
     );
     app.set_ready(true);
     assert_eq!(call(&router, get("/ready")).await.status, StatusCode::OK);
-    assert_eq!(call(&router, get("/_matrix/mau/live")).await.status, StatusCode::OK);
-    assert_eq!(call(&router, get("/_matrix/mau/ready")).await.status, StatusCode::OK);
+    assert_eq!(
+        call(&router, get("/_matrix/mau/live")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&router, get("/_matrix/mau/ready")).await.status,
+        StatusCode::OK
+    );
     let metrics = call(&router, get("/metrics")).await;
     assert_eq!(metrics.status, StatusCode::OK);
     assert!(metrics.headers["content-type"]

@@ -234,7 +234,10 @@ async fn mxpay_dev_comes_up_lets_demo_users_log_in_and_stops_on_signal() {
     assert_eq!(demo_users(&dir), users);
     assert_eq!(dev_room(&dir), room_id);
     let alice = wallet(appservice_port, &dev.admin_token(), "alice").await;
-    assert!(alice.contains("\"100.00\"") && !alice.contains("200.00"), "{alice}");
+    assert!(
+        alice.contains("\"100.00\"") && !alice.contains("200.00"),
+        "{alice}"
+    );
     let (name, password) = &users[0];
     assert_eq!(
         login(homeserver_port, name, password).await,
