@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use ruma::events::room::message::RoomMessageEventContent;
-use ruma::{OwnedRoomId, OwnedTransactionId};
+use ruma::{OwnedRoomId, OwnedTransactionId, RoomId};
 use serde_json::Value;
 
 use crate::homeserver::{HomeserverClient, HomeserverError};
@@ -174,7 +174,13 @@ impl BasicHandler {
                     && view.content.get("membership").and_then(Value::as_str) == Some("invite") =>
             {
                 tracing::info!(%room_id, sender = view.sender, "invited; joining");
-                self.client.join_room(&room_id).await.map(drop)
+                match self.client.join_room(&room_id).await {
+                    Ok(_) => {
+                        self.publish_commands(&room_id).await;
+                        Ok(())
+                    }
+                    Err(error) => Err(error),
+                }
             }
             "m.room.message" if is_help(view.content) => {
                 let txn_id = reply_txn_id("help", view.event_id.unwrap_or_default());
@@ -194,6 +200,37 @@ impl BasicHandler {
                 Ok(())
             }
         }
+    }
+}
+
+impl BasicHandler {
+    /// Describes the bot's commands in `room_id` (MSC4391 state events) where it may send state;
+    /// a room that does not let it (the first description refused) is left alone. Never fails:
+    /// the text commands work without the descriptions.
+    async fn publish_commands(&self, room_id: &RoomId) {
+        use crate::events::bot_command::{descriptions, COMMAND_DESCRIPTION_EVENT_TYPE};
+        let names: Vec<&str> = self
+            .commands
+            .iter()
+            .filter_map(|c| c.usage.split_whitespace().next())
+            .map(|word| word.trim_start_matches('!'))
+            .collect();
+        for (state_key, content) in descriptions(self.client.bot_user_id(), &names) {
+            if let Err(error) = self
+                .client
+                .send_state(
+                    room_id,
+                    COMMAND_DESCRIPTION_EVENT_TYPE,
+                    &state_key,
+                    &content,
+                )
+                .await
+            {
+                tracing::debug!(%room_id, %error, "command descriptions not published here");
+                return;
+            }
+        }
+        tracing::debug!(%room_id, "command descriptions published");
     }
 }
 

@@ -89,7 +89,7 @@ impl CryptoHandler {
     /// Acts on one decrypted or plaintext event (`!help`; joins via the basic handler). The
     /// payment layer calls it for the events that are not payment matters.
     pub async fn handle_event(&self, event: &DecryptedEvent) -> Result<(), HandlerError> {
-        if is_help(event) {
+        if is_help(event) || self.is_help_invocation(event) {
             let body = help_text(&self.commands);
             let content = json!({
                 "msgtype": "m.notice",
@@ -118,6 +118,16 @@ impl CryptoHandler {
             return self.basic.handle_event(&raw).await;
         }
         Ok(())
+    }
+}
+
+impl CryptoHandler {
+    /// A client's MSC4391 `help` invocation mentioning the bot.
+    fn is_help_invocation(&self, event: &DecryptedEvent) -> bool {
+        event.event_type == "m.room.message"
+            && crate::events::bot_command::invocation_text(&event.content, self.crypto.user_id())
+                .as_deref()
+                == Some("!help")
     }
 }
 

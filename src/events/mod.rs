@@ -4,6 +4,7 @@
 //! something. Amounts are decimal strings in major units (`"12.50"`); the currency's exponent is
 //! checked by the ledger on the way in. Schemas and examples: `docs/events.md`.
 
+pub mod bot_command;
 pub mod payment_request;
 pub mod receipt;
 pub mod stepup_challenge;

@@ -19,7 +19,7 @@ use ruma::api::client::membership::{get_member_events, join_room_by_id};
 use ruma::api::client::message::send_message_event;
 use ruma::api::client::profile::set_profile_field;
 use ruma::api::client::redact::redact_event;
-use ruma::api::client::state::get_state_events;
+use ruma::api::client::state::{get_state_events, send_state_event};
 use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
 use ruma::api::{
     AppserviceUserIdentity, IncomingResponse, OutgoingRequest, OutgoingRequestAppserviceExt,
@@ -567,6 +567,26 @@ impl HomeserverClient {
         );
         self.send(request, Identity::Appservice).await?;
         Ok(())
+    }
+
+    /// Sets a state event as the bot (needs the room's power level for `event_type`).
+    pub async fn send_state(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+        content: &serde_json::Value,
+    ) -> Result<OwnedEventId, HomeserverError> {
+        let body = Raw::new(content)
+            .map_err(|e| HomeserverError::Build(e.to_string()))?
+            .cast_unchecked();
+        let request = send_state_event::v3::Request::new_raw(
+            room_id.to_owned(),
+            event_type.into(),
+            state_key.to_owned(),
+            body,
+        );
+        Ok(self.send(request, Identity::Appservice).await?.event_id)
     }
 
     /// The current state events of a room, as the bot sees them.

@@ -346,7 +346,12 @@ impl Payments {
             }
             "m.room.message" => {
                 let msgtype = event.content.get("msgtype").and_then(Value::as_str);
-                let body = event.content.get("body").and_then(Value::as_str);
+                // A client's MSC4391 invocation stands for the text command it names.
+                let invoked =
+                    crate::events::bot_command::invocation_text(&event.content, &self.bot);
+                let body = invoked
+                    .as_deref()
+                    .or_else(|| event.content.get("body").and_then(Value::as_str));
                 if let (Some("m.text"), Some(body)) = (msgtype, body) {
                     if let Some(parsed) = command::parse(body) {
                         return match parsed {

@@ -1673,5 +1673,6 @@ async fn pin_to_receipt_latency() {
     );
 }
 
+mod bot_commands;
 mod keys;
 mod replay;
