@@ -86,10 +86,17 @@ impl Inbox {
         })
     }
 
-    /// Stores a transaction's raw JSON body unless its id was stored before. Returns once the
-    /// body is flushed to disk. The caller has checked that `body` is a JSON object.
+    /// Stores a transaction's raw JSON body unless the same transaction was stored before.
+    /// Returns once the body is flushed to disk. The caller has checked that `body` is a JSON
+    /// object.
+    ///
+    /// "The same" is the id *and* what it carries ([`fingerprint`]): Synapse with SQLite
+    /// numbers transactions from 1 again after a restart, so an id alone would make mxpay
+    /// drop every new transaction as a duplicate; a retry carries the same events (only their
+    /// `unsigned.age` differs), so it is still recognised.
     pub async fn accept(&self, txn_id: &str, body: &[u8]) -> Result<Accepted, InboxError> {
-        let accepted = match self.store.insert(txn_id.as_bytes(), body).await? {
+        let key = stored_key(txn_id, body);
+        let accepted = match self.store.insert(&key, body).await? {
             Inserted::New(seq) => Accepted::New(seq),
             Inserted::Exists(_) => Accepted::Duplicate,
         };
@@ -132,9 +139,11 @@ impl Inbox {
         self.store.pending_len()
     }
 
-    /// Whether this transaction id was ever accepted.
+    /// Whether a transaction with this id was ever accepted.
     pub fn contains(&self, txn_id: &str) -> Result<bool, InboxError> {
-        Ok(self.store.contains_key(txn_id.as_bytes())?)
+        let mut prefix = txn_id.as_bytes().to_vec();
+        prefix.push(KEY_SEPARATOR);
+        Ok(self.store.contains_prefix(&prefix)? || self.store.contains_key(txn_id.as_bytes())?)
     }
 
     /// Resolves after the next [`Inbox::accept`] of a new transaction (or at once if one
@@ -144,9 +153,65 @@ impl Inbox {
     }
 }
 
+/// Separates the homeserver's transaction id from the fingerprint in a stored key (ids with
+/// it cannot come from Synapse: they are path segments of printable characters).
+const KEY_SEPARATOR: u8 = 0;
+
+/// The stored key of a transaction: its id, [`KEY_SEPARATOR`], its [`fingerprint`].
+fn stored_key(txn_id: &str, body: &[u8]) -> Vec<u8> {
+    let mut key = txn_id.as_bytes().to_vec();
+    key.push(KEY_SEPARATOR);
+    key.extend_from_slice(fingerprint(body).as_bytes());
+    key
+}
+
+/// What a transaction carries, independent of when it was sent: the ids of its room events,
+/// its to-device and ephemeral events (whole). Leaves out `unsigned` (Synapse recomputes
+/// `age` for each attempt) and the key counts (a snapshot, not news).
+fn fingerprint(body: &[u8]) -> String {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let mut hasher = blake3::Hasher::new();
+    for event in value
+        .get("events")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        hasher.update(b"e");
+        hasher.update(
+            event
+                .get("event_id")
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+    }
+    for key in [
+        "de.sorunome.msc2409.to_device",
+        "to_device",
+        "ephemeral",
+        "de.sorunome.msc2409.ephemeral",
+    ] {
+        if let Some(list) = value.get(key) {
+            hasher.update(key.as_bytes());
+            // serde_json's maps are sorted: the same content always prints the same.
+            hasher.update(list.to_string().as_bytes());
+        }
+    }
+    hasher.finalize().to_hex()[..32].to_owned()
+}
+
 fn decode(entry: StoredEntry) -> Result<InboxTransaction, InboxError> {
     let seq = entry.seq;
-    let txn_id = String::from_utf8(entry.key).map_err(|_| InboxError::CorruptId { seq })?;
+    // Keys written before fingerprints were added are the bare id.
+    let id_len = entry
+        .key
+        .iter()
+        .position(|b| *b == KEY_SEPARATOR)
+        .unwrap_or(entry.key.len());
+    let mut key = entry.key;
+    key.truncate(id_len);
+    let txn_id = String::from_utf8(key).map_err(|_| InboxError::CorruptId { seq })?;
     let body = serde_json::from_slice(&entry.value)
         .map_err(|source| InboxError::CorruptBody { seq, source })?;
     Ok(InboxTransaction { txn_id, seq, body })
@@ -169,18 +234,68 @@ mod tests {
         assert!(debug.contains("events: 1"), "{debug}");
     }
 
+    /// Synapse (SQLite) numbers transactions from 1 again after it restarts: an old id with new
+    /// events is a new transaction, not a duplicate to drop.
+    #[tokio::test]
+    async fn a_reused_id_with_other_events_is_a_new_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
+        inbox
+            .accept("1", br#"{"events":[{"event_id":"$before_restart"}]}"#)
+            .await
+            .unwrap();
+        let again = inbox
+            .accept("1", br#"{"events":[{"event_id":"$after_restart"}]}"#)
+            .await
+            .unwrap();
+        assert!(matches!(again, Accepted::New(_)), "{again:?}");
+        let to_device = |n: u32| format!(r#"{{"de.sorunome.msc2409.to_device":[{{"n":{n}}}]}}"#);
+        assert!(matches!(
+            inbox.accept("2", to_device(1).as_bytes()).await.unwrap(),
+            Accepted::New(_)
+        ));
+        assert_eq!(
+            inbox.accept("2", to_device(1).as_bytes()).await.unwrap(),
+            Accepted::Duplicate
+        );
+        assert!(matches!(
+            inbox.accept("2", to_device(2).as_bytes()).await.unwrap(),
+            Accepted::New(_)
+        ));
+        let pending = inbox.pending(None, 10).unwrap();
+        let ids: Vec<&str> = pending.iter().map(|t| t.txn_id.as_str()).collect();
+        assert_eq!(ids, ["1", "1", "2", "2"]);
+    }
+
     #[tokio::test]
     async fn accept_dedupes_and_queues_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let inbox = Inbox::open(dir.path()).unwrap();
-        let Accepted::New(s1) = inbox.accept("1", br#"{"events":[]}"#).await.unwrap() else {
+        let Accepted::New(s1) = inbox
+            .accept(
+                "1",
+                br#"{"events":[{"event_id":"$a","unsigned":{"age":1}}]}"#,
+            )
+            .await
+            .unwrap()
+        else {
             panic!("new")
         };
+        // The homeserver retrying: the same events, another age.
         assert_eq!(
-            inbox.accept("1", br#"{"events":[1]}"#).await.unwrap(),
+            inbox
+                .accept(
+                    "1",
+                    br#"{"events":[{"event_id":"$a","unsigned":{"age":900}}]}"#
+                )
+                .await
+                .unwrap(),
             Accepted::Duplicate
         );
-        inbox.accept("2", br#"{"events":[2]}"#).await.unwrap();
+        inbox
+            .accept("2", br#"{"events":[{"event_id":"$b"}]}"#)
+            .await
+            .unwrap();
         // The notify permit from the accepts is there: this returns at once.
         tokio::time::timeout(std::time::Duration::from_secs(5), inbox.wait_for_new())
             .await
@@ -189,7 +304,10 @@ mod tests {
         assert_eq!(pending.len(), 2);
         assert_eq!(pending[0].txn_id, "1");
         assert_eq!(pending[0].seq, s1);
-        assert_eq!(pending[0].body, serde_json::json!({"events": []}));
+        assert_eq!(
+            pending[0].body,
+            serde_json::json!({"events": [{"event_id": "$a", "unsigned": {"age": 1}}]})
+        );
         assert_eq!(pending[1].txn_id, "2");
         inbox.mark_processed(s1).await.unwrap();
         assert_eq!(inbox.depth(), 1);

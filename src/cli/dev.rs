@@ -88,9 +88,9 @@ pub struct DevArgs {
 /// What a setup keeps between runs (`.dev/dev.json`). Demo passwords only: this file is a
 /// local development convenience and is gitignored.
 #[derive(Serialize, Deserialize)]
-struct DevState {
-    homeserver_port: u16,
-    appservice_port: u16,
+pub(crate) struct DevState {
+    pub(crate) homeserver_port: u16,
+    pub(crate) appservice_port: u16,
     /// Demo users: localpart and password.
     users: Vec<(String, String)>,
     /// The demo room (alice, bob and the bot), once made.
@@ -127,6 +127,26 @@ fn repo_dir() -> Result<PathBuf, DevError> {
         .into_iter()
         .find(|dir| dir.join("scripts/synapse.sh").is_file())
         .ok_or(DevError::ScriptMissing)
+}
+
+/// Where the setup lives by default: `.dev/` in the repository.
+pub(crate) fn default_dir() -> Result<PathBuf, DevError> {
+    Ok(repo_dir()?.join(".dev"))
+}
+
+/// The setup's state (`dev.json`) of an existing setup in `dir`.
+pub(crate) fn read_state(dir: &Path) -> Result<DevState, DevError> {
+    let path = dir.join("dev.json");
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    serde_json::from_str(&text).map_err(|e| DevError::State {
+        path: path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// The bot of a dev setup.
+pub(crate) fn bot_user_id() -> ruma::OwnedUserId {
+    ruma::UserId::parse(format!("@{BOT_LOCALPART}:{SERVER_NAME}")).expect("a valid user id")
 }
 
 /// Runs `mxpay dev` until Ctrl-C.
@@ -281,11 +301,7 @@ fn load_or_create_state(
 ) -> Result<DevState, DevError> {
     let path = dir.join("dev.json");
     if path.exists() {
-        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-        return serde_json::from_str(&text).map_err(|e| DevError::State {
-            path: path.clone(),
-            reason: e.to_string(),
-        });
+        return read_state(dir);
     }
     let state = DevState {
         homeserver_port: homeserver_port.unwrap_or_else(|| port_or_free(8008)),
@@ -356,7 +372,9 @@ fn write_secret(path: &Path, text: &str) -> Result<(), DevError> {
         .map_err(io_err(path))
 }
 
-fn token_authority(key_file: &[u8]) -> Result<crate::admin::token::TokenAuthority, DevError> {
+pub(crate) fn token_authority(
+    key_file: &[u8],
+) -> Result<crate::admin::token::TokenAuthority, DevError> {
     // The config trims surrounding whitespace (the trailing newline) from secret files.
     let key = crate::admin::token::AdminKey::Hs256 {
         secret: key_file.trim_ascii().to_vec(),
@@ -541,7 +559,7 @@ async fn wait_ready(serve: &mut Child, port: u16) -> Result<(), DevError> {
     }
 }
 
-fn read_shared_secret(config: &Path) -> Result<String, DevError> {
+pub(crate) fn read_shared_secret(config: &Path) -> Result<String, DevError> {
     let text = std::fs::read_to_string(config).map_err(io_err(config))?;
     let yaml: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&text).map_err(|e| DevError::State {
@@ -646,7 +664,7 @@ async fn wait_for_interrupt_or_exit(serve: &mut Child) -> Result<(), DevError> {
 
 /// Asks mxpay to stop (Ctrl-C in a terminal already told it: same process group), waits a
 /// bounded time, then kills it.
-fn stop_child(child: &mut Child) {
+pub(crate) fn stop_child(child: &mut Child) {
     if matches!(child.try_wait(), Ok(None)) {
         // std offers only SIGKILL; SIGTERM lets mxpay finish what it acknowledged.
         let _ = Command::new("kill")

@@ -1,6 +1,7 @@
 //! Command line: `mxpay <command>`. Each command lives in its own file; main.rs only dispatches.
 
 pub mod admin;
+pub mod demo;
 pub mod dev;
 pub mod example_config;
 pub mod registration;
@@ -33,6 +34,9 @@ pub enum Command {
     /// Writes the commented example config (alias `-e`).
     #[command(short_flag = 'e', visible_alias = "e")]
     ExampleConfig(example_config::ExampleConfigArgs),
+    /// A first payment end to end against the `mxpay dev` setup (starting it if needed): two
+    /// real encrypted clients set a PIN, pay and see the receipt, with each step's latency.
+    Demo(demo::DemoArgs),
     /// Local development: Synapse, mxpay and demo users under `.dev/`, until Ctrl-C.
     Dev(dev::DevArgs),
     /// Ledger tools that work on a data directory directly (mxpay must not be running).
@@ -68,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow_like::Result {
         Command::GenerateRegistration(args) => registration::run(args),
         Command::ExampleConfig(args) => example_config::run(args),
         Command::Dev(args) => dev::run(args).map_err(Into::into),
+        Command::Demo(args) => demo::run(args).map_err(Into::into),
         Command::Ledger { command } => match command {
             LedgerCommand::Verify { data_dir } => ledger::verify(&data_dir),
         },

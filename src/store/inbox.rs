@@ -136,6 +136,16 @@ impl InboxStore {
         Ok(self.txnid_seq.contains_key(key)?)
     }
 
+    /// Whether any key starts with `prefix`.
+    pub fn contains_prefix(&self, prefix: &[u8]) -> Result<bool, StoreError> {
+        Ok(self
+            .txnid_seq
+            .scan_prefix(prefix)
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
     /// Removes a pending entry (processed); its key stays known. Flushed before returning.
     pub async fn remove_pending(&self, seq: u64) -> Result<(), StoreError> {
         self.seq_pending.remove(seq.to_be_bytes())?;

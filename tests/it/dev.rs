@@ -141,6 +141,39 @@ async fn login(homeserver_port: u16, localpart: &str, password: &str) -> u16 {
         .as_u16()
 }
 
+/// Runs `mxpay demo --dir dir` (bounded); returns what it printed; panics unless it exits 0.
+fn run_demo(dir: &Path) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxpay"))
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mxpay demo");
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(status) = child.try_wait().expect("poll mxpay demo") {
+            let output = child.wait_with_output().expect("demo output");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(status.success(), "mxpay demo failed ({status}):\n{text}");
+            return text;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mxpay demo did not finish within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The wallet of `localpart` as the admin API shows it (JSON text).
 async fn wallet(appservice_port: u16, token: &str, localpart: &str) -> String {
     let response = reqwest::Client::new()
@@ -237,6 +270,13 @@ async fn mxpay_dev_comes_up_lets_demo_users_log_in_and_stops_on_signal() {
     assert!(
         alice.contains("\"100.00\"") && !alice.contains("200.00"),
         "{alice}"
+    );
+
+    // `mxpay demo` against it: two real encrypted clients make a first payment.
+    let demo = run_demo(&dir);
+    assert!(
+        demo.contains("payment completed") && demo.contains("PIN -> the payee sees the receipt"),
+        "{demo}"
     );
     let (name, password) = &users[0];
     assert_eq!(
