@@ -606,15 +606,18 @@ async fn post_revoke(call: IdCall) -> Response {
         id: jti,
         headers,
     } = call;
+    // A token revoking itself tells its own expiry: the revocation is kept until then.
+    let mut own_exp_s = None;
     let (caller, allowed) = authenticate_with(&state, &headers, |claims| {
         if claims.jti == jti {
+            own_exp_s = Some(claims.exp);
             Ok(())
         } else {
             authorize(claims, Scope::Revoke)
         }
     });
     let result = match allowed {
-        Ok(()) => state.revoke_token(&jti).await,
+        Ok(()) => state.revoke_token_until(&jti, own_exp_s).await,
         Err(e) => Err(e),
     };
     finish(&state, caller, "token.revoke", jti, result).await

@@ -1278,6 +1278,130 @@ async fn a_token_living_longer_than_token_ttl_max_s_is_refused() {
     );
 }
 
+/// The admin API over `ledger` with its data in `dir` and `admin.token_ttl_max_s` set.
+fn router_with_ttl(dir: &Path, h: &Harness, token_ttl_max_s: u64) -> Router {
+    let state = AdminState::new(
+        &AdminKey::Hs256 {
+            secret: SECRET.to_vec(),
+        },
+        Vec::new(),
+        300,
+        dir,
+        h.ledger.clone(),
+        Arc::new(h.clock.clone()),
+    )
+    .unwrap()
+    .with_token_ttl_max_s(token_ttl_max_s);
+    mxpay::admin::router(Some(Arc::new(state)))
+}
+
+/// `GET /transfers/pending` with `token` on `router`: the status and the error, if any.
+async fn pending_with(router: &Router, token: &str) -> (u16, String) {
+    let request = Request::get("/_mxpay/admin/v1/transfers/pending")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    (status, body["error"].as_str().unwrap_or("").to_owned())
+}
+
+/// A `read` token with exactly these `iat` and `exp` (seconds), signed with the test key.
+fn token_with_times(iat_s: u64, exp_s: u64) -> String {
+    let claims = json!({
+        "sub": "tester", "aud": "mxpay-admin", "scopes": ["read"],
+        "iat": iat_s, "exp": exp_s, "jti": mxpay::admin::token::random_id(),
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_issued_in_the_future_or_expiring_beyond_the_lifetime_bound_is_refused() {
+    const YEAR_S: u64 = 365 * 24 * 3600;
+    let h = Harness::new();
+    let now_s = T0_MS / 1000;
+    // The default `admin.token_ttl_max_s`: 30 days.
+    let router = mxpay::admin::router(Some(h.state.clone()));
+    // The report's token: `exp - iat` saturated to 0 and passed the lifetime bound.
+    let (status, error) = pending_with(
+        &router,
+        &token_with_times(now_s + 13 * YEAR_S, now_s + 10 * YEAR_S),
+    )
+    .await;
+    assert_eq!(status, 401, "{error}");
+    // Issued two hours ahead with a short lifetime: refused as issued in the future.
+    let (status, error) =
+        pending_with(&router, &token_with_times(now_s + 7200, now_s + 9000)).await;
+    assert_eq!(status, 401, "{error}");
+    assert!(error.contains("issued in the future"), "{error}");
+    // A minute of clock skew on the minting machine passes.
+    let (status, error) = pending_with(&router, &token_with_times(now_s + 60, now_s + 3600)).await;
+    assert_eq!(status, 200, "{error}");
+}
+
+#[tokio::test]
+async fn a_revocation_is_kept_until_the_revoked_token_expires() {
+    let h = Harness::new();
+    let dir = tempfile::tempdir().unwrap();
+    let read: BTreeSet<Scope> = [Scope::Read].into_iter().collect();
+    // A token living 3 hours, revoked by id while the server allows 1 hour: kept for 1 hour
+    // plus the minting clock margin (1 hour).
+    let long = h.tokens.mint("tester", read, 3 * 3600).unwrap();
+    let long_jti = jti_of(&h, &long);
+    // A fresh revoker each time: the clock moves past an hour below.
+    let revoke = |jti: String| {
+        Request::post(format!("/_mxpay/admin/v1/tokens/{jti}/revoke"))
+            .header(
+                "authorization",
+                format!("Bearer {}", h.token(&[Scope::Revoke])),
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    {
+        let router = router_with_ttl(dir.path(), &h, 3600);
+        let response = router.oneshot(revoke(long_jti)).await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // The operator raises `admin.token_ttl_max_s` to a day: the token's lifetime is accepted
+    // now, its revocation must still hold for as long as the token lives.
+    let router = router_with_ttl(dir.path(), &h, 24 * 3600);
+    let (status, error) = pending_with(&router, &long).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (401, "this admin token was revoked")
+    );
+    // Past the default keep time (2 hours), a revoke prunes what is due.
+    h.clock.advance_ms(2 * 3600 * 1000 + 1000);
+    let response = router
+        .clone()
+        .oneshot(revoke("other".to_owned()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, error) = pending_with(&router, &long).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (401, "this admin token was revoked")
+    );
+    // Once the token has expired, it is refused as expired anyway.
+    h.clock.advance_ms(3600 * 1000);
+    let (status, error) = pending_with(&router, &long).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (401, "the admin token has expired")
+    );
+}
+
 #[tokio::test]
 async fn admin_api_is_off_without_a_key() {
     let router = mxpay::admin::router(None);
