@@ -2,6 +2,7 @@
 //! withdrawal settlement, freezes, reads. [`super::api`] authenticates and audits around them.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::audit::AuditLog;
 use super::events::{self, Claim, EventStore};
+use super::flood::RefusalGate;
 use super::revoked::{RevokedError, RevokedTokens, MINT_CLOCK_SKEW_S};
 use super::settings::AdminSettings;
 use super::token::{check_times, is_valid_jti, AdminClaims, AdminKey, TokenAuthority, TokenError};
@@ -79,6 +81,7 @@ pub struct AdminState {
     pub(crate) clock: SharedClock,
     pub(crate) webhook_tolerance_s: u64,
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
+    pub(crate) refusals: RefusalGate,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -225,7 +228,16 @@ impl AdminState {
             ledger,
             clock,
         )
-        .map(|state| Some(state.with_token_ttl_max_s(settings.token_ttl_max_s)))
+        .map(|state| {
+            Some(
+                state
+                    .with_token_ttl_max_s(settings.token_ttl_max_s)
+                    .with_refused_call_limits(
+                        settings.refused_calls_per_peer_per_min,
+                        settings.refused_calls_per_min,
+                    ),
+            )
+        })
     }
 
     /// Builds the state from loaded key material (tests use it directly). Tokens may live up
@@ -264,7 +276,14 @@ impl AdminState {
         let db = events::open_db(&events_dir).map_err(|e| cannot_open(&e))?;
         let events = EventStore::with_db(&db).map_err(|e| cannot_open(&e))?;
         let revoked = RevokedTokens::with_db(&db).map_err(|e| cannot_open(&e))?;
+        let defaults = AdminSettings::default();
+        let refusals = refusal_gate(
+            defaults.refused_calls_per_peer_per_min,
+            defaults.refused_calls_per_min,
+            &clock,
+        );
         Ok(Self {
+            refusals,
             ledger,
             tokens,
             audit: Arc::new(audit),
@@ -282,6 +301,14 @@ impl AdminState {
     /// (`admin.token_ttl_max_s`); revocations are kept that long (plus a clock margin).
     pub fn with_token_ttl_max_s(mut self, token_ttl_max_s: u64) -> Self {
         self.token_ttl_max_s = token_ttl_max_s;
+        self
+    }
+
+    /// Sets how many refused calls a minute are answered and audited from one peer and from
+    /// all (`admin.refused_calls_per_peer_per_min`, `admin.refused_calls_per_min`; 0 counts
+    /// as 1); more get 429 without an audit line of their own.
+    pub fn with_refused_call_limits(mut self, per_peer_per_min: u32, total_per_min: u32) -> Self {
+        self.refusals = refusal_gate(per_peer_per_min, total_per_min, &self.clock);
         self
     }
 
@@ -651,6 +678,15 @@ impl AdminState {
             accept_new_keys,
         })
     }
+}
+
+fn refusal_gate(per_peer_per_min: u32, total_per_min: u32, clock: &SharedClock) -> RefusalGate {
+    let at_least_one = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    RefusalGate::new(
+        at_least_one(per_peer_per_min),
+        at_least_one(total_per_min),
+        clock.clone(),
+    )
 }
 
 impl From<TransferError> for AdminError {

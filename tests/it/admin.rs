@@ -1752,6 +1752,157 @@ async fn app_mounts_the_admin_api_from_the_config() {
     assert!(!error.contains(std::str::from_utf8(&secret).unwrap()));
 }
 
+/// Bytes of every file under `dir`, recursively.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&entry.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn ten_thousand_refused_calls_grow_the_data_dir_by_less_than_a_mib() {
+    const CALLS: u32 = 10_000;
+    const GROWTH_BYTES_MAX: u64 = 1 << 20;
+    let h = Harness::new();
+    let data_dir = h._dir.path().to_owned();
+    let before = dir_bytes(&data_dir);
+    // The report's flood: top-ups without a valid token, each with a 60 KiB user ID, from
+    // many loopback peers. The clock stands still, so the limits never refill.
+    let body = axum::body::Bytes::from(
+        json!({
+            "user_id": format!("@{}:example.org", "a".repeat(60 * 1024)),
+            "amount": "1.00", "currency": "EUR", "idempotency_key": "flood",
+        })
+        .to_string(),
+    );
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    let mut limited = None;
+    for i in 0..CALLS {
+        let mut request =
+            Request::post("/_mxpay/admin/v1/topups").header("content-type", "application/json");
+        if i % 2 == 0 {
+            request = request.header("authorization", "Bearer not-a-jwt");
+        }
+        let mut request = request.body(Body::from(body.clone())).unwrap();
+        let peer = std::net::SocketAddr::from(([127, 0, (i % 7) as u8, (i % 251) as u8], 40_000));
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let response = h.router.clone().oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        *statuses.entry(status).or_default() += 1;
+        if status == 429 && limited.is_none() {
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            limited = Some(serde_json::from_slice::<Value>(&bytes).unwrap());
+        }
+        // Checked along the way, so the old behaviour fails in a second, not a disk later.
+        if i % 500 == 499 {
+            let grown = dir_bytes(&data_dir) - before;
+            assert!(
+                grown < GROWTH_BYTES_MAX,
+                "{grown} bytes after {} calls",
+                i + 1
+            );
+        }
+    }
+    let grown = dir_bytes(&data_dir) - before;
+    assert!(
+        grown < GROWTH_BYTES_MAX,
+        "{grown} bytes after {CALLS} calls"
+    );
+    // All refused: answered and audited up to the overall limit (60 a minute), then 429.
+    assert_eq!(statuses.keys().copied().collect::<Vec<_>>(), [401, 429]);
+    assert_eq!(statuses[&401], 60, "{statuses:?}");
+    let limited = limited.unwrap();
+    assert_eq!(limited["errcode"], "M_LIMIT_EXCEEDED", "{limited}");
+    assert_eq!(limited["retry_after_ms"], 1000, "{limited}");
+
+    // A genuine admin is not limited by the flood; the log holds the audited refusals, and
+    // one line counting the suppressed ones before the next audited refusal.
+    let (status, body) = h.topup(ALICE, "1.00", "EUR", "after-flood").await;
+    assert_eq!(status, 200, "{body}");
+    h.clock.advance_ms(1_000);
+    let (status, _) = h.call("POST", "/topups", Some("not-a-jwt"), None).await;
+    assert_eq!(status, 401);
+    let audit = h.audit().await;
+    assert_eq!(audit[1]["action"], "refusals.limited", "{:?}", audit[1]);
+    assert_eq!(
+        audit[1]["target"],
+        format!("{} refused calls answered 429 without an entry", CALLS - 60)
+    );
+    let refused_topups = audit
+        .iter()
+        .filter(|e| e["action"] == "topup" && e["result"] != "ok")
+        .count();
+    assert_eq!(refused_topups, 61);
+    // A refused call's body is never read: no entry names the flood's user.
+    assert!(audit
+        .iter()
+        .filter(|e| e["action"] == "topup")
+        .all(|e| e["target"] == "" || e["target"] == ALICE));
+}
+
+#[tokio::test]
+async fn refused_calls_are_limited_per_peer_on_the_real_listener() {
+    use mxpay::app::App;
+    use mxpay::config::Config;
+    use mxpay::registration::Registration;
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, secret) = admin_yaml(dir.path());
+    let mut config = Config::from_yaml(&format!(
+        "data_dir: {}
+appservice: {{listen: '127.0.0.1:0'}}
+{yaml}  \
+         refused_calls_per_peer_per_min: 2\n",
+        dir.path().display()
+    ))
+    .unwrap();
+    config.resolve_paths(dir.path());
+    let app = App::open(config.clone(), Registration::generate(&config)).unwrap();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (addr, server) = mxpay::app::start_server(&app, shutdown_rx).await.unwrap();
+    let url = format!("http://{addr}/_mxpay/admin/v1/transfers/pending");
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let response = client
+            .get(&url)
+            .bearer_auth("not-a-jwt")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED", "{body}");
+            assert!(body["retry_after_ms"].as_u64().unwrap() > 0, "{body}");
+        }
+    }
+    // Two a minute from this peer (the overall limit is 60): the third is limited.
+    assert_eq!(statuses, [401, 401, 429]);
+    // A genuine token from the same peer still works.
+    let response = client
+        .get(&url)
+        .bearer_auth(mint(&secret, &[Scope::Read]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+}
+
 /// A PIN store that records resets: the user and whether the reset accepted new keys.
 #[derive(Default)]
 struct FakePins(parking_lot::Mutex<Vec<(String, bool)>>);
@@ -1857,8 +2008,9 @@ async fn pin_reset_accepts_new_keys_only_when_asked() {
         (400, Some("M_BAD_JSON")),
         "{answer}"
     );
-    // Authorisation comes first, for a good body or a bad one; attempts are audited under the
-    // action they asked for.
+    // Authorisation comes first, for a good body or a bad one; a genuine token's attempts are
+    // audited under the action they asked for. An unauthenticated call's body is never read
+    // (issue 11, floods), so it is audited as a plain `pin-reset`.
     let (status, _) = h.call("POST", &path, None, Some(accept.clone())).await;
     assert_eq!(status, 401);
     let freeze = h.token(&[Scope::Freeze]);
@@ -1898,7 +2050,7 @@ async fn pin_reset_accepts_new_keys_only_when_asked() {
             // Newest first.
             entry(plain, "M_FORBIDDEN"),
             entry(keys, "M_FORBIDDEN"),
-            entry(keys, "M_MISSING_TOKEN"),
+            entry(plain, "M_MISSING_TOKEN"),
             entry(plain, "M_BAD_JSON"),
             entry(plain, "M_BAD_JSON"),
             entry(plain, "M_BAD_JSON"),
