@@ -1853,6 +1853,50 @@ async fn ten_thousand_refused_calls_grow_the_data_dir_by_less_than_a_mib() {
         .all(|e| e["target"] == "" || e["target"] == ALICE));
 }
 
+/// A request body that records whether anyone polled it.
+fn watched_body(polled: &Arc<std::sync::atomic::AtomicBool>) -> Body {
+    let polled = polled.clone();
+    Body::from_stream(futures_util::stream::once(async move {
+        polled.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{}"))
+    }))
+}
+
+#[tokio::test]
+async fn a_refused_call_s_body_is_never_read() {
+    let h = Harness::new();
+    let user = enc(ALICE);
+    for path in [
+        "/topups".to_owned(),
+        format!("/users/{user}/freeze"),
+        format!("/users/{user}/pin-reset"),
+        "/webhooks/no-such-provider".to_owned(),
+    ] {
+        for token in [None, Some("not-a-jwt")] {
+            let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut request = Request::post(format!("/_mxpay/admin/v1{path}"));
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            let (status, answer) = h.send(request.body(watched_body(&polled)).unwrap()).await;
+            assert!([401, 404].contains(&status.as_u16()), "{path}: {answer}");
+            assert!(
+                !polled.load(std::sync::atomic::Ordering::SeqCst),
+                "{path} {token:?}: the body of a refused call was read"
+            );
+        }
+    }
+    // An authorised call reads it.
+    let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let request = Request::post(format!("/_mxpay/admin/v1/users/{user}/freeze"))
+        .header("authorization", format!("Bearer {}", h.all_scopes()))
+        .body(watched_body(&polled))
+        .unwrap();
+    let (status, answer) = h.send(request).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(polled.load(std::sync::atomic::Ordering::SeqCst));
+}
+
 #[tokio::test]
 async fn refused_calls_are_limited_per_peer_on_the_real_listener() {
     use mxpay::app::App;
