@@ -443,6 +443,10 @@ mod tests {
         assert!(!s.enabled());
         assert_eq!(s.webhook_tolerance_s, 300);
         assert_eq!(s.token_ttl_max_s, 2_592_000);
+        assert_eq!(
+            (s.refused_calls_per_peer_per_min, s.refused_calls_per_min),
+            (20, 60)
+        );
         s.validate().unwrap();
         assert!(s.load_token_key(true).unwrap().is_none());
     }
@@ -478,6 +482,14 @@ mod tests {
             ),
             ("webhook_tolerance_s: 0", "admin.webhook_tolerance_s"),
             ("token_ttl_max_s: 0", "admin.token_ttl_max_s"),
+            (
+                "refused_calls_per_peer_per_min: 0",
+                "admin.refused_calls_per_peer_per_min",
+            ),
+            (
+                "refused_calls_per_min: 10001",
+                "admin.refused_calls_per_min",
+            ),
         ];
         for (yaml, key) in cases {
             let message = parse(yaml).validate().expect_err(yaml).to_string();
