@@ -226,7 +226,8 @@ pub const REFUSALS_LIMITED_ACTION: &str = "refusals.limited";
 ///
 /// A refused call first passes the [`flood`](super::flood) limits: over them it is answered
 /// 429 `M_LIMIT_EXCEEDED` and not audited on its own; the next audited refusal is preceded by
-/// one line counting those (so a flood costs the disk a bounded number of lines a minute).
+/// one line counting those (so a flood costs the disk a bounded number of lines a minute);
+/// so is the next audited call of any kind.
 async fn finish<T: Serialize>(
     state: &AdminState,
     peer: &Peer,
@@ -235,17 +236,17 @@ async fn finish<T: Serialize>(
     target: String,
     result: Result<T, AdminError>,
 ) -> Response {
-    let mut suppressed = 0;
-    if let Err(e) = &result {
-        if e.is_refusal() {
-            match state.refusals.check(peer.0) {
-                Gate::Admit { suppressed_before } => suppressed = suppressed_before,
-                Gate::Limit { retry_after_ms } => {
-                    return AdminError::LimitExceeded { retry_after_ms }.into_response()
-                }
+    let suppressed = match &result {
+        Err(e) if e.is_refusal() => match state.refusals.check(peer.0) {
+            Gate::Admit { suppressed_before } => suppressed_before,
+            Gate::Limit { retry_after_ms } => {
+                return AdminError::LimitExceeded { retry_after_ms }.into_response()
             }
-        }
-    }
+        },
+        // Any audited call writes the count of what was suppressed before it, so the record
+        // is complete as soon as the next call of any kind comes.
+        _ => state.refusals.take_suppressed(),
+    };
     let outcome = match &result {
         Ok(_) => "ok".to_owned(),
         Err(e) => e.audit_result(),

@@ -5,9 +5,9 @@
 //! (the engine under `tower_governor`). A tower layer in front of the router cannot do that: it
 //! counts a call before the handler knows whether the token is good, so a flood would also
 //! throttle the genuine admin. Here a genuine token is never limited; a refusal over the limit
-//! is answered 429 `M_LIMIT_EXCEEDED` and gets no audit line of its own: the next refusal that
-//! is audited is preceded by one summary line counting what was suppressed
-//! ([`RefusalGate::check`]).
+//! is answered 429 `M_LIMIT_EXCEEDED` and gets no audit line of its own: the next audited call
+//! is preceded by one summary line counting what was suppressed ([`RefusalGate::check`],
+//! [`RefusalGate::take_suppressed`]).
 //!
 //! The limiters run on mxpay's injected [`Clock`](crate::clock::Clock), so tests move time
 //! instead of sleeping.
@@ -141,6 +141,12 @@ impl RefusalGate {
         Gate::Admit {
             suppressed_before: self.suppressed.swap(0, Ordering::Relaxed),
         }
+    }
+
+    /// Takes the count of refusals answered 429 since the last admitted one (resetting it), so
+    /// the next audit line of any call can be preceded by the line that counts them.
+    pub fn take_suppressed(&self) -> u64 {
+        self.suppressed.swap(0, Ordering::Relaxed)
     }
 
     /// How many peers are tracked now (for tests of the bound).
