@@ -225,9 +225,9 @@ pub const REFUSALS_LIMITED_ACTION: &str = "refusals.limited";
 /// complete.
 ///
 /// A refused call first passes the [`flood`](super::flood) limits: over them it is answered
-/// 429 `M_LIMIT_EXCEEDED` and not audited on its own; the next audited refusal is preceded by
-/// one line counting those (so a flood costs the disk a bounded number of lines a minute);
-/// so is the next audited call of any kind.
+/// 429 `M_LIMIT_EXCEEDED` and not audited on its own; the next audited call of any kind is
+/// preceded by one line counting those, so a flood costs the disk a bounded number of lines a
+/// minute.
 async fn finish<T: Serialize>(
     state: &AdminState,
     peer: &Peer,
