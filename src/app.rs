@@ -665,7 +665,9 @@ pub async fn start_server(
     let router = app.router();
     let mut shutdown = shutdown;
     let server = tokio::spawn(async move {
-        axum::serve(listener, router)
+        // With the peer's address: the admin API limits refused calls per peer.
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, service)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.wait_for(|stop| *stop).await;
             })

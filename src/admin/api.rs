@@ -6,10 +6,11 @@
 //! mounted, so a test can hold the OpenAPI document against the real router.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::audit::{AuditEntry, AUDIT_PAGE_MAX};
+use super::flood::Gate;
 use super::service::{AdminState, Settlement, TopupRequest, HISTORY_PAGE_DEFAULT};
 use super::token::{authorize, AdminClaims, Scope, TokenError};
 use super::views::{AccountJson, TransferJson};
@@ -138,6 +140,24 @@ async fn openapi() -> Response {
         .into_response()
 }
 
+/// The peer's IP address, when the server was started with connect info (`mxpay serve` is);
+/// `None` for in-process calls. Only the TCP peer counts: a forwarded-for header is the
+/// caller's own text.
+struct Peer(Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| addr.ip()),
+        ))
+    }
+}
+
 /// Who made a call, for the audit log.
 struct Caller {
     actor: String,
@@ -196,16 +216,37 @@ fn authenticate_with(
     )
 }
 
+/// The audit action of the line that stands for refused calls answered 429 without a line of
+/// their own; its target says how many.
+pub const REFUSALS_LIMITED_ACTION: &str = "refusals.limited";
+
 /// Writes the audit entry for a finished call, then answers. A call whose audit entry cannot
 /// be written answers 500: the caller retries (every write is idempotent) and the log stays
 /// complete.
+///
+/// A refused call first passes the [`flood`](super::flood) limits: over them it is answered
+/// 429 `M_LIMIT_EXCEEDED` and not audited on its own; the next audited call of any kind is
+/// preceded by one line counting those, so a flood costs the disk a bounded number of lines a
+/// minute.
 async fn finish<T: Serialize>(
     state: &AdminState,
+    peer: &Peer,
     caller: Caller,
     action: &'static str,
     target: String,
     result: Result<T, AdminError>,
 ) -> Response {
+    let suppressed = match &result {
+        Err(e) if e.is_refusal() => match state.refusals.check(peer.0) {
+            Gate::Admit { suppressed_before } => suppressed_before,
+            Gate::Limit { retry_after_ms } => {
+                return AdminError::LimitExceeded { retry_after_ms }.into_response()
+            }
+        },
+        // Any audited call writes the count of what was suppressed before it, so the record
+        // is complete as soon as the next call of any kind comes.
+        _ => state.refusals.take_suppressed(),
+    };
     let outcome = match &result {
         Ok(_) => "ok".to_owned(),
         Err(e) => e.audit_result(),
@@ -213,6 +254,16 @@ async fn finish<T: Serialize>(
     let audit = state.audit.clone();
     let at_ms = state.clock.now_ms();
     let written = tokio::task::spawn_blocking(move || {
+        if suppressed > 0 {
+            audit.append(
+                at_ms,
+                "rate-limit",
+                None,
+                REFUSALS_LIMITED_ACTION,
+                &format!("{suppressed} refused calls answered 429 without an entry"),
+                "M_LIMIT_EXCEEDED",
+            )?;
+        }
         audit.append(
             at_ms,
             &caller.actor,
@@ -240,6 +291,7 @@ async fn finish<T: Serialize>(
 /// Authenticates for `scope`, runs `op`, audits, answers.
 async fn call<T, F, Fut>(
     state: &AdminState,
+    peer: &Peer,
     headers: &HeaderMap,
     scope: Scope,
     action: &'static str,
@@ -256,7 +308,7 @@ where
         Ok(()) => op().await,
         Err(e) => Err(e),
     };
-    finish(state, caller, action, target, result).await
+    finish(state, peer, caller, action, target, result).await
 }
 
 /// The parts of a call on one path id (a user or a withdrawal): the state, the id, the
@@ -265,6 +317,7 @@ struct IdCall {
     state: Shared,
     id: String,
     headers: HeaderMap,
+    peer: Peer,
 }
 
 impl FromRequestParts<Shared> for IdCall {
@@ -274,10 +327,12 @@ impl FromRequestParts<Shared> for IdCall {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(IntoResponse::into_response)?;
+        let Ok(peer) = Peer::from_request_parts(parts, state).await;
         Ok(Self {
             state: state.clone(),
             id,
             headers: parts.headers.clone(),
+            peer,
         })
     }
 }
@@ -290,9 +345,14 @@ impl IdCall {
         F: FnOnce(Shared, String) -> Fut,
         Fut: Future<Output = Result<T, AdminError>>,
     {
-        let Self { state, id, headers } = self;
+        let Self {
+            state,
+            id,
+            headers,
+            peer,
+        } = self;
         let op_state = state.clone();
-        call(&state, &headers, scope, action, id.clone(), || {
+        call(&state, &peer, &headers, scope, action, id.clone(), || {
             op(op_state, id)
         })
         .await
@@ -302,8 +362,9 @@ impl IdCall {
 /// What a route on a user's accounts does before it answers with them.
 enum AccountsOp {
     Read,
-    /// The request body, still to be parsed once the caller is authorised.
-    Freeze(Result<Bytes, AdminError>),
+    /// The request body (with its headers, for the size cap), read only once the caller is
+    /// authorised.
+    Freeze(HeaderMap, Body),
     Unfreeze,
 }
 
@@ -311,14 +372,15 @@ enum AccountsOp {
 async fn accounts_call(call: IdCall, op: AccountsOp) -> Response {
     let (scope, action) = match op {
         AccountsOp::Read => (Scope::Read, "accounts"),
-        AccountsOp::Freeze(_) => (Scope::Freeze, "freeze"),
+        AccountsOp::Freeze(..) => (Scope::Freeze, "freeze"),
         AccountsOp::Unfreeze => (Scope::Freeze, "unfreeze"),
     };
     call.run(scope, action, |state, user_id| async move {
         let accounts = match op {
             AccountsOp::Read => state.accounts(&user_id).await?,
-            AccountsOp::Freeze(body) => {
-                let mode = freeze_mode(parse_json(&body?)?)?;
+            AccountsOp::Freeze(headers, body) => {
+                let body = read_body(&headers, body).await?;
+                let mode = freeze_mode(parse_json(&body)?)?;
                 state.set_frozen(&user_id, Some(mode)).await?
             }
             AccountsOp::Unfreeze => state.set_frozen(&user_id, None).await?,
@@ -356,7 +418,18 @@ fn parse_query<T: DeserializeOwned>(uri: &Uri) -> Result<T, AdminError> {
         .map_err(|e| AdminError::InvalidParam(e.body_text()))
 }
 
-async fn post_topup(State(state): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+async fn post_topup(
+    State(state): State<Shared>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // Authorised first: a refused call's body is never read, so a flood of large bodies costs
+    // neither memory nor audit space (its target stays empty).
+    let (caller, allowed) = authenticate(&state, &headers, Scope::Topup);
+    if let Err(e) = allowed {
+        return finish::<()>(&state, &peer, caller, "topup", String::new(), Err(e)).await;
+    }
     let request = match read_body(&headers, body).await {
         Ok(body) => parse_json::<TopupRequest>(&body),
         Err(e) => Err(e),
@@ -365,22 +438,29 @@ async fn post_topup(State(state): State<Shared>, headers: HeaderMap, body: Body)
         .as_ref()
         .map(|r| r.user_id.clone())
         .unwrap_or_default();
-    call(&state, &headers, Scope::Topup, "topup", target, || async {
-        state.topup(&request?).await
-    })
-    .await
+    let result = match request {
+        Ok(request) => state.topup(&request).await,
+        Err(e) => Err(e),
+    };
+    finish(&state, &peer, caller, "topup", target, result).await
 }
 
 async fn post_webhook(
     State(state): State<Shared>,
     Path(provider): Path<String>,
+    peer: Peer,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    let result = match read_body(&headers, body).await {
-        Ok(body) => state.webhook(&provider, signature, &body).await,
-        Err(e) => Err(e),
+    // An unknown provider is refused before its body is read (the signature needs the body).
+    let result = if !state.providers.contains_key(&provider) {
+        Err(AdminError::UnknownProvider(provider.clone()))
+    } else {
+        match read_body(&headers, body).await {
+            Ok(body) => state.webhook(&provider, signature, &body).await,
+            Err(e) => Err(e),
+        }
     };
     let target = match &result {
         Ok(r) => format!("{} {}", r.event_id, r.transfer.id),
@@ -402,7 +482,7 @@ async fn post_webhook(
         actor,
         token_id: None,
     };
-    finish(&state, caller, action, target, result).await
+    finish(&state, &peer, caller, action, target, result).await
 }
 
 async fn get_accounts(call: IdCall) -> Response {
@@ -461,8 +541,8 @@ fn freeze_mode(request: FreezeRequest) -> Result<FreezeMode, AdminError> {
 }
 
 async fn post_freeze(call: IdCall, body: Body) -> Response {
-    let body = read_body(&call.headers, body).await;
-    accounts_call(call, AccountsOp::Freeze(body)).await
+    let headers = call.headers.clone();
+    accounts_call(call, AccountsOp::Freeze(headers, body)).await
 }
 
 async fn post_unfreeze(call: IdCall) -> Response {
@@ -482,27 +562,44 @@ struct PinResetRequest {
 const PIN_RESET_ACCEPTING_KEYS: &str = "pin-reset.accept-new-keys";
 
 async fn post_pin_reset(call: IdCall, body: Body) -> Response {
-    // Parsed before authentication to name the audit action, but a bad body is answered only
-    // once the caller is authorised (as for the other bodies).
-    let request = match read_body(&call.headers, body).await {
-        Ok(body) => parse_json::<PinResetRequest>(&body),
-        Err(e) => Err(e),
+    let IdCall {
+        state,
+        id: user_id,
+        headers,
+        peer,
+    } = call;
+    let (caller, allowed) = authenticate(&state, &headers, Scope::PinReset);
+    // The body names the audit action, so it is read for a genuine token even without the
+    // scope (an attempt to confirm new keys shows as such); never for an unauthenticated call
+    // (its body is not read at all), whose action is plain `pin-reset`.
+    let request = match caller.token_id {
+        Some(_) => match read_body(&headers, body).await {
+            Ok(body) => Some(parse_json::<PinResetRequest>(&body)),
+            Err(e) => Some(Err(e)),
+        },
+        None => None,
     };
     let action = match &request {
-        Ok(PinResetRequest {
+        Some(Ok(PinResetRequest {
             accept_new_keys: true,
-        }) => PIN_RESET_ACCEPTING_KEYS,
+        })) => PIN_RESET_ACCEPTING_KEYS,
         _ => "pin-reset",
     };
-    call.run(Scope::PinReset, action, |state, user_id| async move {
-        state.reset_pin(&user_id, request?.accept_new_keys).await
-    })
-    .await
+    let result = match (allowed, request) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(Ok(request))) => state.reset_pin(&user_id, request.accept_new_keys).await,
+        (Ok(()), Some(Err(e))) => Err(e),
+        (Ok(()), None) => Err(AdminError::internal(
+            "an authorised call without a token id",
+        )),
+    };
+    finish(&state, &peer, caller, action, user_id, result).await
 }
 
-async fn get_pending(State(state): State<Shared>, headers: HeaderMap) -> Response {
+async fn get_pending(State(state): State<Shared>, peer: Peer, headers: HeaderMap) -> Response {
     call(
         &state,
+        &peer,
         &headers,
         Scope::Read,
         "pending",
@@ -541,9 +638,10 @@ async fn post_reject(call: IdCall) -> Response {
     settle(call, Settlement::Reject).await
 }
 
-async fn post_verify(State(state): State<Shared>, headers: HeaderMap) -> Response {
+async fn post_verify(State(state): State<Shared>, peer: Peer, headers: HeaderMap) -> Response {
     call(
         &state,
+        &peer,
         &headers,
         Scope::Read,
         "ledger.verify",
@@ -556,13 +654,29 @@ async fn post_verify(State(state): State<Shared>, headers: HeaderMap) -> Respons
 /// Lines buffered between the journal reader and the response body.
 const EXPORT_CHANNEL_LINES: usize = 256;
 
-async fn get_export(State(state): State<Shared>, headers: HeaderMap) -> Response {
+async fn get_export(State(state): State<Shared>, peer: Peer, headers: HeaderMap) -> Response {
     let (caller, allowed) = authenticate(&state, &headers, Scope::Read);
     if let Err(e) = allowed {
-        return finish::<()>(&state, caller, "ledger.export", String::new(), Err(e)).await;
+        return finish::<()>(
+            &state,
+            &peer,
+            caller,
+            "ledger.export",
+            String::new(),
+            Err(e),
+        )
+        .await;
     }
     // Audit the start; the stream's own end says whether it completed (a last `error` line).
-    let started = finish(&state, caller, "ledger.export", String::new(), Ok(())).await;
+    let started = finish(
+        &state,
+        &peer,
+        caller,
+        "ledger.export",
+        String::new(),
+        Ok(()),
+    )
+    .await;
     if started.status() != StatusCode::OK {
         return started;
     }
@@ -605,19 +719,23 @@ async fn post_revoke(call: IdCall) -> Response {
         state,
         id: jti,
         headers,
+        peer,
     } = call;
+    // A token revoking itself tells its own expiry: the revocation is kept until then.
+    let mut own_exp_s = None;
     let (caller, allowed) = authenticate_with(&state, &headers, |claims| {
         if claims.jti == jti {
+            own_exp_s = Some(claims.exp);
             Ok(())
         } else {
             authorize(claims, Scope::Revoke)
         }
     });
     let result = match allowed {
-        Ok(()) => state.revoke_token(&jti).await,
+        Ok(()) => state.revoke_token_until(&jti, own_exp_s).await,
         Err(e) => Err(e),
     };
-    finish(&state, caller, "token.revoke", jti, result).await
+    finish(&state, &peer, caller, "token.revoke", jti, result).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -637,9 +755,15 @@ pub struct AuditResponse {
     pub next: Option<u64>,
 }
 
-async fn get_audit(State(state): State<Shared>, headers: HeaderMap, uri: Uri) -> Response {
+async fn get_audit(
+    State(state): State<Shared>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
     call(
         &state,
+        &peer,
         &headers,
         Scope::Audit,
         "audit",

@@ -16,6 +16,35 @@ use serde::{Deserialize, Serialize};
 /// Largest page [`AuditLog::page`] returns.
 pub const AUDIT_PAGE_MAX: usize = 500;
 
+/// Longest text field (actor, token id, action, target, result) an entry keeps as given, in
+/// bytes; a longer one keeps its first [`AUDIT_FIELD_KEPT_BYTES`] and a marker with its length
+/// and hash ([`bound_field`]). A Matrix user ID or a token id (255 bytes) fits whole.
+pub const AUDIT_FIELD_BYTES_MAX: usize = 320;
+
+/// How much of an over-long field is kept, in bytes (cut at a character boundary).
+pub const AUDIT_FIELD_KEPT_BYTES: usize = 64;
+
+/// `field` as an entry stores it: whole up to [`AUDIT_FIELD_BYTES_MAX`] bytes; longer, its
+/// first [`AUDIT_FIELD_KEPT_BYTES`] then `…[<n> bytes, blake3 <16 hex>]`, so every line has a
+/// fixed bound whatever a caller sends, and equal long values can still be told apart.
+pub fn bound_field(field: &str) -> std::borrow::Cow<'_, str> {
+    if field.len() <= AUDIT_FIELD_BYTES_MAX {
+        return field.into();
+    }
+    let mut cut = AUDIT_FIELD_KEPT_BYTES;
+    while !field.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let hash = blake3::hash(field.as_bytes()).to_hex();
+    format!(
+        "{}…[{} bytes, blake3 {}]",
+        &field[..cut],
+        field.len(),
+        &hash[..16]
+    )
+    .into()
+}
+
 /// One admin call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -30,7 +59,7 @@ pub struct AuditEntry {
     pub token_id: Option<String>,
     /// What: a stable action name, e.g. `topup`, `freeze`, `pin-reset`.
     pub action: String,
-    /// On what: a user ID, transfer id or similar. Never a secret.
+    /// On what: a user ID, transfer id or similar. Never a secret. Bounded ([`bound_field`]).
     pub target: String,
     /// `ok`, or the error code.
     pub result: String,
@@ -120,7 +149,8 @@ impl AuditLog {
         Ok((seq, hash))
     }
 
-    /// Appends an entry and flushes it to disk. `seq` and `prev_hash` are filled in here.
+    /// Appends an entry and flushes it to disk. `seq` and `prev_hash` are filled in here; every
+    /// text field is bounded with [`bound_field`].
     pub fn append(
         &self,
         at_ms: u64,
@@ -134,11 +164,11 @@ impl AuditLog {
         let entry = AuditEntry {
             seq: tail.seq + 1,
             at_ms,
-            actor: actor.to_owned(),
-            token_id: token_id.map(str::to_owned),
-            action: action.to_owned(),
-            target: target.to_owned(),
-            result: result.to_owned(),
+            actor: bound_field(actor).into_owned(),
+            token_id: token_id.map(|t| bound_field(t).into_owned()),
+            action: bound_field(action).into_owned(),
+            target: bound_field(target).into_owned(),
+            result: bound_field(result).into_owned(),
             prev_hash: tail.hash.clone(),
         };
         let line = serde_json::to_string(&entry).expect("audit entries serialise");
@@ -206,6 +236,38 @@ mod tests {
             [4, 3, 2, 1]
         );
         assert_eq!(log.verify().unwrap(), 6);
+    }
+
+    #[test]
+    fn long_fields_are_cut_with_their_length_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        let huge = format!("@{}:example.org", "é".repeat(30 * 1024));
+        let other = format!("@{}:example.org", "e".repeat(60 * 1024));
+        let whole = "x".repeat(AUDIT_FIELD_BYTES_MAX);
+        let entry = log
+            .append(1, &huge, Some(&huge), "topup", &other, &whole)
+            .unwrap();
+        assert_eq!(entry.result, whole);
+        assert!(entry.target.starts_with("@eee"), "{}", entry.target);
+        assert!(
+            entry
+                .target
+                .contains(&format!("…[{} bytes, blake3 ", other.len())),
+            "{}",
+            entry.target
+        );
+        // Cut at a character boundary; different values keep different hashes.
+        assert!(entry.actor.starts_with(&format!("@{}…[", "é".repeat(31))));
+        assert_ne!(bound_field(&huge), bound_field(&other));
+        for field in [&entry.actor, &entry.target] {
+            assert!(field.len() <= AUDIT_FIELD_BYTES_MAX, "{field}");
+        }
+        drop(log);
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 1024, "{size} bytes");
+        assert_eq!(AuditLog::open(&path).unwrap().verify().unwrap(), 1);
     }
 
     #[test]

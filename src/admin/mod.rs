@@ -3,7 +3,8 @@
 //! `docs/admin-api.md`.
 //!
 //! Layout: [`settings`] is the `admin:` config section; [`token`], [`webhook`] and [`audit`]
-//! are pure building blocks (JWTs, HMAC signatures, the hash-chained log); [`events`] and
+//! are pure building blocks (JWTs, HMAC signatures, the hash-chained log); [`flood`] limits
+//! refused calls; [`events`] and
 //! [`revoked`] are the sled trees of `<data_dir>/admin/` (webhook events received, revoked
 //! token ids); [`service`] holds the operations against the ledger ([`AdminState`]); [`api`]
 //! is the thin axum layer that authenticates, calls the service and writes every call to the
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod audit;
 pub mod events;
+pub mod flood;
 pub mod pins;
 pub mod revoked;
 pub mod service;
@@ -78,6 +80,13 @@ pub enum AdminError {
     /// The PIN store is not available in this build or process.
     #[error("PIN reset is not available on this server")]
     PinResetUnavailable,
+    /// Too many refused calls from this peer or from all ([`flood`]); answered without an
+    /// audit line of its own.
+    #[error("too many refused admin calls; retry later")]
+    LimitExceeded {
+        /// How long to wait before a retry, in ms.
+        retry_after_ms: u64,
+    },
     /// Something failed inside mxpay; details are in the log.
     #[error("internal error; details are in mxpay's log")]
     Internal(String),
@@ -114,7 +123,18 @@ impl AdminError {
             Self::NotFound(_) | Self::Disabled => (S::NOT_FOUND, "M_NOT_FOUND"),
             Self::PinResetUnavailable => (S::NOT_IMPLEMENTED, "M_UNRECOGNIZED"),
             Self::RevocationsFull => (S::INSUFFICIENT_STORAGE, "M_RESOURCE_LIMIT_EXCEEDED"),
+            Self::LimitExceeded { .. } => (S::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
+        }
+    }
+
+    /// Whether the call was refused for who made it (no valid token, a missing scope, a bad
+    /// webhook signature or provider): these count against the [`flood`] limits.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Token(_) | Self::UnknownProvider(_) => true,
+            Self::Webhook(e) => !matches!(e, webhook::WebhookError::BadBody(_)),
+            _ => false,
         }
     }
 
@@ -159,9 +179,11 @@ impl IntoResponse for AdminError {
             tracing::error!(%detail, "admin API internal error");
         }
         let (status, errcode) = self.status_and_errcode();
-        crate::http::json_response(
-            status,
-            &serde_json::json!({ "errcode": errcode, "error": self.to_string() }),
-        )
+        let mut body = serde_json::json!({ "errcode": errcode, "error": self.to_string() });
+        if let Self::LimitExceeded { retry_after_ms } = self {
+            // The Matrix rate-limit error carries the wait in the body.
+            body["retry_after_ms"] = retry_after_ms.into();
+        }
+        crate::http::json_response(status, &body)
     }
 }

@@ -5,7 +5,9 @@
 //! refused across a crash or restart. An entry is kept until `forget_at_ms`: the revoking side
 //! sets it to the revocation time plus the longest lifetime a token may have
 //! (`admin.token_ttl_max_s`) plus [`MINT_CLOCK_SKEW_S`]; any token minted before the revocation
-//! has expired by then, so forgetting its id changes nothing. A second tree, ordered by
+//! has expired by then, so forgetting its id changes nothing. Once mxpay has seen the revoked
+//! token itself (it revoked itself, or was presented after its revocation), the entry is kept
+//! at least until that token's own `exp` ([`RevokedTokens::keep_until`]). A second tree, ordered by
 //! `forget_at_ms`, lets [`RevokedTokens::prune`] find due entries without scanning them all.
 
 use serde::{Deserialize, Serialize};
@@ -161,6 +163,38 @@ impl RevokedTokens {
         Ok(done)
     }
 
+    /// Keeps the revocation of `jti` at least until `until_ms` (the revoked token's own
+    /// expiry, once mxpay has seen the token): moves its `forget_at_ms` later, never earlier,
+    /// durably. Returns whether anything changed; an id that is not revoked is left alone.
+    ///
+    /// Why: a revocation by id alone is kept for the longest lifetime a token may have; a token
+    /// that lives longer (minted under a larger `admin.token_ttl_max_s`, or by a machine whose
+    /// clock runs fast) must not become usable again when its revocation is forgotten.
+    pub fn keep_until(&self, jti: &str, until_ms: u64) -> Result<bool, RevokedError> {
+        let changed = (&self.revoked, &self.forget)
+            .transaction(|(revoked, forget)| {
+                let Some(existing) = revoked.get(jti.as_bytes())? else {
+                    return Ok(false);
+                };
+                let mut revocation =
+                    decode(&existing).map_err(ConflictableTransactionError::Abort)?;
+                if revocation.forget_at_ms >= until_ms {
+                    return Ok(false);
+                }
+                forget.remove(forget_key(revocation.forget_at_ms, jti))?;
+                revocation.forget_at_ms = until_ms;
+                let value = serde_json::to_vec(&revocation).expect("revocations serialise");
+                revoked.insert(jti.as_bytes(), value)?;
+                forget.insert(forget_key(until_ms, jti), &[] as &[u8])?;
+                Ok(true)
+            })
+            .map_err(RevokedError::from)?;
+        if changed {
+            self.db.flush()?;
+        }
+        Ok(changed)
+    }
+
     /// Forgets up to [`PRUNE_BATCH_MAX`] revocations whose `forget_at_ms` is at or before
     /// `now_ms`, oldest first. Returns how many. Not flushed: an entry that survives a crash is
     /// only forgotten later.
@@ -273,6 +307,29 @@ mod tests {
         assert_eq!(store.prune(later_ms).unwrap(), 3);
         assert!(store.is_empty());
         assert_eq!(store.prune(later_ms).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_revocation_kept_until_the_token_s_expiry_outlives_the_default_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let token_exp_ms = T0_MS + 3 * KEEP_MS;
+        store.revoke("long", T0_MS, KEEP_MS).unwrap();
+        store.revoke("short", T0_MS, KEEP_MS).unwrap();
+        assert!(store.keep_until("long", token_exp_ms).unwrap());
+        // Never earlier, and an id that is not revoked stays unrevoked.
+        assert!(!store.keep_until("long", T0_MS).unwrap());
+        assert!(!store.keep_until("never", token_exp_ms).unwrap());
+        assert!(!store.is_revoked("never").unwrap());
+        assert_eq!(store.prune(token_exp_ms - 1).unwrap(), 1);
+        assert!(!store.is_revoked("short").unwrap());
+        assert!(store.is_revoked("long").unwrap());
+        assert_eq!(
+            store.get("long").unwrap().unwrap().forget_at_ms,
+            token_exp_ms
+        );
+        assert_eq!(store.prune(token_exp_ms).unwrap(), 1);
+        assert!(store.is_empty());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! withdrawal settlement, freezes, reads. [`super::api`] authenticates and audits around them.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,9 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::audit::AuditLog;
 use super::events::{self, Claim, EventStore};
+use super::flood::RefusalGate;
 use super::revoked::{RevokedError, RevokedTokens, MINT_CLOCK_SKEW_S};
 use super::settings::AdminSettings;
-use super::token::{is_valid_jti, AdminClaims, AdminKey, TokenAuthority, TokenError};
+use super::token::{check_times, is_valid_jti, AdminClaims, AdminKey, TokenAuthority, TokenError};
 use super::views::{AccountJson, TransferJson};
 use super::webhook::{self, WebhookEvent, WebhookSecret};
 use super::AdminError;
@@ -79,6 +81,7 @@ pub struct AdminState {
     pub(crate) clock: SharedClock,
     pub(crate) webhook_tolerance_s: u64,
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
+    pub(crate) refusals: RefusalGate,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -225,7 +228,16 @@ impl AdminState {
             ledger,
             clock,
         )
-        .map(|state| Some(state.with_token_ttl_max_s(settings.token_ttl_max_s)))
+        .map(|state| {
+            Some(
+                state
+                    .with_token_ttl_max_s(settings.token_ttl_max_s)
+                    .with_refused_call_limits(
+                        settings.refused_calls_per_peer_per_min,
+                        settings.refused_calls_per_min,
+                    ),
+            )
+        })
     }
 
     /// Builds the state from loaded key material (tests use it directly). Tokens may live up
@@ -264,7 +276,14 @@ impl AdminState {
         let db = events::open_db(&events_dir).map_err(|e| cannot_open(&e))?;
         let events = EventStore::with_db(&db).map_err(|e| cannot_open(&e))?;
         let revoked = RevokedTokens::with_db(&db).map_err(|e| cannot_open(&e))?;
+        let defaults = AdminSettings::default();
+        let refusals = refusal_gate(
+            defaults.refused_calls_per_peer_per_min,
+            defaults.refused_calls_per_min,
+            &clock,
+        );
         Ok(Self {
+            refusals,
             ledger,
             tokens,
             audit: Arc::new(audit),
@@ -285,16 +304,31 @@ impl AdminState {
         self
     }
 
-    /// The checks on an authenticated token that need the server's state: its lifetime is
-    /// within `admin.token_ttl_max_s` (which is what makes forgetting old revocations safe),
-    /// and its id is not revoked. A store failure refuses the call (500), never lets it pass.
+    /// Sets how many refused calls a minute are answered and audited from one peer and from
+    /// all (`admin.refused_calls_per_peer_per_min`, `admin.refused_calls_per_min`; 0 counts
+    /// as 1); more get 429 without an audit line of their own.
+    pub fn with_refused_call_limits(mut self, per_peer_per_min: u32, total_per_min: u32) -> Self {
+        self.refusals = refusal_gate(per_peer_per_min, total_per_min, &self.clock);
+        self
+    }
+
+    /// The checks on an authenticated token that need the server's state: its times
+    /// ([`check_times`]: not issued in the future, lifetime and expiry within
+    /// `admin.token_ttl_max_s`, which is what makes forgetting old revocations safe), and its id
+    /// is not revoked. A store failure refuses the call (500), never lets it pass.
     pub fn check_token(&self, claims: &AdminClaims) -> Result<(), AdminError> {
-        if claims.exp.saturating_sub(claims.iat) > self.token_ttl_max_s {
-            return Err(TokenError::LifetimeTooLong.into());
-        }
+        check_times(claims, self.clock.now_ms() / 1000, self.token_ttl_max_s)?;
         match self.revoked.is_revoked(&claims.jti) {
             Ok(false) => Ok(()),
-            Ok(true) => Err(TokenError::Revoked.into()),
+            Ok(true) => {
+                // A genuine token under a revoked id: keep the revocation until this token
+                // expires, whatever the default keep time (a write only when it moves later).
+                let exp_ms = claims.exp.saturating_mul(1000);
+                if let Err(e) = self.revoked.keep_until(&claims.jti, exp_ms) {
+                    return Err(AdminError::internal(e));
+                }
+                Err(TokenError::Revoked.into())
+            }
             Err(e) => Err(AdminError::internal(e)),
         }
     }
@@ -304,6 +338,16 @@ impl AdminState {
     /// know every token minted with its key); the entry is forgotten once every token minted
     /// before the revocation has expired.
     pub async fn revoke_token(&self, jti: &str) -> Result<RevokeResponse, AdminError> {
+        self.revoke_token_until(jti, None).await
+    }
+
+    /// [`AdminState::revoke_token`], keeping the revocation at least until `token_exp_s` (the
+    /// revoked token's own `exp`, when mxpay holds that token: a token revoking itself).
+    pub async fn revoke_token_until(
+        &self,
+        jti: &str,
+        token_exp_s: Option<u64>,
+    ) -> Result<RevokeResponse, AdminError> {
         if !is_valid_jti(jti) {
             return Err(AdminError::InvalidParam(format!(
                 "a token id must be 1 to {} bytes without control characters",
@@ -317,13 +361,19 @@ impl AdminState {
             .saturating_mul(1000);
         let revoked = self.revoked.clone();
         let id = jti.to_owned();
-        let done = tokio::task::spawn_blocking(move || revoked.revoke(&id, now_ms, keep_ms))
-            .await
-            .map_err(AdminError::internal)?
-            .map_err(|e| match e {
-                RevokedError::Full => AdminError::RevocationsFull,
-                other => AdminError::internal(other),
-            })?;
+        let done = tokio::task::spawn_blocking(move || {
+            let done = revoked.revoke(&id, now_ms, keep_ms)?;
+            if let Some(exp_s) = token_exp_s {
+                revoked.keep_until(&id, exp_s.saturating_mul(1000))?;
+            }
+            Ok(done)
+        })
+        .await
+        .map_err(AdminError::internal)?
+        .map_err(|e| match e {
+            RevokedError::Full => AdminError::RevocationsFull,
+            other => AdminError::internal(other),
+        })?;
         // The id is not a secret (the token is, and is never logged).
         tracing::info!(jti, already = done.already, "admin token revoked");
         Ok(RevokeResponse {
@@ -628,6 +678,15 @@ impl AdminState {
             accept_new_keys,
         })
     }
+}
+
+fn refusal_gate(per_peer_per_min: u32, total_per_min: u32, clock: &SharedClock) -> RefusalGate {
+    let at_least_one = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    RefusalGate::new(
+        at_least_one(per_peer_per_min),
+        at_least_one(total_per_min),
+        clock.clone(),
+    )
 }
 
 impl From<TransferError> for AdminError {

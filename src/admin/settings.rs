@@ -59,6 +59,14 @@ pub struct AdminSettings {
     /// Default 2592000 (30 days).
     #[serde(default = "default_token_ttl_max_s")]
     pub token_ttl_max_s: u64,
+    /// Refused admin calls (no valid token, bad webhook signature) answered and audited per
+    /// minute from one peer IP (an IPv6 /64), also as a burst; more get 429. Default 20.
+    #[serde(default = "default_refused_calls_per_peer_per_min")]
+    pub refused_calls_per_peer_per_min: u32,
+    /// Refused admin calls answered and audited per minute from all peers together, also as a
+    /// burst; more get 429. Default 60.
+    #[serde(default = "default_refused_calls_per_min")]
+    pub refused_calls_per_min: u32,
 }
 
 impl Default for AdminSettings {
@@ -69,6 +77,8 @@ impl Default for AdminSettings {
             providers: Vec::new(),
             webhook_tolerance_s: default_tolerance_s(),
             token_ttl_max_s: default_token_ttl_max_s(),
+            refused_calls_per_peer_per_min: default_refused_calls_per_peer_per_min(),
+            refused_calls_per_min: default_refused_calls_per_min(),
         }
     }
 }
@@ -80,6 +90,18 @@ fn default_tolerance_s() -> u64 {
 fn default_token_ttl_max_s() -> u64 {
     30 * 24 * 60 * 60
 }
+
+fn default_refused_calls_per_peer_per_min() -> u32 {
+    20
+}
+
+fn default_refused_calls_per_min() -> u32 {
+    60
+}
+
+/// Largest accepted `admin.refused_calls_per_min` and `..._per_peer_per_min`: above it the
+/// audit log of a flood grows faster than an operator reads it.
+pub const REFUSED_CALLS_PER_MIN_MAX: u32 = 10_000;
 
 /// Signature algorithm of admin tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,6 +300,20 @@ impl AdminSettings {
         if self.token_ttl_max_s == 0 {
             return Err(invalid("admin.token_ttl_max_s", "must be above 0"));
         }
+        for (key, value) in [
+            (
+                "admin.refused_calls_per_peer_per_min",
+                self.refused_calls_per_peer_per_min,
+            ),
+            ("admin.refused_calls_per_min", self.refused_calls_per_min),
+        ] {
+            if value == 0 || value > REFUSED_CALLS_PER_MIN_MAX {
+                return Err(invalid(
+                    key,
+                    format!("must be between 1 and {REFUSED_CALLS_PER_MIN_MAX}"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -407,6 +443,10 @@ mod tests {
         assert!(!s.enabled());
         assert_eq!(s.webhook_tolerance_s, 300);
         assert_eq!(s.token_ttl_max_s, 2_592_000);
+        assert_eq!(
+            (s.refused_calls_per_peer_per_min, s.refused_calls_per_min),
+            (20, 60)
+        );
         s.validate().unwrap();
         assert!(s.load_token_key(true).unwrap().is_none());
     }
@@ -442,6 +482,14 @@ mod tests {
             ),
             ("webhook_tolerance_s: 0", "admin.webhook_tolerance_s"),
             ("token_ttl_max_s: 0", "admin.token_ttl_max_s"),
+            (
+                "refused_calls_per_peer_per_min: 0",
+                "admin.refused_calls_per_peer_per_min",
+            ),
+            (
+                "refused_calls_per_min: 10001",
+                "admin.refused_calls_per_min",
+            ),
         ];
         for (yaml, key) in cases {
             let message = parse(yaml).validate().expect_err(yaml).to_string();

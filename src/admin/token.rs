@@ -18,6 +18,11 @@ pub const ADMIN_AUDIENCE: &str = "mxpay-admin";
 /// Longest token id (`jti`) accepted, in bytes; mxpay mints 32 hex digits.
 pub const JTI_BYTES_MAX: usize = 255;
 
+/// How far a token's `iat` may lie ahead of mxpay's clock, in seconds: room for the minting
+/// machine's clock running a little fast, and no more. A token "issued" further ahead would
+/// dodge the lifetime bound (see [`check_times`]).
+pub const IAT_FUTURE_MAX_S: u64 = 60;
+
 /// Whether `jti` is a usable token id: 1 to [`JTI_BYTES_MAX`] bytes, no control characters.
 /// A token without one could not be revoked on its own, so it is refused.
 pub fn is_valid_jti(jti: &str) -> bool {
@@ -123,7 +128,11 @@ pub enum TokenError {
     /// Past its `exp`.
     #[error("the admin token has expired")]
     Expired,
-    /// Its lifetime (`exp - iat`) is longer than `admin.token_ttl_max_s` allows.
+    /// Its `iat` lies more than [`IAT_FUTURE_MAX_S`] ahead of mxpay's clock.
+    #[error("the admin token is issued in the future (check the minting machine's clock)")]
+    IssuedInFuture,
+    /// Its lifetime (`exp - iat`) is longer than `admin.token_ttl_max_s` allows, or it expires
+    /// later than that lifetime from now (plus [`IAT_FUTURE_MAX_S`]).
     #[error(
         "the admin token's lifetime is longer than this server allows (admin.token_ttl_max_s)"
     )]
@@ -150,6 +159,7 @@ impl TokenError {
             TokenError::Malformed
             | TokenError::BadSignature
             | TokenError::Expired
+            | TokenError::IssuedInFuture
             | TokenError::LifetimeTooLong
             | TokenError::Revoked => (401, "M_UNKNOWN_TOKEN"),
             TokenError::MissingScope(_) => (403, "M_FORBIDDEN"),
@@ -323,6 +333,36 @@ impl TokenAuthority {
     }
 }
 
+/// Checks a token's times against `now_s` (mxpay's clock, seconds since the Unix epoch) and the
+/// longest lifetime the server accepts (`admin.token_ttl_max_s`). Refuses `iat > exp`
+/// (malformed), `iat` more than [`IAT_FUTURE_MAX_S`] ahead, `exp - iat` above the lifetime,
+/// and `exp` later than `now_s + token_ttl_max_s + IAT_FUTURE_MAX_S`.
+///
+/// Why all of them: the lifetime bound alone read `exp - iat`, which a far-future `iat` makes
+/// small (`iat = now + 13 years, exp = now + 10 years` passed). With these checks every accepted
+/// token expires within `token_ttl_max_s + IAT_FUTURE_MAX_S` of the moment it is used, which is
+/// what lets a revocation be forgotten safely (see [`super::revoked`]). Expiry itself
+/// (`now_s >= exp`) is checked by [`TokenAuthority::authenticate`].
+pub fn check_times(
+    claims: &AdminClaims,
+    now_s: u64,
+    token_ttl_max_s: u64,
+) -> Result<(), TokenError> {
+    if claims.iat > claims.exp {
+        return Err(TokenError::Malformed);
+    }
+    if claims.iat > now_s.saturating_add(IAT_FUTURE_MAX_S) {
+        return Err(TokenError::IssuedInFuture);
+    }
+    let exp_max_s = now_s
+        .saturating_add(token_ttl_max_s)
+        .saturating_add(IAT_FUTURE_MAX_S);
+    if claims.exp - claims.iat > token_ttl_max_s || claims.exp > exp_max_s {
+        return Err(TokenError::LifetimeTooLong);
+    }
+    Ok(())
+}
+
 /// Checks that authenticated `claims` carry `required`.
 pub fn authorize(claims: &AdminClaims, required: Scope) -> Result<(), TokenError> {
     if claims.scopes.contains(&required) {
@@ -345,7 +385,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::clock::{Clock as _, ManualClock};
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
@@ -552,6 +592,91 @@ mod tests {
         assert_eq!(
             TokenError::Revoked.to_string(),
             "this admin token was revoked"
+        );
+    }
+
+    /// Signs `claims` with [`SECRET`] as they are, whatever their times.
+    fn sign_claims(claims: &AdminClaims) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_issued_in_the_future_or_outliving_the_lifetime_bound_are_refused() {
+        const NOW_S: u64 = 1_700_000_000;
+        const TTL_MAX_S: u64 = 30 * 24 * 3600;
+        const YEAR_S: u64 = 365 * 24 * 3600;
+        let clock = ManualClock::new(NOW_S * 1000);
+        let auth = authority(SECRET, &clock);
+        let claims = |iat: u64, exp: u64| AdminClaims {
+            sub: "ops".to_owned(),
+            aud: ADMIN_AUDIENCE.to_owned(),
+            scopes: [Scope::Read].into_iter().collect(),
+            iat,
+            exp,
+            jti: random_id(),
+        };
+        let check = |iat: u64, exp: u64| {
+            let claims = auth.authenticate(&sign_claims(&claims(iat, exp)))?;
+            check_times(&claims, clock.now_ms() / 1000, TTL_MAX_S)
+        };
+        // The token of the report: issued 13 years ahead, expiring in 10. Its `exp - iat`
+        // saturates to 0, which passed the lifetime bound before.
+        assert_eq!(
+            check(NOW_S + 13 * YEAR_S, NOW_S + 10 * YEAR_S),
+            Err(TokenError::Malformed)
+        );
+        // Issued in the future: a minute of clock skew passes, more does not.
+        assert_eq!(check(NOW_S + IAT_FUTURE_MAX_S, NOW_S + 3600), Ok(()));
+        assert_eq!(
+            check(NOW_S + IAT_FUTURE_MAX_S + 1, NOW_S + 3600),
+            Err(TokenError::IssuedInFuture)
+        );
+        assert_eq!(
+            check(NOW_S + 13 * YEAR_S, NOW_S + 13 * YEAR_S + 60),
+            Err(TokenError::IssuedInFuture)
+        );
+        // Lifetime: exactly the bound passes, one second more does not.
+        assert_eq!(check(NOW_S, NOW_S + TTL_MAX_S), Ok(()));
+        assert_eq!(
+            check(NOW_S, NOW_S + TTL_MAX_S + 1),
+            Err(TokenError::LifetimeTooLong)
+        );
+        // The latest expiry: issued at the edge of the skew with the longest lifetime.
+        assert_eq!(
+            check(
+                NOW_S + IAT_FUTURE_MAX_S,
+                NOW_S + IAT_FUTURE_MAX_S + TTL_MAX_S
+            ),
+            Ok(())
+        );
+        // Even a token whose own times look fine expires no later than that (checked on the
+        // claims directly: `authenticate` alone does not know the lifetime bound).
+        let far = claims(NOW_S + 10 * YEAR_S, NOW_S + 10 * YEAR_S + 60);
+        assert!(auth.authenticate(&sign_claims(&far)).is_ok());
+        assert_eq!(
+            check_times(&far, NOW_S, TTL_MAX_S),
+            Err(TokenError::IssuedInFuture)
+        );
+        let mut late = claims(NOW_S, NOW_S + TTL_MAX_S);
+        late.exp = NOW_S + IAT_FUTURE_MAX_S + TTL_MAX_S + 1;
+        assert!(check_times(&late, NOW_S, TTL_MAX_S).is_err());
+        // A token issued a little ahead becomes fine as the clock catches up, and expires.
+        assert_eq!(
+            check(NOW_S + 120, NOW_S + 3600),
+            Err(TokenError::IssuedInFuture)
+        );
+        clock.advance_ms(60_000);
+        assert_eq!(check(NOW_S + 120, NOW_S + 3600), Ok(()));
+        clock.set_ms((NOW_S + 3600) * 1000);
+        assert_eq!(check(NOW_S + 120, NOW_S + 3600), Err(TokenError::Expired));
+        assert_eq!(
+            TokenError::IssuedInFuture.status_and_errcode(),
+            (401, "M_UNKNOWN_TOKEN")
         );
     }
 

@@ -1278,6 +1278,130 @@ async fn a_token_living_longer_than_token_ttl_max_s_is_refused() {
     );
 }
 
+/// The admin API over `ledger` with its data in `dir` and `admin.token_ttl_max_s` set.
+fn router_with_ttl(dir: &Path, h: &Harness, token_ttl_max_s: u64) -> Router {
+    let state = AdminState::new(
+        &AdminKey::Hs256 {
+            secret: SECRET.to_vec(),
+        },
+        Vec::new(),
+        300,
+        dir,
+        h.ledger.clone(),
+        Arc::new(h.clock.clone()),
+    )
+    .unwrap()
+    .with_token_ttl_max_s(token_ttl_max_s);
+    mxpay::admin::router(Some(Arc::new(state)))
+}
+
+/// `GET /transfers/pending` with `token` on `router`: the status and the error, if any.
+async fn pending_with(router: &Router, token: &str) -> (u16, String) {
+    let request = Request::get("/_mxpay/admin/v1/transfers/pending")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    (status, body["error"].as_str().unwrap_or("").to_owned())
+}
+
+/// A `read` token with exactly these `iat` and `exp` (seconds), signed with the test key.
+fn token_with_times(iat_s: u64, exp_s: u64) -> String {
+    let claims = json!({
+        "sub": "tester", "aud": "mxpay-admin", "scopes": ["read"],
+        "iat": iat_s, "exp": exp_s, "jti": mxpay::admin::token::random_id(),
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_issued_in_the_future_or_expiring_beyond_the_lifetime_bound_is_refused() {
+    const YEAR_S: u64 = 365 * 24 * 3600;
+    let h = Harness::new();
+    let now_s = T0_MS / 1000;
+    // The default `admin.token_ttl_max_s`: 30 days.
+    let router = mxpay::admin::router(Some(h.state.clone()));
+    // The report's token: `exp - iat` saturated to 0 and passed the lifetime bound.
+    let (status, error) = pending_with(
+        &router,
+        &token_with_times(now_s + 13 * YEAR_S, now_s + 10 * YEAR_S),
+    )
+    .await;
+    assert_eq!(status, 401, "{error}");
+    // Issued two hours ahead with a short lifetime: refused as issued in the future.
+    let (status, error) =
+        pending_with(&router, &token_with_times(now_s + 7200, now_s + 9000)).await;
+    assert_eq!(status, 401, "{error}");
+    assert!(error.contains("issued in the future"), "{error}");
+    // A minute of clock skew on the minting machine passes.
+    let (status, error) = pending_with(&router, &token_with_times(now_s + 60, now_s + 3600)).await;
+    assert_eq!(status, 200, "{error}");
+}
+
+#[tokio::test]
+async fn a_revocation_is_kept_until_the_revoked_token_expires() {
+    let h = Harness::new();
+    let dir = tempfile::tempdir().unwrap();
+    let read: BTreeSet<Scope> = [Scope::Read].into_iter().collect();
+    // A token living 3 hours, revoked by id while the server allows 1 hour: kept for 1 hour
+    // plus the minting clock margin (1 hour).
+    let long = h.tokens.mint("tester", read, 3 * 3600).unwrap();
+    let long_jti = jti_of(&h, &long);
+    // A fresh revoker each time: the clock moves past an hour below.
+    let revoke = |jti: String| {
+        Request::post(format!("/_mxpay/admin/v1/tokens/{jti}/revoke"))
+            .header(
+                "authorization",
+                format!("Bearer {}", h.token(&[Scope::Revoke])),
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    {
+        let router = router_with_ttl(dir.path(), &h, 3600);
+        let response = router.oneshot(revoke(long_jti)).await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // The operator raises `admin.token_ttl_max_s` to a day: the token's lifetime is accepted
+    // now, its revocation must still hold for as long as the token lives.
+    let router = router_with_ttl(dir.path(), &h, 24 * 3600);
+    let (status, error) = pending_with(&router, &long).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (401, "this admin token was revoked")
+    );
+    // Past the default keep time (2 hours), a revoke prunes what is due.
+    h.clock.advance_ms(2 * 3600 * 1000 + 1000);
+    let response = router
+        .clone()
+        .oneshot(revoke("other".to_owned()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, error) = pending_with(&router, &long).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (401, "this admin token was revoked")
+    );
+    // Once the token has expired, it is refused as expired anyway.
+    h.clock.advance_ms(3600 * 1000);
+    let (status, error) = pending_with(&router, &long).await;
+    assert_eq!(
+        (status, error.as_str()),
+        (401, "the admin token has expired")
+    );
+}
+
 #[tokio::test]
 async fn admin_api_is_off_without_a_key() {
     let router = mxpay::admin::router(None);
@@ -1628,6 +1752,216 @@ async fn app_mounts_the_admin_api_from_the_config() {
     assert!(!error.contains(std::str::from_utf8(&secret).unwrap()));
 }
 
+/// Bytes of every file under `dir`, recursively.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&entry.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn ten_thousand_refused_calls_grow_the_data_dir_by_less_than_a_mib() {
+    const CALLS: u32 = 10_000;
+    const GROWTH_BYTES_MAX: u64 = 1 << 20;
+    let h = Harness::new();
+    let data_dir = h._dir.path().to_owned();
+    let before = dir_bytes(&data_dir);
+    // The report's flood: top-ups without a valid token, each with a 60 KiB user ID, from
+    // many loopback peers. The clock stands still, so the limits never refill.
+    let body = axum::body::Bytes::from(
+        json!({
+            "user_id": format!("@{}:example.org", "a".repeat(60 * 1024)),
+            "amount": "1.00", "currency": "EUR", "idempotency_key": "flood",
+        })
+        .to_string(),
+    );
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    let mut limited = None;
+    for i in 0..CALLS {
+        let mut request =
+            Request::post("/_mxpay/admin/v1/topups").header("content-type", "application/json");
+        if i % 2 == 0 {
+            request = request.header("authorization", "Bearer not-a-jwt");
+        }
+        let mut request = request.body(Body::from(body.clone())).unwrap();
+        let peer = std::net::SocketAddr::from(([127, 0, (i % 7) as u8, (i % 251) as u8], 40_000));
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let response = h.router.clone().oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        *statuses.entry(status).or_default() += 1;
+        if status == 429 && limited.is_none() {
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            limited = Some(serde_json::from_slice::<Value>(&bytes).unwrap());
+        }
+        // Checked along the way, so the old behaviour fails in a second, not a disk later.
+        if i % 500 == 499 {
+            let grown = dir_bytes(&data_dir) - before;
+            assert!(
+                grown < GROWTH_BYTES_MAX,
+                "{grown} bytes after {} calls",
+                i + 1
+            );
+        }
+    }
+    let grown = dir_bytes(&data_dir) - before;
+    assert!(
+        grown < GROWTH_BYTES_MAX,
+        "{grown} bytes after {CALLS} calls"
+    );
+    // All refused: answered and audited up to the overall limit (60 a minute), then 429.
+    assert_eq!(statuses.keys().copied().collect::<Vec<_>>(), [401, 429]);
+    assert_eq!(statuses[&401], 60, "{statuses:?}");
+    let limited = limited.unwrap();
+    assert_eq!(limited["errcode"], "M_LIMIT_EXCEEDED", "{limited}");
+    assert_eq!(limited["retry_after_ms"], 1000, "{limited}");
+
+    // A genuine admin is not limited by the flood; the log holds the audited refusals, and
+    // one line counting the suppressed ones before the next audited call.
+    let (status, body) = h.topup(ALICE, "1.00", "EUR", "after-flood").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = h.call("POST", "/topups", Some("not-a-jwt"), None).await;
+    assert_eq!(status, 429);
+    h.clock.advance_ms(1_000);
+    let (status, _) = h.call("POST", "/topups", Some("not-a-jwt"), None).await;
+    assert_eq!(status, 401);
+    let audit = h.audit().await;
+    let counts: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|e| e["action"] == "refusals.limited")
+        .map(|e| (e["target"].as_str().unwrap(), e["actor"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            (
+                "1 refused calls answered 429 without an entry",
+                "rate-limit"
+            ),
+            (
+                &*format!("{} refused calls answered 429 without an entry", CALLS - 60),
+                "rate-limit"
+            ),
+        ]
+    );
+    let refused_topups = audit
+        .iter()
+        .filter(|e| e["action"] == "topup" && e["result"] != "ok")
+        .count();
+    assert_eq!(refused_topups, 61);
+    // A refused call's body is never read: no entry names the flood's user.
+    assert!(audit
+        .iter()
+        .filter(|e| e["action"] == "topup")
+        .all(|e| e["target"] == "" || e["target"] == ALICE));
+}
+
+/// A request body that records whether anyone polled it.
+fn watched_body(polled: &Arc<std::sync::atomic::AtomicBool>) -> Body {
+    let polled = polled.clone();
+    Body::from_stream(futures_util::stream::once(async move {
+        polled.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{}"))
+    }))
+}
+
+#[tokio::test]
+async fn a_refused_call_s_body_is_never_read() {
+    let h = Harness::new();
+    let user = enc(ALICE);
+    for path in [
+        "/topups".to_owned(),
+        format!("/users/{user}/freeze"),
+        format!("/users/{user}/pin-reset"),
+        "/webhooks/no-such-provider".to_owned(),
+    ] {
+        for token in [None, Some("not-a-jwt")] {
+            let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut request = Request::post(format!("/_mxpay/admin/v1{path}"));
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            let (status, answer) = h.send(request.body(watched_body(&polled)).unwrap()).await;
+            assert!([401, 404].contains(&status.as_u16()), "{path}: {answer}");
+            assert!(
+                !polled.load(std::sync::atomic::Ordering::SeqCst),
+                "{path} {token:?}: the body of a refused call was read"
+            );
+        }
+    }
+    // An authorised call reads it.
+    let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let request = Request::post(format!("/_mxpay/admin/v1/users/{user}/freeze"))
+        .header("authorization", format!("Bearer {}", h.all_scopes()))
+        .body(watched_body(&polled))
+        .unwrap();
+    let (status, answer) = h.send(request).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(polled.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+#[tokio::test]
+async fn refused_calls_are_limited_per_peer_on_the_real_listener() {
+    use mxpay::app::App;
+    use mxpay::config::Config;
+    use mxpay::registration::Registration;
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, secret) = admin_yaml(dir.path());
+    let mut config = Config::from_yaml(&format!(
+        "data_dir: {}
+appservice: {{listen: '127.0.0.1:0'}}
+{yaml}  \
+         refused_calls_per_peer_per_min: 2\n",
+        dir.path().display()
+    ))
+    .unwrap();
+    config.resolve_paths(dir.path());
+    let app = App::open(config.clone(), Registration::generate(&config)).unwrap();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let (addr, server) = mxpay::app::start_server(&app, shutdown_rx).await.unwrap();
+    let url = format!("http://{addr}/_mxpay/admin/v1/transfers/pending");
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let response = client
+            .get(&url)
+            .bearer_auth("not-a-jwt")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED", "{body}");
+            assert!(body["retry_after_ms"].as_u64().unwrap() > 0, "{body}");
+        }
+    }
+    // Two a minute from this peer (the overall limit is 60): the third is limited.
+    assert_eq!(statuses, [401, 401, 429]);
+    // A genuine token from the same peer still works.
+    let response = client
+        .get(&url)
+        .bearer_auth(mint(&secret, &[Scope::Read]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+}
+
 /// A PIN store that records resets: the user and whether the reset accepted new keys.
 #[derive(Default)]
 struct FakePins(parking_lot::Mutex<Vec<(String, bool)>>);
@@ -1733,8 +2067,9 @@ async fn pin_reset_accepts_new_keys_only_when_asked() {
         (400, Some("M_BAD_JSON")),
         "{answer}"
     );
-    // Authorisation comes first, for a good body or a bad one; attempts are audited under the
-    // action they asked for.
+    // Authorisation comes first, for a good body or a bad one; a genuine token's attempts are
+    // audited under the action they asked for. An unauthenticated call's body is never read
+    // (issue 11, floods), so it is audited as a plain `pin-reset`.
     let (status, _) = h.call("POST", &path, None, Some(accept.clone())).await;
     assert_eq!(status, 401);
     let freeze = h.token(&[Scope::Freeze]);
@@ -1774,7 +2109,7 @@ async fn pin_reset_accepts_new_keys_only_when_asked() {
             // Newest first.
             entry(plain, "M_FORBIDDEN"),
             entry(keys, "M_FORBIDDEN"),
-            entry(keys, "M_MISSING_TOKEN"),
+            entry(plain, "M_MISSING_TOKEN"),
             entry(plain, "M_BAD_JSON"),
             entry(plain, "M_BAD_JSON"),
             entry(plain, "M_BAD_JSON"),
