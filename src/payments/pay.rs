@@ -371,6 +371,7 @@ impl Payments {
             expires_at_ms: transfer
                 .deadline_ms
                 .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
+            device_id: event.sender_device.clone(),
         };
         self.store.put_challenge(&challenge).await?;
         self.messenger
@@ -466,6 +467,7 @@ impl Payments {
                     memo: None,
                     created_ms,
                     expires_at_ms: created_ms + self.settings.stepup_timeout_ms,
+                    device_id: event.sender_device.clone(),
                 }
             }
         };

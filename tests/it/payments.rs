@@ -9,6 +9,8 @@ use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
 use serde_json::Value;
 
 use crate::admin::{admin_yaml, topup};
+
+mod linking;
 use crate::support::{
     self, MxpayOptions, MxpayProcess, RoomOptions, SeenEvent, SlotKind, SlotLease, TestClient,
 };

@@ -1,0 +1,101 @@
+//! Issue 11 item 2 and item 5 (per user): a plain PIN confirms only what its own session asked
+//! for (PSD2 dynamic linking), every wallet command needs a trusted session, and a user's
+//! open payments are bounded. Real Synapse, real encrypted clients, alice with two sessions.
+
+use matrix_sdk::ruma::OwnedEventId;
+
+use super::{balance_is, scene, send_pin_reply, send_text, wait_notice, wait_receipt, Scene, PIN};
+use crate::support::{self, TestClient};
+
+/// Logs alice in on a second device, cross-signs it from her first session (which holds the
+/// self-signing key since `bootstrap_cross_signing`), and waits until the bot trusts it: the
+/// bot learns of the new signature through the homeserver's device-list notice, which may
+/// trail, so a probe that needs a trusted session (`!pin set`, answered "You already have a
+/// PIN" when trusted, "not verified" when not) is sent again, a bounded number of times.
+async fn second_session(s: &Scene) -> TestClient {
+    let second = support::client(&s.alice.user).await;
+    let device_id = second.device_id().expect("logged in").to_owned();
+    let user_id = s.alice.user.user_id.clone();
+    let device = support::eventually("alice's first session to see her second", || async {
+        s.alice
+            .encryption()
+            .get_device(&user_id, &device_id)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    device
+        .verify()
+        .await
+        .expect("cross-sign the second session");
+    for _attempt in 1..=20u32 {
+        let probe = send_text(&second, &s.dm, "!pin set").await;
+        let answer = second
+            .wait_for_event("the answer to the probe", |e| {
+                e.room_id == s.dm
+                    && e.sender() == s.bot
+                    && e.body().is_some_and(|b| {
+                        b.contains("You already have a PIN")
+                            || (b.contains("not verified")
+                                && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"]
+                                    == probe.as_str())
+                    })
+            })
+            .await;
+        if answer
+            .body()
+            .is_some_and(|b| b.contains("You already have a PIN"))
+        {
+            return second;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    panic!("the bot never trusted alice's cross-signed second session");
+}
+
+/// Someone holding another of alice's cross-signed sessions, but not her PIN, cancels the
+/// payment she just started and asks for their own; her plain PIN from her session must not
+/// confirm it (it did: it was the only one waiting). The bot tells her which challenge to
+/// reply to; a PIN sent as a reply to a challenge confirms exactly that one, from any of her
+/// sessions.
+#[tokio::test]
+async fn a_plain_pin_confirms_only_a_payment_asked_from_its_own_session() {
+    let s = scene("linking", 120_000, "600.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let mallory = support::client(&support::user("mallory").await).await;
+    s.bring_into_room(&mallory).await;
+    let mallory_id = mallory.user.user_id.to_string();
+    let stolen = second_session(&s).await;
+
+    // alice (first session) starts paying bob; the other session cancels it and asks to pay
+    // mallory, before alice sends her PIN.
+    s.alice_asks_to_pay_bob("5.00").await;
+    send_text(&stolen, room, "!cancel").await;
+    wait_notice(alice, dm, bot, "Cancelled; nothing of it was paid").await;
+    let theft: OwnedEventId = send_text(&stolen, room, &format!("!pay {mallory_id} 500 EUR")).await;
+    wait_notice(alice, dm, bot, "Confirm paying 500.00 EUR").await;
+
+    // alice's plain PIN, from her own session: not used for mallory's payment.
+    send_text(alice, dm, PIN).await;
+    let told = wait_notice(alice, dm, bot, "another of your sessions").await;
+    let body = told.body().unwrap_or_default();
+    assert!(
+        body.contains(&format!(
+            "reply to the challenge for 500.00 EUR to {mallory_id} with your PIN"
+        )),
+        "{body}"
+    );
+    balance_is(alice, dm, bot, "100.00 EUR (500.00 EUR reserved)").await;
+    send_text(alice, dm, "!cancel").await;
+    wait_receipt(alice, room, bot, &theft, "declined", None).await;
+    balance_is(alice, dm, bot, "600.00 EUR").await;
+
+    // A payment asked from the second session, confirmed from the first by replying to its
+    // challenge (which names amount and payee): paid, exactly that one.
+    let asked = send_text(&stolen, room, &format!("!pay {} 7 EUR", s.bob_id())).await;
+    let notice = wait_notice(alice, dm, bot, "Confirm paying 7.00 EUR").await;
+    send_pin_reply(alice, dm, notice.event_id()).await;
+    wait_receipt(&s.bob, room, bot, &asked, "completed", None).await;
+    balance_is(alice, dm, bot, "593.00 EUR").await;
+}
