@@ -183,6 +183,8 @@ async fn join_bot_dm(client: &TestClient) -> OwnedRoomId {
 async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
     let s = scene("pay", 120_000, "100.00").await;
     let (alice, bob, bot, dm, room) = (&s.alice, &s.bob, &s.bot, &s.dm, &s.room);
+    // bob asks for his balance below: a wallet command, so from a cross-signed session.
+    bob.bootstrap_cross_signing().await;
     wait_notice(alice, dm, bot, "topped up with 100.00 EUR").await;
 
     let bob_id = bob.user.user_id.as_str();

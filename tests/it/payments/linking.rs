@@ -99,3 +99,31 @@ async fn a_plain_pin_confirms_only_a_payment_asked_from_its_own_session() {
     wait_receipt(&s.bob, room, bot, &asked, "completed", None).await;
     balance_is(alice, dm, bot, "593.00 EUR").await;
 }
+
+/// `!cancel`, `!balance` and `!history` need the trust paying needs: from a session of alice
+/// that she did not cross-sign (a stolen access token used on a new device), each is refused
+/// with the untrusted-device sentence, and the payment alice started still waits for her PIN
+/// (the `!cancel` used to void it, and `!balance` / `!history` used to show her wallet).
+#[tokio::test]
+async fn every_wallet_command_from_an_unsigned_session_is_refused() {
+    let s = scene("wallet-trust", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let unsigned = support::client(&alice.user).await;
+    let pay = s.alice_asks_to_pay_bob("5.00").await;
+    for command in ["!cancel", "!balance", "!history"] {
+        let asked = send_text(&unsigned, room, command).await;
+        unsigned
+            .wait_for_event(&format!("the refusal of {command}"), |e| {
+                e.room_id == *room
+                    && e.sender() == bot
+                    && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == asked.as_str()
+                    && e.body()
+                        .is_some_and(|b| b.contains("your device is not verified"))
+            })
+            .await;
+    }
+    // Nothing was cancelled: alice's PIN still confirms her payment.
+    send_text(alice, dm, PIN).await;
+    wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
+    balance_is(alice, dm, bot, "15.00 EUR").await;
+}
