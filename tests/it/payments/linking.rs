@@ -127,3 +127,85 @@ async fn every_wallet_command_from_an_unsigned_session_is_refused() {
     wait_receipt(&s.bob, room, bot, &pay, "completed", None).await;
     balance_is(alice, dm, bot, "15.00 EUR").await;
 }
+
+/// Issue 11 item 5, per user: a payment the balance does not cover opens no account (the
+/// ledger used to open the payer's and the payee's, and journal the refusal, for every such
+/// attempt); at most `payments.pending_per_user_max` (5 by default) payments wait for the
+/// PIN at once: the sixth is declined with `too_many_pending` and its sentence, and once
+/// they are cancelled paying works again.
+#[tokio::test]
+async fn a_sixth_waiting_payment_is_refused_and_refusals_open_no_account() {
+    let s = scene("flood", 120_000, "20.00").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let big = send_text(alice, room, &format!("!pay {} 500 EUR", s.bob_id())).await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &big,
+        "declined",
+        Some("insufficient_funds"),
+    )
+    .await;
+    let accounts: serde_json::Value = reqwest::Client::new()
+        .get(format!(
+            "{}/_mxpay/admin/v1/users/{}/accounts",
+            s.mxpay.url,
+            s.bob_id()
+        ))
+        .bearer_auth(crate::admin::mint(
+            &s.admin_key,
+            &[mxpay::admin::token::Scope::Read],
+        ))
+        .send()
+        .await
+        .expect("reach the admin API")
+        .json()
+        .await
+        .expect("accounts JSON");
+    assert_eq!(
+        accounts["accounts"],
+        serde_json::json!([]),
+        "a refused payment opened the payee's account: {accounts}"
+    );
+
+    // Asks to pay bob 1 EUR; returns the `!pay` and whether the bot's first answer to it is
+    // the pending notice (it asks for the PIN) rather than a refusal.
+    let asks_to_pay = || async {
+        let pay = send_text(alice, room, &format!("!pay {} 1 EUR", s.bob_id())).await;
+        let first = alice
+            .wait_for_event("the first answer to the payment", |e| {
+                e.room_id == *room
+                    && e.sender() == bot
+                    && (e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == pay.as_str()
+                        || e.content()["m.relates_to"]["event_id"] == pay.as_str())
+            })
+            .await;
+        let waits = first
+            .body()
+            .is_some_and(|b| b.contains("confirm paying 1.00 EUR"));
+        (pay, waits)
+    };
+    for i in 1..=5 {
+        let (_, waits) = asks_to_pay().await;
+        assert!(waits, "payment {i} of 5 was not asked for its PIN");
+    }
+    let (sixth, waits) = asks_to_pay().await;
+    assert!(!waits, "a sixth payment waits for the PIN");
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &sixth,
+        "declined",
+        Some("too_many_pending"),
+    )
+    .await;
+    wait_notice(alice, room, bot, "5 payments waiting for your PIN").await;
+    balance_is(alice, dm, bot, "15.00 EUR (5.00 EUR reserved)").await;
+
+    send_text(alice, dm, "!cancel").await;
+    wait_notice(alice, dm, bot, "Cancelled; nothing of it was paid").await;
+    let (_, waits) = asks_to_pay().await;
+    assert!(waits, "refused after the waiting payments were cancelled");
+}
