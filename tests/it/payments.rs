@@ -1653,7 +1653,15 @@ async fn pin_to_receipt_latency() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let s = scene("latency", 120_000, "1000.00").await;
+    let mut s = scene("latency", 120_000, "1000.00").await;
+    // Payments follow each other faster than the default per-user rate allows.
+    s.lease.config.extra_yaml = s.lease.config.extra_yaml.replacen(
+        "payments:\n",
+        "payments:\n  commands_per_minute_max: 600\n",
+        1,
+    );
+    s.lease.write_config();
+    s.mxpay.restart().await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
     let mut samples_ms = Vec::with_capacity(payments);
     for i in 0..payments {
