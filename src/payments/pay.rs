@@ -322,7 +322,10 @@ impl Payments {
         // idempotent; a payer without the money is refused here instead, so a flood of
         // refused payments opens no account and grows no journal. (The ledger still decides:
         // this only spares it requests it would refuse.)
-        if let Some(error) = self.refused_before_ledger(event, payee, parsed).await? {
+        if let Some(error) = self
+            .refused_before_ledger(event.sender.as_str(), Some(payee.as_str()), parsed)
+            .await?
+        {
             return Ok(Err((reason_for(error), refusal_sentence(error))));
         }
         let memo_bytes = PaymentMemo {
@@ -631,21 +634,21 @@ impl Payments {
         Ok(())
     }
 
-    /// The ledger's refusal of a payment of `amount` from the event's sender to `payee` that
-    /// can be seen from the accounts as they are (no account or not enough available, a
-    /// frozen wallet), without asking the ledger to decide (which would open both accounts
-    /// and record the refusal).
+    /// The ledger's refusal of a payment of `amount` from `payer` (to `payee`, a user, or the
+    /// settlement account when `None`) that can be seen from the accounts as they are (no
+    /// account or not enough available, a frozen wallet), without asking the ledger to decide
+    /// (which would open both accounts and journal the refusal, for every attempt).
     async fn refused_before_ledger(
         &self,
-        event: &DecryptedEvent,
-        payee: &UserId,
+        payer: &str,
+        payee: Option<&str>,
         amount: crate::ledger::Amount,
     ) -> Result<Option<TransferError>, PaymentsError> {
         let account = |owner: &str| crate::ledger::AccountId {
             owner: Owner::user(owner),
             currency: amount.currency(),
         };
-        let Some(payer) = self.ledger.account(&account(event.sender.as_str())).await? else {
+        let Some(payer) = self.ledger.account(&account(payer)).await? else {
             return Ok(Some(TransferError::InsufficientFunds));
         };
         if payer.frozen.is_some() {
@@ -655,9 +658,11 @@ impl Payments {
         if available < amount.minor() {
             return Ok(Some(TransferError::InsufficientFunds));
         }
-        if let Some(payee) = self.ledger.account(&account(payee.as_str())).await? {
-            if payee.frozen == Some(crate::ledger::FreezeMode::All) {
-                return Ok(Some(TransferError::CreditAccountFrozen));
+        if let Some(payee) = payee {
+            if let Some(payee) = self.ledger.account(&account(payee)).await? {
+                if payee.frozen == Some(crate::ledger::FreezeMode::All) {
+                    return Ok(Some(TransferError::CreditAccountFrozen));
+                }
             }
         }
         Ok(None)
@@ -808,19 +813,28 @@ impl Payments {
                     event: challenge.event_id.clone(),
                     note: None,
                 };
-                let created = self
-                    .ledger
-                    .create_pending(
-                        TransferRequest {
-                            id: transfer_id,
-                            debit: Owner::user(challenge.payer.as_str()),
-                            credit: Owner::Settlement,
-                            amount,
-                            memo: memo.encode(),
-                        },
-                        self.settings.withdrawal_timeout_ms,
-                    )
-                    .await;
+                // As for payments: a withdrawal the wallet cannot cover is refused before the
+                // ledger, which would open accounts and journal the refusal.
+                let created = match self
+                    .refused_before_ledger(&challenge.payer, None, amount)
+                    .await?
+                {
+                    Some(error) => Err(LedgerError::Rejected(error)),
+                    None => {
+                        self.ledger
+                            .create_pending(
+                                TransferRequest {
+                                    id: transfer_id,
+                                    debit: Owner::user(challenge.payer.as_str()),
+                                    credit: Owner::Settlement,
+                                    amount,
+                                    memo: memo.encode(),
+                                },
+                                self.settings.withdrawal_timeout_ms,
+                            )
+                            .await
+                    }
+                };
                 match created {
                     Ok(_) => {
                         self.store.remove_challenge(challenge).await?;
