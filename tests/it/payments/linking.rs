@@ -209,3 +209,35 @@ async fn a_sixth_waiting_payment_is_refused_and_refusals_open_no_account() {
     let (_, waits) = asks_to_pay().await;
     assert!(waits, "refused after the waiting payments were cancelled");
 }
+
+/// Issue 11 item 5, per user: payment commands beyond `payments.commands_per_minute_max` in a
+/// minute are declined with `rate_limited` and a sentence, before the homeserver or the
+/// ledger is asked anything. (Set to 1 here, so two commands in a row show it on any
+/// machine.)
+#[tokio::test]
+async fn payment_commands_beyond_the_rate_are_refused() {
+    let mut s = scene("rate", 120_000, "20.00").await;
+    s.lease.config.extra_yaml = s.lease.config.extra_yaml.replacen(
+        "payments:\n",
+        "payments:\n  commands_per_minute_max: 1\n",
+        1,
+    );
+    s.lease.write_config();
+    s.mxpay.restart().await;
+    let (alice, bot, room) = (&s.alice, s.bot.as_str(), &s.room);
+    // Refused for its payee (after the rate check), so nothing waits for a PIN.
+    let pay = "!pay @nobody_at_all:localhost 1 EUR";
+    let first = send_text(alice, room, pay).await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &first,
+        "declined",
+        Some("payee_not_allowed"),
+    )
+    .await;
+    let second = send_text(alice, room, pay).await;
+    wait_receipt(alice, room, bot, &second, "declined", Some("rate_limited")).await;
+    wait_notice(alice, room, bot, "payments in the last minute").await;
+}
