@@ -49,6 +49,12 @@ pub enum ReceiptReason {
     /// The request reached the bot only after the step-up window had passed since it was
     /// sent (e.g. its decryption key arrived late): nothing was started.
     TooLate,
+    /// The payer already has as many payments and withdrawals waiting for their PIN as
+    /// allowed (`payments.pending_per_user_max`): confirm or cancel one first.
+    TooManyPending,
+    /// The payer started more payment commands in the last minute than allowed
+    /// (`payments.commands_per_minute_max`).
+    RateLimited,
     /// Anything else; the body says more.
     Other,
 }

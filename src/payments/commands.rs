@@ -20,6 +20,17 @@ impl Payments {
         event: &DecryptedEvent,
         command: Command,
     ) -> Result<(), PaymentsError> {
+        // Every wallet command needs the trust paying needs: a balance, a history or a
+        // `!cancel` from a session its owner did not cross-sign (a stolen token on a new
+        // device), or sent in plaintext, is refused like a payment. `!pin`, `!pay` and
+        // `!withdraw` check it themselves (with their own exceptions for a changed identity).
+        if matches!(
+            command,
+            Command::Balance | Command::History { .. } | Command::Cancel
+        ) && !self.wallet_trusted(event).await?
+        {
+            return Ok(());
+        }
         match command {
             Command::Help => Ok(()),
             Command::Balance => self.on_balance(event).await,
@@ -51,6 +62,28 @@ impl Payments {
                     .instrument(payment_span(TransferId::from_key(event.event_id.as_str())))
                     .await;
                 self.count_failure(outcome)
+            }
+        }
+    }
+
+    /// Whether `event` may use the sender's wallet (encrypted, from a cross-signed device,
+    /// identity not changed: [`trust::check`]); when not, the refusal's sentence was said
+    /// where the command was asked and, for a changed identity, the DM asks to accept it.
+    async fn wallet_trusted(&self, event: &DecryptedEvent) -> Result<bool, PaymentsError> {
+        let facts = self.facts(event).await?;
+        match trust::check(facts, self.trust_settings()) {
+            Ok(()) => Ok(true),
+            Err(refusal) => {
+                tracing::info!(
+                    reason = super::reason_label(refusal.reason()),
+                    "wallet command refused"
+                );
+                if refusal == TrustRefusal::IdentityChanged {
+                    self.ask_to_accept_identity(event).await?;
+                }
+                self.answer(event, &refusal.to_string(), "wallet-refused")
+                    .await?;
+                Ok(false)
             }
         }
     }

@@ -32,31 +32,55 @@ pub struct PaymentMemo {
 }
 
 impl PaymentMemo {
-    /// The memo bytes, at most [`MEMO_BYTES_MAX`]: the note is shortened if needed.
+    /// The memo bytes, at most [`MEMO_BYTES_MAX`]: the note is shortened if needed, in one
+    /// pass over it (cutting a char at a time and serialising again was quadratic in the
+    /// note's length).
     pub fn encode(&self) -> Vec<u8> {
-        let mut memo = self.clone();
-        loop {
-            let bytes = serde_json::to_vec(&memo).expect("memo serialises");
-            if bytes.len() <= MEMO_BYTES_MAX {
-                return bytes;
-            }
-            match &mut memo.note {
-                Some(note) if !note.is_empty() => {
-                    note.pop();
-                }
-                _ => {
-                    // Room and event ids are at most 255 bytes each: without the note the
-                    // memo always fits.
-                    memo.note = None;
-                    return serde_json::to_vec(&memo).expect("memo serialises");
-                }
-            }
+        let bytes = serde_json::to_vec(self).expect("memo serialises");
+        if bytes.len() <= MEMO_BYTES_MAX {
+            return bytes;
         }
+        let Some(note) = &self.note else {
+            // Room and event ids are at most 255 bytes each: without a note the memo fits.
+            return bytes;
+        };
+        let mut memo = self.clone();
+        memo.note = Some(String::new());
+        let base = serde_json::to_vec(&memo).expect("memo serialises").len();
+        let keep = note_prefix_len(note, MEMO_BYTES_MAX.saturating_sub(base));
+        memo.note = (keep > 0).then(|| note[..keep].to_owned());
+        let bytes = serde_json::to_vec(&memo).expect("memo serialises");
+        debug_assert!(bytes.len() <= MEMO_BYTES_MAX, "the cut note fits");
+        bytes
     }
 
     /// Reads a memo; `None` for memos that are not mxpay's (e.g. an admin top-up's).
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// The length in bytes of the longest prefix of `note` whose JSON string form (without the
+/// quotes) takes at most `budget_bytes`, cut at a char boundary. One pass.
+fn note_prefix_len(note: &str, budget_bytes: usize) -> usize {
+    let mut used = 0;
+    for (at, c) in note.char_indices() {
+        used += json_escaped_len(c);
+        if used > budget_bytes {
+            return at;
+        }
+    }
+    note.len()
+}
+
+/// How many bytes `c` takes inside a JSON string as serde_json writes it: `\"` and `\\`,
+/// the short escapes of control characters, `\u00XX` for the other control characters, the
+/// UTF-8 bytes for everything else.
+fn json_escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        '\u{0}'..='\u{1f}' => 6,
+        _ => c.len_utf8(),
     }
 }
 
@@ -93,5 +117,44 @@ mod tests {
         let bytes = memo.encode();
         assert!(bytes.len() <= MEMO_BYTES_MAX);
         assert!(PaymentMemo::decode(&bytes).is_some());
+    }
+
+    /// The escape lengths the one-pass cut counts are serde_json's own.
+    #[test]
+    fn escaped_lengths_match_serde_json() {
+        for c in (0u32..0x3000)
+            .chain([0x1F600, 0x10FFFF])
+            .filter_map(char::from_u32)
+        {
+            let quoted = serde_json::to_string(&c.to_string()).unwrap();
+            assert_eq!(json_escaped_len(c), quoted.len() - 2, "{c:?}");
+        }
+    }
+
+    /// The cut keeps the longest note that fits, in one pass, whatever the note holds: a
+    /// long note (the old cut serialised the memo again for every char it removed) of mixed
+    /// escapes and multi-byte chars is cut to exactly fill the memo.
+    #[test]
+    fn the_cut_keeps_the_longest_note_that_fits() {
+        let note: String = "a\"é\u{1}😀\\".repeat(20_000);
+        let memo = PaymentMemo {
+            kind: MemoKind::Pay,
+            room: "!r".into(),
+            event: "$e".into(),
+            note: Some(note.clone()),
+        };
+        let bytes = memo.encode();
+        assert!(bytes.len() <= MEMO_BYTES_MAX);
+        let kept = PaymentMemo::decode(&bytes).unwrap().note.unwrap();
+        assert!(note.starts_with(&kept) && !kept.is_empty());
+        // One more char would not fit.
+        let next = note[kept.len()..].chars().next().unwrap();
+        let longer = PaymentMemo {
+            note: Some(format!("{kept}{next}")),
+            ..memo.clone()
+        };
+        assert!(serde_json::to_vec(&longer).unwrap().len() > MEMO_BYTES_MAX);
+        assert_eq!(note_prefix_len("abc", 0), 0);
+        assert_eq!(note_prefix_len("aé", 2), 1, "never inside a char");
     }
 }

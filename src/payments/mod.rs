@@ -42,7 +42,7 @@ pub use settings::PaymentsSettings;
 
 use crate::app::{App, AppError};
 use crate::clock::SharedClock;
-use crate::command::{self, Command};
+use crate::command::{self, Command, MEMO_CHARS_MAX};
 use crate::crypto::handler::CryptoHandler;
 use crate::crypto::{CryptoError, DecryptedEvent, TrustState};
 use crate::events::ReceiptReason;
@@ -173,6 +173,8 @@ fn reason_label(reason: ReceiptReason) -> &'static str {
         ReceiptReason::InvalidAmount => "invalid_amount",
         ReceiptReason::Timeout => "timeout",
         ReceiptReason::TooLate => "too_late",
+        ReceiptReason::TooManyPending => "too_many_pending",
+        ReceiptReason::RateLimited => "rate_limited",
         ReceiptReason::Other => "other",
     }
 }
@@ -220,6 +222,8 @@ pub struct Payments {
     fault_crash_before_receipt: Option<std::path::PathBuf>,
     fault_fail_reply: Option<(String, std::path::PathBuf)>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Payment commands per user per minute (`payments.commands_per_minute_max`).
+    rate: std::sync::Mutex<crate::policy::rate::CommandRate>,
 }
 
 impl std::fmt::Debug for Payments {
@@ -245,6 +249,9 @@ impl Payments {
         stepup_key: &[u8],
     ) -> Self {
         let bot = messenger.client.bot_user_id().to_owned();
+        let rate = std::sync::Mutex::new(crate::policy::rate::CommandRate::new(
+            settings.commands_per_minute_max,
+        ));
         Self {
             stepup: StepUpAuthority::new(
                 stepup_key,
@@ -275,6 +282,7 @@ impl Payments {
                 None
             },
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            rate,
         }
     }
 
@@ -375,6 +383,21 @@ impl Payments {
                 match serde_json::from_value::<crate::events::TransferIntentEventContent>(
                     event.content.clone(),
                 ) {
+                    // The same bound as a `!pay` note: the memo is copied into the ledger, the
+                    // challenge and the receipts.
+                    Ok(intent)
+                        if intent
+                            .memo
+                            .as_deref()
+                            .is_some_and(|memo| memo.chars().nth(MEMO_CHARS_MAX).is_some()) =>
+                    {
+                        self.answer(
+                            event,
+                            &command::CommandError::MemoTooLong.to_string(),
+                            "intent-error",
+                        )
+                        .await?;
+                    }
                     Ok(intent) => {
                         let request = PayRequest {
                             payee: intent.payee,

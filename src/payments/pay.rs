@@ -91,6 +91,13 @@ impl Payments {
             amount: amount.to_string(),
             currency: currency.to_owned(),
         };
+        if reason == ReceiptReason::RateLimited {
+            // Not recorded: a flood of commands must not grow the store. A retried
+            // transaction decides such an event again, which is harmless: nothing was started,
+            // and whatever it starts later still waits for the PIN.
+            self.metrics.payment("declined", reason_label(reason));
+            return self.send_decline(event, &record).await;
+        }
         let outcome = EventOutcome::Declined(record.clone());
         match self
             .store
@@ -210,6 +217,50 @@ impl Payments {
         Ok(Ok(()))
     }
 
+    /// The per-user bounds on starting payments and withdrawals: how many may wait for the
+    /// PIN at once, and how many payment commands a minute. Checked after the payer's trust
+    /// (an untrusted session must not use up its owner's allowance) and before anything that
+    /// costs the homeserver or the ledger work.
+    fn flood_refusal(
+        &self,
+        event: &DecryptedEvent,
+    ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
+        let user = event.sender.as_str();
+        let now_ms = self.clock.now_ms();
+        let waiting = self
+            .store
+            .challenges(user)?
+            .iter()
+            .filter(|c| c.expires_at_ms > now_ms)
+            .count();
+        let pending_max = self.settings.pending_per_user_max;
+        if waiting >= pending_max as usize {
+            return Ok(Err((
+                ReceiptReason::TooManyPending,
+                format!(
+                    "you already have {waiting} payments waiting for your PIN (at most \
+                     {pending_max}); confirm them, or send !cancel, first"
+                ),
+            )));
+        }
+        let admitted =
+            self.rate
+                .lock()
+                .expect("rate lock")
+                .admit(user, event.event_id.as_str(), now_ms);
+        if !admitted {
+            return Ok(Err((
+                ReceiptReason::RateLimited,
+                format!(
+                    "you started more than {} payments in the last minute; wait a minute and \
+                     send it again",
+                    self.settings.commands_per_minute_max
+                ),
+            )));
+        }
+        Ok(Ok(()))
+    }
+
     /// The refusal of a fresh payment by policy (payer trust and PIN state, payee, membership,
     /// amount), if any; `Ok(Ok(()))` when it may start.
     async fn pay_refusal(
@@ -220,6 +271,9 @@ impl Payments {
         currency: &str,
     ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
         if let Err(refusal) = self.check_payer(event).await? {
+            return Ok(Err(refusal));
+        }
+        if let Err(refusal) = self.flood_refusal(event)? {
             return Ok(Err(refusal));
         }
         if payee == event.sender || payee == self.bot {
@@ -264,6 +318,16 @@ impl Payments {
             Ok(parsed) => parsed,
             Err(error) => return Ok(Err((ReceiptReason::InvalidAmount, error.to_string()))),
         };
+        // The ledger records a refused transfer (and opens both accounts) to keep its ids
+        // idempotent; a payer without the money is refused here instead, so a flood of
+        // refused payments opens no account and grows no journal. (The ledger still decides:
+        // this only spares it requests it would refuse.)
+        if let Some(error) = self
+            .refused_before_ledger(event.sender.as_str(), Some(payee.as_str()), parsed)
+            .await?
+        {
+            return Ok(Err((reason_for(error), refusal_sentence(error))));
+        }
         let memo_bytes = PaymentMemo {
             kind: MemoKind::Pay,
             room: event.room_id.to_string(),
@@ -371,6 +435,7 @@ impl Payments {
             expires_at_ms: transfer
                 .deadline_ms
                 .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
+            device_id: event.sender_device.clone(),
         };
         self.store.put_challenge(&challenge).await?;
         self.messenger
@@ -432,7 +497,11 @@ impl Payments {
                     .await
             }
             (Start::Fresh, _) => {
-                if let Err((reason, sentence)) = self.check_payer(event).await? {
+                let checked = match self.check_payer(event).await? {
+                    Ok(()) => self.flood_refusal(event)?,
+                    refused => refused,
+                };
+                if let Err((reason, sentence)) = checked {
                     return self
                         .decline(event, &bot, amount, &currency, reason, &sentence)
                         .await;
@@ -466,6 +535,7 @@ impl Payments {
                     memo: None,
                     created_ms,
                     expires_at_ms: created_ms + self.settings.stepup_timeout_ms,
+                    device_id: event.sender_device.clone(),
                 }
             }
         };
@@ -562,6 +632,40 @@ impl Payments {
         }
         self.poke.poke();
         Ok(())
+    }
+
+    /// The ledger's refusal of a payment of `amount` from `payer` (to `payee`, a user, or the
+    /// settlement account when `None`) that can be seen from the accounts as they are (no
+    /// account or not enough available, a frozen wallet), without asking the ledger to decide
+    /// (which would open both accounts and journal the refusal, for every attempt).
+    async fn refused_before_ledger(
+        &self,
+        payer: &str,
+        payee: Option<&str>,
+        amount: crate::ledger::Amount,
+    ) -> Result<Option<TransferError>, PaymentsError> {
+        let account = |owner: &str| crate::ledger::AccountId {
+            owner: Owner::user(owner),
+            currency: amount.currency(),
+        };
+        let Some(payer) = self.ledger.account(&account(payer)).await? else {
+            return Ok(Some(TransferError::InsufficientFunds));
+        };
+        if payer.frozen.is_some() {
+            return Ok(Some(TransferError::DebitAccountFrozen));
+        }
+        let available = u128::try_from(payer.balances.available_minor()).unwrap_or(0);
+        if available < amount.minor() {
+            return Ok(Some(TransferError::InsufficientFunds));
+        }
+        if let Some(payee) = payee {
+            if let Some(payee) = self.ledger.account(&account(payee)).await? {
+                if payee.frozen == Some(crate::ledger::FreezeMode::All) {
+                    return Ok(Some(TransferError::CreditAccountFrozen));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Whether the payer's wallet is frozen, or the payee's is frozen for all movement, as the
@@ -709,19 +813,28 @@ impl Payments {
                     event: challenge.event_id.clone(),
                     note: None,
                 };
-                let created = self
-                    .ledger
-                    .create_pending(
-                        TransferRequest {
-                            id: transfer_id,
-                            debit: Owner::user(challenge.payer.as_str()),
-                            credit: Owner::Settlement,
-                            amount,
-                            memo: memo.encode(),
-                        },
-                        self.settings.withdrawal_timeout_ms,
-                    )
-                    .await;
+                // As for payments: a withdrawal the wallet cannot cover is refused before the
+                // ledger, which would open accounts and journal the refusal.
+                let created = match self
+                    .refused_before_ledger(&challenge.payer, None, amount)
+                    .await?
+                {
+                    Some(error) => Err(LedgerError::Rejected(error)),
+                    None => {
+                        self.ledger
+                            .create_pending(
+                                TransferRequest {
+                                    id: transfer_id,
+                                    debit: Owner::user(challenge.payer.as_str()),
+                                    credit: Owner::Settlement,
+                                    amount,
+                                    memo: memo.encode(),
+                                },
+                                self.settings.withdrawal_timeout_ms,
+                            )
+                            .await
+                    }
+                };
                 match created {
                     Ok(_) => {
                         self.store.remove_challenge(challenge).await?;

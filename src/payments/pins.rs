@@ -8,8 +8,8 @@ use crate::events::ReceiptReason;
 use crate::ledger::TransferId;
 use crate::policy::pin::{Pin, PinError};
 use crate::policy::trust::{self, TrustRefusal};
-use crate::store::payments::{Challenge, Dialog, EventOutcome, UserProfile};
-use ruma::{EventId, RoomId};
+use crate::store::payments::{Challenge, ChallengeKind, Dialog, EventOutcome, UserProfile};
+use ruma::{DeviceId, EventId, RoomId};
 use tracing::Instrument as _;
 
 /// How a PIN event says which challenge it answers.
@@ -29,6 +29,10 @@ enum PinTarget {
     One(Challenge),
     /// A plain PIN while several challenges are open: the user must say which.
     Several(Vec<Challenge>),
+    /// A plain PIN for the one open challenge, sent from another device than the one that
+    /// asked for it (or the asking device is unknown): the user must answer that challenge by
+    /// name, having seen its amount and payee (PSD2 dynamic linking).
+    OtherDevice(Challenge),
     /// The PIN event is older than the step-up window, or older than every challenge it could
     /// answer (a late-decrypted or replayed PIN never confirms a later payment).
     TooOld,
@@ -217,6 +221,7 @@ impl Payments {
         let target = choose_challenge(
             open,
             &address,
+            event.sender_device.as_deref(),
             event.sent_ms(),
             now_ms,
             self.settings.stepup_timeout_ms,
@@ -230,6 +235,28 @@ impl Payments {
                     .collect();
                 self.reply(event, &text::which_challenge(&lines), "pin-which")
                     .await?
+            }
+            PinTarget::OtherDevice(challenge) => {
+                tracing::info!(
+                    transfer = %TransferId(challenge.transfer_id),
+                    "a plain PIN from another device than the payment's; not used"
+                );
+                let what = match challenge.kind {
+                    ChallengeKind::Pay => text::challenge_name(
+                        &challenge.amount,
+                        &challenge.currency,
+                        Some(&challenge.payee),
+                    ),
+                    ChallengeKind::Withdraw => {
+                        text::challenge_name(&challenge.amount, &challenge.currency, None)
+                    }
+                };
+                self.reply(
+                    event,
+                    &text::pin_from_other_device(&what),
+                    "pin-other-device",
+                )
+                .await?
             }
             PinTarget::TooOld => {
                 self.reply(
@@ -446,11 +473,18 @@ impl Payments {
 /// (lapsed ones included when the PIN names one) with its DM notice's event id; `sent_ms` is
 /// the PIN event's `origin_server_ts`.
 ///
-/// A plain PIN confirms only when exactly one challenge was open when it was sent: with
-/// several, guessing (the oldest, say) would pay whoever asked first, so the user is asked.
+/// A plain PIN confirms only when exactly one challenge was open when it was sent, and only
+/// when `pin_device` (the device that sent the PIN) is the device that asked for it: with
+/// several, guessing (the oldest, say) would pay whoever asked first; from another device, the
+/// PIN's sender may never have seen what it would confirm (someone with another of the
+/// payer's sessions can `!cancel` and ask for another payment the moment the payer starts
+/// one). In both cases the user is asked to answer the challenge by name. A PIN that names a
+/// challenge (a reply to its notice, which shows amount and payee, or its `challenge_id`)
+/// confirms exactly that one, from any of the payer's trusted devices.
 fn choose_challenge(
     open: Vec<(Challenge, Option<String>)>,
     address: &PinAddress<'_>,
+    pin_device: Option<&DeviceId>,
     sent_ms: u64,
     now_ms: u64,
     stepup_timeout_ms: u64,
@@ -486,7 +520,15 @@ fn choose_challenge(
     match eligible.len() {
         0 if any_live => PinTarget::TooOld,
         0 => PinTarget::NotWaiting,
-        1 => PinTarget::One(eligible.remove(0)),
+        1 => {
+            let challenge = eligible.remove(0);
+            let same_device = pin_device.is_some() && challenge.device_id.as_deref() == pin_device;
+            if same_device {
+                PinTarget::One(challenge)
+            } else {
+                PinTarget::OtherDevice(challenge)
+            }
+        }
         _ => PinTarget::Several(eligible),
     }
 }
@@ -513,7 +555,6 @@ pub(super) fn pin_error_sentence(error: &PinError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::payments::ChallengeKind;
 
     fn open_challenge(id: u128, created_ms: u64) -> (Challenge, Option<String>) {
         let challenge = Challenge {
@@ -529,6 +570,7 @@ mod tests {
             memo: None,
             created_ms,
             expires_at_ms: created_ms + 120_000,
+            device_id: Some(PHONE.into()),
         };
         (challenge, Some(format!("$notice{id}")))
     }
@@ -541,12 +583,25 @@ mod tests {
     }
 
     const TIMEOUT_MS: u64 = 120_000;
+    /// The device the test challenges were asked from.
+    const PHONE: &str = "PHONE";
+
+    fn phone() -> Option<&'static DeviceId> {
+        Some(<&DeviceId>::from(PHONE))
+    }
 
     /// H1: a plain PIN with two payments open confirms neither (not the oldest).
     #[test]
     fn a_plain_pin_with_several_open_challenges_confirms_none() {
         let open = vec![open_challenge(1, 1_000), open_challenge(2, 2_000)];
-        let target = choose_challenge(open, &PinAddress::default(), 3_000, 3_100, TIMEOUT_MS);
+        let target = choose_challenge(
+            open,
+            &PinAddress::default(),
+            phone(),
+            3_000,
+            3_100,
+            TIMEOUT_MS,
+        );
         match target {
             PinTarget::Several(list) => {
                 assert_eq!(
@@ -560,13 +615,21 @@ mod tests {
         let one = choose_challenge(
             vec![open_challenge(2, 2_000)],
             &PinAddress::default(),
+            phone(),
             3_000,
             3_100,
             TIMEOUT_MS,
         );
         assert_eq!(chosen(one), Some(2));
         assert_eq!(
-            choose_challenge(vec![], &PinAddress::default(), 3_000, 3_100, TIMEOUT_MS),
+            choose_challenge(
+                vec![],
+                &PinAddress::default(),
+                phone(),
+                3_000,
+                3_100,
+                TIMEOUT_MS
+            ),
             PinTarget::NotWaiting
         );
     }
@@ -582,6 +645,7 @@ mod tests {
             chosen(choose_challenge(
                 open(),
                 &by_reply,
+                phone(),
                 3_000,
                 3_100,
                 TIMEOUT_MS
@@ -594,7 +658,14 @@ mod tests {
             reply_to: Some("$notice2"),
         };
         assert_eq!(
-            chosen(choose_challenge(open(), &by_id, 3_000, 3_100, TIMEOUT_MS)),
+            chosen(choose_challenge(
+                open(),
+                &by_id,
+                phone(),
+                3_000,
+                3_100,
+                TIMEOUT_MS
+            )),
             Some(1),
             "challenge_id wins over a reply"
         );
@@ -603,8 +674,83 @@ mod tests {
             reply_to: Some("$notice9"),
         };
         assert_eq!(
-            choose_challenge(open(), &gone, 3_000, 3_100, TIMEOUT_MS),
+            choose_challenge(open(), &gone, phone(), 3_000, 3_100, TIMEOUT_MS),
             PinTarget::Unknown
+        );
+    }
+
+    /// PSD2 dynamic linking: a plain PIN confirms the one open payment only from the device
+    /// that asked for it. From another device (someone with another of alice's sessions
+    /// cancelled her payment and asked for their own), or when the asking device is unknown
+    /// (a challenge stored before devices were recorded), the PIN must name the challenge; a
+    /// reply to its notice then confirms exactly that one, whichever device sends it.
+    #[test]
+    fn a_plain_pin_confirms_only_a_payment_asked_from_the_same_device() {
+        let laptop = Some(<&DeviceId>::from("LAPTOP"));
+        let open = || vec![open_challenge(7, 1_000)];
+        let plain = PinAddress::default();
+        assert_eq!(
+            chosen(choose_challenge(
+                open(),
+                &plain,
+                phone(),
+                3_000,
+                3_100,
+                TIMEOUT_MS
+            )),
+            Some(7)
+        );
+        match choose_challenge(open(), &plain, laptop, 3_000, 3_100, TIMEOUT_MS) {
+            PinTarget::OtherDevice(c) => assert_eq!(c.transfer_id, 7),
+            other => panic!("expected OtherDevice, got {other:?}"),
+        }
+        assert!(matches!(
+            choose_challenge(open(), &plain, None, 3_000, 3_100, TIMEOUT_MS),
+            PinTarget::OtherDevice(_)
+        ));
+        let unknown_device = vec![(
+            Challenge {
+                device_id: None,
+                ..open_challenge(7, 1_000).0
+            },
+            Some("$notice7".to_owned()),
+        )];
+        assert!(matches!(
+            choose_challenge(
+                unknown_device.clone(),
+                &plain,
+                phone(),
+                3_000,
+                3_100,
+                TIMEOUT_MS
+            ),
+            PinTarget::OtherDevice(_)
+        ));
+        let by_reply = PinAddress {
+            challenge_id: None,
+            reply_to: Some("$notice7"),
+        };
+        assert_eq!(
+            chosen(choose_challenge(
+                open(),
+                &by_reply,
+                laptop,
+                3_000,
+                3_100,
+                TIMEOUT_MS
+            )),
+            Some(7)
+        );
+        assert_eq!(
+            chosen(choose_challenge(
+                unknown_device,
+                &by_reply,
+                phone(),
+                3_000,
+                3_100,
+                TIMEOUT_MS
+            )),
+            Some(7)
         );
     }
 
@@ -618,6 +764,7 @@ mod tests {
             chosen(choose_challenge(
                 open(),
                 &PinAddress::default(),
+                phone(),
                 1_500,
                 2_100,
                 TIMEOUT_MS
@@ -626,7 +773,14 @@ mod tests {
         );
         // Sent before both.
         assert_eq!(
-            choose_challenge(open(), &PinAddress::default(), 500, 2_100, TIMEOUT_MS),
+            choose_challenge(
+                open(),
+                &PinAddress::default(),
+                phone(),
+                500,
+                2_100,
+                TIMEOUT_MS
+            ),
             PinTarget::TooOld
         );
         // Naming a challenge created after the PIN was sent.
@@ -635,7 +789,7 @@ mod tests {
             reply_to: Some("$notice2"),
         };
         assert_eq!(
-            choose_challenge(open(), &by_reply, 1_500, 2_100, TIMEOUT_MS),
+            choose_challenge(open(), &by_reply, phone(), 1_500, 2_100, TIMEOUT_MS),
             PinTarget::TooOld
         );
         // Older than the step-up window (a parked or late-delivered PIN).
@@ -643,6 +797,7 @@ mod tests {
             choose_challenge(
                 vec![open_challenge(1, 1_000)],
                 &PinAddress::default(),
+                phone(),
                 1_500,
                 1_500 + TIMEOUT_MS,
                 TIMEOUT_MS

@@ -20,6 +20,13 @@ pub const PIN_DIALOG_TIMEOUT_MS_DEFAULT: u64 = 300_000;
 /// Default time a withdrawal waits for the admin to settle it: 7 days.
 pub const WITHDRAWAL_TIMEOUT_MS_DEFAULT: u64 = 7 * 24 * 3_600_000;
 
+/// Default bound on one user's payments and withdrawals waiting for their PIN at once.
+pub const PENDING_PER_USER_MAX_DEFAULT: u32 = 5;
+
+/// Default bound on the payment commands (`!pay`, `!withdraw`, transfer intents) one user may
+/// start per minute.
+pub const COMMANDS_PER_MINUTE_MAX_DEFAULT: u32 = 10;
+
 /// Why the payments settings are unusable. Never contains the pepper.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -80,6 +87,14 @@ pub struct PaymentsSettings {
     /// Who may hold a wallet (be paid): `*`, server names, or full user IDs. Default `["*"]`.
     #[serde(default)]
     pub wallet_holders: WalletHolders,
+    /// Most payments and withdrawals of one user waiting for their PIN at once; a further one
+    /// is declined (`too_many_pending`). Default 5 (1 to 100).
+    #[serde(default = "default_pending_per_user_max")]
+    pub pending_per_user_max: u32,
+    /// Most payment commands (`!pay`, `!withdraw`, transfer intents) one user may start per
+    /// minute; further ones are declined (`rate_limited`). Default 10 (1 to 600).
+    #[serde(default = "default_commands_per_minute_max")]
+    pub commands_per_minute_max: u32,
 }
 
 fn default_stepup_timeout_ms() -> u64 {
@@ -90,6 +105,12 @@ fn default_pin_dialog_timeout_ms() -> u64 {
 }
 fn default_withdrawal_timeout_ms() -> u64 {
     WITHDRAWAL_TIMEOUT_MS_DEFAULT
+}
+fn default_pending_per_user_max() -> u32 {
+    PENDING_PER_USER_MAX_DEFAULT
+}
+fn default_commands_per_minute_max() -> u32 {
+    COMMANDS_PER_MINUTE_MAX_DEFAULT
 }
 
 impl Default for PaymentsSettings {
@@ -102,6 +123,8 @@ impl Default for PaymentsSettings {
             withdrawal_timeout_ms: WITHDRAWAL_TIMEOUT_MS_DEFAULT,
             allow_unsigned_devices: false,
             wallet_holders: WalletHolders::default(),
+            pending_per_user_max: PENDING_PER_USER_MAX_DEFAULT,
+            commands_per_minute_max: COMMANDS_PER_MINUTE_MAX_DEFAULT,
         }
     }
 }
@@ -109,7 +132,7 @@ impl Default for PaymentsSettings {
 impl PaymentsSettings {
     /// Checks ranges and forms (not the pepper, which is read at start).
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let ranges: [(&'static str, u64, u64, u64); 3] = [
+        let ranges: [(&'static str, u64, u64, u64); 5] = [
             (
                 "stepup_timeout_ms",
                 self.stepup_timeout_ms,
@@ -127,6 +150,18 @@ impl PaymentsSettings {
                 self.withdrawal_timeout_ms,
                 1_000,
                 crate::ledger::PENDING_TIMEOUT_MS_MAX,
+            ),
+            (
+                "pending_per_user_max",
+                u64::from(self.pending_per_user_max),
+                1,
+                100,
+            ),
+            (
+                "commands_per_minute_max",
+                u64::from(self.commands_per_minute_max),
+                1,
+                600,
             ),
         ];
         for (key, value, min, max) in ranges {
@@ -216,6 +251,16 @@ mod tests {
             .to_string()
             .contains("payments.stepup_timeout_ms"));
         assert!(serde_yaml_ng::from_str::<PaymentsSettings>("pepper: x").is_err());
+        assert_eq!(settings.pending_per_user_max, 5);
+        let unbounded = PaymentsSettings {
+            pending_per_user_max: 0,
+            ..PaymentsSettings::default()
+        };
+        assert!(unbounded
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("payments.pending_per_user_max"));
     }
 
     #[test]

@@ -48,8 +48,9 @@ pub fn challenge_body(
 ) -> String {
     format!(
         "🔐 Confirm paying {} to {payee} (asked in room {room}): send your 4-digit PIN here \
-         within {} (if several payments wait, as a reply to this message). Send !cancel to \
-         cancel it now; if no PIN comes in time, nothing is paid.",
+         within {} (as a reply to this message if several payments wait or you answer from \
+         another session than the one you asked from). Send !cancel to cancel it now; if no \
+         PIN comes in time, nothing is paid.",
         money(amount, currency),
         human_duration(timeout_ms)
     )
@@ -59,8 +60,9 @@ pub fn challenge_body(
 pub fn withdraw_challenge_body(amount: &str, currency: &str, timeout_ms: u64) -> String {
     format!(
         "🔐 Confirm withdrawing {} from your wallet: send your 4-digit PIN here \
-         within {} (if several payments wait, as a reply to this message). Send !cancel to \
-         cancel it now; if no PIN comes in time, nothing is withdrawn.",
+         within {} (as a reply to this message if several payments wait or you answer from \
+         another session than the one you asked from). Send !cancel to cancel it now; if no \
+         PIN comes in time, nothing is withdrawn.",
         money(amount, currency),
         human_duration(timeout_ms)
     )
@@ -71,6 +73,24 @@ pub fn challenge_line(amount: &str, currency: &str, payee: &str, room: &str) -> 
     format!(
         "• {} to {payee} (asked in room {room})",
         money(amount, currency)
+    )
+}
+
+/// How a challenge is named when the user must answer it: `5.00 EUR to @bob:hs`, or, without
+/// a payee, `the withdrawal of 5.00 EUR`.
+pub fn challenge_name(amount: &str, currency: &str, payee: Option<&str>) -> String {
+    match payee {
+        Some(payee) => format!("{} to {payee}", money(amount, currency)),
+        None => format!("the withdrawal of {}", money(amount, currency)),
+    }
+}
+
+/// A plain PIN came from another session than the one that asked for the payment waiting
+/// (`what`, from [`challenge_name`]): it is not used; the user must answer that challenge by
+/// name, after seeing what it confirms.
+pub fn pin_from_other_device(what: &str) -> String {
+    format!(
+        "This PIN came from another of your sessions than the one that asked for the payment          waiting, so I did not use it (it was not checked and counts as no attempt) and          removed it. To confirm, reply to the challenge for {what} with your PIN. If you did          not ask for it, send !cancel."
     )
 }
 
@@ -194,6 +214,20 @@ mod tests {
         assert_eq!(civil_date(0), (1970, 1, 1));
         assert_eq!(civil_date(11_016), (2000, 2, 29));
         assert_eq!(civil_date(11_017), (2000, 3, 1));
+    }
+
+    #[test]
+    fn a_pin_from_another_session_is_told_which_challenge_to_reply_to() {
+        let text = pin_from_other_device(&challenge_name("5.00", "EUR", Some("@bob:hs")));
+        assert!(
+            text.contains("reply to the challenge for 5.00 EUR to @bob:hs with your PIN"),
+            "{text}"
+        );
+        let text = pin_from_other_device(&challenge_name("5.00", "EUR", None));
+        assert!(
+            text.contains("reply to the challenge for the withdrawal of 5.00 EUR"),
+            "{text}"
+        );
     }
 
     #[test]

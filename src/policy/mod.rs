@@ -2,5 +2,6 @@
 
 pub mod payee;
 pub mod pin;
+pub mod rate;
 pub mod stepup;
 pub mod trust;

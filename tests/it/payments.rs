@@ -9,6 +9,8 @@ use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
 use serde_json::Value;
 
 use crate::admin::{admin_yaml, topup};
+
+mod linking;
 use crate::support::{
     self, MxpayOptions, MxpayProcess, RoomOptions, SeenEvent, SlotKind, SlotLease, TestClient,
 };
@@ -181,6 +183,8 @@ async fn join_bot_dm(client: &TestClient) -> OwnedRoomId {
 async fn pay_in_an_encrypted_room_confirmed_with_the_pin_in_the_dm() {
     let s = scene("pay", 120_000, "100.00").await;
     let (alice, bob, bot, dm, room) = (&s.alice, &s.bob, &s.bot, &s.dm, &s.room);
+    // bob asks for his balance below: a wallet command, so from a cross-signed session.
+    bob.bootstrap_cross_signing().await;
     wait_notice(alice, dm, bot, "topped up with 100.00 EUR").await;
 
     let bob_id = bob.user.user_id.as_str();
@@ -1650,7 +1654,15 @@ async fn pin_to_receipt_latency() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let s = scene("latency", 120_000, "1000.00").await;
+    let mut s = scene("latency", 120_000, "1000.00").await;
+    // Payments follow each other faster than the default per-user rate allows.
+    s.lease.config.extra_yaml = s.lease.config.extra_yaml.replacen(
+        "payments:\n",
+        "payments:\n  commands_per_minute_max: 600\n",
+        1,
+    );
+    s.lease.write_config();
+    s.mxpay.restart().await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
     let mut samples_ms = Vec::with_capacity(payments);
     for i in 0..payments {
