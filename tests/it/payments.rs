@@ -526,6 +526,9 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
     wait_notice(alice, dm, bot, "Wrong PIN. 4 attempts left").await;
     send_text(alice, dm, PIN).await;
     wait_notice(alice, dm, bot, "Now send your new 4-digit PIN").await;
+    // A PIN from the blocklist (NIST SP 800-63B) is refused and another one asked for.
+    send_text(alice, dm, "9876").await;
+    wait_notice(alice, dm, bot, "That PIN is too easy to guess").await;
     send_text(alice, dm, "1357").await;
     wait_notice(alice, dm, bot, "Send the same PIN again").await;
     send_text(alice, dm, "1357").await;
