@@ -40,8 +40,8 @@ pub enum AppError {
         /// Why.
         source: InboxError,
     },
-    /// The data directory could not be created.
-    #[error("cannot create data_dir {path}: {source}")]
+    /// The data directory could not be created or made private (0700).
+    #[error("cannot create data_dir {path} or make it private (mode 0700): {source}")]
     DataDir {
         /// The directory.
         path: std::path::PathBuf,
@@ -165,9 +165,12 @@ impl App {
         retry: RetryPolicy,
         clock: SharedClock,
     ) -> Result<Self, AppError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
-            path: config.data_dir.clone(),
-            source,
+        // 0700 also when it existed wider: it holds PIN hashes, keys and raw transactions.
+        crate::private_fs::make_private_dir(&config.data_dir).map_err(|e| match e {
+            crate::private_fs::PrivateFsError::DataDir { path, source } => {
+                AppError::DataDir { path, source }
+            }
+            other => AppError::Startup(other.to_string()),
         })?;
         let inbox_dir = config.inbox_dir();
         let inbox = Inbox::open(&inbox_dir).map_err(|source| AppError::Inbox {
@@ -580,6 +583,14 @@ const SHUTDOWN_GRACE_MS: u64 = 10_000;
 
 /// Runs `mxpay serve`: start-up checks, then serves until SIGINT/SIGTERM.
 pub async fn serve(config: Config) -> Result<(), AppError> {
+    // The pepper (readable, private, long enough) is checked before anything is opened or the
+    // homeserver is asked: a secret file open to others stops the start at once.
+    if config.payments.enabled {
+        config
+            .payments
+            .load_pepper()
+            .map_err(|e| AppError::Startup(e.to_string()))?;
+    }
     let registration = Registration::load_for(&config)?;
     let app = App::open(config, registration)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -490,6 +490,11 @@ mod tests {
                 "payments: {stepup_timeout_ms: 0}",
                 "`payments.stepup_timeout_ms`: must be between",
             ),
+            // PSD2: an authentication code lives at most 5 minutes.
+            (
+                "payments: {stepup_timeout_ms: 600000}",
+                "`payments.stepup_timeout_ms`: must be between 1000 and 300000",
+            ),
             (
                 "payments: {pin_dialog_timeout_ms: 99999999}",
                 "`payments.pin_dialog_timeout_ms`: must be between",

@@ -21,7 +21,7 @@ pub(crate) const PIN: &str = "4821";
 async fn payments_lease(label: &str, stepup_timeout_ms: u64) -> (SlotLease, Vec<u8>) {
     let mut lease = support::synapse().lease(SlotKind::Normal, label).await;
     let pepper: PathBuf = lease.dir.join("pepper");
-    std::fs::write(&pepper, format!("{}\n", support::random_suffix(48))).expect("write pepper");
+    support::write_secret(&pepper, format!("{}\n", support::random_suffix(48)));
     let (admin, admin_key) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
         "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: {stepup_timeout_ms}\n{admin}",
