@@ -173,7 +173,12 @@ impl App {
             other => AppError::Startup(other.to_string()),
         })?;
         let inbox_dir = config.inbox_dir();
-        let inbox = Inbox::open(&inbox_dir).map_err(|source| AppError::Inbox {
+        let inbox = Inbox::open_with(
+            &inbox_dir,
+            clock.clone(),
+            crate::inbox::FailedRetention::default(),
+        )
+        .map_err(|source| AppError::Inbox {
             path: inbox_dir,
             source,
         })?;
@@ -461,6 +466,15 @@ impl Worker {
             };
             self.metrics.set_inbox_depth(self.inbox.depth());
             if batch.is_empty() {
+                // Idle: failed transactions past their retention go now (cheap: at most
+                // `keep_max` keys are read, none when none failed).
+                match self.inbox.prune_failed().await {
+                    Ok(dropped) => self.failed_dropped(dropped),
+                    Err(error) => {
+                        self.metrics.error("inbox");
+                        tracing::error!(%error, "cannot delete old failed transactions");
+                    }
+                }
                 tokio::select! {
                     _ = self.inbox.wait_for_new() => {}
                     _ = shutdown.changed() => {}
@@ -478,6 +492,18 @@ impl Worker {
                     break;
                 }
             }
+        }
+    }
+
+    /// Counts and logs failed transactions deleted by their retention (never their content).
+    fn failed_dropped(&self, dropped: usize) {
+        if dropped > 0 {
+            self.metrics.inbox_failed_dropped(dropped);
+            tracing::info!(
+                dropped,
+                kept = self.inbox.failed_len(),
+                "deleted failed transactions past their retention (age or count)"
+            );
         }
     }
 
@@ -523,7 +549,10 @@ impl Worker {
             }
         };
         let marked = if failed {
-            self.inbox.mark_failed(txn.seq).await
+            self.inbox
+                .mark_failed(txn.seq)
+                .await
+                .map(|dropped| self.failed_dropped(dropped))
         } else {
             self.inbox.mark_processed(txn.seq).await
         };
