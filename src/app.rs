@@ -494,9 +494,9 @@ impl Worker {
             };
             self.metrics.set_inbox_depth(self.inbox.depth());
             if batch.is_empty() {
-                // Idle: failed transactions past their retention go now (cheap: at most
-                // `keep_max` keys are read, none when none failed).
-                match self.inbox.prune_failed().await {
+                // Idle: failed transactions past their retention go (at most once a minute:
+                // a prune reads every failed entry).
+                match self.inbox.prune_failed_if_due().await {
                     Ok(dropped) => self.failed_dropped(dropped),
                     Err(error) => {
                         self.metrics.error("inbox");

@@ -87,6 +87,11 @@ impl Default for FailedRetention {
     }
 }
 
+/// Least time between two time-based prunes of the failed list by an idle worker
+/// ([`Inbox::prune_failed_if_due`]): a prune reads every failed entry, and retention is counted
+/// in days.
+pub const FAILED_PRUNE_INTERVAL_MS: u64 = 60_000;
+
 /// Outcome of [`Inbox::accept`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -103,6 +108,8 @@ pub struct Inbox {
     wake: Arc<Notify>,
     clock: SharedClock,
     retention: FailedRetention,
+    /// When the failed list was last pruned (ms since the epoch; 0: not yet).
+    pruned_at_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -132,6 +139,7 @@ impl Inbox {
             wake: Arc::new(Notify::new()),
             clock,
             retention,
+            pruned_at_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 
@@ -179,10 +187,24 @@ impl Inbox {
         self.prune_failed().await
     }
 
+    /// [`Inbox::prune_failed`] if the last prune was [`FAILED_PRUNE_INTERVAL_MS`] ago or more
+    /// (or never happened); else nothing. For an idle loop.
+    pub async fn prune_failed_if_due(&self) -> Result<usize, InboxError> {
+        let now_ms = self.clock.now_ms();
+        let last_ms = self.pruned_at_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if last_ms != 0 && now_ms.saturating_sub(last_ms) < FAILED_PRUNE_INTERVAL_MS {
+            return Ok(0);
+        }
+        self.prune_failed().await
+    }
+
     /// Deletes failed transactions older than [`FailedRetention::keep_ms`] and beyond the
     /// newest [`FailedRetention::keep_max`]; returns how many.
     pub async fn prune_failed(&self) -> Result<usize, InboxError> {
-        let cutoff_ms = self.clock.now_ms().saturating_sub(self.retention.keep_ms);
+        let now_ms = self.clock.now_ms();
+        self.pruned_at_ms
+            .store(now_ms.max(1), std::sync::atomic::Ordering::SeqCst);
+        let cutoff_ms = now_ms.saturating_sub(self.retention.keep_ms);
         Ok(self
             .store
             .prune_failed(cutoff_ms, self.retention.keep_max)
@@ -305,8 +327,14 @@ mod tests {
         };
         assert_eq!(ids(&inbox), ["2", "3"]);
         assert_eq!(inbox.prune_failed().await.unwrap(), 0, "not old yet");
-        clock.advance_ms(60_000);
-        assert_eq!(inbox.prune_failed().await.unwrap(), 2, "past the retention");
+        clock.advance_ms(59_999);
+        assert_eq!(inbox.prune_failed_if_due().await.unwrap(), 0, "not due yet");
+        clock.advance_ms(1);
+        assert_eq!(
+            inbox.prune_failed_if_due().await.unwrap(),
+            2,
+            "past the retention, and due"
+        );
         assert_eq!(inbox.failed_len(), 0);
         assert!(
             inbox.contains("1").unwrap(),
