@@ -40,8 +40,8 @@ pub enum AppError {
         /// Why.
         source: InboxError,
     },
-    /// The data directory could not be created.
-    #[error("cannot create data_dir {path}: {source}")]
+    /// The data directory could not be created or made private (0700).
+    #[error("cannot create data_dir {path} or make it private (mode 0700): {source}")]
     DataDir {
         /// The directory.
         path: std::path::PathBuf,
@@ -59,6 +59,17 @@ pub enum AppError {
         /// Why.
         source: std::io::Error,
     },
+    /// The metrics listen address could not be bound.
+    #[error("cannot listen on {addr} (metrics.listen): {source}")]
+    MetricsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The metrics token file is missing, unreadable or not private.
+    #[error(transparent)]
+    MetricsToken(crate::config::ConfigError),
     /// The appservice API server failed.
     #[error("the appservice API server failed: {0}")]
     Serve(std::io::Error),
@@ -128,6 +139,7 @@ pub struct App {
     ledger: Ledger,
     clock: SharedClock,
     admin: Option<Arc<AdminState>>,
+    metrics_token: Option<crate::registration::Secret>,
 }
 
 impl std::fmt::Debug for App {
@@ -165,15 +177,27 @@ impl App {
         retry: RetryPolicy,
         clock: SharedClock,
     ) -> Result<Self, AppError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
-            path: config.data_dir.clone(),
-            source,
+        // 0700 also when it existed wider: it holds PIN hashes, keys and raw transactions.
+        crate::private_fs::make_private_dir(&config.data_dir).map_err(|e| match e {
+            crate::private_fs::PrivateFsError::DataDir { path, source } => {
+                AppError::DataDir { path, source }
+            }
+            other => AppError::Startup(other.to_string()),
         })?;
         let inbox_dir = config.inbox_dir();
-        let inbox = Inbox::open(&inbox_dir).map_err(|source| AppError::Inbox {
+        let inbox = Inbox::open_with(
+            &inbox_dir,
+            clock.clone(),
+            crate::inbox::FailedRetention::default(),
+        )
+        .map_err(|source| AppError::Inbox {
             path: inbox_dir,
             source,
         })?;
+        let metrics_token = config
+            .metrics
+            .load_bearer_token()
+            .map_err(AppError::MetricsToken)?;
         let bot_user_id = ruma::OwnedUserId::try_from(config.bot_user_id())
             .map_err(|_| AppError::BotUserId(config.bot_user_id()))?;
         let metrics = Arc::new(Metrics::new());
@@ -218,6 +242,7 @@ impl App {
             ledger,
             clock,
             admin,
+            metrics_token,
         })
     }
 
@@ -274,6 +299,24 @@ impl App {
     /// The appservice API router, to serve or to drive in-process with `tower::ServiceExt`.
     pub fn router(&self) -> Router {
         router(self)
+    }
+
+    /// The router of the separate metrics listener (`metrics.listen`): `/metrics` only.
+    pub fn metrics_router(&self) -> Router {
+        crate::http::metrics_router(self.edge_state())
+    }
+
+    fn edge_state(&self) -> Arc<EdgeState> {
+        Arc::new(EdgeState {
+            hs_token: self.registration.hs_token.clone(),
+            legacy_query_auth: self.config.appservice.legacy_query_auth,
+            max_body_bytes: self.config.appservice.max_body_bytes,
+            inbox: self.inbox.clone(),
+            metrics: self.metrics.clone(),
+            ready: self.ready.clone(),
+            metrics_here: self.config.metrics.listen.is_none(),
+            metrics_token: self.metrics_token.clone(),
+        })
     }
 
     /// Starts the worker feeding stored transactions to `handler` until `shutdown` turns true.
@@ -337,14 +380,7 @@ impl App {
 /// The appservice API router for `app` (same as [`App::router`]), with the admin API.
 pub fn router(app: &App) -> Router {
     let admin = crate::admin::router(app.admin.clone());
-    let edge = crate::http::router(Arc::new(EdgeState {
-        hs_token: app.registration.hs_token.clone(),
-        legacy_query_auth: app.config.appservice.legacy_query_auth,
-        max_body_bytes: app.config.appservice.max_body_bytes,
-        inbox: app.inbox.clone(),
-        metrics: app.metrics.clone(),
-        ready: app.ready.clone(),
-    }));
+    let edge = crate::http::router(app.edge_state());
     edge.merge(admin)
 }
 
@@ -458,6 +494,15 @@ impl Worker {
             };
             self.metrics.set_inbox_depth(self.inbox.depth());
             if batch.is_empty() {
+                // Idle: failed transactions past their retention go (at most once a minute:
+                // a prune reads every failed entry).
+                match self.inbox.prune_failed_if_due().await {
+                    Ok(dropped) => self.failed_dropped(dropped),
+                    Err(error) => {
+                        self.metrics.error("inbox");
+                        tracing::error!(%error, "cannot delete old failed transactions");
+                    }
+                }
                 tokio::select! {
                     _ = self.inbox.wait_for_new() => {}
                     _ = shutdown.changed() => {}
@@ -475,6 +520,18 @@ impl Worker {
                     break;
                 }
             }
+        }
+    }
+
+    /// Counts and logs failed transactions deleted by their retention (never their content).
+    fn failed_dropped(&self, dropped: usize) {
+        if dropped > 0 {
+            self.metrics.inbox_failed_dropped(dropped);
+            tracing::info!(
+                dropped,
+                kept = self.inbox.failed_len(),
+                "deleted failed transactions past their retention (age or count)"
+            );
         }
     }
 
@@ -520,7 +577,10 @@ impl Worker {
             }
         };
         let marked = if failed {
-            self.inbox.mark_failed(txn.seq).await
+            self.inbox
+                .mark_failed(txn.seq)
+                .await
+                .map(|dropped| self.failed_dropped(dropped))
         } else {
             self.inbox.mark_processed(txn.seq).await
         };
@@ -580,11 +640,40 @@ const SHUTDOWN_GRACE_MS: u64 = 10_000;
 
 /// Runs `mxpay serve`: start-up checks, then serves until SIGINT/SIGTERM.
 pub async fn serve(config: Config) -> Result<(), AppError> {
+    // The pepper (readable, private, long enough) is checked before anything is opened or the
+    // homeserver is asked: a secret file open to others stops the start at once.
+    if config.payments.enabled {
+        config
+            .payments
+            .load_pepper()
+            .map_err(|e| AppError::Startup(e.to_string()))?;
+    }
     let registration = Registration::load_for(&config)?;
     let app = App::open(config, registration)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (addr, server) = start_server(&app, shutdown_rx.clone()).await?;
     tracing::info!(listen = %addr, "appservice API listening");
+    let metrics_server = match start_metrics_server(&app, shutdown_rx.clone()).await {
+        Ok(Some((metrics_addr, metrics_server))) => {
+            tracing::info!(listen = %metrics_addr, "/metrics listening");
+            Some(metrics_server)
+        }
+        Ok(None) => {
+            if !addr.ip().is_loopback() && app.metrics_token.is_none() {
+                tracing::warn!(
+                    listen = %addr,
+                    "/metrics (PIN failure counts) is served without a token on a \
+                     non-loopback address; set metrics.listen or metrics.bearer_token_file"
+                );
+            }
+            None
+        }
+        Err(error) => {
+            let _ = shutdown_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), server).await;
+            return Err(error);
+        }
+    };
 
     let checked = tokio::select! {
         checked = app.check_homeserver() => checked,
@@ -628,6 +717,9 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
     .await;
     tracing::debug!("worker stopped");
     let served = tokio::time::timeout(grace, server).await;
+    if let Some(metrics_server) = metrics_server {
+        let _ = tokio::time::timeout(grace, metrics_server).await;
+    }
     tracing::debug!("server stopped");
     if let Some(ended) = worker_died {
         let reason = match ended {
@@ -650,19 +742,39 @@ pub async fn start_server(
     app: &App,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), AppError> {
-    use axum::serve::ListenerExt as _;
     let addr = app.config.appservice.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
+    bind_and_serve(addr, app.router(), shutdown)
         .await
-        .map_err(|source| AppError::Listen { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| AppError::Listen { addr, source })?;
+        .map_err(|source| AppError::Listen { addr, source })
+}
+
+/// Binds `metrics.listen`, when set, and serves `/metrics` there until `shutdown` turns true.
+/// Returns the bound address (port 0 picks a free port).
+pub async fn start_metrics_server(
+    app: &App,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>, AppError> {
+    let Some(addr) = app.config.metrics.listen else {
+        return Ok(None);
+    };
+    bind_and_serve(addr, app.metrics_router(), shutdown)
+        .await
+        .map(Some)
+        .map_err(|source| AppError::MetricsListen { addr, source })
+}
+
+async fn bind_and_serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, JoinHandle<std::io::Result<()>>)> {
+    use axum::serve::ListenerExt as _;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
     // Small answers written in two sends otherwise wait for a delayed ACK (Nagle).
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let router = app.router();
     let mut shutdown = shutdown;
     let server = tokio::spawn(async move {
         // With the peer's address: the admin API limits refused calls per peer.
@@ -906,6 +1018,37 @@ mod tests {
             .expect("server stops on shutdown")
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn metrics_listen_serves_metrics_over_tcp_apart_from_the_appservice_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_in(dir.path());
+        config.appservice.listen = "127.0.0.1:0".parse().unwrap();
+        config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+        let registration = Registration::generate(&config);
+        let app = App::open(config, registration).unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let (addr, server) = start_server(&app, stopped.clone()).await.unwrap();
+        let (metrics_addr, metrics_server) = start_metrics_server(&app, stopped)
+            .await
+            .unwrap()
+            .expect("metrics.listen is set");
+        assert_ne!(addr, metrics_addr);
+        let http = reqwest::Client::new();
+        let get = |addr: SocketAddr| http.get(format!("http://{addr}/metrics")).send();
+        let metrics = get(metrics_addr).await.unwrap();
+        assert_eq!(metrics.status(), 200);
+        assert!(metrics.text().await.unwrap().contains("mxpay_inbox_depth"));
+        assert_eq!(get(addr).await.unwrap().status(), 404);
+        stop.send(true).unwrap();
+        for server in [server, metrics_server] {
+            tokio::time::timeout(Duration::from_secs(20), server)
+                .await
+                .expect("server stops on shutdown")
+                .unwrap()
+                .unwrap();
+        }
     }
 
     mod startup {

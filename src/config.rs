@@ -130,6 +130,63 @@ pub struct Config {
     /// The admin API: token key, funding providers (`docs/admin-api.md`). Off by default.
     #[serde(default)]
     pub admin: crate::admin::AdminSettings,
+    /// Where `/metrics` is served and whether it needs a token.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics:` section. `/metrics` counts wrong PINs and lockouts per run, which tells whoever
+/// reads it when someone is guessing: keep it to the scraper.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A separate address serving `/metrics` only; when set, `appservice.listen` no longer
+    /// serves it. Default none: `/metrics` is on `appservice.listen`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// A file holding a token scrapers must send as `Authorization: Bearer <token>` (mode 0600
+    /// or stricter, like every secret file). Default none: no token asked.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+/// Largest metrics token file read, in bytes.
+pub const METRICS_TOKEN_FILE_BYTES_MAX: u64 = 4096;
+
+impl MetricsConfig {
+    /// Reads the bearer token, if one is configured: a private file (see
+    /// [`crate::private_fs`]) holding a non-empty token; surrounding whitespace is trimmed.
+    pub fn load_bearer_token(&self) -> Result<Option<crate::registration::Secret>, ConfigError> {
+        let Some(path) = &self.bearer_token_file else {
+            return Ok(None);
+        };
+        let refused = |reason: String| invalid("metrics.bearer_token_file", reason);
+        let cannot_read =
+            |e: std::io::Error| refused(format!("cannot read {}: {e}", path.display()));
+        let file = std::fs::File::open(path).map_err(cannot_read)?;
+        crate::private_fs::check_private_file(&file, path).map_err(|e| refused(e.to_string()))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, METRICS_TOKEN_FILE_BYTES_MAX + 1),
+            &mut bytes,
+        )
+        .map_err(cannot_read)?;
+        if bytes.len() as u64 > METRICS_TOKEN_FILE_BYTES_MAX {
+            return Err(refused(format!(
+                "{} is larger than {METRICS_TOKEN_FILE_BYTES_MAX} bytes",
+                path.display()
+            )));
+        }
+        let token = std::str::from_utf8(bytes.trim_ascii())
+            .map_err(|_| refused(format!("{} does not hold UTF-8 text", path.display())))?;
+        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(refused(format!(
+                "{} must hold one token without spaces",
+                path.display()
+            )));
+        }
+        Ok(Some(crate::registration::Secret::new(token)))
+    }
 }
 
 /// `homeserver:` section.
@@ -245,6 +302,7 @@ impl Default for Config {
             logging: LoggingConfig::default(),
             payments: crate::payments::PaymentsSettings::default(),
             admin: crate::admin::AdminSettings::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -328,7 +386,11 @@ impl Config {
     pub fn resolve_paths(&mut self, base: &Path) {
         self.payments.resolve_paths(base);
         self.admin.resolve_paths(base);
-        for path in [&mut self.data_dir, &mut self.appservice.registration] {
+        let metrics_token = self.metrics.bearer_token_file.as_mut();
+        for path in [&mut self.data_dir, &mut self.appservice.registration]
+            .into_iter()
+            .chain(metrics_token)
+        {
             if path.is_relative() {
                 let joined = base.join(&*path);
                 // `./data` joined to `/etc/mxpay` reads better as `/etc/mxpay/data`.
@@ -403,6 +465,22 @@ impl Config {
         }
         if self.appservice.registration.as_os_str().is_empty() {
             return Err(invalid("appservice.registration", "must not be empty"));
+        }
+        if self
+            .metrics
+            .bearer_token_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("metrics.bearer_token_file", "must not be empty"));
+        }
+        // Port 0 (tests) picks a free port for each, so the two cannot collide.
+        if self.metrics.listen == Some(self.appservice.listen) && self.appservice.listen.port() != 0
+        {
+            return Err(invalid(
+                "metrics.listen",
+                "must differ from appservice.listen (leave it out to serve /metrics there)",
+            ));
         }
         if let Err(e) = self.logging.level.parse::<tracing_subscriber::EnvFilter>() {
             return Err(invalid(
@@ -556,6 +634,11 @@ mod tests {
                 "payments: {stepup_timeout_ms: 0}",
                 "`payments.stepup_timeout_ms`: must be between",
             ),
+            // PSD2: an authentication code lives at most 5 minutes.
+            (
+                "payments: {stepup_timeout_ms: 600000}",
+                "`payments.stepup_timeout_ms`: must be between 1000 and 300000",
+            ),
             (
                 "payments: {pin_dialog_timeout_ms: 99999999}",
                 "`payments.pin_dialog_timeout_ms`: must be between",
@@ -706,6 +789,8 @@ mod tests {
         full.ledger.currencies[0].max_transfer = Some(rust_decimal::Decimal::ONE);
         full.ledger.currencies[0].max_per_24h = Some(rust_decimal::Decimal::TWO);
         full.payments.pepper_file = Some(PathBuf::from("pepper"));
+        full.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], 9330)));
+        full.metrics.bearer_token_file = Some(PathBuf::from("metrics.token"));
         full.admin.token = Some(TokenKeySettings {
             algorithm: TokenAlgorithm::EdDsa,
             secret: Some(SecretSource::env("A")),

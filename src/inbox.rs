@@ -4,12 +4,18 @@
 //! transaction that was acknowledged is on disk. A worker takes pending transactions in
 //! arrival order ([`Inbox::pending`]) and marks each processed or failed; a transaction id seen
 //! once is never stored or processed again, also after a restart.
+//!
+//! A failed transaction is kept for an admin to inspect, but not for ever: its raw body may
+//! hold a PIN typed in plain text, so failed transactions are deleted
+//! [`FailedRetention::keep_ms`] after they failed, and beyond the newest
+//! [`FailedRetention::keep_max`].
 
 use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::clock::{SharedClock, SystemClock};
 use crate::store::{InboxStore, Inserted, StoreError, StoredEntry};
 
 /// Longest accepted transaction id, in bytes (ids are path segments; Synapse's are decimal).
@@ -61,6 +67,31 @@ impl std::fmt::Debug for InboxTransaction {
     }
 }
 
+/// How long, and how many, failed transactions are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailedRetention {
+    /// A failed transaction is deleted this long after it failed.
+    pub keep_ms: u64,
+    /// At most this many are kept; the oldest go first.
+    pub keep_max: usize,
+}
+
+impl Default for FailedRetention {
+    /// 7 days (time to notice and look) and 1,000 transactions (at 10 MiB each, a bounded
+    /// 10 GiB worst case; real ones are a few KiB).
+    fn default() -> Self {
+        Self {
+            keep_ms: 7 * 24 * 3_600_000,
+            keep_max: 1_000,
+        }
+    }
+}
+
+/// Least time between two time-based prunes of the failed list by an idle worker
+/// ([`Inbox::prune_failed_if_due`]): a prune reads every failed entry, and retention is counted
+/// in days.
+pub const FAILED_PRUNE_INTERVAL_MS: u64 = 60_000;
+
 /// Outcome of [`Inbox::accept`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -71,18 +102,44 @@ pub enum Accepted {
 }
 
 /// The inbox. Clones share the database and the wake-up signal.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Inbox {
     store: InboxStore,
     wake: Arc<Notify>,
+    clock: SharedClock,
+    retention: FailedRetention,
+    /// When the failed list was last pruned (ms since the epoch; 0: not yet).
+    pruned_at_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("store", &self.store)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inbox {
-    /// Opens (or creates) the inbox database in `dir` (`<data_dir>/inbox`).
+    /// Opens (or creates) the inbox database in `dir` (`<data_dir>/inbox`), on the system
+    /// clock with the default [`FailedRetention`].
     pub fn open(dir: &Path) -> Result<Self, InboxError> {
+        Self::open_with(dir, Arc::new(SystemClock), FailedRetention::default())
+    }
+
+    /// [`Inbox::open`] with the clock that dates failures and their retention.
+    pub fn open_with(
+        dir: &Path,
+        clock: SharedClock,
+        retention: FailedRetention,
+    ) -> Result<Self, InboxError> {
         Ok(Self {
             store: InboxStore::open(dir)?,
             wake: Arc::new(Notify::new()),
+            clock,
+            retention,
+            pruned_at_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         })
     }
 
@@ -129,9 +186,41 @@ impl Inbox {
         Ok(self.store.remove_pending(seq).await?)
     }
 
-    /// Marks a transaction failed for good: it leaves the queue and is kept for inspection.
-    pub async fn mark_failed(&self, seq: u64) -> Result<(), InboxError> {
-        Ok(self.store.move_to_failed(seq).await?)
+    /// Marks a transaction failed for good: it leaves the queue and is kept for inspection,
+    /// within the [`FailedRetention`]. Returns how many older failed transactions it pushed
+    /// out (see [`Inbox::prune_failed`]).
+    pub async fn mark_failed(&self, seq: u64) -> Result<usize, InboxError> {
+        self.store.move_to_failed(seq, self.clock.now_ms()).await?;
+        self.prune_failed().await
+    }
+
+    /// [`Inbox::prune_failed`] if the last prune was [`FAILED_PRUNE_INTERVAL_MS`] ago or more
+    /// (or never happened); else nothing. For an idle loop.
+    pub async fn prune_failed_if_due(&self) -> Result<usize, InboxError> {
+        let now_ms = self.clock.now_ms();
+        let last_ms = self.pruned_at_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if last_ms != 0 && now_ms.saturating_sub(last_ms) < FAILED_PRUNE_INTERVAL_MS {
+            return Ok(0);
+        }
+        self.prune_failed().await
+    }
+
+    /// Deletes failed transactions older than [`FailedRetention::keep_ms`] and beyond the
+    /// newest [`FailedRetention::keep_max`]; returns how many.
+    pub async fn prune_failed(&self) -> Result<usize, InboxError> {
+        let now_ms = self.clock.now_ms();
+        self.pruned_at_ms
+            .store(now_ms.max(1), std::sync::atomic::Ordering::SeqCst);
+        let cutoff_ms = now_ms.saturating_sub(self.retention.keep_ms);
+        Ok(self
+            .store
+            .prune_failed(cutoff_ms, self.retention.keep_max)
+            .await?)
+    }
+
+    /// Number of failed transactions kept.
+    pub fn failed_len(&self) -> usize {
+        self.store.failed_len()
     }
 
     /// Number of unprocessed transactions.
@@ -315,5 +404,63 @@ mod tests {
         inbox.mark_failed(pending[1].seq).await.unwrap();
         assert_eq!(inbox.depth(), 0);
         assert_eq!(inbox.failed(10).unwrap()[0].txn_id, "2");
+    }
+
+    /// Failed transactions (raw bodies that may hold a plaintext PIN) are deleted once older
+    /// than the retention and beyond its count; their ids stay known, so a replay is still
+    /// a no-op.
+    #[tokio::test]
+    async fn failed_transactions_are_kept_for_a_bounded_time_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = crate::clock::ManualClock::new(1_000_000);
+        let retention = FailedRetention {
+            keep_ms: 60_000,
+            keep_max: 2,
+        };
+        let inbox = Inbox::open_with(dir.path(), Arc::new(clock.clone()), retention).unwrap();
+        let fail = |id: &'static str| {
+            let inbox = inbox.clone();
+            async move {
+                let Accepted::New(seq) = inbox
+                    .accept(id, br#"{"events":[{"content":{"body":"4821"}}]}"#)
+                    .await
+                    .unwrap()
+                else {
+                    panic!("new")
+                };
+                inbox.mark_failed(seq).await.unwrap()
+            }
+        };
+        assert_eq!(fail("1").await, 0);
+        clock.advance_ms(10_000);
+        assert_eq!(fail("2").await, 0);
+        assert_eq!(fail("3").await, 1, "the count bound pushes out the oldest");
+        let ids = |inbox: &Inbox| -> Vec<String> {
+            inbox
+                .failed(10)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.txn_id)
+                .collect()
+        };
+        assert_eq!(ids(&inbox), ["2", "3"]);
+        assert_eq!(inbox.prune_failed().await.unwrap(), 0, "not old yet");
+        clock.advance_ms(59_999);
+        assert_eq!(inbox.prune_failed_if_due().await.unwrap(), 0, "not due yet");
+        clock.advance_ms(1);
+        assert_eq!(
+            inbox.prune_failed_if_due().await.unwrap(),
+            2,
+            "past the retention, and due"
+        );
+        assert_eq!(inbox.failed_len(), 0);
+        assert!(
+            inbox.contains("1").unwrap(),
+            "ids stay known: a replay is still a no-op"
+        );
+        assert_eq!(
+            inbox.accept("1", br#"{"events":[]}"#).await.unwrap(),
+            Accepted::Duplicate
+        );
     }
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod payments;
 pub mod policy;
+pub mod private_fs;
 pub mod registration;
 pub mod sled_open;
 pub mod store;

@@ -73,6 +73,7 @@ pub struct Metrics {
     events: Family<EventLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     inbox_depth: Gauge,
+    inbox_failed_dropped: Counter,
     handler_duration_seconds: Histogram,
     event_types_seen: Mutex<HashSet<String>>,
     payments: Family<PaymentLabels, Counter>,
@@ -124,6 +125,12 @@ impl Metrics {
             "inbox_depth",
             "Transactions stored but not yet processed",
             inbox_depth.clone(),
+        );
+        let inbox_failed_dropped = Counter::default();
+        registry.register(
+            "inbox_failed_dropped",
+            "Failed transactions deleted after their retention (time or count)",
+            inbox_failed_dropped.clone(),
         );
         // 1 ms .. about 16 s.
         let handler_duration_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
@@ -210,6 +217,7 @@ impl Metrics {
             events,
             errors,
             inbox_depth,
+            inbox_failed_dropped,
             handler_duration_seconds,
             event_types_seen: Mutex::new(HashSet::new()),
             payments,
@@ -338,6 +346,12 @@ impl Metrics {
     pub fn set_inbox_depth(&self, depth: usize) {
         self.inbox_depth
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// Counts failed transactions deleted by their retention.
+    pub fn inbox_failed_dropped(&self, count: usize) {
+        self.inbox_failed_dropped
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     /// Records one handler run.

@@ -197,8 +197,18 @@ impl SecretSource {
         }
     }
 
-    /// Reads the secret; errors name `key` and where it was looked for, never its value.
+    /// Reads the secret; errors name `key` and where it was looked for, never its value. A
+    /// file open to group or others is refused (see [`crate::private_fs`]).
     pub fn load(&self, key: &str) -> Result<Vec<u8>, SettingsError> {
+        self.load_checked(key, true)
+    }
+
+    /// Reads a public key: like [`SecretSource::load`], but its file may be world-readable.
+    pub fn load_public(&self, key: &str) -> Result<Vec<u8>, SettingsError> {
+        self.load_checked(key, false)
+    }
+
+    fn load_checked(&self, key: &str, private: bool) -> Result<Vec<u8>, SettingsError> {
         self.validate(key)?;
         let raw = if let Some(path) = &self.file {
             let file = std::fs::File::open(path).map_err(|e| {
@@ -207,6 +217,10 @@ impl SecretSource {
                     format!("cannot read {}: {e}", path.display()),
                 )
             })?;
+            if private {
+                crate::private_fs::check_private_file(&file, path)
+                    .map_err(|e| invalid(format!("{key}.file"), e.to_string()))?;
+            }
             let mut bytes = Vec::new();
             use std::io::Read as _;
             file.take(SECRET_FILE_BYTES_MAX + 1)
@@ -356,7 +370,7 @@ impl AdminSettings {
                     .public_key
                     .as_ref()
                     .expect("validated")
-                    .load("admin.token.public_key")?,
+                    .load_public("admin.token.public_key")?,
                 private_pem: match (&token.private_key, with_private) {
                     (Some(source), true) => Some(source.load("admin.token.private_key")?),
                     _ => None,
@@ -505,6 +519,7 @@ mod tests {
             "0123456789abcdef0123456789abcdef\n",
         )
         .unwrap();
+        set_mode(&dir.path().join("jwt.key"), 0o600);
         let mut s = parse(
             "token: {algorithm: HS256, secret: {file: jwt.key}}\n\
              providers: [{name: acme, secret: {env: MXPAY_TEST_SETTINGS_ACME}}]",
@@ -543,5 +558,47 @@ mod tests {
             .to_string();
         assert!(missing.contains("admin.token.secret.file"), "{missing}");
         assert!(!format!("{:?}", SecretSource::env("X")).contains("whsec"));
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        #[cfg(not(unix))]
+        let _ = (path, mode);
+    }
+
+    /// As ssh with a private key: a token key file group or others can read is refused with a
+    /// sentence naming the key, the file and the fix; a public key may be world-readable.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_open_to_others_is_refused_but_a_public_key_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("jwt.key");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        set_mode(&key, 0o644);
+        let mut s = parse("token: {algorithm: HS256, secret: {file: jwt.key}}");
+        s.resolve_paths(dir.path());
+        let message = s.load_token_key(false).unwrap_err().to_string();
+        assert!(
+            message.contains("`admin.token.secret.file`")
+                && message.contains(&format!("chmod 600 {}", key.display())),
+            "{message}"
+        );
+        assert!(!message.contains("0123456789abcdef"), "{message}");
+        set_mode(&key, 0o600);
+        s.load_token_key(false).unwrap();
+
+        let public = dir.path().join("public.pem");
+        std::fs::write(&public, "-----BEGIN PUBLIC KEY-----\n").unwrap();
+        set_mode(&public, 0o644);
+        assert!(SecretSource::file(&public)
+            .load_public("admin.token.public_key")
+            .is_ok());
+        assert!(SecretSource::file(&public)
+            .load("admin.token.private_key")
+            .is_err());
     }
 }

@@ -197,6 +197,14 @@ pub fn run(args: DevArgs) -> Result<(), DevError> {
     if !pepper_path.exists() {
         write_secret(&pepper_path, &random_hex_secret())?;
     }
+    // mxpay refuses a pepper others can read; one written by an older `mxpay dev` (before the
+    // umask was set) would stop the start.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&pepper_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(&pepper_path))?;
+    }
     let mxpay = std::env::current_exe().map_err(io_err(Path::new("mxpay")))?;
     if !registration_path.exists() {
         run_checked(

@@ -67,6 +67,8 @@ pub enum LedgerCommand {
 
 /// Runs the parsed command; the process exit code is derived from the result.
 pub fn run(cli: Cli) -> anyhow_like::Result {
+    // Before any file is created: data_dir, logs of children and keys stay owner-only.
+    crate::private_fs::restrict_umask();
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::GenerateRegistration(args) => registration::run(args),

@@ -13,6 +13,12 @@ pub enum EdgeError {
     /// Wrong hs_token.
     #[error("invalid hs_token")]
     BadToken,
+    /// `/metrics` without the metrics token (`metrics.bearer_token_file`).
+    #[error("missing metrics token")]
+    MissingMetricsToken,
+    /// `/metrics` with a wrong metrics token.
+    #[error("invalid metrics token")]
+    BadMetricsToken,
     /// Body over `appservice.max_body_bytes`.
     #[error("request body too large")]
     TooLarge,
@@ -46,8 +52,10 @@ impl EdgeError {
     /// HTTP status and Matrix errcode.
     pub fn status_and_code(self) -> (StatusCode, &'static str) {
         match self {
-            Self::MissingToken => (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
-            Self::BadToken => (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+            Self::MissingToken | Self::MissingMetricsToken => {
+                (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED")
+            }
+            Self::BadToken | Self::BadMetricsToken => (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
             Self::NotJson => (StatusCode::BAD_REQUEST, "M_NOT_JSON"),
             Self::BadJson(_) => (StatusCode::BAD_REQUEST, "M_BAD_JSON"),

@@ -40,6 +40,10 @@ pub struct EdgeState {
     pub metrics: Arc<Metrics>,
     /// Whether the last homeserver ping succeeded (`/ready`).
     pub ready: Arc<AtomicBool>,
+    /// Whether this router serves `/metrics` (false when `metrics.listen` serves it).
+    pub metrics_here: bool,
+    /// The token `/metrics` asks for (`metrics.bearer_token_file`); `None`: none asked.
+    pub metrics_token: Option<Secret>,
 }
 
 /// The edge's routes. Unknown paths get 404 `M_UNRECOGNIZED`, known paths with a wrong method
@@ -57,17 +61,37 @@ pub fn router(state: Arc<EdgeState>) -> Router {
             state.clone(),
             require_hs_token,
         ));
-    Router::new()
+    let mut router = Router::new()
         .merge(appservice_api)
         .route("/health", get(health))
         .route("/ready", get(ready))
         // mautrix bridges' names for the same probes, which admins' monitoring already knows.
         .route("/_matrix/mau/live", get(health))
-        .route("/_matrix/mau/ready", get(ready))
+        .route("/_matrix/mau/ready", get(ready));
+    if state.metrics_here {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
+        .fallback(|| async { EdgeError::Unrecognized })
+        .method_not_allowed_fallback(|| async { EdgeError::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// The router of the separate metrics listener (`metrics.listen`): `/metrics` only.
+pub fn metrics_router(state: Arc<EdgeState>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .fallback(|| async { EdgeError::Unrecognized })
         .method_not_allowed_fallback(|| async { EdgeError::MethodNotAllowed })
         .with_state(state)
+}
+
+/// Whether `presented` equals `expected`, in time independent of where they differ.
+fn same_token(presented: &str, expected: &Secret) -> bool {
+    // Hash both sides so the comparison takes the same time whatever the lengths.
+    let presented = Sha256::digest(presented.as_bytes());
+    let expected = Sha256::digest(expected.expose().as_bytes());
+    bool::from(presented.ct_eq(&expected))
 }
 
 /// Checks the hs_token: `Authorization: Bearer`, or `?access_token=` when legacy auth is on.
@@ -80,10 +104,7 @@ async fn require_hs_token(
         state.metrics.error("http_auth");
         return EdgeError::MissingToken.into_response();
     };
-    // Hash both sides so the comparison takes the same time whatever the lengths.
-    let presented = Sha256::digest(token.as_bytes());
-    let expected = Sha256::digest(state.hs_token.expose().as_bytes());
-    if !bool::from(presented.ct_eq(&expected)) {
+    if !same_token(&token, &state.hs_token) {
         state.metrics.error("http_auth");
         tracing::warn!(
             path = request.uri().path(),
@@ -216,8 +237,25 @@ async fn ready(State(state): State<Arc<EdgeState>>) -> Response {
     }
 }
 
-/// `GET /metrics`: OpenMetrics text.
-async fn metrics(State(state): State<Arc<EdgeState>>) -> Response {
+/// `GET /metrics`: OpenMetrics text; with `metrics.bearer_token_file`, only for
+/// `Authorization: Bearer <token>` (401 without, 403 with a wrong one).
+async fn metrics(State(state): State<Arc<EdgeState>>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &state.metrics_token {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        let Some(presented) = presented else {
+            state.metrics.error("metrics_auth");
+            return EdgeError::MissingMetricsToken.into_response();
+        };
+        if !same_token(presented, expected) {
+            state.metrics.error("metrics_auth");
+            return EdgeError::BadMetricsToken.into_response();
+        }
+    }
     state.metrics.set_inbox_depth(state.inbox.depth());
     (
         [(

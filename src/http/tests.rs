@@ -415,3 +415,100 @@ async fn error_answers_leak_no_internals() {
     assert!(!a.text.contains(dir.path().to_str().unwrap()));
     assert_eq!(a.json().as_object().unwrap().len(), 2, "{}", a.text);
 }
+
+/// An app over `dir` with `metrics_yaml` as its `metrics:` section (a token file, if named,
+/// is written 0600 in `dir` as `metrics.token` holding `scrape-token-1`).
+fn metrics_app(dir: &std::path::Path, metrics_yaml: &str) -> App {
+    let token = dir.join("metrics.token");
+    std::fs::write(&token, "scrape-token-1\n").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut config = Config::from_yaml(&format!("metrics: {metrics_yaml}")).unwrap();
+    config.resolve_paths(dir);
+    config.data_dir = dir.join("data");
+    let registration = Registration::generate(&config);
+    App::open(config, registration).unwrap()
+}
+
+/// `/metrics` tells PIN failure counts: with `metrics.bearer_token_file` it answers only to
+/// that token (401 without, 403 with another one, the hs_token included).
+#[tokio::test]
+async fn metrics_with_a_token_file_answer_only_to_that_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = metrics_app(dir.path(), "{bearer_token_file: metrics.token}");
+    app.metrics().pin_failure();
+    let router = app.router();
+    let get = |token: Option<&str>| {
+        let mut builder = Request::get("/metrics");
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        builder.body(Body::empty()).unwrap()
+    };
+    let missing = call(&router, get(None)).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.errcode(), "M_UNAUTHORIZED");
+    assert!(!missing.text.contains("pin_failures"), "{}", missing.text);
+    let hs_token = app.registration().hs_token.expose().to_owned();
+    for wrong in ["scrape-token-2", "scrape-token-1x", hs_token.as_str()] {
+        let refused = call(&router, get(Some(wrong))).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{wrong}");
+        assert!(!refused.text.contains("pin_failures"), "{}", refused.text);
+    }
+    let ok = call(&router, get(Some("scrape-token-1"))).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert!(
+        ok.text.contains("mxpay_pin_failures_total 1"),
+        "{}",
+        ok.text
+    );
+    // The other operations endpoints stay open (health checks carry no token).
+    let health = call(
+        &router,
+        Request::get("/health").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(health.status, StatusCode::OK);
+}
+
+/// With `metrics.listen`, `/metrics` moves to its own router and the appservice listener no
+/// longer serves it.
+#[tokio::test]
+async fn metrics_listen_moves_metrics_off_the_appservice_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = metrics_app(dir.path(), "{listen: '127.0.0.1:0'}");
+    let get = |uri: &'static str| Request::get(uri).body(Body::empty()).unwrap();
+    let edge = call(&app.router(), get("/metrics")).await;
+    assert_eq!(edge.status, StatusCode::NOT_FOUND);
+    assert!(!edge.text.contains("mxpay_"), "{}", edge.text);
+    let metrics = call(&app.metrics_router(), get("/metrics")).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(metrics.text.contains("mxpay_pin_failures_total"));
+    let elsewhere = call(&app.metrics_router(), get("/health")).await;
+    assert_eq!(elsewhere.status, StatusCode::NOT_FOUND);
+}
+
+/// A token file others can read stops start-up, naming the key and the fix.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_metrics_token_file_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("metrics.token");
+    std::fs::write(&token, "scrape-token-1\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut config = Config::from_yaml("metrics: {bearer_token_file: metrics.token}").unwrap();
+    config.resolve_paths(dir.path());
+    config.data_dir = dir.path().join("data");
+    let registration = Registration::generate(&config);
+    let message = App::open(config, registration).unwrap_err().to_string();
+    assert!(
+        message.contains("`metrics.bearer_token_file`")
+            && message.contains(&format!("chmod 600 {}", token.display())),
+        "{message}"
+    );
+    assert!(!message.contains("scrape-token-1"), "{message}");
+}

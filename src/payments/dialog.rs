@@ -68,6 +68,15 @@ impl Payments {
         let expires_at_ms = now_ms + self.settings.pin_dialog_timeout_ms;
         match dialog {
             Dialog::NewPin { change, .. } => {
+                if let Err(too_easy) = pin.check_choosable() {
+                    // The dialog stays open for another PIN.
+                    let next = Dialog::NewPin {
+                        expires_at_ms,
+                        change,
+                    };
+                    let sentence = pin_error_sentence(&too_easy);
+                    return self.dialog_step(event, Some(&next), &sentence).await;
+                }
                 let hash = self.hash(pin).await?;
                 let next = Dialog::ConfirmPin {
                     expires_at_ms,

@@ -14,6 +14,12 @@ pub const PEPPER_ENV: &str = "MXPAY_PIN_PEPPER";
 /// Default time a payer has to confirm with their PIN: 2 minutes.
 pub const STEPUP_TIMEOUT_MS_DEFAULT: u64 = 120_000;
 
+/// Longest time a payer may be given to confirm with their PIN: 5 minutes. PSD2's strong
+/// customer authentication (RTS 2018/389, art. 4(3)(d)) lets an authentication code live at
+/// most 5 minutes; a longer window also widens the time a stolen session can ride on a
+/// waiting payment.
+pub const STEPUP_TIMEOUT_MS_MAX: u64 = 300_000;
+
 /// Default time the bot waits for a PIN during `!pin set` / `!pin change`: 5 minutes.
 pub const PIN_DIALOG_TIMEOUT_MS_DEFAULT: u64 = 300_000;
 
@@ -53,6 +59,9 @@ pub enum SettingsError {
         /// Why.
         source: std::io::Error,
     },
+    /// The pepper file lets group or others in.
+    #[error("the PIN pepper file (payments.pepper_file) is not private: {0}")]
+    PepperNotPrivate(crate::private_fs::PrivateFsError),
     /// The pepper is shorter than 32 bytes.
     #[error("the PIN pepper from {0} is shorter than 32 bytes")]
     PepperShort(String),
@@ -137,7 +146,7 @@ impl PaymentsSettings {
                 "stepup_timeout_ms",
                 self.stepup_timeout_ms,
                 1_000,
-                3_600_000,
+                STEPUP_TIMEOUT_MS_MAX,
             ),
             (
                 "pin_dialog_timeout_ms",
@@ -209,10 +218,15 @@ impl PaymentsSettings {
                     .pepper_file
                     .as_ref()
                     .ok_or(SettingsError::PepperMissing)?;
-                let raw = std::fs::read(path).map_err(|source| SettingsError::PepperRead {
+                let read_err = |source| SettingsError::PepperRead {
                     path: path.clone(),
                     source,
-                })?;
+                };
+                let mut file = std::fs::File::open(path).map_err(read_err)?;
+                crate::private_fs::check_private_file(&file, path)
+                    .map_err(SettingsError::PepperNotPrivate)?;
+                let mut raw = Vec::new();
+                std::io::Read::read_to_end(&mut file, &mut raw).map_err(read_err)?;
                 (trim_ascii(&raw).to_vec(), path.display().to_string())
             }
         };
@@ -263,12 +277,36 @@ mod tests {
             .contains("payments.pending_per_user_max"));
     }
 
+    /// PSD2: a PIN confirms a payment within 5 minutes at most.
+    #[test]
+    fn stepup_timeout_is_at_most_five_minutes() {
+        let at_most = PaymentsSettings {
+            stepup_timeout_ms: 300_000,
+            ..PaymentsSettings::default()
+        };
+        assert!(at_most.validate().is_ok());
+        let longer = PaymentsSettings {
+            stepup_timeout_ms: 300_001,
+            ..PaymentsSettings::default()
+        };
+        let message = longer.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("`payments.stepup_timeout_ms`") && message.contains("300000"),
+            "{message}"
+        );
+    }
+
     #[test]
     fn pepper_file_is_read_trimmed_and_never_shown() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pepper");
         let secret = "0123456789abcdef0123456789abcdef0123";
         std::fs::write(&path, format!("{secret}\n")).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let settings = PaymentsSettings {
             pepper_file: Some(path.clone()),
             ..PaymentsSettings::default()
@@ -279,6 +317,20 @@ mod tests {
             std::fs::write(&path, "short").unwrap();
             let error = settings.load_pepper().unwrap_err().to_string();
             assert!(error.contains("shorter than 32 bytes") && !error.contains("short\""));
+        }
+        #[cfg(unix)]
+        if std::env::var(PEPPER_ENV).is_err() {
+            // As ssh with a private key: a pepper file others can read is refused, naming it.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::write(&path, format!("{secret}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let error = settings.load_pepper().unwrap_err().to_string();
+            assert!(
+                error.contains("payments.pepper_file")
+                    && error.contains(&format!("chmod 600 {}", path.display())),
+                "{error}"
+            );
+            assert!(!error.contains(secret), "{error}");
         }
         let missing = PaymentsSettings::default();
         if std::env::var(PEPPER_ENV).is_err() {

@@ -6,7 +6,10 @@
 //!   transaction ever stored: it is what makes a replayed id a no-op, across restarts.
 //! - `seq_pending`: sequence number -> entry (id + body), removed once processed.
 //! - `seq_failed`: sequence number -> entry, for transactions whose processing failed for good
-//!   (kept for an admin to inspect).
+//!   (kept for an admin to inspect, for a bounded time and count: see
+//!   [`InboxStore::prune_failed`]).
+//! - `seq_failedms`: sequence number -> when it was moved to `seq_failed` (ms since the epoch,
+//!   u64 big-endian). Entries failed before this tree existed have none and count as oldest.
 
 use std::path::Path;
 
@@ -18,6 +21,7 @@ use super::StoreError;
 const TXNID_SEQ: &str = "txnid_seq";
 const SEQ_PENDING: &str = "seq_pending";
 const SEQ_FAILED: &str = "seq_failed";
+const SEQ_FAILEDMS: &str = "seq_failedms";
 
 /// Outcome of [`InboxStore::insert`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +50,7 @@ pub struct InboxStore {
     txnid_seq: sled::Tree,
     seq_pending: sled::Tree,
     seq_failed: sled::Tree,
+    seq_failedms: sled::Tree,
 }
 
 impl std::fmt::Debug for InboxStore {
@@ -69,6 +74,7 @@ impl InboxStore {
             txnid_seq: db.open_tree(TXNID_SEQ).map_err(open_err)?,
             seq_pending: db.open_tree(SEQ_PENDING).map_err(open_err)?,
             seq_failed: db.open_tree(SEQ_FAILED).map_err(open_err)?,
+            seq_failedms: db.open_tree(SEQ_FAILEDMS).map_err(open_err)?,
             db,
         })
     }
@@ -152,13 +158,20 @@ impl InboxStore {
         self.flush().await
     }
 
-    /// Moves a pending entry to the failed tree. Flushed before returning.
-    pub async fn move_to_failed(&self, seq: u64) -> Result<(), StoreError> {
+    /// Number of failed entries kept.
+    pub fn failed_len(&self) -> usize {
+        self.seq_failed.len()
+    }
+
+    /// Moves a pending entry to the failed tree, noting `now_ms` as its failure time. Flushed
+    /// before returning.
+    pub async fn move_to_failed(&self, seq: u64, now_ms: u64) -> Result<(), StoreError> {
         let key = seq.to_be_bytes();
-        (&self.seq_pending, &self.seq_failed)
-            .transaction(|(pending, failed)| {
+        (&self.seq_pending, &self.seq_failed, &self.seq_failedms)
+            .transaction(|(pending, failed, failed_ms)| {
                 if let Some(value) = pending.remove(&key)? {
                     failed.insert(&key, value)?;
+                    failed_ms.insert(&key, &now_ms.to_be_bytes())?;
                 }
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
@@ -167,6 +180,44 @@ impl InboxStore {
                 TransactionError::Storage(e) => e.into(),
             })?;
         self.flush().await
+    }
+
+    /// Deletes failed entries that failed at or before `cutoff_ms` (those without a failure
+    /// time too), then the oldest beyond the newest `keep_max`. Returns how many were deleted;
+    /// flushed before returning when any were. Reads at most every failed entry's time, which
+    /// `keep_max` bounds after the first call.
+    pub async fn prune_failed(&self, cutoff_ms: u64, keep_max: usize) -> Result<usize, StoreError> {
+        let mut doomed = Vec::new();
+        let len = self.seq_failed.len();
+        for (index, item) in self.seq_failed.iter().keys().enumerate() {
+            let key = item?;
+            let failed_ms = match self.seq_failedms.get(&key)? {
+                Some(bytes) => decode_seq(&bytes).ok_or(StoreError::Corrupt {
+                    tree: SEQ_FAILEDMS,
+                    reason: "failure time is not 8 bytes",
+                })?,
+                None => 0,
+            };
+            // Oldest first: the first `len - keep_max` are over the count bound.
+            if failed_ms <= cutoff_ms || index < len.saturating_sub(keep_max) {
+                doomed.push(key);
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let mut failed = sled::Batch::default();
+        let mut failed_ms = sled::Batch::default();
+        for key in &doomed {
+            failed.remove(key.clone());
+            failed_ms.remove(key.clone());
+        }
+        // Two batches, not a transaction: a crash between them leaves times without entries,
+        // which nothing reads (and the next prune of an entry removes its time anyway).
+        self.seq_failed.apply_batch(failed)?;
+        self.seq_failedms.apply_batch(failed_ms)?;
+        self.flush().await?;
+        Ok(doomed.len())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -264,8 +315,38 @@ mod tests {
         };
         assert!(c > pending[0].seq, "sequence keeps growing after reopen");
         assert_eq!(store.pending(Some(pending[0].seq), 10).unwrap()[0].seq, c);
-        store.move_to_failed(c).await.unwrap();
+        store.move_to_failed(c, 1_000).await.unwrap();
         assert_eq!(store.failed(10).unwrap()[0].key, b"c");
         assert_eq!(store.pending_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn failed_entries_are_pruned_by_age_then_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = InboxStore::open(dir.path()).unwrap();
+        let mut seqs = Vec::new();
+        for (key, failed_ms) in [(b"a", 100), (b"b", 200), (b"c", 300), (b"d", 400)] {
+            let Inserted::New(seq) = store.insert(key, b"{}").await.unwrap() else {
+                panic!("new key")
+            };
+            store.move_to_failed(seq, failed_ms).await.unwrap();
+            seqs.push(seq);
+        }
+        assert_eq!(store.prune_failed(99, 10).await.unwrap(), 0, "none older");
+        assert_eq!(store.prune_failed(200, 10).await.unwrap(), 2, "a and b");
+        let keys: Vec<Vec<u8>> = store
+            .failed(10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(keys, [b"c".to_vec(), b"d".to_vec()]);
+        assert_eq!(
+            store.prune_failed(0, 1).await.unwrap(),
+            1,
+            "c: over the count"
+        );
+        assert_eq!(store.failed(10).unwrap()[0].key, b"d");
+        assert_eq!(store.seq_failedms.len(), 1, "times go with their entries");
     }
 }

@@ -2174,7 +2174,7 @@ async fn withdrawal_settled_and_pin_reset_through_the_cli() {
         .lease(SlotKind::Normal, "admin-withdraw")
         .await;
     let pepper = lease.dir.join("pepper");
-    std::fs::write(&pepper, support::random_suffix(48)).unwrap();
+    support::write_secret(&pepper, support::random_suffix(48));
     let (admin, _) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
         "payments:\n  enabled: true\n  pepper_file: {}\n{admin}",

@@ -60,10 +60,10 @@ async fn flow_leaks_no_secret(label: &str, json: bool) {
     let mut lease = support::synapse().lease(SlotKind::Normal, label).await;
     let pepper_path = lease.dir.join("pepper");
     let pepper = support::random_suffix(48);
-    std::fs::write(&pepper_path, format!("{pepper}\n")).expect("write pepper");
+    support::write_secret(&pepper_path, format!("{pepper}\n"));
     let webhook_secret = support::random_suffix(40);
     let webhook_path = lease.dir.join("acme.secret");
-    std::fs::write(&webhook_path, &webhook_secret).expect("write the webhook secret");
+    support::write_secret(&webhook_path, &webhook_secret);
     let (admin, admin_key) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
         "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: 120000\n{admin}  \

@@ -23,7 +23,7 @@ pub(crate) const PIN: &str = "4821";
 async fn payments_lease(label: &str, stepup_timeout_ms: u64) -> (SlotLease, Vec<u8>) {
     let mut lease = support::synapse().lease(SlotKind::Normal, label).await;
     let pepper: PathBuf = lease.dir.join("pepper");
-    std::fs::write(&pepper, format!("{}\n", support::random_suffix(48))).expect("write pepper");
+    support::write_secret(&pepper, format!("{}\n", support::random_suffix(48)));
     let (admin, admin_key) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
         "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: {stepup_timeout_ms}\n{admin}",
@@ -530,6 +530,9 @@ async fn refusals_say_why_in_the_room_with_a_typed_receipt() {
     wait_notice(alice, dm, bot, "Wrong PIN. 4 attempts left").await;
     send_text(alice, dm, PIN).await;
     wait_notice(alice, dm, bot, "Now send your new 4-digit PIN").await;
+    // A PIN from the blocklist (NIST SP 800-63B) is refused and another one asked for.
+    send_text(alice, dm, "9876").await;
+    wait_notice(alice, dm, bot, "That PIN is too easy to guess").await;
     send_text(alice, dm, "1357").await;
     wait_notice(alice, dm, bot, "Send the same PIN again").await;
     send_text(alice, dm, "1357").await;

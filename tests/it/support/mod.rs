@@ -92,6 +92,21 @@ fn prune_old_runs(root: &Path) {
     }
 }
 
+/// Writes a secret file (pepper, key) owner-only (0600), as mxpay requires of its secrets.
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    file.write_all(contents.as_ref())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 /// A random lower-case suffix for names that must not collide across tests and runs.
 pub fn random_suffix(len: usize) -> String {
     use rand::Rng;
