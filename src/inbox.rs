@@ -459,7 +459,10 @@ mod tests {
             "ids stay known: a replay is still a no-op"
         );
         assert_eq!(
-            inbox.accept("1", br#"{"events":[]}"#).await.unwrap(),
+            inbox
+                .accept("1", br#"{"events":[{"content":{"body":"4821"}}]}"#)
+                .await
+                .unwrap(),
             Accepted::Duplicate
         );
     }
