@@ -300,33 +300,15 @@ fn random_suffix() -> String {
 }
 
 async fn fund(setup: &Setup, user: &OwnedUserId) -> Result<(), DemoError> {
-    let step = "fund the payer";
-    let token = setup
-        .tokens
-        .mint(
-            "mxpay-demo",
-            [crate::admin::token::Scope::Topup].into_iter().collect(),
-            300,
-        )
-        .map_err(|e| step_err(step)(e.to_string()))?;
-    let response = reqwest::Client::new()
-        .post(format!("{}/_mxpay/admin/v1/topups", setup.mxpay_url))
-        .bearer_auth(token)
-        .timeout(STEP_TIMEOUT)
-        .json(&serde_json::json!({
-            "user_id": user, "amount": FUNDS, "currency": CURRENCY,
-            "idempotency_key": format!("mxpay-demo-{user}"),
-        }))
-        .send()
-        .await
-        .map_err(|e| step_err(step)(e.to_string()))?;
-    if !response.status().is_success() {
-        return Err(step_err(step)(format!(
-            "top-up answered {}",
-            response.status()
-        )));
-    }
-    Ok(())
+    super::dev::topup(
+        &setup.mxpay_url,
+        &setup.tokens,
+        user.as_str(),
+        FUNDS,
+        &format!("mxpay-demo-{user}"),
+    )
+    .await
+    .map_err(step_err("fund the payer"))
 }
 
 /// `available` of `user`'s wallet in [`CURRENCY`], from the admin API.

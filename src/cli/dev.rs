@@ -405,33 +405,68 @@ async fn fund(
     tokens: &crate::admin::token::TokenAuthority,
     localpart: &str,
 ) -> Result<(), DevError> {
+    topup(
+        mxpay_url,
+        tokens,
+        &format!("@{localpart}:{SERVER_NAME}"),
+        DEMO_FUNDS,
+        &format!("mxpay-dev-welcome-{localpart}"),
+    )
+    .await
+    .map_err(|e| DevError::Admin(format!("top-up of {localpart}: {e}")))
+}
+
+/// Credits `user_id` with `amount` EUR through the admin API (a token minted for the call).
+pub(crate) async fn topup(
+    mxpay_url: &str,
+    tokens: &crate::admin::token::TokenAuthority,
+    user_id: &str,
+    amount: &str,
+    idempotency_key: &str,
+) -> Result<(), String> {
     let token = tokens
         .mint(
             "mxpay-dev",
             [crate::admin::token::Scope::Topup].into_iter().collect(),
             300,
         )
-        .map_err(|e| DevError::Admin(e.to_string()))?;
-    let response = http_client()?
+        .map_err(|e| e.to_string())?;
+    let response = reqwest::Client::builder()
+        .timeout(SETUP_REQUEST_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?
         .post(format!("{mxpay_url}/_mxpay/admin/v1/topups"))
         .bearer_auth(token)
         .json(&serde_json::json!({
-            "user_id": format!("@{localpart}:{SERVER_NAME}"),
-            "amount": DEMO_FUNDS,
+            "user_id": user_id,
+            "amount": amount,
             "currency": DEMO_CURRENCY,
-            "idempotency_key": format!("mxpay-dev-welcome-{localpart}"),
+            "idempotency_key": idempotency_key,
         }))
         .send()
         .await
-        .map_err(|e| DevError::Admin(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
-        return Err(DevError::Admin(format!(
-            "top-up of {localpart}: {status} {text}"
-        )));
+        return Err(format!("{status} {text}"));
     }
     Ok(())
+}
+
+/// POSTs `body` (with `token` as bearer, if any) and reads the JSON answer.
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let mut request = http.post(url).json(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    response.json().await.map_err(|e| e.to_string())
 }
 
 /// The encrypted demo room of alice (creator), bob and the bot; made once, its id kept in
@@ -447,20 +482,19 @@ async fn demo_room(state: &DevState, dir: &Path, homeserver_url: &str) -> Result
     let http = http_client()?;
     let mut tokens = Vec::new();
     for (localpart, password) in &state.users {
-        let login: serde_json::Value = http
-            .post(format!("{homeserver_url}/_matrix/client/v3/login"))
-            .json(&serde_json::json!({
+        let login = post_json(
+            &http,
+            &format!("{homeserver_url}/_matrix/client/v3/login"),
+            None,
+            &serde_json::json!({
                 "type": "m.login.password",
                 "identifier": { "type": "m.id.user", "user": localpart },
                 "password": password,
                 "initial_device_display_name": "mxpay dev set-up",
-            }))
-            .send()
-            .await
-            .map_err(|e| homeserver(e.to_string()))?
-            .json()
-            .await
-            .map_err(|e| homeserver(e.to_string()))?;
+            }),
+        )
+        .await
+        .map_err(homeserver)?;
         let token = login["access_token"]
             .as_str()
             .ok_or_else(|| homeserver(format!("login of {localpart} refused: {login}")))?;
@@ -471,10 +505,11 @@ async fn demo_room(state: &DevState, dir: &Path, homeserver_url: &str) -> Result
         .map(|(localpart, _)| format!("@{localpart}:{SERVER_NAME}"))
         .chain(std::iter::once(format!("@{BOT_LOCALPART}:{SERVER_NAME}")))
         .collect();
-    let created: serde_json::Value = http
-        .post(format!("{homeserver_url}/_matrix/client/v3/createRoom"))
-        .bearer_auth(&tokens[0])
-        .json(&serde_json::json!({
+    let created = post_json(
+        &http,
+        &format!("{homeserver_url}/_matrix/client/v3/createRoom"),
+        Some(&tokens[0]),
+        &serde_json::json!({
             "name": "mxpay demo",
             "preset": "private_chat",
             "invite": invite,
@@ -482,13 +517,10 @@ async fn demo_room(state: &DevState, dir: &Path, homeserver_url: &str) -> Result
                 "type": "m.room.encryption", "state_key": "",
                 "content": { "algorithm": "m.megolm.v1.aes-sha2" },
             }],
-        }))
-        .send()
-        .await
-        .map_err(|e| homeserver(e.to_string()))?
-        .json()
-        .await
-        .map_err(|e| homeserver(e.to_string()))?;
+        }),
+    )
+    .await
+    .map_err(homeserver)?;
     let room_id = created["room_id"]
         .as_str()
         .ok_or_else(|| homeserver(format!("room not created: {created}")))?

@@ -200,7 +200,10 @@ pub async fn start_crypto(
     );
     settings.msc4190 = config.appservice.msc4190;
     settings.metrics = Some(app.metrics().clone());
-    settings.share_private_keys_with_unsigned_devices = config.payments.allow_unsigned_devices;
+    // The DM holds payment secrets only when payments are on; then, unless unsigned devices
+    // may pay, its room keys go to cross-signed devices only.
+    settings.share_private_keys_with_unsigned_devices =
+        !config.payments.enabled || config.payments.allow_unsigned_devices;
     if let Ok(hex_key) = std::env::var(STORE_KEY_ENV) {
         settings.store_key = Some(super::device::decode_key(hex_key.as_bytes()).ok_or_else(
             || AppError::Startup(format!("{STORE_KEY_ENV} must be 64 hex characters")),
