@@ -34,8 +34,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
 pub use journal::{ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
-    AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
-    TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
+    AccountId, AccountView, Balances, CreateResult, FreezeMode, Owner, Transfer, TransferError,
+    TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
     PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
@@ -43,7 +43,7 @@ pub use storage::{SledStorage, Storage, StorageError};
 
 use crate::clock::SharedClock;
 use codec::Head;
-use state::{Op, OpResult, State};
+use state::{Answer, Op, OpResult, State};
 use writer::{Command, Writer};
 
 /// Errors of the ledger. A refused transfer is [`LedgerError::Rejected`] with its stable code.
@@ -305,18 +305,27 @@ impl Ledger {
         tx.send(command).await.map_err(|_| LedgerError::Closed)
     }
 
-    async fn op(&self, op: Op) -> Result<Option<Transfer>, LedgerError> {
+    async fn op(&self, op: Op) -> Result<Option<Answer>, LedgerError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Op { op, reply }).await?;
         let result: OpResult = rx.await.map_err(|_| LedgerError::Closed)??;
         Ok(result?)
     }
 
-    async fn transfer_op(&self, op: Op) -> Result<Transfer, LedgerError> {
+    async fn transfer_op(&self, op: Op) -> Result<Answer, LedgerError> {
         Ok(self
             .op(op)
             .await?
             .expect("transfer operations answer with the transfer"))
+    }
+
+    async fn create_op(&self, op: Op) -> Result<CreateResult, LedgerError> {
+        let answer = self.transfer_op(op).await?;
+        Ok(if answer.exists {
+            CreateResult::Exists(answer.transfer)
+        } else {
+            CreateResult::Created(answer.transfer)
+        })
     }
 
     async fn read<T: Send + 'static>(
@@ -333,7 +342,16 @@ impl Ledger {
 
     /// Moves money at once. Retrying the same request returns the same result.
     pub async fn create_transfer(&self, request: TransferRequest) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Create {
+        Ok(self.create_transfer_result(request).await?.into_transfer())
+    }
+
+    /// [`Ledger::create_transfer`], saying whether the transfer was created by this call or
+    /// already existed (a retry, TigerBeetle's `exists`).
+    pub async fn create_transfer_result(
+        &self,
+        request: TransferRequest,
+    ) -> Result<CreateResult, LedgerError> {
+        self.create_op(Op::Create {
             request,
             timeout_ms: None,
         })
@@ -346,7 +364,20 @@ impl Ledger {
         request: TransferRequest,
         timeout_ms: u64,
     ) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Create {
+        Ok(self
+            .create_pending_result(request, timeout_ms)
+            .await?
+            .into_transfer())
+    }
+
+    /// [`Ledger::create_pending`], saying whether the transfer was created by this call or
+    /// already existed.
+    pub async fn create_pending_result(
+        &self,
+        request: TransferRequest,
+        timeout_ms: u64,
+    ) -> Result<CreateResult, LedgerError> {
+        self.create_op(Op::Create {
             request,
             timeout_ms: Some(timeout_ms),
         })
@@ -360,12 +391,15 @@ impl Ledger {
         pending: TransferId,
         amount: Option<Amount>,
     ) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Post { pending, amount }).await
+        Ok(self
+            .transfer_op(Op::Post { pending, amount })
+            .await?
+            .transfer)
     }
 
     /// Releases a pending transfer. Voiding again returns the same result.
     pub async fn void(&self, pending: TransferId) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Void { pending }).await
+        Ok(self.transfer_op(Op::Void { pending }).await?.transfer)
     }
 
     /// Refunds (part of) a posted transfer as a new transfer `id` in the opposite direction;
@@ -377,7 +411,22 @@ impl Ledger {
         amount: Amount,
         memo: Vec<u8>,
     ) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Refund {
+        Ok(self
+            .refund_result(id, original, amount, memo)
+            .await?
+            .into_transfer())
+    }
+
+    /// [`Ledger::refund`], saying whether the refund was made by this call or already
+    /// existed.
+    pub async fn refund_result(
+        &self,
+        id: TransferId,
+        original: TransferId,
+        amount: Amount,
+        memo: Vec<u8>,
+    ) -> Result<CreateResult, LedgerError> {
+        self.create_op(Op::Refund {
             id,
             original,
             amount,
@@ -585,6 +634,34 @@ impl BlockingLedger {
     /// See [`Ledger::create_transfer`].
     pub fn create_transfer(&self, request: TransferRequest) -> Result<Transfer, LedgerError> {
         block_on(self.0.create_transfer(request))
+    }
+
+    /// See [`Ledger::create_transfer_result`].
+    pub fn create_transfer_result(
+        &self,
+        request: TransferRequest,
+    ) -> Result<CreateResult, LedgerError> {
+        block_on(self.0.create_transfer_result(request))
+    }
+
+    /// See [`Ledger::create_pending_result`].
+    pub fn create_pending_result(
+        &self,
+        request: TransferRequest,
+        timeout_ms: u64,
+    ) -> Result<CreateResult, LedgerError> {
+        block_on(self.0.create_pending_result(request, timeout_ms))
+    }
+
+    /// See [`Ledger::refund_result`].
+    pub fn refund_result(
+        &self,
+        id: TransferId,
+        original: TransferId,
+        amount: Amount,
+        memo: Vec<u8>,
+    ) -> Result<CreateResult, LedgerError> {
+        block_on(self.0.refund_result(id, original, amount, memo))
     }
 
     /// See [`Ledger::create_pending`].

@@ -227,6 +227,83 @@ fn same_id_different_body_is_a_distinct_error() {
     );
 }
 
+/// Issue 15: idempotency does not depend on the configuration. A transfer committed under
+/// one `max_transfer` / `max_per_24h` is answered as the original after a reopen with lower
+/// limits; only a *new* id meets the new limits.
+#[test]
+fn a_retry_after_the_limits_were_lowered_answers_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
+        .unwrap()
+        .blocking();
+    let eur = |value: &str| {
+        ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(value).unwrap(), "EUR")
+            .unwrap()
+    };
+    let request = |id: u128, debit: Owner, credit: Owner, amount: Amount| TransferRequest {
+        id: TransferId(id),
+        debit,
+        credit,
+        amount,
+        memo: b"rent".to_vec(),
+    };
+    let (big, bigger) = (eur("9000.00"), eur("9000.01"));
+    ledger
+        .create_transfer(request(1, Owner::Issuer, user("alice"), eur("10000.00")))
+        .unwrap();
+    let original = ledger
+        .create_transfer(request(2, user("alice"), user("bob"), big))
+        .unwrap();
+    let pending = ledger
+        .create_pending(
+            request(3, user("alice"), user("bob"), eur("900.00")),
+            60_000,
+        )
+        .unwrap();
+    drop(ledger);
+
+    let mut lowered = settings();
+    lowered.currencies[0].max_transfer = Some(Decimal::from(100));
+    lowered.currencies[0].max_per_24h = Some(Decimal::from(100));
+    let ledger = Ledger::open(dir.path(), &lowered, Arc::new(clock.clone()))
+        .unwrap()
+        .blocking();
+    let again = ledger
+        .create_transfer(request(2, user("alice"), user("bob"), big))
+        .unwrap();
+    assert_eq!(again, original, "the retry answers the committed transfer");
+    let again = ledger
+        .create_pending(
+            request(3, user("alice"), user("bob"), eur_of(&pending)),
+            60_000,
+        )
+        .unwrap();
+    assert_eq!(again, pending);
+    // The same id with another body is still an idempotency conflict, not a limit error.
+    assert_eq!(
+        rejected(ledger.create_transfer(request(2, user("alice"), user("bob"), bigger))),
+        TransferError::ExistsWithDifferentAmount
+    );
+    // A new id meets the new limit.
+    assert_eq!(
+        rejected(ledger.create_transfer(request(4, user("alice"), user("bob"), big))),
+        TransferError::ExceedsMaxTransfer
+    );
+    ledger.verify().unwrap();
+}
+
+/// The amount of a transfer as an [`Amount`] (built past the edge's limit check, as a caller
+/// holding the original request would have it).
+fn eur_of(t: &Transfer) -> Amount {
+    let unlimited = Currencies::from_settings(&LedgerSettings::default()).unwrap();
+    unlimited
+        .from_minor(t.amount_minor, t.debit.currency.as_str())
+        .unwrap()
+}
+
 #[test]
 fn a_transient_failure_spends_the_id() {
     let f = open();
@@ -245,6 +322,123 @@ fn a_transient_failure_spends_the_id() {
     f.send(6, user("alice"), user("bob"), "1.00").unwrap();
     assert_eq!(f.available("bob"), 100);
     f.ledger.verify().unwrap();
+}
+
+/// Issue 15: a refused transfer leaves no account behind, and what it keeps for idempotency
+/// answers its retries the same way after a reopen.
+#[test]
+fn a_refused_transfer_opens_no_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let open = || {
+        Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
+            .unwrap()
+            .blocking()
+    };
+    let eur = open()
+        .ledger()
+        .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
+        .unwrap();
+    let request = |memo: &[u8]| TransferRequest {
+        id: TransferId(7),
+        debit: user("carol"),
+        credit: user("dave"),
+        amount: eur,
+        memo: memo.to_vec(),
+    };
+    let account = |name: &str| AccountId {
+        owner: user(name),
+        currency: eur.currency(),
+    };
+    let memo = vec![b'm'; MEMO_BYTES_MAX];
+    // Once, then again after a reopen (the failure replayed from the journal).
+    for _ in 0..2 {
+        let ledger = open();
+        assert_eq!(
+            rejected(ledger.create_transfer(request(&memo))),
+            TransferError::InsufficientFunds
+        );
+        assert_eq!(ledger.account(&account("carol")).unwrap(), None);
+        assert_eq!(ledger.account(&account("dave")).unwrap(), None);
+        assert!(ledger.balances(&user("carol")).unwrap().is_empty());
+        assert_eq!(ledger.verify().unwrap().accounts, 0);
+        // The id is spent: the same body answers the same failure, another memo conflicts.
+        assert_eq!(
+            rejected(ledger.create_transfer(request(b"other"))),
+            TransferError::ExistsWithDifferentMemo
+        );
+        drop(ledger);
+    }
+    let ledger = open();
+    let opened = ledger
+        .ledger()
+        .export()
+        .filter(|e| {
+            matches!(
+                e.as_ref().unwrap().entry,
+                JournalEntry::AccountOpened { .. }
+            )
+        })
+        .count();
+    assert_eq!(opened, 0, "the journal opened no account");
+    // A transfer that succeeds opens its accounts as before.
+    ledger
+        .create_transfer(TransferRequest {
+            id: TransferId(8),
+            debit: Owner::Issuer,
+            credit: user("carol"),
+            amount: eur,
+            memo: vec![],
+        })
+        .unwrap();
+    assert!(ledger.account(&account("carol")).unwrap().is_some());
+    assert_eq!(ledger.verify().unwrap().accounts, 2);
+}
+
+/// Issue 15: a retried create or refund says the transfer already existed (TigerBeetle's
+/// `exists`), before and after a reopen, and the first call says it created it.
+#[test]
+fn a_retried_create_says_it_exists() {
+    let f = open();
+    let single = f.request(1, Owner::Issuer, user("alice"), "50.00", "EUR");
+    let first = f.ledger.create_transfer_result(single.clone()).unwrap();
+    assert!(matches!(&first, CreateResult::Created(t) if t.id == TransferId(1)));
+    let again = f.ledger.create_transfer_result(single.clone()).unwrap();
+    assert_eq!(again, CreateResult::Exists(first.transfer().clone()));
+    let pending = f.request(2, user("alice"), user("bob"), "5.00", "EUR");
+    assert!(!f
+        .ledger
+        .create_pending_result(pending.clone(), 60_000)
+        .unwrap()
+        .exists());
+    f.ledger.post(TransferId(2), None).unwrap();
+    // The retry answers the transfer as it stands now: posted since.
+    let again = f.ledger.create_pending_result(pending, 60_000).unwrap();
+    assert!(again.exists());
+    assert!(matches!(
+        again.transfer().state,
+        TransferState::Posted { .. }
+    ));
+    let one = f.amount("1.00", "EUR");
+    let refund = || {
+        f.ledger
+            .refund_result(TransferId(3), TransferId(2), one, b"r".to_vec())
+    };
+    assert!(!refund().unwrap().exists());
+    assert!(refund().unwrap().exists());
+    assert_eq!(f.available("alice"), 4_600, "retries moved nothing");
+    // A retry of a failure is still the failure, not `exists`.
+    let broke = f.request(4, user("zoe"), user("bob"), "1.00", "EUR");
+    for _ in 0..2 {
+        assert_eq!(
+            rejected(
+                f.ledger
+                    .create_transfer_result(broke.clone())
+                    .map(CreateResult::into_transfer)
+            ),
+            TransferError::InsufficientFunds
+        );
+    }
 }
 
 #[test]
@@ -1065,7 +1259,7 @@ mod model {
     //! A plain in-memory model of the ledger's rules, written separately from `state.rs`,
     //! that predicts each reply. The ledger must agree on every reply and every balance.
 
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
 
     use crate::ledger::{FreezeMode, TransferError as E};
 
@@ -1122,6 +1316,11 @@ mod model {
         pub failed: HashMap<u128, Fail>,
         pub frozen: HashMap<Acct, FreezeMode>,
         pub now: u64,
+        /// Accounts that exist: opened by a transfer that succeeded, or by a freeze. A
+        /// refused transfer opens none.
+        pub opened: HashSet<Acct>,
+        /// Whether the last create or refund answered a transfer that already existed.
+        pub exists: bool,
     }
 
     /// Owner 0 is the issuer (may go negative); the others are users.
@@ -1257,6 +1456,7 @@ mod model {
             timeout: Option<u64>,
         ) -> Result<u128, E> {
             self.expire();
+            self.exists = false;
             if id == 0 {
                 return Err(E::IdMustNotBeZero);
             }
@@ -1265,11 +1465,13 @@ mod model {
             }
             let kind = timeout.map_or(Kind::Single, Kind::Pending);
             if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount)) {
+                self.exists = r.is_ok();
                 return r;
             }
             if let Err(e) = self.movement(d, c, amount) {
                 return self.record_fail(id, kind, Some(d), Some(c), d.1, amount, e);
             }
+            self.opened.extend([d, c]);
             let (state, deadline) = match timeout {
                 Some(t) => (St::Pending, self.now + t),
                 None => (St::Posted(amount), 0),
@@ -1310,11 +1512,13 @@ mod model {
             amount: u128,
         ) -> Result<u128, E> {
             self.expire();
+            self.exists = false;
             if id == 0 {
                 return Err(E::IdMustNotBeZero);
             }
             let kind = Kind::Refund(original);
             if let Some(r) = self.lookup(id, (kind, None, None, cur, amount)) {
+                self.exists = r.is_ok();
                 return r;
             }
             let Some(o) = self.tr.get(&original).cloned() else {
@@ -1426,6 +1630,7 @@ mod model {
 
         pub fn freeze(&mut self, a: Acct, mode: Option<FreezeMode>) {
             self.expire();
+            self.opened.insert(a);
             match mode {
                 Some(m) => self.frozen.insert(a, m),
                 None => self.frozen.remove(&a),
@@ -1551,6 +1756,18 @@ mod auditor {
         }
     }
 
+    /// [`check`] for a create or refund, which also says whether it already existed.
+    fn check_created(
+        got: Result<CreateResult, LedgerError>,
+        want: Result<u128, TransferError>,
+        model: &Model,
+    ) -> Result<(), TestCaseError> {
+        if let Ok(created) = &got {
+            prop_assert_eq!(created.exists(), model.exists, "exists of {:?}", created);
+        }
+        check(got.map(CreateResult::into_transfer), want, model)
+    }
+
     fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0_MS);
@@ -1580,11 +1797,11 @@ mod auditor {
                     };
                     let timeout = timeout_s.map(|s| s * 1_000);
                     let got = match timeout {
-                        Some(t) => b.create_pending(request, t),
-                        None => b.create_transfer(request),
+                        Some(t) => b.create_pending_result(request, t),
+                        None => b.create_transfer_result(request),
                     };
                     let want = model.create(id, (debit, cur), (credit, cur), a, timeout);
-                    check(got, want, &model)?;
+                    check_created(got, want, &model)?;
                 }
                 Step::Post { id, amount: a } => {
                     let got = b.post(TransferId(id), a.map(|(c, m)| amount(&ledger, c, m)));
@@ -1601,14 +1818,14 @@ mod auditor {
                     cur,
                     amount: a,
                 } => {
-                    let got = b.refund(
+                    let got = b.refund_result(
                         TransferId(id),
                         TransferId(original),
                         amount(&ledger, cur, a),
                         vec![],
                     );
                     let want = model.refund(id, original, cur, a);
-                    check(got, want, &model)?;
+                    check_created(got, want, &model)?;
                 }
                 Step::Freeze {
                     owner: o,
@@ -1645,11 +1862,15 @@ mod auditor {
                         owner: owner(o),
                         currency: CurrencyCode::new(code).unwrap(),
                     };
-                    let got = b
-                        .account(&account)
-                        .unwrap()
-                        .map(|a| a.balances)
-                        .unwrap_or_default();
+                    let view = b.account(&account).unwrap();
+                    prop_assert_eq!(
+                        view.is_some(),
+                        model.opened.contains(&(o, c)),
+                        "account {} {} exists",
+                        o,
+                        code
+                    );
+                    let got = view.map(|a| a.balances).unwrap_or_default();
                     let m = model.bal.get(&(o, c)).copied().unwrap_or_default();
                     let want = Balances {
                         debits_pending_minor: m.dp,
