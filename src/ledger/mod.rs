@@ -148,6 +148,20 @@ impl HistoryCursor {
     }
 }
 
+/// Operating alarms of a running ledger, as counters since it was opened (for metrics); each
+/// event is also logged with `tracing::warn!` when it happens. None of them stops the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LedgerAlarms {
+    /// Writes of the head anchor (`mxpay-head`) that failed after their batch was durable;
+    /// each is retried on the next batch.
+    pub anchor_write_failures: u64,
+    /// Clock readings the writer refused because they were more than
+    /// [`LedgerOptions::clock_skew_ms_max`] away from the time measured by the monotonic
+    /// clock since the last accepted reading (a jump of the system clock); ledger time
+    /// followed the monotonic clock instead.
+    pub clock_readings_refused: u64,
+}
+
 /// Most transfers one history page returns.
 pub const HISTORY_PAGE_MAX: usize = 1_000;
 
@@ -157,6 +171,7 @@ pub type CommitObserver = Box<dyn Fn(usize, Duration) + Send + Sync>;
 
 struct Inner {
     observer: Arc<std::sync::OnceLock<CommitObserver>>,
+    clock_readings_refused: Arc<std::sync::atomic::AtomicU64>,
     tx: Option<mpsc::Sender<Command>>,
     storage: Arc<dyn Storage>,
     currencies: Currencies,
@@ -236,6 +251,7 @@ impl Ledger {
             }
         }
         let observer: Arc<std::sync::OnceLock<CommitObserver>> = Arc::default();
+        let clock_readings_refused: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let mut writer = Writer {
             observer: observer.clone(),
             state: State::new(Currencies::default()),
@@ -266,6 +282,7 @@ impl Ledger {
         Ok(Ledger {
             inner: Arc::new(Inner {
                 observer,
+                clock_readings_refused,
                 tx: Some(tx),
                 storage,
                 currencies,
@@ -278,6 +295,17 @@ impl Ledger {
     /// first observer of a ledger is kept; returns whether this one was installed.
     pub fn observe_commits(&self, observer: CommitObserver) -> bool {
         self.inner.observer.set(observer).is_ok()
+    }
+
+    /// The alarms raised since the ledger was opened.
+    pub fn alarms(&self) -> LedgerAlarms {
+        LedgerAlarms {
+            anchor_write_failures: self.inner.storage.anchor_write_failures(),
+            clock_readings_refused: self
+                .inner
+                .clock_readings_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// The configured currencies.

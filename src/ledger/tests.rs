@@ -1927,3 +1927,59 @@ fn commit_observer_sees_each_durable_batch_and_only_the_first_is_kept() {
     let seen = seen.lock().clone();
     assert_eq!(seen, vec![1, 1], "one batch per blocking transfer");
 }
+
+/// Issue 15: a head anchor that cannot be written (here `/dev/full`, then a directory in its
+/// place) does not stop the ledger: every batch is answered, the failures are counted, and
+/// once the file can be written again the anchor catches up and verify and reopen pass.
+#[test]
+fn a_failing_anchor_write_does_not_stop_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = dir.path().join("ledger").join(storage::ANCHOR_FILE);
+    std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &anchor).unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let open = || {
+        Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
+            .unwrap()
+            .blocking()
+    };
+    let ledger = open();
+    let eur = |value: &str| {
+        ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(value).unwrap(), "EUR")
+            .unwrap()
+    };
+    let send = |id: u128, debit: Owner, credit: Owner, value: &str| {
+        ledger.create_transfer(TransferRequest {
+            id: TransferId(id),
+            debit,
+            credit,
+            amount: eur(value),
+            memo: vec![],
+        })
+    };
+    send(1, Owner::Issuer, user("alice"), "10.00").unwrap();
+    send(2, user("alice"), user("bob"), "1.00").unwrap();
+    let failures = ledger.ledger().alarms().anchor_write_failures;
+    assert!(failures >= 2, "{failures}");
+    std::fs::remove_file(&anchor).unwrap();
+    std::fs::create_dir(&anchor).unwrap();
+    send(3, user("alice"), user("bob"), "1.00").unwrap();
+    assert_eq!(ledger.ledger().alarms().anchor_write_failures, failures + 1);
+    std::fs::remove_dir(&anchor).unwrap();
+    send(4, user("alice"), user("bob"), "1.00").unwrap();
+    send(5, user("alice"), user("bob"), "1.00").unwrap();
+    assert_eq!(ledger.ledger().alarms().anchor_write_failures, failures + 1);
+    assert_eq!(ledger.verify().unwrap().transfers, 5);
+    drop(ledger);
+    let ledger = open();
+    assert_eq!(ledger.verify().unwrap().transfers, 5);
+    assert_eq!(ledger.ledger().alarms(), LedgerAlarms::default());
+    let bob = AccountId {
+        owner: user("bob"),
+        currency: CurrencyCode::new("EUR").unwrap(),
+    };
+    let bob = ledger.account(&bob).unwrap().unwrap();
+    assert_eq!(bob.balances.available_minor(), 400);
+}
