@@ -17,6 +17,7 @@ pub mod model;
 pub mod settings;
 mod state;
 pub mod storage;
+pub mod time;
 mod writer;
 
 use std::future::Future;
@@ -40,6 +41,7 @@ pub use model::{
 };
 pub use settings::{CurrencySpec, LedgerSettings};
 pub use storage::{SledStorage, Storage, StorageError};
+pub use time::{MonotonicClock, SharedMonotonic, SystemMonotonic, CLOCK_SKEW_MS_MAX};
 
 use crate::clock::SharedClock;
 use codec::Head;
@@ -96,6 +98,15 @@ pub struct LedgerOptions {
     pub queue_commands_max: usize,
     /// How often an idle writer checks the clock for expired pending transfers.
     pub expiry_tick_ms: u64,
+    /// How far a reading of the clock may be from what the monotonic clock predicts (from the
+    /// last accepted reading) before it is refused as a jump of the system clock; see
+    /// [`time`] and [`LedgerAlarms::clock_readings_refused`]. Default [`CLOCK_SKEW_MS_MAX`].
+    pub clock_skew_ms_max: u64,
+    /// The monotonic clock the clock is checked against; `None` is the system's
+    /// ([`SystemMonotonic`]). A test that moves a [`crate::clock::ManualClock`] by more than
+    /// `clock_skew_ms_max` at a time passes that same manual clock here, so ledger time
+    /// follows it.
+    pub monotonic: Option<SharedMonotonic>,
 }
 
 impl Default for LedgerOptions {
@@ -104,6 +115,8 @@ impl Default for LedgerOptions {
             batch_commands_max: 8_190,
             queue_commands_max: 65_536,
             expiry_tick_ms: 100,
+            clock_skew_ms_max: CLOCK_SKEW_MS_MAX,
+            monotonic: None,
         }
     }
 }
@@ -252,17 +265,25 @@ impl Ledger {
         }
         let observer: Arc<std::sync::OnceLock<CommitObserver>> = Arc::default();
         let clock_readings_refused: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let monotonic = options
+            .monotonic
+            .unwrap_or_else(|| Arc::new(SystemMonotonic::default()));
         let mut writer = Writer {
             observer: observer.clone(),
             state: State::new(Currencies::default()),
             storage: storage.clone(),
-            clock,
+            time: time::LedgerTime::new(
+                clock,
+                monotonic,
+                options.clock_skew_ms_max,
+                clock_readings_refused.clone(),
+            ),
             head: replayed.head,
             last_time_ms: replayed.last_time_ms,
             batch_commands_max: options.batch_commands_max.max(1),
             expiry_tick: Duration::from_millis(options.expiry_tick_ms.max(1)),
         };
-        let now_ms = writer.clock.now_ms().max(writer.last_time_ms);
+        let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
         for c in currencies.iter() {
             if state.currencies().get(c.code).is_none() {

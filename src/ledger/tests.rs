@@ -34,10 +34,20 @@ struct Fixture {
     ledger: BlockingLedger,
 }
 
+/// Opens a ledger whose clock and monotonic clock are both `clock`: moving it moves ledger
+/// time by any amount (no jump to refuse).
+fn open_manual(dir: &Path, settings: &LedgerSettings, clock: &ManualClock) -> Ledger {
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        ..LedgerOptions::default()
+    };
+    Ledger::open_with_options(dir, settings, Arc::new(clock.clone()), options).unwrap()
+}
+
 fn open() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0_MS);
-    let ledger = Ledger::open(dir.path(), &settings(), Arc::new(clock.clone())).unwrap();
+    let ledger = open_manual(dir.path(), &settings(), &clock);
     Fixture {
         _dir: dir,
         clock,
@@ -330,11 +340,7 @@ fn a_transient_failure_spends_the_id() {
 fn a_refused_transfer_opens_no_account() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0_MS);
-    let open = || {
-        Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
-            .unwrap()
-            .blocking()
-    };
+    let open = || open_manual(dir.path(), &settings(), &clock).blocking();
     let eur = open()
         .ledger()
         .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
@@ -1120,11 +1126,7 @@ fn rolling_daily_limit() {
 fn the_daily_window_is_rebuilt_on_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0_MS);
-    let open = || {
-        Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
-            .unwrap()
-            .blocking()
-    };
+    let open = || open_manual(dir.path(), &settings(), &clock).blocking();
     let send = |ledger: &BlockingLedger, id: u128, debit: Owner, value: &str| {
         let amount = ledger
             .ledger()
@@ -1771,7 +1773,7 @@ mod auditor {
     fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0_MS);
-        let open = || Ledger::open(dir.path(), &prop_settings(), Arc::new(clock.clone())).unwrap();
+        let open = || open_manual(dir.path(), &prop_settings(), &clock);
         let mut ledger = open();
         let mut model = Model {
             now: T0_MS,
@@ -1938,11 +1940,7 @@ fn a_failing_anchor_write_does_not_stop_the_ledger() {
     std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
     std::os::unix::fs::symlink("/dev/full", &anchor).unwrap();
     let clock = ManualClock::new(T0_MS);
-    let open = || {
-        Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
-            .unwrap()
-            .blocking()
-    };
+    let open = || open_manual(dir.path(), &settings(), &clock).blocking();
     let ledger = open();
     let eur = |value: &str| {
         ledger
@@ -1982,4 +1980,84 @@ fn a_failing_anchor_write_does_not_stop_the_ledger() {
     };
     let bob = ledger.account(&bob).unwrap().unwrap();
     assert_eq!(bob.balances.available_minor(), 400);
+}
+
+/// Issue 15: a jump of the system clock (a day ahead, then set right again) is neither written
+/// into the journal nor freezes ledger time: ledger time follows the monotonic clock while the
+/// clock disagrees with it, a pending transfer does not expire early, and the refusal is
+/// counted.
+#[test]
+fn a_clock_jump_is_not_written_and_does_not_freeze_ledger_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let wall = ManualClock::new(T0_MS);
+    let monotonic = ManualClock::new(0);
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(monotonic.clone())),
+        ..LedgerOptions::default()
+    };
+    let ledger =
+        Ledger::open_with_options(dir.path(), &settings(), Arc::new(wall.clone()), options)
+            .unwrap()
+            .blocking();
+    let eur = |value: &str| {
+        ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(value).unwrap(), "EUR")
+            .unwrap()
+    };
+    let request = |id: u128, debit: Owner, value: &str| TransferRequest {
+        id: TransferId(id),
+        debit,
+        credit: user("bob"),
+        amount: eur(value),
+        memo: vec![],
+    };
+    ledger
+        .create_transfer(request(1, Owner::Issuer, "100.00"))
+        .unwrap();
+    let pending = ledger
+        .create_pending(request(3, Owner::Issuer, "40.00"), 60_000)
+        .unwrap();
+    assert_eq!(pending.deadline_ms, Some(T0_MS + 60_000));
+
+    // The system clock jumps a day ahead while one second passes.
+    monotonic.advance_ms(1_000);
+    wall.advance_ms(DAY_MS);
+    let t = ledger
+        .create_transfer(request(4, Owner::Issuer, "1.00"))
+        .unwrap();
+    assert_eq!(t.created_ms, T0_MS + 1_000, "ledger time did not jump");
+    assert!(ledger.expire_due().unwrap().is_empty());
+    assert_eq!(
+        ledger.transfer(TransferId(3)).unwrap().unwrap().state,
+        TransferState::Pending,
+        "the jump did not expire the pending transfer"
+    );
+    assert!(ledger.ledger().alarms().clock_readings_refused >= 1);
+
+    // Set right again: ledger time goes on from where it was, not frozen at the jump.
+    monotonic.advance_ms(1_000);
+    wall.set_ms(T0_MS + 2_000);
+    let t = ledger
+        .create_transfer(request(5, Owner::Issuer, "1.00"))
+        .unwrap();
+    assert_eq!(t.created_ms, T0_MS + 2_000);
+    let refused = ledger.ledger().alarms().clock_readings_refused;
+    // Expiry follows ledger time.
+    monotonic.advance_ms(58_000);
+    wall.advance_ms(58_000);
+    // (The idle writer may have expired it first; either way it is expired now.)
+    let _ = ledger.expire_due().unwrap();
+    let expired = ledger.transfer(TransferId(3)).unwrap().unwrap();
+    assert_eq!(expired.state, TransferState::Expired);
+    assert_eq!(expired.ended_ms, Some(T0_MS + 60_000));
+    assert_eq!(ledger.ledger().alarms().clock_readings_refused, refused);
+    let latest_ms = ledger
+        .ledger()
+        .export()
+        .map(|e| e.unwrap().time_ms)
+        .max()
+        .unwrap();
+    assert_eq!(latest_ms, T0_MS + 60_000, "no record carries the jump");
+    ledger.verify().unwrap();
 }
