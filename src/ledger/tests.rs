@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 
 use super::*;
-use crate::clock::ManualClock;
+use crate::clock::{Clock, ManualClock};
 
 const T0_MS: u64 = 1_700_000_000_000;
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -1323,6 +1323,8 @@ mod model {
         pub opened: HashSet<Acct>,
         /// Whether the last create or refund answered a transfer that already existed.
         pub exists: bool,
+        /// EUR's (currency 0) `max_transfer`, in minor units, for user debits.
+        pub max_transfer: Option<u128>,
     }
 
     /// Owner 0 is the issuer (may go negative); the others are users.
@@ -1469,6 +1471,10 @@ mod model {
             if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount)) {
                 self.exists = r.is_ok();
                 return r;
+            }
+            // A limit of the configuration: after the lookup, and never recorded.
+            if is_user(d) && d.1 == 0 && self.max_transfer.is_some_and(|max| amount > max) {
+                return Err(E::ExceedsMaxTransfer);
             }
             if let Err(e) = self.movement(d, c, amount) {
                 return self.record_fail(id, kind, Some(d), Some(c), d.1, amount, e);
@@ -1688,7 +1694,16 @@ mod auditor {
         Advance {
             ms: u64,
         },
-        Reopen,
+        /// The system clock jumps by more than the allowed skew (ahead, or back), a batch
+        /// runs, and the clock is set right: ledger time must not have moved with it.
+        Jump {
+            ms: u64,
+            back: bool,
+        },
+        /// Reopen with EUR's `max_transfer` set to this (or no limit).
+        Reopen {
+            max_transfer_minor: Option<u128>,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1706,26 +1721,36 @@ mod auditor {
             1 => (who, cur, prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
                 .prop_map(|(owner, cur, mode)| Step::Freeze { owner, cur, mode }),
             2 => (0u64..4_000).prop_map(|ms| Step::Advance { ms }),
-            1 => Just(Step::Reopen),
+            1 => (CLOCK_SKEW_MS_MAX + 1..30 * DAY_MS, any::<bool>()).prop_map(|(ms, back)| Step::Jump { ms, back }),
+            1 => proptest::option::of(1u128..200).prop_map(|max_transfer_minor| Step::Reopen { max_transfer_minor }),
         ]
     }
 
-    fn prop_settings() -> LedgerSettings {
+    /// The currencies, with `max_transfer_minor` as EUR's `max_transfer` (if any).
+    fn prop_settings(max_transfer_minor: Option<u128>) -> LedgerSettings {
         LedgerSettings {
             currencies: CURRENCIES
                 .iter()
-                .map(|c| CurrencySpec {
+                .enumerate()
+                .map(|(i, c)| CurrencySpec {
                     code: (*c).to_owned(),
                     exponent: 2,
-                    max_transfer: None,
+                    max_transfer: max_transfer_minor
+                        .filter(|_| i == 0)
+                        .map(|m| Decimal::from_i128_with_scale(m as i128, 2)),
                     max_per_24h: None,
                 })
                 .collect(),
         }
     }
 
-    fn amount(ledger: &Ledger, cur: usize, minor: u128) -> Amount {
-        ledger.amount_from_minor(minor, CURRENCIES[cur]).unwrap()
+    /// An amount as a caller holding its request has it: not checked against the limits
+    /// configured now (the ledger applies them, after the id lookup).
+    fn amount(_ledger: &Ledger, cur: usize, minor: u128) -> Amount {
+        Currencies::from_settings(&prop_settings(None))
+            .unwrap()
+            .from_minor(minor, CURRENCIES[cur])
+            .unwrap()
     }
 
     /// Compares a reply with the model's prediction.
@@ -1772,9 +1797,20 @@ mod auditor {
 
     fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         let dir = tempfile::tempdir().unwrap();
+        // The system clock, and the monotonic clock it is checked against: `Advance` moves
+        // both, `Jump` only the first.
         let clock = ManualClock::new(T0_MS);
-        let open = || open_manual(dir.path(), &prop_settings(), &clock);
-        let mut ledger = open();
+        let monotonic = ManualClock::new(0);
+        let open = |max_transfer_minor: Option<u128>| {
+            let options = LedgerOptions {
+                monotonic: Some(Arc::new(monotonic.clone())),
+                ..LedgerOptions::default()
+            };
+            let settings = prop_settings(max_transfer_minor);
+            Ledger::open_with_options(dir.path(), &settings, Arc::new(clock.clone()), options)
+                .unwrap()
+        };
+        let mut ledger = open(None);
         let mut model = Model {
             now: T0_MS,
             ..Model::default()
@@ -1846,14 +1882,23 @@ mod auditor {
                 }
                 Step::Advance { ms } => {
                     clock.advance_ms(ms);
+                    monotonic.advance_ms(ms);
                     model.now += ms;
                     model.expire();
                     b.expire_due().unwrap();
                 }
-                Step::Reopen => {
+                Step::Jump { ms, back } => {
+                    let right_ms = clock.now_ms();
+                    clock.set_ms(if back { right_ms - ms } else { right_ms + ms });
+                    model.expire();
+                    b.expire_due().unwrap();
+                    clock.set_ms(right_ms);
+                }
+                Step::Reopen { max_transfer_minor } => {
                     drop(b);
                     drop(ledger);
-                    ledger = open();
+                    ledger = open(max_transfer_minor);
+                    model.max_transfer = max_transfer_minor;
                 }
             }
             // After every step: balances equal the model's, and the invariants hold.
