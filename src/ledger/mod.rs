@@ -168,10 +168,10 @@ pub struct LedgerAlarms {
     /// Writes of the head anchor (`mxpay-head`) that failed after their batch was durable;
     /// each is retried on the next batch.
     pub anchor_write_failures: u64,
-    /// Clock readings the writer refused because they were more than
-    /// [`LedgerOptions::clock_skew_ms_max`] away from the time measured by the monotonic
-    /// clock since the last accepted reading (a jump of the system clock); ledger time
-    /// followed the monotonic clock instead.
+    /// Clock readings more than [`LedgerOptions::clock_skew_ms_max`] away from the time
+    /// the monotonic clock predicts from the last accepted reading: ahead (a forward jump,
+    /// refused: ledger time followed the monotonic clock) or behind (ledger time held at the
+    /// previous batch's time until the clock caught up).
     pub clock_readings_refused: u64,
 }
 

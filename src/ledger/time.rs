@@ -2,17 +2,25 @@
 //! the system clock is neither written into the journal nor able to freeze ledger time.
 //!
 //! Each reading of the wall clock is compared with what the monotonic clock predicts from the
-//! last accepted reading (that reading plus the monotonic time elapsed since). Within
-//! `skew_ms_max` of the prediction, the reading is accepted and becomes the new reference
-//! (so NTP's slewing and small steps are followed). Further away, in either direction, it is
-//! refused: ledger time is the prediction, the refusal is counted and logged, and the
-//! reference stays the last accepted reading. Ledger time never goes below the time of the
-//! last journal record.
+//! last accepted reading (that reading plus the monotonic time elapsed since):
 //!
-//! A step of the system clock larger than the bound is therefore followed only from the next
-//! open, which takes the wall clock as it is (a journal cannot tell a forward jump from the
-//! time the ledger was closed); until then ledger time runs at the monotonic clock's pace
-//! from the last accepted reading.
+//! - within `skew_ms_max` of the prediction, the reading is accepted and becomes the new
+//!   reference (so NTP's slewing and small steps are followed);
+//! - further *ahead* (a forward jump), it is refused: ledger time is the prediction, so the
+//!   jump is never written into the journal, never expires pending transfers early, and
+//!   leaves nothing to freeze ledger time once the clock is set right again;
+//! - further *behind* (a backward step), ledger time is the reading, held at the last journal
+//!   record's time as always (it never goes back), and the reference stays where it was, so
+//!   a clock set right again is accepted at once.
+//!
+//! Both kinds are counted and logged (once when the disagreement starts, once when it ends).
+//! Ledger time never goes below the time of the last journal record.
+//!
+//! A forward step larger than the bound is followed only from the next open, which takes the
+//! wall clock as it is (a journal cannot tell a forward jump from the time the ledger was
+//! closed); until then ledger time runs at the monotonic clock's pace. A clock that does not
+//! move at all (a test's manual clock left alone) only falls *behind* the prediction, so
+//! ledger time stays with it: no test depends on how long it runs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -103,7 +111,7 @@ impl LedgerTime {
         };
         let predicted_ms =
             reference_ms.saturating_add(monotonic_ms.saturating_sub(reference_monotonic_ms));
-        let now_ms = if wall_ms.abs_diff(predicted_ms) <= self.skew_ms_max {
+        if wall_ms.abs_diff(predicted_ms) <= self.skew_ms_max {
             if self.refusing {
                 self.refusing = false;
                 tracing::warn!(
@@ -114,24 +122,29 @@ impl LedgerTime {
                 );
             }
             self.reference = Some((wall_ms, monotonic_ms));
-            wall_ms
-        } else {
-            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            if !self.refusing {
-                self.refusing = true;
-                tracing::warn!(
-                    wall_ms,
-                    predicted_ms,
-                    skew_ms_max = self.skew_ms_max,
-                    refused,
-                    "the system clock jumped: its reading is more than the allowed skew away \
-                     from the monotonic clock; ledger time follows the monotonic clock and the \
-                     jump is not written to the journal"
-                );
-            }
-            predicted_ms
-        };
-        now_ms.max(floor_ms)
+            return wall_ms.max(floor_ms);
+        }
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let ahead = wall_ms > predicted_ms;
+        if !self.refusing {
+            self.refusing = true;
+            tracing::warn!(
+                wall_ms,
+                predicted_ms,
+                skew_ms_max = self.skew_ms_max,
+                refused,
+                "the system clock jumped {}: its reading is more than the allowed skew away \
+                 from the monotonic clock's; {}",
+                if ahead { "ahead" } else { "back" },
+                if ahead {
+                    "ledger time follows the monotonic clock and the jump is not written to \
+                     the journal"
+                } else {
+                    "ledger time holds until the clock catches up (it never goes back)"
+                }
+            );
+        }
+        if ahead { predicted_ms } else { wall_ms }.max(floor_ms)
     }
 }
 
@@ -152,10 +165,11 @@ mod tests {
         (time, refused)
     }
 
-    /// Readings within the bound are followed; a jump either way is refused (counted) and
-    /// ledger time goes on at the monotonic pace; once the clock agrees again it is followed.
+    /// Readings within the bound are followed; a jump ahead is refused (counted) and ledger
+    /// time goes on at the monotonic pace; once the clock agrees again it is followed. A step
+    /// back is counted, held at the floor, and does not move the reference.
     #[test]
-    fn jumps_beyond_the_bound_are_refused_either_way() {
+    fn a_jump_ahead_is_refused_and_a_step_back_is_held() {
         let wall = ManualClock::new(T0_MS);
         let monotonic = ManualClock::new(5);
         let (mut time, refused) = time(&wall, &monotonic);
@@ -176,12 +190,31 @@ mod tests {
         monotonic.advance_ms(10);
         wall.set_ms(base + 30);
         assert_eq!(time.now_ms(0), base + 30);
-        // An hour backward: refused too, ledger time keeps going.
+        // An hour back: counted; ledger time holds at the last record's time.
         monotonic.advance_ms(10);
         wall.set_ms(base - 3_600_000);
-        assert_eq!(time.now_ms(0), base + 40);
+        assert_eq!(time.now_ms(base + 30), base + 30);
+        assert_eq!(refused.load(Ordering::Relaxed), 3);
+        // Set right again: followed at once (the step back did not move the reference).
+        monotonic.advance_ms(10);
+        wall.set_ms(base + 50);
+        assert_eq!(time.now_ms(base + 30), base + 50);
         assert_eq!(refused.load(Ordering::Relaxed), 3);
         // Never below the floor (the last journal record).
         assert_eq!(time.now_ms(base + 500), base + 500);
+    }
+
+    /// A wall clock that does not move while real time passes (a test's manual clock left
+    /// alone) is followed, however long the test runs; so are its later small advances.
+    #[test]
+    fn a_clock_left_alone_is_followed_however_long_it_stands() {
+        let wall = ManualClock::new(T0_MS);
+        let monotonic = ManualClock::new(0);
+        let (mut time, _) = time(&wall, &monotonic);
+        assert_eq!(time.now_ms(0), T0_MS);
+        monotonic.advance_ms(10 * 60_000);
+        assert_eq!(time.now_ms(0), T0_MS);
+        wall.advance_ms(31_000);
+        assert_eq!(time.now_ms(T0_MS), T0_MS + 31_000);
     }
 }
