@@ -17,6 +17,7 @@ pub mod model;
 pub mod settings;
 mod state;
 pub mod storage;
+pub mod time;
 mod writer;
 
 use std::future::Future;
@@ -34,16 +35,17 @@ use tokio::sync::{mpsc, oneshot};
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
 pub use journal::{ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
-    AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
-    TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
+    AccountId, AccountView, Balances, CreateResult, FreezeMode, Owner, Transfer, TransferError,
+    TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
     PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
 pub use storage::{SledStorage, Storage, StorageError};
+pub use time::{MonotonicClock, SharedMonotonic, SystemMonotonic, CLOCK_SKEW_MS_MAX};
 
 use crate::clock::SharedClock;
 use codec::Head;
-use state::{Op, OpResult, State};
+use state::{Answer, Op, OpResult, State};
 use writer::{Command, Writer};
 
 /// Errors of the ledger. A refused transfer is [`LedgerError::Rejected`] with its stable code.
@@ -96,6 +98,15 @@ pub struct LedgerOptions {
     pub queue_commands_max: usize,
     /// How often an idle writer checks the clock for expired pending transfers.
     pub expiry_tick_ms: u64,
+    /// How far a reading of the clock may be from what the monotonic clock predicts (from the
+    /// last accepted reading) before it is refused as a jump of the system clock; see
+    /// [`time`] and [`LedgerAlarms::clock_readings_refused`]. Default [`CLOCK_SKEW_MS_MAX`].
+    pub clock_skew_ms_max: u64,
+    /// The monotonic clock the clock is checked against; `None` is the system's
+    /// ([`SystemMonotonic`]). A test that moves a [`crate::clock::ManualClock`] by more than
+    /// `clock_skew_ms_max` at a time passes that same manual clock here, so ledger time
+    /// follows it.
+    pub monotonic: Option<SharedMonotonic>,
 }
 
 impl Default for LedgerOptions {
@@ -104,6 +115,8 @@ impl Default for LedgerOptions {
             batch_commands_max: 8_190,
             queue_commands_max: 65_536,
             expiry_tick_ms: 100,
+            clock_skew_ms_max: CLOCK_SKEW_MS_MAX,
+            monotonic: None,
         }
     }
 }
@@ -148,6 +161,20 @@ impl HistoryCursor {
     }
 }
 
+/// Operating alarms of a running ledger, as counters since it was opened (for metrics); each
+/// event is also logged with `tracing::warn!` when it happens. None of them stops the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LedgerAlarms {
+    /// Writes of the head anchor (`mxpay-head`) that failed after their batch was durable;
+    /// each is retried on the next batch.
+    pub anchor_write_failures: u64,
+    /// Clock readings more than [`LedgerOptions::clock_skew_ms_max`] away from the time
+    /// the monotonic clock predicts from the last accepted reading: ahead (a forward jump,
+    /// refused: ledger time followed the monotonic clock) or behind (ledger time held at the
+    /// previous batch's time until the clock caught up).
+    pub clock_readings_refused: u64,
+}
+
 /// Most transfers one history page returns.
 pub const HISTORY_PAGE_MAX: usize = 1_000;
 
@@ -157,6 +184,7 @@ pub type CommitObserver = Box<dyn Fn(usize, Duration) + Send + Sync>;
 
 struct Inner {
     observer: Arc<std::sync::OnceLock<CommitObserver>>,
+    clock_readings_refused: Arc<std::sync::atomic::AtomicU64>,
     tx: Option<mpsc::Sender<Command>>,
     storage: Arc<dyn Storage>,
     currencies: Currencies,
@@ -236,17 +264,26 @@ impl Ledger {
             }
         }
         let observer: Arc<std::sync::OnceLock<CommitObserver>> = Arc::default();
+        let clock_readings_refused: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let monotonic = options
+            .monotonic
+            .unwrap_or_else(|| Arc::new(SystemMonotonic::default()));
         let mut writer = Writer {
             observer: observer.clone(),
             state: State::new(Currencies::default()),
             storage: storage.clone(),
-            clock,
+            time: time::LedgerTime::new(
+                clock,
+                monotonic,
+                options.clock_skew_ms_max,
+                clock_readings_refused.clone(),
+            ),
             head: replayed.head,
             last_time_ms: replayed.last_time_ms,
             batch_commands_max: options.batch_commands_max.max(1),
             expiry_tick: Duration::from_millis(options.expiry_tick_ms.max(1)),
         };
-        let now_ms = writer.clock.now_ms().max(writer.last_time_ms);
+        let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
         for c in currencies.iter() {
             if state.currencies().get(c.code).is_none() {
@@ -266,6 +303,7 @@ impl Ledger {
         Ok(Ledger {
             inner: Arc::new(Inner {
                 observer,
+                clock_readings_refused,
                 tx: Some(tx),
                 storage,
                 currencies,
@@ -278,6 +316,17 @@ impl Ledger {
     /// first observer of a ledger is kept; returns whether this one was installed.
     pub fn observe_commits(&self, observer: CommitObserver) -> bool {
         self.inner.observer.set(observer).is_ok()
+    }
+
+    /// The alarms raised since the ledger was opened.
+    pub fn alarms(&self) -> LedgerAlarms {
+        LedgerAlarms {
+            anchor_write_failures: self.inner.storage.anchor_write_failures(),
+            clock_readings_refused: self
+                .inner
+                .clock_readings_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// The configured currencies.
@@ -305,18 +354,27 @@ impl Ledger {
         tx.send(command).await.map_err(|_| LedgerError::Closed)
     }
 
-    async fn op(&self, op: Op) -> Result<Option<Transfer>, LedgerError> {
+    async fn op(&self, op: Op) -> Result<Option<Answer>, LedgerError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Op { op, reply }).await?;
         let result: OpResult = rx.await.map_err(|_| LedgerError::Closed)??;
         Ok(result?)
     }
 
-    async fn transfer_op(&self, op: Op) -> Result<Transfer, LedgerError> {
+    async fn transfer_op(&self, op: Op) -> Result<Answer, LedgerError> {
         Ok(self
             .op(op)
             .await?
             .expect("transfer operations answer with the transfer"))
+    }
+
+    async fn create_op(&self, op: Op) -> Result<CreateResult, LedgerError> {
+        let answer = self.transfer_op(op).await?;
+        Ok(if answer.exists {
+            CreateResult::Exists(answer.transfer)
+        } else {
+            CreateResult::Created(answer.transfer)
+        })
     }
 
     async fn read<T: Send + 'static>(
@@ -333,7 +391,16 @@ impl Ledger {
 
     /// Moves money at once. Retrying the same request returns the same result.
     pub async fn create_transfer(&self, request: TransferRequest) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Create {
+        Ok(self.create_transfer_result(request).await?.into_transfer())
+    }
+
+    /// [`Ledger::create_transfer`], saying whether the transfer was created by this call or
+    /// already existed (a retry, TigerBeetle's `exists`).
+    pub async fn create_transfer_result(
+        &self,
+        request: TransferRequest,
+    ) -> Result<CreateResult, LedgerError> {
+        self.create_op(Op::Create {
             request,
             timeout_ms: None,
         })
@@ -346,7 +413,20 @@ impl Ledger {
         request: TransferRequest,
         timeout_ms: u64,
     ) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Create {
+        Ok(self
+            .create_pending_result(request, timeout_ms)
+            .await?
+            .into_transfer())
+    }
+
+    /// [`Ledger::create_pending`], saying whether the transfer was created by this call or
+    /// already existed.
+    pub async fn create_pending_result(
+        &self,
+        request: TransferRequest,
+        timeout_ms: u64,
+    ) -> Result<CreateResult, LedgerError> {
+        self.create_op(Op::Create {
             request,
             timeout_ms: Some(timeout_ms),
         })
@@ -360,12 +440,15 @@ impl Ledger {
         pending: TransferId,
         amount: Option<Amount>,
     ) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Post { pending, amount }).await
+        Ok(self
+            .transfer_op(Op::Post { pending, amount })
+            .await?
+            .transfer)
     }
 
     /// Releases a pending transfer. Voiding again returns the same result.
     pub async fn void(&self, pending: TransferId) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Void { pending }).await
+        Ok(self.transfer_op(Op::Void { pending }).await?.transfer)
     }
 
     /// Refunds (part of) a posted transfer as a new transfer `id` in the opposite direction;
@@ -377,7 +460,22 @@ impl Ledger {
         amount: Amount,
         memo: Vec<u8>,
     ) -> Result<Transfer, LedgerError> {
-        self.transfer_op(Op::Refund {
+        Ok(self
+            .refund_result(id, original, amount, memo)
+            .await?
+            .into_transfer())
+    }
+
+    /// [`Ledger::refund`], saying whether the refund was made by this call or already
+    /// existed.
+    pub async fn refund_result(
+        &self,
+        id: TransferId,
+        original: TransferId,
+        amount: Amount,
+        memo: Vec<u8>,
+    ) -> Result<CreateResult, LedgerError> {
+        self.create_op(Op::Refund {
             id,
             original,
             amount,
@@ -585,6 +683,34 @@ impl BlockingLedger {
     /// See [`Ledger::create_transfer`].
     pub fn create_transfer(&self, request: TransferRequest) -> Result<Transfer, LedgerError> {
         block_on(self.0.create_transfer(request))
+    }
+
+    /// See [`Ledger::create_transfer_result`].
+    pub fn create_transfer_result(
+        &self,
+        request: TransferRequest,
+    ) -> Result<CreateResult, LedgerError> {
+        block_on(self.0.create_transfer_result(request))
+    }
+
+    /// See [`Ledger::create_pending_result`].
+    pub fn create_pending_result(
+        &self,
+        request: TransferRequest,
+        timeout_ms: u64,
+    ) -> Result<CreateResult, LedgerError> {
+        block_on(self.0.create_pending_result(request, timeout_ms))
+    }
+
+    /// See [`Ledger::refund_result`].
+    pub fn refund_result(
+        &self,
+        id: TransferId,
+        original: TransferId,
+        amount: Amount,
+        memo: Vec<u8>,
+    ) -> Result<CreateResult, LedgerError> {
+        block_on(self.0.refund_result(id, original, amount, memo))
     }
 
     /// See [`Ledger::create_pending`].

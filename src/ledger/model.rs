@@ -198,6 +198,37 @@ pub struct Transfer {
     pub refunded_minor: u128,
 }
 
+/// What a create (single or pending) or a refund did: TigerBeetle's `ok` and `exists`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateResult {
+    /// This call created the transfer.
+    Created(Transfer),
+    /// An earlier call created it, with the same id and the same body: this one is a retry
+    /// and changed nothing. The transfer is as it stands now (it may have been posted since).
+    Exists(Transfer),
+}
+
+impl CreateResult {
+    /// The transfer, created now or before.
+    pub fn transfer(&self) -> &Transfer {
+        match self {
+            Self::Created(t) | Self::Exists(t) => t,
+        }
+    }
+
+    /// The transfer, created now or before.
+    pub fn into_transfer(self) -> Transfer {
+        match self {
+            Self::Created(t) | Self::Exists(t) => t,
+        }
+    }
+
+    /// Whether it already existed (the call was a retry).
+    pub fn exists(&self) -> bool {
+        matches!(self, Self::Exists(_))
+    }
+}
+
 /// A request to move money; the currency comes from the amount.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferRequest {
@@ -240,9 +271,6 @@ pub enum TransferError {
     /// The currency is not configured.
     #[error("the currency is not configured")]
     CurrencyUnknown = 7,
-    /// Above the currency's `max_transfer`.
-    #[error("the amount is above the maximum for one transfer")]
-    ExceedsMaxTransfer = 8,
     /// The id exists as a transfer of another kind.
     #[error("a transfer with this id exists with a different kind")]
     ExistsWithDifferentKind = 20,
@@ -264,6 +292,12 @@ pub enum TransferError {
     /// The id exists as a refund of another transfer.
     #[error("a transfer with this id exists refunding a different transfer")]
     ExistsWithDifferentOriginal = 26,
+    /// Above the currency's configured `max_transfer`. A limit of the configuration, which
+    /// may change between runs: it comes after the `ExistsWithDifferent*` codes, so a retry
+    /// of a committed transfer answers the original even after the limit was lowered. (Code 8
+    /// was this error before it moved; it is not reused.)
+    #[error("the amount is above the maximum for one transfer")]
+    ExceedsMaxTransfer = 30,
     /// Post or void of an unknown id.
     #[error("no pending transfer with this id")]
     PendingTransferNotFound = 40,
@@ -322,7 +356,6 @@ impl TransferError {
         Self::TimeoutMustNotBeZero,
         Self::TimeoutTooLong,
         Self::CurrencyUnknown,
-        Self::ExceedsMaxTransfer,
         Self::ExistsWithDifferentKind,
         Self::ExistsWithDifferentDebitAccount,
         Self::ExistsWithDifferentCreditAccount,
@@ -330,6 +363,7 @@ impl TransferError {
         Self::ExistsWithDifferentTimeout,
         Self::ExistsWithDifferentMemo,
         Self::ExistsWithDifferentOriginal,
+        Self::ExceedsMaxTransfer,
         Self::PendingTransferNotFound,
         Self::PendingTransferNotPending,
         Self::PendingTransferAlreadyPosted,
@@ -391,6 +425,8 @@ mod tests {
             assert_eq!(TransferError::from_code(e.code()), Some(e));
         }
         assert_eq!(TransferError::from_code(0), None);
+        // Retired when `ExceedsMaxTransfer` moved behind the `Exists*` codes; never reused.
+        assert_eq!(TransferError::from_code(8), None);
         assert_eq!(TransferError::InsufficientFunds.code(), 63);
     }
 

@@ -74,8 +74,59 @@ pub(crate) struct Body {
 }
 
 impl Body {
+    /// What idempotency needs of this body: fixed-size, whatever the memo and owner lengths.
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint {
+            kind: self.kind,
+            debit: self.debit.as_ref().map(account_digest),
+            credit: self.credit.as_ref().map(account_digest),
+            currency: self.currency,
+            amount_minor: self.amount_minor,
+            memo: digest(&[&self.memo]),
+        }
+    }
+}
+
+/// 128 bits of blake3 over `parts`, each prefixed by its length (so parts cannot run into
+/// each other).
+fn digest(parts: &[&[u8]]) -> u128 {
+    let mut hasher = blake3::Hasher::new();
+    for part in parts {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    u128::from_le_bytes(bytes)
+}
+
+fn account_digest(account: &AccountId) -> u128 {
+    let (tag, name): (&[u8], &[u8]) = match &account.owner {
+        Owner::User(name) => (b"u", name.as_bytes()),
+        Owner::Issuer => (b"i", b""),
+        Owner::Settlement => (b"s", b""),
+        Owner::Fees => (b"f", b""),
+    };
+    digest(&[tag, name, &account.currency.bytes()])
+}
+
+/// A create or refund body reduced to what an idempotent retry is compared against: the
+/// kind, the amount and the currency as they are, the accounts and the memo as 128-bit
+/// digests. A recorded failure keeps only this (about 130 bytes), never the memo or the owner
+/// strings, and opens no account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    kind: TransferKind,
+    debit: Option<u128>,
+    credit: Option<u128>,
+    currency: CurrencyCode,
+    amount_minor: u128,
+    memo: u128,
+}
+
+impl Fingerprint {
     /// The first difference, in precedence order, as an `ExistsWithDifferent*` error.
-    fn compare(&self, request: &Body) -> Result<(), TransferError> {
+    fn compare(&self, request: &Fingerprint) -> Result<(), TransferError> {
         use TransferError as E;
         if std::mem::discriminant(&self.kind) != std::mem::discriminant(&request.kind) {
             return Err(E::ExistsWithDifferentKind);
@@ -141,7 +192,15 @@ pub(crate) enum Op {
 }
 
 /// The outcome of one [`Op`].
-pub(crate) type OpResult = Result<Option<Transfer>, TransferError>;
+pub(crate) type OpResult = Result<Option<Answer>, TransferError>;
+
+/// The transfer an operation answers with, and whether the operation found it already done
+/// (a retry with the same id and body, or the same post or void again: nothing changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub transfer: Transfer,
+    pub exists: bool,
+}
 
 #[derive(Debug, Clone)]
 struct Account {
@@ -199,9 +258,11 @@ impl TransferRec {
     }
 }
 
+/// What is kept of a create or refund that failed for a transient reason: no more than an
+/// idempotent retry needs to answer the same failure or an `ExistsWithDifferent*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FailedRec {
-    body: Body,
+    fingerprint: Fingerprint,
     error: TransferError,
 }
 
@@ -350,7 +411,6 @@ impl State {
             Some(t) if t > PENDING_TIMEOUT_MS_MAX => return Err(E::TimeoutTooLong),
             Some(timeout_ms) => TransferKind::Pending { timeout_ms },
         };
-        self.check_max_transfer(&debit, amount_minor)?;
         let body = Body {
             kind,
             debit: Some(debit.clone()),
@@ -362,11 +422,22 @@ impl State {
         if let Some(found) = self.existing(request.id, &body) {
             return found;
         }
-        let debit_idx = self.open_account(&debit, now_ms, events);
-        let credit_idx = self.open_account(&credit, now_ms, events);
-        if let Err(error) = self.check_movement(debit_idx, credit_idx, amount_minor, now_ms) {
+        // Limits come from the configuration, which may change between runs: they are checked
+        // after the id, so a retry of a committed transfer answers the original whatever the
+        // limit is now (TigerBeetle's order: `exists` before any limit).
+        self.check_max_transfer(&debit, amount_minor)?;
+        // Accounts open only with a transfer that succeeds: a refused one leaves no account
+        // behind (an account never used is all zeros and not frozen, which is what the checks
+        // assume for it).
+        let known = (
+            self.account_index.get(&debit).copied(),
+            self.account_index.get(&credit).copied(),
+        );
+        if let Err(error) = self.check_movement(known.0, known.1, &debit, amount_minor, now_ms) {
             return self.fail(request.id, body, error, now_ms, events);
         }
+        let debit_idx = self.open_account(&debit, now_ms, events);
+        let credit_idx = self.open_account(&credit, now_ms, events);
         self.emit(
             Event::TransferCreated {
                 id: request.id,
@@ -379,7 +450,7 @@ impl State {
             now_ms,
             events,
         );
-        Ok(Some(self.view_by_id(request.id)))
+        self.answer(self.transfer_index[&request.id], false)
     }
 
     fn decide_refund(
@@ -431,7 +502,9 @@ impl State {
         if amount.minor() > posted_minor - orig.refunded_minor {
             return self.fail(id, body, E::RefundExceedsRemaining, now_ms, events);
         }
-        if let Err(error) = self.check_movement(debit_idx, credit_idx, amount.minor(), now_ms) {
+        let debit = self.accounts[debit_idx as usize].id.clone();
+        let known = (Some(debit_idx), Some(credit_idx));
+        if let Err(error) = self.check_movement(known.0, known.1, &debit, amount.minor(), now_ms) {
             return self.fail(id, body, error, now_ms, events);
         }
         self.emit(
@@ -446,7 +519,7 @@ impl State {
             now_ms,
             events,
         );
-        Ok(Some(self.view_by_id(id)))
+        self.answer(self.transfer_index[&id], false)
     }
 
     fn decide_post(
@@ -467,7 +540,7 @@ impl State {
         let post_minor = amount.map_or(t.amount_minor, |a| a.minor());
         match t.state {
             TransferState::Posted { amount_minor } if amount_minor == post_minor => {
-                return Ok(Some(self.view(idx)))
+                return self.answer(idx, true)
             }
             TransferState::Posted { .. } => return Err(E::PendingTransferAlreadyPosted),
             TransferState::Voided => return Err(E::PendingTransferAlreadyVoided),
@@ -498,7 +571,7 @@ impl State {
             now_ms,
             events,
         );
-        Ok(Some(self.view(idx)))
+        self.answer(idx, false)
     }
 
     fn decide_void(
@@ -511,13 +584,13 @@ impl State {
         let idx = self.pending_idx(pending)?;
         self.expire_if_due(idx, now_ms, events);
         match self.transfers[idx as usize].state {
-            TransferState::Voided => return Ok(Some(self.view(idx))),
+            TransferState::Voided => return self.answer(idx, true),
             TransferState::Posted { .. } => return Err(E::PendingTransferAlreadyPosted),
             TransferState::Expired => return Err(E::PendingTransferExpired),
             TransferState::Pending => {}
         }
         self.emit(Event::PendingVoided { id: pending }, now_ms, events);
-        Ok(Some(self.view(idx)))
+        self.answer(idx, false)
     }
 
     fn expire_if_due(&mut self, idx: TransferIdx, now_ms: u64, events: &mut Vec<Event>) {
@@ -565,37 +638,43 @@ impl State {
         }
     }
 
-    /// The state-dependent checks of moving `amount_minor` (posted or reserved).
+    /// The state-dependent checks of moving `amount_minor` (posted or reserved) out of
+    /// `debit` (opened as `debit_idx`, or not yet) into the account `credit_idx` (or one not
+    /// yet opened, of the same currency). An account not yet opened is all zeros and not
+    /// frozen.
     fn check_movement(
         &mut self,
-        debit_idx: AccountIdx,
-        credit_idx: AccountIdx,
+        debit_idx: Option<AccountIdx>,
+        credit_idx: Option<AccountIdx>,
+        debit: &AccountId,
         amount_minor: u128,
         now_ms: u64,
     ) -> Result<(), TransferError> {
         use TransferError as E;
-        let currency = self.accounts[debit_idx as usize].id.currency;
+        let currency = debit.currency;
         let daily_max = self
             .currencies
             .get(currency)
             .and_then(|c| c.max_per_24h_minor);
-        let debit = &self.accounts[debit_idx as usize];
-        let credit = &self.accounts[credit_idx as usize];
-        if debit.frozen.is_some() {
+        let frozen = |idx: Option<AccountIdx>| idx.and_then(|i| self.accounts[i as usize].frozen);
+        if frozen(debit_idx).is_some() {
             return Err(E::DebitAccountFrozen);
         }
-        if credit.frozen == Some(FreezeMode::All) {
+        if frozen(credit_idx) == Some(FreezeMode::All) {
             return Err(E::CreditAccountFrozen);
         }
-        let user_debit = !debit.id.owner.is_system();
+        let user_debit = !debit.owner.is_system();
         if let (true, Some(max)) = (user_debit, daily_max) {
-            let used = self.window_sum(debit_idx, now_ms);
+            let used = debit_idx.map_or(0, |idx| self.window_sum(idx, now_ms));
             if used.saturating_add(amount_minor) > max {
                 return Err(E::ExceedsDailyLimit);
             }
         }
-        let debit = &self.accounts[debit_idx as usize].balances;
-        let credit = &self.accounts[credit_idx as usize].balances;
+        let balances = |idx: Option<AccountIdx>| {
+            idx.map_or_else(Balances::default, |i| self.accounts[i as usize].balances)
+        };
+        let debit = &balances(debit_idx);
+        let credit = &balances(credit_idx);
         if user_debit {
             let spent = debit.debits_posted_minor + debit.debits_pending_minor;
             if spent.saturating_add(amount_minor) > debit.credits_posted_minor {
@@ -635,6 +714,7 @@ impl State {
 
     /// An earlier transfer or recorded failure with this id decides the answer.
     fn existing(&self, id: TransferId, request: &Body) -> Option<OpResult> {
+        let request = request.fingerprint();
         if let Some(&idx) = self.transfer_index.get(&id) {
             let t = &self.transfers[idx as usize];
             let refund = matches!(t.kind, TransferKind::Refund { .. });
@@ -646,10 +726,22 @@ impl State {
                 amount_minor: t.amount_minor,
                 memo: t.memo.to_vec(),
             };
-            return Some(stored.compare(request).map(|()| Some(self.view(idx))));
+            return Some(
+                stored
+                    .fingerprint()
+                    .compare(&request)
+                    .and_then(|()| self.answer(idx, true)),
+            );
         }
         let failed = self.failed.get(&id)?;
-        Some(failed.body.compare(request).and(Err(failed.error)))
+        Some(failed.fingerprint.compare(&request).and(Err(failed.error)))
+    }
+
+    fn answer(&self, idx: TransferIdx, exists: bool) -> OpResult {
+        Ok(Some(Answer {
+            transfer: self.view(idx),
+            exists,
+        }))
     }
 
     fn fail(
@@ -758,7 +850,7 @@ impl State {
                 self.failed.insert(
                     *id,
                     FailedRec {
-                        body: body.clone(),
+                        fingerprint: body.fingerprint(),
                         error: *error,
                     },
                 );
@@ -976,10 +1068,6 @@ impl State {
             deadline_ms: t.deadline_ms(),
             refunded_minor: t.refunded_minor,
         }
-    }
-
-    fn view_by_id(&self, id: TransferId) -> Transfer {
-        self.view(self.transfer_index[&id])
     }
 
     /// A transfer by id.

@@ -7,11 +7,16 @@
 //! - `b"k"` -> the head (seq and hash of the last record),
 //!
 //! both written by one atomic `apply_batch`, one `flush` and one `fdatasync` per batch; then
-//! the head is copied to the file `mxpay-head` beside sled's files (see `anchor`). Nothing else is stored:
+//! the head is copied to the file `mxpay-head` beside sled's files (see `anchor`; a failure
+//! of that copy is logged, counted and retried on the next batch, never returned: the batch
+//! is durable by then). Nothing else is stored:
 //! balances, transfers and idempotency keys are rebuilt in memory from the journal on open.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 /// Why the storage failed (I/O, or the database could not be opened).
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,12 @@ pub trait Storage: Send + Sync + 'static {
     fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(None)
     }
+
+    /// How many times copying the head outside the primary store failed after a durable
+    /// append (each is retried on the next append); 0 for a backend that keeps no copy.
+    fn anchor_write_failures(&self) -> u64 {
+        0
+    }
 }
 
 const RECORD_PREFIX: u8 = b'j';
@@ -86,10 +97,21 @@ pub struct SledStorage {
     /// `ANCHOR_FILE`: the head again, outside sled. sled treats a damaged message in its log
     /// as the end of the log and silently drops everything after it, head included; this copy
     /// lets verify notice. Rewritten in place after each durable append, not synced itself
-    /// (it may lag after a power cut, which verify accepts; it never leads). `None` if the
-    /// file is missing from a journal that has records.
-    anchor_file: Option<std::fs::File>,
+    /// (it may lag after a power cut, which verify accepts; it never leads).
+    anchor: Mutex<Anchor>,
     anchor_path: std::path::PathBuf,
+    /// Failed writes of the anchor (see [`Storage::anchor_write_failures`]).
+    anchor_write_failures: AtomicU64,
+}
+
+/// The anchor file as the writer holds it.
+struct Anchor {
+    /// `None` if the file is missing from a journal that has records (found at open): it is
+    /// then never recreated, so that verify keeps saying it is missing.
+    file: Option<std::fs::File>,
+    /// The last write failed: open the file again (recreating it if it is gone) before the
+    /// next write, in case the handle itself is what broke.
+    reopen: bool,
 }
 
 impl SledStorage {
@@ -152,9 +174,63 @@ impl SledStorage {
             _db: db,
             tree,
             log_file,
-            anchor_file,
+            anchor: Mutex::new(Anchor {
+                file: anchor_file,
+                reopen: false,
+            }),
             anchor_path,
+            anchor_write_failures: AtomicU64::new(0),
         })
+    }
+
+    /// Copies `head` to the anchor file. Called once the record is durable, so a failure is
+    /// not the batch's: it is logged and counted, and the next append tries again.
+    fn write_anchor(&self, head: &[u8]) {
+        let mut anchor = self.anchor.lock();
+        if anchor.file.is_none() {
+            return;
+        }
+        let written = (|| {
+            if anchor.reopen {
+                anchor.file = Some(self.reopen_anchor()?);
+                anchor.reopen = false;
+            }
+            let file = anchor.file.as_ref().expect("checked above");
+            file.write_all_at(head, 0)
+        })();
+        if let Err(error) = written {
+            anchor.reopen = true;
+            let failures = self.anchor_write_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                path = %self.anchor_path.display(),
+                %error,
+                failures,
+                "cannot write the ledger's head anchor; the batch is durable, the write is \
+                 retried on the next batch (until then verify checks against an older head)"
+            );
+        }
+    }
+
+    /// Opens the anchor file again; one that is gone is created and synced, with its
+    /// directory, so that a power cut cannot leave a journal without its anchor.
+    fn reopen_anchor(&self) -> std::io::Result<std::fs::File> {
+        let options = || {
+            let mut options = std::fs::OpenOptions::new();
+            options.read(true).write(true);
+            options
+        };
+        match options().open(&self.anchor_path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let file = options().create_new(true).open(&self.anchor_path)?;
+                file.write_all_at(&[0u8; ANCHOR_BYTES], 0)?;
+                file.sync_all()?;
+                if let Some(dir) = self.anchor_path.parent() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                Ok(file)
+            }
+            other => other,
+        }
     }
 
     /// The key of record `seq`.
@@ -176,15 +252,17 @@ impl Storage for SledStorage {
             file.sync_data()
                 .map_err(|e| StorageError::Backend(format!("fdatasync of the journal: {e}")))?;
         }
-        if let Some(file) = &self.anchor_file {
-            file.write_all_at(head, 0)
-                .map_err(|e| StorageError::Backend(format!("write of the head anchor: {e}")))?;
-        }
+        self.write_anchor(head);
         Ok(())
     }
 
+    fn anchor_write_failures(&self) -> u64 {
+        self.anchor_write_failures.load(Ordering::Relaxed)
+    }
+
     fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        let Some(file) = &self.anchor_file else {
+        let anchor = self.anchor.lock();
+        let Some(file) = &anchor.file else {
             return Err(StorageError::Backend(format!(
                 "the head anchor file {} is missing although the journal has records",
                 self.anchor_path.display()
@@ -231,5 +309,34 @@ mod tests {
         let got: Vec<u64> = storage.records(2).map(|r| r.unwrap().0).collect();
         assert_eq!(got, vec![2, 300]);
         assert_eq!(storage.head().unwrap().unwrap(), b"head");
+    }
+
+    /// Issue 15: the anchor is written after the record is durable, so its failure never
+    /// fails the append; it is counted and retried (reopening the file) on the next append.
+    /// `/dev/full` fails every write with ENOSPC; then a directory stands in the file's place.
+    #[test]
+    fn a_failing_anchor_write_never_fails_a_durable_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let anchor = dir.path().join(ANCHOR_FILE);
+        std::os::unix::fs::symlink("/dev/full", &anchor).unwrap();
+        let storage = SledStorage::open(dir.path()).unwrap();
+        let head = |seq: u8| [seq; ANCHOR_BYTES];
+        storage.append(1, b"one", &head(1)).unwrap();
+        assert_eq!(storage.anchor_write_failures(), 1);
+        std::fs::remove_file(&anchor).unwrap();
+        std::fs::create_dir(&anchor).unwrap();
+        storage.append(2, b"two", &head(2)).unwrap();
+        assert_eq!(storage.anchor_write_failures(), 2);
+        // Fixed: the next append recreates the file and the anchor catches up.
+        std::fs::remove_dir(&anchor).unwrap();
+        storage.append(3, b"three", &head(3)).unwrap();
+        assert_eq!(storage.anchor_write_failures(), 2);
+        assert_eq!(storage.anchor().unwrap().unwrap(), head(3));
+        assert_eq!(std::fs::read(&anchor).unwrap(), head(3));
+        let got: Vec<u64> = storage.records(1).map(|r| r.unwrap().0).collect();
+        assert_eq!(got, vec![1, 2, 3], "every append is in the journal");
+        storage.append(4, b"four", &head(4)).unwrap();
+        assert_eq!(storage.anchor().unwrap().unwrap(), head(4));
+        assert_eq!(storage.anchor_write_failures(), 2);
     }
 }

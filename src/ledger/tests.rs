@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 
 use super::*;
-use crate::clock::ManualClock;
+use crate::clock::{Clock, ManualClock};
 
 const T0_MS: u64 = 1_700_000_000_000;
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -34,10 +34,20 @@ struct Fixture {
     ledger: BlockingLedger,
 }
 
+/// Opens a ledger whose clock and monotonic clock are both `clock`: moving it moves ledger
+/// time by any amount (no jump to refuse).
+fn open_manual(dir: &Path, settings: &LedgerSettings, clock: &ManualClock) -> Ledger {
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        ..LedgerOptions::default()
+    };
+    Ledger::open_with_options(dir, settings, Arc::new(clock.clone()), options).unwrap()
+}
+
 fn open() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0_MS);
-    let ledger = Ledger::open(dir.path(), &settings(), Arc::new(clock.clone())).unwrap();
+    let ledger = open_manual(dir.path(), &settings(), &clock);
     Fixture {
         _dir: dir,
         clock,
@@ -227,6 +237,83 @@ fn same_id_different_body_is_a_distinct_error() {
     );
 }
 
+/// Issue 15: idempotency does not depend on the configuration. A transfer committed under
+/// one `max_transfer` / `max_per_24h` is answered as the original after a reopen with lower
+/// limits; only a *new* id meets the new limits.
+#[test]
+fn a_retry_after_the_limits_were_lowered_answers_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
+        .unwrap()
+        .blocking();
+    let eur = |value: &str| {
+        ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(value).unwrap(), "EUR")
+            .unwrap()
+    };
+    let request = |id: u128, debit: Owner, credit: Owner, amount: Amount| TransferRequest {
+        id: TransferId(id),
+        debit,
+        credit,
+        amount,
+        memo: b"rent".to_vec(),
+    };
+    let (big, bigger) = (eur("9000.00"), eur("9000.01"));
+    ledger
+        .create_transfer(request(1, Owner::Issuer, user("alice"), eur("10000.00")))
+        .unwrap();
+    let original = ledger
+        .create_transfer(request(2, user("alice"), user("bob"), big))
+        .unwrap();
+    let pending = ledger
+        .create_pending(
+            request(3, user("alice"), user("bob"), eur("900.00")),
+            60_000,
+        )
+        .unwrap();
+    drop(ledger);
+
+    let mut lowered = settings();
+    lowered.currencies[0].max_transfer = Some(Decimal::from(100));
+    lowered.currencies[0].max_per_24h = Some(Decimal::from(100));
+    let ledger = Ledger::open(dir.path(), &lowered, Arc::new(clock.clone()))
+        .unwrap()
+        .blocking();
+    let again = ledger
+        .create_transfer(request(2, user("alice"), user("bob"), big))
+        .unwrap();
+    assert_eq!(again, original, "the retry answers the committed transfer");
+    let again = ledger
+        .create_pending(
+            request(3, user("alice"), user("bob"), eur_of(&pending)),
+            60_000,
+        )
+        .unwrap();
+    assert_eq!(again, pending);
+    // The same id with another body is still an idempotency conflict, not a limit error.
+    assert_eq!(
+        rejected(ledger.create_transfer(request(2, user("alice"), user("bob"), bigger))),
+        TransferError::ExistsWithDifferentAmount
+    );
+    // A new id meets the new limit.
+    assert_eq!(
+        rejected(ledger.create_transfer(request(4, user("alice"), user("bob"), big))),
+        TransferError::ExceedsMaxTransfer
+    );
+    ledger.verify().unwrap();
+}
+
+/// The amount of a transfer as an [`Amount`] (built past the edge's limit check, as a caller
+/// holding the original request would have it).
+fn eur_of(t: &Transfer) -> Amount {
+    let unlimited = Currencies::from_settings(&LedgerSettings::default()).unwrap();
+    unlimited
+        .from_minor(t.amount_minor, t.debit.currency.as_str())
+        .unwrap()
+}
+
 #[test]
 fn a_transient_failure_spends_the_id() {
     let f = open();
@@ -245,6 +332,119 @@ fn a_transient_failure_spends_the_id() {
     f.send(6, user("alice"), user("bob"), "1.00").unwrap();
     assert_eq!(f.available("bob"), 100);
     f.ledger.verify().unwrap();
+}
+
+/// Issue 15: a refused transfer leaves no account behind, and what it keeps for idempotency
+/// answers its retries the same way after a reopen.
+#[test]
+fn a_refused_transfer_opens_no_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let open = || open_manual(dir.path(), &settings(), &clock).blocking();
+    let eur = open()
+        .ledger()
+        .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
+        .unwrap();
+    let request = |memo: &[u8]| TransferRequest {
+        id: TransferId(7),
+        debit: user("carol"),
+        credit: user("dave"),
+        amount: eur,
+        memo: memo.to_vec(),
+    };
+    let account = |name: &str| AccountId {
+        owner: user(name),
+        currency: eur.currency(),
+    };
+    let memo = vec![b'm'; MEMO_BYTES_MAX];
+    // Once, then again after a reopen (the failure replayed from the journal).
+    for _ in 0..2 {
+        let ledger = open();
+        assert_eq!(
+            rejected(ledger.create_transfer(request(&memo))),
+            TransferError::InsufficientFunds
+        );
+        assert_eq!(ledger.account(&account("carol")).unwrap(), None);
+        assert_eq!(ledger.account(&account("dave")).unwrap(), None);
+        assert!(ledger.balances(&user("carol")).unwrap().is_empty());
+        assert_eq!(ledger.verify().unwrap().accounts, 0);
+        // The id is spent: the same body answers the same failure, another memo conflicts.
+        assert_eq!(
+            rejected(ledger.create_transfer(request(b"other"))),
+            TransferError::ExistsWithDifferentMemo
+        );
+        drop(ledger);
+    }
+    let ledger = open();
+    let opened = ledger
+        .ledger()
+        .export()
+        .filter(|e| {
+            matches!(
+                e.as_ref().unwrap().entry,
+                JournalEntry::AccountOpened { .. }
+            )
+        })
+        .count();
+    assert_eq!(opened, 0, "the journal opened no account");
+    // A transfer that succeeds opens its accounts as before.
+    ledger
+        .create_transfer(TransferRequest {
+            id: TransferId(8),
+            debit: Owner::Issuer,
+            credit: user("carol"),
+            amount: eur,
+            memo: vec![],
+        })
+        .unwrap();
+    assert!(ledger.account(&account("carol")).unwrap().is_some());
+    assert_eq!(ledger.verify().unwrap().accounts, 2);
+}
+
+/// Issue 15: a retried create or refund says the transfer already existed (TigerBeetle's
+/// `exists`), before and after a reopen, and the first call says it created it.
+#[test]
+fn a_retried_create_says_it_exists() {
+    let f = open();
+    let single = f.request(1, Owner::Issuer, user("alice"), "50.00", "EUR");
+    let first = f.ledger.create_transfer_result(single.clone()).unwrap();
+    assert!(matches!(&first, CreateResult::Created(t) if t.id == TransferId(1)));
+    let again = f.ledger.create_transfer_result(single.clone()).unwrap();
+    assert_eq!(again, CreateResult::Exists(first.transfer().clone()));
+    let pending = f.request(2, user("alice"), user("bob"), "5.00", "EUR");
+    assert!(!f
+        .ledger
+        .create_pending_result(pending.clone(), 60_000)
+        .unwrap()
+        .exists());
+    f.ledger.post(TransferId(2), None).unwrap();
+    // The retry answers the transfer as it stands now: posted since.
+    let again = f.ledger.create_pending_result(pending, 60_000).unwrap();
+    assert!(again.exists());
+    assert!(matches!(
+        again.transfer().state,
+        TransferState::Posted { .. }
+    ));
+    let one = f.amount("1.00", "EUR");
+    let refund = || {
+        f.ledger
+            .refund_result(TransferId(3), TransferId(2), one, b"r".to_vec())
+    };
+    assert!(!refund().unwrap().exists());
+    assert!(refund().unwrap().exists());
+    assert_eq!(f.available("alice"), 4_600, "retries moved nothing");
+    // A retry of a failure is still the failure, not `exists`.
+    let broke = f.request(4, user("zoe"), user("bob"), "1.00", "EUR");
+    for _ in 0..2 {
+        assert_eq!(
+            rejected(
+                f.ledger
+                    .create_transfer_result(broke.clone())
+                    .map(CreateResult::into_transfer)
+            ),
+            TransferError::InsufficientFunds
+        );
+    }
 }
 
 #[test]
@@ -926,11 +1126,7 @@ fn rolling_daily_limit() {
 fn the_daily_window_is_rebuilt_on_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0_MS);
-    let open = || {
-        Ledger::open(dir.path(), &settings(), Arc::new(clock.clone()))
-            .unwrap()
-            .blocking()
-    };
+    let open = || open_manual(dir.path(), &settings(), &clock).blocking();
     let send = |ledger: &BlockingLedger, id: u128, debit: Owner, value: &str| {
         let amount = ledger
             .ledger()
@@ -1065,7 +1261,7 @@ mod model {
     //! A plain in-memory model of the ledger's rules, written separately from `state.rs`,
     //! that predicts each reply. The ledger must agree on every reply and every balance.
 
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
 
     use crate::ledger::{FreezeMode, TransferError as E};
 
@@ -1122,6 +1318,13 @@ mod model {
         pub failed: HashMap<u128, Fail>,
         pub frozen: HashMap<Acct, FreezeMode>,
         pub now: u64,
+        /// Accounts that exist: opened by a transfer that succeeded, or by a freeze. A
+        /// refused transfer opens none.
+        pub opened: HashSet<Acct>,
+        /// Whether the last create or refund answered a transfer that already existed.
+        pub exists: bool,
+        /// EUR's (currency 0) `max_transfer`, in minor units, for user debits.
+        pub max_transfer: Option<u128>,
     }
 
     /// Owner 0 is the issuer (may go negative); the others are users.
@@ -1257,6 +1460,7 @@ mod model {
             timeout: Option<u64>,
         ) -> Result<u128, E> {
             self.expire();
+            self.exists = false;
             if id == 0 {
                 return Err(E::IdMustNotBeZero);
             }
@@ -1265,11 +1469,17 @@ mod model {
             }
             let kind = timeout.map_or(Kind::Single, Kind::Pending);
             if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount)) {
+                self.exists = r.is_ok();
                 return r;
+            }
+            // A limit of the configuration: after the lookup, and never recorded.
+            if is_user(d) && d.1 == 0 && self.max_transfer.is_some_and(|max| amount > max) {
+                return Err(E::ExceedsMaxTransfer);
             }
             if let Err(e) = self.movement(d, c, amount) {
                 return self.record_fail(id, kind, Some(d), Some(c), d.1, amount, e);
             }
+            self.opened.extend([d, c]);
             let (state, deadline) = match timeout {
                 Some(t) => (St::Pending, self.now + t),
                 None => (St::Posted(amount), 0),
@@ -1310,11 +1520,13 @@ mod model {
             amount: u128,
         ) -> Result<u128, E> {
             self.expire();
+            self.exists = false;
             if id == 0 {
                 return Err(E::IdMustNotBeZero);
             }
             let kind = Kind::Refund(original);
             if let Some(r) = self.lookup(id, (kind, None, None, cur, amount)) {
+                self.exists = r.is_ok();
                 return r;
             }
             let Some(o) = self.tr.get(&original).cloned() else {
@@ -1426,6 +1638,7 @@ mod model {
 
         pub fn freeze(&mut self, a: Acct, mode: Option<FreezeMode>) {
             self.expire();
+            self.opened.insert(a);
             match mode {
                 Some(m) => self.frozen.insert(a, m),
                 None => self.frozen.remove(&a),
@@ -1481,7 +1694,16 @@ mod auditor {
         Advance {
             ms: u64,
         },
-        Reopen,
+        /// The system clock jumps by more than the allowed skew (ahead, or back), a batch
+        /// runs, and the clock is set right: ledger time must not have moved with it.
+        Jump {
+            ms: u64,
+            back: bool,
+        },
+        /// Reopen with EUR's `max_transfer` set to this (or no limit).
+        Reopen {
+            max_transfer_minor: Option<u128>,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1499,26 +1721,36 @@ mod auditor {
             1 => (who, cur, prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
                 .prop_map(|(owner, cur, mode)| Step::Freeze { owner, cur, mode }),
             2 => (0u64..4_000).prop_map(|ms| Step::Advance { ms }),
-            1 => Just(Step::Reopen),
+            1 => (CLOCK_SKEW_MS_MAX + 1..30 * DAY_MS, any::<bool>()).prop_map(|(ms, back)| Step::Jump { ms, back }),
+            1 => proptest::option::of(1u128..200).prop_map(|max_transfer_minor| Step::Reopen { max_transfer_minor }),
         ]
     }
 
-    fn prop_settings() -> LedgerSettings {
+    /// The currencies, with `max_transfer_minor` as EUR's `max_transfer` (if any).
+    fn prop_settings(max_transfer_minor: Option<u128>) -> LedgerSettings {
         LedgerSettings {
             currencies: CURRENCIES
                 .iter()
-                .map(|c| CurrencySpec {
+                .enumerate()
+                .map(|(i, c)| CurrencySpec {
                     code: (*c).to_owned(),
                     exponent: 2,
-                    max_transfer: None,
+                    max_transfer: max_transfer_minor
+                        .filter(|_| i == 0)
+                        .map(|m| Decimal::from_i128_with_scale(m as i128, 2)),
                     max_per_24h: None,
                 })
                 .collect(),
         }
     }
 
-    fn amount(ledger: &Ledger, cur: usize, minor: u128) -> Amount {
-        ledger.amount_from_minor(minor, CURRENCIES[cur]).unwrap()
+    /// An amount as a caller holding its request has it: not checked against the limits
+    /// configured now (the ledger applies them, after the id lookup).
+    fn amount(_ledger: &Ledger, cur: usize, minor: u128) -> Amount {
+        Currencies::from_settings(&prop_settings(None))
+            .unwrap()
+            .from_minor(minor, CURRENCIES[cur])
+            .unwrap()
     }
 
     /// Compares a reply with the model's prediction.
@@ -1551,11 +1783,34 @@ mod auditor {
         }
     }
 
+    /// [`check`] for a create or refund, which also says whether it already existed.
+    fn check_created(
+        got: Result<CreateResult, LedgerError>,
+        want: Result<u128, TransferError>,
+        model: &Model,
+    ) -> Result<(), TestCaseError> {
+        if let Ok(created) = &got {
+            prop_assert_eq!(created.exists(), model.exists, "exists of {:?}", created);
+        }
+        check(got.map(CreateResult::into_transfer), want, model)
+    }
+
     fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         let dir = tempfile::tempdir().unwrap();
+        // The system clock, and the monotonic clock it is checked against: `Advance` moves
+        // both, `Jump` only the first.
         let clock = ManualClock::new(T0_MS);
-        let open = || Ledger::open(dir.path(), &prop_settings(), Arc::new(clock.clone())).unwrap();
-        let mut ledger = open();
+        let monotonic = ManualClock::new(0);
+        let open = |max_transfer_minor: Option<u128>| {
+            let options = LedgerOptions {
+                monotonic: Some(Arc::new(monotonic.clone())),
+                ..LedgerOptions::default()
+            };
+            let settings = prop_settings(max_transfer_minor);
+            Ledger::open_with_options(dir.path(), &settings, Arc::new(clock.clone()), options)
+                .unwrap()
+        };
+        let mut ledger = open(None);
         let mut model = Model {
             now: T0_MS,
             ..Model::default()
@@ -1580,11 +1835,11 @@ mod auditor {
                     };
                     let timeout = timeout_s.map(|s| s * 1_000);
                     let got = match timeout {
-                        Some(t) => b.create_pending(request, t),
-                        None => b.create_transfer(request),
+                        Some(t) => b.create_pending_result(request, t),
+                        None => b.create_transfer_result(request),
                     };
                     let want = model.create(id, (debit, cur), (credit, cur), a, timeout);
-                    check(got, want, &model)?;
+                    check_created(got, want, &model)?;
                 }
                 Step::Post { id, amount: a } => {
                     let got = b.post(TransferId(id), a.map(|(c, m)| amount(&ledger, c, m)));
@@ -1601,14 +1856,14 @@ mod auditor {
                     cur,
                     amount: a,
                 } => {
-                    let got = b.refund(
+                    let got = b.refund_result(
                         TransferId(id),
                         TransferId(original),
                         amount(&ledger, cur, a),
                         vec![],
                     );
                     let want = model.refund(id, original, cur, a);
-                    check(got, want, &model)?;
+                    check_created(got, want, &model)?;
                 }
                 Step::Freeze {
                     owner: o,
@@ -1627,14 +1882,23 @@ mod auditor {
                 }
                 Step::Advance { ms } => {
                     clock.advance_ms(ms);
+                    monotonic.advance_ms(ms);
                     model.now += ms;
                     model.expire();
                     b.expire_due().unwrap();
                 }
-                Step::Reopen => {
+                Step::Jump { ms, back } => {
+                    let right_ms = clock.now_ms();
+                    clock.set_ms(if back { right_ms - ms } else { right_ms + ms });
+                    model.expire();
+                    b.expire_due().unwrap();
+                    clock.set_ms(right_ms);
+                }
+                Step::Reopen { max_transfer_minor } => {
                     drop(b);
                     drop(ledger);
-                    ledger = open();
+                    ledger = open(max_transfer_minor);
+                    model.max_transfer = max_transfer_minor;
                 }
             }
             // After every step: balances equal the model's, and the invariants hold.
@@ -1645,11 +1909,15 @@ mod auditor {
                         owner: owner(o),
                         currency: CurrencyCode::new(code).unwrap(),
                     };
-                    let got = b
-                        .account(&account)
-                        .unwrap()
-                        .map(|a| a.balances)
-                        .unwrap_or_default();
+                    let view = b.account(&account).unwrap();
+                    prop_assert_eq!(
+                        view.is_some(),
+                        model.opened.contains(&(o, c)),
+                        "account {} {} exists",
+                        o,
+                        code
+                    );
+                    let got = view.map(|a| a.balances).unwrap_or_default();
                     let m = model.bal.get(&(o, c)).copied().unwrap_or_default();
                     let want = Balances {
                         debits_pending_minor: m.dp,
@@ -1705,4 +1973,136 @@ fn commit_observer_sees_each_durable_batch_and_only_the_first_is_kept() {
     f.balances("@alice:hs", "EUR");
     let seen = seen.lock().clone();
     assert_eq!(seen, vec![1, 1], "one batch per blocking transfer");
+}
+
+/// Issue 15: a head anchor that cannot be written (here `/dev/full`, then a directory in its
+/// place) does not stop the ledger: every batch is answered, the failures are counted, and
+/// once the file can be written again the anchor catches up and verify and reopen pass.
+#[test]
+fn a_failing_anchor_write_does_not_stop_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = dir.path().join("ledger").join(storage::ANCHOR_FILE);
+    std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &anchor).unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let open = || open_manual(dir.path(), &settings(), &clock).blocking();
+    let ledger = open();
+    let eur = |value: &str| {
+        ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(value).unwrap(), "EUR")
+            .unwrap()
+    };
+    let send = |id: u128, debit: Owner, credit: Owner, value: &str| {
+        ledger.create_transfer(TransferRequest {
+            id: TransferId(id),
+            debit,
+            credit,
+            amount: eur(value),
+            memo: vec![],
+        })
+    };
+    send(1, Owner::Issuer, user("alice"), "10.00").unwrap();
+    send(2, user("alice"), user("bob"), "1.00").unwrap();
+    let failures = ledger.ledger().alarms().anchor_write_failures;
+    assert!(failures >= 2, "{failures}");
+    std::fs::remove_file(&anchor).unwrap();
+    std::fs::create_dir(&anchor).unwrap();
+    send(3, user("alice"), user("bob"), "1.00").unwrap();
+    assert_eq!(ledger.ledger().alarms().anchor_write_failures, failures + 1);
+    std::fs::remove_dir(&anchor).unwrap();
+    send(4, user("alice"), user("bob"), "1.00").unwrap();
+    send(5, user("alice"), user("bob"), "1.00").unwrap();
+    assert_eq!(ledger.ledger().alarms().anchor_write_failures, failures + 1);
+    assert_eq!(ledger.verify().unwrap().transfers, 5);
+    drop(ledger);
+    let ledger = open();
+    assert_eq!(ledger.verify().unwrap().transfers, 5);
+    assert_eq!(ledger.ledger().alarms(), LedgerAlarms::default());
+    let bob = AccountId {
+        owner: user("bob"),
+        currency: CurrencyCode::new("EUR").unwrap(),
+    };
+    let bob = ledger.account(&bob).unwrap().unwrap();
+    assert_eq!(bob.balances.available_minor(), 400);
+}
+
+/// Issue 15: a jump of the system clock (a day ahead, then set right again) is neither written
+/// into the journal nor freezes ledger time: ledger time follows the monotonic clock while the
+/// clock disagrees with it, a pending transfer does not expire early, and the refusal is
+/// counted.
+#[test]
+fn a_clock_jump_is_not_written_and_does_not_freeze_ledger_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let wall = ManualClock::new(T0_MS);
+    let monotonic = ManualClock::new(0);
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(monotonic.clone())),
+        ..LedgerOptions::default()
+    };
+    let ledger =
+        Ledger::open_with_options(dir.path(), &settings(), Arc::new(wall.clone()), options)
+            .unwrap()
+            .blocking();
+    let eur = |value: &str| {
+        ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(value).unwrap(), "EUR")
+            .unwrap()
+    };
+    let request = |id: u128, debit: Owner, value: &str| TransferRequest {
+        id: TransferId(id),
+        debit,
+        credit: user("bob"),
+        amount: eur(value),
+        memo: vec![],
+    };
+    ledger
+        .create_transfer(request(1, Owner::Issuer, "100.00"))
+        .unwrap();
+    let pending = ledger
+        .create_pending(request(3, Owner::Issuer, "40.00"), 60_000)
+        .unwrap();
+    assert_eq!(pending.deadline_ms, Some(T0_MS + 60_000));
+
+    // The system clock jumps a day ahead while one second passes.
+    monotonic.advance_ms(1_000);
+    wall.advance_ms(DAY_MS);
+    let t = ledger
+        .create_transfer(request(4, Owner::Issuer, "1.00"))
+        .unwrap();
+    assert_eq!(t.created_ms, T0_MS + 1_000, "ledger time did not jump");
+    assert!(ledger.expire_due().unwrap().is_empty());
+    assert_eq!(
+        ledger.transfer(TransferId(3)).unwrap().unwrap().state,
+        TransferState::Pending,
+        "the jump did not expire the pending transfer"
+    );
+    assert!(ledger.ledger().alarms().clock_readings_refused >= 1);
+
+    // Set right again: ledger time goes on from where it was, not frozen at the jump.
+    monotonic.advance_ms(1_000);
+    wall.set_ms(T0_MS + 2_000);
+    let t = ledger
+        .create_transfer(request(5, Owner::Issuer, "1.00"))
+        .unwrap();
+    assert_eq!(t.created_ms, T0_MS + 2_000);
+    let refused = ledger.ledger().alarms().clock_readings_refused;
+    // Expiry follows ledger time.
+    monotonic.advance_ms(58_000);
+    wall.advance_ms(58_000);
+    // (The idle writer may have expired it first; either way it is expired now.)
+    let _ = ledger.expire_due().unwrap();
+    let expired = ledger.transfer(TransferId(3)).unwrap().unwrap();
+    assert_eq!(expired.state, TransferState::Expired);
+    assert_eq!(expired.ended_ms, Some(T0_MS + 60_000));
+    assert_eq!(ledger.ledger().alarms().clock_readings_refused, refused);
+    let latest_ms = ledger
+        .ledger()
+        .export()
+        .map(|e| e.unwrap().time_ms)
+        .max()
+        .unwrap();
+    assert_eq!(latest_ms, T0_MS + 60_000, "no record carries the jump");
+    ledger.verify().unwrap();
 }

@@ -12,7 +12,6 @@ use super::model::TransferId;
 use super::state::{Event, Op, OpResult, State};
 use super::storage::{Storage, RECORD_BYTES_TARGET};
 use super::LedgerError;
-use crate::clock::SharedClock;
 
 /// A read that runs on the writer after the batch it arrived in is durable.
 pub(crate) type ReadFn = Box<dyn FnOnce(&State, Head) + Send>;
@@ -46,7 +45,7 @@ pub(crate) struct Writer {
     pub observer: Arc<std::sync::OnceLock<super::CommitObserver>>,
     pub state: State,
     pub storage: Arc<dyn Storage>,
-    pub clock: SharedClock,
+    pub time: super::time::LedgerTime,
     pub head: Head,
     pub last_time_ms: u64,
     pub batch_commands_max: usize,
@@ -86,8 +85,8 @@ impl Writer {
         rx: &mut mpsc::Receiver<Command>,
         record: &mut RecordBuilder,
     ) -> Result<(), LedgerError> {
-        // Ledger time never goes backwards, even if the clock does.
-        let now_ms = self.clock.now_ms().max(self.last_time_ms);
+        // Ledger time never goes backwards, and does not follow a jump of the clock.
+        let now_ms = self.time.now_ms(self.last_time_ms);
         let mut events: Vec<Event> = Vec::new();
         record.clear();
         let expired = self.state.expire_due(now_ms, &mut events);
