@@ -28,6 +28,22 @@ pub fn open_waiting_for_lock(config: &sled::Config) -> sled::Result<sled::Db> {
     }
 }
 
+/// sled's log file in the database directory `dir` (`<dir>/db`), opened for
+/// [`flush_durably`].
+pub fn log_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(dir.join("db"))
+}
+
+/// Flushes `db` and fdatasyncs its log: sled 0.34 "flushes" with `sync_file_range`, which
+/// survives a process crash but neither writes metadata nor empties the disk's write cache,
+/// so without the fdatasync a power cut can undo what was "flushed" (a PIN attempt counted,
+/// an event decided, a transaction acknowledged). The ledger does the same per batch.
+pub fn flush_durably(db: &sled::Db, log: &std::fs::File) -> sled::Result<()> {
+    db.flush()?;
+    log.sync_data()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,5 +59,19 @@ mod tests {
         }
         let db = open_waiting_for_lock(&config).unwrap();
         assert_eq!(db.len(), 20);
+    }
+
+    #[test]
+    fn the_log_file_is_where_sled_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_waiting_for_lock(&sled::Config::new().path(dir.path())).unwrap();
+        let log = log_file(dir.path()).expect("sled's log is <dir>/db");
+        let before = log.metadata().unwrap().len();
+        db.insert(b"k", vec![7u8; 4096]).unwrap();
+        flush_durably(&db, &log).unwrap();
+        assert!(
+            log.metadata().unwrap().len() > before,
+            "the write went to that file"
+        );
     }
 }

@@ -97,6 +97,8 @@ pub enum MessageCheck {
 #[derive(Debug)]
 pub struct ReplayStore {
     db: sled::Db,
+    /// sled's log file, fdatasync'ed after each flush: a record must survive a power cut.
+    log: std::fs::File,
     tree: sled::Tree,
     floors: sled::Tree,
 }
@@ -107,7 +109,13 @@ impl ReplayStore {
         let db = crate::sled_open::open_waiting_for_lock(&sled::Config::new().path(dir))?;
         let tree = db.open_tree("megolmmessage_eventid")?;
         let floors = db.open_tree("megolmsession_floorindex")?;
-        Ok(Self { db, tree, floors })
+        let log = crate::sled_open::log_file(dir).map_err(sled::Error::Io)?;
+        Ok(Self {
+            db,
+            log,
+            tree,
+            floors,
+        })
     }
 
     /// Checks `message` of `room_id` against the records and, when it is fresh and new,
@@ -137,7 +145,7 @@ impl ReplayStore {
             }
         } else {
             self.tree.insert(&key, encode_value(now_ms, event_id))?;
-            self.db.flush()?;
+            crate::sled_open::flush_durably(&self.db, &self.log)?;
         }
         Ok(MessageCheck::Fresh {
             sent_before_ms: self.sent_before_ms(&prefix, message.index)?,
@@ -201,9 +209,9 @@ impl ReplayStore {
             };
             self.floors.insert(prefix, &index.max(old).to_be_bytes())?;
         }
-        self.db.flush()?;
+        crate::sled_open::flush_durably(&self.db, &self.log)?;
         self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        crate::sled_open::flush_durably(&self.db, &self.log)?;
         Ok(dropped)
     }
 

@@ -47,6 +47,8 @@ pub struct StoredEntry {
 #[derive(Clone)]
 pub struct InboxStore {
     db: sled::Db,
+    /// sled's log file, fdatasync'ed after each flush.
+    log: std::sync::Arc<std::fs::File>,
     txnid_seq: sled::Tree,
     seq_pending: sled::Tree,
     seq_failed: sled::Tree,
@@ -75,6 +77,9 @@ impl InboxStore {
             seq_pending: db.open_tree(SEQ_PENDING).map_err(open_err)?,
             seq_failed: db.open_tree(SEQ_FAILED).map_err(open_err)?,
             seq_failedms: db.open_tree(SEQ_FAILEDMS).map_err(open_err)?,
+            log: std::sync::Arc::new(
+                crate::sled_open::log_file(dir).map_err(|e| open_err(sled::Error::Io(e)))?,
+            ),
             db,
         })
     }
@@ -222,8 +227,9 @@ impl InboxStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
+        let log = self.log.clone();
         // sled's flush blocks on fsync: keep it off the async workers.
-        tokio::task::spawn_blocking(move || db.flush()).await??;
+        tokio::task::spawn_blocking(move || crate::sled_open::flush_durably(&db, &log)).await??;
         Ok(())
     }
 }

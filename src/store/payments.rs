@@ -260,6 +260,8 @@ pub struct OutboxCursor {
 #[derive(Clone)]
 pub struct PaymentStore {
     db: sled::Db,
+    /// sled's log file, fdatasync'ed after each flush.
+    log: std::sync::Arc<std::fs::File>,
     pins: sled::Tree,
     profiles: sled::Tree,
     dialogs: sled::Tree,
@@ -330,13 +332,21 @@ impl PaymentStore {
             notes: db.open_tree(TRANSFERID_NOTE)?,
             meta: db.open_tree(META)?,
             dead_letters: db.open_tree(OUTBOXPOS_DEADLETTER)?,
+            log: std::sync::Arc::new(crate::sled_open::log_file(dir).map_err(|e| {
+                StoreError::Open {
+                    path: dir.to_owned(),
+                    source: sled::Error::Io(e),
+                }
+            })?),
             db,
         })
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable (also against a power cut: see
+    /// [`crate::sled_open::flush_durably`]).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let (db, log) = (self.db.clone(), self.log.clone());
+        tokio::task::spawn_blocking(move || crate::sled_open::flush_durably(&db, &log)).await??;
         Ok(())
     }
 
