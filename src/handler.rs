@@ -263,7 +263,7 @@ impl TransactionHandler for BasicHandler {
 mod tests {
     use super::*;
     use crate::homeserver::{HomeserverClientConfig, RetryPolicy};
-    use crate::registration::Secret;
+    use crate::secret::Secret;
     use serde_json::json;
     use wiremock::matchers::{body_partial_json, method, path, path_regex};
     use wiremock::{Mock, MockServer, ResponseTemplate};

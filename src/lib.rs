@@ -24,5 +24,6 @@ pub mod payments;
 pub mod policy;
 pub mod private_fs;
 pub mod registration;
+pub mod secret;
 pub mod sled_open;
 pub mod store;

@@ -3,14 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
-use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-
-/// Bytes of randomness in each generated token (256 bits).
-pub const TOKEN_RANDOM_BYTES: usize = 32;
+pub use crate::secret::TOKEN_RANDOM_BYTES;
 
 /// Errors reading, writing or checking a registration; each names the file or field.
 #[derive(Debug, thiserror::Error)]
@@ -63,35 +59,7 @@ pub enum RegistrationError {
     },
 }
 
-/// A secret string (token). Its `Debug` never shows the value.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret value; callers must not log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// A fresh url-safe token carrying [`TOKEN_RANDOM_BYTES`] bytes from the OS RNG.
-    pub fn generate() -> Self {
-        let mut bytes = [0u8; TOKEN_RANDOM_BYTES];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
-        Self(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+pub use crate::secret::Secret;
 
 /// One namespace entry (`users`, `aliases` or `rooms`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,9 +322,11 @@ mod tests {
         for _ in 0..50 {
             let r = Registration::generate(&config());
             for token in [r.as_token.expose(), r.hs_token.expose()] {
-                let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(token)
-                    .expect("url-safe base64");
+                let raw = base64::Engine::decode(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                    token,
+                )
+                .expect("url-safe base64");
                 assert!(raw.len() >= 32, "token carries {} bytes", raw.len());
                 assert!(token
                     .chars()

@@ -6,16 +6,10 @@
 //! answer is encrypted exactly when the room is; everything else a plaintext event asks for
 //! (joining on invite) is the basic handler's job.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
-use super::{BotCrypto, CryptoError, CryptoSettings, DecryptedEvent};
-use crate::app::{App, AppError};
-use crate::clock::{SharedClock, SystemClock};
+use super::{BotCrypto, CryptoError, DecryptedEvent};
 use crate::handler::{
     basic_commands, help_text, reply_txn_id, BasicHandler, CommandHelp, HandlerError,
     InboxTransaction, TransactionHandler,
@@ -170,80 +164,6 @@ impl TransactionHandler for CryptoHandler {
         }
         Ok(())
     }
-}
-
-/// Starts the bot's crypto for `app` and returns the handler the worker should use. Spawns the
-/// start-up delivery self-check and the parked-event sweep, both stopping on `shutdown`.
-pub async fn start(
-    app: &App,
-    shutdown: watch::Receiver<bool>,
-) -> Result<Arc<dyn TransactionHandler>, AppError> {
-    let crypto = start_crypto(app, shutdown).await?;
-    let basic = BasicHandler::new(app.client().clone());
-    Ok(Arc::new(CryptoHandler::new(crypto, basic)))
-}
-
-/// Starts the bot's crypto for `app` (device, store, start-up self-check and parked-event
-/// sweep, both stopping on `shutdown`), for callers that build their own handler around it.
-pub async fn start_crypto(
-    app: &App,
-    shutdown: watch::Receiver<bool>,
-) -> Result<BotCrypto, AppError> {
-    let config = app.config();
-    let bot_user_id = ruma::OwnedUserId::try_from(config.bot_user_id())
-        .map_err(|_| AppError::BotUserId(config.bot_user_id()))?;
-    let mut settings = CryptoSettings::new(
-        config.homeserver.url.clone(),
-        app.registration().as_token.expose(),
-        bot_user_id,
-        config.data_dir.clone(),
-    );
-    settings.msc4190 = config.appservice.msc4190;
-    settings.metrics = Some(app.metrics().clone());
-    // The DM holds payment secrets only when payments are on; then, unless unsigned devices
-    // may pay, its room keys go to cross-signed devices only.
-    settings.share_private_keys_with_unsigned_devices =
-        !config.payments.enabled || config.payments.allow_unsigned_devices;
-    if let Ok(hex_key) = std::env::var(STORE_KEY_ENV) {
-        settings.store_key = Some(super::device::decode_key(hex_key.as_bytes()).ok_or_else(
-            || AppError::Startup(format!("{STORE_KEY_ENV} must be 64 hex characters")),
-        )?);
-    }
-    let clock: SharedClock = Arc::new(SystemClock);
-    let crypto = BotCrypto::start(settings, clock)
-        .await
-        .map_err(|e| AppError::Startup(format!("end-to-end encryption: {e}")))?;
-    let parked = crypto.parked_counter();
-    app.metrics().on_scrape(move |metrics| {
-        if let Some(count) = parked() {
-            metrics.set_parked_events(count);
-        }
-    });
-
-    let check = crypto.clone();
-    let mut check_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = check.check_homeserver_delivery(DELIVERY_CHECK_TIMEOUT_MS) => {}
-            _ = check_shutdown.wait_for(|stop| *stop) => {}
-        }
-    });
-    let sweeper = crypto.clone();
-    let mut sweep_shutdown = shutdown;
-    tokio::spawn(async move {
-        let interval = Duration::from_millis(SWEEP_INTERVAL_MS);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = sweep_shutdown.wait_for(|stop| *stop) => return,
-            }
-            if let Err(e) = sweeper.sweep_parked().await {
-                tracing::error!(error = %e, "cannot sweep parked events");
-            }
-        }
-    });
-
-    Ok(crypto)
 }
 
 #[cfg(test)]

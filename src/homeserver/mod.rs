@@ -34,7 +34,7 @@ use ruma::{
 
 pub use retry::RetryPolicy;
 
-use crate::registration::Secret;
+use crate::secret::Secret;
 
 /// Errors talking to the homeserver. Display texts never contain tokens.
 #[derive(Debug, thiserror::Error)]

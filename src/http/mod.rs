@@ -23,7 +23,7 @@ pub use error::{json_response, EdgeError};
 
 use crate::inbox::{Accepted, Inbox, TXN_ID_MAX_BYTES};
 use crate::metrics::Metrics;
-use crate::registration::Secret;
+use crate::secret::Secret;
 
 /// What the edge needs. Shared by all requests.
 #[derive(Debug)]

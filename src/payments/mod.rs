@@ -24,7 +24,6 @@ mod pay;
 mod pin_check;
 pub mod pinlike;
 mod pins;
-pub mod settings;
 mod tell;
 pub mod text;
 
@@ -34,24 +33,22 @@ use async_trait::async_trait;
 use ruma::{OwnedTransactionId, OwnedUserId};
 use rust_decimal::Decimal;
 use serde_json::Value;
-use tokio::sync::watch;
 use tracing::Instrument as _;
 
+/// The `payments:` config section (it lives with the config).
+pub use crate::config::payments as settings;
 pub use messenger::Messenger;
 pub use settings::PaymentsSettings;
 
-use crate::app::{App, AppError};
 use crate::clock::SharedClock;
 use crate::command::{self, Command, MEMO_CHARS_MAX};
 use crate::crypto::handler::CryptoHandler;
 use crate::crypto::{CryptoError, DecryptedEvent, TrustState};
 use crate::events::ReceiptReason;
-use crate::handler::{
-    basic_commands, reply_txn_id, BasicHandler, HandlerError, InboxTransaction, TransactionHandler,
-};
+use crate::handler::{reply_txn_id, HandlerError, InboxTransaction, TransactionHandler};
 use crate::homeserver::HomeserverError;
 use crate::ledger::{Ledger, LedgerError, TransferError, TransferId};
-use crate::outbox::{Outbox, OutboxPoke, OutboxPolicy};
+use crate::outbox::OutboxPoke;
 use crate::policy::payee::WalletHolders;
 use crate::policy::pin::{PinError, PinHasher};
 use crate::policy::stepup::{StepUpAuthority, StepUpError};
@@ -540,64 +537,6 @@ impl TransactionHandler for PaymentsHandler {
         }
         Ok(())
     }
-}
-
-/// Starts the bot for `app`: with payments when `payments.enabled`, else the crypto handler
-/// alone. Spawns the outbox (stopping on `shutdown`).
-pub async fn start(
-    app: &App,
-    shutdown: watch::Receiver<bool>,
-) -> Result<Arc<dyn TransactionHandler>, AppError> {
-    let config = app.config();
-    if !config.payments.enabled {
-        return crate::crypto::handler::start(app, shutdown).await;
-    }
-    let pepper = config
-        .payments
-        .load_pepper()
-        .map_err(|e| AppError::Startup(e.to_string()))?;
-    // The App opened the ledger (the admin API shares it) and owns the clock.
-    let clock: SharedClock = app.clock().clone();
-    let ledger = app.ledger().clone();
-    let store_dir = config.data_dir.join("payments");
-    let store = PaymentStore::open(&store_dir)
-        .map_err(|e| AppError::Startup(format!("cannot open the payment store: {e}")))?;
-    if let Some(admin) = app.admin() {
-        admin.set_pin_reset(Arc::new(store.clone()));
-    }
-    let crypto = crate::crypto::handler::start_crypto(app, shutdown.clone()).await?;
-    let mut commands = basic_commands();
-    commands.extend(text::payment_commands());
-    let crypto_handler =
-        CryptoHandler::new(crypto.clone(), BasicHandler::new(app.client().clone()))
-            .with_commands(commands);
-    let mut stepup_key = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut stepup_key);
-    let poke = OutboxPoke::default();
-    let payments = Arc::new(
-        Payments::new(
-            Messenger::new(crypto, app.client().clone()),
-            ledger.clone(),
-            store.clone(),
-            PinHasher::new(pepper),
-            config.payments.clone(),
-            clock,
-            poke.clone(),
-            &stepup_key,
-        )
-        .with_metrics(app.metrics().clone()),
-    );
-    Outbox::new(
-        ledger,
-        store,
-        payments.clone(),
-        OutboxPolicy::default(),
-        poke,
-    )
-    .with_metrics(app.metrics().clone())
-    .spawn(shutdown);
-    tracing::info!("payments enabled");
-    Ok(Arc::new(PaymentsHandler::new(crypto_handler, payments)))
 }
 
 #[cfg(test)]

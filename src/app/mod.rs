@@ -6,6 +6,8 @@
 //! trip), then mark ready and start the worker that feeds stored transactions to the
 //! [`TransactionHandler`].
 
+mod wiring;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -139,7 +141,7 @@ pub struct App {
     ledger: Ledger,
     clock: SharedClock,
     admin: Option<Arc<AdminState>>,
-    metrics_token: Option<crate::registration::Secret>,
+    metrics_token: Option<crate::secret::Secret>,
 }
 
 impl std::fmt::Debug for App {
@@ -685,7 +687,7 @@ pub async fn serve(config: Config) -> Result<(), AppError> {
         return Err(error);
     }
     // The bot's device and crypto store come up before transactions are handled.
-    let handler = match crate::payments::start(&app, shutdown_rx.clone()).await {
+    let handler = match wiring::start(&app, shutdown_rx.clone()).await {
         Ok(handler) => handler,
         Err(error) => {
             let _ = shutdown_tx.send(true);

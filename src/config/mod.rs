@@ -3,6 +3,8 @@
 //! `docs/config.md` documents every key and `config.example.yaml` shows every key with a
 //! comment; a unit test keeps the three in step.
 
+pub mod payments;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -126,7 +128,7 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// Payments: PIN pepper, step-up timeout, device trust, who may hold a wallet.
     #[serde(default)]
-    pub payments: crate::payments::PaymentsSettings,
+    pub payments: payments::PaymentsSettings,
     /// The admin API: token key, funding providers (`docs/admin-api.md`). Off by default.
     #[serde(default)]
     pub admin: crate::admin::AdminSettings,
@@ -156,7 +158,7 @@ pub const METRICS_TOKEN_FILE_BYTES_MAX: u64 = 4096;
 impl MetricsConfig {
     /// Reads the bearer token, if one is configured: a private file (see
     /// [`crate::private_fs`]) holding a non-empty token; surrounding whitespace is trimmed.
-    pub fn load_bearer_token(&self) -> Result<Option<crate::registration::Secret>, ConfigError> {
+    pub fn load_bearer_token(&self) -> Result<Option<crate::secret::Secret>, ConfigError> {
         let Some(path) = &self.bearer_token_file else {
             return Ok(None);
         };
@@ -185,7 +187,7 @@ impl MetricsConfig {
                 path.display()
             )));
         }
-        Ok(Some(crate::registration::Secret::new(token)))
+        Ok(Some(crate::secret::Secret::new(token)))
     }
 }
 
@@ -300,7 +302,7 @@ impl Default for Config {
             data_dir: default_data_dir(),
             ledger: LedgerSettings::default(),
             logging: LoggingConfig::default(),
-            payments: crate::payments::PaymentsSettings::default(),
+            payments: payments::PaymentsSettings::default(),
             admin: crate::admin::AdminSettings::default(),
             metrics: MetricsConfig::default(),
         }
@@ -489,7 +491,7 @@ impl Config {
             ));
         }
         self.payments.validate().map_err(|e| match e {
-            crate::payments::settings::SettingsError::Invalid { key, reason } => {
+            payments::SettingsError::Invalid { key, reason } => {
                 invalid(&format!("payments.{key}"), reason)
             }
             other => invalid("payments", other.to_string()),
