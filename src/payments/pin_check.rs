@@ -8,17 +8,40 @@ use crate::store::payments::{pin_version_tag, EventOutcome, PaymentStore, PinAtt
 use crate::store::StoreError;
 use ruma::EventId;
 
+/// argon2id runs (19 MiB, tens of milliseconds of CPU each) at most this many at a time, one
+/// per core: more would only make each slower and pile up memory, while fewer would let PIN
+/// checks of different users queue behind each other more than the hardware requires.
+fn argon2_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        tokio::sync::Semaphore::new(cores)
+    })
+}
+
+/// Runs `work` on the blocking pool once one of `permits` is free.
+async fn run_bounded<T: Send + 'static>(
+    permits: &tokio::sync::Semaphore,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let _permit = permits
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    tokio::task::spawn_blocking(work).await
+}
+
 impl Payments {
     pub(super) async fn hash(&self, pin: Pin) -> Result<String, PaymentsError> {
         let hasher = self.hasher.clone();
-        tokio::task::spawn_blocking(move || hasher.hash(&pin))
+        run_bounded(argon2_permits(), move || hasher.hash(&pin))
             .await?
             .map_err(PaymentsError::Pin)
     }
 
     pub(super) async fn matches(&self, pin: Pin, hash: String) -> Result<bool, PaymentsError> {
         let hasher = self.hasher.clone();
-        tokio::task::spawn_blocking(move || hasher.matches(&pin, &hash))
+        run_bounded(argon2_permits(), move || hasher.matches(&pin, &hash))
             .await?
             .map_err(PaymentsError::Pin)
     }
@@ -184,6 +207,41 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    /// Many users' PIN checks at once run at most one per permit, and all of them run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn argon2_work_runs_at_most_one_per_permit_and_all_of_it_runs() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let permits = Arc::new(tokio::sync::Semaphore::new(2));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let (permits, running, most) = (permits.clone(), running.clone(), most.clone());
+                tokio::spawn(async move {
+                    super::run_bounded(&permits, move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        // Long enough for the others to pile up behind the permits.
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        i
+                    })
+                    .await
+                    .unwrap()
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for task in tasks {
+            done.push(task.await.unwrap());
+        }
+        assert_eq!(done, (0..12).collect::<Vec<_>>());
+        assert!(most.load(Ordering::SeqCst) <= 2, "{most:?}");
+        assert!(super::argon2_permits().available_permits() >= 1);
+    }
+
     use super::*;
     use crate::policy::pin::PinRecord;
 
