@@ -36,16 +36,41 @@ pub enum Claim {
 /// The store of received provider events.
 #[derive(Debug, Clone)]
 pub struct EventStore {
-    db: sled::Db,
+    db: AdminDb,
     tree: sled::Tree,
+}
+
+/// The admin database: sled, and its log file to fdatasync after each flush.
+#[derive(Debug, Clone)]
+pub struct AdminDb {
+    db: sled::Db,
+    log: std::sync::Arc<std::fs::File>,
+}
+
+impl AdminDb {
+    /// The sled database.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Makes every write so far durable, also against a power cut
+    /// ([`crate::sled_open::flush_durably`]).
+    pub fn flush(&self) -> sled::Result<()> {
+        crate::sled_open::flush_durably(&self.db, &self.log)
+    }
 }
 
 /// Opens (or creates) the admin database in `dir`, waiting (bounded) for a dropped handle of
 /// the same process to release its lock.
-pub fn open_db(dir: &Path) -> Result<sled::Db, EventStoreError> {
+pub fn open_db(dir: &Path) -> Result<AdminDb, EventStoreError> {
     // Every write flushes explicitly; a background flusher would only add fsyncs.
     let config = sled::Config::new().path(dir).flush_every_ms(None);
-    Ok(crate::sled_open::open_waiting_for_lock(&config)?)
+    let db = crate::sled_open::open_waiting_for_lock(&config)?;
+    let log = crate::sled_open::log_file(dir).map_err(sled::Error::Io)?;
+    Ok(AdminDb {
+        db,
+        log: std::sync::Arc::new(log),
+    })
 }
 
 impl EventStore {
@@ -55,8 +80,8 @@ impl EventStore {
     }
 
     /// The store in an admin database opened with [`open_db`].
-    pub fn with_db(db: &sled::Db) -> Result<Self, EventStoreError> {
-        let tree = db.open_tree(TREE)?;
+    pub fn with_db(db: &AdminDb) -> Result<Self, EventStoreError> {
+        let tree = db.db().open_tree(TREE)?;
         Ok(Self {
             db: db.clone(),
             tree,

@@ -74,7 +74,7 @@ pub struct Revoked {
 /// The set of revoked token ids.
 #[derive(Debug, Clone)]
 pub struct RevokedTokens {
-    db: sled::Db,
+    db: super::events::AdminDb,
     revoked: sled::Tree,
     forget: sled::Tree,
 }
@@ -92,11 +92,11 @@ fn decode(bytes: &[u8]) -> Result<Revocation, RevokedError> {
 
 impl RevokedTokens {
     /// The store in an admin database opened with [`super::events::open_db`].
-    pub fn with_db(db: &sled::Db) -> Result<Self, RevokedError> {
+    pub fn with_db(db: &super::events::AdminDb) -> Result<Self, RevokedError> {
         Ok(Self {
             db: db.clone(),
-            revoked: db.open_tree(REVOKED_TREE)?,
-            forget: db.open_tree(FORGET_TREE)?,
+            revoked: db.db().open_tree(REVOKED_TREE)?,
+            forget: db.db().open_tree(FORGET_TREE)?,
         })
     }
 
