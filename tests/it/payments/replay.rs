@@ -67,11 +67,16 @@ async fn a_replayed_payment_and_its_pin_move_no_money_and_open_no_challenge() {
     s.alice_balance_is("15.00 EUR").await;
     assert_eq!(metric(&s.mxpay, REPLAYED).await, 4.0);
     assert_eq!(challenges_for(&s, "5.00"), 1, "no new challenge was opened");
-    let log = s.mxpay.log();
-    assert!(
-        log.contains("replay") && !log.contains(PIN),
-        "the replays are logged, without content"
-    );
+    // Logged at WARN (with ids and the Megolm position only: the fields are fixed, and the
+    // trace-level leak test in `observability` checks no PIN reaches any log).
+    support::eventually("the replays to be logged", || async {
+        s.mxpay
+            .log()
+            .lines()
+            .any(|line| line.contains("WARN") && line.contains("(replay); ignored"))
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
