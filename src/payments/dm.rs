@@ -108,6 +108,11 @@ impl Payments {
     /// The room checks run only while notices wait, so ordinary chat costs a store lookup.
     pub(super) async fn on_activity(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
         let user = &event.sender;
+        // An invite comes from a room the bot is not in yet: nothing there can be checked.
+        let membership = event.content.get("membership").and_then(Value::as_str);
+        if event.event_type == "m.room.member" && membership != Some("join") {
+            return Ok(());
+        }
         if !self.store.has_waiting_notices(user)? {
             return Ok(());
         }

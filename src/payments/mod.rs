@@ -351,7 +351,14 @@ impl Payments {
         let handled = self.handle_user_event(event).await?;
         // After the event, not before: its handling may be what made the DM ready (a `!balance`
         // there, the join to a DM the bot created), and the welcome goes first.
-        self.on_activity(event).await?;
+        match self.on_activity(event).await {
+            Err(e) if !e.is_transient() => {
+                // Never in the way of the event's own handling (the join to an invite, ...):
+                // the notices keep waiting for the next message.
+                tracing::warn!(error = %e, "could not send the notices waiting for the DM")
+            }
+            outcome => outcome?,
+        }
         Ok(handled)
     }
 
