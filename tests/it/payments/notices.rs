@@ -4,11 +4,16 @@
 use super::{open_dm, payments_lease, send_text, topup, wait_notice};
 use crate::support::{self, MxpayProcess, TestClient};
 
-/// Waits until mxpay logged `count` notices queued for lack of a DM (so the user's next
-/// message is what delivers them, not a DM the bot already knew).
+/// Waits until the outbox handled `count` notices it could not send for lack of a DM (so the
+/// user's next message is what delivers them, not a DM the bot already knew). Matches the
+/// log line of mxpay before the fix too ("no private chat to tell about ..."), so on that code
+/// the test fails where the notice does not arrive.
 async fn wait_queued(mxpay: &MxpayProcess, count: usize) {
-    support::eventually("the top-up notices to wait for a private chat", || async {
-        (mxpay.log().matches("waits for one").count() >= count).then_some(())
+    support::eventually("the outbox to handle the top-ups", || async {
+        let log = mxpay.log();
+        let handled = log.matches("waits for one").count()
+            + log.matches("no private chat to tell about").count();
+        (handled >= count).then_some(())
     })
     .await;
 }
