@@ -124,6 +124,7 @@ impl Payments {
             .store
             .waiting_notices(user, self.clock.now_ms(), WaitingNoticeBounds::default())
             .await?;
+        let count = waiting.len();
         for (seq, notice) in waiting {
             let body = match notice.earlier_dropped {
                 0 => notice.body,
@@ -138,7 +139,9 @@ impl Payments {
                 .await?;
             self.store.remove_waiting_notice(user, seq).await?;
         }
-        tracing::info!(%user, %dm, "sent the notices that waited for the private chat");
+        if count > 0 {
+            tracing::info!(%user, %dm, count, "sent the notices that waited for the private chat");
+        }
         Ok(())
     }
 
