@@ -102,6 +102,37 @@ impl Payments {
             .and_then(|r| OwnedRoomId::try_from(r.as_str()).ok()))
     }
 
+    /// The user wrote (anything, anywhere the bot reads): when notices wait for their DM and
+    /// it is ready, or `event`'s room is a private DM of theirs the bot did not know (they
+    /// opened it but never wrote there before), the DM is recorded and the notices go out.
+    /// The room checks run only while notices wait, so ordinary chat costs a store lookup.
+    pub(super) async fn on_activity(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
+        let user = &event.sender;
+        // An invite comes from a room the bot is not in yet: nothing there can be checked.
+        let membership = event.content.get("membership").and_then(Value::as_str);
+        if event.event_type == "m.room.member" && membership != Some("join") {
+            return Ok(());
+        }
+        if !self.store.has_waiting_notices(user)? {
+            return Ok(());
+        }
+        let dm = match self.ready_dm(user.as_str())? {
+            Some(dm) => dm,
+            None => {
+                if !self.is_private_dm(&event.room_id, user).await? {
+                    return Ok(());
+                }
+                let mut profile = self.store.profile(user.as_str())?;
+                profile.dm_room = Some(event.room_id.to_string());
+                profile.dm_joined = true;
+                self.store.put_profile(user.as_str(), &profile).await?;
+                tracing::info!(%user, room = %event.room_id, "recognised the private chat");
+                event.room_id.clone()
+            }
+        };
+        self.send_waiting_notices(user, &dm).await
+    }
+
     /// Tells the user in `room` where the answer went, when it is not the DM.
     pub(super) async fn point_to_dm(
         &self,

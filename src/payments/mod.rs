@@ -339,11 +339,27 @@ impl Payments {
     }
 
     /// Handles one decrypted (or plaintext) room event; `Ok(false)` when it is not a payment
-    /// matter (the caller's basic handling then runs: joins, `!help`).
+    /// matter (the caller's basic handling then runs: joins, `!help`). Afterwards, notices
+    /// waiting for the sender's DM go out if the DM is ready now.
     pub async fn handle_event(&self, event: &DecryptedEvent) -> Result<bool, PaymentsError> {
         if event.sender == self.bot {
             return Ok(false);
         }
+        let handled = self.handle_user_event(event).await?;
+        // After the event, not before: its handling may be what made the DM ready (a `!balance`
+        // there, the join to a DM the bot created), and the welcome goes first.
+        match self.on_activity(event).await {
+            Err(e) if !e.is_transient() => {
+                // Never in the way of the event's own handling (the join to an invite, ...):
+                // the notices keep waiting for the next message.
+                tracing::warn!(error = %e, "could not send the notices waiting for the DM")
+            }
+            outcome => outcome?,
+        }
+        Ok(handled)
+    }
+
+    async fn handle_user_event(&self, event: &DecryptedEvent) -> Result<bool, PaymentsError> {
         match event.event_type.as_str() {
             "m.room.member" => {
                 self.on_member(event).await?;

@@ -7,10 +7,10 @@ use super::{payment_span, reason_from_code, reason_label, text, txn, Payments, P
 use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
 use crate::ledger::{ExportedEntry, JournalEntry, Owner, TransferId, TransferKind, TransferState};
 use crate::outbox::{Deliver, DeliverError};
-use crate::store::payments::TransferNote;
+use crate::store::payments::{Queued, TransferNote, WaitingNoticeBounds};
 use async_trait::async_trait;
 use ruma::events::relation::Reference;
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use tracing::Instrument as _;
 
 impl Payments {
@@ -64,6 +64,9 @@ impl Payments {
         }
     }
 
+    /// Tells `user` in their private DM; without a ready DM the notice waits for one (see
+    /// [`Self::send_waiting_notices`]), so a top-up to someone who has not written to the bot
+    /// yet is told once they do, not dropped.
     async fn tell_dm(
         &self,
         user: &str,
@@ -71,14 +74,75 @@ impl Payments {
         id: TransferId,
         what: &str,
     ) -> Result<bool, PaymentsError> {
-        let Some(dm) = self.ready_dm(user)? else {
-            tracing::info!(%user, "no private chat to tell about {what}");
+        let txn_id = txn(&format!("ob-{what}"), &id.to_string());
+        let Ok(user_id) = OwnedUserId::try_from(user) else {
+            // The ledger names users by their Matrix id; anything else was never a person.
+            tracing::warn!(%user, "cannot tell about {what}: the owner is not a user id");
             return Ok(false);
         };
-        self.messenger
-            .notice(&dm, body, None, txn(&format!("ob-{what}"), &id.to_string()))
-            .await?;
+        let Some(dm) = self.ready_dm(user)? else {
+            let queued = self
+                .store
+                .queue_notice(
+                    &user_id,
+                    txn_id,
+                    body,
+                    self.clock.now_ms(),
+                    WaitingNoticeBounds::default(),
+                )
+                .await?;
+            match queued {
+                Queued::Waiting => {
+                    tracing::info!(%user, "no private chat yet: the notice about {what} waits for one")
+                }
+                Queued::Full => tracing::warn!(
+                    %user,
+                    "no private chat and too many notices waiting: the notice about {what} is \
+                     not kept (the user's !history still shows it)"
+                ),
+            }
+            return Ok(false);
+        };
+        // What waited is older: it goes first, so the DM reads in the ledger's order.
+        self.send_waiting_notices(&user_id, &dm).await?;
+        self.messenger.notice(&dm, body, None, txn_id).await?;
         Ok(true)
+    }
+
+    /// Sends the notices waiting for `user`'s DM into `dm`, oldest first, each removed once
+    /// the homeserver took it (a crash in between sends it again with the same transaction
+    /// id, which the homeserver shows once).
+    pub(super) async fn send_waiting_notices(
+        &self,
+        user: &UserId,
+        dm: &RoomId,
+    ) -> Result<(), PaymentsError> {
+        if !self.store.has_waiting_notices(user)? {
+            return Ok(());
+        }
+        let waiting = self
+            .store
+            .waiting_notices(user, self.clock.now_ms(), WaitingNoticeBounds::default())
+            .await?;
+        let count = waiting.len();
+        for (seq, notice) in waiting {
+            let body = match notice.earlier_dropped {
+                0 => notice.body,
+                dropped => format!(
+                    "{}\n({dropped} earlier notice(s) could not be kept while you had no \
+                     private chat with me; !history shows every payment.)",
+                    notice.body
+                ),
+            };
+            self.messenger
+                .notice(dm, &body, None, notice.txn_id)
+                .await?;
+            self.store.remove_waiting_notice(user, seq).await?;
+        }
+        if count > 0 {
+            tracing::info!(%user, %dm, count, "sent the notices that waited for the private chat");
+        }
+        Ok(())
     }
 
     async fn tell_ended(&self, id: TransferId, how: &str) -> Result<bool, PaymentsError> {

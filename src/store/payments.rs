@@ -15,12 +15,15 @@
 //!   challenge event a receipt answers).
 //! - `outboxpos_deadletter`: journal record seq (BE) + entry index (BE) -> why the outbox could
 //!   not tell about that ledger change (UTF-8), for the operator.
+//! - `userid_waitingnotice`: user + NUL + sequence (BE) -> [`WaitingNotice`] (a notice the
+//!   outbox could not deliver because the user had no ready DM yet; sent, in order, when one
+//!   is), JSON. Bounded per user, in total and in age: [`WaitingNoticeBounds`].
 //! - `meta`: `outbox_cursor` -> journal record seq (BE) + entry index (BE).
 
 use std::fmt;
 use std::path::Path;
 
-use ruma::OwnedDeviceId;
+use ruma::{OwnedDeviceId, OwnedTransactionId, UserId};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::StoreError;
@@ -34,6 +37,7 @@ const EVENTID_DONE: &str = "eventid_done";
 const EVENTID_OUTCOME: &str = "eventid_outcome";
 const TRANSFERID_NOTE: &str = "transferid_note";
 const META: &str = "meta";
+const USERID_WAITINGNOTICE: &str = "userid_waitingnotice";
 const OUTBOXPOS_DEADLETTER: &str = "outboxpos_deadletter";
 const OUTBOX_CURSOR: &[u8] = b"outbox_cursor";
 
@@ -246,6 +250,61 @@ pub fn pin_version_tag(record_bytes: &[u8]) -> String {
     blake3::hash(record_bytes).to_hex()[..32].to_owned()
 }
 
+/// A notice to a user that waits for their private DM to be ready (tree
+/// `userid_waitingnotice`). Holds the text and the transaction id it is sent with, so sending
+/// it again (after a crash between the send and the removal) shows it once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingNotice {
+    /// The transaction id the notice is sent with (deterministic: derived from the ledger
+    /// change it tells about, the same the outbox would have used right away).
+    pub txn_id: OwnedTransactionId,
+    /// The notice text (never a secret: top-up and withdrawal notices only).
+    pub body: String,
+    /// When it was queued (ms since epoch): it lapses `age_max_ms` later.
+    pub queued_ms: u64,
+    /// How many notices before this one were dropped (over the per-user bound, or lapsed):
+    /// said when this one is sent, so the user knows to look at `!history`.
+    #[serde(default)]
+    pub earlier_dropped: u32,
+}
+
+/// Where a waiting notice is stored: its user and its place in that user's queue (a sled id,
+/// increasing across restarts, so the queue keeps the order notices were queued in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NoticeSeq(pub u64);
+
+/// Bounds of the waiting notices: a user who never opens a DM, or a flood of top-ups, must not
+/// grow the store without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitingNoticeBounds {
+    /// Notices kept per user; over it the oldest is dropped (and counted on the next one).
+    pub per_user_max: usize,
+    /// Notices kept for all users together; when full (after dropping lapsed ones) a new
+    /// notice is not kept (the ledger still has it: `!history`).
+    pub total_max: usize,
+    /// Age after which a notice lapses (it is dropped and counted on the next one).
+    pub age_max_ms: u64,
+}
+
+impl Default for WaitingNoticeBounds {
+    fn default() -> Self {
+        Self {
+            per_user_max: 32,
+            total_max: 10_000,
+            age_max_ms: 30 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// What [`PaymentStore::queue_notice`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// The notice waits (or was waiting already: the same transaction id is kept once).
+    Waiting,
+    /// The store holds `total_max` notices: this one was not kept.
+    Full,
+}
+
 /// Where the outbox stands in the ledger journal: everything up to and including entry
 /// `entry_index` of record `record_seq` has been told.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -271,6 +330,10 @@ pub struct PaymentStore {
     notes: sled::Tree,
     meta: sled::Tree,
     dead_letters: sled::Tree,
+    waiting_notices: sled::Tree,
+    /// Serialises changes to `waiting_notices` (the outbox queues, event handling sends and
+    /// removes): each change reads a user's queue, then rewrites it.
+    notices_lock: std::sync::Arc<parking_lot::Mutex<()>>,
 }
 
 impl fmt::Debug for PaymentStore {
@@ -338,6 +401,8 @@ impl PaymentStore {
                     source: sled::Error::Io(e),
                 }
             })?),
+            waiting_notices: db.open_tree(USERID_WAITINGNOTICE)?,
+            notices_lock: Default::default(),
             db,
         })
     }
@@ -687,6 +752,181 @@ impl PaymentStore {
             .collect()
     }
 
+    /// The user's waiting notices, oldest first.
+    fn notices_of(&self, user: &UserId) -> Result<Vec<(sled::IVec, WaitingNotice)>, StoreError> {
+        self.waiting_notices
+            .scan_prefix(user_prefix(user.as_str()))
+            .map(|item| {
+                let (key, value) = item?;
+                let notice = serde_json::from_slice(&value).map_err(|_| StoreError::Corrupt {
+                    tree: USERID_WAITINGNOTICE,
+                    reason: "value is not the expected JSON",
+                })?;
+                Ok((key, notice))
+            })
+            .collect()
+    }
+
+    /// Whether the user has notices waiting for their DM (cheap: one prefix lookup).
+    pub fn has_waiting_notices(&self, user: &UserId) -> Result<bool, StoreError> {
+        Ok(self
+            .waiting_notices
+            .scan_prefix(user_prefix(user.as_str()))
+            .next()
+            .transpose()?
+            .is_some())
+    }
+
+    /// Drops the user's lapsed notices and, when `make_room`, the oldest over
+    /// `per_user_max - 1`; the count of dropped ones moves onto the oldest kept one (or is
+    /// returned when none is kept). Call with `notices_lock` held.
+    fn prune_user(
+        &self,
+        user: &UserId,
+        now_ms: u64,
+        bounds: WaitingNoticeBounds,
+        make_room: bool,
+    ) -> Result<u32, StoreError> {
+        let mut notices = self.notices_of(user)?;
+        let mut dropped = 0u32;
+        let mut keep_from = 0;
+        for (i, (key, notice)) in notices.iter().enumerate() {
+            let over = make_room && notices.len() - i >= bounds.per_user_max;
+            let lapsed = now_ms.saturating_sub(notice.queued_ms) >= bounds.age_max_ms;
+            if !(over || lapsed) {
+                break;
+            }
+            self.waiting_notices.remove(key)?;
+            dropped = dropped
+                .saturating_add(notice.earlier_dropped)
+                .saturating_add(1);
+            keep_from = i + 1;
+        }
+        if dropped == 0 {
+            return Ok(0);
+        }
+        match notices.get_mut(keep_from) {
+            Some((key, first)) => {
+                first.earlier_dropped = first.earlier_dropped.saturating_add(dropped);
+                self.waiting_notices.insert(&*key, to_json(first))?;
+                Ok(0)
+            }
+            None => Ok(dropped),
+        }
+    }
+
+    /// Queues a notice for `user` until their DM is ready, durably (see
+    /// [`WaitingNoticeBounds`] for what is dropped to stay bounded). The same `txn_id` queued
+    /// again (the outbox delivering the same ledger change after a restart) is kept once.
+    pub async fn queue_notice(
+        &self,
+        user: &UserId,
+        txn_id: OwnedTransactionId,
+        body: &str,
+        now_ms: u64,
+        bounds: WaitingNoticeBounds,
+    ) -> Result<Queued, StoreError> {
+        let queued = {
+            let _guard = self.notices_lock.lock();
+            if self
+                .notices_of(user)?
+                .iter()
+                .any(|(_, n)| n.txn_id == txn_id)
+            {
+                return Ok(Queued::Waiting);
+            }
+            let carried = self.prune_user(user, now_ms, bounds, true)?;
+            // `len` scans the tree: fine, it is bounded by `total_max` and this runs only for
+            // notices that could not go out.
+            if self.waiting_notices.len() >= bounds.total_max {
+                self.prune_all_lapsed(now_ms, bounds)?;
+            }
+            if self.waiting_notices.len() >= bounds.total_max {
+                Queued::Full
+            } else {
+                let mut key = user_prefix(user.as_str());
+                key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+                let notice = WaitingNotice {
+                    txn_id,
+                    body: body.to_owned(),
+                    queued_ms: now_ms,
+                    earlier_dropped: carried,
+                };
+                self.waiting_notices.insert(key, to_json(&notice))?;
+                Queued::Waiting
+            }
+        };
+        self.flush().await?;
+        Ok(queued)
+    }
+
+    /// Drops every lapsed notice of every user (bounded by `total_max` entries).
+    fn prune_all_lapsed(&self, now_ms: u64, bounds: WaitingNoticeBounds) -> Result<(), StoreError> {
+        let mut lapsed = Vec::new();
+        for item in self.waiting_notices.iter() {
+            let (key, value) = item?;
+            let notice: WaitingNotice =
+                serde_json::from_slice(&value).map_err(|_| StoreError::Corrupt {
+                    tree: USERID_WAITINGNOTICE,
+                    reason: "value is not the expected JSON",
+                })?;
+            if now_ms.saturating_sub(notice.queued_ms) >= bounds.age_max_ms {
+                lapsed.push(key);
+            }
+        }
+        for key in lapsed {
+            self.waiting_notices.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// The user's waiting notices, oldest first, after dropping the lapsed ones (their count
+    /// moves onto the oldest kept one; with none kept it is lost: the ledger history shows
+    /// every change anyway).
+    pub async fn waiting_notices(
+        &self,
+        user: &UserId,
+        now_ms: u64,
+        bounds: WaitingNoticeBounds,
+    ) -> Result<Vec<(NoticeSeq, WaitingNotice)>, StoreError> {
+        let notices = {
+            let _guard = self.notices_lock.lock();
+            self.prune_user(user, now_ms, bounds, false)?;
+            self.notices_of(user)?
+        };
+        self.flush().await?;
+        notices
+            .into_iter()
+            .map(|(key, notice)| {
+                let seq = key
+                    .len()
+                    .checked_sub(8)
+                    .and_then(|at| key[at..].try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or(StoreError::Corrupt {
+                        tree: USERID_WAITINGNOTICE,
+                        reason: "key has no sequence number",
+                    })?;
+                Ok((NoticeSeq(seq), notice))
+            })
+            .collect()
+    }
+
+    /// Removes a notice once it was sent, durably.
+    pub async fn remove_waiting_notice(
+        &self,
+        user: &UserId,
+        seq: NoticeSeq,
+    ) -> Result<(), StoreError> {
+        let mut key = user_prefix(user.as_str());
+        key.extend_from_slice(&seq.0.to_be_bytes());
+        {
+            let _guard = self.notices_lock.lock();
+            self.waiting_notices.remove(key)?;
+        }
+        self.flush().await
+    }
+
     /// Moves the outbox cursor, durably.
     pub async fn set_outbox_cursor(&self, cursor: OutboxCursor) -> Result<(), StoreError> {
         let mut bytes = cursor.record_seq.to_be_bytes().to_vec();
@@ -833,6 +1073,16 @@ mod tests {
             r#"{"outcome":"started"}"#
         );
         assert_eq!(
+            String::from_utf8(to_json(&WaitingNotice {
+                txn_id: "mxpay-ob-topup-1".into(),
+                body: "b".into(),
+                queued_ms: 7,
+                earlier_dropped: 2,
+            }))
+            .unwrap(),
+            r#"{"txn_id":"mxpay-ob-topup-1","body":"b","queued_ms":7,"earlier_dropped":2}"#
+        );
+        assert_eq!(
             String::from_utf8(to_json(&PinRecord::new("h".into()))).unwrap(),
             r#"{"hash":"h","failed_in_row":0,"lockouts":0,"locked_until_ms":null}"#
         );
@@ -904,6 +1154,117 @@ mod tests {
         drop(store);
         let store = PaymentStore::open(dir.path()).unwrap();
         assert_eq!(store.outcome("$e").unwrap(), Some(first), "durable");
+    }
+
+    /// Waiting notices keep their order per user, are kept once per transaction id, survive a
+    /// reopen, and stay within their bounds, counting what was dropped on the next one.
+    #[tokio::test]
+    async fn waiting_notices_are_ordered_deduplicated_durable_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let a: &UserId = "@a:hs".try_into().unwrap();
+        let b: &UserId = "@b:hs".try_into().unwrap();
+        let bounds = WaitingNoticeBounds {
+            per_user_max: 3,
+            total_max: 5,
+            age_max_ms: 1_000,
+        };
+        let txn = |n: u32| OwnedTransactionId::from(format!("t{n}"));
+        {
+            let store = PaymentStore::open(dir.path()).unwrap();
+            for n in 1..=2 {
+                let queued = store
+                    .queue_notice(a, txn(n), &format!("n{n}"), 10, bounds)
+                    .await
+                    .unwrap();
+                assert_eq!(queued, Queued::Waiting);
+            }
+            // The same ledger change told again is kept once.
+            store
+                .queue_notice(a, txn(1), "n1", 20, bounds)
+                .await
+                .unwrap();
+            store
+                .queue_notice(b, txn(9), "b", 10, bounds)
+                .await
+                .unwrap();
+            assert!(store.has_waiting_notices(a).unwrap());
+            assert!(!store
+                .has_waiting_notices("@ab:hs".try_into().unwrap())
+                .unwrap());
+        }
+        let store = PaymentStore::open(dir.path()).unwrap();
+        let bodies = |list: Vec<(NoticeSeq, WaitingNotice)>| -> Vec<(String, u32)> {
+            list.into_iter()
+                .map(|(_, n)| (n.body, n.earlier_dropped))
+                .collect()
+        };
+        let waiting = store.waiting_notices(a, 30, bounds).await.unwrap();
+        assert_eq!(
+            bodies(waiting.clone()),
+            vec![("n1".into(), 0), ("n2".into(), 0)]
+        );
+        assert_eq!(waiting[0].1.txn_id, txn(1));
+
+        // Over the per-user bound the oldest goes, counted on the oldest kept.
+        for n in 3..=4 {
+            store
+                .queue_notice(a, txn(n), &format!("n{n}"), 40, bounds)
+                .await
+                .unwrap();
+        }
+        let waiting = store.waiting_notices(a, 50, bounds).await.unwrap();
+        assert_eq!(
+            bodies(waiting.clone()),
+            vec![("n2".into(), 1), ("n3".into(), 0), ("n4".into(), 0)]
+        );
+        // In total: 3 of a + 1 of b; one more fits, the next does not.
+        store
+            .queue_notice(b, txn(10), "b2", 50, bounds)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .queue_notice(b, txn(11), "b3", 50, bounds)
+                .await
+                .unwrap(),
+            Queued::Full
+        );
+        // Sent notices are removed; lapsed ones are dropped and counted.
+        store.remove_waiting_notice(a, waiting[0].0).await.unwrap();
+        let waiting = store.waiting_notices(a, 1_020, bounds).await.unwrap();
+        assert_eq!(bodies(waiting), vec![("n3".into(), 0), ("n4".into(), 0)]);
+        // b's first notice (queued at 10) lapsed at 1_010: counted on the second.
+        let waiting = store.waiting_notices(b, 1_020, bounds).await.unwrap();
+        assert_eq!(bodies(waiting), vec![("b2".into(), 1)]);
+        // Full again (a: 2, b: 1, c: 2); lapsed notices of others make room.
+        let c: &UserId = "@c:hs".try_into().unwrap();
+        store
+            .queue_notice(c, txn(20), "c1", 1_020, bounds)
+            .await
+            .unwrap();
+        store
+            .queue_notice(c, txn(21), "c2", 1_020, bounds)
+            .await
+            .unwrap();
+        let d: &UserId = "@d:hs".try_into().unwrap();
+        assert_eq!(
+            store
+                .queue_notice(d, txn(30), "d1", 1_030, bounds)
+                .await
+                .unwrap(),
+            Queued::Full
+        );
+        assert_eq!(
+            store
+                .queue_notice(d, txn(30), "d1", 2_030, bounds)
+                .await
+                .unwrap(),
+            Queued::Waiting
+        );
+        assert_eq!(
+            store.waiting_notices(c, 2_030, bounds).await.unwrap(),
+            vec![]
+        );
     }
 
     #[test]

@@ -1690,4 +1690,5 @@ async fn pin_to_receipt_latency() {
 
 mod bot_commands;
 mod keys;
+mod notices;
 mod replay;
