@@ -93,9 +93,16 @@ pub enum MessageCheck {
     },
 }
 
-/// The durable record of Megolm message identities.
-#[derive(Debug)]
+/// The durable record of Megolm message identities. Opening the same directory again in one
+/// process (the bot's crypto restarted, as tests do) shares the open database: sled holds an
+/// exclusive lock for as long as any handle lives.
+#[derive(Debug, Clone)]
 pub struct ReplayStore {
+    handles: std::sync::Arc<Handles>,
+}
+
+#[derive(Debug)]
+struct Handles {
     db: sled::Db,
     /// sled's log file, fdatasync'ed after each flush: a record must survive a power cut.
     log: std::fs::File,
@@ -103,19 +110,37 @@ pub struct ReplayStore {
     floors: sled::Tree,
 }
 
+/// The stores open in this process, by directory.
+fn open_stores() -> &'static parking_lot::Mutex<
+    std::collections::HashMap<std::path::PathBuf, std::sync::Weak<Handles>>,
+> {
+    static OPEN: std::sync::OnceLock<
+        parking_lot::Mutex<std::collections::HashMap<std::path::PathBuf, std::sync::Weak<Handles>>>,
+    > = std::sync::OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
 impl ReplayStore {
-    /// Opens (creating) the store in `dir`.
+    /// Opens (creating) the store in `dir`, or shares it if this process has it open.
     pub fn open(dir: &Path) -> Result<Self, ReplayError> {
+        let key = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+        let mut open = open_stores().lock();
+        open.retain(|_, handles| handles.strong_count() > 0);
+        if let Some(handles) = open.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(Self { handles });
+        }
         let db = crate::sled_open::open_waiting_for_lock(&sled::Config::new().path(dir))?;
         let tree = db.open_tree("megolmmessage_eventid")?;
         let floors = db.open_tree("megolmsession_floorindex")?;
         let log = crate::sled_open::log_file(dir).map_err(sled::Error::Io)?;
-        Ok(Self {
+        let handles = std::sync::Arc::new(Handles {
             db,
             log,
             tree,
             floors,
-        })
+        });
+        open.insert(key, std::sync::Arc::downgrade(&handles));
+        Ok(Self { handles })
     }
 
     /// Checks `message` of `room_id` against the records and, when it is fresh and new,
@@ -128,7 +153,7 @@ impl ReplayStore {
         now_ms: u64,
     ) -> Result<MessageCheck, ReplayError> {
         let prefix = session_prefix(room_id, &message.session_id);
-        if let Some(floor) = self.floors.get(&prefix)? {
+        if let Some(floor) = self.handles.floors.get(&prefix)? {
             if message.index <= decode_index(&floor)? {
                 return Ok(MessageCheck::Replay {
                     first_event_id: None,
@@ -136,7 +161,7 @@ impl ReplayStore {
             }
         }
         let key = index_key(&prefix, message.index);
-        if let Some(value) = self.tree.get(&key)? {
+        if let Some(value) = self.handles.tree.get(&key)? {
             let (_, first) = decode_value(&value)?;
             if first.as_str() != event_id.as_str() {
                 return Ok(MessageCheck::Replay {
@@ -144,8 +169,10 @@ impl ReplayStore {
                 });
             }
         } else {
-            self.tree.insert(&key, encode_value(now_ms, event_id))?;
-            crate::sled_open::flush_durably(&self.db, &self.log)?;
+            self.handles
+                .tree
+                .insert(&key, encode_value(now_ms, event_id))?;
+            crate::sled_open::flush_durably(&self.handles.db, &self.handles.log)?;
         }
         Ok(MessageCheck::Fresh {
             sent_before_ms: self.sent_before_ms(&prefix, message.index)?,
@@ -162,7 +189,7 @@ impl ReplayStore {
         let start = index_key(prefix, index + 1);
         let end = index_key(prefix, u32::MAX);
         let mut earliest: Option<u64> = None;
-        for entry in self.tree.range(start..=end).take(SCAN_MAX) {
+        for entry in self.handles.tree.range(start..=end).take(SCAN_MAX) {
             let (_, value) = entry?;
             let (seen_ms, _) = decode_value(&value)?;
             earliest = Some(earliest.map_or(seen_ms, |e| e.min(seen_ms)));
@@ -178,7 +205,7 @@ impl ReplayStore {
         let mut dropped = 0;
         let mut batch = sled::Batch::default();
         let mut floors: std::collections::BTreeMap<Vec<u8>, u32> = Default::default();
-        for entry in self.tree.iter() {
+        for entry in self.handles.tree.iter() {
             if dropped >= PRUNE_BATCH_MAX {
                 break;
             }
@@ -203,26 +230,28 @@ impl ReplayStore {
         // Floors first: a crash between the two writes leaves records above a floor (harmless),
         // never a dropped record without its floor.
         for (prefix, index) in floors {
-            let old = match self.floors.get(&prefix)? {
+            let old = match self.handles.floors.get(&prefix)? {
                 Some(v) => decode_index(&v)?,
                 None => 0,
             };
-            self.floors.insert(prefix, &index.max(old).to_be_bytes())?;
+            self.handles
+                .floors
+                .insert(prefix, &index.max(old).to_be_bytes())?;
         }
-        crate::sled_open::flush_durably(&self.db, &self.log)?;
-        self.tree.apply_batch(batch)?;
-        crate::sled_open::flush_durably(&self.db, &self.log)?;
+        crate::sled_open::flush_durably(&self.handles.db, &self.handles.log)?;
+        self.handles.tree.apply_batch(batch)?;
+        crate::sled_open::flush_durably(&self.handles.db, &self.handles.log)?;
         Ok(dropped)
     }
 
     /// How many individual records are held (tests and diagnostics).
     pub fn len(&self) -> usize {
-        self.tree.len()
+        self.handles.tree.len()
     }
 
     /// Whether no record is held.
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.handles.tree.is_empty()
     }
 }
 
@@ -316,6 +345,24 @@ mod tests {
                 MessageCheck::Fresh { .. }
             ));
         }
+    }
+
+    #[test]
+    fn a_second_open_in_the_same_process_shares_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = room_id!("!room:example.org");
+        let first = ReplayStore::open(dir.path()).unwrap();
+        // Still open (a restarted component whose old handle is not dropped yet): no lock error.
+        let second = ReplayStore::open(dir.path()).unwrap();
+        first
+            .check_and_record(room, &message("s", 1), event_id!("$a"), 1)
+            .unwrap();
+        assert!(matches!(
+            second
+                .check_and_record(room, &message("s", 1), event_id!("$b"), 2)
+                .unwrap(),
+            MessageCheck::Replay { .. }
+        ));
     }
 
     #[test]
