@@ -813,8 +813,8 @@ impl BotCrypto {
             .and_then(Value::as_str)
             .and_then(|e| EventId::parse(e).ok())
             .ok_or_else(|| CryptoError::Homeserver("event without id".to_owned()))?;
-        let content = event.get("content").cloned().unwrap_or_default();
-        let Some(message) = MegolmMessageId::from_content(&content) else {
+        let content = event.get("content").unwrap_or(&Value::Null);
+        let Some(message) = MegolmMessageId::from_content(content) else {
             // It decrypted, so this cannot happen with a well-formed Megolm message; without
             // its identity the bot cannot tell a replay, so it acts on nothing.
             tracing::error!(%room_id, %event_id, "decrypted event without a readable Megolm index; dropped");
