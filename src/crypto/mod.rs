@@ -312,13 +312,6 @@ impl BotCrypto {
             })?;
         let parked = parked::ParkedStore::open(&store_dir.join("parked"))?;
         let replay = ReplayStore::open(&store_dir.join("replay"))?;
-        let pruned = replay.prune(clock.now_ms())?;
-        if pruned > 0 {
-            tracing::info!(
-                pruned,
-                "old replay records pruned to their sessions' floors"
-            );
-        }
 
         let identity = device.identity();
         let this = Self {
@@ -972,10 +965,19 @@ impl BotCrypto {
     }
 
     /// Tells the senders of events parked longer than the configured wait that the bot cannot
-    /// read them, and drops events parked longer than the maximum age. Call it periodically.
+    /// read them, drops events parked longer than the maximum age, and prunes a bounded slice
+    /// of old replay records. Call it periodically.
     /// Returns how many senders were told.
     pub async fn sweep_parked(&self) -> Result<usize, CryptoError> {
         let now_ms = self.inner.clock.now_ms();
+        // The replay records age out here too, a bounded slice per sweep (never at start-up).
+        let pruned = self.inner.replay.prune(now_ms, replay::PRUNE_SCAN_MAX)?;
+        if pruned > 0 {
+            tracing::info!(
+                pruned,
+                "old replay records pruned to their sessions' floors"
+            );
+        }
         let all = self.inner.parked.lock().all();
         let mut told = 0;
         for parked in all {

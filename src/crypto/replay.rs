@@ -35,8 +35,9 @@ use ruma::{EventId, OwnedEventId, RoomId};
 /// How long each message identity is kept individually (then only the session's floor).
 pub const RETENTION_MS: u64 = 30 * 24 * 3_600_000;
 
-/// Most records one prune pass removes (a bound on the work of one call).
-pub const PRUNE_BATCH_MAX: usize = 10_000;
+/// Most records one prune pass looks at (a bound on the work of one call: passes resume where
+/// the last one stopped, so the whole store is covered over several, never at start-up).
+pub const PRUNE_SCAN_MAX: usize = 10_000;
 
 /// Errors of the replay store: local storage problems, never the message's fault.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +109,8 @@ struct Handles {
     log: std::fs::File,
     tree: sled::Tree,
     floors: sled::Tree,
+    /// Where the next prune pass starts (empty: at the beginning).
+    prune_from: parking_lot::Mutex<Vec<u8>>,
 }
 
 /// The stores open in this process, by directory.
@@ -138,6 +141,7 @@ impl ReplayStore {
             log,
             tree,
             floors,
+            prune_from: parking_lot::Mutex::new(Vec::new()),
         });
         open.insert(key, std::sync::Arc::downgrade(&handles));
         Ok(Self { handles })
@@ -198,18 +202,22 @@ impl ReplayStore {
     }
 
     /// Drops individual records seen before `now_ms - RETENTION_MS`, raising each affected
-    /// session's floor to the highest index dropped. At most [`PRUNE_BATCH_MAX`] per call;
-    /// returns how many were dropped.
-    pub fn prune(&self, now_ms: u64) -> Result<usize, ReplayError> {
+    /// session's floor to the highest index dropped. Looks at most `scan_max` records, from
+    /// where the previous pass stopped (wrapping round at the end); returns how many it
+    /// dropped. Call it periodically.
+    pub fn prune(&self, now_ms: u64, scan_max: usize) -> Result<usize, ReplayError> {
         let cutoff_ms = now_ms.saturating_sub(RETENTION_MS);
         let mut dropped = 0;
         let mut batch = sled::Batch::default();
         let mut floors: std::collections::BTreeMap<Vec<u8>, u32> = Default::default();
-        for entry in self.handles.tree.iter() {
-            if dropped >= PRUNE_BATCH_MAX {
+        let mut prune_from = self.handles.prune_from.lock();
+        let mut next_from = Vec::new();
+        for (scanned, entry) in self.handles.tree.range(prune_from.clone()..).enumerate() {
+            let (key, value) = entry?;
+            if scanned == scan_max {
+                next_from = key.to_vec();
                 break;
             }
-            let (key, value) = entry?;
             if key.len() < 4 {
                 return Err(ReplayError::Corrupt);
             }
@@ -224,6 +232,7 @@ impl ReplayStore {
             batch.remove(key);
             dropped += 1;
         }
+        *prune_from = next_from;
         if dropped == 0 {
             return Ok(0);
         }
@@ -429,8 +438,8 @@ mod tests {
         store
             .check_and_record(room, &message("s", 10), event_id!("$new"), now_ms)
             .unwrap();
-        assert_eq!(store.prune(now_ms).unwrap(), 4);
-        assert_eq!(store.prune(now_ms).unwrap(), 0);
+        assert_eq!(store.prune(now_ms, PRUNE_SCAN_MAX).unwrap(), 4);
+        assert_eq!(store.prune(now_ms, PRUNE_SCAN_MAX).unwrap(), 0);
         // Index 2 (pruned) and 3 (at the floor): replays, whatever the event id.
         for index in [2, 3] {
             assert_eq!(
@@ -455,6 +464,23 @@ mod tests {
                 .unwrap(),
             MessageCheck::Fresh { .. }
         ));
+    }
+
+    #[test]
+    fn bounded_passes_resume_and_cover_the_whole_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReplayStore::open(dir.path()).unwrap();
+        let room = room_id!("!room:example.org");
+        for index in 0..10 {
+            store
+                .check_and_record(room, &message("s", index), event_id!("$old"), 1_000)
+                .unwrap();
+        }
+        let now_ms = 1_000 + RETENTION_MS + 1;
+        // Three records a pass: 3 + 3 + 3 + 1, then nothing is left.
+        let passes: Vec<usize> = (0..5).map(|_| store.prune(now_ms, 3).unwrap()).collect();
+        assert_eq!(passes, [3, 3, 3, 1, 0]);
+        assert!(store.is_empty());
     }
 
     #[test]
