@@ -62,7 +62,9 @@ pub async fn start(
             poke.clone(),
             &stepup_key,
         )
-        .with_metrics(app.metrics().clone()),
+        .with_metrics(app.metrics().clone())
+        // Test faults (debug builds only) are injected where the flow applies its effects.
+        .with_faults(crate::payments::Faults::from_env()),
     );
     Outbox::new(
         ledger,
