@@ -175,6 +175,13 @@ impl Payments {
                     self.store.put_profile(user.as_str(), &profile).await?;
                 }
             }
+            Record::KeysAcceptedAtPinSet { user } => {
+                let mut profile = self.store.profile(user.as_str())?;
+                if profile.accept_new_keys_at_pin_set {
+                    profile.accept_new_keys_at_pin_set = false;
+                    self.store.put_profile(user.as_str(), &profile).await?;
+                }
+            }
             Record::AcceptIdentity { user } => {
                 self.messenger.crypto.accept_identity(&user).await?;
             }
@@ -189,14 +196,15 @@ impl Payments {
             body,
             purpose,
             key,
+            remember_notice_of,
         } = outgoing;
         self.faults.before_send(purpose)?;
         let txn_id = txn(purpose, &key);
-        match body {
+        let sent = match body {
             OutgoingBody::Notice { body, reply_to } => {
                 self.messenger
                     .notice(&room_id, &body, reply_to.as_deref(), txn_id)
-                    .await?;
+                    .await?
             }
             OutgoingBody::Event {
                 event_type,
@@ -204,8 +212,15 @@ impl Payments {
             } => {
                 self.messenger
                     .send(&room_id, event_type, content, txn_id)
-                    .await?;
+                    .await?
             }
+        };
+        if let Some(transfer_id) = remember_notice_of {
+            self.store
+                .update_note(transfer_id.0, |note| {
+                    note.dm_event_id = Some(sent.to_string())
+                })
+                .await?;
         }
         Ok(())
     }

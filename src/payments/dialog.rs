@@ -30,15 +30,6 @@ impl Payments {
         ))
     }
 
-    /// Opens the dialog accepting a changed identity (see [`Self::accept_identity_decision`]).
-    pub(super) async fn ask_to_accept_identity(
-        &self,
-        event: &DecryptedEvent,
-    ) -> Result<(), PaymentsError> {
-        let decision = self.accept_identity_decision(event, self.clock.now_ms())?;
-        self.apply(decision).await
-    }
-
     /// A PIN answering the sender's open dialog.
     pub(super) async fn on_dialog_pin(
         &self,
@@ -66,9 +57,4 @@ impl Payments {
         self.apply(dialog::after(&ev, &dialog, work, now_ms, timeout_ms))
             .await
     }
-}
-
-/// What the bot says to open or move on a dialog.
-pub(super) fn dialog_prompt(dialog: &Dialog) -> &'static str {
-    dialog::prompt(dialog)
 }

@@ -418,14 +418,15 @@ impl Payments {
                         self.on_pin(event, message).await?;
                     }
                     None => {
-                        self.messenger
-                            .notice(
-                                &event.room_id,
-                                "A PIN is exactly 4 digits.",
-                                Some(&event.event_id),
-                                txn("response-error", event.event_id.as_str()),
-                            )
-                            .await?;
+                        let ev = Self::event_ref(event);
+                        let said = core::Outgoing::notice(
+                            &ev.room_id,
+                            "A PIN is exactly 4 digits.",
+                            Some(&ev.event_id),
+                            "response-error",
+                            ev.event_id.as_str(),
+                        );
+                        self.apply(core::Decision::say(said)).await?;
                     }
                 }
                 Ok(true)
@@ -448,17 +449,12 @@ impl Payments {
         &self,
         event: &DecryptedEvent,
         text: &str,
-        purpose: &str,
+        purpose: &'static str,
     ) -> Result<(), PaymentsError> {
-        self.messenger
-            .notice(
-                &event.room_id,
-                &format!("{}: {text}", event.sender),
-                Some(&event.event_id),
-                txn(purpose, event.event_id.as_str()),
-            )
-            .await?;
-        Ok(())
+        self.apply(core::Decision::say(
+            Self::event_ref(event).answer(text, purpose),
+        ))
+        .await
     }
 }
 

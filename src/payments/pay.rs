@@ -4,19 +4,17 @@
 //! transaction repeats the decision instead of deciding again.
 
 use super::core::after_pin;
+use super::core::challenge;
 use super::core::refusal::{self, AccountFacts, PayeeFacts, PayerFacts};
 use super::core::start::{self, Start};
 use super::core::{Decision, EventRef, Outgoing, Record};
-use super::dm::Dm;
 use super::memo::{MemoKind, PaymentMemo};
 use super::{
-    reason_code, reason_for, reason_from_code, reason_label, refusal_sentence, text, txn,
-    PayRequest, Payments, PaymentsError,
+    reason_code, reason_for, reason_from_code, reason_label, refusal_sentence, text, PayRequest,
+    Payments, PaymentsError,
 };
 use crate::crypto::DecryptedEvent;
-use crate::events::{
-    ReceiptEventContent, ReceiptReason, ReceiptStatus, StepUpChallengeEventContent,
-};
+use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
 use crate::ledger::{
     LedgerError, Owner, Transfer, TransferError, TransferId, TransferRequest, TransferState,
 };
@@ -25,7 +23,7 @@ use crate::policy::trust;
 use crate::store::payments::{Challenge, ChallengeKind, DeclineRecord, EventOutcome};
 use crate::store::StoreError;
 use ruma::events::relation::Reference;
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedUserId, UserId};
 use rust_decimal::Decimal;
 
 impl Payments {
@@ -391,27 +389,14 @@ impl Payments {
                 .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
             device_id: event.sender_device.clone(),
         };
-        self.store.put_challenge(&challenge).await?;
-        self.messenger
-            .notice(
-                &event.room_id,
-                &format!(
-                    "⏳ {}: confirm paying {} to {payee} with your PIN in our private chat.",
-                    event.sender,
-                    text::money(&challenge.amount, &currency)
-                ),
-                Some(&event.event_id),
-                txn("pay-pending", event.event_id.as_str()),
-            )
-            .await?;
-        match dm {
-            Dm::Ready(dm_room) => self.send_challenge(&dm_room, &challenge).await?,
-            Dm::Invited(_) => {
-                // Sent when the payer joins the DM (on_member).
-                self.point_to_dm(event, &dm, "pay-pointer").await?;
-            }
-        }
-        Ok(())
+        let decision = challenge::open_payment(
+            &Self::event_ref(event),
+            challenge,
+            &dm,
+            &self.bot,
+            self.clock.now_ms(),
+        );
+        self.apply(decision).await
     }
 
     pub(super) async fn on_withdraw(
@@ -497,81 +482,9 @@ impl Payments {
             return Ok(()); // started, then lapsed before this replay: nothing left to ask
         }
         let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
-        self.store.put_challenge(&challenge).await?;
-        // After the challenge: a crash in between leaves it open, which also counts as started.
-        self.store.put_outcome(key, &EventOutcome::Started).await?;
-        match &dm {
-            Dm::Ready(dm_room) => self.send_challenge(dm_room, &challenge).await?,
-            Dm::Invited(_) => {}
-        }
-        self.point_to_dm(event, &dm, "withdraw-pointer").await?;
-        Ok(())
-    }
-
-    pub(super) async fn send_challenge(
-        &self,
-        dm_room: &RoomId,
-        challenge: &Challenge,
-    ) -> Result<(), PaymentsError> {
-        let now_ms = self.clock.now_ms();
-        let left_ms = challenge.expires_at_ms.saturating_sub(now_ms);
-        let (body, payee) = match challenge.kind {
-            ChallengeKind::Pay => (
-                text::challenge_body(
-                    &challenge.amount,
-                    &challenge.currency,
-                    &challenge.payee,
-                    &challenge.room_id,
-                    left_ms,
-                ),
-                OwnedUserId::try_from(challenge.payee.as_str())
-                    .unwrap_or_else(|_| self.bot.clone()),
-            ),
-            ChallengeKind::Withdraw => (
-                text::withdraw_challenge_body(&challenge.amount, &challenge.currency, left_ms),
-                self.bot.clone(),
-            ),
-        };
-        let content = StepUpChallengeEventContent {
-            body: body.clone(),
-            challenge_id: challenge.challenge_id(),
-            payee,
-            amount: challenge.amount.parse().unwrap_or_default(),
-            currency: challenge.currency.clone(),
-            room_id: OwnedRoomId::try_from(challenge.room_id.as_str())
-                .unwrap_or_else(|_| dm_room.to_owned()),
-            expires_at_ms: challenge.expires_at_ms,
-            relates_to: None,
-        };
-        let key = format!("{}:{}", challenge.challenge_id(), dm_room);
-        self.messenger
-            .send(
-                dm_room,
-                "org.mxpay.stepup.challenge",
-                serde_json::to_value(&content).expect("challenge serialises"),
-                txn("challenge-event", &key),
-            )
-            .await?;
-        let notice_id = self
-            .messenger
-            .notice(dm_room, &body, None, txn("challenge-notice", &key))
-            .await?;
-        self.store
-            .update_note(challenge.transfer_id, |note| {
-                note.dm_event_id = Some(notice_id.to_string())
-            })
-            .await?;
-        Ok(())
-    }
-
-    /// Voids every open payment of `user` (their receipts say `reason`).
-    pub(super) async fn cancel_challenges(
-        &self,
-        user: &str,
-        reason: ReceiptReason,
-    ) -> Result<(), PaymentsError> {
-        let open = self.store.challenges(user)?;
-        self.apply(after_pin::cancel_all(&open, reason)).await
+        let decision =
+            challenge::open_withdrawal(&Self::event_ref(event), challenge, &dm, &self.bot, now_ms);
+        self.apply(decision).await
     }
 
     /// The ledger's refusal of a payment of `amount` from `payer` (to `payee`, a user, or the

@@ -77,6 +77,11 @@ pub enum Record {
         /// argon2id PHC string.
         hash: String,
     },
+    /// The operator's "accept the new keys at the next `!pin set`" was used up.
+    KeysAcceptedAtPinSet {
+        /// Whose.
+        user: OwnedUserId,
+    },
     /// Accepts the user's changed cross-signing identity (crypto store).
     AcceptIdentity {
         /// Whose identity.
@@ -103,6 +108,9 @@ pub struct Outgoing {
     pub purpose: &'static str,
     /// What the message is about (usually the event it answers).
     pub key: String,
+    /// Once sent, its event id is remembered as the DM notice of this challenge's transfer
+    /// (a PIN replying to that notice names the challenge).
+    pub remember_notice_of: Option<TransferId>,
 }
 
 /// The content of an [`Outgoing`].
@@ -141,6 +149,7 @@ impl Outgoing {
             },
             purpose,
             key: key.into(),
+            remember_notice_of: None,
         }
     }
 
@@ -160,6 +169,7 @@ impl Outgoing {
             },
             purpose,
             key: key.into(),
+            remember_notice_of: None,
         }
     }
 

@@ -15,9 +15,11 @@
 //! - [`start`]: late, retried and replayed requests;
 //! - [`pin_answer`]: where a PIN may be used and which challenge it answers;
 //! - [`after_pin`]: what a PIN comparison and the ledger's answer to the post lead to;
+//! - [`challenge`]: opening a challenge, where it is told, `!cancel`;
 //! - [`dialog`]: choosing and changing a PIN, and accepting changed security keys.
 
 pub mod after_pin;
+pub mod challenge;
 pub mod decision;
 pub mod dialog;
 pub mod pin_answer;
