@@ -74,14 +74,14 @@ impl Payments {
             }
         }
         if self.is_private_dm(current, user).await? {
-            profile.dm_room = Some(current.to_string());
+            profile.dm_room = Some(current.to_owned());
             profile.dm_joined = true;
             self.store.put_profile(user.as_str(), &profile).await?;
             return Ok(Dm::Ready(current.to_owned()));
         }
         let room_id = self.messenger.create_dm(user).await?;
         tracing::info!(%user, %room_id, "created a private chat");
-        profile.dm_room = Some(room_id.to_string());
+        profile.dm_room = Some(room_id.clone());
         profile.dm_joined = false;
         self.store.put_profile(user.as_str(), &profile).await?;
         Ok(Dm::Invited(room_id))
@@ -117,7 +117,7 @@ impl Payments {
                     return Ok(());
                 }
                 let mut profile = self.store.profile(user.as_str())?;
-                profile.dm_room = Some(event.room_id.to_string());
+                profile.dm_room = Some(event.room_id.clone());
                 profile.dm_joined = true;
                 self.store.put_profile(user.as_str(), &profile).await?;
                 tracing::info!(%user, room = %event.room_id, "recognised the private chat");
@@ -153,7 +153,7 @@ impl Payments {
         }
         let user = event.sender.as_str();
         let mut profile = self.store.profile(user)?;
-        if profile.dm_room.as_deref() != Some(event.room_id.as_str()) || profile.dm_joined {
+        if profile.dm_room.as_ref() != Some(&event.room_id) || profile.dm_joined {
             return Ok(());
         }
         profile.dm_joined = true;

@@ -72,7 +72,7 @@ impl Payments {
         let record = DeclineRecord {
             reason: reason_code(reason),
             sentence: sentence.to_owned(),
-            payee: payee.to_string(),
+            payee: payee.to_owned(),
             amount: amount.to_string(),
             currency: currency.to_owned(),
         };
@@ -375,13 +375,13 @@ impl Payments {
         let challenge = Challenge {
             kind: ChallengeKind::Pay,
             transfer_id: transfer.id.0,
-            payer: event.sender.to_string(),
+            payer: event.sender.clone(),
             payee: payee.to_string(),
             amount_minor: transfer.amount_minor,
             amount: self.show(&currency, transfer.amount_minor),
             currency: currency.clone(),
-            room_id: event.room_id.to_string(),
-            event_id: event.event_id.to_string(),
+            room_id: event.room_id.clone(),
+            event_id: event.event_id.clone(),
             memo,
             created_ms: transfer.created_ms,
             expires_at_ms: transfer
@@ -464,13 +464,13 @@ impl Payments {
                 Challenge {
                     kind: ChallengeKind::Withdraw,
                     transfer_id: transfer_id.0,
-                    payer: event.sender.to_string(),
+                    payer: event.sender.clone(),
                     payee: "settlement".to_owned(),
                     amount_minor: parsed.minor(),
                     amount: self.show(&currency, parsed.minor()),
                     currency: currency.clone(),
-                    room_id: event.room_id.to_string(),
-                    event_id: event.event_id.to_string(),
+                    room_id: event.room_id.clone(),
+                    event_id: event.event_id.clone(),
                     memo: None,
                     created_ms,
                     expires_at_ms: created_ms + self.settings.stepup_timeout_ms,
@@ -533,7 +533,7 @@ impl Payments {
             ChallengeKind::Withdraw => Owner::Settlement.to_string(),
         };
         let binding = StepUpBinding {
-            payer: challenge.payer.clone(),
+            payer: challenge.payer.to_string(),
             payee: payee_owner,
             amount_minor: challenge.amount_minor,
             currency: challenge.currency.clone(),
@@ -551,7 +551,7 @@ impl Payments {
                 };
                 // The proof is redeemed against the ledger's own record of the transfer.
                 self.stepup
-                    .redeem(&proof, &binding_of(&pending, &challenge.payer))?;
+                    .redeem(&proof, &binding_of(&pending, challenge.payer.as_str()))?;
                 let answer = self.post_answer(transfer_id).await?;
                 Ok(after_pin::after_post(ev, challenge, answer))
             }
@@ -561,7 +561,7 @@ impl Payments {
                     .amount_from_minor(challenge.amount_minor, &challenge.currency)
                     .map_err(LedgerError::from)?;
                 let binding = StepUpBinding {
-                    payer: challenge.payer.clone(),
+                    payer: challenge.payer.to_string(),
                     payee: Owner::Settlement.to_string(),
                     amount_minor: amount.minor(),
                     currency: amount.currency().to_string(),
@@ -570,14 +570,14 @@ impl Payments {
                 self.stepup.redeem(&proof, &binding)?;
                 let memo = PaymentMemo {
                     kind: MemoKind::Withdraw,
-                    room: challenge.room_id.clone(),
-                    event: challenge.event_id.clone(),
+                    room: challenge.room_id.to_string(),
+                    event: challenge.event_id.to_string(),
                     note: None,
                 };
                 // As for payments: a withdrawal the wallet cannot cover is refused before the
                 // ledger, which would open accounts and journal the refusal.
                 let created = match self
-                    .refused_before_ledger(&challenge.payer, None, amount)
+                    .refused_before_ledger(challenge.payer.as_str(), None, amount)
                     .await?
                 {
                     Some(error) => Err(error),

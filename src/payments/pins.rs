@@ -25,7 +25,7 @@ impl Payments {
     ) -> Result<bool, PaymentsError> {
         let user = event.sender.as_str();
         let profile = self.store.profile(user)?;
-        let mut in_dm = profile.dm_room.as_deref() == Some(event.room_id.as_str());
+        let mut in_dm = profile.dm_room.as_ref() == Some(&event.room_id);
         if in_dm && !self.is_private_dm(&event.room_id, &event.sender).await? {
             // Someone else joined or was invited, or the room became joinable: a PIN here is
             // readable by others, exactly as in a group room.

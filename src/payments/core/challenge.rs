@@ -84,7 +84,7 @@ pub fn messages(
                 &challenge.amount,
                 &challenge.currency,
                 &challenge.payee,
-                &challenge.room_id,
+                challenge.room_id.as_str(),
                 left_ms,
             ),
             <&UserId>::try_from(challenge.payee.as_str())
@@ -102,8 +102,7 @@ pub fn messages(
         payee,
         amount: challenge.amount.parse().unwrap_or_default(),
         currency: challenge.currency.clone(),
-        room_id: OwnedRoomId::try_from(challenge.room_id.as_str())
-            .unwrap_or_else(|_| dm_room.clone()),
+        room_id: challenge.room_id.clone(),
         expires_at_ms: challenge.expires_at_ms,
         relates_to: None,
     };
@@ -236,7 +235,7 @@ pub fn cancel(
             .iter()
             .map(|c| match c.kind {
                 ChallengeKind::Pay => {
-                    text::challenge_line(&c.amount, &c.currency, &c.payee, &c.room_id)
+                    text::challenge_line(&c.amount, &c.currency, &c.payee, c.room_id.as_str())
                 }
                 ChallengeKind::Withdraw => {
                     format!("• withdrawal of {}", text::money(&c.amount, &c.currency))
@@ -292,13 +291,13 @@ mod tests {
         Challenge {
             kind,
             transfer_id: id,
-            payer: "@alice:hs".into(),
+            payer: "@alice:hs".try_into().unwrap(),
             payee: "@bob:hs".into(),
             amount_minor: 1250,
             amount: "12.50".into(),
             currency: "EUR".into(),
-            room_id: "!room:hs".into(),
-            event_id: "$ask".into(),
+            room_id: "!room:hs".try_into().unwrap(),
+            event_id: "$ask".try_into().unwrap(),
             memo: None,
             created_ms: 0,
             expires_at_ms,

@@ -132,7 +132,7 @@ pub fn unused_pin_answer(event: &EventRef, target: &PinTarget) -> Option<Outgoin
         PinTarget::Several(challenges) => {
             let lines: Vec<String> = challenges
                 .iter()
-                .map(|c| text::challenge_line(&c.amount, &c.currency, &c.payee, &c.room_id))
+                .map(|c| text::challenge_line(&c.amount, &c.currency, &c.payee, c.room_id.as_str()))
                 .collect();
             ("pin-which", text::which_challenge(&lines))
         }
@@ -374,13 +374,13 @@ mod tests {
         let challenge = Challenge {
             kind: ChallengeKind::Pay,
             transfer_id: id,
-            payer: "@alice:hs".into(),
+            payer: "@alice:hs".try_into().unwrap(),
             payee: format!("@payee{id}:hs"),
             amount_minor: 100 * id,
             amount: format!("{id}.00"),
             currency: "EUR".into(),
-            room_id: "!room".into(),
-            event_id: format!("$pay{id}"),
+            room_id: "!room:hs".try_into().unwrap(),
+            event_id: format!("$pay{id}").try_into().unwrap(),
             memo: None,
             created_ms,
             expires_at_ms: created_ms + 120_000,

@@ -52,7 +52,7 @@ mod tests {
         EventOutcome::Declined(DeclineRecord {
             reason: reason.into(),
             sentence: "your balance does not cover this payment".into(),
-            payee: "@bob:hs".into(),
+            payee: "@bob:hs".try_into().unwrap(),
             amount: "5".into(),
             currency: "EUR".into(),
         })
