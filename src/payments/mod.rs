@@ -23,9 +23,9 @@ mod dm;
 pub mod memo;
 mod messenger;
 mod pay;
-mod pin_check;
-pub mod pinlike;
-mod pins;
+mod pin_attempts;
+mod pin_messages;
+pub mod pin_recognition;
 mod tell;
 pub mod text;
 
@@ -362,7 +362,7 @@ impl Payments {
                     }
                 }
                 // Plain, edited, replying, notice or emote: a PIN in any shape.
-                match pinlike::recognise(&event.event_type, &event.content) {
+                match pin_recognition::recognise(&event.event_type, &event.content) {
                     Some(message) => self.on_pin(event, message).await,
                     None => Ok(false),
                 }
@@ -412,7 +412,7 @@ impl Payments {
                 Ok(true)
             }
             "org.mxpay.stepup.response" => {
-                match pinlike::recognise(&event.event_type, &event.content) {
+                match pin_recognition::recognise(&event.event_type, &event.content) {
                     // Redacted whatever its `pin` holds: a malformed one may be a mistyped PIN.
                     Some(message) => {
                         self.on_pin(event, message).await?;

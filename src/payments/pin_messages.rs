@@ -5,7 +5,7 @@
 use super::core::after_pin::{self, AfterCompare, PostAnswer};
 use super::core::pin_answer::{self, OutsideDmFacts, PinAddress, PinTarget};
 use super::core::{Decision, EventRef};
-use super::{payment_span, pinlike, Payments, PaymentsError};
+use super::{payment_span, pin_recognition, Payments, PaymentsError};
 use crate::crypto::DecryptedEvent;
 use crate::ledger::{LedgerError, TransferId};
 use crate::policy::pin::Pin;
@@ -15,13 +15,13 @@ use ruma::{EventId, RoomId};
 use tracing::Instrument as _;
 
 impl Payments {
-    /// A PIN-carrying event (any shape, see [`pinlike`]): used as an answer only in the
+    /// A PIN-carrying event (any shape, see [`pin_recognition`]): used as an answer only in the
     /// sender's private DM; removed after reading. `Ok(false)` when it is left alone (chat
     /// outside the DM while the bot waits for no PIN from the sender).
     pub(super) async fn on_pin(
         &self,
         event: &DecryptedEvent,
-        message: pinlike::PinMessage,
+        message: pin_recognition::PinMessage,
     ) -> Result<bool, PaymentsError> {
         let user = event.sender.as_str();
         let profile = self.store.profile(user)?;
@@ -109,7 +109,7 @@ impl Payments {
     async fn act_on_dm_pin(
         &self,
         event: &DecryptedEvent,
-        message: pinlike::PinMessage,
+        message: pin_recognition::PinMessage,
         now_ms: u64,
     ) -> Result<(), PaymentsError> {
         let user = event.sender.as_str();
@@ -125,7 +125,7 @@ impl Payments {
                 .apply(Decision::say(ev.reply(reply, "pin-dialog")).finish(&ev))
                 .await;
         }
-        let pinlike::PinMessage {
+        let pin_recognition::PinMessage {
             pin,
             challenge_id,
             reply_to,
@@ -218,7 +218,7 @@ impl Payments {
     async fn on_pin_outside_dm(
         &self,
         event: &DecryptedEvent,
-        message: &pinlike::PinMessage,
+        message: &pin_recognition::PinMessage,
         _profile: UserProfile,
         now_ms: u64,
     ) -> Result<bool, PaymentsError> {
