@@ -58,10 +58,9 @@ impl Faults {
             Some((faulty, file)) if faulty == purpose && !file.exists() => {
                 tracing::warn!(purpose, "test fault: failing a message before it is sent");
                 Err(
-                    CryptoError::Transport(crate::crypto::TransportError::Unavailable {
-                        endpoint: "test fault",
-                        attempts: 1,
-                        last: "a test fault is set".to_owned(),
+                    CryptoError::Transport(crate::homeserver::HomeserverError::Connect {
+                        url: "test fault".to_owned(),
+                        reason: "a test fault is set".to_owned(),
                     })
                     .into(),
                 )
