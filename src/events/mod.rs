@@ -6,12 +6,14 @@
 
 pub mod bot_command;
 pub mod payment_request;
+pub mod payment_request_status;
 pub mod receipt;
 pub mod stepup_challenge;
 pub mod stepup_response;
 pub mod transfer_intent;
 
 pub use payment_request::PaymentRequestEventContent;
+pub use payment_request_status::{PaymentRequestStatusEventContent, RequestState};
 pub use receipt::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
 pub use stepup_challenge::StepUpChallengeEventContent;
 pub use stepup_response::StepUpResponseEventContent;
