@@ -362,13 +362,9 @@ impl Request {
         }
     }
 
-    /// Every share, for tests.
-    #[cfg(test)]
-    pub(crate) fn shares_for_tests(&self) -> &[Share] {
-        self.shares()
-    }
-
-    fn shares(&self) -> &[Share] {
+    /// Every share: the named payers' in the order named, or the members who paid (or are
+    /// paying) a request open to everyone.
+    pub fn shares(&self) -> &[Share] {
         match &self.audience {
             Audience::Named { shares } | Audience::Everyone { shares, .. } => shares,
         }

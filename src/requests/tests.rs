@@ -560,7 +560,7 @@ proptest! {
             if let Some(next) = next {
                 next.assert_invariants();
                 // No share leaves a final state.
-                for share in before.shares_for_tests() {
+                for share in before.shares() {
                     let live = before.live_state(share, now);
                     if live.is_final() {
                         let after = next.share_of(&share.payer).expect("a final share stays");
@@ -573,7 +573,7 @@ proptest! {
                 }
                 // Never more paid than asked.
                 let paid: u128 = next
-                    .shares_for_tests()
+                    .shares()
                     .iter()
                     .filter(|s| matches!(s.state, ShareState::Paid { .. }))
                     .map(|s| s.amount_minor)
