@@ -13,6 +13,7 @@ pub mod reason;
 pub mod refund;
 pub mod split;
 pub mod state;
+pub mod text;
 
 pub use accept::{payee_must_accept, HeldOutcome, HeldPayment, ACCEPT_WINDOW_DEFAULT_MS};
 pub use parse::{

@@ -383,6 +383,10 @@ fn a_split_tracks_each_payer() {
     let (r, _) = r.start_payment(&c, 2, NOW).unwrap();
     let r = r.record_paid(&c, 2, NOW).unwrap();
     assert_eq!(r.status(NOW), RequestState::Declined, "settled, b declined");
+    assert_eq!(
+        text::split_progress(&r, NOW, |minor| format_minor(minor, 2)),
+        "✅ @a:s 33.34\n❌ @b:s 33.33\n✅ @c:s 33.33"
+    );
     assert_eq!(r.paid_count(), 2);
     assert!(r.open_payers(NOW).is_empty());
 }
