@@ -4,8 +4,8 @@
 //! ([`accept`]), and the reason codes with their sentences ([`reason`]).
 //!
 //! Nothing here sends, stores or reads the clock: callers pass the facts and `now_ms` in and
-//! apply what comes back. The durable side is `store::requests` (which depends on this module, never the reverse). Design:
-//! `docs/requests-design.md`.
+//! apply what comes back. The durable side is `store::requests` (which depends on this
+//! module, never the reverse). Design: `docs/requests-design.md`.
 
 pub mod accept;
 pub mod parse;

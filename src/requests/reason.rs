@@ -318,6 +318,19 @@ mod tests {
         );
     }
 
+    /// The design page lists every code, so the room's sentences and the docs cannot drift.
+    #[test]
+    fn every_code_is_documented() {
+        let docs = include_str!("../../docs/requests-design.md");
+        for refusal in RequestRefusal::ALL {
+            assert!(
+                docs.contains(&format!("`{}`", refusal.code())),
+                "{} is not in docs/requests-design.md",
+                refusal.code()
+            );
+        }
+    }
+
     /// Codes are a public format: pinned, so a rename is a visible, deliberate change.
     #[test]
     fn codes_are_pinned() {
