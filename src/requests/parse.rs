@@ -72,7 +72,10 @@ pub enum ReplyAction {
     Pay,
     /// `!decline`: decline the request replied to, or a payment held for the sender to accept.
     Decline,
-    /// `!cancel`: the requester withdraws the request replied to.
+    /// `!cancel`: the requester withdraws the request replied to. When the event replied to
+    /// is no request, `!cancel` keeps its ordinary meaning (cancel the payments waiting for
+    /// the sender's PIN: `crate::command::Command::Cancel`), so a `!cancel` replying to a
+    /// challenge in the DM still works.
     Cancel,
     /// `!accept`: the payee accepts the payment replied to.
     Accept,
