@@ -13,7 +13,7 @@ pub mod command;
 pub mod config;
 pub mod crypto;
 pub mod events;
-pub mod handler;
+pub mod pipeline;
 pub mod homeserver;
 pub mod http;
 pub mod inbox;

@@ -4,7 +4,7 @@
 //! Start order: open the inbox, bind and serve the appservice API (the homeserver's ping comes
 //! back to it), check the homeserver (reachable, token accepted, bot registered, ping round
 //! trip), then mark ready and start the worker that feeds stored transactions to the
-//! [`TransactionHandler`].
+//! [`Pipeline`].
 
 mod wiring;
 
@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminState;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
-use crate::handler::{transaction_events, TransactionHandler};
+use crate::pipeline::{transaction_events, Pipeline};
 use crate::homeserver::{HomeserverClient, HomeserverClientConfig, HomeserverError, RetryPolicy};
 use crate::http::EdgeState;
 use crate::inbox::{Inbox, InboxError, InboxTransaction};
@@ -324,7 +324,7 @@ impl App {
     /// Starts the worker feeding stored transactions to `handler` until `shutdown` turns true.
     pub fn spawn_worker(
         &self,
-        handler: Arc<dyn TransactionHandler>,
+        handler: Arc<dyn Pipeline>,
         policy: WorkerPolicy,
         shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
@@ -477,7 +477,7 @@ fn explain_ping(error: &HomeserverError, config: &Config, registration: &str) ->
 struct Worker {
     inbox: Inbox,
     metrics: Arc<Metrics>,
-    handler: Arc<dyn TransactionHandler>,
+    handler: Arc<dyn Pipeline>,
     policy: WorkerPolicy,
 }
 
@@ -820,7 +820,7 @@ async fn ready_pings(app: App, mut shutdown: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handler::HandlerError;
+    use crate::pipeline::PipelineError;
     use axum::body::Body;
     use axum::http::Request;
     use parking_lot::Mutex;
@@ -836,15 +836,15 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl TransactionHandler for Recorder {
-        async fn handle(&self, txn: &InboxTransaction) -> Result<(), HandlerError> {
+    impl Pipeline for Recorder {
+        async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
             if self.permanent.lock().contains(&txn.txn_id) {
-                return Err(HandlerError::permanent("bad transaction"));
+                return Err(PipelineError::permanent("bad transaction"));
             }
             if let Some(left) = self.transient_failures_left.lock().get_mut(&txn.txn_id) {
                 if *left > 0 {
                     *left -= 1;
-                    return Err(HandlerError::transient("busy"));
+                    return Err(PipelineError::transient("busy"));
                 }
             }
             self.handled.lock().push(txn.txn_id.clone());

@@ -1,5 +1,5 @@
 //! Wiring: the one place that builds the bot's parts from the config and connects them (crypto
-//! device, payment store, ledger, outbox, handlers). Everything below `app` is built here and
+//! device, payment store, ledger, outbox, pipelines). Everything below `app` is built here and
 //! knows nothing of `App`.
 
 use std::sync::Arc;
@@ -9,25 +9,25 @@ use tokio::sync::watch;
 
 use super::{App, AppError};
 use crate::clock::{SharedClock, SystemClock};
-use crate::crypto::handler::{
-    CryptoHandler, DELIVERY_CHECK_TIMEOUT_MS, STORE_KEY_ENV, SWEEP_INTERVAL_MS,
+use crate::crypto::pipeline::{
+    EncryptedPipeline, DELIVERY_CHECK_TIMEOUT_MS, STORE_KEY_ENV, SWEEP_INTERVAL_MS,
 };
 use crate::crypto::{BotCrypto, CryptoSettings};
-use crate::handler::{basic_commands, BasicHandler, TransactionHandler};
+use crate::pipeline::{basic_commands, PlainPipeline, Pipeline};
 use crate::outbox::{Outbox, OutboxPoke, OutboxPolicy};
-use crate::payments::{text, Messenger, Payments, PaymentsHandler};
+use crate::payments::{text, Messenger, Payments, PaymentsPipeline};
 use crate::policy::pin::PinHasher;
 use crate::store::payments::PaymentStore;
 
-/// Starts the bot for `app`: with payments when `payments.enabled`, else the crypto handler
+/// Starts the bot for `app`: with payments when `payments.enabled`, else the encrypted pipeline
 /// alone. Spawns the outbox (stopping on `shutdown`).
 pub async fn start(
     app: &App,
     shutdown: watch::Receiver<bool>,
-) -> Result<Arc<dyn TransactionHandler>, AppError> {
+) -> Result<Arc<dyn Pipeline>, AppError> {
     let config = app.config();
     if !config.payments.enabled {
-        return start_crypto_handler(app, shutdown).await;
+        return start_encrypted_pipeline(app, shutdown).await;
     }
     let pepper = config
         .payments
@@ -45,8 +45,8 @@ pub async fn start(
     let crypto = start_crypto(app, shutdown.clone()).await?;
     let mut commands = basic_commands();
     commands.extend(text::payment_commands());
-    let crypto_handler =
-        CryptoHandler::new(crypto.clone(), BasicHandler::new(app.client().clone()))
+    let encrypted =
+        EncryptedPipeline::new(crypto.clone(), PlainPipeline::new(app.client().clone()))
             .with_commands(commands);
     let mut stepup_key = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut stepup_key);
@@ -76,22 +76,22 @@ pub async fn start(
     .with_metrics(app.metrics().clone())
     .spawn(shutdown);
     tracing::info!("payments enabled");
-    Ok(Arc::new(PaymentsHandler::new(crypto_handler, payments)))
+    Ok(Arc::new(PaymentsPipeline::new(encrypted, payments)))
 }
 
-/// Starts the bot's crypto for `app` and returns the handler the worker should use. Spawns the
+/// Starts the bot's crypto for `app` and returns the pipeline the worker should use. Spawns the
 /// start-up delivery self-check and the parked-event sweep, both stopping on `shutdown`.
-pub async fn start_crypto_handler(
+pub async fn start_encrypted_pipeline(
     app: &App,
     shutdown: watch::Receiver<bool>,
-) -> Result<Arc<dyn TransactionHandler>, AppError> {
+) -> Result<Arc<dyn Pipeline>, AppError> {
     let crypto = start_crypto(app, shutdown).await?;
-    let basic = BasicHandler::new(app.client().clone());
-    Ok(Arc::new(CryptoHandler::new(crypto, basic)))
+    let basic = PlainPipeline::new(app.client().clone());
+    Ok(Arc::new(EncryptedPipeline::new(crypto, basic)))
 }
 
 /// Starts the bot's crypto for `app` (device, store, start-up self-check and parked-event
-/// sweep, both stopping on `shutdown`), for callers that build their own handler around it.
+/// sweep, both stopping on `shutdown`), for callers that build their own pipeline around it.
 pub async fn start_crypto(
     app: &App,
     shutdown: watch::Receiver<bool>,

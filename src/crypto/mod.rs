@@ -16,7 +16,7 @@
 pub mod device;
 pub mod event;
 pub mod extensions;
-pub mod handler;
+pub mod pipeline;
 pub mod parked;
 pub mod replay;
 

@@ -45,10 +45,10 @@ pub use settings::PaymentsSettings;
 
 use crate::clock::SharedClock;
 use crate::command::{self, Command, MEMO_CHARS_MAX};
-use crate::crypto::handler::CryptoHandler;
+use crate::crypto::pipeline::EncryptedPipeline;
 use crate::crypto::{CryptoError, DecryptedEvent, TrustState};
 use crate::events::ReceiptReason;
-use crate::handler::{reply_txn_id, HandlerError, InboxTransaction, TransactionHandler};
+use crate::pipeline::{reply_txn_id, PipelineError, InboxTransaction, Pipeline};
 use crate::homeserver::HomeserverError;
 use crate::ledger::{Ledger, LedgerError, TransferError, TransferId};
 use crate::outbox::OutboxPoke;
@@ -458,28 +458,28 @@ impl Payments {
     }
 }
 
-/// Decrypts each transaction, hands payment events to [`Payments`], the rest to the crypto
-/// handler (joins, `!help`).
-pub struct PaymentsHandler {
-    crypto: CryptoHandler,
+/// Decrypts each transaction, hands payment events to [`Payments`], the rest to the encrypted
+/// pipeline (joins, `!help`).
+pub struct PaymentsPipeline {
+    crypto: EncryptedPipeline,
     payments: Arc<Payments>,
 }
 
-impl PaymentsHandler {
-    /// A handler over `crypto` (which also does the basic handling) and `payments`.
-    pub fn new(crypto: CryptoHandler, payments: Arc<Payments>) -> Self {
+impl PaymentsPipeline {
+    /// A pipeline over `crypto` (which also does the basic handling) and `payments`.
+    pub fn new(crypto: EncryptedPipeline, payments: Arc<Payments>) -> Self {
         Self { crypto, payments }
     }
 }
 
 #[async_trait]
-impl TransactionHandler for PaymentsHandler {
-    async fn handle(&self, txn: &InboxTransaction) -> Result<(), HandlerError> {
+impl Pipeline for PaymentsPipeline {
+    async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
         let ingested = match self.crypto.crypto().ingest(&txn.body).await {
             Ok(ingested) => ingested,
             Err(e) => {
                 tracing::error!(txn_id = %txn.txn_id, error = %e, "cannot process the transaction's encryption data");
-                return Err(HandlerError::transient(e));
+                return Err(PipelineError::transient(e));
             }
         };
         for event in &ingested.events {
@@ -489,7 +489,7 @@ impl TransactionHandler for PaymentsHandler {
                 Ok(false) => self.crypto.handle_event(event).await,
                 Err(e) if e.is_transient() => {
                     tracing::warn!(event_id = %event.event_id, error = %e, "payment handling failed; will retry");
-                    Err(HandlerError::transient(e))
+                    Err(PipelineError::transient(e))
                 }
                 Err(e) => {
                     tracing::error!(event_id = %event.event_id, error = %e, "payment handling failed");

@@ -1,7 +1,7 @@
 //! The sentences the bot says. Pure functions, so wording is tested without a homeserver.
 //! None of them ever includes a PIN.
 
-use crate::handler::CommandHelp;
+use crate::pipeline::CommandHelp;
 use crate::ledger::AccountView;
 use crate::policy::pin::human_duration;
 

@@ -1,7 +1,7 @@
-//! What happens to a stored transaction: the [`TransactionHandler`] trait the inbox worker
-//! calls, and the basic handler (join on invite, `!help` in plaintext rooms).
+//! What happens to a stored transaction: the [`Pipeline`] trait the inbox worker
+//! calls, and the plain pipeline (join on invite, `!help` in plaintext rooms).
 //!
-//! The crypto layer wraps or replaces [`BasicHandler`] to decrypt first.
+//! The crypto layer wraps or replaces [`PlainPipeline`] to decrypt first.
 
 use async_trait::async_trait;
 use ruma::events::room::message::RoomMessageEventContent;
@@ -16,7 +16,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why handling a transaction failed.
 #[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
+pub enum PipelineError {
     /// Trying again later may work (homeserver unreachable, rate-limited, store busy): the
     /// worker retries with bounded backoff.
     #[error("transient: {0}")]
@@ -26,7 +26,7 @@ pub enum HandlerError {
     Permanent(#[source] BoxError),
 }
 
-impl HandlerError {
+impl PipelineError {
     /// A transient error from any error value.
     pub fn transient(error: impl Into<BoxError>) -> Self {
         Self::Transient(error.into())
@@ -43,7 +43,7 @@ impl HandlerError {
     }
 }
 
-impl From<HomeserverError> for HandlerError {
+impl From<HomeserverError> for PipelineError {
     fn from(error: HomeserverError) -> Self {
         if error.is_transient() {
             Self::transient(error)
@@ -58,9 +58,9 @@ impl From<HomeserverError> for HandlerError {
 /// transaction after a transient error or a crash, so effects must be idempotent (send events
 /// with transaction ids derived from the input).
 #[async_trait]
-pub trait TransactionHandler: Send + Sync + 'static {
+pub trait Pipeline: Send + Sync + 'static {
     /// Handles `txn`.
-    async fn handle(&self, txn: &InboxTransaction) -> Result<(), HandlerError>;
+    async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError>;
 }
 
 /// One line of the `!help` answer.
@@ -82,7 +82,7 @@ impl CommandHelp {
     }
 }
 
-/// The commands the basic handler knows; later layers append theirs.
+/// The commands the plain pipeline knows; later layers append theirs.
 pub fn basic_commands() -> Vec<CommandHelp> {
     vec![CommandHelp::new("!help", "show this list of commands")]
 }
@@ -96,7 +96,7 @@ pub fn help_text(commands: &[CommandHelp]) -> String {
     text
 }
 
-/// The event fields the basic handler looks at, read from the raw JSON.
+/// The event fields the plain pipeline looks at, read from the raw JSON.
 #[derive(Debug)]
 struct EventView<'a> {
     event_type: &'a str,
@@ -129,12 +129,12 @@ pub fn transaction_events(body: &Value) -> &[Value] {
 
 /// Joins rooms the bot is invited to and answers `!help` in plaintext rooms.
 #[derive(Debug, Clone)]
-pub struct BasicHandler {
+pub struct PlainPipeline {
     client: HomeserverClient,
     commands: Vec<CommandHelp>,
 }
 
-impl BasicHandler {
+impl PlainPipeline {
     /// A handler acting through `client`, listing [`basic_commands`] in `!help`.
     pub fn new(client: HomeserverClient) -> Self {
         Self {
@@ -157,7 +157,7 @@ impl BasicHandler {
     /// Handles one event (plaintext JSON, as in a transaction's `events`). Failures the bot
     /// cannot fix by retrying (invite withdrawn, no permission to post) are logged and
     /// swallowed; transient ones are returned so the transaction is retried.
-    pub async fn handle_event(&self, event: &Value) -> Result<(), HandlerError> {
+    pub async fn handle_event(&self, event: &Value) -> Result<(), PipelineError> {
         let Some(view) = EventView::of(event) else {
             return Ok(());
         };
@@ -194,7 +194,7 @@ impl BasicHandler {
         };
         match result {
             Ok(()) => Ok(()),
-            Err(error) if error.is_transient() => Err(HandlerError::transient(error)),
+            Err(error) if error.is_transient() => Err(PipelineError::transient(error)),
             Err(error) => {
                 tracing::warn!(%room_id, event_type = view.event_type, %error, "cannot act on event");
                 Ok(())
@@ -203,7 +203,7 @@ impl BasicHandler {
     }
 }
 
-impl BasicHandler {
+impl PlainPipeline {
     /// Describes the bot's commands in `room_id` (MSC4391 state events) where it may send state;
     /// a room that does not let it (the first description refused) is left alone. Never fails:
     /// the text commands work without the descriptions.
@@ -250,8 +250,8 @@ pub fn reply_txn_id(purpose: &str, answered_event_id: &str) -> OwnedTransactionI
 }
 
 #[async_trait]
-impl TransactionHandler for BasicHandler {
-    async fn handle(&self, txn: &InboxTransaction) -> Result<(), HandlerError> {
+impl Pipeline for PlainPipeline {
+    async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
         for event in transaction_events(&txn.body) {
             self.handle_event(event).await?;
         }
@@ -268,7 +268,7 @@ mod tests {
     use wiremock::matchers::{body_partial_json, method, path, path_regex};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
-    fn handler(server: &MockServer) -> BasicHandler {
+    fn handler(server: &MockServer) -> PlainPipeline {
         let client = HomeserverClient::new(HomeserverClientConfig {
             base_url: server.uri(),
             as_token: Secret::new("as-token-0123456789abcdef"),
@@ -281,7 +281,7 @@ mod tests {
             },
         })
         .unwrap();
-        BasicHandler::new(client).with_commands(vec![
+        PlainPipeline::new(client).with_commands(vec![
             CommandHelp::new("!help", "show this list of commands"),
             CommandHelp::new("!pay <user> <amount>", "pay someone"),
         ])

@@ -1,6 +1,6 @@
-//! The transaction handler with end-to-end encryption: decrypt first, then act.
+//! The pipeline with end-to-end encryption: decrypt first, then act.
 //!
-//! [`CryptoHandler`] wraps the spine's [`BasicHandler`]: every transaction goes through
+//! [`EncryptedPipeline`] wraps the spine's [`PlainPipeline`]: every transaction goes through
 //! [`BotCrypto::ingest`] (to-device and device-list data before room events), then each
 //! plaintext or decrypted event is acted on. `!help` is answered through [`BotCrypto`], so the
 //! answer is encrypted exactly when the room is; everything else a plaintext event asks for
@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::{BotCrypto, CryptoError, DecryptedEvent};
-use crate::handler::{
-    basic_commands, help_text, reply_txn_id, BasicHandler, CommandHelp, HandlerError,
-    InboxTransaction, TransactionHandler,
+use crate::pipeline::{
+    basic_commands, help_text, reply_txn_id, PlainPipeline, CommandHelp, PipelineError,
+    InboxTransaction, Pipeline,
 };
 
 /// Environment variable holding the crypto store key as 64 hex characters; without it the key
@@ -24,23 +24,23 @@ pub const DELIVERY_CHECK_TIMEOUT_MS: u64 = 60_000;
 pub const SWEEP_INTERVAL_MS: u64 = 5_000;
 
 /// Decrypts each transaction, then handles its events.
-pub struct CryptoHandler {
+pub struct EncryptedPipeline {
     crypto: BotCrypto,
-    basic: BasicHandler,
+    basic: PlainPipeline,
     commands: Vec<CommandHelp>,
 }
 
-impl std::fmt::Debug for CryptoHandler {
+impl std::fmt::Debug for EncryptedPipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CryptoHandler")
+        f.debug_struct("EncryptedPipeline")
             .field("crypto", &self.crypto)
             .finish_non_exhaustive()
     }
 }
 
-impl CryptoHandler {
-    /// A handler over `crypto`, delegating plaintext housekeeping to `basic`.
-    pub fn new(crypto: BotCrypto, basic: BasicHandler) -> Self {
+impl EncryptedPipeline {
+    /// A pipeline over `crypto`, delegating plaintext housekeeping to `basic`.
+    pub fn new(crypto: BotCrypto, basic: PlainPipeline) -> Self {
         Self {
             crypto,
             basic,
@@ -66,8 +66,8 @@ impl CryptoHandler {
     pub fn done_with(
         &self,
         event: &DecryptedEvent,
-        result: Result<(), HandlerError>,
-    ) -> Result<(), HandlerError> {
+        result: Result<(), PipelineError>,
+    ) -> Result<(), PipelineError> {
         let finished = match &result {
             Ok(()) => true,
             Err(e) => !e.is_transient(),
@@ -75,14 +75,14 @@ impl CryptoHandler {
         if event.was_parked && finished {
             self.crypto
                 .forget_parked(&event.event_id)
-                .map_err(HandlerError::transient)?;
+                .map_err(PipelineError::transient)?;
         }
         result
     }
 
     /// Acts on one decrypted or plaintext event (`!help`; joins via the basic handler). The
     /// payment layer calls it for the events that are not payment matters.
-    pub async fn handle_event(&self, event: &DecryptedEvent) -> Result<(), HandlerError> {
+    pub async fn handle_event(&self, event: &DecryptedEvent) -> Result<(), PipelineError> {
         if is_help(event) || self.is_help_invocation(event) {
             let body = help_text(&self.commands);
             let content = json!({
@@ -115,7 +115,7 @@ impl CryptoHandler {
     }
 }
 
-impl CryptoHandler {
+impl EncryptedPipeline {
     /// A client's MSC4391 `help` invocation mentioning the bot.
     fn is_help_invocation(&self, event: &DecryptedEvent) -> bool {
         event.event_type == "m.room.message"
@@ -137,10 +137,10 @@ fn is_help(event: &DecryptedEvent) -> bool {
 
 /// Store failures and homeserver outages are retried (the worker bounds it); anything else is
 /// logged and the event skipped, so one bad room cannot block the queue.
-fn classify(error: CryptoError, what: &str) -> Result<(), HandlerError> {
+fn classify(error: CryptoError, what: &str) -> Result<(), PipelineError> {
     match error {
-        e @ CryptoError::Store(_) | e @ CryptoError::Parked(_) => Err(HandlerError::transient(e)),
-        e if e.is_transient() => Err(HandlerError::transient(e)),
+        e @ CryptoError::Store(_) | e @ CryptoError::Parked(_) => Err(PipelineError::transient(e)),
+        e if e.is_transient() => Err(PipelineError::transient(e)),
         e => {
             tracing::warn!(error = %e, "{what} failed");
             Ok(())
@@ -149,13 +149,13 @@ fn classify(error: CryptoError, what: &str) -> Result<(), HandlerError> {
 }
 
 #[async_trait]
-impl TransactionHandler for CryptoHandler {
-    async fn handle(&self, txn: &InboxTransaction) -> Result<(), HandlerError> {
+impl Pipeline for EncryptedPipeline {
+    async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
         let ingested = match self.crypto.ingest(&txn.body).await {
             Ok(ingested) => ingested,
             Err(e) => {
                 tracing::error!(txn_id = %txn.txn_id, error = %e, "cannot process the transaction's encryption data");
-                return Err(HandlerError::transient(e));
+                return Err(PipelineError::transient(e));
             }
         };
         for event in &ingested.events {
