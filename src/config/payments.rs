@@ -104,6 +104,11 @@ pub struct PaymentsSettings {
     /// minute; further ones are declined (`rate_limited`). Default 10 (1 to 600).
     #[serde(default = "default_commands_per_minute_max")]
     pub commands_per_minute_max: u32,
+    /// How long a payment request (`!request`, `!split`, an `org.mxpay.payment_request`
+    /// without `expires_at_ms`) stays open before it lapses, in ms. Default 604800000 (7 days;
+    /// 1 minute to 30 days).
+    #[serde(default = "default_request_expiry_default_ms")]
+    pub request_expiry_default_ms: u64,
 }
 
 fn default_stepup_timeout_ms() -> u64 {
@@ -121,6 +126,9 @@ fn default_pending_per_user_max() -> u32 {
 fn default_commands_per_minute_max() -> u32 {
     COMMANDS_PER_MINUTE_MAX_DEFAULT
 }
+fn default_request_expiry_default_ms() -> u64 {
+    crate::requests::REQUEST_EXPIRY_DEFAULT_MS
+}
 
 impl Default for PaymentsSettings {
     fn default() -> Self {
@@ -134,6 +142,7 @@ impl Default for PaymentsSettings {
             wallet_holders: WalletHolders::default(),
             pending_per_user_max: PENDING_PER_USER_MAX_DEFAULT,
             commands_per_minute_max: COMMANDS_PER_MINUTE_MAX_DEFAULT,
+            request_expiry_default_ms: crate::requests::REQUEST_EXPIRY_DEFAULT_MS,
         }
     }
 }
@@ -141,7 +150,7 @@ impl Default for PaymentsSettings {
 impl PaymentsSettings {
     /// Checks ranges and forms (not the pepper, which is read at start).
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let ranges: [(&'static str, u64, u64, u64); 5] = [
+        let ranges: [(&'static str, u64, u64, u64); 6] = [
             (
                 "stepup_timeout_ms",
                 self.stepup_timeout_ms,
@@ -171,6 +180,12 @@ impl PaymentsSettings {
                 u64::from(self.commands_per_minute_max),
                 1,
                 600,
+            ),
+            (
+                "request_expiry_default_ms",
+                self.request_expiry_default_ms,
+                60_000,
+                crate::requests::REQUEST_EXPIRY_MAX_MS,
             ),
         ];
         for (key, value, min, max) in ranges {

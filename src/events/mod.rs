@@ -39,6 +39,7 @@ mod tests {
             payee: owned_user_id!("@bob:localhost"),
             amount: Decimal::new(1250, 2),
             currency: "EUR".into(),
+            request_event_id: None,
             relates_to: Reference::new(owned_event_id!("$intent")),
         };
         assert_eq!(receipt.event_type().to_string(), "org.mxpay.receipt");

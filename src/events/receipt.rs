@@ -2,7 +2,7 @@
 
 use matrix_sdk::ruma::events::macros::EventContent;
 use matrix_sdk::ruma::events::relation::Reference;
-use matrix_sdk::ruma::OwnedUserId;
+use matrix_sdk::ruma::{OwnedEventId, OwnedUserId};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +55,68 @@ pub enum ReceiptReason {
     /// The payer started more payment commands in the last minute than allowed
     /// (`payments.commands_per_minute_max`).
     RateLimited,
+    /// The codes below are those of requests, split bills, refunds and payments the payee
+    /// accepts (the same codes as the request module's `RequestRefusal`).
+    /// A request named its own sender as payer (or in a split).
+    RequestFromSelf,
+    /// A request named the bot as payer.
+    RequestFromBot,
+    /// A client's payment request names another payee than its sender.
+    RequestPayeeNotSender,
+    /// A payer named by a request is not joined to the room.
+    PayerNotInRoom,
+    /// A request's note is longer than 140 characters.
+    MemoTooLong,
+    /// The message replied to is no request or payment the bot knows.
+    ReplyTargetUnknown,
+    /// Someone other than a payer the request names tried to pay or decline it.
+    NotThePayer,
+    /// Someone other than the requester tried to cancel a request.
+    NotTheRequester,
+    /// The request was already paid by this payer (paying twice).
+    RequestAlreadyPaid,
+    /// The request was declined.
+    RequestDeclined,
+    /// The requester cancelled the request.
+    RequestCancelled,
+    /// The request lapsed.
+    RequestExpired,
+    /// A payment of the request by this payer already waits for their PIN.
+    RequestPaymentPending,
+    /// A request open to everyone cannot be declined.
+    RequestOpenToEveryone,
+    /// A request open to everyone was paid by as many members as it takes.
+    RequestFull,
+    /// The requester has as many open requests as allowed.
+    TooManyOpenRequests,
+    /// The payer has as many open requests addressed to them as allowed.
+    PayerHasTooManyRequests,
+    /// The bot keeps as many open requests as it can.
+    RequestsFull,
+    /// A split with fewer than two shares.
+    SplitOnePerson,
+    /// A split share would be less than one minor unit.
+    SplitShareBelowMinorUnit,
+    /// Someone is named twice in a split.
+    SplitDuplicatePerson,
+    /// A split names more people than allowed.
+    SplitTooManyPeople,
+    /// Only the payee of a payment can refund it.
+    RefundNotPayee,
+    /// The refund is more than what remains of the payment.
+    RefundAboveRemaining,
+    /// A refund cannot be refunded.
+    RefundOfRefund,
+    /// The payment was already refunded in full.
+    RefundNothingLeft,
+    /// Only a completed payment can be refunded.
+    RefundNotCompleted,
+    /// Only its payee can accept or decline a payment held for acceptance.
+    NotThePayee,
+    /// The time to accept the payment has passed.
+    AcceptanceWindowPassed,
+    /// The held payment was already accepted, declined or returned.
+    PaymentAlreadySettled,
     /// Anything else; the body says more.
     Other,
 }
@@ -82,6 +144,9 @@ pub struct ReceiptEventContent {
     pub amount: Decimal,
     /// ISO 4217 code.
     pub currency: String,
+    /// The payment request this payment paid (its id: the event that asked), when it paid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_event_id: Option<OwnedEventId>,
     /// The event this answers.
     #[serde(rename = "m.relates_to")]
     pub relates_to: Reference,

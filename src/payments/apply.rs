@@ -14,6 +14,7 @@ use super::{txn, Payments, PaymentsError};
 use crate::crypto::CryptoError;
 use crate::ledger::LedgerError;
 use crate::policy::pin::PinRecord;
+use crate::store::requests::{RequestBounds, Updated};
 
 /// Test-only faults at the effect layer, set up by the wiring (debug builds only; see
 /// [`super::FAULT_FAIL_REPLY_ENV`] and [`super::FAULT_CRASH_BEFORE_RECEIPT_ENV`], how the
@@ -184,6 +185,22 @@ impl Payments {
             Record::AcceptIdentity { user } => {
                 self.messenger.crypto.accept_identity(&user).await?;
             }
+            Record::RequestUpdate {
+                before,
+                after,
+                acted_by,
+            } => {
+                let updated = self
+                    .store
+                    .requests()
+                    .update_acted(&before, &after, self.clock.now_ms(), acted_by.as_deref())
+                    .await?;
+                if let Updated::Conflict(_) = updated {
+                    // Another event changed the request since it was read: the whole
+                    // transaction runs again and decides from the current request.
+                    return Err(PaymentsError::RequestChanged);
+                }
+            }
         }
         Ok(())
     }
@@ -196,6 +213,7 @@ impl Payments {
             purpose,
             key,
             remember_notice_of,
+            link,
         } = outgoing;
         self.faults.before_send(purpose)?;
         let txn_id = txn(purpose, &key);
@@ -214,6 +232,12 @@ impl Payments {
                     .await?
             }
         };
+        if let Some((id, role)) = link {
+            self.store
+                .requests()
+                .link_event_as(&sent, &id, &role, RequestBounds::default())
+                .await?;
+        }
         if let Some(transfer_id) = remember_notice_of {
             self.store
                 .update_note(transfer_id.0, |note| {

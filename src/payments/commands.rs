@@ -49,6 +49,7 @@ impl Payments {
                     amount,
                     currency,
                     memo,
+                    request: None,
                 };
                 let outcome = self
                     .on_pay(event, request)

@@ -29,6 +29,10 @@ pub struct PaymentMemo {
     /// The payer's note.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The payment request this payment pays (the request's id: the event that asked), so
+    /// the outbox records it paid once the money moved, and the receipt names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 impl PaymentMemo {
@@ -41,7 +45,8 @@ impl PaymentMemo {
             return bytes;
         }
         let Some(note) = &self.note else {
-            // Room and event ids are at most 255 bytes each: without a note the memo fits.
+            // Room and event ids are at most 255 bytes each (three of them with a request): without
+            // a note the memo fits.
             return bytes;
         };
         let mut memo = self.clone();
@@ -95,6 +100,7 @@ mod tests {
             room: "!r".into(),
             event: "$e".into(),
             note: Some("lunch".into()),
+            request: None,
         };
         let bytes = memo.encode();
         assert_eq!(
@@ -113,6 +119,7 @@ mod tests {
             room: format!("!{}", "r".repeat(250)),
             event: format!("${}", "e".repeat(250)),
             note: Some("\u{1}".repeat(140)),
+            request: Some(format!("${}", "q".repeat(250))),
         };
         let bytes = memo.encode();
         assert!(bytes.len() <= MEMO_BYTES_MAX);
@@ -142,6 +149,7 @@ mod tests {
             room: "!r".into(),
             event: "$e".into(),
             note: Some(note.clone()),
+            request: None,
         };
         let bytes = memo.encode();
         assert!(bytes.len() <= MEMO_BYTES_MAX);

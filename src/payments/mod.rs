@@ -26,6 +26,7 @@ mod pay;
 mod pin_attempts;
 mod pin_messages;
 pub mod pin_recognition;
+mod requests;
 mod tell;
 pub mod text;
 
@@ -48,10 +49,10 @@ use crate::command::{self, Command, MEMO_CHARS_MAX};
 use crate::crypto::pipeline::EncryptedPipeline;
 use crate::crypto::{CryptoError, DecryptedEvent, TrustState};
 use crate::events::ReceiptReason;
-use crate::pipeline::{reply_txn_id, PipelineError, InboxTransaction, Pipeline};
 use crate::homeserver::HomeserverError;
 use crate::ledger::{Ledger, LedgerError, TransferError, TransferId};
 use crate::outbox::OutboxPoke;
+use crate::pipeline::{reply_txn_id, InboxTransaction, Pipeline, PipelineError};
 use crate::policy::payee::WalletHolders;
 use crate::policy::pin::{PinError, PinHasher};
 use crate::policy::stepup::{StepUpAuthority, StepUpError};
@@ -96,13 +97,19 @@ pub enum PaymentsError {
     /// A blocking task failed.
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// A payment request changed between reading and writing it (another event about it was
+    /// handled meanwhile): handled again, the event is decided from the current request.
+    #[error("the payment request changed meanwhile")]
+    RequestChanged,
 }
 
 impl PaymentsError {
     /// Whether handling the event again later may work.
     pub fn is_transient(&self) -> bool {
         match self {
-            PaymentsError::Store(_) | PaymentsError::Join(_) => true,
+            PaymentsError::Store(_) | PaymentsError::Join(_) | PaymentsError::RequestChanged => {
+                true
+            }
             PaymentsError::Ledger(e) => matches!(e, LedgerError::Storage(_) | LedgerError::Closed),
             PaymentsError::Crypto(e) => {
                 matches!(e, CryptoError::Store(_) | CryptoError::Parked(_)) || e.is_transient()
@@ -166,8 +173,54 @@ fn reason_label(reason: ReceiptReason) -> &'static str {
         ReceiptReason::TooLate => "too_late",
         ReceiptReason::TooManyPending => "too_many_pending",
         ReceiptReason::RateLimited => "rate_limited",
+        ReceiptReason::RequestFromSelf => "request_from_self",
+        ReceiptReason::RequestFromBot => "request_from_bot",
+        ReceiptReason::RequestPayeeNotSender => "request_payee_not_sender",
+        ReceiptReason::PayerNotInRoom => "payer_not_in_room",
+        ReceiptReason::MemoTooLong => "memo_too_long",
+        ReceiptReason::ReplyTargetUnknown => "reply_target_unknown",
+        ReceiptReason::NotThePayer => "not_the_payer",
+        ReceiptReason::NotTheRequester => "not_the_requester",
+        ReceiptReason::RequestAlreadyPaid => "request_already_paid",
+        ReceiptReason::RequestDeclined => "request_declined",
+        ReceiptReason::RequestCancelled => "request_cancelled",
+        ReceiptReason::RequestExpired => "request_expired",
+        ReceiptReason::RequestPaymentPending => "request_payment_pending",
+        ReceiptReason::RequestOpenToEveryone => "request_open_to_everyone",
+        ReceiptReason::RequestFull => "request_full",
+        ReceiptReason::TooManyOpenRequests => "too_many_open_requests",
+        ReceiptReason::PayerHasTooManyRequests => "payer_has_too_many_requests",
+        ReceiptReason::RequestsFull => "requests_full",
+        ReceiptReason::SplitOnePerson => "split_one_person",
+        ReceiptReason::SplitShareBelowMinorUnit => "split_share_below_minor_unit",
+        ReceiptReason::SplitDuplicatePerson => "split_duplicate_person",
+        ReceiptReason::SplitTooManyPeople => "split_too_many_people",
+        ReceiptReason::RefundNotPayee => "refund_not_payee",
+        ReceiptReason::RefundAboveRemaining => "refund_above_remaining",
+        ReceiptReason::RefundOfRefund => "refund_of_refund",
+        ReceiptReason::RefundNothingLeft => "refund_nothing_left",
+        ReceiptReason::RefundNotCompleted => "refund_not_completed",
+        ReceiptReason::NotThePayee => "not_the_payee",
+        ReceiptReason::AcceptanceWindowPassed => "acceptance_window_passed",
+        ReceiptReason::PaymentAlreadySettled => "payment_already_settled",
         ReceiptReason::Other => "other",
     }
+}
+
+/// The receipt reason with the same code as a request refusal (every refusal has one).
+pub(crate) fn reason_of_request(refusal: crate::requests::RequestRefusal) -> ReceiptReason {
+    serde_json::from_value(Value::String(refusal.code().to_owned()))
+        .expect("every request refusal code is a receipt reason")
+}
+
+/// The stable code of a receipt reason (`insufficient_funds`, `request_already_paid`, ...).
+pub(crate) fn reason_code_of(reason: ReceiptReason) -> String {
+    reason_code(reason)
+}
+
+/// The receipt reason with this code (`other` when none has it).
+pub(crate) fn reason_of_code(code: &str) -> ReceiptReason {
+    reason_from_code(code)
 }
 
 fn reason_from_code(code: &str) -> ReceiptReason {
@@ -186,6 +239,9 @@ struct PayRequest {
     amount: Decimal,
     currency: String,
     memo: Option<String>,
+    /// The payment request this pays: as read, and with the payer's share `paying` this
+    /// payment (written once the payment is reserved).
+    request: Option<(crate::requests::Request, crate::requests::Request)>,
 }
 
 /// The payment service: state, policy and the ledger, driven by decrypted events.
@@ -321,6 +377,14 @@ impl Payments {
             return Ok(false);
         }
         let handled = self.handle_user_event(event).await?;
+        // Requests that lapsed are written down and told, a bounded slice at a time.
+        if let Err(e) = self.sweep_requests().await {
+            if e.is_transient() {
+                tracing::warn!(error = %e, "could not write down lapsed payment requests; later");
+            } else {
+                tracing::error!(error = %e, "could not write down lapsed payment requests");
+            }
+        }
         // After the event, not before: its handling may be what made the DM ready (a `!balance`
         // there, the join to a DM the bot created), and the welcome goes first.
         match self.on_activity(event).await {
@@ -349,6 +413,26 @@ impl Payments {
                     .as_deref()
                     .or_else(|| event.content.get("body").and_then(Value::as_str));
                 if let (Some("m.text"), Some(body)) = (msgtype, body) {
+                    // Requests, split bills and the commands that answer a request come first:
+                    // a bare `!pay` replying to a request pays it.
+                    let reply_to = requests::reply_target(&event.content);
+                    let text = crate::requests::strip_reply_fallback(body);
+                    match crate::requests::parse(text, reply_to.as_deref()) {
+                        Some(Ok(request_command))
+                            if self
+                                .on_request_command(event, request_command.clone())
+                                .await? =>
+                        {
+                            return Ok(true);
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => {
+                            self.answer(event, &error.to_string(), "command-error")
+                                .await?;
+                            return Ok(true);
+                        }
+                        None => {}
+                    }
                     if let Some(parsed) = command::parse(body) {
                         return match parsed {
                             Ok(Command::Help) => Ok(false),
@@ -386,12 +470,21 @@ impl Payments {
                         )
                         .await?;
                     }
+                    Ok(intent) if intent.request_event_id.is_some() => {
+                        let target = intent.request_event_id.expect("checked");
+                        let outcome = self
+                            .on_intent_for_request(event, &target)
+                            .instrument(payment_span(TransferId::from_key(event.event_id.as_str())))
+                            .await;
+                        self.count_failure(outcome)?;
+                    }
                     Ok(intent) => {
                         let request = PayRequest {
                             payee: intent.payee,
                             amount: intent.amount,
                             currency: intent.currency.to_ascii_uppercase(),
                             memo: intent.memo,
+                            request: None,
                         };
                         let outcome = self
                             .on_pay(event, request)
@@ -411,6 +504,11 @@ impl Payments {
                 }
                 Ok(true)
             }
+            "org.mxpay.payment_request" => {
+                self.on_payment_request_event(event).await?;
+                Ok(true)
+            }
+            "m.reaction" => self.on_reaction(event).await,
             "org.mxpay.stepup.response" => {
                 match pin_recognition::recognise(&event.event_type, &event.content) {
                     // Redacted whatever its `pin` holds: a malformed one may be a mistyped PIN.
@@ -506,6 +604,16 @@ impl Pipeline for PaymentsPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every request refusal code is a receipt reason with the same code.
+    #[test]
+    fn request_refusals_are_receipt_reasons() {
+        for refusal in crate::requests::RequestRefusal::ALL {
+            let reason = reason_of_request(refusal);
+            assert_eq!(serde_json::to_value(reason).unwrap(), refusal.code());
+            assert_eq!(reason_label(reason), refusal.code());
+        }
+    }
 
     #[test]
     fn trust_states_map_to_policy() {

@@ -60,7 +60,7 @@ impl Payments {
     /// event wins), then sends its declined receipt and sentence in the event's room. A retry
     /// after a failed send repeats the recorded decision; it never decides again.
     #[allow(clippy::too_many_arguments)]
-    async fn decline(
+    pub(super) async fn decline(
         &self,
         event: &DecryptedEvent,
         payee: &UserId,
@@ -132,6 +132,7 @@ impl Payments {
             payee,
             amount,
             currency: record.currency.clone(),
+            request_event_id: None,
             relates_to: Reference::new(event.event_id.clone()),
         };
         let key = event.event_id.as_str();
@@ -159,11 +160,29 @@ impl Payments {
         &self,
         event: &DecryptedEvent,
     ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
+        self.check_payer_of(event, false).await
+    }
+
+    /// [`Self::check_payer`]; with `plaintext_reaction`, a reaction that arrived unencrypted
+    /// in an encrypted room passes the trust step (Matrix clients send reactions unencrypted,
+    /// so nothing proves which session sent it): it only opens a challenge naming no session,
+    /// which a plain PIN never answers; only a PIN replying to the challenge (naming amount
+    /// and payee) from a trusted session of the payer confirms it.
+    async fn check_payer_of(
+        &self,
+        event: &DecryptedEvent,
+        plaintext_reaction: bool,
+    ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
         let user = event.sender.as_str();
         let now_ms = self.clock.now_ms();
         let record = self.store.pin(user)?.filter(|r| r.hash.is_some());
+        let mut facts = self.facts(event).await?;
+        if plaintext_reaction && !facts.was_encrypted && facts.room_encrypted {
+            facts.was_encrypted = true;
+            facts.trust = Some(crate::policy::trust::SenderTrust::Verified);
+        }
         let facts = PayerFacts {
-            trust: trust::check(self.facts(event).await?, self.trust_settings()),
+            trust: trust::check(facts, self.trust_settings()),
             has_pin: record.is_some(),
             pin_exposed: self.store.profile(user)?.pin_compromised,
             pin_locked_until_ms: record.and_then(|r| r.locked_until_ms),
@@ -221,8 +240,9 @@ impl Payments {
         payee: &UserId,
         amount: Decimal,
         currency: &str,
+        plaintext_reaction: bool,
     ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
-        if let Err(refusal) = self.check_payer(event).await? {
+        if let Err(refusal) = self.check_payer_of(event, plaintext_reaction).await? {
             return Ok(Err(refusal));
         }
         if let Err(refusal) = self.flood_refusal(event)? {
@@ -265,6 +285,7 @@ impl Payments {
         amount: Decimal,
         currency: &str,
         memo: Option<String>,
+        request: Option<String>,
     ) -> Result<Result<Transfer, (ReceiptReason, String)>, PaymentsError> {
         let parsed = match self.ledger.parse_amount(amount, currency) {
             Ok(parsed) => parsed,
@@ -285,6 +306,7 @@ impl Payments {
             room: event.room_id.to_string(),
             event: event.event_id.to_string(),
             note: memo,
+            request,
         }
         .encode();
         let created = self
@@ -319,7 +341,11 @@ impl Payments {
             amount,
             currency,
             memo,
+            request,
         } = request;
+        // A reaction paying a request may come unencrypted (see [`Self::check_payer_of`]).
+        let reaction = event.event_type == "m.reaction" && request.is_some();
+        let request_id = request.as_ref().map(|(before, _)| before.id.to_string());
         let transfer_id = TransferId::from_key(event.event_id.as_str());
         // The transfer made for this event (if any) is what "started" means for a payment.
         let existing = self.ledger.transfer(transfer_id).await?;
@@ -339,8 +365,9 @@ impl Payments {
                     .await
             }
             Start::Fresh => {
-                if let Err((reason, sentence)) =
-                    self.pay_refusal(event, &payee, amount, &currency).await?
+                if let Err((reason, sentence)) = self
+                    .pay_refusal(event, &payee, amount, &currency, reaction)
+                    .await?
                 {
                     return self
                         .decline(event, &payee, amount, &currency, reason, &sentence)
@@ -355,7 +382,7 @@ impl Payments {
         let transfer = match existing {
             Some(transfer) => transfer,
             None => match self
-                .create_payment(event, &payee, amount, &currency, memo.clone())
+                .create_payment(event, &payee, amount, &currency, memo.clone(), request_id)
                 .await?
             {
                 Ok(transfer) => transfer,
@@ -389,13 +416,25 @@ impl Payments {
                 .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
             device_id: event.sender_device.clone(),
         };
-        let decision = challenge::open_payment(
+        let mut decision = challenge::open_payment(
             &Self::event_ref(event),
             challenge,
             &dm,
             &self.bot,
             self.clock.now_ms(),
         );
+        if let Some((before, after)) = request {
+            // The payer's share is `paying` this transfer once it is reserved (a retry finds
+            // the transfer and writes the same).
+            decision.store.insert(
+                0,
+                Record::RequestUpdate {
+                    before: Box::new(before),
+                    after: Box::new(after),
+                    acted_by: None,
+                },
+            );
+        }
         self.apply(decision).await
     }
 
@@ -573,6 +612,7 @@ impl Payments {
                     room: challenge.room_id.to_string(),
                     event: challenge.event_id.to_string(),
                     note: None,
+                    request: None,
                 };
                 // As for payments: a withdrawal the wallet cannot cover is refused before the
                 // ledger, which would open accounts and journal the refusal.

@@ -235,6 +235,10 @@ impl Payments {
             payee: payee_id.clone(),
             amount: amount_text.parse().unwrap_or_default(),
             currency: code.as_str().to_owned(),
+            request_event_id: memo
+                .request
+                .as_deref()
+                .and_then(|r| OwnedEventId::try_from(r).ok()),
             relates_to: Reference::new(relates_to),
         };
         let key = format!("{id}-{how}");
@@ -285,6 +289,12 @@ impl Payments {
             Ok(())
         }
         .await;
+        // A payment of a request: the request records it (paid, or open again) and the room's
+        // notice of it is edited.
+        if memo.request.is_some() {
+            self.request_payment_ended(memo.request.as_deref(), &payer_id, id, how)
+                .await?;
+        }
         match (room_told, dm_told) {
             (Ok(()), Ok(())) => Ok(true),
             // A retryable failure wins, so the outbox retries (and does not dead-letter).

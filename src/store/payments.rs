@@ -334,6 +334,8 @@ pub struct PaymentStore {
     /// Serialises changes to `waiting_notices` (the outbox queues, event handling sends and
     /// removes): each change reads a user's queue, then rewrites it.
     notices_lock: std::sync::Arc<parking_lot::Mutex<()>>,
+    /// Payment requests, in this database (their trees share its flushes).
+    requests: super::requests::RequestStore,
 }
 
 impl fmt::Debug for PaymentStore {
@@ -385,7 +387,15 @@ impl PaymentStore {
                 source,
             },
         )?;
+        let log =
+            std::sync::Arc::new(
+                crate::sled_open::log_file(dir).map_err(|e| StoreError::Open {
+                    path: dir.to_owned(),
+                    source: sled::Error::Io(e),
+                })?,
+            );
         Ok(Self {
+            requests: super::requests::RequestStore::in_db(db.clone(), log.clone())?,
             pins: db.open_tree(USERID_PIN)?,
             profiles: db.open_tree(USERID_PROFILE)?,
             dialogs: db.open_tree(USERID_DIALOG)?,
@@ -395,16 +405,17 @@ impl PaymentStore {
             notes: db.open_tree(TRANSFERID_NOTE)?,
             meta: db.open_tree(META)?,
             dead_letters: db.open_tree(OUTBOXPOS_DEADLETTER)?,
-            log: std::sync::Arc::new(crate::sled_open::log_file(dir).map_err(|e| {
-                StoreError::Open {
-                    path: dir.to_owned(),
-                    source: sled::Error::Io(e),
-                }
-            })?),
+            log,
             waiting_notices: db.open_tree(USERID_WAITINGNOTICE)?,
             notices_lock: Default::default(),
             db,
         })
+    }
+
+    /// The payment requests kept in this database (`requestid_request`, ...: see
+    /// [`super::requests`]).
+    pub fn requests(&self) -> &super::requests::RequestStore {
+        &self.requests
     }
 
     /// Makes every write so far durable (also against a power cut: see

@@ -6,7 +6,9 @@
 //! - `eventid_requestid`: event id -> request id, for every event that stands for a request
 //!   (the asking event itself, the bot's notice and typed event in the room, the payer's DM
 //!   notice), so a reply or reaction to any of them finds it.
-//! - `requestid_eventids`: request id + NUL + event id -> empty (the reverse, for pruning).
+//! - `requestid_eventids`: request id + NUL + event id -> the event's role for the request
+//!   (empty, `notice`, `event:<payer>`, `acted`, ...; see [`RequestStore::link_event_as`]):
+//!   the reverse, for pruning, and to find the bot's notice to edit.
 //! - `payer_open_requestids`: payer + NUL + request id -> empty, while the payer's share is open
 //!   or waiting for their PIN.
 //! - `requester_open_requestids`: requester + NUL + request id -> empty, while the request is
@@ -41,6 +43,8 @@ const PAYER_OPEN_REQUESTIDS: &str = "payer_open_requestids";
 const REQUESTER_OPEN_REQUESTIDS: &str = "requester_open_requestids";
 const EXPIRESAT_REQUESTID: &str = "expiresat_requestid";
 const SETTLEDAT_REQUESTID: &str = "settledat_requestid";
+/// The role of an event that changed a request ([`RequestStore::update_acted`]).
+const ACTED_ROLE: &str = "acted";
 
 /// Bounds of the request store: nobody can grow it without end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,6 +387,20 @@ impl RequestStore {
         id: &RequestId,
         bounds: RequestBounds,
     ) -> Result<bool, StoreError> {
+        self.link_event_as(event_id, id, "", bounds).await
+    }
+
+    /// [`Self::link_event`], naming what the event is for the request (`role`, a short ASCII
+    /// word such as `notice`, `event:@bob:example.org`): [`Self::linked_as`] finds it again
+    /// (e.g. the notice the bot edits as the request changes). Linking an event again keeps
+    /// its first role.
+    pub async fn link_event_as(
+        &self,
+        event_id: &EventId,
+        id: &RequestId,
+        role: &str,
+        bounds: RequestBounds,
+    ) -> Result<bool, StoreError> {
         {
             let _guard = self.lock.lock();
             if !self.requests.contains_key(id.0.as_str().as_bytes())? {
@@ -402,12 +420,47 @@ impl RequestStore {
             }
             self.write(|(_, events, request_events, ..)| {
                 events.insert(event_id.as_str().as_bytes(), id.0.as_str().as_bytes())?;
-                request_events.insert(link.as_slice(), &[])?;
+                request_events.insert(link.as_slice(), role.as_bytes())?;
                 Ok(())
             })?;
         }
         self.flush().await?;
         Ok(true)
+    }
+
+    /// The event linked to request `id` with `role` ([`Self::link_event_as`]), the first one
+    /// if several were.
+    pub fn linked_as(
+        &self,
+        id: &RequestId,
+        role: &str,
+    ) -> Result<Option<OwnedEventId>, StoreError> {
+        let start = prefix(id.0.as_str());
+        for entry in self.request_events.scan_prefix(&start) {
+            let (key, value) = entry?;
+            if value.as_ref() == role.as_bytes() {
+                let text =
+                    std::str::from_utf8(&key[start.len()..]).map_err(|_| StoreError::Corrupt {
+                        tree: REQUESTID_EVENTIDS,
+                        reason: "key does not end in an event id",
+                    })?;
+                return Ok(OwnedEventId::try_from(text).ok());
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `event_id` already changed a request ([`Self::update_acted`]): handled again
+    /// (a retried transaction), it repeats what it said instead of acting again.
+    pub fn acted(&self, event_id: &EventId) -> Result<bool, StoreError> {
+        let Some(id) = self.event_index.get(event_id.as_str().as_bytes())? else {
+            return Ok(false);
+        };
+        let id = id_from_suffix(EVENTID_REQUESTID, &id)?;
+        Ok(self
+            .request_events
+            .get(pair_key(id.0.as_str(), event_id.as_str()))?
+            .is_some_and(|role| role.as_ref() == ACTED_ROLE.as_bytes()))
     }
 
     /// Replaces `before` (as read) with `after` (what a transition of `before` returned), and
@@ -419,6 +472,19 @@ impl RequestStore {
         before: &Request,
         after: &Request,
         now_ms: u64,
+    ) -> Result<Updated, StoreError> {
+        self.update_acted(before, after, now_ms, None).await
+    }
+
+    /// [`Self::update`], recording in the same write that `acted_by` (the reply or reaction
+    /// that made the change) did it: [`Self::acted`] then knows it, and replies to it find the
+    /// request. No link is made beyond the request's bound of linked events.
+    pub async fn update_acted(
+        &self,
+        before: &Request,
+        after: &Request,
+        now_ms: u64,
+        acted_by: Option<&EventId>,
     ) -> Result<Updated, StoreError> {
         assert_eq!(before.id, after.id, "an update keeps the request's id");
         {
@@ -433,8 +499,23 @@ impl RequestStore {
             after.assert_invariants();
             let value = encode(after);
             let (old, new) = (IndexKeys::any_of(before), IndexKeys::of(after, now_ms));
+            let link = match acted_by {
+                Some(event_id)
+                    if self.request_events.scan_prefix(prefix(id)).count()
+                        < RequestBounds::default().events_per_request_max =>
+                {
+                    Some((event_id, pair_key(id, event_id.as_str())))
+                }
+                _ => None,
+            };
             self.write(|trees| {
                 trees.0.insert(id.as_bytes(), value.as_slice())?;
+                if let Some((event_id, link)) = &link {
+                    trees
+                        .1
+                        .insert(event_id.as_str().as_bytes(), id.as_bytes())?;
+                    trees.2.insert(link.as_slice(), ACTED_ROLE.as_bytes())?;
+                }
                 Self::remove_keys(trees, &old)?;
                 Self::put_keys(trees, &new)
             })?;

@@ -753,7 +753,7 @@ async fn five_wrong_pins_lock_the_pin_and_cancel_the_payment() {
 }
 
 /// Sends `pin` in `dm` as a reply to the bot's notice `notice` (as clients reply).
-async fn send_pin_reply(client: &TestClient, dm: &RoomId, notice: &str) -> OwnedEventId {
+pub(crate) async fn send_pin_reply(client: &TestClient, dm: &RoomId, notice: &str) -> OwnedEventId {
     let content = serde_json::json!({
         "msgtype": "m.text",
         "body": PIN,
@@ -1541,6 +1541,7 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         payee: owned_user_id!("@bob:example.org"),
         amount: Decimal::new(1250, 2),
         currency: "EUR".into(),
+        request_event_id: Some(owned_event_id!("$request")),
         relates_to: Reference::new(owned_event_id!("$pay")),
     };
     schema::assert_valid(
@@ -1561,7 +1562,13 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         ReceiptReason::Timeout,
         ReceiptReason::TooLate,
         ReceiptReason::Other,
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        mxpay::requests::RequestRefusal::ALL
+            .into_iter()
+            .map(|r| serde_json::from_value::<ReceiptReason>(r.code().into()).unwrap()),
+    ) {
         let declined = ReceiptEventContent {
             status: ReceiptStatus::Declined,
             reason: Some(reason),
@@ -1692,3 +1699,4 @@ mod bot_commands;
 mod keys;
 mod notices;
 mod replay;
+mod requests;

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::events::ReceiptReason;
 use crate::ledger::TransferId;
+use crate::requests::{Request, RequestId};
 use crate::store::payments::{Challenge, Dialog, EventOutcome};
 
 /// A write to the payment store (or, for a changed identity, to the crypto store).
@@ -87,6 +88,19 @@ pub enum Record {
         /// Whose identity.
         user: OwnedUserId,
     },
+    /// Replaces a payment request as read (`before`) with a transition's result (`after`),
+    /// recording that the event `acted_by` made the change (so a retry repeats what it said
+    /// instead of acting again). If the stored request is no longer `before` (another event
+    /// changed it meanwhile), applying fails as a retryable error: the transaction runs
+    /// again and decides from the current request.
+    RequestUpdate {
+        /// The request as read.
+        before: Box<Request>,
+        /// The request after the change.
+        after: Box<Request>,
+        /// The reply or reaction that made the change.
+        acted_by: Option<OwnedEventId>,
+    },
 }
 
 /// A ledger operation whose refusal changes nothing the decision depends on.
@@ -111,6 +125,10 @@ pub struct Outgoing {
     /// Once sent, its event id is remembered as the DM notice of this challenge's transfer
     /// (a PIN replying to that notice names the challenge).
     pub remember_notice_of: Option<TransferId>,
+    /// Once sent, its event id stands for this payment request, in this role (see
+    /// [`crate::store::requests::RequestStore::link_event_as`]): replies and reactions to it
+    /// find the request, and the bot finds its notice to edit.
+    pub link: Option<(RequestId, String)>,
 }
 
 /// The content of an [`Outgoing`].
@@ -150,6 +168,7 @@ impl Outgoing {
             purpose,
             key: key.into(),
             remember_notice_of: None,
+            link: None,
         }
     }
 
@@ -170,7 +189,14 @@ impl Outgoing {
             purpose,
             key: key.into(),
             remember_notice_of: None,
+            link: None,
         }
+    }
+
+    /// The same message, linked once sent to request `id` in `role`.
+    pub fn linked_to(mut self, id: &RequestId, role: &str) -> Self {
+        self.link = Some((id.clone(), role.to_owned()));
+        self
     }
 
     /// The notice's text, if it is one (for tests and logs).

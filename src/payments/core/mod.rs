@@ -16,7 +16,9 @@
 //! - [`pin_answer`]: where a PIN may be used and which challenge it answers;
 //! - [`after_pin`]: what a PIN comparison and the ledger's answer to the post lead to;
 //! - [`challenge`]: opening a challenge, where it is told, `!cancel`;
-//! - [`dialog`]: choosing and changing a PIN, and accepting changed security keys.
+//! - [`dialog`]: choosing and changing a PIN, and accepting changed security keys;
+//! - [`request`]: payment requests and split bills: posting, paying, declining, cancelling,
+//!   and telling each change.
 
 pub mod after_pin;
 pub mod challenge;
@@ -24,6 +26,7 @@ pub mod decision;
 pub mod dialog;
 pub mod pin_answer;
 pub mod refusal;
+pub mod request;
 pub mod start;
 
 pub use decision::{Decision, EventRef, LedgerOp, Outgoing, OutgoingBody, Record};
