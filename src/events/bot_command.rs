@@ -129,6 +129,37 @@ const DESCRIPTIONS: &[Description] = &[
         )],
     },
     Description {
+        command: "request",
+        description: "Ask someone in this room for money; they pay with a reply or a ✅",
+        parameters: &[
+            required("payer", Schema::UserId, "Who is asked to pay"),
+            required("amount", Schema::String, "Amount, e.g. 12.00"),
+            required("currency", Schema::String, "Currency code, e.g. EUR"),
+            Parameter {
+                key: "memo",
+                schema: Schema::String,
+                description: "What it is for",
+                optional: true,
+                tail: true,
+            },
+        ],
+    },
+    Description {
+        command: "split",
+        description: "Split a bill: ask each person named for their share",
+        parameters: &[
+            required("amount", Schema::String, "The whole bill, e.g. 100.00"),
+            required("currency", Schema::String, "Currency code, e.g. EUR"),
+            Parameter {
+                key: "people",
+                schema: Schema::String,
+                description: "The people (@user:server ...), +me to count yourself, then a note",
+                optional: false,
+                tail: true,
+            },
+        ],
+    },
+    Description {
         command: "withdraw",
         description: "Withdraw money to your account with the operator",
         parameters: &[
@@ -245,10 +276,14 @@ mod tests {
         let all = descriptions(
             bot,
             &[
-                "help", "pay", "balance", "history", "cancel", "pin", "withdraw",
+                "help", "pay", "balance", "history", "cancel", "pin", "request", "split",
+                "withdraw",
             ],
         );
-        assert_eq!(all.len(), 7);
+        assert_eq!(all.len(), 9);
+        let split = &all[7].1;
+        assert_eq!(split["command"], "split");
+        assert_eq!(split["fi.mau.tail_parameter"], "people");
         let (key, pay) = &all[1];
         assert_eq!(key, &state_key("pay", bot));
         assert_eq!(pay["command"], "pay");

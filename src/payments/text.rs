@@ -13,6 +13,18 @@ pub fn payment_commands() -> Vec<CommandHelp> {
             "pay someone in this room (encrypted rooms only; you confirm with your PIN in our private chat)",
         ),
         CommandHelp::new(
+            "!request @user:server AMOUNT CURRENCY [note]",
+            "ask someone in this room for money; they reply !pay or react ✅ to pay (with their PIN), ❌ or !decline to decline; reply !cancel to your request to withdraw it",
+        ),
+        CommandHelp::new(
+            "!split AMOUNT CURRENCY @user:server @user:server ... [+me] [note]",
+            "split a bill: each person is asked for an equal share (the remainder to the first named; +me counts your own share); uneven: !split @a:server 40 @b:server 25 EUR [note]",
+        ),
+        CommandHelp::new(
+            "!decline",
+            "as a reply to a request: decline it (the requester is told)",
+        ),
+        CommandHelp::new(
             "!balance",
             "your balances (answered in our private chat)",
         ),

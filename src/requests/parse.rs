@@ -282,10 +282,13 @@ fn parse_user(word: &str) -> Result<OwnedUserId, CommandError> {
 }
 
 /// A plain decimal: digits with at most one dot; no sign, exponent, comma or symbol.
+/// A plain decimal, optionally negative: a negative amount is a number the currency check
+/// refuses (`invalid_amount`, with a typed receipt), not a typo.
 fn parse_amount(word: &str) -> Result<Decimal, CommandError> {
-    let plain = word.chars().all(|c| c.is_ascii_digit() || c == '.')
-        && word.matches('.').count() <= 1
-        && word.chars().any(|c| c.is_ascii_digit());
+    let digits = word.strip_prefix('-').unwrap_or(word);
+    let plain = digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && digits.matches('.').count() <= 1
+        && digits.chars().any(|c| c.is_ascii_digit());
     if !plain {
         return Err(CommandError::BadAmount(word.to_owned()));
     }
@@ -342,8 +345,8 @@ mod tests {
                 CommandError::BadAmount("12,00".into()),
             ),
             (
-                "!request @alice:server -1 EUR",
-                CommandError::BadAmount("-1".into()),
+                "!request @alice:server --1 EUR",
+                CommandError::BadAmount("--1".into()),
             ),
             (
                 "!request @alice:server 1 EURO",

@@ -3,14 +3,14 @@
 //! reacting ✅; the PIN step-up is the usual one; the receipt names the request, the request's
 //! notice is edited as it changes.
 
-use matrix_sdk::ruma::{OwnedEventId, RoomId};
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
 use serde_json::{json, Value};
 
 use super::{
-    balance_is, bot_events_match_schemas, scene, send_pin_reply, send_text, wait_bot_event,
-    wait_notice, wait_receipt, Scene, PIN,
+    balance_is, bot_events_match_schemas, open_dm, scene, send_pin_reply, send_text, set_pin,
+    wait_bot_event, wait_notice, wait_receipt, Scene, PIN,
 };
-use crate::support::{SeenEvent, TestClient};
+use crate::support::{self, SeenEvent, TestClient};
 
 /// Sends `content` as an `m.room.message` (e.g. a reply) and returns its id.
 async fn send_message(client: &TestClient, room: &RoomId, content: Value) -> OwnedEventId {
@@ -230,4 +230,226 @@ async fn a_request_is_paid_by_reacting() {
     })
     .await;
     balance_is(alice, dm, bot, "45.80 EUR").await;
+}
+
+/// A second payer for the scene: cross-signed, with a PIN, a DM and `funds` EUR, joined to the
+/// scene's room.
+async fn funded_payer(s: &Scene, name: &str, funds: &str) -> (TestClient, OwnedRoomId) {
+    let client = support::client(&support::user(name).await).await;
+    client.bootstrap_cross_signing().await;
+    let dm = open_dm(&client, &s.bot).await;
+    set_pin(&client, &dm, &s.bot).await;
+    crate::admin::topup(
+        &s.mxpay.url,
+        &s.admin_key,
+        client.user.user_id.as_str(),
+        funds,
+        "EUR",
+    )
+    .await;
+    wait_notice(&client, &dm, &s.bot, "topped up").await;
+    s.bring_into_room(&client).await;
+    (client, dm)
+}
+
+/// bob splits 0.05 EUR between alice and carol: the summary says who takes the remainder
+/// ("0.03 from alice, 0.02 from carol") and mentions both; each pays their own share by
+/// replying `!pay` to the summary; the summary is edited as each payment arrives, and ends
+/// paid.
+#[tokio::test]
+async fn a_split_with_a_remainder_is_paid_by_two_people_and_the_summary_follows() {
+    let s = scene("request-split", 120_000, "10.00").await;
+    let (alice, bob, bot, room, dm) = (&s.alice, &s.bob, s.bot.as_str(), &s.room, &s.dm);
+    let (carol, carol_dm) = funded_payer(&s, "carol", "10.00").await;
+    let carol_id = carol.user.user_id.to_string();
+    send_text(
+        bob,
+        room,
+        &format!("!split 0.05 EUR {} {carol_id} dinner", s.alice_id()),
+    )
+    .await;
+    let summary = request_notice(alice, room, bot, s.alice_id(), "splits 0.05 EUR").await;
+    let body = summary.body().unwrap_or_default().to_owned();
+    assert!(
+        body.contains(&format!(
+            "splits 0.05 EUR (dinner): 0.03 from {}, 0.02 from {carol_id}.",
+            s.alice_id()
+        )),
+        "{body}"
+    );
+    assert!(
+        summary.content()["m.mentions"]["user_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id == carol_id.as_str())),
+        "{}",
+        summary.json
+    );
+
+    let alice_pays = reply(alice, room, summary.event_id(), "!pay").await;
+    wait_notice(
+        alice,
+        dm,
+        bot,
+        &format!("Confirm paying 0.03 EUR to {}", s.bob_id()),
+    )
+    .await;
+    send_text(alice, dm, PIN).await;
+    wait_receipt(bob, room, bot, &alice_pays, "completed", None).await;
+    wait_edit(
+        bob,
+        room,
+        bot,
+        summary.event_id(),
+        &format!(
+            "✅ {} 0.03 EUR\n⏳ {carol_id} 0.02 EUR\nStatus: open",
+            s.alice_id()
+        ),
+    )
+    .await;
+
+    let carol_pays = reply(&carol, room, summary.event_id(), "!pay").await;
+    wait_notice(
+        &carol,
+        &carol_dm,
+        bot,
+        &format!("Confirm paying 0.02 EUR to {}", s.bob_id()),
+    )
+    .await;
+    send_text(&carol, &carol_dm, PIN).await;
+    wait_receipt(bob, room, bot, &carol_pays, "completed", None).await;
+    wait_edit(
+        bob,
+        room,
+        bot,
+        summary.event_id(),
+        &format!(
+            "✅ {} 0.03 EUR\n✅ {carol_id} 0.02 EUR\nStatus: paid",
+            s.alice_id()
+        ),
+    )
+    .await;
+    wait_bot_event(bob, room, bot, "org.mxpay.payment_request.status", |c| {
+        c["status"] == "paid" && c["paid_count"] == 2 && c["payer_count"] == 2
+    })
+    .await;
+    balance_is(alice, dm, bot, "9.97 EUR").await;
+    balance_is(&carol, &carol_dm, bot, "9.98 EUR").await;
+    assert!(bot_events_match_schemas(bob, bot) >= 6);
+}
+
+/// Bad input, each with its sentence and a typed receipt carrying a stable reason, nothing
+/// moved: asking oneself or the bot, zero, negative and over-precise amounts, an unknown
+/// currency, a split with one person or a share below one cent; a ✅ from someone the request
+/// does not name; declining (the requester is told, mentioned), then paying the declined
+/// request; the requester cancelling (`!cancel` as a reply), then paying the cancelled one.
+#[tokio::test]
+async fn bad_requests_and_answers_are_refused_with_a_reason_and_nothing_moves() {
+    let s = scene("request-bad", 120_000, "20.00").await;
+    let (alice, bob, bot, room, dm) = (&s.alice, &s.bob, s.bot.as_str(), &s.room, &s.dm);
+    let (alice_id, bob_id) = (s.alice_id(), s.bob_id());
+    let cases = [
+        (
+            format!("!request {bob_id} 5 EUR"),
+            "request_from_self",
+            "you cannot ask yourself for money",
+        ),
+        (
+            format!("!request {bot} 5 EUR"),
+            "request_from_bot",
+            "I cannot be asked for money",
+        ),
+        (format!("!request {alice_id} 0 EUR"), "invalid_amount", ""),
+        (format!("!request {alice_id} -3 EUR"), "invalid_amount", ""),
+        (
+            format!("!request {alice_id} 12.345 EUR"),
+            "invalid_amount",
+            "",
+        ),
+        (format!("!request {alice_id} 5 XYZ"), "invalid_amount", ""),
+        (
+            format!("!split 10 EUR {alice_id}"),
+            "split_one_person",
+            "a split needs at least two shares",
+        ),
+        (
+            format!("!split 0.01 EUR {alice_id} {bot}"),
+            "request_from_bot",
+            "",
+        ),
+        (
+            format!("!split 0.01 EUR {alice_id} +me"),
+            "split_share_below_minor_unit",
+            "less than the smallest unit",
+        ),
+    ];
+    for (command, code, sentence) in &cases {
+        let asked = send_text(bob, room, command).await;
+        let refused = wait_receipt(alice, room, bot, &asked, "declined", Some(code)).await;
+        let body = refused.body().unwrap_or_default();
+        assert!(
+            body.contains("request not made") && body.contains(sentence),
+            "{command}: {body}"
+        );
+    }
+
+    // A ✅ from someone the request does not name pays nothing.
+    let carol = support::client(&support::user("carol").await).await;
+    s.bring_into_room(&carol).await;
+    send_text(bob, room, &format!("!request {alice_id} 3.00 EUR tea")).await;
+    let notice = request_notice(alice, room, bot, alice_id, "for 3.00 EUR (tea)").await;
+    let stranger = react(&carol, room, notice.event_id(), "✅").await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &stranger,
+        "declined",
+        Some("not_the_payer"),
+    )
+    .await;
+
+    // alice declines: bob is told (mentioned); paying it afterwards is refused.
+    reply(alice, room, notice.event_id(), "!decline").await;
+    let told = wait_notice(bob, room, bot, "declined the request").await;
+    assert_eq!(told.content()["m.mentions"]["user_ids"], json!([bob_id]));
+    wait_edit(bob, room, bot, notice.event_id(), "Status: declined").await;
+    let late = reply(alice, room, notice.event_id(), "!pay").await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &late,
+        "declined",
+        Some("request_declined"),
+    )
+    .await;
+
+    // bob cancels another request; paying it is refused; alice cannot cancel bob's request.
+    send_text(bob, room, &format!("!request {alice_id} 4.00 EUR cake")).await;
+    let notice = request_notice(alice, room, bot, alice_id, "for 4.00 EUR (cake)").await;
+    let not_hers = reply(alice, room, notice.event_id(), "!cancel").await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &not_hers,
+        "declined",
+        Some("not_the_requester"),
+    )
+    .await;
+    reply(bob, room, notice.event_id(), "!cancel").await;
+    wait_edit(alice, room, bot, notice.event_id(), "Status: cancelled").await;
+    let late = react(alice, room, notice.event_id(), "✅").await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &late,
+        "declined",
+        Some("request_cancelled"),
+    )
+    .await;
+
+    balance_is(alice, dm, bot, "20.00 EUR").await;
+    assert!(bot_events_match_schemas(alice, bot) >= cases.len());
 }
