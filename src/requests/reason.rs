@@ -321,11 +321,11 @@ mod tests {
     /// The design page lists every code, so the room's sentences and the docs cannot drift.
     #[test]
     fn every_code_is_documented() {
-        let docs = include_str!("../../docs/requests-design.md");
+        let docs = include_str!("../../docs/payments.md");
         for refusal in RequestRefusal::ALL {
             assert!(
                 docs.contains(&format!("`{}`", refusal.code())),
-                "{} is not in docs/requests-design.md",
+                "{} is not in docs/payments.md",
                 refusal.code()
             );
         }
