@@ -728,6 +728,57 @@ mod tests {
         list.into_iter().map(|id| id.0.to_string()).collect()
     }
 
+    /// The bot finds its notice of a request by role; an event that changed the request is
+    /// known as such (a retried reply repeats instead of acting again), in the same write as
+    /// the change; a linked notice is no acting event.
+    #[tokio::test]
+    async fn roles_and_acting_events_are_kept_with_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let bounds = RequestBounds::default();
+        let store = RequestStore::open(dir.path()).unwrap();
+        let r = request("r1", "alice", "bob");
+        store.insert(&r, NOW, bounds).await.unwrap();
+        assert_eq!(store.linked_as(&r.id, "notice").unwrap(), None);
+        store
+            .link_event_as(event_id!("$notice"), &r.id, "notice", bounds)
+            .await
+            .unwrap();
+        store
+            .link_event_as(event_id!("$typed"), &r.id, "event:@bob:s", bounds)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.linked_as(&r.id, "notice").unwrap().as_deref(),
+            Some(event_id!("$notice"))
+        );
+        assert_eq!(
+            store.linked_as(&r.id, "event:@bob:s").unwrap().as_deref(),
+            Some(event_id!("$typed"))
+        );
+        assert!(!store.acted(event_id!("$notice")).unwrap());
+        let declined = r.decline(user_id!("@bob:s"), NOW).unwrap();
+        assert_eq!(
+            store
+                .update_acted(&r, &declined, NOW, Some(event_id!("$no")))
+                .await
+                .unwrap(),
+            Updated::Stored
+        );
+        assert!(store.acted(event_id!("$no")).unwrap());
+        assert_eq!(
+            store.by_event(event_id!("$no")).unwrap(),
+            Some(declined.clone())
+        );
+        // The same change again (a retry) conflicts: the stored request moved on.
+        assert!(matches!(
+            store
+                .update_acted(&r, &declined, NOW, Some(event_id!("$no")))
+                .await
+                .unwrap(),
+            Updated::Conflict(Some(current)) if current == declined
+        ));
+    }
+
     #[tokio::test]
     async fn requests_and_their_events_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
