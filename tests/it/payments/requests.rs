@@ -253,9 +253,9 @@ async fn funded_payer(s: &Scene, name: &str, funds: &str) -> (TestClient, OwnedR
 }
 
 /// bob splits 0.05 EUR between alice and carol: the summary says who takes the remainder
-/// ("0.03 from alice, 0.02 from carol") and mentions both; each pays their own share by
-/// replying `!pay` to the summary; the summary is edited as each payment arrives, and ends
-/// paid.
+/// ("0.03 from alice, 0.02 from carol") and mentions both; alice pays her share by replying
+/// `!pay` to the summary, carol with a transfer intent naming it (whose own amount and payee
+/// are ignored); the summary is edited as each payment arrives, and ends paid.
 #[tokio::test]
 async fn a_split_with_a_remainder_is_paid_by_two_people_and_the_summary_follows() {
     let s = scene("request-split", 120_000, "10.00").await;
@@ -307,7 +307,25 @@ async fn a_split_with_a_remainder_is_paid_by_two_people_and_the_summary_follows(
     )
     .await;
 
-    let carol_pays = reply(&carol, room, summary.event_id(), "!pay").await;
+    // carol pays with a transfer intent naming the request: its amount and payee are not
+    // used, the request's are (0.02 EUR to bob).
+    let carol_pays = carol
+        .room(room)
+        .await
+        .send_raw(
+            "org.mxpay.transfer_intent",
+            json!({
+                "body": "paying my share",
+                "payee": carol_id,
+                "amount": "99.00",
+                "currency": "EUR",
+                "request_event_id": summary.event_id(),
+            }),
+        )
+        .await
+        .expect("send the intent")
+        .response
+        .event_id;
     wait_notice(
         &carol,
         &carol_dm,
