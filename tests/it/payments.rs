@@ -1199,12 +1199,12 @@ async fn a_late_payment_request_starts_nothing_and_a_replayed_started_one_is_not
 }
 
 /// The value of `series` in mxpay's metrics (0 when absent).
-async fn metric(mxpay: &MxpayProcess, series: &str) -> f64 {
+pub(crate) async fn metric(mxpay: &MxpayProcess, series: &str) -> f64 {
     support::metric_value(&mxpay.metrics().await, series).unwrap_or(0.0)
 }
 
 /// Waits until mxpay retried a failed transaction at least `retries` times in all.
-async fn wait_retries(mxpay: &MxpayProcess, retries: f64) {
+pub(crate) async fn wait_retries(mxpay: &MxpayProcess, retries: f64) {
     support::eventually("mxpay to retry the failing transaction", || async {
         (metric(mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await >= retries)
             .then_some(())
@@ -1213,7 +1213,7 @@ async fn wait_retries(mxpay: &MxpayProcess, retries: f64) {
 }
 
 /// A scene whose replies of `purpose` fail (retryably) until the returned file exists.
-async fn scene_with_failing_reply(label: &str, purpose: &str) -> (Scene, PathBuf) {
+pub(crate) async fn scene_with_failing_reply(label: &str, purpose: &str) -> (Scene, PathBuf) {
     let mut gate = PathBuf::new();
     let s = scene_with(label, 120_000, "20.00", |lease| {
         gate = lease.dir.join("let-replies-through");

@@ -7,8 +7,9 @@ use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
 use serde_json::{json, Value};
 
 use super::{
-    balance_is, bot_events_match_schemas, open_dm, scene, send_pin_reply, send_text, set_pin,
-    wait_bot_event, wait_notice, wait_receipt, Scene, PIN,
+    balance_is, bot_events_match_schemas, metric, open_dm, scene, scene_with_failing_reply,
+    send_pin_reply, send_text, set_pin, wait_bot_event, wait_notice, wait_receipt, wait_retries,
+    Scene, PIN,
 };
 use crate::support::{self, SeenEvent, TestClient};
 
@@ -470,4 +471,38 @@ async fn bad_requests_and_answers_are_refused_with_a_reason_and_nothing_moves() 
 
     balance_is(alice, dm, bot, "20.00 EUR").await;
     assert!(bot_events_match_schemas(alice, bot) >= cases.len());
+}
+
+/// A decline whose message to the requester failed is repeated, not decided again: while the
+/// transaction is retried the request is already declined (which, decided again, would be
+/// refused as `request_declined`); once the message goes through, the requester is told once
+/// and the room has one status event.
+#[tokio::test]
+async fn a_decline_whose_message_failed_is_repeated_not_decided_again() {
+    let (s, gate) = scene_with_failing_reply("request-retry", "request-tell").await;
+    let (alice, bob, bot, room) = (&s.alice, &s.bob, s.bot.as_str(), &s.room);
+    send_text(bob, room, &format!("!request {} 2.00 EUR", s.alice_id())).await;
+    let notice = request_notice(alice, room, bot, s.alice_id(), "for 2.00 EUR").await;
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    let no = reply(alice, room, notice.event_id(), "!decline").await;
+    wait_retries(&s.mxpay, before + 2.0).await;
+    std::fs::write(&gate, b"").expect("open the gate");
+    wait_notice(bob, room, bot, "declined the request").await;
+    wait_edit(bob, room, bot, notice.event_id(), "Status: declined").await;
+    // Told once, one status, and no refusal of the decline by its own retry.
+    let told = |e: &SeenEvent| {
+        e.room_id == *room
+            && e.sender() == bot
+            && e.event_type() == "m.room.message"
+            && e.body()
+                .is_some_and(|b| b.starts_with("❌") && b.contains("declined the request"))
+    };
+    let statuses =
+        |e: &SeenEvent| e.room_id == *room && e.event_type() == "org.mxpay.payment_request.status";
+    assert_eq!(bob.seen_events().iter().filter(|e| told(e)).count(), 1);
+    assert_eq!(bob.seen_events().iter().filter(|e| statuses(e)).count(), 1);
+    assert!(
+        super::receipts_for(alice, room, &no).is_empty(),
+        "the decline was refused on retry"
+    );
 }
