@@ -1213,7 +1213,7 @@ pub(crate) async fn wait_retries(mxpay: &MxpayProcess, retries: f64) {
 }
 
 /// A scene whose replies of `purpose` fail (retryably) until the returned file exists.
-pub(crate) async fn scene_with_failing_reply(label: &str, purpose: &str) -> (Scene, PathBuf) {
+async fn scene_with_failing_reply(label: &str, purpose: &str) -> (Scene, PathBuf) {
     let mut gate = PathBuf::new();
     let s = scene_with(label, 120_000, "20.00", |lease| {
         gate = lease.dir.join("let-replies-through");
