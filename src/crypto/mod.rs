@@ -16,8 +16,8 @@
 pub mod device;
 pub mod event;
 pub mod extensions;
-pub mod pipeline;
 pub mod parked;
+pub mod pipeline;
 pub mod replay;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,8 +1,8 @@
 //! The sentences the bot says. Pure functions, so wording is tested without a homeserver.
 //! None of them ever includes a PIN.
 
-use crate::pipeline::CommandHelp;
 use crate::ledger::AccountView;
+use crate::pipeline::CommandHelp;
 use crate::policy::pin::human_duration;
 
 /// The payment commands for `!help`.
