@@ -651,6 +651,84 @@ async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
     assert_eq!(bot.crypto.parked_count(), 0);
 }
 
+/// Holds the next room key for the bot back and throws it away: sends `n` while to-device
+/// events are held, waits until the event is parked and the key was held, then drops what
+/// was held. The key is lost for good, as when Synapse skips a to-device message.
+async fn send_losing_the_room_key(bot: &InProcessBot, room: &Room, n: &str) -> OwnedEventId {
+    let parked_before = bot.crypto.parked_count();
+    bot.state.hold_to_device.store(true, Ordering::SeqCst);
+    let sent = send_test_event(room, n).await;
+    support::eventually("the event to be parked and its room key held", || async {
+        (bot.crypto.parked_count() == parked_before + 1
+            && !bot.state.held.lock().unwrap().is_empty())
+        .then_some(())
+    })
+    .await;
+    bot.state.hold_to_device.store(false, Ordering::SeqCst);
+    bot.state.held.lock().unwrap().clear();
+    sent
+}
+
+/// Synapse 1.163 can skip a to-device message for an appservice user; if it held a room key,
+/// the bot asks the sender's device for it (`m.room_key_request`), the sender's client
+/// re-shares the session (`m.forwarded_room_key`) and the parked event is decrypted, with
+/// the trust a directly received key gives. Twice: the first lost key opened the Olm session
+/// (the answer comes as a pre-key message), the second went over an established one.
+#[tokio::test]
+async fn core_lost_room_key_is_asked_for_and_recovered() {
+    use mxpay::crypto::key_recovery::KEY_REQUEST_AFTER_MS;
+
+    let lease = slot(SlotKind::Normal, "core_lost_key").await;
+    let clock = ManualClock::new(1_000_000);
+    let bot = InProcessBot::start_with_clock(&lease, Arc::new(clock.clone())).await;
+    let bot_id = lease.spec.bot_user_id();
+    let (alice, room) = alice_with_bot(&bot_id).await;
+
+    for (round, n) in ["lost-first", "lost-again"].into_iter().enumerate() {
+        if round > 0 {
+            // A new Megolm session: its key goes over the Olm session the first answer opened.
+            room.discard_room_key()
+                .await
+                .expect("alice discards her room key");
+        }
+        let sent = send_losing_the_room_key(&bot, &room, n).await;
+
+        // Not asked before the short wait.
+        assert_eq!(bot.crypto.sweep_parked().await.unwrap(), 0);
+        assert_eq!(bot.crypto.keys_recovered(), round as u64);
+        clock.advance_ms(KEY_REQUEST_AFTER_MS);
+        let asked = std::time::Instant::now();
+        bot.crypto.sweep_parked().await.unwrap();
+        let recovered = bot
+            .wait_for_test_event("the event whose room key was lost", n)
+            .await;
+        let took = asked.elapsed();
+        eprintln!("lost room key {n}: recovered {took:?} after the bot asked");
+        assert_eq!(recovered.event_id, sent);
+        assert!(recovered.was_parked && recovered.was_encrypted);
+        assert_eq!(recovered.sender_device.as_deref(), alice.device_id());
+        assert_eq!(
+            recovered.verification_state,
+            TrustState::UnsignedDevice,
+            "as for a key received directly, not an import (insecure_source)"
+        );
+        assert_eq!(bot.crypto.keys_recovered(), round as u64 + 1);
+        assert_eq!(bot.crypto.parked_count(), 0);
+    }
+
+    // Later messages of the recovered session decrypt at once.
+    send_test_event(&room, "after").await;
+    bot.wait_for_test_event("a message after the recovery", "after")
+        .await;
+    assert!(
+        alice
+            .seen_events()
+            .iter()
+            .all(|e| !e.body().unwrap_or_default().contains("could not decrypt")),
+        "nobody was told the bot could not read a message it recovered"
+    );
+}
+
 /// A late-decrypted event whose handling failed with a retryable error is not lost: it stays
 /// parked and the retried transaction (whose room key the machine does not hand out twice)
 /// brings it up again.
