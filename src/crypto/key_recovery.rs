@@ -523,6 +523,16 @@ impl BotCrypto {
                 sender,
             );
             if let Err(refusal) = check_claim(&claim, olm_key, asked_at_ms.is_some()) {
+                // A late answer to a request whose key came anyway is normal; the rest is not.
+                if refusal == Refusal::NotRequested {
+                    tracing::debug!(
+                        %sender,
+                        room_id = %claim.room_id,
+                        session_id = %claim.session_id,
+                        "forwarded room key not asked for (any more); not taken"
+                    );
+                    continue;
+                }
                 tracing::warn!(
                     %sender,
                     room_id = %claim.room_id,

@@ -9,7 +9,6 @@ mod spine;
 mod support;
 
 mod homeserver_retry;
-mod homeserver_to_device;
 
 mod ledger;
 mod observability;
