@@ -27,6 +27,9 @@ struct InProcessBot {
     crypto: BotCrypto,
     state: Arc<BotState>,
     server: Option<tokio::task::JoinHandle<()>>,
+    /// Sweeps the parked events every second, as mxpay's worker does (every 5 s): with the
+    /// system clock only, so tests on a manual clock sweep when they choose.
+    sweeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct BotState {
@@ -62,12 +65,17 @@ impl Drop for InProcessBot {
         if let Some(server) = &self.server {
             server.abort();
         }
+        if let Some(sweeper) = &self.sweeper {
+            sweeper.abort();
+        }
     }
 }
 
 impl InProcessBot {
     async fn start(lease: &SlotLease) -> Self {
-        Self::launch(lease, Arc::new(SystemClock), BotOptions::default()).await
+        Self::launch(lease, Arc::new(SystemClock), BotOptions::default())
+            .await
+            .sweeping()
     }
 
     async fn start_with_clock(lease: &SlotLease, clock: SharedClock) -> Self {
@@ -75,7 +83,25 @@ impl InProcessBot {
     }
 
     async fn start_with(lease: &SlotLease, options: BotOptions) -> Self {
-        Self::launch(lease, Arc::new(SystemClock), options).await
+        Self::launch(lease, Arc::new(SystemClock), options)
+            .await
+            .sweeping()
+    }
+
+    /// Starts the periodic sweep (room key requests, notices), as mxpay runs it. Stock Synapse
+    /// can lose a room key for the bot when tests run side by side; this is how the bot gets
+    /// it back.
+    fn sweeping(mut self) -> Self {
+        let crypto = self.crypto.clone();
+        self.sweeper = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(e) = crypto.sweep_parked().await {
+                    eprintln!("sweep failed: {e}");
+                }
+            }
+        }));
+        self
     }
 
     async fn launch(lease: &SlotLease, clock: SharedClock, options: BotOptions) -> Self {
@@ -133,6 +159,7 @@ impl InProcessBot {
             crypto,
             state,
             server: Some(server),
+            sweeper: None,
         }
     }
 
@@ -291,6 +318,9 @@ impl InProcessBot {
 
     /// Stops the bot: its listener is gone (and with it the crypto state) when this returns.
     async fn stop(mut self) {
+        if let Some(sweeper) = self.sweeper.take() {
+            sweeper.abort();
+        }
         if let Some(server) = self.server.take() {
             server.abort();
             let _ = server.await;
@@ -1197,16 +1227,6 @@ async fn core_every_event_is_read_under_concurrent_to_device_load() {
     let bot_id = lease.spec.bot_user_id();
     let hs = lease.synapse().url.clone();
     let http = reqwest::Client::new();
-    // mxpay sweeps every 5 s; here more often, so the test's run time is mostly Synapse's.
-    let sweeper = {
-        let crypto = bot.crypto.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = crypto.sweep_parked().await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
 
     let senders = futures_util::future::join_all((0..SENDERS).map(|_| new_client("loader"))).await;
     let rooms: Vec<Vec<Room>> =
@@ -1307,7 +1327,6 @@ async fn core_every_event_is_read_under_concurrent_to_device_load() {
         slowest = slowest.max(round_took);
         rounds_took.push(round_took);
     }
-    sweeper.abort();
     let recovered = bot.crypto.keys_recovered();
     eprintln!(
         "{} events ({ROUNDS} rounds of {}) beside {unrelated} unrelated to-device messages: \

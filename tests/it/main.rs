@@ -11,6 +11,7 @@ mod support;
 mod homeserver_retry;
 
 mod ledger;
+mod lost_key;
 mod observability;
 mod payments;
 
