@@ -24,6 +24,7 @@ pub mod payments;
 pub mod policy;
 pub mod private_fs;
 pub mod registration;
+pub mod requests;
 pub mod secret;
 pub mod sled_open;
 pub mod store;

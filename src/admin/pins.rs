@@ -101,7 +101,7 @@ mod tests {
         record.failed_in_row = 2;
         store.put_pin("@a:x", &record).await.unwrap();
         let before = crate::store::payments::UserProfile {
-            dm_room: Some("!dm:x".to_owned()),
+            dm_room: Some("!dm:x".try_into().unwrap()),
             dm_joined: true,
             ..Default::default()
         };

@@ -62,7 +62,9 @@ pub async fn start(
             poke.clone(),
             &stepup_key,
         )
-        .with_metrics(app.metrics().clone()),
+        .with_metrics(app.metrics().clone())
+        // Test faults (debug builds only) are injected where the flow applies its effects.
+        .with_faults(crate::payments::Faults::from_env()),
     );
     Outbox::new(
         ledger,
@@ -95,14 +97,7 @@ pub async fn start_crypto(
     shutdown: watch::Receiver<bool>,
 ) -> Result<BotCrypto, AppError> {
     let config = app.config();
-    let bot_user_id = ruma::OwnedUserId::try_from(config.bot_user_id())
-        .map_err(|_| AppError::BotUserId(config.bot_user_id()))?;
-    let mut settings = CryptoSettings::new(
-        config.homeserver.url.clone(),
-        app.registration().as_token.expose(),
-        bot_user_id,
-        config.data_dir.clone(),
-    );
+    let mut settings = CryptoSettings::new(app.client().clone(), config.data_dir.clone());
     settings.msc4190 = config.appservice.msc4190;
     settings.metrics = Some(app.metrics().clone());
     // The DM holds payment secrets only when payments are on; then, unless unsigned devices

@@ -8,15 +8,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rand::Rng;
-use ruma::api::client::account::register;
 use ruma::api::client::device::update_device;
 use ruma::api::client::session::login;
 use ruma::api::client::uiaa::UserIdentifier;
-use ruma::{OwnedDeviceId, OwnedUserId, UserId};
+use ruma::{OwnedDeviceId, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
-use super::transport::{As, DeviceIdentity, Transport, TransportError};
 use super::CryptoError;
+use crate::homeserver::{DeviceIdentity, HomeserverClient, Identity};
+use crate::secret::Secret;
 
 /// File name of the device record inside the data dir.
 pub const DEVICE_FILE: &str = "device.json";
@@ -64,12 +64,12 @@ impl std::fmt::Debug for DeviceRecord {
 }
 
 impl DeviceRecord {
-    /// The identity the transport uses for device-bound requests.
+    /// How the homeserver client addresses the device ([`Identity::BotDevice`]).
     pub fn identity(&self) -> DeviceIdentity {
         match (&self.mode, &self.access_token) {
             (DeviceMode::AppserviceLogin, Some(token)) => DeviceIdentity::AccessToken {
                 device_id: self.device_id.clone(),
-                token: token.clone(),
+                token: Secret::new(token.clone()),
             },
             _ => DeviceIdentity::Masquerade {
                 device_id: self.device_id.clone(),
@@ -174,16 +174,17 @@ fn new_device_id() -> OwnedDeviceId {
     OwnedDeviceId::from(format!("MXPAY{suffix}"))
 }
 
-/// Returns the bot's device, creating it on the homeserver the first time.
+/// Returns the bot's device (owned by `client`'s bot user), creating it on the homeserver the
+/// first time.
 ///
 /// `msc4190` picks the creation method for a *new* device; an existing record keeps its mode
 /// (the device and its keys are what other users trust; switching would orphan them).
 pub async fn provision(
-    transport: &Transport,
+    client: &HomeserverClient,
     data_dir: &Path,
-    bot_user_id: &UserId,
     msc4190: bool,
 ) -> Result<DeviceRecord, CryptoError> {
+    let bot_user_id = client.bot_user_id();
     let existing = load(data_dir)?;
     if let Some(record) = &existing {
         if record.user_id != bot_user_id {
@@ -205,13 +206,16 @@ pub async fn provision(
             }
             if record.mode == DeviceMode::Msc4190 {
                 // Idempotent: recreates the device if an admin deleted it.
-                create_msc4190_device(transport, &record.device_id).await?;
+                create_msc4190_device(client, &record.device_id).await?;
             }
             return Ok(record.clone());
         }
     }
 
-    register_bot(transport, bot_user_id).await?;
+    client
+        .register_bot()
+        .await
+        .map_err(CryptoError::Provision)?;
 
     let mode = if msc4190 {
         DeviceMode::Msc4190
@@ -231,7 +235,7 @@ pub async fn provision(
     save(data_dir, &record)?;
 
     match mode {
-        DeviceMode::Msc4190 => create_msc4190_device(transport, &record.device_id).await?,
+        DeviceMode::Msc4190 => create_msc4190_device(client, &record.device_id).await?,
         DeviceMode::AppserviceLogin => {
             let identifier = UserIdentifier::from(bot_user_id.to_owned());
             let info = login::v3::ApplicationService::new(identifier);
@@ -239,8 +243,8 @@ pub async fn provision(
                 login::v3::Request::new(login::v3::LoginInfo::ApplicationService(info));
             request.device_id = Some(record.device_id.clone());
             request.initial_device_display_name = Some(DEVICE_DISPLAY_NAME.to_owned());
-            let response = transport
-                .send(As::Appservice, request)
+            let response = client
+                .send(request, Identity::Appservice)
                 .await
                 .map_err(CryptoError::Provision)?;
             if response.device_id != record.device_id {
@@ -257,33 +261,17 @@ pub async fn provision(
     Ok(record)
 }
 
-/// Registers the bot user with the AS token; an existing user is fine.
-async fn register_bot(transport: &Transport, bot_user_id: &UserId) -> Result<(), CryptoError> {
-    let mut request = register::v3::Request::new();
-    request.username = Some(bot_user_id.localpart().to_owned());
-    request.inhibit_login = true;
-    request.login_type = Some(register::LoginType::ApplicationService);
-    match transport.send(As::Appservice, request).await {
-        Ok(_) => {
-            tracing::info!(user_id = %bot_user_id, "registered the bot user");
-            Ok(())
-        }
-        Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(()),
-        Err(e) => Err(CryptoError::Provision(e)),
-    }
-}
-
 async fn create_msc4190_device(
-    transport: &Transport,
+    client: &HomeserverClient,
     device_id: &OwnedDeviceId,
 ) -> Result<(), CryptoError> {
     let mut request = update_device::v3::Request::new(device_id.clone());
     request.display_name = Some(DEVICE_DISPLAY_NAME.to_owned());
-    transport
-        .send(As::Appservice, request)
+    client
+        .send(request, Identity::Appservice)
         .await
         .map(|_| ())
-        .map_err(|e: TransportError| CryptoError::Provision(e))
+        .map_err(CryptoError::Provision)
 }
 
 #[cfg(test)]

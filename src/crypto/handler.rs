@@ -203,17 +203,21 @@ mod tests {
 
     #[test]
     fn classify_retries_store_failures_and_skips_refusals() {
-        let refused = CryptoError::Transport(crate::crypto::TransportError::Refused {
-            endpoint: "x",
+        use crate::homeserver::HomeserverError;
+        let refused = CryptoError::Transport(HomeserverError::Matrix {
             status: 403,
             errcode: "M_FORBIDDEN".into(),
             message: "no".into(),
+            retry_after_ms: None,
         });
         assert!(classify(refused, "t").is_ok());
-        let down = CryptoError::Transport(crate::crypto::TransportError::Unavailable {
-            endpoint: "x",
+        let down = CryptoError::Transport(HomeserverError::GaveUp {
             attempts: 3,
-            last: "503".into(),
+            elapsed_ms: 1_000,
+            last: Box::new(HomeserverError::NotMatrix {
+                url: "http://127.0.0.1:1".into(),
+                status: 503,
+            }),
         });
         assert!(classify(down, "t").unwrap_err().is_transient());
     }

@@ -63,7 +63,8 @@ use ruma::{
 use serde_json::Value;
 
 use super::parked::ParkedEvent;
-use super::{As, BotCrypto, CryptoError};
+use super::{BotCrypto, CryptoError};
+use crate::homeserver::Identity;
 
 /// How long an event waits parked before the bot asks for its room key: the key usually
 /// arrives a few milliseconds after the event, in the next transaction.
@@ -367,8 +368,8 @@ impl BotCrypto {
             );
             match self
                 .inner
-                .transport
-                .send(As::Device(&self.inner.identity), http)
+                .client
+                .send(http, Identity::BotDevice(&self.inner.identity))
                 .await
             {
                 Ok(_) => tracing::info!(

@@ -5,7 +5,8 @@
 //!   bot device's to-device events, device-list changes and key counts to the machine *before*
 //!   decrypting the transaction's room events;
 //! - what the machine wants sent (key uploads, key queries, key claims, to-device messages) goes
-//!   out through [`transport::Transport`] as the bot's device, in a bounded loop;
+//!   out through the bot's one [`HomeserverClient`] as the bot's device
+//!   ([`Identity::BotDevice`]), in a bounded loop, with [`RetryPolicy::CRYPTO_DEVICE`];
 //! - [`BotCrypto::send_event`] encrypts what the bot says in encrypted rooms.
 //!
 //! "Cannot decrypt yet" (the room key has not arrived) and "our store failed" are different:
@@ -19,7 +20,6 @@ pub mod handler;
 pub mod key_recovery;
 pub mod parked;
 pub mod replay;
-pub mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -54,12 +54,14 @@ use ruma::{
 use serde_json::{json, Value};
 
 use crate::clock::SharedClock;
+use crate::homeserver::{
+    DeviceIdentity, HomeserverClient, HomeserverError, Identity, PathInput, RetryPolicy,
+};
 
 pub use device::{DeviceMode, DeviceRecord};
 pub use event::{DecryptedEvent, TrustState};
 pub use parked::{ParkedError, ParkedEvent};
 pub use replay::{MegolmMessageId, MessageCheck, ReplayError, ReplayStore};
-pub use transport::{As, DeviceIdentity, Transport, TransportError};
 
 /// Rounds of "send what the machine wants, then ask again" per call; each round answers the
 /// previous one (upload -> query -> claim), so a handful always suffices.
@@ -82,13 +84,13 @@ pub enum CryptoError {
     },
     /// Registering the bot or creating its device failed.
     #[error("cannot create the bot's device: {0}")]
-    Provision(#[source] TransportError),
+    Provision(#[source] HomeserverError),
     /// The homeserver answered something that makes no sense.
     #[error("unexpected homeserver answer: {0}")]
     Homeserver(String),
-    /// A homeserver request failed.
+    /// A homeserver request failed (after the client's retries).
     #[error(transparent)]
-    Transport(#[from] TransportError),
+    Transport(#[from] HomeserverError),
     /// The sqlite crypto store could not be opened (wrong key, other device, corrupt).
     #[error("cannot open the crypto store in {path}: {reason}")]
     StoreOpen {
@@ -121,12 +123,10 @@ impl CryptoError {
 /// What [`BotCrypto::start`] needs.
 #[derive(Clone)]
 pub struct CryptoSettings {
-    /// Client-server API base URL.
-    pub homeserver_url: String,
-    /// The appservice token (secret).
-    pub as_token: String,
-    /// The bot user, `@<bot_localpart>:<server_name>`.
-    pub bot_user_id: OwnedUserId,
+    /// The bot's homeserver client; its bot user is the device's owner. The device sends
+    /// through it with [`RetryPolicy::CRYPTO_DEVICE`], and its requests are measured in the
+    /// client's metrics.
+    pub client: HomeserverClient,
     /// The data dir: `device.json`, `crypto/` and the store key live here.
     pub data_dir: PathBuf,
     /// Create a new device with MSC4190 instead of appservice login.
@@ -137,7 +137,8 @@ pub struct CryptoSettings {
     pub undecryptable_notice_after_ms: u64,
     /// How long a parked event is kept before it is dropped.
     pub parked_max_age_ms: u64,
-    /// Where the device's homeserver requests are measured (none: not measured).
+    /// Where replayed events are counted (none: not counted). Homeserver requests are measured
+    /// by the client.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Whether room keys of a private room (the bot and one person) go to devices their owner
     /// did not cross-sign. Off, such a room's keys reach only cross-signed devices
@@ -149,9 +150,7 @@ pub struct CryptoSettings {
 impl std::fmt::Debug for CryptoSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CryptoSettings")
-            .field("homeserver_url", &self.homeserver_url)
-            .field("as_token", &"<redacted>")
-            .field("bot_user_id", &self.bot_user_id)
+            .field("client", &self.client)
             .field("data_dir", &self.data_dir)
             .field("msc4190", &self.msc4190)
             .field("store_key", &self.store_key.map(|_| "<redacted>"))
@@ -170,16 +169,9 @@ impl std::fmt::Debug for CryptoSettings {
 
 impl CryptoSettings {
     /// Settings with the default waits: 30 s before telling a sender, 24 h before dropping.
-    pub fn new(
-        homeserver_url: impl Into<String>,
-        as_token: impl Into<String>,
-        bot_user_id: OwnedUserId,
-        data_dir: impl Into<PathBuf>,
-    ) -> Self {
+    pub fn new(client: HomeserverClient, data_dir: impl Into<PathBuf>) -> Self {
         Self {
-            homeserver_url: homeserver_url.into(),
-            as_token: as_token.into(),
-            bot_user_id,
+            client,
             data_dir: data_dir.into(),
             msc4190: false,
             store_key: None,
@@ -232,7 +224,8 @@ struct DeliveryState {
 
 struct Inner {
     machine: OlmMachine,
-    transport: Transport,
+    /// The bot's homeserver client with the device's retry bounds.
+    client: HomeserverClient,
     device: DeviceRecord,
     identity: DeviceIdentity,
     settings: CryptoSettings,
@@ -279,24 +272,12 @@ impl BotCrypto {
     /// Provisions (or reuses) the bot's device, opens its store, uploads its keys and sets up
     /// cross-signing. Fails loudly on anything that would leave the bot unable to decrypt.
     pub async fn start(settings: CryptoSettings, clock: SharedClock) -> Result<Self, CryptoError> {
-        let transport = Transport::connect(
-            &settings.homeserver_url,
-            &settings.as_token,
-            settings.bot_user_id.clone(),
-        )
-        .await?
-        .with_metrics(settings.metrics.clone());
+        let client = settings.client.with_retry(RetryPolicy::CRYPTO_DEVICE);
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| CryptoError::DeviceFile {
             path: settings.data_dir.clone(),
             reason: e.to_string(),
         })?;
-        let device = device::provision(
-            &transport,
-            &settings.data_dir,
-            &settings.bot_user_id,
-            settings.msc4190,
-        )
-        .await?;
+        let device = device::provision(&client, &settings.data_dir, settings.msc4190).await?;
 
         let key = match settings.store_key {
             Some(k) => k,
@@ -325,7 +306,7 @@ impl BotCrypto {
         let this = Self {
             inner: Arc::new(Inner {
                 machine,
-                transport,
+                client,
                 identity,
                 device,
                 settings,
@@ -371,8 +352,8 @@ impl BotCrypto {
             .insert(device.user_id.clone(), vec![device.device_id.clone()]);
         let response = self
             .inner
-            .transport
-            .send(As::Device(&self.inner.identity), query)
+            .client
+            .send(query, Identity::BotDevice(&self.inner.identity))
             .await?;
         let published = response
             .device_keys
@@ -438,7 +419,7 @@ impl BotCrypto {
     }
 
     /// Counts parked events without keeping the device alive (for a metrics scrape hook,
-    /// which must not form a cycle: the device's transport holds the metrics): `None` once
+    /// which must not form a cycle: the device's homeserver client holds the metrics): `None` once
     /// the device is gone.
     pub fn parked_counter(&self) -> impl Fn() -> Option<usize> + Send + Sync + 'static {
         let inner = Arc::downgrade(&self.inner);
@@ -658,10 +639,10 @@ impl BotCrypto {
     async fn joined_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>, CryptoError> {
         let response = self
             .inner
-            .transport
+            .client
             .send(
-                As::Appservice,
                 joined_members::v3::Request::new(room_id.to_owned()),
+                Identity::Appservice,
             )
             .await?;
         Ok(response.joined.into_keys().collect())
@@ -1062,7 +1043,7 @@ impl BotCrypto {
 
     async fn send_request(&self, request: &OutgoingRequest) -> Result<(), CryptoError> {
         let inner = &self.inner;
-        let device = As::Device(&inner.identity);
+        let device = Identity::BotDevice(&inner.identity);
         let id = request.request_id();
         let result: Result<(), CryptoError> = match request.request() {
             AnyOutgoingRequest::KeysUpload(r) => self.send_and_mark(device, id, r.clone()).await,
@@ -1085,12 +1066,12 @@ impl BotCrypto {
                     r.content.event_type(),
                     content,
                 );
-                self.send_and_mark(As::Appservice, id, request).await
+                self.send_and_mark(Identity::Appservice, id, request).await
             }
         };
         match result {
-            Err(CryptoError::Transport(TransportError::Refused { .. })) => {
-                tracing::warn!(error = %result.unwrap_err(), "homeserver refused a key request");
+            Err(CryptoError::Transport(e)) if e.is_refusal() => {
+                tracing::warn!(error = %e, "homeserver refused a key request");
                 Ok(())
             }
             other => other,
@@ -1102,7 +1083,7 @@ impl BotCrypto {
         id: &TransactionId,
         request: ruma::api::client::keys::claim_keys::v3::Request,
     ) -> Result<(), CryptoError> {
-        self.send_and_mark(As::Device(&self.inner.identity), id, request)
+        self.send_and_mark(Identity::BotDevice(&self.inner.identity), id, request)
             .await
     }
 
@@ -1113,7 +1094,7 @@ impl BotCrypto {
             request.messages.clone(),
         );
         self.send_and_mark(
-            As::Device(&self.inner.identity),
+            Identity::BotDevice(&self.inner.identity),
             &request.txn_id,
             ruma_request,
         )
@@ -1124,19 +1105,19 @@ impl BotCrypto {
     /// machine under the request's `id` (without that, the machine hands the request out again).
     async fn send_and_mark<R>(
         &self,
-        who: As<'_>,
+        who: Identity<'_>,
         id: &TransactionId,
         request: R,
     ) -> Result<(), CryptoError>
     where
         R: ruma::api::OutgoingRequest,
-        R::PathBuilder: transport::PathInput,
+        R::PathBuilder: PathInput,
         for<'a> R::Authentication: ruma::api::auth_scheme::AuthScheme<
             Input<'a> = ruma::api::auth_scheme::SendAccessToken<'a>,
         >,
         for<'a> &'a R::IncomingResponse: Into<AnyIncomingResponse<'a>>,
     {
-        let response = self.inner.transport.send(who, request).await?;
+        let response = self.inner.client.send(request, who).await?;
         self.inner
             .machine
             .mark_request_as_sent(id, &response)
@@ -1166,7 +1147,7 @@ impl BotCrypto {
         upload.master_key = keys.master_key.map(|k| k.to_raw());
         upload.self_signing_key = keys.self_signing_key.map(|k| k.to_raw());
         upload.user_signing_key = keys.user_signing_key.map(|k| k.to_raw());
-        let response = self.inner.transport.send(As::Appservice, upload).await?;
+        let response = self.inner.client.send(upload, Identity::Appservice).await?;
         machine
             .mark_request_as_sent(
                 &TransactionId::new(),
@@ -1176,7 +1157,7 @@ impl BotCrypto {
             .map_err(olm_err)?;
         let signatures = requests.upload_signatures_req;
         self.send_and_mark(
-            As::Device(&self.inner.identity),
+            Identity::BotDevice(&self.inner.identity),
             &TransactionId::new(),
             signatures,
         )
@@ -1199,7 +1180,7 @@ impl BotCrypto {
             StateEventType::RoomEncryption,
             String::new(),
         );
-        let encrypted = match self.inner.transport.send(As::Appservice, request).await {
+        let encrypted = match self.inner.client.send(request, Identity::Appservice).await {
             Ok(_) => true,
             Err(e) if e.errcode() == Some("M_NOT_FOUND") => false,
             Err(e) => return Err(e.into()),
@@ -1296,7 +1277,7 @@ impl BotCrypto {
             send_type.into(),
             send_content,
         );
-        let response = inner.transport.send(As::Appservice, request).await?;
+        let response = inner.client.send(request, Identity::Appservice).await?;
         Ok(response.event_id)
     }
 
@@ -1350,8 +1331,8 @@ impl BotCrypto {
         );
         if let Err(e) = self
             .inner
-            .transport
-            .send(As::Device(&self.inner.identity), request)
+            .client
+            .send(request, Identity::BotDevice(&self.inner.identity))
             .await
         {
             tracing::warn!(error = %e, "could not send the E2E delivery self-check");
@@ -1462,12 +1443,15 @@ mod redaction_tests {
 
     #[test]
     fn debug_of_the_settings_hides_the_token_and_the_store_key() {
-        let mut settings = CryptoSettings::new(
-            "http://127.0.0.1:1",
-            "as-token-very-secret",
-            "@_mxpay:localhost".try_into().unwrap(),
-            "/nonexistent",
-        );
+        let client = HomeserverClient::new(crate::homeserver::HomeserverClientConfig {
+            base_url: "http://127.0.0.1:1".to_owned(),
+            as_token: crate::secret::Secret::new("as-token-very-secret"),
+            appservice_id: "mxpay".to_owned(),
+            bot_user_id: "@_mxpay:localhost".try_into().unwrap(),
+            retry: RetryPolicy::default(),
+        })
+        .unwrap();
+        let mut settings = CryptoSettings::new(client, "/nonexistent");
         settings.store_key = Some([0xAB; 32]);
         let debug = format!("{settings:?} {settings:#?}");
         assert!(!debug.contains("very-secret"), "{debug}");

@@ -6,12 +6,14 @@
 
 pub mod bot_command;
 pub mod payment_request;
+pub mod payment_request_status;
 pub mod receipt;
 pub mod stepup_challenge;
 pub mod stepup_response;
 pub mod transfer_intent;
 
 pub use payment_request::PaymentRequestEventContent;
+pub use payment_request_status::{PaymentRequestStatusEventContent, RequestState};
 pub use receipt::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
 pub use stepup_challenge::StepUpChallengeEventContent;
 pub use stepup_response::StepUpResponseEventContent;
@@ -62,6 +64,126 @@ mod tests {
             serde_json::json!({"body": "x", "payee": "not-a-user", "amount": "1", "currency": "EUR"})
         )
         .is_err());
+    }
+
+    /// The `content` of every ```json example of `event_type` in docs/events.md, in order.
+    fn documented(event_type: &str) -> Vec<serde_json::Value> {
+        let docs = include_str!("../../docs/events.md");
+        docs.split("```json\n")
+            .skip(1)
+            .map(|block| block.split("\n```").next().unwrap())
+            .map(|json| serde_json::from_str::<serde_json::Value>(json).expect("example is JSON"))
+            .filter(|event| event["type"] == event_type)
+            .map(|event| event["content"].clone())
+            .collect()
+    }
+
+    #[test]
+    fn payment_requests_serialise_as_documented() {
+        let shop = PaymentRequestEventContent {
+            body: "@shop:example.org requests 4.20 EUR: coffee".into(),
+            payee: owned_user_id!("@shop:example.org"),
+            amount: Decimal::new(420, 2),
+            currency: "EUR".into(),
+            payer: None,
+            memo: Some("coffee".into()),
+            expires_at_ms: Some(1_795_600_000_000),
+        };
+        let named = PaymentRequestEventContent {
+            body: "💸 @alice:example.org asks @bob:example.org for 12.00 EUR (pizza). Reply !pay or react ✅ to pay, ❌ to decline.".into(),
+            payee: owned_user_id!("@alice:example.org"),
+            amount: Decimal::new(1200, 2),
+            currency: "EUR".into(),
+            payer: Some(owned_user_id!("@bob:example.org")),
+            memo: Some("pizza".into()),
+            expires_at_ms: Some(1_796_204_800_000),
+        };
+        assert!(shop.is_open_to_everyone() && !named.is_open_to_everyone());
+        assert_eq!(shop.event_type().to_string(), "org.mxpay.payment_request");
+        let examples = documented("org.mxpay.payment_request");
+        assert_eq!(examples.len(), 2);
+        for (value, example) in [shop, named].iter().zip(&examples) {
+            assert_eq!(&serde_json::to_value(value).unwrap(), example);
+            let read: PaymentRequestEventContent = serde_json::from_value(example.clone()).unwrap();
+            assert_eq!(&read, value);
+        }
+        // The amount keeps its decimals exactly; a number is not an amount.
+        assert_eq!(examples[1]["amount"], "12.00");
+        let mut bad = examples[1].clone();
+        bad["amount"] = serde_json::json!(12.0);
+        assert!(serde_json::from_value::<PaymentRequestEventContent>(bad).is_err());
+    }
+
+    #[test]
+    fn request_statuses_serialise_as_documented() {
+        let paid_share = PaymentRequestStatusEventContent {
+            body: "✅ @bob:example.org paid 33.34 EUR to @alice:example.org (dinner): 1 of 3 paid."
+                .into(),
+            status: RequestState::Open,
+            payer: Some(owned_user_id!("@bob:example.org")),
+            payer_status: Some(RequestState::Paid),
+            payee: owned_user_id!("@alice:example.org"),
+            amount: Decimal::new(3334, 2),
+            currency: "EUR".into(),
+            transfer_id: Some("126641242915474129283170112371829411359".into()),
+            paid_count: 1,
+            payer_count: Some(3),
+            expires_at_ms: 1_796_204_800_000,
+            relates_to: Reference::new(owned_event_id!("$sPlItReQuEsT")),
+        };
+        let cancelled = PaymentRequestStatusEventContent {
+            body: "🚫 @alice:example.org cancelled the request to @bob:example.org for 12.00 EUR (pizza).".into(),
+            status: RequestState::Cancelled,
+            payer: None,
+            payer_status: None,
+            payee: owned_user_id!("@alice:example.org"),
+            amount: Decimal::new(1200, 2),
+            currency: "EUR".into(),
+            transfer_id: None,
+            paid_count: 0,
+            payer_count: Some(1),
+            expires_at_ms: 1_796_204_800_000,
+            relates_to: Reference::new(owned_event_id!("$rEqUeSt")),
+        };
+        assert_eq!(
+            cancelled.event_type().to_string(),
+            "org.mxpay.payment_request.status"
+        );
+        let examples = documented("org.mxpay.payment_request.status");
+        assert_eq!(examples.len(), 2);
+        for (value, example) in [paid_share, cancelled].iter().zip(&examples) {
+            assert_eq!(&serde_json::to_value(value).unwrap(), example);
+            let read: PaymentRequestStatusEventContent =
+                serde_json::from_value(example.clone()).unwrap();
+            assert_eq!(serde_json::to_value(&read).unwrap(), *example);
+        }
+        // Every state's code is its serde form, and the schema lists exactly those.
+        let schema: serde_json::Value = serde_json::from_str(include_str!(
+            "../../docs/schemas/org.mxpay.payment_request.status.json"
+        ))
+        .unwrap();
+        let states = [
+            RequestState::Open,
+            RequestState::Paid,
+            RequestState::Declined,
+            RequestState::Cancelled,
+            RequestState::Expired,
+        ];
+        let codes: Vec<serde_json::Value> = states
+            .iter()
+            .map(|s| {
+                assert_eq!(serde_json::to_value(s).unwrap(), s.code());
+                serde_json::Value::from(s.code())
+            })
+            .collect();
+        assert_eq!(
+            schema["properties"]["status"]["enum"],
+            serde_json::Value::from(codes.clone())
+        );
+        assert_eq!(
+            schema["properties"]["payer_status"]["enum"],
+            serde_json::Value::from(codes)
+        );
     }
 
     #[test]

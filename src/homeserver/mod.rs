@@ -1,11 +1,14 @@
-//! Talking to the homeserver's client-server API as the appservice: ruma request types, the AS
-//! token, identity assertion (`user_id=`, `device_id=`) and bounded retries.
+//! The one client for everything the bot sends to the homeserver's client-server API, the
+//! crypto device's key uploads, queries, claims and to-device messages included: ruma request
+//! types, the AS token, identity assertion (`user_id=`, `device_id=`, or the bot device's own
+//! token, see [`Identity`]), per-endpoint metrics and bounded retries.
 //!
 //! Retry rule: 429 waits what the server asks (`retry_after_ms` or `Retry-After`), 5xx and
 //! connection errors back off exponentially, other 4xx fail at once; all within
 //! [`RetryPolicy`]'s bounds on attempts and total time.
 
 pub mod admin_register;
+pub mod identity;
 pub mod retry;
 
 use std::borrow::Cow;
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
 use ruma::api::client::account::register;
 use ruma::api::client::appservice::request_ping;
+use ruma::api::client::discovery::get_supported_versions;
 use ruma::api::client::membership::{get_member_events, join_room_by_id};
 use ruma::api::client::message::send_message_event;
 use ruma::api::client::profile::set_profile_field;
@@ -22,16 +26,14 @@ use ruma::api::client::redact::redact_event;
 use ruma::api::client::state::{get_state_events, send_state_event};
 use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
 use ruma::api::{
-    AppserviceUserIdentity, IncomingResponse, OutgoingRequest, OutgoingRequestAppserviceExt,
-    SupportedVersions,
+    IncomingResponse, OutgoingRequest, OutgoingRequestAppserviceExt, SupportedVersions,
 };
 use ruma::events::room::member::RoomMemberEvent;
 use ruma::events::{AnyStateEvent, MessageLikeEventContent};
 use ruma::serde::Raw;
-use ruma::{
-    DeviceId, EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, TransactionId, UserId,
-};
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, TransactionId, UserId};
 
+pub use identity::{DeviceIdentity, Identity};
 pub use retry::RetryPolicy;
 
 use crate::secret::Secret;
@@ -125,6 +127,12 @@ impl HomeserverError {
         }
     }
 
+    /// Whether the homeserver answered with an error that retrying will not fix (a 4xx other
+    /// than 429): the request itself was refused, as opposed to not getting through.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Matrix { .. } | Self::NotMatrix { .. }) && !self.is_transient()
+    }
+
     /// Whether this attempt's error is worth another attempt within the same request.
     fn retryable(&self) -> bool {
         match self {
@@ -140,32 +148,6 @@ impl HomeserverError {
             }
             other => other.is_transient(),
         }
-    }
-}
-
-/// Whom an appservice request acts as.
-#[derive(Debug, Clone, Copy)]
-pub enum Identity<'a> {
-    /// The appservice's own sender (the bot): no assertion parameters.
-    Appservice,
-    /// A user in the appservice's namespace (`?user_id=`).
-    User(&'a UserId),
-    /// A device of a user (`?user_id=&device_id=`; Synapse needs both together).
-    Device(&'a UserId, &'a DeviceId),
-}
-
-impl<'a> Identity<'a> {
-    fn to_ruma(self) -> AppserviceUserIdentity<'a> {
-        let mut identity = AppserviceUserIdentity::default();
-        match self {
-            Self::Appservice => {}
-            Self::User(user) => identity.user_id = Some(user),
-            Self::Device(user, device) => {
-                identity.user_id = Some(user);
-                identity.device_id = Some(device);
-            }
-        }
-        identity
     }
 }
 
@@ -296,8 +278,8 @@ impl HomeserverClient {
         self
     }
 
-    /// The same client with other retry bounds (the attempt timeouts of the underlying
-    /// connection pool stay as built).
+    /// The same client (same connection pool, same metrics) with other retry bounds. The
+    /// attempt timeout applies per request; the connect timeout stays as built.
     pub fn with_retry(&self, retry: RetryPolicy) -> Self {
         Self {
             retry,
@@ -320,7 +302,10 @@ impl HomeserverClient {
         &self.base_url
     }
 
-    /// Sends a ruma request with the AS token as `identity`, retrying per the [`RetryPolicy`].
+    /// Sends a ruma request as `identity`, retrying per the [`RetryPolicy`]: with the AS token
+    /// and the identity's assertion parameters, or, for [`Identity::BotDevice`] with a
+    /// [`DeviceIdentity::AccessToken`], with the device's own token (where the endpoint needs
+    /// one) and no assertion.
     pub async fn send<R>(
         &self,
         request: R,
@@ -331,14 +316,22 @@ impl HomeserverClient {
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
         R::PathBuilder: PathInput,
     {
-        let http_request = request
-            .try_into_http_request_with_identity::<Vec<u8>>(
+        let path_input = <R::PathBuilder as PathInput>::input(&self.versions);
+        let built = match identity {
+            Identity::BotDevice(DeviceIdentity::AccessToken { token, .. }) => request
+                .try_into_http_request::<Vec<u8>>(
+                    &self.base_url,
+                    SendAccessToken::IfRequired(token.expose()),
+                    path_input,
+                ),
+            other => request.try_into_http_request_with_identity::<Vec<u8>>(
                 &self.base_url,
                 SendAccessToken::Always(self.as_token.expose()),
-                identity.to_ruma(),
-                <R::PathBuilder as PathInput>::input(&self.versions),
-            )
-            .map_err(|e| HomeserverError::Build(e.to_string()))?;
+                other.to_ruma(&self.bot_user_id),
+                path_input,
+            ),
+        };
+        let http_request = built.map_err(|e| HomeserverError::Build(e.to_string()))?;
         let response = self.execute(http_request, endpoint_name::<R>()).await?;
         R::IncomingResponse::try_from_http_response(response)
             .map_err(|e| HomeserverError::BadResponse(e.to_string()))
@@ -356,7 +349,10 @@ impl HomeserverClient {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut builder = self.http.request(parts.method.clone(), &url);
+            let mut builder = self
+                .http
+                .request(parts.method.clone(), &url)
+                .timeout(Duration::from_millis(self.retry.attempt_timeout_ms));
             for (name, value) in &parts.headers {
                 builder = builder.header(name, value);
             }
@@ -473,30 +469,41 @@ impl HomeserverClient {
         }
     }
 
-    /// `GET /_matrix/client/versions`, once (no retries): tells whether a Matrix homeserver
-    /// answers at the base URL.
+    /// `GET /_matrix/client/versions`, once (no retries) and without a token: tells whether a
+    /// Matrix homeserver answers at the base URL. Any error answer, or a success that is not a
+    /// versions list, is [`HomeserverError::NotMatrix`].
     pub async fn server_versions(&self) -> Result<ServerVersions, HomeserverError> {
-        let url = format!("{}/_matrix/client/versions", self.base_url);
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        if status != 200 {
-            return Err(HomeserverError::NotMatrix {
-                url: self.base_url.clone(),
-                status,
-            });
-        }
-        serde_json::from_slice(&bytes).map_err(|_| HomeserverError::NotMatrix {
+        let not_matrix = |status| HomeserverError::NotMatrix {
             url: self.base_url.clone(),
             status,
+        };
+        let request = get_supported_versions::Request::new()
+            .try_into_http_request::<Vec<u8>>(&self.base_url, SendAccessToken::None, ())
+            .map_err(|e| HomeserverError::Build(e.to_string()))?;
+        let once = self.with_retry(RetryPolicy {
+            attempts_max: 1,
+            ..self.retry
+        });
+        let response = match once
+            .execute(request, endpoint_name::<get_supported_versions::Request>())
+            .await
+        {
+            Ok(response) => response,
+            Err(HomeserverError::GaveUp { last, .. }) => {
+                return Err(match *last {
+                    HomeserverError::Matrix { status, .. } => not_matrix(status),
+                    other => other,
+                })
+            }
+            Err(HomeserverError::Matrix { status, .. }) => return Err(not_matrix(status)),
+            Err(other) => return Err(other),
+        };
+        let status = response.status().as_u16();
+        let versions = get_supported_versions::Response::try_from_http_response(response)
+            .map_err(|_| not_matrix(status))?;
+        Ok(ServerVersions {
+            versions: versions.versions,
+            unstable_features: versions.unstable_features,
         })
     }
 
@@ -507,7 +514,10 @@ impl HomeserverClient {
         request.inhibit_login = true;
         request.login_type = Some(register::LoginType::ApplicationService);
         match self.send(request, Identity::Appservice).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                tracing::info!(user_id = %self.bot_user_id, "registered the bot user");
+                Ok(())
+            }
             Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(()),
             Err(e) => Err(e),
         }
@@ -638,3 +648,6 @@ mod redaction_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -2,16 +2,16 @@
 //! `!cancel`. Each answers in the sender's private DM; `!pay` and `!withdraw` are handed to
 //! [`super::pay`].
 
-use super::dialog::dialog_prompt;
+use super::core::challenge;
+use super::core::dialog::{self, PinCommand, PinCommandFacts};
+use super::core::{Decision, Outgoing};
 use super::dm::Dm;
 use super::memo::PaymentMemo;
-use super::{payment_span, text, txn, PayRequest, Payments, PaymentsError};
+use super::{payment_span, text, PayRequest, Payments, PaymentsError};
 use crate::command::Command;
 use crate::crypto::DecryptedEvent;
-use crate::events::ReceiptReason;
 use crate::ledger::{Owner, TransferId, TransferState};
 use crate::policy::trust::{self, TrustRefusal};
-use crate::store::payments::{Challenge, ChallengeKind, Dialog};
 use tracing::Instrument as _;
 
 impl Payments {
@@ -78,11 +78,13 @@ impl Payments {
                     reason = super::reason_label(refusal.reason()),
                     "wallet command refused"
                 );
-                if refusal == TrustRefusal::IdentityChanged {
-                    self.ask_to_accept_identity(event).await?;
-                }
-                self.answer(event, &refusal.to_string(), "wallet-refused")
-                    .await?;
+                let asked = if refusal == TrustRefusal::IdentityChanged {
+                    self.accept_identity_decision(event, self.clock.now_ms())?
+                } else {
+                    Decision::none()
+                };
+                let answer = Self::event_ref(event).answer(&refusal.to_string(), "wallet-refused");
+                self.apply(asked.then_send(answer)).await?;
                 Ok(false)
             }
         }
@@ -119,20 +121,19 @@ impl Payments {
     async fn answer_in_dm(
         &self,
         event: &DecryptedEvent,
-        dm_room: &ruma::RoomId,
+        dm_room: &ruma::OwnedRoomId,
         body: &str,
-        purpose: &str,
+        purpose: &'static str,
     ) -> Result<(), PaymentsError> {
-        let reply_to = (dm_room == event.room_id).then_some(event.event_id.as_ref());
-        self.messenger
-            .notice(
-                dm_room,
-                body,
-                reply_to,
-                txn(purpose, event.event_id.as_str()),
-            )
-            .await?;
-        Ok(())
+        let reply_to = (*dm_room == event.room_id).then_some(&event.event_id);
+        self.apply(Decision::say(Outgoing::notice(
+            dm_room,
+            body,
+            reply_to,
+            purpose,
+            event.event_id.as_str(),
+        )))
+        .await
     }
 
     async fn on_history(&self, event: &DecryptedEvent, count: u32) -> Result<(), PaymentsError> {
@@ -190,95 +191,46 @@ impl Payments {
         event: &DecryptedEvent,
         change: bool,
     ) -> Result<(), PaymentsError> {
-        let facts = self.facts(event).await?;
         let user = event.sender.as_str();
+        let now_ms = self.clock.now_ms();
+        let ev = Self::event_ref(event);
+        let trust = trust::check(self.facts(event).await?, self.trust_settings());
         let record = self.store.pin(user)?;
         let has_pin = record.as_ref().is_some_and(|r| r.hash.is_some());
-        match trust::check(facts, self.trust_settings()) {
-            Ok(()) => {}
-            // `!pin change` without a PIN only gets told to use `!pin set`.
-            Err(TrustRefusal::IdentityChanged) if !has_pin && change => {}
-            // Without a PIN nothing the user knows can confirm a key change; see
-            // `may_accept_keys_without_pin` for when setting the PIN accepts them.
-            Err(TrustRefusal::IdentityChanged) if !has_pin => {
-                if !self
-                    .may_accept_keys_without_pin(user, record.is_some())
-                    .await?
-                {
-                    self.answer(
-                        event,
-                        "your account's security keys changed since I first saw them, and \
-                         you have no PIN to confirm that with. Ask the operator to confirm \
-                         your new keys; until then I take no PIN and no payment from you.",
-                        "pin-refused",
-                    )
-                    .await?;
-                    return Ok(());
-                }
-                self.messenger.crypto.accept_identity(&event.sender).await?;
-                let mut profile = self.store.profile(user)?;
-                if profile.accept_new_keys_at_pin_set {
-                    profile.accept_new_keys_at_pin_set = false;
-                    self.store.put_profile(user, &profile).await?;
-                }
-                if let Some(dm) = self.ready_dm(user)? {
-                    // Said in the DM, which the account's earlier sessions can read too.
-                    self.messenger
-                        .notice(
-                            &dm,
-                            "🔐 I accepted your account's new security keys (your cross-signing \
-                             was reset). If you did not do that, tell the operator now.",
-                            None,
-                            txn("keys-accepted", event.event_id.as_str()),
-                        )
-                        .await?;
-                }
-            }
-            Err(refusal) => {
-                if refusal == TrustRefusal::IdentityChanged {
-                    self.ask_to_accept_identity(event).await?;
-                }
-                self.answer(event, &refusal.to_string(), "pin-refused")
-                    .await?;
-                return Ok(());
-            }
+        // Asked of the ledger only when it decides something.
+        let may_accept_keys_without_pin = trust == Err(TrustRefusal::IdentityChanged)
+            && !has_pin
+            && !change
+            && self
+                .may_accept_keys_without_pin(user, record.is_some())
+                .await?;
+        let ready_dm = self.ready_dm(user)?;
+        let facts = PinCommandFacts {
+            change,
+            has_pin,
+            trust: &trust,
+            may_accept_keys_without_pin,
+            ready_dm: ready_dm.as_ref(),
+        };
+        let ask = || self.accept_identity_decision(event, now_ms);
+        let asked = match &trust {
+            Err(TrustRefusal::IdentityChanged) if has_pin => ask()?,
+            _ => Decision::none(),
+        };
+        match dialog::pin_command(&ev, facts, || asked) {
+            PinCommand::Refused(decision) => return self.apply(decision).await,
+            PinCommand::Go(decision) => self.apply(decision).await?,
         }
         let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
-        self.point_to_dm(event, &dm, "pin-pointer").await?;
-        let expires_at_ms = self.clock.now_ms() + self.settings.pin_dialog_timeout_ms;
-        let (dialog, message) = match (change, has_pin) {
-            (false, true) => (
-                None,
-                "You already have a PIN. To change it, send !pin change.",
-            ),
-            (true, false) => (None, "You have no PIN yet. Send !pin set to choose one."),
-            (false, false) => {
-                let dialog = Dialog::NewPin {
-                    expires_at_ms,
-                    change: false,
-                };
-                (Some(dialog), "")
-            }
-            (true, true) => (Some(Dialog::OldPin { expires_at_ms }), ""),
-        };
-        if let Some(dialog) = &dialog {
-            self.store.put_dialog(user, Some(dialog)).await?;
-        }
-        if let Dm::Ready(dm_room) = dm {
-            let text = match &dialog {
-                Some(dialog) => dialog_prompt(dialog),
-                None => message,
-            };
-            self.messenger
-                .notice(
-                    &dm_room,
-                    text,
-                    None,
-                    txn("pin-prompt", event.event_id.as_str()),
-                )
-                .await?;
-        }
-        Ok(())
+        let decision = dialog::open_pin_dialog(
+            &ev,
+            change,
+            has_pin,
+            &dm,
+            now_ms,
+            self.settings.pin_dialog_timeout_ms,
+        );
+        self.apply(decision).await
     }
 
     /// Whether `!pin set` may accept a user's changed identity although no PIN confirms it:
@@ -302,63 +254,15 @@ impl Payments {
         Ok(page.transfers.is_empty())
     }
 
-    /// `!cancel`: voids every payment of the sender still waiting for a PIN (and drops their
-    /// withdrawal confirmations), then says so in the DM (or, without one, where it was asked).
+    /// `!cancel` ([`challenge::cancel`]).
     async fn on_cancel(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
         let user = event.sender.as_str();
-        let now_ms = self.clock.now_ms();
-        let open: Vec<Challenge> = self
-            .store
-            .challenges(user)?
-            .into_iter()
-            .filter(|c| c.expires_at_ms > now_ms)
-            .collect();
-        self.cancel_challenges(user, ReceiptReason::Other).await?;
-        let body = if open.is_empty() {
-            "Nothing was waiting for your PIN, so there was nothing to cancel.".to_owned()
-        } else {
-            let lines: Vec<String> = open
-                .iter()
-                .map(|c| match c.kind {
-                    ChallengeKind::Pay => {
-                        text::challenge_line(&c.amount, &c.currency, &c.payee, &c.room_id)
-                    }
-                    ChallengeKind::Withdraw => {
-                        format!("• withdrawal of {}", text::money(&c.amount, &c.currency))
-                    }
-                })
-                .collect();
-            format!("Cancelled; nothing of it was paid:\n{}", lines.join("\n"))
-        };
-        let key = event.event_id.as_str();
-        match self.ready_dm(user)? {
-            Some(dm) => {
-                let reply_to = (dm == event.room_id).then_some(event.event_id.as_ref());
-                self.messenger
-                    .notice(&dm, &body, reply_to, txn("cancel", key))
-                    .await?;
-                if dm != event.room_id {
-                    self.messenger
-                        .notice(
-                            &event.room_id,
-                            &format!("{}: I answered in our private chat.", event.sender),
-                            Some(&event.event_id),
-                            txn("cancel-pointer", key),
-                        )
-                        .await?;
-                }
-            }
-            None => {
-                self.messenger
-                    .notice(
-                        &event.room_id,
-                        &body,
-                        Some(&event.event_id),
-                        txn("cancel", key),
-                    )
-                    .await?;
-            }
-        }
-        Ok(())
+        let decision = challenge::cancel(
+            &Self::event_ref(event),
+            &self.store.challenges(user)?,
+            self.ready_dm(user)?.as_ref(),
+            self.clock.now_ms(),
+        );
+        self.apply(decision).await
     }
 }

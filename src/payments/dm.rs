@@ -2,20 +2,13 @@
 //! only to a room with exactly the user and the bot, encrypted and invite-only, so this step
 //! decides which room that is and tells the user where the answer went.
 
-use super::dialog::dialog_prompt;
-use super::{txn, Payments, PaymentsError};
+use super::core::challenge;
+pub(super) use super::core::challenge::Dm;
+use super::{Payments, PaymentsError};
 use crate::crypto::DecryptedEvent;
 use crate::store::StoreError;
 use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::Value;
-
-/// Where a user's private DM stands.
-pub(super) enum Dm {
-    /// Joined by both: messages can go there now.
-    Ready(OwnedRoomId),
-    /// The user is invited and has not joined yet.
-    Invited(OwnedRoomId),
-}
 
 impl Payments {
     /// Whether `room_id` is a private DM of `user`: exactly the user and the bot, both joined,
@@ -26,22 +19,23 @@ impl Payments {
         room_id: &RoomId,
         user: &UserId,
     ) -> Result<bool, PaymentsError> {
-        if self.messenger.join_rule(room_id).await?.as_deref() != Some("invite") {
+        // Asked of the homeserver one at a time, each only when the ones before allow it.
+        let join_rule = self.messenger.join_rule(room_id).await?;
+        if join_rule.as_deref() != Some("invite") {
             return Ok(false);
         }
         let members = self.messenger.memberships(room_id).await?;
-        let present: Vec<&(String, String)> = members
-            .iter()
-            .filter(|(_, m)| m == "join" || m == "invite")
-            .collect();
-        let ok = present.len() == 2
-            && present
-                .iter()
-                .all(|(u, m)| m == "join" && (u == user.as_str() || u == self.bot.as_str()));
-        if !ok {
+        if !challenge::is_private_dm(join_rule.as_deref(), &members, true, user, &self.bot) {
             return Ok(false);
         }
-        Ok(self.messenger.crypto.room_is_encrypted(room_id).await?)
+        let encrypted = self.messenger.crypto.room_is_encrypted(room_id).await?;
+        Ok(challenge::is_private_dm(
+            join_rule.as_deref(),
+            &members,
+            encrypted,
+            user,
+            &self.bot,
+        ))
     }
 
     /// Finds the user's DM (the recorded one if still private; else `current` if it is a
@@ -80,14 +74,14 @@ impl Payments {
             }
         }
         if self.is_private_dm(current, user).await? {
-            profile.dm_room = Some(current.to_string());
+            profile.dm_room = Some(current.to_owned());
             profile.dm_joined = true;
             self.store.put_profile(user.as_str(), &profile).await?;
             return Ok(Dm::Ready(current.to_owned()));
         }
         let room_id = self.messenger.create_dm(user).await?;
         tracing::info!(%user, %room_id, "created a private chat");
-        profile.dm_room = Some(room_id.to_string());
+        profile.dm_room = Some(room_id.clone());
         profile.dm_joined = false;
         self.store.put_profile(user.as_str(), &profile).await?;
         Ok(Dm::Invited(room_id))
@@ -123,7 +117,7 @@ impl Payments {
                     return Ok(());
                 }
                 let mut profile = self.store.profile(user.as_str())?;
-                profile.dm_room = Some(event.room_id.to_string());
+                profile.dm_room = Some(event.room_id.clone());
                 profile.dm_joined = true;
                 self.store.put_profile(user.as_str(), &profile).await?;
                 tracing::info!(%user, room = %event.room_id, "recognised the private chat");
@@ -138,32 +132,14 @@ impl Payments {
         &self,
         event: &DecryptedEvent,
         dm: &Dm,
-        purpose: &str,
+        purpose: &'static str,
     ) -> Result<(), PaymentsError> {
-        let (dm_room, text) = match dm {
-            Dm::Ready(room) => (
-                room,
-                format!("{}: I answered in our private chat.", event.sender),
-            ),
-            Dm::Invited(room) => (
-                room,
-                format!(
-                    "{}: I invited you to a private, encrypted chat with me; join it to continue.",
-                    event.sender
-                ),
-            ),
-        };
-        if dm_room != &event.room_id {
-            self.messenger
-                .notice(
-                    &event.room_id,
-                    &text,
-                    Some(&event.event_id),
-                    txn(purpose, event.event_id.as_str()),
-                )
-                .await?;
-        }
-        Ok(())
+        let pointer = challenge::pointer(&Self::event_ref(event), dm, purpose);
+        self.apply(super::core::Decision {
+            sends: pointer.into_iter().collect(),
+            ..super::core::Decision::none()
+        })
+        .await
     }
 
     /// A user joined a room: if it is the DM the bot invited them to, say what was waiting.
@@ -177,33 +153,19 @@ impl Payments {
         }
         let user = event.sender.as_str();
         let mut profile = self.store.profile(user)?;
-        if profile.dm_room.as_deref() != Some(event.room_id.as_str()) || profile.dm_joined {
+        if profile.dm_room.as_ref() != Some(&event.room_id) || profile.dm_joined {
             return Ok(());
         }
         profile.dm_joined = true;
         self.store.put_profile(user, &profile).await?;
         let now_ms = self.clock.now_ms();
-        let room = &event.room_id;
-        let key = event.event_id.as_str();
-        self.messenger
-            .notice(
-                room,
-                "Welcome! This is your private chat with mxpay: PINs, balances and payment \
-                 confirmations happen here. Send !help for the commands.",
-                None,
-                txn("dm-welcome", key),
-            )
-            .await?;
-        if let Some(dialog) = self.store.dialog(user, now_ms)? {
-            self.messenger
-                .notice(room, dialog_prompt(&dialog), None, txn("dm-dialog", key))
-                .await?;
-        }
-        for challenge in self.store.challenges(user)? {
-            if challenge.expires_at_ms > now_ms {
-                self.send_challenge(room, &challenge).await?;
-            }
-        }
-        Ok(())
+        let decision = challenge::dm_joined(
+            &Self::event_ref(event),
+            self.store.dialog(user, now_ms)?.as_ref(),
+            &self.store.challenges(user)?,
+            &self.bot,
+            now_ms,
+        );
+        self.apply(decision).await
     }
 }

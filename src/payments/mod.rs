@@ -15,15 +15,17 @@
 //! event id, so a transaction handled again after a crash sends nothing twice; what follows a
 //! ledger change is sent by the [`crate::outbox`] from the journal.
 
+mod apply;
 mod commands;
+pub mod core;
 mod dialog;
 mod dm;
 pub mod memo;
 mod messenger;
 mod pay;
-mod pin_check;
-pub mod pinlike;
-mod pins;
+mod pin_attempts;
+mod pin_messages;
+pub mod pin_recognition;
 mod tell;
 pub mod text;
 
@@ -37,6 +39,7 @@ use tracing::Instrument as _;
 
 /// The `payments:` config section (it lives with the config).
 pub use crate::config::payments as settings;
+pub use apply::Faults;
 pub use messenger::Messenger;
 pub use settings::PaymentsSettings;
 
@@ -56,13 +59,13 @@ use crate::policy::trust::{EventFacts, SenderTrust, TrustSettings};
 use crate::store::payments::PaymentStore;
 use crate::store::StoreError;
 
-/// Test-only fault switch: when this environment variable names a file that does not exist
-/// yet, mxpay creates it and aborts right after a payment was posted in the ledger and before
+/// Test-only fault switch ([`Faults::from_env`], debug builds): when this environment variable
+/// names a file that does not exist yet, mxpay creates it and aborts right after a payment was posted in the ledger and before
 /// its receipt is sent (to test that the outbox repairs this after a restart). Never set it in
 /// production.
 pub const FAULT_CRASH_BEFORE_RECEIPT_ENV: &str = "MXPAY_TEST_CRASH_BEFORE_RECEIPT";
 
-/// Test-only fault switch, `<purpose>:<file>`: while `<file>` does not exist, every reply of
+/// Test-only fault switch ([`Faults::from_env`]), `<purpose>:<file>`: while `<file>` does not exist, every reply of
 /// that purpose (`decline-receipt`, `stepup-wrong`, ...) fails before it is sent as if the
 /// homeserver were unreachable (a retryable failure), so tests can check that a retried
 /// transaction repeats the decision instead of deciding again. Debug builds only.
@@ -128,16 +131,7 @@ fn sender_trust(state: TrustState) -> Option<SenderTrust> {
 
 /// The receipt reason for a ledger refusal.
 fn reason_for(error: TransferError) -> ReceiptReason {
-    match error {
-        TransferError::InsufficientFunds => ReceiptReason::InsufficientFunds,
-        TransferError::ExceedsDailyLimit | TransferError::ExceedsMaxTransfer => {
-            ReceiptReason::LimitExceeded
-        }
-        TransferError::DebitAccountFrozen => ReceiptReason::AccountFrozen,
-        TransferError::CreditAccountFrozen => ReceiptReason::PayeeNotAllowed,
-        TransferError::CurrencyUnknown => ReceiptReason::InvalidAmount,
-        _ => ReceiptReason::Other,
-    }
+    core::refusal::reason_for(error)
 }
 
 fn reason_code(reason: ReceiptReason) -> String {
@@ -182,18 +176,7 @@ fn reason_from_code(code: &str) -> ReceiptReason {
 
 /// The sentence for a ledger refusal.
 fn refusal_sentence(error: TransferError) -> String {
-    match error {
-        TransferError::InsufficientFunds => "your balance does not cover this payment".to_owned(),
-        TransferError::ExceedsDailyLimit => {
-            "this payment would exceed your 24-hour spending limit".to_owned()
-        }
-        TransferError::ExceedsMaxTransfer => {
-            "the amount is above the maximum for one payment".to_owned()
-        }
-        TransferError::DebitAccountFrozen => "your wallet is frozen".to_owned(),
-        TransferError::CreditAccountFrozen => "the payee's wallet is frozen".to_owned(),
-        other => format!("the payment was refused ({other})"),
-    }
+    core::refusal::ledger_sentence(error)
 }
 
 /// What a payment asks for, from `!pay` or an `org.mxpay.transfer_intent`.
@@ -216,8 +199,8 @@ pub struct Payments {
     clock: SharedClock,
     poke: OutboxPoke,
     bot: OwnedUserId,
-    fault_crash_before_receipt: Option<std::path::PathBuf>,
-    fault_fail_reply: Option<(String, std::path::PathBuf)>,
+    /// Test-only faults where effects are applied (none unless the wiring sets some).
+    faults: Faults,
     metrics: Arc<crate::metrics::Metrics>,
     /// Payment commands per user per minute (`payments.commands_per_minute_max`).
     rate: std::sync::Mutex<crate::policy::rate::CommandRate>,
@@ -263,21 +246,7 @@ impl Payments {
             clock,
             poke,
             bot,
-            // Test-only fault switch: compiled out of release builds, so no environment
-            // variable can make a production mxpay abort between a post and its receipt.
-            fault_crash_before_receipt: if cfg!(debug_assertions) {
-                std::env::var_os(FAULT_CRASH_BEFORE_RECEIPT_ENV).map(Into::into)
-            } else {
-                None
-            },
-            fault_fail_reply: if cfg!(debug_assertions) {
-                std::env::var(FAULT_FAIL_REPLY_ENV).ok().and_then(|v| {
-                    let (purpose, file) = v.split_once(':')?;
-                    Some((purpose.to_owned(), file.into()))
-                })
-            } else {
-                None
-            },
+            faults: Faults::none(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             rate,
         }
@@ -289,22 +258,28 @@ impl Payments {
         self
     }
 
-    /// The test-only reply fault ([`FAULT_FAIL_REPLY_ENV`]): a retryable failure for a reply
-    /// of `purpose` while the switch's file does not exist.
-    fn fault_before_reply(&self, purpose: &str) -> Result<(), PaymentsError> {
-        match &self.fault_fail_reply {
-            Some((faulty, file)) if faulty == purpose && !file.exists() => {
-                tracing::warn!(purpose, "test fault: failing a reply before it is sent");
-                Err(
-                    CryptoError::Transport(crate::crypto::TransportError::Unavailable {
-                        endpoint: "test fault",
-                        attempts: 1,
-                        last: format!("{FAULT_FAIL_REPLY_ENV} is set"),
-                    })
-                    .into(),
-                )
-            }
-            _ => Ok(()),
+    /// The same service, with test faults injected where its effects are applied.
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// The decisions' settings.
+    fn core_settings(&self) -> core::CoreSettings {
+        core::CoreSettings {
+            stepup_timeout_ms: self.settings.stepup_timeout_ms,
+            pin_dialog_timeout_ms: self.settings.pin_dialog_timeout_ms,
+            pending_per_user_max: self.settings.pending_per_user_max,
+            commands_per_minute_max: self.settings.commands_per_minute_max,
+        }
+    }
+
+    /// The event as the core's decisions address it.
+    fn event_ref(event: &DecryptedEvent) -> core::EventRef {
+        core::EventRef {
+            room_id: event.room_id.clone(),
+            event_id: event.event_id.clone(),
+            sender: event.sender.clone(),
         }
     }
 
@@ -387,7 +362,7 @@ impl Payments {
                     }
                 }
                 // Plain, edited, replying, notice or emote: a PIN in any shape.
-                match pinlike::recognise(&event.event_type, &event.content) {
+                match pin_recognition::recognise(&event.event_type, &event.content) {
                     Some(message) => self.on_pin(event, message).await,
                     None => Ok(false),
                 }
@@ -437,20 +412,21 @@ impl Payments {
                 Ok(true)
             }
             "org.mxpay.stepup.response" => {
-                match pinlike::recognise(&event.event_type, &event.content) {
+                match pin_recognition::recognise(&event.event_type, &event.content) {
                     // Redacted whatever its `pin` holds: a malformed one may be a mistyped PIN.
                     Some(message) => {
                         self.on_pin(event, message).await?;
                     }
                     None => {
-                        self.messenger
-                            .notice(
-                                &event.room_id,
-                                "A PIN is exactly 4 digits.",
-                                Some(&event.event_id),
-                                txn("response-error", event.event_id.as_str()),
-                            )
-                            .await?;
+                        let ev = Self::event_ref(event);
+                        let said = core::Outgoing::notice(
+                            &ev.room_id,
+                            "A PIN is exactly 4 digits.",
+                            Some(&ev.event_id),
+                            "response-error",
+                            ev.event_id.as_str(),
+                        );
+                        self.apply(core::Decision::say(said)).await?;
                     }
                 }
                 Ok(true)
@@ -468,45 +444,17 @@ impl Payments {
         outcome
     }
 
-    async fn done(&self, event: &DecryptedEvent) -> Result<(), PaymentsError> {
-        self.store.mark_done(event.event_id.as_str()).await?;
-        Ok(())
-    }
-
     /// Answers `event` in its room, as a reply addressed to its sender.
     async fn answer(
         &self,
         event: &DecryptedEvent,
         text: &str,
-        purpose: &str,
+        purpose: &'static str,
     ) -> Result<(), PaymentsError> {
-        self.messenger
-            .notice(
-                &event.room_id,
-                &format!("{}: {text}", event.sender),
-                Some(&event.event_id),
-                txn(purpose, event.event_id.as_str()),
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn reply(
-        &self,
-        event: &DecryptedEvent,
-        body: &str,
-        purpose: &str,
-    ) -> Result<(), PaymentsError> {
-        self.fault_before_reply(purpose)?;
-        self.messenger
-            .notice(
-                &event.room_id,
-                body,
-                None,
-                txn(purpose, event.event_id.as_str()),
-            )
-            .await?;
-        Ok(())
+        self.apply(core::Decision::say(
+            Self::event_ref(event).answer(text, purpose),
+        ))
+        .await
     }
 }
 

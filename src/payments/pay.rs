@@ -3,43 +3,28 @@
 //! the step-up proof and the ledger post. Declines are recorded per event first, so a retried
 //! transaction repeats the decision instead of deciding again.
 
-use super::dm::Dm;
+use super::core::after_pin;
+use super::core::challenge;
+use super::core::refusal::{self, AccountFacts, PayeeFacts, PayerFacts};
+use super::core::start::{self, Start};
+use super::core::{Decision, EventRef, Outgoing, Record};
 use super::memo::{MemoKind, PaymentMemo};
 use super::{
-    reason_code, reason_for, reason_from_code, reason_label, refusal_sentence, text, txn,
-    PayRequest, Payments, PaymentsError,
+    reason_code, reason_for, reason_from_code, reason_label, refusal_sentence, text, PayRequest,
+    Payments, PaymentsError,
 };
 use crate::crypto::DecryptedEvent;
-use crate::events::{
-    ReceiptEventContent, ReceiptReason, ReceiptStatus, StepUpChallengeEventContent,
-};
+use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
 use crate::ledger::{
     LedgerError, Owner, Transfer, TransferError, TransferId, TransferRequest, TransferState,
 };
-use crate::policy::pin::human_duration;
 use crate::policy::stepup::StepUpBinding;
-use crate::policy::trust::{self, TrustRefusal};
+use crate::policy::trust;
 use crate::store::payments::{Challenge, ChallengeKind, DeclineRecord, EventOutcome};
 use crate::store::StoreError;
 use ruma::events::relation::Reference;
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedUserId, UserId};
 use rust_decimal::Decimal;
-
-/// What to do with an event asking to start a payment or withdrawal.
-#[derive(Debug, PartialEq)]
-enum Start {
-    /// It was declined before: repeat that decision (a retry after the reply failed).
-    Repeat(DeclineRecord),
-    /// What it started is still there (the payment's transfer, the withdrawal's open
-    /// challenge): carry on with it, never refuse it now, late or not.
-    Resume,
-    /// It started a withdrawal whose challenge has ended since: it was told then.
-    Ended,
-    /// It never started anything and reached the bot too late.
-    TooLate,
-    /// It never started anything and is in time: check it and start.
-    Fresh,
-}
 
 impl Payments {
     /// Declines a request that reached the bot after the step-up window (see
@@ -87,35 +72,23 @@ impl Payments {
         let record = DeclineRecord {
             reason: reason_code(reason),
             sentence: sentence.to_owned(),
-            payee: payee.to_string(),
+            payee: payee.to_owned(),
             amount: amount.to_string(),
             currency: currency.to_owned(),
         };
-        if reason == ReceiptReason::RateLimited {
-            // Not recorded: a flood of commands must not grow the store. A retried
-            // transaction decides such an event again, which is harmless: nothing was started,
-            // and whatever it starts later still waits for the PIN.
-            self.metrics.payment("declined", reason_label(reason));
-            return self.send_decline(event, &record).await;
+        self.metrics.payment("declined", reason_label(reason));
+        let mut decision = Decision::none();
+        // A rate-limited command is not recorded: a flood of commands must not grow the
+        // store. A retried transaction decides such an event again, which is harmless:
+        // nothing was started, and whatever it starts later still waits for the PIN.
+        if reason != ReceiptReason::RateLimited {
+            decision.record.push(Record::OutcomeIfAbsent {
+                event_id: event.event_id.clone(),
+                outcome: EventOutcome::Declined(record.clone()),
+            });
         }
-        let outcome = EventOutcome::Declined(record.clone());
-        match self
-            .store
-            .put_outcome_if_absent(event.event_id.as_str(), &outcome)
-            .await?
-        {
-            None => {
-                self.metrics.payment("declined", reason_label(reason));
-                self.send_decline(event, &record).await
-            }
-            Some(EventOutcome::Declined(earlier)) => self.send_decline(event, &earlier).await,
-            Some(other) => {
-                // Something started for this event meanwhile (cannot happen: transactions are
-                // handled one at a time); never tell "not made" about a started payment.
-                tracing::warn!(?other, "not declining an event that started something");
-                Ok(())
-            }
-        }
+        decision.sends = self.decline_sends(event, &record)?;
+        self.apply(decision).await
     }
 
     /// Sends the declined receipt and sentence of a recorded decision (the same transaction
@@ -125,6 +98,20 @@ impl Payments {
         event: &DecryptedEvent,
         record: &DeclineRecord,
     ) -> Result<(), PaymentsError> {
+        let sends = self.decline_sends(event, record)?;
+        self.apply(Decision {
+            sends,
+            ..Decision::none()
+        })
+        .await
+    }
+
+    /// The declined receipt and the sentence of a decline.
+    fn decline_sends(
+        &self,
+        event: &DecryptedEvent,
+        record: &DeclineRecord,
+    ) -> Result<Vec<Outgoing>, PaymentsError> {
         let corrupt = |reason| StoreError::Corrupt {
             tree: "eventid_outcome",
             reason,
@@ -148,73 +135,49 @@ impl Payments {
             relates_to: Reference::new(event.event_id.clone()),
         };
         let key = event.event_id.as_str();
-        self.fault_before_reply("decline-receipt")?;
-        self.messenger
-            .send(
+        Ok(vec![
+            Outgoing::event(
                 &event.room_id,
                 "org.mxpay.receipt",
                 serde_json::to_value(&receipt).expect("receipt serialises"),
-                txn("decline-receipt", key),
-            )
-            .await?;
-        self.messenger
-            .notice(
+                "decline-receipt",
+                key,
+            ),
+            Outgoing::notice(
                 &event.room_id,
-                &body,
+                body,
                 Some(&event.event_id),
-                txn("decline-notice", key),
-            )
-            .await?;
-        Ok(())
+                "decline-notice",
+                key,
+            ),
+        ])
     }
 
-    /// Checks that apply to every outgoing payment: trust, PIN state. `Err(sentence)` refuses.
+    /// The payer checks of the refusal table ([`refusal::payer`]); a changed identity also
+    /// opens the dialog that accepts it, in the DM.
     async fn check_payer(
         &self,
         event: &DecryptedEvent,
     ) -> Result<Result<(), (ReceiptReason, String)>, PaymentsError> {
-        let facts = self.facts(event).await?;
         let user = event.sender.as_str();
-        let has_pin = self.store.pin(user)?.is_some_and(|r| r.hash.is_some());
-        match trust::check(facts, self.trust_settings()) {
-            Ok(()) => {}
-            // Without a PIN there is nothing to confirm the new keys with: the refusal below
-            // sends the user to `!pin set`, which accepts them.
-            Err(TrustRefusal::IdentityChanged) if !has_pin => {}
-            Err(refusal) => {
-                if refusal == TrustRefusal::IdentityChanged {
-                    self.ask_to_accept_identity(event).await?;
-                }
-                return Ok(Err((refusal.reason(), refusal.to_string())));
-            }
-        }
-        let record = self.store.pin(user)?;
-        let Some(record) = record.filter(|r| r.hash.is_some()) else {
-            return Ok(Err((
-                ReceiptReason::PinNotSet,
-                "you have no PIN yet: send !pin set in our private chat first".to_owned(),
-            )));
+        let now_ms = self.clock.now_ms();
+        let record = self.store.pin(user)?.filter(|r| r.hash.is_some());
+        let facts = PayerFacts {
+            trust: trust::check(self.facts(event).await?, self.trust_settings()),
+            has_pin: record.is_some(),
+            pin_exposed: self.store.profile(user)?.pin_compromised,
+            pin_locked_until_ms: record.and_then(|r| r.locked_until_ms),
         };
-        if self.store.profile(user)?.pin_compromised {
-            return Ok(Err((
-                ReceiptReason::PinLocked,
-                "your PIN was exposed; change it with !pin change in our private chat first"
-                    .to_owned(),
-            )));
-        }
-        if let Some(until_ms) = record.locked_until_ms {
-            let now_ms = self.clock.now_ms();
-            if now_ms < until_ms {
-                return Ok(Err((
-                    ReceiptReason::PinLocked,
-                    format!(
-                        "your PIN is locked after too many wrong attempts; try again in {}",
-                        human_duration(until_ms - now_ms)
-                    ),
-                )));
+        match refusal::payer(&facts, now_ms) {
+            Ok(()) => Ok(Ok(())),
+            Err(refused) => {
+                if refused.ask_to_accept_identity {
+                    self.apply(self.accept_identity_decision(event, now_ms)?)
+                        .await?;
+                }
+                Ok(Err((refused.refusal.reason, refused.refusal.sentence)))
             }
         }
-        Ok(Ok(()))
     }
 
     /// The per-user bounds on starting payments and withdrawals: how many may wait for the
@@ -233,15 +196,10 @@ impl Payments {
             .iter()
             .filter(|c| c.expires_at_ms > now_ms)
             .count();
-        let pending_max = self.settings.pending_per_user_max;
-        if waiting >= pending_max as usize {
-            return Ok(Err((
-                ReceiptReason::TooManyPending,
-                format!(
-                    "you already have {waiting} payments waiting for your PIN (at most \
-                     {pending_max}); confirm them, or send !cancel, first"
-                ),
-            )));
+        if let Some(refused) =
+            refusal::too_many_waiting(waiting, self.settings.pending_per_user_max)
+        {
+            return Ok(Err((refused.reason, refused.sentence)));
         }
         let admitted =
             self.rate
@@ -249,14 +207,8 @@ impl Payments {
                 .expect("rate lock")
                 .admit(user, event.event_id.as_str(), now_ms);
         if !admitted {
-            return Ok(Err((
-                ReceiptReason::RateLimited,
-                format!(
-                    "you started more than {} payments in the last minute; wait a minute and \
-                     send it again",
-                    self.settings.commands_per_minute_max
-                ),
-            )));
+            let refused = refusal::rate_limited(self.settings.commands_per_minute_max);
+            return Ok(Err((refused.reason, refused.sentence)));
         }
         Ok(Ok(()))
     }
@@ -276,30 +228,30 @@ impl Payments {
         if let Err(refusal) = self.flood_refusal(event)? {
             return Ok(Err(refusal));
         }
-        if payee == event.sender || payee == self.bot {
-            return Ok(Err((
-                ReceiptReason::PayeeNotAllowed,
-                "you cannot pay yourself or the bot".to_owned(),
-            )));
-        }
-        if !self.wallet_holders().allows(payee) {
-            return Ok(Err((
-                ReceiptReason::PayeeNotAllowed,
-                format!("{payee} may not hold a wallet on this service"),
-            )));
-        }
-        let members = self.messenger.memberships(&event.room_id).await?;
-        if !members
-            .iter()
-            .any(|(u, m)| u == payee.as_str() && m == "join")
-        {
-            return Ok(Err((
-                ReceiptReason::PayeeNotAllowed,
-                format!("{payee} is not a member of this room"),
-            )));
+        // Asked of the homeserver only for a payment that passed every check before it.
+        let self_or_bot = payee == event.sender || payee == self.bot;
+        let may_hold_wallet = self.wallet_holders().allows(payee);
+        let joined_room = !self_or_bot
+            && may_hold_wallet
+            && self
+                .messenger
+                .memberships(&event.room_id)
+                .await?
+                .iter()
+                .any(|(u, m)| u == payee.as_str() && m == "join");
+        let facts = PayeeFacts {
+            payer: &event.sender,
+            payee,
+            bot: &self.bot,
+            may_hold_wallet,
+            joined_room,
+        };
+        if let Some(refused) = refusal::payee(facts) {
+            return Ok(Err((refused.reason, refused.sentence)));
         }
         if let Err(error) = self.ledger.parse_amount(amount, currency) {
-            return Ok(Err((ReceiptReason::InvalidAmount, error.to_string())));
+            let refused = refusal::invalid_amount(error);
+            return Ok(Err((refused.reason, refused.sentence)));
         }
         Ok(Ok(()))
     }
@@ -373,7 +325,7 @@ impl Payments {
         let existing = self.ledger.transfer(transfer_id).await?;
         let earlier = self.store.outcome(event.event_id.as_str())?;
         let now_ms = self.clock.now_ms();
-        match start_decision(
+        match start::decide(
             earlier,
             existing.is_some(),
             event.sent_ms(),
@@ -423,13 +375,13 @@ impl Payments {
         let challenge = Challenge {
             kind: ChallengeKind::Pay,
             transfer_id: transfer.id.0,
-            payer: event.sender.to_string(),
+            payer: event.sender.clone(),
             payee: payee.to_string(),
             amount_minor: transfer.amount_minor,
             amount: self.show(&currency, transfer.amount_minor),
             currency: currency.clone(),
-            room_id: event.room_id.to_string(),
-            event_id: event.event_id.to_string(),
+            room_id: event.room_id.clone(),
+            event_id: event.event_id.clone(),
             memo,
             created_ms: transfer.created_ms,
             expires_at_ms: transfer
@@ -437,27 +389,14 @@ impl Payments {
                 .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
             device_id: event.sender_device.clone(),
         };
-        self.store.put_challenge(&challenge).await?;
-        self.messenger
-            .notice(
-                &event.room_id,
-                &format!(
-                    "⏳ {}: confirm paying {} to {payee} with your PIN in our private chat.",
-                    event.sender,
-                    text::money(&challenge.amount, &currency)
-                ),
-                Some(&event.event_id),
-                txn("pay-pending", event.event_id.as_str()),
-            )
-            .await?;
-        match dm {
-            Dm::Ready(dm_room) => self.send_challenge(&dm_room, &challenge).await?,
-            Dm::Invited(_) => {
-                // Sent when the payer joins the DM (on_member).
-                self.point_to_dm(event, &dm, "pay-pointer").await?;
-            }
-        }
-        Ok(())
+        let decision = challenge::open_payment(
+            &Self::event_ref(event),
+            challenge,
+            &dm,
+            &self.bot,
+            self.clock.now_ms(),
+        );
+        self.apply(decision).await
     }
 
     pub(super) async fn on_withdraw(
@@ -477,7 +416,7 @@ impl Payments {
         let open = self.store.challenge(event.sender.as_str(), transfer_id.0)?;
         let earlier = self.store.outcome(key)?;
         let now_ms = self.clock.now_ms();
-        let decision = start_decision(
+        let decision = start::decide(
             earlier,
             open.is_some(),
             event.sent_ms(),
@@ -525,13 +464,13 @@ impl Payments {
                 Challenge {
                     kind: ChallengeKind::Withdraw,
                     transfer_id: transfer_id.0,
-                    payer: event.sender.to_string(),
+                    payer: event.sender.clone(),
                     payee: "settlement".to_owned(),
                     amount_minor: parsed.minor(),
                     amount: self.show(&currency, parsed.minor()),
                     currency: currency.clone(),
-                    room_id: event.room_id.to_string(),
-                    event_id: event.event_id.to_string(),
+                    room_id: event.room_id.clone(),
+                    event_id: event.event_id.clone(),
                     memo: None,
                     created_ms,
                     expires_at_ms: created_ms + self.settings.stepup_timeout_ms,
@@ -543,101 +482,14 @@ impl Payments {
             return Ok(()); // started, then lapsed before this replay: nothing left to ask
         }
         let dm = self.ensure_dm(&event.sender, &event.room_id).await?;
-        self.store.put_challenge(&challenge).await?;
-        // After the challenge: a crash in between leaves it open, which also counts as started.
-        self.store.put_outcome(key, &EventOutcome::Started).await?;
-        match &dm {
-            Dm::Ready(dm_room) => self.send_challenge(dm_room, &challenge).await?,
-            Dm::Invited(_) => {}
-        }
-        self.point_to_dm(event, &dm, "withdraw-pointer").await?;
-        Ok(())
-    }
-
-    pub(super) async fn send_challenge(
-        &self,
-        dm_room: &RoomId,
-        challenge: &Challenge,
-    ) -> Result<(), PaymentsError> {
-        let now_ms = self.clock.now_ms();
-        let left_ms = challenge.expires_at_ms.saturating_sub(now_ms);
-        let (body, payee) = match challenge.kind {
-            ChallengeKind::Pay => (
-                text::challenge_body(
-                    &challenge.amount,
-                    &challenge.currency,
-                    &challenge.payee,
-                    &challenge.room_id,
-                    left_ms,
-                ),
-                OwnedUserId::try_from(challenge.payee.as_str())
-                    .unwrap_or_else(|_| self.bot.clone()),
-            ),
-            ChallengeKind::Withdraw => (
-                text::withdraw_challenge_body(&challenge.amount, &challenge.currency, left_ms),
-                self.bot.clone(),
-            ),
-        };
-        let content = StepUpChallengeEventContent {
-            body: body.clone(),
-            challenge_id: challenge.challenge_id(),
-            payee,
-            amount: challenge.amount.parse().unwrap_or_default(),
-            currency: challenge.currency.clone(),
-            room_id: OwnedRoomId::try_from(challenge.room_id.as_str())
-                .unwrap_or_else(|_| dm_room.to_owned()),
-            expires_at_ms: challenge.expires_at_ms,
-            relates_to: None,
-        };
-        let key = format!("{}:{}", challenge.challenge_id(), dm_room);
-        self.messenger
-            .send(
-                dm_room,
-                "org.mxpay.stepup.challenge",
-                serde_json::to_value(&content).expect("challenge serialises"),
-                txn("challenge-event", &key),
-            )
-            .await?;
-        let notice_id = self
-            .messenger
-            .notice(dm_room, &body, None, txn("challenge-notice", &key))
-            .await?;
-        self.store
-            .update_note(challenge.transfer_id, |note| {
-                note.dm_event_id = Some(notice_id.to_string())
-            })
-            .await?;
-        Ok(())
-    }
-
-    /// Voids every open payment of `user` (their receipts say `reason`).
-    pub(super) async fn cancel_challenges(
-        &self,
-        user: &str,
-        reason: ReceiptReason,
-    ) -> Result<(), PaymentsError> {
-        for challenge in self.store.challenges(user)? {
-            if challenge.kind == ChallengeKind::Pay {
-                self.store
-                    .update_note(challenge.transfer_id, |note| {
-                        note.void_reason = Some(reason_code(reason))
-                    })
-                    .await?;
-                match self.ledger.void(TransferId(challenge.transfer_id)).await {
-                    Ok(_) | Err(LedgerError::Rejected(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            self.store.remove_challenge(&challenge).await?;
-        }
-        self.poke.poke();
-        Ok(())
+        let decision =
+            challenge::open_withdrawal(&Self::event_ref(event), challenge, &dm, &self.bot, now_ms);
+        self.apply(decision).await
     }
 
     /// The ledger's refusal of a payment of `amount` from `payer` (to `payee`, a user, or the
-    /// settlement account when `None`) that can be seen from the accounts as they are (no
-    /// account or not enough available, a frozen wallet), without asking the ledger to decide
-    /// (which would open both accounts and journal the refusal, for every attempt).
+    /// settlement account when `None`) that can be seen from the accounts as they are
+    /// ([`refusal::before_ledger`]).
     async fn refused_before_ledger(
         &self,
         payer: &str,
@@ -648,59 +500,40 @@ impl Payments {
             owner: Owner::user(owner),
             currency: amount.currency(),
         };
-        let Some(payer) = self.ledger.account(&account(payer)).await? else {
-            return Ok(Some(TransferError::InsufficientFunds));
+        let payer = self.ledger.account(&account(payer)).await?;
+        let payee_frozen_all = match payee {
+            Some(payee) => self
+                .ledger
+                .account(&account(payee))
+                .await?
+                .is_some_and(|a| a.frozen == Some(crate::ledger::FreezeMode::All)),
+            None => false,
         };
-        if payer.frozen.is_some() {
-            return Ok(Some(TransferError::DebitAccountFrozen));
-        }
-        let available = u128::try_from(payer.balances.available_minor()).unwrap_or(0);
-        if available < amount.minor() {
-            return Ok(Some(TransferError::InsufficientFunds));
-        }
-        if let Some(payee) = payee {
-            if let Some(payee) = self.ledger.account(&account(payee)).await? {
-                if payee.frozen == Some(crate::ledger::FreezeMode::All) {
-                    return Ok(Some(TransferError::CreditAccountFrozen));
-                }
-            }
-        }
-        Ok(None)
+        let facts = AccountFacts {
+            payer_exists: payer.is_some(),
+            payer_frozen: payer.as_ref().is_some_and(|a| a.frozen.is_some()),
+            payer_available_minor: payer.as_ref().map_or(0, |a| {
+                u128::try_from(a.balances.available_minor()).unwrap_or(0)
+            }),
+            payee_frozen_all,
+        };
+        Ok(refusal::before_ledger(facts, amount.minor()))
     }
 
-    /// Whether the payer's wallet is frozen, or the payee's is frozen for all movement, as the
-    /// ledger says now: a payment waiting for its PIN is refused then.
-    async fn frozen_since_asked(
-        &self,
-        pending: &Transfer,
-    ) -> Result<Option<TransferError>, PaymentsError> {
-        if let Some(payer) = self.ledger.account(&pending.debit).await? {
-            if payer.frozen.is_some() {
-                return Ok(Some(TransferError::DebitAccountFrozen));
-            }
-        }
-        if let Some(payee) = self.ledger.account(&pending.credit).await? {
-            if payee.frozen == Some(crate::ledger::FreezeMode::All) {
-                return Ok(Some(TransferError::CreditAccountFrozen));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The PIN was right: mint the step-up proof for exactly this payment, redeem it, move the
-    /// money.
+    /// The PIN was right: mint the step-up proof for exactly this payment, redeem it against
+    /// the ledger's own record, move the money; the decision says what the payer is told.
     pub(super) async fn authorise(
         &self,
-        event: &DecryptedEvent,
+        ev: &EventRef,
         challenge: &Challenge,
-    ) -> Result<(), PaymentsError> {
+    ) -> Result<Decision, PaymentsError> {
         let transfer_id = TransferId(challenge.transfer_id);
         let payee_owner = match challenge.kind {
             ChallengeKind::Pay => challenge.payee.clone(),
             ChallengeKind::Withdraw => Owner::Settlement.to_string(),
         };
         let binding = StepUpBinding {
-            payer: challenge.payer.clone(),
+            payer: challenge.payer.to_string(),
             payee: payee_owner,
             amount_minor: challenge.amount_minor,
             currency: challenge.currency.clone(),
@@ -710,89 +543,17 @@ impl Payments {
         match challenge.kind {
             ChallengeKind::Pay => {
                 let Some(pending) = self.ledger.transfer(transfer_id).await? else {
-                    self.store.remove_challenge(challenge).await?;
-                    return Ok(());
+                    return Ok(after_pin::after_post(
+                        ev,
+                        challenge,
+                        after_pin::PostAnswer::Missing,
+                    ));
                 };
                 // The proof is redeemed against the ledger's own record of the transfer.
                 self.stepup
-                    .redeem(&proof, &binding_of(&pending, &challenge.payer))?;
-                // The challenge stays open until the outcome is final: after a retryable
-                // failure the re-handled PIN event finds it again.
-                // The ledger lets a reservation made before a freeze be posted (so paid-out
-                // withdrawals can settle); a payment still waiting for its PIN is different:
-                // a wallet frozen meanwhile stops it here.
-                let posted = match self.frozen_since_asked(&pending).await? {
-                    Some(error) => Err(LedgerError::Rejected(error)),
-                    None => match self.ledger.post(transfer_id, None).await {
-                        Err(e @ LedgerError::Rejected(_)) => Err(e),
-                        Err(e) => return Err(e.into()),
-                        Ok(posted) => Ok(posted),
-                    },
-                };
-                match posted {
-                    Ok(_) => {
-                        self.store.remove_challenge(challenge).await?;
-                        self.poke.poke();
-                        tracing::info!(transfer = %transfer_id, "payment confirmed with the PIN and posted");
-                        Ok(())
-                    }
-                    Err(LedgerError::Rejected(TransferError::PendingTransferExpired)) => {
-                        self.store.remove_challenge(challenge).await?;
-                        self.poke.poke();
-                        self.reply(
-                            event,
-                            "Too late: that payment expired before your PIN arrived; nothing \
-                             was paid.",
-                            "stepup-expired",
-                        )
-                        .await
-                    }
-                    Err(LedgerError::Rejected(
-                        TransferError::PendingTransferAlreadyVoided
-                        | TransferError::PendingTransferAlreadyPosted
-                        | TransferError::PendingTransferNotPending
-                        | TransferError::PendingTransferNotFound,
-                    )) => {
-                        // It ended meanwhile (cancelled, or told already): the outbox tells
-                        // how; nothing is left to confirm.
-                        self.store.remove_challenge(challenge).await?;
-                        self.poke.poke();
-                        self.reply(
-                            event,
-                            "That payment is no longer waiting for a PIN; I did not use yours \
-                             for anything else.",
-                            "stepup-ended",
-                        )
-                        .await
-                    }
-                    Err(LedgerError::Rejected(error)) => {
-                        // A final refusal (e.g. a frozen wallet): release the reservation now,
-                        // so the receipt says why instead of "expired without a PIN" later.
-                        self.store
-                            .update_note(challenge.transfer_id, |note| {
-                                note.void_reason = Some(reason_code(reason_for(error)))
-                            })
-                            .await?;
-                        match self.ledger.void(transfer_id).await {
-                            Ok(_) | Err(LedgerError::Rejected(_)) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                        self.store.remove_challenge(challenge).await?;
-                        self.poke.poke();
-                        tracing::warn!(transfer = %transfer_id, %error, "payment refused by the ledger after the PIN; voided");
-                        self.reply(
-                            event,
-                            &format!(
-                                "The payment could not be completed: {}. Nothing was paid and \
-                                 the reserved amount is back in your wallet.",
-                                refusal_sentence(error)
-                            ),
-                            "stepup-refused",
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e.into()),
-                }
+                    .redeem(&proof, &binding_of(&pending, challenge.payer.as_str()))?;
+                let answer = self.post_answer(transfer_id).await?;
+                Ok(after_pin::after_post(ev, challenge, answer))
             }
             ChallengeKind::Withdraw => {
                 let amount = self
@@ -800,7 +561,7 @@ impl Payments {
                     .amount_from_minor(challenge.amount_minor, &challenge.currency)
                     .map_err(LedgerError::from)?;
                 let binding = StepUpBinding {
-                    payer: challenge.payer.clone(),
+                    payer: challenge.payer.to_string(),
                     payee: Owner::Settlement.to_string(),
                     amount_minor: amount.minor(),
                     currency: amount.currency().to_string(),
@@ -809,75 +570,39 @@ impl Payments {
                 self.stepup.redeem(&proof, &binding)?;
                 let memo = PaymentMemo {
                     kind: MemoKind::Withdraw,
-                    room: challenge.room_id.clone(),
-                    event: challenge.event_id.clone(),
+                    room: challenge.room_id.to_string(),
+                    event: challenge.event_id.to_string(),
                     note: None,
                 };
                 // As for payments: a withdrawal the wallet cannot cover is refused before the
                 // ledger, which would open accounts and journal the refusal.
                 let created = match self
-                    .refused_before_ledger(&challenge.payer, None, amount)
+                    .refused_before_ledger(challenge.payer.as_str(), None, amount)
                     .await?
                 {
-                    Some(error) => Err(LedgerError::Rejected(error)),
-                    None => {
-                        self.ledger
-                            .create_pending(
-                                TransferRequest {
-                                    id: transfer_id,
-                                    debit: Owner::user(challenge.payer.as_str()),
-                                    credit: Owner::Settlement,
-                                    amount,
-                                    memo: memo.encode(),
-                                },
-                                self.settings.withdrawal_timeout_ms,
-                            )
-                            .await
-                    }
-                };
-                match created {
-                    Ok(_) => {
-                        self.store.remove_challenge(challenge).await?;
-                        self.poke.poke();
-                        Ok(())
-                    }
-                    Err(LedgerError::Rejected(error)) => {
-                        // A refused create made no transfer: nothing to void.
-                        self.store.remove_challenge(challenge).await?;
-                        self.reply(
-                            event,
-                            &format!("The withdrawal was refused: {}.", refusal_sentence(error)),
-                            "withdraw-refused",
+                    Some(error) => Err(error),
+                    None => match self
+                        .ledger
+                        .create_pending(
+                            TransferRequest {
+                                id: transfer_id,
+                                debit: Owner::user(challenge.payer.as_str()),
+                                credit: Owner::Settlement,
+                                amount,
+                                memo: memo.encode(),
+                            },
+                            self.settings.withdrawal_timeout_ms,
                         )
                         .await
-                    }
-                    Err(e) => Err(e.into()),
-                }
+                    {
+                        Ok(_) => Ok(()),
+                        Err(LedgerError::Rejected(error)) => Err(error),
+                        Err(e) => return Err(e.into()),
+                    },
+                };
+                Ok(after_pin::after_withdrawal(ev, challenge, created))
             }
         }
-    }
-}
-
-/// Decides how to treat an event asking to start a payment; no I/O. `earlier` is what was
-/// recorded for the event, `started` whether what it started is still there, `sent_ms` its
-/// `origin_server_ts`. Idempotence comes first: a replay of an event that was decided or
-/// started is never judged as late; only an event that never started anything is, and it is
-/// late once `window_ms` (the step-up timeout) has passed since it was sent: its payer could
-/// not confirm it in time anyway, and a request hours old (a room key that arrived late, a
-/// delayed delivery) must not move money as if it were new.
-fn start_decision(
-    earlier: Option<EventOutcome>,
-    started: bool,
-    sent_ms: u64,
-    now_ms: u64,
-    window_ms: u64,
-) -> Start {
-    match earlier {
-        Some(EventOutcome::Declined(record)) => Start::Repeat(record),
-        _ if started => Start::Resume,
-        Some(EventOutcome::Started) => Start::Ended,
-        _ if now_ms.saturating_sub(sent_ms) >= window_ms => Start::TooLate,
-        _ => Start::Fresh,
     }
 }
 
@@ -897,62 +622,5 @@ fn binding_of(transfer: &Transfer, payer: &str) -> StepUpBinding {
         amount_minor: transfer.amount_minor,
         currency: transfer.debit.currency.to_string(),
         transfer_id: transfer.id.0.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn declined(reason: &str) -> EventOutcome {
-        EventOutcome::Declined(DeclineRecord {
-            reason: reason.into(),
-            sentence: "your balance does not cover this payment".into(),
-            payee: "@bob:hs".into(),
-            amount: "5".into(),
-            currency: "EUR".into(),
-        })
-    }
-
-    /// M1 and L1: idempotence first, then staleness, and only for events that started nothing.
-    #[test]
-    fn late_requests_start_nothing_but_replays_carry_on() {
-        let window_ms = 120_000;
-        let sent_ms = 1_000_000;
-        use crate::clock::Clock as _;
-        let clock = crate::clock::ManualClock::new(sent_ms + 5_000);
-        let decide =
-            |earlier, started| start_decision(earlier, started, sent_ms, clock.now_ms(), window_ms);
-        // In time.
-        assert_eq!(decide(None, false), Start::Fresh);
-        // Two hours later (a room key that arrived late).
-        clock.advance_ms(2 * 3_600_000);
-        assert_eq!(decide(None, false), Start::TooLate);
-        // ... but a replay of one that already made its transfer / opened its challenge
-        // carries on, and one that was declined repeats that decision.
-        assert_eq!(decide(None, true), Start::Resume);
-        let record = match declined("insufficient_funds") {
-            EventOutcome::Declined(record) => record,
-            _ => unreachable!(),
-        };
-        assert_eq!(
-            decide(Some(declined("insufficient_funds")), false),
-            Start::Repeat(record.clone())
-        );
-        assert_eq!(
-            decide(Some(declined("insufficient_funds")), true),
-            Start::Repeat(record),
-            "a recorded decision is never made again"
-        );
-        // A withdrawal that was started and whose challenge has ended: nothing to say.
-        assert_eq!(decide(Some(EventOutcome::Started), false), Start::Ended);
-        assert_eq!(decide(Some(EventOutcome::Started), true), Start::Resume);
-        // The edge: exactly the window is late (as for PINs).
-        clock.set_ms(sent_ms + window_ms - 1);
-        assert_eq!(decide(None, false), Start::Fresh);
-        clock.set_ms(sent_ms + window_ms);
-        assert_eq!(decide(None, false), Start::TooLate);
-        assert_eq!(reason_label(ReceiptReason::TooLate), "too_late");
-        assert_eq!(reason_code(ReceiptReason::TooLate), "too_late");
     }
 }

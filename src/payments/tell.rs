@@ -179,7 +179,7 @@ impl Payments {
             return Ok(false);
         };
         if how == "posted" {
-            if let Some(marker) = &self.fault_crash_before_receipt {
+            if let Some(marker) = &self.faults.crash_before_receipt {
                 if !marker.exists() {
                     let _ = std::fs::write(marker, b"crashed before a receipt\n");
                     tracing::error!(

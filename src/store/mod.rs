@@ -5,6 +5,7 @@
 
 pub mod inbox;
 pub mod payments;
+pub mod requests;
 
 pub use inbox::{InboxStore, Inserted, StoredEntry};
 pub use payments::PaymentStore;

@@ -23,7 +23,7 @@
 use std::fmt;
 use std::path::Path;
 
-use ruma::{OwnedDeviceId, OwnedTransactionId, UserId};
+use ruma::{OwnedDeviceId, OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::StoreError;
@@ -46,7 +46,7 @@ const OUTBOX_CURSOR: &[u8] = b"outbox_cursor";
 pub struct UserProfile {
     /// The user's private, encrypted DM with the bot.
     #[serde(default)]
-    pub dm_room: Option<String>,
+    pub dm_room: Option<OwnedRoomId>,
     /// The user has joined `dm_room` (a DM the bot created starts with an invite).
     #[serde(default)]
     pub dm_joined: bool,
@@ -132,7 +132,7 @@ pub struct Challenge {
     /// The ledger transfer id (pending for `Pay`; to be created for `Withdraw`).
     pub transfer_id: u128,
     /// The paying user.
-    pub payer: String,
+    pub payer: OwnedUserId,
     /// Who is paid (a user ID; `settlement` for a withdrawal).
     pub payee: String,
     /// Amount in minor units.
@@ -142,9 +142,9 @@ pub struct Challenge {
     /// ISO 4217 code.
     pub currency: String,
     /// The room the payment was asked for in.
-    pub room_id: String,
+    pub room_id: OwnedRoomId,
     /// The event that asked for it.
-    pub event_id: String,
+    pub event_id: OwnedEventId,
     /// The note, if any.
     pub memo: Option<String>,
     /// Created at (ms since epoch).
@@ -188,7 +188,7 @@ pub struct DeclineRecord {
     /// The sentence told in the room (no PIN, ever).
     pub sentence: String,
     /// Who would have been paid (the bot for a withdrawal).
-    pub payee: String,
+    pub payee: OwnedUserId,
     /// Amount in major units, as asked (`12.50`).
     pub amount: String,
     /// Currency code, as asked.
@@ -483,7 +483,7 @@ impl PaymentStore {
                     tree: USERID_PROFILE,
                     reason: "value is not the expected JSON",
                 })?;
-            if profile.dm_room.as_deref() == Some(room_id) {
+            if profile.dm_room.as_ref().map(|r| r.as_str()) == Some(room_id) {
                 let user = String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt {
                     tree: USERID_PROFILE,
                     reason: "key is not UTF-8",
@@ -512,7 +512,7 @@ impl PaymentStore {
     /// Records an open challenge durably (the same challenge again is a no-op).
     pub async fn put_challenge(&self, challenge: &Challenge) -> Result<(), StoreError> {
         let key = challenge_key(
-            &challenge.payer,
+            challenge.payer.as_str(),
             challenge.created_ms,
             challenge.transfer_id,
         );
@@ -549,7 +549,7 @@ impl PaymentStore {
     /// Closes a challenge durably.
     pub async fn remove_challenge(&self, challenge: &Challenge) -> Result<(), StoreError> {
         self.challenges.remove(challenge_key(
-            &challenge.payer,
+            challenge.payer.as_str(),
             challenge.created_ms,
             challenge.transfer_id,
         ))?;
@@ -944,13 +944,13 @@ mod tests {
         Challenge {
             kind: ChallengeKind::Pay,
             transfer_id: id,
-            payer: payer.into(),
+            payer: payer.try_into().unwrap(),
             payee: "@bob:hs".into(),
             amount_minor: 1250,
             amount: "12.50".into(),
             currency: "EUR".into(),
-            room_id: "!r".into(),
-            event_id: "$e".into(),
+            room_id: "!r:hs".try_into().unwrap(),
+            event_id: "$e".try_into().unwrap(),
             memo: None,
             created_ms,
             expires_at_ms: created_ms + 1000,
@@ -997,7 +997,7 @@ mod tests {
                 .await
                 .unwrap();
             let profile = UserProfile {
-                dm_room: Some("!dm".into()),
+                dm_room: Some("!dm:hs".try_into().unwrap()),
                 dm_joined: true,
                 ..UserProfile::default()
             };
@@ -1015,7 +1015,7 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![1, 2], "oldest first, other users apart");
         assert_eq!(store.outbox_cursor().unwrap().unwrap().record_seq, 7);
-        assert_eq!(store.dm_owner("!dm").unwrap().unwrap().0, "@a:hs");
+        assert_eq!(store.dm_owner("!dm:hs").unwrap().unwrap().0, "@a:hs");
         assert!(store.dm_owner("!other").unwrap().is_none());
     }
 
@@ -1033,10 +1033,10 @@ mod tests {
         );
         assert_eq!(
             String::from_utf8(to_json(&challenge("@a:hs", 10, 1))).unwrap(),
-            r#"{"kind":"pay","transfer_id":1,"payer":"@a:hs","payee":"@bob:hs","amount_minor":1250,"amount":"12.50","currency":"EUR","room_id":"!r","event_id":"$e","memo":null,"created_ms":10,"expires_at_ms":1010,"device_id":"PHONE"}"#
+            r#"{"kind":"pay","transfer_id":1,"payer":"@a:hs","payee":"@bob:hs","amount_minor":1250,"amount":"12.50","currency":"EUR","room_id":"!r:hs","event_id":"$e","memo":null,"created_ms":10,"expires_at_ms":1010,"device_id":"PHONE"}"#
         );
         // Challenges stored before `device_id` existed still read, with the device unknown.
-        let old = r#"{"kind":"pay","transfer_id":1,"payer":"@a:hs","payee":"@bob:hs","amount_minor":1250,"amount":"12.50","currency":"EUR","room_id":"!r","event_id":"$e","memo":null,"created_ms":10,"expires_at_ms":1010}"#;
+        let old = r#"{"kind":"pay","transfer_id":1,"payer":"@a:hs","payee":"@bob:hs","amount_minor":1250,"amount":"12.50","currency":"EUR","room_id":"!r:hs","event_id":"$e","memo":null,"created_ms":10,"expires_at_ms":1010}"#;
         let read: Challenge = serde_json::from_str(old).unwrap();
         assert_eq!(read.device_id, None);
         assert_eq!(
@@ -1054,7 +1054,7 @@ mod tests {
             String::from_utf8(to_json(&EventOutcome::Declined(DeclineRecord {
                 reason: "too_late".into(),
                 sentence: "s".into(),
-                payee: "@bob:hs".into(),
+                payee: "@bob:hs".try_into().unwrap(),
                 amount: "12.50".into(),
                 currency: "EUR".into(),
             })))
@@ -1099,7 +1099,7 @@ mod tests {
             EventOutcome::Declined(DeclineRecord {
                 reason: reason.into(),
                 sentence: "s".into(),
-                payee: "@bob:hs".into(),
+                payee: "@bob:hs".try_into().unwrap(),
                 amount: "1".into(),
                 currency: "EUR".into(),
             })

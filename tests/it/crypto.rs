@@ -17,6 +17,8 @@ use matrix_sdk::ruma::{EventId, OwnedEventId, OwnedRoomId};
 use matrix_sdk::Room;
 use mxpay::clock::{ManualClock, SharedClock, SystemClock};
 use mxpay::crypto::{BotCrypto, CryptoSettings, DecryptedEvent, DeliveryReport, TrustState};
+use mxpay::homeserver::{HomeserverClient, HomeserverClientConfig, RetryPolicy};
+use mxpay::registration::Secret;
 use serde_json::{json, Value};
 
 use crate::support::{self, RoomOptions, SeenEvent, SlotKind, SlotLease};
@@ -357,12 +359,15 @@ async fn post_as_appservice(url: &str, as_token: &str, what: &str) {
 
 /// The bot's crypto settings for the slot's appservice (defaults otherwise).
 fn crypto_settings(lease: &SlotLease) -> CryptoSettings {
-    CryptoSettings::new(
-        lease.synapse().url.clone(),
-        lease.spec.as_token.clone(),
-        lease.spec.bot_user_id().try_into().expect("bot user id"),
-        lease.config.data_dir.clone(),
-    )
+    let client = HomeserverClient::new(HomeserverClientConfig {
+        base_url: lease.synapse().url.clone(),
+        as_token: Secret::new(lease.spec.as_token.clone()),
+        appservice_id: lease.spec.id.clone(),
+        bot_user_id: lease.spec.bot_user_id().try_into().expect("bot user id"),
+        retry: RetryPolicy::default(),
+    })
+    .expect("homeserver client");
+    CryptoSettings::new(client, lease.config.data_dir.clone())
 }
 
 fn urlencode(s: &str) -> String {

@@ -1,0 +1,226 @@
+//! The orchestrator's last step: applies a [`Decision`] of the [`core`](super::core) in its
+//! fixed order (the decision recorded, then the ledger, then the flow's state, then the
+//! messages, then the event marked handled) and owns the retry rule: any failure here is
+//! returned, the whole transaction is handled again later, and because every step is
+//! idempotent (first-wins records, ledger ids from events, transaction ids from events) the
+//! retry finishes what was left without doing anything twice.
+//!
+//! Faults for tests are injected here, where effects are applied ([`Faults`]).
+
+use std::path::PathBuf;
+
+use super::core::{Decision, LedgerOp, Outgoing, OutgoingBody, Record};
+use super::{txn, Payments, PaymentsError};
+use crate::crypto::CryptoError;
+use crate::ledger::LedgerError;
+use crate::policy::pin::PinRecord;
+
+/// Test-only faults at the effect layer, set up by the wiring (debug builds only; see
+/// [`super::FAULT_FAIL_REPLY_ENV`] and [`super::FAULT_CRASH_BEFORE_RECEIPT_ENV`], how the
+/// integration tests reach a spawned mxpay). Production builds always get [`Faults::none`].
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Every message of this purpose fails as if the homeserver were unreachable (a
+    /// retryable failure) while the file does not exist.
+    pub fail_sends: Option<(String, PathBuf)>,
+    /// mxpay aborts right after a payment was posted and before its receipt is sent, once:
+    /// the file is created first, so the restarted process runs on.
+    pub crash_before_receipt: Option<PathBuf>,
+}
+
+impl Faults {
+    /// No faults.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// The faults the environment asks for, in debug builds; none in release builds, so no
+    /// environment variable can make a production mxpay abort between a post and its receipt.
+    pub fn from_env() -> Self {
+        if !cfg!(debug_assertions) {
+            return Self::none();
+        }
+        Self {
+            fail_sends: std::env::var(super::FAULT_FAIL_REPLY_ENV)
+                .ok()
+                .and_then(|v| {
+                    let (purpose, file) = v.split_once(':')?;
+                    Some((purpose.to_owned(), file.into()))
+                }),
+            crash_before_receipt: std::env::var_os(super::FAULT_CRASH_BEFORE_RECEIPT_ENV)
+                .map(Into::into),
+        }
+    }
+
+    /// A retryable failure for a message of `purpose`, while its switch says so.
+    pub(super) fn before_send(&self, purpose: &str) -> Result<(), PaymentsError> {
+        match &self.fail_sends {
+            Some((faulty, file)) if faulty == purpose && !file.exists() => {
+                tracing::warn!(purpose, "test fault: failing a message before it is sent");
+                Err(
+                    CryptoError::Transport(crate::homeserver::HomeserverError::Connect {
+                        url: "test fault".to_owned(),
+                        reason: "a test fault is set".to_owned(),
+                    })
+                    .into(),
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Payments {
+    /// Applies `decision` in its fixed order; see the module documentation.
+    pub(super) async fn apply(&self, decision: Decision) -> Result<(), PaymentsError> {
+        let Decision {
+            record,
+            ledger,
+            store,
+            sends,
+            poke_outbox,
+            finish,
+        } = decision;
+        for write in record {
+            self.apply_record(write).await?;
+        }
+        for op in ledger {
+            match op {
+                LedgerOp::Void(id) => match self.ledger.void(id).await {
+                    // Refused: it ended already (posted, voided, expired), as the decision
+                    // wanted or told.
+                    Ok(_) | Err(LedgerError::Rejected(_)) => {}
+                    Err(e) => return Err(e.into()),
+                },
+            }
+        }
+        for write in store {
+            self.apply_record(write).await?;
+        }
+        if poke_outbox {
+            self.poke.poke();
+        }
+        for outgoing in sends {
+            self.send(outgoing).await?;
+        }
+        if let Some(event_id) = finish {
+            self.store.mark_done(event_id.as_str()).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_record(&self, write: Record) -> Result<(), PaymentsError> {
+        match write {
+            Record::OutcomeIfAbsent { event_id, outcome } => {
+                // A decision recorded earlier for the event wins; the callers check for one
+                // before deciding (transactions are handled one at a time), so a different one
+                // here is worth a warning, never a second decision.
+                if let Some(earlier) = self
+                    .store
+                    .put_outcome_if_absent(event_id.as_str(), &outcome)
+                    .await?
+                {
+                    if earlier != outcome {
+                        tracing::warn!(
+                            ?earlier,
+                            "an event was decided before; the first decision stands"
+                        );
+                    }
+                }
+            }
+            Record::Outcome { event_id, outcome } => {
+                self.store.put_outcome(event_id.as_str(), &outcome).await?
+            }
+            Record::VoidReason {
+                transfer_id,
+                reason,
+            } => {
+                self.store
+                    .update_note(transfer_id.0, |note| {
+                        note.void_reason = Some(super::reason_code(reason))
+                    })
+                    .await?
+            }
+            Record::PutChallenge(challenge) => self.store.put_challenge(&challenge).await?,
+            Record::RemoveChallenge(challenge) => self.store.remove_challenge(&challenge).await?,
+            Record::PinExposed { user } => {
+                let mut profile = self.store.profile(user.as_str())?;
+                if !profile.pin_compromised {
+                    profile.pin_compromised = true;
+                    self.store.put_profile(user.as_str(), &profile).await?;
+                }
+            }
+            Record::Dialog { user, next } => {
+                self.store.put_dialog(user.as_str(), next.as_ref()).await?
+            }
+            Record::DialogStep {
+                user,
+                next,
+                event_id,
+                reply,
+            } => {
+                self.store
+                    .put_dialog_step(user.as_str(), next.as_ref(), event_id.as_str(), &reply)
+                    .await?
+            }
+            Record::NewPin { user, hash } => {
+                // Setting the same hash again (a retry after a crash here) is harmless.
+                self.store
+                    .put_pin(user.as_str(), &PinRecord::new(hash))
+                    .await?;
+                let mut profile = self.store.profile(user.as_str())?;
+                if profile.pin_compromised {
+                    profile.pin_compromised = false;
+                    self.store.put_profile(user.as_str(), &profile).await?;
+                }
+            }
+            Record::KeysAcceptedAtPinSet { user } => {
+                let mut profile = self.store.profile(user.as_str())?;
+                if profile.accept_new_keys_at_pin_set {
+                    profile.accept_new_keys_at_pin_set = false;
+                    self.store.put_profile(user.as_str(), &profile).await?;
+                }
+            }
+            Record::AcceptIdentity { user } => {
+                self.messenger.crypto.accept_identity(&user).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one message, with its transaction id derived from its purpose and key.
+    async fn send(&self, outgoing: Outgoing) -> Result<(), PaymentsError> {
+        let Outgoing {
+            room_id,
+            body,
+            purpose,
+            key,
+            remember_notice_of,
+        } = outgoing;
+        self.faults.before_send(purpose)?;
+        let txn_id = txn(purpose, &key);
+        let sent = match body {
+            OutgoingBody::Notice { body, reply_to } => {
+                self.messenger
+                    .notice(&room_id, &body, reply_to.as_deref(), txn_id)
+                    .await?
+            }
+            OutgoingBody::Event {
+                event_type,
+                content,
+            } => {
+                self.messenger
+                    .send(&room_id, event_type, content, txn_id)
+                    .await?
+            }
+        };
+        if let Some(transfer_id) = remember_notice_of {
+            self.store
+                .update_note(transfer_id.0, |note| {
+                    note.dm_event_id = Some(sent.to_string())
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
