@@ -16,6 +16,7 @@
 pub mod device;
 pub mod event;
 pub mod extensions;
+pub mod key_recovery;
 pub mod parked;
 pub mod pipeline;
 pub mod replay;
@@ -246,6 +247,10 @@ struct Inner {
     /// machine's time-based key upkeep (fallback key rotation) still runs.
     last_key_counts: parking_lot::Mutex<Option<(KeyCounts, u64)>>,
     delivery_changed: tokio::sync::Notify,
+    /// Room key requests the bot sent for keys that never came (see [`key_recovery`]).
+    key_requests: parking_lot::Mutex<key_recovery::KeyRequests>,
+    /// Room keys recovered by asking their sender.
+    keys_recovered: std::sync::atomic::AtomicU64,
 }
 
 /// The bot's crypto: cheap to clone, share it between tasks.
@@ -291,6 +296,9 @@ impl BotCrypto {
                 path: store_dir.clone(),
                 reason: e.to_string(),
             })?;
+        // The bot asks senders for lost keys itself (key_recovery); the machine's own requests
+        // would go only to the bot's own devices, which have none to give.
+        machine.set_room_key_requests_enabled(false);
         let parked = parked::ParkedStore::open(&store_dir.join("parked"))?;
         let replay = ReplayStore::open(&store_dir.join("replay"))?;
 
@@ -316,6 +324,8 @@ impl BotCrypto {
                 delivery: parking_lot::Mutex::new(DeliveryState::default()),
                 last_key_counts: parking_lot::Mutex::new(None),
                 delivery_changed: tokio::sync::Notify::new(),
+                key_requests: parking_lot::Mutex::new(key_recovery::KeyRequests::default()),
+                keys_recovered: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         this.check_server_has_our_keys().await?;
@@ -401,6 +411,13 @@ impl BotCrypto {
         self.inner.parked.lock().len()
     }
 
+    /// How many room keys the bot recovered by asking their sender since it started.
+    pub fn keys_recovered(&self) -> u64 {
+        self.inner
+            .keys_recovered
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Counts parked events without keeping the device alive (for a metrics scrape hook,
     /// which must not form a cycle: the device's homeserver client holds the metrics): `None` once
     /// the device is gone.
@@ -456,7 +473,9 @@ impl BotCrypto {
                 unused_fallback_keys: changes.unused_fallback_keys.as_deref(),
                 next_batch_token: None,
             };
-            let (_to_device, keys) = inner
+            // Forwarded keys the bot asked for must be read before the machine drops them.
+            let peeked = self.peek_forwarded_keys(&changes.to_device).await?;
+            let (to_device, keys) = inner
                 .machine
                 .receive_sync_changes(sync, &inner.decryption)
                 .await
@@ -464,7 +483,11 @@ impl BotCrypto {
                     matrix_sdk_crypto::OlmError::Store(s) => CryptoError::Store(s),
                     other => CryptoError::Encrypt(other.to_string()),
                 })?;
-            room_keys = keys;
+            room_keys = keys
+                .into_iter()
+                .map(|k| (k.room_id, k.session_id))
+                .collect();
+            room_keys.extend(self.accept_forwarded_keys(&to_device, peeked).await?);
             *inner.last_key_counts.lock() = Some((counts_now, now_ms));
         }
 
@@ -489,11 +512,8 @@ impl BotCrypto {
                 out.events.push(event);
             }
         }
-        for info in &room_keys {
-            let waiting = inner
-                .parked
-                .lock()
-                .waiting_for(&info.room_id, &info.session_id);
+        for (room_id, session_id) in &room_keys {
+            let waiting = inner.parked.lock().waiting_for(room_id, session_id);
             for parked in waiting {
                 if !offered.insert(parked.event_id.clone()) {
                     continue;
@@ -960,6 +980,7 @@ impl BotCrypto {
             );
         }
         let all = self.inner.parked.lock().all();
+        self.request_missing_keys(&all, now_ms).await;
         let mut told = 0;
         for parked in all {
             let age_ms = now_ms.saturating_sub(parked.parked_at_ms);
