@@ -101,6 +101,9 @@ pub enum AppError {
 
 pub use worker::WorkerPolicy;
 
+/// Start-up pings asked again after a failure to connect.
+const PING_RETRIES: usize = 2;
+
 /// How often `serve` pings the homeserver after start to keep `/ready` true to life.
 pub const READY_PING_INTERVAL_MS: u64 = 30_000;
 
@@ -330,7 +333,25 @@ impl App {
             ))
         })?;
         let txn_id = ruma::TransactionId::new();
-        match self.client.ping(Some(&txn_id)).await {
+        // The homeserver's own side of a ping can fail once under load (Synapse answered
+        // M_CONNECTION_FAILED "AlreadyCalled" after mxpay had answered it): a failure to
+        // connect is asked again twice before it stops start-up.
+        let mut pinged = self.client.ping(Some(&txn_id)).await;
+        for _ in 0..PING_RETRIES {
+            match &pinged {
+                Err(e)
+                    if matches!(
+                        e.errcode(),
+                        Some("M_CONNECTION_FAILED" | "M_CONNECTION_TIMEOUT")
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    pinged = self.client.ping(Some(&ruma::TransactionId::new())).await;
+                }
+                _ => break,
+            }
+        }
+        match pinged {
             Ok(duration) => {
                 tracing::info!(
                     round_trip_ms = duration.as_millis() as u64,

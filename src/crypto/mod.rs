@@ -37,7 +37,6 @@ use matrix_sdk_crypto::{
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
 use ruma::api::client::keys::{get_keys, upload_signing_keys};
-use ruma::api::client::membership::joined_members;
 use ruma::api::client::message::send_message_event;
 use ruma::api::client::state::get_state_event_for_key;
 use ruma::api::client::sync::sync_events::DeviceLists;
@@ -236,8 +235,9 @@ struct Inner {
     replay: ReplayStore,
     /// One pass over the machine's outgoing requests at a time (key claims must not overlap).
     requests_lock: tokio::sync::Mutex<()>,
-    /// Room key sharing and encryption happen one at a time.
-    send_lock: tokio::sync::Mutex<()>,
+    /// Room key sharing and encryption happen one at a time per room (as matrix-sdk does);
+    /// rooms proceed in parallel. Locks nobody holds are dropped.
+    send_locks: parking_lot::Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Rooms known to be encrypted (encryption is never switched off once on).
     encrypted_rooms: parking_lot::Mutex<HashMap<OwnedRoomId, bool>>,
     delivery: parking_lot::Mutex<DeliveryState>,
@@ -319,7 +319,7 @@ impl BotCrypto {
                 parked: parking_lot::Mutex::new(parked),
                 replay,
                 requests_lock: tokio::sync::Mutex::new(()),
-                send_lock: tokio::sync::Mutex::new(()),
+                send_locks: parking_lot::Mutex::new(HashMap::new()),
                 encrypted_rooms: parking_lot::Mutex::new(HashMap::new()),
                 delivery: parking_lot::Mutex::new(DeliveryState::default()),
                 last_key_counts: parking_lot::Mutex::new(None),
@@ -576,6 +576,9 @@ impl BotCrypto {
         let bot = self.inner.device.user_id.as_str();
         let mut users: Vec<OwnedUserId> = Vec::new();
         for event in events {
+            // Before any event of the transaction is acted on: membership and join rules as
+            // the stream says (state events are never encrypted).
+            self.inner.client.observe_room_event(event);
             let kind = event.get("type").and_then(Value::as_str);
             let room_id = event
                 .get("room_id")
@@ -636,16 +639,10 @@ impl BotCrypto {
         Ok(())
     }
 
+    /// The room's joined members, asked of the homeserver once and then kept fresh by the
+    /// transaction stream (see [`crate::homeserver::room_cache`]).
     async fn joined_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>, CryptoError> {
-        let response = self
-            .inner
-            .client
-            .send(
-                joined_members::v3::Request::new(room_id.to_owned()),
-                Identity::Appservice,
-            )
-            .await?;
-        Ok(response.joined.into_keys().collect())
+        Ok(self.inner.client.joined_members(room_id).await?)
     }
 
     async fn decrypt_one(&self, event: &Value) -> Result<Decrypted, CryptoError> {
@@ -1221,7 +1218,12 @@ impl BotCrypto {
         let txn_id = txn_id.unwrap_or_else(TransactionId::new);
         let inner = &self.inner;
         let (send_type, send_content) = if self.room_is_encrypted(room_id).await? {
-            let _guard = inner.send_lock.lock().await;
+            let room_lock = {
+                let mut locks = inner.send_locks.lock();
+                locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+                locks.entry(room_id.to_owned()).or_default().clone()
+            };
+            let _guard = room_lock.lock().await;
             let members = self.joined_members(room_id).await?;
             inner
                 .machine
