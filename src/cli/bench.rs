@@ -177,6 +177,13 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         ms(stats.p99)
     );
 
+    if let Some((peak_kib, _)) = rss_kib() {
+        println!(
+            "memory after the batched run: peak RSS {:.0} MiB",
+            peak_kib as f64 / 1024.0
+        );
+    }
+
     // Single: one transfer at a time, each waits for its own flush.
     let blocking = ledger.blocking();
     let base = 10_000_000u128;
@@ -211,8 +218,48 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         started.elapsed().as_secs_f64()
     );
     drop(blocking);
+    let transfers = report.transfers;
+    let started = Instant::now();
     drop(ledger);
+    println!(
+        "close (writes a checkpoint of the state): {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    let options = LedgerOptions {
+        batch_commands_max: p.batch_max,
+        ..LedgerOptions::default()
+    };
+    let started = Instant::now();
+    let ledger = Ledger::open_with_options(dir, &settings, Arc::new(SystemClock), options)?;
+    let reopen = started.elapsed();
+    println!(
+        "reopen: {transfers} transfers in {:.2} s (from the checkpoint at record {})",
+        reopen.as_secs_f64(),
+        ledger
+            .opened_from_checkpoint()
+            .map_or_else(|| "none: full replay".to_owned(), |s| s.to_string())
+    );
+    drop(ledger);
+    if let Some((peak_kib, now_kib)) = rss_kib() {
+        println!(
+            "memory: peak RSS {:.0} MiB, RSS now {:.0} MiB",
+            peak_kib as f64 / 1024.0,
+            now_kib as f64 / 1024.0
+        );
+    }
     Ok(())
+}
+
+/// Peak and current resident set size of this process, KiB (Linux only).
+fn rss_kib() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
 }
 
 /// Runs `count` jobs with `submitters` concurrent tasks; returns each job's latency.

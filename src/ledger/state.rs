@@ -12,6 +12,8 @@ use super::model::{
     PENDING_TIMEOUT_MS_MAX,
 };
 
+mod checkpoint;
+
 /// Index of an account in [`State::accounts`], stable across replays (assigned in journal order).
 pub(crate) type AccountIdx = u32;
 /// Index of a transfer in [`State::transfers`], stable across replays.
@@ -324,6 +326,11 @@ impl State {
         events: &mut Vec<Event>,
     ) {
         self.emit(Event::CurrencyDefined { code, exponent }, now_ms, events);
+    }
+
+    /// What a checkpoint of this state holds: transfers, accounts and recorded failures.
+    pub fn checkpoint_items(&self) -> u64 {
+        (self.transfers.len() + self.accounts.len() + self.failed.len()) as u64
     }
 
     /// Number of transfers ever created (not counting failures).

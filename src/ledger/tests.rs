@@ -1700,10 +1700,15 @@ mod auditor {
             ms: u64,
             back: bool,
         },
-        /// Reopen with EUR's `max_transfer` set to this (or no limit).
+        /// Reopen with EUR's `max_transfer` set to this (or no limit); the ledger closed
+        /// with a checkpoint, or (as after a crash) without one, so that the reopen starts
+        /// from an older checkpoint and replays the records after it.
         Reopen {
             max_transfer_minor: Option<u128>,
+            checkpoint_at_close: bool,
         },
+        /// Write a checkpoint now.
+        Checkpoint,
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1722,7 +1727,9 @@ mod auditor {
                 .prop_map(|(owner, cur, mode)| Step::Freeze { owner, cur, mode }),
             2 => (0u64..4_000).prop_map(|ms| Step::Advance { ms }),
             1 => (CLOCK_SKEW_MS_MAX + 1..30 * DAY_MS, any::<bool>()).prop_map(|(ms, back)| Step::Jump { ms, back }),
-            1 => proptest::option::of(1u128..200).prop_map(|max_transfer_minor| Step::Reopen { max_transfer_minor }),
+            1 => (proptest::option::of(1u128..200), any::<bool>())
+                .prop_map(|(max_transfer_minor, checkpoint_at_close)| Step::Reopen { max_transfer_minor, checkpoint_at_close }),
+            1 => Just(Step::Checkpoint),
         ]
     }
 
@@ -1801,16 +1808,18 @@ mod auditor {
         // both, `Jump` only the first.
         let clock = ManualClock::new(T0_MS);
         let monotonic = ManualClock::new(0);
-        let open = |max_transfer_minor: Option<u128>| {
+        let open = |max_transfer_minor: Option<u128>, checkpoint_at_close: bool| {
             let options = LedgerOptions {
                 monotonic: Some(Arc::new(monotonic.clone())),
+                checkpoint_at_close,
                 ..LedgerOptions::default()
             };
             let settings = prop_settings(max_transfer_minor);
             Ledger::open_with_options(dir.path(), &settings, Arc::new(clock.clone()), options)
                 .unwrap()
         };
-        let mut ledger = open(None);
+        let mut closes_with_checkpoint = true;
+        let mut ledger = open(None, closes_with_checkpoint);
         let mut model = Model {
             now: T0_MS,
             ..Model::default()
@@ -1894,11 +1903,24 @@ mod auditor {
                     b.expire_due().unwrap();
                     clock.set_ms(right_ms);
                 }
-                Step::Reopen { max_transfer_minor } => {
+                Step::Reopen {
+                    max_transfer_minor,
+                    checkpoint_at_close,
+                } => {
                     drop(b);
                     drop(ledger);
-                    ledger = open(max_transfer_minor);
+                    ledger = open(max_transfer_minor, checkpoint_at_close);
+                    // Every checkpoint fits the journal: none is ever discarded.
+                    prop_assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+                    if closes_with_checkpoint {
+                        let head = block_on(ledger.durable_seq()).unwrap();
+                        prop_assert_eq!(ledger.opened_from_checkpoint(), Some(head));
+                    }
+                    closes_with_checkpoint = checkpoint_at_close;
                     model.max_transfer = max_transfer_minor;
+                }
+                Step::Checkpoint => {
+                    block_on(ledger.checkpoint()).unwrap();
                 }
             }
             // After every step: balances equal the model's, and the invariants hold.
@@ -2105,4 +2127,242 @@ fn a_clock_jump_is_not_written_and_does_not_freeze_ledger_time() {
         .unwrap();
     assert_eq!(latest_ms, T0_MS + 60_000, "no record carries the jump");
     ledger.verify().unwrap();
+}
+
+/// A ledger in `dir` with `clock` as both clocks, writing no checkpoint at close (so a
+/// reopen is as after a crash: from the last checkpoint and the records after it).
+fn open_no_close_checkpoint(dir: &Path, clock: &ManualClock) -> Ledger {
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        checkpoint_at_close: false,
+        ..LedgerOptions::default()
+    };
+    Ledger::open_with_options(dir, &settings(), Arc::new(clock.clone()), options).unwrap()
+}
+
+/// Activity of every kind, ids from `base`: single and pending transfers (posted in full and
+/// in part, voided, expired, still pending), refunds, recorded failures, a freeze, and debits
+/// in the daily window.
+fn activity(ledger: &BlockingLedger, clock: &ManualClock, base: u128) {
+    let l = ledger.ledger();
+    let eur = |v: &str| {
+        l.parse_amount(Decimal::from_str(v).unwrap(), "EUR")
+            .unwrap()
+    };
+    let req = |id: u128, d: Owner, c: Owner, v: &str| TransferRequest {
+        id: TransferId(base + id),
+        debit: d,
+        credit: c,
+        amount: eur(v),
+        memo: format!("memo {id}").into_bytes(),
+    };
+    ledger
+        .create_transfer(req(1, Owner::Issuer, user("alice"), "100.00"))
+        .unwrap();
+    ledger
+        .create_transfer(req(2, user("alice"), user("bob"), "10.00"))
+        .unwrap();
+    ledger
+        .refund(
+            TransferId(base + 3),
+            TransferId(base + 2),
+            eur("4.00"),
+            vec![],
+        )
+        .unwrap();
+    for (id, timeout_ms) in [
+        (4, 60_000),
+        (5, 60_000),
+        (6, 60_000),
+        (7, 1_000),
+        (8, 3_600_000),
+    ] {
+        ledger
+            .create_pending(req(id, user("alice"), user("carol"), "1.50"), timeout_ms)
+            .unwrap();
+    }
+    ledger.post(TransferId(base + 4), None).unwrap();
+    ledger
+        .post(TransferId(base + 5), Some(eur("0.50")))
+        .unwrap();
+    ledger.void(TransferId(base + 6)).unwrap();
+    // Recorded (transient) failures.
+    let _ = ledger.create_transfer(req(9, user("bob"), user("alice"), "999.00"));
+    let _ = ledger.refund(
+        TransferId(base + 10),
+        TransferId(base + 2),
+        eur("7.00"),
+        vec![],
+    );
+    let dave = AccountId {
+        owner: user("dave"),
+        currency: CurrencyCode::new("EUR").unwrap(),
+    };
+    ledger.freeze(dave, FreezeMode::Debits).unwrap();
+    clock.advance_ms(2_000);
+    ledger.expire_due().unwrap();
+}
+
+/// Issue 15: opening from a checkpoint and the records after it gives exactly the state the
+/// whole journal gives (live `verify` compares every part of the two, daily windows and
+/// histories included), and the next open after a clean close replays nothing.
+#[test]
+fn reopening_from_a_checkpoint_and_later_records_is_the_full_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    activity(&ledger, &clock, 100);
+    let seq = block_on(ledger.ledger().checkpoint()).unwrap();
+    assert!(seq > 1);
+    // After the checkpoint: more of everything, including ends of transfers created before
+    // it and a day passing (the daily window prunes).
+    ledger.post(TransferId(108), None).unwrap();
+    clock.advance_ms(DAY_MS);
+    activity(&ledger, &clock, 200);
+    let before = (
+        ledger.balances(&user("alice")).unwrap(),
+        ledger.pending_transfers().unwrap(),
+    );
+    drop(ledger);
+
+    let opened = open_no_close_checkpoint(dir.path(), &clock);
+    assert_eq!(opened.opened_from_checkpoint(), Some(seq));
+    assert_eq!(opened.alarms().checkpoint_fallbacks, 0);
+    let ledger = opened.blocking();
+    drop(opened);
+    assert_eq!(
+        (
+            ledger.balances(&user("alice")).unwrap(),
+            ledger.pending_transfers().unwrap()
+        ),
+        before
+    );
+    ledger.verify().unwrap();
+    // The state goes on the same way: a refund of a transfer from before the checkpoint.
+    ledger
+        .refund(
+            TransferId(300),
+            TransferId(102),
+            ledger.ledger().amount_from_minor(600, "EUR").unwrap(),
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(
+        rejected(ledger.refund(
+            TransferId(301),
+            TransferId(102),
+            ledger.ledger().amount_from_minor(1, "EUR").unwrap(),
+            vec![],
+        )),
+        TransferError::RefundExceedsRemaining
+    );
+    ledger.verify().unwrap();
+    drop(ledger);
+
+    // A clean close checkpoints the head: nothing is replayed.
+    let ledger = open_manual(dir.path(), &settings(), &clock);
+    let head = block_on(ledger.durable_seq()).unwrap();
+    drop(ledger);
+    let ledger = open_manual(dir.path(), &settings(), &clock);
+    assert_eq!(ledger.opened_from_checkpoint(), Some(head));
+    ledger.blocking().verify().unwrap();
+}
+
+/// Issue 15: a checkpoint that is torn, altered, or from another journal is never trusted:
+/// open replays the whole journal instead (and counts it), `verify` names the checkpoint, and
+/// the next checkpoint written replaces it.
+#[test]
+fn a_torn_or_foreign_checkpoint_is_detected_and_the_whole_journal_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    activity(&ledger, &clock, 100);
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    activity(&ledger, &clock, 200);
+    let alice = ledger.balances(&user("alice")).unwrap();
+    drop(ledger);
+    let path = dir.path().join("ledger").join(storage::CHECKPOINT_FILE);
+    let good = std::fs::read(&path).unwrap();
+
+    // Another ledger's checkpoint of the same record number and time, whose accounts are
+    // the same too (the records after it would apply): well-formed, wrong journal.
+    let other = tempfile::tempdir().unwrap();
+    let other_clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(other.path(), &other_clock).blocking();
+    activity(&ledger, &other_clock, 500);
+    let seq = block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let foreign =
+        std::fs::read(other.path().join("ledger").join(storage::CHECKPOINT_FILE)).unwrap();
+    assert_eq!(&foreign[9..17], &good[9..17], "same record number {seq}");
+    assert_eq!(&foreign[49..57], &good[49..57], "same time");
+
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("torn", good[..good.len() / 3].to_vec()),
+        ("flipped", flipped),
+        ("empty", Vec::new()),
+        ("foreign", foreign),
+    ];
+    for (name, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let err = verify_dir(dir.path()).expect_err(name);
+        assert!(err.to_string().contains("checkpoint"), "{name}: {err}");
+        let ledger = open_no_close_checkpoint(dir.path(), &clock);
+        assert_eq!(ledger.opened_from_checkpoint(), None, "{name}");
+        assert_eq!(ledger.alarms().checkpoint_fallbacks, 1, "{name}");
+        let b = ledger.blocking();
+        assert_eq!(b.balances(&user("alice")).unwrap(), alice, "{name}");
+        drop(b);
+        drop(ledger);
+    }
+    // The first batch after a fallback writes a good checkpoint again.
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    ledger
+        .create_transfer(TransferRequest {
+            id: TransferId(900),
+            debit: Owner::Issuer,
+            credit: user("erin"),
+            amount: ledger.ledger().amount_from_minor(1, "EUR").unwrap(),
+            memo: vec![],
+        })
+        .unwrap();
+    ledger.verify().unwrap();
+    let head = block_on(ledger.ledger().durable_seq()).unwrap();
+    drop(ledger);
+    verify_dir(dir.path()).unwrap();
+    let ledger = open_no_close_checkpoint(dir.path(), &clock);
+    assert_eq!(ledger.opened_from_checkpoint(), Some(head));
+    assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+}
+
+/// `verify` replays the whole journal from record 1 and compares the checkpoint with the
+/// replay at its record: a checkpoint that is well-formed (its own hash recomputed) but holds
+/// another state is caught, and open does not start from it either.
+#[test]
+fn verify_catches_a_rehashed_checkpoint_with_another_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    activity(&ledger, &clock, 100);
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let path = dir.path().join("ledger").join(storage::CHECKPOINT_FILE);
+    let good = std::fs::read(&path).unwrap();
+    // The decoded state with one balance changed, encoded again with a valid hash.
+    let mut cp = State::decode_checkpoint(&good).unwrap();
+    let alice = AccountId {
+        owner: user("alice"),
+        currency: CurrencyCode::new("EUR").unwrap(),
+    };
+    cp.state.bump_credit_for_test(&alice, 1);
+    let forged = cp.state.encode_checkpoint(cp.head, cp.time_ms);
+    std::fs::write(&path, &forged).unwrap();
+    let err = verify_dir(dir.path()).unwrap_err();
+    assert!(
+        err.to_string().contains("is not the replay of the journal"),
+        "{err}"
+    );
 }

@@ -29,6 +29,10 @@ pub(crate) enum Command {
     },
     /// A consistent read of durable state.
     Read(ReadFn),
+    /// Write a checkpoint after this batch; answers with its record.
+    Checkpoint {
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+    },
 }
 
 // Replies live for one batch in one Vec; boxing the large variant would only add allocations.
@@ -37,6 +41,7 @@ enum Reply {
     Op(oneshot::Sender<Result<OpResult, LedgerError>>, OpResult),
     Expired(oneshot::Sender<Result<Vec<TransferId>, LedgerError>>),
     Read(ReadFn),
+    Checkpoint(oneshot::Sender<Result<u64, LedgerError>>),
 }
 
 /// The writer's state; lives on its own thread.
@@ -50,6 +55,14 @@ pub(crate) struct Writer {
     pub last_time_ms: u64,
     pub batch_commands_max: usize,
     pub expiry_tick: Duration,
+    /// See [`super::LedgerOptions::checkpoint_entries_min`].
+    pub checkpoint_entries_min: u64,
+    /// See [`super::LedgerOptions::checkpoint_at_close`].
+    pub checkpoint_at_close: bool,
+    /// Journal entries committed since the last checkpoint (or replayed after it at open).
+    pub entries_since_checkpoint: u64,
+    /// See [`super::LedgerAlarms::checkpoint_write_failures`].
+    pub checkpoint_write_failures: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Writer {
@@ -64,7 +77,14 @@ impl Writer {
             loop {
                 let first = match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
                     Ok(Some(command)) => Some(command),
-                    Ok(None) => break,
+                    Ok(None) => {
+                        // Closed cleanly: the state is the journal's, so the next open
+                        // starts from here.
+                        if self.checkpoint_at_close && self.entries_since_checkpoint > 0 {
+                            let _ = self.write_checkpoint();
+                        }
+                        break;
+                    }
                     // Idle: still expire what the clock says is due.
                     Err(_) => None,
                 };
@@ -74,6 +94,41 @@ impl Writer {
                 }
             }
         });
+    }
+
+    /// Writes a checkpoint of the state, which is the replay of the durable journal up to
+    /// `head`. A failure is logged and counted, never fatal: the journal is durable, and the
+    /// next open only replays more of it.
+    pub fn write_checkpoint(&mut self) -> Result<u64, LedgerError> {
+        if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
+            return Ok(self.head.seq);
+        }
+        let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
+        match self.storage.put_checkpoint(&bytes) {
+            Ok(()) => {
+                self.entries_since_checkpoint = 0;
+                Ok(self.head.seq)
+            }
+            Err(error) => {
+                let failures = self
+                    .checkpoint_write_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                tracing::warn!(%error, failures, "cannot write the ledger's checkpoint; the \
+                    journal is durable, the next open replays more of it");
+                // Try again only after as many entries again.
+                self.entries_since_checkpoint = 0;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Whether enough was committed since the last checkpoint to write one: at least
+    /// `checkpoint_entries_min` entries, and at least half the size of the state, so that
+    /// the cost of checkpoints stays proportional to what is committed.
+    fn checkpoint_due(&self) -> bool {
+        let state_size = self.state.checkpoint_items() / 2;
+        self.entries_since_checkpoint >= self.checkpoint_entries_min.max(state_size)
     }
 
     /// Decides `first` and whatever else is queued, up to the batch bounds (commands, and
@@ -100,6 +155,7 @@ impl Writer {
                 }
                 Command::ExpireDue { reply } => replies.push(Reply::Expired(reply)),
                 Command::Read(read) => replies.push(Reply::Read(read)),
+                Command::Checkpoint { reply } => replies.push(Reply::Checkpoint(reply)),
             }
             for event in events.drain(..) {
                 record.push(&event);
@@ -133,12 +189,20 @@ impl Writer {
                             let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
                         }
                         Reply::Read(_) => {}
+                        Reply::Checkpoint(tx) => {
+                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                        }
                     }
                 }
                 return Err(e.into());
             }
             self.head = head;
             self.last_time_ms = now_ms;
+            self.entries_since_checkpoint =
+                self.entries_since_checkpoint.saturating_add(record.count());
+            if self.checkpoint_due() {
+                let _ = self.write_checkpoint();
+            }
         }
         for reply in replies {
             match reply {
@@ -149,6 +213,9 @@ impl Writer {
                     let _ = tx.send(Ok(expired.clone()));
                 }
                 Reply::Read(read) => read(&self.state, self.head),
+                Reply::Checkpoint(tx) => {
+                    let _ = tx.send(self.write_checkpoint());
+                }
             }
         }
         Ok(())
