@@ -217,6 +217,22 @@ pub(crate) fn put_kind(out: &mut Vec<u8>, kind: &TransferKind) {
     }
 }
 
+/// A kind with the original of a pending refund: tag 3 (pending + original) when linked.
+pub(crate) fn put_kind_linked(
+    out: &mut Vec<u8>,
+    kind: &TransferKind,
+    refund_of: Option<TransferId>,
+) {
+    match (kind, refund_of) {
+        (TransferKind::Pending { timeout_ms }, Some(original)) => {
+            out.push(3);
+            put_varint(out, u128::from(*timeout_ms));
+            out.extend_from_slice(&original.0.to_le_bytes());
+        }
+        _ => put_kind(out, kind),
+    }
+}
+
 pub(crate) fn put_freeze(out: &mut Vec<u8>, mode: Option<FreezeMode>) {
     out.push(match mode {
         None => 0,
@@ -238,10 +254,11 @@ fn encode_event(out: &mut Vec<u8>, event: &Event) {
             credit,
             amount_minor,
             memo,
+            refund_of,
         } => {
             out.push(2);
             out.extend_from_slice(&id.0.to_le_bytes());
-            put_kind(out, kind);
+            put_kind_linked(out, kind, *refund_of);
             put_varint(out, u128::from(*debit));
             put_varint(out, u128::from(*credit));
             put_varint(out, *amount_minor);
@@ -264,7 +281,7 @@ fn encode_event(out: &mut Vec<u8>, event: &Event) {
             out.push(6);
             out.extend_from_slice(&id.0.to_le_bytes());
             put_varint(out, u128::from(error.code()));
-            put_kind(out, &body.kind);
+            put_kind_linked(out, &body.kind, body.refund_of);
             for account in [&body.debit, &body.credit] {
                 match account {
                     None => out.push(0),
@@ -364,14 +381,37 @@ impl Reader<'_> {
     }
 
     pub(crate) fn kind(&mut self) -> Result<TransferKind, String> {
+        match self.kind_linked()? {
+            (kind, None) => Ok(kind),
+            (_, Some(_)) => Err("a pending refund where none may be".to_owned()),
+        }
+    }
+
+    /// A kind written by `put_kind_linked`: with the original of a pending refund.
+    pub(crate) fn kind_linked(&mut self) -> Result<(TransferKind, Option<TransferId>), String> {
+        let timeout = |r: &mut Self| -> Result<u64, String> {
+            u64::try_from(r.varint()?).map_err(|_| "timeout out of range".to_owned())
+        };
         match self.u8()? {
-            0 => Ok(TransferKind::Single),
-            1 => Ok(TransferKind::Pending {
-                timeout_ms: u64::try_from(self.varint()?).map_err(|_| "timeout out of range")?,
-            }),
-            2 => Ok(TransferKind::Refund {
-                original: self.id()?,
-            }),
+            0 => Ok((TransferKind::Single, None)),
+            1 => Ok((
+                TransferKind::Pending {
+                    timeout_ms: timeout(self)?,
+                },
+                None,
+            )),
+            2 => Ok((
+                TransferKind::Refund {
+                    original: self.id()?,
+                },
+                None,
+            )),
+            3 => Ok((
+                TransferKind::Pending {
+                    timeout_ms: timeout(self)?,
+                },
+                Some(self.id()?),
+            )),
             tag => Err(format!("unknown transfer kind {tag}")),
         }
     }
@@ -391,14 +431,19 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
         1 => Event::AccountOpened {
             account: r.account()?,
         },
-        2 => Event::TransferCreated {
-            id: r.id()?,
-            kind: r.kind()?,
-            debit: r.varint_u32()?,
-            credit: r.varint_u32()?,
-            amount_minor: r.varint()?,
-            memo: r.bytes()?,
-        },
+        2 => {
+            let id = r.id()?;
+            let (kind, refund_of) = r.kind_linked()?;
+            Event::TransferCreated {
+                id,
+                kind,
+                debit: r.varint_u32()?,
+                credit: r.varint_u32()?,
+                amount_minor: r.varint()?,
+                memo: r.bytes()?,
+                refund_of,
+            }
+        }
         3 => Event::PendingPosted {
             id: r.id()?,
             amount_minor: r.varint()?,
@@ -410,7 +455,7 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
             let code = u16::try_from(r.varint()?).map_err(|_| "error code out of range")?;
             let error = TransferError::from_code(code)
                 .ok_or_else(|| format!("unknown error code {code}"))?;
-            let kind = r.kind()?;
+            let (kind, refund_of) = r.kind_linked()?;
             let mut accounts = [None, None];
             for slot in &mut accounts {
                 *slot = match r.u8()? {
@@ -430,6 +475,7 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
                     currency: r.currency()?,
                     amount_minor: r.varint()?,
                     memo: r.bytes()?,
+                    refund_of,
                 },
             }
         }
@@ -475,6 +521,7 @@ mod tests {
                 credit: 0,
                 amount_minor: 1250,
                 memo: b"room".to_vec(),
+                refund_of: None,
             },
             Event::PendingPosted {
                 id: TransferId(3),
@@ -497,6 +544,7 @@ mod tests {
                     currency: eur,
                     amount_minor: 1,
                     memo: vec![],
+                    refund_of: None,
                 },
             },
             Event::AccountFrozen {
@@ -576,6 +624,7 @@ mod tests {
                     currency: eur,
                     amount_minor: u128::MAX,
                     memo: vec![0; crate::ledger::MEMO_BYTES_MAX],
+                    refund_of: None,
                 },
             },
         ];

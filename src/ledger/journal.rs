@@ -596,6 +596,8 @@ impl JournalExport {
                 credit,
                 amount_minor,
                 memo,
+                // Not exported yet: `Ledger::transfer(id).refund_of` names it.
+                refund_of: _,
             } => JournalEntry::TransferCreated {
                 id,
                 kind,
@@ -777,6 +779,7 @@ mod tests {
                     credit: 1,
                     amount_minor: 100,
                     memo: vec![],
+                    refund_of: None,
                 },
                 Event::TransferCreated {
                     id: TransferId(id * 10 + 1),
@@ -785,6 +788,7 @@ mod tests {
                     credit: 0,
                     amount_minor: 40,
                     memo: vec![],
+                    refund_of: None,
                 },
             ]);
         }

@@ -469,6 +469,7 @@ impl Ledger {
         self.create_op(Op::Create {
             request,
             timeout_ms: None,
+            refund_of: None,
         })
         .await
     }
@@ -495,6 +496,7 @@ impl Ledger {
         self.create_op(Op::Create {
             request,
             timeout_ms: Some(timeout_ms),
+            refund_of: None,
         })
         .await
     }
@@ -548,6 +550,37 @@ impl Ledger {
             memo,
         })
         .await
+    }
+
+    /// A refund of `refund_of` named by its accounts, single-phase (`timeout_ms: None`) or
+    /// pending (then posted, voided or expiring like any pending transfer, e.g. around the
+    /// payee's PIN step-up). `request.debit` and `request.credit` must be the original's
+    /// credit and debit (`RefundAccountsMismatch`), in its currency. The original must be
+    /// posted and not itself a refund, and its posted refunds plus what its live pending
+    /// refunds reserve plus this one must not exceed what it posted (`RefundExceedsRemaining`;
+    /// exactly that much is accepted). A pending refund reserves its amount of the cap at
+    /// once; voided or expired, it gives it back; posted (in full or in part), what it
+    /// posted counts as refunded. Refunds are not held to the currency's `max_transfer`.
+    /// Idempotent like any create: the same id with the same body (and original) answers
+    /// `Exists`.
+    pub async fn create_refund_result(
+        &self,
+        request: TransferRequest,
+        refund_of: TransferId,
+        timeout_ms: Option<u64>,
+    ) -> Result<CreateResult, LedgerError> {
+        self.create_op(Op::Create {
+            request,
+            timeout_ms,
+            refund_of: Some(refund_of),
+        })
+        .await
+    }
+
+    /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
+    /// empty if it has none or is unknown. Looked up by reference, not by a scan.
+    pub async fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
+        self.read(move |state, _| state.refunds_of(original)).await
     }
 
     /// Expires pending transfers whose deadline passed; returns those this call expired (the
@@ -780,6 +813,21 @@ impl BlockingLedger {
         memo: Vec<u8>,
     ) -> Result<CreateResult, LedgerError> {
         block_on(self.0.refund_result(id, original, amount, memo))
+    }
+
+    /// See [`Ledger::create_refund_result`].
+    pub fn create_refund_result(
+        &self,
+        request: TransferRequest,
+        refund_of: TransferId,
+        timeout_ms: Option<u64>,
+    ) -> Result<CreateResult, LedgerError> {
+        block_on(self.0.create_refund_result(request, refund_of, timeout_ms))
+    }
+
+    /// See [`Ledger::refunds_of`].
+    pub fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
+        block_on(self.0.refunds_of(original))
     }
 
     /// See [`Ledger::create_pending`].

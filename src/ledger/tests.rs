@@ -841,7 +841,7 @@ fn refund_errors() {
         .unwrap();
     assert_eq!(
         rejected(f.ledger.refund(TransferId(5), TransferId(4), one, vec![])),
-        E::OriginalTransferNotRefundable
+        E::OriginalTransferIsRefund
     );
     f.ledger
         .create_pending(
@@ -1299,7 +1299,15 @@ mod model {
         pub state: St,
         pub deadline: u64,
         pub refunded: u128,
+        /// What its live pending refunds reserve.
+        pub reserved: u128,
+        /// For a pending refund: its original.
+        pub refund_of: Option<u128>,
     }
+
+    /// What a create asked for: kind, accounts (none for `refund`), currency, amount, the
+    /// original of a pending refund.
+    type Asked = (Kind, Option<Acct>, Option<Acct>, usize, u128, Option<u128>);
 
     #[derive(Debug, Clone)]
     pub struct Fail {
@@ -1308,6 +1316,7 @@ mod model {
         credit: Option<Acct>,
         cur: usize,
         amount: u128,
+        refund_of: Option<u128>,
         error: E,
     }
 
@@ -1351,6 +1360,11 @@ mod model {
             t.state = st;
             let (d, c, a) = (t.debit, t.credit, t.amount);
             let posted = if let St::Posted(x) = st { x } else { 0 };
+            if let Some(o) = t.refund_of {
+                let o = self.tr.get_mut(&o).unwrap();
+                o.reserved -= a;
+                o.refunded += posted;
+            }
             let db = self.bal.entry(d).or_default();
             db.dp -= a;
             db.dpo += posted;
@@ -1359,10 +1373,7 @@ mod model {
             cb.cpo += posted;
         }
 
-        fn compare(
-            existing: (Kind, Option<Acct>, Option<Acct>, usize, u128),
-            asked: (Kind, Option<Acct>, Option<Acct>, usize, u128),
-        ) -> Result<(), E> {
+        fn compare(existing: Asked, asked: Asked) -> Result<(), E> {
             let disc = |k: Kind| match k {
                 Kind::Single => 0,
                 Kind::Pending(_) => 1,
@@ -1371,10 +1382,12 @@ mod model {
             if disc(existing.0) != disc(asked.0) {
                 return Err(E::ExistsWithDifferentKind);
             }
-            if existing.1 != asked.1 {
+            // `refund` names no accounts: compared only when both sides name them.
+            let differ = |a: Option<Acct>, b: Option<Acct>| a.zip(b).is_some_and(|(a, b)| a != b);
+            if differ(existing.1, asked.1) {
                 return Err(E::ExistsWithDifferentDebitAccount);
             }
-            if existing.2 != asked.2 {
+            if differ(existing.2, asked.2) {
                 return Err(E::ExistsWithDifferentCreditAccount);
             }
             if existing.3 != asked.3 || existing.4 != asked.4 {
@@ -1385,31 +1398,132 @@ mod model {
                     Err(E::ExistsWithDifferentTimeout)
                 }
                 (Kind::Refund(a), Kind::Refund(b)) if a != b => Err(E::ExistsWithDifferentOriginal),
+                _ if existing.5 != asked.5 => Err(E::ExistsWithDifferentOriginal),
                 _ => Ok(()),
             }
         }
 
-        fn lookup(
-            &self,
-            id: u128,
-            asked: (Kind, Option<Acct>, Option<Acct>, usize, u128),
-        ) -> Option<Result<u128, E>> {
+        fn lookup(&self, id: u128, asked: Asked) -> Option<Result<u128, E>> {
             if let Some(t) = self.tr.get(&id) {
-                let refund = matches!(t.kind, Kind::Refund(_));
                 let existing = (
                     t.kind,
-                    (!refund).then_some(t.debit),
-                    (!refund).then_some(t.credit),
+                    Some(t.debit),
+                    Some(t.credit),
                     t.debit.1,
                     t.amount,
+                    t.refund_of,
                 );
                 return Some(Self::compare(existing, asked).map(|()| id));
             }
             let f = self.failed.get(&id)?;
-            Some(
-                Self::compare((f.kind, f.debit, f.credit, f.cur, f.amount), asked)
-                    .and(Err(f.error)),
-            )
+            let existing = (f.kind, f.debit, f.credit, f.cur, f.amount, f.refund_of);
+            Some(Self::compare(existing, asked).and(Err(f.error)))
+        }
+
+        /// The refund checks of `original` in the ledger's precedence: (debit, credit) of
+        /// the refund, or the error and whether it is recorded.
+        fn refund_checks(
+            &self,
+            original: u128,
+            cur: usize,
+            amount: u128,
+        ) -> Result<(Acct, Acct), (E, bool)> {
+            let Some(o) = self.tr.get(&original) else {
+                return Err((E::OriginalTransferNotFound, true));
+            };
+            if o.debit.1 != cur {
+                return Err((E::CurrencyMismatch, false));
+            }
+            let St::Posted(posted) = o.state else {
+                return Err((E::OriginalTransferNotRefundable, true));
+            };
+            if amount > posted - o.refunded - o.reserved {
+                return Err((E::RefundExceedsRemaining, true));
+            }
+            if matches!(o.kind, Kind::Refund(_)) || o.refund_of.is_some() {
+                return Err((E::OriginalTransferIsRefund, true));
+            }
+            Ok((o.credit, o.debit))
+        }
+
+        /// A refund named by its accounts (`create_refund_result`), single-phase or pending.
+        #[allow(clippy::too_many_arguments)]
+        pub fn linked_refund(
+            &mut self,
+            id: u128,
+            d: Acct,
+            c: Acct,
+            amount: u128,
+            timeout: Option<u64>,
+            original: u128,
+        ) -> Result<u128, E> {
+            self.expire();
+            self.exists = false;
+            if id == 0 {
+                return Err(E::IdMustNotBeZero);
+            }
+            if d == c {
+                return Err(E::AccountsMustBeDifferent);
+            }
+            let kind = timeout.map_or(Kind::Refund(original), Kind::Pending);
+            let link = timeout.map(|_| original);
+            if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount, link)) {
+                self.exists = r.is_ok();
+                return r;
+            }
+            let fail = |m: &mut Self, e: E| {
+                m.failed.insert(
+                    id,
+                    Fail {
+                        kind,
+                        debit: Some(d),
+                        credit: Some(c),
+                        cur: d.1,
+                        amount,
+                        refund_of: link,
+                        error: e,
+                    },
+                );
+                Err(e)
+            };
+            match self.refund_checks(original, d.1, amount) {
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => return fail(self, e),
+                Ok(accounts) if accounts != (d, c) => return fail(self, E::RefundAccountsMismatch),
+                Ok(_) => {}
+            }
+            if let Err(e) = self.movement(d, c, amount) {
+                return fail(self, e);
+            }
+            let (state, deadline) = match timeout {
+                Some(t) => (St::Pending, self.now + t),
+                None => (St::Posted(amount), 0),
+            };
+            let o = self.tr.get_mut(&original).unwrap();
+            if timeout.is_some() {
+                o.reserved += amount;
+                self.bal.entry(d).or_default().dp += amount;
+                self.bal.entry(c).or_default().cp += amount;
+            } else {
+                o.refunded += amount;
+                self.bal.entry(d).or_default().dpo += amount;
+                self.bal.entry(c).or_default().cpo += amount;
+            }
+            self.tr.insert(
+                id,
+                Tr {
+                    kind,
+                    debit: d,
+                    credit: c,
+                    amount,
+                    state,
+                    deadline,
+                    refunded: 0,
+                    reserved: 0,
+                    refund_of: link,
+                },
+            );
+            Ok(id)
         }
 
         fn movement(&self, d: Acct, c: Acct, amount: u128) -> Result<(), E> {
@@ -1445,6 +1559,7 @@ mod model {
                     credit,
                     cur,
                     amount,
+                    refund_of: None,
                     error,
                 },
             );
@@ -1468,7 +1583,7 @@ mod model {
                 return Err(E::AccountsMustBeDifferent);
             }
             let kind = timeout.map_or(Kind::Single, Kind::Pending);
-            if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount)) {
+            if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount, None)) {
                 self.exists = r.is_ok();
                 return r;
             }
@@ -1507,6 +1622,8 @@ mod model {
                     state,
                     deadline,
                     refunded: 0,
+                    reserved: 0,
+                    refund_of: None,
                 },
             );
             Ok(id)
@@ -1525,52 +1642,15 @@ mod model {
                 return Err(E::IdMustNotBeZero);
             }
             let kind = Kind::Refund(original);
-            if let Some(r) = self.lookup(id, (kind, None, None, cur, amount)) {
+            if let Some(r) = self.lookup(id, (kind, None, None, cur, amount, None)) {
                 self.exists = r.is_ok();
                 return r;
             }
-            let Some(o) = self.tr.get(&original).cloned() else {
-                return self.record_fail(
-                    id,
-                    kind,
-                    None,
-                    None,
-                    cur,
-                    amount,
-                    E::OriginalTransferNotFound,
-                );
+            let (d, c) = match self.refund_checks(original, cur, amount) {
+                Ok(accounts) => accounts,
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => return self.record_fail(id, kind, None, None, cur, amount, e),
             };
-            if o.debit.1 != cur {
-                return Err(E::CurrencyMismatch);
-            }
-            let posted = match (o.kind, o.state) {
-                (Kind::Refund(_), _) => None,
-                (_, St::Posted(x)) => Some(x),
-                _ => None,
-            };
-            let Some(posted) = posted else {
-                return self.record_fail(
-                    id,
-                    kind,
-                    None,
-                    None,
-                    cur,
-                    amount,
-                    E::OriginalTransferNotRefundable,
-                );
-            };
-            if amount > posted - o.refunded {
-                return self.record_fail(
-                    id,
-                    kind,
-                    None,
-                    None,
-                    cur,
-                    amount,
-                    E::RefundExceedsRemaining,
-                );
-            }
-            let (d, c) = (o.credit, o.debit);
             if let Err(e) = self.movement(d, c, amount) {
                 return self.record_fail(id, kind, None, None, cur, amount, e);
             }
@@ -1587,6 +1667,8 @@ mod model {
                     state: St::Posted(amount),
                     deadline: 0,
                     refunded: 0,
+                    reserved: 0,
+                    refund_of: None,
                 },
             );
             Ok(id)
@@ -1709,6 +1791,18 @@ mod auditor {
         },
         /// Write a checkpoint now.
         Checkpoint,
+        /// A refund named by its accounts: the original's swapped (`swap`), or the given
+        /// owners; single-phase or pending.
+        LinkedRefund {
+            id: u128,
+            original: u128,
+            swap: bool,
+            debit: usize,
+            credit: usize,
+            cur: usize,
+            amount: u128,
+            timeout_s: Option<u64>,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1722,14 +1816,16 @@ mod auditor {
             2 => (id.clone(), proptest::option::of((cur.clone(), amount.clone())))
                 .prop_map(|(id, amount)| Step::Post { id, amount }),
             2 => id.clone().prop_map(|id| Step::Void { id }),
-            2 => (id.clone(), id, cur.clone(), amount).prop_map(|(id, original, cur, amount)| Step::Refund { id, original, cur, amount }),
-            1 => (who, cur, prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
+            2 => (id.clone(), id.clone(), cur.clone(), amount.clone()).prop_map(|(id, original, cur, amount)| Step::Refund { id, original, cur, amount }),
+            1 => (who.clone(), cur.clone(), prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
                 .prop_map(|(owner, cur, mode)| Step::Freeze { owner, cur, mode }),
             2 => (0u64..4_000).prop_map(|ms| Step::Advance { ms }),
             1 => (CLOCK_SKEW_MS_MAX + 1..30 * DAY_MS, any::<bool>()).prop_map(|(ms, back)| Step::Jump { ms, back }),
             1 => (proptest::option::of(1u128..200), any::<bool>())
                 .prop_map(|(max_transfer_minor, checkpoint_at_close)| Step::Reopen { max_transfer_minor, checkpoint_at_close }),
             1 => Just(Step::Checkpoint),
+            3 => (id.clone(), id, prop_oneof![4 => Just(true), 1 => Just(false)], who.clone(), who, cur, amount, proptest::option::of(1u64..4))
+                .prop_map(|(id, original, swap, debit, credit, cur, amount, timeout_s)| Step::LinkedRefund { id, original, swap, debit, credit, cur, amount, timeout_s }),
         ]
     }
 
@@ -1921,6 +2017,50 @@ mod auditor {
                 }
                 Step::Checkpoint => {
                     block_on(ledger.checkpoint()).unwrap();
+                }
+                Step::LinkedRefund {
+                    id,
+                    original,
+                    swap,
+                    debit,
+                    credit,
+                    cur,
+                    amount: a,
+                    timeout_s,
+                } => {
+                    let (d, c) = match model.tr.get(&original) {
+                        Some(o) if swap => ((o.credit.0, cur), (o.debit.0, cur)),
+                        _ => ((debit, cur), (credit, cur)),
+                    };
+                    let request = TransferRequest {
+                        id: TransferId(id),
+                        debit: owner(d.0),
+                        credit: owner(c.0),
+                        amount: amount(&ledger, cur, a),
+                        memo: vec![],
+                    };
+                    let timeout = timeout_s.map(|s| s * 1_000);
+                    let got = b.create_refund_result(request, TransferId(original), timeout);
+                    let want = model.linked_refund(id, d, c, a, timeout, original);
+                    check_created(got, want, &model)?;
+                    // The refunds of the original, by reference.
+                    let mut want: Vec<u128> = model
+                        .tr
+                        .iter()
+                        .filter(|(_, t)| {
+                            t.refund_of == Some(original) || t.kind == model::Kind::Refund(original)
+                        })
+                        .map(|(id, _)| *id)
+                        .collect();
+                    want.sort_unstable();
+                    let mut got: Vec<u128> = b
+                        .refunds_of(TransferId(original))
+                        .unwrap()
+                        .iter()
+                        .map(|t| t.id.0)
+                        .collect();
+                    got.sort_unstable();
+                    prop_assert_eq!(got, want);
                 }
             }
             // After every step: balances equal the model's, and the invariants hold.
@@ -2365,4 +2505,276 @@ fn verify_catches_a_rehashed_checkpoint_with_another_state() {
         err.to_string().contains("is not the replay of the journal"),
         "{err}"
     );
+}
+
+/// Issue 15 (for issue 13's refunds): a refund named by its accounts, single-phase or
+/// pending, capped by what the original posted; each refusal has its own code and spends the
+/// id; exactly the cap is accepted; the refunds of a transfer are found by reference.
+#[test]
+fn linked_refunds_are_capped_by_the_original() {
+    use TransferError as E;
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    f.send(2, user("alice"), user("shop"), "30.00").unwrap();
+    let back = |id: u128, value: &str| f.request(id, user("shop"), user("alice"), value, "EUR");
+    let refund = |request: TransferRequest, timeout_ms: Option<u64>| {
+        f.ledger
+            .create_refund_result(request, TransferId(2), timeout_ms)
+            .map(CreateResult::into_transfer)
+    };
+    // A pending refund (the payee's PIN step-up between reserve and post) reserves its part
+    // of the cap at once.
+    let pending = refund(back(10, "20.00"), Some(60_000)).unwrap();
+    assert_eq!(pending.state, TransferState::Pending);
+    assert_eq!(pending.refund_of, Some(TransferId(2)));
+    let original = f.ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(
+        (original.refunded_minor, original.refund_pending_minor),
+        (0, 2_000)
+    );
+    assert_eq!(
+        rejected(refund(back(11, "10.01"), None)),
+        E::RefundExceedsRemaining
+    );
+    // The id is spent: the same refund later (with room for it) still fails.
+    f.ledger.void(TransferId(10)).unwrap();
+    assert_eq!(
+        rejected(refund(back(11, "10.01"), None)),
+        E::RefundExceedsRemaining
+    );
+    // Voided, the reservation is given back; posted in part, what it posted is refunded.
+    let pending = refund(back(12, "25.00"), Some(60_000)).unwrap();
+    assert_eq!(pending.amount_minor, 2_500);
+    f.ledger
+        .post(TransferId(12), Some(f.amount("5.00", "EUR")))
+        .unwrap();
+    let original = f.ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(
+        (original.refunded_minor, original.refund_pending_minor),
+        (500, 0)
+    );
+    // Exactly the rest (30.00 - 5.00) is accepted, then nothing more (by `refund` either).
+    let done = refund(back(13, "25.00"), None).unwrap();
+    assert_eq!(
+        done.kind,
+        TransferKind::Refund {
+            original: TransferId(2)
+        }
+    );
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(14),
+            TransferId(2),
+            f.amount("5.00", "EUR"),
+            vec![]
+        )),
+        E::RefundExceedsRemaining
+    );
+    f.ledger
+        .refund(
+            TransferId(15),
+            TransferId(2),
+            f.amount("5.00", "EUR"),
+            vec![],
+        )
+        .map(|_| ())
+        .expect_err("over the cap");
+    assert_eq!(
+        f.ledger
+            .transfer(TransferId(2))
+            .unwrap()
+            .unwrap()
+            .refunded_minor,
+        3_000
+    );
+    f.send(16, user("alice"), user("shop"), "10.00").unwrap();
+    f.ledger
+        .refund(
+            TransferId(17),
+            TransferId(16),
+            f.amount("10.00", "EUR"),
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(
+        f.ledger
+            .transfer(TransferId(16))
+            .unwrap()
+            .unwrap()
+            .refunded_minor,
+        1_000,
+        "exactly what was posted"
+    );
+    // Retries answer the original, and say so.
+    assert!(f
+        .ledger
+        .create_refund_result(back(13, "25.00"), TransferId(2), None)
+        .unwrap()
+        .exists());
+    assert_eq!(
+        rejected(
+            f.ledger
+                .create_refund_result(back(13, "25.00"), TransferId(16), None)
+                .map(CreateResult::into_transfer)
+        ),
+        E::ExistsWithDifferentOriginal
+    );
+
+    // Each refusal, with its code.
+    f.send(20, user("alice"), user("shop"), "10.00").unwrap();
+    let to20 = |id: u128, d: &str, c: &str, timeout_ms: Option<u64>, original: u128| {
+        f.ledger
+            .create_refund_result(
+                f.request(id, user(d), user(c), "1.00", "EUR"),
+                TransferId(original),
+                timeout_ms,
+            )
+            .map(CreateResult::into_transfer)
+    };
+    assert_eq!(
+        rejected(to20(21, "shop", "alice", None, 99)),
+        E::OriginalTransferNotFound
+    );
+    assert_eq!(
+        rejected(to20(22, "alice", "shop", None, 20)),
+        E::RefundAccountsMismatch,
+        "not reversed"
+    );
+    assert_eq!(
+        rejected(to20(23, "shop", "carol", Some(60_000), 20)),
+        E::RefundAccountsMismatch,
+        "someone else paid back"
+    );
+    f.ledger
+        .create_pending(
+            f.request(24, user("alice"), user("shop"), "5.00", "EUR"),
+            60_000,
+        )
+        .unwrap();
+    assert_eq!(
+        rejected(to20(25, "shop", "alice", None, 24)),
+        E::OriginalTransferNotRefundable,
+        "pending, not posted"
+    );
+    f.ledger.void(TransferId(24)).unwrap();
+    assert_eq!(
+        rejected(to20(26, "shop", "alice", Some(60_000), 24)),
+        E::OriginalTransferNotRefundable,
+        "voided"
+    );
+    to20(27, "shop", "alice", Some(60_000), 20).unwrap();
+    f.ledger.post(TransferId(27), None).unwrap();
+    assert_eq!(
+        rejected(to20(28, "alice", "shop", None, 27)),
+        E::OriginalTransferIsRefund,
+        "a posted pending refund is a refund"
+    );
+    assert_eq!(
+        rejected(to20(29, "alice", "shop", None, 13)),
+        E::OriginalTransferIsRefund
+    );
+    let yen = TransferRequest {
+        amount: f.amount("1", "JPY"),
+        ..f.request(30, user("shop"), user("alice"), "1.00", "EUR")
+    };
+    assert_eq!(
+        rejected(
+            f.ledger
+                .create_refund_result(yen, TransferId(20), None)
+                .map(CreateResult::into_transfer)
+        ),
+        E::CurrencyMismatch
+    );
+    // Recorded: a retry of a refused refund answers the same refusal.
+    assert_eq!(
+        rejected(to20(22, "alice", "shop", None, 20)),
+        E::RefundAccountsMismatch
+    );
+
+    // By reference: the refunds of a transfer, oldest first, in every state.
+    let ids = |original: u128| -> Vec<(u128, TransferState)> {
+        f.ledger
+            .refunds_of(TransferId(original))
+            .unwrap()
+            .iter()
+            .map(|t| (t.id.0, t.state))
+            .collect()
+    };
+    assert_eq!(
+        ids(2),
+        vec![
+            (10, TransferState::Voided),
+            (12, TransferState::Posted { amount_minor: 500 }),
+            (
+                13,
+                TransferState::Posted {
+                    amount_minor: 2_500
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        ids(20),
+        vec![(27, TransferState::Posted { amount_minor: 100 })]
+    );
+    assert!(ids(99).is_empty() && ids(16).len() == 1);
+    f.ledger.verify().unwrap();
+}
+
+/// A pending refund that expires gives its reservation back, also across a reopen from a
+/// checkpoint taken while it was pending.
+#[test]
+fn an_expired_pending_refund_gives_the_cap_back_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    let currencies = Currencies::from_settings(&settings()).unwrap();
+    let eur = |v: &str| {
+        currencies
+            .parse(Decimal::from_str(v).unwrap(), "EUR")
+            .unwrap()
+    };
+    let req = |id: u128, d: &str, c: &str, v: &str| TransferRequest {
+        id: TransferId(id),
+        debit: user(d),
+        credit: user(c),
+        amount: eur(v),
+        memo: vec![],
+    };
+    ledger
+        .create_transfer(TransferRequest {
+            debit: Owner::Issuer,
+            ..req(1, "x", "alice", "50.00")
+        })
+        .unwrap();
+    ledger
+        .create_transfer(req(2, "alice", "shop", "8.00"))
+        .unwrap();
+    ledger
+        .create_refund_result(req(3, "shop", "alice", "8.00"), TransferId(2), Some(1_000))
+        .unwrap();
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let opened = open_no_close_checkpoint(dir.path(), &clock);
+    assert!(opened.opened_from_checkpoint().is_some());
+    let ledger = opened.blocking();
+    drop(opened);
+    let t = ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(t.refund_pending_minor, 800);
+    assert_eq!(
+        rejected(
+            ledger
+                .create_refund_result(req(4, "shop", "alice", "0.01"), TransferId(2), None)
+                .map(CreateResult::into_transfer)
+        ),
+        TransferError::RefundExceedsRemaining
+    );
+    clock.advance_ms(1_000);
+    ledger.expire_due().unwrap();
+    let t = ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!((t.refunded_minor, t.refund_pending_minor), (0, 0));
+    ledger
+        .create_refund_result(req(5, "shop", "alice", "8.00"), TransferId(2), None)
+        .unwrap();
+    ledger.verify().unwrap();
 }

@@ -21,9 +21,10 @@ use super::{
 };
 use crate::ledger::amount::{Currencies, CurrencyCode};
 use crate::ledger::codec::{
-    put_account, put_bytes, put_freeze, put_kind, put_varint, Head, Reader, HASH_LEN,
+    put_account, put_bytes, put_freeze, put_kind, put_kind_linked, put_varint, Head, Reader,
+    HASH_LEN,
 };
-use crate::ledger::model::{Balances, TransferError, TransferKind, TransferState};
+use crate::ledger::model::{Balances, TransferError, TransferId, TransferKind, TransferState};
 
 const MAGIC: &[u8; 8] = b"mxpay-cp";
 const VERSION: u8 = 1;
@@ -112,9 +113,11 @@ impl State {
             }
         }
         put_varint(&mut out, self.transfers.len() as u128);
-        for t in &self.transfers {
+        for (i, t) in self.transfers.iter().enumerate() {
             out.extend_from_slice(&t.id.0.to_le_bytes());
             put_kind(&mut out, &t.kind);
+            let link = self.pending_refund_of.get(&(i as TransferIdx));
+            put_u128_opt(&mut out, link.map(|&o| self.transfers[o as usize].id.0));
             put_varint(&mut out, u128::from(t.debit));
             put_varint(&mut out, u128::from(t.credit));
             put_varint(&mut out, t.amount_minor);
@@ -131,7 +134,7 @@ impl State {
             let p = &f.fingerprint;
             out.extend_from_slice(&id.0.to_le_bytes());
             put_varint(&mut out, u128::from(f.error.code()));
-            put_kind(&mut out, &p.kind);
+            put_kind_linked(&mut out, &p.kind, p.refund_of);
             put_u128_opt(&mut out, p.debit);
             put_u128_opt(&mut out, p.credit);
             out.extend_from_slice(&p.currency.bytes());
@@ -246,6 +249,7 @@ impl State {
             let idx = i as TransferIdx;
             let id = r.id()?;
             let kind = r.kind()?;
+            let link = opt(&mut r)?.map(TransferId);
             let debit = r.varint_u32()?;
             let credit = r.varint_u32()?;
             let amount_minor = r.varint()?;
@@ -286,6 +290,25 @@ impl State {
                     .ok_or_else(|| format!("transfer {id} is pending without a deadline"))?;
                 state.deadlines.insert((deadline_ms, idx));
             }
+            let original = match (kind, link) {
+                (TransferKind::Refund { original }, None) => Some(original),
+                (TransferKind::Pending { .. }, Some(original)) => Some(original),
+                (_, None) => None,
+                (_, Some(_)) => return Err(format!("transfer {id} cannot refund")),
+            };
+            if let Some(original) = original {
+                let &o = state
+                    .transfer_index
+                    .get(&original)
+                    .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
+                state.refunds.entry(o).or_default().push(idx);
+                if link.is_some() {
+                    state.pending_refund_of.insert(idx, o);
+                    if transfer_state == TransferState::Pending {
+                        *state.refund_reserved.entry(o).or_default() += amount_minor;
+                    }
+                }
+            }
             state.accounts[debit as usize].history.push(idx);
             state.accounts[credit as usize].history.push(idx);
             if state.transfer_index.insert(id, idx).is_some() {
@@ -298,9 +321,10 @@ impl State {
             let code = u16::try_from(r.varint()?).map_err(|_| "error code out of range")?;
             let error = TransferError::from_code(code)
                 .ok_or_else(|| format!("unknown error code {code}"))?;
-            let kind: TransferKind = r.kind()?;
+            let (kind, refund_of) = r.kind_linked()?;
             let fingerprint = Fingerprint {
                 kind,
+                refund_of,
                 debit: opt(&mut r)?,
                 credit: opt(&mut r)?,
                 currency: r.currency()?,
@@ -357,6 +381,9 @@ impl State {
         }
         if self.deadlines != other.deadlines {
             return Some("deadline indexes differ".into());
+        }
+        if self.refunds != other.refunds || self.pending_refund_of != other.pending_refund_of {
+            return Some("refund indexes differ".into());
         }
         let head = Head {
             seq: 0,
