@@ -14,6 +14,8 @@ pub mod amount;
 mod codec;
 pub mod journal;
 pub mod model;
+#[cfg(test)]
+mod powercut;
 pub mod settings;
 mod state;
 pub mod storage;
