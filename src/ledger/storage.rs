@@ -108,6 +108,9 @@ pub const RECORD_BYTES_TARGET: usize = 128 * 1024;
 /// reopen); its quarter (4 MiB) is sled's blob threshold.
 pub const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
 
+/// sled's page cache for the journal (its default is 1 GiB).
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The sled-backed journal store.
 pub struct SledStorage {
     // Kept so the database lives as long as the tree.
@@ -150,7 +153,11 @@ impl SledStorage {
             .path(path)
             .segment_size(SEGMENT_BYTES)
             // Every commit flushes explicitly; a background flusher would only add fsyncs.
-            .flush_every_ms(None);
+            .flush_every_ms(None)
+            // The journal is written at its end and read back rarely (open after the
+            // checkpoint, the outbox's tail, verify): sled's default 1 GiB page cache would
+            // only hold old records in memory as history grows.
+            .cache_capacity(CACHE_BYTES);
         let db = crate::sled_open::open_waiting_for_lock(&config)?;
         let tree = db.open_tree(JOURNAL_TREE)?;
         let anchor_path = path.join(ANCHOR_FILE);
