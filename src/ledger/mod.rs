@@ -324,6 +324,8 @@ impl Ledger {
                 _ => u64::MAX / 2,
             },
             checkpoint_write_failures: checkpoint_write_failures.clone(),
+            checkpoint_in_flight: None,
+            checkpoint_sync_next: !matches!(start, journal::Start::Checkpoint { .. }),
         };
         let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();

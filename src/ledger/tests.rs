@@ -2778,3 +2778,47 @@ fn an_expired_pending_refund_gives_the_cap_back_after_a_reopen() {
         .unwrap();
     ledger.verify().unwrap();
 }
+
+/// Checkpoints come by themselves as entries accumulate (written off the writer thread), and
+/// the last one written before a crash-like close is where the next open starts.
+#[test]
+fn checkpoints_are_written_as_entries_accumulate() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        checkpoint_at_close: false,
+        checkpoint_entries_min: 10,
+        ..LedgerOptions::default()
+    };
+    let open = || {
+        Ledger::open_with_options(
+            dir.path(),
+            &settings(),
+            Arc::new(clock.clone()),
+            options.clone(),
+        )
+        .unwrap()
+    };
+    let ledger = open().blocking();
+    for i in 1..=60u128 {
+        ledger
+            .create_transfer(TransferRequest {
+                id: TransferId(i),
+                debit: Owner::Issuer,
+                credit: user(&format!("u{}", i % 7)),
+                amount: ledger.ledger().amount_from_minor(100, "EUR").unwrap(),
+                memo: vec![],
+            })
+            .unwrap();
+    }
+    let head = block_on(ledger.ledger().durable_seq()).unwrap();
+    drop(ledger);
+    let ledger = open();
+    let from = ledger
+        .opened_from_checkpoint()
+        .expect("a checkpoint was written");
+    assert!(from > head / 2 && from <= head, "from {from}, head {head}");
+    assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+    ledger.blocking().verify().unwrap();
+}

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::codec::{Head, RecordBuilder, COMMAND_BYTES_MAX};
 use super::model::TransferId;
 use super::state::{Event, Op, OpResult, State};
-use super::storage::{Storage, RECORD_BYTES_TARGET};
+use super::storage::{Storage, StorageError, RECORD_BYTES_TARGET};
 use super::LedgerError;
 
 /// A read that runs on the writer after the batch it arrived in is durable.
@@ -63,6 +63,12 @@ pub(crate) struct Writer {
     pub entries_since_checkpoint: u64,
     /// See [`super::LedgerAlarms::checkpoint_write_failures`].
     pub checkpoint_write_failures: Arc<std::sync::atomic::AtomicU64>,
+    /// A checkpoint being written by a background thread (encoded on this thread, after its
+    /// record was durable). At most one at a time, so an older one never overwrites a newer.
+    pub checkpoint_in_flight: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
+    /// Write the next due checkpoint on this thread: the stored one could not be used at
+    /// open, and `verify` must not meet it again once a batch was committed.
+    pub checkpoint_sync_next: bool,
 }
 
 impl Writer {
@@ -93,13 +99,76 @@ impl Writer {
                     break;
                 }
             }
+            // The database is released when this thread ends: no checkpoint write after it.
+            self.finish_checkpoint_in_flight();
         });
+    }
+
+    /// Waits for the checkpoint being written in the background, if any.
+    fn finish_checkpoint_in_flight(&mut self) {
+        if let Some(handle) = self.checkpoint_in_flight.take() {
+            let result = handle.join().unwrap_or_else(|_| {
+                Err(StorageError::Backend(
+                    "the checkpoint thread panicked".to_owned(),
+                ))
+            });
+            if let Err(error) = result {
+                self.checkpoint_failed(&error);
+            }
+        }
+    }
+
+    fn checkpoint_failed(&self, error: &StorageError) {
+        let failures = self
+            .checkpoint_write_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        tracing::warn!(%error, failures, "cannot write the ledger's checkpoint; the journal is \
+            durable, the next open replays more of it");
+    }
+
+    /// Starts writing a checkpoint of the state in the background: the state is encoded
+    /// here (it is the replay of the durable journal up to `head`), the write and its fsyncs
+    /// run on their own thread so commits do not wait for them. Skipped while the previous
+    /// one is still being written (it is tried again after the next batch).
+    fn start_checkpoint(&mut self) {
+        if self
+            .checkpoint_in_flight
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
+        self.finish_checkpoint_in_flight();
+        if self.checkpoint_sync_next {
+            self.checkpoint_sync_next = false;
+            let _ = self.write_checkpoint();
+            return;
+        }
+        if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
+            return;
+        }
+        let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
+        let storage = self.storage.clone();
+        let spawned = std::thread::Builder::new()
+            .name("mxpay-ledger-checkpoint".to_owned())
+            .spawn(move || storage.put_checkpoint(&bytes));
+        match spawned {
+            Ok(handle) => {
+                self.entries_since_checkpoint = 0;
+                self.checkpoint_in_flight = Some(handle);
+            }
+            Err(_) => {
+                let _ = self.write_checkpoint();
+            }
+        }
     }
 
     /// Writes a checkpoint of the state, which is the replay of the durable journal up to
     /// `head`. A failure is logged and counted, never fatal: the journal is durable, and the
     /// next open only replays more of it.
     pub fn write_checkpoint(&mut self) -> Result<u64, LedgerError> {
+        self.finish_checkpoint_in_flight();
         if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
             return Ok(self.head.seq);
         }
@@ -110,12 +179,7 @@ impl Writer {
                 Ok(self.head.seq)
             }
             Err(error) => {
-                let failures = self
-                    .checkpoint_write_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    + 1;
-                tracing::warn!(%error, failures, "cannot write the ledger's checkpoint; the \
-                    journal is durable, the next open replays more of it");
+                self.checkpoint_failed(&error);
                 // Try again only after as many entries again.
                 self.entries_since_checkpoint = 0;
                 Err(error.into())
@@ -201,7 +265,7 @@ impl Writer {
             self.entries_since_checkpoint =
                 self.entries_since_checkpoint.saturating_add(record.count());
             if self.checkpoint_due() {
-                let _ = self.write_checkpoint();
+                self.start_checkpoint();
             }
         }
         for reply in replies {
