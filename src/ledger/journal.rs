@@ -360,6 +360,20 @@ pub(crate) fn replay_for_open(storage: &dyn Storage) -> Result<(Replayed, Start)
         Err(LedgerError::Corrupt { record, reason }) => {
             let reason = format!("at record {record}: {reason}");
             let replayed = replay_without_checkpoint(storage)?;
+            // A whole checkpoint of a record the journal no longer has: acknowledged records
+            // were lost (the store dropped its end, with its head), which no fallback may hide.
+            if let Ok(cp) = checkpoint_head(&bytes) {
+                if cp.seq > replayed.head.seq {
+                    return Err(LedgerError::Corrupt {
+                        record: replayed.head.seq + 1,
+                        reason: format!(
+                            "the journal ends at record {} but the checkpoint stands for \
+                             record {}: records were lost",
+                            replayed.head.seq, cp.seq
+                        ),
+                    });
+                }
+            }
             Ok((replayed, Start::FellBack { reason }))
         }
         Err(other) => Err(other),

@@ -2822,3 +2822,40 @@ fn checkpoints_are_written_as_entries_accumulate() {
     assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
     ledger.blocking().verify().unwrap();
 }
+
+/// A journal that lost its end together with its head (and whose anchor lags) replays
+/// cleanly on its own; a whole checkpoint of a later record is the evidence that records were
+/// lost, and open refuses rather than fall back to the shorter history.
+#[test]
+fn a_checkpoint_beyond_the_journal_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    activity(&ledger, &clock, 100);
+    let head = block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let path = dir.path().join("ledger");
+    {
+        let db = sled::Config::new()
+            .path(&path)
+            .segment_size(storage::SEGMENT_BYTES)
+            .open()
+            .unwrap();
+        let journal = db.open_tree(storage::JOURNAL_TREE).unwrap();
+        journal.remove(SledStorage::record_key(head)).unwrap();
+        let before = journal
+            .get(SledStorage::record_key(head - 1))
+            .unwrap()
+            .unwrap();
+        let mut earlier = (head - 1).to_le_bytes().to_vec();
+        earlier.extend_from_slice(&before[before.len() - 32..]);
+        journal.insert(b"k", earlier.clone()).unwrap();
+        db.flush().unwrap();
+        std::fs::write(path.join(storage::ANCHOR_FILE), &earlier).unwrap();
+    }
+    let err = Ledger::open(dir.path(), &settings(), Arc::new(clock.clone())).unwrap_err();
+    assert!(err.to_string().contains("records were lost"), "{err}");
+    std::fs::remove_file(path.join(storage::CHECKPOINT_FILE)).unwrap();
+    // Without the checkpoint, nothing tells: the shorter journal is consistent.
+    Ledger::open(dir.path(), &settings(), Arc::new(clock.clone())).unwrap();
+}
