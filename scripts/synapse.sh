@@ -129,9 +129,7 @@ http_ok() {
 spawn_and_wait() {
     local url="http://127.0.0.1:$port"
     # Synapse's daemonize would detach it from our watch; run it in the foreground instead.
-    # scripts/ on the path: the homeserver config loads synapse_to_device_fix.py from there.
-    PYTHONPATH="$repo_dir/scripts${PYTHONPATH:+:$PYTHONPATH}" \
-        "$venv/bin/python" -m synapse.app.homeserver -c "$dir/homeserver.yaml" \
+    "$venv/bin/python" -m synapse.app.homeserver -c "$dir/homeserver.yaml" \
         </dev/null >>"$dir/synapse.out" 2>&1 &
     synapse_pid=$!
     local deadline=$((SECONDS + start_timeout_s))

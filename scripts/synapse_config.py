@@ -151,9 +151,6 @@ def main():
             "msc2409_to_device_messages_enabled": True,
             "msc3202_transaction_extensions": True,
         },
-        # Works around a Synapse bug that loses appservice to-device messages (room keys
-        # for the bot) under concurrent load; see synapse_to_device_fix.py.
-        "modules": [{"module": "synapse_to_device_fix.ToDeviceFix", "config": {}}],
         # A local test server: no phone-home, no presence chatter.
         "presence": {"enabled": False},
         **rate_limits(),

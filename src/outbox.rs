@@ -167,7 +167,9 @@ impl Outbox {
 
     async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), OutboxError> {
         let mut cursor = self.init_cursor().await?;
-        let mut tail = self.ledger.tail();
+        // From the cursor's record (its entries up to the cursor are skipped below), not
+        // from record 1: a restart reads what is left to tell, not the whole journal.
+        let mut tail = self.ledger.tail_from(cursor.record_seq).await?;
         // Position of the last entry read: (record, index within it).
         let mut at = OutboxCursor {
             record_seq: 0,
@@ -423,5 +425,61 @@ mod tests {
         let dead = store.dead_letters().unwrap();
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert!(dead[0].1.contains("refused"), "{dead:?}");
+    }
+
+    /// Issue 15: a restart reads the journal from the cursor's record on, not from record 1:
+    /// with the records before it gone (a checkpoint stands for them), it still delivers.
+    #[tokio::test]
+    async fn a_restart_reads_the_journal_from_the_cursor_not_from_record_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, ledger) = open_store_and_ledger(dir.path());
+        for id in 1..=3 {
+            transfer(&ledger, id).await;
+        }
+        let poke = OutboxPoke::default();
+        let recorder = Arc::new(Recorder {
+            seen: Mutex::new(Vec::new()),
+            fail_first: AtomicU32::new(0),
+            refuse: None,
+        });
+        let outbox = Outbox::new(
+            ledger.clone(),
+            store.clone(),
+            recorder.clone(),
+            policy(),
+            poke.clone(),
+        );
+        let cursor = outbox.init_cursor().await.unwrap();
+        assert!(cursor.record_seq >= 4, "{cursor:?}");
+        drop(outbox);
+        ledger.checkpoint().await.unwrap();
+        drop(ledger);
+        {
+            let db = sled::Config::new()
+                .path(dir.path().join("ledger"))
+                .segment_size(crate::ledger::storage::SEGMENT_BYTES)
+                .open()
+                .unwrap();
+            let journal = db.open_tree(crate::ledger::storage::JOURNAL_TREE).unwrap();
+            for seq in 1..cursor.record_seq - 1 {
+                let key = crate::ledger::SledStorage::record_key(seq);
+                assert!(journal.remove(key).unwrap().is_some());
+            }
+            db.flush().unwrap();
+        }
+        let ledger = Ledger::open(
+            dir.path(),
+            &LedgerSettings::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        transfer(&ledger, 4).await;
+        let (stop, stopped) = watch::channel(false);
+        let task =
+            Outbox::new(ledger.clone(), store, recorder.clone(), policy(), poke).spawn(stopped);
+        wait_for(&recorder, 1).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(*recorder.seen.lock(), vec![4]);
     }
 }

@@ -53,14 +53,66 @@ impl From<HomeserverError> for PipelineError {
     }
 }
 
-/// Processes one stored transaction. Called by the inbox worker, one transaction at a time in
-/// arrival order; `Ok` marks it processed for good. May be called again for the same
-/// transaction after a transient error or a crash, so effects must be idempotent (send events
-/// with transaction ids derived from the input).
+/// Processes stored transactions for the inbox worker. Everything may be called again for the
+/// same transaction after a transient error or a crash, so effects must be idempotent (send
+/// events with transaction ids derived from the input).
+///
+/// A pipeline either handles a transaction whole ([`Pipeline::handle`], one transaction at a
+/// time in arrival order), or splits it ([`Pipeline::ingest`] returns [`Ingested::Jobs`]): the
+/// worker then ingests transactions one at a time in arrival order (what must follow the
+/// stream's order: the crypto machine's to-device messages and key counts before decryption)
+/// and runs the jobs beside each other, one at a time per [`Job::lane`] (a room) and per
+/// [`Job::sender`], in arrival order within each.
 #[async_trait]
 pub trait Pipeline: Send + Sync + 'static {
-    /// Handles `txn`.
+    /// Handles `txn` whole; `Ok` marks it processed for good.
     async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError>;
+
+    /// The serial part of `txn`, and what is left to do as jobs. By default nothing: the
+    /// transaction is handled whole.
+    async fn ingest(&self, _txn: &InboxTransaction) -> Result<Ingested, PipelineError> {
+        Ok(Ingested::Whole)
+    }
+
+    /// Runs one job that [`Pipeline::ingest`] returned.
+    async fn run_job(&self, _job: &Job) -> Result<(), PipelineError> {
+        Err(PipelineError::permanent("this pipeline makes no jobs"))
+    }
+}
+
+/// What [`Pipeline::ingest`] left to do.
+pub enum Ingested {
+    /// Handle the transaction whole with [`Pipeline::handle`].
+    Whole,
+    /// Run these jobs (none: the transaction is done).
+    Jobs(Vec<Job>),
+}
+
+/// One event's work, run beside other rooms' work.
+pub struct Job {
+    /// Jobs of one lane (a room) run one at a time, in arrival order.
+    pub lane: String,
+    /// Jobs of one sender never run at the same time (a PIN dialog is one conversation, across
+    /// rooms).
+    pub sender: Option<String>,
+    /// What the pipeline needs to run it (its own type; see [`Job::payload`]).
+    pub payload: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Job {
+    /// The payload as the type the pipeline put in.
+    pub fn payload<T: 'static>(&self) -> Option<&T> {
+        self.payload.downcast_ref()
+    }
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("lane", &self.lane)
+            .field("sender", &self.sender)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One line of the `!help` answer.

@@ -7,11 +7,12 @@
 //! [`Pipeline`].
 
 mod wiring;
+mod worker;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use tokio::sync::watch;
@@ -20,12 +21,12 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminState;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
-use crate::pipeline::{transaction_events, Pipeline};
 use crate::homeserver::{HomeserverClient, HomeserverClientConfig, HomeserverError, RetryPolicy};
 use crate::http::EdgeState;
-use crate::inbox::{Inbox, InboxError, InboxTransaction};
+use crate::inbox::{Inbox, InboxError};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
 use crate::registration::{Registration, RegistrationError};
 
 /// Errors starting or running the appservice; each is a sentence for the admin.
@@ -98,33 +99,10 @@ pub enum AppError {
     WorkerStopped(String),
 }
 
-/// Bounds of the inbox worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WorkerPolicy {
-    /// Transactions read from the inbox per batch.
-    pub batch_max: usize,
-    /// Handler attempts per transaction on transient errors, the first included; after the
-    /// last the transaction is moved to the failed list.
-    pub attempts_max: u32,
-    /// First delay between attempts; doubles each time.
-    pub backoff_base_ms: u64,
-    /// Largest delay between attempts.
-    pub backoff_max_ms: u64,
-    /// How often an idle worker looks at the inbox even without a wake-up.
-    pub idle_poll_ms: u64,
-}
+pub use worker::WorkerPolicy;
 
-impl Default for WorkerPolicy {
-    fn default() -> Self {
-        Self {
-            batch_max: 64,
-            attempts_max: 10,
-            backoff_base_ms: 500,
-            backoff_max_ms: 60_000,
-            idle_poll_ms: 5_000,
-        }
-    }
-}
+/// Start-up pings asked again after a failure to connect.
+const PING_RETRIES: usize = 2;
 
 /// How often `serve` pings the homeserver after start to keep `/ready` true to life.
 pub const READY_PING_INTERVAL_MS: u64 = 30_000;
@@ -314,6 +292,7 @@ impl App {
             legacy_query_auth: self.config.appservice.legacy_query_auth,
             max_body_bytes: self.config.appservice.max_body_bytes,
             inbox: self.inbox.clone(),
+            pending_transactions_max: self.config.appservice.pending_transactions_max,
             metrics: self.metrics.clone(),
             ready: self.ready.clone(),
             metrics_here: self.config.metrics.listen.is_none(),
@@ -328,10 +307,10 @@ impl App {
         policy: WorkerPolicy,
         shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
-        let worker = Worker {
+        let worker = worker::Worker {
             inbox: self.inbox.clone(),
             metrics: self.metrics.clone(),
-            handler,
+            pipeline: handler,
             policy,
         };
         tokio::spawn(worker.run(shutdown))
@@ -354,7 +333,25 @@ impl App {
             ))
         })?;
         let txn_id = ruma::TransactionId::new();
-        match self.client.ping(Some(&txn_id)).await {
+        // The homeserver's own side of a ping can fail once under load (Synapse answered
+        // M_CONNECTION_FAILED "AlreadyCalled" after mxpay had answered it): a failure to
+        // connect is asked again twice before it stops start-up.
+        let mut pinged = self.client.ping(Some(&txn_id)).await;
+        for _ in 0..PING_RETRIES {
+            match &pinged {
+                Err(e)
+                    if matches!(
+                        e.errcode(),
+                        Some("M_CONNECTION_FAILED" | "M_CONNECTION_TIMEOUT")
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    pinged = self.client.ping(Some(&ruma::TransactionId::new())).await;
+                }
+                _ => break,
+            }
+        }
+        match pinged {
             Ok(duration) => {
                 tracing::info!(
                     round_trip_ms = duration.as_millis() as u64,
@@ -473,137 +470,11 @@ fn explain_ping(error: &HomeserverError, config: &Config, registration: &str) ->
     }
 }
 
-/// Feeds stored transactions to the handler, oldest first.
-struct Worker {
-    inbox: Inbox,
-    metrics: Arc<Metrics>,
-    handler: Arc<dyn Pipeline>,
-    policy: WorkerPolicy,
-}
-
-impl Worker {
-    async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let idle = Duration::from_millis(self.policy.idle_poll_ms);
-        while !*shutdown.borrow() {
-            let batch = match self.inbox.pending(None, self.policy.batch_max) {
-                Ok(batch) => batch,
-                Err(error) => {
-                    self.metrics.error("inbox");
-                    tracing::error!(%error, "cannot read the inbox");
-                    wait_or_shutdown(&mut shutdown, idle).await;
-                    continue;
-                }
-            };
-            self.metrics.set_inbox_depth(self.inbox.depth());
-            if batch.is_empty() {
-                // Idle: failed transactions past their retention go (at most once a minute:
-                // a prune reads every failed entry).
-                match self.inbox.prune_failed_if_due().await {
-                    Ok(dropped) => self.failed_dropped(dropped),
-                    Err(error) => {
-                        self.metrics.error("inbox");
-                        tracing::error!(%error, "cannot delete old failed transactions");
-                    }
-                }
-                tokio::select! {
-                    _ = self.inbox.wait_for_new() => {}
-                    _ = shutdown.changed() => {}
-                    _ = tokio::time::sleep(idle) => {}
-                }
-                continue;
-            }
-            for txn in batch {
-                if *shutdown.borrow() {
-                    return;
-                }
-                if !self.process(&txn, &mut shutdown).await {
-                    // Not finished (shutdown, or the inbox could not be updated): look again
-                    // from the head of the queue so order is kept.
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Counts and logs failed transactions deleted by their retention (never their content).
-    fn failed_dropped(&self, dropped: usize) {
-        if dropped > 0 {
-            self.metrics.inbox_failed_dropped(dropped);
-            tracing::info!(
-                dropped,
-                kept = self.inbox.failed_len(),
-                "deleted failed transactions past their retention (age or count)"
-            );
-        }
-    }
-
-    /// Handles one transaction with bounded retries; true when it left the queue.
-    async fn process(&self, txn: &InboxTransaction, shutdown: &mut watch::Receiver<bool>) -> bool {
-        for event in transaction_events(&txn.body) {
-            if let Some(event_type) = event.get("type").and_then(|t| t.as_str()) {
-                self.metrics.event(event_type);
-            }
-        }
-        let mut attempt = 0u32;
-        let failed = loop {
-            attempt += 1;
-            let started = Instant::now();
-            let result = self.handler.handle(txn).await;
-            self.metrics.handler_duration(started.elapsed());
-            match result {
-                Ok(()) => break false,
-                Err(error) if !error.is_transient() => {
-                    self.metrics.error("handler_permanent");
-                    tracing::error!(txn_id = %txn.txn_id, %error, "transaction failed; moved to the failed list");
-                    break true;
-                }
-                Err(error) => {
-                    self.metrics.error("handler_transient");
-                    if attempt >= self.policy.attempts_max {
-                        tracing::error!(txn_id = %txn.txn_id, attempt, %error, "transaction still failing; giving up, moved to the failed list");
-                        break true;
-                    }
-                    let factor = 1u64 << (attempt - 1).min(20);
-                    let delay = Duration::from_millis(
-                        self.policy
-                            .backoff_base_ms
-                            .saturating_mul(factor)
-                            .min(self.policy.backoff_max_ms),
-                    );
-                    tracing::warn!(txn_id = %txn.txn_id, attempt, delay_ms = delay.as_millis() as u64, %error, "transaction failed; retrying");
-                    if wait_or_shutdown(shutdown, delay).await {
-                        // Left pending: handled again after the restart.
-                        return false;
-                    }
-                }
-            }
-        };
-        let marked = if failed {
-            self.inbox
-                .mark_failed(txn.seq)
-                .await
-                .map(|dropped| self.failed_dropped(dropped))
-        } else {
-            self.inbox.mark_processed(txn.seq).await
-        };
-        match marked {
-            Ok(()) => {
-                self.metrics.set_inbox_depth(self.inbox.depth());
-                true
-            }
-            Err(error) => {
-                self.metrics.error("inbox");
-                tracing::error!(txn_id = %txn.txn_id, %error, "cannot mark transaction done");
-                wait_or_shutdown(shutdown, Duration::from_millis(self.policy.backoff_base_ms))
-                    .await;
-                false
-            }
-        }
-    }
-}
-
 /// Sleeps `delay` or until shutdown; true if shutting down.
-async fn wait_or_shutdown(shutdown: &mut watch::Receiver<bool>, delay: Duration) -> bool {
+pub(crate) async fn wait_or_shutdown(
+    shutdown: &mut watch::Receiver<bool>,
+    delay: Duration,
+) -> bool {
     if *shutdown.borrow() {
         return true;
     }
@@ -820,11 +691,13 @@ async fn ready_pings(app: App, mut shutdown: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inbox::InboxTransaction;
     use crate::pipeline::PipelineError;
     use axum::body::Body;
     use axum::http::Request;
     use parking_lot::Mutex;
     use serde_json::json;
+    use std::time::Instant;
     use tower::ServiceExt as _;
 
     /// Records handled ids; fails per a script keyed by txn id.
@@ -859,6 +732,7 @@ mod tests {
             backoff_base_ms: 1,
             backoff_max_ms: 5,
             idle_poll_ms: 50,
+            ..WorkerPolicy::default()
         }
     }
 

@@ -13,9 +13,9 @@ use crate::crypto::pipeline::{
     EncryptedPipeline, DELIVERY_CHECK_TIMEOUT_MS, STORE_KEY_ENV, SWEEP_INTERVAL_MS,
 };
 use crate::crypto::{BotCrypto, CryptoSettings};
-use crate::pipeline::{basic_commands, PlainPipeline, Pipeline};
 use crate::outbox::{Outbox, OutboxPoke, OutboxPolicy};
 use crate::payments::{text, Messenger, Payments, PaymentsPipeline};
+use crate::pipeline::{basic_commands, Pipeline, PlainPipeline};
 use crate::policy::pin::PinHasher;
 use crate::store::payments::PaymentStore;
 

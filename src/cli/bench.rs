@@ -163,7 +163,7 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         }
     }))?;
     let elapsed = started.elapsed();
-    let stats = Stats::of(latencies);
+    let stats = Stats::of_micros(latencies);
     println!(
         "batched: {} durable transfers, {} accounts, {} submitters, batch max {}: {:.2} s, \
          {:.0} transfers/s (latency under load p50 {:.2} ms, p99 {:.2} ms)",
@@ -176,6 +176,13 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         ms(stats.p50),
         ms(stats.p99)
     );
+
+    if let Some((peak_kib, _)) = rss_kib() {
+        println!(
+            "memory after the batched run: peak RSS {:.0} MiB",
+            peak_kib as f64 / 1024.0
+        );
+    }
 
     // Single: one transfer at a time, each waits for its own flush.
     let blocking = ledger.blocking();
@@ -211,16 +218,56 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         started.elapsed().as_secs_f64()
     );
     drop(blocking);
+    let transfers = report.transfers;
+    let started = Instant::now();
     drop(ledger);
+    println!(
+        "close (writes a checkpoint of the state): {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    let options = LedgerOptions {
+        batch_commands_max: p.batch_max,
+        ..LedgerOptions::default()
+    };
+    let started = Instant::now();
+    let ledger = Ledger::open_with_options(dir, &settings, Arc::new(SystemClock), options)?;
+    let reopen = started.elapsed();
+    println!(
+        "reopen: {transfers} transfers in {:.2} s (from the checkpoint at record {})",
+        reopen.as_secs_f64(),
+        ledger
+            .opened_from_checkpoint()
+            .map_or_else(|| "none: full replay".to_owned(), |s| s.to_string())
+    );
+    drop(ledger);
+    if let Some((peak_kib, now_kib)) = rss_kib() {
+        println!(
+            "memory: peak RSS {:.0} MiB, RSS now {:.0} MiB",
+            peak_kib as f64 / 1024.0,
+            now_kib as f64 / 1024.0
+        );
+    }
     Ok(())
 }
 
-/// Runs `count` jobs with `submitters` concurrent tasks; returns each job's latency.
+/// Peak and current resident set size of this process, KiB (Linux only).
+fn rss_kib() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// Runs `count` jobs with `submitters` concurrent tasks; returns each job's latency in µs.
 async fn drive<F, Fut>(
     submitters: usize,
     count: usize,
     job: F,
-) -> Result<Vec<Duration>, crate::ledger::LedgerError>
+) -> Result<Vec<u32>, crate::ledger::LedgerError>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), crate::ledger::LedgerError>> + Send,
@@ -240,7 +287,9 @@ where
                 }
                 let started = Instant::now();
                 job(i).await?;
-                latencies.push(started.elapsed());
+                // Microseconds in a u32 (71 minutes at most): 4 bytes a transfer, so the
+                // bench's own samples do not weigh on the RSS it reports.
+                latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
             }
         }));
     }
@@ -258,6 +307,19 @@ struct Stats {
 }
 
 impl Stats {
+    fn of_micros(mut samples: Vec<u32>) -> Self {
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
+            Duration::from_micros(samples.get(i).copied().map_or(0, u64::from))
+        };
+        Self {
+            p50: at(0.50),
+            p99: at(0.99),
+            max: Duration::from_micros(samples.last().copied().map_or(0, u64::from)),
+        }
+    }
+
     fn of(mut samples: Vec<Duration>) -> Self {
         samples.sort_unstable();
         let at = |q: f64| {

@@ -243,6 +243,11 @@ pub struct AppserviceConfig {
     /// appservice login. Default `false`.
     #[serde(default)]
     pub msc4190: bool,
+    /// Transactions received and not yet handled, at most; beyond it a new transaction is
+    /// answered late (after a wait, with 503 `M_LIMIT_EXCEEDED` so the homeserver sends it again
+    /// later) instead of buffered. Default 10,000; at least 1.
+    #[serde(default = "default_pending_transactions_max")]
+    pub pending_transactions_max: usize,
 }
 
 impl Default for AppserviceConfig {
@@ -256,6 +261,7 @@ impl Default for AppserviceConfig {
             legacy_query_auth: false,
             max_body_bytes: default_max_body_bytes(),
             msc4190: false,
+            pending_transactions_max: default_pending_transactions_max(),
         }
     }
 }
@@ -335,6 +341,9 @@ fn default_appservice_url() -> String {
 }
 fn default_max_body_bytes() -> u64 {
     10 * 1024 * 1024
+}
+fn default_pending_transactions_max() -> usize {
+    10_000
 }
 fn default_log_level() -> String {
     "info".to_owned()
@@ -460,6 +469,12 @@ impl Config {
             return Err(invalid(
                 "appservice.max_body_bytes",
                 "must be at least 1024 bytes",
+            ));
+        }
+        if self.appservice.pending_transactions_max == 0 {
+            return Err(invalid(
+                "appservice.pending_transactions_max",
+                "must be at least 1",
             ));
         }
         if self.data_dir.as_os_str().is_empty() {

@@ -127,8 +127,14 @@ fn default_commands_per_minute_max() -> u32 {
     COMMANDS_PER_MINUTE_MAX_DEFAULT
 }
 fn default_request_expiry_default_ms() -> u64 {
-    crate::requests::REQUEST_EXPIRY_DEFAULT_MS
+    REQUEST_EXPIRY_DEFAULT_MS
 }
+
+/// Default of `request_expiry_default_ms`: 7 days (the requests module's own default; a test
+/// in the payment flow keeps them equal).
+pub const REQUEST_EXPIRY_DEFAULT_MS: u64 = 7 * 24 * 3_600_000;
+/// Upper bound of `request_expiry_default_ms`: 30 days, the longest a request stays open.
+pub const REQUEST_EXPIRY_MAX_MS: u64 = 30 * 24 * 3_600_000;
 
 impl Default for PaymentsSettings {
     fn default() -> Self {
@@ -142,7 +148,7 @@ impl Default for PaymentsSettings {
             wallet_holders: WalletHolders::default(),
             pending_per_user_max: PENDING_PER_USER_MAX_DEFAULT,
             commands_per_minute_max: COMMANDS_PER_MINUTE_MAX_DEFAULT,
-            request_expiry_default_ms: crate::requests::REQUEST_EXPIRY_DEFAULT_MS,
+            request_expiry_default_ms: REQUEST_EXPIRY_DEFAULT_MS,
         }
     }
 }
@@ -185,7 +191,7 @@ impl PaymentsSettings {
                 "request_expiry_default_ms",
                 self.request_expiry_default_ms,
                 60_000,
-                crate::requests::REQUEST_EXPIRY_MAX_MS,
+                REQUEST_EXPIRY_MAX_MS,
             ),
         ];
         for (key, value, min, max) in ranges {

@@ -16,8 +16,9 @@
 pub mod device;
 pub mod event;
 pub mod extensions;
-pub mod pipeline;
+pub mod key_recovery;
 pub mod parked;
+pub mod pipeline;
 pub mod replay;
 
 use std::collections::{BTreeMap, HashMap};
@@ -36,7 +37,6 @@ use matrix_sdk_crypto::{
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
 use ruma::api::client::keys::{get_keys, upload_signing_keys};
-use ruma::api::client::membership::joined_members;
 use ruma::api::client::message::send_message_event;
 use ruma::api::client::state::get_state_event_for_key;
 use ruma::api::client::sync::sync_events::DeviceLists;
@@ -235,8 +235,9 @@ struct Inner {
     replay: ReplayStore,
     /// One pass over the machine's outgoing requests at a time (key claims must not overlap).
     requests_lock: tokio::sync::Mutex<()>,
-    /// Room key sharing and encryption happen one at a time.
-    send_lock: tokio::sync::Mutex<()>,
+    /// Room key sharing and encryption happen one at a time per room (as matrix-sdk does);
+    /// rooms proceed in parallel. Locks nobody holds are dropped.
+    send_locks: parking_lot::Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// Rooms known to be encrypted (encryption is never switched off once on).
     encrypted_rooms: parking_lot::Mutex<HashMap<OwnedRoomId, bool>>,
     delivery: parking_lot::Mutex<DeliveryState>,
@@ -246,6 +247,10 @@ struct Inner {
     /// machine's time-based key upkeep (fallback key rotation) still runs.
     last_key_counts: parking_lot::Mutex<Option<(KeyCounts, u64)>>,
     delivery_changed: tokio::sync::Notify,
+    /// Room key requests the bot sent for keys that never came (see [`key_recovery`]).
+    key_requests: parking_lot::Mutex<key_recovery::KeyRequests>,
+    /// Room keys recovered by asking their sender.
+    keys_recovered: std::sync::atomic::AtomicU64,
 }
 
 /// The bot's crypto: cheap to clone, share it between tasks.
@@ -291,6 +296,9 @@ impl BotCrypto {
                 path: store_dir.clone(),
                 reason: e.to_string(),
             })?;
+        // The bot asks senders for lost keys itself (key_recovery); the machine's own requests
+        // would go only to the bot's own devices, which have none to give.
+        machine.set_room_key_requests_enabled(false);
         let parked = parked::ParkedStore::open(&store_dir.join("parked"))?;
         let replay = ReplayStore::open(&store_dir.join("replay"))?;
 
@@ -311,11 +319,13 @@ impl BotCrypto {
                 parked: parking_lot::Mutex::new(parked),
                 replay,
                 requests_lock: tokio::sync::Mutex::new(()),
-                send_lock: tokio::sync::Mutex::new(()),
+                send_locks: parking_lot::Mutex::new(HashMap::new()),
                 encrypted_rooms: parking_lot::Mutex::new(HashMap::new()),
                 delivery: parking_lot::Mutex::new(DeliveryState::default()),
                 last_key_counts: parking_lot::Mutex::new(None),
                 delivery_changed: tokio::sync::Notify::new(),
+                key_requests: parking_lot::Mutex::new(key_recovery::KeyRequests::default()),
+                keys_recovered: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         this.check_server_has_our_keys().await?;
@@ -401,6 +411,13 @@ impl BotCrypto {
         self.inner.parked.lock().len()
     }
 
+    /// How many room keys the bot recovered by asking their sender since it started.
+    pub fn keys_recovered(&self) -> u64 {
+        self.inner
+            .keys_recovered
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Counts parked events without keeping the device alive (for a metrics scrape hook,
     /// which must not form a cycle: the device's homeserver client holds the metrics): `None` once
     /// the device is gone.
@@ -456,7 +473,9 @@ impl BotCrypto {
                 unused_fallback_keys: changes.unused_fallback_keys.as_deref(),
                 next_batch_token: None,
             };
-            let (_to_device, keys) = inner
+            // Forwarded keys the bot asked for must be read before the machine drops them.
+            let peeked = self.peek_forwarded_keys(&changes.to_device).await?;
+            let (to_device, keys) = inner
                 .machine
                 .receive_sync_changes(sync, &inner.decryption)
                 .await
@@ -464,7 +483,11 @@ impl BotCrypto {
                     matrix_sdk_crypto::OlmError::Store(s) => CryptoError::Store(s),
                     other => CryptoError::Encrypt(other.to_string()),
                 })?;
-            room_keys = keys;
+            room_keys = keys
+                .into_iter()
+                .map(|k| (k.room_id, k.session_id))
+                .collect();
+            room_keys.extend(self.accept_forwarded_keys(&to_device, peeked).await?);
             *inner.last_key_counts.lock() = Some((counts_now, now_ms));
         }
 
@@ -489,11 +512,8 @@ impl BotCrypto {
                 out.events.push(event);
             }
         }
-        for info in &room_keys {
-            let waiting = inner
-                .parked
-                .lock()
-                .waiting_for(&info.room_id, &info.session_id);
+        for (room_id, session_id) in &room_keys {
+            let waiting = inner.parked.lock().waiting_for(room_id, session_id);
             for parked in waiting {
                 if !offered.insert(parked.event_id.clone()) {
                     continue;
@@ -556,6 +576,9 @@ impl BotCrypto {
         let bot = self.inner.device.user_id.as_str();
         let mut users: Vec<OwnedUserId> = Vec::new();
         for event in events {
+            // Before any event of the transaction is acted on: membership and join rules as
+            // the stream says (state events are never encrypted).
+            self.inner.client.observe_room_event(event);
             let kind = event.get("type").and_then(Value::as_str);
             let room_id = event
                 .get("room_id")
@@ -616,16 +639,10 @@ impl BotCrypto {
         Ok(())
     }
 
+    /// The room's joined members, asked of the homeserver once and then kept fresh by the
+    /// transaction stream (see [`crate::homeserver::room_cache`]).
     async fn joined_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>, CryptoError> {
-        let response = self
-            .inner
-            .client
-            .send(
-                joined_members::v3::Request::new(room_id.to_owned()),
-                Identity::Appservice,
-            )
-            .await?;
-        Ok(response.joined.into_keys().collect())
+        Ok(self.inner.client.joined_members(room_id).await?)
     }
 
     async fn decrypt_one(&self, event: &Value) -> Result<Decrypted, CryptoError> {
@@ -960,6 +977,7 @@ impl BotCrypto {
             );
         }
         let all = self.inner.parked.lock().all();
+        self.request_missing_keys(&all, now_ms).await;
         let mut told = 0;
         for parked in all {
             let age_ms = now_ms.saturating_sub(parked.parked_at_ms);
@@ -1200,7 +1218,12 @@ impl BotCrypto {
         let txn_id = txn_id.unwrap_or_else(TransactionId::new);
         let inner = &self.inner;
         let (send_type, send_content) = if self.room_is_encrypted(room_id).await? {
-            let _guard = inner.send_lock.lock().await;
+            let room_lock = {
+                let mut locks = inner.send_locks.lock();
+                locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+                locks.entry(room_id.to_owned()).or_default().clone()
+            };
+            let _guard = room_lock.lock().await;
             let members = self.joined_members(room_id).await?;
             inner
                 .machine

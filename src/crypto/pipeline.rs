@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use super::{BotCrypto, CryptoError, DecryptedEvent};
 use crate::pipeline::{
-    basic_commands, help_text, reply_txn_id, PlainPipeline, CommandHelp, PipelineError,
-    InboxTransaction, Pipeline,
+    basic_commands, help_text, reply_txn_id, CommandHelp, InboxTransaction, Ingested, Job,
+    Pipeline, PipelineError, PlainPipeline,
 };
 
 /// Environment variable holding the crypto store key as 64 hex characters; without it the key
@@ -148,9 +148,11 @@ fn classify(error: CryptoError, what: &str) -> Result<(), PipelineError> {
     }
 }
 
-#[async_trait]
-impl Pipeline for EncryptedPipeline {
-    async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
+impl EncryptedPipeline {
+    /// The serial part of a transaction: the crypto machine takes its to-device messages, key
+    /// counts and device lists first, then decrypts its room events (and parked ones whose key
+    /// came); each event becomes a job in its room's lane.
+    pub async fn ingest_jobs(&self, txn: &InboxTransaction) -> Result<Vec<Job>, PipelineError> {
         let ingested = match self.crypto.ingest(&txn.body).await {
             Ok(ingested) => ingested,
             Err(e) => {
@@ -158,11 +160,42 @@ impl Pipeline for EncryptedPipeline {
                 return Err(PipelineError::transient(e));
             }
         };
-        for event in &ingested.events {
-            let result = self.handle_event(event).await;
-            self.done_with(event, result)?;
+        Ok(ingested.events.into_iter().map(event_job).collect())
+    }
+}
+
+/// A job for one decrypted (or plaintext) event: in its room's lane, one at a time per sender.
+pub fn event_job(event: DecryptedEvent) -> Job {
+    Job {
+        lane: event.room_id.to_string(),
+        sender: Some(event.sender.to_string()),
+        payload: Box::new(event),
+    }
+}
+
+/// The event a job of [`event_job`] carries.
+pub fn job_event(job: &Job) -> Result<&DecryptedEvent, PipelineError> {
+    job.payload::<DecryptedEvent>()
+        .ok_or_else(|| PipelineError::permanent("a job without its event"))
+}
+
+#[async_trait]
+impl Pipeline for EncryptedPipeline {
+    async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
+        for job in self.ingest_jobs(txn).await? {
+            self.run_job(&job).await?;
         }
         Ok(())
+    }
+
+    async fn ingest(&self, txn: &InboxTransaction) -> Result<Ingested, PipelineError> {
+        Ok(Ingested::Jobs(self.ingest_jobs(txn).await?))
+    }
+
+    async fn run_job(&self, job: &Job) -> Result<(), PipelineError> {
+        let event = job_event(job)?;
+        let result = self.handle_event(event).await;
+        self.done_with(event, result)
     }
 }
 

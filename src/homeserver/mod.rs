@@ -10,6 +10,7 @@
 pub mod admin_register;
 pub mod identity;
 pub mod retry;
+pub mod room_cache;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -224,6 +225,8 @@ pub struct HomeserverClient {
     retry: RetryPolicy,
     versions: std::sync::Arc<SupportedVersions>,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// Rooms' membership and join rule, kept fresh by the transaction stream (shared by clones).
+    rooms: std::sync::Arc<room_cache::RoomCache>,
 }
 
 impl std::fmt::Debug for HomeserverClient {
@@ -269,6 +272,7 @@ impl HomeserverClient {
                 &BTreeMap::new(),
             )),
             metrics: None,
+            rooms: std::sync::Arc::default(),
         })
     }
 
@@ -615,6 +619,87 @@ impl HomeserverClient {
     ) -> Result<Vec<Raw<RoomMemberEvent>>, HomeserverError> {
         let request = get_member_events::v3::Request::new(room_id.to_owned());
         Ok(self.send(request, Identity::Appservice).await?.chunk)
+    }
+
+    /// Takes in an event the homeserver pushed (a transaction's event, before it is acted on):
+    /// membership and join-rule changes keep the room copies fresh
+    /// ([`room_cache::RoomCache::observe`]).
+    pub fn observe_room_event(&self, event: &serde_json::Value) {
+        self.rooms.observe(event);
+    }
+
+    /// Each member of a room with their membership (`join`, `invite`, `leave`, ...): asked of
+    /// the homeserver once, then kept fresh by the transaction stream.
+    pub async fn memberships(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Vec<(String, String)>, HomeserverError> {
+        if let Some(members) = self.rooms.members(room_id) {
+            return Ok(members);
+        }
+        let asked = self.rooms.asking(room_id);
+        let members: Vec<(String, String)> = self
+            .room_members(room_id)
+            .await?
+            .iter()
+            .filter_map(|raw| {
+                let v: serde_json::Value = raw.deserialize_as_unchecked().ok()?;
+                Some((
+                    v.get("state_key")?.as_str()?.to_owned(),
+                    v.pointer("/content/membership")?.as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        self.rooms.store_members(room_id, asked, &members);
+        Ok(members)
+    }
+
+    /// The joined members of a room (see [`Self::memberships`]).
+    pub async fn joined_members(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Vec<OwnedUserId>, HomeserverError> {
+        Ok(self
+            .memberships(room_id)
+            .await?
+            .into_iter()
+            .filter(|(_, membership)| membership == "join")
+            .filter_map(|(user, _)| UserId::parse(user).ok())
+            .collect())
+    }
+
+    /// The room's join rule (`invite`, `public`, `knock`, ...), if it has one: asked of the
+    /// homeserver once (that one state event, not the whole state), then kept fresh by the
+    /// transaction stream.
+    pub async fn join_rule(&self, room_id: &RoomId) -> Result<Option<String>, HomeserverError> {
+        use ruma::api::client::state::get_state_event_for_key;
+        use ruma::events::StateEventType;
+        if let Some(join_rule) = self.rooms.join_rule(room_id) {
+            return Ok(join_rule);
+        }
+        let asked = self.rooms.asking(room_id);
+        let request = get_state_event_for_key::v3::Request::new(
+            room_id.to_owned(),
+            StateEventType::RoomJoinRules,
+            String::new(),
+        );
+        let join_rule = match self.send(request, Identity::Appservice).await {
+            Ok(response) => {
+                serde_json::from_str::<serde_json::Value>(response.event_or_content.get())
+                    .ok()
+                    .and_then(|v| {
+                        v.get("join_rule")
+                            .or_else(|| v.pointer("/content/join_rule"))
+                            .and_then(serde_json::Value::as_str)
+                            .map(ToOwned::to_owned)
+                    })
+            }
+            Err(e) if e.status() == Some(404) => None,
+            Err(e) => return Err(e),
+        };
+        self.rooms
+            .store_join_rule(room_id, asked, join_rule.clone());
+        Ok(join_rule)
     }
 }
 

@@ -43,6 +43,9 @@ pub enum EdgeError {
     /// The body stream broke while reading.
     #[error("could not read the request body")]
     BodyRead,
+    /// The inbox holds `appservice.pending_transactions_max` transactions: send it again later.
+    #[error("too many transactions waiting; send this one again later")]
+    Busy,
     /// Something failed inside mxpay (logged where it happened); the homeserver should retry.
     #[error("internal error; try again later")]
     Internal,
@@ -64,6 +67,7 @@ impl EdgeError {
             Self::Unrecognized => (StatusCode::NOT_FOUND, "M_UNRECOGNIZED"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED"),
             Self::BodyRead => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
+            Self::Busy => (StatusCode::SERVICE_UNAVAILABLE, "M_LIMIT_EXCEEDED"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         }
     }

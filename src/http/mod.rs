@@ -7,6 +7,7 @@ mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -36,6 +37,8 @@ pub struct EdgeState {
     pub max_body_bytes: u64,
     /// Where transactions go.
     pub inbox: Inbox,
+    /// Transactions the inbox may hold unhandled (`appservice.pending_transactions_max`).
+    pub pending_transactions_max: usize,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Whether the last homeserver ping succeeded (`/ready`).
@@ -185,6 +188,7 @@ async fn put_transaction(
     if !object.get("events").is_some_and(|e| e.is_array()) {
         return Err(EdgeError::BadJson("`events` must be an array"));
     }
+    wait_for_inbox_room(&state, &txn_id).await?;
     let accepted = state.inbox.accept(&txn_id, &raw).await.map_err(|error| {
         state.metrics.error("inbox");
         tracing::error!(%txn_id, %error, "cannot store transaction; answering 500 so the homeserver retries");
@@ -194,6 +198,31 @@ async fn put_transaction(
     state.metrics.transaction_received(duplicate);
     tracing::debug!(%txn_id, duplicate, "transaction stored");
     Ok(empty_ok())
+}
+
+/// How long a transaction waits for room in a full inbox before it is answered 503.
+pub const INBOX_FULL_WAIT_MS: u64 = 2_000;
+
+/// Back-pressure: while the inbox holds `pending_transactions_max` unhandled transactions, a
+/// new one waits (up to [`INBOX_FULL_WAIT_MS`]) and is then refused with 503, so the homeserver
+/// slows down instead of mxpay buffering without end. One the inbox holds already (a retry)
+/// always goes through: answering it costs nothing.
+async fn wait_for_inbox_room(state: &EdgeState, txn_id: &str) -> Result<(), EdgeError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(INBOX_FULL_WAIT_MS);
+    loop {
+        if state.inbox.depth() < state.pending_transactions_max {
+            return Ok(());
+        }
+        if state.inbox.contains(txn_id).unwrap_or(false) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            state.metrics.error("inbox_full");
+            tracing::warn!(%txn_id, depth = state.inbox.depth(), "inbox full; asking the homeserver to send the transaction again later");
+            return Err(EdgeError::Busy);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `POST /_matrix/app/v1/ping`: `{}`.

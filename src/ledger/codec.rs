@@ -84,6 +84,11 @@ impl RecordBuilder {
         self.entries.len()
     }
 
+    /// Events pushed.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
     /// Whether no event was pushed.
     pub fn is_empty(&self) -> bool {
         self.count == 0
@@ -168,7 +173,7 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, String> {
     })
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u128) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u128) {
     loop {
         let byte = (v & 0x7f) as u8;
         v >>= 7;
@@ -180,12 +185,12 @@ fn put_varint(out: &mut Vec<u8>, mut v: u128) {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     put_varint(out, bytes.len() as u128);
     out.extend_from_slice(bytes);
 }
 
-fn put_account(out: &mut Vec<u8>, account: &AccountId) {
+pub(crate) fn put_account(out: &mut Vec<u8>, account: &AccountId) {
     match &account.owner {
         Owner::User(name) => {
             out.push(0);
@@ -198,7 +203,7 @@ fn put_account(out: &mut Vec<u8>, account: &AccountId) {
     out.extend_from_slice(&account.currency.bytes());
 }
 
-fn put_kind(out: &mut Vec<u8>, kind: &TransferKind) {
+pub(crate) fn put_kind(out: &mut Vec<u8>, kind: &TransferKind) {
     match kind {
         TransferKind::Single => out.push(0),
         TransferKind::Pending { timeout_ms } => {
@@ -212,7 +217,23 @@ fn put_kind(out: &mut Vec<u8>, kind: &TransferKind) {
     }
 }
 
-fn put_freeze(out: &mut Vec<u8>, mode: Option<FreezeMode>) {
+/// A kind with the original of a pending refund: tag 3 (pending + original) when linked.
+pub(crate) fn put_kind_linked(
+    out: &mut Vec<u8>,
+    kind: &TransferKind,
+    refund_of: Option<TransferId>,
+) {
+    match (kind, refund_of) {
+        (TransferKind::Pending { timeout_ms }, Some(original)) => {
+            out.push(3);
+            put_varint(out, u128::from(*timeout_ms));
+            out.extend_from_slice(&original.0.to_le_bytes());
+        }
+        _ => put_kind(out, kind),
+    }
+}
+
+pub(crate) fn put_freeze(out: &mut Vec<u8>, mode: Option<FreezeMode>) {
     out.push(match mode {
         None => 0,
         Some(FreezeMode::Debits) => 1,
@@ -233,10 +254,11 @@ fn encode_event(out: &mut Vec<u8>, event: &Event) {
             credit,
             amount_minor,
             memo,
+            refund_of,
         } => {
             out.push(2);
             out.extend_from_slice(&id.0.to_le_bytes());
-            put_kind(out, kind);
+            put_kind_linked(out, kind, *refund_of);
             put_varint(out, u128::from(*debit));
             put_varint(out, u128::from(*credit));
             put_varint(out, *amount_minor);
@@ -259,7 +281,7 @@ fn encode_event(out: &mut Vec<u8>, event: &Event) {
             out.push(6);
             out.extend_from_slice(&id.0.to_le_bytes());
             put_varint(out, u128::from(error.code()));
-            put_kind(out, &body.kind);
+            put_kind_linked(out, &body.kind, body.refund_of);
             for account in [&body.debit, &body.credit] {
                 match account {
                     None => out.push(0),
@@ -286,13 +308,13 @@ fn encode_event(out: &mut Vec<u8>, event: &Event) {
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+pub(crate) struct Reader<'a> {
+    pub bytes: &'a [u8],
+    pub pos: usize,
 }
 
 impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&[u8], String> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let end = end.ok_or_else(|| format!("truncated at byte {}", self.pos))?;
         let slice = &self.bytes[self.pos..end];
@@ -300,23 +322,23 @@ impl Reader<'_> {
         Ok(slice)
     }
 
-    fn u8(&mut self) -> Result<u8, String> {
+    pub(crate) fn u8(&mut self) -> Result<u8, String> {
         Ok(self.take(1)?[0])
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
         Ok(self.take(N)?.try_into().expect("length checked"))
     }
 
-    fn u64_fixed(&mut self) -> Result<u64, String> {
+    pub(crate) fn u64_fixed(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
-    fn id(&mut self) -> Result<TransferId, String> {
+    pub(crate) fn id(&mut self) -> Result<TransferId, String> {
         Ok(TransferId(u128::from_le_bytes(self.array()?)))
     }
 
-    fn varint(&mut self) -> Result<u128, String> {
+    pub(crate) fn varint(&mut self) -> Result<u128, String> {
         let mut v: u128 = 0;
         for shift in (0..128).step_by(7) {
             let byte = self.u8()?;
@@ -328,21 +350,21 @@ impl Reader<'_> {
         Err("varint too long".to_owned())
     }
 
-    fn varint_u32(&mut self) -> Result<u32, String> {
+    pub(crate) fn varint_u32(&mut self) -> Result<u32, String> {
         u32::try_from(self.varint()?).map_err(|_| "index out of range".to_owned())
     }
 
-    fn bytes(&mut self) -> Result<Vec<u8>, String> {
+    pub(crate) fn bytes(&mut self) -> Result<Vec<u8>, String> {
         let len = usize::try_from(self.varint()?).map_err(|_| "length out of range")?;
         Ok(self.take(len)?.to_vec())
     }
 
-    fn currency(&mut self) -> Result<CurrencyCode, String> {
+    pub(crate) fn currency(&mut self) -> Result<CurrencyCode, String> {
         let bytes = self.array::<3>()?;
         CurrencyCode::from_bytes(bytes).ok_or_else(|| "invalid currency code".to_owned())
     }
 
-    fn account(&mut self) -> Result<AccountId, String> {
+    pub(crate) fn account(&mut self) -> Result<AccountId, String> {
         let owner = match self.u8()? {
             0 => Owner::User(
                 String::from_utf8(self.bytes()?).map_err(|_| "owner is not UTF-8".to_owned())?,
@@ -358,20 +380,43 @@ impl Reader<'_> {
         })
     }
 
-    fn kind(&mut self) -> Result<TransferKind, String> {
+    pub(crate) fn kind(&mut self) -> Result<TransferKind, String> {
+        match self.kind_linked()? {
+            (kind, None) => Ok(kind),
+            (_, Some(_)) => Err("a pending refund where none may be".to_owned()),
+        }
+    }
+
+    /// A kind written by `put_kind_linked`: with the original of a pending refund.
+    pub(crate) fn kind_linked(&mut self) -> Result<(TransferKind, Option<TransferId>), String> {
+        let timeout = |r: &mut Self| -> Result<u64, String> {
+            u64::try_from(r.varint()?).map_err(|_| "timeout out of range".to_owned())
+        };
         match self.u8()? {
-            0 => Ok(TransferKind::Single),
-            1 => Ok(TransferKind::Pending {
-                timeout_ms: u64::try_from(self.varint()?).map_err(|_| "timeout out of range")?,
-            }),
-            2 => Ok(TransferKind::Refund {
-                original: self.id()?,
-            }),
+            0 => Ok((TransferKind::Single, None)),
+            1 => Ok((
+                TransferKind::Pending {
+                    timeout_ms: timeout(self)?,
+                },
+                None,
+            )),
+            2 => Ok((
+                TransferKind::Refund {
+                    original: self.id()?,
+                },
+                None,
+            )),
+            3 => Ok((
+                TransferKind::Pending {
+                    timeout_ms: timeout(self)?,
+                },
+                Some(self.id()?),
+            )),
             tag => Err(format!("unknown transfer kind {tag}")),
         }
     }
 
-    fn freeze(&mut self) -> Result<Option<FreezeMode>, String> {
+    pub(crate) fn freeze(&mut self) -> Result<Option<FreezeMode>, String> {
         match self.u8()? {
             0 => Ok(None),
             1 => Ok(Some(FreezeMode::Debits)),
@@ -386,14 +431,19 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
         1 => Event::AccountOpened {
             account: r.account()?,
         },
-        2 => Event::TransferCreated {
-            id: r.id()?,
-            kind: r.kind()?,
-            debit: r.varint_u32()?,
-            credit: r.varint_u32()?,
-            amount_minor: r.varint()?,
-            memo: r.bytes()?,
-        },
+        2 => {
+            let id = r.id()?;
+            let (kind, refund_of) = r.kind_linked()?;
+            Event::TransferCreated {
+                id,
+                kind,
+                debit: r.varint_u32()?,
+                credit: r.varint_u32()?,
+                amount_minor: r.varint()?,
+                memo: r.bytes()?,
+                refund_of,
+            }
+        }
         3 => Event::PendingPosted {
             id: r.id()?,
             amount_minor: r.varint()?,
@@ -405,7 +455,7 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
             let code = u16::try_from(r.varint()?).map_err(|_| "error code out of range")?;
             let error = TransferError::from_code(code)
                 .ok_or_else(|| format!("unknown error code {code}"))?;
-            let kind = r.kind()?;
+            let (kind, refund_of) = r.kind_linked()?;
             let mut accounts = [None, None];
             for slot in &mut accounts {
                 *slot = match r.u8()? {
@@ -425,6 +475,7 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
                     currency: r.currency()?,
                     amount_minor: r.varint()?,
                     memo: r.bytes()?,
+                    refund_of,
                 },
             }
         }
@@ -470,6 +521,7 @@ mod tests {
                 credit: 0,
                 amount_minor: 1250,
                 memo: b"room".to_vec(),
+                refund_of: None,
             },
             Event::PendingPosted {
                 id: TransferId(3),
@@ -492,6 +544,7 @@ mod tests {
                     currency: eur,
                     amount_minor: 1,
                     memo: vec![],
+                    refund_of: None,
                 },
             },
             Event::AccountFrozen {
@@ -571,6 +624,7 @@ mod tests {
                     currency: eur,
                     amount_minor: u128::MAX,
                     memo: vec![0; crate::ledger::MEMO_BYTES_MAX],
+                    refund_of: None,
                 },
             },
         ];

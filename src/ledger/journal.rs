@@ -22,7 +22,7 @@ pub(crate) struct ChainReader {
     records: Box<dyn Iterator<Item = StoredRecord> + Send>,
     expected_seq: u64,
     prev_hash: [u8; HASH_LEN],
-    prev_time_ms: u64,
+    pub prev_time_ms: u64,
     /// Stop after this seq (a live ledger's durable head when the read started).
     until_seq: Option<u64>,
 }
@@ -64,6 +64,12 @@ impl ChainReader {
             // Not `Some(0)`, which marks a walk stopped by a broken chain.
             until_seq: Some(before),
         })
+    }
+
+    /// Reads every record after those read so far, to the end of the journal.
+    pub fn read_to_end(&mut self, storage: &dyn Storage) {
+        self.records = storage.records(self.expected_seq);
+        self.until_seq = None;
     }
 
     /// Looks at the store again from the next expected record on, so records appended since
@@ -153,37 +159,43 @@ impl Iterator for ChainReader {
     }
 }
 
-/// Replays the whole journal (or up to `until_seq`) into a fresh state, checks the head, and
-/// returns the state. `check_head` is false when reading up to a live ledger's head.
-pub(crate) fn replay(
-    storage: &dyn Storage,
-    until_seq: Option<u64>,
-    check_head: bool,
-) -> Result<Replayed, LedgerError> {
-    let mut state = State::new(Currencies::default());
-    let anchor = match storage.anchor()? {
-        Some(bytes) => Some(Head::decode(&bytes).map_err(|reason| LedgerError::Corrupt {
-            record: 0,
-            reason: format!("head anchor: {reason}"),
-        })?),
-        None => None,
-    };
-    // A live ledger may have written past `until_seq` since: check the anchor only within.
-    let anchor = anchor.filter(|a| until_seq.is_none_or(|u| a.seq <= u));
-    let mut reader = ChainReader::new(storage, until_seq);
+/// The head anchor, if the backend keeps one.
+fn read_anchor(storage: &dyn Storage) -> Result<Option<Head>, LedgerError> {
+    match storage.anchor()? {
+        Some(bytes) => Ok(Some(Head::decode(&bytes).map_err(|reason| {
+            LedgerError::Corrupt {
+                record: 0,
+                reason: format!("head anchor: {reason}"),
+            }
+        })?)),
+        None => Ok(None),
+    }
+}
+
+fn anchor_mismatch(seq: u64) -> LedgerError {
+    LedgerError::Corrupt {
+        record: seq,
+        reason: "the record differs from the one written (its hash does not match the head \
+                 anchor)"
+            .to_owned(),
+    }
+}
+
+/// Applies every record `reader` yields to `state`, checking each against the anchor as it
+/// passes, and (when `checkpoint` is given and its record is among them) that the state after
+/// that record is the checkpoint's. Returns (entries applied, time of the last record).
+fn apply_records(
+    reader: &mut ChainReader,
+    state: &mut State,
+    anchor: Option<Head>,
+    checkpoint: Option<(Head, &[u8])>,
+) -> Result<(u64, Option<u64>), LedgerError> {
     let mut events = 0u64;
-    let mut last_time_ms = 0;
+    let mut last_time_ms = None;
     for record in reader.by_ref() {
         let record = record?;
-        if let Some(a) = anchor.filter(|a| a.seq == record.seq) {
-            if a.hash != record.hash {
-                return Err(LedgerError::Corrupt {
-                    record: record.seq,
-                    reason: "the record differs from the one written (its hash does not match \
-                             the head anchor)"
-                        .to_owned(),
-                });
-            }
+        if anchor.is_some_and(|a| a.seq == record.seq && a.hash != record.hash) {
+            return Err(anchor_mismatch(record.seq));
         }
         for (i, event) in record.events.iter().enumerate() {
             state
@@ -194,9 +206,38 @@ pub(crate) fn replay(
                 })?;
         }
         events += record.events.len() as u64;
-        last_time_ms = record.time_ms;
+        last_time_ms = Some(record.time_ms);
+        if let Some((head, bytes)) = checkpoint.filter(|(h, _)| h.seq == record.seq) {
+            let expected = state.encode_checkpoint(
+                Head {
+                    seq: record.seq,
+                    hash: record.hash,
+                },
+                record.time_ms,
+            );
+            if head.hash != record.hash || expected != bytes {
+                return Err(LedgerError::Corrupt {
+                    record: record.seq,
+                    reason: format!(
+                        "the checkpoint at record {} is not the replay of the journal up to it",
+                        record.seq
+                    ),
+                });
+            }
+        }
     }
-    let head = reader.head();
+    Ok((events, last_time_ms))
+}
+
+/// The checks after the last record: the anchor does not lead, the stored head names the last
+/// record, and the walk reached `until_seq`.
+fn check_end(
+    storage: &dyn Storage,
+    head: Head,
+    anchor: Option<Head>,
+    until_seq: Option<u64>,
+    check_head: bool,
+) -> Result<(), LedgerError> {
     if let Some(a) = anchor.filter(|a| a.seq > head.seq) {
         return Err(LedgerError::Corrupt {
             record: head.seq + 1,
@@ -221,12 +262,189 @@ pub(crate) fn replay(
             });
         }
     }
+    Ok(())
+}
+
+/// Replays the whole journal (or up to `until_seq`) into a fresh state, checks the head, and
+/// returns the state. `check_head` is false when reading up to a live ledger's head. The
+/// stored checkpoint, if any and within `until_seq`, must be the replay up to its record
+/// (`verify` uses this; a torn or altered checkpoint fails it).
+pub(crate) fn replay(
+    storage: &dyn Storage,
+    until_seq: Option<u64>,
+    check_head: bool,
+) -> Result<Replayed, LedgerError> {
+    let mut state = State::new(Currencies::default());
+    // A live ledger may have written past `until_seq` since: check the anchor only within.
+    let anchor = read_anchor(storage)?.filter(|a| until_seq.is_none_or(|u| a.seq <= u));
+    let checkpoint = storage.checkpoint()?;
+    let checkpoint = match &checkpoint {
+        Some(bytes) => {
+            let cp = checkpoint_head(bytes).map_err(|reason| LedgerError::Corrupt {
+                record: 0,
+                reason: format!("checkpoint: {reason}"),
+            })?;
+            // A live ledger may write a newer checkpoint than the head this replay stops at.
+            until_seq
+                .is_none_or(|u| cp.seq <= u)
+                .then_some((cp, bytes.as_slice()))
+        }
+        None => None,
+    };
+    let mut reader = ChainReader::new(storage, until_seq);
+    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, checkpoint)?;
+    let head = reader.head();
+    check_end(storage, head, anchor, until_seq, check_head)?;
+    if let Some((cp, _)) = checkpoint.filter(|(cp, _)| cp.seq > head.seq) {
+        return Err(LedgerError::Corrupt {
+            record: head.seq + 1,
+            reason: format!(
+                "the journal ends at record {} but the checkpoint stands for record {}: \
+                 records were lost",
+                head.seq, cp.seq
+            ),
+        });
+    }
     Ok(Replayed {
         state,
         head,
-        last_time_ms,
+        last_time_ms: last_time_ms.unwrap_or(0),
         events,
     })
+}
+
+/// The record a checkpoint stands for, after checking the checkpoint's own hash.
+fn checkpoint_head(bytes: &[u8]) -> Result<Head, String> {
+    // Decoding the whole state only to read its header would double verify's memory; the
+    // header is fixed-size and the hash covers it.
+    let body_len = bytes
+        .len()
+        .checked_sub(HASH_LEN)
+        .ok_or("checkpoint is too short")?;
+    if blake3::hash(&bytes[..body_len]).as_bytes() != &bytes[body_len..] {
+        return Err("checkpoint hash does not match its content (torn or altered)".into());
+    }
+    // magic (8) | version (1) | seq (8) | hash (32)
+    let header = bytes.get(..49).ok_or("checkpoint is too short")?;
+    let mut hash = [0u8; HASH_LEN];
+    hash.copy_from_slice(&header[17..49]);
+    Ok(Head {
+        seq: u64::from_le_bytes(header[9..17].try_into().expect("8 bytes")),
+        hash,
+    })
+}
+
+/// How opening the ledger got its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// From the checkpoint at this record, then the records after it.
+    Checkpoint { seq: u64 },
+    /// From record 1: no checkpoint was stored.
+    FullReplay,
+    /// From record 1 because the checkpoint could not be used (the reason).
+    FellBack { reason: String },
+}
+
+/// The state for opening the ledger: from the stored checkpoint and the records after it
+/// when there is a usable one, from the whole journal otherwise. A checkpoint that is torn,
+/// altered, or does not fit the journal (its record is missing or has another hash, or the
+/// records after it do not apply) is not trusted: the whole journal is replayed instead, and
+/// the reason returned for the caller to log and count. The full replay is the authority; if
+/// the journal itself is broken, it fails as it would without a checkpoint.
+pub(crate) fn replay_for_open(storage: &dyn Storage) -> Result<(Replayed, Start), LedgerError> {
+    let Some(bytes) = storage.checkpoint()? else {
+        return Ok((replay(storage, None, true)?, Start::FullReplay));
+    };
+    match replay_after_checkpoint(storage, &bytes) {
+        Ok((replayed, seq)) => Ok((replayed, Start::Checkpoint { seq })),
+        Err(LedgerError::Corrupt { record, reason }) => {
+            let reason = format!("at record {record}: {reason}");
+            let replayed = replay_without_checkpoint(storage)?;
+            // A whole checkpoint of a record the journal no longer has: acknowledged records
+            // were lost (the store dropped its end, with its head), which no fallback may hide.
+            if let Ok(cp) = checkpoint_head(&bytes) {
+                if cp.seq > replayed.head.seq {
+                    return Err(LedgerError::Corrupt {
+                        record: replayed.head.seq + 1,
+                        reason: format!(
+                            "the journal ends at record {} but the checkpoint stands for \
+                             record {}: records were lost",
+                            replayed.head.seq, cp.seq
+                        ),
+                    });
+                }
+            }
+            Ok((replayed, Start::FellBack { reason }))
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// [`replay`] of the whole journal, ignoring the checkpoint (which is known to be bad).
+fn replay_without_checkpoint(storage: &dyn Storage) -> Result<Replayed, LedgerError> {
+    let mut state = State::new(Currencies::default());
+    let anchor = read_anchor(storage)?;
+    let mut reader = ChainReader::new(storage, None);
+    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, None)?;
+    let head = reader.head();
+    check_end(storage, head, anchor, None, true)?;
+    Ok(Replayed {
+        state,
+        head,
+        last_time_ms: last_time_ms.unwrap_or(0),
+        events,
+    })
+}
+
+/// The checkpoint's state, then the records after it (chained to the checkpoint's record).
+fn replay_after_checkpoint(
+    storage: &dyn Storage,
+    bytes: &[u8],
+) -> Result<(Replayed, u64), LedgerError> {
+    let corrupt = |record: u64, reason: String| LedgerError::Corrupt { record, reason };
+    let checkpoint =
+        State::decode_checkpoint(bytes).map_err(|e| corrupt(0, format!("checkpoint: {e}")))?;
+    let cp = checkpoint.head;
+    if cp.seq == 0 {
+        return Err(corrupt(0, "checkpoint of an empty journal".into()));
+    }
+    let mut state = checkpoint.state;
+    // Reads record `cp.seq` and checks its own hash; later records chain to it.
+    let mut reader = ChainReader::starting_at(storage, cp.seq + 1)?;
+    if reader.head() != cp {
+        return Err(corrupt(
+            cp.seq,
+            "the checkpoint does not stand for the journal's record (another hash)".into(),
+        ));
+    }
+    if reader.prev_time_ms != checkpoint.time_ms {
+        return Err(corrupt(cp.seq, "the checkpoint has another time".into()));
+    }
+    let anchor = read_anchor(storage)?;
+    if let Some(a) = anchor.filter(|a| a.seq <= cp.seq && a.seq > 0) {
+        // Passed before the checkpoint: look at that one record.
+        let (key_seq, record) = storage
+            .records(a.seq)
+            .next()
+            .ok_or_else(|| corrupt(a.seq, "the anchor's record is missing".into()))??;
+        let record = decode_record(&record).map_err(|e| corrupt(a.seq, e))?;
+        if key_seq != a.seq || record.seq != a.seq || record.hash != a.hash {
+            return Err(anchor_mismatch(a.seq));
+        }
+    }
+    reader.read_to_end(storage);
+    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, None)?;
+    let head = reader.head();
+    check_end(storage, head, anchor, None, true)?;
+    Ok((
+        Replayed {
+            state,
+            head,
+            last_time_ms: last_time_ms.unwrap_or(checkpoint.time_ms),
+            events,
+        },
+        cp.seq,
+    ))
 }
 
 /// The stored head must name the last record: otherwise records were cut off the end.
@@ -392,6 +610,8 @@ impl JournalExport {
                 credit,
                 amount_minor,
                 memo,
+                // Not exported yet: `Ledger::transfer(id).refund_of` names it.
+                refund_of: _,
             } => JournalEntry::TransferCreated {
                 id,
                 kind,
@@ -573,6 +793,7 @@ mod tests {
                     credit: 1,
                     amount_minor: 100,
                     memo: vec![],
+                    refund_of: None,
                 },
                 Event::TransferCreated {
                     id: TransferId(id * 10 + 1),
@@ -581,6 +802,7 @@ mod tests {
                     credit: 0,
                     amount_minor: 40,
                     memo: vec![],
+                    refund_of: None,
                 },
             ]);
         }

@@ -14,6 +14,8 @@ pub mod amount;
 mod codec;
 pub mod journal;
 pub mod model;
+#[cfg(test)]
+mod powercut;
 pub mod settings;
 mod state;
 pub mod storage;
@@ -107,7 +109,20 @@ pub struct LedgerOptions {
     /// `clock_skew_ms_max` at a time passes that same manual clock here, so ledger time
     /// follows it.
     pub monotonic: Option<SharedMonotonic>,
+    /// A checkpoint of the state is written once at least this many journal entries were
+    /// committed since the last one *and* at least half as many as the checkpoint holds
+    /// (transfers, accounts, failures), so that opening replays at most about that many
+    /// entries and checkpoints cost O(1) per entry over time. Also written when the ledger is
+    /// closed. Default [`CHECKPOINT_ENTRIES_MIN`].
+    pub checkpoint_entries_min: u64,
+    /// Whether closing the ledger writes a checkpoint (default true). Tests turn it off to
+    /// reopen as after a crash, from an older checkpoint and the records after it.
+    pub checkpoint_at_close: bool,
 }
+
+/// Default of [`LedgerOptions::checkpoint_entries_min`]: about 13 MiB of journal, replayed
+/// in well under a second.
+pub const CHECKPOINT_ENTRIES_MIN: u64 = 500_000;
 
 impl Default for LedgerOptions {
     fn default() -> Self {
@@ -117,6 +132,8 @@ impl Default for LedgerOptions {
             expiry_tick_ms: 100,
             clock_skew_ms_max: CLOCK_SKEW_MS_MAX,
             monotonic: None,
+            checkpoint_entries_min: CHECKPOINT_ENTRIES_MIN,
+            checkpoint_at_close: true,
         }
     }
 }
@@ -173,6 +190,12 @@ pub struct LedgerAlarms {
     /// refused: ledger time followed the monotonic clock) or behind (ledger time held at the
     /// previous batch's time until the clock caught up).
     pub clock_readings_refused: u64,
+    /// Opens that could not use the stored checkpoint (torn, altered, or not fitting the
+    /// journal) and replayed the whole journal instead; 0 or 1 per open.
+    pub checkpoint_fallbacks: u64,
+    /// Checkpoints that could not be written (the journal is durable regardless; the next
+    /// open replays more); retried at the next threshold.
+    pub checkpoint_write_failures: u64,
 }
 
 /// Most transfers one history page returns.
@@ -185,6 +208,9 @@ pub type CommitObserver = Box<dyn Fn(usize, Duration) + Send + Sync>;
 struct Inner {
     observer: Arc<std::sync::OnceLock<CommitObserver>>,
     clock_readings_refused: Arc<std::sync::atomic::AtomicU64>,
+    checkpoint_fallbacks: u64,
+    checkpoint_write_failures: Arc<std::sync::atomic::AtomicU64>,
+    start: journal::Start,
     tx: Option<mpsc::Sender<Command>>,
     storage: Arc<dyn Storage>,
     currencies: Currencies,
@@ -248,7 +274,14 @@ impl Ledger {
         clock: SharedClock,
         options: LedgerOptions,
     ) -> Result<Ledger, LedgerError> {
-        let replayed = journal::replay(storage.as_ref(), None, true)?;
+        let (replayed, start) = journal::replay_for_open(storage.as_ref())?;
+        if let journal::Start::FellBack { reason } = &start {
+            tracing::warn!(
+                %reason,
+                "the ledger's checkpoint cannot be used; replayed the whole journal instead \
+                 (a new checkpoint is written soon)"
+            );
+        }
         let mut state = replayed.state;
         // Exponents are data (they give minor units their meaning) and come from the journal;
         // a config currency the journal lacks is defined now, durably.
@@ -265,6 +298,7 @@ impl Ledger {
         }
         let observer: Arc<std::sync::OnceLock<CommitObserver>> = Arc::default();
         let clock_readings_refused: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let checkpoint_write_failures: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let monotonic = options
             .monotonic
             .unwrap_or_else(|| Arc::new(SystemMonotonic::default()));
@@ -282,6 +316,16 @@ impl Ledger {
             last_time_ms: replayed.last_time_ms,
             batch_commands_max: options.batch_commands_max.max(1),
             expiry_tick: Duration::from_millis(options.expiry_tick_ms.max(1)),
+            checkpoint_entries_min: options.checkpoint_entries_min,
+            checkpoint_at_close: options.checkpoint_at_close,
+            // A full replay (or a bad checkpoint) is worth a checkpoint at the first chance.
+            entries_since_checkpoint: match start {
+                journal::Start::Checkpoint { .. } => replayed.events,
+                _ => u64::MAX / 2,
+            },
+            checkpoint_write_failures: checkpoint_write_failures.clone(),
+            checkpoint_in_flight: None,
+            checkpoint_sync_next: !matches!(start, journal::Start::Checkpoint { .. }),
         };
         let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
@@ -304,6 +348,9 @@ impl Ledger {
             inner: Arc::new(Inner {
                 observer,
                 clock_readings_refused,
+                checkpoint_fallbacks: u64::from(matches!(start, journal::Start::FellBack { .. })),
+                checkpoint_write_failures,
+                start,
                 tx: Some(tx),
                 storage,
                 currencies,
@@ -326,7 +373,30 @@ impl Ledger {
                 .inner
                 .clock_readings_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
+            checkpoint_fallbacks: self.inner.checkpoint_fallbacks,
+            checkpoint_write_failures: self
+                .inner
+                .checkpoint_write_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
+    }
+
+    /// The record whose checkpoint this ledger was opened from (`None`: it replayed the whole
+    /// journal, having no usable checkpoint).
+    pub fn opened_from_checkpoint(&self) -> Option<u64> {
+        match self.inner.start {
+            journal::Start::Checkpoint { seq } => Some(seq),
+            _ => None,
+        }
+    }
+
+    /// Writes a checkpoint of the durable state now (the writer also does when enough was
+    /// committed since the last, and at close); returns the record it stands for (0 for an
+    /// empty journal, which has none).
+    pub async fn checkpoint(&self) -> Result<u64, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Checkpoint { reply }).await?;
+        rx.await.map_err(|_| LedgerError::Closed)?
     }
 
     /// The configured currencies.
@@ -403,6 +473,7 @@ impl Ledger {
         self.create_op(Op::Create {
             request,
             timeout_ms: None,
+            refund_of: None,
         })
         .await
     }
@@ -429,6 +500,7 @@ impl Ledger {
         self.create_op(Op::Create {
             request,
             timeout_ms: Some(timeout_ms),
+            refund_of: None,
         })
         .await
     }
@@ -482,6 +554,37 @@ impl Ledger {
             memo,
         })
         .await
+    }
+
+    /// A refund of `refund_of` named by its accounts, single-phase (`timeout_ms: None`) or
+    /// pending (then posted, voided or expiring like any pending transfer, e.g. around the
+    /// payee's PIN step-up). `request.debit` and `request.credit` must be the original's
+    /// credit and debit (`RefundAccountsMismatch`), in its currency. The original must be
+    /// posted and not itself a refund, and its posted refunds plus what its live pending
+    /// refunds reserve plus this one must not exceed what it posted (`RefundExceedsRemaining`;
+    /// exactly that much is accepted). A pending refund reserves its amount of the cap at
+    /// once; voided or expired, it gives it back; posted (in full or in part), what it
+    /// posted counts as refunded. Refunds are not held to the currency's `max_transfer`.
+    /// Idempotent like any create: the same id with the same body (and original) answers
+    /// `Exists`.
+    pub async fn create_refund_result(
+        &self,
+        request: TransferRequest,
+        refund_of: TransferId,
+        timeout_ms: Option<u64>,
+    ) -> Result<CreateResult, LedgerError> {
+        self.create_op(Op::Create {
+            request,
+            timeout_ms,
+            refund_of: Some(refund_of),
+        })
+        .await
+    }
+
+    /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
+    /// empty if it has none or is unknown. Looked up by reference, not by a scan.
+    pub async fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
+        self.read(move |state, _| state.refunds_of(original)).await
     }
 
     /// Expires pending transfers whose deadline passed; returns those this call expired (the
@@ -568,7 +671,7 @@ impl Ledger {
                 reason: "the journal's last record differs from the one the ledger wrote".into(),
             });
         }
-        if let Some(diff) = state.diff(&replayed.state) {
+        if let Some(diff) = state.full_diff(&replayed.state, replayed.last_time_ms) {
             return Err(LedgerError::Invariant(format!(
                 "memory differs from the journal: {diff}"
             )));
@@ -665,6 +768,9 @@ impl Writer {
         self.storage.append(seq, &record, &head.encode())?;
         self.head = head;
         self.last_time_ms = now_ms;
+        self.entries_since_checkpoint = self
+            .entries_since_checkpoint
+            .saturating_add(events.len() as u64);
         Ok(())
     }
 }
@@ -711,6 +817,21 @@ impl BlockingLedger {
         memo: Vec<u8>,
     ) -> Result<CreateResult, LedgerError> {
         block_on(self.0.refund_result(id, original, amount, memo))
+    }
+
+    /// See [`Ledger::create_refund_result`].
+    pub fn create_refund_result(
+        &self,
+        request: TransferRequest,
+        refund_of: TransferId,
+        timeout_ms: Option<u64>,
+    ) -> Result<CreateResult, LedgerError> {
+        block_on(self.0.create_refund_result(request, refund_of, timeout_ms))
+    }
+
+    /// See [`Ledger::refunds_of`].
+    pub fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
+        block_on(self.0.refunds_of(original))
     }
 
     /// See [`Ledger::create_pending`].

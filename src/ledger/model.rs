@@ -194,8 +194,14 @@ pub struct Transfer {
     pub ended_ms: Option<u64>,
     /// For a pending transfer: when it expires unless posted or voided.
     pub deadline_ms: Option<u64>,
-    /// Sum of refunds made against this transfer, minor units.
+    /// Sum of refunds made against this transfer, minor units (single-phase refunds, and
+    /// what pending refunds posted).
     pub refunded_minor: u128,
+    /// For a refund (single-phase or pending): the transfer it refunds.
+    pub refund_of: Option<TransferId>,
+    /// What pending refunds of this transfer reserve now; counted against its cap with
+    /// `refunded_minor`.
+    pub refund_pending_minor: u128,
 }
 
 /// What a create (single or pending) or a refund did: TigerBeetle's `ok` and `exists`.
@@ -322,12 +328,21 @@ pub enum TransferError {
     /// Refund of an unknown transfer.
     #[error("the transfer to refund does not exist")]
     OriginalTransferNotFound = 50,
-    /// Refund of a refund, or of a pending, voided or expired transfer.
-    #[error("the transfer cannot be refunded (not posted, or itself a refund)")]
+    /// Refund of a pending, voided or expired transfer. (Until code 53 existed, also of a
+    /// refund; such failures recorded then keep this code.)
+    #[error("the transfer to refund is not posted")]
     OriginalTransferNotRefundable = 51,
-    /// The refund is above what remains unrefunded.
+    /// The refund is above what remains unrefunded: what was posted, less the refunds made
+    /// and what pending refunds reserve.
     #[error("the refund is above what remains unrefunded")]
     RefundExceedsRemaining = 52,
+    /// Refund of a transfer that is itself a refund (single-phase or pending).
+    #[error("a refund cannot be refunded")]
+    OriginalTransferIsRefund = 53,
+    /// A refund named by its accounts whose debit and credit are not the original's credit
+    /// and debit.
+    #[error("a refund must move money from the original's payee back to its payer")]
+    RefundAccountsMismatch = 54,
     /// The debit account is frozen (refused for new transfers and refunds only; posting a
     /// pending transfer is never refused for a freeze).
     #[error("the debit account is frozen")]
@@ -348,7 +363,7 @@ pub enum TransferError {
 
 impl TransferError {
     /// Every code, in precedence order.
-    pub const ALL: [TransferError; 30] = [
+    pub const ALL: [TransferError; 32] = [
         Self::IdMustNotBeZero,
         Self::AccountsMustBeDifferent,
         Self::MemoTooLong,
@@ -374,6 +389,8 @@ impl TransferError {
         Self::OriginalTransferNotFound,
         Self::OriginalTransferNotRefundable,
         Self::RefundExceedsRemaining,
+        Self::OriginalTransferIsRefund,
+        Self::RefundAccountsMismatch,
         Self::DebitAccountFrozen,
         Self::CreditAccountFrozen,
         Self::ExceedsDailyLimit,
@@ -402,6 +419,8 @@ impl TransferError {
             Self::OriginalTransferNotFound
                 | Self::OriginalTransferNotRefundable
                 | Self::RefundExceedsRemaining
+                | Self::OriginalTransferIsRefund
+                | Self::RefundAccountsMismatch
                 | Self::DebitAccountFrozen
                 | Self::CreditAccountFrozen
                 | Self::ExceedsDailyLimit

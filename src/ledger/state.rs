@@ -12,6 +12,8 @@ use super::model::{
     PENDING_TIMEOUT_MS_MAX,
 };
 
+mod checkpoint;
+
 /// Index of an account in [`State::accounts`], stable across replays (assigned in journal order).
 pub(crate) type AccountIdx = u32;
 /// Index of a transfer in [`State::transfers`], stable across replays.
@@ -40,6 +42,9 @@ pub(crate) enum Event {
         credit: AccountIdx,
         amount_minor: u128,
         memo: Vec<u8>,
+        /// For a pending refund: the transfer it refunds (a single-phase refund names it in
+        /// its kind, `TransferKind::Refund`); `None` otherwise.
+        refund_of: Option<TransferId>,
     },
     /// A pending transfer was posted, for `amount_minor` (at most the reserved amount).
     PendingPosted { id: TransferId, amount_minor: u128 },
@@ -71,6 +76,8 @@ pub(crate) struct Body {
     pub currency: CurrencyCode,
     pub amount_minor: u128,
     pub memo: Vec<u8>,
+    /// For a pending refund, the transfer it refunds (single-phase refunds: in `kind`).
+    pub refund_of: Option<TransferId>,
 }
 
 impl Body {
@@ -83,6 +90,7 @@ impl Body {
             currency: self.currency,
             amount_minor: self.amount_minor,
             memo: digest(&[&self.memo]),
+            refund_of: self.refund_of,
         }
     }
 }
@@ -122,6 +130,7 @@ struct Fingerprint {
     currency: CurrencyCode,
     amount_minor: u128,
     memo: u128,
+    refund_of: Option<TransferId>,
 }
 
 impl Fingerprint {
@@ -131,10 +140,13 @@ impl Fingerprint {
         if std::mem::discriminant(&self.kind) != std::mem::discriminant(&request.kind) {
             return Err(E::ExistsWithDifferentKind);
         }
-        if self.debit != request.debit {
+        // A refund asked for by `refund` names no accounts (they are the original's): only
+        // accounts named on both sides are compared.
+        let differ = |a: Option<u128>, b: Option<u128>| a.zip(b).is_some_and(|(a, b)| a != b);
+        if differ(self.debit, request.debit) {
             return Err(E::ExistsWithDifferentDebitAccount);
         }
-        if self.credit != request.credit {
+        if differ(self.credit, request.credit) {
             return Err(E::ExistsWithDifferentCreditAccount);
         }
         if self.currency != request.currency || self.amount_minor != request.amount_minor {
@@ -157,6 +169,7 @@ impl Fingerprint {
             {
                 Err(E::ExistsWithDifferentOriginal)
             }
+            _ if self.refund_of != request.refund_of => Err(E::ExistsWithDifferentOriginal),
             _ => Ok(()),
         }
     }
@@ -165,10 +178,12 @@ impl Fingerprint {
 /// A request that changes state, as the writer receives it.
 #[derive(Debug, Clone)]
 pub(crate) enum Op {
-    /// Single-phase (`timeout_ms: None`) or pending transfer.
+    /// Single-phase (`timeout_ms: None`) or pending transfer; with `refund_of`, a refund of
+    /// that transfer whose accounts must be the original's, swapped.
     Create {
         request: TransferRequest,
         timeout_ms: Option<u64>,
+        refund_of: Option<TransferId>,
     },
     /// Refund of (part of) a posted transfer.
     Refund {
@@ -287,6 +302,15 @@ pub(crate) struct State {
     /// Live pending transfers by deadline.
     deadlines: BTreeSet<(u64, TransferIdx)>,
     totals: HashMap<CurrencyCode, Totals>,
+    /// The refunds of each refunded transfer (single-phase and pending), oldest first: the
+    /// history of a transfer by reference, without a scan.
+    refunds: HashMap<TransferIdx, Vec<TransferIdx>>,
+    /// Pending refunds -> the transfer each refunds (single-phase refunds name it in their
+    /// kind).
+    pending_refund_of: HashMap<TransferIdx, TransferIdx>,
+    /// What live pending refunds reserve of each original; counted against its cap until
+    /// they are posted (then `refunded_minor`), voided or expire. No zero entries.
+    refund_reserved: HashMap<TransferIdx, u128>,
 }
 
 impl State {
@@ -301,6 +325,9 @@ impl State {
             failed: HashMap::new(),
             deadlines: BTreeSet::new(),
             totals: HashMap::new(),
+            refunds: HashMap::new(),
+            pending_refund_of: HashMap::new(),
+            refund_reserved: HashMap::new(),
         }
     }
 
@@ -324,6 +351,11 @@ impl State {
         events: &mut Vec<Event>,
     ) {
         self.emit(Event::CurrencyDefined { code, exponent }, now_ms, events);
+    }
+
+    /// What a checkpoint of this state holds: transfers, accounts and recorded failures.
+    pub fn checkpoint_items(&self) -> u64 {
+        (self.transfers.len() + self.accounts.len() + self.failed.len()) as u64
     }
 
     /// Number of transfers ever created (not counting failures).
@@ -355,7 +387,8 @@ impl State {
             Op::Create {
                 request,
                 timeout_ms,
-            } => self.decide_create(request, timeout_ms, now_ms, events),
+                refund_of,
+            } => self.decide_create(request, timeout_ms, refund_of, now_ms, events),
             Op::Refund {
                 id,
                 original,
@@ -379,6 +412,7 @@ impl State {
         &mut self,
         request: TransferRequest,
         timeout_ms: Option<u64>,
+        refund_of: Option<TransferId>,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) -> OpResult {
@@ -405,12 +439,14 @@ impl State {
         }
         self.check_account_id(&debit)?;
         self.check_account_id(&credit)?;
-        let kind = match timeout_ms {
-            None => TransferKind::Single,
-            Some(0) => return Err(E::TimeoutMustNotBeZero),
-            Some(t) if t > PENDING_TIMEOUT_MS_MAX => return Err(E::TimeoutTooLong),
-            Some(timeout_ms) => TransferKind::Pending { timeout_ms },
+        let kind = match (timeout_ms, refund_of) {
+            (None, None) => TransferKind::Single,
+            (None, Some(original)) => TransferKind::Refund { original },
+            (Some(0), _) => return Err(E::TimeoutMustNotBeZero),
+            (Some(t), _) if t > PENDING_TIMEOUT_MS_MAX => return Err(E::TimeoutTooLong),
+            (Some(timeout_ms), _) => TransferKind::Pending { timeout_ms },
         };
+        let pending_refund_of = refund_of.filter(|_| timeout_ms.is_some());
         let body = Body {
             kind,
             debit: Some(debit.clone()),
@@ -418,9 +454,26 @@ impl State {
             currency,
             amount_minor,
             memo: request.memo,
+            refund_of: pending_refund_of,
         };
         if let Some(found) = self.existing(request.id, &body) {
             return found;
+        }
+        if let Some(original) = refund_of {
+            // A refund gives back what its original moved: the original's cap bounds it, and
+            // it is not held to the configured `max_transfer` (as `refund` never was).
+            let accounts = match self.check_refund(original, currency, amount_minor) {
+                Ok(accounts) => accounts,
+                Err(e) if !e.transient() => return Err(e),
+                Err(e) => return self.fail(request.id, body, e, now_ms, events),
+            };
+            let (debit_idx, credit_idx) = accounts;
+            if self.accounts[debit_idx as usize].id != debit
+                || self.accounts[credit_idx as usize].id != credit
+            {
+                return self.fail(request.id, body, E::RefundAccountsMismatch, now_ms, events);
+            }
+            return self.create_refund(request.id, body, accounts, now_ms, events);
         }
         // Limits come from the configuration, which may change between runs: they are checked
         // after the id, so a retry of a committed transfer answers the original whatever the
@@ -446,11 +499,95 @@ impl State {
                 credit: credit_idx,
                 amount_minor,
                 memo: body.memo,
+                refund_of: None,
             },
             now_ms,
             events,
         );
         self.answer(self.transfer_index[&request.id], false)
+    }
+
+    /// The refund checks of `original`, in precedence order: it exists (else
+    /// `OriginalTransferNotFound`), in this currency (`CurrencyMismatch`, not recorded), is
+    /// posted (`OriginalTransferNotRefundable`), has `amount_minor` left once its posted
+    /// refunds and the reservations of its pending refunds are counted
+    /// (`RefundExceedsRemaining`), and is not itself a refund (`OriginalTransferIsRefund`).
+    /// Returns the refund's (debit, credit): the original's (credit, debit).
+    fn check_refund(
+        &self,
+        original: TransferId,
+        currency: CurrencyCode,
+        amount_minor: u128,
+    ) -> Result<(AccountIdx, AccountIdx), TransferError> {
+        use TransferError as E;
+        let &idx = self
+            .transfer_index
+            .get(&original)
+            .ok_or(E::OriginalTransferNotFound)?;
+        let orig = &self.transfers[idx as usize];
+        if self.accounts[orig.debit as usize].id.currency != currency {
+            return Err(E::CurrencyMismatch);
+        }
+        let TransferState::Posted {
+            amount_minor: posted_minor,
+        } = orig.state
+        else {
+            return Err(E::OriginalTransferNotRefundable);
+        };
+        if amount_minor > self.refundable_minor(idx, posted_minor) {
+            return Err(E::RefundExceedsRemaining);
+        }
+        if self.is_refund(idx) {
+            return Err(E::OriginalTransferIsRefund);
+        }
+        Ok((orig.credit, orig.debit))
+    }
+
+    /// What may still be refunded of a transfer that posted `posted_minor`.
+    fn refundable_minor(&self, idx: TransferIdx, posted_minor: u128) -> u128 {
+        let t = &self.transfers[idx as usize];
+        let reserved = self.refund_reserved.get(&idx).copied().unwrap_or(0);
+        posted_minor - t.refunded_minor - reserved
+    }
+
+    /// Whether the transfer is a refund (single-phase or pending).
+    fn is_refund(&self, idx: TransferIdx) -> bool {
+        matches!(
+            self.transfers[idx as usize].kind,
+            TransferKind::Refund { .. }
+        ) || self.pending_refund_of.contains_key(&idx)
+    }
+
+    /// Creates a refund whose original passed [`State::check_refund`]: the movement checks
+    /// (freezes, limits, funds) of the payee paying back, then the transfer.
+    fn create_refund(
+        &mut self,
+        id: TransferId,
+        body: Body,
+        (debit_idx, credit_idx): (AccountIdx, AccountIdx),
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> OpResult {
+        let debit = self.accounts[debit_idx as usize].id.clone();
+        let known = (Some(debit_idx), Some(credit_idx));
+        let amount_minor = body.amount_minor;
+        if let Err(error) = self.check_movement(known.0, known.1, &debit, amount_minor, now_ms) {
+            return self.fail(id, body, error, now_ms, events);
+        }
+        self.emit(
+            Event::TransferCreated {
+                id,
+                kind: body.kind,
+                debit: debit_idx,
+                credit: credit_idx,
+                amount_minor,
+                memo: body.memo,
+                refund_of: body.refund_of,
+            },
+            now_ms,
+            events,
+        );
+        self.answer(self.transfer_index[&id], false)
     }
 
     fn decide_refund(
@@ -479,47 +616,16 @@ impl State {
             currency: amount.currency(),
             amount_minor: amount.minor(),
             memo,
+            refund_of: None,
         };
         if let Some(found) = self.existing(id, &body) {
             return found;
         }
-        let Some(&original_idx) = self.transfer_index.get(&original) else {
-            return self.fail(id, body, E::OriginalTransferNotFound, now_ms, events);
-        };
-        let orig = &self.transfers[original_idx as usize];
-        let (debit_idx, credit_idx) = (orig.credit, orig.debit);
-        if self.accounts[orig.debit as usize].id.currency != amount.currency() {
-            return Err(E::CurrencyMismatch);
+        match self.check_refund(original, amount.currency(), amount.minor()) {
+            Ok(accounts) => self.create_refund(id, body, accounts, now_ms, events),
+            Err(e) if !e.transient() => Err(e),
+            Err(e) => self.fail(id, body, e, now_ms, events),
         }
-        let posted_minor = match (orig.kind, orig.state) {
-            (TransferKind::Refund { .. }, _) => None,
-            (_, TransferState::Posted { amount_minor }) => Some(amount_minor),
-            _ => None,
-        };
-        let Some(posted_minor) = posted_minor else {
-            return self.fail(id, body, E::OriginalTransferNotRefundable, now_ms, events);
-        };
-        if amount.minor() > posted_minor - orig.refunded_minor {
-            return self.fail(id, body, E::RefundExceedsRemaining, now_ms, events);
-        }
-        let debit = self.accounts[debit_idx as usize].id.clone();
-        let known = (Some(debit_idx), Some(credit_idx));
-        if let Err(error) = self.check_movement(known.0, known.1, &debit, amount.minor(), now_ms) {
-            return self.fail(id, body, error, now_ms, events);
-        }
-        self.emit(
-            Event::TransferCreated {
-                id,
-                kind: body.kind,
-                debit: debit_idx,
-                credit: credit_idx,
-                amount_minor: amount.minor(),
-                memo: body.memo,
-            },
-            now_ms,
-            events,
-        );
-        self.answer(self.transfer_index[&id], false)
     }
 
     fn decide_post(
@@ -717,14 +823,17 @@ impl State {
         let request = request.fingerprint();
         if let Some(&idx) = self.transfer_index.get(&id) {
             let t = &self.transfers[idx as usize];
-            let refund = matches!(t.kind, TransferKind::Refund { .. });
             let stored = Body {
                 kind: t.kind,
-                debit: (!refund).then(|| self.accounts[t.debit as usize].id.clone()),
-                credit: (!refund).then(|| self.accounts[t.credit as usize].id.clone()),
+                debit: Some(self.accounts[t.debit as usize].id.clone()),
+                credit: Some(self.accounts[t.credit as usize].id.clone()),
                 currency: self.accounts[t.debit as usize].id.currency,
                 amount_minor: t.amount_minor,
                 memo: t.memo.to_vec(),
+                refund_of: self
+                    .pending_refund_of
+                    .get(&idx)
+                    .map(|&o| self.transfers[o as usize].id),
             };
             return Some(
                 stored
@@ -818,7 +927,16 @@ impl State {
                 credit,
                 amount_minor,
                 memo,
-            } => self.apply_created(*id, *kind, *debit, *credit, *amount_minor, memo, now_ms)?,
+                refund_of,
+            } => self.apply_created(
+                *id,
+                *kind,
+                (*debit, *credit),
+                *amount_minor,
+                memo,
+                *refund_of,
+                now_ms,
+            )?,
             Event::PendingPosted { id, amount_minor } => self.apply_end(
                 *id,
                 TransferState::Posted {
@@ -871,10 +989,10 @@ impl State {
         &mut self,
         id: TransferId,
         kind: TransferKind,
-        debit: AccountIdx,
-        credit: AccountIdx,
+        (debit, credit): (AccountIdx, AccountIdx),
         amount_minor: u128,
         memo: &[u8],
+        refund_of: Option<TransferId>,
         now_ms: u64,
     ) -> Result<(), String> {
         if id.0 == 0 || self.transfer_index.contains_key(&id) || self.failed.contains_key(&id) {
@@ -899,28 +1017,20 @@ impl State {
                 if timeout_ms == 0 {
                     return Err(format!("pending transfer {id} has no timeout"));
                 }
+                if let Some(original) = refund_of {
+                    self.apply_refund_cap(idx, id, original, (debit, credit), amount_minor, true)?;
+                }
                 true
+            }
+            TransferKind::Single if refund_of.is_some() => {
+                return Err(format!("single transfer {id} names an original"))
             }
             TransferKind::Single => false,
             TransferKind::Refund { original } => {
-                let &o = self
-                    .transfer_index
-                    .get(&original)
-                    .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
-                let orig = &mut self.transfers[o as usize];
-                let posted = match (orig.kind, orig.state) {
-                    (TransferKind::Refund { .. }, _) => None,
-                    (_, TransferState::Posted { amount_minor }) => Some(amount_minor),
-                    _ => None,
-                };
-                let remaining = posted.map(|p| p - orig.refunded_minor);
-                if remaining.is_none_or(|r| r < amount_minor)
-                    || orig.debit != credit
-                    || orig.credit != debit
-                {
-                    return Err(format!("refund {id} does not fit transfer {original}"));
+                if refund_of.is_some() {
+                    return Err(format!("refund {id} names its original twice"));
                 }
-                orig.refunded_minor += amount_minor;
+                self.apply_refund_cap(idx, id, original, (debit, credit), amount_minor, false)?;
                 false
             }
         };
@@ -981,6 +1091,42 @@ impl State {
             .map_err(|e| format!("transfer {id}: {e}"))
     }
 
+    /// Links refund `idx` (`id`) to `original`, checking its cap: the original exists, is
+    /// posted, is not itself a refund, has the refund's accounts swapped, and has
+    /// `amount_minor` left after its refunds and the reservations of its pending refunds. A
+    /// pending refund reserves that much of the original; a single-phase one is refunded.
+    fn apply_refund_cap(
+        &mut self,
+        idx: TransferIdx,
+        id: TransferId,
+        original: TransferId,
+        (debit, credit): (AccountIdx, AccountIdx),
+        amount_minor: u128,
+        pending: bool,
+    ) -> Result<(), String> {
+        let &o = self
+            .transfer_index
+            .get(&original)
+            .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
+        let orig = &self.transfers[o as usize];
+        let posted = match orig.state {
+            TransferState::Posted { amount_minor } => Some(amount_minor),
+            _ => None,
+        };
+        let fits = posted.is_some_and(|p| self.refundable_minor(o, p) >= amount_minor);
+        if !fits || self.is_refund(o) || orig.debit != credit || orig.credit != debit {
+            return Err(format!("refund {id} does not fit transfer {original}"));
+        }
+        if pending {
+            *self.refund_reserved.entry(o).or_default() += amount_minor;
+            self.pending_refund_of.insert(idx, o);
+        } else {
+            self.transfers[o as usize].refunded_minor += amount_minor;
+        }
+        self.refunds.entry(o).or_default().push(idx);
+        Ok(())
+    }
+
     fn apply_end(&mut self, id: TransferId, end: TransferState, now_ms: u64) -> Result<(), String> {
         let idx = *self
             .transfer_index
@@ -1022,6 +1168,19 @@ impl State {
         let t = &mut self.transfers[idx as usize];
         t.state = end;
         t.ended_ms = Some(now_ms);
+        if let Some(&o) = self.pending_refund_of.get(&idx) {
+            // A pending refund ends: its reservation of the original's cap becomes what it
+            // posted (refunded), or nothing.
+            let left = self
+                .refund_reserved
+                .get_mut(&o)
+                .expect("a live pending refund reserves part of its original");
+            *left -= reserved;
+            if *left == 0 {
+                self.refund_reserved.remove(&o);
+            }
+            self.transfers[o as usize].refunded_minor += posted;
+        }
         // Give back the unused part of the reservation to the daily limit, if still counted.
         // Entries leave a window only once `created_ms <= cutoff_ms`, so this is still counted.
         let windowed = self.windowed(debit);
@@ -1067,7 +1226,25 @@ impl State {
             ended_ms: t.ended_ms,
             deadline_ms: t.deadline_ms(),
             refunded_minor: t.refunded_minor,
+            refund_of: match t.kind {
+                TransferKind::Refund { original } => Some(original),
+                _ => self
+                    .pending_refund_of
+                    .get(&idx)
+                    .map(|&o| self.transfers[o as usize].id),
+            },
+            refund_pending_minor: self.refund_reserved.get(&idx).copied().unwrap_or(0),
         }
+    }
+
+    /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
+    /// empty if it has none or does not exist. An index lookup, not a scan.
+    pub fn refunds_of(&self, original: TransferId) -> Vec<Transfer> {
+        self.transfer_index
+            .get(&original)
+            .and_then(|idx| self.refunds.get(idx))
+            .map(|list| list.iter().map(|&i| self.view(i)).collect())
+            .unwrap_or_default()
     }
 
     /// A transfer by id.
@@ -1202,6 +1379,7 @@ impl State {
         }
         let mut replayed = vec![Balances::default(); self.accounts.len()];
         let mut refunds: HashMap<TransferIdx, u128> = HashMap::new();
+        let mut reserved: HashMap<TransferIdx, u128> = HashMap::new();
         let mut pending_count = 0;
         for (idx, t) in self.transfers.iter().enumerate() {
             let (d, c) = (t.debit as usize, t.credit as usize);
@@ -1226,6 +1404,15 @@ impl State {
             if let TransferKind::Refund { original } = t.kind {
                 *refunds.entry(self.transfer_index[&original]).or_default() += t.amount_minor;
             }
+            if let Some(&o) = self.pending_refund_of.get(&(idx as TransferIdx)) {
+                match t.state {
+                    TransferState::Pending => *reserved.entry(o).or_default() += t.amount_minor,
+                    TransferState::Posted { amount_minor } => {
+                        *refunds.entry(o).or_default() += amount_minor
+                    }
+                    TransferState::Voided | TransferState::Expired => {}
+                }
+            }
         }
         if pending_count != self.deadlines.len() {
             return Err(format!(
@@ -1244,11 +1431,17 @@ impl State {
         }
         for (idx, t) in self.transfers.iter().enumerate() {
             let refunded = refunds.get(&(idx as TransferIdx)).copied().unwrap_or(0);
+            let held = reserved.get(&(idx as TransferIdx)).copied().unwrap_or(0);
             let posted = match t.state {
                 TransferState::Posted { amount_minor } => amount_minor,
                 _ => 0,
             };
-            if t.refunded_minor != refunded || refunded > posted {
+            let kept = self
+                .refund_reserved
+                .get(&(idx as TransferIdx))
+                .copied()
+                .unwrap_or(0);
+            if t.refunded_minor != refunded || held != kept || refunded + held > posted {
                 return Err(format!("transfer {}: refunds {refunded} do not fit", t.id));
             }
         }

@@ -64,6 +64,25 @@ pub trait Storage: Send + Sync + 'static {
     fn anchor_write_failures(&self) -> u64 {
         0
     }
+
+    /// Whether this backend keeps checkpoints ([`Storage::put_checkpoint`]); without them
+    /// every open replays the whole journal.
+    fn keeps_checkpoints(&self) -> bool {
+        false
+    }
+
+    /// Replaces the stored checkpoint (the state as of one record, see
+    /// `state/checkpoint.rs`) by `bytes`, durably and atomically: a reader sees the old one
+    /// or the new one whole, never a mix. Called only after the record it names is durable.
+    fn put_checkpoint(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let _ = bytes;
+        Ok(())
+    }
+
+    /// The last checkpoint stored, if any.
+    fn checkpoint(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(None)
+    }
 }
 
 const RECORD_PREFIX: u8 = b'j';
@@ -72,6 +91,10 @@ const RECORD_PREFIX: u8 = b'j';
 const HEAD_KEY: &[u8] = b"k";
 /// The file beside sled's that holds a copy of the head.
 pub const ANCHOR_FILE: &str = "mxpay-head";
+/// The file beside sled's that holds the last checkpoint of the state. A file rather than
+/// sled values: a checkpoint is one large value written rarely and read once, which sled
+/// would split into pages it keeps in its cache, or write as a blob it never syncs.
+pub const CHECKPOINT_FILE: &str = "mxpay-checkpoint";
 /// Size of an encoded head (seq u64 + blake3 hash).
 const ANCHOR_BYTES: usize = 8 + 32;
 /// Name of the one sled tree.
@@ -84,6 +107,9 @@ pub const RECORD_BYTES_TARGET: usize = 128 * 1024;
 /// Segment size of the sled log. Fixed for the life of a database (sled refuses another on
 /// reopen); its quarter (4 MiB) is sled's blob threshold.
 pub const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// sled's page cache for the journal (its default is 1 GiB).
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The sled-backed journal store.
 pub struct SledStorage {
@@ -127,7 +153,11 @@ impl SledStorage {
             .path(path)
             .segment_size(SEGMENT_BYTES)
             // Every commit flushes explicitly; a background flusher would only add fsyncs.
-            .flush_every_ms(None);
+            .flush_every_ms(None)
+            // The journal is written at its end and read back rarely (open after the
+            // checkpoint, the outbox's tail, verify): sled's default 1 GiB page cache would
+            // only hold old records in memory as history grows.
+            .cache_capacity(CACHE_BYTES);
         let db = crate::sled_open::open_waiting_for_lock(&config)?;
         let tree = db.open_tree(JOURNAL_TREE)?;
         let anchor_path = path.join(ANCHOR_FILE);
@@ -258,6 +288,48 @@ impl Storage for SledStorage {
 
     fn anchor_write_failures(&self) -> u64 {
         self.anchor_write_failures.load(Ordering::Relaxed)
+    }
+
+    fn keeps_checkpoints(&self) -> bool {
+        true
+    }
+
+    /// Written to `mxpay-checkpoint.tmp`, synced, renamed over `mxpay-checkpoint`, and the
+    /// directory synced: a power cut leaves the old checkpoint or the new one.
+    fn put_checkpoint(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let dir = self
+            .anchor_path
+            .parent()
+            .expect("the anchor lives in the ledger's directory");
+        let path = dir.join(CHECKPOINT_FILE);
+        let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+        let io = |what: &str, e: std::io::Error| {
+            StorageError::Backend(format!("checkpoint: {what} {}: {e}", path.display()))
+        };
+        let mut file = std::fs::File::create(&tmp).map_err(|e| io("cannot create", e))?;
+        std::io::Write::write_all(&mut file, bytes).map_err(|e| io("cannot write", e))?;
+        file.sync_all().map_err(|e| io("cannot sync", e))?;
+        drop(file);
+        std::fs::rename(&tmp, &path).map_err(|e| io("cannot rename to", e))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("cannot sync the directory of", e))
+    }
+
+    fn checkpoint(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        let dir = self
+            .anchor_path
+            .parent()
+            .expect("the anchor lives in the ledger's directory");
+        let path = dir.join(CHECKPOINT_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::Backend(format!(
+                "checkpoint: cannot read {}: {e}",
+                path.display()
+            ))),
+        }
     }
 
     fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {

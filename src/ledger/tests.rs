@@ -841,7 +841,7 @@ fn refund_errors() {
         .unwrap();
     assert_eq!(
         rejected(f.ledger.refund(TransferId(5), TransferId(4), one, vec![])),
-        E::OriginalTransferNotRefundable
+        E::OriginalTransferIsRefund
     );
     f.ledger
         .create_pending(
@@ -1299,7 +1299,15 @@ mod model {
         pub state: St,
         pub deadline: u64,
         pub refunded: u128,
+        /// What its live pending refunds reserve.
+        pub reserved: u128,
+        /// For a pending refund: its original.
+        pub refund_of: Option<u128>,
     }
+
+    /// What a create asked for: kind, accounts (none for `refund`), currency, amount, the
+    /// original of a pending refund.
+    type Asked = (Kind, Option<Acct>, Option<Acct>, usize, u128, Option<u128>);
 
     #[derive(Debug, Clone)]
     pub struct Fail {
@@ -1308,6 +1316,7 @@ mod model {
         credit: Option<Acct>,
         cur: usize,
         amount: u128,
+        refund_of: Option<u128>,
         error: E,
     }
 
@@ -1351,6 +1360,11 @@ mod model {
             t.state = st;
             let (d, c, a) = (t.debit, t.credit, t.amount);
             let posted = if let St::Posted(x) = st { x } else { 0 };
+            if let Some(o) = t.refund_of {
+                let o = self.tr.get_mut(&o).unwrap();
+                o.reserved -= a;
+                o.refunded += posted;
+            }
             let db = self.bal.entry(d).or_default();
             db.dp -= a;
             db.dpo += posted;
@@ -1359,10 +1373,7 @@ mod model {
             cb.cpo += posted;
         }
 
-        fn compare(
-            existing: (Kind, Option<Acct>, Option<Acct>, usize, u128),
-            asked: (Kind, Option<Acct>, Option<Acct>, usize, u128),
-        ) -> Result<(), E> {
+        fn compare(existing: Asked, asked: Asked) -> Result<(), E> {
             let disc = |k: Kind| match k {
                 Kind::Single => 0,
                 Kind::Pending(_) => 1,
@@ -1371,10 +1382,12 @@ mod model {
             if disc(existing.0) != disc(asked.0) {
                 return Err(E::ExistsWithDifferentKind);
             }
-            if existing.1 != asked.1 {
+            // `refund` names no accounts: compared only when both sides name them.
+            let differ = |a: Option<Acct>, b: Option<Acct>| a.zip(b).is_some_and(|(a, b)| a != b);
+            if differ(existing.1, asked.1) {
                 return Err(E::ExistsWithDifferentDebitAccount);
             }
-            if existing.2 != asked.2 {
+            if differ(existing.2, asked.2) {
                 return Err(E::ExistsWithDifferentCreditAccount);
             }
             if existing.3 != asked.3 || existing.4 != asked.4 {
@@ -1385,31 +1398,132 @@ mod model {
                     Err(E::ExistsWithDifferentTimeout)
                 }
                 (Kind::Refund(a), Kind::Refund(b)) if a != b => Err(E::ExistsWithDifferentOriginal),
+                _ if existing.5 != asked.5 => Err(E::ExistsWithDifferentOriginal),
                 _ => Ok(()),
             }
         }
 
-        fn lookup(
-            &self,
-            id: u128,
-            asked: (Kind, Option<Acct>, Option<Acct>, usize, u128),
-        ) -> Option<Result<u128, E>> {
+        fn lookup(&self, id: u128, asked: Asked) -> Option<Result<u128, E>> {
             if let Some(t) = self.tr.get(&id) {
-                let refund = matches!(t.kind, Kind::Refund(_));
                 let existing = (
                     t.kind,
-                    (!refund).then_some(t.debit),
-                    (!refund).then_some(t.credit),
+                    Some(t.debit),
+                    Some(t.credit),
                     t.debit.1,
                     t.amount,
+                    t.refund_of,
                 );
                 return Some(Self::compare(existing, asked).map(|()| id));
             }
             let f = self.failed.get(&id)?;
-            Some(
-                Self::compare((f.kind, f.debit, f.credit, f.cur, f.amount), asked)
-                    .and(Err(f.error)),
-            )
+            let existing = (f.kind, f.debit, f.credit, f.cur, f.amount, f.refund_of);
+            Some(Self::compare(existing, asked).and(Err(f.error)))
+        }
+
+        /// The refund checks of `original` in the ledger's precedence: (debit, credit) of
+        /// the refund, or the error and whether it is recorded.
+        fn refund_checks(
+            &self,
+            original: u128,
+            cur: usize,
+            amount: u128,
+        ) -> Result<(Acct, Acct), (E, bool)> {
+            let Some(o) = self.tr.get(&original) else {
+                return Err((E::OriginalTransferNotFound, true));
+            };
+            if o.debit.1 != cur {
+                return Err((E::CurrencyMismatch, false));
+            }
+            let St::Posted(posted) = o.state else {
+                return Err((E::OriginalTransferNotRefundable, true));
+            };
+            if amount > posted - o.refunded - o.reserved {
+                return Err((E::RefundExceedsRemaining, true));
+            }
+            if matches!(o.kind, Kind::Refund(_)) || o.refund_of.is_some() {
+                return Err((E::OriginalTransferIsRefund, true));
+            }
+            Ok((o.credit, o.debit))
+        }
+
+        /// A refund named by its accounts (`create_refund_result`), single-phase or pending.
+        #[allow(clippy::too_many_arguments)]
+        pub fn linked_refund(
+            &mut self,
+            id: u128,
+            d: Acct,
+            c: Acct,
+            amount: u128,
+            timeout: Option<u64>,
+            original: u128,
+        ) -> Result<u128, E> {
+            self.expire();
+            self.exists = false;
+            if id == 0 {
+                return Err(E::IdMustNotBeZero);
+            }
+            if d == c {
+                return Err(E::AccountsMustBeDifferent);
+            }
+            let kind = timeout.map_or(Kind::Refund(original), Kind::Pending);
+            let link = timeout.map(|_| original);
+            if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount, link)) {
+                self.exists = r.is_ok();
+                return r;
+            }
+            let fail = |m: &mut Self, e: E| {
+                m.failed.insert(
+                    id,
+                    Fail {
+                        kind,
+                        debit: Some(d),
+                        credit: Some(c),
+                        cur: d.1,
+                        amount,
+                        refund_of: link,
+                        error: e,
+                    },
+                );
+                Err(e)
+            };
+            match self.refund_checks(original, d.1, amount) {
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => return fail(self, e),
+                Ok(accounts) if accounts != (d, c) => return fail(self, E::RefundAccountsMismatch),
+                Ok(_) => {}
+            }
+            if let Err(e) = self.movement(d, c, amount) {
+                return fail(self, e);
+            }
+            let (state, deadline) = match timeout {
+                Some(t) => (St::Pending, self.now + t),
+                None => (St::Posted(amount), 0),
+            };
+            let o = self.tr.get_mut(&original).unwrap();
+            if timeout.is_some() {
+                o.reserved += amount;
+                self.bal.entry(d).or_default().dp += amount;
+                self.bal.entry(c).or_default().cp += amount;
+            } else {
+                o.refunded += amount;
+                self.bal.entry(d).or_default().dpo += amount;
+                self.bal.entry(c).or_default().cpo += amount;
+            }
+            self.tr.insert(
+                id,
+                Tr {
+                    kind,
+                    debit: d,
+                    credit: c,
+                    amount,
+                    state,
+                    deadline,
+                    refunded: 0,
+                    reserved: 0,
+                    refund_of: link,
+                },
+            );
+            Ok(id)
         }
 
         fn movement(&self, d: Acct, c: Acct, amount: u128) -> Result<(), E> {
@@ -1445,6 +1559,7 @@ mod model {
                     credit,
                     cur,
                     amount,
+                    refund_of: None,
                     error,
                 },
             );
@@ -1468,7 +1583,7 @@ mod model {
                 return Err(E::AccountsMustBeDifferent);
             }
             let kind = timeout.map_or(Kind::Single, Kind::Pending);
-            if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount)) {
+            if let Some(r) = self.lookup(id, (kind, Some(d), Some(c), d.1, amount, None)) {
                 self.exists = r.is_ok();
                 return r;
             }
@@ -1507,6 +1622,8 @@ mod model {
                     state,
                     deadline,
                     refunded: 0,
+                    reserved: 0,
+                    refund_of: None,
                 },
             );
             Ok(id)
@@ -1525,52 +1642,15 @@ mod model {
                 return Err(E::IdMustNotBeZero);
             }
             let kind = Kind::Refund(original);
-            if let Some(r) = self.lookup(id, (kind, None, None, cur, amount)) {
+            if let Some(r) = self.lookup(id, (kind, None, None, cur, amount, None)) {
                 self.exists = r.is_ok();
                 return r;
             }
-            let Some(o) = self.tr.get(&original).cloned() else {
-                return self.record_fail(
-                    id,
-                    kind,
-                    None,
-                    None,
-                    cur,
-                    amount,
-                    E::OriginalTransferNotFound,
-                );
+            let (d, c) = match self.refund_checks(original, cur, amount) {
+                Ok(accounts) => accounts,
+                Err((e, false)) => return Err(e),
+                Err((e, true)) => return self.record_fail(id, kind, None, None, cur, amount, e),
             };
-            if o.debit.1 != cur {
-                return Err(E::CurrencyMismatch);
-            }
-            let posted = match (o.kind, o.state) {
-                (Kind::Refund(_), _) => None,
-                (_, St::Posted(x)) => Some(x),
-                _ => None,
-            };
-            let Some(posted) = posted else {
-                return self.record_fail(
-                    id,
-                    kind,
-                    None,
-                    None,
-                    cur,
-                    amount,
-                    E::OriginalTransferNotRefundable,
-                );
-            };
-            if amount > posted - o.refunded {
-                return self.record_fail(
-                    id,
-                    kind,
-                    None,
-                    None,
-                    cur,
-                    amount,
-                    E::RefundExceedsRemaining,
-                );
-            }
-            let (d, c) = (o.credit, o.debit);
             if let Err(e) = self.movement(d, c, amount) {
                 return self.record_fail(id, kind, None, None, cur, amount, e);
             }
@@ -1587,6 +1667,8 @@ mod model {
                     state: St::Posted(amount),
                     deadline: 0,
                     refunded: 0,
+                    reserved: 0,
+                    refund_of: None,
                 },
             );
             Ok(id)
@@ -1700,9 +1782,26 @@ mod auditor {
             ms: u64,
             back: bool,
         },
-        /// Reopen with EUR's `max_transfer` set to this (or no limit).
+        /// Reopen with EUR's `max_transfer` set to this (or no limit); the ledger closed
+        /// with a checkpoint, or (as after a crash) without one, so that the reopen starts
+        /// from an older checkpoint and replays the records after it.
         Reopen {
             max_transfer_minor: Option<u128>,
+            checkpoint_at_close: bool,
+        },
+        /// Write a checkpoint now.
+        Checkpoint,
+        /// A refund named by its accounts: the original's swapped (`swap`), or the given
+        /// owners; single-phase or pending.
+        LinkedRefund {
+            id: u128,
+            original: u128,
+            swap: bool,
+            debit: usize,
+            credit: usize,
+            cur: usize,
+            amount: u128,
+            timeout_s: Option<u64>,
         },
     }
 
@@ -1717,12 +1816,16 @@ mod auditor {
             2 => (id.clone(), proptest::option::of((cur.clone(), amount.clone())))
                 .prop_map(|(id, amount)| Step::Post { id, amount }),
             2 => id.clone().prop_map(|id| Step::Void { id }),
-            2 => (id.clone(), id, cur.clone(), amount).prop_map(|(id, original, cur, amount)| Step::Refund { id, original, cur, amount }),
-            1 => (who, cur, prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
+            2 => (id.clone(), id.clone(), cur.clone(), amount.clone()).prop_map(|(id, original, cur, amount)| Step::Refund { id, original, cur, amount }),
+            1 => (who.clone(), cur.clone(), prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
                 .prop_map(|(owner, cur, mode)| Step::Freeze { owner, cur, mode }),
             2 => (0u64..4_000).prop_map(|ms| Step::Advance { ms }),
             1 => (CLOCK_SKEW_MS_MAX + 1..30 * DAY_MS, any::<bool>()).prop_map(|(ms, back)| Step::Jump { ms, back }),
-            1 => proptest::option::of(1u128..200).prop_map(|max_transfer_minor| Step::Reopen { max_transfer_minor }),
+            1 => (proptest::option::of(1u128..200), any::<bool>())
+                .prop_map(|(max_transfer_minor, checkpoint_at_close)| Step::Reopen { max_transfer_minor, checkpoint_at_close }),
+            1 => Just(Step::Checkpoint),
+            3 => (id.clone(), id, prop_oneof![4 => Just(true), 1 => Just(false)], who.clone(), who, cur, amount, proptest::option::of(1u64..4))
+                .prop_map(|(id, original, swap, debit, credit, cur, amount, timeout_s)| Step::LinkedRefund { id, original, swap, debit, credit, cur, amount, timeout_s }),
         ]
     }
 
@@ -1801,16 +1904,18 @@ mod auditor {
         // both, `Jump` only the first.
         let clock = ManualClock::new(T0_MS);
         let monotonic = ManualClock::new(0);
-        let open = |max_transfer_minor: Option<u128>| {
+        let open = |max_transfer_minor: Option<u128>, checkpoint_at_close: bool| {
             let options = LedgerOptions {
                 monotonic: Some(Arc::new(monotonic.clone())),
+                checkpoint_at_close,
                 ..LedgerOptions::default()
             };
             let settings = prop_settings(max_transfer_minor);
             Ledger::open_with_options(dir.path(), &settings, Arc::new(clock.clone()), options)
                 .unwrap()
         };
-        let mut ledger = open(None);
+        let mut closes_with_checkpoint = true;
+        let mut ledger = open(None, closes_with_checkpoint);
         let mut model = Model {
             now: T0_MS,
             ..Model::default()
@@ -1894,11 +1999,68 @@ mod auditor {
                     b.expire_due().unwrap();
                     clock.set_ms(right_ms);
                 }
-                Step::Reopen { max_transfer_minor } => {
+                Step::Reopen {
+                    max_transfer_minor,
+                    checkpoint_at_close,
+                } => {
                     drop(b);
                     drop(ledger);
-                    ledger = open(max_transfer_minor);
+                    ledger = open(max_transfer_minor, checkpoint_at_close);
+                    // Every checkpoint fits the journal: none is ever discarded.
+                    prop_assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+                    if closes_with_checkpoint {
+                        let head = block_on(ledger.durable_seq()).unwrap();
+                        prop_assert_eq!(ledger.opened_from_checkpoint(), Some(head));
+                    }
+                    closes_with_checkpoint = checkpoint_at_close;
                     model.max_transfer = max_transfer_minor;
+                }
+                Step::Checkpoint => {
+                    block_on(ledger.checkpoint()).unwrap();
+                }
+                Step::LinkedRefund {
+                    id,
+                    original,
+                    swap,
+                    debit,
+                    credit,
+                    cur,
+                    amount: a,
+                    timeout_s,
+                } => {
+                    let (d, c) = match model.tr.get(&original) {
+                        Some(o) if swap => ((o.credit.0, cur), (o.debit.0, cur)),
+                        _ => ((debit, cur), (credit, cur)),
+                    };
+                    let request = TransferRequest {
+                        id: TransferId(id),
+                        debit: owner(d.0),
+                        credit: owner(c.0),
+                        amount: amount(&ledger, cur, a),
+                        memo: vec![],
+                    };
+                    let timeout = timeout_s.map(|s| s * 1_000);
+                    let got = b.create_refund_result(request, TransferId(original), timeout);
+                    let want = model.linked_refund(id, d, c, a, timeout, original);
+                    check_created(got, want, &model)?;
+                    // The refunds of the original, by reference.
+                    let mut want: Vec<u128> = model
+                        .tr
+                        .iter()
+                        .filter(|(_, t)| {
+                            t.refund_of == Some(original) || t.kind == model::Kind::Refund(original)
+                        })
+                        .map(|(id, _)| *id)
+                        .collect();
+                    want.sort_unstable();
+                    let mut got: Vec<u128> = b
+                        .refunds_of(TransferId(original))
+                        .unwrap()
+                        .iter()
+                        .map(|t| t.id.0)
+                        .collect();
+                    got.sort_unstable();
+                    prop_assert_eq!(got, want);
                 }
             }
             // After every step: balances equal the model's, and the invariants hold.
@@ -2105,4 +2267,595 @@ fn a_clock_jump_is_not_written_and_does_not_freeze_ledger_time() {
         .unwrap();
     assert_eq!(latest_ms, T0_MS + 60_000, "no record carries the jump");
     ledger.verify().unwrap();
+}
+
+/// A ledger in `dir` with `clock` as both clocks, writing no checkpoint at close (so a
+/// reopen is as after a crash: from the last checkpoint and the records after it).
+fn open_no_close_checkpoint(dir: &Path, clock: &ManualClock) -> Ledger {
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        checkpoint_at_close: false,
+        ..LedgerOptions::default()
+    };
+    Ledger::open_with_options(dir, &settings(), Arc::new(clock.clone()), options).unwrap()
+}
+
+/// Activity of every kind, ids from `base`: single and pending transfers (posted in full and
+/// in part, voided, expired, still pending), refunds, recorded failures, a freeze, and debits
+/// in the daily window.
+fn activity(ledger: &BlockingLedger, clock: &ManualClock, base: u128) {
+    let l = ledger.ledger();
+    let eur = |v: &str| {
+        l.parse_amount(Decimal::from_str(v).unwrap(), "EUR")
+            .unwrap()
+    };
+    let req = |id: u128, d: Owner, c: Owner, v: &str| TransferRequest {
+        id: TransferId(base + id),
+        debit: d,
+        credit: c,
+        amount: eur(v),
+        memo: format!("memo {id}").into_bytes(),
+    };
+    ledger
+        .create_transfer(req(1, Owner::Issuer, user("alice"), "100.00"))
+        .unwrap();
+    ledger
+        .create_transfer(req(2, user("alice"), user("bob"), "10.00"))
+        .unwrap();
+    ledger
+        .refund(
+            TransferId(base + 3),
+            TransferId(base + 2),
+            eur("4.00"),
+            vec![],
+        )
+        .unwrap();
+    for (id, timeout_ms) in [
+        (4, 60_000),
+        (5, 60_000),
+        (6, 60_000),
+        (7, 1_000),
+        (8, 3_600_000),
+    ] {
+        ledger
+            .create_pending(req(id, user("alice"), user("carol"), "1.50"), timeout_ms)
+            .unwrap();
+    }
+    ledger.post(TransferId(base + 4), None).unwrap();
+    ledger
+        .post(TransferId(base + 5), Some(eur("0.50")))
+        .unwrap();
+    ledger.void(TransferId(base + 6)).unwrap();
+    // Recorded (transient) failures.
+    let _ = ledger.create_transfer(req(9, user("bob"), user("alice"), "999.00"));
+    let _ = ledger.refund(
+        TransferId(base + 10),
+        TransferId(base + 2),
+        eur("7.00"),
+        vec![],
+    );
+    let dave = AccountId {
+        owner: user("dave"),
+        currency: CurrencyCode::new("EUR").unwrap(),
+    };
+    ledger.freeze(dave, FreezeMode::Debits).unwrap();
+    clock.advance_ms(2_000);
+    ledger.expire_due().unwrap();
+}
+
+/// Issue 15: opening from a checkpoint and the records after it gives exactly the state the
+/// whole journal gives (live `verify` compares every part of the two, daily windows and
+/// histories included), and the next open after a clean close replays nothing.
+#[test]
+fn reopening_from_a_checkpoint_and_later_records_is_the_full_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    activity(&ledger, &clock, 100);
+    let seq = block_on(ledger.ledger().checkpoint()).unwrap();
+    assert!(seq > 1);
+    // After the checkpoint: more of everything, including ends of transfers created before
+    // it and a day passing (the daily window prunes).
+    ledger.post(TransferId(108), None).unwrap();
+    clock.advance_ms(DAY_MS);
+    activity(&ledger, &clock, 200);
+    let before = (
+        ledger.balances(&user("alice")).unwrap(),
+        ledger.pending_transfers().unwrap(),
+    );
+    drop(ledger);
+
+    let opened = open_no_close_checkpoint(dir.path(), &clock);
+    assert_eq!(opened.opened_from_checkpoint(), Some(seq));
+    assert_eq!(opened.alarms().checkpoint_fallbacks, 0);
+    let ledger = opened.blocking();
+    drop(opened);
+    assert_eq!(
+        (
+            ledger.balances(&user("alice")).unwrap(),
+            ledger.pending_transfers().unwrap()
+        ),
+        before
+    );
+    ledger.verify().unwrap();
+    // The state goes on the same way: a refund of a transfer from before the checkpoint.
+    ledger
+        .refund(
+            TransferId(300),
+            TransferId(102),
+            ledger.ledger().amount_from_minor(600, "EUR").unwrap(),
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(
+        rejected(ledger.refund(
+            TransferId(301),
+            TransferId(102),
+            ledger.ledger().amount_from_minor(1, "EUR").unwrap(),
+            vec![],
+        )),
+        TransferError::RefundExceedsRemaining
+    );
+    ledger.verify().unwrap();
+    drop(ledger);
+
+    // A clean close checkpoints the head: nothing is replayed.
+    let ledger = open_manual(dir.path(), &settings(), &clock);
+    let head = block_on(ledger.durable_seq()).unwrap();
+    drop(ledger);
+    let ledger = open_manual(dir.path(), &settings(), &clock);
+    assert_eq!(ledger.opened_from_checkpoint(), Some(head));
+    ledger.blocking().verify().unwrap();
+}
+
+/// Issue 15: a checkpoint that is torn, altered, or from another journal is never trusted:
+/// open replays the whole journal instead (and counts it), `verify` names the checkpoint, and
+/// the next checkpoint written replaces it.
+#[test]
+fn a_torn_or_foreign_checkpoint_is_detected_and_the_whole_journal_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    activity(&ledger, &clock, 100);
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    activity(&ledger, &clock, 200);
+    let alice = ledger.balances(&user("alice")).unwrap();
+    drop(ledger);
+    let path = dir.path().join("ledger").join(storage::CHECKPOINT_FILE);
+    let good = std::fs::read(&path).unwrap();
+
+    // Another ledger's checkpoint of the same record number and time, whose accounts are
+    // the same too (the records after it would apply): well-formed, wrong journal.
+    let other = tempfile::tempdir().unwrap();
+    let other_clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(other.path(), &other_clock).blocking();
+    activity(&ledger, &other_clock, 500);
+    let seq = block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let foreign =
+        std::fs::read(other.path().join("ledger").join(storage::CHECKPOINT_FILE)).unwrap();
+    assert_eq!(&foreign[9..17], &good[9..17], "same record number {seq}");
+    assert_eq!(&foreign[49..57], &good[49..57], "same time");
+
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("torn", good[..good.len() / 3].to_vec()),
+        ("flipped", flipped),
+        ("empty", Vec::new()),
+        ("foreign", foreign),
+    ];
+    for (name, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let err = verify_dir(dir.path()).expect_err(name);
+        assert!(err.to_string().contains("checkpoint"), "{name}: {err}");
+        let ledger = open_no_close_checkpoint(dir.path(), &clock);
+        assert_eq!(ledger.opened_from_checkpoint(), None, "{name}");
+        assert_eq!(ledger.alarms().checkpoint_fallbacks, 1, "{name}");
+        let b = ledger.blocking();
+        assert_eq!(b.balances(&user("alice")).unwrap(), alice, "{name}");
+        drop(b);
+        drop(ledger);
+    }
+    // The first batch after a fallback writes a good checkpoint again.
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    ledger
+        .create_transfer(TransferRequest {
+            id: TransferId(900),
+            debit: Owner::Issuer,
+            credit: user("erin"),
+            amount: ledger.ledger().amount_from_minor(1, "EUR").unwrap(),
+            memo: vec![],
+        })
+        .unwrap();
+    ledger.verify().unwrap();
+    let head = block_on(ledger.ledger().durable_seq()).unwrap();
+    drop(ledger);
+    verify_dir(dir.path()).unwrap();
+    let ledger = open_no_close_checkpoint(dir.path(), &clock);
+    assert_eq!(ledger.opened_from_checkpoint(), Some(head));
+    assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+}
+
+/// `verify` replays the whole journal from record 1 and compares the checkpoint with the
+/// replay at its record: a checkpoint that is well-formed (its own hash recomputed) but holds
+/// another state is caught, and open does not start from it either.
+#[test]
+fn verify_catches_a_rehashed_checkpoint_with_another_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    activity(&ledger, &clock, 100);
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let path = dir.path().join("ledger").join(storage::CHECKPOINT_FILE);
+    let good = std::fs::read(&path).unwrap();
+    // The decoded state with one balance changed, encoded again with a valid hash.
+    let mut cp = State::decode_checkpoint(&good).unwrap();
+    let alice = AccountId {
+        owner: user("alice"),
+        currency: CurrencyCode::new("EUR").unwrap(),
+    };
+    cp.state.bump_credit_for_test(&alice, 1);
+    let forged = cp.state.encode_checkpoint(cp.head, cp.time_ms);
+    std::fs::write(&path, &forged).unwrap();
+    let err = verify_dir(dir.path()).unwrap_err();
+    assert!(
+        err.to_string().contains("is not the replay of the journal"),
+        "{err}"
+    );
+}
+
+/// Issue 15 (for issue 13's refunds): a refund named by its accounts, single-phase or
+/// pending, capped by what the original posted; each refusal has its own code and spends the
+/// id; exactly the cap is accepted; the refunds of a transfer are found by reference.
+#[test]
+fn linked_refunds_are_capped_by_the_original() {
+    use TransferError as E;
+    let f = open();
+    f.fund(1, "alice", "100.00");
+    f.send(2, user("alice"), user("shop"), "30.00").unwrap();
+    let back = |id: u128, value: &str| f.request(id, user("shop"), user("alice"), value, "EUR");
+    let refund = |request: TransferRequest, timeout_ms: Option<u64>| {
+        f.ledger
+            .create_refund_result(request, TransferId(2), timeout_ms)
+            .map(CreateResult::into_transfer)
+    };
+    // A pending refund (the payee's PIN step-up between reserve and post) reserves its part
+    // of the cap at once.
+    let pending = refund(back(10, "20.00"), Some(60_000)).unwrap();
+    assert_eq!(pending.state, TransferState::Pending);
+    assert_eq!(pending.refund_of, Some(TransferId(2)));
+    let original = f.ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(
+        (original.refunded_minor, original.refund_pending_minor),
+        (0, 2_000)
+    );
+    assert_eq!(
+        rejected(refund(back(11, "10.01"), None)),
+        E::RefundExceedsRemaining
+    );
+    // The id is spent: the same refund later (with room for it) still fails.
+    f.ledger.void(TransferId(10)).unwrap();
+    assert_eq!(
+        rejected(refund(back(11, "10.01"), None)),
+        E::RefundExceedsRemaining
+    );
+    // Voided, the reservation is given back; posted in part, what it posted is refunded.
+    let pending = refund(back(12, "25.00"), Some(60_000)).unwrap();
+    assert_eq!(pending.amount_minor, 2_500);
+    f.ledger
+        .post(TransferId(12), Some(f.amount("5.00", "EUR")))
+        .unwrap();
+    let original = f.ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(
+        (original.refunded_minor, original.refund_pending_minor),
+        (500, 0)
+    );
+    // Exactly the rest (30.00 - 5.00) is accepted, then nothing more (by `refund` either).
+    let done = refund(back(13, "25.00"), None).unwrap();
+    assert_eq!(
+        done.kind,
+        TransferKind::Refund {
+            original: TransferId(2)
+        }
+    );
+    assert_eq!(
+        rejected(f.ledger.refund(
+            TransferId(14),
+            TransferId(2),
+            f.amount("5.00", "EUR"),
+            vec![]
+        )),
+        E::RefundExceedsRemaining
+    );
+    f.ledger
+        .refund(
+            TransferId(15),
+            TransferId(2),
+            f.amount("5.00", "EUR"),
+            vec![],
+        )
+        .map(|_| ())
+        .expect_err("over the cap");
+    assert_eq!(
+        f.ledger
+            .transfer(TransferId(2))
+            .unwrap()
+            .unwrap()
+            .refunded_minor,
+        3_000
+    );
+    f.send(16, user("alice"), user("shop"), "10.00").unwrap();
+    f.ledger
+        .refund(
+            TransferId(17),
+            TransferId(16),
+            f.amount("10.00", "EUR"),
+            vec![],
+        )
+        .unwrap();
+    assert_eq!(
+        f.ledger
+            .transfer(TransferId(16))
+            .unwrap()
+            .unwrap()
+            .refunded_minor,
+        1_000,
+        "exactly what was posted"
+    );
+    // Retries answer the original, and say so.
+    assert!(f
+        .ledger
+        .create_refund_result(back(13, "25.00"), TransferId(2), None)
+        .unwrap()
+        .exists());
+    assert_eq!(
+        rejected(
+            f.ledger
+                .create_refund_result(back(13, "25.00"), TransferId(16), None)
+                .map(CreateResult::into_transfer)
+        ),
+        E::ExistsWithDifferentOriginal
+    );
+
+    // Each refusal, with its code.
+    f.send(20, user("alice"), user("shop"), "10.00").unwrap();
+    let to20 = |id: u128, d: &str, c: &str, timeout_ms: Option<u64>, original: u128| {
+        f.ledger
+            .create_refund_result(
+                f.request(id, user(d), user(c), "1.00", "EUR"),
+                TransferId(original),
+                timeout_ms,
+            )
+            .map(CreateResult::into_transfer)
+    };
+    assert_eq!(
+        rejected(to20(21, "shop", "alice", None, 99)),
+        E::OriginalTransferNotFound
+    );
+    assert_eq!(
+        rejected(to20(22, "alice", "shop", None, 20)),
+        E::RefundAccountsMismatch,
+        "not reversed"
+    );
+    assert_eq!(
+        rejected(to20(23, "shop", "carol", Some(60_000), 20)),
+        E::RefundAccountsMismatch,
+        "someone else paid back"
+    );
+    f.ledger
+        .create_pending(
+            f.request(24, user("alice"), user("shop"), "5.00", "EUR"),
+            60_000,
+        )
+        .unwrap();
+    assert_eq!(
+        rejected(to20(25, "shop", "alice", None, 24)),
+        E::OriginalTransferNotRefundable,
+        "pending, not posted"
+    );
+    f.ledger.void(TransferId(24)).unwrap();
+    assert_eq!(
+        rejected(to20(26, "shop", "alice", Some(60_000), 24)),
+        E::OriginalTransferNotRefundable,
+        "voided"
+    );
+    to20(27, "shop", "alice", Some(60_000), 20).unwrap();
+    f.ledger.post(TransferId(27), None).unwrap();
+    assert_eq!(
+        rejected(to20(28, "alice", "shop", None, 27)),
+        E::OriginalTransferIsRefund,
+        "a posted pending refund is a refund"
+    );
+    assert_eq!(
+        rejected(to20(29, "alice", "shop", None, 13)),
+        E::OriginalTransferIsRefund
+    );
+    let yen = TransferRequest {
+        amount: f.amount("1", "JPY"),
+        ..f.request(30, user("shop"), user("alice"), "1.00", "EUR")
+    };
+    assert_eq!(
+        rejected(
+            f.ledger
+                .create_refund_result(yen, TransferId(20), None)
+                .map(CreateResult::into_transfer)
+        ),
+        E::CurrencyMismatch
+    );
+    // Recorded: a retry of a refused refund answers the same refusal.
+    assert_eq!(
+        rejected(to20(22, "alice", "shop", None, 20)),
+        E::RefundAccountsMismatch
+    );
+
+    // By reference: the refunds of a transfer, oldest first, in every state.
+    let ids = |original: u128| -> Vec<(u128, TransferState)> {
+        f.ledger
+            .refunds_of(TransferId(original))
+            .unwrap()
+            .iter()
+            .map(|t| (t.id.0, t.state))
+            .collect()
+    };
+    assert_eq!(
+        ids(2),
+        vec![
+            (10, TransferState::Voided),
+            (12, TransferState::Posted { amount_minor: 500 }),
+            (
+                13,
+                TransferState::Posted {
+                    amount_minor: 2_500
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        ids(20),
+        vec![(27, TransferState::Posted { amount_minor: 100 })]
+    );
+    assert!(ids(99).is_empty() && ids(16).len() == 1);
+    f.ledger.verify().unwrap();
+}
+
+/// A pending refund that expires gives its reservation back, also across a reopen from a
+/// checkpoint taken while it was pending.
+#[test]
+fn an_expired_pending_refund_gives_the_cap_back_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    let currencies = Currencies::from_settings(&settings()).unwrap();
+    let eur = |v: &str| {
+        currencies
+            .parse(Decimal::from_str(v).unwrap(), "EUR")
+            .unwrap()
+    };
+    let req = |id: u128, d: &str, c: &str, v: &str| TransferRequest {
+        id: TransferId(id),
+        debit: user(d),
+        credit: user(c),
+        amount: eur(v),
+        memo: vec![],
+    };
+    ledger
+        .create_transfer(TransferRequest {
+            debit: Owner::Issuer,
+            ..req(1, "x", "alice", "50.00")
+        })
+        .unwrap();
+    ledger
+        .create_transfer(req(2, "alice", "shop", "8.00"))
+        .unwrap();
+    ledger
+        .create_refund_result(req(3, "shop", "alice", "8.00"), TransferId(2), Some(1_000))
+        .unwrap();
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let opened = open_no_close_checkpoint(dir.path(), &clock);
+    assert!(opened.opened_from_checkpoint().is_some());
+    let ledger = opened.blocking();
+    drop(opened);
+    let t = ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(t.refund_pending_minor, 800);
+    assert_eq!(
+        rejected(
+            ledger
+                .create_refund_result(req(4, "shop", "alice", "0.01"), TransferId(2), None)
+                .map(CreateResult::into_transfer)
+        ),
+        TransferError::RefundExceedsRemaining
+    );
+    clock.advance_ms(1_000);
+    ledger.expire_due().unwrap();
+    let t = ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!((t.refunded_minor, t.refund_pending_minor), (0, 0));
+    ledger
+        .create_refund_result(req(5, "shop", "alice", "8.00"), TransferId(2), None)
+        .unwrap();
+    ledger.verify().unwrap();
+}
+
+/// Checkpoints come by themselves as entries accumulate (written off the writer thread), and
+/// the last one written before a crash-like close is where the next open starts.
+#[test]
+fn checkpoints_are_written_as_entries_accumulate() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        checkpoint_at_close: false,
+        checkpoint_entries_min: 10,
+        ..LedgerOptions::default()
+    };
+    let open = || {
+        Ledger::open_with_options(
+            dir.path(),
+            &settings(),
+            Arc::new(clock.clone()),
+            options.clone(),
+        )
+        .unwrap()
+    };
+    let ledger = open().blocking();
+    for i in 1..=60u128 {
+        ledger
+            .create_transfer(TransferRequest {
+                id: TransferId(i),
+                debit: Owner::Issuer,
+                credit: user(&format!("u{}", i % 7)),
+                amount: ledger.ledger().amount_from_minor(100, "EUR").unwrap(),
+                memo: vec![],
+            })
+            .unwrap();
+    }
+    let head = block_on(ledger.ledger().durable_seq()).unwrap();
+    drop(ledger);
+    let ledger = open();
+    let from = ledger
+        .opened_from_checkpoint()
+        .expect("a checkpoint was written");
+    assert!(from > head / 2 && from <= head, "from {from}, head {head}");
+    assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+    ledger.blocking().verify().unwrap();
+}
+
+/// A journal that lost its end together with its head (and whose anchor lags) replays
+/// cleanly on its own; a whole checkpoint of a later record is the evidence that records were
+/// lost, and open refuses rather than fall back to the shorter history.
+#[test]
+fn a_checkpoint_beyond_the_journal_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+    activity(&ledger, &clock, 100);
+    let head = block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let path = dir.path().join("ledger");
+    {
+        let db = sled::Config::new()
+            .path(&path)
+            .segment_size(storage::SEGMENT_BYTES)
+            .open()
+            .unwrap();
+        let journal = db.open_tree(storage::JOURNAL_TREE).unwrap();
+        journal.remove(SledStorage::record_key(head)).unwrap();
+        let before = journal
+            .get(SledStorage::record_key(head - 1))
+            .unwrap()
+            .unwrap();
+        let mut earlier = (head - 1).to_le_bytes().to_vec();
+        earlier.extend_from_slice(&before[before.len() - 32..]);
+        journal.insert(b"k", earlier.clone()).unwrap();
+        db.flush().unwrap();
+        std::fs::write(path.join(storage::ANCHOR_FILE), &earlier).unwrap();
+    }
+    let err = Ledger::open(dir.path(), &settings(), Arc::new(clock.clone())).unwrap_err();
+    assert!(err.to_string().contains("records were lost"), "{err}");
+    std::fs::remove_file(path.join(storage::CHECKPOINT_FILE)).unwrap();
+    // Without the checkpoint, nothing tells: the shorter journal is consistent.
+    Ledger::open(dir.path(), &settings(), Arc::new(clock.clone())).unwrap();
 }

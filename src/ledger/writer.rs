@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::codec::{Head, RecordBuilder, COMMAND_BYTES_MAX};
 use super::model::TransferId;
 use super::state::{Event, Op, OpResult, State};
-use super::storage::{Storage, RECORD_BYTES_TARGET};
+use super::storage::{Storage, StorageError, RECORD_BYTES_TARGET};
 use super::LedgerError;
 
 /// A read that runs on the writer after the batch it arrived in is durable.
@@ -29,6 +29,10 @@ pub(crate) enum Command {
     },
     /// A consistent read of durable state.
     Read(ReadFn),
+    /// Write a checkpoint after this batch; answers with its record.
+    Checkpoint {
+        reply: oneshot::Sender<Result<u64, LedgerError>>,
+    },
 }
 
 // Replies live for one batch in one Vec; boxing the large variant would only add allocations.
@@ -37,6 +41,7 @@ enum Reply {
     Op(oneshot::Sender<Result<OpResult, LedgerError>>, OpResult),
     Expired(oneshot::Sender<Result<Vec<TransferId>, LedgerError>>),
     Read(ReadFn),
+    Checkpoint(oneshot::Sender<Result<u64, LedgerError>>),
 }
 
 /// The writer's state; lives on its own thread.
@@ -50,6 +55,20 @@ pub(crate) struct Writer {
     pub last_time_ms: u64,
     pub batch_commands_max: usize,
     pub expiry_tick: Duration,
+    /// See [`super::LedgerOptions::checkpoint_entries_min`].
+    pub checkpoint_entries_min: u64,
+    /// See [`super::LedgerOptions::checkpoint_at_close`].
+    pub checkpoint_at_close: bool,
+    /// Journal entries committed since the last checkpoint (or replayed after it at open).
+    pub entries_since_checkpoint: u64,
+    /// See [`super::LedgerAlarms::checkpoint_write_failures`].
+    pub checkpoint_write_failures: Arc<std::sync::atomic::AtomicU64>,
+    /// A checkpoint being written by a background thread (encoded on this thread, after its
+    /// record was durable). At most one at a time, so an older one never overwrites a newer.
+    pub checkpoint_in_flight: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
+    /// Write the next due checkpoint on this thread: the stored one could not be used at
+    /// open, and `verify` must not meet it again once a batch was committed.
+    pub checkpoint_sync_next: bool,
 }
 
 impl Writer {
@@ -64,7 +83,14 @@ impl Writer {
             loop {
                 let first = match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
                     Ok(Some(command)) => Some(command),
-                    Ok(None) => break,
+                    Ok(None) => {
+                        // Closed cleanly: the state is the journal's, so the next open
+                        // starts from here.
+                        if self.checkpoint_at_close && self.entries_since_checkpoint > 0 {
+                            let _ = self.write_checkpoint();
+                        }
+                        break;
+                    }
                     // Idle: still expire what the clock says is due.
                     Err(_) => None,
                 };
@@ -73,7 +99,100 @@ impl Writer {
                     break;
                 }
             }
+            // The database is released when this thread ends: no checkpoint write after it.
+            self.finish_checkpoint_in_flight();
         });
+    }
+
+    /// Waits for the checkpoint being written in the background, if any.
+    fn finish_checkpoint_in_flight(&mut self) {
+        if let Some(handle) = self.checkpoint_in_flight.take() {
+            let result = handle.join().unwrap_or_else(|_| {
+                Err(StorageError::Backend(
+                    "the checkpoint thread panicked".to_owned(),
+                ))
+            });
+            if let Err(error) = result {
+                self.checkpoint_failed(&error);
+            }
+        }
+    }
+
+    fn checkpoint_failed(&self, error: &StorageError) {
+        let failures = self
+            .checkpoint_write_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        tracing::warn!(%error, failures, "cannot write the ledger's checkpoint; the journal is \
+            durable, the next open replays more of it");
+    }
+
+    /// Starts writing a checkpoint of the state in the background: the state is encoded
+    /// here (it is the replay of the durable journal up to `head`), the write and its fsyncs
+    /// run on their own thread so commits do not wait for them. Skipped while the previous
+    /// one is still being written (it is tried again after the next batch).
+    fn start_checkpoint(&mut self) {
+        if self
+            .checkpoint_in_flight
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
+        {
+            return;
+        }
+        self.finish_checkpoint_in_flight();
+        if self.checkpoint_sync_next {
+            self.checkpoint_sync_next = false;
+            let _ = self.write_checkpoint();
+            return;
+        }
+        if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
+            return;
+        }
+        let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
+        let storage = self.storage.clone();
+        let spawned = std::thread::Builder::new()
+            .name("mxpay-ledger-checkpoint".to_owned())
+            .spawn(move || storage.put_checkpoint(&bytes));
+        match spawned {
+            Ok(handle) => {
+                self.entries_since_checkpoint = 0;
+                self.checkpoint_in_flight = Some(handle);
+            }
+            Err(_) => {
+                let _ = self.write_checkpoint();
+            }
+        }
+    }
+
+    /// Writes a checkpoint of the state, which is the replay of the durable journal up to
+    /// `head`. A failure is logged and counted, never fatal: the journal is durable, and the
+    /// next open only replays more of it.
+    pub fn write_checkpoint(&mut self) -> Result<u64, LedgerError> {
+        self.finish_checkpoint_in_flight();
+        if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
+            return Ok(self.head.seq);
+        }
+        let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
+        match self.storage.put_checkpoint(&bytes) {
+            Ok(()) => {
+                self.entries_since_checkpoint = 0;
+                Ok(self.head.seq)
+            }
+            Err(error) => {
+                self.checkpoint_failed(&error);
+                // Try again only after as many entries again.
+                self.entries_since_checkpoint = 0;
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Whether enough was committed since the last checkpoint to write one: at least
+    /// `checkpoint_entries_min` entries, and at least half the size of the state, so that
+    /// the cost of checkpoints stays proportional to what is committed.
+    fn checkpoint_due(&self) -> bool {
+        let state_size = self.state.checkpoint_items() / 2;
+        self.entries_since_checkpoint >= self.checkpoint_entries_min.max(state_size)
     }
 
     /// Decides `first` and whatever else is queued, up to the batch bounds (commands, and
@@ -100,6 +219,7 @@ impl Writer {
                 }
                 Command::ExpireDue { reply } => replies.push(Reply::Expired(reply)),
                 Command::Read(read) => replies.push(Reply::Read(read)),
+                Command::Checkpoint { reply } => replies.push(Reply::Checkpoint(reply)),
             }
             for event in events.drain(..) {
                 record.push(&event);
@@ -133,12 +253,20 @@ impl Writer {
                             let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
                         }
                         Reply::Read(_) => {}
+                        Reply::Checkpoint(tx) => {
+                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                        }
                     }
                 }
                 return Err(e.into());
             }
             self.head = head;
             self.last_time_ms = now_ms;
+            self.entries_since_checkpoint =
+                self.entries_since_checkpoint.saturating_add(record.count());
+            if self.checkpoint_due() {
+                self.start_checkpoint();
+            }
         }
         for reply in replies {
             match reply {
@@ -149,6 +277,9 @@ impl Writer {
                     let _ = tx.send(Ok(expired.clone()));
                 }
                 Reply::Read(read) => read(&self.state, self.head),
+                Reply::Checkpoint(tx) => {
+                    let _ = tx.send(self.write_checkpoint());
+                }
             }
         }
         Ok(())

@@ -91,29 +91,14 @@ impl Messenger {
         &self,
         room_id: &RoomId,
     ) -> Result<Vec<(String, String)>, HomeserverError> {
-        let members = self.client.room_members(room_id).await?;
-        Ok(members
-            .iter()
-            .filter_map(|raw| {
-                let v: Value = raw.deserialize_as_unchecked().ok()?;
-                Some((
-                    v.get("state_key")?.as_str()?.to_owned(),
-                    v.pointer("/content/membership")?.as_str()?.to_owned(),
-                ))
-            })
-            .collect())
+        // Asked once per room, then kept fresh by the transaction stream.
+        self.client.memberships(room_id).await
     }
 
     /// The room's join rule (`invite`, `public`, `knock`, ...), if it has one.
     pub async fn join_rule(&self, room_id: &RoomId) -> Result<Option<String>, HomeserverError> {
-        let state = self.client.room_state(room_id).await?;
-        Ok(state.iter().find_map(|raw| {
-            let v: Value = raw.deserialize_as_unchecked().ok()?;
-            if v.get("type")?.as_str()? != "m.room.join_rules" {
-                return None;
-            }
-            Some(v.pointer("/content/join_rule")?.as_str()?.to_owned())
-        }))
+        // Asked once per room, then kept fresh by the transaction stream.
+        self.client.join_rule(room_id).await
     }
 
     /// Creates an encrypted private chat with `user` (the bot and the user get full power, so

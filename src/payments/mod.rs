@@ -52,7 +52,7 @@ use crate::events::ReceiptReason;
 use crate::homeserver::HomeserverError;
 use crate::ledger::{Ledger, LedgerError, TransferError, TransferId};
 use crate::outbox::OutboxPoke;
-use crate::pipeline::{reply_txn_id, InboxTransaction, Pipeline, PipelineError};
+use crate::pipeline::{reply_txn_id, InboxTransaction, Ingested, Job, Pipeline, PipelineError};
 use crate::policy::payee::WalletHolders;
 use crate::policy::pin::{PinError, PinHasher};
 use crate::policy::stepup::{StepUpAuthority, StepUpError};
@@ -573,37 +573,52 @@ impl PaymentsPipeline {
 #[async_trait]
 impl Pipeline for PaymentsPipeline {
     async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
-        let ingested = match self.crypto.crypto().ingest(&txn.body).await {
-            Ok(ingested) => ingested,
-            Err(e) => {
-                tracing::error!(txn_id = %txn.txn_id, error = %e, "cannot process the transaction's encryption data");
-                return Err(PipelineError::transient(e));
-            }
-        };
-        for event in &ingested.events {
-            let span = tracing::info_span!("event", event_id = %event.event_id);
-            let result = match self.payments.handle_event(event).instrument(span).await {
-                Ok(true) => Ok(()),
-                Ok(false) => self.crypto.handle_event(event).await,
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(event_id = %event.event_id, error = %e, "payment handling failed; will retry");
-                    Err(PipelineError::transient(e))
-                }
-                Err(e) => {
-                    tracing::error!(event_id = %event.event_id, error = %e, "payment handling failed");
-                    Ok(())
-                }
-            };
-            // A late-decrypted event leaves the parked store only once handled.
-            self.crypto.done_with(event, result)?;
+        for job in self.crypto.ingest_jobs(txn).await? {
+            self.run_job(&job).await?;
         }
         Ok(())
+    }
+
+    async fn ingest(&self, txn: &InboxTransaction) -> Result<Ingested, PipelineError> {
+        Ok(Ingested::Jobs(self.crypto.ingest_jobs(txn).await?))
+    }
+
+    async fn run_job(&self, job: &Job) -> Result<(), PipelineError> {
+        let event = crate::crypto::pipeline::job_event(job)?;
+        let span = tracing::info_span!("event", event_id = %event.event_id);
+        let result = match self.payments.handle_event(event).instrument(span).await {
+            Ok(true) => Ok(()),
+            Ok(false) => self.crypto.handle_event(event).await,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(event_id = %event.event_id, error = %e, "payment handling failed; will retry");
+                Err(PipelineError::transient(e))
+            }
+            Err(e) => {
+                tracing::error!(event_id = %event.event_id, error = %e, "payment handling failed");
+                Ok(())
+            }
+        };
+        // A late-decrypted event leaves the parked store only once handled.
+        self.crypto.done_with(event, result)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The config's request expiry bounds are the requests module's.
+    #[test]
+    fn request_expiry_bounds_agree() {
+        assert_eq!(
+            settings::REQUEST_EXPIRY_DEFAULT_MS,
+            crate::requests::REQUEST_EXPIRY_DEFAULT_MS
+        );
+        assert_eq!(
+            settings::REQUEST_EXPIRY_MAX_MS,
+            crate::requests::REQUEST_EXPIRY_MAX_MS
+        );
+    }
 
     /// Every request refusal code is a receipt reason with the same code.
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! Nothing here sends, stores or reads the clock: callers pass the facts and `now_ms` in and
 //! apply what comes back. The durable side is `store::requests` (which depends on this
-//! module, never the reverse). Rules for people: `docs/payments.md` (sections 5 and 6); wiring: `crate::payments::core::request`.
+//! module, never the reverse). Rules for people: `docs/payments.md` (sections 5 and 6); wiring: the payment flow's `core::request`.
 
 pub mod accept;
 pub mod parse;

@@ -9,9 +9,9 @@ mod spine;
 mod support;
 
 mod homeserver_retry;
-mod homeserver_to_device;
 
 mod ledger;
+mod lost_key;
 mod observability;
 mod payments;
 

@@ -232,32 +232,11 @@ pub fn pin_error_sentence(error: &PinError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ruma::{owned_event_id, owned_room_id, owned_user_id};
+
+    use crate::payments::core::fixtures::{challenge, event_in};
 
     fn event() -> EventRef {
-        EventRef {
-            room_id: owned_room_id!("!dm:hs"),
-            event_id: owned_event_id!("$pin"),
-            sender: owned_user_id!("@alice:hs"),
-        }
-    }
-
-    fn challenge(id: u128, kind: ChallengeKind, expires_at_ms: u64) -> Challenge {
-        Challenge {
-            kind,
-            transfer_id: id,
-            payer: "@alice:hs".try_into().unwrap(),
-            payee: "@bob:hs".into(),
-            amount_minor: 500,
-            amount: "5.00".into(),
-            currency: "EUR".into(),
-            room_id: "!room:hs".try_into().unwrap(),
-            event_id: "$pay".try_into().unwrap(),
-            memo: None,
-            created_ms: 0,
-            expires_at_ms,
-            device_id: None,
-        }
+        event_in("!dm:hs", "$pin")
     }
 
     #[test]

@@ -277,32 +277,12 @@ pub fn cancel(
 mod tests {
     use super::*;
     use crate::payments::core::OutgoingBody;
-    use ruma::{owned_event_id, owned_room_id, owned_user_id, user_id};
+    use ruma::{owned_event_id, owned_room_id, user_id};
+
+    use crate::payments::core::fixtures::{challenge, event_in};
 
     fn event(room: &str) -> EventRef {
-        EventRef {
-            room_id: OwnedRoomId::try_from(room).unwrap(),
-            event_id: owned_event_id!("$ask"),
-            sender: owned_user_id!("@alice:hs"),
-        }
-    }
-
-    fn challenge(id: u128, kind: ChallengeKind, expires_at_ms: u64) -> Challenge {
-        Challenge {
-            kind,
-            transfer_id: id,
-            payer: "@alice:hs".try_into().unwrap(),
-            payee: "@bob:hs".into(),
-            amount_minor: 1250,
-            amount: "12.50".into(),
-            currency: "EUR".into(),
-            room_id: "!room:hs".try_into().unwrap(),
-            event_id: "$ask".try_into().unwrap(),
-            memo: None,
-            created_ms: 0,
-            expires_at_ms,
-            device_id: None,
-        }
+        event_in(room, "$ask")
     }
 
     const BOT: &str = "@mxpay:hs";

@@ -203,6 +203,139 @@ pub fn prompt(dialog: &Dialog) -> &'static str {
     }
 }
 
+/// `!pin set` / `!pin change` before the DM is known: what the sender's trust allows.
+#[derive(Debug, PartialEq)]
+pub enum PinCommand {
+    /// Refused: this is the answer.
+    Refused(Decision),
+    /// Go on (after applying this decision, e.g. accepting changed keys).
+    Go(Decision),
+}
+
+/// What the trust check of a `!pin` command needs to know.
+#[derive(Debug)]
+pub struct PinCommandFacts<'a> {
+    /// `!pin change` (else `!pin set`).
+    pub change: bool,
+    /// The sender has a PIN.
+    pub has_pin: bool,
+    /// The trust check of the command.
+    pub trust: &'a Result<(), crate::policy::trust::TrustRefusal>,
+    /// A changed identity may be accepted without a PIN (asked only when it matters: the
+    /// operator said so, or a user who never had a PIN nor a payment).
+    pub may_accept_keys_without_pin: bool,
+    /// The sender's ready DM, if any.
+    pub ready_dm: Option<&'a ruma::OwnedRoomId>,
+}
+
+/// The trust step of a `!pin` command. `ask_to_accept_identity` is the decision that opens the
+/// dialog accepting a changed identity (see [`super::pin_answer::ask_to_accept_identity`]).
+pub fn pin_command(
+    event: &EventRef,
+    facts: PinCommandFacts<'_>,
+    ask_to_accept_identity: impl FnOnce() -> Decision,
+) -> PinCommand {
+    use crate::policy::trust::TrustRefusal;
+    match facts.trust {
+        Ok(()) => PinCommand::Go(Decision::none()),
+        // `!pin change` without a PIN only gets told to use `!pin set`.
+        Err(TrustRefusal::IdentityChanged) if !facts.has_pin && facts.change => {
+            PinCommand::Go(Decision::none())
+        }
+        // Without a PIN nothing the user knows can confirm a key change.
+        Err(TrustRefusal::IdentityChanged) if !facts.has_pin => {
+            if !facts.may_accept_keys_without_pin {
+                return PinCommand::Refused(Decision::say(event.answer(
+                    "your account's security keys changed since I first saw them, and you \
+                     have no PIN to confirm that with. Ask the operator to confirm your new \
+                     keys; until then I take no PIN and no payment from you.",
+                    "pin-refused",
+                )));
+            }
+            let mut accepted = Decision {
+                record: vec![
+                    Record::AcceptIdentity {
+                        user: event.sender.clone(),
+                    },
+                    Record::KeysAcceptedAtPinSet {
+                        user: event.sender.clone(),
+                    },
+                ],
+                ..Decision::none()
+            };
+            if let Some(dm) = facts.ready_dm {
+                // Said in the DM, which the account's earlier sessions can read too.
+                accepted.sends.push(super::Outgoing::notice(
+                    dm,
+                    "🔐 I accepted your account's new security keys (your cross-signing was \
+                     reset). If you did not do that, tell the operator now.",
+                    None,
+                    "keys-accepted",
+                    event.event_id.as_str(),
+                ));
+            }
+            PinCommand::Go(accepted)
+        }
+        Err(refusal) => {
+            let asked = if *refusal == TrustRefusal::IdentityChanged {
+                ask_to_accept_identity()
+            } else {
+                Decision::none()
+            };
+            PinCommand::Refused(asked.then_send(event.answer(&refusal.to_string(), "pin-refused")))
+        }
+    }
+}
+
+/// `!pin set` / `!pin change` once the DM is known: opens the dialog (or says why not) and
+/// prompts in the DM when it is ready (else the prompt follows the join).
+pub fn open_pin_dialog(
+    event: &EventRef,
+    change: bool,
+    has_pin: bool,
+    dm: &super::challenge::Dm,
+    now_ms: u64,
+    timeout_ms: u64,
+) -> Decision {
+    let expires_at_ms = now_ms + timeout_ms;
+    let (dialog, message) = match (change, has_pin) {
+        (false, true) => (
+            None,
+            "You already have a PIN. To change it, send !pin change.",
+        ),
+        (true, false) => (None, "You have no PIN yet. Send !pin set to choose one."),
+        (false, false) => (
+            Some(Dialog::NewPin {
+                expires_at_ms,
+                change: false,
+            }),
+            "",
+        ),
+        (true, true) => (Some(Dialog::OldPin { expires_at_ms }), ""),
+    };
+    let mut decision = Decision::none();
+    decision
+        .sends
+        .extend(super::challenge::pointer(event, dm, "pin-pointer"));
+    if let Some(dialog) = &dialog {
+        decision.store.push(Record::Dialog {
+            user: event.sender.clone(),
+            next: Some(dialog.clone()),
+        });
+    }
+    if let super::challenge::Dm::Ready(dm_room) = dm {
+        let text = dialog.as_ref().map_or(message, prompt);
+        decision.sends.push(super::Outgoing::notice(
+            dm_room,
+            text,
+            None,
+            "pin-prompt",
+            event.event_id.as_str(),
+        ));
+    }
+    decision
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,139 +489,6 @@ mod tests {
         assert!(matches!(accepted.record[0], Record::AcceptIdentity { .. }));
         assert!(matches!(accepted.record[1], Record::DialogStep { .. }));
     }
-}
-
-/// `!pin set` / `!pin change` before the DM is known: what the sender's trust allows.
-#[derive(Debug, PartialEq)]
-pub enum PinCommand {
-    /// Refused: this is the answer.
-    Refused(Decision),
-    /// Go on (after applying this decision, e.g. accepting changed keys).
-    Go(Decision),
-}
-
-/// What the trust check of a `!pin` command needs to know.
-#[derive(Debug)]
-pub struct PinCommandFacts<'a> {
-    /// `!pin change` (else `!pin set`).
-    pub change: bool,
-    /// The sender has a PIN.
-    pub has_pin: bool,
-    /// The trust check of the command.
-    pub trust: &'a Result<(), crate::policy::trust::TrustRefusal>,
-    /// A changed identity may be accepted without a PIN (asked only when it matters: the
-    /// operator said so, or a user who never had a PIN nor a payment).
-    pub may_accept_keys_without_pin: bool,
-    /// The sender's ready DM, if any.
-    pub ready_dm: Option<&'a ruma::OwnedRoomId>,
-}
-
-/// The trust step of a `!pin` command. `ask_to_accept_identity` is the decision that opens the
-/// dialog accepting a changed identity (see [`super::pin_answer::ask_to_accept_identity`]).
-pub fn pin_command(
-    event: &EventRef,
-    facts: PinCommandFacts<'_>,
-    ask_to_accept_identity: impl FnOnce() -> Decision,
-) -> PinCommand {
-    use crate::policy::trust::TrustRefusal;
-    match facts.trust {
-        Ok(()) => PinCommand::Go(Decision::none()),
-        // `!pin change` without a PIN only gets told to use `!pin set`.
-        Err(TrustRefusal::IdentityChanged) if !facts.has_pin && facts.change => {
-            PinCommand::Go(Decision::none())
-        }
-        // Without a PIN nothing the user knows can confirm a key change.
-        Err(TrustRefusal::IdentityChanged) if !facts.has_pin => {
-            if !facts.may_accept_keys_without_pin {
-                return PinCommand::Refused(Decision::say(event.answer(
-                    "your account's security keys changed since I first saw them, and you \
-                     have no PIN to confirm that with. Ask the operator to confirm your new \
-                     keys; until then I take no PIN and no payment from you.",
-                    "pin-refused",
-                )));
-            }
-            let mut accepted = Decision {
-                record: vec![
-                    Record::AcceptIdentity {
-                        user: event.sender.clone(),
-                    },
-                    Record::KeysAcceptedAtPinSet {
-                        user: event.sender.clone(),
-                    },
-                ],
-                ..Decision::none()
-            };
-            if let Some(dm) = facts.ready_dm {
-                // Said in the DM, which the account's earlier sessions can read too.
-                accepted.sends.push(super::Outgoing::notice(
-                    dm,
-                    "🔐 I accepted your account's new security keys (your cross-signing was \
-                     reset). If you did not do that, tell the operator now.",
-                    None,
-                    "keys-accepted",
-                    event.event_id.as_str(),
-                ));
-            }
-            PinCommand::Go(accepted)
-        }
-        Err(refusal) => {
-            let asked = if *refusal == TrustRefusal::IdentityChanged {
-                ask_to_accept_identity()
-            } else {
-                Decision::none()
-            };
-            PinCommand::Refused(asked.then_send(event.answer(&refusal.to_string(), "pin-refused")))
-        }
-    }
-}
-
-/// `!pin set` / `!pin change` once the DM is known: opens the dialog (or says why not) and
-/// prompts in the DM when it is ready (else the prompt follows the join).
-pub fn open_pin_dialog(
-    event: &EventRef,
-    change: bool,
-    has_pin: bool,
-    dm: &super::challenge::Dm,
-    now_ms: u64,
-    timeout_ms: u64,
-) -> Decision {
-    let expires_at_ms = now_ms + timeout_ms;
-    let (dialog, message) = match (change, has_pin) {
-        (false, true) => (
-            None,
-            "You already have a PIN. To change it, send !pin change.",
-        ),
-        (true, false) => (None, "You have no PIN yet. Send !pin set to choose one."),
-        (false, false) => (
-            Some(Dialog::NewPin {
-                expires_at_ms,
-                change: false,
-            }),
-            "",
-        ),
-        (true, true) => (Some(Dialog::OldPin { expires_at_ms }), ""),
-    };
-    let mut decision = Decision::none();
-    decision
-        .sends
-        .extend(super::challenge::pointer(event, dm, "pin-pointer"));
-    if let Some(dialog) = &dialog {
-        decision.store.push(Record::Dialog {
-            user: event.sender.clone(),
-            next: Some(dialog.clone()),
-        });
-    }
-    if let super::challenge::Dm::Ready(dm_room) = dm {
-        let text = dialog.as_ref().map_or(message, prompt);
-        decision.sends.push(super::Outgoing::notice(
-            dm_room,
-            text,
-            None,
-            "pin-prompt",
-            event.event_id.as_str(),
-        ));
-    }
-    decision
 }
 
 #[cfg(test)]

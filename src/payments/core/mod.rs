@@ -24,6 +24,8 @@ pub mod after_pin;
 pub mod challenge;
 pub mod decision;
 pub mod dialog;
+#[cfg(test)]
+mod fixtures;
 pub mod pin_answer;
 pub mod refusal;
 pub mod request;
