@@ -21,6 +21,9 @@ use crate::ledger::{
 pub enum BenchCommand {
     /// Ledger throughput (group commit) and single-transfer latency.
     Ledger(LedgerBench),
+    /// Many people paying at once through a real Synapse with encrypted clients: payments/s,
+    /// per-step latency, homeserver requests and events per payment, CPU and memory.
+    E2e(super::bench_e2e::E2eBench),
 }
 
 /// Parameters of the ledger benchmark.
@@ -54,6 +57,7 @@ pub struct LedgerBench {
 pub fn run(command: BenchCommand) -> super::anyhow_like::Result {
     match command {
         BenchCommand::Ledger(params) => ledger(params),
+        BenchCommand::E2e(params) => super::bench_e2e::run(params).map_err(Into::into),
     }
 }
 

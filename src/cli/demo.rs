@@ -545,7 +545,7 @@ impl Person {
 }
 
 /// Creates and uploads a cross-signing identity; Synapse wants the password (UIA).
-async fn bootstrap_cross_signing(
+pub(crate) async fn bootstrap_cross_signing(
     client: &Client,
     localpart: &str,
     password: &str,

@@ -120,7 +120,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
 
 /// The repository: where `scripts/synapse.sh` is, either the source tree this binary was
 /// built from or the current directory.
-fn repo_dir() -> Result<PathBuf, DevError> {
+pub(crate) fn repo_dir() -> Result<PathBuf, DevError> {
     let built_from = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let candidates = [built_from, std::env::current_dir().unwrap_or_default()];
     candidates

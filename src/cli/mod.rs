@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod bench_e2e;
 pub mod ledger;
 
 /// mxpay: chat payments for end-to-end-encrypted Matrix rooms.

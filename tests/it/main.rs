@@ -2,6 +2,7 @@
 #![recursion_limit = "256"]
 
 mod admin;
+mod bench_e2e;
 mod config_errors;
 mod crypto;
 mod dev;
