@@ -151,7 +151,8 @@ fn parse_command(name: &str, args: &[&str]) -> Result<Command, CommandError> {
     }
 }
 
-fn parse_user(word: &str) -> Result<OwnedUserId, CommandError> {
+/// A user id as typed (`@alice:server`).
+pub(crate) fn parse_user(word: &str) -> Result<OwnedUserId, CommandError> {
     OwnedUserId::try_from(word).map_err(|_| CommandError::BadUser(word.to_owned()))
 }
 
@@ -168,7 +169,8 @@ fn parse_amount(word: &str) -> Result<Decimal, CommandError> {
     Decimal::from_str(word).map_err(|_| CommandError::BadAmount(word.to_owned()))
 }
 
-fn parse_currency(word: &str) -> Result<String, CommandError> {
+/// A 3-letter currency code, upper-cased.
+pub(crate) fn parse_currency(word: &str) -> Result<String, CommandError> {
     if word.len() == 3 && word.chars().all(|c| c.is_ascii_alphabetic()) {
         Ok(word.to_ascii_uppercase())
     } else {
@@ -176,7 +178,8 @@ fn parse_currency(word: &str) -> Result<String, CommandError> {
     }
 }
 
-fn parse_memo(words: &[&str]) -> Result<Option<String>, CommandError> {
+/// The words after the amount as a note, at most [`MEMO_CHARS_MAX`] characters.
+pub(crate) fn parse_memo(words: &[&str]) -> Result<Option<String>, CommandError> {
     if words.is_empty() {
         return Ok(None);
     }

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use matrix_sdk::ruma::{EventId, OwnedEventId, OwnedUserId};
 use rust_decimal::Decimal;
 
-use crate::command::{CommandError, MEMO_CHARS_MAX};
+use crate::command::{parse_currency, parse_memo, parse_user, CommandError};
 
 /// A command about requests, split bills, refunds or accepting a payment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,16 +274,12 @@ fn parse_refund(args: &[&str], reply_to: Option<&EventId>) -> Result<RequestComm
     })
 }
 
-// The word rules below are those of `crate::command` (`!pay`): the same input is accepted or
-// refused the same way, with the same sentences.
+// The word rules are those of `crate::command` (`!pay`): the same input is accepted or refused
+// the same way, with the same sentences. Only amounts differ: a negative one is a number the
+// currency check refuses (`invalid_amount`, with a typed receipt), not a typo.
 
-fn parse_user(word: &str) -> Result<OwnedUserId, CommandError> {
-    OwnedUserId::try_from(word).map_err(|_| CommandError::BadUser(word.to_owned()))
-}
-
-/// A plain decimal: digits with at most one dot; no sign, exponent, comma or symbol.
-/// A plain decimal, optionally negative: a negative amount is a number the currency check
-/// refuses (`invalid_amount`, with a typed receipt), not a typo.
+/// A plain decimal, optionally negative: digits with at most one dot; no exponent, comma or
+/// symbol.
 fn parse_amount(word: &str) -> Result<Decimal, CommandError> {
     let digits = word.strip_prefix('-').unwrap_or(word);
     let plain = digits.chars().all(|c| c.is_ascii_digit() || c == '.')
@@ -293,25 +289,6 @@ fn parse_amount(word: &str) -> Result<Decimal, CommandError> {
         return Err(CommandError::BadAmount(word.to_owned()));
     }
     Decimal::from_str(word).map_err(|_| CommandError::BadAmount(word.to_owned()))
-}
-
-fn parse_currency(word: &str) -> Result<String, CommandError> {
-    if word.len() == 3 && word.chars().all(|c| c.is_ascii_alphabetic()) {
-        Ok(word.to_ascii_uppercase())
-    } else {
-        Err(CommandError::BadCurrency(word.to_owned()))
-    }
-}
-
-fn parse_memo(words: &[&str]) -> Result<Option<String>, CommandError> {
-    if words.is_empty() {
-        return Ok(None);
-    }
-    let memo = words.join(" ");
-    if memo.chars().count() > MEMO_CHARS_MAX {
-        return Err(CommandError::MemoTooLong);
-    }
-    Ok(Some(memo))
 }
 
 #[cfg(test)]
@@ -360,7 +337,10 @@ mod tests {
         for (text, expected) in cases {
             assert_eq!(parse(text, None), Some(Err(expected)), "{text}");
         }
-        let long = format!("!request @a:s 1 EUR {}", "x".repeat(MEMO_CHARS_MAX + 1));
+        let long = format!(
+            "!request @a:s 1 EUR {}",
+            "x".repeat(crate::command::MEMO_CHARS_MAX + 1)
+        );
         assert_eq!(parse(&long, None), Some(Err(CommandError::MemoTooLong)));
         // Over-precise amounts parse here; the currency's exponent refuses them later.
         assert!(matches!(
