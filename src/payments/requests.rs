@@ -448,14 +448,7 @@ impl Payments {
                     .share_of(&event.sender)
                     .or(request.shares().first())
                     .map_or(0, |s| s.amount_minor);
-                let other = if event.sender == request.requester {
-                    request
-                        .shares()
-                        .first()
-                        .map_or(request.requester.clone(), |s| s.payer.clone())
-                } else {
-                    request.requester.clone()
-                };
+                let other = counterpart(&request, &event.sender);
                 self.refuse_request(
                     event,
                     &other,
@@ -518,14 +511,7 @@ impl Payments {
             Err(_) if started => self.on_pay(event, pay(share_minor, None)).await,
             Err(refusal) => {
                 let reason = crate::payments::reason_of_request(refusal);
-                let payee = if event.sender == request.requester {
-                    request
-                        .shares()
-                        .first()
-                        .map_or(request.requester.clone(), |s| s.payer.clone())
-                } else {
-                    request.requester.clone()
-                };
+                let payee = counterpart(&request, &event.sender);
                 self.decline(
                     event,
                     &payee,
@@ -663,4 +649,17 @@ pub(super) fn reply_target(content: &Value) -> Option<ruma::OwnedEventId> {
     content["m.relates_to"]["m.in_reply_to"]["event_id"]
         .as_str()
         .and_then(|e| ruma::OwnedEventId::try_from(e).ok())
+}
+
+/// Who a refused answer to `request` names as the other party: the requester, or for the
+/// requester themselves, the first payer.
+fn counterpart(request: &crate::requests::Request, sender: &UserId) -> OwnedUserId {
+    if sender == request.requester {
+        request
+            .shares()
+            .first()
+            .map_or(request.requester.clone(), |s| s.payer.clone())
+    } else {
+        request.requester.clone()
+    }
 }
