@@ -1327,7 +1327,8 @@ async fn bench(stack: &Stack, dir: &Path, p: &E2eBench) -> Result<(), E2eBenchEr
     let undecrypted = pairs
         .iter()
         .map(|pair| {
-            pair.payer.undecrypted_since(started, None) + pair.payee.undecrypted_since(started, None)
+            pair.payer.undecrypted_since(started, None)
+                + pair.payee.undecrypted_since(started, None)
         })
         .sum();
     // The bot's own events are what a lost room key of mxpay's would show in; the rest are
