@@ -215,6 +215,9 @@ struct Inner {
     storage: Arc<dyn Storage>,
     currencies: Currencies,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The seq of the last durable record, published by the writer after each append; read
+    /// without queueing behind the writer (and its fsync).
+    durable_seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for Inner {
@@ -326,6 +329,7 @@ impl Ledger {
             checkpoint_write_failures: checkpoint_write_failures.clone(),
             checkpoint_in_flight: None,
             checkpoint_sync_next: !matches!(start, journal::Start::Checkpoint { .. }),
+            durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(replayed.head.seq)),
         };
         let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
@@ -339,6 +343,7 @@ impl Ledger {
         if !events.is_empty() {
             writer.append_now(&events, now_ms)?;
         }
+        let durable_seq = writer.durable_seq.clone();
         let (tx, rx) = mpsc::channel(options.queue_commands_max.max(1));
         let handle = std::thread::Builder::new()
             .name("mxpay-ledger-writer".to_owned())
@@ -355,6 +360,7 @@ impl Ledger {
                 storage,
                 currencies,
                 writer: Mutex::new(Some(handle)),
+                durable_seq,
             }),
         })
     }
@@ -679,9 +685,12 @@ impl Ledger {
         Ok(report(&state, head.seq, replayed.events))
     }
 
-    /// Streams the durable journal, entry by entry, checking the hash chain as it goes.
+    /// Streams the durable journal, entry by entry, checking the hash chain as it goes. It
+    /// stops at the record that was durable when it started: sled shows a batch's record to
+    /// readers before the writer's fsync makes it durable, and an export must never show what
+    /// a power cut could still undo.
     pub fn export(&self) -> JournalExport {
-        JournalExport::new(self.inner.storage.as_ref(), None)
+        JournalExport::new(self.inner.storage.as_ref(), Some(self.durable_seq_now()))
     }
 
     /// Follows the journal from its first record as it grows (for the payment layer's outbox,
@@ -714,9 +723,16 @@ impl Ledger {
         JournalTail::starting_at(self.inner.storage.clone(), from_seq, accounts)
     }
 
-    /// The seq of the last journal record that is durable (0 when none is).
+    /// The seq of the last journal record that is durable (0 when none is). Answered at
+    /// once, not after the batch being written.
     pub async fn durable_seq(&self) -> Result<u64, LedgerError> {
-        self.read(|_, head| head.seq).await
+        Ok(self.durable_seq_now())
+    }
+
+    fn durable_seq_now(&self) -> u64 {
+        self.inner
+            .durable_seq
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A synchronous face of this ledger for the CLI, the bench and tests.
@@ -767,6 +783,8 @@ impl Writer {
         let head = Head { seq, hash };
         self.storage.append(seq, &record, &head.encode())?;
         self.head = head;
+        self.durable_seq
+            .store(seq, std::sync::atomic::Ordering::Release);
         self.last_time_ms = now_ms;
         self.entries_since_checkpoint = self
             .entries_since_checkpoint

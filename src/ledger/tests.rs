@@ -1255,6 +1255,127 @@ fn state_survives_reopen_and_exponents_are_fixed() {
     assert_eq!(verify_dir(dir.path()).unwrap().transfers, 2);
 }
 
+/// A storage that shows an appended record to readers at once and holds the append (its
+/// "fsync") until the gate opens, as sled does between `apply_batch` and the fdatasync.
+#[derive(Default)]
+struct GatedStorage {
+    records: parking_lot::Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
+    head: parking_lot::Mutex<Option<Vec<u8>>>,
+    closed: parking_lot::Mutex<bool>,
+    opened: parking_lot::Condvar,
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+impl GatedStorage {
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock() = closed;
+        self.opened.notify_all();
+    }
+}
+
+impl Storage for GatedStorage {
+    fn append(&self, seq: u64, record: &[u8], head: &[u8]) -> Result<(), StorageError> {
+        self.records.lock().insert(seq, record.to_vec());
+        *self.head.lock() = Some(head.to_vec());
+        let mut closed = self.closed.lock();
+        self.waiting
+            .store(*closed, std::sync::atomic::Ordering::SeqCst);
+        // Bounded: a test that forgets to open the gate fails instead of hanging.
+        for _ in 0..600 {
+            if !*closed {
+                break;
+            }
+            self.opened
+                .wait_for(&mut closed, std::time::Duration::from_millis(100));
+        }
+        self.waiting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn head(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.head.lock().clone())
+    }
+
+    fn records(&self, from_seq: u64) -> Box<dyn Iterator<Item = storage::StoredRecord> + Send> {
+        let items: Vec<storage::StoredRecord> = self
+            .records
+            .lock()
+            .range(from_seq..)
+            .map(|(k, v)| Ok((*k, v.clone())))
+            .collect();
+        Box::new(items.into_iter())
+    }
+}
+
+#[test]
+fn export_and_durable_seq_do_not_show_or_wait_for_a_batch_not_yet_durable() {
+    let storage = Arc::new(GatedStorage::default());
+    let clock = ManualClock::new(T0_MS);
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        ..LedgerOptions::default()
+    };
+    let ledger = Ledger::open_storage(
+        storage.clone(),
+        Currencies::from_settings(&settings()).unwrap(),
+        Arc::new(clock.clone()),
+        options,
+    )
+    .unwrap()
+    .blocking();
+    let request = |id: u128| TransferRequest {
+        id: TransferId(id),
+        debit: Owner::Issuer,
+        credit: user("alice"),
+        amount: ledger
+            .ledger()
+            .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
+            .unwrap(),
+        memo: Vec::new(),
+    };
+    ledger.create_transfer(request(1)).unwrap();
+    let durable = block_on(ledger.ledger().durable_seq()).unwrap();
+
+    storage.set_closed(true);
+    let writer = {
+        let ledger = ledger.clone();
+        let request = request(2);
+        std::thread::spawn(move || ledger.create_transfer(request))
+    };
+    let mut held = false;
+    for _ in 0..600 {
+        if storage.waiting.load(std::sync::atomic::Ordering::SeqCst) {
+            held = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(held, "the second transfer's append never started");
+
+    // The record of transfer 2 is readable in the store, but not durable yet.
+    assert_eq!(block_on(ledger.ledger().durable_seq()).unwrap(), durable);
+    let entries: Vec<_> = ledger.ledger().export().collect::<Result<_, _>>().unwrap();
+    let shows = |id: u128| {
+        entries.iter().any(|e| {
+            matches!(&e.entry, JournalEntry::TransferCreated { id: t, .. } if *t == TransferId(id))
+        })
+    };
+    assert!(shows(1));
+    assert!(!shows(2), "the export showed a record not yet durable");
+
+    storage.set_closed(false);
+    writer.join().unwrap().unwrap();
+    assert_eq!(
+        block_on(ledger.ledger().durable_seq()).unwrap(),
+        durable + 1
+    );
+    let entries: Vec<_> = ledger.ledger().export().collect::<Result<_, _>>().unwrap();
+    assert!(entries.iter().any(|e| {
+        matches!(&e.entry, JournalEntry::TransferCreated { id, .. } if *id == TransferId(2))
+    }));
+}
+
 // ----- proptest against an independent auditor ------------------------------------------
 
 mod model {
