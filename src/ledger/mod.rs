@@ -20,6 +20,7 @@ pub mod settings;
 mod state;
 pub mod storage;
 pub mod time;
+mod view;
 mod writer;
 
 use std::future::Future;
@@ -218,6 +219,8 @@ struct Inner {
     /// The seq of the last durable record, published by the writer after each append; read
     /// without queueing behind the writer (and its fsync).
     durable_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The balances as of the last durable batch (see `view.rs`).
+    view: Arc<parking_lot::RwLock<view::BalanceView>>,
 }
 
 impl Drop for Inner {
@@ -330,6 +333,7 @@ impl Ledger {
             checkpoint_in_flight: None,
             checkpoint_sync_next: !matches!(start, journal::Start::Checkpoint { .. }),
             durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(replayed.head.seq)),
+            view: Arc::default(),
         };
         let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
@@ -344,6 +348,9 @@ impl Ledger {
             writer.append_now(&events, now_ms)?;
         }
         let durable_seq = writer.durable_seq.clone();
+        writer.state.track_touched();
+        writer.state.publish(&mut writer.view.write());
+        let view = writer.view.clone();
         let (tx, rx) = mpsc::channel(options.queue_commands_max.max(1));
         let handle = std::thread::Builder::new()
             .name("mxpay-ledger-writer".to_owned())
@@ -361,6 +368,7 @@ impl Ledger {
                 currencies,
                 writer: Mutex::new(Some(handle)),
                 durable_seq,
+                view,
             }),
         })
     }
@@ -623,16 +631,15 @@ impl Ledger {
         .map(|_| ())
     }
 
-    /// The accounts of `owner`, one per currency it ever used.
+    /// The accounts of `owner`, one per currency it ever used, as of the last durable batch:
+    /// answered at once, not queued behind the batch being written.
     pub async fn balances(&self, owner: &Owner) -> Result<Vec<AccountView>, LedgerError> {
-        let owner = owner.clone();
-        self.read(move |state, _| state.balances(&owner)).await
+        Ok(self.inner.view.read().balances(owner))
     }
 
     /// One account; `None` if never used.
     pub async fn account(&self, account: &AccountId) -> Result<Option<AccountView>, LedgerError> {
-        let account = account.clone();
-        self.read(move |state, _| state.account(&account)).await
+        Ok(self.inner.view.read().account(account))
     }
 
     /// A transfer by id.
@@ -685,7 +692,19 @@ impl Ledger {
     /// this, which holds up every payment for as long as the copy takes: for tests and
     /// maintenance windows, not for a busy ledger.
     pub async fn verify_with_memory(&self) -> Result<VerifyReport, LedgerError> {
-        let (state, head) = self.read(|state, head| (state.clone(), head)).await?;
+        let view = self.inner.view.clone();
+        let (state, head, view_agrees) = self
+            .read(move |state, head| {
+                // Read after the batch it came in was published: the view is the state.
+                let view_agrees = view.read().all() == state.accounts().as_slice();
+                (state.clone(), head, view_agrees)
+            })
+            .await?;
+        if !view_agrees {
+            return Err(LedgerError::Invariant(
+                "the balances readers see differ from the state in memory".into(),
+            ));
+        }
         state.check_invariants().map_err(LedgerError::Invariant)?;
         let replayed = journal::replay(self.inner.storage.as_ref(), Some(head.seq), false)?;
         if replayed.head != head {

@@ -1322,10 +1322,10 @@ impl Storage for GatedStorage {
     }
 }
 
-/// Issue 15: export, `durable_seq` and `verify` read the store up to the durable head, off
+/// Issue 15: export, `durable_seq`, `verify` and balances read up to the durable head, off
 /// the writer: none waits behind a batch being written, none shows it.
 #[test]
-fn export_verify_and_durable_seq_do_not_show_or_wait_for_a_batch_not_yet_durable() {
+fn reads_off_the_writer_do_not_show_or_wait_for_a_batch_not_yet_durable() {
     let storage = Arc::new(GatedStorage::default());
     let clock = ManualClock::new(T0_MS);
     let options = LedgerOptions {
@@ -1383,6 +1383,12 @@ fn export_verify_and_durable_seq_do_not_show_or_wait_for_a_batch_not_yet_durable
     assert!(!shows(2), "the export showed a record not yet durable");
     let report = ledger.verify().unwrap();
     assert_eq!((report.records, report.transfers), (durable, 1));
+    let alice_minor = || {
+        ledger.balances(&user("alice")).unwrap()[0]
+            .balances
+            .available_minor()
+    };
+    assert_eq!(alice_minor(), 100, "balances show only what is durable");
 
     storage.set_closed(false);
     writer.join().unwrap().unwrap();
@@ -1390,6 +1396,8 @@ fn export_verify_and_durable_seq_do_not_show_or_wait_for_a_batch_not_yet_durable
         block_on(ledger.ledger().durable_seq()).unwrap(),
         durable + 1
     );
+    assert_eq!(ledger.verify_with_memory().unwrap().transfers, 2);
+    assert_eq!(alice_minor(), 200);
     let entries: Vec<_> = ledger.ledger().export().collect::<Result<_, _>>().unwrap();
     assert!(entries.iter().any(|e| {
         matches!(&e.entry, JournalEntry::TransferCreated { id, .. } if *id == TransferId(2))

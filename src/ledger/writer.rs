@@ -71,6 +71,8 @@ pub(crate) struct Writer {
     pub checkpoint_sync_next: bool,
     /// Where the seq of the last durable record is published (see `Ledger::durable_seq`).
     pub durable_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The balances readers see (see `view.rs`), updated after each durable batch.
+    pub view: Arc<parking_lot::RwLock<super::view::BalanceView>>,
 }
 
 impl Writer {
@@ -265,6 +267,8 @@ impl Writer {
             self.head = head;
             self.durable_seq
                 .store(seq, std::sync::atomic::Ordering::Release);
+            // Before the replies: a caller that got its answer reads its own effect.
+            self.state.publish(&mut self.view.write());
             self.last_time_ms = now_ms;
             self.entries_since_checkpoint =
                 self.entries_since_checkpoint.saturating_add(record.count());
