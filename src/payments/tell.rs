@@ -4,10 +4,11 @@
 
 use super::memo::{MemoKind, PaymentMemo};
 use super::{payment_span, reason_from_code, reason_label, text, txn, Payments, PaymentsError};
-use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
+use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus, RefundOf};
 use crate::ledger::{ExportedEntry, JournalEntry, Owner, TransferId, TransferKind, TransferState};
 use crate::outbox::{Deliver, DeliverError};
 use crate::store::payments::{Queued, TransferNote, WaitingNoticeBounds};
+use crate::store::receipts::RECEIPT_LINKS_MAX;
 use async_trait::async_trait;
 use ruma::events::relation::Reference;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
@@ -194,7 +195,18 @@ impl Payments {
             self.store.remove_challenge(&challenge).await?;
         }
         let note = self.store.note(id.0)?;
+        let refund_of = memo.refund.as_ref().and_then(|r| {
+            Some(RefundOf {
+                transfer_id: r.of.clone(),
+                receipt_event_id: OwnedEventId::try_from(r.receipt.as_str()).ok()?,
+            })
+        });
         let (status, reason, headline) = match how {
+            "posted" if refund_of.is_some() => (
+                ReceiptStatus::Completed,
+                None,
+                format!("↩️ {payer} refunded {money} to {payee}"),
+            ),
             "posted" => (ReceiptStatus::Completed, None, format!("✅ {payer} paid {payee} {money}")),
             "expired" => (
                 ReceiptStatus::Expired,
@@ -239,14 +251,26 @@ impl Payments {
                 .request
                 .as_deref()
                 .and_then(|r| OwnedEventId::try_from(r).ok()),
+            refund_of: refund_of.clone(),
             relates_to: Reference::new(relates_to),
+        };
+        // A completed payment's receipts are where a `!refund` replies: each is linked to it.
+        let link = |receipt: OwnedEventId| async move {
+            if how == "posted" {
+                self.store
+                    .receipts()
+                    .link(&receipt, id.0, RECEIPT_LINKS_MAX)
+                    .await?;
+            }
+            Ok::<(), PaymentsError>(())
         };
         let key = format!("{id}-{how}");
         // The room and the DM are told independently: a room the bot was kicked from must not
         // keep the payer's own receipt from them. A retry re-sends both with the same
         // transaction ids, so what already went is not shown twice.
         let room_told: Result<(), PaymentsError> = async {
-            self.messenger
+            let sent = self
+                .messenger
                 .send(
                     &room,
                     "org.mxpay.receipt",
@@ -254,9 +278,12 @@ impl Payments {
                     txn("ob-room-receipt", &key),
                 )
                 .await?;
-            self.messenger
+            link(sent).await?;
+            let sent = self
+                .messenger
                 .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
                 .await?;
+            link(sent).await?;
             tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
             match (status, reason) {
                 (ReceiptStatus::Completed, _) => self.metrics.payment("completed", "none"),
@@ -284,6 +311,25 @@ impl Payments {
                     self.messenger
                         .notice(&dm, &body, None, txn("ob-dm-notice", &key))
                         .await?;
+                }
+            }
+            // A refund is told to the one it pays back (the original payer) in their DM too.
+            if refund_of.is_some() && how == "posted" {
+                if let Some(dm) = self.ready_dm(payee)? {
+                    if dm != room {
+                        self.messenger
+                            .send(
+                                &dm,
+                                "org.mxpay.receipt",
+                                serde_json::to_value(receipt(event.clone()))
+                                    .expect("receipt serialises"),
+                                txn("ob-payee-dm-receipt", &key),
+                            )
+                            .await?;
+                        self.messenger
+                            .notice(&dm, &body, None, txn("ob-payee-dm-notice", &key))
+                            .await?;
+                    }
                 }
             }
             Ok(())

@@ -8,6 +8,7 @@ use crate::events::ReceiptReason;
 use crate::ledger::TransferError;
 use crate::policy::pin::human_duration;
 use crate::policy::trust::TrustRefusal;
+use crate::requests::RequestRefusal;
 
 /// A refusal: the receipt's reason code and the sentence the payer is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +179,10 @@ pub fn reason_for(error: TransferError) -> ReceiptReason {
         TransferError::DebitAccountFrozen => ReceiptReason::AccountFrozen,
         TransferError::CreditAccountFrozen => ReceiptReason::PayeeNotAllowed,
         TransferError::CurrencyUnknown => ReceiptReason::InvalidAmount,
+        // A refund the ledger refused (a race with another refund of the same payment).
+        TransferError::RefundExceedsRemaining => ReceiptReason::RefundAboveRemaining,
+        TransferError::OriginalTransferIsRefund => ReceiptReason::RefundOfRefund,
+        TransferError::OriginalTransferNotRefundable => ReceiptReason::RefundNotCompleted,
         _ => ReceiptReason::Other,
     }
 }
@@ -194,6 +199,11 @@ pub fn ledger_sentence(error: TransferError) -> String {
         }
         TransferError::DebitAccountFrozen => "your wallet is frozen".to_owned(),
         TransferError::CreditAccountFrozen => "the payee's wallet is frozen".to_owned(),
+        TransferError::RefundExceedsRemaining => RequestRefusal::RefundAboveRemaining.to_string(),
+        TransferError::OriginalTransferIsRefund => RequestRefusal::RefundOfRefund.to_string(),
+        TransferError::OriginalTransferNotRefundable => {
+            RequestRefusal::RefundNotCompleted.to_string()
+        }
         other => format!("the payment was refused ({other})"),
     }
 }
