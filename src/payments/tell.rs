@@ -314,20 +314,22 @@ impl Payments {
                 }
             }
             // A refund is told to the one it pays back (the original payer) in their DM too.
+            // Nothing of this payment is in that DM, and a reference must stay in its room:
+            // the typed receipt references the notice it follows.
             if refund_of.is_some() && how == "posted" {
                 if let Some(dm) = self.ready_dm(payee)? {
                     if dm != room {
+                        let notice = self
+                            .messenger
+                            .notice(&dm, &body, None, txn("ob-payee-dm-notice", &key))
+                            .await?;
                         self.messenger
                             .send(
                                 &dm,
                                 "org.mxpay.receipt",
-                                serde_json::to_value(receipt(event.clone()))
-                                    .expect("receipt serialises"),
+                                serde_json::to_value(receipt(notice)).expect("receipt serialises"),
                                 txn("ob-payee-dm-receipt", &key),
                             )
-                            .await?;
-                        self.messenger
-                            .notice(&dm, &body, None, txn("ob-payee-dm-notice", &key))
                             .await?;
                     }
                 }

@@ -1702,5 +1702,6 @@ async fn pin_to_receipt_latency() {
 mod bot_commands;
 mod keys;
 mod notices;
+mod refunds;
 mod replay;
 mod requests;
