@@ -201,11 +201,34 @@ impl Payments {
                 receipt_event_id: OwnedEventId::try_from(r.receipt.as_str()).ok()?,
             })
         });
+        // A refund's notice says which payment it gives money back from.
+        let refunded = match &refund_of {
+            Some(of) => match of.transfer_id.parse::<u128>() {
+                Ok(original) => self
+                    .ledger
+                    .transfer(TransferId(original))
+                    .await?
+                    .map(|original| {
+                        let paid_minor = match original.state {
+                            TransferState::Posted { amount_minor } => amount_minor,
+                            _ => original.amount_minor,
+                        };
+                        text::money(&self.show(code.as_str(), paid_minor), code.as_str())
+                    }),
+                Err(_) => None,
+            },
+            None => None,
+        };
         let (status, reason, headline) = match how {
             "posted" if refund_of.is_some() => (
                 ReceiptStatus::Completed,
                 None,
-                format!("↩️ {payer} refunded {money} to {payee}"),
+                match &refunded {
+                    Some(paid) => {
+                        format!("↩️ {payer} refunded {money} to {payee} (of a payment of {paid})")
+                    }
+                    None => format!("↩️ {payer} refunded {money} to {payee}"),
+                },
             ),
             "posted" => (ReceiptStatus::Completed, None, format!("✅ {payer} paid {payee} {money}")),
             "expired" => (
@@ -254,22 +277,12 @@ impl Payments {
             refund_of: refund_of.clone(),
             relates_to: Reference::new(relates_to),
         };
-        // A completed payment's receipts are where a `!refund` replies: each is linked to it.
-        let link = |receipt: OwnedEventId| async move {
-            if how == "posted" {
-                self.store
-                    .receipts()
-                    .link(&receipt, id.0, RECEIPT_LINKS_MAX)
-                    .await?;
-            }
-            Ok::<(), PaymentsError>(())
-        };
         let key = format!("{id}-{how}");
         // The room and the DM are told independently: a room the bot was kicked from must not
         // keep the payer's own receipt from them. A retry re-sends both with the same
         // transaction ids, so what already went is not shown twice.
         let room_told: Result<(), PaymentsError> = async {
-            let sent = self
+            let typed = self
                 .messenger
                 .send(
                     &room,
@@ -278,12 +291,19 @@ impl Payments {
                     txn("ob-room-receipt", &key),
                 )
                 .await?;
-            link(sent).await?;
-            let sent = self
+            let notice = self
                 .messenger
                 .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
                 .await?;
-            link(sent).await?;
+            // A completed payment's receipts in the room are where its payee replies
+            // `!refund`: both are linked to it (a retry sends with the same transaction ids,
+            // gets the same event ids back, and links them if a crash came first).
+            if how == "posted" {
+                self.store
+                    .receipts()
+                    .link(&[&typed, &notice], id.0, RECEIPT_LINKS_MAX)
+                    .await?;
+            }
             tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
             match (status, reason) {
                 (ReceiptStatus::Completed, _) => self.metrics.payment("completed", "none"),

@@ -42,49 +42,60 @@ impl ReceiptStore {
         })
     }
 
-    /// Records that the bot's event `receipt` tells of transfer `transfer_id` (again: no
-    /// change), then flushes. Drops the oldest links beyond `links_max`.
+    /// Records that the bot's events `receipts` tell of transfer `transfer_id` (a receipt
+    /// linked before keeps its link), then flushes once. Drops the oldest links beyond
+    /// `links_max`.
     pub async fn link(
         &self,
-        receipt: &EventId,
+        receipts: &[&EventId],
         transfer_id: u128,
         links_max: u64,
     ) -> Result<(), StoreError> {
         {
             let _held = self.lock.lock();
-            if self.links.get(receipt.as_str().as_bytes())?.is_some() {
-                return Ok(());
-            }
-            let seq = self.db.generate_id()?;
-            self.links
-                .insert(receipt.as_str().as_bytes(), &transfer_id.to_be_bytes())?;
-            self.order
-                .insert(seq.to_be_bytes(), receipt.as_str().as_bytes())?;
-            // Ids are increasing, not dense (sled skips ahead after a restart): gaps only
-            // make it keep fewer. Bounded: at most a few oldest go per link.
-            let newest_dropped = seq.checked_sub(links_max);
-            for _ in 0..4 {
-                let Some(newest_dropped) = newest_dropped else {
-                    break;
-                };
-                let Some((key, event)) = self.order.first()? else {
-                    break;
-                };
-                let at = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| {
-                    StoreError::Corrupt {
-                        tree: SEQ_RECEIPTEVENTID,
-                        reason: "key is not a sequence number",
-                    }
-                })?);
-                if at > newest_dropped {
-                    break;
-                }
-                self.links.remove(event)?;
-                self.order.remove(key)?;
+            for receipt in receipts {
+                self.link_one(receipt, transfer_id, links_max)?;
             }
         }
         let (db, log) = (self.db.clone(), self.log.clone());
         tokio::task::spawn_blocking(move || crate::sled_open::flush_durably(&db, &log)).await??;
+        Ok(())
+    }
+
+    fn link_one(
+        &self,
+        receipt: &EventId,
+        transfer_id: u128,
+        links_max: u64,
+    ) -> Result<(), StoreError> {
+        if self.links.get(receipt.as_str().as_bytes())?.is_some() {
+            return Ok(());
+        }
+        let seq = self.db.generate_id()?;
+        self.links
+            .insert(receipt.as_str().as_bytes(), &transfer_id.to_be_bytes())?;
+        self.order
+            .insert(seq.to_be_bytes(), receipt.as_str().as_bytes())?;
+        // Ids are increasing, not dense (sled skips ahead after a restart): gaps only make it
+        // keep fewer. Bounded: at most a few of the oldest go per link.
+        let Some(newest_dropped) = seq.checked_sub(links_max) else {
+            return Ok(());
+        };
+        for _ in 0..4 {
+            let Some((key, event)) = self.order.first()? else {
+                break;
+            };
+            let at =
+                u64::from_be_bytes(key.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    tree: SEQ_RECEIPTEVENTID,
+                    reason: "key is not a sequence number",
+                })?);
+            if at > newest_dropped {
+                break;
+            }
+            self.links.remove(event)?;
+            self.order.remove(key)?;
+        }
         Ok(())
     }
 
@@ -120,14 +131,16 @@ mod tests {
     async fn links_are_found_kept_once_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        store.link(event_id!("$a"), 7, 100).await.unwrap();
-        store.link(event_id!("$a"), 8, 100).await.unwrap();
+        store.link(&[event_id!("$a")], 7, 100).await.unwrap();
+        store.link(&[event_id!("$a")], 8, 100).await.unwrap();
         assert_eq!(store.transfer_of(event_id!("$a")).unwrap(), Some(7));
         assert_eq!(store.transfer_of(event_id!("$b")).unwrap(), None);
         // With room for two, the oldest goes.
-        store.link(event_id!("$b"), 9, 2).await.unwrap();
-        store.link(event_id!("$c"), 10, 2).await.unwrap();
+        store
+            .link(&[event_id!("$b"), event_id!("$c")], 9, 2)
+            .await
+            .unwrap();
         assert_eq!(store.transfer_of(event_id!("$a")).unwrap(), None);
-        assert_eq!(store.transfer_of(event_id!("$c")).unwrap(), Some(10));
+        assert_eq!(store.transfer_of(event_id!("$c")).unwrap(), Some(9));
     }
 }

@@ -244,6 +244,32 @@ pub fn before_ledger(accounts: AccountFacts, amount_minor: u128) -> Option<Trans
 mod tests {
     use super::*;
 
+    /// A refund the ledger refuses when it reserves the money (another refund of the same
+    /// payment took its part first) is told with the refund's own code and sentence.
+    #[test]
+    fn the_ledgers_refund_refusals_have_the_refund_codes() {
+        for (error, refusal) in [
+            (
+                TransferError::RefundExceedsRemaining,
+                RequestRefusal::RefundAboveRemaining,
+            ),
+            (
+                TransferError::OriginalTransferIsRefund,
+                RequestRefusal::RefundOfRefund,
+            ),
+            (
+                TransferError::OriginalTransferNotRefundable,
+                RequestRefusal::RefundNotCompleted,
+            ),
+        ] {
+            assert_eq!(
+                reason_for(error),
+                crate::payments::reason_of_request(refusal)
+            );
+            assert_eq!(ledger_sentence(error), refusal.sentence());
+        }
+    }
+
     fn facts() -> PayerFacts {
         PayerFacts {
             trust: Ok(()),

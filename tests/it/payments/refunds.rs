@@ -106,7 +106,16 @@ async fn a_partial_refund_then_the_rest_go_back_to_the_payer() {
             && c["refund_of"]["transfer_id"] == original.as_str()
     })
     .await;
-    wait_notice(&s.alice, &s.dm, &s.bot, "refunded 5.00 EUR").await;
+    wait_notice(
+        &s.alice,
+        &s.dm,
+        &s.bot,
+        &format!(
+            "refunded 5.00 EUR to {} (of a payment of 20.00 EUR)",
+            s.alice.user.user_id
+        ),
+    )
+    .await;
     s.alice_balance_is("35.00 EUR").await;
     balance_is(&s.bob, &bob_dm, &s.bot, "15.00 EUR").await;
 
