@@ -7,8 +7,9 @@ use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
 use serde_json::json;
 
 use super::{
-    balance_is, bot_events_match_schemas, open_dm, scene, send_text, set_pin, wait_bot_event,
-    wait_notice, wait_receipt, Scene, PIN,
+    balance_is, bot_events_match_schemas, metric, open_dm, receipts_for, scene,
+    scene_with_failing_reply, send_text, set_pin, wait_bot_event, wait_notice, wait_receipt,
+    wait_retries, Scene, PIN,
 };
 use crate::support::{SeenEvent, TestClient};
 
@@ -200,4 +201,37 @@ async fn refunds_above_what_remains_by_others_and_of_refunds_are_refused() {
     s.alice_balance_is("35.00 EUR").await;
     balance_is(&s.bob, &bob_dm, &s.bot, "15.00 EUR").await;
     assert!(bot_events_match_schemas(&s.bob, &s.bot) >= 6);
+}
+
+/// A `!refund` whose answer failed (the homeserver "down" for the room's "confirm with your
+/// PIN" notice) is retried with the same refund, not a second one: once the answer goes
+/// through, bob's PIN confirms one refund, the room has one receipt of it, and alice gets back
+/// exactly what she paid.
+#[tokio::test]
+async fn a_refund_retried_after_a_failed_answer_refunds_once() {
+    let (s, gate) = scene_with_failing_reply("refund-retry", "pay-pending").await;
+    // Open while alice pays; closed for the refund's answer only.
+    std::fs::write(&gate, b"").expect("open the gate");
+    let bob_dm = payee_can_refund(&s).await;
+    let (receipt, _) = paid_receipt(&s, "10.00").await;
+    s.alice_balance_is("10.00 EUR").await;
+    std::fs::remove_file(&gate).expect("close the gate");
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    let refund = reply(&s.bob, &s.room, receipt.event_id(), "!refund").await;
+    wait_retries(&s.mxpay, before + 2.0).await;
+    std::fs::write(&gate, b"").expect("open the gate again");
+    wait_notice(
+        &s.bob,
+        &bob_dm,
+        &s.bot,
+        &format!("Confirm paying 10.00 EUR to {}", s.alice.user.user_id),
+    )
+    .await;
+    send_text(&s.bob, &bob_dm, PIN).await;
+    wait_receipt(&s.alice, &s.room, &s.bot, &refund, "completed", None).await;
+    s.alice_balance_is("20.00 EUR").await;
+    balance_is(&s.bob, &bob_dm, &s.bot, "0.00 EUR").await;
+    let told = receipts_for(&s.alice, &s.room, &refund);
+    assert_eq!(told.len(), 1, "one receipt of the refund: {told:?}");
+    assert_eq!(told[0]["status"], "completed");
 }
