@@ -147,7 +147,19 @@ pub struct ReceiptEventContent {
     /// The payment request this payment paid (its id: the event that asked), when it paid one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_event_id: Option<OwnedEventId>,
+    /// For a refund: the payment it refunds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_of: Option<RefundOf>,
     /// The event this answers.
     #[serde(rename = "m.relates_to")]
     pub relates_to: Reference,
+}
+
+/// The payment a refund gives money back from.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct RefundOf {
+    /// The original ledger transfer, as the decimal string of its 128-bit id.
+    pub transfer_id: String,
+    /// The bot's receipt of the original payment that the `!refund` replied to.
+    pub receipt_event_id: OwnedEventId,
 }

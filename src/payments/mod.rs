@@ -26,6 +26,7 @@ mod pay;
 mod pin_attempts;
 mod pin_messages;
 pub mod pin_recognition;
+mod refund;
 mod requests;
 mod tell;
 pub mod text;
@@ -242,6 +243,17 @@ struct PayRequest {
     /// The payment request this pays: as read, and with the payer's share `paying` this
     /// payment (written once the payment is reserved).
     request: Option<(crate::requests::Request, crate::requests::Request)>,
+    /// The payment this one refunds (then the ledger links the two and caps the refunds).
+    refund: Option<RefundLink>,
+}
+
+/// The original payment a refund is linked to.
+#[derive(Debug, Clone)]
+struct RefundLink {
+    /// The original transfer.
+    original: TransferId,
+    /// The bot's receipt of it that the `!refund` replied to.
+    receipt: ruma::OwnedEventId,
 }
 
 /// The payment service: state, policy and the ledger, driven by decrypted events.
@@ -485,6 +497,7 @@ impl Payments {
                             currency: intent.currency.to_ascii_uppercase(),
                             memo: intent.memo,
                             request: None,
+                            refund: None,
                         };
                         let outcome = self
                             .on_pay(event, request)

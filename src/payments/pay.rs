@@ -8,10 +8,10 @@ use super::core::challenge;
 use super::core::refusal::{self, AccountFacts, PayeeFacts, PayerFacts};
 use super::core::start::{self, Start};
 use super::core::{Decision, EventRef, Outgoing, Record};
-use super::memo::{MemoKind, PaymentMemo};
+use super::memo::{MemoKind, PaymentMemo, RefundMemo};
 use super::{
     reason_code, reason_for, reason_from_code, reason_label, refusal_sentence, text, PayRequest,
-    Payments, PaymentsError,
+    Payments, PaymentsError, RefundLink,
 };
 use crate::crypto::DecryptedEvent;
 use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
@@ -133,6 +133,7 @@ impl Payments {
             amount,
             currency: record.currency.clone(),
             request_event_id: None,
+            refund_of: None,
             relates_to: Reference::new(event.event_id.clone()),
         };
         let key = event.event_id.as_str();
@@ -278,6 +279,7 @@ impl Payments {
 
     /// Reserves the payment `event` asks for in the ledger (a pending transfer whose id comes
     /// from the event's id); `Ok(Err(refusal))` when the amount or the ledger refuses it.
+    #[allow(clippy::too_many_arguments)]
     async fn create_payment(
         &self,
         event: &DecryptedEvent,
@@ -286,6 +288,7 @@ impl Payments {
         currency: &str,
         memo: Option<String>,
         request: Option<String>,
+        refund: Option<&RefundLink>,
     ) -> Result<Result<Transfer, (ReceiptReason, String)>, PaymentsError> {
         let parsed = match self.ledger.parse_amount(amount, currency) {
             Ok(parsed) => parsed,
@@ -307,21 +310,29 @@ impl Payments {
             event: event.event_id.to_string(),
             note: memo,
             request,
+            refund: refund.map(|link| RefundMemo {
+                of: link.original.0.to_string(),
+                receipt: link.receipt.to_string(),
+            }),
         }
         .encode();
-        let created = self
-            .ledger
-            .create_pending(
-                TransferRequest {
-                    id: TransferId::from_key(event.event_id.as_str()),
-                    debit: Owner::user(event.sender.as_str()),
-                    credit: Owner::user(payee.as_str()),
-                    amount: parsed,
-                    memo: memo_bytes,
-                },
-                self.settings.stepup_timeout_ms,
-            )
-            .await;
+        let transfer = TransferRequest {
+            id: TransferId::from_key(event.event_id.as_str()),
+            debit: Owner::user(event.sender.as_str()),
+            credit: Owner::user(payee.as_str()),
+            amount: parsed,
+            memo: memo_bytes,
+        };
+        let timeout_ms = self.settings.stepup_timeout_ms;
+        let created = match refund {
+            // Linked to the original, so the ledger caps what is refunded even under races.
+            Some(link) => self
+                .ledger
+                .create_refund_result(transfer, link.original, Some(timeout_ms))
+                .await
+                .map(|created| created.into_transfer()),
+            None => self.ledger.create_pending(transfer, timeout_ms).await,
+        };
         match created {
             Ok(transfer) => Ok(Ok(transfer)),
             Err(LedgerError::Rejected(error)) => {
@@ -342,6 +353,7 @@ impl Payments {
             currency,
             memo,
             request,
+            refund,
         } = request;
         // A reaction paying a request may come unencrypted (see [`Self::check_payer_of`]).
         let reaction = event.event_type == "m.reaction" && request.is_some();
@@ -382,7 +394,15 @@ impl Payments {
         let transfer = match existing {
             Some(transfer) => transfer,
             None => match self
-                .create_payment(event, &payee, amount, &currency, memo.clone(), request_id)
+                .create_payment(
+                    event,
+                    &payee,
+                    amount,
+                    &currency,
+                    memo.clone(),
+                    request_id,
+                    refund.as_ref(),
+                )
                 .await?
             {
                 Ok(transfer) => transfer,
@@ -613,6 +633,7 @@ impl Payments {
                     event: challenge.event_id.to_string(),
                     note: None,
                     request: None,
+                    refund: None,
                 };
                 // As for payments: a withdrawal the wallet cannot cover is refused before the
                 // ledger, which would open accounts and journal the refusal.

@@ -19,7 +19,7 @@ use crate::events::{PaymentRequestEventContent, ReceiptReason};
 use crate::ledger::{CurrencyCode, TransferId};
 use crate::policy::trust;
 use crate::requests::{
-    self, NewRequest, Request, RequestCommand, RequestError, RequestId, RequestLimits,
+    self, NewRequest, ReplyAction, Request, RequestCommand, RequestError, RequestId, RequestLimits,
     RequestRefusal, SplitShares,
 };
 use crate::store::payments::EventOutcome;
@@ -43,7 +43,7 @@ impl Payments {
             .map_or(2, |c| c.exponent)
     }
 
-    fn minor_decimal(&self, currency: CurrencyCode, minor: u128) -> Decimal {
+    pub(super) fn minor_decimal(&self, currency: CurrencyCode, minor: u128) -> Decimal {
         self.ledger.to_decimal(currency, minor).unwrap_or_default()
     }
 
@@ -143,6 +143,13 @@ impl Payments {
         command: RequestCommand,
     ) -> Result<bool, PaymentsError> {
         match command {
+            RequestCommand::Reply {
+                to,
+                action: ReplyAction::Refund { amount },
+            } => {
+                self.on_refund(event, &to, amount).await?;
+                Ok(true)
+            }
             RequestCommand::Reply { to, action } => {
                 let Some(action) = Action::of_reply(action) else {
                     self.answer(
@@ -500,6 +507,7 @@ impl Payments {
             currency: request.currency.as_str().to_owned(),
             memo: request.memo.clone(),
             request: update,
+            refund: None,
         };
         match terms {
             Ok((after, terms)) => {

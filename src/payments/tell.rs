@@ -4,10 +4,11 @@
 
 use super::memo::{MemoKind, PaymentMemo};
 use super::{payment_span, reason_from_code, reason_label, text, txn, Payments, PaymentsError};
-use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
+use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus, RefundOf};
 use crate::ledger::{ExportedEntry, JournalEntry, Owner, TransferId, TransferKind, TransferState};
 use crate::outbox::{Deliver, DeliverError};
 use crate::store::payments::{Queued, TransferNote, WaitingNoticeBounds};
+use crate::store::receipts::RECEIPT_LINKS_MAX;
 use async_trait::async_trait;
 use ruma::events::relation::Reference;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
@@ -194,7 +195,41 @@ impl Payments {
             self.store.remove_challenge(&challenge).await?;
         }
         let note = self.store.note(id.0)?;
+        let refund_of = memo.refund.as_ref().and_then(|r| {
+            Some(RefundOf {
+                transfer_id: r.of.clone(),
+                receipt_event_id: OwnedEventId::try_from(r.receipt.as_str()).ok()?,
+            })
+        });
+        // A refund's notice says which payment it gives money back from.
+        let refunded = match &refund_of {
+            Some(of) => match of.transfer_id.parse::<u128>() {
+                Ok(original) => self
+                    .ledger
+                    .transfer(TransferId(original))
+                    .await?
+                    .map(|original| {
+                        let paid_minor = match original.state {
+                            TransferState::Posted { amount_minor } => amount_minor,
+                            _ => original.amount_minor,
+                        };
+                        text::money(&self.show(code.as_str(), paid_minor), code.as_str())
+                    }),
+                Err(_) => None,
+            },
+            None => None,
+        };
         let (status, reason, headline) = match how {
+            "posted" if refund_of.is_some() => (
+                ReceiptStatus::Completed,
+                None,
+                match &refunded {
+                    Some(paid) => {
+                        format!("↩️ {payer} refunded {money} to {payee} (of a payment of {paid})")
+                    }
+                    None => format!("↩️ {payer} refunded {money} to {payee}"),
+                },
+            ),
             "posted" => (ReceiptStatus::Completed, None, format!("✅ {payer} paid {payee} {money}")),
             "expired" => (
                 ReceiptStatus::Expired,
@@ -239,6 +274,7 @@ impl Payments {
                 .request
                 .as_deref()
                 .and_then(|r| OwnedEventId::try_from(r).ok()),
+            refund_of: refund_of.clone(),
             relates_to: Reference::new(relates_to),
         };
         let key = format!("{id}-{how}");
@@ -246,7 +282,8 @@ impl Payments {
         // keep the payer's own receipt from them. A retry re-sends both with the same
         // transaction ids, so what already went is not shown twice.
         let room_told: Result<(), PaymentsError> = async {
-            self.messenger
+            let typed = self
+                .messenger
                 .send(
                     &room,
                     "org.mxpay.receipt",
@@ -254,9 +291,19 @@ impl Payments {
                     txn("ob-room-receipt", &key),
                 )
                 .await?;
-            self.messenger
+            let notice = self
+                .messenger
                 .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
                 .await?;
+            // A completed payment's receipts in the room are where its payee replies
+            // `!refund`: both are linked to it (a retry sends with the same transaction ids,
+            // gets the same event ids back, and links them if a crash came first).
+            if how == "posted" {
+                self.store
+                    .receipts()
+                    .link(&[&typed, &notice], id.0, RECEIPT_LINKS_MAX)
+                    .await?;
+            }
             tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
             match (status, reason) {
                 (ReceiptStatus::Completed, _) => self.metrics.payment("completed", "none"),
@@ -284,6 +331,27 @@ impl Payments {
                     self.messenger
                         .notice(&dm, &body, None, txn("ob-dm-notice", &key))
                         .await?;
+                }
+            }
+            // A refund is told to the one it pays back (the original payer) in their DM too.
+            // Nothing of this payment is in that DM, and a reference must stay in its room:
+            // the typed receipt references the notice it follows.
+            if refund_of.is_some() && how == "posted" {
+                if let Some(dm) = self.ready_dm(payee)? {
+                    if dm != room {
+                        let notice = self
+                            .messenger
+                            .notice(&dm, &body, None, txn("ob-payee-dm-notice", &key))
+                            .await?;
+                        self.messenger
+                            .send(
+                                &dm,
+                                "org.mxpay.receipt",
+                                serde_json::to_value(receipt(notice)).expect("receipt serialises"),
+                                txn("ob-payee-dm-receipt", &key),
+                            )
+                            .await?;
+                    }
                 }
             }
             Ok(())

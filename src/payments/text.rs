@@ -25,6 +25,10 @@ pub fn payment_commands() -> Vec<CommandHelp> {
             "as a reply to a request: decline it (the requester is told)",
         ),
         CommandHelp::new(
+            "!refund [AMOUNT]",
+            "as a reply to the receipt of a payment you received: give it back, all that remains or AMOUNT of it (with your PIN)",
+        ),
+        CommandHelp::new(
             "!balance",
             "your balances (answered in our private chat)",
         ),

@@ -5,6 +5,7 @@
 
 pub mod inbox;
 pub mod payments;
+pub mod receipts;
 pub mod requests;
 
 pub use inbox::{InboxStore, Inserted, StoredEntry};

@@ -1542,6 +1542,10 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         amount: Decimal::new(1250, 2),
         currency: "EUR".into(),
         request_event_id: Some(owned_event_id!("$request")),
+        refund_of: Some(RefundOf {
+            transfer_id: "7".into(),
+            receipt_event_id: owned_event_id!("$receipt"),
+        }),
         relates_to: Reference::new(owned_event_id!("$pay")),
     };
     schema::assert_valid(
@@ -1698,5 +1702,6 @@ async fn pin_to_receipt_latency() {
 mod bot_commands;
 mod keys;
 mod notices;
+mod refunds;
 mod replay;
 mod requests;
