@@ -18,7 +18,8 @@
 //! - [`challenge`]: opening a challenge, where it is told, `!cancel`;
 //! - [`dialog`]: choosing and changing a PIN, and accepting changed security keys;
 //! - [`request`]: payment requests and split bills: posting, paying, declining, cancelling,
-//!   and telling each change.
+//!   and telling each change;
+//! - [`held`]: payments the payee accepts: held after the PIN, accepted, declined, returned.
 
 pub mod after_pin;
 pub mod challenge;
@@ -26,6 +27,7 @@ pub mod decision;
 pub mod dialog;
 #[cfg(test)]
 mod fixtures;
+pub mod held;
 pub mod pin_answer;
 pub mod refusal;
 pub mod request;
