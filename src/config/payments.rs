@@ -335,6 +335,30 @@ mod tests {
             .contains("payments.pending_per_user_max"));
     }
 
+    #[test]
+    fn accept_window_is_bounded() {
+        let settings: PaymentsSettings = serde_yaml_ng::from_str("{}").unwrap();
+        assert!(!settings.payee_must_accept);
+        assert!(settings.hold_for_new_payees);
+        assert_eq!(settings.accept_window_ms, 86_400_000);
+        for (window, ok) in [(999, false), (1_000, true), (ACCEPT_WINDOW_MAX_MS, true)] {
+            let s = PaymentsSettings {
+                accept_window_ms: window,
+                ..PaymentsSettings::default()
+            };
+            assert_eq!(s.validate().is_ok(), ok, "{window}");
+        }
+        let longer = PaymentsSettings {
+            accept_window_ms: ACCEPT_WINDOW_MAX_MS + 1,
+            ..PaymentsSettings::default()
+        };
+        assert!(longer
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("payments.accept_window_ms"));
+    }
+
     /// PSD2: a PIN confirms a payment within 5 minutes at most.
     #[test]
     fn stepup_timeout_is_at_most_five_minutes() {

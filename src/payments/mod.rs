@@ -627,6 +627,15 @@ mod tests {
         );
     }
 
+    /// The config's default accept window is the accept rules' own.
+    #[test]
+    fn accept_window_defaults_agree() {
+        assert_eq!(
+            settings::ACCEPT_WINDOW_DEFAULT_MS,
+            crate::requests::ACCEPT_WINDOW_DEFAULT_MS
+        );
+    }
+
     /// Every request refusal code is a receipt reason with the same code.
     #[test]
     fn request_refusals_are_receipt_reasons() {

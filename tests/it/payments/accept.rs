@@ -7,7 +7,9 @@ use matrix_sdk::ruma::{OwnedEventId, RoomId};
 use mxpay::admin::token::Scope;
 use serde_json::{json, Value};
 
-use super::{scene_configured, send_text, wait_notice, wait_receipt, Scene, PIN};
+use super::{
+    bot_events_match_schemas, scene_configured, send_text, wait_notice, wait_receipt, Scene, PIN,
+};
 use crate::support::{self, MxpayOptions, SeenEvent, TestClient};
 
 /// `text` as a reply to `to`.
@@ -181,6 +183,8 @@ async fn a_held_payment_is_accepted_by_reacting_and_others_cannot() {
     .await;
     assert_eq!(available(&s, dave_id).await, "5.00");
     assert_eq!(available(&s, s.alice.user.user_id.as_str()).await, "45.00");
+    // The held, completed and refused receipts match their schema.
+    assert!(bot_events_match_schemas(&dave, bot) >= 4);
 }
 
 /// With `payee_must_accept: true`: dave accepts one payment by replying `!accept` and
