@@ -263,6 +263,12 @@ impl Payments {
                     held.update(&record, self.clock.now_ms(), HeldBounds::default())
                         .await?;
                 }
+                // The payee was asked: the payer's challenge has nothing left to confirm.
+                if let Some(challenge) =
+                    self.store.challenge(record.payer.as_str(), transfer_id.0)?
+                {
+                    self.store.remove_challenge(&challenge).await?;
+                }
             }
         }
         if let Some(transfer_id) = remember_notice_of {

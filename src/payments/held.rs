@@ -96,7 +96,6 @@ impl Payments {
         tracing::info!(transfer = %TransferId(record.transfer_id), "payment confirmed; held for the payee");
         Ok(Some(core_held::on_pin(
             ev,
-            challenge,
             &record,
             self.settings.accept_window_ms,
         )))

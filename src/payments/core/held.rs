@@ -135,13 +135,9 @@ pub fn new_record(challenge: &Challenge, return_at_ms: u64) -> Option<HeldRecord
 /// The payer's PIN was right for a held payment (`ev` is the PIN event, in the payer's DM):
 /// nothing is posted; the payment is held, the payee is asked in the room (mentioned, so they
 /// are notified) with a `held` receipt beside it, and the payer is told in the DM. Handled
-/// again (a retry), it writes and says the same (the same transaction ids).
-pub fn on_pin(
-    ev: &EventRef,
-    challenge: &Challenge,
-    record: &HeldRecord,
-    accept_window_ms: u64,
-) -> Decision {
+/// again (a retry), it writes and says the same (the same transaction ids). The challenge is
+/// removed once the notice is sent ([`Outgoing::held_notice_of`]).
+pub fn on_pin(ev: &EventRef, record: &HeldRecord, accept_window_ms: u64) -> Decision {
     let mut held = record.clone();
     if held.state == HeldState::AwaitingPin {
         held.state = HeldState::Held;
@@ -176,9 +172,10 @@ pub fn on_pin(
         "held-receipt",
         key.clone(),
     );
+    // The challenge stays open until the notice is out (the send removes it): a retry after a
+    // failed send confirms again and says the same, instead of "not waiting for a PIN".
     let mut decision = Decision::none()
         .then_store(Record::Held(Box::new(held)))
-        .then_store(Record::RemoveChallenge(challenge.clone()))
         .then_send(notice)
         .then_send(typed);
     if ev.room_id != record.room_id {

@@ -8,7 +8,8 @@ use mxpay::admin::token::Scope;
 use serde_json::{json, Value};
 
 use super::{
-    bot_events_match_schemas, scene_configured, send_text, wait_notice, wait_receipt, Scene, PIN,
+    bot_events_match_schemas, scene_configured, send_text, wait_notice, wait_receipt, wait_retries,
+    Scene, PIN,
 };
 use crate::support::{self, MxpayOptions, SeenEvent, TestClient};
 
@@ -260,4 +261,72 @@ async fn a_payment_to_a_new_user_is_held_and_returns_by_itself() {
         available(&s, s.bob.user.user_id.as_str()).await.as_str(),
         "none" | "0.00"
     ));
+}
+
+/// The held notice fails to go out (a test fault, retryable) after alice's right PIN: the PIN
+/// event is handled again until it goes out; the payment is held once, not paid, and alice is
+/// never told "not waiting for a PIN". Then dave accepts it and is paid once.
+#[tokio::test]
+async fn a_held_notice_that_failed_is_sent_again_and_the_payment_held_once() {
+    let mut gate = std::path::PathBuf::new();
+    let s = scene_configured(
+        "accept-retry",
+        120_000,
+        "50.00",
+        "  payee_must_accept: true\n",
+        |lease| {
+            gate = lease.dir.join("let-held-notices-through");
+            MxpayOptions {
+                env: vec![(
+                    mxpay::payments::FAULT_FAIL_REPLY_ENV.to_owned(),
+                    format!("held-notice:{}", gate.display()),
+                )],
+                ..Default::default()
+            }
+        },
+    )
+    .await;
+    let (bot, room) = (s.bot.as_str(), &s.room);
+    let dave = member(&s, "dave", true).await;
+    let dave_id = dave.user.user_id.as_str();
+    let pay = send_text(&s.alice, room, &format!("!pay {dave_id} 6.00 EUR")).await;
+    wait_notice(&s.alice, &s.dm, bot, "Confirm paying 6.00 EUR").await;
+    send_text(&s.alice, &s.dm, PIN).await;
+    wait_retries(&s.mxpay, 2.0).await;
+    assert_eq!(available(&s, s.alice.user.user_id.as_str()).await, "44.00");
+    assert!(matches!(
+        available(&s, dave_id).await.as_str(),
+        "none" | "0.00"
+    ));
+    std::fs::write(&gate, b"go").expect("open the gate");
+
+    wait_receipt(&dave, room, bot, &pay, "held", None).await;
+    let notice = wait_notice(&dave, room, bot, "it is yours once you accept it").await;
+    wait_notice(&s.alice, &s.dm, bot, "waits for them to accept it").await;
+    react(&dave, room, notice.event_id(), "✅").await;
+    wait_receipt(&dave, room, bot, &pay, "completed", None).await;
+    assert_eq!(available(&s, dave_id).await, "6.00");
+    assert_eq!(available(&s, s.alice.user.user_id.as_str()).await, "44.00");
+    let told: Vec<String> = s
+        .alice
+        .seen_events()
+        .iter()
+        .filter(|e| e.room_id == s.dm && e.sender() == bot)
+        .filter_map(|e| e.body().map(str::to_owned))
+        .collect();
+    assert!(
+        !told.iter().any(|b| b.contains("not waiting for a PIN")),
+        "{told:?}"
+    );
+    let held_notices = dave
+        .seen_events()
+        .iter()
+        .filter(|e| {
+            e.room_id == *room
+                && e.sender() == bot
+                && e.body()
+                    .is_some_and(|b| b.starts_with("💸") && b.contains("it is yours"))
+        })
+        .count();
+    assert_eq!(held_notices, 1, "the notice is shown once");
 }

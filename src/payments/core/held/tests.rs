@@ -45,12 +45,15 @@ fn code(answer: &Answer) -> Option<ReceiptReason> {
 #[test]
 fn the_pin_holds_it_and_mentions_the_payee() {
     let record = record(HeldState::AwaitingPin);
-    let challenge = fixtures::challenge(7, ChallengeKind::Pay, 120_000);
     let pin = fixtures::event_in("!dm:hs", "$pin");
-    let decision = on_pin(&pin, &challenge, &record, WINDOW);
+    let decision = on_pin(&pin, &record, WINDOW);
     assert!(decision.ledger.is_empty(), "nothing is posted at the PIN");
     assert!(matches!(&decision.store[0], Record::Held(r) if r.state == HeldState::Held));
-    assert!(matches!(&decision.store[1], Record::RemoveChallenge(_)));
+    assert_eq!(
+        decision.store.len(),
+        1,
+        "the challenge goes once the notice is out"
+    );
     assert_eq!(
         decision.purposes(),
         ["held-notice", "held-receipt", "held-payer"]
