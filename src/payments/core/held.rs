@@ -428,15 +428,22 @@ pub fn sweep(record: &HeldRecord, accept_window_ms: u64, now_ms: u64) -> Option<
 }
 
 /// What the outbox says about a held payment whose reservation ended (`how`: `posted`,
-/// `voided`, `expired`): status, reason and headline of its receipts. `None`: it was never
-/// held for the payee (the payer did not confirm it): told like any unconfirmed payment.
+/// `voided`, `expired`): status, reason and headline of its receipts. `None`: it ended before
+/// the payer's PIN (cancelled, refused): told like any payment.
 pub fn ended_receipt(
     record: &HeldRecord,
     how: &str,
 ) -> Option<(ReceiptStatus, Option<ReceiptReason>, String)> {
     let (payer, payee, money) = (&record.payer, &record.payee, money(record));
     match (&record.state, how) {
-        (HeldState::AwaitingPin | HeldState::Lapsed, _) => None,
+        // Cancelled or refused before the PIN: told like any payment, with its reason.
+        (HeldState::AwaitingPin, _) => None,
+        // Released by the sweep when the PIN window passed: as the ledger's own expiry says it.
+        (HeldState::Lapsed, _) => Some((
+            ReceiptStatus::Expired,
+            Some(ReceiptReason::Timeout),
+            format!("⌛ {payer}'s payment of {money} to {payee} expired without a PIN; nothing was paid"),
+        )),
         (_, "posted") => Some((
             ReceiptStatus::Completed,
             None,

@@ -243,10 +243,16 @@ fn what_the_outbox_says_when_the_reservation_ends() {
         ended_receipt(&declined, "voided").unwrap().1,
         Some(ReceiptReason::PayeeDeclined)
     );
-    // Never confirmed: told like any payment that got no PIN.
+    // Ended before the PIN (cancelled, refused): told like any payment, with its reason.
     assert_eq!(
-        ended_receipt(&record(HeldState::AwaitingPin), "expired"),
+        ended_receipt(&record(HeldState::AwaitingPin), "voided"),
         None
+    );
+    // Released by the sweep at the end of the PIN window: told as expired without a PIN.
+    let lapsed = ended_receipt(&record(HeldState::Lapsed), "voided").unwrap();
+    assert_eq!(
+        (lapsed.0, lapsed.1),
+        (ReceiptStatus::Expired, Some(ReceiptReason::Timeout))
     );
     // Expired while held: the record says returned and the notice is edited.
     let decision = ended(&held, "expired", WINDOW);
