@@ -330,3 +330,26 @@ async fn a_held_notice_that_failed_is_sent_again_and_the_payment_held_once() {
         .count();
     assert_eq!(held_notices, 1, "the notice is shown once");
 }
+
+/// A payment that would be held but gets no PIN is released when the PIN window ends (the
+/// sweep: its reservation is longer than the PIN window), told as expired without a PIN, and
+/// alice's money is back; a late PIN pays nothing.
+#[tokio::test]
+async fn an_unconfirmed_held_payment_is_released_when_the_pin_window_ends() {
+    let s = accept_scene("accept-nopin", 2_000, "  payee_must_accept: true\n").await;
+    let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
+    let pay = send_text(alice, room, &format!("!pay {} 5 EUR", s.bob_id())).await;
+    super::wait_bot_event(alice, dm, bot, "org.mxpay.stepup.challenge", |c| {
+        c["amount"] == "5.00"
+    })
+    .await;
+    wait_receipt(alice, room, bot, &pay, "expired", Some("timeout")).await;
+    assert_eq!(available(&s, alice.user.user_id.as_str()).await, "50.00");
+    send_text(alice, dm, PIN).await;
+    wait_notice(alice, dm, bot, "I was not waiting for a PIN").await;
+    assert_eq!(available(&s, alice.user.user_id.as_str()).await, "50.00");
+    assert!(matches!(
+        available(&s, s.bob_id()).await.as_str(),
+        "none" | "0.00"
+    ));
+}
