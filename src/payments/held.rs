@@ -149,6 +149,7 @@ impl Payments {
                 TransferState::Expired => ReservationState::Expired,
             },
         };
+        let frozen = self.held_wallets_frozen(&record).await?;
         let answer = core_held::answer(
             &record,
             AnswerFacts {
@@ -161,6 +162,7 @@ impl Payments {
                 reservation,
                 now_ms: self.clock.now_ms(),
                 accept_window_ms: self.settings.accept_window_ms,
+                frozen,
             },
         );
         match answer {
@@ -175,6 +177,28 @@ impl Payments {
                     .await
             }
         }
+    }
+
+    /// Whether the payer's wallet is frozen or the payee's is frozen for all movement.
+    async fn held_wallets_frozen(&self, record: &HeldRecord) -> Result<bool, PaymentsError> {
+        let Some(currency) = crate::ledger::CurrencyCode::new(&record.currency) else {
+            return Ok(false);
+        };
+        let account = |user: &UserId| crate::ledger::AccountId {
+            owner: Owner::user(user.as_str()),
+            currency,
+        };
+        let payer_frozen = self
+            .ledger
+            .account(&account(&record.payer))
+            .await?
+            .is_some_and(|a| a.frozen.is_some());
+        let payee_frozen_all = self
+            .ledger
+            .account(&account(&record.payee))
+            .await?
+            .is_some_and(|a| a.frozen == Some(crate::ledger::FreezeMode::All));
+        Ok(super::core::after_pin::frozen_since_asked(payer_frozen, payee_frozen_all).is_some())
     }
 
     /// Releases held payments whose payer never confirmed them and returns those whose

@@ -222,6 +222,9 @@ pub struct AnswerFacts<'a> {
     pub now_ms: u64,
     /// The configured accept window (for the notice's text).
     pub accept_window_ms: u64,
+    /// The payer's wallet is frozen, or the payee's for all movement: accepting waits (the
+    /// ledger would post a reservation made before the freeze).
+    pub frozen: bool,
 }
 
 fn refused(refusal: RequestRefusal) -> Answer {
@@ -233,7 +236,8 @@ fn refused(refusal: RequestRefusal) -> Answer {
 
 /// The payee (or someone else) answers `record`. Precedence: the same event handled again
 /// repeats its decision; then not the payee; then an untrusted session; then a payment no
-/// longer held (window passed, or settled); then the window.
+/// longer held (window passed, or settled); then a frozen wallet (accepting only); then the
+/// window.
 pub fn answer(record: &HeldRecord, facts: AnswerFacts<'_>) -> Answer {
     let ev = facts.event;
     let by_this = match &record.state {
@@ -256,6 +260,14 @@ pub fn answer(record: &HeldRecord, facts: AnswerFacts<'_>) -> Answer {
     }
     if record.state != HeldState::Held || facts.reservation != ReservationState::Pending {
         return refused(RequestRefusal::PaymentAlreadySettled);
+    }
+    if facts.frozen && facts.action == HeldAction::Accept {
+        return Answer::Refused(
+            ReceiptReason::AccountFrozen,
+            "a wallet this payment moves between is frozen; it stays held (declining it still \
+             sends it back)"
+                .to_owned(),
+        );
     }
     let held = HeldPayment {
         transfer_id: record.transfer_id,

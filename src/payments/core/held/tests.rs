@@ -32,6 +32,7 @@ fn facts(event: &EventRef, action: HeldAction, now_ms: u64) -> AnswerFacts<'_> {
         reservation: ReservationState::Pending,
         now_ms,
         accept_window_ms: WINDOW,
+        frozen: false,
     }
 }
 
@@ -123,6 +124,22 @@ fn who_may_answer_and_when() {
                 ..facts(&bob, HeldAction::Decline, 0)
             },
             Some(ReceiptReason::PaymentAlreadySettled),
+        ),
+        (
+            &held,
+            AnswerFacts {
+                frozen: true,
+                ..facts(&bob, HeldAction::Accept, 0)
+            },
+            Some(ReceiptReason::AccountFrozen),
+        ),
+        (
+            &held,
+            AnswerFacts {
+                frozen: true,
+                ..facts(&bob, HeldAction::Decline, 0)
+            },
+            None,
         ),
     ];
     for (n, (record, facts, expected)) in table.into_iter().enumerate() {
