@@ -166,11 +166,16 @@ async fn a_held_payment_is_accepted_by_reacting_and_others_cannot() {
         "none" | "0.00"
     ));
 
-    react(&dave, room, notice.event_id(), "✅").await;
+    let yes = react(&dave, room, notice.event_id(), "✅").await;
     let receipt = wait_receipt(&dave, room, bot, &pay, "completed", None).await;
     assert_eq!(receipt.content()["payee"], dave_id);
     wait_edit(&dave, room, bot, notice.event_id(), "accepted").await;
     assert_eq!(available(&s, dave_id).await, "5.00");
+
+    // The same ✅ delivered again by the homeserver (a new transaction) pays nothing more. The
+    // 👍 below is handled after it (one lane per room, in arrival order).
+    let again = super::raw_event(&dave, room, &yes).await;
+    super::deliver(&s, vec![again]).await;
 
     let twice = react(&dave, room, notice.event_id(), "👍").await;
     wait_receipt(
@@ -184,6 +189,11 @@ async fn a_held_payment_is_accepted_by_reacting_and_others_cannot() {
     .await;
     assert_eq!(available(&s, dave_id).await, "5.00");
     assert_eq!(available(&s, s.alice.user.user_id.as_str()).await, "45.00");
+    let completed = super::receipts_for(&dave, room, &pay)
+        .into_iter()
+        .filter(|r| r["status"] == "completed")
+        .count();
+    assert_eq!(completed, 1, "paid and told once");
     // The held, completed and refused receipts match their schema.
     assert!(bot_events_match_schemas(&dave, bot) >= 4);
 }
