@@ -7,8 +7,8 @@
 //!   replies to) -> transfer id.
 //! - `payee_transferids`: payee + NUL + transfer id -> empty, while the payment is open
 //!   (waiting for the payer's PIN, or for the payee): the per-payee bound.
-//! - `dueat_transferid`: due time (BE; the PIN deadline, then the return time) + transfer id
-//!   -> empty, while open: the sweep's list of what is due next.
+//! - `dueat_transferid`: due time (BE; the PIN deadline until the payee was asked, then the
+//!   return time) + transfer id -> empty, while open: the sweep's list of what is due next.
 //! - `settledat_transferid`: settled time (BE) + transfer id -> empty, once settled: pruned
 //!   after [`HeldBounds::settled_keep_ms`] or beyond [`HeldBounds::settled_total_max`].
 //!
@@ -120,6 +120,9 @@ impl HeldRecord {
     fn due_ms(&self) -> u64 {
         match self.state {
             HeldState::AwaitingPin => self.pin_deadline_ms,
+            // Confirmed but its notice never went out (a crash, a homeserver down): the sweep
+            // sends it at the end of the PIN window at the latest.
+            HeldState::Held if self.notice_event_id.is_none() => self.pin_deadline_ms,
             _ => self.return_at_ms,
         }
     }

@@ -406,9 +406,25 @@ pub fn refusal_sends(
 }
 
 /// The sweep: a held payment whose payer never confirmed it within the PIN window is
-/// released (`timeout`); one not accepted by `return_at_ms` goes back to the payer
-/// (`acceptance_window_passed`; the ledger's own timeout usually did this already).
+/// released (`timeout`); one confirmed whose payee was never asked is asked now; one not
+/// accepted by `return_at_ms` goes back to the payer (`acceptance_window_passed`; the
+/// ledger's own timeout usually did this already).
 pub fn sweep(record: &HeldRecord, accept_window_ms: u64, now_ms: u64) -> Option<Decision> {
+    if record.state == HeldState::Held
+        && record.notice_event_id.is_none()
+        && now_ms >= record.pin_deadline_ms
+        && now_ms < record.return_at_ms
+    {
+        // Confirmed, but the payee was never asked (the sends failed and the PIN window,
+        // within which the PIN event is retried, passed): ask now, with the same transaction
+        // ids (the payer's DM note is left out: the sweep does not know the DM).
+        let in_room = EventRef {
+            room_id: record.room_id.clone(),
+            event_id: record.paying_event_id.clone(),
+            sender: record.payer.clone(),
+        };
+        return Some(on_pin(&in_room, record, accept_window_ms));
+    }
     let (state, reason) = match record.state {
         HeldState::AwaitingPin if now_ms >= record.pin_deadline_ms => {
             (HeldState::Lapsed, ReceiptReason::Timeout)

@@ -221,7 +221,15 @@ fn the_sweep_releases_unconfirmed_and_returns_unaccepted() {
         transfer_id: TransferId(7),
         reason: ReceiptReason::Timeout
     }));
+    // Confirmed but never told (its sends failed until the PIN window passed): told now.
+    let mut untold = record(HeldState::Held);
+    untold.notice_event_id = None;
+    assert_eq!(sweep(&untold, WINDOW, untold.pin_deadline_ms - 1), None);
+    let told = sweep(&untold, WINDOW, untold.pin_deadline_ms).expect("due");
+    assert!(told.ledger.is_empty());
+    assert_eq!(told.purposes(), ["held-notice", "held-receipt"]);
     let held = record(HeldState::Held);
+    assert_eq!(sweep(&held, WINDOW, held.pin_deadline_ms), None);
     assert_eq!(sweep(&held, WINDOW, held.return_at_ms - 1), None);
     let returned = sweep(&held, WINDOW, held.return_at_ms).expect("due");
     assert!(returned.record.contains(&Record::VoidReason {
