@@ -74,9 +74,30 @@ pub async fn start(
         poke,
     )
     .with_metrics(app.metrics().clone())
-    .spawn(shutdown);
+    .spawn(shutdown.clone());
+    spawn_held_sweep(payments.clone(), shutdown);
     tracing::info!("payments enabled");
     Ok(Arc::new(PaymentsPipeline::new(encrypted, payments)))
+}
+
+/// How often held payments are checked for a passed PIN or accept window when no event comes.
+const HELD_SWEEP_INTERVAL_MS: u64 = 1_000;
+
+/// Ends held payments whose PIN or accept window passed, also when no event arrives (each
+/// handled event sweeps too), until `shutdown`.
+fn spawn_held_sweep(payments: Arc<Payments>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let interval = Duration::from_millis(HELD_SWEEP_INTERVAL_MS);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            if let Err(e) = payments.sweep_held().await {
+                tracing::warn!(error = %e, "could not end the held payments that are due; later");
+            }
+        }
+    });
 }
 
 /// Starts the bot's crypto for `app` and returns the pipeline the worker should use. Spawns the

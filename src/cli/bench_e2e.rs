@@ -490,7 +490,7 @@ fn bench_config(homeserver_url: &str, appservice_port: u16) -> String {
          appservice:\n  registration: ./registration.yaml\n  id: mxpay\n  bot_localpart: {BOT_LOCALPART}\n  \
          listen: 127.0.0.1:{appservice_port}\n  url: http://127.0.0.1:{appservice_port}\n\
          data_dir: ./data\n\
-         payments:\n  enabled: true\n  pepper_file: ./pepper\n  commands_per_minute_max: 600\n\
+         payments:\n  enabled: true\n  pepper_file: ./pepper\n  commands_per_minute_max: 600\n  hold_for_new_payees: false\n\
          logging:\n  level: info\n  format: pretty\n\
          admin:\n  token:\n    algorithm: HS256\n    secret: {{ file: ./admin-jwt.key }}\n"
     )

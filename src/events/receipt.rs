@@ -16,8 +16,11 @@ pub enum ReceiptStatus {
     Declined,
     /// Something went wrong; no money moved.
     Failed,
-    /// No PIN in time; the reservation was released.
+    /// No PIN in time, or a held payment not accepted in time; the reservation was released.
     Expired,
+    /// Confirmed by the payer and reserved, waiting for the payee to accept it (a payment
+    /// the payee accepts: `payments.payee_must_accept`, or a payee who never used mxpay).
+    Held,
 }
 
 /// Why a payment did not complete. Stable codes: clients may switch on them.
@@ -117,6 +120,11 @@ pub enum ReceiptReason {
     AcceptanceWindowPassed,
     /// The held payment was already accepted, declined or returned.
     PaymentAlreadySettled,
+    /// The payee declined a payment held for them to accept: it went back to the payer.
+    PayeeDeclined,
+    /// The payee (or the bot in all) already has as many payments waiting to be accepted as
+    /// the bot keeps.
+    TooManyHeld,
     /// Anything else; the body says more.
     Other,
 }

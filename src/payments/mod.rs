@@ -20,6 +20,7 @@ mod commands;
 pub mod core;
 mod dialog;
 mod dm;
+mod held;
 pub mod memo;
 mod messenger;
 mod pay;
@@ -204,6 +205,8 @@ fn reason_label(reason: ReceiptReason) -> &'static str {
         ReceiptReason::NotThePayee => "not_the_payee",
         ReceiptReason::AcceptanceWindowPassed => "acceptance_window_passed",
         ReceiptReason::PaymentAlreadySettled => "payment_already_settled",
+        ReceiptReason::PayeeDeclined => "payee_declined",
+        ReceiptReason::TooManyHeld => "too_many_held",
         ReceiptReason::Other => "other",
     }
 }
@@ -389,6 +392,10 @@ impl Payments {
             return Ok(false);
         }
         let handled = self.handle_user_event(event).await?;
+        // Held payments whose PIN or accept window passed end, a bounded slice at a time.
+        if let Err(e) = self.sweep_held().await {
+            tracing::warn!(error = %e, "could not end the held payments that are due; later");
+        }
         // Requests that lapsed are written down and told, a bounded slice at a time.
         if let Err(e) = self.sweep_requests().await {
             if e.is_transient() {
@@ -630,6 +637,15 @@ mod tests {
         assert_eq!(
             settings::REQUEST_EXPIRY_MAX_MS,
             crate::requests::REQUEST_EXPIRY_MAX_MS
+        );
+    }
+
+    /// The config's default accept window is the accept rules' own.
+    #[test]
+    fn accept_window_defaults_agree() {
+        assert_eq!(
+            settings::ACCEPT_WINDOW_DEFAULT_MS,
+            crate::requests::ACCEPT_WINDOW_DEFAULT_MS
         );
     }
 

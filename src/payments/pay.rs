@@ -278,7 +278,9 @@ impl Payments {
     }
 
     /// Reserves the payment `event` asks for in the ledger (a pending transfer whose id comes
-    /// from the event's id); `Ok(Err(refusal))` when the amount or the ledger refuses it.
+    /// from the event's id) for `timeout_ms` (the PIN window; for a payment held for its payee,
+    /// also the accept window); `Ok(Err(refusal))` when the amount or the ledger refuses it.
+    /// A refund is linked to the payment it returns (`refund`).
     #[allow(clippy::too_many_arguments)]
     async fn create_payment(
         &self,
@@ -289,6 +291,7 @@ impl Payments {
         memo: Option<String>,
         request: Option<String>,
         refund: Option<&RefundLink>,
+        timeout_ms: u64,
     ) -> Result<Result<Transfer, (ReceiptReason, String)>, PaymentsError> {
         let parsed = match self.ledger.parse_amount(amount, currency) {
             Ok(parsed) => parsed,
@@ -323,7 +326,6 @@ impl Payments {
             amount: parsed,
             memo: memo_bytes,
         };
-        let timeout_ms = self.settings.stepup_timeout_ms;
         let created = match refund {
             // Linked to the original, so the ledger caps what is refunded even under races.
             Some(link) => self
@@ -359,6 +361,7 @@ impl Payments {
         let reaction = event.event_type == "m.reaction" && request.is_some();
         let request_id = request.as_ref().map(|(before, _)| before.id.to_string());
         let transfer_id = TransferId::from_key(event.event_id.as_str());
+        let mut hold_timeout_ms = None;
         // The transfer made for this event (if any) is what "started" means for a payment.
         let existing = self.ledger.transfer(transfer_id).await?;
         let earlier = self.store.outcome(event.event_id.as_str())?;
@@ -385,6 +388,25 @@ impl Payments {
                         .decline(event, &payee, amount, &currency, reason, &sentence)
                         .await;
                 }
+                if self.hold_applies(&payee).await? {
+                    if !self.held_has_room(&payee)? {
+                        return self
+                            .decline(
+                                event,
+                                &payee,
+                                amount,
+                                &currency,
+                                ReceiptReason::TooManyHeld,
+                                "too many payments to this person are waiting for them to \
+                                 accept; try again once they accepted or declined some",
+                            )
+                            .await;
+                    }
+                    // Reserved for the PIN window and then the accept window: the ledger's
+                    // own timeout returns it to the payer when the window ends.
+                    hold_timeout_ms =
+                        Some(self.settings.stepup_timeout_ms + self.settings.accept_window_ms);
+                }
             }
             // A replay of an event whose transfer exists: carry on with that transfer, never
             // refuse it now.
@@ -402,6 +424,7 @@ impl Payments {
                     memo.clone(),
                     request_id,
                     refund.as_ref(),
+                    hold_timeout_ms.unwrap_or(self.settings.stepup_timeout_ms),
                 )
                 .await?
             {
@@ -419,6 +442,11 @@ impl Payments {
             tracing::info!(transfer = %transfer.id, "payment event seen again; already ended");
             return Ok(());
         }
+        // A reservation longer than the PIN window is one held for its payee (also when this
+        // event is handled again: the ledger's record says so, whatever the facts are now).
+        let held_return_at_ms = transfer.deadline_ms.filter(|deadline| {
+            deadline.saturating_sub(transfer.created_ms) > self.settings.stepup_timeout_ms
+        });
         let challenge = Challenge {
             kind: ChallengeKind::Pay,
             transfer_id: transfer.id.0,
@@ -431,11 +459,17 @@ impl Payments {
             event_id: event.event_id.clone(),
             memo,
             created_ms: transfer.created_ms,
-            expires_at_ms: transfer
-                .deadline_ms
-                .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
+            expires_at_ms: match held_return_at_ms {
+                Some(_) => transfer.created_ms + self.settings.stepup_timeout_ms,
+                None => transfer
+                    .deadline_ms
+                    .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
+            },
             device_id: event.sender_device.clone(),
         };
+        if let Some(return_at_ms) = held_return_at_ms {
+            self.hold(&challenge, return_at_ms).await?;
+        }
         let mut decision = challenge::open_payment(
             &Self::event_ref(event),
             challenge,
@@ -611,6 +645,10 @@ impl Payments {
                 // The proof is redeemed against the ledger's own record of the transfer.
                 self.stepup
                     .redeem(&proof, &binding_of(&pending, challenge.payer.as_str()))?;
+                // A payment held for its payee stays reserved until they accept it.
+                if let Some(decision) = self.held_after_pin(ev, challenge)? {
+                    return Ok(decision);
+                }
                 let answer = self.post_answer(transfer_id).await?;
                 Ok(after_pin::after_post(ev, challenge, answer))
             }

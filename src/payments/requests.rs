@@ -11,6 +11,7 @@ use ruma::{EventId, OwnedUserId, UserId};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
+use super::core::held::HeldAction;
 use super::core::request::{self as core_request, Action, Change, Posted};
 use super::core::{Decision, EventRef};
 use super::{PayRequest, Payments, PaymentsError};
@@ -151,13 +152,18 @@ impl Payments {
                 Ok(true)
             }
             RequestCommand::Reply { to, action } => {
+                // An answer to a payment held for its payee.
+                if let Some(held_action) = held_action_of_reply(&action) {
+                    if let Some(record) = self.store.held().by_notice(&to)? {
+                        self.on_held_answer(event, record, held_action).await?;
+                        return Ok(true);
+                    }
+                }
                 let Some(action) = Action::of_reply(action) else {
-                    self.answer(
-                        event,
-                        "!accept and !refund are not available yet",
-                        "request-error",
-                    )
-                    .await?;
+                    // `!accept` replying to no held payment the bot knows (`!refund` with its
+                    // amount is `RequestCommand::Refund`, above).
+                    let text = RequestRefusal::ReplyTargetUnknown.sentence();
+                    self.answer(event, text, "request-error").await?;
                     return Ok(true);
                 };
                 let request = self.store.requests().by_event(&to)?;
@@ -362,6 +368,14 @@ impl Payments {
         let Ok(target) = <&EventId>::try_from(target) else {
             return Ok(false);
         };
+        if let Some(record) = self.store.held().by_notice(target)? {
+            let action = match key {
+                requests::Reaction::Yes => HeldAction::Accept,
+                requests::Reaction::No => HeldAction::Decline,
+            };
+            self.on_held_answer(event, record, action).await?;
+            return Ok(true);
+        }
         let Some(request) = self.store.requests().by_event(target)? else {
             return Ok(false);
         };
@@ -649,6 +663,15 @@ impl NewAsk {
                 content.amount.abs(),
             ),
         }
+    }
+}
+
+/// The held-payment answer a reply command stands for (`!accept`, `!decline`).
+fn held_action_of_reply(action: &requests::ReplyAction) -> Option<HeldAction> {
+    match action {
+        requests::ReplyAction::Accept => Some(HeldAction::Accept),
+        requests::ReplyAction::Decline => Some(HeldAction::Decline),
+        _ => None,
     }
 }
 

@@ -219,7 +219,10 @@ impl Payments {
             },
             None => None,
         };
+        let held = self.held_receipt(id, how)?;
         let (status, reason, headline) = match how {
+            // A payment held for its payee: accepted, declined, or returned.
+            _ if held.is_some() => held.expect("checked"),
             "posted" if refund_of.is_some() => (
                 ReceiptStatus::Completed,
                 None,
@@ -363,6 +366,8 @@ impl Payments {
             self.request_payment_ended(memo.request.as_deref(), &payer_id, id, how)
                 .await?;
         }
+        // A held payment: its record follows the ledger, its notice is edited.
+        self.held_ended(id, how).await?;
         match (room_told, dm_told) {
             (Ok(()), Ok(())) => Ok(true),
             // A retryable failure wins, so the outbox retries (and does not dead-letter).

@@ -3,6 +3,7 @@
 //!
 //! Trees are named `key_value` so a tree's name says what maps to what.
 
+pub mod held;
 pub mod inbox;
 pub mod payments;
 pub mod receipts;

@@ -338,6 +338,8 @@ pub struct PaymentStore {
     requests: super::requests::RequestStore,
     /// Which payment each completed-payment receipt is about (for `!refund`).
     receipts: super::receipts::ReceiptStore,
+    /// Payments held for their payee to accept, in this database.
+    held: super::held::HeldStore,
 }
 
 impl fmt::Debug for PaymentStore {
@@ -399,6 +401,7 @@ impl PaymentStore {
         Ok(Self {
             requests: super::requests::RequestStore::in_db(db.clone(), log.clone())?,
             receipts: super::receipts::ReceiptStore::in_db(db.clone(), log.clone())?,
+            held: super::held::HeldStore::in_db(db.clone(), log.clone())?,
             pins: db.open_tree(USERID_PIN)?,
             profiles: db.open_tree(USERID_PROFILE)?,
             dialogs: db.open_tree(USERID_DIALOG)?,
@@ -425,6 +428,12 @@ impl PaymentStore {
     /// [`super::receipts`]).
     pub fn receipts(&self) -> &super::receipts::ReceiptStore {
         &self.receipts
+    }
+
+    /// The payments held for their payee to accept (`transferid_held`, ...: see
+    /// [`super::held`]).
+    pub fn held(&self) -> &super::held::HeldStore {
+        &self.held
     }
 
     /// Makes every write so far durable (also against a power cut: see

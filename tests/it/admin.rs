@@ -2177,7 +2177,7 @@ async fn withdrawal_settled_and_pin_reset_through_the_cli() {
     support::write_secret(&pepper, support::random_suffix(48));
     let (admin, _) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
-        "payments:\n  enabled: true\n  pepper_file: {}\n{admin}",
+        "payments:\n  enabled: true\n  pepper_file: {}\n  hold_for_new_payees: false\n{admin}",
         pepper.display()
     );
     lease.write_config();

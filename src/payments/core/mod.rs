@@ -19,7 +19,8 @@
 //! - [`dialog`]: choosing and changing a PIN, and accepting changed security keys;
 //! - [`refund`]: whether a `!refund` starts a payment back, and its refusals;
 //! - [`request`]: payment requests and split bills: posting, paying, declining, cancelling,
-//!   and telling each change.
+//!   and telling each change;
+//! - [`held`]: payments the payee accepts: held after the PIN, accepted, declined, returned.
 
 pub mod after_pin;
 pub mod challenge;
@@ -27,6 +28,7 @@ pub mod decision;
 pub mod dialog;
 #[cfg(test)]
 mod fixtures;
+pub mod held;
 pub mod pin_answer;
 pub mod refund;
 pub mod refusal;

@@ -312,8 +312,8 @@ pub enum Action {
 }
 
 impl Action {
-    /// The action of a reply command; `None` for those handled elsewhere (`!accept`,
-    /// `!refund`: not wired yet).
+    /// The action of a reply command on a request; `None` for those handled elsewhere
+    /// (`!accept`: payments held for their payee; `!refund`: receipts).
     pub fn of_reply(action: ReplyAction) -> Option<Self> {
         match action {
             ReplyAction::Pay => Some(Action::Pay),
