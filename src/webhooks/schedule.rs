@@ -206,15 +206,15 @@ pub mod bounds {
 }
 
 impl WebhookPolicy {
-    /// Refuses a policy outside [`bounds`]; the error names the field.
-    pub fn check(&self) -> Result<(), String> {
+    /// Refuses a policy outside [`bounds`]: `(field, reason)`.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
         fn within<T: PartialOrd + std::fmt::Display>(
-            name: &str,
+            name: &'static str,
             value: T,
             (min, max): (T, T),
-        ) -> Result<(), String> {
+        ) -> Result<(), (&'static str, String)> {
             if value < min || value > max {
-                return Err(format!("{name} must be between {min} and {max}"));
+                return Err((name, format!("must be between {min} and {max}")));
             }
             Ok(())
         }
@@ -387,15 +387,12 @@ mod tests {
             timeout_ms: 0,
             ..WebhookPolicy::default()
         };
-        assert!(bad.check().unwrap_err().contains("timeout_ms"));
+        assert_eq!(bad.check().unwrap_err().0, "timeout_ms");
         let bad = WebhookPolicy {
             per_merchant_concurrency_max: 17,
             ..WebhookPolicy::default()
         };
-        assert!(bad
-            .check()
-            .unwrap_err()
-            .contains("per_merchant_concurrency_max"));
+        assert_eq!(bad.check().unwrap_err().0, "per_merchant_concurrency_max");
     }
 
     #[test]
