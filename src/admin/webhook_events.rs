@@ -281,8 +281,10 @@ mod tests {
         state.set_webhooks(outbox.clone());
         let url = format!("{}/hook", server.uri()).parse().unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let task =
-            WebhookWorker::new(store, Arc::new(One(url)), clock.clone(), poke).spawn(stopped);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let task = WebhookWorker::new(store, Arc::new(One(url)), clock.clone(), poke)
+            .with_metrics(metrics.clone())
+            .spawn(stopped);
         outbox
             .enqueue(
                 "cafe",
@@ -356,6 +358,13 @@ mod tests {
         .await;
         assert_eq!(status, 404);
 
+        let scrape = metrics.encode();
+        for line in [
+            r#"mxpay_webhook_deliveries_total{outcome="receiver_gone"} 1"#,
+            r#"mxpay_webhook_deliveries_total{outcome="delivered"} 2"#,
+        ] {
+            assert!(scrape.contains(line), "{line} not in {scrape}");
+        }
         let audit = state.audit.page(None, 50).unwrap();
         assert!(audit
             .iter()
