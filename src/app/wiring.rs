@@ -27,12 +27,8 @@ pub const WEBHOOKS_DIR: &str = "webhooks";
 
 /// Endpoints until the merchant registry is connected: no merchant has one, so nothing is
 /// sent (and nothing is enqueued, as only merchants' invoices make events).
-struct NoMerchants;
-
-impl WebhookEndpoints for NoMerchants {
-    fn endpoint(&self, _merchant_id: &str) -> Option<Endpoint> {
-        None
-    }
+fn no_merchants(_merchant_id: &str) -> Option<Endpoint> {
+    None
 }
 
 /// Opens the webhook outbox (`<data_dir>/webhooks/`), lets the admin API show and replay its
@@ -68,7 +64,7 @@ pub async fn start(
 ) -> Result<Arc<dyn Pipeline>, AppError> {
     let config = app.config();
     // The merchant registry replaces `NoMerchants` once merchants exist.
-    start_webhooks(app, Arc::new(NoMerchants), shutdown.clone())?;
+    start_webhooks(app, Arc::new(no_merchants), shutdown.clone())?;
     if !config.payments.enabled {
         return start_encrypted_pipeline(app, shutdown).await;
     }

@@ -205,6 +205,17 @@ pub trait WebhookEndpoints: Send + Sync + 'static {
     fn endpoint(&self, merchant_id: &str) -> Option<Endpoint>;
 }
 
+/// Any `Fn(merchant_id) -> Option<Endpoint>` is a [`WebhookEndpoints`] (a closure over the
+/// merchant registry, or a fixed map in tests).
+impl<F> WebhookEndpoints for F
+where
+    F: Fn(&str) -> Option<Endpoint> + Send + Sync + 'static,
+{
+    fn endpoint(&self, merchant_id: &str) -> Option<Endpoint> {
+        self(merchant_id)
+    }
+}
+
 /// The header value signing `body` at `timestamp_s` with `secret` (what mxpay sends).
 pub fn sign(secret: &[u8], timestamp_s: u64, body: &[u8]) -> String {
     crate::signature::sign(secret, timestamp_s, body)
