@@ -684,3 +684,37 @@ mod tests {
             .is_empty());
     }
 }
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    /// The stored record and the body sent are formats: a change shows here as a diff.
+    #[test]
+    fn the_stored_record_and_the_body_keep_their_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = WebhookStore::open(dir.path(), WebhookPolicy::default()).unwrap();
+        let Enqueued::New(record) = store
+            .enqueue(
+                "cafe",
+                EventType::RefundSucceeded,
+                "evt_0123",
+                serde_json::json!({"refund": {"id": "re_1", "amount": "1.50"}}),
+                1_764_900_000_000,
+            )
+            .unwrap()
+        else {
+            panic!("new")
+        };
+        assert_eq!(
+            record.body,
+            r#"{"id":"evt_0123","type":"refund.succeeded","created_ms":1764900000000,"data":{"refund":{"amount":"1.50","id":"re_1"}}}"#
+        );
+        assert_eq!(
+            String::from_utf8(encode(&record)).unwrap(),
+            r#"{"event_id":"evt_0123","merchant_id":"cafe","event_type":"refund.succeeded","created_ms":1764900000000,"body":"{\"id\":\"evt_0123\",\"type\":\"refund.succeeded\",\"created_ms\":1764900000000,\"data\":{\"refund\":{\"amount\":\"1.50\",\"id\":\"re_1\"}}}","state":"pending","attempts":0,"next_attempt_at_ms":1764900000000,"retry_until_ms":1765159200000,"replays":0}"#
+        );
+        let record = store.get("evt_0123").unwrap().unwrap();
+        assert_eq!(decode(&encode(&record)).unwrap(), record);
+    }
+}
