@@ -81,6 +81,7 @@ pub struct AdminState {
     pub(crate) clock: SharedClock,
     pub(crate) webhook_tolerance_s: u64,
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
+    pub(crate) webhooks: std::sync::OnceLock<crate::webhooks::WebhookOutbox>,
     pub(crate) refusals: RefusalGate,
 }
 
@@ -294,6 +295,7 @@ impl AdminState {
             clock,
             webhook_tolerance_s,
             pins: std::sync::OnceLock::new(),
+            webhooks: std::sync::OnceLock::new(),
         })
     }
 

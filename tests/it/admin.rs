@@ -1032,7 +1032,8 @@ async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth(
                 .replace("{transfer_id}", &"1".repeat(32))
                 .replace("{withdrawal_id}", &"1".repeat(32))
                 .replace("{jti}", "some-token")
-                .replace("{provider}", "acme");
+                .replace("{provider}", "acme")
+                .replace("{event_id}", "evt_x");
             let (status, body) = h
                 .call(
                     &method.to_uppercase(),
@@ -1080,7 +1081,8 @@ fn guarded_routes(h: &Harness) -> Vec<(String, String)> {
                 .replace("{user_id}", &enc(ALICE))
                 .replace("{transfer_id}", &"1".repeat(32))
                 .replace("{withdrawal_id}", &"1".repeat(32))
-                .replace("{jti}", "some-other-token");
+                .replace("{jti}", "some-other-token")
+                .replace("{event_id}", "evt_x");
             (method.to_uppercase(), path)
         })
         .collect()
