@@ -13,36 +13,6 @@ use super::{
 };
 use crate::support::{self, MxpayOptions, SeenEvent, TestClient};
 
-/// `text` as a reply to `to`.
-async fn reply(client: &TestClient, room: &RoomId, to: &str, text: &str) -> OwnedEventId {
-    client
-        .room(room)
-        .await
-        .send_raw(
-            "m.room.message",
-            json!({"msgtype": "m.text", "body": text, "m.relates_to": {"m.in_reply_to": {"event_id": to}}}),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{} replying: {e}", client.user.user_id))
-        .response
-        .event_id
-}
-
-/// Reacts to `to` with `key`.
-async fn react(client: &TestClient, room: &RoomId, to: &str, key: &str) -> OwnedEventId {
-    client
-        .room(room)
-        .await
-        .send_raw(
-            "m.reaction",
-            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": to, "key": key}}),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{} reacting: {e}", client.user.user_id))
-        .response
-        .event_id
-}
-
 /// What `user` may spend in EUR, from the admin API (`none` without an account).
 async fn available(s: &Scene, user: &str) -> String {
     let token = crate::admin::mint(&s.admin_key, &[Scope::Read]);
@@ -151,7 +121,7 @@ async fn a_held_payment_is_accepted_by_reacting_and_others_cannot() {
         "nothing is paid before dave accepts"
     );
 
-    let stranger = react(&carol, room, notice.event_id(), "✅").await;
+    let stranger = carol.react(room, notice.event_id(), "✅").await;
     wait_receipt(
         &carol,
         room,
@@ -166,7 +136,7 @@ async fn a_held_payment_is_accepted_by_reacting_and_others_cannot() {
         "none" | "0.00"
     ));
 
-    let yes = react(&dave, room, notice.event_id(), "✅").await;
+    let yes = dave.react(room, notice.event_id(), "✅").await;
     let receipt = wait_receipt(&dave, room, bot, &pay, "completed", None).await;
     assert_eq!(receipt.content()["payee"], dave_id);
     wait_edit(&dave, room, bot, notice.event_id(), "accepted").await;
@@ -177,7 +147,7 @@ async fn a_held_payment_is_accepted_by_reacting_and_others_cannot() {
     let again = super::raw_event(&dave, room, &yes).await;
     super::deliver(&s, vec![again]).await;
 
-    let twice = react(&dave, room, notice.event_id(), "👍").await;
+    let twice = dave.react(room, notice.event_id(), "👍").await;
     wait_receipt(
         &dave,
         room,
@@ -210,14 +180,14 @@ async fn a_held_payment_is_accepted_by_reply_and_another_declined() {
     let alice_id = s.alice.user.user_id.as_str();
 
     let (pay, notice) = alice_pays_and_it_is_held(&s, &dave, "7.00").await;
-    reply(&dave, room, notice.event_id(), "!accept").await;
+    dave.reply(room, notice.event_id(), "!accept").await;
     wait_receipt(&dave, room, bot, &pay, "completed", None).await;
     wait_edit(&dave, room, bot, notice.event_id(), "accepted").await;
     assert_eq!(available(&s, dave_id).await, "7.00");
 
     let (pay, notice) = alice_pays_and_it_is_held(&s, &dave, "3.00").await;
     assert_eq!(available(&s, alice_id).await, "40.00");
-    reply(&dave, room, notice.event_id(), "!decline").await;
+    dave.reply(room, notice.event_id(), "!decline").await;
     wait_receipt(
         &s.alice,
         room,
@@ -245,7 +215,7 @@ async fn a_payment_to_a_new_user_is_held_and_returns_by_itself() {
     let (pay, notice) = alice_pays_and_it_is_held(&s, &s.bob, "5.00").await;
     assert_eq!(available(&s, alice_id).await, "45.00");
 
-    let untrusted = reply(&s.bob, room, notice.event_id(), "!accept").await;
+    let untrusted = s.bob.reply(room, notice.event_id(), "!accept").await;
     wait_receipt(
         &s.bob,
         room,
@@ -313,7 +283,7 @@ async fn a_held_notice_that_failed_is_sent_again_and_the_payment_held_once() {
     wait_receipt(&dave, room, bot, &pay, "held", None).await;
     let notice = wait_notice(&dave, room, bot, "it is yours once you accept it").await;
     wait_notice(&s.alice, &s.dm, bot, "waits for them to accept it").await;
-    react(&dave, room, notice.event_id(), "✅").await;
+    dave.react(room, notice.event_id(), "✅").await;
     wait_receipt(&dave, room, bot, &pay, "completed", None).await;
     assert_eq!(available(&s, dave_id).await, "6.00");
     assert_eq!(available(&s, s.alice.user.user_id.as_str()).await, "44.00");

@@ -4,29 +4,13 @@
 //! the original in the ledger; its receipt names the original, in the room and in alice's DM.
 
 use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
-use serde_json::json;
 
 use super::{
     balance_is, bot_events_match_schemas, metric, open_dm, receipts_for, scene,
     scene_with_failing_reply, send_text, set_pin, wait_bot_event, wait_notice, wait_receipt,
     wait_retries, Scene, PIN,
 };
-use crate::support::{SeenEvent, TestClient};
-
-/// `text` as a reply to `to`.
-async fn reply(client: &TestClient, room: &RoomId, to: &str, text: &str) -> OwnedEventId {
-    client
-        .room(room)
-        .await
-        .send_raw(
-            "m.room.message",
-            json!({"msgtype": "m.text", "body": text, "m.relates_to": {"m.in_reply_to": {"event_id": to}}}),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{} replying: {e}", client.user.user_id))
-        .response
-        .event_id
-}
+use crate::support::SeenEvent;
 
 /// bob gets what a refunder needs: a cross-signed session, a DM with the bot and a PIN.
 async fn payee_can_refund(s: &Scene) -> OwnedRoomId {
@@ -61,7 +45,7 @@ async fn bob_refunds(
     amount: &str,
 ) -> (OwnedEventId, SeenEvent) {
     let alice_id = s.alice.user.user_id.as_str();
-    let refund = reply(&s.bob, &s.room, to, text).await;
+    let refund = s.bob.reply(&s.room, to, text).await;
     wait_notice(
         &s.bob,
         bob_dm,
@@ -133,7 +117,7 @@ async fn a_partial_refund_then_the_rest_go_back_to_the_payer() {
     );
     s.alice_balance_is("50.00 EUR").await;
 
-    let more = reply(&s.bob, &s.room, receipt.event_id(), "!refund").await;
+    let more = s.bob.reply(&s.room, receipt.event_id(), "!refund").await;
     wait_receipt(
         &s.bob,
         &s.room,
@@ -166,7 +150,10 @@ async fn refunds_above_what_remains_by_others_and_of_refunds_are_refused() {
             seen
         }
     };
-    let above = reply(&s.bob, &s.room, receipt.event_id(), "!refund 15.01").await;
+    let above = s
+        .bob
+        .reply(&s.room, receipt.event_id(), "!refund 15.01")
+        .await;
     let seen = refused(above.clone(), "refund_above_remaining").await;
     assert_eq!(seen.content()["amount"], "15.01");
     wait_notice(
@@ -177,7 +164,7 @@ async fn refunds_above_what_remains_by_others_and_of_refunds_are_refused() {
     )
     .await;
 
-    let by_payer = reply(&s.alice, &s.room, receipt.event_id(), "!refund").await;
+    let by_payer = s.alice.reply(&s.room, receipt.event_id(), "!refund").await;
     refused(by_payer, "refund_not_payee").await;
     wait_notice(
         &s.alice,
@@ -188,14 +175,20 @@ async fn refunds_above_what_remains_by_others_and_of_refunds_are_refused() {
     .await;
 
     // alice was paid by the refund: she is its payee, and still may not refund it.
-    let of_refund = reply(&s.alice, &s.room, refund.event_id(), "!refund 1.00").await;
+    let of_refund = s
+        .alice
+        .reply(&s.room, refund.event_id(), "!refund 1.00")
+        .await;
     refused(of_refund, "refund_of_refund").await;
 
     let own_text = send_text(&s.bob, &s.room, "thanks for lunch").await;
-    let not_a_payment = reply(&s.bob, &s.room, own_text.as_str(), "!refund").await;
+    let not_a_payment = s.bob.reply(&s.room, own_text.as_str(), "!refund").await;
     refused(not_a_payment, "reply_target_unknown").await;
 
-    let precise = reply(&s.bob, &s.room, receipt.event_id(), "!refund 1.001").await;
+    let precise = s
+        .bob
+        .reply(&s.room, receipt.event_id(), "!refund 1.001")
+        .await;
     refused(precise, "invalid_amount").await;
 
     s.alice_balance_is("35.00 EUR").await;
@@ -217,7 +210,7 @@ async fn a_refund_retried_after_a_failed_answer_refunds_once() {
     s.alice_balance_is("10.00 EUR").await;
     std::fs::remove_file(&gate).expect("close the gate");
     let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
-    let refund = reply(&s.bob, &s.room, receipt.event_id(), "!refund").await;
+    let refund = s.bob.reply(&s.room, receipt.event_id(), "!refund").await;
     wait_retries(&s.mxpay, before + 2.0).await;
     std::fs::write(&gate, b"").expect("open the gate again");
     wait_notice(

@@ -3,8 +3,8 @@
 //! reacting ✅; the PIN step-up is the usual one; the receipt names the request, the request's
 //! notice is edited as it changes.
 
-use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, RoomId};
-use serde_json::{json, Value};
+use matrix_sdk::ruma::{OwnedRoomId, RoomId};
+use serde_json::json;
 
 use super::{
     balance_is, bot_events_match_schemas, metric, open_dm, scene, scene_with_failing_reply,
@@ -12,43 +12,6 @@ use super::{
     Scene, PIN,
 };
 use crate::support::{self, SeenEvent, TestClient};
-
-/// Sends `content` as an `m.room.message` (e.g. a reply) and returns its id.
-async fn send_message(client: &TestClient, room: &RoomId, content: Value) -> OwnedEventId {
-    client
-        .room(room)
-        .await
-        .send_raw("m.room.message", content)
-        .await
-        .unwrap_or_else(|e| panic!("{} sending a message: {e}", client.user.user_id))
-        .response
-        .event_id
-}
-
-/// `text` as a reply to `to`.
-async fn reply(client: &TestClient, room: &RoomId, to: &str, text: &str) -> OwnedEventId {
-    send_message(
-        client,
-        room,
-        json!({"msgtype": "m.text", "body": text, "m.relates_to": {"m.in_reply_to": {"event_id": to}}}),
-    )
-    .await
-}
-
-/// Reacts to `to` with `key`.
-async fn react(client: &TestClient, room: &RoomId, to: &str, key: &str) -> OwnedEventId {
-    client
-        .room(room)
-        .await
-        .send_raw(
-            "m.reaction",
-            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": to, "key": key}}),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{} reacting: {e}", client.user.user_id))
-        .response
-        .event_id
-}
 
 /// The bot's request notice in `room` (an `m.text` mentioning `payer`, so it notifies),
 /// containing `part`.
@@ -135,7 +98,7 @@ async fn a_request_is_paid_by_replying_pay() {
     );
 
     // alice pays it by replying `!pay`: the amount and payee come from the request.
-    let pay = reply(alice, room, notice.event_id(), "!pay").await;
+    let pay = alice.reply(room, notice.event_id(), "!pay").await;
     wait_notice(
         alice,
         dm,
@@ -155,7 +118,7 @@ async fn a_request_is_paid_by_replying_pay() {
     balance_is(alice, dm, bot, "38.00 EUR").await;
 
     // Paying twice is refused with its code; nothing moves.
-    let again = reply(alice, room, notice.event_id(), "!pay").await;
+    let again = alice.reply(room, notice.event_id(), "!pay").await;
     let refused = wait_receipt(
         alice,
         room,
@@ -205,13 +168,13 @@ async fn a_request_is_paid_by_reacting() {
     let notice = request_notice(alice, room, bot, s.alice_id(), "for 4.20 EUR (coffee)").await;
 
     // The requester's own ✅ pays nothing.
-    let own = react(bob, room, notice.event_id(), "✅").await;
+    let own = bob.react(room, notice.event_id(), "✅").await;
     wait_receipt(bob, room, bot, &own, "declined", Some("request_from_self")).await;
 
     // Reactions travel unencrypted (matrix-sdk and Element do not encrypt them), so nothing
     // says which session reacted: a plain PIN does not confirm it, a PIN replying to the
     // challenge (which names amount and payee) does.
-    let yes = react(alice, room, notice.event_id(), "👍").await;
+    let yes = alice.react(room, notice.event_id(), "👍").await;
     let challenge = wait_notice(
         alice,
         dm,
@@ -286,7 +249,7 @@ async fn a_split_with_a_remainder_is_paid_by_two_people_and_the_summary_follows(
         summary.json
     );
 
-    let alice_pays = reply(alice, room, summary.event_id(), "!pay").await;
+    let alice_pays = alice.reply(room, summary.event_id(), "!pay").await;
     wait_notice(
         alice,
         dm,
@@ -416,7 +379,7 @@ async fn bad_requests_and_answers_are_refused_with_a_reason_and_nothing_moves() 
     s.bring_into_room(&carol).await;
     send_text(bob, room, &format!("!request {alice_id} 3.00 EUR tea")).await;
     let notice = request_notice(alice, room, bot, alice_id, "for 3.00 EUR (tea)").await;
-    let stranger = react(&carol, room, notice.event_id(), "✅").await;
+    let stranger = carol.react(room, notice.event_id(), "✅").await;
     wait_receipt(
         alice,
         room,
@@ -428,11 +391,11 @@ async fn bad_requests_and_answers_are_refused_with_a_reason_and_nothing_moves() 
     .await;
 
     // alice declines: bob is told (mentioned); paying it afterwards is refused.
-    reply(alice, room, notice.event_id(), "!decline").await;
+    alice.reply(room, notice.event_id(), "!decline").await;
     let told = wait_notice(bob, room, bot, "declined the request").await;
     assert_eq!(told.content()["m.mentions"]["user_ids"], json!([bob_id]));
     wait_edit(bob, room, bot, notice.event_id(), "Status: declined").await;
-    let late = reply(alice, room, notice.event_id(), "!pay").await;
+    let late = alice.reply(room, notice.event_id(), "!pay").await;
     wait_receipt(
         alice,
         room,
@@ -446,7 +409,7 @@ async fn bad_requests_and_answers_are_refused_with_a_reason_and_nothing_moves() 
     // bob cancels another request; paying it is refused; alice cannot cancel bob's request.
     send_text(bob, room, &format!("!request {alice_id} 4.00 EUR cake")).await;
     let notice = request_notice(alice, room, bot, alice_id, "for 4.00 EUR (cake)").await;
-    let not_hers = reply(alice, room, notice.event_id(), "!cancel").await;
+    let not_hers = alice.reply(room, notice.event_id(), "!cancel").await;
     wait_receipt(
         alice,
         room,
@@ -456,9 +419,9 @@ async fn bad_requests_and_answers_are_refused_with_a_reason_and_nothing_moves() 
         Some("not_the_requester"),
     )
     .await;
-    reply(bob, room, notice.event_id(), "!cancel").await;
+    bob.reply(room, notice.event_id(), "!cancel").await;
     wait_edit(alice, room, bot, notice.event_id(), "Status: cancelled").await;
-    let late = react(alice, room, notice.event_id(), "✅").await;
+    let late = alice.react(room, notice.event_id(), "✅").await;
     wait_receipt(
         alice,
         room,
@@ -484,7 +447,7 @@ async fn a_decline_whose_message_failed_is_repeated_not_decided_again() {
     send_text(bob, room, &format!("!request {} 2.00 EUR", s.alice_id())).await;
     let notice = request_notice(alice, room, bot, s.alice_id(), "for 2.00 EUR").await;
     let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
-    let no = reply(alice, room, notice.event_id(), "!decline").await;
+    let no = alice.reply(room, notice.event_id(), "!decline").await;
     wait_retries(&s.mxpay, before + 2.0).await;
     std::fs::write(&gate, b"").expect("open the gate");
     wait_notice(bob, room, bot, "declined the request").await;
@@ -561,7 +524,7 @@ async fn a_request_that_lapses_is_edited_to_expired_and_cannot_be_paid() {
     })
     .await;
 
-    let late = reply(alice, room, notice.event_id(), "!pay").await;
+    let late = alice.reply(room, notice.event_id(), "!pay").await;
     let refused = wait_receipt(alice, room, bot, &late, "declined", Some("request_expired")).await;
     assert!(
         refused
@@ -604,7 +567,7 @@ async fn an_open_request_is_paid_by_two_members() {
         .event_id;
     let notice = wait_notice(alice, room, bot, "asks anyone here for 2.00 EUR").await;
 
-    let alice_pays = reply(alice, room, notice.event_id(), "!pay").await;
+    let alice_pays = alice.reply(room, notice.event_id(), "!pay").await;
     wait_notice(
         alice,
         dm,
@@ -624,7 +587,7 @@ async fn an_open_request_is_paid_by_two_members() {
     )
     .await;
 
-    let carol_pays = reply(&carol, room, notice.event_id(), "!pay").await;
+    let carol_pays = carol.reply(room, notice.event_id(), "!pay").await;
     wait_notice(
         &carol,
         &carol_dm,
@@ -644,7 +607,7 @@ async fn an_open_request_is_paid_by_two_members() {
     )
     .await;
 
-    let again = reply(alice, room, notice.event_id(), "!pay").await;
+    let again = alice.reply(room, notice.event_id(), "!pay").await;
     wait_receipt(
         alice,
         room,

@@ -347,6 +347,46 @@ impl TestClient {
     }
 
     /// Joins a room (the invite need not have synced yet).
+    /// Sends `text` in `room` as a reply to `to` (an `m.text` with `m.in_reply_to`).
+    pub async fn reply(
+        &self,
+        room: &RoomId,
+        to: &str,
+        text: &str,
+    ) -> matrix_sdk::ruma::OwnedEventId {
+        let content = serde_json::json!({
+            "msgtype": "m.text",
+            "body": text,
+            "m.relates_to": {"m.in_reply_to": {"event_id": to}},
+        });
+        self.room(room)
+            .await
+            .send_raw("m.room.message", content)
+            .await
+            .unwrap_or_else(|e| panic!("{} replying: {e}", self.user.user_id))
+            .response
+            .event_id
+    }
+
+    /// Reacts to `to` in `room` with `key` (an `m.annotation`).
+    pub async fn react(
+        &self,
+        room: &RoomId,
+        to: &str,
+        key: &str,
+    ) -> matrix_sdk::ruma::OwnedEventId {
+        let content = serde_json::json!({
+            "m.relates_to": {"rel_type": "m.annotation", "event_id": to, "key": key},
+        });
+        self.room(room)
+            .await
+            .send_raw("m.reaction", content)
+            .await
+            .unwrap_or_else(|e| panic!("{} reacting: {e}", self.user.user_id))
+            .response
+            .event_id
+    }
+
     pub async fn join(&self, room_id: &RoomId) -> Room {
         self.client
             .join_room_by_id(room_id)
