@@ -23,6 +23,7 @@ use crate::ledger::{
     AccountId, FreezeMode, HistoryCursor, Ledger, LedgerError, Owner, Transfer, TransferError,
     TransferId, TransferKind, TransferRequest,
 };
+use crate::merchants::{KeyAuthority, MerchantStore};
 
 /// Longest idempotency key or provider event id, in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
@@ -38,6 +39,9 @@ pub const AUDIT_FILE: &str = "audit.jsonl";
 
 /// The admin database's directory in the data directory: webhook events and revoked tokens.
 pub const EVENTS_DIR: &str = "admin";
+
+/// The merchant registry's directory in the data directory (merchants, their keys).
+pub const MERCHANTS_DIR: &str = "merchants";
 
 /// A PIN store the admin API can reset PINs in (implemented by the payments layer).
 #[async_trait::async_trait]
@@ -82,6 +86,8 @@ pub struct AdminState {
     pub(crate) webhook_tolerance_s: u64,
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
     pub(crate) refusals: RefusalGate,
+    pub(crate) merchants: MerchantStore,
+    pub(crate) merchant_keys: KeyAuthority,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -276,6 +282,11 @@ impl AdminState {
         let db = events::open_db(&events_dir).map_err(|e| cannot_open(&e))?;
         let events = EventStore::with_db(&db).map_err(|e| cannot_open(&e))?;
         let revoked = RevokedTokens::with_db(&db).map_err(|e| cannot_open(&e))?;
+        let merchants_dir = data_dir.join(MERCHANTS_DIR);
+        let merchants = MerchantStore::open(&merchants_dir).map_err(|e| {
+            AdminError::internal(format!("cannot open {}: {e:?}", merchants_dir.display()))
+        })?;
+        let merchant_keys = super::merchants::merchant_key_authority(key, clock.clone())?;
         let defaults = AdminSettings::default();
         let refusals = refusal_gate(
             defaults.refused_calls_per_peer_per_min,
@@ -294,6 +305,8 @@ impl AdminState {
             clock,
             webhook_tolerance_s,
             pins: std::sync::OnceLock::new(),
+            merchants,
+            merchant_keys,
         })
     }
 

@@ -47,11 +47,13 @@ pub enum Scope {
     Audit,
     /// Revoke any admin token by its id (a token may always revoke itself, without it).
     Revoke,
+    /// Register, show, disable and enable merchants; mint and revoke their API keys.
+    Merchants,
 }
 
 impl Scope {
     /// Every scope, in a stable order.
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 8] = [
         Scope::Topup,
         Scope::Read,
         Scope::Freeze,
@@ -59,6 +61,7 @@ impl Scope {
         Scope::PinReset,
         Scope::Audit,
         Scope::Revoke,
+        Scope::Merchants,
     ];
 
     /// The scope's name as it appears in tokens.
@@ -71,6 +74,7 @@ impl Scope {
             Scope::PinReset => "pin-reset",
             Scope::Audit => "audit",
             Scope::Revoke => "revoke",
+            Scope::Merchants => "merchants",
         }
     }
 }

@@ -1032,6 +1032,8 @@ async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth(
                 .replace("{transfer_id}", &"1".repeat(32))
                 .replace("{withdrawal_id}", &"1".repeat(32))
                 .replace("{jti}", "some-token")
+                .replace("{merchant_id}", "cafe")
+                .replace("{key_id}", "some-key")
                 .replace("{provider}", "acme");
             let (status, body) = h
                 .call(
@@ -1080,7 +1082,9 @@ fn guarded_routes(h: &Harness) -> Vec<(String, String)> {
                 .replace("{user_id}", &enc(ALICE))
                 .replace("{transfer_id}", &"1".repeat(32))
                 .replace("{withdrawal_id}", &"1".repeat(32))
-                .replace("{jti}", "some-other-token");
+                .replace("{jti}", "some-other-token")
+                .replace("{merchant_id}", "cafe")
+                .replace("{key_id}", "some-key");
             (method.to_uppercase(), path)
         })
         .collect()
