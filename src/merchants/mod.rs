@@ -8,6 +8,7 @@
 //! [`events`] the hook where webhook events are produced.
 
 pub mod events;
+pub mod invoice;
 pub mod key;
 pub mod model;
 pub mod store;
