@@ -87,7 +87,7 @@ pub struct AdminState {
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
     pub(crate) refusals: RefusalGate,
     pub(crate) merchants: MerchantStore,
-    pub(crate) merchant_keys: KeyAuthority,
+    pub(crate) merchant_keys: Arc<KeyAuthority>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -286,7 +286,10 @@ impl AdminState {
         let merchants = MerchantStore::open(&merchants_dir).map_err(|e| {
             AdminError::internal(format!("cannot open {}: {e:?}", merchants_dir.display()))
         })?;
-        let merchant_keys = super::merchants::merchant_key_authority(key, clock.clone())?;
+        let merchant_keys = Arc::new(super::merchants::merchant_key_authority(
+            key,
+            clock.clone(),
+        )?);
         let defaults = AdminSettings::default();
         let refusals = refusal_gate(
             defaults.refused_calls_per_peer_per_min,
@@ -401,6 +404,16 @@ impl AdminState {
     /// the admin API). Only the first call counts; until then `pin-reset` answers 501.
     pub fn set_pin_reset(&self, pins: Arc<dyn PinReset>) {
         let _ = self.pins.set(pins);
+    }
+
+    /// The merchant registry.
+    pub fn merchants(&self) -> &MerchantStore {
+        &self.merchants
+    }
+
+    /// Mints and checks merchant API keys (signed with the admin token key).
+    pub fn merchant_keys(&self) -> &Arc<KeyAuthority> {
+        &self.merchant_keys
     }
 
     /// The ledger.

@@ -7,8 +7,10 @@
 //! with their own audience), [`store`] the registry and the keys (`<data_dir>/merchants/`),
 //! [`events`] the hook where webhook events are produced.
 
+pub mod api;
 pub mod events;
 pub mod invoice;
+pub mod invoices;
 pub mod key;
 pub mod model;
 pub mod store;
@@ -59,6 +61,31 @@ pub enum MerchantError {
     /// No such key for this merchant.
     #[error("no such key for this merchant")]
     UnknownKey,
+    /// An invoice or refund call was refused.
+    #[error(transparent)]
+    Invoice(#[from] invoice::InvoiceRefusal),
+    /// [`invoices::INVOICES_PER_MERCHANT_MAX`] invoices are stored for the merchant.
+    #[error("this merchant has too many invoices")]
+    TooManyInvoices,
+    /// A list cursor that this server did not hand out (or another merchant's).
+    #[error("invalid cursor")]
+    BadCursor,
+    /// The bot cannot post the invoice: not in the room, or the room is not encrypted, or the
+    /// payer is not in it (the sentence says which).
+    #[error("{1}")]
+    Room(&'static str, String),
+    /// The request body is not the expected JSON, or too large.
+    #[error("invalid request body: {0}")]
+    BadJson(String),
+    /// The body is above the merchant API's limit.
+    #[error("request body too large")]
+    TooLarge,
+    /// The ledger refused or failed (a refund): the reason names the ledger's code.
+    #[error("{1}")]
+    Ledger(&'static str, String),
+    /// Invoices cannot be posted in this process (the payment flow is not connected).
+    #[error("invoices cannot be posted on this server yet")]
+    PostingUnavailable,
     /// The store failed (the detail is logged, not answered).
     #[error("merchant store failure")]
     Store(String),
@@ -80,6 +107,14 @@ impl MerchantError {
             Self::TooMany => "merchants_full",
             Self::TooManyKeys => "merchant_keys_full",
             Self::UnknownKey => "key_unknown",
+            Self::Invoice(e) => e.reason(),
+            Self::TooManyInvoices => "invoices_full",
+            Self::BadCursor => "cursor_invalid",
+            Self::Room(reason, _) => reason,
+            Self::BadJson(_) => "bad_json",
+            Self::TooLarge => "body_too_large",
+            Self::Ledger(reason, _) => reason,
+            Self::PostingUnavailable => "invoice_posting_unavailable",
             Self::Store(_) => "internal",
         }
     }
@@ -96,6 +131,14 @@ impl MerchantError {
             Self::Disabled => (403, "M_FORBIDDEN"),
             Self::IdTaken | Self::UserTaken => (409, "M_CONFLICT"),
             Self::TooMany | Self::TooManyKeys => (507, "M_RESOURCE_LIMIT_EXCEEDED"),
+            Self::Invoice(e) => e.status_and_errcode(),
+            Self::TooManyInvoices => (507, "M_RESOURCE_LIMIT_EXCEEDED"),
+            Self::BadCursor => (400, "M_INVALID_PARAM"),
+            Self::Room(..) => (403, "M_FORBIDDEN"),
+            Self::BadJson(_) => (400, "M_BAD_JSON"),
+            Self::TooLarge => (413, "M_TOO_LARGE"),
+            Self::Ledger(..) => (409, "ORG.MXPAY_REJECTED"),
+            Self::PostingUnavailable => (503, "M_UNAVAILABLE"),
             Self::Store(_) => (500, "M_UNKNOWN"),
         }
     }

@@ -1,0 +1,452 @@
+//! Merchants, their API keys, invoices and refunds, in process: the admin and merchant
+//! routers over a real ledger and real sled stores, driven with `tower::ServiceExt::oneshot`.
+//! The room side of an invoice (the bot posting it, the customer paying it with a PIN) is
+//! stood in for by a recording poster and a ledger transfer to the merchant's account.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use matrix_sdk::ruma::OwnedUserId;
+use mxpay::admin::token::{AdminKey, Scope, TokenAuthority};
+use mxpay::admin::AdminState;
+use mxpay::clock::{ManualClock, SharedClock};
+use mxpay::ledger::{
+    AccountId, CurrencySpec, Ledger, LedgerSettings, Owner, TransferId, TransferRequest,
+};
+use mxpay::merchants::api::{InvoicePoster, MerchantApi};
+use mxpay::merchants::invoice::Invoice;
+use mxpay::merchants::{Merchant, MerchantError, MerchantEvents, MerchantId};
+use serde_json::{json, Value};
+use tower::ServiceExt as _;
+
+const SECRET: &[u8] = b"merchant-test-secret-0123456789abcdef";
+const T0_MS: u64 = 1_795_000_000_000;
+const BOB: &str = "@bob:example.org";
+
+/// Posts nothing; answers an event id derived from the invoice, and counts calls.
+#[derive(Debug, Default)]
+struct FakePoster(std::sync::atomic::AtomicUsize);
+
+#[async_trait::async_trait]
+impl InvoicePoster for FakePoster {
+    async fn post(&self, _: &Merchant, invoice: &Invoice) -> Result<String, MerchantError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(format!("$posted-{}", invoice.invoice_id))
+    }
+}
+
+/// Records every event emitted.
+#[derive(Debug, Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, String, Value)>>);
+
+impl MerchantEvents for Recorder {
+    fn emit(
+        &self,
+        merchant: &MerchantId,
+        event_type: &'static str,
+        event_id: &str,
+        payload: Value,
+    ) {
+        self.0.lock().unwrap().push((
+            format!("{merchant} {event_type}"),
+            event_id.to_owned(),
+            payload,
+        ));
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    ledger: Ledger,
+    admin: Router,
+    merchant: Router,
+    api: Arc<MerchantApi>,
+    poster: Arc<FakePoster>,
+    events: Arc<Recorder>,
+    ops: String,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock: SharedClock = Arc::new(ManualClock::new(T0_MS));
+        let settings = LedgerSettings {
+            currencies: vec![CurrencySpec {
+                code: "EUR".to_owned(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            }],
+        };
+        let ledger = Ledger::open(&dir.path().join("ledger"), &settings, clock.clone()).unwrap();
+        let key = AdminKey::Hs256 {
+            secret: SECRET.to_vec(),
+        };
+        let state = Arc::new(
+            AdminState::new(
+                &key,
+                Vec::new(),
+                300,
+                dir.path(),
+                ledger.clone(),
+                clock.clone(),
+            )
+            .unwrap(),
+        );
+        let api = Arc::new(
+            MerchantApi::new(
+                state.merchants().clone(),
+                state.merchant_keys().clone(),
+                ledger.clone(),
+                clock.clone(),
+            )
+            .unwrap(),
+        );
+        let poster = Arc::new(FakePoster::default());
+        let events = Arc::new(Recorder::default());
+        api.set_poster(poster.clone());
+        api.set_events(events.clone());
+        let ops = TokenAuthority::new(&key, clock)
+            .unwrap()
+            .mint("ops", [Scope::Merchants].into_iter().collect(), 3600)
+            .unwrap();
+        Self {
+            _dir: dir,
+            ledger,
+            admin: mxpay::admin::router(Some(state)),
+            merchant: mxpay::merchants::api::routes(Some(api.clone())).0,
+            api,
+            poster,
+            events,
+            ops,
+        }
+    }
+
+    async fn send(
+        router: &Router,
+        method: &str,
+        uri: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        Self::send(
+            &self.admin,
+            method,
+            &format!("/_mxpay/admin/v1{path}"),
+            &self.ops,
+            body,
+        )
+        .await
+    }
+
+    async fn merchant(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        Self::send(
+            &self.merchant,
+            method,
+            &format!("/_mxpay/merchant/v1{path}"),
+            key,
+            body,
+        )
+        .await
+    }
+
+    /// Registers merchant `id` (Matrix user `@id:example.org`) and mints it a key with every
+    /// scope. Returns the key and its id.
+    async fn merchant_with_key(&self, id: &str) -> (String, String) {
+        let (status, created) = self
+            .admin(
+                "POST",
+                "/merchants",
+                Some(json!({
+                    "merchant_id": id, "user_id": format!("@{id}:example.org"),
+                    "display_name": format!("{id} shop"), "webhook_url": "https://shop.example/hook",
+                })),
+            )
+            .await;
+        assert_eq!(status, 200, "{created}");
+        assert!(created["webhook_secret"]
+            .as_str()
+            .unwrap()
+            .starts_with("whsec_"));
+        let (status, key) = self
+            .admin(
+                "POST",
+                &format!("/merchants/{id}/keys"),
+                Some(json!({ "scopes": ["invoices", "refunds", "read"] })),
+            )
+            .await;
+        assert_eq!(status, 200, "{key}");
+        (
+            key["key"].as_str().unwrap().to_owned(),
+            key["key_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// What the customer's payment does in the ledger (funded, then paid to the merchant),
+    /// then the payment flow's report that the invoice is paid.
+    async fn pay(&self, invoice: &Value, merchant: &str) -> TransferId {
+        let eur = |minor| self.ledger.amount_from_minor(minor, "EUR").unwrap();
+        self.ledger
+            .create_transfer(TransferRequest {
+                id: TransferId(7),
+                debit: Owner::Issuer,
+                credit: Owner::user(BOB),
+                amount: eur(10_000),
+                memo: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let paid = TransferId(8);
+        self.ledger
+            .create_transfer(TransferRequest {
+                id: paid,
+                debit: Owner::user(BOB),
+                credit: Owner::merchant(merchant),
+                amount: eur(450),
+                memo: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let bob: OwnedUserId = BOB.try_into().unwrap();
+        self.api
+            .record_paid(invoice["invoice_id"].as_str().unwrap(), bob, paid)
+            .unwrap();
+        paid
+    }
+
+    async fn available(&self, owner: Owner) -> i128 {
+        let account = AccountId {
+            owner,
+            currency: mxpay::ledger::CurrencyCode::new("EUR").unwrap(),
+        };
+        self.ledger
+            .account(&account)
+            .await
+            .unwrap()
+            .map_or(0, |v| v.balances.available_minor())
+    }
+}
+
+fn invoice_body(key: &str) -> Value {
+    json!({
+        "room_id": "!shop:example.org", "payer": BOB, "amount": "4.50", "currency": "EUR",
+        "description": "Flat white", "order_ref": "order-17", "idempotency_key": key,
+    })
+}
+
+#[tokio::test]
+async fn an_invoice_is_made_paid_and_partly_refunded_but_never_above_what_was_paid() {
+    let h = Harness::new();
+    let (key, _) = h.merchant_with_key("cafe").await;
+    let (status, invoice) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    assert_eq!(status, 200, "{invoice}");
+    assert_eq!(invoice["status"], "open");
+    assert_eq!(invoice["amount"], "4.50");
+    let id = invoice["invoice_id"].as_str().unwrap().to_owned();
+    assert_eq!(invoice["request_event_id"], format!("$posted-{id}"));
+
+    let paid = h.pay(&invoice, "cafe").await;
+    let (status, shown) = h
+        .merchant("GET", &format!("/invoices/{id}"), &key, None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(shown["status"], "paid");
+    assert_eq!(shown["paid_by"], BOB);
+    assert_eq!(shown["transfer_id"], format!("{:032x}", paid.0));
+    assert_eq!(h.available(Owner::merchant("cafe")).await, 450);
+
+    // Partial refund: from the merchant's wallet back to the payer.
+    let refund = json!({ "amount": "1.50", "reason": "cold", "idempotency_key": "r1" });
+    let (status, after) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{id}/refunds"),
+            &key,
+            Some(refund.clone()),
+        )
+        .await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["amount_refunded"], "1.50");
+    assert_eq!(h.available(Owner::merchant("cafe")).await, 300);
+    assert_eq!(h.available(Owner::user(BOB)).await, 10_000 - 450 + 150);
+    // The same refund again (a retry): answered, never paid twice.
+    let (status, again) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{id}/refunds"),
+            &key,
+            Some(refund),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), &again["amount_refunded"]),
+        (200, &json!("1.50"))
+    );
+    assert_eq!(h.available(Owner::user(BOB)).await, 10_000 - 450 + 150);
+    // Above what remains: refused with its reason, nothing moves.
+    let (status, over) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{id}/refunds"),
+            &key,
+            Some(json!({ "amount": "3.01", "reason": "all", "idempotency_key": "r2" })),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), over["reason"].as_str()),
+        (409, Some("refund_above_remaining")),
+        "{over}"
+    );
+    assert_eq!(h.available(Owner::merchant("cafe")).await, 300);
+
+    let events = h.events.0.lock().unwrap().clone();
+    let kinds: Vec<&str> = events.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["cafe invoice.paid", "cafe refund.succeeded"]);
+    assert_eq!(events[1].2["invoice"]["amount_refunded"], "1.50");
+    // The paid report again (re-fed after a crash): nothing emitted twice.
+    h.api
+        .record_paid(&id, BOB.try_into().unwrap(), paid)
+        .unwrap();
+    assert_eq!(h.events.0.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_the_same_body_and_refuse_another() {
+    let h = Harness::new();
+    let (key, _) = h.merchant_with_key("cafe").await;
+    let (_, first) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    let (status, replay) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    assert_eq!((status.as_u16(), &replay), (200, &first));
+    assert_eq!(
+        h.poster.0.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "posted once"
+    );
+    let mut other = invoice_body("k1");
+    other["amount"] = json!("5.00");
+    let (status, conflict) = h.merchant("POST", "/invoices", &key, Some(other)).await;
+    assert_eq!(
+        (status.as_u16(), conflict["reason"].as_str()),
+        (409, Some("idempotency_conflict"))
+    );
+    let (_, page) = h.merchant("GET", "/invoices?status=open", &key, None).await;
+    assert_eq!(page["invoices"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_key_reaches_only_its_own_merchant_and_admin_tokens_are_no_keys() {
+    let h = Harness::new();
+    let (a_key, _) = h.merchant_with_key("cafe").await;
+    let (b_key, b_key_id) = h.merchant_with_key("shop").await;
+    let (_, invoice) = h
+        .merchant("POST", "/invoices", &a_key, Some(invoice_body("k1")))
+        .await;
+    let id = invoice["invoice_id"].as_str().unwrap();
+    // B's key on A's invoice: as if it did not exist.
+    let (status, body) = h
+        .merchant("GET", &format!("/invoices/{id}"), &b_key, None)
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["reason"].as_str()),
+        (404, Some("invoice_unknown"))
+    );
+    let (status, _) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{id}/refunds"),
+            &b_key,
+            Some(json!({ "reason": "x", "idempotency_key": "r" })),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (_, page) = h.merchant("GET", "/invoices", &b_key, None).await;
+    assert_eq!(page["invoices"], json!([]));
+    // The admin token is not a merchant key.
+    let (status, body) = h.merchant("GET", "/invoices", &h.ops.clone(), None).await;
+    assert_eq!(
+        (status.as_u16(), body["reason"].as_str()),
+        (401, Some("key_malformed"))
+    );
+    // A revoked key is refused.
+    let (status, _) = h
+        .admin(
+            "POST",
+            &format!("/merchants/shop/keys/{b_key_id}/revoke"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = h.merchant("GET", "/invoices", &b_key, None).await;
+    assert_eq!(
+        (status.as_u16(), body["reason"].as_str()),
+        (401, Some("key_revoked"))
+    );
+    // A disabled merchant is refused.
+    let (status, _) = h.admin("POST", "/merchants/cafe/disable", None).await;
+    assert_eq!(status, 200);
+    let (status, body) = h
+        .merchant("POST", "/invoices", &a_key, Some(invoice_body("k2")))
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["reason"].as_str()),
+        (403, Some("merchant_disabled"))
+    );
+}
+
+#[tokio::test]
+async fn bad_invoice_bodies_are_refused_before_anything_is_posted() {
+    let h = Harness::new();
+    let (key, _) = h.merchant_with_key("cafe").await;
+    for (field, value, reason) in [
+        ("amount", json!("4.505"), "amount_invalid"),
+        ("currency", json!("XXX"), "currency_unknown"),
+        ("room_id", json!("shop"), "room_id_invalid"),
+        ("payer", json!("bob"), "payer_invalid"),
+    ] {
+        let mut body = invoice_body(&format!("bad-{field}"));
+        body[field] = value;
+        let (status, answer) = h.merchant("POST", "/invoices", &key, Some(body)).await;
+        assert_eq!(
+            (status.as_u16(), answer["reason"].as_str()),
+            (400, Some(reason)),
+            "{field}"
+        );
+    }
+    let big = json!({ "description": "x".repeat(20_000) });
+    let (status, _) = h.merchant("POST", "/invoices", &key, Some(big)).await;
+    assert_eq!(status, 413);
+    assert_eq!(h.poster.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
