@@ -1019,7 +1019,11 @@ async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth(
         );
     }
     let mut documented = 0;
-    for (path, item) in paths {
+    // The merchant API is held against its own router (tests/it/merchants.rs).
+    for (path, item) in paths
+        .iter()
+        .filter(|(path, _)| !path.starts_with("/_mxpay/merchant/"))
+    {
         for (method, op) in item.as_object().unwrap() {
             documented += 1;
             assert!(

@@ -450,3 +450,39 @@ async fn bad_invoice_bodies_are_refused_before_anything_is_posted() {
     assert_eq!(status, 413);
     assert_eq!(h.poster.0.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn openapi_document_covers_every_merchant_route_and_each_needs_a_key() {
+    let h = Harness::new();
+    let doc: Value = serde_json::from_str(mxpay::admin::api::OPENAPI_JSON).unwrap();
+    let (_, routes) = mxpay::merchants::api::routes(Some(h.api.clone()));
+    let paths = doc["paths"].as_object().unwrap();
+    for (method, path) in &routes {
+        assert!(
+            paths.get(path).and_then(|item| item.get(*method)).is_some(),
+            "{method} {path} is mounted but not in docs/openapi.json"
+        );
+    }
+    let mut documented = 0;
+    for (path, item) in paths
+        .iter()
+        .filter(|(p, _)| p.starts_with("/_mxpay/merchant/"))
+    {
+        for (method, op) in item.as_object().unwrap() {
+            documented += 1;
+            assert!(
+                routes.iter().any(|(m, p)| m == method && p == path),
+                "{method} {path} is documented but not mounted"
+            );
+            assert!(op.get("x-mxpay-scope").is_some(), "{method} {path}");
+            let request = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(path.replace("{invoice_id}", "inv_1"))
+                .body(Body::empty())
+                .unwrap();
+            let response = h.merchant.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), 401, "{method} {path}");
+        }
+    }
+    assert_eq!(documented, routes.len());
+}
