@@ -74,8 +74,9 @@ pub struct CreateMerchantRequest {
     pub webhook_url: String,
 }
 
-/// The answer to `POST /merchants`: the merchant and, this once, its webhook secret.
-#[derive(Debug, Serialize)]
+/// The answer to `POST /merchants`: the merchant and, this once, its webhook secret. Its Debug
+/// form hides the secret.
+#[derive(Serialize)]
 pub struct CreatedMerchant {
     /// The merchant.
     #[serde(flatten)]
@@ -107,14 +108,32 @@ pub struct CreateKeyRequest {
     pub ttl_s: Option<u64>,
 }
 
-/// A freshly minted merchant key: shown once.
-#[derive(Debug, Serialize)]
+/// A freshly minted merchant key: shown once. Its Debug form hides the key.
+#[derive(Serialize)]
 pub struct CreatedKey {
     /// The key (a JWT); never shown again.
     pub key: String,
     /// What is stored of it.
     #[serde(flatten)]
     pub record: KeyRecord,
+}
+
+impl std::fmt::Debug for CreatedMerchant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedMerchant")
+            .field("merchant", &self.merchant)
+            .field("webhook_secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("key", &"<redacted>")
+            .field("record", &self.record)
+            .finish()
+    }
 }
 
 fn merchant_id(text: &str) -> Result<MerchantId, AdminError> {
@@ -360,4 +379,40 @@ pub(super) async fn post_key_revoke(
         || async move { op_state.revoke_merchant_key(&id, &key_id).await },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merchants::store::KeyRecord;
+
+    #[test]
+    fn answers_that_carry_a_secret_hide_it_in_debug() {
+        let key = CreatedKey {
+            key: "eyJhbGciOiJIUzI1NiJ9.secret-part".to_owned(),
+            record: KeyRecord {
+                key_id: "mk_1".to_owned(),
+                merchant_id: MerchantId::parse("cafe").unwrap(),
+                scopes: vec![KeyScope::Read],
+                iat: 1,
+                exp: 2,
+                revoked_at_ms: None,
+            },
+        };
+        let merchant = CreatedMerchant {
+            merchant: MerchantView {
+                merchant_id: "cafe".to_owned(),
+                user_id: "@cafe:example.org".to_owned(),
+                display_name: "Cafe".to_owned(),
+                webhook_url: "https://cafe.example/hook".to_owned(),
+                enabled: true,
+                created_at_ms: 1,
+            },
+            webhook_secret: "whsec_0123456789".to_owned(),
+        };
+        let debug = format!("{key:?} {key:#?} {merchant:?} {merchant:#?}");
+        assert!(!debug.contains("secret-part"), "{debug}");
+        assert!(!debug.contains("whsec_0123"), "{debug}");
+        assert!(debug.contains("mk_1"));
+    }
 }

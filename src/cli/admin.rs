@@ -1028,6 +1028,50 @@ mod tests {
     }
 
     #[test]
+    fn merchant_commands_call_their_routes() {
+        use clap::Parser as _;
+        use reqwest::Method;
+        let parse = |line: &str| {
+            crate::cli::Cli::try_parse_from(["mxpay", "admin"].into_iter().chain(line.split(' ')))
+        };
+        let call_of = |line: &str| {
+            let crate::cli::Command::Admin(admin) = parse(line).unwrap().command else {
+                panic!("not an admin command");
+            };
+            match admin.command {
+                AdminCommand::Merchant { command } => merchant_call(&command),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (method, path, body) = call_of(
+            "merchant create @cafe:example.org --name Cafe --webhook-url https://x.example/h --id cafe",
+        );
+        assert_eq!((method, path.as_str()), (Method::POST, "/merchants"));
+        let body = body.unwrap();
+        assert_eq!(body["merchant_id"], "cafe");
+        assert_eq!(body["display_name"], "Cafe");
+        let (method, path, body) =
+            call_of("merchant key create cafe --scope invoices,read --ttl 30d");
+        assert_eq!(
+            (method, path.as_str()),
+            (Method::POST, "/merchants/cafe/keys")
+        );
+        let body = body.unwrap();
+        assert_eq!(body["scopes"], serde_json::json!(["invoices", "read"]));
+        assert_eq!(body["ttl_s"], 30 * 24 * 3600);
+        let (method, path, _) = call_of("merchant key revoke cafe mk_1");
+        assert_eq!(
+            (method, path.as_str()),
+            (Method::POST, "/merchants/cafe/keys/mk_1/revoke")
+        );
+        assert_eq!(
+            call_of("merchant disable cafe").1,
+            "/merchants/cafe/disable"
+        );
+        assert!(parse("merchant key create cafe --scope admin").is_err());
+    }
+
+    #[test]
     fn user_ids_are_percent_encoded() {
         assert_eq!(segment("@alice:example.org"), "%40alice%3Aexample.org");
     }
