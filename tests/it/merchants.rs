@@ -486,3 +486,56 @@ async fn openapi_document_covers_every_merchant_route_and_each_needs_a_key() {
     }
     assert_eq!(documented, routes.len());
 }
+
+#[tokio::test]
+async fn invoices_are_listed_in_pages_and_a_cursor_serves_only_its_merchant() {
+    let h = Harness::new();
+    let (a_key, _) = h.merchant_with_key("cafe").await;
+    let (b_key, _) = h.merchant_with_key("shop").await;
+    for i in 0..3 {
+        let (status, _) = h
+            .merchant(
+                "POST",
+                "/invoices",
+                &a_key,
+                Some(invoice_body(&format!("k{i}"))),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..5 {
+        let path = match &cursor {
+            Some(c) => format!("/invoices?limit=2&cursor={c}"),
+            None => "/invoices?limit=2".to_owned(),
+        };
+        let (status, page) = h.merchant("GET", &path, &a_key, None).await;
+        assert_eq!(status, 200, "{page}");
+        for invoice in page["invoices"].as_array().unwrap() {
+            seen.push(invoice["invoice_id"].as_str().unwrap().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 3);
+    // A's cursor presented by B: refused, nothing of A's shown.
+    let (_, first) = h.merchant("GET", "/invoices?limit=1", &a_key, None).await;
+    let a_cursor = first["next"].as_str().unwrap();
+    let (status, body) = h
+        .merchant("GET", &format!("/invoices?cursor={a_cursor}"), &b_key, None)
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["reason"].as_str()),
+        (400, Some("cursor_invalid"))
+    );
+    let (_, none) = h
+        .merchant("GET", "/invoices?status=paid", &a_key, None)
+        .await;
+    assert_eq!(none["invoices"], json!([]));
+}
