@@ -539,3 +539,121 @@ async fn invoices_are_listed_in_pages_and_a_cursor_serves_only_its_merchant() {
         .await;
     assert_eq!(none["invoices"], json!([]));
 }
+
+/// Runs `mxpay admin` with `args` and `token`; (success, stdout, stderr).
+async fn admin_cli(args: &[&str], token: &str) -> (bool, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mxpay"));
+    command
+        .arg("admin")
+        .args(args)
+        .env("MXPAY_ADMIN_TOKEN", token)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(crate::support::timeout(), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("mxpay admin {args:?} did not finish"))
+        .expect("run mxpay admin");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The real binary over real Synapse: a merchant registered and keyed with `mxpay admin
+/// merchant`, its key accepted by the merchant API of the running mxpay, an admin token and a
+/// revoked key refused there.
+#[tokio::test]
+async fn the_running_mxpay_registers_merchants_and_serves_the_merchant_api() {
+    use crate::support::{self, MxpayProcess, SlotKind};
+    let mut lease = support::synapse()
+        .lease(SlotKind::Normal, "merchant-cli")
+        .await;
+    let (yaml, secret) = crate::admin::admin_yaml(&lease.dir);
+    lease.config.extra_yaml = yaml;
+    lease.write_config();
+    let mxpay = MxpayProcess::start(&lease).await;
+    let config = lease.config_path();
+    let config = config.to_str().unwrap();
+    let ops = crate::admin::mint(&secret, &[Scope::Merchants]);
+
+    let (ok, out, err) = admin_cli(
+        &[
+            "-c",
+            config,
+            "merchant",
+            "create",
+            "@cafe:localhost",
+            "--name",
+            "Corner Cafe",
+            "--webhook-url",
+            "http://127.0.0.1:9/hook",
+            "--id",
+            "cafe",
+        ],
+        &ops,
+    )
+    .await;
+    assert!(ok, "merchant create failed: {err}");
+    assert!(
+        out.contains("webhook signing secret (shown only now): whsec_"),
+        "{out}"
+    );
+    let (ok, out, err) = admin_cli(
+        &[
+            "-c",
+            config,
+            "merchant",
+            "key",
+            "create",
+            "cafe",
+            "--scope",
+            "read,invoices",
+        ],
+        &ops,
+    )
+    .await;
+    assert!(ok, "key create failed: {err}");
+    let key = out.lines().next().unwrap().trim().to_owned();
+    let key_id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key id: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+
+    let client = reqwest::Client::new();
+    let get = |token: String| {
+        let client = client.clone();
+        let url = format!("{}/_mxpay/merchant/v1/invoices", mxpay.url);
+        async move {
+            let response = client.get(url).bearer_auth(token).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, page) = get(key.clone()).await;
+    assert_eq!((status, &page["invoices"]), (200, &json!([])), "{page}");
+    let (status, body) = get(ops.clone()).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (401, Some("key_malformed"))
+    );
+
+    let (ok, out, err) = admin_cli(&["-c", config, "merchant", "show", "cafe"], &ops).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Corner Cafe") && out.contains(&key_id),
+        "{out}"
+    );
+    let (ok, _, err) = admin_cli(
+        &["-c", config, "merchant", "key", "revoke", "cafe", &key_id],
+        &ops,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (status, body) = get(key).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (401, Some("key_revoked"))
+    );
+}
