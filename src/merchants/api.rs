@@ -164,8 +164,11 @@ impl MerchantApi {
             .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
         match invoice::mark_paid(&invoice, payer, transfer_id, self.clock.now_ms()) {
             Some((paid, event)) => {
-                self.invoices.update(&paid)?;
+                // Emitted before the change is stored: a crash in between re-feeds the same change,
+                // which emits the same event id again (the outbox keeps it once); the other order
+                // would lose the event.
                 self.emit(&paid, &event);
+                self.invoices.update(&paid)?;
                 Ok(paid)
             }
             None => Ok(invoice),
@@ -185,8 +188,11 @@ impl MerchantApi {
             .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
         match invoice::mark_ended(&invoice, cancelled, self.clock.now_ms()) {
             Some((ended, event)) => {
-                self.invoices.update(&ended)?;
+                // Emitted before the change is stored: a crash in between re-feeds the same change,
+                // which emits the same event id again (the outbox keeps it once); the other order
+                // would lose the event.
                 self.emit(&ended, &event);
+                self.invoices.update(&ended)?;
                 Ok(ended)
             }
             None => Ok(invoice),
@@ -284,8 +290,10 @@ impl MerchantApi {
             Err(e) => return Err(MerchantError::Store(e.to_string())),
         }
         let (updated, event) = invoice::with_refund(&invoice, refund, transfer_id);
-        self.invoices.update(&updated)?;
+        // Emitted before the refund is recorded: a retry after a crash in between finds the
+        // ledger's refund (`Exists`) and emits the same event id again; never lost.
         self.emit(&updated, &event);
+        self.invoices.update(&updated)?;
         Ok(updated)
     }
 }
