@@ -63,6 +63,7 @@ pub async fn start(
             &stepup_key,
         )
         .with_metrics(app.metrics().clone())
+        .with_merchants_of(app.admin().map(|admin| admin.merchants().clone()))
         // Test faults (debug builds only) are injected where the flow applies its effects.
         .with_faults(crate::payments::Faults::from_env()),
     );

@@ -175,9 +175,11 @@ impl Payments {
                 .tell_dm(payer, &body, id, &format!("withdraw-{how}"))
                 .await;
         }
-        let Owner::User(payee) = &transfer.credit.owner else {
+        // A merchant's wallet is told as its Matrix user.
+        let Some(payee) = self.owner_user(&transfer.credit.owner)? else {
             return Ok(false);
         };
+        let payee = &payee;
         if how == "posted" {
             if let Some(marker) = &self.faults.crash_before_receipt {
                 if !marker.exists() {

@@ -657,3 +657,71 @@ async fn the_running_mxpay_registers_merchants_and_serves_the_merchant_api() {
         (401, Some("key_revoked"))
     );
 }
+
+/// Over real Synapse with real encrypted clients: bob's Matrix user is registered as merchant
+/// `cafe`; alice pays bob with her PIN; the money lands in the merchant's wallet (not bob's
+/// own) and the receipt names bob as the payee.
+#[tokio::test]
+async fn a_payment_to_a_merchants_matrix_user_goes_to_the_merchant_wallet() {
+    use crate::payments::{scene, send_text, wait_bot_event, wait_notice, wait_redacted, PIN};
+    let s = scene("merchant-pay", 120_000, "100.00").await;
+    let (alice, bob, bot, dm, room) = (&s.alice, &s.bob, &s.bot, &s.dm, &s.room);
+    let bob_id = bob.user.user_id.to_string();
+    let ops = crate::admin::mint(&s.admin_key, &[Scope::Merchants, Scope::Read]);
+    let client = reqwest::Client::new();
+    let admin = |path: &str| format!("{}/_mxpay/admin/v1{path}", s.mxpay.url);
+    let created = client
+        .post(admin("/merchants"))
+        .bearer_auth(&ops)
+        .json(&json!({
+            "merchant_id": "cafe", "user_id": bob_id, "display_name": "Bob's Cafe",
+            "webhook_url": "http://127.0.0.1:9/hook",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200, "{}", created.text().await.unwrap());
+    wait_notice(alice, dm, bot, "topped up with 100.00 EUR").await;
+
+    send_text(alice, room, &format!("!pay {bob_id} 4.50 EUR flat white")).await;
+    wait_notice(alice, dm, bot, "Confirm paying 4.50 EUR").await;
+    let pin = send_text(alice, dm, PIN).await;
+    wait_redacted(alice, dm, &pin).await;
+    let receipt = wait_bot_event(alice, room, bot, "org.mxpay.receipt", |c| {
+        c["status"] == "completed"
+    })
+    .await;
+    assert_eq!(receipt.content()["payee"], bob_id.as_str());
+    assert_eq!(receipt.content()["amount"], "4.50");
+
+    let get = |path: String| {
+        let client = client.clone();
+        let ops = ops.clone();
+        async move {
+            client
+                .get(path)
+                .bearer_auth(ops)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let merchant = get(admin("/merchants/cafe")).await;
+    assert_eq!(merchant["accounts"][0]["available"], "4.50", "{merchant}");
+    let bob_accounts = get(admin(&format!(
+        "/users/{}/accounts",
+        bob_id.replace('@', "%40").replace(':', "%3A")
+    )))
+    .await;
+    assert!(
+        bob_accounts["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["available"] == "0.00"),
+        "{bob_accounts}"
+    );
+}

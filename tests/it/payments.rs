@@ -283,18 +283,18 @@ async fn send_plaintext(client: &TestClient, room_id: &RoomId, text: &str) -> Ow
 
 /// A funded, cross-signed payer with a PIN and a DM; a payee; an encrypted room of the two
 /// with the bot.
-struct Scene {
-    lease: SlotLease,
-    admin_key: Vec<u8>,
-    mxpay: MxpayProcess,
-    bot: String,
-    alice: TestClient,
-    bob: TestClient,
-    dm: OwnedRoomId,
-    room: OwnedRoomId,
+pub(crate) struct Scene {
+    pub(crate) lease: SlotLease,
+    pub(crate) admin_key: Vec<u8>,
+    pub(crate) mxpay: MxpayProcess,
+    pub(crate) bot: String,
+    pub(crate) alice: TestClient,
+    pub(crate) bob: TestClient,
+    pub(crate) dm: OwnedRoomId,
+    pub(crate) room: OwnedRoomId,
 }
 
-async fn scene(label: &str, stepup_timeout_ms: u64, funds: &str) -> Scene {
+pub(crate) async fn scene(label: &str, stepup_timeout_ms: u64, funds: &str) -> Scene {
     scene_with(label, stepup_timeout_ms, funds, |_| MxpayOptions::default()).await
 }
 
