@@ -67,6 +67,13 @@ pub async fn start(
         // Test faults (debug builds only) are injected where the flow applies its effects.
         .with_faults(crate::payments::Faults::from_env()),
     );
+    // Invoices of the merchant API are posted and paid through the payment flow.
+    if let Some(api) = app.merchant_api() {
+        api.set_poster(Arc::new(crate::payments::invoices::InvoicePosting(
+            Arc::downgrade(&payments),
+        )));
+        payments.set_invoices(api.clone());
+    }
     Outbox::new(
         ledger,
         store,

@@ -20,6 +20,7 @@ mod commands;
 pub mod core;
 mod dialog;
 mod dm;
+pub mod invoices;
 pub mod memo;
 mod messenger;
 mod pay;
@@ -267,6 +268,8 @@ pub struct Payments {
     /// The merchant registry, when merchants exist on this server: money paid to a merchant's
     /// Matrix user goes to the merchant's wallet.
     merchants: Option<crate::merchants::MerchantStore>,
+    /// The merchant API, told when a request that stands for an invoice is paid.
+    invoices: std::sync::OnceLock<Arc<crate::merchants::api::MerchantApi>>,
 }
 
 impl std::fmt::Debug for Payments {
@@ -313,6 +316,7 @@ impl Payments {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             rate,
             merchants: None,
+            invoices: std::sync::OnceLock::new(),
         }
     }
 

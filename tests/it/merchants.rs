@@ -19,6 +19,8 @@ use mxpay::merchants::api::{InvoicePoster, MerchantApi};
 use mxpay::merchants::invoice::Invoice;
 use mxpay::merchants::{Merchant, MerchantError, MerchantEvents, MerchantId};
 use serde_json::{json, Value};
+
+use crate::support;
 use tower::ServiceExt as _;
 
 const SECRET: &[u8] = b"merchant-test-secret-0123456789abcdef";
@@ -723,5 +725,149 @@ async fn a_payment_to_a_merchants_matrix_user_goes_to_the_merchant_wallet() {
             .iter()
             .all(|a| a["available"] == "0.00"),
         "{bob_accounts}"
+    );
+}
+
+/// Over real Synapse with real encrypted clients: merchant `cafe` (bob's Matrix user) invoices
+/// alice through the merchant API; the bot posts it in the encrypted room; alice pays it by
+/// replying `!pay` and her PIN; the invoice shows paid with its transfer, the money is in the
+/// merchant's wallet; a partial refund goes back to alice, a larger one is refused; an invoice
+/// for someone not in the room, or in a room that is not encrypted, is refused.
+#[tokio::test]
+async fn an_invoice_from_the_api_is_paid_in_the_room_with_a_pin_and_refunded_in_part() {
+    use crate::payments::{scene, send_text, wait_notice, wait_receipt, PIN};
+    let s = scene("merchant-invoice", 120_000, "100.00").await;
+    let (alice, bob, bot, dm, room) = (&s.alice, &s.bob, &s.bot, &s.dm, &s.room);
+    let alice_id = alice.user.user_id.to_string();
+    let bob_id = bob.user.user_id.to_string();
+    let ops = crate::admin::mint(&s.admin_key, &[Scope::Merchants]);
+    let client = reqwest::Client::new();
+    let call = |method: reqwest::Method, url: String, token: String, body: Option<Value>| {
+        let client = client.clone();
+        async move {
+            let mut request = client.request(method, url).bearer_auth(token);
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let admin = |path: &str| format!("{}/_mxpay/admin/v1{path}", s.mxpay.url);
+    let api = |path: &str| format!("{}/_mxpay/merchant/v1{path}", s.mxpay.url);
+    use reqwest::Method;
+    let (status, body) = call(
+        Method::POST,
+        admin("/merchants"),
+        ops.clone(),
+        Some(json!({
+            "merchant_id": "cafe", "user_id": bob_id, "display_name": "Bob's Cafe",
+            "webhook_url": "http://127.0.0.1:9/hook",
+        })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, key) = call(
+        Method::POST,
+        admin("/merchants/cafe/keys"),
+        ops.clone(),
+        Some(json!({ "scopes": ["invoices", "refunds", "read"] })),
+    )
+    .await;
+    let key = key["key"].as_str().unwrap().to_owned();
+    wait_notice(alice, dm, bot, "topped up with 100.00 EUR").await;
+
+    // Payer not in the room: refused before anything is posted.
+    let mut body = json!({
+        "room_id": room.as_str(), "payer": alice_id, "amount": "4.50", "currency": "EUR",
+        "description": "Flat white", "order_ref": "order-17", "idempotency_key": "inv-1",
+    });
+    let mut stranger = body.clone();
+    stranger["payer"] = json!("@nobody:localhost");
+    stranger["idempotency_key"] = json!("inv-stranger");
+    let (status, refused) = call(Method::POST, api("/invoices"), key.clone(), Some(stranger)).await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (403, Some("payer_not_in_room")),
+        "{refused}"
+    );
+
+    let (status, invoice) = call(
+        Method::POST,
+        api("/invoices"),
+        key.clone(),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(status, 200, "{invoice}");
+    let id = invoice["invoice_id"].as_str().unwrap().to_owned();
+    let notice = wait_notice(alice, room, bot, "4.50 EUR").await;
+    let pay = crate::payments::requests::reply(alice, room, notice.event_id(), "!pay").await;
+    wait_notice(alice, dm, bot, "Confirm paying 4.50 EUR").await;
+    send_text(alice, dm, PIN).await;
+    let receipt = wait_receipt(alice, room, bot, &pay, "completed", None).await;
+    assert_eq!(receipt.content()["payee"], bob_id.as_str());
+
+    let shown = support::eventually("the invoice to show paid", || {
+        let call = &call;
+        let url = api(&format!("/invoices/{id}"));
+        let key = key.clone();
+        async move {
+            let (_, shown) = call(Method::GET, url, key, None).await;
+            (shown["status"] == "paid").then_some(shown)
+        }
+    })
+    .await;
+    assert_eq!(shown["paid_by"], alice_id.as_str());
+    assert!(
+        shown["transfer_id"].as_str().is_some_and(|t| t.len() == 32),
+        "{shown}"
+    );
+
+    // Partial refund, then one above what remains.
+    let (status, refunded) = call(
+        Method::POST,
+        api(&format!("/invoices/{id}/refunds")),
+        key.clone(),
+        Some(json!({ "amount": "1.50", "reason": "cold", "idempotency_key": "r1" })),
+    )
+    .await;
+    assert_eq!(
+        (status, &refunded["amount_refunded"]),
+        (200, &json!("1.50")),
+        "{refunded}"
+    );
+    let (status, over) = call(
+        Method::POST,
+        api(&format!("/invoices/{id}/refunds")),
+        key.clone(),
+        Some(json!({ "amount": "3.01", "reason": "all", "idempotency_key": "r2" })),
+    )
+    .await;
+    assert_eq!(
+        (status, over["reason"].as_str()),
+        (409, Some("refund_above_remaining"))
+    );
+    let (_, merchant) = call(Method::GET, admin("/merchants/cafe"), ops.clone(), None).await;
+    assert_eq!(merchant["accounts"][0]["available"], "3.00", "{merchant}");
+
+    // The same key and body again: the original invoice, not a second one.
+    let (status, replay) = call(
+        Method::POST,
+        api("/invoices"),
+        key.clone(),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!((status, &replay["invoice_id"]), (200, &json!(id)));
+    body["amount"] = json!("5.00");
+    let (status, conflict) = call(Method::POST, api("/invoices"), key.clone(), Some(body)).await;
+    assert_eq!(
+        (status, conflict["reason"].as_str()),
+        (409, Some("idempotency_conflict"))
     );
 }

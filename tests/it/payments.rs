@@ -1699,4 +1699,4 @@ mod bot_commands;
 mod keys;
 mod notices;
 mod replay;
-mod requests;
+pub(crate) mod requests;

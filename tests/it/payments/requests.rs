@@ -26,7 +26,12 @@ async fn send_message(client: &TestClient, room: &RoomId, content: Value) -> Own
 }
 
 /// `text` as a reply to `to`.
-async fn reply(client: &TestClient, room: &RoomId, to: &str, text: &str) -> OwnedEventId {
+pub(crate) async fn reply(
+    client: &TestClient,
+    room: &RoomId,
+    to: &str,
+    text: &str,
+) -> OwnedEventId {
     send_message(
         client,
         room,
