@@ -796,6 +796,33 @@ async fn an_invoice_from_the_api_is_paid_in_the_room_with_a_pin_and_refunded_in_
         "{refused}"
     );
 
+    // A room without encryption (the bot joined it): refused.
+    let plain = alice
+        .create_room(support::RoomOptions {
+            encrypted: false,
+            invite: vec![bot.as_str().try_into().unwrap()],
+            ..Default::default()
+        })
+        .await
+        .room_id()
+        .to_owned();
+    alice.wait_for_membership(&plain, bot, "join").await;
+    let mut unencrypted = body.clone();
+    unencrypted["room_id"] = json!(plain.as_str());
+    unencrypted["idempotency_key"] = json!("inv-plain");
+    let (status, refused) = call(
+        Method::POST,
+        api("/invoices"),
+        key.clone(),
+        Some(unencrypted),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (403, Some("room_not_encrypted")),
+        "{refused}"
+    );
+
     let (status, invoice) = call(
         Method::POST,
         api("/invoices"),
