@@ -276,7 +276,8 @@ impl MerchantApi {
             debit: merchant.id.owner(),
             credit: Owner::user(payer.as_str()),
             amount,
-            memo: format!("refund {invoice_id}").into_bytes(),
+            // The customer's DM notice reads the reason after ": ".
+            memo: memo_of_refund(invoice_id, &invoice.order_ref, &body.reason),
         };
         match self
             .ledger
@@ -296,6 +297,21 @@ impl MerchantApi {
         self.invoices.update(&updated)?;
         Ok(updated)
     }
+}
+
+/// The refund's ledger memo: `refund <invoice id> <order ref>: <reason>`, cut to the
+/// ledger's bound on a character boundary.
+fn memo_of_refund(invoice_id: &str, order_ref: &str, reason: &str) -> Vec<u8> {
+    let mut memo = format!("refund {invoice_id} {order_ref}: {reason}");
+    let max = crate::ledger::MEMO_BYTES_MAX;
+    if memo.len() > max {
+        let mut end = max;
+        while !memo.is_char_boundary(end) {
+            end -= 1;
+        }
+        memo.truncate(end);
+    }
+    memo.into_bytes()
 }
 
 impl IntoResponse for MerchantError {

@@ -29,6 +29,20 @@ impl Payments {
                     self.show(debit.currency.as_str(), *amount_minor),
                     debit.currency
                 );
+                // Money leaves a merchant's wallet for a user only as a refund of an invoice.
+                if let (Owner::Merchant(_), Owner::User(user)) = (&debit.owner, &credit.owner) {
+                    let merchant = self
+                        .owner_user(&debit.owner)?
+                        .unwrap_or_else(|| debit.owner.to_string());
+                    let why = String::from_utf8_lossy(memo);
+                    let why = why.split_once(": ").map_or("", |(_, reason)| reason);
+                    let body = if why.is_empty() {
+                        format!("↩️ {merchant} refunded {amount} to your wallet.")
+                    } else {
+                        format!("↩️ {merchant} refunded {amount} to your wallet ({why}).")
+                    };
+                    return self.tell_dm(user, &body, *id, "merchant-refund").await;
+                }
                 if debit.owner == Owner::Issuer {
                     if let Owner::User(user) = &credit.owner {
                         let body = format!("💰 Your wallet was topped up with {amount}.");

@@ -868,6 +868,10 @@ async fn an_invoice_from_the_api_is_paid_in_the_room_with_a_pin_and_refunded_in_
         (200, &json!("1.50")),
         "{refunded}"
     );
+    // The customer is told in their DM, with the merchant and the reason.
+    let told = wait_notice(alice, dm, bot, "refunded 1.50 EUR").await;
+    let told = told.body().unwrap_or_default().to_owned();
+    assert!(told.contains(&bob_id) && told.contains("(cold)"), "{told}");
     let (status, over) = call(
         Method::POST,
         api(&format!("/invoices/{id}/refunds")),
