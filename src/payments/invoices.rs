@@ -195,3 +195,40 @@ impl Payments {
         Ok(())
     }
 }
+
+impl Payments {
+    /// What a receipt says of the merchant paid: the merchant (when `credit` is a merchant's
+    /// wallet) and the order reference (when `request` is one of its invoices).
+    pub(super) fn receipt_merchant(
+        &self,
+        credit: &crate::ledger::Owner,
+        request: Option<&str>,
+    ) -> Result<(Option<crate::events::ReceiptMerchant>, Option<String>), PaymentsError> {
+        let (crate::ledger::Owner::Merchant(id), Some(merchants)) = (credit, &self.merchants)
+        else {
+            return Ok((None, None));
+        };
+        let Ok(id) = crate::merchants::MerchantId::parse(id) else {
+            return Ok((None, None));
+        };
+        let merchant = merchants
+            .get(&id)
+            .map_err(PaymentsError::Merchants)?
+            .map(|m| crate::events::ReceiptMerchant {
+                merchant_id: m.id.to_string(),
+                display_name: m.display_name,
+            });
+        let invoice_id = request
+            .and_then(|r| r.strip_prefix('$'))
+            .filter(|r| r.starts_with("inv_"));
+        let order_ref = match (invoice_id, self.invoices.get()) {
+            (Some(invoice_id), Some(api)) => api
+                .invoices()
+                .get_any(invoice_id)
+                .map_err(PaymentsError::Merchants)?
+                .map(|invoice| invoice.order_ref),
+            _ => None,
+        };
+        Ok((merchant, order_ref))
+    }
+}

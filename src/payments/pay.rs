@@ -133,6 +133,8 @@ impl Payments {
             amount,
             currency: record.currency.clone(),
             request_event_id: None,
+            merchant: None,
+            order_ref: None,
             relates_to: Reference::new(event.event_id.clone()),
         };
         let key = event.event_id.as_str();

@@ -242,6 +242,8 @@ impl Payments {
         ) else {
             return Ok(false);
         };
+        let (merchant, order_ref) =
+            self.receipt_merchant(&transfer.credit.owner, memo.request.as_deref())?;
         let receipt = |relates_to: OwnedEventId| ReceiptEventContent {
             body: body.clone(),
             status,
@@ -255,6 +257,8 @@ impl Payments {
                 .request
                 .as_deref()
                 .and_then(|r| OwnedEventId::try_from(r).ok()),
+            merchant: merchant.clone(),
+            order_ref: order_ref.clone(),
             relates_to: Reference::new(relates_to),
         };
         let key = format!("{id}-{how}");

@@ -838,6 +838,14 @@ async fn an_invoice_from_the_api_is_paid_in_the_room_with_a_pin_and_refunded_in_
     send_text(alice, dm, PIN).await;
     let receipt = wait_receipt(alice, room, bot, &pay, "completed", None).await;
     assert_eq!(receipt.content()["payee"], bob_id.as_str());
+    assert_eq!(
+        receipt.content()["merchant"],
+        json!({"merchant_id": "cafe", "display_name": "Bob's Cafe"})
+    );
+    assert_eq!(receipt.content()["order_ref"], "order-17");
+    assert_eq!(receipt.content()["request_event_id"], format!("${id}"));
+    // The receipt with its merchant fields matches the published schema.
+    assert!(crate::payments::bot_events_match_schemas(alice, bot) >= 1);
 
     let shown = support::eventually("the invoice to show paid", || {
         let call = &call;

@@ -1514,7 +1514,7 @@ mod schema {
 
 /// Checks every `org.mxpay.*` event the bot sent that `client` saw against its schema;
 /// returns how many were checked.
-fn bot_events_match_schemas(client: &TestClient, bot: &str) -> usize {
+pub(crate) fn bot_events_match_schemas(client: &TestClient, bot: &str) -> usize {
     let mut checked = 0;
     for event in client.seen_events() {
         if event.sender() == bot && event.event_type().starts_with("org.mxpay.") {
@@ -1542,6 +1542,8 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         amount: Decimal::new(1250, 2),
         currency: "EUR".into(),
         request_event_id: Some(owned_event_id!("$request")),
+        merchant: None,
+        order_ref: None,
         relates_to: Reference::new(owned_event_id!("$pay")),
     };
     schema::assert_valid(
