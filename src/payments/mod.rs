@@ -320,8 +320,7 @@ impl Payments {
         }
     }
 
-    /// Pays what is paid to a registered, enabled merchant's Matrix user into the merchant's
-    /// wallet.
+    /// Pays what is paid to a registered merchant's Matrix user into the merchant's wallet.
     pub fn with_merchants(mut self, merchants: crate::merchants::MerchantStore) -> Self {
         self.merchants = Some(merchants);
         self
@@ -336,11 +335,13 @@ impl Payments {
     }
 
     /// The ledger owner money paid to `payee` goes to: the merchant's wallet when `payee` is
-    /// a registered, enabled merchant, else the user's own.
+    /// a registered merchant's Matrix user, else the user's own.
     pub(crate) fn payee_owner(&self, payee: &str) -> Result<crate::ledger::Owner, PaymentsError> {
         if let Some(merchants) = &self.merchants {
             let merchant = merchants.by_user(payee).map_err(PaymentsError::Merchants)?;
-            if let Some(merchant) = merchant.filter(|m| m.enabled) {
+            // Disabled or not: a disabled merchant keeps its wallet, and an invoice it opened
+            // before may still be paid (and refunded from that wallet by the operator's choice).
+            if let Some(merchant) = merchant {
                 return Ok(merchant.id.owner());
             }
         }
