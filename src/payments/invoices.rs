@@ -232,3 +232,25 @@ impl Payments {
         Ok((merchant, order_ref))
     }
 }
+
+impl Payments {
+    /// A request changed (declined, cancelled, expired): when it stands for an invoice that
+    /// ended unpaid, the merchant API records it `cancelled` or `expired` (idempotent).
+    pub(super) fn invoice_request_changed(
+        &self,
+        request: &Request,
+        now_ms: u64,
+    ) -> Result<(), PaymentsError> {
+        use crate::events::RequestState;
+        let (Some(invoice_id), Some(api)) = (invoice_of(&request.id), self.invoices.get()) else {
+            return Ok(());
+        };
+        match request.status(now_ms) {
+            RequestState::Declined | RequestState::Cancelled => api.record_ended(invoice_id, true),
+            RequestState::Expired => api.record_ended(invoice_id, false),
+            RequestState::Open | RequestState::Paid => return Ok(()),
+        }
+        .map_err(PaymentsError::Merchants)?;
+        Ok(())
+    }
+}

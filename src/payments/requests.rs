@@ -418,7 +418,9 @@ impl Payments {
                 exponent,
                 now_ms,
             );
-            return self.apply(decision).await;
+            self.apply(decision).await?;
+            // A crash after the change and before the invoice heard of it: tell it again.
+            return self.invoice_request_changed(&request, now_ms);
         }
         if self.repeat_refusal(event).await? {
             return Ok(());
@@ -441,7 +443,8 @@ impl Payments {
                     exponent,
                     now_ms,
                 );
-                self.apply(decision).await
+                self.apply(decision).await?;
+                self.invoice_request_changed(&after, now_ms)
             }
             Err(refusal) => {
                 let share = request
@@ -608,6 +611,7 @@ impl Payments {
                 now_ms,
             );
             self.apply(decision).await?;
+            self.invoice_request_changed(&after, now_ms)?;
         }
         Ok(())
     }

@@ -903,6 +903,26 @@ async fn an_invoice_from_the_api_is_paid_in_the_room_with_a_pin_and_refunded_in_
     )
     .await;
     assert_eq!((status, &replay["invoice_id"]), (200, &json!(id)));
+    // A second invoice declined with ❌: cancelled.
+    let mut second = body.clone();
+    second["amount"] = json!("2.00");
+    second["idempotency_key"] = json!("inv-2");
+    let (status, declined) = call(Method::POST, api("/invoices"), key.clone(), Some(second)).await;
+    assert_eq!(status, 200, "{declined}");
+    let declined_id = declined["invoice_id"].as_str().unwrap().to_owned();
+    let notice = wait_notice(alice, room, bot, "2.00 EUR").await;
+    crate::payments::requests::react(alice, room, notice.event_id(), "❌").await;
+    support::eventually("the invoice to show cancelled", || {
+        let call = &call;
+        let url = api(&format!("/invoices/{declined_id}"));
+        let key = key.clone();
+        async move {
+            let (_, shown) = call(Method::GET, url, key, None).await;
+            (shown["status"] == "cancelled").then_some(())
+        }
+    })
+    .await;
+
     body["amount"] = json!("5.00");
     let (status, conflict) = call(Method::POST, api("/invoices"), key.clone(), Some(body)).await;
     assert_eq!(

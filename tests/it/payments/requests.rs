@@ -41,7 +41,7 @@ pub(crate) async fn reply(
 }
 
 /// Reacts to `to` with `key`.
-async fn react(client: &TestClient, room: &RoomId, to: &str, key: &str) -> OwnedEventId {
+pub(crate) async fn react(client: &TestClient, room: &RoomId, to: &str, key: &str) -> OwnedEventId {
     client
         .room(room)
         .await
