@@ -27,5 +27,7 @@ pub mod private_fs;
 pub mod registration;
 pub mod requests;
 pub mod secret;
+pub mod signature;
 pub mod sled_open;
 pub mod store;
+pub mod webhooks;

@@ -63,6 +63,15 @@ pub struct EndpointErrorLabels {
     pub kind: &'static str,
 }
 
+/// Labels of `mxpay_webhook_deliveries`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// `delivered`, or the failed attempt's reason code (`http_status`, `timeout`,
+    /// `connect_failed`, `redirect_not_followed`, `receiver_gone`, `endpoint_unavailable`,
+    /// `request_failed`): a fixed set.
+    pub outcome: &'static str,
+}
+
 /// Refreshes gauges that are read from elsewhere at scrape time (e.g. the parked-event count).
 type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 
@@ -87,6 +96,9 @@ pub struct Metrics {
     crypto_replayed_events: Counter,
     homeserver_request_duration_seconds: Family<EndpointLabels, Histogram>,
     homeserver_request_errors: Family<EndpointErrorLabels, Counter>,
+    webhook_deliveries: Family<WebhookLabels, Counter>,
+    webhooks_pending: Gauge,
+    webhooks_failed: Gauge,
     scrape_hooks: Mutex<Vec<ScrapeHook>>,
 }
 
@@ -211,6 +223,24 @@ impl Metrics {
             "Failed homeserver request attempts, by endpoint and kind",
             homeserver_request_errors.clone(),
         );
+        let webhook_deliveries = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts to merchants, by outcome",
+            webhook_deliveries.clone(),
+        );
+        let webhooks_pending = Gauge::default();
+        registry.register(
+            "webhooks_pending",
+            "Webhook events waiting for delivery",
+            webhooks_pending.clone(),
+        );
+        let webhooks_failed = Gauge::default();
+        registry.register(
+            "webhooks_failed",
+            "Webhook events given up on and kept (replayable)",
+            webhooks_failed.clone(),
+        );
         Self {
             registry,
             transactions_received,
@@ -231,6 +261,9 @@ impl Metrics {
             crypto_replayed_events,
             homeserver_request_duration_seconds,
             homeserver_request_errors,
+            webhook_deliveries,
+            webhooks_pending,
+            webhooks_failed,
             scrape_hooks: Mutex::new(Vec::new()),
         }
     }
@@ -271,6 +304,21 @@ impl Metrics {
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
         self.outbox_oldest_age_seconds
             .set(i64::try_from(oldest_age_ms / 1000).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one webhook delivery attempt that ended with `outcome`.
+    pub fn webhook_delivery(&self, outcome: &'static str) {
+        self.webhook_deliveries
+            .get_or_create(&WebhookLabels { outcome })
+            .inc();
+    }
+
+    /// Sets the webhook outbox's pending and failed counts.
+    pub fn set_webhooks(&self, pending: usize, failed: usize) {
+        self.webhooks_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.webhooks_failed
+            .set(i64::try_from(failed).unwrap_or(i64::MAX));
     }
 
     /// Sets the number of parked (not yet decryptable) events.

@@ -169,6 +169,13 @@ pub fn routes(state: Option<Arc<AdminState>>) -> (Router, Vec<(&'static str, Str
             "post",
             "/merchants/{merchant_id}/keys/{key_id}/revoke",
             post(merchants::post_key_revoke),
+        )
+        .add("get", "/webhook-events", get(get_webhook_events))
+        .add("get", "/webhook-events/{event_id}", get(get_webhook_event))
+        .add(
+            "post",
+            "/webhook-events/{event_id}/replay",
+            post(post_webhook_replay),
         );
     let routes = mount.routes;
     (mount.router.with_state(state), routes)
@@ -824,6 +831,63 @@ async fn get_audit(
                 .map(|e| e.seq);
             Ok(AuditResponse { entries, next })
         },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookEventsQuery {
+    state: Option<String>,
+    merchant: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn get_webhook_events(
+    State(state): State<Shared>,
+    peer: Peer,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    call(
+        &state,
+        &peer,
+        &headers,
+        Scope::Read,
+        "webhooks.list",
+        String::new(),
+        || async {
+            let query: WebhookEventsQuery = parse_query(&uri)?;
+            let filter = crate::webhooks::ListFilter {
+                state: query
+                    .state
+                    .as_deref()
+                    .map(super::webhook_events::parse_state)
+                    .transpose()?,
+                merchant_id: query.merchant,
+            };
+            let limit = query
+                .limit
+                .unwrap_or(super::webhook_events::WEBHOOK_PAGE_DEFAULT);
+            state.webhook_events(filter, query.after, limit).await
+        },
+    )
+    .await
+}
+
+async fn get_webhook_event(call: IdCall) -> Response {
+    call.run(Scope::Read, "webhooks.show", |state, event_id| async move {
+        Ok(serde_json::json!({ "event": state.webhook_event(&event_id).await? }))
+    })
+    .await
+}
+
+async fn post_webhook_replay(call: IdCall) -> Response {
+    call.run(
+        Scope::Webhooks,
+        "webhooks.replay",
+        |state, event_id| async move { state.replay_webhook_event(&event_id).await },
     )
     .await
 }

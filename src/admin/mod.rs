@@ -22,6 +22,7 @@ pub mod settings;
 pub mod token;
 pub mod views;
 pub mod webhook;
+pub mod webhook_events;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -82,6 +83,9 @@ pub enum AdminError {
     /// The PIN store is not available in this build or process.
     #[error("PIN reset is not available on this server")]
     PinResetUnavailable,
+    /// The webhook outbox is not running in this process.
+    #[error("webhook events are not available on this server")]
+    WebhooksUnavailable,
     /// Too many refused calls from this peer or from all ([`flood`]); answered without an
     /// audit line of its own.
     #[error("too many refused admin calls; retry later")]
@@ -126,7 +130,9 @@ impl AdminError {
             Self::IdempotencyConflict(_) => (S::CONFLICT, "ORG.MXPAY_IDEMPOTENCY_CONFLICT"),
             Self::Rejected(_) => (S::CONFLICT, "ORG.MXPAY_REJECTED"),
             Self::NotFound(_) | Self::Disabled => (S::NOT_FOUND, "M_NOT_FOUND"),
-            Self::PinResetUnavailable => (S::NOT_IMPLEMENTED, "M_UNRECOGNIZED"),
+            Self::PinResetUnavailable | Self::WebhooksUnavailable => {
+                (S::NOT_IMPLEMENTED, "M_UNRECOGNIZED")
+            }
             Self::RevocationsFull => (S::INSUFFICIENT_STORAGE, "M_RESOURCE_LIMIT_EXCEEDED"),
             Self::LimitExceeded { .. } => (S::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
             Self::Merchant(e) => {

@@ -85,6 +85,7 @@ pub struct AdminState {
     pub(crate) clock: SharedClock,
     pub(crate) webhook_tolerance_s: u64,
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
+    pub(crate) webhooks: std::sync::OnceLock<crate::webhooks::WebhookOutbox>,
     pub(crate) refusals: RefusalGate,
     pub(crate) merchants: MerchantStore,
     pub(crate) merchant_keys: Arc<KeyAuthority>,
@@ -310,6 +311,7 @@ impl AdminState {
             pins: std::sync::OnceLock::new(),
             merchants,
             merchant_keys,
+            webhooks: std::sync::OnceLock::new(),
         })
     }
 

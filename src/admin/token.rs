@@ -49,11 +49,13 @@ pub enum Scope {
     Revoke,
     /// Register, show, disable and enable merchants; mint and revoke their API keys.
     Merchants,
+    /// Replay webhook events to merchants (reading them needs `read`).
+    Webhooks,
 }
 
 impl Scope {
     /// Every scope, in a stable order.
-    pub const ALL: [Scope; 8] = [
+    pub const ALL: [Scope; 9] = [
         Scope::Topup,
         Scope::Read,
         Scope::Freeze,
@@ -62,6 +64,7 @@ impl Scope {
         Scope::Audit,
         Scope::Revoke,
         Scope::Merchants,
+        Scope::Webhooks,
     ];
 
     /// The scope's name as it appears in tokens.
@@ -75,6 +78,7 @@ impl Scope {
             Scope::Audit => "audit",
             Scope::Revoke => "revoke",
             Scope::Merchants => "merchants",
+            Scope::Webhooks => "webhooks",
         }
     }
 }

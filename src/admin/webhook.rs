@@ -8,10 +8,8 @@
 
 use std::fmt;
 
-use hmac::{Hmac, Mac};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
 /// The header that carries the signature.
 pub const SIGNATURE_HEADER: &str = "Mxpay-Signature";
@@ -145,8 +143,7 @@ impl WebhookEvent {
 /// Computes the signature header value for `body` at `timestamp_s` (for providers, tests and
 /// the `mxpay admin` CLI).
 pub fn sign(secret: &WebhookSecret, timestamp_s: u64, body: &[u8]) -> String {
-    let mac = mac_for(secret, timestamp_s, body).finalize().into_bytes();
-    format!("t={timestamp_s},v1={}", hex::encode(mac))
+    crate::signature::sign(&secret.0, timestamp_s, body)
 }
 
 /// Checks the signature header against `body` and the time, then parses the event.
@@ -157,48 +154,14 @@ pub fn verify(
     now_s: u64,
     tolerance_s: u64,
 ) -> Result<WebhookEvent, WebhookError> {
-    let header = header.ok_or(WebhookError::MissingSignature)?;
-    let (timestamp_s, mac_hex) = parse_header(header)?;
-    let mac_bytes = hex::decode(mac_hex).map_err(|_| WebhookError::MalformedSignature)?;
-    // verify_slice compares in constant time.
-    mac_for(secret, timestamp_s, body)
-        .verify_slice(&mac_bytes)
-        .map_err(|_| WebhookError::BadSignature)?;
-    let age_s = now_s.abs_diff(timestamp_s);
-    if age_s > tolerance_s {
-        return Err(WebhookError::Stale { age_s, tolerance_s });
-    }
+    use crate::signature::SignatureError as S;
+    crate::signature::verify(&secret.0, header, body, now_s, tolerance_s).map_err(|e| match e {
+        S::Missing => WebhookError::MissingSignature,
+        S::Malformed => WebhookError::MalformedSignature,
+        S::Mismatch => WebhookError::BadSignature,
+        S::Stale { age_s, tolerance_s } => WebhookError::Stale { age_s, tolerance_s },
+    })?;
     serde_json::from_slice(body).map_err(|e| WebhookError::BadBody(e.to_string()))
-}
-
-fn mac_for(secret: &WebhookSecret, timestamp_s: u64, body: &[u8]) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(&secret.0).expect("HMAC takes any key length");
-    mac.update(timestamp_s.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac
-}
-
-fn parse_header(header: &str) -> Result<(u64, &str), WebhookError> {
-    let mut timestamp_s = None;
-    let mut mac_hex = None;
-    for part in header.split(',') {
-        match part.trim().split_once('=') {
-            Some(("t", value)) => {
-                timestamp_s = Some(
-                    value
-                        .parse::<u64>()
-                        .map_err(|_| WebhookError::MalformedSignature)?,
-                )
-            }
-            Some(("v1", value)) => mac_hex = Some(value),
-            _ => {}
-        }
-    }
-    match (timestamp_s, mac_hex) {
-        (Some(t), Some(mac)) => Ok((t, mac)),
-        _ => Err(WebhookError::MalformedSignature),
-    }
 }
 
 #[cfg(test)]

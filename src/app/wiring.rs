@@ -18,6 +18,43 @@ use crate::payments::{text, Messenger, Payments, PaymentsPipeline};
 use crate::pipeline::{basic_commands, Pipeline, PlainPipeline};
 use crate::policy::pin::PinHasher;
 use crate::store::payments::PaymentStore;
+use crate::webhooks::{
+    Endpoint, WebhookEndpoints, WebhookOutbox, WebhookPoke, WebhookStore, WebhookWorker,
+};
+
+/// The webhook outbox's directory in the data directory.
+pub const WEBHOOKS_DIR: &str = "webhooks";
+
+/// Endpoints until the merchant registry is connected: no merchant has one, so nothing is
+/// sent (and nothing is enqueued, as only merchants' invoices make events).
+fn no_merchants(_merchant_id: &str) -> Option<Endpoint> {
+    None
+}
+
+/// Opens the webhook outbox (`<data_dir>/webhooks/`), lets the admin API show and replay its
+/// events, and spawns the delivery worker (stopping on `shutdown`) sending to the endpoints
+/// `endpoints` names. Producers (invoices, refunds) enqueue through the returned outbox.
+pub fn start_webhooks(
+    app: &App,
+    endpoints: Arc<dyn WebhookEndpoints>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<WebhookOutbox, AppError> {
+    let config = app.config();
+    let store = WebhookStore::open(
+        &config.data_dir.join(WEBHOOKS_DIR),
+        config.webhooks.policy(),
+    )
+    .map_err(|e| AppError::Startup(format!("cannot open the webhook outbox: {e}")))?;
+    let poke = WebhookPoke::default();
+    let outbox = WebhookOutbox::new(store.clone(), app.clock().clone(), poke.clone());
+    if let Some(admin) = app.admin() {
+        admin.set_webhooks(outbox.clone());
+    }
+    WebhookWorker::new(store, endpoints, app.clock().clone(), poke)
+        .with_metrics(app.metrics().clone())
+        .spawn(shutdown);
+    Ok(outbox)
+}
 
 /// Starts the bot for `app`: with payments when `payments.enabled`, else the encrypted pipeline
 /// alone. Spawns the outbox (stopping on `shutdown`).
@@ -26,6 +63,8 @@ pub async fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Arc<dyn Pipeline>, AppError> {
     let config = app.config();
+    // The merchant registry replaces `NoMerchants` once merchants exist.
+    start_webhooks(app, Arc::new(no_merchants), shutdown.clone())?;
     if !config.payments.enabled {
         return start_encrypted_pipeline(app, shutdown).await;
     }
@@ -82,9 +121,30 @@ pub async fn start(
         poke,
     )
     .with_metrics(app.metrics().clone())
-    .spawn(shutdown);
+    .spawn(shutdown.clone());
+    spawn_held_sweep(payments.clone(), shutdown);
     tracing::info!("payments enabled");
     Ok(Arc::new(PaymentsPipeline::new(encrypted, payments)))
+}
+
+/// How often held payments are checked for a passed PIN or accept window when no event comes.
+const HELD_SWEEP_INTERVAL_MS: u64 = 1_000;
+
+/// Ends held payments whose PIN or accept window passed, also when no event arrives (each
+/// handled event sweeps too), until `shutdown`.
+fn spawn_held_sweep(payments: Arc<Payments>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let interval = Duration::from_millis(HELD_SWEEP_INTERVAL_MS);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            if let Err(e) = payments.sweep_held().await {
+                tracing::warn!(error = %e, "could not end the held payments that are due; later");
+            }
+        }
+    });
 }
 
 /// Starts the bot's crypto for `app` and returns the pipeline the worker should use. Spawns the

@@ -137,6 +137,12 @@ pub enum AdminCommand {
         #[arg(long)]
         before: Option<u64>,
     },
+    /// Webhook events to merchants: list them, replay one.
+    Webhooks {
+        /// What to do.
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Resets a user's PIN: they must set a new one before paying.
     PinReset {
         /// The user.
@@ -220,6 +226,35 @@ pub enum MerchantKeyCommand {
     },
 }
 
+/// `mxpay admin webhooks <command>`.
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Lists webhook events in event-id order (scope `read`).
+    List {
+        /// Only failed events (given up on: 410 Gone, or the retry time ran out).
+        #[arg(long, conflicts_with = "state")]
+        failed: bool,
+        /// Only events in this state: pending, delivered or failed.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this merchant's events.
+        #[arg(long)]
+        merchant: Option<String>,
+        /// Events per page (at most 500).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Show events after this event id (`next` of a previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Puts a delivered or failed event back to pending with a fresh retry schedule: the
+    /// merchant gets it again (scope `webhooks`).
+    Replay {
+        /// The event id (`evt_...`).
+        event_id: String,
+    },
+}
+
 /// `mxpay admin token <command>`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -227,7 +262,7 @@ pub enum TokenCommand {
     /// (jti, to revoke it by) and expiry go to stderr (`--json`: all as one JSON object).
     Create {
         /// Scopes (repeat or comma-separate): topup, read, freeze, settle, pin-reset, audit,
-        /// revoke.
+        /// revoke, webhooks.
         #[arg(long = "scope", required = true, value_delimiter = ',')]
         scopes: Vec<Scope>,
         /// Lifetime: seconds, or with a unit: 90s, 15m, 12h, 7d.
@@ -466,6 +501,40 @@ async fn call(args: &AdminArgs) -> Result<(), AdminCliError> {
             // No body for a plain reset: exactly what older servers understand.
             accept_new_keys.then(|| serde_json::json!({ "accept_new_keys": true })),
         ),
+        C::Webhooks {
+            command:
+                WebhooksCommand::List {
+                    failed,
+                    state,
+                    merchant,
+                    limit,
+                    after,
+                },
+        } => {
+            let mut path = format!("/webhook-events?limit={limit}");
+            let state = if *failed {
+                Some("failed")
+            } else {
+                state.as_deref()
+            };
+            for (name, value) in [
+                ("state", state),
+                ("merchant", merchant.as_deref()),
+                ("after", after.as_deref()),
+            ] {
+                if let Some(value) = value {
+                    path.push_str(&format!("&{name}={}", segment(value)));
+                }
+            }
+            (Method::GET, path, None)
+        }
+        C::Webhooks {
+            command: WebhooksCommand::Replay { event_id },
+        } => (
+            Method::POST,
+            format!("/webhook-events/{}/replay", segment(event_id)),
+            None,
+        ),
         C::Pending => (Method::GET, "/transfers/pending".to_owned(), None),
         C::Settle { withdrawal_id } => (
             Method::POST,
@@ -612,6 +681,30 @@ fn transfer_rows(transfers: &Value) -> Vec<Vec<String>> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+const WEBHOOK_HEADER: [&str; 8] = [
+    "EVENT_ID",
+    "MERCHANT",
+    "TYPE",
+    "STATE",
+    "ATTEMPTS",
+    "LAST_STATUS",
+    "LAST_ERROR",
+    "NEXT_ATTEMPT_MS",
+];
+
+fn webhook_row(event: &Value) -> Vec<String> {
+    vec![
+        s(&event["event_id"]),
+        s(&event["merchant_id"]),
+        s(&event["type"]),
+        s(&event["state"]),
+        s(&event["attempts"]),
+        s(&event["last_status"]),
+        s(&event["last_error"]),
+        s(&event["next_attempt_at_ms"]),
+    ]
 }
 
 const TRANSFER_HEADER: [&str; 6] = ["ID", "STATE", "FROM", "TO", "AMOUNT", "CREATED_MS"];
@@ -763,6 +856,38 @@ fn render(command: &AdminCommand, value: &Value, generated_key: Option<&str>) ->
             }
         }
         C::Merchant { command } => render_merchant(command, value),
+        C::Webhooks {
+            command: WebhooksCommand::List { .. },
+        } => {
+            let rows: Vec<Vec<String>> = value["events"]
+                .as_array()
+                .map(|list| list.iter().map(webhook_row).collect())
+                .unwrap_or_default();
+            let mut out = table(&WEBHOOK_HEADER, &rows);
+            if !value["next"].is_null() {
+                out.push_str(&format!("more: --after {}\n", s(&value["next"])));
+            }
+            out
+        }
+        C::Webhooks {
+            command: WebhooksCommand::Replay { .. },
+        } => {
+            let event = &value["event"];
+            if value["replayed"] == Value::Bool(true) {
+                format!(
+                    "webhook {} to {} is pending again; it is sent at once\n",
+                    s(&event["event_id"]),
+                    s(&event["merchant_id"])
+                )
+            } else {
+                format!(
+                    "webhook {} to {} was pending already (next attempt at {} ms); nothing changed\n",
+                    s(&event["event_id"]),
+                    s(&event["merchant_id"]),
+                    s(&event["next_attempt_at_ms"])
+                )
+            }
+        }
         C::Token {
             command: TokenCommand::Create { .. },
         }
@@ -923,6 +1048,32 @@ mod tests {
         let debug = format!("{cli:?} {cli:#?}");
         assert!(!debug.contains("secret-admin-token"), "{debug}");
         assert!(debug.contains("<redacted>"), "{debug}");
+    }
+
+    #[test]
+    fn webhooks_list_and_replay_parse() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            let cli =
+                crate::cli::Cli::try_parse_from(["mxpay", "admin", "webhooks"].iter().chain(args))?;
+            let crate::cli::Command::Admin(admin) = cli.command else {
+                panic!("not an admin command");
+            };
+            match admin.command {
+                AdminCommand::Webhooks { command } => Ok::<_, clap::Error>(command),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert!(matches!(
+            parse(&["list", "--failed", "--merchant", "cafe"]).unwrap(),
+            WebhooksCommand::List { failed: true, merchant: Some(m), .. } if m == "cafe"
+        ));
+        assert!(parse(&["list", "--failed", "--state", "pending"]).is_err());
+        assert!(matches!(
+            parse(&["replay", "evt_1"]).unwrap(),
+            WebhooksCommand::Replay { event_id } if event_id == "evt_1"
+        ));
+        assert!(parse(&["replay"]).is_err());
     }
 
     #[test]

@@ -354,7 +354,10 @@ fn dev_config(homeserver_url: &str, appservice_port: u16) -> String {
          appservice:\n  registration: ./registration.yaml\n  id: mxpay\n  bot_localpart: {BOT_LOCALPART}\n  \
          listen: 127.0.0.1:{appservice_port}\n  url: http://127.0.0.1:{appservice_port}\n\
          data_dir: ./data\n\
-         payments:\n  enabled: true\n  pepper_file: ./pepper\n\
+         payments:\n  enabled: true\n  pepper_file: ./pepper\n  \
+         # `mxpay demo` pays a user who never used mxpay: paid at once, not held for them to\n  \
+         # accept (the production default holds such payments; see docs/config.md).\n  \
+         hold_for_new_payees: false\n\
          logging:\n  level: info\n  format: pretty\n\
          {ADMIN_CONFIG}"
     )

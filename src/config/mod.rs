@@ -4,6 +4,7 @@
 //! comment; a unit test keeps the three in step.
 
 pub mod payments;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -135,6 +136,9 @@ pub struct Config {
     /// Where `/metrics` is served and whether it needs a token.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Delivery of webhooks to merchants: timeout, retry time, backoff, bounds.
+    #[serde(default)]
+    pub webhooks: webhooks::WebhookSettings,
 }
 
 /// `metrics:` section. `/metrics` counts wrong PINs and lockouts per run, which tells whoever
@@ -311,6 +315,7 @@ impl Default for Config {
             payments: payments::PaymentsSettings::default(),
             admin: crate::admin::AdminSettings::default(),
             metrics: MetricsConfig::default(),
+            webhooks: webhooks::WebhookSettings::default(),
         }
     }
 }
@@ -511,6 +516,9 @@ impl Config {
             }
             other => invalid("payments", other.to_string()),
         })?;
+        self.webhooks
+            .validate()
+            .map_err(|(key, reason)| invalid(&format!("webhooks.{key}"), reason))?;
         self.admin.validate().map_err(
             |crate::admin::settings::SettingsError::Invalid { key, reason }| ConfigError::Invalid {
                 key,

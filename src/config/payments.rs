@@ -109,7 +109,35 @@ pub struct PaymentsSettings {
     /// 1 minute to 30 days).
     #[serde(default = "default_request_expiry_default_ms")]
     pub request_expiry_default_ms: u64,
+    /// Whether every confirmed payment waits for its payee to accept it (✅ or `!accept`)
+    /// before it is posted; declined or not accepted within `accept_window_ms`, it goes back
+    /// to the payer. Default `false`.
+    #[serde(default)]
+    pub payee_must_accept: bool,
+    /// Whether a payment to someone who never used mxpay (no PIN, no wallet) waits for them to
+    /// accept it even with `payee_must_accept` off, so money sent to a mistyped or unused
+    /// account comes back. Default `true`.
+    #[serde(default = "default_true")]
+    pub hold_for_new_payees: bool,
+    /// How long a held payment waits for its payee, in ms, counted from the end of the
+    /// payer's PIN window; then it returns to the payer. Default 86400000 (24 hours; 1 second
+    /// to 7 days).
+    #[serde(default = "default_accept_window_ms")]
+    pub accept_window_ms: u64,
 }
+
+fn default_true() -> bool {
+    true
+}
+fn default_accept_window_ms() -> u64 {
+    ACCEPT_WINDOW_DEFAULT_MS
+}
+
+/// Default of `accept_window_ms`: 24 hours (the requests module's own default; a test in the
+/// payment flow keeps them equal).
+pub const ACCEPT_WINDOW_DEFAULT_MS: u64 = 24 * 3_600_000;
+/// Upper bound of `accept_window_ms`: 7 days.
+pub const ACCEPT_WINDOW_MAX_MS: u64 = 7 * 24 * 3_600_000;
 
 fn default_stepup_timeout_ms() -> u64 {
     STEPUP_TIMEOUT_MS_DEFAULT
@@ -149,6 +177,9 @@ impl Default for PaymentsSettings {
             pending_per_user_max: PENDING_PER_USER_MAX_DEFAULT,
             commands_per_minute_max: COMMANDS_PER_MINUTE_MAX_DEFAULT,
             request_expiry_default_ms: REQUEST_EXPIRY_DEFAULT_MS,
+            payee_must_accept: false,
+            hold_for_new_payees: true,
+            accept_window_ms: ACCEPT_WINDOW_DEFAULT_MS,
         }
     }
 }
@@ -156,7 +187,7 @@ impl Default for PaymentsSettings {
 impl PaymentsSettings {
     /// Checks ranges and forms (not the pepper, which is read at start).
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let ranges: [(&'static str, u64, u64, u64); 6] = [
+        let ranges: [(&'static str, u64, u64, u64); 7] = [
             (
                 "stepup_timeout_ms",
                 self.stepup_timeout_ms,
@@ -192,6 +223,12 @@ impl PaymentsSettings {
                 self.request_expiry_default_ms,
                 60_000,
                 REQUEST_EXPIRY_MAX_MS,
+            ),
+            (
+                "accept_window_ms",
+                self.accept_window_ms,
+                1_000,
+                ACCEPT_WINDOW_MAX_MS,
             ),
         ];
         for (key, value, min, max) in ranges {
@@ -296,6 +333,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("payments.pending_per_user_max"));
+    }
+
+    #[test]
+    fn accept_window_is_bounded() {
+        let settings: PaymentsSettings = serde_yaml_ng::from_str("{}").unwrap();
+        assert!(!settings.payee_must_accept);
+        assert!(settings.hold_for_new_payees);
+        assert_eq!(settings.accept_window_ms, 86_400_000);
+        for (window, ok) in [(999, false), (1_000, true), (ACCEPT_WINDOW_MAX_MS, true)] {
+            let s = PaymentsSettings {
+                accept_window_ms: window,
+                ..PaymentsSettings::default()
+            };
+            assert_eq!(s.validate().is_ok(), ok, "{window}");
+        }
+        let longer = PaymentsSettings {
+            accept_window_ms: ACCEPT_WINDOW_MAX_MS + 1,
+            ..PaymentsSettings::default()
+        };
+        assert!(longer
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("payments.accept_window_ms"));
     }
 
     /// PSD2: a PIN confirms a payment within 5 minutes at most.

@@ -14,7 +14,7 @@ pub mod transfer_intent;
 
 pub use payment_request::PaymentRequestEventContent;
 pub use payment_request_status::{PaymentRequestStatusEventContent, RequestState};
-pub use receipt::{ReceiptEventContent, ReceiptMerchant, ReceiptReason, ReceiptStatus};
+pub use receipt::{ReceiptEventContent, ReceiptMerchant, ReceiptReason, ReceiptStatus, RefundOf};
 pub use stepup_challenge::StepUpChallengeEventContent;
 pub use stepup_response::StepUpResponseEventContent;
 pub use transfer_intent::TransferIntentEventContent;
@@ -42,6 +42,7 @@ mod tests {
             request_event_id: None,
             merchant: None,
             order_ref: None,
+            refund_of: None,
             relates_to: Reference::new(owned_event_id!("$intent")),
         };
         assert_eq!(receipt.event_type().to_string(), "org.mxpay.receipt");

@@ -16,8 +16,11 @@ pub enum ReceiptStatus {
     Declined,
     /// Something went wrong; no money moved.
     Failed,
-    /// No PIN in time; the reservation was released.
+    /// No PIN in time, or a held payment not accepted in time; the reservation was released.
     Expired,
+    /// Confirmed by the payer and reserved, waiting for the payee to accept it (a payment
+    /// the payee accepts: `payments.payee_must_accept`, or a payee who never used mxpay).
+    Held,
 }
 
 /// Why a payment did not complete. Stable codes: clients may switch on them.
@@ -117,6 +120,11 @@ pub enum ReceiptReason {
     AcceptanceWindowPassed,
     /// The held payment was already accepted, declined or returned.
     PaymentAlreadySettled,
+    /// The payee declined a payment held for them to accept: it went back to the payer.
+    PayeeDeclined,
+    /// The payee (or the bot in all) already has as many payments waiting to be accepted as
+    /// the bot keeps.
+    TooManyHeld,
     /// Anything else; the body says more.
     Other,
 }
@@ -153,6 +161,9 @@ pub struct ReceiptEventContent {
     /// The merchant's order reference, when the payment paid one of its invoices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_ref: Option<String>,
+    /// For a refund: the payment it refunds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_of: Option<RefundOf>,
     /// The event this answers.
     #[serde(rename = "m.relates_to")]
     pub relates_to: Reference,
@@ -165,4 +176,13 @@ pub struct ReceiptMerchant {
     pub merchant_id: String,
     /// The name customers see.
     pub display_name: String,
+}
+
+/// The payment a refund gives money back from.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct RefundOf {
+    /// The original ledger transfer, as the decimal string of its 128-bit id.
+    pub transfer_id: String,
+    /// The bot's receipt of the original payment that the `!refund` replied to.
+    pub receipt_event_id: OwnedEventId,
 }

@@ -20,6 +20,7 @@ pub mod settings;
 mod state;
 pub mod storage;
 pub mod time;
+mod view;
 mod writer;
 
 use std::future::Future;
@@ -215,6 +216,11 @@ struct Inner {
     storage: Arc<dyn Storage>,
     currencies: Currencies,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The seq of the last durable record, published by the writer after each append; read
+    /// without queueing behind the writer (and its fsync).
+    durable_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The balances as of the last durable batch (see `view.rs`).
+    view: Arc<parking_lot::RwLock<view::BalanceView>>,
 }
 
 impl Drop for Inner {
@@ -326,6 +332,8 @@ impl Ledger {
             checkpoint_write_failures: checkpoint_write_failures.clone(),
             checkpoint_in_flight: None,
             checkpoint_sync_next: !matches!(start, journal::Start::Checkpoint { .. }),
+            durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(replayed.head.seq)),
+            view: Arc::default(),
         };
         let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
@@ -339,6 +347,10 @@ impl Ledger {
         if !events.is_empty() {
             writer.append_now(&events, now_ms)?;
         }
+        let durable_seq = writer.durable_seq.clone();
+        writer.state.track_touched();
+        writer.state.publish(&mut writer.view.write());
+        let view = writer.view.clone();
         let (tx, rx) = mpsc::channel(options.queue_commands_max.max(1));
         let handle = std::thread::Builder::new()
             .name("mxpay-ledger-writer".to_owned())
@@ -355,6 +367,8 @@ impl Ledger {
                 storage,
                 currencies,
                 writer: Mutex::new(Some(handle)),
+                durable_seq,
+                view,
             }),
         })
     }
@@ -617,16 +631,15 @@ impl Ledger {
         .map(|_| ())
     }
 
-    /// The accounts of `owner`, one per currency it ever used.
+    /// The accounts of `owner`, one per currency it ever used, as of the last durable batch:
+    /// answered at once, not queued behind the batch being written.
     pub async fn balances(&self, owner: &Owner) -> Result<Vec<AccountView>, LedgerError> {
-        let owner = owner.clone();
-        self.read(move |state, _| state.balances(&owner)).await
+        Ok(self.inner.view.read().balances(owner))
     }
 
     /// One account; `None` if never used.
     pub async fn account(&self, account: &AccountId) -> Result<Option<AccountView>, LedgerError> {
-        let account = account.clone();
-        self.read(move |state, _| state.account(&account)).await
+        Ok(self.inner.view.read().account(account))
     }
 
     /// A transfer by id.
@@ -659,10 +672,39 @@ impl Ledger {
         self.read(|state, _| state.pending_transfers()).await
     }
 
-    /// Checks every invariant on the state in memory, replays the durable journal (checking
-    /// its hash chain) and compares the two. Heavy: for admin use.
+    /// Replays the durable journal from record 1 (checking its hash chain, the head anchor,
+    /// and the last checkpoint byte for byte at its record) and checks every invariant on the
+    /// replay. It reads the store only, never the writer's state: payments go on meanwhile.
+    /// The state in memory is compared through the checkpoint, which the writer encodes from
+    /// it; see [`Ledger::verify_with_memory`] for a comparison up to now.
     pub async fn verify(&self) -> Result<VerifyReport, LedgerError> {
-        let (state, head) = self.read(|state, head| (state.clone(), head)).await?;
+        let durable = self.durable_seq_now();
+        let replayed = journal::replay(self.inner.storage.as_ref(), Some(durable), false)?;
+        replayed
+            .state
+            .check_invariants()
+            .map_err(LedgerError::Invariant)?;
+        Ok(report(&replayed.state, replayed.head.seq, replayed.events))
+    }
+
+    /// [`Ledger::verify`], and the state in memory compared with the replay in every part
+    /// (daily windows, histories and deadlines included). The writer copies its state for
+    /// this, which holds up every payment for as long as the copy takes: for tests and
+    /// maintenance windows, not for a busy ledger.
+    pub async fn verify_with_memory(&self) -> Result<VerifyReport, LedgerError> {
+        let view = self.inner.view.clone();
+        let (state, head, view_agrees) = self
+            .read(move |state, head| {
+                // Read after the batch it came in was published: the view is the state.
+                let view_agrees = view.read().all() == state.accounts().as_slice();
+                (state.clone(), head, view_agrees)
+            })
+            .await?;
+        if !view_agrees {
+            return Err(LedgerError::Invariant(
+                "the balances readers see differ from the state in memory".into(),
+            ));
+        }
         state.check_invariants().map_err(LedgerError::Invariant)?;
         let replayed = journal::replay(self.inner.storage.as_ref(), Some(head.seq), false)?;
         if replayed.head != head {
@@ -679,9 +721,12 @@ impl Ledger {
         Ok(report(&state, head.seq, replayed.events))
     }
 
-    /// Streams the durable journal, entry by entry, checking the hash chain as it goes.
+    /// Streams the durable journal, entry by entry, checking the hash chain as it goes. It
+    /// stops at the record that was durable when it started: sled shows a batch's record to
+    /// readers before the writer's fsync makes it durable, and an export must never show what
+    /// a power cut could still undo.
     pub fn export(&self) -> JournalExport {
-        JournalExport::new(self.inner.storage.as_ref(), None)
+        JournalExport::new(self.inner.storage.as_ref(), Some(self.durable_seq_now()))
     }
 
     /// Follows the journal from its first record as it grows (for the payment layer's outbox,
@@ -714,9 +759,16 @@ impl Ledger {
         JournalTail::starting_at(self.inner.storage.clone(), from_seq, accounts)
     }
 
-    /// The seq of the last journal record that is durable (0 when none is).
+    /// The seq of the last journal record that is durable (0 when none is). Answered at
+    /// once, not after the batch being written.
     pub async fn durable_seq(&self) -> Result<u64, LedgerError> {
-        self.read(|_, head| head.seq).await
+        Ok(self.durable_seq_now())
+    }
+
+    fn durable_seq_now(&self) -> u64 {
+        self.inner
+            .durable_seq
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A synchronous face of this ledger for the CLI, the bench and tests.
@@ -767,6 +819,8 @@ impl Writer {
         let head = Head { seq, hash };
         self.storage.append(seq, &record, &head.encode())?;
         self.head = head;
+        self.durable_seq
+            .store(seq, std::sync::atomic::Ordering::Release);
         self.last_time_ms = now_ms;
         self.entries_since_checkpoint = self
             .entries_since_checkpoint
@@ -916,6 +970,11 @@ impl BlockingLedger {
     /// See [`Ledger::verify`].
     pub fn verify(&self) -> Result<VerifyReport, LedgerError> {
         block_on(self.0.verify())
+    }
+
+    /// See [`Ledger::verify_with_memory`].
+    pub fn verify_with_memory(&self) -> Result<VerifyReport, LedgerError> {
+        block_on(self.0.verify_with_memory())
     }
 }
 

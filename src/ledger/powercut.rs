@@ -559,7 +559,7 @@ mod tests {
         }
         check_acknowledged(&ledger, &history, seed);
         let b = ledger.blocking();
-        b.verify()
+        b.verify_with_memory()
             .unwrap_or_else(|e| panic!("seed {seed}: verify after the cuts: {e}"));
         // Nothing counted twice (or lost): each balance is the sum of what succeeded.
         let expected = expected_balances(&history);

@@ -312,6 +312,10 @@ pub(crate) struct State {
     /// What live pending refunds reserve of each original; counted against its cap until
     /// they are posted (then `refunded_minor`), voided or expire. No zero entries.
     refund_reserved: HashMap<TransferIdx, u128>,
+    /// Accounts whose balances or freeze changed since the last [`State::publish`], kept
+    /// only once [`State::track_touched`] was called (not while replaying at open).
+    touched: Vec<AccountIdx>,
+    track_touched: bool,
 }
 
 impl State {
@@ -329,6 +333,61 @@ impl State {
             refunds: HashMap::new(),
             pending_refund_of: HashMap::new(),
             refund_reserved: HashMap::new(),
+            touched: Vec::new(),
+            track_touched: false,
+        }
+    }
+
+    /// From now on, remember which accounts change, for [`State::publish`].
+    pub fn track_touched(&mut self) {
+        self.track_touched = true;
+    }
+
+    /// Copies into `view` the accounts opened or changed since the last call (all of them
+    /// the first time): the writer calls it once a batch is durable.
+    pub fn publish(&mut self, view: &mut super::view::BalanceView) {
+        view.set_currencies(self.currencies.iter().map(|c| c.code).collect());
+        let known = view.len();
+        for idx in known..self.accounts.len() {
+            view.push(self.account_view(idx as AccountIdx));
+        }
+        for idx in self.touched.drain(..) {
+            if (idx as usize) < known {
+                let a = &self.accounts[idx as usize];
+                view.update(
+                    idx,
+                    &AccountView {
+                        id: a.id.clone(),
+                        balances: a.balances,
+                        frozen: a.frozen,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Remembers the accounts `event` (just applied) changed, when tracking.
+    fn note_touched(&mut self, event: &Event) {
+        if !self.track_touched {
+            return;
+        }
+        match event {
+            Event::TransferCreated { debit, credit, .. } => {
+                self.touched.extend([*debit, *credit]);
+            }
+            Event::PendingPosted { id, .. }
+            | Event::PendingVoided { id }
+            | Event::PendingExpired { id } => {
+                if let Some(&idx) = self.transfer_index.get(id) {
+                    let t = &self.transfers[idx as usize];
+                    self.touched.extend([t.debit, t.credit]);
+                }
+            }
+            Event::AccountFrozen { account, .. } => self.touched.push(*account),
+            // New accounts are appended by `publish` itself.
+            Event::CurrencyDefined { .. }
+            | Event::AccountOpened { .. }
+            | Event::TransferFailed { .. } => {}
         }
     }
 
@@ -899,6 +958,12 @@ impl State {
     /// Applies one event at ledger time `now_ms`. Used for live decisions and for replay; an
     /// error means the journal (or the decision) broke a rule, and says which.
     pub fn apply(&mut self, event: &Event, now_ms: u64) -> Result<(), String> {
+        self.apply_event(event, now_ms)?;
+        self.note_touched(event);
+        Ok(())
+    }
+
+    fn apply_event(&mut self, event: &Event, now_ms: u64) -> Result<(), String> {
         match event {
             Event::CurrencyDefined { code, exponent } => {
                 self.currencies.define(*code, *exponent)?;
@@ -1253,13 +1318,6 @@ impl State {
         self.transfer_index.get(&id).map(|&idx| self.view(idx))
     }
 
-    /// One account, if it was ever used.
-    pub fn account(&self, id: &AccountId) -> Option<AccountView> {
-        self.account_index
-            .get(id)
-            .map(|&idx| self.account_view(idx))
-    }
-
     fn account_view(&self, idx: AccountIdx) -> AccountView {
         let a = &self.accounts[idx as usize];
         AccountView {
@@ -1273,13 +1331,6 @@ impl State {
     pub fn accounts(&self) -> Vec<AccountView> {
         (0..self.accounts.len() as AccountIdx)
             .map(|i| self.account_view(i))
-            .collect()
-    }
-
-    /// The accounts of one owner, one per currency it ever used.
-    pub fn balances(&self, owner: &Owner) -> Vec<AccountView> {
-        self.owner_accounts(owner)
-            .map(|idx| self.account_view(idx))
             .collect()
     }
 

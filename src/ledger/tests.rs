@@ -151,7 +151,7 @@ fn single_transfer_moves_money_and_system_accounts_may_go_negative() {
         .unwrap()
         .unwrap();
     assert_eq!(issuer.balances.available_minor(), -10_000);
-    f.ledger.verify().unwrap();
+    f.ledger.verify_with_memory().unwrap();
 }
 
 #[test]
@@ -302,7 +302,7 @@ fn a_retry_after_the_limits_were_lowered_answers_the_original() {
         rejected(ledger.create_transfer(request(4, user("alice"), user("bob"), big))),
         TransferError::ExceedsMaxTransfer
     );
-    ledger.verify().unwrap();
+    ledger.verify_with_memory().unwrap();
 }
 
 /// The amount of a transfer as an [`Amount`] (built past the edge's limit check, as a caller
@@ -331,7 +331,7 @@ fn a_transient_failure_spends_the_id() {
     );
     f.send(6, user("alice"), user("bob"), "1.00").unwrap();
     assert_eq!(f.available("bob"), 100);
-    f.ledger.verify().unwrap();
+    f.ledger.verify_with_memory().unwrap();
 }
 
 /// Issue 15: a refused transfer leaves no account behind, and what it keeps for idempotency
@@ -367,7 +367,7 @@ fn a_refused_transfer_opens_no_account() {
         assert_eq!(ledger.account(&account("carol")).unwrap(), None);
         assert_eq!(ledger.account(&account("dave")).unwrap(), None);
         assert!(ledger.balances(&user("carol")).unwrap().is_empty());
-        assert_eq!(ledger.verify().unwrap().accounts, 0);
+        assert_eq!(ledger.verify_with_memory().unwrap().accounts, 0);
         // The id is spent: the same body answers the same failure, another memo conflicts.
         assert_eq!(
             rejected(ledger.create_transfer(request(b"other"))),
@@ -398,7 +398,7 @@ fn a_refused_transfer_opens_no_account() {
         })
         .unwrap();
     assert!(ledger.account(&account("carol")).unwrap().is_some());
-    assert_eq!(ledger.verify().unwrap().accounts, 2);
+    assert_eq!(ledger.verify_with_memory().unwrap().accounts, 2);
 }
 
 /// Issue 15: a retried create or refund says the transfer already existed (TigerBeetle's
@@ -608,7 +608,7 @@ fn pending_reserves_then_posts_in_full() {
         rejected(f.ledger.void(TransferId(2))),
         TransferError::PendingTransferAlreadyPosted
     );
-    f.ledger.verify().unwrap();
+    f.ledger.verify_with_memory().unwrap();
 }
 
 #[test]
@@ -702,7 +702,7 @@ fn pending_expires_by_the_clock() {
         rejected(f.ledger.void(TransferId(2))),
         TransferError::PendingTransferExpired
     );
-    f.ledger.verify().unwrap();
+    f.ledger.verify_with_memory().unwrap();
 }
 
 #[test]
@@ -822,7 +822,7 @@ fn refunds_never_exceed_what_remains() {
         )),
         E::ExistsWithDifferentOriginal
     );
-    f.ledger.verify().unwrap();
+    f.ledger.verify_with_memory().unwrap();
 }
 
 #[test]
@@ -945,7 +945,7 @@ fn frozen_accounts() {
         )),
         E::DebitAccountFrozen
     );
-    f.ledger.verify().unwrap();
+    f.ledger.verify_with_memory().unwrap();
 }
 
 /// A freeze refuses new transfers only: pending transfers admitted before it are posted,
@@ -1026,7 +1026,7 @@ fn freeze_does_not_block_pending_admitted_before_it() {
     assert_eq!(alice.debits_pending_minor, 0);
     assert_eq!(f.available("alice"), 5000);
     assert_eq!(f.available("bob"), 1500);
-    f.ledger.verify().unwrap();
+    f.ledger.verify_with_memory().unwrap();
 }
 
 /// `tail_from(seq)` reads exactly what the full tail reads from record `seq` on, naming
@@ -1235,7 +1235,7 @@ fn state_survives_reopen_and_exponents_are_fixed() {
     let t = ledger.transfer(TransferId(1)).unwrap().unwrap();
     assert_eq!(t.memo, b"m");
     assert_eq!(ledger.pending_transfers().unwrap().len(), 1);
-    let report = ledger.verify().unwrap();
+    let report = ledger.verify_with_memory().unwrap();
     assert_eq!(report.transfers, 2);
     assert_eq!(report.pending, 1);
     let entries: Vec<_> = ledger.ledger().export().collect::<Result<_, _>>().unwrap();
@@ -1253,6 +1253,155 @@ fn state_survives_reopen_and_exponents_are_fixed() {
         "{err}"
     );
     assert_eq!(verify_dir(dir.path()).unwrap().transfers, 2);
+}
+
+/// A storage that shows an appended record to readers at once and holds the append (its
+/// "fsync") until the gate opens, as sled does between `apply_batch` and the fdatasync.
+#[derive(Default)]
+struct GatedStorage {
+    records: parking_lot::Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
+    head: parking_lot::Mutex<Option<Vec<u8>>>,
+    checkpoint: parking_lot::Mutex<Option<Vec<u8>>>,
+    closed: parking_lot::Mutex<bool>,
+    opened: parking_lot::Condvar,
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+impl GatedStorage {
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock() = closed;
+        self.opened.notify_all();
+    }
+}
+
+impl Storage for GatedStorage {
+    fn append(&self, seq: u64, record: &[u8], head: &[u8]) -> Result<(), StorageError> {
+        self.records.lock().insert(seq, record.to_vec());
+        *self.head.lock() = Some(head.to_vec());
+        let mut closed = self.closed.lock();
+        self.waiting
+            .store(*closed, std::sync::atomic::Ordering::SeqCst);
+        // Bounded: a test that forgets to open the gate fails instead of hanging.
+        for _ in 0..600 {
+            if !*closed {
+                break;
+            }
+            self.opened
+                .wait_for(&mut closed, std::time::Duration::from_millis(100));
+        }
+        self.waiting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn head(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.head.lock().clone())
+    }
+
+    fn records(&self, from_seq: u64) -> Box<dyn Iterator<Item = storage::StoredRecord> + Send> {
+        let items: Vec<storage::StoredRecord> = self
+            .records
+            .lock()
+            .range(from_seq..)
+            .map(|(k, v)| Ok((*k, v.clone())))
+            .collect();
+        Box::new(items.into_iter())
+    }
+
+    fn keeps_checkpoints(&self) -> bool {
+        true
+    }
+
+    fn put_checkpoint(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        *self.checkpoint.lock() = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.checkpoint.lock().clone())
+    }
+}
+
+/// Issue 15: export, `durable_seq`, `verify` and balances read up to the durable head, off
+/// the writer: none waits behind a batch being written, none shows it.
+#[test]
+fn reads_off_the_writer_do_not_show_or_wait_for_a_batch_not_yet_durable() {
+    let storage = Arc::new(GatedStorage::default());
+    let clock = ManualClock::new(T0_MS);
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        ..LedgerOptions::default()
+    };
+    let ledger = Ledger::open_storage(
+        storage.clone(),
+        Currencies::from_settings(&settings()).unwrap(),
+        Arc::new(clock.clone()),
+        options,
+    )
+    .unwrap()
+    .blocking();
+    let request = |id: u128| TransferRequest {
+        id: TransferId(id),
+        debit: Owner::Issuer,
+        credit: user("alice"),
+        amount: ledger
+            .ledger()
+            .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
+            .unwrap(),
+        memo: Vec::new(),
+    };
+    ledger.create_transfer(request(1)).unwrap();
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    assert!(storage.checkpoint.lock().is_some());
+    let durable = block_on(ledger.ledger().durable_seq()).unwrap();
+
+    storage.set_closed(true);
+    let writer = {
+        let ledger = ledger.clone();
+        let request = request(2);
+        std::thread::spawn(move || ledger.create_transfer(request))
+    };
+    let mut held = false;
+    for _ in 0..600 {
+        if storage.waiting.load(std::sync::atomic::Ordering::SeqCst) {
+            held = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(held, "the second transfer's append never started");
+
+    // The record of transfer 2 is readable in the store, but not durable yet.
+    assert_eq!(block_on(ledger.ledger().durable_seq()).unwrap(), durable);
+    let entries: Vec<_> = ledger.ledger().export().collect::<Result<_, _>>().unwrap();
+    let shows = |id: u128| {
+        entries.iter().any(|e| {
+            matches!(&e.entry, JournalEntry::TransferCreated { id: t, .. } if *t == TransferId(id))
+        })
+    };
+    assert!(shows(1));
+    assert!(!shows(2), "the export showed a record not yet durable");
+    let report = ledger.verify().unwrap();
+    assert_eq!((report.records, report.transfers), (durable, 1));
+    let alice_minor = || {
+        ledger.balances(&user("alice")).unwrap()[0]
+            .balances
+            .available_minor()
+    };
+    assert_eq!(alice_minor(), 100, "balances show only what is durable");
+
+    storage.set_closed(false);
+    writer.join().unwrap().unwrap();
+    assert_eq!(
+        block_on(ledger.ledger().durable_seq()).unwrap(),
+        durable + 1
+    );
+    assert_eq!(ledger.verify_with_memory().unwrap().transfers, 2);
+    assert_eq!(alice_minor(), 200);
+    let entries: Vec<_> = ledger.ledger().export().collect::<Result<_, _>>().unwrap();
+    assert!(entries.iter().any(|e| {
+        matches!(&e.entry, JournalEntry::TransferCreated { id, .. } if *id == TransferId(2))
+    }));
 }
 
 // ----- proptest against an independent auditor ------------------------------------------
@@ -2092,7 +2241,8 @@ mod auditor {
             }
             let pending = model.tr.values().filter(|t| t.state == St::Pending).count();
             prop_assert_eq!(b.pending_transfers().unwrap().len(), pending);
-            b.verify().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            b.verify_with_memory()
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
         Ok(())
     }
@@ -2176,10 +2326,10 @@ fn a_failing_anchor_write_does_not_stop_the_ledger() {
     send(4, user("alice"), user("bob"), "1.00").unwrap();
     send(5, user("alice"), user("bob"), "1.00").unwrap();
     assert_eq!(ledger.ledger().alarms().anchor_write_failures, failures + 1);
-    assert_eq!(ledger.verify().unwrap().transfers, 5);
+    assert_eq!(ledger.verify_with_memory().unwrap().transfers, 5);
     drop(ledger);
     let ledger = open();
-    assert_eq!(ledger.verify().unwrap().transfers, 5);
+    assert_eq!(ledger.verify_with_memory().unwrap().transfers, 5);
     assert_eq!(ledger.ledger().alarms(), LedgerAlarms::default());
     let bob = AccountId {
         owner: user("bob"),
@@ -2266,7 +2416,7 @@ fn a_clock_jump_is_not_written_and_does_not_freeze_ledger_time() {
         .max()
         .unwrap();
     assert_eq!(latest_ms, T0_MS + 60_000, "no record carries the jump");
-    ledger.verify().unwrap();
+    ledger.verify_with_memory().unwrap();
 }
 
 /// A ledger in `dir` with `clock` as both clocks, writing no checkpoint at close (so a
@@ -2377,7 +2527,7 @@ fn reopening_from_a_checkpoint_and_later_records_is_the_full_replay() {
         ),
         before
     );
-    ledger.verify().unwrap();
+    ledger.verify_with_memory().unwrap();
     // The state goes on the same way: a refund of a transfer from before the checkpoint.
     ledger
         .refund(
@@ -2396,7 +2546,7 @@ fn reopening_from_a_checkpoint_and_later_records_is_the_full_replay() {
         )),
         TransferError::RefundExceedsRemaining
     );
-    ledger.verify().unwrap();
+    ledger.verify_with_memory().unwrap();
     drop(ledger);
 
     // A clean close checkpoints the head: nothing is replayed.
@@ -2405,7 +2555,7 @@ fn reopening_from_a_checkpoint_and_later_records_is_the_full_replay() {
     drop(ledger);
     let ledger = open_manual(dir.path(), &settings(), &clock);
     assert_eq!(ledger.opened_from_checkpoint(), Some(head));
-    ledger.blocking().verify().unwrap();
+    ledger.blocking().verify_with_memory().unwrap();
 }
 
 /// Issue 15: a checkpoint that is torn, altered, or from another journal is never trusted:
@@ -2469,7 +2619,7 @@ fn a_torn_or_foreign_checkpoint_is_detected_and_the_whole_journal_replayed() {
             memo: vec![],
         })
         .unwrap();
-    ledger.verify().unwrap();
+    ledger.verify_with_memory().unwrap();
     let head = block_on(ledger.ledger().durable_seq()).unwrap();
     drop(ledger);
     verify_dir(dir.path()).unwrap();
@@ -2718,7 +2868,7 @@ fn linked_refunds_are_capped_by_the_original() {
         vec![(27, TransferState::Posted { amount_minor: 100 })]
     );
     assert!(ids(99).is_empty() && ids(16).len() == 1);
-    f.ledger.verify().unwrap();
+    f.ledger.verify_with_memory().unwrap();
 }
 
 /// A pending refund that expires gives its reservation back, also across a reopen from a
@@ -2776,7 +2926,7 @@ fn an_expired_pending_refund_gives_the_cap_back_after_a_reopen() {
     ledger
         .create_refund_result(req(5, "shop", "alice", "8.00"), TransferId(2), None)
         .unwrap();
-    ledger.verify().unwrap();
+    ledger.verify_with_memory().unwrap();
 }
 
 /// Checkpoints come by themselves as entries accumulate (written off the writer thread), and
@@ -2820,7 +2970,7 @@ fn checkpoints_are_written_as_entries_accumulate() {
         .expect("a checkpoint was written");
     assert!(from > head / 2 && from <= head, "from {from}, head {head}");
     assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
-    ledger.blocking().verify().unwrap();
+    ledger.blocking().verify_with_memory().unwrap();
 }
 
 /// A journal that lost its end together with its head (and whose anchor lags) replays

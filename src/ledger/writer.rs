@@ -69,6 +69,10 @@ pub(crate) struct Writer {
     /// Write the next due checkpoint on this thread: the stored one could not be used at
     /// open, and `verify` must not meet it again once a batch was committed.
     pub checkpoint_sync_next: bool,
+    /// Where the seq of the last durable record is published (see `Ledger::durable_seq`).
+    pub durable_seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The balances readers see (see `view.rs`), updated after each durable batch.
+    pub view: Arc<parking_lot::RwLock<super::view::BalanceView>>,
 }
 
 impl Writer {
@@ -261,6 +265,10 @@ impl Writer {
                 return Err(e.into());
             }
             self.head = head;
+            self.durable_seq
+                .store(seq, std::sync::atomic::Ordering::Release);
+            // Before the replies: a caller that got its answer reads its own effect.
+            self.state.publish(&mut self.view.write());
             self.last_time_ms = now_ms;
             self.entries_since_checkpoint =
                 self.entries_since_checkpoint.saturating_add(record.count());

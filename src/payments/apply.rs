@@ -14,6 +14,7 @@ use super::{txn, Payments, PaymentsError};
 use crate::crypto::CryptoError;
 use crate::ledger::LedgerError;
 use crate::policy::pin::PinRecord;
+use crate::store::held::HeldBounds;
 use crate::store::requests::{RequestBounds, Updated};
 
 /// Test-only faults at the effect layer, set up by the wiring (debug builds only; see
@@ -91,6 +92,15 @@ impl Payments {
                     // Refused: it ended already (posted, voided, expired), as the decision
                     // wanted or told.
                     Ok(_) | Err(LedgerError::Rejected(_)) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                LedgerOp::Post(id) => match self.ledger.post(id, None).await {
+                    // Refused: it ended already (a retry after the post, or it expired
+                    // meanwhile); the outbox tells what the ledger did.
+                    Ok(_) => tracing::info!(transfer = %id, "held payment accepted and posted"),
+                    Err(LedgerError::Rejected(error)) => {
+                        tracing::info!(transfer = %id, %error, "held payment not posted: it ended already")
+                    }
                     Err(e) => return Err(e.into()),
                 },
             }
@@ -201,6 +211,12 @@ impl Payments {
                     return Err(PaymentsError::RequestChanged);
                 }
             }
+            Record::Held(record) => {
+                self.store
+                    .held()
+                    .update(&record, self.clock.now_ms(), HeldBounds::default())
+                    .await?
+            }
         }
         Ok(())
     }
@@ -214,6 +230,7 @@ impl Payments {
             key,
             remember_notice_of,
             link,
+            held_notice_of,
         } = outgoing;
         self.faults.before_send(purpose)?;
         let txn_id = txn(purpose, &key);
@@ -237,6 +254,22 @@ impl Payments {
                 .requests()
                 .link_event_as(&sent, &id, &role, RequestBounds::default())
                 .await?;
+        }
+        if let Some(transfer_id) = held_notice_of {
+            let held = self.store.held();
+            if let Some(mut record) = held.get(transfer_id.0)? {
+                if record.notice_event_id.is_none() {
+                    record.notice_event_id = Some(sent.clone());
+                    held.update(&record, self.clock.now_ms(), HeldBounds::default())
+                        .await?;
+                }
+                // The payee was asked: the payer's challenge has nothing left to confirm.
+                if let Some(challenge) =
+                    self.store.challenge(record.payer.as_str(), transfer_id.0)?
+                {
+                    self.store.remove_challenge(&challenge).await?;
+                }
+            }
         }
         if let Some(transfer_id) = remember_notice_of {
             self.store

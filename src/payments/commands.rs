@@ -50,6 +50,7 @@ impl Payments {
                     currency,
                     memo,
                     request: None,
+                    refund: None,
                 };
                 let outcome = self
                     .on_pay(event, request)

@@ -33,6 +33,18 @@ pub struct PaymentMemo {
     /// the outbox records it paid once the money moved, and the receipt names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
+    /// The payment this one refunds, so its receipt names the original.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund: Option<RefundMemo>,
+}
+
+/// What a refund's memo says of the payment it refunds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundMemo {
+    /// The original transfer, as the decimal string of its id.
+    pub of: String,
+    /// The bot's receipt of the original that `!refund` replied to.
+    pub receipt: String,
 }
 
 impl PaymentMemo {
@@ -45,8 +57,8 @@ impl PaymentMemo {
             return bytes;
         }
         let Some(note) = &self.note else {
-            // Room and event ids are at most 255 bytes each (three of them with a request): without
-            // a note the memo fits.
+            // Room and event ids are at most 255 bytes each (three of them with a request or a
+            // refund, a refund's transfer id 39 digits): without a note the memo fits.
             return bytes;
         };
         let mut memo = self.clone();
@@ -101,6 +113,7 @@ mod tests {
             event: "$e".into(),
             note: Some("lunch".into()),
             request: None,
+            refund: None,
         };
         let bytes = memo.encode();
         assert_eq!(
@@ -120,10 +133,26 @@ mod tests {
             event: format!("${}", "e".repeat(250)),
             note: Some("\u{1}".repeat(140)),
             request: Some(format!("${}", "q".repeat(250))),
+            refund: None,
         };
         let bytes = memo.encode();
         assert!(bytes.len() <= MEMO_BYTES_MAX);
         assert!(PaymentMemo::decode(&bytes).is_some());
+        // A refund pays no request: its original's id and receipt take the request's place.
+        let refund = PaymentMemo {
+            request: None,
+            refund: Some(RefundMemo {
+                of: u128::MAX.to_string(),
+                receipt: format!("${}", "x".repeat(250)),
+            }),
+            ..memo
+        };
+        let bytes = refund.encode();
+        assert!(bytes.len() <= MEMO_BYTES_MAX);
+        assert_eq!(
+            PaymentMemo::decode(&bytes).and_then(|m| m.refund),
+            refund.refund
+        );
     }
 
     /// The escape lengths the one-pass cut counts are serde_json's own.
@@ -150,6 +179,7 @@ mod tests {
             event: "$e".into(),
             note: Some(note.clone()),
             request: None,
+            refund: None,
         };
         let bytes = memo.encode();
         assert!(bytes.len() <= MEMO_BYTES_MAX);

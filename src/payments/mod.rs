@@ -20,6 +20,7 @@ mod commands;
 pub mod core;
 mod dialog;
 mod dm;
+mod held;
 pub mod invoices;
 pub mod memo;
 mod messenger;
@@ -27,6 +28,7 @@ mod pay;
 mod pin_attempts;
 mod pin_messages;
 pub mod pin_recognition;
+mod refund;
 mod requests;
 mod tell;
 pub mod text;
@@ -208,6 +210,8 @@ fn reason_label(reason: ReceiptReason) -> &'static str {
         ReceiptReason::NotThePayee => "not_the_payee",
         ReceiptReason::AcceptanceWindowPassed => "acceptance_window_passed",
         ReceiptReason::PaymentAlreadySettled => "payment_already_settled",
+        ReceiptReason::PayeeDeclined => "payee_declined",
+        ReceiptReason::TooManyHeld => "too_many_held",
         ReceiptReason::Other => "other",
     }
 }
@@ -247,6 +251,17 @@ struct PayRequest {
     /// The payment request this pays: as read, and with the payer's share `paying` this
     /// payment (written once the payment is reserved).
     request: Option<(crate::requests::Request, crate::requests::Request)>,
+    /// The payment this one refunds (then the ledger links the two and caps the refunds).
+    refund: Option<RefundLink>,
+}
+
+/// The original payment a refund is linked to.
+#[derive(Debug, Clone)]
+struct RefundLink {
+    /// The original transfer.
+    original: TransferId,
+    /// The bot's receipt of it that the `!refund` replied to.
+    receipt: ruma::OwnedEventId,
 }
 
 /// The payment service: state, policy and the ledger, driven by decrypted events.
@@ -439,6 +454,10 @@ impl Payments {
             return Ok(false);
         }
         let handled = self.handle_user_event(event).await?;
+        // Held payments whose PIN or accept window passed end, a bounded slice at a time.
+        if let Err(e) = self.sweep_held().await {
+            tracing::warn!(error = %e, "could not end the held payments that are due; later");
+        }
         // Requests that lapsed are written down and told, a bounded slice at a time.
         if let Err(e) = self.sweep_requests().await {
             if e.is_transient() {
@@ -547,6 +566,7 @@ impl Payments {
                             currency: intent.currency.to_ascii_uppercase(),
                             memo: intent.memo,
                             request: None,
+                            refund: None,
                         };
                         let outcome = self
                             .on_pay(event, request)
@@ -679,6 +699,15 @@ mod tests {
         assert_eq!(
             settings::REQUEST_EXPIRY_MAX_MS,
             crate::requests::REQUEST_EXPIRY_MAX_MS
+        );
+    }
+
+    /// The config's default accept window is the accept rules' own.
+    #[test]
+    fn accept_window_defaults_agree() {
+        assert_eq!(
+            settings::ACCEPT_WINDOW_DEFAULT_MS,
+            crate::requests::ACCEPT_WINDOW_DEFAULT_MS
         );
     }
 

@@ -8,10 +8,10 @@ use super::core::challenge;
 use super::core::refusal::{self, AccountFacts, PayeeFacts, PayerFacts};
 use super::core::start::{self, Start};
 use super::core::{Decision, EventRef, Outgoing, Record};
-use super::memo::{MemoKind, PaymentMemo};
+use super::memo::{MemoKind, PaymentMemo, RefundMemo};
 use super::{
     reason_code, reason_for, reason_from_code, reason_label, refusal_sentence, text, PayRequest,
-    Payments, PaymentsError,
+    Payments, PaymentsError, RefundLink,
 };
 use crate::crypto::DecryptedEvent;
 use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
@@ -135,6 +135,7 @@ impl Payments {
             request_event_id: None,
             merchant: None,
             order_ref: None,
+            refund_of: None,
             relates_to: Reference::new(event.event_id.clone()),
         };
         let key = event.event_id.as_str();
@@ -279,7 +280,10 @@ impl Payments {
     }
 
     /// Reserves the payment `event` asks for in the ledger (a pending transfer whose id comes
-    /// from the event's id); `Ok(Err(refusal))` when the amount or the ledger refuses it.
+    /// from the event's id) for `timeout_ms` (the PIN window; for a payment held for its payee,
+    /// also the accept window); `Ok(Err(refusal))` when the amount or the ledger refuses it.
+    /// A refund is linked to the payment it returns (`refund`).
+    #[allow(clippy::too_many_arguments)]
     async fn create_payment(
         &self,
         event: &DecryptedEvent,
@@ -288,6 +292,8 @@ impl Payments {
         currency: &str,
         memo: Option<String>,
         request: Option<String>,
+        refund: Option<&RefundLink>,
+        timeout_ms: u64,
     ) -> Result<Result<Transfer, (ReceiptReason, String)>, PaymentsError> {
         let parsed = match self.ledger.parse_amount(amount, currency) {
             Ok(parsed) => parsed,
@@ -309,21 +315,28 @@ impl Payments {
             event: event.event_id.to_string(),
             note: memo,
             request,
+            refund: refund.map(|link| RefundMemo {
+                of: link.original.0.to_string(),
+                receipt: link.receipt.to_string(),
+            }),
         }
         .encode();
-        let created = self
-            .ledger
-            .create_pending(
-                TransferRequest {
-                    id: TransferId::from_key(event.event_id.as_str()),
-                    debit: Owner::user(event.sender.as_str()),
-                    credit: self.payee_owner(payee.as_str())?,
-                    amount: parsed,
-                    memo: memo_bytes,
-                },
-                self.settings.stepup_timeout_ms,
-            )
-            .await;
+        let transfer = TransferRequest {
+            id: TransferId::from_key(event.event_id.as_str()),
+            debit: Owner::user(event.sender.as_str()),
+            credit: self.payee_owner(payee.as_str())?,
+            amount: parsed,
+            memo: memo_bytes,
+        };
+        let created = match refund {
+            // Linked to the original, so the ledger caps what is refunded even under races.
+            Some(link) => self
+                .ledger
+                .create_refund_result(transfer, link.original, Some(timeout_ms))
+                .await
+                .map(|created| created.into_transfer()),
+            None => self.ledger.create_pending(transfer, timeout_ms).await,
+        };
         match created {
             Ok(transfer) => Ok(Ok(transfer)),
             Err(LedgerError::Rejected(error)) => {
@@ -344,11 +357,13 @@ impl Payments {
             currency,
             memo,
             request,
+            refund,
         } = request;
         // A reaction paying a request may come unencrypted (see [`Self::check_payer_of`]).
         let reaction = event.event_type == "m.reaction" && request.is_some();
         let request_id = request.as_ref().map(|(before, _)| before.id.to_string());
         let transfer_id = TransferId::from_key(event.event_id.as_str());
+        let mut hold_timeout_ms = None;
         // The transfer made for this event (if any) is what "started" means for a payment.
         let existing = self.ledger.transfer(transfer_id).await?;
         let earlier = self.store.outcome(event.event_id.as_str())?;
@@ -375,6 +390,25 @@ impl Payments {
                         .decline(event, &payee, amount, &currency, reason, &sentence)
                         .await;
                 }
+                if self.hold_applies(&payee).await? {
+                    if !self.held_has_room(&payee)? {
+                        return self
+                            .decline(
+                                event,
+                                &payee,
+                                amount,
+                                &currency,
+                                ReceiptReason::TooManyHeld,
+                                "too many payments to this person are waiting for them to \
+                                 accept; try again once they accepted or declined some",
+                            )
+                            .await;
+                    }
+                    // Reserved for the PIN window and then the accept window: the ledger's
+                    // own timeout returns it to the payer when the window ends.
+                    hold_timeout_ms =
+                        Some(self.settings.stepup_timeout_ms + self.settings.accept_window_ms);
+                }
             }
             // A replay of an event whose transfer exists: carry on with that transfer, never
             // refuse it now.
@@ -384,7 +418,16 @@ impl Payments {
         let transfer = match existing {
             Some(transfer) => transfer,
             None => match self
-                .create_payment(event, &payee, amount, &currency, memo.clone(), request_id)
+                .create_payment(
+                    event,
+                    &payee,
+                    amount,
+                    &currency,
+                    memo.clone(),
+                    request_id,
+                    refund.as_ref(),
+                    hold_timeout_ms.unwrap_or(self.settings.stepup_timeout_ms),
+                )
                 .await?
             {
                 Ok(transfer) => transfer,
@@ -401,6 +444,11 @@ impl Payments {
             tracing::info!(transfer = %transfer.id, "payment event seen again; already ended");
             return Ok(());
         }
+        // A reservation longer than the PIN window is one held for its payee (also when this
+        // event is handled again: the ledger's record says so, whatever the facts are now).
+        let held_return_at_ms = transfer.deadline_ms.filter(|deadline| {
+            deadline.saturating_sub(transfer.created_ms) > self.settings.stepup_timeout_ms
+        });
         let challenge = Challenge {
             kind: ChallengeKind::Pay,
             transfer_id: transfer.id.0,
@@ -413,11 +461,17 @@ impl Payments {
             event_id: event.event_id.clone(),
             memo,
             created_ms: transfer.created_ms,
-            expires_at_ms: transfer
-                .deadline_ms
-                .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
+            expires_at_ms: match held_return_at_ms {
+                Some(_) => transfer.created_ms + self.settings.stepup_timeout_ms,
+                None => transfer
+                    .deadline_ms
+                    .unwrap_or(transfer.created_ms + self.settings.stepup_timeout_ms),
+            },
             device_id: event.sender_device.clone(),
         };
+        if let Some(return_at_ms) = held_return_at_ms {
+            self.hold(&challenge, return_at_ms).await?;
+        }
         let mut decision = challenge::open_payment(
             &Self::event_ref(event),
             challenge,
@@ -596,6 +650,10 @@ impl Payments {
                     &proof,
                     &binding_of(&pending, challenge.payer.as_str(), payee),
                 )?;
+                // A payment held for its payee stays reserved until they accept it.
+                if let Some(decision) = self.held_after_pin(ev, challenge)? {
+                    return Ok(decision);
+                }
                 let answer = self.post_answer(transfer_id).await?;
                 Ok(after_pin::after_post(ev, challenge, answer))
             }
@@ -618,6 +676,7 @@ impl Payments {
                     event: challenge.event_id.to_string(),
                     note: None,
                     request: None,
+                    refund: None,
                 };
                 // As for payments: a withdrawal the wallet cannot cover is refused before the
                 // ledger, which would open accounts and journal the refusal.

@@ -11,6 +11,7 @@ use ruma::{EventId, OwnedUserId, UserId};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
+use super::core::held::HeldAction;
 use super::core::request::{self as core_request, Action, Change, Posted};
 use super::core::{Decision, EventRef};
 use super::{PayRequest, Payments, PaymentsError};
@@ -19,7 +20,7 @@ use crate::events::{PaymentRequestEventContent, ReceiptReason};
 use crate::ledger::{CurrencyCode, TransferId};
 use crate::policy::trust;
 use crate::requests::{
-    self, NewRequest, Request, RequestCommand, RequestError, RequestId, RequestLimits,
+    self, NewRequest, ReplyAction, Request, RequestCommand, RequestError, RequestId, RequestLimits,
     RequestRefusal, SplitShares,
 };
 use crate::store::payments::EventOutcome;
@@ -43,7 +44,7 @@ impl Payments {
             .map_or(2, |c| c.exponent)
     }
 
-    fn minor_decimal(&self, currency: CurrencyCode, minor: u128) -> Decimal {
+    pub(super) fn minor_decimal(&self, currency: CurrencyCode, minor: u128) -> Decimal {
         self.ledger.to_decimal(currency, minor).unwrap_or_default()
     }
 
@@ -143,14 +144,26 @@ impl Payments {
         command: RequestCommand,
     ) -> Result<bool, PaymentsError> {
         match command {
+            RequestCommand::Reply {
+                to,
+                action: ReplyAction::Refund { amount },
+            } => {
+                self.on_refund(event, &to, amount).await?;
+                Ok(true)
+            }
             RequestCommand::Reply { to, action } => {
+                // An answer to a payment held for its payee.
+                if let Some(held_action) = held_action_of_reply(&action) {
+                    if let Some(record) = self.store.held().by_notice(&to)? {
+                        self.on_held_answer(event, record, held_action).await?;
+                        return Ok(true);
+                    }
+                }
                 let Some(action) = Action::of_reply(action) else {
-                    self.answer(
-                        event,
-                        "!accept and !refund are not available yet",
-                        "request-error",
-                    )
-                    .await?;
+                    // `!accept` replying to no held payment the bot knows (`!refund` with its
+                    // amount is `RequestCommand::Refund`, above).
+                    let text = RequestRefusal::ReplyTargetUnknown.sentence();
+                    self.answer(event, text, "request-error").await?;
                     return Ok(true);
                 };
                 let request = self.store.requests().by_event(&to)?;
@@ -355,6 +368,14 @@ impl Payments {
         let Ok(target) = <&EventId>::try_from(target) else {
             return Ok(false);
         };
+        if let Some(record) = self.store.held().by_notice(target)? {
+            let action = match key {
+                requests::Reaction::Yes => HeldAction::Accept,
+                requests::Reaction::No => HeldAction::Decline,
+            };
+            self.on_held_answer(event, record, action).await?;
+            return Ok(true);
+        }
         let Some(request) = self.store.requests().by_event(target)? else {
             return Ok(false);
         };
@@ -503,6 +524,7 @@ impl Payments {
             currency: request.currency.as_str().to_owned(),
             memo: request.memo.clone(),
             request: update,
+            refund: None,
         };
         match terms {
             Ok((after, terms)) => {
@@ -648,6 +670,15 @@ impl NewAsk {
                 content.amount.abs(),
             ),
         }
+    }
+}
+
+/// The held-payment answer a reply command stands for (`!accept`, `!decline`).
+fn held_action_of_reply(action: &requests::ReplyAction) -> Option<HeldAction> {
+    match action {
+        requests::ReplyAction::Accept => Some(HeldAction::Accept),
+        requests::ReplyAction::Decline => Some(HeldAction::Decline),
+        _ => None,
     }
 }
 

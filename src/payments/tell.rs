@@ -4,10 +4,11 @@
 
 use super::memo::{MemoKind, PaymentMemo};
 use super::{payment_span, reason_from_code, reason_label, text, txn, Payments, PaymentsError};
-use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
+use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus, RefundOf};
 use crate::ledger::{ExportedEntry, JournalEntry, Owner, TransferId, TransferKind, TransferState};
 use crate::outbox::{Deliver, DeliverError};
 use crate::store::payments::{Queued, TransferNote, WaitingNoticeBounds};
+use crate::store::receipts::RECEIPT_LINKS_MAX;
 use async_trait::async_trait;
 use ruma::events::relation::Reference;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
@@ -210,7 +211,44 @@ impl Payments {
             self.store.remove_challenge(&challenge).await?;
         }
         let note = self.store.note(id.0)?;
+        let refund_of = memo.refund.as_ref().and_then(|r| {
+            Some(RefundOf {
+                transfer_id: r.of.clone(),
+                receipt_event_id: OwnedEventId::try_from(r.receipt.as_str()).ok()?,
+            })
+        });
+        // A refund's notice says which payment it gives money back from.
+        let refunded = match &refund_of {
+            Some(of) => match of.transfer_id.parse::<u128>() {
+                Ok(original) => self
+                    .ledger
+                    .transfer(TransferId(original))
+                    .await?
+                    .map(|original| {
+                        let paid_minor = match original.state {
+                            TransferState::Posted { amount_minor } => amount_minor,
+                            _ => original.amount_minor,
+                        };
+                        text::money(&self.show(code.as_str(), paid_minor), code.as_str())
+                    }),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let held = self.held_receipt(id, how)?;
         let (status, reason, headline) = match how {
+            // A payment held for its payee: accepted, declined, or returned.
+            _ if held.is_some() => held.expect("checked"),
+            "posted" if refund_of.is_some() => (
+                ReceiptStatus::Completed,
+                None,
+                match &refunded {
+                    Some(paid) => {
+                        format!("↩️ {payer} refunded {money} to {payee} (of a payment of {paid})")
+                    }
+                    None => format!("↩️ {payer} refunded {money} to {payee}"),
+                },
+            ),
             "posted" => (ReceiptStatus::Completed, None, format!("✅ {payer} paid {payee} {money}")),
             "expired" => (
                 ReceiptStatus::Expired,
@@ -259,6 +297,7 @@ impl Payments {
                 .and_then(|r| OwnedEventId::try_from(r).ok()),
             merchant: merchant.clone(),
             order_ref: order_ref.clone(),
+            refund_of: refund_of.clone(),
             relates_to: Reference::new(relates_to),
         };
         let key = format!("{id}-{how}");
@@ -266,7 +305,8 @@ impl Payments {
         // keep the payer's own receipt from them. A retry re-sends both with the same
         // transaction ids, so what already went is not shown twice.
         let room_told: Result<(), PaymentsError> = async {
-            self.messenger
+            let typed = self
+                .messenger
                 .send(
                     &room,
                     "org.mxpay.receipt",
@@ -274,9 +314,19 @@ impl Payments {
                     txn("ob-room-receipt", &key),
                 )
                 .await?;
-            self.messenger
+            let notice = self
+                .messenger
                 .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
                 .await?;
+            // A completed payment's receipts in the room are where its payee replies
+            // `!refund`: both are linked to it (a retry sends with the same transaction ids,
+            // gets the same event ids back, and links them if a crash came first).
+            if how == "posted" {
+                self.store
+                    .receipts()
+                    .link(&[&typed, &notice], id.0, RECEIPT_LINKS_MAX)
+                    .await?;
+            }
             tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
             match (status, reason) {
                 (ReceiptStatus::Completed, _) => self.metrics.payment("completed", "none"),
@@ -306,6 +356,27 @@ impl Payments {
                         .await?;
                 }
             }
+            // A refund is told to the one it pays back (the original payer) in their DM too.
+            // Nothing of this payment is in that DM, and a reference must stay in its room:
+            // the typed receipt references the notice it follows.
+            if refund_of.is_some() && how == "posted" {
+                if let Some(dm) = self.ready_dm(payee)? {
+                    if dm != room {
+                        let notice = self
+                            .messenger
+                            .notice(&dm, &body, None, txn("ob-payee-dm-notice", &key))
+                            .await?;
+                        self.messenger
+                            .send(
+                                &dm,
+                                "org.mxpay.receipt",
+                                serde_json::to_value(receipt(notice)).expect("receipt serialises"),
+                                txn("ob-payee-dm-receipt", &key),
+                            )
+                            .await?;
+                    }
+                }
+            }
             Ok(())
         }
         .await;
@@ -315,6 +386,8 @@ impl Payments {
             self.request_payment_ended(memo.request.as_deref(), &payer_id, id, how)
                 .await?;
         }
+        // A held payment: its record follows the ledger, its notice is edited.
+        self.held_ended(id, how).await?;
         match (room_told, dm_told) {
             (Ok(()), Ok(())) => Ok(true),
             // A retryable failure wins, so the outbox retries (and does not dead-letter).

@@ -22,7 +22,15 @@ pub fn payment_commands() -> Vec<CommandHelp> {
         ),
         CommandHelp::new(
             "!decline",
-            "as a reply to a request: decline it (the requester is told)",
+            "as a reply to a request: decline it (the requester is told); to a payment waiting for you to accept it (or react ❌): send it back",
+        ),
+        CommandHelp::new(
+            "!accept",
+            "as a reply to a payment waiting for you to accept it (or react ✅): take it",
+        ),
+        CommandHelp::new(
+            "!refund [AMOUNT]",
+            "as a reply to the receipt of a payment you received: give it back, all that remains or AMOUNT of it (with your PIN)",
         ),
         CommandHelp::new(
             "!balance",

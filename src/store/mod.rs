@@ -3,8 +3,10 @@
 //!
 //! Trees are named `key_value` so a tree's name says what maps to what.
 
+pub mod held;
 pub mod inbox;
 pub mod payments;
+pub mod receipts;
 pub mod requests;
 
 pub use inbox::{InboxStore, Inserted, StoredEntry};

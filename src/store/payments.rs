@@ -336,6 +336,10 @@ pub struct PaymentStore {
     notices_lock: std::sync::Arc<parking_lot::Mutex<()>>,
     /// Payment requests, in this database (their trees share its flushes).
     requests: super::requests::RequestStore,
+    /// Which payment each completed-payment receipt is about (for `!refund`).
+    receipts: super::receipts::ReceiptStore,
+    /// Payments held for their payee to accept, in this database.
+    held: super::held::HeldStore,
 }
 
 impl fmt::Debug for PaymentStore {
@@ -396,6 +400,8 @@ impl PaymentStore {
             );
         Ok(Self {
             requests: super::requests::RequestStore::in_db(db.clone(), log.clone())?,
+            receipts: super::receipts::ReceiptStore::in_db(db.clone(), log.clone())?,
+            held: super::held::HeldStore::in_db(db.clone(), log.clone())?,
             pins: db.open_tree(USERID_PIN)?,
             profiles: db.open_tree(USERID_PROFILE)?,
             dialogs: db.open_tree(USERID_DIALOG)?,
@@ -416,6 +422,18 @@ impl PaymentStore {
     /// [`super::requests`]).
     pub fn requests(&self) -> &super::requests::RequestStore {
         &self.requests
+    }
+
+    /// The links from the bot's receipts to the payments they tell of (see
+    /// [`super::receipts`]).
+    pub fn receipts(&self) -> &super::receipts::ReceiptStore {
+        &self.receipts
+    }
+
+    /// The payments held for their payee to accept (`transferid_held`, ...: see
+    /// [`super::held`]).
+    pub fn held(&self) -> &super::held::HeldStore {
+        &self.held
     }
 
     /// Makes every write so far durable (also against a power cut: see

@@ -1038,7 +1038,8 @@ async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth(
                 .replace("{jti}", "some-token")
                 .replace("{merchant_id}", "cafe")
                 .replace("{key_id}", "some-key")
-                .replace("{provider}", "acme");
+                .replace("{provider}", "acme")
+                .replace("{event_id}", "evt_x");
             let (status, body) = h
                 .call(
                     &method.to_uppercase(),
@@ -1088,7 +1089,8 @@ fn guarded_routes(h: &Harness) -> Vec<(String, String)> {
                 .replace("{withdrawal_id}", &"1".repeat(32))
                 .replace("{jti}", "some-other-token")
                 .replace("{merchant_id}", "cafe")
-                .replace("{key_id}", "some-key");
+                .replace("{key_id}", "some-key")
+                .replace("{event_id}", "evt_x");
             (method.to_uppercase(), path)
         })
         .collect()
@@ -2185,7 +2187,7 @@ async fn withdrawal_settled_and_pin_reset_through_the_cli() {
     support::write_secret(&pepper, support::random_suffix(48));
     let (admin, _) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
-        "payments:\n  enabled: true\n  pepper_file: {}\n{admin}",
+        "payments:\n  enabled: true\n  pepper_file: {}\n  hold_for_new_payees: false\n{admin}",
         pepper.display()
     );
     lease.write_config();

@@ -157,7 +157,7 @@ async fn a_payment_whose_room_key_was_lost_goes_through_after_the_bot_asks_for_i
     support::write_secret(&pepper, format!("{}\n", support::random_suffix(48)));
     let (admin, admin_key) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
-        "payments:\n  enabled: true\n  pepper_file: {}\n{admin}",
+        "payments:\n  enabled: true\n  pepper_file: {}\n  hold_for_new_payees: false\n{admin}",
         pepper.display()
     );
     let mxpay_port = support::free_port();

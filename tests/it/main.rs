@@ -8,6 +8,7 @@ mod crypto;
 mod dev;
 mod spine;
 mod support;
+mod webhooks;
 
 mod homeserver_retry;
 

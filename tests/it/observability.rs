@@ -66,7 +66,7 @@ async fn flow_leaks_no_secret(label: &str, json: bool) {
     support::write_secret(&webhook_path, &webhook_secret);
     let (admin, admin_key) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
-        "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: 120000\n{admin}  \
+        "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: 120000\n  hold_for_new_payees: false\n{admin}  \
          providers:\n    - name: acme\n      secret: {{ file: {} }}\n",
         pepper_path.display(),
         webhook_path.display()

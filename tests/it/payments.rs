@@ -21,12 +21,23 @@ pub(crate) const PIN: &str = "4821";
 /// A slot leased with payments on (a pepper file in the lease dir), the given step-up
 /// timeout, and the admin API (for top-ups); returns the lease and the admin key.
 async fn payments_lease(label: &str, stepup_timeout_ms: u64) -> (SlotLease, Vec<u8>) {
+    // These tests pay people who never used mxpay; payments held for such payees have their
+    // own tests (payments/accept.rs).
+    payments_lease_with(label, stepup_timeout_ms, "  hold_for_new_payees: false\n").await
+}
+
+/// [`payments_lease`] with more `payments:` keys (`payments_yaml`: indented lines).
+async fn payments_lease_with(
+    label: &str,
+    stepup_timeout_ms: u64,
+    payments_yaml: &str,
+) -> (SlotLease, Vec<u8>) {
     let mut lease = support::synapse().lease(SlotKind::Normal, label).await;
     let pepper: PathBuf = lease.dir.join("pepper");
     support::write_secret(&pepper, format!("{}\n", support::random_suffix(48)));
     let (admin, admin_key) = admin_yaml(&lease.dir);
     lease.config.extra_yaml = format!(
-        "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: {stepup_timeout_ms}\n{admin}",
+        "payments:\n  enabled: true\n  pepper_file: {}\n  stepup_timeout_ms: {stepup_timeout_ms}\n{payments_yaml}{admin}",
         pepper.display()
     );
     lease.write_config();
@@ -306,9 +317,27 @@ async fn scene_with(
     funds: &str,
     options: impl FnOnce(&SlotLease) -> MxpayOptions,
 ) -> Scene {
+    scene_configured(
+        label,
+        stepup_timeout_ms,
+        funds,
+        "  hold_for_new_payees: false\n",
+        options,
+    )
+    .await
+}
+
+/// [`scene_with`] with these `payments:` keys (indented lines) instead of the default ones.
+async fn scene_configured(
+    label: &str,
+    stepup_timeout_ms: u64,
+    funds: &str,
+    payments_yaml: &str,
+    options: impl FnOnce(&SlotLease) -> MxpayOptions,
+) -> Scene {
     let alice_user = support::user("alice").await;
     let bob_user = support::user("bob").await;
-    let (lease, admin_key) = payments_lease(label, stepup_timeout_ms).await;
+    let (lease, admin_key) = payments_lease_with(label, stepup_timeout_ms, payments_yaml).await;
     let mxpay = MxpayProcess::start_with(&lease, options(&lease)).await;
     let bot = lease.spec.bot_user_id();
     let alice = support::client(&alice_user).await;
@@ -1544,6 +1573,10 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         request_event_id: Some(owned_event_id!("$request")),
         merchant: None,
         order_ref: None,
+        refund_of: Some(RefundOf {
+            transfer_id: "7".into(),
+            receipt_event_id: owned_event_id!("$receipt"),
+        }),
         relates_to: Reference::new(owned_event_id!("$pay")),
     };
     schema::assert_valid(
@@ -1697,8 +1730,10 @@ async fn pin_to_receipt_latency() {
     );
 }
 
+mod accept;
 mod bot_commands;
 mod keys;
 mod notices;
+mod refunds;
 mod replay;
 pub(crate) mod requests;

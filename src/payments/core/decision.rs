@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::events::ReceiptReason;
 use crate::ledger::TransferId;
 use crate::requests::{Request, RequestId};
+use crate::store::held::HeldRecord;
 use crate::store::payments::{Challenge, Dialog, EventOutcome};
 
 /// A write to the payment store (or, for a changed identity, to the crypto store).
@@ -101,6 +102,8 @@ pub enum Record {
         /// The reply or reaction that made the change.
         acted_by: Option<OwnedEventId>,
     },
+    /// Writes a payment held for its payee as it now stands (new, or its state moved on).
+    Held(Box<HeldRecord>),
 }
 
 /// A ledger operation whose refusal changes nothing the decision depends on.
@@ -108,6 +111,9 @@ pub enum Record {
 pub enum LedgerOp {
     /// Releases a reservation (a refusal means it ended already).
     Void(TransferId),
+    /// Posts a reservation in full (a payment its payee accepted; a refusal means it ended
+    /// already, and the outbox tells how).
+    Post(TransferId),
 }
 
 /// Something the bot sends.
@@ -129,6 +135,9 @@ pub struct Outgoing {
     /// [`crate::store::requests::RequestStore::link_event_as`]): replies and reactions to it
     /// find the request, and the bot finds its notice to edit.
     pub link: Option<(RequestId, String)>,
+    /// Once sent, its event id is remembered as the notice of this held payment (the
+    /// message its payee accepts or declines by reacting or replying).
+    pub held_notice_of: Option<TransferId>,
 }
 
 /// The content of an [`Outgoing`].
@@ -169,6 +178,7 @@ impl Outgoing {
             key: key.into(),
             remember_notice_of: None,
             link: None,
+            held_notice_of: None,
         }
     }
 
@@ -190,6 +200,7 @@ impl Outgoing {
             key: key.into(),
             remember_notice_of: None,
             link: None,
+            held_notice_of: None,
         }
     }
 

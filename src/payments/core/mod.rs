@@ -17,8 +17,10 @@
 //! - [`after_pin`]: what a PIN comparison and the ledger's answer to the post lead to;
 //! - [`challenge`]: opening a challenge, where it is told, `!cancel`;
 //! - [`dialog`]: choosing and changing a PIN, and accepting changed security keys;
+//! - [`refund`]: whether a `!refund` starts a payment back, and its refusals;
 //! - [`request`]: payment requests and split bills: posting, paying, declining, cancelling,
-//!   and telling each change.
+//!   and telling each change;
+//! - [`held`]: payments the payee accepts: held after the PIN, accepted, declined, returned.
 
 pub mod after_pin;
 pub mod challenge;
@@ -26,7 +28,9 @@ pub mod decision;
 pub mod dialog;
 #[cfg(test)]
 mod fixtures;
+pub mod held;
 pub mod pin_answer;
+pub mod refund;
 pub mod refusal;
 pub mod request;
 pub mod start;

@@ -8,6 +8,7 @@ use crate::events::ReceiptReason;
 use crate::ledger::TransferError;
 use crate::policy::pin::human_duration;
 use crate::policy::trust::TrustRefusal;
+use crate::requests::RequestRefusal;
 
 /// A refusal: the receipt's reason code and the sentence the payer is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +179,10 @@ pub fn reason_for(error: TransferError) -> ReceiptReason {
         TransferError::DebitAccountFrozen => ReceiptReason::AccountFrozen,
         TransferError::CreditAccountFrozen => ReceiptReason::PayeeNotAllowed,
         TransferError::CurrencyUnknown => ReceiptReason::InvalidAmount,
+        // A refund the ledger refused (a race with another refund of the same payment).
+        TransferError::RefundExceedsRemaining => ReceiptReason::RefundAboveRemaining,
+        TransferError::OriginalTransferIsRefund => ReceiptReason::RefundOfRefund,
+        TransferError::OriginalTransferNotRefundable => ReceiptReason::RefundNotCompleted,
         _ => ReceiptReason::Other,
     }
 }
@@ -194,6 +199,11 @@ pub fn ledger_sentence(error: TransferError) -> String {
         }
         TransferError::DebitAccountFrozen => "your wallet is frozen".to_owned(),
         TransferError::CreditAccountFrozen => "the payee's wallet is frozen".to_owned(),
+        TransferError::RefundExceedsRemaining => RequestRefusal::RefundAboveRemaining.to_string(),
+        TransferError::OriginalTransferIsRefund => RequestRefusal::RefundOfRefund.to_string(),
+        TransferError::OriginalTransferNotRefundable => {
+            RequestRefusal::RefundNotCompleted.to_string()
+        }
         other => format!("the payment was refused ({other})"),
     }
 }
@@ -233,6 +243,32 @@ pub fn before_ledger(accounts: AccountFacts, amount_minor: u128) -> Option<Trans
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refund the ledger refuses when it reserves the money (another refund of the same
+    /// payment took its part first) is told with the refund's own code and sentence.
+    #[test]
+    fn the_ledgers_refund_refusals_have_the_refund_codes() {
+        for (error, refusal) in [
+            (
+                TransferError::RefundExceedsRemaining,
+                RequestRefusal::RefundAboveRemaining,
+            ),
+            (
+                TransferError::OriginalTransferIsRefund,
+                RequestRefusal::RefundOfRefund,
+            ),
+            (
+                TransferError::OriginalTransferNotRefundable,
+                RequestRefusal::RefundNotCompleted,
+            ),
+        ] {
+            assert_eq!(
+                reason_for(error),
+                crate::payments::reason_of_request(refusal)
+            );
+            assert_eq!(ledger_sentence(error), refusal.sentence());
+        }
+    }
 
     fn facts() -> PayerFacts {
         PayerFacts {

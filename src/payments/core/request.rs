@@ -280,6 +280,7 @@ pub fn refusal_sends(ev: &EventRef, record: &DeclineRecord) -> Vec<Outgoing> {
         request_event_id: None,
         merchant: None,
         order_ref: None,
+        refund_of: None,
         relates_to: ruma::events::relation::Reference::new(ev.event_id.clone()),
     };
     let key = ev.event_id.as_str();
@@ -313,8 +314,8 @@ pub enum Action {
 }
 
 impl Action {
-    /// The action of a reply command; `None` for those handled elsewhere (`!accept`,
-    /// `!refund`: not wired yet).
+    /// The action of a reply command on a request; `None` for those handled elsewhere
+    /// (`!accept`: payments held for their payee; `!refund`: receipts).
     pub fn of_reply(action: ReplyAction) -> Option<Self> {
         match action {
             ReplyAction::Pay => Some(Action::Pay),

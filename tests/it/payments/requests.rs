@@ -511,3 +511,155 @@ async fn a_decline_whose_message_failed_is_repeated_not_decided_again() {
         "the decline was refused on retry"
     );
 }
+
+/// bob asks alice with a client's `org.mxpay.payment_request` that lapses soon
+/// (`expires_at_ms`); once its time has passed, the next event the bot handles (a chat line)
+/// writes it down: the notice is edited to expired, a status event says so, and alice's
+/// `!pay` afterwards is refused as `request_expired`; nothing moves.
+#[tokio::test]
+async fn a_request_that_lapses_is_edited_to_expired_and_cannot_be_paid() {
+    let s = scene("request-lapse", 120_000, "50.00").await;
+    let (alice, bob, bot, room, dm) = (&s.alice, &s.bob, s.bot.as_str(), &s.room, &s.dm);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64
+    };
+    // Far enough ahead for the bot to take the request on any machine; the test then waits
+    // for that time to pass (it asserts nothing about how long anything took).
+    let expires_at_ms = now_ms() + 20_000;
+    bob.room(room)
+        .await
+        .send_raw(
+            "org.mxpay.payment_request",
+            json!({
+                "body": format!("{} requests 3.00 EUR: tickets", s.bob_id()),
+                "payee": s.bob_id(),
+                "payer": s.alice_id(),
+                "amount": "3.00",
+                "currency": "EUR",
+                "memo": "tickets",
+                "expires_at_ms": expires_at_ms,
+            }),
+        )
+        .await
+        .expect("send the request");
+    let notice = request_notice(alice, room, bot, s.alice_id(), "asks").await;
+    assert!(
+        notice.body().unwrap_or_default().ends_with("Status: open"),
+        "{}",
+        notice.json
+    );
+    // Bounded: the expiry is at most 20 s ahead.
+    for _ in 0..50 {
+        if now_ms() > expires_at_ms + 500 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(now_ms() > expires_at_ms, "the request's time has passed");
+    send_text(bob, room, "did you see my request?").await;
+    wait_edit(alice, room, bot, notice.event_id(), "Status: expired").await;
+    wait_bot_event(alice, room, bot, "org.mxpay.payment_request.status", |c| {
+        c["status"] == "expired"
+    })
+    .await;
+
+    let late = reply(alice, room, notice.event_id(), "!pay").await;
+    let refused = wait_receipt(alice, room, bot, &late, "declined", Some("request_expired")).await;
+    assert!(
+        refused
+            .body()
+            .unwrap_or_default()
+            .contains("this request has expired"),
+        "{}",
+        refused.json
+    );
+    balance_is(alice, dm, bot, "50.00 EUR").await;
+    assert!(bot_events_match_schemas(alice, bot) >= 2);
+}
+
+/// bob asks anyone in the room for 2.00 EUR (a client's `org.mxpay.payment_request` without
+/// `payer`); alice and carol each pay it by replying `!pay` (each with their own PIN); the
+/// notice lists both as paid; alice paying a second time is refused as
+/// `request_already_paid`.
+#[tokio::test]
+async fn an_open_request_is_paid_by_two_members() {
+    let s = scene("request-open", 120_000, "50.00").await;
+    let (alice, bob, bot, room, dm) = (&s.alice, &s.bob, s.bot.as_str(), &s.room, &s.dm);
+    let (carol, carol_dm) = funded_payer(&s, "carol", "10.00").await;
+    let carol_id = carol.user.user_id.to_string();
+    let ask = bob
+        .room(room)
+        .await
+        .send_raw(
+            "org.mxpay.payment_request",
+            json!({
+                "body": format!("{} requests 2.00 EUR from anyone: club fee", s.bob_id()),
+                "payee": s.bob_id(),
+                "amount": "2.00",
+                "currency": "EUR",
+                "memo": "club fee",
+            }),
+        )
+        .await
+        .expect("send the request")
+        .response
+        .event_id;
+    let notice = wait_notice(alice, room, bot, "asks anyone here for 2.00 EUR").await;
+
+    let alice_pays = reply(alice, room, notice.event_id(), "!pay").await;
+    wait_notice(
+        alice,
+        dm,
+        bot,
+        &format!("Confirm paying 2.00 EUR to {}", s.bob_id()),
+    )
+    .await;
+    send_text(alice, dm, PIN).await;
+    let receipt = wait_receipt(bob, room, bot, &alice_pays, "completed", None).await;
+    assert_eq!(receipt.content()["request_event_id"], ask.as_str());
+    wait_edit(
+        bob,
+        room,
+        bot,
+        notice.event_id(),
+        &format!("✅ {} 2.00 EUR", s.alice_id()),
+    )
+    .await;
+
+    let carol_pays = reply(&carol, room, notice.event_id(), "!pay").await;
+    wait_notice(
+        &carol,
+        &carol_dm,
+        bot,
+        &format!("Confirm paying 2.00 EUR to {}", s.bob_id()),
+    )
+    .await;
+    send_text(&carol, &carol_dm, PIN).await;
+    let receipt = wait_receipt(bob, room, bot, &carol_pays, "completed", None).await;
+    assert_eq!(receipt.content()["request_event_id"], ask.as_str());
+    wait_edit(
+        bob,
+        room,
+        bot,
+        notice.event_id(),
+        &format!("✅ {} 2.00 EUR\n✅ {carol_id} 2.00 EUR", s.alice_id()),
+    )
+    .await;
+
+    let again = reply(alice, room, notice.event_id(), "!pay").await;
+    wait_receipt(
+        alice,
+        room,
+        bot,
+        &again,
+        "declined",
+        Some("request_already_paid"),
+    )
+    .await;
+    balance_is(alice, dm, bot, "48.00 EUR").await;
+    balance_is(&carol, &carol_dm, bot, "8.00 EUR").await;
+    assert!(bot_events_match_schemas(bob, bot) >= 4);
+}
