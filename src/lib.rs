@@ -17,6 +17,7 @@ pub mod homeserver;
 pub mod http;
 pub mod inbox;
 pub mod ledger;
+pub mod merchants;
 pub mod metrics;
 pub mod outbox;
 pub mod payments;

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::audit::{AuditEntry, AUDIT_PAGE_MAX};
 use super::flood::Gate;
+use super::merchants;
 use super::service::{AdminState, Settlement, TopupRequest, HISTORY_PAGE_DEFAULT};
 use super::token::{authorize, AdminClaims, Scope, TokenError};
 use super::views::{AccountJson, TransferJson};
@@ -42,7 +43,7 @@ type Shared = Arc<AdminState>;
 pub const ADMIN_BODY_BYTES_MAX: u64 = 64 * 1024;
 
 /// Reads a request body up to [`ADMIN_BODY_BYTES_MAX`].
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, AdminError> {
+pub(super) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, AdminError> {
     crate::http::read_body_capped(headers, body, ADMIN_BODY_BYTES_MAX)
         .await
         .map_err(|e| match e {
@@ -74,6 +75,17 @@ impl<S: Clone + Send + Sync + 'static> Mount<S> {
             )
         });
         self.add_any(method, path, route)
+    }
+
+    /// [`Mount::add`] for a route with several methods on one path (`methods` lists them).
+    fn add_methods(self, methods: &[&'static str], path: &str, route: MethodRouter<S>) -> Self {
+        let (first, rest) = methods.split_first().expect("at least one method");
+        let mut mount = self.add(first, path, route);
+        let full = format!("{ADMIN_PREFIX}{path}");
+        for method in rest {
+            mount.routes.push((method, full.clone()));
+        }
+        mount
     }
 
     /// [`Mount::add`] for a route that answers every method itself.
@@ -128,6 +140,36 @@ pub fn routes(state: Option<Arc<AdminState>>) -> (Router, Vec<(&'static str, Str
         .add("get", "/ledger/export", get(get_export))
         .add("get", "/audit", get(get_audit))
         .add("post", "/tokens/{jti}/revoke", post(post_revoke))
+        .add_methods(
+            &["post", "get"],
+            "/merchants",
+            post(merchants::post_merchant).get(merchants::get_merchants),
+        )
+        .add(
+            "get",
+            "/merchants/{merchant_id}",
+            get(merchants::get_merchant),
+        )
+        .add(
+            "post",
+            "/merchants/{merchant_id}/disable",
+            post(merchants::post_disable),
+        )
+        .add(
+            "post",
+            "/merchants/{merchant_id}/enable",
+            post(merchants::post_enable),
+        )
+        .add(
+            "post",
+            "/merchants/{merchant_id}/keys",
+            post(merchants::post_key),
+        )
+        .add(
+            "post",
+            "/merchants/{merchant_id}/keys/{key_id}/revoke",
+            post(merchants::post_key_revoke),
+        )
         .add("get", "/webhook-events", get(get_webhook_events))
         .add("get", "/webhook-events/{event_id}", get(get_webhook_event))
         .add(
@@ -150,7 +192,7 @@ async fn openapi() -> Response {
 /// The peer's IP address, when the server was started with connect info (`mxpay serve` is);
 /// `None` for in-process calls. Only the TCP peer counts: a forwarded-for header is the
 /// caller's own text.
-struct Peer(Option<IpAddr>);
+pub(super) struct Peer(Option<IpAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
     type Rejection = std::convert::Infallible;
@@ -296,7 +338,7 @@ async fn finish<T: Serialize>(
 }
 
 /// Authenticates for `scope`, runs `op`, audits, answers.
-async fn call<T, F, Fut>(
+pub(super) async fn call<T, F, Fut>(
     state: &AdminState,
     peer: &Peer,
     headers: &HeaderMap,
@@ -320,10 +362,10 @@ where
 
 /// The parts of a call on one path id (a user or a withdrawal): the state, the id, the
 /// headers. Handlers on such a path take this instead of the three extractors each.
-struct IdCall {
+pub(super) struct IdCall {
     state: Shared,
     id: String,
-    headers: HeaderMap,
+    pub(super) headers: HeaderMap,
     peer: Peer,
 }
 
@@ -346,7 +388,7 @@ impl FromRequestParts<Shared> for IdCall {
 
 impl IdCall {
     /// [`call`] with the id as the audit target; `op` gets the state and the id.
-    async fn run<T, F, Fut>(self, scope: Scope, action: &'static str, op: F) -> Response
+    pub(super) async fn run<T, F, Fut>(self, scope: Scope, action: &'static str, op: F) -> Response
     where
         T: Serialize,
         F: FnOnce(Shared, String) -> Fut,
@@ -405,7 +447,7 @@ fn accounts_answer(user_id: String, accounts: Vec<AccountJson>) -> serde_json::V
 /// Parses a request body that must be a JSON object (an empty body is `{}`). serde would also
 /// read a struct from an array (`[true]` as `{"accept_new_keys": true}`): refused, so a body
 /// means only what its field names say.
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     let bad = |e: serde_json::Error| AdminError::BadJson(e.to_string());
     if body.is_empty() {
         return serde_json::from_slice(b"{}").map_err(bad);
@@ -419,7 +461,7 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     serde_json::from_slice(body).map_err(bad)
 }
 
-fn parse_query<T: DeserializeOwned>(uri: &Uri) -> Result<T, AdminError> {
+pub(super) fn parse_query<T: DeserializeOwned>(uri: &Uri) -> Result<T, AdminError> {
     Query::<T>::try_from_uri(uri)
         .map(|q| q.0)
         .map_err(|e| AdminError::InvalidParam(e.body_text()))

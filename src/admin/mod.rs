@@ -14,6 +14,7 @@ pub mod api;
 pub mod audit;
 pub mod events;
 pub mod flood;
+pub mod merchants;
 pub mod pins;
 pub mod revoked;
 pub mod service;
@@ -31,6 +32,7 @@ pub use service::AdminState;
 pub use settings::AdminSettings;
 
 use crate::ledger::{AmountError, LedgerError, TransferError};
+use crate::merchants::MerchantError;
 
 /// Everything the admin API refuses or fails at. The edge maps each to a status and a Matrix
 /// `{"errcode", "error"}` body; internal details are logged, never answered.
@@ -91,6 +93,9 @@ pub enum AdminError {
         /// How long to wait before a retry, in ms.
         retry_after_ms: u64,
     },
+    /// A merchant operation was refused (its [`MerchantError::reason`] is the audit result).
+    #[error(transparent)]
+    Merchant(#[from] MerchantError),
     /// Something failed inside mxpay; details are in the log.
     #[error("internal error; details are in mxpay's log")]
     Internal(String),
@@ -130,6 +135,13 @@ impl AdminError {
             }
             Self::RevocationsFull => (S::INSUFFICIENT_STORAGE, "M_RESOURCE_LIMIT_EXCEEDED"),
             Self::LimitExceeded { .. } => (S::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
+            Self::Merchant(e) => {
+                let (status, errcode) = e.status_and_errcode();
+                (
+                    S::from_u16(status).unwrap_or(S::INTERNAL_SERVER_ERROR),
+                    errcode,
+                )
+            }
             Self::Internal(_) => (S::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         }
     }
@@ -149,6 +161,7 @@ impl AdminError {
     pub fn audit_result(&self) -> String {
         match self {
             Self::Rejected(e) | Self::IdempotencyConflict(e) => format!("{e:?}"),
+            Self::Merchant(e) => e.reason().to_owned(),
             other => other.status_and_errcode().1.to_owned(),
         }
     }
@@ -181,7 +194,7 @@ fn is_idempotency_conflict(e: TransferError) -> bool {
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
-        if let Self::Internal(detail) = &self {
+        if let Self::Internal(detail) | Self::Merchant(MerchantError::Store(detail)) = &self {
             tracing::error!(%detail, "admin API internal error");
         }
         let (status, errcode) = self.status_and_errcode();

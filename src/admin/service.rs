@@ -23,6 +23,7 @@ use crate::ledger::{
     AccountId, FreezeMode, HistoryCursor, Ledger, LedgerError, Owner, Transfer, TransferError,
     TransferId, TransferKind, TransferRequest,
 };
+use crate::merchants::{KeyAuthority, MerchantStore};
 
 /// Longest idempotency key or provider event id, in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
@@ -38,6 +39,9 @@ pub const AUDIT_FILE: &str = "audit.jsonl";
 
 /// The admin database's directory in the data directory: webhook events and revoked tokens.
 pub const EVENTS_DIR: &str = "admin";
+
+/// The merchant registry's directory in the data directory (merchants, their keys).
+pub const MERCHANTS_DIR: &str = "merchants";
 
 /// A PIN store the admin API can reset PINs in (implemented by the payments layer).
 #[async_trait::async_trait]
@@ -83,6 +87,8 @@ pub struct AdminState {
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
     pub(crate) webhooks: std::sync::OnceLock<crate::webhooks::WebhookOutbox>,
     pub(crate) refusals: RefusalGate,
+    pub(crate) merchants: MerchantStore,
+    pub(crate) merchant_keys: Arc<KeyAuthority>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -277,6 +283,14 @@ impl AdminState {
         let db = events::open_db(&events_dir).map_err(|e| cannot_open(&e))?;
         let events = EventStore::with_db(&db).map_err(|e| cannot_open(&e))?;
         let revoked = RevokedTokens::with_db(&db).map_err(|e| cannot_open(&e))?;
+        let merchants_dir = data_dir.join(MERCHANTS_DIR);
+        let merchants = MerchantStore::open(&merchants_dir).map_err(|e| {
+            AdminError::internal(format!("cannot open {}: {e:?}", merchants_dir.display()))
+        })?;
+        let merchant_keys = Arc::new(super::merchants::merchant_key_authority(
+            key,
+            clock.clone(),
+        )?);
         let defaults = AdminSettings::default();
         let refusals = refusal_gate(
             defaults.refused_calls_per_peer_per_min,
@@ -295,6 +309,8 @@ impl AdminState {
             clock,
             webhook_tolerance_s,
             pins: std::sync::OnceLock::new(),
+            merchants,
+            merchant_keys,
             webhooks: std::sync::OnceLock::new(),
         })
     }
@@ -390,6 +406,16 @@ impl AdminState {
     /// the admin API). Only the first call counts; until then `pin-reset` answers 501.
     pub fn set_pin_reset(&self, pins: Arc<dyn PinReset>) {
         let _ = self.pins.set(pins);
+    }
+
+    /// The merchant registry.
+    pub fn merchants(&self) -> &MerchantStore {
+        &self.merchants
+    }
+
+    /// Mints and checks merchant API keys (signed with the admin token key).
+    pub fn merchant_keys(&self) -> &Arc<KeyAuthority> {
+        &self.merchant_keys
     }
 
     /// The ledger.

@@ -47,13 +47,15 @@ pub enum Scope {
     Audit,
     /// Revoke any admin token by its id (a token may always revoke itself, without it).
     Revoke,
+    /// Register, show, disable and enable merchants; mint and revoke their API keys.
+    Merchants,
     /// Replay webhook events to merchants (reading them needs `read`).
     Webhooks,
 }
 
 impl Scope {
     /// Every scope, in a stable order.
-    pub const ALL: [Scope; 8] = [
+    pub const ALL: [Scope; 9] = [
         Scope::Topup,
         Scope::Read,
         Scope::Freeze,
@@ -61,6 +63,7 @@ impl Scope {
         Scope::PinReset,
         Scope::Audit,
         Scope::Revoke,
+        Scope::Merchants,
         Scope::Webhooks,
     ];
 
@@ -74,6 +77,7 @@ impl Scope {
             Scope::PinReset => "pin-reset",
             Scope::Audit => "audit",
             Scope::Revoke => "revoke",
+            Scope::Merchants => "merchants",
             Scope::Webhooks => "webhooks",
         }
     }

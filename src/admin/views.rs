@@ -8,13 +8,15 @@ use crate::ledger::{
     TransferKind, TransferState,
 };
 
-/// An owner as text: a user ID, or `system:issuer` / `system:settlement` / `system:fees`.
+/// An owner as text: a user ID, `merchant:<id>`, or `system:issuer` / `system:settlement` /
+/// `system:fees`.
 pub fn owner_str(owner: &Owner) -> String {
     match owner {
         Owner::User(name) => name.clone(),
         Owner::Issuer => "system:issuer".to_owned(),
         Owner::Settlement => "system:settlement".to_owned(),
         Owner::Fees => "system:fees".to_owned(),
+        Owner::Merchant(id) => format!("merchant:{id}"),
     }
 }
 

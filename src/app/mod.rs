@@ -119,6 +119,7 @@ pub struct App {
     ledger: Ledger,
     clock: SharedClock,
     admin: Option<Arc<AdminState>>,
+    merchant_api: Option<Arc<crate::merchants::api::MerchantApi>>,
     metrics_token: Option<crate::secret::Secret>,
 }
 
@@ -212,6 +213,20 @@ impl App {
             other => AppError::Admin(other.to_string()),
         })?
         .map(Arc::new);
+        // Merchant keys are signed with the admin token key: no admin API, no merchant API.
+        let merchant_api = admin
+            .as_ref()
+            .map(|admin| {
+                crate::merchants::api::MerchantApi::new(
+                    admin.merchants().clone(),
+                    admin.merchant_keys().clone(),
+                    ledger.clone(),
+                    clock.clone(),
+                )
+                .map(Arc::new)
+            })
+            .transpose()
+            .map_err(|e| AppError::Admin(format!("merchant store: {e:?}")))?;
         Ok(Self {
             config: Arc::new(config),
             registration: Arc::new(registration),
@@ -222,6 +237,7 @@ impl App {
             ledger,
             clock,
             admin,
+            merchant_api,
             metrics_token,
         })
     }
@@ -244,6 +260,11 @@ impl App {
     /// The clock the ledger and the admin API run on.
     pub fn clock(&self) -> &SharedClock {
         &self.clock
+    }
+
+    /// The merchant API's state; `None` when `admin.token` is not configured.
+    pub fn merchant_api(&self) -> Option<&Arc<crate::merchants::api::MerchantApi>> {
+        self.merchant_api.as_ref()
     }
 
     /// The admin API's state; `None` when `admin.token` is not configured.
@@ -379,8 +400,9 @@ impl App {
 /// The appservice API router for `app` (same as [`App::router`]), with the admin API.
 pub fn router(app: &App) -> Router {
     let admin = crate::admin::router(app.admin.clone());
+    let merchant = crate::merchants::api::routes(app.merchant_api.clone()).0;
     let edge = crate::http::router(app.edge_state());
-    edge.merge(admin)
+    edge.merge(admin).merge(merchant)
 }
 
 fn explain_versions(url: &str, error: &HomeserverError) -> String {

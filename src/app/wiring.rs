@@ -102,9 +102,17 @@ pub async fn start(
             &stepup_key,
         )
         .with_metrics(app.metrics().clone())
+        .with_merchants_of(app.admin().map(|admin| admin.merchants().clone()))
         // Test faults (debug builds only) are injected where the flow applies its effects.
         .with_faults(crate::payments::Faults::from_env()),
     );
+    // Invoices of the merchant API are posted and paid through the payment flow.
+    if let Some(api) = app.merchant_api() {
+        api.set_poster(Arc::new(crate::payments::invoices::InvoicePosting(
+            Arc::downgrade(&payments),
+        )));
+        payments.set_invoices(api.clone());
+    }
     Outbox::new(
         ledger,
         store,

@@ -153,6 +153,77 @@ pub enum AdminCommand {
         #[arg(long)]
         accept_new_keys: bool,
     },
+    /// Merchants: businesses that take payments in chat (scope `merchants`).
+    Merchant {
+        /// What to do.
+        #[command(subcommand)]
+        command: MerchantCommand,
+    },
+}
+
+/// `mxpay admin merchant <command>`.
+#[derive(Debug, Subcommand)]
+pub enum MerchantCommand {
+    /// Registers a merchant and prints its webhook signing secret (shown this once).
+    Create {
+        /// The merchant's Matrix user (a person or a bot account), e.g. @cafe:example.org.
+        user_id: String,
+        /// The name customers see on invoices and receipts.
+        #[arg(long)]
+        name: String,
+        /// Where its webhooks go (https, or http for a local receiver).
+        #[arg(long)]
+        webhook_url: String,
+        /// The merchant id (default: generated).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Lists merchants.
+    List,
+    /// Shows a merchant, its API keys and its wallet.
+    Show {
+        /// The merchant id.
+        merchant_id: String,
+    },
+    /// Disables a merchant: its keys are refused and it cannot invoice.
+    Disable {
+        /// The merchant id.
+        merchant_id: String,
+    },
+    /// Enables a disabled merchant again.
+    Enable {
+        /// The merchant id.
+        merchant_id: String,
+    },
+    /// Merchant API keys.
+    Key {
+        /// What to do.
+        #[command(subcommand)]
+        command: MerchantKeyCommand,
+    },
+}
+
+/// `mxpay admin merchant key <command>`.
+#[derive(Debug, Subcommand)]
+pub enum MerchantKeyCommand {
+    /// Mints an API key for a merchant and prints it (shown this once).
+    Create {
+        /// The merchant id.
+        merchant_id: String,
+        /// Scopes (repeat or comma-separate): invoices, refunds, read.
+        #[arg(long = "scope", required = true, value_delimiter = ',')]
+        scopes: Vec<crate::merchants::KeyScope>,
+        /// Lifetime: seconds, or with a unit: 90s, 15m, 12h, 7d (default 365d).
+        #[arg(long, default_value = "365d", value_parser = parse_ttl_s)]
+        ttl: u64,
+    },
+    /// Revokes a merchant API key by its id.
+    Revoke {
+        /// The merchant id.
+        merchant_id: String,
+        /// The key's id (`key_id`).
+        key_id: String,
+    },
 }
 
 /// `mxpay admin webhooks <command>`.
@@ -475,6 +546,7 @@ async fn call(args: &AdminArgs) -> Result<(), AdminCliError> {
             format!("/withdrawals/{}/reject", segment(withdrawal_id)),
             None,
         ),
+        C::Merchant { command } => merchant_call(command),
         C::Verify => (Method::POST, "/ledger/verify".to_owned(), None),
         C::Export => (Method::GET, "/ledger/export".to_owned(), None),
         C::Audit { limit, before } => {
@@ -783,6 +855,7 @@ fn render(command: &AdminCommand, value: &Value, generated_key: Option<&str>) ->
                 )
             }
         }
+        C::Merchant { command } => render_merchant(command, value),
         C::Webhooks {
             command: WebhooksCommand::List { .. },
         } => {
@@ -819,6 +892,141 @@ fn render(command: &AdminCommand, value: &Value, generated_key: Option<&str>) ->
             command: TokenCommand::Create { .. },
         }
         | C::Export => String::new(),
+    }
+}
+
+/// The API call of a `merchant` subcommand.
+fn merchant_call(command: &MerchantCommand) -> (reqwest::Method, String, Option<Value>) {
+    use reqwest::Method;
+    use MerchantCommand as M;
+    let at = |id: &str, what: &str| format!("/merchants/{}{what}", segment(id));
+    match command {
+        M::Create {
+            user_id,
+            name,
+            webhook_url,
+            id,
+        } => (
+            Method::POST,
+            "/merchants".to_owned(),
+            Some(serde_json::json!({
+                "merchant_id": id, "user_id": user_id, "display_name": name,
+                "webhook_url": webhook_url,
+            })),
+        ),
+        M::List => (Method::GET, "/merchants".to_owned(), None),
+        M::Show { merchant_id } => (Method::GET, at(merchant_id, ""), None),
+        M::Disable { merchant_id } => (Method::POST, at(merchant_id, "/disable"), None),
+        M::Enable { merchant_id } => (Method::POST, at(merchant_id, "/enable"), None),
+        M::Key {
+            command:
+                MerchantKeyCommand::Create {
+                    merchant_id,
+                    scopes,
+                    ttl,
+                },
+        } => (
+            Method::POST,
+            at(merchant_id, "/keys"),
+            Some(serde_json::json!({ "scopes": scopes, "ttl_s": ttl })),
+        ),
+        M::Key {
+            command:
+                MerchantKeyCommand::Revoke {
+                    merchant_id,
+                    key_id,
+                },
+        } => (
+            Method::POST,
+            at(merchant_id, &format!("/keys/{}/revoke", segment(key_id))),
+            None,
+        ),
+    }
+}
+
+fn render_merchant(command: &MerchantCommand, value: &Value) -> String {
+    use MerchantCommand as M;
+    let row = |m: &Value| {
+        vec![
+            s(&m["merchant_id"]),
+            s(&m["user_id"]),
+            s(&m["display_name"]),
+            if m["enabled"] == Value::Bool(true) {
+                "enabled".to_owned()
+            } else {
+                "disabled".to_owned()
+            },
+            s(&m["webhook_url"]),
+        ]
+    };
+    let header = ["MERCHANT", "USER", "NAME", "STATE", "WEBHOOK URL"];
+    match command {
+        M::Create { .. } => format!(
+            "{}webhook signing secret (shown only now): {}\n",
+            table(&header, &[row(value)]),
+            s(&value["webhook_secret"])
+        ),
+        M::List => {
+            let rows: Vec<Vec<String>> = value["merchants"]
+                .as_array()
+                .map(|list| list.iter().map(row).collect())
+                .unwrap_or_default();
+            table(&header, &rows)
+        }
+        M::Show { .. } => {
+            let keys: Vec<Vec<String>> = value["keys"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .map(|k| {
+                            vec![
+                                s(&k["key_id"]),
+                                k["scopes"]
+                                    .as_array()
+                                    .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                                    .unwrap_or_default(),
+                                s(&k["exp"]),
+                                if k.get("revoked_at_ms").is_some() {
+                                    "revoked".to_owned()
+                                } else {
+                                    "valid".to_owned()
+                                },
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let accounts: Vec<Vec<String>> = value["accounts"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .map(|a| vec![s(&a["currency"]), s(&a["available"])])
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!(
+                "{}\n{}\n{}",
+                table(&header, &[row(value)]),
+                table(&["KEY", "SCOPES", "EXPIRES (s)", "STATE"], &keys),
+                table(&["CURRENCY", "AVAILABLE"], &accounts)
+            )
+        }
+        M::Disable { .. } | M::Enable { .. } => table(&header, &[row(value)]),
+        M::Key {
+            command: MerchantKeyCommand::Create { .. },
+        } => format!(
+            "{}\nkey id: {} (revoke it by this id)\n",
+            s(&value["key"]),
+            s(&value["key_id"])
+        ),
+        M::Key {
+            command: MerchantKeyCommand::Revoke { .. },
+        } => format!(
+            "key {} of merchant {} revoked (at {} ms)\n",
+            s(&value["key_id"]),
+            s(&value["merchant_id"]),
+            s(&value["revoked_at_ms"])
+        ),
     }
 }
 
@@ -968,6 +1176,50 @@ mod tests {
             "read,revoke"
         ])
         .is_ok());
+    }
+
+    #[test]
+    fn merchant_commands_call_their_routes() {
+        use clap::Parser as _;
+        use reqwest::Method;
+        let parse = |line: &str| {
+            crate::cli::Cli::try_parse_from(["mxpay", "admin"].into_iter().chain(line.split(' ')))
+        };
+        let call_of = |line: &str| {
+            let crate::cli::Command::Admin(admin) = parse(line).unwrap().command else {
+                panic!("not an admin command");
+            };
+            match admin.command {
+                AdminCommand::Merchant { command } => merchant_call(&command),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (method, path, body) = call_of(
+            "merchant create @cafe:example.org --name Cafe --webhook-url https://x.example/h --id cafe",
+        );
+        assert_eq!((method, path.as_str()), (Method::POST, "/merchants"));
+        let body = body.unwrap();
+        assert_eq!(body["merchant_id"], "cafe");
+        assert_eq!(body["display_name"], "Cafe");
+        let (method, path, body) =
+            call_of("merchant key create cafe --scope invoices,read --ttl 30d");
+        assert_eq!(
+            (method, path.as_str()),
+            (Method::POST, "/merchants/cafe/keys")
+        );
+        let body = body.unwrap();
+        assert_eq!(body["scopes"], serde_json::json!(["invoices", "read"]));
+        assert_eq!(body["ttl_s"], 30 * 24 * 3600);
+        let (method, path, _) = call_of("merchant key revoke cafe mk_1");
+        assert_eq!(
+            (method, path.as_str()),
+            (Method::POST, "/merchants/cafe/keys/mk_1/revoke")
+        );
+        assert_eq!(
+            call_of("merchant disable cafe").1,
+            "/merchants/cafe/disable"
+        );
+        assert!(parse("merchant key create cafe --scope admin").is_err());
     }
 
     #[test]

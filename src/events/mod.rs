@@ -14,7 +14,7 @@ pub mod transfer_intent;
 
 pub use payment_request::PaymentRequestEventContent;
 pub use payment_request_status::{PaymentRequestStatusEventContent, RequestState};
-pub use receipt::{ReceiptEventContent, ReceiptReason, ReceiptStatus, RefundOf};
+pub use receipt::{ReceiptEventContent, ReceiptMerchant, ReceiptReason, ReceiptStatus, RefundOf};
 pub use stepup_challenge::StepUpChallengeEventContent;
 pub use stepup_response::StepUpResponseEventContent;
 pub use transfer_intent::TransferIntentEventContent;
@@ -40,6 +40,8 @@ mod tests {
             amount: Decimal::new(1250, 2),
             currency: "EUR".into(),
             request_event_id: None,
+            merchant: None,
+            order_ref: None,
             refund_of: None,
             relates_to: Reference::new(owned_event_id!("$intent")),
         };

@@ -155,12 +155,27 @@ pub struct ReceiptEventContent {
     /// The payment request this payment paid (its id: the event that asked), when it paid one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_event_id: Option<OwnedEventId>,
+    /// The merchant paid, when the payee is a registered merchant's Matrix user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merchant: Option<ReceiptMerchant>,
+    /// The merchant's order reference, when the payment paid one of its invoices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_ref: Option<String>,
     /// For a refund: the payment it refunds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refund_of: Option<RefundOf>,
     /// The event this answers.
     #[serde(rename = "m.relates_to")]
     pub relates_to: Reference,
+}
+
+/// The merchant a receipt names.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ReceiptMerchant {
+    /// The merchant's id.
+    pub merchant_id: String,
+    /// The name customers see.
+    pub display_name: String,
 }
 
 /// The payment a refund gives money back from.

@@ -199,6 +199,11 @@ pub(crate) fn put_account(out: &mut Vec<u8>, account: &AccountId) {
         Owner::Issuer => out.push(1),
         Owner::Settlement => out.push(2),
         Owner::Fees => out.push(3),
+        // Tag 4 is new; tags 0-3 keep their bytes, so older records decode unchanged.
+        Owner::Merchant(id) => {
+            out.push(4);
+            put_bytes(out, id.as_bytes());
+        }
     }
     out.extend_from_slice(&account.currency.bytes());
 }
@@ -372,6 +377,9 @@ impl Reader<'_> {
             1 => Owner::Issuer,
             2 => Owner::Settlement,
             3 => Owner::Fees,
+            4 => Owner::Merchant(
+                String::from_utf8(self.bytes()?).map_err(|_| "owner is not UTF-8".to_owned())?,
+            ),
             tag => return Err(format!("unknown owner tag {tag}")),
         };
         Ok(AccountId {
@@ -643,5 +651,36 @@ mod tests {
         };
         assert_eq!(Head::decode(&head.encode()).unwrap(), head);
         assert!(Head::decode(&[0u8; 3]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod merchant_tests {
+    use super::*;
+
+    #[test]
+    fn merchant_accounts_round_trip_under_their_own_tag() {
+        let eur = CurrencyCode::new("EUR").unwrap();
+        let account = AccountId {
+            owner: Owner::merchant("cafe"),
+            currency: eur,
+        };
+        let mut out = Vec::new();
+        put_account(&mut out, &account);
+        // Tag 4, then the id as length-prefixed bytes, then the currency.
+        assert_eq!(out, [&[4u8, 4][..], b"cafe", b"EUR"].concat());
+        let events = vec![Event::AccountOpened { account }];
+        let (bytes, _) = encode_record(1, &[0u8; HASH_LEN], 1_000, &events);
+        assert_eq!(decode_record(&bytes).unwrap().events, events);
+        // A user named like the merchant is another account.
+        let mut user = Vec::new();
+        put_account(
+            &mut user,
+            &AccountId {
+                owner: Owner::user("cafe"),
+                currency: eur,
+            },
+        );
+        assert_ne!(user, out);
     }
 }

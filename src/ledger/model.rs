@@ -53,6 +53,9 @@ pub enum Owner {
     Settlement,
     /// Fees collected; may go negative.
     Fees,
+    /// A merchant's wallet (invoices paid to it, refunds paid from it); the string is the
+    /// merchant id, opaque to the ledger. Like a user's, it never goes negative.
+    Merchant(String),
 }
 
 impl Owner {
@@ -63,7 +66,12 @@ impl Owner {
 
     /// System accounts may be overdrawn (debits above credits); user accounts never.
     pub fn is_system(&self) -> bool {
-        !matches!(self, Self::User(_))
+        !matches!(self, Self::User(_) | Self::Merchant(_))
+    }
+
+    /// A merchant owner.
+    pub fn merchant(id: impl Into<String>) -> Self {
+        Self::Merchant(id.into())
     }
 }
 
@@ -74,6 +82,7 @@ impl fmt::Display for Owner {
             Self::Issuer => f.write_str("<issuer>"),
             Self::Settlement => f.write_str("<settlement>"),
             Self::Fees => f.write_str("<fees>"),
+            Self::Merchant(id) => write!(f, "<merchant:{id}>"),
         }
     }
 }

@@ -114,6 +114,7 @@ fn account_digest(account: &AccountId) -> u128 {
         Owner::Issuer => (b"i", b""),
         Owner::Settlement => (b"s", b""),
         Owner::Fees => (b"f", b""),
+        Owner::Merchant(id) => (b"m", id.as_bytes()),
     };
     digest(&[tag, name, &account.currency.bytes()])
 }
@@ -778,7 +779,7 @@ impl State {
     }
 
     fn check_account_id(&self, account: &AccountId) -> Result<(), TransferError> {
-        if let Owner::User(name) = &account.owner {
+        if let Owner::User(name) | Owner::Merchant(name) = &account.owner {
             if name.is_empty() || name.len() > OWNER_BYTES_MAX {
                 return Err(TransferError::OwnerInvalid);
             }

@@ -168,6 +168,7 @@ impl Payments {
                 Owner::Issuer => "top-up".to_owned(),
                 Owner::Settlement => "withdrawal".to_owned(),
                 Owner::Fees => "fees".to_owned(),
+                Owner::Merchant(id) => format!("merchant {id}"),
             };
             let state = match transfer.state {
                 TransferState::Pending => "pending",

@@ -21,6 +21,7 @@ pub mod core;
 mod dialog;
 mod dm;
 mod held;
+pub mod invoices;
 pub mod memo;
 mod messenger;
 mod pay;
@@ -103,15 +104,19 @@ pub enum PaymentsError {
     /// handled meanwhile): handled again, the event is decided from the current request.
     #[error("the payment request changed meanwhile")]
     RequestChanged,
+    /// The merchant registry failed (retried: a store failure may pass).
+    #[error("merchant registry: {0}")]
+    Merchants(crate::merchants::MerchantError),
 }
 
 impl PaymentsError {
     /// Whether handling the event again later may work.
     pub fn is_transient(&self) -> bool {
         match self {
-            PaymentsError::Store(_) | PaymentsError::Join(_) | PaymentsError::RequestChanged => {
-                true
-            }
+            PaymentsError::Store(_)
+            | PaymentsError::Join(_)
+            | PaymentsError::RequestChanged
+            | PaymentsError::Merchants(_) => true,
             PaymentsError::Ledger(e) => matches!(e, LedgerError::Storage(_) | LedgerError::Closed),
             PaymentsError::Crypto(e) => {
                 matches!(e, CryptoError::Store(_) | CryptoError::Parked(_)) || e.is_transient()
@@ -275,6 +280,11 @@ pub struct Payments {
     metrics: Arc<crate::metrics::Metrics>,
     /// Payment commands per user per minute (`payments.commands_per_minute_max`).
     rate: std::sync::Mutex<crate::policy::rate::CommandRate>,
+    /// The merchant registry, when merchants exist on this server: money paid to a merchant's
+    /// Matrix user goes to the merchant's wallet.
+    merchants: Option<crate::merchants::MerchantStore>,
+    /// The merchant API, told when a request that stands for an invoice is paid.
+    invoices: std::sync::OnceLock<Arc<crate::merchants::api::MerchantApi>>,
 }
 
 impl std::fmt::Debug for Payments {
@@ -320,6 +330,58 @@ impl Payments {
             faults: Faults::none(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             rate,
+            merchants: None,
+            invoices: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Pays what is paid to a registered merchant's Matrix user into the merchant's wallet.
+    pub fn with_merchants(mut self, merchants: crate::merchants::MerchantStore) -> Self {
+        self.merchants = Some(merchants);
+        self
+    }
+
+    /// [`Payments::with_merchants`] when there is a registry (the admin API is on).
+    pub fn with_merchants_of(self, merchants: Option<crate::merchants::MerchantStore>) -> Self {
+        match merchants {
+            Some(merchants) => self.with_merchants(merchants),
+            None => self,
+        }
+    }
+
+    /// The ledger owner money paid to `payee` goes to: the merchant's wallet when `payee` is
+    /// a registered merchant's Matrix user, else the user's own.
+    pub(crate) fn payee_owner(&self, payee: &str) -> Result<crate::ledger::Owner, PaymentsError> {
+        if let Some(merchants) = &self.merchants {
+            let merchant = merchants.by_user(payee).map_err(PaymentsError::Merchants)?;
+            // Disabled or not: a disabled merchant keeps its wallet, and an invoice it opened
+            // before may still be paid (and refunded from that wallet by the operator's choice).
+            if let Some(merchant) = merchant {
+                return Ok(merchant.id.owner());
+            }
+        }
+        Ok(crate::ledger::Owner::user(payee))
+    }
+
+    /// The Matrix user an owner stands for in the room: the user, or a merchant's Matrix user.
+    pub(crate) fn owner_user(
+        &self,
+        owner: &crate::ledger::Owner,
+    ) -> Result<Option<String>, PaymentsError> {
+        match owner {
+            crate::ledger::Owner::User(user) => Ok(Some(user.clone())),
+            crate::ledger::Owner::Merchant(id) => {
+                let (Some(merchants), Ok(id)) =
+                    (&self.merchants, crate::merchants::MerchantId::parse(id))
+                else {
+                    return Ok(None);
+                };
+                Ok(merchants
+                    .get(&id)
+                    .map_err(PaymentsError::Merchants)?
+                    .map(|m| m.user_id.to_string()))
+            }
+            _ => Ok(None),
         }
     }
 

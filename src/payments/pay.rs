@@ -133,6 +133,8 @@ impl Payments {
             amount,
             currency: record.currency.clone(),
             request_event_id: None,
+            merchant: None,
+            order_ref: None,
             refund_of: None,
             relates_to: Reference::new(event.event_id.clone()),
         };
@@ -322,7 +324,7 @@ impl Payments {
         let transfer = TransferRequest {
             id: TransferId::from_key(event.event_id.as_str()),
             debit: Owner::user(event.sender.as_str()),
-            credit: Owner::user(payee.as_str()),
+            credit: self.payee_owner(payee.as_str())?,
             amount: parsed,
             memo: memo_bytes,
         };
@@ -643,8 +645,11 @@ impl Payments {
                     ));
                 };
                 // The proof is redeemed against the ledger's own record of the transfer.
-                self.stepup
-                    .redeem(&proof, &binding_of(&pending, challenge.payer.as_str()))?;
+                let payee = self.owner_user(&pending.credit.owner)?;
+                self.stepup.redeem(
+                    &proof,
+                    &binding_of(&pending, challenge.payer.as_str(), payee),
+                )?;
                 // A payment held for its payee stays reserved until they accept it.
                 if let Some(decision) = self.held_after_pin(ev, challenge)? {
                     return Ok(decision);
@@ -705,11 +710,10 @@ impl Payments {
     }
 }
 
-fn binding_of(transfer: &Transfer, payer: &str) -> StepUpBinding {
-    let payee = match &transfer.credit.owner {
-        Owner::User(user) => user.clone(),
-        other => other.to_string(),
-    };
+/// The binding the proof was minted for, rebuilt from the ledger's record; `payee_user` is the
+/// Matrix user the credited owner stands for (a merchant's wallet stands for its user).
+fn binding_of(transfer: &Transfer, payer: &str, payee_user: Option<String>) -> StepUpBinding {
+    let payee = payee_user.unwrap_or_else(|| transfer.credit.owner.to_string());
     let payer_owner = match &transfer.debit.owner {
         Owner::User(user) => user.clone(),
         other => other.to_string(),

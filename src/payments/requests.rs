@@ -30,7 +30,7 @@ use crate::store::requests::{Inserted, RequestBounds};
 const EXPIRY_SWEEP_SLICE: usize = 8;
 
 impl Payments {
-    fn request_limits(&self) -> RequestLimits {
+    pub(super) fn request_limits(&self) -> RequestLimits {
         RequestLimits {
             expiry_default_ms: self.settings.request_expiry_default_ms,
             ..RequestLimits::default()
@@ -327,7 +327,7 @@ impl Payments {
         self.announce(&ev, &request, from_client_event).await
     }
 
-    async fn announce(
+    pub(super) async fn announce(
         &self,
         ev: &EventRef,
         request: &Request,
@@ -439,7 +439,9 @@ impl Payments {
                 exponent,
                 now_ms,
             );
-            return self.apply(decision).await;
+            self.apply(decision).await?;
+            // A crash after the change and before the invoice heard of it: tell it again.
+            return self.invoice_request_changed(&request, now_ms);
         }
         if self.repeat_refusal(event).await? {
             return Ok(());
@@ -462,7 +464,8 @@ impl Payments {
                     exponent,
                     now_ms,
                 );
-                self.apply(decision).await
+                self.apply(decision).await?;
+                self.invoice_request_changed(&after, now_ms)
             }
             Err(refusal) => {
                 let share = request
@@ -566,12 +569,15 @@ impl Payments {
         let now_ms = self.clock.now_ms();
         let (after, change) = if how == "posted" {
             match before.record_paid(payer, transfer_id.0, now_ms) {
-                Ok(after) => (
-                    after,
-                    Change::Paid {
-                        transfer_id: transfer_id.0,
-                    },
-                ),
+                Ok(after) => {
+                    self.invoice_request_paid(&id, payer, transfer_id)?;
+                    (
+                        after,
+                        Change::Paid {
+                            transfer_id: transfer_id.0,
+                        },
+                    )
+                }
                 Err(error) => {
                     tracing::warn!(%error, request = %id, "a posted payment is not the request's");
                     return Ok(());
@@ -627,6 +633,7 @@ impl Payments {
                 now_ms,
             );
             self.apply(decision).await?;
+            self.invoice_request_changed(&after, now_ms)?;
         }
         Ok(())
     }

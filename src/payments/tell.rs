@@ -30,6 +30,20 @@ impl Payments {
                     self.show(debit.currency.as_str(), *amount_minor),
                     debit.currency
                 );
+                // Money leaves a merchant's wallet for a user only as a refund of an invoice.
+                if let (Owner::Merchant(_), Owner::User(user)) = (&debit.owner, &credit.owner) {
+                    let merchant = self
+                        .owner_user(&debit.owner)?
+                        .unwrap_or_else(|| debit.owner.to_string());
+                    let why = String::from_utf8_lossy(memo);
+                    let why = why.split_once(": ").map_or("", |(_, reason)| reason);
+                    let body = if why.is_empty() {
+                        format!("↩️ {merchant} refunded {amount} to your wallet.")
+                    } else {
+                        format!("↩️ {merchant} refunded {amount} to your wallet ({why}).")
+                    };
+                    return self.tell_dm(user, &body, *id, "merchant-refund").await;
+                }
                 if debit.owner == Owner::Issuer {
                     if let Owner::User(user) = &credit.owner {
                         let body = format!("💰 Your wallet was topped up with {amount}.");
@@ -176,9 +190,11 @@ impl Payments {
                 .tell_dm(payer, &body, id, &format!("withdraw-{how}"))
                 .await;
         }
-        let Owner::User(payee) = &transfer.credit.owner else {
+        // A merchant's wallet is told as its Matrix user.
+        let Some(payee) = self.owner_user(&transfer.credit.owner)? else {
             return Ok(false);
         };
+        let payee = &payee;
         if how == "posted" {
             if let Some(marker) = &self.faults.crash_before_receipt {
                 if !marker.exists() {
@@ -264,6 +280,8 @@ impl Payments {
         ) else {
             return Ok(false);
         };
+        let (merchant, order_ref) =
+            self.receipt_merchant(&transfer.credit.owner, memo.request.as_deref())?;
         let receipt = |relates_to: OwnedEventId| ReceiptEventContent {
             body: body.clone(),
             status,
@@ -277,6 +295,8 @@ impl Payments {
                 .request
                 .as_deref()
                 .and_then(|r| OwnedEventId::try_from(r).ok()),
+            merchant: merchant.clone(),
+            order_ref: order_ref.clone(),
             refund_of: refund_of.clone(),
             relates_to: Reference::new(relates_to),
         };

@@ -1019,7 +1019,11 @@ async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth(
         );
     }
     let mut documented = 0;
-    for (path, item) in paths {
+    // The merchant API is held against its own router (tests/it/merchants.rs).
+    for (path, item) in paths
+        .iter()
+        .filter(|(path, _)| !path.starts_with("/_mxpay/merchant/"))
+    {
         for (method, op) in item.as_object().unwrap() {
             documented += 1;
             assert!(
@@ -1032,6 +1036,8 @@ async fn openapi_document_covers_every_mounted_route_and_every_route_needs_auth(
                 .replace("{transfer_id}", &"1".repeat(32))
                 .replace("{withdrawal_id}", &"1".repeat(32))
                 .replace("{jti}", "some-token")
+                .replace("{merchant_id}", "cafe")
+                .replace("{key_id}", "some-key")
                 .replace("{provider}", "acme")
                 .replace("{event_id}", "evt_x");
             let (status, body) = h
@@ -1082,6 +1088,8 @@ fn guarded_routes(h: &Harness) -> Vec<(String, String)> {
                 .replace("{transfer_id}", &"1".repeat(32))
                 .replace("{withdrawal_id}", &"1".repeat(32))
                 .replace("{jti}", "some-other-token")
+                .replace("{merchant_id}", "cafe")
+                .replace("{key_id}", "some-key")
                 .replace("{event_id}", "evt_x");
             (method.to_uppercase(), path)
         })

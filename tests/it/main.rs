@@ -14,6 +14,7 @@ mod homeserver_retry;
 
 mod ledger;
 mod lost_key;
+mod merchants;
 mod observability;
 mod payments;
 

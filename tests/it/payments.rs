@@ -294,18 +294,18 @@ async fn send_plaintext(client: &TestClient, room_id: &RoomId, text: &str) -> Ow
 
 /// A funded, cross-signed payer with a PIN and a DM; a payee; an encrypted room of the two
 /// with the bot.
-struct Scene {
-    lease: SlotLease,
-    admin_key: Vec<u8>,
-    mxpay: MxpayProcess,
-    bot: String,
-    alice: TestClient,
-    bob: TestClient,
-    dm: OwnedRoomId,
-    room: OwnedRoomId,
+pub(crate) struct Scene {
+    pub(crate) lease: SlotLease,
+    pub(crate) admin_key: Vec<u8>,
+    pub(crate) mxpay: MxpayProcess,
+    pub(crate) bot: String,
+    pub(crate) alice: TestClient,
+    pub(crate) bob: TestClient,
+    pub(crate) dm: OwnedRoomId,
+    pub(crate) room: OwnedRoomId,
 }
 
-async fn scene(label: &str, stepup_timeout_ms: u64, funds: &str) -> Scene {
+pub(crate) async fn scene(label: &str, stepup_timeout_ms: u64, funds: &str) -> Scene {
     scene_with(label, stepup_timeout_ms, funds, |_| MxpayOptions::default()).await
 }
 
@@ -1543,7 +1543,7 @@ mod schema {
 
 /// Checks every `org.mxpay.*` event the bot sent that `client` saw against its schema;
 /// returns how many were checked.
-fn bot_events_match_schemas(client: &TestClient, bot: &str) -> usize {
+pub(crate) fn bot_events_match_schemas(client: &TestClient, bot: &str) -> usize {
     let mut checked = 0;
     for event in client.seen_events() {
         if event.sender() == bot && event.event_type().starts_with("org.mxpay.") {
@@ -1571,6 +1571,8 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         amount: Decimal::new(1250, 2),
         currency: "EUR".into(),
         request_event_id: Some(owned_event_id!("$request")),
+        merchant: None,
+        order_ref: None,
         refund_of: Some(RefundOf {
             transfer_id: "7".into(),
             receipt_event_id: owned_event_id!("$receipt"),

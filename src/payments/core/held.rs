@@ -109,6 +109,8 @@ fn receipt(
         currency: record.currency.clone(),
         request_event_id: None,
         refund_of: None,
+        merchant: None,
+        order_ref: None,
         relates_to: ruma::events::relation::Reference::new(relates_to),
     })
     .expect("receipt serialises")

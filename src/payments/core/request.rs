@@ -278,6 +278,8 @@ pub fn refusal_sends(ev: &EventRef, record: &DeclineRecord) -> Vec<Outgoing> {
         amount: record.amount.parse().unwrap_or_default(),
         currency: record.currency.clone(),
         request_event_id: None,
+        merchant: None,
+        order_ref: None,
         refund_of: None,
         relates_to: ruma::events::relation::Reference::new(ev.event_id.clone()),
     };

@@ -1,0 +1,496 @@
+//! The merchant API under [`MERCHANT_PREFIX`]: invoices and refunds for a merchant's own
+//! systems, authenticated with merchant API keys (never admin tokens). Each handler:
+//! authenticate the key (signature, audience, expiry; then the store: known, not revoked,
+//! merchant enabled, scope), read a size-capped body, let [`super::invoice`] decide, apply,
+//! answer. Errors are Matrix-style JSON with a stable `reason`:
+//! `{"errcode": "...", "error": "...", "reason": "..."}`.
+//!
+//! A key only ever reaches its own merchant's invoices: an invoice of another merchant answers
+//! exactly as one that does not exist.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use serde::Deserialize;
+
+use super::events::MerchantEvents;
+use super::invoice::{
+    self, Create, CreateInvoiceBody, Invoice, InvoiceState, RefundBody, RefundPlan,
+};
+use super::invoices::InvoiceStore;
+use super::key::{bearer, KeyAuthority, KeyScope};
+use super::model::Merchant;
+use super::{MerchantError, MerchantStore};
+use crate::clock::SharedClock;
+use crate::ledger::{CreateResult, Ledger, LedgerError, Owner, TransferRequest};
+
+/// Where the merchant API lives.
+pub const MERCHANT_PREFIX: &str = "/_mxpay/merchant/v1";
+
+/// Largest request body the merchant API reads, in bytes; larger bodies get 413.
+pub const MERCHANT_BODY_BYTES_MAX: usize = 16 * 1024;
+
+/// Posts an invoice in its room as the bot: checks that the bot is in the room, the room is
+/// encrypted and the payer (if named) is joined, then sends the typed
+/// `org.mxpay.payment_request` naming the merchant and the readable notice, with transaction
+/// ids derived from the invoice id (a retried create shows them once). Returns the typed
+/// event's id. Implemented by the payment flow; refusals are [`MerchantError::Room`].
+#[async_trait::async_trait]
+pub trait InvoicePoster: Send + Sync + std::fmt::Debug {
+    /// Posts `invoice` of `merchant`.
+    async fn post(&self, merchant: &Merchant, invoice: &Invoice) -> Result<String, MerchantError>;
+}
+
+/// The poster until the payment flow is connected: refuses every invoice, posting nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unconnected;
+
+#[async_trait::async_trait]
+impl InvoicePoster for Unconnected {
+    async fn post(&self, _: &Merchant, _: &Invoice) -> Result<String, MerchantError> {
+        Err(MerchantError::PostingUnavailable)
+    }
+}
+
+/// What the merchant API works with.
+pub struct MerchantApi {
+    merchants: MerchantStore,
+    invoices: InvoiceStore,
+    keys: Arc<KeyAuthority>,
+    ledger: Ledger,
+    clock: SharedClock,
+    /// Set once by the wiring when the payment flow exists; until then [`Unconnected`].
+    poster: std::sync::OnceLock<Arc<dyn InvoicePoster>>,
+    /// Set once by the wiring when webhook delivery exists; until then [`super::NoEvents`].
+    events: std::sync::OnceLock<Arc<dyn MerchantEvents>>,
+    /// One refund at a time: the cap check and the write of the refund are one step.
+    refunds: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for MerchantApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MerchantApi")
+            .field("keys", &self.keys)
+            .field("poster", &self.poster)
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MerchantApi {
+    /// The API over the registry `merchants` (its invoice trees are opened beside it).
+    pub fn new(
+        merchants: MerchantStore,
+        keys: Arc<KeyAuthority>,
+        ledger: Ledger,
+        clock: SharedClock,
+    ) -> Result<Self, MerchantError> {
+        Ok(Self {
+            invoices: InvoiceStore::open(&merchants)?,
+            merchants,
+            keys,
+            ledger,
+            clock,
+            poster: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
+            refunds: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Connects invoice posting (the payment flow); only the first call counts.
+    pub fn set_poster(&self, poster: Arc<dyn InvoicePoster>) {
+        let _ = self.poster.set(poster);
+    }
+
+    /// Connects webhook delivery; only the first call counts.
+    pub fn set_events(&self, events: Arc<dyn MerchantEvents>) {
+        let _ = self.events.set(events);
+    }
+
+    /// The merchant registry.
+    pub fn merchants(&self) -> &MerchantStore {
+        &self.merchants
+    }
+
+    /// The invoice store (for the payment flow: marking invoices paid, expired, cancelled).
+    pub fn invoices(&self) -> &InvoiceStore {
+        &self.invoices
+    }
+
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        scope: KeyScope,
+    ) -> Result<Merchant, MerchantError> {
+        let claims = self.keys.authenticate(bearer(headers)?)?;
+        self.merchants.check_key(&claims, scope)
+    }
+
+    fn emit(&self, invoice: &Invoice, event: &invoice::EventOut) {
+        let payload = serde_json::json!({
+            "id": event.event_id,
+            "type": event.event_type,
+            "invoice": invoice::view(invoice, self.ledger.currencies()),
+        });
+        let events: &dyn MerchantEvents = match self.events.get() {
+            Some(events) => events.as_ref(),
+            None => &super::NoEvents,
+        };
+        events.emit(
+            &invoice.merchant_id,
+            event.event_type,
+            &event.event_id,
+            payload,
+        );
+    }
+
+    /// The payment flow's report that `invoice_id` was paid by `payer` with the posted ledger
+    /// transfer `transfer_id`: records it and emits `invoice.paid`. Idempotent: an invoice
+    /// that is not open is returned unchanged and nothing is emitted.
+    pub fn record_paid(
+        &self,
+        invoice_id: &str,
+        payer: matrix_sdk::ruma::OwnedUserId,
+        transfer_id: crate::ledger::TransferId,
+    ) -> Result<Invoice, MerchantError> {
+        let invoice = self
+            .invoices
+            .get_any(invoice_id)?
+            .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
+        match invoice::mark_paid(&invoice, payer, transfer_id, self.clock.now_ms()) {
+            Some((paid, event)) => {
+                // Emitted before the change is stored: a crash in between re-feeds the same change,
+                // which emits the same event id again (the outbox keeps it once); the other order
+                // would lose the event.
+                self.emit(&paid, &event);
+                self.invoices.update(&paid)?;
+                Ok(paid)
+            }
+            None => Ok(invoice),
+        }
+    }
+
+    /// The payment flow's report that `invoice_id` ended unpaid (`cancelled`, else expired
+    /// once due): records it and emits `invoice.cancelled` or `invoice.expired`. Idempotent.
+    pub fn record_ended(
+        &self,
+        invoice_id: &str,
+        cancelled: bool,
+    ) -> Result<Invoice, MerchantError> {
+        let invoice = self
+            .invoices
+            .get_any(invoice_id)?
+            .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
+        match invoice::mark_ended(&invoice, cancelled, self.clock.now_ms()) {
+            Some((ended, event)) => {
+                // Emitted before the change is stored: a crash in between re-feeds the same change,
+                // which emits the same event id again (the outbox keeps it once); the other order
+                // would lose the event.
+                self.emit(&ended, &event);
+                self.invoices.update(&ended)?;
+                Ok(ended)
+            }
+            None => Ok(invoice),
+        }
+    }
+
+    /// Creates (or replays) an invoice.
+    pub async fn create_invoice(
+        &self,
+        merchant: &Merchant,
+        body: &CreateInvoiceBody,
+    ) -> Result<Invoice, MerchantError> {
+        let id = invoice::invoice_id(&merchant.id, &body.idempotency_key);
+        let existing = self.invoices.get(&merchant.id, &id)?;
+        let now_ms = self.clock.now_ms();
+        match invoice::decide_create(
+            &merchant.id,
+            body,
+            existing,
+            self.ledger.currencies(),
+            now_ms,
+        )? {
+            Create::Replay(invoice) => Ok(invoice),
+            Create::New(mut invoice) => {
+                let poster: &dyn InvoicePoster = match self.poster.get() {
+                    Some(poster) => poster.as_ref(),
+                    None => &Unconnected,
+                };
+                invoice.request_event_id = Some(poster.post(merchant, &invoice).await?);
+                if self.invoices.insert(&invoice)? {
+                    return Ok(invoice);
+                }
+                // A concurrent create with the same key stored first: the rule decides again.
+                let stored = self.invoices.get(&merchant.id, &id)?;
+                match invoice::decide_create(
+                    &merchant.id,
+                    body,
+                    stored,
+                    self.ledger.currencies(),
+                    now_ms,
+                )? {
+                    Create::Replay(invoice) | Create::New(invoice) => Ok(invoice),
+                }
+            }
+        }
+    }
+
+    /// Refunds (part of) a paid invoice from the merchant's wallet to the payer.
+    pub async fn refund(
+        &self,
+        merchant: &Merchant,
+        invoice_id: &str,
+        body: &RefundBody,
+    ) -> Result<Invoice, MerchantError> {
+        let _one_at_a_time = self.refunds.lock().await;
+        let invoice = self
+            .invoices
+            .get(&merchant.id, invoice_id)?
+            .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
+        let plan = invoice::decide_refund(
+            &invoice,
+            body,
+            self.ledger.currencies(),
+            self.clock.now_ms(),
+        )?;
+        let RefundPlan::New {
+            refund,
+            transfer_id,
+            refund_of,
+            payer,
+        } = plan
+        else {
+            return Ok(invoice);
+        };
+        let amount = self
+            .ledger
+            .amount_from_minor(refund.amount_minor, &invoice.currency)
+            .map_err(|e| MerchantError::Ledger("amount_invalid", e.to_string()))?;
+        let request = TransferRequest {
+            id: transfer_id,
+            debit: merchant.id.owner(),
+            credit: Owner::user(payer.as_str()),
+            amount,
+            // The customer's DM notice reads the reason after ": ".
+            memo: memo_of_refund(invoice_id, &invoice.order_ref, &body.reason),
+        };
+        match self
+            .ledger
+            .create_refund_result(request, refund_of, None)
+            .await
+        {
+            Ok(CreateResult::Created(_) | CreateResult::Exists(_)) => {}
+            Err(LedgerError::Rejected(e)) => {
+                return Err(MerchantError::Ledger("refund_rejected", e.to_string()))
+            }
+            Err(e) => return Err(MerchantError::Store(e.to_string())),
+        }
+        let (updated, event) = invoice::with_refund(&invoice, refund, transfer_id);
+        // Emitted before the refund is recorded: a retry after a crash in between finds the
+        // ledger's refund (`Exists`) and emits the same event id again; never lost.
+        self.emit(&updated, &event);
+        self.invoices.update(&updated)?;
+        Ok(updated)
+    }
+}
+
+/// The refund's ledger memo: `refund <invoice id> <order ref>: <reason>`, cut to the
+/// ledger's bound on a character boundary.
+fn memo_of_refund(invoice_id: &str, order_ref: &str, reason: &str) -> Vec<u8> {
+    let mut memo = format!("refund {invoice_id} {order_ref}: {reason}");
+    let max = crate::ledger::MEMO_BYTES_MAX;
+    if memo.len() > max {
+        let mut end = max;
+        while !memo.is_char_boundary(end) {
+            end -= 1;
+        }
+        memo.truncate(end);
+    }
+    memo.into_bytes()
+}
+
+impl IntoResponse for MerchantError {
+    fn into_response(self) -> Response {
+        if let Self::Store(detail) = &self {
+            tracing::error!(%detail, "merchant API internal error");
+        }
+        let (status, errcode) = self.status_and_errcode();
+        let body = serde_json::json!({
+            "errcode": errcode,
+            "error": self.to_string(),
+            "reason": self.reason(),
+        });
+        json(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &body,
+        )
+    }
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(value).expect("JSON values serialise"),
+    )
+        .into_response()
+}
+
+type Shared = Arc<MerchantApi>;
+
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, MerchantError> {
+    let bytes = axum::body::to_bytes(body, MERCHANT_BODY_BYTES_MAX)
+        .await
+        .map_err(|_| MerchantError::TooLarge)?;
+    if !bytes.trim_ascii_start().starts_with(b"{") {
+        return Err(MerchantError::BadJson(
+            "the body must be a JSON object".to_owned(),
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| MerchantError::BadJson(e.to_string()))
+}
+
+fn answer(result: Result<serde_json::Value, MerchantError>) -> Response {
+    match result {
+        Ok(value) => json(StatusCode::OK, &value),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn post_invoice(State(api): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    answer(
+        async {
+            // Authenticated first: a refused call's body is never read.
+            let merchant = api.authenticate(&headers, KeyScope::Invoices)?;
+            let body: CreateInvoiceBody = read_json(body).await?;
+            let invoice = api.create_invoice(&merchant, &body).await?;
+            Ok(invoice::view(&invoice, api.ledger.currencies()))
+        }
+        .await,
+    )
+}
+
+async fn get_invoice(
+    State(api): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    answer((|| {
+        let merchant = api.authenticate(&headers, KeyScope::Read)?;
+        let invoice = api
+            .invoices
+            .get(&merchant.id, &id)?
+            .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
+        Ok(invoice::view(&invoice, api.ledger.currencies()))
+    })())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    since: Option<u64>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn get_invoices(
+    State(api): State<Shared>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    answer((|| {
+        let merchant = api.authenticate(&headers, KeyScope::Read)?;
+        let Query(query) = query.map_err(|e| MerchantError::BadJson(e.body_text()))?;
+        let status = match query.status.as_deref() {
+            None => None,
+            Some("open") => Some(InvoiceState::Open),
+            Some("paid") => Some(InvoiceState::Paid),
+            Some("cancelled") => Some(InvoiceState::Cancelled),
+            Some("expired") => Some(InvoiceState::Expired),
+            Some(_) => return Err(MerchantError::BadJson("unknown status".to_owned())),
+        };
+        let page = api.invoices.list(
+            &merchant.id,
+            status,
+            query.since,
+            query.cursor.as_deref(),
+            query.limit.unwrap_or(super::invoices::INVOICE_PAGE_MAX),
+        )?;
+        let currencies = api.ledger.currencies();
+        Ok(serde_json::json!({
+            "invoices": page.invoices.iter().map(|i| invoice::view(i, currencies)).collect::<Vec<_>>(),
+            "next": page.next,
+        }))
+    })())
+}
+
+async fn post_refund(
+    State(api): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(
+        async {
+            let merchant = api.authenticate(&headers, KeyScope::Refunds)?;
+            let body: RefundBody = read_json(body).await?;
+            let invoice = api.refund(&merchant, &id, &body).await?;
+            Ok(invoice::view(&invoice, api.ledger.currencies()))
+        }
+        .await,
+    )
+}
+
+fn not_allowed<S: Clone + Send + Sync + 'static>(route: MethodRouter<S>) -> MethodRouter<S> {
+    route.fallback(|| async {
+        json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"errcode": "M_UNRECOGNIZED", "error": "method not allowed"}),
+        )
+    })
+}
+
+/// The merchant API router and the `(method, path)` list of what it mounts (for the OpenAPI
+/// test). `None` (no admin token key, so no merchant keys): every path answers 404.
+pub fn routes(api: Option<Shared>) -> (Router, Vec<(&'static str, String)>) {
+    let Some(api) = api else {
+        let router = Router::new().route(
+            &format!("{MERCHANT_PREFIX}/{{*rest}}"),
+            axum::routing::any(|| async {
+                json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"errcode": "M_NOT_FOUND", "error": "the merchant API is not enabled (set admin.token in the config)"}),
+                )
+            }),
+        );
+        return (
+            router,
+            vec![("any", format!("{MERCHANT_PREFIX}/{{*rest}}"))],
+        );
+    };
+    let p = |path: &str| format!("{MERCHANT_PREFIX}{path}");
+    let routes = vec![
+        ("post", p("/invoices")),
+        ("get", p("/invoices")),
+        ("get", p("/invoices/{invoice_id}")),
+        ("post", p("/invoices/{invoice_id}/refunds")),
+    ];
+    let router = Router::new()
+        .route(
+            &p("/invoices"),
+            not_allowed(post(post_invoice).get(get_invoices)),
+        )
+        .route(&p("/invoices/{invoice_id}"), not_allowed(get(get_invoice)))
+        .route(
+            &p("/invoices/{invoice_id}/refunds"),
+            not_allowed(post(post_refund)),
+        )
+        .with_state(api);
+    (router, routes)
+}
