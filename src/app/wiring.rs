@@ -25,8 +25,8 @@ use crate::webhooks::{
 /// The webhook outbox's directory in the data directory.
 pub const WEBHOOKS_DIR: &str = "webhooks";
 
-/// Endpoints until the merchant registry is connected: no merchant has one, so nothing is
-/// sent (and nothing is enqueued, as only merchants' invoices make events).
+/// Endpoints without the admin API (which holds the merchant registry): there are no
+/// merchants, so nothing is enqueued and nothing sent.
 fn no_merchants(_merchant_id: &str) -> Option<Endpoint> {
     None
 }
@@ -50,6 +50,13 @@ pub fn start_webhooks(
     if let Some(admin) = app.admin() {
         admin.set_webhooks(outbox.clone());
     }
+    if let Some(api) = app.merchant_api() {
+        api.set_events(Arc::new(super::merchant_webhooks::OutboxEvents::new(
+            store.clone(),
+            app.clock().clone(),
+            poke.clone(),
+        )));
+    }
     WebhookWorker::new(store, endpoints, app.clock().clone(), poke)
         .with_metrics(app.metrics().clone())
         .spawn(shutdown);
@@ -63,8 +70,13 @@ pub async fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Arc<dyn Pipeline>, AppError> {
     let config = app.config();
-    // The merchant registry replaces `NoMerchants` once merchants exist.
-    start_webhooks(app, Arc::new(no_merchants), shutdown.clone())?;
+    let endpoints: Arc<dyn WebhookEndpoints> = match app.admin() {
+        Some(admin) => Arc::new(super::merchant_webhooks::RegistryEndpoints(
+            admin.merchants().clone(),
+        )),
+        None => Arc::new(no_merchants),
+    };
+    start_webhooks(app, endpoints, shutdown.clone())?;
     if !config.payments.enabled {
         return start_encrypted_pipeline(app, shutdown).await;
     }

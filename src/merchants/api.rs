@@ -132,9 +132,9 @@ impl MerchantApi {
     }
 
     fn emit(&self, invoice: &Invoice, event: &invoice::EventOut) {
+        // The body's `data` (docs/webhooks.md): the invoice as the merchant API shows it; the
+        // event's id and type are the body's own.
         let payload = serde_json::json!({
-            "id": event.event_id,
-            "type": event.event_type,
             "invoice": invoice::view(invoice, self.ledger.currencies()),
         });
         let events: &dyn MerchantEvents = match self.events.get() {

@@ -930,3 +930,129 @@ async fn an_invoice_from_the_api_is_paid_in_the_room_with_a_pin_and_refunded_in_
         (409, Some("idempotency_conflict"))
     );
 }
+
+/// Issue 14: the example merchant (`examples/merchant.rs`, HTTP only, as a business developer
+/// writes one) creates an invoice through the API; a customer pays it in the encrypted room
+/// with a PIN; mxpay's webhook outbox delivers `invoice.paid` to the example's local receiver,
+/// which checks the `Mxpay-Signature` with the secret shown at creation; the example refunds
+/// part of it and receives `refund.succeeded`.
+#[tokio::test]
+async fn the_example_merchant_is_paid_told_by_a_signed_webhook_and_refunds_part() {
+    use crate::payments::{scene, send_text, wait_notice, wait_receipt, PIN};
+    use tokio::io::AsyncBufReadExt as _;
+    let s = scene("merchant-example", 120_000, "100.00").await;
+    let (alice, bob, bot, dm, room) = (&s.alice, &s.bob, &s.bot, &s.dm, &s.room);
+    let ops = crate::admin::mint(&s.admin_key, &[Scope::Merchants, Scope::Read]);
+    let http = reqwest::Client::new();
+    let admin = |path: &str| format!("{}/_mxpay/admin/v1{path}", s.mxpay.url);
+    let listen_port = support::free_port();
+    let created: Value = http
+        .post(admin("/merchants"))
+        .bearer_auth(&ops)
+        .json(&json!({
+            "merchant_id": "shop", "user_id": bob.user.user_id.to_string(),
+            "display_name": "Bob's Shop",
+            "webhook_url": format!("http://127.0.0.1:{listen_port}/webhook"),
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["webhook_secret"].as_str().unwrap().to_owned();
+    let key: Value = http
+        .post(admin("/merchants/shop/keys"))
+        .bearer_auth(&ops)
+        .json(&json!({ "scopes": ["invoices", "refunds", "read"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["key"].as_str().unwrap().to_owned();
+    wait_notice(alice, dm, bot, "topped up with 100.00 EUR").await;
+
+    // `cargo test` builds the examples next to the test binary's directory.
+    let example = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples")
+        .join("merchant");
+    let mut merchant = tokio::process::Command::new(&example)
+        .args(["--api", &s.mxpay.url, "--room", room.as_str()])
+        .args(["--payer", alice.user.user_id.as_str()])
+        .args(["--amount", "4.50", "--currency", "EUR", "--refund", "1.50"])
+        .args(["--listen", &format!("127.0.0.1:{listen_port}")])
+        .args(["--order-ref", "order-42", "--wait-s", "240"])
+        .env("MERCHANT_KEY", &key)
+        .env("WEBHOOK_SECRET", &secret)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", example.display()));
+    let mut lines = tokio::io::BufReader::new(merchant.stdout.take().unwrap()).lines();
+    async fn next_line(
+        lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    ) -> String {
+        tokio::time::timeout(support::timeout(), lines.next_line())
+            .await
+            .expect("the example merchant said nothing in time")
+            .unwrap()
+            .expect("the example merchant stopped early")
+    }
+    let first = next_line(&mut lines).await;
+    let invoice_id = first
+        .strip_prefix("invoice ")
+        .and_then(|rest| rest.strip_suffix(" created"))
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_owned();
+
+    let notice = wait_notice(alice, room, bot, "4.50 EUR").await;
+    let pay = alice.reply(room, notice.event_id(), "!pay").await;
+    wait_notice(alice, dm, bot, "Confirm paying 4.50 EUR").await;
+    send_text(alice, dm, PIN).await;
+    wait_receipt(alice, room, bot, &pay, "completed", None).await;
+
+    let paid = next_line(&mut lines).await;
+    assert!(
+        paid.starts_with(&format!("paid {invoice_id} transfer ")),
+        "{paid}"
+    );
+    assert_eq!(
+        next_line(&mut lines).await,
+        format!("refunded 1.50 of {invoice_id}")
+    );
+    assert_eq!(
+        next_line(&mut lines).await,
+        format!("refund.succeeded {invoice_id}")
+    );
+    let status = tokio::time::timeout(support::timeout(), merchant.wait())
+        .await
+        .expect("the example merchant did not stop")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    wait_notice(alice, dm, bot, "refunded 1.50 EUR").await;
+
+    // The outbox shows both deliveries as delivered.
+    let delivered: Value = http
+        .get(admin("/webhook-events?merchant=shop&state=delivered"))
+        .bearer_auth(&ops)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let types: Vec<&str> = delivered["events"]
+        .as_array()
+        .map(|events| events.iter().filter_map(|e| e["type"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        types.contains(&"invoice.paid") && types.contains(&"refund.succeeded"),
+        "{delivered}"
+    );
+}
