@@ -700,18 +700,26 @@ async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
 }
 
 /// Holds the next room key for the bot back and throws it away: sends `n` while to-device
-/// events are held, waits until the event is parked and the key was held, then drops what
-/// was held. The key is lost for good, as when Synapse skips a to-device message.
+/// events are held, waits until the event is parked, then drops what was held. The key is
+/// lost for good, as when Synapse skips a to-device message. Under load Synapse 1.163 does
+/// skip it itself (the race the key requests exist for): then nothing was held, and the key
+/// is just as lost, so the test goes on either way.
 async fn send_losing_the_room_key(bot: &InProcessBot, room: &Room, n: &str) -> OwnedEventId {
     let parked_before = bot.crypto.parked_count();
     bot.state.hold_to_device.store(true, Ordering::SeqCst);
     let sent = send_test_event(room, n).await;
-    support::eventually("the event to be parked and its room key held", || async {
-        (bot.crypto.parked_count() == parked_before + 1
-            && !bot.state.held.lock().unwrap().is_empty())
-        .then_some(())
+    support::eventually("the event to be parked", || async {
+        (bot.crypto.parked_count() == parked_before + 1).then_some(())
     })
     .await;
+    // The key usually comes with the event; give a late one a while to be held (and lost)
+    // rather than let it through, without failing when Synapse skipped it.
+    for _ in 0..50 {
+        if !bot.state.held.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     bot.state.hold_to_device.store(false, Ordering::SeqCst);
     bot.state.held.lock().unwrap().clear();
     sent
