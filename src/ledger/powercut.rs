@@ -375,8 +375,14 @@ mod tests {
 
     /// Submits `ops` from a few concurrent tasks (so batches hold several), in order within
     /// each task; returns each one's outcome.
-    fn run_ops(ledger: &Ledger, ops: &[Op]) -> Vec<Outcome> {
+    /// How long one operation may go unanswered once the power is cut before the test fails
+    /// (instead of hanging): after a cut the writer stops and every caller must get an error.
+    const ANSWER_AFTER_CUT_MS: u64 = 60_000;
+
+    /// Runs `ops` from 4 tasks at once.
+    fn run_ops(ledger: &Ledger, storage: &PowerCutStorage, ops: &[Op]) -> Vec<Outcome> {
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         runtime.block_on(async {
@@ -393,7 +399,22 @@ mod tests {
                 handles.push(async move {
                     let mut out = Vec::new();
                     for (i, op) in mine {
-                        out.push((i, submit(&ledger, &op).await));
+                        let answer = submit(&ledger, &op);
+                        let mut answer = std::pin::pin!(answer);
+                        let wait = std::time::Duration::from_millis(ANSWER_AFTER_CUT_MS);
+                        // Bounded (10 waits) even with the power on, so a lost answer fails
+                        // the test rather than hanging it.
+                        let mut waits = 0;
+                        let outcome = loop {
+                            match tokio::time::timeout(wait, answer.as_mut()).await {
+                                Ok(outcome) => break outcome,
+                                Err(_) if storage.is_cut() || waits == 10 => {
+                                    panic!("{op:?}: no answer (power cut: {})", storage.is_cut())
+                                }
+                                Err(_) => waits += 1,
+                            }
+                        };
+                        out.push((i, outcome));
                     }
                     out
                 });
@@ -532,13 +553,13 @@ mod tests {
                 .collect();
             unknowns += unknown.len();
             let retries: Vec<Op> = unknown.iter().map(|&i| history[i].0.clone()).collect();
-            for (&i, outcome) in unknown.iter().zip(run_ops(&ledger, &retries)) {
+            for (&i, outcome) in unknown.iter().zip(run_ops(&ledger, &storage, &retries)) {
                 history[i].1 = outcome;
             }
             let creates: Vec<Op> = history.iter().map(|(op, _)| op.clone()).collect();
             let n = rng.gen_range(5..40);
             let ops = random_ops(&mut rng, &mut next_id, &creates, n);
-            let outcomes = run_ops(&ledger, &ops);
+            let outcomes = run_ops(&ledger, &storage, &ops);
             history.extend(ops.into_iter().zip(outcomes));
             drop(ledger);
             cuts += usize::from(storage.is_cut());
@@ -546,14 +567,14 @@ mod tests {
         }
         // Power stays on: every unknown outcome is settled by a retry with its id.
         let storage = Arc::new(PowerCutStorage::new(image, None, 0));
-        let ledger = open(storage, &clock)
+        let ledger = open(storage.clone(), &clock)
             .unwrap_or_else(|e| panic!("seed {seed}: the ledger does not open: {e}"));
         check_acknowledged(&ledger, &history, seed);
         let unknown: Vec<usize> = (0..history.len())
             .filter(|&i| history[i].1 == Outcome::Unknown)
             .collect();
         let retries: Vec<Op> = unknown.iter().map(|&i| history[i].0.clone()).collect();
-        for (&i, outcome) in unknown.iter().zip(run_ops(&ledger, &retries)) {
+        for (&i, outcome) in unknown.iter().zip(run_ops(&ledger, &storage, &retries)) {
             assert_ne!(outcome, Outcome::Unknown, "seed {seed}: power is on");
             history[i].1 = outcome;
         }

@@ -103,6 +103,15 @@ impl Writer {
                     break;
                 }
             }
+            // Every command still queued, or sent by a caller that already held a permit,
+            // is taken out and dropped, which answers its caller `Closed`. Merely dropping
+            // the receiver drains only what was queued by then: a command sent a moment
+            // later would stay in the channel (the handles keep it open) and its caller
+            // would wait forever.
+            rx.close();
+            while let Some(command) = rx.recv().await {
+                drop(command);
+            }
             // The database is released when this thread ends: no checkpoint write after it.
             self.finish_checkpoint_in_flight();
         });
