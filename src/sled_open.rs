@@ -41,6 +41,8 @@ pub fn log_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 pub fn flush_durably(db: &sled::Db, log: &std::fs::File) -> sled::Result<()> {
     db.flush()?;
     log.sync_data()?;
+    #[cfg(test)]
+    crate::sled_powercut::durable_flush(log);
     Ok(())
 }
 

@@ -206,6 +206,9 @@ where
 }
 
 #[cfg(test)]
+mod powercut;
+
+#[cfg(test)]
 mod tests {
 
     /// Many users' PIN checks at once run at most one per permit, and all of them run.
