@@ -322,3 +322,6 @@ impl<A: Send + 'static> PowerCut<A> {
         cut
     }
 }
+
+#[cfg(test)]
+mod inbox;
