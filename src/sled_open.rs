@@ -40,6 +40,8 @@ pub fn log_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 /// an event decided, a transaction acknowledged). The ledger does the same per batch.
 pub fn flush_durably(db: &sled::Db, log: &std::fs::File) -> sled::Result<()> {
     db.flush()?;
+    #[cfg(test)]
+    crate::sled_powercut::before_sync(log)?;
     log.sync_data()?;
     #[cfg(test)]
     crate::sled_powercut::durable_flush(log);

@@ -75,6 +75,8 @@ pub fn run_many(name: &str, one_run: impl Fn(u64)) {
 
 /// Something that watches durable flushes.
 trait Watch: Send + Sync {
+    /// Whether to fail this flush's sync (an injected disk error), if the log is watched.
+    fn fail_sync(&self, dev: u64, ino: u64) -> bool;
     fn durable_flush(&self, dev: u64, ino: u64);
 }
 
@@ -83,13 +85,30 @@ fn watchers() -> &'static Mutex<Vec<Weak<dyn Watch>>> {
     WATCHERS.get_or_init(Default::default)
 }
 
+fn live_watchers() -> Vec<Arc<dyn Watch>> {
+    let mut all = watchers().lock();
+    all.retain(|w| w.strong_count() > 0);
+    all.iter().filter_map(Weak::upgrade).collect()
+}
+
+/// Called by [`crate::sled_open::flush_durably`] before it syncs `log` (a sled log file): an
+/// error is a sync the disk refused (injected with [`PowerCut::failing_syncs`]), and what
+/// was written stays not durable.
+pub(crate) fn before_sync(log: &std::fs::File) -> std::io::Result<()> {
+    let live = live_watchers();
+    if live.is_empty() {
+        return Ok(());
+    }
+    let meta = log.metadata()?;
+    if live.iter().any(|w| w.fail_sync(meta.dev(), meta.ino())) {
+        return Err(std::io::Error::other("injected: the disk refused the sync"));
+    }
+    Ok(())
+}
+
 /// Called by [`crate::sled_open::flush_durably`] once `log` (a sled log file) is durable.
 pub(crate) fn durable_flush(log: &std::fs::File) {
-    let live: Vec<Arc<dyn Watch>> = {
-        let mut all = watchers().lock();
-        all.retain(|w| w.strong_count() > 0);
-        all.iter().filter_map(Weak::upgrade).collect()
-    };
+    let live = live_watchers();
     if live.is_empty() {
         return;
     }
@@ -97,6 +116,23 @@ pub(crate) fn durable_flush(log: &std::fs::File) {
     for watch in live {
         watch.durable_flush(meta.dev(), meta.ino());
     }
+}
+
+/// Retries `op` (as its caller would: the homeserver resends, the worker tries again) while
+/// it fails; an injected sync failure never hits the same call twice in a row, so a few
+/// attempts suffice.
+pub async fn retried<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    mut op: impl FnMut() -> F,
+) -> T {
+    const ATTEMPTS_MAX: usize = 4;
+    let mut last = None;
+    for _ in 0..ATTEMPTS_MAX {
+        match op().await {
+            Ok(value) => return value,
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("still failing after {ATTEMPTS_MAX} attempts: {last:?}");
 }
 
 /// What [`PowerCut::cut`] leaves.
@@ -117,6 +153,10 @@ struct State<A> {
     generation: u64,
     rng: StdRng,
     torn_tails: bool,
+    /// Probability that a sync of a watched log fails ([`PowerCut::failing_syncs`]).
+    sync_failure_p: f64,
+    /// Whether the last sync failed (the next one never does, so retries end).
+    failed_last: bool,
     /// Durable flushes of watched directories in this generation.
     flushes: u64,
     /// The flush point the kept copy was taken at.
@@ -155,15 +195,31 @@ impl<A: Send + 'static> Inner<A> {
     }
 }
 
+impl<A: Send + 'static> Inner<A> {
+    fn watches(&self, state: &State<A>, dev: u64, ino: u64) -> bool {
+        state.names.iter().any(|name| {
+            std::fs::metadata(self.dir_of(state.generation, name).join("db"))
+                .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+        })
+    }
+}
+
 impl<A: Send + 'static> Watch for Inner<A> {
+    fn fail_sync(&self, dev: u64, ino: u64) -> bool {
+        let mut state = self.state.lock();
+        if state.sync_failure_p == 0.0 || !self.watches(&state, dev, ino) {
+            return false;
+        }
+        let p = state.sync_failure_p;
+        let fail = !state.failed_last && state.rng.gen_bool(p);
+        state.failed_last = fail;
+        fail
+    }
+
     fn durable_flush(&self, dev: u64, ino: u64) {
         let mut state = self.state.lock();
         let state = &mut *state;
-        let watched = state.names.iter().any(|name| {
-            std::fs::metadata(self.dir_of(state.generation, name).join("db"))
-                .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
-        });
-        if !watched {
+        if !self.watches(state, dev, ino) {
             return;
         }
         if state.boundary.is_none() {
@@ -239,6 +295,8 @@ impl<A: Send + 'static> PowerCut<A> {
                 generation: 0,
                 rng: StdRng::seed_from_u64(seed),
                 torn_tails: false,
+                sync_failure_p: 0.0,
+                failed_last: false,
                 flushes: 0,
                 point: 0,
                 snapshot_is_start: true,
@@ -257,6 +315,13 @@ impl<A: Send + 'static> PowerCut<A> {
     /// docs).
     pub fn torn_tails(self, on: bool) -> Self {
         self.inner.state.lock().torn_tails = on;
+        self
+    }
+
+    /// Makes a sync of a watched log fail with probability `p` (never twice in a row): the
+    /// call that flushed returns an error, and its caller retries ([`retried`]).
+    pub fn failing_syncs(self, p: f64) -> Self {
+        self.inner.state.lock().sync_failure_p = p;
         self
     }
 
@@ -313,6 +378,8 @@ impl<A: Send + 'static> PowerCut<A> {
             flushes: state.flushes,
         };
         state.generation = next;
+        // The restarted process runs on a healthy disk: what it does is checked, not stressed.
+        state.sync_failure_p = 0.0;
         state.flushes = 0;
         state.point = 0;
         state.snapshot_is_start = true;

@@ -13,7 +13,7 @@
 
 use super::check_pin_with;
 use crate::policy::pin::PinRecord;
-use crate::sled_powercut::PowerCut;
+use crate::sled_powercut::{retried, PowerCut};
 use crate::store::payments::{
     DeclineRecord, EventOutcome, OutboxCursor, PaymentStore, PinAttemptResult, WaitingNoticeBounds,
 };
@@ -154,10 +154,8 @@ async fn handle_all(
     for (user, name) in USERS.iter().enumerate() {
         // The PIN dialog's set step: done once (the dialog guards its replay).
         if store.pin(name).unwrap().is_none() {
-            store
-                .put_pin(name, &PinRecord::new(HASH.into()))
-                .await
-                .unwrap();
+            let record = PinRecord::new(HASH.into());
+            retried(|| store.put_pin(name, &record)).await;
         }
         note(history, user, versioned(store, user).unwrap());
         tell(Ack::PinSet { user });
@@ -171,14 +169,15 @@ async fn handle_all(
                 now_ms,
             } => {
                 let begun = std::sync::Mutex::new(None);
-                let result = check_pin_with(store, USERS[*user], event_id, *now_ms, |hash| {
-                    assert_eq!(hash, HASH);
-                    // The record as the attempt's count left it, before the comparison.
-                    *begun.lock().unwrap() = versioned(store, *user);
-                    async move { Ok(*right) }
+                let result = retried(|| {
+                    check_pin_with(store, USERS[*user], event_id, *now_ms, |hash| {
+                        assert_eq!(hash, HASH);
+                        // The record as the attempt's count left it, before the comparison.
+                        *begun.lock().unwrap() = versioned(store, *user);
+                        async move { Ok(*right) }
+                    })
                 })
-                .await
-                .unwrap();
+                .await;
                 if let Some(bytes) = begun.into_inner().unwrap() {
                     note(history, *user, bytes);
                 }
@@ -194,17 +193,14 @@ async fn handle_all(
             }
             Input::Decide { event_id, reason } => {
                 let proposed = decline(*reason);
-                let earlier = store
-                    .put_outcome_if_absent(event_id, &proposed)
-                    .await
-                    .unwrap();
+                let earlier = retried(|| store.put_outcome_if_absent(event_id, &proposed)).await;
                 tell(Ack::Decided {
                     event_id: event_id.clone(),
                     outcome: earlier.unwrap_or(proposed),
                 });
             }
             Input::Done { event_id } => {
-                store.mark_done(event_id).await.unwrap();
+                retried(|| store.mark_done(event_id)).await;
                 tell(Ack::Done {
                     event_id: event_id.clone(),
                 });
@@ -214,11 +210,7 @@ async fn handle_all(
                     record_seq: *record_seq,
                     entry_index: 0,
                 };
-                // The outbox never moves its cursor back (after a cut it resumes from the
-                // stored one and finds this change told already).
-                if store.outbox_cursor().unwrap().is_none_or(|c| c < cursor) {
-                    store.set_outbox_cursor(cursor).await.unwrap();
-                }
+                retried(|| store.set_outbox_cursor(cursor)).await;
                 tell(Ack::Cursor {
                     record_seq: *record_seq,
                 });
@@ -228,16 +220,16 @@ async fn handle_all(
                 txn_id,
                 now_ms,
             } => {
-                store
-                    .queue_notice(
+                retried(|| {
+                    store.queue_notice(
                         USERS[*user].try_into().unwrap(),
                         txn_id.as_str().into(),
                         "a top-up arrived",
                         *now_ms,
                         WaitingNoticeBounds::default(),
                     )
-                    .await
-                    .unwrap();
+                })
+                .await;
                 tell(Ack::Notice {
                     user: *user,
                     txn_id: txn_id.clone(),
@@ -335,7 +327,9 @@ fn one_run(seed: u64) {
     runtime.block_on(async {
         let mut rng = StdRng::seed_from_u64(seed);
         let inputs = random_inputs(&mut rng);
-        let cut = PowerCut::<Ack>::new(&["payments"], seed).torn_tails(rng.gen_bool(0.5));
+        let cut = PowerCut::<Ack>::new(&["payments"], seed)
+            .torn_tails(rng.gen_bool(0.5))
+            .failing_syncs(if rng.gen_bool(0.5) { 0.2 } else { 0.0 });
         let mut history = HashMap::new();
         let (before, final_records) = {
             let store = PaymentStore::open(&cut.dir("payments")).unwrap();
