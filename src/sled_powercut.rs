@@ -91,10 +91,10 @@ fn live_watchers() -> Vec<Arc<dyn Watch>> {
     all.iter().filter_map(Weak::upgrade).collect()
 }
 
-/// Called by [`crate::sled_open::flush_durably`] before it syncs `log` (a sled log file): an
-/// error is a sync the disk refused (injected with [`PowerCut::failing_syncs`]), and what
-/// was written stays not durable.
-pub(crate) fn before_sync(log: &std::fs::File) -> std::io::Result<()> {
+/// Called by [`crate::sled_open::flush_durably`] before it flushes `db` into `log` (a sled
+/// log file): an error is a flush the disk refused (injected with
+/// [`PowerCut::failing_syncs`]), and what was written stays not durable.
+pub(crate) fn before_flush(log: &std::fs::File) -> std::io::Result<()> {
     let live = live_watchers();
     if live.is_empty() {
         return Ok(());
@@ -213,6 +213,13 @@ impl<A: Send + 'static> Watch for Inner<A> {
         let p = state.sync_failure_p;
         let fail = !state.failed_last && state.rng.gen_bool(p);
         state.failed_last = fail;
+        // A failing disk is where a power cut hurts most: the caller is about to retry, and a
+        // retry that answers from what the failed call wrote, without a flush of its own,
+        // answers from nothing durable. Half the time the cut falls here (before the failed
+        // call's writes reach the log), rather than at a uniformly drawn flush.
+        if fail && state.rng.gen_bool(0.5) {
+            self.take_snapshot(&mut state);
+        }
         fail
     }
 
@@ -242,20 +249,28 @@ impl<A: Send + 'static> Watch for Inner<A> {
         }
         state.flushes += 1;
         if state.rng.gen_range(0..=state.flushes) == 0 {
-            state.point = state.flushes;
-            state.snapshot_is_start = false;
-            state.boundary = None;
-            state.tails.clear();
-            state.log_lens.clear();
-            for name in &state.names {
-                let from = self.dir_of(state.generation, name);
-                let to = self.snapshot_dir(name);
-                let _ = std::fs::remove_dir_all(&to);
-                copy_dir(&from, &to).expect("copy a store directory");
-                state
-                    .log_lens
-                    .push(std::fs::metadata(to.join("db")).map_or(0, |m| m.len()));
-            }
+            self.take_snapshot(state);
+        }
+    }
+}
+
+impl<A: Send + 'static> Inner<A> {
+    /// Keeps a copy of the directories as they are now: the cut point, unless a later one
+    /// replaces it.
+    fn take_snapshot(&self, state: &mut State<A>) {
+        state.point = state.flushes;
+        state.snapshot_is_start = false;
+        state.boundary = None;
+        state.tails.clear();
+        state.log_lens.clear();
+        for name in &state.names {
+            let from = self.dir_of(state.generation, name);
+            let to = self.snapshot_dir(name);
+            let _ = std::fs::remove_dir_all(&to);
+            copy_dir(&from, &to).expect("copy a store directory");
+            state
+                .log_lens
+                .push(std::fs::metadata(to.join("db")).map_or(0, |m| m.len()));
         }
     }
 }
@@ -392,3 +407,6 @@ impl<A: Send + 'static> PowerCut<A> {
 
 #[cfg(test)]
 mod inbox;
+
+#[cfg(test)]
+mod security;

@@ -70,7 +70,7 @@ fn one_run(seed: u64) {
         let mut rng = StdRng::seed_from_u64(seed);
         let cut = PowerCut::<Ack>::new(&["inbox"], seed)
             .torn_tails(rng.gen_bool(0.5))
-            .failing_syncs(if rng.gen_bool(0.5) { 0.2 } else { 0.0 });
+            .failing_syncs(if rng.gen_bool(0.75) { 0.3 } else { 0.0 });
         let steps = rng.gen_range(10..50);
         let mut sent = 0usize;
         // Transactions the worker took before the cut, told or not.

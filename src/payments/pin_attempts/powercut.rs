@@ -329,7 +329,7 @@ fn one_run(seed: u64) {
         let inputs = random_inputs(&mut rng);
         let cut = PowerCut::<Ack>::new(&["payments"], seed)
             .torn_tails(rng.gen_bool(0.5))
-            .failing_syncs(if rng.gen_bool(0.5) { 0.2 } else { 0.0 });
+            .failing_syncs(if rng.gen_bool(0.75) { 0.3 } else { 0.0 });
         let mut history = HashMap::new();
         let (before, final_records) = {
             let store = PaymentStore::open(&cut.dir("payments")).unwrap();
