@@ -17,6 +17,12 @@
 //! survive too: a random prefix of what sled appended to its log before the next durable
 //! flush (a disk that wrote part of its cache), which sled must recover from or ignore.
 //!
+//! With [`PowerCut::failing_syncs`], some flushes fail before they write (an injected disk
+//! error, never twice in a row): the store call returns an error and the test retries it, as
+//! the homeserver and the workers do. Half the time the cut is then taken right there, before
+//! the failed call's writes reach the log: a retry that answers from what the failed call
+//! wrote ("exists already", "decided before") without a flush of its own is caught.
+//!
 //! Runs: `MXPAY_POWERCUT_RUNS` (default [`DEFAULT_RUNS`]), first seed `MXPAY_POWERCUT_SEED`;
 //! a failing run names its seed.
 
