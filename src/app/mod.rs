@@ -224,7 +224,7 @@ impl App {
                     ledger.clone(),
                     clock.clone(),
                 )
-                .map(Arc::new)
+                .map(|api| Arc::new(api.with_rules(config.merchants.invoice_rules())))
             })
             .transpose()
             .map_err(|e| AppError::Admin(format!("merchant store: {e:?}")))?;

@@ -139,11 +139,14 @@ pub async fn start(
     Ok(Arc::new(PaymentsPipeline::new(encrypted, payments)))
 }
 
-/// How often held payments are checked for a passed PIN or accept window when no event comes.
+/// How often held payments are checked for a passed PIN or accept window, and requests for
+/// their expiry, when no event comes.
 const HELD_SWEEP_INTERVAL_MS: u64 = 1_000;
 
-/// Ends held payments whose PIN or accept window passed, also when no event arrives (each
-/// handled event sweeps too), until `shutdown`.
+/// Ends held payments whose PIN or accept window passed, and writes down lapsed requests
+/// (a merchant's invoice among them: its `invoice.expired` must not wait for someone to talk
+/// in the room), also when no event arrives (each handled event sweeps too), until
+/// `shutdown`.
 fn spawn_held_sweep(payments: Arc<Payments>, mut shutdown: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let interval = Duration::from_millis(HELD_SWEEP_INTERVAL_MS);
@@ -154,6 +157,9 @@ fn spawn_held_sweep(payments: Arc<Payments>, mut shutdown: watch::Receiver<bool>
             }
             if let Err(e) = payments.sweep_held().await {
                 tracing::warn!(error = %e, "could not end the held payments that are due; later");
+            }
+            if let Err(e) = payments.sweep_requests().await {
+                tracing::warn!(error = %e, "could not write down lapsed payment requests; later");
             }
         }
     });

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use super::events::MerchantEvents;
 use super::invoice::{
-    self, Create, CreateInvoiceBody, Invoice, InvoiceState, RefundBody, RefundPlan,
+    self, Create, CreateInvoiceBody, Invoice, InvoiceRules, InvoiceState, RefundBody, RefundPlan,
 };
 use super::invoices::InvoiceStore;
 use super::key::{bearer, KeyAuthority, KeyScope};
@@ -64,6 +64,8 @@ pub struct MerchantApi {
     keys: Arc<KeyAuthority>,
     ledger: Ledger,
     clock: SharedClock,
+    /// The operator's rules for new invoices.
+    rules: InvoiceRules,
     /// Set once by the wiring when the payment flow exists; until then [`Unconnected`].
     poster: std::sync::OnceLock<Arc<dyn InvoicePoster>>,
     /// Set once by the wiring when webhook delivery exists; until then [`super::NoEvents`].
@@ -96,10 +98,17 @@ impl MerchantApi {
             keys,
             ledger,
             clock,
+            rules: InvoiceRules::default(),
             poster: std::sync::OnceLock::new(),
             events: std::sync::OnceLock::new(),
             refunds: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The API with the operator's `rules` for new invoices (default [`InvoiceRules::default`]).
+    pub fn with_rules(mut self, rules: InvoiceRules) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// Connects invoice posting (the payment flow); only the first call counts.
@@ -213,6 +222,7 @@ impl MerchantApi {
             body,
             existing,
             self.ledger.currencies(),
+            &self.rules,
             now_ms,
         )? {
             Create::Replay(invoice) => Ok(invoice),
@@ -232,6 +242,7 @@ impl MerchantApi {
                     body,
                     stored,
                     self.ledger.currencies(),
+                    &self.rules,
                     now_ms,
                 )? {
                     Create::Replay(invoice) | Create::New(invoice) => Ok(invoice),

@@ -27,7 +27,8 @@ pub const DESCRIPTION_CHARS_MAX: usize = 500;
 pub const ORDER_REF_CHARS_MAX: usize = 200;
 /// Longest refund reason, in characters.
 pub const REASON_CHARS_MAX: usize = 500;
-/// Shortest and longest lifetime of an invoice, in seconds.
+/// Shortest lifetime of an invoice by default, in seconds (`merchants.invoice_expires_in_s_min`
+/// lowers or raises it).
 pub const EXPIRES_IN_S_MIN: u64 = 60;
 /// See [`EXPIRES_IN_S_MIN`].
 pub const EXPIRES_IN_S_MAX: u64 = 30 * 24 * 3600;
@@ -69,8 +70,11 @@ pub enum InvoiceRefusal {
     #[error("`idempotency_key` must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes without control characters")]
     IdempotencyKeyInvalid,
     /// `expires_in_s` is out of range.
-    #[error("`expires_in_s` must be {EXPIRES_IN_S_MIN} to {EXPIRES_IN_S_MAX}")]
-    ExpiryInvalid,
+    #[error("`expires_in_s` must be {min_s} to {EXPIRES_IN_S_MAX}")]
+    ExpiryInvalid {
+        /// The shortest lifetime allowed here, in seconds.
+        min_s: u64,
+    },
     /// The idempotency key was used with another body.
     #[error("the idempotency key was already used with a different request")]
     IdempotencyConflict,
@@ -103,7 +107,7 @@ impl InvoiceRefusal {
             Self::OrderRefInvalid => "order_ref_invalid",
             Self::ReasonInvalid => "reason_invalid",
             Self::IdempotencyKeyInvalid => "idempotency_key_invalid",
-            Self::ExpiryInvalid => "expires_in_invalid",
+            Self::ExpiryInvalid { .. } => "expires_in_invalid",
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::InvoiceUnknown => "invoice_unknown",
             Self::InvoiceNotPaid => "invoice_not_paid",
@@ -296,6 +300,21 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// The operator's rules for new invoices (config `merchants:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvoiceRules {
+    /// Shortest `expires_in_s` accepted.
+    pub expires_in_s_min: u64,
+}
+
+impl Default for InvoiceRules {
+    fn default() -> Self {
+        Self {
+            expires_in_s_min: EXPIRES_IN_S_MIN,
+        }
+    }
+}
+
 /// What a create call should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Create {
@@ -313,6 +332,7 @@ pub fn decide_create(
     body: &CreateInvoiceBody,
     existing: Option<Invoice>,
     currencies: &Currencies,
+    rules: &InvoiceRules,
     now_ms: u64,
 ) -> Result<Create, InvoiceRefusal> {
     if !key_ok(&body.idempotency_key) {
@@ -345,8 +365,10 @@ pub fn decide_create(
         return Err(InvoiceRefusal::OrderRefInvalid);
     }
     let expires_in_s = body.expires_in_s.unwrap_or(EXPIRES_IN_S_DEFAULT);
-    if !(EXPIRES_IN_S_MIN..=EXPIRES_IN_S_MAX).contains(&expires_in_s) {
-        return Err(InvoiceRefusal::ExpiryInvalid);
+    if !(rules.expires_in_s_min..=EXPIRES_IN_S_MAX).contains(&expires_in_s) {
+        return Err(InvoiceRefusal::ExpiryInvalid {
+            min_s: rules.expires_in_s_min,
+        });
     }
     Ok(Create::New(Invoice {
         invoice_id: invoice_id(merchant, &body.idempotency_key),
@@ -620,7 +642,7 @@ mod tests {
     }
 
     fn created() -> Invoice {
-        match decide_create(&cafe(), &body(), None, &currencies(), NOW_MS).unwrap() {
+        match decide_create(&cafe(), &body(), None, &currencies(), &InvoiceRules::default(), NOW_MS).unwrap() {
             Create::New(invoice) => invoice,
             other => panic!("{other:?}"),
         }
@@ -669,6 +691,7 @@ mod tests {
                 &body(),
                 Some(invoice.clone()),
                 &currencies(),
+                &InvoiceRules::default(),
                 NOW_MS + 1
             ),
             Ok(Create::Replay(invoice.clone()))
@@ -678,7 +701,7 @@ mod tests {
             ..body()
         };
         assert_eq!(
-            decide_create(&cafe(), &other, Some(invoice), &currencies(), NOW_MS + 1),
+            decide_create(&cafe(), &other, Some(invoice), &currencies(), &InvoiceRules::default(), NOW_MS + 1),
             Err(InvoiceRefusal::IdempotencyConflict)
         );
     }
@@ -772,7 +795,7 @@ mod tests {
             ),
         ];
         for (bad, reason) in cases {
-            let refusal = decide_create(&cafe(), &bad, None, &currencies(), NOW_MS).unwrap_err();
+            let refusal = decide_create(&cafe(), &bad, None, &currencies(), &InvoiceRules::default(), NOW_MS).unwrap_err();
             assert_eq!(refusal.reason(), reason, "{bad:?}");
         }
     }

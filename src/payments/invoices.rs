@@ -150,12 +150,18 @@ impl Payments {
             expires_at_ms: None,
             now_ms,
         };
+        // An invoice is paid once: open to the room, the first member to pay it is its payer
+        // and everyone after is refused (`request_full`).
+        let limits = crate::requests::RequestLimits {
+            everyone_payers_max: 1,
+            ..self.request_limits()
+        };
         let request = Request::from_event(
             new,
             &content,
             self.ledger.currencies(),
             &is_member,
-            &self.request_limits(),
+            &limits,
         )
         .map_err(|e: RequestError| MerchantError::Room("request_refused", e.sentence()))?;
         match store

@@ -610,7 +610,7 @@ impl Payments {
     /// Writes down the expiry of up to a slice of lapsed requests and tells each room
     /// (bounded work, run after each handled event; a lapsed request is treated as expired
     /// before this too).
-    pub(super) async fn sweep_requests(&self) -> Result<(), PaymentsError> {
+    pub(crate) async fn sweep_requests(&self) -> Result<(), PaymentsError> {
         let now_ms = self.clock.now_ms();
         let store = self.store.requests();
         for id in store.due(now_ms, EXPIRY_SWEEP_SLICE)? {

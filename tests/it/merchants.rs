@@ -23,6 +23,8 @@ use serde_json::{json, Value};
 use crate::support;
 use tower::ServiceExt as _;
 
+mod rooms;
+
 const SECRET: &[u8] = b"merchant-test-secret-0123456789abcdef";
 const T0_MS: u64 = 1_795_000_000_000;
 const BOB: &str = "@bob:example.org";

@@ -328,7 +328,7 @@ async fn scene_with(
 }
 
 /// [`scene_with`] with these `payments:` keys (indented lines) instead of the default ones.
-async fn scene_configured(
+pub(crate) async fn scene_configured(
     label: &str,
     stepup_timeout_ms: u64,
     funds: &str,
@@ -1736,4 +1736,4 @@ mod keys;
 mod notices;
 mod refunds;
 mod replay;
-mod requests;
+pub(crate) mod requests;
