@@ -6,7 +6,7 @@
 //! trip), then mark ready and start the worker that feeds stored transactions to the
 //! [`Pipeline`].
 
-mod merchant_webhooks;
+pub mod merchant_webhooks;
 mod wiring;
 mod worker;
 

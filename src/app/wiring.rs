@@ -56,11 +56,43 @@ pub fn start_webhooks(
             app.clock().clone(),
             poke.clone(),
         )));
+        spawn_unsent_invoice_events(api.clone(), shutdown.clone());
     }
     WebhookWorker::new(store, endpoints, app.clock().clone(), poke)
         .with_metrics(app.metrics().clone())
         .spawn(shutdown);
     Ok(outbox)
+}
+
+/// How often invoice events the webhook outbox refused (it was full) are offered again.
+const UNSENT_EVENTS_INTERVAL_MS: u64 = 5_000;
+/// Most of them offered per round.
+const UNSENT_EVENTS_SLICE: usize = 256;
+
+/// Offers the webhook outbox, every few seconds, the invoice events it refused before, until
+/// `shutdown`.
+fn spawn_unsent_invoice_events(
+    api: Arc<crate::merchants::api::MerchantApi>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let interval = Duration::from_millis(UNSENT_EVENTS_INTERVAL_MS);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            let api = api.clone();
+            match tokio::task::spawn_blocking(move || api.send_unsent(UNSENT_EVENTS_SLICE)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    reason = e.reason(),
+                    "could not offer kept invoice events again; later"
+                ),
+                Err(e) => tracing::warn!(error = %e, "the kept invoice events task failed"),
+            }
+        }
+    });
 }
 
 /// Starts the bot for `app`: with payments when `payments.enabled`, else the encrypted pipeline

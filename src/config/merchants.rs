@@ -49,8 +49,8 @@ impl MerchantSettings {
 mod tests {
     #[test]
     fn the_shortest_invoice_lifetime_is_bounded_and_named_in_errors() {
-        let config = crate::config::Config::from_yaml("merchants: {invoice_expires_in_s_min: 5}")
-            .unwrap();
+        let config =
+            crate::config::Config::from_yaml("merchants: {invoice_expires_in_s_min: 5}").unwrap();
         assert_eq!(config.merchants.invoice_rules().expires_in_s_min, 5);
         for bad in ["0", "3601"] {
             let error = crate::config::Config::from_yaml(&format!(

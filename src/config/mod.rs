@@ -3,8 +3,8 @@
 //! `docs/config.md` documents every key and `config.example.yaml` shows every key with a
 //! comment; a unit test keeps the three in step.
 
-pub mod payments;
 pub mod merchants;
+pub mod payments;
 pub mod webhooks;
 
 use std::net::SocketAddr;

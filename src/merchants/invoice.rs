@@ -642,7 +642,16 @@ mod tests {
     }
 
     fn created() -> Invoice {
-        match decide_create(&cafe(), &body(), None, &currencies(), &InvoiceRules::default(), NOW_MS).unwrap() {
+        match decide_create(
+            &cafe(),
+            &body(),
+            None,
+            &currencies(),
+            &InvoiceRules::default(),
+            NOW_MS,
+        )
+        .unwrap()
+        {
             Create::New(invoice) => invoice,
             other => panic!("{other:?}"),
         }
@@ -701,7 +710,14 @@ mod tests {
             ..body()
         };
         assert_eq!(
-            decide_create(&cafe(), &other, Some(invoice), &currencies(), &InvoiceRules::default(), NOW_MS + 1),
+            decide_create(
+                &cafe(),
+                &other,
+                Some(invoice),
+                &currencies(),
+                &InvoiceRules::default(),
+                NOW_MS + 1
+            ),
             Err(InvoiceRefusal::IdempotencyConflict)
         );
     }
@@ -795,7 +811,15 @@ mod tests {
             ),
         ];
         for (bad, reason) in cases {
-            let refusal = decide_create(&cafe(), &bad, None, &currencies(), &InvoiceRules::default(), NOW_MS).unwrap_err();
+            let refusal = decide_create(
+                &cafe(),
+                &bad,
+                None,
+                &currencies(),
+                &InvoiceRules::default(),
+                NOW_MS,
+            )
+            .unwrap_err();
             assert_eq!(refusal.reason(), reason, "{bad:?}");
         }
     }

@@ -3,6 +3,9 @@
 //! - `merchantid_createdms_invoiceid`: merchant id, 0x00, created_at_ms (8 bytes BE), invoice
 //!   id -> nothing: a merchant's invoices in creation order, for cursor paging
 //! - `merchantid_invoicecount`: merchant id -> how many invoices it has (u64 BE), the bound
+//! - `eventid_unsentinvoiceevent`: webhook event id -> [`UnsentEvent`] (JSON): an invoice
+//!   change stored while the webhook outbox refused its event; sent again until taken. At most
+//!   one per invoice state change or refund, so bounded by the invoices.
 //!
 //! Each write is one sled transaction over these trees, flushed (and fdatasynced) before the
 //! call answers.
@@ -17,6 +20,18 @@ use super::{MerchantError, MerchantStore};
 const INVOICE_TREE: &str = "invoiceid_invoice";
 const BY_MERCHANT_TREE: &str = "merchantid_createdms_invoiceid";
 const COUNT_TREE: &str = "merchantid_invoicecount";
+const UNSENT_TREE: &str = "eventid_unsentinvoiceevent";
+
+/// A webhook event of an invoice change that the outbox did not take yet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UnsentEvent {
+    /// The event's id.
+    pub event_id: String,
+    /// `invoice.paid`, ...
+    pub event_type: String,
+    /// The invoice it reports.
+    pub invoice_id: String,
+}
 
 /// Most invoices one merchant may have stored.
 pub const INVOICES_PER_MERCHANT_MAX: u64 = 1_000_000;
@@ -42,6 +57,7 @@ pub struct InvoiceStore {
     invoices: sled::Tree,
     by_merchant: sled::Tree,
     counts: sled::Tree,
+    unsent: sled::Tree,
 }
 
 fn store_err(e: impl std::fmt::Display) -> MerchantError {
@@ -66,6 +82,7 @@ impl InvoiceStore {
             invoices: db.open_tree(INVOICE_TREE).map_err(store_err)?,
             by_merchant: db.open_tree(BY_MERCHANT_TREE).map_err(store_err)?,
             counts: db.open_tree(COUNT_TREE).map_err(store_err)?,
+            unsent: db.open_tree(UNSENT_TREE).map_err(store_err)?,
             merchants: merchants.clone(),
         })
     }
@@ -130,6 +147,52 @@ impl InvoiceStore {
         self.invoices
             .insert(invoice.invoice_id.as_bytes(), value)
             .map_err(store_err)?;
+        self.merchants.flush()
+    }
+
+    /// Replaces a stored invoice by a changed copy and keeps `event` (its change's webhook
+    /// event, which the outbox refused) to send later: one transaction, so the change is never
+    /// stored without its event.
+    pub fn update_unsent(
+        &self,
+        invoice: &Invoice,
+        event: &UnsentEvent,
+    ) -> Result<(), MerchantError> {
+        let value = serde_json::to_vec(invoice).map_err(store_err)?;
+        let unsent = serde_json::to_vec(event).map_err(store_err)?;
+        (&self.invoices, &self.unsent)
+            .transaction(|(invoices, pending)| {
+                invoices.insert(invoice.invoice_id.as_bytes(), value.as_slice())?;
+                pending.insert(event.event_id.as_bytes(), unsent.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(()) => store_err("aborted"),
+                TransactionError::Storage(e) => store_err(e),
+            })?;
+        self.merchants.flush()
+    }
+
+    /// Up to `limit` events waiting to be sent again, oldest id order.
+    pub fn unsent(&self, limit: usize) -> Result<Vec<UnsentEvent>, MerchantError> {
+        self.unsent
+            .iter()
+            .take(limit)
+            .map(|entry| {
+                let (_, value) = entry.map_err(store_err)?;
+                serde_json::from_slice(&value).map_err(store_err)
+            })
+            .collect()
+    }
+
+    /// How many events wait to be sent again.
+    pub fn unsent_len(&self) -> usize {
+        self.unsent.len()
+    }
+
+    /// The outbox took the event `event_id`: it no longer waits.
+    pub fn sent(&self, event_id: &str) -> Result<(), MerchantError> {
+        self.unsent.remove(event_id.as_bytes()).map_err(store_err)?;
         self.merchants.flush()
     }
 

@@ -86,10 +86,17 @@ pub enum MerchantError {
     /// Invoices cannot be posted in this process (the payment flow is not connected).
     #[error("invoices cannot be posted on this server yet")]
     PostingUnavailable,
+    /// The merchant's webhook outbox is full (its receiver is behind): nothing was changed;
+    /// try again after [`WEBHOOK_BACKLOG_RETRY_AFTER_S`].
+    #[error("too many webhook events of this merchant wait to be delivered; try again later")]
+    WebhookBacklog,
     /// The store failed (the detail is logged, not answered).
     #[error("merchant store failure")]
     Store(String),
 }
+
+/// What `Retry-After` says with [`MerchantError::WebhookBacklog`], in seconds.
+pub const WEBHOOK_BACKLOG_RETRY_AFTER_S: u64 = 60;
 
 impl MerchantError {
     /// The stable reason code (snake_case).
@@ -115,6 +122,7 @@ impl MerchantError {
             Self::TooLarge => "body_too_large",
             Self::Ledger(reason, _) => reason,
             Self::PostingUnavailable => "invoice_posting_unavailable",
+            Self::WebhookBacklog => "webhook_backlog",
             Self::Store(_) => "internal",
         }
     }
@@ -138,7 +146,7 @@ impl MerchantError {
             Self::BadJson(_) => (400, "M_BAD_JSON"),
             Self::TooLarge => (413, "M_TOO_LARGE"),
             Self::Ledger(..) => (409, "ORG.MXPAY_REJECTED"),
-            Self::PostingUnavailable => (503, "M_UNAVAILABLE"),
+            Self::PostingUnavailable | Self::WebhookBacklog => (503, "M_UNAVAILABLE"),
             Self::Store(_) => (500, "M_UNKNOWN"),
         }
     }

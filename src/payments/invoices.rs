@@ -156,14 +156,9 @@ impl Payments {
             everyone_payers_max: 1,
             ..self.request_limits()
         };
-        let request = Request::from_event(
-            new,
-            &content,
-            self.ledger.currencies(),
-            &is_member,
-            &limits,
-        )
-        .map_err(|e: RequestError| MerchantError::Room("request_refused", e.sentence()))?;
+        let request =
+            Request::from_event(new, &content, self.ledger.currencies(), &is_member, &limits)
+                .map_err(|e: RequestError| MerchantError::Room("request_refused", e.sentence()))?;
         match store
             .insert(&request, now_ms, RequestBounds::default())
             .await

@@ -52,12 +52,13 @@ impl MerchantEvents for Recorder {
         event_type: &'static str,
         event_id: &str,
         payload: Value,
-    ) {
+    ) -> Result<(), MerchantError> {
         self.0.lock().unwrap().push((
             format!("{merchant} {event_type}"),
             event_id.to_owned(),
             payload,
         ));
+        Ok(())
     }
 }
 
@@ -74,6 +75,11 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_events(None)
+    }
+
+    /// [`Harness::new`] with `events` instead of the recorder (which then records nothing).
+    fn with_events(events: Option<Arc<dyn MerchantEvents>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let clock: SharedClock = Arc::new(ManualClock::new(T0_MS));
         let settings = LedgerSettings {
@@ -109,9 +115,9 @@ impl Harness {
             .unwrap(),
         );
         let poster = Arc::new(FakePoster::default());
-        let events = Arc::new(Recorder::default());
+        let recorder = Arc::new(Recorder::default());
         api.set_poster(poster.clone());
-        api.set_events(events.clone());
+        api.set_events(events.unwrap_or_else(|| recorder.clone()));
         let ops = TokenAuthority::new(&key, clock)
             .unwrap()
             .mint("ops", [Scope::Merchants].into_iter().collect(), 3600)
@@ -123,7 +129,7 @@ impl Harness {
             merchant: mxpay::merchants::api::routes(Some(api.clone())).0,
             api,
             poster,
-            events,
+            events: recorder,
             ops,
         }
     }
@@ -1057,4 +1063,140 @@ async fn the_example_merchant_is_paid_told_by_a_signed_webhook_and_refunds_part(
         types.contains(&"invoice.paid") && types.contains(&"refund.succeeded"),
         "{delivered}"
     );
+}
+
+/// The merchant's webhook outbox takes one waiting event (`pending_per_merchant_max: 1`, the
+/// real outbox): once `invoice.paid` fills it, a new invoice and a refund are refused with 503
+/// `webhook_backlog` and `Retry-After`, nothing posted and no money moved; an invoice that ends
+/// meanwhile (the payment flow's report) is still recorded, its event kept and handed to the
+/// outbox once it drains: nothing lost.
+#[tokio::test]
+async fn a_full_webhook_outbox_refuses_new_invoices_and_refunds_and_loses_no_event() {
+    use mxpay::webhooks::{DeliveryState, WebhookPoke, WebhookPolicy, WebhookStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = WebhookStore::open(
+        dir.path(),
+        WebhookPolicy {
+            pending_per_merchant_max: 1,
+            ..WebhookPolicy::default()
+        },
+    )
+    .unwrap();
+    let outbox = mxpay::app::merchant_webhooks::OutboxEvents::new(
+        store.clone(),
+        Arc::new(ManualClock::new(T0_MS)),
+        WebhookPoke::default(),
+    );
+    let h = Harness::with_events(Some(Arc::new(outbox)));
+    let (key, _) = h.merchant_with_key("cafe").await;
+    let (status, paid) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{paid}");
+    let (status, ending) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k2")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ending}");
+    h.pay(&paid, "cafe").await;
+    let paid_id = paid["invoice_id"].as_str().unwrap();
+    let paid_event = mxpay::merchants::events::invoice_event_id("invoice.paid", paid_id);
+    assert!(
+        store.get(&paid_event).unwrap().is_some(),
+        "invoice.paid waits"
+    );
+    let posted = h.poster.0.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Full: a new invoice is refused before it is posted.
+    let request = Request::builder()
+        .method("POST")
+        .uri("/_mxpay/merchant/v1/invoices")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(invoice_body("k3").to_string()))
+        .unwrap();
+    let response = h.merchant.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("60")
+    );
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body["reason"], "webhook_backlog", "{body}");
+    assert_eq!(
+        h.poster.0.load(std::sync::atomic::Ordering::SeqCst),
+        posted,
+        "nothing posted"
+    );
+    // A refund too, before any money moves.
+    let (status, refused) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{paid_id}/refunds"),
+            &key,
+            Some(json!({ "amount": "1.00", "reason": "cold", "idempotency_key": "r1" })),
+        )
+        .await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("webhook_backlog"))
+    );
+    assert_eq!(h.available(Owner::merchant("cafe")).await, 450);
+
+    // The payment flow's report that the other invoice was declined is never refused: the
+    // invoice is cancelled, its event kept.
+    let ending_id = ending["invoice_id"].as_str().unwrap();
+    let cancelled = h.api.record_ended(ending_id, true).unwrap();
+    assert_eq!(cancelled.state.as_str(), "cancelled");
+    let (_, shown) = h
+        .merchant("GET", &format!("/invoices/{ending_id}"), &key, None)
+        .await;
+    assert_eq!(shown["status"], "cancelled");
+    let cancelled_event =
+        mxpay::merchants::events::invoice_event_id("invoice.cancelled", ending_id);
+    assert!(store.get(&cancelled_event).unwrap().is_none());
+    assert_eq!(h.api.invoices().unsent_len(), 1);
+    assert_eq!(h.api.send_unsent(10).unwrap(), 0, "still full");
+
+    // The receiver took invoice.paid: the kept event goes in, once.
+    let delivered = |event_id: &str| {
+        store
+            .update(event_id, |r| {
+                r.state = DeliveryState::Delivered;
+                r.finished_ms = Some(T0_MS);
+                true
+            })
+            .unwrap()
+            .unwrap();
+    };
+    delivered(&paid_event);
+    assert_eq!(h.api.send_unsent(10).unwrap(), 1);
+    assert_eq!(h.api.invoices().unsent_len(), 0);
+    let record = store.get(&cancelled_event).unwrap().unwrap();
+    let data: Value = serde_json::from_str(&record.body).unwrap();
+    assert_eq!(data["data"]["invoice"]["status"], "cancelled", "{data}");
+    assert_eq!(h.api.send_unsent(10).unwrap(), 0);
+
+    // Drained: the refund goes through.
+    delivered(&cancelled_event);
+    let (status, refunded) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{paid_id}/refunds"),
+            &key,
+            Some(json!({ "amount": "1.00", "reason": "cold", "idempotency_key": "r1" })),
+        )
+        .await;
+    assert_eq!(
+        (status, &refunded["amount_refunded"]),
+        (StatusCode::OK, &json!("1.00"))
+    );
+    assert_eq!(h.available(Owner::merchant("cafe")).await, 350);
 }

@@ -140,7 +140,9 @@ fn api_url(s: &Scene, path: &str) -> String {
 }
 
 async fn call(method: Method, url: String, token: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, url).bearer_auth(token);
+    let mut request = reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(token);
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -325,5 +327,8 @@ async fn an_invoice_open_to_the_room_is_paid_once_by_the_first_member() {
         (&json!(alice_id), &json!(transfer)),
         "{shown}"
     );
-    assert!(!receiver.has_waiting("invoice.paid"), "one invoice.paid only");
+    assert!(
+        !receiver.has_waiting("invoice.paid"),
+        "one invoice.paid only"
+    );
 }
