@@ -283,6 +283,12 @@ impl MerchantApi {
             Create::New(mut invoice) => {
                 // Its paid / expired / cancelled event will need room in the merchant's webhook
                 // outbox: refused now, before anything is posted, rather than lost later.
+                invoice::check_merchant_limits(
+                    &invoice,
+                    &merchant.limits,
+                    self.invoices.open_count(&merchant.id)?,
+                    self.ledger.currencies(),
+                )?;
                 self.events().has_room(&merchant.id)?;
                 let poster: &dyn InvoicePoster = match self.poster.get() {
                     Some(poster) => poster.as_ref(),

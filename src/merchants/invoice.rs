@@ -93,6 +93,18 @@ pub enum InvoiceRefusal {
     /// [`REFUNDS_PER_INVOICE_MAX`] refunds already.
     #[error("this invoice has the most refunds it may have")]
     RefundsFull,
+    /// Above the merchant's own largest invoice in this currency.
+    #[error("the amount is above this merchant's largest invoice ({max})")]
+    AboveMerchantLimit {
+        /// The limit, in major units with the currency.
+        max: String,
+    },
+    /// The merchant has as many open invoices as its limit allows.
+    #[error("this merchant has {max} open invoices, its limit; wait until some are paid or end")]
+    TooManyOpenInvoices {
+        /// The limit.
+        max: u64,
+    },
 }
 
 impl InvoiceRefusal {
@@ -113,6 +125,8 @@ impl InvoiceRefusal {
             Self::InvoiceNotPaid => "invoice_not_paid",
             Self::RefundAboveRemaining { .. } => "refund_above_remaining",
             Self::RefundsFull => "refunds_full",
+            Self::AboveMerchantLimit { .. } => "invoice_above_merchant_limit",
+            Self::TooManyOpenInvoices { .. } => "too_many_open_invoices",
         }
     }
 
@@ -121,9 +135,11 @@ impl InvoiceRefusal {
         match self {
             Self::IdempotencyConflict => (409, "ORG.MXPAY_IDEMPOTENCY_CONFLICT"),
             Self::InvoiceUnknown => (404, "M_NOT_FOUND"),
-            Self::InvoiceNotPaid | Self::RefundAboveRemaining { .. } | Self::RefundsFull => {
-                (409, "ORG.MXPAY_REJECTED")
-            }
+            Self::InvoiceNotPaid
+            | Self::RefundAboveRemaining { .. }
+            | Self::RefundsFull
+            | Self::AboveMerchantLimit { .. }
+            | Self::TooManyOpenInvoices { .. } => (409, "ORG.MXPAY_REJECTED"),
             _ => (400, "M_INVALID_PARAM"),
         }
     }
@@ -390,6 +406,32 @@ pub fn decide_create(
         settled_at_ms: None,
         refunds: Vec::new(),
     }))
+}
+
+/// Checks a new invoice against its merchant's own `limits`, with `open_now` of its invoices
+/// open: the largest invoice of its currency, then the cap on open invoices.
+pub fn check_merchant_limits(
+    invoice: &Invoice,
+    limits: &super::model::MerchantLimits,
+    open_now: u64,
+    currencies: &Currencies,
+) -> Result<(), InvoiceRefusal> {
+    if let Some(&max_minor) = limits.max_invoice_minor.get(&invoice.currency) {
+        if invoice.amount_minor > max_minor {
+            let shown = crate::ledger::CurrencyCode::new(&invoice.currency)
+                .and_then(|c| currencies.to_decimal(c, max_minor))
+                .map_or_else(|| max_minor.to_string(), |d| d.to_string());
+            return Err(InvoiceRefusal::AboveMerchantLimit {
+                max: format!("{shown} {}", invoice.currency),
+            });
+        }
+    }
+    if let Some(max) = limits.open_invoices_max {
+        if open_now >= max {
+            return Err(InvoiceRefusal::TooManyOpenInvoices { max });
+        }
+    }
+    Ok(())
 }
 
 /// What a refund call should do.
@@ -936,5 +978,28 @@ mod tests {
         assert_eq!(shown["amount_refunded"], "4.50");
         assert_eq!(shown["status"], "paid");
         assert_eq!(shown["refunds"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_merchants_own_limits_cap_the_amount_per_currency_and_the_open_invoices() {
+        let c = currencies();
+        let invoice = created(); // 4.50 EUR
+        let mut limits = crate::merchants::MerchantLimits::default();
+        assert_eq!(check_merchant_limits(&invoice, &limits, 1_000, &c), Ok(()));
+        limits.max_invoice_minor.insert("EUR".to_owned(), 450);
+        limits.max_invoice_minor.insert("JPY".to_owned(), 1);
+        assert_eq!(check_merchant_limits(&invoice, &limits, 0, &c), Ok(()));
+        limits.max_invoice_minor.insert("EUR".to_owned(), 449);
+        let above = check_merchant_limits(&invoice, &limits, 0, &c).unwrap_err();
+        assert_eq!(above.reason(), "invoice_above_merchant_limit");
+        assert!(above.to_string().contains("4.49 EUR"), "{above}");
+        limits.max_invoice_minor.clear();
+        limits.open_invoices_max = Some(2);
+        assert_eq!(check_merchant_limits(&invoice, &limits, 1, &c), Ok(()));
+        let full = check_merchant_limits(&invoice, &limits, 2, &c).unwrap_err();
+        assert_eq!(
+            (full.reason(), full.status_and_errcode().0),
+            ("too_many_open_invoices", 409)
+        );
     }
 }

@@ -1200,3 +1200,101 @@ async fn a_full_webhook_outbox_refuses_new_invoices_and_refunds_and_loses_no_eve
     );
     assert_eq!(h.available(Owner::merchant("cafe")).await, 350);
 }
+
+/// A merchant's own limits, set at creation or later through the admin API: an invoice above
+/// its largest invoice for the currency is refused (`invoice_above_merchant_limit`), one more
+/// than its cap on open invoices too (`too_many_open_invoices`) until one is paid; nothing is
+/// posted for a refused invoice; limits that do not fit the currencies are refused
+/// (`limits_invalid`).
+#[tokio::test]
+async fn a_merchants_own_limits_refuse_large_invoices_and_too_many_open_ones() {
+    let h = Harness::new();
+    let (status, shop) = h
+        .admin(
+            "POST",
+            "/merchants",
+            Some(json!({
+                "merchant_id": "shop", "user_id": "@shop:example.org", "display_name": "Shop",
+                "webhook_url": "https://shop.example/hook",
+                "limits": {"max_invoice": {"EUR": "100.00"}, "open_invoices_max": 5},
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shop}");
+    assert_eq!(
+        shop["limits"],
+        json!({"max_invoice_minor": {"EUR": 10_000}, "open_invoices_max": 5})
+    );
+    let (key, _) = h.merchant_with_key("cafe").await;
+    let (status, set) = h
+        .admin(
+            "POST",
+            "/merchants/cafe/limits",
+            Some(json!({"max_invoice": {"EUR": "5.00"}, "open_invoices_max": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    assert_eq!(set["limits"]["open_invoices_max"], 2);
+    for bad in [
+        json!({"max_invoice": {"EUR": "5.001"}}),
+        json!({"max_invoice": {"XXX": "5"}}),
+        json!({"open_invoices_max": 0}),
+    ] {
+        let (status, refused) = h
+            .admin("POST", "/merchants/cafe/limits", Some(bad.clone()))
+            .await;
+        // The admin API answers errcode and sentence (the reason is in the audit log).
+        assert_eq!(
+            (status, refused["errcode"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("M_INVALID_PARAM")),
+            "{bad} -> {refused}"
+        );
+        assert!(
+            refused["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("invalid limits")),
+            "{refused}"
+        );
+    }
+
+    let mut large = invoice_body("large");
+    large["amount"] = json!("5.01");
+    let (status, refused) = h.merchant("POST", "/invoices", &key, Some(large)).await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (StatusCode::CONFLICT, Some("invoice_above_merchant_limit")),
+        "{refused}"
+    );
+    let (status, first) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, second) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k2")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let posted = h.poster.0.load(std::sync::atomic::Ordering::SeqCst);
+    let (status, refused) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k3")))
+        .await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (StatusCode::CONFLICT, Some("too_many_open_invoices")),
+        "{refused}"
+    );
+    assert_eq!(h.poster.0.load(std::sync::atomic::Ordering::SeqCst), posted);
+    // A replay of an existing invoice is no new invoice: answered as before.
+    let (status, replay) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    assert_eq!(
+        (status, &replay["invoice_id"]),
+        (StatusCode::OK, &first["invoice_id"])
+    );
+    // One is paid: room for another.
+    h.pay(&first, "cafe").await;
+    let (status, third) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k3")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{third}");
+}
