@@ -262,6 +262,24 @@ impl MerchantApi {
         }
     }
 
+    /// Records a merchant's own typed request in a room as its invoice (idempotent: the same
+    /// request event finds the invoice it made). No webhook: `invoice.paid` etc. follow as
+    /// for any invoice.
+    pub fn record_request(
+        &self,
+        merchant: &Merchant,
+        request: &invoice::MerchantRequest<'_>,
+    ) -> Result<Invoice, MerchantError> {
+        let invoice = invoice::from_merchant_request(&merchant.id, request, self.clock.now_ms());
+        if !self.invoices.insert(&invoice)? {
+            if let Some(stored) = self.invoices.get_any(&invoice.invoice_id)? {
+                return Ok(stored);
+            }
+        }
+        tracing::info!(invoice = %invoice.invoice_id, merchant = %merchant.id, "a merchant's own request recorded as its invoice");
+        Ok(invoice)
+    }
+
     /// Creates (or replays) an invoice.
     pub async fn create_invoice(
         &self,

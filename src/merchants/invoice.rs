@@ -434,6 +434,78 @@ pub fn check_merchant_limits(
     Ok(())
 }
 
+/// What a merchant's own typed request in a room says, for its invoice record.
+#[derive(Debug, Clone)]
+pub struct MerchantRequest<'a> {
+    /// The request event's id.
+    pub request_event_id: &'a str,
+    /// Where it was sent.
+    pub room_id: OwnedRoomId,
+    /// Who is asked (none: anyone in the room).
+    pub payer: Option<OwnedUserId>,
+    /// How much, in minor units.
+    pub amount_minor: u128,
+    /// Currency code.
+    pub currency: &'a str,
+    /// The request's memo, else its body.
+    pub description: &'a str,
+    /// The event's `order_ref`, if any.
+    pub order_ref: Option<&'a str>,
+    /// When the request lapses, as the bot keeps it.
+    pub expires_at_ms: u64,
+}
+
+/// The invoice record of a merchant's own typed request: its id derived from the merchant and
+/// the request event (so handling the event again finds the same invoice), its description
+/// and order reference cleaned to the API's bounds (an absent or invalid `order_ref` becomes
+/// the event id).
+pub fn from_merchant_request(
+    merchant: &MerchantId,
+    request: &MerchantRequest<'_>,
+    now_ms: u64,
+) -> Invoice {
+    let key = format!("request:{}", request.request_event_id);
+    let clean = |text: &str, chars_max: usize| -> String {
+        text.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(chars_max)
+            .collect::<String>()
+            .trim()
+            .to_owned()
+    };
+    let mut description = clean(request.description, DESCRIPTION_CHARS_MAX);
+    if description.is_empty() {
+        description = "payment request".to_owned();
+    }
+    let order_ref = request
+        .order_ref
+        .filter(|r| text_ok(r, ORDER_REF_CHARS_MAX))
+        .map_or_else(
+            || clean(request.request_event_id, ORDER_REF_CHARS_MAX),
+            str::to_owned,
+        );
+    Invoice {
+        invoice_id: invoice_id(merchant, &key),
+        merchant_id: merchant.clone(),
+        room_id: request.room_id.clone(),
+        payer: request.payer.clone(),
+        amount_minor: request.amount_minor,
+        currency: request.currency.to_owned(),
+        description,
+        order_ref,
+        body_sha256: sha256_hex(key.as_bytes()),
+        idempotency_key: key,
+        state: InvoiceState::Open,
+        created_at_ms: now_ms,
+        expires_at_ms: request.expires_at_ms,
+        request_event_id: Some(request.request_event_id.to_owned()),
+        paid_by: None,
+        transfer_id: None,
+        settled_at_ms: None,
+        refunds: Vec::new(),
+    }
+}
+
 /// What a refund call should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundPlan {

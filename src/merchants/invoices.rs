@@ -5,6 +5,8 @@
 //! - `merchantid_invoicecount`: merchant id -> how many invoices it has (u64 BE), the bound
 //! - `merchantid_openinvoicecount`: merchant id -> how many of its invoices are open (u64 BE),
 //!   for the merchant's cap on open invoices
+//! - `requesteventid_invoiceid`: the room request event an invoice stands for -> its id (for
+//!   the payment flow, which knows requests by event id)
 //! - `eventid_unsentinvoiceevent`: webhook event id -> [`UnsentEvent`] (JSON): an invoice
 //!   change stored while the webhook outbox refused its event; sent again until taken. At most
 //!   one per invoice state change or refund, so bounded by the invoices.
@@ -24,6 +26,7 @@ const BY_MERCHANT_TREE: &str = "merchantid_createdms_invoiceid";
 const COUNT_TREE: &str = "merchantid_invoicecount";
 const UNSENT_TREE: &str = "eventid_unsentinvoiceevent";
 const OPEN_TREE: &str = "merchantid_openinvoicecount";
+const BY_REQUEST_TREE: &str = "requesteventid_invoiceid";
 
 fn count_of(value: Option<sled::IVec>) -> u64 {
     value.map_or(0, |v| {
@@ -78,6 +81,7 @@ pub struct InvoiceStore {
     by_merchant: sled::Tree,
     counts: sled::Tree,
     open: sled::Tree,
+    by_request: sled::Tree,
     unsent: sled::Tree,
 }
 
@@ -104,6 +108,7 @@ impl InvoiceStore {
             by_merchant: db.open_tree(BY_MERCHANT_TREE).map_err(store_err)?,
             counts: db.open_tree(COUNT_TREE).map_err(store_err)?,
             open: db.open_tree(OPEN_TREE).map_err(store_err)?,
+            by_request: db.open_tree(BY_REQUEST_TREE).map_err(store_err)?,
             unsent: db.open_tree(UNSENT_TREE).map_err(store_err)?,
             merchants: merchants.clone(),
         })
@@ -137,8 +142,15 @@ impl InvoiceStore {
         let index = index_key(invoice);
         let merchant = invoice.merchant_id.as_str().as_bytes();
         let id = invoice.invoice_id.as_bytes();
-        let inserted = (&self.invoices, &self.by_merchant, &self.counts, &self.open)
-            .transaction(|(invoices, by_merchant, counts, open)| {
+        let request = invoice.request_event_id.as_deref().map(str::as_bytes);
+        let inserted = (
+            &self.invoices,
+            &self.by_merchant,
+            &self.counts,
+            &self.open,
+            &self.by_request,
+        )
+            .transaction(|(invoices, by_merchant, counts, open, by_request)| {
                 if invoices.get(id)?.is_some() {
                     return Ok(false);
                 }
@@ -157,6 +169,9 @@ impl InvoiceStore {
                     let open_now = count_of(open.get(merchant)?);
                     open.insert(merchant, &(open_now + 1).to_be_bytes())?;
                 }
+                if let Some(request) = request {
+                    by_request.insert(request, id)?;
+                }
                 Ok(true)
             })
             .map_err(|e| match e {
@@ -170,6 +185,15 @@ impl InvoiceStore {
     /// Replaces a stored invoice by a changed copy (state, refunds, the posted event).
     pub fn update(&self, invoice: &Invoice) -> Result<(), MerchantError> {
         self.write(invoice, None)
+    }
+
+    /// The id of the invoice that the room request event `request_event_id` stands for.
+    pub fn by_request(&self, request_event_id: &str) -> Result<Option<String>, MerchantError> {
+        Ok(self
+            .by_request
+            .get(request_event_id.as_bytes())
+            .map_err(store_err)?
+            .map(|id| String::from_utf8_lossy(&id).into_owned()))
     }
 
     /// How many of `merchant`'s invoices are open.

@@ -1658,6 +1658,7 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         payer: None,
         memo: None,
         expires_at_ms: None,
+        order_ref: Some("order-42".into()),
     };
     schema::assert_valid(
         "org.mxpay.payment_request",

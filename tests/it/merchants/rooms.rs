@@ -332,3 +332,133 @@ async fn an_invoice_open_to_the_room_is_paid_once_by_the_first_member() {
         "one invoice.paid only"
     );
 }
+
+/// Issue 14: bob's Matrix user is merchant `cafe`; bob's own encrypted client sends a typed
+/// `org.mxpay.payment_request` with an `order_ref`: the bot records it as cafe's invoice
+/// (`GET /invoices` lists it with that order_ref); alice pays it with her PIN, the receipt
+/// carries the order_ref, the invoice shows paid and a signed `invoice.paid` arrives. Once cafe
+/// is disabled, bob's next typed request is refused as `merchant_disabled`, nothing recorded.
+#[tokio::test]
+async fn a_merchant_bots_own_typed_request_is_its_invoice_and_a_disabled_one_is_refused() {
+    let s = scene_configured(
+        "merchant-own-request",
+        120_000,
+        "100.00",
+        "  hold_for_new_payees: false\n",
+        |_| MxpayOptions::default(),
+    )
+    .await;
+    let (alice, bob, bot, dm, room) = (&s.alice, &s.bob, s.bot.as_str(), &s.dm, &s.room);
+    let mut receiver = WebhookReceiver::start().await;
+    let (ops, key, secret) = cafe(&s, &receiver).await;
+    let bob_id = bob.user.user_id.to_string();
+    let alice_id = alice.user.user_id.to_string();
+
+    let sent = bob
+        .room(room)
+        .await
+        .send_raw(
+            "org.mxpay.payment_request",
+            json!({
+                "body": format!("{bob_id} requests 3.00 EUR: two croissants"),
+                "payee": bob_id, "payer": alice_id, "amount": "3.00", "currency": "EUR",
+                "memo": "two croissants", "order_ref": "bot-order-7",
+            }),
+        )
+        .await
+        .expect("send the request");
+    let request_event = sent.response.event_id.to_string();
+    let notice = wait_notice(alice, room, bot, "3.00 EUR").await;
+    let listed = support::eventually("the request to be listed as an invoice", || {
+        let url = api_url(&s, "/invoices?status=open");
+        let key = key.clone();
+        async move {
+            let (_, page) = call(Method::GET, url, &key, None).await;
+            page["invoices"]
+                .as_array()
+                .and_then(|list| list.first().cloned())
+        }
+    })
+    .await;
+    assert_eq!(
+        (
+            &listed["order_ref"],
+            &listed["request_event_id"],
+            &listed["payer"]
+        ),
+        (
+            &json!("bot-order-7"),
+            &json!(request_event),
+            &json!(alice_id)
+        ),
+        "{listed}"
+    );
+    assert_eq!(listed["amount"], "3.00");
+    let id = listed["invoice_id"].as_str().unwrap().to_owned();
+
+    let pay = alice.reply(room, notice.event_id(), "!pay").await;
+    wait_notice(alice, dm, bot, "Confirm paying 3.00 EUR").await;
+    send_text(alice, dm, PIN).await;
+    let receipt = wait_receipt(alice, room, bot, &pay, "completed", None).await;
+    assert_eq!(receipt.content()["order_ref"], "bot-order-7");
+    let paid = receiver.next_of("invoice.paid", &secret).await;
+    assert_eq!(paid["data"]["invoice"]["invoice_id"], id.as_str());
+    let (_, shown) = call(
+        Method::GET,
+        api_url(&s, &format!("/invoices/{id}")),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (&shown["status"], &shown["paid_by"]),
+        (&json!("paid"), &json!(alice_id)),
+        "{shown}"
+    );
+    assert_eq!(cafe_available(&s, &ops).await, "3.00");
+
+    // Disabled: its next typed request is refused with a reason code, and recorded nowhere.
+    let (status, _) = call(
+        Method::POST,
+        admin_url(&s, "/merchants/cafe/disable"),
+        &ops,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let refused = bob
+        .room(room)
+        .await
+        .send_raw(
+            "org.mxpay.payment_request",
+            json!({
+                "body": format!("{bob_id} requests 2.00 EUR"),
+                "payee": bob_id, "payer": alice_id, "amount": "2.00", "currency": "EUR",
+                "order_ref": "bot-order-8",
+            }),
+        )
+        .await
+        .expect("send the request")
+        .response
+        .event_id;
+    wait_receipt(
+        bob,
+        room,
+        bot,
+        &refused,
+        "declined",
+        Some("merchant_disabled"),
+    )
+    .await;
+    // Listing needs an enabled merchant's key: enable again and look.
+    let (status, _) = call(
+        Method::POST,
+        admin_url(&s, "/merchants/cafe/enable"),
+        &ops,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, page) = call(Method::GET, api_url(&s, "/invoices"), &key, None).await;
+    assert_eq!(page["invoices"].as_array().map(Vec::len), Some(1), "{page}");
+}
