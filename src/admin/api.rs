@@ -162,6 +162,11 @@ pub fn routes(state: Option<Arc<AdminState>>) -> (Router, Vec<(&'static str, Str
         )
         .add(
             "post",
+            "/merchants/{merchant_id}/limits",
+            post(merchants::post_limits),
+        )
+        .add(
+            "post",
             "/merchants/{merchant_id}/keys",
             post(merchants::post_key),
         )

@@ -72,6 +72,9 @@ pub struct CreateMerchantRequest {
     pub display_name: String,
     /// Its webhook URL.
     pub webhook_url: String,
+    /// Its own limits (default none).
+    #[serde(default)]
+    pub limits: Option<crate::merchants::LimitsBody>,
 }
 
 /// The answer to `POST /merchants`: the merchant and, this once, its webhook secret. Its Debug
@@ -146,7 +149,13 @@ impl AdminState {
         &self,
         request: &CreateMerchantRequest,
     ) -> Result<CreatedMerchant, AdminError> {
-        let merchant = new_merchant(
+        let limits = request
+            .limits
+            .as_ref()
+            .map(|l| l.to_limits(self.ledger.currencies()))
+            .transpose()?
+            .unwrap_or_default();
+        let mut merchant = new_merchant(
             &NewMerchant {
                 id: request.merchant_id.as_deref(),
                 user_id: &request.user_id,
@@ -155,6 +164,7 @@ impl AdminState {
             },
             self.clock.now_ms(),
         )?;
+        merchant.limits = limits;
         let store = self.merchants.clone();
         let stored = merchant.clone();
         blocking(move || store.create(&stored)).await?;
@@ -196,6 +206,19 @@ impl AdminState {
                 .map(|v| AccountJson::new(self.ledger.currencies(), v))
                 .collect(),
         })
+    }
+
+    /// Replaces a merchant's own limits.
+    pub async fn set_merchant_limits(
+        &self,
+        id: &str,
+        body: &crate::merchants::LimitsBody,
+    ) -> Result<MerchantView, AdminError> {
+        let id = merchant_id(id)?;
+        let limits = body.to_limits(self.ledger.currencies())?;
+        let store = self.merchants.clone();
+        let merchant = blocking(move || store.set_limits(&id, limits)).await?;
+        Ok(MerchantView::from(&merchant))
     }
 
     /// Turns a merchant off or on.
@@ -347,6 +370,20 @@ pub(super) async fn post_enable(call: IdCall) -> Response {
     .await
 }
 
+pub(super) async fn post_limits(call: IdCall, body: Body) -> Response {
+    let headers = call.headers.clone();
+    call.run(
+        Scope::Merchants,
+        "merchant.limits",
+        |state, id| async move {
+            let body = read_body(&headers, body).await?;
+            let request: crate::merchants::LimitsBody = parse_json(&body)?;
+            state.set_merchant_limits(&id, &request).await
+        },
+    )
+    .await
+}
+
 pub(super) async fn post_key(call: IdCall, body: Body) -> Response {
     let headers = call.headers.clone();
     call.run(
@@ -407,6 +444,7 @@ mod tests {
                 webhook_url: "https://cafe.example/hook".to_owned(),
                 enabled: true,
                 created_at_ms: 1,
+                limits: Default::default(),
             },
             webhook_secret: "whsec_0123456789".to_owned(),
         };

@@ -3,9 +3,9 @@
 //! the registry at every attempt.
 
 use crate::clock::SharedClock;
-use crate::merchants::{MerchantEvents, MerchantId, MerchantStore};
+use crate::merchants::{MerchantError, MerchantEvents, MerchantId, MerchantStore};
 use crate::webhooks::{
-    Endpoint, EndpointSecret, EventType, WebhookEndpoints, WebhookPoke, WebhookStore,
+    Endpoint, EndpointSecret, EventType, WebhookEndpoints, WebhookError, WebhookPoke, WebhookStore,
 };
 
 /// Puts each merchant event in the webhook outbox (idempotent by event id) and wakes the
@@ -17,6 +17,7 @@ pub struct OutboxEvents {
 }
 
 impl OutboxEvents {
+    /// Events go into `store` stamped with `clock`'s time; `poke` wakes the delivery worker.
     pub fn new(store: WebhookStore, clock: SharedClock, poke: WebhookPoke) -> Self {
         Self { store, clock, poke }
     }
@@ -25,6 +26,23 @@ impl OutboxEvents {
 impl std::fmt::Debug for OutboxEvents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboxEvents").finish_non_exhaustive()
+    }
+}
+
+fn refused(merchant_id: &str, event_id: &str, e: WebhookError) -> MerchantError {
+    match e {
+        WebhookError::MerchantQueueFull { .. } | WebhookError::QueueFull => {
+            MerchantError::WebhookBacklog
+        }
+        other => {
+            tracing::error!(
+                merchant = merchant_id,
+                event_id,
+                error = %other,
+                "a merchant event could not be put in the webhook outbox"
+            );
+            MerchantError::Store(other.to_string())
+        }
     }
 }
 
@@ -38,30 +56,24 @@ impl MerchantEvents for OutboxEvents {
         event_type: &'static str,
         event_id: &str,
         payload: serde_json::Value,
-    ) {
-        let Some(kind) = EventType::ALL
+    ) -> Result<(), MerchantError> {
+        let kind = EventType::ALL
             .into_iter()
             .find(|t| t.as_str() == event_type)
-        else {
-            tracing::error!(
-                event_type,
-                "a merchant event of no webhook type; not delivered"
-            );
-            return;
-        };
+            .ok_or_else(|| MerchantError::Store(format!("no webhook type {event_type}")))?;
         let merchant_id = merchant.to_string();
-        match self
-            .store
+        self.store
             .enqueue(&merchant_id, kind, event_id, payload, self.clock.now_ms())
-        {
-            Ok(_) => self.poke.poke(),
-            Err(e) => tracing::error!(
-                merchant = %merchant_id,
-                event_id,
-                error = %e,
-                "a merchant event could not be put in the webhook outbox"
-            ),
-        }
+            .map_err(|e| refused(&merchant_id, event_id, e))?;
+        self.poke.poke();
+        Ok(())
+    }
+
+    fn has_room(&self, merchant: &MerchantId) -> Result<(), MerchantError> {
+        let merchant_id = merchant.to_string();
+        self.store
+            .has_room(&merchant_id)
+            .map_err(|e| refused(&merchant_id, "-", e))
     }
 }
 

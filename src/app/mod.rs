@@ -6,7 +6,7 @@
 //! trip), then mark ready and start the worker that feeds stored transactions to the
 //! [`Pipeline`].
 
-mod merchant_webhooks;
+pub mod merchant_webhooks;
 mod wiring;
 mod worker;
 
@@ -224,7 +224,7 @@ impl App {
                     ledger.clone(),
                     clock.clone(),
                 )
-                .map(Arc::new)
+                .map(|api| Arc::new(api.with_rules(config.merchants.invoice_rules())))
             })
             .transpose()
             .map_err(|e| AppError::Admin(format!("merchant store: {e:?}")))?;

@@ -56,11 +56,43 @@ pub fn start_webhooks(
             app.clock().clone(),
             poke.clone(),
         )));
+        spawn_unsent_invoice_events(api.clone(), shutdown.clone());
     }
     WebhookWorker::new(store, endpoints, app.clock().clone(), poke)
         .with_metrics(app.metrics().clone())
         .spawn(shutdown);
     Ok(outbox)
+}
+
+/// How often invoice events the webhook outbox refused (it was full) are offered again.
+const UNSENT_EVENTS_INTERVAL_MS: u64 = 5_000;
+/// Most of them offered per round.
+const UNSENT_EVENTS_SLICE: usize = 256;
+
+/// Offers the webhook outbox, every few seconds, the invoice events it refused before, until
+/// `shutdown`.
+fn spawn_unsent_invoice_events(
+    api: Arc<crate::merchants::api::MerchantApi>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let interval = Duration::from_millis(UNSENT_EVENTS_INTERVAL_MS);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            let api = api.clone();
+            match tokio::task::spawn_blocking(move || api.send_unsent(UNSENT_EVENTS_SLICE)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    reason = e.reason(),
+                    "could not offer kept invoice events again; later"
+                ),
+                Err(e) => tracing::warn!(error = %e, "the kept invoice events task failed"),
+            }
+        }
+    });
 }
 
 /// Starts the bot for `app`: with payments when `payments.enabled`, else the encrypted pipeline
@@ -139,11 +171,14 @@ pub async fn start(
     Ok(Arc::new(PaymentsPipeline::new(encrypted, payments)))
 }
 
-/// How often held payments are checked for a passed PIN or accept window when no event comes.
+/// How often held payments are checked for a passed PIN or accept window, and requests for
+/// their expiry, when no event comes.
 const HELD_SWEEP_INTERVAL_MS: u64 = 1_000;
 
-/// Ends held payments whose PIN or accept window passed, also when no event arrives (each
-/// handled event sweeps too), until `shutdown`.
+/// Ends held payments whose PIN or accept window passed, and writes down lapsed requests
+/// (a merchant's invoice among them: its `invoice.expired` must not wait for someone to talk
+/// in the room), also when no event arrives (each handled event sweeps too), until
+/// `shutdown`.
 fn spawn_held_sweep(payments: Arc<Payments>, mut shutdown: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let interval = Duration::from_millis(HELD_SWEEP_INTERVAL_MS);
@@ -154,6 +189,9 @@ fn spawn_held_sweep(payments: Arc<Payments>, mut shutdown: watch::Receiver<bool>
             }
             if let Err(e) = payments.sweep_held().await {
                 tracing::warn!(error = %e, "could not end the held payments that are due; later");
+            }
+            if let Err(e) = payments.sweep_requests().await {
+                tracing::warn!(error = %e, "could not write down lapsed payment requests; later");
             }
         }
     });

@@ -177,6 +177,17 @@ pub enum MerchantCommand {
         /// The merchant id (default: generated).
         #[arg(long)]
         id: Option<String>,
+        /// Its own limits.
+        #[command(flatten)]
+        limits: MerchantLimitArgs,
+    },
+    /// Sets a merchant's own limits (replacing the ones it had).
+    Limits {
+        /// The merchant id.
+        merchant_id: String,
+        /// The limits.
+        #[command(flatten)]
+        limits: MerchantLimitArgs,
     },
     /// Lists merchants.
     List,
@@ -201,6 +212,35 @@ pub enum MerchantCommand {
         #[command(subcommand)]
         command: MerchantKeyCommand,
     },
+}
+
+/// A merchant's own limits on the command line.
+#[derive(Debug, clap::Args)]
+pub struct MerchantLimitArgs {
+    /// Largest single invoice, as AMOUNT:CURRENCY (e.g. 500.00:EUR); repeat per currency.
+    #[arg(long = "max-invoice", value_name = "AMOUNT:CURRENCY")]
+    pub max_invoice: Vec<String>,
+    /// Most invoices open at once.
+    #[arg(long)]
+    pub open_invoices_max: Option<u64>,
+}
+
+impl MerchantLimitArgs {
+    /// The API's `limits` object (an argument without `:` is sent as is, and refused there).
+    fn to_json(&self) -> Value {
+        let max_invoice: serde_json::Map<String, Value> = self
+            .max_invoice
+            .iter()
+            .map(|arg| match arg.rsplit_once(':') {
+                Some((amount, currency)) => (currency.to_owned(), Value::from(amount)),
+                None => (String::new(), Value::from(arg.as_str())),
+            })
+            .collect();
+        serde_json::json!({
+            "max_invoice": max_invoice,
+            "open_invoices_max": self.open_invoices_max,
+        })
+    }
 }
 
 /// `mxpay admin merchant key <command>`.
@@ -906,13 +946,22 @@ fn merchant_call(command: &MerchantCommand) -> (reqwest::Method, String, Option<
             name,
             webhook_url,
             id,
+            limits,
         } => (
             Method::POST,
             "/merchants".to_owned(),
             Some(serde_json::json!({
                 "merchant_id": id, "user_id": user_id, "display_name": name,
-                "webhook_url": webhook_url,
+                "webhook_url": webhook_url, "limits": limits.to_json(),
             })),
+        ),
+        M::Limits {
+            merchant_id,
+            limits,
+        } => (
+            Method::POST,
+            at(merchant_id, "/limits"),
+            Some(limits.to_json()),
         ),
         M::List => (Method::GET, "/merchants".to_owned(), None),
         M::Show { merchant_id } => (Method::GET, at(merchant_id, ""), None),
@@ -1012,6 +1061,26 @@ fn render_merchant(command: &MerchantCommand, value: &Value) -> String {
             )
         }
         M::Disable { .. } | M::Enable { .. } => table(&header, &[row(value)]),
+        M::Limits { .. } => {
+            let limits = &value["limits"];
+            let mut rows: Vec<Vec<String>> = limits["max_invoice_minor"]
+                .as_object()
+                .map(|map| {
+                    map.iter()
+                        .map(|(currency, minor)| {
+                            vec![format!("max invoice {currency} (minor units)"), s(minor)]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            rows.push(vec![
+                "open invoices max".to_owned(),
+                limits["open_invoices_max"]
+                    .as_u64()
+                    .map_or_else(|| "none".to_owned(), |n| n.to_string()),
+            ]);
+            table(&["LIMIT", "VALUE"], &rows)
+        }
         M::Key {
             command: MerchantKeyCommand::Create { .. },
         } => format!(

@@ -3,6 +3,7 @@
 //! `docs/config.md` documents every key and `config.example.yaml` shows every key with a
 //! comment; a unit test keeps the three in step.
 
+pub mod merchants;
 pub mod payments;
 pub mod webhooks;
 
@@ -139,6 +140,9 @@ pub struct Config {
     /// Delivery of webhooks to merchants: timeout, retry time, backoff, bounds.
     #[serde(default)]
     pub webhooks: webhooks::WebhookSettings,
+    /// The operator's rules for merchant invoices.
+    #[serde(default)]
+    pub merchants: merchants::MerchantSettings,
 }
 
 /// `metrics:` section. `/metrics` counts wrong PINs and lockouts per run, which tells whoever
@@ -316,6 +320,7 @@ impl Default for Config {
             admin: crate::admin::AdminSettings::default(),
             metrics: MetricsConfig::default(),
             webhooks: webhooks::WebhookSettings::default(),
+            merchants: merchants::MerchantSettings::default(),
         }
     }
 }
@@ -519,6 +524,9 @@ impl Config {
         self.webhooks
             .validate()
             .map_err(|(key, reason)| invalid(&format!("webhooks.{key}"), reason))?;
+        self.merchants
+            .validate()
+            .map_err(|(key, reason)| invalid(&format!("merchants.{key}"), reason))?;
         self.admin.validate().map_err(
             |crate::admin::settings::SettingsError::Invalid { key, reason }| ConfigError::Invalid {
                 key,

@@ -92,6 +92,7 @@ mod tests {
             payer: None,
             memo: Some("coffee".into()),
             expires_at_ms: Some(1_795_600_000_000),
+            order_ref: None,
         };
         let named = PaymentRequestEventContent {
             body: "💸 @alice:example.org asks @bob:example.org for 12.00 EUR (pizza). Reply !pay or react ✅ to pay, ❌ to decline.".into(),
@@ -101,6 +102,7 @@ mod tests {
             payer: Some(owned_user_id!("@bob:example.org")),
             memo: Some("pizza".into()),
             expires_at_ms: Some(1_796_204_800_000),
+            order_ref: None,
         };
         assert!(shop.is_open_to_everyone() && !named.is_open_to_everyone());
         assert_eq!(shop.event_type().to_string(), "org.mxpay.payment_request");

@@ -41,6 +41,11 @@ pub struct PaymentRequestEventContent {
     /// (30 days), whatever this says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<u64>,
+    /// The merchant's own order reference, at most 200 characters: sent by a registered
+    /// merchant's Matrix user, the request is recorded as that merchant's invoice with it
+    /// (shown on the receipt and in the merchant API). Ignored from anyone else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_ref: Option<String>,
 }
 
 impl PaymentRequestEventContent {

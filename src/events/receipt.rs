@@ -125,6 +125,8 @@ pub enum ReceiptReason {
     /// The payee (or the bot in all) already has as many payments waiting to be accepted as
     /// the bot keeps.
     TooManyHeld,
+    /// The request's sender is a disabled merchant: it cannot invoice.
+    MerchantDisabled,
     /// Anything else; the body says more.
     Other,
 }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use super::events::MerchantEvents;
 use super::invoice::{
-    self, Create, CreateInvoiceBody, Invoice, InvoiceState, RefundBody, RefundPlan,
+    self, Create, CreateInvoiceBody, Invoice, InvoiceRules, InvoiceState, RefundBody, RefundPlan,
 };
 use super::invoices::InvoiceStore;
 use super::key::{bearer, KeyAuthority, KeyScope};
@@ -64,6 +64,8 @@ pub struct MerchantApi {
     keys: Arc<KeyAuthority>,
     ledger: Ledger,
     clock: SharedClock,
+    /// The operator's rules for new invoices.
+    rules: InvoiceRules,
     /// Set once by the wiring when the payment flow exists; until then [`Unconnected`].
     poster: std::sync::OnceLock<Arc<dyn InvoicePoster>>,
     /// Set once by the wiring when webhook delivery exists; until then [`super::NoEvents`].
@@ -96,10 +98,17 @@ impl MerchantApi {
             keys,
             ledger,
             clock,
+            rules: InvoiceRules::default(),
             poster: std::sync::OnceLock::new(),
             events: std::sync::OnceLock::new(),
             refunds: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The API with the operator's `rules` for new invoices (default [`InvoiceRules::default`]).
+    pub fn with_rules(mut self, rules: InvoiceRules) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// Connects invoice posting (the payment flow); only the first call counts.
@@ -131,22 +140,84 @@ impl MerchantApi {
         self.merchants.check_key(&claims, scope)
     }
 
-    fn emit(&self, invoice: &Invoice, event: &invoice::EventOut) {
+    fn events(&self) -> &dyn MerchantEvents {
+        match self.events.get() {
+            Some(events) => events.as_ref(),
+            None => &super::NoEvents,
+        }
+    }
+
+    fn emit(
+        &self,
+        invoice: &Invoice,
+        event_type: &'static str,
+        event_id: &str,
+    ) -> Result<(), MerchantError> {
         // The body's `data` (docs/webhooks.md): the invoice as the merchant API shows it; the
         // event's id and type are the body's own.
         let payload = serde_json::json!({
             "invoice": invoice::view(invoice, self.ledger.currencies()),
         });
-        let events: &dyn MerchantEvents = match self.events.get() {
-            Some(events) => events.as_ref(),
-            None => &super::NoEvents,
-        };
-        events.emit(
-            &invoice.merchant_id,
-            event.event_type,
-            &event.event_id,
-            payload,
-        );
+        self.events()
+            .emit(&invoice.merchant_id, event_type, event_id, payload)
+    }
+
+    /// Stores `changed` with the event its change produced. The event goes to the outbox first
+    /// (a crash in between re-feeds the same change, which emits the same event id again; the
+    /// outbox keeps it once); if the outbox refuses it (full, failing), the change is stored
+    /// anyway with the event kept to send later ([`Self::send_unsent`]): what happened (money
+    /// moved) is never held back by the merchant's backlog, and its event is never lost.
+    fn store_change(
+        &self,
+        changed: &Invoice,
+        event: &invoice::EventOut,
+    ) -> Result<(), MerchantError> {
+        match self.emit(changed, event.event_type, &event.event_id) {
+            Ok(()) => self.invoices.update(changed),
+            Err(e) => {
+                tracing::warn!(
+                    invoice = %changed.invoice_id,
+                    event_id = %event.event_id,
+                    reason = e.reason(),
+                    "the webhook outbox did not take an invoice event; kept to send later"
+                );
+                self.invoices.update_unsent(
+                    changed,
+                    &super::invoices::UnsentEvent {
+                        event_id: event.event_id.clone(),
+                        event_type: event.event_type.to_owned(),
+                        invoice_id: changed.invoice_id.clone(),
+                    },
+                )
+            }
+        }
+    }
+
+    /// Sends again up to `limit` invoice events the outbox refused before (each with the
+    /// invoice as it stands now); stops at the first refusal (the backlog is still there).
+    /// Returns how many were taken.
+    pub fn send_unsent(&self, limit: usize) -> Result<usize, MerchantError> {
+        let mut taken = 0;
+        for unsent in self.invoices.unsent(limit)? {
+            let Some(event_type) = super::events::event_type_of(&unsent.event_type) else {
+                tracing::error!(event_id = %unsent.event_id, "an unsent event of no known type; dropped");
+                self.invoices.sent(&unsent.event_id)?;
+                continue;
+            };
+            let Some(invoice) = self.invoices.get_any(&unsent.invoice_id)? else {
+                self.invoices.sent(&unsent.event_id)?;
+                continue;
+            };
+            match self.emit(&invoice, event_type, &unsent.event_id) {
+                Ok(()) => {
+                    self.invoices.sent(&unsent.event_id)?;
+                    taken += 1;
+                }
+                Err(MerchantError::WebhookBacklog) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(taken)
     }
 
     /// The payment flow's report that `invoice_id` was paid by `payer` with the posted ledger
@@ -164,11 +235,7 @@ impl MerchantApi {
             .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
         match invoice::mark_paid(&invoice, payer, transfer_id, self.clock.now_ms()) {
             Some((paid, event)) => {
-                // Emitted before the change is stored: a crash in between re-feeds the same change,
-                // which emits the same event id again (the outbox keeps it once); the other order
-                // would lose the event.
-                self.emit(&paid, &event);
-                self.invoices.update(&paid)?;
+                self.store_change(&paid, &event)?;
                 Ok(paid)
             }
             None => Ok(invoice),
@@ -188,15 +255,29 @@ impl MerchantApi {
             .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
         match invoice::mark_ended(&invoice, cancelled, self.clock.now_ms()) {
             Some((ended, event)) => {
-                // Emitted before the change is stored: a crash in between re-feeds the same change,
-                // which emits the same event id again (the outbox keeps it once); the other order
-                // would lose the event.
-                self.emit(&ended, &event);
-                self.invoices.update(&ended)?;
+                self.store_change(&ended, &event)?;
                 Ok(ended)
             }
             None => Ok(invoice),
         }
+    }
+
+    /// Records a merchant's own typed request in a room as its invoice (idempotent: the same
+    /// request event finds the invoice it made). No webhook: `invoice.paid` etc. follow as
+    /// for any invoice.
+    pub fn record_request(
+        &self,
+        merchant: &Merchant,
+        request: &invoice::MerchantRequest<'_>,
+    ) -> Result<Invoice, MerchantError> {
+        let invoice = invoice::from_merchant_request(&merchant.id, request, self.clock.now_ms());
+        if !self.invoices.insert(&invoice)? {
+            if let Some(stored) = self.invoices.get_any(&invoice.invoice_id)? {
+                return Ok(stored);
+            }
+        }
+        tracing::info!(invoice = %invoice.invoice_id, merchant = %merchant.id, "a merchant's own request recorded as its invoice");
+        Ok(invoice)
     }
 
     /// Creates (or replays) an invoice.
@@ -213,10 +294,20 @@ impl MerchantApi {
             body,
             existing,
             self.ledger.currencies(),
+            &self.rules,
             now_ms,
         )? {
             Create::Replay(invoice) => Ok(invoice),
             Create::New(mut invoice) => {
+                // Its paid / expired / cancelled event will need room in the merchant's webhook
+                // outbox: refused now, before anything is posted, rather than lost later.
+                invoice::check_merchant_limits(
+                    &invoice,
+                    &merchant.limits,
+                    self.invoices.open_count(&merchant.id)?,
+                    self.ledger.currencies(),
+                )?;
+                self.events().has_room(&merchant.id)?;
                 let poster: &dyn InvoicePoster = match self.poster.get() {
                     Some(poster) => poster.as_ref(),
                     None => &Unconnected,
@@ -232,6 +323,7 @@ impl MerchantApi {
                     body,
                     stored,
                     self.ledger.currencies(),
+                    &self.rules,
                     now_ms,
                 )? {
                     Create::Replay(invoice) | Create::New(invoice) => Ok(invoice),
@@ -267,6 +359,8 @@ impl MerchantApi {
         else {
             return Ok(invoice);
         };
+        // `refund.succeeded` will need room: refused before any money moves.
+        self.events().has_room(&merchant.id)?;
         let amount = self
             .ledger
             .amount_from_minor(refund.amount_minor, &invoice.currency)
@@ -292,9 +386,9 @@ impl MerchantApi {
         }
         let (updated, event) = invoice::with_refund(&invoice, refund, transfer_id);
         // Emitted before the refund is recorded: a retry after a crash in between finds the
-        // ledger's refund (`Exists`) and emits the same event id again; never lost.
-        self.emit(&updated, &event);
-        self.invoices.update(&updated)?;
+        // ledger's refund (`Exists`) and emits the same event id again; never lost. The money
+        // moved, so an outbox that filled meanwhile keeps the event for later, not the refund.
+        self.store_change(&updated, &event)?;
         Ok(updated)
     }
 }
@@ -325,10 +419,17 @@ impl IntoResponse for MerchantError {
             "error": self.to_string(),
             "reason": self.reason(),
         });
-        json(
+        let mut response = json(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             &body,
-        )
+        );
+        if matches!(self, Self::WebhookBacklog) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(super::WEBHOOK_BACKLOG_RETRY_AFTER_S),
+            );
+        }
+        response
     }
 }
 

@@ -20,14 +20,22 @@ pub const REFUND_SUCCEEDED: &str = "refund.succeeded";
 
 /// Where merchant events go. Implementations must be idempotent by `event_id`.
 pub trait MerchantEvents: Send + Sync + std::fmt::Debug {
-    /// Hands over one event; `payload` carries the invoice's current state.
+    /// Hands over one event, durably; `payload` carries the invoice's current state. `Err`
+    /// when it was not taken ([`MerchantError::WebhookBacklog`]: the merchant's outbox is
+    /// full; [`MerchantError::Store`]: it failed): the caller keeps the event and tries again.
     fn emit(
         &self,
         merchant: &MerchantId,
         event_type: &'static str,
         event_id: &str,
         payload: serde_json::Value,
-    );
+    ) -> Result<(), MerchantError>;
+
+    /// Whether an event of `merchant` would be taken now (asked before a change that cannot
+    /// be undone, such as a refund). Default: always.
+    fn has_room(&self, _merchant: &MerchantId) -> Result<(), MerchantError> {
+        Ok(())
+    }
 }
 
 /// The default hook until webhook delivery is connected: logs the event's type and id (never
@@ -42,9 +50,22 @@ impl MerchantEvents for NoEvents {
         event_type: &'static str,
         event_id: &str,
         _payload: serde_json::Value,
-    ) {
+    ) -> Result<(), MerchantError> {
         tracing::debug!(%merchant, event_type, event_id, "merchant event (no webhook delivery connected)");
+        Ok(())
     }
+}
+
+/// The event type constant named `name`, for events read back from the store.
+pub fn event_type_of(name: &str) -> Option<&'static str> {
+    [
+        INVOICE_PAID,
+        INVOICE_EXPIRED,
+        INVOICE_CANCELLED,
+        REFUND_SUCCEEDED,
+    ]
+    .into_iter()
+    .find(|t| *t == name)
 }
 
 /// The deterministic id of an invoice event: `evt_` and 32 hex digits of a hash over the

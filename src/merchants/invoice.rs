@@ -27,7 +27,8 @@ pub const DESCRIPTION_CHARS_MAX: usize = 500;
 pub const ORDER_REF_CHARS_MAX: usize = 200;
 /// Longest refund reason, in characters.
 pub const REASON_CHARS_MAX: usize = 500;
-/// Shortest and longest lifetime of an invoice, in seconds.
+/// Shortest lifetime of an invoice by default, in seconds (`merchants.invoice_expires_in_s_min`
+/// lowers or raises it).
 pub const EXPIRES_IN_S_MIN: u64 = 60;
 /// See [`EXPIRES_IN_S_MIN`].
 pub const EXPIRES_IN_S_MAX: u64 = 30 * 24 * 3600;
@@ -69,8 +70,11 @@ pub enum InvoiceRefusal {
     #[error("`idempotency_key` must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes without control characters")]
     IdempotencyKeyInvalid,
     /// `expires_in_s` is out of range.
-    #[error("`expires_in_s` must be {EXPIRES_IN_S_MIN} to {EXPIRES_IN_S_MAX}")]
-    ExpiryInvalid,
+    #[error("`expires_in_s` must be {min_s} to {EXPIRES_IN_S_MAX}")]
+    ExpiryInvalid {
+        /// The shortest lifetime allowed here, in seconds.
+        min_s: u64,
+    },
     /// The idempotency key was used with another body.
     #[error("the idempotency key was already used with a different request")]
     IdempotencyConflict,
@@ -89,6 +93,18 @@ pub enum InvoiceRefusal {
     /// [`REFUNDS_PER_INVOICE_MAX`] refunds already.
     #[error("this invoice has the most refunds it may have")]
     RefundsFull,
+    /// Above the merchant's own largest invoice in this currency.
+    #[error("the amount is above this merchant's largest invoice ({max})")]
+    AboveMerchantLimit {
+        /// The limit, in major units with the currency.
+        max: String,
+    },
+    /// The merchant has as many open invoices as its limit allows.
+    #[error("this merchant has {max} open invoices, its limit; wait until some are paid or end")]
+    TooManyOpenInvoices {
+        /// The limit.
+        max: u64,
+    },
 }
 
 impl InvoiceRefusal {
@@ -103,12 +119,14 @@ impl InvoiceRefusal {
             Self::OrderRefInvalid => "order_ref_invalid",
             Self::ReasonInvalid => "reason_invalid",
             Self::IdempotencyKeyInvalid => "idempotency_key_invalid",
-            Self::ExpiryInvalid => "expires_in_invalid",
+            Self::ExpiryInvalid { .. } => "expires_in_invalid",
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::InvoiceUnknown => "invoice_unknown",
             Self::InvoiceNotPaid => "invoice_not_paid",
             Self::RefundAboveRemaining { .. } => "refund_above_remaining",
             Self::RefundsFull => "refunds_full",
+            Self::AboveMerchantLimit { .. } => "invoice_above_merchant_limit",
+            Self::TooManyOpenInvoices { .. } => "too_many_open_invoices",
         }
     }
 
@@ -117,9 +135,11 @@ impl InvoiceRefusal {
         match self {
             Self::IdempotencyConflict => (409, "ORG.MXPAY_IDEMPOTENCY_CONFLICT"),
             Self::InvoiceUnknown => (404, "M_NOT_FOUND"),
-            Self::InvoiceNotPaid | Self::RefundAboveRemaining { .. } | Self::RefundsFull => {
-                (409, "ORG.MXPAY_REJECTED")
-            }
+            Self::InvoiceNotPaid
+            | Self::RefundAboveRemaining { .. }
+            | Self::RefundsFull
+            | Self::AboveMerchantLimit { .. }
+            | Self::TooManyOpenInvoices { .. } => (409, "ORG.MXPAY_REJECTED"),
             _ => (400, "M_INVALID_PARAM"),
         }
     }
@@ -296,6 +316,21 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// The operator's rules for new invoices (config `merchants:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvoiceRules {
+    /// Shortest `expires_in_s` accepted.
+    pub expires_in_s_min: u64,
+}
+
+impl Default for InvoiceRules {
+    fn default() -> Self {
+        Self {
+            expires_in_s_min: EXPIRES_IN_S_MIN,
+        }
+    }
+}
+
 /// What a create call should do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Create {
@@ -313,6 +348,7 @@ pub fn decide_create(
     body: &CreateInvoiceBody,
     existing: Option<Invoice>,
     currencies: &Currencies,
+    rules: &InvoiceRules,
     now_ms: u64,
 ) -> Result<Create, InvoiceRefusal> {
     if !key_ok(&body.idempotency_key) {
@@ -345,8 +381,10 @@ pub fn decide_create(
         return Err(InvoiceRefusal::OrderRefInvalid);
     }
     let expires_in_s = body.expires_in_s.unwrap_or(EXPIRES_IN_S_DEFAULT);
-    if !(EXPIRES_IN_S_MIN..=EXPIRES_IN_S_MAX).contains(&expires_in_s) {
-        return Err(InvoiceRefusal::ExpiryInvalid);
+    if !(rules.expires_in_s_min..=EXPIRES_IN_S_MAX).contains(&expires_in_s) {
+        return Err(InvoiceRefusal::ExpiryInvalid {
+            min_s: rules.expires_in_s_min,
+        });
     }
     Ok(Create::New(Invoice {
         invoice_id: invoice_id(merchant, &body.idempotency_key),
@@ -368,6 +406,104 @@ pub fn decide_create(
         settled_at_ms: None,
         refunds: Vec::new(),
     }))
+}
+
+/// Checks a new invoice against its merchant's own `limits`, with `open_now` of its invoices
+/// open: the largest invoice of its currency, then the cap on open invoices.
+pub fn check_merchant_limits(
+    invoice: &Invoice,
+    limits: &super::model::MerchantLimits,
+    open_now: u64,
+    currencies: &Currencies,
+) -> Result<(), InvoiceRefusal> {
+    if let Some(&max_minor) = limits.max_invoice_minor.get(&invoice.currency) {
+        if invoice.amount_minor > max_minor {
+            let shown = crate::ledger::CurrencyCode::new(&invoice.currency)
+                .and_then(|c| currencies.to_decimal(c, max_minor))
+                .map_or_else(|| max_minor.to_string(), |d| d.to_string());
+            return Err(InvoiceRefusal::AboveMerchantLimit {
+                max: format!("{shown} {}", invoice.currency),
+            });
+        }
+    }
+    if let Some(max) = limits.open_invoices_max {
+        if open_now >= max {
+            return Err(InvoiceRefusal::TooManyOpenInvoices { max });
+        }
+    }
+    Ok(())
+}
+
+/// What a merchant's own typed request in a room says, for its invoice record.
+#[derive(Debug, Clone)]
+pub struct MerchantRequest<'a> {
+    /// The request event's id.
+    pub request_event_id: &'a str,
+    /// Where it was sent.
+    pub room_id: OwnedRoomId,
+    /// Who is asked (none: anyone in the room).
+    pub payer: Option<OwnedUserId>,
+    /// How much, in minor units.
+    pub amount_minor: u128,
+    /// Currency code.
+    pub currency: &'a str,
+    /// The request's memo, else its body.
+    pub description: &'a str,
+    /// The event's `order_ref`, if any.
+    pub order_ref: Option<&'a str>,
+    /// When the request lapses, as the bot keeps it.
+    pub expires_at_ms: u64,
+}
+
+/// The invoice record of a merchant's own typed request: its id derived from the merchant and
+/// the request event (so handling the event again finds the same invoice), its description
+/// and order reference cleaned to the API's bounds (an absent or invalid `order_ref` becomes
+/// the event id).
+pub fn from_merchant_request(
+    merchant: &MerchantId,
+    request: &MerchantRequest<'_>,
+    now_ms: u64,
+) -> Invoice {
+    let key = format!("request:{}", request.request_event_id);
+    let clean = |text: &str, chars_max: usize| -> String {
+        text.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(chars_max)
+            .collect::<String>()
+            .trim()
+            .to_owned()
+    };
+    let mut description = clean(request.description, DESCRIPTION_CHARS_MAX);
+    if description.is_empty() {
+        description = "payment request".to_owned();
+    }
+    let order_ref = request
+        .order_ref
+        .filter(|r| text_ok(r, ORDER_REF_CHARS_MAX))
+        .map_or_else(
+            || clean(request.request_event_id, ORDER_REF_CHARS_MAX),
+            str::to_owned,
+        );
+    Invoice {
+        invoice_id: invoice_id(merchant, &key),
+        merchant_id: merchant.clone(),
+        room_id: request.room_id.clone(),
+        payer: request.payer.clone(),
+        amount_minor: request.amount_minor,
+        currency: request.currency.to_owned(),
+        description,
+        order_ref,
+        body_sha256: sha256_hex(key.as_bytes()),
+        idempotency_key: key,
+        state: InvoiceState::Open,
+        created_at_ms: now_ms,
+        expires_at_ms: request.expires_at_ms,
+        request_event_id: Some(request.request_event_id.to_owned()),
+        paid_by: None,
+        transfer_id: None,
+        settled_at_ms: None,
+        refunds: Vec::new(),
+    }
 }
 
 /// What a refund call should do.
@@ -620,7 +756,16 @@ mod tests {
     }
 
     fn created() -> Invoice {
-        match decide_create(&cafe(), &body(), None, &currencies(), NOW_MS).unwrap() {
+        match decide_create(
+            &cafe(),
+            &body(),
+            None,
+            &currencies(),
+            &InvoiceRules::default(),
+            NOW_MS,
+        )
+        .unwrap()
+        {
             Create::New(invoice) => invoice,
             other => panic!("{other:?}"),
         }
@@ -669,6 +814,7 @@ mod tests {
                 &body(),
                 Some(invoice.clone()),
                 &currencies(),
+                &InvoiceRules::default(),
                 NOW_MS + 1
             ),
             Ok(Create::Replay(invoice.clone()))
@@ -678,7 +824,14 @@ mod tests {
             ..body()
         };
         assert_eq!(
-            decide_create(&cafe(), &other, Some(invoice), &currencies(), NOW_MS + 1),
+            decide_create(
+                &cafe(),
+                &other,
+                Some(invoice),
+                &currencies(),
+                &InvoiceRules::default(),
+                NOW_MS + 1
+            ),
             Err(InvoiceRefusal::IdempotencyConflict)
         );
     }
@@ -772,7 +925,15 @@ mod tests {
             ),
         ];
         for (bad, reason) in cases {
-            let refusal = decide_create(&cafe(), &bad, None, &currencies(), NOW_MS).unwrap_err();
+            let refusal = decide_create(
+                &cafe(),
+                &bad,
+                None,
+                &currencies(),
+                &InvoiceRules::default(),
+                NOW_MS,
+            )
+            .unwrap_err();
             assert_eq!(refusal.reason(), reason, "{bad:?}");
         }
     }
@@ -889,5 +1050,28 @@ mod tests {
         assert_eq!(shown["amount_refunded"], "4.50");
         assert_eq!(shown["status"], "paid");
         assert_eq!(shown["refunds"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_merchants_own_limits_cap_the_amount_per_currency_and_the_open_invoices() {
+        let c = currencies();
+        let invoice = created(); // 4.50 EUR
+        let mut limits = crate::merchants::MerchantLimits::default();
+        assert_eq!(check_merchant_limits(&invoice, &limits, 1_000, &c), Ok(()));
+        limits.max_invoice_minor.insert("EUR".to_owned(), 450);
+        limits.max_invoice_minor.insert("JPY".to_owned(), 1);
+        assert_eq!(check_merchant_limits(&invoice, &limits, 0, &c), Ok(()));
+        limits.max_invoice_minor.insert("EUR".to_owned(), 449);
+        let above = check_merchant_limits(&invoice, &limits, 0, &c).unwrap_err();
+        assert_eq!(above.reason(), "invoice_above_merchant_limit");
+        assert!(above.to_string().contains("4.49 EUR"), "{above}");
+        limits.max_invoice_minor.clear();
+        limits.open_invoices_max = Some(2);
+        assert_eq!(check_merchant_limits(&invoice, &limits, 1, &c), Ok(()));
+        let full = check_merchant_limits(&invoice, &limits, 2, &c).unwrap_err();
+        assert_eq!(
+            (full.reason(), full.status_and_errcode().0),
+            ("too_many_open_invoices", 409)
+        );
     }
 }

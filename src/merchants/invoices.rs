@@ -3,6 +3,13 @@
 //! - `merchantid_createdms_invoiceid`: merchant id, 0x00, created_at_ms (8 bytes BE), invoice
 //!   id -> nothing: a merchant's invoices in creation order, for cursor paging
 //! - `merchantid_invoicecount`: merchant id -> how many invoices it has (u64 BE), the bound
+//! - `merchantid_openinvoicecount`: merchant id -> how many of its invoices are open (u64 BE),
+//!   for the merchant's cap on open invoices
+//! - `requesteventid_invoiceid`: the room request event an invoice stands for -> its id (for
+//!   the payment flow, which knows requests by event id)
+//! - `eventid_unsentinvoiceevent`: webhook event id -> [`UnsentEvent`] (JSON): an invoice
+//!   change stored while the webhook outbox refused its event; sent again until taken. At most
+//!   one per invoice state change or refund, so bounded by the invoices.
 //!
 //! Each write is one sled transaction over these trees, flushed (and fdatasynced) before the
 //! call answers.
@@ -17,6 +24,37 @@ use super::{MerchantError, MerchantStore};
 const INVOICE_TREE: &str = "invoiceid_invoice";
 const BY_MERCHANT_TREE: &str = "merchantid_createdms_invoiceid";
 const COUNT_TREE: &str = "merchantid_invoicecount";
+const UNSENT_TREE: &str = "eventid_unsentinvoiceevent";
+const OPEN_TREE: &str = "merchantid_openinvoicecount";
+const BY_REQUEST_TREE: &str = "requesteventid_invoiceid";
+
+fn count_of(value: Option<sled::IVec>) -> u64 {
+    value.map_or(0, |v| {
+        let mut bytes = [0u8; 8];
+        let len = v.len().min(8);
+        bytes[..len].copy_from_slice(&v[..len]);
+        u64::from_be_bytes(bytes)
+    })
+}
+
+/// Whether storing `after` over the stored bytes `before` closes an open invoice.
+fn closes(before: Option<&sled::IVec>, after: &Invoice) -> bool {
+    after.state != InvoiceState::Open
+        && before
+            .and_then(|b| serde_json::from_slice::<Invoice>(b).ok())
+            .is_some_and(|b| b.state == InvoiceState::Open)
+}
+
+/// A webhook event of an invoice change that the outbox did not take yet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UnsentEvent {
+    /// The event's id.
+    pub event_id: String,
+    /// `invoice.paid`, ...
+    pub event_type: String,
+    /// The invoice it reports.
+    pub invoice_id: String,
+}
 
 /// Most invoices one merchant may have stored.
 pub const INVOICES_PER_MERCHANT_MAX: u64 = 1_000_000;
@@ -42,6 +80,9 @@ pub struct InvoiceStore {
     invoices: sled::Tree,
     by_merchant: sled::Tree,
     counts: sled::Tree,
+    open: sled::Tree,
+    by_request: sled::Tree,
+    unsent: sled::Tree,
 }
 
 fn store_err(e: impl std::fmt::Display) -> MerchantError {
@@ -66,6 +107,9 @@ impl InvoiceStore {
             invoices: db.open_tree(INVOICE_TREE).map_err(store_err)?,
             by_merchant: db.open_tree(BY_MERCHANT_TREE).map_err(store_err)?,
             counts: db.open_tree(COUNT_TREE).map_err(store_err)?,
+            open: db.open_tree(OPEN_TREE).map_err(store_err)?,
+            by_request: db.open_tree(BY_REQUEST_TREE).map_err(store_err)?,
+            unsent: db.open_tree(UNSENT_TREE).map_err(store_err)?,
             merchants: merchants.clone(),
         })
     }
@@ -98,8 +142,15 @@ impl InvoiceStore {
         let index = index_key(invoice);
         let merchant = invoice.merchant_id.as_str().as_bytes();
         let id = invoice.invoice_id.as_bytes();
-        let inserted = (&self.invoices, &self.by_merchant, &self.counts)
-            .transaction(|(invoices, by_merchant, counts)| {
+        let request = invoice.request_event_id.as_deref().map(str::as_bytes);
+        let inserted = (
+            &self.invoices,
+            &self.by_merchant,
+            &self.counts,
+            &self.open,
+            &self.by_request,
+        )
+            .transaction(|(invoices, by_merchant, counts, open, by_request)| {
                 if invoices.get(id)?.is_some() {
                     return Ok(false);
                 }
@@ -114,6 +165,13 @@ impl InvoiceStore {
                 invoices.insert(id, value.as_slice())?;
                 by_merchant.insert(index.as_slice(), &[][..])?;
                 counts.insert(merchant, &(count + 1).to_be_bytes())?;
+                if invoice.state == InvoiceState::Open {
+                    let open_now = count_of(open.get(merchant)?);
+                    open.insert(merchant, &(open_now + 1).to_be_bytes())?;
+                }
+                if let Some(request) = request {
+                    by_request.insert(request, id)?;
+                }
                 Ok(true)
             })
             .map_err(|e| match e {
@@ -126,10 +184,86 @@ impl InvoiceStore {
 
     /// Replaces a stored invoice by a changed copy (state, refunds, the posted event).
     pub fn update(&self, invoice: &Invoice) -> Result<(), MerchantError> {
+        self.write(invoice, None)
+    }
+
+    /// The id of the invoice that the room request event `request_event_id` stands for.
+    pub fn by_request(&self, request_event_id: &str) -> Result<Option<String>, MerchantError> {
+        Ok(self
+            .by_request
+            .get(request_event_id.as_bytes())
+            .map_err(store_err)?
+            .map(|id| String::from_utf8_lossy(&id).into_owned()))
+    }
+
+    /// How many of `merchant`'s invoices are open.
+    pub fn open_count(&self, merchant: &MerchantId) -> Result<u64, MerchantError> {
+        Ok(count_of(
+            self.open
+                .get(merchant.as_str().as_bytes())
+                .map_err(store_err)?,
+        ))
+    }
+
+    /// Stores `invoice` over its stored copy (and `unsent`, if given), counting it out of the
+    /// open ones when this closes it: one transaction, flushed.
+    fn write(&self, invoice: &Invoice, unsent: Option<&UnsentEvent>) -> Result<(), MerchantError> {
         let value = serde_json::to_vec(invoice).map_err(store_err)?;
-        self.invoices
-            .insert(invoice.invoice_id.as_bytes(), value)
+        let unsent = unsent
+            .map(|u| serde_json::to_vec(u).map(|bytes| (u.event_id.clone(), bytes)))
+            .transpose()
             .map_err(store_err)?;
+        let merchant = invoice.merchant_id.as_str().as_bytes();
+        (&self.invoices, &self.open, &self.unsent)
+            .transaction(|(invoices, open, pending)| {
+                let before = invoices.insert(invoice.invoice_id.as_bytes(), value.as_slice())?;
+                if closes(before.as_ref(), invoice) {
+                    let open_now = count_of(open.get(merchant)?);
+                    open.insert(merchant, &open_now.saturating_sub(1).to_be_bytes())?;
+                }
+                if let Some((event_id, bytes)) = &unsent {
+                    pending.insert(event_id.as_bytes(), bytes.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(()) => store_err("aborted"),
+                TransactionError::Storage(e) => store_err(e),
+            })?;
+        self.merchants.flush()
+    }
+
+    /// Replaces a stored invoice by a changed copy and keeps `event` (its change's webhook
+    /// event, which the outbox refused) to send later: one transaction, so the change is never
+    /// stored without its event.
+    pub fn update_unsent(
+        &self,
+        invoice: &Invoice,
+        event: &UnsentEvent,
+    ) -> Result<(), MerchantError> {
+        self.write(invoice, Some(event))
+    }
+
+    /// Up to `limit` events waiting to be sent again, oldest id order.
+    pub fn unsent(&self, limit: usize) -> Result<Vec<UnsentEvent>, MerchantError> {
+        self.unsent
+            .iter()
+            .take(limit)
+            .map(|entry| {
+                let (_, value) = entry.map_err(store_err)?;
+                serde_json::from_slice(&value).map_err(store_err)
+            })
+            .collect()
+    }
+
+    /// How many events wait to be sent again.
+    pub fn unsent_len(&self) -> usize {
+        self.unsent.len()
+    }
+
+    /// The outbox took the event `event_id`: it no longer waits.
+    pub fn sent(&self, event_id: &str) -> Result<(), MerchantError> {
+        self.unsent.remove(event_id.as_bytes()).map_err(store_err)?;
         self.merchants.flush()
     }
 

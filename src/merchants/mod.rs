@@ -17,7 +17,7 @@ pub mod store;
 
 pub use events::{MerchantEvents, NoEvents, WebhookTarget};
 pub use key::{KeyAuthority, KeyClaims, KeyError, KeyScope, MERCHANT_AUDIENCE};
-pub use model::{Merchant, MerchantId, MerchantView, WebhookSecret};
+pub use model::{Merchant, MerchantId, MerchantLimits, MerchantView, WebhookSecret};
 pub use store::MerchantStore;
 
 /// Everything the merchant registry and the merchant API refuse or fail at. Each refusal has
@@ -86,10 +86,20 @@ pub enum MerchantError {
     /// Invoices cannot be posted in this process (the payment flow is not connected).
     #[error("invoices cannot be posted on this server yet")]
     PostingUnavailable,
+    /// The merchant's limits given by the operator are not valid (the sentence says why).
+    #[error("invalid limits: {0}")]
+    InvalidLimits(String),
+    /// The merchant's webhook outbox is full (its receiver is behind): nothing was changed;
+    /// try again after [`WEBHOOK_BACKLOG_RETRY_AFTER_S`].
+    #[error("too many webhook events of this merchant wait to be delivered; try again later")]
+    WebhookBacklog,
     /// The store failed (the detail is logged, not answered).
     #[error("merchant store failure")]
     Store(String),
 }
+
+/// What `Retry-After` says with [`MerchantError::WebhookBacklog`], in seconds.
+pub const WEBHOOK_BACKLOG_RETRY_AFTER_S: u64 = 60;
 
 impl MerchantError {
     /// The stable reason code (snake_case).
@@ -115,6 +125,8 @@ impl MerchantError {
             Self::TooLarge => "body_too_large",
             Self::Ledger(reason, _) => reason,
             Self::PostingUnavailable => "invoice_posting_unavailable",
+            Self::WebhookBacklog => "webhook_backlog",
+            Self::InvalidLimits(_) => "limits_invalid",
             Self::Store(_) => "internal",
         }
     }
@@ -126,7 +138,8 @@ impl MerchantError {
             Self::InvalidId
             | Self::InvalidDisplayName
             | Self::InvalidWebhookUrl
-            | Self::InvalidUserId(_) => (400, "M_INVALID_PARAM"),
+            | Self::InvalidUserId(_)
+            | Self::InvalidLimits(_) => (400, "M_INVALID_PARAM"),
             Self::UnknownMerchant | Self::UnknownKey => (404, "M_NOT_FOUND"),
             Self::Disabled => (403, "M_FORBIDDEN"),
             Self::IdTaken | Self::UserTaken => (409, "M_CONFLICT"),
@@ -138,9 +151,54 @@ impl MerchantError {
             Self::BadJson(_) => (400, "M_BAD_JSON"),
             Self::TooLarge => (413, "M_TOO_LARGE"),
             Self::Ledger(..) => (409, "ORG.MXPAY_REJECTED"),
-            Self::PostingUnavailable => (503, "M_UNAVAILABLE"),
+            Self::PostingUnavailable | Self::WebhookBacklog => (503, "M_UNAVAILABLE"),
             Self::Store(_) => (500, "M_UNKNOWN"),
         }
+    }
+}
+
+/// A merchant's limits as the operator gives them: the largest invoice per currency in major
+/// units (`{"EUR": "500.00"}`) and the cap on open invoices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBody {
+    /// Largest single invoice per currency code, in major units as strings.
+    #[serde(default)]
+    pub max_invoice: std::collections::BTreeMap<String, String>,
+    /// Most invoices open at once (1 to 1,000,000); none: no cap of its own.
+    #[serde(default)]
+    pub open_invoices_max: Option<u64>,
+}
+
+impl LimitsBody {
+    /// The limits in minor units: each currency configured, each amount positive with no more
+    /// decimals than the currency has.
+    pub fn to_limits(
+        &self,
+        currencies: &crate::ledger::Currencies,
+    ) -> Result<MerchantLimits, MerchantError> {
+        let mut max_invoice_minor = std::collections::BTreeMap::new();
+        for (code, amount) in &self.max_invoice {
+            let decimal: rust_decimal::Decimal = amount.parse().map_err(|_| {
+                MerchantError::InvalidLimits(format!("`{amount}` is not an amount"))
+            })?;
+            let parsed = currencies
+                .parse(decimal, code)
+                .map_err(|e| MerchantError::InvalidLimits(format!("{code} {amount}: {e}")))?;
+            max_invoice_minor.insert(parsed.currency().to_string(), parsed.minor());
+        }
+        if let Some(max) = self.open_invoices_max {
+            if !(1..=model::OPEN_INVOICES_MAX_MAX).contains(&max) {
+                return Err(MerchantError::InvalidLimits(format!(
+                    "open_invoices_max must be 1 to {}",
+                    model::OPEN_INVOICES_MAX_MAX
+                )));
+            }
+        }
+        Ok(MerchantLimits {
+            max_invoice_minor,
+            open_invoices_max: self.open_invoices_max,
+        })
     }
 }
 
@@ -175,6 +233,7 @@ pub fn new_merchant(new: &NewMerchant<'_>, now_ms: u64) -> Result<Merchant, Merc
         webhook_secret: WebhookSecret::generate(),
         enabled: true,
         created_at_ms: now_ms,
+        limits: model::MerchantLimits::default(),
     })
 }
 
@@ -233,5 +292,37 @@ mod tests {
             .id
             .as_str()
             .starts_with("m_"));
+    }
+
+    #[test]
+    fn limits_from_the_operator_are_checked_against_the_currencies() {
+        let currencies = crate::ledger::Currencies::from_settings(&crate::ledger::LedgerSettings {
+            currencies: vec![crate::ledger::CurrencySpec {
+                code: "EUR".to_owned(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            }],
+        })
+        .unwrap();
+        let body = |amount: &str, currency: &str, open: Option<u64>| LimitsBody {
+            max_invoice: [(currency.to_owned(), amount.to_owned())].into(),
+            open_invoices_max: open,
+        };
+        let limits = body("500.00", "EUR", Some(10))
+            .to_limits(&currencies)
+            .unwrap();
+        assert_eq!(limits.max_invoice_minor.get("EUR"), Some(&50_000));
+        assert_eq!(limits.open_invoices_max, Some(10));
+        for bad in [
+            body("5.001", "EUR", None),
+            body("-1", "EUR", None),
+            body("x", "EUR", None),
+            body("5", "XXX", None),
+            body("5", "EUR", Some(0)),
+        ] {
+            let error = bad.to_limits(&currencies).unwrap_err();
+            assert_eq!(error.reason(), "limits_invalid", "{bad:?}");
+        }
     }
 }

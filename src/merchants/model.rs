@@ -156,7 +156,25 @@ pub struct Merchant {
     pub enabled: bool,
     /// When it was registered, ms since the Unix epoch.
     pub created_at_ms: u64,
+    /// Its own limits (set by the operator), on top of the ledger's.
+    #[serde(default)]
+    pub limits: MerchantLimits,
 }
+
+/// A merchant's own limits on what it may invoice. Amounts in minor units of each currency;
+/// a currency not named, or no cap, leaves only the ledger's and the store's bounds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MerchantLimits {
+    /// Largest single invoice per currency code, in minor units.
+    #[serde(default)]
+    pub max_invoice_minor: std::collections::BTreeMap<String, u128>,
+    /// Most invoices open (posted, neither paid nor ended) at once.
+    #[serde(default)]
+    pub open_invoices_max: Option<u64>,
+}
+
+/// Most open invoices a merchant's cap may name.
+pub const OPEN_INVOICES_MAX_MAX: u64 = 1_000_000;
 
 /// A merchant as the APIs show it: everything but the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +191,9 @@ pub struct MerchantView {
     pub enabled: bool,
     /// When it was registered, ms since the Unix epoch.
     pub created_at_ms: u64,
+    /// Its own limits.
+    #[serde(default)]
+    pub limits: MerchantLimits,
 }
 
 impl From<&Merchant> for MerchantView {
@@ -184,6 +205,7 @@ impl From<&Merchant> for MerchantView {
             webhook_url: m.webhook_url.clone(),
             enabled: m.enabled,
             created_at_ms: m.created_at_ms,
+            limits: m.limits.clone(),
         }
     }
 }
@@ -228,6 +250,7 @@ mod tests {
         assert!(a.expose().starts_with(WEBHOOK_SECRET_PREFIX));
         assert_eq!(a.expose().len(), WEBHOOK_SECRET_PREFIX.len() + 64);
         let merchant = Merchant {
+            limits: MerchantLimits::default(),
             id: MerchantId::parse("cafe").unwrap(),
             user_id: "@cafe:example.org".try_into().unwrap(),
             display_name: "Café".to_owned(),

@@ -172,6 +172,22 @@ impl MerchantStore {
         Ok(merchant)
     }
 
+    /// Replaces a merchant's own limits.
+    pub fn set_limits(
+        &self,
+        id: &MerchantId,
+        limits: super::model::MerchantLimits,
+    ) -> Result<Merchant, MerchantError> {
+        let mut merchant = self.get(id)?.ok_or(MerchantError::UnknownMerchant)?;
+        merchant.limits = limits;
+        let value = serde_json::to_vec(&merchant).map_err(store_err)?;
+        self.merchants
+            .insert(id.as_str(), value)
+            .map_err(store_err)?;
+        self.flush()?;
+        Ok(merchant)
+    }
+
     /// Records a minted key (before it is handed out). Refuses past
     /// [`KEYS_PER_MERCHANT_MAX`] keys for one merchant.
     pub fn record_key(&self, claims: &KeyClaims) -> Result<KeyRecord, MerchantError> {
@@ -290,6 +306,7 @@ mod tests {
             webhook_secret: WebhookSecret::generate(),
             enabled: true,
             created_at_ms: 5,
+            limits: Default::default(),
         }
     }
 

@@ -28,13 +28,16 @@ pub fn invoice_request_id(invoice_id: &str) -> Option<RequestId> {
         .map(RequestId)
 }
 
-/// The invoice a request stands for, when it is one.
-fn invoice_of(request: &RequestId) -> Option<&str> {
-    request
-        .0
-        .as_str()
+/// The invoice a request (by its event id) stands for, when it is one: one of the merchant
+/// API (`$inv_...`), or a merchant's own typed request recorded as its invoice.
+fn invoice_of(api: &MerchantApi, request: &str) -> Result<Option<String>, MerchantError> {
+    if let Some(id) = request
         .strip_prefix('$')
         .filter(|id| id.starts_with("inv_"))
+    {
+        return Ok(Some(id.to_owned()));
+    }
+    api.invoices().by_request(request)
 }
 
 /// Posts invoices through the payment flow (held weakly: the flow owns the merchant API's
@@ -55,6 +58,55 @@ fn internal(e: impl std::fmt::Display) -> MerchantError {
 }
 
 impl Payments {
+    /// The merchant a typed request's sender is, when it is a registered merchant's Matrix
+    /// user (enabled or not).
+    pub(super) fn merchant_sending(
+        &self,
+        sender: &UserId,
+    ) -> Result<Option<Merchant>, PaymentsError> {
+        match (&self.merchants, self.invoices.get()) {
+            (Some(merchants), Some(_)) => merchants
+                .by_user(sender.as_str())
+                .map_err(PaymentsError::Merchants),
+            _ => Ok(None),
+        }
+    }
+
+    /// Records a merchant's own typed request, stored as `request`, as that merchant's
+    /// invoice (idempotent).
+    pub(super) fn record_merchant_request(
+        &self,
+        merchant: &Merchant,
+        request: &Request,
+        content: &PaymentRequestEventContent,
+    ) -> Result<(), PaymentsError> {
+        let Some(api) = self.invoices.get() else {
+            return Ok(());
+        };
+        let amount_minor = match &request.audience {
+            crate::requests::Audience::Everyone { amount_minor, .. } => *amount_minor,
+            crate::requests::Audience::Named { shares } => {
+                shares.iter().map(|s| s.amount_minor).sum()
+            }
+        };
+        let description = content.memo.as_deref().unwrap_or(&content.body);
+        api.record_request(
+            merchant,
+            &crate::merchants::invoice::MerchantRequest {
+                request_event_id: request.id.0.as_str(),
+                room_id: request.room_id.clone(),
+                payer: content.payer.clone(),
+                amount_minor,
+                currency: request.currency.as_str(),
+                description,
+                order_ref: content.order_ref.as_deref(),
+                expires_at_ms: request.expires_at_ms,
+            },
+        )
+        .map_err(PaymentsError::Merchants)?;
+        Ok(())
+    }
+
     /// Lets paid invoice requests be reported to the merchant API; only the first call counts.
     pub fn set_invoices(&self, api: Arc<MerchantApi>) {
         let _ = self.invoices.set(api);
@@ -138,6 +190,7 @@ impl Payments {
             payer: invoice.payer.clone(),
             memo: Some(memo),
             expires_at_ms: Some(invoice.expires_at_ms),
+            order_ref: None,
         };
         let now_ms = self.clock.now_ms();
         let is_member = |user: &UserId| joined.contains(user.as_str());
@@ -150,14 +203,15 @@ impl Payments {
             expires_at_ms: None,
             now_ms,
         };
-        let request = Request::from_event(
-            new,
-            &content,
-            self.ledger.currencies(),
-            &is_member,
-            &self.request_limits(),
-        )
-        .map_err(|e: RequestError| MerchantError::Room("request_refused", e.sentence()))?;
+        // An invoice is paid once: open to the room, the first member to pay it is its payer
+        // and everyone after is refused (`request_full`).
+        let limits = crate::requests::RequestLimits {
+            everyone_payers_max: 1,
+            ..self.request_limits()
+        };
+        let request =
+            Request::from_event(new, &content, self.ledger.currencies(), &is_member, &limits)
+                .map_err(|e: RequestError| MerchantError::Room("request_refused", e.sentence()))?;
         match store
             .insert(&request, now_ms, RequestBounds::default())
             .await
@@ -187,10 +241,15 @@ impl Payments {
         payer: &UserId,
         transfer_id: crate::ledger::TransferId,
     ) -> Result<(), PaymentsError> {
-        let (Some(invoice_id), Some(api)) = (invoice_of(request), self.invoices.get()) else {
+        let Some(api) = self.invoices.get() else {
             return Ok(());
         };
-        api.record_paid(invoice_id, payer.to_owned(), transfer_id)
+        let Some(invoice_id) =
+            invoice_of(api, request.0.as_str()).map_err(PaymentsError::Merchants)?
+        else {
+            return Ok(());
+        };
+        api.record_paid(&invoice_id, payer.to_owned(), transfer_id)
             .map_err(PaymentsError::Merchants)?;
         Ok(())
     }
@@ -218,15 +277,17 @@ impl Payments {
                 merchant_id: m.id.to_string(),
                 display_name: m.display_name,
             });
-        let invoice_id = request
-            .and_then(|r| r.strip_prefix('$'))
-            .filter(|r| r.starts_with("inv_"));
-        let order_ref = match (invoice_id, self.invoices.get()) {
-            (Some(invoice_id), Some(api)) => api
-                .invoices()
-                .get_any(invoice_id)
-                .map_err(PaymentsError::Merchants)?
-                .map(|invoice| invoice.order_ref),
+        let order_ref = match (request, self.invoices.get()) {
+            (Some(request), Some(api)) => {
+                match invoice_of(api, request).map_err(PaymentsError::Merchants)? {
+                    Some(invoice_id) => api
+                        .invoices()
+                        .get_any(&invoice_id)
+                        .map_err(PaymentsError::Merchants)?
+                        .map(|invoice| invoice.order_ref),
+                    None => None,
+                }
+            }
             _ => None,
         };
         Ok((merchant, order_ref))
@@ -242,12 +303,17 @@ impl Payments {
         now_ms: u64,
     ) -> Result<(), PaymentsError> {
         use crate::events::RequestState;
-        let (Some(invoice_id), Some(api)) = (invoice_of(&request.id), self.invoices.get()) else {
+        let Some(api) = self.invoices.get() else {
+            return Ok(());
+        };
+        let Some(invoice_id) =
+            invoice_of(api, request.id.0.as_str()).map_err(PaymentsError::Merchants)?
+        else {
             return Ok(());
         };
         match request.status(now_ms) {
-            RequestState::Declined | RequestState::Cancelled => api.record_ended(invoice_id, true),
-            RequestState::Expired => api.record_ended(invoice_id, false),
+            RequestState::Declined | RequestState::Cancelled => api.record_ended(&invoice_id, true),
+            RequestState::Expired => api.record_ended(&invoice_id, false),
             RequestState::Open | RequestState::Paid => return Ok(()),
         }
         .map_err(PaymentsError::Merchants)?;

@@ -212,6 +212,7 @@ fn reason_label(reason: ReceiptReason) -> &'static str {
         ReceiptReason::PaymentAlreadySettled => "payment_already_settled",
         ReceiptReason::PayeeDeclined => "payee_declined",
         ReceiptReason::TooManyHeld => "too_many_held",
+        ReceiptReason::MerchantDisabled => "merchant_disabled",
         ReceiptReason::Other => "other",
     }
 }

@@ -233,6 +233,14 @@ impl Payments {
         let from_client_event = matches!(ask, NewAsk::Event(_));
         // Handled again after the request was stored: post it again (the same transaction ids).
         if let Some(existing) = self.store.requests().get(&id)? {
+            // A crash after the request was stored and before its invoice was: record it now.
+            if let NewAsk::Event(content) = &ask {
+                if let Some(merchant) = self.merchant_sending(&event.sender)? {
+                    if merchant.enabled {
+                        self.record_merchant_request(&merchant, &existing, content)?;
+                    }
+                }
+            }
             return self.announce(&ev, &existing, from_client_event).await;
         }
         let (other, amount) = ask.refusal_facts(&event.sender);
@@ -240,6 +248,24 @@ impl Payments {
         if let Some((reason, sentence)) = self.requester_refusal(event).await? {
             return self
                 .refuse_request(event, &other, amount, &currency, reason, &sentence, doing)
+                .await;
+        }
+        // A merchant's own typed request is its invoice; a disabled merchant cannot invoice.
+        let merchant = match &ask {
+            NewAsk::Event(_) => self.merchant_sending(&event.sender)?,
+            _ => None,
+        };
+        if merchant.as_ref().is_some_and(|m| !m.enabled) {
+            return self
+                .refuse_request(
+                    event,
+                    &other,
+                    amount,
+                    &currency,
+                    ReceiptReason::MerchantDisabled,
+                    "this merchant is disabled and cannot ask for payments",
+                    doing,
+                )
                 .await;
         }
         let now_ms = self.clock.now_ms();
@@ -307,7 +333,10 @@ impl Payments {
         {
             Inserted::Stored => {}
             Inserted::Exists(existing) => {
-                return self.announce(&ev, &existing, from_client_event).await
+                if let (Some(merchant), NewAsk::Event(content)) = (&merchant, &ask) {
+                    self.record_merchant_request(merchant, &existing, content)?;
+                }
+                return self.announce(&ev, &existing, from_client_event).await;
             }
             Inserted::Refused(refusal) => {
                 return self
@@ -324,6 +353,9 @@ impl Payments {
             }
         }
         tracing::info!(request = %request.id, payers = request.shares().len(), "payment request opened");
+        if let (Some(merchant), NewAsk::Event(content)) = (&merchant, &ask) {
+            self.record_merchant_request(merchant, &request, content)?;
+        }
         self.announce(&ev, &request, from_client_event).await
     }
 
@@ -610,7 +642,7 @@ impl Payments {
     /// Writes down the expiry of up to a slice of lapsed requests and tells each room
     /// (bounded work, run after each handled event; a lapsed request is treated as expired
     /// before this too).
-    pub(super) async fn sweep_requests(&self) -> Result<(), PaymentsError> {
+    pub(crate) async fn sweep_requests(&self) -> Result<(), PaymentsError> {
         let now_ms = self.clock.now_ms();
         let store = self.store.requests();
         for id in store.due(now_ms, EXPIRY_SWEEP_SLICE)? {

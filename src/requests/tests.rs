@@ -91,6 +91,7 @@ fn open_to_everyone(payers_max: u32) -> Request {
         payer: None,
         memo: Some("coffee".into()),
         expires_at_ms: Some(NOW + 3_600_000),
+        order_ref: None,
     };
     let limits = RequestLimits {
         everyone_payers_max: payers_max,
@@ -230,6 +231,7 @@ fn creation_is_checked() {
         payer: Some(user("bob")),
         memo: None,
         expires_at_ms: None,
+        order_ref: None,
     };
     let from = |c: &PaymentRequestEventContent| {
         Request::from_event(

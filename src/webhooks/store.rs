@@ -179,6 +179,26 @@ impl WebhookStore {
         Ok(())
     }
 
+    /// Whether an event of `merchant_id` would be taken now: `Err` with
+    /// [`WebhookError::MerchantQueueFull`] or [`WebhookError::QueueFull`] (nothing deliverable
+    /// to prune) when [`Self::enqueue`] would refuse it. A producer asks before a change it
+    /// cannot undo, so that its event will have room.
+    pub fn has_room(&self, merchant_id: &str) -> Result<(), WebhookError> {
+        let counts = self.counts.lock();
+        let merchant = counts.get(merchant_id).copied().unwrap_or_default();
+        if merchant.pending >= self.policy.pending_per_merchant_max {
+            return Err(WebhookError::MerchantQueueFull {
+                merchant_id: merchant_id.to_owned(),
+            });
+        }
+        let total: usize = counts.values().map(Counts::total).sum();
+        let delivered: usize = counts.values().map(|c| c.delivered).sum();
+        if total >= self.policy.records_max && delivered == 0 {
+            return Err(WebhookError::QueueFull);
+        }
+        Ok(())
+    }
+
     /// Enqueues an event for `merchant_id`, durably, due at once. Idempotent by `event_id`:
     /// an id enqueued before changes nothing (whatever the `data` now), so a producer may feed
     /// its source again after a crash. A pruned delivered record's id is new again: the

@@ -698,3 +698,69 @@ fn the_standalone_rust_snippet_in_the_docs_verifies_what_mxpay_signs() {
     assert!(!verify(SECRET, &header, body, 5_301));
     assert!(!verify(b"other", &header, body, 5_000));
 }
+
+/// `has_room` answers exactly what `enqueue` would: refused per merchant at
+/// `pending_per_merchant_max`, in all at `records_max` with nothing delivered to prune; room
+/// again once an event is delivered.
+#[test]
+fn has_room_says_what_enqueue_would_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = WebhookStore::open(
+        dir.path(),
+        WebhookPolicy {
+            pending_per_merchant_max: 1,
+            records_max: 100,
+            ..policy()
+        },
+    )
+    .unwrap();
+    let data = serde_json::json!({});
+    assert!(store.has_room("cafe").is_ok());
+    store
+        .enqueue("cafe", EventType::InvoicePaid, "evt_1", data.clone(), 1)
+        .unwrap();
+    let full = store.has_room("cafe").unwrap_err();
+    assert_eq!(full.code(), "merchant_queue_full");
+    assert_eq!(
+        store
+            .enqueue("cafe", EventType::InvoicePaid, "evt_2", data.clone(), 1)
+            .unwrap_err()
+            .code(),
+        "merchant_queue_full"
+    );
+    assert!(store.has_room("shop").is_ok(), "another merchant has room");
+    store
+        .update("evt_1", |r| {
+            r.state = DeliveryState::Delivered;
+            r.finished_ms = Some(2);
+            true
+        })
+        .unwrap();
+    assert!(store.has_room("cafe").is_ok());
+    // In all: 100 records, none delivered, is full for everyone.
+    for i in 0..99 {
+        store
+            .enqueue(
+                &format!("m{i}"),
+                EventType::InvoicePaid,
+                &format!("evt_m{i}"),
+                data.clone(),
+                3,
+            )
+            .unwrap();
+    }
+    assert!(
+        store.has_room("other").is_ok(),
+        "a delivered one can be pruned"
+    );
+    store
+        .enqueue(
+            "other",
+            EventType::InvoicePaid,
+            "evt_other",
+            data.clone(),
+            4,
+        )
+        .unwrap();
+    assert_eq!(store.has_room("new").unwrap_err().code(), "queue_full");
+}

@@ -23,6 +23,8 @@ use serde_json::{json, Value};
 use crate::support;
 use tower::ServiceExt as _;
 
+mod rooms;
+
 const SECRET: &[u8] = b"merchant-test-secret-0123456789abcdef";
 const T0_MS: u64 = 1_795_000_000_000;
 const BOB: &str = "@bob:example.org";
@@ -50,12 +52,13 @@ impl MerchantEvents for Recorder {
         event_type: &'static str,
         event_id: &str,
         payload: Value,
-    ) {
+    ) -> Result<(), MerchantError> {
         self.0.lock().unwrap().push((
             format!("{merchant} {event_type}"),
             event_id.to_owned(),
             payload,
         ));
+        Ok(())
     }
 }
 
@@ -72,6 +75,11 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_events(None)
+    }
+
+    /// [`Harness::new`] with `events` instead of the recorder (which then records nothing).
+    fn with_events(events: Option<Arc<dyn MerchantEvents>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let clock: SharedClock = Arc::new(ManualClock::new(T0_MS));
         let settings = LedgerSettings {
@@ -107,9 +115,9 @@ impl Harness {
             .unwrap(),
         );
         let poster = Arc::new(FakePoster::default());
-        let events = Arc::new(Recorder::default());
+        let recorder = Arc::new(Recorder::default());
         api.set_poster(poster.clone());
-        api.set_events(events.clone());
+        api.set_events(events.unwrap_or_else(|| recorder.clone()));
         let ops = TokenAuthority::new(&key, clock)
             .unwrap()
             .mint("ops", [Scope::Merchants].into_iter().collect(), 3600)
@@ -121,7 +129,7 @@ impl Harness {
             merchant: mxpay::merchants::api::routes(Some(api.clone())).0,
             api,
             poster,
-            events,
+            events: recorder,
             ops,
         }
     }
@@ -1055,4 +1063,238 @@ async fn the_example_merchant_is_paid_told_by_a_signed_webhook_and_refunds_part(
         types.contains(&"invoice.paid") && types.contains(&"refund.succeeded"),
         "{delivered}"
     );
+}
+
+/// The merchant's webhook outbox takes one waiting event (`pending_per_merchant_max: 1`, the
+/// real outbox): once `invoice.paid` fills it, a new invoice and a refund are refused with 503
+/// `webhook_backlog` and `Retry-After`, nothing posted and no money moved; an invoice that ends
+/// meanwhile (the payment flow's report) is still recorded, its event kept and handed to the
+/// outbox once it drains: nothing lost.
+#[tokio::test]
+async fn a_full_webhook_outbox_refuses_new_invoices_and_refunds_and_loses_no_event() {
+    use mxpay::webhooks::{DeliveryState, WebhookPoke, WebhookPolicy, WebhookStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = WebhookStore::open(
+        dir.path(),
+        WebhookPolicy {
+            pending_per_merchant_max: 1,
+            ..WebhookPolicy::default()
+        },
+    )
+    .unwrap();
+    let outbox = mxpay::app::merchant_webhooks::OutboxEvents::new(
+        store.clone(),
+        Arc::new(ManualClock::new(T0_MS)),
+        WebhookPoke::default(),
+    );
+    let h = Harness::with_events(Some(Arc::new(outbox)));
+    let (key, _) = h.merchant_with_key("cafe").await;
+    let (status, paid) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{paid}");
+    let (status, ending) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k2")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ending}");
+    h.pay(&paid, "cafe").await;
+    let paid_id = paid["invoice_id"].as_str().unwrap();
+    let paid_event = mxpay::merchants::events::invoice_event_id("invoice.paid", paid_id);
+    assert!(
+        store.get(&paid_event).unwrap().is_some(),
+        "invoice.paid waits"
+    );
+    let posted = h.poster.0.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Full: a new invoice is refused before it is posted.
+    let request = Request::builder()
+        .method("POST")
+        .uri("/_mxpay/merchant/v1/invoices")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(invoice_body("k3").to_string()))
+        .unwrap();
+    let response = h.merchant.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("60")
+    );
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body["reason"], "webhook_backlog", "{body}");
+    assert_eq!(
+        h.poster.0.load(std::sync::atomic::Ordering::SeqCst),
+        posted,
+        "nothing posted"
+    );
+    // A refund too, before any money moves.
+    let (status, refused) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{paid_id}/refunds"),
+            &key,
+            Some(json!({ "amount": "1.00", "reason": "cold", "idempotency_key": "r1" })),
+        )
+        .await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("webhook_backlog"))
+    );
+    assert_eq!(h.available(Owner::merchant("cafe")).await, 450);
+
+    // The payment flow's report that the other invoice was declined is never refused: the
+    // invoice is cancelled, its event kept.
+    let ending_id = ending["invoice_id"].as_str().unwrap();
+    let cancelled = h.api.record_ended(ending_id, true).unwrap();
+    assert_eq!(cancelled.state.as_str(), "cancelled");
+    let (_, shown) = h
+        .merchant("GET", &format!("/invoices/{ending_id}"), &key, None)
+        .await;
+    assert_eq!(shown["status"], "cancelled");
+    let cancelled_event =
+        mxpay::merchants::events::invoice_event_id("invoice.cancelled", ending_id);
+    assert!(store.get(&cancelled_event).unwrap().is_none());
+    assert_eq!(h.api.invoices().unsent_len(), 1);
+    assert_eq!(h.api.send_unsent(10).unwrap(), 0, "still full");
+
+    // The receiver took invoice.paid: the kept event goes in, once.
+    let delivered = |event_id: &str| {
+        store
+            .update(event_id, |r| {
+                r.state = DeliveryState::Delivered;
+                r.finished_ms = Some(T0_MS);
+                true
+            })
+            .unwrap()
+            .unwrap();
+    };
+    delivered(&paid_event);
+    assert_eq!(h.api.send_unsent(10).unwrap(), 1);
+    assert_eq!(h.api.invoices().unsent_len(), 0);
+    let record = store.get(&cancelled_event).unwrap().unwrap();
+    let data: Value = serde_json::from_str(&record.body).unwrap();
+    assert_eq!(data["data"]["invoice"]["status"], "cancelled", "{data}");
+    assert_eq!(h.api.send_unsent(10).unwrap(), 0);
+
+    // Drained: the refund goes through.
+    delivered(&cancelled_event);
+    let (status, refunded) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{paid_id}/refunds"),
+            &key,
+            Some(json!({ "amount": "1.00", "reason": "cold", "idempotency_key": "r1" })),
+        )
+        .await;
+    assert_eq!(
+        (status, &refunded["amount_refunded"]),
+        (StatusCode::OK, &json!("1.00"))
+    );
+    assert_eq!(h.available(Owner::merchant("cafe")).await, 350);
+}
+
+/// A merchant's own limits, set at creation or later through the admin API: an invoice above
+/// its largest invoice for the currency is refused (`invoice_above_merchant_limit`), one more
+/// than its cap on open invoices too (`too_many_open_invoices`) until one is paid; nothing is
+/// posted for a refused invoice; limits that do not fit the currencies are refused
+/// (`limits_invalid`).
+#[tokio::test]
+async fn a_merchants_own_limits_refuse_large_invoices_and_too_many_open_ones() {
+    let h = Harness::new();
+    let (status, shop) = h
+        .admin(
+            "POST",
+            "/merchants",
+            Some(json!({
+                "merchant_id": "shop", "user_id": "@shop:example.org", "display_name": "Shop",
+                "webhook_url": "https://shop.example/hook",
+                "limits": {"max_invoice": {"EUR": "100.00"}, "open_invoices_max": 5},
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shop}");
+    assert_eq!(
+        shop["limits"],
+        json!({"max_invoice_minor": {"EUR": 10_000}, "open_invoices_max": 5})
+    );
+    let (key, _) = h.merchant_with_key("cafe").await;
+    let (status, set) = h
+        .admin(
+            "POST",
+            "/merchants/cafe/limits",
+            Some(json!({"max_invoice": {"EUR": "5.00"}, "open_invoices_max": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    assert_eq!(set["limits"]["open_invoices_max"], 2);
+    for bad in [
+        json!({"max_invoice": {"EUR": "5.001"}}),
+        json!({"max_invoice": {"XXX": "5"}}),
+        json!({"open_invoices_max": 0}),
+    ] {
+        let (status, refused) = h
+            .admin("POST", "/merchants/cafe/limits", Some(bad.clone()))
+            .await;
+        // The admin API answers errcode and sentence (the reason is in the audit log).
+        assert_eq!(
+            (status, refused["errcode"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("M_INVALID_PARAM")),
+            "{bad} -> {refused}"
+        );
+        assert!(
+            refused["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("invalid limits")),
+            "{refused}"
+        );
+    }
+
+    let mut large = invoice_body("large");
+    large["amount"] = json!("5.01");
+    let (status, refused) = h.merchant("POST", "/invoices", &key, Some(large)).await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (StatusCode::CONFLICT, Some("invoice_above_merchant_limit")),
+        "{refused}"
+    );
+    let (status, first) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, second) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k2")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    let posted = h.poster.0.load(std::sync::atomic::Ordering::SeqCst);
+    let (status, refused) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k3")))
+        .await;
+    assert_eq!(
+        (status, refused["reason"].as_str()),
+        (StatusCode::CONFLICT, Some("too_many_open_invoices")),
+        "{refused}"
+    );
+    assert_eq!(h.poster.0.load(std::sync::atomic::Ordering::SeqCst), posted);
+    // A replay of an existing invoice is no new invoice: answered as before.
+    let (status, replay) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    assert_eq!(
+        (status, &replay["invoice_id"]),
+        (StatusCode::OK, &first["invoice_id"])
+    );
+    // One is paid: room for another.
+    h.pay(&first, "cafe").await;
+    let (status, third) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k3")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{third}");
 }

@@ -328,7 +328,7 @@ async fn scene_with(
 }
 
 /// [`scene_with`] with these `payments:` keys (indented lines) instead of the default ones.
-async fn scene_configured(
+pub(crate) async fn scene_configured(
     label: &str,
     stepup_timeout_ms: u64,
     funds: &str,
@@ -1658,6 +1658,7 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         payer: None,
         memo: None,
         expires_at_ms: None,
+        order_ref: Some("order-42".into()),
     };
     schema::assert_valid(
         "org.mxpay.payment_request",
@@ -1736,4 +1737,4 @@ mod keys;
 mod notices;
 mod refunds;
 mod replay;
-mod requests;
+pub(crate) mod requests;

@@ -174,6 +174,7 @@ pub fn announce(
                 payer: Some(share.payer.clone()),
                 memo: request.memo.clone(),
                 expires_at_ms: Some(request.expires_at_ms),
+                order_ref: None,
             };
             decision.sends.push(
                 Outgoing::event(

@@ -35,7 +35,7 @@ async fn request_notice(
 }
 
 /// Waits for an edit (`m.replace`) of `original` whose new text contains `part`.
-async fn wait_edit(
+pub(crate) async fn wait_edit(
     client: &TestClient,
     room: &RoomId,
     bot: &str,
@@ -198,7 +198,7 @@ async fn a_request_is_paid_by_reacting() {
 
 /// A second payer for the scene: cross-signed, with a PIN, a DM and `funds` EUR, joined to the
 /// scene's room.
-async fn funded_payer(s: &Scene, name: &str, funds: &str) -> (TestClient, OwnedRoomId) {
+pub(crate) async fn funded_payer(s: &Scene, name: &str, funds: &str) -> (TestClient, OwnedRoomId) {
     let client = support::client(&support::user(name).await).await;
     client.bootstrap_cross_signing().await;
     let dm = open_dm(&client, &s.bot).await;
