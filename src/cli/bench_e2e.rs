@@ -1182,8 +1182,8 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
     let is_receipt = |room: &RoomId, event: &Value| {
         room == pair.room
             && event["sender"] == bot.as_str()
-            && event["type"] == "org.mxpay.receipt"
-            && event["content"]["m.relates_to"]["event_id"] == pay_event.as_str()
+            && crate::events::carried(event, "org.mxpay.receipt")
+                .is_some_and(|r| r["m.relates_to"]["event_id"] == pay_event.as_str())
     };
     // The challenge in the DM, or a receipt refusing the payment in the room.
     let answer = pair
@@ -1192,9 +1192,9 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
             is_receipt(room, event)
                 || (room == pair.dm
                     && event["sender"] == bot.as_str()
-                    && event["type"] == "org.mxpay.stepup.challenge"
-                    && event["content"]["amount"] == amount.as_str()
-                    && event["content"]["room_id"] == pair.room.as_str())
+                    && crate::events::carried(event, "org.mxpay.stepup.challenge").is_some_and(
+                        |c| c["amount"] == amount.as_str() && c["room_id"] == pair.room.as_str(),
+                    ))
         })
         .await;
     let Some(challenge) = answer else {
@@ -1203,7 +1203,7 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
             format!("no challenge within {timeout:?}"),
         );
     };
-    if challenge.json["type"] == "org.mxpay.receipt" {
+    if crate::events::carried(&challenge.json, "org.mxpay.receipt").is_some() {
         return not_completed(&challenge.json);
     }
     let pin_at = Instant::now();
@@ -1221,7 +1221,9 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
             format!("no receipt within {timeout:?} of the !pay"),
         );
     };
-    if receipt.json["content"]["status"] != "completed" {
+    if crate::events::carried(&receipt.json, "org.mxpay.receipt")
+        .is_none_or(|r| r["status"] != "completed")
+    {
         return not_completed(&receipt.json);
     }
     // Synapse stamps the receipt when the bot sends it: the payment was posted by then.
@@ -1239,7 +1241,13 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
 }
 
 fn not_completed(receipt: &Value) -> Outcome {
-    let text = |key: &str| receipt["content"][key].as_str().unwrap_or("").to_owned();
+    let payload = crate::events::carried(receipt, "org.mxpay.receipt");
+    let text = |key: &str| {
+        payload
+            .and_then(|r| r[key].as_str())
+            .unwrap_or("")
+            .to_owned()
+    };
     Outcome::NotCompleted {
         status: text("status"),
         reason: text("reason"),
