@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 use super::core::{Decision, LedgerOp, Outgoing, OutgoingBody, Record};
+use super::send_queue::SendOne;
 use super::{txn, Payments, PaymentsError};
 use crate::crypto::CryptoError;
 use crate::ledger::LedgerError;
@@ -111,13 +112,44 @@ impl Payments {
         if poke_outbox {
             self.poke.poke();
         }
+        // The messages go to the send queue, in order. One whose event id a later decision
+        // may look up by itself (a request's or a held payment's notice) is waited for; the
+        // others (a challenge's id is only needed for a reply, which comes after someone saw
+        // it) are not.
+        let mut sent = Vec::with_capacity(sends.len());
         for outgoing in sends {
-            self.send(outgoing).await?;
+            let wait_now = outgoing.link.is_some() || outgoing.held_notice_of.is_some();
+            let answer = self.send_queue().enqueue(outgoing).await;
+            if wait_now {
+                sent_or_error(answer).await?;
+            } else {
+                sent.push(answer);
+            }
         }
-        if let Some(event_id) = finish {
-            self.store.mark_done(event_id.as_str()).await?;
+        // The event is marked handled only after its messages went out: a crash before leaves
+        // it to a retry, which repeats them with the same transaction ids.
+        let store = self.store.clone();
+        let tail = async move {
+            for answer in sent {
+                sent_or_error(answer).await?;
+            }
+            if let Some(event_id) = finish {
+                store.mark_done(event_id.as_str()).await?;
+            }
+            Ok::<(), PaymentsError>(())
+        };
+        let mut tail = Some(Box::pin(tail) as futures_util::future::BoxFuture<'static, _>);
+        let _ = TAILS.try_with(|tails| {
+            tails
+                .lock()
+                .expect("tails lock")
+                .push(tail.take().expect("taken once"));
+        });
+        match tail {
+            // Not inside a job: wait here.
+            Some(tail) => tail.await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn apply_record(&self, write: Record) -> Result<(), PaymentsError> {
@@ -220,9 +252,22 @@ impl Payments {
         }
         Ok(())
     }
+}
 
-    /// Sends one message, with its transaction id derived from its purpose and key.
-    async fn send(&self, outgoing: Outgoing) -> Result<(), PaymentsError> {
+/// What sends one decided message: the send queue's sender (see [`super::send_queue`]).
+#[derive(Clone)]
+pub(super) struct MessageSender {
+    pub(super) faults: Faults,
+    pub(super) messenger: super::Messenger,
+    pub(super) store: crate::store::payments::PaymentStore,
+    pub(super) clock: crate::clock::SharedClock,
+}
+
+#[async_trait::async_trait]
+impl SendOne for MessageSender {
+    /// Sends one message, with its transaction id derived from its purpose and key, then
+    /// remembers its event id where the decision asked.
+    async fn send_one(&self, outgoing: Outgoing) -> Result<(), PaymentsError> {
         let Outgoing {
             room_id,
             body,
@@ -279,5 +324,52 @@ impl Payments {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// What a job's decisions left to finish once their messages are sent (each: wait for the
+/// messages, then mark the event handled).
+type Tails =
+    std::sync::Mutex<Vec<futures_util::future::BoxFuture<'static, Result<(), PaymentsError>>>>;
+
+tokio::task_local! {
+    /// Set while a job of the inbox worker runs ([`collecting_tails`]): `apply` leaves the end
+    /// of each decision here instead of waiting for its messages.
+    static TAILS: Tails;
+}
+
+/// Runs `job` (a job of the inbox worker); returns its result and what its decisions left to
+/// finish once their messages are sent. Outside such a scope (the outbox, sweeps) `apply`
+/// waits for its messages itself.
+pub(super) async fn collecting_tails<T>(
+    job: impl std::future::Future<Output = T>,
+) -> (
+    T,
+    Option<futures_util::future::BoxFuture<'static, Result<(), PaymentsError>>>,
+) {
+    TAILS
+        .scope(Tails::default(), async {
+            let result = job.await;
+            let tails = TAILS.with(|tails| std::mem::take(&mut *tails.lock().expect("tails lock")));
+            let tail = (!tails.is_empty()).then(|| {
+                let all: futures_util::future::BoxFuture<'static, _> = Box::pin(async move {
+                    for tail in tails {
+                        tail.await?;
+                    }
+                    Ok(())
+                });
+                all
+            });
+            (result, tail)
+        })
+        .await
+}
+
+/// The queue's answer for one message.
+async fn sent_or_error(answer: super::send_queue::Sent) -> Result<(), PaymentsError> {
+    match answer.await {
+        Ok(result) => result,
+        // The queue dropped it without answering: only when the runtime stops.
+        Err(_) => Err(PaymentsError::SendQueueStopped),
     }
 }

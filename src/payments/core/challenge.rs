@@ -278,7 +278,6 @@ pub fn cancel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::payments::core::OutgoingBody;
     use ruma::{owned_event_id, owned_room_id, user_id};
 
     use crate::payments::core::fixtures::{challenge, event_in};
