@@ -17,6 +17,7 @@ use crate::ledger::LedgerError;
 use crate::policy::pin::PinRecord;
 use crate::store::held::HeldBounds;
 use crate::store::requests::{RequestBounds, Updated};
+use ruma::OwnedEventId;
 
 /// Test-only faults at the effect layer, set up by the wiring (debug builds only; see
 /// [`super::FAULT_FAIL_REPLY_ENV`] and [`super::FAULT_CRASH_BEFORE_RECEIPT_ENV`], how the
@@ -24,7 +25,8 @@ use crate::store::requests::{RequestBounds, Updated};
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// Every message of this purpose fails as if the homeserver were unreachable (a
-    /// retryable failure) while the file does not exist.
+    /// retryable failure) while the file does not exist; purpose `room`: every message to the
+    /// room whose id the file holds, while it does.
     pub fail_sends: Option<(String, PathBuf)>,
     /// mxpay aborts right after a payment was posted and before its receipt is sent, once:
     /// the file is created first, so the restarted process runs on.
@@ -55,10 +57,17 @@ impl Faults {
         }
     }
 
-    /// A retryable failure for a message of `purpose`, while its switch says so.
-    pub(super) fn before_send(&self, purpose: &str) -> Result<(), PaymentsError> {
+    /// A retryable failure for a message of `purpose` to `room_id`, while its switch says so:
+    /// for purpose `room`, every message to the room whose id the file holds (a stuck room).
+    pub(super) fn before_send(&self, purpose: &str, room_id: &str) -> Result<(), PaymentsError> {
+        let stuck_room = |file: &PathBuf| {
+            std::fs::read_to_string(file).is_ok_and(|stuck| stuck.trim() == room_id)
+        };
         match &self.fail_sends {
-            Some((faulty, file)) if faulty == purpose && !file.exists() => {
+            Some((faulty, file))
+                if (faulty == purpose && !file.exists())
+                    || (faulty == "room" && stuck_room(file)) =>
+            {
                 tracing::warn!(purpose, "test fault: failing a message before it is sent");
                 Err(
                     CryptoError::Transport(crate::homeserver::HomeserverError::Connect {
@@ -150,6 +159,16 @@ impl Payments {
             Some(tail) => tail.await,
             None => Ok(()),
         }
+    }
+
+    /// Sends `outgoing` through the send queue (after what was queued for its room before)
+    /// and waits for it: for senders that need its event id or must know it went out (the
+    /// outbox).
+    pub(super) async fn send_in_order(
+        &self,
+        outgoing: Outgoing,
+    ) -> Result<OwnedEventId, PaymentsError> {
+        sent_or_error(self.send_queue().enqueue(outgoing).await).await
     }
 
     async fn apply_record(&self, write: Record) -> Result<(), PaymentsError> {
@@ -267,7 +286,7 @@ pub(super) struct MessageSender {
 impl SendOne for MessageSender {
     /// Sends one message, with its transaction id derived from its purpose and key, then
     /// remembers its event id where the decision asked.
-    async fn send_one(&self, outgoing: Outgoing) -> Result<(), PaymentsError> {
+    async fn send_one(&self, outgoing: Outgoing) -> Result<OwnedEventId, PaymentsError> {
         let Outgoing {
             room_id,
             body,
@@ -277,7 +296,7 @@ impl SendOne for MessageSender {
             link,
             held_notice_of,
         } = outgoing;
-        self.faults.before_send(purpose)?;
+        self.faults.before_send(purpose, room_id.as_str())?;
         let txn_id = txn(purpose, &key);
         let sent = match body {
             OutgoingBody::Notice { body, reply_to } => {
@@ -323,7 +342,7 @@ impl SendOne for MessageSender {
                 })
                 .await?;
         }
-        Ok(())
+        Ok(sent)
     }
 }
 
@@ -365,8 +384,10 @@ pub(super) async fn collecting_tails<T>(
         .await
 }
 
-/// The queue's answer for one message.
-async fn sent_or_error(answer: super::send_queue::Sent) -> Result<(), PaymentsError> {
+/// The queue's answer for one message: its event id.
+pub(super) async fn sent_or_error(
+    answer: super::send_queue::Sent,
+) -> Result<OwnedEventId, PaymentsError> {
     match answer.await {
         Ok(result) => result,
         // The queue dropped it without answering: only when the runtime stops.

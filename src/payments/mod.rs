@@ -75,7 +75,9 @@ pub const FAULT_CRASH_BEFORE_RECEIPT_ENV: &str = "MXPAY_TEST_CRASH_BEFORE_RECEIP
 /// Test-only fault switch ([`Faults::from_env`]), `<purpose>:<file>`: while `<file>` does not exist, every reply of
 /// that purpose (`decline-receipt`, `stepup-wrong`, ...) fails before it is sent as if the
 /// homeserver were unreachable (a retryable failure), so tests can check that a retried
-/// transaction repeats the decision instead of deciding again. Debug builds only.
+/// transaction repeats the decision instead of deciding again. `room:<file>`: every message
+/// to the room whose id `<file>` holds fails the same way while it does (a stuck room).
+/// Debug builds only.
 pub const FAULT_FAIL_REPLY_ENV: &str = "MXPAY_TEST_FAIL_REPLY";
 
 /// Errors of the payment flow. Internal: people get sentences, logs get these.

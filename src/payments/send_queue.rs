@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ruma::OwnedRoomId;
+use ruma::{OwnedEventId, OwnedRoomId};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::core::Outgoing;
@@ -80,12 +80,13 @@ impl SendQueuePolicy {
 /// Sends one message (and does what must follow its send: remembering its event id).
 #[async_trait]
 pub trait SendOne: Send + Sync + 'static {
-    /// Sends `outgoing`; the same message sent again must use the same transaction id.
-    async fn send_one(&self, outgoing: Outgoing) -> Result<(), PaymentsError>;
+    /// Sends `outgoing` and answers its event id; the same message sent again must use the
+    /// same transaction id.
+    async fn send_one(&self, outgoing: Outgoing) -> Result<OwnedEventId, PaymentsError>;
 }
 
-/// The answer for one queued message: `Ok` once sent, the error once given up.
-pub type Sent = oneshot::Receiver<Result<(), PaymentsError>>;
+/// The answer for one queued message: its event id once sent, the error once given up.
+pub type Sent = oneshot::Receiver<Result<OwnedEventId, PaymentsError>>;
 
 /// The send queue. Cheap to clone.
 #[derive(Clone)]
@@ -123,7 +124,7 @@ struct Room {
 
 struct Queued {
     outgoing: Outgoing,
-    done: oneshot::Sender<Result<(), PaymentsError>>,
+    done: oneshot::Sender<Result<OwnedEventId, PaymentsError>>,
     // Held until the message is sent or given up: the bounds count it until then.
     _slot: OwnedSemaphorePermit,
     _depth: OwnedSemaphorePermit,
@@ -275,7 +276,7 @@ impl Inner {
 
     /// One message, retried on transient errors with backoff; no worker is held while
     /// waiting, so other rooms go on.
-    async fn send_with_retries(&self, outgoing: Outgoing) -> Result<(), PaymentsError> {
+    async fn send_with_retries(&self, outgoing: Outgoing) -> Result<OwnedEventId, PaymentsError> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -288,7 +289,7 @@ impl Inner {
                 self.sender.send_one(outgoing.clone()).await
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(event_id) => return Ok(event_id),
                 Err(error) if !error.is_transient() => {
                     self.count("send_permanent");
                     tracing::error!(room = %outgoing.room_id, purpose = outgoing.purpose, %error, "a message cannot be sent");
@@ -330,7 +331,7 @@ mod tests {
 
     #[async_trait]
     impl SendOne for Recorder {
-        async fn send_one(&self, outgoing: Outgoing) -> Result<(), PaymentsError> {
+        async fn send_one(&self, outgoing: Outgoing) -> Result<OwnedEventId, PaymentsError> {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             while self.held.load(Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -350,7 +351,7 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((outgoing.room_id.clone(), outgoing.key.clone()));
-            Ok(())
+            Ok(OwnedEventId::try_from(format!("${}", outgoing.key)).unwrap())
         }
     }
 

@@ -2,6 +2,7 @@
 //! notices in the payment's room and the payer's DM, sent with transaction ids derived from the
 //! transfer, so a retry after a crash shows nothing twice.
 
+use super::core::Outgoing;
 use super::memo::{MemoKind, PaymentMemo};
 use super::{payment_span, reason_from_code, reason_label, text, txn, Payments, PaymentsError};
 use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus, RefundOf};
@@ -314,14 +315,15 @@ impl Payments {
             )
         };
         let room_told: Result<(), PaymentsError> = async {
+            // Through the send queue, so the room reads it after what was decided there before.
             let sent = self
-                .messenger
-                .send(
+                .send_in_order(Outgoing::event(
                     &room,
                     "m.room.message",
                     receipt_message(event.clone(), Some(&event)),
-                    txn("ob-room-receipt", &key),
-                )
+                    "ob-room-receipt",
+                    &key,
+                ))
                 .await?;
             // A completed payment's receipt in the room is where its payee replies `!refund`:
             // it is linked to it (a retry sends with the same transaction id, gets the same
@@ -349,14 +351,14 @@ impl Payments {
                 if dm != room {
                     // It answers the challenge there (or, without one, the paying event).
                     let relates_to = note_event(&note).unwrap_or(event.clone());
-                    self.messenger
-                        .send(
-                            &dm,
-                            "m.room.message",
-                            receipt_message(relates_to, None),
-                            txn("ob-dm-receipt", &key),
-                        )
-                        .await?;
+                    self.send_in_order(Outgoing::event(
+                        &dm,
+                        "m.room.message",
+                        receipt_message(relates_to, None),
+                        "ob-dm-receipt",
+                        &key,
+                    ))
+                    .await?;
                 }
             }
             // A refund is told to the one it pays back (the original payer) in their DM too.
@@ -369,14 +371,14 @@ impl Payments {
                         if let Some(map) = content.as_object_mut() {
                             map.remove("m.relates_to");
                         }
-                        self.messenger
-                            .send(
-                                &dm,
-                                "m.room.message",
-                                content,
-                                txn("ob-payee-dm-receipt", &key),
-                            )
-                            .await?;
+                        self.send_in_order(Outgoing::event(
+                            &dm,
+                            "m.room.message",
+                            content,
+                            "ob-payee-dm-receipt",
+                            &key,
+                        ))
+                        .await?;
                     }
                 }
             }

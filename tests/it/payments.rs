@@ -1755,3 +1755,4 @@ mod notices;
 mod refunds;
 mod replay;
 mod requests;
+mod send_queue;
