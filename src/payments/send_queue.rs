@@ -495,13 +495,13 @@ mod tests {
         let fifth = {
             let queue = queue.clone();
             let room = rooms[0].clone();
-            tokio::spawn(async move { queue.enqueue(message(&room, 4)).await })
+            // Queued, then sent: the task ends only after both.
+            tokio::spawn(async move { queue.enqueue(message(&room, 4)).await.await })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!fifth.is_finished(), "a full queue makes the decider wait");
-        assert_eq!(queue.depth(), 4, "nothing beyond the bound is held");
+        assert_eq!(queue.depth(), 4, "a full queue makes the decider wait");
         recorder.held.store(false, Ordering::SeqCst);
-        answers.push(fifth.await.unwrap());
+        fifth.await.unwrap().unwrap().unwrap();
         for answer in answers {
             answer.await.unwrap().unwrap();
         }
@@ -530,13 +530,13 @@ mod tests {
         struct Refuses;
         #[async_trait]
         impl SendOne for Refuses {
-            async fn send_one(&self, outgoing: Outgoing) -> Result<(), PaymentsError> {
+            async fn send_one(&self, outgoing: Outgoing) -> Result<OwnedEventId, PaymentsError> {
                 if outgoing.key == "0" {
                     return Err(PaymentsError::Pin(
                         crate::policy::pin::PinError::NotFourDigits,
                     ));
                 }
-                Ok(())
+                Ok(ruma::owned_event_id!("$sent"))
             }
         }
         let queue = SendQueue::new(policy(), Arc::new(Refuses), None);
