@@ -29,5 +29,7 @@ pub mod requests;
 pub mod secret;
 pub mod signature;
 pub mod sled_open;
+#[cfg(test)]
+pub(crate) mod sled_powercut;
 pub mod store;
 pub mod webhooks;

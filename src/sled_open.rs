@@ -39,8 +39,12 @@ pub fn log_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 /// so without the fdatasync a power cut can undo what was "flushed" (a PIN attempt counted,
 /// an event decided, a transaction acknowledged). The ledger does the same per batch.
 pub fn flush_durably(db: &sled::Db, log: &std::fs::File) -> sled::Result<()> {
+    #[cfg(test)]
+    crate::sled_powercut::before_flush(log)?;
     db.flush()?;
     log.sync_data()?;
+    #[cfg(test)]
+    crate::sled_powercut::durable_flush(log);
     Ok(())
 }
 

@@ -109,10 +109,16 @@ impl EventStore {
                 self.db.flush()?;
                 Ok(Claim::New)
             }
-            Err(existing) if existing.current.as_deref() == Some(digest.as_slice()) => {
-                Ok(Claim::Replay)
+            Err(existing) => {
+                // The claim may be an earlier call's whose flush failed: the answer rests on
+                // it, so it must be durable.
+                self.db.flush()?;
+                if existing.current.as_deref() == Some(digest.as_slice()) {
+                    Ok(Claim::Replay)
+                } else {
+                    Ok(Claim::Conflict)
+                }
             }
-            Err(_) => Ok(Claim::Conflict),
         }
     }
 }

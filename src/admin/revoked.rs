@@ -129,6 +129,8 @@ impl RevokedTokens {
     pub fn revoke(&self, jti: &str, now_ms: u64, keep_ms: u64) -> Result<Revoked, RevokedError> {
         self.prune(now_ms)?;
         if let Some(revocation) = self.get(jti)? {
+            // Perhaps an earlier revoke whose flush failed: told as revoked, so durable now.
+            self.db.flush()?;
             return Ok(Revoked {
                 revocation,
                 already: true,

@@ -33,9 +33,11 @@ use matrix_sdk::ruma::events::room::member::MembershipState;
 use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
 use matrix_sdk::ruma::events::{AnySyncTimelineEvent, InitialStateEvent};
 use matrix_sdk::ruma::serde::Raw;
-use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use matrix_sdk::ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use matrix_sdk::{Client, Room};
 use serde_json::Value;
+
+mod merchant;
 
 const SERVER_NAME: &str = "localhost";
 const BOT_LOCALPART: &str = "_mxpay";
@@ -92,6 +94,11 @@ pub struct E2eBench {
     /// Keep the run's directory (it is always kept when something failed or was lost).
     #[arg(long)]
     pub keep: bool,
+    /// Payees are merchants: each payment is an invoice made through the merchant API, paid
+    /// by a `!pay` reply and a PIN, and timed until the signed `invoice.paid` webhook reaches
+    /// a receiver on loopback.
+    #[arg(long)]
+    pub merchant: bool,
 }
 
 /// Errors of `mxpay bench e2e`.
@@ -1132,6 +1139,10 @@ struct Timings {
     pay_to_payee: Duration,
     /// When the payee saw the receipt.
     done_at: Instant,
+    /// `--merchant`: from the invoice's creation through the API until the payer saw it.
+    invoice_to_seen: Option<Duration>,
+    /// `--merchant`: from the PIN until the merchant's receiver got `invoice.paid`.
+    pin_to_webhook: Option<Duration>,
 }
 
 impl Timings {
@@ -1143,6 +1154,14 @@ impl Timings {
         "PIN -> payee sees receipt",
         "!pay -> payee sees receipt",
     ];
+
+    /// The names of [`Timings::merchant_steps`], as printed.
+    const MERCHANT_STEPS: [&'static str; 2] =
+        ["invoice -> payer sees it", "PIN -> invoice.paid webhook"];
+
+    fn merchant_steps(&self) -> [Option<Duration>; 2] {
+        [self.invoice_to_seen, self.pin_to_webhook]
+    }
 
     fn steps(&self) -> [Duration; 5] {
         [
@@ -1159,6 +1178,58 @@ impl Timings {
 /// an earlier payment is never taken for a later one's.
 fn amount_of(k: usize) -> String {
     format!("{}.{:02}", 1 + k / 100, k % 100)
+}
+
+/// The typed payload of `kind` in `event`: the content of an event of that type, or the
+/// content's `kind` key (an event that carries a typed payload beside its readable body).
+fn typed<'a>(event: &'a Value, kind: &str) -> Option<&'a Value> {
+    if event["type"] == kind {
+        Some(&event["content"])
+    } else {
+        event["content"].get(kind)
+    }
+}
+
+/// Whether `event` is the bot's receipt answering `pay_event`.
+fn is_receipt_of(event: &Value, bot: &UserId, pay_event: &EventId) -> bool {
+    let relates = &event["content"]["m.relates_to"];
+    event["sender"] == bot.as_str()
+        && typed(event, "org.mxpay.receipt").is_some()
+        && (relates["event_id"] == pay_event.as_str()
+            || relates["m.in_reply_to"]["event_id"] == pay_event.as_str())
+}
+
+/// Whether `event` is the bot's PIN challenge for `amount` in `room`.
+fn is_challenge_for(event: &Value, bot: &UserId, amount: &str, room: &RoomId) -> bool {
+    event["sender"] == bot.as_str()
+        && typed(event, "org.mxpay.stepup.challenge")
+            .is_some_and(|c| c["amount"] == amount && c["room_id"] == room.as_str())
+}
+
+impl Outcome {
+    /// The outcome a receipt seen by the payee says: completed, with the steps' times.
+    fn completed(receipt: &Seen, pay_at: Instant, pin_at: Instant, pin_at_unix_ms: u64) -> Self {
+        let status = typed(&receipt.json, "org.mxpay.receipt").map(|c| &c["status"]);
+        if status.is_none_or(|s| s != "completed") {
+            return not_completed(&receipt.json);
+        }
+        // Synapse stamps the receipt when the bot sends it: the payment was posted by then.
+        let posted_unix_ms = receipt.json["origin_server_ts"]
+            .as_u64()
+            .unwrap_or(receipt.at_unix_ms);
+        Outcome::Completed(Timings {
+            pay_to_challenge: Duration::ZERO,
+            pin_to_posted: Duration::from_millis(posted_unix_ms.saturating_sub(pin_at_unix_ms)),
+            posted_to_payee: Duration::from_millis(
+                receipt.at_unix_ms.saturating_sub(posted_unix_ms),
+            ),
+            pin_to_payee: receipt.at - pin_at,
+            pay_to_payee: receipt.at - pay_at,
+            done_at: receipt.at,
+            invoice_to_seen: None,
+            pin_to_webhook: None,
+        })
+    }
 }
 
 async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Outcome {
@@ -1179,22 +1250,12 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
         Ok(event_id) => event_id,
         Err(e) => return lost("send !pay", e),
     };
-    let is_receipt = |room: &RoomId, event: &Value| {
-        room == pair.room
-            && event["sender"] == bot.as_str()
-            && crate::events::carried(event, "org.mxpay.receipt")
-                .is_some_and(|r| r["m.relates_to"]["event_id"] == pay_event.as_str())
-    };
     // The challenge in the DM, or a receipt refusing the payment in the room.
     let answer = pair
         .payer
         .wait_after(payer_cursor, deadline, |room, event| {
-            is_receipt(room, event)
-                || (room == pair.dm
-                    && event["sender"] == bot.as_str()
-                    && crate::events::carried(event, "org.mxpay.stepup.challenge").is_some_and(
-                        |c| c["amount"] == amount.as_str() && c["room_id"] == pair.room.as_str(),
-                    ))
+            (room == pair.room && is_receipt_of(event, bot, &pay_event))
+                || (room == pair.dm && is_challenge_for(event, bot, &amount, &pair.room))
         })
         .await;
     let Some(challenge) = answer else {
@@ -1203,7 +1264,7 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
             format!("no challenge within {timeout:?}"),
         );
     };
-    if crate::events::carried(&challenge.json, "org.mxpay.receipt").is_some() {
+    if challenge.room_id == pair.room {
         return not_completed(&challenge.json);
     }
     let pin_at = Instant::now();
@@ -1213,7 +1274,9 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
     }
     let Some(receipt) = pair
         .payee
-        .wait_after(payee_cursor, deadline, is_receipt)
+        .wait_after(payee_cursor, deadline, |room, event| {
+            room == pair.room && is_receipt_of(event, bot, &pay_event)
+        })
         .await
     else {
         return lost(
@@ -1221,30 +1284,19 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
             format!("no receipt within {timeout:?} of the !pay"),
         );
     };
-    if crate::events::carried(&receipt.json, "org.mxpay.receipt")
-        .is_none_or(|r| r["status"] != "completed")
-    {
-        return not_completed(&receipt.json);
+    match Outcome::completed(&receipt, pay_at, pin_at, pin_at_unix_ms) {
+        Outcome::Completed(timings) => Outcome::Completed(Timings {
+            pay_to_challenge: challenge.at - pay_at,
+            ..timings
+        }),
+        other => other,
     }
-    // Synapse stamps the receipt when the bot sends it: the payment was posted by then.
-    let posted_unix_ms = receipt.json["origin_server_ts"]
-        .as_u64()
-        .unwrap_or(receipt.at_unix_ms);
-    Outcome::Completed(Timings {
-        pay_to_challenge: challenge.at - pay_at,
-        pin_to_posted: Duration::from_millis(posted_unix_ms.saturating_sub(pin_at_unix_ms)),
-        posted_to_payee: Duration::from_millis(receipt.at_unix_ms.saturating_sub(posted_unix_ms)),
-        pin_to_payee: receipt.at - pin_at,
-        pay_to_payee: receipt.at - pay_at,
-        done_at: receipt.at,
-    })
 }
 
 fn not_completed(receipt: &Value) -> Outcome {
-    let payload = crate::events::carried(receipt, "org.mxpay.receipt");
     let text = |key: &str| {
-        payload
-            .and_then(|r| r[key].as_str())
+        typed(receipt, "org.mxpay.receipt")
+            .and_then(|c| c[key].as_str())
             .unwrap_or("")
             .to_owned()
     };
@@ -1256,16 +1308,45 @@ fn not_completed(receipt: &Value) -> Outcome {
 
 /// Each payer's payments, one after the other; a payment that did not complete is followed
 /// by `!cancel` in the DM, so a late challenge cannot wait beside the next one's.
-async fn payer_run(pair: &Pair, payments: usize, bot: &UserId, timeout: Duration) -> Vec<Outcome> {
+async fn payer_run(
+    pair: &Pair,
+    shop: Option<Shop<'_>>,
+    payments: usize,
+    bot: &UserId,
+    timeout: Duration,
+) -> Vec<Outcome> {
     let mut outcomes = Vec::with_capacity(payments);
     for k in 0..payments {
-        let outcome = pay_once(pair, k, bot, timeout).await;
+        let outcome = match &shop {
+            None => pay_once(pair, k, bot, timeout).await,
+            Some(shop) => {
+                merchant::pay_invoice(
+                    shop.stack,
+                    pair,
+                    shop.merchant,
+                    shop.receiver,
+                    shop.payer_index,
+                    k,
+                    bot,
+                    timeout,
+                )
+                .await
+            }
+        };
         if !matches!(outcome, Outcome::Completed(_)) {
             let _ = pair.payer.say(&pair.dm, "!cancel").await;
         }
         outcomes.push(outcome);
     }
     outcomes
+}
+
+/// `--merchant`: what a payer's run needs to pay invoices of its payee's shop.
+struct Shop<'a> {
+    stack: &'a Stack,
+    merchant: &'a merchant::Merchant,
+    receiver: &'a merchant::Receiver,
+    payer_index: usize,
 }
 
 /// CPU seconds of the servers and this process, at one moment.
@@ -1298,6 +1379,18 @@ async fn bench(stack: &Stack, dir: &Path, p: &E2eBench) -> Result<(), E2eBenchEr
         setup_started.elapsed().as_secs_f64()
     );
 
+    let shops = if p.merchant {
+        let receiver = merchant::Receiver::start().await?;
+        let payees: Vec<&Person> = pairs.iter().map(|pair| &pair.payee).collect();
+        let merchants = merchant::register(stack, &payees, &receiver).await?;
+        println!(
+            "merchant mode: {} payees registered as merchants, webhooks to a local receiver",
+            merchants.len()
+        );
+        Some((receiver, merchants))
+    } else {
+        None
+    };
     let http = reqwest::Client::new();
     let metrics_err = setup_err("read mxpay's /metrics");
     let before = scrape(&http, &stack.mxpay_url)
@@ -1306,12 +1399,17 @@ async fn bench(stack: &Stack, dir: &Path, p: &E2eBench) -> Result<(), E2eBenchEr
     let cpu_before = Cpu::now(stack);
     let timeout = Duration::from_secs(p.payment_timeout_s);
     let started = Instant::now();
-    let outcomes: Vec<Vec<Outcome>> = futures_util::future::join_all(
-        pairs
-            .iter()
-            .map(|pair| payer_run(pair, p.payments, &bot, timeout)),
-    )
-    .await;
+    let outcomes: Vec<Vec<Outcome>> =
+        futures_util::future::join_all(pairs.iter().enumerate().map(|(i, pair)| {
+            let shop = shops.as_ref().map(|(receiver, merchants)| Shop {
+                stack,
+                merchant: &merchants[i],
+                receiver,
+                payer_index: i,
+            });
+            payer_run(pair, shop, p.payments, &bot, timeout)
+        }))
+        .await;
     let elapsed = started.elapsed();
     // Let what the last payments set off (DM receipts, redactions) reach the counters.
     let settle_started = Instant::now();
@@ -1473,6 +1571,23 @@ impl Report {
                 stats.max.as_secs_f64()
             );
         }
+        for (i, name) in Timings::MERCHANT_STEPS.iter().enumerate() {
+            let samples: Vec<Duration> = self
+                .completed
+                .iter()
+                .filter_map(|t| t.merchant_steps()[i])
+                .collect();
+            if samples.is_empty() {
+                continue;
+            }
+            let stats = Stats::of(samples);
+            println!(
+                "  {name:<32} {:>7.3} s {:>7.3} s {:>7.3} s",
+                stats.p50.as_secs_f64(),
+                stats.p95.as_secs_f64(),
+                stats.max.as_secs_f64()
+            );
+        }
 
         let delta = |name: &str| after.sum(name) - before.sum(name);
         let requests = delta(REQUESTS);
@@ -1586,6 +1701,37 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receipts_and_challenges_are_found_typed_or_carried_in_a_notice() {
+        let bot = UserId::parse("@_mxpay:localhost").unwrap();
+        let pay = EventId::parse("$pay").unwrap();
+        let room = RoomId::parse("!room:localhost").unwrap();
+        let typed_receipt = serde_json::json!({
+            "type": "org.mxpay.receipt", "sender": "@_mxpay:localhost",
+            "content": {"status": "completed", "m.relates_to": {"rel_type": "m.reference", "event_id": "$pay"}},
+        });
+        let carried_receipt = serde_json::json!({
+            "type": "m.room.message", "sender": "@_mxpay:localhost",
+            "content": {"msgtype": "m.notice", "body": "Paid",
+                "m.relates_to": {"m.in_reply_to": {"event_id": "$pay"}},
+                "org.mxpay.receipt": {"status": "completed"}},
+        });
+        assert!(is_receipt_of(&typed_receipt, &bot, &pay));
+        assert!(is_receipt_of(&carried_receipt, &bot, &pay));
+        let other = EventId::parse("$other").unwrap();
+        assert!(!is_receipt_of(&carried_receipt, &bot, &other));
+        let mut forged = carried_receipt.clone();
+        forged["sender"] = "@mallory:localhost".into();
+        assert!(!is_receipt_of(&forged, &bot, &pay));
+        let challenge = serde_json::json!({
+            "type": "m.room.message", "sender": "@_mxpay:localhost",
+            "content": {"msgtype": "m.notice", "body": "Confirm",
+                "org.mxpay.stepup.challenge": {"amount": "1.05", "room_id": "!room:localhost"}},
+        });
+        assert!(is_challenge_for(&challenge, &bot, "1.05", &room));
+        assert!(!is_challenge_for(&challenge, &bot, "1.06", &room));
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

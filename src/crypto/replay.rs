@@ -167,6 +167,9 @@ impl ReplayStore {
         let key = index_key(&prefix, message.index);
         if let Some(value) = self.handles.tree.get(&key)? {
             let (_, first) = decode_value(&value)?;
+            // Recorded before, perhaps by a call whose flush failed: the answer rests on the
+            // record, so it must be durable.
+            crate::sled_open::flush_durably(&self.handles.db, &self.handles.log)?;
             if first.as_str() != event_id.as_str() {
                 return Ok(MessageCheck::Replay {
                     first_event_id: Some(first),

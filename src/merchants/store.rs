@@ -166,8 +166,9 @@ impl MerchantStore {
             self.merchants
                 .insert(id.as_str(), value)
                 .map_err(store_err)?;
-            self.flush()?;
         }
+        // Also when unchanged: the state told may be an earlier call's whose flush failed.
+        self.flush()?;
         Ok(merchant)
     }
 
@@ -235,8 +236,10 @@ impl MerchantStore {
             record.revoked_at_ms = Some(now_ms);
             let value = serde_json::to_vec(&record).map_err(store_err)?;
             self.keys.insert(key_id, value).map_err(store_err)?;
-            self.flush()?;
         }
+        // Also when revoked before: told as revoked, so durable (an earlier flush may have
+        // failed).
+        self.flush()?;
         Ok(record)
     }
 

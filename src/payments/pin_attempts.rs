@@ -128,7 +128,12 @@ where
     Fut: std::future::Future<Output = Result<bool, PaymentsError>>,
 {
     let counted_as = match store.outcome(event_id)? {
-        Some(EventOutcome::PinChecked { attempt }) => return Ok(result_of(attempt)),
+        Some(EventOutcome::PinChecked { attempt }) => {
+            // The result may be the write of an earlier try whose flush failed (or of a
+            // concurrent one still flushing): it must be durable before it is told again.
+            store.flush().await?;
+            return Ok(result_of(attempt));
+        }
         Some(EventOutcome::PinBegun { record_version }) => Some(record_version),
         _ => None,
     };
@@ -204,6 +209,9 @@ where
     }
     Ok(result)
 }
+
+#[cfg(test)]
+mod powercut;
 
 #[cfg(test)]
 mod tests {

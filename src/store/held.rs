@@ -265,16 +265,17 @@ impl HeldStore {
         let inserted = {
             let _guard = self.lock.lock();
             if let Some(existing) = self.get(record.transfer_id)? {
-                return Ok(HeldInserted::Exists(Box::new(existing)));
-            }
-            if !self.has_room(&record.payee, bounds)? {
+                HeldInserted::Exists(Box::new(existing))
+            } else if !self.has_room(&record.payee, bounds)? {
                 HeldInserted::Full
             } else {
                 self.write(None, record, 0, bounds)?;
                 HeldInserted::Stored
             }
         };
-        if inserted == HeldInserted::Stored {
+        if inserted != HeldInserted::Full {
+            // Also for `Exists`: an earlier insert whose flush failed (or is still running)
+            // is told as stored now, so it must be durable.
             self.flush().await?;
         }
         Ok(inserted)
@@ -293,10 +294,10 @@ impl HeldStore {
             let Some(before) = self.get(record.transfer_id)? else {
                 return Ok(());
             };
-            if before == *record {
-                return Ok(());
+            // The same record (a retry): written before, maybe without a flush that succeeded.
+            if before != *record {
+                self.write(Some(&before), record, now_ms, bounds)?;
             }
-            self.write(Some(&before), record, now_ms, bounds)?;
         }
         self.flush().await
     }

@@ -621,6 +621,9 @@ impl PaymentStore {
             }
             Err(conflict) => match conflict.current {
                 Some(bytes) => {
+                    // The earlier decision may not be durable yet (its writer's flush failed,
+                    // or is still running): the caller tells it, so make it so first.
+                    self.flush().await?;
                     serde_json::from_slice(&bytes)
                         .map(Some)
                         .map_err(|_| StoreError::Corrupt {
@@ -862,8 +865,26 @@ impl PaymentStore {
                 .iter()
                 .any(|(_, n)| n.txn_id == txn_id)
             {
-                return Ok(Queued::Waiting);
+                // Queued before, perhaps without a flush that succeeded: flushed below.
+                Queued::Waiting
+            } else {
+                self.queue_new(user, txn_id, body, now_ms, bounds)?
             }
+        };
+        self.flush().await?;
+        Ok(queued)
+    }
+
+    /// The part of [`Self::queue_notice`] for a notice not queued yet (`notices_lock` held).
+    fn queue_new(
+        &self,
+        user: &UserId,
+        txn_id: OwnedTransactionId,
+        body: &str,
+        now_ms: u64,
+        bounds: WaitingNoticeBounds,
+    ) -> Result<Queued, StoreError> {
+        let queued = {
             let carried = self.prune_user(user, now_ms, bounds, true)?;
             // `len` scans the tree: fine, it is bounded by `total_max` and this runs only for
             // notices that could not go out.
@@ -885,7 +906,6 @@ impl PaymentStore {
                 Queued::Waiting
             }
         };
-        self.flush().await?;
         Ok(queued)
     }
 

@@ -341,6 +341,9 @@ impl RequestStore {
         {
             let _guard = self.lock.lock();
             if let Some(existing) = self.get(&request.id)? {
+                drop(_guard);
+                // Told as existing: an earlier insert whose flush failed must be durable now.
+                self.flush().await?;
                 return Ok(Inserted::Exists(existing));
             }
             if self.count_open(
@@ -408,6 +411,8 @@ impl RequestStore {
             }
             let link = pair_key(id.0.as_str(), event_id.as_str());
             if self.request_events.contains_key(&link)? {
+                drop(_guard);
+                self.flush().await?;
                 return Ok(true);
             }
             if self
@@ -492,6 +497,9 @@ impl RequestStore {
             let id = after.id.0.as_str();
             let current = self.requests.get(id.as_bytes())?;
             if current.as_deref() != Some(encode(before).as_slice()) {
+                drop(_guard);
+                // The caller acts on the current request: it must be durable.
+                self.flush().await?;
                 return Ok(Updated::Conflict(
                     current.map(|bytes| decode(&bytes)).transpose()?,
                 ));

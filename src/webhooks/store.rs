@@ -203,6 +203,8 @@ impl WebhookStore {
         }
         let mut counts = self.counts.lock();
         if let Some(existing) = self.records.get(event_id.as_bytes())? {
+            // Told as queued: an earlier enqueue whose flush failed must be durable now.
+            self.flush()?;
             return Ok(Enqueued::Exists(decode(&existing)?));
         }
         let merchant = counts.get(merchant_id).copied().unwrap_or_default();
@@ -222,6 +224,7 @@ impl WebhookStore {
                 return Err(WebhookError::QueueFull);
             }
             if let Some(existing) = self.records.get(event_id.as_bytes())? {
+                self.flush()?;
                 return Ok(Enqueued::Exists(decode(&existing)?));
             }
         }
