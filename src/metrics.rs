@@ -32,7 +32,8 @@ pub struct EventLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// Where: `http_auth`, `http_request`, `inbox`, `handler_transient`, `handler_permanent`,
-    /// `homeserver_ping`.
+    /// `send_transient` (a message of the send queue failed and is retried), `send_permanent`
+    /// (given up), `homeserver_ping`.
     pub kind: &'static str,
 }
 
@@ -92,6 +93,8 @@ pub struct Metrics {
     ledger_commit_duration_seconds: Histogram,
     outbox_depth: Gauge,
     outbox_oldest_age_seconds: Gauge,
+    send_queue_depth: Gauge,
+    send_queue_rooms: Gauge,
     crypto_parked_events: Gauge,
     crypto_replayed_events: Counter,
     homeserver_request_duration_seconds: Family<EndpointLabels, Histogram>,
@@ -189,6 +192,18 @@ impl Metrics {
             "Ledger changes read by the outbox and not yet told (up to one pass)",
             outbox_depth.clone(),
         );
+        let send_queue_depth = Gauge::default();
+        registry.register(
+            "send_queue_depth",
+            "Messages decided and handed to the send queue, not yet sent (or given up)",
+            send_queue_depth.clone(),
+        );
+        let send_queue_rooms = Gauge::default();
+        registry.register(
+            "send_queue_rooms",
+            "Rooms with messages in the send queue",
+            send_queue_rooms.clone(),
+        );
         let outbox_oldest_age_seconds = Gauge::default();
         registry.register(
             "outbox_oldest_age_seconds",
@@ -256,6 +271,8 @@ impl Metrics {
             ledger_batch_commands,
             ledger_commit_duration_seconds,
             outbox_depth,
+            send_queue_depth,
+            send_queue_rooms,
             outbox_oldest_age_seconds,
             crypto_parked_events,
             crypto_replayed_events,
@@ -304,6 +321,14 @@ impl Metrics {
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
         self.outbox_oldest_age_seconds
             .set(i64::try_from(oldest_age_ms / 1000).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the send queue's backlog: messages waiting or being sent, and rooms they are for.
+    pub fn set_send_queue(&self, depth: usize, rooms: usize) {
+        self.send_queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        self.send_queue_rooms
+            .set(i64::try_from(rooms).unwrap_or(i64::MAX));
     }
 
     /// Counts one webhook delivery attempt that ended with `outcome`.
@@ -473,6 +498,8 @@ mod tests {
             "mxpay_ledger_commit_duration_seconds",
             "mxpay_outbox_depth",
             "mxpay_outbox_oldest_age_seconds",
+            "mxpay_send_queue_depth",
+            "mxpay_send_queue_rooms",
             "mxpay_crypto_parked_events",
         ] {
             assert!(

@@ -74,11 +74,19 @@ pub trait Pipeline: Send + Sync + 'static {
         Ok(Ingested::Whole)
     }
 
-    /// Runs one job that [`Pipeline::ingest`] returned.
-    async fn run_job(&self, _job: &Job) -> Result<(), PipelineError> {
+    /// Runs one job that [`Pipeline::ingest`] returned: `Ok(Some(tail))` when it decided and
+    /// left its messages on their way (see [`JobTail`]).
+    async fn run_job(&self, _job: &Job) -> Result<Option<JobTail>, PipelineError> {
         Err(PipelineError::permanent("this pipeline makes no jobs"))
     }
 }
+
+/// What is left of a job once it decided: its messages on their way through the send queue,
+/// then the event marked handled. The lane runs its next job at once; the job counts as done
+/// (and its transaction leaves the inbox) only when the tail finished, so a crash before
+/// leaves the transaction to be handled again. An `Err` is a failure for good (the
+/// transaction goes to the failed list).
+pub type JobTail = futures_util::future::BoxFuture<'static, Result<(), PipelineError>>;
 
 /// What [`Pipeline::ingest`] left to do.
 pub enum Ingested {

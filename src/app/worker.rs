@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use super::wait_or_shutdown;
 use crate::inbox::{Inbox, InboxTransaction};
 use crate::metrics::Metrics;
-use crate::pipeline::{transaction_events, Ingested, Job, Pipeline, PipelineError};
+use crate::pipeline::{transaction_events, Ingested, Job, JobTail, Pipeline, PipelineError};
 
 /// Bounds of the inbox worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,10 +403,35 @@ impl Lanes {
                 }
             };
             match self.run_item(&item).await {
-                Some(failed) => {
+                Some(Ok(Some(tail))) => {
+                    // Decided: the lane goes on while the job's messages go out; the job is
+                    // done once they did.
+                    let done = self.done.clone();
+                    let seq = item.seq;
+                    let txn_id = item.txn_id.clone();
+                    let metrics = self.metrics.clone();
+                    tokio::spawn(async move {
+                        let failed = match tail.await {
+                            Ok(()) => false,
+                            Err(error) => {
+                                metrics.error("handler_permanent");
+                                tracing::error!(%txn_id, %error, "an event's messages could not be sent; its transaction goes to the failed list");
+                                true
+                            }
+                        };
+                        let _ = done.send(JobDone { seq, failed });
+                    });
+                }
+                Some(Ok(None)) => {
                     let _ = self.done.send(JobDone {
                         seq: item.seq,
-                        failed,
+                        failed: false,
+                    });
+                }
+                Some(Err(())) => {
+                    let _ = self.done.send(JobDone {
+                        seq: item.seq,
+                        failed: true,
                     });
                 }
                 // Shutting down: the transaction stays pending for the next start.
@@ -424,8 +449,9 @@ impl Lanes {
         senders.entry(sender.to_owned()).or_default().clone()
     }
 
-    /// Runs one job with retries; `Some(failed)` when it finished, `None` at shutdown.
-    async fn run_item(&self, item: &LaneItem) -> Option<bool> {
+    /// Runs one job with retries: `Some(Ok(tail))` when it decided (what is left to finish),
+    /// `Some(Err(()))` when it failed for good, `None` at shutdown.
+    async fn run_item(&self, item: &LaneItem) -> Option<Result<Option<JobTail>, ()>> {
         let mut shutdown = self.shutdown.clone();
         let sender_lock = item.job.sender.as_deref().map(|s| self.sender_lock(s));
         let mut tries = 0u32;
@@ -444,17 +470,17 @@ impl Lanes {
                 self.pipeline.run_job(&item.job).await
             };
             match result {
-                Ok(()) => return Some(false),
+                Ok(tail) => return Some(Ok(tail)),
                 Err(error) if !error.is_transient() => {
                     self.metrics.error("handler_permanent");
                     tracing::error!(txn_id = %item.txn_id, lane = %item.job.lane, %error, "event failed; its transaction goes to the failed list");
-                    return Some(true);
+                    return Some(Err(()));
                 }
                 Err(error) => {
                     self.metrics.error("handler_transient");
                     if tries >= self.policy.attempts_max {
                         tracing::error!(txn_id = %item.txn_id, lane = %item.job.lane, attempt = tries, %error, "event still failing; giving up, its transaction goes to the failed list");
-                        return Some(true);
+                        return Some(Err(()));
                     }
                     let delay = self.policy.backoff(tries);
                     tracing::warn!(txn_id = %item.txn_id, lane = %item.job.lane, attempt = tries, delay_ms = delay.as_millis() as u64, %error, "event failed; retrying in its room's lane");
@@ -524,7 +550,7 @@ mod tests {
             Ok(Ingested::Jobs(jobs))
         }
 
-        async fn run_job(&self, job: &Job) -> Result<(), PipelineError> {
+        async fn run_job(&self, job: &Job) -> Result<Option<JobTail>, PipelineError> {
             let (room, n, sender) = job
                 .payload::<(String, u64, Option<String>)>()
                 .unwrap()
@@ -553,7 +579,7 @@ mod tests {
             }
             self.running.fetch_sub(1, Ordering::SeqCst);
             self.ran.lock().push((room, n));
-            Ok(())
+            Ok(None)
         }
     }
 

@@ -262,8 +262,8 @@ async fn demo(setup: &Setup) -> Result<(), DemoError> {
         .wait(|room_id, event| {
             room_id == room
                 && event["sender"] == setup.bot.as_str()
-                && event["type"] == "org.mxpay.receipt"
-                && event["content"]["status"] == "completed"
+                && crate::events::carried(event, "org.mxpay.receipt")
+                    .is_some_and(|r| r["status"] == "completed")
         })
         .await
         .map_err(step_err(step))?;

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::{BotCrypto, CryptoError, DecryptedEvent};
 use crate::pipeline::{
-    basic_commands, help_text, reply_txn_id, CommandHelp, InboxTransaction, Ingested, Job,
+    basic_commands, help_text, reply_txn_id, CommandHelp, InboxTransaction, Ingested, Job, JobTail,
     Pipeline, PipelineError, PlainPipeline,
 };
 
@@ -183,7 +183,9 @@ pub fn job_event(job: &Job) -> Result<&DecryptedEvent, PipelineError> {
 impl Pipeline for EncryptedPipeline {
     async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
         for job in self.ingest_jobs(txn).await? {
-            self.run_job(&job).await?;
+            if let Some(tail) = self.run_job(&job).await? {
+                tail.await?;
+            }
         }
         Ok(())
     }
@@ -192,10 +194,10 @@ impl Pipeline for EncryptedPipeline {
         Ok(Ingested::Jobs(self.ingest_jobs(txn).await?))
     }
 
-    async fn run_job(&self, job: &Job) -> Result<(), PipelineError> {
+    async fn run_job(&self, job: &Job) -> Result<Option<JobTail>, PipelineError> {
         let event = job_event(job)?;
         let result = self.handle_event(event).await;
-        self.done_with(event, result)
+        self.done_with(event, result).map(|()| None)
     }
 }
 

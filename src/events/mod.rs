@@ -19,6 +19,52 @@ pub use stepup_challenge::StepUpChallengeEventContent;
 pub use stepup_response::StepUpResponseEventContent;
 pub use transfer_intent::TransferIntentEventContent;
 
+use matrix_sdk::ruma::EventId;
+use serde_json::Value;
+
+/// The content of ONE `m.room.message` (`m.notice`) that says `payload`'s `body` to people and
+/// carries `payload` itself under the key `event_type` for bots (the way MSC1767 extensible
+/// events and many bots carry typed data), instead of a typed event and a notice saying the
+/// same thing (which doubles the homeserver's work and every client's sync).
+///
+/// `payload` stays whole (its own `body` and `m.relates_to` included), so it is exactly what a
+/// typed event of that type would hold and its JSON Schema applies to it. Its `m.relates_to`
+/// is also the message's, so the relation is a real one (the homeserver aggregates it); with
+/// `reply_to` the relation also carries `m.in_reply_to`, so clients show the message as a reply.
+pub fn notice_carrying(event_type: &str, payload: Value, reply_to: Option<&EventId>) -> Value {
+    let mut content = serde_json::json!({
+        "msgtype": "m.notice",
+        "body": payload.get("body").cloned().unwrap_or_default(),
+    });
+    let mut relates_to = payload.get("m.relates_to").cloned();
+    if let Some(event_id) = reply_to {
+        let relation = relates_to.get_or_insert_with(|| serde_json::json!({}));
+        relation["m.in_reply_to"] = serde_json::json!({ "event_id": event_id });
+    }
+    if let Some(relates_to) = relates_to {
+        content["m.relates_to"] = relates_to;
+    }
+    content[event_type] = payload;
+    content
+}
+
+/// The `event_type` payload of a received event (`{"type", "content", ...}`): the content of
+/// an event of that type (how mxpay sent them before it merged them into its notices, and
+/// how clients send theirs), or the key of an `m.room.message` carrying it
+/// ([`notice_carrying`]). `None` when the event holds neither.
+pub fn carried<'a>(event: &'a Value, event_type: &str) -> Option<&'a Value> {
+    let content = event.get("content")?;
+    if event.get("type").and_then(Value::as_str) == Some(event_type) {
+        return Some(content);
+    }
+    if event.get("type").and_then(Value::as_str) != Some("m.room.message") {
+        return None;
+    }
+    content
+        .get(event_type)
+        .filter(|payload| payload.is_object())
+}
+
 #[cfg(test)]
 mod tests {
     use matrix_sdk::ruma::events::relation::Reference;
@@ -27,6 +73,45 @@ mod tests {
     use rust_decimal::Decimal;
 
     use super::*;
+
+    #[test]
+    fn a_notice_carrying_a_receipt_is_one_message_that_bots_read_back() {
+        let payload = serde_json::json!({
+            "body": "paid",
+            "status": "completed",
+            "m.relates_to": {"rel_type": "m.reference", "event_id": "$pay"},
+        });
+        let content = notice_carrying(
+            "org.mxpay.receipt",
+            payload.clone(),
+            Some(&owned_event_id!("$pay")),
+        );
+        assert_eq!(content["msgtype"], "m.notice");
+        assert_eq!(content["body"], "paid");
+        assert_eq!(content["m.relates_to"]["rel_type"], "m.reference");
+        assert_eq!(content["m.relates_to"]["event_id"], "$pay");
+        assert_eq!(content["m.relates_to"]["m.in_reply_to"]["event_id"], "$pay");
+        let event = serde_json::json!({"type": "m.room.message", "content": content});
+        assert_eq!(carried(&event, "org.mxpay.receipt"), Some(&payload));
+        assert_eq!(carried(&event, "org.mxpay.stepup.challenge"), None);
+        // The older form, a typed event, reads the same.
+        let typed = serde_json::json!({"type": "org.mxpay.receipt", "content": payload});
+        assert_eq!(carried(&typed, "org.mxpay.receipt"), Some(&payload));
+        // Only a message carries: a key on some other event type is not a payload.
+        let other = serde_json::json!({"type": "m.reaction", "content": {"org.mxpay.receipt": {}}});
+        assert_eq!(carried(&other, "org.mxpay.receipt"), None);
+    }
+
+    #[test]
+    fn a_notice_carrying_without_a_relation_has_none() {
+        let content = notice_carrying(
+            "org.mxpay.stepup.challenge",
+            serde_json::json!({"body": "confirm"}),
+            None,
+        );
+        assert!(content.get("m.relates_to").is_none());
+        assert_eq!(content["org.mxpay.stepup.challenge"]["body"], "confirm");
+    }
 
     #[test]
     fn receipt_serialises_with_reference_and_string_amount() {

@@ -10,12 +10,14 @@
 use std::path::PathBuf;
 
 use super::core::{Decision, LedgerOp, Outgoing, OutgoingBody, Record};
+use super::send_queue::SendOne;
 use super::{txn, Payments, PaymentsError};
 use crate::crypto::CryptoError;
 use crate::ledger::LedgerError;
 use crate::policy::pin::PinRecord;
 use crate::store::held::HeldBounds;
 use crate::store::requests::{RequestBounds, Updated};
+use ruma::OwnedEventId;
 
 /// Test-only faults at the effect layer, set up by the wiring (debug builds only; see
 /// [`super::FAULT_FAIL_REPLY_ENV`] and [`super::FAULT_CRASH_BEFORE_RECEIPT_ENV`], how the
@@ -23,7 +25,8 @@ use crate::store::requests::{RequestBounds, Updated};
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// Every message of this purpose fails as if the homeserver were unreachable (a
-    /// retryable failure) while the file does not exist.
+    /// retryable failure) while the file does not exist; purpose `room`: every message to the
+    /// room whose id the file holds, while it does.
     pub fail_sends: Option<(String, PathBuf)>,
     /// mxpay aborts right after a payment was posted and before its receipt is sent, once:
     /// the file is created first, so the restarted process runs on.
@@ -54,10 +57,17 @@ impl Faults {
         }
     }
 
-    /// A retryable failure for a message of `purpose`, while its switch says so.
-    pub(super) fn before_send(&self, purpose: &str) -> Result<(), PaymentsError> {
+    /// A retryable failure for a message of `purpose` to `room_id`, while its switch says so:
+    /// for purpose `room`, every message to the room whose id the file holds (a stuck room).
+    pub(super) fn before_send(&self, purpose: &str, room_id: &str) -> Result<(), PaymentsError> {
+        let stuck_room = |file: &PathBuf| {
+            std::fs::read_to_string(file).is_ok_and(|stuck| stuck.trim() == room_id)
+        };
         match &self.fail_sends {
-            Some((faulty, file)) if faulty == purpose && !file.exists() => {
+            Some((faulty, file))
+                if (faulty == purpose && !file.exists())
+                    || (faulty == "room" && stuck_room(file)) =>
+            {
                 tracing::warn!(purpose, "test fault: failing a message before it is sent");
                 Err(
                     CryptoError::Transport(crate::homeserver::HomeserverError::Connect {
@@ -111,13 +121,54 @@ impl Payments {
         if poke_outbox {
             self.poke.poke();
         }
+        // The messages go to the send queue, in order. One whose event id a later decision
+        // may look up by itself (a request's or a held payment's notice) is waited for; the
+        // others (a challenge's id is only needed for a reply, which comes after someone saw
+        // it) are not.
+        let mut sent = Vec::with_capacity(sends.len());
         for outgoing in sends {
-            self.send(outgoing).await?;
+            let wait_now = outgoing.link.is_some() || outgoing.held_notice_of.is_some();
+            let answer = self.send_queue().enqueue(outgoing).await;
+            if wait_now {
+                sent_or_error(answer).await?;
+            } else {
+                sent.push(answer);
+            }
         }
-        if let Some(event_id) = finish {
-            self.store.mark_done(event_id.as_str()).await?;
+        // The event is marked handled only after its messages went out: a crash before leaves
+        // it to a retry, which repeats them with the same transaction ids.
+        let store = self.store.clone();
+        let tail = async move {
+            for answer in sent {
+                sent_or_error(answer).await?;
+            }
+            if let Some(event_id) = finish {
+                store.mark_done(event_id.as_str()).await?;
+            }
+            Ok::<(), PaymentsError>(())
+        };
+        let mut tail = Some(Box::pin(tail) as futures_util::future::BoxFuture<'static, _>);
+        let _ = TAILS.try_with(|tails| {
+            tails
+                .lock()
+                .expect("tails lock")
+                .push(tail.take().expect("taken once"));
+        });
+        match tail {
+            // Not inside a job: wait here.
+            Some(tail) => tail.await,
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Sends `outgoing` through the send queue (after what was queued for its room before)
+    /// and waits for it: for senders that need its event id or must know it went out (the
+    /// outbox).
+    pub(super) async fn send_in_order(
+        &self,
+        outgoing: Outgoing,
+    ) -> Result<OwnedEventId, PaymentsError> {
+        sent_or_error(self.send_queue().enqueue(outgoing).await).await
     }
 
     async fn apply_record(&self, write: Record) -> Result<(), PaymentsError> {
@@ -220,9 +271,22 @@ impl Payments {
         }
         Ok(())
     }
+}
 
-    /// Sends one message, with its transaction id derived from its purpose and key.
-    async fn send(&self, outgoing: Outgoing) -> Result<(), PaymentsError> {
+/// What sends one decided message: the send queue's sender (see [`super::send_queue`]).
+#[derive(Clone)]
+pub(super) struct MessageSender {
+    pub(super) faults: Faults,
+    pub(super) messenger: super::Messenger,
+    pub(super) store: crate::store::payments::PaymentStore,
+    pub(super) clock: crate::clock::SharedClock,
+}
+
+#[async_trait::async_trait]
+impl SendOne for MessageSender {
+    /// Sends one message, with its transaction id derived from its purpose and key, then
+    /// remembers its event id where the decision asked.
+    async fn send_one(&self, outgoing: Outgoing) -> Result<OwnedEventId, PaymentsError> {
         let Outgoing {
             room_id,
             body,
@@ -232,7 +296,7 @@ impl Payments {
             link,
             held_notice_of,
         } = outgoing;
-        self.faults.before_send(purpose)?;
+        self.faults.before_send(purpose, room_id.as_str())?;
         let txn_id = txn(purpose, &key);
         let sent = match body {
             OutgoingBody::Notice { body, reply_to } => {
@@ -278,6 +342,55 @@ impl Payments {
                 })
                 .await?;
         }
-        Ok(())
+        Ok(sent)
+    }
+}
+
+/// What a job's decisions left to finish once their messages are sent (each: wait for the
+/// messages, then mark the event handled).
+type Tails =
+    std::sync::Mutex<Vec<futures_util::future::BoxFuture<'static, Result<(), PaymentsError>>>>;
+
+tokio::task_local! {
+    /// Set while a job of the inbox worker runs ([`collecting_tails`]): `apply` leaves the end
+    /// of each decision here instead of waiting for its messages.
+    static TAILS: Tails;
+}
+
+/// Runs `job` (a job of the inbox worker); returns its result and what its decisions left to
+/// finish once their messages are sent. Outside such a scope (the outbox, sweeps) `apply`
+/// waits for its messages itself.
+pub(super) async fn collecting_tails<T>(
+    job: impl std::future::Future<Output = T>,
+) -> (
+    T,
+    Option<futures_util::future::BoxFuture<'static, Result<(), PaymentsError>>>,
+) {
+    TAILS
+        .scope(Tails::default(), async {
+            let result = job.await;
+            let tails = TAILS.with(|tails| std::mem::take(&mut *tails.lock().expect("tails lock")));
+            let tail = (!tails.is_empty()).then(|| {
+                let all: futures_util::future::BoxFuture<'static, _> = Box::pin(async move {
+                    for tail in tails {
+                        tail.await?;
+                    }
+                    Ok(())
+                });
+                all
+            });
+            (result, tail)
+        })
+        .await
+}
+
+/// The queue's answer for one message: its event id.
+pub(super) async fn sent_or_error(
+    answer: super::send_queue::Sent,
+) -> Result<OwnedEventId, PaymentsError> {
+    match answer.await {
+        Ok(result) => result,
+        // The queue dropped it without answering: only when the runtime stops.
+        Err(_) => Err(PaymentsError::SendQueueStopped),
     }
 }

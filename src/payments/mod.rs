@@ -30,6 +30,7 @@ mod pin_messages;
 pub mod pin_recognition;
 mod refund;
 mod requests;
+pub mod send_queue;
 mod tell;
 pub mod text;
 
@@ -55,7 +56,9 @@ use crate::events::ReceiptReason;
 use crate::homeserver::HomeserverError;
 use crate::ledger::{Ledger, LedgerError, TransferError, TransferId};
 use crate::outbox::OutboxPoke;
-use crate::pipeline::{reply_txn_id, InboxTransaction, Ingested, Job, Pipeline, PipelineError};
+use crate::pipeline::{
+    reply_txn_id, InboxTransaction, Ingested, Job, JobTail, Pipeline, PipelineError,
+};
 use crate::policy::payee::WalletHolders;
 use crate::policy::pin::{PinError, PinHasher};
 use crate::policy::stepup::{StepUpAuthority, StepUpError};
@@ -72,7 +75,9 @@ pub const FAULT_CRASH_BEFORE_RECEIPT_ENV: &str = "MXPAY_TEST_CRASH_BEFORE_RECEIP
 /// Test-only fault switch ([`Faults::from_env`]), `<purpose>:<file>`: while `<file>` does not exist, every reply of
 /// that purpose (`decline-receipt`, `stepup-wrong`, ...) fails before it is sent as if the
 /// homeserver were unreachable (a retryable failure), so tests can check that a retried
-/// transaction repeats the decision instead of deciding again. Debug builds only.
+/// transaction repeats the decision instead of deciding again. `room:<file>`: every message
+/// to the room whose id `<file>` holds fails the same way while it does (a stuck room).
+/// Debug builds only.
 pub const FAULT_FAIL_REPLY_ENV: &str = "MXPAY_TEST_FAIL_REPLY";
 
 /// Errors of the payment flow. Internal: people get sentences, logs get these.
@@ -107,6 +112,10 @@ pub enum PaymentsError {
     /// The merchant registry failed (retried: a store failure may pass).
     #[error("merchant registry: {0}")]
     Merchants(crate::merchants::MerchantError),
+    /// The send queue dropped a message without an answer (only when mxpay stops): the
+    /// event is handled again at the next start.
+    #[error("the send queue stopped")]
+    SendQueueStopped,
 }
 
 impl PaymentsError {
@@ -116,6 +125,7 @@ impl PaymentsError {
             PaymentsError::Store(_)
             | PaymentsError::Join(_)
             | PaymentsError::RequestChanged
+            | PaymentsError::SendQueueStopped
             | PaymentsError::Merchants(_) => true,
             PaymentsError::Ledger(e) => matches!(e, LedgerError::Storage(_) | LedgerError::Closed),
             PaymentsError::Crypto(e) => {
@@ -286,6 +296,10 @@ pub struct Payments {
     merchants: Option<crate::merchants::MerchantStore>,
     /// The merchant API, told when a request that stands for an invoice is paid.
     invoices: std::sync::OnceLock<Arc<crate::merchants::api::MerchantApi>>,
+    /// Where decided messages go out (made at first use, once the builder set faults and
+    /// metrics).
+    sends: std::sync::OnceLock<send_queue::SendQueue>,
+    sends_policy: send_queue::SendQueuePolicy,
 }
 
 impl std::fmt::Debug for Payments {
@@ -333,7 +347,31 @@ impl Payments {
             rate,
             merchants: None,
             invoices: std::sync::OnceLock::new(),
+            sends: std::sync::OnceLock::new(),
+            sends_policy: send_queue::SendQueuePolicy::default(),
         }
+    }
+
+    /// The same service, with other bounds for its send queue.
+    pub fn with_send_queue_policy(mut self, policy: send_queue::SendQueuePolicy) -> Self {
+        self.sends_policy = policy;
+        self
+    }
+
+    /// The send queue (started at first use).
+    pub(crate) fn send_queue(&self) -> &send_queue::SendQueue {
+        self.sends.get_or_init(|| {
+            send_queue::SendQueue::new(
+                self.sends_policy,
+                Arc::new(apply::MessageSender {
+                    faults: self.faults.clone(),
+                    messenger: self.messenger.clone(),
+                    store: self.store.clone(),
+                    clock: self.clock.clone(),
+                }),
+                Some(self.metrics.clone()),
+            )
+        })
     }
 
     /// Pays what is paid to a registered merchant's Matrix user into the merchant's wallet.
@@ -657,7 +695,9 @@ impl PaymentsPipeline {
 impl Pipeline for PaymentsPipeline {
     async fn handle(&self, txn: &InboxTransaction) -> Result<(), PipelineError> {
         for job in self.crypto.ingest_jobs(txn).await? {
-            self.run_job(&job).await?;
+            if let Some(tail) = self.run_job(&job).await? {
+                tail.await?;
+            }
         }
         Ok(())
     }
@@ -666,10 +706,32 @@ impl Pipeline for PaymentsPipeline {
         Ok(Ingested::Jobs(self.crypto.ingest_jobs(txn).await?))
     }
 
-    async fn run_job(&self, job: &Job) -> Result<(), PipelineError> {
+    async fn run_job(&self, job: &Job) -> Result<Option<JobTail>, PipelineError> {
         let event = crate::crypto::pipeline::job_event(job)?;
         let span = tracing::info_span!("event", event_id = %event.event_id);
-        let result = match self.payments.handle_event(event).instrument(span).await {
+        let (handled, tail) =
+            apply::collecting_tails(self.payments.handle_event(event).instrument(span)).await;
+        let event_id = event.event_id.clone();
+        let mut tail = tail.map(|tail| -> JobTail {
+            Box::pin(async move {
+                match tail.await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.is_transient() => Err(PipelineError::transient(e)),
+                    Err(e) => {
+                        tracing::error!(%event_id, error = %e, "a message of this event cannot be sent");
+                        Ok(())
+                    }
+                }
+            })
+        });
+        if event.was_parked {
+            // A late-decrypted event leaves the parked store below; its messages must be out
+            // by then (nothing else brings it back after a crash).
+            if let Some(tail) = tail.take() {
+                tail.await?;
+            }
+        }
+        let result = match handled {
             Ok(true) => Ok(()),
             Ok(false) => self.crypto.handle_event(event).await,
             Err(e) if e.is_transient() => {
@@ -682,7 +744,8 @@ impl Pipeline for PaymentsPipeline {
             }
         };
         // A late-decrypted event leaves the parked store only once handled.
-        self.crypto.done_with(event, result)
+        self.crypto.done_with(event, result)?;
+        Ok(tail)
     }
 }
 

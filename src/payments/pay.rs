@@ -124,7 +124,7 @@ impl Payments {
             .map_err(|_| corrupt("amount is not a decimal"))?;
         let body = format!("❌ {}: payment not made: {}", event.sender, record.sentence);
         let receipt = ReceiptEventContent {
-            body: body.clone(),
+            body,
             status: ReceiptStatus::Declined,
             reason: Some(reason_from_code(&record.reason)),
             transfer_id: None,
@@ -138,23 +138,18 @@ impl Payments {
             refund_of: None,
             relates_to: Reference::new(event.event_id.clone()),
         };
-        let key = event.event_id.as_str();
-        Ok(vec![
-            Outgoing::event(
-                &event.room_id,
+        // One message: people read the sentence, bots the typed receipt it carries.
+        Ok(vec![Outgoing::event(
+            &event.room_id,
+            "m.room.message",
+            crate::events::notice_carrying(
                 "org.mxpay.receipt",
                 serde_json::to_value(&receipt).expect("receipt serialises"),
-                "decline-receipt",
-                key,
-            ),
-            Outgoing::notice(
-                &event.room_id,
-                body,
                 Some(&event.event_id),
-                "decline-notice",
-                key,
             ),
-        ])
+            "decline-receipt",
+            event.event_id.as_str(),
+        )])
     }
 
     /// The payer checks of the refusal table ([`refusal::payer`]); a changed identity also

@@ -2,6 +2,7 @@
 //! notices in the payment's room and the payer's DM, sent with transaction ids derived from the
 //! transfer, so a retry after a crash shows nothing twice.
 
+use super::core::Outgoing;
 use super::memo::{MemoKind, PaymentMemo};
 use super::{payment_span, reason_from_code, reason_label, text, txn, Payments, PaymentsError};
 use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus, RefundOf};
@@ -304,27 +305,33 @@ impl Payments {
         // The room and the DM are told independently: a room the bot was kicked from must not
         // keep the payer's own receipt from them. A retry re-sends both with the same
         // transaction ids, so what already went is not shown twice.
+        // One message per place: people read its sentence, bots the typed receipt it carries
+        // (see `crate::events::notice_carrying`).
+        let receipt_message = |relates_to: OwnedEventId, reply_to: Option<&OwnedEventId>| {
+            crate::events::notice_carrying(
+                "org.mxpay.receipt",
+                serde_json::to_value(receipt(relates_to)).expect("receipt serialises"),
+                reply_to.map(|e| &**e),
+            )
+        };
         let room_told: Result<(), PaymentsError> = async {
-            let typed = self
-                .messenger
-                .send(
+            // Through the send queue, so the room reads it after what was decided there before.
+            let sent = self
+                .send_in_order(Outgoing::event(
                     &room,
-                    "org.mxpay.receipt",
-                    serde_json::to_value(receipt(event.clone())).expect("receipt serialises"),
-                    txn("ob-room-receipt", &key),
-                )
+                    "m.room.message",
+                    receipt_message(event.clone(), Some(&event)),
+                    "ob-room-receipt",
+                    &key,
+                ))
                 .await?;
-            let notice = self
-                .messenger
-                .notice(&room, &body, Some(&event), txn("ob-room-notice", &key))
-                .await?;
-            // A completed payment's receipts in the room are where its payee replies
-            // `!refund`: both are linked to it (a retry sends with the same transaction ids,
-            // gets the same event ids back, and links them if a crash came first).
+            // A completed payment's receipt in the room is where its payee replies `!refund`:
+            // it is linked to it (a retry sends with the same transaction id, gets the same
+            // event id back, and links it if a crash came first).
             if how == "posted" {
                 self.store
                     .receipts()
-                    .link(&[&typed, &notice], id.0, RECEIPT_LINKS_MAX)
+                    .link(&[&sent], id.0, RECEIPT_LINKS_MAX)
                     .await?;
             }
             tracing::info!(transfer = %id, outcome = how, %room, "receipt sent to the room");
@@ -342,38 +349,36 @@ impl Payments {
         let dm_told: Result<(), PaymentsError> = async {
             if let Some(dm) = self.ready_dm(payer)? {
                 if dm != room {
+                    // It answers the challenge there (or, without one, the paying event).
                     let relates_to = note_event(&note).unwrap_or(event.clone());
-                    self.messenger
-                        .send(
-                            &dm,
-                            "org.mxpay.receipt",
-                            serde_json::to_value(receipt(relates_to)).expect("receipt serialises"),
-                            txn("ob-dm-receipt", &key),
-                        )
-                        .await?;
-                    self.messenger
-                        .notice(&dm, &body, None, txn("ob-dm-notice", &key))
-                        .await?;
+                    self.send_in_order(Outgoing::event(
+                        &dm,
+                        "m.room.message",
+                        receipt_message(relates_to, None),
+                        "ob-dm-receipt",
+                        &key,
+                    ))
+                    .await?;
                 }
             }
             // A refund is told to the one it pays back (the original payer) in their DM too.
-            // Nothing of this payment is in that DM, and a reference must stay in its room:
-            // the typed receipt references the notice it follows.
+            // Nothing of this payment is in that DM and a relation must stay in its room: the
+            // carried receipt names the `!refund` event, the message itself relates to nothing.
             if refund_of.is_some() && how == "posted" {
                 if let Some(dm) = self.ready_dm(payee)? {
                     if dm != room {
-                        let notice = self
-                            .messenger
-                            .notice(&dm, &body, None, txn("ob-payee-dm-notice", &key))
-                            .await?;
-                        self.messenger
-                            .send(
-                                &dm,
-                                "org.mxpay.receipt",
-                                serde_json::to_value(receipt(notice)).expect("receipt serialises"),
-                                txn("ob-payee-dm-receipt", &key),
-                            )
-                            .await?;
+                        let mut content = receipt_message(event.clone(), None);
+                        if let Some(map) = content.as_object_mut() {
+                            map.remove("m.relates_to");
+                        }
+                        self.send_in_order(Outgoing::event(
+                            &dm,
+                            "m.room.message",
+                            content,
+                            "ob-payee-dm-receipt",
+                            &key,
+                        ))
+                        .await?;
                     }
                 }
             }

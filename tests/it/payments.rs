@@ -1235,7 +1235,7 @@ pub(crate) async fn metric(mxpay: &MxpayProcess, series: &str) -> f64 {
 /// Waits until mxpay retried a failed transaction at least `retries` times in all.
 pub(crate) async fn wait_retries(mxpay: &MxpayProcess, retries: f64) {
     support::eventually("mxpay to retry the failing transaction", || async {
-        (metric(mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await >= retries)
+        (metric(mxpay, r#"mxpay_errors_total{kind="send_transient"}"#).await >= retries)
             .then_some(())
     })
     .await;
@@ -1268,7 +1268,7 @@ async fn a_refusal_whose_reply_failed_is_repeated_not_decided_again() {
     let (alice, bot, room) = (&s.alice, s.bot.as_str(), &s.room);
     let carol_user = support::user("carol").await;
     let carol = support::client(&carol_user).await;
-    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="send_transient"}"#).await;
     let pay = send_text(alice, room, &format!("!pay {} 5 EUR", carol_user.user_id)).await;
     // Refused (carol is not in the room); telling so fails, and the transaction is retried.
     wait_retries(&s.mxpay, before + 2.0).await;
@@ -1302,7 +1302,7 @@ async fn a_wrong_pin_whose_reply_failed_counts_once() {
     let (s, gate) = scene_with_failing_reply("pin-retry", "stepup-wrong").await;
     let (alice, bot, room, dm) = (&s.alice, s.bot.as_str(), &s.room, &s.dm);
     let pay = s.alice_asks_to_pay_bob("5.00").await;
-    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="send_transient"}"#).await;
     send_text(alice, dm, "0000").await;
     wait_retries(&s.mxpay, before + 2.0).await;
     std::fs::write(&gate, b"").expect("open the gate");
@@ -1353,7 +1353,7 @@ async fn a_pin_dialog_step_whose_reply_failed_is_not_taken_twice() {
     send_text(alice, dm, "!pin change").await;
     wait_notice(alice, dm, bot, "first send your current PIN").await;
     std::fs::remove_file(&gate).expect("close the gate");
-    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="send_transient"}"#).await;
     send_text(alice, dm, PIN).await;
     wait_retries(&s.mxpay, before + 2.0).await;
     std::fs::write(&gate, b"").expect("open the gate");
@@ -1684,7 +1684,25 @@ fn schemas_accept_the_rust_types_and_every_example_in_the_docs() {
         let event_type = event["type"]
             .as_str()
             .expect("examples are events with a type");
-        schema::assert_valid(event_type, &event["content"]);
+        if event_type == "m.room.message" {
+            // A message carrying typed payloads: each is checked against its type's schema.
+            let carried: Vec<&String> = event["content"]
+                .as_object()
+                .expect("content")
+                .keys()
+                .filter(|k| k.starts_with("org.mxpay."))
+                .collect();
+            assert!(
+                !carried.is_empty(),
+                "a message example carries nothing\n{json}"
+            );
+            for key in carried {
+                let payload = mxpay::events::carried(&event, key).expect("carried payload");
+                schema::assert_valid(key, payload);
+            }
+        } else {
+            schema::assert_valid(event_type, &event["content"]);
+        }
         examples += 1;
     }
     assert!(examples >= 5, "docs/events.md has {examples} examples");
@@ -1738,3 +1756,4 @@ mod notices;
 mod refunds;
 mod replay;
 pub(crate) mod requests;
+mod send_queue;

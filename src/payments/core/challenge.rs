@@ -69,8 +69,9 @@ pub fn pointer(event: &EventRef, dm: &Dm, purpose: &'static str) -> Option<Outgo
     })
 }
 
-/// The challenge's messages in the DM: the typed `org.mxpay.stepup.challenge` and its readable
-/// notice, whose event id is remembered (a PIN replying to it names this challenge).
+/// The challenge's message in the DM: one readable notice carrying the typed
+/// `org.mxpay.stepup.challenge` (see [`crate::events::notice_carrying`]), whose event id is
+/// remembered (a PIN replying to it names this challenge).
 pub fn messages(
     dm_room: &OwnedRoomId,
     challenge: &Challenge,
@@ -107,18 +108,19 @@ pub fn messages(
         relates_to: None,
     };
     let key = format!("{}:{}", challenge.challenge_id(), dm_room);
-    let mut notice = Outgoing::notice(dm_room, body, None, "challenge-notice", key.clone());
-    notice.remember_notice_of = Some(TransferId(challenge.transfer_id));
-    vec![
-        Outgoing::event(
-            dm_room,
+    let mut notice = Outgoing::event(
+        dm_room,
+        "m.room.message",
+        crate::events::notice_carrying(
             "org.mxpay.stepup.challenge",
             serde_json::to_value(&content).expect("challenge serialises"),
-            "challenge-event",
-            key,
+            None,
         ),
-        notice,
-    ]
+        "challenge-notice",
+        key,
+    );
+    notice.remember_notice_of = Some(TransferId(challenge.transfer_id));
+    vec![notice]
 }
 
 /// A payment reserved in the ledger waits for its PIN: the challenge is stored, the room is
@@ -276,7 +278,6 @@ pub fn cancel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::payments::core::OutgoingBody;
     use ruma::{owned_event_id, owned_room_id, user_id};
 
     use crate::payments::core::fixtures::{challenge, event_in};
@@ -299,20 +300,18 @@ mod tests {
             0,
         );
         assert_eq!(decision.store, [Record::PutChallenge(c.clone())]);
-        assert_eq!(
-            decision.purposes(),
-            ["pay-pending", "challenge-event", "challenge-notice"]
-        );
+        assert_eq!(decision.purposes(), ["pay-pending", "challenge-notice"]);
         assert_eq!(
             decision.texts()[0],
             "⏳ @alice:hs: confirm paying 12.50 EUR to @bob:hs with your PIN in our private chat."
         );
-        let notice = &decision.sends[2];
+        // One message: people read its text, bots its typed payload.
+        let notice = &decision.sends[1];
         assert_eq!(notice.room_id, dm);
         assert_eq!(notice.remember_notice_of, Some(TransferId(1)));
-        let OutgoingBody::Event { content, .. } = &decision.sends[1].body else {
-            panic!("typed challenge")
-        };
+        let content = notice
+            .payload("org.mxpay.stepup.challenge")
+            .expect("typed challenge");
         assert_eq!(content["challenge_id"], c.challenge_id());
         assert_eq!(content["amount"], "12.50");
         assert!(
@@ -338,7 +337,7 @@ mod tests {
         );
         assert_eq!(
             joined.purposes(),
-            ["dm-welcome", "challenge-event", "challenge-notice"],
+            ["dm-welcome", "challenge-notice"],
             "only live challenges follow"
         );
     }
@@ -366,11 +365,11 @@ mod tests {
         );
         assert_eq!(
             decision.purposes(),
-            ["challenge-event", "challenge-notice", "withdraw-pointer"]
+            ["challenge-notice", "withdraw-pointer"]
         );
-        let OutgoingBody::Event { content, .. } = &decision.sends[0].body else {
-            panic!("typed challenge")
-        };
+        let content = decision.sends[0]
+            .payload("org.mxpay.stepup.challenge")
+            .expect("typed challenge");
         assert_eq!(content["payee"], BOT);
     }
 

@@ -210,11 +210,32 @@ impl Outgoing {
         self
     }
 
-    /// The notice's text, if it is one (for tests and logs).
+    /// The message's text, if it is one people read: a notice, or a message carrying a
+    /// typed payload (for tests and logs).
     pub fn text(&self) -> Option<&str> {
         match &self.body {
             OutgoingBody::Notice { body, .. } => Some(body),
+            OutgoingBody::Event {
+                event_type: "m.room.message",
+                content,
+            } => content["body"].as_str(),
             OutgoingBody::Event { .. } => None,
+        }
+    }
+
+    /// The typed payload `event_type` it holds: a typed event's content, or what a message
+    /// carries under that key (for tests).
+    pub fn payload(&self, event_type: &str) -> Option<&Value> {
+        match &self.body {
+            OutgoingBody::Event {
+                event_type: sent_type,
+                content,
+            } if *sent_type == event_type => Some(content),
+            OutgoingBody::Event {
+                event_type: "m.room.message",
+                content,
+            } => content.get(event_type),
+            _ => None,
         }
     }
 }

@@ -384,28 +384,24 @@ pub fn refusal_sends(
 ) -> Vec<Outgoing> {
     let body = format!("❌ {}: nothing was moved: {sentence}", ev.sender);
     let key = ev.event_id.as_str();
-    vec![
-        Outgoing::event(
-            &ev.room_id,
+    // One message: people read the sentence, bots the typed receipt it carries.
+    vec![Outgoing::event(
+        &ev.room_id,
+        "m.room.message",
+        crate::events::notice_carrying(
             "org.mxpay.receipt",
             receipt(
                 record,
-                body.clone(),
+                body,
                 ReceiptStatus::Declined,
                 Some(reason),
                 ev.event_id.clone(),
             ),
-            "held-refusal-receipt",
-            key,
-        ),
-        Outgoing::notice(
-            &ev.room_id,
-            body,
             Some(&ev.event_id),
-            "held-refusal-notice",
-            key,
         ),
-    ]
+        "held-refusal-receipt",
+        key,
+    )]
 }
 
 /// The sweep: a held payment whose payer never confirmed it within the PIN window is

@@ -270,7 +270,7 @@ pub fn refuse_request(
 pub fn refusal_sends(ev: &EventRef, record: &DeclineRecord) -> Vec<Outgoing> {
     let body = format!("❌ {}: {}", ev.sender, record.sentence);
     let receipt = ReceiptEventContent {
-        body: body.clone(),
+        body,
         status: ReceiptStatus::Declined,
         reason: Some(crate::payments::reason_of_code(&record.reason)),
         transfer_id: None,
@@ -285,22 +285,18 @@ pub fn refusal_sends(ev: &EventRef, record: &DeclineRecord) -> Vec<Outgoing> {
         relates_to: ruma::events::relation::Reference::new(ev.event_id.clone()),
     };
     let key = ev.event_id.as_str();
-    vec![
-        Outgoing::event(
-            &ev.room_id,
+    // One message: people read the sentence, bots the typed receipt it carries.
+    vec![Outgoing::event(
+        &ev.room_id,
+        "m.room.message",
+        crate::events::notice_carrying(
             "org.mxpay.receipt",
             serde_json::to_value(&receipt).expect("receipt serialises"),
-            "request-refusal-receipt",
-            key,
-        ),
-        Outgoing::notice(
-            &ev.room_id,
-            body,
             Some(&ev.event_id),
-            "request-refusal-notice",
-            key,
         ),
-    ]
+        "request-refusal-receipt",
+        key,
+    )]
 }
 
 /// What a reply or reaction to a request asks for.

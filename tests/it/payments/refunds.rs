@@ -209,7 +209,7 @@ async fn a_refund_retried_after_a_failed_answer_refunds_once() {
     let (receipt, _) = paid_receipt(&s, "10.00").await;
     s.alice_balance_is("10.00 EUR").await;
     std::fs::remove_file(&gate).expect("close the gate");
-    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="send_transient"}"#).await;
     let refund = s.bob.reply(&s.room, receipt.event_id(), "!refund").await;
     wait_retries(&s.mxpay, before + 2.0).await;
     std::fs::write(&gate, b"").expect("open the gate again");

@@ -446,7 +446,7 @@ async fn a_decline_whose_message_failed_is_repeated_not_decided_again() {
     let (alice, bob, bot, room) = (&s.alice, &s.bob, s.bot.as_str(), &s.room);
     send_text(bob, room, &format!("!request {} 2.00 EUR", s.alice_id())).await;
     let notice = request_notice(alice, room, bot, s.alice_id(), "for 2.00 EUR").await;
-    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="handler_transient"}"#).await;
+    let before = metric(&s.mxpay, r#"mxpay_errors_total{kind="send_transient"}"#).await;
     let no = alice.reply(room, notice.event_id(), "!decline").await;
     wait_retries(&s.mxpay, before + 2.0).await;
     std::fs::write(&gate, b"").expect("open the gate");

@@ -113,6 +113,29 @@ impl SeenEvent {
     }
 }
 
+/// The typed events (`org.mxpay.*`) an `m.room.message` carries, each as the event it stands
+/// for: the message's JSON with the type and content of the payload (so its event id is the
+/// message's, the one a reply names).
+fn carried_as_typed(json: &serde_json::Value) -> Vec<serde_json::Value> {
+    if json["type"] != "m.room.message" {
+        return Vec::new();
+    }
+    let Some(content) = json["content"].as_object() else {
+        return Vec::new();
+    };
+    content
+        .keys()
+        .filter(|key| key.starts_with("org.mxpay."))
+        .filter_map(|key| {
+            let payload = mxpay::events::carried(json, key)?;
+            let mut typed = json.clone();
+            typed["type"] = key.as_str().into();
+            typed["content"] = payload.clone();
+            Some(typed)
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct EventLog {
     events: Mutex<Vec<SeenEvent>>,
@@ -203,6 +226,7 @@ pub async fn client(user: &TestUser) -> TestClient {
             let log = handler_log.clone();
             async move {
                 let json = serde_json::from_str(raw.get()).unwrap_or(serde_json::Value::Null);
+                let carried = carried_as_typed(&json);
                 let seen = SeenEvent {
                     room_id: room.room_id().to_owned(),
                     json,
@@ -210,7 +234,18 @@ pub async fn client(user: &TestUser) -> TestClient {
                 };
                 let count = {
                     let mut events = log.events.lock().expect("event log lock");
+                    // The typed payloads a message carries are logged after it as the typed
+                    // events they stand for, so a test waits for a receipt the way a bot reads
+                    // one (`mxpay::events::carried`), whichever form the bot sent.
+                    let typed: Vec<SeenEvent> = carried
+                        .into_iter()
+                        .map(|json| SeenEvent {
+                            json,
+                            ..seen.clone()
+                        })
+                        .collect();
                     events.push(seen);
+                    events.extend(typed);
                     events.len()
                 };
                 if let Some(changed) = &log.changed {

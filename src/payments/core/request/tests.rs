@@ -276,7 +276,9 @@ fn a_refusal_is_recorded_then_said_with_its_code() {
         &decision.record[..],
         [Record::OutcomeIfAbsent { outcome: EventOutcome::Declined(r), .. }] if r.reason == "request_from_self"
     ));
-    let receipt = content(&decision.sends[0]);
+    let receipt = decision.sends[0]
+        .payload("org.mxpay.receipt")
+        .expect("a receipt");
     assert_eq!(receipt["reason"], "request_from_self");
     assert_eq!(receipt["status"], "declined");
     assert_eq!(
