@@ -197,7 +197,7 @@ async fn openapi() -> Response {
 /// The peer's IP address, when the server was started with connect info (`mxpay serve` is);
 /// `None` for in-process calls. Only the TCP peer counts: a forwarded-for header is the
 /// caller's own text.
-pub(super) struct Peer(Option<IpAddr>);
+pub(crate) struct Peer(pub(crate) Option<IpAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
     type Rejection = std::convert::Infallible;

@@ -86,7 +86,7 @@ pub struct AdminState {
     pub(crate) webhook_tolerance_s: u64,
     pub(crate) pins: std::sync::OnceLock<Arc<dyn PinReset>>,
     pub(crate) webhooks: std::sync::OnceLock<crate::webhooks::WebhookOutbox>,
-    pub(crate) refusals: RefusalGate,
+    pub(crate) refusals: Arc<RefusalGate>,
     pub(crate) merchants: MerchantStore,
     pub(crate) merchant_keys: Arc<KeyAuthority>,
 }
@@ -292,11 +292,11 @@ impl AdminState {
             clock.clone(),
         )?);
         let defaults = AdminSettings::default();
-        let refusals = refusal_gate(
+        let refusals = Arc::new(refusal_gate(
             defaults.refused_calls_per_peer_per_min,
             defaults.refused_calls_per_min,
             &clock,
-        );
+        ));
         Ok(Self {
             refusals,
             ledger,
@@ -326,7 +326,7 @@ impl AdminState {
     /// all (`admin.refused_calls_per_peer_per_min`, `admin.refused_calls_per_min`; 0 counts
     /// as 1); more get 429 without an audit line of their own.
     pub fn with_refused_call_limits(mut self, per_peer_per_min: u32, total_per_min: u32) -> Self {
-        self.refusals = refusal_gate(per_peer_per_min, total_per_min, &self.clock);
+        self.refusals = Arc::new(refusal_gate(per_peer_per_min, total_per_min, &self.clock));
         self
     }
 
@@ -426,6 +426,12 @@ impl AdminState {
     /// The token authority (mints and verifies admin tokens).
     pub fn tokens(&self) -> &TokenAuthority {
         &self.tokens
+    }
+
+    /// The limits on refused calls, shared with the merchant API: a peer probing keys counts
+    /// once against both.
+    pub fn refusal_gate(&self) -> &Arc<RefusalGate> {
+        &self.refusals
     }
 
     /// The audit log.

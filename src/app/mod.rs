@@ -224,7 +224,12 @@ impl App {
                     ledger.clone(),
                     clock.clone(),
                 )
-                .map(|api| Arc::new(api.with_rules(config.merchants.invoice_rules())))
+                .map(|api| {
+                    Arc::new(
+                        api.with_rules(config.merchants.invoice_rules())
+                            .with_audit(admin.audit().clone(), admin.refusal_gate().clone()),
+                    )
+                })
             })
             .transpose()
             .map_err(|e| AppError::Admin(format!("merchant store: {e:?}")))?;

@@ -26,6 +26,9 @@ use super::invoices::InvoiceStore;
 use super::key::{bearer, KeyAuthority, KeyScope};
 use super::model::Merchant;
 use super::{MerchantError, MerchantStore};
+use crate::admin::api::{Peer, REFUSALS_LIMITED_ACTION};
+use crate::admin::audit::AuditLog;
+use crate::admin::flood::{Gate, RefusalGate};
 use crate::clock::SharedClock;
 use crate::ledger::{CreateResult, Ledger, LedgerError, Owner, TransferRequest};
 
@@ -72,6 +75,8 @@ pub struct MerchantApi {
     events: std::sync::OnceLock<Arc<dyn MerchantEvents>>,
     /// One refund at a time: the cap check and the write of the refund are one step.
     refunds: tokio::sync::Mutex<()>,
+    /// The admin API's audit log and refused-call limits, when set ([`MerchantApi::with_audit`]).
+    audit: Option<(Arc<AuditLog>, Arc<RefusalGate>)>,
 }
 
 impl std::fmt::Debug for MerchantApi {
@@ -102,7 +107,17 @@ impl MerchantApi {
             poster: std::sync::OnceLock::new(),
             events: std::sync::OnceLock::new(),
             refunds: tokio::sync::Mutex::new(()),
+            audit: None,
         })
+    }
+
+    /// Writes an audit line for every call that changes something (invoice created, refund)
+    /// and every refused call, into the admin API's hash-chained `audit` log (one log for the
+    /// operator to read); refused calls first pass `refusals`, the admin API's limits, so a
+    /// flood of bad keys is answered 429 and costs the disk a bounded number of lines.
+    pub fn with_audit(mut self, audit: Arc<AuditLog>, refusals: Arc<RefusalGate>) -> Self {
+        self.audit = Some((audit, refusals));
+        self
     }
 
     /// The API with the operator's `rules` for new invoices (default [`InvoiceRules::default`]).
@@ -135,9 +150,78 @@ impl MerchantApi {
         &self,
         headers: &HeaderMap,
         scope: KeyScope,
-    ) -> Result<Merchant, MerchantError> {
-        let claims = self.keys.authenticate(bearer(headers)?)?;
-        self.merchants.check_key(&claims, scope)
+    ) -> (Caller, Result<Merchant, MerchantError>) {
+        let claims = match bearer(headers).and_then(|key| self.keys.authenticate(key)) {
+            Ok(claims) => claims,
+            Err(e) => return (Caller::unauthenticated(), Err(e.into())),
+        };
+        // A genuine key refused (revoked, out of scope, merchant disabled) still names its
+        // merchant, so the audit log shows who tried.
+        let caller = Caller {
+            actor: format!("merchant:{}", claims.sub),
+            key_id: Some(claims.jti.clone()),
+        };
+        (caller, self.merchants.check_key(&claims, scope))
+    }
+
+    /// Audits the call when it changed something (`audited`) or was refused, then answers.
+    /// A refused call over the limits is answered 429 without a line of its own; the next
+    /// audited call writes one line counting those first. An audit line that cannot be written
+    /// answers 500: the caller retries (every call is idempotent) and the log stays complete.
+    async fn finish(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        caller: Caller,
+        action: &'static str,
+        target: String,
+        result: Result<serde_json::Value, MerchantError>,
+        audited: bool,
+    ) -> Response {
+        let Some((audit, refusals)) = &self.audit else {
+            return answer(result);
+        };
+        let suppressed = match &result {
+            Err(e) if e.is_refusal() => match refusals.check(peer) {
+                Gate::Admit { suppressed_before } => suppressed_before,
+                Gate::Limit { retry_after_ms } => {
+                    return MerchantError::LimitExceeded { retry_after_ms }.into_response()
+                }
+            },
+            _ if !audited => return answer(result),
+            _ => refusals.take_suppressed(),
+        };
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.reason().to_owned(),
+        };
+        let audit = audit.clone();
+        let at_ms = self.clock.now_ms();
+        let written = tokio::task::spawn_blocking(move || {
+            if suppressed > 0 {
+                audit.append(
+                    at_ms,
+                    "rate-limit",
+                    None,
+                    REFUSALS_LIMITED_ACTION,
+                    &format!("{suppressed} refused calls answered 429 without an entry"),
+                    "M_LIMIT_EXCEEDED",
+                )?;
+            }
+            audit.append(
+                at_ms,
+                &caller.actor,
+                caller.key_id.as_deref(),
+                action,
+                &target,
+                &outcome,
+            )
+        })
+        .await;
+        match written {
+            Ok(Ok(_)) => answer(result),
+            Ok(Err(e)) => MerchantError::Store(format!("audit log: {e}")).into_response(),
+            Err(e) => MerchantError::Store(format!("audit log task: {e}")).into_response(),
+        }
     }
 
     fn events(&self) -> &dyn MerchantEvents {
@@ -414,19 +498,28 @@ impl IntoResponse for MerchantError {
             tracing::error!(%detail, "merchant API internal error");
         }
         let (status, errcode) = self.status_and_errcode();
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "errcode": errcode,
             "error": self.to_string(),
             "reason": self.reason(),
         });
+        if let Self::LimitExceeded { retry_after_ms } = self {
+            // The Matrix rate-limit error carries the wait in the body.
+            body["retry_after_ms"] = retry_after_ms.into();
+        }
         let mut response = json(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             &body,
         );
-        if matches!(self, Self::WebhookBacklog) {
+        let retry_after_s = match &self {
+            Self::WebhookBacklog => Some(super::WEBHOOK_BACKLOG_RETRY_AFTER_S),
+            Self::LimitExceeded { retry_after_ms } => Some(retry_after_ms.div_ceil(1000)),
+            _ => None,
+        };
+        if let Some(retry_after_s) = retry_after_s {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(super::WEBHOOK_BACKLOG_RETRY_AFTER_S),
+                axum::http::HeaderValue::from(retry_after_s),
             );
         }
         response
@@ -443,6 +536,26 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
 }
 
 type Shared = Arc<MerchantApi>;
+
+/// Who made a merchant API call, for the audit log.
+struct Caller {
+    actor: String,
+    key_id: Option<String>,
+}
+
+impl Caller {
+    fn unauthenticated() -> Self {
+        Self {
+            actor: "unauthenticated".to_owned(),
+            key_id: None,
+        }
+    }
+}
+
+/// The audited actions of the merchant API.
+const ACTION_INVOICE_CREATE: &str = "merchant.invoice.create";
+const ACTION_INVOICE_REFUND: &str = "merchant.invoice.refund";
+const ACTION_INVOICE_READ: &str = "merchant.invoice.read";
 
 async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, MerchantError> {
     let bytes = axum::body::to_bytes(body, MERCHANT_BODY_BYTES_MAX)
@@ -463,32 +576,54 @@ fn answer(result: Result<serde_json::Value, MerchantError>) -> Response {
     }
 }
 
-async fn post_invoice(State(api): State<Shared>, headers: HeaderMap, body: Body) -> Response {
-    answer(
-        async {
-            // Authenticated first: a refused call's body is never read.
-            let merchant = api.authenticate(&headers, KeyScope::Invoices)?;
-            let body: CreateInvoiceBody = read_json(body).await?;
-            let invoice = api.create_invoice(&merchant, &body).await?;
-            Ok(invoice::view(&invoice, api.ledger.currencies()))
-        }
-        .await,
-    )
+async fn post_invoice(
+    State(api): State<Shared>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (caller, merchant) = api.authenticate(&headers, KeyScope::Invoices);
+    let result = async {
+        // Authenticated first: a refused call's body is never read.
+        let merchant = merchant?;
+        let body: CreateInvoiceBody = read_json(body).await?;
+        let invoice = api.create_invoice(&merchant, &body).await?;
+        Ok(invoice::view(&invoice, api.ledger.currencies()))
+    }
+    .await;
+    let target = target_of(&result);
+    api.finish(peer, caller, ACTION_INVOICE_CREATE, target, result, true)
+        .await
+}
+
+/// The audit target of an answered invoice: its id (empty when there is none).
+fn target_of(result: &Result<serde_json::Value, MerchantError>) -> String {
+    result
+        .as_ref()
+        .ok()
+        .and_then(|view| view["invoice_id"].as_str())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 async fn get_invoice(
     State(api): State<Shared>,
+    Peer(peer): Peer,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    answer((|| {
-        let merchant = api.authenticate(&headers, KeyScope::Read)?;
+    let (caller, merchant) = api.authenticate(&headers, KeyScope::Read);
+    let target = id.clone();
+    let result = (|| {
+        let merchant = merchant?;
         let invoice = api
             .invoices
             .get(&merchant.id, &id)?
             .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
         Ok(invoice::view(&invoice, api.ledger.currencies()))
-    })())
+    })();
+    api.finish(peer, caller, ACTION_INVOICE_READ, target, result, false)
+        .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -502,11 +637,13 @@ struct ListQuery {
 
 async fn get_invoices(
     State(api): State<Shared>,
+    Peer(peer): Peer,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    answer((|| {
-        let merchant = api.authenticate(&headers, KeyScope::Read)?;
+    let (caller, merchant) = api.authenticate(&headers, KeyScope::Read);
+    let result = (|| {
+        let merchant = merchant?;
         let Query(query) = query.map_err(|e| MerchantError::BadJson(e.body_text()))?;
         let status = match query.status.as_deref() {
             None => None,
@@ -528,24 +665,36 @@ async fn get_invoices(
             "invoices": page.invoices.iter().map(|i| invoice::view(i, currencies)).collect::<Vec<_>>(),
             "next": page.next,
         }))
-    })())
+    })();
+    api.finish(
+        peer,
+        caller,
+        ACTION_INVOICE_READ,
+        String::new(),
+        result,
+        false,
+    )
+    .await
 }
 
 async fn post_refund(
     State(api): State<Shared>,
+    Peer(peer): Peer,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    answer(
-        async {
-            let merchant = api.authenticate(&headers, KeyScope::Refunds)?;
-            let body: RefundBody = read_json(body).await?;
-            let invoice = api.refund(&merchant, &id, &body).await?;
-            Ok(invoice::view(&invoice, api.ledger.currencies()))
-        }
-        .await,
-    )
+    let (caller, merchant) = api.authenticate(&headers, KeyScope::Refunds);
+    let target = id.clone();
+    let result = async {
+        let merchant = merchant?;
+        let body: RefundBody = read_json(body).await?;
+        let invoice = api.refund(&merchant, &id, &body).await?;
+        Ok(invoice::view(&invoice, api.ledger.currencies()))
+    }
+    .await;
+    api.finish(peer, caller, ACTION_INVOICE_REFUND, target, result, true)
+        .await
 }
 
 fn not_allowed<S: Clone + Send + Sync + 'static>(route: MethodRouter<S>) -> MethodRouter<S> {

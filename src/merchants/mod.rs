@@ -93,6 +93,13 @@ pub enum MerchantError {
     /// try again after [`WEBHOOK_BACKLOG_RETRY_AFTER_S`].
     #[error("too many webhook events of this merchant wait to be delivered; try again later")]
     WebhookBacklog,
+    /// Too many refused calls (bad or revoked keys, disabled merchants) from this peer or from
+    /// all; answered without an audit line of its own (the admin API's limits, shared).
+    #[error("too many refused merchant API calls; retry later")]
+    LimitExceeded {
+        /// How long to wait before a retry, in ms.
+        retry_after_ms: u64,
+    },
     /// The store failed (the detail is logged, not answered).
     #[error("merchant store failure")]
     Store(String),
@@ -126,9 +133,16 @@ impl MerchantError {
             Self::Ledger(reason, _) => reason,
             Self::PostingUnavailable => "invoice_posting_unavailable",
             Self::WebhookBacklog => "webhook_backlog",
+            Self::LimitExceeded { .. } => "rate_limited",
             Self::InvalidLimits(_) => "limits_invalid",
             Self::Store(_) => "internal",
         }
+    }
+
+    /// Whether the caller was refused for who it is (a bad, revoked or out-of-scope key, an
+    /// unknown or disabled merchant): these count against the refused-call limits.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Key(_) | Self::UnknownMerchant | Self::Disabled)
     }
 
     /// HTTP status and Matrix errcode.
@@ -152,6 +166,7 @@ impl MerchantError {
             Self::TooLarge => (413, "M_TOO_LARGE"),
             Self::Ledger(..) => (409, "ORG.MXPAY_REJECTED"),
             Self::PostingUnavailable | Self::WebhookBacklog => (503, "M_UNAVAILABLE"),
+            Self::LimitExceeded { .. } => (429, "M_LIMIT_EXCEEDED"),
             Self::Store(_) => (500, "M_UNKNOWN"),
         }
     }

@@ -71,6 +71,7 @@ struct Harness {
     poster: Arc<FakePoster>,
     events: Arc<Recorder>,
     ops: String,
+    audit: Arc<mxpay::admin::audit::AuditLog>,
 }
 
 impl Harness {
@@ -105,6 +106,7 @@ impl Harness {
             )
             .unwrap(),
         );
+        let audit = state.audit().clone();
         let api = Arc::new(
             MerchantApi::new(
                 state.merchants().clone(),
@@ -112,7 +114,8 @@ impl Harness {
                 ledger.clone(),
                 clock.clone(),
             )
-            .unwrap(),
+            .unwrap()
+            .with_audit(audit.clone(), state.refusal_gate().clone()),
         );
         let poster = Arc::new(FakePoster::default());
         let recorder = Arc::new(Recorder::default());
@@ -131,6 +134,7 @@ impl Harness {
             poster,
             events: recorder,
             ops,
+            audit,
         }
     }
 
@@ -374,6 +378,114 @@ async fn idempotency_keys_replay_the_same_body_and_refuse_another() {
     );
     let (_, page) = h.merchant("GET", "/invoices?status=open", &key, None).await;
     assert_eq!(page["invoices"].as_array().unwrap().len(), 1);
+}
+
+/// Every merchant API call that changes something, and every refused call, is a line of the
+/// operator's audit log (who: the key's merchant and id; what; on what; the result); reads
+/// are not. A flood of bad keys meets the admin API's refused-call limits (shared): 429
+/// `rate_limited` without a line of its own, then one line counting them.
+#[tokio::test]
+async fn merchant_calls_are_audited_and_a_flood_of_bad_keys_is_limited() {
+    let h = Harness::new();
+    let (key, key_id) = h.merchant_with_key("cafe").await;
+    let lines_before = h.audit.page(None, 1000).unwrap().len();
+    let (status, invoice) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("a1")))
+        .await;
+    assert_eq!(status, 200, "{invoice}");
+    let id = invoice["invoice_id"].as_str().unwrap().to_owned();
+    let (status, _) = h
+        .merchant("GET", &format!("/invoices/{id}"), &key, None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, refused) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{id}/refunds"),
+            &key,
+            Some(json!({ "amount": "1.00", "reason": "x", "idempotency_key": "r" })),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 409, "{refused}");
+    let lines = h.audit.page(None, 1000).unwrap();
+    let new: Vec<_> = lines[..lines.len() - lines_before].iter().rev().collect();
+    let shown: Vec<(&str, Option<&str>, &str, &str, &str)> = new
+        .iter()
+        .map(|e| {
+            (
+                e.actor.as_str(),
+                e.token_id.as_deref(),
+                e.action.as_str(),
+                e.target.as_str(),
+                e.result.as_str(),
+            )
+        })
+        .collect();
+    let refused_reason = refused["reason"].as_str().unwrap();
+    assert_eq!(
+        shown,
+        vec![
+            (
+                "merchant:cafe",
+                Some(key_id.as_str()),
+                "merchant.invoice.create",
+                id.as_str(),
+                "ok"
+            ),
+            (
+                "merchant:cafe",
+                Some(key_id.as_str()),
+                "merchant.invoice.refund",
+                id.as_str(),
+                refused_reason
+            ),
+        ],
+        "the read is not audited"
+    );
+
+    // Bad keys: each refusal is audited until the overall limit (60 a minute by default;
+    // in process there is no peer address, so only the overall limit applies), then 429.
+    let mut limited = None;
+    for attempt in 0..100 {
+        let (status, body) = h
+            .merchant("GET", "/invoices", &format!("not-a-key-{attempt}"), None)
+            .await;
+        if status.as_u16() == 429 {
+            limited = Some((attempt, body));
+            break;
+        }
+        assert_eq!(
+            (status.as_u16(), body["reason"].as_str()),
+            (401, Some("key_malformed"))
+        );
+    }
+    let (admitted, body) = limited.expect("a flood of bad keys is limited");
+    assert_eq!(body["reason"], "rate_limited", "{body}");
+    assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED");
+    assert!(
+        body["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{body}"
+    );
+    let before_flood = lines_before + 2;
+    let lines = h.audit.page(None, 1000).unwrap();
+    assert_eq!(
+        lines.len(),
+        before_flood + admitted,
+        "one line per admitted refusal"
+    );
+    assert!(lines[0].actor == "unauthenticated" && lines[0].result == "key_malformed");
+    // The next audited call first writes how many were answered 429 without a line.
+    let (status, _) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("a2")))
+        .await;
+    assert_eq!(status, 200);
+    let lines = h.audit.page(None, 2).unwrap();
+    assert_eq!(lines[1].action, "refusals.limited");
+    assert!(lines[1].target.starts_with("1 refused"), "{:?}", lines[1]);
+    assert_eq!(lines[0].action, "merchant.invoice.create");
+    // No key or secret is in the log.
+    let all = serde_json::to_string(&h.audit.page(None, 1000).unwrap()).unwrap();
+    assert!(!all.contains(&key), "the key itself is never written");
 }
 
 #[tokio::test]
