@@ -251,7 +251,6 @@ struct TransferRec {
     memo: Box<[u8]>,
     created_ms: u64,
     ended_ms: Option<u64>,
-    refunded_minor: u128,
 }
 
 impl TransferRec {
@@ -310,8 +309,14 @@ pub(crate) struct State {
     /// kind).
     pending_refund_of: HashMap<TransferIdx, TransferIdx>,
     /// What live pending refunds reserve of each original; counted against its cap until
-    /// they are posted (then `refunded_minor`), voided or expire. No zero entries.
+    /// they are posted (then `refunded`), voided or expire. No zero entries.
     refund_reserved: HashMap<TransferIdx, u128>,
+    /// What was refunded of each transfer (single-phase refunds, and what pending refunds
+    /// posted). No zero entries. Kept beside the transfers rather than in them, so that a
+    /// transfer that has ended never changes again: its row can then be written once and
+    /// moved out of memory, and a refund of it changes only this map (see docs/ledger.md,
+    /// Memory).
+    refunded: HashMap<TransferIdx, u128>,
     /// Accounts whose balances or freeze changed since the last [`State::publish`], kept
     /// only once [`State::track_touched`] was called (not while replaying at open).
     touched: Vec<AccountIdx>,
@@ -333,6 +338,7 @@ impl State {
             refunds: HashMap::new(),
             pending_refund_of: HashMap::new(),
             refund_reserved: HashMap::new(),
+            refunded: HashMap::new(),
             touched: Vec::new(),
             track_touched: false,
         }
@@ -605,9 +611,13 @@ impl State {
 
     /// What may still be refunded of a transfer that posted `posted_minor`.
     fn refundable_minor(&self, idx: TransferIdx, posted_minor: u128) -> u128 {
-        let t = &self.transfers[idx as usize];
         let reserved = self.refund_reserved.get(&idx).copied().unwrap_or(0);
-        posted_minor - t.refunded_minor - reserved
+        posted_minor - self.refunded_minor(idx) - reserved
+    }
+
+    /// What was refunded of a transfer so far (posted refunds only).
+    fn refunded_minor(&self, idx: TransferIdx) -> u128 {
+        self.refunded.get(&idx).copied().unwrap_or(0)
     }
 
     /// Whether the transfer is a refund (single-phase or pending).
@@ -1140,7 +1150,6 @@ impl State {
             memo: memo.into(),
             created_ms: now_ms,
             ended_ms: None,
-            refunded_minor: 0,
         };
         if let Some(deadline_ms) = record.deadline_ms() {
             self.deadlines.insert((deadline_ms, idx));
@@ -1187,7 +1196,7 @@ impl State {
             *self.refund_reserved.entry(o).or_default() += amount_minor;
             self.pending_refund_of.insert(idx, o);
         } else {
-            self.transfers[o as usize].refunded_minor += amount_minor;
+            *self.refunded.entry(o).or_default() += amount_minor;
         }
         self.refunds.entry(o).or_default().push(idx);
         Ok(())
@@ -1245,7 +1254,9 @@ impl State {
             if *left == 0 {
                 self.refund_reserved.remove(&o);
             }
-            self.transfers[o as usize].refunded_minor += posted;
+            if posted > 0 {
+                *self.refunded.entry(o).or_default() += posted;
+            }
         }
         // Give back the unused part of the reservation to the daily limit, if still counted.
         // Entries leave a window only once `created_ms <= cutoff_ms`, so this is still counted.
@@ -1291,7 +1302,7 @@ impl State {
             created_ms: t.created_ms,
             ended_ms: t.ended_ms,
             deadline_ms: t.deadline_ms(),
-            refunded_minor: t.refunded_minor,
+            refunded_minor: self.refunded_minor(idx),
             refund_of: match t.kind {
                 TransferKind::Refund { original } => Some(original),
                 _ => self
@@ -1493,7 +1504,10 @@ impl State {
                 .get(&(idx as TransferIdx))
                 .copied()
                 .unwrap_or(0);
-            if t.refunded_minor != refunded || held != kept || refunded + held > posted {
+            if self.refunded_minor(idx as TransferIdx) != refunded
+                || held != kept
+                || refunded + held > posted
+            {
                 return Err(format!("transfer {}: refunds {refunded} do not fit", t.id));
             }
         }

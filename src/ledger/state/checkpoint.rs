@@ -68,7 +68,79 @@ fn put_balances(out: &mut Vec<u8>, b: &Balances) {
     put_varint(out, b.credits_posted_minor);
 }
 
+/// Reads a row written by [`State::put_row`]: the transfer and, for a pending refund, the id
+/// of the transfer it refunds.
+fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<TransferId>), String> {
+    let opt = |r: &mut Reader<'_>| -> Result<Option<u128>, String> {
+        match r.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(u128::from_le_bytes(r.array()?))),
+            tag => Err(format!("unknown option tag {tag}")),
+        }
+    };
+    let id = r.id()?;
+    let kind = r.kind()?;
+    let link = opt(r)?.map(TransferId);
+    let debit = r.varint_u32()?;
+    let credit = r.varint_u32()?;
+    let amount_minor = r.varint()?;
+    let state = match r.u8()? {
+        0 => TransferState::Pending,
+        1 => TransferState::Posted {
+            amount_minor: r.varint()?,
+        },
+        2 => TransferState::Voided,
+        3 => TransferState::Expired,
+        tag => return Err(format!("unknown transfer state {tag}")),
+    };
+    let memo = r.bytes()?.into_boxed_slice();
+    let created_ms = u64::try_from(r.varint()?).map_err(|_| "created_ms out of range")?;
+    let ended_ms = opt(r)?
+        .map(|v| u64::try_from(v).map_err(|_| "ended_ms out of range"))
+        .transpose()?;
+    let record = TransferRec {
+        id,
+        kind,
+        debit,
+        credit,
+        amount_minor,
+        state,
+        memo,
+        created_ms,
+        ended_ms,
+    };
+    Ok((record, link))
+}
+
 impl State {
+    /// Appends the row of transfer `idx`: everything the transfer is, except what its refunds
+    /// did to it (kept beside it, see `State::refunded`). So the row of a transfer that has
+    /// ended never changes: it can be written once, out of memory. The checkpoint holds the
+    /// same bytes for each transfer, followed by what was refunded of it.
+    pub fn put_row(&self, out: &mut Vec<u8>, idx: TransferIdx) {
+        let t = &self.transfers[idx as usize];
+        out.extend_from_slice(&t.id.0.to_le_bytes());
+        put_kind(out, &t.kind);
+        let link = self.pending_refund_of.get(&idx);
+        put_u128_opt(out, link.map(|&o| self.transfers[o as usize].id.0));
+        put_varint(out, u128::from(t.debit));
+        put_varint(out, u128::from(t.credit));
+        put_varint(out, t.amount_minor);
+        put_transfer_state(out, t.state);
+        put_bytes(out, &t.memo);
+        put_varint(out, u128::from(t.created_ms));
+        put_u128_opt(out, t.ended_ms.map(u128::from));
+    }
+
+    /// The row of transfer `id` (see [`State::put_row`]) with its index, if it exists.
+    #[cfg(test)]
+    pub fn row(&self, id: TransferId) -> Option<(TransferIdx, Vec<u8>)> {
+        let &idx = self.transfer_index.get(&id)?;
+        let mut out = Vec::new();
+        self.put_row(&mut out, idx);
+        Some((idx, out))
+    }
+
     /// The checkpoint of this state, the replay of the journal up to record `head` (at
     /// ledger time `time_ms`).
     pub fn encode_checkpoint(&self, head: Head, time_ms: u64) -> Vec<u8> {
@@ -113,19 +185,9 @@ impl State {
             }
         }
         put_varint(&mut out, self.transfers.len() as u128);
-        for (i, t) in self.transfers.iter().enumerate() {
-            out.extend_from_slice(&t.id.0.to_le_bytes());
-            put_kind(&mut out, &t.kind);
-            let link = self.pending_refund_of.get(&(i as TransferIdx));
-            put_u128_opt(&mut out, link.map(|&o| self.transfers[o as usize].id.0));
-            put_varint(&mut out, u128::from(t.debit));
-            put_varint(&mut out, u128::from(t.credit));
-            put_varint(&mut out, t.amount_minor);
-            put_transfer_state(&mut out, t.state);
-            put_bytes(&mut out, &t.memo);
-            put_varint(&mut out, u128::from(t.created_ms));
-            put_u128_opt(&mut out, t.ended_ms.map(u128::from));
-            put_varint(&mut out, t.refunded_minor);
+        for i in 0..self.transfers.len() as TransferIdx {
+            self.put_row(&mut out, i);
+            put_varint(&mut out, self.refunded_minor(i));
         }
         let mut failed: Vec<_> = self.failed.iter().collect();
         failed.sort_unstable_by_key(|(id, _)| **id);
@@ -247,43 +309,24 @@ impl State {
         state.transfer_index.reserve(transfers);
         for i in 0..transfers {
             let idx = i as TransferIdx;
-            let id = r.id()?;
-            let kind = r.kind()?;
-            let link = opt(&mut r)?.map(TransferId);
-            let debit = r.varint_u32()?;
-            let credit = r.varint_u32()?;
-            let amount_minor = r.varint()?;
-            let transfer_state = match r.u8()? {
-                0 => TransferState::Pending,
-                1 => TransferState::Posted {
-                    amount_minor: r.varint()?,
-                },
-                2 => TransferState::Voided,
-                3 => TransferState::Expired,
-                tag => return Err(format!("unknown transfer state {tag}")),
-            };
-            let memo = r.bytes()?.into_boxed_slice();
-            let created_ms = u64v(&mut r)?;
-            let ended_ms = opt(&mut r)?
-                .map(|v| u64::try_from(v).map_err(|_| "ended_ms out of range"))
-                .transpose()?;
+            let (record, link) = read_row(&mut r)?;
             let refunded_minor = r.varint()?;
-            let n = state.accounts.len();
-            if debit as usize >= n || credit as usize >= n {
-                return Err(format!("transfer {id} names an unknown account"));
-            }
-            let record = TransferRec {
+            let TransferRec {
                 id,
                 kind,
                 debit,
                 credit,
                 amount_minor,
                 state: transfer_state,
-                memo,
-                created_ms,
-                ended_ms,
-                refunded_minor,
-            };
+                ..
+            } = record;
+            let n = state.accounts.len();
+            if debit as usize >= n || credit as usize >= n {
+                return Err(format!("transfer {id} names an unknown account"));
+            }
+            if refunded_minor > 0 {
+                state.refunded.insert(idx, refunded_minor);
+            }
             if transfer_state == TransferState::Pending {
                 let deadline_ms = record
                     .deadline_ms()
@@ -382,7 +425,10 @@ impl State {
         if self.deadlines != other.deadlines {
             return Some("deadline indexes differ".into());
         }
-        if self.refunds != other.refunds || self.pending_refund_of != other.pending_refund_of {
+        if self.refunds != other.refunds
+            || self.pending_refund_of != other.pending_refund_of
+            || self.refunded != other.refunded
+        {
             return Some("refund indexes differ".into());
         }
         let head = Head {
@@ -402,5 +448,94 @@ impl State {
     pub fn bump_credit_for_test(&mut self, account: &crate::ledger::model::AccountId, minor: u128) {
         let idx = self.account_index[account] as usize;
         self.accounts[idx].balances.credits_posted_minor += minor;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Op, State};
+    use crate::ledger::model::{Owner, TransferId, TransferRequest, TransferState};
+    use crate::ledger::{Currencies, CurrencySpec, LedgerSettings};
+
+    /// Issue 15 (memory flat in history): a transfer's row, once it has ended, is what is
+    /// written out of memory, so it must never change again; its refunds (single-phase and
+    /// pending, posted in part) change only what is kept beside it. Before, the row held
+    /// `refunded_minor` and each refund rewrote it.
+    #[test]
+    fn the_row_of_an_ended_transfer_never_changes_when_it_is_refunded() {
+        let currencies = Currencies::from_settings(&LedgerSettings {
+            currencies: vec![CurrencySpec {
+                code: "EUR".to_owned(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            }],
+        })
+        .unwrap();
+        let eur = |minor: u128| currencies.from_minor(minor, "EUR").unwrap();
+        let mut state = State::new(currencies.clone());
+        let mut events = Vec::new();
+        let mut now_ms = 1_000;
+        let mut run = |state: &mut State, op: Op| {
+            now_ms += 1;
+            state.decide(op, now_ms, &mut events).unwrap().unwrap()
+        };
+        let create = |id: u128, debit: Owner, credit: Owner, minor: u128| Op::Create {
+            request: TransferRequest {
+                id: TransferId(id),
+                debit,
+                credit,
+                amount: eur(minor),
+                memo: b"lunch".to_vec(),
+            },
+            timeout_ms: None,
+            refund_of: None,
+        };
+        let (alice, bob) = (Owner::user("@alice:x"), Owner::user("@bob:x"));
+        run(&mut state, create(1, Owner::Issuer, alice.clone(), 10_000));
+        let paid = run(&mut state, create(2, alice.clone(), bob.clone(), 5_000));
+        assert_eq!(
+            paid.transfer.state,
+            TransferState::Posted {
+                amount_minor: 5_000
+            }
+        );
+        let (idx, row) = state.row(TransferId(2)).unwrap();
+
+        run(
+            &mut state,
+            Op::Refund {
+                id: TransferId(3),
+                original: TransferId(2),
+                amount: eur(1_000),
+                memo: Vec::new(),
+            },
+        );
+        let pending_refund = match create(4, bob.clone(), alice.clone(), 2_000) {
+            Op::Create { request, .. } => Op::Create {
+                request,
+                timeout_ms: Some(60_000),
+                refund_of: Some(TransferId(2)),
+            },
+            _ => unreachable!(),
+        };
+        run(&mut state, pending_refund.clone());
+        assert_eq!(state.row(TransferId(2)).unwrap(), (idx, row.clone()));
+        run(
+            &mut state,
+            Op::Post {
+                pending: TransferId(4),
+                amount: Some(eur(1_500)),
+            },
+        );
+        // The refunds moved the original's refunded amount, and only that.
+        let original = state.transfer(TransferId(2)).unwrap();
+        assert_eq!(original.refunded_minor, 2_500);
+        assert_eq!(state.row(TransferId(2)).unwrap(), (idx, row));
+        // A retry of the pending refund still answers it (the link is in its own row).
+        let again = run(&mut state, pending_refund);
+        assert!(again.exists);
+        assert_eq!(again.transfer.refund_of, Some(TransferId(2)));
+        state.check_invariants().unwrap();
     }
 }
