@@ -38,6 +38,25 @@ impl From<sled::Error> for StorageError {
     }
 }
 
+/// The row of one transfer that has ended, written out of memory (see docs/ledger.md,
+/// Memory): its index in journal order, its id, and its bytes (`State::put_row`). A row never
+/// changes once written: a transfer's row is written only once it has ended, and what its
+/// refunds change is kept beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRow {
+    /// The transfer's index in journal order (the n-th transfer created has index n - 1).
+    pub idx: u32,
+    /// The transfer's id.
+    pub id: u128,
+    /// The encoded row.
+    pub bytes: Vec<u8>,
+}
+
+/// Most rows one `apply_batch` of [`SledStorage::put_transfer_rows`] writes: sled builds a
+/// batch in memory, so a checkpoint's rows go in bounded pieces (the call is durable as a
+/// whole only when it returns, and rows are immutable, so a piece written twice is harmless).
+pub const ROWS_PER_BATCH_MAX: usize = 16_384;
+
 /// A stored record: its seq from the key, and its bytes.
 pub type StoredRecord = Result<(u64, Vec<u8>), StorageError>;
 
@@ -83,6 +102,36 @@ pub trait Storage: Send + Sync + 'static {
     fn checkpoint(&self) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(None)
     }
+
+    /// Whether this backend keeps transfer rows ([`Storage::put_transfer_rows`]); without
+    /// them every transfer stays in memory.
+    fn keeps_transfer_rows(&self) -> bool {
+        false
+    }
+
+    /// Stores `rows` and their id index (id -> index); returns once all of them are durable.
+    /// Called before the checkpoint that relies on them is written, so a checkpoint never
+    /// names a row a power cut could take back. Not atomic: a failed call may have stored
+    /// some rows, which is harmless (a row never changes, so writing it again writes the
+    /// same bytes, and rows beyond the checkpoint are not read).
+    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+        let _ = rows;
+        Err(StorageError::Backend(
+            "this ledger backend keeps no transfer rows".to_owned(),
+        ))
+    }
+
+    /// The row of the transfer with index `idx`, if stored.
+    fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        let _ = idx;
+        Ok(None)
+    }
+
+    /// The index of the transfer `id`, if its row is stored.
+    fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
+        let _ = id;
+        Ok(None)
+    }
 }
 
 const RECORD_PREFIX: u8 = b'j';
@@ -97,8 +146,12 @@ pub const ANCHOR_FILE: &str = "mxpay-head";
 pub const CHECKPOINT_FILE: &str = "mxpay-checkpoint";
 /// Size of an encoded head (seq u64 + blake3 hash).
 const ANCHOR_BYTES: usize = 8 + 32;
-/// Name of the one sled tree.
+/// Name of the sled tree of the journal.
 pub const JOURNAL_TREE: &str = "journal";
+/// sled tree of transfer rows: index (u32 big-endian) -> row.
+pub const ROWS_TREE: &str = "transferidx_row";
+/// sled tree of the id index of the rows: transfer id (u128 big-endian) -> index (u32 LE).
+pub const ROW_IDS_TREE: &str = "transferid_transferidx";
 /// Largest journal record the writer aims for. sled keeps values inline in its tree pages
 /// (up to 16 entries a leaf, rewritten whole every 10 updates) and writes any message above a
 /// quarter of a segment to a separate blob file that it never syncs; records this small keep
@@ -114,8 +167,12 @@ pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// The sled-backed journal store.
 pub struct SledStorage {
     // Kept so the database lives as long as the tree.
-    _db: sled::Db,
+    db: sled::Db,
     tree: sled::Tree,
+    /// [`ROWS_TREE`] and [`ROW_IDS_TREE`]: trees of their own, so that the journal's tree
+    /// keeps its records and head in its newest leaves.
+    rows: sled::Tree,
+    row_ids: sled::Tree,
     /// sled's log file, fdatasync'ed after each flush: on Linux sled 0.34 "flushes" with
     /// `sync_file_range`, which neither writes metadata nor flushes the disk's write cache,
     /// so it survives a process crash but not necessarily a power cut.
@@ -160,6 +217,8 @@ impl SledStorage {
             .cache_capacity(CACHE_BYTES);
         let db = crate::sled_open::open_waiting_for_lock(&config)?;
         let tree = db.open_tree(JOURNAL_TREE)?;
+        let rows = db.open_tree(ROWS_TREE)?;
+        let row_ids = db.open_tree(ROW_IDS_TREE)?;
         let anchor_path = path.join(ANCHOR_FILE);
         let io = |what: &str, e: std::io::Error| {
             StorageError::Backend(format!("{what} {}: {e}", anchor_path.display()))
@@ -201,8 +260,10 @@ impl SledStorage {
             None
         };
         Ok(Self {
-            _db: db,
+            db,
             tree,
+            rows,
+            row_ids,
             log_file,
             anchor: Mutex::new(Anchor {
                 file: anchor_file,
@@ -332,6 +393,47 @@ impl Storage for SledStorage {
         }
     }
 
+    fn keeps_transfer_rows(&self) -> bool {
+        true
+    }
+
+    /// In pieces of [`ROWS_PER_BATCH_MAX`] rows, then one flush of sled (all trees) and one
+    /// `fdatasync` of its log, as for the journal.
+    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+        for piece in rows.chunks(ROWS_PER_BATCH_MAX) {
+            let mut by_idx = sled::Batch::default();
+            let mut by_id = sled::Batch::default();
+            for row in piece {
+                by_idx.insert(&row.idx.to_be_bytes(), row.bytes.as_slice());
+                by_id.insert(&row.id.to_be_bytes(), &row.idx.to_le_bytes());
+            }
+            self.rows.apply_batch(by_idx)?;
+            self.row_ids.apply_batch(by_id)?;
+        }
+        self.db.flush()?;
+        if let Some(file) = &self.log_file {
+            file.sync_data()
+                .map_err(|e| StorageError::Backend(format!("fdatasync of the rows: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.rows.get(idx.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
+        match self.row_ids.get(id.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => {
+                let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| {
+                    StorageError::Backend(format!("malformed row index of transfer {id:x}"))
+                })?;
+                Ok(Some(u32::from_le_bytes(bytes)))
+            }
+        }
+    }
+
     fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
         let anchor = self.anchor.lock();
         let Some(file) = &anchor.file else {
@@ -381,6 +483,42 @@ mod tests {
         let got: Vec<u64> = storage.records(2).map(|r| r.unwrap().0).collect();
         assert_eq!(got, vec![2, 300]);
         assert_eq!(storage.head().unwrap().unwrap(), b"head");
+    }
+
+    fn row(idx: u32) -> TransferRow {
+        TransferRow {
+            idx,
+            id: 1_000 + u128::from(idx) * 7,
+            bytes: vec![idx as u8; 1 + idx as usize % 40],
+        }
+    }
+
+    /// Issue 15 (memory flat in history): rows of ended transfers go to their own trees, in
+    /// pieces, and are read back by index and by id after a reopen; the journal is untouched.
+    #[test]
+    fn transfer_rows_read_back_by_index_and_id_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = ROWS_PER_BATCH_MAX as u32 + 10;
+        {
+            let storage = SledStorage::open(dir.path()).unwrap();
+            assert!(storage.keeps_transfer_rows());
+            storage.append(1, b"one", &[1; ANCHOR_BYTES]).unwrap();
+            let rows: Vec<TransferRow> = (0..count).map(row).collect();
+            storage.put_transfer_rows(&rows).unwrap();
+            // Written again (a checkpoint retried after a failure): the same bytes.
+            storage.put_transfer_rows(&rows[..3]).unwrap();
+        }
+        let storage = SledStorage::open(dir.path()).unwrap();
+        for idx in [0, 1, ROWS_PER_BATCH_MAX as u32, count - 1] {
+            let expected = row(idx);
+            assert_eq!(storage.transfer_row(idx).unwrap(), Some(expected.bytes));
+            assert_eq!(storage.transfer_row_idx(expected.id).unwrap(), Some(idx));
+        }
+        assert_eq!(storage.transfer_row(count).unwrap(), None);
+        assert_eq!(storage.transfer_row_idx(1).unwrap(), None);
+        let journal: Vec<u64> = storage.records(1).map(|r| r.unwrap().0).collect();
+        assert_eq!(journal, vec![1], "rows are not journal records");
+        assert_eq!(storage.head().unwrap().unwrap(), [1; ANCHOR_BYTES]);
     }
 
     /// Issue 15: the anchor is written after the record is durable, so its failure never
