@@ -185,6 +185,7 @@ fn anchor_mismatch(seq: u64) -> LedgerError {
 /// passes, and (when `checkpoint` is given and its record is among them) that the state after
 /// that record is the checkpoint's. Returns (entries applied, time of the last record).
 fn apply_records(
+    storage: &dyn Storage,
     reader: &mut ChainReader,
     state: &mut State,
     anchor: Option<Head>,
@@ -208,12 +209,14 @@ fn apply_records(
         events += record.events.len() as u64;
         last_time_ms = Some(record.time_ms);
         if let Some((head, bytes)) = checkpoint.filter(|(h, _)| h.seq == record.seq) {
-            let expected = state.encode_checkpoint(
+            let spilled = checkpoint_spilled(bytes);
+            let expected = state.encode_checkpoint_at(
                 Head {
                     seq: record.seq,
                     hash: record.hash,
                 },
                 record.time_ms,
+                spilled,
             );
             if head.hash != record.hash || expected != bytes {
                 return Err(LedgerError::Corrupt {
@@ -224,6 +227,13 @@ fn apply_records(
                     ),
                 });
             }
+            // The transfers it leaves out are the rows on disk.
+            state
+                .check_rows(storage, spilled)
+                .map_err(|reason| LedgerError::Corrupt {
+                    record: record.seq,
+                    reason: format!("the checkpoint at record {}: {reason}", record.seq),
+                })?;
         }
     }
     Ok((events, last_time_ms))
@@ -292,7 +302,8 @@ pub(crate) fn replay(
         None => None,
     };
     let mut reader = ChainReader::new(storage, until_seq);
-    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, checkpoint)?;
+    let (events, last_time_ms) =
+        apply_records(storage, &mut reader, &mut state, anchor, checkpoint)?;
     let head = reader.head();
     check_end(storage, head, anchor, until_seq, check_head)?;
     if let Some((cp, _)) = checkpoint.filter(|(cp, _)| cp.seq > head.seq) {
@@ -311,6 +322,15 @@ pub(crate) fn replay(
         last_time_ms: last_time_ms.unwrap_or(0),
         events,
     })
+}
+
+/// The spill point of a checkpoint whose hash was checked ([`checkpoint_head`]).
+fn checkpoint_spilled(bytes: &[u8]) -> u32 {
+    // magic (8) | version (1) | seq (8) | hash (32) | time_ms (8) | spilled (4)
+    bytes
+        .get(57..61)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 
 /// The record a checkpoint stands for, after checking the checkpoint's own hash.
@@ -351,11 +371,14 @@ pub(crate) enum Start {
 /// records after it do not apply) is not trusted: the whole journal is replayed instead, and
 /// the reason returned for the caller to log and count. The full replay is the authority; if
 /// the journal itself is broken, it fails as it would without a checkpoint.
-pub(crate) fn replay_for_open(storage: &dyn Storage) -> Result<(Replayed, Start), LedgerError> {
+pub(crate) fn replay_for_open(
+    storage_arc: &std::sync::Arc<dyn Storage>,
+) -> Result<(Replayed, Start), LedgerError> {
+    let storage = storage_arc.as_ref();
     let Some(bytes) = storage.checkpoint()? else {
         return Ok((replay(storage, None, true)?, Start::FullReplay));
     };
-    match replay_after_checkpoint(storage, &bytes) {
+    match replay_after_checkpoint(storage_arc, &bytes) {
         Ok((replayed, seq)) => Ok((replayed, Start::Checkpoint { seq })),
         Err(LedgerError::Corrupt { record, reason }) => {
             let reason = format!("at record {record}: {reason}");
@@ -385,7 +408,7 @@ fn replay_without_checkpoint(storage: &dyn Storage) -> Result<Replayed, LedgerEr
     let mut state = State::new(Currencies::default());
     let anchor = read_anchor(storage)?;
     let mut reader = ChainReader::new(storage, None);
-    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, None)?;
+    let (events, last_time_ms) = apply_records(storage, &mut reader, &mut state, anchor, None)?;
     let head = reader.head();
     check_end(storage, head, anchor, None, true)?;
     Ok(Replayed {
@@ -398,9 +421,10 @@ fn replay_without_checkpoint(storage: &dyn Storage) -> Result<Replayed, LedgerEr
 
 /// The checkpoint's state, then the records after it (chained to the checkpoint's record).
 fn replay_after_checkpoint(
-    storage: &dyn Storage,
+    storage_arc: &std::sync::Arc<dyn Storage>,
     bytes: &[u8],
 ) -> Result<(Replayed, u64), LedgerError> {
+    let storage = storage_arc.as_ref();
     let corrupt = |record: u64, reason: String| LedgerError::Corrupt { record, reason };
     let checkpoint =
         State::decode_checkpoint(bytes).map_err(|e| corrupt(0, format!("checkpoint: {e}")))?;
@@ -409,6 +433,8 @@ fn replay_after_checkpoint(
         return Err(corrupt(0, "checkpoint of an empty journal".into()));
     }
     let mut state = checkpoint.state;
+    // The transfers it leaves out are rows, read as the records after it need them.
+    state.attach_rows(storage_arc);
     // Reads record `cp.seq` and checks its own hash; later records chain to it.
     let mut reader = ChainReader::starting_at(storage, cp.seq + 1)?;
     if reader.head() != cp {
@@ -433,7 +459,7 @@ fn replay_after_checkpoint(
         }
     }
     reader.read_to_end(storage);
-    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, None)?;
+    let (events, last_time_ms) = apply_records(storage, &mut reader, &mut state, anchor, None)?;
     let head = reader.head();
     check_end(storage, head, anchor, None, true)?;
     Ok((

@@ -280,7 +280,7 @@ impl Ledger {
         clock: SharedClock,
         options: LedgerOptions,
     ) -> Result<Ledger, LedgerError> {
-        let (replayed, start) = journal::replay_for_open(storage.as_ref())?;
+        let (replayed, start) = journal::replay_for_open(&storage)?;
         if let journal::Start::FellBack { reason } = &start {
             tracing::warn!(
                 %reason,

@@ -13,6 +13,7 @@ use super::model::{
 };
 
 mod checkpoint;
+mod rows;
 
 /// Index of an account in [`State::accounts`], stable across replays (assigned in journal order).
 pub(crate) type AccountIdx = u32;
@@ -296,8 +297,8 @@ pub(crate) struct State {
     currencies: Currencies,
     accounts: Vec<Account>,
     account_index: HashMap<AccountId, AccountIdx>,
-    transfers: Vec<TransferRec>,
-    transfer_index: HashMap<TransferId, TransferIdx>,
+    /// Every transfer, with its id index: in memory, or written out at a checkpoint.
+    transfers: rows::Transfers,
     failed: HashMap<TransferId, FailedRec>,
     /// Live pending transfers by deadline.
     deadlines: BTreeSet<(u64, TransferIdx)>,
@@ -330,8 +331,7 @@ impl State {
             currencies,
             accounts: Vec::new(),
             account_index: HashMap::new(),
-            transfers: Vec::new(),
-            transfer_index: HashMap::new(),
+            transfers: rows::Transfers::default(),
             failed: HashMap::new(),
             deadlines: BTreeSet::new(),
             totals: HashMap::new(),
@@ -384,8 +384,8 @@ impl State {
             Event::PendingPosted { id, .. }
             | Event::PendingVoided { id }
             | Event::PendingExpired { id } => {
-                if let Some(&idx) = self.transfer_index.get(id) {
-                    let t = &self.transfers[idx as usize];
+                if let Some(idx) = self.transfers.idx_of(*id) {
+                    let t = self.transfers.get(idx);
                     self.touched.extend([t.debit, t.credit]);
                 }
             }
@@ -419,9 +419,16 @@ impl State {
         self.emit(Event::CurrencyDefined { code, exponent }, now_ms, events);
     }
 
-    /// What a checkpoint of this state holds: transfers, accounts and recorded failures.
+    /// What a checkpoint of this state holds: the transfers in memory, accounts and recorded
+    /// failures.
     pub fn checkpoint_items(&self) -> u64 {
-        (self.transfers.len() + self.accounts.len() + self.failed.len()) as u64
+        let held = self.transfers.tail.len() + self.transfers.resident.len();
+        (held + self.accounts.len() + self.failed.len()) as u64
+    }
+
+    /// Number of transfers held in memory: those after the last spill, and the pending ones.
+    pub fn transfers_held(&self) -> usize {
+        self.transfers.tail.len() + self.transfers.resident.len()
     }
 
     /// Number of transfers ever created (not counting failures).
@@ -440,7 +447,7 @@ impl State {
             if deadline_ms > now_ms || expired.len() >= EXPIRIES_PER_BATCH_MAX {
                 break;
             }
-            let id = self.transfers[idx as usize].id;
+            let id = self.transfers.get(idx).id;
             self.emit(Event::PendingExpired { id }, now_ms, events);
             expired.push(id);
         }
@@ -570,7 +577,7 @@ impl State {
             now_ms,
             events,
         );
-        self.answer(self.transfer_index[&request.id], false)
+        self.answer(self.transfers.index[&request.id], false)
     }
 
     /// The refund checks of `original`, in precedence order: it exists (else
@@ -586,11 +593,11 @@ impl State {
         amount_minor: u128,
     ) -> Result<(AccountIdx, AccountIdx), TransferError> {
         use TransferError as E;
-        let &idx = self
-            .transfer_index
-            .get(&original)
+        let idx = self
+            .transfers
+            .idx_of(original)
             .ok_or(E::OriginalTransferNotFound)?;
-        let orig = &self.transfers[idx as usize];
+        let orig = self.transfers.get(idx);
         if self.accounts[orig.debit as usize].id.currency != currency {
             return Err(E::CurrencyMismatch);
         }
@@ -622,10 +629,8 @@ impl State {
 
     /// Whether the transfer is a refund (single-phase or pending).
     fn is_refund(&self, idx: TransferIdx) -> bool {
-        matches!(
-            self.transfers[idx as usize].kind,
-            TransferKind::Refund { .. }
-        ) || self.pending_refund_of.contains_key(&idx)
+        matches!(self.transfers.get(idx).kind, TransferKind::Refund { .. })
+            || self.pending_refund_of.contains_key(&idx)
     }
 
     /// Creates a refund whose original passed [`State::check_refund`]: the movement checks
@@ -657,7 +662,7 @@ impl State {
             now_ms,
             events,
         );
-        self.answer(self.transfer_index[&id], false)
+        self.answer(self.transfers.index[&id], false)
     }
 
     fn decide_refund(
@@ -708,7 +713,7 @@ impl State {
         use TransferError as E;
         let idx = self.pending_idx(pending)?;
         self.expire_if_due(idx, now_ms, events);
-        let t = &self.transfers[idx as usize];
+        let t = self.transfers.get(idx);
         let currency = self.accounts[t.debit as usize].id.currency;
         if amount.is_some_and(|a| a.currency() != currency) {
             return Err(E::CurrencyMismatch);
@@ -759,7 +764,7 @@ impl State {
         use TransferError as E;
         let idx = self.pending_idx(pending)?;
         self.expire_if_due(idx, now_ms, events);
-        match self.transfers[idx as usize].state {
+        match self.transfers.get(idx).state {
             TransferState::Voided => return self.answer(idx, true),
             TransferState::Posted { .. } => return Err(E::PendingTransferAlreadyPosted),
             TransferState::Expired => return Err(E::PendingTransferExpired),
@@ -770,7 +775,7 @@ impl State {
     }
 
     fn expire_if_due(&mut self, idx: TransferIdx, now_ms: u64, events: &mut Vec<Event>) {
-        let t = &self.transfers[idx as usize];
+        let t = self.transfers.get(idx);
         if t.state == TransferState::Pending && t.deadline_ms().is_some_and(|d| d <= now_ms) {
             let id = t.id;
             self.emit(Event::PendingExpired { id }, now_ms, events);
@@ -778,11 +783,11 @@ impl State {
     }
 
     fn pending_idx(&self, pending: TransferId) -> Result<TransferIdx, TransferError> {
-        let &idx = self
-            .transfer_index
-            .get(&pending)
+        let idx = self
+            .transfers
+            .idx_of(pending)
             .ok_or(TransferError::PendingTransferNotFound)?;
-        match self.transfers[idx as usize].kind {
+        match self.transfers.get(idx).kind {
             TransferKind::Pending { .. } => Ok(idx),
             _ => Err(TransferError::PendingTransferNotPending),
         }
@@ -883,7 +888,7 @@ impl State {
             if created_ms > window.cutoff_ms {
                 break;
             }
-            window.sum_minor -= transfers[t as usize].counted_minor();
+            window.sum_minor -= transfers.get(t).counted_minor();
             window.entries.pop_front();
         }
     }
@@ -891,8 +896,8 @@ impl State {
     /// An earlier transfer or recorded failure with this id decides the answer.
     fn existing(&self, id: TransferId, request: &Body) -> Option<OpResult> {
         let request = request.fingerprint();
-        if let Some(&idx) = self.transfer_index.get(&id) {
-            let t = &self.transfers[idx as usize];
+        if let Some(idx) = self.transfers.idx_of(id) {
+            let t = self.transfers.get(idx);
             let stored = Body {
                 kind: t.kind,
                 debit: Some(self.accounts[t.debit as usize].id.clone()),
@@ -903,7 +908,7 @@ impl State {
                 refund_of: self
                     .pending_refund_of
                     .get(&idx)
-                    .map(|&o| self.transfers[o as usize].id),
+                    .map(|&o| self.transfers.get(o).id),
             };
             return Some(
                 stored
@@ -1022,18 +1027,18 @@ impl State {
             )?,
             Event::PendingVoided { id } => self.apply_end(*id, TransferState::Voided, now_ms)?,
             Event::PendingExpired { id } => {
-                let idx = *self
-                    .transfer_index
-                    .get(id)
+                let idx = self
+                    .transfers
+                    .idx_of(*id)
                     .ok_or("expiry of an unknown transfer")?;
-                let deadline = self.transfers[idx as usize].deadline_ms();
+                let deadline = self.transfers.get(idx).deadline_ms();
                 if deadline.is_none_or(|d| d > now_ms) {
                     return Err(format!("transfer {id} expired before its deadline"));
                 }
                 self.apply_end(*id, TransferState::Expired, now_ms)?
             }
             Event::TransferFailed { id, body, error } => {
-                if self.transfer_index.contains_key(id) || self.failed.contains_key(id) {
+                if self.transfers.in_memory(*id) || self.failed.contains_key(id) {
                     return Err(format!(
                         "failure recorded for transfer id {id} already in use"
                     ));
@@ -1071,7 +1076,7 @@ impl State {
         refund_of: Option<TransferId>,
         now_ms: u64,
     ) -> Result<(), String> {
-        if id.0 == 0 || self.transfer_index.contains_key(&id) || self.failed.contains_key(&id) {
+        if id.0 == 0 || self.transfers.in_memory(id) || self.failed.contains_key(&id) {
             return Err(format!("transfer id {id} is zero or already in use"));
         }
         let n = self.accounts.len();
@@ -1154,8 +1159,7 @@ impl State {
         if let Some(deadline_ms) = record.deadline_ms() {
             self.deadlines.insert((deadline_ms, idx));
         }
-        self.transfers.push(record);
-        self.transfer_index.insert(id, idx);
+        self.transfers.push(id, record);
         if self.windowed(debit) {
             let w = &mut self.accounts[debit as usize].window;
             w.entries.push_back((now_ms, idx));
@@ -1179,11 +1183,11 @@ impl State {
         amount_minor: u128,
         pending: bool,
     ) -> Result<(), String> {
-        let &o = self
-            .transfer_index
-            .get(&original)
+        let o = self
+            .transfers
+            .idx_of(original)
             .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
-        let orig = &self.transfers[o as usize];
+        let orig = self.transfers.get(o);
         let posted = match orig.state {
             TransferState::Posted { amount_minor } => Some(amount_minor),
             _ => None,
@@ -1203,11 +1207,11 @@ impl State {
     }
 
     fn apply_end(&mut self, id: TransferId, end: TransferState, now_ms: u64) -> Result<(), String> {
-        let idx = *self
-            .transfer_index
-            .get(&id)
+        let idx = self
+            .transfers
+            .idx_of(id)
             .ok_or_else(|| format!("end of unknown transfer {id}"))?;
-        let t = &self.transfers[idx as usize];
+        let t = self.transfers.get(idx);
         if t.state != TransferState::Pending || !matches!(t.kind, TransferKind::Pending { .. }) {
             return Err(format!("transfer {id} ended twice or was never pending"));
         }
@@ -1240,7 +1244,7 @@ impl State {
             removed,
             "a live pending transfer is always in the deadline index"
         );
-        let t = &mut self.transfers[idx as usize];
+        let t = self.transfers.get_mut(idx);
         t.state = end;
         t.ended_ms = Some(now_ms);
         if let Some(&o) = self.pending_refund_of.get(&idx) {
@@ -1290,7 +1294,7 @@ impl State {
     // ----- reading -------------------------------------------------------------------------
 
     fn view(&self, idx: TransferIdx) -> Transfer {
-        let t = &self.transfers[idx as usize];
+        let t = self.transfers.get(idx);
         Transfer {
             id: t.id,
             kind: t.kind,
@@ -1308,7 +1312,7 @@ impl State {
                 _ => self
                     .pending_refund_of
                     .get(&idx)
-                    .map(|&o| self.transfers[o as usize].id),
+                    .map(|&o| self.transfers.get(o).id),
             },
             refund_pending_minor: self.refund_reserved.get(&idx).copied().unwrap_or(0),
         }
@@ -1317,16 +1321,16 @@ impl State {
     /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
     /// empty if it has none or does not exist. An index lookup, not a scan.
     pub fn refunds_of(&self, original: TransferId) -> Vec<Transfer> {
-        self.transfer_index
-            .get(&original)
-            .and_then(|idx| self.refunds.get(idx))
+        self.transfers
+            .idx_of(original)
+            .and_then(|idx| self.refunds.get(&idx))
             .map(|list| list.iter().map(|&i| self.view(i)).collect())
             .unwrap_or_default()
     }
 
     /// A transfer by id.
     pub fn transfer(&self, id: TransferId) -> Option<Transfer> {
-        self.transfer_index.get(&id).map(|&idx| self.view(idx))
+        self.transfers.idx_of(id).map(|idx| self.view(idx))
     }
 
     fn account_view(&self, idx: AccountIdx) -> AccountView {
@@ -1444,7 +1448,8 @@ impl State {
         let mut refunds: HashMap<TransferIdx, u128> = HashMap::new();
         let mut reserved: HashMap<TransferIdx, u128> = HashMap::new();
         let mut pending_count = 0;
-        for (idx, t) in self.transfers.iter().enumerate() {
+        for idx in 0..self.transfers.len() {
+            let t = self.transfers.get(idx as TransferIdx);
             let (d, c) = (t.debit as usize, t.credit as usize);
             match t.state {
                 TransferState::Pending => {
@@ -1465,7 +1470,11 @@ impl State {
                 TransferState::Voided | TransferState::Expired => {}
             }
             if let TransferKind::Refund { original } = t.kind {
-                *refunds.entry(self.transfer_index[&original]).or_default() += t.amount_minor;
+                let o = self
+                    .transfers
+                    .idx_of(original)
+                    .ok_or("a refund of an unknown transfer")?;
+                *refunds.entry(o).or_default() += t.amount_minor;
             }
             if let Some(&o) = self.pending_refund_of.get(&(idx as TransferIdx)) {
                 match t.state {
@@ -1492,7 +1501,8 @@ impl State {
                 ));
             }
         }
-        for (idx, t) in self.transfers.iter().enumerate() {
+        for idx in 0..self.transfers.len() {
+            let t = self.transfers.get(idx as TransferIdx);
             let refunded = refunds.get(&(idx as TransferIdx)).copied().unwrap_or(0);
             let held = reserved.get(&(idx as TransferIdx)).copied().unwrap_or(0);
             let posted = match t.state {
@@ -1545,9 +1555,12 @@ impl State {
         if self.failed != other.failed {
             return Some("the recorded failures differ".to_owned());
         }
-        for (i, t) in self.transfers.iter().enumerate() {
-            if self.view(i as TransferIdx) != other.view(i as TransferIdx) {
-                return Some(format!("transfer {}: memory and journal differ", t.id));
+        for i in 0..self.transfers.len() as TransferIdx {
+            if self.view(i) != other.view(i) {
+                return Some(format!(
+                    "transfer {}: memory and journal differ",
+                    self.transfers.get(i).id
+                ));
             }
         }
         None
