@@ -218,7 +218,9 @@ fn apply_records(
                 record.time_ms,
                 spilled,
             );
-            if head.hash != record.hash || expected != bytes {
+            let same = crate::ledger::state::checkpoint_state(&expected)
+                == crate::ledger::state::checkpoint_state(bytes);
+            if head.hash != record.hash || !same {
                 return Err(LedgerError::Corrupt {
                     record: record.seq,
                     reason: format!(
@@ -229,7 +231,11 @@ fn apply_records(
             }
             // The transfers it leaves out are the rows on disk.
             state
-                .check_rows(storage, spilled)
+                .check_rows(
+                    storage,
+                    spilled,
+                    &crate::ledger::state::checkpoint_filters(bytes),
+                )
                 .map_err(|reason| LedgerError::Corrupt {
                     record: record.seq,
                     reason: format!("the checkpoint at record {}: {reason}", record.seq),

@@ -2,9 +2,9 @@
 //! write, and a test that runs the ledger over it many times.
 //!
 //! The storage keeps two images: what a running process sees, and what survives a power cut.
-//! Every write (a record with its head, a checkpoint, the head anchor) is first *issued*
-//! (visible, not durable) and only then *synced* (durable); `append` and `put_checkpoint`
-//! return after the sync, as their contract says. At a random step the power goes: the write
+//! Every write (a record with its head, a checkpoint, the head anchor, a piece of transfer
+//! rows) is first *issued* (visible, not durable) and only then *synced* (durable); `append`,
+//! `put_checkpoint` and `put_transfer_rows` return after the sync, as their contract says. At a random step the power goes: the write
 //! in flight fails, every later call fails (the process is gone), and each write issued but
 //! not synced survives or not at random (a disk may have written it anyway, so a caller whose
 //! call failed must not assume either way). The next run opens a fresh storage over the

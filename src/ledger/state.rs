@@ -15,6 +15,8 @@ use super::model::{
 mod checkpoint;
 mod rows;
 
+pub(crate) use checkpoint::{checkpoint_filters, checkpoint_state};
+
 /// Index of an account in [`State::accounts`], stable across replays (assigned in journal order).
 pub(crate) type AccountIdx = u32;
 /// Index of a transfer in [`State::transfers`], stable across replays.
@@ -422,8 +424,7 @@ impl State {
     /// What a checkpoint of this state holds: the transfers in memory, accounts and recorded
     /// failures.
     pub fn checkpoint_items(&self) -> u64 {
-        let held = self.transfers.tail.len() + self.transfers.resident.len();
-        (held + self.accounts.len() + self.failed.len()) as u64
+        (self.transfers_held() + self.accounts.len() + self.failed.len()) as u64
     }
 
     /// Number of transfers held in memory: those after the last spill, and the pending ones.

@@ -9,8 +9,10 @@
 //! both written by one atomic `apply_batch`, one `flush` and one `fdatasync` per batch; then
 //! the head is copied to the file `mxpay-head` beside sled's files (see `anchor`; a failure
 //! of that copy is logged, counted and retried on the next batch, never returned: the batch
-//! is durable by then). Nothing else is stored:
-//! balances, transfers and idempotency keys are rebuilt in memory from the journal on open.
+//! is durable by then). Nothing else is written per commit: balances and the recent
+//! transfers are rebuilt in memory from the checkpoint and the journal on open. The rows of
+//! ended transfers are written in bulk at checkpoints to two more trees (`ROWS_TREE`,
+//! `ROW_IDS_TREE`) and read back when asked for.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::rows::IdFilter;
 use super::{
     Account, FailedRec, Fingerprint, State, Totals, TransferIdx, TransferRec, Window, DAY_MS,
 };
@@ -115,6 +116,27 @@ pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<Transf
         ended_ms,
     };
     Ok((record, link))
+}
+
+/// The part of a checkpoint a replay reproduces: everything before the id filters.
+pub(crate) fn checkpoint_state(bytes: &[u8]) -> &[u8] {
+    let end = bytes.len().saturating_sub(HASH_LEN + 8);
+    let filters_len = bytes
+        .get(end..end + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    &bytes[..end.saturating_sub(usize::try_from(filters_len).unwrap_or(usize::MAX))]
+}
+
+/// The id filters of a checkpoint whose hash was checked (empty if they do not decode: the
+/// comparison of the state fails first).
+pub(crate) fn checkpoint_filters(bytes: &[u8]) -> Vec<IdFilter> {
+    let start = checkpoint_state(bytes).len();
+    let mut r = Reader { bytes, pos: start };
+    let Ok(n) = r.varint() else { return Vec::new() };
+    (0..n)
+        .map_while(|_| IdFilter::decode(&mut r).ok())
+        .collect()
 }
 
 impl State {
@@ -268,6 +290,16 @@ impl State {
             put_varint(&mut out, u128::from(idx));
             put_varint(&mut out, u128::from(o));
         }
+        // Last, with its length: what this ledger happens to have spilled when, which a
+        // replay cannot know; `verify` compares what comes before it and checks the filters
+        // hold every id on disk.
+        let filters_start = out.len();
+        put_varint(&mut out, self.transfers.filters.len() as u128);
+        for f in &self.transfers.filters {
+            f.encode(&mut out);
+        }
+        let filters_len = (out.len() - filters_start) as u64;
+        out.extend_from_slice(&filters_len.to_le_bytes());
         let hash = *blake3::hash(&out).as_bytes();
         out.extend_from_slice(&hash);
         out
@@ -485,6 +517,14 @@ impl State {
         }
         // What live pending refunds reserve of their originals: every pending transfer is
         // held, so this is rebuilt rather than stored.
+        let filters_start = r.pos;
+        for _ in 0..count(&mut r)? {
+            let filter = IdFilter::decode(&mut r)?;
+            state.transfers.filters.push(filter);
+        }
+        if u64::from_le_bytes(r.array()?) != (r.pos - 8 - filters_start) as u64 {
+            return Err("the filters' length does not match".into());
+        }
         for (idx, amount_minor, pending) in links {
             let &o = state
                 .pending_refund_of
@@ -539,7 +579,10 @@ impl State {
         if !rows.is_empty() {
             storage.put_transfer_rows(&rows)?;
         }
+        let filter =
+            (!rows.is_empty()).then(|| IdFilter::of(rows.iter().map(|r| TransferId(r.id))));
         let t = &mut self.transfers;
+        t.filters.extend(filter);
         t.disk = Some(storage.clone());
         for idx in resident_ended {
             let r = t.resident.remove(&idx).expect("listed above");
@@ -566,7 +609,12 @@ impl State {
 
     /// Checks that every ended transfer below `spilled` is on disk as its row, with its id
     /// index entry (`verify`, on the full replay, at the checkpoint's record).
-    pub fn check_rows(&self, storage: &dyn Storage, spilled: TransferIdx) -> Result<(), String> {
+    pub fn check_rows(
+        &self,
+        storage: &dyn Storage,
+        spilled: TransferIdx,
+        filters: &[IdFilter],
+    ) -> Result<(), String> {
         if spilled as usize > self.transfers.len() {
             return Err(format!(
                 "the checkpoint's spill point {spilled} is beyond the journal"
@@ -586,6 +634,12 @@ impl State {
             if stored.as_deref() != Some(expected.as_slice()) || indexed != Some(idx) {
                 return Err(format!(
                     "the row of transfer {} on disk is not the journal's",
+                    t.id
+                ));
+            }
+            if !filters.iter().any(|f| f.may_contain(t.id)) {
+                return Err(format!(
+                    "transfer {} is on disk but its id filter says it is not",
                     t.id
                 ));
             }
@@ -619,9 +673,9 @@ impl State {
             hash: [0; HASH_LEN],
         };
         let spilled = self.transfers.spilled;
-        if self.encode_checkpoint_at(head, time_ms, spilled)
-            != other.encode_checkpoint_at(head, time_ms, spilled)
-        {
+        let mine = self.encode_checkpoint_at(head, time_ms, spilled);
+        let theirs = other.encode_checkpoint_at(head, time_ms, spilled);
+        if checkpoint_state(&mine) != checkpoint_state(&theirs) {
             return Some("daily windows, totals or currencies differ".into());
         }
         None
