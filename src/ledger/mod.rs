@@ -16,6 +16,7 @@ pub mod journal;
 pub mod model;
 #[cfg(test)]
 mod powercut;
+mod segments;
 pub mod settings;
 mod state;
 pub mod storage;

@@ -11,8 +11,9 @@
 //! of that copy is logged, counted and retried on the next batch, never returned: the batch
 //! is durable by then). Nothing else is written per commit: balances and the recent
 //! transfers are rebuilt in memory from the checkpoint and the journal on open. The rows of
-//! ended transfers are written in bulk at checkpoints to two more trees (`ROWS_TREE`,
-//! `ROW_IDS_TREE`) and read back when asked for.
+//! ended transfers are written in bulk at checkpoints, as segment files beside sled's
+//! (`segments.rs`; not sled keys: sled's memory grows with every key), and read back when
+//! asked for.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -54,9 +55,8 @@ pub struct TransferRow {
     pub bytes: Vec<u8>,
 }
 
-/// Most rows one `apply_batch` of [`SledStorage::put_transfer_rows`] writes: sled builds a
-/// batch in memory, so a checkpoint's rows go in bounded pieces (the call is durable as a
-/// whole only when it returns, and rows are immutable, so a piece written twice is harmless).
+/// Pieces in which the power-cut test storage issues a `put_transfer_rows` (each survives a
+/// cut or not on its own), standing for a backend whose row writes are not atomic.
 pub const ROWS_PER_BATCH_MAX: usize = 16_384;
 
 /// A stored record: its seq from the key, and its bytes.
@@ -150,10 +150,6 @@ pub const CHECKPOINT_FILE: &str = "mxpay-checkpoint";
 const ANCHOR_BYTES: usize = 8 + 32;
 /// Name of the sled tree of the journal.
 pub const JOURNAL_TREE: &str = "journal";
-/// sled tree of transfer rows: index (u32 big-endian) -> row.
-pub const ROWS_TREE: &str = "transferidx_row";
-/// sled tree of the id index of the rows: transfer id (u128 big-endian) -> index (u32 LE).
-pub const ROW_IDS_TREE: &str = "transferid_transferidx";
 /// Largest journal record the writer aims for. sled keeps values inline in its tree pages
 /// (up to 16 entries a leaf, rewritten whole every 10 updates) and writes any message above a
 /// quarter of a segment to a separate blob file that it never syncs; records this small keep
@@ -169,12 +165,10 @@ pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// The sled-backed journal store.
 pub struct SledStorage {
     // Kept so the database lives as long as the tree.
-    db: sled::Db,
+    _db: sled::Db,
     tree: sled::Tree,
-    /// [`ROWS_TREE`] and [`ROW_IDS_TREE`]: trees of their own, so that the journal's tree
-    /// keeps its records and head in its newest leaves.
-    rows: sled::Tree,
-    row_ids: sled::Tree,
+    /// The rows of ended transfers, in segment files of their own.
+    rows: super::segments::Segments,
     /// sled's log file, fdatasync'ed after each flush: on Linux sled 0.34 "flushes" with
     /// `sync_file_range`, which neither writes metadata nor flushes the disk's write cache,
     /// so it survives a process crash but not necessarily a power cut.
@@ -219,8 +213,7 @@ impl SledStorage {
             .cache_capacity(CACHE_BYTES);
         let db = crate::sled_open::open_waiting_for_lock(&config)?;
         let tree = db.open_tree(JOURNAL_TREE)?;
-        let rows = db.open_tree(ROWS_TREE)?;
-        let row_ids = db.open_tree(ROW_IDS_TREE)?;
+        let rows = super::segments::Segments::open(path)?;
         let anchor_path = path.join(ANCHOR_FILE);
         let io = |what: &str, e: std::io::Error| {
             StorageError::Backend(format!("{what} {}: {e}", anchor_path.display()))
@@ -262,10 +255,9 @@ impl SledStorage {
             None
         };
         Ok(Self {
-            db,
+            _db: db,
             tree,
             rows,
-            row_ids,
             log_file,
             anchor: Mutex::new(Anchor {
                 file: anchor_file,
@@ -399,41 +391,17 @@ impl Storage for SledStorage {
         true
     }
 
-    /// In pieces of [`ROWS_PER_BATCH_MAX`] rows, then one flush of sled (all trees) and one
-    /// `fdatasync` of its log, as for the journal.
+    /// One segment file, written and synced (see `segments.rs`).
     fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
-        for piece in rows.chunks(ROWS_PER_BATCH_MAX) {
-            let mut by_idx = sled::Batch::default();
-            let mut by_id = sled::Batch::default();
-            for row in piece {
-                by_idx.insert(&row.idx.to_be_bytes(), row.bytes.as_slice());
-                by_id.insert(&row.id.to_be_bytes(), &row.idx.to_le_bytes());
-            }
-            self.rows.apply_batch(by_idx)?;
-            self.row_ids.apply_batch(by_id)?;
-        }
-        self.db.flush()?;
-        if let Some(file) = &self.log_file {
-            file.sync_data()
-                .map_err(|e| StorageError::Backend(format!("fdatasync of the rows: {e}")))?;
-        }
-        Ok(())
+        self.rows.put(rows)
     }
 
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.rows.get(idx.to_be_bytes())?.map(|v| v.to_vec()))
+        self.rows.row(idx)
     }
 
     fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
-        match self.row_ids.get(id.to_be_bytes())? {
-            None => Ok(None),
-            Some(v) => {
-                let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| {
-                    StorageError::Backend(format!("malformed row index of transfer {id:x}"))
-                })?;
-                Ok(Some(u32::from_le_bytes(bytes)))
-            }
-        }
+        self.rows.idx_of(id)
     }
 
     fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
@@ -495,8 +463,9 @@ mod tests {
         }
     }
 
-    /// Issue 15 (memory flat in history): rows of ended transfers go to their own trees, in
-    /// pieces, and are read back by index and by id after a reopen; the journal is untouched.
+    /// Issue 15 (memory flat in history): rows of ended transfers go to segment files, and
+    /// are read back by index and by id after a reopen (a row written again: its newest
+    /// copy); the journal is untouched.
     #[test]
     fn transfer_rows_read_back_by_index_and_id_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
