@@ -4,7 +4,7 @@
 use super::amount::{Currencies, CurrencyCode};
 use super::codec::{decode_record, Head, Record, HASH_LEN};
 use super::model::{AccountId, FreezeMode, TransferError, TransferId, TransferKind};
-use super::state::{Event, State};
+use super::state::{Event, State, CHECKPOINT_VERSION, CHECKPOINT_VERSION_FULL_STATE};
 use super::storage::{Storage, StoredRecord};
 use super::LedgerError;
 
@@ -14,6 +14,24 @@ pub(crate) struct Replayed {
     pub head: Head,
     pub last_time_ms: u64,
     pub events: u64,
+    /// What was done with the stored checkpoint (a replay for `verify` compares it).
+    pub checkpoint: CheckpointCheck,
+}
+
+/// What `verify` did with the stored checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointCheck {
+    /// No checkpoint within the records read.
+    None,
+    /// The checkpoint at this record is the replay up to it, byte for byte, and its rows
+    /// on disk are the journal's.
+    Compared { seq: u64 },
+    /// The checkpoint at this record was written by an older version in an older format
+    /// (a full state, no rows on disk). Its own hash was checked, its state not compared:
+    /// this version no longer writes that format. The replay still checked the whole chain
+    /// and every invariant; the next open replays the journal once and writes the current
+    /// format.
+    OldFormat { seq: u64, version: u8 },
 }
 
 /// Walks stored records in order and checks the chain: consecutive seqs from 1, each record's
@@ -209,6 +227,20 @@ fn apply_records(
         events += record.events.len() as u64;
         last_time_ms = Some(record.time_ms);
         if let Some((head, bytes)) = checkpoint.filter(|(h, _)| h.seq == record.seq) {
+            if head.hash != record.hash {
+                return Err(LedgerError::Corrupt {
+                    record: record.seq,
+                    reason: format!(
+                        "the checkpoint at record {} is not the replay of the journal up to it",
+                        record.seq
+                    ),
+                });
+            }
+            if checkpoint_version(bytes) != Some(CHECKPOINT_VERSION) {
+                // An older format (checked by `checkpoint_head`): its record's hash matched,
+                // its state is not decoded by this version.
+                continue;
+            }
             let spilled = checkpoint_spilled(bytes);
             let expected = state.encode_checkpoint_at(
                 Head {
@@ -300,6 +332,17 @@ pub(crate) fn replay(
                 record: 0,
                 reason: format!("checkpoint: {reason}"),
             })?;
+            let version = checkpoint_version(bytes);
+            if version != Some(CHECKPOINT_VERSION) && version != Some(CHECKPOINT_VERSION_FULL_STATE)
+            {
+                return Err(LedgerError::Corrupt {
+                    record: 0,
+                    reason: format!(
+                        "checkpoint: unknown format version {}",
+                        version.map_or_else(|| "(none)".to_owned(), |v| v.to_string())
+                    ),
+                });
+            }
             // A live ledger may write a newer checkpoint than the head this replay stops at.
             until_seq
                 .is_none_or(|u| cp.seq <= u)
@@ -322,12 +365,29 @@ pub(crate) fn replay(
             ),
         });
     }
+    let checkpoint = match checkpoint {
+        None => CheckpointCheck::None,
+        Some((cp, bytes)) => match checkpoint_version(bytes) {
+            Some(CHECKPOINT_VERSION) => CheckpointCheck::Compared { seq: cp.seq },
+            _ => CheckpointCheck::OldFormat {
+                seq: cp.seq,
+                version: CHECKPOINT_VERSION_FULL_STATE,
+            },
+        },
+    };
     Ok(Replayed {
         state,
         head,
         last_time_ms: last_time_ms.unwrap_or(0),
         events,
+        checkpoint,
     })
+}
+
+/// The format version of a checkpoint whose hash was checked ([`checkpoint_head`]).
+fn checkpoint_version(bytes: &[u8]) -> Option<u8> {
+    // magic (8) | version (1)
+    bytes.get(8).copied()
 }
 
 /// The spill point of a checkpoint whose hash was checked ([`checkpoint_head`]).
@@ -369,6 +429,9 @@ pub(crate) enum Start {
     FullReplay,
     /// From record 1 because the checkpoint could not be used (the reason).
     FellBack { reason: String },
+    /// From record 1 because the checkpoint, at this record, is in the format an older
+    /// version wrote (an upgrade, not damage).
+    OldFormat { seq: u64 },
 }
 
 /// The state for opening the ledger: from the stored checkpoint and the records after it
@@ -384,6 +447,15 @@ pub(crate) fn replay_for_open(
     let Some(bytes) = storage.checkpoint()? else {
         return Ok((replay(storage, None, true)?, Start::FullReplay));
     };
+    if let Ok(cp) = checkpoint_head(&bytes) {
+        if checkpoint_version(&bytes) == Some(CHECKPOINT_VERSION_FULL_STATE) {
+            // `replay` checks its record's hash and that the journal reaches it.
+            return Ok((
+                replay(storage, None, true)?,
+                Start::OldFormat { seq: cp.seq },
+            ));
+        }
+    }
     match replay_after_checkpoint(storage_arc, &bytes) {
         Ok((replayed, seq)) => Ok((replayed, Start::Checkpoint { seq })),
         Err(LedgerError::Corrupt { record, reason }) => {
@@ -422,6 +494,7 @@ fn replay_without_checkpoint(storage: &dyn Storage) -> Result<Replayed, LedgerEr
         head,
         last_time_ms: last_time_ms.unwrap_or(0),
         events,
+        checkpoint: CheckpointCheck::None,
     })
 }
 
@@ -474,6 +547,8 @@ fn replay_after_checkpoint(
             head,
             last_time_ms: last_time_ms.unwrap_or(checkpoint.time_ms),
             events,
+            // Started from it: what it holds was not compared with a replay.
+            checkpoint: CheckpointCheck::None,
         },
         cp.seq,
     ))

@@ -37,7 +37,7 @@ use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot};
 
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
-pub use journal::{ExportedEntry, JournalEntry, JournalExport, JournalTail};
+pub use journal::{CheckpointCheck, ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
     AccountId, AccountView, Balances, CreateResult, FreezeMode, Owner, Transfer, TransferError,
     TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
@@ -153,6 +153,8 @@ pub struct VerifyReport {
     pub transfers: usize,
     /// Transfers still pending.
     pub pending: usize,
+    /// What was done with the stored checkpoint.
+    pub checkpoint: CheckpointCheck,
 }
 
 /// One page of history.
@@ -282,6 +284,13 @@ impl Ledger {
         options: LedgerOptions,
     ) -> Result<Ledger, LedgerError> {
         let (replayed, start) = journal::replay_for_open(&storage)?;
+        if let journal::Start::OldFormat { seq } = &start {
+            tracing::info!(
+                checkpoint_seq = seq,
+                "the ledger's checkpoint is in an older version's format; replayed the whole \
+                 journal instead (a checkpoint in the current format is written soon)"
+            );
+        }
         if let journal::Start::FellBack { reason } = &start {
             tracing::warn!(
                 %reason,
@@ -685,7 +694,7 @@ impl Ledger {
             .state
             .check_invariants()
             .map_err(LedgerError::Invariant)?;
-        Ok(report(&replayed.state, replayed.head.seq, replayed.events))
+        Ok(report(&replayed.state, &replayed))
     }
 
     /// [`Ledger::verify`], and the state in memory compared with the replay in every part
@@ -719,7 +728,7 @@ impl Ledger {
                 "memory differs from the journal: {diff}"
             )));
         }
-        Ok(report(&state, head.seq, replayed.events))
+        Ok(report(&state, &replayed))
     }
 
     /// Streams the durable journal, entry by entry, checking the hash chain as it goes. It
@@ -783,10 +792,11 @@ impl Ledger {
     }
 }
 
-fn report(state: &State, records: u64, entries: u64) -> VerifyReport {
+fn report(state: &State, replayed: &journal::Replayed) -> VerifyReport {
     VerifyReport {
-        records,
-        entries,
+        records: replayed.head.seq,
+        entries: replayed.events,
+        checkpoint: replayed.checkpoint,
         accounts: state.accounts().len(),
         transfers: state.transfer_count(),
         pending: state.pending_transfers().len(),
@@ -809,7 +819,7 @@ pub fn verify_dir(data_dir: &Path) -> Result<VerifyReport, LedgerError> {
         .state
         .check_invariants()
         .map_err(LedgerError::Invariant)?;
-    Ok(report(&replayed.state, replayed.head.seq, replayed.events))
+    Ok(report(&replayed.state, &replayed))
 }
 
 impl Writer {

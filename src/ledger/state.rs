@@ -15,7 +15,10 @@ use super::model::{
 mod checkpoint;
 mod rows;
 
-pub(crate) use checkpoint::{checkpoint_filters, checkpoint_state};
+pub(crate) use checkpoint::{
+    checkpoint_filters, checkpoint_state, VERSION as CHECKPOINT_VERSION,
+    VERSION_FULL_STATE as CHECKPOINT_VERSION_FULL_STATE,
+};
 
 /// Index of an account in [`State::accounts`], stable across replays (assigned in journal order).
 pub(crate) type AccountIdx = u32;

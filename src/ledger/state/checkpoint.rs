@@ -33,7 +33,10 @@ use crate::ledger::storage::{Storage, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-cp";
 /// 2: the transfers below the spill point are rows on disk (issue 15); 1 held every transfer.
-const VERSION: u8 = 2;
+pub(crate) const VERSION: u8 = 2;
+/// The format written before issue 15: the whole state, every transfer included. Not decoded
+/// any more (open replays the journal instead); `verify` reports it as not compared.
+pub(crate) const VERSION_FULL_STATE: u8 = 1;
 
 /// A decoded checkpoint: the state and the journal record it stands for.
 #[derive(Debug)]
