@@ -44,7 +44,7 @@ pub use model::{
     PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
-pub use storage::{SledStorage, Storage, StorageError, TransferRow};
+pub use storage::{RowEntry, SledStorage, Storage, StorageError, TransferRow};
 pub use time::{MonotonicClock, SharedMonotonic, SystemMonotonic, CLOCK_SKEW_MS_MAX};
 
 use crate::clock::SharedClock;

@@ -25,7 +25,9 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::storage::{Storage, StorageError, StoredRecord, TransferRow, ROWS_PER_BATCH_MAX};
+use super::storage::{
+    RowEntry, Storage, StorageError, StoredRecord, TransferRow, ROWS_PER_BATCH_MAX,
+};
 
 /// What one side (visible or durable) holds.
 #[derive(Debug, Clone, Default)]
@@ -249,6 +251,21 @@ impl Storage for PowerCutStorage {
             return Err(Inner::dead());
         }
         Ok(inner.visible.row_ids.get(&id).copied())
+    }
+
+    fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        // Keyed maps: one entry per index and per id, the newest.
+        for (&idx, bytes) in &inner.visible.rows {
+            visit(RowEntry::Row { idx, bytes });
+        }
+        for (&id, &idx) in &inner.visible.row_ids {
+            visit(RowEntry::Id { id, idx });
+        }
+        Ok(())
     }
 }
 

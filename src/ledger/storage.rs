@@ -55,6 +55,15 @@ pub struct TransferRow {
     pub bytes: Vec<u8>,
 }
 
+/// One entry of the stored rows, as [`Storage::scan_transfer_rows`] visits them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowEntry<'a> {
+    /// The row of transfer `idx`.
+    Row { idx: u32, bytes: &'a [u8] },
+    /// An id index entry: transfer `id` has index `idx`.
+    Id { id: u128, idx: u32 },
+}
+
 /// Pieces in which the power-cut test storage issues a `put_transfer_rows` (each survives a
 /// cut or not on its own), standing for a backend whose row writes are not atomic.
 pub const ROWS_PER_BATCH_MAX: usize = 16_384;
@@ -133,6 +142,17 @@ pub trait Storage: Send + Sync + 'static {
     fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
         let _ = id;
         Ok(None)
+    }
+
+    /// Visits every stored row and id index entry, each stored piece read once and in
+    /// order, oldest write first: an entry for an index or id already visited replaces it,
+    /// as [`Storage::transfer_row`] and [`Storage::transfer_row_idx`] would answer. For
+    /// `verify`, which checks every row against the replay in one pass instead of one lookup
+    /// per transfer. A backend that keeps rows must provide it; it checks what it can on the
+    /// way (the sled backend: each segment's own hash).
+    fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
+        let _ = visit;
+        Ok(())
     }
 }
 
@@ -402,6 +422,11 @@ impl Storage for SledStorage {
 
     fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
         self.rows.idx_of(id)
+    }
+
+    /// Each segment file read once, front to back, oldest first (see `segments.rs`).
+    fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
+        self.rows.scan(visit)
     }
 
     fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {

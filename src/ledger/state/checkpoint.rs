@@ -29,7 +29,7 @@ use crate::ledger::codec::{
     HASH_LEN,
 };
 use crate::ledger::model::{Balances, TransferError, TransferId, TransferKind, TransferState};
-use crate::ledger::storage::{Storage, StorageError, TransferRow};
+use crate::ledger::storage::{RowEntry, Storage, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-cp";
 /// 2: the transfers below the spill point are rows on disk (issue 15); 1 held every transfer.
@@ -623,18 +623,46 @@ impl State {
                 "the checkpoint's spill point {spilled} is beyond the journal"
             ));
         }
+        // What the newest entry on disk says of each transfer below the spill point, as a
+        // lookup would find it: nothing yet, the journal's, or something else. One pass over
+        // the stored rows (each segment read once, in order), not a lookup per transfer.
+        assert_eq!(
+            self.transfers.spilled, 0,
+            "rows are checked against a replay that holds every transfer"
+        );
+        const ABSENT: u8 = 0;
+        const SAME: u8 = 1;
+        const OTHER: u8 = 2;
+        let mut row_found = vec![ABSENT; spilled as usize];
+        let mut id_found = vec![ABSENT; spilled as usize];
+        let mut expected = Vec::new();
+        storage
+            .scan_transfer_rows(&mut |entry| match entry {
+                RowEntry::Row { idx, bytes } if idx < spilled => {
+                    expected.clear();
+                    self.put_row(&mut expected, idx);
+                    row_found[idx as usize] = if bytes == expected.as_slice() {
+                        SAME
+                    } else {
+                        OTHER
+                    };
+                }
+                RowEntry::Id { id, idx } => {
+                    if let Some(&at) = self.transfers.index.get(&TransferId(id)) {
+                        if at < spilled {
+                            id_found[at as usize] = if idx == at { SAME } else { OTHER };
+                        }
+                    }
+                }
+                RowEntry::Row { .. } => {}
+            })
+            .map_err(|e| e.to_string())?;
         for idx in 0..spilled {
             let t = self.transfers.get(idx);
             if t.state == TransferState::Pending {
                 continue;
             }
-            let mut expected = Vec::new();
-            self.put_row(&mut expected, idx);
-            let stored = storage.transfer_row(idx).map_err(|e| e.to_string())?;
-            let indexed = storage
-                .transfer_row_idx(t.id.0)
-                .map_err(|e| e.to_string())?;
-            if stored.as_deref() != Some(expected.as_slice()) || indexed != Some(idx) {
+            if row_found[idx as usize] != SAME || id_found[idx as usize] != SAME {
                 return Err(format!(
                     "the row of transfer {} on disk is not the journal's",
                     t.id
