@@ -41,6 +41,11 @@ pub struct LedgerBench {
     /// Most transfers the writer puts in one journal record (one flush).
     #[arg(long, default_value_t = 8_190)]
     pub batch_max: usize,
+    /// Print the RSS each time this many transfers of the batched run are durable (0: only at
+    /// the end of each phase). The run is submitted in chunks of this size, each drained
+    /// before the next starts, so a 4M run shows the RSS at 1M, 2M, 3M and 4M.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rss_every: usize,
     /// Transfers submitted one at a time for the single-transfer latency.
     #[arg(long, default_value_t = 2_000)]
     pub single: usize,
@@ -147,25 +152,42 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
     );
 
     // Batched: many concurrent submitters, the writer group-commits what is queued.
+    print_rss("after funding");
     let base = 1_000_000u128;
+    let chunk = if p.rss_every == 0 {
+        p.transfers
+    } else {
+        p.rss_every
+    };
     let started = Instant::now();
-    let latencies = runtime.block_on(drive(p.submitters, p.transfers, {
-        let ledger = ledger.clone();
-        move |i| {
+    let mut latencies = Vec::with_capacity(p.transfers);
+    let mut done = 0;
+    while done < p.transfers {
+        let count = chunk.min(p.transfers - done);
+        let offset = done;
+        latencies.extend(runtime.block_on(drive(p.submitters, count, {
             let ledger = ledger.clone();
-            let from = i % accounts;
-            let to = (i * 7_919 + 1 + i / accounts) % accounts;
-            let to = if to == from { (to + 1) % accounts } else { to };
-            let request = TransferRequest {
-                id: TransferId(base + i as u128),
-                debit: user(from),
-                credit: user(to),
-                amount: one,
-                memo: Vec::new(),
-            };
-            async move { ledger.create_transfer(request).await.map(|_| ()) }
+            move |i| {
+                let ledger = ledger.clone();
+                let i = offset + i;
+                let from = i % accounts;
+                let to = (i * 7_919 + 1 + i / accounts) % accounts;
+                let to = if to == from { (to + 1) % accounts } else { to };
+                let request = TransferRequest {
+                    id: TransferId(base + i as u128),
+                    debit: user(from),
+                    credit: user(to),
+                    amount: one,
+                    memo: Vec::new(),
+                };
+                async move { ledger.create_transfer(request).await.map(|_| ()) }
+            }
+        }))?);
+        done += count;
+        if done < p.transfers {
+            print_rss(&format!("at {done} batched transfers"));
         }
-    }))?;
+    }
     let elapsed = started.elapsed();
     let stats = Stats::of_micros(latencies);
     println!(
@@ -181,12 +203,10 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         ms(stats.p99)
     );
 
-    if let Some((peak_kib, _)) = rss_kib() {
-        println!(
-            "memory after the batched run: peak RSS {:.0} MiB",
-            peak_kib as f64 / 1024.0
-        );
-    }
+    print_rss(&format!(
+        "at {} batched transfers (end of the batched run)",
+        p.transfers
+    ));
 
     // Single: one transfer at a time, each waits for its own flush.
     let blocking = ledger.blocking();
@@ -213,6 +233,7 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         ms(stats.max)
     );
 
+    print_rss("after the single run");
     let started = Instant::now();
     let report = blocking.verify()?;
     println!(
@@ -221,6 +242,7 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         report.transfers,
         started.elapsed().as_secs_f64()
     );
+    print_rss("after verify (which holds its own full replay while it runs)");
     drop(blocking);
     let transfers = report.transfers;
     let started = Instant::now();
@@ -243,15 +265,20 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
             .opened_from_checkpoint()
             .map_or_else(|| "none: full replay".to_owned(), |s| s.to_string())
     );
+    print_rss("after the reopen");
     drop(ledger);
+    Ok(())
+}
+
+/// Prints the RSS now and the peak so far (`VmRSS`, `VmHWM`), tagged with `when`.
+fn print_rss(when: &str) {
     if let Some((peak_kib, now_kib)) = rss_kib() {
         println!(
-            "memory: peak RSS {:.0} MiB, RSS now {:.0} MiB",
-            peak_kib as f64 / 1024.0,
-            now_kib as f64 / 1024.0
+            "memory {when}: RSS {:.0} MiB, peak RSS {:.0} MiB",
+            now_kib as f64 / 1024.0,
+            peak_kib as f64 / 1024.0
         );
     }
-    Ok(())
 }
 
 /// Peak and current resident set size of this process, KiB (Linux only).

@@ -4,7 +4,7 @@
 use super::amount::{Currencies, CurrencyCode};
 use super::codec::{decode_record, Head, Record, HASH_LEN};
 use super::model::{AccountId, FreezeMode, TransferError, TransferId, TransferKind};
-use super::state::{Event, State};
+use super::state::{Event, State, CHECKPOINT_VERSION, CHECKPOINT_VERSION_FULL_STATE};
 use super::storage::{Storage, StoredRecord};
 use super::LedgerError;
 
@@ -14,6 +14,24 @@ pub(crate) struct Replayed {
     pub head: Head,
     pub last_time_ms: u64,
     pub events: u64,
+    /// What was done with the stored checkpoint (a replay for `verify` compares it).
+    pub checkpoint: CheckpointCheck,
+}
+
+/// What `verify` did with the stored checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointCheck {
+    /// No checkpoint within the records read.
+    None,
+    /// The checkpoint at this record is the replay up to it, byte for byte, and its rows
+    /// on disk are the journal's.
+    Compared { seq: u64 },
+    /// The checkpoint at this record was written by an older version in an older format
+    /// (a full state, no rows on disk). Its own hash was checked, its state not compared:
+    /// this version no longer writes that format. The replay still checked the whole chain
+    /// and every invariant; the next open replays the journal once and writes the current
+    /// format.
+    OldFormat { seq: u64, version: u8 },
 }
 
 /// Walks stored records in order and checks the chain: consecutive seqs from 1, each record's
@@ -185,6 +203,7 @@ fn anchor_mismatch(seq: u64) -> LedgerError {
 /// passes, and (when `checkpoint` is given and its record is among them) that the state after
 /// that record is the checkpoint's. Returns (entries applied, time of the last record).
 fn apply_records(
+    storage: &dyn Storage,
     reader: &mut ChainReader,
     state: &mut State,
     anchor: Option<Head>,
@@ -208,14 +227,7 @@ fn apply_records(
         events += record.events.len() as u64;
         last_time_ms = Some(record.time_ms);
         if let Some((head, bytes)) = checkpoint.filter(|(h, _)| h.seq == record.seq) {
-            let expected = state.encode_checkpoint(
-                Head {
-                    seq: record.seq,
-                    hash: record.hash,
-                },
-                record.time_ms,
-            );
-            if head.hash != record.hash || expected != bytes {
+            if head.hash != record.hash {
                 return Err(LedgerError::Corrupt {
                     record: record.seq,
                     reason: format!(
@@ -224,6 +236,42 @@ fn apply_records(
                     ),
                 });
             }
+            if checkpoint_version(bytes) != Some(CHECKPOINT_VERSION) {
+                // An older format (checked by `checkpoint_head`): its record's hash matched,
+                // its state is not decoded by this version.
+                continue;
+            }
+            let spilled = checkpoint_spilled(bytes);
+            let expected = state.encode_checkpoint_at(
+                Head {
+                    seq: record.seq,
+                    hash: record.hash,
+                },
+                record.time_ms,
+                spilled,
+            );
+            let same = crate::ledger::state::checkpoint_state(&expected)
+                == crate::ledger::state::checkpoint_state(bytes);
+            if head.hash != record.hash || !same {
+                return Err(LedgerError::Corrupt {
+                    record: record.seq,
+                    reason: format!(
+                        "the checkpoint at record {} is not the replay of the journal up to it",
+                        record.seq
+                    ),
+                });
+            }
+            // The transfers it leaves out are the rows on disk.
+            state
+                .check_rows(
+                    storage,
+                    spilled,
+                    &crate::ledger::state::checkpoint_filters(bytes),
+                )
+                .map_err(|reason| LedgerError::Corrupt {
+                    record: record.seq,
+                    reason: format!("the checkpoint at record {}: {reason}", record.seq),
+                })?;
         }
     }
     Ok((events, last_time_ms))
@@ -284,6 +332,17 @@ pub(crate) fn replay(
                 record: 0,
                 reason: format!("checkpoint: {reason}"),
             })?;
+            let version = checkpoint_version(bytes);
+            if version != Some(CHECKPOINT_VERSION) && version != Some(CHECKPOINT_VERSION_FULL_STATE)
+            {
+                return Err(LedgerError::Corrupt {
+                    record: 0,
+                    reason: format!(
+                        "checkpoint: unknown format version {}",
+                        version.map_or_else(|| "(none)".to_owned(), |v| v.to_string())
+                    ),
+                });
+            }
             // A live ledger may write a newer checkpoint than the head this replay stops at.
             until_seq
                 .is_none_or(|u| cp.seq <= u)
@@ -292,7 +351,8 @@ pub(crate) fn replay(
         None => None,
     };
     let mut reader = ChainReader::new(storage, until_seq);
-    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, checkpoint)?;
+    let (events, last_time_ms) =
+        apply_records(storage, &mut reader, &mut state, anchor, checkpoint)?;
     let head = reader.head();
     check_end(storage, head, anchor, until_seq, check_head)?;
     if let Some((cp, _)) = checkpoint.filter(|(cp, _)| cp.seq > head.seq) {
@@ -305,12 +365,38 @@ pub(crate) fn replay(
             ),
         });
     }
+    let checkpoint = match checkpoint {
+        None => CheckpointCheck::None,
+        Some((cp, bytes)) => match checkpoint_version(bytes) {
+            Some(CHECKPOINT_VERSION) => CheckpointCheck::Compared { seq: cp.seq },
+            _ => CheckpointCheck::OldFormat {
+                seq: cp.seq,
+                version: CHECKPOINT_VERSION_FULL_STATE,
+            },
+        },
+    };
     Ok(Replayed {
         state,
         head,
         last_time_ms: last_time_ms.unwrap_or(0),
         events,
+        checkpoint,
     })
+}
+
+/// The format version of a checkpoint whose hash was checked ([`checkpoint_head`]).
+fn checkpoint_version(bytes: &[u8]) -> Option<u8> {
+    // magic (8) | version (1)
+    bytes.get(8).copied()
+}
+
+/// The spill point of a checkpoint whose hash was checked ([`checkpoint_head`]).
+fn checkpoint_spilled(bytes: &[u8]) -> u32 {
+    // magic (8) | version (1) | seq (8) | hash (32) | time_ms (8) | spilled (4)
+    bytes
+        .get(57..61)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 
 /// The record a checkpoint stands for, after checking the checkpoint's own hash.
@@ -343,6 +429,9 @@ pub(crate) enum Start {
     FullReplay,
     /// From record 1 because the checkpoint could not be used (the reason).
     FellBack { reason: String },
+    /// From record 1 because the checkpoint, at this record, is in the format an older
+    /// version wrote (an upgrade, not damage).
+    OldFormat { seq: u64 },
 }
 
 /// The state for opening the ledger: from the stored checkpoint and the records after it
@@ -351,11 +440,23 @@ pub(crate) enum Start {
 /// records after it do not apply) is not trusted: the whole journal is replayed instead, and
 /// the reason returned for the caller to log and count. The full replay is the authority; if
 /// the journal itself is broken, it fails as it would without a checkpoint.
-pub(crate) fn replay_for_open(storage: &dyn Storage) -> Result<(Replayed, Start), LedgerError> {
+pub(crate) fn replay_for_open(
+    storage_arc: &std::sync::Arc<dyn Storage>,
+) -> Result<(Replayed, Start), LedgerError> {
+    let storage = storage_arc.as_ref();
     let Some(bytes) = storage.checkpoint()? else {
         return Ok((replay(storage, None, true)?, Start::FullReplay));
     };
-    match replay_after_checkpoint(storage, &bytes) {
+    if let Ok(cp) = checkpoint_head(&bytes) {
+        if checkpoint_version(&bytes) == Some(CHECKPOINT_VERSION_FULL_STATE) {
+            // `replay` checks its record's hash and that the journal reaches it.
+            return Ok((
+                replay(storage, None, true)?,
+                Start::OldFormat { seq: cp.seq },
+            ));
+        }
+    }
+    match replay_after_checkpoint(storage_arc, &bytes) {
         Ok((replayed, seq)) => Ok((replayed, Start::Checkpoint { seq })),
         Err(LedgerError::Corrupt { record, reason }) => {
             let reason = format!("at record {record}: {reason}");
@@ -385,7 +486,7 @@ fn replay_without_checkpoint(storage: &dyn Storage) -> Result<Replayed, LedgerEr
     let mut state = State::new(Currencies::default());
     let anchor = read_anchor(storage)?;
     let mut reader = ChainReader::new(storage, None);
-    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, None)?;
+    let (events, last_time_ms) = apply_records(storage, &mut reader, &mut state, anchor, None)?;
     let head = reader.head();
     check_end(storage, head, anchor, None, true)?;
     Ok(Replayed {
@@ -393,14 +494,16 @@ fn replay_without_checkpoint(storage: &dyn Storage) -> Result<Replayed, LedgerEr
         head,
         last_time_ms: last_time_ms.unwrap_or(0),
         events,
+        checkpoint: CheckpointCheck::None,
     })
 }
 
 /// The checkpoint's state, then the records after it (chained to the checkpoint's record).
 fn replay_after_checkpoint(
-    storage: &dyn Storage,
+    storage_arc: &std::sync::Arc<dyn Storage>,
     bytes: &[u8],
 ) -> Result<(Replayed, u64), LedgerError> {
+    let storage = storage_arc.as_ref();
     let corrupt = |record: u64, reason: String| LedgerError::Corrupt { record, reason };
     let checkpoint =
         State::decode_checkpoint(bytes).map_err(|e| corrupt(0, format!("checkpoint: {e}")))?;
@@ -409,6 +512,8 @@ fn replay_after_checkpoint(
         return Err(corrupt(0, "checkpoint of an empty journal".into()));
     }
     let mut state = checkpoint.state;
+    // The transfers it leaves out are rows, read as the records after it need them.
+    state.attach_rows(storage_arc);
     // Reads record `cp.seq` and checks its own hash; later records chain to it.
     let mut reader = ChainReader::starting_at(storage, cp.seq + 1)?;
     if reader.head() != cp {
@@ -433,7 +538,7 @@ fn replay_after_checkpoint(
         }
     }
     reader.read_to_end(storage);
-    let (events, last_time_ms) = apply_records(&mut reader, &mut state, anchor, None)?;
+    let (events, last_time_ms) = apply_records(storage, &mut reader, &mut state, anchor, None)?;
     let head = reader.head();
     check_end(storage, head, anchor, None, true)?;
     Ok((
@@ -442,6 +547,8 @@ fn replay_after_checkpoint(
             head,
             last_time_ms: last_time_ms.unwrap_or(checkpoint.time_ms),
             events,
+            // Started from it: what it holds was not compared with a replay.
+            checkpoint: CheckpointCheck::None,
         },
         cp.seq,
     ))

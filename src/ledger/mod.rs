@@ -16,6 +16,7 @@ pub mod journal;
 pub mod model;
 #[cfg(test)]
 mod powercut;
+mod segments;
 pub mod settings;
 mod state;
 pub mod storage;
@@ -36,14 +37,14 @@ use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot};
 
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
-pub use journal::{ExportedEntry, JournalEntry, JournalExport, JournalTail};
+pub use journal::{CheckpointCheck, ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
     AccountId, AccountView, Balances, CreateResult, FreezeMode, Owner, Transfer, TransferError,
     TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
     PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
-pub use storage::{SledStorage, Storage, StorageError};
+pub use storage::{RowEntry, SledStorage, Storage, StorageError, TransferRow};
 pub use time::{MonotonicClock, SharedMonotonic, SystemMonotonic, CLOCK_SKEW_MS_MAX};
 
 use crate::clock::SharedClock;
@@ -152,6 +153,8 @@ pub struct VerifyReport {
     pub transfers: usize,
     /// Transfers still pending.
     pub pending: usize,
+    /// What was done with the stored checkpoint.
+    pub checkpoint: CheckpointCheck,
 }
 
 /// One page of history.
@@ -280,7 +283,14 @@ impl Ledger {
         clock: SharedClock,
         options: LedgerOptions,
     ) -> Result<Ledger, LedgerError> {
-        let (replayed, start) = journal::replay_for_open(storage.as_ref())?;
+        let (replayed, start) = journal::replay_for_open(&storage)?;
+        if let journal::Start::OldFormat { seq } = &start {
+            tracing::info!(
+                checkpoint_seq = seq,
+                "the ledger's checkpoint is in an older version's format; replayed the whole \
+                 journal instead (a checkpoint in the current format is written soon)"
+            );
+        }
         if let journal::Start::FellBack { reason } = &start {
             tracing::warn!(
                 %reason,
@@ -684,7 +694,7 @@ impl Ledger {
             .state
             .check_invariants()
             .map_err(LedgerError::Invariant)?;
-        Ok(report(&replayed.state, replayed.head.seq, replayed.events))
+        Ok(report(&replayed.state, &replayed))
     }
 
     /// [`Ledger::verify`], and the state in memory compared with the replay in every part
@@ -718,7 +728,7 @@ impl Ledger {
                 "memory differs from the journal: {diff}"
             )));
         }
-        Ok(report(&state, head.seq, replayed.events))
+        Ok(report(&state, &replayed))
     }
 
     /// Streams the durable journal, entry by entry, checking the hash chain as it goes. It
@@ -782,10 +792,11 @@ impl Ledger {
     }
 }
 
-fn report(state: &State, records: u64, entries: u64) -> VerifyReport {
+fn report(state: &State, replayed: &journal::Replayed) -> VerifyReport {
     VerifyReport {
-        records,
-        entries,
+        records: replayed.head.seq,
+        entries: replayed.events,
+        checkpoint: replayed.checkpoint,
         accounts: state.accounts().len(),
         transfers: state.transfer_count(),
         pending: state.pending_transfers().len(),
@@ -808,7 +819,7 @@ pub fn verify_dir(data_dir: &Path) -> Result<VerifyReport, LedgerError> {
         .state
         .check_invariants()
         .map_err(LedgerError::Invariant)?;
-    Ok(report(&replayed.state, replayed.head.seq, replayed.events))
+    Ok(report(&replayed.state, &replayed))
 }
 
 impl Writer {

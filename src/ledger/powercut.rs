@@ -2,9 +2,9 @@
 //! write, and a test that runs the ledger over it many times.
 //!
 //! The storage keeps two images: what a running process sees, and what survives a power cut.
-//! Every write (a record with its head, a checkpoint, the head anchor) is first *issued*
-//! (visible, not durable) and only then *synced* (durable); `append` and `put_checkpoint`
-//! return after the sync, as their contract says. At a random step the power goes: the write
+//! Every write (a record with its head, a checkpoint, the head anchor, a piece of transfer
+//! rows) is first *issued* (visible, not durable) and only then *synced* (durable); `append`,
+//! `put_checkpoint` and `put_transfer_rows` return after the sync, as their contract says. At a random step the power goes: the write
 //! in flight fails, every later call fails (the process is gone), and each write issued but
 //! not synced survives or not at random (a disk may have written it anyway, so a caller whose
 //! call failed must not assume either way). The next run opens a fresh storage over the
@@ -25,7 +25,9 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::storage::{Storage, StorageError, StoredRecord};
+use super::storage::{
+    RowEntry, Storage, StorageError, StoredRecord, TransferRow, ROWS_PER_BATCH_MAX,
+};
 
 /// What one side (visible or durable) holds.
 #[derive(Debug, Clone, Default)]
@@ -34,6 +36,9 @@ pub(crate) struct Image {
     head: Option<Vec<u8>>,
     anchor: Option<Vec<u8>>,
     checkpoint: Option<Vec<u8>>,
+    /// Transfer rows by index, and their id index.
+    rows: BTreeMap<u32, Vec<u8>>,
+    row_ids: BTreeMap<u128, u32>,
 }
 
 /// A write issued and not yet synced.
@@ -46,6 +51,8 @@ enum Unsynced {
     },
     Checkpoint(Vec<u8>),
     Anchor(Vec<u8>),
+    /// One piece of a `put_transfer_rows` (each piece survives a cut or not on its own).
+    Rows(Vec<TransferRow>),
 }
 
 struct Inner {
@@ -113,6 +120,12 @@ fn apply(image: &mut Image, write: Unsynced) {
         }
         Unsynced::Checkpoint(bytes) => image.checkpoint = Some(bytes),
         Unsynced::Anchor(bytes) => image.anchor = Some(bytes),
+        Unsynced::Rows(rows) => {
+            for row in rows {
+                image.row_ids.insert(row.id, row.idx);
+                image.rows.insert(row.idx, row.bytes);
+            }
+        }
     }
 }
 
@@ -209,6 +222,50 @@ impl Storage for PowerCutStorage {
             return Err(Inner::dead());
         }
         Ok(inner.visible.checkpoint.clone())
+    }
+
+    fn keeps_transfer_rows(&self) -> bool {
+        true
+    }
+
+    /// Issued in pieces as sled's backend writes them, then synced once.
+    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+        let mut inner = self.0.lock();
+        for piece in rows.chunks(ROWS_PER_BATCH_MAX) {
+            inner.issue(Unsynced::Rows(piece.to_vec()))?;
+        }
+        inner.sync()
+    }
+
+    fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        Ok(inner.visible.rows.get(&idx).cloned())
+    }
+
+    fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        Ok(inner.visible.row_ids.get(&id).copied())
+    }
+
+    fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        // Keyed maps: one entry per index and per id, the newest.
+        for (&idx, bytes) in &inner.visible.rows {
+            visit(RowEntry::Row { idx, bytes });
+        }
+        for (&id, &idx) in &inner.visible.row_ids {
+            visit(RowEntry::Id { id, idx });
+        }
+        Ok(())
     }
 }
 
@@ -601,6 +658,60 @@ mod tests {
             );
         }
         (cuts, unknowns + unknown.len())
+    }
+
+    fn rows(count: u32) -> Vec<TransferRow> {
+        (0..count)
+            .map(|idx| TransferRow {
+                idx,
+                id: 100 + u128::from(idx),
+                bytes: idx.to_le_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    /// Issue 15: transfer rows are written in pieces and synced once. A cut before the sync
+    /// leaves each piece whole or absent (rows and their id index together), never a row
+    /// without its index; once the call returned, every row survives the cut.
+    #[test]
+    fn a_cut_while_rows_are_written_keeps_each_piece_whole_and_returned_rows_survive() {
+        let count = ROWS_PER_BATCH_MAX as u32 * 2 + 5;
+        let (mut whole, mut absent) = (0, 0);
+        for seed in 0..16 {
+            // Three pieces issued, then the power goes at the sync.
+            let storage = PowerCutStorage::new(Image::default(), Some(3), seed);
+            assert!(storage.put_transfer_rows(&rows(count)).is_err());
+            let image = storage.survivors();
+            for piece in rows(count).chunks(ROWS_PER_BATCH_MAX) {
+                let kept = piece
+                    .iter()
+                    .filter(|r| image.rows.get(&r.idx) == Some(&r.bytes))
+                    .filter(|r| image.row_ids.get(&r.id) == Some(&r.idx))
+                    .count();
+                assert!(
+                    kept == 0 || kept == piece.len(),
+                    "seed {seed}: a torn piece"
+                );
+                if kept == 0 {
+                    absent += 1;
+                } else {
+                    whole += 1;
+                }
+            }
+            assert_eq!(image.rows.len(), image.row_ids.len());
+        }
+        assert!(
+            whole > 0 && absent > 0,
+            "{whole} pieces kept, {absent} lost"
+        );
+
+        let storage = PowerCutStorage::new(Image::default(), Some(4), 7);
+        storage.put_transfer_rows(&rows(count)).unwrap();
+        let reopened = PowerCutStorage::new(storage.survivors(), None, 0);
+        for row in rows(count) {
+            assert_eq!(reopened.transfer_row(row.idx).unwrap(), Some(row.bytes));
+            assert_eq!(reopened.transfer_row_idx(row.id).unwrap(), Some(row.idx));
+        }
     }
 
     fn runs() -> u64 {

@@ -13,6 +13,12 @@ use super::model::{
 };
 
 mod checkpoint;
+mod rows;
+
+pub(crate) use checkpoint::{
+    checkpoint_filters, checkpoint_state, VERSION as CHECKPOINT_VERSION,
+    VERSION_FULL_STATE as CHECKPOINT_VERSION_FULL_STATE,
+};
 
 /// Index of an account in [`State::accounts`], stable across replays (assigned in journal order).
 pub(crate) type AccountIdx = u32;
@@ -251,7 +257,6 @@ struct TransferRec {
     memo: Box<[u8]>,
     created_ms: u64,
     ended_ms: Option<u64>,
-    refunded_minor: u128,
 }
 
 impl TransferRec {
@@ -297,8 +302,8 @@ pub(crate) struct State {
     currencies: Currencies,
     accounts: Vec<Account>,
     account_index: HashMap<AccountId, AccountIdx>,
-    transfers: Vec<TransferRec>,
-    transfer_index: HashMap<TransferId, TransferIdx>,
+    /// Every transfer, with its id index: in memory, or written out at a checkpoint.
+    transfers: rows::Transfers,
     failed: HashMap<TransferId, FailedRec>,
     /// Live pending transfers by deadline.
     deadlines: BTreeSet<(u64, TransferIdx)>,
@@ -310,8 +315,14 @@ pub(crate) struct State {
     /// kind).
     pending_refund_of: HashMap<TransferIdx, TransferIdx>,
     /// What live pending refunds reserve of each original; counted against its cap until
-    /// they are posted (then `refunded_minor`), voided or expire. No zero entries.
+    /// they are posted (then `refunded`), voided or expire. No zero entries.
     refund_reserved: HashMap<TransferIdx, u128>,
+    /// What was refunded of each transfer (single-phase refunds, and what pending refunds
+    /// posted). No zero entries. Kept beside the transfers rather than in them, so that a
+    /// transfer that has ended never changes again: its row can then be written once and
+    /// moved out of memory, and a refund of it changes only this map (see docs/ledger.md,
+    /// Memory).
+    refunded: HashMap<TransferIdx, u128>,
     /// Accounts whose balances or freeze changed since the last [`State::publish`], kept
     /// only once [`State::track_touched`] was called (not while replaying at open).
     touched: Vec<AccountIdx>,
@@ -325,14 +336,14 @@ impl State {
             currencies,
             accounts: Vec::new(),
             account_index: HashMap::new(),
-            transfers: Vec::new(),
-            transfer_index: HashMap::new(),
+            transfers: rows::Transfers::default(),
             failed: HashMap::new(),
             deadlines: BTreeSet::new(),
             totals: HashMap::new(),
             refunds: HashMap::new(),
             pending_refund_of: HashMap::new(),
             refund_reserved: HashMap::new(),
+            refunded: HashMap::new(),
             touched: Vec::new(),
             track_touched: false,
         }
@@ -378,8 +389,8 @@ impl State {
             Event::PendingPosted { id, .. }
             | Event::PendingVoided { id }
             | Event::PendingExpired { id } => {
-                if let Some(&idx) = self.transfer_index.get(id) {
-                    let t = &self.transfers[idx as usize];
+                if let Some(idx) = self.transfers.idx_of(*id) {
+                    let t = self.transfers.get(idx);
                     self.touched.extend([t.debit, t.credit]);
                 }
             }
@@ -413,9 +424,15 @@ impl State {
         self.emit(Event::CurrencyDefined { code, exponent }, now_ms, events);
     }
 
-    /// What a checkpoint of this state holds: transfers, accounts and recorded failures.
+    /// What a checkpoint of this state holds: the transfers in memory, accounts and recorded
+    /// failures.
     pub fn checkpoint_items(&self) -> u64 {
-        (self.transfers.len() + self.accounts.len() + self.failed.len()) as u64
+        (self.transfers_held() + self.accounts.len() + self.failed.len()) as u64
+    }
+
+    /// Number of transfers held in memory: those after the last spill, and the pending ones.
+    pub fn transfers_held(&self) -> usize {
+        self.transfers.tail.len() + self.transfers.resident.len()
     }
 
     /// Number of transfers ever created (not counting failures).
@@ -434,7 +451,7 @@ impl State {
             if deadline_ms > now_ms || expired.len() >= EXPIRIES_PER_BATCH_MAX {
                 break;
             }
-            let id = self.transfers[idx as usize].id;
+            let id = self.transfers.get(idx).id;
             self.emit(Event::PendingExpired { id }, now_ms, events);
             expired.push(id);
         }
@@ -564,7 +581,7 @@ impl State {
             now_ms,
             events,
         );
-        self.answer(self.transfer_index[&request.id], false)
+        self.answer(self.transfers.index[&request.id], false)
     }
 
     /// The refund checks of `original`, in precedence order: it exists (else
@@ -580,11 +597,11 @@ impl State {
         amount_minor: u128,
     ) -> Result<(AccountIdx, AccountIdx), TransferError> {
         use TransferError as E;
-        let &idx = self
-            .transfer_index
-            .get(&original)
+        let idx = self
+            .transfers
+            .idx_of(original)
             .ok_or(E::OriginalTransferNotFound)?;
-        let orig = &self.transfers[idx as usize];
+        let orig = self.transfers.get(idx);
         if self.accounts[orig.debit as usize].id.currency != currency {
             return Err(E::CurrencyMismatch);
         }
@@ -605,17 +622,19 @@ impl State {
 
     /// What may still be refunded of a transfer that posted `posted_minor`.
     fn refundable_minor(&self, idx: TransferIdx, posted_minor: u128) -> u128 {
-        let t = &self.transfers[idx as usize];
         let reserved = self.refund_reserved.get(&idx).copied().unwrap_or(0);
-        posted_minor - t.refunded_minor - reserved
+        posted_minor - self.refunded_minor(idx) - reserved
+    }
+
+    /// What was refunded of a transfer so far (posted refunds only).
+    fn refunded_minor(&self, idx: TransferIdx) -> u128 {
+        self.refunded.get(&idx).copied().unwrap_or(0)
     }
 
     /// Whether the transfer is a refund (single-phase or pending).
     fn is_refund(&self, idx: TransferIdx) -> bool {
-        matches!(
-            self.transfers[idx as usize].kind,
-            TransferKind::Refund { .. }
-        ) || self.pending_refund_of.contains_key(&idx)
+        matches!(self.transfers.get(idx).kind, TransferKind::Refund { .. })
+            || self.pending_refund_of.contains_key(&idx)
     }
 
     /// Creates a refund whose original passed [`State::check_refund`]: the movement checks
@@ -647,7 +666,7 @@ impl State {
             now_ms,
             events,
         );
-        self.answer(self.transfer_index[&id], false)
+        self.answer(self.transfers.index[&id], false)
     }
 
     fn decide_refund(
@@ -698,7 +717,7 @@ impl State {
         use TransferError as E;
         let idx = self.pending_idx(pending)?;
         self.expire_if_due(idx, now_ms, events);
-        let t = &self.transfers[idx as usize];
+        let t = self.transfers.get(idx);
         let currency = self.accounts[t.debit as usize].id.currency;
         if amount.is_some_and(|a| a.currency() != currency) {
             return Err(E::CurrencyMismatch);
@@ -749,7 +768,7 @@ impl State {
         use TransferError as E;
         let idx = self.pending_idx(pending)?;
         self.expire_if_due(idx, now_ms, events);
-        match self.transfers[idx as usize].state {
+        match self.transfers.get(idx).state {
             TransferState::Voided => return self.answer(idx, true),
             TransferState::Posted { .. } => return Err(E::PendingTransferAlreadyPosted),
             TransferState::Expired => return Err(E::PendingTransferExpired),
@@ -760,7 +779,7 @@ impl State {
     }
 
     fn expire_if_due(&mut self, idx: TransferIdx, now_ms: u64, events: &mut Vec<Event>) {
-        let t = &self.transfers[idx as usize];
+        let t = self.transfers.get(idx);
         if t.state == TransferState::Pending && t.deadline_ms().is_some_and(|d| d <= now_ms) {
             let id = t.id;
             self.emit(Event::PendingExpired { id }, now_ms, events);
@@ -768,11 +787,11 @@ impl State {
     }
 
     fn pending_idx(&self, pending: TransferId) -> Result<TransferIdx, TransferError> {
-        let &idx = self
-            .transfer_index
-            .get(&pending)
+        let idx = self
+            .transfers
+            .idx_of(pending)
             .ok_or(TransferError::PendingTransferNotFound)?;
-        match self.transfers[idx as usize].kind {
+        match self.transfers.get(idx).kind {
             TransferKind::Pending { .. } => Ok(idx),
             _ => Err(TransferError::PendingTransferNotPending),
         }
@@ -873,7 +892,7 @@ impl State {
             if created_ms > window.cutoff_ms {
                 break;
             }
-            window.sum_minor -= transfers[t as usize].counted_minor();
+            window.sum_minor -= transfers.get(t).counted_minor();
             window.entries.pop_front();
         }
     }
@@ -881,8 +900,8 @@ impl State {
     /// An earlier transfer or recorded failure with this id decides the answer.
     fn existing(&self, id: TransferId, request: &Body) -> Option<OpResult> {
         let request = request.fingerprint();
-        if let Some(&idx) = self.transfer_index.get(&id) {
-            let t = &self.transfers[idx as usize];
+        if let Some(idx) = self.transfers.idx_of(id) {
+            let t = self.transfers.get(idx);
             let stored = Body {
                 kind: t.kind,
                 debit: Some(self.accounts[t.debit as usize].id.clone()),
@@ -893,7 +912,7 @@ impl State {
                 refund_of: self
                     .pending_refund_of
                     .get(&idx)
-                    .map(|&o| self.transfers[o as usize].id),
+                    .map(|&o| self.transfers.get(o).id),
             };
             return Some(
                 stored
@@ -1012,18 +1031,18 @@ impl State {
             )?,
             Event::PendingVoided { id } => self.apply_end(*id, TransferState::Voided, now_ms)?,
             Event::PendingExpired { id } => {
-                let idx = *self
-                    .transfer_index
-                    .get(id)
+                let idx = self
+                    .transfers
+                    .idx_of(*id)
                     .ok_or("expiry of an unknown transfer")?;
-                let deadline = self.transfers[idx as usize].deadline_ms();
+                let deadline = self.transfers.get(idx).deadline_ms();
                 if deadline.is_none_or(|d| d > now_ms) {
                     return Err(format!("transfer {id} expired before its deadline"));
                 }
                 self.apply_end(*id, TransferState::Expired, now_ms)?
             }
             Event::TransferFailed { id, body, error } => {
-                if self.transfer_index.contains_key(id) || self.failed.contains_key(id) {
+                if self.transfers.in_memory(*id) || self.failed.contains_key(id) {
                     return Err(format!(
                         "failure recorded for transfer id {id} already in use"
                     ));
@@ -1061,7 +1080,7 @@ impl State {
         refund_of: Option<TransferId>,
         now_ms: u64,
     ) -> Result<(), String> {
-        if id.0 == 0 || self.transfer_index.contains_key(&id) || self.failed.contains_key(&id) {
+        if id.0 == 0 || self.transfers.in_memory(id) || self.failed.contains_key(&id) {
             return Err(format!("transfer id {id} is zero or already in use"));
         }
         let n = self.accounts.len();
@@ -1140,13 +1159,11 @@ impl State {
             memo: memo.into(),
             created_ms: now_ms,
             ended_ms: None,
-            refunded_minor: 0,
         };
         if let Some(deadline_ms) = record.deadline_ms() {
             self.deadlines.insert((deadline_ms, idx));
         }
-        self.transfers.push(record);
-        self.transfer_index.insert(id, idx);
+        self.transfers.push(id, record);
         if self.windowed(debit) {
             let w = &mut self.accounts[debit as usize].window;
             w.entries.push_back((now_ms, idx));
@@ -1170,11 +1187,11 @@ impl State {
         amount_minor: u128,
         pending: bool,
     ) -> Result<(), String> {
-        let &o = self
-            .transfer_index
-            .get(&original)
+        let o = self
+            .transfers
+            .idx_of(original)
             .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
-        let orig = &self.transfers[o as usize];
+        let orig = self.transfers.get(o);
         let posted = match orig.state {
             TransferState::Posted { amount_minor } => Some(amount_minor),
             _ => None,
@@ -1187,18 +1204,18 @@ impl State {
             *self.refund_reserved.entry(o).or_default() += amount_minor;
             self.pending_refund_of.insert(idx, o);
         } else {
-            self.transfers[o as usize].refunded_minor += amount_minor;
+            *self.refunded.entry(o).or_default() += amount_minor;
         }
         self.refunds.entry(o).or_default().push(idx);
         Ok(())
     }
 
     fn apply_end(&mut self, id: TransferId, end: TransferState, now_ms: u64) -> Result<(), String> {
-        let idx = *self
-            .transfer_index
-            .get(&id)
+        let idx = self
+            .transfers
+            .idx_of(id)
             .ok_or_else(|| format!("end of unknown transfer {id}"))?;
-        let t = &self.transfers[idx as usize];
+        let t = self.transfers.get(idx);
         if t.state != TransferState::Pending || !matches!(t.kind, TransferKind::Pending { .. }) {
             return Err(format!("transfer {id} ended twice or was never pending"));
         }
@@ -1231,7 +1248,7 @@ impl State {
             removed,
             "a live pending transfer is always in the deadline index"
         );
-        let t = &mut self.transfers[idx as usize];
+        let t = self.transfers.get_mut(idx);
         t.state = end;
         t.ended_ms = Some(now_ms);
         if let Some(&o) = self.pending_refund_of.get(&idx) {
@@ -1245,7 +1262,9 @@ impl State {
             if *left == 0 {
                 self.refund_reserved.remove(&o);
             }
-            self.transfers[o as usize].refunded_minor += posted;
+            if posted > 0 {
+                *self.refunded.entry(o).or_default() += posted;
+            }
         }
         // Give back the unused part of the reservation to the daily limit, if still counted.
         // Entries leave a window only once `created_ms <= cutoff_ms`, so this is still counted.
@@ -1279,7 +1298,7 @@ impl State {
     // ----- reading -------------------------------------------------------------------------
 
     fn view(&self, idx: TransferIdx) -> Transfer {
-        let t = &self.transfers[idx as usize];
+        let t = self.transfers.get(idx);
         Transfer {
             id: t.id,
             kind: t.kind,
@@ -1291,13 +1310,13 @@ impl State {
             created_ms: t.created_ms,
             ended_ms: t.ended_ms,
             deadline_ms: t.deadline_ms(),
-            refunded_minor: t.refunded_minor,
+            refunded_minor: self.refunded_minor(idx),
             refund_of: match t.kind {
                 TransferKind::Refund { original } => Some(original),
                 _ => self
                     .pending_refund_of
                     .get(&idx)
-                    .map(|&o| self.transfers[o as usize].id),
+                    .map(|&o| self.transfers.get(o).id),
             },
             refund_pending_minor: self.refund_reserved.get(&idx).copied().unwrap_or(0),
         }
@@ -1306,16 +1325,16 @@ impl State {
     /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
     /// empty if it has none or does not exist. An index lookup, not a scan.
     pub fn refunds_of(&self, original: TransferId) -> Vec<Transfer> {
-        self.transfer_index
-            .get(&original)
-            .and_then(|idx| self.refunds.get(idx))
+        self.transfers
+            .idx_of(original)
+            .and_then(|idx| self.refunds.get(&idx))
             .map(|list| list.iter().map(|&i| self.view(i)).collect())
             .unwrap_or_default()
     }
 
     /// A transfer by id.
     pub fn transfer(&self, id: TransferId) -> Option<Transfer> {
-        self.transfer_index.get(&id).map(|&idx| self.view(idx))
+        self.transfers.idx_of(id).map(|idx| self.view(idx))
     }
 
     fn account_view(&self, idx: AccountIdx) -> AccountView {
@@ -1433,7 +1452,8 @@ impl State {
         let mut refunds: HashMap<TransferIdx, u128> = HashMap::new();
         let mut reserved: HashMap<TransferIdx, u128> = HashMap::new();
         let mut pending_count = 0;
-        for (idx, t) in self.transfers.iter().enumerate() {
+        for idx in 0..self.transfers.len() {
+            let t = self.transfers.get(idx as TransferIdx);
             let (d, c) = (t.debit as usize, t.credit as usize);
             match t.state {
                 TransferState::Pending => {
@@ -1454,7 +1474,11 @@ impl State {
                 TransferState::Voided | TransferState::Expired => {}
             }
             if let TransferKind::Refund { original } = t.kind {
-                *refunds.entry(self.transfer_index[&original]).or_default() += t.amount_minor;
+                let o = self
+                    .transfers
+                    .idx_of(original)
+                    .ok_or("a refund of an unknown transfer")?;
+                *refunds.entry(o).or_default() += t.amount_minor;
             }
             if let Some(&o) = self.pending_refund_of.get(&(idx as TransferIdx)) {
                 match t.state {
@@ -1481,7 +1505,8 @@ impl State {
                 ));
             }
         }
-        for (idx, t) in self.transfers.iter().enumerate() {
+        for idx in 0..self.transfers.len() {
+            let t = self.transfers.get(idx as TransferIdx);
             let refunded = refunds.get(&(idx as TransferIdx)).copied().unwrap_or(0);
             let held = reserved.get(&(idx as TransferIdx)).copied().unwrap_or(0);
             let posted = match t.state {
@@ -1493,7 +1518,10 @@ impl State {
                 .get(&(idx as TransferIdx))
                 .copied()
                 .unwrap_or(0);
-            if t.refunded_minor != refunded || held != kept || refunded + held > posted {
+            if self.refunded_minor(idx as TransferIdx) != refunded
+                || held != kept
+                || refunded + held > posted
+            {
                 return Err(format!("transfer {}: refunds {refunded} do not fit", t.id));
             }
         }
@@ -1531,9 +1559,12 @@ impl State {
         if self.failed != other.failed {
             return Some("the recorded failures differ".to_owned());
         }
-        for (i, t) in self.transfers.iter().enumerate() {
-            if self.view(i as TransferIdx) != other.view(i as TransferIdx) {
-                return Some(format!("transfer {}: memory and journal differ", t.id));
+        for i in 0..self.transfers.len() as TransferIdx {
+            if self.view(i) != other.view(i) {
+                return Some(format!(
+                    "transfer {}: memory and journal differ",
+                    self.transfers.get(i).id
+                ));
             }
         }
         None

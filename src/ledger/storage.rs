@@ -9,8 +9,11 @@
 //! both written by one atomic `apply_batch`, one `flush` and one `fdatasync` per batch; then
 //! the head is copied to the file `mxpay-head` beside sled's files (see `anchor`; a failure
 //! of that copy is logged, counted and retried on the next batch, never returned: the batch
-//! is durable by then). Nothing else is stored:
-//! balances, transfers and idempotency keys are rebuilt in memory from the journal on open.
+//! is durable by then). Nothing else is written per commit: balances and the recent
+//! transfers are rebuilt in memory from the checkpoint and the journal on open. The rows of
+//! ended transfers are written in bulk at checkpoints, as segment files beside sled's
+//! (`segments.rs`; not sled keys: sled's memory grows with every key), and read back when
+//! asked for.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -37,6 +40,33 @@ impl From<sled::Error> for StorageError {
         Self::Backend(e.to_string())
     }
 }
+
+/// The row of one transfer that has ended, written out of memory (see docs/ledger.md,
+/// Memory): its index in journal order, its id, and its bytes (`State::put_row`). A row never
+/// changes once written: a transfer's row is written only once it has ended, and what its
+/// refunds change is kept beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRow {
+    /// The transfer's index in journal order (the n-th transfer created has index n - 1).
+    pub idx: u32,
+    /// The transfer's id.
+    pub id: u128,
+    /// The encoded row.
+    pub bytes: Vec<u8>,
+}
+
+/// One entry of the stored rows, as [`Storage::scan_transfer_rows`] visits them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowEntry<'a> {
+    /// The row of transfer `idx`.
+    Row { idx: u32, bytes: &'a [u8] },
+    /// An id index entry: transfer `id` has index `idx`.
+    Id { id: u128, idx: u32 },
+}
+
+/// Pieces in which the power-cut test storage issues a `put_transfer_rows` (each survives a
+/// cut or not on its own), standing for a backend whose row writes are not atomic.
+pub const ROWS_PER_BATCH_MAX: usize = 16_384;
 
 /// A stored record: its seq from the key, and its bytes.
 pub type StoredRecord = Result<(u64, Vec<u8>), StorageError>;
@@ -83,6 +113,47 @@ pub trait Storage: Send + Sync + 'static {
     fn checkpoint(&self) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(None)
     }
+
+    /// Whether this backend keeps transfer rows ([`Storage::put_transfer_rows`]); without
+    /// them every transfer stays in memory.
+    fn keeps_transfer_rows(&self) -> bool {
+        false
+    }
+
+    /// Stores `rows` and their id index (id -> index); returns once all of them are durable.
+    /// Called before the checkpoint that relies on them is written, so a checkpoint never
+    /// names a row a power cut could take back. Not atomic: a failed call may have stored
+    /// some rows, which is harmless (a row never changes, so writing it again writes the
+    /// same bytes, and rows beyond the checkpoint are not read).
+    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+        let _ = rows;
+        Err(StorageError::Backend(
+            "this ledger backend keeps no transfer rows".to_owned(),
+        ))
+    }
+
+    /// The row of the transfer with index `idx`, if stored.
+    fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        let _ = idx;
+        Ok(None)
+    }
+
+    /// The index of the transfer `id`, if its row is stored.
+    fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// Visits every stored row and id index entry, each stored piece read once and in
+    /// order, oldest write first: an entry for an index or id already visited replaces it,
+    /// as [`Storage::transfer_row`] and [`Storage::transfer_row_idx`] would answer. For
+    /// `verify`, which checks every row against the replay in one pass instead of one lookup
+    /// per transfer. A backend that keeps rows must provide it; it checks what it can on the
+    /// way (the sled backend: each segment's own hash).
+    fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
+        let _ = visit;
+        Ok(())
+    }
 }
 
 const RECORD_PREFIX: u8 = b'j';
@@ -97,7 +168,7 @@ pub const ANCHOR_FILE: &str = "mxpay-head";
 pub const CHECKPOINT_FILE: &str = "mxpay-checkpoint";
 /// Size of an encoded head (seq u64 + blake3 hash).
 const ANCHOR_BYTES: usize = 8 + 32;
-/// Name of the one sled tree.
+/// Name of the sled tree of the journal.
 pub const JOURNAL_TREE: &str = "journal";
 /// Largest journal record the writer aims for. sled keeps values inline in its tree pages
 /// (up to 16 entries a leaf, rewritten whole every 10 updates) and writes any message above a
@@ -116,6 +187,8 @@ pub struct SledStorage {
     // Kept so the database lives as long as the tree.
     _db: sled::Db,
     tree: sled::Tree,
+    /// The rows of ended transfers, in segment files of their own.
+    rows: super::segments::Segments,
     /// sled's log file, fdatasync'ed after each flush: on Linux sled 0.34 "flushes" with
     /// `sync_file_range`, which neither writes metadata nor flushes the disk's write cache,
     /// so it survives a process crash but not necessarily a power cut.
@@ -160,6 +233,7 @@ impl SledStorage {
             .cache_capacity(CACHE_BYTES);
         let db = crate::sled_open::open_waiting_for_lock(&config)?;
         let tree = db.open_tree(JOURNAL_TREE)?;
+        let rows = super::segments::Segments::open(path)?;
         let anchor_path = path.join(ANCHOR_FILE);
         let io = |what: &str, e: std::io::Error| {
             StorageError::Backend(format!("{what} {}: {e}", anchor_path.display()))
@@ -203,6 +277,7 @@ impl SledStorage {
         Ok(Self {
             _db: db,
             tree,
+            rows,
             log_file,
             anchor: Mutex::new(Anchor {
                 file: anchor_file,
@@ -332,6 +407,28 @@ impl Storage for SledStorage {
         }
     }
 
+    fn keeps_transfer_rows(&self) -> bool {
+        true
+    }
+
+    /// One segment file, written and synced (see `segments.rs`).
+    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+        self.rows.put(rows)
+    }
+
+    fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        self.rows.row(idx)
+    }
+
+    fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
+        self.rows.idx_of(id)
+    }
+
+    /// Each segment file read once, front to back, oldest first (see `segments.rs`).
+    fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
+        self.rows.scan(visit)
+    }
+
     fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
         let anchor = self.anchor.lock();
         let Some(file) = &anchor.file else {
@@ -381,6 +478,43 @@ mod tests {
         let got: Vec<u64> = storage.records(2).map(|r| r.unwrap().0).collect();
         assert_eq!(got, vec![2, 300]);
         assert_eq!(storage.head().unwrap().unwrap(), b"head");
+    }
+
+    fn row(idx: u32) -> TransferRow {
+        TransferRow {
+            idx,
+            id: 1_000 + u128::from(idx) * 7,
+            bytes: vec![idx as u8; 1 + idx as usize % 40],
+        }
+    }
+
+    /// Issue 15 (memory flat in history): rows of ended transfers go to segment files, and
+    /// are read back by index and by id after a reopen (a row written again: its newest
+    /// copy); the journal is untouched.
+    #[test]
+    fn transfer_rows_read_back_by_index_and_id_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = ROWS_PER_BATCH_MAX as u32 + 10;
+        {
+            let storage = SledStorage::open(dir.path()).unwrap();
+            assert!(storage.keeps_transfer_rows());
+            storage.append(1, b"one", &[1; ANCHOR_BYTES]).unwrap();
+            let rows: Vec<TransferRow> = (0..count).map(row).collect();
+            storage.put_transfer_rows(&rows).unwrap();
+            // Written again (a checkpoint retried after a failure): the same bytes.
+            storage.put_transfer_rows(&rows[..3]).unwrap();
+        }
+        let storage = SledStorage::open(dir.path()).unwrap();
+        for idx in [0, 1, ROWS_PER_BATCH_MAX as u32, count - 1] {
+            let expected = row(idx);
+            assert_eq!(storage.transfer_row(idx).unwrap(), Some(expected.bytes));
+            assert_eq!(storage.transfer_row_idx(expected.id).unwrap(), Some(idx));
+        }
+        assert_eq!(storage.transfer_row(count).unwrap(), None);
+        assert_eq!(storage.transfer_row_idx(1).unwrap(), None);
+        let journal: Vec<u64> = storage.records(1).map(|r| r.unwrap().0).collect();
+        assert_eq!(journal, vec![1], "rows are not journal records");
+        assert_eq!(storage.head().unwrap().unwrap(), [1; ANCHOR_BYTES]);
     }
 
     /// Issue 15: the anchor is written after the record is durable, so its failure never

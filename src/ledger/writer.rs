@@ -161,6 +161,11 @@ impl Writer {
         if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
             return;
         }
+        if let Err(error) = self.state.spill(&self.storage) {
+            self.checkpoint_failed(&error);
+            self.entries_since_checkpoint = 0;
+            return;
+        }
         let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
         let storage = self.storage.clone();
         let spawned = std::thread::Builder::new()
@@ -185,8 +190,12 @@ impl Writer {
         if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
             return Ok(self.head.seq);
         }
-        let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
-        match self.storage.put_checkpoint(&bytes) {
+        // The rows the checkpoint leaves out are durable before it is written.
+        let written = self.state.spill(&self.storage).and_then(|_| {
+            let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
+            self.storage.put_checkpoint(&bytes)
+        });
+        match written {
             Ok(()) => {
                 self.entries_since_checkpoint = 0;
                 Ok(self.head.seq)

@@ -3,19 +3,23 @@
 //!
 //! Format (integers little-endian, `v` = LEB128 varint):
 //! ```text
-//! magic "mxpay-cp" | version u8 = 1 | seq u64 | record hash [32] | time_ms u64 |
-//! state... | hash [32]
+//! magic "mxpay-cp" | version u8 = 2 | seq u64 | record hash [32] | time_ms u64 |
+//! spilled u32 | state... | hash [32]
 //! hash = blake3(all bytes before it)
 //! ```
 //! `seq` and `record hash` name the journal record the state is the replay of (up to and
-//! including it), and `time_ms` is that record's time. The state is written in a fixed order
-//! (accounts and transfers in index order, failures and totals sorted), so the same state
-//! always gives the same bytes: `verify` replays the journal to the checkpoint's record and
-//! compares bytes. What can be derived (the id and account indexes, the deadline index, each
-//! account's history) is rebuilt on decode, not stored.
+//! including it), and `time_ms` is that record's time. The ended transfers below `spilled`
+//! are not in it: their rows were written to the storage before it (`State::spill`). The
+//! state is written in a fixed order (accounts with their histories, the held transfers in
+//! index order, failures, totals, refunds sorted), so the same state always gives the same
+//! bytes: `verify` replays the journal to the checkpoint's record and compares bytes. What
+//! can be derived from what it holds (the id and account indexes, the deadline index, the
+//! reservations of pending refunds) is rebuilt on decode, not stored.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use super::rows::IdFilter;
 use super::{
     Account, FailedRec, Fingerprint, State, Totals, TransferIdx, TransferRec, Window, DAY_MS,
 };
@@ -25,9 +29,14 @@ use crate::ledger::codec::{
     HASH_LEN,
 };
 use crate::ledger::model::{Balances, TransferError, TransferId, TransferKind, TransferState};
+use crate::ledger::storage::{RowEntry, Storage, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-cp";
-const VERSION: u8 = 1;
+/// 2: the transfers below the spill point are rows on disk (issue 15); 1 held every transfer.
+pub(crate) const VERSION: u8 = 2;
+/// The format written before issue 15: the whole state, every transfer included. Not decoded
+/// any more (open replays the journal instead); `verify` reports it as not compared.
+pub(crate) const VERSION_FULL_STATE: u8 = 1;
 
 /// A decoded checkpoint: the state and the journal record it stands for.
 #[derive(Debug)]
@@ -68,16 +77,119 @@ fn put_balances(out: &mut Vec<u8>, b: &Balances) {
     put_varint(out, b.credits_posted_minor);
 }
 
+/// Reads a row written by [`State::put_row`]: the transfer and, for a pending refund, the id
+/// of the transfer it refunds.
+pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<TransferId>), String> {
+    let opt = |r: &mut Reader<'_>| -> Result<Option<u128>, String> {
+        match r.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(u128::from_le_bytes(r.array()?))),
+            tag => Err(format!("unknown option tag {tag}")),
+        }
+    };
+    let id = r.id()?;
+    let kind = r.kind()?;
+    let link = opt(r)?.map(TransferId);
+    let debit = r.varint_u32()?;
+    let credit = r.varint_u32()?;
+    let amount_minor = r.varint()?;
+    let state = match r.u8()? {
+        0 => TransferState::Pending,
+        1 => TransferState::Posted {
+            amount_minor: r.varint()?,
+        },
+        2 => TransferState::Voided,
+        3 => TransferState::Expired,
+        tag => return Err(format!("unknown transfer state {tag}")),
+    };
+    let memo = r.bytes()?.into_boxed_slice();
+    let created_ms = u64::try_from(r.varint()?).map_err(|_| "created_ms out of range")?;
+    let ended_ms = opt(r)?
+        .map(|v| u64::try_from(v).map_err(|_| "ended_ms out of range"))
+        .transpose()?;
+    let record = TransferRec {
+        id,
+        kind,
+        debit,
+        credit,
+        amount_minor,
+        state,
+        memo,
+        created_ms,
+        ended_ms,
+    };
+    Ok((record, link))
+}
+
+/// The part of a checkpoint a replay reproduces: everything before the id filters.
+pub(crate) fn checkpoint_state(bytes: &[u8]) -> &[u8] {
+    let end = bytes.len().saturating_sub(HASH_LEN + 8);
+    let filters_len = bytes
+        .get(end..end + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    &bytes[..end.saturating_sub(usize::try_from(filters_len).unwrap_or(usize::MAX))]
+}
+
+/// The id filters of a checkpoint whose hash was checked (empty if they do not decode: the
+/// comparison of the state fails first).
+pub(crate) fn checkpoint_filters(bytes: &[u8]) -> Vec<IdFilter> {
+    let start = checkpoint_state(bytes).len();
+    let mut r = Reader { bytes, pos: start };
+    let Ok(n) = r.varint() else { return Vec::new() };
+    (0..n)
+        .map_while(|_| IdFilter::decode(&mut r).ok())
+        .collect()
+}
+
 impl State {
+    /// Appends the row of transfer `idx`: everything the transfer is, except what its refunds
+    /// did to it (kept beside it, see `State::refunded`). So the row of a transfer that has
+    /// ended never changes: it can be written once, out of memory. The checkpoint holds the
+    /// same bytes for each transfer, followed by what was refunded of it.
+    pub fn put_row(&self, out: &mut Vec<u8>, idx: TransferIdx) {
+        let t = self.transfers.get(idx);
+        out.extend_from_slice(&t.id.0.to_le_bytes());
+        put_kind(out, &t.kind);
+        let link = self.pending_refund_of.get(&idx);
+        put_u128_opt(out, link.map(|&o| self.transfers.get(o).id.0));
+        put_varint(out, u128::from(t.debit));
+        put_varint(out, u128::from(t.credit));
+        put_varint(out, t.amount_minor);
+        put_transfer_state(out, t.state);
+        put_bytes(out, &t.memo);
+        put_varint(out, u128::from(t.created_ms));
+        put_u128_opt(out, t.ended_ms.map(u128::from));
+    }
+
+    /// The row of transfer `id` (see [`State::put_row`]) with its index, if it exists.
+    #[cfg(test)]
+    pub fn row(&self, id: TransferId) -> Option<(TransferIdx, Vec<u8>)> {
+        let idx = self.transfers.idx_of(id)?;
+        let mut out = Vec::new();
+        self.put_row(&mut out, idx);
+        Some((idx, out))
+    }
+
     /// The checkpoint of this state, the replay of the journal up to record `head` (at
-    /// ledger time `time_ms`).
+    /// ledger time `time_ms`), with the transfers below its spill point on disk.
     pub fn encode_checkpoint(&self, head: Head, time_ms: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.transfers.len() * 48);
+        self.encode_checkpoint_at(head, time_ms, self.transfers.spilled)
+    }
+
+    /// The checkpoint as if the ended transfers below `spilled` were rows on disk: it holds
+    /// the transfers from `spilled` on and the pending ones below it. A state and the full
+    /// replay of its journal give the same bytes for the same `spilled`, whatever each holds
+    /// in memory, which is what `verify` compares.
+    pub fn encode_checkpoint_at(&self, head: Head, time_ms: u64, spilled: TransferIdx) -> Vec<u8> {
+        let len = self.transfers.len() as TransferIdx;
+        let mut out = Vec::with_capacity(64 + (len - spilled.min(len)) as usize * 48);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
         out.extend_from_slice(&head.seq.to_le_bytes());
         out.extend_from_slice(&head.hash);
         out.extend_from_slice(&time_ms.to_le_bytes());
+        out.extend_from_slice(&spilled.to_le_bytes());
         let currencies: Vec<_> = self.currencies.iter().collect();
         put_varint(&mut out, currencies.len() as u128);
         for c in currencies {
@@ -102,7 +214,7 @@ impl State {
                 .entries
                 .iter()
                 .take_while(|&&(c, _)| c <= cutoff_ms)
-                .map(|&(_, t)| self.transfers[t as usize].counted_minor())
+                .map(|&(_, t)| self.transfers.get(t).counted_minor())
                 .sum();
             put_varint(&mut out, u128::from(cutoff_ms));
             put_varint(&mut out, a.window.sum_minor - gone);
@@ -111,21 +223,27 @@ impl State {
                 put_varint(&mut out, u128::from(created_ms));
                 put_varint(&mut out, u128::from(idx));
             }
+            // The history cannot be rebuilt from transfers the checkpoint does not hold.
+            put_varint(&mut out, a.history.len() as u128);
+            let mut prev = 0;
+            for &idx in &a.history {
+                put_varint(&mut out, u128::from(idx - prev));
+                prev = idx;
+            }
         }
-        put_varint(&mut out, self.transfers.len() as u128);
-        for (i, t) in self.transfers.iter().enumerate() {
-            out.extend_from_slice(&t.id.0.to_le_bytes());
-            put_kind(&mut out, &t.kind);
-            let link = self.pending_refund_of.get(&(i as TransferIdx));
-            put_u128_opt(&mut out, link.map(|&o| self.transfers[o as usize].id.0));
-            put_varint(&mut out, u128::from(t.debit));
-            put_varint(&mut out, u128::from(t.credit));
-            put_varint(&mut out, t.amount_minor);
-            put_transfer_state(&mut out, t.state);
-            put_bytes(&mut out, &t.memo);
-            put_varint(&mut out, u128::from(t.created_ms));
-            put_u128_opt(&mut out, t.ended_ms.map(u128::from));
-            put_varint(&mut out, t.refunded_minor);
+        put_varint(&mut out, u128::from(len));
+        let mut held: Vec<TransferIdx> = self
+            .deadlines
+            .iter()
+            .map(|&(_, idx)| idx)
+            .filter(|&idx| idx < spilled)
+            .collect();
+        held.sort_unstable();
+        held.extend(spilled..len);
+        put_varint(&mut out, held.len() as u128);
+        for idx in held {
+            put_varint(&mut out, u128::from(idx));
+            self.put_row(&mut out, idx);
         }
         let mut failed: Vec<_> = self.failed.iter().collect();
         failed.sort_unstable_by_key(|(id, _)| **id);
@@ -151,15 +269,51 @@ impl State {
             put_varint(&mut out, t.credits_pending);
             put_varint(&mut out, t.credits_posted);
         }
+        let mut refunded: Vec<_> = self.refunded.iter().collect();
+        refunded.sort_unstable();
+        put_varint(&mut out, refunded.len() as u128);
+        for (&idx, &minor) in refunded {
+            put_varint(&mut out, u128::from(idx));
+            put_varint(&mut out, minor);
+        }
+        let mut refunds: Vec<_> = self.refunds.iter().collect();
+        refunds.sort_unstable_by_key(|(o, _)| **o);
+        put_varint(&mut out, refunds.len() as u128);
+        for (&o, list) in refunds {
+            put_varint(&mut out, u128::from(o));
+            put_varint(&mut out, list.len() as u128);
+            for &idx in list {
+                put_varint(&mut out, u128::from(idx));
+            }
+        }
+        let mut links: Vec<_> = self.pending_refund_of.iter().collect();
+        links.sort_unstable();
+        put_varint(&mut out, links.len() as u128);
+        for (&idx, &o) in links {
+            put_varint(&mut out, u128::from(idx));
+            put_varint(&mut out, u128::from(o));
+        }
+        // Last, with its length: what this ledger happens to have spilled when, which a
+        // replay cannot know; `verify` compares what comes before it and checks the filters
+        // hold every id on disk.
+        let filters_start = out.len();
+        put_varint(&mut out, self.transfers.filters.len() as u128);
+        for f in &self.transfers.filters {
+            f.encode(&mut out);
+        }
+        let filters_len = (out.len() - filters_start) as u64;
+        out.extend_from_slice(&filters_len.to_le_bytes());
         let hash = *blake3::hash(&out).as_bytes();
         out.extend_from_slice(&hash);
         out
     }
 
     /// Decodes a checkpoint, checking its own hash first (a torn or altered checkpoint is an
-    /// error, never a wrong state), then rebuilds the derived indexes.
+    /// error, never a wrong state), then rebuilds the derived indexes. The transfers below its
+    /// spill point that it does not hold are rows on disk: attach the storage before reading
+    /// them.
     pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, String> {
-        if bytes.len() < MAGIC.len() + 1 + 8 + HASH_LEN + 8 + HASH_LEN {
+        if bytes.len() < MAGIC.len() + 1 + 8 + HASH_LEN + 8 + 4 + HASH_LEN {
             return Err(format!("checkpoint is too short ({} bytes)", bytes.len()));
         }
         let (body, stored_hash) = bytes.split_at(bytes.len() - HASH_LEN);
@@ -180,6 +334,7 @@ impl State {
         let seq = r.u64_fixed()?;
         let hash = r.array::<HASH_LEN>()?;
         let time_ms = r.u64_fixed()?;
+        let spilled = u32::from_le_bytes(r.array()?);
         let mut currencies = Currencies::default();
         for _ in 0..r.varint()? {
             let code = r.currency()?;
@@ -230,6 +385,15 @@ impl State {
             for _ in 0..entries {
                 window.entries.push_back((u64v(&mut r)?, r.varint_u32()?));
             }
+            let entries = count(&mut r)?;
+            let mut history = Vec::with_capacity(entries);
+            let mut prev: TransferIdx = 0;
+            for _ in 0..entries {
+                prev = prev
+                    .checked_add(r.varint_u32()?)
+                    .ok_or("history index out of range")?;
+                history.push(prev);
+            }
             let idx = state.accounts.len() as u32;
             if state.account_index.insert(id.clone(), idx).is_some() {
                 return Err(format!("account {id} appears twice"));
@@ -238,83 +402,61 @@ impl State {
                 id,
                 balances,
                 frozen,
-                history: Vec::new(),
+                history,
                 window,
             });
         }
-        let transfers = count(&mut r)?;
-        state.transfers.reserve(transfers);
-        state.transfer_index.reserve(transfers);
-        for i in 0..transfers {
-            let idx = i as TransferIdx;
-            let id = r.id()?;
-            let kind = r.kind()?;
-            let link = opt(&mut r)?.map(TransferId);
-            let debit = r.varint_u32()?;
-            let credit = r.varint_u32()?;
-            let amount_minor = r.varint()?;
-            let transfer_state = match r.u8()? {
-                0 => TransferState::Pending,
-                1 => TransferState::Posted {
-                    amount_minor: r.varint()?,
-                },
-                2 => TransferState::Voided,
-                3 => TransferState::Expired,
-                tag => return Err(format!("unknown transfer state {tag}")),
-            };
-            let memo = r.bytes()?.into_boxed_slice();
-            let created_ms = u64v(&mut r)?;
-            let ended_ms = opt(&mut r)?
-                .map(|v| u64::try_from(v).map_err(|_| "ended_ms out of range"))
-                .transpose()?;
-            let refunded_minor = r.varint()?;
+        let len = r.varint_u32()?;
+        if spilled > len {
+            return Err(format!("spill point {spilled} beyond {len} transfers"));
+        }
+        state.transfers.spilled = spilled;
+        let held = count(&mut r)?;
+        let mut links = Vec::new();
+        for _ in 0..held {
+            let idx = r.varint_u32()?;
+            let (record, link) = read_row(&mut r)?;
             let n = state.accounts.len();
-            if debit as usize >= n || credit as usize >= n {
-                return Err(format!("transfer {id} names an unknown account"));
+            if record.debit as usize >= n || record.credit as usize >= n {
+                return Err(format!("transfer {} names an unknown account", record.id));
             }
-            let record = TransferRec {
-                id,
-                kind,
-                debit,
-                credit,
-                amount_minor,
-                state: transfer_state,
-                memo,
-                created_ms,
-                ended_ms,
-                refunded_minor,
-            };
-            if transfer_state == TransferState::Pending {
+            let id = record.id;
+            let pending = record.state == TransferState::Pending;
+            if pending {
                 let deadline_ms = record
                     .deadline_ms()
                     .ok_or_else(|| format!("transfer {id} is pending without a deadline"))?;
                 state.deadlines.insert((deadline_ms, idx));
             }
-            let original = match (kind, link) {
-                (TransferKind::Refund { original }, None) => Some(original),
-                (TransferKind::Pending { .. }, Some(original)) => Some(original),
-                (_, None) => None,
-                (_, Some(_)) => return Err(format!("transfer {id} cannot refund")),
-            };
-            if let Some(original) = original {
-                let &o = state
-                    .transfer_index
-                    .get(&original)
-                    .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
-                state.refunds.entry(o).or_default().push(idx);
-                if link.is_some() {
-                    state.pending_refund_of.insert(idx, o);
-                    if transfer_state == TransferState::Pending {
-                        *state.refund_reserved.entry(o).or_default() += amount_minor;
-                    }
-                }
+            if link.is_some() && !matches!(record.kind, TransferKind::Pending { .. }) {
+                return Err(format!("transfer {id} cannot refund"));
             }
-            state.accounts[debit as usize].history.push(idx);
-            state.accounts[credit as usize].history.push(idx);
-            if state.transfer_index.insert(id, idx).is_some() {
+            if link.is_some() {
+                links.push((idx, record.amount_minor, pending));
+            }
+            if idx < spilled {
+                if !pending {
+                    return Err(format!(
+                        "transfer {id} below the spill point is not pending"
+                    ));
+                }
+                if state.transfers.resident.insert(idx, record).is_some() {
+                    return Err(format!("transfer {id} appears twice"));
+                }
+            } else if idx as usize != state.transfers.len() {
+                return Err(format!("transfer {id} out of order"));
+            } else {
+                state.transfers.tail.push(record);
+            }
+            if state.transfers.index.insert(id, idx).is_some() {
                 return Err(format!("transfer {id} appears twice"));
             }
-            state.transfers.push(record);
+        }
+        if state.transfers.len() != len as usize {
+            return Err(format!(
+                "{} transfers held from the spill point, {len} in all",
+                state.transfers.len()
+            ));
         }
         for _ in 0..count(&mut r)? {
             let id = r.id()?;
@@ -331,7 +473,7 @@ impl State {
                 amount_minor: r.varint()?,
                 memo: u128::from_le_bytes(r.array()?),
             };
-            if state.transfer_index.contains_key(&id)
+            if state.transfers.index.contains_key(&id)
                 || state
                     .failed
                     .insert(id, FailedRec { fingerprint, error })
@@ -352,19 +494,188 @@ impl State {
             totals.insert(code, t);
         }
         state.totals = totals;
+        let below = |idx: TransferIdx| -> Result<TransferIdx, String> {
+            if idx < len {
+                Ok(idx)
+            } else {
+                Err(format!("transfer index {idx} beyond {len} transfers"))
+            }
+        };
+        for _ in 0..count(&mut r)? {
+            let idx = below(r.varint_u32()?)?;
+            state.refunded.insert(idx, r.varint()?);
+        }
+        for _ in 0..count(&mut r)? {
+            let o = below(r.varint_u32()?)?;
+            let n = count(&mut r)?;
+            let mut list = Vec::with_capacity(n);
+            for _ in 0..n {
+                list.push(below(r.varint_u32()?)?);
+            }
+            state.refunds.insert(o, list);
+        }
+        for _ in 0..count(&mut r)? {
+            let idx = below(r.varint_u32()?)?;
+            state.pending_refund_of.insert(idx, below(r.varint_u32()?)?);
+        }
+        // What live pending refunds reserve of their originals: every pending transfer is
+        // held, so this is rebuilt rather than stored.
+        let filters_start = r.pos;
+        for _ in 0..count(&mut r)? {
+            let filter = IdFilter::decode(&mut r)?;
+            state.transfers.filters.push(filter);
+        }
+        if u64::from_le_bytes(r.array()?) != (r.pos - 8 - filters_start) as u64 {
+            return Err("the filters' length does not match".into());
+        }
+        for (idx, amount_minor, pending) in links {
+            let &o = state
+                .pending_refund_of
+                .get(&idx)
+                .ok_or("a pending refund without its link")?;
+            if pending {
+                *state.refund_reserved.entry(o).or_default() += amount_minor;
+            }
+        }
         if r.pos != body.len() {
             return Err("trailing bytes after the state".into());
         }
-        // Not stored, so cannot disagree: rebuilt above from the transfers.
-        debug_assert!(state
-            .deadlines
-            .iter()
-            .all(|&(_, idx)| { state.transfers[idx as usize].state == TransferState::Pending }));
         Ok(Checkpoint {
             state,
             head: Head { seq, hash },
             time_ms,
         })
+    }
+
+    /// Writes the rows of every transfer that has ended and is not on disk yet, then keeps
+    /// in memory only the pending ones (their rows change until they end). Returns once the
+    /// rows are durable, so the checkpoint encoded next may rely on them. A backend that
+    /// keeps no rows keeps every transfer in memory.
+    pub fn spill(&mut self, storage: &Arc<dyn Storage>) -> Result<usize, StorageError> {
+        if !storage.keeps_transfer_rows() {
+            return Ok(0);
+        }
+        let t = &self.transfers;
+        let end = t.len() as TransferIdx;
+        let ended = |r: &TransferRec| r.state != TransferState::Pending;
+        let resident_ended: Vec<TransferIdx> = t
+            .resident
+            .iter()
+            .filter(|(_, r)| ended(r))
+            .map(|(&idx, _)| idx)
+            .collect();
+        let tail_ended = (t.spilled..end).filter(|&idx| ended(&t.tail[(idx - t.spilled) as usize]));
+        let rows: Vec<TransferRow> = resident_ended
+            .iter()
+            .copied()
+            .chain(tail_ended)
+            .map(|idx| {
+                let mut bytes = Vec::new();
+                self.put_row(&mut bytes, idx);
+                TransferRow {
+                    idx,
+                    id: self.transfers.get(idx).id.0,
+                    bytes,
+                }
+            })
+            .collect();
+        if !rows.is_empty() {
+            storage.put_transfer_rows(&rows)?;
+        }
+        let filter =
+            (!rows.is_empty()).then(|| IdFilter::of(rows.iter().map(|r| TransferId(r.id))));
+        let t = &mut self.transfers;
+        t.filters.extend(filter);
+        t.disk = Some(storage.clone());
+        for idx in resident_ended {
+            let r = t.resident.remove(&idx).expect("listed above");
+            t.index.remove(&r.id);
+        }
+        let first = t.spilled;
+        for (i, r) in std::mem::take(&mut t.tail).into_iter().enumerate() {
+            if ended(&r) {
+                t.index.remove(&r.id);
+            } else {
+                t.resident.insert(first + i as TransferIdx, r);
+            }
+        }
+        t.spilled = end;
+        Ok(rows.len())
+    }
+
+    /// Lets the state read the rows written by earlier spills (after an open).
+    pub fn attach_rows(&mut self, storage: &Arc<dyn Storage>) {
+        if storage.keeps_transfer_rows() {
+            self.transfers.disk = Some(storage.clone());
+        }
+    }
+
+    /// Checks that every ended transfer below `spilled` is on disk as its row, with its id
+    /// index entry (`verify`, on the full replay, at the checkpoint's record).
+    pub fn check_rows(
+        &self,
+        storage: &dyn Storage,
+        spilled: TransferIdx,
+        filters: &[IdFilter],
+    ) -> Result<(), String> {
+        if spilled as usize > self.transfers.len() {
+            return Err(format!(
+                "the checkpoint's spill point {spilled} is beyond the journal"
+            ));
+        }
+        // What the newest entry on disk says of each transfer below the spill point, as a
+        // lookup would find it: nothing yet, the journal's, or something else. One pass over
+        // the stored rows (each segment read once, in order), not a lookup per transfer.
+        assert_eq!(
+            self.transfers.spilled, 0,
+            "rows are checked against a replay that holds every transfer"
+        );
+        const ABSENT: u8 = 0;
+        const SAME: u8 = 1;
+        const OTHER: u8 = 2;
+        let mut row_found = vec![ABSENT; spilled as usize];
+        let mut id_found = vec![ABSENT; spilled as usize];
+        let mut expected = Vec::new();
+        storage
+            .scan_transfer_rows(&mut |entry| match entry {
+                RowEntry::Row { idx, bytes } if idx < spilled => {
+                    expected.clear();
+                    self.put_row(&mut expected, idx);
+                    row_found[idx as usize] = if bytes == expected.as_slice() {
+                        SAME
+                    } else {
+                        OTHER
+                    };
+                }
+                RowEntry::Id { id, idx } => {
+                    if let Some(&at) = self.transfers.index.get(&TransferId(id)) {
+                        if at < spilled {
+                            id_found[at as usize] = if idx == at { SAME } else { OTHER };
+                        }
+                    }
+                }
+                RowEntry::Row { .. } => {}
+            })
+            .map_err(|e| e.to_string())?;
+        for idx in 0..spilled {
+            let t = self.transfers.get(idx);
+            if t.state == TransferState::Pending {
+                continue;
+            }
+            if row_found[idx as usize] != SAME || id_found[idx as usize] != SAME {
+                return Err(format!(
+                    "the row of transfer {} on disk is not the journal's",
+                    t.id
+                ));
+            }
+            if !filters.iter().any(|f| f.may_contain(t.id)) {
+                return Err(format!(
+                    "transfer {} is on disk but its id filter says it is not",
+                    t.id
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The first difference with `other` in anything a checkpoint holds or rebuilds
@@ -382,14 +693,20 @@ impl State {
         if self.deadlines != other.deadlines {
             return Some("deadline indexes differ".into());
         }
-        if self.refunds != other.refunds || self.pending_refund_of != other.pending_refund_of {
+        if self.refunds != other.refunds
+            || self.pending_refund_of != other.pending_refund_of
+            || self.refunded != other.refunded
+        {
             return Some("refund indexes differ".into());
         }
         let head = Head {
             seq: 0,
             hash: [0; HASH_LEN],
         };
-        if self.encode_checkpoint(head, time_ms) != other.encode_checkpoint(head, time_ms) {
+        let spilled = self.transfers.spilled;
+        let mine = self.encode_checkpoint_at(head, time_ms, spilled);
+        let theirs = other.encode_checkpoint_at(head, time_ms, spilled);
+        if checkpoint_state(&mine) != checkpoint_state(&theirs) {
             return Some("daily windows, totals or currencies differ".into());
         }
         None
@@ -402,5 +719,94 @@ impl State {
     pub fn bump_credit_for_test(&mut self, account: &crate::ledger::model::AccountId, minor: u128) {
         let idx = self.account_index[account] as usize;
         self.accounts[idx].balances.credits_posted_minor += minor;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Op, State};
+    use crate::ledger::model::{Owner, TransferId, TransferRequest, TransferState};
+    use crate::ledger::{Currencies, CurrencySpec, LedgerSettings};
+
+    /// Issue 15 (memory flat in history): a transfer's row, once it has ended, is what is
+    /// written out of memory, so it must never change again; its refunds (single-phase and
+    /// pending, posted in part) change only what is kept beside it. Before, the row held
+    /// `refunded_minor` and each refund rewrote it.
+    #[test]
+    fn the_row_of_an_ended_transfer_never_changes_when_it_is_refunded() {
+        let currencies = Currencies::from_settings(&LedgerSettings {
+            currencies: vec![CurrencySpec {
+                code: "EUR".to_owned(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            }],
+        })
+        .unwrap();
+        let eur = |minor: u128| currencies.from_minor(minor, "EUR").unwrap();
+        let mut state = State::new(currencies.clone());
+        let mut events = Vec::new();
+        let mut now_ms = 1_000;
+        let mut run = |state: &mut State, op: Op| {
+            now_ms += 1;
+            state.decide(op, now_ms, &mut events).unwrap().unwrap()
+        };
+        let create = |id: u128, debit: Owner, credit: Owner, minor: u128| Op::Create {
+            request: TransferRequest {
+                id: TransferId(id),
+                debit,
+                credit,
+                amount: eur(minor),
+                memo: b"lunch".to_vec(),
+            },
+            timeout_ms: None,
+            refund_of: None,
+        };
+        let (alice, bob) = (Owner::user("@alice:x"), Owner::user("@bob:x"));
+        run(&mut state, create(1, Owner::Issuer, alice.clone(), 10_000));
+        let paid = run(&mut state, create(2, alice.clone(), bob.clone(), 5_000));
+        assert_eq!(
+            paid.transfer.state,
+            TransferState::Posted {
+                amount_minor: 5_000
+            }
+        );
+        let (idx, row) = state.row(TransferId(2)).unwrap();
+
+        run(
+            &mut state,
+            Op::Refund {
+                id: TransferId(3),
+                original: TransferId(2),
+                amount: eur(1_000),
+                memo: Vec::new(),
+            },
+        );
+        let pending_refund = match create(4, bob.clone(), alice.clone(), 2_000) {
+            Op::Create { request, .. } => Op::Create {
+                request,
+                timeout_ms: Some(60_000),
+                refund_of: Some(TransferId(2)),
+            },
+            _ => unreachable!(),
+        };
+        run(&mut state, pending_refund.clone());
+        assert_eq!(state.row(TransferId(2)).unwrap(), (idx, row.clone()));
+        run(
+            &mut state,
+            Op::Post {
+                pending: TransferId(4),
+                amount: Some(eur(1_500)),
+            },
+        );
+        // The refunds moved the original's refunded amount, and only that.
+        let original = state.transfer(TransferId(2)).unwrap();
+        assert_eq!(original.refunded_minor, 2_500);
+        assert_eq!(state.row(TransferId(2)).unwrap(), (idx, row));
+        // A retry of the pending refund still answers it (the link is in its own row).
+        let again = run(&mut state, pending_refund);
+        assert!(again.exists);
+        assert_eq!(again.transfer.refund_of, Some(TransferId(2)));
+        state.check_invariants().unwrap();
     }
 }
