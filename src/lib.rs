@@ -7,12 +7,14 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod command;
 pub mod config;
 pub mod crypto;
 pub mod events;
+pub mod flood;
 pub mod homeserver;
 pub mod http;
 pub mod inbox;
@@ -23,13 +25,13 @@ pub mod outbox;
 pub mod payments;
 pub mod pipeline;
 pub mod policy;
+#[cfg(test)]
+mod powercut_tests;
 pub mod private_fs;
 pub mod registration;
 pub mod requests;
 pub mod secret;
 pub mod signature;
 pub mod sled_open;
-#[cfg(test)]
-pub(crate) mod sled_powercut;
 pub mod store;
 pub mod webhooks;

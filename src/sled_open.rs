@@ -6,6 +6,10 @@
 
 use std::time::Duration;
 
+/// Simulated power cuts for tests (a hook in [`flush_durably`]).
+#[cfg(test)]
+pub(crate) mod powercut;
+
 /// Attempts at most (2 s in all): long enough for sled's threads to let go, short enough that a
 /// database locked by another mxpay fails start-up promptly.
 const LOCK_ATTEMPTS_MAX: u32 = 100;
@@ -40,11 +44,11 @@ pub fn log_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
 /// an event decided, a transaction acknowledged). The ledger does the same per batch.
 pub fn flush_durably(db: &sled::Db, log: &std::fs::File) -> sled::Result<()> {
     #[cfg(test)]
-    crate::sled_powercut::before_flush(log)?;
+    crate::sled_open::powercut::before_flush(log)?;
     db.flush()?;
     log.sync_data()?;
     #[cfg(test)]
-    crate::sled_powercut::durable_flush(log);
+    crate::sled_open::powercut::durable_flush(log);
     Ok(())
 }
 

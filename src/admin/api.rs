@@ -6,11 +6,11 @@
 //! mounted, so a test can hold the OpenAPI document against the real router.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -19,14 +19,14 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::audit::{AuditEntry, AUDIT_PAGE_MAX};
-use super::flood::Gate;
 use super::merchants;
 use super::service::{AdminState, Settlement, TopupRequest, HISTORY_PAGE_DEFAULT};
 use super::token::{authorize, AdminClaims, Scope, TokenError};
 use super::views::{AccountJson, TransferJson};
 use super::webhook::SIGNATURE_HEADER;
 use super::AdminError;
+use crate::audit::{AuditEntry, AUDIT_PAGE_MAX};
+use crate::flood::{Gate, Peer};
 use crate::http::json_response;
 use crate::ledger::FreezeMode;
 
@@ -194,24 +194,6 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-/// The peer's IP address, when the server was started with connect info (`mxpay serve` is);
-/// `None` for in-process calls. Only the TCP peer counts: a forwarded-for header is the
-/// caller's own text.
-pub(crate) struct Peer(pub(crate) Option<IpAddr>);
-
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(addr)| addr.ip()),
-        ))
-    }
-}
-
 /// Who made a call, for the audit log.
 struct Caller {
     actor: String,
@@ -270,15 +252,13 @@ fn authenticate_with(
     )
 }
 
-/// The audit action of the line that stands for refused calls answered 429 without a line of
-/// their own; its target says how many.
-pub const REFUSALS_LIMITED_ACTION: &str = "refusals.limited";
+pub use crate::audit::REFUSALS_LIMITED_ACTION;
 
 /// Writes the audit entry for a finished call, then answers. A call whose audit entry cannot
 /// be written answers 500: the caller retries (every write is idempotent) and the log stays
 /// complete.
 ///
-/// A refused call first passes the [`flood`](super::flood) limits: over them it is answered
+/// A refused call first passes the [`flood`](crate::flood) limits: over them it is answered
 /// 429 `M_LIMIT_EXCEEDED` and not audited on its own; the next audited call of any kind is
 /// preceded by one line counting those, so a flood costs the disk a bounded number of lines a
 /// minute.

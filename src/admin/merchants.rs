@@ -14,11 +14,12 @@ use axum::response::Response;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use serde::{Deserialize, Serialize};
 
-use super::api::{call, parse_json, parse_query, read_body, IdCall, Peer};
+use super::api::{call, parse_json, parse_query, read_body, IdCall};
 use super::token::{AdminKey, Scope};
 use super::views::AccountJson;
 use super::{AdminError, AdminState};
 use crate::clock::SharedClock;
+use crate::flood::Peer;
 use crate::merchants::key::KEY_TTL_MAX_S;
 use crate::merchants::store::{KeyRecord, LIST_PAGE_MAX};
 use crate::merchants::{

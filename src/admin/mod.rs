@@ -11,9 +11,7 @@
 //! audit log.
 
 pub mod api;
-pub mod audit;
 pub mod events;
-pub mod flood;
 pub mod merchants;
 pub mod pins;
 pub mod revoked;

@@ -9,16 +9,16 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::audit::AuditLog;
 use super::events::{self, Claim, EventStore};
-use super::flood::RefusalGate;
 use super::revoked::{RevokedError, RevokedTokens, MINT_CLOCK_SKEW_S};
 use super::settings::AdminSettings;
 use super::token::{check_times, is_valid_jti, AdminClaims, AdminKey, TokenAuthority, TokenError};
 use super::views::{AccountJson, TransferJson};
 use super::webhook::{self, WebhookEvent, WebhookSecret};
 use super::AdminError;
+use crate::audit::AuditLog;
 use crate::clock::SharedClock;
+use crate::flood::RefusalGate;
 use crate::ledger::{
     AccountId, FreezeMode, HistoryCursor, Ledger, LedgerError, Owner, Transfer, TransferError,
     TransferId, TransferKind, TransferRequest,

@@ -26,10 +26,9 @@ use super::invoices::InvoiceStore;
 use super::key::{bearer, KeyAuthority, KeyScope};
 use super::model::Merchant;
 use super::{MerchantError, MerchantStore};
-use crate::admin::api::{Peer, REFUSALS_LIMITED_ACTION};
-use crate::admin::audit::AuditLog;
-use crate::admin::flood::{Gate, RefusalGate};
+use crate::audit::{AuditLog, REFUSALS_LIMITED_ACTION};
 use crate::clock::SharedClock;
+use crate::flood::{Gate, Peer, RefusalGate};
 use crate::ledger::{CreateResult, Ledger, LedgerError, Owner, TransferRequest};
 
 /// Where the merchant API lives.

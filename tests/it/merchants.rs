@@ -71,7 +71,7 @@ struct Harness {
     poster: Arc<FakePoster>,
     events: Arc<Recorder>,
     ops: String,
-    audit: Arc<mxpay::admin::audit::AuditLog>,
+    audit: Arc<mxpay::audit::AuditLog>,
 }
 
 impl Harness {

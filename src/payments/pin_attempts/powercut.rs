@@ -4,7 +4,7 @@
 //!
 //! Each run works through random inputs, recording every acknowledgement (what the bot would
 //! tell) as it makes it, then loses power at a random durable flush
-//! ([`crate::sled_powercut`]) and restarts over what survived. It checks that everything
+//! ([`crate::sled_open::powercut`]) and restarts over what survived. It checks that everything
 //! acknowledged is there as acknowledged (a PIN record never older than the one the last told
 //! attempt wrote), then handles every input again, as a homeserver retrying its transactions
 //! would, and checks that this counts nothing twice: every PIN attempt ends as it did before
@@ -13,7 +13,7 @@
 
 use super::check_pin_with;
 use crate::policy::pin::PinRecord;
-use crate::sled_powercut::{retried, PowerCut};
+use crate::sled_open::powercut::{retried, PowerCut};
 use crate::store::payments::{
     DeclineRecord, EventOutcome, OutboxCursor, PaymentStore, PinAttemptResult, WaitingNoticeBounds,
 };
@@ -421,5 +421,5 @@ fn one_run(seed: u64) {
 
 #[test]
 fn power_cuts_lose_no_told_pin_attempt_or_decision_and_count_nothing_twice() {
-    crate::sled_powercut::run_many("payment store", one_run);
+    crate::sled_open::powercut::run_many("payment store", one_run);
 }

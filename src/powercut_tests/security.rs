@@ -9,10 +9,10 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use ruma::{OwnedEventId, OwnedRoomId};
 
-use super::PowerCut;
 use crate::admin::events::{open_db, Claim, EventStore};
 use crate::admin::revoked::RevokedTokens;
 use crate::crypto::replay::{MegolmMessageId, MessageCheck, ReplayStore};
+use crate::sled_open::powercut::PowerCut;
 
 const T0_MS: u64 = 1_795_000_000_000;
 const KEEP_MS: u64 = 3_600_000;
@@ -206,5 +206,5 @@ fn one_run(seed: u64) {
 
 #[test]
 fn power_cuts_keep_every_replay_record_revocation_and_webhook_claim_told() {
-    super::run_many("security records", one_run);
+    crate::sled_open::powercut::run_many("security records", one_run);
 }

@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+/// The audit action of the line that stands for refused calls answered 429 without a line of
+/// their own; its target says how many.
+pub const REFUSALS_LIMITED_ACTION: &str = "refusals.limited";
+
 /// Largest page [`AuditLog::page`] returns.
 pub const AUDIT_PAGE_MAX: usize = 500;
 

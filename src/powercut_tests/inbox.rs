@@ -10,8 +10,8 @@ use std::collections::{BTreeSet, HashMap};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
-use super::{retried, PowerCut};
 use crate::inbox::{Accepted, Inbox};
+use crate::sled_open::powercut::{retried, PowerCut};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Ack {
@@ -221,5 +221,5 @@ fn one_run(seed: u64) {
 
 #[test]
 fn power_cuts_lose_no_transaction_answered_200_and_handle_none_twice() {
-    super::run_many("inbox", one_run);
+    crate::sled_open::powercut::run_many("inbox", one_run);
 }

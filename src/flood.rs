@@ -1,4 +1,4 @@
-//! Bounds on refused admin calls: a flood of calls without a valid token (or webhook
+//! Bounds on refused admin and merchant API calls: a flood of calls without a valid token (or webhook
 //! signature) must not fill the disk with audit lines nor the memory with per-peer state.
 //!
 //! Only *refused* calls are counted, per peer IP and overall, with `governor`'s GCRA limiters
@@ -24,6 +24,27 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota, RateLimiter};
 
 use crate::clock::SharedClock;
+
+/// The peer's IP address, when the server was started with connect info (`mxpay serve` is);
+/// `None` for in-process calls. Only the TCP peer counts: a forwarded-for header is the
+/// caller's own text. The admin and merchant APIs count refused calls by it.
+pub(crate) struct Peer(pub(crate) Option<IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|axum::extract::ConnectInfo(addr)| addr.ip()),
+        ))
+    }
+}
 
 /// Most peers whose refusals are tracked at once. Past it, stale peers are dropped; if all are
 /// recent (a flood from many addresses), a new peer is held only to the overall limit, so the

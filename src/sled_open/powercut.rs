@@ -410,9 +410,3 @@ impl<A: Send + 'static> PowerCut<A> {
         cut
     }
 }
-
-#[cfg(test)]
-mod inbox;
-
-#[cfg(test)]
-mod security;
