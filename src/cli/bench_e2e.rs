@@ -673,6 +673,25 @@ fn unix_ms(at: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Most timeline events one sync may return per room. Synapse's default is 10: in a room
+/// shared by many payers a client whose sync comes back later than that many events gets a
+/// "limited" timeline, and the events before them never reach its event handlers (a client
+/// shows a gap it fills by paginating back; these clients do not), so a receipt mxpay did send
+/// looked lost.
+const SYNC_TIMELINE_LIMIT: u32 = 1000;
+
+/// The clients' long-running sync: a timeline limit large enough that no event is skipped.
+fn sync_settings() -> SyncSettings {
+    use matrix_sdk::ruma::api::client::filter::{FilterDefinition, RoomEventFilter, RoomFilter};
+    let mut timeline = RoomEventFilter::default();
+    timeline.limit = Some(SYNC_TIMELINE_LIMIT.into());
+    let mut room = RoomFilter::default();
+    room.timeline = timeline;
+    let mut filter = FilterDefinition::default();
+    filter.room = room;
+    SyncSettings::default().filter(filter.into())
+}
+
 /// How often and how long an event that arrived undecryptable is tried again: clients
 /// (Element, Element X) decrypt such events when the room key arrives in a later sync, so a
 /// key that is late is not a lost payment; the report counts these separately.
@@ -778,7 +797,7 @@ impl Person {
             .map_err(|e| err(format!("{localpart}: {e}")))?;
         let sync_client = client.clone();
         let sync_task = tokio::spawn(async move {
-            let _ = sync_client.sync(SyncSettings::default()).await;
+            let _ = sync_client.sync(sync_settings()).await;
         });
         Ok(Self {
             user_id,
