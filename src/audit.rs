@@ -105,7 +105,59 @@ fn line_hash(line: &str) -> String {
     blake3::hash(line.as_bytes()).to_hex().to_string()
 }
 
+/// One audited HTTP call (admin or merchant API), for [`AuditLog::append_call`].
+#[derive(Debug, Clone)]
+pub struct CallLine {
+    /// Who: a token's subject, `merchant:<id>`, or `unauthenticated`.
+    pub actor: String,
+    /// The token or key id, if a genuine one was shown.
+    pub token_id: Option<String>,
+    /// What.
+    pub action: &'static str,
+    /// On what.
+    pub target: String,
+    /// `ok`, or the error code.
+    pub result: String,
+}
+
 impl AuditLog {
+    /// Writes `line` off the async runtime (an append fsyncs), preceded, when `suppressed`
+    /// refused calls were answered 429 without a line of their own since the last one, by one
+    /// [`REFUSALS_LIMITED_ACTION`] line counting them. The error is a sentence for a 500.
+    pub async fn append_call(
+        self: &std::sync::Arc<Self>,
+        at_ms: u64,
+        suppressed: u64,
+        line: CallLine,
+    ) -> Result<(), String> {
+        let audit = self.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            if suppressed > 0 {
+                audit.append(
+                    at_ms,
+                    "rate-limit",
+                    None,
+                    REFUSALS_LIMITED_ACTION,
+                    &format!("{suppressed} refused calls answered 429 without an entry"),
+                    "M_LIMIT_EXCEEDED",
+                )?;
+            }
+            audit.append(
+                at_ms,
+                &line.actor,
+                line.token_id.as_deref(),
+                line.action,
+                &line.target,
+                &line.result,
+            )
+        })
+        .await;
+        match written {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("audit log: {e}")),
+            Err(e) => Err(format!("audit log task: {e}")),
+        }
+    }
     /// Opens (or creates) the log at `path`, checking the chain of what is there.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
         let (seq, hash) = Self::scan(path, |_| {})?;

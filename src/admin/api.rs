@@ -25,7 +25,7 @@ use super::token::{authorize, AdminClaims, Scope, TokenError};
 use super::views::{AccountJson, TransferJson};
 use super::webhook::SIGNATURE_HEADER;
 use super::AdminError;
-use crate::audit::{AuditEntry, AUDIT_PAGE_MAX};
+use crate::audit::{AuditEntry, CallLine, AUDIT_PAGE_MAX};
 use crate::flood::{Gate, Peer};
 use crate::http::json_response;
 use crate::ledger::FreezeMode;
@@ -285,33 +285,19 @@ async fn finish<T: Serialize>(
         Ok(_) => "ok".to_owned(),
         Err(e) => e.audit_result(),
     };
-    let audit = state.audit.clone();
-    let at_ms = state.clock.now_ms();
-    let written = tokio::task::spawn_blocking(move || {
-        if suppressed > 0 {
-            audit.append(
-                at_ms,
-                "rate-limit",
-                None,
-                REFUSALS_LIMITED_ACTION,
-                &format!("{suppressed} refused calls answered 429 without an entry"),
-                "M_LIMIT_EXCEEDED",
-            )?;
-        }
-        audit.append(
-            at_ms,
-            &caller.actor,
-            caller.token_id.as_deref(),
-            action,
-            &target,
-            &outcome,
-        )
-    })
-    .await;
-    match written {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return AdminError::internal(format!("audit log: {e}")).into_response(),
-        Err(e) => return AdminError::internal(format!("audit log task: {e}")).into_response(),
+    let line = CallLine {
+        actor: caller.actor,
+        token_id: caller.token_id,
+        action,
+        target,
+        result: outcome,
+    };
+    if let Err(e) = state
+        .audit
+        .append_call(state.clock.now_ms(), suppressed, line)
+        .await
+    {
+        return AdminError::internal(e).into_response();
     }
     match result {
         Ok(value) => json_response(

@@ -1251,6 +1251,54 @@ impl Outcome {
     }
 }
 
+/// A payment's challenge answered: the challenge as seen, and when the PIN was sent.
+struct Confirmed {
+    challenge: Seen,
+    pin_at: Instant,
+    pin_at_unix_ms: u64,
+}
+
+/// After the payer's `pay_event`: waits for the challenge for `amount` in the payer's DM (or a
+/// receipt refusing the payment in the room) and sends the PIN. `Err` is how the payment
+/// ended instead.
+async fn confirm_with_pin(
+    pair: &Pair,
+    payer_cursor: usize,
+    pay_event: &EventId,
+    amount: &str,
+    bot: &UserId,
+    deadline: tokio::time::Instant,
+) -> Result<Confirmed, Outcome> {
+    let challenge = pair
+        .payer
+        .wait_after(payer_cursor, deadline, |room, event| {
+            (room == pair.room && is_receipt_of(event, bot, pay_event))
+                || (room == pair.dm && is_challenge_for(event, bot, amount, &pair.room))
+        })
+        .await
+        .ok_or_else(|| Outcome::Lost {
+            step: "!pay -> challenge",
+            why: "no challenge in time".to_owned(),
+        })?;
+    if challenge.room_id == pair.room {
+        return Err(not_completed(&challenge.json));
+    }
+    let pin_at = Instant::now();
+    let pin_at_unix_ms = unix_ms(SystemTime::now());
+    pair.payer
+        .say(&pair.dm, PIN)
+        .await
+        .map_err(|why| Outcome::Lost {
+            step: "send the PIN",
+            why,
+        })?;
+    Ok(Confirmed {
+        challenge,
+        pin_at,
+        pin_at_unix_ms,
+    })
+}
+
 async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Outcome {
     let amount = amount_of(k);
     let payer_cursor = pair.payer.cursor();
@@ -1269,28 +1317,16 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
         Ok(event_id) => event_id,
         Err(e) => return lost("send !pay", e),
     };
-    // The challenge in the DM, or a receipt refusing the payment in the room.
-    let answer = pair
-        .payer
-        .wait_after(payer_cursor, deadline, |room, event| {
-            (room == pair.room && is_receipt_of(event, bot, &pay_event))
-                || (room == pair.dm && is_challenge_for(event, bot, &amount, &pair.room))
-        })
-        .await;
-    let Some(challenge) = answer else {
-        return lost(
-            "!pay -> challenge",
-            format!("no challenge within {timeout:?}"),
-        );
-    };
-    if challenge.room_id == pair.room {
-        return not_completed(&challenge.json);
-    }
-    let pin_at = Instant::now();
-    let pin_at_unix_ms = unix_ms(SystemTime::now());
-    if let Err(e) = pair.payer.say(&pair.dm, PIN).await {
-        return lost("send the PIN", e);
-    }
+    let confirmed =
+        match confirm_with_pin(pair, payer_cursor, &pay_event, &amount, bot, deadline).await {
+            Ok(confirmed) => confirmed,
+            Err(outcome) => return outcome,
+        };
+    let (challenge, pin_at, pin_at_unix_ms) = (
+        confirmed.challenge,
+        confirmed.pin_at,
+        confirmed.pin_at_unix_ms,
+    );
     let Some(receipt) = pair
         .payee
         .wait_after(payee_cursor, deadline, |room, event| {

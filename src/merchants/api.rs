@@ -26,7 +26,7 @@ use super::invoices::InvoiceStore;
 use super::key::{bearer, KeyAuthority, KeyScope};
 use super::model::Merchant;
 use super::{MerchantError, MerchantStore};
-use crate::audit::{AuditLog, REFUSALS_LIMITED_ACTION};
+use crate::audit::{AuditLog, CallLine};
 use crate::clock::SharedClock;
 use crate::flood::{Gate, Peer, RefusalGate};
 use crate::ledger::{CreateResult, Ledger, LedgerError, Owner, TransferRequest};
@@ -193,33 +193,19 @@ impl MerchantApi {
             Ok(_) => "ok".to_owned(),
             Err(e) => e.reason().to_owned(),
         };
-        let audit = audit.clone();
-        let at_ms = self.clock.now_ms();
-        let written = tokio::task::spawn_blocking(move || {
-            if suppressed > 0 {
-                audit.append(
-                    at_ms,
-                    "rate-limit",
-                    None,
-                    REFUSALS_LIMITED_ACTION,
-                    &format!("{suppressed} refused calls answered 429 without an entry"),
-                    "M_LIMIT_EXCEEDED",
-                )?;
-            }
-            audit.append(
-                at_ms,
-                &caller.actor,
-                caller.key_id.as_deref(),
-                action,
-                &target,
-                &outcome,
-            )
-        })
-        .await;
-        match written {
-            Ok(Ok(_)) => answer(result),
-            Ok(Err(e)) => MerchantError::Store(format!("audit log: {e}")).into_response(),
-            Err(e) => MerchantError::Store(format!("audit log task: {e}")).into_response(),
+        let line = CallLine {
+            actor: caller.actor,
+            token_id: caller.key_id,
+            action,
+            target,
+            result: outcome,
+        };
+        match audit
+            .append_call(self.clock.now_ms(), suppressed, line)
+            .await
+        {
+            Ok(()) => answer(result),
+            Err(e) => MerchantError::Store(e).into_response(),
         }
     }
 

@@ -20,8 +20,8 @@ use matrix_sdk::ruma::{EventId, OwnedEventId, RoomId, UserId};
 use serde_json::{json, Value};
 
 use super::{
-    is_challenge_for, is_receipt_of, not_completed, setup_err, typed, unix_ms, E2eBenchError,
-    Outcome, Pair, Person, Stack, Timings, CURRENCY, PIN,
+    confirm_with_pin, is_receipt_of, setup_err, typed, unix_ms, E2eBenchError, Outcome, Pair,
+    Person, Stack, Timings, CURRENCY,
 };
 
 /// The receiver's path.
@@ -303,27 +303,16 @@ pub(super) async fn pay_invoice(
         Ok(event_id) => event_id,
         Err(e) => return lost("send the !pay reply", e),
     };
-    let answer = pair
-        .payer
-        .wait_after(payer_cursor, deadline, |room, event| {
-            (room == pair.room && is_receipt_of(event, bot, &pay_event))
-                || (room == pair.dm && is_challenge_for(event, bot, &amount, &pair.room))
-        })
-        .await;
-    let Some(challenge) = answer else {
-        return lost(
-            "!pay -> challenge",
-            format!("no challenge within {timeout:?}"),
-        );
-    };
-    if challenge.room_id == pair.room {
-        return not_completed(&challenge.json);
-    }
-    let pin_at = Instant::now();
-    let pin_at_unix_ms = unix_ms(SystemTime::now());
-    if let Err(e) = pair.payer.say(&pair.dm, PIN).await {
-        return lost("send the PIN", e);
-    }
+    let confirmed =
+        match confirm_with_pin(pair, payer_cursor, &pay_event, &amount, bot, deadline).await {
+            Ok(confirmed) => confirmed,
+            Err(outcome) => return outcome,
+        };
+    let (challenge, pin_at, pin_at_unix_ms) = (
+        confirmed.challenge,
+        confirmed.pin_at,
+        confirmed.pin_at_unix_ms,
+    );
     let Some(webhook) = receiver.wait_paid(&invoice_id, deadline).await else {
         return lost(
             "PIN -> invoice.paid webhook",
