@@ -318,17 +318,22 @@ impl BotState {
 }
 
 impl InProcessBot {
-    /// Delivers the held to-device events, as a late transaction would.
-    async fn release_to_device(&self) {
+    /// Delivers the held to-device events, as a late transaction would. Returns whether any
+    /// was held: under load Synapse 1.163 can skip the room key for an appservice user itself
+    /// (see [`send_losing_the_room_key`]), and then nothing was.
+    async fn release_to_device(&self) -> bool {
         self.state.hold_to_device.store(false, Ordering::SeqCst);
         let held: Vec<Value> = std::mem::take(&mut *self.state.held.lock().unwrap());
-        assert!(!held.is_empty(), "nothing was held back");
+        if held.is_empty() {
+            return false;
+        }
         let (status, _) = record(
             &self.state,
             &json!({ "de.sorunome.msc2409.to_device": held }),
         )
         .await;
         assert_eq!(status, StatusCode::OK);
+        true
     }
 
     /// Stops the bot: its listener is gone (and with it the crypto state) when this returns.
@@ -692,7 +697,26 @@ async fn core_late_room_key_parks_then_decrypts_and_sender_is_told() {
         sent.as_str()
     );
 
-    bot.release_to_device().await;
+    // The held key arrives late; or, when Synapse skipped it itself (nothing was held), the
+    // bot's key request to alice's device brings it (core_lost_room_key_is_asked_for_and_recovered).
+    // Either way the parked event is decrypted and handed up.
+    if !bot.release_to_device().await {
+        use mxpay::crypto::key_recovery::{KEY_REQUEST_ATTEMPTS_MAX, KEY_REQUEST_INTERVAL_MS};
+        let is_it = |e: &DecryptedEvent| {
+            e.event_type == "org.mxpay.test" && e.content["n"] == json!("late")
+        };
+        for _ in 0..KEY_REQUEST_ATTEMPTS_MAX {
+            if bot
+                .try_wait_for(support::timeout() / 3, &is_it)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            clock.advance_ms(KEY_REQUEST_INTERVAL_MS);
+            bot.crypto.sweep_parked().await.unwrap();
+        }
+    }
     let late = bot.wait_for_test_event("the late message", "late").await;
     assert!(late.was_parked && late.was_encrypted);
     assert_eq!(late.event_id, sent);
