@@ -1299,6 +1299,40 @@ async fn confirm_with_pin(
     })
 }
 
+impl Confirmed {
+    /// Waits for the payee's client to show the receipt answering `pay_event` and says how the
+    /// payment ended, with its steps' times from `pay_at` (the `!pay`).
+    async fn payee_sees_receipt(
+        self,
+        pair: &Pair,
+        payee_cursor: usize,
+        pay_event: &EventId,
+        pay_at: Instant,
+        bot: &UserId,
+        deadline: tokio::time::Instant,
+    ) -> Outcome {
+        let Some(receipt) = pair
+            .payee
+            .wait_after(payee_cursor, deadline, |room, event| {
+                room == pair.room && is_receipt_of(event, bot, pay_event)
+            })
+            .await
+        else {
+            return Outcome::Lost {
+                step: "PIN -> payee sees the receipt",
+                why: "no receipt in time".to_owned(),
+            };
+        };
+        match Outcome::completed(&receipt, pay_at, self.pin_at, self.pin_at_unix_ms) {
+            Outcome::Completed(timings) => Outcome::Completed(Timings {
+                pay_to_challenge: self.challenge.at - pay_at,
+                ..timings
+            }),
+            other => other,
+        }
+    }
+}
+
 async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Outcome {
     let amount = amount_of(k);
     let payer_cursor = pair.payer.cursor();
@@ -1322,30 +1356,9 @@ async fn pay_once(pair: &Pair, k: usize, bot: &UserId, timeout: Duration) -> Out
             Ok(confirmed) => confirmed,
             Err(outcome) => return outcome,
         };
-    let (challenge, pin_at, pin_at_unix_ms) = (
-        confirmed.challenge,
-        confirmed.pin_at,
-        confirmed.pin_at_unix_ms,
-    );
-    let Some(receipt) = pair
-        .payee
-        .wait_after(payee_cursor, deadline, |room, event| {
-            room == pair.room && is_receipt_of(event, bot, &pay_event)
-        })
+    confirmed
+        .payee_sees_receipt(pair, payee_cursor, &pay_event, pay_at, bot, deadline)
         .await
-    else {
-        return lost(
-            "PIN -> payee sees the receipt",
-            format!("no receipt within {timeout:?} of the !pay"),
-        );
-    };
-    match Outcome::completed(&receipt, pay_at, pin_at, pin_at_unix_ms) {
-        Outcome::Completed(timings) => Outcome::Completed(Timings {
-            pay_to_challenge: challenge.at - pay_at,
-            ..timings
-        }),
-        other => other,
-    }
 }
 
 fn not_completed(receipt: &Value) -> Outcome {

@@ -20,8 +20,8 @@ use matrix_sdk::ruma::{EventId, OwnedEventId, RoomId, UserId};
 use serde_json::{json, Value};
 
 use super::{
-    confirm_with_pin, is_receipt_of, setup_err, typed, unix_ms, E2eBenchError, Outcome, Pair,
-    Person, Stack, Timings, CURRENCY,
+    confirm_with_pin, setup_err, typed, unix_ms, E2eBenchError, Outcome, Pair, Person, Stack,
+    Timings, CURRENCY,
 };
 
 /// The receiver's path.
@@ -308,11 +308,7 @@ pub(super) async fn pay_invoice(
             Ok(confirmed) => confirmed,
             Err(outcome) => return outcome,
         };
-    let (challenge, pin_at, pin_at_unix_ms) = (
-        confirmed.challenge,
-        confirmed.pin_at,
-        confirmed.pin_at_unix_ms,
-    );
+    let pin_at = confirmed.pin_at;
     let Some(webhook) = receiver.wait_paid(&invoice_id, deadline).await else {
         return lost(
             "PIN -> invoice.paid webhook",
@@ -332,22 +328,11 @@ pub(super) async fn pay_invoice(
             format!("{} ({e}) for merchant {}", e.code(), merchant.id),
         );
     }
-    let Some(receipt) = pair
-        .payee
-        .wait_after(payee_cursor, deadline, |room, event| {
-            room == pair.room && is_receipt_of(event, bot, &pay_event)
-        })
+    match confirmed
+        .payee_sees_receipt(pair, payee_cursor, &pay_event, pay_at, bot, deadline)
         .await
-    else {
-        return lost(
-            "PIN -> payee sees the receipt",
-            format!("no receipt within {timeout:?} of the invoice"),
-        );
-    };
-    let outcome = Outcome::completed(&receipt, pay_at, pin_at, pin_at_unix_ms);
-    match outcome {
+    {
         Outcome::Completed(timings) => Outcome::Completed(Timings {
-            pay_to_challenge: challenge.at - pay_at,
             invoice_to_seen: Some(request.at - invoice_at),
             pin_to_webhook: Some(webhook.at - pin_at),
             ..timings
