@@ -12,8 +12,8 @@ use clap::{Args, Subcommand};
 
 use crate::clock::SystemClock;
 use crate::ledger::{
-    CurrencySpec, Ledger, LedgerOptions, LedgerSettings, Owner, SledStorage, Storage, TransferId,
-    TransferRequest,
+    BatchOp, CurrencySpec, Ledger, LedgerOptions, LedgerSettings, Owner, SledStorage, Storage,
+    TransferId, TransferRequest,
 };
 
 /// `mxpay bench ...`
@@ -38,6 +38,14 @@ pub struct LedgerBench {
     /// Concurrent submitters in the batched run.
     #[arg(long, default_value_t = 8_192)]
     pub submitters: usize,
+    /// Transfers per call in the batched run: 1 makes one `create_transfer` call each;
+    /// more sends them in `Ledger::batch` calls of this many (TigerBeetle's benchmark sends
+    /// 8,190 a request), `--callers` of them in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub call_size: usize,
+    /// Batch calls in flight at once when `--call-size` is above 1.
+    #[arg(long, default_value_t = 4)]
+    pub callers: usize,
     /// Most transfers the writer puts in one journal record (one flush).
     #[arg(long, default_value_t = 8_190)]
     pub batch_max: usize,
@@ -165,24 +173,47 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
     while done < p.transfers {
         let count = chunk.min(p.transfers - done);
         let offset = done;
-        latencies.extend(runtime.block_on(drive(p.submitters, count, {
-            let ledger = ledger.clone();
-            move |i| {
-                let ledger = ledger.clone();
-                let i = offset + i;
-                let from = i % accounts;
-                let to = (i * 7_919 + 1 + i / accounts) % accounts;
-                let to = if to == from { (to + 1) % accounts } else { to };
-                let request = TransferRequest {
-                    id: TransferId(base + i as u128),
-                    debit: user(from),
-                    credit: user(to),
-                    amount: one,
-                    memo: Vec::new(),
-                };
-                async move { ledger.create_transfer(request).await.map(|_| ()) }
+        let request = move |i: usize| {
+            let from = i % accounts;
+            let to = (i * 7_919 + 1 + i / accounts) % accounts;
+            let to = if to == from { (to + 1) % accounts } else { to };
+            TransferRequest {
+                id: TransferId(base + i as u128),
+                debit: user(from),
+                credit: user(to),
+                amount: one,
+                memo: Vec::new(),
             }
-        }))?);
+        };
+        if p.call_size > 1 {
+            let size = p.call_size;
+            let calls = count.div_ceil(size);
+            latencies.extend(runtime.block_on(drive(p.callers, calls, {
+                let ledger = ledger.clone();
+                move |c| {
+                    let ledger = ledger.clone();
+                    let first = offset + c * size;
+                    let ops: Vec<BatchOp> = (first..(first + size).min(offset + count))
+                        .map(|i| BatchOp::Create(request(i)))
+                        .collect();
+                    async move {
+                        for result in ledger.batch(ops).await? {
+                            result?;
+                        }
+                        Ok(())
+                    }
+                }
+            }))?);
+        } else {
+            latencies.extend(runtime.block_on(drive(p.submitters, count, {
+                let ledger = ledger.clone();
+                move |i| {
+                    let ledger = ledger.clone();
+                    let request = request(offset + i);
+                    async move { ledger.create_transfer(request).await.map(|_| ()) }
+                }
+            }))?);
+        }
         done += count;
         if done < p.transfers {
             print_rss(&format!("at {done} batched transfers"));
@@ -190,12 +221,20 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
     }
     let elapsed = started.elapsed();
     let stats = Stats::of_micros(latencies);
+    let callers = if p.call_size > 1 {
+        format!(
+            "{} callers of batch calls of {} transfers (latency: of a call)",
+            p.callers, p.call_size
+        )
+    } else {
+        format!("{} submitters", p.submitters)
+    };
     println!(
-        "batched: {} durable transfers, {} accounts, {} submitters, batch max {}: {:.2} s, \
+        "batched: {} durable transfers, {} accounts, {}, batch max {}: {:.2} s, \
          {:.0} transfers/s (latency under load p50 {:.2} ms, p99 {:.2} ms)",
         p.transfers,
         accounts,
-        p.submitters,
+        callers,
         p.batch_max,
         elapsed.as_secs_f64(),
         p.transfers as f64 / elapsed.as_secs_f64(),
