@@ -64,7 +64,9 @@ pub enum LedgerError {
     /// The settings are unusable (or contradict the journal).
     #[error("ledger settings: {0}")]
     Settings(String),
-    /// The store failed; the ledger stops and must be reopened.
+    /// The store failed. A failed write stops the ledger (every later call is `Closed` until
+    /// it is reopened); a failed read of a transfer's row, or a row that does not decode,
+    /// fails only the call that needed it, which changed nothing.
     #[error(transparent)]
     Storage(#[from] StorageError),
     /// The journal failed verification; `record` is the batch record where it breaks.
@@ -608,7 +610,7 @@ impl Ledger {
     /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
     /// empty if it has none or is unknown. Looked up by reference, not by a scan.
     pub async fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
-        self.read(move |state, _| state.refunds_of(original)).await
+        Ok(self.read(move |state, _| state.refunds_of(original)).await??)
     }
 
     /// Expires pending transfers whose deadline passed; returns those this call expired (the
@@ -654,7 +656,7 @@ impl Ledger {
 
     /// A transfer by id.
     pub async fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
-        self.read(move |state, _| state.transfer(id)).await
+        Ok(self.read(move |state, _| state.transfer(id)).await??)
     }
 
     /// Transfers touching `owner`, newest first, `limit` (at most [`HISTORY_PAGE_MAX`]) per
@@ -667,19 +669,18 @@ impl Ledger {
     ) -> Result<HistoryPage, LedgerError> {
         let owner = owner.clone();
         let limit = limit.min(HISTORY_PAGE_MAX);
-        self.read(move |state, _| {
-            let (transfers, next) = state.history(&owner, cursor.map(|c| c.0), limit);
-            HistoryPage {
-                transfers,
-                next: next.map(HistoryCursor),
-            }
+        let (transfers, next) = self
+            .read(move |state, _| state.history(&owner, cursor.map(|c| c.0), limit))
+            .await??;
+        Ok(HistoryPage {
+            transfers,
+            next: next.map(HistoryCursor),
         })
-        .await
     }
 
     /// Every transfer still pending, oldest deadline first.
     pub async fn pending_transfers(&self) -> Result<Vec<Transfer>, LedgerError> {
-        self.read(|state, _| state.pending_transfers()).await
+        Ok(self.read(|state, _| state.pending_transfers()).await??)
     }
 
     /// Replays the durable journal from record 1 (checking its hash chain, the head anchor,
@@ -799,7 +800,7 @@ fn report(state: &State, replayed: &journal::Replayed) -> VerifyReport {
         checkpoint: replayed.checkpoint,
         accounts: state.accounts().len(),
         transfers: state.transfer_count(),
-        pending: state.pending_transfers().len(),
+        pending: state.pending_count(),
     }
 }
 
