@@ -62,6 +62,9 @@ struct Inner {
     /// Steps (issue, sync) left before the power goes; `None`: never.
     steps_left: Option<u64>,
     cut: bool,
+    /// The power went while the writer's background thread was writing a spill's rows or
+    /// a checkpoint (the writer goes on meanwhile).
+    cut_in_background: bool,
     rng: StdRng,
 }
 
@@ -77,6 +80,8 @@ impl Inner {
         }
         if let Some(left) = &mut self.steps_left {
             if *left == 0 {
+                self.cut_in_background = std::thread::current().name()
+                    == Some(crate::ledger::writer::CHECKPOINT_THREAD);
                 self.power_off();
                 return Err(Self::dead());
             }
@@ -142,6 +147,7 @@ impl PowerCutStorage {
             unsynced: Vec::new(),
             steps_left: steps,
             cut: false,
+            cut_in_background: false,
             rng: StdRng::seed_from_u64(seed),
         }))
     }
@@ -158,6 +164,12 @@ impl PowerCutStorage {
     /// Whether the power went.
     pub fn is_cut(&self) -> bool {
         self.0.lock().cut
+    }
+
+    /// Whether the power went during a write of the checkpoint thread (a spill's rows or a
+    /// checkpoint), while the writer went on.
+    pub fn cut_in_background(&self) -> bool {
+        self.0.lock().cut_in_background
     }
 }
 
@@ -579,8 +591,9 @@ mod tests {
         bal
     }
 
-    /// One run of cycles; returns (power cuts, operations whose outcome was unknown).
-    fn one_run(seed: u64) -> (usize, usize) {
+    /// One run of cycles; returns (power cuts, operations whose outcome was unknown, cuts
+    /// during a background spill or checkpoint).
+    fn one_run(seed: u64) -> (usize, usize, usize) {
         let mut rng = StdRng::seed_from_u64(seed);
         let clock = ManualClock::new(1_700_000_000_000);
         let mut image = Image::default();
@@ -588,6 +601,7 @@ mod tests {
         let mut next_id = 0u128;
         let mut cuts = 0;
         let mut unknowns = 0;
+        let mut background_cuts = 0;
         for cycle in 0..4 {
             let steps = rng.gen_range(0..40);
             let storage = Arc::new(PowerCutStorage::new(image, Some(steps), rng.gen()));
@@ -598,6 +612,7 @@ mod tests {
                 Err(LedgerError::Storage(_)) if storage.is_cut() => {
                     image = storage.survivors();
                     cuts += 1;
+                    background_cuts += usize::from(storage.cut_in_background());
                     continue;
                 }
                 Err(e) => panic!("seed {seed} cycle {cycle}: the ledger does not open: {e}"),
@@ -620,6 +635,7 @@ mod tests {
             history.extend(ops.into_iter().zip(outcomes));
             drop(ledger);
             cuts += usize::from(storage.is_cut());
+            background_cuts += usize::from(storage.cut_in_background());
             image = storage.survivors();
         }
         // Power stays on: every unknown outcome is settled by a retry with its id.
@@ -657,7 +673,7 @@ mod tests {
                 "seed {seed}: balances of {account} ({cuts} cuts)"
             );
         }
-        (cuts, unknowns + unknown.len())
+        (cuts, unknowns + unknown.len(), background_cuts)
     }
 
     fn rows(count: u32) -> Vec<TransferRow> {
@@ -727,17 +743,24 @@ mod tests {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
-        let (mut cuts, mut unknowns) = (0, 0);
+        let (mut cuts, mut unknowns, mut background_cuts) = (0, 0, 0);
         for seed in first..first + runs() {
-            let (c, u) = one_run(seed);
+            let (c, u, b) = one_run(seed);
             cuts += c;
             unknowns += u;
+            background_cuts += b;
         }
-        // The runs did cut the power, and mid-operation (outcomes unknown, then retried).
+        // The runs did cut the power, and mid-operation (outcomes unknown, then retried),
+        // and while the checkpoint thread wrote a spill's rows or a checkpoint.
         assert!(cuts >= runs() as usize, "{cuts} cuts");
         assert!(unknowns > 0, "no operation was cut short");
+        assert!(
+            background_cuts > 0 || runs() < 8,
+            "no cut landed in a background spill or checkpoint"
+        );
         eprintln!(
-            "{} runs: {cuts} power cuts, {unknowns} outcomes unknown",
+            "{} runs: {cuts} power cuts ({background_cuts} during a background spill or \
+             checkpoint), {unknowns} outcomes unknown",
             runs()
         );
     }

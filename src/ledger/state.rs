@@ -336,6 +336,27 @@ pub(crate) struct State {
     /// only once [`State::track_touched`] was called (not while replaying at open).
     touched: Vec<AccountIdx>,
     track_touched: bool,
+    /// A row [`State::apply`] could not read (at replay: live decisions pin what their
+    /// events need), so that it fails as a storage error, not as a broken journal.
+    apply_read_error: Option<StorageError>,
+}
+
+/// Why an event does not apply.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    /// It breaks a rule of the ledger: the journal (or the decision) is wrong.
+    #[error("{0}")]
+    Broken(String),
+    /// A row it needs could not be read from the storage.
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
+/// Keeps `error` for [`State::apply`] and describes it for the error path it interrupts.
+fn read_failed(slot: &mut Option<StorageError>, error: StorageError) -> String {
+    let reason = error.to_string();
+    *slot = Some(error);
+    reason
 }
 
 impl State {
@@ -355,6 +376,7 @@ impl State {
             refunded: HashMap::new(),
             touched: Vec::new(),
             track_touched: false,
+            apply_read_error: None,
         }
     }
 
@@ -1047,6 +1069,7 @@ impl State {
     /// Applies a freshly decided event: an error here is a bug in `decide`, so crash.
     fn emit(&mut self, event: Event, now_ms: u64, events: &mut Vec<Event>) {
         if let Err(reason) = self.apply(&event, now_ms) {
+            // A storage error here too: the decision pinned every row its events need.
             panic!("ledger decided an event it cannot apply ({reason}): {event:?}");
         }
         events.push(event);
@@ -1056,8 +1079,12 @@ impl State {
 
     /// Applies one event at ledger time `now_ms`. Used for live decisions and for replay; an
     /// error means the journal (or the decision) broke a rule, and says which.
-    pub fn apply(&mut self, event: &Event, now_ms: u64) -> Result<(), String> {
-        self.apply_event(event, now_ms)?;
+    pub fn apply(&mut self, event: &Event, now_ms: u64) -> Result<(), ApplyError> {
+        let applied = self.apply_event(event, now_ms);
+        if let Some(error) = self.apply_read_error.take() {
+            return Err(ApplyError::Storage(error));
+        }
+        applied.map_err(ApplyError::Broken)?;
         self.note_touched(event);
         Ok(())
     }
@@ -1114,12 +1141,12 @@ impl State {
                 let idx = self
                     .transfers
                     .try_idx_of(*id)
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| read_failed(&mut self.apply_read_error, e))?
                     .ok_or("expiry of an unknown transfer")?;
                 let deadline = self
                     .transfers
                     .try_get(idx)
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| read_failed(&mut self.apply_read_error, e))?
                     .deadline_ms();
                 if deadline.is_none_or(|d| d > now_ms) {
                     return Err(format!("transfer {id} expired before its deadline"));
@@ -1277,9 +1304,9 @@ impl State {
         let o = self
             .transfers
             .try_idx_of(original)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| read_failed(&mut self.apply_read_error, e))?
             .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
-        let orig = self.transfers.try_get(o).map_err(|e| e.to_string())?;
+        let orig = self.transfers.try_get(o).map_err(|e| read_failed(&mut self.apply_read_error, e))?;
         let posted = match orig.state {
             TransferState::Posted { amount_minor } => Some(amount_minor),
             _ => None,
@@ -1304,9 +1331,9 @@ impl State {
         let idx = self
             .transfers
             .try_idx_of(id)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| read_failed(&mut self.apply_read_error, e))?
             .ok_or_else(|| format!("end of unknown transfer {id}"))?;
-        let t = self.transfers.try_get(idx).map_err(|e| e.to_string())?;
+        let t = self.transfers.try_get(idx).map_err(|e| read_failed(&mut self.apply_read_error, e))?;
         if t.state != TransferState::Pending || !matches!(t.kind, TransferKind::Pending { .. }) {
             return Err(format!("transfer {id} ended twice or was never pending"));
         }

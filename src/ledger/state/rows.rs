@@ -182,7 +182,7 @@ impl Transfers {
         }
         let Some(idx) = disk
             .transfer_row_idx(id.0)
-            .map_err(|e| StorageError::Backend(format!("cannot read the id index: {e}")))?
+            .map_err(|e| StorageError::Backend(format!("cannot look transfer {id} up on disk: {e}")))?
         else {
             return Ok(None);
         };
