@@ -610,7 +610,9 @@ impl Ledger {
     /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
     /// empty if it has none or is unknown. Looked up by reference, not by a scan.
     pub async fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
-        Ok(self.read(move |state, _| state.refunds_of(original)).await??)
+        Ok(self
+            .read(move |state, _| state.refunds_of(original))
+            .await??)
     }
 
     /// Expires pending transfers whose deadline passed; returns those this call expired (the

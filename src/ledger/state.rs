@@ -6,12 +6,12 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use super::amount::{Amount, Currencies, CurrencyCode};
-use super::storage::StorageError;
 use super::model::{
     AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
     TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
     PENDING_TIMEOUT_MS_MAX,
 };
+use super::storage::StorageError;
 
 mod checkpoint;
 mod rows;
@@ -1306,7 +1306,10 @@ impl State {
             .try_idx_of(original)
             .map_err(|e| read_failed(&mut self.apply_read_error, e))?
             .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
-        let orig = self.transfers.try_get(o).map_err(|e| read_failed(&mut self.apply_read_error, e))?;
+        let orig = self
+            .transfers
+            .try_get(o)
+            .map_err(|e| read_failed(&mut self.apply_read_error, e))?;
         let posted = match orig.state {
             TransferState::Posted { amount_minor } => Some(amount_minor),
             _ => None,
@@ -1333,7 +1336,10 @@ impl State {
             .try_idx_of(id)
             .map_err(|e| read_failed(&mut self.apply_read_error, e))?
             .ok_or_else(|| format!("end of unknown transfer {id}"))?;
-        let t = self.transfers.try_get(idx).map_err(|e| read_failed(&mut self.apply_read_error, e))?;
+        let t = self
+            .transfers
+            .try_get(idx)
+            .map_err(|e| read_failed(&mut self.apply_read_error, e))?;
         if t.state != TransferState::Pending || !matches!(t.kind, TransferKind::Pending { .. }) {
             return Err(format!("transfer {id} ended twice or was never pending"));
         }

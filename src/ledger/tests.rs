@@ -3458,7 +3458,11 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
         )
         .unwrap();
     block_on(ledger.ledger().checkpoint()).unwrap();
-    assert_eq!(transfers_held(&ledger), 2, "the pending ones stay in memory");
+    assert_eq!(
+        transfers_held(&ledger),
+        2,
+        "the pending ones stay in memory"
+    );
     let before = ledger.transfer(TransferId(12)).unwrap().unwrap();
 
     for mode in [ROWS_FAIL, ROWS_CORRUPT] {
@@ -3502,7 +3506,14 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
         .unwrap();
     ledger.post(TransferId(31), None).unwrap();
     assert_eq!(ledger.refunds_of(TransferId(11)).unwrap().len(), 2);
-    assert_eq!(ledger.history(&user("alice"), None, 50).unwrap().transfers.len(), 16);
+    assert_eq!(
+        ledger
+            .history(&user("alice"), None, 50)
+            .unwrap()
+            .transfers
+            .len(),
+        16
+    );
     ledger.verify_with_memory().unwrap();
 
     // The next spill writes the ended pending refund, whose row names its original (on

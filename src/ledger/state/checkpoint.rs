@@ -868,7 +868,11 @@ mod tests {
         let mut now_ms = 1_000;
         let mut run = |state: &mut State, op: Op| {
             now_ms += 1;
-            state.decide(op, now_ms, &mut events).unwrap().unwrap().unwrap()
+            state
+                .decide(op, now_ms, &mut events)
+                .unwrap()
+                .unwrap()
+                .unwrap()
         };
         let create = |id: u128, debit: Owner, credit: Owner, minor: u128| Op::Create {
             request: TransferRequest {

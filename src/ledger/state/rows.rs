@@ -180,14 +180,14 @@ impl Transfers {
         if !self.filters.iter().any(|f| f.may_contain(id)) {
             return Ok(None);
         }
-        let Some(idx) = disk
-            .transfer_row_idx(id.0)
-            .map_err(|e| StorageError::Backend(format!("cannot look transfer {id} up on disk: {e}")))?
+        let Some(idx) = disk.transfer_row_idx(id.0).map_err(|e| {
+            StorageError::Backend(format!("cannot look transfer {id} up on disk: {e}"))
+        })?
         else {
             return Ok(None);
         };
-        let in_memory = self.resident.contains_key(&idx)
-            || self.unsynced.iter().any(|p| p.get(idx).is_some());
+        let in_memory =
+            self.resident.contains_key(&idx) || self.unsynced.iter().any(|p| p.get(idx).is_some());
         Ok((idx < durable_end && !in_memory).then_some(idx))
     }
 
