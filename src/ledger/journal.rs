@@ -4,7 +4,7 @@
 use super::amount::{Currencies, CurrencyCode};
 use super::codec::{decode_record, Head, Record, HASH_LEN};
 use super::model::{AccountId, FreezeMode, TransferError, TransferId, TransferKind};
-use super::state::{Event, State, CHECKPOINT_VERSION, CHECKPOINT_VERSION_FULL_STATE};
+use super::state::{ApplyError, Event, State, CHECKPOINT_VERSION, CHECKPOINT_VERSION_FULL_STATE};
 use super::storage::{Storage, StoredRecord};
 use super::LedgerError;
 
@@ -219,9 +219,12 @@ fn apply_records(
         for (i, event) in record.events.iter().enumerate() {
             state
                 .apply(event, record.time_ms)
-                .map_err(|reason| LedgerError::Corrupt {
-                    record: record.seq,
-                    reason: format!("entry {i}: {reason}"),
+                .map_err(|error| match error {
+                    ApplyError::Storage(error) => LedgerError::Storage(error),
+                    ApplyError::Broken(reason) => LedgerError::Corrupt {
+                        record: record.seq,
+                        reason: format!("entry {i}: {reason}"),
+                    },
                 })?;
         }
         events += record.events.len() as u64;

@@ -64,7 +64,9 @@ pub enum LedgerError {
     /// The settings are unusable (or contradict the journal).
     #[error("ledger settings: {0}")]
     Settings(String),
-    /// The store failed; the ledger stops and must be reopened.
+    /// The store failed. A failed write stops the ledger (every later call is `Closed` until
+    /// it is reopened); a failed read of a transfer's row, or a row that does not decode,
+    /// fails only the call that needed it, which changed nothing.
     #[error(transparent)]
     Storage(#[from] StorageError),
     /// The journal failed verification; `record` is the batch record where it breaks.
@@ -535,8 +537,9 @@ impl Ledger {
 
     /// Many creates, posts and voids in one call, decided in order, as TigerBeetle's
     /// `create_transfers`: each gets the result its single call would give
-    /// ([`CreateResult::Exists`] for a retry, or a post or void that was already done), and a
-    /// refused one does not stop the others. It returns once every change is durable. The
+    /// ([`CreateResult::Exists`] for a retry, or a post or void that was already done;
+    /// [`LedgerError::Rejected`] for a refusal, [`LedgerError::Storage`] if a row it needed
+    /// could not be read), and a refused one does not stop the others. It returns once every change is durable. The
     /// writer takes the whole call as one queued command (at most [`BATCH_OPS_MAX`] changes;
     /// a longer call is sent as several, in order), so a caller with thousands of transfers
     /// pays for one queue slot and one wake-up instead of one each. A storage failure part
@@ -545,7 +548,7 @@ impl Ledger {
     pub async fn batch(
         &self,
         ops: Vec<BatchOp>,
-    ) -> Result<Vec<Result<CreateResult, TransferError>>, LedgerError> {
+    ) -> Result<Vec<Result<CreateResult, LedgerError>>, LedgerError> {
         let mut ops = ops.into_iter().map(|op| match op {
             BatchOp::Create(request) => Op::Create {
                 request,
@@ -578,7 +581,7 @@ impl Ledger {
         for rx in calls {
             let results = rx.await.map_err(|_| LedgerError::Closed)??;
             outcomes.extend(results.into_iter().map(|result| {
-                let answer = result?.expect("transfer operations answer with the transfer");
+                let answer = result??.expect("transfer operations answer with the transfer");
                 Ok(if answer.exists {
                     CreateResult::Exists(answer.transfer)
                 } else {
@@ -668,7 +671,9 @@ impl Ledger {
     /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
     /// empty if it has none or is unknown. Looked up by reference, not by a scan.
     pub async fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
-        self.read(move |state, _| state.refunds_of(original)).await
+        Ok(self
+            .read(move |state, _| state.refunds_of(original))
+            .await??)
     }
 
     /// Expires pending transfers whose deadline passed; returns those this call expired (the
@@ -714,7 +719,7 @@ impl Ledger {
 
     /// A transfer by id.
     pub async fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
-        self.read(move |state, _| state.transfer(id)).await
+        Ok(self.read(move |state, _| state.transfer(id)).await??)
     }
 
     /// Transfers touching `owner`, newest first, `limit` (at most [`HISTORY_PAGE_MAX`]) per
@@ -727,19 +732,18 @@ impl Ledger {
     ) -> Result<HistoryPage, LedgerError> {
         let owner = owner.clone();
         let limit = limit.min(HISTORY_PAGE_MAX);
-        self.read(move |state, _| {
-            let (transfers, next) = state.history(&owner, cursor.map(|c| c.0), limit);
-            HistoryPage {
-                transfers,
-                next: next.map(HistoryCursor),
-            }
+        let (transfers, next) = self
+            .read(move |state, _| state.history(&owner, cursor.map(|c| c.0), limit))
+            .await??;
+        Ok(HistoryPage {
+            transfers,
+            next: next.map(HistoryCursor),
         })
-        .await
     }
 
     /// Every transfer still pending, oldest deadline first.
     pub async fn pending_transfers(&self) -> Result<Vec<Transfer>, LedgerError> {
-        self.read(|state, _| state.pending_transfers()).await
+        Ok(self.read(|state, _| state.pending_transfers()).await??)
     }
 
     /// Replays the durable journal from record 1 (checking its hash chain, the head anchor,
@@ -859,7 +863,7 @@ fn report(state: &State, replayed: &journal::Replayed) -> VerifyReport {
         checkpoint: replayed.checkpoint,
         accounts: state.accounts().len(),
         transfers: state.transfer_count(),
-        pending: state.pending_transfers().len(),
+        pending: state.pending_count(),
     }
 }
 
@@ -920,7 +924,7 @@ impl BlockingLedger {
     pub fn batch(
         &self,
         ops: Vec<BatchOp>,
-    ) -> Result<Vec<Result<CreateResult, TransferError>>, LedgerError> {
+    ) -> Result<Vec<Result<CreateResult, LedgerError>>, LedgerError> {
         block_on(self.0.batch(ops))
     }
 

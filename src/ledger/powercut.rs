@@ -62,6 +62,11 @@ struct Inner {
     /// Steps (issue, sync) left before the power goes; `None`: never.
     steps_left: Option<u64>,
     cut: bool,
+    /// A `put_transfer_rows` is under way.
+    writing_rows: bool,
+    /// The power went while the writer's background thread was writing a spill's rows (the
+    /// writer goes on meanwhile).
+    cut_in_background: bool,
     rng: StdRng,
 }
 
@@ -77,6 +82,9 @@ impl Inner {
         }
         if let Some(left) = &mut self.steps_left {
             if *left == 0 {
+                self.cut_in_background = self.writing_rows
+                    && std::thread::current().name()
+                        == Some(crate::ledger::writer::CHECKPOINT_THREAD);
                 self.power_off();
                 return Err(Self::dead());
             }
@@ -142,6 +150,8 @@ impl PowerCutStorage {
             unsynced: Vec::new(),
             steps_left: steps,
             cut: false,
+            writing_rows: false,
+            cut_in_background: false,
             rng: StdRng::seed_from_u64(seed),
         }))
     }
@@ -158,6 +168,12 @@ impl PowerCutStorage {
     /// Whether the power went.
     pub fn is_cut(&self) -> bool {
         self.0.lock().cut
+    }
+
+    /// Whether the power went while the checkpoint thread wrote a spill's rows, the writer
+    /// going on meanwhile.
+    pub fn cut_in_background(&self) -> bool {
+        self.0.lock().cut_in_background
     }
 }
 
@@ -231,10 +247,15 @@ impl Storage for PowerCutStorage {
     /// Issued in pieces as sled's backend writes them, then synced once.
     fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
         let mut inner = self.0.lock();
-        for piece in rows.chunks(ROWS_PER_BATCH_MAX) {
-            inner.issue(Unsynced::Rows(piece.to_vec()))?;
-        }
-        inner.sync()
+        inner.writing_rows = true;
+        let written = (|| {
+            for piece in rows.chunks(ROWS_PER_BATCH_MAX) {
+                inner.issue(Unsynced::Rows(piece.to_vec()))?;
+            }
+            inner.sync()
+        })();
+        inner.writing_rows = false;
+        written
     }
 
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
@@ -579,8 +600,9 @@ mod tests {
         bal
     }
 
-    /// One run of cycles; returns (power cuts, operations whose outcome was unknown).
-    fn one_run(seed: u64) -> (usize, usize) {
+    /// One run of cycles; returns (power cuts, operations whose outcome was unknown, cuts
+    /// while the checkpoint thread wrote a spill's rows).
+    fn one_run(seed: u64) -> (usize, usize, usize) {
         let mut rng = StdRng::seed_from_u64(seed);
         let clock = ManualClock::new(1_700_000_000_000);
         let mut image = Image::default();
@@ -588,6 +610,7 @@ mod tests {
         let mut next_id = 0u128;
         let mut cuts = 0;
         let mut unknowns = 0;
+        let mut background_cuts = 0;
         for cycle in 0..4 {
             let steps = rng.gen_range(0..40);
             let storage = Arc::new(PowerCutStorage::new(image, Some(steps), rng.gen()));
@@ -598,6 +621,7 @@ mod tests {
                 Err(LedgerError::Storage(_)) if storage.is_cut() => {
                     image = storage.survivors();
                     cuts += 1;
+                    background_cuts += usize::from(storage.cut_in_background());
                     continue;
                 }
                 Err(e) => panic!("seed {seed} cycle {cycle}: the ledger does not open: {e}"),
@@ -620,6 +644,7 @@ mod tests {
             history.extend(ops.into_iter().zip(outcomes));
             drop(ledger);
             cuts += usize::from(storage.is_cut());
+            background_cuts += usize::from(storage.cut_in_background());
             image = storage.survivors();
         }
         // Power stays on: every unknown outcome is settled by a retry with its id.
@@ -657,7 +682,7 @@ mod tests {
                 "seed {seed}: balances of {account} ({cuts} cuts)"
             );
         }
-        (cuts, unknowns + unknown.len())
+        (cuts, unknowns + unknown.len(), background_cuts)
     }
 
     fn rows(count: u32) -> Vec<TransferRow> {
@@ -727,17 +752,24 @@ mod tests {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
-        let (mut cuts, mut unknowns) = (0, 0);
+        let (mut cuts, mut unknowns, mut background_cuts) = (0, 0, 0);
         for seed in first..first + runs() {
-            let (c, u) = one_run(seed);
+            let (c, u, b) = one_run(seed);
             cuts += c;
             unknowns += u;
+            background_cuts += b;
         }
-        // The runs did cut the power, and mid-operation (outcomes unknown, then retried).
+        // The runs did cut the power, and mid-operation (outcomes unknown, then retried),
+        // and while the checkpoint thread wrote a spill's rows with the writer going on.
         assert!(cuts >= runs() as usize, "{cuts} cuts");
         assert!(unknowns > 0, "no operation was cut short");
+        assert!(
+            background_cuts > 0 || runs() < 8,
+            "no cut landed in a background spill"
+        );
         eprintln!(
-            "{} runs: {cuts} power cuts, {unknowns} outcomes unknown",
+            "{} runs: {cuts} power cuts ({background_cuts} during a background spill), \
+             {unknowns} outcomes unknown",
             runs()
         );
     }

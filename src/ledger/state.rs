@@ -11,6 +11,7 @@ use super::model::{
     TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
     PENDING_TIMEOUT_MS_MAX,
 };
+use super::storage::StorageError;
 
 mod checkpoint;
 mod rows;
@@ -21,7 +22,7 @@ mod rows;
 pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 pub(crate) use checkpoint::{
-    checkpoint_filters, checkpoint_state, VERSION as CHECKPOINT_VERSION,
+    checkpoint_filters, checkpoint_state, CheckpointOutcome, VERSION as CHECKPOINT_VERSION,
     VERSION_FULL_STATE as CHECKPOINT_VERSION_FULL_STATE,
 };
 
@@ -229,6 +230,14 @@ pub(crate) struct Answer {
     pub exists: bool,
 }
 
+/// What [`State::read_for`] found of the transfers an op names: the one it names by id and
+/// a refund's original (their indexes, `None` if they do not exist).
+#[derive(Debug, Clone, Copy, Default)]
+struct Found {
+    id: Option<TransferIdx>,
+    original: Option<TransferIdx>,
+}
+
 #[derive(Debug, Clone)]
 struct Account {
     id: AccountId,
@@ -332,6 +341,27 @@ pub(crate) struct State {
     /// only once [`State::track_touched`] was called (not while replaying at open).
     touched: Vec<AccountIdx>,
     track_touched: bool,
+    /// A row [`State::apply`] could not read (at replay: live decisions pin what their
+    /// events need), so that it fails as a storage error, not as a broken journal.
+    apply_read_error: Option<StorageError>,
+}
+
+/// Why an event does not apply.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    /// It breaks a rule of the ledger: the journal (or the decision) is wrong.
+    #[error("{0}")]
+    Broken(String),
+    /// A row it needs could not be read from the storage.
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
+/// Keeps `error` for [`State::apply`] and describes it for the error path it interrupts.
+fn read_failed(slot: &mut Option<StorageError>, error: StorageError) -> String {
+    let reason = error.to_string();
+    *slot = Some(error);
+    reason
 }
 
 impl State {
@@ -351,6 +381,7 @@ impl State {
             refunded: HashMap::default(),
             touched: Vec::new(),
             track_touched: false,
+            apply_read_error: None,
         }
     }
 
@@ -457,21 +488,85 @@ impl State {
     }
 
     /// Decides one request at `now_ms`, applies its events and appends them to `events`.
-    pub fn decide(&mut self, op: Op, now_ms: u64, events: &mut Vec<Event>) -> OpResult {
+    /// `Err` when a row it needs cannot be read from the storage: then nothing changed and
+    /// no event was added (the rows are read before anything changes, see
+    /// [`State::read_for`]).
+    pub fn decide(
+        &mut self,
+        op: Op,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<OpResult, StorageError> {
+        let decided = match self.read_for(&op) {
+            Ok(found) => Ok(self.decide_read(op, found, now_ms, events)),
+            Err(error) => Err(error),
+        };
+        self.transfers.unpin();
+        decided
+    }
+
+    /// Reads, before anything changes, what deciding `op` needs of the transfers on disk:
+    /// the transfer it names by id (idempotency, or the pending transfer to post or void),
+    /// a refund's original, and for a pending refund among them the transfer it refunds
+    /// (its answer names it). They stay pinned in memory until the decision is made, so
+    /// that deciding, applying and answering read nothing more and cannot fail half-way.
+    fn read_for(&mut self, op: &Op) -> Result<Found, StorageError> {
+        let (id, original) = match op {
+            Op::Create {
+                request, refund_of, ..
+            } => (request.id, *refund_of),
+            Op::Refund { id, original, .. } => (*id, Some(*original)),
+            Op::Post { pending, .. } | Op::Void { pending } => (*pending, None),
+            Op::Freeze { .. } => return Ok(Found::default()),
+        };
+        let id = self.read_transfer(id)?;
+        let original = match original {
+            Some(original) => self.read_transfer(original)?,
+            None => None,
+        };
+        Ok(Found { id, original })
+    }
+
+    /// The index of transfer `id`, with its row (and the row of the transfer it refunds, if
+    /// it is a pending refund) pinned in memory.
+    fn read_transfer(&mut self, id: TransferId) -> Result<Option<TransferIdx>, StorageError> {
+        if id.0 == 0 {
+            // Never stored: refused by the decision.
+            return Ok(None);
+        }
+        let Some(idx) = self.transfers.pin_id(id)? else {
+            return Ok(None);
+        };
+        if let Some(&o) = self.pending_refund_of.get(&idx) {
+            self.transfers.pin(o)?;
+        }
+        Ok(Some(idx))
+    }
+
+    /// [`State::decide`] once [`State::read_for`] read what `op` needs (`found`).
+    fn decide_read(
+        &mut self,
+        op: Op,
+        found: Found,
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> OpResult {
         match op {
             Op::Create {
                 request,
                 timeout_ms,
                 refund_of,
-            } => self.decide_create(request, timeout_ms, refund_of, now_ms, events),
+            } => self.decide_create(request, timeout_ms, refund_of, found, now_ms, events),
             Op::Refund {
                 id,
                 original,
                 amount,
                 memo,
-            } => self.decide_refund(id, original, amount, memo, now_ms, events),
-            Op::Post { pending, amount } => self.decide_post(pending, amount, now_ms, events),
-            Op::Void { pending } => self.decide_void(pending, now_ms, events),
+            } => self.decide_refund(id, original, amount, memo, found, now_ms, events),
+            Op::Post { pending, amount } => {
+                self.decide_post(pending, amount, found.id, now_ms, events)
+            }
+            Op::Void { pending } => self.decide_void(pending, found.id, now_ms, events),
             Op::Freeze { account, mode } => {
                 self.check_account_id(&account)?;
                 let idx = self.open_account(&account, now_ms, events);
@@ -488,6 +583,7 @@ impl State {
         request: TransferRequest,
         timeout_ms: Option<u64>,
         refund_of: Option<TransferId>,
+        found: Found,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) -> OpResult {
@@ -535,13 +631,13 @@ impl State {
         let (Some(debit), Some(credit)) = (&body.debit, &body.credit) else {
             unreachable!("set just above")
         };
-        if let Some(found) = self.existing(request.id, &body) {
-            return found;
+        if let Some(answer) = self.existing(request.id, found.id, &body) {
+            return answer;
         }
-        if let Some(original) = refund_of {
+        if refund_of.is_some() {
             // A refund gives back what its original moved: the original's cap bounds it, and
             // it is not held to the configured `max_transfer` (as `refund` never was).
-            let accounts = match self.check_refund(original, currency, amount_minor) {
+            let accounts = match self.check_refund(found.original, currency, amount_minor) {
                 Ok(accounts) => accounts,
                 Err(e) if !e.transient() => return Err(e),
                 Err(e) => return self.fail(request.id, body, e, now_ms, events),
@@ -599,18 +695,16 @@ impl State {
     /// posted (`OriginalTransferNotRefundable`), has `amount_minor` left once its posted
     /// refunds and the reservations of its pending refunds are counted
     /// (`RefundExceedsRemaining`), and is not itself a refund (`OriginalTransferIsRefund`).
-    /// Returns the refund's (debit, credit): the original's (credit, debit).
+    /// Returns the refund's (debit, credit): the original's (credit, debit). `original` is
+    /// the original's index, as [`State::read_for`] found it.
     fn check_refund(
         &self,
-        original: TransferId,
+        original: Option<TransferIdx>,
         currency: CurrencyCode,
         amount_minor: u128,
     ) -> Result<(AccountIdx, AccountIdx), TransferError> {
         use TransferError as E;
-        let idx = self
-            .transfers
-            .idx_of(original)
-            .ok_or(E::OriginalTransferNotFound)?;
+        let idx = original.ok_or(E::OriginalTransferNotFound)?;
         let orig = self.transfers.get(idx);
         if self.accounts[orig.debit as usize].id.currency != currency {
             return Err(E::CurrencyMismatch);
@@ -679,12 +773,14 @@ impl State {
         self.answer(self.transfers.index[&id], false)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn decide_refund(
         &mut self,
         id: TransferId,
         original: TransferId,
         amount: Amount,
         memo: Vec<u8>,
+        found: Found,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) -> OpResult {
@@ -707,10 +803,10 @@ impl State {
             memo,
             refund_of: None,
         };
-        if let Some(found) = self.existing(id, &body) {
-            return found;
+        if let Some(answer) = self.existing(id, found.id, &body) {
+            return answer;
         }
-        match self.check_refund(original, amount.currency(), amount.minor()) {
+        match self.check_refund(found.original, amount.currency(), amount.minor()) {
             Ok(accounts) => self.create_refund(id, body, accounts, now_ms, events),
             Err(e) if !e.transient() => Err(e),
             Err(e) => self.fail(id, body, e, now_ms, events),
@@ -721,11 +817,12 @@ impl State {
         &mut self,
         pending: TransferId,
         amount: Option<Amount>,
+        found: Option<TransferIdx>,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) -> OpResult {
         use TransferError as E;
-        let idx = self.pending_idx(pending)?;
+        let idx = self.pending_idx(found)?;
         self.expire_if_due(idx, now_ms, events);
         let t = self.transfers.get(idx);
         let currency = self.accounts[t.debit as usize].id.currency;
@@ -772,11 +869,12 @@ impl State {
     fn decide_void(
         &mut self,
         pending: TransferId,
+        found: Option<TransferIdx>,
         now_ms: u64,
         events: &mut Vec<Event>,
     ) -> OpResult {
         use TransferError as E;
-        let idx = self.pending_idx(pending)?;
+        let idx = self.pending_idx(found)?;
         self.expire_if_due(idx, now_ms, events);
         match self.transfers.get(idx).state {
             TransferState::Voided => return self.answer(idx, true),
@@ -796,11 +894,9 @@ impl State {
         }
     }
 
-    fn pending_idx(&self, pending: TransferId) -> Result<TransferIdx, TransferError> {
-        let idx = self
-            .transfers
-            .idx_of(pending)
-            .ok_or(TransferError::PendingTransferNotFound)?;
+    /// The pending transfer `found` (as [`State::read_for`] found it by id).
+    fn pending_idx(&self, found: Option<TransferIdx>) -> Result<TransferIdx, TransferError> {
+        let idx = found.ok_or(TransferError::PendingTransferNotFound)?;
         match self.transfers.get(idx).kind {
             TransferKind::Pending { .. } => Ok(idx),
             _ => Err(TransferError::PendingTransferNotPending),
@@ -907,11 +1003,17 @@ impl State {
         }
     }
 
-    /// An earlier transfer or recorded failure with this id decides the answer.
-    fn existing(&self, id: TransferId, request: &Body) -> Option<OpResult> {
+    /// An earlier transfer (`found`: transfer `id`'s index, as [`State::read_for`] found it)
+    /// or recorded failure with this id decides the answer.
+    fn existing(
+        &self,
+        id: TransferId,
+        found: Option<TransferIdx>,
+        request: &Body,
+    ) -> Option<OpResult> {
         // The request's fingerprint only when the id is taken: a new id (nearly every create)
         // should cost one lookup, not a digest of the whole body.
-        if let Some(idx) = self.transfers.idx_of(id) {
+        if let Some(idx) = found {
             let request = request.fingerprint();
             let t = self.transfers.get(idx);
             let stored = Body {
@@ -943,10 +1045,10 @@ impl State {
     }
 
     fn answer(&self, idx: TransferIdx, exists: bool) -> OpResult {
-        Ok(Some(Answer {
-            transfer: self.view(idx),
-            exists,
-        }))
+        let transfer = self
+            .view(idx)
+            .expect("a decision reads the rows its answer shows first (State::read_for)");
+        Ok(Some(Answer { transfer, exists }))
     }
 
     fn fail(
@@ -984,6 +1086,7 @@ impl State {
     /// Applies a freshly decided event: an error here is a bug in `decide`, so crash.
     fn emit(&mut self, event: Event, now_ms: u64, events: &mut Vec<Event>) {
         if let Err(reason) = self.apply(&event, now_ms) {
+            // A storage error here too: the decision pinned every row its events need.
             panic!("ledger decided an event it cannot apply ({reason}): {event:?}");
         }
         events.push(event);
@@ -993,8 +1096,12 @@ impl State {
 
     /// Applies one event at ledger time `now_ms`. Used for live decisions and for replay; an
     /// error means the journal (or the decision) broke a rule, and says which.
-    pub fn apply(&mut self, event: &Event, now_ms: u64) -> Result<(), String> {
-        self.apply_event(event, now_ms)?;
+    pub fn apply(&mut self, event: &Event, now_ms: u64) -> Result<(), ApplyError> {
+        let applied = self.apply_event(event, now_ms);
+        if let Some(error) = self.apply_read_error.take() {
+            return Err(ApplyError::Storage(error));
+        }
+        applied.map_err(ApplyError::Broken)?;
         self.note_touched(event);
         Ok(())
     }
@@ -1050,9 +1157,14 @@ impl State {
             Event::PendingExpired { id } => {
                 let idx = self
                     .transfers
-                    .idx_of(*id)
+                    .try_idx_of(*id)
+                    .map_err(|e| read_failed(&mut self.apply_read_error, e))?
                     .ok_or("expiry of an unknown transfer")?;
-                let deadline = self.transfers.get(idx).deadline_ms();
+                let deadline = self
+                    .transfers
+                    .try_get(idx)
+                    .map_err(|e| read_failed(&mut self.apply_read_error, e))?
+                    .deadline_ms();
                 if deadline.is_none_or(|d| d > now_ms) {
                     return Err(format!("transfer {id} expired before its deadline"));
                 }
@@ -1204,17 +1316,25 @@ impl State {
         amount_minor: u128,
         pending: bool,
     ) -> Result<(), String> {
+        // Live, the decision pinned the original (State::read_for); at replay it may be a row
+        // to read, and a failed read fails the open.
         let o = self
             .transfers
-            .idx_of(original)
+            .try_idx_of(original)
+            .map_err(|e| read_failed(&mut self.apply_read_error, e))?
             .ok_or_else(|| format!("refund {id} of unknown transfer {original}"))?;
-        let orig = self.transfers.get(o);
+        let orig = self
+            .transfers
+            .try_get(o)
+            .map_err(|e| read_failed(&mut self.apply_read_error, e))?;
         let posted = match orig.state {
             TransferState::Posted { amount_minor } => Some(amount_minor),
             _ => None,
         };
         let fits = posted.is_some_and(|p| self.refundable_minor(o, p) >= amount_minor);
-        if !fits || self.is_refund(o) || orig.debit != credit || orig.credit != debit {
+        let is_refund = matches!(orig.kind, TransferKind::Refund { .. })
+            || self.pending_refund_of.contains_key(&o);
+        if !fits || is_refund || orig.debit != credit || orig.credit != debit {
             return Err(format!("refund {id} does not fit transfer {original}"));
         }
         if pending {
@@ -1230,9 +1350,13 @@ impl State {
     fn apply_end(&mut self, id: TransferId, end: TransferState, now_ms: u64) -> Result<(), String> {
         let idx = self
             .transfers
-            .idx_of(id)
+            .try_idx_of(id)
+            .map_err(|e| read_failed(&mut self.apply_read_error, e))?
             .ok_or_else(|| format!("end of unknown transfer {id}"))?;
-        let t = self.transfers.get(idx);
+        let t = self
+            .transfers
+            .try_get(idx)
+            .map_err(|e| read_failed(&mut self.apply_read_error, e))?;
         if t.state != TransferState::Pending || !matches!(t.kind, TransferKind::Pending { .. }) {
             return Err(format!("transfer {id} ended twice or was never pending"));
         }
@@ -1314,9 +1438,18 @@ impl State {
 
     // ----- reading -------------------------------------------------------------------------
 
-    fn view(&self, idx: TransferIdx) -> Transfer {
-        let t = self.transfers.get(idx);
-        Transfer {
+    /// Transfer `idx` as callers see it; `Err` if its row, or the row of the transfer it
+    /// refunds, cannot be read.
+    fn view(&self, idx: TransferIdx) -> Result<Transfer, StorageError> {
+        let t = self.transfers.try_get(idx)?;
+        let refund_of = match t.kind {
+            TransferKind::Refund { original } => Some(original),
+            _ => match self.pending_refund_of.get(&idx) {
+                Some(&o) => Some(self.transfers.try_get(o)?.id),
+                None => None,
+            },
+        };
+        Ok(Transfer {
             id: t.id,
             kind: t.kind,
             debit: self.accounts[t.debit as usize].id.clone(),
@@ -1328,30 +1461,33 @@ impl State {
             ended_ms: t.ended_ms,
             deadline_ms: t.deadline_ms(),
             refunded_minor: self.refunded_minor(idx),
-            refund_of: match t.kind {
-                TransferKind::Refund { original } => Some(original),
-                _ => self
-                    .pending_refund_of
-                    .get(&idx)
-                    .map(|&o| self.transfers.get(o).id),
-            },
+            refund_of,
             refund_pending_minor: self.refund_reserved.get(&idx).copied().unwrap_or(0),
-        }
+        })
     }
 
     /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
     /// empty if it has none or does not exist. An index lookup, not a scan.
-    pub fn refunds_of(&self, original: TransferId) -> Vec<Transfer> {
-        self.transfers
-            .idx_of(original)
+    /// `Err` if a row cannot be read from the storage.
+    pub fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, StorageError> {
+        let Some(list) = self
+            .transfers
+            .try_idx_of(original)?
             .and_then(|idx| self.refunds.get(&idx))
-            .map(|list| list.iter().map(|&i| self.view(i)).collect())
-            .unwrap_or_default()
+        else {
+            return Ok(Vec::new());
+        };
+        list.iter().map(|&i| self.view(i)).collect()
     }
 
-    /// A transfer by id.
-    pub fn transfer(&self, id: TransferId) -> Option<Transfer> {
-        self.transfers.idx_of(id).map(|idx| self.view(idx))
+    /// A transfer by id; `Err` if its row cannot be read from the storage.
+    pub fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, StorageError> {
+        let Some(idx) = self.transfers.try_idx_of(id)? else {
+            return Ok(None);
+        };
+        let transfer = self.view(idx)?;
+        // An id index entry of a spill a power cut undid names a row since written again.
+        Ok((transfer.id == id).then_some(transfer))
     }
 
     fn account_view(&self, idx: AccountIdx) -> AccountView {
@@ -1382,13 +1518,14 @@ impl State {
     }
 
     /// Transfers touching `owner`, newest first, strictly older than `before` (a position
-    /// from an earlier page), at most `limit`. Returns the page and the cursor for the next.
+    /// from an earlier page), at most `limit`. Returns the page and the cursor for the next;
+    /// `Err` if a row of the page cannot be read from the storage.
     pub fn history(
         &self,
         owner: &Owner,
         before: Option<u64>,
         limit: usize,
-    ) -> (Vec<Transfer>, Option<u64>) {
+    ) -> Result<(Vec<Transfer>, Option<u64>), StorageError> {
         let lists: Vec<&[TransferIdx]> = self
             .owner_accounts(owner)
             .map(|idx| self.accounts[idx as usize].history.as_slice())
@@ -1411,19 +1548,25 @@ impl State {
             let Some(k) = next else { break };
             ends[k] -= 1;
             let idx = lists[k][ends[k]];
-            page.push(self.view(idx));
+            page.push(self.view(idx)?);
             last = Some(u64::from(idx));
         }
         let more = ends.iter().any(|&e| e > 0);
-        (page, if more { last } else { None })
+        Ok((page, if more { last } else { None }))
     }
 
-    /// Every transfer still pending, oldest deadline first.
-    pub fn pending_transfers(&self) -> Vec<Transfer> {
+    /// Every transfer still pending, oldest deadline first; `Err` if the row of a transfer a
+    /// pending refund refunds cannot be read from the storage.
+    pub fn pending_transfers(&self) -> Result<Vec<Transfer>, StorageError> {
         self.deadlines
             .iter()
             .map(|&(_, idx)| self.view(idx))
             .collect()
+    }
+
+    /// How many transfers are pending.
+    pub fn pending_count(&self) -> usize {
+        self.deadlines.len()
     }
 
     // ----- invariants ----------------------------------------------------------------------
@@ -1470,7 +1613,10 @@ impl State {
         let mut reserved: HashMap<TransferIdx, u128> = HashMap::default();
         let mut pending_count = 0;
         for idx in 0..self.transfers.len() {
-            let t = self.transfers.get(idx as TransferIdx);
+            let t = self
+                .transfers
+                .try_get(idx as TransferIdx)
+                .map_err(|e| e.to_string())?;
             let (d, c) = (t.debit as usize, t.credit as usize);
             match t.state {
                 TransferState::Pending => {
@@ -1493,7 +1639,8 @@ impl State {
             if let TransferKind::Refund { original } = t.kind {
                 let o = self
                     .transfers
-                    .idx_of(original)
+                    .try_idx_of(original)
+                    .map_err(|e| e.to_string())?
                     .ok_or("a refund of an unknown transfer")?;
                 *refunds.entry(o).or_default() += t.amount_minor;
             }
@@ -1523,7 +1670,10 @@ impl State {
             }
         }
         for idx in 0..self.transfers.len() {
-            let t = self.transfers.get(idx as TransferIdx);
+            let t = self
+                .transfers
+                .try_get(idx as TransferIdx)
+                .map_err(|e| e.to_string())?;
             let refunded = refunds.get(&(idx as TransferIdx)).copied().unwrap_or(0);
             let held = reserved.get(&(idx as TransferIdx)).copied().unwrap_or(0);
             let posted = match t.state {
@@ -1577,11 +1727,12 @@ impl State {
             return Some("the recorded failures differ".to_owned());
         }
         for i in 0..self.transfers.len() as TransferIdx {
-            if self.view(i) != other.view(i) {
-                return Some(format!(
-                    "transfer {}: memory and journal differ",
-                    self.transfers.get(i).id
-                ));
+            match (self.view(i), other.view(i)) {
+                (Ok(mine), Ok(theirs)) if mine == theirs => {}
+                (Ok(mine), Ok(_)) => {
+                    return Some(format!("transfer {}: memory and journal differ", mine.id))
+                }
+                (Err(e), _) | (_, Err(e)) => return Some(format!("transfer #{i}: {e}")),
             }
         }
         None

@@ -3310,4 +3310,240 @@ fn verify_reads_each_segment_whole_and_checks_its_hash() {
     assert!(error.contains("segment hash does not match"), "{error}");
 }
 
+/// A storage whose reads of transfer rows fail or return corrupt bytes on demand; everything
+/// else (and every write) goes to an in-memory storage that never loses power.
+struct FlakyRows {
+    inner: crate::ledger::powercut::PowerCutStorage,
+    /// [`ROWS_OK`], [`ROWS_FAIL`] or [`ROWS_CORRUPT`].
+    mode: std::sync::atomic::AtomicU8,
+}
+
+const ROWS_OK: u8 = 0;
+const ROWS_FAIL: u8 = 1;
+const ROWS_CORRUPT: u8 = 2;
+
+impl FlakyRows {
+    fn new() -> Self {
+        Self {
+            inner: crate::ledger::powercut::PowerCutStorage::new(Default::default(), None, 0),
+            mode: std::sync::atomic::AtomicU8::new(ROWS_OK),
+        }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn mode(&self) -> u8 {
+        self.mode.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Storage for FlakyRows {
+    fn append(&self, seq: u64, record: &[u8], head: &[u8]) -> Result<(), StorageError> {
+        self.inner.append(seq, record, head)
+    }
+    fn head(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.head()
+    }
+    fn records(&self, from_seq: u64) -> Box<dyn Iterator<Item = storage::StoredRecord> + Send> {
+        self.inner.records(from_seq)
+    }
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.anchor()
+    }
+    fn keeps_checkpoints(&self) -> bool {
+        true
+    }
+    fn put_checkpoint(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        self.inner.put_checkpoint(bytes)
+    }
+    fn checkpoint(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.checkpoint()
+    }
+    fn keeps_transfer_rows(&self) -> bool {
+        true
+    }
+    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+        self.inner.put_transfer_rows(rows)
+    }
+    fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        match self.mode() {
+            ROWS_FAIL => Err(StorageError::Backend("injected read failure".into())),
+            ROWS_CORRUPT => Ok(self.inner.transfer_row(idx)?.map(|mut row| {
+                // A transfer state no row has.
+                row.truncate(20);
+                row.extend_from_slice(&[0xff; 8]);
+                row
+            })),
+            _ => self.inner.transfer_row(idx),
+        }
+    }
+    fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
+        match self.mode() {
+            ROWS_FAIL => Err(StorageError::Backend("injected read failure".into())),
+            _ => self.inner.transfer_row_idx(id),
+        }
+    }
+    fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
+        self.inner.scan_transfer_rows(visit)
+    }
+}
+
+fn storage_failure<T: std::fmt::Debug>(result: Result<T, LedgerError>) -> String {
+    match result {
+        Err(LedgerError::Storage(e)) => e.to_string(),
+        other => panic!("expected a storage error, got {other:?}"),
+    }
+}
+
+/// Issue 15: a row of a transfer on disk that cannot be read (the storage fails, or returns
+/// bytes that do not decode) fails the one call that needed it with `LedgerError::Storage`,
+/// and nothing of that call is applied; the writer goes on with other transfers, and once
+/// the rows read again every call works, the refused ones included, and `verify` is clean.
+/// A checkpoint that needs an unreadable row (an ended pending refund names its original)
+/// fails and is counted; an open that needs one fails with the error. Before, each of these
+/// reads panicked the writer, and every later call was `Closed`.
+#[test]
+fn a_row_that_cannot_be_read_fails_its_call_alone() {
+    let storage = Arc::new(FlakyRows::new());
+    let clock = ManualClock::new(T0_MS);
+    let open = |storage: &Arc<FlakyRows>| {
+        let options = LedgerOptions {
+            monotonic: Some(Arc::new(clock.clone())),
+            checkpoint_at_close: false,
+            ..LedgerOptions::default()
+        };
+        let currencies = Currencies::from_settings(&settings()).unwrap();
+        Ledger::open_storage(
+            storage.clone(),
+            currencies,
+            Arc::new(clock.clone()),
+            options,
+        )
+    };
+    let ledger = open(&storage).unwrap().blocking();
+    let eur = |v: &str| {
+        ledger
+            .ledger()
+            .parse_amount(Decimal::from_str(v).unwrap(), "EUR")
+            .unwrap()
+    };
+    let pay = |id: u128, debit: &str, credit: &str, v: &str| TransferRequest {
+        id: TransferId(id),
+        debit: user(debit),
+        credit: user(credit),
+        amount: eur(v),
+        memo: Vec::new(),
+    };
+    let fund = TransferRequest {
+        debit: Owner::Issuer,
+        ..pay(1, "x", "alice", "1000.00")
+    };
+    ledger.create_transfer(fund).unwrap();
+    for id in 10..20 {
+        ledger
+            .create_transfer(pay(id, "alice", "bob", "1.00"))
+            .unwrap();
+    }
+    ledger
+        .create_pending(pay(30, "alice", "bob", "5.00"), 3_600_000)
+        .unwrap();
+    // A pending refund of a transfer about to go to disk: its answer names the original.
+    ledger
+        .create_refund_result(
+            pay(31, "bob", "alice", "0.50"),
+            TransferId(11),
+            Some(3_600_000),
+        )
+        .unwrap();
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    assert_eq!(
+        transfers_held(&ledger),
+        2,
+        "the pending ones stay in memory"
+    );
+    let before = ledger.transfer(TransferId(12)).unwrap().unwrap();
+
+    for mode in [ROWS_FAIL, ROWS_CORRUPT] {
+        storage.set(mode);
+        let error = storage_failure(ledger.transfer(TransferId(12)));
+        assert!(error.contains("cannot"), "{error}");
+        if mode == ROWS_CORRUPT {
+            assert!(error.contains("corrupt"), "{error}");
+        }
+        storage_failure(ledger.create_transfer(pay(12, "alice", "bob", "1.00")));
+        storage_failure(ledger.refund(TransferId(50), TransferId(11), eur("0.50"), Vec::new()));
+        storage_failure(ledger.history(&user("alice"), None, 20));
+        storage_failure(ledger.pending_transfers());
+        storage_failure(ledger.refunds_of(TransferId(11)));
+        // The post of a pending refund answers with its original's id, on disk: refused
+        // before anything changed.
+        storage_failure(ledger.post(TransferId(31), None));
+        // The writer goes on: transfers that need no row from disk go through.
+        let id = 60 + u128::from(mode);
+        ledger
+            .create_transfer(pay(id, "alice", "carol", "2.00"))
+            .unwrap();
+    }
+    ledger.post(TransferId(30), None).unwrap();
+    storage.set(ROWS_OK);
+    assert_eq!(
+        ledger
+            .transfer(TransferId(31))
+            .unwrap()
+            .map(|t| (t.state, t.refund_of)),
+        Some((TransferState::Pending, Some(TransferId(11)))),
+        "the refused post changed nothing"
+    );
+    assert_eq!(ledger.transfer(TransferId(12)).unwrap().unwrap(), before);
+    assert!(ledger
+        .create_transfer_result(pay(12, "alice", "bob", "1.00"))
+        .unwrap()
+        .exists());
+    ledger
+        .refund(TransferId(50), TransferId(11), eur("0.25"), Vec::new())
+        .unwrap();
+    ledger.post(TransferId(31), None).unwrap();
+    assert_eq!(ledger.refunds_of(TransferId(11)).unwrap().len(), 2);
+    assert_eq!(
+        ledger
+            .history(&user("alice"), None, 50)
+            .unwrap()
+            .transfers
+            .len(),
+        16
+    );
+    ledger.verify_with_memory().unwrap();
+
+    // The next spill writes the ended pending refund, whose row names its original (on
+    // disk): that read fails, so does the checkpoint (counted), and nothing moves.
+    storage.set(ROWS_FAIL);
+    assert!(block_on(ledger.ledger().checkpoint()).is_err());
+    assert_eq!(ledger.ledger().alarms().checkpoint_write_failures, 1);
+    ledger
+        .create_transfer(pay(70, "alice", "carol", "1.00"))
+        .unwrap();
+    storage.set(ROWS_OK);
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    assert_eq!(transfers_held(&ledger), 0);
+    ledger.verify_with_memory().unwrap();
+
+    // A refund of a transfer on disk after the checkpoint: replaying it reads the original.
+    ledger
+        .refund(TransferId(71), TransferId(13), eur("0.10"), Vec::new())
+        .unwrap();
+    drop(ledger);
+    storage.set(ROWS_FAIL);
+    let error = open(&storage).map(|_| ()).unwrap_err().to_string();
+    assert!(error.contains("injected read failure"), "{error}");
+    storage.set(ROWS_OK);
+    let ledger = open(&storage).unwrap().blocking();
+    assert_eq!(
+        ledger.transfer(TransferId(71)).unwrap().unwrap().refund_of,
+        Some(TransferId(13))
+    );
+    ledger.verify_with_memory().unwrap();
+}
+
 mod batch;

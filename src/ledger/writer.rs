@@ -9,9 +9,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{Head, RecordBuilder, COMMAND_BYTES_MAX};
 use super::model::TransferId;
-use super::state::{Event, Op, OpResult, State};
+use super::state::{CheckpointOutcome, Event, Op, OpResult, State};
 use super::storage::{Storage, StorageError, RECORD_BYTES_TARGET};
 use super::LedgerError;
+
+/// The name of the thread that writes a spill's rows and the checkpoint in the background.
+pub(crate) const CHECKPOINT_THREAD: &str = "mxpay-ledger-checkpoint";
 
 /// A read that runs on the writer after the batch it arrived in is durable.
 pub(crate) type ReadFn = Box<dyn FnOnce(&State, Head) + Send>;
@@ -42,12 +45,17 @@ pub(crate) enum Command {
 /// The changes of a [`Command::Ops`] not decided yet, and the results of those that were.
 pub(crate) struct OpsInFlight {
     ops: std::vec::IntoIter<Op>,
-    results: Vec<OpResult>,
-    reply: oneshot::Sender<Result<Vec<OpResult>, LedgerError>>,
+    results: Vec<Result<OpResult, StorageError>>,
+    reply: oneshot::Sender<Result<Vec<Result<OpResult, StorageError>>, LedgerError>>,
 }
 
+/// What a [`Command::Ops`] is answered with: each change's result, or the failed read of a
+/// row that refused that change alone.
+pub(crate) type OpsReply =
+    oneshot::Sender<Result<Vec<Result<OpResult, StorageError>>, LedgerError>>;
+
 impl OpsInFlight {
-    pub fn new(ops: Vec<Op>, reply: oneshot::Sender<Result<Vec<OpResult>, LedgerError>>) -> Self {
+    pub fn new(ops: Vec<Op>, reply: OpsReply) -> Self {
         Self {
             results: Vec::with_capacity(ops.len()),
             ops: ops.into_iter(),
@@ -59,11 +67,11 @@ impl OpsInFlight {
 // Replies live for one batch in one Vec; boxing the large variant would only add allocations.
 #[allow(clippy::large_enum_variant)]
 enum Reply {
-    Op(oneshot::Sender<Result<OpResult, LedgerError>>, OpResult),
-    Ops(
-        oneshot::Sender<Result<Vec<OpResult>, LedgerError>>,
-        Vec<OpResult>,
+    Op(
+        oneshot::Sender<Result<OpResult, LedgerError>>,
+        Result<OpResult, StorageError>,
     ),
+    Ops(OpsReply, Vec<Result<OpResult, StorageError>>),
     Expired(oneshot::Sender<Result<Vec<TransferId>, LedgerError>>),
     Read(ReadFn),
     Checkpoint(oneshot::Sender<Result<u64, LedgerError>>),
@@ -88,9 +96,11 @@ pub(crate) struct Writer {
     pub entries_since_checkpoint: u64,
     /// See [`super::LedgerAlarms::checkpoint_write_failures`].
     pub checkpoint_write_failures: Arc<std::sync::atomic::AtomicU64>,
-    /// A checkpoint being written by a background thread (encoded on this thread, after its
-    /// record was durable). At most one at a time, so an older one never overwrites a newer.
-    pub checkpoint_in_flight: Option<std::thread::JoinHandle<Result<(), StorageError>>>,
+    /// A spill and checkpoint being written by a background thread (the checkpoint encoded
+    /// on this thread after its record was durable, up to the filter of the rows; the rows
+    /// encoded, written and synced there, then the checkpoint). At most one at a time, so an
+    /// older one never overwrites a newer.
+    pub checkpoint_in_flight: Option<std::thread::JoinHandle<CheckpointOutcome>>,
     /// Write the next due checkpoint on this thread: the stored one could not be used at
     /// open, and `verify` must not meet it again once a batch was committed.
     pub checkpoint_sync_next: bool,
@@ -153,15 +163,38 @@ impl Writer {
     /// Waits for the checkpoint being written in the background, if any.
     fn finish_checkpoint_in_flight(&mut self) {
         if let Some(handle) = self.checkpoint_in_flight.take() {
-            let result = handle.join().unwrap_or_else(|_| {
-                Err(StorageError::Backend(
+            let outcome = handle.join().unwrap_or_else(|_| {
+                CheckpointOutcome::RowsFailed(StorageError::Backend(
                     "the checkpoint thread panicked".to_owned(),
                 ))
             });
-            if let Err(error) = result {
-                self.checkpoint_failed(&error);
-            }
+            let _ = self.checkpoint_done(outcome);
         }
+    }
+
+    /// Takes in what became of a checkpoint: once its rows are durable the state stops
+    /// holding them (freed on a thread of its own: about one allocation per row); if they
+    /// are not, it keeps them, and the next checkpoint writes them again.
+    fn checkpoint_done(&mut self, outcome: CheckpointOutcome) -> Result<(), StorageError> {
+        let (filter, result) = match outcome {
+            CheckpointOutcome::Written(filter) => (filter, Ok(())),
+            CheckpointOutcome::CheckpointFailed(filter, error) => (filter, Err(error)),
+            CheckpointOutcome::RowsFailed(error) => {
+                self.checkpoint_failed(&error);
+                return Err(error);
+            }
+        };
+        let spilled = self.state.spill_written(filter);
+        if !spilled.is_empty() {
+            // If the thread cannot start, the closure (and the rows) is dropped right here.
+            let _ = std::thread::Builder::new()
+                .name("mxpay-ledger-free".to_owned())
+                .spawn(move || drop(spilled));
+        }
+        if let Err(error) = &result {
+            self.checkpoint_failed(error);
+        }
+        result
     }
 
     fn checkpoint_failed(&self, error: &StorageError) {
@@ -174,9 +207,11 @@ impl Writer {
     }
 
     /// Starts writing a checkpoint of the state in the background: the state is encoded
-    /// here (it is the replay of the durable journal up to `head`), the write and its fsyncs
-    /// run on their own thread so commits do not wait for them. Skipped while the previous
-    /// one is still being written (it is tried again after the next batch).
+    /// here (it is the replay of the durable journal up to `head`) and the transfers that
+    /// ended since the last spill are handed over as they are; encoding and writing their
+    /// rows, then the checkpoint, with their fsyncs, run on their own thread so commits do
+    /// not wait for them. Skipped while the previous one is still being written (it is
+    /// tried again after the next batch).
     fn start_checkpoint(&mut self) {
         if self
             .checkpoint_in_flight
@@ -194,21 +229,28 @@ impl Writer {
         if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
             return;
         }
-        if let Err(error) = self.state.spill(&self.storage) {
-            self.checkpoint_failed(&error);
-            self.entries_since_checkpoint = 0;
-            return;
-        }
-        let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
+        let job = match self
+            .state
+            .begin_checkpoint(&self.storage, self.head, self.last_time_ms)
+        {
+            Ok(job) => job,
+            Err(error) => {
+                self.checkpoint_failed(&error);
+                self.entries_since_checkpoint = 0;
+                return;
+            }
+        };
         let storage = self.storage.clone();
         let spawned = std::thread::Builder::new()
-            .name("mxpay-ledger-checkpoint".to_owned())
-            .spawn(move || storage.put_checkpoint(&bytes));
+            .name(CHECKPOINT_THREAD.to_owned())
+            .spawn(move || job.run(storage.as_ref()));
         match spawned {
             Ok(handle) => {
                 self.entries_since_checkpoint = 0;
                 self.checkpoint_in_flight = Some(handle);
             }
+            // The job is gone with the closure; its rows stay in memory (not durable) and
+            // this checkpoint writes them.
             Err(_) => {
                 let _ = self.write_checkpoint();
             }
@@ -223,23 +265,15 @@ impl Writer {
         if self.head.seq == 0 || !self.storage.keeps_checkpoints() {
             return Ok(self.head.seq);
         }
+        // Try again only after as many entries again, whatever happens.
+        self.entries_since_checkpoint = 0;
+        let job = self
+            .state
+            .begin_checkpoint(&self.storage, self.head, self.last_time_ms)
+            .inspect_err(|error| self.checkpoint_failed(error))?;
         // The rows the checkpoint leaves out are durable before it is written.
-        let written = self.state.spill(&self.storage).and_then(|_| {
-            let bytes = self.state.encode_checkpoint(self.head, self.last_time_ms);
-            self.storage.put_checkpoint(&bytes)
-        });
-        match written {
-            Ok(()) => {
-                self.entries_since_checkpoint = 0;
-                Ok(self.head.seq)
-            }
-            Err(error) => {
-                self.checkpoint_failed(&error);
-                // Try again only after as many entries again.
-                self.entries_since_checkpoint = 0;
-                Err(error.into())
-            }
-        }
+        self.checkpoint_done(job.run(self.storage.as_ref()))?;
+        Ok(self.head.seq)
     }
 
     /// Whether enough was committed since the last checkpoint to write one: at least
@@ -366,7 +400,8 @@ impl Writer {
         for reply in replies {
             match reply {
                 Reply::Op(tx, result) => {
-                    let _ = tx.send(Ok(result));
+                    // A row that could not be read fails its op alone: nothing changed.
+                    let _ = tx.send(result.map_err(LedgerError::from));
                 }
                 Reply::Ops(tx, results) => {
                     let _ = tx.send(Ok(results));

@@ -16,10 +16,12 @@
 //! can be derived from what it holds (the id and account indexes, the deadline index, the
 //! reservations of pending refunds) is rebuilt on decode, not stored.
 
-use crate::ledger::state::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::rows::IdFilter;
+use crate::ledger::state::HashMap;
+
+use super::rows::{IdFilter, SpillPart};
 use super::{
     Account, FailedRec, Fingerprint, State, Totals, TransferIdx, TransferRec, Window, DAY_MS,
 };
@@ -121,6 +123,102 @@ pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<Transf
     Ok((record, link))
 }
 
+/// Appends the row of transfer `t` (see [`State::put_row`]); `link` is the id of the
+/// transfer it refunds if it is a pending refund.
+fn put_row_of(out: &mut Vec<u8>, t: &TransferRec, link: Option<u128>) {
+    out.extend_from_slice(&t.id.0.to_le_bytes());
+    put_kind(out, &t.kind);
+    put_u128_opt(out, link);
+    put_varint(out, u128::from(t.debit));
+    put_varint(out, u128::from(t.credit));
+    put_varint(out, t.amount_minor);
+    put_transfer_state(out, t.state);
+    put_bytes(out, &t.memo);
+    put_varint(out, u128::from(t.created_ms));
+    put_u128_opt(out, t.ended_ms.map(u128::from));
+}
+
+/// Appends the id filters, their length and the hash to the state part of a checkpoint
+/// ([`State::encode_checkpoint_state`]).
+fn finish_checkpoint(out: &mut Vec<u8>, filters: &[Arc<IdFilter>]) {
+    // Last, with its length: what this ledger happens to have spilled when, which a replay
+    // cannot know; `verify` compares what comes before it and checks the filters hold every
+    // id on disk.
+    let filters_start = out.len();
+    put_varint(out, filters.len() as u128);
+    for f in filters {
+        f.encode(out);
+    }
+    let filters_len = (out.len() - filters_start) as u64;
+    out.extend_from_slice(&filters_len.to_le_bytes());
+    let hash = *blake3::hash(out).as_bytes();
+    out.extend_from_slice(&hash);
+}
+
+/// A checkpoint the writer prepared (`State::begin_checkpoint`) for the checkpoint thread:
+/// the rows of the transfers that ended since the last spill, still to be encoded and
+/// written, and the checkpoint that relies on them, still to be finished and written after
+/// them.
+pub(crate) struct CheckpointJob {
+    /// The spilled transfers not on disk yet (this spill's, and those of earlier spills whose
+    /// write failed).
+    parts: Vec<Arc<SpillPart>>,
+    /// The checkpoint up to its id filters ([`State::encode_checkpoint_state`]).
+    state_bytes: Vec<u8>,
+    /// The filters of the rows already on disk.
+    filters: Vec<Arc<IdFilter>>,
+}
+
+/// What became of a [`CheckpointJob`].
+pub(crate) enum CheckpointOutcome {
+    /// The rows are durable (their filter, `None` if there were none) and so is the
+    /// checkpoint.
+    Written(Option<Arc<IdFilter>>),
+    /// The rows are durable, the checkpoint is not.
+    CheckpointFailed(Option<Arc<IdFilter>>, StorageError),
+    /// The rows are not (known to be) durable: neither is the checkpoint, never written.
+    RowsFailed(StorageError),
+}
+
+impl CheckpointJob {
+    /// Encodes and writes the rows (durable on return), then the checkpoint: a power cut
+    /// never leaves a checkpoint that names rows not on disk. Runs on the checkpoint thread,
+    /// or on the writer's for a synchronous checkpoint.
+    pub fn run(self, storage: &dyn Storage) -> CheckpointOutcome {
+        let mut rows = Vec::new();
+        for part in &self.parts {
+            for (idx, t) in part.ended() {
+                let mut bytes = Vec::new();
+                put_row_of(&mut bytes, t, part.links.get(&idx).copied());
+                rows.push(TransferRow {
+                    idx,
+                    id: t.id.0,
+                    bytes,
+                });
+            }
+        }
+        let filter = if rows.is_empty() {
+            None
+        } else {
+            if let Err(error) = storage.put_transfer_rows(&rows) {
+                return CheckpointOutcome::RowsFailed(error);
+            }
+            Some(Arc::new(IdFilter::of(
+                rows.iter().map(|r| TransferId(r.id)),
+            )))
+        };
+        drop(rows);
+        let mut bytes = self.state_bytes;
+        let mut filters = self.filters;
+        filters.extend(filter.clone());
+        finish_checkpoint(&mut bytes, &filters);
+        match storage.put_checkpoint(&bytes) {
+            Ok(()) => CheckpointOutcome::Written(filter),
+            Err(error) => CheckpointOutcome::CheckpointFailed(filter, error),
+        }
+    }
+}
+
 /// The part of a checkpoint a replay reproduces: everything before the id filters.
 pub(crate) fn checkpoint_state(bytes: &[u8]) -> &[u8] {
     let end = bytes.len().saturating_sub(HASH_LEN + 8);
@@ -149,17 +247,8 @@ impl State {
     /// same bytes for each transfer, followed by what was refunded of it.
     pub fn put_row(&self, out: &mut Vec<u8>, idx: TransferIdx) {
         let t = self.transfers.get(idx);
-        out.extend_from_slice(&t.id.0.to_le_bytes());
-        put_kind(out, &t.kind);
         let link = self.pending_refund_of.get(&idx);
-        put_u128_opt(out, link.map(|&o| self.transfers.get(o).id.0));
-        put_varint(out, u128::from(t.debit));
-        put_varint(out, u128::from(t.credit));
-        put_varint(out, t.amount_minor);
-        put_transfer_state(out, t.state);
-        put_bytes(out, &t.memo);
-        put_varint(out, u128::from(t.created_ms));
-        put_u128_opt(out, t.ended_ms.map(u128::from));
+        put_row_of(out, &t, link.map(|&o| self.transfers.get(o).id.0));
     }
 
     /// The row of transfer `id` (see [`State::put_row`]) with its index, if it exists.
@@ -173,6 +262,7 @@ impl State {
 
     /// The checkpoint of this state, the replay of the journal up to record `head` (at
     /// ledger time `time_ms`), with the transfers below its spill point on disk.
+    #[cfg(test)]
     pub fn encode_checkpoint(&self, head: Head, time_ms: u64) -> Vec<u8> {
         self.encode_checkpoint_at(head, time_ms, self.transfers.spilled)
     }
@@ -182,6 +272,13 @@ impl State {
     /// replay of its journal give the same bytes for the same `spilled`, whatever each holds
     /// in memory, which is what `verify` compares.
     pub fn encode_checkpoint_at(&self, head: Head, time_ms: u64, spilled: TransferIdx) -> Vec<u8> {
+        let mut out = self.encode_checkpoint_state(head, time_ms, spilled);
+        finish_checkpoint(&mut out, &self.transfers.filters);
+        out
+    }
+
+    /// [`State::encode_checkpoint_at`] up to the id filters (see `finish_checkpoint`).
+    fn encode_checkpoint_state(&self, head: Head, time_ms: u64, spilled: TransferIdx) -> Vec<u8> {
         let len = self.transfers.len() as TransferIdx;
         let mut out = Vec::with_capacity(64 + (len - spilled.min(len)) as usize * 48);
         out.extend_from_slice(MAGIC);
@@ -293,18 +390,6 @@ impl State {
             put_varint(&mut out, u128::from(idx));
             put_varint(&mut out, u128::from(o));
         }
-        // Last, with its length: what this ledger happens to have spilled when, which a
-        // replay cannot know; `verify` compares what comes before it and checks the filters
-        // hold every id on disk.
-        let filters_start = out.len();
-        put_varint(&mut out, self.transfers.filters.len() as u128);
-        for f in &self.transfers.filters {
-            f.encode(&mut out);
-        }
-        let filters_len = (out.len() - filters_start) as u64;
-        out.extend_from_slice(&filters_len.to_le_bytes());
-        let hash = *blake3::hash(&out).as_bytes();
-        out.extend_from_slice(&hash);
         out
     }
 
@@ -523,7 +608,7 @@ impl State {
         let filters_start = r.pos;
         for _ in 0..count(&mut r)? {
             let filter = IdFilter::decode(&mut r)?;
-            state.transfers.filters.push(filter);
+            state.transfers.filters.push(Arc::new(filter));
         }
         if u64::from_le_bytes(r.array()?) != (r.pos - 8 - filters_start) as u64 {
             return Err("the filters' length does not match".into());
@@ -547,60 +632,96 @@ impl State {
         })
     }
 
-    /// Writes the rows of every transfer that has ended and is not on disk yet, then keeps
-    /// in memory only the pending ones (their rows change until they end). Returns once the
-    /// rows are durable, so the checkpoint encoded next may rely on them. A backend that
-    /// keeps no rows keeps every transfer in memory.
-    pub fn spill(&mut self, storage: &Arc<dyn Storage>) -> Result<usize, StorageError> {
+    /// Prepares a checkpoint of this state, the replay of the journal up to record `head` (at
+    /// ledger time `time_ms`), for [`CheckpointJob::run`]: spills (see
+    /// [`State::begin_spill`]) and encodes the checkpoint up to its id filters. The job
+    /// writes the rows, then the checkpoint; until the rows are durable
+    /// ([`State::spill_written`]), lookups read them from memory.
+    pub fn begin_checkpoint(
+        &mut self,
+        storage: &Arc<dyn Storage>,
+        head: Head,
+        time_ms: u64,
+    ) -> Result<CheckpointJob, StorageError> {
+        self.begin_spill(storage)?;
+        let state_bytes = self.encode_checkpoint_state(head, time_ms, self.transfers.spilled);
+        Ok(CheckpointJob {
+            parts: self.transfers.unsynced.clone(),
+            state_bytes,
+            filters: self.transfers.filters.clone(),
+        })
+    }
+
+    /// Moves every transfer that has ended and is not on disk yet out of the transfers in
+    /// memory, into a [`SpillPart`] that stays readable until its rows are durable; keeps in
+    /// memory only the pending ones (their rows change until they end). Costs O(pending
+    /// transfers + pending refunds) here, not O(transfers spilled): the tail and its id index
+    /// are moved, not copied, and the rows are encoded by [`CheckpointJob::run`]. A backend
+    /// that keeps no rows keeps every transfer in memory. Fails (changing nothing) only if the
+    /// original of an ended pending refund cannot be read: its row names the original's id.
+    fn begin_spill(&mut self, storage: &Arc<dyn Storage>) -> Result<(), StorageError> {
         if !storage.keeps_transfer_rows() {
-            return Ok(0);
+            return Ok(());
         }
         let t = &self.transfers;
+        let first = t.spilled;
         let end = t.len() as TransferIdx;
-        let ended = |r: &TransferRec| r.state != TransferState::Pending;
         let resident_ended: Vec<TransferIdx> = t
             .resident
             .iter()
-            .filter(|(_, r)| ended(r))
+            .filter(|(_, r)| r.state != TransferState::Pending)
             .map(|(&idx, _)| idx)
             .collect();
-        let tail_ended = (t.spilled..end).filter(|&idx| ended(&t.tail[(idx - t.spilled) as usize]));
-        let rows: Vec<TransferRow> = resident_ended
-            .iter()
-            .copied()
-            .chain(tail_ended)
-            .map(|idx| {
-                let mut bytes = Vec::new();
-                self.put_row(&mut bytes, idx);
-                TransferRow {
-                    idx,
-                    id: self.transfers.get(idx).id.0,
-                    bytes,
-                }
-            })
-            .collect();
-        if !rows.is_empty() {
-            storage.put_transfer_rows(&rows)?;
+        if first == end && resident_ended.is_empty() {
+            return Ok(());
         }
-        let filter =
-            (!rows.is_empty()).then(|| IdFilter::of(rows.iter().map(|r| TransferId(r.id))));
-        let t = &mut self.transfers;
-        t.filters.extend(filter);
-        t.disk = Some(storage.clone());
-        for idx in resident_ended {
-            let r = t.resident.remove(&idx).expect("listed above");
-            t.index.remove(&r.id);
-        }
-        let first = t.spilled;
-        for (i, r) in std::mem::take(&mut t.tail).into_iter().enumerate() {
-            if ended(&r) {
-                t.index.remove(&r.id);
+        let ended = |idx: TransferIdx| {
+            if idx >= first {
+                t.tail[(idx - first) as usize].state != TransferState::Pending
             } else {
-                t.resident.insert(first + i as TransferIdx, r);
+                resident_ended.binary_search(&idx).is_ok()
+            }
+        };
+        // Read first (the originals may be rows on disk), so a failure leaves all as it was.
+        let mut links = HashMap::default();
+        for (&idx, &o) in &self.pending_refund_of {
+            if ended(idx) {
+                links.insert(idx, self.transfers.try_get(o)?.id.0);
             }
         }
+        let t = &mut self.transfers;
+        t.disk = Some(storage.clone());
+        let mut resident = BTreeMap::new();
+        for idx in resident_ended {
+            resident.insert(idx, t.resident.remove(&idx).expect("listed above"));
+        }
+        let tail = std::mem::take(&mut t.tail);
+        // The pending ones stay in memory, where they change; they are few.
+        for &(_, idx) in &self.deadlines {
+            if idx >= first {
+                t.resident.insert(idx, tail[(idx - first) as usize].clone());
+            }
+        }
+        let index = std::mem::take(&mut t.index);
+        t.index = t.resident.iter().map(|(&idx, r)| (r.id, idx)).collect();
         t.spilled = end;
-        Ok(rows.len())
+        t.unsynced.push(Arc::new(SpillPart {
+            first,
+            tail,
+            resident,
+            index,
+            links,
+        }));
+        Ok(())
+    }
+
+    /// The rows of every spill not durable so far are now (with `filter`, the filter of
+    /// their ids): lookups read them from the storage from now on. Returns what memory held
+    /// them, for the caller to drop where it costs nothing (freeing about as many
+    /// allocations as rows).
+    pub fn spill_written(&mut self, filter: Option<Arc<IdFilter>>) -> Vec<Arc<SpillPart>> {
+        self.transfers.filters.extend(filter);
+        std::mem::take(&mut self.transfers.unsynced)
     }
 
     /// Lets the state read the rows written by earlier spills (after an open).
@@ -749,7 +870,11 @@ mod tests {
         let mut now_ms = 1_000;
         let mut run = |state: &mut State, op: Op| {
             now_ms += 1;
-            state.decide(op, now_ms, &mut events).unwrap().unwrap()
+            state
+                .decide(op, now_ms, &mut events)
+                .unwrap()
+                .unwrap()
+                .unwrap()
         };
         let create = |id: u128, debit: Owner, credit: Owner, minor: u128| Op::Create {
             request: TransferRequest {
@@ -800,7 +925,7 @@ mod tests {
             },
         );
         // The refunds moved the original's refunded amount, and only that.
-        let original = state.transfer(TransferId(2)).unwrap();
+        let original = state.transfer(TransferId(2)).unwrap().unwrap();
         assert_eq!(original.refunded_minor, 2_500);
         assert_eq!(state.row(TransferId(2)).unwrap(), (idx, row));
         // A retry of the pending refund still answers it (the link is in its own row).

@@ -10,12 +10,65 @@ use std::sync::Arc;
 use super::{TransferIdx, TransferRec};
 use crate::ledger::codec::Reader;
 use crate::ledger::model::TransferId;
-use crate::ledger::storage::Storage;
+use crate::ledger::storage::{Storage, StorageError};
+
+/// Ended transfers a spill took out of `tail` and `resident` whose rows are not known to be
+/// durable yet: the checkpoint thread is writing them, or the write failed and the next spill
+/// writes them again. Lookups read them from here until the rows are durable. Never changed
+/// once made (ended transfers never change), so the checkpoint thread reads them through an
+/// `Arc` while the writer goes on.
+#[derive(Debug)]
+pub(crate) struct SpillPart {
+    /// Index of the first transfer of `tail` (the spill point before this spill).
+    pub(super) first: TransferIdx,
+    /// Transfers `first..first + tail.len()` as they were when the spill began. The pending
+    /// ones among them were copied to `Transfers::resident` (where they change); their copy
+    /// here is stale, never read, and never written as a row.
+    pub(super) tail: Vec<TransferRec>,
+    /// Transfers below `first` that were kept in memory as pending and had ended.
+    pub(super) resident: BTreeMap<TransferIdx, TransferRec>,
+    /// Id -> index of all of the above (the pending ones' entries also live in
+    /// `Transfers::index`, which is looked at first).
+    pub(super) index: HashMap<TransferId, TransferIdx>,
+    /// The id of the transfer each ended pending refund among them refunds (their rows name
+    /// it), resolved when the spill began.
+    pub(super) links: HashMap<TransferIdx, u128>,
+}
+
+impl SpillPart {
+    /// Transfer `idx` if this part holds it as an ended transfer.
+    fn get(&self, idx: TransferIdx) -> Option<&TransferRec> {
+        if idx >= self.first {
+            return self
+                .tail
+                .get((idx - self.first) as usize)
+                .filter(|t| t.state != crate::ledger::model::TransferState::Pending);
+        }
+        self.resident.get(&idx)
+    }
+
+    /// The ended transfers this part holds, by index.
+    pub(super) fn ended(&self) -> impl Iterator<Item = (TransferIdx, &TransferRec)> + '_ {
+        let tail = self.tail.iter().enumerate().filter_map(|(i, t)| {
+            (t.state != crate::ledger::model::TransferState::Pending)
+                .then_some((self.first + i as TransferIdx, t))
+        });
+        self.resident.iter().map(|(&idx, t)| (idx, t)).chain(tail)
+    }
+}
+
+/// Why a transfer's row could not be read back: the storage failed, lost the row, or
+/// returned bytes that do not decode. Fails the one call that needed the row; the state
+/// is unchanged (decisions read before they change anything).
+pub(crate) fn row_error(idx: TransferIdx, what: impl std::fmt::Display) -> StorageError {
+    StorageError::Backend(format!("cannot read the row of transfer #{idx}: {what}"))
+}
 
 /// Every transfer ever created, by index.
 #[derive(Clone, Default)]
 pub(super) struct Transfers {
-    /// Index of the first transfer of `tail`; the ended ones below it are rows on disk.
+    /// Index of the first transfer of `tail`; the ended ones below it are rows on disk, or
+    /// in `unsynced` until their rows are durable.
     pub spilled: TransferIdx,
     /// The transfers from `spilled` on.
     pub tail: Vec<TransferRec>,
@@ -27,8 +80,14 @@ pub(super) struct Transfers {
     /// Where the rows below `spilled` are; `None` while nothing was spilled.
     pub disk: Option<Arc<dyn Storage>>,
     /// One filter of the ids of each spill's rows: an id none of them may contain is not on
-    /// disk, without a read.
-    pub filters: Vec<IdFilter>,
+    /// disk, without a read. Shared with the checkpoint thread, which writes them.
+    pub filters: Vec<Arc<IdFilter>>,
+    /// Spilled rows not known to be durable yet, oldest first (see [`SpillPart`]); empty
+    /// between spills.
+    pub unsynced: Vec<Arc<SpillPart>>,
+    /// Rows the decision being made read from the storage, so that applying its events and
+    /// answering read nothing more (and cannot fail half-way); cleared after each decision.
+    pub pinned: Vec<(TransferIdx, TransferRec)>,
 }
 
 impl std::fmt::Debug for Transfers {
@@ -37,6 +96,7 @@ impl std::fmt::Debug for Transfers {
             .field("spilled", &self.spilled)
             .field("tail", &self.tail.len())
             .field("resident", &self.resident.len())
+            .field("unsynced", &self.unsynced.len())
             .finish()
     }
 }
@@ -47,15 +107,34 @@ impl Transfers {
         self.spilled as usize + self.tail.len()
     }
 
-    /// Transfer `idx` (which must exist): from memory, or its row from the storage.
+    /// Below this index, an ended transfer not in memory is a durable row on disk.
+    fn durable_end(&self) -> TransferIdx {
+        self.unsynced.first().map_or(self.spilled, |p| p.first)
+    }
+
+    /// Transfer `idx` (which must exist): from memory, or its row from the storage. Panics if
+    /// the row cannot be read: for the few callers that cannot fail (the daily window's
+    /// pruning); decisions and reads use [`Transfers::try_get`].
     pub fn get(&self, idx: TransferIdx) -> Cow<'_, TransferRec> {
+        self.try_get(idx)
+            .unwrap_or_else(|e| panic!("ledger storage failed: {e}"))
+    }
+
+    /// Transfer `idx` (which must exist): from memory, or its row from the storage.
+    pub fn try_get(&self, idx: TransferIdx) -> Result<Cow<'_, TransferRec>, StorageError> {
         if idx >= self.spilled {
-            return Cow::Borrowed(&self.tail[(idx - self.spilled) as usize]);
+            return Ok(Cow::Borrowed(&self.tail[(idx - self.spilled) as usize]));
         }
         if let Some(t) = self.resident.get(&idx) {
-            return Cow::Borrowed(t);
+            return Ok(Cow::Borrowed(t));
         }
-        Cow::Owned(self.read(idx))
+        if let Some(t) = self.unsynced.iter().rev().find_map(|p| p.get(idx)) {
+            return Ok(Cow::Borrowed(t));
+        }
+        if let Some((_, t)) = self.pinned.iter().find(|(at, _)| *at == idx) {
+            return Ok(Cow::Borrowed(t));
+        }
+        self.read(idx).map(Cow::Owned)
     }
 
     /// Transfer `idx`, to change it: only a pending transfer changes, and those stay in memory.
@@ -76,45 +155,103 @@ impl Transfers {
         idx
     }
 
-    /// The index of transfer `id`: memory first, then the rows' id index. An id index entry
-    /// at or beyond `spilled` is not this history's (records lost after a checkpoint leave
-    /// entries of a spill that was undone), so it is ignored.
+    /// The index of transfer `id`, which must be in memory or pinned (see
+    /// [`Transfers::try_idx_of`]); panics if it needs the storage and the storage fails.
     pub fn idx_of(&self, id: TransferId) -> Option<TransferIdx> {
+        self.try_idx_of(id)
+            .unwrap_or_else(|e| panic!("ledger storage failed: {e}"))
+    }
+
+    /// The index of transfer `id`: memory first, then the rows' id index. An id index entry
+    /// at or beyond the durable spill point is not this history's (records lost after a
+    /// checkpoint leave entries of a spill that was undone), so it is ignored.
+    pub fn try_idx_of(&self, id: TransferId) -> Result<Option<TransferIdx>, StorageError> {
         if let Some(&idx) = self.index.get(&id) {
-            return Some(idx);
+            return Ok(Some(idx));
         }
-        let disk = self.disk.as_ref().filter(|_| self.spilled > 0)?;
+        if let Some(&idx) = self.unsynced.iter().rev().find_map(|p| p.index.get(&id)) {
+            return Ok(Some(idx));
+        }
+        if let Some((idx, _)) = self.pinned.iter().find(|(_, t)| t.id == id) {
+            return Ok(Some(*idx));
+        }
+        let durable_end = self.durable_end();
+        let Some(disk) = self.disk.as_ref().filter(|_| durable_end > 0) else {
+            return Ok(None);
+        };
         if !self.filters.iter().any(|f| f.may_contain(id)) {
-            return None;
+            return Ok(None);
         }
-        let idx = disk
-            .transfer_row_idx(id.0)
-            .unwrap_or_else(|e| panic!("ledger storage failed reading the id index: {e}"))?;
-        (idx < self.spilled && !self.resident.contains_key(&idx)).then_some(idx)
+        let Some(idx) = disk.transfer_row_idx(id.0).map_err(|e| {
+            StorageError::Backend(format!("cannot look transfer {id} up on disk: {e}"))
+        })?
+        else {
+            return Ok(None);
+        };
+        let in_memory =
+            self.resident.contains_key(&idx) || self.unsynced.iter().any(|p| p.get(idx).is_some());
+        Ok((idx < durable_end && !in_memory).then_some(idx))
+    }
+
+    /// Reads the row of transfer `id` (if it exists and is on disk) and keeps it until
+    /// [`Transfers::unpin`], so that later lookups of it read nothing. Returns its index.
+    pub fn pin_id(&mut self, id: TransferId) -> Result<Option<TransferIdx>, StorageError> {
+        let Some(idx) = self.try_idx_of(id)? else {
+            return Ok(None);
+        };
+        let record = self.try_get(idx)?;
+        if record.id != id {
+            // An id index entry of a spill a power cut undid (its records were lost), found
+            // through a false positive of the filters: the index has since been written
+            // again for another transfer, so `id` is not this history's.
+            return Ok(None);
+        }
+        if let Cow::Owned(record) = record {
+            self.pinned.push((idx, record));
+        }
+        Ok(Some(idx))
+    }
+
+    /// Reads the row of transfer `idx` if it is on disk and keeps it until
+    /// [`Transfers::unpin`].
+    pub fn pin(&mut self, idx: TransferIdx) -> Result<(), StorageError> {
+        if let Cow::Owned(record) = self.try_get(idx)? {
+            self.pinned.push((idx, record));
+        }
+        Ok(())
+    }
+
+    /// Forgets the rows pinned for one decision.
+    pub fn unpin(&mut self) {
+        self.pinned.clear();
     }
 
     /// Whether transfer `id` exists in memory (the replay's check of a reused id; decisions
-    /// look on disk too, through [`Transfers::idx_of`]).
+    /// look on disk too, through [`Transfers::try_idx_of`]).
     pub fn in_memory(&self, id: TransferId) -> bool {
         self.index.contains_key(&id)
     }
 
-    fn read(&self, idx: TransferIdx) -> TransferRec {
+    fn read(&self, idx: TransferIdx) -> Result<TransferRec, StorageError> {
         let disk = self
             .disk
             .as_ref()
-            .expect("a transfer below the spill point was written to the storage");
+            .filter(|_| idx < self.durable_end())
+            .ok_or_else(|| row_error(idx, "it is neither in memory nor on disk"))?;
         let bytes = disk
             .transfer_row(idx)
-            .unwrap_or_else(|e| panic!("ledger storage failed reading transfer {idx}: {e}"))
-            .unwrap_or_else(|| panic!("ledger storage lost the row of transfer {idx}"));
+            .map_err(|e| row_error(idx, e))?
+            .ok_or_else(|| row_error(idx, "the storage does not have it"))?;
         let mut r = Reader {
             bytes: &bytes,
             pos: 0,
         };
         let (record, _link) = super::checkpoint::read_row(&mut r)
-            .unwrap_or_else(|e| panic!("ledger storage: row of transfer {idx} is corrupt: {e}"));
-        record
+            .map_err(|e| row_error(idx, format!("corrupt ({e})")))?;
+        if r.pos != bytes.len() {
+            return Err(row_error(idx, "corrupt (trailing bytes)"));
+        }
+        Ok(record)
     }
 }
 
