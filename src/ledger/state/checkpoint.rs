@@ -704,6 +704,11 @@ impl State {
         }
         let index = std::mem::take(&mut t.index);
         t.index = t.resident.iter().map(|(&idx, r)| (r.id, idx)).collect();
+        // Room for as many transfers as the last spill took, before they come: growing by
+        // doubling copied the whole tail and rehashed the whole index on the writer, each
+        // time a batch's latency. Pages not written yet cost no memory.
+        t.tail.reserve(tail.len());
+        t.index.reserve(index.len());
         t.spilled = end;
         t.unsynced.push(Arc::new(SpillPart {
             first,
