@@ -410,8 +410,8 @@ const REALISTIC_NOTES: [Option<&str>; 8] = [
 /// are posted): every other transfer is two-phase, one in 20 of those is voided (a payment
 /// cancelled at the PIN step).
 fn realistic_shape(i: usize) -> (bool, bool) {
-    let two_phase = i % 2 == 1;
-    (two_phase, two_phase && (i / 2) % 20 == 0)
+    let two_phase = !i.is_multiple_of(2);
+    (two_phase, two_phase && (i / 2).is_multiple_of(20))
 }
 
 /// The memo the payment layer would write for realistic transfer `i`: a `!pay` in one of
