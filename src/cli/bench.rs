@@ -12,8 +12,8 @@ use clap::{Args, Subcommand};
 
 use crate::clock::SystemClock;
 use crate::ledger::{
-    CurrencySpec, Ledger, LedgerOptions, LedgerSettings, Owner, SledStorage, Storage, TransferId,
-    TransferRequest,
+    BatchOp, CurrencySpec, Ledger, LedgerOptions, LedgerSettings, Owner, SledStorage, Storage,
+    TransferId, TransferRequest,
 };
 
 /// `mxpay bench ...`
@@ -44,6 +44,15 @@ pub struct LedgerBench {
     /// Concurrent submitters in the batched run.
     #[arg(long, default_value_t = 8_192)]
     pub submitters: usize,
+    /// Transfers per call in the plain batched run (the realistic run makes one call per
+    /// operation, as the payment layer does): 1 makes one `create_transfer` call each;
+    /// more sends them in `Ledger::batch` calls of this many (TigerBeetle's benchmark sends
+    /// 8,190 a request), `--callers` of them in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub call_size: usize,
+    /// Batch calls in flight at once when `--call-size` is above 1.
+    #[arg(long, default_value_t = 4)]
+    pub callers: usize,
     /// Most transfers the writer puts in one journal record (one flush).
     #[arg(long, default_value_t = 8_190)]
     pub batch_max: usize,
@@ -277,6 +286,8 @@ fn pair(i: usize, accounts: usize) -> (usize, usize) {
 /// What one batched run measured.
 struct Batched {
     mode: &'static str,
+    /// How the transfers were submitted: "N submitters" or the batch calls'.
+    submitted_by: String,
     transfers: usize,
     /// Durable operations: a single-phase transfer is one, a two-phase one two (create
     /// pending, then post or void).
@@ -291,14 +302,14 @@ impl Batched {
     fn print_summary(&self, p: &LedgerBench) {
         let secs = self.elapsed.as_secs_f64();
         println!(
-            "summary {}: {} transfers, {} durable operations, {} accounts, {} submitters, \
-             batch max {}: {:.2} s, {:.0} operations/s, {:.0} transfers/s, transfer latency \
-             under load p50 {:.2} ms, p99 {:.2} ms",
+            "summary {}: {} transfers, {} durable operations, {} accounts, {}, batch max {}: \
+             {:.2} s, {:.0} operations/s, {:.0} transfers/s, latency under load p50 {:.2} ms, \
+             p99 {:.2} ms",
             self.mode,
             self.transfers,
             self.operations,
             p.accounts,
-            p.submitters,
+            self.submitted_by,
             p.batch_max,
             secs,
             self.operations as f64 / secs,
@@ -309,21 +320,17 @@ impl Batched {
     }
 }
 
-/// Runs `p.transfers` jobs (`job(i)` for each `i`) from `p.submitters` concurrent tasks, in
-/// chunks of `--rss-every` each drained before the next (the RSS printed after each, tagged
-/// with `what`); returns the time taken and each job's latency. The bench itself keeps only
-/// the 4-byte latency of each job: whatever a job needs (ids, owners, memos) is built from `i`
-/// when it runs.
-fn run_chunks<J, Fut>(
-    runtime: &tokio::runtime::Runtime,
+/// Runs `p.transfers` transfers in chunks of `--rss-every`, each drained before the next (the
+/// RSS printed after each, tagged with `what`): `run_chunk(offset, count)` submits transfers
+/// `offset..offset + count` and returns the latency of each call it made. Returns the time
+/// taken and the latencies' statistics. The bench itself keeps only the 4-byte latency of
+/// each call: whatever a transfer needs (ids, owners, memos) is built from its index when it
+/// is submitted.
+fn run_chunks(
     p: &LedgerBench,
     what: &str,
-    job: J,
-) -> Result<(Duration, Stats), crate::ledger::LedgerError>
-where
-    J: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<(), crate::ledger::LedgerError>> + Send,
-{
+    mut run_chunk: impl FnMut(usize, usize) -> Result<Vec<u32>, crate::ledger::LedgerError>,
+) -> Result<(Duration, Stats), crate::ledger::LedgerError> {
     let chunk = if p.rss_every == 0 {
         p.transfers
     } else {
@@ -334,15 +341,25 @@ where
     let mut done = 0;
     while done < p.transfers {
         let count = chunk.min(p.transfers - done);
-        let offset = done;
-        let job = job.clone();
-        latencies.extend(runtime.block_on(drive(p.submitters, count, move |i| job(offset + i)))?);
+        latencies.extend(run_chunk(done, count)?);
         done += count;
         if done < p.transfers {
             print_rss(&format!("at {done} {what}"));
         }
     }
     Ok((started.elapsed(), Stats::of_micros(latencies)))
+}
+
+/// How the plain run submits its transfers, as its lines say it.
+fn submitted_by(p: &LedgerBench) -> String {
+    if p.call_size > 1 {
+        format!(
+            "{} callers of batch calls of {} transfers (latency: of a call)",
+            p.callers, p.call_size
+        )
+    } else {
+        format!("{} submitters", p.submitters)
+    }
 }
 
 /// Plain: single-phase transfers of one minor unit, no memo (the figures compared across
@@ -354,27 +371,54 @@ fn batched_plain(
 ) -> Result<Batched, Box<dyn std::error::Error + Send + Sync>> {
     let accounts = p.accounts;
     let one = ledger.amount_from_minor(1, "EUR")?;
-    let (elapsed, stats) = run_chunks(runtime, p, "batched transfers", {
-        let ledger = ledger.clone();
-        move |i| {
-            let ledger = ledger.clone();
-            let (from, to) = pair(i, accounts);
-            let request = TransferRequest {
-                id: TransferId(PLAIN_ID_BASE + i as u128),
-                debit: user(from),
-                credit: user(to),
-                amount: one,
-                memo: Vec::new(),
-            };
-            async move { ledger.create_transfer(request).await.map(|_| ()) }
+    let request = move |i: usize| {
+        let (from, to) = pair(i, accounts);
+        TransferRequest {
+            id: TransferId(PLAIN_ID_BASE + i as u128),
+            debit: user(from),
+            credit: user(to),
+            amount: one,
+            memo: Vec::new(),
+        }
+    };
+    let (elapsed, stats) = run_chunks(p, "batched transfers", |offset, count| {
+        if p.call_size > 1 {
+            let size = p.call_size;
+            let calls = count.div_ceil(size);
+            runtime.block_on(drive(p.callers, calls, {
+                let ledger = ledger.clone();
+                move |c| {
+                    let ledger = ledger.clone();
+                    let first = offset + c * size;
+                    let ops: Vec<BatchOp> = (first..(first + size).min(offset + count))
+                        .map(|i| BatchOp::Create(request(i)))
+                        .collect();
+                    async move {
+                        for result in ledger.batch(ops).await? {
+                            result?;
+                        }
+                        Ok(())
+                    }
+                }
+            }))
+        } else {
+            runtime.block_on(drive(p.submitters, count, {
+                let ledger = ledger.clone();
+                move |i| {
+                    let ledger = ledger.clone();
+                    let request = request(offset + i);
+                    async move { ledger.create_transfer(request).await.map(|_| ()) }
+                }
+            }))
         }
     })?;
+    let callers = submitted_by(p);
     println!(
-        "batched: {} durable transfers, {} accounts, {} submitters, batch max {}: {:.2} s, \
+        "batched: {} durable transfers, {} accounts, {}, batch max {}: {:.2} s, \
          {:.0} transfers/s (latency under load p50 {:.2} ms, p99 {:.2} ms)",
         p.transfers,
         accounts,
-        p.submitters,
+        callers,
         p.batch_max,
         elapsed.as_secs_f64(),
         p.transfers as f64 / elapsed.as_secs_f64(),
@@ -387,6 +431,7 @@ fn batched_plain(
     ));
     Ok(Batched {
         mode: "plain",
+        submitted_by: callers,
         transfers: p.transfers,
         operations: p.transfers,
         elapsed,
@@ -448,9 +493,9 @@ fn batched_realistic(
     let memo_bytes = (0..REALISTIC_NOTES.len() * 2).map(|i| realistic_memo(i).len());
     let (memo_min, memo_max) =
         memo_bytes.fold((usize::MAX, 0), |(lo, hi), n| (lo.min(n), hi.max(n)));
-    let (elapsed, stats) = run_chunks(runtime, p, "realistic transfers", {
+    let job = {
         let ledger = ledger.clone();
-        move |i| {
+        move |i: usize| {
             let ledger = ledger.clone();
             let (from, to) = pair(i, accounts);
             let id = TransferId(REALISTIC_ID_BASE + i as u128);
@@ -478,6 +523,10 @@ fn batched_realistic(
                 }
             }
         }
+    };
+    let (elapsed, stats) = run_chunks(p, "realistic transfers", |offset, count| {
+        let job = job.clone();
+        runtime.block_on(drive(p.submitters, count, move |i| job(offset + i)))
     })?;
     let two_phase = (0..p.transfers).filter(|&i| realistic_shape(i).0).count();
     let voided = (0..p.transfers).filter(|&i| realistic_shape(i).1).count();
@@ -509,6 +558,7 @@ fn batched_realistic(
     ));
     Ok(Batched {
         mode: "realistic",
+        submitted_by: format!("{} submitters", p.submitters),
         transfers: p.transfers,
         operations,
         elapsed,
@@ -668,12 +718,25 @@ mod tests {
             mode,
             accounts: 20,
             submitters: 16,
+            call_size: 1,
+            callers: 4,
             batch_max: 64,
             rss_every: 100,
             single: 5,
             fsyncs: 0,
             dir: None,
         }
+    }
+
+    /// The plain run in batch calls (`--call-size`) next to the realistic one.
+    #[test]
+    fn both_modes_run_with_batch_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LedgerBench {
+            call_size: 64,
+            ..small(Mode::Both)
+        };
+        run_in(dir.path(), &p).unwrap();
     }
 
     #[test]

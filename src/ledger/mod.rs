@@ -39,9 +39,9 @@ use tokio::sync::{mpsc, oneshot};
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
 pub use journal::{CheckpointCheck, ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
-    AccountId, AccountView, Balances, CreateResult, FreezeMode, Owner, Transfer, TransferError,
-    TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
-    PENDING_TIMEOUT_MS_MAX,
+    AccountId, AccountView, Balances, BatchOp, CreateResult, FreezeMode, Owner, Transfer,
+    TransferError, TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX,
+    OWNER_BYTES_MAX, PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
 pub use storage::{RowEntry, SledStorage, Storage, StorageError, TransferRow};
@@ -82,6 +82,9 @@ pub enum LedgerError {
     #[error("the ledger is closed")]
     Closed,
 }
+
+/// The most changes one queued [`Ledger::batch`] command carries (TigerBeetle's batch size).
+pub const BATCH_OPS_MAX: usize = 8_190;
 
 impl LedgerError {
     /// The transfer error code, if this is a rejection.
@@ -344,6 +347,7 @@ impl Ledger {
             checkpoint_sync_next: !matches!(start, journal::Start::Checkpoint { .. }),
             durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(replayed.head.seq)),
             view: Arc::default(),
+            ops_carried: None,
         };
         let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
@@ -527,6 +531,62 @@ impl Ledger {
             refund_of: None,
         })
         .await
+    }
+
+    /// Many creates, posts and voids in one call, decided in order, as TigerBeetle's
+    /// `create_transfers`: each gets the result its single call would give
+    /// ([`CreateResult::Exists`] for a retry, or a post or void that was already done), and a
+    /// refused one does not stop the others. It returns once every change is durable. The
+    /// writer takes the whole call as one queued command (at most [`BATCH_OPS_MAX`] changes;
+    /// a longer call is sent as several, in order), so a caller with thousands of transfers
+    /// pays for one queue slot and one wake-up instead of one each. A storage failure part
+    /// way answers the whole call with the error: as for a single call, the outcome of each
+    /// change is then unknown, and retrying with the same ids is safe.
+    pub async fn batch(
+        &self,
+        ops: Vec<BatchOp>,
+    ) -> Result<Vec<Result<CreateResult, TransferError>>, LedgerError> {
+        let mut ops = ops.into_iter().map(|op| match op {
+            BatchOp::Create(request) => Op::Create {
+                request,
+                timeout_ms: None,
+                refund_of: None,
+            },
+            BatchOp::CreatePending {
+                request,
+                timeout_ms,
+            } => Op::Create {
+                request,
+                timeout_ms: Some(timeout_ms),
+                refund_of: None,
+            },
+            BatchOp::Post { pending, amount } => Op::Post { pending, amount },
+            BatchOp::Void { pending } => Op::Void { pending },
+        });
+        let mut calls = Vec::new();
+        loop {
+            let chunk: Vec<Op> = ops.by_ref().take(BATCH_OPS_MAX).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let (reply, rx) = oneshot::channel();
+            self.send(Command::Ops(writer::OpsInFlight::new(chunk, reply)))
+                .await?;
+            calls.push(rx);
+        }
+        let mut outcomes = Vec::new();
+        for rx in calls {
+            let results = rx.await.map_err(|_| LedgerError::Closed)??;
+            outcomes.extend(results.into_iter().map(|result| {
+                let answer = result?.expect("transfer operations answer with the transfer");
+                Ok(if answer.exists {
+                    CreateResult::Exists(answer.transfer)
+                } else {
+                    CreateResult::Created(answer.transfer)
+                })
+            }));
+        }
+        Ok(outcomes)
     }
 
     /// Posts a pending transfer, in full (`None`) or in part (the rest is released).
@@ -854,6 +914,14 @@ impl BlockingLedger {
     /// See [`Ledger::create_transfer`].
     pub fn create_transfer(&self, request: TransferRequest) -> Result<Transfer, LedgerError> {
         block_on(self.0.create_transfer(request))
+    }
+
+    /// See [`Ledger::batch`].
+    pub fn batch(
+        &self,
+        ops: Vec<BatchOp>,
+    ) -> Result<Vec<Result<CreateResult, TransferError>>, LedgerError> {
+        block_on(self.0.batch(ops))
     }
 
     /// See [`Ledger::create_transfer_result`].

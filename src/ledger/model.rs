@@ -213,6 +213,32 @@ pub struct Transfer {
     pub refund_pending_minor: u128,
 }
 
+/// One change of a [`crate::ledger::Ledger::batch`] call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    /// As [`crate::ledger::Ledger::create_transfer`].
+    Create(TransferRequest),
+    /// As [`crate::ledger::Ledger::create_pending`].
+    CreatePending {
+        /// The transfer to reserve.
+        request: TransferRequest,
+        /// How long it stays pending, at most.
+        timeout_ms: u64,
+    },
+    /// As [`crate::ledger::Ledger::post`].
+    Post {
+        /// The pending transfer.
+        pending: TransferId,
+        /// In part (the rest is released), or in full (`None`).
+        amount: Option<Amount>,
+    },
+    /// As [`crate::ledger::Ledger::void`].
+    Void {
+        /// The pending transfer.
+        pending: TransferId,
+    },
+}
+
 /// What a create (single or pending) or a refund did: TigerBeetle's `ok` and `exists`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateResult {

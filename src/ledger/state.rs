@@ -3,7 +3,7 @@
 //! through the same [`State::apply`], so the balances in memory are by construction the replay
 //! of the journal; `verify` checks that the stored journal says so too.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use super::amount::{Amount, Currencies, CurrencyCode};
 use super::model::{
@@ -14,6 +14,11 @@ use super::model::{
 
 mod checkpoint;
 mod rows;
+
+/// The ledger's maps hash with foldhash, seeded at random per process: SipHash (std's
+/// default) was about a tenth of the writer's time in `mxpay bench ledger`, and a per-process
+/// seed still keeps caller-chosen transfer ids from being aimed at one bucket.
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 pub(crate) use checkpoint::{
     checkpoint_filters, checkpoint_state, VERSION as CHECKPOINT_VERSION,
@@ -335,15 +340,15 @@ impl State {
         Self {
             currencies,
             accounts: Vec::new(),
-            account_index: HashMap::new(),
+            account_index: HashMap::default(),
             transfers: rows::Transfers::default(),
-            failed: HashMap::new(),
+            failed: HashMap::default(),
             deadlines: BTreeSet::new(),
-            totals: HashMap::new(),
-            refunds: HashMap::new(),
-            pending_refund_of: HashMap::new(),
-            refund_reserved: HashMap::new(),
-            refunded: HashMap::new(),
+            totals: HashMap::default(),
+            refunds: HashMap::default(),
+            pending_refund_of: HashMap::default(),
+            refund_reserved: HashMap::default(),
+            refunded: HashMap::default(),
             touched: Vec::new(),
             track_touched: false,
         }
@@ -365,14 +370,7 @@ impl State {
         for idx in self.touched.drain(..) {
             if (idx as usize) < known {
                 let a = &self.accounts[idx as usize];
-                view.update(
-                    idx,
-                    &AccountView {
-                        id: a.id.clone(),
-                        balances: a.balances,
-                        frozen: a.frozen,
-                    },
-                );
+                view.update(idx, &a.id, a.balances, a.frozen);
             }
         }
     }
@@ -526,12 +524,16 @@ impl State {
         let pending_refund_of = refund_of.filter(|_| timeout_ms.is_some());
         let body = Body {
             kind,
-            debit: Some(debit.clone()),
-            credit: Some(credit.clone()),
+            debit: Some(debit),
+            credit: Some(credit),
             currency,
             amount_minor,
             memo: request.memo,
             refund_of: pending_refund_of,
+        };
+        // The body owns the accounts (no copy of their owners for each create).
+        let (Some(debit), Some(credit)) = (&body.debit, &body.credit) else {
+            unreachable!("set just above")
         };
         if let Some(found) = self.existing(request.id, &body) {
             return found;
@@ -545,8 +547,8 @@ impl State {
                 Err(e) => return self.fail(request.id, body, e, now_ms, events),
             };
             let (debit_idx, credit_idx) = accounts;
-            if self.accounts[debit_idx as usize].id != debit
-                || self.accounts[credit_idx as usize].id != credit
+            if self.accounts[debit_idx as usize].id != *debit
+                || self.accounts[credit_idx as usize].id != *credit
             {
                 return self.fail(request.id, body, E::RefundAccountsMismatch, now_ms, events);
             }
@@ -555,19 +557,26 @@ impl State {
         // Limits come from the configuration, which may change between runs: they are checked
         // after the id, so a retry of a committed transfer answers the original whatever the
         // limit is now (TigerBeetle's order: `exists` before any limit).
-        self.check_max_transfer(&debit, amount_minor)?;
+        self.check_max_transfer(debit, amount_minor)?;
         // Accounts open only with a transfer that succeeds: a refused one leaves no account
         // behind (an account never used is all zeros and not frozen, which is what the checks
         // assume for it).
         let known = (
-            self.account_index.get(&debit).copied(),
-            self.account_index.get(&credit).copied(),
+            self.account_index.get(debit).copied(),
+            self.account_index.get(credit).copied(),
         );
-        if let Err(error) = self.check_movement(known.0, known.1, &debit, amount_minor, now_ms) {
+        if let Err(error) = self.check_movement(known.0, known.1, debit, amount_minor, now_ms) {
             return self.fail(request.id, body, error, now_ms, events);
         }
-        let debit_idx = self.open_account(&debit, now_ms, events);
-        let credit_idx = self.open_account(&credit, now_ms, events);
+        let debit_idx = match known.0 {
+            Some(idx) => idx,
+            None => self.open_account(debit, now_ms, events),
+        };
+        let credit_idx = match known.1 {
+            Some(idx) => idx,
+            None => self.open_account(credit, now_ms, events),
+        };
+        let idx = self.transfers.len() as TransferIdx;
         self.emit(
             Event::TransferCreated {
                 id: request.id,
@@ -581,7 +590,8 @@ impl State {
             now_ms,
             events,
         );
-        self.answer(self.transfers.index[&request.id], false)
+        debug_assert_eq!(self.transfers.idx_of(request.id), Some(idx));
+        self.answer(idx, false)
     }
 
     /// The refund checks of `original`, in precedence order: it exists (else
@@ -899,8 +909,10 @@ impl State {
 
     /// An earlier transfer or recorded failure with this id decides the answer.
     fn existing(&self, id: TransferId, request: &Body) -> Option<OpResult> {
-        let request = request.fingerprint();
+        // The request's fingerprint only when the id is taken: a new id (nearly every create)
+        // should cost one lookup, not a digest of the whole body.
         if let Some(idx) = self.transfers.idx_of(id) {
+            let request = request.fingerprint();
             let t = self.transfers.get(idx);
             let stored = Body {
                 kind: t.kind,
@@ -922,7 +934,12 @@ impl State {
             );
         }
         let failed = self.failed.get(&id)?;
-        Some(failed.fingerprint.compare(&request).and(Err(failed.error)))
+        Some(
+            failed
+                .fingerprint
+                .compare(&request.fingerprint())
+                .and(Err(failed.error)),
+        )
     }
 
     fn answer(&self, idx: TransferIdx, exists: bool) -> OpResult {
@@ -1429,7 +1446,7 @@ impl State {
     /// - every pending transfer is in the deadline index and every indexed one is pending;
     /// - refunds never exceed what they refund.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut sums: HashMap<CurrencyCode, Totals> = HashMap::new();
+        let mut sums: HashMap<CurrencyCode, Totals> = HashMap::default();
         for a in &self.accounts {
             let b = &a.balances;
             let s = sums.entry(a.id.currency).or_default();
@@ -1449,8 +1466,8 @@ impl State {
             }
         }
         let mut replayed = vec![Balances::default(); self.accounts.len()];
-        let mut refunds: HashMap<TransferIdx, u128> = HashMap::new();
-        let mut reserved: HashMap<TransferIdx, u128> = HashMap::new();
+        let mut refunds: HashMap<TransferIdx, u128> = HashMap::default();
+        let mut reserved: HashMap<TransferIdx, u128> = HashMap::default();
         let mut pending_count = 0;
         for idx in 0..self.transfers.len() {
             let t = self.transfers.get(idx as TransferIdx);

@@ -3309,3 +3309,5 @@ fn verify_reads_each_segment_whole_and_checks_its_hash() {
     let error = verify_dir(dir.path()).unwrap_err().to_string();
     assert!(error.contains("segment hash does not match"), "{error}");
 }
+
+mod batch;

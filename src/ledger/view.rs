@@ -7,10 +7,10 @@
 //! It holds one [`AccountView`] per account (O(accounts), not history); a batch costs a copy
 //! of the balances of the accounts it touched, without allocation except for new accounts.
 
-use std::collections::HashMap;
+use crate::ledger::state::HashMap;
 
 use super::amount::CurrencyCode;
-use super::model::{AccountId, AccountView, Owner};
+use super::model::{AccountId, AccountView, Balances, FreezeMode, Owner};
 
 /// Index of an account, the same as the writer's state uses (assigned in journal order).
 pub(crate) type ViewIdx = u32;
@@ -71,10 +71,17 @@ impl BalanceView {
     }
 
     /// Replaces the balances and freeze of account `idx`.
-    pub fn update(&mut self, idx: ViewIdx, view: &AccountView) {
+    /// (Two accounts per transfer pass here: no copy of the id, which owns a string.)
+    pub fn update(
+        &mut self,
+        idx: ViewIdx,
+        id: &AccountId,
+        balances: Balances,
+        frozen: Option<FreezeMode>,
+    ) {
         let slot = &mut self.accounts[idx as usize];
-        debug_assert_eq!(slot.id, view.id);
-        slot.balances = view.balances;
-        slot.frozen = view.frozen;
+        debug_assert_eq!(&slot.id, id);
+        slot.balances = balances;
+        slot.frozen = frozen;
     }
 }

@@ -23,6 +23,10 @@ pub(crate) enum Command {
         op: Op,
         reply: oneshot::Sender<Result<OpResult, LedgerError>>,
     },
+    /// Many state changes in order, answered together once the last is durable (the batch
+    /// API, as TigerBeetle's `create_transfers`): one queue slot and one reply instead of one
+    /// per change. They may span more than one journal record.
+    Ops(OpsInFlight),
     /// Expire what is due now; answers with the ids this batch expired.
     ExpireDue {
         reply: oneshot::Sender<Result<Vec<TransferId>, LedgerError>>,
@@ -35,10 +39,31 @@ pub(crate) enum Command {
     },
 }
 
+/// The changes of a [`Command::Ops`] not decided yet, and the results of those that were.
+pub(crate) struct OpsInFlight {
+    ops: std::vec::IntoIter<Op>,
+    results: Vec<OpResult>,
+    reply: oneshot::Sender<Result<Vec<OpResult>, LedgerError>>,
+}
+
+impl OpsInFlight {
+    pub fn new(ops: Vec<Op>, reply: oneshot::Sender<Result<Vec<OpResult>, LedgerError>>) -> Self {
+        Self {
+            results: Vec::with_capacity(ops.len()),
+            ops: ops.into_iter(),
+            reply,
+        }
+    }
+}
+
 // Replies live for one batch in one Vec; boxing the large variant would only add allocations.
 #[allow(clippy::large_enum_variant)]
 enum Reply {
     Op(oneshot::Sender<Result<OpResult, LedgerError>>, OpResult),
+    Ops(
+        oneshot::Sender<Result<Vec<OpResult>, LedgerError>>,
+        Vec<OpResult>,
+    ),
     Expired(oneshot::Sender<Result<Vec<TransferId>, LedgerError>>),
     Read(ReadFn),
     Checkpoint(oneshot::Sender<Result<u64, LedgerError>>),
@@ -73,6 +98,9 @@ pub(crate) struct Writer {
     pub durable_seq: Arc<std::sync::atomic::AtomicU64>,
     /// The balances readers see (see `view.rs`), updated after each durable batch.
     pub view: Arc<parking_lot::RwLock<super::view::BalanceView>>,
+    /// A [`Command::Ops`] whose changes did not all fit in the last record: the next batch
+    /// starts with the rest, before anything queued after it.
+    pub ops_carried: Option<OpsInFlight>,
 }
 
 impl Writer {
@@ -85,18 +113,23 @@ impl Writer {
         runtime.block_on(async move {
             let mut record = RecordBuilder::default();
             loop {
-                let first = match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
-                    Ok(Some(command)) => Some(command),
-                    Ok(None) => {
-                        // Closed cleanly: the state is the journal's, so the next open
-                        // starts from here.
-                        if self.checkpoint_at_close && self.entries_since_checkpoint > 0 {
-                            let _ = self.write_checkpoint();
+                let first = if self.ops_carried.is_some() {
+                    // The rest of a batch call goes first, without waiting for the queue.
+                    None
+                } else {
+                    match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
+                        Ok(Some(command)) => Some(command),
+                        Ok(None) => {
+                            // Closed cleanly: the state is the journal's, so the next open
+                            // starts from here.
+                            if self.checkpoint_at_close && self.entries_since_checkpoint > 0 {
+                                let _ = self.write_checkpoint();
+                            }
+                            break;
                         }
-                        break;
+                        // Idle: still expire what the clock says is due.
+                        Err(_) => None,
                     }
-                    // Idle: still expire what the clock says is due.
-                    Err(_) => None,
                 };
                 if let Err(e) = self.commit(first, &mut rx, &mut record) {
                     tracing::error!(error = %e, "ledger storage failed; the ledger stops");
@@ -232,12 +265,37 @@ impl Writer {
         record.clear();
         let expired = self.state.expire_due(now_ms, &mut events);
         let mut replies = Vec::new();
-        let mut next = first;
+        // Commands and the changes of batch calls decided into this record.
+        let mut decided = 0usize;
+        let batch_commands_max = self.batch_commands_max;
+        let full = |decided: usize, record: &RecordBuilder| {
+            decided >= batch_commands_max
+                || record.bytes() + COMMAND_BYTES_MAX > RECORD_BYTES_TARGET
+        };
+        let mut next = self.ops_carried.take().map(Command::Ops).or(first);
         while let Some(command) = next {
             match command {
                 Command::Op { op, reply } => {
                     let result = self.state.decide(op, now_ms, &mut events);
                     replies.push(Reply::Op(reply, result));
+                    decided += 1;
+                }
+                Command::Ops(mut call) => {
+                    while !full(decided, record) {
+                        let Some(op) = call.ops.next() else { break };
+                        call.results
+                            .push(self.state.decide(op, now_ms, &mut events));
+                        decided += 1;
+                        for event in events.drain(..) {
+                            record.push(&event);
+                        }
+                    }
+                    if call.ops.len() == 0 {
+                        replies.push(Reply::Ops(call.reply, call.results));
+                    } else {
+                        // Answered once its last change is durable, in a later record.
+                        self.ops_carried = Some(call);
+                    }
                 }
                 Command::ExpireDue { reply } => replies.push(Reply::Expired(reply)),
                 Command::Read(read) => replies.push(Reply::Read(read)),
@@ -246,9 +304,12 @@ impl Writer {
             for event in events.drain(..) {
                 record.push(&event);
             }
-            let full = replies.len() >= self.batch_commands_max
-                || record.bytes() + COMMAND_BYTES_MAX > RECORD_BYTES_TARGET;
-            next = if full { None } else { rx.try_recv().ok() };
+            // Nothing queued after a carried batch call may be decided before its rest.
+            next = if full(decided, record) || self.ops_carried.is_some() {
+                None
+            } else {
+                rx.try_recv().ok()
+            };
         }
         for event in events.drain(..) {
             record.push(&event);
@@ -261,14 +322,22 @@ impl Writer {
             let started = std::time::Instant::now();
             let appended = self.storage.append(seq, &bytes, &head.encode());
             if let (Ok(()), Some(observe)) = (&appended, self.observer.get()) {
-                observe(replies.len(), started.elapsed());
+                observe(decided, started.elapsed());
             }
             if let Err(e) = appended {
                 // The state in memory is now ahead of the disk: answer everyone with the
                 // error and stop; reopening replays what is durable.
+                if let Some(call) = self.ops_carried.take() {
+                    let _ = call
+                        .reply
+                        .send(Err(LedgerError::Storage(e.to_string().into())));
+                }
                 for reply in replies {
                     match reply {
                         Reply::Op(tx, _) => {
+                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                        }
+                        Reply::Ops(tx, _) => {
                             let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
                         }
                         Reply::Expired(tx) => {
@@ -298,6 +367,9 @@ impl Writer {
             match reply {
                 Reply::Op(tx, result) => {
                     let _ = tx.send(Ok(result));
+                }
+                Reply::Ops(tx, results) => {
+                    let _ = tx.send(Ok(results));
                 }
                 Reply::Expired(tx) => {
                     let _ = tx.send(Ok(expired.clone()));

@@ -385,11 +385,15 @@ impl World<'_> {
     async fn start(&self, outbox: &Outbox) -> Step<()> {
         outbox.init_cursor().await.map_err(failed)?;
         for (user, name) in USERS.iter().enumerate() {
+            // The PIN dialog's set step, done once (the dialog guards its replay); a PIN found
+            // may be the write of an earlier try whose flush failed: durable before it counts.
             if self.store.pin(name).map_err(failed)?.is_none() {
                 self.store
                     .put_pin(name, &PinRecord::new(HASH.into()))
                     .await
                     .map_err(failed)?;
+            } else {
+                self.store.flush().await.map_err(failed)?;
             }
             self.note_pin(user)?;
             self.told(Ack::PinSet { user })?;

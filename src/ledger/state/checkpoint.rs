@@ -16,7 +16,7 @@
 //! can be derived from what it holds (the id and account indexes, the deadline index, the
 //! reservations of pending refunds) is rebuilt on decode, not stored.
 
-use std::collections::HashMap;
+use crate::ledger::state::HashMap;
 use std::sync::Arc;
 
 use super::rows::IdFilter;
@@ -482,7 +482,7 @@ impl State {
                 return Err(format!("failure {id} appears twice"));
             }
         }
-        let mut totals: HashMap<CurrencyCode, Totals> = HashMap::new();
+        let mut totals: HashMap<CurrencyCode, Totals> = HashMap::default();
         for _ in 0..count(&mut r)? {
             let code = r.currency()?;
             let t = Totals {

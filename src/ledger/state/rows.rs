@@ -2,7 +2,9 @@
 //! the ended ones before it read back from the storage's rows (see docs/ledger.md, Memory).
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use crate::ledger::state::HashMap;
 use std::sync::Arc;
 
 use super::{TransferIdx, TransferRec};
@@ -117,7 +119,7 @@ impl Transfers {
 }
 
 /// Bits per id of an [`IdFilter`], and the probes per lookup: about 1% false positives.
-const FILTER_BITS_PER_ID: usize = 10;
+const FILTER_BITS_PER_ID: usize = 16;
 const FILTER_PROBES: u64 = 7;
 
 /// A Bloom filter of the ids of one spill's rows: "not on disk" without a read for almost
