@@ -4,4 +4,5 @@
 //! used by every store's durable flush: nothing depends on this module.
 
 mod inbox;
+mod payment_flow;
 mod security;

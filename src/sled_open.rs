@@ -48,7 +48,7 @@ pub fn flush_durably(db: &sled::Db, log: &std::fs::File) -> sled::Result<()> {
     db.flush()?;
     log.sync_data()?;
     #[cfg(test)]
-    crate::sled_open::powercut::durable_flush(log);
+    crate::sled_open::powercut::durable_flush(log)?;
     Ok(())
 }
 

@@ -29,16 +29,23 @@ pub enum BenchCommand {
 /// Parameters of the ledger benchmark.
 #[derive(Debug, Args)]
 pub struct LedgerBench {
-    /// Transfers in the batched (concurrent) run.
+    /// Transfers in each batched (concurrent) run.
     #[arg(long, default_value_t = 100_000)]
     pub transfers: usize,
+    /// Which batched runs: `plain` (1-minor-unit single-phase transfers without a memo: the
+    /// figures compared across versions), `realistic` (payment-sized memos, half of the
+    /// transfers two-phase: pending, then posted or voided by the same submitter), or `both`
+    /// (plain, then realistic on the same ledger, each reported on its own and side by side).
+    #[arg(long, value_enum, default_value_t = Mode::Plain)]
+    pub mode: Mode,
     /// User accounts the transfers move between.
     #[arg(long, default_value_t = 10_000)]
     pub accounts: usize,
     /// Concurrent submitters in the batched run.
     #[arg(long, default_value_t = 8_192)]
     pub submitters: usize,
-    /// Transfers per call in the batched run: 1 makes one `create_transfer` call each;
+    /// Transfers per call in the plain batched run (the realistic run makes one call per
+    /// operation, as the payment layer does): 1 makes one `create_transfer` call each;
     /// more sends them in `Ledger::batch` calls of this many (TigerBeetle's benchmark sends
     /// 8,190 a request), `--callers` of them in flight at once.
     #[arg(long, default_value_t = 1)]
@@ -65,6 +72,38 @@ pub struct LedgerBench {
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }
+
+/// The batched runs of `mxpay bench ledger`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Single-phase transfers of 1 minor unit without a memo.
+    Plain,
+    /// Payment-sized memos; every other transfer two-phase (pending, then posted or voided).
+    Realistic,
+    /// Plain, then realistic.
+    Both,
+}
+
+impl Mode {
+    fn runs_plain(self) -> bool {
+        matches!(self, Mode::Plain | Mode::Both)
+    }
+
+    fn runs_realistic(self) -> bool {
+        matches!(self, Mode::Realistic | Mode::Both)
+    }
+}
+
+/// Transfer ids of each phase start here, far apart, so that no phase reuses another's ids
+/// whatever `--transfers` is (the single run's ids once started at 10,000,000, inside the
+/// plain run's range from 9M transfers on).
+const PLAIN_ID_BASE: u128 = 1_000_000;
+const REALISTIC_ID_BASE: u128 = 1 << 48;
+const SINGLE_ID_BASE: u128 = 1 << 56;
+
+/// What a realistic transfer's reservation waits for at most: the step-up timeout's default,
+/// as a payment waiting for its PIN.
+const REALISTIC_PENDING_TIMEOUT_MS: u64 = crate::config::payments::STEPUP_TIMEOUT_MS_DEFAULT;
 
 /// Runs a benchmark.
 pub fn run(command: BenchCommand) -> super::anyhow_like::Result {
@@ -136,7 +175,6 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
     let accounts = p.accounts;
     let one = ledger.amount_from_minor(1, "EUR")?;
     let funding = ledger.amount_from_minor(1_000_000_000, "EUR")?;
-    let user = |i: usize| Owner::user(format!("@bench{i}:example.org"));
 
     // Fund every account (not measured).
     let started = Instant::now();
@@ -159,101 +197,24 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         started.elapsed().as_secs_f64()
     );
 
-    // Batched: many concurrent submitters, the writer group-commits what is queued.
     print_rss("after funding");
-    let base = 1_000_000u128;
-    let chunk = if p.rss_every == 0 {
-        p.transfers
-    } else {
-        p.rss_every
-    };
-    let started = Instant::now();
-    let mut latencies = Vec::with_capacity(p.transfers);
-    let mut done = 0;
-    while done < p.transfers {
-        let count = chunk.min(p.transfers - done);
-        let offset = done;
-        let request = move |i: usize| {
-            let from = i % accounts;
-            let to = (i * 7_919 + 1 + i / accounts) % accounts;
-            let to = if to == from { (to + 1) % accounts } else { to };
-            TransferRequest {
-                id: TransferId(base + i as u128),
-                debit: user(from),
-                credit: user(to),
-                amount: one,
-                memo: Vec::new(),
-            }
-        };
-        if p.call_size > 1 {
-            let size = p.call_size;
-            let calls = count.div_ceil(size);
-            latencies.extend(runtime.block_on(drive(p.callers, calls, {
-                let ledger = ledger.clone();
-                move |c| {
-                    let ledger = ledger.clone();
-                    let first = offset + c * size;
-                    let ops: Vec<BatchOp> = (first..(first + size).min(offset + count))
-                        .map(|i| BatchOp::Create(request(i)))
-                        .collect();
-                    async move {
-                        for result in ledger.batch(ops).await? {
-                            result?;
-                        }
-                        Ok(())
-                    }
-                }
-            }))?);
-        } else {
-            latencies.extend(runtime.block_on(drive(p.submitters, count, {
-                let ledger = ledger.clone();
-                move |i| {
-                    let ledger = ledger.clone();
-                    let request = request(offset + i);
-                    async move { ledger.create_transfer(request).await.map(|_| ()) }
-                }
-            }))?);
-        }
-        done += count;
-        if done < p.transfers {
-            print_rss(&format!("at {done} batched transfers"));
-        }
+    let mut runs = Vec::new();
+    if p.mode.runs_plain() {
+        runs.push(batched_plain(&runtime, &ledger, p)?);
     }
-    let elapsed = started.elapsed();
-    let stats = Stats::of_micros(latencies);
-    let callers = if p.call_size > 1 {
-        format!(
-            "{} callers of batch calls of {} transfers (latency: of a call)",
-            p.callers, p.call_size
-        )
-    } else {
-        format!("{} submitters", p.submitters)
-    };
-    println!(
-        "batched: {} durable transfers, {} accounts, {}, batch max {}: {:.2} s, \
-         {:.0} transfers/s (latency under load p50 {:.2} ms, p99 {:.2} ms)",
-        p.transfers,
-        accounts,
-        callers,
-        p.batch_max,
-        elapsed.as_secs_f64(),
-        p.transfers as f64 / elapsed.as_secs_f64(),
-        ms(stats.p50),
-        ms(stats.p99)
-    );
-
-    print_rss(&format!(
-        "at {} batched transfers (end of the batched run)",
-        p.transfers
-    ));
+    if p.mode.runs_realistic() {
+        runs.push(batched_realistic(&runtime, &ledger, p)?);
+    }
+    for run in &runs {
+        run.print_summary(p);
+    }
 
     // Single: one transfer at a time, each waits for its own flush.
     let blocking = ledger.blocking();
-    let base = 10_000_000u128;
     let mut single = Vec::with_capacity(p.single);
     for i in 0..p.single {
         let request = TransferRequest {
-            id: TransferId(base + i as u128),
+            id: TransferId(SINGLE_ID_BASE + i as u128),
             debit: user(i % accounts),
             credit: user((i + 1) % accounts),
             amount: one,
@@ -307,6 +268,302 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
     print_rss("after the reopen");
     drop(ledger);
     Ok(())
+}
+
+/// The owner of bench account `i`.
+fn user(i: usize) -> Owner {
+    Owner::user(format!("@bench{i}:example.org"))
+}
+
+/// The accounts transfer `i` of a batched run moves money between (never the same one).
+fn pair(i: usize, accounts: usize) -> (usize, usize) {
+    let from = i % accounts;
+    let to = (i * 7_919 + 1 + i / accounts) % accounts;
+    let to = if to == from { (to + 1) % accounts } else { to };
+    (from, to)
+}
+
+/// What one batched run measured.
+struct Batched {
+    mode: &'static str,
+    /// How the transfers were submitted: "N submitters" or the batch calls'.
+    submitted_by: String,
+    transfers: usize,
+    /// Durable operations: a single-phase transfer is one, a two-phase one two (create
+    /// pending, then post or void).
+    operations: usize,
+    elapsed: Duration,
+    /// Latency of each transfer from its first submission to its last answer, in µs.
+    stats: Stats,
+}
+
+impl Batched {
+    /// One line per mode in the same shape, so that the modes read side by side.
+    fn print_summary(&self, p: &LedgerBench) {
+        let secs = self.elapsed.as_secs_f64();
+        println!(
+            "summary {}: {} transfers, {} durable operations, {} accounts, {}, batch max {}: \
+             {:.2} s, {:.0} operations/s, {:.0} transfers/s, latency under load p50 {:.2} ms, \
+             p99 {:.2} ms",
+            self.mode,
+            self.transfers,
+            self.operations,
+            p.accounts,
+            self.submitted_by,
+            p.batch_max,
+            secs,
+            self.operations as f64 / secs,
+            self.transfers as f64 / secs,
+            ms(self.stats.p50),
+            ms(self.stats.p99)
+        );
+    }
+}
+
+/// Runs `p.transfers` transfers in chunks of `--rss-every`, each drained before the next (the
+/// RSS printed after each, tagged with `what`): `run_chunk(offset, count)` submits transfers
+/// `offset..offset + count` and returns the latency of each call it made. Returns the time
+/// taken and the latencies' statistics. The bench itself keeps only the 4-byte latency of
+/// each call: whatever a transfer needs (ids, owners, memos) is built from its index when it
+/// is submitted.
+fn run_chunks(
+    p: &LedgerBench,
+    what: &str,
+    mut run_chunk: impl FnMut(usize, usize) -> Result<Vec<u32>, crate::ledger::LedgerError>,
+) -> Result<(Duration, Stats), crate::ledger::LedgerError> {
+    let chunk = if p.rss_every == 0 {
+        p.transfers
+    } else {
+        p.rss_every
+    };
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(p.transfers);
+    let mut done = 0;
+    while done < p.transfers {
+        let count = chunk.min(p.transfers - done);
+        latencies.extend(run_chunk(done, count)?);
+        done += count;
+        if done < p.transfers {
+            print_rss(&format!("at {done} {what}"));
+        }
+    }
+    Ok((started.elapsed(), Stats::of_micros(latencies)))
+}
+
+/// How the plain run submits its transfers, as its lines say it.
+fn submitted_by(p: &LedgerBench) -> String {
+    if p.call_size > 1 {
+        format!(
+            "{} callers of batch calls of {} transfers (latency: of a call)",
+            p.callers, p.call_size
+        )
+    } else {
+        format!("{} submitters", p.submitters)
+    }
+}
+
+/// Plain: single-phase transfers of one minor unit, no memo (the figures compared across
+/// versions; keep its output as it is).
+fn batched_plain(
+    runtime: &tokio::runtime::Runtime,
+    ledger: &Ledger,
+    p: &LedgerBench,
+) -> Result<Batched, Box<dyn std::error::Error + Send + Sync>> {
+    let accounts = p.accounts;
+    let one = ledger.amount_from_minor(1, "EUR")?;
+    let request = move |i: usize| {
+        let (from, to) = pair(i, accounts);
+        TransferRequest {
+            id: TransferId(PLAIN_ID_BASE + i as u128),
+            debit: user(from),
+            credit: user(to),
+            amount: one,
+            memo: Vec::new(),
+        }
+    };
+    let (elapsed, stats) = run_chunks(p, "batched transfers", |offset, count| {
+        if p.call_size > 1 {
+            let size = p.call_size;
+            let calls = count.div_ceil(size);
+            runtime.block_on(drive(p.callers, calls, {
+                let ledger = ledger.clone();
+                move |c| {
+                    let ledger = ledger.clone();
+                    let first = offset + c * size;
+                    let ops: Vec<BatchOp> = (first..(first + size).min(offset + count))
+                        .map(|i| BatchOp::Create(request(i)))
+                        .collect();
+                    async move {
+                        for result in ledger.batch(ops).await? {
+                            result?;
+                        }
+                        Ok(())
+                    }
+                }
+            }))
+        } else {
+            runtime.block_on(drive(p.submitters, count, {
+                let ledger = ledger.clone();
+                move |i| {
+                    let ledger = ledger.clone();
+                    let request = request(offset + i);
+                    async move { ledger.create_transfer(request).await.map(|_| ()) }
+                }
+            }))
+        }
+    })?;
+    let callers = submitted_by(p);
+    println!(
+        "batched: {} durable transfers, {} accounts, {}, batch max {}: {:.2} s, \
+         {:.0} transfers/s (latency under load p50 {:.2} ms, p99 {:.2} ms)",
+        p.transfers,
+        accounts,
+        callers,
+        p.batch_max,
+        elapsed.as_secs_f64(),
+        p.transfers as f64 / elapsed.as_secs_f64(),
+        ms(stats.p50),
+        ms(stats.p99)
+    );
+    print_rss(&format!(
+        "at {} batched transfers (end of the batched run)",
+        p.transfers
+    ));
+    Ok(Batched {
+        mode: "plain",
+        submitted_by: callers,
+        transfers: p.transfers,
+        operations: p.transfers,
+        elapsed,
+        stats,
+    })
+}
+
+/// Notes a payer might write (`!pay @bob 12.50 EUR lunch`); some payments have none.
+const REALISTIC_NOTES: [Option<&str>; 8] = [
+    Some("lunch"),
+    Some("coffee and cake"),
+    None,
+    Some("rent share, December"),
+    Some("tickets"),
+    None,
+    Some("groceries 🍎"),
+    Some("thanks for dinner!"),
+];
+
+/// Whether realistic transfer `i` is two-phase, and then whether it ends voided (the others
+/// are posted): every other transfer is two-phase, one in 20 of those is voided (a payment
+/// cancelled at the PIN step).
+fn realistic_shape(i: usize) -> (bool, bool) {
+    let two_phase = !i.is_multiple_of(2);
+    (two_phase, two_phase && (i / 2).is_multiple_of(20))
+}
+
+/// The memo the payment layer would write for realistic transfer `i`: a `!pay` in one of
+/// 1,000 rooms, its event id, perhaps a note ([`crate::payments::memo::PaymentMemo`], with ids
+/// the length of room version 12's: a sigil and 43 characters).
+fn realistic_memo(i: usize) -> Vec<u8> {
+    use crate::payments::memo::{MemoKind, PaymentMemo};
+    PaymentMemo {
+        kind: MemoKind::Pay,
+        room: format!("!{:A>43}", format!("room{}", i % 1_000)),
+        event: format!("${:E>43}", format!("event{i}")),
+        note: REALISTIC_NOTES[i % REALISTIC_NOTES.len()].map(str::to_owned),
+        request: None,
+        refund: None,
+    }
+    .encode()
+}
+
+/// The amount of realistic transfer `i`, minor units: 1.00 to 99.99, varied.
+fn realistic_amount_minor(i: usize) -> u128 {
+    100 + (i as u128 * 7_919) % 9_900
+}
+
+/// Realistic: what the payment layer writes. Each transfer carries a payment-sized memo;
+/// every other one is two-phase as a payment with a PIN step-up is (created pending with the
+/// step-up timeout, then posted, or voided, by the same submitter once the first answer is
+/// durable); its latency covers both phases.
+fn batched_realistic(
+    runtime: &tokio::runtime::Runtime,
+    ledger: &Ledger,
+    p: &LedgerBench,
+) -> Result<Batched, Box<dyn std::error::Error + Send + Sync>> {
+    let accounts = p.accounts;
+    let memo_bytes = (0..REALISTIC_NOTES.len() * 2).map(|i| realistic_memo(i).len());
+    let (memo_min, memo_max) =
+        memo_bytes.fold((usize::MAX, 0), |(lo, hi), n| (lo.min(n), hi.max(n)));
+    let job = {
+        let ledger = ledger.clone();
+        move |i: usize| {
+            let ledger = ledger.clone();
+            let (from, to) = pair(i, accounts);
+            let id = TransferId(REALISTIC_ID_BASE + i as u128);
+            let (two_phase, voided) = realistic_shape(i);
+            let amount = ledger.amount_from_minor(realistic_amount_minor(i), "EUR");
+            let memo = realistic_memo(i);
+            async move {
+                let request = TransferRequest {
+                    id,
+                    debit: user(from),
+                    credit: user(to),
+                    amount: amount?,
+                    memo,
+                };
+                if !two_phase {
+                    return ledger.create_transfer(request).await.map(|_| ());
+                }
+                ledger
+                    .create_pending(request, REALISTIC_PENDING_TIMEOUT_MS)
+                    .await?;
+                if voided {
+                    ledger.void(id).await.map(|_| ())
+                } else {
+                    ledger.post(id, None).await.map(|_| ())
+                }
+            }
+        }
+    };
+    let (elapsed, stats) = run_chunks(p, "realistic transfers", |offset, count| {
+        let job = job.clone();
+        runtime.block_on(drive(p.submitters, count, move |i| job(offset + i)))
+    })?;
+    let two_phase = (0..p.transfers).filter(|&i| realistic_shape(i).0).count();
+    let voided = (0..p.transfers).filter(|&i| realistic_shape(i).1).count();
+    let operations = p.transfers + two_phase;
+    println!(
+        "realistic: {} durable transfers ({} two-phase: {} posted, {} voided; memos {}-{} B), \
+         {} durable operations, {} accounts, {} submitters, batch max {}: {:.2} s, \
+         {:.0} operations/s, {:.0} transfers/s (latency of a transfer under load, both phases \
+         of a two-phase one, p50 {:.2} ms, p99 {:.2} ms)",
+        p.transfers,
+        two_phase,
+        two_phase - voided,
+        voided,
+        memo_min,
+        memo_max,
+        operations,
+        accounts,
+        p.submitters,
+        p.batch_max,
+        elapsed.as_secs_f64(),
+        operations as f64 / elapsed.as_secs_f64(),
+        p.transfers as f64 / elapsed.as_secs_f64(),
+        ms(stats.p50),
+        ms(stats.p99)
+    );
+    print_rss(&format!(
+        "at {} realistic transfers (end of the realistic run)",
+        p.transfers
+    ));
+    Ok(Batched {
+        mode: "realistic",
+        submitted_by: format!("{} submitters", p.submitters),
+        transfers: p.transfers,
+        operations,
+        elapsed,
+        stats,
+    })
 }
 
 /// Prints the RSS now and the peak so far (`VmRSS`, `VmHWM`), tagged with `when`.
@@ -449,4 +706,94 @@ fn storage_floor(
     drop(storage);
     std::fs::remove_dir_all(dir)?;
     Ok(Some(Stats::of(samples)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small(mode: Mode) -> LedgerBench {
+        LedgerBench {
+            transfers: 300,
+            mode,
+            accounts: 20,
+            submitters: 16,
+            call_size: 1,
+            callers: 4,
+            batch_max: 64,
+            rss_every: 100,
+            single: 5,
+            fsyncs: 0,
+            dir: None,
+        }
+    }
+
+    /// The plain run in batch calls (`--call-size`) next to the realistic one.
+    #[test]
+    fn both_modes_run_with_batch_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LedgerBench {
+            call_size: 64,
+            ..small(Mode::Both)
+        };
+        run_in(dir.path(), &p).unwrap();
+    }
+
+    #[test]
+    fn realistic_transfers_look_like_payments() {
+        let memos: Vec<usize> = (0..1_000).map(|i| realistic_memo(i).len()).collect();
+        let (lo, hi) = (memos.iter().min().unwrap(), memos.iter().max().unwrap());
+        assert!(
+            (64..=192).contains(lo) && (64..=192).contains(hi),
+            "{lo}-{hi} B"
+        );
+        for i in 0..20 {
+            let memo = crate::payments::memo::PaymentMemo::decode(&realistic_memo(i));
+            assert!(memo.is_some(), "the payment layer reads memo {i} back");
+        }
+        let two_phase = (0..1_000).filter(|&i| realistic_shape(i).0).count();
+        let voided = (0..1_000).filter(|&i| realistic_shape(i).1).count();
+        assert_eq!((two_phase, voided), (500, 25));
+        assert!((0..1_000).all(|i| (100..10_000).contains(&realistic_amount_minor(i))));
+    }
+
+    /// Both modes run to the end on one ledger (verify, close and reopen included), and the
+    /// realistic run leaves its transfers posted or voided as it says.
+    #[test]
+    fn both_modes_run_on_a_small_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        run_in(dir.path(), &small(Mode::Both)).unwrap();
+        let settings = LedgerSettings {
+            currencies: vec![CurrencySpec {
+                code: "EUR".to_owned(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            }],
+        };
+        let ledger = Ledger::open(dir.path(), &settings, Arc::new(SystemClock)).unwrap();
+        let b = ledger.blocking();
+        for i in [0usize, 1, 3, 41, 299] {
+            let transfer = b
+                .transfer(TransferId(REALISTIC_ID_BASE + i as u128))
+                .unwrap()
+                .unwrap();
+            let expected = match realistic_shape(i) {
+                (_, true) => "voided",
+                (true, false) => "posted (two-phase)",
+                (false, false) => "posted (single)",
+            };
+            let state = match transfer.state {
+                crate::ledger::TransferState::Voided => "voided",
+                crate::ledger::TransferState::Posted { .. } if transfer.deadline_ms.is_some() => {
+                    "posted (two-phase)"
+                }
+                crate::ledger::TransferState::Posted { .. } => "posted (single)",
+                other => panic!("transfer {i} is {other:?}"),
+            };
+            assert_eq!(state, expected, "realistic transfer {i}");
+            assert_eq!(transfer.memo, realistic_memo(i));
+        }
+        assert_eq!(b.verify().unwrap().transfers, 20 + 300 + 300 + 5);
+    }
 }

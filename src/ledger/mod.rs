@@ -15,7 +15,7 @@ mod codec;
 pub mod journal;
 pub mod model;
 #[cfg(test)]
-mod powercut;
+pub(crate) mod powercut;
 mod segments;
 pub mod settings;
 mod state;

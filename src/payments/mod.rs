@@ -25,7 +25,7 @@ pub mod invoices;
 pub mod memo;
 mod messenger;
 mod pay;
-mod pin_attempts;
+pub(crate) mod pin_attempts;
 mod pin_messages;
 pub mod pin_recognition;
 mod refund;

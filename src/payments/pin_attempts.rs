@@ -81,7 +81,7 @@ impl Payments {
 const PIN_SWAPS_MAX: usize = 16;
 
 /// A PIN check's result as stored per event.
-fn attempt_of(result: &Result<(), PinError>) -> PinAttemptResult {
+pub(crate) fn attempt_of(result: &Result<(), PinError>) -> PinAttemptResult {
     match result {
         Ok(()) => PinAttemptResult::Matched,
         Err(PinError::Wrong { attempts_left }) => PinAttemptResult::Wrong {
@@ -116,7 +116,7 @@ fn result_of(attempt: PinAttemptResult) -> Result<(), PinError> {
 /// reply failed to send, a crash), the event gets its recorded result: no second count, no
 /// second comparison. Handled again after it was counted but before it finished, it is
 /// compared without being counted again.
-async fn check_pin_with<F, Fut>(
+pub(crate) async fn check_pin_with<F, Fut>(
     store: &PaymentStore,
     user: &str,
     event_id: &str,

@@ -23,6 +23,16 @@
 //! the failed call's writes reach the log: a retry that answers from what the failed call
 //! wrote ("exists already", "decided before") without a flush of its own is caught.
 //!
+//! With [`PowerCut::cut_after_points`], the cut is not drawn among the flushes but falls at a
+//! given *power point*, and storages outside sled count their durable writes as power points
+//! too ([`PowerCut::external_point`]): one power for the sled stores and, say, the ledger's
+//! storage, so a test can cut both at the same instant (`powercut_tests::payment_flow`).
+//! After `k` points complete the power goes: at the next sled flush (which then either fails
+//! before it writes, or writes and fails, at random: a failed call's outcome is unknown) or
+//! the next external point, whichever comes first; every later flush fails. The sled stores
+//! survive as they were after point `k`, the acknowledgements made before the power went all
+//! count.
+//!
 //! Runs: `MXPAY_POWERCUT_RUNS` (default [`DEFAULT_RUNS`]), first seed `MXPAY_POWERCUT_SEED`;
 //! a failing run names its seed.
 
@@ -83,7 +93,9 @@ pub fn run_many(name: &str, one_run: impl Fn(u64)) {
 trait Watch: Send + Sync {
     /// Whether to fail this flush's sync (an injected disk error), if the log is watched.
     fn fail_sync(&self, dev: u64, ino: u64) -> bool;
-    fn durable_flush(&self, dev: u64, ino: u64);
+    /// The flush into a watched log is durable; an error: the power went just after it (the
+    /// write survives, the call fails).
+    fn durable_flush(&self, dev: u64, ino: u64) -> std::io::Result<()>;
 }
 
 fn watchers() -> &'static Mutex<Vec<Weak<dyn Watch>>> {
@@ -112,16 +124,34 @@ pub(crate) fn before_flush(log: &std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Called by [`crate::sled_open::flush_durably`] once `log` (a sled log file) is durable.
-pub(crate) fn durable_flush(log: &std::fs::File) {
+/// Called by [`crate::sled_open::flush_durably`] once `log` (a sled log file) is durable; an
+/// error is a power cut right after the flush (see [`PowerCut::cut_after_points`]).
+pub(crate) fn durable_flush(log: &std::fs::File) -> std::io::Result<()> {
     let live = live_watchers();
     if live.is_empty() {
-        return;
+        return Ok(());
     }
-    let Ok(meta) = log.metadata() else { return };
+    let Ok(meta) = log.metadata() else {
+        return Ok(());
+    };
+    let mut outcome = Ok(());
     for watch in live {
-        watch.durable_flush(meta.dev(), meta.ino());
+        if let Err(e) = watch.durable_flush(meta.dev(), meta.ino()) {
+            outcome = Err(e);
+        }
     }
+    outcome
+}
+
+/// What [`PowerCut::external_point`] says of a write outside sled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Power {
+    /// The power is on: make the write durable.
+    On,
+    /// The power goes during this write: it may or may not survive, the call fails.
+    GoesNow,
+    /// The power went before: the write fails and changes nothing.
+    Off,
 }
 
 /// Retries `op` (as its caller would: the homeserver resends, the worker tries again) while
@@ -165,6 +195,14 @@ struct State<A> {
     failed_last: bool,
     /// Durable flushes of watched directories in this generation.
     flushes: u64,
+    /// With [`PowerCut::cut_after_points`]: the power goes after this many power points.
+    cut_at: Option<u64>,
+    /// Power points (durable flushes and external writes) completed in this generation.
+    points: u64,
+    /// The power went (deterministic cut only).
+    dead: bool,
+    /// The flush under way is the one the power goes in, after it wrote.
+    dying_after_flush: bool,
     /// The flush point the kept copy was taken at.
     point: u64,
     /// Whether the kept copy is the state at the start of the generation (point 0), which the
@@ -213,6 +251,25 @@ impl<A: Send + 'static> Inner<A> {
 impl<A: Send + 'static> Watch for Inner<A> {
     fn fail_sync(&self, dev: u64, ino: u64) -> bool {
         let mut state = self.state.lock();
+        if state.cut_at.is_some() && self.watches(&state, dev, ino) {
+            if state.dead {
+                return true;
+            }
+            if Some(state.points) == state.cut_at {
+                // The power goes during this flush: before it writes, or after.
+                if state.rng.gen_bool(0.5) {
+                    state.dead = true;
+                    return true;
+                }
+                state.dying_after_flush = true;
+                return false;
+            }
+            // An injected disk error is no power point (nothing became durable).
+            let p = state.sync_failure_p;
+            let fail = p > 0.0 && !state.failed_last && state.rng.gen_bool(p);
+            state.failed_last = fail;
+            return fail;
+        }
         if state.sync_failure_p == 0.0 || !self.watches(&state, dev, ino) {
             return false;
         }
@@ -229,11 +286,25 @@ impl<A: Send + 'static> Watch for Inner<A> {
         fail
     }
 
-    fn durable_flush(&self, dev: u64, ino: u64) {
+    fn durable_flush(&self, dev: u64, ino: u64) -> std::io::Result<()> {
         let mut state = self.state.lock();
         let state = &mut *state;
         if !self.watches(state, dev, ino) {
-            return;
+            return Ok(());
+        }
+        if let Some(cut_at) = state.cut_at {
+            if state.dying_after_flush || state.dead {
+                if !state.dead {
+                    // What this flush wrote survives; its caller never hears so.
+                    self.take_snapshot(state);
+                }
+                state.dying_after_flush = false;
+                state.dead = true;
+                return Err(std::io::Error::other("power cut"));
+            }
+            state.flushes += 1;
+            self.point_done(state, cut_at);
+            return Ok(());
         }
         if state.boundary.is_none() {
             // The flush after the copy: acknowledgements so far rest on the copy at most.
@@ -257,10 +328,20 @@ impl<A: Send + 'static> Watch for Inner<A> {
         if state.rng.gen_range(0..=state.flushes) == 0 {
             self.take_snapshot(state);
         }
+        Ok(())
     }
 }
 
 impl<A: Send + 'static> Inner<A> {
+    /// A power point completed (deterministic cut): after the last one before the cut, the
+    /// directories are what survives.
+    fn point_done(&self, state: &mut State<A>, cut_at: u64) {
+        state.points += 1;
+        if state.points == cut_at {
+            self.take_snapshot(state);
+        }
+    }
+
     /// Keeps a copy of the directories as they are now: the cut point, unless a later one
     /// replaces it.
     fn take_snapshot(&self, state: &mut State<A>) {
@@ -319,6 +400,10 @@ impl<A: Send + 'static> PowerCut<A> {
                 sync_failure_p: 0.0,
                 failed_last: false,
                 flushes: 0,
+                cut_at: None,
+                points: 0,
+                dead: false,
+                dying_after_flush: false,
                 point: 0,
                 snapshot_is_start: true,
                 acks: Vec::new(),
@@ -346,6 +431,43 @@ impl<A: Send + 'static> PowerCut<A> {
         self
     }
 
+    /// Cuts the power after `points` power points instead of at a flush drawn at random (see
+    /// the module docs); `u64::MAX`: never, to count the points of a run
+    /// ([`Self::points`]).
+    pub fn cut_after_points(self, points: u64) -> Self {
+        self.inner.state.lock().cut_at = Some(points);
+        self
+    }
+
+    /// A durable write outside sled (another storage sharing this power) is about to be made:
+    /// whether it may be ([`Power`]). Needs [`Self::cut_after_points`].
+    pub fn external_point(&self) -> Power {
+        let mut state = self.inner.state.lock();
+        let state = &mut *state;
+        let cut_at = state.cut_at.expect("external points need cut_after_points");
+        if state.dead {
+            return Power::Off;
+        }
+        if state.points == cut_at {
+            state.dead = true;
+            return Power::GoesNow;
+        }
+        // The sled stores stay as they are until the next point, so a copy taken now, before
+        // the external write, is what they hold when the power goes after it.
+        self.inner.point_done(state, cut_at);
+        Power::On
+    }
+
+    /// Whether the power went (deterministic cut).
+    pub fn is_dead(&self) -> bool {
+        self.inner.state.lock().dead
+    }
+
+    /// Power points completed so far in this generation.
+    pub fn points(&self) -> u64 {
+        self.inner.state.lock().points
+    }
+
     /// The live directory of store `name` (open the store there).
     pub fn dir(&self, name: &str) -> PathBuf {
         let generation = self.inner.state.lock().generation;
@@ -362,6 +484,10 @@ impl<A: Send + 'static> PowerCut<A> {
     pub fn cut(&self) -> Cut<A> {
         let mut state = self.inner.state.lock();
         let state = &mut *state;
+        if state.cut_at.is_some() && !state.dead {
+            // The run ended before its cut point: the power goes now.
+            self.inner.take_snapshot(state);
+        }
         let keep = state.boundary.unwrap_or(state.acks.len());
         let mut acked = std::mem::take(&mut state.acks);
         acked.truncate(keep);
@@ -403,6 +529,11 @@ impl<A: Send + 'static> PowerCut<A> {
         state.sync_failure_p = 0.0;
         state.flushes = 0;
         state.point = 0;
+        // The restarted process keeps its power.
+        state.cut_at = None;
+        state.points = 0;
+        state.dead = false;
+        state.dying_after_flush = false;
         state.snapshot_is_start = true;
         state.boundary = None;
         state.log_lens = start_lens;
