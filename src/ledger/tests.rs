@@ -1115,7 +1115,14 @@ fn rolling_daily_limit() {
     // A voided reservation gives its allowance back.
     f.ledger.void(TransferId(4)).unwrap();
     send(6, "50.000").unwrap();
+    // Debits count until a day after the end of the minute they were made in: up to a
+    // minute longer than exactly 24 h, never shorter.
     f.clock.advance_ms(DAY_MS);
+    assert_eq!(
+        rejected(send(70, "0.001")),
+        TransferError::ExceedsDailyLimit
+    );
+    f.clock.advance_ms(60_000);
     send(7, "200.000").unwrap();
     // The issuer is not limited.
     let big = f.request(8, Owner::Issuer, user("bob"), "5000.000", "BHD");
@@ -1163,7 +1170,7 @@ fn the_daily_window_is_rebuilt_on_reopen() {
         rejected(send(&ledger, 5, user("alice"), "60.000")),
         TransferError::ExceedsDailyLimit
     );
-    clock.advance_ms(DAY_MS);
+    clock.advance_ms(DAY_MS + 60_000);
     send(&ledger, 6, user("alice"), "60.000").unwrap();
 }
 
@@ -1452,6 +1459,8 @@ mod model {
         pub reserved: u128,
         /// For a pending refund: its original.
         pub refund_of: Option<u128>,
+        /// Ledger time it was made at.
+        pub created: u64,
     }
 
     /// What a create asked for: kind, accounts (none for `refund`), currency, amount, the
@@ -1467,6 +1476,8 @@ mod model {
         amount: u128,
         refund_of: Option<u128>,
         error: E,
+        /// Ledger time of the failure: it answers retries for a day.
+        at: u64,
     }
 
     #[derive(Default)]
@@ -1484,6 +1495,11 @@ mod model {
         /// EUR's (currency 0) `max_transfer`, in minor units, for user debits.
         pub max_transfer: Option<u128>,
     }
+
+    /// EUR's (currency 0) `max_per_24h`, in minor units, for user debits.
+    pub const EUR_DAILY_MAX: u128 = 100;
+    const DAY: u64 = 24 * 60 * 60 * 1000;
+    const MINUTE: u64 = 60 * 1000;
 
     /// Owner 0 is the issuer (may go negative); the others are users.
     fn is_user(a: Acct) -> bool {
@@ -1564,7 +1580,8 @@ mod model {
                 );
                 return Some(Self::compare(existing, asked).map(|()| id));
             }
-            let f = self.failed.get(&id)?;
+            // A failure answers retries of its id for a day; then the id is new again.
+            let f = self.failed.get(&id).filter(|f| self.now < f.at + DAY)?;
             let existing = (f.kind, f.debit, f.credit, f.cur, f.amount, f.refund_of);
             Some(Self::compare(existing, asked).and(Err(f.error)))
         }
@@ -1631,6 +1648,7 @@ mod model {
                         amount,
                         refund_of: link,
                         error: e,
+                        at: m.now,
                     },
                 );
                 Err(e)
@@ -1670,9 +1688,25 @@ mod model {
                     refunded: 0,
                     reserved: 0,
                     refund_of: link,
+                    created: self.now,
                 },
             );
             Ok(id)
+        }
+
+        /// What the daily limit counts of `d`'s debits now: each transfer it paid, for what
+        /// it reserves or posted, from the minute it was made in until a day after that
+        /// minute's end (a limit may refuse up to a minute early, never allow more).
+        fn used_today(&self, d: Acct) -> u128 {
+            self.tr
+                .values()
+                .filter(|t| t.debit == d && self.now < (t.created / MINUTE + 1) * MINUTE + DAY)
+                .map(|t| match t.state {
+                    St::Pending => t.amount,
+                    St::Posted(x) => x,
+                    St::Voided | St::Expired => 0,
+                })
+                .sum()
         }
 
         fn movement(&self, d: Acct, c: Acct, amount: u128) -> Result<(), E> {
@@ -1681,6 +1715,9 @@ mod model {
             }
             if self.frozen.get(&c) == Some(&FreezeMode::All) {
                 return Err(E::CreditAccountFrozen);
+            }
+            if is_user(d) && d.1 == 0 && self.used_today(d) + amount > EUR_DAILY_MAX {
+                return Err(E::ExceedsDailyLimit);
             }
             let b = self.bal.get(&d).copied().unwrap_or_default();
             if is_user(d) && b.dpo + b.dp + amount > b.cpo {
@@ -1710,6 +1747,7 @@ mod model {
                     amount,
                     refund_of: None,
                     error,
+                    at: self.now,
                 },
             );
             Err(error)
@@ -1773,6 +1811,7 @@ mod model {
                     refunded: 0,
                     reserved: 0,
                     refund_of: None,
+                    created: self.now,
                 },
             );
             Ok(id)
@@ -1818,6 +1857,7 @@ mod model {
                     refunded: 0,
                     reserved: 0,
                     refund_of: None,
+                    created: self.now,
                 },
             );
             Ok(id)
@@ -1925,6 +1965,28 @@ mod auditor {
         Advance {
             ms: u64,
         },
+        /// The issuer pays a user, with a fresh id: users get money to spend, so that their
+        /// debits meet the daily limit and not only a lack of funds.
+        Fund {
+            owner: usize,
+            cur: usize,
+            amount: u128,
+        },
+        /// A user pays another, with a fresh id (single-phase or pending): debits that
+        /// succeed fill the daily window.
+        Pay {
+            debit: usize,
+            credit: usize,
+            cur: usize,
+            amount: u128,
+            timeout_s: Option<u64>,
+        },
+        /// Advance to this far from the moment the debits of the minute of the last EUR user
+        /// debit (or of now) leave the daily window (a day after that minute's end): its
+        /// edge, either side (not back: ledger time never goes back).
+        AdvanceToWindowEdge {
+            offset_ms: i64,
+        },
         /// The system clock jumps by more than the allowed skew (ahead, or back), a batch
         /// runs, and the clock is set right: ledger time must not have moved with it.
         Jump {
@@ -1968,7 +2030,14 @@ mod auditor {
             2 => (id.clone(), id.clone(), cur.clone(), amount.clone()).prop_map(|(id, original, cur, amount)| Step::Refund { id, original, cur, amount }),
             1 => (who.clone(), cur.clone(), prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
                 .prop_map(|(owner, cur, mode)| Step::Freeze { owner, cur, mode }),
-            2 => (0u64..4_000).prop_map(|ms| Step::Advance { ms }),
+            // Mostly short steps; now and then minutes, or about a day (the daily window's
+            // edges, and failures forgotten after a day).
+            2 => prop_oneof![8 => 0u64..4_000, 1 => 20_000u64..150_000, 1 => DAY_MS - 30_000..DAY_MS + 70_000]
+                .prop_map(|ms| Step::Advance { ms }),
+            1 => prop_oneof![-2i64..2, -60_000i64..60_000].prop_map(|offset_ms| Step::AdvanceToWindowEdge { offset_ms }),
+            2 => (1..OWNERS, cur.clone(), 100u128..1_000).prop_map(|(owner, cur, amount)| Step::Fund { owner, cur, amount }),
+            3 => (1..OWNERS, 1..OWNERS, cur.clone(), 1u128..70, proptest::option::weighted(0.3, 1u64..4))
+                .prop_map(|(debit, credit, cur, amount, timeout_s)| Step::Pay { debit, credit, cur, amount, timeout_s }),
             1 => (CLOCK_SKEW_MS_MAX + 1..30 * DAY_MS, any::<bool>()).prop_map(|(ms, back)| Step::Jump { ms, back }),
             1 => (proptest::option::of(1u128..200), any::<bool>())
                 .prop_map(|(max_transfer_minor, checkpoint_at_close)| Step::Reopen { max_transfer_minor, checkpoint_at_close }),
@@ -1990,7 +2059,8 @@ mod auditor {
                     max_transfer: max_transfer_minor
                         .filter(|_| i == 0)
                         .map(|m| Decimal::from_i128_with_scale(m as i128, 2)),
-                    max_per_24h: None,
+                    max_per_24h: (i == 0)
+                        .then(|| Decimal::from_i128_with_scale(model::EUR_DAILY_MAX as i128, 2)),
                 })
                 .collect(),
         }
@@ -2069,9 +2139,49 @@ mod auditor {
             now: T0_MS,
             ..Model::default()
         };
-        for step in steps {
+        for (n, step) in steps.into_iter().enumerate() {
             let b = ledger.blocking();
             match step {
+                Step::Fund {
+                    owner: o,
+                    cur,
+                    amount: a,
+                } => {
+                    let id = 1_000 + n as u128;
+                    let request = TransferRequest {
+                        id: TransferId(id),
+                        debit: Owner::Issuer,
+                        credit: owner(o),
+                        amount: amount(&ledger, cur, a),
+                        memo: vec![],
+                    };
+                    let got = b.create_transfer_result(request);
+                    let want = model.create(id, (0, cur), (o, cur), a, None);
+                    check_created(got, want, &model)?;
+                }
+                Step::Pay {
+                    debit,
+                    credit,
+                    cur,
+                    amount: a,
+                    timeout_s,
+                } => {
+                    let id = 1_000 + n as u128;
+                    let request = TransferRequest {
+                        id: TransferId(id),
+                        debit: owner(debit),
+                        credit: owner(credit),
+                        amount: amount(&ledger, cur, a),
+                        memo: vec![],
+                    };
+                    let timeout = timeout_s.map(|s| s * 1_000);
+                    let got = match timeout {
+                        Some(t) => b.create_pending_result(request, t),
+                        None => b.create_transfer_result(request),
+                    };
+                    let want = model.create(id, (debit, cur), (credit, cur), a, timeout);
+                    check_created(got, want, &model)?;
+                }
                 Step::Create {
                     id,
                     debit,
@@ -2133,6 +2243,24 @@ mod auditor {
                         None => b.unfreeze(account).unwrap(),
                     }
                     model.freeze((o, cur), mode);
+                }
+                Step::AdvanceToWindowEdge { offset_ms } => {
+                    let last_debit_ms = model
+                        .tr
+                        .values()
+                        .filter(|t| t.debit.0 != 0 && t.debit.1 == 0)
+                        .map(|t| t.created)
+                        .max()
+                        .unwrap_or(model.now);
+                    let edge_ms = (last_debit_ms / 60_000 + 1) * 60_000 + DAY_MS;
+                    let ms = edge_ms
+                        .saturating_add_signed(offset_ms)
+                        .saturating_sub(model.now);
+                    clock.advance_ms(ms);
+                    monotonic.advance_ms(ms);
+                    model.now += ms;
+                    model.expire();
+                    b.expire_due().unwrap();
                 }
                 Step::Advance { ms } => {
                     clock.advance_ms(ms);
