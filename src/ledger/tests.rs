@@ -401,6 +401,74 @@ fn a_refused_transfer_opens_no_account() {
     assert_eq!(ledger.verify_with_memory().unwrap().accounts, 2);
 }
 
+/// Issue 15 (memory flat in history): a recorded failure answers retries of its id for a
+/// day of ledger time, also after a reopen from a checkpoint that holds it; from then on the
+/// id is new again and a request with it is decided afresh (it was kept forever).
+#[test]
+fn a_recorded_failure_answers_retries_for_a_day_then_the_id_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let open = || open_manual(dir.path(), &settings(), &clock).blocking();
+    let ledger = open();
+    let eur = ledger
+        .ledger()
+        .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
+        .unwrap();
+    let request = |id: u128, debit: Owner, memo: &[u8]| TransferRequest {
+        id: TransferId(id),
+        debit,
+        credit: user("dave"),
+        amount: eur,
+        memo: memo.to_vec(),
+    };
+    assert_eq!(
+        rejected(ledger.create_transfer(request(7, user("carol"), b"lunch"))),
+        TransferError::InsufficientFunds
+    );
+    ledger
+        .create_transfer(request(8, Owner::Issuer, b""))
+        .unwrap();
+    clock.advance_ms(DAY_MS - 1);
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let ledger = open();
+    assert!(ledger.ledger().opened_from_checkpoint().is_some());
+    // A day less a millisecond later, after a reopen: the same failure, and a conflict.
+    assert_eq!(
+        rejected(ledger.create_transfer(request(7, user("carol"), b"lunch"))),
+        TransferError::InsufficientFunds
+    );
+    assert_eq!(
+        rejected(ledger.create_transfer(request(7, user("carol"), b"other"))),
+        TransferError::ExistsWithDifferentMemo
+    );
+    ledger
+        .create_transfer(request(9, Owner::Issuer, b""))
+        .unwrap();
+    ledger
+        .create_transfer(TransferRequest {
+            credit: user("carol"),
+            ..request(10, Owner::Issuer, b"")
+        })
+        .unwrap();
+    // A day after the failure its id is new: the same request is decided again, and now
+    // carol can pay.
+    clock.advance_ms(1);
+    let created = ledger
+        .create_transfer_result(request(7, user("carol"), b"other"))
+        .unwrap();
+    assert!(!created.exists());
+    let carol = AccountId {
+        owner: user("carol"),
+        currency: eur.currency(),
+    };
+    let carol = ledger.account(&carol).unwrap().unwrap();
+    assert_eq!(carol.balances.available_minor(), 0);
+    assert_eq!(ledger.verify_with_memory().unwrap().transfers, 4);
+    drop(ledger);
+    assert_eq!(open().verify_with_memory().unwrap().transfers, 4);
+}
+
 /// Issue 15: a retried create or refund says the transfer already existed (TigerBeetle's
 /// `exists`), before and after a reopen, and the first call says it created it.
 #[test]
@@ -3349,63 +3417,72 @@ fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
 }
 
 /// After an upgrade, before the first reopen: the data directory holds the last checkpoint the
-/// previous version wrote (format 1, the whole state, no rows on disk). `verify` checks its
-/// hash and its record, reports it as an old format it did not compare, and still checks the
-/// whole chain; it never calls it corrupt. Opening replays the journal (no fallback alarm)
-/// and the next checkpoint is in the current format.
+/// previous version wrote (format 1, the whole state, no rows on disk; or format 2, exact
+/// daily windows, rows on disk). `verify` checks its hash and its record, reports it as an
+/// old format it did not compare, and still checks the whole chain; it never calls it
+/// corrupt. Opening replays the journal (no fallback alarm) and the next checkpoint is in
+/// the current format.
 #[test]
 fn verify_and_open_accept_a_checkpoint_in_the_previous_format() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0_MS);
-    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
-    activity(&ledger, &clock, 100);
-    block_on(ledger.ledger().checkpoint()).unwrap();
-    let alice = ledger.balances(&user("alice")).unwrap();
-    drop(ledger);
-    let ledger_dir = dir.path().join("ledger");
-    let path = ledger_dir.join(storage::CHECKPOINT_FILE);
-    let current = std::fs::read(&path).unwrap();
-    // Format 1: magic | version 1 | seq | record hash | time_ms | state | blake3, with no rows
-    // on disk. Its state is never decoded by this version, so only the header is the old
-    // writer's byte for byte; the state part is this version's, after the spill point.
-    let mut old = current[..57].to_vec();
-    old[8] = 1;
-    old.extend_from_slice(crate::ledger::state::checkpoint_state(&current)[61..].as_ref());
-    let hash = *blake3::hash(&old).as_bytes();
-    old.extend_from_slice(&hash);
-    std::fs::write(&path, &old).unwrap();
-    std::fs::remove_dir_all(ledger_dir.join(crate::ledger::segments::ROWS_DIR)).unwrap();
-    let seq = u64::from_le_bytes(current[9..17].try_into().unwrap());
+    for version in [1u8, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0_MS);
+        let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+        activity(&ledger, &clock, 100);
+        block_on(ledger.ledger().checkpoint()).unwrap();
+        let alice = ledger.balances(&user("alice")).unwrap();
+        drop(ledger);
+        let ledger_dir = dir.path().join("ledger");
+        let path = ledger_dir.join(storage::CHECKPOINT_FILE);
+        let current = std::fs::read(&path).unwrap();
+        // magic | version | seq | record hash | time_ms | state | blake3. Its state is never
+        // decoded by this version, so only the header is the old writer's byte for byte; the
+        // state part is this version's (after the spill point, for format 1).
+        let keep = if version == 1 { 57 } else { 61 };
+        let mut old = current[..keep].to_vec();
+        old[8] = version;
+        old.extend_from_slice(crate::ledger::state::checkpoint_state(&current)[61..].as_ref());
+        let hash = *blake3::hash(&old).as_bytes();
+        old.extend_from_slice(&hash);
+        std::fs::write(&path, &old).unwrap();
+        if version == 1 {
+            std::fs::remove_dir_all(ledger_dir.join(crate::ledger::segments::ROWS_DIR)).unwrap();
+        }
+        let seq = u64::from_le_bytes(current[9..17].try_into().unwrap());
 
-    let report = verify_dir(dir.path()).unwrap();
-    assert_eq!(
-        report.checkpoint,
-        CheckpointCheck::OldFormat { seq, version: 1 }
-    );
+        let report = verify_dir(dir.path()).unwrap();
+        assert_eq!(
+            report.checkpoint,
+            CheckpointCheck::OldFormat { seq, version }
+        );
 
-    // Not an old format: an unknown version with a valid hash is refused.
-    let mut unknown = old.clone();
-    unknown[8] = 9;
-    let n = unknown.len() - 32;
-    let hash = *blake3::hash(&unknown[..n]).as_bytes();
-    unknown[n..].copy_from_slice(&hash);
-    std::fs::write(&path, &unknown).unwrap();
-    let err = verify_dir(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("unknown format version 9"), "{err}");
-    std::fs::write(&path, &old).unwrap();
+        // Not an old format: an unknown version with a valid hash is refused.
+        let mut unknown = old.clone();
+        unknown[8] = 9;
+        let n = unknown.len() - 32;
+        let hash = *blake3::hash(&unknown[..n]).as_bytes();
+        unknown[n..].copy_from_slice(&hash);
+        std::fs::write(&path, &unknown).unwrap();
+        let err = verify_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("unknown format version 9"), "{err}");
+        std::fs::write(&path, &old).unwrap();
 
-    let ledger = open_no_close_checkpoint(dir.path(), &clock);
-    assert_eq!(ledger.opened_from_checkpoint(), None);
-    assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
-    let b = ledger.blocking();
-    assert_eq!(b.balances(&user("alice")).unwrap(), alice);
-    block_on(b.ledger().checkpoint()).unwrap();
-    drop(b);
-    drop(ledger);
-    assert!(matches!(
-        verify_dir(dir.path()).unwrap().checkpoint,
-        CheckpointCheck::Compared { .. }
-    ));
+        let ledger = open_no_close_checkpoint(dir.path(), &clock);
+        assert_eq!(ledger.opened_from_checkpoint(), None);
+        assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+        let b = ledger.blocking();
+        assert_eq!(b.balances(&user("alice")).unwrap(), alice);
+        block_on(b.ledger().checkpoint()).unwrap();
+        drop(b);
+        drop(ledger);
+        assert!(matches!(
+            verify_dir(dir.path()).unwrap().checkpoint,
+            CheckpointCheck::Compared { .. }
+        ));
+        let ledger = open_no_close_checkpoint(dir.path(), &clock);
+        assert!(ledger.opened_from_checkpoint().is_some());
+        assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+    }
 }
 
 /// Issue 15: `verify` reads each segment of rows whole, once, and checks its hash: a segment

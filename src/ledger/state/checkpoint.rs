@@ -743,9 +743,72 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Op, State};
-    use crate::ledger::model::{Owner, TransferId, TransferRequest, TransferState};
+    use super::super::{Op, State, FAILURES_KEPT_MAX};
+    use crate::ledger::codec::{Head, HASH_LEN};
+    use crate::ledger::model::{Owner, TransferError, TransferId, TransferRequest, TransferState};
     use crate::ledger::{Currencies, CurrencySpec, LedgerSettings};
+
+    /// Issue 15 (memory flat in history): beyond [`FAILURES_KEPT_MAX`] recorded failures the
+    /// oldest is forgotten (its id is new again), the newer ones still answer retries, and
+    /// a checkpoint holds them in the order they are forgotten in (it decodes to a state
+    /// that encodes to the same bytes and forgets the same one next). Before, every failure
+    /// was kept forever.
+    #[test]
+    fn beyond_the_cap_the_oldest_failure_is_forgotten_first() {
+        let currencies = Currencies::from_settings(&LedgerSettings {
+            currencies: vec![CurrencySpec {
+                code: "EUR".to_owned(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            }],
+        })
+        .unwrap();
+        let one = currencies.from_minor(1, "EUR").unwrap();
+        let pay = |id: u128, memo: &[u8]| Op::Create {
+            request: TransferRequest {
+                id: TransferId(id),
+                debit: Owner::user("@carol:x"),
+                credit: Owner::user("@dave:x"),
+                amount: one,
+                memo: memo.to_vec(),
+            },
+            timeout_ms: None,
+            refund_of: None,
+        };
+        let mut state = State::new(currencies);
+        let mut events = Vec::new();
+        let now_ms = 1_000;
+        let cap = FAILURES_KEPT_MAX as u128;
+        for id in 1..=cap {
+            let refused = state.decide(pay(id, b"a"), now_ms, &mut events);
+            assert_eq!(refused, Err(TransferError::InsufficientFunds));
+        }
+        // At the cap: the first is still kept.
+        let retry = state.decide(pay(1, b"b"), now_ms, &mut events);
+        assert_eq!(retry, Err(TransferError::ExistsWithDifferentMemo));
+        let head = Head {
+            seq: 1,
+            hash: [0; HASH_LEN],
+        };
+        let bytes = state.encode_checkpoint(head, now_ms);
+        let mut decoded = State::decode_checkpoint(&bytes).unwrap().state;
+        assert_eq!(decoded.encode_checkpoint(head, now_ms), bytes);
+        for state in [&mut state, &mut decoded] {
+            let refused = state.decide(pay(cap + 1, b"a"), now_ms, &mut events);
+            assert_eq!(refused, Err(TransferError::InsufficientFunds));
+            // The first is forgotten: its id is decided afresh (and recorded again).
+            let again = state.decide(pay(1, b"b"), now_ms, &mut events);
+            assert_eq!(again, Err(TransferError::InsufficientFunds));
+            let kept = state.decide(pay(3, b"b"), now_ms, &mut events);
+            assert_eq!(kept, Err(TransferError::ExistsWithDifferentMemo));
+            assert_eq!(state.failed.len(), FAILURES_KEPT_MAX);
+        }
+        assert_eq!(
+            decoded.encode_checkpoint(head, now_ms),
+            state.encode_checkpoint(head, now_ms)
+        );
+    }
 
     /// Issue 15 (memory flat in history): a transfer's row, once it has ended, is what is
     /// written out of memory, so it must never change again; its refunds (single-phase and
