@@ -179,12 +179,8 @@ pub const RECORD_BYTES_TARGET: usize = 128 * 1024;
 /// reopen); its quarter (4 MiB) is sled's blob threshold.
 pub const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
 
-/// sled's page cache for the journal (its default is 1 GiB). 16 MiB holds the records of
-/// the last half million or so transfers, which the outbox's tail reads; replay and verify
-/// read the journal once, front to back, and gain nothing from a larger cache. At 64 MiB
-/// the cache filled with old records and was one of what grew the RSS with history, up to
-/// about 2.5M transfers (issue 15).
-pub const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// sled's page cache for the journal (its default is 1 GiB).
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The sled-backed journal store.
 pub struct SledStorage {
