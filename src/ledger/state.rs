@@ -36,7 +36,7 @@ const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 pub(crate) const FAILURE_KEPT_MS: u64 = DAY_MS;
 
 /// Most recorded failures kept: beyond it the oldest is forgotten first, so a flood of
-/// refused requests cannot grow memory without bound (about 190 B each, see docs/ledger.md).
+/// refused requests cannot grow memory without bound (about 270 B each, see docs/ledger.md).
 /// A constant, like the time above: the replay of a journal must forget what the live ledger
 /// forgot, whatever the configuration.
 pub(crate) const FAILURES_KEPT_MAX: usize = 250_000;
