@@ -128,7 +128,8 @@ pub struct Currency {
     pub exponent: u32,
     /// Largest single transfer from a user account, minor units.
     pub max_transfer_minor: Option<u128>,
-    /// Largest total a user account may send in any rolling 24 hours, minor units.
+    /// Largest total a user account may send in any rolling 24 hours, minor units (a debit
+    /// counts until 24 h after the end of the minute it was made in: see docs/ledger.md).
     pub max_per_24h_minor: Option<u128>,
 }
 

@@ -4,7 +4,7 @@
 use super::amount::{Currencies, CurrencyCode};
 use super::codec::{decode_record, Head, Record, HASH_LEN};
 use super::model::{AccountId, FreezeMode, TransferError, TransferId, TransferKind};
-use super::state::{ApplyError, Event, State, CHECKPOINT_VERSION, CHECKPOINT_VERSION_FULL_STATE};
+use super::state::{ApplyError, Event, State, CHECKPOINT_VERSION, CHECKPOINT_VERSIONS_OLD};
 use super::storage::{Storage, StoredRecord};
 use super::LedgerError;
 
@@ -27,7 +27,8 @@ pub enum CheckpointCheck {
     /// on disk are the journal's.
     Compared { seq: u64 },
     /// The checkpoint at this record was written by an older version in an older format
-    /// (a full state, no rows on disk). Its own hash was checked, its state not compared:
+    /// (1: a full state, no rows on disk; 2: exact daily windows). Its own hash was checked,
+    /// its state not compared:
     /// this version no longer writes that format. The replay still checked the whole chain
     /// and every invariant; the next open replays the journal once and writes the current
     /// format.
@@ -336,7 +337,8 @@ pub(crate) fn replay(
                 reason: format!("checkpoint: {reason}"),
             })?;
             let version = checkpoint_version(bytes);
-            if version != Some(CHECKPOINT_VERSION) && version != Some(CHECKPOINT_VERSION_FULL_STATE)
+            if version != Some(CHECKPOINT_VERSION)
+                && !version.is_some_and(|v| CHECKPOINT_VERSIONS_OLD.contains(&v))
             {
                 return Err(LedgerError::Corrupt {
                     record: 0,
@@ -372,9 +374,9 @@ pub(crate) fn replay(
         None => CheckpointCheck::None,
         Some((cp, bytes)) => match checkpoint_version(bytes) {
             Some(CHECKPOINT_VERSION) => CheckpointCheck::Compared { seq: cp.seq },
-            _ => CheckpointCheck::OldFormat {
+            version => CheckpointCheck::OldFormat {
                 seq: cp.seq,
-                version: CHECKPOINT_VERSION_FULL_STATE,
+                version: version.expect("checked above"),
             },
         },
     };
@@ -451,7 +453,7 @@ pub(crate) fn replay_for_open(
         return Ok((replay(storage, None, true)?, Start::FullReplay));
     };
     if let Ok(cp) = checkpoint_head(&bytes) {
-        if checkpoint_version(&bytes) == Some(CHECKPOINT_VERSION_FULL_STATE) {
+        if checkpoint_version(&bytes).is_some_and(|v| CHECKPOINT_VERSIONS_OLD.contains(&v)) {
             // `replay` checks its record's hash and that the journal reaches it.
             return Ok((
                 replay(storage, None, true)?,

@@ -31,7 +31,9 @@ pub struct CurrencySpec {
     /// Largest amount of a single transfer, in major units (e.g. `"10000.00"`).
     #[serde(default, with = "rust_decimal::serde::str_option")]
     pub max_transfer: Option<Decimal>,
-    /// Largest total a user account may send in any rolling 24 hours, in major units.
+    /// Largest total a user account may send in any rolling 24 hours, in major units (a
+    /// debit counts until 24 h after the end of the minute it was made in, so up to a minute
+    /// longer: a limit may refuse up to a minute early, never allow more).
     #[serde(default, with = "rust_decimal::serde::str_option")]
     pub max_per_24h: Option<Decimal>,
 }

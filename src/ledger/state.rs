@@ -15,6 +15,9 @@ use super::storage::StorageError;
 
 mod checkpoint;
 mod rows;
+mod window;
+
+use window::Window;
 
 /// The ledger's maps hash with foldhash, seeded at random per process: SipHash (std's
 /// default) was about a tenth of the writer's time in `mxpay bench ledger`, and a per-process
@@ -23,7 +26,7 @@ pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 
 pub(crate) use checkpoint::{
     checkpoint_filters, checkpoint_state, CheckpointOutcome, VERSION as CHECKPOINT_VERSION,
-    VERSION_FULL_STATE as CHECKPOINT_VERSION_FULL_STATE,
+    VERSIONS_OLD as CHECKPOINT_VERSIONS_OLD,
 };
 
 /// Index of an account in [`State::accounts`], stable across replays (assigned in journal order).
@@ -33,6 +36,16 @@ pub(crate) type TransferIdx = u32;
 
 /// The rolling window of the daily limit.
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// How long a recorded failure answers a retry of its id: after that (in ledger time), a
+/// request with the id is decided as a new one (Stripe keeps idempotency keys 24 h too).
+pub(crate) const FAILURE_KEPT_MS: u64 = DAY_MS;
+
+/// Most recorded failures kept: beyond it the oldest is forgotten first, so a flood of
+/// refused requests cannot grow memory without bound (about 270 B each, see docs/ledger.md).
+/// A constant, like the time above: the replay of a journal must forget what the live ledger
+/// forgot, whatever the configuration.
+pub(crate) const FAILURES_KEPT_MAX: usize = 250_000;
 
 /// Most pending transfers one batch expires (17 journal bytes each).
 pub(crate) const EXPIRIES_PER_BATCH_MAX: usize = 4_096;
@@ -245,19 +258,8 @@ struct Account {
     frozen: Option<FreezeMode>,
     /// Transfers touching this account, oldest first.
     history: Vec<TransferIdx>,
-    /// Debits of the last 24 h, only kept when the currency has a daily limit.
+    /// The debits of a user account in the last 24 h, by minute (empty for system accounts).
     window: Window,
-}
-
-/// Sum of a user account's debits in the rolling 24 h. Entries are counted at creation and
-/// released when a pending transfer ends below its reserved amount, so the sum does not depend
-/// on when pruning happened (replay gives the same sum as live decisions).
-#[derive(Debug, Clone, Default)]
-struct Window {
-    entries: VecDeque<(u64, TransferIdx)>,
-    sum_minor: u128,
-    /// Entries created at or before this time have left the window.
-    cutoff_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -282,15 +284,6 @@ impl TransferRec {
             _ => None,
         }
     }
-
-    /// What this transfer counts against the debit account's daily limit right now.
-    fn counted_minor(&self) -> u128 {
-        match self.state {
-            TransferState::Pending => self.amount_minor,
-            TransferState::Posted { amount_minor } => amount_minor,
-            TransferState::Voided | TransferState::Expired => 0,
-        }
-    }
 }
 
 /// What is kept of a create or refund that failed for a transient reason: no more than an
@@ -299,6 +292,14 @@ impl TransferRec {
 struct FailedRec {
     fingerprint: Fingerprint,
     error: TransferError,
+    /// Ledger time of the failure: it answers retries until [`FAILURE_KEPT_MS`] after it.
+    failed_ms: u64,
+}
+
+impl FailedRec {
+    fn kept_at(&self, now_ms: u64) -> bool {
+        now_ms < self.failed_ms.saturating_add(FAILURE_KEPT_MS)
+    }
 }
 
 /// Sums over all accounts of one currency; debits must equal credits.
@@ -319,6 +320,9 @@ pub(crate) struct State {
     /// Every transfer, with its id index: in memory, or written out at a checkpoint.
     transfers: rows::Transfers,
     failed: HashMap<TransferId, FailedRec>,
+    /// The ids of `failed` in the order they were recorded, with their time: the oldest is
+    /// forgotten first (see [`FAILURE_KEPT_MS`], [`FAILURES_KEPT_MAX`]).
+    failed_order: VecDeque<(u64, TransferId)>,
     /// Live pending transfers by deadline.
     deadlines: BTreeSet<(u64, TransferIdx)>,
     totals: HashMap<CurrencyCode, Totals>,
@@ -373,6 +377,7 @@ impl State {
             account_index: HashMap::default(),
             transfers: rows::Transfers::default(),
             failed: HashMap::default(),
+            failed_order: VecDeque::new(),
             deadlines: BTreeSet::new(),
             totals: HashMap::default(),
             refunds: HashMap::default(),
@@ -631,7 +636,7 @@ impl State {
         let (Some(debit), Some(credit)) = (&body.debit, &body.credit) else {
             unreachable!("set just above")
         };
-        if let Some(answer) = self.existing(request.id, found.id, &body) {
+        if let Some(answer) = self.existing(request.id, found.id, &body, now_ms) {
             return answer;
         }
         if refund_of.is_some() {
@@ -803,7 +808,7 @@ impl State {
             memo,
             refund_of: None,
         };
-        if let Some(answer) = self.existing(id, found.id, &body) {
+        if let Some(answer) = self.existing(id, found.id, &body, now_ms) {
             return answer;
         }
         match self.check_refund(found.original, amount.currency(), amount.minor()) {
@@ -934,7 +939,7 @@ impl State {
     /// yet opened, of the same currency). An account not yet opened is all zeros and not
     /// frozen.
     fn check_movement(
-        &mut self,
+        &self,
         debit_idx: Option<AccountIdx>,
         credit_idx: Option<AccountIdx>,
         debit: &AccountId,
@@ -956,7 +961,7 @@ impl State {
         }
         let user_debit = !debit.owner.is_system();
         if let (true, Some(max)) = (user_debit, daily_max) {
-            let used = debit_idx.map_or(0, |idx| self.window_sum(idx, now_ms));
+            let used = debit_idx.map_or(0, |idx| self.accounts[idx as usize].window.sum_at(now_ms));
             if used.saturating_add(amount_minor) > max {
                 return Err(E::ExceedsDailyLimit);
             }
@@ -984,25 +989,6 @@ impl State {
         Ok(())
     }
 
-    fn window_sum(&mut self, idx: AccountIdx, now_ms: u64) -> u128 {
-        self.prune_window(idx, now_ms);
-        self.accounts[idx as usize].window.sum_minor
-    }
-
-    fn prune_window(&mut self, idx: AccountIdx, now_ms: u64) {
-        let cutoff_ms = now_ms.saturating_sub(DAY_MS);
-        let transfers = &self.transfers;
-        let window = &mut self.accounts[idx as usize].window;
-        window.cutoff_ms = window.cutoff_ms.max(cutoff_ms);
-        while let Some(&(created_ms, t)) = window.entries.front() {
-            if created_ms > window.cutoff_ms {
-                break;
-            }
-            window.sum_minor -= transfers.get(t).counted_minor();
-            window.entries.pop_front();
-        }
-    }
-
     /// An earlier transfer (`found`: transfer `id`'s index, as [`State::read_for`] found it)
     /// or recorded failure with this id decides the answer.
     fn existing(
@@ -1010,6 +996,7 @@ impl State {
         id: TransferId,
         found: Option<TransferIdx>,
         request: &Body,
+        now_ms: u64,
     ) -> Option<OpResult> {
         // The request's fingerprint only when the id is taken: a new id (nearly every create)
         // should cost one lookup, not a digest of the whole body.
@@ -1035,7 +1022,7 @@ impl State {
                     .and_then(|()| self.answer(idx, true)),
             );
         }
-        let failed = self.failed.get(&id)?;
+        let failed = self.failed.get(&id).filter(|f| f.kept_at(now_ms))?;
         Some(
             failed
                 .fingerprint
@@ -1107,6 +1094,7 @@ impl State {
     }
 
     fn apply_event(&mut self, event: &Event, now_ms: u64) -> Result<(), String> {
+        self.forget_failures(now_ms);
         match event {
             Event::CurrencyDefined { code, exponent } => {
                 self.currencies.define(*code, *exponent)?;
@@ -1184,8 +1172,11 @@ impl State {
                     FailedRec {
                         fingerprint: body.fingerprint(),
                         error: *error,
+                        failed_ms: now_ms,
                     },
                 );
+                self.failed_order.push_back((now_ms, *id));
+                self.forget_failures(now_ms);
             }
             Event::AccountFrozen { account, mode } => {
                 let a = self
@@ -1196,6 +1187,24 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Forgets the recorded failures no longer kept at `now_ms`: older than
+    /// [`FAILURE_KEPT_MS`], or beyond the newest [`FAILURES_KEPT_MAX`]. Part of `apply`, so
+    /// a replay forgets exactly what the live ledger forgot.
+    fn forget_failures(&mut self, now_ms: u64) {
+        while let Some(&(failed_ms, id)) = self.failed_order.front() {
+            let expired = now_ms >= failed_ms.saturating_add(FAILURE_KEPT_MS);
+            if !expired && self.failed_order.len() <= FAILURES_KEPT_MAX {
+                break;
+            }
+            self.failed_order.pop_front();
+            self.failed.remove(&id);
+        }
+        if self.failed.capacity() > 1_024 && self.failed.len() < self.failed.capacity() / 4 {
+            self.failed.shrink_to(self.failed.len() * 2);
+            self.failed_order.shrink_to(self.failed.len() * 2);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1294,10 +1303,10 @@ impl State {
         }
         self.transfers.push(id, record);
         if self.windowed(debit) {
-            let w = &mut self.accounts[debit as usize].window;
-            w.entries.push_back((now_ms, idx));
-            w.sum_minor += amount_minor;
-            self.prune_window(debit, now_ms);
+            self.accounts[debit as usize]
+                .window
+                .add(now_ms, amount_minor)
+                .map_err(|e| format!("transfer {id}: {e}"))?;
         }
         self.check_not_overdrawn(debit)
             .map_err(|e| format!("transfer {id}: {e}"))
@@ -1407,12 +1416,13 @@ impl State {
                 *self.refunded.entry(o).or_default() += posted;
             }
         }
-        // Give back the unused part of the reservation to the daily limit, if still counted.
-        // Entries leave a window only once `created_ms <= cutoff_ms`, so this is still counted.
-        let windowed = self.windowed(debit);
-        let w = &mut self.accounts[debit as usize].window;
-        if windowed && created_ms > w.cutoff_ms {
-            w.sum_minor -= reserved - posted;
+        // Give back the unused part of the reservation to the daily limit, if its minute is
+        // still counted. The pending transfer is in memory: no row is read for this.
+        if self.windowed(debit) {
+            self.accounts[debit as usize]
+                .window
+                .release(created_ms, reserved - posted, now_ms)
+                .map_err(|e| format!("transfer {id}: {e}"))?;
         }
         self.check_not_overdrawn(debit)
     }

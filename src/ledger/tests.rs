@@ -401,6 +401,74 @@ fn a_refused_transfer_opens_no_account() {
     assert_eq!(ledger.verify_with_memory().unwrap().accounts, 2);
 }
 
+/// Issue 15 (memory flat in history): a recorded failure answers retries of its id for a
+/// day of ledger time, also after a reopen from a checkpoint that holds it; from then on the
+/// id is new again and a request with it is decided afresh (it was kept forever).
+#[test]
+fn a_recorded_failure_answers_retries_for_a_day_then_the_id_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let open = || open_manual(dir.path(), &settings(), &clock).blocking();
+    let ledger = open();
+    let eur = ledger
+        .ledger()
+        .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
+        .unwrap();
+    let request = |id: u128, debit: Owner, memo: &[u8]| TransferRequest {
+        id: TransferId(id),
+        debit,
+        credit: user("dave"),
+        amount: eur,
+        memo: memo.to_vec(),
+    };
+    assert_eq!(
+        rejected(ledger.create_transfer(request(7, user("carol"), b"lunch"))),
+        TransferError::InsufficientFunds
+    );
+    ledger
+        .create_transfer(request(8, Owner::Issuer, b""))
+        .unwrap();
+    clock.advance_ms(DAY_MS - 1);
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    drop(ledger);
+    let ledger = open();
+    assert!(ledger.ledger().opened_from_checkpoint().is_some());
+    // A day less a millisecond later, after a reopen: the same failure, and a conflict.
+    assert_eq!(
+        rejected(ledger.create_transfer(request(7, user("carol"), b"lunch"))),
+        TransferError::InsufficientFunds
+    );
+    assert_eq!(
+        rejected(ledger.create_transfer(request(7, user("carol"), b"other"))),
+        TransferError::ExistsWithDifferentMemo
+    );
+    ledger
+        .create_transfer(request(9, Owner::Issuer, b""))
+        .unwrap();
+    ledger
+        .create_transfer(TransferRequest {
+            credit: user("carol"),
+            ..request(10, Owner::Issuer, b"")
+        })
+        .unwrap();
+    // A day after the failure its id is new: the same request is decided again, and now
+    // carol can pay.
+    clock.advance_ms(1);
+    let created = ledger
+        .create_transfer_result(request(7, user("carol"), b"other"))
+        .unwrap();
+    assert!(!created.exists());
+    let carol = AccountId {
+        owner: user("carol"),
+        currency: eur.currency(),
+    };
+    let carol = ledger.account(&carol).unwrap().unwrap();
+    assert_eq!(carol.balances.available_minor(), 0);
+    assert_eq!(ledger.verify_with_memory().unwrap().transfers, 4);
+    drop(ledger);
+    assert_eq!(open().verify_with_memory().unwrap().transfers, 4);
+}
+
 /// Issue 15: a retried create or refund says the transfer already existed (TigerBeetle's
 /// `exists`), before and after a reopen, and the first call says it created it.
 #[test]
@@ -1115,7 +1183,14 @@ fn rolling_daily_limit() {
     // A voided reservation gives its allowance back.
     f.ledger.void(TransferId(4)).unwrap();
     send(6, "50.000").unwrap();
+    // Debits count until a day after the end of the minute they were made in: up to a
+    // minute longer than exactly 24 h, never shorter.
     f.clock.advance_ms(DAY_MS);
+    assert_eq!(
+        rejected(send(70, "0.001")),
+        TransferError::ExceedsDailyLimit
+    );
+    f.clock.advance_ms(60_000);
     send(7, "200.000").unwrap();
     // The issuer is not limited.
     let big = f.request(8, Owner::Issuer, user("bob"), "5000.000", "BHD");
@@ -1163,7 +1238,7 @@ fn the_daily_window_is_rebuilt_on_reopen() {
         rejected(send(&ledger, 5, user("alice"), "60.000")),
         TransferError::ExceedsDailyLimit
     );
-    clock.advance_ms(DAY_MS);
+    clock.advance_ms(DAY_MS + 60_000);
     send(&ledger, 6, user("alice"), "60.000").unwrap();
 }
 
@@ -1452,6 +1527,8 @@ mod model {
         pub reserved: u128,
         /// For a pending refund: its original.
         pub refund_of: Option<u128>,
+        /// Ledger time it was made at.
+        pub created: u64,
     }
 
     /// What a create asked for: kind, accounts (none for `refund`), currency, amount, the
@@ -1467,6 +1544,8 @@ mod model {
         amount: u128,
         refund_of: Option<u128>,
         error: E,
+        /// Ledger time of the failure: it answers retries for a day.
+        at: u64,
     }
 
     #[derive(Default)]
@@ -1484,6 +1563,11 @@ mod model {
         /// EUR's (currency 0) `max_transfer`, in minor units, for user debits.
         pub max_transfer: Option<u128>,
     }
+
+    /// EUR's (currency 0) `max_per_24h`, in minor units, for user debits.
+    pub const EUR_DAILY_MAX: u128 = 100;
+    const DAY: u64 = 24 * 60 * 60 * 1000;
+    const MINUTE: u64 = 60 * 1000;
 
     /// Owner 0 is the issuer (may go negative); the others are users.
     fn is_user(a: Acct) -> bool {
@@ -1564,7 +1648,8 @@ mod model {
                 );
                 return Some(Self::compare(existing, asked).map(|()| id));
             }
-            let f = self.failed.get(&id)?;
+            // A failure answers retries of its id for a day; then the id is new again.
+            let f = self.failed.get(&id).filter(|f| self.now < f.at + DAY)?;
             let existing = (f.kind, f.debit, f.credit, f.cur, f.amount, f.refund_of);
             Some(Self::compare(existing, asked).and(Err(f.error)))
         }
@@ -1631,6 +1716,7 @@ mod model {
                         amount,
                         refund_of: link,
                         error: e,
+                        at: m.now,
                     },
                 );
                 Err(e)
@@ -1670,9 +1756,25 @@ mod model {
                     refunded: 0,
                     reserved: 0,
                     refund_of: link,
+                    created: self.now,
                 },
             );
             Ok(id)
+        }
+
+        /// What the daily limit counts of `d`'s debits now: each transfer it paid, for what
+        /// it reserves or posted, from the minute it was made in until a day after that
+        /// minute's end (a limit may refuse up to a minute early, never allow more).
+        fn used_today(&self, d: Acct) -> u128 {
+            self.tr
+                .values()
+                .filter(|t| t.debit == d && self.now < (t.created / MINUTE + 1) * MINUTE + DAY)
+                .map(|t| match t.state {
+                    St::Pending => t.amount,
+                    St::Posted(x) => x,
+                    St::Voided | St::Expired => 0,
+                })
+                .sum()
         }
 
         fn movement(&self, d: Acct, c: Acct, amount: u128) -> Result<(), E> {
@@ -1681,6 +1783,9 @@ mod model {
             }
             if self.frozen.get(&c) == Some(&FreezeMode::All) {
                 return Err(E::CreditAccountFrozen);
+            }
+            if is_user(d) && d.1 == 0 && self.used_today(d) + amount > EUR_DAILY_MAX {
+                return Err(E::ExceedsDailyLimit);
             }
             let b = self.bal.get(&d).copied().unwrap_or_default();
             if is_user(d) && b.dpo + b.dp + amount > b.cpo {
@@ -1710,6 +1815,7 @@ mod model {
                     amount,
                     refund_of: None,
                     error,
+                    at: self.now,
                 },
             );
             Err(error)
@@ -1773,6 +1879,7 @@ mod model {
                     refunded: 0,
                     reserved: 0,
                     refund_of: None,
+                    created: self.now,
                 },
             );
             Ok(id)
@@ -1818,6 +1925,7 @@ mod model {
                     refunded: 0,
                     reserved: 0,
                     refund_of: None,
+                    created: self.now,
                 },
             );
             Ok(id)
@@ -1925,6 +2033,28 @@ mod auditor {
         Advance {
             ms: u64,
         },
+        /// The issuer pays a user, with a fresh id: users get money to spend, so that their
+        /// debits meet the daily limit and not only a lack of funds.
+        Fund {
+            owner: usize,
+            cur: usize,
+            amount: u128,
+        },
+        /// A user pays another, with a fresh id (single-phase or pending): debits that
+        /// succeed fill the daily window.
+        Pay {
+            debit: usize,
+            credit: usize,
+            cur: usize,
+            amount: u128,
+            timeout_s: Option<u64>,
+        },
+        /// Advance to this far from the moment the debits of the minute of the last EUR user
+        /// debit (or of now) leave the daily window (a day after that minute's end): its
+        /// edge, either side (not back: ledger time never goes back).
+        AdvanceToWindowEdge {
+            offset_ms: i64,
+        },
         /// The system clock jumps by more than the allowed skew (ahead, or back), a batch
         /// runs, and the clock is set right: ledger time must not have moved with it.
         Jump {
@@ -1968,7 +2098,14 @@ mod auditor {
             2 => (id.clone(), id.clone(), cur.clone(), amount.clone()).prop_map(|(id, original, cur, amount)| Step::Refund { id, original, cur, amount }),
             1 => (who.clone(), cur.clone(), prop_oneof![Just(None), Just(Some(FreezeMode::Debits)), Just(Some(FreezeMode::All))])
                 .prop_map(|(owner, cur, mode)| Step::Freeze { owner, cur, mode }),
-            2 => (0u64..4_000).prop_map(|ms| Step::Advance { ms }),
+            // Mostly short steps; now and then minutes, or about a day (the daily window's
+            // edges, and failures forgotten after a day).
+            2 => prop_oneof![8 => 0u64..4_000, 1 => 20_000u64..150_000, 1 => DAY_MS - 30_000..DAY_MS + 70_000]
+                .prop_map(|ms| Step::Advance { ms }),
+            1 => prop_oneof![-2i64..2, -60_000i64..60_000].prop_map(|offset_ms| Step::AdvanceToWindowEdge { offset_ms }),
+            2 => (1..OWNERS, cur.clone(), 100u128..1_000).prop_map(|(owner, cur, amount)| Step::Fund { owner, cur, amount }),
+            3 => (1..OWNERS, 1..OWNERS, cur.clone(), 1u128..70, proptest::option::weighted(0.3, 1u64..4))
+                .prop_map(|(debit, credit, cur, amount, timeout_s)| Step::Pay { debit, credit, cur, amount, timeout_s }),
             1 => (CLOCK_SKEW_MS_MAX + 1..30 * DAY_MS, any::<bool>()).prop_map(|(ms, back)| Step::Jump { ms, back }),
             1 => (proptest::option::of(1u128..200), any::<bool>())
                 .prop_map(|(max_transfer_minor, checkpoint_at_close)| Step::Reopen { max_transfer_minor, checkpoint_at_close }),
@@ -1990,7 +2127,8 @@ mod auditor {
                     max_transfer: max_transfer_minor
                         .filter(|_| i == 0)
                         .map(|m| Decimal::from_i128_with_scale(m as i128, 2)),
-                    max_per_24h: None,
+                    max_per_24h: (i == 0)
+                        .then(|| Decimal::from_i128_with_scale(model::EUR_DAILY_MAX as i128, 2)),
                 })
                 .collect(),
         }
@@ -2069,9 +2207,49 @@ mod auditor {
             now: T0_MS,
             ..Model::default()
         };
-        for step in steps {
+        for (n, step) in steps.into_iter().enumerate() {
             let b = ledger.blocking();
             match step {
+                Step::Fund {
+                    owner: o,
+                    cur,
+                    amount: a,
+                } => {
+                    let id = 1_000 + n as u128;
+                    let request = TransferRequest {
+                        id: TransferId(id),
+                        debit: Owner::Issuer,
+                        credit: owner(o),
+                        amount: amount(&ledger, cur, a),
+                        memo: vec![],
+                    };
+                    let got = b.create_transfer_result(request);
+                    let want = model.create(id, (0, cur), (o, cur), a, None);
+                    check_created(got, want, &model)?;
+                }
+                Step::Pay {
+                    debit,
+                    credit,
+                    cur,
+                    amount: a,
+                    timeout_s,
+                } => {
+                    let id = 1_000 + n as u128;
+                    let request = TransferRequest {
+                        id: TransferId(id),
+                        debit: owner(debit),
+                        credit: owner(credit),
+                        amount: amount(&ledger, cur, a),
+                        memo: vec![],
+                    };
+                    let timeout = timeout_s.map(|s| s * 1_000);
+                    let got = match timeout {
+                        Some(t) => b.create_pending_result(request, t),
+                        None => b.create_transfer_result(request),
+                    };
+                    let want = model.create(id, (debit, cur), (credit, cur), a, timeout);
+                    check_created(got, want, &model)?;
+                }
                 Step::Create {
                     id,
                     debit,
@@ -2133,6 +2311,24 @@ mod auditor {
                         None => b.unfreeze(account).unwrap(),
                     }
                     model.freeze((o, cur), mode);
+                }
+                Step::AdvanceToWindowEdge { offset_ms } => {
+                    let last_debit_ms = model
+                        .tr
+                        .values()
+                        .filter(|t| t.debit.0 != 0 && t.debit.1 == 0)
+                        .map(|t| t.created)
+                        .max()
+                        .unwrap_or(model.now);
+                    let edge_ms = (last_debit_ms / 60_000 + 1) * 60_000 + DAY_MS;
+                    let ms = edge_ms
+                        .saturating_add_signed(offset_ms)
+                        .saturating_sub(model.now);
+                    clock.advance_ms(ms);
+                    monotonic.advance_ms(ms);
+                    model.now += ms;
+                    model.expire();
+                    b.expire_due().unwrap();
                 }
                 Step::Advance { ms } => {
                     clock.advance_ms(ms);
@@ -3221,63 +3417,72 @@ fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
 }
 
 /// After an upgrade, before the first reopen: the data directory holds the last checkpoint the
-/// previous version wrote (format 1, the whole state, no rows on disk). `verify` checks its
-/// hash and its record, reports it as an old format it did not compare, and still checks the
-/// whole chain; it never calls it corrupt. Opening replays the journal (no fallback alarm)
-/// and the next checkpoint is in the current format.
+/// previous version wrote (format 1, the whole state, no rows on disk; or format 2, exact
+/// daily windows, rows on disk). `verify` checks its hash and its record, reports it as an
+/// old format it did not compare, and still checks the whole chain; it never calls it
+/// corrupt. Opening replays the journal (no fallback alarm) and the next checkpoint is in
+/// the current format.
 #[test]
 fn verify_and_open_accept_a_checkpoint_in_the_previous_format() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0_MS);
-    let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
-    activity(&ledger, &clock, 100);
-    block_on(ledger.ledger().checkpoint()).unwrap();
-    let alice = ledger.balances(&user("alice")).unwrap();
-    drop(ledger);
-    let ledger_dir = dir.path().join("ledger");
-    let path = ledger_dir.join(storage::CHECKPOINT_FILE);
-    let current = std::fs::read(&path).unwrap();
-    // Format 1: magic | version 1 | seq | record hash | time_ms | state | blake3, with no rows
-    // on disk. Its state is never decoded by this version, so only the header is the old
-    // writer's byte for byte; the state part is this version's, after the spill point.
-    let mut old = current[..57].to_vec();
-    old[8] = 1;
-    old.extend_from_slice(crate::ledger::state::checkpoint_state(&current)[61..].as_ref());
-    let hash = *blake3::hash(&old).as_bytes();
-    old.extend_from_slice(&hash);
-    std::fs::write(&path, &old).unwrap();
-    std::fs::remove_dir_all(ledger_dir.join(crate::ledger::segments::ROWS_DIR)).unwrap();
-    let seq = u64::from_le_bytes(current[9..17].try_into().unwrap());
+    for version in [1u8, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0_MS);
+        let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
+        activity(&ledger, &clock, 100);
+        block_on(ledger.ledger().checkpoint()).unwrap();
+        let alice = ledger.balances(&user("alice")).unwrap();
+        drop(ledger);
+        let ledger_dir = dir.path().join("ledger");
+        let path = ledger_dir.join(storage::CHECKPOINT_FILE);
+        let current = std::fs::read(&path).unwrap();
+        // magic | version | seq | record hash | time_ms | state | blake3. Its state is never
+        // decoded by this version, so only the header is the old writer's byte for byte; the
+        // state part is this version's (after the spill point, for format 1).
+        let keep = if version == 1 { 57 } else { 61 };
+        let mut old = current[..keep].to_vec();
+        old[8] = version;
+        old.extend_from_slice(crate::ledger::state::checkpoint_state(&current)[61..].as_ref());
+        let hash = *blake3::hash(&old).as_bytes();
+        old.extend_from_slice(&hash);
+        std::fs::write(&path, &old).unwrap();
+        if version == 1 {
+            std::fs::remove_dir_all(ledger_dir.join(crate::ledger::segments::ROWS_DIR)).unwrap();
+        }
+        let seq = u64::from_le_bytes(current[9..17].try_into().unwrap());
 
-    let report = verify_dir(dir.path()).unwrap();
-    assert_eq!(
-        report.checkpoint,
-        CheckpointCheck::OldFormat { seq, version: 1 }
-    );
+        let report = verify_dir(dir.path()).unwrap();
+        assert_eq!(
+            report.checkpoint,
+            CheckpointCheck::OldFormat { seq, version }
+        );
 
-    // Not an old format: an unknown version with a valid hash is refused.
-    let mut unknown = old.clone();
-    unknown[8] = 9;
-    let n = unknown.len() - 32;
-    let hash = *blake3::hash(&unknown[..n]).as_bytes();
-    unknown[n..].copy_from_slice(&hash);
-    std::fs::write(&path, &unknown).unwrap();
-    let err = verify_dir(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("unknown format version 9"), "{err}");
-    std::fs::write(&path, &old).unwrap();
+        // Not an old format: an unknown version with a valid hash is refused.
+        let mut unknown = old.clone();
+        unknown[8] = 9;
+        let n = unknown.len() - 32;
+        let hash = *blake3::hash(&unknown[..n]).as_bytes();
+        unknown[n..].copy_from_slice(&hash);
+        std::fs::write(&path, &unknown).unwrap();
+        let err = verify_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("unknown format version 9"), "{err}");
+        std::fs::write(&path, &old).unwrap();
 
-    let ledger = open_no_close_checkpoint(dir.path(), &clock);
-    assert_eq!(ledger.opened_from_checkpoint(), None);
-    assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
-    let b = ledger.blocking();
-    assert_eq!(b.balances(&user("alice")).unwrap(), alice);
-    block_on(b.ledger().checkpoint()).unwrap();
-    drop(b);
-    drop(ledger);
-    assert!(matches!(
-        verify_dir(dir.path()).unwrap().checkpoint,
-        CheckpointCheck::Compared { .. }
-    ));
+        let ledger = open_no_close_checkpoint(dir.path(), &clock);
+        assert_eq!(ledger.opened_from_checkpoint(), None);
+        assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+        let b = ledger.blocking();
+        assert_eq!(b.balances(&user("alice")).unwrap(), alice);
+        block_on(b.ledger().checkpoint()).unwrap();
+        drop(b);
+        drop(ledger);
+        assert!(matches!(
+            verify_dir(dir.path()).unwrap().checkpoint,
+            CheckpointCheck::Compared { .. }
+        ));
+        let ledger = open_no_close_checkpoint(dir.path(), &clock);
+        assert!(ledger.opened_from_checkpoint().is_some());
+        assert_eq!(ledger.alarms().checkpoint_fallbacks, 0);
+    }
 }
 
 /// Issue 15: `verify` reads each segment of rows whole, once, and checks its hash: a segment

@@ -3,15 +3,16 @@
 //!
 //! Format (integers little-endian, `v` = LEB128 varint):
 //! ```text
-//! magic "mxpay-cp" | version u8 = 2 | seq u64 | record hash [32] | time_ms u64 |
+//! magic "mxpay-cp" | version u8 = 3 | seq u64 | record hash [32] | time_ms u64 |
 //! spilled u32 | state... | hash [32]
 //! hash = blake3(all bytes before it)
 //! ```
 //! `seq` and `record hash` name the journal record the state is the replay of (up to and
 //! including it), and `time_ms` is that record's time. The ended transfers below `spilled`
 //! are not in it: their rows were written to the storage before it (`State::spill`). The
-//! state is written in a fixed order (accounts with their histories, the held transfers in
-//! index order, failures, totals, refunds sorted), so the same state always gives the same
+//! state is written in a fixed order (accounts with their daily windows and histories, the
+//! held transfers in index order, failures in the order they were recorded, totals, refunds
+//! sorted), so the same state always gives the same
 //! bytes: `verify` replays the journal to the checkpoint's record and compares bytes. What
 //! can be derived from what it holds (the id and account indexes, the deadline index, the
 //! reservations of pending refunds) is rebuilt on decode, not stored.
@@ -22,8 +23,9 @@ use std::sync::Arc;
 use crate::ledger::state::HashMap;
 
 use super::rows::{IdFilter, SpillPart};
+use super::window::Window;
 use super::{
-    Account, FailedRec, Fingerprint, State, Totals, TransferIdx, TransferRec, Window, DAY_MS,
+    Account, FailedRec, Fingerprint, State, Totals, TransferIdx, TransferRec, FAILURES_KEPT_MAX,
 };
 use crate::ledger::amount::{Currencies, CurrencyCode};
 use crate::ledger::codec::{
@@ -34,11 +36,17 @@ use crate::ledger::model::{Balances, TransferError, TransferId, TransferKind, Tr
 use crate::ledger::storage::{RowEntry, Storage, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-cp";
-/// 2: the transfers below the spill point are rows on disk (issue 15); 1 held every transfer.
-pub(crate) const VERSION: u8 = 2;
-/// The format written before issue 15: the whole state, every transfer included. Not decoded
-/// any more (open replays the journal instead); `verify` reports it as not compared.
+/// 3: daily windows by minute, recorded failures with their time (issue 15, memory flat in
+/// history); 2 held each debit of the last 24 h; 1 held every transfer.
+pub(crate) const VERSION: u8 = 3;
+/// The format written before issue 15: the whole state, every transfer included.
 pub(crate) const VERSION_FULL_STATE: u8 = 1;
+/// The format with exact daily windows (a debit of the last 24 h each).
+pub(crate) const VERSION_EXACT_WINDOWS: u8 = 2;
+/// Formats written by earlier versions and no longer decoded: open replays the whole journal
+/// instead (and writes the current format soon after); `verify` reports them as old format,
+/// not compared.
+pub(crate) const VERSIONS_OLD: [u8; 2] = [VERSION_FULL_STATE, VERSION_EXACT_WINDOWS];
 
 /// A decoded checkpoint: the state and the journal record it stands for.
 #[derive(Debug)]
@@ -298,27 +306,15 @@ impl State {
             put_account(&mut out, &a.id);
             put_balances(&mut out, &a.balances);
             put_freeze(&mut out, a.frozen);
-            // As pruned at the record's time: live decisions prune at times the journal does
-            // not record, so only the pruned form is the same for a state and its replay.
-            let cutoff_ms = a.window.cutoff_ms.max(time_ms.saturating_sub(DAY_MS));
-            let kept = a
-                .window
-                .entries
-                .iter()
-                .skip_while(|&&(c, _)| c <= cutoff_ms);
-            let gone: u128 = a
-                .window
-                .entries
-                .iter()
-                .take_while(|&&(c, _)| c <= cutoff_ms)
-                .map(|&(_, t)| self.transfers.get(t).counted_minor())
-                .sum();
-            put_varint(&mut out, u128::from(cutoff_ms));
-            put_varint(&mut out, a.window.sum_minor - gone);
-            put_varint(&mut out, kept.clone().count() as u128);
-            for &(created_ms, idx) in kept {
-                put_varint(&mut out, u128::from(created_ms));
-                put_varint(&mut out, u128::from(idx));
+            // The minutes still in the window at the record's time, whatever was pruned
+            // when: the first minute, then each as the distance from the one before.
+            let buckets = a.window.buckets_at(time_ms);
+            put_varint(&mut out, buckets.clone().count() as u128);
+            let mut prev = 0;
+            for (minute, counted_minor) in buckets {
+                put_varint(&mut out, u128::from(minute - prev));
+                put_varint(&mut out, counted_minor);
+                prev = minute;
             }
             // The history cannot be rebuilt from transfers the checkpoint does not hold.
             put_varint(&mut out, a.history.len() as u128);
@@ -342,12 +338,13 @@ impl State {
             put_varint(&mut out, u128::from(idx));
             self.put_row(&mut out, idx);
         }
-        let mut failed: Vec<_> = self.failed.iter().collect();
-        failed.sort_unstable_by_key(|(id, _)| **id);
-        put_varint(&mut out, failed.len() as u128);
-        for (id, f) in failed {
+        // In the order they were recorded (the order they are forgotten in), with their time.
+        put_varint(&mut out, self.failed_order.len() as u128);
+        for (failed_ms, id) in &self.failed_order {
+            let f = &self.failed[id];
             let p = &f.fingerprint;
             out.extend_from_slice(&id.0.to_le_bytes());
+            put_varint(&mut out, u128::from(*failed_ms));
             put_varint(&mut out, u128::from(f.error.code()));
             put_kind_linked(&mut out, &p.kind, p.refund_of);
             put_u128_opt(&mut out, p.debit);
@@ -459,17 +456,19 @@ impl State {
             let id = r.account()?;
             let balances = balances(&mut r)?;
             let frozen = r.freeze()?;
-            let cutoff_ms = u64v(&mut r)?;
-            let sum_minor = r.varint()?;
-            let entries = count(&mut r)?;
-            let mut window = Window {
-                entries: std::collections::VecDeque::with_capacity(entries),
-                sum_minor,
-                cutoff_ms,
-            };
-            for _ in 0..entries {
-                window.entries.push_back((u64v(&mut r)?, r.varint_u32()?));
+            let minutes = count(&mut r)?;
+            if minutes > super::window::BUCKETS_MAX {
+                return Err(format!("a daily window of {minutes} minutes"));
             }
+            let mut buckets = Vec::with_capacity(minutes);
+            let mut minute: u32 = 0;
+            for _ in 0..minutes {
+                minute = minute
+                    .checked_add(r.varint_u32()?)
+                    .ok_or("daily window minute out of range")?;
+                buckets.push((minute, r.varint()?));
+            }
+            let window = Window::from_buckets(buckets)?;
             let entries = count(&mut r)?;
             let mut history = Vec::with_capacity(entries);
             let mut prev: TransferIdx = 0;
@@ -543,8 +542,20 @@ impl State {
                 state.transfers.len()
             ));
         }
-        for _ in 0..count(&mut r)? {
+        let failures = count(&mut r)?;
+        if failures > FAILURES_KEPT_MAX {
+            return Err(format!("{failures} recorded failures"));
+        }
+        for _ in 0..failures {
             let id = r.id()?;
+            let failed_ms = u64v(&mut r)?;
+            if state
+                .failed_order
+                .back()
+                .is_some_and(|&(before_ms, _)| before_ms > failed_ms)
+            {
+                return Err(format!("failure {id} recorded out of order"));
+            }
             let code = u16::try_from(r.varint()?).map_err(|_| "error code out of range")?;
             let error = TransferError::from_code(code)
                 .ok_or_else(|| format!("unknown error code {code}"))?;
@@ -561,11 +572,19 @@ impl State {
             if state.transfers.index.contains_key(&id)
                 || state
                     .failed
-                    .insert(id, FailedRec { fingerprint, error })
+                    .insert(
+                        id,
+                        FailedRec {
+                            fingerprint,
+                            error,
+                            failed_ms,
+                        },
+                    )
                     .is_some()
             {
                 return Err(format!("failure {id} appears twice"));
             }
+            state.failed_order.push_back((failed_ms, id));
         }
         let mut totals: HashMap<CurrencyCode, Totals> = HashMap::default();
         for _ in 0..count(&mut r)? {
@@ -850,9 +869,72 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Op, State};
-    use crate::ledger::model::{Owner, TransferId, TransferRequest, TransferState};
+    use super::super::{Op, State, FAILURES_KEPT_MAX};
+    use crate::ledger::codec::{Head, HASH_LEN};
+    use crate::ledger::model::{Owner, TransferError, TransferId, TransferRequest, TransferState};
     use crate::ledger::{Currencies, CurrencySpec, LedgerSettings};
+
+    /// Issue 15 (memory flat in history): beyond [`FAILURES_KEPT_MAX`] recorded failures the
+    /// oldest is forgotten (its id is new again), the newer ones still answer retries, and
+    /// a checkpoint holds them in the order they are forgotten in (it decodes to a state
+    /// that encodes to the same bytes and forgets the same one next). Before, every failure
+    /// was kept forever.
+    #[test]
+    fn beyond_the_cap_the_oldest_failure_is_forgotten_first() {
+        let currencies = Currencies::from_settings(&LedgerSettings {
+            currencies: vec![CurrencySpec {
+                code: "EUR".to_owned(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            }],
+        })
+        .unwrap();
+        let one = currencies.from_minor(1, "EUR").unwrap();
+        let pay = |id: u128, memo: &[u8]| Op::Create {
+            request: TransferRequest {
+                id: TransferId(id),
+                debit: Owner::user("@carol:x"),
+                credit: Owner::user("@dave:x"),
+                amount: one,
+                memo: memo.to_vec(),
+            },
+            timeout_ms: None,
+            refund_of: None,
+        };
+        let mut state = State::new(currencies);
+        let mut events = Vec::new();
+        let now_ms = 1_000;
+        let cap = FAILURES_KEPT_MAX as u128;
+        for id in 1..=cap {
+            let refused = state.decide(pay(id, b"a"), now_ms, &mut events).unwrap();
+            assert_eq!(refused, Err(TransferError::InsufficientFunds));
+        }
+        // At the cap: the first is still kept.
+        let retry = state.decide(pay(1, b"b"), now_ms, &mut events).unwrap();
+        assert_eq!(retry, Err(TransferError::ExistsWithDifferentMemo));
+        let head = Head {
+            seq: 1,
+            hash: [0; HASH_LEN],
+        };
+        let bytes = state.encode_checkpoint(head, now_ms);
+        let mut decoded = State::decode_checkpoint(&bytes).unwrap().state;
+        assert_eq!(decoded.encode_checkpoint(head, now_ms), bytes);
+        for state in [&mut state, &mut decoded] {
+            let refused = state.decide(pay(cap + 1, b"a"), now_ms, &mut events).unwrap();
+            assert_eq!(refused, Err(TransferError::InsufficientFunds));
+            // The first is forgotten: its id is decided afresh (and recorded again).
+            let again = state.decide(pay(1, b"b"), now_ms, &mut events).unwrap();
+            assert_eq!(again, Err(TransferError::InsufficientFunds));
+            let kept = state.decide(pay(3, b"b"), now_ms, &mut events).unwrap();
+            assert_eq!(kept, Err(TransferError::ExistsWithDifferentMemo));
+            assert_eq!(state.failed.len(), FAILURES_KEPT_MAX);
+        }
+        assert_eq!(
+            decoded.encode_checkpoint(head, now_ms),
+            state.encode_checkpoint(head, now_ms)
+        );
+    }
 
     /// Issue 15 (memory flat in history): a transfer's row, once it has ended, is what is
     /// written out of memory, so it must never change again; its refunds (single-phase and
