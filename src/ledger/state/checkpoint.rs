@@ -921,7 +921,9 @@ mod tests {
         let mut decoded = State::decode_checkpoint(&bytes).unwrap().state;
         assert_eq!(decoded.encode_checkpoint(head, now_ms), bytes);
         for state in [&mut state, &mut decoded] {
-            let refused = state.decide(pay(cap + 1, b"a"), now_ms, &mut events).unwrap();
+            let refused = state
+                .decide(pay(cap + 1, b"a"), now_ms, &mut events)
+                .unwrap();
             assert_eq!(refused, Err(TransferError::InsufficientFunds));
             // The first is forgotten: its id is decided afresh (and recorded again).
             let again = state.decide(pay(1, b"b"), now_ms, &mut events).unwrap();
