@@ -223,6 +223,15 @@ impl JournalFiles {
                 .metadata()
                 .map_err(|e| io("cannot stat", &path, e))?
                 .len();
+            if len < self.end {
+                // Bytes sled names are gone: writing on would leave a hole among records.
+                return Err(StorageError::Backend(format!(
+                    "journal: {} holds {len} bytes but sled names records up to byte {}: \
+                     records were lost",
+                    path.display(),
+                    self.end
+                )));
+            }
             if len > self.end {
                 file.set_len(self.end)
                     .and_then(|()| file.sync_data())

@@ -697,6 +697,36 @@ mod tests {
         assert_eq!(all_records(&storage), expected);
     }
 
+    /// A journal file shorter than what sled names (records lost from it): the append
+    /// fails rather than write after a hole, and keeps failing.
+    #[test]
+    fn an_append_after_a_journal_file_lost_its_end_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = SledStorage::open(dir.path()).unwrap();
+            for seq in 1..=3 {
+                storage.append(seq, &record(seq), &[seq as u8; 4]).unwrap();
+            }
+        }
+        let file = dir
+            .path()
+            .join(JOURNAL_DIR)
+            .join("00000000000000000001.log");
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        let storage = SledStorage::open(dir.path()).unwrap();
+        let error = storage.append(4, &record(4), &[4; 4]).unwrap_err();
+        assert!(error.to_string().contains("records were lost"), "{error}");
+        assert!(storage.append(4, &record(4), &[4; 4]).is_err());
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), len - 5);
+        assert_eq!(storage.head().unwrap().unwrap(), [3; 4]);
+    }
+
     /// The sled value of a record is a location, 21 bytes; its format is pinned (a change
     /// would make older ledgers unreadable).
     #[test]
