@@ -161,6 +161,7 @@ impl JournalFiles {
                 "journal: an earlier append failed; reopen the ledger".to_owned(),
             ));
         }
+        // Until the record is whole on disk: a failure part-way leaves the file's end unknown.
         self.failed = true;
         if !self.tidied {
             self.tidy()?;
@@ -195,7 +196,8 @@ impl JournalFiles {
         })
     }
 
-    /// Record the location `written` returned is in sled: the next record goes after it.
+    /// The location [`JournalFiles::write`] returned is in sled: the next record goes
+    /// after it.
     pub fn written(&mut self, location: Location) {
         self.end = location.end();
     }
