@@ -13,6 +13,7 @@
 pub mod amount;
 mod codec;
 pub mod journal;
+pub mod journal_files;
 pub mod model;
 #[cfg(test)]
 pub(crate) mod powercut;

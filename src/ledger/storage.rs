@@ -3,23 +3,29 @@
 //! default.
 //!
 //! sled layout: one tree, `journal`, holding
-//! - `b"j" ++ seq (u64 big-endian)` -> one encoded record per committed batch, and
-//! - `b"k"` -> the head (seq and hash of the last record),
+//! - `b"j" ++ seq (u64 big-endian)` -> where record `seq` is: a [`Location`] (file, offset,
+//!   length) in the append-only journal files (`journal_files.rs`), or, for records written
+//!   before those files existed, the whole record, and
+//! - `b"k"` -> the head (seq and hash of the last record).
 //!
-//! both written by one atomic `apply_batch`, one `flush` and one `fdatasync` per batch; then
-//! the head is copied to the file `mxpay-head` beside sled's files (see `anchor`; a failure
-//! of that copy is logged, counted and retried on the next batch, never returned: the batch
-//! is durable by then). Nothing else is written per commit: balances and the recent
-//! transfers are rebuilt in memory from the checkpoint and the journal on open. The rows of
-//! ended transfers are written in bulk at checkpoints, as segment files beside sled's
-//! (`segments.rs`; not sled keys: sled's memory grows with every key), and read back when
-//! asked for.
+//! An append writes the record to the end of the current journal file and fdatasyncs it,
+//! then writes its location and the head by one atomic `apply_batch`, one `flush` and one
+//! `fdatasync` of sled's log; then the head is copied to the file `mxpay-head` beside sled's
+//! files (see `anchor`; a failure of that copy is logged, counted and retried on the next
+//! batch, never returned: the batch is durable by then). Records live in files, not sled
+//! values, because sled keeps in memory every value it wrote, whatever its cache size.
+//! Nothing else is written per commit: balances and the recent transfers are rebuilt in
+//! memory from the checkpoint and the journal on open. The rows of ended transfers are
+//! written in bulk at checkpoints, as segment files beside sled's (`segments.rs`; not sled
+//! keys: sled's memory grows with every key), and read back when asked for.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
+
+use super::journal_files::{JournalFiles, Location, RecordReader, JOURNAL_DIR};
 
 /// Why the storage failed (I/O, or the database could not be opened).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -189,6 +195,10 @@ pub struct SledStorage {
     tree: sled::Tree,
     /// The rows of ended transfers, in segment files of their own.
     rows: super::segments::Segments,
+    /// The journal records' bytes (sled holds where they are). Locked for a whole append:
+    /// only the writer appends.
+    journal: Mutex<JournalFiles>,
+    journal_dir: std::path::PathBuf,
     /// sled's log file, fdatasync'ed after each flush: on Linux sled 0.34 "flushes" with
     /// `sync_file_range`, which neither writes metadata nor flushes the disk's write cache,
     /// so it survives a process crash but not necessarily a power cut.
@@ -234,6 +244,14 @@ impl SledStorage {
         let db = crate::sled_open::open_waiting_for_lock(&config)?;
         let tree = db.open_tree(JOURNAL_TREE)?;
         let rows = super::segments::Segments::open(path)?;
+        let (last_seq, last) = match tree.scan_prefix([RECORD_PREFIX]).next_back() {
+            None => (0, None),
+            Some(item) => {
+                let (key, value) = item?;
+                (Self::key_seq(&key)?, Location::decode(&value))
+            }
+        };
+        let journal = JournalFiles::open(path, last_seq, last, fdatasync)?;
         let anchor_path = path.join(ANCHOR_FILE);
         let io = |what: &str, e: std::io::Error| {
             StorageError::Backend(format!("{what} {}: {e}", anchor_path.display()))
@@ -278,6 +296,8 @@ impl SledStorage {
             _db: db,
             tree,
             rows,
+            journal: Mutex::new(journal),
+            journal_dir: path.join(JOURNAL_DIR),
             log_file,
             anchor: Mutex::new(Anchor {
                 file: anchor_file,
@@ -344,19 +364,50 @@ impl SledStorage {
         key[1..].copy_from_slice(&seq.to_be_bytes());
         key
     }
+
+    /// The seq in a record key.
+    fn key_seq(key: &[u8]) -> Result<u64, StorageError> {
+        key.get(1..9)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .filter(|_| key.len() == 9)
+            .ok_or_else(|| StorageError::Backend(format!("malformed journal key {key:?}")))
+    }
+
+    /// Tests: journal files of at most `bytes` (before the record that goes beyond).
+    #[cfg(test)]
+    fn set_journal_file_bytes_max(&self, bytes: u64) {
+        self.journal.lock().set_file_bytes_max(bytes);
+    }
 }
 
 impl Storage for SledStorage {
+    /// The record to its journal file (synced) first, then its location and the head to
+    /// sled (synced): a location in sled always names bytes that are on disk.
     fn append(&self, seq: u64, record: &[u8], head: &[u8]) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(&Self::record_key(seq), record);
-        batch.insert(HEAD_KEY, head);
-        self.tree.apply_batch(batch)?;
-        self.tree.flush()?;
-        if let Some(file) = &self.log_file {
-            file.sync_data()
-                .map_err(|e| StorageError::Backend(format!("fdatasync of the journal: {e}")))?;
+        let mut journal = self.journal.lock();
+        let location = journal.write(seq, record)?;
+        let indexed = (|| {
+            let mut batch = sled::Batch::default();
+            batch.insert(&Self::record_key(seq), &location.encode());
+            batch.insert(HEAD_KEY, head);
+            self.tree.apply_batch(batch)?;
+            self.tree.flush()?;
+            if let Some(file) = &self.log_file {
+                file.sync_data().map_err(|e| {
+                    StorageError::Backend(format!("fdatasync of the journal index: {e}"))
+                })?;
+            }
+            Ok::<(), StorageError>(())
+        })();
+        match indexed {
+            Ok(()) => journal.written(location),
+            Err(e) => {
+                journal.poison();
+                return Err(e);
+            }
         }
+        drop(journal);
         self.write_anchor(head);
         Ok(())
     }
@@ -450,16 +501,15 @@ impl Storage for SledStorage {
     fn records(&self, from_seq: u64) -> Box<dyn Iterator<Item = StoredRecord> + Send> {
         let start = Self::record_key(from_seq).to_vec();
         let end = vec![RECORD_PREFIX + 1];
-        Box::new(self.tree.range(start..end).map(|item| {
+        let values = self.tree.range(start..end).map(|item| {
             let (key, value) = item?;
-            let seq = key
-                .get(1..9)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .filter(|_| key.len() == 9)
-                .ok_or_else(|| StorageError::Backend(format!("malformed journal key {key:?}")))?;
-            Ok((seq, value.to_vec()))
-        }))
+            Ok((Self::key_seq(&key)?, value.to_vec()))
+        });
+        Box::new(RecordReader {
+            values,
+            journal_dir: self.journal_dir.clone(),
+            open: None,
+        })
     }
 }
 
@@ -544,5 +594,315 @@ mod tests {
         storage.append(4, b"four", &head(4)).unwrap();
         assert_eq!(storage.anchor().unwrap().unwrap(), head(4));
         assert_eq!(storage.anchor_write_failures(), 2);
+    }
+
+    /// The bytes of record `seq` in these tests: distinct, of varying length.
+    fn record(seq: u64) -> Vec<u8> {
+        let mut bytes = seq.to_le_bytes().to_vec();
+        bytes.resize(8 + (seq as usize * 37) % 90, seq as u8);
+        bytes
+    }
+
+    fn all_records(storage: &SledStorage) -> Vec<(u64, Vec<u8>)> {
+        storage.records(1).map(|r| r.unwrap()).collect()
+    }
+
+    fn journal_files(ledger_dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(ledger_dir.join(JOURNAL_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Issue 15 (memory flat in history): records' bytes go to journal files, sled keeps
+    /// where they are; they read back in order after a reopen, across files, and appends go
+    /// on after them.
+    #[test]
+    fn records_in_journal_files_read_back_in_order_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = SledStorage::open(dir.path()).unwrap();
+            storage.set_journal_file_bytes_max(200);
+            for seq in 1..=20 {
+                storage.append(seq, &record(seq), &[seq as u8; 4]).unwrap();
+            }
+            let value = storage
+                .tree
+                .get(SledStorage::record_key(7))
+                .unwrap()
+                .unwrap();
+            assert!(Location::decode(&value).is_some(), "sled holds a location");
+        }
+        let files = journal_files(dir.path());
+        assert!(files.len() > 3, "files roll over: {files:?}");
+        assert_eq!(files[0], "00000000000000000001.log");
+        let storage = SledStorage::open(dir.path()).unwrap();
+        let expected: Vec<(u64, Vec<u8>)> = (1..=20).map(|seq| (seq, record(seq))).collect();
+        assert_eq!(all_records(&storage), expected);
+        for seq in 21..=23 {
+            storage.append(seq, &record(seq), &[seq as u8; 4]).unwrap();
+        }
+        let got: Vec<(u64, Vec<u8>)> = storage.records(19).map(|r| r.unwrap()).collect();
+        let expected: Vec<(u64, Vec<u8>)> = (19..=23).map(|seq| (seq, record(seq))).collect();
+        assert_eq!(got, expected);
+        assert_eq!(storage.head().unwrap().unwrap(), [23; 4]);
+        assert_eq!(
+            journal_files(dir.path()),
+            files,
+            "appended to the last file"
+        );
+    }
+
+    /// A crash after the journal file's write and before sled's: bytes after the last
+    /// record sled names, and a whole file after the last one it names. Nothing reads them,
+    /// opening changes nothing (verify writes nothing), and the first append cuts them off
+    /// and writes where they were.
+    #[test]
+    fn an_unindexed_tail_of_the_journal_files_is_cut_off_at_the_first_append() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = SledStorage::open(dir.path()).unwrap();
+            for seq in 1..=3 {
+                storage.append(seq, &record(seq), &[seq as u8; 4]).unwrap();
+            }
+        }
+        let journal = dir.path().join(JOURNAL_DIR);
+        let file = journal.join("00000000000000000001.log");
+        let whole = std::fs::metadata(&file).unwrap().len();
+        let mut torn = std::fs::read(&file).unwrap();
+        torn.extend_from_slice(&[0xAB; 300]);
+        std::fs::write(&file, &torn).unwrap();
+        let stale = journal.join("00000000000000000004.log");
+        std::fs::write(&stale, [0xCD; 50]).unwrap();
+
+        let storage = SledStorage::open(dir.path()).unwrap();
+        let expected: Vec<(u64, Vec<u8>)> = (1..=3).map(|seq| (seq, record(seq))).collect();
+        assert_eq!(all_records(&storage), expected);
+        assert_eq!(std::fs::read(&file).unwrap(), torn, "open writes nothing");
+        assert!(stale.exists());
+
+        storage.append(4, &record(4), &[4; 4]).unwrap();
+        assert!(!stale.exists(), "the file no record names is removed");
+        let len = std::fs::metadata(&file).unwrap().len();
+        assert_eq!(
+            len,
+            whole + record(4).len() as u64,
+            "record 4 where the torn bytes were"
+        );
+        drop(storage);
+        let storage = SledStorage::open(dir.path()).unwrap();
+        let expected: Vec<(u64, Vec<u8>)> = (1..=4).map(|seq| (seq, record(seq))).collect();
+        assert_eq!(all_records(&storage), expected);
+    }
+
+    /// A journal file shorter than what sled names (records lost from it): the append
+    /// fails rather than write after a hole, and keeps failing.
+    #[test]
+    fn an_append_after_a_journal_file_lost_its_end_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = SledStorage::open(dir.path()).unwrap();
+            for seq in 1..=3 {
+                storage.append(seq, &record(seq), &[seq as u8; 4]).unwrap();
+            }
+        }
+        let file = dir
+            .path()
+            .join(JOURNAL_DIR)
+            .join("00000000000000000001.log");
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        let storage = SledStorage::open(dir.path()).unwrap();
+        let error = storage.append(4, &record(4), &[4; 4]).unwrap_err();
+        assert!(error.to_string().contains("records were lost"), "{error}");
+        assert!(storage.append(4, &record(4), &[4; 4]).is_err());
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), len - 5);
+        assert_eq!(storage.head().unwrap().unwrap(), [3; 4]);
+    }
+
+    /// The sled value of a record is a location, 21 bytes; its format is pinned (a change
+    /// would make older ledgers unreadable).
+    #[test]
+    fn location_format_is_stable() {
+        let location = Location {
+            file_seq: 0x0102,
+            offset: 0x0304,
+            len: 0x0506,
+        };
+        let bytes = location.encode();
+        assert_eq!(
+            bytes,
+            [0xF1, 2, 1, 0, 0, 0, 0, 0, 0, 4, 3, 0, 0, 0, 0, 0, 0, 6, 5, 0, 0]
+        );
+        assert_eq!(Location::decode(&bytes), Some(location));
+        // A record stored whole starts with its version, 1.
+        assert_eq!(
+            Location::decode(&[1u8; super::super::journal_files::LOCATION_BYTES]),
+            None
+        );
+        assert_eq!(Location::decode(&bytes[..20]), None);
+    }
+
+    mod with_a_ledger {
+        use super::*;
+        use crate::clock::ManualClock;
+        use crate::ledger::{
+            verify_dir, CurrencySpec, Ledger, LedgerError, LedgerSettings, Owner, TransferId,
+            TransferRequest,
+        };
+        use std::sync::Arc;
+
+        fn settings() -> LedgerSettings {
+            LedgerSettings {
+                currencies: vec![CurrencySpec {
+                    code: "EUR".to_owned(),
+                    exponent: 2,
+                    max_transfer: None,
+                    max_per_24h: None,
+                }],
+            }
+        }
+
+        /// Record 1 defines EUR, then one record per transfer, ids `ids`.
+        fn transfers(data_dir: &Path, ids: std::ops::Range<u128>) {
+            let ledger = Ledger::open(data_dir, &settings(), Arc::new(ManualClock::new(1_000)))
+                .unwrap()
+                .blocking();
+            let amount = ledger.ledger().amount_from_minor(500, "EUR").unwrap();
+            for id in ids {
+                ledger
+                    .create_transfer(TransferRequest {
+                        id: TransferId(id),
+                        debit: Owner::Issuer,
+                        credit: Owner::user(format!("user{}", id % 3)),
+                        amount,
+                        memo: vec![],
+                    })
+                    .unwrap();
+            }
+            crate::ledger::block_on(ledger.ledger().verify_with_memory()).unwrap();
+        }
+
+        /// A ledger written before the journal files existed (every record a sled value)
+        /// opens, reads and verifies; new records go to files after them, and the chain is
+        /// checked across both.
+        #[test]
+        fn a_ledger_of_records_in_sled_values_reads_verifies_and_appends() {
+            let dir = tempfile::tempdir().unwrap();
+            transfers(dir.path(), 1..6);
+            let ledger_dir = dir.path().join("ledger");
+            // Back to the older layout: each record whole under its key, no journal files.
+            let old: Vec<(u64, Vec<u8>)> = {
+                let storage = SledStorage::open(&ledger_dir).unwrap();
+                all_records(&storage)
+            };
+            assert_eq!(old.len(), 6);
+            {
+                let db = sled::Config::new()
+                    .path(&ledger_dir)
+                    .segment_size(SEGMENT_BYTES)
+                    .open()
+                    .unwrap();
+                let tree = db.open_tree(JOURNAL_TREE).unwrap();
+                for (seq, bytes) in &old {
+                    tree.insert(SledStorage::record_key(*seq), bytes.as_slice())
+                        .unwrap();
+                }
+                tree.flush().unwrap();
+            }
+            std::fs::remove_dir_all(ledger_dir.join(JOURNAL_DIR)).unwrap();
+            assert_eq!(verify_dir(dir.path()).unwrap().records, 6);
+
+            transfers(dir.path(), 6..9);
+            let report = verify_dir(dir.path()).unwrap();
+            assert_eq!((report.records, report.transfers), (9, 8));
+            let storage = SledStorage::open(&ledger_dir).unwrap();
+            let records = all_records(&storage);
+            assert_eq!(records[..6], old[..], "the old records read as they were");
+            let value = |seq| {
+                storage
+                    .tree
+                    .get(SledStorage::record_key(seq))
+                    .unwrap()
+                    .unwrap()
+            };
+            assert_eq!(
+                &value(6)[..],
+                &old[5].1[..],
+                "record 6 is still a sled value"
+            );
+            assert!(
+                Location::decode(&value(7)).is_some(),
+                "record 7 is in a file"
+            );
+            assert_eq!(journal_files(&ledger_dir), ["00000000000000000007.log"]);
+            drop(storage);
+            // Without the checkpoint, open replays both kinds from record 1.
+            std::fs::remove_file(ledger_dir.join(CHECKPOINT_FILE)).unwrap();
+            transfers(dir.path(), 9..10);
+            assert_eq!(verify_dir(dir.path()).unwrap().records, 10);
+        }
+
+        /// A flipped byte anywhere in a journal file is caught by verify (the record's hash,
+        /// or its seq), which names the record holding the byte; open refuses it too.
+        #[test]
+        fn a_flipped_byte_in_a_journal_file_is_caught_by_verify() {
+            let dir = tempfile::tempdir().unwrap();
+            transfers(dir.path(), 1..4);
+            let ledger_dir = dir.path().join("ledger");
+            let locations: Vec<(u64, Location)> = {
+                let db = sled::Config::new()
+                    .path(&ledger_dir)
+                    .segment_size(SEGMENT_BYTES)
+                    .open()
+                    .unwrap();
+                let tree = db.open_tree(JOURNAL_TREE).unwrap();
+                (1..=4)
+                    .map(|seq| {
+                        let value = tree.get(SledStorage::record_key(seq)).unwrap().unwrap();
+                        (seq, Location::decode(&value).unwrap())
+                    })
+                    .collect()
+            };
+            let file = ledger_dir
+                .join(JOURNAL_DIR)
+                .join("00000000000000000001.log");
+            let pristine = std::fs::read(&file).unwrap();
+            let checkpoint = std::fs::read(ledger_dir.join(CHECKPOINT_FILE)).unwrap();
+            for offset in (0..pristine.len()).step_by(7) {
+                let seq = locations
+                    .iter()
+                    .find(|(_, l)| {
+                        (l.offset..l.offset + u64::from(l.len)).contains(&(offset as u64))
+                    })
+                    .map(|(seq, _)| *seq)
+                    .expect("every byte of the file is a record's");
+                let mut bytes = pristine.clone();
+                bytes[offset] ^= 0x10;
+                std::fs::write(&file, &bytes).unwrap();
+                let error = verify_dir(dir.path()).unwrap_err();
+                assert!(
+                    matches!(error, LedgerError::Corrupt { record, .. } if record == seq),
+                    "byte {offset} of record {seq}: {error}"
+                );
+                // Open replays from the checkpoint (record 4), and reads record 4 again.
+                std::fs::remove_file(ledger_dir.join(CHECKPOINT_FILE)).unwrap();
+                let open = Ledger::open(dir.path(), &settings(), Arc::new(ManualClock::new(1_000)));
+                assert!(
+                    matches!(open, Err(LedgerError::Corrupt { .. })),
+                    "byte {offset}"
+                );
+                std::fs::write(ledger_dir.join(CHECKPOINT_FILE), &checkpoint).unwrap();
+            }
+            std::fs::write(&file, &pristine).unwrap();
+            assert_eq!(verify_dir(dir.path()).unwrap().records, 4);
+        }
     }
 }

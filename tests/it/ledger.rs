@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -320,16 +321,29 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Opens the journal tree of a (copied) ledger directly, as an attacker with the files would.
-fn with_journal(data_dir: &Path, f: impl FnOnce(&sled::Tree)) {
+/// Opens the journal tree of a (copied) ledger directly, as an attacker with the files would;
+/// `f` also gets the ledger's directory (the records' bytes are in its journal files).
+fn with_journal(data_dir: &Path, f: impl FnOnce(&sled::Tree, &Path)) {
     let db = sled::Config::new()
         .path(data_dir.join("ledger"))
         .segment_size(mxpay::ledger::storage::SEGMENT_BYTES)
         .open()
         .unwrap();
     let tree = db.open_tree("journal").unwrap();
-    f(&tree);
+    f(&tree, &data_dir.join("ledger"));
     tree.flush().unwrap();
+}
+
+/// Where sled says record `seq`'s bytes are: its journal file and its range in it.
+fn record_location(tree: &sled::Tree, ledger_dir: &Path, seq: u64) -> (PathBuf, Range<usize>) {
+    use mxpay::ledger::journal_files::{file_path, Location, JOURNAL_DIR};
+    let value = tree.get(record_key(seq)).unwrap().unwrap();
+    let location = Location::decode(&value).expect("records are in journal files");
+    let start = location.offset as usize;
+    (
+        file_path(&ledger_dir.join(JOURNAL_DIR), location.file_seq),
+        start..start + location.len as usize,
+    )
 }
 
 fn record_key(seq: u64) -> Vec<u8> {
@@ -387,49 +401,50 @@ fn verify_names_the_record_that_was_tampered_with() {
 
     // `at_checkpoint`: the damage reaches record 7, the one the checkpoint written at close
     // stands for. Opening reads no record before the checkpoint's again (verify does).
-    let case = |name: &str, at_checkpoint: bool, tamper: &dyn Fn(&sled::Tree), expect: &[&str]| {
-        let copy = scratch.path().join(name);
-        copy_dir(original.path(), &copy);
-        with_journal(&copy, tamper);
-        let (ok, text) = verify_cli(&copy);
-        assert!(!ok, "{name}: verify passed a tampered journal: {text}");
-        for needle in expect {
-            assert!(
-                text.contains(needle),
-                "{name}: expected `{needle}` in: {text}"
-            );
-        }
-        // The ledger refuses to open it too when it reads the damage: from the checkpoint,
-        // damage to its record or later; replaying the whole journal, any.
-        let open = || Ledger::open(&copy, &settings(), Arc::new(ManualClock::new(1_000)));
-        if at_checkpoint {
+    let case =
+        |name: &str, at_checkpoint: bool, tamper: &dyn Fn(&sled::Tree, &Path), expect: &[&str]| {
+            let copy = scratch.path().join(name);
+            copy_dir(original.path(), &copy);
+            with_journal(&copy, tamper);
+            let (ok, text) = verify_cli(&copy);
+            assert!(!ok, "{name}: verify passed a tampered journal: {text}");
+            for needle in expect {
+                assert!(
+                    text.contains(needle),
+                    "{name}: expected `{needle}` in: {text}"
+                );
+            }
+            // The ledger refuses to open it too when it reads the damage: from the checkpoint,
+            // damage to its record or later; replaying the whole journal, any.
+            let open = || Ledger::open(&copy, &settings(), Arc::new(ManualClock::new(1_000)));
+            if at_checkpoint {
+                let err = open().unwrap_err();
+                assert!(matches!(err, LedgerError::Corrupt { .. }), "{name}: {err}");
+            }
+            std::fs::remove_file(
+                copy.join("ledger")
+                    .join(mxpay::ledger::storage::CHECKPOINT_FILE),
+            )
+            .unwrap();
             let err = open().unwrap_err();
             assert!(matches!(err, LedgerError::Corrupt { .. }), "{name}: {err}");
-        }
-        std::fs::remove_file(
-            copy.join("ledger")
-                .join(mxpay::ledger::storage::CHECKPOINT_FILE),
-        )
-        .unwrap();
-        let err = open().unwrap_err();
-        assert!(matches!(err, LedgerError::Corrupt { .. }), "{name}: {err}");
-    };
+        };
 
     case(
         "flipped-byte",
         false,
-        &|tree| {
-            let mut value = tree.get(record_key(4)).unwrap().unwrap().to_vec();
-            let middle = value.len() / 2;
-            value[middle] ^= 0x40;
-            tree.insert(record_key(4), value).unwrap();
+        &|tree, ledger_dir| {
+            let (file, range) = record_location(tree, ledger_dir, 4);
+            let mut bytes = std::fs::read(&file).unwrap();
+            bytes[(range.start + range.end) / 2] ^= 0x40;
+            std::fs::write(&file, bytes).unwrap();
         },
         &["corrupt at record 4", "altered"],
     );
     case(
         "dropped-record",
         false,
-        &|tree| {
+        &|tree, _| {
             tree.remove(record_key(3)).unwrap();
         },
         &["corrupt at record 3", "missing"],
@@ -437,7 +452,7 @@ fn verify_names_the_record_that_was_tampered_with() {
     case(
         "reordered",
         false,
-        &|tree| {
+        &|tree, _| {
             let a = tree.get(record_key(5)).unwrap().unwrap();
             let b = tree.get(record_key(6)).unwrap().unwrap();
             tree.insert(record_key(5), b).unwrap();
@@ -448,7 +463,7 @@ fn verify_names_the_record_that_was_tampered_with() {
     case(
         "truncated",
         true,
-        &|tree| {
+        &|tree, _| {
             tree.remove(record_key(7)).unwrap();
         },
         &["ends at record 6", "records were lost"],
@@ -456,7 +471,7 @@ fn verify_names_the_record_that_was_tampered_with() {
     case(
         "replaced-by-an-older-record",
         true,
-        &|tree| {
+        &|tree, _| {
             let older = tree.get(record_key(2)).unwrap().unwrap();
             tree.insert(record_key(7), older).unwrap();
         },
@@ -501,6 +516,47 @@ fn verify_names_the_record_that_was_tampered_with() {
             .any(|(_, _, text)| text.contains("records were lost")),
         "the head anchor never caught a silently shortened journal: {caught:?}"
     );
+
+    // Damage to the journal files, which hold the records' bytes (sled holds where they
+    // are): every byte belongs to a record, so every flip is caught, at that record.
+    let mut records = Vec::new();
+    let located = scratch.path().join("located");
+    copy_dir(&pristine, &located);
+    with_journal(&located, |tree, ledger_dir| {
+        for seq in 1..=7 {
+            records.push((seq, record_location(tree, ledger_dir, seq)));
+        }
+    });
+    let (file, _) = records[0].1.clone();
+    let file_name = file.file_name().unwrap().to_owned();
+    let journal_bytes = std::fs::read(&file).unwrap();
+    assert!(records.iter().all(|(_, (f, _))| *f == file), "{records:?}");
+    assert_eq!(
+        records[6].1 .1.end,
+        journal_bytes.len(),
+        "nothing but records"
+    );
+    for (n, offset) in (0..journal_bytes.len())
+        .step_by((journal_bytes.len() / 16).max(1))
+        .enumerate()
+    {
+        let seq = records
+            .iter()
+            .find(|(_, (_, range))| range.contains(&offset))
+            .map(|(seq, _)| *seq)
+            .unwrap();
+        let copy = scratch.path().join(format!("journal-flip-{n}"));
+        copy_dir(&pristine, &copy);
+        let path = copy.join("ledger/journal").join(&file_name);
+        let mut bytes = journal_bytes.clone();
+        bytes[offset] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        let (ok, text) = verify_cli(&copy);
+        assert!(
+            !ok && text.contains(&format!("corrupt at record {seq}:")),
+            "a flipped byte at offset {offset} of the journal file (record {seq}): {text}"
+        );
+    }
 
     let copy = scratch.path().join("no-anchor");
     copy_dir(original.path(), &copy);
