@@ -169,6 +169,19 @@ impl Currencies {
             c.max_per_24h_minor = limits.and_then(|l| l.max_per_24h_minor);
         }
     }
+    /// EUR (2 decimals) without limits: the currencies of tests that need one and no more.
+    #[cfg(test)]
+    pub(crate) fn eur_for_tests() -> Self {
+        Self::from_settings(&LedgerSettings {
+            currencies: vec![crate::ledger::CurrencySpec {
+                code: "EUR".to_owned(),
+                exponent: 2,
+                max_transfer: None,
+                max_per_24h: None,
+            }],
+        })
+        .expect("EUR is a valid currency")
+    }
 
     /// Validates the settings: codes, exponents, limits exactly representable and positive.
     pub fn from_settings(settings: &LedgerSettings) -> Result<Self, String> {

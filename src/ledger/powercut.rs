@@ -295,8 +295,8 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::ledger::{
-        AccountId, Balances, Currencies, CurrencyCode, CurrencySpec, Ledger, LedgerError,
-        LedgerOptions, LedgerSettings, Owner, TransferId, TransferRequest, TransferState,
+        AccountId, Balances, Currencies, CurrencyCode, Ledger, LedgerError, LedgerOptions, Owner,
+        TransferId, TransferRequest, TransferState,
     };
 
     const OWNERS: usize = 5;
@@ -309,15 +309,7 @@ mod tests {
     }
 
     fn currencies() -> Currencies {
-        Currencies::from_settings(&LedgerSettings {
-            currencies: vec![CurrencySpec {
-                code: "EUR".to_owned(),
-                exponent: 2,
-                max_transfer: None,
-                max_per_24h: None,
-            }],
-        })
-        .unwrap()
+        Currencies::eur_for_tests()
     }
 
     /// One operation, with the ids it uses.

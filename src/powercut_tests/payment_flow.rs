@@ -46,9 +46,8 @@ use crate::clock::ManualClock;
 use crate::ledger::powercut::{Image, PowerCutStorage};
 use crate::ledger::storage::StoredRecord;
 use crate::ledger::{
-    AccountId, Balances, Currencies, CurrencySpec, JournalEntry, Ledger, LedgerError,
-    LedgerOptions, LedgerSettings, Owner, RowEntry, Storage, StorageError, TransferId,
-    TransferRequest, TransferRow, TransferState,
+    AccountId, Balances, Currencies, JournalEntry, Ledger, LedgerError, LedgerOptions, Owner,
+    RowEntry, Storage, StorageError, TransferId, TransferRequest, TransferRow, TransferState,
 };
 use crate::outbox::{Deliver, DeliverError, Outbox, OutboxPoke, OutboxPolicy};
 use crate::payments::core::after_pin::{self, AfterCompare, PostAnswer};
@@ -104,15 +103,7 @@ fn eur() -> crate::ledger::CurrencyCode {
 }
 
 fn currencies() -> Currencies {
-    Currencies::from_settings(&LedgerSettings {
-        currencies: vec![CurrencySpec {
-            code: "EUR".to_owned(),
-            exponent: 2,
-            max_transfer: None,
-            max_per_24h: None,
-        }],
-    })
-    .unwrap()
+    Currencies::eur_for_tests()
 }
 
 /// One homeserver event (or, `Outbox`, a pass of the outbox).

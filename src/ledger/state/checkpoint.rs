@@ -880,7 +880,7 @@ mod tests {
     use super::super::{Op, State, FAILURES_KEPT_MAX};
     use crate::ledger::codec::{Head, HASH_LEN};
     use crate::ledger::model::{Owner, TransferError, TransferId, TransferRequest, TransferState};
-    use crate::ledger::{Currencies, CurrencySpec, LedgerSettings};
+    use crate::ledger::Currencies;
 
     /// Issue 15 (memory flat in history): beyond [`FAILURES_KEPT_MAX`] recorded failures the
     /// oldest is forgotten (its id is new again), the newer ones still answer retries, and
@@ -889,15 +889,7 @@ mod tests {
     /// was kept forever.
     #[test]
     fn beyond_the_cap_the_oldest_failure_is_forgotten_first() {
-        let currencies = Currencies::from_settings(&LedgerSettings {
-            currencies: vec![CurrencySpec {
-                code: "EUR".to_owned(),
-                exponent: 2,
-                max_transfer: None,
-                max_per_24h: None,
-            }],
-        })
-        .unwrap();
+        let currencies = Currencies::eur_for_tests();
         let one = currencies.from_minor(1, "EUR").unwrap();
         let pay = |id: u128, memo: &[u8]| Op::Create {
             request: TransferRequest {
@@ -952,15 +944,7 @@ mod tests {
     /// `refunded_minor` and each refund rewrote it.
     #[test]
     fn the_row_of_an_ended_transfer_never_changes_when_it_is_refunded() {
-        let currencies = Currencies::from_settings(&LedgerSettings {
-            currencies: vec![CurrencySpec {
-                code: "EUR".to_owned(),
-                exponent: 2,
-                max_transfer: None,
-                max_per_24h: None,
-            }],
-        })
-        .unwrap();
+        let currencies = Currencies::eur_for_tests();
         let eur = |minor: u128| currencies.from_minor(minor, "EUR").unwrap();
         let mut state = State::new(currencies.clone());
         let mut events = Vec::new();
