@@ -339,15 +339,25 @@ fn run_chunks(
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(p.transfers);
     let mut done = 0;
+    let mut points = Vec::new();
     while done < p.transfers {
         let count = chunk.min(p.transfers - done);
         latencies.extend(run_chunk(done, count)?);
         done += count;
         if done < p.transfers {
-            print_rss(&format!("at {done} {what}"));
+            if let Some((rss, peak)) = print_rss(&format!("at {done} {what}")) {
+                points.push((done, rss, peak));
+            }
         }
     }
-    Ok((started.elapsed(), Stats::of_micros(latencies)))
+    let elapsed = started.elapsed();
+    // The last point is taken here (the run's own end line is printed by the caller, after
+    // its figures), so that the window before it holds the same work as the others.
+    if let Some((rss, peak)) = print_rss(&format!("at {done} {what} (end of the run)")) {
+        points.push((done, rss, peak));
+    }
+    print_flatness(what, &points);
+    Ok((elapsed, Stats::of_micros(latencies)))
 }
 
 /// How the plain run submits its transfers, as its lines say it.
@@ -425,10 +435,6 @@ fn batched_plain(
         ms(stats.p50),
         ms(stats.p99)
     );
-    print_rss(&format!(
-        "at {} batched transfers (end of the batched run)",
-        p.transfers
-    ));
     Ok(Batched {
         mode: "plain",
         submitted_by: callers,
@@ -612,10 +618,6 @@ fn batched_realistic(
         ms(stats.p50),
         ms(stats.p99)
     );
-    print_rss(&format!(
-        "at {} realistic transfers (end of the realistic run)",
-        p.transfers
-    ));
     Ok(Batched {
         mode: "realistic",
         submitted_by: submitted_by(p),
@@ -626,18 +628,42 @@ fn batched_realistic(
     })
 }
 
-/// Prints the RSS now and the peak so far (`VmRSS`, `VmHWM`), tagged with `when`.
-fn print_rss(when: &str) {
-    if let Some((peak_kib, now_kib)) = rss_kib() {
-        println!(
-            "memory {when}: RSS {:.0} MiB, peak RSS {:.0} MiB",
-            now_kib as f64 / 1024.0,
-            peak_kib as f64 / 1024.0
-        );
-    }
+/// The highest peak RSS (KiB) seen so far: `VmHWM` itself is reset after each line (see
+/// [`print_rss`]), so the process's peak is kept here.
+static PEAK_KIB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Prints the RSS now, the peak since the last line, and the peak so far, tagged with `when`;
+/// returns the first two (KiB). The peak since the last line does not depend on where in the
+/// checkpoint cycle the line falls (the RSS now does: transfers since the last spill are in
+/// memory), so windows of a run compare with each other.
+fn print_rss(when: &str) -> Option<(u64, u64)> {
+    let (window_peak_kib, now_kib) = rss_kib()?;
+    let peak_kib = PEAK_KIB
+        .fetch_max(window_peak_kib, std::sync::atomic::Ordering::Relaxed)
+        .max(window_peak_kib);
+    let window = if reset_peak_rss() {
+        format!(
+            ", peak RSS since the last line {:.0} MiB",
+            window_peak_kib as f64 / 1024.0
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "memory {when}: RSS {:.0} MiB{window}, peak RSS {:.0} MiB",
+        now_kib as f64 / 1024.0,
+        peak_kib as f64 / 1024.0
+    );
+    Some((now_kib, window_peak_kib))
 }
 
-/// Peak and current resident set size of this process, KiB (Linux only).
+/// Resets `VmHWM` to the RSS now (Linux 4.0 and later: writing 5 to `clear_refs`).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", b"5").is_ok()
+}
+
+/// Peak (since the last [`reset_peak_rss`]) and current resident set size of this process,
+/// KiB (Linux only).
 fn rss_kib() -> Option<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let field = |name: &str| {
@@ -647,6 +673,28 @@ fn rss_kib() -> Option<(u64, u64)> {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     };
     Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// The issue's memory figure: the RSS, and the peak RSS of the window before each point,
+/// at each million against the first million (`points`: transfers done, RSS KiB, window peak
+/// KiB, one per `--rss-every`).
+fn print_flatness(what: &str, points: &[(usize, u64, u64)]) {
+    const BASE: usize = 1_000_000;
+    let Some(&(_, base_rss, base_peak)) = points.iter().find(|p| p.0 == BASE) else {
+        return;
+    };
+    for &(done, rss, peak) in points.iter().filter(|p| p.0 > BASE && p.0 % BASE == 0) {
+        println!(
+            "memory flatness, {what}: at {done} against {BASE}: RSS {:.2}x ({:.0} / {:.0} MiB), \
+             peak RSS of the window before {:.2}x ({:.0} / {:.0} MiB)",
+            rss as f64 / base_rss as f64,
+            rss as f64 / 1024.0,
+            base_rss as f64 / 1024.0,
+            peak as f64 / base_peak as f64,
+            peak as f64 / 1024.0,
+            base_peak as f64 / 1024.0,
+        );
+    }
 }
 
 /// Runs `count` jobs with `submitters` concurrent tasks; returns each job's latency in µs.
