@@ -560,6 +560,68 @@ mod tests {
             };
             assert!(ok, "seed {seed}: acknowledged {op:?} is lost");
         }
+        check_histories(&b, ops, seed);
+    }
+
+    /// Every acknowledged transfer is in the history of both its owners, read page by page
+    /// (from memory and from the lists written beside the rows at each spill), once, and
+    /// every transfer a history lists touches its owner.
+    fn check_histories(b: &crate::ledger::BlockingLedger, ops: &[(Op, Outcome)], seed: u64) {
+        let mut histories: Vec<Vec<u128>> = Vec::new();
+        for o in 0..OWNERS {
+            let mut ids = Vec::new();
+            let mut cursor = None;
+            // Bounded: more pages than transfers means the cursor does not move on.
+            for _ in 0..=ops.len() {
+                let page = b.history(&owner(o), cursor, 7).unwrap();
+                for t in &page.transfers {
+                    assert!(
+                        t.debit.owner == owner(o) || t.credit.owner == owner(o),
+                        "seed {seed}: transfer {} in the history of {o}",
+                        t.id
+                    );
+                    ids.push(t.id.0);
+                }
+                cursor = page.next;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            assert!(
+                cursor.is_none(),
+                "seed {seed}: the history of {o} never ends"
+            );
+            let mut unique = ids.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), ids.len(), "seed {seed}: {o} lists one twice");
+            histories.push(ids);
+        }
+        let accounts: HashMap<u128, (usize, usize)> = ops
+            .iter()
+            .filter_map(|(op, _)| match op {
+                Op::Create {
+                    id, debit, credit, ..
+                } => Some((*id, (*debit, *credit))),
+                _ => None,
+            })
+            .collect();
+        for (op, outcome) in ops {
+            let (id, (debit, credit)) = match (op, outcome) {
+                (Op::Create { id, .. }, Outcome::Ok) => (*id, accounts[id]),
+                (Op::Refund { id, original, .. }, Outcome::Ok) => {
+                    let (d, c) = accounts[original];
+                    (*id, (c, d))
+                }
+                _ => continue,
+            };
+            for o in [debit, credit] {
+                assert!(
+                    histories[o].contains(&id),
+                    "seed {seed}: acknowledged transfer {id} is not in the history of {o}"
+                );
+            }
+        }
     }
 
     /// The balances the operations the ledger said succeeded add up to.

@@ -919,6 +919,11 @@ impl State {
 
 #[cfg(test)]
 impl State {
+    /// How many account history entries are held in memory (two per transfer in memory).
+    pub fn history_entries_in_memory(&self) -> usize {
+        self.accounts.iter().map(|a| a.history.len()).sum()
+    }
+
     /// Adds `minor` to an account's posted credits: a state the journal never produced.
     pub fn bump_credit_for_test(&mut self, account: &crate::ledger::model::AccountId, minor: u128) {
         let idx = self.account_index[account] as usize;
