@@ -15,9 +15,10 @@
 //! batch, never returned: the batch is durable by then). Records live in files, not sled
 //! values, because sled keeps in memory every value it wrote, whatever its cache size.
 //! Nothing else is written per commit: balances and the recent transfers are rebuilt in
-//! memory from the checkpoint and the journal on open. The rows of ended transfers are
-//! written in bulk at checkpoints, as segment files beside sled's (`segments.rs`; not sled
-//! keys: sled's memory grows with every key), and read back when asked for.
+//! memory from the checkpoint and the journal on open. The rows of ended transfers, with
+//! each account's list of them (its history), are written in bulk at checkpoints, as
+//! segment files beside sled's (`segments.rs`; not sled keys: sled's memory grows with
+//! every key), and read back when asked for.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
