@@ -161,7 +161,9 @@ pub trait Storage: Send + Sync + 'static {
     /// `before`, newest (highest) first, each once, at most `limit`: a page of the account's
     /// history on disk, in work bounded by `limit` (and the number of stored pieces). An
     /// entry whose row was written again later may name a transfer that no longer touches
-    /// the account (after records were lost): the caller checks the row.
+    /// the account (after records were lost): the caller checks the row. A backend that
+    /// keeps rows must provide it (the default lists nothing: histories would miss every
+    /// transfer on disk).
     fn account_history(
         &self,
         account: u32,
