@@ -18,7 +18,7 @@
 //! said succeeded: nothing lost, nothing counted twice. `MXPAY_POWERCUT_RUNS` sets the number
 //! of runs (default 24), `MXPAY_POWERCUT_SEED` the first seed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -39,6 +39,8 @@ pub(crate) struct Image {
     /// Transfer rows by index, and their id index.
     rows: BTreeMap<u32, Vec<u8>>,
     row_ids: BTreeMap<u128, u32>,
+    /// The accounts' history lists: (account, transfer index), written with the rows.
+    listed: BTreeSet<(u32, u32)>,
 }
 
 /// A write issued and not yet synced.
@@ -131,6 +133,9 @@ fn apply(image: &mut Image, write: Unsynced) {
         Unsynced::Rows(rows) => {
             for row in rows {
                 image.row_ids.insert(row.id, row.idx);
+                for account in row.accounts {
+                    image.listed.insert((account, row.idx));
+                }
                 image.rows.insert(row.idx, row.bytes);
             }
         }
@@ -274,17 +279,41 @@ impl Storage for PowerCutStorage {
         Ok(inner.visible.row_ids.get(&id).copied())
     }
 
+    fn account_history(
+        &self,
+        account: u32,
+        before: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        Ok(inner
+            .visible
+            .listed
+            .range((account, 0)..(account, before))
+            .rev()
+            .take(limit)
+            .map(|&(_, idx)| idx)
+            .collect())
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         let inner = self.0.lock();
         if inner.cut {
             return Err(Inner::dead());
         }
-        // Keyed maps: one entry per index and per id, the newest.
+        // Keyed maps: one entry per index and per id, the newest; the lists after the rows
+        // (every write of a row lists it under the same two accounts).
         for (&idx, bytes) in &inner.visible.rows {
             visit(RowEntry::Row { idx, bytes });
         }
         for (&id, &idx) in &inner.visible.row_ids {
             visit(RowEntry::Id { id, idx });
+        }
+        for &(account, idx) in &inner.visible.listed {
+            visit(RowEntry::Listed { account, idx });
         }
         Ok(())
     }
@@ -531,6 +560,68 @@ mod tests {
             };
             assert!(ok, "seed {seed}: acknowledged {op:?} is lost");
         }
+        check_histories(&b, ops, seed);
+    }
+
+    /// Every acknowledged transfer is in the history of both its owners, read page by page
+    /// (from memory and from the lists written beside the rows at each spill), once, and
+    /// every transfer a history lists touches its owner.
+    fn check_histories(b: &crate::ledger::BlockingLedger, ops: &[(Op, Outcome)], seed: u64) {
+        let mut histories: Vec<Vec<u128>> = Vec::new();
+        for o in 0..OWNERS {
+            let mut ids = Vec::new();
+            let mut cursor = None;
+            // Bounded: more pages than transfers means the cursor does not move on.
+            for _ in 0..=ops.len() {
+                let page = b.history(&owner(o), cursor, 7).unwrap();
+                for t in &page.transfers {
+                    assert!(
+                        t.debit.owner == owner(o) || t.credit.owner == owner(o),
+                        "seed {seed}: transfer {} in the history of {o}",
+                        t.id
+                    );
+                    ids.push(t.id.0);
+                }
+                cursor = page.next;
+                if cursor.is_none() {
+                    break;
+                }
+            }
+            assert!(
+                cursor.is_none(),
+                "seed {seed}: the history of {o} never ends"
+            );
+            let mut unique = ids.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique.len(), ids.len(), "seed {seed}: {o} lists one twice");
+            histories.push(ids);
+        }
+        let accounts: HashMap<u128, (usize, usize)> = ops
+            .iter()
+            .filter_map(|(op, _)| match op {
+                Op::Create {
+                    id, debit, credit, ..
+                } => Some((*id, (*debit, *credit))),
+                _ => None,
+            })
+            .collect();
+        for (op, outcome) in ops {
+            let (id, (debit, credit)) = match (op, outcome) {
+                (Op::Create { id, .. }, Outcome::Ok) => (*id, accounts[id]),
+                (Op::Refund { id, original, .. }, Outcome::Ok) => {
+                    let (d, c) = accounts[original];
+                    (*id, (c, d))
+                }
+                _ => continue,
+            };
+            for o in [debit, credit] {
+                assert!(
+                    histories[o].contains(&id),
+                    "seed {seed}: acknowledged transfer {id} is not in the history of {o}"
+                );
+            }
+        }
     }
 
     /// The balances the operations the ledger said succeeded add up to.
@@ -682,6 +773,7 @@ mod tests {
             .map(|idx| TransferRow {
                 idx,
                 id: 100 + u128::from(idx),
+                accounts: [idx % 3, 3 + idx % 2],
                 bytes: idx.to_le_bytes().to_vec(),
             })
             .collect()

@@ -5,17 +5,24 @@
 //!
 //! Segment format (integers little-endian):
 //! ```text
-//! "mxpay-rs" | version u8 = 1 | count u32 |
+//! "mxpay-rs" | version u8 = 2 | count u32 | accounts u32 |
 //! count x (idx u32, offset u64)   sorted by idx (offset into the rows)
 //! count x (id u128, idx u32)      sorted by id
-//! rows (concatenated, in idx order) | blake3 [32] of everything before
+//! rows (concatenated, in idx order)
+//! accounts x (account u32, start u32, len u32)   sorted by account: where its list is
+//! 2 x count x idx u32             each account's list of the rows touching it, ascending,
+//!                                 in the directory's order (each row is in two lists)
+//! blake3 [32] of everything before
 //! ```
-//! A segment is written as `seg-<n>.tmp`, synced, renamed to `seg-<n>` (n counts up), and the
-//! directory synced: a power cut leaves it whole or absent. Lookups binary-search the tables
-//! with positioned reads, newest segment first (a row written again, e.g. once a pending
-//! transfer ended, is found in its newest segment). In memory: one handle and a few numbers
-//! per segment. `verify` reads each segment once, front to back ([`Segments::scan`]), and
-//! checks its hash on the way.
+//! Version 1 (before the history lists) has no `accounts` field and no lists; its rows are
+//! still read. A segment is written as `seg-<n>.tmp`, synced, renamed to `seg-<n>` (n counts
+//! up), and the directory synced: a power cut leaves it whole (rows and lists) or absent.
+//! Lookups binary-search the tables with positioned reads, newest segment first (a row
+//! written again, e.g. once a pending transfer ended, is found in its newest segment); a
+//! history page binary-searches each segment's directory and the account's list, and reads
+//! at most a page of it. In memory: one handle and a few numbers per segment. `verify` reads
+//! each segment once, front to back ([`Segments::scan`]), and checks its hash and tables on
+//! the way.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -26,20 +33,81 @@ use parking_lot::RwLock;
 use super::storage::{RowEntry, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-rs";
-const VERSION: u8 = 1;
-const HEADER: u64 = 8 + 1 + 4;
+/// 2: each account's list of the rows touching it (issue 15: histories on disk).
+const VERSION: u8 = 2;
+/// Segments written before the history lists: rows and id index only.
+const VERSION_ROWS_ONLY: u8 = 1;
+/// magic, version, count (both versions); version 2 adds the account count.
+const HEADER_V1: u64 = 8 + 1 + 4;
+const HEADER: u64 = HEADER_V1 + 4;
 const IDX_ENTRY: u64 = 4 + 8;
 const ID_ENTRY: u64 = 16 + 4;
+/// An account's entry in a segment's history directory: account, start, len.
+const DIR_ENTRY: u64 = 4 + 4 + 4;
+/// One entry of a history list: a transfer index.
+const LIST_ENTRY: u64 = 4;
 /// The directory of the segments, inside the ledger's.
 pub const ROWS_DIR: &str = "rows";
 
 struct Segment {
     file: File,
+    /// Where the tables start (after the header).
+    tables: u64,
     count: u64,
     rows_start: u64,
     rows_end: u64,
     min_idx: u32,
     max_idx: u32,
+    /// Accounts in the history directory (0 for a version 1 segment: no lists).
+    accounts: u64,
+    /// Where the directory starts (= `rows_end`), and the lists after it.
+    lists_start: u64,
+}
+
+/// The layout a segment's header announces, checked against its length.
+struct Layout {
+    tables: u64,
+    count: u64,
+    accounts: u64,
+    rows_start: u64,
+    rows_end: u64,
+}
+
+impl Layout {
+    /// From the first [`HEADER`] bytes (or [`HEADER_V1`] for version 1) of a file of `len`
+    /// bytes; `None` if they are not a segment's or do not fit the length.
+    fn of(header: &[u8], len: u64) -> Option<Self> {
+        if header.len() < HEADER_V1 as usize || &header[..8] != MAGIC {
+            return None;
+        }
+        let count = u64::from(u32::from_le_bytes(header[9..13].try_into().expect("4")));
+        let (tables, accounts) = match header[8] {
+            VERSION_ROWS_ONLY => (HEADER_V1, 0),
+            VERSION => (
+                HEADER,
+                u64::from(u32::from_le_bytes(
+                    header.get(13..17)?.try_into().expect("4"),
+                )),
+            ),
+            _ => return None,
+        };
+        let lists = if header[8] == VERSION {
+            accounts * DIR_ENTRY + 2 * count * LIST_ENTRY
+        } else {
+            0
+        };
+        let rows_start = tables + count * (IDX_ENTRY + ID_ENTRY);
+        if count == 0 || rows_start + lists + 32 > len {
+            return None;
+        }
+        Some(Self {
+            tables,
+            count,
+            accounts,
+            rows_start,
+            rows_end: len - 32 - lists,
+        })
+    }
 }
 
 /// The segments of one ledger, newest last.
@@ -66,38 +134,37 @@ impl Segment {
             .metadata()
             .map_err(|e| io("cannot stat", path, e))?
             .len();
-        let header = read_at(&file, 0, HEADER as usize)?;
-        if &header[..8] != MAGIC || header[8] != VERSION {
-            return Err(io(
-                "not a segment:",
+        let header = read_at(&file, 0, HEADER_V1 as usize)?;
+        let header = if header[8] == VERSION {
+            read_at(&file, 0, HEADER as usize)?
+        } else {
+            header
+        };
+        let layout = Layout::of(&header, len).ok_or_else(|| {
+            io(
+                "not a whole segment:",
                 path,
                 std::io::ErrorKind::InvalidData.into(),
-            ));
-        }
-        let count = u64::from(u32::from_le_bytes(header[9..13].try_into().expect("4")));
-        let rows_start = HEADER + count * (IDX_ENTRY + ID_ENTRY);
-        if count == 0 || rows_start + 32 > len {
-            return Err(io(
-                "truncated segment",
-                path,
-                std::io::ErrorKind::InvalidData.into(),
-            ));
-        }
+            )
+        })?;
         let mut segment = Self {
             file,
-            count,
-            rows_start,
-            rows_end: len - 32,
+            tables: layout.tables,
+            count: layout.count,
+            rows_start: layout.rows_start,
+            rows_end: layout.rows_end,
             min_idx: 0,
             max_idx: 0,
+            accounts: layout.accounts,
+            lists_start: layout.rows_end,
         };
         segment.min_idx = segment.idx_entry(0)?.0;
-        segment.max_idx = segment.idx_entry(count - 1)?.0;
+        segment.max_idx = segment.idx_entry(layout.count - 1)?.0;
         Ok(segment)
     }
 
     fn idx_entry(&self, i: u64) -> Result<(u32, u64), StorageError> {
-        let b = read_at(&self.file, HEADER + i * IDX_ENTRY, IDX_ENTRY as usize)?;
+        let b = read_at(&self.file, self.tables + i * IDX_ENTRY, IDX_ENTRY as usize)?;
         Ok((
             u32::from_le_bytes(b[..4].try_into().expect("4")),
             u64::from_le_bytes(b[4..].try_into().expect("8")),
@@ -105,7 +172,7 @@ impl Segment {
     }
 
     fn id_entry(&self, i: u64) -> Result<(u128, u32), StorageError> {
-        let at = HEADER + self.count * IDX_ENTRY + i * ID_ENTRY;
+        let at = self.tables + self.count * IDX_ENTRY + i * ID_ENTRY;
         let b = read_at(&self.file, at, ID_ENTRY as usize)?;
         Ok((
             u128::from_le_bytes(b[..16].try_into().expect("16")),
@@ -162,6 +229,83 @@ impl Segment {
     }
 }
 
+impl Segment {
+    fn u32_at(&self, pos: u64) -> Result<u32, StorageError> {
+        let b = read_at(&self.file, pos, 4)?;
+        Ok(u32::from_le_bytes(b[..].try_into().expect("4")))
+    }
+
+    /// Where the history list of `account` is in this segment (first entry, length), if it
+    /// has one: a binary search of the directory.
+    fn list_of(&self, account: u32) -> Result<Option<(u64, u64)>, StorageError> {
+        let (mut lo, mut hi) = (0, self.accounts);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let b = read_at(
+                &self.file,
+                self.lists_start + mid * DIR_ENTRY,
+                DIR_ENTRY as usize,
+            )?;
+            let at = u32::from_le_bytes(b[..4].try_into().expect("4"));
+            if at == account {
+                let start = u64::from(u32::from_le_bytes(b[4..8].try_into().expect("4")));
+                let len = u64::from(u32::from_le_bytes(b[8..].try_into().expect("4")));
+                if start + len > 2 * self.count {
+                    return Err(StorageError::Backend(format!(
+                        "transfer rows: the history list of account {account} is out of range"
+                    )));
+                }
+                return Ok(Some((start, len)));
+            }
+            if at < account {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Up to `limit` entries of the history list of `account` below `before`, newest first:
+    /// a binary search of the list for `before`, then one read of at most `limit` entries.
+    fn history(&self, account: u32, before: u32, limit: usize) -> Result<Vec<u32>, StorageError> {
+        if self.accounts == 0 || limit == 0 || self.min_idx >= before {
+            return Ok(Vec::new());
+        }
+        let Some((start, len)) = self.list_of(account)? else {
+            return Ok(Vec::new());
+        };
+        let entries = self.lists_start + self.accounts * DIR_ENTRY;
+        let at = |i: u64| entries + (start + i) * LIST_ENTRY;
+        // How many entries are below `before` (the list is ascending).
+        let below = if self.max_idx < before {
+            len
+        } else {
+            let (mut lo, mut hi) = (0, len);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if self.u32_at(at(mid))? < before {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo
+        };
+        let take = below.min(limit as u64);
+        let bytes = read_at(
+            &self.file,
+            at(below - take),
+            usize::try_from(take * LIST_ENTRY).expect("a page fits in memory"),
+        )?;
+        Ok(bytes
+            .chunks_exact(LIST_ENTRY as usize)
+            .rev()
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+            .collect())
+    }
+}
+
 /// Reads a segment front to back, hashing what it reads.
 struct HashingReader {
     file: std::io::BufReader<File>,
@@ -176,11 +320,70 @@ impl HashingReader {
     }
 }
 
+/// The bytes of a segment of `rows` (see the module docs).
+fn encode(rows: &[TransferRow]) -> Result<Vec<u8>, StorageError> {
+    let mut by_idx: Vec<&TransferRow> = rows.iter().collect();
+    by_idx.sort_unstable_by_key(|r| r.idx);
+    by_idx.dedup_by_key(|r| r.idx);
+    let count = u32::try_from(by_idx.len())
+        .map_err(|_| StorageError::Backend("too many rows in one segment".into()))?;
+    // Each row under both its accounts; sorted, that is each account's list, ascending.
+    let mut listed: Vec<(u32, u32)> = Vec::with_capacity(by_idx.len() * 2);
+    for r in &by_idx {
+        assert_ne!(
+            r.accounts[0], r.accounts[1],
+            "a transfer touches two accounts"
+        );
+        listed.extend(r.accounts.iter().map(|&a| (a, r.idx)));
+    }
+    listed.sort_unstable();
+    let mut directory: Vec<(u32, u32, u32)> = Vec::new();
+    for (i, &(account, _)) in listed.iter().enumerate() {
+        match directory.last_mut() {
+            Some((at, _, n)) if *at == account => *n += 1,
+            _ => directory.push((account, i as u32, 1)),
+        }
+    }
+    let accounts = directory.len() as u32;
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&accounts.to_le_bytes());
+    let mut offset = 0u64;
+    for r in &by_idx {
+        out.extend_from_slice(&r.idx.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset += r.bytes.len() as u64;
+    }
+    let mut by_id: Vec<(u128, u32)> = by_idx.iter().map(|r| (r.id, r.idx)).collect();
+    by_id.sort_unstable();
+    for (id, idx) in by_id {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&idx.to_le_bytes());
+    }
+    for r in &by_idx {
+        out.extend_from_slice(&r.bytes);
+    }
+    for (account, start, n) in directory {
+        out.extend_from_slice(&account.to_le_bytes());
+        out.extend_from_slice(&start.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    for (_, idx) in listed {
+        out.extend_from_slice(&idx.to_le_bytes());
+    }
+    let hash = *blake3::hash(&out).as_bytes();
+    out.extend_from_slice(&hash);
+    Ok(out)
+}
+
 /// Buffer of a segment scan: large reads, one segment at a time.
 const SCAN_BUFFER_BYTES: usize = 1 << 20;
 
-/// Visits the id entries, then the rows, of the segment at `path`, reading it once in order;
-/// fails if its tables are out of order or its hash does not match (after visiting).
+/// Visits the id entries, then the rows, then the history lists of the segment at `path`,
+/// reading it once in order; fails if its tables are out of order or its hash does not match
+/// (after visiting).
 fn scan_segment(path: &Path, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
     let invalid = |what: &str| {
         io(
@@ -198,18 +401,18 @@ fn scan_segment(path: &Path, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), 
         file: std::io::BufReader::with_capacity(SCAN_BUFFER_BYTES, file),
         hasher: blake3::Hasher::new(),
     };
-    let mut header = [0u8; HEADER as usize];
+    let mut header = vec![0u8; HEADER_V1 as usize];
     r.fill(path, &mut header)?;
-    if &header[..8] != MAGIC || header[8] != VERSION {
-        return Err(invalid("not a segment"));
+    if header[8] == VERSION {
+        let mut accounts = [0u8; 4];
+        r.fill(path, &mut accounts)?;
+        header.extend_from_slice(&accounts);
     }
-    let count = u64::from(u32::from_le_bytes(header[9..13].try_into().expect("4")));
-    let rows_start = HEADER + count * (IDX_ENTRY + ID_ENTRY);
-    if count == 0 || rows_start + 32 > len {
-        return Err(invalid("truncated segment"));
-    }
-    let rows_len = len - 32 - rows_start;
-    // The index table is needed for the rows' lengths, which come after the id table.
+    let layout = Layout::of(&header, len).ok_or_else(|| invalid("not a whole segment"))?;
+    let count = layout.count;
+    let rows_len = layout.rows_end - layout.rows_start;
+    // The index table is needed for the rows' lengths, which come after the id table, and
+    // to check that the history lists name rows of this segment.
     let mut by_idx: Vec<(u32, u64)> = Vec::with_capacity(count as usize);
     let mut entry = [0u8; IDX_ENTRY as usize];
     for _ in 0..count {
@@ -242,6 +445,63 @@ fn scan_segment(path: &Path, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), 
         );
         r.fill(path, &mut row)?;
         visit(RowEntry::Row { idx, bytes: &row });
+    }
+    // The directory: accounts ascending, lists back to back, two entries per row in all.
+    let mut directory: Vec<(u32, u64)> = Vec::with_capacity(layout.accounts as usize);
+    let mut entry = [0u8; DIR_ENTRY as usize];
+    let mut listed = 0u64;
+    for _ in 0..layout.accounts {
+        r.fill(path, &mut entry)?;
+        let account = u32::from_le_bytes(entry[..4].try_into().expect("4"));
+        let start = u64::from(u32::from_le_bytes(entry[4..8].try_into().expect("4")));
+        let n = u64::from(u32::from_le_bytes(entry[8..].try_into().expect("4")));
+        if directory
+            .last()
+            .is_some_and(|&(before, _)| account <= before)
+            || start != listed
+            || n == 0
+        {
+            return Err(invalid("history directory out of order"));
+        }
+        listed += n;
+        directory.push((account, n));
+    }
+    if layout.accounts > 0 && listed != 2 * count {
+        return Err(invalid("history lists do not list every row twice"));
+    }
+    // Which indexes are this segment's rows: a bit each from the lowest (a binary search of
+    // the index table per list entry was most of verify's time in a debug build).
+    let low = by_idx.first().map_or(0, |&(idx, _)| idx);
+    let high = by_idx.last().map_or(0, |&(idx, _)| idx);
+    let words = if layout.accounts > 0 {
+        (high - low) / 64 + 1
+    } else {
+        0
+    };
+    let mut rows_here = vec![0u64; words as usize];
+    if words > 0 {
+        for &(idx, _) in &by_idx {
+            let bit = idx - low;
+            rows_here[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+    }
+    let is_row_here = |idx: u32| {
+        idx >= low
+            && idx <= high
+            && rows_here[((idx - low) / 64) as usize] & (1 << ((idx - low) % 64)) != 0
+    };
+    let mut entry = [0u8; LIST_ENTRY as usize];
+    for (account, n) in directory {
+        let mut before = None;
+        for _ in 0..n {
+            r.fill(path, &mut entry)?;
+            let idx = u32::from_le_bytes(entry);
+            if before.is_some_and(|b| idx <= b) || !is_row_here(idx) {
+                return Err(invalid("a history list out of order or naming another row"));
+            }
+            before = Some(idx);
+            visit(RowEntry::Listed { account, idx });
+        }
     }
     let mut hash = [0u8; 32];
     std::io::Read::read_exact(&mut r.file, &mut hash).map_err(|e| io("cannot read", path, e))?;
@@ -296,37 +556,13 @@ impl Segments {
         })
     }
 
-    /// Writes `rows` as one new segment, durably (file and directory synced).
+    /// Writes `rows` as one new segment with their accounts' history lists, durably (file
+    /// and directory synced).
     pub fn put(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut by_idx: Vec<&TransferRow> = rows.iter().collect();
-        by_idx.sort_unstable_by_key(|r| r.idx);
-        by_idx.dedup_by_key(|r| r.idx);
-        let count = u32::try_from(by_idx.len())
-            .map_err(|_| StorageError::Backend("too many rows in one segment".into()))?;
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.push(VERSION);
-        out.extend_from_slice(&count.to_le_bytes());
-        let mut offset = 0u64;
-        for r in &by_idx {
-            out.extend_from_slice(&r.idx.to_le_bytes());
-            out.extend_from_slice(&offset.to_le_bytes());
-            offset += r.bytes.len() as u64;
-        }
-        let mut by_id: Vec<(u128, u32)> = by_idx.iter().map(|r| (r.id, r.idx)).collect();
-        by_id.sort_unstable();
-        for (id, idx) in by_id {
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&idx.to_le_bytes());
-        }
-        for r in &by_idx {
-            out.extend_from_slice(&r.bytes);
-        }
-        let hash = *blake3::hash(&out).as_bytes();
-        out.extend_from_slice(&hash);
+        let out = encode(rows)?;
         let mut segments = self.segments.write();
         let n = segments.last().map_or(1, |(n, _)| n + 1);
         let path = self.dir.join(format!("seg-{n:016x}"));
@@ -341,6 +577,25 @@ impl Segments {
             .map_err(|e| io("cannot sync", &self.dir, e))?;
         segments.push((n, Segment::open(&path)?));
         Ok(())
+    }
+
+    /// Up to `limit` entries of the history of `account` below `before`, newest first, each
+    /// once, from every segment (see [`super::storage::Storage::account_history`]): at most
+    /// `limit` entries read from each.
+    pub fn history(
+        &self,
+        account: u32,
+        before: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let mut found = Vec::new();
+        for (_, segment) in self.segments.read().iter() {
+            found.extend(segment.history(account, before, limit)?);
+        }
+        found.sort_unstable_by(|a, b| b.cmp(a));
+        found.dedup();
+        found.truncate(limit);
+        Ok(found)
     }
 
     /// The row of transfer `idx`, from the newest segment that has it.
@@ -361,5 +616,110 @@ impl Segments {
             }
         }
         Ok(None)
+    }
+}
+
+/// Rewrites every segment under `ledger_dir` as version 1 would have written it (no history
+/// lists), as a ledger from before the lists has them.
+#[cfg(test)]
+pub(crate) fn rewrite_as_version_1(ledger_dir: &Path) {
+    let dir = ledger_dir.join(ROWS_DIR);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let layout = Layout::of(&bytes[..HEADER as usize], bytes.len() as u64).unwrap();
+        assert_eq!(bytes[8], VERSION);
+        let mut old = bytes[..HEADER_V1 as usize].to_vec();
+        old[8] = VERSION_ROWS_ONLY;
+        old.extend_from_slice(&bytes[HEADER as usize..layout.rows_end as usize]);
+        let hash = *blake3::hash(&old).as_bytes();
+        old.extend_from_slice(&hash);
+        std::fs::write(&path, old).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(idx: u32, accounts: [u32; 2]) -> TransferRow {
+        TransferRow {
+            idx,
+            id: 1_000 + u128::from(idx),
+            accounts,
+            bytes: vec![idx as u8; 1 + idx as usize % 5],
+        }
+    }
+
+    /// Issue 15 (histories on disk): each segment lists its rows under both their accounts;
+    /// a page reads below its bound, newest first, across segments, each index once (a row
+    /// written again in a later segment), and a version 1 segment (no lists) still reads
+    /// its rows and lists nothing. The scan visits every list entry once per segment.
+    #[test]
+    fn history_lists_page_across_segments_and_version_1_segments_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        // Account 7 is in every transfer; 3 and 5 share the others.
+        let first: Vec<TransferRow> = (0..10).map(|i| row(i, [7, 3 + 2 * (i % 2)])).collect();
+        segments.put(&first).unwrap();
+        // Transfer 4 written again (as an ended pending transfer would be), and later ones.
+        let second: Vec<TransferRow> = [4]
+            .into_iter()
+            .chain(10..15)
+            .map(|i| row(i, [3 + 2 * (i % 2), 7]))
+            .collect();
+        segments.put(&second).unwrap();
+        let all: Vec<u32> = (0..15).rev().collect();
+        assert_eq!(segments.history(7, 100, 100).unwrap(), all);
+        assert_eq!(segments.history(7, 12, 3).unwrap(), vec![11, 10, 9]);
+        assert_eq!(segments.history(7, 5, 10).unwrap(), vec![4, 3, 2, 1, 0]);
+        assert_eq!(segments.history(7, 0, 10).unwrap(), Vec::<u32>::new());
+        assert_eq!(segments.history(3, 100, 4).unwrap(), vec![14, 12, 10, 8]);
+        assert_eq!(segments.history(5, 6, 10).unwrap(), vec![5, 3, 1]);
+        assert_eq!(segments.history(9, 100, 10).unwrap(), Vec::<u32>::new());
+
+        let mut listed = Vec::new();
+        segments
+            .scan(&mut |e| {
+                if let RowEntry::Listed { account, idx } = e {
+                    listed.push((account, idx));
+                }
+            })
+            .unwrap();
+        assert_eq!(listed.len(), 2 * (first.len() + second.len()));
+        drop(segments);
+
+        rewrite_as_version_1(dir.path());
+        let segments = Segments::open(dir.path()).unwrap();
+        assert_eq!(segments.row(4).unwrap(), Some(row(4, [0, 1]).bytes));
+        assert_eq!(segments.idx_of(1_013).unwrap(), Some(13));
+        assert_eq!(segments.history(7, 100, 100).unwrap(), Vec::<u32>::new());
+        let mut rows = 0;
+        segments
+            .scan(&mut |e| rows += usize::from(matches!(e, RowEntry::Row { .. })))
+            .unwrap();
+        assert_eq!(rows, first.len() + second.len());
+        // A new segment after version 1 ones has its lists.
+        segments.put(&[row(20, [7, 3])]).unwrap();
+        assert_eq!(segments.history(7, 100, 100).unwrap(), vec![20]);
+    }
+
+    /// A flipped byte in the history part of a segment is caught by the scan (its hash).
+    #[test]
+    fn a_flipped_byte_in_the_history_lists_fails_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        segments
+            .put(&(0..4).map(|i| row(i, [1, 2])).collect::<Vec<_>>())
+            .unwrap();
+        drop(segments);
+        let path = dir.path().join(ROWS_DIR).join(format!("seg-{:016x}", 1));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 32 - 5;
+        bytes[at] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        let error = segments.scan(&mut |_| {}).unwrap_err().to_string();
+        assert!(error.contains("transfer rows"), "{error}");
     }
 }

@@ -256,7 +256,9 @@ struct Account {
     id: AccountId,
     balances: Balances,
     frozen: Option<FreezeMode>,
-    /// Transfers touching this account, oldest first.
+    /// Transfers touching this account that are held in memory (not durable rows on disk
+    /// yet: since the last spill, pending, or in a spill being written), oldest first. The
+    /// others are in the history lists on disk ([`State::history`] merges both).
     history: Vec<TransferIdx>,
     /// The debits of a user account in the last 24 h, by minute (empty for system accounts).
     window: Window,
@@ -348,6 +350,74 @@ pub(crate) struct State {
     /// A row [`State::apply`] could not read (at replay: live decisions pin what their
     /// events need), so that it fails as a storage error, not as a broken journal.
     apply_read_error: Option<StorageError>,
+}
+
+/// Most history entries read from disk at once (a page is at most
+/// [`super::HISTORY_PAGE_MAX`]).
+const HISTORY_FETCH_MAX: usize = 4_096;
+
+/// One list a history walk merges ([`State::walk_history`]), read newest first: an
+/// account's entries in memory, or its lists on disk, read `fetch` entries at a time.
+enum HistoryList<'a> {
+    Memory {
+        account: AccountIdx,
+        list: &'a [TransferIdx],
+        /// Entries `..end` are still to come.
+        end: usize,
+    },
+    Disk {
+        account: AccountIdx,
+        /// The entries read last, newest first, and the next one to come.
+        read: Vec<TransferIdx>,
+        pos: usize,
+        /// The next read is of entries below this.
+        below: TransferIdx,
+        /// Nothing more below `below`.
+        done: bool,
+    },
+}
+
+impl HistoryList<'_> {
+    fn account(&self) -> AccountIdx {
+        match self {
+            Self::Memory { account, .. } | Self::Disk { account, .. } => *account,
+        }
+    }
+
+    /// The newest entry still to come, reading the next ones from disk when needed.
+    fn peek(
+        &mut self,
+        transfers: &rows::Transfers,
+        fetch: usize,
+    ) -> Result<Option<TransferIdx>, StorageError> {
+        match self {
+            Self::Memory { list, end, .. } => Ok(end.checked_sub(1).map(|i| list[i])),
+            Self::Disk {
+                account,
+                read,
+                pos,
+                below,
+                done,
+            } => {
+                if *pos == read.len() && !*done {
+                    *read = transfers.disk_history(*account, *below, fetch)?;
+                    *pos = 0;
+                    *done = read.len() < fetch;
+                    if let Some(&oldest) = read.last() {
+                        *below = oldest;
+                    }
+                }
+                Ok(read.get(*pos).copied())
+            }
+        }
+    }
+
+    fn advance(&mut self) {
+        match self {
+            Self::Memory { end, .. } => *end -= 1,
+            Self::Disk { pos, .. } => *pos += 1,
+        }
+    }
 }
 
 /// Why an event does not apply.
@@ -1451,7 +1521,11 @@ impl State {
     /// Transfer `idx` as callers see it; `Err` if its row, or the row of the transfer it
     /// refunds, cannot be read.
     fn view(&self, idx: TransferIdx) -> Result<Transfer, StorageError> {
-        let t = self.transfers.try_get(idx)?;
+        self.view_of(idx, self.transfers.try_get(idx)?.as_ref())
+    }
+
+    /// [`State::view`] of transfer `idx`, already read as `t`.
+    fn view_of(&self, idx: TransferIdx, t: &TransferRec) -> Result<Transfer, StorageError> {
         let refund_of = match t.kind {
             TransferKind::Refund { original } => Some(original),
             _ => match self.pending_refund_of.get(&idx) {
@@ -1529,40 +1603,101 @@ impl State {
 
     /// Transfers touching `owner`, newest first, strictly older than `before` (a position
     /// from an earlier page), at most `limit`. Returns the page and the cursor for the next;
-    /// `Err` if a row of the page cannot be read from the storage.
+    /// `Err` if a row of the page, or a history list on disk, cannot be read.
     pub fn history(
         &self,
         owner: &Owner,
         before: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<Transfer>, Option<u64>), StorageError> {
-        let lists: Vec<&[TransferIdx]> = self
-            .owner_accounts(owner)
-            .map(|idx| self.accounts[idx as usize].history.as_slice())
-            .collect();
-        // Each list is ascending; walk them together from the end (a k-way merge over at most
-        // one list per currency).
-        let mut ends: Vec<usize> = lists
-            .iter()
-            .map(|l| match before {
-                Some(b) => l.partition_point(|&i| u64::from(i) < b),
-                None => l.len(),
-            })
-            .collect();
+        let accounts: Vec<AccountIdx> = self.owner_accounts(owner).collect();
         let mut page = Vec::new();
         let mut last = None;
-        while page.len() < limit {
-            let next = (0..lists.len())
-                .filter(|&k| ends[k] > 0)
-                .max_by_key(|&k| lists[k][ends[k] - 1]);
-            let Some(k) = next else { break };
-            ends[k] -= 1;
-            let idx = lists[k][ends[k]];
-            page.push(self.view(idx)?);
-            last = Some(u64::from(idx));
-        }
-        let more = ends.iter().any(|&e| e > 0);
+        let mut more = false;
+        self.walk_history(
+            &accounts,
+            before.unwrap_or(u64::MAX),
+            limit.saturating_add(1),
+            &mut |idx, t| {
+                if page.len() == limit {
+                    more = true;
+                    return Ok(false);
+                }
+                page.push(self.view_of(idx, t)?);
+                last = Some(u64::from(idx));
+                Ok(true)
+            },
+        )?;
         Ok((page, if more { last } else { None }))
+    }
+
+    /// Every transfer touching `account`, oldest first, from memory and disk (`verify`
+    /// compares it with a replay's).
+    fn full_history(&self, account: AccountIdx) -> Result<Vec<TransferIdx>, StorageError> {
+        let mut all = Vec::new();
+        self.walk_history(&[account], u64::MAX, HISTORY_FETCH_MAX, &mut |idx, _| {
+            all.push(idx);
+            Ok(true)
+        })?;
+        all.reverse();
+        Ok(all)
+    }
+
+    /// Visits the transfers touching `accounts` below `before`, newest first, each once,
+    /// until `visit` returns `false`: a k-way merge by index of each account's entries in
+    /// memory and its lists on disk (read `fetch` at a time). A pending transfer that ended
+    /// after later ones were spilled is in a later segment than they are, so the order is
+    /// the merge's, not the segments'. An entry on disk is checked against its row (after
+    /// records were lost, an index may have been written again for another transfer).
+    fn walk_history(
+        &self,
+        accounts: &[AccountIdx],
+        before: u64,
+        fetch: usize,
+        visit: &mut dyn FnMut(TransferIdx, &TransferRec) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        let fetch = fetch.clamp(1, HISTORY_FETCH_MAX);
+        let below = TransferIdx::try_from(before).unwrap_or(TransferIdx::MAX);
+        let mut lists: Vec<HistoryList<'_>> = Vec::with_capacity(accounts.len() * 2);
+        for &account in accounts {
+            let list = self.accounts[account as usize].history.as_slice();
+            let end = list.partition_point(|&i| u64::from(i) < before);
+            lists.push(HistoryList::Memory { account, list, end });
+            lists.push(HistoryList::Disk {
+                account,
+                read: Vec::new(),
+                pos: 0,
+                below,
+                done: false,
+            });
+        }
+        let mut emitted: Option<TransferIdx> = None;
+        loop {
+            let mut newest: Option<(usize, TransferIdx)> = None;
+            for (k, list) in lists.iter_mut().enumerate() {
+                if let Some(idx) = list.peek(&self.transfers, fetch)? {
+                    if newest.is_none_or(|(_, n)| idx > n) {
+                        newest = Some((k, idx));
+                    }
+                }
+            }
+            let Some((k, idx)) = newest else {
+                return Ok(());
+            };
+            lists[k].advance();
+            if emitted == Some(idx) {
+                continue;
+            }
+            let t = self.transfers.try_get(idx)?;
+            let account = lists[k].account();
+            if t.debit != account && t.credit != account {
+                continue;
+            }
+            emitted = Some(idx);
+            if !visit(idx, &t)? {
+                return Ok(());
+            }
+        }
     }
 
     /// Every transfer still pending, oldest deadline first; `Err` if the row of a transfer a

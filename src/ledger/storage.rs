@@ -15,9 +15,10 @@
 //! batch, never returned: the batch is durable by then). Records live in files, not sled
 //! values, because sled keeps in memory every value it wrote, whatever its cache size.
 //! Nothing else is written per commit: balances and the recent transfers are rebuilt in
-//! memory from the checkpoint and the journal on open. The rows of ended transfers are
-//! written in bulk at checkpoints, as segment files beside sled's (`segments.rs`; not sled
-//! keys: sled's memory grows with every key), and read back when asked for.
+//! memory from the checkpoint and the journal on open. The rows of ended transfers, with
+//! each account's list of them (its history), are written in bulk at checkpoints, as
+//! segment files beside sled's (`segments.rs`; not sled keys: sled's memory grows with
+//! every key), and read back when asked for.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -48,15 +49,18 @@ impl From<sled::Error> for StorageError {
 }
 
 /// The row of one transfer that has ended, written out of memory (see docs/ledger.md,
-/// Memory): its index in journal order, its id, and its bytes (`State::put_row`). A row never
-/// changes once written: a transfer's row is written only once it has ended, and what its
-/// refunds change is kept beside it.
+/// Memory): its index in journal order, its id, the two accounts it touches, and its bytes
+/// (`State::put_row`). A row never changes once written: a transfer's row is written only
+/// once it has ended, and what its refunds change is kept beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferRow {
     /// The transfer's index in journal order (the n-th transfer created has index n - 1).
     pub idx: u32,
     /// The transfer's id.
     pub id: u128,
+    /// The indexes (in opening order) of its debit and credit accounts: the row is listed in
+    /// the history of each ([`Storage::account_history`]).
+    pub accounts: [u32; 2],
     /// The encoded row.
     pub bytes: Vec<u8>,
 }
@@ -68,6 +72,8 @@ pub enum RowEntry<'a> {
     Row { idx: u32, bytes: &'a [u8] },
     /// An id index entry: transfer `id` has index `idx`.
     Id { id: u128, idx: u32 },
+    /// An account history entry: transfer `idx` touches account `account`.
+    Listed { account: u32, idx: u32 },
 }
 
 /// Pieces in which the power-cut test storage issues a `put_transfer_rows` (each survives a
@@ -126,7 +132,8 @@ pub trait Storage: Send + Sync + 'static {
         false
     }
 
-    /// Stores `rows` and their id index (id -> index); returns once all of them are durable.
+    /// Stores `rows`, their id index (id -> index) and their accounts' history lists (each
+    /// row listed under both its accounts); returns once all of them are durable.
     /// Called before the checkpoint that relies on them is written, so a checkpoint never
     /// names a row a power cut could take back. Not atomic: a failed call may have stored
     /// some rows, which is harmless (a row never changes, so writing it again writes the
@@ -150,12 +157,31 @@ pub trait Storage: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// Visits every stored row and id index entry, each stored piece read once and in
-    /// order, oldest write first: an entry for an index or id already visited replaces it,
-    /// as [`Storage::transfer_row`] and [`Storage::transfer_row_idx`] would answer. For
-    /// `verify`, which checks every row against the replay in one pass instead of one lookup
-    /// per transfer. A backend that keeps rows must provide it; it checks what it can on the
-    /// way (the sled backend: each segment's own hash).
+    /// The indexes of the stored rows listed in the history of `account` that are below
+    /// `before`, newest (highest) first, each once, at most `limit`: a page of the account's
+    /// history on disk, in work bounded by `limit` (and the number of stored pieces). An
+    /// entry whose row was written again later may name a transfer that no longer touches
+    /// the account (after records were lost): the caller checks the row. A backend that
+    /// keeps rows must provide it (the default lists nothing: histories would miss every
+    /// transfer on disk).
+    fn account_history(
+        &self,
+        account: u32,
+        before: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let _ = (account, before, limit);
+        Ok(Vec::new())
+    }
+
+    /// Visits every stored row, id index entry and history list entry, each stored piece
+    /// read once and in order, oldest write first; within a piece its rows come before its
+    /// history entries. An entry for an index or id already visited replaces it, as
+    /// [`Storage::transfer_row`] and [`Storage::transfer_row_idx`] would answer, and the
+    /// history entries of a row count from the last piece that wrote it. For `verify`, which
+    /// checks every row against the replay in one pass instead of one lookup per transfer. A
+    /// backend that keeps rows must provide it; it checks what it can on the way (the sled
+    /// backend: each segment's own hash and tables).
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         let _ = visit;
         Ok(())
@@ -467,6 +493,15 @@ impl Storage for SledStorage {
         self.rows.put(rows)
     }
 
+    fn account_history(
+        &self,
+        account: u32,
+        before: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.rows.history(account, before, limit)
+    }
+
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
         self.rows.row(idx)
     }
@@ -534,13 +569,14 @@ mod tests {
         TransferRow {
             idx,
             id: 1_000 + u128::from(idx) * 7,
+            accounts: [idx % 4, 4 + idx % 3],
             bytes: vec![idx as u8; 1 + idx as usize % 40],
         }
     }
 
     /// Issue 15 (memory flat in history): rows of ended transfers go to segment files, and
     /// are read back by index and by id after a reopen (a row written again: its newest
-    /// copy); the journal is untouched.
+    /// copy), and each account's history lists by page; the journal is untouched.
     #[test]
     fn transfer_rows_read_back_by_index_and_id_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -562,6 +598,18 @@ mod tests {
         }
         assert_eq!(storage.transfer_row(count).unwrap(), None);
         assert_eq!(storage.transfer_row_idx(1).unwrap(), None);
+        let listed = |account: u32, before: u32| -> Vec<u32> {
+            (0..before.min(count))
+                .rev()
+                .filter(|&i| row(i).accounts.contains(&account))
+                .collect()
+        };
+        for (account, before, limit) in [(0, count, 5), (5, 40, 100), (2, 3, 10), (6, 0, 3)] {
+            let mut expected = listed(account, before);
+            expected.truncate(limit);
+            let page = storage.account_history(account, before, limit).unwrap();
+            assert_eq!(page, expected, "account {account} below {before}");
+        }
         let journal: Vec<u64> = storage.records(1).map(|r| r.unwrap().0).collect();
         assert_eq!(journal, vec![1], "rows are not journal records");
         assert_eq!(storage.head().unwrap().unwrap(), [1; ANCHOR_BYTES]);

@@ -3407,6 +3407,7 @@ fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
             .put_transfer_rows(&[TransferRow {
                 idx: 1,
                 id: 2,
+                accounts: [0, 1],
                 bytes: row,
             }])
             .unwrap();
@@ -3589,6 +3590,17 @@ impl Storage for FlakyRows {
             _ => self.inner.transfer_row_idx(id),
         }
     }
+    fn account_history(
+        &self,
+        account: u32,
+        before: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        match self.mode() {
+            ROWS_FAIL => Err(StorageError::Backend("injected read failure".into())),
+            _ => self.inner.account_history(account, before, limit),
+        }
+    }
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }
@@ -3751,3 +3763,4 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
 }
 
 mod batch;
+mod history;

@@ -303,6 +303,15 @@ impl Storage for SharedPower {
         self.inner.transfer_row_idx(id)
     }
 
+    fn account_history(
+        &self,
+        account: u32,
+        before: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner.account_history(account, before, limit)
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }

@@ -3,19 +3,20 @@
 //!
 //! Format (integers little-endian, `v` = LEB128 varint):
 //! ```text
-//! magic "mxpay-cp" | version u8 = 3 | seq u64 | record hash [32] | time_ms u64 |
+//! magic "mxpay-cp" | version u8 = 5 | seq u64 | record hash [32] | time_ms u64 |
 //! spilled u32 | state... | hash [32]
 //! hash = blake3(all bytes before it)
 //! ```
 //! `seq` and `record hash` name the journal record the state is the replay of (up to and
 //! including it), and `time_ms` is that record's time. The ended transfers below `spilled`
-//! are not in it: their rows were written to the storage before it (`State::spill`). The
-//! state is written in a fixed order (accounts with their daily windows and histories, the
-//! held transfers in index order, failures in the order they were recorded, totals, refunds
-//! sorted), so the same state always gives the same
+//! are not in it: their rows, and the history lists of their accounts, were written to the
+//! storage before it (`State::spill`). The state is written in a fixed order (accounts with
+//! their daily windows, the held transfers in index order, failures in the order they were
+//! recorded, totals, refunds sorted), so the same state always gives the same
 //! bytes: `verify` replays the journal to the checkpoint's record and compares bytes. What
 //! can be derived from what it holds (the id and account indexes, the deadline index, the
-//! reservations of pending refunds) is rebuilt on decode, not stored.
+//! reservations of pending refunds, the accounts' history entries of the held transfers) is
+//! rebuilt on decode, not stored.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,24 +37,31 @@ use crate::ledger::model::{Balances, TransferError, TransferId, TransferKind, Tr
 use crate::ledger::storage::{RowEntry, Storage, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-cp";
-/// 4: id filters of 24 bits and 10 probes per id (a filter's probes differ from version 3's,
-/// so a version 3 filter read as version 4 could say "not on disk" for an id that is);
-/// 3: daily windows by minute, recorded failures with their time (issue 15, memory flat in
-/// history); 2 held each debit of the last 24 h; 1 held every transfer.
-pub(crate) const VERSION: u8 = 4;
+/// 5: no account histories (those of the transfers on disk are lists beside their rows,
+/// the others are rebuilt from the held transfers); 4: id filters of 24 bits and 10 probes
+/// per id (a filter's probes differ from version 3's, so a version 3 filter read as
+/// version 4 could say "not on disk" for an id that is); 3: daily windows by minute,
+/// recorded failures with their time (issue 15, memory flat in history); 2 held each debit
+/// of the last 24 h; 1 held every transfer.
+pub(crate) const VERSION: u8 = 5;
 /// The format written before issue 15: the whole state, every transfer included.
 pub(crate) const VERSION_FULL_STATE: u8 = 1;
 /// The format with exact daily windows (a debit of the last 24 h each).
 pub(crate) const VERSION_EXACT_WINDOWS: u8 = 2;
 /// The format with id filters of 10 bits and 7 probes per id.
 pub(crate) const VERSION_SPARSE_FILTERS: u8 = 3;
+/// The format with every account's whole history. Its rows on disk (segments of version 1)
+/// have no history lists: the full replay after it and the first spill, which writes every
+/// ended transfer again with its lists, make the history whole on disk again.
+pub(crate) const VERSION_HISTORIES: u8 = 4;
 /// Formats written by earlier versions and no longer decoded: open replays the whole journal
 /// instead (and writes the current format soon after); `verify` reports them as old format,
 /// not compared.
-pub(crate) const VERSIONS_OLD: [u8; 3] = [
+pub(crate) const VERSIONS_OLD: [u8; 4] = [
     VERSION_FULL_STATE,
     VERSION_EXACT_WINDOWS,
     VERSION_SPARSE_FILTERS,
+    VERSION_HISTORIES,
 ];
 
 /// A decoded checkpoint: the state and the journal record it stands for.
@@ -209,6 +217,7 @@ impl CheckpointJob {
                 rows.push(TransferRow {
                     idx,
                     id: t.id.0,
+                    accounts: [t.debit, t.credit],
                     bytes,
                 });
             }
@@ -324,13 +333,8 @@ impl State {
                 put_varint(&mut out, counted_minor);
                 prev = minute;
             }
-            // The history cannot be rebuilt from transfers the checkpoint does not hold.
-            put_varint(&mut out, a.history.len() as u128);
-            let mut prev = 0;
-            for &idx in &a.history {
-                put_varint(&mut out, u128::from(idx - prev));
-                prev = idx;
-            }
+            // No history: that of the rows on disk is in lists beside them, that of the held
+            // transfers is rebuilt from them (O(state) to encode, not O(history)).
         }
         put_varint(&mut out, u128::from(len));
         let mut held: Vec<TransferIdx> = self
@@ -477,15 +481,6 @@ impl State {
                 buckets.push((minute, r.varint()?));
             }
             let window = Window::from_buckets(buckets)?;
-            let entries = count(&mut r)?;
-            let mut history = Vec::with_capacity(entries);
-            let mut prev: TransferIdx = 0;
-            for _ in 0..entries {
-                prev = prev
-                    .checked_add(r.varint_u32()?)
-                    .ok_or("history index out of range")?;
-                history.push(prev);
-            }
             let idx = state.accounts.len() as u32;
             if state.account_index.insert(id.clone(), idx).is_some() {
                 return Err(format!("account {id} appears twice"));
@@ -494,7 +489,7 @@ impl State {
                 id,
                 balances,
                 frozen,
-                history,
+                history: Vec::new(),
                 window,
             });
         }
@@ -549,6 +544,19 @@ impl State {
                 "{} transfers held from the spill point, {len} in all",
                 state.transfers.len()
             ));
+        }
+        // The accounts' history entries in memory: those of the held transfers, in index
+        // order (the pending ones below the spill point come first).
+        let t = &state.transfers;
+        let held = t.resident.iter().map(|(&idx, r)| (idx, r)).chain(
+            t.tail
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (spilled + i as TransferIdx, r)),
+        );
+        for (idx, record) in held {
+            state.accounts[record.debit as usize].history.push(idx);
+            state.accounts[record.credit as usize].history.push(idx);
         }
         let failures = count(&mut r)?;
         if failures > FAILURES_KEPT_MAX {
@@ -753,7 +761,20 @@ impl State {
     /// allocations as rows).
     pub fn spill_written(&mut self, filter: Option<Arc<IdFilter>>) -> Vec<Arc<SpillPart>> {
         self.transfers.filters.extend(filter);
-        std::mem::take(&mut self.transfers.unsynced)
+        let written = std::mem::take(&mut self.transfers.unsynced);
+        if !written.is_empty() {
+            // Their history entries are in the lists on disk now: keep only those of the
+            // transfers still in memory (after the spill point, or pending below it).
+            let t = &self.transfers;
+            for a in &mut self.accounts {
+                a.history
+                    .retain(|&idx| idx >= t.spilled || t.resident.contains_key(&idx));
+                if a.history.capacity() > 64 && a.history.len() < a.history.capacity() / 4 {
+                    a.history.shrink_to(a.history.len() * 2);
+                }
+            }
+        }
+        written
     }
 
     /// Lets the state read the rows written by earlier spills (after an open).
@@ -764,7 +785,8 @@ impl State {
     }
 
     /// Checks that every ended transfer below `spilled` is on disk as its row, with its id
-    /// index entry (`verify`, on the full replay, at the checkpoint's record).
+    /// index entry, and listed in the history lists of exactly its two accounts (`verify`,
+    /// on the full replay, at the checkpoint's record).
     pub fn check_rows(
         &self,
         storage: &dyn Storage,
@@ -788,6 +810,12 @@ impl State {
         const OTHER: u8 = 2;
         let mut row_found = vec![ABSENT; spilled as usize];
         let mut id_found = vec![ABSENT; spilled as usize];
+        // The lists naming each transfer, since its row was last written: its debit's
+        // (bit 0), its credit's (bit 1), another account's (bit 2).
+        const IN_DEBIT: u8 = 1;
+        const IN_CREDIT: u8 = 2;
+        const IN_OTHER: u8 = 4;
+        let mut listed = vec![0u8; spilled as usize];
         let mut expected = Vec::new();
         storage
             .scan_transfer_rows(&mut |entry| match entry {
@@ -799,6 +827,17 @@ impl State {
                     } else {
                         OTHER
                     };
+                    listed[idx as usize] = 0;
+                }
+                RowEntry::Listed { account, idx } if idx < spilled => {
+                    let t = self.transfers.get(idx);
+                    listed[idx as usize] |= if account == t.debit {
+                        IN_DEBIT
+                    } else if account == t.credit {
+                        IN_CREDIT
+                    } else {
+                        IN_OTHER
+                    };
                 }
                 RowEntry::Id { id, idx } => {
                     if let Some(&at) = self.transfers.index.get(&TransferId(id)) {
@@ -807,7 +846,7 @@ impl State {
                         }
                     }
                 }
-                RowEntry::Row { .. } => {}
+                RowEntry::Row { .. } | RowEntry::Listed { .. } => {}
             })
             .map_err(|e| e.to_string())?;
         for idx in 0..spilled {
@@ -827,6 +866,12 @@ impl State {
                     t.id
                 ));
             }
+            if listed[idx as usize] != IN_DEBIT | IN_CREDIT {
+                return Err(format!(
+                    "transfer {} is not in exactly its two accounts' history lists on disk",
+                    t.id
+                ));
+            }
         }
         Ok(())
     }
@@ -838,9 +883,15 @@ impl State {
         if let Some(diff) = self.diff(other) {
             return Some(diff);
         }
-        for (a, b) in self.accounts.iter().zip(&other.accounts) {
-            if a.history != b.history {
-                return Some(format!("account {}: histories differ", a.id));
+        for (i, a) in self.accounts.iter().enumerate() {
+            // Each side's whole history: in memory, and in the lists on disk.
+            let i = i as super::AccountIdx;
+            match (self.full_history(i), other.full_history(i)) {
+                (Ok(mine), Ok(theirs)) if mine == theirs => {}
+                (Ok(_), Ok(_)) => return Some(format!("account {}: histories differ", a.id)),
+                (Err(e), _) | (_, Err(e)) => {
+                    return Some(format!("account {}: history: {e}", a.id))
+                }
             }
         }
         if self.deadlines != other.deadlines {
@@ -868,6 +919,11 @@ impl State {
 
 #[cfg(test)]
 impl State {
+    /// How many account history entries are held in memory (two per transfer in memory).
+    pub fn history_entries_in_memory(&self) -> usize {
+        self.accounts.iter().map(|a| a.history.len()).sum()
+    }
+
     /// Adds `minor` to an account's posted credits: a state the journal never produced.
     pub fn bump_credit_for_test(&mut self, account: &crate::ledger::model::AccountId, minor: u128) {
         let idx = self.account_index[account] as usize;

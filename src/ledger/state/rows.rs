@@ -108,7 +108,7 @@ impl Transfers {
     }
 
     /// Below this index, an ended transfer not in memory is a durable row on disk.
-    fn durable_end(&self) -> TransferIdx {
+    pub fn durable_end(&self) -> TransferIdx {
         self.unsynced.first().map_or(self.spilled, |p| p.first)
     }
 
@@ -191,6 +191,26 @@ impl Transfers {
         let in_memory =
             self.resident.contains_key(&idx) || self.unsynced.iter().any(|p| p.get(idx).is_some());
         Ok((idx < durable_end && !in_memory).then_some(idx))
+    }
+
+    /// Up to `limit` indexes below `before` from the history lists on disk of `account`,
+    /// newest first: only entries below the durable spill point (beyond it, an entry is of
+    /// a spill a power cut undid, or of one whose rows are still in memory).
+    pub fn disk_history(
+        &self,
+        account: super::AccountIdx,
+        before: TransferIdx,
+        limit: usize,
+    ) -> Result<Vec<TransferIdx>, StorageError> {
+        let before = before.min(self.durable_end());
+        match self.disk.as_ref().filter(|_| before > 0) {
+            Some(disk) => disk.account_history(account, before, limit).map_err(|e| {
+                StorageError::Backend(format!(
+                    "cannot read the history of account #{account} on disk: {e}"
+                ))
+            }),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Reads the row of transfer `id` (if it exists and is on disk) and keeps it until
