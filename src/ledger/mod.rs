@@ -50,7 +50,7 @@ pub use time::{MonotonicClock, SharedMonotonic, SystemMonotonic, CLOCK_SKEW_MS_M
 
 use crate::clock::SharedClock;
 use codec::Head;
-use state::{Answer, Op, OpResult, State};
+use state::{Answer, Durable, Op, OpResult, State};
 use writer::{Command, Writer};
 
 /// Errors of the ledger. A refused transfer is [`LedgerError::Rejected`] with its stable code.
@@ -351,6 +351,8 @@ impl Ledger {
             durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(replayed.head.seq)),
             view: Arc::default(),
             ops_carried: None,
+            held: std::collections::VecDeque::new(),
+            held_changes: 0,
         };
         let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
@@ -478,6 +480,8 @@ impl Ledger {
         })
     }
 
+    /// Reads the whole state once the record being decided when the read reaches the writer
+    /// is durable (for `verify_with_memory` and tests, which compare all of it).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&State, Head) -> T + Send + 'static,
@@ -487,6 +491,21 @@ impl Ledger {
             let _ = reply.send(f(state, head));
         });
         self.send(Command::Read(read)).await?;
+        rx.await.map_err(|_| LedgerError::Closed)
+    }
+
+    /// Reads the durable state (`head` is the last durable record) as soon as the writer
+    /// takes the read from its queue: not after the record being decided or written then,
+    /// which it never shows.
+    async fn read_durable<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Durable<'_>, Head) -> T + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        let read = Box::new(move |state: Durable<'_>, head: Head| {
+            let _ = reply.send(f(state, head));
+        });
+        self.send(Command::ReadDurable(read)).await?;
         rx.await.map_err(|_| LedgerError::Closed)
     }
 
@@ -673,7 +692,7 @@ impl Ledger {
     /// empty if it has none or is unknown. Looked up by reference, not by a scan.
     pub async fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
         Ok(self
-            .read(move |state, _| state.refunds_of(original))
+            .read_durable(move |state, _| state.refunds_of(original))
             .await??)
     }
 
@@ -720,7 +739,9 @@ impl Ledger {
 
     /// A transfer by id.
     pub async fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
-        Ok(self.read(move |state, _| state.transfer(id)).await??)
+        Ok(self
+            .read_durable(move |state, _| state.transfer(id))
+            .await??)
     }
 
     /// Transfers touching `owner`, newest first, `limit` (at most [`HISTORY_PAGE_MAX`]) per
@@ -734,7 +755,7 @@ impl Ledger {
         let owner = owner.clone();
         let limit = limit.min(HISTORY_PAGE_MAX);
         let (transfers, next) = self
-            .read(move |state, _| state.history(&owner, cursor.map(|c| c.0), limit))
+            .read_durable(move |state, _| state.history(&owner, cursor.map(|c| c.0), limit))
             .await??;
         Ok(HistoryPage {
             transfers,
@@ -744,7 +765,9 @@ impl Ledger {
 
     /// Every transfer still pending, oldest deadline first.
     pub async fn pending_transfers(&self) -> Result<Vec<Transfer>, LedgerError> {
-        Ok(self.read(|state, _| state.pending_transfers()).await??)
+        Ok(self
+            .read_durable(|state, _| state.pending_transfers())
+            .await??)
     }
 
     /// Replays the durable journal from record 1 (checking its hash chain, the head anchor,
@@ -817,10 +840,7 @@ impl Ledger {
     /// record `from_seq - 1` is not durable or not readable.
     pub async fn tail_from(&self, from_seq: u64) -> Result<JournalTail, LedgerError> {
         let (accounts, head_seq) = self
-            .read(|state, head| {
-                let accounts: Vec<AccountId> = state.accounts().into_iter().map(|a| a.id).collect();
-                (accounts, head.seq)
-            })
+            .read_durable(|state, head| (state.account_ids(), head.seq))
             .await?;
         if from_seq > head_seq.saturating_add(1) {
             return Err(LedgerError::Corrupt {

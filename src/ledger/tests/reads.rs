@@ -1,0 +1,478 @@
+//! Reads while a record is being written (issue 15): `transfer`, `history`,
+//! `pending_transfers` and `refunds_of` are answered from the durable state as soon as the
+//! writer takes them, not after the record in flight (its fsync, or the rest of a batch
+//! call), and never show what that record changed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::*;
+
+/// The longest a test waits for an answer it expects; a read that waits for the gate is
+/// reported as such instead of hanging the test.
+const ANSWER_WAIT_MAX: Duration = Duration::from_secs(15);
+
+/// [`GatedStorage`], whose held append may also fail once the gate opens.
+#[derive(Default)]
+struct Gate {
+    gated: GatedStorage,
+    fail: AtomicBool,
+}
+
+impl Storage for Gate {
+    fn append(&self, seq: u64, record: &[u8], head: &[u8]) -> Result<(), StorageError> {
+        self.gated.append(seq, record, head)?;
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StorageError::Backend("injected append failure".to_owned()));
+        }
+        Ok(())
+    }
+
+    fn head(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.gated.head()
+    }
+
+    fn records(&self, from_seq: u64) -> Box<dyn Iterator<Item = storage::StoredRecord> + Send> {
+        self.gated.records(from_seq)
+    }
+}
+
+impl Gate {
+    /// Holds the next append until the returned guard is opened or dropped (a failing test
+    /// then does not leave the writer waiting).
+    fn close(&self) -> Closed<'_> {
+        self.gated.set_closed(true);
+        Closed(self)
+    }
+
+    /// Waits (bounded) until an append is held at the gate.
+    fn wait_held(&self) {
+        for _ in 0..1_500 {
+            if self.gated.waiting.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no append reached the gate");
+    }
+}
+
+struct Closed<'a>(&'a Gate);
+
+impl Closed<'_> {
+    fn open(self) {}
+}
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.0.gated.set_closed(false);
+    }
+}
+
+fn open_gated(gate: &Arc<Gate>, batch_commands_max: usize) -> (BlockingLedger, ManualClock) {
+    let clock = ManualClock::new(T0_MS);
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        batch_commands_max,
+        ..LedgerOptions::default()
+    };
+    let ledger = Ledger::open_storage(
+        gate.clone(),
+        Currencies::from_settings(&settings()).unwrap(),
+        Arc::new(clock.clone()),
+        options,
+    )
+    .unwrap();
+    (ledger.blocking(), clock)
+}
+
+fn eur(ledger: &BlockingLedger, value: &str) -> Amount {
+    ledger
+        .ledger()
+        .parse_amount(Decimal::from_str(value).unwrap(), "EUR")
+        .unwrap()
+}
+
+fn pay(ledger: &BlockingLedger, id: u128, from: Owner, to: &str, value: &str) -> TransferRequest {
+    TransferRequest {
+        id: TransferId(id),
+        debit: from,
+        credit: user(to),
+        amount: eur(ledger, value),
+        memo: Vec::new(),
+    }
+}
+
+/// Runs `read` on a thread of its own and returns its answer, failing the test if it does not
+/// come (it waited for the record being written).
+fn answers<T: Send + 'static>(what: &str, read: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read());
+    });
+    rx.recv_timeout(ANSWER_WAIT_MAX).unwrap_or_else(|_| {
+        panic!("{what} was not answered while a record was being written: it waited for it")
+    })
+}
+
+/// What became of a command sent with [`send_op`], [`send_ops`] or [`send_read`].
+#[derive(Debug)]
+enum Outcome<T> {
+    Answered(T),
+    /// Dropped unanswered: the writer stopped before it (its caller gets `Closed`).
+    Dropped,
+    /// Still unanswered after [`ANSWER_WAIT_MAX`].
+    Waiting,
+}
+
+/// Waits (bounded) for the answer of a queued command.
+fn outcome<T>(rx: &mut oneshot::Receiver<T>) -> Outcome<T> {
+    let step = Duration::from_millis(5);
+    for _ in 0..ANSWER_WAIT_MAX.as_millis() / step.as_millis() {
+        match rx.try_recv() {
+            Ok(answer) => return Outcome::Answered(answer),
+            Err(oneshot::error::TryRecvError::Empty) => std::thread::sleep(step),
+            Err(oneshot::error::TryRecvError::Closed) => return Outcome::Dropped,
+        }
+    }
+    Outcome::Waiting
+}
+
+/// The answer of a queued command; fails the test if there is none.
+fn reply<T: std::fmt::Debug>(mut rx: oneshot::Receiver<T>, what: &str) -> T {
+    match outcome(&mut rx) {
+        Outcome::Answered(answer) => answer,
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+/// Queues one change now, in this order with the other commands the test queues.
+fn send_op(ledger: &BlockingLedger, op: Op) -> oneshot::Receiver<Result<OpResult, LedgerError>> {
+    let (reply, rx) = oneshot::channel();
+    block_on(ledger.ledger().send(Command::Op { op, reply })).unwrap();
+    rx
+}
+
+/// Queues a batch call now.
+fn send_ops(
+    ledger: &BlockingLedger,
+    ops: Vec<Op>,
+) -> oneshot::Receiver<Result<Vec<Result<OpResult, StorageError>>, LedgerError>> {
+    let (reply, rx) = oneshot::channel();
+    let call = writer::OpsInFlight::new(ops, reply);
+    block_on(ledger.ledger().send(Command::Ops(call))).unwrap();
+    rx
+}
+
+type ReadReply = oneshot::Receiver<Result<Option<Transfer>, StorageError>>;
+
+/// Queues a durable read of transfer `id` now.
+fn send_read(ledger: &BlockingLedger, id: u128) -> ReadReply {
+    let (reply, rx) = oneshot::channel();
+    let read: writer::DurableReadFn = Box::new(move |state, _| {
+        let _ = reply.send(state.transfer(TransferId(id)));
+    });
+    block_on(ledger.ledger().send(Command::ReadDurable(read))).unwrap();
+    rx
+}
+
+fn create(request: TransferRequest, timeout_ms: Option<u64>) -> Op {
+    Op::Create {
+        request,
+        timeout_ms,
+        refund_of: None,
+    }
+}
+
+/// Everything a reader can see of the transfers, through the public calls.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    transfers: Vec<Option<Transfer>>,
+    history: Vec<HistoryPage>,
+    pending: Vec<Transfer>,
+    refunds: Vec<Transfer>,
+}
+
+fn seen(ledger: &BlockingLedger, ids: &[u128], owners: &[&str], refunded: u128) -> Seen {
+    Seen {
+        transfers: ids
+            .iter()
+            .map(|&id| ledger.transfer(TransferId(id)).unwrap())
+            .collect(),
+        // Two pages each: the cursor must not reach into the record in flight either.
+        history: owners
+            .iter()
+            .flat_map(|owner| {
+                let first = ledger.history(&user(owner), None, 2).unwrap();
+                let second = ledger.history(&user(owner), first.next, 100).unwrap();
+                [first, second]
+            })
+            .collect(),
+        pending: ledger.pending_transfers().unwrap(),
+        refunds: ledger.refunds_of(TransferId(refunded)).unwrap(),
+    }
+}
+
+/// (1) While a record's append is held, reads of transfers that were already durable answer.
+#[test]
+fn reads_of_durable_transfers_answer_while_a_record_is_written() {
+    let gate = Arc::new(Gate::default());
+    let (ledger, _clock) = open_gated(&gate, 8_190);
+    ledger
+        .create_transfer(pay(&ledger, 1, Owner::Issuer, "alice", "100.00"))
+        .unwrap();
+    ledger
+        .create_pending(pay(&ledger, 2, user("alice"), "bob", "5.00"), 60_000)
+        .unwrap();
+    ledger
+        .create_transfer(pay(&ledger, 3, user("alice"), "carol", "1.00"))
+        .unwrap();
+    let ids = [1, 2, 3];
+    let before = seen(&ledger, &ids, &["alice", "bob"], 3);
+
+    let closed = gate.close();
+    let writing = {
+        let ledger = ledger.clone();
+        let request = pay(&ledger, 4, user("alice"), "bob", "2.00");
+        std::thread::spawn(move || ledger.create_transfer(request))
+    };
+    gate.wait_held();
+    let during = {
+        let ledger = ledger.clone();
+        answers("transfer, history and pending_transfers", move || {
+            seen(&ledger, &ids, &["alice", "bob"], 3)
+        })
+    };
+    assert_eq!(during, before);
+
+    closed.open();
+    let created = writing.join().unwrap().unwrap();
+    assert_eq!(ledger.transfer(TransferId(4)).unwrap(), Some(created));
+}
+
+/// (2) While a record's append is held, what it created is absent and what it ended or
+/// refunded reads as before it; once it is durable, everything reads as its replies said.
+/// Then the same for an expiry made by the writer's own clock tick.
+#[test]
+fn reads_never_show_the_record_being_written() {
+    let gate = Arc::new(Gate::default());
+    let (ledger, clock) = open_gated(&gate, 8_190);
+    ledger
+        .create_transfer(pay(&ledger, 1, Owner::Issuer, "alice", "100.00"))
+        .unwrap();
+    // P: pending, posted by the record in flight.
+    ledger
+        .create_pending(pay(&ledger, 2, user("alice"), "bob", "5.00"), 60_000)
+        .unwrap();
+    // S: paid; refunded by the record in flight, and its pending refund PR voided by it.
+    ledger
+        .create_transfer(pay(&ledger, 3, user("alice"), "bob", "10.00"))
+        .unwrap();
+    ledger
+        .create_refund_result(
+            pay(&ledger, 4, user("bob"), "alice", "3.00"),
+            TransferId(3),
+            Some(60_000),
+        )
+        .unwrap();
+    // Q: pending with a short deadline, expired later by the writer's tick.
+    ledger
+        .create_pending(pay(&ledger, 5, user("alice"), "carol", "1.00"), 1_000)
+        .unwrap();
+    // X (new account dave) and RF (a refund of S) are created by the record in flight.
+    let ids = [1, 2, 3, 4, 5, 10, 11];
+    let owners = ["alice", "bob", "dave"];
+    let before = seen(&ledger, &ids, &owners, 3);
+    assert_eq!(before.transfers[5], None);
+    assert_eq!(before.refunds.len(), 1);
+
+    let closed = gate.close();
+    let call = send_ops(
+        &ledger,
+        vec![
+            create(pay(&ledger, 10, user("alice"), "dave", "2.00"), None),
+            Op::Post {
+                pending: TransferId(2),
+                amount: None,
+            },
+            Op::Refund {
+                id: TransferId(11),
+                original: TransferId(3),
+                amount: eur(&ledger, "1.00"),
+                memo: Vec::new(),
+            },
+            Op::Void {
+                pending: TransferId(4),
+            },
+        ],
+    );
+    gate.wait_held();
+    let during = {
+        let ledger = ledger.clone();
+        answers("reads during the record", move || {
+            seen(&ledger, &ids, &owners, 3)
+        })
+    };
+    assert_eq!(during, before, "a read showed a change not yet durable");
+    let tail = {
+        let ledger = ledger.ledger().clone();
+        answers("tail_from", move || {
+            let head = block_on(ledger.durable_seq()).unwrap();
+            block_on(ledger.tail_from(head + 1)).map(|_| ())
+        })
+    };
+    assert!(tail.is_ok(), "{tail:?}");
+
+    closed.open();
+    let results = reply(call, "the batch call");
+    let answered: Vec<Transfer> = results
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().unwrap().unwrap().transfer)
+        .collect();
+    let now = |id: u128| ledger.transfer(TransferId(id)).unwrap().unwrap();
+    assert_eq!(now(10), answered[0]);
+    assert_eq!(now(2), answered[1]);
+    assert!(matches!(now(2).state, TransferState::Posted { .. }));
+    assert_eq!(now(11), answered[2]);
+    assert_eq!(now(4), answered[3]);
+    assert_eq!(now(4).state, TransferState::Voided);
+    let s = now(3);
+    assert_eq!((s.refunded_minor, s.refund_pending_minor), (100, 0));
+    assert_eq!(ledger.refunds_of(TransferId(3)).unwrap().len(), 2);
+    let pending: Vec<TransferId> = ledger
+        .pending_transfers()
+        .unwrap()
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(pending, [TransferId(5)]);
+    let dave = ledger.history(&user("dave"), None, 10).unwrap();
+    assert_eq!(dave.transfers, [answered[0].clone()]);
+
+    // The writer's own tick expires Q in a record of its own.
+    let closed = gate.close();
+    clock.advance_ms(2_000);
+    gate.wait_held();
+    let (q, pending) = {
+        let ledger = ledger.clone();
+        answers("reads during the expiry", move || {
+            (
+                ledger.transfer(TransferId(5)).unwrap().unwrap(),
+                ledger.pending_transfers().unwrap(),
+            )
+        })
+    };
+    assert_eq!(q.state, TransferState::Pending);
+    assert_eq!(pending, [q]);
+    closed.open();
+    // Answered after the expiry's record is durable (this call's own record comes after it).
+    assert_eq!(ledger.expire_due().unwrap(), []);
+    assert_eq!(now(5).state, TransferState::Expired);
+    assert_eq!(ledger.pending_transfers().unwrap(), []);
+    ledger.verify_with_memory().unwrap();
+}
+
+/// (3) A read queued behind a batch call that spans several records is answered while the
+/// first of them is written, not once the whole call is.
+#[test]
+fn a_read_behind_a_batch_call_of_several_records_answers_before_the_call_ends() {
+    let gate = Arc::new(Gate::default());
+    let (ledger, _clock) = open_gated(&gate, 8_190);
+    ledger
+        .create_transfer(pay(&ledger, 1, Owner::Issuer, "alice", "100.00"))
+        .unwrap();
+    let durable = ledger.transfer(TransferId(1)).unwrap();
+
+    let closed = gate.close();
+    // One command of BATCH_OPS_MAX transfers: more than one record holds (128 KiB).
+    let ops: Vec<Op> = (0..BATCH_OPS_MAX as u128)
+        .map(|i| create(pay(&ledger, 100 + i, Owner::Issuer, "bob", "0.01"), None))
+        .collect();
+    let call = send_ops(&ledger, ops);
+    let durable_read = send_read(&ledger, 1);
+    let first_of_call = send_read(&ledger, 100);
+    let last_of_call = send_read(&ledger, 100 + BATCH_OPS_MAX as u128 - 1);
+    gate.wait_held();
+    let answered = |rx: ReadReply, what: &str| reply(rx, what).unwrap();
+    assert_eq!(answered(durable_read, "a durable transfer"), durable);
+    assert_eq!(answered(first_of_call, "the call's first transfer"), None);
+    assert_eq!(answered(last_of_call, "the call's last transfer"), None);
+
+    closed.open();
+    let results = reply(call, "the batch call");
+    assert_eq!(results.unwrap().len(), BATCH_OPS_MAX);
+    let last = ledger
+        .transfer(TransferId(100 + BATCH_OPS_MAX as u128 - 1))
+        .unwrap();
+    assert!(last.is_some());
+}
+
+/// (4) A failed append answers the writes held while it ran with the storage error (they
+/// were taken from the queue; their callers would otherwise only learn `Closed`), and holding
+/// stops at what one record takes.
+#[test]
+fn a_failed_append_answers_held_writes_with_the_storage_error() {
+    let gate = Arc::new(Gate::default());
+    // Two changes per record: the writer holds at most two while an append runs.
+    let (ledger, _clock) = open_gated(&gate, 2);
+    ledger
+        .create_transfer(pay(&ledger, 1, Owner::Issuer, "alice", "100.00"))
+        .unwrap();
+
+    let closed = gate.close();
+    let first = send_op(
+        &ledger,
+        create(pay(&ledger, 2, Owner::Issuer, "bob", "1.00"), None),
+    );
+    gate.wait_held();
+    let held = send_op(
+        &ledger,
+        create(pay(&ledger, 3, Owner::Issuer, "bob", "1.00"), None),
+    );
+    let read = send_read(&ledger, 1);
+    let also_held = send_op(
+        &ledger,
+        create(pay(&ledger, 4, Owner::Issuer, "bob", "1.00"), None),
+    );
+    let beyond = send_op(
+        &ledger,
+        create(pay(&ledger, 5, Owner::Issuer, "bob", "1.00"), None),
+    );
+    let read_beyond = send_read(&ledger, 1);
+    // Answered once `held` is taken from the queue (bounded wait: the old writer never
+    // answered it before the append ended, and this test is about what follows).
+    let mut read = read;
+    if let Outcome::Answered(answer) = outcome(&mut read) {
+        assert!(answer.unwrap().is_some());
+        // Two changes are held; the read behind the third stays queued. A wait, not a
+        // timing: a writer that held more would answer it at once.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut read_beyond = read_beyond;
+        assert!(
+            matches!(
+                read_beyond.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ),
+            "the writer took more than one record's changes while an append ran"
+        );
+    }
+
+    gate.fail.store(true, Ordering::SeqCst);
+    closed.open();
+    let storage_error = |rx, what: &str| match reply(rx, what) {
+        Err(LedgerError::Storage(e)) => assert!(e.to_string().contains("injected"), "{e}"),
+        other => panic!("{what}: {other:?}"),
+    };
+    storage_error(first, "the write whose append failed");
+    storage_error(held, "a write held while the append ran");
+    storage_error(also_held, "another write held while the append ran");
+    // Still in the queue when the writer stopped: dropped, so its caller gets `Closed`, as
+    // every later call does.
+    let mut beyond = beyond;
+    assert!(matches!(outcome(&mut beyond), Outcome::Dropped));
+    assert!(matches!(
+        ledger.transfer(TransferId(1)),
+        Err(LedgerError::Closed)
+    ));
+}
