@@ -689,7 +689,8 @@ impl Ledger {
     }
 
     /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
-    /// empty if it has none or is unknown. Looked up by reference, not by a scan.
+    /// empty if it has none or is unknown. Looked up by reference, not by a scan. As of the
+    /// last durable record, like [`Ledger::transfer`].
     pub async fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
         Ok(self
             .read_durable(move |state, _| state.refunds_of(original))
@@ -737,7 +738,8 @@ impl Ledger {
         Ok(self.inner.view.read().account(account))
     }
 
-    /// A transfer by id.
+    /// A transfer by id, as of the last durable record; not queued behind a record's fsync
+    /// (see `docs/ledger.md`, How it works).
     pub async fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
         Ok(self
             .read_durable(move |state, _| state.transfer(id))
@@ -745,7 +747,8 @@ impl Ledger {
     }
 
     /// Transfers touching `owner`, newest first, `limit` (at most [`HISTORY_PAGE_MAX`]) per
-    /// page; pass the returned cursor for the next page.
+    /// page; pass the returned cursor for the next page. As of the last durable record, like
+    /// [`Ledger::transfer`].
     pub async fn history(
         &self,
         owner: &Owner,
@@ -763,7 +766,8 @@ impl Ledger {
         })
     }
 
-    /// Every transfer still pending, oldest deadline first.
+    /// Every transfer still pending, oldest deadline first, as of the last durable record,
+    /// like [`Ledger::transfer`].
     pub async fn pending_transfers(&self) -> Result<Vec<Transfer>, LedgerError> {
         Ok(self
             .read_durable(|state, _| state.pending_transfers())

@@ -167,12 +167,19 @@ impl Durable<'_> {
 
     /// See [`State::transfer`].
     pub fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, StorageError> {
-        if let Some(idx) = self.state.transfers.try_idx_of(id)? {
-            if !self.visible(idx) {
-                return Ok(None);
-            }
+        if self.state.in_flight.is_none() {
+            return self.state.transfer(id);
         }
-        Ok(self.state.transfer(id)?.map(|t| self.as_durable(t)))
+        let Some(idx) = self.state.transfers.try_idx_of(id)? else {
+            return Ok(None);
+        };
+        if !self.visible(idx) {
+            return Ok(None);
+        }
+        let transfer = self.state.view(idx)?;
+        // As `State::transfer`: an id index entry of a spill a power cut undid names a row
+        // since written again.
+        Ok((transfer.id == id).then(|| self.as_durable(transfer)))
     }
 
     /// See [`State::history`]: history positions are transfer indexes, so the page starts
