@@ -86,6 +86,11 @@ pub enum LedgerError {
     Closed,
 }
 
+/// Most reads (`transfer`, `history`, `pending_transfers`, `refunds_of`, `tail_from`) waiting
+/// for the writer; callers wait beyond it. Their own queue, so they never wait behind the
+/// changes queued (up to [`LedgerOptions::queue_commands_max`]).
+pub const READS_QUEUED_MAX: usize = 4_096;
+
 /// The most changes one queued [`Ledger::batch`] command carries (TigerBeetle's batch size).
 pub const BATCH_OPS_MAX: usize = 8_190;
 
@@ -222,6 +227,9 @@ struct Inner {
     checkpoint_write_failures: Arc<std::sync::atomic::AtomicU64>,
     start: journal::Start,
     tx: Option<mpsc::Sender<Command>>,
+    /// The writer's queue of durable reads, beside `tx` so that reads never wait behind
+    /// queued changes.
+    reads_tx: Option<mpsc::Sender<writer::DurableReadFn>>,
     storage: Arc<dyn Storage>,
     currencies: Currencies,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -237,6 +245,7 @@ impl Drop for Inner {
         // Closing the queue lets the writer finish what is queued and stop; joining it means
         // the database is released when the last handle is gone (a reopen then works).
         self.tx.take();
+        self.reads_tx.take();
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
@@ -371,9 +380,10 @@ impl Ledger {
         writer.state.publish(&mut writer.view.write());
         let view = writer.view.clone();
         let (tx, rx) = mpsc::channel(options.queue_commands_max.max(1));
+        let (reads_tx, reads_rx) = mpsc::channel(READS_QUEUED_MAX);
         let handle = std::thread::Builder::new()
             .name("mxpay-ledger-writer".to_owned())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, reads_rx))
             .map_err(|e| StorageError::Backend(format!("cannot start the ledger writer: {e}")))?;
         Ok(Ledger {
             inner: Arc::new(Inner {
@@ -383,6 +393,7 @@ impl Ledger {
                 checkpoint_write_failures,
                 start,
                 tx: Some(tx),
+                reads_tx: Some(reads_tx),
                 storage,
                 currencies,
                 writer: Mutex::new(Some(handle)),
@@ -494,9 +505,10 @@ impl Ledger {
         rx.await.map_err(|_| LedgerError::Closed)
     }
 
-    /// Reads the durable state (`head` is the last durable record) as soon as the writer
-    /// takes the read from its queue: not after the record being decided or written then,
-    /// which it never shows.
+    /// Reads the durable state (`head` is the last durable record), sent on the writer's
+    /// queue of reads: answered at once when the writer is idle or writing a record (which
+    /// it never shows), else once the record it is deciding is gathered; never after the
+    /// changes queued, nor after a record's fsync.
     async fn read_durable<T: Send + 'static>(
         &self,
         f: impl FnOnce(Durable<'_>, Head) -> T + Send + 'static,
@@ -505,7 +517,8 @@ impl Ledger {
         let read = Box::new(move |state: Durable<'_>, head: Head| {
             let _ = reply.send(f(state, head));
         });
-        self.send(Command::ReadDurable(read)).await?;
+        let tx = self.inner.reads_tx.as_ref().ok_or(LedgerError::Closed)?;
+        tx.send(read).await.map_err(|_| LedgerError::Closed)?;
         rx.await.map_err(|_| LedgerError::Closed)
     }
 

@@ -21,8 +21,9 @@ use super::LedgerError;
 /// The name of the thread that writes a spill's rows and the checkpoint in the background.
 pub(crate) const CHECKPOINT_THREAD: &str = "mxpay-ledger-checkpoint";
 
-/// A read of the durable state, answered as soon as the writer takes it from the queue, even
-/// while a record is being written (it never shows that record).
+/// A read of the durable state, on a queue of its own: answered when the writer is idle or
+/// writing a record (it never shows that record), or else once the record being decided
+/// is gathered; never behind the changes queued.
 pub(crate) type DurableReadFn = Box<dyn FnOnce(Durable<'_>, Head) + Send>;
 
 /// A read of the whole state, run on the writer after the record being decided when it
@@ -44,8 +45,6 @@ pub(crate) enum Command {
     ExpireDue {
         reply: oneshot::Sender<Result<Vec<TransferId>, LedgerError>>,
     },
-    /// A read of the durable state, answered at once (see [`DurableReadFn`]).
-    ReadDurable(DurableReadFn),
     /// A read of the whole state once the record in progress is durable (see [`ReadFn`]).
     Read(ReadFn),
     /// Write a checkpoint after this batch; answers with its record.
@@ -134,7 +133,13 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Runs until every handle is dropped or storage fails.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    /// Reads of the durable state come on `reads`, a queue of their own, so that they never
+    /// wait behind the changes queued on `rx`.
+    pub fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut reads: mpsc::Receiver<DurableReadFn>,
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -147,9 +152,9 @@ impl Writer {
                     // written, go first, without waiting for the queue.
                     None
                 } else {
-                    match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
-                        Ok(Some(command)) => Some(command),
-                        Ok(None) => {
+                    match self.idle(&mut rx, &mut reads).await {
+                        Some(first) => first,
+                        None => {
                             // Closed cleanly: the state is the journal's, so the next open
                             // starts from here.
                             if self.checkpoint_at_close && self.entries_since_checkpoint > 0 {
@@ -157,11 +162,9 @@ impl Writer {
                             }
                             break;
                         }
-                        // Idle: still expire what the clock says is due.
-                        Err(_) => None,
                     }
                 };
-                if let Err(e) = self.commit(first, &mut rx, &mut record).await {
+                if let Err(e) = self.commit(first, &mut rx, &mut reads, &mut record).await {
                     tracing::error!(error = %e, "ledger storage failed; the ledger stops");
                     break;
                 }
@@ -175,9 +178,32 @@ impl Writer {
             while let Some(command) = rx.recv().await {
                 drop(command);
             }
+            reads.close();
+            while let Some(read) = reads.recv().await {
+                drop(read);
+            }
             // The database is released when this thread ends: no checkpoint write after it.
             self.finish_checkpoint_in_flight();
         });
+    }
+
+    /// Waits, answering reads, until a command comes (`Some(Some(_))`), the expiry tick
+    /// passes (`Some(None)`: still expire what the clock says is due), or the queue is closed
+    /// (`None`).
+    async fn idle(
+        &mut self,
+        rx: &mut mpsc::Receiver<Command>,
+        reads: &mut mpsc::Receiver<DurableReadFn>,
+    ) -> Option<Option<Command>> {
+        let tick = tokio::time::sleep(self.expiry_tick);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                command = rx.recv() => return command.map(Some),
+                Some(read) = reads.recv() => read(self.state.durable(), self.head),
+                () = &mut tick => return Some(None),
+            }
+        }
     }
 
     /// Waits for the checkpoint being written in the background, if any.
@@ -321,6 +347,7 @@ impl Writer {
         &mut self,
         first: Option<Command>,
         rx: &mut mpsc::Receiver<Command>,
+        reads: &mut mpsc::Receiver<DurableReadFn>,
         record: &mut RecordBuilder,
     ) -> Result<(), LedgerError> {
         // Ledger time never goes backwards, and does not follow a jump of the clock.
@@ -331,7 +358,6 @@ impl Writer {
         self.state.begin_record();
         let expired = self.state.expire_due(now_ms, &mut events);
         let mut replies = Vec::new();
-        let mut reads: Vec<DurableReadFn> = Vec::new();
         // Commands and the changes of batch calls decided into this record.
         let mut decided = 0usize;
         let batch_commands_max = self.batch_commands_max;
@@ -368,10 +394,6 @@ impl Writer {
                     }
                 }
                 Command::ExpireDue { reply } => replies.push(Reply::Expired(reply)),
-                // Answered once this record is gathered, before its append: answering it
-                // here would let its caller send a change, decided into this record at a
-                // time read before that caller's read returned.
-                Command::ReadDurable(read) => reads.push(read),
                 Command::Read(read) => replies.push(Reply::Read(read)),
                 Command::Checkpoint { reply } => replies.push(Reply::Checkpoint(reply)),
             }
@@ -391,9 +413,6 @@ impl Writer {
         for event in events.drain(..) {
             record.push(&event);
         }
-        for read in reads {
-            self.read_durable(read, &mut replies);
-        }
         if !record.is_empty() {
             self.state.assert_totals_balance();
             let seq = self.head.seq + 1;
@@ -406,7 +425,9 @@ impl Writer {
                 let appended = storage.append(seq, &bytes, &head_bytes);
                 (appended, started.elapsed())
             });
-            let (appended, elapsed) = self.hold_while_appending(append, rx, &mut replies).await;
+            let (appended, elapsed) = self
+                .hold_while_appending(append, rx, reads, &mut replies)
+                .await;
             if let (Ok(()), Some(observe)) = (&appended, self.observer.get()) {
                 observe(decided, elapsed);
             }
@@ -432,8 +453,8 @@ impl Writer {
                         Command::Checkpoint { reply } => {
                             let _ = reply.send(Err(error()));
                         }
-                        // Never held: reads are answered when taken, or are replies.
-                        Command::ReadDurable(_) | Command::Read(_) => {}
+                        // Never held: whole-state reads are replies.
+                        Command::Read(_) => {}
                     }
                 }
                 self.held_changes = 0;
@@ -510,13 +531,14 @@ impl Writer {
         }
     }
 
-    /// Waits for the record's append, meanwhile taking commands from the queue: durable
-    /// reads are answered at once, everything else is held for the next record, until as
-    /// many changes are held as one record takes.
+    /// Waits for the record's append, meanwhile answering durable reads at once and taking
+    /// commands from the queue, held for the next record, until as many changes are held as
+    /// one record takes.
     async fn hold_while_appending(
         &mut self,
         mut append: tokio::task::JoinHandle<(Result<(), StorageError>, Duration)>,
         rx: &mut mpsc::Receiver<Command>,
+        reads: &mut mpsc::Receiver<DurableReadFn>,
         replies: &mut Vec<Reply>,
     ) -> (Result<(), StorageError>, Duration) {
         let mut queue_open = true;
@@ -532,8 +554,8 @@ impl Writer {
                         )
                     });
                 }
+                Some(read) = reads.recv() => self.read_durable(read, replies),
                 command = rx.recv(), if taking => match command {
-                    Some(Command::ReadDurable(read)) => self.read_durable(read, replies),
                     // The whole state is the durable one once this record is.
                     Some(Command::Read(read)) => replies.push(Reply::Read(read)),
                     Some(command) => {
