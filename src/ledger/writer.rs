@@ -2,9 +2,9 @@
 //! against the state in memory, writes the batch as ONE journal record with ONE flush, and
 //! only then answers. Concurrent callers thereby share a flush (group commit).
 //!
-//! The record's append runs on a blocking thread; meanwhile the writer goes on taking
-//! commands: reads are answered at once from the durable state (`State::durable`, which hides
-//! the record in flight), changes are held, in order, for the next record.
+//! The record's append runs on a blocking thread; meanwhile the writer answers reads, which
+//! come on a queue of their own, from the durable state (`State::durable`, which hides the
+//! record in flight), and takes changes from their queue, held in order for the next record.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -142,6 +142,8 @@ impl Writer {
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
+            // The blocking thread that appends the records.
+            .thread_name("mxpay-ledger-append")
             .build()
             .expect("a current-thread runtime for the ledger writer");
         runtime.block_on(async move {
@@ -342,7 +344,7 @@ impl Writer {
 
     /// Decides `first` and whatever else is queued, up to the batch bounds (commands, and
     /// record bytes measured as the events are encoded), commits them as one record, then
-    /// answers them. Durable reads taken meanwhile are answered at once.
+    /// answers them. Durable reads are answered while the record is appended.
     pub async fn commit(
         &mut self,
         first: Option<Command>,
