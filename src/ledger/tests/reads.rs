@@ -12,43 +12,50 @@ use super::*;
 /// reported as such instead of hanging the test.
 const ANSWER_WAIT_MAX: Duration = Duration::from_secs(15);
 
-/// [`GatedStorage`], whose held append may also fail once the gate opens.
-#[derive(Default)]
-struct Gate {
-    gated: GatedStorage,
+/// A storage whose appends wait at a gate the test opens, and may then fail; everything
+/// else is `inner`'s ([`GatedStorage`], never closed itself, or [`FlakyRows`] for rows on
+/// disk that may fail to read).
+struct Gate<S: Storage = GatedStorage> {
+    inner: S,
+    closed: parking_lot::Mutex<bool>,
+    opened: parking_lot::Condvar,
+    waiting: AtomicBool,
     fail: AtomicBool,
 }
 
-impl Storage for Gate {
-    fn append(&self, seq: u64, record: &[u8], head: &[u8]) -> Result<(), StorageError> {
-        self.gated.append(seq, record, head)?;
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(StorageError::Backend("injected append failure".to_owned()));
-        }
-        Ok(())
-    }
-
-    fn head(&self) -> Result<Option<Vec<u8>>, StorageError> {
-        self.gated.head()
-    }
-
-    fn records(&self, from_seq: u64) -> Box<dyn Iterator<Item = storage::StoredRecord> + Send> {
-        self.gated.records(from_seq)
+impl Default for Gate {
+    fn default() -> Self {
+        Self::over(GatedStorage::default())
     }
 }
 
-impl Gate {
+impl<S: Storage> Gate<S> {
+    fn over(inner: S) -> Self {
+        Self {
+            inner,
+            closed: parking_lot::Mutex::new(false),
+            opened: parking_lot::Condvar::new(),
+            waiting: AtomicBool::new(false),
+            fail: AtomicBool::new(false),
+        }
+    }
+
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock() = closed;
+        self.opened.notify_all();
+    }
+
     /// Holds the next append until the returned guard is opened or dropped (a failing test
     /// then does not leave the writer waiting).
-    fn close(&self) -> Closed<'_> {
-        self.gated.set_closed(true);
+    fn close(&self) -> Closed<'_, S> {
+        self.set_closed(true);
         Closed(self)
     }
 
     /// Waits (bounded) until an append is held at the gate.
     fn wait_held(&self) {
         for _ in 0..1_500 {
-            if self.gated.waiting.load(Ordering::SeqCst) {
+            if self.waiting.load(Ordering::SeqCst) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -57,19 +64,77 @@ impl Gate {
     }
 }
 
-struct Closed<'a>(&'a Gate);
-
-impl Closed<'_> {
-    fn open(self) {}
-}
-
-impl Drop for Closed<'_> {
-    fn drop(&mut self) {
-        self.0.gated.set_closed(false);
+impl<S: Storage> Storage for Gate<S> {
+    fn append(&self, seq: u64, record: &[u8], head: &[u8]) -> Result<(), StorageError> {
+        // Written first, as sled shows a record to readers before its fdatasync.
+        self.inner.append(seq, record, head)?;
+        let mut closed = self.closed.lock();
+        self.waiting.store(*closed, Ordering::SeqCst);
+        // Bounded: a test that forgets to open the gate fails instead of hanging.
+        for _ in 0..600 {
+            if !*closed {
+                break;
+            }
+            self.opened
+                .wait_for(&mut closed, Duration::from_millis(100));
+        }
+        self.waiting.store(false, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StorageError::Backend("injected append failure".to_owned()));
+        }
+        Ok(())
+    }
+    fn head(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.head()
+    }
+    fn records(&self, from_seq: u64) -> Box<dyn Iterator<Item = storage::StoredRecord> + Send> {
+        self.inner.records(from_seq)
+    }
+    fn anchor(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.anchor()
+    }
+    fn keeps_checkpoints(&self) -> bool {
+        self.inner.keeps_checkpoints()
+    }
+    fn put_checkpoint(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        self.inner.put_checkpoint(bytes)
+    }
+    fn checkpoint(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.checkpoint()
+    }
+    fn keeps_transfer_rows(&self) -> bool {
+        self.inner.keeps_transfer_rows()
+    }
+    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+        self.inner.put_transfer_rows(rows)
+    }
+    fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.transfer_row(idx)
+    }
+    fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
+        self.inner.transfer_row_idx(id)
+    }
+    fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
+        self.inner.scan_transfer_rows(visit)
     }
 }
 
-fn open_gated(gate: &Arc<Gate>, batch_commands_max: usize) -> (BlockingLedger, ManualClock) {
+struct Closed<'a, S: Storage>(&'a Gate<S>);
+
+impl<S: Storage> Closed<'_, S> {
+    fn open(self) {}
+}
+
+impl<S: Storage> Drop for Closed<'_, S> {
+    fn drop(&mut self) {
+        self.0.set_closed(false);
+    }
+}
+
+fn open_gated<S: Storage>(
+    gate: &Arc<Gate<S>>,
+    batch_commands_max: usize,
+) -> (BlockingLedger, ManualClock) {
     let clock = ManualClock::new(T0_MS);
     let options = LedgerOptions {
         monotonic: Some(Arc::new(clock.clone())),
@@ -516,4 +581,64 @@ fn reads_do_not_wait_behind_queued_changes() {
         assert!(result.is_ok(), "change {i}: {result:?}");
     }
     assert!(ledger.transfer(TransferId(9)).unwrap().is_some());
+}
+
+/// If what the record in flight changed of an older transfer cannot be kept (the row of an
+/// expiring pending refund's original could not be read, to name it), reads wait for the
+/// record instead of showing its change.
+#[test]
+fn reads_wait_for_the_record_when_its_change_cannot_be_hidden() {
+    let gate = Arc::new(Gate::over(FlakyRows::new()));
+    let (ledger, clock) = open_gated(&gate, 8_190);
+    ledger
+        .create_transfer(pay(&ledger, 1, Owner::Issuer, "alice", "100.00"))
+        .unwrap();
+    ledger
+        .create_transfer(pay(&ledger, 2, user("alice"), "bob", "10.00"))
+        .unwrap();
+    ledger
+        .create_refund_result(
+            pay(&ledger, 3, user("bob"), "alice", "3.00"),
+            TransferId(2),
+            Some(1_000),
+        )
+        .unwrap();
+    // Transfer 2 goes to disk; its pending refund stays in memory.
+    block_on(ledger.ledger().checkpoint()).unwrap();
+    let before = ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(before.refund_pending_minor, 300);
+
+    let closed = gate.close();
+    gate.inner.set(ROWS_FAIL);
+    // The writer's tick expires the refund; naming its original needs the row on disk.
+    clock.advance_ms(2_000);
+    gate.wait_held();
+    gate.inner.set(ROWS_OK);
+    let mut read = send_read(&ledger, 2);
+    // A wait, not a timing: a read answered now would show the expiry before it is durable.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        matches!(read.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+        "a read was answered while a change it would show was in flight"
+    );
+    closed.open();
+    let after = reply(read, "the read after the record").unwrap().unwrap();
+    assert_eq!(after.refund_pending_minor, 0);
+    assert_eq!(
+        ledger.transfer(TransferId(3)).unwrap().unwrap().state,
+        TransferState::Expired
+    );
+    // The next record hides what it changes again: reads answer while it is written.
+    let closed = gate.close();
+    let write = send_op(
+        &ledger,
+        create(pay(&ledger, 4, user("alice"), "bob", "1.00"), None),
+    );
+    gate.wait_held();
+    assert_eq!(
+        reply(send_read(&ledger, 2), "a read during the next record").unwrap(),
+        Some(after)
+    );
+    closed.open();
+    assert!(reply(write, "the write").is_ok());
 }
