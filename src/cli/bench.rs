@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -391,6 +391,7 @@ fn batched_plain(
             memo: Vec::new(),
         }
     };
+    let reads = TransferReads::start(runtime, ledger, accounts);
     let (elapsed, stats) = run_chunks(p, "batched transfers", |offset, count| {
         if p.call_size > 1 {
             let size = p.call_size;
@@ -435,6 +436,7 @@ fn batched_plain(
         ms(stats.p50),
         ms(stats.p99)
     );
+    reads.finish(runtime, "batched")?;
     Ok(Batched {
         mode: "plain",
         submitted_by: callers,
@@ -582,6 +584,7 @@ fn batched_realistic(
             }
         }
     };
+    let reads = TransferReads::start(runtime, ledger, accounts);
     let (elapsed, stats) = run_chunks(p, "realistic transfers", |offset, count| {
         if p.call_size > 1 {
             let size = p.call_size;
@@ -618,6 +621,7 @@ fn batched_realistic(
         ms(stats.p50),
         ms(stats.p99)
     );
+    reads.finish(runtime, "realistic")?;
     Ok(Batched {
         mode: "realistic",
         submitted_by: submitted_by(p),
@@ -626,6 +630,70 @@ fn batched_realistic(
         elapsed,
         stats,
     })
+}
+
+/// Most latency samples [`TransferReads`] keeps (4 bytes each).
+const READ_SAMPLES_MAX: usize = 1_000_000;
+
+/// Pause between two reads of [`TransferReads`]: a light load beside the batched run, as a
+/// `!history` or a receipt lookup would be, not a second benchmark competing with it.
+const READ_PAUSE: Duration = Duration::from_millis(1);
+
+/// `transfer` reads by id of durable transfers (the funding ones), one at a time, during a
+/// batched run: how long a read waits while batches are decided and written.
+struct TransferReads {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Result<Vec<u32>, crate::ledger::LedgerError>>,
+}
+
+impl TransferReads {
+    fn start(runtime: &tokio::runtime::Runtime, ledger: &Ledger, accounts: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = runtime.spawn({
+            let stop = stop.clone();
+            let ledger = ledger.clone();
+            async move {
+                let mut latencies = Vec::new();
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) && latencies.len() < READ_SAMPLES_MAX {
+                    let id = TransferId(1 + (i % accounts.max(1)) as u128);
+                    let started = Instant::now();
+                    let found = ledger.transfer(id).await?;
+                    latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    if found.is_none() {
+                        return Err(crate::ledger::LedgerError::Invariant(format!(
+                            "durable funding transfer {id} not found"
+                        )));
+                    }
+                    i += 1;
+                    tokio::time::sleep(READ_PAUSE).await;
+                }
+                Ok(latencies)
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops the reads and prints their latency, tagged with the run's name.
+    fn finish(
+        self,
+        runtime: &tokio::runtime::Runtime,
+        run: &str,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = runtime.block_on(self.task)??;
+        let count = samples.len();
+        let stats = Stats::of_micros(samples);
+        println!(
+            "reads during the {run} run: {count} `transfer` reads by id of durable transfers, \
+             one at a time, {} ms apart: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            READ_PAUSE.as_millis(),
+            ms(stats.p50),
+            ms(stats.p99),
+            ms(stats.max)
+        );
+        Ok(())
+    }
 }
 
 /// The highest peak RSS (KiB) seen so far: `VmHWM` itself is reset after each line (see

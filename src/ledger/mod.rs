@@ -50,7 +50,7 @@ pub use time::{MonotonicClock, SharedMonotonic, SystemMonotonic, CLOCK_SKEW_MS_M
 
 use crate::clock::SharedClock;
 use codec::Head;
-use state::{Answer, Op, OpResult, State};
+use state::{Answer, Durable, Op, OpResult, State};
 use writer::{Command, Writer};
 
 /// Errors of the ledger. A refused transfer is [`LedgerError::Rejected`] with its stable code.
@@ -85,6 +85,11 @@ pub enum LedgerError {
     #[error("the ledger is closed")]
     Closed,
 }
+
+/// Most reads (`transfer`, `history`, `pending_transfers`, `refunds_of`, `tail_from`) waiting
+/// for the writer; callers wait beyond it. Their own queue, so they never wait behind the
+/// changes queued (up to [`LedgerOptions::queue_commands_max`]).
+pub const READS_QUEUED_MAX: usize = 4_096;
 
 /// The most changes one queued [`Ledger::batch`] command carries (TigerBeetle's batch size).
 pub const BATCH_OPS_MAX: usize = 8_190;
@@ -222,6 +227,9 @@ struct Inner {
     checkpoint_write_failures: Arc<std::sync::atomic::AtomicU64>,
     start: journal::Start,
     tx: Option<mpsc::Sender<Command>>,
+    /// The writer's queue of durable reads, beside `tx` so that reads never wait behind
+    /// queued changes.
+    reads_tx: Option<mpsc::Sender<writer::DurableReadFn>>,
     storage: Arc<dyn Storage>,
     currencies: Currencies,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -237,6 +245,7 @@ impl Drop for Inner {
         // Closing the queue lets the writer finish what is queued and stop; joining it means
         // the database is released when the last handle is gone (a reopen then works).
         self.tx.take();
+        self.reads_tx.take();
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
@@ -351,6 +360,8 @@ impl Ledger {
             durable_seq: Arc::new(std::sync::atomic::AtomicU64::new(replayed.head.seq)),
             view: Arc::default(),
             ops_carried: None,
+            held: std::collections::VecDeque::new(),
+            held_changes: 0,
         };
         let now_ms = writer.time.now_ms(writer.last_time_ms);
         let mut events = Vec::new();
@@ -369,9 +380,10 @@ impl Ledger {
         writer.state.publish(&mut writer.view.write());
         let view = writer.view.clone();
         let (tx, rx) = mpsc::channel(options.queue_commands_max.max(1));
+        let (reads_tx, reads_rx) = mpsc::channel(READS_QUEUED_MAX);
         let handle = std::thread::Builder::new()
             .name("mxpay-ledger-writer".to_owned())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, reads_rx))
             .map_err(|e| StorageError::Backend(format!("cannot start the ledger writer: {e}")))?;
         Ok(Ledger {
             inner: Arc::new(Inner {
@@ -381,6 +393,7 @@ impl Ledger {
                 checkpoint_write_failures,
                 start,
                 tx: Some(tx),
+                reads_tx: Some(reads_tx),
                 storage,
                 currencies,
                 writer: Mutex::new(Some(handle)),
@@ -478,6 +491,8 @@ impl Ledger {
         })
     }
 
+    /// Reads the whole state once the record being decided when the read reaches the writer
+    /// is durable (for `verify_with_memory` and tests, which compare all of it).
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&State, Head) -> T + Send + 'static,
@@ -487,6 +502,23 @@ impl Ledger {
             let _ = reply.send(f(state, head));
         });
         self.send(Command::Read(read)).await?;
+        rx.await.map_err(|_| LedgerError::Closed)
+    }
+
+    /// Reads the durable state (`head` is the last durable record), sent on the writer's
+    /// queue of reads: answered at once when the writer is idle or writing a record (which
+    /// it never shows), else once the record it is deciding is gathered; never after the
+    /// changes queued, nor after a record's fsync.
+    async fn read_durable<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Durable<'_>, Head) -> T + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let (reply, rx) = oneshot::channel();
+        let read = Box::new(move |state: Durable<'_>, head: Head| {
+            let _ = reply.send(f(state, head));
+        });
+        let tx = self.inner.reads_tx.as_ref().ok_or(LedgerError::Closed)?;
+        tx.send(read).await.map_err(|_| LedgerError::Closed)?;
         rx.await.map_err(|_| LedgerError::Closed)
     }
 
@@ -670,10 +702,11 @@ impl Ledger {
     }
 
     /// The refunds of a transfer (single-phase and pending, in any state), oldest first;
-    /// empty if it has none or is unknown. Looked up by reference, not by a scan.
+    /// empty if it has none or is unknown. Looked up by reference, not by a scan. As of the
+    /// last durable record, like [`Ledger::transfer`].
     pub async fn refunds_of(&self, original: TransferId) -> Result<Vec<Transfer>, LedgerError> {
         Ok(self
-            .read(move |state, _| state.refunds_of(original))
+            .read_durable(move |state, _| state.refunds_of(original))
             .await??)
     }
 
@@ -718,13 +751,17 @@ impl Ledger {
         Ok(self.inner.view.read().account(account))
     }
 
-    /// A transfer by id.
+    /// A transfer by id, as of the last durable record; not queued behind a record's fsync
+    /// (see `docs/ledger.md`, How it works).
     pub async fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, LedgerError> {
-        Ok(self.read(move |state, _| state.transfer(id)).await??)
+        Ok(self
+            .read_durable(move |state, _| state.transfer(id))
+            .await??)
     }
 
     /// Transfers touching `owner`, newest first, `limit` (at most [`HISTORY_PAGE_MAX`]) per
-    /// page; pass the returned cursor for the next page.
+    /// page; pass the returned cursor for the next page. As of the last durable record, like
+    /// [`Ledger::transfer`].
     pub async fn history(
         &self,
         owner: &Owner,
@@ -734,7 +771,7 @@ impl Ledger {
         let owner = owner.clone();
         let limit = limit.min(HISTORY_PAGE_MAX);
         let (transfers, next) = self
-            .read(move |state, _| state.history(&owner, cursor.map(|c| c.0), limit))
+            .read_durable(move |state, _| state.history(&owner, cursor.map(|c| c.0), limit))
             .await??;
         Ok(HistoryPage {
             transfers,
@@ -742,9 +779,12 @@ impl Ledger {
         })
     }
 
-    /// Every transfer still pending, oldest deadline first.
+    /// Every transfer still pending, oldest deadline first, as of the last durable record,
+    /// like [`Ledger::transfer`].
     pub async fn pending_transfers(&self) -> Result<Vec<Transfer>, LedgerError> {
-        Ok(self.read(|state, _| state.pending_transfers()).await??)
+        Ok(self
+            .read_durable(|state, _| state.pending_transfers())
+            .await??)
     }
 
     /// Replays the durable journal from record 1 (checking its hash chain, the head anchor,
@@ -817,10 +857,7 @@ impl Ledger {
     /// record `from_seq - 1` is not durable or not readable.
     pub async fn tail_from(&self, from_seq: u64) -> Result<JournalTail, LedgerError> {
         let (accounts, head_seq) = self
-            .read(|state, head| {
-                let accounts: Vec<AccountId> = state.accounts().into_iter().map(|a| a.id).collect();
-                (accounts, head.seq)
-            })
+            .read_durable(|state, head| (state.account_ids(), head.seq))
             .await?;
         if from_seq > head_seq.saturating_add(1) {
             return Err(LedgerError::Corrupt {

@@ -14,10 +14,13 @@ use super::model::{
 use super::storage::StorageError;
 
 mod checkpoint;
+mod durable;
 mod rows;
 mod window;
 
 use window::Window;
+
+pub(crate) use durable::Durable;
 
 /// The ledger's maps hash with foldhash, seeded at random per process: SipHash (std's
 /// default) was about a tenth of the writer's time in `mxpay bench ledger`, and a per-process
@@ -350,6 +353,9 @@ pub(crate) struct State {
     /// A row [`State::apply`] could not read (at replay: live decisions pin what their
     /// events need), so that it fails as a storage error, not as a broken journal.
     apply_read_error: Option<StorageError>,
+    /// What the record being decided or written changed, hidden from reads until it is
+    /// durable (`state/durable.rs`); `None` between records and at replay.
+    in_flight: Option<durable::InFlight>,
 }
 
 /// Most history entries read from disk at once (a page is at most
@@ -457,6 +463,7 @@ impl State {
             touched: Vec::new(),
             track_touched: false,
             apply_read_error: None,
+            in_flight: None,
         }
     }
 
@@ -1142,6 +1149,7 @@ impl State {
 
     /// Applies a freshly decided event: an error here is a bug in `decide`, so crash.
     fn emit(&mut self, event: Event, now_ms: u64, events: &mut Vec<Event>) {
+        self.note_in_flight(&event);
         if let Err(reason) = self.apply(&event, now_ms) {
             // A storage error here too: the decision pinned every row its events need.
             panic!("ledger decided an event it cannot apply ({reason}): {event:?}");

@@ -3764,3 +3764,4 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
 
 mod batch;
 mod history;
+mod reads;

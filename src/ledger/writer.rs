@@ -1,7 +1,12 @@
 //! The single writer: takes whatever requests are queued (up to a bound), decides them all
 //! against the state in memory, writes the batch as ONE journal record with ONE flush, and
 //! only then answers. Concurrent callers thereby share a flush (group commit).
+//!
+//! The record's append runs on a blocking thread; meanwhile the writer answers reads, which
+//! come on a queue of their own, from the durable state (`State::durable`, which hides the
+//! record in flight), and takes changes from their queue, held in order for the next record.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,14 +14,20 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{Head, RecordBuilder, COMMAND_BYTES_MAX};
 use super::model::TransferId;
-use super::state::{CheckpointOutcome, Event, Op, OpResult, State};
+use super::state::{CheckpointOutcome, Durable, Event, Op, OpResult, State};
 use super::storage::{Storage, StorageError, RECORD_BYTES_TARGET};
 use super::LedgerError;
 
 /// The name of the thread that writes a spill's rows and the checkpoint in the background.
 pub(crate) const CHECKPOINT_THREAD: &str = "mxpay-ledger-checkpoint";
 
-/// A read that runs on the writer after the batch it arrived in is durable.
+/// A read of the durable state, on a queue of its own: answered when the writer is idle or
+/// writing a record (it never shows that record), or else once the record being decided
+/// is gathered; never behind the changes queued.
+pub(crate) type DurableReadFn = Box<dyn FnOnce(Durable<'_>, Head) + Send>;
+
+/// A read of the whole state, run on the writer after the record being decided when it
+/// arrives is durable.
 pub(crate) type ReadFn = Box<dyn FnOnce(&State, Head) + Send>;
 
 /// What callers send to the writer.
@@ -34,7 +45,7 @@ pub(crate) enum Command {
     ExpireDue {
         reply: oneshot::Sender<Result<Vec<TransferId>, LedgerError>>,
     },
-    /// A consistent read of durable state.
+    /// A read of the whole state once the record in progress is durable (see [`ReadFn`]).
     Read(ReadFn),
     /// Write a checkpoint after this batch; answers with its record.
     Checkpoint {
@@ -73,6 +84,7 @@ enum Reply {
     ),
     Ops(OpsReply, Vec<Result<OpResult, StorageError>>),
     Expired(oneshot::Sender<Result<Vec<TransferId>, LedgerError>>),
+    ReadDurable(DurableReadFn),
     Read(ReadFn),
     Checkpoint(oneshot::Sender<Result<u64, LedgerError>>),
 }
@@ -111,25 +123,40 @@ pub(crate) struct Writer {
     /// A [`Command::Ops`] whose changes did not all fit in the last record: the next batch
     /// starts with the rest, before anything queued after it.
     pub ops_carried: Option<OpsInFlight>,
+    /// Commands taken from the queue while a record was being written, in arrival order:
+    /// the next record starts with them (after `ops_carried`).
+    pub held: VecDeque<Command>,
+    /// The changes in `held` (a batch call counts its changes): taking stops at
+    /// `batch_commands_max`, what one record takes, and the queue pushes back as before.
+    pub held_changes: usize,
 }
 
 impl Writer {
     /// Runs until every handle is dropped or storage fails.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    /// Reads of the durable state come on `reads`, a queue of their own, so that they never
+    /// wait behind the changes queued on `rx`.
+    pub fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut reads: mpsc::Receiver<DurableReadFn>,
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
+            // The blocking thread that appends the records.
+            .thread_name("mxpay-ledger-append")
             .build()
             .expect("a current-thread runtime for the ledger writer");
         runtime.block_on(async move {
             let mut record = RecordBuilder::default();
             loop {
-                let first = if self.ops_carried.is_some() {
-                    // The rest of a batch call goes first, without waiting for the queue.
+                let first = if self.ops_carried.is_some() || !self.held.is_empty() {
+                    // The rest of a batch call, and what was held while the last record was
+                    // written, go first, without waiting for the queue.
                     None
                 } else {
-                    match tokio::time::timeout(self.expiry_tick, rx.recv()).await {
-                        Ok(Some(command)) => Some(command),
-                        Ok(None) => {
+                    match self.idle(&mut rx, &mut reads).await {
+                        Some(first) => first,
+                        None => {
                             // Closed cleanly: the state is the journal's, so the next open
                             // starts from here.
                             if self.checkpoint_at_close && self.entries_since_checkpoint > 0 {
@@ -137,11 +164,9 @@ impl Writer {
                             }
                             break;
                         }
-                        // Idle: still expire what the clock says is due.
-                        Err(_) => None,
                     }
                 };
-                if let Err(e) = self.commit(first, &mut rx, &mut record) {
+                if let Err(e) = self.commit(first, &mut rx, &mut reads, &mut record).await {
                     tracing::error!(error = %e, "ledger storage failed; the ledger stops");
                     break;
                 }
@@ -155,9 +180,32 @@ impl Writer {
             while let Some(command) = rx.recv().await {
                 drop(command);
             }
+            reads.close();
+            while let Some(read) = reads.recv().await {
+                drop(read);
+            }
             // The database is released when this thread ends: no checkpoint write after it.
             self.finish_checkpoint_in_flight();
         });
+    }
+
+    /// Waits, answering reads, until a command comes (`Some(Some(_))`), the expiry tick
+    /// passes (`Some(None)`: still expire what the clock says is due), or the queue is closed
+    /// (`None`).
+    async fn idle(
+        &mut self,
+        rx: &mut mpsc::Receiver<Command>,
+        reads: &mut mpsc::Receiver<DurableReadFn>,
+    ) -> Option<Option<Command>> {
+        let tick = tokio::time::sleep(self.expiry_tick);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                command = rx.recv() => return command.map(Some),
+                Some(read) = reads.recv() => read(self.state.durable(), self.head),
+                () = &mut tick => return Some(None),
+            }
+        }
     }
 
     /// Waits for the checkpoint being written in the background, if any.
@@ -296,17 +344,20 @@ impl Writer {
 
     /// Decides `first` and whatever else is queued, up to the batch bounds (commands, and
     /// record bytes measured as the events are encoded), commits them as one record, then
-    /// answers them.
-    pub fn commit(
+    /// answers them. Durable reads are answered while the record is appended.
+    pub async fn commit(
         &mut self,
         first: Option<Command>,
         rx: &mut mpsc::Receiver<Command>,
+        reads: &mut mpsc::Receiver<DurableReadFn>,
         record: &mut RecordBuilder,
     ) -> Result<(), LedgerError> {
         // Ledger time never goes backwards, and does not follow a jump of the clock.
         let now_ms = self.time.now_ms(self.last_time_ms);
         let mut events: Vec<Event> = Vec::new();
         record.clear();
+        // From here on, what is decided is hidden from durable reads until it is durable.
+        self.state.begin_record();
         let expired = self.state.expire_due(now_ms, &mut events);
         let mut replies = Vec::new();
         // Commands and the changes of batch calls decided into this record.
@@ -316,7 +367,10 @@ impl Writer {
             decided >= batch_commands_max
                 || record.bytes() + COMMAND_BYTES_MAX > RECORD_BYTES_TARGET
         };
-        let mut next = self.ops_carried.take().map(Command::Ops).or(first);
+        let mut next = match self.ops_carried.take() {
+            Some(call) => Some(Command::Ops(call)),
+            None => self.take_held().or(first),
+        };
         while let Some(command) = next {
             match command {
                 Command::Op { op, reply } => {
@@ -352,7 +406,10 @@ impl Writer {
             next = if full(decided, record) || self.ops_carried.is_some() {
                 None
             } else {
-                rx.try_recv().ok()
+                match self.take_held() {
+                    Some(command) => Some(command),
+                    None => rx.try_recv().ok(),
+                }
             };
         }
         for event in events.drain(..) {
@@ -363,33 +420,60 @@ impl Writer {
             let seq = self.head.seq + 1;
             let (bytes, hash) = record.finish(seq, &self.head.hash, now_ms);
             let head = Head { seq, hash };
-            let started = std::time::Instant::now();
-            let appended = self.storage.append(seq, &bytes, &head.encode());
+            let storage = self.storage.clone();
+            let head_bytes = head.encode();
+            let append = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let appended = storage.append(seq, &bytes, &head_bytes);
+                (appended, started.elapsed())
+            });
+            let (appended, elapsed) = self
+                .hold_while_appending(append, rx, reads, &mut replies)
+                .await;
             if let (Ok(()), Some(observe)) = (&appended, self.observer.get()) {
-                observe(decided, started.elapsed());
+                observe(decided, elapsed);
             }
             if let Err(e) = appended {
                 // The state in memory is now ahead of the disk: answer everyone with the
-                // error and stop; reopening replays what is durable.
+                // error and stop; reopening replays what is durable. Held commands were
+                // taken from callers who would otherwise never hear back.
+                let error = || LedgerError::Storage(e.to_string().into());
                 if let Some(call) = self.ops_carried.take() {
-                    let _ = call
-                        .reply
-                        .send(Err(LedgerError::Storage(e.to_string().into())));
+                    let _ = call.reply.send(Err(error()));
                 }
+                for command in std::mem::take(&mut self.held) {
+                    match command {
+                        Command::Op { reply, .. } => {
+                            let _ = reply.send(Err(error()));
+                        }
+                        Command::Ops(call) => {
+                            let _ = call.reply.send(Err(error()));
+                        }
+                        Command::ExpireDue { reply } => {
+                            let _ = reply.send(Err(error()));
+                        }
+                        Command::Checkpoint { reply } => {
+                            let _ = reply.send(Err(error()));
+                        }
+                        // Never held: whole-state reads are replies.
+                        Command::Read(_) => {}
+                    }
+                }
+                self.held_changes = 0;
                 for reply in replies {
                     match reply {
                         Reply::Op(tx, _) => {
-                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                            let _ = tx.send(Err(error()));
                         }
                         Reply::Ops(tx, _) => {
-                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                            let _ = tx.send(Err(error()));
                         }
                         Reply::Expired(tx) => {
-                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                            let _ = tx.send(Err(error()));
                         }
-                        Reply::Read(_) => {}
+                        Reply::Read(_) | Reply::ReadDurable(_) => {}
                         Reply::Checkpoint(tx) => {
-                            let _ = tx.send(Err(LedgerError::Storage(e.to_string().into())));
+                            let _ = tx.send(Err(error()));
                         }
                     }
                 }
@@ -398,6 +482,7 @@ impl Writer {
             self.head = head;
             self.durable_seq
                 .store(seq, std::sync::atomic::Ordering::Release);
+            self.state.end_record();
             // Before the replies: a caller that got its answer reads its own effect.
             self.state.publish(&mut self.view.write());
             self.last_time_ms = now_ms;
@@ -406,6 +491,8 @@ impl Writer {
             if self.checkpoint_due() {
                 self.start_checkpoint();
             }
+        } else {
+            self.state.end_record();
         }
         for reply in replies {
             match reply {
@@ -419,6 +506,7 @@ impl Writer {
                 Reply::Expired(tx) => {
                     let _ = tx.send(Ok(expired.clone()));
                 }
+                Reply::ReadDurable(read) => read(self.state.durable(), self.head),
                 Reply::Read(read) => read(&self.state, self.head),
                 Reply::Checkpoint(tx) => {
                     let _ = tx.send(self.write_checkpoint());
@@ -426,5 +514,67 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// The next command held while the last record was written, if any.
+    fn take_held(&mut self) -> Option<Command> {
+        let command = self.held.pop_front()?;
+        self.held_changes -= command_changes(&command);
+        Some(command)
+    }
+
+    /// Answers a durable read now, or once the record in flight is durable if a change of
+    /// it could not be hidden (a row that could not be read).
+    fn read_durable(&self, read: DurableReadFn, replies: &mut Vec<Reply>) {
+        if self.state.durable_readable() {
+            read(self.state.durable(), self.head);
+        } else {
+            replies.push(Reply::ReadDurable(read));
+        }
+    }
+
+    /// Waits for the record's append, meanwhile answering durable reads at once and taking
+    /// commands from the queue, held for the next record, until as many changes are held as
+    /// one record takes.
+    async fn hold_while_appending(
+        &mut self,
+        mut append: tokio::task::JoinHandle<(Result<(), StorageError>, Duration)>,
+        rx: &mut mpsc::Receiver<Command>,
+        reads: &mut mpsc::Receiver<DurableReadFn>,
+        replies: &mut Vec<Reply>,
+    ) -> (Result<(), StorageError>, Duration) {
+        let mut queue_open = true;
+        loop {
+            let taking = queue_open && self.held_changes < self.batch_commands_max;
+            tokio::select! {
+                biased;
+                done = &mut append => {
+                    return done.unwrap_or_else(|_| {
+                        (
+                            Err(StorageError::Backend("the journal append panicked".to_owned())),
+                            Duration::ZERO,
+                        )
+                    });
+                }
+                Some(read) = reads.recv() => self.read_durable(read, replies),
+                command = rx.recv(), if taking => match command {
+                    // The whole state is the durable one once this record is.
+                    Some(Command::Read(read)) => replies.push(Reply::Read(read)),
+                    Some(command) => {
+                        self.held_changes += command_changes(&command);
+                        self.held.push_back(command);
+                    }
+                    None => queue_open = false,
+                },
+            }
+        }
+    }
+}
+
+/// How many changes a command brings to a record (a batch call: those not decided yet).
+fn command_changes(command: &Command) -> usize {
+    match command {
+        Command::Ops(call) => call.ops.len(),
+        _ => 1,
     }
 }
