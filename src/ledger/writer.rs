@@ -239,14 +239,6 @@ impl Writer {
                 .name("mxpay-ledger-free".to_owned())
                 .spawn(move || {
                     drop(spilled);
-                    // glibc keeps freed pages in its arenas: the rows just dropped (hundreds of
-                    // MiB at each spill of a busy ledger) stayed in the RSS and made it differ
-                    // by about 100 MiB from one run of `bench ledger` to the next.
-                    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-                    // SAFETY: malloc_trim takes no pointers; it only returns free memory.
-                    unsafe {
-                        libc::malloc_trim(0);
-                    }
                 });
         }
         if let Err(error) = &result {
