@@ -767,10 +767,16 @@ impl State {
             // transfers still in memory (after the spill point, or pending below it).
             let t = &self.transfers;
             for a in &mut self.accounts {
+                let held_before = a.history.len();
                 a.history
                     .retain(|&idx| idx >= t.spilled || t.resident.contains_key(&idx));
-                if a.history.capacity() > 64 && a.history.len() < a.history.capacity() / 4 {
-                    a.history.shrink_to(a.history.len() * 2);
+                // The capacity stays what the account needed since the last spill: it needs
+                // about as much by the next. Shrinking every list to nothing at each spill
+                // and growing it back by doubling made tens of thousands of small
+                // reallocations per cycle, which fragmented glibc's heap (RSS that grew with
+                // history). A busy account that went quiet still gives its memory back.
+                if a.history.capacity() > 64 && held_before < a.history.capacity() / 4 {
+                    a.history.shrink_to(held_before * 2);
                 }
             }
         }
