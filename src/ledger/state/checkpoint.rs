@@ -771,10 +771,20 @@ impl State {
             // Their history entries are in the lists on disk now: keep only those of the
             // transfers still in memory (after the spill point, or pending below it).
             let t = &self.transfers;
+            // Entries below the oldest pending transfer held are dropped without a lookup:
+            // on the writer, one map lookup per spilled entry (a million per spill) cost
+            // tens of ms whenever a transfer was pending.
+            let oldest_resident = t
+                .resident
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(TransferIdx::MAX);
             for a in &mut self.accounts {
                 let held_before = a.history.len();
-                a.history
-                    .retain(|&idx| idx >= t.spilled || t.resident.contains_key(&idx));
+                a.history.retain(|&idx| {
+                    idx >= t.spilled || (idx >= oldest_resident && t.resident.contains_key(&idx))
+                });
                 // The capacity stays what the account needed since the last spill: it needs
                 // about as much by the next. Shrinking every list to nothing at each spill
                 // and growing it back by doubling made tens of thousands of small
