@@ -3373,14 +3373,13 @@ fn transfers_on_disk_answer_lookups_retries_history_and_refunds_after_a_reopen()
     verify_dir(dir.path()).unwrap();
 }
 
-/// Issue 15: a row on disk that is not the journal's (altered after it was written) fails
-/// `verify`, which checks the rows the checkpoint leaves out against the full replay.
-#[test]
-fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
-    let dir = tempfile::tempdir().unwrap();
+/// Transfers 1-3, 3.00 EUR each from the issuer to alice, in a ledger at `dir` closed (so
+/// their rows are on disk) and verified clean: the start of the tests that alter what is
+/// on disk and expect `verify` to notice.
+pub(super) fn three_transfers_to_alice_on_disk(dir: &std::path::Path) {
     let clock = ManualClock::new(T0_MS);
     {
-        let ledger = open_manual(dir.path(), &settings(), &clock).blocking();
+        let ledger = open_manual(dir, &settings(), &clock).blocking();
         let eur = ledger
             .ledger()
             .parse_amount(Decimal::from_str("3.00").unwrap(), "EUR")
@@ -3397,7 +3396,15 @@ fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
                 .unwrap();
         }
     }
-    verify_dir(dir.path()).unwrap();
+    verify_dir(dir).unwrap();
+}
+
+/// Issue 15: a row on disk that is not the journal's (altered after it was written) fails
+/// `verify`, which checks the rows the checkpoint leaves out against the full replay.
+#[test]
+fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
+    let dir = tempfile::tempdir().unwrap();
+    three_transfers_to_alice_on_disk(dir.path());
     {
         let storage = SledStorage::open(&dir.path().join("ledger")).unwrap();
         let mut row = storage.transfer_row(1).unwrap().expect("written at close");

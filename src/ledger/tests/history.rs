@@ -349,26 +349,7 @@ fn an_old_ledger_gets_its_history_lists_at_the_first_spill_after_the_upgrade() {
 #[test]
 fn verify_catches_a_history_list_on_disk_that_is_not_the_journals() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(T0_MS);
-    {
-        let ledger = open_manual(dir.path(), &settings(), &clock).blocking();
-        let eur = ledger
-            .ledger()
-            .parse_amount(Decimal::from_str("3.00").unwrap(), "EUR")
-            .unwrap();
-        for id in 1..4 {
-            ledger
-                .create_transfer(TransferRequest {
-                    id: TransferId(id),
-                    debit: Owner::Issuer,
-                    credit: user("alice"),
-                    amount: eur,
-                    memo: Vec::new(),
-                })
-                .unwrap();
-        }
-    }
-    verify_dir(dir.path()).unwrap();
+    three_transfers_to_alice_on_disk(dir.path());
     {
         let storage = SledStorage::open(&dir.path().join("ledger")).unwrap();
         let row = storage.transfer_row(1).unwrap().expect("written at close");
