@@ -206,6 +206,56 @@ fn a_failure_in_the_middle_of_a_chain_applies_none_of_it() {
     f.ledger.verify_with_memory().unwrap();
 }
 
+/// A chain that posts a pending refund and then fails gives the refund back its reservation
+/// of the original's cap: the original's refund figures are as before the chain.
+#[test]
+fn a_failed_chain_puts_back_the_refund_figures_it_changed() {
+    let f = open();
+    f.fund(1, "alice", "10.00");
+    f.send(2, user("alice"), user("bob"), "5.00").unwrap();
+    f.ledger
+        .create_refund_result(
+            f.request(3, user("bob"), user("alice"), "2.00", "EUR"),
+            TransferId(2),
+            Some(60_000),
+        )
+        .unwrap();
+    let before = f.ledger.transfer(TransferId(2)).unwrap().unwrap();
+    assert_eq!(before.refund_pending_minor, 200);
+    let results = f
+        .ledger
+        .batch_linked(vec![
+            post(3).linked(),
+            create(&f, 10, user("carol"), user("alice"), "1.00").into(),
+        ])
+        .unwrap();
+    assert_eq!(
+        got(results),
+        vec![
+            Got::Refused(TransferError::LinkedEventFailed),
+            Got::Refused(TransferError::InsufficientFunds)
+        ]
+    );
+    assert_eq!(f.ledger.transfer(TransferId(2)).unwrap().unwrap(), before);
+    assert_eq!(
+        f.ledger.transfer(TransferId(3)).unwrap().unwrap().state,
+        TransferState::Pending
+    );
+    // The reservation still counts: 3.00 is left to refund, not 5.00.
+    let refund = |id| {
+        f.ledger.create_refund_result(
+            f.request(id, user("bob"), user("alice"), "3.01", "EUR"),
+            TransferId(2),
+            None,
+        )
+    };
+    assert_eq!(
+        refund(11).unwrap_err().rejection(),
+        Some(TransferError::RefundExceedsRemaining)
+    );
+    f.ledger.verify_with_memory().unwrap();
+}
+
 /// The call's last change marked linked leaves its chain open: none of it is decided.
 #[test]
 fn a_chain_left_open_at_the_end_of_the_call_fails() {
@@ -546,7 +596,8 @@ mod prop {
             before in proptest::collection::vec(unit(), 0..12),
             call in proptest::collection::vec(unit(), 1..10),
             after in proptest::collection::vec(unit(), 0..8),
-            wait_ms in prop_oneof![Just(0u64), 0u64..4_000],
+            // A day later, the failures recorded before are forgotten by the call's first event.
+            wait_ms in prop_oneof![Just(0u64), 0u64..4_000, DAY_MS..DAY_MS + 4_000],
         ) {
             run(before, call, after, wait_ms)?;
         }
