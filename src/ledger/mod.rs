@@ -40,9 +40,9 @@ use tokio::sync::{mpsc, oneshot};
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
 pub use journal::{CheckpointCheck, ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
-    AccountId, AccountView, Balances, BatchEntry, BatchOp, CreateResult, FreezeMode, Owner, Transfer,
-    TransferError, TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX,
-    OWNER_BYTES_MAX, PENDING_TIMEOUT_MS_MAX,
+    AccountId, AccountView, Balances, BatchEntry, BatchOp, CreateResult, FreezeMode, Owner,
+    Transfer, TransferError, TransferId, TransferKind, TransferRequest, TransferState,
+    MEMO_BYTES_MAX, OWNER_BYTES_MAX, PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
 pub use storage::{RowEntry, SledStorage, Storage, StorageError, TransferRow};

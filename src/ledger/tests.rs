@@ -3770,6 +3770,6 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
 }
 
 mod batch;
-mod linked;
 mod history;
+mod linked;
 mod reads;

@@ -77,7 +77,10 @@ impl OpsInFlight {
     /// A call whose change at position `i` is linked to the next when `links[i]`.
     pub fn linked(ops: Vec<Op>, links: Vec<bool>, reply: OpsReply) -> Self {
         assert!(links.is_empty() || links.len() == ops.len());
-        assert!(!links.last().is_some_and(|&l| l), "a linked chain left open");
+        assert!(
+            !links.last().is_some_and(|&l| l),
+            "a linked chain left open"
+        );
         Self {
             results: Vec::with_capacity(ops.len()),
             ops: ops.into_iter(),
@@ -95,7 +98,10 @@ impl OpsInFlight {
         }
         match self.links.get(at..) {
             Some(rest) if !rest.is_empty() => {
-                rest.iter().position(|&linked| !linked).expect("chains are closed") + 1
+                rest.iter()
+                    .position(|&linked| !linked)
+                    .expect("chains are closed")
+                    + 1
             }
             _ => 1,
         }

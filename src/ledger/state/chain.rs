@@ -96,9 +96,7 @@ impl State {
                 Ok(Err(_)) | Err(_) => broken = true,
             }
             if broken {
-                for earlier in &mut results {
-                    *earlier = Ok(Err(TransferError::LinkedEventFailed));
-                }
+                results.fill(Ok(Err(TransferError::LinkedEventFailed)));
             }
             results.push(result);
         }
@@ -184,7 +182,12 @@ impl State {
 
     /// Keeps a recorded failure forgotten while a chain is applied, to put it back if the
     /// chain fails.
-    pub(super) fn note_forgotten(&mut self, failed_ms: u64, id: TransferId, rec: Option<FailedRec>) {
+    pub(super) fn note_forgotten(
+        &mut self,
+        failed_ms: u64,
+        id: TransferId,
+        rec: Option<FailedRec>,
+    ) {
         if let Some(undo) = self.chain.as_mut() {
             undo.forgotten.push((failed_ms, id, rec));
         }

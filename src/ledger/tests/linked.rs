@@ -105,7 +105,10 @@ fn a_failure_in_the_middle_of_a_chain_applies_none_of_it() {
     f.fund(1, "alice", "10.00");
     // A pending transfer from before the call, which the chain voids.
     f.ledger
-        .create_pending(f.request(2, user("alice"), user("dave"), "1.00", "EUR"), 60_000)
+        .create_pending(
+            f.request(2, user("alice"), user("dave"), "1.00", "EUR"),
+            60_000,
+        )
         .unwrap();
     let alice_before = f.balances("alice", "EUR");
     let results = f
@@ -136,7 +139,10 @@ fn a_failure_in_the_middle_of_a_chain_applies_none_of_it() {
     );
     let check = |f: &Fixture| {
         let alice = f.balances("alice", "EUR");
-        assert_eq!(alice.debits_posted_minor, alice_before.debits_posted_minor + 200);
+        assert_eq!(
+            alice.debits_posted_minor,
+            alice_before.debits_posted_minor + 200
+        );
         assert_eq!(alice.debits_pending_minor, 100, "transfer 2 still reserves");
         assert_eq!(f.available("bob"), 200);
         assert_eq!(f.available("carol"), 0);
@@ -387,11 +393,20 @@ fn a_chain_is_never_split_across_journal_records() {
     let mut records = std::collections::BTreeSet::new();
     for chain in 0..3u128 {
         let base = 100 + chain * 10;
-        let seqs: Vec<u64> = (base..base + 3).flat_map(|id| journal[&id].clone()).collect();
-        assert!(seqs.iter().all(|&s| s == seqs[0]), "chain {chain}: {seqs:?}");
+        let seqs: Vec<u64> = (base..base + 3)
+            .flat_map(|id| journal[&id].clone())
+            .collect();
+        assert!(
+            seqs.iter().all(|&s| s == seqs[0]),
+            "chain {chain}: {seqs:?}"
+        );
         records.insert(seqs[0]);
     }
-    assert_eq!(records.len(), 3, "one record each: four changes do not take two");
+    assert_eq!(
+        records.len(),
+        3,
+        "one record each: four changes do not take two"
+    );
     assert!((200..205).all(|id| !journal.contains_key(&id)));
     f.ledger.verify_with_memory().unwrap();
 }
@@ -563,7 +578,13 @@ mod prop {
         let mut without = base.clone();
         let mut without_events = Vec::new();
         without.begin_record();
-        let kept_answers = decide(&mut without, &currencies, &kept, now_ms, &mut without_events);
+        let kept_answers = decide(
+            &mut without,
+            &currencies,
+            &kept,
+            now_ms,
+            &mut without_events,
+        );
         let expected: Vec<&Answers> = answers.iter().filter(|a| !failed(a)).collect();
         prop_assert_eq!(kept_answers.iter().collect::<Vec<_>>(), expected);
         prop_assert_eq!(&with_events, &without_events);
