@@ -624,3 +624,112 @@ mod prop {
         }
     }
 }
+
+/// The same through the writer and the journal: random calls of `batch_linked` with chains,
+/// over records of a few changes (so that chains meet record boundaries): every chain applies
+/// whole or not at all, and `verify` (the replay of the journal equals the state in memory,
+/// money is conserved) passes after each call and after a reopen.
+mod through_the_writer {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn entries(f: &Fixture, units: &[Vec<(u128, usize, usize, u128, bool)>]) -> Vec<BatchEntry> {
+        let mut entries = Vec::new();
+        for unit in units {
+            for (i, &(id, debit, credit, minor, pending)) in unit.iter().enumerate() {
+                let who = |n: usize| match n {
+                    0 => Owner::Issuer,
+                    n => user(&format!("u{n}")),
+                };
+                let request = TransferRequest {
+                    id: TransferId(id),
+                    debit: who(debit),
+                    credit: who(credit),
+                    amount: f.ledger.ledger().amount_from_minor(minor, "EUR").unwrap(),
+                    memo: Vec::new(),
+                };
+                let op = if pending {
+                    BatchOp::CreatePending {
+                        request,
+                        timeout_ms: 60_000,
+                    }
+                } else {
+                    BatchOp::Create(request)
+                };
+                entries.push(BatchEntry {
+                    op,
+                    linked: i + 1 < unit.len(),
+                });
+            }
+        }
+        entries
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        #[test]
+        fn chains_apply_whole_and_the_journal_agrees(
+            records_max in 2usize..6,
+            calls in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::collection::vec((1u128..40, 0usize..4, 1usize..4, 1u128..300, any::<bool>()), 1..4),
+                    1..8,
+                ),
+                1..4,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let clock = ManualClock::new(T0_MS);
+            let open = || {
+                let options = LedgerOptions {
+                    monotonic: Some(Arc::new(clock.clone())),
+                    batch_commands_max: records_max,
+                    ..LedgerOptions::default()
+                };
+                Ledger::open_with_options(dir.path(), &settings(), Arc::new(clock.clone()), options)
+                    .unwrap()
+                    .blocking()
+            };
+            let f = Fixture { _dir: tempfile::tempdir().unwrap(), clock: clock.clone(), ledger: open() };
+            for call in &calls {
+                let results = f.ledger.batch_linked(entries(&f, call)).unwrap();
+                let mut at = 0;
+                for unit in call {
+                    let answers = &results[at..at + unit.len()];
+                    at += unit.len();
+                    let applied = answers.iter().filter(|r| r.is_ok()).count();
+                    prop_assert!(applied == 0 || applied == unit.len(), "{:?}", answers);
+                    let created = answers.iter().all(|r| matches!(r, Ok(CreateResult::Created(_))));
+                    if created && unit.len() > 1 {
+                        // In one journal record, never across two.
+                        let journal = journal_records_of(f.ledger.ledger());
+                        let seqs: Vec<u64> = unit.iter().map(|&(id, ..)| journal[&id][0]).collect();
+                        prop_assert!(seqs.iter().all(|&s| s == seqs[0]), "{:?}", seqs);
+                    }
+                    if unit.len() > records_max.min(LINKED_CHAIN_OPS_MAX) {
+                        let too_long = answers.iter().all(|r| {
+                            r.as_ref().is_err_and(|e| {
+                                e.rejection() == Some(TransferError::LinkedChainTooLong)
+                            })
+                        });
+                        prop_assert!(too_long);
+                    }
+                }
+                f.ledger.verify_with_memory().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                clock.advance_ms(1_000);
+            }
+            let before: Vec<AccountView> = (0..4)
+                .flat_map(|n| f.ledger.balances(&match n { 0 => Owner::Issuer, n => user(&format!("u{n}")) }).unwrap())
+                .collect();
+            drop(f);
+            let ledger = open();
+            let after: Vec<AccountView> = (0..4)
+                .flat_map(|n| ledger.balances(&match n { 0 => Owner::Issuer, n => user(&format!("u{n}")) }).unwrap())
+                .collect();
+            prop_assert_eq!(before, after);
+            ledger.verify().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+    }
+}
