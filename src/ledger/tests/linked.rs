@@ -634,7 +634,10 @@ mod through_the_writer {
 
     use super::*;
 
-    fn entries(f: &Fixture, units: &[Vec<(u128, usize, usize, u128, bool)>]) -> Vec<BatchEntry> {
+    /// A create: id, debit and credit (0: the issuer, n: user `un`), amount, pending.
+    type Leg = (u128, usize, usize, u128, bool);
+
+    fn entries(f: &Fixture, units: &[Vec<Leg>]) -> Vec<BatchEntry> {
         let mut entries = Vec::new();
         for unit in units {
             for (i, &(id, debit, credit, minor, pending)) in unit.iter().enumerate() {
