@@ -588,7 +588,8 @@ impl Ledger {
     /// a longer call is sent as several, in order), so a caller with thousands of transfers
     /// pays for one queue slot and one wake-up instead of one each. A storage failure part
     /// way answers the whole call with the error: as for a single call, the outcome of each
-    /// change is then unknown, and retrying with the same ids is safe.
+    /// change is then unknown, and retrying with the same ids is safe. For changes that must
+    /// apply together (several legs of one payment), see [`Ledger::batch_linked`].
     pub async fn batch(
         &self,
         ops: Vec<BatchOp>,
