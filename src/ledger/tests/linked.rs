@@ -262,6 +262,62 @@ fn a_failed_chain_puts_back_the_refund_figures_it_changed() {
     f.ledger.verify_with_memory().unwrap();
 }
 
+/// A change of a chain whose row on disk cannot be read answers the storage error, the rest
+/// of its chain `LinkedEventFailed`; nothing of the chain applies, and once the rows read
+/// again the same chain applies as a retry would.
+#[test]
+fn a_row_that_cannot_be_read_fails_its_chain_whole() {
+    let storage = Arc::new(FlakyRows::new());
+    let clock = ManualClock::new(T0_MS);
+    let options = LedgerOptions {
+        monotonic: Some(Arc::new(clock.clone())),
+        ..LedgerOptions::default()
+    };
+    let currencies = Currencies::from_settings(&settings()).unwrap();
+    let ledger =
+        Ledger::open_storage(storage.clone(), currencies, Arc::new(clock.clone()), options)
+            .unwrap()
+            .blocking();
+    let f = Fixture {
+        _dir: tempfile::tempdir().unwrap(),
+        clock,
+        ledger,
+    };
+    f.fund(1, "alice", "100.00");
+    f.send(12, user("alice"), user("bob"), "1.00").unwrap();
+    // Transfer 12 goes to disk.
+    block_on(f.ledger.ledger().checkpoint()).unwrap();
+    let chain = || {
+        vec![
+            create(&f, 40, user("alice"), user("carol"), "2.00").linked(),
+            create(&f, 12, user("alice"), user("bob"), "1.00").into(),
+        ]
+    };
+    storage.set(ROWS_FAIL);
+    let results = f.ledger.batch_linked(chain()).unwrap();
+    assert_eq!(
+        results[0].as_ref().unwrap_err().rejection(),
+        Some(TransferError::LinkedEventFailed)
+    );
+    assert!(
+        matches!(&results[1], Err(LedgerError::Storage(_))),
+        "{:?}",
+        results[1]
+    );
+    storage.set(ROWS_OK);
+    assert_eq!(f.ledger.transfer(TransferId(40)).unwrap(), None);
+    assert_eq!(f.available("carol"), 0);
+    f.ledger.verify_with_memory().unwrap();
+    // Transfer 12 exists and 40 is new: a mix, refused.
+    assert_eq!(
+        got(f.ledger.batch_linked(chain()).unwrap()),
+        vec![
+            Got::Refused(TransferError::LinkedEventFailed),
+            Got::Refused(TransferError::LinkedChainPartlyExists)
+        ]
+    );
+}
+
 /// The call's last change marked linked leaves its chain open: none of it is decided.
 #[test]
 fn a_chain_left_open_at_the_end_of_the_call_fails() {
