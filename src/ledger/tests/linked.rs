@@ -274,10 +274,14 @@ fn a_row_that_cannot_be_read_fails_its_chain_whole() {
         ..LedgerOptions::default()
     };
     let currencies = Currencies::from_settings(&settings()).unwrap();
-    let ledger =
-        Ledger::open_storage(storage.clone(), currencies, Arc::new(clock.clone()), options)
-            .unwrap()
-            .blocking();
+    let ledger = Ledger::open_storage(
+        storage.clone(),
+        currencies,
+        Arc::new(clock.clone()),
+        options,
+    )
+    .unwrap()
+    .blocking();
     let f = Fixture {
         _dir: tempfile::tempdir().unwrap(),
         clock,
