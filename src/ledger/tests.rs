@@ -3771,4 +3771,5 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
 
 mod batch;
 mod history;
+mod linked;
 mod reads;
