@@ -237,7 +237,9 @@ impl Writer {
             // If the thread cannot start, the closure (and the rows) is dropped right here.
             let _ = std::thread::Builder::new()
                 .name("mxpay-ledger-free".to_owned())
-                .spawn(move || spilled.free());
+                .spawn(move || {
+                    drop(spilled);
+                });
         }
         if let Err(error) = &result {
             self.checkpoint_failed(error);
@@ -478,16 +480,6 @@ impl Writer {
             self.last_time_ms = now_ms;
             self.entries_since_checkpoint =
                 self.entries_since_checkpoint.saturating_add(record.count());
-            // A spill whose rows are durable is taken in now rather than at the next one:
-            // its memory is freed (its tail kept for the next spill) while the next tail
-            // fills, so the two are not both in memory through the whole cycle.
-            if self
-                .checkpoint_in_flight
-                .as_ref()
-                .is_some_and(|h| h.is_finished())
-            {
-                self.finish_checkpoint_in_flight();
-            }
             if self.checkpoint_due() {
                 self.start_checkpoint();
             }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::ledger::state::HashMap;
 
-use super::rows::{IdFilter, Recycled, SpillPart};
+use super::rows::{IdFilter, SpillPart};
 use super::window::Window;
 use super::{
     Account, FailedRec, Fingerprint, State, Totals, TransferIdx, TransferRec, FAILURES_KEPT_MAX,
@@ -223,45 +223,6 @@ pub(crate) struct CheckpointJob {
     state_bytes: Vec<u8>,
     /// The filters of the rows already on disk.
     filters: Vec<Arc<IdFilter>>,
-}
-
-/// The memory of spill parts whose rows are on disk ([`State::spill_written`]).
-pub(crate) struct SpilledMemory {
-    parts: Vec<Arc<SpillPart>>,
-    recycled: Recycled,
-}
-
-impl SpilledMemory {
-    /// Whether there is nothing to free.
-    pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
-
-    /// Frees the transfers, and keeps the largest emptied tail and id index for the next
-    /// spill to fill (`State::begin_spill`); the rest is freed. For a thread of its own:
-    /// emptying a tail frees one allocation per memo.
-    pub fn free(self) {
-        for part in self.parts {
-            // The checkpoint job's copy of the `Arc` is gone once it has answered.
-            let Ok(part) = Arc::try_unwrap(part) else {
-                continue;
-            };
-            let SpillPart {
-                mut tail,
-                mut index,
-                ..
-            } = part;
-            tail.clear();
-            index.clear();
-            let mut slot = self.recycled.lock();
-            if slot
-                .as_ref()
-                .is_none_or(|(kept, _)| kept.capacity() < tail.capacity())
-            {
-                *slot = Some((tail, index));
-            }
-        }
-    }
 }
 
 /// What became of a [`CheckpointJob`].
@@ -809,20 +770,15 @@ impl State {
         for idx in resident_ended {
             resident.insert(idx, t.resident.remove(&idx).expect("listed above"));
         }
-        // The tail and index of the last part written, emptied, if they are back: their
-        // memory is in use already, so the RSS does not climb again as the new tail fills
-        // (it sawed with the checkpoint cycle, from one tail's memory to two).
-        let (recycled_tail, recycled_index) = t.recycled.lock().take().unwrap_or_default();
-        let tail = std::mem::replace(&mut t.tail, recycled_tail);
+        let tail = std::mem::take(&mut t.tail);
         // The pending ones stay in memory, where they change; they are few.
         for &(_, idx) in &self.deadlines {
             if idx >= first {
                 t.resident.insert(idx, tail[(idx - first) as usize].clone());
             }
         }
-        let index = std::mem::replace(&mut t.index, recycled_index);
-        t.index
-            .extend(t.resident.iter().map(|(&idx, r)| (r.id, idx)));
+        let index = std::mem::take(&mut t.index);
+        t.index = t.resident.iter().map(|(&idx, r)| (r.id, idx)).collect();
         // Room for as many transfers as the last spill took, before they come: growing by
         // doubling copied the whole tail and rehashed the whole index on the writer, each
         // time a batch's latency. Pages not written yet cost no memory.
@@ -841,9 +797,9 @@ impl State {
 
     /// The rows of every spill not durable so far are now (with `filter`, the filter of
     /// their ids): lookups read them from the storage from now on. Returns what memory held
-    /// them, for the caller to free where it costs nothing ([`SpilledMemory::free`]: about
-    /// one deallocation per memo).
-    pub fn spill_written(&mut self, filter: Option<Arc<IdFilter>>) -> SpilledMemory {
+    /// them, for the caller to drop where it costs nothing (freeing about as many
+    /// allocations as rows).
+    pub fn spill_written(&mut self, filter: Option<Arc<IdFilter>>) -> Vec<Arc<SpillPart>> {
         self.transfers.filters.extend(filter);
         let written = std::mem::take(&mut self.transfers.unsynced);
         if !written.is_empty() {
@@ -874,10 +830,7 @@ impl State {
                 }
             }
         }
-        SpilledMemory {
-            parts: written,
-            recycled: self.transfers.recycled.clone(),
-        }
+        written
     }
 
     /// Lets the state read the rows written by earlier spills (after an open).

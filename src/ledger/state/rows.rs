@@ -88,14 +88,7 @@ pub(super) struct Transfers {
     /// Rows the decision being made read from the storage, so that applying its events and
     /// answering read nothing more (and cannot fail half-way); cleared after each decision.
     pub pinned: Vec<(TransferIdx, TransferRec)>,
-    /// The emptied tail and id index of the last spill part written, for the next spill
-    /// to fill again (see `State::begin_spill`).
-    pub recycled: Recycled,
 }
-
-/// Where the emptied tail and id index of a written spill part wait for the next spill.
-pub(super) type Recycled =
-    Arc<parking_lot::Mutex<Option<(Vec<TransferRec>, HashMap<TransferId, TransferIdx>)>>>;
 
 impl std::fmt::Debug for Transfers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
