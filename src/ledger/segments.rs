@@ -378,7 +378,7 @@ impl HashingWriter {
 
 /// Writes the segment of `rows` (see the module docs), all but its hash, to `out`: each
 /// index once, in index order. What it allocates besides the rows it is given: the id
-/// table to sort (20 B a row, freed once written), each account's count, and the lists
+/// table to sort (32 B a row, freed once written), each account's count, and the lists
 /// (8 B a row); for rows not given in index order, their order (4 B a row).
 fn write_segment(
     out: &mut HashingWriter,
@@ -432,7 +432,12 @@ fn write_segment(
         out.put(&offset.to_le_bytes()).map_err(write)?;
         offset += r.bytes.len() as u64;
     }
-    let mut by_id: Vec<(u128, u32)> = (0..count).map(|i| (row(i).id, row(i).idx)).collect();
+    let mut by_id: Vec<(u128, u32)> = (0..count)
+        .map(|i| {
+            let r = row(i);
+            (r.id, r.idx)
+        })
+        .collect();
     by_id.sort_unstable();
     for (id, idx) in &by_id {
         out.put(&id.to_le_bytes()).map_err(write)?;
