@@ -45,7 +45,7 @@ pub use model::{
     MEMO_BYTES_MAX, OWNER_BYTES_MAX, PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
-pub use storage::{RowEntry, SledStorage, Storage, StorageError, TransferRow};
+pub use storage::{RowEntry, SledStorage, Storage, StorageError, TransferRow, TransferRows};
 pub use time::{MonotonicClock, SharedMonotonic, SystemMonotonic, CLOCK_SKEW_MS_MAX};
 
 use crate::clock::SharedClock;

@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::storage::{
-    RowEntry, Storage, StorageError, StoredRecord, TransferRow, ROWS_PER_BATCH_MAX,
+    RowEntry, Storage, StorageError, StoredRecord, TransferRow, TransferRows, ROWS_PER_BATCH_MAX,
 };
 
 /// What one side (visible or durable) holds.
@@ -54,7 +54,7 @@ enum Unsynced {
     Checkpoint(Vec<u8>),
     Anchor(Vec<u8>),
     /// One piece of a `put_transfer_rows` (each piece survives a cut or not on its own).
-    Rows(Vec<TransferRow>),
+    Rows(TransferRows),
 }
 
 struct Inner {
@@ -131,12 +131,12 @@ fn apply(image: &mut Image, write: Unsynced) {
         Unsynced::Checkpoint(bytes) => image.checkpoint = Some(bytes),
         Unsynced::Anchor(bytes) => image.anchor = Some(bytes),
         Unsynced::Rows(rows) => {
-            for row in rows {
+            for row in rows.iter() {
                 image.row_ids.insert(row.id, row.idx);
                 for account in row.accounts {
                     image.listed.insert((account, row.idx));
                 }
-                image.rows.insert(row.idx, row.bytes);
+                image.rows.insert(row.idx, row.bytes.to_vec());
             }
         }
     }
@@ -250,12 +250,14 @@ impl Storage for PowerCutStorage {
     }
 
     /// Issued in pieces as sled's backend writes them, then synced once.
-    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+    fn put_transfer_rows(&self, rows: &TransferRows) -> Result<(), StorageError> {
         let mut inner = self.0.lock();
         inner.writing_rows = true;
         let written = (|| {
-            for piece in rows.chunks(ROWS_PER_BATCH_MAX) {
-                inner.issue(Unsynced::Rows(piece.to_vec()))?;
+            for start in (0..rows.len()).step_by(ROWS_PER_BATCH_MAX) {
+                let end = rows.len().min(start + ROWS_PER_BATCH_MAX);
+                let piece = (start..end).map(|i| rows.get(i)).collect();
+                inner.issue(Unsynced::Rows(piece))?;
             }
             inner.sync()
         })();
@@ -768,15 +770,17 @@ mod tests {
         (cuts, unknowns + unknown.len(), background_cuts)
     }
 
-    fn rows(count: u32) -> Vec<TransferRow> {
-        (0..count)
-            .map(|idx| TransferRow {
+    fn rows(count: u32) -> TransferRows {
+        let mut rows = TransferRows::default();
+        for idx in 0..count {
+            rows.push(TransferRow {
                 idx,
                 id: 100 + u128::from(idx),
                 accounts: [idx % 3, 3 + idx % 2],
-                bytes: idx.to_le_bytes().to_vec(),
-            })
-            .collect()
+                bytes: &idx.to_le_bytes(),
+            });
+        }
+        rows
     }
 
     /// Issue 15: transfer rows are written in pieces and synced once. A cut before the sync
@@ -791,10 +795,12 @@ mod tests {
             let storage = PowerCutStorage::new(Image::default(), Some(3), seed);
             assert!(storage.put_transfer_rows(&rows(count)).is_err());
             let image = storage.survivors();
-            for piece in rows(count).chunks(ROWS_PER_BATCH_MAX) {
+            let all = rows(count);
+            let all: Vec<TransferRow<'_>> = all.iter().collect();
+            for piece in all.chunks(ROWS_PER_BATCH_MAX) {
                 let kept = piece
                     .iter()
-                    .filter(|r| image.rows.get(&r.idx) == Some(&r.bytes))
+                    .filter(|r| image.rows.get(&r.idx).map(Vec::as_slice) == Some(r.bytes))
                     .filter(|r| image.row_ids.get(&r.id) == Some(&r.idx))
                     .count();
                 assert!(
@@ -817,8 +823,11 @@ mod tests {
         let storage = PowerCutStorage::new(Image::default(), Some(4), 7);
         storage.put_transfer_rows(&rows(count)).unwrap();
         let reopened = PowerCutStorage::new(storage.survivors(), None, 0);
-        for row in rows(count) {
-            assert_eq!(reopened.transfer_row(row.idx).unwrap(), Some(row.bytes));
+        for row in rows(count).iter() {
+            assert_eq!(
+                reopened.transfer_row(row.idx).unwrap(),
+                Some(row.bytes.to_vec())
+            );
             assert_eq!(reopened.transfer_row_idx(row.id).unwrap(), Some(row.idx));
         }
     }

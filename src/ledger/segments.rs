@@ -30,7 +30,8 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::RwLock;
 
-use super::storage::{RowEntry, StorageError, TransferRow};
+use super::state::HashMap;
+use super::storage::{RowEntry, StorageError, TransferRows};
 
 const MAGIC: &[u8; 8] = b"mxpay-rs";
 /// 2: each account's list of the rows touching it (issue 15: histories on disk).
@@ -326,62 +327,148 @@ impl HashingReader {
     }
 }
 
-/// The bytes of a segment of `rows` (see the module docs).
-fn encode(rows: &[TransferRow]) -> Result<Vec<u8>, StorageError> {
-    let mut by_idx: Vec<&TransferRow> = rows.iter().collect();
-    by_idx.sort_unstable_by_key(|r| r.idx);
-    by_idx.dedup_by_key(|r| r.idx);
-    let count = u32::try_from(by_idx.len())
+/// Writes a segment to its file as it is laid out, hashing it on the way, through a buffer
+/// of its own: the segment is never assembled in memory (it is as large as its rows, tens
+/// of MiB per spill), and the hasher is fed large pieces, not a field at a time.
+struct HashingWriter {
+    file: File,
+    hasher: blake3::Hasher,
+    buffer: Vec<u8>,
+}
+
+/// The buffer of a [`HashingWriter`].
+const WRITE_BUFFER_BYTES: usize = 256 << 10;
+
+impl HashingWriter {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            hasher: blake3::Hasher::new(),
+            buffer: Vec::with_capacity(WRITE_BUFFER_BYTES),
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.buffer.len() + bytes.len() > WRITE_BUFFER_BYTES {
+            self.flush()?;
+        }
+        if bytes.len() >= WRITE_BUFFER_BYTES {
+            self.hasher.update(bytes);
+            return std::io::Write::write_all(&mut self.file, bytes);
+        }
+        self.buffer.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.hasher.update(&self.buffer);
+        std::io::Write::write_all(&mut self.file, &self.buffer)?;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Writes what is buffered, then the hash of everything written; returns the file.
+    fn finish(mut self) -> std::io::Result<File> {
+        self.flush()?;
+        let hash = *self.hasher.finalize().as_bytes();
+        std::io::Write::write_all(&mut self.file, &hash)?;
+        Ok(self.file)
+    }
+}
+
+/// Writes the segment of `rows` (see the module docs), all but its hash, to `out`: each
+/// index once, in index order. What it allocates besides the rows it is given: the id
+/// table to sort (32 B a row, freed once written), each account's count, and the lists
+/// (8 B a row); for rows not given in index order, their order (4 B a row).
+fn write_segment(
+    out: &mut HashingWriter,
+    rows: &TransferRows,
+    path: &Path,
+) -> Result<(), StorageError> {
+    let write = |e| io("cannot write", path, e);
+    let ascending = (1..rows.len()).all(|i| rows.get(i - 1).idx < rows.get(i).idx);
+    // A spill's rows come in index order; those of a failed spill written with the next
+    // one's do not. Sorted stably, the first of an index given twice is kept (the same row).
+    let order: Option<Vec<u32>> = (!ascending).then(|| {
+        let mut order: Vec<u32> = (0..rows.len() as u32).collect();
+        order.sort_by_key(|&i| rows.get(i as usize).idx);
+        order.dedup_by_key(|i| rows.get(*i as usize).idx);
+        order
+    });
+    let count = order.as_ref().map_or(rows.len(), Vec::len);
+    let row = |i: usize| rows.get(order.as_ref().map_or(i, |order| order[i] as usize));
+    let count_u32 = u32::try_from(count)
         .map_err(|_| StorageError::Backend("too many rows in one segment".into()))?;
-    // Each row under both its accounts; sorted, that is each account's list, ascending.
-    let mut listed: Vec<(u32, u32)> = Vec::with_capacity(by_idx.len() * 2);
-    for r in &by_idx {
+    // Each account's list is counted first (the header gives the number of accounts), and
+    // filled after the rows are written, in index order, so each comes out ascending.
+    let mut cursors: HashMap<u32, u32> = HashMap::default();
+    for i in 0..count {
+        let r = row(i);
         assert_ne!(
             r.accounts[0], r.accounts[1],
             "a transfer touches two accounts"
         );
-        listed.extend(r.accounts.iter().map(|&a| (a, r.idx)));
-    }
-    listed.sort_unstable();
-    let mut directory: Vec<(u32, u32, u32)> = Vec::new();
-    for (i, &(account, _)) in listed.iter().enumerate() {
-        match directory.last_mut() {
-            Some((at, _, n)) if *at == account => *n += 1,
-            _ => directory.push((account, i as u32, 1)),
+        for account in r.accounts {
+            *cursors.entry(account).or_default() += 1;
         }
     }
-    let accounts = directory.len() as u32;
-    let mut out = Vec::new();
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.extend_from_slice(&count.to_le_bytes());
-    out.extend_from_slice(&accounts.to_le_bytes());
+    let mut directory: Vec<(u32, u32, u32)> = cursors.iter().map(|(&a, &n)| (a, 0, n)).collect();
+    directory.sort_unstable();
+    let mut start = 0;
+    for (account, at, n) in &mut directory {
+        *at = start;
+        cursors.insert(*account, start);
+        start += *n;
+    }
+    out.put(MAGIC).map_err(write)?;
+    out.put(&[VERSION]).map_err(write)?;
+    out.put(&count_u32.to_le_bytes()).map_err(write)?;
+    out.put(&(directory.len() as u32).to_le_bytes())
+        .map_err(write)?;
     let mut offset = 0u64;
-    for r in &by_idx {
-        out.extend_from_slice(&r.idx.to_le_bytes());
-        out.extend_from_slice(&offset.to_le_bytes());
+    for i in 0..count {
+        let r = row(i);
+        out.put(&r.idx.to_le_bytes()).map_err(write)?;
+        out.put(&offset.to_le_bytes()).map_err(write)?;
         offset += r.bytes.len() as u64;
     }
-    let mut by_id: Vec<(u128, u32)> = by_idx.iter().map(|r| (r.id, r.idx)).collect();
+    let mut by_id: Vec<(u128, u32)> = (0..count)
+        .map(|i| {
+            let r = row(i);
+            (r.id, r.idx)
+        })
+        .collect();
     by_id.sort_unstable();
-    for (id, idx) in by_id {
-        out.extend_from_slice(&id.to_le_bytes());
-        out.extend_from_slice(&idx.to_le_bytes());
+    for (id, idx) in &by_id {
+        out.put(&id.to_le_bytes()).map_err(write)?;
+        out.put(&idx.to_le_bytes()).map_err(write)?;
     }
-    for r in &by_idx {
-        out.extend_from_slice(&r.bytes);
+    drop(by_id);
+    if order.is_none() {
+        out.put(rows.bytes()).map_err(write)?;
+    } else {
+        for i in 0..count {
+            out.put(row(i).bytes).map_err(write)?;
+        }
     }
-    for (account, start, n) in directory {
-        out.extend_from_slice(&account.to_le_bytes());
-        out.extend_from_slice(&start.to_le_bytes());
-        out.extend_from_slice(&n.to_le_bytes());
+    for (account, at, n) in directory {
+        out.put(&account.to_le_bytes()).map_err(write)?;
+        out.put(&at.to_le_bytes()).map_err(write)?;
+        out.put(&n.to_le_bytes()).map_err(write)?;
     }
-    for (_, idx) in listed {
-        out.extend_from_slice(&idx.to_le_bytes());
+    let mut lists = vec![0u32; 2 * count];
+    for i in 0..count {
+        let r = row(i);
+        for account in r.accounts {
+            let cursor = cursors.get_mut(&account).expect("counted above");
+            lists[*cursor as usize] = r.idx;
+            *cursor += 1;
+        }
     }
-    let hash = *blake3::hash(&out).as_bytes();
-    out.extend_from_slice(&hash);
-    Ok(out)
+    for idx in lists {
+        out.put(&idx.to_le_bytes()).map_err(write)?;
+    }
+    Ok(())
 }
 
 /// Buffer of a segment scan: large reads, one segment at a time.
@@ -565,17 +652,18 @@ impl Segments {
 
     /// Writes `rows` as one new segment with their accounts' history lists, durably (file
     /// and directory synced).
-    pub fn put(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+    pub fn put(&self, rows: &TransferRows) -> Result<(), StorageError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let out = encode(rows)?;
         let _writing = self.writing.lock();
         let n = self.segments.read().last().map_or(1, |(n, _)| n + 1);
         let path = self.dir.join(format!("seg-{n:016x}"));
         let tmp = self.dir.join(format!("seg-{n:016x}.tmp"));
-        let mut file = File::create(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
-        std::io::Write::write_all(&mut file, &out).map_err(|e| io("cannot write", &tmp, e))?;
+        let file = File::create(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
+        let mut out = HashingWriter::new(file);
+        write_segment(&mut out, rows, &tmp)?;
+        let file = out.finish().map_err(|e| io("cannot write", &tmp, e))?;
         file.sync_all().map_err(|e| io("cannot sync", &tmp, e))?;
         drop(file);
         std::fs::rename(&tmp, &path).map_err(|e| io("cannot rename to", &path, e))?;
@@ -650,13 +738,24 @@ pub(crate) fn rewrite_as_version_1(ledger_dir: &Path) {
 mod tests {
     use super::*;
 
-    fn row(idx: u32, accounts: [u32; 2]) -> TransferRow {
-        TransferRow {
-            idx,
-            id: 1_000 + u128::from(idx),
-            accounts,
-            bytes: vec![idx as u8; 1 + idx as usize % 5],
+    use crate::ledger::storage::TransferRow;
+
+    fn row_bytes(idx: u32) -> Vec<u8> {
+        vec![idx as u8; 1 + idx as usize % 5]
+    }
+
+    /// Rows of the transfers `idx` touching `accounts`, in the order given.
+    fn rows(of: impl IntoIterator<Item = (u32, [u32; 2])>) -> TransferRows {
+        let mut rows = TransferRows::default();
+        for (idx, accounts) in of {
+            rows.push(TransferRow {
+                idx,
+                id: 1_000 + u128::from(idx),
+                accounts,
+                bytes: &row_bytes(idx),
+            });
         }
+        rows
     }
 
     /// Issue 15 (histories on disk): each segment lists its rows under both their accounts;
@@ -668,14 +767,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let segments = Segments::open(dir.path()).unwrap();
         // Account 7 is in every transfer; 3 and 5 share the others.
-        let first: Vec<TransferRow> = (0..10).map(|i| row(i, [7, 3 + 2 * (i % 2)])).collect();
+        let first = rows((0..10).map(|i| (i, [7, 3 + 2 * (i % 2)])));
         segments.put(&first).unwrap();
         // Transfer 4 written again (as an ended pending transfer would be), and later ones.
-        let second: Vec<TransferRow> = [4]
-            .into_iter()
-            .chain(10..15)
-            .map(|i| row(i, [3 + 2 * (i % 2), 7]))
-            .collect();
+        let second = rows(
+            [4].into_iter()
+                .chain(10..15)
+                .map(|i| (i, [3 + 2 * (i % 2), 7])),
+        );
         segments.put(&second).unwrap();
         let all: Vec<u32> = (0..15).rev().collect();
         assert_eq!(segments.history(7, 100, 100).unwrap(), all);
@@ -699,17 +798,139 @@ mod tests {
 
         rewrite_as_version_1(dir.path());
         let segments = Segments::open(dir.path()).unwrap();
-        assert_eq!(segments.row(4).unwrap(), Some(row(4, [0, 1]).bytes));
+        assert_eq!(segments.row(4).unwrap(), Some(row_bytes(4)));
         assert_eq!(segments.idx_of(1_013).unwrap(), Some(13));
         assert_eq!(segments.history(7, 100, 100).unwrap(), Vec::<u32>::new());
-        let mut rows = 0;
+        let mut scanned = 0;
         segments
-            .scan(&mut |e| rows += usize::from(matches!(e, RowEntry::Row { .. })))
+            .scan(&mut |e| scanned += usize::from(matches!(e, RowEntry::Row { .. })))
             .unwrap();
-        assert_eq!(rows, first.len() + second.len());
+        assert_eq!(scanned, first.len() + second.len());
         // A new segment after version 1 ones has its lists.
-        segments.put(&[row(20, [7, 3])]).unwrap();
+        segments.put(&rows([(20, [7, 3])])).unwrap();
         assert_eq!(segments.history(7, 100, 100).unwrap(), vec![20]);
+    }
+
+    /// The segment format is the module docs' byte for byte, whatever order the rows come
+    /// in (here out of index order, one of them twice): written from one buffer of rows, as
+    /// it is laid out, it is the same file as before (older segments and newer ones read
+    /// alike).
+    #[test]
+    fn segment_format_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        let given = [(2, [1, 0], &[0xAA, 0xBB][..]), (0, [0, 1], &[0xCC][..])];
+        let mut rows: TransferRows = given
+            .iter()
+            .chain(&[(5, [2, 1], &[0xDD, 0xEE, 0xFF][..]), given[1]])
+            .map(|&(idx, accounts, bytes)| TransferRow {
+                idx,
+                id: 1_000 + u128::from(idx),
+                accounts,
+                bytes,
+            })
+            .collect();
+        segments.put(&rows).unwrap();
+        let mut expected = b"mxpay-rs".to_vec();
+        expected.push(2);
+        let u32s = |out: &mut Vec<u8>, values: &[u32]| {
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        u32s(&mut expected, &[3, 3]);
+        for (idx, offset) in [(0u32, 0u64), (2, 1), (5, 3)] {
+            u32s(&mut expected, &[idx]);
+            expected.extend_from_slice(&offset.to_le_bytes());
+        }
+        for idx in [0u32, 2, 5] {
+            expected.extend_from_slice(&(1_000 + u128::from(idx)).to_le_bytes());
+            u32s(&mut expected, &[idx]);
+        }
+        expected.extend_from_slice(&[0xCC, 0xAA, 0xBB, 0xDD, 0xEE, 0xFF]);
+        u32s(&mut expected, &[0, 0, 2, 1, 2, 3, 2, 5, 1]);
+        u32s(&mut expected, &[0, 2, 0, 2, 5, 5]);
+        let hash = *blake3::hash(&expected).as_bytes();
+        expected.extend_from_slice(&hash);
+        let path = dir.path().join(ROWS_DIR).join(format!("seg-{:016x}", 1));
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        // And in index order, the rows written from the buffer at once: the same bytes.
+        rows = [1, 0, 2]
+            .into_iter()
+            .map(|i| rows.get(i))
+            .collect::<TransferRows>();
+        segments.put(&rows).unwrap();
+        let path = dir.path().join(ROWS_DIR).join(format!("seg-{:016x}", 2));
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+    }
+
+    /// Issue 15 (memory flat from the first million): a spill's rows come in one buffer,
+    /// and the segment is written from it through a bounded buffer of its own (rows larger
+    /// than that buffer go straight through). Rows in index order and out of it read back
+    /// identical by index and by id, and the scan visits each once; a flipped byte among
+    /// the rows fails the scan.
+    #[test]
+    fn rows_from_one_buffer_read_back_identical_and_a_flipped_byte_fails_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        let bytes_of = |idx: u32| -> Vec<u8> {
+            let len = if idx == 1_500 {
+                WRITE_BUFFER_BYTES + 7
+            } else {
+                1 + idx as usize % 300
+            };
+            (0..len).map(|i| (i as u32 ^ idx) as u8).collect()
+        };
+        let mut in_order = TransferRows::default();
+        for idx in 0..3_000 {
+            in_order.push(TransferRow {
+                idx,
+                id: u128::from(idx) << 64 | 7,
+                accounts: [idx % 10, 10 + idx % 3],
+                bytes: &bytes_of(idx),
+            });
+        }
+        segments.put(&in_order).unwrap();
+        let mut shuffled = TransferRows::default();
+        for idx in (3_000..3_400).rev() {
+            shuffled.push(TransferRow {
+                idx,
+                id: u128::from(idx) << 64 | 7,
+                accounts: [idx % 10, 10 + idx % 3],
+                bytes: &bytes_of(idx),
+            });
+        }
+        segments.put(&shuffled).unwrap();
+        for idx in [0, 1, 299, 1_500, 2_999, 3_000, 3_201, 3_399] {
+            assert_eq!(segments.row(idx).unwrap(), Some(bytes_of(idx)), "row {idx}");
+            assert_eq!(
+                segments.idx_of(u128::from(idx) << 64 | 7).unwrap(),
+                Some(idx)
+            );
+        }
+        let mut seen = Vec::new();
+        segments
+            .scan(&mut |e| {
+                if let RowEntry::Row { idx, bytes } = e {
+                    assert_eq!(bytes, bytes_of(idx), "row {idx}");
+                    seen.push(idx);
+                }
+            })
+            .unwrap();
+        assert_eq!(seen, (0..3_400).collect::<Vec<_>>());
+        assert_eq!(
+            segments.history(12, 3_400, 3).unwrap(),
+            vec![3_398, 3_395, 3_392]
+        );
+        drop(segments);
+        let path = dir.path().join(ROWS_DIR).join(format!("seg-{:016x}", 1));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let layout = Layout::of(&bytes[..HEADER as usize], bytes.len() as u64).unwrap();
+        bytes[layout.rows_start as usize + 1_000] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        let error = segments.scan(&mut |_| {}).unwrap_err().to_string();
+        assert!(error.contains("segment hash does not match"), "{error}");
     }
 
     /// A flipped byte in the history part of a segment is caught by the scan (its hash).
@@ -717,9 +938,7 @@ mod tests {
     fn a_flipped_byte_in_the_history_lists_fails_the_scan() {
         let dir = tempfile::tempdir().unwrap();
         let segments = Segments::open(dir.path()).unwrap();
-        segments
-            .put(&(0..4).map(|i| row(i, [1, 2])).collect::<Vec<_>>())
-            .unwrap();
+        segments.put(&rows((0..4).map(|i| (i, [1, 2])))).unwrap();
         drop(segments);
         let path = dir.path().join(ROWS_DIR).join(format!("seg-{:016x}", 1));
         let mut bytes = std::fs::read(&path).unwrap();

@@ -51,9 +51,10 @@ impl From<sled::Error> for StorageError {
 /// The row of one transfer that has ended, written out of memory (see docs/ledger.md,
 /// Memory): its index in journal order, its id, the two accounts it touches, and its bytes
 /// (`State::put_row`). A row never changes once written: a transfer's row is written only
-/// once it has ended, and what its refunds change is kept beside it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TransferRow {
+/// once it has ended, and what its refunds change is kept beside it. Borrowed from the
+/// [`TransferRows`] that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferRow<'a> {
     /// The transfer's index in journal order (the n-th transfer created has index n - 1).
     pub idx: u32,
     /// The transfer's id.
@@ -62,7 +63,105 @@ pub struct TransferRow {
     /// the history of each ([`Storage::account_history`]).
     pub accounts: [u32; 2],
     /// The encoded row.
-    pub bytes: Vec<u8>,
+    pub bytes: &'a [u8],
+}
+
+/// Rows stored together ([`Storage::put_transfer_rows`]: a spill's), in the order they were
+/// pushed: their bytes back to back in one buffer, and beside them each row's index, id,
+/// accounts and where its bytes end. Two allocations however many rows: a `Vec` per row was
+/// about 500,000 small allocations per spill, made and freed on the checkpoint thread, which
+/// kept glibc's heap growing over the first millions of transfers (docs/ledger.md, Memory).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransferRows {
+    bytes: Vec<u8>,
+    heads: Vec<RowHead>,
+}
+
+/// What a [`TransferRows`] keeps of a row beside its bytes. The id as bytes keeps the
+/// entry at 40 bytes (a `u128` would align it to 48).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RowHead {
+    id_le: [u8; 16],
+    end: u64,
+    idx: u32,
+    accounts: [u32; 2],
+}
+
+impl TransferRows {
+    /// Room for `rows` rows of `bytes` bytes in all, allocated once.
+    pub fn with_capacity(rows: usize, bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            heads: Vec::with_capacity(rows),
+        }
+    }
+
+    /// Adds the row of transfer `idx` (`id`, touching `accounts`), whose bytes `encode`
+    /// appends to the buffer it is given (and does nothing else to it).
+    pub fn push_with(
+        &mut self,
+        idx: u32,
+        id: u128,
+        accounts: [u32; 2],
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) {
+        encode(&mut self.bytes);
+        self.heads.push(RowHead {
+            id_le: id.to_le_bytes(),
+            end: self.bytes.len() as u64,
+            idx,
+            accounts,
+        });
+    }
+
+    /// Adds `row` (its bytes copied).
+    pub fn push(&mut self, row: TransferRow<'_>) {
+        self.push_with(row.idx, row.id, row.accounts, |out| {
+            out.extend_from_slice(row.bytes);
+        });
+    }
+
+    /// How many rows it holds.
+    pub fn len(&self) -> usize {
+        self.heads.len()
+    }
+
+    /// Whether it holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// The bytes of every row, back to back in the order they were pushed.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The `i`-th row pushed.
+    pub fn get(&self, i: usize) -> TransferRow<'_> {
+        let head = &self.heads[i];
+        let start = i.checked_sub(1).map_or(0, |before| self.heads[before].end);
+        TransferRow {
+            idx: head.idx,
+            id: u128::from_le_bytes(head.id_le),
+            accounts: head.accounts,
+            bytes: &self.bytes[start as usize..head.end as usize],
+        }
+    }
+
+    /// The rows in the order they were pushed.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = TransferRow<'_>> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+}
+
+impl<'a> FromIterator<TransferRow<'a>> for TransferRows {
+    fn from_iter<I: IntoIterator<Item = TransferRow<'a>>>(rows: I) -> Self {
+        let mut all = Self::default();
+        for row in rows {
+            all.push(row);
+        }
+        all
+    }
 }
 
 /// One entry of the stored rows, as [`Storage::scan_transfer_rows`] visits them.
@@ -133,12 +232,14 @@ pub trait Storage: Send + Sync + 'static {
     }
 
     /// Stores `rows`, their id index (id -> index) and their accounts' history lists (each
-    /// row listed under both its accounts); returns once all of them are durable.
+    /// row listed under both its accounts); returns once all of them are durable. The rows
+    /// may come in any order of index (a spill's are ascending unless an earlier spill's
+    /// write failed and is written with it); an index that comes twice is the same row.
     /// Called before the checkpoint that relies on them is written, so a checkpoint never
     /// names a row a power cut could take back. Not atomic: a failed call may have stored
     /// some rows, which is harmless (a row never changes, so writing it again writes the
     /// same bytes, and rows beyond the checkpoint are not read).
-    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+    fn put_transfer_rows(&self, rows: &TransferRows) -> Result<(), StorageError> {
         let _ = rows;
         Err(StorageError::Backend(
             "this ledger backend keeps no transfer rows".to_owned(),
@@ -489,7 +590,7 @@ impl Storage for SledStorage {
     }
 
     /// One segment file, written and synced (see `segments.rs`).
-    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+    fn put_transfer_rows(&self, rows: &TransferRows) -> Result<(), StorageError> {
         self.rows.put(rows)
     }
 
@@ -565,12 +666,16 @@ mod tests {
         assert_eq!(storage.head().unwrap().unwrap(), b"head");
     }
 
-    fn row(idx: u32) -> TransferRow {
+    fn row_bytes(idx: u32) -> Vec<u8> {
+        vec![idx as u8; 1 + idx as usize % 40]
+    }
+
+    fn row(idx: u32, bytes: &[u8]) -> TransferRow<'_> {
         TransferRow {
             idx,
             id: 1_000 + u128::from(idx) * 7,
             accounts: [idx % 4, 4 + idx % 3],
-            bytes: vec![idx as u8; 1 + idx as usize % 40],
+            bytes,
         }
     }
 
@@ -585,15 +690,19 @@ mod tests {
             let storage = SledStorage::open(dir.path()).unwrap();
             assert!(storage.keeps_transfer_rows());
             storage.append(1, b"one", &[1; ANCHOR_BYTES]).unwrap();
-            let rows: Vec<TransferRow> = (0..count).map(row).collect();
+            let bytes: Vec<Vec<u8>> = (0..count).map(row_bytes).collect();
+            let rows: TransferRows = (0..count).map(|i| row(i, &bytes[i as usize])).collect();
             storage.put_transfer_rows(&rows).unwrap();
             // Written again (a checkpoint retried after a failure): the same bytes.
-            storage.put_transfer_rows(&rows[..3]).unwrap();
+            storage
+                .put_transfer_rows(&rows.iter().take(3).collect())
+                .unwrap();
         }
         let storage = SledStorage::open(dir.path()).unwrap();
         for idx in [0, 1, ROWS_PER_BATCH_MAX as u32, count - 1] {
-            let expected = row(idx);
-            assert_eq!(storage.transfer_row(idx).unwrap(), Some(expected.bytes));
+            let bytes = row_bytes(idx);
+            let expected = row(idx, &bytes);
+            assert_eq!(storage.transfer_row(idx).unwrap(), Some(bytes.clone()));
             assert_eq!(storage.transfer_row_idx(expected.id).unwrap(), Some(idx));
         }
         assert_eq!(storage.transfer_row(count).unwrap(), None);
@@ -601,7 +710,7 @@ mod tests {
         let listed = |account: u32, before: u32| -> Vec<u32> {
             (0..before.min(count))
                 .rev()
-                .filter(|&i| row(i).accounts.contains(&account))
+                .filter(|&i| row(i, &[]).accounts.contains(&account))
                 .collect()
         };
         for (account, before, limit) in [(0, count, 5), (5, 40, 100), (2, 3, 10), (6, 0, 3)] {

@@ -3411,12 +3411,12 @@ fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
         let last = row.len() - 1;
         row[last] ^= 1;
         storage
-            .put_transfer_rows(&[TransferRow {
+            .put_transfer_rows(&TransferRows::from_iter([TransferRow {
                 idx: 1,
                 id: 2,
                 accounts: [0, 1],
-                bytes: row,
-            }])
+                bytes: &row,
+            }]))
             .unwrap();
     }
     let error = verify_dir(dir.path()).unwrap_err().to_string();
@@ -3576,7 +3576,7 @@ impl Storage for FlakyRows {
     fn keeps_transfer_rows(&self) -> bool {
         true
     }
-    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+    fn put_transfer_rows(&self, rows: &TransferRows) -> Result<(), StorageError> {
         self.inner.put_transfer_rows(rows)
     }
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {

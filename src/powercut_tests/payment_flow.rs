@@ -47,7 +47,7 @@ use crate::ledger::powercut::{Image, PowerCutStorage};
 use crate::ledger::storage::StoredRecord;
 use crate::ledger::{
     AccountId, Balances, Currencies, JournalEntry, Ledger, LedgerError, LedgerOptions, Owner,
-    RowEntry, Storage, StorageError, TransferId, TransferRequest, TransferRow, TransferState,
+    RowEntry, Storage, StorageError, TransferId, TransferRequest, TransferRows, TransferState,
 };
 use crate::outbox::{Deliver, DeliverError, Outbox, OutboxPoke, OutboxPolicy};
 use crate::payments::core::after_pin::{self, AfterCompare, PostAnswer};
@@ -291,7 +291,7 @@ impl Storage for SharedPower {
         self.inner.keeps_transfer_rows()
     }
 
-    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+    fn put_transfer_rows(&self, rows: &TransferRows) -> Result<(), StorageError> {
         self.write(|s| s.put_transfer_rows(rows))
     }
 

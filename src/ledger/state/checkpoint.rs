@@ -34,7 +34,7 @@ use crate::ledger::codec::{
     HASH_LEN,
 };
 use crate::ledger::model::{Balances, TransferError, TransferId, TransferKind, TransferState};
-use crate::ledger::storage::{RowEntry, Storage, StorageError, TransferRow};
+use crate::ledger::storage::{RowEntry, Storage, StorageError, TransferRows};
 
 const MAGIC: &[u8; 8] = b"mxpay-cp";
 /// 6: id filters of 32 bits per id whose bits for an id all lie in one 64-byte block (a
@@ -184,6 +184,38 @@ fn finish_checkpoint(out: &mut Vec<u8>, filters: &[Arc<IdFilter>]) {
     out.extend_from_slice(&hash);
 }
 
+/// What a row takes besides its memo, about (a posted transfer between accounts opened
+/// early: 45-60 bytes), to size a spill's buffer of rows once.
+const ROW_BYTES_BESIDE_MEMO: usize = 64;
+
+/// An iterator that says its length, which it is told (what [`IdFilter::of`] takes).
+struct Counted<I> {
+    inner: I,
+    left: usize,
+}
+
+impl<I> Counted<I> {
+    fn new(inner: I, len: usize) -> Self {
+        Self { inner, left: len }
+    }
+}
+
+impl<I: Iterator> Iterator for Counted<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        let item = self.inner.next()?;
+        self.left = self.left.saturating_sub(1);
+        Some(item)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<I: Iterator> ExactSizeIterator for Counted<I> {}
+
 /// A checkpoint the writer prepared (`State::begin_checkpoint`) for the checkpoint thread:
 /// the rows of the transfers that ended since the last spill, still to be encoded and
 /// written, and the checkpoint that relies on them, still to be finished and written after
@@ -214,26 +246,29 @@ impl CheckpointJob {
     /// never leaves a checkpoint that names rows not on disk. Runs on the checkpoint thread,
     /// or on the writer's for a synchronous checkpoint.
     pub fn run(self, storage: &dyn Storage) -> CheckpointOutcome {
-        // The id filter is built first and the rows' table sized once: the filter lives on,
-        // and allocated after the rows' bytes (about as many small blocks as rows) it sat
-        // above them in glibc's heap, which then could not give their memory back when
-        // they were freed (RSS that grew over the first millions of transfers).
-        let ids: Vec<TransferId> = self
+        let (count, memo_bytes) = self
             .parts
             .iter()
-            .flat_map(|part| part.ended().map(|(_, t)| t.id))
-            .collect();
-        let filter = (!ids.is_empty()).then(|| Arc::new(IdFilter::of(ids.into_iter())));
-        let mut rows = Vec::with_capacity(self.parts.iter().map(|p| p.ended().count()).sum());
+            .flat_map(|part| part.ended())
+            .fold((0, 0), |(count, memo_bytes), (_, t)| {
+                (count + 1, memo_bytes + t.memo.len())
+            });
+        // The id filter is built first: it lives on, and allocated after the rows (when
+        // they are few enough to come from glibc's heap rather than a mapping of their own)
+        // it would sit above them and keep the heap from shrinking once they are freed.
+        let ids = self
+            .parts
+            .iter()
+            .flat_map(|part| part.ended().map(|(_, t)| t.id));
+        let filter = (count > 0).then(|| Arc::new(IdFilter::of(Counted::new(ids, count))));
+        // One buffer for all the rows' bytes, sized once (see `TransferRows`).
+        let mut rows =
+            TransferRows::with_capacity(count, count * ROW_BYTES_BESIDE_MEMO + memo_bytes);
         for part in &self.parts {
             for (idx, t) in part.ended() {
-                let mut bytes = Vec::new();
-                put_row_of(&mut bytes, t, part.links.get(&idx).copied());
-                rows.push(TransferRow {
-                    idx,
-                    id: t.id.0,
-                    accounts: [t.debit, t.credit],
-                    bytes,
+                let link = part.links.get(&idx).copied();
+                rows.push_with(idx, t.id.0, [t.debit, t.credit], |out| {
+                    put_row_of(out, t, link);
                 });
             }
         }

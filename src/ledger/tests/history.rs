@@ -356,12 +356,12 @@ fn verify_catches_a_history_list_on_disk_that_is_not_the_journals() {
         // The issuer's account is 0 and alice's 1 (opened in that order).
         assert_eq!(storage.account_history(1, 10, 10).unwrap(), vec![2, 1, 0]);
         storage
-            .put_transfer_rows(&[TransferRow {
+            .put_transfer_rows(&TransferRows::from_iter([TransferRow {
                 idx: 1,
                 id: 2,
                 accounts: [0, 7],
-                bytes: row,
-            }])
+                bytes: &row,
+            }]))
             .unwrap();
     }
     let error = verify_dir(dir.path()).unwrap_err().to_string();

@@ -105,7 +105,7 @@ impl<S: Storage> Storage for Gate<S> {
     fn keeps_transfer_rows(&self) -> bool {
         self.inner.keeps_transfer_rows()
     }
-    fn put_transfer_rows(&self, rows: &[TransferRow]) -> Result<(), StorageError> {
+    fn put_transfer_rows(&self, rows: &TransferRows) -> Result<(), StorageError> {
         self.inner.put_transfer_rows(rows)
     }
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
