@@ -180,6 +180,17 @@ pub enum TransferState {
     Expired,
 }
 
+/// The order of a history query's transfers (TigerBeetle's `reversed` flag, the other way
+/// round: newest first is the default here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HistoryOrder {
+    /// Newest (highest transfer index, latest `created_ms`) first.
+    #[default]
+    NewestFirst,
+    /// Oldest first.
+    OldestFirst,
+}
+
 /// A transfer as seen by callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transfer {

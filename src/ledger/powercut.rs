@@ -299,6 +299,31 @@ impl Storage for PowerCutStorage {
             .collect())
     }
 
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::model::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        if span.start >= span.end {
+            return Ok(Vec::new());
+        }
+        let listed = inner
+            .visible
+            .listed
+            .range((account, span.start)..(account, span.end))
+            .map(|&(_, idx)| idx);
+        Ok(match order {
+            crate::ledger::model::HistoryOrder::NewestFirst => listed.rev().take(limit).collect(),
+            crate::ledger::model::HistoryOrder::OldestFirst => listed.take(limit).collect(),
+        })
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         let inner = self.0.lock();
         if inner.cut {

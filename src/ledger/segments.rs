@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::RwLock;
 
+use super::model::HistoryOrder;
 use super::storage::{RowEntry, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-rs";
@@ -62,6 +63,9 @@ struct Segment {
     accounts: u64,
     /// Where the directory starts (= `rows_end`), and the lists after it.
     lists_start: u64,
+    /// Positioned reads of this segment since it was opened (see
+    /// [`Segments::reads_per_segment`]).
+    reads: std::sync::atomic::AtomicU64,
 }
 
 /// The layout a segment's header announces, checked against its length.
@@ -163,14 +167,22 @@ impl Segment {
             max_idx: 0,
             accounts: layout.accounts,
             lists_start: layout.rows_end,
+            reads: std::sync::atomic::AtomicU64::new(0),
         };
         segment.min_idx = segment.idx_entry(0)?.0;
         segment.max_idx = segment.idx_entry(layout.count - 1)?.0;
         Ok(segment)
     }
 
+    /// A positioned read of this segment, counted.
+    fn read(&self, pos: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        read_at(&self.file, pos, len)
+    }
+
     fn idx_entry(&self, i: u64) -> Result<(u32, u64), StorageError> {
-        let b = read_at(&self.file, self.tables + i * IDX_ENTRY, IDX_ENTRY as usize)?;
+        let b = self.read(self.tables + i * IDX_ENTRY, IDX_ENTRY as usize)?;
         Ok((
             u32::from_le_bytes(b[..4].try_into().expect("4")),
             u64::from_le_bytes(b[4..].try_into().expect("8")),
@@ -179,7 +191,7 @@ impl Segment {
 
     fn id_entry(&self, i: u64) -> Result<(u128, u32), StorageError> {
         let at = self.tables + self.count * IDX_ENTRY + i * ID_ENTRY;
-        let b = read_at(&self.file, at, ID_ENTRY as usize)?;
+        let b = self.read(at, ID_ENTRY as usize)?;
         Ok((
             u128::from_le_bytes(b[..16].try_into().expect("16")),
             u32::from_le_bytes(b[16..].try_into().expect("4")),
@@ -206,7 +218,7 @@ impl Segment {
                     )));
                 }
                 let len = usize::try_from(end - offset).expect("a row fits in memory");
-                return read_at(&self.file, self.rows_start + offset, len).map(Some);
+                return self.read(self.rows_start + offset, len).map(Some);
             }
             if at < idx {
                 lo = mid + 1;
@@ -237,7 +249,7 @@ impl Segment {
 
 impl Segment {
     fn u32_at(&self, pos: u64) -> Result<u32, StorageError> {
-        let b = read_at(&self.file, pos, 4)?;
+        let b = self.read(pos, 4)?;
         Ok(u32::from_le_bytes(b[..].try_into().expect("4")))
     }
 
@@ -247,11 +259,7 @@ impl Segment {
         let (mut lo, mut hi) = (0, self.accounts);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let b = read_at(
-                &self.file,
-                self.lists_start + mid * DIR_ENTRY,
-                DIR_ENTRY as usize,
-            )?;
+            let b = self.read(self.lists_start + mid * DIR_ENTRY, DIR_ENTRY as usize)?;
             let at = u32::from_le_bytes(b[..4].try_into().expect("4"));
             if at == account {
                 let start = u64::from(u32::from_le_bytes(b[4..8].try_into().expect("4")));
@@ -272,10 +280,27 @@ impl Segment {
         Ok(None)
     }
 
-    /// Up to `limit` entries of the history list of `account` below `before`, newest first:
-    /// a binary search of the list for `before`, then one read of at most `limit` entries.
-    fn history(&self, account: u32, before: u32, limit: usize) -> Result<Vec<u32>, StorageError> {
-        if self.accounts == 0 || limit == 0 || self.min_idx >= before {
+    /// Up to `limit` entries of the history list of `account` in `from..before`, newest
+    /// first or oldest first: two binary searches of the list (none for a bound the
+    /// segment's rows are all on one side of), then one read of at most `limit` entries. A
+    /// segment whose rows all lie outside `from..before` is not read at all.
+    fn history(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let std::ops::Range {
+            start: from,
+            end: before,
+        } = span;
+        if self.accounts == 0
+            || limit == 0
+            || from >= before
+            || self.min_idx >= before
+            || self.max_idx < from
+        {
             return Ok(Vec::new());
         }
         let Some((start, len)) = self.list_of(account)? else {
@@ -283,32 +308,42 @@ impl Segment {
         };
         let entries = self.lists_start + self.accounts * DIR_ENTRY;
         let at = |i: u64| entries + (start + i) * LIST_ENTRY;
-        // How many entries are below `before` (the list is ascending).
-        let below = if self.max_idx < before {
-            len
-        } else {
+        // How many entries are below `bound` (the list is ascending).
+        let below = |bound: u32| -> Result<u64, StorageError> {
+            if self.max_idx < bound {
+                return Ok(len);
+            }
+            if self.min_idx >= bound {
+                return Ok(0);
+            }
             let (mut lo, mut hi) = (0, len);
             while lo < hi {
                 let mid = lo + (hi - lo) / 2;
-                if self.u32_at(at(mid))? < before {
+                if self.u32_at(at(mid))? < bound {
                     lo = mid + 1;
                 } else {
                     hi = mid;
                 }
             }
-            lo
+            Ok(lo)
         };
-        let take = below.min(limit as u64);
-        let bytes = read_at(
-            &self.file,
-            at(below - take),
+        let (first, end) = (below(from)?, below(before)?);
+        let take = (end - first.min(end)).min(limit as u64);
+        let read_from = match order {
+            HistoryOrder::NewestFirst => end - take,
+            HistoryOrder::OldestFirst => first,
+        };
+        let bytes = self.read(
+            at(read_from),
             usize::try_from(take * LIST_ENTRY).expect("a page fits in memory"),
         )?;
-        Ok(bytes
+        let listed = bytes
             .chunks_exact(LIST_ENTRY as usize)
-            .rev()
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
-            .collect())
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")));
+        Ok(match order {
+            HistoryOrder::NewestFirst => listed.rev().collect(),
+            HistoryOrder::OldestFirst => listed.collect(),
+        })
     }
 }
 
@@ -596,14 +631,42 @@ impl Segments {
         before: u32,
         limit: usize,
     ) -> Result<Vec<u32>, StorageError> {
+        self.history_range(account, 0..before, HistoryOrder::NewestFirst, limit)
+    }
+
+    /// Up to `limit` entries of the history of `account` in `span`, in `order`, each once,
+    /// from every segment (see [`super::storage::Storage::account_history_range`]): at most
+    /// `limit` entries read from each, nothing from a segment whose rows are all outside
+    /// `span`.
+    pub fn history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
         let mut found = Vec::new();
         for (_, segment) in self.segments.read().iter() {
-            found.extend(segment.history(account, before, limit)?);
+            found.extend(segment.history(account, span.clone(), order, limit)?);
         }
-        found.sort_unstable_by(|a, b| b.cmp(a));
+        match order {
+            HistoryOrder::NewestFirst => found.sort_unstable_by(|a, b| b.cmp(a)),
+            HistoryOrder::OldestFirst => found.sort_unstable(),
+        }
         found.dedup();
         found.truncate(limit);
         Ok(found)
+    }
+
+    /// Positioned reads made so far by each segment's lookups and history reads, oldest
+    /// segment first (tests show which segments a query read).
+    #[cfg(test)]
+    pub fn reads_per_segment(&self) -> Vec<u64> {
+        self.segments
+            .read()
+            .iter()
+            .map(|(_, s)| s.reads.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
     }
 
     /// The row of transfer `idx`, from the newest segment that has it.
@@ -710,6 +773,62 @@ mod tests {
         // A new segment after version 1 ones has its lists.
         segments.put(&[row(20, [7, 3])]).unwrap();
         assert_eq!(segments.history(7, 100, 100).unwrap(), vec![20]);
+    }
+
+    /// History queries by time range: a span of indexes read in either order, at most
+    /// `limit`, each once across segments; a segment whose rows all lie outside the span is
+    /// not read at all (its read counter stays put), one whose rows straddle it is.
+    #[test]
+    fn history_ranges_read_only_the_segments_they_reach_in_either_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        for run in 0..3u32 {
+            let rows: Vec<TransferRow> = (run * 10..run * 10 + 10)
+                .map(|i| row(i, [7, 3 + 2 * (i % 2)]))
+                .collect();
+            segments.put(&rows).unwrap();
+        }
+        let before = segments.reads_per_segment();
+        let newest = segments
+            .history_range(7, 12..18, HistoryOrder::NewestFirst, 100)
+            .unwrap();
+        assert_eq!(newest, (12..18).rev().collect::<Vec<u32>>());
+        let oldest = segments
+            .history_range(7, 12..18, HistoryOrder::OldestFirst, 4)
+            .unwrap();
+        assert_eq!(oldest, vec![12, 13, 14, 15]);
+        let after = segments.reads_per_segment();
+        assert_eq!(after[0], before[0], "the first segment is below the span");
+        assert_eq!(after[2], before[2], "the third segment is above it");
+        assert!(after[1] > before[1]);
+        // Across segments, both orders (account 3 is in the rows of even index).
+        assert_eq!(
+            segments
+                .history_range(3, 7..25, HistoryOrder::OldestFirst, 100)
+                .unwrap(),
+            vec![8, 10, 12, 14, 16, 18, 20, 22, 24]
+        );
+        assert_eq!(
+            segments
+                .history_range(3, 7..25, HistoryOrder::NewestFirst, 3)
+                .unwrap(),
+            vec![24, 22, 20]
+        );
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = 18..12;
+        assert!(segments
+            .history_range(7, empty, HistoryOrder::OldestFirst, 10)
+            .unwrap()
+            .is_empty());
+        // A row written again by a later segment (an ended pending transfer) is listed once.
+        segments.put(&[row(13, [7, 5])]).unwrap();
+        assert_eq!(
+            segments
+                .history_range(7, 12..15, HistoryOrder::OldestFirst, 100)
+                .unwrap(),
+            vec![12, 13, 14]
+        );
+        assert_eq!(segments.history(7, 15, 3).unwrap(), vec![14, 13, 12]);
     }
 
     /// A flipped byte in the history part of a segment is caught by the scan (its hash).

@@ -7,8 +7,8 @@ use std::collections::{BTreeSet, VecDeque};
 
 use super::amount::{Amount, Currencies, CurrencyCode};
 use super::model::{
-    AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
-    TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
+    AccountId, AccountView, Balances, FreezeMode, HistoryOrder, Owner, Transfer, TransferError,
+    TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
     PENDING_TIMEOUT_MS_MAX,
 };
 use super::storage::StorageError;
@@ -362,23 +362,25 @@ pub(crate) struct State {
 /// [`super::HISTORY_PAGE_MAX`]).
 const HISTORY_FETCH_MAX: usize = 4_096;
 
-/// One list a history walk merges ([`State::walk_history`]), read newest first: an
+/// One list a history walk merges ([`State::walk_history`]), read in the walk's order: an
 /// account's entries in memory, or its lists on disk, read `fetch` entries at a time.
 enum HistoryList<'a> {
     Memory {
         account: AccountIdx,
         list: &'a [TransferIdx],
-        /// Entries `..end` are still to come.
+        /// Entries `start..end` are still to come.
+        start: usize,
         end: usize,
     },
     Disk {
         account: AccountIdx,
-        /// The entries read last, newest first, and the next one to come.
+        /// The entries read last, in the walk's order, and the next one to come.
         read: Vec<TransferIdx>,
         pos: usize,
-        /// The next read is of entries below this.
-        below: TransferIdx,
-        /// Nothing more below `below`.
+        /// The next read is of entries in this span (it shrinks from the end newest first,
+        /// from the start oldest first).
+        span: std::ops::Range<TransferIdx>,
+        /// Nothing more in `span`.
         done: bool,
     },
 }
@@ -390,27 +392,36 @@ impl HistoryList<'_> {
         }
     }
 
-    /// The newest entry still to come, reading the next ones from disk when needed.
+    /// The next entry to come in `order`, reading the next ones from disk when needed.
     fn peek(
         &mut self,
         transfers: &rows::Transfers,
+        order: HistoryOrder,
         fetch: usize,
     ) -> Result<Option<TransferIdx>, StorageError> {
         match self {
-            Self::Memory { list, end, .. } => Ok(end.checked_sub(1).map(|i| list[i])),
+            Self::Memory {
+                list, start, end, ..
+            } => Ok((*start < *end).then(|| match order {
+                HistoryOrder::NewestFirst => list[*end - 1],
+                HistoryOrder::OldestFirst => list[*start],
+            })),
             Self::Disk {
                 account,
                 read,
                 pos,
-                below,
+                span,
                 done,
             } => {
                 if *pos == read.len() && !*done {
-                    *read = transfers.disk_history(*account, *below, fetch)?;
+                    *read = transfers.disk_history_range(*account, span.clone(), order, fetch)?;
                     *pos = 0;
                     *done = read.len() < fetch;
-                    if let Some(&oldest) = read.last() {
-                        *below = oldest;
+                    if let Some(&last) = read.last() {
+                        match order {
+                            HistoryOrder::NewestFirst => span.end = last,
+                            HistoryOrder::OldestFirst => span.start = last.saturating_add(1),
+                        }
                     }
                 }
                 Ok(read.get(*pos).copied())
@@ -418,10 +429,11 @@ impl HistoryList<'_> {
         }
     }
 
-    fn advance(&mut self) {
-        match self {
-            Self::Memory { end, .. } => *end -= 1,
-            Self::Disk { pos, .. } => *pos += 1,
+    fn advance(&mut self, order: HistoryOrder) {
+        match (self, order) {
+            (Self::Memory { end, .. }, HistoryOrder::NewestFirst) => *end -= 1,
+            (Self::Memory { start, .. }, HistoryOrder::OldestFirst) => *start += 1,
+            (Self::Disk { pos, .. }, _) => *pos += 1,
         }
     }
 }
@@ -1618,13 +1630,54 @@ impl State {
         before: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<Transfer>, Option<u64>), StorageError> {
+        let end = before.map_or(TransferIdx::MAX, |b| {
+            TransferIdx::try_from(b).unwrap_or(TransferIdx::MAX)
+        });
+        self.history_span(owner, 0..end, HistoryOrder::NewestFirst, limit)
+    }
+
+    /// The transfers created within `created_ms` (inclusive), as an index span: ledger time
+    /// never goes backwards, so they are consecutive. Two binary searches by time (see
+    /// [`rows::Transfers::first_created_at_or_after`]), none for an open end.
+    pub fn span_of_time(
+        &self,
+        created_ms: std::ops::RangeInclusive<u64>,
+    ) -> Result<std::ops::Range<TransferIdx>, StorageError> {
+        let len = self.transfers.len() as TransferIdx;
+        let (min_ms, max_ms) = (*created_ms.start(), *created_ms.end());
+        if min_ms > max_ms {
+            return Ok(0..0);
+        }
+        let start = match min_ms {
+            0 => 0,
+            ms => self.transfers.first_created_at_or_after(ms)?,
+        };
+        let end = match max_ms {
+            u64::MAX => len,
+            ms => self.transfers.first_created_at_or_after(ms + 1)?,
+        };
+        Ok(start..end.max(start))
+    }
+
+    /// Transfers touching `owner` whose indexes are in `span`, in `order`, at most `limit`.
+    /// Returns the page and the cursor for the next (the index of its last transfer: the
+    /// next page is the span beyond it in `order`); `Err` if a row of the page, or a history
+    /// list on disk, cannot be read. Reads no row and no list entry outside `span`.
+    pub fn history_span(
+        &self,
+        owner: &Owner,
+        span: std::ops::Range<TransferIdx>,
+        order: HistoryOrder,
+        limit: usize,
+    ) -> Result<(Vec<Transfer>, Option<u64>), StorageError> {
         let accounts: Vec<AccountIdx> = self.owner_accounts(owner).collect();
         let mut page = Vec::new();
         let mut last = None;
         let mut more = false;
         self.walk_history(
             &accounts,
-            before.unwrap_or(u64::MAX),
+            span,
+            order,
             limit.saturating_add(1),
             &mut |idx, t| {
                 if page.len() == limit {
@@ -1643,56 +1696,77 @@ impl State {
     /// compares it with a replay's).
     fn full_history(&self, account: AccountIdx) -> Result<Vec<TransferIdx>, StorageError> {
         let mut all = Vec::new();
-        self.walk_history(&[account], u64::MAX, HISTORY_FETCH_MAX, &mut |idx, _| {
-            all.push(idx);
-            Ok(true)
-        })?;
+        self.walk_history(
+            &[account],
+            0..TransferIdx::MAX,
+            // Newest first: every backend that keeps rows reads that way (see
+            // `Storage::account_history_range`).
+            HistoryOrder::NewestFirst,
+            HISTORY_FETCH_MAX,
+            &mut |idx, _| {
+                all.push(idx);
+                Ok(true)
+            },
+        )?;
         all.reverse();
         Ok(all)
     }
 
-    /// Visits the transfers touching `accounts` below `before`, newest first, each once,
-    /// until `visit` returns `false`: a k-way merge by index of each account's entries in
-    /// memory and its lists on disk (read `fetch` at a time). A pending transfer that ended
-    /// after later ones were spilled is in a later segment than they are, so the order is
-    /// the merge's, not the segments'. An entry on disk is checked against its row (after
+    /// Visits the transfers touching `accounts` in `span`, in `order`, each once, until
+    /// `visit` returns `false`: a k-way merge by index of each account's entries in memory
+    /// and its lists on disk (read `fetch` at a time). A pending transfer that ended after
+    /// later ones were spilled is in a later segment than they are, so the order is the
+    /// merge's, not the segments'. An entry on disk is checked against its row (after
     /// records were lost, an index may have been written again for another transfer).
     fn walk_history(
         &self,
         accounts: &[AccountIdx],
-        before: u64,
+        span: std::ops::Range<TransferIdx>,
+        order: HistoryOrder,
         fetch: usize,
         visit: &mut dyn FnMut(TransferIdx, &TransferRec) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
         let fetch = fetch.clamp(1, HISTORY_FETCH_MAX);
-        let below = TransferIdx::try_from(before).unwrap_or(TransferIdx::MAX);
+        if span.start >= span.end {
+            return Ok(());
+        }
         let mut lists: Vec<HistoryList<'_>> = Vec::with_capacity(accounts.len() * 2);
         for &account in accounts {
             let list = self.accounts[account as usize].history.as_slice();
-            let end = list.partition_point(|&i| u64::from(i) < before);
-            lists.push(HistoryList::Memory { account, list, end });
+            let start = list.partition_point(|&i| i < span.start);
+            let end = list.partition_point(|&i| i < span.end);
+            lists.push(HistoryList::Memory {
+                account,
+                list,
+                start,
+                end,
+            });
             lists.push(HistoryList::Disk {
                 account,
                 read: Vec::new(),
                 pos: 0,
-                below,
+                span: span.clone(),
                 done: false,
             });
         }
         let mut emitted: Option<TransferIdx> = None;
         loop {
-            let mut newest: Option<(usize, TransferIdx)> = None;
+            let mut next: Option<(usize, TransferIdx)> = None;
             for (k, list) in lists.iter_mut().enumerate() {
-                if let Some(idx) = list.peek(&self.transfers, fetch)? {
-                    if newest.is_none_or(|(_, n)| idx > n) {
-                        newest = Some((k, idx));
+                if let Some(idx) = list.peek(&self.transfers, order, fetch)? {
+                    let first = match order {
+                        HistoryOrder::NewestFirst => next.is_none_or(|(_, n)| idx > n),
+                        HistoryOrder::OldestFirst => next.is_none_or(|(_, n)| idx < n),
+                    };
+                    if first {
+                        next = Some((k, idx));
                     }
                 }
             }
-            let Some((k, idx)) = newest else {
+            let Some((k, idx)) = next else {
                 return Ok(());
             };
-            lists[k].advance();
+            lists[k].advance(order);
             if emitted == Some(idx) {
                 continue;
             }

@@ -174,6 +174,34 @@ pub trait Storage: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The indexes of the stored rows listed in the history of `account` within `span`, in
+    /// `order`, each once, at most `limit`: [`Storage::account_history`] with a lower bound
+    /// and either direction, for history queries by time range (the ledger turns a time
+    /// range into an index range: ledger time never goes backwards). Work bounded by
+    /// `limit` and the number of stored pieces; a piece whose rows all lie outside `span`
+    /// should not be read. The default answers newest first through
+    /// [`Storage::account_history`] and refuses oldest first: a backend that keeps rows
+    /// must provide it for oldest-first queries.
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::model::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        match order {
+            crate::ledger::model::HistoryOrder::NewestFirst => {
+                let mut page = self.account_history(account, span.end, limit)?;
+                // Newest first: once one is below the span, all after it are.
+                page.retain(|&idx| idx >= span.start);
+                Ok(page)
+            }
+            crate::ledger::model::HistoryOrder::OldestFirst => Err(StorageError::Backend(
+                "this ledger backend cannot read histories oldest first".to_owned(),
+            )),
+        }
+    }
+
     /// Visits every stored row, id index entry and history list entry, each stored piece
     /// read once and in order, oldest write first; within a piece its rows come before its
     /// history entries. An entry for an index or id already visited replaces it, as
@@ -500,6 +528,16 @@ impl Storage for SledStorage {
         limit: usize,
     ) -> Result<Vec<u32>, StorageError> {
         self.rows.history(account, before, limit)
+    }
+
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::model::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.rows.history_range(account, span, order, limit)
     }
 
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {

@@ -3608,6 +3608,20 @@ impl Storage for FlakyRows {
             _ => self.inner.account_history(account, before, limit),
         }
     }
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        match self.mode() {
+            ROWS_FAIL => Err(StorageError::Backend("injected read failure".into())),
+            _ => self
+                .inner
+                .account_history_range(account, span, order, limit),
+        }
+    }
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }
@@ -3771,4 +3785,5 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
 
 mod batch;
 mod history;
+mod query;
 mod reads;

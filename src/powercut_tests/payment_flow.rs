@@ -312,6 +312,17 @@ impl Storage for SharedPower {
         self.inner.account_history(account, before, limit)
     }
 
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner
+            .account_history_range(account, span, order, limit)
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }

@@ -149,6 +149,14 @@ impl Transfers {
 
     /// Appends a new transfer.
     pub fn push(&mut self, id: TransferId, record: TransferRec) -> TransferIdx {
+        // History queries by time search the transfers by `created_ms` (ledger time never
+        // goes backwards: each record's time is at least the previous one's).
+        debug_assert!(
+            self.tail
+                .last()
+                .is_none_or(|last| last.created_ms <= record.created_ms),
+            "transfers are created in ledger time order"
+        );
         let idx = self.len() as TransferIdx;
         self.tail.push(record);
         self.index.insert(id, idx);
@@ -193,24 +201,48 @@ impl Transfers {
         Ok((idx < durable_end && !in_memory).then_some(idx))
     }
 
-    /// Up to `limit` indexes below `before` from the history lists on disk of `account`,
-    /// newest first: only entries below the durable spill point (beyond it, an entry is of
-    /// a spill a power cut undid, or of one whose rows are still in memory).
-    pub fn disk_history(
+    /// Up to `limit` indexes in `span` from the history lists on disk of `account`, in
+    /// `order`: only entries below the durable spill point (beyond it, an entry is of a
+    /// spill a power cut undid, or of one whose rows are still in memory).
+    pub fn disk_history_range(
         &self,
         account: super::AccountIdx,
-        before: TransferIdx,
+        span: std::ops::Range<TransferIdx>,
+        order: crate::ledger::model::HistoryOrder,
         limit: usize,
     ) -> Result<Vec<TransferIdx>, StorageError> {
-        let before = before.min(self.durable_end());
-        match self.disk.as_ref().filter(|_| before > 0) {
-            Some(disk) => disk.account_history(account, before, limit).map_err(|e| {
-                StorageError::Backend(format!(
-                    "cannot read the history of account #{account} on disk: {e}"
-                ))
-            }),
+        let end = span.end.min(self.durable_end());
+        match self.disk.as_ref().filter(|_| span.start < end) {
+            Some(disk) => disk
+                .account_history_range(account, span.start..end, order, limit)
+                .map_err(|e| {
+                    StorageError::Backend(format!(
+                        "cannot read the history of account #{account} on disk: {e}"
+                    ))
+                }),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// The index of the first transfer created at or after `ms` (of ledger time), or the
+    /// number of transfers if none was. Ledger time never goes backwards, so transfers are
+    /// in time order: a binary search, in memory when `ms` is after the first transfer held
+    /// there, else over the transfers below it, reading at most about log2(n) rows.
+    pub fn first_created_at_or_after(&self, ms: u64) -> Result<TransferIdx, StorageError> {
+        if self.tail.first().is_some_and(|t| t.created_ms < ms) {
+            let at = self.tail.partition_point(|t| t.created_ms < ms);
+            return Ok(self.spilled + at as TransferIdx);
+        }
+        let (mut lo, mut hi) = (0, self.spilled);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.try_get(mid)?.created_ms < ms {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
     }
 
     /// Reads the row of transfer `id` (if it exists and is on disk) and keeps it until

@@ -114,6 +114,24 @@ impl<S: Storage> Storage for Gate<S> {
     fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
         self.inner.transfer_row_idx(id)
     }
+    fn account_history(
+        &self,
+        account: u32,
+        before: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner.account_history(account, before, limit)
+    }
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner
+            .account_history_range(account, span, order, limit)
+    }
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }
