@@ -290,6 +290,7 @@ fn create(request: TransferRequest, timeout_ms: Option<u64>) -> Op {
 struct Seen {
     transfers: Vec<Option<Transfer>>,
     history: Vec<HistoryPage>,
+    queries: Vec<HistoryPage>,
     pending: Vec<Transfer>,
     refunds: Vec<Transfer>,
 }
@@ -307,6 +308,22 @@ fn seen(ledger: &BlockingLedger, ids: &[u128], owners: &[&str], refunded: u128) 
                 let first = ledger.history(&user(owner), None, 2).unwrap();
                 let second = ledger.history(&user(owner), first.next, 100).unwrap();
                 [first, second]
+            })
+            .collect(),
+        // Oldest first (the record in flight would come last), and by time range (its
+        // transfers are within it): the span must end below the record in flight too.
+        queries: owners
+            .iter()
+            .flat_map(|owner| {
+                let owner = user(owner);
+                let first = ledger
+                    .history_query(&owner, HistoryQuery::oldest_first(2))
+                    .unwrap();
+                let second = ledger
+                    .history_query(&owner, HistoryQuery::oldest_first(100).after(first.next))
+                    .unwrap();
+                let timed = HistoryQuery::newest_first(100).created_within(T0_MS, u64::MAX - 1);
+                [first, second, ledger.history_query(&owner, timed).unwrap()]
             })
             .collect(),
         pending: ledger.pending_transfers().unwrap(),
