@@ -658,6 +658,15 @@ impl Segments {
         Ok(found)
     }
 
+    /// The highest transfer index of each segment, oldest segment first (from memory).
+    pub fn max_indexes(&self) -> Vec<u32> {
+        self.segments
+            .read()
+            .iter()
+            .map(|(_, s)| s.max_idx)
+            .collect()
+    }
+
     /// Positioned reads made so far by each segment's lookups and history reads, oldest
     /// segment first (tests show which segments a query read).
     #[cfg(test)]

@@ -202,6 +202,14 @@ pub trait Storage: Send + Sync + 'static {
         }
     }
 
+    /// The highest row index of each stored piece of rows (e.g. a segment), in any order,
+    /// from memory (no read): history queries by time read those rows' times once and
+    /// search one piece instead of all. The default lists none (the search then probes
+    /// rows across all pieces: correct, only slower).
+    fn transfer_row_piece_ends(&self) -> Result<Vec<u32>, StorageError> {
+        Ok(Vec::new())
+    }
+
     /// Visits every stored row, id index entry and history list entry, each stored piece
     /// read once and in order, oldest write first; within a piece its rows come before its
     /// history entries. An entry for an index or id already visited replaces it, as
@@ -278,6 +286,13 @@ struct Anchor {
 }
 
 impl SledStorage {
+    /// Positioned reads of each segment of rows so far, oldest first (tests show which
+    /// segments a query read).
+    #[cfg(test)]
+    pub(crate) fn segment_reads(&self) -> Vec<u64> {
+        self.rows.reads_per_segment()
+    }
+
     /// Opens (or creates) the sled database at `path`.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         Self::open_with(path, true)
@@ -538,6 +553,10 @@ impl Storage for SledStorage {
         limit: usize,
     ) -> Result<Vec<u32>, StorageError> {
         self.rows.history_range(account, span, order, limit)
+    }
+
+    fn transfer_row_piece_ends(&self) -> Result<Vec<u32>, StorageError> {
+        Ok(self.rows.max_indexes())
     }
 
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {

@@ -66,6 +66,9 @@ impl Storage for Counting {
     fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
         self.inner.transfer_row_idx(id)
     }
+    fn transfer_row_piece_ends(&self) -> Result<Vec<u32>, StorageError> {
+        self.inner.transfer_row_piece_ends()
+    }
     fn account_history(
         &self,
         account: u32,
@@ -278,8 +281,10 @@ fn history_queries_by_time_are_the_whole_history_filtered_across_spills_and_a_re
 }
 
 /// Issue 15: a query by time range reads no row and no history list entry outside its
-/// range, but the rows its two binary searches probe (at most about log2(n) each): here a
-/// range inside the third of five segments, after a reopen (every transfer on disk).
+/// range, but the rows its two binary searches probe (at most about log2(n) each, within
+/// the segment where each bound lies), and no segment that holds nothing of its range:
+/// here a range inside the fourth of six segments, after a reopen (every transfer on disk),
+/// once the first query read the last row of each segment (its time, kept in memory).
 #[test]
 fn a_history_query_by_time_reads_only_its_range_and_the_binary_searches_probes() {
     let dir = tempfile::tempdir().unwrap();
@@ -308,11 +313,13 @@ fn a_history_query_by_time_reads_only_its_range_and_the_binary_searches_probes()
     drop(storage);
     let storage = Counting::open(dir.path());
     let ledger = open_counting(&storage, &clock);
-    let n = created.len();
-    // Transfers 90..=105 (indexes), in the third segment (81..=120).
+    // Transfers 90..=105 (indexes), in the fourth segment (81..=120).
     let (first, last) = (90usize, 105usize);
+    let warm = HistoryQuery::newest_first(1).created_within(created[first], created[first]);
+    assert_eq!(ledger.history_query(&bob, warm).unwrap().transfers.len(), 1);
     for order in [HistoryOrder::NewestFirst, HistoryOrder::OldestFirst] {
         storage.take();
+        let segments_before = storage.inner.segment_reads();
         let query = HistoryQuery {
             order,
             ..HistoryQuery::newest_first(100)
@@ -336,11 +343,30 @@ fn a_history_query_by_time_reads_only_its_range_and_the_binary_searches_probes()
         );
         assert_eq!(listed.len(), last - first + 1, "{order:?}");
         let probes = rows.iter().filter(|idx| !inside(idx)).count();
-        let log2_n = usize::BITS - n.leading_zeros();
+        // Two binary searches within the fourth segment's 40 rows.
         assert!(
-            probes <= 2 * log2_n as usize,
+            probes <= 2 * 6,
             "{order:?}: {probes} rows read outside the range ({rows:?})"
         );
+        assert!(
+            rows.iter().all(|&idx| (81..=120).contains(&idx)),
+            "{rows:?}"
+        );
+        let segments_after = storage.inner.segment_reads();
+        // The first transfer has a segment of its own (the first checkpoint of a new
+        // ledger comes at its first batch), then one per 40.
+        assert_eq!(
+            storage.transfer_row_piece_ends().unwrap(),
+            [0, 40, 80, 120, 160, 200]
+        );
+        for segment in [0, 1, 2, 4, 5] {
+            assert_eq!(
+                segments_after[segment],
+                segments_before[segment],
+                "{order:?}: segment {} was read ({segments_before:?} -> {segments_after:?})",
+                segment + 1
+            );
+        }
     }
     // A range before every transfer, and one after: nothing listed is read.
     for (min, max) in [(0, T0_MS - 1), (clock.now_ms() + 1, u64::MAX)] {
@@ -353,6 +379,6 @@ fn a_history_query_by_time_reads_only_its_range_and_the_binary_searches_probes()
             .is_empty());
         let (rows, listed) = storage.take();
         assert!(listed.is_empty(), "{listed:?}");
-        assert!(rows.len() <= 2 * (usize::BITS - n.leading_zeros()) as usize);
+        assert!(rows.len() <= 2 * 6, "{rows:?}");
     }
 }
