@@ -2431,6 +2431,62 @@ mod auditor {
                     prop_assert_eq!(got, want, "account {} {}", o, code);
                 }
             }
+            // History queries by time (issue 15): each owner's transfers created within a
+            // range are the model's, in either order, whatever was spilled or reopened.
+            let mut times: Vec<u64> = model.tr.values().map(|t| t.created).collect();
+            times.sort_unstable();
+            times.dedup();
+            if let (Some(&first), Some(&last)) = (times.first(), times.last()) {
+                let mid = times[times.len() / 2];
+                for (min, max) in [(mid, last), (first, mid), (last + 1, u64::MAX)] {
+                    for o in 0..OWNERS {
+                        let mut want: Vec<u128> = model
+                            .tr
+                            .iter()
+                            .filter(|(_, t)| {
+                                (t.debit.0 == o || t.credit.0 == o)
+                                    && (min..=max).contains(&t.created)
+                            })
+                            .map(|(id, _)| *id)
+                            .collect();
+                        want.sort_unstable();
+                        for order in [HistoryOrder::NewestFirst, HistoryOrder::OldestFirst] {
+                            let query = HistoryQuery {
+                                order,
+                                ..HistoryQuery::newest_first(40)
+                            }
+                            .created_within(min, max);
+                            let mut got: Vec<u128> = Vec::new();
+                            let mut created: Vec<u64> = Vec::new();
+                            let mut cursor = None;
+                            for _ in 0..=want.len() {
+                                let page = b.history_query(&owner(o), query.after(cursor)).unwrap();
+                                got.extend(page.transfers.iter().map(|t| t.id.0));
+                                created.extend(page.transfers.iter().map(|t| t.created_ms));
+                                cursor = page.next;
+                                if cursor.is_none() {
+                                    break;
+                                }
+                            }
+                            prop_assert!(cursor.is_none(), "pages never end");
+                            if order == HistoryOrder::NewestFirst {
+                                created.reverse();
+                            }
+                            prop_assert!(created.is_sorted(), "{:?}: {:?}", order, created);
+                            got.sort_unstable();
+                            prop_assert_eq!(
+                                &got,
+                                &want,
+                                "owner {} {:?} {}..={}",
+                                o,
+                                order,
+                                min,
+                                max
+                            );
+                        }
+                    }
+                }
+            }
             let pending = model.tr.values().filter(|t| t.state == St::Pending).count();
             prop_assert_eq!(b.pending_transfers().unwrap().len(), pending);
             b.verify_with_memory()
