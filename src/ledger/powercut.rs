@@ -412,6 +412,7 @@ mod tests {
                 pending,
             } => {
                 let request = TransferRequest {
+                    reference: 0,
                     id: TransferId(*id),
                     debit: owner(*debit),
                     credit: owner(*credit),

@@ -73,6 +73,8 @@ pub(crate) enum Event {
         /// For a pending refund: the transfer it refunds (a single-phase refund names it in
         /// its kind, `TransferKind::Refund`); `None` otherwise.
         refund_of: Option<TransferId>,
+        /// The caller's reference; 0: none.
+        reference: u128,
     },
     /// A pending transfer was posted, for `amount_minor` (at most the reserved amount).
     PendingPosted { id: TransferId, amount_minor: u128 },
@@ -106,6 +108,9 @@ pub(crate) struct Body {
     pub memo: Vec<u8>,
     /// For a pending refund, the transfer it refunds (single-phase refunds: in `kind`).
     pub refund_of: Option<TransferId>,
+    /// The caller's reference; 0: none. Not in the fingerprint (a recorded failure does not
+    /// keep it): compared only with a transfer that exists.
+    pub reference: u128,
 }
 
 impl Body {
@@ -278,6 +283,8 @@ struct TransferRec {
     memo: Box<[u8]>,
     created_ms: u64,
     ended_ms: Option<u64>,
+    /// The caller's reference; 0: none.
+    reference: u128,
 }
 
 impl TransferRec {
@@ -720,6 +727,7 @@ impl State {
             amount_minor,
             memo: request.memo,
             refund_of: pending_refund_of,
+            reference: request.reference,
         };
         // The body owns the accounts (no copy of their owners for each create).
         let (Some(debit), Some(credit)) = (&body.debit, &body.credit) else {
@@ -776,6 +784,7 @@ impl State {
                 amount_minor,
                 memo: body.memo,
                 refund_of: None,
+                reference: body.reference,
             },
             now_ms,
             events,
@@ -860,6 +869,7 @@ impl State {
                 amount_minor,
                 memo: body.memo,
                 refund_of: body.refund_of,
+                reference: body.reference,
             },
             now_ms,
             events,
@@ -896,6 +906,7 @@ impl State {
             amount_minor: amount.minor(),
             memo,
             refund_of: None,
+            reference: 0,
         };
         if let Some(answer) = self.existing(id, found.id, &body, now_ms) {
             return answer;
@@ -1090,6 +1101,7 @@ impl State {
         // The request's fingerprint only when the id is taken: a new id (nearly every create)
         // should cost one lookup, not a digest of the whole body.
         if let Some(idx) = found {
+            let request_reference = request.reference;
             let request = request.fingerprint();
             let t = self.transfers.get(idx);
             let stored = Body {
@@ -1103,13 +1115,14 @@ impl State {
                     .pending_refund_of
                     .get(&idx)
                     .map(|&o| self.transfers.get(o).id),
+                reference: t.reference,
             };
-            return Some(
-                stored
-                    .fingerprint()
-                    .compare(&request)
-                    .and_then(|()| self.answer(idx, true)),
-            );
+            return Some(stored.fingerprint().compare(&request).and_then(|()| {
+                if stored.reference != request_reference {
+                    return Err(TransferError::ExistsWithDifferentReference);
+                }
+                self.answer(idx, true)
+            }));
         }
         let failed = self.failed.get(&id).filter(|f| f.kept_at(now_ms))?;
         Some(
@@ -1215,6 +1228,7 @@ impl State {
                 amount_minor,
                 memo,
                 refund_of,
+                reference,
             } => self.apply_created(
                 *id,
                 *kind,
@@ -1222,6 +1236,7 @@ impl State {
                 *amount_minor,
                 memo,
                 *refund_of,
+                *reference,
                 now_ms,
             )?,
             Event::PendingPosted { id, amount_minor } => self.apply_end(
@@ -1306,6 +1321,7 @@ impl State {
         amount_minor: u128,
         memo: &[u8],
         refund_of: Option<TransferId>,
+        reference: u128,
         now_ms: u64,
     ) -> Result<(), String> {
         if id.0 == 0 || self.transfers.in_memory(id) || self.failed.contains_key(&id) {
@@ -1387,6 +1403,7 @@ impl State {
             memo: memo.into(),
             created_ms: now_ms,
             ended_ms: None,
+            reference,
         };
         if let Some(deadline_ms) = record.deadline_ms() {
             self.deadlines.insert((deadline_ms, idx));
@@ -1567,6 +1584,7 @@ impl State {
             refunded_minor: self.refunded_minor(idx),
             refund_of,
             refund_pending_minor: self.refund_reserved.get(&idx).copied().unwrap_or(0),
+            reference: t.reference,
         })
     }
 

@@ -884,6 +884,7 @@ mod tests {
             for id in ids {
                 ledger
                     .create_transfer(TransferRequest {
+                        reference: 0,
                         id: TransferId(id),
                         debit: Owner::Issuer,
                         credit: Owner::user(format!("user{}", id % 3)),

@@ -411,6 +411,7 @@ impl World<'_> {
         }
         for (user, name) in USERS.iter().enumerate() {
             let request = TransferRequest {
+                reference: 0,
                 id: TransferId(FUNDING_ID_BASE + user as u128),
                 debit: Owner::Issuer,
                 credit: Owner::user(*name),
@@ -629,6 +630,7 @@ impl World<'_> {
                 }
                 .encode();
                 let request = TransferRequest {
+                    reference: 0,
                     id,
                     debit: Owner::user(USERS[payer]),
                     credit: Owner::user(USERS[payee]),

@@ -115,7 +115,20 @@ pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<Transf
     };
     let id = r.id()?;
     let kind = r.kind()?;
-    let link = opt(r)?.map(TransferId);
+    // See `put_row_of`: the link's tag also says whether a reference follows.
+    let tag = r.u8()?;
+    let link = match tag {
+        0 | 2 => None,
+        1 | 3 => Some(TransferId(u128::from_le_bytes(r.array()?))),
+        tag => return Err(format!("unknown link tag {tag}")),
+    };
+    let reference = match tag {
+        2 | 3 => match u128::from_le_bytes(r.array()?) {
+            0 => return Err("a reference of 0 written as a reference".to_owned()),
+            reference => reference,
+        },
+        _ => 0,
+    };
     let debit = r.varint_u32()?;
     let credit = r.varint_u32()?;
     let amount_minor = r.varint()?;
@@ -143,6 +156,7 @@ pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<Transf
         memo,
         created_ms,
         ended_ms,
+        reference,
     };
     Ok((record, link))
 }
@@ -152,7 +166,21 @@ pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<Transf
 fn put_row_of(out: &mut Vec<u8>, t: &TransferRec, link: Option<u128>) {
     out.extend_from_slice(&t.id.0.to_le_bytes());
     put_kind(out, &t.kind);
-    put_u128_opt(out, link);
+    // The link's option tag also says whether a reference follows (2: reference only, 3:
+    // link then reference), so a row without a reference is written as before references
+    // existed, byte for byte, and older rows and checkpoints still read.
+    match (link, t.reference) {
+        (link, 0) => put_u128_opt(out, link),
+        (None, reference) => {
+            out.push(2);
+            out.extend_from_slice(&reference.to_le_bytes());
+        }
+        (Some(link), reference) => {
+            out.push(3);
+            out.extend_from_slice(&link.to_le_bytes());
+            out.extend_from_slice(&reference.to_le_bytes());
+        }
+    }
     put_varint(out, u128::from(t.debit));
     put_varint(out, u128::from(t.credit));
     put_varint(out, t.amount_minor);
@@ -953,6 +981,59 @@ impl State {
 }
 
 #[cfg(test)]
+mod row_format_tests {
+    use super::super::TransferRec;
+    use super::{put_row_of, read_row};
+    use crate::ledger::codec::Reader;
+    use crate::ledger::model::{TransferId, TransferKind, TransferState};
+
+    fn row(link: Option<u128>, reference: u128) -> (TransferRec, Vec<u8>) {
+        let t = TransferRec {
+            id: TransferId(9),
+            // Single: the link's tag is then at byte 17 (id, kind tag).
+            kind: TransferKind::Single,
+            debit: 3,
+            credit: 4,
+            amount_minor: 250,
+            state: TransferState::Voided,
+            memo: b"memo".to_vec().into_boxed_slice(),
+            created_ms: 1_700_000_000_000,
+            ended_ms: Some(1_700_000_000_500),
+            reference,
+        };
+        let mut out = Vec::new();
+        put_row_of(&mut out, &t, link);
+        (t, out)
+    }
+
+    /// Issue 15 (history by reference): a row with a reference reads back with it (and its
+    /// link to a refunded transfer); a row without one is byte for byte the row written
+    /// before references existed (the link's option tag, 0 or 1), so older segments and
+    /// checkpoints still read.
+    #[test]
+    fn a_rows_reference_reads_back_and_rows_without_one_keep_their_bytes() {
+        for link in [None, Some(77)] {
+            let (_, plain) = row(link, 0);
+            let (t, referenced) = row(link, 1 << 100);
+            assert_eq!(plain[17], u8::from(link.is_some()), "the old tag");
+            assert_eq!(referenced[17], 2 + u8::from(link.is_some()));
+            assert_eq!(referenced.len(), plain.len() + 16);
+            for (bytes, reference) in [(&plain, 0), (&referenced, 1 << 100)] {
+                let mut r = Reader { bytes, pos: 0 };
+                let (read, read_link) = read_row(&mut r).unwrap();
+                assert_eq!(r.pos, bytes.len());
+                assert_eq!(read_link, link.map(TransferId));
+                assert_eq!(read.reference, reference);
+                assert_eq!(
+                    (read.id, read.amount_minor, read.ended_ms),
+                    (t.id, 250, t.ended_ms)
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::super::{Op, State, FAILURES_KEPT_MAX};
     use crate::ledger::codec::{Head, HASH_LEN};
@@ -970,6 +1051,7 @@ mod tests {
         let one = currencies.from_minor(1, "EUR").unwrap();
         let pay = |id: u128, memo: &[u8]| Op::Create {
             request: TransferRequest {
+                reference: 0,
                 id: TransferId(id),
                 debit: Owner::user("@carol:x"),
                 credit: Owner::user("@dave:x"),
@@ -1036,6 +1118,7 @@ mod tests {
         };
         let create = |id: u128, debit: Owner, credit: Owner, minor: u128| Op::Create {
             request: TransferRequest {
+                reference: 0,
                 id: TransferId(id),
                 debit,
                 credit,

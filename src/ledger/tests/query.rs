@@ -123,6 +123,7 @@ fn eur(ledger: &BlockingLedger, v: &str) -> Amount {
 fn pay(ledger: &BlockingLedger, id: u128, debit: &Owner, credit: &Owner) -> Transfer {
     ledger
         .create_transfer(TransferRequest {
+            reference: 0,
             id: TransferId(id),
             debit: debit.clone(),
             credit: credit.clone(),
@@ -223,6 +224,7 @@ fn history_queries_by_time_are_the_whole_history_filtered_across_spills_and_a_re
     let ledger = open_counting(&storage, &clock);
     for (id, who) in [(1, alice), (2, bob), (3, carol)] {
         let request = TransferRequest {
+            reference: 0,
             id: TransferId(id),
             debit: Owner::Issuer,
             credit: who.clone(),
@@ -234,6 +236,7 @@ fn history_queries_by_time_are_the_whole_history_filtered_across_spills_and_a_re
     let early = ledger
         .create_pending(
             TransferRequest {
+                reference: 0,
                 id: TransferId(9),
                 debit: alice.clone(),
                 credit: carol.clone(),
@@ -293,6 +296,7 @@ fn a_history_query_by_time_reads_only_its_range_and_the_binary_searches_probes()
     let storage = Counting::open(dir.path());
     let ledger = open_counting(&storage, &clock);
     let funds = TransferRequest {
+        reference: 0,
         id: TransferId(1),
         debit: Owner::Issuer,
         credit: alice.clone(),

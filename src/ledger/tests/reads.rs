@@ -178,6 +178,7 @@ fn eur(ledger: &BlockingLedger, value: &str) -> Amount {
 
 fn pay(ledger: &BlockingLedger, id: u128, from: Owner, to: &str, value: &str) -> TransferRequest {
     TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit: from,
         credit: user(to),
