@@ -835,6 +835,23 @@ impl Ledger {
         })
     }
 
+    /// The transfers created with `reference` ([`TransferRequest::reference`], not 0),
+    /// oldest first, at most `limit` (at most [`HISTORY_PAGE_MAX`]), as of the last durable
+    /// record like [`Ledger::transfer`] (TigerBeetle's `query_transfers` by `user_data_128`).
+    /// From an index, never a scan: in memory for the transfers held there, and for those
+    /// on disk a sorted reference index in each segment, searched only where its lowest and
+    /// highest reference span `reference`. Reference 0 (none) finds nothing.
+    pub async fn transfers_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<Transfer>, LedgerError> {
+        let limit = limit.min(HISTORY_PAGE_MAX);
+        Ok(self
+            .read_durable(move |state, _| state.transfers_by_reference(reference, limit))
+            .await??)
+    }
+
     /// A page of the transfers touching `owner` that `query` selects (a range of ledger
     /// time, an order, a page size and a cursor), as of the last durable record like
     /// [`Ledger::transfer`]. Reads no row and no history list outside the time range but
@@ -1165,6 +1182,15 @@ impl BlockingLedger {
         limit: usize,
     ) -> Result<HistoryPage, LedgerError> {
         block_on(self.0.history(owner, cursor, limit))
+    }
+
+    /// See [`Ledger::transfers_by_reference`].
+    pub fn transfers_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<Transfer>, LedgerError> {
+        block_on(self.0.transfers_by_reference(reference, limit))
     }
 
     /// See [`Ledger::history_query`].

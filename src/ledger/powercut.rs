@@ -41,6 +41,8 @@ pub(crate) struct Image {
     row_ids: BTreeMap<u128, u32>,
     /// The accounts' history lists: (account, transfer index), written with the rows.
     listed: BTreeSet<(u32, u32)>,
+    /// (reference, index) of the rows with a reference.
+    referenced: BTreeSet<(u128, u32)>,
 }
 
 /// A write issued and not yet synced.
@@ -135,6 +137,9 @@ fn apply(image: &mut Image, write: Unsynced) {
                 image.row_ids.insert(row.id, row.idx);
                 for account in row.accounts {
                     image.listed.insert((account, row.idx));
+                }
+                if row.reference != 0 {
+                    image.referenced.insert((row.reference, row.idx));
                 }
                 image.rows.insert(row.idx, row.bytes);
             }
@@ -324,6 +329,24 @@ impl Storage for PowerCutStorage {
         })
     }
 
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        Ok(inner
+            .visible
+            .referenced
+            .range((reference, 0)..=(reference, u32::MAX))
+            .take(limit)
+            .map(|&(_, idx)| idx)
+            .collect())
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         let inner = self.0.lock();
         if inner.cut {
@@ -339,6 +362,9 @@ impl Storage for PowerCutStorage {
         }
         for &(account, idx) in &inner.visible.listed {
             visit(RowEntry::Listed { account, idx });
+        }
+        for &(reference, idx) in &inner.visible.referenced {
+            visit(RowEntry::Referenced { reference, idx });
         }
         Ok(())
     }
@@ -801,6 +827,7 @@ mod tests {
                 id: 100 + u128::from(idx),
                 accounts: [idx % 3, 3 + idx % 2],
                 bytes: idx.to_le_bytes().to_vec(),
+                reference: 0,
             })
             .collect()
     }

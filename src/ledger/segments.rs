@@ -34,13 +34,21 @@ use super::model::HistoryOrder;
 use super::storage::{RowEntry, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-rs";
-/// 2: each account's list of the rows touching it (issue 15: histories on disk).
-const VERSION: u8 = 2;
+/// 3: the reference index, (reference, idx) of the rows with a reference, after the
+/// lists (issue 15: history by reference).
+const VERSION: u8 = 3;
+/// 2: each account's list of the rows touching it (issue 15: histories on disk); no
+/// reference index (written before references existed: their rows have none).
+const VERSION_LISTS: u8 = 2;
 /// Segments written before the history lists: rows and id index only.
 const VERSION_ROWS_ONLY: u8 = 1;
-/// magic, version, count (both versions); version 2 adds the account count.
+/// magic, version, count (every version); version 2 adds the account count, version 3 the
+/// reference count.
 const HEADER_V1: u64 = 8 + 1 + 4;
-const HEADER: u64 = HEADER_V1 + 4;
+const HEADER_V2: u64 = HEADER_V1 + 4;
+const HEADER: u64 = HEADER_V2 + 4;
+/// An entry of the reference index: reference u128, idx u32.
+const REF_ENTRY: u64 = 16 + 4;
 const IDX_ENTRY: u64 = 4 + 8;
 const ID_ENTRY: u64 = 16 + 4;
 /// An account's entry in a segment's history directory: account, start, len.
@@ -63,6 +71,12 @@ struct Segment {
     accounts: u64,
     /// Where the directory starts (= `rows_end`), and the lists after it.
     lists_start: u64,
+    /// Entries of the reference index (0 before version 3), where it starts, and the
+    /// lowest and highest reference in it (so a reference outside them reads nothing).
+    refs: u64,
+    refs_start: u64,
+    min_ref: u128,
+    max_ref: u128,
     /// Positioned reads of this segment since it was opened (see
     /// [`Segments::reads_per_segment`]).
     reads: std::sync::atomic::AtomicU64,
@@ -73,6 +87,7 @@ struct Layout {
     tables: u64,
     count: u64,
     accounts: u64,
+    refs: u64,
     rows_start: u64,
     rows_end: u64,
 }
@@ -85,20 +100,21 @@ impl Layout {
             return None;
         }
         let count = u64::from(u32::from_le_bytes(header[9..13].try_into().expect("4")));
-        let (tables, accounts) = match header[8] {
-            VERSION_ROWS_ONLY => (HEADER_V1, 0),
-            VERSION => (
-                HEADER,
-                u64::from(u32::from_le_bytes(
-                    header.get(13..17)?.try_into().expect("4"),
-                )),
-            ),
+        let u32_at = |at: usize| -> Option<u64> {
+            Some(u64::from(u32::from_le_bytes(
+                header.get(at..at + 4)?.try_into().expect("4"),
+            )))
+        };
+        let (tables, accounts, refs) = match header[8] {
+            VERSION_ROWS_ONLY => (HEADER_V1, 0, 0),
+            VERSION_LISTS => (HEADER_V2, u32_at(13)?, 0),
+            VERSION => (HEADER, u32_at(13)?, u32_at(17)?),
             _ => return None,
         };
-        let lists = if header[8] == VERSION {
-            accounts * DIR_ENTRY + 2 * count * LIST_ENTRY
-        } else {
+        let lists = if header[8] == VERSION_ROWS_ONLY {
             0
+        } else {
+            accounts * DIR_ENTRY + 2 * count * LIST_ENTRY + refs * REF_ENTRY
         };
         let rows_start = tables + count * (IDX_ENTRY + ID_ENTRY);
         if count == 0 || rows_start + lists + 32 > len {
@@ -108,6 +124,7 @@ impl Layout {
             tables,
             count,
             accounts,
+            refs,
             rows_start,
             rows_end: len - 32 - lists,
         })
@@ -130,6 +147,15 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> StorageError {
     StorageError::Backend(format!("transfer rows: {what} {}: {e}", path.display()))
 }
 
+/// How long the header of a segment of `version` is.
+fn header_len(version: u8) -> u64 {
+    match version {
+        VERSION => HEADER,
+        VERSION_LISTS => HEADER_V2,
+        _ => HEADER_V1,
+    }
+}
+
 fn read_at(file: &File, pos: u64, len: usize) -> Result<Vec<u8>, StorageError> {
     let mut bytes = vec![0u8; len];
     file.read_exact_at(&mut bytes, pos)
@@ -145,10 +171,9 @@ impl Segment {
             .map_err(|e| io("cannot stat", path, e))?
             .len();
         let header = read_at(&file, 0, HEADER_V1 as usize)?;
-        let header = if header[8] == VERSION {
-            read_at(&file, 0, HEADER as usize)?
-        } else {
-            header
+        let header = match header_len(header[8]) {
+            HEADER_V1 => header,
+            len => read_at(&file, 0, len as usize)?,
         };
         let layout = Layout::of(&header, len).ok_or_else(|| {
             io(
@@ -167,10 +192,20 @@ impl Segment {
             max_idx: 0,
             accounts: layout.accounts,
             lists_start: layout.rows_end,
+            refs: layout.refs,
+            refs_start: layout.rows_end
+                + layout.accounts * DIR_ENTRY
+                + 2 * layout.count * LIST_ENTRY,
+            min_ref: 0,
+            max_ref: 0,
             reads: std::sync::atomic::AtomicU64::new(0),
         };
         segment.min_idx = segment.idx_entry(0)?.0;
         segment.max_idx = segment.idx_entry(layout.count - 1)?.0;
+        if segment.refs > 0 {
+            segment.min_ref = segment.ref_entry(0)?.0;
+            segment.max_ref = segment.ref_entry(segment.refs - 1)?.0;
+        }
         Ok(segment)
     }
 
@@ -187,6 +222,48 @@ impl Segment {
             u32::from_le_bytes(b[..4].try_into().expect("4")),
             u64::from_le_bytes(b[4..].try_into().expect("8")),
         ))
+    }
+
+    fn ref_entry(&self, i: u64) -> Result<(u128, u32), StorageError> {
+        let b = self.read(self.refs_start + i * REF_ENTRY, REF_ENTRY as usize)?;
+        Ok((
+            u128::from_le_bytes(b[..16].try_into().expect("16")),
+            u32::from_le_bytes(b[16..].try_into().expect("4")),
+        ))
+    }
+
+    /// Up to `limit` indexes of this segment's rows with `reference`, lowest first: nothing
+    /// read when it is outside the segment's lowest and highest reference, else a binary
+    /// search of the reference index and one read of at most `limit` entries.
+    fn by_reference(&self, reference: u128, limit: usize) -> Result<Vec<u32>, StorageError> {
+        if self.refs == 0 || limit == 0 || reference < self.min_ref || reference > self.max_ref {
+            return Ok(Vec::new());
+        }
+        let (mut lo, mut hi) = (0, self.refs);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.ref_entry(mid)?.0 < reference {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let take = (self.refs - lo).min(limit as u64);
+        let bytes = self.read(
+            self.refs_start + lo * REF_ENTRY,
+            usize::try_from(take * REF_ENTRY).expect("a page fits in memory"),
+        )?;
+        Ok(bytes
+            .chunks_exact(REF_ENTRY as usize)
+            .map(|b| {
+                (
+                    u128::from_le_bytes(b[..16].try_into().expect("16")),
+                    u32::from_le_bytes(b[16..].try_into().expect("4")),
+                )
+            })
+            .take_while(|&(at, _)| at == reference)
+            .map(|(_, idx)| idx)
+            .collect())
     }
 
     fn id_entry(&self, i: u64) -> Result<(u128, u32), StorageError> {
@@ -386,11 +463,13 @@ fn encode(rows: &[TransferRow]) -> Result<Vec<u8>, StorageError> {
         }
     }
     let accounts = directory.len() as u32;
+    let references = reference_index(&by_idx);
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.extend_from_slice(&count.to_le_bytes());
     out.extend_from_slice(&accounts.to_le_bytes());
+    out.extend_from_slice(&(references.len() as u32).to_le_bytes());
     let mut offset = 0u64;
     for r in &by_idx {
         out.extend_from_slice(&r.idx.to_le_bytes());
@@ -414,9 +493,30 @@ fn encode(rows: &[TransferRow]) -> Result<Vec<u8>, StorageError> {
     for (_, idx) in listed {
         out.extend_from_slice(&idx.to_le_bytes());
     }
+    put_reference_index(&mut out, &references);
     let hash = *blake3::hash(&out).as_bytes();
     out.extend_from_slice(&hash);
     Ok(out)
+}
+
+/// The reference index of a segment's rows: (reference, idx) of each row with a
+/// reference, sorted.
+fn reference_index(rows: &[&TransferRow]) -> Vec<(u128, u32)> {
+    let mut references: Vec<(u128, u32)> = rows
+        .iter()
+        .filter(|r| r.reference != 0)
+        .map(|r| (r.reference, r.idx))
+        .collect();
+    references.sort_unstable();
+    references
+}
+
+/// Appends the reference index (after the history lists, see the module docs).
+fn put_reference_index(out: &mut Vec<u8>, references: &[(u128, u32)]) {
+    for (reference, idx) in references {
+        out.extend_from_slice(&reference.to_le_bytes());
+        out.extend_from_slice(&idx.to_le_bytes());
+    }
 }
 
 /// Buffer of a segment scan: large reads, one segment at a time.
@@ -444,11 +544,9 @@ fn scan_segment(path: &Path, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), 
     };
     let mut header = vec![0u8; HEADER_V1 as usize];
     r.fill(path, &mut header)?;
-    if header[8] == VERSION {
-        let mut accounts = [0u8; 4];
-        r.fill(path, &mut accounts)?;
-        header.extend_from_slice(&accounts);
-    }
+    let mut rest = vec![0u8; (header_len(header[8]) - HEADER_V1) as usize];
+    r.fill(path, &mut rest)?;
+    header.extend_from_slice(&rest);
     let layout = Layout::of(&header, len).ok_or_else(|| invalid("not a whole segment"))?;
     let count = layout.count;
     let rows_len = layout.rows_end - layout.rows_start;
@@ -543,6 +641,24 @@ fn scan_segment(path: &Path, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), 
             before = Some(idx);
             visit(RowEntry::Listed { account, idx });
         }
+    }
+    // The reference index: sorted, each entry naming a row of this segment.
+    let mut entry = [0u8; REF_ENTRY as usize];
+    let mut before: Option<(u128, u32)> = None;
+    for _ in 0..layout.refs {
+        r.fill(path, &mut entry)?;
+        let reference = u128::from_le_bytes(entry[..16].try_into().expect("16"));
+        let idx = u32::from_le_bytes(entry[16..].try_into().expect("4"));
+        if reference == 0
+            || before.is_some_and(|b| (reference, idx) <= b)
+            || by_idx.binary_search_by_key(&idx, |&(at, _)| at).is_err()
+        {
+            return Err(invalid(
+                "the reference index out of order or naming another row",
+            ));
+        }
+        before = Some((reference, idx));
+        visit(RowEntry::Referenced { reference, idx });
     }
     let mut hash = [0u8; 32];
     std::io::Read::read_exact(&mut r.file, &mut hash).map_err(|e| io("cannot read", path, e))?;
@@ -678,6 +794,21 @@ impl Segments {
             .collect()
     }
 
+    /// Up to `limit` indexes of the rows with `reference`, lowest first, each once, from
+    /// every segment (see [`super::storage::Storage::transfer_rows_by_reference`]): nothing
+    /// read of a segment whose references do not span it, at most `limit` entries of
+    /// another.
+    pub fn by_reference(&self, reference: u128, limit: usize) -> Result<Vec<u32>, StorageError> {
+        let mut found = Vec::new();
+        for (_, segment) in self.segments.read().iter() {
+            found.extend(segment.by_reference(reference, limit)?);
+        }
+        found.sort_unstable();
+        found.dedup();
+        found.truncate(limit);
+        Ok(found)
+    }
+
     /// The row of transfer `idx`, from the newest segment that has it.
     pub fn row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
         for (_, segment) in self.segments.read().iter().rev() {
@@ -728,6 +859,7 @@ mod tests {
             id: 1_000 + u128::from(idx),
             accounts,
             bytes: vec![idx as u8; 1 + idx as usize % 5],
+            reference: 0,
         }
     }
 

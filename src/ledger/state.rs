@@ -1602,6 +1602,43 @@ impl State {
         list.iter().map(|&i| self.view(i)).collect()
     }
 
+    /// The transfers whose reference is `reference` (not 0), oldest first, at most `limit`,
+    /// below index `end`: those in memory from their index, those on disk from the
+    /// reference index beside their rows (each checked against its row: after lost
+    /// records an entry may name a row since written for another transfer). No scan.
+    /// `Err` if a row or the index on disk cannot be read.
+    pub fn transfers_by_reference(
+        &self,
+        reference: u128,
+        end: TransferIdx,
+        limit: usize,
+    ) -> Result<Vec<Transfer>, StorageError> {
+        if reference == 0 || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut found: Vec<TransferIdx> = self
+            .transfers
+            .by_reference
+            .get(&reference)
+            .map(|list| list.iter().copied().take(limit).collect())
+            .unwrap_or_default();
+        found.extend(self.transfers.disk_by_reference(reference, limit)?);
+        found.retain(|&idx| idx < end);
+        found.sort_unstable();
+        found.dedup();
+        let mut page = Vec::with_capacity(found.len().min(limit));
+        for idx in found {
+            if page.len() == limit {
+                break;
+            }
+            let t = self.transfers.try_get(idx)?;
+            if t.reference == reference {
+                page.push(self.view_of(idx, &t)?);
+            }
+        }
+        Ok(page)
+    }
+
     /// A transfer by id; `Err` if its row cannot be read from the storage.
     pub fn transfer(&self, id: TransferId) -> Result<Option<Transfer>, StorageError> {
         let Some(idx) = self.transfers.try_idx_of(id)? else {

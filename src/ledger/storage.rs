@@ -63,6 +63,9 @@ pub struct TransferRow {
     pub accounts: [u32; 2],
     /// The encoded row.
     pub bytes: Vec<u8>,
+    /// The transfer's reference (0: none): the row is in the reference index under it
+    /// ([`Storage::transfer_rows_by_reference`]).
+    pub reference: u128,
 }
 
 /// One entry of the stored rows, as [`Storage::scan_transfer_rows`] visits them.
@@ -74,6 +77,8 @@ pub enum RowEntry<'a> {
     Id { id: u128, idx: u32 },
     /// An account history entry: transfer `idx` touches account `account`.
     Listed { account: u32, idx: u32 },
+    /// A reference index entry: transfer `idx` has reference `reference`.
+    Referenced { reference: u128, idx: u32 },
 }
 
 /// Pieces in which the power-cut test storage issues a `put_transfer_rows` (each survives a
@@ -200,6 +205,21 @@ pub trait Storage: Send + Sync + 'static {
                 "this ledger backend cannot read histories oldest first".to_owned(),
             )),
         }
+    }
+
+    /// The indexes of the stored rows whose reference is `reference` (not 0), lowest first,
+    /// each once, at most `limit`, from an index (no scan): work bounded by `limit` and the
+    /// number of stored pieces; a piece none of whose rows has it should not be read. An
+    /// entry whose row was written again later may name a transfer with another reference
+    /// (after records were lost): the caller checks the row. A backend that keeps rows must
+    /// provide it (the default finds nothing: the transfers on disk would be missed).
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let _ = (reference, limit);
+        Ok(Vec::new())
     }
 
     /// The highest row index of each stored piece of rows (e.g. a segment), in any order,
@@ -559,6 +579,14 @@ impl Storage for SledStorage {
         Ok(self.rows.max_indexes())
     }
 
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.rows.by_reference(reference, limit)
+    }
+
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
         self.rows.row(idx)
     }
@@ -628,6 +656,7 @@ mod tests {
             id: 1_000 + u128::from(idx) * 7,
             accounts: [idx % 4, 4 + idx % 3],
             bytes: vec![idx as u8; 1 + idx as usize % 40],
+            reference: 0,
         }
     }
 

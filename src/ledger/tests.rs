@@ -3500,6 +3500,7 @@ fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
                 id: 2,
                 accounts: [0, 1],
                 bytes: row,
+                reference: 0,
             }])
             .unwrap();
     }
@@ -3706,6 +3707,17 @@ impl Storage for FlakyRows {
                 .account_history_range(account, span, order, limit),
         }
     }
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        match self.mode() {
+            ROWS_FAIL => Err(StorageError::Backend("injected read failure".into())),
+            _ => self.inner.transfer_rows_by_reference(reference, limit),
+        }
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }

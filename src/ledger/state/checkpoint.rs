@@ -257,6 +257,7 @@ impl CheckpointJob {
                     id: t.id.0,
                     accounts: [t.debit, t.credit],
                     bytes,
+                    reference: t.reference,
                 });
             }
         }
@@ -587,10 +588,15 @@ impl State {
                 .enumerate()
                 .map(|(i, r)| (spilled + i as TransferIdx, r)),
         );
+        let mut by_reference: super::HashMap<u128, Vec<TransferIdx>> = Default::default();
         for (idx, record) in held {
             state.accounts[record.debit as usize].history.push(idx);
             state.accounts[record.credit as usize].history.push(idx);
+            if record.reference != 0 {
+                by_reference.entry(record.reference).or_default().push(idx);
+            }
         }
+        state.transfers.by_reference = by_reference;
         let failures = count(&mut r)?;
         if failures > FAILURES_KEPT_MAX {
             return Err(format!("{failures} recorded failures"));
@@ -822,6 +828,14 @@ impl State {
                     a.history.shrink_to(held_before * 2);
                 }
             }
+            // Likewise the references of the transfers now on disk (in their segments'
+            // reference index).
+            let t = &mut self.transfers;
+            let (spilled, resident) = (t.spilled, &t.resident);
+            t.by_reference.retain(|_, list| {
+                list.retain(|idx| *idx >= spilled || resident.contains_key(idx));
+                !list.is_empty()
+            });
         }
         written
     }
@@ -865,6 +879,9 @@ impl State {
         const IN_CREDIT: u8 = 2;
         const IN_OTHER: u8 = 4;
         let mut listed = vec![0u8; spilled as usize];
+        // The reference index entries naming each transfer since its row was last written:
+        // none, the journal's reference, or another one (or more than one).
+        let mut referenced = vec![ABSENT; spilled as usize];
         let mut expected = Vec::new();
         storage
             .scan_transfer_rows(&mut |entry| match entry {
@@ -877,6 +894,16 @@ impl State {
                         OTHER
                     };
                     listed[idx as usize] = 0;
+                    referenced[idx as usize] = ABSENT;
+                }
+                RowEntry::Referenced { reference, idx } if idx < spilled => {
+                    let journal = self.transfers.get(idx).reference;
+                    referenced[idx as usize] =
+                        if reference == journal && referenced[idx as usize] == ABSENT {
+                            SAME
+                        } else {
+                            OTHER
+                        };
                 }
                 RowEntry::Listed { account, idx } if idx < spilled => {
                     let t = self.transfers.get(idx);
@@ -895,7 +922,7 @@ impl State {
                         }
                     }
                 }
-                RowEntry::Row { .. } | RowEntry::Listed { .. } => {}
+                RowEntry::Row { .. } | RowEntry::Listed { .. } | RowEntry::Referenced { .. } => {}
             })
             .map_err(|e| e.to_string())?;
         for idx in 0..spilled {
@@ -912,6 +939,14 @@ impl State {
             if !filters.iter().any(|f| f.may_contain(t.id)) {
                 return Err(format!(
                     "transfer {} is on disk but its id filter says it is not",
+                    t.id
+                ));
+            }
+            let want = if t.reference == 0 { ABSENT } else { SAME };
+            if referenced[idx as usize] != want {
+                return Err(format!(
+                    "transfer {} is not in the reference index on disk under exactly its \
+                     reference",
                     t.id
                 ));
             }

@@ -225,6 +225,21 @@ impl Durable<'_> {
         Ok((page.into_iter().map(|t| self.as_durable(t)).collect(), next))
     }
 
+    /// See [`State::transfers_by_reference`]: the record's new transfers are left out.
+    pub fn transfers_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<Transfer>, StorageError> {
+        let end = self.first_transfer().unwrap_or(TransferIdx::MAX);
+        Ok(self
+            .state
+            .transfers_by_reference(reference, end, limit)?
+            .into_iter()
+            .map(|t| self.as_durable(t))
+            .collect())
+    }
+
     /// See [`State::pending_transfers`]: the record's pending transfers are left out, those
     /// it ended are still in.
     pub fn pending_transfers(&self) -> Result<Vec<Transfer>, StorageError> {

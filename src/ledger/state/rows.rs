@@ -94,6 +94,9 @@ pub(super) struct Transfers {
     /// entries stay true (only rows below the durable spill point are taken); shared by the
     /// state's clones. 12 B per piece.
     pub time_marks: Arc<parking_lot::Mutex<BTreeMap<TransferIdx, u64>>>,
+    /// Reference -> the transfers in memory with it (`tail`, `resident`, and those of a
+    /// spill not yet durable), ascending: the reference index of what is not on disk.
+    pub by_reference: HashMap<u128, Vec<TransferIdx>>,
 }
 
 impl std::fmt::Debug for Transfers {
@@ -164,6 +167,12 @@ impl Transfers {
             "transfers are created in ledger time order"
         );
         let idx = self.len() as TransferIdx;
+        if record.reference != 0 {
+            self.by_reference
+                .entry(record.reference)
+                .or_default()
+                .push(idx);
+        }
         self.tail.push(record);
         self.index.insert(id, idx);
         idx
@@ -279,6 +288,30 @@ impl Transfers {
             }
         }
         Ok((lo, hi.max(lo)))
+    }
+
+    /// Up to `limit` indexes of the transfers with `reference` on disk, lowest first: only
+    /// entries below the durable spill point (see [`Transfers::disk_history_range`]).
+    pub fn disk_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<TransferIdx>, StorageError> {
+        let durable_end = self.durable_end();
+        match self.disk.as_ref().filter(|_| durable_end > 0) {
+            Some(disk) => {
+                let mut found = disk
+                    .transfer_rows_by_reference(reference, limit)
+                    .map_err(|e| {
+                        StorageError::Backend(format!(
+                            "cannot look reference {reference:#x} up on disk: {e}"
+                        ))
+                    })?;
+                found.retain(|&idx| idx < durable_end);
+                Ok(found)
+            }
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Reads the row of transfer `id` (if it exists and is on disk) and keeps it until

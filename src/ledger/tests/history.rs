@@ -364,6 +364,7 @@ fn verify_catches_a_history_list_on_disk_that_is_not_the_journals() {
                 id: 2,
                 accounts: [0, 7],
                 bytes: row,
+                reference: 0,
             }])
             .unwrap();
     }

@@ -12,6 +12,7 @@ struct Counting {
     inner: SledStorage,
     rows_read: parking_lot::Mutex<Vec<u32>>,
     listed_read: parking_lot::Mutex<Vec<u32>>,
+    referenced_read: parking_lot::Mutex<Vec<u32>>,
 }
 
 impl Counting {
@@ -20,10 +21,12 @@ impl Counting {
             inner: SledStorage::open(&dir.join("ledger")).unwrap(),
             rows_read: parking_lot::Mutex::new(Vec::new()),
             listed_read: parking_lot::Mutex::new(Vec::new()),
+            referenced_read: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
     fn take(&self) -> (Vec<u32>, Vec<u32>) {
+        self.referenced_read.lock().clear();
         (
             std::mem::take(&mut *self.rows_read.lock()),
             std::mem::take(&mut *self.listed_read.lock()),
@@ -92,6 +95,16 @@ impl Storage for Counting {
         self.listed_read.lock().extend(&listed);
         Ok(listed)
     }
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let found = self.inner.transfer_rows_by_reference(reference, limit)?;
+        self.referenced_read.lock().extend(&found);
+        Ok(found)
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }
@@ -385,4 +398,187 @@ fn a_history_query_by_time_reads_only_its_range_and_the_binary_searches_probes()
         assert!(listed.is_empty(), "{listed:?}");
         assert!(rows.len() <= 2 * 6, "{rows:?}");
     }
+}
+
+fn referenced(
+    ledger: &BlockingLedger,
+    id: u128,
+    debit: &Owner,
+    credit: &Owner,
+    reference: u128,
+) -> TransferRequest {
+    TransferRequest {
+        id: TransferId(id),
+        debit: debit.clone(),
+        credit: credit.clone(),
+        amount: eur(ledger, "1.00"),
+        memo: Vec::new(),
+        reference,
+    }
+}
+
+fn ids(transfers: &[Transfer]) -> Vec<u128> {
+    transfers.iter().map(|t| t.id.0).collect()
+}
+
+/// Issue 15 (history by reference, TigerBeetle's `query_transfers` by `user_data_128`):
+/// `transfers_by_reference` finds every transfer created with a reference, oldest first,
+/// up to its limit, wherever it is: in memory, in segments on disk (several), a pending
+/// transfer created before a spill and posted after it (its row in a later segment), a
+/// pending refund, after a reopen. A retry with the same reference is `Exists`, with
+/// another `ExistsWithDifferentReference`. A reference nobody used reads no row, and
+/// nothing at all of a segment whose references do not span it; `verify` checks the index
+/// on disk.
+#[test]
+fn transfers_by_reference_are_found_in_memory_on_disk_and_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let (alice, bob) = (user("alice"), user("bob"));
+    let (invoice, request, other) = (1u128 << 90, (1u128 << 90) + 2, 1u128 << 100);
+    let storage = Counting::open(dir.path());
+    let ledger = open_counting(&storage, &clock);
+    let funds = TransferRequest {
+        id: TransferId(1),
+        debit: Owner::Issuer,
+        credit: alice.clone(),
+        amount: eur(&ledger, "500.00"),
+        memo: Vec::new(),
+        reference: 0,
+    };
+    ledger.create_transfer(funds).unwrap();
+    let mut want_invoice = Vec::new();
+    let mut want_request = Vec::new();
+    // Three spills, each with transfers of both references among others.
+    let mut id = 10;
+    for spill in 0..3 {
+        for i in 0..6 {
+            clock.advance_ms(10);
+            let reference = [invoice, 0, request, 0, 0, invoice][i];
+            ledger
+                .create_transfer(referenced(&ledger, id, &alice, &bob, reference))
+                .unwrap();
+            match reference {
+                r if r == invoice => want_invoice.push(id),
+                r if r == request => want_request.push(id),
+                _ => {}
+            }
+            id += 1;
+        }
+        if spill == 0 {
+            // Pending across the next spill, posted after it; and a pending refund.
+            let pending = referenced(&ledger, 100, &alice, &bob, request);
+            ledger.create_pending(pending, 3_600_000).unwrap();
+            want_request.push(100);
+            let back = referenced(&ledger, 101, &bob, &alice, invoice);
+            ledger
+                .create_refund_result(back, TransferId(10), Some(3_600_000))
+                .unwrap();
+            want_invoice.push(101);
+        }
+        block_on(ledger.ledger().checkpoint()).unwrap();
+        if spill == 1 {
+            ledger.post(TransferId(100), None).unwrap();
+            ledger.post(TransferId(101), None).unwrap();
+        }
+    }
+    // And in memory.
+    ledger
+        .create_transfer(referenced(&ledger, 200, &bob, &alice, invoice))
+        .unwrap();
+    want_invoice.push(200);
+    // Pending at the close: held in memory across the reopen (in the checkpoint).
+    let held = referenced(&ledger, 300, &bob, &alice, invoice);
+    ledger.create_pending(held, 3_600_000).unwrap();
+    want_invoice.push(300);
+    want_invoice.sort_unstable();
+    want_request.sort_unstable();
+    let check = |ledger: &BlockingLedger| {
+        let found = ledger.transfers_by_reference(invoice, 1_000).unwrap();
+        // Oldest first: by creation (the pending ones were created early).
+        let mut created: Vec<(u64, u128)> = found.iter().map(|t| (t.created_ms, t.id.0)).collect();
+        created.sort_unstable();
+        assert_eq!(ids(&found), created.iter().map(|c| c.1).collect::<Vec<_>>());
+        let mut got = ids(&found);
+        got.sort_unstable();
+        assert_eq!(got, want_invoice);
+        assert!(found.iter().all(|t| t.reference == invoice));
+        let mut got = ids(&ledger.transfers_by_reference(request, 1_000).unwrap());
+        got.sort_unstable();
+        assert_eq!(got, want_request);
+        // A limit: the oldest ones.
+        let first_three = ledger.transfers_by_reference(invoice, 3).unwrap();
+        assert_eq!(ids(&first_three), ids(&found)[..3]);
+        assert!(ledger.transfers_by_reference(0, 1_000).unwrap().is_empty());
+        assert!(ledger
+            .transfers_by_reference(other, 1_000)
+            .unwrap()
+            .is_empty());
+    };
+    check(&ledger);
+    // Retries: the same reference is the same transfer; another is a different body.
+    let retry = ledger
+        .create_transfer_result(referenced(&ledger, 10, &alice, &bob, invoice))
+        .unwrap();
+    assert!(retry.exists());
+    for (id, d, c, reference) in [(10, &alice, &bob, request), (200, &bob, &alice, 0)] {
+        assert!(matches!(
+            ledger.create_transfer(referenced(&ledger, id, d, c, reference)),
+            Err(LedgerError::Rejected(
+                TransferError::ExistsWithDifferentReference
+            ))
+        ));
+    }
+    ledger.verify_with_memory().unwrap();
+    drop(ledger);
+    drop(storage);
+
+    let storage = Counting::open(dir.path());
+    let ledger = open_counting(&storage, &clock);
+    assert!(ledger.ledger().opened_from_checkpoint().is_some());
+    check(&ledger);
+    // A reference nobody used: no row read; above every segment's references, no segment
+    // read at all; between them, only the reference indexes that span it.
+    for (absent, spanned) in [(other, false), (invoice + 1, true)] {
+        storage.take();
+        let before = storage.inner.segment_reads();
+        assert!(ledger
+            .transfers_by_reference(absent, 1_000)
+            .unwrap()
+            .is_empty());
+        let after = storage.inner.segment_reads();
+        let (rows, _) = storage.take();
+        assert!(rows.is_empty(), "{absent:#x}: rows read {rows:?}");
+        assert_eq!(
+            before == after,
+            !spanned,
+            "{absent:#x}: {before:?} -> {after:?}"
+        );
+    }
+    ledger.verify().unwrap();
+    ledger.verify_with_memory().unwrap();
+}
+
+/// Issue 15 (history by reference): `verify` checks the reference index on disk against
+/// the full replay: a transfer's newest row listed under a reference it does not have
+/// (here the row's bytes and lists are the journal's, so only the index is wrong) fails.
+#[test]
+fn verify_catches_a_reference_index_on_disk_that_is_not_the_journals() {
+    let dir = tempfile::tempdir().unwrap();
+    three_transfers_to_alice_on_disk(dir.path());
+    {
+        let storage = SledStorage::open(&dir.path().join("ledger")).unwrap();
+        let row = storage.transfer_row(1).unwrap().expect("written at close");
+        storage
+            .put_transfer_rows(&[TransferRow {
+                idx: 1,
+                id: 2,
+                accounts: [0, 1],
+                bytes: row,
+                reference: 7,
+            }])
+            .unwrap();
+        assert_eq!(storage.transfer_rows_by_reference(7, 10).unwrap(), vec![1]);
+    }
+    let error = verify_dir(dir.path()).unwrap_err().to_string();
+    assert!(error.contains("reference index"), "{error}");
 }

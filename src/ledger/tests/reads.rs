@@ -132,6 +132,14 @@ impl<S: Storage> Storage for Gate<S> {
         self.inner
             .account_history_range(account, span, order, limit)
     }
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner.transfer_rows_by_reference(reference, limit)
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }
