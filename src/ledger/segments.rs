@@ -5,17 +5,18 @@
 //!
 //! Segment format (integers little-endian):
 //! ```text
-//! "mxpay-rs" | version u8 = 2 | count u32 | accounts u32 |
+//! "mxpay-rs" | version u8 = 3 | count u32 | accounts u32 | refs u32 |
 //! count x (idx u32, offset u64)   sorted by idx (offset into the rows)
 //! count x (id u128, idx u32)      sorted by id
 //! rows (concatenated, in idx order)
 //! accounts x (account u32, start u32, len u32)   sorted by account: where its list is
 //! 2 x count x idx u32             each account's list of the rows touching it, ascending,
 //!                                 in the directory's order (each row is in two lists)
+//! refs x (reference u128, idx u32) the rows with a reference, sorted (the reference index)
 //! blake3 [32] of everything before
 //! ```
 //! Version 1 (before the history lists) has no `accounts` field and no lists; its rows are
-//! still read. A segment is written as `seg-<n>.tmp`, synced, renamed to `seg-<n>` (n counts
+//! still read. Version 2 (before references) has no `refs` field and no reference index. A segment is written as `seg-<n>.tmp`, synced, renamed to `seg-<n>` (n counts
 //! up), and the directory synced: a power cut leaves it whole (rows and lists) or absent.
 //! Lookups binary-search the tables with positioned reads, newest segment first (a row
 //! written again, e.g. once a pending transfer ended, is found in its newest segment); a
