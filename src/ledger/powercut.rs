@@ -438,7 +438,7 @@ mod tests {
                 pending,
             } => {
                 let request = TransferRequest {
-                    reference: 0,
+                    reference: reference_of(*id),
                     id: TransferId(*id),
                     debit: owner(*debit),
                     credit: owner(*credit),
@@ -613,6 +613,49 @@ mod tests {
             assert!(ok, "seed {seed}: acknowledged {op:?} is lost");
         }
         check_histories(&b, ops, seed);
+        check_references(&b, ops, seed);
+    }
+
+    /// The reference of create `id` (none for a fifth of them), so that the references'
+    /// index in memory and in the segments is cut too.
+    fn reference_of(id: u128) -> u128 {
+        id % 5
+    }
+
+    /// Every acknowledged create with a reference is found by it, once, and everything found
+    /// by a reference has it.
+    fn check_references(b: &crate::ledger::BlockingLedger, ops: &[(Op, Outcome)], seed: u64) {
+        for reference in 1..5 {
+            let found = b
+                .transfers_by_reference(reference, crate::ledger::HISTORY_PAGE_MAX)
+                .unwrap();
+            assert!(
+                found.iter().all(|t| t.reference == reference),
+                "seed {seed}: reference {reference} finds another"
+            );
+            let mut ids: Vec<u128> = found.iter().map(|t| t.id.0).collect();
+            ids.sort_unstable();
+            let len = ids.len();
+            ids.dedup();
+            assert_eq!(
+                ids.len(),
+                len,
+                "seed {seed}: reference {reference} finds one twice"
+            );
+            if len == crate::ledger::HISTORY_PAGE_MAX {
+                continue;
+            }
+            for (op, outcome) in ops {
+                if let (Op::Create { id, .. }, Outcome::Ok) = (op, outcome) {
+                    if reference_of(*id) == reference {
+                        assert!(
+                            ids.binary_search(id).is_ok(),
+                            "seed {seed}: acknowledged transfer {id} not found by its reference"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Every acknowledged transfer is in the history of both its owners, read page by page
