@@ -40,8 +40,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
 pub use journal::{CheckpointCheck, ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
-    AccountId, AccountView, Balances, BatchOp, CreateResult, FreezeMode, HistoryOrder, Owner,
-    Transfer, TransferError, TransferId, TransferKind, TransferRequest, TransferState,
+    AccountId, AccountView, Balances, BatchEntry, BatchOp, CreateResult, FreezeMode, HistoryOrder,
+    Owner, Transfer, TransferError, TransferId, TransferKind, TransferRequest, TransferState,
     MEMO_BYTES_MAX, OWNER_BYTES_MAX, PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
@@ -93,6 +93,13 @@ pub const READS_QUEUED_MAX: usize = 4_096;
 
 /// The most changes one queued [`Ledger::batch`] command carries (TigerBeetle's batch size).
 pub const BATCH_OPS_MAX: usize = 8_190;
+
+/// The most changes one linked chain of [`Ledger::batch_linked`] may hold (and at most
+/// [`LedgerOptions::batch_commands_max`]): a chain is written in one journal record, and this
+/// many changes at their worst case (4 KiB each: owners of 512 bytes, a memo of 1 KiB, two
+/// accounts opened) are one record's target size, 128 KiB. A longer chain is refused whole
+/// (`LinkedChainTooLong`).
+pub const LINKED_CHAIN_OPS_MAX: usize = 32;
 
 impl LedgerError {
     /// The transfer error code, if this is a rejection.
@@ -294,6 +301,9 @@ struct Inner {
     durable_seq: Arc<std::sync::atomic::AtomicU64>,
     /// The balances as of the last durable batch (see `view.rs`).
     view: Arc<parking_lot::RwLock<view::BalanceView>>,
+    /// The longest linked chain taken: [`LINKED_CHAIN_OPS_MAX`], or less if one record
+    /// takes fewer changes.
+    linked_chain_ops_max: usize,
 }
 
 impl Drop for Inner {
@@ -455,6 +465,7 @@ impl Ledger {
                 writer: Mutex::new(Some(handle)),
                 durable_seq,
                 view,
+                linked_chain_ops_max: LINKED_CHAIN_OPS_MAX.min(options.batch_commands_max.max(1)),
             }),
         })
     }
@@ -633,28 +644,13 @@ impl Ledger {
     /// a longer call is sent as several, in order), so a caller with thousands of transfers
     /// pays for one queue slot and one wake-up instead of one each. A storage failure part
     /// way answers the whole call with the error: as for a single call, the outcome of each
-    /// change is then unknown, and retrying with the same ids is safe.
+    /// change is then unknown, and retrying with the same ids is safe. For changes that must
+    /// apply together (several legs of one payment), see [`Ledger::batch_linked`].
     pub async fn batch(
         &self,
         ops: Vec<BatchOp>,
     ) -> Result<Vec<Result<CreateResult, LedgerError>>, LedgerError> {
-        let mut ops = ops.into_iter().map(|op| match op {
-            BatchOp::Create(request) => Op::Create {
-                request,
-                timeout_ms: None,
-                refund_of: None,
-            },
-            BatchOp::CreatePending {
-                request,
-                timeout_ms,
-            } => Op::Create {
-                request,
-                timeout_ms: Some(timeout_ms),
-                refund_of: None,
-            },
-            BatchOp::Post { pending, amount } => Op::Post { pending, amount },
-            BatchOp::Void { pending } => Op::Void { pending },
-        });
+        let mut ops = ops.into_iter().map(batch_op);
         let mut calls = Vec::new();
         loop {
             let chunk: Vec<Op> = ops.by_ref().take(BATCH_OPS_MAX).collect();
@@ -669,16 +665,102 @@ impl Ledger {
         let mut outcomes = Vec::new();
         for rx in calls {
             let results = rx.await.map_err(|_| LedgerError::Closed)??;
-            outcomes.extend(results.into_iter().map(|result| {
-                let answer = result??.expect("transfer operations answer with the transfer");
-                Ok(if answer.exists {
-                    CreateResult::Exists(answer.transfer)
-                } else {
-                    CreateResult::Created(answer.transfer)
-                })
-            }));
+            outcomes.extend(results.into_iter().map(batch_answer));
         }
         Ok(outcomes)
+    }
+
+    /// [`Ledger::batch`] with linked chains (TigerBeetle's `flags.linked`): a run of entries
+    /// marked `linked` and the first unmarked one after them form a chain, decided in order
+    /// (each change sees those before it) and applied whole or not at all, in one journal
+    /// record. When a change of a chain fails, it answers its own failure and every other
+    /// change of the chain `LinkedEventFailed`; nothing of the chain is applied or recorded.
+    /// A chain left open by the call's last entry answers `LinkedEventChainOpen` (that entry)
+    /// and `LinkedEventFailed` (the others); one longer than [`LINKED_CHAIN_OPS_MAX`] answers
+    /// `LinkedChainTooLong` for each change. A retry of a chain that was applied answers
+    /// `Exists` for each change; a chain that mixes changes already made with new ones is
+    /// refused (`LinkedChainPartlyExists`). Changes outside chains behave as in `batch`.
+    pub async fn batch_linked(
+        &self,
+        entries: Vec<BatchEntry>,
+    ) -> Result<Vec<Result<CreateResult, LedgerError>>, LedgerError> {
+        if !entries.iter().any(|e| e.linked) {
+            return self
+                .batch(entries.into_iter().map(|e| e.op).collect())
+                .await;
+        }
+        let total = entries.len();
+        // Each entry's answer, by position: given here for chains refused whole, by the writer
+        // for the others.
+        let mut answers: Vec<Option<Result<CreateResult, LedgerError>>> =
+            (0..total).map(|_| None).collect();
+        // The changes sent to the writer, in order, as calls of at most BATCH_OPS_MAX changes
+        // that never split a chain: (positions, ops, links).
+        let mut chunks: Vec<(Vec<usize>, Vec<Op>, Vec<bool>)> = Vec::new();
+        let mut entries = entries.into_iter().enumerate().peekable();
+        while let Some((first, entry)) = entries.next() {
+            let mut unit = vec![(first, entry)];
+            while unit.last().is_some_and(|(_, e)| e.linked) {
+                match entries.next() {
+                    Some(next) => unit.push(next),
+                    None => break,
+                }
+            }
+            let refused = if unit.last().is_some_and(|(_, e)| e.linked) {
+                Some(TransferError::LinkedEventChainOpen)
+            } else if unit.len() > self.inner.linked_chain_ops_max {
+                Some(TransferError::LinkedChainTooLong)
+            } else {
+                None
+            };
+            if let Some(error) = refused {
+                let last = unit.len() - 1;
+                for (i, (at, _)) in unit.iter().enumerate() {
+                    let error = match error {
+                        TransferError::LinkedEventChainOpen if i < last => {
+                            TransferError::LinkedEventFailed
+                        }
+                        error => error,
+                    };
+                    answers[*at] = Some(Err(LedgerError::Rejected(error)));
+                }
+                continue;
+            }
+            let starts_new = chunks
+                .last()
+                .is_none_or(|(_, ops, _)| ops.len() + unit.len() > BATCH_OPS_MAX);
+            if starts_new {
+                chunks.push((Vec::new(), Vec::new(), Vec::new()));
+            }
+            let (positions, ops, links) = chunks.last_mut().expect("pushed above");
+            for (at, entry) in unit {
+                positions.push(at);
+                links.push(entry.linked);
+                ops.push(batch_op(entry.op));
+            }
+        }
+        let mut calls = Vec::new();
+        for (positions, ops, links) in chunks {
+            let (reply, rx) = oneshot::channel();
+            let links = if links.iter().any(|&l| l) {
+                links
+            } else {
+                Vec::new()
+            };
+            self.send(Command::Ops(writer::OpsInFlight::linked(ops, links, reply)))
+                .await?;
+            calls.push((positions, rx));
+        }
+        for (positions, rx) in calls {
+            let results = rx.await.map_err(|_| LedgerError::Closed)??;
+            for (at, result) in positions.into_iter().zip(results) {
+                answers[at] = Some(batch_answer(result));
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every entry is answered"))
+            .collect())
     }
 
     /// Posts a pending transfer, in full (`None`) or in part (the rest is released).
@@ -1025,6 +1107,39 @@ pub fn verify_dir(data_dir: &Path) -> Result<VerifyReport, LedgerError> {
     Ok(report(&replayed.state, &replayed))
 }
 
+/// A batch change's answer from the writer's.
+fn batch_answer(
+    result: Result<state::OpResult, StorageError>,
+) -> Result<CreateResult, LedgerError> {
+    let answer = result??.expect("transfer operations answer with the transfer");
+    Ok(if answer.exists {
+        CreateResult::Exists(answer.transfer)
+    } else {
+        CreateResult::Created(answer.transfer)
+    })
+}
+
+/// The writer's op for a batch change.
+fn batch_op(op: BatchOp) -> Op {
+    match op {
+        BatchOp::Create(request) => Op::Create {
+            request,
+            timeout_ms: None,
+            refund_of: None,
+        },
+        BatchOp::CreatePending {
+            request,
+            timeout_ms,
+        } => Op::Create {
+            request,
+            timeout_ms: Some(timeout_ms),
+            refund_of: None,
+        },
+        BatchOp::Post { pending, amount } => Op::Post { pending, amount },
+        BatchOp::Void { pending } => Op::Void { pending },
+    }
+}
+
 impl Writer {
     /// Appends events decided outside a batch (currency definitions at open).
     fn append_now(&mut self, events: &[state::Event], now_ms: u64) -> Result<(), LedgerError> {
@@ -1065,6 +1180,14 @@ impl BlockingLedger {
         ops: Vec<BatchOp>,
     ) -> Result<Vec<Result<CreateResult, LedgerError>>, LedgerError> {
         block_on(self.0.batch(ops))
+    }
+
+    /// See [`Ledger::batch_linked`].
+    pub fn batch_linked(
+        &self,
+        entries: Vec<BatchEntry>,
+    ) -> Result<Vec<Result<CreateResult, LedgerError>>, LedgerError> {
+        block_on(self.0.batch_linked(entries))
     }
 
     /// See [`Ledger::create_transfer_result`].

@@ -252,6 +252,35 @@ pub enum BatchOp {
     },
 }
 
+/// One change of a [`crate::ledger::Ledger::batch_linked`] call: a [`BatchOp`], and whether
+/// it is linked to the change after it (TigerBeetle's `flags.linked`). A run of changes marked
+/// linked, and the first unmarked one after them, form a chain that applies whole or not at
+/// all (see docs/ledger.md, Linked chains).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The change.
+    pub op: BatchOp,
+    /// Whether the chain goes on with the next change of the call.
+    pub linked: bool,
+}
+
+impl From<BatchOp> for BatchEntry {
+    /// A change on its own (or the last of a chain).
+    fn from(op: BatchOp) -> Self {
+        Self { op, linked: false }
+    }
+}
+
+impl BatchOp {
+    /// This change, linked to the next one of the call.
+    pub fn linked(self) -> BatchEntry {
+        BatchEntry {
+            op: self,
+            linked: true,
+        }
+    }
+}
+
 /// What a create (single or pending) or a refund did: TigerBeetle's `ok` and `exists`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateResult {
@@ -330,6 +359,25 @@ pub enum TransferError {
     /// The currency is not configured.
     #[error("the currency is not configured")]
     CurrencyUnknown = 7,
+    /// Another change of its linked chain failed (see [`BatchEntry`]): this one was undone,
+    /// or not decided. Nothing of the chain was applied.
+    #[error("another change of its linked chain failed")]
+    LinkedEventFailed = 10,
+    /// The last change of a batch call is marked linked: its chain has no end, and none of
+    /// it was decided (the other changes of the chain answer `LinkedEventFailed`).
+    #[error("the linked chain is not closed: the call's last change is marked linked")]
+    LinkedEventChainOpen = 11,
+    /// The linked chain has more changes than one journal record takes (see
+    /// [`crate::ledger::LINKED_CHAIN_OPS_MAX`]): every change of it answers this, none was
+    /// decided.
+    #[error("the linked chain has more changes than the ledger applies at once")]
+    LinkedChainTooLong = 12,
+    /// The linked chain mixes changes already made (a retry would answer them `Exists`) with
+    /// new ones, or names one change twice: it is not a retry of one chain, which applies
+    /// whole or not at all. The first change that mixes answers this, the others of the chain
+    /// `LinkedEventFailed`; nothing of the chain was applied.
+    #[error("the linked chain mixes changes already made with new ones")]
+    LinkedChainPartlyExists = 13,
     /// The id exists as a transfer of another kind.
     #[error("a transfer with this id exists with a different kind")]
     ExistsWithDifferentKind = 20,
@@ -419,7 +467,7 @@ pub enum TransferError {
 
 impl TransferError {
     /// Every code, in precedence order.
-    pub const ALL: [TransferError; 33] = [
+    pub const ALL: [TransferError; 37] = [
         Self::IdMustNotBeZero,
         Self::AccountsMustBeDifferent,
         Self::MemoTooLong,
@@ -427,6 +475,10 @@ impl TransferError {
         Self::TimeoutMustNotBeZero,
         Self::TimeoutTooLong,
         Self::CurrencyUnknown,
+        Self::LinkedEventFailed,
+        Self::LinkedEventChainOpen,
+        Self::LinkedChainTooLong,
+        Self::LinkedChainPartlyExists,
         Self::ExistsWithDifferentKind,
         Self::ExistsWithDifferentDebitAccount,
         Self::ExistsWithDifferentCreditAccount,

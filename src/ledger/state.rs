@@ -13,6 +13,7 @@ use super::model::{
 };
 use super::storage::StorageError;
 
+mod chain;
 mod checkpoint;
 mod durable;
 mod rows;
@@ -363,6 +364,8 @@ pub(crate) struct State {
     /// What the record being decided or written changed, hidden from reads until it is
     /// durable (`state/durable.rs`); `None` between records and at replay.
     in_flight: Option<durable::InFlight>,
+    /// While a linked chain is being decided: what it changed, as it was (`state/chain.rs`).
+    chain: Option<chain::ChainUndo>,
 }
 
 /// Most history entries read from disk at once (a page is at most
@@ -483,6 +486,7 @@ impl State {
             track_touched: false,
             apply_read_error: None,
             in_flight: None,
+            chain: None,
         }
     }
 
@@ -1149,6 +1153,10 @@ impl State {
         events: &mut Vec<Event>,
     ) -> OpResult {
         debug_assert!(error.transient(), "only transient failures are recorded");
+        if self.chain.is_some() {
+            // A chain that fails leaves nothing behind (`state/chain.rs`).
+            return Err(error);
+        }
         self.emit(Event::TransferFailed { id, body, error }, now_ms, events);
         Err(error)
     }
@@ -1174,6 +1182,7 @@ impl State {
 
     /// Applies a freshly decided event: an error here is a bug in `decide`, so crash.
     fn emit(&mut self, event: Event, now_ms: u64, events: &mut Vec<Event>) {
+        self.note_chain(&event);
         self.note_in_flight(&event);
         if let Err(reason) = self.apply(&event, now_ms) {
             // A storage error here too: the decision pinned every row its events need.
@@ -1304,7 +1313,8 @@ impl State {
                 break;
             }
             self.failed_order.pop_front();
-            self.failed.remove(&id);
+            let rec = self.failed.remove(&id);
+            self.note_forgotten(failed_ms, id, rec);
         }
         if self.failed.capacity() > 1_024 && self.failed.len() < self.failed.capacity() / 4 {
             self.failed.shrink_to(self.failed.len() * 2);
@@ -1623,7 +1633,12 @@ impl State {
             .map(|list| list.iter().copied().take(limit).collect())
             .unwrap_or_default();
         found.extend(self.transfers.disk_by_reference(reference, limit)?);
-        found.retain(|&idx| idx < end);
+        let len = self.transfers.len() as TransferIdx;
+        debug_assert!(
+            found.iter().all(|&idx| idx < len),
+            "a reference entry names no transfer (a linked chain undone without its entries?)"
+        );
+        found.retain(|&idx| idx < end.min(len));
         found.sort_unstable();
         found.dedup();
         let mut page = Vec::with_capacity(found.len().min(limit));

@@ -3883,5 +3883,6 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
 
 mod batch;
 mod history;
+mod linked;
 mod query;
 mod reads;

@@ -56,6 +56,10 @@ pub(crate) enum Command {
 /// The changes of a [`Command::Ops`] not decided yet, and the results of those that were.
 pub(crate) struct OpsInFlight {
     ops: std::vec::IntoIter<Op>,
+    /// By position in the call: whether the change is linked to the next (a linked chain,
+    /// see `state/chain.rs`). Empty when the call has no chain. Every chain is closed and at
+    /// most `batch_commands_max` long (`Ledger::batch_linked` answers the others itself).
+    links: Vec<bool>,
     results: Vec<Result<OpResult, StorageError>>,
     reply: oneshot::Sender<Result<Vec<Result<OpResult, StorageError>>, LedgerError>>,
 }
@@ -67,10 +71,39 @@ pub(crate) type OpsReply =
 
 impl OpsInFlight {
     pub fn new(ops: Vec<Op>, reply: OpsReply) -> Self {
+        Self::linked(ops, Vec::new(), reply)
+    }
+
+    /// A call whose change at position `i` is linked to the next when `links[i]`.
+    pub fn linked(ops: Vec<Op>, links: Vec<bool>, reply: OpsReply) -> Self {
+        assert!(links.is_empty() || links.len() == ops.len());
+        assert!(
+            !links.last().is_some_and(|&l| l),
+            "a linked chain left open"
+        );
         Self {
             results: Vec::with_capacity(ops.len()),
             ops: ops.into_iter(),
+            links,
             reply,
+        }
+    }
+
+    /// How many changes the next decision takes: the whole chain that starts at the next
+    /// change, 1 for a change on its own, 0 when all were decided.
+    fn next_unit(&self) -> usize {
+        let at = self.results.len();
+        if self.ops.len() == 0 {
+            return 0;
+        }
+        match self.links.get(at..) {
+            Some(rest) if !rest.is_empty() => {
+                rest.iter()
+                    .position(|&linked| !linked)
+                    .expect("chains are closed")
+                    + 1
+            }
+            _ => 1,
         }
     }
 }
@@ -359,6 +392,16 @@ impl Writer {
             decided >= batch_commands_max
                 || record.bytes() + COMMAND_BYTES_MAX > RECORD_BYTES_TARGET
         };
+        // Whether `changes` more fit in this record, at their worst case as above. A linked
+        // chain is never split across records (a power cut between them would keep half of
+        // it): one that does not fit waits for the next record, where it comes first and is
+        // taken whatever the expiries before it weigh (it is at most `batch_commands_max`
+        // changes, and `LINKED_CHAIN_OPS_MAX` at 4 KiB each is one record's target).
+        let fits = |changes: usize, decided: usize, record: &RecordBuilder| {
+            decided == 0
+                || (decided + changes <= batch_commands_max
+                    && record.bytes() + changes * COMMAND_BYTES_MAX <= RECORD_BYTES_TARGET)
+        };
         let mut next = match self.ops_carried.take() {
             Some(call) => Some(Command::Ops(call)),
             None => self.take_held().or(first),
@@ -371,11 +414,26 @@ impl Writer {
                     decided += 1;
                 }
                 Command::Ops(mut call) => {
-                    while !full(decided, record) {
-                        let Some(op) = call.ops.next() else { break };
-                        call.results
-                            .push(self.state.decide(op, now_ms, &mut events));
-                        decided += 1;
+                    loop {
+                        let unit = call.next_unit();
+                        if unit == 0 || full(decided, record) || !fits(unit, decided, record) {
+                            break;
+                        }
+                        if unit == 1 {
+                            let op = call.ops.next().expect("counted by next_unit");
+                            call.results
+                                .push(self.state.decide(op, now_ms, &mut events));
+                        } else {
+                            // What was decided before goes into the record first: a chain
+                            // that fails takes back its own events only.
+                            for event in events.drain(..) {
+                                record.push(&event);
+                            }
+                            let ops = call.ops.by_ref().take(unit);
+                            let results = self.state.decide_chain(ops, now_ms, &mut events);
+                            call.results.extend(results);
+                        }
+                        decided += unit;
                         for event in events.drain(..) {
                             record.push(&event);
                         }

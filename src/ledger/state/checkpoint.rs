@@ -37,13 +37,15 @@ use crate::ledger::model::{Balances, TransferError, TransferId, TransferKind, Tr
 use crate::ledger::storage::{RowEntry, Storage, StorageError, TransferRow};
 
 const MAGIC: &[u8; 8] = b"mxpay-cp";
-/// 5: no account histories (those of the transfers on disk are lists beside their rows,
+/// 6: id filters of 32 bits per id whose bits for an id all lie in one 64-byte block (a
+/// version 5 filter read as version 6 could say "not on disk" for an id that is); 5: no
+/// account histories (those of the transfers on disk are lists beside their rows,
 /// the others are rebuilt from the held transfers); 4: id filters of 24 bits and 10 probes
 /// per id (a filter's probes differ from version 3's, so a version 3 filter read as
 /// version 4 could say "not on disk" for an id that is); 3: daily windows by minute,
 /// recorded failures with their time (issue 15, memory flat in history); 2 held each debit
 /// of the last 24 h; 1 held every transfer.
-pub(crate) const VERSION: u8 = 5;
+pub(crate) const VERSION: u8 = 6;
 /// The format written before issue 15: the whole state, every transfer included.
 pub(crate) const VERSION_FULL_STATE: u8 = 1;
 /// The format with exact daily windows (a debit of the last 24 h each).
@@ -54,14 +56,17 @@ pub(crate) const VERSION_SPARSE_FILTERS: u8 = 3;
 /// have no history lists: the full replay after it and the first spill, which writes every
 /// ended transfer again with its lists, make the history whole on disk again.
 pub(crate) const VERSION_HISTORIES: u8 = 4;
+/// The format with id filters whose 10 probes an id spreads over the whole filter.
+pub(crate) const VERSION_SCATTERED_FILTERS: u8 = 5;
 /// Formats written by earlier versions and no longer decoded: open replays the whole journal
 /// instead (and writes the current format soon after); `verify` reports them as old format,
 /// not compared.
-pub(crate) const VERSIONS_OLD: [u8; 4] = [
+pub(crate) const VERSIONS_OLD: [u8; 5] = [
     VERSION_FULL_STATE,
     VERSION_EXACT_WINDOWS,
     VERSION_SPARSE_FILTERS,
     VERSION_HISTORIES,
+    VERSION_SCATTERED_FILTERS,
 ];
 
 /// A decoded checkpoint: the state and the journal record it stands for.

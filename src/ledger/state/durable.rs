@@ -126,6 +126,15 @@ impl State {
         }
     }
 
+    /// A linked chain that ended transfer `id` was undone: it is pending again, and no
+    /// longer among what the record ended. (What the chain kept of refund figures stays: it
+    /// holds the durable figures, which the undo put back.)
+    pub(super) fn forget_ended_in_flight(&mut self, id: TransferId) {
+        if let Some(f) = self.in_flight.as_mut() {
+            f.ended.remove(&id);
+        }
+    }
+
     fn mark_incomplete(&mut self) {
         if let Some(f) = self.in_flight.as_mut() {
             f.incomplete = true;

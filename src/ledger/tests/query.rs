@@ -582,3 +582,51 @@ fn verify_catches_a_reference_index_on_disk_that_is_not_the_journals() {
     let error = verify_dir(dir.path()).unwrap_err().to_string();
     assert!(error.contains("reference index"), "{error}");
 }
+
+/// Issue 15 (history by reference) with linked chains: a chain that fails takes its
+/// transfers back, and their references with them; the transfer that then takes the same
+/// index is found by its own reference, once, and the undone one by none.
+#[test]
+fn a_failed_linked_chain_leaves_no_reference_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let storage = Counting::open(dir.path());
+    let ledger = open_counting(&storage, &clock);
+    let (alice, bob) = (user("alice"), user("bob"));
+    let funds = TransferRequest {
+        id: TransferId(1),
+        debit: Owner::Issuer,
+        credit: alice.clone(),
+        amount: eur(&ledger, "5.00"),
+        memo: Vec::new(),
+        reference: 0,
+    };
+    ledger.create_transfer(funds).unwrap();
+    let too_much = TransferRequest {
+        amount: eur(&ledger, "50.00"),
+        ..referenced(&ledger, 3, &alice, &bob, 8)
+    };
+    let results = ledger
+        .batch_linked(vec![
+            BatchEntry {
+                op: BatchOp::Create(referenced(&ledger, 2, &alice, &bob, 7)),
+                linked: true,
+            },
+            BatchOp::Create(too_much).into(),
+        ])
+        .unwrap();
+    assert!(results.iter().all(|r| r.is_err()));
+    // Nothing holds the undone transfers' index now: a stale entry would be read there.
+    assert!(ledger.transfers_by_reference(7, 10).unwrap().is_empty());
+    assert!(ledger.transfers_by_reference(8, 10).unwrap().is_empty());
+    ledger
+        .create_transfer(referenced(&ledger, 4, &Owner::Issuer, &bob, 9))
+        .unwrap();
+    assert_eq!(ids(&ledger.transfers_by_reference(9, 10).unwrap()), [4]);
+    assert!(ledger.transfers_by_reference(7, 10).unwrap().is_empty());
+    ledger
+        .create_transfer(referenced(&ledger, 5, &bob, &alice, 7))
+        .unwrap();
+    assert_eq!(ids(&ledger.transfers_by_reference(7, 10).unwrap()), [5]);
+    ledger.verify_with_memory().unwrap();
+}
