@@ -306,6 +306,7 @@ mod tests {
     async fn transfer(ledger: &Ledger, id: u128) {
         ledger
             .create_transfer(TransferRequest {
+                reference: 0,
                 id: TransferId(id),
                 debit: Owner::Issuer,
                 credit: Owner::user("@a:hs"),

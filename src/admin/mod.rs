@@ -187,6 +187,7 @@ fn is_idempotency_conflict(e: TransferError) -> bool {
             | E::ExistsWithDifferentTimeout
             | E::ExistsWithDifferentMemo
             | E::ExistsWithDifferentOriginal
+            | E::ExistsWithDifferentReference
     )
 }
 

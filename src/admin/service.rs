@@ -469,6 +469,7 @@ impl AdminState {
         let transfer = self
             .ledger
             .create_transfer(TransferRequest {
+                reference: 0,
                 id: api_topup_id(&request.idempotency_key),
                 debit: Owner::Issuer,
                 credit: user_owner(&user),
@@ -537,6 +538,7 @@ impl AdminState {
                 let transfer = self
                     .ledger
                     .create_transfer(TransferRequest {
+                        reference: 0,
                         id: provider_topup_id(provider, &event_id),
                         debit: Owner::Issuer,
                         credit: user_owner(&user),

@@ -183,6 +183,7 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
         move |i| {
             let ledger = ledger.clone();
             let request = TransferRequest {
+                reference: 0,
                 id: TransferId(1 + i as u128),
                 debit: Owner::Issuer,
                 credit: user(i),
@@ -214,6 +215,7 @@ fn run_in(dir: &Path, p: &LedgerBench) -> super::anyhow_like::Result {
     let mut single = Vec::with_capacity(p.single);
     for i in 0..p.single {
         let request = TransferRequest {
+            reference: 0,
             id: TransferId(SINGLE_ID_BASE + i as u128),
             debit: user(i % accounts),
             credit: user((i + 1) % accounts),
@@ -384,6 +386,7 @@ fn batched_plain(
     let request = move |i: usize| {
         let (from, to) = pair(i, accounts);
         TransferRequest {
+            reference: 0,
             id: TransferId(PLAIN_ID_BASE + i as u128),
             debit: user(from),
             credit: user(to),
@@ -512,6 +515,7 @@ fn batched_realistic(
             let memo = realistic_memo(i);
             async move {
                 let request = TransferRequest {
+                    reference: 0,
                     id,
                     debit: user(from),
                     credit: user(to),
@@ -547,6 +551,7 @@ fn batched_realistic(
                 let request = ledger
                     .amount_from_minor(realistic_amount_minor(i), "EUR")
                     .map(|amount| TransferRequest {
+                        reference: 0,
                         id,
                         debit: user(from),
                         credit: user(to),

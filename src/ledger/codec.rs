@@ -246,6 +246,10 @@ pub(crate) fn put_freeze(out: &mut Vec<u8>, mode: Option<FreezeMode>) {
     });
 }
 
+/// `TransferCreated` of a transfer with a reference (issue 15): tag 2's fields, then the
+/// reference (u128 LE, never 0).
+const TAG_CREATED_WITH_REFERENCE: u8 = 9;
+
 fn encode_event(out: &mut Vec<u8>, event: &Event) {
     match event {
         Event::AccountOpened { account } => {
@@ -260,14 +264,24 @@ fn encode_event(out: &mut Vec<u8>, event: &Event) {
             amount_minor,
             memo,
             refund_of,
+            reference,
         } => {
-            out.push(2);
+            // Tag 9 is tag 2 followed by the reference: a transfer without one is written
+            // as before the references existed, byte for byte, and old journals replay.
+            out.push(if *reference == 0 {
+                2
+            } else {
+                TAG_CREATED_WITH_REFERENCE
+            });
             out.extend_from_slice(&id.0.to_le_bytes());
             put_kind_linked(out, kind, *refund_of);
             put_varint(out, u128::from(*debit));
             put_varint(out, u128::from(*credit));
             put_varint(out, *amount_minor);
             put_bytes(out, memo);
+            if *reference != 0 {
+                out.extend_from_slice(&reference.to_le_bytes());
+            }
         }
         Event::PendingPosted { id, amount_minor } => {
             out.push(3);
@@ -439,17 +453,27 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
         1 => Event::AccountOpened {
             account: r.account()?,
         },
-        2 => {
+        tag @ (2 | TAG_CREATED_WITH_REFERENCE) => {
             let id = r.id()?;
             let (kind, refund_of) = r.kind_linked()?;
+            let (debit, credit) = (r.varint_u32()?, r.varint_u32()?);
+            let (amount_minor, memo) = (r.varint()?, r.bytes()?);
+            let reference = match tag {
+                2 => 0,
+                _ => match u128::from_le_bytes(r.array()?) {
+                    0 => return Err("a reference of 0 written as a reference".to_owned()),
+                    reference => reference,
+                },
+            };
             Event::TransferCreated {
                 id,
                 kind,
-                debit: r.varint_u32()?,
-                credit: r.varint_u32()?,
-                amount_minor: r.varint()?,
-                memo: r.bytes()?,
+                debit,
+                credit,
+                amount_minor,
+                memo,
                 refund_of,
+                reference,
             }
         }
         3 => Event::PendingPosted {
@@ -484,6 +508,7 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
                     amount_minor: r.varint()?,
                     memo: r.bytes()?,
                     refund_of,
+                    reference: 0,
                 },
             }
         }
@@ -530,6 +555,7 @@ mod tests {
                 amount_minor: 1250,
                 memo: b"room".to_vec(),
                 refund_of: None,
+                reference: 0,
             },
             Event::PendingPosted {
                 id: TransferId(3),
@@ -553,6 +579,7 @@ mod tests {
                     amount_minor: 1,
                     memo: vec![],
                     refund_of: None,
+                    reference: 0,
                 },
             },
             Event::AccountFrozen {
@@ -572,6 +599,47 @@ mod tests {
         assert_eq!(record.time_ms, 1_700_000_000_000);
         assert_eq!(record.events, events);
         assert_eq!(record.hash, hash);
+    }
+
+    /// Issue 15 (history by reference): a transfer's reference is journaled under tag 9 (tag
+    /// 2's fields, then the reference); one without a reference is written under tag 2 as
+    /// before, so a record written before references existed (the golden record) still
+    /// decodes, each transfer with no reference, and so do the journals of older ledgers.
+    #[test]
+    fn a_reference_is_journaled_and_records_from_before_references_still_read() {
+        let old = decode_record(&hex::decode(GOLDEN_RECORD_HEX).unwrap()).unwrap();
+        assert_eq!(old.events, sample_events());
+        assert!(old
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::TransferCreated { reference: 0, .. })));
+
+        let with = |reference: u128| Event::TransferCreated {
+            id: TransferId(5),
+            kind: TransferKind::Pending { timeout_ms: 60_000 },
+            debit: 1,
+            credit: 0,
+            amount_minor: 1250,
+            memo: b"room".to_vec(),
+            refund_of: Some(TransferId(4)),
+            reference,
+        };
+        let (mut plain, mut referenced) = (Vec::new(), Vec::new());
+        encode_event(&mut plain, &with(0));
+        encode_event(&mut referenced, &with(u128::MAX - 1));
+        assert_eq!((plain[0], referenced[0]), (2, TAG_CREATED_WITH_REFERENCE));
+        assert_eq!(referenced[1..referenced.len() - 16], plain[1..]);
+        let (bytes, _) = encode_record(1, &[0u8; HASH_LEN], 5, &[with(7), with(0)]);
+        assert_eq!(decode_record(&bytes).unwrap().events, [with(7), with(0)]);
+        // A reference of 0 under tag 9 is not what the encoder writes: refused.
+        let mut zero = referenced.clone();
+        let at = zero.len() - 16;
+        zero[at..].fill(0);
+        let mut r = Reader {
+            bytes: &zero,
+            pos: 0,
+        };
+        assert!(decode_event(&mut r).is_err());
     }
 
     /// The stored format, byte for byte: a change here is a format change (bump
@@ -633,6 +701,7 @@ mod tests {
                     amount_minor: u128::MAX,
                     memo: vec![0; crate::ledger::MEMO_BYTES_MAX],
                     refund_of: None,
+                    reference: 0,
                 },
             },
         ];

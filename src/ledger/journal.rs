@@ -724,6 +724,8 @@ impl JournalExport {
                 memo,
                 // Not exported yet: `Ledger::transfer(id).refund_of` names it.
                 refund_of: _,
+                // Not exported yet: `Ledger::transfer(id).reference` has it.
+                reference: _,
             } => JournalEntry::TransferCreated {
                 id,
                 kind,
@@ -906,6 +908,7 @@ mod tests {
                     amount_minor: 100,
                     memo: vec![],
                     refund_of: None,
+                    reference: 0,
                 },
                 Event::TransferCreated {
                     id: TransferId(id * 10 + 1),
@@ -915,6 +918,7 @@ mod tests {
                     amount_minor: 40,
                     memo: vec![],
                     refund_of: None,
+                    reference: 0,
                 },
             ]);
         }

@@ -40,8 +40,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use amount::{Amount, AmountError, Currencies, Currency, CurrencyCode};
 pub use journal::{CheckpointCheck, ExportedEntry, JournalEntry, JournalExport, JournalTail};
 pub use model::{
-    AccountId, AccountView, Balances, BatchEntry, BatchOp, CreateResult, FreezeMode, Owner,
-    Transfer, TransferError, TransferId, TransferKind, TransferRequest, TransferState,
+    AccountId, AccountView, Balances, BatchEntry, BatchOp, CreateResult, FreezeMode, HistoryOrder,
+    Owner, Transfer, TransferError, TransferId, TransferKind, TransferRequest, TransferState,
     MEMO_BYTES_MAX, OWNER_BYTES_MAX, PENDING_TIMEOUT_MS_MAX,
 };
 pub use settings::{CurrencySpec, LedgerSettings};
@@ -182,6 +182,62 @@ pub struct HistoryPage {
     pub transfers: Vec<Transfer>,
     /// Pass to the next call for older transfers; `None` at the end.
     pub next: Option<HistoryCursor>,
+}
+
+/// A history query: the transfers touching one owner created within a range of ledger time,
+/// in either order, a page at a time (TigerBeetle's `get_account_transfers` with its
+/// `AccountFilter`: `timestamp_min`/`timestamp_max`, `limit`, `reversed`). Answered without
+/// a scan: ledger time never goes backwards, so the range is a span of transfer indexes
+/// found by two binary searches, and each account's history is read within that span only
+/// (see `docs/ledger.md`, History queries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Transfers created at or after this ledger time (ms since the epoch); 0: no bound.
+    pub created_ms_min: u64,
+    /// Transfers created at or before this ledger time; `u64::MAX`: no bound.
+    pub created_ms_max: u64,
+    /// Newest first (the default) or oldest first.
+    pub order: HistoryOrder,
+    /// Most transfers in the page, at most [`HISTORY_PAGE_MAX`] (larger values are taken as
+    /// it).
+    pub limit: usize,
+    /// The `next` of the previous page of the same query; `None` for the first page.
+    pub cursor: Option<HistoryCursor>,
+}
+
+impl HistoryQuery {
+    /// Every transfer, newest first, `limit` per page.
+    pub fn newest_first(limit: usize) -> Self {
+        Self {
+            created_ms_min: 0,
+            created_ms_max: u64::MAX,
+            order: HistoryOrder::NewestFirst,
+            limit,
+            cursor: None,
+        }
+    }
+
+    /// Every transfer, oldest first, `limit` per page.
+    pub fn oldest_first(limit: usize) -> Self {
+        Self {
+            order: HistoryOrder::OldestFirst,
+            ..Self::newest_first(limit)
+        }
+    }
+
+    /// This query restricted to transfers created within `min_ms..=max_ms` of ledger time.
+    pub fn created_within(self, min_ms: u64, max_ms: u64) -> Self {
+        Self {
+            created_ms_min: min_ms,
+            created_ms_max: max_ms,
+            ..self
+        }
+    }
+
+    /// The same query from `cursor` on (the `next` of its previous page).
+    pub fn after(self, cursor: Option<HistoryCursor>) -> Self {
+        Self { cursor, ..self }
+    }
 }
 
 /// Where a history page ended.
@@ -861,6 +917,51 @@ impl Ledger {
         })
     }
 
+    /// The transfers created with `reference` ([`TransferRequest::reference`], not 0),
+    /// oldest first, at most `limit` (at most [`HISTORY_PAGE_MAX`]), as of the last durable
+    /// record like [`Ledger::transfer`] (TigerBeetle's `query_transfers` by `user_data_128`).
+    /// From an index, never a scan: in memory for the transfers held there, and for those
+    /// on disk a sorted reference index in each segment, searched only where its lowest and
+    /// highest reference span `reference`. Reference 0 (none) finds nothing.
+    pub async fn transfers_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<Transfer>, LedgerError> {
+        let limit = limit.min(HISTORY_PAGE_MAX);
+        Ok(self
+            .read_durable(move |state, _| state.transfers_by_reference(reference, limit))
+            .await??)
+    }
+
+    /// A page of the transfers touching `owner` that `query` selects (a range of ledger
+    /// time, an order, a page size and a cursor), as of the last durable record like
+    /// [`Ledger::transfer`]. Reads no row and no history list outside the time range but
+    /// the few rows of the two binary searches that find it (see [`HistoryQuery`]).
+    pub async fn history_query(
+        &self,
+        owner: &Owner,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, LedgerError> {
+        let owner = owner.clone();
+        let limit = query.limit.min(HISTORY_PAGE_MAX);
+        let (transfers, next) = self
+            .read_durable(move |state, _| {
+                state.history_query(
+                    &owner,
+                    query.created_ms_min..=query.created_ms_max,
+                    query.order,
+                    query.cursor.map(|c| c.0),
+                    limit,
+                )
+            })
+            .await??;
+        Ok(HistoryPage {
+            transfers,
+            next: next.map(HistoryCursor),
+        })
+    }
+
     /// Every transfer still pending, oldest deadline first, as of the last durable record,
     /// like [`Ledger::transfer`].
     pub async fn pending_transfers(&self) -> Result<Vec<Transfer>, LedgerError> {
@@ -1204,6 +1305,24 @@ impl BlockingLedger {
         limit: usize,
     ) -> Result<HistoryPage, LedgerError> {
         block_on(self.0.history(owner, cursor, limit))
+    }
+
+    /// See [`Ledger::transfers_by_reference`].
+    pub fn transfers_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<Transfer>, LedgerError> {
+        block_on(self.0.transfers_by_reference(reference, limit))
+    }
+
+    /// See [`Ledger::history_query`].
+    pub fn history_query(
+        &self,
+        owner: &Owner,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, LedgerError> {
+        block_on(self.0.history_query(owner, query))
     }
 
     /// See [`Ledger::pending_transfers`].

@@ -180,6 +180,17 @@ pub enum TransferState {
     Expired,
 }
 
+/// The order of a history query's transfers (TigerBeetle's `reversed` flag, the other way
+/// round: newest first is the default here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HistoryOrder {
+    /// Newest (highest transfer index, latest `created_ms`) first.
+    #[default]
+    NewestFirst,
+    /// Oldest first.
+    OldestFirst,
+}
+
 /// A transfer as seen by callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transfer {
@@ -203,6 +214,8 @@ pub struct Transfer {
     pub ended_ms: Option<u64>,
     /// For a pending transfer: when it expires unless posted or voided.
     pub deadline_ms: Option<u64>,
+    /// The caller's reference ([`TransferRequest::reference`]); 0: none.
+    pub reference: u128,
     /// Sum of refunds made against this transfer, minor units (single-phase refunds, and
     /// what pending refunds posted).
     pub refunded_minor: u128,
@@ -312,6 +325,11 @@ pub struct TransferRequest {
     pub amount: Amount,
     /// Opaque caller data, at most [`MEMO_BYTES_MAX`] bytes.
     pub memo: Vec<u8>,
+    /// Caller-chosen reference (TigerBeetle's `user_data_128`), e.g. the payment request or
+    /// invoice the transfer settles; 0: none. Journaled with the transfer, not compared on
+    /// retries of a recorded failure (see docs/ledger.md); [`crate::ledger::Ledger::transfers_by_reference`]
+    /// finds the transfers of one from an index.
+    pub reference: u128,
 }
 
 /// Why a transfer, post, void, refund or freeze was refused. A stable enum ordered by
@@ -381,6 +399,9 @@ pub enum TransferError {
     /// The id exists as a refund of another transfer.
     #[error("a transfer with this id exists refunding a different transfer")]
     ExistsWithDifferentOriginal = 26,
+    /// The id exists with another reference ([`TransferRequest::reference`]).
+    #[error("a transfer with this id exists with a different reference")]
+    ExistsWithDifferentReference = 27,
     /// Above the currency's configured `max_transfer`. A limit of the configuration, which
     /// may change between runs: it comes after the `ExistsWithDifferent*` codes, so a retry
     /// of a committed transfer answers the original even after the limit was lowered. (Code 8
@@ -446,7 +467,7 @@ pub enum TransferError {
 
 impl TransferError {
     /// Every code, in precedence order.
-    pub const ALL: [TransferError; 36] = [
+    pub const ALL: [TransferError; 37] = [
         Self::IdMustNotBeZero,
         Self::AccountsMustBeDifferent,
         Self::MemoTooLong,
@@ -465,6 +486,7 @@ impl TransferError {
         Self::ExistsWithDifferentTimeout,
         Self::ExistsWithDifferentMemo,
         Self::ExistsWithDifferentOriginal,
+        Self::ExistsWithDifferentReference,
         Self::ExceedsMaxTransfer,
         Self::PendingTransferNotFound,
         Self::PendingTransferNotPending,

@@ -41,6 +41,8 @@ pub(crate) struct Image {
     row_ids: BTreeMap<u128, u32>,
     /// The accounts' history lists: (account, transfer index), written with the rows.
     listed: BTreeSet<(u32, u32)>,
+    /// (reference, index) of the rows with a reference.
+    referenced: BTreeSet<(u128, u32)>,
 }
 
 /// A write issued and not yet synced.
@@ -135,6 +137,9 @@ fn apply(image: &mut Image, write: Unsynced) {
                 image.row_ids.insert(row.id, row.idx);
                 for account in row.accounts {
                     image.listed.insert((account, row.idx));
+                }
+                if row.reference != 0 {
+                    image.referenced.insert((row.reference, row.idx));
                 }
                 image.rows.insert(row.idx, row.bytes.to_vec());
             }
@@ -301,6 +306,49 @@ impl Storage for PowerCutStorage {
             .collect())
     }
 
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::model::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        if span.start >= span.end {
+            return Ok(Vec::new());
+        }
+        let listed = inner
+            .visible
+            .listed
+            .range((account, span.start)..(account, span.end))
+            .map(|&(_, idx)| idx);
+        Ok(match order {
+            crate::ledger::model::HistoryOrder::NewestFirst => listed.rev().take(limit).collect(),
+            crate::ledger::model::HistoryOrder::OldestFirst => listed.take(limit).collect(),
+        })
+    }
+
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let inner = self.0.lock();
+        if inner.cut {
+            return Err(Inner::dead());
+        }
+        Ok(inner
+            .visible
+            .referenced
+            .range((reference, 0)..=(reference, u32::MAX))
+            .take(limit)
+            .map(|&(_, idx)| idx)
+            .collect())
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         let inner = self.0.lock();
         if inner.cut {
@@ -316,6 +364,9 @@ impl Storage for PowerCutStorage {
         }
         for &(account, idx) in &inner.visible.listed {
             visit(RowEntry::Listed { account, idx });
+        }
+        for &(reference, idx) in &inner.visible.referenced {
+            visit(RowEntry::Referenced { reference, idx });
         }
         Ok(())
     }
@@ -389,6 +440,7 @@ mod tests {
                 pending,
             } => {
                 let request = TransferRequest {
+                    reference: reference_of(*id),
                     id: TransferId(*id),
                     debit: owner(*debit),
                     credit: owner(*credit),
@@ -563,6 +615,49 @@ mod tests {
             assert!(ok, "seed {seed}: acknowledged {op:?} is lost");
         }
         check_histories(&b, ops, seed);
+        check_references(&b, ops, seed);
+    }
+
+    /// The reference of create `id` (none for a fifth of them), so that the references'
+    /// index in memory and in the segments is cut too.
+    fn reference_of(id: u128) -> u128 {
+        id % 5
+    }
+
+    /// Every acknowledged create with a reference is found by it, once, and everything found
+    /// by a reference has it.
+    fn check_references(b: &crate::ledger::BlockingLedger, ops: &[(Op, Outcome)], seed: u64) {
+        for reference in 1..5 {
+            let found = b
+                .transfers_by_reference(reference, crate::ledger::HISTORY_PAGE_MAX)
+                .unwrap();
+            assert!(
+                found.iter().all(|t| t.reference == reference),
+                "seed {seed}: reference {reference} finds another"
+            );
+            let mut ids: Vec<u128> = found.iter().map(|t| t.id.0).collect();
+            ids.sort_unstable();
+            let len = ids.len();
+            ids.dedup();
+            assert_eq!(
+                ids.len(),
+                len,
+                "seed {seed}: reference {reference} finds one twice"
+            );
+            if len == crate::ledger::HISTORY_PAGE_MAX {
+                continue;
+            }
+            for (op, outcome) in ops {
+                if let (Op::Create { id, .. }, Outcome::Ok) = (op, outcome) {
+                    if reference_of(*id) == reference {
+                        assert!(
+                            ids.binary_search(id).is_ok(),
+                            "seed {seed}: acknowledged transfer {id} not found by its reference"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Every acknowledged transfer is in the history of both its owners, read page by page
@@ -778,6 +873,7 @@ mod tests {
                 id: 100 + u128::from(idx),
                 accounts: [idx % 3, 3 + idx % 2],
                 bytes: &idx.to_le_bytes(),
+                reference: 0,
             });
         }
         rows

@@ -5,17 +5,18 @@
 //!
 //! Segment format (integers little-endian):
 //! ```text
-//! "mxpay-rs" | version u8 = 2 | count u32 | accounts u32 |
+//! "mxpay-rs" | version u8 = 3 | count u32 | accounts u32 | refs u32 |
 //! count x (idx u32, offset u64)   sorted by idx (offset into the rows)
 //! count x (id u128, idx u32)      sorted by id
 //! rows (concatenated, in idx order)
 //! accounts x (account u32, start u32, len u32)   sorted by account: where its list is
 //! 2 x count x idx u32             each account's list of the rows touching it, ascending,
 //!                                 in the directory's order (each row is in two lists)
+//! refs x (reference u128, idx u32) the rows with a reference, sorted (the reference index)
 //! blake3 [32] of everything before
 //! ```
 //! Version 1 (before the history lists) has no `accounts` field and no lists; its rows are
-//! still read. A segment is written as `seg-<n>.tmp`, synced, renamed to `seg-<n>` (n counts
+//! still read. Version 2 (before references) has no `refs` field and no reference index. A segment is written as `seg-<n>.tmp`, synced, renamed to `seg-<n>` (n counts
 //! up), and the directory synced: a power cut leaves it whole (rows and lists) or absent.
 //! Lookups binary-search the tables with positioned reads, newest segment first (a row
 //! written again, e.g. once a pending transfer ended, is found in its newest segment); a
@@ -30,17 +31,26 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::RwLock;
 
+use super::model::HistoryOrder;
 use super::state::HashMap;
-use super::storage::{RowEntry, StorageError, TransferRows};
+use super::storage::{RowEntry, StorageError, TransferRow, TransferRows};
 
 const MAGIC: &[u8; 8] = b"mxpay-rs";
-/// 2: each account's list of the rows touching it (issue 15: histories on disk).
-const VERSION: u8 = 2;
+/// 3: the reference index, (reference, idx) of the rows with a reference, after the
+/// lists (issue 15: history by reference).
+const VERSION: u8 = 3;
+/// 2: each account's list of the rows touching it (issue 15: histories on disk); no
+/// reference index (written before references existed: their rows have none).
+const VERSION_LISTS: u8 = 2;
 /// Segments written before the history lists: rows and id index only.
 const VERSION_ROWS_ONLY: u8 = 1;
-/// magic, version, count (both versions); version 2 adds the account count.
+/// magic, version, count (every version); version 2 adds the account count, version 3 the
+/// reference count.
 const HEADER_V1: u64 = 8 + 1 + 4;
-const HEADER: u64 = HEADER_V1 + 4;
+const HEADER_V2: u64 = HEADER_V1 + 4;
+const HEADER: u64 = HEADER_V2 + 4;
+/// An entry of the reference index: reference u128, idx u32.
+const REF_ENTRY: u64 = 16 + 4;
 const IDX_ENTRY: u64 = 4 + 8;
 const ID_ENTRY: u64 = 16 + 4;
 /// An account's entry in a segment's history directory: account, start, len.
@@ -63,6 +73,15 @@ struct Segment {
     accounts: u64,
     /// Where the directory starts (= `rows_end`), and the lists after it.
     lists_start: u64,
+    /// Entries of the reference index (0 before version 3), where it starts, and the
+    /// lowest and highest reference in it (so a reference outside them reads nothing).
+    refs: u64,
+    refs_start: u64,
+    min_ref: u128,
+    max_ref: u128,
+    /// Positioned reads of this segment since it was opened (see
+    /// [`Segments::reads_per_segment`]).
+    reads: std::sync::atomic::AtomicU64,
 }
 
 /// The layout a segment's header announces, checked against its length.
@@ -70,6 +89,7 @@ struct Layout {
     tables: u64,
     count: u64,
     accounts: u64,
+    refs: u64,
     rows_start: u64,
     rows_end: u64,
 }
@@ -82,20 +102,21 @@ impl Layout {
             return None;
         }
         let count = u64::from(u32::from_le_bytes(header[9..13].try_into().expect("4")));
-        let (tables, accounts) = match header[8] {
-            VERSION_ROWS_ONLY => (HEADER_V1, 0),
-            VERSION => (
-                HEADER,
-                u64::from(u32::from_le_bytes(
-                    header.get(13..17)?.try_into().expect("4"),
-                )),
-            ),
+        let u32_at = |at: usize| -> Option<u64> {
+            Some(u64::from(u32::from_le_bytes(
+                header.get(at..at + 4)?.try_into().expect("4"),
+            )))
+        };
+        let (tables, accounts, refs) = match header[8] {
+            VERSION_ROWS_ONLY => (HEADER_V1, 0, 0),
+            VERSION_LISTS => (HEADER_V2, u32_at(13)?, 0),
+            VERSION => (HEADER, u32_at(13)?, u32_at(17)?),
             _ => return None,
         };
-        let lists = if header[8] == VERSION {
-            accounts * DIR_ENTRY + 2 * count * LIST_ENTRY
-        } else {
+        let lists = if header[8] == VERSION_ROWS_ONLY {
             0
+        } else {
+            accounts * DIR_ENTRY + 2 * count * LIST_ENTRY + refs * REF_ENTRY
         };
         let rows_start = tables + count * (IDX_ENTRY + ID_ENTRY);
         if count == 0 || rows_start + lists + 32 > len {
@@ -105,6 +126,7 @@ impl Layout {
             tables,
             count,
             accounts,
+            refs,
             rows_start,
             rows_end: len - 32 - lists,
         })
@@ -127,6 +149,15 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> StorageError {
     StorageError::Backend(format!("transfer rows: {what} {}: {e}", path.display()))
 }
 
+/// How long the header of a segment of `version` is.
+fn header_len(version: u8) -> u64 {
+    match version {
+        VERSION => HEADER,
+        VERSION_LISTS => HEADER_V2,
+        _ => HEADER_V1,
+    }
+}
+
 fn read_at(file: &File, pos: u64, len: usize) -> Result<Vec<u8>, StorageError> {
     let mut bytes = vec![0u8; len];
     file.read_exact_at(&mut bytes, pos)
@@ -142,10 +173,9 @@ impl Segment {
             .map_err(|e| io("cannot stat", path, e))?
             .len();
         let header = read_at(&file, 0, HEADER_V1 as usize)?;
-        let header = if header[8] == VERSION {
-            read_at(&file, 0, HEADER as usize)?
-        } else {
-            header
+        let header = match header_len(header[8]) {
+            HEADER_V1 => header,
+            len => read_at(&file, 0, len as usize)?,
         };
         let layout = Layout::of(&header, len).ok_or_else(|| {
             io(
@@ -164,23 +194,83 @@ impl Segment {
             max_idx: 0,
             accounts: layout.accounts,
             lists_start: layout.rows_end,
+            refs: layout.refs,
+            refs_start: layout.rows_end
+                + layout.accounts * DIR_ENTRY
+                + 2 * layout.count * LIST_ENTRY,
+            min_ref: 0,
+            max_ref: 0,
+            reads: std::sync::atomic::AtomicU64::new(0),
         };
         segment.min_idx = segment.idx_entry(0)?.0;
         segment.max_idx = segment.idx_entry(layout.count - 1)?.0;
+        if segment.refs > 0 {
+            segment.min_ref = segment.ref_entry(0)?.0;
+            segment.max_ref = segment.ref_entry(segment.refs - 1)?.0;
+        }
         Ok(segment)
     }
 
+    /// A positioned read of this segment, counted.
+    fn read(&self, pos: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        read_at(&self.file, pos, len)
+    }
+
     fn idx_entry(&self, i: u64) -> Result<(u32, u64), StorageError> {
-        let b = read_at(&self.file, self.tables + i * IDX_ENTRY, IDX_ENTRY as usize)?;
+        let b = self.read(self.tables + i * IDX_ENTRY, IDX_ENTRY as usize)?;
         Ok((
             u32::from_le_bytes(b[..4].try_into().expect("4")),
             u64::from_le_bytes(b[4..].try_into().expect("8")),
         ))
     }
 
+    fn ref_entry(&self, i: u64) -> Result<(u128, u32), StorageError> {
+        let b = self.read(self.refs_start + i * REF_ENTRY, REF_ENTRY as usize)?;
+        Ok((
+            u128::from_le_bytes(b[..16].try_into().expect("16")),
+            u32::from_le_bytes(b[16..].try_into().expect("4")),
+        ))
+    }
+
+    /// Up to `limit` indexes of this segment's rows with `reference`, lowest first: nothing
+    /// read when it is outside the segment's lowest and highest reference, else a binary
+    /// search of the reference index and one read of at most `limit` entries.
+    fn by_reference(&self, reference: u128, limit: usize) -> Result<Vec<u32>, StorageError> {
+        if self.refs == 0 || limit == 0 || reference < self.min_ref || reference > self.max_ref {
+            return Ok(Vec::new());
+        }
+        let (mut lo, mut hi) = (0, self.refs);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.ref_entry(mid)?.0 < reference {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let take = (self.refs - lo).min(limit as u64);
+        let bytes = self.read(
+            self.refs_start + lo * REF_ENTRY,
+            usize::try_from(take * REF_ENTRY).expect("a page fits in memory"),
+        )?;
+        Ok(bytes
+            .chunks_exact(REF_ENTRY as usize)
+            .map(|b| {
+                (
+                    u128::from_le_bytes(b[..16].try_into().expect("16")),
+                    u32::from_le_bytes(b[16..].try_into().expect("4")),
+                )
+            })
+            .take_while(|&(at, _)| at == reference)
+            .map(|(_, idx)| idx)
+            .collect())
+    }
+
     fn id_entry(&self, i: u64) -> Result<(u128, u32), StorageError> {
         let at = self.tables + self.count * IDX_ENTRY + i * ID_ENTRY;
-        let b = read_at(&self.file, at, ID_ENTRY as usize)?;
+        let b = self.read(at, ID_ENTRY as usize)?;
         Ok((
             u128::from_le_bytes(b[..16].try_into().expect("16")),
             u32::from_le_bytes(b[16..].try_into().expect("4")),
@@ -207,7 +297,7 @@ impl Segment {
                     )));
                 }
                 let len = usize::try_from(end - offset).expect("a row fits in memory");
-                return read_at(&self.file, self.rows_start + offset, len).map(Some);
+                return self.read(self.rows_start + offset, len).map(Some);
             }
             if at < idx {
                 lo = mid + 1;
@@ -238,7 +328,7 @@ impl Segment {
 
 impl Segment {
     fn u32_at(&self, pos: u64) -> Result<u32, StorageError> {
-        let b = read_at(&self.file, pos, 4)?;
+        let b = self.read(pos, 4)?;
         Ok(u32::from_le_bytes(b[..].try_into().expect("4")))
     }
 
@@ -248,11 +338,7 @@ impl Segment {
         let (mut lo, mut hi) = (0, self.accounts);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let b = read_at(
-                &self.file,
-                self.lists_start + mid * DIR_ENTRY,
-                DIR_ENTRY as usize,
-            )?;
+            let b = self.read(self.lists_start + mid * DIR_ENTRY, DIR_ENTRY as usize)?;
             let at = u32::from_le_bytes(b[..4].try_into().expect("4"));
             if at == account {
                 let start = u64::from(u32::from_le_bytes(b[4..8].try_into().expect("4")));
@@ -273,10 +359,27 @@ impl Segment {
         Ok(None)
     }
 
-    /// Up to `limit` entries of the history list of `account` below `before`, newest first:
-    /// a binary search of the list for `before`, then one read of at most `limit` entries.
-    fn history(&self, account: u32, before: u32, limit: usize) -> Result<Vec<u32>, StorageError> {
-        if self.accounts == 0 || limit == 0 || self.min_idx >= before {
+    /// Up to `limit` entries of the history list of `account` in `from..before`, newest
+    /// first or oldest first: two binary searches of the list (none for a bound the
+    /// segment's rows are all on one side of), then one read of at most `limit` entries. A
+    /// segment whose rows all lie outside `from..before` is not read at all.
+    fn history(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let std::ops::Range {
+            start: from,
+            end: before,
+        } = span;
+        if self.accounts == 0
+            || limit == 0
+            || from >= before
+            || self.min_idx >= before
+            || self.max_idx < from
+        {
             return Ok(Vec::new());
         }
         let Some((start, len)) = self.list_of(account)? else {
@@ -284,32 +387,42 @@ impl Segment {
         };
         let entries = self.lists_start + self.accounts * DIR_ENTRY;
         let at = |i: u64| entries + (start + i) * LIST_ENTRY;
-        // How many entries are below `before` (the list is ascending).
-        let below = if self.max_idx < before {
-            len
-        } else {
+        // How many entries are below `bound` (the list is ascending).
+        let below = |bound: u32| -> Result<u64, StorageError> {
+            if self.max_idx < bound {
+                return Ok(len);
+            }
+            if self.min_idx >= bound {
+                return Ok(0);
+            }
             let (mut lo, mut hi) = (0, len);
             while lo < hi {
                 let mid = lo + (hi - lo) / 2;
-                if self.u32_at(at(mid))? < before {
+                if self.u32_at(at(mid))? < bound {
                     lo = mid + 1;
                 } else {
                     hi = mid;
                 }
             }
-            lo
+            Ok(lo)
         };
-        let take = below.min(limit as u64);
-        let bytes = read_at(
-            &self.file,
-            at(below - take),
+        let (first, end) = (below(from)?, below(before)?);
+        let take = (end - first.min(end)).min(limit as u64);
+        let read_from = match order {
+            HistoryOrder::NewestFirst => end - take,
+            HistoryOrder::OldestFirst => first,
+        };
+        let bytes = self.read(
+            at(read_from),
             usize::try_from(take * LIST_ENTRY).expect("a page fits in memory"),
         )?;
-        Ok(bytes
+        let listed = bytes
             .chunks_exact(LIST_ENTRY as usize)
-            .rev()
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
-            .collect())
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")));
+        Ok(match order {
+            HistoryOrder::NewestFirst => listed.rev().collect(),
+            HistoryOrder::OldestFirst => listed.collect(),
+        })
     }
 }
 
@@ -420,11 +533,15 @@ fn write_segment(
         cursors.insert(*account, start);
         start += *n;
     }
+    let references = reference_index((0..count).map(row));
+    let references_u32 = u32::try_from(references.len())
+        .map_err(|_| StorageError::Backend("too many references in one segment".into()))?;
     out.put(MAGIC).map_err(write)?;
     out.put(&[VERSION]).map_err(write)?;
     out.put(&count_u32.to_le_bytes()).map_err(write)?;
     out.put(&(directory.len() as u32).to_le_bytes())
         .map_err(write)?;
+    out.put(&references_u32.to_le_bytes()).map_err(write)?;
     let mut offset = 0u64;
     for i in 0..count {
         let r = row(i);
@@ -468,7 +585,22 @@ fn write_segment(
     for idx in lists {
         out.put(&idx.to_le_bytes()).map_err(write)?;
     }
+    for (reference, idx) in &references {
+        out.put(&reference.to_le_bytes()).map_err(write)?;
+        out.put(&idx.to_le_bytes()).map_err(write)?;
+    }
     Ok(())
+}
+
+/// The reference index of a segment's rows: (reference, idx) of each row with a
+/// reference, sorted.
+fn reference_index<'a>(rows: impl Iterator<Item = TransferRow<'a>>) -> Vec<(u128, u32)> {
+    let mut references: Vec<(u128, u32)> = rows
+        .filter(|r| r.reference != 0)
+        .map(|r| (r.reference, r.idx))
+        .collect();
+    references.sort_unstable();
+    references
 }
 
 /// Buffer of a segment scan: large reads, one segment at a time.
@@ -496,11 +628,9 @@ fn scan_segment(path: &Path, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), 
     };
     let mut header = vec![0u8; HEADER_V1 as usize];
     r.fill(path, &mut header)?;
-    if header[8] == VERSION {
-        let mut accounts = [0u8; 4];
-        r.fill(path, &mut accounts)?;
-        header.extend_from_slice(&accounts);
-    }
+    let mut rest = vec![0u8; (header_len(header[8]) - HEADER_V1) as usize];
+    r.fill(path, &mut rest)?;
+    header.extend_from_slice(&rest);
     let layout = Layout::of(&header, len).ok_or_else(|| invalid("not a whole segment"))?;
     let count = layout.count;
     let rows_len = layout.rows_end - layout.rows_start;
@@ -596,6 +726,24 @@ fn scan_segment(path: &Path, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), 
             visit(RowEntry::Listed { account, idx });
         }
     }
+    // The reference index: sorted, each entry naming a row of this segment.
+    let mut entry = [0u8; REF_ENTRY as usize];
+    let mut before: Option<(u128, u32)> = None;
+    for _ in 0..layout.refs {
+        r.fill(path, &mut entry)?;
+        let reference = u128::from_le_bytes(entry[..16].try_into().expect("16"));
+        let idx = u32::from_le_bytes(entry[16..].try_into().expect("4"));
+        if reference == 0
+            || before.is_some_and(|b| (reference, idx) <= b)
+            || by_idx.binary_search_by_key(&idx, |&(at, _)| at).is_err()
+        {
+            return Err(invalid(
+                "the reference index out of order or naming another row",
+            ));
+        }
+        before = Some((reference, idx));
+        visit(RowEntry::Referenced { reference, idx });
+    }
     let mut hash = [0u8; 32];
     std::io::Read::read_exact(&mut r.file, &mut hash).map_err(|e| io("cannot read", path, e))?;
     if r.hasher.finalize().as_bytes() != &hash {
@@ -684,11 +832,63 @@ impl Segments {
         before: u32,
         limit: usize,
     ) -> Result<Vec<u32>, StorageError> {
+        self.history_range(account, 0..before, HistoryOrder::NewestFirst, limit)
+    }
+
+    /// Up to `limit` entries of the history of `account` in `span`, in `order`, each once,
+    /// from every segment (see [`super::storage::Storage::account_history_range`]): at most
+    /// `limit` entries read from each, nothing from a segment whose rows are all outside
+    /// `span`.
+    pub fn history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
         let mut found = Vec::new();
         for (_, segment) in self.segments.read().iter() {
-            found.extend(segment.history(account, before, limit)?);
+            found.extend(segment.history(account, span.clone(), order, limit)?);
         }
-        found.sort_unstable_by(|a, b| b.cmp(a));
+        match order {
+            HistoryOrder::NewestFirst => found.sort_unstable_by(|a, b| b.cmp(a)),
+            HistoryOrder::OldestFirst => found.sort_unstable(),
+        }
+        found.dedup();
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    /// The highest transfer index of each segment, oldest segment first (from memory).
+    pub fn max_indexes(&self) -> Vec<u32> {
+        self.segments
+            .read()
+            .iter()
+            .map(|(_, s)| s.max_idx)
+            .collect()
+    }
+
+    /// Positioned reads made so far by each segment's lookups and history reads, oldest
+    /// segment first (tests show which segments a query read).
+    #[cfg(test)]
+    pub fn reads_per_segment(&self) -> Vec<u64> {
+        self.segments
+            .read()
+            .iter()
+            .map(|(_, s)| s.reads.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Up to `limit` indexes of the rows with `reference`, lowest first, each once, from
+    /// every segment (see [`super::storage::Storage::transfer_rows_by_reference`]): nothing
+    /// read of a segment whose references do not span it, at most `limit` entries of
+    /// another.
+    pub fn by_reference(&self, reference: u128, limit: usize) -> Result<Vec<u32>, StorageError> {
+        let mut found = Vec::new();
+        for (_, segment) in self.segments.read().iter() {
+            found.extend(segment.by_reference(reference, limit)?);
+        }
+        found.sort_unstable();
         found.dedup();
         found.truncate(limit);
         Ok(found)
@@ -738,8 +938,6 @@ pub(crate) fn rewrite_as_version_1(ledger_dir: &Path) {
 mod tests {
     use super::*;
 
-    use crate::ledger::storage::TransferRow;
-
     fn row_bytes(idx: u32) -> Vec<u8> {
         vec![idx as u8; 1 + idx as usize % 5]
     }
@@ -753,6 +951,7 @@ mod tests {
                 id: 1_000 + u128::from(idx),
                 accounts,
                 bytes: &row_bytes(idx),
+                reference: 0,
             });
         }
         rows
@@ -828,17 +1027,19 @@ mod tests {
                 id: 1_000 + u128::from(idx),
                 accounts,
                 bytes,
+                reference: 0,
             })
             .collect();
         segments.put(&rows).unwrap();
         let mut expected = b"mxpay-rs".to_vec();
-        expected.push(2);
+        expected.push(VERSION);
         let u32s = |out: &mut Vec<u8>, values: &[u32]| {
             for v in values {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         };
-        u32s(&mut expected, &[3, 3]);
+        // Three rows, three accounts, no references.
+        u32s(&mut expected, &[3, 3, 0]);
         for (idx, offset) in [(0u32, 0u64), (2, 1), (5, 3)] {
             u32s(&mut expected, &[idx]);
             expected.extend_from_slice(&offset.to_le_bytes());
@@ -888,6 +1089,7 @@ mod tests {
                 id: u128::from(idx) << 64 | 7,
                 accounts: [idx % 10, 10 + idx % 3],
                 bytes: &bytes_of(idx),
+                reference: 0,
             });
         }
         segments.put(&in_order).unwrap();
@@ -898,6 +1100,7 @@ mod tests {
                 id: u128::from(idx) << 64 | 7,
                 accounts: [idx % 10, 10 + idx % 3],
                 bytes: &bytes_of(idx),
+                reference: 0,
             });
         }
         segments.put(&shuffled).unwrap();
@@ -931,6 +1134,63 @@ mod tests {
         let segments = Segments::open(dir.path()).unwrap();
         let error = segments.scan(&mut |_| {}).unwrap_err().to_string();
         assert!(error.contains("segment hash does not match"), "{error}");
+    }
+
+    /// History queries by time range: a span of indexes read in either order, at most
+    /// `limit`, each once across segments; a segment whose rows all lie outside the span is
+    /// not read at all (its read counter stays put), one whose rows straddle it is.
+    #[test]
+    fn history_ranges_read_only_the_segments_they_reach_in_either_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        for run in 0..3u32 {
+            segments
+                .put(&rows(
+                    (run * 10..run * 10 + 10).map(|i| (i, [7, 3 + 2 * (i % 2)])),
+                ))
+                .unwrap();
+        }
+        let before = segments.reads_per_segment();
+        let newest = segments
+            .history_range(7, 12..18, HistoryOrder::NewestFirst, 100)
+            .unwrap();
+        assert_eq!(newest, (12..18).rev().collect::<Vec<u32>>());
+        let oldest = segments
+            .history_range(7, 12..18, HistoryOrder::OldestFirst, 4)
+            .unwrap();
+        assert_eq!(oldest, vec![12, 13, 14, 15]);
+        let after = segments.reads_per_segment();
+        assert_eq!(after[0], before[0], "the first segment is below the span");
+        assert_eq!(after[2], before[2], "the third segment is above it");
+        assert!(after[1] > before[1]);
+        // Across segments, both orders (account 3 is in the rows of even index).
+        assert_eq!(
+            segments
+                .history_range(3, 7..25, HistoryOrder::OldestFirst, 100)
+                .unwrap(),
+            vec![8, 10, 12, 14, 16, 18, 20, 22, 24]
+        );
+        assert_eq!(
+            segments
+                .history_range(3, 7..25, HistoryOrder::NewestFirst, 3)
+                .unwrap(),
+            vec![24, 22, 20]
+        );
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = 18..12;
+        assert!(segments
+            .history_range(7, empty, HistoryOrder::OldestFirst, 10)
+            .unwrap()
+            .is_empty());
+        // A row written again by a later segment (an ended pending transfer) is listed once.
+        segments.put(&rows([(13, [7, 5])])).unwrap();
+        assert_eq!(
+            segments
+                .history_range(7, 12..15, HistoryOrder::OldestFirst, 100)
+                .unwrap(),
+            vec![12, 13, 14]
+        );
+        assert_eq!(segments.history(7, 15, 3).unwrap(), vec![14, 13, 12]);
     }
 
     /// A flipped byte in the history part of a segment is caught by the scan (its hash).

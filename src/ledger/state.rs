@@ -7,8 +7,8 @@ use std::collections::{BTreeSet, VecDeque};
 
 use super::amount::{Amount, Currencies, CurrencyCode};
 use super::model::{
-    AccountId, AccountView, Balances, FreezeMode, Owner, Transfer, TransferError, TransferId,
-    TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
+    AccountId, AccountView, Balances, FreezeMode, HistoryOrder, Owner, Transfer, TransferError,
+    TransferId, TransferKind, TransferRequest, TransferState, MEMO_BYTES_MAX, OWNER_BYTES_MAX,
     PENDING_TIMEOUT_MS_MAX,
 };
 use super::storage::StorageError;
@@ -74,6 +74,8 @@ pub(crate) enum Event {
         /// For a pending refund: the transfer it refunds (a single-phase refund names it in
         /// its kind, `TransferKind::Refund`); `None` otherwise.
         refund_of: Option<TransferId>,
+        /// The caller's reference; 0: none.
+        reference: u128,
     },
     /// A pending transfer was posted, for `amount_minor` (at most the reserved amount).
     PendingPosted { id: TransferId, amount_minor: u128 },
@@ -107,6 +109,9 @@ pub(crate) struct Body {
     pub memo: Vec<u8>,
     /// For a pending refund, the transfer it refunds (single-phase refunds: in `kind`).
     pub refund_of: Option<TransferId>,
+    /// The caller's reference; 0: none. Not in the fingerprint (a recorded failure does not
+    /// keep it): compared only with a transfer that exists.
+    pub reference: u128,
 }
 
 impl Body {
@@ -279,6 +284,8 @@ struct TransferRec {
     memo: Box<[u8]>,
     created_ms: u64,
     ended_ms: Option<u64>,
+    /// The caller's reference; 0: none.
+    reference: u128,
 }
 
 impl TransferRec {
@@ -365,23 +372,25 @@ pub(crate) struct State {
 /// [`super::HISTORY_PAGE_MAX`]).
 const HISTORY_FETCH_MAX: usize = 4_096;
 
-/// One list a history walk merges ([`State::walk_history`]), read newest first: an
+/// One list a history walk merges ([`State::walk_history`]), read in the walk's order: an
 /// account's entries in memory, or its lists on disk, read `fetch` entries at a time.
 enum HistoryList<'a> {
     Memory {
         account: AccountIdx,
         list: &'a [TransferIdx],
-        /// Entries `..end` are still to come.
+        /// Entries `start..end` are still to come.
+        start: usize,
         end: usize,
     },
     Disk {
         account: AccountIdx,
-        /// The entries read last, newest first, and the next one to come.
+        /// The entries read last, in the walk's order, and the next one to come.
         read: Vec<TransferIdx>,
         pos: usize,
-        /// The next read is of entries below this.
-        below: TransferIdx,
-        /// Nothing more below `below`.
+        /// The next read is of entries in this span (it shrinks from the end newest first,
+        /// from the start oldest first).
+        span: std::ops::Range<TransferIdx>,
+        /// Nothing more in `span`.
         done: bool,
     },
 }
@@ -393,27 +402,36 @@ impl HistoryList<'_> {
         }
     }
 
-    /// The newest entry still to come, reading the next ones from disk when needed.
+    /// The next entry to come in `order`, reading the next ones from disk when needed.
     fn peek(
         &mut self,
         transfers: &rows::Transfers,
+        order: HistoryOrder,
         fetch: usize,
     ) -> Result<Option<TransferIdx>, StorageError> {
         match self {
-            Self::Memory { list, end, .. } => Ok(end.checked_sub(1).map(|i| list[i])),
+            Self::Memory {
+                list, start, end, ..
+            } => Ok((*start < *end).then(|| match order {
+                HistoryOrder::NewestFirst => list[*end - 1],
+                HistoryOrder::OldestFirst => list[*start],
+            })),
             Self::Disk {
                 account,
                 read,
                 pos,
-                below,
+                span,
                 done,
             } => {
                 if *pos == read.len() && !*done {
-                    *read = transfers.disk_history(*account, *below, fetch)?;
+                    *read = transfers.disk_history_range(*account, span.clone(), order, fetch)?;
                     *pos = 0;
                     *done = read.len() < fetch;
-                    if let Some(&oldest) = read.last() {
-                        *below = oldest;
+                    if let Some(&last) = read.last() {
+                        match order {
+                            HistoryOrder::NewestFirst => span.end = last,
+                            HistoryOrder::OldestFirst => span.start = last.saturating_add(1),
+                        }
                     }
                 }
                 Ok(read.get(*pos).copied())
@@ -421,10 +439,11 @@ impl HistoryList<'_> {
         }
     }
 
-    fn advance(&mut self) {
-        match self {
-            Self::Memory { end, .. } => *end -= 1,
-            Self::Disk { pos, .. } => *pos += 1,
+    fn advance(&mut self, order: HistoryOrder) {
+        match (self, order) {
+            (Self::Memory { end, .. }, HistoryOrder::NewestFirst) => *end -= 1,
+            (Self::Memory { start, .. }, HistoryOrder::OldestFirst) => *start += 1,
+            (Self::Disk { pos, .. }, _) => *pos += 1,
         }
     }
 }
@@ -712,6 +731,7 @@ impl State {
             amount_minor,
             memo: request.memo,
             refund_of: pending_refund_of,
+            reference: request.reference,
         };
         // The body owns the accounts (no copy of their owners for each create).
         let (Some(debit), Some(credit)) = (&body.debit, &body.credit) else {
@@ -768,6 +788,7 @@ impl State {
                 amount_minor,
                 memo: body.memo,
                 refund_of: None,
+                reference: body.reference,
             },
             now_ms,
             events,
@@ -852,6 +873,7 @@ impl State {
                 amount_minor,
                 memo: body.memo,
                 refund_of: body.refund_of,
+                reference: body.reference,
             },
             now_ms,
             events,
@@ -888,6 +910,7 @@ impl State {
             amount_minor: amount.minor(),
             memo,
             refund_of: None,
+            reference: 0,
         };
         if let Some(answer) = self.existing(id, found.id, &body, now_ms) {
             return answer;
@@ -1082,6 +1105,7 @@ impl State {
         // The request's fingerprint only when the id is taken: a new id (nearly every create)
         // should cost one lookup, not a digest of the whole body.
         if let Some(idx) = found {
+            let request_reference = request.reference;
             let request = request.fingerprint();
             let t = self.transfers.get(idx);
             let stored = Body {
@@ -1095,13 +1119,14 @@ impl State {
                     .pending_refund_of
                     .get(&idx)
                     .map(|&o| self.transfers.get(o).id),
+                reference: t.reference,
             };
-            return Some(
-                stored
-                    .fingerprint()
-                    .compare(&request)
-                    .and_then(|()| self.answer(idx, true)),
-            );
+            return Some(stored.fingerprint().compare(&request).and_then(|()| {
+                if stored.reference != request_reference {
+                    return Err(TransferError::ExistsWithDifferentReference);
+                }
+                self.answer(idx, true)
+            }));
         }
         let failed = self.failed.get(&id).filter(|f| f.kept_at(now_ms))?;
         Some(
@@ -1212,6 +1237,7 @@ impl State {
                 amount_minor,
                 memo,
                 refund_of,
+                reference,
             } => self.apply_created(
                 *id,
                 *kind,
@@ -1219,6 +1245,7 @@ impl State {
                 *amount_minor,
                 memo,
                 *refund_of,
+                *reference,
                 now_ms,
             )?,
             Event::PendingPosted { id, amount_minor } => self.apply_end(
@@ -1304,6 +1331,7 @@ impl State {
         amount_minor: u128,
         memo: &[u8],
         refund_of: Option<TransferId>,
+        reference: u128,
         now_ms: u64,
     ) -> Result<(), String> {
         if id.0 == 0 || self.transfers.in_memory(id) || self.failed.contains_key(&id) {
@@ -1385,6 +1413,7 @@ impl State {
             memo: memo.into(),
             created_ms: now_ms,
             ended_ms: None,
+            reference,
         };
         if let Some(deadline_ms) = record.deadline_ms() {
             self.deadlines.insert((deadline_ms, idx));
@@ -1565,6 +1594,7 @@ impl State {
             refunded_minor: self.refunded_minor(idx),
             refund_of,
             refund_pending_minor: self.refund_reserved.get(&idx).copied().unwrap_or(0),
+            reference: t.reference,
         })
     }
 
@@ -1580,6 +1610,48 @@ impl State {
             return Ok(Vec::new());
         };
         list.iter().map(|&i| self.view(i)).collect()
+    }
+
+    /// The transfers whose reference is `reference` (not 0), oldest first, at most `limit`,
+    /// below index `end`: those in memory from their index, those on disk from the
+    /// reference index beside their rows (each checked against its row: after lost
+    /// records an entry may name a row since written for another transfer). No scan.
+    /// `Err` if a row or the index on disk cannot be read.
+    pub fn transfers_by_reference(
+        &self,
+        reference: u128,
+        end: TransferIdx,
+        limit: usize,
+    ) -> Result<Vec<Transfer>, StorageError> {
+        if reference == 0 || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut found: Vec<TransferIdx> = self
+            .transfers
+            .by_reference
+            .get(&reference)
+            .map(|list| list.iter().copied().take(limit).collect())
+            .unwrap_or_default();
+        found.extend(self.transfers.disk_by_reference(reference, limit)?);
+        let len = self.transfers.len() as TransferIdx;
+        debug_assert!(
+            found.iter().all(|&idx| idx < len),
+            "a reference entry names no transfer (a linked chain undone without its entries?)"
+        );
+        found.retain(|&idx| idx < end.min(len));
+        found.sort_unstable();
+        found.dedup();
+        let mut page = Vec::with_capacity(found.len().min(limit));
+        for idx in found {
+            if page.len() == limit {
+                break;
+            }
+            let t = self.transfers.try_get(idx)?;
+            if t.reference == reference {
+                page.push(self.view_of(idx, &t)?);
+            }
+        }
+        Ok(page)
     }
 
     /// A transfer by id; `Err` if its row cannot be read from the storage.
@@ -1628,13 +1700,54 @@ impl State {
         before: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<Transfer>, Option<u64>), StorageError> {
+        let end = before.map_or(TransferIdx::MAX, |b| {
+            TransferIdx::try_from(b).unwrap_or(TransferIdx::MAX)
+        });
+        self.history_span(owner, 0..end, HistoryOrder::NewestFirst, limit)
+    }
+
+    /// The transfers created within `created_ms` (inclusive), as an index span: ledger time
+    /// never goes backwards, so they are consecutive. Two binary searches by time (see
+    /// [`rows::Transfers::first_created_at_or_after`]), none for an open end.
+    pub fn span_of_time(
+        &self,
+        created_ms: std::ops::RangeInclusive<u64>,
+    ) -> Result<std::ops::Range<TransferIdx>, StorageError> {
+        let len = self.transfers.len() as TransferIdx;
+        let (min_ms, max_ms) = (*created_ms.start(), *created_ms.end());
+        if min_ms > max_ms {
+            return Ok(0..0);
+        }
+        let start = match min_ms {
+            0 => 0,
+            ms => self.transfers.first_created_at_or_after(ms)?,
+        };
+        let end = match max_ms {
+            u64::MAX => len,
+            ms => self.transfers.first_created_at_or_after(ms + 1)?,
+        };
+        Ok(start..end.max(start))
+    }
+
+    /// Transfers touching `owner` whose indexes are in `span`, in `order`, at most `limit`.
+    /// Returns the page and the cursor for the next (the index of its last transfer: the
+    /// next page is the span beyond it in `order`); `Err` if a row of the page, or a history
+    /// list on disk, cannot be read. Reads no row and no list entry outside `span`.
+    pub fn history_span(
+        &self,
+        owner: &Owner,
+        span: std::ops::Range<TransferIdx>,
+        order: HistoryOrder,
+        limit: usize,
+    ) -> Result<(Vec<Transfer>, Option<u64>), StorageError> {
         let accounts: Vec<AccountIdx> = self.owner_accounts(owner).collect();
         let mut page = Vec::new();
         let mut last = None;
         let mut more = false;
         self.walk_history(
             &accounts,
-            before.unwrap_or(u64::MAX),
+            span,
+            order,
             limit.saturating_add(1),
             &mut |idx, t| {
                 if page.len() == limit {
@@ -1653,56 +1766,77 @@ impl State {
     /// compares it with a replay's).
     fn full_history(&self, account: AccountIdx) -> Result<Vec<TransferIdx>, StorageError> {
         let mut all = Vec::new();
-        self.walk_history(&[account], u64::MAX, HISTORY_FETCH_MAX, &mut |idx, _| {
-            all.push(idx);
-            Ok(true)
-        })?;
+        self.walk_history(
+            &[account],
+            0..TransferIdx::MAX,
+            // Newest first: every backend that keeps rows reads that way (see
+            // `Storage::account_history_range`).
+            HistoryOrder::NewestFirst,
+            HISTORY_FETCH_MAX,
+            &mut |idx, _| {
+                all.push(idx);
+                Ok(true)
+            },
+        )?;
         all.reverse();
         Ok(all)
     }
 
-    /// Visits the transfers touching `accounts` below `before`, newest first, each once,
-    /// until `visit` returns `false`: a k-way merge by index of each account's entries in
-    /// memory and its lists on disk (read `fetch` at a time). A pending transfer that ended
-    /// after later ones were spilled is in a later segment than they are, so the order is
-    /// the merge's, not the segments'. An entry on disk is checked against its row (after
+    /// Visits the transfers touching `accounts` in `span`, in `order`, each once, until
+    /// `visit` returns `false`: a k-way merge by index of each account's entries in memory
+    /// and its lists on disk (read `fetch` at a time). A pending transfer that ended after
+    /// later ones were spilled is in a later segment than they are, so the order is the
+    /// merge's, not the segments'. An entry on disk is checked against its row (after
     /// records were lost, an index may have been written again for another transfer).
     fn walk_history(
         &self,
         accounts: &[AccountIdx],
-        before: u64,
+        span: std::ops::Range<TransferIdx>,
+        order: HistoryOrder,
         fetch: usize,
         visit: &mut dyn FnMut(TransferIdx, &TransferRec) -> Result<bool, StorageError>,
     ) -> Result<(), StorageError> {
         let fetch = fetch.clamp(1, HISTORY_FETCH_MAX);
-        let below = TransferIdx::try_from(before).unwrap_or(TransferIdx::MAX);
+        if span.start >= span.end {
+            return Ok(());
+        }
         let mut lists: Vec<HistoryList<'_>> = Vec::with_capacity(accounts.len() * 2);
         for &account in accounts {
             let list = self.accounts[account as usize].history.as_slice();
-            let end = list.partition_point(|&i| u64::from(i) < before);
-            lists.push(HistoryList::Memory { account, list, end });
+            let start = list.partition_point(|&i| i < span.start);
+            let end = list.partition_point(|&i| i < span.end);
+            lists.push(HistoryList::Memory {
+                account,
+                list,
+                start,
+                end,
+            });
             lists.push(HistoryList::Disk {
                 account,
                 read: Vec::new(),
                 pos: 0,
-                below,
+                span: span.clone(),
                 done: false,
             });
         }
         let mut emitted: Option<TransferIdx> = None;
         loop {
-            let mut newest: Option<(usize, TransferIdx)> = None;
+            let mut next: Option<(usize, TransferIdx)> = None;
             for (k, list) in lists.iter_mut().enumerate() {
-                if let Some(idx) = list.peek(&self.transfers, fetch)? {
-                    if newest.is_none_or(|(_, n)| idx > n) {
-                        newest = Some((k, idx));
+                if let Some(idx) = list.peek(&self.transfers, order, fetch)? {
+                    let first = match order {
+                        HistoryOrder::NewestFirst => next.is_none_or(|(_, n)| idx > n),
+                        HistoryOrder::OldestFirst => next.is_none_or(|(_, n)| idx < n),
+                    };
+                    if first {
+                        next = Some((k, idx));
                     }
                 }
             }
-            let Some((k, idx)) = newest else {
+            let Some((k, idx)) = next else {
                 return Ok(());
             };
-            lists[k].advance();
+            lists[k].advance(order);
             if emitted == Some(idx) {
                 continue;
             }

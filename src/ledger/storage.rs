@@ -64,6 +64,9 @@ pub struct TransferRow<'a> {
     pub accounts: [u32; 2],
     /// The encoded row.
     pub bytes: &'a [u8],
+    /// The transfer's reference (0: none): the row is in the reference index under it
+    /// ([`Storage::transfer_rows_by_reference`]).
+    pub reference: u128,
 }
 
 /// Rows stored together ([`Storage::put_transfer_rows`]: a spill's), in the order they were
@@ -75,6 +78,9 @@ pub struct TransferRow<'a> {
 pub struct TransferRows {
     bytes: Vec<u8>,
     heads: Vec<RowHead>,
+    /// The rows that have a reference, by position, ascending: few rows have one, so it is
+    /// not in every row's head.
+    references: Vec<(usize, u128)>,
 }
 
 /// What a [`TransferRows`] keeps of a row beside its bytes. The id as bytes keeps the
@@ -93,18 +99,24 @@ impl TransferRows {
         Self {
             bytes: Vec::with_capacity(bytes),
             heads: Vec::with_capacity(rows),
+            references: Vec::new(),
         }
     }
 
-    /// Adds the row of transfer `idx` (`id`, touching `accounts`), whose bytes `encode`
-    /// appends to the buffer it is given (and does nothing else to it).
+    /// Adds the row of transfer `idx` (`id`, touching `accounts`, with `reference`, 0 for
+    /// none), whose bytes `encode` appends to the buffer it is given (and does nothing else
+    /// to it).
     pub fn push_with(
         &mut self,
         idx: u32,
         id: u128,
         accounts: [u32; 2],
+        reference: u128,
         encode: impl FnOnce(&mut Vec<u8>),
     ) {
+        if reference != 0 {
+            self.references.push((self.heads.len(), reference));
+        }
         encode(&mut self.bytes);
         self.heads.push(RowHead {
             id_le: id.to_le_bytes(),
@@ -116,7 +128,7 @@ impl TransferRows {
 
     /// Adds `row` (its bytes copied).
     pub fn push(&mut self, row: TransferRow<'_>) {
-        self.push_with(row.idx, row.id, row.accounts, |out| {
+        self.push_with(row.idx, row.id, row.accounts, row.reference, |out| {
             out.extend_from_slice(row.bytes);
         });
     }
@@ -145,6 +157,10 @@ impl TransferRows {
             id: u128::from_le_bytes(head.id_le),
             accounts: head.accounts,
             bytes: &self.bytes[start as usize..head.end as usize],
+            reference: self
+                .references
+                .binary_search_by_key(&i, |&(at, _)| at)
+                .map_or(0, |found| self.references[found].1),
         }
     }
 
@@ -173,6 +189,8 @@ pub enum RowEntry<'a> {
     Id { id: u128, idx: u32 },
     /// An account history entry: transfer `idx` touches account `account`.
     Listed { account: u32, idx: u32 },
+    /// A reference index entry: transfer `idx` has reference `reference`.
+    Referenced { reference: u128, idx: u32 },
 }
 
 /// Pieces in which the power-cut test storage issues a `put_transfer_rows` (each survives a
@@ -275,6 +293,57 @@ pub trait Storage: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The indexes of the stored rows listed in the history of `account` within `span`, in
+    /// `order`, each once, at most `limit`: [`Storage::account_history`] with a lower bound
+    /// and either direction, for history queries by time range (the ledger turns a time
+    /// range into an index range: ledger time never goes backwards). Work bounded by
+    /// `limit` and the number of stored pieces; a piece whose rows all lie outside `span`
+    /// should not be read. The default answers newest first through
+    /// [`Storage::account_history`] and refuses oldest first: a backend that keeps rows
+    /// must provide it for oldest-first queries.
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::model::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        match order {
+            crate::ledger::model::HistoryOrder::NewestFirst => {
+                let mut page = self.account_history(account, span.end, limit)?;
+                // Newest first: once one is below the span, all after it are.
+                page.retain(|&idx| idx >= span.start);
+                Ok(page)
+            }
+            crate::ledger::model::HistoryOrder::OldestFirst => Err(StorageError::Backend(
+                "this ledger backend cannot read histories oldest first".to_owned(),
+            )),
+        }
+    }
+
+    /// The indexes of the stored rows whose reference is `reference` (not 0), lowest first,
+    /// each once, at most `limit`, from an index (no scan): work bounded by `limit` and the
+    /// number of stored pieces; a piece none of whose rows has it should not be read. An
+    /// entry whose row was written again later may name a transfer with another reference
+    /// (after records were lost): the caller checks the row. A backend that keeps rows must
+    /// provide it (the default finds nothing: the transfers on disk would be missed).
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        let _ = (reference, limit);
+        Ok(Vec::new())
+    }
+
+    /// The highest row index of each stored piece of rows (e.g. a segment), in any order,
+    /// from memory (no read): history queries by time read those rows' times once and
+    /// search one piece instead of all. The default lists none (the search then probes
+    /// rows across all pieces: correct, only slower).
+    fn transfer_row_piece_ends(&self) -> Result<Vec<u32>, StorageError> {
+        Ok(Vec::new())
+    }
+
     /// Visits every stored row, id index entry and history list entry, each stored piece
     /// read once and in order, oldest write first; within a piece its rows come before its
     /// history entries. An entry for an index or id already visited replaces it, as
@@ -351,6 +420,13 @@ struct Anchor {
 }
 
 impl SledStorage {
+    /// Positioned reads of each segment of rows so far, oldest first (tests show which
+    /// segments a query read).
+    #[cfg(test)]
+    pub(crate) fn segment_reads(&self) -> Vec<u64> {
+        self.rows.reads_per_segment()
+    }
+
     /// Opens (or creates) the sled database at `path`.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
         Self::open_with(path, true)
@@ -603,6 +679,28 @@ impl Storage for SledStorage {
         self.rows.history(account, before, limit)
     }
 
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::model::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.rows.history_range(account, span, order, limit)
+    }
+
+    fn transfer_row_piece_ends(&self) -> Result<Vec<u32>, StorageError> {
+        Ok(self.rows.max_indexes())
+    }
+
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.rows.by_reference(reference, limit)
+    }
+
     fn transfer_row(&self, idx: u32) -> Result<Option<Vec<u8>>, StorageError> {
         self.rows.row(idx)
     }
@@ -676,6 +774,7 @@ mod tests {
             id: 1_000 + u128::from(idx) * 7,
             accounts: [idx % 4, 4 + idx % 3],
             bytes,
+            reference: 0,
         }
     }
 
@@ -936,6 +1035,7 @@ mod tests {
             for id in ids {
                 ledger
                     .create_transfer(TransferRequest {
+                        reference: 0,
                         id: TransferId(id),
                         debit: Owner::Issuer,
                         credit: Owner::user(format!("user{}", id % 3)),

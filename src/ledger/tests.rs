@@ -72,6 +72,7 @@ impl Fixture {
         currency: &str,
     ) -> TransferRequest {
         TransferRequest {
+            reference: 0,
             id: TransferId(id),
             debit,
             credit,
@@ -254,6 +255,7 @@ fn a_retry_after_the_limits_were_lowered_answers_the_original() {
             .unwrap()
     };
     let request = |id: u128, debit: Owner, credit: Owner, amount: Amount| TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit,
         credit,
@@ -346,6 +348,7 @@ fn a_refused_transfer_opens_no_account() {
         .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
         .unwrap();
     let request = |memo: &[u8]| TransferRequest {
+        reference: 0,
         id: TransferId(7),
         debit: user("carol"),
         credit: user("dave"),
@@ -390,6 +393,7 @@ fn a_refused_transfer_opens_no_account() {
     // A transfer that succeeds opens its accounts as before.
     ledger
         .create_transfer(TransferRequest {
+            reference: 0,
             id: TransferId(8),
             debit: Owner::Issuer,
             credit: user("carol"),
@@ -415,6 +419,7 @@ fn a_recorded_failure_answers_retries_for_a_day_then_the_id_is_new() {
         .parse_amount(Decimal::from_str("1.00").unwrap(), "EUR")
         .unwrap();
     let request = |id: u128, debit: Owner, memo: &[u8]| TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit,
         credit: user("dave"),
@@ -447,6 +452,7 @@ fn a_recorded_failure_answers_retries_for_a_day_then_the_id_is_new() {
         .unwrap();
     ledger
         .create_transfer(TransferRequest {
+            reference: 0,
             credit: user("carol"),
             ..request(10, Owner::Issuer, b"")
         })
@@ -591,6 +597,7 @@ fn amounts_from_another_configuration_are_checked_again() {
     f.send(2, Owner::Issuer, user("alice"), "10000.00").unwrap();
     let big = unlimited.from_minor(1_000_001, "EUR").unwrap();
     let req = TransferRequest {
+        reference: 0,
         id: TransferId(3),
         debit: user("alice"),
         credit: user("bob"),
@@ -602,6 +609,7 @@ fn amounts_from_another_configuration_are_checked_again() {
         TransferError::ExceedsMaxTransfer
     );
     let usd = TransferRequest {
+        reference: 0,
         id: TransferId(4),
         debit: Owner::Issuer,
         credit: user("bob"),
@@ -1208,6 +1216,7 @@ fn the_daily_window_is_rebuilt_on_reopen() {
             .parse_amount(Decimal::from_str(value).unwrap(), "BHD")
             .unwrap();
         ledger.create_transfer(TransferRequest {
+            reference: 0,
             id: TransferId(id),
             debit,
             credit: user("bob"),
@@ -1224,6 +1233,7 @@ fn the_daily_window_is_rebuilt_on_reopen() {
         .unwrap();
     ledger
         .create_transfer(TransferRequest {
+            reference: 0,
             id: TransferId(3),
             debit: Owner::Issuer,
             credit: user("alice"),
@@ -1284,6 +1294,7 @@ fn state_survives_reopen_and_exponents_are_fixed() {
             .unwrap();
         ledger
             .create_transfer(TransferRequest {
+                reference: 0,
                 id: TransferId(1),
                 debit: Owner::Issuer,
                 credit: user("alice"),
@@ -1294,6 +1305,7 @@ fn state_survives_reopen_and_exponents_are_fixed() {
         ledger
             .create_pending(
                 TransferRequest {
+                    reference: 0,
                     id: TransferId(2),
                     debit: user("alice"),
                     credit: user("bob"),
@@ -1416,6 +1428,7 @@ fn reads_off_the_writer_do_not_show_or_wait_for_a_batch_not_yet_durable() {
     .unwrap()
     .blocking();
     let request = |id: u128| TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit: Owner::Issuer,
         credit: user("alice"),
@@ -2235,6 +2248,7 @@ mod auditor {
                 } => {
                     let id = 1_000 + n as u128;
                     let request = TransferRequest {
+                        reference: 0,
                         id: TransferId(id),
                         debit: Owner::Issuer,
                         credit: owner(o),
@@ -2255,6 +2269,7 @@ mod auditor {
                     timeout_s,
                 } => {
                     let request = TransferRequest {
+                        reference: 0,
                         id: TransferId(id),
                         debit: owner(debit),
                         credit: owner(credit),
@@ -2374,6 +2389,7 @@ mod auditor {
                         _ => ((debit, cur), (credit, cur)),
                     };
                     let request = TransferRequest {
+                        reference: 0,
                         id: TransferId(id),
                         debit: owner(d.0),
                         credit: owner(c.0),
@@ -2429,6 +2445,62 @@ mod auditor {
                         credits_posted_minor: m.cpo,
                     };
                     prop_assert_eq!(got, want, "account {} {}", o, code);
+                }
+            }
+            // History queries by time (issue 15): each owner's transfers created within a
+            // range are the model's, in either order, whatever was spilled or reopened.
+            let mut times: Vec<u64> = model.tr.values().map(|t| t.created).collect();
+            times.sort_unstable();
+            times.dedup();
+            if let (Some(&first), Some(&last)) = (times.first(), times.last()) {
+                let mid = times[times.len() / 2];
+                for (min, max) in [(mid, last), (first, mid), (last + 1, u64::MAX)] {
+                    for o in 0..OWNERS {
+                        let mut want: Vec<u128> = model
+                            .tr
+                            .iter()
+                            .filter(|(_, t)| {
+                                (t.debit.0 == o || t.credit.0 == o)
+                                    && (min..=max).contains(&t.created)
+                            })
+                            .map(|(id, _)| *id)
+                            .collect();
+                        want.sort_unstable();
+                        for order in [HistoryOrder::NewestFirst, HistoryOrder::OldestFirst] {
+                            let query = HistoryQuery {
+                                order,
+                                ..HistoryQuery::newest_first(40)
+                            }
+                            .created_within(min, max);
+                            let mut got: Vec<u128> = Vec::new();
+                            let mut created: Vec<u64> = Vec::new();
+                            let mut cursor = None;
+                            for _ in 0..=want.len() {
+                                let page = b.history_query(&owner(o), query.after(cursor)).unwrap();
+                                got.extend(page.transfers.iter().map(|t| t.id.0));
+                                created.extend(page.transfers.iter().map(|t| t.created_ms));
+                                cursor = page.next;
+                                if cursor.is_none() {
+                                    break;
+                                }
+                            }
+                            prop_assert!(cursor.is_none(), "pages never end");
+                            if order == HistoryOrder::NewestFirst {
+                                created.reverse();
+                            }
+                            prop_assert!(created.is_sorted(), "{:?}: {:?}", order, created);
+                            got.sort_unstable();
+                            prop_assert_eq!(
+                                &got,
+                                &want,
+                                "owner {} {:?} {}..={}",
+                                o,
+                                order,
+                                min,
+                                max
+                            );
+                        }
+                    }
                 }
             }
             let pending = model.tr.values().filter(|t| t.state == St::Pending).count();
@@ -2499,6 +2571,7 @@ fn a_failing_anchor_write_does_not_stop_the_ledger() {
     };
     let send = |id: u128, debit: Owner, credit: Owner, value: &str| {
         ledger.create_transfer(TransferRequest {
+            reference: 0,
             id: TransferId(id),
             debit,
             credit,
@@ -2555,6 +2628,7 @@ fn a_clock_jump_is_not_written_and_does_not_freeze_ledger_time() {
             .unwrap()
     };
     let request = |id: u128, debit: Owner, value: &str| TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit,
         credit: user("bob"),
@@ -2632,6 +2706,7 @@ fn activity(ledger: &BlockingLedger, clock: &ManualClock, base: u128) {
             .unwrap()
     };
     let req = |id: u128, d: Owner, c: Owner, v: &str| TransferRequest {
+        reference: 0,
         id: TransferId(base + id),
         debit: d,
         credit: c,
@@ -2804,6 +2879,7 @@ fn a_torn_or_foreign_checkpoint_is_detected_and_the_whole_journal_replayed() {
     let ledger = open_no_close_checkpoint(dir.path(), &clock).blocking();
     ledger
         .create_transfer(TransferRequest {
+            reference: 0,
             id: TransferId(900),
             debit: Owner::Issuer,
             credit: user("erin"),
@@ -3016,6 +3092,7 @@ fn linked_refunds_are_capped_by_the_original() {
         E::OriginalTransferIsRefund
     );
     let yen = TransferRequest {
+        reference: 0,
         amount: f.amount("1", "JPY"),
         ..f.request(30, user("shop"), user("alice"), "1.00", "EUR")
     };
@@ -3077,6 +3154,7 @@ fn an_expired_pending_refund_gives_the_cap_back_after_a_reopen() {
             .unwrap()
     };
     let req = |id: u128, d: &str, c: &str, v: &str| TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit: user(d),
         credit: user(c),
@@ -3085,6 +3163,7 @@ fn an_expired_pending_refund_gives_the_cap_back_after_a_reopen() {
     };
     ledger
         .create_transfer(TransferRequest {
+            reference: 0,
             debit: Owner::Issuer,
             ..req(1, "x", "alice", "50.00")
         })
@@ -3146,6 +3225,7 @@ fn checkpoints_are_written_as_entries_accumulate() {
     for i in 1..=60u128 {
         ledger
             .create_transfer(TransferRequest {
+                reference: 0,
                 id: TransferId(i),
                 debit: Owner::Issuer,
                 credit: user(&format!("u{}", i % 7)),
@@ -3227,6 +3307,7 @@ fn transfers_on_disk_answer_lookups_retries_history_and_refunds_after_a_reopen()
             .unwrap()
     };
     let pay = |l: &BlockingLedger, id: u128, v: &str| TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit: user("alice"),
         credit: user("bob"),
@@ -3237,6 +3318,7 @@ fn transfers_on_disk_answer_lookups_retries_history_and_refunds_after_a_reopen()
     {
         let ledger = open_manual(dir.path(), &settings(), &clock).blocking();
         let fund = TransferRequest {
+            reference: 0,
             id: TransferId(1),
             debit: Owner::Issuer,
             credit: user("alice"),
@@ -3323,6 +3405,7 @@ fn transfers_on_disk_answer_lookups_retries_history_and_refunds_after_a_reopen()
         .unwrap();
     assert_eq!(refund.refund_of, Some(TransferId(11)));
     let back = |id: u128, v: &str| TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit: user("bob"),
         credit: user("alice"),
@@ -3387,6 +3470,7 @@ pub(super) fn three_transfers_to_alice_on_disk(dir: &std::path::Path) {
         for id in 1..4 {
             ledger
                 .create_transfer(TransferRequest {
+                    reference: 0,
                     id: TransferId(id),
                     debit: Owner::Issuer,
                     credit: user("alice"),
@@ -3416,6 +3500,7 @@ fn verify_catches_a_row_on_disk_that_is_not_the_journals() {
                 id: 2,
                 accounts: [0, 1],
                 bytes: &row,
+                reference: 0,
             }]))
             .unwrap();
     }
@@ -3608,6 +3693,31 @@ impl Storage for FlakyRows {
             _ => self.inner.account_history(account, before, limit),
         }
     }
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        match self.mode() {
+            ROWS_FAIL => Err(StorageError::Backend("injected read failure".into())),
+            _ => self
+                .inner
+                .account_history_range(account, span, order, limit),
+        }
+    }
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        match self.mode() {
+            ROWS_FAIL => Err(StorageError::Backend("injected read failure".into())),
+            _ => self.inner.transfer_rows_by_reference(reference, limit),
+        }
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }
@@ -3653,6 +3763,7 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
             .unwrap()
     };
     let pay = |id: u128, debit: &str, credit: &str, v: &str| TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit: user(debit),
         credit: user(credit),
@@ -3660,6 +3771,7 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
         memo: Vec::new(),
     };
     let fund = TransferRequest {
+        reference: 0,
         debit: Owner::Issuer,
         ..pay(1, "x", "alice", "1000.00")
     };
@@ -3772,4 +3884,5 @@ fn a_row_that_cannot_be_read_fails_its_call_alone() {
 mod batch;
 mod history;
 mod linked;
+mod query;
 mod reads;

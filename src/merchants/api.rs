@@ -435,6 +435,7 @@ impl MerchantApi {
             .amount_from_minor(refund.amount_minor, &invoice.currency)
             .map_err(|e| MerchantError::Ledger("amount_invalid", e.to_string()))?;
         let request = TransferRequest {
+            reference: 0,
             id: transfer_id,
             debit: merchant.id.owner(),
             credit: Owner::user(payer.as_str()),

@@ -317,6 +317,7 @@ impl Payments {
         }
         .encode();
         let transfer = TransferRequest {
+            reference: 0,
             id: TransferId::from_key(event.event_id.as_str()),
             debit: Owner::user(event.sender.as_str()),
             credit: self.payee_owner(payee.as_str())?,
@@ -684,6 +685,7 @@ impl Payments {
                         .ledger
                         .create_pending(
                             TransferRequest {
+                                reference: 0,
                                 id: transfer_id,
                                 debit: Owner::user(challenge.payer.as_str()),
                                 credit: Owner::Settlement,

@@ -312,6 +312,25 @@ impl Storage for SharedPower {
         self.inner.account_history(account, before, limit)
     }
 
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner
+            .account_history_range(account, span, order, limit)
+    }
+
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner.transfer_rows_by_reference(reference, limit)
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }
@@ -400,6 +419,7 @@ impl World<'_> {
         }
         for (user, name) in USERS.iter().enumerate() {
             let request = TransferRequest {
+                reference: 0,
                 id: TransferId(FUNDING_ID_BASE + user as u128),
                 debit: Owner::Issuer,
                 credit: Owner::user(*name),
@@ -618,6 +638,7 @@ impl World<'_> {
                 }
                 .encode();
                 let request = TransferRequest {
+                    reference: 0,
                     id,
                     debit: Owner::user(USERS[payer]),
                     credit: Owner::user(USERS[payee]),

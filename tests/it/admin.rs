@@ -681,6 +681,7 @@ fn eur_transfer(
     memo: &[u8],
 ) -> TransferRequest {
     TransferRequest {
+        reference: 0,
         id: TransferId::from_key(key),
         debit,
         credit,

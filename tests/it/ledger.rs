@@ -90,6 +90,7 @@ fn crash_child() {
                     let fund = child_id(iter, task, seq, 0);
                     ledger
                         .create_transfer(TransferRequest {
+                            reference: 0,
                             id: fund,
                             debit: Owner::Issuer,
                             credit: payer.clone(),
@@ -103,6 +104,7 @@ fn crash_child() {
                     ledger
                         .create_pending(
                             TransferRequest {
+                                reference: 0,
                                 id: pending,
                                 debit: payer,
                                 credit: user((task + 1) % CHILD_TASKS),
@@ -260,6 +262,7 @@ async fn many_tasks_draining_one_account_never_overdraw() {
     let fund = ledger.parse_amount(Decimal::from(100), "EUR").unwrap();
     ledger
         .create_transfer(TransferRequest {
+            reference: 0,
             id: TransferId(1),
             debit: Owner::Issuer,
             credit: alice.clone(),
@@ -277,6 +280,7 @@ async fn many_tasks_draining_one_account_never_overdraw() {
         let alice = alice.clone();
         tasks.push(tokio::spawn(async move {
             let request = TransferRequest {
+                reference: 0,
                 id: TransferId(1_000 + i),
                 debit: alice,
                 credit: Owner::user(format!("@shop{i}:example.org")),
@@ -382,6 +386,7 @@ fn verify_names_the_record_that_was_tampered_with() {
         for i in 0..6u64 {
             ledger
                 .create_transfer(TransferRequest {
+                    reference: 0,
                     id: TransferId(u128::from(i) + 1),
                     debit: Owner::Issuer,
                     credit: user(i),

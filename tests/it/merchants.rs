@@ -229,6 +229,7 @@ impl Harness {
         let eur = |minor| self.ledger.amount_from_minor(minor, "EUR").unwrap();
         self.ledger
             .create_transfer(TransferRequest {
+                reference: 0,
                 id: TransferId(7),
                 debit: Owner::Issuer,
                 credit: Owner::user(BOB),
@@ -240,6 +241,7 @@ impl Harness {
         let paid = TransferId(8);
         self.ledger
             .create_transfer(TransferRequest {
+                reference: 0,
                 id: paid,
                 debit: Owner::user(BOB),
                 credit: Owner::merchant(merchant),

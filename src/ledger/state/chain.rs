@@ -208,6 +208,18 @@ impl State {
                 assert!(self.deadlines.remove(&(deadline_ms, idx)));
             }
             assert_eq!(self.transfers.index.remove(&t.id), Some(idx));
+            if t.reference != 0 {
+                // Its reference entry is the newest of its list (pushed last).
+                let list = self
+                    .transfers
+                    .by_reference
+                    .get_mut(&t.reference)
+                    .expect("a transfer with a reference is indexed by it");
+                assert_eq!(list.pop(), Some(idx));
+                if list.is_empty() {
+                    self.transfers.by_reference.remove(&t.reference);
+                }
+            }
         }
         // Pending transfers it ended, as they were: pending again, with their deadline.
         for (idx, before) in undo.ended.into_iter().rev() {

@@ -120,7 +120,20 @@ pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<Transf
     };
     let id = r.id()?;
     let kind = r.kind()?;
-    let link = opt(r)?.map(TransferId);
+    // See `put_row_of`: the link's tag also says whether a reference follows.
+    let tag = r.u8()?;
+    let link = match tag {
+        0 | 2 => None,
+        1 | 3 => Some(TransferId(u128::from_le_bytes(r.array()?))),
+        tag => return Err(format!("unknown link tag {tag}")),
+    };
+    let reference = match tag {
+        2 | 3 => match u128::from_le_bytes(r.array()?) {
+            0 => return Err("a reference of 0 written as a reference".to_owned()),
+            reference => reference,
+        },
+        _ => 0,
+    };
     let debit = r.varint_u32()?;
     let credit = r.varint_u32()?;
     let amount_minor = r.varint()?;
@@ -148,6 +161,7 @@ pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<Transf
         memo,
         created_ms,
         ended_ms,
+        reference,
     };
     Ok((record, link))
 }
@@ -157,7 +171,21 @@ pub(super) fn read_row(r: &mut Reader<'_>) -> Result<(TransferRec, Option<Transf
 fn put_row_of(out: &mut Vec<u8>, t: &TransferRec, link: Option<u128>) {
     out.extend_from_slice(&t.id.0.to_le_bytes());
     put_kind(out, &t.kind);
-    put_u128_opt(out, link);
+    // The link's option tag also says whether a reference follows (2: reference only, 3:
+    // link then reference), so a row without a reference is written as before references
+    // existed, byte for byte, and older rows and checkpoints still read.
+    match (link, t.reference) {
+        (link, 0) => put_u128_opt(out, link),
+        (None, reference) => {
+            out.push(2);
+            out.extend_from_slice(&reference.to_le_bytes());
+        }
+        (Some(link), reference) => {
+            out.push(3);
+            out.extend_from_slice(&link.to_le_bytes());
+            out.extend_from_slice(&reference.to_le_bytes());
+        }
+    }
     put_varint(out, u128::from(t.debit));
     put_varint(out, u128::from(t.credit));
     put_varint(out, t.amount_minor);
@@ -267,7 +295,7 @@ impl CheckpointJob {
         for part in &self.parts {
             for (idx, t) in part.ended() {
                 let link = part.links.get(&idx).copied();
-                rows.push_with(idx, t.id.0, [t.debit, t.credit], |out| {
+                rows.push_with(idx, t.id.0, [t.debit, t.credit], t.reference, |out| {
                     put_row_of(out, t, link);
                 });
             }
@@ -599,10 +627,15 @@ impl State {
                 .enumerate()
                 .map(|(i, r)| (spilled + i as TransferIdx, r)),
         );
+        let mut by_reference: super::HashMap<u128, Vec<TransferIdx>> = Default::default();
         for (idx, record) in held {
             state.accounts[record.debit as usize].history.push(idx);
             state.accounts[record.credit as usize].history.push(idx);
+            if record.reference != 0 {
+                by_reference.entry(record.reference).or_default().push(idx);
+            }
         }
+        state.transfers.by_reference = by_reference;
         let failures = count(&mut r)?;
         if failures > FAILURES_KEPT_MAX {
             return Err(format!("{failures} recorded failures"));
@@ -834,6 +867,14 @@ impl State {
                     a.history.shrink_to(held_before * 2);
                 }
             }
+            // Likewise the references of the transfers now on disk (in their segments'
+            // reference index).
+            let t = &mut self.transfers;
+            let (spilled, resident) = (t.spilled, &t.resident);
+            t.by_reference.retain(|_, list| {
+                list.retain(|idx| *idx >= spilled || resident.contains_key(idx));
+                !list.is_empty()
+            });
         }
         written
     }
@@ -877,6 +918,9 @@ impl State {
         const IN_CREDIT: u8 = 2;
         const IN_OTHER: u8 = 4;
         let mut listed = vec![0u8; spilled as usize];
+        // The reference index entries naming each transfer since its row was last written:
+        // none, the journal's reference, or another one (or more than one).
+        let mut referenced = vec![ABSENT; spilled as usize];
         let mut expected = Vec::new();
         storage
             .scan_transfer_rows(&mut |entry| match entry {
@@ -889,6 +933,16 @@ impl State {
                         OTHER
                     };
                     listed[idx as usize] = 0;
+                    referenced[idx as usize] = ABSENT;
+                }
+                RowEntry::Referenced { reference, idx } if idx < spilled => {
+                    let journal = self.transfers.get(idx).reference;
+                    referenced[idx as usize] =
+                        if reference == journal && referenced[idx as usize] == ABSENT {
+                            SAME
+                        } else {
+                            OTHER
+                        };
                 }
                 RowEntry::Listed { account, idx } if idx < spilled => {
                     let t = self.transfers.get(idx);
@@ -907,7 +961,7 @@ impl State {
                         }
                     }
                 }
-                RowEntry::Row { .. } | RowEntry::Listed { .. } => {}
+                RowEntry::Row { .. } | RowEntry::Listed { .. } | RowEntry::Referenced { .. } => {}
             })
             .map_err(|e| e.to_string())?;
         for idx in 0..spilled {
@@ -924,6 +978,14 @@ impl State {
             if !filters.iter().any(|f| f.may_contain(t.id)) {
                 return Err(format!(
                     "transfer {} is on disk but its id filter says it is not",
+                    t.id
+                ));
+            }
+            let want = if t.reference == 0 { ABSENT } else { SAME };
+            if referenced[idx as usize] != want {
+                return Err(format!(
+                    "transfer {} is not in the reference index on disk under exactly its \
+                     reference",
                     t.id
                 ));
             }
@@ -993,6 +1055,59 @@ impl State {
 }
 
 #[cfg(test)]
+mod row_format_tests {
+    use super::super::TransferRec;
+    use super::{put_row_of, read_row};
+    use crate::ledger::codec::Reader;
+    use crate::ledger::model::{TransferId, TransferKind, TransferState};
+
+    fn row(link: Option<u128>, reference: u128) -> (TransferRec, Vec<u8>) {
+        let t = TransferRec {
+            id: TransferId(9),
+            // Single: the link's tag is then at byte 17 (id, kind tag).
+            kind: TransferKind::Single,
+            debit: 3,
+            credit: 4,
+            amount_minor: 250,
+            state: TransferState::Voided,
+            memo: b"memo".to_vec().into_boxed_slice(),
+            created_ms: 1_700_000_000_000,
+            ended_ms: Some(1_700_000_000_500),
+            reference,
+        };
+        let mut out = Vec::new();
+        put_row_of(&mut out, &t, link);
+        (t, out)
+    }
+
+    /// Issue 15 (history by reference): a row with a reference reads back with it (and its
+    /// link to a refunded transfer); a row without one is byte for byte the row written
+    /// before references existed (the link's option tag, 0 or 1), so older segments and
+    /// checkpoints still read.
+    #[test]
+    fn a_rows_reference_reads_back_and_rows_without_one_keep_their_bytes() {
+        for link in [None, Some(77)] {
+            let (_, plain) = row(link, 0);
+            let (t, referenced) = row(link, 1 << 100);
+            assert_eq!(plain[17], u8::from(link.is_some()), "the old tag");
+            assert_eq!(referenced[17], 2 + u8::from(link.is_some()));
+            assert_eq!(referenced.len(), plain.len() + 16);
+            for (bytes, reference) in [(&plain, 0), (&referenced, 1 << 100)] {
+                let mut r = Reader { bytes, pos: 0 };
+                let (read, read_link) = read_row(&mut r).unwrap();
+                assert_eq!(r.pos, bytes.len());
+                assert_eq!(read_link, link.map(TransferId));
+                assert_eq!(read.reference, reference);
+                assert_eq!(
+                    (read.id, read.amount_minor, read.ended_ms),
+                    (t.id, 250, t.ended_ms)
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::super::{Op, State, FAILURES_KEPT_MAX};
     use crate::ledger::codec::{Head, HASH_LEN};
@@ -1010,6 +1125,7 @@ mod tests {
         let one = currencies.from_minor(1, "EUR").unwrap();
         let pay = |id: u128, memo: &[u8]| Op::Create {
             request: TransferRequest {
+                reference: 0,
                 id: TransferId(id),
                 debit: Owner::user("@carol:x"),
                 credit: Owner::user("@dave:x"),
@@ -1076,6 +1192,7 @@ mod tests {
         };
         let create = |id: u128, debit: Owner, credit: Owner, minor: u128| Op::Create {
             request: TransferRequest {
+                reference: 0,
                 id: TransferId(id),
                 debit,
                 credit,

@@ -9,7 +9,7 @@
 //! kept as it was before, bounded by what one record holds. [`Durable`] answers through that.
 
 use super::{AccountIdx, Event, HashMap, State, TransferIdx, TransferKind};
-use crate::ledger::model::{AccountId, Owner, Transfer, TransferId, TransferState};
+use crate::ledger::model::{AccountId, HistoryOrder, Owner, Transfer, TransferId, TransferState};
 use crate::ledger::storage::StorageError;
 
 /// What the record in flight changed of transfers that were durable before it.
@@ -205,6 +205,48 @@ impl Durable<'_> {
         };
         let (page, next) = self.state.history(owner, before, limit)?;
         Ok((page.into_iter().map(|t| self.as_durable(t)).collect(), next))
+    }
+
+    /// See [`State::history_span`] and [`State::span_of_time`]: the transfers of `owner`
+    /// created within `created_ms` in `order`, from the cursor `after` on (the last index of
+    /// the previous page), at most `limit`; the span ends below the record's first new
+    /// transfer.
+    pub fn history_query(
+        &self,
+        owner: &Owner,
+        created_ms: std::ops::RangeInclusive<u64>,
+        order: HistoryOrder,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<Transfer>, Option<u64>), StorageError> {
+        let mut span = self.state.span_of_time(created_ms)?;
+        if let Some(first) = self.first_transfer() {
+            span.end = span.end.min(first);
+        }
+        if let Some(after) = after {
+            let after = TransferIdx::try_from(after).unwrap_or(TransferIdx::MAX);
+            match order {
+                HistoryOrder::NewestFirst => span.end = span.end.min(after),
+                HistoryOrder::OldestFirst => span.start = span.start.max(after.saturating_add(1)),
+            }
+        }
+        let (page, next) = self.state.history_span(owner, span, order, limit)?;
+        Ok((page.into_iter().map(|t| self.as_durable(t)).collect(), next))
+    }
+
+    /// See [`State::transfers_by_reference`]: the record's new transfers are left out.
+    pub fn transfers_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<Transfer>, StorageError> {
+        let end = self.first_transfer().unwrap_or(TransferIdx::MAX);
+        Ok(self
+            .state
+            .transfers_by_reference(reference, end, limit)?
+            .into_iter()
+            .map(|t| self.as_durable(t))
+            .collect())
     }
 
     /// See [`State::pending_transfers`]: the record's pending transfers are left out, those

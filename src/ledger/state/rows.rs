@@ -88,6 +88,15 @@ pub(super) struct Transfers {
     /// Rows the decision being made read from the storage, so that applying its events and
     /// answering read nothing more (and cannot fail half-way); cleared after each decision.
     pub pinned: Vec<(TransferIdx, TransferRec)>,
+    /// The creation time of the last row of each stored piece of rows (a segment), read
+    /// once each when a history query by time first needs it: the points that narrow its
+    /// binary search to the one piece where a time bound lies. Rows never change, so the
+    /// entries stay true (only rows below the durable spill point are taken); shared by the
+    /// state's clones. 12 B per piece.
+    pub time_marks: Arc<parking_lot::Mutex<BTreeMap<TransferIdx, u64>>>,
+    /// Reference -> the transfers in memory with it (`tail`, `resident`, and those of a
+    /// spill not yet durable), ascending: the reference index of what is not on disk.
+    pub by_reference: HashMap<u128, Vec<TransferIdx>>,
 }
 
 impl std::fmt::Debug for Transfers {
@@ -149,7 +158,21 @@ impl Transfers {
 
     /// Appends a new transfer.
     pub fn push(&mut self, id: TransferId, record: TransferRec) -> TransferIdx {
+        // History queries by time search the transfers by `created_ms` (ledger time never
+        // goes backwards: each record's time is at least the previous one's).
+        debug_assert!(
+            self.tail
+                .last()
+                .is_none_or(|last| last.created_ms <= record.created_ms),
+            "transfers are created in ledger time order"
+        );
         let idx = self.len() as TransferIdx;
+        if record.reference != 0 {
+            self.by_reference
+                .entry(record.reference)
+                .or_default()
+                .push(idx);
+        }
         self.tail.push(record);
         self.index.insert(id, idx);
         idx
@@ -193,22 +216,100 @@ impl Transfers {
         Ok((idx < durable_end && !in_memory).then_some(idx))
     }
 
-    /// Up to `limit` indexes below `before` from the history lists on disk of `account`,
-    /// newest first: only entries below the durable spill point (beyond it, an entry is of
-    /// a spill a power cut undid, or of one whose rows are still in memory).
-    pub fn disk_history(
+    /// Up to `limit` indexes in `span` from the history lists on disk of `account`, in
+    /// `order`: only entries below the durable spill point (beyond it, an entry is of a
+    /// spill a power cut undid, or of one whose rows are still in memory).
+    pub fn disk_history_range(
         &self,
         account: super::AccountIdx,
-        before: TransferIdx,
+        span: std::ops::Range<TransferIdx>,
+        order: crate::ledger::model::HistoryOrder,
         limit: usize,
     ) -> Result<Vec<TransferIdx>, StorageError> {
-        let before = before.min(self.durable_end());
-        match self.disk.as_ref().filter(|_| before > 0) {
-            Some(disk) => disk.account_history(account, before, limit).map_err(|e| {
-                StorageError::Backend(format!(
-                    "cannot read the history of account #{account} on disk: {e}"
-                ))
-            }),
+        let end = span.end.min(self.durable_end());
+        match self.disk.as_ref().filter(|_| span.start < end) {
+            Some(disk) => disk
+                .account_history_range(account, span.start..end, order, limit)
+                .map_err(|e| {
+                    StorageError::Backend(format!(
+                        "cannot read the history of account #{account} on disk: {e}"
+                    ))
+                }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The index of the first transfer created at or after `ms` (of ledger time), or the
+    /// number of transfers if none was. Ledger time never goes backwards, so transfers are
+    /// in time order: a binary search, in memory when `ms` is after the first transfer held
+    /// there, else over the transfers below it, reading at most about log2(n) rows.
+    pub fn first_created_at_or_after(&self, ms: u64) -> Result<TransferIdx, StorageError> {
+        if self.tail.first().is_some_and(|t| t.created_ms < ms) {
+            let at = self.tail.partition_point(|t| t.created_ms < ms);
+            return Ok(self.spilled + at as TransferIdx);
+        }
+        let (mut lo, mut hi) = self.narrow_by_marks(ms)?;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.try_get(mid)?.created_ms < ms {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Where among the transfers below `spilled` the first one created at or after `ms`
+    /// can be: between the two marks around `ms` (see [`Transfers::time_marks`]), so that
+    /// the binary search reads rows of one piece of rows only. Reads the last row of each
+    /// piece not marked yet.
+    fn narrow_by_marks(&self, ms: u64) -> Result<(TransferIdx, TransferIdx), StorageError> {
+        let (mut lo, mut hi) = (0, self.spilled);
+        let durable_end = self.durable_end();
+        let Some(disk) = self.disk.as_ref().filter(|_| durable_end > 0) else {
+            return Ok((lo, hi));
+        };
+        let ends = disk.transfer_row_piece_ends().map_err(|e| {
+            StorageError::Backend(format!("cannot list the pieces of rows on disk: {e}"))
+        })?;
+        let mut marks = self.time_marks.lock();
+        for idx in ends {
+            if idx < durable_end.min(self.spilled) && !marks.contains_key(&idx) {
+                marks.insert(idx, self.try_get(idx)?.created_ms);
+            }
+        }
+        for (&idx, &created_ms) in marks.range(..self.spilled) {
+            if created_ms < ms {
+                lo = idx + 1;
+            } else {
+                hi = idx;
+                break;
+            }
+        }
+        Ok((lo, hi.max(lo)))
+    }
+
+    /// Up to `limit` indexes of the transfers with `reference` on disk, lowest first: only
+    /// entries below the durable spill point (see [`Transfers::disk_history_range`]).
+    pub fn disk_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<TransferIdx>, StorageError> {
+        let durable_end = self.durable_end();
+        match self.disk.as_ref().filter(|_| durable_end > 0) {
+            Some(disk) => {
+                let mut found = disk
+                    .transfer_rows_by_reference(reference, limit)
+                    .map_err(|e| {
+                        StorageError::Backend(format!(
+                            "cannot look reference {reference:#x} up on disk: {e}"
+                        ))
+                    })?;
+                found.retain(|&idx| idx < durable_end);
+                Ok(found)
+            }
             None => Ok(Vec::new()),
         }
     }

@@ -13,6 +13,7 @@ fn a_batch_answers_each_change_as_its_single_call_would_across_records() {
     // 20,000 one-cent transfers alice -> bob: more than BATCH_OPS_MAX and several records.
     for i in 0..20_000u128 {
         ops.push(BatchOp::Create(TransferRequest {
+            reference: 0,
             id: TransferId(100 + i),
             debit: user("alice"),
             credit: user("bob"),
@@ -90,6 +91,7 @@ fn single_calls_behind_a_batch_wait_for_all_of_it() {
     let ops: Vec<BatchOp> = (0..10_000u128)
         .map(|i| {
             BatchOp::Create(TransferRequest {
+                reference: 0,
                 id: TransferId(1_000 + i),
                 debit: user("alice"),
                 credit: user("bob"),

@@ -105,6 +105,7 @@ fn history_pages_across_spills_and_a_reopen_are_those_of_everything_in_memory() 
             _ => v,
         };
         TransferRequest {
+            reference: 0,
             id: TransferId(id),
             debit: debit.clone(),
             credit: credit.clone(),
@@ -184,6 +185,7 @@ fn history_pages_across_spills_and_a_reopen_are_those_of_everything_in_memory() 
     pay(&ledger, &mut model, 52..56);
     // A pending refund of a transfer on disk, posted before the next spill.
     let back = TransferRequest {
+        reference: 0,
         id: TransferId(57),
         debit: original.credit.owner.clone(),
         credit: original.debit.owner.clone(),
@@ -259,6 +261,7 @@ fn an_old_ledger_gets_its_history_lists_at_the_first_spill_after_the_upgrade() {
         let ledger = open_manual(dir.path(), &settings(), &clock).blocking();
         let mut pay = |id: u128, debit: &Owner, credit: &Owner, pending: bool| {
             let request = TransferRequest {
+                reference: 0,
                 id: TransferId(id),
                 debit: debit.clone(),
                 credit: credit.clone(),
@@ -361,6 +364,7 @@ fn verify_catches_a_history_list_on_disk_that_is_not_the_journals() {
                 id: 2,
                 accounts: [0, 7],
                 bytes: &row,
+                reference: 0,
             }]))
             .unwrap();
     }

@@ -536,6 +536,7 @@ mod prop {
                 timeout_ms,
             } => Op::Create {
                 request: TransferRequest {
+                    reference: 0,
                     id: TransferId(id),
                     debit: owner(debit),
                     credit: owner(credit),
@@ -706,6 +707,7 @@ mod through_the_writer {
                     n => user(&format!("u{n}")),
                 };
                 let request = TransferRequest {
+                    reference: 0,
                     id: TransferId(id),
                     debit: who(debit),
                     credit: who(credit),

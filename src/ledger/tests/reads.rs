@@ -114,6 +114,32 @@ impl<S: Storage> Storage for Gate<S> {
     fn transfer_row_idx(&self, id: u128) -> Result<Option<u32>, StorageError> {
         self.inner.transfer_row_idx(id)
     }
+    fn account_history(
+        &self,
+        account: u32,
+        before: u32,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner.account_history(account, before, limit)
+    }
+    fn account_history_range(
+        &self,
+        account: u32,
+        span: std::ops::Range<u32>,
+        order: crate::ledger::HistoryOrder,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner
+            .account_history_range(account, span, order, limit)
+    }
+    fn transfer_rows_by_reference(
+        &self,
+        reference: u128,
+        limit: usize,
+    ) -> Result<Vec<u32>, StorageError> {
+        self.inner.transfer_rows_by_reference(reference, limit)
+    }
+
     fn scan_transfer_rows(&self, visit: &mut dyn FnMut(RowEntry<'_>)) -> Result<(), StorageError> {
         self.inner.scan_transfer_rows(visit)
     }
@@ -160,6 +186,7 @@ fn eur(ledger: &BlockingLedger, value: &str) -> Amount {
 
 fn pay(ledger: &BlockingLedger, id: u128, from: Owner, to: &str, value: &str) -> TransferRequest {
     TransferRequest {
+        reference: 0,
         id: TransferId(id),
         debit: from,
         credit: user(to),
@@ -272,6 +299,7 @@ fn create(request: TransferRequest, timeout_ms: Option<u64>) -> Op {
 struct Seen {
     transfers: Vec<Option<Transfer>>,
     history: Vec<HistoryPage>,
+    queries: Vec<HistoryPage>,
     pending: Vec<Transfer>,
     refunds: Vec<Transfer>,
 }
@@ -289,6 +317,22 @@ fn seen(ledger: &BlockingLedger, ids: &[u128], owners: &[&str], refunded: u128) 
                 let first = ledger.history(&user(owner), None, 2).unwrap();
                 let second = ledger.history(&user(owner), first.next, 100).unwrap();
                 [first, second]
+            })
+            .collect(),
+        // Oldest first (the record in flight would come last), and by time range (its
+        // transfers are within it): the span must end below the record in flight too.
+        queries: owners
+            .iter()
+            .flat_map(|owner| {
+                let owner = user(owner);
+                let first = ledger
+                    .history_query(&owner, HistoryQuery::oldest_first(2))
+                    .unwrap();
+                let second = ledger
+                    .history_query(&owner, HistoryQuery::oldest_first(100).after(first.next))
+                    .unwrap();
+                let timed = HistoryQuery::newest_first(100).created_within(T0_MS, u64::MAX - 1);
+                [first, second, ledger.history_query(&owner, timed).unwrap()]
             })
             .collect(),
         pending: ledger.pending_transfers().unwrap(),

@@ -181,6 +181,7 @@ mod tests {
 
     fn transfer(debit: Owner, credit: Owner, state: TransferState) -> Transfer {
         Transfer {
+            reference: 0,
             id: TransferId(7),
             kind: TransferKind::Single,
             debit: AccountId {
