@@ -399,21 +399,11 @@ fn batched_plain(
         if p.call_size > 1 {
             let size = p.call_size;
             let calls = count.div_ceil(size);
-            runtime.block_on(drive(p.callers, calls, {
-                let ledger = ledger.clone();
-                move |c| {
-                    let ledger = ledger.clone();
-                    let first = offset + c * size;
-                    let ops: Vec<BatchOp> = (first..(first + size).min(offset + count))
-                        .map(|i| BatchOp::Create(request(i)))
-                        .collect();
-                    async move {
-                        for result in ledger.batch(ops).await? {
-                            result?;
-                        }
-                        Ok(())
-                    }
-                }
+            runtime.block_on(drive_calls(ledger, p.callers, calls, move |c| {
+                let first = offset + c * size;
+                (first..(first + size).min(offset + count))
+                    .map(|i| BatchOp::Create(request(i)))
+                    .collect()
             }))
         } else {
             runtime.block_on(drive(p.submitters, count, {
@@ -802,6 +792,55 @@ where
         }));
     }
     let mut all = Vec::with_capacity(count);
+    for task in tasks {
+        all.extend(task.await.expect("bench task panicked")?);
+    }
+    Ok(all)
+}
+
+/// Sends `calls` batch calls, `callers` of them in flight at once, built by `build`. Each
+/// caller builds its next call while its current one is in flight, as a client that
+/// pipelines its requests would: building 8,190 requests (two owners each) is the caller's
+/// work, not the ledger's, and with one caller it otherwise ran while the ledger waited.
+/// The latency of a call runs from its send to its answer.
+async fn drive_calls<B>(
+    ledger: &Ledger,
+    callers: usize,
+    calls: usize,
+    build: B,
+) -> Result<Vec<u32>, crate::ledger::LedgerError>
+where
+    B: Fn(usize) -> Vec<BatchOp> + Send + Sync + 'static,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let build = Arc::new(build);
+    let mut tasks = Vec::with_capacity(callers);
+    for _ in 0..callers.min(calls) {
+        let (next, build, ledger) = (next.clone(), build.clone(), ledger.clone());
+        tasks.push(tokio::spawn(async move {
+            let take = || {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                (c < calls).then(|| build(c))
+            };
+            let mut latencies = Vec::new();
+            let mut ops = take();
+            while let Some(call) = ops {
+                let started = Instant::now();
+                let in_flight = tokio::spawn({
+                    let ledger = ledger.clone();
+                    async move { ledger.batch(call).await }
+                });
+                ops = take();
+                let results = in_flight.await.expect("bench call panicked")?;
+                latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                for result in results {
+                    result?;
+                }
+            }
+            Ok::<_, crate::ledger::LedgerError>(latencies)
+        }));
+    }
+    let mut all = Vec::with_capacity(calls);
     for task in tasks {
         all.extend(task.await.expect("bench task panicked")?);
     }
