@@ -147,7 +147,9 @@ async fn a_request_is_paid_by_replying_pay() {
     let reader = crate::admin::mint(&s.admin_key, &[mxpay::admin::token::Scope::Read]);
     let reference = format!("{:032x}", mxpay::requests::ledger_reference(ask.as_str()));
     for shown in [&receipt, &refunded] {
-        let transfer_id = shown.content()["transfer_id"].as_str().unwrap().to_owned();
+        // Receipts name transfers in decimal, the admin API in 32 hex digits.
+        let decimal = shown.content()["transfer_id"].as_str().unwrap().to_owned();
+        let transfer_id = format!("{:032x}", decimal.parse::<u128>().unwrap());
         let response = reqwest::Client::new()
             .get(format!(
                 "{}/_mxpay/admin/v1/transfers/{transfer_id}",
