@@ -115,6 +115,10 @@ pub struct TransferJson {
     /// Refunded so far, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refunded: Option<String>,
+    /// The ledger reference (32 hex digits), if any: the payment request (or invoice) a
+    /// payment or its refund belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 /// A memo as JSON: parsed if it is JSON, else a string.
@@ -164,6 +168,7 @@ impl TransferJson {
             refund_of,
             refunded: (t.refunded_minor > 0)
                 .then(|| amount_str(currencies, &t.debit, t.refunded_minor)),
+            reference: (t.reference != 0).then(|| format!("{:032x}", t.reference)),
         }
     }
 }

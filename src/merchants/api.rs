@@ -434,8 +434,18 @@ impl MerchantApi {
             .ledger
             .amount_from_minor(refund.amount_minor, &invoice.currency)
             .map_err(|e| MerchantError::Ledger("amount_invalid", e.to_string()))?;
+        // The refund carries its payment's ledger reference (the invoice's request's), so
+        // the invoice's transfers are found together. Read from the ledger, never derived
+        // again: a payment made before references existed has none, so its refunds have none
+        // and a retry of a refund made then names the same (none) as it did.
+        let reference = self
+            .ledger
+            .transfer(refund_of)
+            .await
+            .map_err(|e| MerchantError::Store(e.to_string()))?
+            .map_or(0, |paying| paying.reference);
         let request = TransferRequest {
-            reference: 0,
+            reference,
             id: transfer_id,
             debit: merchant.id.owner(),
             credit: Owner::user(payer.as_str()),
@@ -460,6 +470,37 @@ impl MerchantApi {
         // moved, so an outbox that filled meanwhile keeps the event for later, not the refund.
         self.store_change(&updated, &event)?;
         Ok(updated)
+    }
+}
+
+impl MerchantApi {
+    /// The ledger transfers of `invoice`, oldest first, at most
+    /// [`invoice::TRANSFERS_SHOWN_MAX`]: by its ledger reference (an index, never a scan),
+    /// and its paying transfer with that one's refunds by id when the reference does not
+    /// list them (paid before references existed). As of the ledger's last durable record.
+    pub async fn invoice_transfers(
+        &self,
+        invoice: &Invoice,
+    ) -> Result<Vec<crate::ledger::Transfer>, MerchantError> {
+        let store = |e: LedgerError| MerchantError::Store(e.to_string());
+        let by_reference = match invoice::ledger_reference(invoice) {
+            Some(reference) => self
+                .ledger
+                .transfers_by_reference(reference, invoice::TRANSFERS_SHOWN_MAX)
+                .await
+                .map_err(store)?,
+            None => Vec::new(),
+        };
+        let (paying, refunds) = match invoice::paying_transfer(invoice) {
+            Some(id) if !by_reference.iter().any(|t| t.id == id) => (
+                self.ledger.transfer(id).await.map_err(store)?,
+                self.ledger.refunds_of(id).await.map_err(store)?,
+            ),
+            _ => (None, Vec::new()),
+        };
+        let mut all = invoice::merge_transfers(by_reference, paying, refunds);
+        all.truncate(invoice::TRANSFERS_SHOWN_MAX);
+        Ok(all)
     }
 }
 
@@ -600,14 +641,20 @@ async fn get_invoice(
 ) -> Response {
     let (caller, merchant) = api.authenticate(&headers, KeyScope::Read);
     let target = id.clone();
-    let result = (|| {
+    let result = async {
         let merchant = merchant?;
         let invoice = api
             .invoices
             .get(&merchant.id, &id)?
             .ok_or(invoice::InvoiceRefusal::InvoiceUnknown)?;
-        Ok(invoice::view(&invoice, api.ledger.currencies()))
-    })();
+        let currencies = api.ledger.currencies();
+        let mut view = invoice::view(&invoice, currencies);
+        // Only here, not in lists or webhooks: one ledger read per transfer shown.
+        let transfers = api.invoice_transfers(&invoice).await?;
+        view["transfers"] = invoice::transfers_view(&transfers, currencies);
+        Ok(view)
+    }
+    .await;
     api.finish(peer, caller, ACTION_INVOICE_READ, target, result, false)
         .await
 }

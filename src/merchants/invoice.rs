@@ -17,7 +17,7 @@ use super::events::{
     REFUND_SUCCEEDED,
 };
 use super::model::MerchantId;
-use crate::ledger::{AmountError, Currencies, TransferId};
+use crate::ledger::{AmountError, Currencies, Transfer, TransferId, TransferState};
 
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
@@ -678,6 +678,83 @@ pub fn with_refund(
     )
 }
 
+/// Most ledger transfers `GET /invoices/{id}` lists: the ledger's largest page.
+pub const TRANSFERS_SHOWN_MAX: usize = crate::ledger::HISTORY_PAGE_MAX;
+
+/// The ledger reference of `invoice`'s payments and refunds: its request's
+/// ([`crate::requests::ledger_reference`]); `None` before it was posted.
+pub fn ledger_reference(invoice: &Invoice) -> Option<u128> {
+    invoice
+        .request_event_id
+        .as_deref()
+        .map(crate::requests::ledger_reference)
+}
+
+/// The paying transfer's id, when the invoice is paid.
+pub fn paying_transfer(invoice: &Invoice) -> Option<TransferId> {
+    invoice
+        .transfer_id
+        .as_deref()
+        .and_then(|hex| u128::from_str_radix(hex, 16).ok())
+        .map(TransferId)
+}
+
+/// An invoice's ledger transfers, oldest first, each once: those found under its reference
+/// (payment attempts, the payment, its refunds), with the paying transfer and its refunds
+/// found by id when the reference did not list them (a payment made before references
+/// existed carries none, and its refunds neither).
+pub fn merge_transfers(
+    by_reference: Vec<Transfer>,
+    paying: Option<Transfer>,
+    refunds_of_paying: Vec<Transfer>,
+) -> Vec<Transfer> {
+    let mut all = by_reference;
+    for transfer in paying.into_iter().chain(refunds_of_paying) {
+        if !all.iter().any(|t| t.id == transfer.id) {
+            all.push(transfer);
+        }
+    }
+    // Stable: transfers of one millisecond keep the ledger's order.
+    all.sort_by_key(|t| t.created_ms);
+    all
+}
+
+/// What `GET /invoices/{id}` shows of each of an invoice's ledger transfers (amounts in
+/// major units). Who made a payment attempt is not shown: `paid_by` names the payer.
+pub fn transfers_view(transfers: &[Transfer], currencies: &Currencies) -> serde_json::Value {
+    serde_json::Value::Array(
+        transfers
+            .iter()
+            .map(|t| {
+                let major = |minor: u128| {
+                    currencies
+                        .to_decimal(t.debit.currency, minor)
+                        .map_or_else(|| minor.to_string(), |d| d.to_string())
+                };
+                let status = match t.state {
+                    TransferState::Pending => "pending",
+                    TransferState::Posted { .. } => "posted",
+                    TransferState::Voided => "voided",
+                    TransferState::Expired => "expired",
+                };
+                let amount_minor = match t.state {
+                    TransferState::Posted { amount_minor } => amount_minor,
+                    _ => t.amount_minor,
+                };
+                serde_json::json!({
+                    "transfer_id": t.id.to_string(),
+                    "kind": if t.refund_of.is_some() { "refund" } else { "payment" },
+                    "refund_of": t.refund_of.map(|o| o.to_string()),
+                    "status": status,
+                    "amount": major(amount_minor),
+                    "created_at_ms": t.created_ms,
+                    "ended_at_ms": t.ended_ms,
+                })
+            })
+            .collect(),
+    )
+}
+
 /// An invoice as the merchant API and webhook payloads show it (amounts in major units).
 pub fn view(invoice: &Invoice, currencies: &Currencies) -> serde_json::Value {
     let code = crate::ledger::CurrencyCode::new(&invoice.currency);
@@ -1073,5 +1150,91 @@ mod tests {
             (full.reason(), full.status_and_errcode().0),
             ("too_many_open_invoices", 409)
         );
+    }
+
+    fn transfer(
+        id: u128,
+        created_ms: u64,
+        state: TransferState,
+        refund_of: Option<u128>,
+    ) -> Transfer {
+        use crate::ledger::{AccountId, CurrencyCode, Owner, TransferKind};
+        let eur = CurrencyCode::new("EUR").unwrap();
+        let (debit, credit) = (Owner::user("@bob:example.org"), Owner::merchant("cafe"));
+        let (debit, credit) = match refund_of {
+            Some(_) => (credit, debit),
+            None => (debit, credit),
+        };
+        Transfer {
+            id: TransferId(id),
+            kind: match refund_of {
+                Some(original) => TransferKind::Refund {
+                    original: TransferId(original),
+                },
+                None => TransferKind::Pending { timeout_ms: 1_000 },
+            },
+            debit: AccountId {
+                owner: debit,
+                currency: eur,
+            },
+            credit: AccountId {
+                owner: credit,
+                currency: eur,
+            },
+            amount_minor: 450,
+            state,
+            memo: Vec::new(),
+            created_ms,
+            ended_ms: None,
+            deadline_ms: None,
+            reference: 0,
+            refunded_minor: 0,
+            refund_of: refund_of.map(TransferId),
+            refund_pending_minor: 0,
+        }
+    }
+
+    /// An invoice's reference is its request's, as the payment flow sets it on the request's
+    /// payments; an invoice not yet posted has none.
+    #[test]
+    fn an_invoices_ledger_reference_is_its_requests() {
+        let mut invoice = created();
+        assert_eq!(ledger_reference(&invoice), None);
+        invoice.request_event_id = Some(format!("${}", invoice.invoice_id));
+        assert_eq!(
+            ledger_reference(&invoice),
+            Some(crate::requests::ledger_reference(&format!(
+                "${}",
+                invoice.invoice_id
+            )))
+        );
+    }
+
+    /// Listed by reference, oldest first; a payment made before references existed (and
+    /// its refunds) is added by id, each transfer once.
+    #[test]
+    fn an_invoices_transfers_merge_the_reference_and_an_older_payment_once() {
+        let posted = TransferState::Posted { amount_minor: 450 };
+        let voided_try = transfer(1, 10, TransferState::Voided, None);
+        let paid = transfer(2, 20, posted, None);
+        let refund = transfer(3, 30, TransferState::Posted { amount_minor: 150 }, Some(2));
+        let all = merge_transfers(
+            vec![voided_try.clone(), paid.clone(), refund.clone()],
+            Some(paid.clone()),
+            vec![refund.clone()],
+        );
+        assert_eq!(all.iter().map(|t| t.id.0).collect::<Vec<_>>(), [1, 2, 3]);
+        // Paid before references: the reference finds nothing, the ids find both.
+        let older = merge_transfers(Vec::new(), Some(paid), vec![refund]);
+        assert_eq!(older.iter().map(|t| t.id.0).collect::<Vec<_>>(), [2, 3]);
+        let shown = transfers_view(&all, &currencies());
+        assert_eq!(shown[0]["kind"], "payment");
+        assert_eq!(shown[0]["status"], "voided");
+        assert_eq!(shown[1]["status"], "posted");
+        assert_eq!(shown[1]["amount"], "4.50");
+        assert_eq!(shown[2]["kind"], "refund");
+        assert_eq!(shown[2]["amount"], "1.50");
+        assert_eq!(shown[2]["refund_of"], format!("{:032x}", 2));
+        assert_eq!(shown[1]["transfer_id"], format!("{:032x}", 2));
     }
 }

@@ -271,8 +271,24 @@ struct PayRequest {
 struct RefundLink {
     /// The original transfer.
     original: TransferId,
+    /// The original's ledger reference (0: none), which the refund carries too.
+    reference: u128,
     /// The bot's receipt of it that the `!refund` replied to.
     receipt: ruma::OwnedEventId,
+}
+
+/// The ledger reference of a new payment: a refund carries its original's (read from the
+/// ledger, so a payment made before references existed keeps none, and its refunds neither);
+/// a payment of a request carries the request's ([`crate::requests::ledger_reference`]);
+/// any other payment none (0). Only a payment made for the first time gets one: a retried
+/// or replayed event whose transfer exists carries on with that transfer (see
+/// [`Payments::on_pay`]), whatever reference it was made with.
+fn payment_reference(request_id: Option<&str>, refund: Option<&RefundLink>) -> u128 {
+    match (refund, request_id) {
+        (Some(link), _) => link.reference,
+        (None, Some(request_id)) => crate::requests::ledger_reference(request_id),
+        (None, None) => 0,
+    }
 }
 
 /// The payment service: state, policy and the ledger, driven by decrypted events.
@@ -752,6 +768,29 @@ impl Pipeline for PaymentsPipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request's payments carry the request's reference and a refund its original's,
+    /// so a request's payments and refunds share one; a refund of a payment made without a
+    /// reference (before references existed) gets none, so a retry of such a refund made
+    /// before an upgrade names the same reference (0) as it did then.
+    #[test]
+    fn a_payment_of_a_request_and_a_refund_of_it_share_the_requests_reference() {
+        let request = "$ask:example.org";
+        let paid = payment_reference(Some(request), None);
+        assert_eq!(paid, crate::requests::ledger_reference(request));
+        assert_ne!(paid, 0);
+        // Computed again (a replay, a retry after a restart): the same.
+        assert_eq!(payment_reference(Some(request), None), paid);
+        let link = |reference| RefundLink {
+            original: TransferId(7),
+            reference,
+            receipt: ruma::owned_event_id!("$receipt:example.org"),
+        };
+        assert_eq!(payment_reference(None, Some(&link(paid))), paid);
+        assert_eq!(payment_reference(None, Some(&link(0))), 0);
+        // A plain `!pay` has none.
+        assert_eq!(payment_reference(None, None), 0);
+    }
 
     /// The config's request expiry bounds are the requests module's.
     #[test]

@@ -10,8 +10,8 @@ use super::core::start::{self, Start};
 use super::core::{Decision, EventRef, Outgoing, Record};
 use super::memo::{MemoKind, PaymentMemo, RefundMemo};
 use super::{
-    reason_code, reason_for, reason_from_code, reason_label, refusal_sentence, text, PayRequest,
-    Payments, PaymentsError, RefundLink,
+    payment_reference, reason_code, reason_for, reason_from_code, reason_label, refusal_sentence,
+    text, PayRequest, Payments, PaymentsError, RefundLink,
 };
 use crate::crypto::DecryptedEvent;
 use crate::events::{ReceiptEventContent, ReceiptReason, ReceiptStatus};
@@ -277,7 +277,8 @@ impl Payments {
     /// Reserves the payment `event` asks for in the ledger (a pending transfer whose id comes
     /// from the event's id) for `timeout_ms` (the PIN window; for a payment held for its payee,
     /// also the accept window); `Ok(Err(refusal))` when the amount or the ledger refuses it.
-    /// A refund is linked to the payment it returns (`refund`).
+    /// A refund is linked to the payment it returns (`refund`). The transfer carries the
+    /// ledger reference of its request, or a refund its original's ([`payment_reference`]).
     #[allow(clippy::too_many_arguments)]
     async fn create_payment(
         &self,
@@ -304,6 +305,9 @@ impl Payments {
         {
             return Ok(Err((reason_for(error), refusal_sentence(error))));
         }
+        // Before `request` moves into the memo, which names the request too: a retry that
+        // computed another request would already differ in its memo.
+        let reference = payment_reference(request.as_deref(), refund);
         let memo_bytes = PaymentMemo {
             kind: MemoKind::Pay,
             room: event.room_id.to_string(),
@@ -317,7 +321,7 @@ impl Payments {
         }
         .encode();
         let transfer = TransferRequest {
-            reference: 0,
+            reference,
             id: TransferId::from_key(event.event_id.as_str()),
             debit: Owner::user(event.sender.as_str()),
             credit: self.payee_owner(payee.as_str())?,
@@ -361,6 +365,9 @@ impl Payments {
         let transfer_id = TransferId::from_key(event.event_id.as_str());
         let mut hold_timeout_ms = None;
         // The transfer made for this event (if any) is what "started" means for a payment.
+        // Found, it is carried on with as it was made, never created again: a payment made
+        // before ledger references existed (reference 0) is not retried with its request's
+        // reference, which the ledger would refuse (`ExistsWithDifferentReference`).
         let existing = self.ledger.transfer(transfer_id).await?;
         let earlier = self.store.outcome(event.event_id.as_str())?;
         let now_ms = self.clock.now_ms();

@@ -27,6 +27,7 @@ impl Payments {
         };
         let link = original.as_ref().map(|original| RefundLink {
             original: original.id,
+            reference: original.reference,
             receipt: to.to_owned(),
         });
         let transfer_id = TransferId::from_key(event.event_id.as_str());

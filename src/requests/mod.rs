@@ -23,8 +23,8 @@ pub use reason::{RequestError, RequestRefusal};
 pub use refund::{plan_refund, RefundPlan, RefundablePayment};
 pub use split::{format_minor, plan_split, SplitPlan, SplitShare, SPLIT_PEOPLE_MAX};
 pub use state::{
-    Audience, NewRequest, NoSuchPayment, PaymentTerms, Request, RequestId, RequestLimits, Share,
-    ShareState, REQUEST_EXPIRY_DEFAULT_MS, REQUEST_EXPIRY_MAX_MS,
+    ledger_reference, Audience, NewRequest, NoSuchPayment, PaymentTerms, Request, RequestId,
+    RequestLimits, Share, ShareState, REQUEST_EXPIRY_DEFAULT_MS, REQUEST_EXPIRY_MAX_MS,
 };
 
 #[cfg(test)]

@@ -66,6 +66,24 @@ impl Default for RequestLimits {
 #[serde(transparent)]
 pub struct RequestId(pub OwnedEventId);
 
+impl RequestId {
+    /// The ledger reference ([`crate::ledger::TransferRequest::reference`]) of every payment
+    /// of this request and of every refund of those payments: see [`ledger_reference`].
+    pub fn ledger_reference(&self) -> u128 {
+        ledger_reference(self.0.as_str())
+    }
+}
+
+/// The ledger reference of the request whose id (the asking event's id) is `request_id`:
+/// derived from the id alone, never zero, so a retried or replayed payment, before or after a
+/// restart, names the same one (the ledger refuses a retry with another reference,
+/// `ExistsWithDifferentReference`). Changing the derivation would split a request's history
+/// and refuse retries of its payments: it is pinned by a test.
+pub fn ledger_reference(request_id: &str) -> u128 {
+    // `request:` keeps it apart from the transfer ids derived from event ids the same way.
+    crate::ledger::TransferId::from_key(&format!("request:{request_id}")).0
+}
+
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.0.as_str())

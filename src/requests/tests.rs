@@ -598,3 +598,31 @@ proptest! {
         prop_assert!(paid_by.values().all(|ids| ids.len() <= 1), "paid twice: {:?}", paid_by);
     }
 }
+
+/// The reference every payment of a request (and every refund of those) carries in the
+/// ledger is pinned: a changed derivation would make a retried payment of an older request
+/// name another reference, which the ledger refuses (`ExistsWithDifferentReference`), and
+/// would split a request's transfers under two references.
+#[test]
+fn a_requests_ledger_reference_is_derived_from_its_id_alone_and_pinned() {
+    let id = RequestId(owned_event_id!("$ask:example.org"));
+    assert_eq!(
+        format!("{:032x}", id.ledger_reference()),
+        "e9e94b691417aa7bb9d084f3ca25e559",
+        "the derivation of request references changed"
+    );
+    // The same id, however it is held, gives the same reference.
+    assert_eq!(id.ledger_reference(), ledger_reference("$ask:example.org"));
+    assert_eq!(
+        RequestId(owned_event_id!("$ask:example.org")).ledger_reference(),
+        id.ledger_reference()
+    );
+    // Never zero (the ledger's "none"), other ids give others, and it is not the transfer id
+    // a payment replying with the same event id would get.
+    assert_ne!(id.ledger_reference(), 0);
+    assert_ne!(id.ledger_reference(), ledger_reference("$ask2:example.org"));
+    assert_ne!(
+        id.ledger_reference(),
+        crate::ledger::TransferId::from_key("$ask:example.org").0
+    );
+}

@@ -257,6 +257,46 @@ impl Harness {
         paid
     }
 
+    /// As [`Harness::pay`], with the paying transfer's id and ledger reference chosen: the
+    /// request's reference as the payment flow sets it now, or 0 as it did before
+    /// references existed.
+    async fn pay_as(
+        &self,
+        invoice: &Value,
+        merchant: &str,
+        paid: TransferId,
+        reference: u128,
+    ) -> TransferId {
+        let eur = |minor| self.ledger.amount_from_minor(minor, "EUR").unwrap();
+        self.ledger
+            .create_transfer(TransferRequest {
+                reference: 0,
+                id: TransferId(paid.0 + 1_000),
+                debit: Owner::Issuer,
+                credit: Owner::user(BOB),
+                amount: eur(450),
+                memo: Vec::new(),
+            })
+            .await
+            .unwrap();
+        self.ledger
+            .create_transfer(TransferRequest {
+                reference,
+                id: paid,
+                debit: Owner::user(BOB),
+                credit: Owner::merchant(merchant),
+                amount: eur(450),
+                memo: Vec::new(),
+            })
+            .await
+            .unwrap();
+        let bob: OwnedUserId = BOB.try_into().unwrap();
+        self.api
+            .record_paid(invoice["invoice_id"].as_str().unwrap(), bob, paid)
+            .unwrap();
+        paid
+    }
+
     async fn available(&self, owner: Owner) -> i128 {
         let account = AccountId {
             owner,
@@ -353,6 +393,141 @@ async fn an_invoice_is_made_paid_and_partly_refunded_but_never_above_what_was_pa
         .record_paid(&id, BOB.try_into().unwrap(), paid)
         .unwrap();
     assert_eq!(h.events.0.lock().unwrap().len(), 2);
+}
+
+/// An invoice's payment (made with its request's ledger reference, as the payment flow does)
+/// and its refunds share that reference: the ledger lists them together and `GET
+/// /invoices/{id}` shows them. An invoice paid before references existed (its payment has
+/// none) is refunded as before, its refund with no reference either, also when the refund
+/// was made in the ledger before the upgrade and is retried after it; `GET` still lists its
+/// transfers (by id).
+#[tokio::test]
+async fn an_invoices_payment_and_refunds_share_its_reference_and_older_payments_still_refund() {
+    let h = Harness::new();
+    let (key, _) = h.merchant_with_key("cafe").await;
+    let (_, invoice) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k1")))
+        .await;
+    let id = invoice["invoice_id"].as_str().unwrap().to_owned();
+    let reference =
+        mxpay::requests::ledger_reference(invoice["request_event_id"].as_str().unwrap());
+    let paid = h.pay_as(&invoice, "cafe", TransferId(8), reference).await;
+    let refund = json!({ "amount": "1.50", "reason": "cold", "idempotency_key": "r1" });
+    let path = format!("/invoices/{id}/refunds");
+    let (status, after) = h.merchant("POST", &path, &key, Some(refund.clone())).await;
+    assert_eq!(status, 200, "{after}");
+    let refund_id = after["refunds"][0]["transfer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let listed = h
+        .ledger
+        .transfers_by_reference(reference, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|t| t.id.to_string()).collect::<Vec<_>>(),
+        [paid.to_string(), refund_id.clone()],
+        "the payment and its refund under the invoice's reference"
+    );
+    // A retry is answered, never paid twice, and adds nothing under the reference.
+    let (status, _) = h.merchant("POST", &path, &key, Some(refund)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.ledger
+            .transfers_by_reference(reference, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let (status, shown) = h
+        .merchant("GET", &format!("/invoices/{id}"), &key, None)
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    let shown = &shown["transfers"];
+    assert_eq!(shown.as_array().map(Vec::len), Some(2), "{shown}");
+    assert_eq!(
+        (&shown[0]["kind"], &shown[0]["status"], &shown[0]["amount"]),
+        (&json!("payment"), &json!("posted"), &json!("4.50"))
+    );
+    assert_eq!(shown[0]["transfer_id"], paid.to_string());
+    assert_eq!(
+        (
+            &shown[1]["kind"],
+            &shown[1]["amount"],
+            &shown[1]["refund_of"]
+        ),
+        (&json!("refund"), &json!("1.50"), &json!(paid.to_string()))
+    );
+
+    // Paid before references existed: its refund has none, and one the ledger made before
+    // the upgrade (a crash before the invoice recorded it) is answered when retried after
+    // it, not refused as a retry with another reference.
+    let (_, older) = h
+        .merchant("POST", "/invoices", &key, Some(invoice_body("k2")))
+        .await;
+    let older_id = older["invoice_id"].as_str().unwrap().to_owned();
+    let older_paid = h.pay_as(&older, "cafe", TransferId(9), 0).await;
+    let before_upgrade = mxpay::merchants::invoice::refund_transfer_id(&older_id, "r1");
+    h.ledger
+        .create_refund_result(
+            TransferRequest {
+                reference: 0,
+                id: before_upgrade,
+                debit: Owner::merchant("cafe"),
+                credit: Owner::user(BOB),
+                amount: h.ledger.amount_from_minor(100, "EUR").unwrap(),
+                memo: format!("refund {older_id} order-17: cold").into_bytes(),
+            },
+            older_paid,
+            None,
+        )
+        .await
+        .unwrap();
+    let (status, after) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{older_id}/refunds"),
+            &key,
+            Some(json!({ "amount": "1.00", "reason": "cold", "idempotency_key": "r1" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["amount_refunded"], "1.00");
+    let made = h.ledger.transfer(before_upgrade).await.unwrap().unwrap();
+    assert_eq!(made.reference, 0);
+    let (status, after) = h
+        .merchant(
+            "POST",
+            &format!("/invoices/{older_id}/refunds"),
+            &key,
+            Some(json!({ "amount": "0.50", "reason": "late", "idempotency_key": "r2" })),
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), &after["amount_refunded"]),
+        (200, &json!("1.50"))
+    );
+    let second = after["refunds"][1]["transfer_id"].as_str().unwrap();
+    let second = TransferId(u128::from_str_radix(second, 16).unwrap());
+    assert_eq!(
+        h.ledger.transfer(second).await.unwrap().unwrap().reference,
+        0
+    );
+    let (_, shown) = h
+        .merchant("GET", &format!("/invoices/{older_id}"), &key, None)
+        .await;
+    let kinds: Vec<_> = shown["transfers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["kind"].as_str().unwrap(), t["amount"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("payment", "4.50"), ("refund", "1.00"), ("refund", "0.50")]
+    );
 }
 
 #[tokio::test]
@@ -1015,6 +1190,50 @@ async fn an_invoice_from_the_api_is_paid_in_the_room_with_a_pin_and_refunded_in_
     );
     let (_, merchant) = call(Method::GET, admin("/merchants/cafe"), ops.clone(), None).await;
     assert_eq!(merchant["accounts"][0]["available"], "3.00", "{merchant}");
+    // The invoice's ledger transfers, found by its ledger reference: the payment the PIN
+    // confirmed (the payment flow gave it the request's reference) and the refund (which
+    // took it from the payment); the admin API shows the reference on each.
+    let (status, shown) = call(
+        Method::GET,
+        api(&format!("/invoices/{id}")),
+        key.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{shown}");
+    let transfers = shown["transfers"].as_array().cloned().unwrap_or_default();
+    let listed: Vec<_> = transfers
+        .iter()
+        .map(|t| {
+            (
+                t["kind"].as_str().unwrap_or_default(),
+                t["status"].as_str().unwrap_or_default(),
+                t["amount"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [("payment", "posted", "4.50"), ("refund", "posted", "1.50")],
+        "{shown}"
+    );
+    let reader = crate::admin::mint(&s.admin_key, &[Scope::Read]);
+    let reference = format!(
+        "{:032x}",
+        mxpay::requests::ledger_reference(&format!("${id}"))
+    );
+    for transfer in &transfers {
+        let transfer_id = transfer["transfer_id"].as_str().unwrap();
+        let (status, body) = call(
+            Method::GET,
+            admin(&format!("/transfers/{transfer_id}")),
+            reader.clone(),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["transfer"]["reference"], reference, "{body}");
+    }
 
     // The same key and body again: the original invoice, not a second one.
     let (status, replay) = call(

@@ -13,7 +13,7 @@ use super::{
 use crate::support::SeenEvent;
 
 /// bob gets what a refunder needs: a cross-signed session, a DM with the bot and a PIN.
-async fn payee_can_refund(s: &Scene) -> OwnedRoomId {
+pub(super) async fn payee_can_refund(s: &Scene) -> OwnedRoomId {
     s.bob.bootstrap_cross_signing().await;
     let dm = open_dm(&s.bob, &s.bot).await;
     set_pin(&s.bob, &dm, &s.bot).await;
@@ -37,7 +37,7 @@ async fn paid_receipt(s: &Scene, amount: &str) -> (SeenEvent, SeenEvent) {
 
 /// bob replies `text` to `to` and confirms the challenge for `amount` EUR to alice with his
 /// PIN; returns the `!refund` event once alice saw its completed receipt in the room.
-async fn bob_refunds(
+pub(super) async fn bob_refunds(
     s: &Scene,
     bob_dm: &RoomId,
     to: &str,

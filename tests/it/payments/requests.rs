@@ -65,7 +65,8 @@ impl Scene {
 /// the typed request) and tells alice in her DM; alice replies `!pay` (no amount): the PIN
 /// challenge names bob and 12.00 EUR, her PIN pays, the receipt names the request, the
 /// notice is edited to paid with a status event; a second `!pay` is refused as paying twice
-/// (`request_already_paid`) and nothing more moves.
+/// (`request_already_paid`) and nothing more moves. bob refunds part of it: the payment and
+/// the refund carry the request's ledger reference (the admin API shows it on each).
 #[tokio::test]
 async fn a_request_is_paid_by_replying_pay() {
     let s = scene("request-reply", 120_000, "50.00").await;
@@ -138,6 +139,33 @@ async fn a_request_is_paid_by_replying_pay() {
     );
     balance_is(alice, dm, bot, "38.00 EUR").await;
     assert!(bot_events_match_schemas(alice, bot) >= 5);
+
+    // bob refunds part of it: the refund and the payment share the request's reference.
+    let bob_dm = super::refunds::payee_can_refund(&s).await;
+    let (_, refunded) =
+        super::refunds::bob_refunds(&s, &bob_dm, receipt.event_id(), "!refund 2.00", "2.00").await;
+    let reader = crate::admin::mint(&s.admin_key, &[mxpay::admin::token::Scope::Read]);
+    let reference = format!("{:032x}", mxpay::requests::ledger_reference(ask.as_str()));
+    for shown in [&receipt, &refunded] {
+        // Receipts name transfers in decimal, the admin API in 32 hex digits.
+        let decimal = shown.content()["transfer_id"].as_str().unwrap().to_owned();
+        let transfer_id = format!("{:032x}", decimal.parse::<u128>().unwrap());
+        let response = reqwest::Client::new()
+            .get(format!(
+                "{}/_mxpay/admin/v1/transfers/{transfer_id}",
+                s.mxpay.url
+            ))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(
+            body["transfer"]["reference"], reference,
+            "the request's reference on {transfer_id}: {body}"
+        );
+    }
 }
 
 /// bob asks alice with a client's own `org.mxpay.payment_request`; alice pays it by reacting
