@@ -3265,11 +3265,13 @@ fn a_checkpoint_beyond_the_journal_is_refused_not_ignored() {
         .unwrap()
         .unwrap();
     {
-        let db = sled::Config::new()
-            .path(&path)
-            .segment_size(storage::SEGMENT_BYTES)
-            .open()
-            .unwrap();
+        // sled's threads let go of the lock a moment after the storage above is dropped.
+        let db = crate::sled_open::open_waiting_for_lock(
+            &sled::Config::new()
+                .path(&path)
+                .segment_size(storage::SEGMENT_BYTES),
+        )
+        .unwrap();
         let journal = db.open_tree(storage::JOURNAL_TREE).unwrap();
         journal.remove(SledStorage::record_key(head)).unwrap();
         let mut earlier = (head - 1).to_le_bytes().to_vec();
